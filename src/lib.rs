@@ -11,10 +11,14 @@
 
 mod addr;
 pub mod error;
+pub mod guard;
 pub mod model;
+pub mod registry;
 
 pub use addr::{AddressError, PciAddress};
 pub use error::{ParseError, ParseErrorKind};
+pub use guard::{Guard, GuardError, GuardLimits};
 pub use model::{
     Bar, BarKind, ClassCode, DeviceId, Link, LinkSpeed, Resource, ResourceSlot, Sriov, VendorId,
 };
+pub use registry::RemovalRegistry;

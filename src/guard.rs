@@ -1,0 +1,511 @@
+//! Guarded reads: work that may block in the kernel, run on helper threads and waited for
+//! only until a deadline.
+//!
+//! A read of `sriov_numvfs` while the device's removal is pending sits in the kernel until
+//! the device is released, and nothing can cancel it. So the read runs on a helper thread;
+//! the caller waits on a [`Ticket`] until its deadline and then walks away with
+//! [`GuardError::TimedOut`]. The stuck thread stays stuck, but the pool notices (a job
+//! running longer than [`GuardLimits::stall`] no longer counts as capacity) and starts
+//! another thread so that reads of other devices go on; when the stuck read returns, its
+//! thread takes new work again. The number of threads is bounded by
+//! [`GuardLimits::max_threads`]: once that many are stuck, new work waits in the queue and
+//! times out at its deadline rather than piling up threads.
+//!
+//! ```
+//! use std::time::{Duration, Instant};
+//! use pcibus::guard::Guard;
+//! let guard = Guard::new(Default::default());
+//! let ticket = guard.submit(|| 6 * 7);
+//! assert_eq!(ticket.wait_until(Instant::now() + Duration::from_secs(1)).unwrap(), 42);
+//! ```
+
+use std::collections::VecDeque;
+use std::io;
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::path::Path;
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use parking_lot::{Condvar, Mutex};
+
+/// How a [`Guard`] sizes its pool.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GuardLimits {
+    /// Threads that run jobs when none is stuck (default: available parallelism, at most 8).
+    pub parallelism: usize,
+    /// Most threads alive at once, stuck ones included (default 32).
+    pub max_threads: usize,
+    /// A job running longer than this counts as stuck (default 20 ms; sysfs reads take
+    /// microseconds).
+    pub stall: Duration,
+    /// An idle thread above `parallelism` exits after this long (default 1 s).
+    pub idle_exit: Duration,
+}
+
+impl Default for GuardLimits {
+    fn default() -> Self {
+        let cores = thread::available_parallelism().map_or(2, |n| n.get());
+        GuardLimits {
+            parallelism: cores.clamp(1, 8),
+            max_threads: 32,
+            stall: Duration::from_millis(20),
+            idle_exit: Duration::from_secs(1),
+        }
+    }
+}
+
+/// A guarded job did not finish in time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum GuardError {
+    /// The deadline passed before the job finished (or, if the pool was saturated, started).
+    #[error("timed out after {waited:?} ({stuck} guard threads stuck in the kernel)")]
+    TimedOut {
+        /// How long the caller waited.
+        waited: Duration,
+        /// Threads stuck in jobs when the wait ended.
+        stuck: usize,
+    },
+    /// The job panicked.
+    #[error("guarded job panicked")]
+    Panicked,
+}
+
+type Job = Box<dyn FnOnce() + Send + 'static>;
+
+/// A pool of helper threads for work that may block. Clones share the pool.
+#[derive(Clone)]
+pub struct Guard {
+    handle: Arc<Handle>,
+}
+
+impl std::fmt::Debug for Guard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let st = self.handle.shared.state.lock();
+        f.debug_struct("Guard")
+            .field("limits", &self.handle.shared.limits)
+            .field("threads", &st.threads)
+            .field("queued", &st.queue.len())
+            .finish()
+    }
+}
+
+impl Default for Guard {
+    fn default() -> Self {
+        Guard::new(GuardLimits::default())
+    }
+}
+
+// Dropping the last Guard handle tells the workers to exit once the queue is empty. The
+// workers hold `Shared`, not `Handle`, so they do not keep the pool alive themselves.
+struct Handle {
+    shared: Arc<Shared>,
+}
+
+impl Drop for Handle {
+    fn drop(&mut self) {
+        self.shared.state.lock().shutdown = true;
+        self.shared.work.notify_all();
+    }
+}
+
+struct Shared {
+    state: Mutex<State>,
+    work: Condvar,
+    limits: GuardLimits,
+}
+
+#[derive(Default)]
+struct State {
+    queue: VecDeque<Job>,
+    threads: usize,
+    idle: usize,
+    starting: usize,
+    // When each worker's current job started, indexed by worker slot; `None` when idle.
+    running: Vec<Option<Instant>>,
+    free_slots: Vec<usize>,
+    shutdown: bool,
+}
+
+impl State {
+    fn stuck(&self, now: Instant, stall: Duration) -> usize {
+        self.running
+            .iter()
+            .flatten()
+            .filter(|t| now.duration_since(**t) >= stall)
+            .count()
+    }
+}
+
+impl Guard {
+    /// A pool with these limits. Threads start lazily, on the first jobs.
+    pub fn new(limits: GuardLimits) -> Self {
+        let limits = GuardLimits {
+            parallelism: limits.parallelism.max(1),
+            max_threads: limits.max_threads.max(limits.parallelism.max(1)),
+            ..limits
+        };
+        Guard {
+            handle: Arc::new(Handle {
+                shared: Arc::new(Shared {
+                    state: Mutex::new(State::default()),
+                    work: Condvar::new(),
+                    limits,
+                }),
+            }),
+        }
+    }
+
+    /// The limits in force.
+    pub fn limits(&self) -> GuardLimits {
+        self.handle.shared.limits
+    }
+
+    /// Threads alive now, stuck ones included.
+    pub fn threads(&self) -> usize {
+        self.handle.shared.state.lock().threads
+    }
+
+    /// Threads whose current job has run longer than the stall threshold.
+    pub fn stuck(&self) -> usize {
+        let st = self.handle.shared.state.lock();
+        st.stuck(Instant::now(), self.handle.shared.limits.stall)
+    }
+
+    /// Queues `job`; its result comes through the returned ticket. A job whose ticket was
+    /// dropped (its caller gave up) before it started is skipped.
+    pub fn submit<T, F>(&self, job: F) -> Ticket<T>
+    where
+        T: Send + 'static,
+        F: FnOnce() -> T + Send + 'static,
+    {
+        let slot = Arc::new(Slot {
+            state: Mutex::new(SlotState::Waiting),
+            ready: Condvar::new(),
+        });
+        let theirs = Arc::clone(&slot);
+        let run: Job = Box::new(move || {
+            if matches!(*theirs.state.lock(), SlotState::Abandoned) {
+                return;
+            }
+            let outcome = catch_unwind(AssertUnwindSafe(job)).map_err(|_| GuardError::Panicked);
+            let mut st = theirs.state.lock();
+            if matches!(*st, SlotState::Waiting) {
+                *st = SlotState::Done(outcome);
+                theirs.ready.notify_one();
+            }
+        });
+        let shared = &self.handle.shared;
+        let mut st = shared.state.lock();
+        st.queue.push_back(run);
+        if st.idle > 0 {
+            shared.work.notify_one();
+        }
+        spawn_as_needed(shared, &mut st);
+        drop(st);
+        Ticket {
+            slot,
+            guard: self.clone(),
+        }
+    }
+
+    /// Reads a whole file (at most `limit` bytes) on a guard thread, waiting until
+    /// `deadline`. The open does not use `O_NONBLOCK`, so a FIFO blocks here the way a
+    /// locked sysfs attribute does in the kernel.
+    pub fn read(
+        &self,
+        path: &Path,
+        limit: usize,
+        deadline: Instant,
+    ) -> Result<io::Result<Vec<u8>>, GuardError> {
+        let path = path.to_owned();
+        self.submit(move || read_blocking(&path, limit))
+            .wait_until(deadline)
+    }
+
+    // Called by waiters every `stall`: a worker may have become stuck since the last check.
+    fn rebalance(&self) {
+        let shared = &self.handle.shared;
+        let mut st = shared.state.lock();
+        spawn_as_needed(shared, &mut st);
+    }
+}
+
+// Starts threads while work is queued that no idle thread will take, the threads that are
+// not stuck are fewer than `parallelism`, and the bound allows.
+fn spawn_as_needed(shared: &Arc<Shared>, st: &mut State) {
+    let limits = shared.limits;
+    let now = Instant::now();
+    let busy = st.running.iter().flatten().count();
+    let healthy = busy - st.stuck(now, limits.stall);
+    let capacity = healthy + st.idle + st.starting;
+    let uncovered = st.queue.len().saturating_sub(st.idle + st.starting);
+    let want = uncovered
+        .min(limits.parallelism.saturating_sub(capacity))
+        .min(limits.max_threads.saturating_sub(st.threads));
+    for _ in 0..want {
+        let slot = st.free_slots.pop().unwrap_or_else(|| {
+            st.running.push(None);
+            st.running.len() - 1
+        });
+        let worker_shared = Arc::clone(shared);
+        let spawned = thread::Builder::new()
+            .name("pcibus-guard".into())
+            .spawn(move || worker(worker_shared, slot));
+        match spawned {
+            Ok(_) => {
+                st.threads += 1;
+                st.starting += 1;
+            }
+            Err(e) => {
+                // Out of threads: the queued work waits for a running thread, or times out.
+                log::warn!("pcibus guard: cannot start a thread: {e}");
+                st.free_slots.push(slot);
+                break;
+            }
+        }
+    }
+}
+
+fn worker(shared: Arc<Shared>, slot: usize) {
+    let limits = shared.limits;
+    let mut st = shared.state.lock();
+    st.starting -= 1;
+    loop {
+        if let Some(job) = st.queue.pop_front() {
+            st.running[slot] = Some(Instant::now());
+            drop(st);
+            job();
+            st = shared.state.lock();
+            st.running[slot] = None;
+            continue;
+        }
+        if st.shutdown {
+            break;
+        }
+        st.idle += 1;
+        let timed_out = shared.work.wait_for(&mut st, limits.idle_exit).timed_out();
+        st.idle -= 1;
+        if timed_out && st.queue.is_empty() && st.threads > limits.parallelism {
+            break;
+        }
+    }
+    st.threads -= 1;
+    st.free_slots.push(slot);
+}
+
+enum SlotState<T> {
+    Waiting,
+    Done(Result<T, GuardError>),
+    Taken,
+    Abandoned,
+}
+
+struct Slot<T> {
+    state: Mutex<SlotState<T>>,
+    ready: Condvar,
+}
+
+/// The result of a job submitted to a [`Guard`], to be waited for until a deadline.
+/// Dropping it abandons the job if it has not started.
+#[must_use = "a ticket does nothing unless waited on"]
+pub struct Ticket<T> {
+    slot: Arc<Slot<T>>,
+    guard: Guard,
+}
+
+impl<T> Ticket<T> {
+    /// Waits until the job is done or `deadline` passes, whichever is first.
+    pub fn wait_until(self, deadline: Instant) -> Result<T, GuardError> {
+        let begun = Instant::now();
+        let stall = self.guard.handle.shared.limits.stall;
+        let mut st = self.slot.state.lock();
+        loop {
+            if matches!(*st, SlotState::Done(_)) {
+                return match std::mem::replace(&mut *st, SlotState::Taken) {
+                    SlotState::Done(outcome) => outcome,
+                    _ => unreachable!("matched Done above"),
+                };
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                *st = SlotState::Abandoned;
+                drop(st);
+                return Err(GuardError::TimedOut {
+                    waited: now.duration_since(begun),
+                    stuck: self.guard.stuck(),
+                });
+            }
+            let tick = deadline.min(now + stall);
+            if self.slot.ready.wait_until(&mut st, tick).timed_out() && tick < deadline {
+                // No answer within a stall period: make sure a stuck worker is not
+                // holding up the queue this job sits in.
+                drop(st);
+                self.guard.rebalance();
+                st = self.slot.state.lock();
+            }
+        }
+    }
+
+    /// The result if the job is done, without waiting.
+    pub fn try_take(&mut self) -> Option<Result<T, GuardError>> {
+        let mut st = self.slot.state.lock();
+        if matches!(*st, SlotState::Done(_)) {
+            match std::mem::replace(&mut *st, SlotState::Taken) {
+                SlotState::Done(outcome) => Some(outcome),
+                _ => unreachable!("matched Done above"),
+            }
+        } else {
+            None
+        }
+    }
+}
+
+impl<T> Drop for Ticket<T> {
+    fn drop(&mut self) {
+        let mut st = self.slot.state.lock();
+        if matches!(*st, SlotState::Waiting) {
+            *st = SlotState::Abandoned;
+        }
+    }
+}
+
+/// Reads a whole file, at most `limit` bytes, with a plain blocking open and read: what the
+/// guard threads do for a single attribute.
+pub fn read_blocking(path: &Path, limit: usize) -> io::Result<Vec<u8>> {
+    use std::io::Read;
+    let file = std::fs::File::open(path)?;
+    let mut out = Vec::new();
+    file.take(limit as u64).read_to_end(&mut out)?;
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::mpsc;
+
+    fn limits(parallelism: usize, max_threads: usize) -> GuardLimits {
+        GuardLimits {
+            parallelism,
+            max_threads,
+            stall: Duration::from_millis(10),
+            idle_exit: Duration::from_millis(200),
+        }
+    }
+
+    fn soon(ms: u64) -> Instant {
+        Instant::now() + Duration::from_millis(ms)
+    }
+
+    #[test]
+    fn runs_jobs_and_returns_results() {
+        let g = Guard::new(limits(2, 4));
+        let tickets: Vec<_> = (0..100).map(|i| g.submit(move || i * 2)).collect();
+        let sum: i32 = tickets
+            .into_iter()
+            .map(|t| t.wait_until(soon(5000)).unwrap())
+            .sum();
+        assert_eq!(sum, (0..100).map(|i| i * 2).sum());
+        assert!(
+            g.threads() <= 2,
+            "no job stalled, so no thread beyond parallelism"
+        );
+    }
+
+    #[test]
+    fn a_stuck_job_times_out_and_others_still_run() {
+        let g = Guard::new(limits(1, 4));
+        let (release, gate) = mpsc::channel::<()>();
+        let stuck = g.submit(move || gate.recv().ok());
+        // With parallelism 1 the next job queues behind the stuck one until the pool
+        // notices the stall and starts another thread.
+        let other = g.submit(|| "done");
+        assert_eq!(other.wait_until(soon(2000)).unwrap(), "done");
+        let err = stuck.wait_until(soon(30)).unwrap_err();
+        assert!(matches!(err, GuardError::TimedOut { stuck: 1, .. }), "{err:?}");
+        release.send(()).unwrap();
+    }
+
+    #[test]
+    fn stuck_threads_are_bounded_and_reused() {
+        let g = Guard::new(limits(1, 3));
+        let (release, gate) = mpsc::channel::<()>();
+        let gate = Arc::new(std::sync::Mutex::new(gate));
+        let mut blocked = Vec::new();
+        for _ in 0..3 {
+            let gate = Arc::clone(&gate);
+            blocked.push(g.submit(move || {
+                let _ = gate.lock().unwrap().recv();
+            }));
+            thread::sleep(Duration::from_millis(15));
+            g.rebalance();
+        }
+        // All three threads are stuck: a fourth job cannot run and times out on time.
+        let t0 = Instant::now();
+        let err = g.submit(|| ()).wait_until(soon(50)).unwrap_err();
+        assert!(matches!(err, GuardError::TimedOut { stuck: 3, .. }), "{err:?}");
+        assert!(t0.elapsed() < Duration::from_millis(500));
+        assert_eq!(g.threads(), 3);
+        // Release them: the same threads take new work.
+        for _ in 0..3 {
+            release.send(()).unwrap();
+        }
+        assert_eq!(g.submit(|| 7).wait_until(soon(2000)).unwrap(), 7);
+        assert!(g.threads() <= 3);
+        drop(blocked);
+    }
+
+    #[test]
+    fn abandoned_jobs_are_skipped() {
+        let g = Guard::new(limits(1, 1));
+        let (release, gate) = mpsc::channel::<()>();
+        let _stuck = g.submit(move || gate.recv().ok());
+        let ran = Arc::new(AtomicUsize::new(0));
+        for _ in 0..10 {
+            let ran = Arc::clone(&ran);
+            let _ = g
+                .submit(move || ran.fetch_add(1, Ordering::SeqCst))
+                .wait_until(soon(1));
+        }
+        release.send(()).unwrap();
+        assert_eq!(g.submit(|| ()).wait_until(soon(2000)), Ok(()));
+        assert_eq!(
+            ran.load(Ordering::SeqCst),
+            0,
+            "jobs whose callers gave up never ran"
+        );
+    }
+
+    #[test]
+    fn a_panicking_job_is_reported_and_the_pool_survives() {
+        let g = Guard::new(limits(1, 2));
+        let err = g.submit(|| panic!("boom")).wait_until(soon(2000));
+        assert_eq!(err.map(|_: ()| ()), Err(GuardError::Panicked));
+        assert_eq!(g.submit(|| 1).wait_until(soon(2000)), Ok(1));
+    }
+
+    #[test]
+    fn reads_files_and_times_out_on_a_fifo() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("vendor");
+        std::fs::write(&file, b"0x8086\n").unwrap();
+        let fifo = dir.path().join("uevent");
+        nix::unistd::mkfifo(
+            &fifo,
+            nix::sys::stat::Mode::S_IRUSR | nix::sys::stat::Mode::S_IWUSR,
+        )
+        .unwrap();
+        let g = Guard::new(limits(1, 2));
+        assert_eq!(g.read(&file, 4096, soon(2000)).unwrap().unwrap(), b"0x8086\n");
+        let t0 = Instant::now();
+        assert!(matches!(
+            g.read(&fifo, 4096, soon(50)),
+            Err(GuardError::TimedOut { .. })
+        ));
+        assert!(t0.elapsed() < Duration::from_millis(500));
+        // Free the thread stuck in open(): a writer appears and goes.
+        let _ = std::fs::OpenOptions::new().write(true).open(&fifo);
+    }
+}
