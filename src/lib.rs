@@ -10,15 +10,24 @@
 #![warn(missing_docs)]
 
 mod addr;
+mod attr;
+pub mod config;
+pub mod details;
+pub mod device;
 pub mod error;
 pub mod guard;
 pub mod model;
+pub mod names;
 pub mod registry;
+pub mod scan;
+pub mod sysfs;
 
 pub use addr::{AddressError, PciAddress};
+pub use device::{Device, Problem, ProblemKind};
 pub use error::{ParseError, ParseErrorKind};
 pub use guard::{Guard, GuardError, GuardLimits};
 pub use model::{
     Bar, BarKind, ClassCode, DeviceId, Link, LinkSpeed, Resource, ResourceSlot, Sriov, VendorId,
 };
 pub use registry::RemovalRegistry;
+pub use scan::{BlockingAttr, IdSource, Scan, ScanError, Scanner, SysfsRoot};

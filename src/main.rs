@@ -1,1 +1,415 @@
-fn main() {}
+//! `pcibus`: list PCI devices the way pcibus sees them, show one, snapshot sysfs.
+
+use std::io::{self, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use serde_json::{Value, json};
+
+use pcibus::names::{Names, find_pci_ids};
+use pcibus::{BlockingAttr, Device, IdSource, PciAddress, Scan, Scanner, SysfsRoot};
+
+#[derive(Parser)]
+#[command(
+    name = "pcibus",
+    version,
+    about = "PCI devices from sysfs, without blocking on devices being removed"
+)]
+struct Cli {
+    /// Sysfs root to read (a live /sys or a fake tree). Default: $PCIBUS_SYSFS, else
+    /// DPDK's $SYSFS_PCI_DEVICES (a devices directory), else /sys.
+    #[arg(long, global = true, value_name = "ROOT")]
+    sysfs: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// List the devices: address, ids, class, driver, NUMA node, IOMMU group, names.
+    List {
+        /// One JSON array, one object per device, sorted by address.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        scan: ScanArgs,
+    },
+    /// Everything about one device: BARs, capabilities, SR-IOV relations, problems.
+    Show {
+        /// The device, e.g. 0000:01:00.0 or 1:0.0.
+        address: PciAddress,
+        /// JSON instead of text.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        scan: ScanArgs,
+    },
+    /// Capture the PCI part of sysfs as a pcibus fixture (text).
+    Snapshot {
+        /// Write here instead of standard output.
+        #[arg(short, long, value_name = "FILE")]
+        output: Option<PathBuf>,
+    },
+}
+
+#[derive(clap::Args)]
+struct ScanArgs {
+    /// Also read these attributes, which block while a removal is pending, each through a
+    /// guard with the scan's deadline.
+    #[arg(long = "read", value_enum, value_name = "ATTR")]
+    read: Vec<Attr>,
+    /// Deadline for guarded reads, in milliseconds from the scan's start.
+    #[arg(long, default_value_t = 1000, value_name = "MS")]
+    timeout: u64,
+    /// Read every attribute through the guard.
+    #[arg(long)]
+    guard_all: bool,
+    /// Take ids from the id files instead of the config header.
+    #[arg(long)]
+    id_files: bool,
+    /// Walker threads (default: one per core, at most 4).
+    #[arg(long)]
+    threads: Option<usize>,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Attr {
+    SriovNumvfs,
+    SriovVfTotalMsix,
+    DriverOverride,
+    Uevent,
+    All,
+}
+
+impl ScanArgs {
+    fn scanner(&self, root: SysfsRoot) -> Scanner {
+        let mut s = Scanner::new(root)
+            .timeout(Duration::from_millis(self.timeout))
+            .guard_everything(self.guard_all)
+            .id_source(if self.id_files {
+                IdSource::Files
+            } else {
+                IdSource::Config
+            });
+        if let Some(n) = self.threads {
+            s = s.threads(n);
+        }
+        for a in &self.read {
+            let attrs: &[BlockingAttr] = match a {
+                Attr::SriovNumvfs => &[BlockingAttr::SriovNumvfs],
+                Attr::SriovVfTotalMsix => &[BlockingAttr::SriovVfTotalMsix],
+                Attr::DriverOverride => &[BlockingAttr::DriverOverride],
+                Attr::Uevent => &[BlockingAttr::Uevent],
+                Attr::All => &BlockingAttr::ALL,
+            };
+            for &attr in attrs {
+                s = s.read_blocking(attr);
+            }
+        }
+        s
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let root = cli.sysfs.clone().map_or_else(SysfsRoot::from_env, SysfsRoot::new);
+    match run(cli, root) {
+        Ok(code) => code,
+        Err(e) => {
+            // A broken pipe (`pcibus list | head`) is not an error worth a message.
+            if e.downcast_ref::<io::Error>()
+                .is_some_and(|e| e.kind() == io::ErrorKind::BrokenPipe)
+            {
+                return ExitCode::SUCCESS;
+            }
+            let mut msg = format!("pcibus: {e}");
+            let mut source = e.source();
+            while let Some(s) = source {
+                msg.push_str(&format!(": {s}"));
+                source = s.source();
+            }
+            eprintln!("{msg}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+type Error = Box<dyn std::error::Error>;
+
+fn run(cli: Cli, root: SysfsRoot) -> Result<ExitCode, Error> {
+    let stdout = io::stdout();
+    let mut out = io::BufWriter::new(stdout.lock());
+    match cli.command {
+        Command::List { json, scan } => {
+            let scan = scan.scanner(root).scan()?;
+            if json {
+                write_json_list(&mut out, &scan)?;
+            } else {
+                write_table(&mut out, &scan)?;
+            }
+            report_skipped(&scan);
+        }
+        Command::Show { address, json, scan } => {
+            // `show` wants everything; the blocking attributes are read through the guard.
+            let scanner = BlockingAttr::ALL
+                .into_iter()
+                .fold(scan.scanner(root), Scanner::read_blocking)
+                .allow([address]);
+            let scan = scanner.scan()?;
+            let Some(dev) = scan.devices.first() else {
+                return Err(format!(
+                    "no device {address} in {}",
+                    scanner.root().devices_dir().display()
+                )
+                .into());
+            };
+            let details = pcibus::details::read(scanner.root(), dev);
+            if json {
+                let mut v = device_json(dev);
+                v["details"] = details_json(&details);
+                serde_json::to_writer_pretty(&mut out, &v)?;
+                writeln!(out)?;
+            } else {
+                write_show(&mut out, dev, &details)?;
+            }
+        }
+        Command::Snapshot { output: _ } => {
+            return Err("snapshot: not wired yet".into());
+        }
+    }
+    out.flush()?;
+    Ok(ExitCode::SUCCESS)
+}
+
+// Entries that are not devices, and devices that went away, go to stderr: the listing
+// itself stays parseable.
+fn report_skipped(scan: &Scan) {
+    for i in &scan.ignored {
+        eprintln!(
+            "pcibus: ignored {:?} in the devices directory: {}",
+            i.name, i.reason
+        );
+    }
+    for a in &scan.vanished {
+        eprintln!("pcibus: {a} vanished during the scan");
+    }
+}
+
+fn names_for(devices: &[Device]) -> Names {
+    let ids = devices.iter().filter_map(|d| Some((d.vendor?, d.device?)));
+    let classes = devices.iter().filter_map(|d| d.class);
+    find_pci_ids()
+        .and_then(|p| Names::lookup(&p, ids, classes).ok())
+        .unwrap_or_default()
+}
+
+fn opt<T: std::fmt::Display>(v: Option<T>) -> String {
+    v.map_or_else(|| "-".to_owned(), |v| v.to_string())
+}
+
+fn write_table(out: &mut impl Write, scan: &Scan) -> io::Result<()> {
+    let names = names_for(&scan.devices);
+    writeln!(
+        out,
+        "{:<13} {:<9} {:<6} {:<14} {:>4} {:>5}  DESCRIPTION",
+        "ADDRESS", "ID", "CLASS", "DRIVER", "NUMA", "IOMMU"
+    )?;
+    for d in &scan.devices {
+        let id = match (d.vendor, d.device) {
+            (Some(v), Some(dv)) => format!("{v}:{dv}"),
+            _ => "????:????".into(),
+        };
+        let mut desc = describe(&names, d);
+        if !d.problems.is_empty() {
+            desc.push_str(&format!(
+                " [{} problem(s): pcibus show {}]",
+                d.problems.len(),
+                d.address
+            ));
+        }
+        writeln!(
+            out,
+            "{:<13} {:<9} {:<6} {:<14} {:>4} {:>5}  {desc}",
+            d.address.to_string(),
+            id,
+            d.class
+                .map_or_else(|| "-".into(), |c| format!("{:04x}", c.value() >> 8)),
+            d.driver.as_deref().unwrap_or("-"),
+            opt(d.numa_node),
+            opt(d.iommu_group),
+        )?;
+    }
+    Ok(())
+}
+
+fn describe(names: &Names, d: &Device) -> String {
+    let class = d.class.and_then(|c| names.class(c)).unwrap_or("");
+    let vendor = d.vendor.and_then(|v| names.vendor(v));
+    let device = d.vendor.zip(d.device).and_then(|(v, dv)| names.device(v, dv));
+    match (vendor, device) {
+        (Some(v), Some(dv)) => format!("{class}: {v} {dv}"),
+        (Some(v), None) => format!("{class}: {v} Device {}", opt(d.device)),
+        _ => class.to_owned(),
+    }
+}
+
+fn device_json(d: &Device) -> Value {
+    json!({
+        "address": d.address.to_string(),
+        "vendor": d.vendor.map(|v| v.0),
+        "device": d.device.map(|v| v.0),
+        "subsystem_vendor": d.subsystem_vendor.map(|v| v.0),
+        "subsystem_device": d.subsystem_device.map(|v| v.0),
+        "class": d.class.map(|c| c.value()),
+        "revision": d.revision,
+        "numa_node": d.numa_node,
+        "driver": d.driver,
+        "iommu_group": d.iommu_group,
+        "physfn": d.physfn.map(|a| a.to_string()),
+        "sriov": d.sriov.as_ref().map(|s| json!({"total_vfs": s.total_vfs, "num_vfs": s.num_vfs})),
+        "bars": d.bars().map(|b| json!({
+            "index": b.index,
+            "start": b.start,
+            "size": b.size,
+            "kind": b.kind.to_string(),
+            "prefetchable": b.prefetchable,
+        })).collect::<Vec<_>>(),
+        "problems": d.problems.iter().map(|p| json!({
+            "attribute": p.attribute,
+            "error": p.kind.to_string(),
+        })).collect::<Vec<_>>(),
+    })
+}
+
+// Streams the array so memory stays flat however many devices there are.
+fn write_json_list(out: &mut impl Write, scan: &Scan) -> io::Result<()> {
+    out.write_all(b"[")?;
+    for (i, d) in scan.devices.iter().enumerate() {
+        out.write_all(if i == 0 { b"\n  " } else { b",\n  " })?;
+        serde_json::to_writer(&mut *out, &device_json(d))?;
+    }
+    out.write_all(if scan.devices.is_empty() { b"]\n" } else { b"\n]\n" })
+}
+
+fn details_json(x: &pcibus::details::Details) -> Value {
+    json!({
+        "capabilities": x.capabilities.iter().map(|c| json!({
+            "id": c.id, "offset": c.offset, "name": pcibus::config::capability_name(c.id),
+        })).collect::<Vec<_>>(),
+        "extended_capabilities": x.extended_capabilities.iter().map(|c| json!({
+            "id": c.id, "version": c.version, "offset": c.offset,
+            "name": pcibus::config::extended_capability_name(c.id),
+        })).collect::<Vec<_>>(),
+        "current_link": x.current_link.map(link_json),
+        "max_link": x.max_link.map(link_json),
+        "modalias": x.modalias,
+        "local_cpus": x.local_cpus,
+        "problems": x.problems.iter().map(|p| json!({"attribute": p.attribute, "error": p.kind.to_string()})).collect::<Vec<_>>(),
+    })
+}
+
+fn link_json(l: pcibus::Link) -> Value {
+    json!({"speed_mts": l.speed.map(|s| s.0), "width": l.width})
+}
+
+fn write_show(out: &mut impl Write, d: &Device, x: &pcibus::details::Details) -> io::Result<()> {
+    let names = names_for(std::slice::from_ref(d));
+    writeln!(out, "{}  {}", d.address, describe(&names, d))?;
+    writeln!(
+        out,
+        "  vendor {}  device {}  revision {}",
+        opt(d.vendor),
+        opt(d.device),
+        opt(d.revision.map(|r| format!("{r:02x}")))
+    )?;
+    writeln!(
+        out,
+        "  subsystem {}:{}",
+        opt(d.subsystem_vendor),
+        opt(d.subsystem_device)
+    )?;
+    writeln!(out, "  class {}", opt(d.class))?;
+    writeln!(
+        out,
+        "  driver {}  driver_override {}",
+        d.driver.as_deref().unwrap_or("-"),
+        d.driver_override.as_deref().unwrap_or("-")
+    )?;
+    writeln!(
+        out,
+        "  numa node {}  iommu group {}",
+        opt(d.numa_node),
+        opt(d.iommu_group)
+    )?;
+    if let Some(cpus) = &x.local_cpus {
+        writeln!(
+            out,
+            "  local cpus {}",
+            pcibus::sysfs::parse::format_cpu_list(cpus).trim_end()
+        )?;
+    }
+    if let Some(m) = &x.modalias {
+        writeln!(out, "  modalias {m}")?;
+    }
+    for (label, link) in [("link now", x.current_link), ("link max", x.max_link)] {
+        if let Some(l) = link {
+            writeln!(out, "  {label} {} x{}", opt(l.speed), opt(l.width))?;
+        }
+    }
+    for b in d.bars() {
+        writeln!(
+            out,
+            "  BAR{} {} at {:#x} size {:#x}{}",
+            b.index,
+            b.kind,
+            b.start,
+            b.size,
+            if b.prefetchable { " prefetchable" } else { "" }
+        )?;
+    }
+    for c in &x.capabilities {
+        writeln!(
+            out,
+            "  capability {:#04x} {} at {:#04x}",
+            c.id,
+            pcibus::config::capability_name(c.id),
+            c.offset
+        )?;
+    }
+    for c in &x.extended_capabilities {
+        writeln!(
+            out,
+            "  extended capability {:#06x} v{} {} at {:#05x}",
+            c.id,
+            c.version,
+            pcibus::config::extended_capability_name(c.id),
+            c.offset
+        )?;
+    }
+    if let Some(s) = &d.sriov {
+        writeln!(
+            out,
+            "  SR-IOV: total VFs {}  enabled {}  offset {}  stride {}  VF device {}",
+            s.total_vfs,
+            opt(s.num_vfs),
+            opt(s.vf_offset),
+            opt(s.vf_stride),
+            opt(s.vf_device)
+        )?;
+        for (n, vf) in s.virtfns.iter().enumerate() {
+            writeln!(out, "    virtfn{n} {vf}")?;
+        }
+    }
+    if let Some(pf) = d.physfn {
+        writeln!(out, "  physfn {pf}")?;
+    }
+    if d.removal_pending {
+        writeln!(out, "  removal pending")?;
+    }
+    for p in d.problems.iter().chain(&x.problems) {
+        writeln!(out, "  problem: {p}")?;
+    }
+    Ok(())
+}

@@ -1,0 +1,154 @@
+//! The record a scan builds for each device, and the problems it met on the way.
+
+use std::fmt;
+use std::io;
+use std::time::Duration;
+
+use crate::model::{Bar, ClassCode, DeviceId, Resource, Sriov, VendorId};
+use crate::{ParseError, PciAddress};
+
+/// What a scan learned about one PCI function.
+///
+/// Fields the scan could not learn are `None` and the reason is in [`Device::problems`];
+/// a field the kernel does not report (no driver bound, no NUMA affinity) is `None` with
+/// no problem.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Device {
+    /// The function's address.
+    pub address: PciAddress,
+    /// Vendor id.
+    pub vendor: Option<VendorId>,
+    /// Device id.
+    pub device: Option<DeviceId>,
+    /// Subsystem vendor id.
+    pub subsystem_vendor: Option<VendorId>,
+    /// Subsystem device id.
+    pub subsystem_device: Option<DeviceId>,
+    /// Class code.
+    pub class: Option<ClassCode>,
+    /// Revision id.
+    pub revision: Option<u8>,
+    /// NUMA node, `None` when the kernel reports none (`-1`).
+    pub numa_node: Option<u32>,
+    /// The bound kernel driver (the `driver` link's last component).
+    pub driver: Option<String>,
+    /// The IOMMU group, from the `iommu_group` link.
+    pub iommu_group: Option<u32>,
+    /// Every line of the `resource` file; see [`Device::bars`] for the present BARs.
+    pub resources: Vec<Resource>,
+    /// SR-IOV facts when the function is a PF (`sriov_totalvfs` exists).
+    pub sriov: Option<Sriov>,
+    /// The PF of a VF (the `physfn` link).
+    pub physfn: Option<PciAddress>,
+    /// The device was in the removal registry: its blocking attributes were not read.
+    pub removal_pending: bool,
+    /// `driver_override`, when asked for and read in time (`None` also when empty).
+    pub driver_override: Option<String>,
+    /// `sriov_vf_total_msix`, when asked for and read in time.
+    pub sriov_vf_total_msix: Option<u32>,
+    /// The `uevent` variables, when asked for and read in time.
+    pub uevent: Option<Vec<(String, String)>>,
+    /// What went wrong, one entry per attribute.
+    pub problems: Vec<Problem>,
+}
+
+impl Device {
+    /// A record with only the address known.
+    pub fn new(address: PciAddress) -> Self {
+        Device {
+            address,
+            vendor: None,
+            device: None,
+            subsystem_vendor: None,
+            subsystem_device: None,
+            class: None,
+            revision: None,
+            numa_node: None,
+            driver: None,
+            iommu_group: None,
+            resources: Vec::new(),
+            sriov: None,
+            physfn: None,
+            removal_pending: false,
+            driver_override: None,
+            sriov_vf_total_msix: None,
+            uevent: None,
+            problems: Vec::new(),
+        }
+    }
+
+    /// The standard BARs that are present, in index order.
+    pub fn bars(&self) -> impl Iterator<Item = Bar> + '_ {
+        self.resources.iter().filter_map(Bar::from_resource)
+    }
+
+    /// The problem recorded for `attribute`, if any.
+    pub fn problem(&self, attribute: &str) -> Option<&Problem> {
+        self.problems.iter().find(|p| p.attribute == attribute)
+    }
+
+    pub(crate) fn report(&mut self, attribute: &'static str, kind: ProblemKind) {
+        self.problems.push(Problem { attribute, kind });
+    }
+}
+
+/// Something that went wrong reading one attribute of one device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    /// The attribute (sysfs file or link name).
+    pub attribute: &'static str,
+    /// What went wrong.
+    pub kind: ProblemKind,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.attribute, self.kind)
+    }
+}
+
+/// What went wrong with an attribute.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ProblemKind {
+    /// The text did not parse.
+    Parse(ParseError),
+    /// Reading it failed.
+    Io {
+        /// The error's kind.
+        kind: io::ErrorKind,
+        /// The error's message.
+        message: String,
+    },
+    /// A guarded read did not answer by the deadline (the device was then added to the
+    /// removal registry).
+    TimedOut {
+        /// How long the scan waited.
+        waited: Duration,
+    },
+    /// Not read: the device's removal is pending and this attribute's read takes the
+    /// device lock.
+    RemovalPending,
+}
+
+impl ProblemKind {
+    pub(crate) fn io(e: &io::Error) -> Self {
+        ProblemKind::Io {
+            kind: e.kind(),
+            message: e.to_string(),
+        }
+    }
+}
+
+impl fmt::Display for ProblemKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            // The parse error names the attribute too; print only what follows it.
+            ProblemKind::Parse(e) => write!(f, "{} in \"{}\"", e.kind, e.text),
+            ProblemKind::Io { message, .. } => f.write_str(message),
+            ProblemKind::TimedOut { waited } => write!(f, "read timed out after {} ms", waited.as_millis()),
+            ProblemKind::RemovalPending => f.write_str("not read: removal pending"),
+        }
+    }
+}

@@ -1,0 +1,899 @@
+//! The sysfs walk: one [`Device`] record per entry of `bus/pci/devices`.
+//!
+//! The fast path reads only attributes whose kernel `show()` takes no lock: the `config`
+//! header (or the id files), `resource`, `numa_node`, `sriov_totalvfs` and its lock-free
+//! siblings, and the `driver`, `iommu_group`, `physfn` and `virtfnN` links. The attributes
+//! that take the device lock ([`BlockingAttr`]) are read only when asked for, through the
+//! [`Guard`], and never for a device in the [`RemovalRegistry`].
+//!
+//! ```no_run
+//! use pcibus::scan::{Scanner, SysfsRoot};
+//! let scan = Scanner::new(SysfsRoot::from_env()).scan()?;
+//! for dev in &scan.devices {
+//!     println!("{} {:?}:{:?} driver {:?}", dev.address, dev.vendor, dev.device, dev.driver);
+//! }
+//! # Ok::<(), pcibus::scan::ScanError>(())
+//! ```
+
+use std::collections::BTreeSet;
+use std::io;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+
+use crate::attr::{ATTR_MAX, DirFd, basename};
+use crate::config;
+use crate::device::{Device, ProblemKind};
+use crate::guard::{Guard, GuardError, Ticket};
+use crate::model::{DeviceId, Sriov, VendorId};
+use crate::registry::{Reason, RemovalRegistry};
+use crate::sysfs::parse;
+use crate::{ParseError, ParseErrorKind, PciAddress};
+
+/// Where sysfs is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SysfsRoot {
+    root: PathBuf,
+    devices: PathBuf,
+}
+
+impl SysfsRoot {
+    /// A sysfs mounted (or faked) at `root`; devices are listed in `root/bus/pci/devices`.
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        let root = root.into();
+        let devices = root.join("bus/pci/devices");
+        SysfsRoot { root, devices }
+    }
+
+    /// A devices directory given directly, as DPDK's `SYSFS_PCI_DEVICES` does. The root is
+    /// taken to be three levels up when the path ends in `bus/pci/devices`.
+    pub fn from_devices_dir(devices: impl Into<PathBuf>) -> Self {
+        let devices: PathBuf = devices.into();
+        let root = if devices.ends_with("bus/pci/devices") {
+            devices
+                .ancestors()
+                .nth(3)
+                .map_or_else(|| devices.clone(), Path::to_path_buf)
+        } else {
+            devices.clone()
+        };
+        SysfsRoot { root, devices }
+    }
+
+    /// `PCIBUS_SYSFS` (a sysfs root) if set, else DPDK's `SYSFS_PCI_DEVICES` (a devices
+    /// directory) if set, else `/sys`.
+    pub fn from_env() -> Self {
+        if let Some(root) = std::env::var_os("PCIBUS_SYSFS").filter(|v| !v.is_empty()) {
+            SysfsRoot::new(root)
+        } else if let Some(dir) = std::env::var_os("SYSFS_PCI_DEVICES").filter(|v| !v.is_empty()) {
+            SysfsRoot::from_devices_dir(dir)
+        } else {
+            SysfsRoot::new("/sys")
+        }
+    }
+
+    /// The sysfs root.
+    pub fn path(&self) -> &Path {
+        &self.root
+    }
+
+    /// The directory listing the devices.
+    pub fn devices_dir(&self) -> &Path {
+        &self.devices
+    }
+
+    /// The directory of one device.
+    pub fn device_dir(&self, address: PciAddress) -> PathBuf {
+        self.devices.join(address.to_string())
+    }
+}
+
+/// Attributes whose kernel `show()` takes the device lock, so a read blocks while the
+/// device's removal is pending (measured on 6.1; on 6.12 only the SR-IOV two block).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum BlockingAttr {
+    /// `sriov_numvfs`: VFs enabled now.
+    SriovNumvfs,
+    /// `sriov_vf_total_msix`: MSI-X vectors the PF can hand to its VFs.
+    SriovVfTotalMsix,
+    /// `driver_override`.
+    DriverOverride,
+    /// `uevent`.
+    Uevent,
+}
+
+impl BlockingAttr {
+    /// All of them.
+    pub const ALL: [BlockingAttr; 4] = [
+        BlockingAttr::SriovNumvfs,
+        BlockingAttr::SriovVfTotalMsix,
+        BlockingAttr::DriverOverride,
+        BlockingAttr::Uevent,
+    ];
+
+    /// The sysfs file name.
+    pub const fn name(self) -> &'static str {
+        match self {
+            BlockingAttr::SriovNumvfs => "sriov_numvfs",
+            BlockingAttr::SriovVfTotalMsix => "sriov_vf_total_msix",
+            BlockingAttr::DriverOverride => "driver_override",
+            BlockingAttr::Uevent => "uevent",
+        }
+    }
+
+    // The SR-IOV attributes exist only on PFs.
+    fn applies_to(self, dev: &Device) -> bool {
+        match self {
+            BlockingAttr::SriovNumvfs | BlockingAttr::SriovVfTotalMsix => dev.sriov.is_some(),
+            BlockingAttr::DriverOverride | BlockingAttr::Uevent => true,
+        }
+    }
+}
+
+/// Where the fast path takes ids, class and revision from.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum IdSource {
+    /// The first 64 bytes of `config`: one read instead of six. Falls back to the id
+    /// files for VFs (whose config space reads 0xffff as ids), for devices whose header
+    /// reads 0xffff or is short, for the subsystem ids of bridges, and for devices whose
+    /// removal is pending (a `config` read waits while a device is being reset).
+    #[default]
+    Config,
+    /// The `vendor`, `device`, `subsystem_*`, `class` and `revision` files, which carry the
+    /// kernel's quirk-adjusted values.
+    Files,
+}
+
+/// A scan could not run at all. One device's trouble never makes a scan fail: it
+/// becomes a [`Problem`](crate::device::Problem) in that device's record.
+#[derive(Debug, thiserror::Error)]
+pub enum ScanError {
+    /// The devices directory cannot be read.
+    #[error("cannot read the PCI devices directory {}", path.display())]
+    Root {
+        /// The directory.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// The scanner defers scans while any removal is pending, and some are.
+    #[error("scan deferred: removal pending for {}", list(pending))]
+    Deferred {
+        /// The devices whose removal is pending.
+        pending: Vec<PciAddress>,
+    },
+}
+
+fn list(addrs: &[PciAddress]) -> String {
+    addrs.iter().map(|a| a.to_string()).collect::<Vec<_>>().join(", ")
+}
+
+/// An entry of the devices directory that is not a device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ignored {
+    /// The entry's name (lossy UTF-8).
+    pub name: String,
+    /// Why it was ignored.
+    pub reason: String,
+}
+
+/// What a scan found.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Scan {
+    /// One record per device, sorted by address.
+    pub devices: Vec<Device>,
+    /// Entries of the devices directory that are not devices: names that are not PCI
+    /// addresses as the kernel writes them, and entries that are not directories.
+    pub ignored: Vec<Ignored>,
+    /// Devices listed but gone before they could be read (removed during the scan).
+    pub vanished: Vec<PciAddress>,
+    /// Registry entries dropped by this scan because their device is gone.
+    pub released: Vec<PciAddress>,
+}
+
+impl Scan {
+    /// The record of `address`, if the scan has one.
+    pub fn get(&self, address: PciAddress) -> Option<&Device> {
+        self.devices
+            .binary_search_by_key(&address, |d| d.address)
+            .ok()
+            .map(|i| &self.devices[i])
+    }
+}
+
+/// Scans sysfs for PCI devices. Cheap to clone; configure it with the builder methods.
+#[derive(Debug, Clone)]
+pub struct Scanner {
+    root: SysfsRoot,
+    registry: Arc<RemovalRegistry>,
+    guard: Guard,
+    allow: Option<BTreeSet<PciAddress>>,
+    block: BTreeSet<PciAddress>,
+    blocking: Vec<BlockingAttr>,
+    guard_everything: bool,
+    timeout: Duration,
+    defer: bool,
+    threads: usize,
+    ids: IdSource,
+}
+
+/// Fewest devices per scan thread: below this, starting a thread costs more than it saves.
+const DEVICES_PER_THREAD: usize = 64;
+
+impl Scanner {
+    /// A scanner of `root` with its own registry and guard, reading no blocking attribute,
+    /// a 1 s deadline for guarded reads, and a thread per core (at most 4).
+    pub fn new(root: SysfsRoot) -> Self {
+        Scanner {
+            root,
+            registry: Arc::new(RemovalRegistry::new()),
+            guard: Guard::default(),
+            allow: None,
+            block: BTreeSet::new(),
+            blocking: Vec::new(),
+            guard_everything: false,
+            timeout: Duration::from_secs(1),
+            defer: false,
+            threads: thread::available_parallelism().map_or(1, |n| n.get().min(4)),
+            ids: IdSource::default(),
+        }
+    }
+
+    /// Shares `registry` (with the vfio layer, a uevent monitor, other scanners).
+    pub fn registry(mut self, registry: Arc<RemovalRegistry>) -> Self {
+        self.registry = registry;
+        self
+    }
+
+    /// Shares `guard`'s threads.
+    pub fn guard(mut self, guard: Guard) -> Self {
+        self.guard = guard;
+        self
+    }
+
+    /// Scans only these devices (an allow list, applied before any attribute is read).
+    pub fn allow(mut self, addresses: impl IntoIterator<Item = PciAddress>) -> Self {
+        self.allow.get_or_insert_with(BTreeSet::new).extend(addresses);
+        self
+    }
+
+    /// Never scans these devices (a block list, applied before any attribute is read).
+    pub fn block(mut self, addresses: impl IntoIterator<Item = PciAddress>) -> Self {
+        self.block.extend(addresses);
+        self
+    }
+
+    /// Also reads `attr` (through the guard) for every device it applies to, except those
+    /// whose removal is pending.
+    pub fn read_blocking(mut self, attr: BlockingAttr) -> Self {
+        if !self.blocking.contains(&attr) {
+            self.blocking.push(attr);
+            self.blocking.sort();
+        }
+        self
+    }
+
+    /// Reads every attribute through the guard, not only the blocking ones: each device is
+    /// one guarded job, so even a lock-free read that hangs cannot hold up the scan.
+    pub fn guard_everything(mut self, yes: bool) -> Self {
+        self.guard_everything = yes;
+        self
+    }
+
+    /// How long a scan waits for guarded reads, from its start (default 1 s).
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    /// Refuses to scan while any removal is pending ([`ScanError::Deferred`]), as SPDK's
+    /// hotplug poller does.
+    pub fn defer_while_removal_pending(mut self, yes: bool) -> Self {
+        self.defer = yes;
+        self
+    }
+
+    /// How many threads walk the devices (1 = walk on the calling thread).
+    pub fn threads(mut self, threads: usize) -> Self {
+        self.threads = threads.max(1);
+        self
+    }
+
+    /// Where ids come from.
+    pub fn id_source(mut self, ids: IdSource) -> Self {
+        self.ids = ids;
+        self
+    }
+
+    /// The root scanned.
+    pub fn root(&self) -> &SysfsRoot {
+        &self.root
+    }
+
+    /// The registry consulted.
+    pub fn removal_registry(&self) -> &Arc<RemovalRegistry> {
+        &self.registry
+    }
+
+    /// Scans the devices directory.
+    pub fn scan(&self) -> Result<Scan, ScanError> {
+        let deadline = Instant::now() + self.timeout;
+        let dir_path = self.root.devices_dir();
+        let root_err = |source| ScanError::Root {
+            path: dir_path.to_path_buf(),
+            source,
+        };
+        let devices_dir = Arc::new(DirFd::open(dir_path).map_err(root_err)?);
+        let mut scan = Scan::default();
+        let mut listed = Vec::new();
+        for entry in std::fs::read_dir(dir_path).map_err(root_err)? {
+            let entry = entry.map_err(root_err)?;
+            let name = entry.file_name();
+            match std::str::from_utf8(name.as_bytes())
+                .ok()
+                .map(PciAddress::parse_strict)
+            {
+                Some(Ok(address)) => listed.push(address),
+                Some(Err(e)) => scan.ignored.push(Ignored {
+                    name: name.to_string_lossy().into_owned(),
+                    reason: e.reason.to_string(),
+                }),
+                None => scan.ignored.push(Ignored {
+                    name: name.to_string_lossy().into_owned(),
+                    reason: "not UTF-8".into(),
+                }),
+            }
+        }
+        listed.sort_unstable();
+        scan.ignored.sort_by(|a, b| a.name.cmp(&b.name));
+
+        scan.released = self.registry.prune(|a| listed.binary_search(&a).is_ok());
+        if self.defer && !self.registry.is_empty() {
+            return Err(ScanError::Deferred {
+                pending: self.registry.pending().into_iter().map(|p| p.address).collect(),
+            });
+        }
+        let wanted: Vec<(PciAddress, bool)> = listed
+            .into_iter()
+            .filter(|a| self.allow.as_ref().is_none_or(|allow| allow.contains(a)) && !self.block.contains(a))
+            .map(|a| (a, self.registry.is_pending(a)))
+            .collect();
+
+        let outcomes = if self.guard_everything {
+            self.walk_guarded(&devices_dir, &wanted, deadline)
+        } else {
+            self.walk(&devices_dir, &wanted)
+        };
+        for outcome in outcomes {
+            match outcome {
+                Outcome::Device(dev) => scan.devices.push(*dev),
+                Outcome::Vanished(a) => scan.vanished.push(a),
+                Outcome::Ignored(ignored) => scan.ignored.push(ignored),
+            }
+        }
+        if !self.guard_everything && !self.blocking.is_empty() {
+            self.read_blocking_attrs(&mut scan.devices, deadline);
+        }
+        Ok(scan)
+    }
+
+    /// Scans one device; `Ok(None)` when it does not exist (or vanished meanwhile).
+    pub fn scan_device(&self, address: PciAddress) -> Result<Option<Device>, ScanError> {
+        let one = Scanner {
+            allow: Some(BTreeSet::from([address])),
+            ..self.clone()
+        };
+        Ok(one.scan()?.devices.pop())
+    }
+
+    // The fast path on `self.threads` threads, unguarded.
+    fn walk(&self, devices_dir: &DirFd, wanted: &[(PciAddress, bool)]) -> Vec<Outcome> {
+        let threads = self.threads.min(wanted.len().div_ceil(DEVICES_PER_THREAD)).max(1);
+        if threads == 1 {
+            return wanted
+                .iter()
+                .map(|&(a, pending)| self.read_device(devices_dir, a, pending, &Progress::default()))
+                .collect();
+        }
+        let next = AtomicUsize::new(0);
+        const CHUNK: usize = 16;
+        let mut parts: Vec<(usize, Outcome)> = thread::scope(|s| {
+            let workers: Vec<_> = (0..threads)
+                .map(|_| {
+                    s.spawn(|| {
+                        let mut out = Vec::new();
+                        loop {
+                            let start = next.fetch_add(CHUNK, Ordering::Relaxed);
+                            if start >= wanted.len() {
+                                break out;
+                            }
+                            for (i, &(a, pending)) in wanted.iter().enumerate().skip(start).take(CHUNK) {
+                                out.push((
+                                    i,
+                                    self.read_device(devices_dir, a, pending, &Progress::default()),
+                                ));
+                            }
+                        }
+                    })
+                })
+                .collect();
+            workers
+                .into_iter()
+                .flat_map(|w| w.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+                .collect()
+        });
+        parts.sort_unstable_by_key(|(i, _)| *i);
+        parts.into_iter().map(|(_, o)| o).collect()
+    }
+
+    // Every device is one job on the guard, blocking attributes included; the scan takes
+    // what is done by the deadline.
+    fn walk_guarded(
+        &self,
+        devices_dir: &Arc<DirFd>,
+        wanted: &[(PciAddress, bool)],
+        deadline: Instant,
+    ) -> Vec<Outcome> {
+        struct Job {
+            address: PciAddress,
+            progress: Arc<Progress>,
+            partial: Arc<Mutex<Option<Device>>>,
+            ticket: Ticket<Outcome>,
+        }
+        let shared = Arc::new(self.clone());
+        let jobs: Vec<Job> = wanted
+            .iter()
+            .map(|&(address, pending)| {
+                let progress = Arc::new(Progress::default());
+                let partial = Arc::new(Mutex::new(None));
+                let (me, dir, prog, part) = (
+                    Arc::clone(&shared),
+                    Arc::clone(devices_dir),
+                    Arc::clone(&progress),
+                    Arc::clone(&partial),
+                );
+                let ticket = self.guard.submit(move || {
+                    let mut outcome = me.read_device(&dir, address, pending, &prog);
+                    if let Outcome::Device(dev) = &mut outcome {
+                        if !me.blocking.is_empty() {
+                            *part.lock() = Some((**dev).clone());
+                            me.read_blocking_inline(&dir, dev, &prog);
+                        }
+                    }
+                    outcome
+                });
+                Job {
+                    address,
+                    progress,
+                    partial,
+                    ticket,
+                }
+            })
+            .collect();
+        jobs.into_iter()
+            .map(|job| match job.ticket.wait_until(deadline) {
+                Ok(outcome) => outcome,
+                Err(err) => {
+                    let attribute = job.progress.attribute();
+                    let mut dev = job
+                        .partial
+                        .lock()
+                        .take()
+                        .unwrap_or_else(|| Device::new(job.address));
+                    dev.report(attribute, timed_out(err));
+                    self.registry.mark(job.address, Reason::TimedOut { attribute });
+                    Outcome::Device(Box::new(dev))
+                }
+            })
+            .collect()
+    }
+
+    // Submits every requested blocking read of every device at once, then collects them by
+    // the deadline: K stuck reads cost one deadline, not K.
+    fn read_blocking_attrs(&self, devices: &mut [Device], deadline: Instant) {
+        let mut tickets = Vec::new();
+        for (i, dev) in devices.iter_mut().enumerate() {
+            for &attr in &self.blocking {
+                if !attr.applies_to(dev) {
+                    continue;
+                }
+                if dev.removal_pending {
+                    dev.report(attr.name(), ProblemKind::RemovalPending);
+                    continue;
+                }
+                let path = self.root.device_dir(dev.address).join(attr.name());
+                let ticket = self
+                    .guard
+                    .submit(move || crate::guard::read_blocking(&path, ATTR_MAX));
+                tickets.push((i, attr, ticket));
+            }
+        }
+        for (i, attr, ticket) in tickets {
+            let dev = &mut devices[i];
+            match ticket.wait_until(deadline) {
+                Ok(result) => apply_blocking(dev, attr, result),
+                Err(err) => {
+                    dev.report(attr.name(), timed_out(err));
+                    self.registry.mark(
+                        dev.address,
+                        Reason::TimedOut {
+                            attribute: attr.name(),
+                        },
+                    );
+                }
+            }
+        }
+    }
+
+    // Inside a guarded per-device job: read the blocking attributes directly.
+    fn read_blocking_inline(&self, devices_dir: &DirFd, dev: &mut Device, progress: &Progress) {
+        for &attr in &self.blocking {
+            if !attr.applies_to(dev) {
+                continue;
+            }
+            if dev.removal_pending {
+                dev.report(attr.name(), ProblemKind::RemovalPending);
+                continue;
+            }
+            progress.at(attr.name());
+            let result = devices_dir
+                .open_dir(&dev.address.to_string())
+                .and_then(|d| d.read_blocking(attr.name(), ATTR_MAX));
+            apply_blocking(dev, attr, result);
+        }
+    }
+
+    // The fast path for one device.
+    fn read_device(
+        &self,
+        devices_dir: &DirFd,
+        address: PciAddress,
+        pending: bool,
+        progress: &Progress,
+    ) -> Outcome {
+        let name = address.to_string();
+        progress.at("device directory");
+        let dir = match devices_dir.open_dir(&name) {
+            Ok(dir) => dir,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Outcome::Vanished(address),
+            Err(e) => {
+                return Outcome::Ignored(Ignored {
+                    name,
+                    reason: format!("not a device directory: {e}"),
+                });
+            }
+        };
+        let mut dev = Device::new(address);
+        dev.removal_pending = pending;
+        let mut r = Reader {
+            dir: &dir,
+            dev: &mut dev,
+            progress,
+            buf: [0; ATTR_MAX],
+        };
+        // A VF's config space reads 0xffff as vendor and device id, so learn first whether
+        // this is one.
+        r.dev.physfn = r.link_address("physfn");
+        let from_config =
+            self.ids == IdSource::Config && !pending && r.dev.physfn.is_none() && r.ids_from_config();
+        if !from_config {
+            r.ids_from_files();
+        }
+        if let Some(resources) = r.attr("resource", true, parse::resource) {
+            r.dev.resources = resources;
+        }
+        r.dev.numa_node = r.attr("numa_node", false, parse::numa_node).flatten();
+        r.dev.driver = r
+            .link("driver")
+            .map(|t| String::from_utf8_lossy(basename(&t)).into_owned());
+        r.dev.iommu_group = r
+            .link("iommu_group")
+            .and_then(|t| r.parsed("iommu_group", parse::decimal_u32("iommu_group", basename(&t))));
+        if let Some(total_vfs) = r.attr("sriov_totalvfs", false, |b| {
+            parse::decimal_u16("sriov_totalvfs", b)
+        }) {
+            r.sriov(total_vfs);
+        }
+        // A device removed while we read it: every attribute is gone.
+        let vanished = dev.vendor.is_none()
+            && dev.problems.iter().any(|p| {
+                matches!(
+                    p.kind,
+                    ProblemKind::Io {
+                        kind: io::ErrorKind::NotFound,
+                        ..
+                    }
+                )
+            })
+            && devices_dir.open_dir(&name).is_err();
+        if vanished {
+            Outcome::Vanished(address)
+        } else {
+            Outcome::Device(Box::new(dev))
+        }
+    }
+}
+
+enum Outcome {
+    Device(Box<Device>),
+    Vanished(PciAddress),
+    Ignored(Ignored),
+}
+
+/// Which attribute a guarded per-device job is reading, so a timeout can name it.
+#[derive(Default)]
+struct Progress(AtomicU8);
+
+const PROGRESS_NAMES: [&str; 17] = [
+    "device directory",
+    "physfn",
+    "config",
+    "vendor",
+    "device",
+    "subsystem_vendor",
+    "subsystem_device",
+    "class",
+    "revision",
+    "resource",
+    "numa_node",
+    "driver",
+    "iommu_group",
+    "sriov_totalvfs",
+    "sriov",
+    "driver_override",
+    "uevent",
+];
+
+impl Progress {
+    fn at(&self, attribute: &'static str) {
+        let i = match attribute {
+            "sriov_numvfs" | "sriov_vf_total_msix" | "sriov_offset" | "sriov_stride" | "sriov_vf_device" => {
+                14
+            }
+            _ => PROGRESS_NAMES.iter().position(|n| *n == attribute).unwrap_or(0),
+        };
+        self.0.store(i as u8, Ordering::Relaxed);
+    }
+    fn attribute(&self) -> &'static str {
+        PROGRESS_NAMES[(self.0.load(Ordering::Relaxed) as usize).min(PROGRESS_NAMES.len() - 1)]
+    }
+}
+
+fn timed_out(err: GuardError) -> ProblemKind {
+    match err {
+        GuardError::TimedOut { waited, .. } => ProblemKind::TimedOut { waited },
+        GuardError::Panicked => ProblemKind::Io {
+            kind: io::ErrorKind::Other,
+            message: "the read panicked (a bug in pcibus)".into(),
+        },
+    }
+}
+
+fn apply_blocking(dev: &mut Device, attr: BlockingAttr, result: io::Result<Vec<u8>>) {
+    let name = attr.name();
+    let bytes = match result {
+        Ok(bytes) => bytes,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return,
+        Err(e) => return dev.report(name, ProblemKind::io(&e)),
+    };
+    match attr {
+        BlockingAttr::SriovNumvfs => match parse::decimal_u16(name, &bytes) {
+            Ok(n) => {
+                if let Some(s) = dev.sriov.as_mut() {
+                    s.num_vfs = Some(n);
+                }
+            }
+            Err(e) => dev.report(name, ProblemKind::Parse(e)),
+        },
+        BlockingAttr::SriovVfTotalMsix => match parse::decimal_u32(name, &bytes) {
+            Ok(n) => dev.sriov_vf_total_msix = Some(n),
+            Err(e) => dev.report(name, ProblemKind::Parse(e)),
+        },
+        BlockingAttr::DriverOverride => {
+            let text = String::from_utf8_lossy(&bytes);
+            let text = text.trim();
+            // Unset reads as "(null)" on the kernels we know, empty on others.
+            if !text.is_empty() && text != "(null)" {
+                dev.driver_override = Some(text.to_owned());
+            }
+        }
+        BlockingAttr::Uevent => match parse::uevent(&bytes) {
+            Ok(u) => dev.uevent = Some(u.vars),
+            Err(e) => dev.report(name, ProblemKind::Parse(e)),
+        },
+    }
+}
+
+// Reads one device's attributes into its record, turning every failure into a problem.
+struct Reader<'a> {
+    dir: &'a DirFd,
+    dev: &'a mut Device,
+    progress: &'a Progress,
+    buf: [u8; ATTR_MAX],
+}
+
+impl Reader<'_> {
+    // Reads and parses `name`. A missing attribute is a problem only when `required`.
+    fn attr<T>(
+        &mut self,
+        name: &'static str,
+        required: bool,
+        parse: impl FnOnce(&[u8]) -> Result<T, ParseError>,
+    ) -> Option<T> {
+        self.progress.at(name);
+        match self.dir.read(name, &mut self.buf) {
+            Ok(bytes) => {
+                let parsed = parse(bytes);
+                self.parsed(name, parsed)
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound && !required => None,
+            Err(e) => {
+                self.dev.report(name, ProblemKind::io(&e));
+                None
+            }
+        }
+    }
+
+    fn parsed<T>(&mut self, name: &'static str, parsed: Result<T, ParseError>) -> Option<T> {
+        match parsed {
+            Ok(v) => Some(v),
+            Err(e) => {
+                self.dev.report(name, ProblemKind::Parse(e));
+                None
+            }
+        }
+    }
+
+    fn link(&mut self, name: &'static str) -> Option<std::ffi::OsString> {
+        self.progress.at(name);
+        match self.dir.link(name) {
+            Ok(target) => target,
+            Err(e) => {
+                self.dev.report(name, ProblemKind::io(&e));
+                None
+            }
+        }
+    }
+
+    // A link to another PCI function (`physfn`, `virtfnN`): the address it names.
+    fn link_address(&mut self, name: &'static str) -> Option<PciAddress> {
+        let target = self.link(name)?;
+        let base = basename(&target);
+        let parsed = std::str::from_utf8(base)
+            .ok()
+            .and_then(|s| PciAddress::parse_strict(s).ok())
+            .ok_or_else(|| {
+                ParseError::new(
+                    name,
+                    ParseErrorKind::Invalid {
+                        expected: "a link to a PCI address",
+                    },
+                    base,
+                )
+            });
+        self.parsed(name, parsed)
+    }
+
+    // Ids, class and revision from the config header. False when the header is missing,
+    // short or says the device does not answer: the caller then reads the id files.
+    fn ids_from_config(&mut self) -> bool {
+        self.progress.at("config");
+        let Ok(bytes) = self.dir.read_prefix("config", &mut self.buf[..64]) else {
+            return false;
+        };
+        let Ok(h) = config::parse_header(bytes) else {
+            return false;
+        };
+        if h.vendor.0 == 0xffff || h.device.0 == 0xffff {
+            return false;
+        }
+        self.dev.vendor = Some(h.vendor);
+        self.dev.device = Some(h.device);
+        self.dev.class = Some(h.class);
+        self.dev.revision = Some(h.revision);
+        match (h.subsystem_vendor, h.subsystem_device) {
+            (Some(sv), Some(sd)) => {
+                self.dev.subsystem_vendor = Some(sv);
+                self.dev.subsystem_device = Some(sd);
+            }
+            // Bridges keep theirs in a capability; the kernel's files have them.
+            _ => self.subsystem_from_files(),
+        }
+        true
+    }
+
+    fn ids_from_files(&mut self) {
+        self.dev.vendor = self
+            .attr("vendor", true, |b| parse::hex_u16("vendor", b))
+            .map(VendorId);
+        self.dev.device = self
+            .attr("device", true, |b| parse::hex_u16("device", b))
+            .map(DeviceId);
+        self.subsystem_from_files();
+        self.dev.class = self.attr("class", true, parse::class);
+        self.dev.revision = self.attr("revision", false, parse::revision);
+    }
+
+    fn subsystem_from_files(&mut self) {
+        self.dev.subsystem_vendor = self
+            .attr("subsystem_vendor", false, |b| {
+                parse::hex_u16("subsystem_vendor", b)
+            })
+            .map(VendorId);
+        self.dev.subsystem_device = self
+            .attr("subsystem_device", false, |b| {
+                parse::hex_u16("subsystem_device", b)
+            })
+            .map(DeviceId);
+    }
+
+    fn sriov(&mut self, total_vfs: u16) {
+        let mut sriov = Sriov {
+            total_vfs,
+            vf_offset: self.attr("sriov_offset", false, |b| parse::decimal_u16("sriov_offset", b)),
+            vf_stride: self.attr("sriov_stride", false, |b| parse::decimal_u16("sriov_stride", b)),
+            // Written as bare hex ("%x"), unlike the 0x-prefixed id files.
+            vf_device: self.attr("sriov_vf_device", false, bare_hex_u16).map(DeviceId),
+            ..Sriov::default()
+        };
+        // virtfn0..virtfn(N-1) exist for the N enabled VFs; counting them needs no lock,
+        // unlike reading sriov_numvfs.
+        for n in 0..total_vfs {
+            let name = format!("virtfn{n}");
+            let target = match self.dir.link(&name) {
+                Ok(Some(target)) => target,
+                Ok(None) => break,
+                Err(e) => {
+                    self.dev.report("virtfn", ProblemKind::io(&e));
+                    break;
+                }
+            };
+            match std::str::from_utf8(basename(&target)).map(PciAddress::parse_strict) {
+                Ok(Ok(vf)) => sriov.virtfns.push(vf),
+                _ => {
+                    let e = ParseError::new(
+                        "virtfn",
+                        ParseErrorKind::Invalid {
+                            expected: "a link to a PCI address",
+                        },
+                        basename(&target),
+                    );
+                    self.dev.report("virtfn", ProblemKind::Parse(e));
+                }
+            }
+        }
+        self.dev.sriov = Some(sriov);
+    }
+}
+
+fn bare_hex_u16(bytes: &[u8]) -> Result<u16, ParseError> {
+    let err = |kind| ParseError::new("sriov_vf_device", kind, bytes);
+    let text = std::str::from_utf8(bytes)
+        .map_err(|_| {
+            err(ParseErrorKind::Invalid {
+                expected: "hex digits",
+            })
+        })?
+        .trim();
+    let digits = text.strip_prefix("0x").unwrap_or(text);
+    if digits.is_empty() {
+        return Err(err(ParseErrorKind::Empty));
+    }
+    if digits.len() > 4 || !digits.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(err(ParseErrorKind::Invalid {
+            expected: "up to 4 hex digits",
+        }));
+    }
+    u16::from_str_radix(digits, 16).map_err(|_| {
+        err(ParseErrorKind::Invalid {
+            expected: "up to 4 hex digits",
+        })
+    })
+}
