@@ -21,6 +21,7 @@ pub mod names;
 pub mod registry;
 pub mod scan;
 pub mod sysfs;
+pub mod vfio;
 
 pub use addr::{AddressError, PciAddress};
 pub use device::{Device, Problem, ProblemKind};

@@ -75,12 +75,12 @@ impl Names {
             match depth {
                 0 if body.starts_with("C ") => {
                     vendor = None;
-                    class = hex_field(&body[2..], 2).and_then(|(v, name)| {
+                    class = hex_field(&body[2..], 2).map(|(v, name)| {
                         let base = v as u8;
                         if bases.contains(&base) {
                             names.classes.insert(base, name.to_owned());
                         }
-                        Some(base)
+                        base
                     });
                 }
                 0 => {
@@ -94,18 +94,17 @@ impl Names {
                     });
                 }
                 1 => {
-                    if let Some(v) = vendor.filter(|v| vendors.contains(v)) {
-                        if let Some((d, name)) = hex_field(body, 4) {
-                            if ids.contains(&(v, d as u16)) {
-                                names.devices.insert((v, d as u16), name.to_owned());
-                            }
+                    if let Some(v) = vendor {
+                        if let Some((d, name)) = hex_field(body, 4)
+                            && ids.contains(&(v, d as u16))
+                        {
+                            names.devices.insert((v, d as u16), name.to_owned());
                         }
-                    } else if let Some(base) = class {
-                        if let Some((sub, name)) = hex_field(body, 2) {
-                            if classes.contains(&(base, sub as u8)) {
-                                names.subclasses.insert((base, sub as u8), name.to_owned());
-                            }
-                        }
+                    } else if let Some(base) = class
+                        && let Some((sub, name)) = hex_field(body, 2)
+                        && classes.contains(&(base, sub as u8))
+                    {
+                        names.subclasses.insert((base, sub as u8), name.to_owned());
                     }
                 }
                 _ => {}

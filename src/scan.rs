@@ -461,11 +461,11 @@ impl Scanner {
                 );
                 let ticket = self.guard.submit(move || {
                     let mut outcome = me.read_device(&dir, address, pending, &prog);
-                    if let Outcome::Device(dev) = &mut outcome {
-                        if !me.blocking.is_empty() {
-                            *part.lock() = Some((**dev).clone());
-                            me.read_blocking_inline(&dir, dev, &prog);
-                        }
+                    if let Outcome::Device(dev) = &mut outcome
+                        && !me.blocking.is_empty()
+                    {
+                        *part.lock() = Some((**dev).clone());
+                        me.read_blocking_inline(&dir, dev, &prog);
                     }
                     outcome
                 });

@@ -1,0 +1,298 @@
+//! Decoding of the info structures VFIO returns, capability chains included. Pure
+//! functions over bytes (native endian, as the kernel wrote them); every offset the kernel
+//! gives is checked against the buffer, and chain walks are bounded.
+
+use std::ops::RangeInclusive;
+
+/// Most capabilities followed in one chain; real chains have a handful.
+const MAX_CAPS: usize = 64;
+
+const REGION_INFO_LEN: usize = 32;
+const IOMMU_INFO_LEN: usize = 24;
+
+/// Region flags (`VFIO_REGION_INFO_FLAG_*`).
+pub mod region_flags {
+    /// Readable with pread.
+    pub const READ: u32 = 1 << 0;
+    /// Writable with pwrite.
+    pub const WRITE: u32 = 1 << 1;
+    /// Can be mmapped (parts of it, if a sparse-mmap capability says so).
+    pub const MMAP: u32 = 1 << 2;
+    /// Has a capability chain.
+    pub const CAPS: u32 = 1 << 3;
+}
+
+const REGION_CAP_SPARSE_MMAP: u16 = 1;
+const REGION_CAP_MSIX_MAPPABLE: u16 = 3;
+const IOMMU_CAP_IOVA_RANGE: u16 = 1;
+const IOMMU_INFO_CAPS: u32 = 1 << 1;
+
+/// A malformed VFIO info buffer.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("malformed VFIO {what} info: {problem}")]
+pub struct InfoError {
+    /// Which structure.
+    pub what: &'static str,
+    /// What is wrong.
+    pub problem: &'static str,
+}
+
+/// What VFIO says about one region of a device (a BAR, the ROM, config space...).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RegionInfo {
+    /// Region index (BARs 0–5, ROM 6, config 7, VGA 8).
+    pub index: u32,
+    /// [`region_flags`].
+    pub flags: u32,
+    /// Size in bytes (0: the region does not exist, e.g. an unimplemented BAR).
+    pub size: u64,
+    /// Offset of the region in the device fd, for pread/pwrite/mmap.
+    pub offset: u64,
+    /// The parts that may be mmapped, as (offset within the region, size), when the kernel
+    /// restricts them (around the MSI-X table). `None`: the whole region, if MMAP is set.
+    pub sparse_mmap: Option<Vec<(u64, u64)>>,
+    /// The MSI-X table in this region may be mmapped too.
+    pub msix_mappable: bool,
+}
+
+impl RegionInfo {
+    /// The areas that may be mmapped, as (offset within the region, size).
+    pub fn mmap_areas(&self) -> Vec<(u64, u64)> {
+        if self.flags & region_flags::MMAP == 0 || self.size == 0 {
+            return Vec::new();
+        }
+        match &self.sparse_mmap {
+            Some(areas) => areas.iter().copied().filter(|&(_, s)| s > 0).collect(),
+            None => vec![(0, self.size)],
+        }
+    }
+}
+
+/// What VFIO says about a type1 IOMMU container.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IommuInfo {
+    /// Supported IOMMU page sizes, as a bit mask.
+    pub page_sizes: u64,
+    /// The IOVA ranges DMA may be mapped at (inclusive). Empty when the kernel reports
+    /// none (kernels before 5.4): then any IOVA is allowed by VFIO, though the IOMMU
+    /// hardware may still be narrower.
+    pub iova_ranges: Vec<RangeInclusive<u64>>,
+}
+
+impl IommuInfo {
+    /// The smallest IOMMU page size (4096 if the kernel reports none).
+    pub fn min_page_size(&self) -> u64 {
+        if self.page_sizes == 0 {
+            4096
+        } else {
+            1 << self.page_sizes.trailing_zeros()
+        }
+    }
+}
+
+fn u16_at(b: &[u8], off: usize) -> Option<u16> {
+    Some(u16::from_ne_bytes(
+        b.get(off..off.checked_add(2)?)?.try_into().ok()?,
+    ))
+}
+fn u32_at(b: &[u8], off: usize) -> Option<u32> {
+    Some(u32::from_ne_bytes(
+        b.get(off..off.checked_add(4)?)?.try_into().ok()?,
+    ))
+}
+fn u64_at(b: &[u8], off: usize) -> Option<u64> {
+    Some(u64::from_ne_bytes(
+        b.get(off..off.checked_add(8)?)?.try_into().ok()?,
+    ))
+}
+
+/// Walks a capability chain from `first` (0 = none): (id, version, offset) of each.
+fn chain(b: &[u8], first: u32, what: &'static str) -> Result<Vec<(u16, u16, usize)>, InfoError> {
+    let err = |problem| InfoError { what, problem };
+    let mut caps = Vec::new();
+    let mut next = first as usize;
+    while next != 0 {
+        if caps.len() == MAX_CAPS {
+            return Err(err("capability chain too long (a loop?)"));
+        }
+        if !next.is_multiple_of(4) || next < 8 {
+            return Err(err("misaligned capability offset"));
+        }
+        let id = u16_at(b, next).ok_or_else(|| err("capability beyond the buffer"))?;
+        let version = u16_at(b, next + 2).ok_or_else(|| err("capability beyond the buffer"))?;
+        let following = u32_at(b, next + 4).ok_or_else(|| err("capability beyond the buffer"))? as usize;
+        caps.push((id, version, next));
+        // Chains run forward through the buffer; one that goes back is a loop.
+        if following != 0 && following <= next {
+            return Err(err("capability chain goes backwards"));
+        }
+        next = following;
+    }
+    Ok(caps)
+}
+
+/// Decodes a `struct vfio_region_info` with its capability chain.
+pub fn parse_region_info(b: &[u8]) -> Result<RegionInfo, InfoError> {
+    let err = |problem| InfoError {
+        what: "region",
+        problem,
+    };
+    if b.len() < REGION_INFO_LEN {
+        return Err(err("shorter than struct vfio_region_info"));
+    }
+    let flags = u32_at(b, 4).unwrap_or_default();
+    let mut info = RegionInfo {
+        index: u32_at(b, 8).unwrap_or_default(),
+        flags,
+        size: u64_at(b, 16).unwrap_or_default(),
+        offset: u64_at(b, 24).unwrap_or_default(),
+        sparse_mmap: None,
+        msix_mappable: false,
+    };
+    if flags & region_flags::CAPS != 0 {
+        let first = u32_at(b, 12).unwrap_or_default();
+        for (id, _version, at) in chain(b, first, "region")? {
+            match id {
+                REGION_CAP_SPARSE_MMAP => {
+                    let n =
+                        u32_at(b, at + 8).ok_or_else(|| err("sparse mmap capability truncated"))? as usize;
+                    let mut areas = Vec::new();
+                    for i in 0..n.min(1024) {
+                        let base = at + 16 + i * 16;
+                        let offset = u64_at(b, base).ok_or_else(|| err("sparse mmap areas truncated"))?;
+                        let size = u64_at(b, base + 8).ok_or_else(|| err("sparse mmap areas truncated"))?;
+                        if offset.checked_add(size).is_none_or(|end| end > info.size) {
+                            return Err(err("sparse mmap area outside the region"));
+                        }
+                        areas.push((offset, size));
+                    }
+                    info.sparse_mmap = Some(areas);
+                }
+                REGION_CAP_MSIX_MAPPABLE => info.msix_mappable = true,
+                _ => {}
+            }
+        }
+    }
+    Ok(info)
+}
+
+/// Decodes a `struct vfio_iommu_type1_info` with its capability chain.
+pub fn parse_iommu_info(b: &[u8]) -> Result<IommuInfo, InfoError> {
+    let err = |problem| InfoError {
+        what: "IOMMU",
+        problem,
+    };
+    if b.len() < IOMMU_INFO_LEN {
+        return Err(err("shorter than struct vfio_iommu_type1_info"));
+    }
+    let flags = u32_at(b, 4).unwrap_or_default();
+    let mut info = IommuInfo {
+        page_sizes: u64_at(b, 8).unwrap_or_default(),
+        iova_ranges: Vec::new(),
+    };
+    if flags & IOMMU_INFO_CAPS != 0 {
+        let first = u32_at(b, 16).unwrap_or_default();
+        for (id, _version, at) in chain(b, first, "IOMMU")? {
+            if id == IOMMU_CAP_IOVA_RANGE {
+                let n = u32_at(b, at + 8).ok_or_else(|| err("IOVA range capability truncated"))? as usize;
+                for i in 0..n.min(1024) {
+                    let base = at + 16 + i * 16;
+                    let start = u64_at(b, base).ok_or_else(|| err("IOVA ranges truncated"))?;
+                    let end = u64_at(b, base + 8).ok_or_else(|| err("IOVA ranges truncated"))?;
+                    if end < start {
+                        return Err(err("IOVA range ends before it starts"));
+                    }
+                    info.iova_ranges.push(start..=end);
+                }
+            }
+        }
+    }
+    Ok(info)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn put32(b: &mut [u8], off: usize, v: u32) {
+        b[off..off + 4].copy_from_slice(&v.to_ne_bytes());
+    }
+    fn put64(b: &mut [u8], off: usize, v: u64) {
+        b[off..off + 8].copy_from_slice(&v.to_ne_bytes());
+    }
+
+    // A BAR0 of 16 KiB whose MSI-X table at 0x2000..0x3000 is cut out of the mmap.
+    fn nvme_bar0() -> Vec<u8> {
+        let mut b = vec![0u8; 96];
+        put32(&mut b, 0, 96);
+        put32(
+            &mut b,
+            4,
+            region_flags::READ | region_flags::WRITE | region_flags::MMAP | region_flags::CAPS,
+        );
+        put32(&mut b, 8, 0);
+        put32(&mut b, 12, 32);
+        put64(&mut b, 16, 0x4000);
+        put64(&mut b, 24, 0);
+        // sparse mmap cap at 32: header(id 1, version 1, next 0), nr_areas 2
+        b[32..34].copy_from_slice(&1u16.to_ne_bytes());
+        b[34..36].copy_from_slice(&1u16.to_ne_bytes());
+        put32(&mut b, 40, 2);
+        put64(&mut b, 48, 0);
+        put64(&mut b, 56, 0x2000);
+        put64(&mut b, 64, 0x3000);
+        put64(&mut b, 72, 0x1000);
+        b
+    }
+
+    #[test]
+    fn sparse_areas_leave_the_msix_table_out() {
+        let info = parse_region_info(&nvme_bar0()).unwrap();
+        assert_eq!(info.size, 0x4000);
+        assert_eq!(info.mmap_areas(), vec![(0, 0x2000), (0x3000, 0x1000)]);
+        assert!(!info.msix_mappable);
+    }
+
+    #[test]
+    fn a_chain_loop_is_an_error() {
+        let mut b = nvme_bar0();
+        put32(&mut b, 36, 32); // next points at itself
+        assert_eq!(
+            parse_region_info(&b).unwrap_err().problem,
+            "capability chain goes backwards"
+        );
+    }
+
+    #[test]
+    fn iova_ranges_of_a_39_bit_iommu() {
+        let mut b = vec![0u8; 64];
+        put32(&mut b, 0, 64);
+        put32(&mut b, 4, 0b11);
+        put64(&mut b, 8, 0x4020_1000);
+        put32(&mut b, 16, 24);
+        b[24..26].copy_from_slice(&1u16.to_ne_bytes());
+        put32(&mut b, 32, 2);
+        put64(&mut b, 40, 0);
+        put64(&mut b, 48, 0xfedf_ffff);
+        // the second range lies past the buffer: truncated
+        assert!(parse_iommu_info(&b).is_err());
+        b.resize(80, 0);
+        put64(&mut b, 56, 0xfef0_0000);
+        put64(&mut b, 64, (1 << 39) - 1);
+        let info = parse_iommu_info(&b).unwrap();
+        assert_eq!(
+            info.iova_ranges,
+            vec![0..=0xfedf_ffff, 0xfef0_0000..=(1u64 << 39) - 1]
+        );
+        assert_eq!(info.min_page_size(), 4096);
+    }
+
+    proptest! {
+        #[test]
+        fn decoders_never_panic(b in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let _ = parse_region_info(&b);
+            let _ = parse_iommu_info(&b);
+        }
+    }
+}
