@@ -11,6 +11,7 @@
 
 mod addr;
 mod attr;
+pub mod bind;
 pub mod config;
 pub mod details;
 pub mod device;
