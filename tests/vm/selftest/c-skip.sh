@@ -1,0 +1,3 @@
+#!/bin/sh
+# Skips (exit 77).
+exit 77
