@@ -10,8 +10,10 @@
 #![warn(missing_docs)]
 
 mod addr;
+pub mod config;
 pub mod error;
 pub mod model;
+pub mod sysfs;
 
 pub use addr::{AddressError, PciAddress};
 pub use error::{ParseError, ParseErrorKind};
