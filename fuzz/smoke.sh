@@ -7,7 +7,8 @@
 # sanitizer runtimes ship with nightly only); panics and assertion failures are still found.
 #
 # Environment: FUZZ_SECONDS (per target), FUZZ_TARGETS (space-separated subset),
-# CARGO_TARGET_DIR (honoured by cargo as usual).
+# FUZZ_NIGHTLY=0 (use the fallback even when nightly exists), CARGO_TARGET_DIR (honoured by
+# cargo as usual).
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -19,7 +20,7 @@ if ! cargo fuzz --version >/dev/null 2>&1; then
     exit 2
 fi
 
-if rustup toolchain list 2>/dev/null | grep -q '^nightly'; then
+if [ "${FUZZ_NIGHTLY:-1}" != 0 ] && rustup toolchain list 2>/dev/null | grep -q '^nightly'; then
     fuzz=(cargo +nightly fuzz)
     build_flags=()
 else
