@@ -705,7 +705,7 @@ fn apply_blocking(dev: &mut Device, attr: BlockingAttr, result: io::Result<Vec<u
             }
         }
         BlockingAttr::Uevent => match parse::uevent(&bytes) {
-            Ok(u) => dev.uevent = Some(u.vars),
+            Ok(u) => dev.uevent = Some(u.entries),
             Err(e) => dev.report(name, ProblemKind::Parse(e)),
         },
     }
