@@ -11,7 +11,9 @@
 
 mod addr;
 pub mod error;
+pub mod fixture;
 pub mod model;
+pub mod snapshot;
 
 pub use addr::{AddressError, PciAddress};
 pub use error::{ParseError, ParseErrorKind};
