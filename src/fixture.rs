@@ -346,7 +346,7 @@ pub fn parse(text: &str) -> Result<Fixture, FixtureError> {
             };
             let mut bytes = Vec::new();
             for word in rest.split_ascii_whitespace() {
-                if word.len() != 2 {
+                if word.len() != 2 || !word.bytes().all(|b| b.is_ascii_hexdigit()) {
                     return Err(err(FixtureErrorKind::BadHex));
                 }
                 bytes.push(u8::from_str_radix(word, 16).map_err(|_| err(FixtureErrorKind::BadHex))?);
@@ -545,5 +545,280 @@ impl std::str::FromStr for Fixture {
     type Err = FixtureError;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         parse(s)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    const EXAMPLE: &str = "pcibus-fixture 1
+# a comment
+
+dir devices/pci0000:00
+link bus/pci/devices/0000:00:04.0 ../../../devices/pci0000:00/0000:00:04.0
+file devices/pci0000:00/0000:00:04.0/vendor
+> 0x1af4
+file devices/pci0000:00/0000:00:04.0/resource
+> 0x0000004000180000 0x00000040001fffff 0x0000000000140204
+> 0x0000000000000000 0x0000000000000000 0x0000000000000000
+file devices/pci0000:00/0000:00:04.0/empty_attr
+file devices/pci0000:00/0000:00:04.0/no_newline noeol
+> abc
+hex devices/pci0000:00/0000:00:04.0/config
+: f4 1a 53 10
+: 07 05
+fifo devices/pci0000:00/0000:00:04.0/uevent
+";
+
+    #[test]
+    fn parses_the_documented_example() {
+        let f = parse(EXAMPLE).unwrap();
+        assert_eq!(f.notes, ["a comment"]);
+        let dev = "devices/pci0000:00/0000:00:04.0";
+        assert_eq!(f.get("devices/pci0000:00").unwrap().kind, EntryKind::Dir);
+        assert_eq!(
+            f.get("bus/pci/devices/0000:00:04.0").unwrap().kind,
+            EntryKind::Link("../../../devices/pci0000:00/0000:00:04.0".into())
+        );
+        assert_eq!(
+            f.get(format!("{dev}/vendor")).unwrap().kind,
+            EntryKind::File(b"0x1af4\n".to_vec())
+        );
+        let EntryKind::File(res) = &f.get(format!("{dev}/resource")).unwrap().kind else {
+            panic!()
+        };
+        assert_eq!(res.iter().filter(|&&b| b == b'\n').count(), 2);
+        assert_eq!(
+            f.get(format!("{dev}/empty_attr")).unwrap().kind,
+            EntryKind::File(vec![])
+        );
+        assert_eq!(
+            f.get(format!("{dev}/no_newline")).unwrap().kind,
+            EntryKind::File(b"abc".to_vec())
+        );
+        assert_eq!(
+            f.get(format!("{dev}/config")).unwrap().kind,
+            EntryKind::File(vec![0xf4, 0x1a, 0x53, 0x10, 0x07, 0x05])
+        );
+        assert_eq!(f.get(format!("{dev}/uevent")).unwrap().kind, EntryKind::Fifo);
+        // And back (sorted).
+        let mut sorted = f.clone();
+        sorted.entries.sort_by(|a, b| a.path.cmp(&b.path));
+        assert_eq!(parse(&write(&f)).unwrap(), sorted);
+    }
+
+    #[test]
+    fn writer_is_deterministic_and_sorted() {
+        let f = Fixture {
+            entries: vec![
+                Entry::file("b/x", "1\n"),
+                Entry::dir("a"),
+                Entry::file("b/bin", vec![0, 1, 2]),
+                Entry::file("b/cr", "a\r\n"),
+                Entry::file("b/trailing", "a \n"),
+                Entry::link("b/l", "../a b"),
+                Entry::file("b/two", "\n\n"),
+            ],
+            notes: vec![],
+        };
+        let text = write(&f);
+        assert_eq!(
+            text,
+            "pcibus-fixture 1\ndir a\nhex b/bin\n: 00 01 02\nhex b/cr\n: 61 0d 0a\nlink b/l ../a%20b\n\
+             hex b/trailing\n: 61 20 0a\nfile b/two\n>\n>\nfile b/x\n> 1\n"
+        );
+    }
+
+    #[test]
+    fn escapes_names() {
+        let mut out = String::new();
+        escape(b"a b%c\xff\xc3\xa9\n", &mut out);
+        assert_eq!(out, "a%20b%25c%FF\u{e9}%0A");
+        assert_eq!(unescape(&out).unwrap(), b"a b%c\xff\xc3\xa9\n");
+        assert_eq!(unescape("%4"), None);
+        assert_eq!(unescape("%zz"), None);
+    }
+
+    fn err(text: &str) -> FixtureError {
+        parse(text).unwrap_err()
+    }
+
+    #[test]
+    fn errors_name_line_and_quote_it() {
+        let e = err("pcibus-fixture 1\ndir a\nbogus b\n");
+        assert_eq!(
+            (e.line, e.kind.clone(), e.text.as_str()),
+            (3, FixtureErrorKind::UnknownKeyword, "bogus b")
+        );
+        assert_eq!(
+            e.to_string(),
+            "fixture line 3: expected file, hex, link, dir or fifo in \"bogus b\""
+        );
+        assert_eq!(err("").kind, FixtureErrorKind::MissingHeader);
+        assert_eq!(err("pcibus-fixture 2\n").kind, FixtureErrorKind::MissingHeader);
+        assert_eq!(err("# c\ndir a\n").line, 2);
+        assert_eq!(
+            err("pcibus-fixture 1\nfile /etc/passwd\n").kind,
+            FixtureErrorKind::BadPath("absolute")
+        );
+        assert_eq!(
+            err("pcibus-fixture 1\ndir a/../../x\n").kind,
+            FixtureErrorKind::BadPath("'.' or '..' component")
+        );
+        assert_eq!(
+            err("pcibus-fixture 1\ndir a//x\n").kind,
+            FixtureErrorKind::BadPath("empty component")
+        );
+        assert_eq!(
+            err("pcibus-fixture 1\ndir a/\n").kind,
+            FixtureErrorKind::BadPath("empty component")
+        );
+        assert_eq!(
+            err("pcibus-fixture 1\ndir a%00\n").kind,
+            FixtureErrorKind::BadPath("contains NUL")
+        );
+        assert_eq!(
+            err("pcibus-fixture 1\ndir a%2\n").kind,
+            FixtureErrorKind::BadEscape
+        );
+        assert_eq!(
+            err("pcibus-fixture 1\ndir\n").kind,
+            FixtureErrorKind::MissingArgument
+        );
+        assert_eq!(
+            err("pcibus-fixture 1\nlink a\n").kind,
+            FixtureErrorKind::MissingArgument
+        );
+        assert_eq!(
+            err("pcibus-fixture 1\ndir a b\n").kind,
+            FixtureErrorKind::ExtraArgument
+        );
+        assert_eq!(
+            err("pcibus-fixture 1\nfile a eol\n").kind,
+            FixtureErrorKind::ExtraArgument
+        );
+        assert_eq!(err("pcibus-fixture 1\n> x\n").kind, FixtureErrorKind::StrayBody);
+        assert_eq!(
+            err("pcibus-fixture 1\nhex a\n> x\n").kind,
+            FixtureErrorKind::StrayBody
+        );
+        assert_eq!(
+            err("pcibus-fixture 1\nfile a\n: 00\n").kind,
+            FixtureErrorKind::StrayBody
+        );
+        assert_eq!(
+            err("pcibus-fixture 1\nhex a\n: 0\n").kind,
+            FixtureErrorKind::BadHex
+        );
+        assert_eq!(
+            err("pcibus-fixture 1\nhex a\n: +1\n").kind,
+            FixtureErrorKind::BadHex
+        );
+        let e = err("pcibus-fixture 1\ndir a\nfile b\nfile a\n");
+        assert_eq!((e.line, e.kind), (4, FixtureErrorKind::Duplicate));
+        let e = err("pcibus-fixture 1\nfile a\nfile a/b\n");
+        assert_eq!((e.line, e.kind), (3, FixtureErrorKind::UnderNonDirectory));
+        let e = err("pcibus-fixture 1\nfile x/y/z\nlink x /\n");
+        assert_eq!((e.line, e.kind), (2, FixtureErrorKind::UnderNonDirectory));
+        let long = format!("pcibus-fixture 1\nzz {}\n", "y".repeat(100));
+        assert_eq!(err(&long).text.chars().count(), crate::error::QUOTE_MAX + 1);
+    }
+
+    #[test]
+    fn tolerates_crlf_comments_in_bodies_and_links_with_spaces() {
+        let f = parse("pcibus-fixture 1\r\nfile a\r\n> x\r\n# note\r\n\r\n> y\r\nlink b  ../c d \n").unwrap();
+        assert_eq!(f.get("a").unwrap().kind, EntryKind::File(b"x\ny\n".to_vec()));
+        assert_eq!(f.get("b").unwrap().kind, EntryKind::Link("../c d".into()));
+        assert_eq!(f.notes, ["note"]);
+    }
+
+    #[test]
+    fn normalize_drops_implied_dirs() {
+        let mut f = Fixture {
+            entries: vec![
+                Entry::dir("a"),
+                Entry::file("a/b/c", ""),
+                Entry::dir("a/b"),
+                Entry::dir("d"),
+            ],
+            notes: vec![],
+        };
+        f.normalize();
+        assert_eq!(f.entries, vec![Entry::file("a/b/c", ""), Entry::dir("d")]);
+    }
+
+    fn component() -> impl Strategy<Value = Vec<u8>> {
+        prop::collection::vec(any::<u8>(), 1..12).prop_map(|mut v| {
+            for b in &mut v {
+                if *b == b'/' || *b == 0 {
+                    *b = b'x';
+                }
+            }
+            if v == b"." || v == b".." {
+                v.push(b'x');
+            }
+            v
+        })
+    }
+
+    fn kind() -> impl Strategy<Value = EntryKind> {
+        prop_oneof![
+            Just(EntryKind::Dir),
+            Just(EntryKind::Fifo),
+            prop::collection::vec(any::<u8>(), 0..200).prop_map(EntryKind::File),
+            "[ -~\t\n]{0,80}".prop_map(|s| EntryKind::File(s.into_bytes())),
+            prop::collection::vec(any::<u8>(), 1..40).prop_map(|mut v| {
+                v.iter_mut().filter(|b| **b == 0).for_each(|b| *b = b'/');
+                EntryKind::Link(OsString::from_vec(v))
+            }),
+        ]
+    }
+
+    fn fixture() -> impl Strategy<Value = Fixture> {
+        let entry = (prop::collection::vec(component(), 0..3), kind());
+        let notes = prop::collection::vec("[^\r\n]{0,30}", 0..3);
+        (prop::collection::vec(entry, 0..12), notes).prop_map(|(entries, notes)| {
+            let entries = entries
+                .into_iter()
+                .enumerate()
+                .map(|(i, (parts, kind))| {
+                    // A unique first component: no duplicates, nothing below another entry.
+                    let mut path = PathBuf::from(format!("e{i}"));
+                    for p in parts {
+                        path.push(OsString::from_vec(p));
+                    }
+                    Entry { path, kind }
+                })
+                .collect();
+            Fixture { entries, notes }
+        })
+    }
+
+    proptest! {
+        #[test]
+        fn write_then_parse_round_trips(f in fixture()) {
+            let text = write(&f);
+            let mut back = parse(&text).unwrap();
+            let mut f = f;
+            f.entries.sort_by(|a, b| a.path.cmp(&b.path));
+            back.entries.sort_by(|a, b| a.path.cmp(&b.path));
+            prop_assert_eq!(&back, &f);
+            prop_assert_eq!(write(&back), text);
+        }
+
+        #[test]
+        fn parse_never_panics(text in "\\PC*") {
+            let _ = parse(&text);
+            let _ = parse(&format!("pcibus-fixture 1\n{text}"));
+        }
+
+        #[test]
+        fn parse_never_panics_on_line_soup(lines in prop::collection::vec(
+            "(file|hex|link|dir|fifo|>|:|#|noeol| |%|%0|%zz|a|/|\\.\\.|[0-9a-f]{2}|\u{e9}|\t)*", 0..10)) {
+            let text = format!("pcibus-fixture 1\n{}", lines.join("\n"));
+            let _ = parse(&text);
+        }
     }
 }

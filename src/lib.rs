@@ -14,6 +14,8 @@ pub mod error;
 pub mod fixture;
 pub mod model;
 pub mod snapshot;
+#[cfg(feature = "testing")]
+pub mod testing;
 
 pub use addr::{AddressError, PciAddress};
 pub use error::{ParseError, ParseErrorKind};
