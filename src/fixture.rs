@@ -4,7 +4,7 @@
 //! names, and sysfs trees hold symlinks and named pipes; so a tree is checked in as one text
 //! file, a *fixture*, and materialized in a temporary directory by tests (see
 //! `pcibus::testing::FakeSysfs`, feature `testing`). [`parse`] reads a fixture without any
-//! I/O; [`write`] produces one.
+//! I/O; [`write()`] produces one.
 //!
 //! # Format
 //!
@@ -28,7 +28,7 @@
 //! - The first line that is neither blank nor a comment is the header `pcibus-fixture 1`.
 //! - Comment lines (first non-blank character `#`) and blank lines may appear anywhere,
 //!   also inside a body; they never end a body. [`parse`] keeps the comments' text in
-//!   [`Fixture::notes`] and [`write`] writes the notes right after the header.
+//!   [`Fixture::notes`] and [`write()`] writes the notes right after the header.
 //! - Every other line is an entry line `KEYWORD PATH [ARGUMENT]` or a body line of the
 //!   entry above it. Lines may end in `\r\n`; the `\r` is dropped.
 //! - `PATH` is relative to the sysfs root and is one token: bytes that are whitespace, `%`,
@@ -39,7 +39,7 @@
 //!   contributes `TEXT` and a newline; `noeol` drops the last newline. Everything after
 //!   `"> "` is content, trailing spaces included. No body means an empty file.
 //! - `hex PATH`: a regular file whose body lines are `:` followed by whitespace-separated
-//!   two-digit hex bytes. [`write`] writes 16 bytes a line, and uses `hex` for any content
+//!   two-digit hex bytes. [`write()`] writes 16 bytes a line, and uses `hex` for any content
 //!   that is not UTF-8, contains a control character other than newline and tab, or has
 //!   a line with trailing whitespace (which editors strip); otherwise `file`.
 //! - `link PATH TARGET`: a symlink whose link text is exactly `TARGET` (the rest of the
@@ -70,7 +70,7 @@ pub const HEADER: &str = "pcibus-fixture 1";
 /// A sysfs tree as a list of entries.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Fixture {
-    /// The entries, in any order ([`write`] sorts them by path).
+    /// The entries, in any order ([`write()`] sorts them by path).
     pub entries: Vec<Entry>,
     /// Free text written as `#` comments after the header (one comment per line), e.g.
     /// the files a snapshot could not read. [`parse`] collects every comment here, in order.
