@@ -3,6 +3,7 @@
 //! [`capture`] records, below `ROOT`:
 //!
 //! - every entry of `bus/pci/devices` as what it is: normally a `link` with its link text;
+//!   a real directory there (as in DPDK's old test tree) is captured as a device directory;
 //! - for each one that resolves to a directory inside `ROOT` (the link text is resolved
 //!   lexically against the link's directory, never through a symlink, so loops and links
 //!   out of the root are recorded but not followed), the device directory: its regular
