@@ -16,12 +16,16 @@ pub mod config;
 pub mod details;
 pub mod device;
 pub mod error;
+pub mod fixture;
 pub mod guard;
 pub mod model;
 pub mod names;
 pub mod registry;
 pub mod scan;
+pub mod snapshot;
 pub mod sysfs;
+#[cfg(feature = "testing")]
+pub mod testing;
 pub mod vfio;
 
 pub use addr::{AddressError, PciAddress};

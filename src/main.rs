@@ -237,8 +237,25 @@ fn run(cli: Cli, root: SysfsRoot) -> Result<ExitCode, Error> {
                 write_vfio_info(&mut out, &info)?;
             }
         }
-        Command::Snapshot { output: _ } => {
-            return Err("snapshot: not wired yet".into());
+        Command::Snapshot { output } => {
+            // The lock-taking attributes go through the guard, so a snapshot of a system
+            // with a removal pending records a read error instead of hanging.
+            let guard = pcibus::Guard::default();
+            let options = pcibus::snapshot::CaptureOptions {
+                locked_reader: Some(Box::new(move |path| {
+                    let deadline = std::time::Instant::now() + Duration::from_secs(1);
+                    guard
+                        .read(path, pcibus::snapshot::MAX_FILE_LEN, deadline)
+                        .unwrap_or_else(|e| Err(io::Error::new(io::ErrorKind::TimedOut, e)))
+                })),
+                ..Default::default()
+            };
+            let fixture = pcibus::snapshot::capture(root.path(), &options)?;
+            let text = pcibus::fixture::write(&fixture);
+            match output {
+                Some(path) => std::fs::write(&path, text).map_err(|e| format!("{}: {e}", path.display()))?,
+                None => out.write_all(text.as_bytes())?,
+            }
         }
     }
     out.flush()?;
