@@ -32,10 +32,10 @@ pub const MAX_CAPABILITIES: usize = 48;
 /// bytes in practice.
 pub const MAX_EXT_CAPABILITIES: usize = 480;
 
-/// The `what` of the error [`parse_header`] returns when the vendor id reads `0xffff`.
-pub const DEVICE_GONE: &str = "vendor id 0xffff: device not responding";
+/// The `what` of the error [`parse_header`] returns when the header reads all ones.
+pub const DEVICE_GONE: &str = "all ones: device not responding";
 
-/// Whether an error is the "device not responding" one (vendor id `0xffff`: the device was
+/// Whether an error is the "device not responding" one (a header of all ones: the device was
 /// removed, is in reset, or its link is down), which callers usually treat apart from
 /// corrupt data.
 pub fn is_device_gone(error: &ParseError) -> bool {
@@ -248,20 +248,26 @@ fn malformed(what: &'static str) -> ParseError {
 }
 
 /// Checks a buffer holds a header of a responding device.
+///
+/// A device that does not answer reads all ones, its command and status words included.
+/// An SR-IOV VF reads 0xffff as vendor and device id too (the spec says so; the ids live in
+/// the PF), but its command, status and capability list are real: it is not "gone".
 fn check_header(bytes: &[u8]) -> Result<(), ParseError> {
-    match u16_at(bytes, 0) {
-        Some(_) if bytes.len() < HEADER_SIZE => Err(truncated(bytes, HEADER_SIZE)),
-        None => Err(truncated(bytes, HEADER_SIZE)),
-        Some(0xffff) => Err(malformed(DEVICE_GONE)),
-        Some(_) => Ok(()),
+    if bytes.len() < HEADER_SIZE {
+        return Err(truncated(bytes, HEADER_SIZE));
+    }
+    match (u32_at(bytes, 0), u32_at(bytes, 4)) {
+        (Some(0xffff_ffff), Some(0xffff_ffff)) => Err(malformed(DEVICE_GONE)),
+        _ => Ok(()),
     }
 }
 
 /// Decodes the standard header (little endian) from the first 64 bytes of `bytes`.
 ///
-/// Fewer than 64 bytes is [`ParseErrorKind::Truncated`]; a vendor id of `0xffff` (what a
+/// Fewer than 64 bytes is [`ParseErrorKind::Truncated`]; a header of all ones (what a
 /// removed, resetting or unreachable device reads as) is `Malformed` with [`DEVICE_GONE`],
-/// see [`is_device_gone`]. Errors quote no text (the data is binary).
+/// see [`is_device_gone`]. A VF's header decodes, with vendor and device ids 0xffff: take
+/// those from sysfs. Errors quote no text (the data is binary).
 pub fn parse_header(bytes: &[u8]) -> Result<ConfigHeader, ParseError> {
     check_header(bytes)?;
     // Present: checked above. `unwrap_or(0)` only keeps this free of panics.
@@ -1000,5 +1006,39 @@ mod tests {
             }
             exercise(&b);
         }
+    }
+}
+
+#[cfg(test)]
+mod vf_tests {
+    use super::*;
+
+    // The first 0x50 bytes of a QEMU NVMe VF's config space, as read from sysfs: ids read
+    // 0xffff, the rest is real.
+    const VF: [u8; 0x50] = [
+        0xff, 0xff, 0xff, 0xff, 0x00, 0x00, 0x10, 0x00, 0x02, 0x02, 0x08, 0x01, 0, 0, 0, 0, //
+        0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, //
+        0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xf4, 0x1a, 0x00, 0x11, //
+        0, 0, 0, 0, 0x40, 0, 0, 0, 0, 0, 0, 0, 0, 0x01, 0, 0, //
+        0x11, 0x00, 0x00, 0x00, 0x00, 0x20, 0x00, 0x00, 0x00, 0x30, 0, 0, 0, 0, 0, 0,
+    ];
+
+    #[test]
+    fn a_vf_header_decodes_and_its_capabilities_walk() {
+        let h = parse_header(&VF).unwrap();
+        assert_eq!((h.vendor.0, h.device.0), (0xffff, 0xffff));
+        assert_eq!(h.class.value(), 0x010802);
+        assert_eq!(
+            capabilities(&VF).unwrap(),
+            vec![Capability {
+                id: cap_id::MSIX,
+                offset: 0x40
+            }]
+        );
+    }
+
+    #[test]
+    fn only_all_ones_is_gone() {
+        assert!(is_device_gone(&parse_header(&[0xff; 64]).unwrap_err()));
     }
 }

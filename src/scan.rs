@@ -352,7 +352,6 @@ impl Scanner {
             }
         }
         listed.sort_unstable();
-        scan.ignored.sort_by(|a, b| a.name.cmp(&b.name));
 
         scan.released = self.registry.prune(|a| listed.binary_search(&a).is_ok());
         if self.defer && !self.registry.is_empty() {
@@ -381,6 +380,7 @@ impl Scanner {
         if !self.guard_everything && !self.blocking.is_empty() {
             self.read_blocking_attrs(&mut scan.devices, deadline);
         }
+        scan.ignored.sort_by(|a, b| a.name.cmp(&b.name));
         Ok(scan)
     }
 
