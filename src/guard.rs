@@ -24,6 +24,7 @@ use std::io;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::Path;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -209,6 +210,52 @@ impl Guard {
         }
     }
 
+    /// Queues all `jobs` at once, to be waited for together with one deadline: one queue
+    /// lock for the lot, and one wake-up of the waiter when the last one finishes (not one
+    /// per job), which is what makes guarding thousands of small reads cheap.
+    pub fn submit_all<T, F>(&self, jobs: impl IntoIterator<Item = F>) -> Batch<T>
+    where
+        T: Send + 'static,
+        F: FnOnce() -> T + Send + 'static,
+    {
+        let jobs: Vec<F> = jobs.into_iter().collect();
+        let shared = Arc::new(BatchShared {
+            slots: (0..jobs.len()).map(|_| Mutex::new(None)).collect(),
+            remaining: AtomicUsize::new(jobs.len()),
+            abandoned: AtomicBool::new(false),
+            lock: Mutex::new(()),
+            done: Condvar::new(),
+        });
+        let runs: Vec<Job> = jobs
+            .into_iter()
+            .enumerate()
+            .map(|(i, job)| {
+                let batch = Arc::clone(&shared);
+                Box::new(move || {
+                    if batch.abandoned.load(Ordering::Relaxed) {
+                        return;
+                    }
+                    let outcome = catch_unwind(AssertUnwindSafe(job)).map_err(|_| GuardError::Panicked);
+                    *batch.slots[i].lock() = Some(outcome);
+                    if batch.remaining.fetch_sub(1, Ordering::AcqRel) == 1 {
+                        let _held = batch.lock.lock();
+                        batch.done.notify_all();
+                    }
+                }) as Job
+            })
+            .collect();
+        let pool = &self.handle.shared;
+        let mut st = pool.state.lock();
+        st.queue.extend(runs);
+        pool.work.notify_all();
+        spawn_as_needed(pool, &mut st);
+        drop(st);
+        Batch {
+            shared,
+            guard: self.clone(),
+        }
+    }
+
     /// Reads a whole file (at most `limit` bytes) on a guard thread, waiting until
     /// `deadline`. The open does not use `O_NONBLOCK`, so a FIFO blocks here the way a
     /// locked sysfs attribute does in the kernel.
@@ -292,6 +339,70 @@ fn worker(shared: Arc<Shared>, slot: usize) {
     }
     st.threads -= 1;
     st.free_slots.push(slot);
+}
+
+struct BatchShared<T> {
+    slots: Vec<Mutex<Option<Result<T, GuardError>>>>,
+    remaining: AtomicUsize,
+    abandoned: AtomicBool,
+    lock: Mutex<()>,
+    done: Condvar,
+}
+
+/// Jobs submitted together by [`Guard::submit_all`], waited for until one deadline.
+#[must_use = "a batch does nothing unless waited on"]
+pub struct Batch<T> {
+    shared: Arc<BatchShared<T>>,
+    guard: Guard,
+}
+
+impl<T> Batch<T> {
+    /// Waits until every job is done or `deadline` passes, then returns each job's result
+    /// in submission order: its value, or [`GuardError::TimedOut`] for a job that had not
+    /// finished (or started) by then. Jobs not started by the deadline never run.
+    pub fn wait_until(self, deadline: Instant) -> Vec<Result<T, GuardError>> {
+        let begun = Instant::now();
+        let stall = self.guard.handle.shared.limits.stall;
+        let b = &self.shared;
+        {
+            let mut held = b.lock.lock();
+            loop {
+                if b.remaining.load(Ordering::Acquire) == 0 {
+                    break;
+                }
+                let now = Instant::now();
+                if now >= deadline {
+                    b.abandoned.store(true, Ordering::Relaxed);
+                    break;
+                }
+                let tick = deadline.min(now + stall);
+                if b.done.wait_until(&mut held, tick).timed_out() && tick < deadline {
+                    // No completion for a stall period: a worker may be stuck holding up
+                    // the queue.
+                    drop(held);
+                    self.guard.rebalance();
+                    held = b.lock.lock();
+                }
+            }
+        }
+        let waited = begun.elapsed();
+        let stuck = self.guard.stuck();
+        b.slots
+            .iter()
+            .map(|slot| {
+                slot.lock()
+                    .take()
+                    .unwrap_or(Err(GuardError::TimedOut { waited, stuck }))
+            })
+            .collect()
+    }
+}
+
+impl<T> Drop for Batch<T> {
+    fn drop(&mut self) {
+        // Jobs not yet started when their waiter is gone are skipped.
+        self.shared.abandoned.store(true, Ordering::Relaxed);
+    }
 }
 
 enum SlotState<T> {
@@ -383,7 +494,6 @@ pub fn read_blocking(path: &Path, limit: usize) -> io::Result<Vec<u8>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::mpsc;
 
     fn limits(parallelism: usize, max_threads: usize) -> GuardLimits {
@@ -476,6 +586,39 @@ mod tests {
             0,
             "jobs whose callers gave up never ran"
         );
+    }
+
+    #[test]
+    fn a_batch_returns_results_in_order_and_times_out_the_stuck() {
+        let g = Guard::new(limits(2, 8));
+        let (release, gate) = mpsc::channel::<()>();
+        let gate = Arc::new(std::sync::Mutex::new(gate));
+        let jobs: Vec<Box<dyn FnOnce() -> usize + Send>> = (0..50)
+            .map(|i| -> Box<dyn FnOnce() -> usize + Send> {
+                if i == 3 || i == 40 {
+                    let gate = Arc::clone(&gate);
+                    Box::new(move || {
+                        let _ = gate.lock().unwrap().recv();
+                        i
+                    })
+                } else {
+                    Box::new(move || i)
+                }
+            })
+            .collect();
+        let t0 = Instant::now();
+        let out = g.submit_all(jobs).wait_until(soon(300));
+        assert!(t0.elapsed() < Duration::from_secs(3));
+        for (i, r) in out.iter().enumerate() {
+            match i {
+                3 | 40 => assert!(matches!(r, Err(GuardError::TimedOut { .. })), "{i}: {r:?}"),
+                _ => assert_eq!(r, &Ok(i)),
+            }
+        }
+        release.send(()).unwrap();
+        release.send(()).unwrap();
+        let all_fast = g.submit_all((0..10).map(|i| move || i)).wait_until(soon(2000));
+        assert_eq!(all_fast, (0..10).map(Ok).collect::<Vec<_>>());
     }
 
     #[test]

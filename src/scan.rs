@@ -29,7 +29,7 @@ use parking_lot::Mutex;
 use crate::attr::{ATTR_MAX, DirFd, basename};
 use crate::config;
 use crate::device::{Device, ProblemKind};
-use crate::guard::{Guard, GuardError, Ticket};
+use crate::guard::{Guard, GuardError};
 use crate::model::{DeviceId, Sriov, VendorId};
 use crate::registry::{Reason, RemovalRegistry};
 use crate::sysfs::parse;
@@ -225,7 +225,7 @@ pub struct Scanner {
 }
 
 /// Fewest devices per scan thread: below this, starting a thread costs more than it saves.
-const DEVICES_PER_THREAD: usize = 64;
+const DEVICES_PER_THREAD: usize = 16;
 
 impl Scanner {
     /// A scanner of `root` with its own registry and guard, reading no blocking attribute,
@@ -441,54 +441,52 @@ impl Scanner {
         wanted: &[(PciAddress, bool)],
         deadline: Instant,
     ) -> Vec<Outcome> {
-        struct Job {
-            address: PciAddress,
-            progress: Arc<Progress>,
-            partial: Arc<Mutex<Option<Device>>>,
-            ticket: Ticket<Outcome>,
+        // Per device: which attribute its job is reading, and the record so far, so that a
+        // timeout can name the attribute and keep what was read before it.
+        struct Track {
+            progress: Progress,
+            partial: Mutex<Option<Device>>,
         }
-        let shared = Arc::new(self.clone());
-        let jobs: Vec<Job> = wanted
-            .iter()
-            .map(|&(address, pending)| {
-                let progress = Arc::new(Progress::default());
-                let partial = Arc::new(Mutex::new(None));
-                let (me, dir, prog, part) = (
-                    Arc::clone(&shared),
-                    Arc::clone(devices_dir),
-                    Arc::clone(&progress),
-                    Arc::clone(&partial),
-                );
-                let ticket = self.guard.submit(move || {
-                    let mut outcome = me.read_device(&dir, address, pending, &prog);
-                    if let Outcome::Device(dev) = &mut outcome
-                        && !me.blocking.is_empty()
-                    {
-                        *part.lock() = Some((**dev).clone());
-                        me.read_blocking_inline(&dir, dev, &prog);
-                    }
-                    outcome
-                });
-                Job {
-                    address,
-                    progress,
-                    partial,
-                    ticket,
+        let tracks: Arc<Vec<Track>> = Arc::new(
+            wanted
+                .iter()
+                .map(|_| Track {
+                    progress: Progress::default(),
+                    partial: Mutex::new(None),
+                })
+                .collect(),
+        );
+        let me = Arc::new(self.clone());
+        let jobs = wanted.iter().enumerate().map(|(i, &(address, pending))| {
+            let (me, dir, tracks) = (Arc::clone(&me), Arc::clone(devices_dir), Arc::clone(&tracks));
+            move || {
+                let track = &tracks[i];
+                let mut outcome = me.read_device(&dir, address, pending, &track.progress);
+                if let Outcome::Device(dev) = &mut outcome
+                    && !me.blocking.is_empty()
+                {
+                    *track.partial.lock() = Some((**dev).clone());
+                    me.read_blocking_inline(&dir, dev, &track.progress);
                 }
-            })
-            .collect();
-        jobs.into_iter()
-            .map(|job| match job.ticket.wait_until(deadline) {
+                outcome
+            }
+        });
+        let results = self.guard.submit_all(jobs).wait_until(deadline);
+        results
+            .into_iter()
+            .zip(wanted)
+            .zip(tracks.iter())
+            .map(|((result, &(address, _)), track)| match result {
                 Ok(outcome) => outcome,
                 Err(err) => {
-                    let attribute = job.progress.attribute();
-                    let mut dev = job
+                    let attribute = track.progress.attribute();
+                    let mut dev = track
                         .partial
                         .lock()
                         .take()
-                        .unwrap_or_else(|| Device::new(job.address));
+                        .unwrap_or_else(|| Device::new(address));
                     dev.report(attribute, timed_out(err));
-                    self.registry.mark(job.address, Reason::TimedOut { attribute });
+                    self.registry.mark(address, Reason::TimedOut { attribute });
                     Outcome::Device(Box::new(dev))
                 }
             })
@@ -498,7 +496,7 @@ impl Scanner {
     // Submits every requested blocking read of every device at once, then collects them by
     // the deadline: K stuck reads cost one deadline, not K.
     fn read_blocking_attrs(&self, devices: &mut [Device], deadline: Instant) {
-        let mut tickets = Vec::new();
+        let mut reads = Vec::new();
         for (i, dev) in devices.iter_mut().enumerate() {
             for &attr in &self.blocking {
                 if !attr.applies_to(dev) {
@@ -508,16 +506,20 @@ impl Scanner {
                     dev.report(attr.name(), ProblemKind::RemovalPending);
                     continue;
                 }
-                let path = self.root.device_dir(dev.address).join(attr.name());
-                let ticket = self
-                    .guard
-                    .submit(move || crate::guard::read_blocking(&path, ATTR_MAX));
-                tickets.push((i, attr, ticket));
+                reads.push((i, attr, self.root.device_dir(dev.address).join(attr.name())));
             }
         }
-        for (i, attr, ticket) in tickets {
+        let jobs: Vec<_> = reads
+            .iter()
+            .map(|(_, _, path)| {
+                let path = path.clone();
+                move || crate::guard::read_blocking(&path, ATTR_MAX)
+            })
+            .collect();
+        let results = self.guard.submit_all(jobs).wait_until(deadline);
+        for ((i, attr, _), result) in reads.into_iter().zip(results) {
             let dev = &mut devices[i];
-            match ticket.wait_until(deadline) {
+            match result {
                 Ok(result) => apply_blocking(dev, attr, result),
                 Err(err) => {
                     dev.report(attr.name(), timed_out(err));
