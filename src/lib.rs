@@ -37,3 +37,8 @@ pub use model::{
 };
 pub use registry::RemovalRegistry;
 pub use scan::{BlockingAttr, IdSource, Scan, ScanError, Scanner, SysfsRoot};
+
+// The README's example is compiled as a doctest.
+#[doc = include_str!("../README.md")]
+#[cfg(doctest)]
+pub struct ReadmeDoctests;
