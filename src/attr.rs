@@ -42,18 +42,18 @@ impl DirFd {
         Ok(DirFd(fd))
     }
 
+    fn open_nonblocking(&self, name: &str) -> io::Result<OwnedFd> {
+        let flags = OFlag::O_RDONLY | OFlag::O_NONBLOCK | OFlag::O_CLOEXEC | OFlag::O_NOCTTY;
+        Ok(openat(self.0.as_fd(), name, flags, Mode::empty())?)
+    }
+
     /// Reads attribute `name` into `buf`, returning the bytes read. The open uses
     /// `O_NONBLOCK`, so a FIFO (how test trees model a blocking attribute) reads as empty
     /// instead of hanging the fast path; real sysfs files ignore the flag.
     ///
     /// Fails with [`TooLarge`] when the attribute holds more than `buf.len()` bytes.
     pub(crate) fn read<'b>(&self, name: &str, buf: &'b mut [u8]) -> io::Result<&'b [u8]> {
-        let fd = openat(
-            self.0.as_fd(),
-            name,
-            OFlag::O_RDONLY | OFlag::O_NONBLOCK | OFlag::O_CLOEXEC | OFlag::O_NOCTTY,
-            Mode::empty(),
-        )?;
+        let fd = self.open_nonblocking(name)?;
         let mut len = 0;
         while len < buf.len() {
             match nix::unistd::read(fd.as_fd(), &mut buf[len..]) {
@@ -76,12 +76,7 @@ impl DirFd {
     /// Reads at most `buf.len()` bytes of attribute `name` (a prefix is enough, e.g. the
     /// 64-byte header of `config`).
     pub(crate) fn read_prefix<'b>(&self, name: &str, buf: &'b mut [u8]) -> io::Result<&'b [u8]> {
-        let fd = openat(
-            self.0.as_fd(),
-            name,
-            OFlag::O_RDONLY | OFlag::O_NONBLOCK | OFlag::O_CLOEXEC | OFlag::O_NOCTTY,
-            Mode::empty(),
-        )?;
+        let fd = self.open_nonblocking(name)?;
         let mut len = 0;
         while len < buf.len() {
             match nix::unistd::read(fd.as_fd(), &mut buf[len..]) {

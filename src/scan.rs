@@ -498,14 +498,7 @@ impl Scanner {
     fn read_blocking_attrs(&self, devices: &mut [Device], deadline: Instant) {
         let mut reads = Vec::new();
         for (i, dev) in devices.iter_mut().enumerate() {
-            for &attr in &self.blocking {
-                if !attr.applies_to(dev) {
-                    continue;
-                }
-                if dev.removal_pending {
-                    dev.report(attr.name(), ProblemKind::RemovalPending);
-                    continue;
-                }
+            for attr in self.blocking_to_read(dev) {
                 reads.push((i, attr, self.root.device_dir(dev.address).join(attr.name())));
             }
         }
@@ -534,20 +527,37 @@ impl Scanner {
         }
     }
 
+    // The requested blocking attributes that `dev` has; for a device whose removal is
+    // pending, none, each reported as not read.
+    fn blocking_to_read(&self, dev: &mut Device) -> Vec<BlockingAttr> {
+        let applicable: Vec<BlockingAttr> = self
+            .blocking
+            .iter()
+            .copied()
+            .filter(|a| a.applies_to(dev))
+            .collect();
+        if dev.removal_pending {
+            for attr in applicable {
+                dev.report(attr.name(), ProblemKind::RemovalPending);
+            }
+            return Vec::new();
+        }
+        applicable
+    }
+
     // Inside a guarded per-device job: read the blocking attributes directly.
     fn read_blocking_inline(&self, devices_dir: &DirFd, dev: &mut Device, progress: &Progress) {
-        for &attr in &self.blocking {
-            if !attr.applies_to(dev) {
-                continue;
-            }
-            if dev.removal_pending {
-                dev.report(attr.name(), ProblemKind::RemovalPending);
-                continue;
-            }
+        let attrs = self.blocking_to_read(dev);
+        if attrs.is_empty() {
+            return;
+        }
+        let dir = devices_dir.open_dir(&dev.address.to_string());
+        for attr in attrs {
             progress.at(attr.name());
-            let result = devices_dir
-                .open_dir(&dev.address.to_string())
-                .and_then(|d| d.read_blocking(attr.name(), ATTR_MAX));
+            let result = match &dir {
+                Ok(d) => d.read_blocking(attr.name(), ATTR_MAX),
+                Err(e) => Err(io::Error::new(e.kind(), e.to_string())),
+            };
             apply_blocking(dev, attr, result);
         }
     }
