@@ -18,6 +18,10 @@ pub enum BindError {
     /// The device does not exist.
     #[error("no PCI device {0}")]
     NoDevice(PciAddress),
+    /// The driver is not registered with the PCI bus (its module is not loaded). Nothing
+    /// was changed.
+    #[error("driver {0} is not loaded (modprobe {0}); {1} left as it was")]
+    NoDriver(String, PciAddress),
     /// The device is in use by the host and `force` was not given.
     #[error("{address} is in use: {reason} (use --force to take it anyway)")]
     InUse {
@@ -84,6 +88,11 @@ pub fn bind(root: &SysfsRoot, address: PciAddress, driver: &str, force: bool) ->
             previous,
             driver: driver.to_owned(),
         });
+    }
+    // Checked before anything changes: drivers_probe loads no module, so an unknown
+    // driver would leave the device unbound from its old driver and on none.
+    if !root.path().join(format!("bus/pci/drivers/{driver}")).is_dir() {
+        return Err(BindError::NoDriver(driver.to_owned(), address));
     }
     if !force
         && previous.is_some()
@@ -256,6 +265,30 @@ fn block_devices(dir: &Path) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_driver_that_is_not_loaded_changes_nothing() {
+        let t = tempfile::tempdir().unwrap();
+        let addr: PciAddress = "0000:01:00.0".parse().unwrap();
+        let dev = t.path().join("bus/pci/devices/0000:01:00.0");
+        std::fs::create_dir_all(&dev).unwrap();
+        std::fs::create_dir_all(t.path().join("bus/pci/drivers/nvme")).unwrap();
+        std::os::unix::fs::symlink("../../drivers/nvme", dev.join("driver")).unwrap();
+        std::fs::write(dev.join("driver_override"), "(null)\n").unwrap();
+        let root = SysfsRoot::new(t.path());
+        let e = bind(&root, addr, "no-such-driver", false).unwrap_err();
+        assert!(matches!(e, BindError::NoDriver(ref d, a) if d == "no-such-driver" && a == addr));
+        assert!(e.to_string().contains("not loaded"));
+        assert_eq!(
+            std::fs::read_to_string(dev.join("driver_override")).unwrap(),
+            "(null)\n"
+        );
+        assert!(
+            !t.path().join("bus/pci/drivers/nvme/unbind").exists(),
+            "nothing unbound"
+        );
+        assert_eq!(current_driver(&root, addr).as_deref(), Some("nvme"));
+    }
 
     #[test]
     fn finds_block_devices_below_a_device() {

@@ -45,3 +45,56 @@ wait_for() {
 		sleep 0.1
 	done
 }
+
+# Skip the test unless the pcibus binaries are installed (tests/vm/run builds them
+# unless --no-binaries).
+need_pcibus() {
+	for b in pcibus pcibus-vmtest; do
+		command -v "$b" >/dev/null || {
+			echo "skip: $b is not installed (tests/vm/run --no-binaries?)"
+			exit 77
+		}
+	done
+}
+
+# Milliseconds since boot (10 ms resolution, from /proc/uptime).
+now_ms() {
+	read -r up _ </proc/uptime
+	s=${up%.*}
+	cs=${up#*.}
+	echo $((s * 1000 + ${cs#0} * 10))
+}
+
+# The JSON object of device $2 in the output of 'pcibus list --json' in file $1
+# (one object per line).
+json_device() {
+	grep "\"address\":\"$2\"" "$1"
+}
+
+# The state letter of process $1 (R, S, D, Z...) from /proc/PID/stat, or "gone".
+proc_state() {
+	if [ -r "/proc/$1/stat" ]; then
+		# comm may hold spaces: the state follows the last ')'.
+		sed 's/.*) \(.\).*/\1/' "/proc/$1/stat" 2>/dev/null || echo gone
+	else
+		echo gone
+	fi
+}
+
+# The states of every thread of process $1, e.g. "Z D".
+thread_states() {
+	for t in /proc/"$1"/task/*; do
+		[ -r "$t/stat" ] && sed 's/.*) \(.\).*/\1/' "$t/stat" 2>/dev/null
+	done | tr '\n' ' '
+}
+
+# wait_gone SECONDS PID: wait until process PID has exited (without wait(1), which
+# could hang on a process stuck in the kernel). Fails if it is still there.
+wait_gone() {
+	n=$(($1 * 10))
+	while [ -e "/proc/$2" ] && [ "$(proc_state "$2")" != Z ]; do
+		n=$((n - 1))
+		[ $n -gt 0 ] || return 1
+		sleep 0.1
+	done
+}
