@@ -124,7 +124,7 @@ pub enum ProblemKind {
     /// A guarded read did not answer by the deadline (the device was then added to the
     /// removal registry).
     TimedOut {
-        /// How long the scan waited.
+        /// The deadline it missed, counted from the start of the scan.
         waited: Duration,
     },
     /// Not read: the device's removal is pending and this attribute's read takes the

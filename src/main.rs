@@ -2,7 +2,6 @@
 
 use std::io::{self, Write};
 use std::path::PathBuf;
-use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
@@ -147,33 +146,106 @@ impl ScanArgs {
     }
 }
 
-fn main() -> ExitCode {
+fn main() {
     let cli = Cli::parse();
-    let root = cli.sysfs.clone().map_or_else(SysfsRoot::from_env, SysfsRoot::new);
-    match run(cli, root) {
-        Ok(code) => code,
-        Err(e) => {
-            // A broken pipe (`pcibus list | head`) is not an error worth a message.
-            if e.downcast_ref::<io::Error>()
-                .is_some_and(|e| e.kind() == io::ErrorKind::BrokenPipe)
-            {
-                return ExitCode::SUCCESS;
+    // Before any thread exists: from here on the work runs in a child process.
+    let report = detach::start();
+    let code = std::panic::catch_unwind(move || {
+        let root = cli.sysfs.clone().map_or_else(SysfsRoot::from_env, SysfsRoot::new);
+        match run(cli, root) {
+            Ok(()) => 0,
+            Err(e) => {
+                // A broken pipe (`pcibus list | head`) is not an error worth a message.
+                if e.downcast_ref::<io::Error>()
+                    .is_some_and(|e| e.kind() == io::ErrorKind::BrokenPipe)
+                {
+                    return 0;
+                }
+                let mut msg = format!("pcibus: {e}");
+                let mut source = e.source();
+                while let Some(s) = source {
+                    msg.push_str(&format!(": {s}"));
+                    source = s.source();
+                }
+                eprintln!("{msg}");
+                1
             }
-            let mut msg = format!("pcibus: {e}");
-            let mut source = e.source();
-            while let Some(s) = source {
-                msg.push_str(&format!(": {s}"));
-                source = s.source();
-            }
-            eprintln!("{msg}");
-            ExitCode::FAILURE
         }
+    })
+    .unwrap_or(101);
+    if let Some(report) = report {
+        detach::finish(report, code);
+    }
+    std::process::exit(code.into());
+}
+
+/// A guarded read stuck in the kernel (a removal pending) is a thread in uninterruptible
+/// sleep, and a process cannot exit until all its threads have: `pcibus list --read all`
+/// would print its listing by the deadline and then hang its caller (a shell waiting for
+/// it, `$(pcibus list ...)` reading to end of file) until the removal completes. So the
+/// command runs in a child process, which, once done, lets go of the caller's stdin,
+/// stdout and stderr and reports its exit code to the parent; the parent, the process
+/// the caller waits for, exits with it at once. A stuck child lingers harmlessly and goes
+/// when the kernel lets its reads return.
+mod detach {
+    use std::os::fd::OwnedFd;
+
+    use nix::errno::Errno;
+    use nix::sys::wait::{WaitStatus, waitpid};
+    use nix::unistd::{ForkResult, fork, pipe};
+
+    /// Forks. Returns in the child, with the pipe to report the exit code on; the parent
+    /// never returns. `None` (no fork) if the pipe or the fork fails: then the command runs
+    /// in this process.
+    pub fn start() -> Option<OwnedFd> {
+        let (read_end, write_end) = pipe().ok()?;
+        // SAFETY: called at the top of main, before pcibus starts any thread, so the child
+        // is a copy of a single-threaded process and may do anything afterwards.
+        match unsafe { fork() } {
+            Ok(ForkResult::Child) => {
+                drop(read_end);
+                Some(write_end)
+            }
+            Ok(ForkResult::Parent { child }) => {
+                drop(write_end);
+                let mut byte = [0u8; 1];
+                let code = loop {
+                    match nix::unistd::read(&read_end, &mut byte) {
+                        Ok(1) => break i32::from(byte[0]),
+                        Err(Errno::EINTR) => continue,
+                        // The child ended without reporting (killed): its status says how.
+                        _ => {
+                            break match waitpid(child, None) {
+                                Ok(WaitStatus::Exited(_, code)) => code,
+                                Ok(WaitStatus::Signaled(_, signal, _)) => 128 + signal as i32,
+                                _ => 1,
+                            };
+                        }
+                    }
+                };
+                std::process::exit(code);
+            }
+            Err(_) => None,
+        }
+    }
+
+    /// In the child, when done: flush, hand the caller's standard streams back, report.
+    pub fn finish(report: OwnedFd, code: u8) {
+        use std::io::Write;
+        let _ = std::io::stdout().flush();
+        let _ = std::io::stderr().flush();
+        if let Ok(null) = std::fs::File::options().read(true).write(true).open("/dev/null") {
+            let _ = nix::unistd::dup2_stdin(&null);
+            let _ = nix::unistd::dup2_stdout(&null);
+            let _ = nix::unistd::dup2_stderr(&null);
+        }
+        let _ = nix::unistd::write(&report, &[code]);
     }
 }
 
 type Error = Box<dyn std::error::Error>;
 
-fn run(cli: Cli, root: SysfsRoot) -> Result<ExitCode, Error> {
+fn run(cli: Cli, root: SysfsRoot) -> Result<(), Error> {
     let stdout = io::stdout();
     let mut out = io::BufWriter::new(stdout.lock());
     match cli.command {
@@ -259,7 +331,7 @@ fn run(cli: Cli, root: SysfsRoot) -> Result<ExitCode, Error> {
         }
     }
     out.flush()?;
-    Ok(ExitCode::SUCCESS)
+    Ok(())
 }
 
 // Entries that are not devices, and devices that went away, go to stderr: the listing

@@ -485,7 +485,7 @@ impl Scanner {
                         .lock()
                         .take()
                         .unwrap_or_else(|| Device::new(address));
-                    dev.report(attribute, timed_out(err));
+                    dev.report(attribute, timed_out(err, self.timeout));
                     self.registry.mark(address, Reason::TimedOut { attribute });
                     Outcome::Device(Box::new(dev))
                 }
@@ -515,7 +515,7 @@ impl Scanner {
             match result {
                 Ok(result) => apply_blocking(dev, attr, result),
                 Err(err) => {
-                    dev.report(attr.name(), timed_out(err));
+                    dev.report(attr.name(), timed_out(err, self.timeout));
                     self.registry.mark(
                         dev.address,
                         Reason::TimedOut {
@@ -678,9 +678,12 @@ impl Progress {
     }
 }
 
-fn timed_out(err: GuardError) -> ProblemKind {
+// A read that did not answer by the scan's deadline. All of a scan's guarded reads share
+// that deadline, counted from the scan's start, so that is the wait reported (not the
+// part of it left when the read was submitted).
+fn timed_out(err: GuardError, deadline: Duration) -> ProblemKind {
     match err {
-        GuardError::TimedOut { waited, .. } => ProblemKind::TimedOut { waited },
+        GuardError::TimedOut { .. } => ProblemKind::TimedOut { waited: deadline },
         GuardError::Panicked => ProblemKind::Io {
             kind: io::ErrorKind::Other,
             message: "the read panicked (a bug in pcibus)".into(),

@@ -439,3 +439,59 @@ fn scan_device_finds_one() {
     assert_eq!(d.class, ClassCode::new(0x010802));
     assert!(s.scan_device(addr("0000:05:00.0")).unwrap().is_none());
 }
+
+#[test]
+fn every_timed_out_read_reports_the_scans_deadline() {
+    let fake = hostile_tree();
+    let scan = BlockingAttr::ALL
+        .into_iter()
+        .fold(scanner(&fake), Scanner::read_blocking)
+        .timeout(Duration::from_millis(150))
+        .scan()
+        .unwrap();
+    let texts: Vec<String> = scan
+        .devices
+        .iter()
+        .flat_map(|d| &d.problems)
+        .filter(|p| matches!(p.kind, ProblemKind::TimedOut { .. }))
+        .map(|p| p.kind.to_string())
+        .collect();
+    assert_eq!(texts.len(), 8);
+    assert!(
+        texts.iter().all(|t| t == "read timed out after 150 ms"),
+        "{texts:?}"
+    );
+}
+
+#[test]
+fn ids_come_from_the_id_files_not_uevent_or_modalias() {
+    let fake = FakeSysfs::new().unwrap();
+    fake.device("0000:00:02.0")
+        .vendor(0x8086)
+        .device_id(0x0953)
+        .class(0x010802)
+        .attr(
+            "uevent",
+            b"DRIVER=nvme\nPCI_CLASS=20000\nPCI_ID=DEAD:BEEF\n".to_vec(),
+        )
+        .attr(
+            "modalias",
+            b"pci:v0000DEADd0000BEEFsv00000000sd00000000bc02sc00i00\n".to_vec(),
+        )
+        .create()
+        .unwrap();
+    for ids in [IdSource::Config, IdSource::Files] {
+        let scan = scanner(&fake)
+            .id_source(ids)
+            .read_blocking(BlockingAttr::Uevent)
+            .scan()
+            .unwrap();
+        let d = &scan.devices[0];
+        assert_eq!(
+            (d.vendor, d.device),
+            (Some(VendorId(0x8086)), Some(DeviceId(0x0953))),
+            "{ids:?}"
+        );
+        assert_eq!(d.class, ClassCode::new(0x010802), "{ids:?}");
+    }
+}

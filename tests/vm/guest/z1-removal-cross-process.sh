@@ -85,18 +85,31 @@ echo "cat sriov_numvfs after $(($(now_ms) - tcat)) ms: state $cstate"
 [ "$cstate" = D ] || fail "cat sriov_numvfs is in state $cstate, want D (blocked)"
 [ -e "$dev" ] || fail "$pf vanished while held"
 
-# And pcibus list, having answered: has its process ended? Its guard threads read the
-# blocking attributes, and a thread stuck in the kernel keeps the process from
-# exiting (the leader is a zombie, the others are in D) until the removal completes.
-lstate=$(thread_states $lpid)
-if [ -z "$(echo "$lstate" | tr -d 'Z ')" ]; then
-	list_ended=yes
-	echo "pcibus list: process ended ($(($(now_ms) - t1)) ms after it started)"
-else
-	list_ended=no
-	echo "pcibus list: process not ended $(($(now_ms) - t1)) ms after it started; thread states: $lstate"
-	echo "KNOWN BUG: the CLI answered in $list_ms ms but cannot exit while its guard threads are stuck in the kernel: a shell waiting for it (or reading its output to EOF) hangs until the removal completes"
-fi
+# And pcibus list, having answered, has exited (status 0) although reads it started are
+# stuck in the kernel: the CLI runs its work in a child that lets go of the caller's
+# streams, so neither a shell waiting for it nor one reading its output to end of file
+# hangs. (Threads stuck in D keep their own process alive: that is the child's, not the
+# one the caller waits for.)
+# Every thread must be gone (a zombie leader with threads in D is the failure).
+n=20
+while [ -n "$(thread_states $lpid | tr -d 'Z ')" ]; do
+	n=$((n - 1))
+	[ $n -gt 0 ] || fail "pcibus list answered but has not exited: thread states $(thread_states $lpid)"
+	sleep 0.1
+done
+wait $lpid
+lrc=$?
+[ $lrc = 0 ] || fail "pcibus list exited $lrc"
+list_ended=yes
+echo "pcibus list: exited 0, $(($(now_ms) - t1)) ms after it started"
+t2=$(now_ms)
+(
+	x=$(pcibus list --read all --timeout 300)
+	echo "lines=$(echo "$x" | wc -l)" >/tmp/subst.out
+) &
+substpid=$!
+wait_gone 3 $substpid || fail "\$(pcibus list --read all) did not complete while the removal is pending"
+echo "\$(pcibus list --read all --timeout 300) completed in $(($(now_ms) - t2)) ms: $(cat /tmp/subst.out)"
 echo "@@PCIBUS-MEASURE kernel=$PCIBUS_KERNEL pcibus-list-output-ms=$list_ms pcibus-list-process-ended-before-release=$list_ended"
 
 # The holder lets go: the removal completes.
@@ -111,11 +124,6 @@ grep -q 'rc=0' /tmp/remove.rc || fail "remove failed"
 wait_gone 5 $catpid || fail "cat sriov_numvfs still blocked after the removal"
 wait $catpid
 echo "cat sriov_numvfs ended $(($(now_ms) - trel)) ms after the release: $(cat /tmp/cat.out)"
-wait_gone 5 $lpid || fail "pcibus list still not ended 5 s after the release (threads: $(thread_states $lpid))"
-wait $lpid
-lrc=$?
-echo "pcibus list exit status $lrc (ended $(($(now_ms) - trel)) ms after the release at the latest)"
-[ $lrc = 0 ] || fail "pcibus list exited with $lrc"
 
 [ ! -e "$dev" ] || fail "$dev still exists"
 pcibus list --json >/tmp/after.json || fail "pcibus list after the removal"
