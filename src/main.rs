@@ -211,7 +211,10 @@ mod detach {
                 let mut byte = [0u8; 1];
                 let code = loop {
                     match nix::unistd::read(&read_end, &mut byte) {
-                        Ok(1) => break i32::from(byte[0]),
+                        Ok(1) => {
+                            reap_unless_stuck(child);
+                            break i32::from(byte[0]);
+                        }
                         Err(Errno::EINTR) => continue,
                         // The child ended without reporting (killed): its status says how.
                         _ => {
@@ -226,6 +229,19 @@ mod detach {
                 std::process::exit(code);
             }
             Err(_) => None,
+        }
+    }
+
+    /// A child that reported normally exits a moment later: reap it, so that its CPU time
+    /// and peak RSS count in what the caller measures (`time`, wait4). One with reads stuck
+    /// in the kernel does not exit: leave it after 100 ms.
+    fn reap_unless_stuck(child: nix::unistd::Pid) {
+        use nix::sys::wait::WaitPidFlag;
+        for _ in 0..100 {
+            match waitpid(child, Some(WaitPidFlag::WNOHANG)) {
+                Ok(WaitStatus::StillAlive) => std::thread::sleep(std::time::Duration::from_millis(1)),
+                _ => return,
+            }
         }
     }
 
