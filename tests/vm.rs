@@ -8,6 +8,9 @@
 //!   `PCIBUS_REQUIRE_VM=1`; otherwise prints how to ask for it and passes.
 //!
 //! Extra arguments for the harness can go in `PCIBUS_VM_ARGS` (e.g. `-k 6.12 -p sriov`).
+//!
+//! It is a plain program (`harness = false`), not a libtest test, so that what it prints,
+//! the skip message above all, shows in `cargo test` output instead of being captured.
 
 use std::path::Path;
 use std::process::Command;
@@ -25,19 +28,22 @@ fn in_path(program: &str) -> bool {
     })
 }
 
-#[test]
-fn vm_suite() {
+fn main() {
     let required = env_is_1("PCIBUS_REQUIRE_VM");
     if !in_path("qemu-system-x86_64") {
-        assert!(
-            !required,
-            "PCIBUS_REQUIRE_VM=1 but qemu-system-x86_64 is not installed: the VM suite cannot run"
+        if required {
+            eprintln!("vm: FAILED: PCIBUS_REQUIRE_VM=1 but qemu-system-x86_64 is not installed");
+            std::process::exit(1);
+        }
+        println!(
+            "vm: SKIPPED: the VM suite needs qemu-system-x86_64 (apt-get install qemu-system-x86); then tests/vm/run"
         );
-        eprintln!("SKIPPED: VM suite needs qemu-system-x86_64; run tests/vm/run");
         return;
     }
     if !required && !env_is_1("PCIBUS_VM") {
-        eprintln!("VM suite not requested (PCIBUS_VM=1 runs it)");
+        println!(
+            "vm: SKIPPED: the VM suite takes minutes; PCIBUS_VM=1 cargo test --test vm (or tests/vm/run) runs it"
+        );
         return;
     }
     let run = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/vm/run");
@@ -49,9 +55,12 @@ fn vm_suite() {
         .args(&args)
         .status()
         .unwrap_or_else(|e| panic!("cannot run {}: {e}", run.display()));
-    assert!(
-        status.success(),
-        "{} failed ({status}); its summary is above, logs in tests/vm/work/",
-        run.display()
-    );
+    if !status.success() {
+        eprintln!(
+            "vm: FAILED: {} ({status}); its summary is above, logs in tests/vm/work/",
+            run.display()
+        );
+        std::process::exit(1);
+    }
+    println!("vm: the VM suite passed");
 }
