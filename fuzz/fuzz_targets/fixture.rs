@@ -5,7 +5,9 @@ use libfuzzer_sys::fuzz_target;
 use pcibus::fixture::{parse, write};
 
 fuzz_target!(|data: &[u8]| {
-    let Ok(text) = std::str::from_utf8(data) else { return };
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
     if let Ok(mut f) = parse(text) {
         let again = parse(&write(&f)).expect("written fixtures parse");
         f.normalize();
