@@ -6,7 +6,16 @@
 //! `uevent`, and `config` during a reset) are read only on request, through a guard with a
 //! deadline; and a [`RemovalRegistry`] records devices whose removal is pending so that scans
 //! keep away from them.
+//!
+//! The data flow, module by module: a [`PciAddress`] names a function; [`scan`] walks
+//! `bus/pci/devices`, reading attributes with the parsers of [`sysfs::parse`] and
+//! [`config`] into [`Device`] records, with [`guard`] for the reads that may block and
+//! [`registry`] for the devices being removed; [`bind`] moves a device to vfio-pci; [`vfio`]
+//! opens it, maps its BARs and DMA memory and routes its interrupts (its `sys`, `mmio` and
+//! `dma` modules hold all of the crate's `unsafe`). [`fixture`], [`snapshot`] and (feature
+//! `testing`) `testing::FakeSysfs` make sysfs trees for tests.
 #![deny(unsafe_code)]
+#![deny(clippy::undocumented_unsafe_blocks, clippy::missing_safety_doc)]
 #![warn(missing_docs)]
 
 mod addr;

@@ -1,4 +1,5 @@
 //! `pcibus`: list PCI devices the way pcibus sees them, show one, snapshot sysfs.
+#![deny(clippy::undocumented_unsafe_blocks, clippy::missing_safety_doc)]
 
 use std::io::{self, Write};
 use std::path::PathBuf;
