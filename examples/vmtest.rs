@@ -27,6 +27,7 @@ fn main() {
 #[cfg(feature = "cli")]
 mod vmtest {
     use std::collections::BTreeSet;
+    use std::os::fd::{AsFd, BorrowedFd};
     use std::path::Path;
     use std::process::{Command, ExitCode};
     use std::sync::Arc;
@@ -34,6 +35,7 @@ mod vmtest {
     use std::thread;
     use std::time::{Duration, Instant};
 
+    use nix::sys::eventfd::{EfdFlags, EventFd};
     use serde_json::Value;
 
     use pcibus::vfio::{DmaBuffer, DmaMapping, VfioDevice, irq, region_flags};
@@ -613,7 +615,8 @@ mod vmtest {
 
     /// Brings up the admin queue (SQ in the first buffer, CQ in the second) and reads
     /// Identify Controller into the third, all by DMA through their IOVAs; then disables
-    /// the controller.
+    /// the controller. Every MSI-X vector is routed to an eventfd in one call beforehand,
+    /// and the admin completion (interrupt vector 0) must signal the first one.
     fn nvme_identify(dev: &VfioDevice, bufs: &[(DmaBuffer, DmaMapping)]) -> Res {
         let [(sq, sqm), (cq, cqm), (data, datam)] = bufs else {
             return Err("need three buffers".into());
@@ -640,6 +643,31 @@ mod vmtest {
             bar.write32(off, iova as u32).map_err(err)?;
             bar.write32(off + 4, (iova >> 32) as u32).map_err(err)?;
         }
+        // All MSI-X vectors in one call (6.1 cannot grow MSI-X once it is enabled).
+        let msix = dev.irq_info(irq::MSIX).map_err(err)?;
+        let efds: Vec<EventFd> = (0..msix.count)
+            .map(|_| EventFd::from_value_and_flags(0, EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK))
+            .collect::<Result<_, _>>()
+            .map_err(err)?;
+        let fds: Vec<BorrowedFd<'_>> = efds.iter().map(|e| e.as_fd()).collect();
+        dev.enable_msix(&fds).map_err(err)?;
+        // The error index: register an eventfd and take it back, where the device has one.
+        let err_irq = dev.irq_info(irq::ERR).map_err(err)?;
+        if err_irq.count > 0 {
+            let e = EventFd::from_value_and_flags(0, EfdFlags::EFD_CLOEXEC).map_err(err)?;
+            dev.set_irq_eventfds(irq::ERR, &[e.as_fd()]).map_err(err)?;
+            dev.disable_irq(irq::ERR).map_err(err)?;
+        }
+        println!(
+            "  MSI-X: {} vectors routed to eventfds in one call; ERR index: {} vector(s){}",
+            msix.count,
+            err_irq.count,
+            if err_irq.count > 0 {
+                ", eventfd registered and released"
+            } else {
+                ""
+            }
+        );
         // EN, NVM command set, 4 KiB pages, 64-byte SQEs, 16-byte CQEs.
         bar.write32(0x14, 1 | (6 << 16) | (4 << 20)).map_err(err)?;
         let up = wait_bit(&bar, 0x1c, 1, 1, timeout)?;
@@ -670,6 +698,19 @@ mod vmtest {
         };
         let took = t.elapsed();
         bar.write32(0x1000 + stride, 1).map_err(err)?;
+        // The admin CQ interrupts on vector 0: its eventfd counts the completion.
+        let fired = loop {
+            match efds.first().map(|e| e.read()) {
+                Some(Ok(n)) => break Some(n),
+                _ if t.elapsed() > Duration::from_secs(2) => break None,
+                _ => thread::sleep(Duration::from_millis(1)),
+            }
+        };
+        dev.disable_irq(irq::MSIX).map_err(err)?;
+        match fired {
+            Some(n) => println!("  MSI-X vector 0 fired for the admin completion (eventfd count {n})"),
+            None => return Err("MSI-X vector 0 never fired for the admin completion".into()),
+        }
         let status = (dw3 >> 17) & 0x7fff;
         let cid = dw3 & 0xffff;
         let mut id = [0u8; 64];
