@@ -98,3 +98,19 @@ wait_gone() {
 		sleep 0.1
 	done
 }
+
+# on_vfio_pci PF COMMAND...: run COMMAND with NVMe controller PF bound to vfio-pci, then
+# give it back to nvme (override cleared, /dev/nvme* back). Returns COMMAND's status;
+# fails the test if the device cannot be moved either way.
+on_vfio_pci() {
+	_pf=$1
+	shift
+	wait_for 10 test "$(pci_driver "$_pf")" = nvme || fail "$_pf not bound to nvme at start"
+	pcibus bind "$_pf" vfio-pci || fail "bind $_pf to vfio-pci"
+	"$@"
+	_rc=$?
+	pcibus bind "$_pf" nvme || fail "bind $_pf back to nvme"
+	echo >"/sys/bus/pci/devices/$_pf/driver_override"
+	wait_for 20 sh -c 'ls /dev/nvme[0-9]* >/dev/null 2>&1' || fail "no /dev/nvme* after rebinding $_pf"
+	return $_rc
+}
