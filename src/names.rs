@@ -200,6 +200,25 @@ C 02  Network controller\n\
         );
     }
 
+    proptest::proptest! {
+        #[test]
+        fn never_panics_on_arbitrary_bytes(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..2048)) {
+            let ids = [(VendorId(0x8086), DeviceId(0x0953)), (VendorId(0x1af4), DeviceId(0x1041))];
+            let classes = [ClassCode::new(0x010802).unwrap()];
+            proptest::prop_assert!(Names::from_reader(&bytes[..], ids, classes).is_ok());
+        }
+
+        #[test]
+        fn finds_what_a_generated_file_names(vendor in 1u16..0xffff, device: u16, name in "[A-Za-z0-9 ,.()-]{1,30}") {
+            let text = format!("{vendor:04x}  V {name}\n\t{device:04x}  D {name}\n");
+            let n = Names::from_reader(text.as_bytes(), [(VendorId(vendor), DeviceId(device))], []).unwrap();
+            let want_vendor = format!("V {name}");
+            let want_device = format!("D {name}");
+            proptest::prop_assert_eq!(n.vendor(VendorId(vendor)), Some(want_vendor.trim()));
+            proptest::prop_assert_eq!(n.device(VendorId(vendor), DeviceId(device)), Some(want_device.trim()));
+        }
+    }
+
     #[test]
     fn survives_garbage() {
         let junk = b"\xff\xfe\n\tzz\nC\n\t\t\t\n8086\n1af4\tx\n";
