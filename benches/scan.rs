@@ -10,7 +10,7 @@
 use std::io::Read;
 use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
-use std::sync::OnceLock;
+use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
 use divan::Bencher;
@@ -21,27 +21,32 @@ use pcibus::{BlockingAttr, IdSource, Scanner, SysfsRoot};
 
 fn main() {
     divan::main();
+    // Statics are never dropped: delete the trees (hundreds of MB of tmpfs) explicitly.
+    TREES.lock().unwrap().clear();
 }
 
 const SIZES: [usize; 3] = [64, 1024, 4096];
 
+// The trees, kept until the end of main; `ROOTS` hands out their paths.
+static TREES: Mutex<Vec<FakeSysfs>> = Mutex::new(Vec::new());
+
 fn tree(n: usize) -> &'static Path {
-    static TREES: [OnceLock<FakeSysfs>; 3] = [OnceLock::new(), OnceLock::new(), OnceLock::new()];
+    static ROOTS: [OnceLock<PathBuf>; 3] = [OnceLock::new(), OnceLock::new(), OnceLock::new()];
     let i = SIZES.iter().position(|&s| s == n).expect("a benchmark size");
-    TREES[i]
-        .get_or_init(|| {
-            let fake = FakeSysfs::new().expect("temp dir");
-            // One PF with 4 VFs per 64 devices, like a host with a few SR-IOV NICs.
-            Synthetic {
-                pfs: n / 64,
-                vfs_per_pf: 4,
-                ..Synthetic::new(n)
-            }
-            .build(&fake)
-            .expect("generate");
-            fake
-        })
-        .root()
+    ROOTS[i].get_or_init(|| {
+        let fake = FakeSysfs::new().expect("temp dir");
+        // One PF with 4 VFs per 64 devices, like a host with a few SR-IOV NICs.
+        Synthetic {
+            pfs: n / 64,
+            vfs_per_pf: 4,
+            ..Synthetic::new(n)
+        }
+        .build(&fake)
+        .expect("generate");
+        let root = fake.root().to_path_buf();
+        TREES.lock().unwrap().push(fake);
+        root
+    })
 }
 
 fn device_dirs(root: &Path) -> Vec<PathBuf> {
