@@ -20,7 +20,7 @@ use std::io;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -399,7 +399,7 @@ impl Scanner {
         if threads == 1 {
             return wanted
                 .iter()
-                .map(|&(a, pending)| self.read_device(devices_dir, a, pending, &Progress::default()))
+                .map(|&(a, pending)| self.read_device(devices_dir, a, pending, None))
                 .collect();
         }
         let next = AtomicUsize::new(0);
@@ -415,10 +415,7 @@ impl Scanner {
                                 break out;
                             }
                             for (i, &(a, pending)) in wanted.iter().enumerate().skip(start).take(CHUNK) {
-                                out.push((
-                                    i,
-                                    self.read_device(devices_dir, a, pending, &Progress::default()),
-                                ));
+                                out.push((i, self.read_device(devices_dir, a, pending, None)));
                             }
                         }
                     })
@@ -461,7 +458,7 @@ impl Scanner {
             let (me, dir, tracks) = (Arc::clone(&me), Arc::clone(devices_dir), Arc::clone(&tracks));
             move || {
                 let track = &tracks[i];
-                let mut outcome = me.read_device(&dir, address, pending, &track.progress);
+                let mut outcome = me.read_device(&dir, address, pending, Some(&track.progress));
                 if let Outcome::Device(dev) = &mut outcome
                     && !me.blocking.is_empty()
                 {
@@ -568,10 +565,12 @@ impl Scanner {
         devices_dir: &DirFd,
         address: PciAddress,
         pending: bool,
-        progress: &Progress,
+        progress: Option<&Progress>,
     ) -> Outcome {
         let name = address.to_string();
-        progress.at("device directory");
+        if let Some(p) = progress {
+            p.at("device directory");
+        }
         let dir = match devices_dir.open_dir(&name) {
             Ok(dir) => dir,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Outcome::Vanished(address),
@@ -639,42 +638,22 @@ enum Outcome {
     Ignored(Ignored),
 }
 
-/// Which attribute a guarded per-device job is reading, so a timeout can name it.
-#[derive(Default)]
-struct Progress(AtomicU8);
+/// Which attribute a guarded per-device job is reading, so a timeout can name it. Only
+/// guarded jobs keep one: the unguarded walk has nobody to tell.
+struct Progress(Mutex<&'static str>);
 
-const PROGRESS_NAMES: [&str; 17] = [
-    "device directory",
-    "physfn",
-    "config",
-    "vendor",
-    "device",
-    "subsystem_vendor",
-    "subsystem_device",
-    "class",
-    "revision",
-    "resource",
-    "numa_node",
-    "driver",
-    "iommu_group",
-    "sriov_totalvfs",
-    "sriov",
-    "driver_override",
-    "uevent",
-];
+impl Default for Progress {
+    fn default() -> Self {
+        Progress(Mutex::new("device directory"))
+    }
+}
 
 impl Progress {
     fn at(&self, attribute: &'static str) {
-        let i = match attribute {
-            "sriov_numvfs" | "sriov_vf_total_msix" | "sriov_offset" | "sriov_stride" | "sriov_vf_device" => {
-                14
-            }
-            _ => PROGRESS_NAMES.iter().position(|n| *n == attribute).unwrap_or(0),
-        };
-        self.0.store(i as u8, Ordering::Relaxed);
+        *self.0.lock() = attribute;
     }
     fn attribute(&self) -> &'static str {
-        PROGRESS_NAMES[(self.0.load(Ordering::Relaxed) as usize).min(PROGRESS_NAMES.len() - 1)]
+        *self.0.lock()
     }
 }
 
@@ -730,11 +709,17 @@ fn apply_blocking(dev: &mut Device, attr: BlockingAttr, result: io::Result<Vec<u
 struct Reader<'a> {
     dir: &'a DirFd,
     dev: &'a mut Device,
-    progress: &'a Progress,
+    progress: Option<&'a Progress>,
     buf: [u8; ATTR_MAX],
 }
 
 impl Reader<'_> {
+    fn at(&self, name: &'static str) {
+        if let Some(p) = self.progress {
+            p.at(name);
+        }
+    }
+
     // Reads and parses `name`. A missing attribute is a problem only when `required`.
     fn attr<T>(
         &mut self,
@@ -742,7 +727,7 @@ impl Reader<'_> {
         required: bool,
         parse: impl FnOnce(&[u8]) -> Result<T, ParseError>,
     ) -> Option<T> {
-        self.progress.at(name);
+        self.at(name);
         match self.dir.read(name, &mut self.buf) {
             Ok(bytes) => {
                 let parsed = parse(bytes);
@@ -767,7 +752,7 @@ impl Reader<'_> {
     }
 
     fn link(&mut self, name: &'static str) -> Option<std::ffi::OsString> {
-        self.progress.at(name);
+        self.at(name);
         match self.dir.link(name) {
             Ok(target) => target,
             Err(e) => {
@@ -799,7 +784,7 @@ impl Reader<'_> {
     // Ids, class and revision from the config header. False when the header is missing,
     // short or says the device does not answer: the caller then reads the id files.
     fn ids_from_config(&mut self) -> bool {
-        self.progress.at("config");
+        self.at("config");
         let Ok(bytes) = self.dir.read_prefix("config", &mut self.buf[..64]) else {
             return false;
         };
