@@ -106,6 +106,19 @@ fn u64_at(b: &[u8], off: usize) -> Option<u64> {
     ))
 }
 
+/// The array both the sparse-mmap and the IOVA-range capabilities carry: after the 8-byte
+/// header, a u32 count and 4 reserved bytes, then `count` pairs of u64 (offset and size, or
+/// start and end). `None` when the buffer ends before the array does; at most 1024 pairs.
+fn u64_pairs(b: &[u8], at: usize) -> Option<Vec<(u64, u64)>> {
+    let count = u32_at(b, at.checked_add(8)?)? as usize;
+    (0..count.min(1024))
+        .map(|i| {
+            let base = at.checked_add(16 + i * 16)?;
+            Some((u64_at(b, base)?, u64_at(b, base.checked_add(8)?)?))
+        })
+        .collect()
+}
+
 /// Walks a capability chain from `first` (0 = none): (id, version, offset) of each.
 fn chain(b: &[u8], first: u32, what: &'static str) -> Result<Vec<(u16, u16, usize)>, InfoError> {
     let err = |problem| InfoError { what, problem };
@@ -154,17 +167,12 @@ pub fn parse_region_info(b: &[u8]) -> Result<RegionInfo, InfoError> {
         for (id, _version, at) in chain(b, first, "region")? {
             match id {
                 REGION_CAP_SPARSE_MMAP => {
-                    let n =
-                        u32_at(b, at + 8).ok_or_else(|| err("sparse mmap capability truncated"))? as usize;
-                    let mut areas = Vec::new();
-                    for i in 0..n.min(1024) {
-                        let base = at + 16 + i * 16;
-                        let offset = u64_at(b, base).ok_or_else(|| err("sparse mmap areas truncated"))?;
-                        let size = u64_at(b, base + 8).ok_or_else(|| err("sparse mmap areas truncated"))?;
-                        if offset.checked_add(size).is_none_or(|end| end > info.size) {
-                            return Err(err("sparse mmap area outside the region"));
-                        }
-                        areas.push((offset, size));
+                    let areas = u64_pairs(b, at).ok_or_else(|| err("sparse mmap capability truncated"))?;
+                    if areas
+                        .iter()
+                        .any(|&(offset, size)| offset.checked_add(size).is_none_or(|end| end > info.size))
+                    {
+                        return Err(err("sparse mmap area outside the region"));
                     }
                     info.sparse_mmap = Some(areas);
                 }
@@ -194,11 +202,7 @@ pub fn parse_iommu_info(b: &[u8]) -> Result<IommuInfo, InfoError> {
         let first = u32_at(b, 16).unwrap_or_default();
         for (id, _version, at) in chain(b, first, "IOMMU")? {
             if id == IOMMU_CAP_IOVA_RANGE {
-                let n = u32_at(b, at + 8).ok_or_else(|| err("IOVA range capability truncated"))? as usize;
-                for i in 0..n.min(1024) {
-                    let base = at + 16 + i * 16;
-                    let start = u64_at(b, base).ok_or_else(|| err("IOVA ranges truncated"))?;
-                    let end = u64_at(b, base + 8).ok_or_else(|| err("IOVA ranges truncated"))?;
+                for (start, end) in u64_pairs(b, at).ok_or_else(|| err("IOVA range capability truncated"))? {
                     if end < start {
                         return Err(err("IOVA range ends before it starts"));
                     }
