@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use pcibus::snapshot::{CaptureOptions, capture};
+use pcibus::sysfs::snapshot::{CaptureOptions, capture};
 
 fn main() -> ExitCode {
     let root = std::env::args_os()

@@ -262,7 +262,7 @@ impl Fixture {
     }
 
     /// Sorts the entries by path and drops `dir` entries that are implied by an entry
-    /// below them: the canonical form [`crate::snapshot::capture`] returns.
+    /// below them: the canonical form [`crate::sysfs::snapshot::capture`] returns.
     pub fn normalize(&mut self) {
         self.entries.sort_by(|a, b| a.path.cmp(&b.path));
         let mut implied = std::collections::HashSet::new();

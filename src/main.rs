@@ -9,7 +9,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use serde_json::{Value, json};
 
 use pcibus::names::{Names, find_pci_ids};
-use pcibus::{BlockingAttr, Device, IdSource, PciAddress, Scan, Scanner, SysfsRoot};
+use pcibus::{BlockingAttr, DeviceRecord, IdSource, PciAddress, Scan, Scanner, SysfsRoot};
 
 #[derive(Parser)]
 #[command(
@@ -289,7 +289,7 @@ fn run(cli: Cli, root: SysfsRoot) -> Result<(), Error> {
                 )
                 .into());
             };
-            let details = pcibus::details::read(scanner.root(), dev);
+            let details = pcibus::sysfs::details::read(scanner.root(), dev);
             if json {
                 let mut v = device_json(dev);
                 v["details"] = details_json(&details);
@@ -304,14 +304,14 @@ fn run(cli: Cli, root: SysfsRoot) -> Result<(), Error> {
             driver,
             force,
         } => {
-            let b = pcibus::bind::bind(&root, address, &driver, force)?;
+            let b = pcibus::sysfs::bind::bind(&root, address, &driver, force)?;
             match &b.previous {
                 Some(p) if *p == b.driver => writeln!(out, "{address}: already on {driver}")?,
                 Some(p) => writeln!(out, "{address}: {p} -> {driver}")?,
                 None => writeln!(out, "{address}: (none) -> {driver}")?,
             }
         }
-        Command::Unbind { address, force } => match pcibus::bind::unbind(&root, address, force)? {
+        Command::Unbind { address, force } => match pcibus::sysfs::bind::unbind(&root, address, force)? {
             Some(p) => writeln!(out, "{address}: unbound from {p}")?,
             None => writeln!(out, "{address}: was not bound")?,
         },
@@ -329,17 +329,17 @@ fn run(cli: Cli, root: SysfsRoot) -> Result<(), Error> {
         Command::Snapshot { output } => {
             // The lock-taking attributes go through the guard, so a snapshot of a system
             // with a removal pending records a read error instead of hanging.
-            let guard = pcibus::Guard::default();
-            let options = pcibus::snapshot::CaptureOptions {
+            let guard = pcibus::BlockingPool::default();
+            let options = pcibus::sysfs::snapshot::CaptureOptions {
                 locked_reader: Some(Box::new(move |path| {
                     let deadline = std::time::Instant::now() + Duration::from_secs(1);
                     guard
-                        .read(path, pcibus::snapshot::MAX_FILE_LEN, deadline)
+                        .read(path, pcibus::sysfs::snapshot::MAX_FILE_LEN, deadline)
                         .unwrap_or_else(|e| Err(io::Error::new(io::ErrorKind::TimedOut, e)))
                 })),
                 ..Default::default()
             };
-            let fixture = pcibus::snapshot::capture(root.path(), &options)?;
+            let fixture = pcibus::sysfs::snapshot::capture(root.path(), &options)?;
             let text = pcibus::fixture::write(&fixture);
             match output {
                 Some(path) => std::fs::write(&path, text).map_err(|e| format!("{}: {e}", path.display()))?,
@@ -365,7 +365,7 @@ fn report_skipped(scan: &Scan) {
     }
 }
 
-fn names_for(devices: &[Device]) -> Names {
+fn names_for(devices: &[DeviceRecord]) -> Names {
     let ids = devices.iter().filter_map(|d| Some((d.vendor?, d.device?)));
     let classes = devices.iter().filter_map(|d| d.class);
     find_pci_ids()
@@ -412,18 +412,18 @@ fn write_table(out: &mut impl Write, scan: &Scan) -> io::Result<()> {
     Ok(())
 }
 
-fn describe(names: &Names, d: &Device) -> String {
+fn describe(names: &Names, d: &DeviceRecord) -> String {
     let class = d.class.and_then(|c| names.class(c)).unwrap_or("");
     let vendor = d.vendor.and_then(|v| names.vendor(v));
     let device = d.vendor.zip(d.device).and_then(|(v, dv)| names.device(v, dv));
     match (vendor, device) {
         (Some(v), Some(dv)) => format!("{class}: {v} {dv}"),
-        (Some(v), None) => format!("{class}: {v} Device {}", opt(d.device)),
+        (Some(v), None) => format!("{class}: {v} DeviceRecord {}", opt(d.device)),
         _ => class.to_owned(),
     }
 }
 
-fn device_json(d: &Device) -> Value {
+fn device_json(d: &DeviceRecord) -> Value {
     json!({
         "address": d.address.to_string(),
         "vendor": d.vendor.map(|v| v.0),
@@ -461,7 +461,7 @@ fn write_json_list(out: &mut impl Write, scan: &Scan) -> io::Result<()> {
     out.write_all(if scan.devices.is_empty() { b"]\n" } else { b"\n]\n" })
 }
 
-fn details_json(x: &pcibus::details::Details) -> Value {
+fn details_json(x: &pcibus::sysfs::details::Details) -> Value {
     json!({
         "capabilities": x.capabilities.iter().map(|c| json!({
             "id": c.id, "offset": c.offset, "name": pcibus::config::capability_name(c.id),
@@ -482,7 +482,7 @@ fn link_json(l: pcibus::Link) -> Value {
     json!({"speed_mts": l.speed.map(|s| s.0), "width": l.width})
 }
 
-fn write_show(out: &mut impl Write, d: &Device, x: &pcibus::details::Details) -> io::Result<()> {
+fn write_show(out: &mut impl Write, d: &DeviceRecord, x: &pcibus::sysfs::details::Details) -> io::Result<()> {
     let names = names_for(std::slice::from_ref(d));
     writeln!(out, "{}  {}", d.address, describe(&names, d))?;
     writeln!(

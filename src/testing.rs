@@ -44,7 +44,7 @@ use parking_lot::Mutex;
 
 use crate::PciAddress;
 use crate::fixture::{self, EntryKind, Fixture};
-use crate::snapshot::{self, CaptureOptions};
+use crate::sysfs::snapshot::{self, CaptureOptions};
 
 /// A sysfs tree in a temporary directory, deleted on drop.
 #[derive(Debug)]

@@ -7,7 +7,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use pcibus::fixture::{self, Entry, EntryKind, Fixture};
-use pcibus::snapshot::{self, CaptureOptions};
+use pcibus::sysfs::snapshot::{self, CaptureOptions};
 use pcibus::testing::{FakeSysfs, Synthetic};
 
 fn fixture_files() -> Vec<PathBuf> {

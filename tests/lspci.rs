@@ -9,7 +9,7 @@ use std::path::Path;
 use std::process::Command;
 
 use pcibus::testing::FakeSysfs;
-use pcibus::{Device, Scanner, SysfsRoot};
+use pcibus::{DeviceRecord, Scanner, SysfsRoot};
 
 /// lspci -vmmnk -D output: one map of field → value per device, by slot.
 fn lspci(extra: &[&str]) -> Option<BTreeMap<String, BTreeMap<String, String>>> {
@@ -49,7 +49,7 @@ fn hex(v: Option<&String>) -> Option<u32> {
 
 /// Checks every field lspci and pcibus both report: ids, class, revision, subsystem ids,
 /// driver, NUMA node, IOMMU group.
-fn assert_agree(what: &str, ours: &[Device], theirs: &BTreeMap<String, BTreeMap<String, String>>) {
+fn assert_agree(what: &str, ours: &[DeviceRecord], theirs: &BTreeMap<String, BTreeMap<String, String>>) {
     let our_slots: Vec<String> = ours.iter().map(|d| d.address.to_string()).collect();
     let their_slots: Vec<String> = theirs.keys().cloned().collect();
     assert_eq!(our_slots, their_slots, "{what}: device lists differ");

@@ -7,7 +7,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use pcibus::registry::Reason;
+use pcibus::removal::registry::Reason;
 use pcibus::testing::{FakeSysfs, Synthetic};
 use pcibus::{
     BarKind, BlockingAttr, ClassCode, DeviceId, IdSource, PciAddress, ProblemKind, RemovalRegistry,
@@ -325,7 +325,7 @@ fn blocked_attributes_time_out_by_the_deadline_and_mark_the_registry() {
         assert!(registry.is_pending(addr(a)));
         assert!(matches!(
             registry.get(addr(a)).unwrap().reason,
-            Reason::TimedOut { .. }
+            Reason::StuckRead { .. }
         ));
     }
     // A device whose reads answered is not marked.
@@ -348,7 +348,7 @@ fn blocked_attributes_time_out_by_the_deadline_and_mark_the_registry() {
     assert_eq!(
         d.vendor,
         Some(VendorId(0x8086)),
-        "lock-free attributes are still read"
+        "attributes that take no device lock are still read"
     );
 }
 

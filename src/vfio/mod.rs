@@ -33,8 +33,8 @@ use parking_lot::Mutex;
 pub use caps::{InfoError, IommuInfo, RegionInfo, parse_iommu_info, parse_region_info, region_flags};
 pub use dma::{DmaBuffer, HUGE_PAGE, IovaAllocator, PAGE, Scalar};
 
-use crate::registry::{Reason, RemovalRegistry};
-use crate::scan::SysfsRoot;
+use crate::removal::registry::{Reason, RemovalRegistry};
+use crate::sysfs::scan::SysfsRoot;
 use crate::{PciAddress, config};
 
 /// Region index of PCI config space.

@@ -9,7 +9,7 @@ use std::io;
 use std::path::{Path, PathBuf};
 
 use crate::PciAddress;
-use crate::scan::SysfsRoot;
+use crate::sysfs::scan::SysfsRoot;
 
 /// Why a binding did not happen.
 #[derive(Debug, thiserror::Error)]

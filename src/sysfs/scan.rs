@@ -1,18 +1,18 @@
-//! The sysfs walk: one [`Device`] record per entry of `bus/pci/devices`.
+//! The sysfs walk: one [`DeviceRecord`] record per entry of `bus/pci/devices`.
 //!
 //! The fast path reads only attributes whose kernel `show()` takes no lock: the `config`
-//! header (or the id files), `resource`, `numa_node`, `sriov_totalvfs` and its lock-free
+//! header (or the id files), `resource`, `numa_node`, `sriov_totalvfs` and its siblings that take no lock
 //! siblings, and the `driver`, `iommu_group`, `physfn` and `virtfnN` links. The attributes
 //! that take the device lock ([`BlockingAttr`]) are read only when asked for, through the
-//! [`Guard`], and never for a device in the [`RemovalRegistry`].
+//! [`BlockingPool`], and never for a device in the [`RemovalRegistry`].
 //!
 //! ```no_run
-//! use pcibus::scan::{Scanner, SysfsRoot};
+//! use pcibus::sysfs::scan::{Scanner, SysfsRoot};
 //! let scan = Scanner::new(SysfsRoot::from_env()).scan()?;
 //! for dev in &scan.devices {
 //!     println!("{} {:?}:{:?} driver {:?}", dev.address, dev.vendor, dev.device, dev.driver);
 //! }
-//! # Ok::<(), pcibus::scan::ScanError>(())
+//! # Ok::<(), pcibus::sysfs::scan::ScanError>(())
 //! ```
 
 use std::collections::BTreeSet;
@@ -26,14 +26,13 @@ use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 
-use crate::attr::{ATTR_MAX, DirFd, basename};
-use crate::config;
-use crate::device::{Device, ProblemKind};
-use crate::guard::{Guard, GuardError};
-use crate::model::{DeviceId, Sriov, VendorId};
-use crate::registry::{Reason, RemovalRegistry};
+use crate::PciAddress;
+use crate::record::{DeviceRecord, ProblemKind};
+use crate::removal::pool::{BlockingPool, PoolError};
+use crate::removal::registry::{DeviceIdentity, RemovalRegistry};
+use crate::sysfs::dir::{ATTR_MAX, DirFd};
+use crate::sysfs::fast::{Outcome, Progress, read_device};
 use crate::sysfs::parse;
-use crate::{ParseError, ParseErrorKind, PciAddress};
 
 /// Where sysfs is.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -127,7 +126,7 @@ impl BlockingAttr {
     }
 
     // The SR-IOV attributes exist only on PFs.
-    fn applies_to(self, dev: &Device) -> bool {
+    fn applies_to(self, dev: &DeviceRecord) -> bool {
         match self {
             BlockingAttr::SriovNumvfs | BlockingAttr::SriovVfTotalMsix => dev.sriov.is_some(),
             BlockingAttr::DriverOverride | BlockingAttr::Uevent => true,
@@ -150,7 +149,7 @@ pub enum IdSource {
 }
 
 /// A scan could not run at all. One device's trouble never makes a scan fail: it
-/// becomes a [`Problem`](crate::device::Problem) in that device's record.
+/// becomes a [`Problem`](crate::record::Problem) in that device's record.
 #[derive(Debug, thiserror::Error)]
 pub enum ScanError {
     /// The devices directory cannot be read.
@@ -188,7 +187,7 @@ pub struct Ignored {
 #[non_exhaustive]
 pub struct Scan {
     /// One record per device, sorted by address.
-    pub devices: Vec<Device>,
+    pub devices: Vec<DeviceRecord>,
     /// Entries of the devices directory that are not devices: names that are not PCI
     /// addresses as the kernel writes them, and entries that are not directories.
     pub ignored: Vec<Ignored>,
@@ -200,7 +199,7 @@ pub struct Scan {
 
 impl Scan {
     /// The record of `address`, if the scan has one.
-    pub fn get(&self, address: PciAddress) -> Option<&Device> {
+    pub fn get(&self, address: PciAddress) -> Option<&DeviceRecord> {
         self.devices
             .binary_search_by_key(&address, |d| d.address)
             .ok()
@@ -213,7 +212,7 @@ impl Scan {
 pub struct Scanner {
     root: SysfsRoot,
     registry: Arc<RemovalRegistry>,
-    guard: Guard,
+    guard: BlockingPool,
     allow: Option<BTreeSet<PciAddress>>,
     block: BTreeSet<PciAddress>,
     blocking: Vec<BlockingAttr>,
@@ -234,7 +233,7 @@ impl Scanner {
         Scanner {
             root,
             registry: Arc::new(RemovalRegistry::new()),
-            guard: Guard::default(),
+            guard: BlockingPool::default(),
             allow: None,
             block: BTreeSet::new(),
             blocking: Vec::new(),
@@ -252,9 +251,9 @@ impl Scanner {
         self
     }
 
-    /// Shares `guard`'s threads.
-    pub fn guard(mut self, guard: Guard) -> Self {
-        self.guard = guard;
+    /// Shares `pool`'s threads.
+    pub fn pool(mut self, pool: BlockingPool) -> Self {
+        self.guard = pool;
         self
     }
 
@@ -281,7 +280,7 @@ impl Scanner {
     }
 
     /// Reads every attribute through the guard, not only the blocking ones: each device is
-    /// one guarded job, so even a lock-free read that hangs cannot hold up the scan.
+    /// one guarded job, so even a read that takes no device lock but that hangs cannot hold up the scan.
     pub fn guard_everything(mut self, yes: bool) -> Self {
         self.guard_everything = yes;
         self
@@ -353,7 +352,12 @@ impl Scanner {
         }
         listed.sort_unstable();
 
-        scan.released = self.registry.prune(|a| listed.binary_search(&a).is_ok());
+        scan.released = self.registry.prune(|a| {
+            listed
+                .binary_search(&a)
+                .is_ok()
+                .then(|| DeviceIdentity::of(&self.root.device_dir(a)).ok())
+        });
         if self.defer && !self.registry.is_empty() {
             return Err(ScanError::Deferred {
                 pending: self.registry.pending().into_iter().map(|p| p.address).collect(),
@@ -372,7 +376,7 @@ impl Scanner {
         };
         for outcome in outcomes {
             match outcome {
-                Outcome::Device(dev) => scan.devices.push(*dev),
+                Outcome::Found(dev) => scan.devices.push(*dev),
                 Outcome::Vanished(a) => scan.vanished.push(a),
                 Outcome::Ignored(ignored) => scan.ignored.push(ignored),
             }
@@ -385,7 +389,7 @@ impl Scanner {
     }
 
     /// Scans one device; `Ok(None)` when it does not exist (or vanished meanwhile).
-    pub fn scan_device(&self, address: PciAddress) -> Result<Option<Device>, ScanError> {
+    pub fn scan_device(&self, address: PciAddress) -> Result<Option<DeviceRecord>, ScanError> {
         let one = Scanner {
             allow: Some(BTreeSet::from([address])),
             ..self.clone()
@@ -399,7 +403,7 @@ impl Scanner {
         if threads == 1 {
             return wanted
                 .iter()
-                .map(|&(a, pending)| self.read_device(devices_dir, a, pending, None))
+                .map(|&(a, pending)| read_device(self.ids, devices_dir, a, pending, None))
                 .collect();
         }
         let next = AtomicUsize::new(0);
@@ -415,7 +419,7 @@ impl Scanner {
                                 break out;
                             }
                             for (i, &(a, pending)) in wanted.iter().enumerate().skip(start).take(CHUNK) {
-                                out.push((i, self.read_device(devices_dir, a, pending, None)));
+                                out.push((i, read_device(self.ids, devices_dir, a, pending, None)));
                             }
                         }
                     })
@@ -442,7 +446,7 @@ impl Scanner {
         // timeout can name the attribute and keep what was read before it.
         struct Track {
             progress: Progress,
-            partial: Mutex<Option<Device>>,
+            partial: Mutex<Option<DeviceRecord>>,
         }
         let tracks: Arc<Vec<Track>> = Arc::new(
             wanted
@@ -458,8 +462,8 @@ impl Scanner {
             let (me, dir, tracks) = (Arc::clone(&me), Arc::clone(devices_dir), Arc::clone(&tracks));
             move || {
                 let track = &tracks[i];
-                let mut outcome = me.read_device(&dir, address, pending, Some(&track.progress));
-                if let Outcome::Device(dev) = &mut outcome
+                let mut outcome = read_device(me.ids, &dir, address, pending, Some(&track.progress));
+                if let Outcome::Found(dev) = &mut outcome
                     && !me.blocking.is_empty()
                 {
                     *track.partial.lock() = Some((**dev).clone());
@@ -481,10 +485,10 @@ impl Scanner {
                         .partial
                         .lock()
                         .take()
-                        .unwrap_or_else(|| Device::new(address));
+                        .unwrap_or_else(|| DeviceRecord::new(address));
                     dev.report(attribute, timed_out(err, self.timeout));
-                    self.registry.mark(address, Reason::TimedOut { attribute });
-                    Outcome::Device(Box::new(dev))
+                    self.registry.mark_stuck(address, None, attribute);
+                    Outcome::Found(Box::new(dev))
                 }
             })
             .collect()
@@ -492,7 +496,7 @@ impl Scanner {
 
     // Submits every requested blocking read of every device at once, then collects them by
     // the deadline: K stuck reads cost one deadline, not K.
-    fn read_blocking_attrs(&self, devices: &mut [Device], deadline: Instant) {
+    fn read_blocking_attrs(&self, devices: &mut [DeviceRecord], deadline: Instant) {
         let mut reads = Vec::new();
         for (i, dev) in devices.iter_mut().enumerate() {
             for attr in self.blocking_to_read(dev) {
@@ -503,7 +507,7 @@ impl Scanner {
             .iter()
             .map(|(_, _, path)| {
                 let path = path.clone();
-                move || crate::guard::read_blocking(&path, ATTR_MAX)
+                move || crate::removal::pool::read_blocking(&path, ATTR_MAX)
             })
             .collect();
         let results = self.guard.submit_all(jobs).wait_until(deadline);
@@ -513,12 +517,7 @@ impl Scanner {
                 Ok(result) => apply_blocking(dev, attr, result),
                 Err(err) => {
                     dev.report(attr.name(), timed_out(err, self.timeout));
-                    self.registry.mark(
-                        dev.address,
-                        Reason::TimedOut {
-                            attribute: attr.name(),
-                        },
-                    );
+                    self.registry.mark_stuck(dev.address, None, attr.name());
                 }
             }
         }
@@ -526,7 +525,7 @@ impl Scanner {
 
     // The requested blocking attributes that `dev` has; for a device whose removal is
     // pending, none, each reported as not read.
-    fn blocking_to_read(&self, dev: &mut Device) -> Vec<BlockingAttr> {
+    fn blocking_to_read(&self, dev: &mut DeviceRecord) -> Vec<BlockingAttr> {
         let applicable: Vec<BlockingAttr> = self
             .blocking
             .iter()
@@ -543,7 +542,7 @@ impl Scanner {
     }
 
     // Inside a guarded per-device job: read the blocking attributes directly.
-    fn read_blocking_inline(&self, devices_dir: &DirFd, dev: &mut Device, progress: &Progress) {
+    fn read_blocking_inline(&self, devices_dir: &DirFd, dev: &mut DeviceRecord, progress: &Progress) {
         let attrs = self.blocking_to_read(dev);
         if attrs.is_empty() {
             return;
@@ -558,119 +557,23 @@ impl Scanner {
             apply_blocking(dev, attr, result);
         }
     }
-
-    // The fast path for one device.
-    fn read_device(
-        &self,
-        devices_dir: &DirFd,
-        address: PciAddress,
-        pending: bool,
-        progress: Option<&Progress>,
-    ) -> Outcome {
-        let name = address.to_string();
-        if let Some(p) = progress {
-            p.at("device directory");
-        }
-        let dir = match devices_dir.open_dir(&name) {
-            Ok(dir) => dir,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Outcome::Vanished(address),
-            Err(e) => {
-                return Outcome::Ignored(Ignored {
-                    name,
-                    reason: format!("not a device directory: {e}"),
-                });
-            }
-        };
-        let mut dev = Device::new(address);
-        dev.removal_pending = pending;
-        let mut r = Reader {
-            dir: &dir,
-            dev: &mut dev,
-            progress,
-            buf: [0; ATTR_MAX],
-        };
-        // A VF's config space reads 0xffff as vendor and device id, so learn first whether
-        // this is one.
-        r.dev.physfn = r.link_address("physfn");
-        let from_config =
-            self.ids == IdSource::Config && !pending && r.dev.physfn.is_none() && r.ids_from_config();
-        if !from_config {
-            r.ids_from_files();
-        }
-        if let Some(resources) = r.attr("resource", true, parse::resource) {
-            r.dev.resources = resources;
-        }
-        r.dev.numa_node = r.attr("numa_node", false, parse::numa_node).flatten();
-        r.dev.driver = r
-            .link("driver")
-            .map(|t| String::from_utf8_lossy(basename(&t)).into_owned());
-        r.dev.iommu_group = r
-            .link("iommu_group")
-            .and_then(|t| r.parsed("iommu_group", parse::decimal_u32("iommu_group", basename(&t))));
-        if let Some(total_vfs) = r.attr("sriov_totalvfs", false, |b| {
-            parse::decimal_u16("sriov_totalvfs", b)
-        }) {
-            r.sriov(total_vfs);
-        }
-        // A device removed while we read it: every attribute is gone.
-        let vanished = dev.vendor.is_none()
-            && dev.problems.iter().any(|p| {
-                matches!(
-                    p.kind,
-                    ProblemKind::Io {
-                        kind: io::ErrorKind::NotFound,
-                        ..
-                    }
-                )
-            })
-            && devices_dir.open_dir(&name).is_err();
-        if vanished {
-            Outcome::Vanished(address)
-        } else {
-            Outcome::Device(Box::new(dev))
-        }
-    }
-}
-
-enum Outcome {
-    Device(Box<Device>),
-    Vanished(PciAddress),
-    Ignored(Ignored),
-}
-
-/// Which attribute a guarded per-device job is reading, so a timeout can name it. Only
-/// guarded jobs keep one: the unguarded walk has nobody to tell.
-struct Progress(Mutex<&'static str>);
-
-impl Default for Progress {
-    fn default() -> Self {
-        Progress(Mutex::new("device directory"))
-    }
-}
-
-impl Progress {
-    fn at(&self, attribute: &'static str) {
-        *self.0.lock() = attribute;
-    }
-    fn attribute(&self) -> &'static str {
-        *self.0.lock()
-    }
 }
 
 // A read that did not answer by the scan's deadline. All of a scan's guarded reads share
 // that deadline, counted from the scan's start, so that is the wait reported (not the
 // part of it left when the read was submitted).
-fn timed_out(err: GuardError, deadline: Duration) -> ProblemKind {
+fn timed_out(err: PoolError, deadline: Duration) -> ProblemKind {
     match err {
-        GuardError::TimedOut { .. } => ProblemKind::TimedOut { waited: deadline },
-        GuardError::Panicked => ProblemKind::Io {
+        PoolError::TimedOut { .. } => ProblemKind::TimedOut { waited: deadline },
+        PoolError::NotStarted { .. } => ProblemKind::NotStarted { waited: deadline },
+        PoolError::Panicked => ProblemKind::Io {
             kind: io::ErrorKind::Other,
             message: "the read panicked (a bug in pcibus)".into(),
         },
     }
 }
 
-fn apply_blocking(dev: &mut Device, attr: BlockingAttr, result: io::Result<Vec<u8>>) {
+fn apply_blocking(dev: &mut DeviceRecord, attr: BlockingAttr, result: io::Result<Vec<u8>>) {
     let name = attr.name();
     let bytes = match result {
         Ok(bytes) => bytes,
@@ -703,197 +606,4 @@ fn apply_blocking(dev: &mut Device, attr: BlockingAttr, result: io::Result<Vec<u
             Err(e) => dev.report(name, ProblemKind::Parse(e)),
         },
     }
-}
-
-// Reads one device's attributes into its record, turning every failure into a problem.
-struct Reader<'a> {
-    dir: &'a DirFd,
-    dev: &'a mut Device,
-    progress: Option<&'a Progress>,
-    buf: [u8; ATTR_MAX],
-}
-
-impl Reader<'_> {
-    fn at(&self, name: &'static str) {
-        if let Some(p) = self.progress {
-            p.at(name);
-        }
-    }
-
-    // Reads and parses `name`. A missing attribute is a problem only when `required`.
-    fn attr<T>(
-        &mut self,
-        name: &'static str,
-        required: bool,
-        parse: impl FnOnce(&[u8]) -> Result<T, ParseError>,
-    ) -> Option<T> {
-        self.at(name);
-        match self.dir.read(name, &mut self.buf) {
-            Ok(bytes) => {
-                let parsed = parse(bytes);
-                self.parsed(name, parsed)
-            }
-            Err(e) if e.kind() == io::ErrorKind::NotFound && !required => None,
-            Err(e) => {
-                self.dev.report(name, ProblemKind::io(&e));
-                None
-            }
-        }
-    }
-
-    fn parsed<T>(&mut self, name: &'static str, parsed: Result<T, ParseError>) -> Option<T> {
-        match parsed {
-            Ok(v) => Some(v),
-            Err(e) => {
-                self.dev.report(name, ProblemKind::Parse(e));
-                None
-            }
-        }
-    }
-
-    fn link(&mut self, name: &'static str) -> Option<std::ffi::OsString> {
-        self.at(name);
-        match self.dir.link(name) {
-            Ok(target) => target,
-            Err(e) => {
-                self.dev.report(name, ProblemKind::io(&e));
-                None
-            }
-        }
-    }
-
-    // A link to another PCI function (`physfn`, `virtfnN`): the address it names.
-    fn link_address(&mut self, name: &'static str) -> Option<PciAddress> {
-        let target = self.link(name)?;
-        let base = basename(&target);
-        let parsed = std::str::from_utf8(base)
-            .ok()
-            .and_then(|s| PciAddress::parse_strict(s).ok())
-            .ok_or_else(|| {
-                ParseError::new(
-                    name,
-                    ParseErrorKind::Invalid {
-                        expected: "a link to a PCI address",
-                    },
-                    base,
-                )
-            });
-        self.parsed(name, parsed)
-    }
-
-    // Ids, class and revision from the config header. False when the header is missing,
-    // short or says the device does not answer: the caller then reads the id files.
-    fn ids_from_config(&mut self) -> bool {
-        self.at("config");
-        let Ok(bytes) = self.dir.read_prefix("config", &mut self.buf[..64]) else {
-            return false;
-        };
-        let Ok(h) = config::parse_header(bytes) else {
-            return false;
-        };
-        if h.vendor.0 == 0xffff || h.device.0 == 0xffff {
-            return false;
-        }
-        self.dev.vendor = Some(h.vendor);
-        self.dev.device = Some(h.device);
-        self.dev.class = Some(h.class);
-        self.dev.revision = Some(h.revision);
-        match (h.subsystem_vendor, h.subsystem_device) {
-            (Some(sv), Some(sd)) => {
-                self.dev.subsystem_vendor = Some(sv);
-                self.dev.subsystem_device = Some(sd);
-            }
-            // Bridges keep theirs in a capability; the kernel's files have them.
-            _ => self.subsystem_from_files(),
-        }
-        true
-    }
-
-    fn ids_from_files(&mut self) {
-        self.dev.vendor = self
-            .attr("vendor", true, |b| parse::hex_u16("vendor", b))
-            .map(VendorId);
-        self.dev.device = self
-            .attr("device", true, |b| parse::hex_u16("device", b))
-            .map(DeviceId);
-        self.subsystem_from_files();
-        self.dev.class = self.attr("class", true, parse::class);
-        self.dev.revision = self.attr("revision", false, parse::revision);
-    }
-
-    fn subsystem_from_files(&mut self) {
-        self.dev.subsystem_vendor = self
-            .attr("subsystem_vendor", false, |b| {
-                parse::hex_u16("subsystem_vendor", b)
-            })
-            .map(VendorId);
-        self.dev.subsystem_device = self
-            .attr("subsystem_device", false, |b| {
-                parse::hex_u16("subsystem_device", b)
-            })
-            .map(DeviceId);
-    }
-
-    fn sriov(&mut self, total_vfs: u16) {
-        let mut sriov = Sriov {
-            total_vfs,
-            vf_offset: self.attr("sriov_offset", false, |b| parse::decimal_u16("sriov_offset", b)),
-            vf_stride: self.attr("sriov_stride", false, |b| parse::decimal_u16("sriov_stride", b)),
-            // Written as bare hex ("%x"), unlike the 0x-prefixed id files.
-            vf_device: self.attr("sriov_vf_device", false, bare_hex_u16).map(DeviceId),
-            ..Sriov::default()
-        };
-        // virtfn0..virtfn(N-1) exist for the N enabled VFs; counting them needs no lock,
-        // unlike reading sriov_numvfs.
-        for n in 0..total_vfs {
-            let name = format!("virtfn{n}");
-            let target = match self.dir.link(&name) {
-                Ok(Some(target)) => target,
-                Ok(None) => break,
-                Err(e) => {
-                    self.dev.report("virtfn", ProblemKind::io(&e));
-                    break;
-                }
-            };
-            match std::str::from_utf8(basename(&target)).map(PciAddress::parse_strict) {
-                Ok(Ok(vf)) => sriov.virtfns.push(vf),
-                _ => {
-                    let e = ParseError::new(
-                        "virtfn",
-                        ParseErrorKind::Invalid {
-                            expected: "a link to a PCI address",
-                        },
-                        basename(&target),
-                    );
-                    self.dev.report("virtfn", ProblemKind::Parse(e));
-                }
-            }
-        }
-        self.dev.sriov = Some(sriov);
-    }
-}
-
-fn bare_hex_u16(bytes: &[u8]) -> Result<u16, ParseError> {
-    let err = |kind| ParseError::new("sriov_vf_device", kind, bytes);
-    let text = std::str::from_utf8(bytes)
-        .map_err(|_| {
-            err(ParseErrorKind::Invalid {
-                expected: "hex digits",
-            })
-        })?
-        .trim();
-    let digits = text.strip_prefix("0x").unwrap_or(text);
-    if digits.is_empty() {
-        return Err(err(ParseErrorKind::Empty));
-    }
-    if digits.len() > 4 || !digits.bytes().all(|b| b.is_ascii_hexdigit()) {
-        return Err(err(ParseErrorKind::Invalid {
-            expected: "up to 4 hex digits",
-        }));
-    }
-    u16::from_str_radix(digits, 16).map_err(|_| {
-        err(ParseErrorKind::Invalid {
-            expected: "up to 4 hex digits",
-        })
-    })
 }

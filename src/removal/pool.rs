@@ -4,17 +4,17 @@
 //! A read of `sriov_numvfs` while the device's removal is pending sits in the kernel until
 //! the device is released, and nothing can cancel it. So the read runs on a helper thread;
 //! the caller waits on a [`Ticket`] until its deadline and then walks away with
-//! [`GuardError::TimedOut`]. The stuck thread stays stuck, but the pool notices (a job
-//! running longer than [`GuardLimits::stall`] no longer counts as capacity) and starts
+//! [`PoolError::TimedOut`]. The stuck thread stays stuck, but the pool notices (a job
+//! running longer than [`PoolLimits::stall`] no longer counts as capacity) and starts
 //! another thread so that reads of other devices go on; when the stuck read returns, its
 //! thread takes new work again. The number of threads is bounded by
-//! [`GuardLimits::max_threads`]: once that many are stuck, new work waits in the queue and
+//! [`PoolLimits::max_threads`]: once that many are stuck, new work waits in the queue and
 //! times out at its deadline rather than piling up threads.
 //!
 //! ```
 //! use std::time::{Duration, Instant};
-//! use pcibus::guard::Guard;
-//! let guard = Guard::new(Default::default());
+//! use pcibus::removal::pool::BlockingPool;
+//! let guard = BlockingPool::new(Default::default());
 //! let ticket = guard.submit(|| 6 * 7);
 //! assert_eq!(ticket.wait_until(Instant::now() + Duration::from_secs(1)).unwrap(), 42);
 //! ```
@@ -30,9 +30,9 @@ use std::time::{Duration, Instant};
 
 use parking_lot::{Condvar, Mutex};
 
-/// How a [`Guard`] sizes its pool.
+/// How a [`BlockingPool`] sizes its pool.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct GuardLimits {
+pub struct PoolLimits {
     /// Threads that run jobs when none is stuck (default: available parallelism, at most 8).
     pub parallelism: usize,
     /// Most threads alive at once, stuck ones included (default 32).
@@ -44,10 +44,10 @@ pub struct GuardLimits {
     pub idle_exit: Duration,
 }
 
-impl Default for GuardLimits {
+impl Default for PoolLimits {
     fn default() -> Self {
         let cores = thread::available_parallelism().map_or(2, |n| n.get());
-        GuardLimits {
+        PoolLimits {
             parallelism: cores.clamp(1, 8),
             max_threads: 32,
             stall: Duration::from_millis(20),
@@ -58,9 +58,17 @@ impl Default for GuardLimits {
 
 /// A guarded job did not finish in time.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-pub enum GuardError {
-    /// The deadline passed before the job finished (or, if the pool was saturated, started).
-    #[error("timed out after {waited:?} ({stuck} guard threads stuck in the kernel)")]
+pub enum PoolError {
+    /// The deadline passed before the job started: every thread was busy or stuck. The job
+    /// left the queue and will never run.
+    #[error("not started within {waited:?} (every helper thread busy or stuck)")]
+    NotStarted {
+        /// How long the caller waited.
+        waited: Duration,
+    },
+    /// The job started but did not finish by the deadline: it is stuck (for a sysfs read,
+    /// in the kernel). It runs on; its result is dropped.
+    #[error("timed out after {waited:?} ({stuck} helper threads stuck)")]
     TimedOut {
         /// How long the caller waited.
         waited: Duration,
@@ -76,14 +84,14 @@ type Job = Box<dyn FnOnce() + Send + 'static>;
 
 /// A pool of helper threads for work that may block. Clones share the pool.
 #[derive(Clone)]
-pub struct Guard {
+pub struct BlockingPool {
     handle: Arc<Handle>,
 }
 
-impl std::fmt::Debug for Guard {
+impl std::fmt::Debug for BlockingPool {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let st = self.handle.shared.state.lock();
-        f.debug_struct("Guard")
+        f.debug_struct("BlockingPool")
             .field("limits", &self.handle.shared.limits)
             .field("threads", &st.threads)
             .field("queued", &st.queue.len())
@@ -91,13 +99,15 @@ impl std::fmt::Debug for Guard {
     }
 }
 
-impl Default for Guard {
+/// The process-wide pool ([`BlockingPool::shared`]): `max_threads` then bounds the helper
+/// threads of the whole process, not of each scanner.
+impl Default for BlockingPool {
     fn default() -> Self {
-        Guard::new(GuardLimits::default())
+        BlockingPool::shared()
     }
 }
 
-// Dropping the last Guard handle tells the workers to exit once the queue is empty. The
+// Dropping the last BlockingPool handle tells the workers to exit once the queue is empty. The
 // workers hold `Shared`, not `Handle`, so they do not keep the pool alive themselves.
 struct Handle {
     shared: Arc<Shared>,
@@ -113,7 +123,7 @@ impl Drop for Handle {
 struct Shared {
     state: Mutex<State>,
     work: Condvar,
-    limits: GuardLimits,
+    limits: PoolLimits,
 }
 
 #[derive(Default)]
@@ -138,15 +148,15 @@ impl State {
     }
 }
 
-impl Guard {
+impl BlockingPool {
     /// A pool with these limits. Threads start lazily, on the first jobs.
-    pub fn new(limits: GuardLimits) -> Self {
-        let limits = GuardLimits {
+    pub fn new(limits: PoolLimits) -> Self {
+        let limits = PoolLimits {
             parallelism: limits.parallelism.max(1),
             max_threads: limits.max_threads.max(limits.parallelism.max(1)),
             ..limits
         };
-        Guard {
+        BlockingPool {
             handle: Arc::new(Handle {
                 shared: Arc::new(Shared {
                     state: Mutex::new(State::default()),
@@ -157,8 +167,18 @@ impl Guard {
         }
     }
 
+    /// The process-wide pool, with default limits, created on first use. Scanners,
+    /// `details::read` and snapshots use it unless given their own, so the bound on helper
+    /// threads holds for the process.
+    pub fn shared() -> BlockingPool {
+        static SHARED: std::sync::OnceLock<BlockingPool> = std::sync::OnceLock::new();
+        SHARED
+            .get_or_init(|| BlockingPool::new(PoolLimits::default()))
+            .clone()
+    }
+
     /// The limits in force.
-    pub fn limits(&self) -> GuardLimits {
+    pub fn limits(&self) -> PoolLimits {
         self.handle.shared.limits
     }
 
@@ -189,7 +209,7 @@ impl Guard {
             if matches!(*theirs.state.lock(), SlotState::Abandoned) {
                 return;
             }
-            let outcome = catch_unwind(AssertUnwindSafe(job)).map_err(|_| GuardError::Panicked);
+            let outcome = catch_unwind(AssertUnwindSafe(job)).map_err(|_| PoolError::Panicked);
             let mut st = theirs.state.lock();
             if matches!(*st, SlotState::Waiting) {
                 *st = SlotState::Done(outcome);
@@ -235,7 +255,7 @@ impl Guard {
                     if batch.abandoned.load(Ordering::Relaxed) {
                         return;
                     }
-                    let outcome = catch_unwind(AssertUnwindSafe(job)).map_err(|_| GuardError::Panicked);
+                    let outcome = catch_unwind(AssertUnwindSafe(job)).map_err(|_| PoolError::Panicked);
                     *batch.slots[i].lock() = Some(outcome);
                     if batch.remaining.fetch_sub(1, Ordering::AcqRel) == 1 {
                         let _held = batch.lock.lock();
@@ -264,7 +284,7 @@ impl Guard {
         path: &Path,
         limit: usize,
         deadline: Instant,
-    ) -> Result<io::Result<Vec<u8>>, GuardError> {
+    ) -> Result<io::Result<Vec<u8>>, PoolError> {
         let path = path.to_owned();
         self.submit(move || read_blocking(&path, limit))
             .wait_until(deadline)
@@ -342,25 +362,25 @@ fn worker(shared: Arc<Shared>, slot: usize) {
 }
 
 struct BatchShared<T> {
-    slots: Vec<Mutex<Option<Result<T, GuardError>>>>,
+    slots: Vec<Mutex<Option<Result<T, PoolError>>>>,
     remaining: AtomicUsize,
     abandoned: AtomicBool,
     lock: Mutex<()>,
     done: Condvar,
 }
 
-/// Jobs submitted together by [`Guard::submit_all`], waited for until one deadline.
+/// Jobs submitted together by [`BlockingPool::submit_all`], waited for until one deadline.
 #[must_use = "a batch does nothing unless waited on"]
 pub struct Batch<T> {
     shared: Arc<BatchShared<T>>,
-    guard: Guard,
+    guard: BlockingPool,
 }
 
 impl<T> Batch<T> {
     /// Waits until every job is done or `deadline` passes, then returns each job's result
-    /// in submission order: its value, or [`GuardError::TimedOut`] for a job that had not
+    /// in submission order: its value, or [`PoolError::TimedOut`] for a job that had not
     /// finished (or started) by then. Jobs not started by the deadline never run.
-    pub fn wait_until(self, deadline: Instant) -> Vec<Result<T, GuardError>> {
+    pub fn wait_until(self, deadline: Instant) -> Vec<Result<T, PoolError>> {
         let begun = Instant::now();
         let stall = self.guard.handle.shared.limits.stall;
         let b = &self.shared;
@@ -392,7 +412,7 @@ impl<T> Batch<T> {
             .map(|slot| {
                 slot.lock()
                     .take()
-                    .unwrap_or(Err(GuardError::TimedOut { waited, stuck }))
+                    .unwrap_or(Err(PoolError::TimedOut { waited, stuck }))
             })
             .collect()
     }
@@ -407,7 +427,7 @@ impl<T> Drop for Batch<T> {
 
 enum SlotState<T> {
     Waiting,
-    Done(Result<T, GuardError>),
+    Done(Result<T, PoolError>),
     Taken,
     Abandoned,
 }
@@ -417,17 +437,17 @@ struct Slot<T> {
     ready: Condvar,
 }
 
-/// The result of a job submitted to a [`Guard`], to be waited for until a deadline.
+/// The result of a job submitted to a [`BlockingPool`], to be waited for until a deadline.
 /// Dropping it abandons the job if it has not started.
 #[must_use = "a ticket does nothing unless waited on"]
 pub struct Ticket<T> {
     slot: Arc<Slot<T>>,
-    guard: Guard,
+    guard: BlockingPool,
 }
 
 impl<T> Ticket<T> {
     /// Waits until the job is done or `deadline` passes, whichever is first.
-    pub fn wait_until(self, deadline: Instant) -> Result<T, GuardError> {
+    pub fn wait_until(self, deadline: Instant) -> Result<T, PoolError> {
         let begun = Instant::now();
         let stall = self.guard.handle.shared.limits.stall;
         let mut st = self.slot.state.lock();
@@ -442,7 +462,7 @@ impl<T> Ticket<T> {
             if now >= deadline {
                 *st = SlotState::Abandoned;
                 drop(st);
-                return Err(GuardError::TimedOut {
+                return Err(PoolError::TimedOut {
                     waited: now.duration_since(begun),
                     stuck: self.guard.stuck(),
                 });
@@ -459,7 +479,7 @@ impl<T> Ticket<T> {
     }
 
     /// The result if the job is done, without waiting.
-    pub fn try_take(&mut self) -> Option<Result<T, GuardError>> {
+    pub fn try_take(&mut self) -> Option<Result<T, PoolError>> {
         let mut st = self.slot.state.lock();
         if matches!(*st, SlotState::Done(_)) {
             match std::mem::replace(&mut *st, SlotState::Taken) {
@@ -496,8 +516,8 @@ mod tests {
     use super::*;
     use std::sync::mpsc;
 
-    fn limits(parallelism: usize, max_threads: usize) -> GuardLimits {
-        GuardLimits {
+    fn limits(parallelism: usize, max_threads: usize) -> PoolLimits {
+        PoolLimits {
             parallelism,
             max_threads,
             stall: Duration::from_millis(10),
@@ -511,7 +531,7 @@ mod tests {
 
     #[test]
     fn runs_jobs_and_returns_results() {
-        let g = Guard::new(limits(2, 4));
+        let g = BlockingPool::new(limits(2, 4));
         let tickets: Vec<_> = (0..100).map(|i| g.submit(move || i * 2)).collect();
         let sum: i32 = tickets
             .into_iter()
@@ -526,7 +546,7 @@ mod tests {
 
     #[test]
     fn a_stuck_job_times_out_and_others_still_run() {
-        let g = Guard::new(limits(1, 4));
+        let g = BlockingPool::new(limits(1, 4));
         let (release, gate) = mpsc::channel::<()>();
         let stuck = g.submit(move || gate.recv().ok());
         // With parallelism 1 the next job queues behind the stuck one until the pool
@@ -534,13 +554,13 @@ mod tests {
         let other = g.submit(|| "done");
         assert_eq!(other.wait_until(soon(2000)).unwrap(), "done");
         let err = stuck.wait_until(soon(30)).unwrap_err();
-        assert!(matches!(err, GuardError::TimedOut { stuck: 1, .. }), "{err:?}");
+        assert!(matches!(err, PoolError::TimedOut { stuck: 1, .. }), "{err:?}");
         release.send(()).unwrap();
     }
 
     #[test]
     fn stuck_threads_are_bounded_and_reused() {
-        let g = Guard::new(limits(1, 3));
+        let g = BlockingPool::new(limits(1, 3));
         let (release, gate) = mpsc::channel::<()>();
         let gate = Arc::new(std::sync::Mutex::new(gate));
         let mut blocked = Vec::new();
@@ -555,7 +575,7 @@ mod tests {
         // All three threads are stuck: a fourth job cannot run and times out on time.
         let t0 = Instant::now();
         let err = g.submit(|| ()).wait_until(soon(50)).unwrap_err();
-        assert!(matches!(err, GuardError::TimedOut { stuck: 3, .. }), "{err:?}");
+        assert!(matches!(err, PoolError::TimedOut { stuck: 3, .. }), "{err:?}");
         assert!(t0.elapsed() < Duration::from_millis(500));
         assert_eq!(g.threads(), 3);
         // Release them: the same threads take new work.
@@ -569,7 +589,7 @@ mod tests {
 
     #[test]
     fn abandoned_jobs_are_skipped() {
-        let g = Guard::new(limits(1, 1));
+        let g = BlockingPool::new(limits(1, 1));
         let (release, gate) = mpsc::channel::<()>();
         let _stuck = g.submit(move || gate.recv().ok());
         let ran = Arc::new(AtomicUsize::new(0));
@@ -590,7 +610,7 @@ mod tests {
 
     #[test]
     fn a_batch_returns_results_in_order_and_times_out_the_stuck() {
-        let g = Guard::new(limits(2, 8));
+        let g = BlockingPool::new(limits(2, 8));
         let (release, gate) = mpsc::channel::<()>();
         let gate = Arc::new(std::sync::Mutex::new(gate));
         let jobs: Vec<Box<dyn FnOnce() -> usize + Send>> = (0..50)
@@ -611,7 +631,7 @@ mod tests {
         assert!(t0.elapsed() < Duration::from_secs(3));
         for (i, r) in out.iter().enumerate() {
             match i {
-                3 | 40 => assert!(matches!(r, Err(GuardError::TimedOut { .. })), "{i}: {r:?}"),
+                3 | 40 => assert!(matches!(r, Err(PoolError::TimedOut { .. })), "{i}: {r:?}"),
                 _ => assert_eq!(r, &Ok(i)),
             }
         }
@@ -623,9 +643,9 @@ mod tests {
 
     #[test]
     fn a_panicking_job_is_reported_and_the_pool_survives() {
-        let g = Guard::new(limits(1, 2));
+        let g = BlockingPool::new(limits(1, 2));
         let err = g.submit(|| panic!("boom")).wait_until(soon(2000));
-        assert_eq!(err.map(|_: ()| ()), Err(GuardError::Panicked));
+        assert_eq!(err.map(|_: ()| ()), Err(PoolError::Panicked));
         assert_eq!(g.submit(|| 1).wait_until(soon(2000)), Ok(1));
     }
 
@@ -640,12 +660,12 @@ mod tests {
             nix::sys::stat::Mode::S_IRUSR | nix::sys::stat::Mode::S_IWUSR,
         )
         .unwrap();
-        let g = Guard::new(limits(1, 2));
+        let g = BlockingPool::new(limits(1, 2));
         assert_eq!(g.read(&file, 4096, soon(2000)).unwrap().unwrap(), b"0x8086\n");
         let t0 = Instant::now();
         assert!(matches!(
             g.read(&fifo, 4096, soon(50)),
-            Err(GuardError::TimedOut { .. })
+            Err(PoolError::TimedOut { .. })
         ));
         assert!(t0.elapsed() < Duration::from_millis(500));
         // Free the thread stuck in open(): a writer appears and goes.

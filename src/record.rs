@@ -9,12 +9,12 @@ use crate::{ParseError, PciAddress};
 
 /// What a scan learned about one PCI function.
 ///
-/// Fields the scan could not learn are `None` and the reason is in [`Device::problems`];
+/// Fields the scan could not learn are `None` and the reason is in [`DeviceRecord::problems`];
 /// a field the kernel does not report (no driver bound, no NUMA affinity) is `None` with
 /// no problem.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
-pub struct Device {
+pub struct DeviceRecord {
     /// The function's address.
     pub address: PciAddress,
     /// Vendor id.
@@ -35,7 +35,7 @@ pub struct Device {
     pub driver: Option<String>,
     /// The IOMMU group, from the `iommu_group` link.
     pub iommu_group: Option<u32>,
-    /// Every line of the `resource` file; see [`Device::bars`] for the present BARs.
+    /// Every line of the `resource` file; see [`DeviceRecord::bars`] for the present BARs.
     pub resources: Vec<Resource>,
     /// SR-IOV facts when the function is a PF (`sriov_totalvfs` exists).
     pub sriov: Option<Sriov>,
@@ -53,10 +53,10 @@ pub struct Device {
     pub problems: Vec<Problem>,
 }
 
-impl Device {
+impl DeviceRecord {
     /// A record with only the address known.
     pub fn new(address: PciAddress) -> Self {
-        Device {
+        DeviceRecord {
             address,
             vendor: None,
             device: None,
@@ -121,12 +121,21 @@ pub enum ProblemKind {
         /// The error's message.
         message: String,
     },
-    /// A guarded read did not answer by the deadline (the device was then added to the
-    /// removal registry).
+    /// A guarded read started but did not return by its deadline: it is stuck in the
+    /// kernel (the device was then added to the removal registry until the read returns).
     TimedOut {
-        /// The deadline it missed, counted from the start of the scan.
+        /// The deadline it missed, counted from the read's submission.
         waited: Duration,
     },
+    /// A guarded read never started before its deadline: every helper thread was busy or
+    /// stuck. Says nothing about the device (it is not marked in the removal registry).
+    NotStarted {
+        /// The deadline, counted from the read's submission.
+        waited: Duration,
+    },
+    /// Not read: this process holds the device open through vfio, and this attribute's
+    /// read takes the device lock (see [`crate::removal::held`]).
+    HeldOpen,
     /// Not read: the device's removal is pending and this attribute's read takes the
     /// device lock.
     RemovalPending,
@@ -148,7 +157,13 @@ impl fmt::Display for ProblemKind {
             ProblemKind::Parse(e) => write!(f, "{} in \"{}\"", e.kind, e.text),
             ProblemKind::Io { message, .. } => f.write_str(message),
             ProblemKind::TimedOut { waited } => write!(f, "read timed out after {} ms", waited.as_millis()),
+            ProblemKind::NotStarted { waited } => write!(
+                f,
+                "read not started within {} ms (every helper thread busy or stuck)",
+                waited.as_millis()
+            ),
             ProblemKind::RemovalPending => f.write_str("not read: removal pending"),
+            ProblemKind::HeldOpen => f.write_str("not read: this process holds the device open through vfio"),
         }
     }
 }

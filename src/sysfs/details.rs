@@ -4,13 +4,13 @@
 use std::io;
 use std::time::{Duration, Instant};
 
-use crate::attr::{ATTR_MAX, DirFd};
 use crate::config::{self, Capability, ExtCapability};
-use crate::device::{Device, Problem, ProblemKind};
-use crate::guard::Guard;
 use crate::model::Link;
-use crate::scan::SysfsRoot;
+use crate::record::{DeviceRecord, Problem, ProblemKind};
+use crate::removal::pool::BlockingPool;
+use crate::sysfs::dir::{ATTR_MAX, DirFd};
 use crate::sysfs::parse;
+use crate::sysfs::scan::SysfsRoot;
 
 /// Details of one device beyond its scan record.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -36,8 +36,8 @@ pub struct Details {
 pub const CONFIG_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Reads the details of `dev`. `config` is read through a guard (a read waits while the
-/// device is being reset) unless the device's removal is pending; the rest is lock-free.
-pub fn read(root: &SysfsRoot, dev: &Device) -> Details {
+/// device is being reset) unless the device's removal is pending; the rest takes no device lock.
+pub fn read(root: &SysfsRoot, dev: &DeviceRecord) -> Details {
     let mut x = Details::default();
     let report = |x: &mut Details, attribute, kind| x.problems.push(Problem { attribute, kind });
     let dir = match DirFd::open(&root.device_dir(dev.address)) {
@@ -51,7 +51,7 @@ pub fn read(root: &SysfsRoot, dev: &Device) -> Details {
         report(&mut x, "config", ProblemKind::RemovalPending);
     } else {
         let path = root.device_dir(dev.address).join("config");
-        match Guard::default().read(&path, ATTR_MAX, Instant::now() + CONFIG_TIMEOUT) {
+        match BlockingPool::default().read(&path, ATTR_MAX, Instant::now() + CONFIG_TIMEOUT) {
             Ok(Ok(cfg)) => {
                 match config::capabilities(&cfg) {
                     Ok(c) => x.capabilities = c,
@@ -63,7 +63,7 @@ pub fn read(root: &SysfsRoot, dev: &Device) -> Details {
                 }
             }
             Ok(Err(e)) => report(&mut x, "config", ProblemKind::io(&e)),
-            Err(crate::GuardError::TimedOut { waited, .. }) => {
+            Err(crate::PoolError::TimedOut { waited, .. }) => {
                 report(&mut x, "config", ProblemKind::TimedOut { waited })
             }
             Err(e) => report(
