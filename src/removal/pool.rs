@@ -3,13 +3,33 @@
 //!
 //! A read of `sriov_numvfs` while the device's removal is pending sits in the kernel until
 //! the device is released, and nothing can cancel it. So the read runs on a helper thread;
-//! the caller waits on a [`Ticket`] until its deadline and then walks away with
-//! [`PoolError::TimedOut`]. The stuck thread stays stuck, but the pool notices (a job
-//! running longer than [`PoolLimits::stall`] no longer counts as capacity) and starts
-//! another thread so that reads of other devices go on; when the stuck read returns, its
-//! thread takes new work again. The number of threads is bounded by
-//! [`PoolLimits::max_threads`]: once that many are stuck, new work waits in the queue and
-//! times out at its deadline rather than piling up threads.
+//! the caller waits on a [`Ticket`] (or a [`Batch`]) until its deadline and then walks
+//! away. Two outcomes are kept apart, because only one says something about the device:
+//!
+//! - [`PoolError::TimedOut`]: the job started and did not finish: it is stuck (in the
+//!   kernel, for a sysfs read). The thread stays stuck, but the pool notices (a job
+//!   running longer than [`PoolLimits::stall`] no longer counts as capacity) and starts
+//!   another thread so that other work goes on; when the stuck job returns, its thread
+//!   takes new work again.
+//! - [`PoolError::NotStarted`]: every thread was busy or stuck until the deadline. The job
+//!   leaves the queue at once and never runs, so abandoned work never piles up.
+//!
+//! The number of threads is bounded by [`PoolLimits::max_threads`]. The default pool
+//! ([`BlockingPool::shared`]) is one per process, so the bound holds for the process.
+//!
+//! # Dropping
+//!
+//! Dropping a [`Ticket`] or [`Batch`] before its jobs started removes them from the queue.
+//! Dropping the last handle of a private pool lets its idle threads exit; threads stuck in
+//! a job stay until the job returns. The shared pool lives as long as the process.
+//!
+//! # Process exit
+//!
+//! `exit` does not wait for helper threads, but a thread stuck in the kernel on a device
+//! lock keeps the process from being torn down until the lock is released. A process that
+//! holds a device open through vfio must therefore never read that device's blocking
+//! attributes (the scanner refuses to: see [`crate::removal::held`]), or the removal that
+//! waits for its fd and the read that waits for the removal wait for each other.
 //!
 //! ```
 //! use std::time::{Duration, Instant};
@@ -24,7 +44,7 @@ use std::io;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::Path;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicU64, AtomicUsize, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -82,6 +102,20 @@ pub enum PoolError {
 
 type Job = Box<dyn FnOnce() + Send + 'static>;
 
+// A queued job and the ticket or batch it belongs to, so that its waiter can take it out
+// of the queue when it gives up.
+struct Queued {
+    owner: u64,
+    run: Job,
+}
+
+// A job's life, decided by one compare-and-swap so that "never started" is exact: the
+// worker moves QUEUED to STARTED before running it, the waiter that gives up moves QUEUED
+// to ABANDONED (the job then never runs).
+const QUEUED: u8 = 0;
+const STARTED: u8 = 1;
+const ABANDONED: u8 = 2;
+
 /// A pool of helper threads for work that may block. Clones share the pool.
 #[derive(Clone)]
 pub struct BlockingPool {
@@ -122,13 +156,14 @@ impl Drop for Handle {
 
 struct Shared {
     state: Mutex<State>,
+    next_owner: AtomicU64,
     work: Condvar,
     limits: PoolLimits,
 }
 
 #[derive(Default)]
 struct State {
-    queue: VecDeque<Job>,
+    queue: VecDeque<Queued>,
     threads: usize,
     idle: usize,
     starting: usize,
@@ -160,6 +195,7 @@ impl BlockingPool {
             handle: Arc::new(Handle {
                 shared: Arc::new(Shared {
                     state: Mutex::new(State::default()),
+                    next_owner: AtomicU64::new(0),
                     work: Condvar::new(),
                     limits,
                 }),
@@ -194,39 +230,35 @@ impl BlockingPool {
     }
 
     /// Queues `job`; its result comes through the returned ticket. A job whose ticket was
-    /// dropped (its caller gave up) before it started is skipped.
+    /// dropped or gave up before it started leaves the queue and never runs.
     pub fn submit<T, F>(&self, job: F) -> Ticket<T>
     where
         T: Send + 'static,
         F: FnOnce() -> T + Send + 'static,
     {
         let slot = Arc::new(Slot {
-            state: Mutex::new(SlotState::Waiting),
+            life: AtomicU8::new(QUEUED),
+            result: Mutex::new(None),
             ready: Condvar::new(),
         });
         let theirs = Arc::clone(&slot);
         let run: Job = Box::new(move || {
-            if matches!(*theirs.state.lock(), SlotState::Abandoned) {
+            if theirs
+                .life
+                .compare_exchange(QUEUED, STARTED, Ordering::AcqRel, Ordering::Acquire)
+                .is_err()
+            {
                 return;
             }
             let outcome = catch_unwind(AssertUnwindSafe(job)).map_err(|_| PoolError::Panicked);
-            let mut st = theirs.state.lock();
-            if matches!(*st, SlotState::Waiting) {
-                *st = SlotState::Done(outcome);
-                theirs.ready.notify_one();
-            }
+            *theirs.result.lock() = Some(outcome);
+            theirs.ready.notify_one();
         });
-        let shared = &self.handle.shared;
-        let mut st = shared.state.lock();
-        st.queue.push_back(run);
-        if st.idle > 0 {
-            shared.work.notify_one();
-        }
-        spawn_as_needed(shared, &mut st);
-        drop(st);
+        let owner = self.enqueue(std::iter::once(run));
         Ticket {
             slot,
-            guard: self.clone(),
+            owner,
+            pool: self.clone(),
         }
     }
 
@@ -240,40 +272,81 @@ impl BlockingPool {
     {
         let jobs: Vec<F> = jobs.into_iter().collect();
         let shared = Arc::new(BatchShared {
-            slots: (0..jobs.len()).map(|_| Mutex::new(None)).collect(),
+            slots: (0..jobs.len())
+                .map(|_| BatchSlot {
+                    life: AtomicU8::new(QUEUED),
+                    result: Mutex::new(None),
+                })
+                .collect(),
             remaining: AtomicUsize::new(jobs.len()),
-            abandoned: AtomicBool::new(false),
             lock: Mutex::new(()),
             done: Condvar::new(),
         });
-        let runs: Vec<Job> = jobs
-            .into_iter()
-            .enumerate()
-            .map(|(i, job)| {
-                let batch = Arc::clone(&shared);
-                Box::new(move || {
-                    if batch.abandoned.load(Ordering::Relaxed) {
-                        return;
-                    }
-                    let outcome = catch_unwind(AssertUnwindSafe(job)).map_err(|_| PoolError::Panicked);
-                    *batch.slots[i].lock() = Some(outcome);
-                    if batch.remaining.fetch_sub(1, Ordering::AcqRel) == 1 {
-                        let _held = batch.lock.lock();
-                        batch.done.notify_all();
-                    }
-                }) as Job
-            })
-            .collect();
-        let pool = &self.handle.shared;
-        let mut st = pool.state.lock();
-        st.queue.extend(runs);
-        pool.work.notify_all();
-        spawn_as_needed(pool, &mut st);
-        drop(st);
+        let runs = jobs.into_iter().enumerate().map(|(i, job)| {
+            let batch = Arc::clone(&shared);
+            Box::new(move || {
+                let slot = &batch.slots[i];
+                if slot
+                    .life
+                    .compare_exchange(QUEUED, STARTED, Ordering::AcqRel, Ordering::Acquire)
+                    .is_err()
+                {
+                    return;
+                }
+                let outcome = catch_unwind(AssertUnwindSafe(job)).map_err(|_| PoolError::Panicked);
+                *slot.result.lock() = Some(outcome);
+                if batch.remaining.fetch_sub(1, Ordering::AcqRel) == 1 {
+                    let _held = batch.lock.lock();
+                    batch.done.notify_all();
+                }
+            }) as Job
+        });
+        let owner = self.enqueue(runs);
         Batch {
             shared,
-            guard: self.clone(),
+            owner,
+            pool: self.clone(),
         }
+    }
+
+    // Queues jobs under one owner id and wakes or starts threads for them.
+    fn enqueue(&self, runs: impl Iterator<Item = Job>) -> u64 {
+        let shared = &self.handle.shared;
+        let owner = shared.next_owner.fetch_add(1, Ordering::Relaxed);
+        let mut st = shared.state.lock();
+        let before = st.queue.len();
+        st.queue.extend(runs.map(|run| Queued { owner, run }));
+        match st.queue.len() - before {
+            0 => {}
+            1 if st.idle > 0 => {
+                shared.work.notify_one();
+            }
+            _ if st.idle > 0 => {
+                shared.work.notify_all();
+            }
+            _ => {}
+        }
+        spawn_as_needed(shared, &mut st);
+        owner
+    }
+
+    // Takes the jobs of `owner` that have not started out of the queue. They are dropped
+    // after the lock is released (dropping a closure may close files).
+    fn withdraw(&self, owner: u64) {
+        let mut st = self.handle.shared.state.lock();
+        if !st.queue.iter().any(|q| q.owner == owner) {
+            return;
+        }
+        let (taken, rest): (VecDeque<Queued>, VecDeque<Queued>) =
+            st.queue.drain(..).partition(|q| q.owner == owner);
+        st.queue = rest;
+        drop(st);
+        drop(taken);
+    }
+
+    /// Jobs waiting in the queue (not started).
+    pub fn queued(&self) -> usize {
+        self.handle.shared.state.lock().queue.len()
     }
 
     /// Reads a whole file (at most `limit` bytes) on a guard thread, waiting until
@@ -342,7 +415,7 @@ fn worker(shared: Arc<Shared>, slot: usize) {
         if let Some(job) = st.queue.pop_front() {
             st.running[slot] = Some(Instant::now());
             drop(st);
-            job();
+            (job.run)();
             st = shared.state.lock();
             st.running[slot] = None;
             continue;
@@ -361,28 +434,35 @@ fn worker(shared: Arc<Shared>, slot: usize) {
     st.free_slots.push(slot);
 }
 
+struct BatchSlot<T> {
+    life: AtomicU8,
+    result: Mutex<Option<Result<T, PoolError>>>,
+}
+
 struct BatchShared<T> {
-    slots: Vec<Mutex<Option<Result<T, PoolError>>>>,
+    slots: Vec<BatchSlot<T>>,
     remaining: AtomicUsize,
-    abandoned: AtomicBool,
     lock: Mutex<()>,
     done: Condvar,
 }
 
 /// Jobs submitted together by [`BlockingPool::submit_all`], waited for until one deadline.
+/// Dropping it takes the jobs that have not started out of the queue.
 #[must_use = "a batch does nothing unless waited on"]
 pub struct Batch<T> {
     shared: Arc<BatchShared<T>>,
-    guard: BlockingPool,
+    owner: u64,
+    pool: BlockingPool,
 }
 
 impl<T> Batch<T> {
     /// Waits until every job is done or `deadline` passes, then returns each job's result
-    /// in submission order: its value, or [`PoolError::TimedOut`] for a job that had not
-    /// finished (or started) by then. Jobs not started by the deadline never run.
+    /// in submission order: its value; [`PoolError::TimedOut`] for a job that started and
+    /// had not finished; [`PoolError::NotStarted`] for one that had not started (it is
+    /// taken out of the queue and never runs).
     pub fn wait_until(self, deadline: Instant) -> Vec<Result<T, PoolError>> {
         let begun = Instant::now();
-        let stall = self.guard.handle.shared.limits.stall;
+        let stall = self.pool.handle.shared.limits.stall;
         let b = &self.shared;
         {
             let mut held = b.lock.lock();
@@ -392,7 +472,6 @@ impl<T> Batch<T> {
                 }
                 let now = Instant::now();
                 if now >= deadline {
-                    b.abandoned.store(true, Ordering::Relaxed);
                     break;
                 }
                 let tick = deadline.min(now + stall);
@@ -400,19 +479,45 @@ impl<T> Batch<T> {
                     // No completion for a stall period: a worker may be stuck holding up
                     // the queue.
                     drop(held);
-                    self.guard.rebalance();
+                    self.pool.rebalance();
                     held = b.lock.lock();
                 }
             }
         }
         let waited = begun.elapsed();
-        let stuck = self.guard.stuck();
-        b.slots
+        // Decide every unfinished job's fate first (so none starts meanwhile), then take
+        // the abandoned ones out of the queue.
+        let mut abandoned = false;
+        let fates: Vec<Option<PoolError>> = b
+            .slots
             .iter()
             .map(|slot| {
-                slot.lock()
+                match slot
+                    .life
+                    .compare_exchange(QUEUED, ABANDONED, Ordering::AcqRel, Ordering::Acquire)
+                {
+                    Ok(_) => {
+                        abandoned = true;
+                        Some(PoolError::NotStarted { waited })
+                    }
+                    Err(_) => None,
+                }
+            })
+            .collect();
+        if abandoned {
+            self.pool.withdraw(self.owner);
+        }
+        let stuck = self.pool.stuck();
+        b.slots
+            .iter()
+            .zip(fates)
+            .map(|(slot, fate)| match fate {
+                Some(e) => Err(e),
+                None => slot
+                    .result
+                    .lock()
                     .take()
-                    .unwrap_or(Err(PoolError::TimedOut { waited, stuck }))
+                    .unwrap_or(Err(PoolError::TimedOut { waited, stuck })),
             })
             .collect()
     }
@@ -420,83 +525,95 @@ impl<T> Batch<T> {
 
 impl<T> Drop for Batch<T> {
     fn drop(&mut self) {
-        // Jobs not yet started when their waiter is gone are skipped.
-        self.shared.abandoned.store(true, Ordering::Relaxed);
+        let mut abandoned = false;
+        for slot in &self.shared.slots {
+            abandoned |= slot
+                .life
+                .compare_exchange(QUEUED, ABANDONED, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok();
+        }
+        if abandoned {
+            self.pool.withdraw(self.owner);
+        }
     }
 }
 
-enum SlotState<T> {
-    Waiting,
-    Done(Result<T, PoolError>),
-    Taken,
-    Abandoned,
-}
-
 struct Slot<T> {
-    state: Mutex<SlotState<T>>,
+    life: AtomicU8,
+    result: Mutex<Option<Result<T, PoolError>>>,
     ready: Condvar,
 }
 
 /// The result of a job submitted to a [`BlockingPool`], to be waited for until a deadline.
-/// Dropping it abandons the job if it has not started.
+/// Dropping it takes the job out of the queue if it has not started.
 #[must_use = "a ticket does nothing unless waited on"]
 pub struct Ticket<T> {
     slot: Arc<Slot<T>>,
-    guard: BlockingPool,
+    owner: u64,
+    pool: BlockingPool,
 }
 
 impl<T> Ticket<T> {
-    /// Waits until the job is done or `deadline` passes, whichever is first.
+    /// Waits until the job is done or `deadline` passes, whichever is first. A job that
+    /// has not started by then never runs ([`PoolError::NotStarted`]); one that started
+    /// and has not finished is stuck ([`PoolError::TimedOut`]).
     pub fn wait_until(self, deadline: Instant) -> Result<T, PoolError> {
         let begun = Instant::now();
-        let stall = self.guard.handle.shared.limits.stall;
-        let mut st = self.slot.state.lock();
+        let stall = self.pool.handle.shared.limits.stall;
+        let mut result = self.slot.result.lock();
         loop {
-            if matches!(*st, SlotState::Done(_)) {
-                return match std::mem::replace(&mut *st, SlotState::Taken) {
-                    SlotState::Done(outcome) => outcome,
-                    _ => unreachable!("matched Done above"),
-                };
+            if let Some(outcome) = result.take() {
+                return outcome;
             }
             let now = Instant::now();
             if now >= deadline {
-                *st = SlotState::Abandoned;
-                drop(st);
-                return Err(PoolError::TimedOut {
-                    waited: now.duration_since(begun),
-                    stuck: self.guard.stuck(),
-                });
+                drop(result);
+                let waited = now.duration_since(begun);
+                return Err(self.give_up(waited));
             }
             let tick = deadline.min(now + stall);
-            if self.slot.ready.wait_until(&mut st, tick).timed_out() && tick < deadline {
+            if self.slot.ready.wait_until(&mut result, tick).timed_out() && tick < deadline {
                 // No answer within a stall period: make sure a stuck worker is not
                 // holding up the queue this job sits in.
-                drop(st);
-                self.guard.rebalance();
-                st = self.slot.state.lock();
+                drop(result);
+                self.pool.rebalance();
+                result = self.slot.result.lock();
             }
+        }
+    }
+
+    fn give_up(&self, waited: Duration) -> PoolError {
+        match self
+            .slot
+            .life
+            .compare_exchange(QUEUED, ABANDONED, Ordering::AcqRel, Ordering::Acquire)
+        {
+            Ok(_) => {
+                self.pool.withdraw(self.owner);
+                PoolError::NotStarted { waited }
+            }
+            Err(_) => PoolError::TimedOut {
+                waited,
+                stuck: self.pool.stuck(),
+            },
         }
     }
 
     /// The result if the job is done, without waiting.
     pub fn try_take(&mut self) -> Option<Result<T, PoolError>> {
-        let mut st = self.slot.state.lock();
-        if matches!(*st, SlotState::Done(_)) {
-            match std::mem::replace(&mut *st, SlotState::Taken) {
-                SlotState::Done(outcome) => Some(outcome),
-                _ => unreachable!("matched Done above"),
-            }
-        } else {
-            None
-        }
+        self.slot.result.lock().take()
     }
 }
 
 impl<T> Drop for Ticket<T> {
     fn drop(&mut self) {
-        let mut st = self.slot.state.lock();
-        if matches!(*st, SlotState::Waiting) {
-            *st = SlotState::Abandoned;
+        if self
+            .slot
+            .life
+            .compare_exchange(QUEUED, ABANDONED, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+        {
+            self.pool.withdraw(self.owner);
         }
     }
 }
@@ -572,10 +689,11 @@ mod tests {
             thread::sleep(Duration::from_millis(15));
             g.rebalance();
         }
-        // All three threads are stuck: a fourth job cannot run and times out on time.
+        // All three threads are stuck: a fourth job cannot start and is given up on time.
         let t0 = Instant::now();
         let err = g.submit(|| ()).wait_until(soon(50)).unwrap_err();
-        assert!(matches!(err, PoolError::TimedOut { stuck: 3, .. }), "{err:?}");
+        assert!(matches!(err, PoolError::NotStarted { .. }), "{err:?}");
+        assert_eq!(g.queued(), 0, "the job left the queue");
         assert!(t0.elapsed() < Duration::from_millis(500));
         assert_eq!(g.threads(), 3);
         // Release them: the same threads take new work.
@@ -639,6 +757,96 @@ mod tests {
         release.send(()).unwrap();
         let all_fast = g.submit_all((0..10).map(|i| move || i)).wait_until(soon(2000));
         assert_eq!(all_fast, (0..10).map(Ok).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn not_started_and_stuck_are_told_apart() {
+        let g = BlockingPool::new(limits(1, 1));
+        let (release, gate) = mpsc::channel::<()>();
+        let stuck = g.submit(move || gate.recv().ok());
+        // The only thread is now stuck: the next job can never start.
+        let queued = g.submit(|| 1);
+        assert!(matches!(
+            stuck.wait_until(soon(30)),
+            Err(PoolError::TimedOut { stuck: 1, .. })
+        ));
+        assert!(matches!(
+            queued.wait_until(soon(30)),
+            Err(PoolError::NotStarted { .. })
+        ));
+        // In a batch too, job by job.
+        let (release2, gate2) = mpsc::channel::<()>();
+        release.send(()).unwrap();
+        let jobs: Vec<Box<dyn FnOnce() -> u32 + Send>> = vec![
+            Box::new(move || {
+                let _ = gate2.recv();
+                0
+            }),
+            Box::new(|| 1),
+        ];
+        let out = g.submit_all(jobs).wait_until(soon(100));
+        assert!(matches!(out[0], Err(PoolError::TimedOut { .. })), "{:?}", out[0]);
+        assert!(
+            matches!(out[1], Err(PoolError::NotStarted { .. })),
+            "{:?}",
+            out[1]
+        );
+        assert_eq!(g.queued(), 0);
+        release2.send(()).unwrap();
+        assert_eq!(g.submit(|| 5).wait_until(soon(2000)), Ok(5));
+    }
+
+    #[test]
+    fn given_up_jobs_leave_the_queue_and_free_what_they_hold() {
+        // Every thread stuck; 100 rounds of 100 jobs each hold a reference to `held`. If
+        // abandoned jobs stayed queued until a thread came free, the count would grow by
+        // 10,000.
+        let g = BlockingPool::new(limits(2, 2));
+        let (release, gate) = mpsc::channel::<()>();
+        let gate = Arc::new(std::sync::Mutex::new(gate));
+        let stuck: Vec<_> = (0..2)
+            .map(|_| {
+                let gate = Arc::clone(&gate);
+                g.submit(move || {
+                    let _ = gate.lock().unwrap().recv();
+                })
+            })
+            .collect();
+        thread::sleep(Duration::from_millis(30));
+        let held = Arc::new(());
+        for round in 0..100 {
+            let jobs: Vec<_> = (0..100)
+                .map(|_| {
+                    let held = Arc::clone(&held);
+                    move || drop(held)
+                })
+                .collect();
+            let batch = g.submit_all(jobs);
+            if round % 2 == 0 {
+                let out = batch.wait_until(soon(1));
+                assert!(out.iter().all(|r| matches!(r, Err(PoolError::NotStarted { .. }))));
+            } else {
+                drop(batch); // a caller that gives up without waiting
+            }
+            let ticket = {
+                let held = Arc::clone(&held);
+                g.submit(move || drop(held))
+            };
+            drop(ticket);
+            assert_eq!(g.queued(), 0, "round {round}");
+            assert_eq!(Arc::strong_count(&held), 1, "round {round}");
+        }
+        assert_eq!(g.threads(), 2, "no thread beyond the bound");
+        release.send(()).unwrap();
+        release.send(()).unwrap();
+        drop(stuck);
+    }
+
+    #[test]
+    fn the_default_pool_is_one_per_process() {
+        let a = BlockingPool::default();
+        let b = BlockingPool::shared();
+        assert!(Arc::ptr_eq(&a.handle, &b.handle));
     }
 
     #[test]
