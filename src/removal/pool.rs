@@ -116,6 +116,12 @@ const QUEUED: u8 = 0;
 const STARTED: u8 = 1;
 const ABANDONED: u8 = 2;
 
+// Moves a job's life from `from` to `to`; false if it was not at `from`.
+fn moved(life: &AtomicU8, from: u8, to: u8) -> bool {
+    life.compare_exchange(from, to, Ordering::AcqRel, Ordering::Acquire)
+        .is_ok()
+}
+
 /// A pool of helper threads for work that may block. Clones share the pool.
 #[derive(Clone)]
 pub struct BlockingPool {
@@ -243,11 +249,7 @@ impl BlockingPool {
         });
         let theirs = Arc::clone(&slot);
         let run: Job = Box::new(move || {
-            if theirs
-                .life
-                .compare_exchange(QUEUED, STARTED, Ordering::AcqRel, Ordering::Acquire)
-                .is_err()
-            {
+            if !moved(&theirs.life, QUEUED, STARTED) {
                 return;
             }
             let outcome = catch_unwind(AssertUnwindSafe(job)).map_err(|_| PoolError::Panicked);
@@ -286,11 +288,7 @@ impl BlockingPool {
             let batch = Arc::clone(&shared);
             Box::new(move || {
                 let slot = &batch.slots[i];
-                if slot
-                    .life
-                    .compare_exchange(QUEUED, STARTED, Ordering::AcqRel, Ordering::Acquire)
-                    .is_err()
-                {
+                if !moved(&slot.life, QUEUED, STARTED) {
                     return;
                 }
                 let outcome = catch_unwind(AssertUnwindSafe(job)).map_err(|_| PoolError::Panicked);
@@ -492,16 +490,10 @@ impl<T> Batch<T> {
             .slots
             .iter()
             .map(|slot| {
-                match slot
-                    .life
-                    .compare_exchange(QUEUED, ABANDONED, Ordering::AcqRel, Ordering::Acquire)
-                {
-                    Ok(_) => {
-                        abandoned = true;
-                        Some(PoolError::NotStarted { waited })
-                    }
-                    Err(_) => None,
-                }
+                moved(&slot.life, QUEUED, ABANDONED).then(|| {
+                    abandoned = true;
+                    PoolError::NotStarted { waited }
+                })
             })
             .collect();
         if abandoned {
@@ -527,10 +519,7 @@ impl<T> Drop for Batch<T> {
     fn drop(&mut self) {
         let mut abandoned = false;
         for slot in &self.shared.slots {
-            abandoned |= slot
-                .life
-                .compare_exchange(QUEUED, ABANDONED, Ordering::AcqRel, Ordering::Acquire)
-                .is_ok();
+            abandoned |= moved(&slot.life, QUEUED, ABANDONED);
         }
         if abandoned {
             self.pool.withdraw(self.owner);
@@ -583,19 +572,14 @@ impl<T> Ticket<T> {
     }
 
     fn give_up(&self, waited: Duration) -> PoolError {
-        match self
-            .slot
-            .life
-            .compare_exchange(QUEUED, ABANDONED, Ordering::AcqRel, Ordering::Acquire)
-        {
-            Ok(_) => {
-                self.pool.withdraw(self.owner);
-                PoolError::NotStarted { waited }
-            }
-            Err(_) => PoolError::TimedOut {
+        if moved(&self.slot.life, QUEUED, ABANDONED) {
+            self.pool.withdraw(self.owner);
+            PoolError::NotStarted { waited }
+        } else {
+            PoolError::TimedOut {
                 waited,
                 stuck: self.pool.stuck(),
-            },
+            }
         }
     }
 
@@ -607,12 +591,7 @@ impl<T> Ticket<T> {
 
 impl<T> Drop for Ticket<T> {
     fn drop(&mut self) {
-        if self
-            .slot
-            .life
-            .compare_exchange(QUEUED, ABANDONED, Ordering::AcqRel, Ordering::Acquire)
-            .is_ok()
-        {
+        if moved(&self.slot.life, QUEUED, ABANDONED) {
             self.pool.withdraw(self.owner);
         }
     }
