@@ -208,3 +208,21 @@ fn snapshot_round_trips_a_tree() {
     let b = stdout(&pcibus(again.root(), &["list", "--json", "--read", "all"]));
     assert_eq!(a, b);
 }
+
+#[test]
+fn show_lists_a_cardbus_bridges_capabilities() {
+    // A type 2 header keeps its capabilities pointer at 0x14, not 0x34.
+    let fake = fixture("cardbus-ti-pci1510.pcifix");
+    let v: Value =
+        serde_json::from_str(&stdout(&pcibus(fake.root(), &["show", "02:06.0", "--json"]))).unwrap();
+    assert_eq!(
+        (v["vendor"].clone(), v["device"].clone()),
+        (0x104c.into(), 0xac56.into())
+    );
+    assert_eq!(
+        v["details"]["capabilities"],
+        serde_json::json!([{"id": 1, "offset": 0xa0, "name": "Power Management"}])
+    );
+    let out = stdout(&pcibus(fake.root(), &["show", "02:06.0"]));
+    assert!(out.contains("capability 0x01 Power Management at 0xa0"), "{out}");
+}
