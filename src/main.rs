@@ -9,6 +9,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use serde_json::{Value, json};
 
 use pcibus::names::{Names, find_pci_ids};
+use pcibus::record::{Problem, ProblemKind};
 use pcibus::{BlockingAttr, DeviceRecord, IdSource, PciAddress, Scan, Scanner, SysfsRoot};
 
 #[derive(Parser)]
@@ -444,10 +445,26 @@ fn device_json(d: &DeviceRecord) -> Value {
             "kind": b.kind.to_string(),
             "prefetchable": b.prefetchable,
         })).collect::<Vec<_>>(),
-        "problems": d.problems.iter().map(|p| json!({
-            "attribute": p.attribute,
-            "error": p.kind.to_string(),
-        })).collect::<Vec<_>>(),
+        "problems": d.problems.iter().map(problem_json).collect::<Vec<_>>(),
+    })
+}
+
+// `kind` and `errno` are for scripts: match on them, not on the message.
+fn problem_json(p: &Problem) -> Value {
+    let kind = match &p.kind {
+        ProblemKind::Parse(_) => "parse",
+        ProblemKind::Io { .. } => "io",
+        ProblemKind::TimedOut { .. } => "timed_out",
+        ProblemKind::NotStarted { .. } => "not_started",
+        ProblemKind::RemovalPending => "removal_pending",
+        ProblemKind::HeldOpen => "held_open",
+        _ => "other",
+    };
+    json!({
+        "attribute": p.attribute,
+        "kind": kind,
+        "errno": p.kind.raw_os_error(),
+        "error": p.kind.to_string(),
     })
 }
 
@@ -474,7 +491,7 @@ fn details_json(x: &pcibus::sysfs::details::Details) -> Value {
         "max_link": x.max_link.map(link_json),
         "modalias": x.modalias,
         "local_cpus": x.local_cpus,
-        "problems": x.problems.iter().map(|p| json!({"attribute": p.attribute, "error": p.kind.to_string()})).collect::<Vec<_>>(),
+        "problems": x.problems.iter().map(problem_json).collect::<Vec<_>>(),
     })
 }
 

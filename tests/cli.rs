@@ -226,3 +226,17 @@ fn show_lists_a_cardbus_bridges_capabilities() {
     let out = stdout(&pcibus(fake.root(), &["show", "02:06.0"]));
     assert!(out.contains("capability 0x01 Power Management at 0xa0"), "{out}");
 }
+
+#[test]
+fn json_problems_carry_the_errno() {
+    // Scripts match on the errno, not on the message's wording.
+    let fake = FakeSysfs::new().unwrap();
+    let dir = fake.device("0000:00:02.0").without("numa_node").create().unwrap();
+    std::fs::create_dir(dir.join("numa_node")).unwrap();
+    let v: Value = serde_json::from_str(&stdout(&pcibus(fake.root(), &["list", "--json"]))).unwrap();
+    let p = &v[0]["problems"][0];
+    assert_eq!(p["attribute"], "numa_node");
+    assert_eq!(p["kind"], "io", "{p}");
+    assert_eq!(p["errno"], 21, "EISDIR: {p}");
+    assert!(p["error"].as_str().unwrap().contains("Is a directory"), "{p}");
+}
