@@ -10,13 +10,37 @@ use serde_json::{Value, json};
 
 use pcibus::names::{Names, find_pci_ids};
 use pcibus::record::{Problem, ProblemKind};
+use pcibus::sysfs::bind::is_kernel_sysfs;
 use pcibus::{BlockingAttr, DeviceRecord, IdSource, PciAddress, Scan, Scanner, SysfsRoot};
+
+/// What the exit status means; shown by `--help`, repeated in the README.
+const EXIT_STATUS_HELP: &str = "\
+Exit status:
+  0    done; list and show read every attribute they asked for
+  1    error: the message on stderr says what and where
+  2    usage error (bad arguments)
+  3    list, show: printed, but some attributes asked for were not read (a guarded read
+       timed out or never started, or was skipped because the device's removal is
+       pending); those devices' problems say which. Attributes that were read but are
+       unreadable or malformed are problems too, but do not change the status.
+
+--sysfs ROOT that is not the kernel's sysfs (a fake tree or a copy): list, show and
+snapshot read it; bind and unbind write its files and check only what it shows (not this
+system's mounts); vfio info refuses it (its IOMMU groups are not this system's).";
+
+/// Exit status: every attribute asked for was read.
+const EXIT_COMPLETE: u8 = 0;
+/// Exit status: an error.
+const EXIT_ERROR: u8 = 1;
+/// Exit status: the scan ran but some guarded reads did not answer.
+const EXIT_INCOMPLETE: u8 = 3;
 
 #[derive(Parser)]
 #[command(
     name = "pcibus",
     version,
-    about = "PCI devices from sysfs, without blocking on devices being removed"
+    about = "PCI devices from sysfs, without blocking on devices being removed",
+    after_help = EXIT_STATUS_HELP
 )]
 struct Cli {
     /// Sysfs root to read (a live /sys or a fake tree). Default: $PCIBUS_SYSFS, else
@@ -155,13 +179,14 @@ fn main() {
     let code = std::panic::catch_unwind(move || {
         let root = cli.sysfs.clone().map_or_else(SysfsRoot::from_env, SysfsRoot::new);
         match run(cli, root) {
-            Ok(()) => 0,
+            Ok(Outcome::Complete) => EXIT_COMPLETE,
+            Ok(Outcome::Incomplete) => EXIT_INCOMPLETE,
             Err(e) => {
                 // A broken pipe (`pcibus list | head`) is not an error worth a message.
                 if e.downcast_ref::<io::Error>()
                     .is_some_and(|e| e.kind() == io::ErrorKind::BrokenPipe)
                 {
-                    return 0;
+                    return EXIT_COMPLETE;
                 }
                 let mut msg = format!("pcibus: {e}");
                 let mut source = e.source();
@@ -170,7 +195,7 @@ fn main() {
                     source = s.source();
                 }
                 eprintln!("{msg}");
-                1
+                EXIT_ERROR
             }
         }
     })
@@ -263,12 +288,60 @@ mod detach {
 
 type Error = Box<dyn std::error::Error>;
 
-fn run(cli: Cli, root: SysfsRoot) -> Result<(), Error> {
+/// How completely a command did what it was asked.
+enum Outcome {
+    Complete,
+    /// Some attributes asked for were not read: see [`unanswered`].
+    Incomplete,
+}
+
+/// Whether a problem means an attribute asked for was not read at all (as opposed to
+/// read and found bad): scripts must not take the listing as complete.
+fn unanswered(p: &Problem) -> bool {
+    matches!(
+        p.kind,
+        ProblemKind::TimedOut { .. }
+            | ProblemKind::NotStarted { .. }
+            | ProblemKind::RemovalPending
+            | ProblemKind::HeldOpen
+    )
+}
+
+fn outcome<'a>(mut problems: impl Iterator<Item = &'a Problem>) -> Outcome {
+    if problems.any(unanswered) {
+        Outcome::Incomplete
+    } else {
+        Outcome::Complete
+    }
+}
+
+// Devices under a root that is not the kernel's sysfs are not this system's: their IOMMU
+// group numbers name nothing in /dev/vfio, their disks are not in /proc/self/mounts.
+fn not_kernel_sysfs(root: &SysfsRoot) -> Option<String> {
+    (!is_kernel_sysfs(root)).then(|| {
+        format!(
+            "{} is not the kernel's sysfs (not a sysfs mount)",
+            root.path().display()
+        )
+    })
+}
+
+fn run(cli: Cli, root: SysfsRoot) -> Result<Outcome, Error> {
     let stdout = io::stdout();
     let mut out = io::BufWriter::new(stdout.lock());
+    let mut done = Outcome::Complete;
+    if let Command::Bind { .. } | Command::Unbind { .. } = cli.command
+        && let Some(why) = not_kernel_sysfs(&root)
+    {
+        eprintln!(
+            "pcibus: note: {why}: writing its files only; the in-use check sees what the tree \
+             shows, not this system's mounts"
+        );
+    }
     match cli.command {
         Command::List { json, scan } => {
             let scan = scan.scanner(root).scan()?;
+            done = outcome(scan.devices.iter().flat_map(|d| &d.problems));
             if json {
                 write_json_list(&mut out, &scan)?;
             } else {
@@ -291,6 +364,7 @@ fn run(cli: Cli, root: SysfsRoot) -> Result<(), Error> {
                 .into());
             };
             let details = pcibus::sysfs::details::read(scanner.root(), dev);
+            done = outcome(dev.problems.iter().chain(&details.problems));
             if json {
                 let mut v = device_json(dev);
                 v["details"] = details_json(&details);
@@ -319,6 +393,13 @@ fn run(cli: Cli, root: SysfsRoot) -> Result<(), Error> {
         Command::Vfio {
             command: VfioCommand::Info { address, json },
         } => {
+            if let Some(why) = not_kernel_sysfs(&root) {
+                return Err(format!(
+                    "vfio info needs the kernel's sysfs: {why}, so its IOMMU groups are not this \
+                     system's"
+                )
+                .into());
+            }
             let info = vfio_info(&root, address)?;
             if json {
                 serde_json::to_writer_pretty(&mut out, &info)?;
@@ -349,7 +430,7 @@ fn run(cli: Cli, root: SysfsRoot) -> Result<(), Error> {
         }
     }
     out.flush()?;
-    Ok(())
+    Ok(done)
 }
 
 // Entries that are not devices, and devices that went away, go to stderr: the listing
