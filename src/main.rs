@@ -500,7 +500,7 @@ fn describe(names: &Names, d: &DeviceRecord) -> String {
     let device = d.vendor.zip(d.device).and_then(|(v, dv)| names.device(v, dv));
     match (vendor, device) {
         (Some(v), Some(dv)) => format!("{class}: {v} {dv}"),
-        (Some(v), None) => format!("{class}: {v} DeviceRecord {}", opt(d.device)),
+        (Some(v), None) => format!("{class}: {v} Device {}", opt(d.device)),
         _ => class.to_owned(),
     }
 }
@@ -791,4 +791,25 @@ fn write_vfio_info(out: &mut impl Write, v: &Value) -> io::Result<()> {
         )?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pcibus::{ClassCode, DeviceId, VendorId};
+
+    #[test]
+    fn an_unnamed_device_is_described_as_lspci_does() {
+        let ids = "1b36  Red Hat, Inc.\n\t0001  QEMU PCI-PCI bridge\nC 01  Mass storage controller\n\t08  Non-Volatile memory controller\n";
+        let mut d = DeviceRecord::new("0000:01:00.0".parse().unwrap());
+        d.vendor = Some(VendorId(0x1b36));
+        d.device = Some(DeviceId(0x0010));
+        d.class = Some(ClassCode::from_parts(0x01, 0x08, 0x02));
+        let names =
+            Names::from_reader(ids.as_bytes(), [(VendorId(0x1b36), DeviceId(0x0010))], d.class).unwrap();
+        assert_eq!(
+            describe(&names, &d),
+            "Non-Volatile memory controller: Red Hat, Inc. Device 0010"
+        );
+    }
 }
