@@ -72,6 +72,9 @@ enum Command {
         scan: ScanArgs,
     },
     /// Bind a device to a kernel driver (driver_override + drivers_probe), e.g. vfio-pci.
+    ///
+    /// If the new driver does not take the device, driver_override is cleared and the old
+    /// driver binds it again; if that fails too, the error says where the device is.
     Bind {
         /// The device.
         address: PciAddress,
