@@ -610,6 +610,18 @@ mod tests {
     }
 
     #[test]
+    fn only_a_sysfs_mount_is_the_kernels_sysfs() {
+        let (t, root, _dev) = tree();
+        assert!(!is_kernel_sysfs(&root));
+        // /sys on any Linux machine that runs these tests (containers included).
+        let sys = SysfsRoot::new("/sys");
+        if sys.devices_dir().is_dir() {
+            assert!(is_kernel_sysfs(&sys));
+            assert!(!is_kernel_sysfs(&SysfsRoot::from_devices_dir(t.path())));
+        }
+    }
+
+    #[test]
     fn finds_block_devices_below_a_device() {
         let t = tempfile::tempdir().unwrap();
         let ns = t.path().join("nvme/nvme0/nvme0n1");
