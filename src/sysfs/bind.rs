@@ -175,8 +175,13 @@ pub struct Binding {
 }
 
 /// Whether `root` is the kernel's sysfs (its root and devices directory are sysfs
-/// mounts), not a fake tree or a copy. Only then do devices under it correspond to this
-/// system's `/dev`, `/proc/self/mounts` and `/dev/vfio`.
+/// mounts: `statfs` reports `SYSFS_MAGIC`), not a fake tree or a copy. Only then do
+/// devices under it correspond to this system's `/dev`, `/proc/self/mounts` and
+/// `/dev/vfio`.
+///
+/// Any sysfs mount qualifies, wherever it is mounted: there is one kernel, and a sysfs
+/// mounted in another network namespace (a container's, or the host's bind-mounted into
+/// one) differs only in `class/net`, not in its PCI devices or IOMMU groups.
 pub fn is_kernel_sysfs(root: &SysfsRoot) -> bool {
     use nix::sys::statfs::{SYSFS_MAGIC, statfs};
     [root.path(), root.devices_dir()]
