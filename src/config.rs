@@ -222,8 +222,10 @@ pub struct ConfigHeader {
     pub subsystem_vendor: Option<VendorId>,
     /// Subsystem device id: at 0x2e (type 0) or 0x42 (type 2); see `subsystem_vendor`.
     pub subsystem_device: Option<DeviceId>,
-    /// Offset of the first standard capability (0x34, low two bits cleared), only when the
-    /// status register says there is a capability list (bit 4). It may be 0 or point
+    /// Offset of the first standard capability (low two bits cleared), only when the
+    /// status register says there is a capability list (bit 4) and the layout is known:
+    /// read at 0x34 in type 0 and 1 headers and at 0x14 in a type 2 (CardBus) header, as
+    /// the kernel and lspci do; `None` for other header types. It may be 0 or point
     /// anywhere; [`capabilities`] checks it.
     pub capabilities_pointer: Option<u8>,
     /// Interrupt line (0x3c): the IRQ routing the firmware wrote, not the Linux IRQ.
@@ -281,6 +283,14 @@ pub fn parse_header(bytes: &[u8]) -> Result<ConfigHeader, ParseError> {
         2 => (u16_at(bytes, 0x40), u16_at(bytes, 0x42)),
         _ => (None, None),
     };
+    let capabilities_pointer = match header_type {
+        0 | 1 => Some(b(0x34)),
+        // In a CardBus header 0x34 is I/O base 1; the pointer sits at 0x14.
+        2 => Some(b(0x14)),
+        _ => None,
+    }
+    .filter(|_| status & STATUS_CAP_LIST != 0)
+    .map(|p| p & !3);
     Ok(ConfigHeader {
         vendor: VendorId(w(0x00)),
         device: DeviceId(w(0x02)),
@@ -295,7 +305,7 @@ pub fn parse_header(bytes: &[u8]) -> Result<ConfigHeader, ParseError> {
         bist: b(0x0f),
         subsystem_vendor: subsystem_vendor.map(VendorId),
         subsystem_device: subsystem_device.map(DeviceId),
-        capabilities_pointer: (status & STATUS_CAP_LIST != 0).then(|| b(0x34) & !3),
+        capabilities_pointer,
         interrupt_line: b(0x3c),
         interrupt_pin: b(0x3d),
     })
@@ -355,11 +365,13 @@ fn walk_capabilities(bytes: &[u8], mut found: impl FnMut(Capability) -> bool) ->
     Ok(())
 }
 
-/// The standard capability list, in list order, from the pointer at 0x34.
+/// The standard capability list, in list order, from the header's pointer (0x34, or 0x14
+/// in a CardBus header: see [`ConfigHeader::capabilities_pointer`]).
 ///
 /// Rules:
 ///
-/// * No capability list (status bit 4 clear) or a zero pointer: empty.
+/// * No capability list (status bit 4 clear), a header type other than 0, 1 and 2, or a
+///   zero pointer: empty.
 /// * Pointers have their low two bits cleared.
 /// * A pointer below 0x40 (into the header) is a `Malformed` error; so is a list that
 ///   comes back to a capability already visited (a loop). Since there are 48 dword slots
@@ -936,14 +948,16 @@ mod tests {
         assert_eq!(link_speed_from_code(5), Some(LinkSpeed(32000)));
     }
 
-    /// Buffers that often have a capability list: a valid header with random content.
+    /// Buffers that often have a capability list: a valid header of type 0, 1 or 2 (the
+    /// high bit random) with random content and the pointer where that type keeps it.
     fn header_like() -> impl Strategy<Value = Vec<u8>> {
-        (prop::collection::vec(any::<u8>(), 0..=4200), any::<u8>()).prop_map(|(mut b, p)| {
+        (prop::collection::vec(any::<u8>(), 0..=4200), any::<u8>(), 0u8..3).prop_map(|(mut b, p, t)| {
             if b.len() >= 64 {
                 b[0] = 0x86;
                 b[1] = 0x80;
                 b[6] |= 0x10;
-                b[0x34] = p;
+                b[0x0e] = (b[0x0e] & 0x80) | t;
+                b[if t == 2 { 0x14 } else { 0x34 }] = p;
             }
             b
         })
@@ -1040,5 +1054,63 @@ mod vf_tests {
     #[test]
     fn only_all_ones_is_gone() {
         assert!(is_device_gone(&parse_header(&[0xff; 64]).unwrap_err()));
+    }
+}
+
+#[cfg(test)]
+mod cardbus_tests {
+    use super::*;
+
+    /// The configuration space of a TI PCI1510 CardBus bridge (header type 2), as a laptop
+    /// reports it: capabilities pointer at 0x14 (0xa0, Power Management), and at 0x34 the
+    /// low byte of I/O base 1 (0x00), where a type 0 or 1 header keeps its pointer.
+    pub(crate) fn ti_pci1510() -> Vec<u8> {
+        let mut b = vec![0u8; 256];
+        let head: [u8; 0x48] = [
+            0x4c, 0x10, 0x56, 0xac, 0x07, 0x00, 0x10, 0x02, 0x00, 0x00, 0x07, 0x06, 0x08, 0xa8, 0x02,
+            0x00, //
+            0x00, 0x00, 0x00, 0xc0, 0xa0, 0x00, 0x00, 0x02, 0x02, 0x03, 0x06, 0xb0, 0x00, 0x00, 0x00,
+            0x88, //
+            0x00, 0xf0, 0xff, 0x8b, 0x00, 0x00, 0x00, 0x8c, 0x00, 0xf0, 0xff, 0x8f, 0x00, 0x40, 0x00,
+            0x00, //
+            0xfc, 0x40, 0x00, 0x00, 0x00, 0x44, 0x00, 0x00, 0xfc, 0x44, 0x00, 0x00, 0x0b, 0x01, 0x80,
+            0x05, //
+            0x3c, 0x10, 0x2d, 0x30, 0x01, 0x00, 0x00, 0x00,
+        ];
+        b[..head.len()].copy_from_slice(&head);
+        // PM capability, version 2, last in the list; D1 and D2 supported, PME from D0-D3hot.
+        b[0xa0..0xa8].copy_from_slice(&[0x01, 0x00, 0x02, 0x7e, 0x00, 0x00, 0x00, 0x00]);
+        b
+    }
+
+    #[test]
+    fn a_cardbus_bridge_keeps_its_capability_pointer_at_0x14() {
+        let b = ti_pci1510();
+        let h = parse_header(&b).unwrap();
+        assert_eq!((h.vendor.0, h.device.0, h.header_type), (0x104c, 0xac56, 2));
+        assert_eq!(h.capabilities_pointer, Some(0xa0));
+        assert_eq!(
+            capabilities(&b).unwrap(),
+            [Capability {
+                id: cap_id::PM,
+                offset: 0xa0
+            }]
+        );
+        assert_eq!(find_capability(&b, cap_id::PM), Some(0xa0));
+        // A value at 0x34 (I/O base 1 here) is not a pointer in this layout.
+        let mut b = ti_pci1510();
+        b[0x34] = 0x80;
+        assert_eq!(capabilities(&b).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn unknown_header_layouts_have_no_capability_list() {
+        // The kernel (pci_bus_find_cap_start) and lspci walk no list for header types
+        // other than 0, 1 and 2: where the pointer would be is unknown.
+        let mut b = ti_pci1510();
+        b[0x0e] = 0x03;
+        b[0x34] = 0xa0;
+        assert_eq!(parse_header(&b).unwrap().capabilities_pointer, None);
+        assert_eq!(capabilities(&b).unwrap(), []);
     }
 }

@@ -9,13 +9,38 @@ use clap::{Parser, Subcommand, ValueEnum};
 use serde_json::{Value, json};
 
 use pcibus::names::{Names, find_pci_ids};
+use pcibus::record::{Problem, ProblemKind};
+use pcibus::sysfs::bind::is_kernel_sysfs;
 use pcibus::{BlockingAttr, DeviceRecord, IdSource, PciAddress, Scan, Scanner, SysfsRoot};
+
+/// What the exit status means; shown by `--help`, repeated in the README.
+const EXIT_STATUS_HELP: &str = "\
+Exit status:
+  0    done; list and show read every attribute they asked for
+  1    error: the message on stderr says what and where
+  2    usage error (bad arguments)
+  3    list, show: printed, but some attributes asked for were not read (a guarded read
+       timed out or never started, or was skipped because the device's removal is
+       pending); those devices' problems say which. Attributes that were read but are
+       unreadable or malformed are problems too, but do not change the status.
+
+--sysfs ROOT that is not the kernel's sysfs (a fake tree or a copy): list, show and
+snapshot read it; bind and unbind write its files and check only what it shows (not this
+system's mounts); vfio info refuses it (its IOMMU groups are not this system's).";
+
+/// Exit status: every attribute asked for was read.
+const EXIT_COMPLETE: u8 = 0;
+/// Exit status: an error.
+const EXIT_ERROR: u8 = 1;
+/// Exit status: the scan ran but some guarded reads did not answer.
+const EXIT_INCOMPLETE: u8 = 3;
 
 #[derive(Parser)]
 #[command(
     name = "pcibus",
     version,
-    about = "PCI devices from sysfs, without blocking on devices being removed"
+    about = "PCI devices from sysfs, without blocking on devices being removed",
+    after_help = EXIT_STATUS_HELP
 )]
 struct Cli {
     /// Sysfs root to read (a live /sys or a fake tree). Default: $PCIBUS_SYSFS, else
@@ -47,6 +72,9 @@ enum Command {
         scan: ScanArgs,
     },
     /// Bind a device to a kernel driver (driver_override + drivers_probe), e.g. vfio-pci.
+    ///
+    /// If the new driver does not take the device, driver_override is cleared and the old
+    /// driver binds it again; if that fails too, the error says where the device is.
     Bind {
         /// The device.
         address: PciAddress,
@@ -154,13 +182,14 @@ fn main() {
     let code = std::panic::catch_unwind(move || {
         let root = cli.sysfs.clone().map_or_else(SysfsRoot::from_env, SysfsRoot::new);
         match run(cli, root) {
-            Ok(()) => 0,
+            Ok(Outcome::Complete) => EXIT_COMPLETE,
+            Ok(Outcome::Incomplete) => EXIT_INCOMPLETE,
             Err(e) => {
                 // A broken pipe (`pcibus list | head`) is not an error worth a message.
                 if e.downcast_ref::<io::Error>()
                     .is_some_and(|e| e.kind() == io::ErrorKind::BrokenPipe)
                 {
-                    return 0;
+                    return EXIT_COMPLETE;
                 }
                 let mut msg = format!("pcibus: {e}");
                 let mut source = e.source();
@@ -169,7 +198,7 @@ fn main() {
                     source = s.source();
                 }
                 eprintln!("{msg}");
-                1
+                EXIT_ERROR
             }
         }
     })
@@ -262,12 +291,60 @@ mod detach {
 
 type Error = Box<dyn std::error::Error>;
 
-fn run(cli: Cli, root: SysfsRoot) -> Result<(), Error> {
+/// How completely a command did what it was asked.
+enum Outcome {
+    Complete,
+    /// Some attributes asked for were not read: see [`unanswered`].
+    Incomplete,
+}
+
+/// Whether a problem means an attribute asked for was not read at all (as opposed to
+/// read and found bad): scripts must not take the listing as complete.
+fn unanswered(p: &Problem) -> bool {
+    matches!(
+        p.kind,
+        ProblemKind::TimedOut { .. }
+            | ProblemKind::NotStarted { .. }
+            | ProblemKind::RemovalPending
+            | ProblemKind::HeldOpen
+    )
+}
+
+fn outcome<'a>(mut problems: impl Iterator<Item = &'a Problem>) -> Outcome {
+    if problems.any(unanswered) {
+        Outcome::Incomplete
+    } else {
+        Outcome::Complete
+    }
+}
+
+// Devices under a root that is not the kernel's sysfs are not this system's: their IOMMU
+// group numbers name nothing in /dev/vfio, their disks are not in /proc/self/mounts.
+fn not_kernel_sysfs(root: &SysfsRoot) -> Option<String> {
+    (!is_kernel_sysfs(root)).then(|| {
+        format!(
+            "{} is not the kernel's sysfs (not a sysfs mount)",
+            root.path().display()
+        )
+    })
+}
+
+fn run(cli: Cli, root: SysfsRoot) -> Result<Outcome, Error> {
     let stdout = io::stdout();
     let mut out = io::BufWriter::new(stdout.lock());
+    let mut done = Outcome::Complete;
+    if let Command::Bind { .. } | Command::Unbind { .. } = cli.command
+        && let Some(why) = not_kernel_sysfs(&root)
+    {
+        eprintln!(
+            "pcibus: note: {why}: writing its files only; the in-use check sees what the tree \
+             shows, not this system's mounts"
+        );
+    }
     match cli.command {
         Command::List { json, scan } => {
             let scan = scan.scanner(root).scan()?;
+            done = outcome(scan.devices.iter().flat_map(|d| &d.problems));
             if json {
                 write_json_list(&mut out, &scan)?;
             } else {
@@ -290,6 +367,7 @@ fn run(cli: Cli, root: SysfsRoot) -> Result<(), Error> {
                 .into());
             };
             let details = pcibus::sysfs::details::read(scanner.root(), dev);
+            done = outcome(dev.problems.iter().chain(&details.problems));
             if json {
                 let mut v = device_json(dev);
                 v["details"] = details_json(&details);
@@ -318,6 +396,13 @@ fn run(cli: Cli, root: SysfsRoot) -> Result<(), Error> {
         Command::Vfio {
             command: VfioCommand::Info { address, json },
         } => {
+            if let Some(why) = not_kernel_sysfs(&root) {
+                return Err(format!(
+                    "vfio info needs the kernel's sysfs: {why}, so its IOMMU groups are not this \
+                     system's"
+                )
+                .into());
+            }
             let info = vfio_info(&root, address)?;
             if json {
                 serde_json::to_writer_pretty(&mut out, &info)?;
@@ -348,7 +433,7 @@ fn run(cli: Cli, root: SysfsRoot) -> Result<(), Error> {
         }
     }
     out.flush()?;
-    Ok(())
+    Ok(done)
 }
 
 // Entries that are not devices, and devices that went away, go to stderr: the listing
@@ -418,7 +503,7 @@ fn describe(names: &Names, d: &DeviceRecord) -> String {
     let device = d.vendor.zip(d.device).and_then(|(v, dv)| names.device(v, dv));
     match (vendor, device) {
         (Some(v), Some(dv)) => format!("{class}: {v} {dv}"),
-        (Some(v), None) => format!("{class}: {v} DeviceRecord {}", opt(d.device)),
+        (Some(v), None) => format!("{class}: {v} Device {}", opt(d.device)),
         _ => class.to_owned(),
     }
 }
@@ -444,10 +529,26 @@ fn device_json(d: &DeviceRecord) -> Value {
             "kind": b.kind.to_string(),
             "prefetchable": b.prefetchable,
         })).collect::<Vec<_>>(),
-        "problems": d.problems.iter().map(|p| json!({
-            "attribute": p.attribute,
-            "error": p.kind.to_string(),
-        })).collect::<Vec<_>>(),
+        "problems": d.problems.iter().map(problem_json).collect::<Vec<_>>(),
+    })
+}
+
+// `kind` and `errno` are for scripts: match on them, not on the message.
+fn problem_json(p: &Problem) -> Value {
+    let kind = match &p.kind {
+        ProblemKind::Parse(_) => "parse",
+        ProblemKind::Io { .. } => "io",
+        ProblemKind::TimedOut { .. } => "timed_out",
+        ProblemKind::NotStarted { .. } => "not_started",
+        ProblemKind::RemovalPending => "removal_pending",
+        ProblemKind::HeldOpen => "held_open",
+        _ => "other",
+    };
+    json!({
+        "attribute": p.attribute,
+        "kind": kind,
+        "errno": p.kind.raw_os_error(),
+        "error": p.kind.to_string(),
     })
 }
 
@@ -474,7 +575,7 @@ fn details_json(x: &pcibus::sysfs::details::Details) -> Value {
         "max_link": x.max_link.map(link_json),
         "modalias": x.modalias,
         "local_cpus": x.local_cpus,
-        "problems": x.problems.iter().map(|p| json!({"attribute": p.attribute, "error": p.kind.to_string()})).collect::<Vec<_>>(),
+        "problems": x.problems.iter().map(problem_json).collect::<Vec<_>>(),
     })
 }
 
@@ -693,4 +794,25 @@ fn write_vfio_info(out: &mut impl Write, v: &Value) -> io::Result<()> {
         )?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pcibus::{ClassCode, DeviceId, VendorId};
+
+    #[test]
+    fn an_unnamed_device_is_described_as_lspci_does() {
+        let ids = "1b36  Red Hat, Inc.\n\t0001  QEMU PCI-PCI bridge\nC 01  Mass storage controller\n\t08  Non-Volatile memory controller\n";
+        let mut d = DeviceRecord::new("0000:01:00.0".parse().unwrap());
+        d.vendor = Some(VendorId(0x1b36));
+        d.device = Some(DeviceId(0x0010));
+        d.class = Some(ClassCode::from_parts(0x01, 0x08, 0x02));
+        let names =
+            Names::from_reader(ids.as_bytes(), [(VendorId(0x1b36), DeviceId(0x0010))], d.class).unwrap();
+        assert_eq!(
+            describe(&names, &d),
+            "Non-Volatile memory controller: Red Hat, Inc. Device 0010"
+        );
+    }
 }

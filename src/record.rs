@@ -114,11 +114,15 @@ impl fmt::Display for Problem {
 pub enum ProblemKind {
     /// The text did not parse.
     Parse(ParseError),
-    /// Reading it failed.
+    /// Reading it failed. Match on `errno` (or `kind`) rather than on the message:
+    /// `ENODEV` or `ENOENT` from a device going away, `EIO` from one that does not answer.
     Io {
         /// The error's kind.
         kind: io::ErrorKind,
-        /// The error's message.
+        /// The OS error number (`io::Error::raw_os_error`), when the error came from the
+        /// kernel; `None` for errors pcibus made up (an attribute larger than expected).
+        errno: Option<i32>,
+        /// The error's message, as `io::Error` displays it.
         message: String,
     },
     /// A guarded read started but did not return by its deadline: it is stuck in the
@@ -142,11 +146,35 @@ pub enum ProblemKind {
 }
 
 impl ProblemKind {
-    pub(crate) fn io(e: &io::Error) -> Self {
+    /// The problem of a failed read: keeps the error's kind, errno and message.
+    pub fn io(e: &io::Error) -> Self {
         ProblemKind::Io {
             kind: e.kind(),
+            errno: e.raw_os_error(),
             message: e.to_string(),
         }
+    }
+
+    /// The OS error number of an [`ProblemKind::Io`] problem, if it has one.
+    pub fn raw_os_error(&self) -> Option<i32> {
+        match self {
+            ProblemKind::Io { errno, .. } => *errno,
+            _ => None,
+        }
+    }
+
+    /// The error kind of an [`ProblemKind::Io`] problem.
+    pub fn io_kind(&self) -> Option<io::ErrorKind> {
+        match self {
+            ProblemKind::Io { kind, .. } => Some(*kind),
+            _ => None,
+        }
+    }
+}
+
+impl From<io::Error> for ProblemKind {
+    fn from(e: io::Error) -> Self {
+        ProblemKind::io(&e)
     }
 }
 
@@ -165,5 +193,33 @@ impl fmt::Display for ProblemKind {
             ProblemKind::RemovalPending => f.write_str("not read: removal pending"),
             ProblemKind::HeldOpen => f.write_str("not read: this process holds the device open through vfio"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nix::errno::Errno;
+
+    #[test]
+    fn an_io_problem_keeps_the_errno() {
+        let e = io::Error::from_raw_os_error(Errno::ENODEV as i32);
+        let k = ProblemKind::io(&e);
+        assert!(matches!(
+            k,
+            ProblemKind::Io {
+                errno: Some(n),
+                ..
+            } if n == Errno::ENODEV as i32
+        ));
+        assert_eq!(k.raw_os_error(), Some(Errno::ENODEV as i32));
+        assert_eq!(k.io_kind(), Some(e.kind()));
+        assert_eq!(k.to_string(), e.to_string());
+        // Built by value, and from an error that has no errno.
+        let k = ProblemKind::from(io::Error::other("larger than 1 MiB"));
+        assert_eq!(k.raw_os_error(), None);
+        assert_eq!(k.io_kind(), Some(io::ErrorKind::Other));
+        assert_eq!(k.to_string(), "larger than 1 MiB");
+        assert_eq!(ProblemKind::HeldOpen.raw_os_error(), None);
     }
 }

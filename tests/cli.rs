@@ -123,7 +123,7 @@ fn an_unusable_root_is_one_clear_line_and_a_failure() {
 }
 
 #[test]
-fn a_hostile_tree_lists_with_exit_0_and_no_hang() {
+fn a_hostile_tree_lists_and_does_not_hang() {
     let fake = FakeSysfs::new().unwrap();
     fake.device("0000:00:02.0")
         .fifo("uevent")
@@ -144,17 +144,15 @@ fn a_hostile_tree_lists_with_exit_0_and_no_hang() {
     fake.device("0000:00:06.0").create().unwrap();
     fake.remove_device("0000:00:06.0").unwrap();
     let t0 = Instant::now();
-    for args in [
-        &["list"][..],
-        &["list", "--json"],
-        &["list", "--read", "all", "--timeout", "100"],
+    // Bad attributes are problems in the listing (exit 0); the FIFOs asked for with
+    // --read all do not answer (exit 3).
+    for (args, want) in [
+        (&["list"][..], 0),
+        (&["list", "--json"], 0),
+        (&["list", "--read", "all", "--timeout", "100"], 3),
     ] {
         let o = pcibus(fake.root(), args);
-        assert!(
-            o.status.success(),
-            "{args:?}: {}",
-            String::from_utf8_lossy(&o.stderr)
-        );
+        assert_eq!(code(&o), want, "{args:?}: {}", String::from_utf8_lossy(&o.stderr));
         let err = String::from_utf8_lossy(&o.stderr);
         assert!(err.contains("ignored \"junk\""), "{err}");
         assert!(err.contains("0000:00:06.0 vanished"), "{err}");
@@ -207,4 +205,171 @@ fn snapshot_round_trips_a_tree() {
     let a = stdout(&pcibus(fake.root(), &["list", "--json", "--read", "all"]));
     let b = stdout(&pcibus(again.root(), &["list", "--json", "--read", "all"]));
     assert_eq!(a, b);
+}
+
+#[test]
+fn show_lists_a_cardbus_bridges_capabilities() {
+    // A type 2 header keeps its capabilities pointer at 0x14, not 0x34.
+    let fake = fixture("cardbus-ti-pci1510.pcifix");
+    let v: Value =
+        serde_json::from_str(&stdout(&pcibus(fake.root(), &["show", "02:06.0", "--json"]))).unwrap();
+    assert_eq!(
+        (v["vendor"].clone(), v["device"].clone()),
+        (0x104c.into(), 0xac56.into())
+    );
+    assert_eq!(
+        v["details"]["capabilities"],
+        serde_json::json!([{"id": 1, "offset": 0xa0, "name": "Power Management"}])
+    );
+    let out = stdout(&pcibus(fake.root(), &["show", "02:06.0"]));
+    assert!(out.contains("capability 0x01 Power Management at 0xa0"), "{out}");
+}
+
+#[test]
+fn json_problems_carry_the_errno() {
+    // Scripts match on the errno, not on the message's wording.
+    let fake = FakeSysfs::new().unwrap();
+    let dir = fake.device("0000:00:02.0").without("numa_node").create().unwrap();
+    std::fs::create_dir(dir.join("numa_node")).unwrap();
+    let v: Value = serde_json::from_str(&stdout(&pcibus(fake.root(), &["list", "--json"]))).unwrap();
+    let p = &v[0]["problems"][0];
+    assert_eq!(p["attribute"], "numa_node");
+    assert_eq!(p["kind"], "io", "{p}");
+    assert_eq!(p["errno"], 21, "EISDIR: {p}");
+    assert!(p["error"].as_str().unwrap().contains("Is a directory"), "{p}");
+}
+
+fn code(o: &Output) -> i32 {
+    o.status.code().unwrap_or(-1)
+}
+
+#[test]
+fn vfio_info_refuses_a_root_that_is_not_the_kernels_sysfs() {
+    // Its IOMMU group numbers are not this system's /dev/vfio/N.
+    let fake = fixture("qemu-q35-sriov-nvme.pcifix");
+    let o = pcibus(fake.root(), &["vfio", "info", "01:00.0"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(code(&o), 1, "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.contains(&fake.root().display().to_string()), "{err}");
+    assert!(err.contains("is not the kernel's sysfs"), "{err}");
+    assert!(
+        !err.contains("/dev/vfio"),
+        "nothing of the host was opened: {err}"
+    );
+}
+
+// A disk this machine has mounted, by the name sysfs would give it ("vda", "nvme0n1p2").
+fn a_host_mounted_disk() -> Option<String> {
+    let mounts = std::fs::read_to_string("/proc/self/mounts").ok()?;
+    mounts.lines().find_map(|l| {
+        let name = l.split_whitespace().next()?.strip_prefix("/dev/")?;
+        name.bytes()
+            .all(|b| b.is_ascii_alphanumeric())
+            .then(|| name.to_owned())
+    })
+}
+
+#[test]
+fn unbind_on_a_fake_tree_writes_its_files_and_ignores_the_hosts_mounts() {
+    let disk = a_host_mounted_disk().unwrap_or_else(|| "nvme0n1".into());
+    let fake = FakeSysfs::new().unwrap();
+    let dir = fake
+        .device("0000:01:00.0")
+        .class(0x010802)
+        .driver("nvme")
+        .create()
+        .unwrap();
+    std::fs::create_dir_all(dir.join("block").join(&disk)).unwrap();
+    let o = pcibus(fake.root(), &["unbind", "01:00.0"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(code(&o), 0, "{err}");
+    assert_eq!(
+        String::from_utf8_lossy(&o.stdout),
+        "0000:01:00.0: unbound from nvme\n"
+    );
+    assert!(err.contains("is not the kernel's sysfs"), "{err}");
+    assert!(err.contains("mounts"), "{err}");
+    assert_eq!(
+        std::fs::read_to_string(fake.root().join("bus/pci/drivers/nvme/unbind")).unwrap(),
+        "0000:01:00.0"
+    );
+    // What the tree itself shows still counts.
+    let fake = FakeSysfs::new().unwrap();
+    let dir = fake.device("0000:01:00.0").driver("nvme").create().unwrap();
+    std::fs::create_dir_all(dir.join("block/nvme0n1")).unwrap();
+    std::fs::create_dir_all(fake.root().join("class/block/nvme0n1/holders/dm-0")).unwrap();
+    let o = pcibus(fake.root(), &["unbind", "01:00.0"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(code(&o), 1, "{err}");
+    assert!(err.contains("block device nvme0n1 has holders"), "{err}");
+}
+
+#[test]
+fn exit_3_when_guarded_reads_do_not_answer() {
+    // Scripts must be able to tell a complete listing from one with holes.
+    let fake = fixture("qemu-q35-sriov-nvme.pcifix");
+    for args in [
+        &["list", "--read", "all", "--timeout", "100"][..],
+        &["list", "--json", "--read", "all"],
+        &["show", "01:00.0", "--json"],
+    ] {
+        let o = pcibus(fake.root(), args);
+        assert_eq!(code(&o), 0, "{args:?}: {}", String::from_utf8_lossy(&o.stderr));
+    }
+    let fake = FakeSysfs::new().unwrap();
+    fake.device("0000:00:02.0").create().unwrap();
+    fake.device("0000:00:03.0")
+        .sriov_totalvfs(4)
+        .fifo("sriov_numvfs")
+        .fifo("uevent")
+        .create()
+        .unwrap();
+    let t0 = Instant::now();
+    let o = pcibus(
+        fake.root(),
+        &["list", "--json", "--read", "all", "--timeout", "100"],
+    );
+    assert!(t0.elapsed() < Duration::from_secs(5), "{:?}", t0.elapsed());
+    assert_eq!(code(&o), 3, "{}", String::from_utf8_lossy(&o.stderr));
+    let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(
+        v.as_array().unwrap().len(),
+        2,
+        "the listing is printed all the same"
+    );
+    let kinds: Vec<&str> = v[1]["problems"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["kind"].as_str().unwrap())
+        .collect();
+    assert!(
+        kinds.iter().all(|k| ["timed_out", "not_started"].contains(k)),
+        "{kinds:?}"
+    );
+    assert!(!kinds.is_empty());
+    let o = pcibus(fake.root(), &["show", "00:03.0", "--timeout", "100"]);
+    assert_eq!(code(&o), 3, "{}", String::from_utf8_lossy(&o.stderr));
+    // Without --read the FIFOs are not asked for: complete.
+    assert_eq!(code(&pcibus(fake.root(), &["list"])), 0);
+}
+
+#[test]
+fn help_documents_the_exit_status() {
+    let o = Command::new(env!("CARGO_BIN_EXE_pcibus"))
+        .arg("--help")
+        .output()
+        .unwrap();
+    let help = stdout(&o);
+    for want in [
+        "Exit status:",
+        "  0 ",
+        "  1 ",
+        "  2 ",
+        "  3 ",
+        "not the kernel's sysfs",
+    ] {
+        assert!(help.contains(want), "missing {want:?} in\n{help}");
+    }
 }

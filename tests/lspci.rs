@@ -96,10 +96,79 @@ fn assert_agree(what: &str, ours: &[DeviceRecord], theirs: &BTreeMap<String, BTr
     }
 }
 
+// The DPDK legacy tree has no config files, which lspci needs.
+const FIXTURES: [&str; 3] = [
+    "this-machine.pcifix",
+    "qemu-q35-sriov-nvme.pcifix",
+    "cardbus-ti-pci1510.pcifix",
+];
+
+/// The capability offsets lspci -vvv prints, by slot: standard (`Capabilities: [a0] ...`)
+/// and extended (`Capabilities: [100 v1] ...`), each in list order.
+type CapOffsets = BTreeMap<String, (Vec<u16>, Vec<u16>)>;
+
+fn lspci_capabilities(extra: &[&str]) -> Option<CapOffsets> {
+    let out = Command::new("lspci")
+        .args(extra)
+        .args(["-vvv", "-D"])
+        .output()
+        .ok()?;
+    assert!(out.status.success(), "lspci failed");
+    let text = String::from_utf8(out.stdout).unwrap();
+    let mut caps = CapOffsets::new();
+    let mut slot = None;
+    for line in text.lines() {
+        if !line.starts_with(char::is_whitespace) && !line.is_empty() {
+            let s = line.split_whitespace().next().unwrap().to_owned();
+            caps.entry(s.clone()).or_default();
+            slot = Some(s);
+            continue;
+        }
+        let Some(rest) = line.trim_start().strip_prefix("Capabilities: [") else {
+            continue;
+        };
+        let Some((inside, _)) = rest.split_once(']') else {
+            continue;
+        };
+        let entry = caps.get_mut(slot.as_ref().unwrap()).unwrap();
+        match inside.split_once(' ') {
+            Some((offset, _version)) => entry.1.push(u16::from_str_radix(offset, 16).unwrap()),
+            None => entry.0.push(u16::from_str_radix(inside, 16).unwrap()),
+        }
+    }
+    Some(caps)
+}
+
+#[test]
+fn fixture_capabilities_agree_with_lspci() {
+    for name in FIXTURES {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures").join(name);
+        let fake = FakeSysfs::from_fixture_file(path).unwrap();
+        let sysfs_path = format!("sysfs.path={}", fake.root().join("bus/pci").display());
+        if lspci(&["-A", "linux-sysfs", "-O", &sysfs_path]).is_none() {
+            return;
+        }
+        let theirs = lspci_capabilities(&["-A", "linux-sysfs", "-O", &sysfs_path]).unwrap();
+        let root = SysfsRoot::new(fake.root());
+        let ours = Scanner::new(root.clone()).scan().unwrap();
+        for d in &ours.devices {
+            let x = pcibus::sysfs::details::read(&root, d);
+            let ctx = format!("{name} {}", d.address);
+            assert!(x.problems.is_empty(), "{ctx}: {:?}", x.problems);
+            let standard: Vec<u16> = x.capabilities.iter().map(|c| c.offset.into()).collect();
+            let extended: Vec<u16> = x.extended_capabilities.iter().map(|c| c.offset).collect();
+            assert_eq!(
+                (standard, extended),
+                theirs[&d.address.to_string()],
+                "{ctx}: capability offsets (standard, extended)"
+            );
+        }
+    }
+}
+
 #[test]
 fn fixtures_agree_with_lspci() {
-    // The DPDK legacy tree has no config files, which lspci needs.
-    for name in ["this-machine.pcifix", "qemu-q35-sriov-nvme.pcifix"] {
+    for name in FIXTURES {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures").join(name);
         let fake = FakeSysfs::from_fixture_file(path).unwrap();
         let sysfs_path = format!("sysfs.path={}", fake.root().join("bus/pci").display());

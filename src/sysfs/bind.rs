@@ -4,14 +4,26 @@
 //! Writes to `driver_override`, `unbind` and `drivers_probe` take the device lock; these
 //! functions are for setup, not for a process that may be holding a device whose removal
 //! is pending.
+//!
+//! # Trees that are not the kernel's sysfs
+//!
+//! On a fake tree (a [`SysfsRoot`] that is not a sysfs mount, see [`is_kernel_sysfs`])
+//! these functions write the tree's files like the kernel's and check what the tree
+//! shows (interfaces up, holders), but they do not look up the tree's block devices in
+//! this system's `/proc/self/mounts`: a fake `nvme0n1` is not the host's.
 
+use std::fmt;
 use std::io;
 use std::path::{Path, PathBuf};
 
-use crate::PciAddress;
+use crate::addr::PciAddress;
 use crate::sysfs::scan::SysfsRoot;
 
 /// Why a binding did not happen.
+///
+/// Every error that [`bind`] returns after it changed something comes after a rollback
+/// that put the device back on its previous driver with `driver_override` cleared, except
+/// [`BindError::RollbackFailed`], which says where the device was left.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum BindError {
@@ -20,18 +32,23 @@ pub enum BindError {
     NoDevice(PciAddress),
     /// The driver is not registered with the PCI bus (its module is not loaded). Nothing
     /// was changed.
-    #[error("driver {0} is not loaded (modprobe {0}); {1} left as it was")]
-    NoDriver(String, PciAddress),
-    /// The device is in use by the host and `force` was not given.
-    #[error("{address} is in use: {reason} (use --force to take it anyway)")]
+    #[error("driver {driver} is not loaded (modprobe {driver}); {address} left as it was")]
+    NoDriver {
+        /// The driver asked for.
+        driver: String,
+        /// The device.
+        address: PciAddress,
+    },
+    /// The device is in use by the host and `force` was not given. Nothing was changed.
+    #[error("{address} is in use: {} (use --force to take it anyway)", list(.uses))]
     InUse {
         /// The device.
         address: PciAddress,
-        /// What uses it.
-        reason: String,
+        /// What uses it, at least one entry.
+        uses: Vec<Use>,
     },
     /// A sysfs write failed.
-    #[error("write {value:?} to {}", path.display())]
+    #[error("cannot write {value:?} to {}", path.display())]
     Write {
         /// The file.
         path: PathBuf,
@@ -42,17 +59,108 @@ pub enum BindError {
         source: io::Error,
     },
     /// The probe ran but the device did not end up on the driver.
-    #[error("{address} is on {} after probing, not {driver}{hint}", got.as_deref().unwrap_or("no driver"))]
+    #[error(
+        "{address} is on {} after probing, not {driver}: {}{}",
+        .got.as_deref().unwrap_or("no driver"),
+        if .probe.is_some() { "writing drivers_probe failed" } else { "the driver did not take it (see dmesg)" },
+        if *.needs_enable_sriov { SRIOV_HINT } else { "" }
+    )]
     NotBound {
         /// The device.
         address: PciAddress,
         /// The driver wanted.
         driver: String,
-        /// The driver it is on.
+        /// The driver it was on after the probe.
         got: Option<String>,
-        /// Advice.
-        hint: String,
+        /// The error of the `drivers_probe` write, if it failed.
+        #[source]
+        probe: Option<io::Error>,
+        /// The device is an SR-IOV PF, the driver is vfio-pci, and vfio-pci was loaded
+        /// without `enable_sriov=Y`.
+        needs_enable_sriov: bool,
     },
+    /// The bind failed after the previous driver had been unbound (or the override set),
+    /// and putting the device back failed too.
+    #[error(
+        "{} and putting {address} back on {} failed, it is now on {} (to restore by hand: {})",
+        chain(.cause),
+        .previous.as_deref().unwrap_or("no driver"),
+        .now.as_deref().unwrap_or("no driver"),
+        restore_hint(*.address, .previous.as_deref())
+    )]
+    RollbackFailed {
+        /// The device.
+        address: PciAddress,
+        /// The driver it was on before the bind.
+        previous: Option<String>,
+        /// The driver it is on now.
+        now: Option<String>,
+        /// Why the bind failed.
+        cause: Box<BindError>,
+        /// Why the rollback failed.
+        #[source]
+        rollback: Box<BindError>,
+    },
+}
+
+const SRIOV_HINT: &str = "; this is an SR-IOV PF: vfio-pci manages a PF's VFs only when loaded with \
+     enable_sriov=Y (echo Y > /sys/module/vfio_pci/parameters/enable_sriov)";
+
+// An error and its sources on one line, for a message that must quote an error that is
+// not its own source.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        out.push_str(&format!(": {s}"));
+        source = s.source();
+    }
+    out
+}
+
+fn restore_hint(address: PciAddress, previous: Option<&str>) -> String {
+    let clear = format!("echo > /sys/bus/pci/devices/{address}/driver_override");
+    match previous {
+        Some(p) => format!("{clear}; echo {address} > /sys/bus/pci/drivers/{p}/bind"),
+        None => clear,
+    }
+}
+
+fn list(uses: &[Use]) -> String {
+    uses.iter().map(Use::to_string).collect::<Vec<_>>().join("; ")
+}
+
+/// One way the host uses a device, found by [`in_use`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Use {
+    /// A network interface of the device is up.
+    InterfaceUp {
+        /// The interface, e.g. `eth0`.
+        name: String,
+    },
+    /// A block device of the device (or a partition of it) is mounted.
+    Mounted {
+        /// What is mounted, e.g. `/dev/nvme0n1p2`.
+        source: String,
+        /// Where.
+        target: String,
+    },
+    /// A block device of the device has holders (LVM, MD, dm).
+    Holders {
+        /// The block device, e.g. `nvme0n1`.
+        disk: String,
+    },
+}
+
+impl fmt::Display for Use {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Use::InterfaceUp { name } => write!(f, "network interface {name} is up"),
+            Use::Mounted { source, target } => write!(f, "{source} is mounted on {target}"),
+            Use::Holders { disk } => write!(f, "block device {disk} has holders (LVM, MD or dm)"),
+        }
+    }
 }
 
 /// What a bind changed, so it can be undone with [`restore`].
@@ -66,6 +174,21 @@ pub struct Binding {
     pub driver: String,
 }
 
+/// Whether `root` is the kernel's sysfs (its root and devices directory are sysfs
+/// mounts: `statfs` reports `SYSFS_MAGIC`), not a fake tree or a copy. Only then do
+/// devices under it correspond to this system's `/dev`, `/proc/self/mounts` and
+/// `/dev/vfio`.
+///
+/// Any sysfs mount qualifies, wherever it is mounted: there is one kernel, and a sysfs
+/// mounted in another network namespace (a container's, or the host's bind-mounted into
+/// one) differs only in `class/net`, not in its PCI devices or IOMMU groups.
+pub fn is_kernel_sysfs(root: &SysfsRoot) -> bool {
+    use nix::sys::statfs::{SYSFS_MAGIC, statfs};
+    [root.path(), root.devices_dir()]
+        .into_iter()
+        .all(|p| statfs(p).is_ok_and(|s| s.filesystem_type() == SYSFS_MAGIC))
+}
+
 /// The driver `address` is bound to now.
 pub fn current_driver(root: &SysfsRoot, address: PciAddress) -> Option<String> {
     std::fs::read_link(root.device_dir(address).join("driver"))
@@ -73,9 +196,16 @@ pub fn current_driver(root: &SysfsRoot, address: PciAddress) -> Option<String> {
         .and_then(|t| t.file_name().map(|n| n.to_string_lossy().into_owned()))
 }
 
+fn driver_file(root: &SysfsRoot, driver: &str, file: &str) -> PathBuf {
+    root.path().join(format!("bus/pci/drivers/{driver}/{file}"))
+}
+
 /// Binds `address` to `driver`: sets `driver_override`, unbinds the current driver,
-/// probes. Refuses, unless `force`, a device the host is using (a network interface that
-/// is up, a block device with mounted partitions or holders).
+/// probes. Refuses, unless `force`, a device the host is using (see [`in_use`]).
+///
+/// If a step after the first write fails, the device is put back: `driver_override`
+/// cleared, then the previous driver bound again; the error is the step's. If that fails
+/// too, the error is [`BindError::RollbackFailed`], which says where the device is.
 pub fn bind(root: &SysfsRoot, address: PciAddress, driver: &str, force: bool) -> Result<Binding, BindError> {
     let dir = root.device_dir(address);
     if !dir.exists() {
@@ -92,37 +222,79 @@ pub fn bind(root: &SysfsRoot, address: PciAddress, driver: &str, force: bool) ->
     // Checked before anything changes: drivers_probe loads no module, so an unknown
     // driver would leave the device unbound from its old driver and on none.
     if !root.path().join(format!("bus/pci/drivers/{driver}")).is_dir() {
-        return Err(BindError::NoDriver(driver.to_owned(), address));
-    }
-    if !force
-        && previous.is_some()
-        && let Some(reason) = in_use(root, address)
-    {
-        return Err(BindError::InUse { address, reason });
-    }
-    write(&dir.join("driver_override"), driver)?;
-    if let Some(old) = &previous {
-        write(
-            &root.path().join(format!("bus/pci/drivers/{old}/unbind")),
-            &address.to_string(),
-        )?;
-    }
-    // A probe error (no driver accepted it) shows as the check below failing.
-    let probe = write(&root.path().join("bus/pci/drivers_probe"), &address.to_string());
-    let got = current_driver(root, address);
-    if got.as_deref() != Some(driver) {
-        return Err(BindError::NotBound {
-            address,
+        return Err(BindError::NoDriver {
             driver: driver.to_owned(),
-            got,
-            hint: bind_hint(root, address, driver, probe.err()),
+            address,
         });
     }
-    Ok(Binding {
-        address,
-        previous,
-        driver: driver.to_owned(),
-    })
+    if !force && previous.is_some() {
+        let uses = in_use(root, address);
+        if !uses.is_empty() {
+            return Err(BindError::InUse { address, uses });
+        }
+    }
+    // Nothing changed yet if this fails.
+    write(&dir.join("driver_override"), driver)?;
+    let rest = || {
+        if let Some(old) = &previous {
+            write(&driver_file(root, old, "unbind"), &address.to_string())?;
+        }
+        // The kernel's drivers_probe succeeds even when no driver takes the device; the
+        // check below is what tells.
+        let probe = write(&root.path().join("bus/pci/drivers_probe"), &address.to_string()).err();
+        let got = current_driver(root, address);
+        if got.as_deref() != Some(driver) {
+            return Err(BindError::NotBound {
+                address,
+                driver: driver.to_owned(),
+                got,
+                probe: probe.map(|e| match e {
+                    BindError::Write { source, .. } => source,
+                    other => io::Error::other(other.to_string()),
+                }),
+                needs_enable_sriov: needs_enable_sriov(root, address, driver),
+            });
+        }
+        Ok(())
+    };
+    match rest() {
+        Ok(()) => Ok(Binding {
+            address,
+            previous,
+            driver: driver.to_owned(),
+        }),
+        Err(cause) => Err(roll_back(root, address, previous, cause)),
+    }
+}
+
+// Puts a device whose bind failed back where it was; returns the error to report.
+fn roll_back(root: &SysfsRoot, address: PciAddress, previous: Option<String>, cause: BindError) -> BindError {
+    let undo = || {
+        // First: while the override names another driver, the previous one cannot bind.
+        write(&root.device_dir(address).join("driver_override"), "\n")?;
+        let now = current_driver(root, address);
+        if now == previous {
+            return Ok(());
+        }
+        if let Some(now) = &now {
+            write(&driver_file(root, now, "unbind"), &address.to_string())?;
+        }
+        match &previous {
+            // The kernel's bind write fails when the driver's probe does.
+            Some(p) => write(&driver_file(root, p, "bind"), &address.to_string()),
+            None => Ok(()),
+        }
+    };
+    match undo() {
+        Ok(()) => cause,
+        Err(rollback) => BindError::RollbackFailed {
+            address,
+            now: current_driver(root, address),
+            previous,
+            cause: Box::new(cause),
+            rollback: Box::new(rollback),
+        },
+    }
 }
 
 /// Unbinds `address` from its driver and clears `driver_override`. Returns the driver it
@@ -134,13 +306,13 @@ pub fn unbind(root: &SysfsRoot, address: PciAddress, force: bool) -> Result<Opti
     }
     let previous = current_driver(root, address);
     if let Some(old) = &previous {
-        if !force && let Some(reason) = in_use(root, address) {
-            return Err(BindError::InUse { address, reason });
+        if !force {
+            let uses = in_use(root, address);
+            if !uses.is_empty() {
+                return Err(BindError::InUse { address, uses });
+            }
         }
-        write(
-            &root.path().join(format!("bus/pci/drivers/{old}/unbind")),
-            &address.to_string(),
-        )?;
+        write(&driver_file(root, old, "unbind"), &address.to_string())?;
     }
     // An empty write clears the override, so a later probe finds the native driver.
     write(&dir.join("driver_override"), "\n")?;
@@ -166,48 +338,37 @@ fn write(path: &Path, value: &str) -> Result<(), BindError> {
     })
 }
 
-fn bind_hint(root: &SysfsRoot, address: PciAddress, driver: &str, probe: Option<BindError>) -> String {
-    let mut hint = String::new();
-    if !root.path().join(format!("bus/pci/drivers/{driver}")).exists() {
-        hint.push_str(&format!(": driver {driver} is not loaded (modprobe {driver})"));
-    } else if let Some(e) = probe {
-        let cause = match &e {
-            BindError::Write { source, .. } => source.to_string(),
-            other => other.to_string(),
-        };
-        hint.push_str(&format!(": the probe failed ({cause}); see dmesg"));
-    }
+fn needs_enable_sriov(root: &SysfsRoot, address: PciAddress, driver: &str) -> bool {
     let dir = root.device_dir(address);
-    let has_vfs = dir.join("virtfn0").exists();
-    if driver.starts_with("vfio") && (has_vfs || dir.join("sriov_totalvfs").exists()) {
-        let enabled = std::fs::read_to_string(root.path().join("module/vfio_pci/parameters/enable_sriov"))
-            .map(|s| s.trim() == "Y")
-            .unwrap_or(false);
-        if !enabled {
-            hint.push_str(
-                "; this is an SR-IOV PF: vfio-pci manages a PF's VFs only when loaded with \
-                 enable_sriov=Y (echo Y > /sys/module/vfio_pci/parameters/enable_sriov)",
-            );
-        }
-    }
-    hint
+    let is_pf = dir.join("virtfn0").exists() || dir.join("sriov_totalvfs").exists();
+    driver.starts_with("vfio")
+        && is_pf
+        && !std::fs::read_to_string(root.path().join("module/vfio_pci/parameters/enable_sriov"))
+            .is_ok_and(|s| s.trim() == "Y")
 }
 
-/// Why the host is using `address`, if it is: a network interface that is up, or a block
+/// How the host uses `address`, if it does: a network interface that is up, or a block
 /// device below it with mounted partitions or holders (LVM, MD).
-pub fn in_use(root: &SysfsRoot, address: PciAddress) -> Option<String> {
+///
+/// Mounts are looked up in `/proc/self/mounts` only when `root` is the kernel's sysfs
+/// ([`is_kernel_sysfs`]): the block devices of a fake tree are not this system's.
+pub fn in_use(root: &SysfsRoot, address: PciAddress) -> Vec<Use> {
     let dir = root.device_dir(address);
-    let mut reasons = Vec::new();
+    let mut uses = Vec::new();
     for entry in std::fs::read_dir(dir.join("net")).into_iter().flatten().flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
         let flags = std::fs::read_to_string(entry.path().join("flags")).unwrap_or_default();
         let flags = u32::from_str_radix(flags.trim().trim_start_matches("0x"), 16).unwrap_or(0);
         // IFF_UP
         if flags & 1 != 0 {
-            reasons.push(format!("network interface {name} is up"));
+            uses.push(Use::InterfaceUp { name });
         }
     }
-    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+    let mounts = if is_kernel_sysfs(root) {
+        std::fs::read_to_string("/proc/self/mounts").unwrap_or_default()
+    } else {
+        String::new()
+    };
     for disk in block_devices(&dir) {
         let dev = format!("/dev/{disk}");
         for line in mounts.lines() {
@@ -220,15 +381,18 @@ pub fn in_use(root: &SysfsRoot, address: PciAddress) -> Option<String> {
                     .strip_prefix(&dev)
                     .is_some_and(|rest| rest.trim_start_matches('p').parse::<u32>().is_ok())
             {
-                reasons.push(format!("{source} is mounted on {target}"));
+                uses.push(Use::Mounted {
+                    source: source.to_owned(),
+                    target: target.to_owned(),
+                });
             }
         }
         let holders = root.path().join(format!("class/block/{disk}/holders"));
         if std::fs::read_dir(&holders).is_ok_and(|mut d| d.next().is_some()) {
-            reasons.push(format!("block device {disk} has holders (LVM, MD or dm)"));
+            uses.push(Use::Holders { disk });
         }
     }
-    (!reasons.is_empty()).then(|| reasons.join("; "))
+    uses
 }
 
 // Block devices below a device directory: directories named under a `block` directory,
@@ -277,7 +441,9 @@ mod tests {
         std::fs::write(dev.join("driver_override"), "(null)\n").unwrap();
         let root = SysfsRoot::new(t.path());
         let e = bind(&root, addr, "no-such-driver", false).unwrap_err();
-        assert!(matches!(e, BindError::NoDriver(ref d, a) if d == "no-such-driver" && a == addr));
+        assert!(
+            matches!(e, BindError::NoDriver { ref driver, address } if driver == "no-such-driver" && address == addr)
+        );
         assert!(e.to_string().contains("not loaded"));
         assert_eq!(
             std::fs::read_to_string(dev.join("driver_override")).unwrap(),
@@ -288,6 +454,176 @@ mod tests {
             "nothing unbound"
         );
         assert_eq!(current_driver(&root, addr).as_deref(), Some("nvme"));
+    }
+
+    const ADDR: &str = "0000:01:00.0";
+
+    /// A device on `nvme` with `vfio-pci` loaded: the kernel's files as regular files.
+    fn tree() -> (tempfile::TempDir, SysfsRoot, PathBuf) {
+        let t = tempfile::tempdir().unwrap();
+        let dev = t.path().join("bus/pci/devices").join(ADDR);
+        std::fs::create_dir_all(&dev).unwrap();
+        for d in ["nvme", "vfio-pci"] {
+            let drv = t.path().join("bus/pci/drivers").join(d);
+            std::fs::create_dir_all(&drv).unwrap();
+            std::fs::write(drv.join("bind"), "").unwrap();
+            std::fs::write(drv.join("unbind"), "").unwrap();
+        }
+        std::fs::write(t.path().join("bus/pci/drivers_probe"), "").unwrap();
+        std::os::unix::fs::symlink("../../drivers/nvme", dev.join("driver")).unwrap();
+        std::fs::write(dev.join("driver_override"), "(null)\n").unwrap();
+        let root = SysfsRoot::new(t.path());
+        (t, root, dev)
+    }
+
+    /// Plays the kernel for one bind: `nvme/unbind` and `drivers_probe` become named pipes;
+    /// an unbind takes the device off nvme (removes its `driver` link) before the probe can
+    /// start, and the probe binds nothing (vfio-pci's probe refused the device: the write
+    /// succeeds, as the kernel's does). Returns what each received.
+    fn kernel_whose_probe_fails(root: &SysfsRoot, dev: &Path) -> std::thread::JoinHandle<(String, String)> {
+        let unbind = root.path().join("bus/pci/drivers/nvme/unbind");
+        let probe = root.path().join("bus/pci/drivers_probe");
+        for fifo in [&unbind, &probe] {
+            std::fs::remove_file(fifo).unwrap();
+            nix::unistd::mkfifo(fifo.as_path(), nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        }
+        let link = dev.join("driver");
+        std::thread::spawn(move || {
+            let unbound = std::fs::read_to_string(&unbind).unwrap();
+            std::fs::remove_file(&link).unwrap();
+            let probed = std::fs::read_to_string(&probe).unwrap();
+            (unbound, probed)
+        })
+    }
+
+    #[test]
+    fn a_bind_that_fails_after_the_unbind_puts_the_old_driver_back() {
+        let (t, root, dev) = tree();
+        let addr: PciAddress = ADDR.parse().unwrap();
+        let kernel = kernel_whose_probe_fails(&root, &dev);
+        let e = bind(&root, addr, "vfio-pci", false).unwrap_err();
+        let (unbound, probed) = kernel.join().unwrap();
+        assert_eq!((unbound.as_str(), probed.as_str()), (ADDR, ADDR));
+        assert!(
+            matches!(e, BindError::NotBound { ref driver, got: None, .. } if driver == "vfio-pci"),
+            "{e:?}"
+        );
+        // Rolled back: the override cleared (else nvme could not bind), then nvme's bind.
+        assert_eq!(
+            std::fs::read_to_string(dev.join("driver_override")).unwrap(),
+            "\n"
+        );
+        assert_eq!(
+            std::fs::read_to_string(t.path().join("bus/pci/drivers/nvme/bind")).unwrap(),
+            ADDR
+        );
+        assert_eq!(
+            std::fs::read_to_string(t.path().join("bus/pci/drivers/vfio-pci/unbind")).unwrap(),
+            ""
+        );
+    }
+
+    #[test]
+    fn a_failed_unbind_clears_the_override_and_keeps_the_io_error() {
+        let (t, root, dev) = tree();
+        let addr: PciAddress = ADDR.parse().unwrap();
+        let unbind = t.path().join("bus/pci/drivers/nvme/unbind");
+        std::fs::remove_file(&unbind).unwrap();
+        std::fs::create_dir(&unbind).unwrap();
+        let e = bind(&root, addr, "vfio-pci", false).unwrap_err();
+        let BindError::Write {
+            ref path,
+            ref value,
+            ref source,
+        } = e
+        else {
+            panic!("{e:?}")
+        };
+        assert_eq!((path, value.as_str()), (&unbind, ADDR));
+        assert_eq!(source.raw_os_error(), Some(nix::errno::Errno::EISDIR as i32));
+        assert_no_cause_twice(&e);
+        // Still on nvme: nothing to rebind, but the override no longer names vfio-pci.
+        assert_eq!(
+            std::fs::read_to_string(dev.join("driver_override")).unwrap(),
+            "\n"
+        );
+        assert_eq!(
+            std::fs::read_to_string(t.path().join("bus/pci/drivers/nvme/bind")).unwrap(),
+            ""
+        );
+    }
+
+    #[test]
+    fn a_failed_rollback_says_where_the_device_is_and_keeps_both_errors() {
+        let (t, root, dev) = tree();
+        let addr: PciAddress = ADDR.parse().unwrap();
+        let old_bind = t.path().join("bus/pci/drivers/nvme/bind");
+        std::fs::remove_file(&old_bind).unwrap();
+        std::fs::create_dir(&old_bind).unwrap();
+        let kernel = kernel_whose_probe_fails(&root, &dev);
+        let e = bind(&root, addr, "vfio-pci", false).unwrap_err();
+        kernel.join().unwrap();
+        let BindError::RollbackFailed {
+            address,
+            ref previous,
+            ref now,
+            ref cause,
+            ref rollback,
+        } = e
+        else {
+            panic!("{e:?}")
+        };
+        assert_eq!(address, addr);
+        assert_eq!((previous.as_deref(), now.as_deref()), (Some("nvme"), None));
+        assert!(matches!(**cause, BindError::NotBound { .. }), "{cause:?}");
+        assert!(
+            matches!(**rollback, BindError::Write { ref path, .. } if *path == old_bind),
+            "{rollback:?}"
+        );
+        let msg = e.to_string();
+        assert!(msg.contains("now on no driver"), "{msg}");
+        assert!(msg.contains("/bus/pci/drivers/nvme/bind"), "{msg}");
+        assert_no_cause_twice(&e);
+    }
+
+    #[test]
+    fn a_probe_write_error_is_the_source_not_prose() {
+        let (t, root, _dev) = tree();
+        let addr: PciAddress = ADDR.parse().unwrap();
+        let probe = t.path().join("bus/pci/drivers_probe");
+        std::fs::remove_file(&probe).unwrap();
+        std::fs::create_dir(&probe).unwrap();
+        let e = bind(&root, addr, "vfio-pci", false).unwrap_err();
+        let BindError::NotBound {
+            probe: Some(ref io), ..
+        } = e
+        else {
+            panic!("{e:?}")
+        };
+        assert_eq!(io.raw_os_error(), Some(nix::errno::Errno::EISDIR as i32));
+        assert_no_cause_twice(&e);
+    }
+
+    // A reporter prints each error of the source chain: no message may repeat its source's.
+    fn assert_no_cause_twice(e: &(dyn std::error::Error + 'static)) {
+        let mut e = e;
+        while let Some(source) = e.source() {
+            let (msg, inner) = (e.to_string(), source.to_string());
+            assert!(!msg.contains(&inner), "{msg:?} repeats its source {inner:?}");
+            e = source;
+        }
+    }
+
+    #[test]
+    fn only_a_sysfs_mount_is_the_kernels_sysfs() {
+        let (t, root, _dev) = tree();
+        assert!(!is_kernel_sysfs(&root));
+        // /sys on any Linux machine that runs these tests (containers included).
+        let sys = SysfsRoot::new("/sys");
+        if sys.devices_dir().is_dir() {
+            assert!(is_kernel_sysfs(&sys));
+            assert!(!is_kernel_sysfs(&SysfsRoot::from_devices_dir(t.path())));
+        }
     }
 
     #[test]

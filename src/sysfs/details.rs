@@ -71,6 +71,7 @@ pub fn read(root: &SysfsRoot, dev: &DeviceRecord) -> Details {
                 "config",
                 ProblemKind::Io {
                     kind: io::ErrorKind::Other,
+                    errno: None,
                     message: e.to_string(),
                 },
             ),

@@ -568,6 +568,7 @@ fn timed_out(err: PoolError, deadline: Duration) -> ProblemKind {
         PoolError::NotStarted { .. } => ProblemKind::NotStarted { waited: deadline },
         PoolError::Panicked => ProblemKind::Io {
             kind: io::ErrorKind::Other,
+            errno: None,
             message: "the read panicked (a bug in pcibus)".into(),
         },
     }
