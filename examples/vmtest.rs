@@ -898,7 +898,8 @@ mod vmtest {
 
     /// Two functions of one IOMMU group, opened in one container: the second open reuses
     /// the group the first opened (the kernel lets a group be open once); opening it in a
-    /// second container is refused with EBUSY; the group closes with its last device.
+    /// second container is refused with EBUSY; the container keeps the group (and its
+    /// DMA mappings) after the devices close, and releases it when it goes.
     fn vfio_group(a: PciAddress, b: PciAddress) -> Res {
         let root = SysfsRoot::new(SYS);
         let mut checks = Checks::default();
@@ -953,24 +954,42 @@ mod vmtest {
             "  DMA region at IOVA {:#x} in the shared container",
             region.iova()
         );
-        // The group stays while one device of it is open.
+        // The container keeps the group attached after its devices close: the IOMMU, and
+        // the region mapped in it, stay valid, and a device of the group opens again.
         drop(dev_a);
-        checks.check(container.groups() == vec![ga], || {
-            "group closed with a device still open".into()
-        });
         let mut id = [0u8; 2];
         dev_b
             .read_config(0, &mut id)
             .map_err(|e| format!("{b} after closing {a}: {e}"))?;
         drop(dev_b);
-        checks.check(container.groups().is_empty(), || {
-            format!("groups still open: {:?}", container.groups())
+        checks.check(container.groups() == vec![ga], || {
+            format!("groups after closing both devices: {:?}", container.groups())
         });
-        drop(region);
-        // Closed for real: another container can open it now.
-        let again = VfioDevice::open(&root, a).map_err(|e| format!("reopen {a} after closing: {e}"))?;
+        let dev_a = VfioDevice::open_in(&root, a, &container)
+            .map_err(|e| format!("reopen {a} in the same container: {e}"))?;
+        checks.check(
+            Arc::ptr_eq(dev_a.group(), &container.group(&root, ga).map_err(err)?),
+            || "reopen got another group handle".into(),
+        );
+        let second = container
+            .alloc_dma(4096)
+            .map_err(|e| format!("DMA map after reopening: {e}"))?;
+        drop(dev_a);
+        let (r1, r2) = (region.iova(), second.iova());
+        region
+            .unmap()
+            .map_err(|e| format!("unmap IOVA {r1:#x} after the devices closed: {e}"))?;
+        second.unmap().map_err(|e| format!("unmap IOVA {r2:#x}: {e}"))?;
+        println!("  closed both, reopened {a} in the same container, mapped and unmapped in it");
+        checks.check(container.leaked().is_empty(), || {
+            format!("leaked {:x?}", container.leaked())
+        });
+        // With the container gone the group is closed: a new container can have it.
+        drop(container);
+        let again =
+            VfioDevice::open(&root, a).map_err(|e| format!("reopen {a} after the container went: {e}"))?;
         println!(
-            "  after closing both: reopened {a} in a new container (group {})",
+            "  after the container went: reopened {a} in a new container (group {})",
             again.group().number()
         );
         drop(again);

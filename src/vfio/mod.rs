@@ -8,9 +8,9 @@
 //! the ranges the IOMMU reports, and unmapped when dropped.
 //!
 //! Every handle owns what it needs: a [`MappedBar`] holds an `Arc` of its device, a device
-//! holds its group, a group and a [`DmaRegion`] hold their container. So a driver can keep
-//! the device and its mappings together in one struct, and nothing is closed while
-//! something mapped through it lives.
+//! holds its group and container, a [`DmaRegion`] holds its container, and a container
+//! keeps every group it attached. So a driver can keep the device and its mappings
+//! together in one struct, and nothing is closed while something mapped through it lives.
 //!
 //! ```no_run
 //! use pcibus::{PciAddress, SysfsRoot, vfio::VfioDevice};
@@ -52,7 +52,7 @@ use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
-use std::sync::{Arc, Weak};
+use std::sync::Arc;
 
 use nix::sys::eventfd::{EfdFlags, EventFd};
 use parking_lot::Mutex;
@@ -316,27 +316,32 @@ fn ioctl_err(
 }
 
 /// A VFIO container: one IOMMU address space, type1v2. Shared as `Arc<Container>` by the
-/// groups attached to it and the [`DmaRegion`]s mapped in it.
+/// devices opened in it and the [`DmaRegion`]s mapped in it.
+///
+/// It keeps every [`Group`] it attached, open and attached, for its whole life: the
+/// kernel tears the IOMMU (and every mapping in it) down when the last group leaves a
+/// container, so groups that came and went with their devices would unmap the
+/// [`DmaRegion`]s behind their backs.
 ///
 /// # Dropping
 ///
-/// The container fd closes when the last `Arc` goes: after every [`Group`] (each holds
-/// one, and so does every open device through its group) and every [`DmaRegion`]. The
-/// kernel then drops the IOMMU address space with whatever is still mapped in it (only
-/// regions whose unmap failed, see [`Container::leaked`]).
+/// The container goes when the last `Arc` goes: after every [`VfioDevice`] opened in it
+/// and every [`DmaRegion`] mapped in it. It closes its groups first (the last one out
+/// takes the IOMMU mappings with it: only regions whose unmap failed can be left, see
+/// [`Container::leaked`]), then its fd. Until then the groups stay open, so another
+/// process (or another container) cannot open them.
 ///
 /// # Process exit
 ///
-/// Exit closes the fd like a drop. Nothing here blocks exit; see the exit rule in the
+/// Exit closes the fds like a drop. Nothing here blocks exit; see the exit rule in the
 /// [module docs](self) for the device fds.
 #[derive(Debug)]
 pub struct Container {
+    // Declared before `fd`: the groups close (detach) before the container fd.
+    groups: Mutex<GroupTable<Group>>,
     fd: OwnedFd,
     // Filled when the first group is attached (the IOMMU type can be set only then).
     iommu: Mutex<Option<dma::IovaSpace>>,
-    // The groups open in this container, by number (weakly: a group lives as long as its
-    // devices). A group's `Drop` removes its entry after closing its fd.
-    groups: Mutex<GroupTable<Group>>,
 }
 
 impl AsFd for Container {
@@ -390,33 +395,17 @@ impl Container {
         })
     }
 
-    /// The IOMMU group `number`, attached to this container: the one already open here if
-    /// a device of the group is open, else opened now (checked viable, attached; the first
-    /// group also sets the IOMMU type). The kernel lets a group be open only once, so two
-    /// functions of one group must be opened in the same container.
-    pub fn group(self: &Arc<Self>, root: &SysfsRoot, number: u32) -> Result<Arc<Group>, VfioError> {
-        let mut tries = 0;
-        loop {
-            let mut groups = self.groups.lock();
-            match groups.get_or_open(number, || Group::open(self, root, number).map(Arc::new)) {
-                // The last handle of this group is being dropped on another thread and its
-                // fd is not closed yet: wait for that (its Drop takes the table lock after
-                // the close) rather than report the group busy.
-                Err(VfioError::OpenGroup { source, .. })
-                    if source.raw_os_error() == Some(nix::libc::EBUSY)
-                        && groups.is_closing(number)
-                        && tries < 100 =>
-                {
-                    drop(groups);
-                    tries += 1;
-                    std::thread::sleep(std::time::Duration::from_millis(10));
-                }
-                other => return other,
-            }
-        }
+    /// The IOMMU group `number`, attached to this container: the one already open here,
+    /// else opened now (checked viable, attached; the first group also sets the IOMMU
+    /// type) and kept until the container goes. The kernel lets a group be open only
+    /// once, so two functions of one group must be opened in the same container.
+    pub fn group(&self, root: &SysfsRoot, number: u32) -> Result<Arc<Group>, VfioError> {
+        self.groups
+            .lock()
+            .get_or_open(number, || Group::open(self, root, number).map(Arc::new))
     }
 
-    /// The numbers of the groups open in this container.
+    /// The numbers of the groups attached to this container.
     pub fn groups(&self) -> Vec<u32> {
         self.groups.lock().live()
     }
@@ -447,11 +436,10 @@ impl Container {
     }
 }
 
-/// Open groups by number, held weakly: a group lives as long as a device of it (or a
-/// caller) holds it, and is reused while it lives.
+/// The groups attached to a container, by number. Each is opened once and kept.
 #[derive(Debug)]
 struct GroupTable<G> {
-    groups: BTreeMap<u32, Weak<G>>,
+    groups: BTreeMap<u32, Arc<G>>,
 }
 
 impl<G> Default for GroupTable<G> {
@@ -463,66 +451,49 @@ impl<G> Default for GroupTable<G> {
 }
 
 impl<G> GroupTable<G> {
-    /// The live group `number`, or a new one from `open` (called with the table locked,
-    /// so one group is never opened twice at once).
+    /// The group `number`, or a new one from `open` (called with the table locked, so one
+    /// group is never opened twice at once).
     fn get_or_open(
         &mut self,
         number: u32,
         open: impl FnOnce() -> Result<Arc<G>, VfioError>,
     ) -> Result<Arc<G>, VfioError> {
-        if let Some(group) = self.groups.get(&number).and_then(Weak::upgrade) {
-            return Ok(group);
+        if let Some(group) = self.groups.get(&number) {
+            return Ok(Arc::clone(group));
         }
         let group = open()?;
-        self.groups.retain(|_, g| g.strong_count() > 0);
-        self.groups.insert(number, Arc::downgrade(&group));
+        self.groups.insert(number, Arc::clone(&group));
         Ok(group)
     }
 
     fn live(&self) -> Vec<u32> {
-        self.groups
-            .iter()
-            .filter(|(_, g)| g.strong_count() > 0)
-            .map(|(n, _)| *n)
-            .collect()
-    }
-
-    /// Whether the group's last handle is gone but its `Drop` has not finished.
-    fn is_closing(&self, number: u32) -> bool {
-        self.groups.get(&number).is_some_and(|g| g.strong_count() == 0)
-    }
-
-    fn forget(&mut self, number: u32) {
-        if self.groups.get(&number).is_some_and(|g| g.strong_count() == 0) {
-            self.groups.remove(&number);
-        }
+        self.groups.keys().copied().collect()
     }
 }
 
 /// An IOMMU group (`/dev/vfio/N`), attached to a [`Container`]. Obtained from
-/// [`Container::group`] (or through [`VfioDevice::open`]); the devices of the group that
-/// are open share it.
+/// [`Container::group`] (or through [`VfioDevice::open`]); the open devices of the group
+/// share it, and so does the container that attached it.
 ///
 /// # Dropping
 ///
-/// The group fd closes when the last `Arc` goes, i.e. after every open device of the
-/// group ([`VfioDevice`] holds its group). Closing it detaches the group from the
-/// container; the group can then be opened again, here or by another process.
+/// The container keeps the group, so the group fd closes when the container goes (after
+/// its devices and [`DmaRegion`]s), not with the last device: the IOMMU mappings of the
+/// container live as long as one group is attached. Closing it detaches the group; it
+/// can then be opened again, here or by another process.
 ///
 /// # Process exit
 ///
 /// As for the container: closed at exit, nothing blocks.
 #[derive(Debug)]
 pub struct Group {
-    // `None` only inside Drop.
-    fd: Option<OwnedFd>,
+    fd: OwnedFd,
     number: u32,
-    container: Arc<Container>,
 }
 
 impl AsFd for Group {
     fn as_fd(&self) -> BorrowedFd<'_> {
-        self.fd.as_ref().expect("an open group has its fd").as_fd()
+        self.fd.as_fd()
     }
 }
 
@@ -530,7 +501,7 @@ impl Group {
     /// Opens group `number`, checks it is viable (a non-viable group's error names the
     /// devices, from `ROOT/kernel/iommu_groups/N/devices`, that are bound to host
     /// drivers) and attaches it to `container`.
-    fn open(container: &Arc<Container>, root: &SysfsRoot, number: u32) -> Result<Group, VfioError> {
+    fn open(container: &Container, root: &SysfsRoot, number: u32) -> Result<Group, VfioError> {
         let file = File::options()
             .read(true)
             .write(true)
@@ -552,21 +523,12 @@ impl Group {
             });
         }
         container.attach(&fd, number)?;
-        Ok(Group {
-            fd: Some(fd),
-            number,
-            container: Arc::clone(container),
-        })
+        Ok(Group { fd, number })
     }
 
     /// The group number.
     pub fn number(&self) -> u32 {
         self.number
-    }
-
-    /// The container it is attached to.
-    pub fn container(&self) -> &Arc<Container> {
-        &self.container
     }
 
     fn device_fd(&self, address: PciAddress) -> Result<OwnedFd, VfioError> {
@@ -575,15 +537,6 @@ impl Group {
             Some(address),
             Some(self.number.into()),
         ))
-    }
-}
-
-impl Drop for Group {
-    fn drop(&mut self) {
-        // Close first, then forget: until the entry goes, a concurrent open of the same
-        // group that finds it busy waits for this close (see `Container::group`).
-        drop(self.fd.take());
-        self.container.groups.lock().forget(self.number);
     }
 }
 
@@ -644,10 +597,9 @@ pub struct IrqInfo {
 /// too (each holds an `Arc`). Closing the fd makes vfio-pci reset the function (if it can)
 /// and release it: a pending removal or unbind then completes. Interrupt eventfds
 /// registered with it stop firing; the eventfds themselves are the caller's to close.
-/// Then the group goes if no other device of it is open, then the container if no group
-/// and no [`DmaRegion`] holds it. Stop the device's DMA before dropping the
-/// [`DmaRegion`]s it uses (they may outlive the device, but a device still running
-/// would fault on the unmapped IOVAs).
+/// The container (with its groups) goes when no other device and no [`DmaRegion`] holds
+/// it. Stop the device's DMA before dropping the [`DmaRegion`]s it uses (they may
+/// outlive the device, but a device still running would fault on the unmapped IOVAs).
 ///
 /// # Process exit
 ///
@@ -671,6 +623,7 @@ pub struct VfioDevice {
     mapped_bars: Mutex<usize>,
     identity: Option<DeviceIdentity>,
     group: Arc<Group>,
+    container: Arc<Container>,
     // Dropped after the fd closes (fields drop in order): the device stays "held" until
     // then.
     _held: HeldOpen,
@@ -740,6 +693,7 @@ impl VfioDevice {
             mapped_bars: Mutex::new(0),
             identity,
             group,
+            container: Arc::clone(container),
             _held: held,
         }))
     }
@@ -750,7 +704,7 @@ impl VfioDevice {
     }
     /// The container it is attached to.
     pub fn container(&self) -> &Arc<Container> {
-        self.group.container()
+        &self.container
     }
     /// Its IOMMU group.
     pub fn group(&self) -> &Arc<Group> {
@@ -1228,7 +1182,7 @@ mod tests {
     }
 
     #[test]
-    fn groups_are_reused_while_alive_and_reopened_after() {
+    fn groups_are_opened_once_and_kept() {
         let opens = Cell::new(0);
         let open = |n: u32| {
             opens.set(opens.get() + 1);
@@ -1241,22 +1195,15 @@ mod tests {
         assert_eq!(opens.get(), 1);
         let c = table.get_or_open(7, || open(7)).unwrap();
         assert_eq!((opens.get(), table.live()), (2, vec![5, 7]));
-        drop(a);
-        assert_eq!(table.live(), vec![5, 7], "b still holds group 5");
-        drop(b);
-        assert!(table.is_closing(5));
-        assert_eq!(table.live(), vec![7]);
-        table.forget(5);
-        assert!(!table.is_closing(5));
+        // Kept while the container lives, even when no device holds it: the IOMMU
+        // mappings of the container need one attached group.
+        drop((a, b, c));
+        assert_eq!(table.live(), vec![5, 7]);
         let d = table.get_or_open(5, || open(5)).unwrap();
-        assert_eq!(opens.get(), 3, "reopened once the last holder went");
+        assert_eq!((opens.get(), *d), (2, 5), "not opened again");
         // A failed open leaves nothing behind.
         let e = table.get_or_open(9, || Err(VfioError::NoGroupAttached));
-        assert!(e.is_err() && !table.live().contains(&9));
-        // `forget` never drops a live group's entry.
-        table.forget(7);
-        assert!(Arc::ptr_eq(&table.get_or_open(7, || open(7)).unwrap(), &c));
-        drop((c, d));
+        assert!(e.is_err() && table.live() == vec![5, 7]);
     }
 
     #[test]
