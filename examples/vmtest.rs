@@ -1016,6 +1016,7 @@ mod vmtest {
     /// completes, the scans stop, and the process exits. No scan may report a value read
     /// from the held device's blocking attributes.
     fn held_scan_exit(addr: PciAddress) -> Res {
+        const GRACE_MS: u64 = 250;
         use std::sync::atomic::AtomicU8;
         let root = SysfsRoot::new(SYS);
         let registry = Arc::new(RemovalRegistry::new());
@@ -1119,13 +1120,19 @@ mod vmtest {
         checks.check(registry.is_pending(addr), || {
             "poll_request did not mark the registry".into()
         });
+        // A driver finishes what is in flight before it lets go; the scans go on meanwhile,
+        // against a device whose removal is pending and which is still held.
+        thread::sleep(Duration::from_millis(GRACE_MS));
         // Release: the mapping and the device (the mapping holds the device too).
         drop(bar0);
         drop(dev);
         drop(efd);
         phase.store(2, Ordering::Release);
         checks.check(!held::is_held(addr), || "still held after the release".into());
-        println!("held-scan-exit: released {} after the REQ", ms(t_req.elapsed()));
+        println!(
+            "held-scan-exit: released {} after the REQ ({GRACE_MS} ms of it a grace for in-flight work)",
+            ms(t_req.elapsed())
+        );
 
         // The removal completes.
         while !remover.is_finished() && t_req.elapsed() < Duration::from_secs(10) {
@@ -1176,6 +1183,9 @@ mod vmtest {
         }
         checks.check(seen.iter().any(|s| s.phase == "held" && s.listed), || {
             "no scan listed the device while it was held".into()
+        });
+        checks.check(seen.iter().any(|s| s.phase == "requested" && s.listed), || {
+            "no scan ran between the REQ and the release".into()
         });
         for s in &seen {
             checks.check(s.values.is_empty(), || {
