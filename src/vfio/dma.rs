@@ -932,6 +932,14 @@ mod tests {
         assert_eq!(space.alloc.available(), before);
     }
 
+    #[test]
+    fn mapping_needs_an_attached_group() {
+        let container = Container::fake_unattached_for_tests();
+        let err = container.alloc_dma(PAGE).unwrap_err();
+        assert!(matches!(err, VfioError::NoGroupAttached), "{err:?}");
+        assert!(container.leaked().is_empty());
+    }
+
     // A region whose unmap fails (the container fd is /dev/null: every ioctl fails) leaks
     // its pages and IOVA instead of freeing what the device might still reach.
     #[test]

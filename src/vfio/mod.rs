@@ -395,6 +395,16 @@ impl Container {
         })
     }
 
+    /// A container on `/dev/null` with no group attached: for tests.
+    #[cfg(test)]
+    pub(crate) fn fake_unattached_for_tests() -> Arc<Container> {
+        Arc::new(Container {
+            groups: Mutex::new(GroupTable::default()),
+            fd: OwnedFd::from(File::open("/dev/null").unwrap()),
+            iommu: Mutex::new(None),
+        })
+    }
+
     /// The IOMMU group `number`, attached to this container: the one already open here,
     /// else opened now (checked viable, attached; the first group also sets the IOMMU
     /// type) and kept until the container goes. The kernel lets a group be open only
