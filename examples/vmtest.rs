@@ -8,6 +8,9 @@
 //! pcibus-vmtest vfio-dma ADDR        map DMA buffers in the IOMMU; an NVMe Identify by DMA
 //! pcibus-vmtest hold ADDR SECONDS    keep ADDR open through VFIO, ignoring removal requests
 //! pcibus-vmtest seed ADDR            the same-process removal: REQ, registry, scans
+//! pcibus-vmtest vfio-group A B       two functions of one IOMMU group open in one container
+//! pcibus-vmtest held-scan-exit ADDR  hold ADDR, scan with --read all while it is removed,
+//!                                    release on REQ and exit
 //! ```
 //!
 //! Built statically by tests/vm/run and installed in the guest as /usr/bin/pcibus-vmtest;
@@ -38,7 +41,10 @@ mod vmtest {
     use nix::sys::eventfd::{EfdFlags, EventFd};
     use serde_json::Value;
 
-    use pcibus::vfio::{DmaBuffer, DmaMapping, VfioDevice, irq, region_flags};
+    use pcibus::removal::held;
+    use pcibus::vfio::{
+        COMMAND, COMMAND_MEMORY, DmaBuffer, DmaRegion, MappedBar, VfioDevice, VfioError, irq, region_flags,
+    };
     use pcibus::{BlockingAttr, PciAddress, ProblemKind, RemovalRegistry, Scanner, SysfsRoot};
 
     type Res<T = ()> = Result<T, String>;
@@ -57,9 +63,14 @@ mod vmtest {
                 .map_err(err)
                 .and_then(|a| hold(a, secs.parse().map_err(err)?)),
             ["seed", addr] => addr.parse().map_err(err).and_then(seed),
+            ["vfio-group", a, b] => a
+                .parse()
+                .map_err(err)
+                .and_then(|a| vfio_group(a, b.parse().map_err(err)?)),
+            ["held-scan-exit", addr] => addr.parse().map_err(err).and_then(held_scan_exit),
             _ => Err(
                 "usage: pcibus-vmtest list-json | vfio-open ADDR | vfio-dma ADDR | \
-                      hold ADDR SECONDS | seed ADDR"
+                      hold ADDR SECONDS | seed ADDR | vfio-group ADDR ADDR | held-scan-exit ADDR"
                     .into(),
             ),
         };
@@ -277,8 +288,16 @@ mod vmtest {
         let info: Value = serde_json::from_str(&out).map_err(|e| format!("vfio info --json: {e}"))?;
         println!("pcibus vfio info {addr} --json: {}", ms(took));
 
+        // SR-IOV facts from sysfs, read before the open: once this process holds the device,
+        // its blocking attributes (sriov_numvfs) are off limits.
+        let sysfs_numvfs = read_trim(&dir.join("sriov_numvfs")).and_then(|s| s.parse::<u16>().ok());
+        let sysfs_totalvfs = read_trim(&dir.join("sriov_totalvfs")).and_then(|s| s.parse::<u16>().ok());
+
         let t = Instant::now();
         let dev = VfioDevice::open(&root, addr).map_err(|e| format!("VfioDevice::open: {e}"))?;
+        checks.check(held::is_held(addr), || {
+            "the open device is not registered as held".into()
+        });
         println!(
             "opened {addr} in {}: group {}, {} regions, {} irq indexes",
             ms(t.elapsed()),
@@ -390,6 +409,62 @@ mod vmtest {
         });
         let (cap, vs) = nvme_cap_vs(&bar0, &mut checks)?;
 
+        // Clearing Memory Space Enable under a live mapping is refused; the Command
+        // register is unchanged and the mapping still reads.
+        let mut cmd = [0u8; 2];
+        dev.read_config(COMMAND, &mut cmd).map_err(err)?;
+        let cmd = u16::from_le_bytes(cmd);
+        let refused = dev.write_config(COMMAND, &(cmd & !COMMAND_MEMORY).to_le_bytes());
+        println!("  write_config clearing Memory Space Enable with BAR0 mapped: {refused:?}");
+        checks.check(
+            matches!(refused, Err(VfioError::MemorySpaceInUse { mapped_bars: 1, .. })),
+            || format!("clearing MSE under a mapping: {refused:?}"),
+        );
+        checks.check(
+            matches!(
+                dev.disable_memory_space(),
+                Err(VfioError::MemorySpaceInUse { .. })
+            ),
+            || "disable_memory_space under a mapping was not refused".into(),
+        );
+        let mut after = [0u8; 2];
+        dev.read_config(COMMAND, &mut after).map_err(err)?;
+        checks.check(
+            u16::from_le_bytes(after) & COMMAND_MEMORY == cmd & COMMAND_MEMORY,
+            || {
+                format!(
+                    "Command changed from {cmd:#x} to {:#x}",
+                    u16::from_le_bytes(after)
+                )
+            },
+        );
+        checks.check(bar0.read64(0).map_err(err)? == cap, || "CAP changed".into());
+
+        // What the blocking sysfs attributes say, from config space through VFIO.
+        let msix = dev.msix_table_size().map_err(err)?;
+        let msix_irqs = dev.irq_info(irq::MSIX).map_err(err)?.count;
+        println!("  MSI-X table size from config space: {msix:?} (VFIO MSI-X count {msix_irqs})");
+        checks.check(msix.map(u32::from) == Some(msix_irqs), || {
+            format!("MSI-X table size {msix:?}, VFIO reports {msix_irqs} vectors")
+        });
+        let sriov = dev.sriov().map_err(err)?;
+        println!(
+            "  SR-IOV from config space: {:?}; sysfs before the open: numvfs {sysfs_numvfs:?} totalvfs {sysfs_totalvfs:?}",
+            sriov.map(|s| (s.num_vfs, s.total_vfs))
+        );
+        checks.check(dev.sriov_num_vfs().map_err(err)? == sysfs_numvfs, || {
+            format!(
+                "NumVFs {:?} vs sysfs sriov_numvfs {sysfs_numvfs:?}",
+                sriov.map(|s| s.num_vfs)
+            )
+        });
+        checks.check(dev.sriov_total_vfs().map_err(err)? == sysfs_totalvfs, || {
+            format!(
+                "TotalVFs {:?} vs sysfs sriov_totalvfs {sysfs_totalvfs:?}",
+                sriov.map(|s| s.total_vfs)
+            )
+        });
+
         // Config space through VFIO against sysfs `config`.
         let vcfg = dev.config().map_err(err)?;
         let scfg = std::fs::read(dir.join("config")).map_err(err)?;
@@ -461,15 +536,48 @@ mod vmtest {
         checks.check(u16::from_le_bytes(id) == vendor, || {
             "vendor id changed after reset".into()
         });
+        // Without mappings, the explicit way works, and memory space comes back on.
+        checks.check(dev.mapped_bars() == 1, || {
+            format!("{} mappings", dev.mapped_bars())
+        });
         drop(bar0);
+        checks.check(dev.mapped_bars() == 0, || {
+            format!("{} mappings after drop", dev.mapped_bars())
+        });
+        dev.disable_memory_space()
+            .map_err(|e| format!("disable_memory_space: {e}"))?;
+        let mut off = [0u8; 2];
+        dev.read_config(COMMAND, &mut off).map_err(err)?;
+        dev.write_config(COMMAND, &(u16::from_le_bytes(off) | COMMAND_MEMORY).to_le_bytes())
+            .map_err(err)?;
+        println!(
+            "  without mappings: Memory Space Enable cleared (Command {:#06x}) and set again",
+            u16::from_le_bytes(off)
+        );
+        checks.check(u16::from_le_bytes(off) & COMMAND_MEMORY == 0, || {
+            "disable_memory_space left the bit set".into()
+        });
+        let bar0 = dev.map_bar(0).map_err(err)?;
+        checks.check(bar0.read64(0).map_err(err)? == cap, || {
+            "CAP after re-enabling memory".into()
+        });
+        // A mapping keeps the device open: dropping our handle first closes nothing.
         let t = Instant::now();
         drop(dev);
+        checks.check(held::is_held(addr), || "released while a mapping lives".into());
+        checks.check(bar0.read32(8).map_err(err)? == vs, || {
+            "VS through the mapping that outlived the handle".into()
+        });
+        drop(bar0);
         println!("  closed in {}", ms(t.elapsed()));
+        checks.check(!held::is_held(addr), || {
+            "still held after the last handle went".into()
+        });
         checks.done("vfio-open")
     }
 
     /// Reads and checks NVMe CAP and VS; returns them.
-    fn nvme_cap_vs(bar0: &pcibus::vfio::Bar<'_>, checks: &mut Checks) -> Res<(u64, u32)> {
+    fn nvme_cap_vs(bar0: &MappedBar, checks: &mut Checks) -> Res<(u64, u32)> {
         let cap = bar0.read64(0).map_err(err)?;
         let vs = bar0.read32(8).map_err(err)?;
         let mqes = cap & 0xffff;
@@ -532,71 +640,107 @@ mod vmtest {
         };
 
         // A few buffers of different sizes: IOVAs inside the ranges, aligned, disjoint.
-        let mut maps = Vec::new();
+        let mut maps: Vec<DmaRegion> = Vec::new();
         for len in [4096usize, 64 << 10, 2 << 20] {
             let buf = DmaBuffer::new(len).map_err(|e| format!("DmaBuffer::new({len}): {e}"))?;
+            let huge = buf.is_huge();
             let t = Instant::now();
-            let m = container.map(&buf).map_err(|e| format!("map {len} bytes: {e}"))?;
+            let m = container.map(buf).map_err(|e| format!("map {len} bytes: {e}"))?;
             println!(
                 "  mapped {len:#x} bytes ({}) at IOVA {:#x} in {}",
-                if buf.is_huge() {
-                    "huge pages"
-                } else {
-                    "4 KiB pages"
-                },
-                m.iova,
+                if huge { "huge pages" } else { "4 KiB pages" },
+                m.iova(),
                 ms(t.elapsed())
             );
-            checks.check(inside(m.iova, m.size), || {
-                format!("IOVA {:#x}+{:#x} outside the ranges", m.iova, m.size)
+            checks.check(inside(m.iova(), m.size()), || {
+                format!("IOVA {:#x}+{:#x} outside the ranges", m.iova(), m.size())
             });
-            checks.check(m.iova % info.min_page_size() == 0, || {
-                format!("IOVA {:#x} misaligned", m.iova)
+            checks.check(m.iova() % info.min_page_size() == 0, || {
+                format!("IOVA {:#x} misaligned", m.iova())
             });
-            checks.check(m.size >= len as u64, || {
-                format!("mapped {} bytes of {len}", m.size)
+            checks.check(m.size() >= len as u64, || {
+                format!("mapped {} bytes of {len}", m.size())
             });
-            for (_, other) in &maps {
-                let other: &DmaMapping = other;
+            for other in &maps {
                 checks.check(
-                    m.iova + m.size <= other.iova || other.iova + other.size <= m.iova,
-                    || format!("IOVA {:#x} overlaps {:#x}", m.iova, other.iova),
+                    m.iova() + m.size() <= other.iova() || other.iova() + other.size() <= m.iova(),
+                    || format!("IOVA {:#x} overlaps {:#x}", m.iova(), other.iova()),
                 );
             }
-            maps.push((buf, m));
+            maps.push(m);
         }
 
         // The device really reaches the buffers at those IOVAs: an NVMe Identify Controller.
-        if let Err(e) = nvme_identify(&dev, &maps) {
-            checks.check(false, || format!("NVMe Identify by DMA: {e}"));
-        }
+        let [sq, cq, data] = <[DmaRegion; 3]>::try_from(maps).map_err(|_| "three regions")?;
+        let first = match nvme_identify(&dev, &sq, &cq, &data) {
+            Ok(id) => Some(id),
+            Err(e) => {
+                checks.check(false, || format!("NVMe Identify by DMA: {e}"));
+                None
+            }
+        };
 
-        for (buf, m) in maps {
-            let t = Instant::now();
-            container
-                .unmap(m)
-                .map_err(|e| format!("unmap IOVA {:#x}: {e}", m.iova))?;
-            println!("  unmapped IOVA {:#x} in {}", m.iova, ms(t.elapsed()));
-            drop(buf);
-        }
-        // Unmapped space is handed out again.
-        let buf = DmaBuffer::new(4096).map_err(err)?;
-        let m = container.map(&buf).map_err(err)?;
-        println!("  remapped 4 KiB at IOVA {:#x}", m.iova);
-        checks.check(inside(m.iova, m.size), || {
-            format!("IOVA {:#x} outside the ranges", m.iova)
+        // Dropping a region unmaps it: a new buffer gets the same IOVA (the kernel would
+        // refuse a second mapping there with EEXIST), and the device writes into the new
+        // buffer, not the old one.
+        let (old_iova, old_size) = (data.iova(), data.size());
+        let t = Instant::now();
+        drop(data);
+        println!(
+            "  dropped the 2 MiB region at IOVA {old_iova:#x} (unmapped in {})",
+            ms(t.elapsed())
+        );
+        let data = container
+            .alloc_dma(old_size as usize)
+            .map_err(|e| format!("map after drop: {e}"))?;
+        println!("  a new 2 MiB region got IOVA {:#x}", data.iova());
+        checks.check(data.iova() == old_iova, || {
+            format!("IOVA {old_iova:#x} not reused after drop: got {:#x}", data.iova())
         });
-        container.unmap(m).map_err(err)?;
+        if first.is_some() {
+            match nvme_identify(&dev, &sq, &cq, &data) {
+                Ok(id) => {
+                    println!(
+                        "  Identify again into the new region at the reused IOVA: same data {}",
+                        Some(id) == first
+                    );
+                    checks.check(Some(id) == first, || "the second Identify differs".into());
+                }
+                Err(e) => checks.check(false, || format!("Identify into the reused IOVA: {e}")),
+            }
+        }
+        checks.check(container.leaked().is_empty(), || {
+            format!("leaked IOVA ranges {:x?}", container.leaked())
+        });
+
+        // An explicit unmap gives the buffer back, and it can be mapped again.
+        let sq_iova = sq.iova();
+        let t = Instant::now();
+        let buf = sq.unmap().map_err(|e| format!("unmap IOVA {sq_iova:#x}: {e}"))?;
+        println!("  unmapped IOVA {sq_iova:#x} in {}, buffer back", ms(t.elapsed()));
+        buf.write::<u32>(0, 0x5a5a_5a5a)
+            .ok_or("write to the unmapped buffer")?;
+        let again = container
+            .map(buf)
+            .map_err(|e| format!("map the buffer again: {e}"))?;
+        println!("  remapped it at IOVA {:#x}", again.iova());
+        checks.check(
+            inside(again.iova(), again.size()) && again.iova() == sq_iova,
+            || format!("remapped at IOVA {:#x}, expected {sq_iova:#x}", again.iova()),
+        );
+        checks.check(again.read::<u32>(0) == Some(0x5a5a_5a5a), || {
+            "contents lost".into()
+        });
+        // Regions may outlive the device: the container lives as long as they do.
+        drop(dev);
+        drop((again, cq, data));
+        checks.check(container.leaked().is_empty(), || {
+            format!("leaked IOVA ranges {:x?}", container.leaked())
+        });
         checks.done("vfio-dma")
     }
 
-    fn wait_bit(
-        bar: &pcibus::vfio::Bar<'_>,
-        off: u64,
-        mask: u32,
-        want: u32,
-        timeout: Duration,
-    ) -> Res<Duration> {
+    fn wait_bit(bar: &MappedBar, off: u64, mask: u32, want: u32, timeout: Duration) -> Res<Duration> {
         let t = Instant::now();
         loop {
             let v = bar.read32(off).map_err(err)?;
@@ -617,11 +761,13 @@ mod vmtest {
     /// Identify Controller into the third, all by DMA through their IOVAs; then disables
     /// the controller. Every MSI-X vector is routed to an eventfd in one call beforehand,
     /// and the admin completion (interrupt vector 0) must signal the first one.
-    fn nvme_identify(dev: &VfioDevice, bufs: &[(DmaBuffer, DmaMapping)]) -> Res {
-        let [(sq, sqm), (cq, cqm), (data, datam)] = bufs else {
-            return Err("need three buffers".into());
-        };
-        let (sq_iova, cq_iova, data_iova) = (sqm.iova, cqm.iova, datam.iova);
+    fn nvme_identify(
+        dev: &Arc<VfioDevice>,
+        sq: &DmaRegion,
+        cq: &DmaRegion,
+        data: &DmaRegion,
+    ) -> Res<[u8; 64]> {
+        let (sq_iova, cq_iova, data_iova) = (sq.iova(), cq.iova(), data.iova());
         // Memory space and bus master on.
         let mut cmd = [0u8; 2];
         dev.read_config(4, &mut cmd).map_err(err)?;
@@ -675,20 +821,28 @@ mod vmtest {
         if csts & 2 != 0 {
             return Err(format!("controller fatal status after enable: CSTS {csts:#x}"));
         }
-        // Identify (06h), CNS 1 (controller), command id 0x42, data to PRP1.
-        let fill = || -> Option<()> {
-            sq.write::<u32>(0, 0x06 | (0x42 << 16))?;
-            sq.write::<u64>(24, data_iova)?;
-            sq.write::<u32>(40, 1)
-        };
-        fill().ok_or("SQ entry out of bounds")?;
+        // Identify (06h), CNS 1 (controller), command id 0x42, data to PRP1: one 64-byte
+        // submission entry written as an object.
+        let mut sqe = [0u32; 16];
+        sqe[0] = 0x06 | (0x42 << 16);
+        sqe[6] = data_iova as u32;
+        sqe[7] = (data_iova >> 32) as u32;
+        sqe[10] = 1;
+        sq.write_obj(0, &sqe).ok_or("SQ entry out of bounds")?;
         fence(Ordering::SeqCst);
         let t = Instant::now();
         bar.write32(0x1000, 1).map_err(err)?;
         let dw3 = loop {
-            let dw3 = cq.read::<u32>(12).ok_or("CQ out of bounds")?;
+            // The phase word with acquire ordering, then the whole 16-byte entry.
+            let dw3 = cq.load_acquire::<u32>(12).ok_or("CQ out of bounds")?;
             if dw3 & (1 << 16) != 0 {
-                fence(Ordering::Acquire);
+                let cqe: [u32; 4] = cq.read_obj(0).ok_or("CQ out of bounds")?;
+                if cqe[3] != dw3 {
+                    return Err(format!(
+                        "CQE dword 3 {:#x} after the phase word read {dw3:#x}",
+                        cqe[3]
+                    ));
+                }
                 break dw3;
             }
             if t.elapsed() > Duration::from_secs(5) {
@@ -714,7 +868,7 @@ mod vmtest {
         let status = (dw3 >> 17) & 0x7fff;
         let cid = dw3 & 0xffff;
         let mut id = [0u8; 64];
-        data.copy_to(0, &mut id).ok_or("data out of bounds")?;
+        data.read_at(0, &mut id).ok_or("data out of bounds")?;
         let text = |b: &[u8]| String::from_utf8_lossy(b).trim().to_owned();
         let vid = u16::from_le_bytes([id[0], id[1]]);
         println!(
@@ -737,7 +891,318 @@ mod vmtest {
                 "identify data does not look like a controller's: VID {vid:04x}"
             ));
         }
-        Ok(())
+        Ok(id)
+    }
+
+    // ----------------------------------------------------------------- vfio-group
+
+    /// Two functions of one IOMMU group, opened in one container: the second open reuses
+    /// the group the first opened (the kernel lets a group be open once); opening it in a
+    /// second container is refused with EBUSY; the container keeps the group (and its
+    /// DMA mappings) after the devices close, and releases it when it goes.
+    fn vfio_group(a: PciAddress, b: PciAddress) -> Res {
+        let root = SysfsRoot::new(SYS);
+        let mut checks = Checks::default();
+        let ga = pcibus::vfio::iommu_group(&root, a).map_err(err)?;
+        let gb = pcibus::vfio::iommu_group(&root, b).map_err(err)?;
+        if ga != gb {
+            return Err(format!("{a} is in group {ga}, {b} in group {gb}"));
+        }
+        let t = Instant::now();
+        let dev_a = VfioDevice::open(&root, a).map_err(|e| format!("open {a}: {e}"))?;
+        let container = Arc::clone(dev_a.container());
+        let dev_b = VfioDevice::open_in(&root, b, &container)
+            .map_err(|e| format!("open {b} in the same container: {e}"))?;
+        println!(
+            "opened {a} and {b} of group {ga} in one container in {}",
+            ms(t.elapsed())
+        );
+        checks.check(Arc::ptr_eq(dev_a.group(), dev_b.group()), || {
+            "the two devices have different Group handles".into()
+        });
+        checks.check(container.groups() == vec![ga], || {
+            format!("container groups {:?}", container.groups())
+        });
+        // A second container cannot have the group: the kernel's rule, reported as such.
+        match VfioDevice::open(&root, b) {
+            Err(VfioError::OpenGroup { group, source }) => {
+                println!("  a second container: open /dev/vfio/{group} refused: {source}");
+                checks.check(source.raw_os_error() == Some(nix::libc::EBUSY), || {
+                    format!("second container: {source}, expected EBUSY")
+                });
+            }
+            Err(e) => checks.check(false, || format!("second container: unexpected error {e}")),
+            Ok(_) => checks.check(false, || "a second container opened the group too".into()),
+        }
+        for dev in [&dev_a, &dev_b] {
+            let mut id = [0u8; 2];
+            dev.read_config(0, &mut id).map_err(err)?;
+            let vendor = hex_file(&root.device_dir(dev.address()), "vendor");
+            println!(
+                "  {}: vendor {:04x} through VFIO, {vendor:x?} in sysfs",
+                dev.address(),
+                u16::from_le_bytes(id)
+            );
+            checks.check(vendor == Some(u16::from_le_bytes(id).into()), || {
+                format!("{}: vendor differs", dev.address())
+            });
+        }
+        let region = container
+            .alloc_dma(4096)
+            .map_err(|e| format!("DMA map in the shared container: {e}"))?;
+        println!(
+            "  DMA region at IOVA {:#x} in the shared container",
+            region.iova()
+        );
+        // The container keeps the group attached after its devices close: the IOMMU, and
+        // the region mapped in it, stay valid, and a device of the group opens again.
+        drop(dev_a);
+        let mut id = [0u8; 2];
+        dev_b
+            .read_config(0, &mut id)
+            .map_err(|e| format!("{b} after closing {a}: {e}"))?;
+        drop(dev_b);
+        checks.check(container.groups() == vec![ga], || {
+            format!("groups after closing both devices: {:?}", container.groups())
+        });
+        let dev_a = VfioDevice::open_in(&root, a, &container)
+            .map_err(|e| format!("reopen {a} in the same container: {e}"))?;
+        checks.check(
+            Arc::ptr_eq(dev_a.group(), &container.group(&root, ga).map_err(err)?),
+            || "reopen got another group handle".into(),
+        );
+        let second = container
+            .alloc_dma(4096)
+            .map_err(|e| format!("DMA map after reopening: {e}"))?;
+        drop(dev_a);
+        let (r1, r2) = (region.iova(), second.iova());
+        region
+            .unmap()
+            .map_err(|e| format!("unmap IOVA {r1:#x} after the devices closed: {e}"))?;
+        second.unmap().map_err(|e| format!("unmap IOVA {r2:#x}: {e}"))?;
+        println!("  closed both, reopened {a} in the same container, mapped and unmapped in it");
+        checks.check(container.leaked().is_empty(), || {
+            format!("leaked {:x?}", container.leaked())
+        });
+        // With the container gone the group is closed: a new container can have it.
+        drop(container);
+        let again =
+            VfioDevice::open(&root, a).map_err(|e| format!("reopen {a} after the container went: {e}"))?;
+        println!(
+            "  after the container went: reopened {a} in a new container (group {})",
+            again.group().number()
+        );
+        drop(again);
+        checks.done("vfio-group")
+    }
+
+    // ------------------------------------------------------------- held-scan-exit
+
+    /// What one scan said about the held device.
+    #[derive(Debug)]
+    struct Seen {
+        phase: &'static str,
+        took: Duration,
+        listed: bool,
+        // Blocking attributes whose value was reported.
+        values: Vec<&'static str>,
+        // (attribute, problem) for the blocking attributes.
+        problems: Vec<(&'static str, ProblemKind)>,
+    }
+
+    /// §3 of issue 6: this process holds `addr` through VFIO with the REQ eventfd
+    /// registered, and scans with every blocking attribute requested, sharing a registry,
+    /// while another thread writes `remove`. On the REQ it releases the device; the removal
+    /// completes, the scans stop, and the process exits. No scan may report a value read
+    /// from the held device's blocking attributes.
+    fn held_scan_exit(addr: PciAddress) -> Res {
+        const GRACE_MS: u64 = 250;
+        use std::sync::atomic::AtomicU8;
+        let root = SysfsRoot::new(SYS);
+        let registry = Arc::new(RemovalRegistry::new());
+        let mut checks = Checks::default();
+        let t0 = Instant::now();
+
+        let dev = VfioDevice::open(&root, addr).map_err(|e| format!("VfioDevice::open: {e}"))?;
+        let efd = dev.request_eventfd().map_err(err)?;
+        let bar0 = dev.map_bar(0).map_err(err)?;
+        let vs = bar0.read32(8).map_err(err)?;
+        println!("held-scan-exit: holding {addr} (NVMe VS {vs:#x}), REQ eventfd registered");
+
+        // 0 held, 1 REQ seen, 2 released, 3 stop.
+        let phase = Arc::new(AtomicU8::new(0));
+        let scanner = {
+            let root = root.clone();
+            let registry = Arc::clone(&registry);
+            let phase = Arc::clone(&phase);
+            thread::spawn(move || {
+                let scanner = BlockingAttr::ALL.into_iter().fold(
+                    Scanner::new(root)
+                        .registry(registry)
+                        .timeout(Duration::from_secs(2)),
+                    Scanner::read_blocking,
+                );
+                let mut seen = Vec::new();
+                loop {
+                    let p = phase.load(Ordering::Acquire);
+                    if p == 3 {
+                        break;
+                    }
+                    let t = Instant::now();
+                    let scan = scanner.scan();
+                    let took = t.elapsed();
+                    let names = ["held", "requested", "released"];
+                    let mut s = Seen {
+                        phase: names[usize::from(p.min(2))],
+                        took,
+                        listed: false,
+                        values: Vec::new(),
+                        problems: Vec::new(),
+                    };
+                    if let Ok(scan) = scan
+                        && let Some(d) = scan.get(addr)
+                    {
+                        s.listed = true;
+                        if d.driver_override.is_some() {
+                            s.values.push("driver_override");
+                        }
+                        if d.uevent.is_some() {
+                            s.values.push("uevent");
+                        }
+                        if d.sriov_vf_total_msix.is_some() {
+                            s.values.push("sriov_vf_total_msix");
+                        }
+                        if d.sriov.as_ref().is_some_and(|s| s.num_vfs.is_some()) {
+                            s.values.push("sriov_numvfs");
+                        }
+                        let blocking: Vec<&str> =
+                            BlockingAttr::ALL.into_iter().map(BlockingAttr::name).collect();
+                        s.problems = d
+                            .problems
+                            .iter()
+                            .filter(|p| blocking.contains(&p.attribute))
+                            .map(|p| (p.attribute, p.kind.clone()))
+                            .collect();
+                    }
+                    seen.push(s);
+                    thread::sleep(Duration::from_millis(20));
+                }
+                seen
+            })
+        };
+
+        thread::sleep(Duration::from_millis(300));
+        let remove_path = root.device_dir(addr).join("remove");
+        let t_remove = Instant::now();
+        let remover = thread::spawn(move || {
+            let r = std::fs::write(&remove_path, "1");
+            (r, t_remove.elapsed())
+        });
+        let mut requested = None;
+        while t_remove.elapsed() < Duration::from_secs(15) {
+            if dev.poll_request(&efd, &registry) {
+                requested = Some(Instant::now());
+                break;
+            }
+            thread::sleep(Duration::from_millis(5));
+        }
+        let Some(t_req) = requested else {
+            phase.store(3, Ordering::Release);
+            drop((bar0, dev, efd));
+            return Err("no REQ within 15 s of writing remove".into());
+        };
+        phase.store(1, Ordering::Release);
+        println!(
+            "held-scan-exit: REQ {} after the remove write; registry pending {}",
+            ms(t_req - t_remove),
+            registry.is_pending(addr)
+        );
+        checks.check(registry.is_pending(addr), || {
+            "poll_request did not mark the registry".into()
+        });
+        // A driver finishes what is in flight before it lets go; the scans go on meanwhile,
+        // against a device whose removal is pending and which is still held.
+        thread::sleep(Duration::from_millis(GRACE_MS));
+        // Release: the mapping and the device (the mapping holds the device too).
+        drop(bar0);
+        drop(dev);
+        drop(efd);
+        phase.store(2, Ordering::Release);
+        checks.check(!held::is_held(addr), || "still held after the release".into());
+        println!(
+            "held-scan-exit: released {} after the REQ ({GRACE_MS} ms of it a grace for in-flight work)",
+            ms(t_req.elapsed())
+        );
+
+        // The removal completes.
+        while !remover.is_finished() && t_req.elapsed() < Duration::from_secs(10) {
+            thread::sleep(Duration::from_millis(5));
+        }
+        if remover.is_finished() {
+            let (r, at) = remover.join().map_err(|_| "remove thread panicked")?;
+            println!(
+                "held-scan-exit: the remove write returned {:?} {} after it began",
+                r.as_ref().map_err(|e| e.to_string()),
+                ms(at)
+            );
+            checks.check(r.is_ok(), || format!("remove write failed: {r:?}"));
+        } else {
+            checks.check(false, || {
+                "the remove write had not returned 10 s after the release".into()
+            });
+        }
+        checks.check(!root.device_dir(addr).exists(), || {
+            "device directory still there".into()
+        });
+
+        // The scans stop (a scan thread stuck in a read of the device would not).
+        thread::sleep(Duration::from_millis(100));
+        phase.store(3, Ordering::Release);
+        let t_stop = Instant::now();
+        while !scanner.is_finished() && t_stop.elapsed() < Duration::from_secs(5) {
+            thread::sleep(Duration::from_millis(5));
+        }
+        if !scanner.is_finished() {
+            checks.check(false, || "the scan thread did not stop within 5 s".into());
+            return checks.done("held-scan-exit");
+        }
+        let seen = scanner.join().map_err(|_| "scan thread panicked")?;
+        for phase in ["held", "requested", "released"] {
+            let of: Vec<&Seen> = seen.iter().filter(|s| s.phase == phase).collect();
+            let slowest = of.iter().map(|s| s.took).max().unwrap_or_default();
+            let listed = of.iter().filter(|s| s.listed).count();
+            let kinds: BTreeSet<String> = of
+                .iter()
+                .flat_map(|s| s.problems.iter().map(|(a, k)| format!("{a}: {k}")))
+                .collect();
+            println!(
+                "held-scan-exit: {} scan(s) while {phase} (slowest {}), device listed in {listed}; problems: {kinds:?}",
+                of.len(),
+                ms(slowest)
+            );
+        }
+        checks.check(seen.iter().any(|s| s.phase == "held" && s.listed), || {
+            "no scan listed the device while it was held".into()
+        });
+        checks.check(seen.iter().any(|s| s.phase == "requested" && s.listed), || {
+            "no scan ran between the REQ and the release".into()
+        });
+        for s in &seen {
+            checks.check(s.values.is_empty(), || {
+                format!(
+                    "a scan while {} reported values of the held device's blocking attributes {:?}",
+                    s.phase, s.values
+                )
+            });
+            for (attr, kind) in &s.problems {
+                checks.check(
+                    matches!(kind, ProblemKind::HeldOpen | ProblemKind::RemovalPending),
+                    || format!("a scan while {}: {attr}: {kind}", s.phase),
+                );
+            }
+        }
+        println!("held-scan-exit: exiting {} after start", ms(t0.elapsed()));
+        checks.done("held-scan-exit")
     }
 
     // ----------------------------------------------------------------------- hold
@@ -790,12 +1255,17 @@ mod vmtest {
         let applicable: BTreeSet<&str> = {
             let before = scanner.scan().map_err(err)?;
             let d = before.get(addr).ok_or("device not listed before the removal")?;
-            checks.check(!d.removal_pending && d.problems.is_empty(), || {
-                format!(
-                    "before removal: pending {} problems {:?}",
-                    d.removal_pending, d.problems
-                )
-            });
+            // The blocking attributes of a device this process holds are never read: with
+            // the scanner's held check they carry HeldOpen problems.
+            checks.check(
+                !d.removal_pending && d.problems.iter().all(|p| p.kind == ProblemKind::HeldOpen),
+                || {
+                    format!(
+                        "before removal: pending {} problems {:?}",
+                        d.removal_pending, d.problems
+                    )
+                },
+            );
             BlockingAttr::ALL
                 .into_iter()
                 .filter(|a| d.sriov.is_some() || !a.name().starts_with("sriov"))
@@ -864,12 +1334,14 @@ mod vmtest {
                                 let pending: BTreeSet<&str> = d
                                     .problems
                                     .iter()
-                                    .filter(|p| p.kind == ProblemKind::RemovalPending)
+                                    .filter(|p| {
+                                        matches!(p.kind, ProblemKind::RemovalPending | ProblemKind::HeldOpen)
+                                    })
                                     .map(|p| p.attribute)
                                     .collect();
                                 checks.check(pending == applicable, || {
                                     format!(
-                                        "RemovalPending problems for {pending:?}, expected {applicable:?}"
+                                        "RemovalPending or HeldOpen problems for {pending:?}, expected {applicable:?}"
                                     )
                                 });
                                 checks.check(d.problems.len() == pending.len(), || {

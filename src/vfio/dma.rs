@@ -1,49 +1,135 @@
-//! DMA buffers and IOVA allocation.
+//! DMA memory: buffers, their mapping into a container, and IOVA allocation.
 //!
 //! A [`DmaBuffer`] is anonymous memory, huge pages when the size allows and the system has
 //! them, 4 KiB pages otherwise, which the device reads and writes once mapped into the
-//! container's IOMMU. It is device-visible memory, so it is never exposed as `&[u8]`: data
-//! moves through volatile accessors and copies to and from caller slices.
+//! container's IOMMU. [`Container::map`](super::Container::map) turns it into a
+//! [`DmaRegion`]: one owned value holding the buffer, its IOVA and the container, unmapped
+//! when dropped.
+//!
+//! # How the bytes are reached
+//!
+//! The memory is device-visible, so it is never exposed as `&[u8]` or `&T`: the device may
+//! write it at any moment, which a reference would forbid. Every access is an **atomic
+//! access of one aligned 8-byte word** (`AtomicU64` at the word's address):
+//!
+//! - The accessors take `&self`, so several threads may use one buffer at once (an NVMe
+//!   driver fills submission entries on one thread while another polls completions).
+//!   Plain or volatile stores through `&self` would be a data race, which is undefined
+//!   behaviour even when volatile; atomic accesses are not. `&mut self` for bulk writes
+//!   would not help: it excludes other threads but not the device, and it would force a
+//!   driver to lock a whole queue to copy one entry.
+//! - One access width for all of them: the memory model allows racing atomic writes only
+//!   between accesses of the same size. Values narrower than a word are read from their
+//!   word and written by a compare-and-exchange on it, so a `u32` written next to one the
+//!   device or another thread writes never clobbers it.
+//! - Relaxed ordering unless asked ([`DmaBuffer::load_acquire`],
+//!   [`DmaBuffer::store_release`]). On x86-64 and aarch64 a relaxed aligned 8-byte load or
+//!   store is a plain move, so bulk copies cost a word move per 8 bytes.
+//! - Each aligned word is single-copy atomic; a larger object ([`DmaBuffer::read_obj`]) or
+//!   byte range is not: it is copied word by word, and a concurrent writer can be seen
+//!   half-way. Protocols publish with a flag word (NVMe's phase bit): read the flag with
+//!   [`DmaBuffer::load_acquire`], then the rest.
 #![allow(unsafe_code)]
 
+use std::fmt;
 use std::io;
-use std::ops::RangeInclusive;
+use std::mem::MaybeUninit;
+use std::ops::{Deref, RangeInclusive};
+use std::os::fd::AsFd;
 use std::ptr::NonNull;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use nix::sys::mman::{MapFlags, ProtFlags, mmap_anonymous, munmap};
+
+use super::{Container, VfioError, sys};
 
 /// 2 MiB huge pages.
 pub const HUGE_PAGE: usize = 2 << 20;
 /// 4 KiB pages.
 pub const PAGE: usize = 4096;
 
-/// Memory a device may read and write by DMA.
-#[derive(Debug)]
+const WORD: usize = 8;
+
+/// Memory a device may read and write by DMA. Not yet mapped: see
+/// [`Container::map`](super::Container::map).
+///
+/// # Dropping
+///
+/// Dropping unmaps the memory from the process. A buffer that was mapped for DMA is owned
+/// by its [`DmaRegion`], which unmaps it from the IOMMU first, so the device can never
+/// write into freed memory.
 pub struct DmaBuffer {
     ptr: NonNull<u8>,
     len: usize,
     huge: bool,
 }
 
-// SAFETY: the buffer owns its mapping; all access goes through volatile loads/stores or
-// raw copies, never through references, so sharing it between threads is sound.
+impl fmt::Debug for DmaBuffer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DmaBuffer")
+            .field("vaddr", &format_args!("{:#x}", self.vaddr()))
+            .field("len", &self.len)
+            .field("huge", &self.huge)
+            .finish()
+    }
+}
+
+// SAFETY: the buffer owns its mapping; all access goes through atomic operations on its
+// words (see the module docs), never through references to the bytes, so moving it to
+// and sharing it between threads is sound.
 unsafe impl Send for DmaBuffer {}
-// SAFETY: as above.
+// SAFETY: as above: the `&self` accessors are atomic word accesses.
 unsafe impl Sync for DmaBuffer {}
 
-/// Plain integers that can be read from and written to device-visible memory.
-pub trait Scalar: Copy + sealed::Sealed {}
-impl Scalar for u8 {}
-impl Scalar for u16 {}
-impl Scalar for u32 {}
-impl Scalar for u64 {}
 mod sealed {
     pub trait Sealed {}
-    impl Sealed for u8 {}
-    impl Sealed for u16 {}
-    impl Sealed for u32 {}
-    impl Sealed for u64 {}
 }
+
+/// Plain integers that can be read from and written to device-visible memory.
+pub trait Scalar: Copy + sealed::Sealed {
+    #[doc(hidden)]
+    fn from_ne_slice(b: &[u8]) -> Self;
+    #[doc(hidden)]
+    fn write_ne(self, b: &mut [u8]);
+}
+
+macro_rules! scalar {
+    ($($t:ty),*) => {$(
+        impl sealed::Sealed for $t {}
+        impl Scalar for $t {
+            fn from_ne_slice(b: &[u8]) -> Self {
+                let mut a = [0u8; size_of::<$t>()];
+                a.copy_from_slice(b);
+                <$t>::from_ne_bytes(a)
+            }
+            fn write_ne(self, b: &mut [u8]) {
+                b.copy_from_slice(&self.to_ne_bytes());
+            }
+        }
+        // SAFETY: an integer has no padding and every bit pattern is a valid value.
+        unsafe impl DmaObj for $t {}
+    )*};
+}
+scalar!(u8, u16, u32, u64);
+
+/// Plain-old-data types that may be copied to and from device-visible memory as bytes
+/// ([`DmaBuffer::read_obj`], [`DmaBuffer::write_obj`]): NVMe submission entries
+/// (`[u32; 16]`, 64 bytes) and completion entries (`[u32; 4]`, 16 bytes), or a driver's
+/// own `#[repr(C)]` structures.
+///
+/// # Safety
+///
+/// An implementor must be `#[repr(C)]` (or `#[repr(transparent)]`) or a primitive or
+/// array, have **no padding bytes** (every byte of a value is initialized, so it may be
+/// copied out as bytes), and accept **every bit pattern** as a valid value (the device
+/// may write anything, so it may be copied in from bytes): integers and arrays and
+/// structures of them qualify; `bool`, `char`, enums, references and pointers do not.
+pub unsafe trait DmaObj: Copy + 'static {}
+
+// SAFETY: an array of POD elements has no padding between elements (size is a multiple
+// of alignment) and is valid for every bit pattern if its elements are.
+unsafe impl<T: DmaObj, const N: usize> DmaObj for [T; N] {}
 
 impl DmaBuffer {
     /// Allocates at least `len` bytes, zeroed and populated: 2 MiB huge pages when `len` is
@@ -60,7 +146,10 @@ impl DmaBuffer {
         {
             return Ok(DmaBuffer { huge: true, ..buf });
         }
-        Self::map(len.next_multiple_of(PAGE), MapFlags::empty())
+        let len = len
+            .checked_next_multiple_of(PAGE)
+            .ok_or_else(|| io::Error::from(io::ErrorKind::InvalidInput))?;
+        Self::map(len, MapFlags::empty())
     }
 
     fn map(len: usize, extra: MapFlags) -> io::Result<DmaBuffer> {
@@ -103,58 +192,467 @@ impl DmaBuffer {
         self.ptr.as_ptr() as u64
     }
 
-    fn at<T>(&self, offset: usize, count: usize) -> Option<*mut T> {
-        let bytes = size_of::<T>().checked_mul(count)?;
-        if offset.checked_add(bytes)? > self.len || !offset.is_multiple_of(align_of::<T>()) {
-            return None;
+    /// Checks that `len` bytes at `offset` lie inside the buffer, with `offset` aligned to
+    /// `align`.
+    fn check(&self, offset: usize, len: usize, align: usize) -> Option<()> {
+        let end = offset.checked_add(len)?;
+        (end <= self.len && offset.is_multiple_of(align)).then_some(())
+    }
+
+    /// The word at byte `at` (a multiple of 8, below `len`).
+    fn word(&self, at: usize) -> &AtomicU64 {
+        debug_assert!(at.is_multiple_of(WORD) && at + WORD <= self.len);
+        // SAFETY: `at` is 8-aligned and inside the mapping (callers checked; the mapping is
+        // page aligned and a whole number of pages, so every word of it is in bounds and
+        // aligned for AtomicU64). Every access to the buffer's bytes is an atomic access of
+        // such a word, so no non-atomic access races with it; the reference is to an
+        // interior-mutable type, so the device writing the word does not contradict it,
+        // and it does not outlive `&self`, which keeps the mapping alive.
+        unsafe { AtomicU64::from_ptr(self.ptr.as_ptr().add(at).cast()) }
+    }
+
+    /// Replaces `bytes.len()` bytes at `at % 8` of the word at `at - at % 8`, keeping the
+    /// others: one compare-and-exchange, so a concurrent writer of the other bytes (a
+    /// thread or the device) is never overwritten.
+    fn store_partial(&self, at: usize, bytes: &[u8], order: Ordering) {
+        let base = at - at % WORD;
+        let k = at % WORD;
+        let word = self.word(base);
+        let mut old = word.load(Ordering::Relaxed);
+        loop {
+            let mut b = old.to_ne_bytes();
+            b[k..k + bytes.len()].copy_from_slice(bytes);
+            match word.compare_exchange_weak(old, u64::from_ne_bytes(b), order, Ordering::Relaxed) {
+                Ok(_) => return,
+                Err(now) => old = now,
+            }
         }
-        // SAFETY: the range [offset, offset + bytes) lies inside the mapping.
-        Some(unsafe { self.ptr.as_ptr().add(offset) }.cast())
     }
 
-    /// A volatile read at `offset` (bounds and alignment checked).
-    pub fn read<T: Scalar>(&self, offset: usize) -> Option<T> {
-        // SAFETY: `at` checked bounds and alignment; the device may write concurrently, so
-        // the load is volatile and no reference is formed.
-        self.at::<T>(offset, 1).map(|p| unsafe { p.read_volatile() })
+    fn load<T: Scalar>(&self, offset: usize, order: Ordering) -> Option<T> {
+        self.check(offset, size_of::<T>(), align_of::<T>())?;
+        let k = offset % WORD;
+        let word = self.word(offset - k).load(order).to_ne_bytes();
+        Some(T::from_ne_slice(&word[k..k + size_of::<T>()]))
     }
 
-    /// A volatile write at `offset` (bounds and alignment checked).
-    pub fn write<T: Scalar>(&self, offset: usize, value: T) -> Option<()> {
-        // SAFETY: `at` checked bounds and alignment; volatile, no reference formed.
-        self.at::<T>(offset, 1)
-            .map(|p| unsafe { p.write_volatile(value) })
-    }
-
-    /// Copies `src` into the buffer at `offset`. Returns `None` when out of bounds.
-    pub fn copy_from(&self, offset: usize, src: &[u8]) -> Option<()> {
-        let dst = self.at::<u8>(offset, src.len())?;
-        // SAFETY: `dst` has room for src.len() bytes inside the mapping, and `src` is
-        // caller memory, so the two cannot overlap.
-        unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), dst, src.len()) };
+    fn store<T: Scalar>(&self, offset: usize, value: T, order: Ordering) -> Option<()> {
+        self.check(offset, size_of::<T>(), align_of::<T>())?;
+        let mut b = [0u8; WORD];
+        value.write_ne(&mut b[..size_of::<T>()]);
+        if size_of::<T>() == WORD {
+            self.word(offset).store(u64::from_ne_bytes(b), order);
+        } else {
+            self.store_partial(offset, &b[..size_of::<T>()], order);
+        }
         Some(())
     }
 
-    /// Copies from the buffer at `offset` into `dst`. Returns `None` when out of bounds.
-    pub fn copy_to(&self, offset: usize, dst: &mut [u8]) -> Option<()> {
-        let src = self.at::<u8>(offset, dst.len())?;
-        // SAFETY: `src` has dst.len() readable bytes inside the mapping, and `dst` is caller
-        // memory, so they cannot overlap.
-        unsafe { std::ptr::copy_nonoverlapping(src, dst.as_mut_ptr(), dst.len()) };
+    /// Reads a `T` at `offset` (bounds and alignment to `T` checked), single-copy atomic.
+    pub fn read<T: Scalar>(&self, offset: usize) -> Option<T> {
+        self.load(offset, Ordering::Relaxed)
+    }
+
+    /// Writes a `T` at `offset` (bounds and alignment checked), single-copy atomic; the
+    /// other bytes of its 8-byte word are left as they are, even if written concurrently.
+    pub fn write<T: Scalar>(&self, offset: usize, value: T) -> Option<()> {
+        self.store(offset, value, Ordering::Relaxed)
+    }
+
+    /// Reads a `T` at `offset` with acquire ordering: reads after it see at least what was
+    /// written before the write that published this value (e.g. an NVMe completion's
+    /// phase word, before the rest of the entry).
+    pub fn load_acquire<T: Scalar>(&self, offset: usize) -> Option<T> {
+        self.load(offset, Ordering::Acquire)
+    }
+
+    /// Writes a `T` at `offset` with release ordering: writes before it are visible to a
+    /// thread that reads this value with [`load_acquire`](Self::load_acquire). (Towards
+    /// the device, a doorbell write is what publishes, not this.)
+    pub fn store_release<T: Scalar>(&self, offset: usize, value: T) -> Option<()> {
+        self.store(offset, value, Ordering::Release)
+    }
+
+    /// Copies from the buffer at `offset` into `dst`, word by word. `None` when out of
+    /// bounds.
+    pub fn read_at(&self, offset: usize, dst: &mut [u8]) -> Option<()> {
+        self.check(offset, dst.len(), 1)?;
+        let mut done = 0;
+        while done < dst.len() {
+            let at = offset + done;
+            let k = at % WORD;
+            let n = (WORD - k).min(dst.len() - done);
+            let word = self.word(at - k).load(Ordering::Relaxed).to_ne_bytes();
+            dst[done..done + n].copy_from_slice(&word[k..k + n]);
+            done += n;
+        }
+        Some(())
+    }
+
+    /// Copies `src` into the buffer at `offset`, word by word (partial words at either end
+    /// by compare-and-exchange). `None` when out of bounds.
+    pub fn write_at(&self, offset: usize, src: &[u8]) -> Option<()> {
+        self.check(offset, src.len(), 1)?;
+        let mut done = 0;
+        while done < src.len() {
+            let at = offset + done;
+            let k = at % WORD;
+            let n = (WORD - k).min(src.len() - done);
+            if n == WORD {
+                let mut w = [0u8; WORD];
+                w.copy_from_slice(&src[done..done + WORD]);
+                self.word(at).store(u64::from_ne_bytes(w), Ordering::Relaxed);
+            } else {
+                self.store_partial(at, &src[done..done + n], Ordering::Relaxed);
+            }
+            done += n;
+        }
+        Some(())
+    }
+
+    /// Sets `len` bytes at `offset` to `byte`. `None` when out of bounds.
+    pub fn fill(&self, offset: usize, len: usize, byte: u8) -> Option<()> {
+        self.check(offset, len, 1)?;
+        let chunk = [byte; 64];
+        let mut done = 0;
+        while done < len {
+            let n = chunk.len().min(len - done);
+            self.write_at(offset + done, &chunk[..n])?;
+            done += n;
+        }
         Some(())
     }
 
     /// Zeroes the whole buffer.
     pub fn zero(&self) {
-        // SAFETY: the whole mapping is writable and `len` bytes long.
-        unsafe { std::ptr::write_bytes(self.ptr.as_ptr(), 0, self.len) };
+        for at in (0..self.len).step_by(WORD) {
+            self.word(at).store(0, Ordering::Relaxed);
+        }
+    }
+
+    /// Reads a `T` at `offset` (aligned to `T`), word by word: each aligned 8-byte word is
+    /// read once, atomically, but the object as a whole is not (see the module docs).
+    pub fn read_obj<T: DmaObj>(&self, offset: usize) -> Option<T> {
+        self.check(offset, size_of::<T>(), align_of::<T>())?;
+        let mut value = MaybeUninit::<T>::uninit();
+        // SAFETY: the MaybeUninit is `size_of::<T>()` bytes of writable local memory, and
+        // u8 has no alignment or validity requirement, so viewing it as a byte slice to
+        // fill is sound (the bytes are written before they are read).
+        let bytes =
+            unsafe { std::slice::from_raw_parts_mut(value.as_mut_ptr().cast::<u8>(), size_of::<T>()) };
+        bytes.fill(0);
+        self.read_at(offset, bytes)?;
+        // SAFETY: every byte was written just above, and `T: DmaObj` promises that every
+        // bit pattern is a valid `T`.
+        Some(unsafe { value.assume_init() })
+    }
+
+    /// Writes `value` at `offset` (aligned to `T`), word by word (see
+    /// [`read_obj`](Self::read_obj)).
+    pub fn write_obj<T: DmaObj>(&self, offset: usize, value: &T) -> Option<()> {
+        self.check(offset, size_of::<T>(), align_of::<T>())?;
+        // SAFETY: `T: DmaObj` promises no padding, so all `size_of::<T>()` bytes of `value`
+        // are initialized; the slice borrows `value` and is only read.
+        let bytes =
+            unsafe { std::slice::from_raw_parts(std::ptr::from_ref(value).cast::<u8>(), size_of::<T>()) };
+        self.write_at(offset, bytes)
     }
 }
 
 impl Drop for DmaBuffer {
     fn drop(&mut self) {
-        // SAFETY: ptr/len are exactly the mapping made in `map`; no reference into it exists.
+        // SAFETY: ptr/len are exactly the mapping made in `map`; no reference into it
+        // outlives `&self`, and a buffer still mapped for DMA is never dropped (its
+        // `DmaRegion` forgets it when the unmap fails).
         let _ = unsafe { munmap(self.ptr.cast(), self.len) };
+    }
+}
+
+/// A [`DmaBuffer`] mapped into a [`Container`]'s IOMMU at an IOVA: one owned value, made
+/// by [`Container::map`](super::Container::map). It derefs to the buffer for access.
+///
+/// The device reaches the buffer at [`iova`](Self::iova) for as long as the region lives;
+/// nothing else can unmap it (there is no copyable mapping handle), so a stale handle can
+/// never unmap memory that later reused the IOVA.
+///
+/// # Dropping
+///
+/// Dropping unmaps the IOVA range (`VFIO_IOMMU_UNMAP_DMA`), then returns it to the
+/// container's allocator and frees the pages, in that order. Stop the device's DMA into
+/// the region first (delete the queue, disable the controller): a device that still
+/// writes after the unmap gets an IOMMU fault, not this process's memory.
+///
+/// If the unmap fails (or unmaps less than the region), the device may still reach the
+/// memory, so the region **leaks deliberately**: the pages stay pinned and allocated,
+/// the IOVA range is never handed out again (see [`Container::leaked`]), and the failure
+/// is logged. [`unmap`](Self::unmap) does the same but returns the error (and the buffer,
+/// on success).
+///
+/// The region holds an `Arc` of its container, so the container (and the IOMMU address
+/// space) outlives every region mapped in it.
+///
+/// # Process exit
+///
+/// At exit the kernel closes the container fd, which unmaps everything and unpins the
+/// pages; a region that was leaked is released then too.
+pub struct DmaRegion {
+    // `None` only during drop or after `unmap`.
+    buffer: Option<DmaBuffer>,
+    iova: u64,
+    size: u64,
+    container: Arc<Container>,
+}
+
+impl fmt::Debug for DmaRegion {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DmaRegion")
+            .field("iova", &format_args!("{:#x}", self.iova))
+            .field("size", &self.size)
+            .field("buffer", &self.buffer)
+            .finish()
+    }
+}
+
+impl DmaRegion {
+    /// The address the device uses.
+    pub fn iova(&self) -> u64 {
+        self.iova
+    }
+
+    /// Bytes mapped (the buffer's length).
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// The buffer.
+    pub fn buffer(&self) -> &DmaBuffer {
+        self.buffer.as_ref().expect("a live DmaRegion has its buffer")
+    }
+
+    /// The container it is mapped in.
+    pub fn container(&self) -> &Arc<Container> {
+        &self.container
+    }
+
+    /// Unmaps the region now and gives the buffer back. On error the region is leaked as
+    /// described under "Dropping".
+    pub fn unmap(mut self) -> Result<DmaBuffer, VfioError> {
+        self.unmap_inner()
+    }
+
+    fn unmap_inner(&mut self) -> Result<DmaBuffer, VfioError> {
+        let Some(buffer) = self.buffer.take() else {
+            return Err(VfioError::Unmap {
+                iova: self.iova,
+                size: self.size,
+                unmapped: None,
+                source: None,
+            });
+        };
+        let result = sys::iommu_unmap_dma(self.container.fd.as_fd(), self.iova, self.size);
+        let released = self
+            .container
+            .iommu
+            .lock()
+            .as_mut()
+            .map(|space| space.unmapped(self.iova, self.size, result));
+        match released {
+            Some(Ok(())) => Ok(buffer),
+            Some(Err(e)) => {
+                // The device may still reach the pages: never free them.
+                std::mem::forget(buffer);
+                Err(e)
+            }
+            None => {
+                std::mem::forget(buffer);
+                Err(VfioError::Unmap {
+                    iova: self.iova,
+                    size: self.size,
+                    unmapped: None,
+                    source: None,
+                })
+            }
+        }
+    }
+
+    /// A region that claims `buffer` is mapped at an IOVA reserved from `container`,
+    /// without asking the kernel: for tests of the unmap paths.
+    #[cfg(test)]
+    pub(crate) fn assume_mapped(container: &Arc<Container>, buffer: DmaBuffer) -> DmaRegion {
+        let size = buffer.len() as u64;
+        let iova = container
+            .iommu
+            .lock()
+            .as_mut()
+            .expect("IOVA space")
+            .reserve(size, buffer.is_huge())
+            .expect("IOVA");
+        DmaRegion {
+            buffer: Some(buffer),
+            iova,
+            size,
+            container: Arc::clone(container),
+        }
+    }
+}
+
+impl Deref for DmaRegion {
+    type Target = DmaBuffer;
+    fn deref(&self) -> &DmaBuffer {
+        self.buffer()
+    }
+}
+
+impl Drop for DmaRegion {
+    fn drop(&mut self) {
+        if self.buffer.is_none() {
+            return;
+        }
+        if let Err(e) = self.unmap_inner() {
+            log::error!(
+                "DMA region at IOVA {:#x} ({} bytes) could not be unmapped; leaking its pages and IOVA range: {e}",
+                self.iova,
+                self.size
+            );
+        }
+    }
+}
+
+impl Container {
+    /// Maps `buffer` for DMA, read and write, at an IOVA allocated from the IOMMU's ranges
+    /// (aligned to 2 MiB for huge-page buffers, else to the smallest IOMMU page). The
+    /// returned region owns the buffer and unmaps it when dropped.
+    ///
+    /// Needs a group attached (open a device first). Pinning counts against
+    /// `RLIMIT_MEMLOCK` ([`VfioError::Memlock`]).
+    pub fn map(self: &Arc<Self>, buffer: DmaBuffer) -> Result<DmaRegion, VfioError> {
+        let size = buffer.len() as u64;
+        let iova = self
+            .iommu
+            .lock()
+            .as_mut()
+            .ok_or(VfioError::NoGroupAttached)?
+            .reserve(size, buffer.is_huge())?;
+        // SAFETY: `buffer` is an owned anonymous mapping of exactly `size` bytes; it moves
+        // into the returned region, which keeps it mapped in the process until the IOMMU
+        // mapping is gone (unmap succeeded) or forever (unmap failed: leaked). Its bytes
+        // are only reached through atomic accesses, so device writes do not invalidate
+        // any reference.
+        let mapped = unsafe { sys::iommu_map_dma(self.fd.as_fd(), buffer.vaddr(), iova, size) };
+        if let Err(source) = mapped {
+            if let Some(space) = self.iommu.lock().as_mut() {
+                space.map_failed(iova, size);
+            }
+            return Err(match source.raw_os_error() {
+                Some(nix::libc::ENOMEM) | Some(nix::libc::EPERM) => VfioError::Memlock {
+                    size,
+                    limit: memlock_limit(),
+                    source,
+                },
+                _ => VfioError::Map { iova, size, source },
+            });
+        }
+        Ok(DmaRegion {
+            buffer: Some(buffer),
+            iova,
+            size,
+            container: Arc::clone(self),
+        })
+    }
+
+    /// Allocates a [`DmaBuffer`] of at least `len` bytes and maps it.
+    pub fn alloc_dma(self: &Arc<Self>, len: usize) -> Result<DmaRegion, VfioError> {
+        let buffer = DmaBuffer::new(len).map_err(|source| VfioError::Alloc { len, source })?;
+        self.map(buffer)
+    }
+
+    /// IOVA ranges (start, size) of regions whose unmap failed: never handed out again.
+    pub fn leaked(&self) -> Vec<(u64, u64)> {
+        self.iommu
+            .lock()
+            .as_ref()
+            .map(|s| s.leaked.clone())
+            .unwrap_or_default()
+    }
+}
+
+/// The soft `RLIMIT_MEMLOCK`, in bytes, or `None` when unlimited or unknown.
+fn memlock_limit() -> Option<u64> {
+    use nix::sys::resource::{RLIM_INFINITY, Resource, getrlimit};
+    match getrlimit(Resource::RLIMIT_MEMLOCK) {
+        Ok((soft, _)) if soft != RLIM_INFINITY => Some(soft),
+        _ => None,
+    }
+}
+
+/// A container's IOVA bookkeeping: what the IOMMU reports, the free ranges, and what was
+/// leaked. An IOVA goes back to the allocator only after its unmap succeeded.
+#[derive(Debug)]
+pub(super) struct IovaSpace {
+    pub(super) info: super::IommuInfo,
+    alloc: IovaAllocator,
+    leaked: Vec<(u64, u64)>,
+}
+
+impl IovaSpace {
+    pub(super) fn new(info: super::IommuInfo) -> IovaSpace {
+        let ranges = if info.iova_ranges.is_empty() {
+            // Kernels before 5.4 report no ranges: stay below 39 bits, which every
+            // IOMMU we know of covers.
+            vec![0..=(1u64 << 39) - 1]
+        } else {
+            info.iova_ranges.clone()
+        };
+        IovaSpace {
+            alloc: IovaAllocator::new(&ranges),
+            info,
+            leaked: Vec::new(),
+        }
+    }
+
+    fn reserve(&mut self, size: u64, huge: bool) -> Result<u64, VfioError> {
+        let align = if huge {
+            HUGE_PAGE as u64
+        } else {
+            self.info.min_page_size()
+        };
+        self.alloc
+            .alloc(size, align)
+            .ok_or(VfioError::IovaExhausted { size })
+    }
+
+    /// The map ioctl failed: nothing was mapped, the range is free again.
+    fn map_failed(&mut self, iova: u64, size: u64) {
+        self.alloc.free(iova, size);
+    }
+
+    /// The unmap ioctl returned `result` (bytes unmapped). Frees the range only when all
+    /// of it was unmapped; otherwise records it as leaked.
+    fn unmapped(&mut self, iova: u64, size: u64, result: io::Result<u64>) -> Result<(), VfioError> {
+        match result {
+            Ok(n) if n == size => {
+                self.alloc.free(iova, size);
+                Ok(())
+            }
+            Ok(n) => {
+                self.leaked.push((iova, size));
+                Err(VfioError::Unmap {
+                    iova,
+                    size,
+                    unmapped: Some(n),
+                    source: None,
+                })
+            }
+            Err(source) => {
+                self.leaked.push((iova, size));
+                Err(VfioError::Unmap {
+                    iova,
+                    size,
+                    unmapped: None,
+                    source: Some(source),
+                })
+            }
+        }
     }
 }
 
@@ -249,11 +747,222 @@ mod tests {
         assert_eq!(b.read::<u32>(8), Some(0xdead_beef));
         assert_eq!(b.read::<u64>(4), None, "misaligned");
         assert_eq!(b.read::<u64>(PAGE - 4), None, "out of bounds");
-        b.copy_from(16, b"hello").unwrap();
+        assert_eq!(b.read::<u64>(usize::MAX - 3), None, "overflow");
+        b.write_at(16, b"hello").unwrap();
         let mut out = [0u8; 5];
-        b.copy_to(16, &mut out).unwrap();
+        b.read_at(16, &mut out).unwrap();
         assert_eq!(&out, b"hello");
-        assert!(b.copy_from(PAGE - 2, b"abc").is_none());
+        assert!(b.write_at(PAGE - 2, b"abc").is_none());
+        assert!(b.read_at(PAGE - 2, &mut [0u8; 3]).is_none());
+    }
+
+    #[test]
+    fn narrow_writes_keep_the_rest_of_their_word() {
+        let b = DmaBuffer::new(PAGE).unwrap();
+        b.write::<u64>(0, 0x1111_2222_3333_4444).unwrap();
+        b.write::<u16>(2, 0xabcd).unwrap();
+        b.write::<u8>(7, 0xee).unwrap();
+        let want = u64::from_ne_bytes({
+            let mut w = 0x1111_2222_3333_4444u64.to_ne_bytes();
+            w[2..4].copy_from_slice(&0xabcdu16.to_ne_bytes());
+            w[7] = 0xee;
+            w
+        });
+        assert_eq!(b.read::<u64>(0), Some(want));
+        assert_eq!(b.read::<u16>(2), Some(0xabcd));
+        assert_eq!(b.load_acquire::<u8>(7), Some(0xee));
+    }
+
+    #[test]
+    fn byte_copies_at_any_offset_and_length() {
+        let b = DmaBuffer::new(PAGE).unwrap();
+        b.fill(0, PAGE, 0x5a).unwrap();
+        let src: Vec<u8> = (0..=255).collect();
+        for (off, len) in [(0, 256), (3, 1), (5, 20), (7, 9), (13, 200), (PAGE - 11, 11)] {
+            b.write_at(off, &src[..len]).unwrap();
+            let mut got = vec![0u8; len + 2];
+            let start = off.saturating_sub(1);
+            b.read_at(start, &mut got[..len + (off - start)]).unwrap();
+            if off > 0 {
+                assert_eq!(got[0], 0x5a, "byte before {off}");
+            }
+            assert_eq!(&got[off - start..off - start + len], &src[..len]);
+            b.fill(off, len, 0x5a).unwrap();
+        }
+        b.zero();
+        assert!((0..PAGE).step_by(8).all(|o| b.read::<u64>(o) == Some(0)));
+    }
+
+    #[test]
+    fn nvme_sized_objects_round_trip() {
+        let b = DmaBuffer::new(PAGE).unwrap();
+        let sqe: [u32; 16] = std::array::from_fn(|i| 0x0600_0000 + i as u32);
+        b.write_obj(64, &sqe).unwrap();
+        assert_eq!(b.read_obj::<[u32; 16]>(64), Some(sqe));
+        assert_eq!(b.read::<u32>(64 + 4), Some(sqe[1]));
+        let cqe = [1u32, 2, 3, 1 << 16];
+        b.write_obj(4, &cqe).unwrap(); // 4-aligned, not 8: partial words at both ends
+        assert_eq!(b.read_obj::<[u32; 4]>(4), Some(cqe));
+        assert_eq!(b.read::<u32>(0), Some(0), "the word before is untouched");
+        assert_eq!(b.read::<u32>(20), Some(0), "the word after is untouched");
+        assert_eq!(b.read_obj::<[u32; 4]>(2), None, "misaligned for u32");
+        assert_eq!(b.read_obj::<[u64; 2]>(PAGE - 8), None, "out of bounds");
+        assert!(b.write_obj(PAGE - 60, &sqe).is_none());
+
+        #[derive(Debug, Clone, Copy, PartialEq)]
+        #[repr(C)]
+        struct Prp {
+            addr: u64,
+            len: u32,
+            flags: u32,
+        }
+        // SAFETY: repr(C), two u32 after a u64: no padding; any bits are valid.
+        unsafe impl DmaObj for Prp {}
+        let p = Prp {
+            addr: 0x1234_5000,
+            len: 4096,
+            flags: 7,
+        };
+        b.write_obj(256, &p).unwrap();
+        assert_eq!(b.read_obj::<Prp>(256), Some(p));
+    }
+
+    // Two threads write the two halves of each word, over and over: with a plain
+    // read-modify-write of the word one would lose the other's writes.
+    #[test]
+    fn threads_writing_neighbouring_halves_never_clobber_each_other() {
+        let b = Arc::new(DmaBuffer::new(PAGE).unwrap());
+        let rounds = 2000u32;
+        let writer = |half: usize| {
+            let b = Arc::clone(&b);
+            std::thread::spawn(move || {
+                for r in 1..=rounds {
+                    for w in 0..64 {
+                        b.write::<u32>(w * 8 + half * 4, r).unwrap();
+                    }
+                }
+            })
+        };
+        let (t0, t1) = (writer(0), writer(1));
+        // A reader sees each word's halves independently monotonic, never torn bytes.
+        let reader = {
+            let b = Arc::clone(&b);
+            std::thread::spawn(move || {
+                let mut last = [0u32; 128];
+                for _ in 0..200 {
+                    let words: [u64; 64] = b.read_obj(0).unwrap();
+                    for (i, w) in words.iter().enumerate() {
+                        let b = w.to_ne_bytes();
+                        for h in 0..2 {
+                            let v = u32::from_ne_bytes(b[h * 4..h * 4 + 4].try_into().unwrap());
+                            assert!(v >= last[i * 2 + h] && v <= rounds);
+                            last[i * 2 + h] = v;
+                        }
+                    }
+                }
+            })
+        };
+        t0.join().unwrap();
+        t1.join().unwrap();
+        reader.join().unwrap();
+        for w in 0..64 {
+            assert_eq!(b.read::<u32>(w * 8), Some(rounds));
+            assert_eq!(b.read::<u32>(w * 8 + 4), Some(rounds));
+        }
+    }
+
+    // Publish with release, consume with acquire: the entry written before the flag is
+    // complete when the flag is seen.
+    #[test]
+    fn acquire_after_release_sees_the_whole_entry() {
+        let b = Arc::new(DmaBuffer::new(PAGE).unwrap());
+        let producer = {
+            let b = Arc::clone(&b);
+            std::thread::spawn(move || {
+                for slot in 0..64usize {
+                    let entry = [slot as u32 + 1; 3];
+                    b.write_obj(slot * 16, &entry).unwrap();
+                    b.store_release::<u32>(slot * 16 + 12, 1).unwrap();
+                }
+            })
+        };
+        for slot in 0..64usize {
+            while b.load_acquire::<u32>(slot * 16 + 12) != Some(1) {
+                std::hint::spin_loop();
+            }
+            assert_eq!(b.read_obj::<[u32; 3]>(slot * 16), Some([slot as u32 + 1; 3]));
+        }
+        producer.join().unwrap();
+    }
+
+    #[test]
+    fn iova_returns_only_after_a_successful_unmap() {
+        let info = super::super::IommuInfo {
+            page_sizes: 0x1000,
+            iova_ranges: vec![0..=(1 << 20) - 1],
+        };
+        let mut space = IovaSpace::new(info);
+        let before = space.alloc.available();
+        let a = space.reserve(0x4000, false).unwrap();
+        let b = space.reserve(0x4000, false).unwrap();
+        // b's unmap fails: its range is never handed out again.
+        let e = space
+            .unmapped(b, 0x4000, Err(io::Error::from_raw_os_error(nix::libc::EBUSY)))
+            .unwrap_err();
+        assert!(matches!(e, VfioError::Unmap { iova, unmapped: None, source: Some(_), .. } if iova == b));
+        // a's unmap covers only part: leaked as well.
+        assert!(space.unmapped(a, 0x4000, Ok(0x1000)).is_err());
+        assert_eq!(space.leaked, vec![(b, 0x4000), (a, 0x4000)]);
+        assert_eq!(space.alloc.available(), before - 0x8000);
+        for _ in 0..((1 << 20) / 0x4000) {
+            if let Ok(x) = space.reserve(0x4000, false) {
+                assert!(
+                    x + 0x4000 <= a.min(b) || x >= a.max(b) + 0x4000,
+                    "leaked IOVA {x:#x} reused"
+                );
+            }
+        }
+        // A successful unmap frees.
+        let mut space = IovaSpace::new(space.info.clone());
+        let c = space.reserve(0x4000, false).unwrap();
+        space.unmapped(c, 0x4000, Ok(0x4000)).unwrap();
+        assert_eq!(space.alloc.available(), before);
+        let d = space.reserve(0x2000, false).unwrap();
+        space.map_failed(d, 0x2000);
+        assert_eq!(space.alloc.available(), before);
+    }
+
+    #[test]
+    fn mapping_needs_an_attached_group() {
+        let container = Container::fake_unattached_for_tests();
+        let err = container.alloc_dma(PAGE).unwrap_err();
+        assert!(matches!(err, VfioError::NoGroupAttached), "{err:?}");
+        assert!(container.leaked().is_empty());
+    }
+
+    // A region whose unmap fails (the container fd is /dev/null: every ioctl fails) leaks
+    // its pages and IOVA instead of freeing what the device might still reach.
+    #[test]
+    fn a_region_whose_unmap_fails_leaks() {
+        let container = Container::fake_for_tests(vec![0..=(1 << 30) - 1]);
+        let region = DmaRegion::assume_mapped(&container, DmaBuffer::new(PAGE).unwrap());
+        let iova = region.iova();
+        region.write::<u64>(0, 42).unwrap();
+        assert_eq!(region.read::<u64>(0), Some(42));
+        let err = region.unmap().unwrap_err();
+        assert!(
+            matches!(err, VfioError::Unmap { source: Some(ref s), .. } if s.raw_os_error() == Some(nix::libc::ENOTTY))
+        );
+        assert_eq!(container.leaked(), vec![(iova, PAGE as u64)]);
+        // Dropped without an explicit unmap: the same, logged.
+        let region = DmaRegion::assume_mapped(&container, DmaBuffer::new(PAGE).unwrap());
+        let second = region.iova();
+        assert_ne!(second, iova);
+        drop(region);
+        assert_eq!(
+            container.leaked(),
+            vec![(iova, PAGE as u64), (second, PAGE as u64)]
+        );
     }
 
     #[test]

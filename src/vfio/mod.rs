@@ -1,10 +1,16 @@
 //! VFIO: drive a PCI device from userspace, safely.
 //!
 //! A [`Container`] is an IOMMU address space (type1v2); a [`Group`] is the IOMMU group a
-//! device sits in, attached to a container; a [`VfioDevice`] is the device fd, through
-//! which its regions (BARs, config space) are read, written and mapped, and its interrupts
-//! routed to eventfds. [`DmaBuffer`]s are mapped into the container at IOVAs taken from
-//! the ranges the IOMMU reports.
+//! device sits in, opened once per container and shared by the devices of the group; a
+//! [`VfioDevice`] is the device fd, through which its regions (BARs, config space) are
+//! read, written and mapped ([`MappedBar`]), and its interrupts routed to eventfds.
+//! [`DmaBuffer`]s are mapped into the container as [`DmaRegion`]s, at IOVAs taken from
+//! the ranges the IOMMU reports, and unmapped when dropped.
+//!
+//! Every handle owns what it needs: a [`MappedBar`] holds an `Arc` of its device, a device
+//! holds its group and container, a [`DmaRegion`] holds its container, and a container
+//! keeps every group it attached. So a driver can keep the device and its mappings
+//! together in one struct, and nothing is closed while something mapped through it lives.
 //!
 //! ```no_run
 //! use pcibus::{PciAddress, SysfsRoot, vfio::VfioDevice};
@@ -12,17 +18,38 @@
 //! let dev = VfioDevice::open(&SysfsRoot::new("/sys"), addr)?;
 //! let bar0 = dev.map_bar(0)?;
 //! let cap = bar0.read64(0)?; // NVMe CAP
+//! let queue = dev.container().alloc_dma(4096)?; // unmapped when dropped
+//! queue.write_obj(0, &[0u32; 16]).unwrap(); // a 64-byte submission entry
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
+//!
+//! # The exit rule
+//!
+//! While this process holds a device open through vfio, the kernel cannot finish removing
+//! or unbinding it: it signals the REQ eventfd ([`VfioDevice::request_eventfd`]) and waits,
+//! **holding the device lock**, until the device fd is closed. Hence:
+//!
+//! - when REQ fires, stop using the device and drop every handle to it (the device, its
+//!   [`MappedBar`]s) promptly; the removal completes in tens of milliseconds after that;
+//! - never read the held device's blocking sysfs attributes (`sriov_numvfs`,
+//!   `sriov_vf_total_msix`, `driver_override`, `uevent`): such a read waits for the device
+//!   lock, which the removal holds until the fd is closed. The scanner skips them for
+//!   devices held here (they are registered in [`crate::removal::held`]); what a driver
+//!   needs from them comes from config space instead ([`VfioDevice::sriov_num_vfs`],
+//!   [`VfioDevice::msix_table_size`]);
+//! - process exit closes every fd, but only once every thread has ended: a thread stuck
+//!   in such a read keeps the fd open, the removal waits for the fd, the read for the
+//!   removal, and the process never exits.
 
 mod caps;
 mod dma;
 mod mmio;
 mod sys;
 
+use std::collections::BTreeMap;
 use std::fs::File;
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -31,16 +58,26 @@ use nix::sys::eventfd::{EfdFlags, EventFd};
 use parking_lot::Mutex;
 
 pub use caps::{InfoError, IommuInfo, RegionInfo, parse_iommu_info, parse_region_info, region_flags};
-pub use dma::{DmaBuffer, HUGE_PAGE, IovaAllocator, PAGE, Scalar};
+pub use dma::{DmaBuffer, DmaObj, DmaRegion, HUGE_PAGE, IovaAllocator, PAGE, Scalar};
 
-use crate::removal::registry::{Reason, RemovalRegistry};
+use crate::addr::PciAddress;
+use crate::config::{self, SriovCapability};
+use crate::error::ParseError;
+use crate::removal::held::HeldOpen;
+use crate::removal::registry::{DeviceIdentity, Reason, RemovalRegistry};
 use crate::sysfs::scan::SysfsRoot;
-use crate::{PciAddress, config};
 
 /// Region index of PCI config space.
 pub const CONFIG_REGION: u32 = 7;
 /// Region index of the expansion ROM.
 pub const ROM_REGION: u32 = 6;
+
+/// Offset of the Command register in config space.
+pub const COMMAND: u64 = 0x04;
+/// Command register: Memory Space Enable.
+pub const COMMAND_MEMORY: u16 = 1 << 1;
+/// Command register: Bus Master Enable.
+pub const COMMAND_MASTER: u16 = 1 << 2;
 
 /// Interrupt indexes of a vfio-pci device.
 pub mod irq {
@@ -58,13 +95,20 @@ pub mod irq {
     pub const NAMES: [&str; 5] = ["INTx", "MSI", "MSI-X", "ERR", "REQ"];
 }
 
-/// What went wrong in the vfio layer.
+/// What went wrong in the vfio layer. Each variant keeps the values involved and the
+/// kernel's `io::Error` (as `source`), never only a message.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum VfioError {
     /// `/dev/vfio/vfio` could not be opened.
     #[error("cannot open /dev/vfio/vfio (is the vfio module loaded? modprobe vfio-pci)")]
     NoVfio(#[source] io::Error),
+    /// The kernel speaks another VFIO API version.
+    #[error("VFIO API version {version}, expected {}", sys::API_VERSION)]
+    ApiVersion {
+        /// What the kernel reported.
+        version: i32,
+    },
     /// The kernel lacks the type1v2 IOMMU backend.
     #[error(
         "the kernel offers no VFIO type1v2 IOMMU (modprobe vfio_iommu_type1; is the IOMMU on: intel_iommu=on?)"
@@ -72,9 +116,25 @@ pub enum VfioError {
     NoType1,
     /// The device has no IOMMU group.
     #[error(
-        "{0} has no IOMMU group: the IOMMU is off or does not cover it (boot with intel_iommu=on or amd_iommu=on)"
+        "{address} has no IOMMU group: the IOMMU is off or does not cover it (boot with intel_iommu=on or amd_iommu=on)"
     )]
-    NoIommuGroup(PciAddress),
+    NoIommuGroup {
+        /// The device.
+        address: PciAddress,
+        /// Reading its `iommu_group` link, when that failed.
+        #[source]
+        source: Option<io::Error>,
+    },
+    /// A group's character device could not be opened (EBUSY: another process, or
+    /// another container of this one, has it).
+    #[error("cannot open {} (is the device bound to vfio-pci?)", group_path(*.group).display())]
+    OpenGroup {
+        /// The group.
+        group: u32,
+        /// The kernel's error.
+        #[source]
+        source: io::Error,
+    },
     /// The group holds devices bound to host drivers.
     #[error("IOMMU group {group} is not viable: {} must be bound to vfio-pci or unbound", culprits(.devices))]
     NotViable {
@@ -83,45 +143,155 @@ pub enum VfioError {
         /// Devices of the group not on a vfio driver, with their drivers.
         devices: Vec<(String, Option<String>)>,
     },
-    /// Pinning DMA memory failed: the memlock limit is the usual cause.
-    #[error(
-        "cannot map {size} bytes for DMA: pinning the pages failed (RLIMIT_MEMLOCK is {limit}; raise it with `ulimit -l` or run as root)"
-    )]
-    Memlock {
-        /// Bytes asked for.
-        size: u64,
-        /// The soft limit, in bytes, or "unlimited".
-        limit: String,
+    /// A VFIO ioctl failed.
+    #[error("{ioctl}{} failed{}", arg.map(|a| format!(" ({a:#x})")).unwrap_or_default(), address.map(|a| format!(" on {a}")).unwrap_or_default())]
+    Ioctl {
+        /// The ioctl, e.g. `VFIO_DEVICE_GET_REGION_INFO`.
+        ioctl: &'static str,
+        /// The device, for device ioctls.
+        address: Option<PciAddress>,
+        /// Its integer argument (region or IRQ index), when it has one.
+        arg: Option<u64>,
         /// The kernel's error.
         #[source]
         source: io::Error,
     },
-    /// No IOVA space left in the ranges the IOMMU reports.
+    /// A read or write of a device region through the device fd failed.
+    #[error("{} of {len} bytes at {offset:#x} of region {region} of {address} failed", if *.write { "write" } else { "read" })]
+    Access {
+        /// The device.
+        address: PciAddress,
+        /// The region index.
+        region: u32,
+        /// Offset within the region.
+        offset: u64,
+        /// Bytes.
+        len: usize,
+        /// A write, not a read.
+        write: bool,
+        /// The kernel's error.
+        #[source]
+        source: io::Error,
+    },
+    /// Mapping (mmap) an area of a BAR failed.
+    #[error("mmap of BAR{region} of {address} at {offset:#x} ({len} bytes) failed")]
+    Mmap {
+        /// The device.
+        address: PciAddress,
+        /// The BAR.
+        region: u32,
+        /// Offset of the area within the BAR.
+        offset: u64,
+        /// Bytes.
+        len: u64,
+        /// The kernel's error.
+        #[source]
+        source: io::Error,
+    },
+    /// An access outside a region or a mapped area, or misaligned.
+    #[error("region {region} of {address}: {len} bytes at {offset:#x} are outside it or misaligned")]
+    OutOfRange {
+        /// The device.
+        address: PciAddress,
+        /// The region index.
+        region: u32,
+        /// The offset.
+        offset: u64,
+        /// Bytes of the access.
+        len: usize,
+    },
+    /// The region does not exist on this device (size 0, or VFIO refused its info).
+    #[error("{address} has no region {region}")]
+    NoRegion {
+        /// The device.
+        address: PciAddress,
+        /// The region index.
+        region: u32,
+        /// What `VFIO_DEVICE_GET_REGION_INFO` said at open, if it failed.
+        #[source]
+        source: Option<io::Error>,
+    },
+    /// Clearing Memory Space Enable while BARs are mapped: the next access to a mapping
+    /// would raise SIGBUS. Drop the [`MappedBar`]s first.
+    #[error("{address}: refusing to clear Memory Space Enable while {mapped_bars} BAR mapping(s) are alive")]
+    MemorySpaceInUse {
+        /// The device.
+        address: PciAddress,
+        /// Live [`MappedBar`]s.
+        mapped_bars: usize,
+    },
+    /// Config space did not decode (a capability list running past the end).
+    #[error("{address}: config space")]
+    Config {
+        /// The device.
+        address: PciAddress,
+        /// What did not decode.
+        #[source]
+        source: ParseError,
+    },
+    /// A DMA map before any group was attached to the container.
+    #[error("DMA map before any group was attached to the container (open a device first)")]
+    NoGroupAttached,
+    /// Allocating a DMA buffer failed.
+    #[error("cannot allocate a DMA buffer of {len} bytes")]
+    Alloc {
+        /// Bytes asked for.
+        len: usize,
+        /// The mmap error.
+        #[source]
+        source: io::Error,
+    },
+    /// Pinning DMA memory failed: the memlock limit is the usual cause.
+    #[error(
+        "cannot map {size} bytes for DMA: pinning the pages failed (RLIMIT_MEMLOCK is {}; raise it with `ulimit -l` or run as root)",
+        limit.map(|l| format!("{l} bytes")).unwrap_or_else(|| "unlimited".into())
+    )]
+    Memlock {
+        /// Bytes asked for.
+        size: u64,
+        /// The soft limit in bytes, `None` when unlimited or unknown.
+        limit: Option<u64>,
+        /// The kernel's error.
+        #[source]
+        source: io::Error,
+    },
+    /// `VFIO_IOMMU_MAP_DMA` failed for another reason.
+    #[error("VFIO_IOMMU_MAP_DMA of {size} bytes at IOVA {iova:#x} failed")]
+    Map {
+        /// The IOVA tried.
+        iova: u64,
+        /// Bytes.
+        size: u64,
+        /// The kernel's error.
+        #[source]
+        source: io::Error,
+    },
+    /// `VFIO_IOMMU_UNMAP_DMA` failed or unmapped less than the region: the region's
+    /// pages and IOVA range are leaked (see [`DmaRegion`]).
+    #[error("VFIO_IOMMU_UNMAP_DMA of {size} bytes at IOVA {iova:#x} failed{}", unmapped.map(|n| format!(": {n} bytes unmapped")).unwrap_or_default())]
+    Unmap {
+        /// The region's IOVA.
+        iova: u64,
+        /// Its size.
+        size: u64,
+        /// Bytes the kernel said it unmapped, when it returned success for less.
+        unmapped: Option<u64>,
+        /// The kernel's error, when the ioctl failed.
+        #[source]
+        source: Option<io::Error>,
+    },
+    /// No IOVA range of this size is left in the ranges the IOMMU reports.
     #[error("no IOVA range of {size} bytes left in the IOMMU's ranges")]
     IovaExhausted {
         /// Bytes asked for.
         size: u64,
     },
-    /// An access outside a region or a mapped area, or misaligned.
-    #[error("{what}: offset {offset:#x} is outside or misaligned")]
-    OutOfRange {
-        /// Which region.
-        what: String,
-        /// The offset.
-        offset: u64,
-    },
+    /// An eventfd could not be created.
+    #[error("cannot create an eventfd")]
+    Eventfd(#[source] io::Error),
     /// A VFIO info structure did not decode.
     #[error(transparent)]
     Info(#[from] InfoError),
-    /// A system call failed.
-    #[error("{what}")]
-    Io {
-        /// What was being done.
-        what: String,
-        /// The error.
-        #[source]
-        source: io::Error,
-    },
 }
 
 fn culprits(devices: &[(String, Option<String>)]) -> String {
@@ -132,17 +302,46 @@ fn culprits(devices: &[(String, Option<String>)]) -> String {
         .join(", ")
 }
 
-fn io_err(what: impl Into<String>) -> impl FnOnce(io::Error) -> VfioError {
-    let what = what.into();
-    move |source| VfioError::Io { what, source }
+fn ioctl_err(
+    ioctl: &'static str,
+    address: Option<PciAddress>,
+    arg: Option<u64>,
+) -> impl FnOnce(io::Error) -> VfioError {
+    move |source| VfioError::Ioctl {
+        ioctl,
+        address,
+        arg,
+        source,
+    }
 }
 
-/// A VFIO container: one IOMMU address space, type1v2.
+/// A VFIO container: one IOMMU address space, type1v2. Shared as `Arc<Container>` by the
+/// devices opened in it and the [`DmaRegion`]s mapped in it.
+///
+/// It keeps every [`Group`] it attached, open and attached, for its whole life: the
+/// kernel tears the IOMMU (and every mapping in it) down when the last group leaves a
+/// container, so groups that came and went with their devices would unmap the
+/// [`DmaRegion`]s behind their backs.
+///
+/// # Dropping
+///
+/// The container goes when the last `Arc` goes: after every [`VfioDevice`] opened in it
+/// and every [`DmaRegion`] mapped in it. It closes its groups first (the last one out
+/// takes the IOMMU mappings with it: only regions whose unmap failed can be left, see
+/// [`Container::leaked`]), then its fd. Until then the groups stay open, so another
+/// process (or another container) cannot open them.
+///
+/// # Process exit
+///
+/// Exit closes the fds like a drop. Nothing here blocks exit; see the exit rule in the
+/// [module docs](self) for the device fds.
 #[derive(Debug)]
 pub struct Container {
+    // Declared before `fd`: the groups close (detach) before the container fd.
+    groups: Mutex<GroupTable<Group>>,
     fd: OwnedFd,
     // Filled when the first group is attached (the IOMMU type can be set only then).
-    iommu: Mutex<Option<(IommuInfo, IovaAllocator)>>,
+    iommu: Mutex<Option<dma::IovaSpace>>,
 }
 
 impl AsFd for Container {
@@ -161,132 +360,141 @@ impl Container {
             .map_err(VfioError::NoVfio)?;
         let fd = OwnedFd::from(file);
         let version =
-            sys::ioctl_value(fd.as_fd(), sys::GET_API_VERSION, 0).map_err(io_err("VFIO_GET_API_VERSION"))?;
+            sys::get_api_version(fd.as_fd()).map_err(ioctl_err("VFIO_GET_API_VERSION", None, None))?;
         if version != sys::API_VERSION {
-            return Err(VfioError::Io {
-                what: format!("VFIO API version {version}, expected {}", sys::API_VERSION),
-                source: io::ErrorKind::Unsupported.into(),
-            });
+            return Err(VfioError::ApiVersion { version });
         }
-        let has_type1 = sys::ioctl_value(fd.as_fd(), sys::CHECK_EXTENSION, sys::TYPE1V2_IOMMU)
-            .map_err(io_err("VFIO_CHECK_EXTENSION"))?;
-        if has_type1 != 1 {
+        let has_type1 = sys::check_extension(fd.as_fd(), sys::TYPE1V2_IOMMU).map_err(ioctl_err(
+            "VFIO_CHECK_EXTENSION",
+            None,
+            Some(sys::TYPE1V2_IOMMU.into()),
+        ))?;
+        if !has_type1 {
             return Err(VfioError::NoType1);
         }
         Ok(Arc::new(Container {
             fd,
             iommu: Mutex::new(None),
+            groups: Mutex::new(GroupTable::default()),
         }))
     }
 
-    /// Attaches `group` (sets the IOMMU type on the first one).
-    pub fn attach(&self, group: &Group) -> Result<(), VfioError> {
-        sys::group_set_container(group.fd.as_fd(), self.fd.as_fd())
-            .map_err(io_err("VFIO_GROUP_SET_CONTAINER"))?;
+    /// A container on `/dev/null` (every ioctl fails with ENOTTY) with an IOVA space over
+    /// `ranges`: for tests of the failure paths.
+    #[cfg(test)]
+    pub(crate) fn fake_for_tests(ranges: Vec<std::ops::RangeInclusive<u64>>) -> Arc<Container> {
+        let fd = OwnedFd::from(File::open("/dev/null").unwrap());
+        let info = IommuInfo {
+            page_sizes: 0x1000,
+            iova_ranges: ranges,
+        };
+        Arc::new(Container {
+            fd,
+            iommu: Mutex::new(Some(dma::IovaSpace::new(info))),
+            groups: Mutex::new(GroupTable::default()),
+        })
+    }
+
+    /// A container on `/dev/null` with no group attached: for tests.
+    #[cfg(test)]
+    pub(crate) fn fake_unattached_for_tests() -> Arc<Container> {
+        Arc::new(Container {
+            groups: Mutex::new(GroupTable::default()),
+            fd: OwnedFd::from(File::open("/dev/null").unwrap()),
+            iommu: Mutex::new(None),
+        })
+    }
+
+    /// The IOMMU group `number`, attached to this container: the one already open here,
+    /// else opened now (checked viable, attached; the first group also sets the IOMMU
+    /// type) and kept until the container goes. The kernel lets a group be open only
+    /// once, so two functions of one group must be opened in the same container.
+    pub fn group(&self, root: &SysfsRoot, number: u32) -> Result<Arc<Group>, VfioError> {
+        self.groups
+            .lock()
+            .get_or_open(number, || Group::open(self, root, number).map(Arc::new))
+    }
+
+    /// The numbers of the groups attached to this container.
+    pub fn groups(&self) -> Vec<u32> {
+        self.groups.lock().live()
+    }
+
+    fn attach(&self, group: &OwnedFd, number: u32) -> Result<(), VfioError> {
+        sys::group_set_container(group.as_fd(), self.fd.as_fd()).map_err(ioctl_err(
+            "VFIO_GROUP_SET_CONTAINER",
+            None,
+            Some(number.into()),
+        ))?;
         let mut iommu = self.iommu.lock();
         if iommu.is_none() {
-            sys::ioctl_value(self.fd.as_fd(), sys::SET_IOMMU, sys::TYPE1V2_IOMMU)
-                .map_err(io_err("VFIO_SET_IOMMU"))?;
-            let mut header = [0u8; 24];
-            header[..4].copy_from_slice(&24u32.to_ne_bytes());
-            let buf = sys::ioctl_chain(self.fd.as_fd(), sys::IOMMU_GET_INFO, &header)
-                .map_err(io_err("VFIO_IOMMU_GET_INFO"))?;
-            let info = parse_iommu_info(&buf)?;
-            let ranges = if info.iova_ranges.is_empty() {
-                // Kernels before 5.4 report no ranges: stay below 39 bits, which every
-                // IOMMU we know of covers.
-                vec![0..=(1u64 << 39) - 1]
-            } else {
-                info.iova_ranges.clone()
-            };
-            *iommu = Some((info, IovaAllocator::new(&ranges)));
+            sys::set_iommu(self.fd.as_fd(), sys::TYPE1V2_IOMMU).map_err(ioctl_err(
+                "VFIO_SET_IOMMU",
+                None,
+                Some(sys::TYPE1V2_IOMMU.into()),
+            ))?;
+            let buf =
+                sys::iommu_get_info(self.fd.as_fd()).map_err(ioctl_err("VFIO_IOMMU_GET_INFO", None, None))?;
+            *iommu = Some(dma::IovaSpace::new(parse_iommu_info(&buf)?));
         }
         Ok(())
     }
 
     /// What the IOMMU reports (after the first group is attached).
     pub fn iommu_info(&self) -> Option<IommuInfo> {
-        self.iommu.lock().as_ref().map(|(info, _)| info.clone())
+        self.iommu.lock().as_ref().map(|s| s.info.clone())
     }
+}
 
-    /// Maps `buffer` for DMA at an IOVA allocated from the IOMMU's ranges. The mapping
-    /// lives until [`Container::unmap`].
-    pub fn map(&self, buffer: &DmaBuffer) -> Result<DmaMapping, VfioError> {
-        let size = buffer.len() as u64;
-        let mut iommu = self.iommu.lock();
-        let (info, alloc) = iommu.as_mut().ok_or_else(|| VfioError::Io {
-            what: "DMA map before any group was attached".into(),
-            source: io::ErrorKind::NotConnected.into(),
-        })?;
-        let align = if buffer.is_huge() {
-            HUGE_PAGE as u64
-        } else {
-            info.min_page_size()
-        };
-        let iova = alloc
-            .alloc(size, align)
-            .ok_or(VfioError::IovaExhausted { size })?;
-        let mut map = sys::DmaMap {
-            flags: sys::DMA_MAP_FLAG_READ | sys::DMA_MAP_FLAG_WRITE,
-            vaddr: buffer.vaddr(),
-            iova,
-            size,
-            ..Default::default()
-        };
-        if let Err(source) = sys::ioctl_struct(self.fd.as_fd(), sys::IOMMU_MAP_DMA, &mut map) {
-            alloc.free(iova, size);
-            return Err(match source.raw_os_error() {
-                Some(nix::libc::ENOMEM) | Some(nix::libc::EPERM) => VfioError::Memlock {
-                    size,
-                    limit: memlock_limit(),
-                    source,
-                },
-                _ => VfioError::Io {
-                    what: format!("VFIO_IOMMU_MAP_DMA of {size} bytes at IOVA {iova:#x}"),
-                    source,
-                },
-            });
+/// The groups attached to a container, by number. Each is opened once and kept.
+#[derive(Debug)]
+struct GroupTable<G> {
+    groups: BTreeMap<u32, Arc<G>>,
+}
+
+impl<G> Default for GroupTable<G> {
+    fn default() -> Self {
+        GroupTable {
+            groups: BTreeMap::new(),
         }
-        Ok(DmaMapping { iova, size })
     }
+}
 
-    /// Unmaps a mapping made by [`Container::map`] and frees its IOVA range.
-    pub fn unmap(&self, mapping: DmaMapping) -> Result<(), VfioError> {
-        let mut unmap = sys::DmaUnmap {
-            iova: mapping.iova,
-            size: mapping.size,
-            ..Default::default()
-        };
-        sys::ioctl_struct(self.fd.as_fd(), sys::IOMMU_UNMAP_DMA, &mut unmap).map_err(io_err(format!(
-            "VFIO_IOMMU_UNMAP_DMA at IOVA {:#x}",
-            mapping.iova
-        )))?;
-        if let Some((_, alloc)) = self.iommu.lock().as_mut() {
-            alloc.free(mapping.iova, mapping.size);
+impl<G> GroupTable<G> {
+    /// The group `number`, or a new one from `open` (called with the table locked, so one
+    /// group is never opened twice at once).
+    fn get_or_open(
+        &mut self,
+        number: u32,
+        open: impl FnOnce() -> Result<Arc<G>, VfioError>,
+    ) -> Result<Arc<G>, VfioError> {
+        if let Some(group) = self.groups.get(&number) {
+            return Ok(Arc::clone(group));
         }
-        Ok(())
+        let group = open()?;
+        self.groups.insert(number, Arc::clone(&group));
+        Ok(group)
+    }
+
+    fn live(&self) -> Vec<u32> {
+        self.groups.keys().copied().collect()
     }
 }
 
-fn memlock_limit() -> String {
-    match nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_MEMLOCK) {
-        Ok((soft, _)) if soft == nix::sys::resource::RLIM_INFINITY => "unlimited".into(),
-        Ok((soft, _)) => format!("{soft} bytes"),
-        Err(_) => "unknown".into(),
-    }
-}
-
-/// A buffer's place in the IOMMU address space.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[must_use = "an unmapped mapping leaks IOVA space and pinned memory"]
-pub struct DmaMapping {
-    /// The address the device uses.
-    pub iova: u64,
-    /// Bytes mapped.
-    pub size: u64,
-}
-
-/// An IOMMU group (`/dev/vfio/N`).
+/// An IOMMU group (`/dev/vfio/N`), attached to a [`Container`]. Obtained from
+/// [`Container::group`] (or through [`VfioDevice::open`]); the open devices of the group
+/// share it, and so does the container that attached it.
+///
+/// # Dropping
+///
+/// The container keeps the group, so the group fd closes when the container goes (after
+/// its devices and [`DmaRegion`]s), not with the last device: the IOMMU mappings of the
+/// container live as long as one group is attached. Closing it detaches the group; it
+/// can then be opened again, here or by another process.
+///
+/// # Process exit
+///
+/// As for the container: closed at exit, nothing blocks.
 #[derive(Debug)]
 pub struct Group {
     fd: OwnedFd,
@@ -300,29 +508,32 @@ impl AsFd for Group {
 }
 
 impl Group {
-    /// Opens group `number` and checks it is viable; a non-viable group's error names the
-    /// devices (from `ROOT/kernel/iommu_groups/N/devices`) that are bound to host drivers.
-    pub fn open(root: &SysfsRoot, number: u32) -> Result<Group, VfioError> {
-        let path = format!("/dev/vfio/{number}");
+    /// Opens group `number`, checks it is viable (a non-viable group's error names the
+    /// devices, from `ROOT/kernel/iommu_groups/N/devices`, that are bound to host
+    /// drivers) and attaches it to `container`.
+    fn open(container: &Container, root: &SysfsRoot, number: u32) -> Result<Group, VfioError> {
         let file = File::options()
             .read(true)
             .write(true)
-            .open(&path)
-            .map_err(io_err(format!("open {path} (is the device bound to vfio-pci?)")))?;
-        let group = Group {
-            fd: OwnedFd::from(file),
-            number,
-        };
-        let mut status = sys::GroupStatus::default();
-        sys::ioctl_struct(group.fd.as_fd(), sys::GROUP_GET_STATUS, &mut status)
-            .map_err(io_err("VFIO_GROUP_GET_STATUS"))?;
-        if status.flags & sys::GROUP_FLAGS_VIABLE == 0 {
+            .open(group_path(number))
+            .map_err(|source| VfioError::OpenGroup {
+                group: number,
+                source,
+            })?;
+        let fd = OwnedFd::from(file);
+        let flags = sys::group_get_status(fd.as_fd()).map_err(ioctl_err(
+            "VFIO_GROUP_GET_STATUS",
+            None,
+            Some(number.into()),
+        ))?;
+        if flags & sys::GROUP_FLAGS_VIABLE == 0 {
             return Err(VfioError::NotViable {
                 group: number,
                 devices: non_vfio_members(root, number),
             });
         }
-        Ok(group)
+        container.attach(&fd, number)?;
+        Ok(Group { fd, number })
     }
 
     /// The group number.
@@ -330,10 +541,12 @@ impl Group {
         self.number
     }
 
-    /// The device fd of `address`, which must be in this group.
-    pub fn device_fd(&self, address: PciAddress) -> Result<OwnedFd, VfioError> {
-        sys::group_get_device_fd(self.fd.as_fd(), &address.to_string())
-            .map_err(io_err(format!("VFIO_GROUP_GET_DEVICE_FD {address}")))
+    fn device_fd(&self, address: PciAddress) -> Result<OwnedFd, VfioError> {
+        sys::group_get_device_fd(self.as_fd(), &address.to_string()).map_err(ioctl_err(
+            "VFIO_GROUP_GET_DEVICE_FD",
+            Some(address),
+            Some(self.number.into()),
+        ))
     }
 }
 
@@ -358,12 +571,18 @@ pub fn non_vfio_members(root: &SysfsRoot, number: u32) -> Vec<(String, Option<St
 /// The IOMMU group of `address`, from its `iommu_group` link.
 pub fn iommu_group(root: &SysfsRoot, address: PciAddress) -> Result<u32, VfioError> {
     let link = root.device_dir(address).join("iommu_group");
-    let target = std::fs::read_link(&link).map_err(|_| VfioError::NoIommuGroup(address))?;
+    let target = std::fs::read_link(&link).map_err(|source| VfioError::NoIommuGroup {
+        address,
+        source: Some(source),
+    })?;
     target
         .file_name()
         .and_then(|n| n.to_str())
         .and_then(|n| n.parse().ok())
-        .ok_or(VfioError::NoIommuGroup(address))
+        .ok_or(VfioError::NoIommuGroup {
+            address,
+            source: None,
+        })
 }
 
 /// Interrupt index facts (`VFIO_DEVICE_GET_IRQ_INFO`).
@@ -377,15 +596,47 @@ pub struct IrqInfo {
     pub count: u32,
 }
 
-/// An open vfio-pci device.
+/// An open vfio-pci device, shared as `Arc<VfioDevice>` with its [`MappedBar`]s.
+///
+/// While it is open the device counts as held by this process
+/// ([`crate::removal::held`]): scans in this process never read its blocking attributes.
+///
+/// # Dropping
+///
+/// The device fd closes when the last `Arc` goes: drop every [`MappedBar`] of the device
+/// too (each holds an `Arc`). Closing the fd makes vfio-pci reset the function (if it can)
+/// and release it: a pending removal or unbind then completes. Interrupt eventfds
+/// registered with it stop firing; the eventfds themselves are the caller's to close.
+/// The container (with its groups) goes when no other device and no [`DmaRegion`] holds
+/// it. Stop the device's DMA before dropping the [`DmaRegion`]s it uses (they may
+/// outlive the device, but a device still running would fault on the unmapped IOVAs).
+///
+/// # Process exit
+///
+/// Exit closes the fd, but only after every thread has ended. Follow the exit rule in the
+/// [module docs](self): on a REQ ([`request_eventfd`](Self::request_eventfd),
+/// [`poll_request`](Self::poll_request)) drop the device promptly, and never read this
+/// device's blocking sysfs attributes while holding it — a thread stuck in such a read
+/// keeps the process, and so the fd, alive forever while a removal waits for the fd.
 #[derive(Debug)]
 pub struct VfioDevice {
     address: PciAddress,
     file: File,
     num_regions: u32,
     num_irqs: u32,
-    group: Group,
+    // Region info by index, fetched at open (it never changes for vfio-pci): the info, or
+    // the errno VFIO answered with.
+    regions: Vec<Result<RegionInfo, i32>>,
+    config: RegionInfo,
+    // Live MappedBars. Locked across the check and the write of a Command write that
+    // clears Memory Space Enable, so no mapping appears in between.
+    mapped_bars: Mutex<usize>,
+    identity: Option<DeviceIdentity>,
+    group: Arc<Group>,
     container: Arc<Container>,
+    // Dropped after the fd closes (fields drop in order): the device stays "held" until
+    // then.
+    _held: HeldOpen,
 }
 
 impl AsFd for VfioDevice {
@@ -397,32 +648,64 @@ impl AsFd for VfioDevice {
 impl VfioDevice {
     /// Opens `address` in a new container: finds its group, checks viability, attaches,
     /// gets the device fd.
-    pub fn open(root: &SysfsRoot, address: PciAddress) -> Result<VfioDevice, VfioError> {
+    pub fn open(root: &SysfsRoot, address: PciAddress) -> Result<Arc<VfioDevice>, VfioError> {
         let container = Container::new()?;
-        Self::open_in(root, address, container)
+        Self::open_in(root, address, &container)
     }
 
-    /// Opens `address` in an existing container (devices sharing one IOVA space).
+    /// Opens `address` in an existing container (devices sharing one IOVA space). A device
+    /// whose group is already open in `container` (another function of it is open) reuses
+    /// that group.
     pub fn open_in(
         root: &SysfsRoot,
         address: PciAddress,
-        container: Arc<Container>,
-    ) -> Result<VfioDevice, VfioError> {
+        container: &Arc<Container>,
+    ) -> Result<Arc<VfioDevice>, VfioError> {
+        // Held from before the fd exists until after it is closed.
+        let held = HeldOpen::new(address);
+        // The sysfs directory's identity, for registry marks (a stat: takes no device lock).
+        let identity = DeviceIdentity::of(&root.device_dir(address)).ok();
         let number = iommu_group(root, address)?;
-        let group = Group::open(root, number)?;
-        container.attach(&group)?;
+        let group = container.group(root, number)?;
         let fd = group.device_fd(address)?;
-        let mut info = sys::DeviceInfo::default();
-        sys::ioctl_struct(fd.as_fd(), sys::DEVICE_GET_INFO, &mut info)
-            .map_err(io_err("VFIO_DEVICE_GET_INFO"))?;
-        Ok(VfioDevice {
+        let info = sys::device_get_info(fd.as_fd()).map_err(ioctl_err(
+            "VFIO_DEVICE_GET_INFO",
+            Some(address),
+            None,
+        ))?;
+        let mut regions = Vec::with_capacity(info.num_regions as usize);
+        for index in 0..info.num_regions {
+            regions.push(match sys::device_get_region_info(fd.as_fd(), index) {
+                Ok(buf) => Ok(parse_region_info(&buf)?),
+                Err(e) => Err(e.raw_os_error().unwrap_or(nix::libc::EIO)),
+            });
+        }
+        let config = match regions.get(CONFIG_REGION as usize) {
+            Some(Ok(r)) if r.size > 0 => r.clone(),
+            other => {
+                return Err(VfioError::NoRegion {
+                    address,
+                    region: CONFIG_REGION,
+                    source: match other {
+                        Some(Err(e)) => Some(io::Error::from_raw_os_error(*e)),
+                        _ => None,
+                    },
+                });
+            }
+        };
+        Ok(Arc::new(VfioDevice {
             address,
             file: File::from(fd),
             num_regions: info.num_regions,
             num_irqs: info.num_irqs,
+            regions,
+            config,
+            mapped_bars: Mutex::new(0),
+            identity,
             group,
-            container,
-        })
+            container: Arc::clone(container),
+            _held: held,
+        }))
     }
 
     /// The device's address.
@@ -434,7 +717,7 @@ impl VfioDevice {
         &self.container
     }
     /// Its IOMMU group.
-    pub fn group(&self) -> &Group {
+    pub fn group(&self) -> &Arc<Group> {
         &self.group
     }
     /// How many regions VFIO reports.
@@ -445,24 +728,35 @@ impl VfioDevice {
     pub fn num_irqs(&self) -> u32 {
         self.num_irqs
     }
+    /// The identity of the device's sysfs directory at open, if it could be read.
+    pub fn identity(&self) -> Option<DeviceIdentity> {
+        self.identity
+    }
 
-    /// `VFIO_DEVICE_GET_REGION_INFO` for `index`.
-    pub fn region(&self, index: u32) -> Result<RegionInfo, VfioError> {
-        let mut header = [0u8; 32];
-        header[8..12].copy_from_slice(&index.to_ne_bytes());
-        let buf = sys::ioctl_chain(self.file.as_fd(), sys::DEVICE_GET_REGION_INFO, &header)
-            .map_err(io_err(format!("VFIO_DEVICE_GET_REGION_INFO {index}")))?;
-        Ok(parse_region_info(&buf)?)
+    /// What `VFIO_DEVICE_GET_REGION_INFO` said about region `index` at open.
+    pub fn region(&self, index: u32) -> Result<&RegionInfo, VfioError> {
+        match self.regions.get(index as usize) {
+            Some(Ok(r)) => Ok(r),
+            Some(Err(errno)) => Err(VfioError::NoRegion {
+                address: self.address,
+                region: index,
+                source: Some(io::Error::from_raw_os_error(*errno)),
+            }),
+            None => Err(VfioError::NoRegion {
+                address: self.address,
+                region: index,
+                source: None,
+            }),
+        }
     }
 
     /// `VFIO_DEVICE_GET_IRQ_INFO` for `index`.
     pub fn irq_info(&self, index: u32) -> Result<IrqInfo, VfioError> {
-        let mut info = sys::IrqInfo {
-            index,
-            ..Default::default()
-        };
-        sys::ioctl_struct(self.file.as_fd(), sys::DEVICE_GET_IRQ_INFO, &mut info)
-            .map_err(io_err(format!("VFIO_DEVICE_GET_IRQ_INFO {index}")))?;
+        let info = sys::device_get_irq_info(self.file.as_fd(), index).map_err(ioctl_err(
+            "VFIO_DEVICE_GET_IRQ_INFO",
+            Some(self.address),
+            Some(index.into()),
+        ))?;
         Ok(IrqInfo {
             index,
             flags: info.flags,
@@ -470,23 +764,62 @@ impl VfioDevice {
         })
     }
 
-    /// Reads config space at `offset` into `buf`.
+    /// Reads config space at `offset` into `buf`. VFIO reads config space without taking
+    /// the device lock, so this is safe to call while a removal of the device is pending.
     pub fn read_config(&self, offset: u64, buf: &mut [u8]) -> Result<(), VfioError> {
-        let region = self.region(CONFIG_REGION)?;
-        self.region_read(&region, offset, buf)
+        self.region_read(&self.config, offset, buf)
     }
 
     /// Writes `buf` to config space at `offset`.
+    ///
+    /// A write that clears Memory Space Enable (Command register, offset 4, bit 1) while
+    /// [`MappedBar`]s of this device are alive is refused
+    /// ([`VfioError::MemorySpaceInUse`]): the next access through a mapping would raise
+    /// SIGBUS. Drop the mappings first, or use
+    /// [`disable_memory_space`](Self::disable_memory_space).
     pub fn write_config(&self, offset: u64, buf: &[u8]) -> Result<(), VfioError> {
-        let region = self.region(CONFIG_REGION)?;
-        self.region_write(&region, offset, buf)
+        if clears_memory_space(offset, buf) {
+            let bars = self.mapped_bars.lock();
+            if *bars > 0 {
+                return Err(VfioError::MemorySpaceInUse {
+                    address: self.address,
+                    mapped_bars: *bars,
+                });
+            }
+            // Held across the write: no mapping can appear before it lands.
+            return self.region_write(&self.config, offset, buf);
+        }
+        self.region_write(&self.config, offset, buf)
+    }
+
+    /// Clears Memory Space Enable in the Command register, the explicit way to turn off
+    /// the device's BARs (before a BAR resize, or to quiesce a device). Refused with
+    /// [`VfioError::MemorySpaceInUse`] while a [`MappedBar`] of the device lives; no BAR
+    /// can be mapped while the read-modify-write is in progress. Turn it back on by
+    /// writing the Command register with the bit set ([`COMMAND_MEMORY`]).
+    pub fn disable_memory_space(&self) -> Result<(), VfioError> {
+        let bars = self.mapped_bars.lock();
+        if *bars > 0 {
+            return Err(VfioError::MemorySpaceInUse {
+                address: self.address,
+                mapped_bars: *bars,
+            });
+        }
+        let mut cmd = [0u8; 2];
+        self.region_read(&self.config, COMMAND, &mut cmd)?;
+        let cmd = u16::from_le_bytes(cmd) & !COMMAND_MEMORY;
+        self.region_write(&self.config, COMMAND, &cmd.to_le_bytes())
+    }
+
+    /// How many [`MappedBar`]s of this device are alive.
+    pub fn mapped_bars(&self) -> usize {
+        *self.mapped_bars.lock()
     }
 
     /// The whole config space as VFIO presents it (256 or 4096 bytes).
     pub fn config(&self) -> Result<Vec<u8>, VfioError> {
-        let region = self.region(CONFIG_REGION)?;
-        let mut buf = vec![0u8; region.size.min(4096) as usize];
-        self.region_read(&region, 0, &mut buf)?;
+        let mut buf = vec![0u8; self.config.size.min(4096) as usize];
+        self.region_read(&self.config, 0, &mut buf)?;
         Ok(buf)
     }
 
@@ -500,31 +833,70 @@ impl VfioDevice {
         Ok(config::find_extended_capability(&self.config()?, id))
     }
 
+    /// The SR-IOV capability's registers, from config space: `None` when the device has
+    /// none. What `sriov_numvfs` and `sriov_totalvfs` say, without the device lock that
+    /// reading `sriov_numvfs` takes (see the exit rule in the [module docs](self)).
+    pub fn sriov(&self) -> Result<Option<SriovCapability>, VfioError> {
+        config::sriov_capability(&self.config()?)
+            .transpose()
+            .map_err(|source| VfioError::Config {
+                address: self.address,
+                source,
+            })
+    }
+
+    /// NumVFs (SR-IOV capability +0x10): the VFs enabled now, as `sriov_numvfs` reports.
+    pub fn sriov_num_vfs(&self) -> Result<Option<u16>, VfioError> {
+        Ok(self.sriov()?.map(|s| s.num_vfs))
+    }
+
+    /// TotalVFs (SR-IOV capability +0x0e): as `sriov_totalvfs` reports.
+    pub fn sriov_total_vfs(&self) -> Result<Option<u16>, VfioError> {
+        Ok(self.sriov()?.map(|s| s.total_vfs))
+    }
+
+    /// The MSI-X table size (Message Control bits 10:0, plus one): `None` without an MSI-X
+    /// capability. The vectors a function has, which a driver wanted from
+    /// `sriov_vf_total_msix` and the like, read without the device lock.
+    pub fn msix_table_size(&self) -> Result<Option<u16>, VfioError> {
+        Ok(msix_table_size(&self.config()?))
+    }
+
     fn region_read(&self, region: &RegionInfo, offset: u64, buf: &mut [u8]) -> Result<(), VfioError> {
         self.check(region, offset, buf.len())?;
         self.file
             .read_exact_at(buf, region.offset + offset)
-            .map_err(io_err(format!(
-                "{}: read region {} at {offset:#x}",
-                self.address, region.index
-            )))
+            .map_err(|source| VfioError::Access {
+                address: self.address,
+                region: region.index,
+                offset,
+                len: buf.len(),
+                write: false,
+                source,
+            })
     }
 
     fn region_write(&self, region: &RegionInfo, offset: u64, buf: &[u8]) -> Result<(), VfioError> {
         self.check(region, offset, buf.len())?;
         self.file
             .write_all_at(buf, region.offset + offset)
-            .map_err(io_err(format!(
-                "{}: write region {} at {offset:#x}",
-                self.address, region.index
-            )))
+            .map_err(|source| VfioError::Access {
+                address: self.address,
+                region: region.index,
+                offset,
+                len: buf.len(),
+                write: true,
+                source,
+            })
     }
 
     fn check(&self, region: &RegionInfo, offset: u64, len: usize) -> Result<(), VfioError> {
         if offset.checked_add(len as u64).is_none_or(|end| end > region.size) {
             return Err(VfioError::OutOfRange {
-                what: format!("{} region {}", self.address, region.index),
+                address: self.address,
+                region: region.index,
                 offset,
+                len,
             });
         }
         Ok(())
@@ -532,32 +904,41 @@ impl VfioDevice {
 
     /// `VFIO_DEVICE_RESET`.
     pub fn reset(&self) -> Result<(), VfioError> {
-        sys::ioctl_value(self.file.as_fd(), sys::DEVICE_RESET, 0)
-            .map_err(io_err(format!("{}: VFIO_DEVICE_RESET", self.address)))?;
-        Ok(())
+        sys::device_reset(self.file.as_fd()).map_err(ioctl_err("VFIO_DEVICE_RESET", Some(self.address), None))
     }
 
     /// Maps BAR `index`: the areas VFIO allows (sparse mmap), leaving the MSI-X table out
     /// unless the region says it is mappable. Accesses outside the mapped areas go through
-    /// pread/pwrite on the device fd.
-    pub fn map_bar(&self, index: u32) -> Result<Bar<'_>, VfioError> {
-        let region = self.region(index)?;
-        if region.size == 0 {
-            return Err(VfioError::OutOfRange {
-                what: format!("{} BAR{index} (not implemented)", self.address),
-                offset: 0,
+    /// pread/pwrite on the device fd. The mapping holds an `Arc` of the device.
+    pub fn map_bar(self: &Arc<Self>, index: u32) -> Result<MappedBar, VfioError> {
+        let region = self.region(index)?.clone();
+        if index >= ROM_REGION || region.size == 0 {
+            return Err(VfioError::NoRegion {
+                address: self.address,
+                region: index,
+                source: None,
             });
         }
+        // Counted before the mmap, under the lock: a concurrent write clearing Memory
+        // Space Enable either lands before (then this mapping's accesses see a disabled
+        // BAR: the caller turned it off) or is refused.
+        let mut bars = self.mapped_bars.lock();
         let mut areas = Vec::new();
         for (offset, size) in region.mmap_areas() {
-            let area =
-                mmio::MmioArea::map(self.file.as_fd(), region.offset + offset, size as usize).map_err(
-                    io_err(format!("{}: mmap BAR{index} at {offset:#x}", self.address)),
-                )?;
+            let area = mmio::MmioArea::map(self.file.as_fd(), region.offset + offset, size as usize)
+                .map_err(|source| VfioError::Mmap {
+                    address: self.address,
+                    region: index,
+                    offset,
+                    len: size,
+                    source,
+                })?;
             areas.push((offset, area));
         }
-        Ok(Bar {
-            device: self,
+        *bars += 1;
+        drop(bars);
+        Ok(MappedBar {
+            device: Arc::clone(self),
             region,
             areas,
         })
@@ -571,37 +952,57 @@ impl VfioDevice {
 
     /// Disables interrupt `index`.
     pub fn disable_irq(&self, index: u32) -> Result<(), VfioError> {
-        sys::set_irqs_eventfds(self.file.as_fd(), index, 0, &[])
-            .map_err(io_err(format!("{}: disable IRQ index {index}", self.address)))
+        self.set_irq_eventfds(index, &[])
     }
 
-    /// Routes interrupt index `index` to these eventfds.
+    /// Routes interrupt index `index` to these eventfds (none: disables it).
     pub fn set_irq_eventfds(&self, index: u32, fds: &[BorrowedFd<'_>]) -> Result<(), VfioError> {
-        let raw: Vec<i32> = fds.iter().map(|f| f.as_raw_fd()).collect();
-        sys::set_irqs_eventfds(self.file.as_fd(), index, 0, &raw).map_err(io_err(format!(
-            "{}: route IRQ index {index} to {} eventfds",
-            self.address,
-            raw.len()
-        )))
+        sys::device_set_irqs(self.file.as_fd(), index, 0, fds).map_err(ioctl_err(
+            "VFIO_DEVICE_SET_IRQS",
+            Some(self.address),
+            Some(index.into()),
+        ))
     }
 
-    /// Registers an eventfd for the device request (REQ) interrupt: the kernel signals it
-    /// when it wants the device back (removal, unbind) and waits, holding the device lock,
-    /// until this process closes the device.
+    /// Registers an eventfd (non-blocking, close-on-exec) for the device request (REQ)
+    /// interrupt: the kernel signals it when it wants the device back (removal, unbind),
+    /// and then waits, holding the device lock, until this process closes the device. It
+    /// signals again every 10 s while it waits, and never gives up.
+    ///
+    /// Poll it with [`poll_request`](Self::poll_request) (or put it in an epoll set: it
+    /// implements `AsFd`); on a request, drop every handle to the device promptly.
+    ///
+    /// # Dropping
+    ///
+    /// The eventfd is the caller's: dropping it closes it, but the kernel keeps its own
+    /// reference until the device closes or the REQ index is disabled
+    /// ([`disable_irq`](Self::disable_irq)`(irq::REQ)`). It may be dropped before or
+    /// after the device. Dropping it does not answer a request: only closing the device
+    /// does.
+    ///
+    /// # Process exit
+    ///
+    /// A request that nobody polls is answered at exit, when the device fd closes: the
+    /// removal then completes, unless a thread of this process is stuck in a read of the
+    /// device's blocking attributes (see the exit rule in the [module docs](self)).
     pub fn request_eventfd(&self) -> Result<EventFd, VfioError> {
         let efd = EventFd::from_value_and_flags(0, EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK)
-            .map_err(|e| io_err("eventfd")(e.into()))?;
+            .map_err(|e| VfioError::Eventfd(e.into()))?;
         self.set_irq_eventfds(irq::REQ, &[efd.as_fd()])?;
         Ok(efd)
     }
 
     /// Checks the REQ eventfd without blocking; on a request, marks the device in
-    /// `registry` (so scans keep away from its blocking attributes) and returns true. The
-    /// caller must then close the device promptly.
+    /// `registry` with the identity of its sysfs directory at open (so scans keep away
+    /// from its blocking attributes, and a device re-added at the same address does not
+    /// inherit the mark) and returns true. The caller must then drop the device promptly.
     pub fn poll_request(&self, efd: &EventFd, registry: &RemovalRegistry) -> bool {
         match efd.read() {
             Ok(n) if n > 0 => {
-                registry.mark(self.address, Reason::RemovalRequested);
+                match self.identity {
+                    Some(identity) => registry.mark_device(self.address, identity, Reason::RemovalRequested),
+                    None => registry.mark(self.address, Reason::RemovalRequested),
+                };
                 true
             }
             _ => false,
@@ -609,18 +1010,71 @@ impl VfioDevice {
     }
 }
 
-/// A mapped BAR.
+/// Whether writing `buf` at config `offset` clears Memory Space Enable: the write covers
+/// the low byte of the Command register and has bit 1 clear there.
+fn clears_memory_space(offset: u64, buf: &[u8]) -> bool {
+    offset <= COMMAND
+        && COMMAND < offset.saturating_add(buf.len() as u64)
+        && buf[(COMMAND - offset) as usize] & COMMAND_MEMORY as u8 == 0
+}
+
+/// The MSI-X table size from config space bytes: Message Control (capability + 2) bits
+/// 10:0, plus one.
+fn msix_table_size(config_bytes: &[u8]) -> Option<u16> {
+    let cap = usize::from(config::find_capability(config_bytes, config::cap_id::MSIX)?);
+    let mc = config_bytes.get(cap + 2..cap + 4)?;
+    Some((u16::from_le_bytes([mc[0], mc[1]]) & 0x7ff) + 1)
+}
+
+/// A mapped BAR of a [`VfioDevice`], owned: it holds an `Arc` of the device, so a driver
+/// can keep the device and its mappings in one struct. Made by
+/// [`VfioDevice::map_bar`].
+///
+/// Mapped areas are reached with volatile loads and stores; the rest of the BAR (the MSI-X
+/// table, unless mappable) through pread/pwrite on the device fd.
+///
+/// # Dropping
+///
+/// Dropping unmaps the areas and releases the `Arc`: the device fd closes only when the
+/// device and all its mappings are dropped, so drop the mappings too when REQ fires.
+/// While a mapping lives, clearing Memory Space Enable is refused
+/// ([`VfioDevice::write_config`]).
+///
+/// # Process exit
+///
+/// The mappings go with the process. If the device is surprise-removed while mapped, an
+/// access may raise SIGBUS; a REQ comes first for an orderly removal.
 #[derive(Debug)]
-pub struct Bar<'d> {
-    device: &'d VfioDevice,
+pub struct MappedBar {
+    device: Arc<VfioDevice>,
     region: RegionInfo,
     areas: Vec<(u64, mmio::MmioArea)>,
 }
 
-impl Bar<'_> {
+impl Drop for MappedBar {
+    fn drop(&mut self) {
+        // Unmap before the count drops, so a Memory Space Enable clear allowed by the new
+        // count never meets a live mapping.
+        self.areas.clear();
+        let mut bars = self.device.mapped_bars.lock();
+        *bars = bars.saturating_sub(1);
+    }
+}
+
+impl MappedBar {
     /// The region facts.
     pub fn info(&self) -> &RegionInfo {
         &self.region
+    }
+
+    /// The BAR index.
+    pub fn index(&self) -> u32 {
+        self.region.index
+    }
+
+    /// The device.
+    pub fn device(&self) -> &Arc<VfioDevice> {
+        &self.device
     }
 
     /// The mapped areas as (offset, size).
@@ -635,17 +1089,19 @@ impl Bar<'_> {
             .map(|(o, a)| (a, (offset - o) as usize))
     }
 
-    fn oob(&self, offset: u64) -> VfioError {
+    fn oob(&self, offset: u64, len: usize) -> VfioError {
         VfioError::OutOfRange {
-            what: format!("{} BAR{}", self.device.address, self.region.index),
+            address: self.device.address,
+            region: self.region.index,
             offset,
+            len,
         }
     }
 
     /// A 32-bit read (volatile when mapped, pread otherwise).
     pub fn read32(&self, offset: u64) -> Result<u32, VfioError> {
         if let Some((area, at)) = self.area(offset) {
-            return area.read32(at).ok_or_else(|| self.oob(offset));
+            return area.read32(at).ok_or_else(|| self.oob(offset, 4));
         }
         let mut b = [0u8; 4];
         self.device.region_read(&self.region, offset, &mut b)?;
@@ -655,7 +1111,7 @@ impl Bar<'_> {
     /// A 32-bit write.
     pub fn write32(&self, offset: u64, value: u32) -> Result<(), VfioError> {
         if let Some((area, at)) = self.area(offset) {
-            return area.write32(at, value).ok_or_else(|| self.oob(offset));
+            return area.write32(at, value).ok_or_else(|| self.oob(offset, 4));
         }
         self.device
             .region_write(&self.region, offset, &value.to_le_bytes())
@@ -664,7 +1120,7 @@ impl Bar<'_> {
     /// A 64-bit read.
     pub fn read64(&self, offset: u64) -> Result<u64, VfioError> {
         if let Some((area, at)) = self.area(offset) {
-            return area.read64(at).ok_or_else(|| self.oob(offset));
+            return area.read64(at).ok_or_else(|| self.oob(offset, 8));
         }
         let mut b = [0u8; 8];
         self.device.region_read(&self.region, offset, &mut b)?;
@@ -674,14 +1130,103 @@ impl Bar<'_> {
     /// A 64-bit write.
     pub fn write64(&self, offset: u64, value: u64) -> Result<(), VfioError> {
         if let Some((area, at)) = self.area(offset) {
-            return area.write64(at, value).ok_or_else(|| self.oob(offset));
+            return area.write64(at, value).ok_or_else(|| self.oob(offset, 8));
         }
         self.device
             .region_write(&self.region, offset, &value.to_le_bytes())
     }
 }
 
-/// The vfio character device path of a group (for messages).
+/// The vfio character device path of a group.
 pub fn group_path(number: u32) -> PathBuf {
     PathBuf::from(format!("/dev/vfio/{number}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::cell::Cell;
+
+    #[test]
+    fn only_writes_clearing_memory_enable_are_caught() {
+        // Command low byte at offset 4; bit 1 is Memory Space Enable.
+        assert!(clears_memory_space(4, &[0x04]), "bus master only");
+        assert!(clears_memory_space(4, &[0x00, 0x00]));
+        assert!(
+            clears_memory_space(0, &[0x86, 0x80, 0x10, 0x00, 0x05, 0x00]),
+            "a header write"
+        );
+        assert!(clears_memory_space(3, &[0xff, 0x00]));
+        assert!(!clears_memory_space(4, &[0x06]), "memory and bus master on");
+        assert!(!clears_memory_space(4, &[0x02, 0x00]));
+        assert!(!clears_memory_space(5, &[0x00]), "the Command high byte");
+        assert!(
+            !clears_memory_space(0, &[0x00; 4]),
+            "ends before the Command register"
+        );
+        assert!(!clears_memory_space(6, &[0x00; 2]), "the Status register");
+        assert!(!clears_memory_space(4, &[]));
+        assert!(!clears_memory_space(u64::MAX, &[0x00]));
+    }
+
+    fn with_cap(bytes: &mut [u8], at: usize, id: u8, next: u8) {
+        bytes[at] = id;
+        bytes[at + 1] = next;
+    }
+
+    #[test]
+    fn msix_table_size_from_message_control() {
+        let mut cfg = vec![0u8; 256];
+        cfg[0..4].copy_from_slice(&[0x36, 0x1b, 0x10, 0x00]); // vendor, device
+        cfg[6] = 0x10; // Status: capability list
+        cfg[0x34] = 0x40;
+        with_cap(&mut cfg, 0x40, config::cap_id::PM, 0x60);
+        with_cap(&mut cfg, 0x60, config::cap_id::MSIX, 0);
+        // Message Control: enable (bit 15) and table size 65 - 1.
+        cfg[0x62..0x64].copy_from_slice(&(0x8000u16 | 64).to_le_bytes());
+        assert_eq!(msix_table_size(&cfg), Some(65));
+        cfg[0x62..0x64].copy_from_slice(&0x07ffu16.to_le_bytes());
+        assert_eq!(msix_table_size(&cfg), Some(2048));
+        with_cap(&mut cfg, 0x40, config::cap_id::PM, 0);
+        assert_eq!(msix_table_size(&cfg), None, "no MSI-X capability");
+    }
+
+    #[test]
+    fn groups_are_opened_once_and_kept() {
+        let opens = Cell::new(0);
+        let open = |n: u32| {
+            opens.set(opens.get() + 1);
+            Ok(Arc::new(n))
+        };
+        let mut table = GroupTable::<u32>::default();
+        let a = table.get_or_open(5, || open(5)).unwrap();
+        let b = table.get_or_open(5, || open(5)).unwrap();
+        assert!(Arc::ptr_eq(&a, &b), "two functions of group 5 share one open");
+        assert_eq!(opens.get(), 1);
+        let c = table.get_or_open(7, || open(7)).unwrap();
+        assert_eq!((opens.get(), table.live()), (2, vec![5, 7]));
+        // Kept while the container lives, even when no device holds it: the IOMMU
+        // mappings of the container need one attached group.
+        drop((a, b, c));
+        assert_eq!(table.live(), vec![5, 7]);
+        let d = table.get_or_open(5, || open(5)).unwrap();
+        assert_eq!((opens.get(), *d), (2, 5), "not opened again");
+        // A failed open leaves nothing behind.
+        let e = table.get_or_open(9, || Err(VfioError::NoGroupAttached));
+        assert!(e.is_err() && table.live() == vec![5, 7]);
+    }
+
+    #[test]
+    fn errors_keep_the_kernel_error() {
+        use std::error::Error;
+        let e = ioctl_err("VFIO_DEVICE_GET_IRQ_INFO", "0000:01:00.0".parse().ok(), Some(4))(
+            io::Error::from_raw_os_error(nix::libc::EINVAL),
+        );
+        assert_eq!(
+            e.to_string(),
+            "VFIO_DEVICE_GET_IRQ_INFO (0x4) failed on 0000:01:00.0"
+        );
+        let source = e.source().and_then(|s| s.downcast_ref::<io::Error>()).unwrap();
+        assert_eq!(source.raw_os_error(), Some(nix::libc::EINVAL));
+    }
 }
