@@ -623,3 +623,37 @@ fn synthetic_4096_is_fast() {
     assert_eq!(addrs.len(), 4096);
     assert!(took < Duration::from_secs(5), "{took:?}");
 }
+
+#[test]
+fn tripwires_count_every_open_and_stop_on_drop() {
+    use std::os::unix::fs::OpenOptionsExt;
+    let fake = FakeSysfs::new().unwrap();
+    let dir = fake
+        .device("0000:01:00.0")
+        .tripwire("uevent")
+        .tripwire("config")
+        .create()
+        .unwrap();
+    let (uevent, config) = (dir.join("uevent"), dir.join("config"));
+    fake.settle_tripwires();
+    assert_eq!(fake.tripped(), []);
+    // A non-blocking open (how the fast path reads) that closes at once still counts.
+    drop(
+        std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(nix::libc::O_NONBLOCK)
+            .open(&uevent)
+            .unwrap(),
+    );
+    assert!(fake.wait_for_opens(&uevent, 1, std::time::Duration::from_secs(5)));
+    // A blocking read (how the pool reads) sees end of file.
+    assert_eq!(std::fs::read(&config).unwrap(), b"");
+    assert!(fake.wait_for_opens(&config, 1, std::time::Duration::from_secs(5)));
+    fake.settle_tripwires();
+    assert_eq!(fake.opens(&uevent), 1);
+    assert_eq!(fake.opens(&config), 1);
+    assert_eq!(fake.tripped().len(), 2);
+    // Dropping stops the watchers, even of a device whose directory is gone.
+    fake.remove_device("0000:01:00.0").unwrap();
+    drop(fake);
+}
