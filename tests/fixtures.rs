@@ -289,7 +289,11 @@ fn capture_never_reads_a_fifo_and_records_it() {
 #[test]
 fn locked_attributes_go_through_the_given_reader() {
     let fake = FakeSysfs::new().unwrap();
-    fake.device("0000:01:00.0").sriov_totalvfs(8).create().unwrap();
+    fake.device("0000:01:00.0")
+        .sriov_totalvfs(8)
+        .attr("vpd", b"\x82\x05Hello".to_vec())
+        .create()
+        .unwrap();
     let options = CaptureOptions {
         locked_reader: Some(Box::new(|path: &Path| {
             let name = path.file_name().unwrap().to_string_lossy().into_owned();
@@ -305,6 +309,9 @@ fn locked_attributes_go_through_the_given_reader() {
         file(&f, &format!("{d}/driver_override")),
         b"guarded driver_override\n"
     );
+    // `config` and `vpd` wait while the function is being reset.
+    assert_eq!(file(&f, &format!("{d}/config")), b"guarded config\n");
+    assert_eq!(file(&f, &format!("{d}/vpd")), b"guarded vpd\n");
     assert_eq!(file(&f, &format!("{d}/vendor")), b"0x8086\n");
     // A reader error is recorded as an empty file and a note.
     let options = CaptureOptions {
