@@ -506,8 +506,12 @@ const WAITING: [&str; 5] = [
 
 // A PF and a plain device whose waiting attributes are all tripwires.
 fn tripwired_tree() -> FakeSysfs {
+    tripwired_tree_at("0000:00:02.0", "0000:00:03.0")
+}
+
+fn tripwired_tree_at(pf: &str, plain: &str) -> FakeSysfs {
     let fake = FakeSysfs::new().unwrap();
-    for (a, pf) in [("0000:00:02.0", true), ("0000:00:03.0", false)] {
+    for (a, pf) in [(pf, true), (plain, false)] {
         let mut b = fake.device(a).vendor(0x8086).device_id(0x0953).class(0x010802);
         if pf {
             b = b.sriov_totalvfs(4);
@@ -792,14 +796,16 @@ fn a_hot_replaced_device_does_not_inherit_pending() {
 
 #[test]
 fn never_reads_the_blocking_attributes_of_a_device_held_open() {
-    let fake = tripwired_tree();
-    let held = pcibus::removal::held::HeldOpen::new(addr("0000:00:02.0"));
+    // Held open counts for the whole process, so for every test running in it: an
+    // address no other test uses.
+    let fake = tripwired_tree_at("0042:00:00.0", "0042:00:00.1");
+    let held = pcibus::removal::held::HeldOpen::new(addr("0042:00:00.0"));
     for guard_everything in [false, true] {
         let scan = read_all(scanner(&fake))
             .guard_everything(guard_everything)
             .scan()
             .unwrap();
-        let d = scan.get(addr("0000:00:02.0")).unwrap();
+        let d = scan.get(addr("0042:00:00.0")).unwrap();
         for attr in BlockingAttr::ALL {
             assert_eq!(
                 d.problem(attr.name()).map(|p| &p.kind),
@@ -808,10 +814,13 @@ fn never_reads_the_blocking_attributes_of_a_device_held_open() {
             );
         }
         assert_eq!(d.vendor, Some(VendorId(0x8086)));
+        // The other device is read as usual.
+        let other = scan.get(addr("0042:00:00.1")).unwrap();
+        assert!(other.uevent.is_some(), "{:?}", other.problems);
     }
     fake.settle_tripwires();
     for attr in WAITING {
-        assert_eq!(opens(&fake, "0000:00:02.0", attr), 0, "{attr}");
+        assert_eq!(opens(&fake, "0042:00:00.0", attr), 0, "{attr}");
     }
     drop(held);
 }

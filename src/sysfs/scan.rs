@@ -773,7 +773,8 @@ pub(crate) enum Ran<T> {
 // lock, so a job cannot finish unseen between the waiter's look and its mark.
 enum JobState<T> {
     Queued,
-    Running(Instant),
+    // Since when, on which thread.
+    Running(Instant, nix::unistd::Pid),
     // `None`: the job panicked.
     Finished(Option<T>),
     // The waiter gave up on it before it started; if the pool still runs it, it returns
@@ -798,13 +799,13 @@ impl<T> Round<T> {
             if !matches!(jobs[k], JobState::Queued) {
                 return;
             }
-            jobs[k] = JobState::Running(Instant::now());
+            jobs[k] = JobState::Running(Instant::now(), nix::unistd::gettid());
         }
         let value = std::panic::catch_unwind(std::panic::AssertUnwindSafe(work)).ok();
         let stuck = {
             let mut jobs = self.jobs.lock();
             match std::mem::replace(&mut jobs[k], JobState::Taken) {
-                JobState::Running(_) => {
+                JobState::Running(..) => {
                     jobs[k] = JobState::Finished(value);
                     None
                 }
@@ -823,9 +824,23 @@ impl<T> Round<T> {
     }
 }
 
+// How often a job whose thread is still running (state R: starved of CPU, not blocked) when
+// its time is up gets another `timeout`.
+const MAX_EXTENSIONS: u32 = 10;
+
+// Whether thread `tid` of this process is running or runnable, not asleep (in the kernel).
+fn thread_is_running(tid: nix::unistd::Pid) -> bool {
+    std::fs::read_to_string(format!("/proc/self/task/{tid}/stat")).is_ok_and(|stat| {
+        stat.rsplit_once(')')
+            .and_then(|(_, rest)| rest.trim_start().chars().next())
+            == Some('R')
+    })
+}
+
 /// Runs `count` jobs (`make(i)` builds job `i`) on `pool`, each with `timeout` counted from
-/// its submission; a job that starts late gets `timeout` from its start. A job still
-/// running after its time is stuck: `stuck(i)` names what to mark in the registry (or
+/// its submission; a job that starts late gets `timeout` from its start, and one whose
+/// thread is running rather than asleep when its time is up gets up to `MAX_EXTENSIONS`
+/// more (a starved CPU is not a stuck read). A job still running after its time is stuck: `stuck(i)` names what to mark in the registry (or
 /// nothing), and the job clears that mark itself when it returns. Jobs that had not
 /// started when their round ended are submitted again, with a fresh deadline, as long as
 /// the round finished some job; after a round that finished none they are
@@ -865,19 +880,29 @@ where
         // The pool's wait also starts helper threads in place of ones that get stuck.
         drop(pool.submit_all(jobs).wait_until(deadline));
         let mut jobs = round.jobs.lock();
-        // A job that started late still gets its full time.
+        // A job that started late still gets its full time; one whose thread is running
+        // (not asleep in the kernel) when its time is up is slow, not stuck: it gets more.
+        let mut until: Vec<Option<Instant>> = vec![None; todo.len()];
+        let mut extended = vec![0u32; todo.len()];
         loop {
             let now = Instant::now();
-            let next = jobs
-                .iter()
-                .filter_map(|j| match j {
-                    JobState::Running(started) => Some(*started + timeout),
-                    _ => None,
-                })
-                .filter(|until| *until > now)
-                .min();
-            let Some(until) = next else { break };
-            round.changed.wait_until(&mut jobs, until);
+            let mut next: Option<Instant> = None;
+            for (k, job) in jobs.iter().enumerate() {
+                let JobState::Running(started, tid) = job else {
+                    continue;
+                };
+                let mut end = *until[k].get_or_insert(*started + timeout);
+                if end <= now && extended[k] < MAX_EXTENSIONS && thread_is_running(*tid) {
+                    extended[k] += 1;
+                    end = now + timeout;
+                    until[k] = Some(end);
+                }
+                if end > now {
+                    next = Some(next.map_or(end, |n| n.min(end)));
+                }
+            }
+            let Some(next) = next else { break };
+            round.changed.wait_until(&mut jobs, next);
         }
         let progressed = jobs.iter().any(|j| matches!(j, JobState::Finished(_)));
         let mut again = Vec::new();
@@ -885,7 +910,7 @@ where
             out[i] = match std::mem::replace(&mut jobs[k], JobState::Taken) {
                 JobState::Finished(Some(v)) => Some(Ran::Done(v)),
                 JobState::Finished(None) => Some(Ran::Panicked),
-                JobState::Running(_) => {
+                JobState::Running(..) => {
                     let id = stuck(i).map(|(address, identity, attribute)| {
                         registry.mark_stuck(address, identity, attribute)
                     });
