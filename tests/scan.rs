@@ -851,3 +851,47 @@ fn a_removal_marked_after_submission_is_seen_before_the_read() {
     fake.settle_tripwires();
     assert_eq!(opens(&fake, "0000:00:03.0", "uevent"), 0);
 }
+
+// Open fds of this process into `dir` (other tests of the process open their own).
+fn fds_under(dir: &Path) -> usize {
+    std::fs::read_dir("/proc/self/fd")
+        .unwrap()
+        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+        .filter(|t| t.starts_with(dir))
+        .count()
+}
+
+#[test]
+fn scans_while_every_helper_thread_is_stuck_hold_no_fds() {
+    let fake = hostile_tree();
+    let pool = pcibus::BlockingPool::new(pcibus::PoolLimits {
+        parallelism: 1,
+        max_threads: 2,
+        ..Default::default()
+    });
+    let registry = Arc::new(RemovalRegistry::new());
+    let s = scanner(&fake)
+        .pool(pool)
+        .registry(Arc::clone(&registry))
+        .read_blocking(BlockingAttr::Uevent)
+        .timeout(Duration::from_millis(20));
+    // The first scans leave both helper threads stuck on the FIFOs.
+    for _ in 0..3 {
+        s.scan().unwrap();
+        registry.pending().iter().for_each(|p| {
+            registry.release(p.address);
+        });
+    }
+    let stuck = fds_under(fake.root());
+    let t0 = Instant::now();
+    for _ in 0..100 {
+        let scan = s.scan().unwrap();
+        assert_eq!(scan.devices.len(), 5);
+        registry.pending().iter().for_each(|p| {
+            registry.release(p.address);
+        });
+    }
+    assert!(t0.elapsed() < NOT_HUNG * 4, "{:?}", t0.elapsed());
+    assert!(stuck <= 2, "only the stuck reads hold fds: {stuck}");
+    assert_eq!(fds_under(fake.root()), stuck);
+}

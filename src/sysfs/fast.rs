@@ -1,8 +1,10 @@
-//! The fast path: one device's record from the attributes whose read takes no device lock.
+//! The fast path: one device's record from the attributes whose read never waits.
 //!
 //! Everything here reads relative to the device's directory fd and turns every failure into
 //! a [`Problem`](crate::record::Problem) of that record; nothing here may open an attribute
-//! whose kernel `show()` can block (tests/scan.rs checks this with tripwire FIFOs).
+//! whose kernel `show()` can block, nor `config`, whose read waits while the function is
+//! being reset (tests/scan.rs checks this with tripwire FIFOs). What only config space can
+//! give is noted in [`ConfigWanted`] and read later through the pool.
 
 use std::io;
 

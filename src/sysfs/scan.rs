@@ -22,8 +22,8 @@ use std::collections::BTreeSet;
 use std::io;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Weak};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -154,7 +154,7 @@ pub enum IdSource {
     /// reads instead of two.
     IdFiles,
     /// The first 64 bytes of `config`, as the device reports them, read through the pool
-    /// with the scan's deadline (a `config` read waits while the function is being reset).
+    /// with the scan's timeout (a `config` read waits while the function is being reset).
     /// The id files for VFs (whose config space reads 0xffff as ids), for devices whose
     /// header reads 0xffff, is short or did not come in time, for the subsystem ids of
     /// bridges, and for devices whose removal is pending.
@@ -470,11 +470,15 @@ impl Scanner {
             |i| {
                 let (me, dir, tracks, wanted) = (
                     Arc::clone(&me),
-                    Arc::clone(devices_dir),
+                    Arc::downgrade(devices_dir),
                     Arc::clone(&tracks),
                     Arc::clone(&wanted),
                 );
-                move || me.guarded_device(&dir, wanted[i], &tracks[i])
+                // Held weakly, as in `GuardedSpec::run`.
+                move || match dir.upgrade() {
+                    Some(dir) => me.guarded_device(&dir, wanted[i], &tracks[i]),
+                    None => Outcome::Vanished(wanted[i]),
+                }
             },
             |i| {
                 let p = &tracks[i].progress;
@@ -578,7 +582,7 @@ impl Scanner {
             |k| {
                 let (reads, dir, registry) = (
                     Arc::clone(&reads),
-                    Arc::clone(devices_dir),
+                    Arc::downgrade(devices_dir),
                     Arc::clone(&self.registry),
                 );
                 move || reads[k].run(&dir, &registry)
@@ -673,11 +677,17 @@ struct GuardedSpec {
 
 impl GuardedSpec {
     // Runs on a pool thread.
-    fn run(&self, devices_dir: &DirFd, registry: &RemovalRegistry) -> Guarded {
-        let dir = match devices_dir.open_dir(&self.address.to_string()) {
+    // Jobs hold the devices directory weakly: one still queued when its scan has returned
+    // (its helper threads all stuck) holds no fd, and a stuck one only its device's.
+    fn run(&self, devices_dir: &Weak<DirFd>, registry: &RemovalRegistry) -> Guarded {
+        let Some(devices) = devices_dir.upgrade() else {
+            return Guarded::Read(Err(io::Error::from(io::ErrorKind::NotFound)));
+        };
+        let dir = match devices.open_dir(&self.address.to_string()) {
             Ok(d) => d,
             Err(e) => return Guarded::Read(Err(e)),
         };
+        drop(devices);
         match self.want {
             Want::Attr(attr) => blocking_read(registry, &dir, self.address, self.identity, attr),
             Want::Config(wanted) => Guarded::Read(dir.read_blocking("config", wanted.len())),
