@@ -834,6 +834,10 @@ impl<T> Round<T> {
     }
 }
 
+// The least time a job that started just before its deadline gets to run. Sysfs reads take
+// microseconds; one asleep in the kernel this long waits for something (a lock, a reset).
+const LATE_START_GRACE: Duration = Duration::from_millis(50);
+
 // How often a job whose thread is still running (state R: starved of CPU, not blocked) when
 // its time is up gets another `timeout`.
 const MAX_EXTENSIONS: u32 = 10;
@@ -848,13 +852,14 @@ fn thread_is_running(tid: nix::unistd::Pid) -> bool {
 }
 
 /// Runs `count` jobs (`make(i)` builds job `i`) on `pool`, each with `timeout` counted from
-/// its submission; a job that starts late gets `timeout` from its start, and one whose
+/// its submission; a job that starts late gets at least `LATE_START_GRACE` (or `timeout`
+/// if shorter) from its start, and one whose
 /// thread is running rather than asleep when its time is up gets up to `MAX_EXTENSIONS`
 /// more (a starved CPU is not a stuck read). A job still running after its time is stuck: `stuck(i)` names what to mark in the registry (or
 /// nothing), and the job clears that mark itself when it returns. Jobs that had not
-/// started when their round ended are submitted again, with a fresh deadline, as long as
-/// the round finished some job; after a round that finished none they are
-/// [`Ran::NotStarted`]. So a large healthy batch completes however long the queue, and a
+/// started when their round ended are submitted again, with a fresh deadline, when the
+/// round finished some job, left none stuck, and the pool has a thread that is not stuck;
+/// otherwise they are [`Ran::NotStarted`]. So a large healthy batch completes however long the queue, and a
 /// pool whose threads are all stuck costs one timeout (plus the time of jobs that started
 /// late), not one per job.
 pub(crate) fn run_guarded<T, J>(
@@ -890,8 +895,10 @@ where
         // The pool's wait also starts helper threads in place of ones that get stuck.
         drop(pool.submit_all(jobs).wait_until(deadline));
         let mut jobs = round.jobs.lock();
-        // A job that started late still gets its full time; one whose thread is running
-        // (not asleep in the kernel) when its time is up is slow, not stuck: it gets more.
+        // A job that started late still gets `grace` to run, so that a read is never called
+        // stuck a moment after it began; one whose thread is running (not asleep in the
+        // kernel) when its time is up is slow, not stuck: it gets more.
+        let grace = timeout.min(LATE_START_GRACE);
         let mut until: Vec<Option<Instant>> = vec![None; todo.len()];
         let mut extended = vec![0u32; todo.len()];
         loop {
@@ -901,7 +908,7 @@ where
                 let JobState::Running(started, tid) = job else {
                     continue;
                 };
-                let mut end = *until[k].get_or_insert(*started + timeout);
+                let mut end = *until[k].get_or_insert((*started + grace).max(deadline));
                 if end <= now && extended[k] < MAX_EXTENSIONS && thread_is_running(*tid) {
                     extended[k] += 1;
                     end = now + timeout;
@@ -914,7 +921,12 @@ where
             let Some(next) = next else { break };
             round.changed.wait_until(&mut jobs, next);
         }
-        let progressed = jobs.iter().any(|j| matches!(j, JobState::Finished(_)));
+        // The queue was merely long: this round got work done, none of its jobs is stuck,
+        // and neither are all the pool's threads. Only then does another round help; else
+        // the jobs still queued would most likely wait another timeout for nothing.
+        let progressed = jobs.iter().any(|j| matches!(j, JobState::Finished(_)))
+            && !jobs.iter().any(|j| matches!(j, JobState::Running(..)))
+            && pool.stuck() < pool.limits().max_threads;
         let mut again = Vec::new();
         for (k, &i) in todo.iter().enumerate() {
             out[i] = match std::mem::replace(&mut jobs[k], JobState::Taken) {
