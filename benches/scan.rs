@@ -58,10 +58,11 @@ fn device_dirs(root: &Path) -> Vec<PathBuf> {
     v
 }
 
-/// The files the scanner's fast path reads for a device that is not a PF: the config
-/// header, resource, numa_node, a probe of sriov_totalvfs, and three links.
-const FILES: [(&str, usize); 4] = [
-    ("config", 64),
+/// The files the scanner's fast path reads for a device that is not a PF: modalias,
+/// revision, resource, numa_node, a probe of sriov_totalvfs, and three links.
+const FILES: [(&str, usize); 5] = [
+    ("modalias", 4096),
+    ("revision", 4096),
     ("resource", 4096),
     ("numa_node", 4096),
     ("sriov_totalvfs", 4096),
@@ -118,7 +119,8 @@ fn scanner(n: usize) -> Scanner {
     Scanner::new(SysfsRoot::new(tree(n)))
 }
 
-/// The scan as `pcibus list` runs it: a thread per core.
+/// The scan as `pcibus list` runs it: a thread per core, ids from `modalias` and
+/// `revision` (the default, [`IdSource::Files`]).
 #[divan::bench(args = SIZES)]
 fn scan(b: Bencher, n: usize) {
     let s = scanner(n);
@@ -132,11 +134,34 @@ fn scan_one_thread(b: Bencher, n: usize) {
     b.bench(|| s.scan().unwrap().devices.len());
 }
 
-/// Ids from the six id files instead of the config header.
+/// Ids from the six id files.
 #[divan::bench(args = SIZES)]
 fn scan_id_files(b: Bencher, n: usize) {
-    let s = scanner(n).id_source(IdSource::Files);
+    let s = scanner(n).id_source(IdSource::IdFiles);
     b.bench(|| s.scan().unwrap().devices.len());
+}
+
+/// Ids from the config header, each header read guarded (through the pool, its own
+/// deadline), as a `config` read can wait for a reset.
+#[divan::bench(args = SIZES)]
+fn scan_config_guarded(b: Bencher, n: usize) {
+    let s = scanner(n).id_source(IdSource::Config);
+    b.bench(|| s.scan().unwrap().devices.len());
+}
+
+/// The default ids and every blocking attribute asked for, with a 50 ms deadline per
+/// read (`pcibus list --read all --timeout 50`): every read must complete.
+#[divan::bench(args = SIZES, sample_count = 10)]
+fn scan_read_all(b: Bencher, n: usize) {
+    let s = BlockingAttr::ALL
+        .into_iter()
+        .fold(scanner(n), Scanner::read_blocking)
+        .timeout(Duration::from_millis(50));
+    b.bench(|| {
+        let scan = s.scan().unwrap();
+        assert!(scan.devices.iter().all(|d| d.problems.is_empty()));
+        scan.devices.len()
+    });
 }
 
 /// Every device read as one guarded job.

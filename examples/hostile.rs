@@ -1,6 +1,7 @@
 //! Builds the hostile tree of the "done when" criteria and keeps it on disk: lock-taking
 //! attributes that never answer (FIFOs), garbage files, junk names, link loops, a vanished
-//! device, a multi-megabyte attribute, beside well-formed devices:
+//! device, a multi-megabyte attribute, functions whose `config` never answers (as during a
+//! reset that does not end), beside well-formed devices:
 //! `cargo run --example hostile --features testing` prints its root.
 use pcibus::testing::{FakeSysfs, Synthetic};
 
@@ -20,8 +21,16 @@ fn main() {
                 .expect("device");
         }
     }
+    // A function being reset forever: a read of its config waits.
+    for d in 0..4 {
+        fake.device(&format!("0000:f2:{d:02x}.0"))
+            .fifo("config")
+            .create()
+            .expect("resetting");
+    }
     fake.device("0000:f1:00.0")
         .without("config")
+        .attr("modalias", b"junk\n".to_vec())
         .attr("vendor", b"zz\n".to_vec())
         .create()
         .expect("garbage");

@@ -29,15 +29,39 @@
 //! `bus/pci/devices` link dangling; [`FakeSysfs::junk_file`], [`FakeSysfs::junk_link`] and
 //! [`FakeSysfs::link_loop`] put junk in `bus/pci/devices`. Readers blocked on a FIFO are
 //! released by [`FakeSysfs::answer_fifos`], and always when the `FakeSysfs` is dropped.
+//!
+//! Tripwires: a FIFO opened with `O_NONBLOCK` reads as empty, so a hostile tree cannot
+//! catch code that opens an attribute it must never open. [`DeviceBuilder::tripwire`]
+//! (or [`FakeSysfs::tripwire`]) makes the attribute a FIFO watched by a thread that counts
+//! every open of it, blocking or not; [`FakeSysfs::opens`] and [`FakeSysfs::tripped`]
+//! report them:
+//!
+//! ```
+//! use pcibus::testing::FakeSysfs;
+//! let fake = FakeSysfs::new()?;
+//! let dir = fake.device("0000:01:00.0").tripwire("uevent").create()?;
+//! assert_eq!(fake.opens(dir.join("uevent")), 0);
+//! drop(std::fs::OpenOptions::new().read(true)
+//!     .custom_flags(nix::libc::O_NONBLOCK).open(dir.join("uevent"))?);
+//! # use std::os::unix::fs::OpenOptionsExt;
+//! assert!(fake.wait_for_opens(dir.join("uevent"), 1, std::time::Duration::from_secs(5)));
+//! # Ok::<(), std::io::Error>(())
+//! ```
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::ffi::OsStr;
 use std::fmt::Write as _;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write as _};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt, symlink};
 use std::path::{Component, Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
+use nix::errno::Errno;
 use nix::fcntl::OFlag;
 use nix::sys::stat::Mode;
 use parking_lot::Mutex;
@@ -53,6 +77,130 @@ pub struct FakeSysfs {
     root: PathBuf,
     /// Absolute paths of the FIFOs created, for [`FakeSysfs::answer_fifos`].
     fifos: Mutex<BTreeSet<PathBuf>>,
+    /// Absolute paths of the tripwires, with their watchers.
+    tripwires: Mutex<BTreeMap<PathBuf, Tripwire>>,
+}
+
+/// A FIFO whose opens a thread counts. Dropping it stops the thread: the FIFO is opened
+/// through an `O_PATH` descriptor kept from its creation, so this works even after its
+/// directory was deleted.
+struct Tripwire {
+    opens: Arc<AtomicUsize>,
+    stop: Arc<AtomicBool>,
+    fifo: OwnedFd,
+    watcher: Option<JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for Tripwire {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tripwire")
+            .field("opens", &self.opens.load(Ordering::SeqCst))
+            .finish()
+    }
+}
+
+impl Tripwire {
+    fn new(path: &Path) -> io::Result<Tripwire> {
+        let fifo = nix::fcntl::open(
+            path,
+            OFlag::O_PATH | OFlag::O_CLOEXEC | OFlag::O_NOFOLLOW,
+            Mode::empty(),
+        )?;
+        let opens = Arc::new(AtomicUsize::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let watch_path = PathBuf::from(format!("/proc/self/fd/{}", fifo.as_raw_fd()));
+        let (o, st) = (Arc::clone(&opens), Arc::clone(&stop));
+        let (tid_tx, tid_rx) = std::sync::mpsc::channel();
+        let watcher = std::thread::Builder::new()
+            .name("pcibus-tripwire".into())
+            .spawn(move || {
+                let _ = tid_tx.send(nix::unistd::gettid());
+                watch(&watch_path, &o, &st)
+            })?;
+        // A reader that comes and goes before the watcher's first open would be missed:
+        // wait until the watcher sleeps (in that open: it has no other place to sleep).
+        if let Ok(tid) = tid_rx.recv() {
+            let stat = format!("/proc/self/task/{tid}/stat");
+            let end = Instant::now() + Duration::from_secs(2);
+            while Instant::now() < end {
+                let state = fs::read_to_string(&stat).ok().and_then(|s| {
+                    let after = s.rsplit_once(')')?.1;
+                    after.trim_start().chars().next()
+                });
+                if state == Some('S') {
+                    break;
+                }
+                std::thread::yield_now();
+            }
+        }
+        Ok(Tripwire {
+            opens,
+            stop,
+            fifo,
+            watcher: Some(watcher),
+        })
+    }
+}
+
+// A writer's blocking open of a FIFO returns once a reader has opened it since the open
+// began, even a reader that used O_NONBLOCK and has already closed (the kernel counts
+// reader opens). So: open, count, close, wait until that reader has gone (a
+// non-blocking writer open fails with ENXIO when the FIFO has no reader), repeat. The first
+// open is always seen; readers whose opens overlap count once, and one that comes and goes
+// in the instant between two of the watcher's opens can be missed.
+fn watch(path: &Path, opens: &AtomicUsize, stop: &AtomicBool) {
+    loop {
+        let writer = match nix::fcntl::open(path, OFlag::O_WRONLY | OFlag::O_CLOEXEC, Mode::empty()) {
+            Ok(fd) => fd,
+            Err(Errno::EINTR) => continue,
+            Err(_) => return,
+        };
+        if stop.load(Ordering::SeqCst) {
+            return;
+        }
+        opens.fetch_add(1, Ordering::SeqCst);
+        // Closing at once gives a blocking reader end of file.
+        drop(writer);
+        loop {
+            if stop.load(Ordering::SeqCst) {
+                return;
+            }
+            match nix::fcntl::open(
+                path,
+                OFlag::O_WRONLY | OFlag::O_NONBLOCK | OFlag::O_CLOEXEC,
+                Mode::empty(),
+            ) {
+                Err(Errno::ENXIO) => break,
+                Ok(still_read) => {
+                    drop(still_read);
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                Err(Errno::EINTR) => {}
+                Err(_) => return,
+            }
+        }
+    }
+}
+
+impl Drop for Tripwire {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        let Some(watcher) = self.watcher.take() else {
+            return;
+        };
+        let reopen = PathBuf::from(format!("/proc/self/fd/{}", self.fifo.as_raw_fd()));
+        // Each reader open releases a writer open begun before it; repeat until the
+        // watcher has seen the stop flag.
+        while !watcher.is_finished() {
+            let _ = nix::fcntl::open(
+                &reopen,
+                OFlag::O_RDONLY | OFlag::O_NONBLOCK | OFlag::O_CLOEXEC,
+                Mode::empty(),
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let _ = watcher.join();
+    }
 }
 
 fn invalid(what: impl std::fmt::Display) -> io::Error {
@@ -164,6 +312,7 @@ impl FakeSysfs {
             dir: Some(dir),
             root,
             fifos: Mutex::new(BTreeSet::new()),
+            tripwires: Mutex::new(BTreeMap::new()),
         })
     }
 
@@ -286,6 +435,61 @@ impl FakeSysfs {
         Ok(())
     }
 
+    /// Makes `rel` a tripwire: a FIFO (replacing a regular file there) whose every open, by
+    /// any reader with any flags, is counted ([`FakeSysfs::opens`]). A blocking reader
+    /// reads end of file. The watcher thread stops when the `FakeSysfs` is dropped.
+    pub fn tripwire(&self, rel: impl AsRef<Path>) -> io::Result<()> {
+        let path = self.prepare(rel.as_ref())?;
+        if fs::symlink_metadata(&path).is_ok_and(|m| m.is_file()) {
+            fs::remove_file(&path)?;
+        }
+        nix::unistd::mkfifo(&path, Mode::from_bits_truncate(0o644)).map_err(io::Error::from)?;
+        let wire = Tripwire::new(&path)?;
+        self.tripwires.lock().insert(path, wire);
+        Ok(())
+    }
+
+    /// How often the tripwire at `path` (relative to the root, or absolute) was opened so
+    /// far; 0 for a path that is no tripwire.
+    pub fn opens(&self, path: impl AsRef<Path>) -> usize {
+        let path = self.root.join(path.as_ref());
+        self.tripwires
+            .lock()
+            .get(&path)
+            .map_or(0, |t| t.opens.load(Ordering::SeqCst))
+    }
+
+    /// Waits until the tripwire at `path` was opened at least `n` times, at most `timeout`
+    /// (the watcher counts an open a moment after it happened). Whether it was.
+    pub fn wait_for_opens(&self, path: impl AsRef<Path>, n: usize, timeout: Duration) -> bool {
+        let path = path.as_ref();
+        let end = Instant::now() + timeout;
+        while self.opens(path) < n {
+            if Instant::now() >= end {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        true
+    }
+
+    /// Every tripwire opened so far (absolute path, opens), in path order. Counts lag
+    /// opens by a moment: to assert that nothing was opened, let a few milliseconds pass
+    /// first (see [`FakeSysfs::settle_tripwires`]).
+    pub fn tripped(&self) -> Vec<(PathBuf, usize)> {
+        self.tripwires
+            .lock()
+            .iter()
+            .map(|(p, t)| (p.clone(), t.opens.load(Ordering::SeqCst)))
+            .filter(|(_, n)| *n > 0)
+            .collect()
+    }
+
+    /// Gives the tripwire watchers time to count opens that already happened.
+    pub fn settle_tripwires(&self) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+
     /// Releases the readers blocked opening any FIFO of the tree: their `open` returns and
     /// their `read` sees end of file. Returns how many FIFOs had a reader.
     pub fn answer_fifos(&self) -> usize {
@@ -393,6 +597,7 @@ impl Drop for FakeSysfs {
     fn drop(&mut self) {
         // Release readers blocked opening a FIFO, delete the tree, then let their reads
         // see end of file.
+        self.tripwires.lock().clear();
         let held = self.hold_fifos(&self.root.clone());
         if let Some(dir) = self.dir.take() {
             let _ = dir.close();
@@ -433,6 +638,7 @@ struct DeviceSpec {
     class_dirs: Vec<String>,
     attrs: Vec<(PathBuf, Vec<u8>)>,
     fifos: Vec<PathBuf>,
+    tripwires: Vec<PathBuf>,
     without: Vec<PathBuf>,
 }
 
@@ -468,6 +674,7 @@ impl DeviceSpec {
             class_dirs: Vec::new(),
             attrs: Vec::new(),
             fifos: Vec::new(),
+            tripwires: Vec::new(),
             without: Vec::new(),
         }
     }
@@ -767,6 +974,12 @@ impl DeviceBuilder<'_> {
         self.spec.fifos.push(PathBuf::from(name));
         self
     }
+    /// Makes attribute `name` a tripwire (see [`FakeSysfs::tripwire`]): a FIFO whose every
+    /// open is counted, so a test can assert that an attribute is never opened.
+    pub fn tripwire(mut self, name: &str) -> Self {
+        self.spec.tripwires.push(PathBuf::from(name));
+        self
+    }
     /// Leaves out attribute (or directory, or link) `name`.
     pub fn without(mut self, name: &str) -> Self {
         self.spec.without.push(PathBuf::from(name));
@@ -874,6 +1087,11 @@ impl DeviceBuilder<'_> {
                 fs::remove_file(&abs)?;
             }
             fake.mkfifo(&path)?;
+        }
+        for name in &self.spec.tripwires {
+            let path = rel.join(name);
+            fixture::check_path(&path).map_err(invalid)?;
+            fake.tripwire(&path)?;
         }
         for name in &self.spec.without {
             let path = rel.join(name);

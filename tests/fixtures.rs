@@ -289,7 +289,11 @@ fn capture_never_reads_a_fifo_and_records_it() {
 #[test]
 fn locked_attributes_go_through_the_given_reader() {
     let fake = FakeSysfs::new().unwrap();
-    fake.device("0000:01:00.0").sriov_totalvfs(8).create().unwrap();
+    fake.device("0000:01:00.0")
+        .sriov_totalvfs(8)
+        .attr("vpd", b"\x82\x05Hello".to_vec())
+        .create()
+        .unwrap();
     let options = CaptureOptions {
         locked_reader: Some(Box::new(|path: &Path| {
             let name = path.file_name().unwrap().to_string_lossy().into_owned();
@@ -305,6 +309,9 @@ fn locked_attributes_go_through_the_given_reader() {
         file(&f, &format!("{d}/driver_override")),
         b"guarded driver_override\n"
     );
+    // `config` and `vpd` wait while the function is being reset.
+    assert_eq!(file(&f, &format!("{d}/config")), b"guarded config\n");
+    assert_eq!(file(&f, &format!("{d}/vpd")), b"guarded vpd\n");
     assert_eq!(file(&f, &format!("{d}/vendor")), b"0x8086\n");
     // A reader error is recorded as an empty file and a note.
     let options = CaptureOptions {
@@ -622,4 +629,38 @@ fn synthetic_4096_is_fast() {
     println!("generated {} devices in {took:?}", addrs.len());
     assert_eq!(addrs.len(), 4096);
     assert!(took < Duration::from_secs(5), "{took:?}");
+}
+
+#[test]
+fn tripwires_count_every_open_and_stop_on_drop() {
+    use std::os::unix::fs::OpenOptionsExt;
+    let fake = FakeSysfs::new().unwrap();
+    let dir = fake
+        .device("0000:01:00.0")
+        .tripwire("uevent")
+        .tripwire("config")
+        .create()
+        .unwrap();
+    let (uevent, config) = (dir.join("uevent"), dir.join("config"));
+    fake.settle_tripwires();
+    assert_eq!(fake.tripped(), []);
+    // A non-blocking open (how the fast path reads) that closes at once still counts.
+    drop(
+        std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(nix::libc::O_NONBLOCK)
+            .open(&uevent)
+            .unwrap(),
+    );
+    assert!(fake.wait_for_opens(&uevent, 1, std::time::Duration::from_secs(5)));
+    // A blocking read (how the pool reads) sees end of file.
+    assert_eq!(std::fs::read(&config).unwrap(), b"");
+    assert!(fake.wait_for_opens(&config, 1, std::time::Duration::from_secs(5)));
+    fake.settle_tripwires();
+    assert_eq!(fake.opens(&uevent), 1);
+    assert_eq!(fake.opens(&config), 1);
+    assert_eq!(fake.tripped().len(), 2);
+    // Dropping stops the watchers, even of a device whose directory is gone.
+    fake.remove_device("0000:01:00.0").unwrap();
+    drop(fake);
 }

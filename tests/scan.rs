@@ -217,6 +217,7 @@ fn hostile_tree() -> FakeSysfs {
     // Garbage.
     fake.device("0000:00:05.0")
         .without("config")
+        .attr("modalias", b"pci:garbage\n".to_vec())
         .attr("vendor", b"zz\n".to_vec())
         .attr("class", b"0x1234567\n".to_vec())
         .attr("numa_node", b"-7\n".to_vec())
@@ -464,7 +465,7 @@ fn every_timed_out_read_reports_the_scans_deadline() {
 }
 
 #[test]
-fn ids_come_from_the_id_files_not_uevent_or_modalias() {
+fn ids_come_from_kernel_cached_attributes_never_uevent() {
     let fake = FakeSysfs::new().unwrap();
     fake.device("0000:00:02.0")
         .vendor(0x8086)
@@ -474,13 +475,9 @@ fn ids_come_from_the_id_files_not_uevent_or_modalias() {
             "uevent",
             b"DRIVER=nvme\nPCI_CLASS=20000\nPCI_ID=DEAD:BEEF\n".to_vec(),
         )
-        .attr(
-            "modalias",
-            b"pci:v0000DEADd0000BEEFsv00000000sd00000000bc02sc00i00\n".to_vec(),
-        )
         .create()
         .unwrap();
-    for ids in [IdSource::Config, IdSource::Files] {
+    for ids in [IdSource::Files, IdSource::IdFiles, IdSource::Config] {
         let scan = scanner(&fake)
             .id_source(ids)
             .read_blocking(BlockingAttr::Uevent)
@@ -493,5 +490,408 @@ fn ids_come_from_the_id_files_not_uevent_or_modalias() {
             "{ids:?}"
         );
         assert_eq!(d.class, ClassCode::new(0x010802), "{ids:?}");
+        assert!(d.problems.is_empty(), "{ids:?}: {:?}", d.problems);
     }
+}
+
+// Every attribute whose read can wait: the four that take the device lock, and `config`
+// (waits while the function is being reset).
+const WAITING: [&str; 5] = [
+    "config",
+    "sriov_numvfs",
+    "sriov_vf_total_msix",
+    "driver_override",
+    "uevent",
+];
+
+// A PF and a plain device whose waiting attributes are all tripwires.
+fn tripwired_tree() -> FakeSysfs {
+    tripwired_tree_at("0000:00:02.0", "0000:00:03.0")
+}
+
+fn tripwired_tree_at(pf: &str, plain: &str) -> FakeSysfs {
+    let fake = FakeSysfs::new().unwrap();
+    for (a, pf) in [(pf, true), (plain, false)] {
+        let mut b = fake.device(a).vendor(0x8086).device_id(0x0953).class(0x010802);
+        if pf {
+            b = b.sriov_totalvfs(4);
+        }
+        for attr in WAITING {
+            if pf || !attr.starts_with("sriov") {
+                b = b.tripwire(attr);
+            }
+        }
+        b.create().unwrap();
+    }
+    fake
+}
+
+fn opens(fake: &FakeSysfs, a: &str, attr: &str) -> usize {
+    fake.opens(fake.device_dir(a).unwrap().join(attr))
+}
+
+#[test]
+fn the_fast_path_never_opens_config_or_a_blocking_attribute() {
+    let fake = tripwired_tree();
+    for s in [
+        scanner(&fake),
+        scanner(&fake).threads(1),
+        scanner(&fake).id_source(IdSource::IdFiles),
+    ] {
+        let scan = s.scan().unwrap();
+        let d = scan.get(addr("0000:00:02.0")).unwrap();
+        assert_eq!(d.vendor, Some(VendorId(0x8086)));
+        assert!(d.revision.is_some() && d.subsystem_vendor.is_some());
+        assert!(d.problems.is_empty(), "{:?}", d.problems);
+    }
+    fake.settle_tripwires();
+    assert_eq!(fake.tripped(), []);
+}
+
+#[test]
+fn blocking_attributes_asked_for_are_each_opened_once_through_the_pool() {
+    for guard_everything in [false, true] {
+        let fake = tripwired_tree();
+        let scan = BlockingAttr::ALL
+            .into_iter()
+            .fold(scanner(&fake), Scanner::read_blocking)
+            .guard_everything(guard_everything)
+            .scan()
+            .unwrap();
+        assert_eq!(scan.devices.len(), 2);
+        for (a, attrs) in [
+            ("0000:00:02.0", &BlockingAttr::ALL[..]),
+            ("0000:00:03.0", &BlockingAttr::ALL[2..]),
+        ] {
+            for attr in attrs {
+                assert!(
+                    fake.wait_for_opens(fake.device_dir(a).unwrap().join(attr.name()), 1, NOT_HUNG),
+                    "{a} {attr:?}"
+                );
+            }
+        }
+        fake.settle_tripwires();
+        for a in ["0000:00:02.0", "0000:00:03.0"] {
+            assert_eq!(opens(&fake, a, "config"), 0, "{a}: config");
+            for attr in BlockingAttr::ALL {
+                assert!(opens(&fake, a, attr.name()) <= 1, "{a} {attr:?}");
+            }
+        }
+    }
+}
+
+#[test]
+fn without_a_revision_file_the_revision_comes_from_config_through_the_pool() {
+    let fake = FakeSysfs::new().unwrap();
+    fake.device("0000:00:02.0")
+        .revision(0x42)
+        .without("revision")
+        .create()
+        .unwrap();
+    for ids in [IdSource::Files, IdSource::IdFiles] {
+        let scan = scanner(&fake).id_source(ids).scan().unwrap();
+        let d = &scan.devices[0];
+        assert_eq!(d.revision, Some(0x42), "{ids:?}");
+        assert!(d.problems.is_empty(), "{ids:?}: {:?}", d.problems);
+    }
+}
+
+// A PCI-to-PCI bridge's config space (header type 1) with an SSVID capability at 0x40
+// giving subsystem ids 1af4:1100.
+fn bridge_config() -> Vec<u8> {
+    let mut c = vec![0u8; 256];
+    c[0..2].copy_from_slice(&0x8086u16.to_le_bytes());
+    c[2..4].copy_from_slice(&0x7000u16.to_le_bytes());
+    c[0x06] = 0x10; // status: capabilities list
+    c[0x08] = 0x03; // revision
+    c[0x0a] = 0x04; // subclass: PCI-to-PCI bridge
+    c[0x0b] = 0x06; // base class: bridge
+    c[0x0e] = 0x01; // header type 1
+    c[0x34] = 0x40;
+    c[0x40] = 0x0d; // SSVID
+    c[0x41] = 0x00;
+    c[0x44..0x46].copy_from_slice(&0x1af4u16.to_le_bytes());
+    c[0x46..0x48].copy_from_slice(&0x1100u16.to_le_bytes());
+    c
+}
+
+#[test]
+fn a_bridge_without_subsystem_files_gets_them_from_its_ssvid_capability() {
+    let fake = FakeSysfs::new().unwrap();
+    fake.device("0000:00:1c.0")
+        .vendor(0x8086)
+        .device_id(0x7000)
+        .class(0x060400)
+        .revision(3)
+        .config(bridge_config())
+        .without("subsystem_vendor")
+        .without("subsystem_device")
+        .without("modalias")
+        .create()
+        .unwrap();
+    // (With ids from the header, a bridge's subsystem ids come from the files, or from
+    // nowhere: an unprivileged read of `config` gives 64 bytes, no capabilities.)
+    for ids in [IdSource::Files, IdSource::IdFiles] {
+        let scan = scanner(&fake).id_source(ids).scan().unwrap();
+        let d = &scan.devices[0];
+        assert_eq!(
+            (d.subsystem_vendor, d.subsystem_device),
+            (Some(VendorId(0x1af4)), Some(DeviceId(0x1100))),
+            "{ids:?}"
+        );
+        assert_eq!(d.class, ClassCode::new(0x060400), "{ids:?}");
+        assert!(d.problems.is_empty(), "{ids:?}: {:?}", d.problems);
+    }
+}
+
+// `pcibus list --json --read all --timeout 50` on a healthy tree of 4,096 devices.
+fn large_tree() -> FakeSysfs {
+    let fake = FakeSysfs::new().unwrap();
+    Synthetic {
+        pfs: 16,
+        vfs_per_pf: 4,
+        ..Synthetic::new(4096)
+    }
+    .build(&fake)
+    .unwrap();
+    fake
+}
+
+fn read_all(s: Scanner) -> Scanner {
+    BlockingAttr::ALL.into_iter().fold(s, Scanner::read_blocking)
+}
+
+#[test]
+fn a_short_deadline_on_a_large_healthy_tree_reports_nothing_and_marks_nothing() {
+    let fake = large_tree();
+    let registry = Arc::new(RemovalRegistry::new());
+    let s = read_all(scanner(&fake))
+        .registry(Arc::clone(&registry))
+        .timeout(Duration::from_millis(50))
+        .defer_while_removal_pending(true);
+    for _ in 0..2 {
+        // The second scan would be deferred if the first had marked anything.
+        let scan = s.scan().unwrap();
+        assert_eq!(scan.devices.len(), 4096);
+        let problems: Vec<_> = scan
+            .devices
+            .iter()
+            .flat_map(|d| d.problems.iter().map(move |p| (d.address, p)))
+            .take(5)
+            .collect();
+        assert!(problems.is_empty(), "{problems:?}");
+        assert!(registry.is_empty(), "{:?}", registry.pending().first());
+        assert!(scan.devices.iter().all(|d| d.uevent.is_some()));
+    }
+}
+
+// A pool whose only thread is busy until the returned sender sends (or is dropped).
+fn busy_pool() -> (pcibus::BlockingPool, std::sync::mpsc::Sender<()>) {
+    let pool = pcibus::BlockingPool::new(pcibus::PoolLimits {
+        parallelism: 1,
+        max_threads: 1,
+        ..Default::default()
+    });
+    let (release, gate) = std::sync::mpsc::channel::<()>();
+    let started = pool.submit(move || {
+        let _ = gate.recv();
+    });
+    std::mem::forget(started);
+    // Let the pool's thread take the job.
+    std::thread::sleep(Duration::from_millis(50));
+    (pool, release)
+}
+
+#[test]
+fn reads_that_never_started_are_not_stuck_and_mark_nothing() {
+    let fake = fixture("qemu-q35-sriov-nvme.pcifix");
+    let registry = Arc::new(RemovalRegistry::new());
+    let (pool, release) = busy_pool();
+    let scan = scanner(&fake)
+        .pool(pool)
+        .read_blocking(BlockingAttr::Uevent)
+        .registry(Arc::clone(&registry))
+        .timeout(Duration::from_millis(100))
+        .scan()
+        .unwrap();
+    drop(release);
+    for d in &scan.devices {
+        let p = d.problem("uevent").unwrap();
+        assert_eq!(
+            p.kind,
+            ProblemKind::NotStarted {
+                waited: Duration::from_millis(100)
+            },
+            "{}",
+            d.address
+        );
+    }
+    assert!(registry.is_empty(), "{:?}", registry.pending());
+}
+
+#[test]
+fn a_stuck_read_marks_its_device_incarnation_until_it_returns() {
+    let fake = hostile_tree();
+    let registry = Arc::new(RemovalRegistry::new());
+    let a = addr("0000:00:02.0");
+    let scan = scanner(&fake)
+        .allow([a])
+        .read_blocking(BlockingAttr::Uevent)
+        .registry(Arc::clone(&registry))
+        .timeout(Duration::from_millis(100))
+        .scan()
+        .unwrap();
+    assert!(matches!(
+        scan.devices[0].problem("uevent").unwrap().kind,
+        ProblemKind::TimedOut { .. }
+    ));
+    let dir = fake.root().join(fake.device_dir("0000:00:02.0").unwrap());
+    let pending = registry.get(a).unwrap();
+    assert_eq!(
+        pending.identity,
+        Some(pcibus::removal::registry::DeviceIdentity::of(&dir).unwrap())
+    );
+    // The read returns (the lock was released): the mark goes with it.
+    let seen = registry.generation();
+    fake.answer_fifos();
+    let t0 = Instant::now();
+    while !registry.is_empty() && t0.elapsed() < NOT_HUNG {
+        registry.wait_for_change(seen, Duration::from_millis(100));
+    }
+    assert!(registry.is_empty(), "{:?}", registry.pending());
+}
+
+#[test]
+fn a_hot_replaced_device_does_not_inherit_pending() {
+    let fake = FakeSysfs::new().unwrap();
+    let a = addr("0000:00:02.0");
+    fake.device("0000:00:02.0").fifo("uevent").create().unwrap();
+    let registry = Arc::new(RemovalRegistry::new());
+    let s = scanner(&fake)
+        .read_blocking(BlockingAttr::Uevent)
+        .registry(Arc::clone(&registry))
+        .timeout(Duration::from_millis(100));
+    let before = s.scan().unwrap();
+    assert!(matches!(
+        before.get(a).unwrap().problem("uevent").unwrap().kind,
+        ProblemKind::TimedOut { .. }
+    ));
+    assert!(registry.is_pending(a));
+    // Removed and re-added while the read is still stuck: a new directory at the same
+    // address. The old one is kept (renamed) so that its inode cannot be reused.
+    let dir = fake.root().join(fake.device_dir("0000:00:02.0").unwrap());
+    let aside = dir.with_extension("old");
+    std::fs::rename(&dir, &aside).unwrap();
+    std::fs::remove_file(fake.root().join("bus/pci/devices/0000:00:02.0")).unwrap();
+    fake.device("0000:00:02.0").create().unwrap();
+    let after = s.scan().unwrap();
+    assert_eq!(after.released, [a]);
+    let d = after.get(a).unwrap();
+    assert!(!d.removal_pending);
+    assert!(d.uevent.is_some(), "{:?}", d.problems);
+    assert!(registry.is_empty(), "{:?}", registry.pending());
+    // The old incarnation's read returns: harmless.
+    fake.answer_fifo(aside.join("uevent"), b"").unwrap();
+}
+
+#[test]
+fn never_reads_the_blocking_attributes_of_a_device_held_open() {
+    // Held open counts for the whole process, so for every test running in it: an
+    // address no other test uses.
+    let fake = tripwired_tree_at("0042:00:00.0", "0042:00:00.1");
+    let held = pcibus::removal::held::HeldOpen::new(addr("0042:00:00.0"));
+    for guard_everything in [false, true] {
+        let scan = read_all(scanner(&fake))
+            .guard_everything(guard_everything)
+            .scan()
+            .unwrap();
+        let d = scan.get(addr("0042:00:00.0")).unwrap();
+        for attr in BlockingAttr::ALL {
+            assert_eq!(
+                d.problem(attr.name()).map(|p| &p.kind),
+                Some(&ProblemKind::HeldOpen),
+                "{attr:?}"
+            );
+        }
+        assert_eq!(d.vendor, Some(VendorId(0x8086)));
+        // The other device is read as usual.
+        let other = scan.get(addr("0042:00:00.1")).unwrap();
+        assert!(other.uevent.is_some(), "{:?}", other.problems);
+    }
+    fake.settle_tripwires();
+    for attr in WAITING {
+        assert_eq!(opens(&fake, "0042:00:00.0", attr), 0, "{attr}");
+    }
+    drop(held);
+}
+
+#[test]
+fn a_removal_marked_after_submission_is_seen_before_the_read() {
+    let fake = tripwired_tree();
+    let registry = Arc::new(RemovalRegistry::new());
+    let (pool, release) = busy_pool();
+    let s = scanner(&fake)
+        .pool(pool)
+        .allow([addr("0000:00:03.0")])
+        .read_blocking(BlockingAttr::Uevent)
+        .registry(Arc::clone(&registry))
+        .timeout(Duration::from_secs(10));
+    let scan = std::thread::spawn(move || s.scan().unwrap());
+    // The scan has walked and queued its read behind the busy thread: a REQ comes.
+    std::thread::sleep(Duration::from_millis(200));
+    registry.mark(addr("0000:00:03.0"), Reason::RemovalRequested);
+    release.send(()).unwrap();
+    let scan = scan.join().unwrap();
+    let d = scan.get(addr("0000:00:03.0")).unwrap();
+    assert_eq!(
+        d.problem("uevent").map(|p| &p.kind),
+        Some(&ProblemKind::RemovalPending)
+    );
+    assert!(d.removal_pending);
+    fake.settle_tripwires();
+    assert_eq!(opens(&fake, "0000:00:03.0", "uevent"), 0);
+}
+
+// Open fds of this process into `dir` (other tests of the process open their own).
+fn fds_under(dir: &Path) -> usize {
+    std::fs::read_dir("/proc/self/fd")
+        .unwrap()
+        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+        .filter(|t| t.starts_with(dir))
+        .count()
+}
+
+#[test]
+fn scans_while_every_helper_thread_is_stuck_hold_no_fds() {
+    let fake = hostile_tree();
+    let pool = pcibus::BlockingPool::new(pcibus::PoolLimits {
+        parallelism: 1,
+        max_threads: 2,
+        ..Default::default()
+    });
+    let registry = Arc::new(RemovalRegistry::new());
+    let s = scanner(&fake)
+        .pool(pool)
+        .registry(Arc::clone(&registry))
+        .read_blocking(BlockingAttr::Uevent)
+        .timeout(Duration::from_millis(20));
+    // The first scans leave both helper threads stuck on the FIFOs.
+    for _ in 0..3 {
+        s.scan().unwrap();
+        registry.pending().iter().for_each(|p| {
+            registry.release(p.address);
+        });
+    }
+    let stuck = fds_under(fake.root());
+    let t0 = Instant::now();
+    for _ in 0..100 {
+        let scan = s.scan().unwrap();
+        assert_eq!(scan.devices.len(), 5);
+        registry.pending().iter().for_each(|p| {
+            registry.release(p.address);
+        });
+    }
+    assert!(t0.elapsed() < NOT_HUNG * 4, "{:?}", t0.elapsed());
+    assert!(stuck <= 2, "only the stuck reads hold fds: {stuck}");
+    assert_eq!(fds_under(fake.root()), stuck);
 }

@@ -63,9 +63,20 @@ pub fn read(root: &SysfsRoot, dev: &DeviceRecord) -> Details {
                 }
             }
             Ok(Err(e)) => report(&mut x, "config", ProblemKind::io(&e)),
-            Err(crate::PoolError::TimedOut { waited, .. }) => {
-                report(&mut x, "config", ProblemKind::TimedOut { waited })
-            }
+            Err(crate::PoolError::TimedOut { .. }) => report(
+                &mut x,
+                "config",
+                ProblemKind::TimedOut {
+                    waited: CONFIG_TIMEOUT,
+                },
+            ),
+            Err(crate::PoolError::NotStarted { .. }) => report(
+                &mut x,
+                "config",
+                ProblemKind::NotStarted {
+                    waited: CONFIG_TIMEOUT,
+                },
+            ),
             Err(e) => report(
                 &mut x,
                 "config",

@@ -73,22 +73,6 @@ impl DirFd {
         }
     }
 
-    /// Reads at most `buf.len()` bytes of attribute `name` (a prefix is enough, e.g. the
-    /// 64-byte header of `config`).
-    pub(crate) fn read_prefix<'b>(&self, name: &str, buf: &'b mut [u8]) -> io::Result<&'b [u8]> {
-        let fd = self.open_nonblocking(name)?;
-        let mut len = 0;
-        while len < buf.len() {
-            match nix::unistd::read(fd.as_fd(), &mut buf[len..]) {
-                Ok(0) | Err(Errno::EAGAIN) => break,
-                Ok(n) => len += n,
-                Err(Errno::EINTR) => continue,
-                Err(e) => return Err(e.into()),
-            }
-        }
-        Ok(&buf[..len])
-    }
-
     /// Reads attribute `name` with a plain blocking open and read (no `O_NONBLOCK`), at
     /// most `limit` bytes: for guarded reads only.
     pub(crate) fn read_blocking(&self, name: &str, limit: usize) -> io::Result<Vec<u8>> {
@@ -104,6 +88,12 @@ impl DirFd {
         Ok(out)
     }
 
+    /// Whether entry `name` exists (not following a symlink). Opens nothing: a FIFO is
+    /// only looked at.
+    pub(crate) fn exists(&self, name: &str) -> bool {
+        nix::sys::stat::fstatat(self.0.as_fd(), name, nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW).is_ok()
+    }
+
     /// The text of symlink `name`; `Ok(None)` when there is no such entry.
     pub(crate) fn link(&self, name: &str) -> io::Result<Option<OsString>> {
         match readlinkat(self.0.as_fd(), name) {
@@ -111,6 +101,12 @@ impl DirFd {
             Err(Errno::ENOENT) => Ok(None),
             Err(e) => Err(e.into()),
         }
+    }
+}
+
+impl AsFd for DirFd {
+    fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.0.as_fd()
     }
 }
 
@@ -152,7 +148,6 @@ mod tests {
         let e = d.read("big", &mut buf).unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::FileTooLarge);
         assert_eq!(e.to_string(), "larger than 4096 bytes");
-        assert_eq!(d.read_prefix("big", &mut buf[..64]).unwrap().len(), 64);
         assert_eq!(
             d.read("missing", &mut buf).unwrap_err().kind(),
             io::ErrorKind::NotFound

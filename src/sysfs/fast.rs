@@ -1,8 +1,10 @@
-//! The fast path: one device's record from the attributes whose read takes no device lock.
+//! The fast path: one device's record from the attributes whose read never waits.
 //!
 //! Everything here reads relative to the device's directory fd and turns every failure into
 //! a [`Problem`](crate::record::Problem) of that record; nothing here may open an attribute
-//! whose kernel `show()` can block (tests/scan.rs checks this with tripwire FIFOs).
+//! whose kernel `show()` can block, nor `config`, whose read waits while the function is
+//! being reset (tests/scan.rs checks this with tripwire FIFOs). What only config space can
+//! give is noted in [`ConfigWanted`] and read later through the pool.
 
 use std::io;
 
@@ -11,17 +13,51 @@ use parking_lot::Mutex;
 use crate::config;
 use crate::model::{DeviceId, Sriov, VendorId};
 use crate::record::{DeviceRecord, ProblemKind};
+use crate::removal::registry::{DeviceIdentity, RemovalRegistry};
 use crate::sysfs::dir::{ATTR_MAX, DirFd, basename};
 use crate::sysfs::parse;
 use crate::sysfs::scan::{IdSource, Ignored};
 use crate::{ParseError, ParseErrorKind, PciAddress};
 
+/// What the fast path could not learn from attributes that never wait, and config space
+/// has. `config` is then read later, through the pool: a `config` read waits while the
+/// function is being reset.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct ConfigWanted {
+    /// Ids, class and revision from the header ([`IdSource::Config`]).
+    pub(crate) header: bool,
+    /// No `revision` file (kernels before it existed): config byte 8.
+    pub(crate) revision: bool,
+    /// No `subsystem_*` files: from the header (type 0), or the SSVID capability of a
+    /// bridge (type 1), which is what lspci shows.
+    pub(crate) subsystem: bool,
+}
+
+impl ConfigWanted {
+    pub(crate) fn any(self) -> bool {
+        self.header || self.revision || self.subsystem
+    }
+
+    /// How much of `config` answers it: the header, or the standard capabilities too.
+    pub(crate) fn len(self) -> usize {
+        if self.subsystem { 256 } else { 64 }
+    }
+}
+
+/// A device the fast path read.
+pub(crate) struct Found {
+    pub(crate) dev: DeviceRecord,
+    /// The incarnation read (the device directory's inode), when fstat worked.
+    pub(crate) identity: Option<DeviceIdentity>,
+    pub(crate) config: ConfigWanted,
+}
+
 // The fast path for one device.
 pub(crate) fn read_device(
     ids: IdSource,
+    registry: &RemovalRegistry,
     devices_dir: &DirFd,
     address: PciAddress,
-    pending: bool,
     progress: Option<&Progress>,
 ) -> Outcome {
     let name = address.to_string();
@@ -38,20 +74,29 @@ pub(crate) fn read_device(
             });
         }
     };
+    let identity = DeviceIdentity::of_fd(&dir).ok();
+    if let Some(p) = progress {
+        *p.identity.lock() = identity;
+    }
     let mut dev = DeviceRecord::new(address);
-    dev.removal_pending = pending;
+    // Checked per incarnation: a device re-added at the same address is a new device.
+    dev.removal_pending = registry.is_pending_device(address, identity);
+    let mut config = ConfigWanted::default();
     let mut r = Reader {
         dir: &dir,
         dev: &mut dev,
+        config: &mut config,
         progress,
         buf: [0; ATTR_MAX],
     };
     // A VF's config space reads 0xffff as vendor and device id, so learn first whether
     // this is one.
     r.dev.physfn = r.link_address("physfn");
-    let from_config = ids == IdSource::Config && !pending && r.dev.physfn.is_none() && r.ids_from_config();
-    if !from_config {
-        r.ids_from_files();
+    match ids {
+        IdSource::Files => r.ids_from_modalias(),
+        IdSource::IdFiles => r.ids_from_files(),
+        IdSource::Config if r.dev.physfn.is_some() || r.dev.removal_pending => r.ids_from_files(),
+        IdSource::Config => r.config.header = true,
     }
     if let Some(resources) = r.attr("resource", true, parse::resource) {
         r.dev.resources = resources;
@@ -69,7 +114,7 @@ pub(crate) fn read_device(
         r.sriov(total_vfs);
     }
     // A device removed while we read it: every attribute is gone.
-    let vanished = dev.vendor.is_none()
+    let vanished = dev.resources.is_empty()
         && dev.problems.iter().any(|p| {
             matches!(
                 p.kind,
@@ -83,32 +128,124 @@ pub(crate) fn read_device(
     if vanished {
         Outcome::Vanished(address)
     } else {
-        Outcome::Found(Box::new(dev))
+        Outcome::Found(Box::new(Found {
+            dev,
+            identity,
+            config,
+        }))
     }
 }
 
+/// Ids, class and subsystem ids from the id files, for a device whose config header could
+/// not give them ([`IdSource::Config`]: a VF, a header that reads all-ones, a read that
+/// timed out). Leaves a device whose directory is gone as it is.
+pub(crate) fn ids_from_files(devices_dir: &DirFd, dev: &mut DeviceRecord) {
+    with_reader(devices_dir, dev, |r| r.ids_from_files());
+}
+
+/// Subsystem ids from the files, for a bridge whose header has none.
+pub(crate) fn subsystem_from_files(devices_dir: &DirFd, dev: &mut DeviceRecord) {
+    with_reader(devices_dir, dev, |r| r.subsystem_from_files());
+}
+
+fn with_reader(devices_dir: &DirFd, dev: &mut DeviceRecord, read: impl FnOnce(&mut Reader<'_>)) {
+    let Ok(dir) = devices_dir.open_dir(&dev.address.to_string()) else {
+        return;
+    };
+    let mut config = ConfigWanted::default();
+    let mut r = Reader {
+        dir: &dir,
+        dev,
+        config: &mut config,
+        progress: None,
+        buf: [0; ATTR_MAX],
+    };
+    read(&mut r);
+}
+
+/// Applies what a guarded read of `config` gave for `wanted`. Returns false when the header
+/// is unusable for ids (short, or all-ones: a VF or a device that does not answer), so
+/// the caller takes them from the id files.
+pub(crate) fn apply_config(dev: &mut DeviceRecord, wanted: ConfigWanted, bytes: &[u8]) -> bool {
+    let header = match config::parse_header(bytes) {
+        Ok(h) if h.vendor.0 != 0xffff && h.device.0 != 0xffff => h,
+        Ok(_) => return !wanted.header,
+        Err(e) => {
+            if !wanted.header {
+                dev.report("config", ProblemKind::Parse(e));
+            }
+            return !wanted.header;
+        }
+    };
+    if wanted.header {
+        dev.vendor = Some(header.vendor);
+        dev.device = Some(header.device);
+        dev.class = Some(header.class);
+    }
+    if wanted.header || wanted.revision {
+        dev.revision = Some(header.revision);
+    }
+    if wanted.header || wanted.subsystem {
+        let (sv, sd) = match (
+            header.header_type,
+            header.subsystem_vendor,
+            header.subsystem_device,
+        ) {
+            (_, Some(sv), Some(sd)) => (Some(sv), Some(sd)),
+            // A PCI-to-PCI bridge keeps them in its SSVID capability (vendor at +4,
+            // device at +6), as lspci shows.
+            (1, _, _) => match config::find_capability(bytes, SSVID_CAPABILITY) {
+                Some(at) => (
+                    u16_at(bytes, usize::from(at) + 4).map(VendorId),
+                    u16_at(bytes, usize::from(at) + 6).map(DeviceId),
+                ),
+                None => (None, None),
+            },
+            _ => (None, None),
+        };
+        dev.subsystem_vendor = sv;
+        dev.subsystem_device = sd;
+    }
+    true
+}
+
+/// Standard capability id of the bridge subsystem vendor id capability.
+const SSVID_CAPABILITY: u8 = 0x0d;
+
+fn u16_at(bytes: &[u8], at: usize) -> Option<u16> {
+    let b = bytes.get(at..at + 2)?;
+    Some(u16::from_le_bytes([b[0], b[1]]))
+}
+
 pub(crate) enum Outcome {
-    Found(Box<DeviceRecord>),
+    Found(Box<Found>),
     Vanished(PciAddress),
     Ignored(Ignored),
 }
 
-/// Which attribute a guarded per-device job is reading, so a timeout can name it. Only
-/// guarded jobs keep one: the unguarded walk has nobody to tell.
-pub(crate) struct Progress(Mutex<&'static str>);
+/// Which attribute a guarded per-device job is reading, so a timeout can name it, and
+/// which incarnation of the device it read. Only guarded jobs keep one: the unguarded walk
+/// has nobody to tell.
+pub(crate) struct Progress {
+    attribute: Mutex<&'static str>,
+    pub(crate) identity: Mutex<Option<DeviceIdentity>>,
+}
 
 impl Default for Progress {
     fn default() -> Self {
-        Progress(Mutex::new("device directory"))
+        Progress {
+            attribute: Mutex::new("device directory"),
+            identity: Mutex::new(None),
+        }
     }
 }
 
 impl Progress {
     pub(crate) fn at(&self, attribute: &'static str) {
-        *self.0.lock() = attribute;
+        *self.attribute.lock() = attribute;
     }
     pub(crate) fn attribute(&self) -> &'static str {
-        *self.0.lock()
+        *self.attribute.lock()
     }
 }
 
@@ -116,6 +253,7 @@ impl Progress {
 struct Reader<'a> {
     dir: &'a DirFd,
     dev: &'a mut DeviceRecord,
+    config: &'a mut ConfigWanted,
     progress: Option<&'a Progress>,
     buf: [u8; ATTR_MAX],
 }
@@ -188,32 +326,24 @@ impl Reader<'_> {
         self.parsed(name, parsed)
     }
 
-    // Ids, class and revision from the config header. False when the header is missing,
-    // short or says the device does not answer: the caller then reads the id files.
-    fn ids_from_config(&mut self) -> bool {
-        self.at("config");
-        let Ok(bytes) = self.dir.read_prefix("config", &mut self.buf[..64]) else {
-            return false;
+    // Vendor, device, subsystem ids and class from `modalias` (one read, the kernel's
+    // cached values, as in the id files), the revision from `revision`. The id files
+    // when `modalias` is missing or does not parse.
+    fn ids_from_modalias(&mut self) {
+        self.at("modalias");
+        let parsed = match self.dir.read("modalias", &mut self.buf) {
+            Ok(bytes) => parse::modalias(bytes).ok(),
+            Err(_) => None,
         };
-        let Ok(h) = config::parse_header(bytes) else {
-            return false;
+        let Some(m) = parsed else {
+            return self.ids_from_files();
         };
-        if h.vendor.0 == 0xffff || h.device.0 == 0xffff {
-            return false;
-        }
-        self.dev.vendor = Some(h.vendor);
-        self.dev.device = Some(h.device);
-        self.dev.class = Some(h.class);
-        self.dev.revision = Some(h.revision);
-        match (h.subsystem_vendor, h.subsystem_device) {
-            (Some(sv), Some(sd)) => {
-                self.dev.subsystem_vendor = Some(sv);
-                self.dev.subsystem_device = Some(sd);
-            }
-            // Bridges keep theirs in a capability; the kernel's files have them.
-            _ => self.subsystem_from_files(),
-        }
-        true
+        self.dev.vendor = Some(m.vendor);
+        self.dev.device = Some(m.device);
+        self.dev.subsystem_vendor = Some(m.subsystem_vendor);
+        self.dev.subsystem_device = Some(m.subsystem_device);
+        self.dev.class = Some(m.class);
+        self.revision();
     }
 
     fn ids_from_files(&mut self) {
@@ -224,8 +354,14 @@ impl Reader<'_> {
             .attr("device", true, |b| parse::hex_u16("device", b))
             .map(DeviceId);
         self.subsystem_from_files();
+        if self.dev.subsystem_vendor.is_none()
+            && self.dev.subsystem_device.is_none()
+            && self.missing("subsystem_vendor")
+        {
+            self.config.subsystem = true;
+        }
         self.dev.class = self.attr("class", true, parse::class);
-        self.dev.revision = self.attr("revision", false, parse::revision);
+        self.revision();
     }
 
     fn subsystem_from_files(&mut self) {
@@ -239,6 +375,20 @@ impl Reader<'_> {
                 parse::hex_u16("subsystem_device", b)
             })
             .map(DeviceId);
+    }
+
+    // Kernels before `revision` existed: config byte 8, read later through the pool.
+    fn revision(&mut self) {
+        self.dev.revision = self.attr("revision", false, parse::revision);
+        if self.dev.revision.is_none() && self.missing("revision") {
+            self.config.revision = true;
+        }
+    }
+
+    // Whether `name` does not exist (as opposed to failing to read or parse, which is
+    // already a problem of the record).
+    fn missing(&self, name: &'static str) -> bool {
+        self.dev.problem(name).is_none() && !self.dir.exists(name)
     }
 
     fn sriov(&mut self, total_vfs: u16) {

@@ -1,10 +1,13 @@
 //! The sysfs walk: one [`DeviceRecord`] record per entry of `bus/pci/devices`.
 //!
-//! The fast path reads only attributes whose kernel `show()` takes no lock: the `config`
-//! header (or the id files), `resource`, `numa_node`, `sriov_totalvfs` and its siblings that take no lock
-//! siblings, and the `driver`, `iommu_group`, `physfn` and `virtfnN` links. The attributes
-//! that take the device lock ([`BlockingAttr`]) are read only when asked for, through the
-//! [`BlockingPool`], and never for a device in the [`RemovalRegistry`].
+//! The fast path reads only attributes whose read never waits: `modalias` and `revision`
+//! (or the id files), `resource`, `numa_node`, `sriov_totalvfs` and its siblings, and the
+//! `driver`, `iommu_group`, `physfn` and `virtfnN` links. It never opens `config` (a read
+//! of it waits while the function is being reset, which vfio-pci does on every open and
+//! close) nor the attributes that take the device lock ([`BlockingAttr`]). Those are read
+//! only when asked for, through the [`BlockingPool`], each with its own deadline; the
+//! blocking attributes never for a device in the [`RemovalRegistry`] or held open by this
+//! process through vfio ([`crate::removal::held`]), checked again right before each read.
 //!
 //! ```no_run
 //! use pcibus::sysfs::scan::{Scanner, SysfsRoot};
@@ -19,19 +22,22 @@ use std::collections::BTreeSet;
 use std::io;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Weak};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use parking_lot::Mutex;
+use parking_lot::{Condvar, Mutex};
 
 use crate::PciAddress;
 use crate::record::{DeviceRecord, ProblemKind};
-use crate::removal::pool::{BlockingPool, PoolError};
-use crate::removal::registry::{DeviceIdentity, RemovalRegistry};
+use crate::removal::held;
+use crate::removal::pool::BlockingPool;
+use crate::removal::registry::{DeviceIdentity, RemovalRegistry, StuckId};
 use crate::sysfs::dir::{ATTR_MAX, DirFd};
-use crate::sysfs::fast::{Outcome, Progress, read_device};
+use crate::sysfs::fast::{
+    ConfigWanted, Found, Outcome, Progress, apply_config, ids_from_files, read_device, subsystem_from_files,
+};
 use crate::sysfs::parse;
 
 /// Where sysfs is.
@@ -134,18 +140,25 @@ impl BlockingAttr {
     }
 }
 
-/// Where the fast path takes ids, class and revision from.
+/// Where ids, class and revision come from.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum IdSource {
-    /// The first 64 bytes of `config`: one read instead of six. Falls back to the id
-    /// files for VFs (whose config space reads 0xffff as ids), for devices whose header
-    /// reads 0xffff or is short, for the subsystem ids of bridges, and for devices whose
-    /// removal is pending (a `config` read waits while a device is being reset).
+    /// `modalias` (vendor, device, subsystem ids and class in one read) and `revision`:
+    /// the kernel's cached, quirk-adjusted values, which never wait. The id files where
+    /// `modalias` is missing or does not parse. Where the kernel has no `revision` file,
+    /// or no subsystem ids, `config` is read for them, through the pool.
     #[default]
-    Config,
-    /// The `vendor`, `device`, `subsystem_*`, `class` and `revision` files, which carry the
-    /// kernel's quirk-adjusted values.
     Files,
+    /// The six id files (`vendor`, `device`, `subsystem_vendor`, `subsystem_device`,
+    /// `class`, `revision`), with the same fallbacks as [`IdSource::Files`]. Slower: six
+    /// reads instead of two.
+    IdFiles,
+    /// The first 64 bytes of `config`, as the device reports them, read through the pool
+    /// with the scan's timeout (a `config` read waits while the function is being reset).
+    /// The id files for VFs (whose config space reads 0xffff as ids), for devices whose
+    /// header reads 0xffff, is short or did not come in time, for the subsystem ids of
+    /// bridges, and for devices whose removal is pending.
+    Config,
 }
 
 /// A scan could not run at all. One device's trouble never makes a scan fail: it
@@ -227,8 +240,9 @@ pub struct Scanner {
 const DEVICES_PER_THREAD: usize = 16;
 
 impl Scanner {
-    /// A scanner of `root` with its own registry and guard, reading no blocking attribute,
-    /// a 1 s deadline for guarded reads, and a thread per core (at most 4).
+    /// A scanner of `root` with its own registry, the process-wide [`BlockingPool`], ids
+    /// from [`IdSource::Files`], reading no blocking attribute, a 1 s deadline per guarded
+    /// read, and a thread per core (at most 4).
     pub fn new(root: SysfsRoot) -> Self {
         Scanner {
             root,
@@ -269,8 +283,11 @@ impl Scanner {
         self
     }
 
-    /// Also reads `attr` (through the guard) for every device it applies to, except those
-    /// whose removal is pending.
+    /// Also reads `attr` (through the pool) for every device it applies to, except those
+    /// whose removal is pending ([`ProblemKind::RemovalPending`]) and those this process
+    /// holds open through vfio ([`ProblemKind::HeldOpen`]): a read of a held device's
+    /// lock-taking attribute could wait for the process's own fd to be closed. Both are
+    /// checked again on the helper thread right before each read.
     pub fn read_blocking(mut self, attr: BlockingAttr) -> Self {
         if !self.blocking.contains(&attr) {
             self.blocking.push(attr);
@@ -279,14 +296,21 @@ impl Scanner {
         self
     }
 
-    /// Reads every attribute through the guard, not only the blocking ones: each device is
-    /// one guarded job, so even a read that takes no device lock but that hangs cannot hold up the scan.
+    /// Reads every attribute through the pool, not only the blocking ones: each device is
+    /// one guarded job, so even a read that takes no device lock but hangs cannot hold up
+    /// the scan.
     pub fn guard_everything(mut self, yes: bool) -> Self {
         self.guard_everything = yes;
         self
     }
 
-    /// How long a scan waits for guarded reads, from its start (default 1 s).
+    /// How long each guarded read may take, counted from its submission (default 1 s). A
+    /// read that started and has not returned by then is stuck in the kernel
+    /// ([`ProblemKind::TimedOut`], and the device goes into the registry until the read
+    /// returns); one that could not start because every helper thread was busy or stuck
+    /// is [`ProblemKind::NotStarted`] (the registry is not touched). Reads left in the
+    /// queue while others complete are not given up: only a deadline without any progress
+    /// leaves them unread.
     pub fn timeout(mut self, timeout: Duration) -> Self {
         self.timeout = timeout;
         self
@@ -323,7 +347,6 @@ impl Scanner {
 
     /// Scans the devices directory.
     pub fn scan(&self) -> Result<Scan, ScanError> {
-        let deadline = Instant::now() + self.timeout;
         let dir_path = self.root.devices_dir();
         let root_err = |source| ScanError::Root {
             path: dir_path.to_path_buf(),
@@ -352,6 +375,7 @@ impl Scanner {
         }
         listed.sort_unstable();
 
+        // An entry goes when its device is gone or is a new incarnation (re-added).
         scan.released = self.registry.prune(|a| {
             listed
                 .binary_search(&a)
@@ -363,27 +387,28 @@ impl Scanner {
                 pending: self.registry.pending().into_iter().map(|p| p.address).collect(),
             });
         }
-        let wanted: Vec<(PciAddress, bool)> = listed
+        let wanted: Vec<PciAddress> = listed
             .into_iter()
             .filter(|a| self.allow.as_ref().is_none_or(|allow| allow.contains(a)) && !self.block.contains(a))
-            .map(|a| (a, self.registry.is_pending(a)))
             .collect();
 
         let outcomes = if self.guard_everything {
-            self.walk_guarded(&devices_dir, &wanted, deadline)
+            self.walk_guarded(&devices_dir, wanted)
         } else {
             self.walk(&devices_dir, &wanted)
         };
+        let mut found = Vec::with_capacity(outcomes.len());
         for outcome in outcomes {
             match outcome {
-                Outcome::Found(dev) => scan.devices.push(*dev),
+                Outcome::Found(f) => found.push(*f),
                 Outcome::Vanished(a) => scan.vanished.push(a),
                 Outcome::Ignored(ignored) => scan.ignored.push(ignored),
             }
         }
-        if !self.guard_everything && !self.blocking.is_empty() {
-            self.read_blocking_attrs(&mut scan.devices, deadline);
+        if !self.guard_everything {
+            self.read_guarded(&devices_dir, &mut found);
         }
+        scan.devices = found.into_iter().map(|f| f.dev).collect();
         scan.ignored.sort_by(|a, b| a.name.cmp(&b.name));
         Ok(scan)
     }
@@ -398,13 +423,11 @@ impl Scanner {
     }
 
     // The fast path on `self.threads` threads, unguarded.
-    fn walk(&self, devices_dir: &DirFd, wanted: &[(PciAddress, bool)]) -> Vec<Outcome> {
+    fn walk(&self, devices_dir: &DirFd, wanted: &[PciAddress]) -> Vec<Outcome> {
         let threads = self.threads.min(wanted.len().div_ceil(DEVICES_PER_THREAD)).max(1);
+        let read = |a| read_device(self.ids, &self.registry, devices_dir, a, None);
         if threads == 1 {
-            return wanted
-                .iter()
-                .map(|&(a, pending)| read_device(self.ids, devices_dir, a, pending, None))
-                .collect();
+            return wanted.iter().map(|&a| read(a)).collect();
         }
         let next = AtomicUsize::new(0);
         const CHUNK: usize = 16;
@@ -418,8 +441,8 @@ impl Scanner {
                             if start >= wanted.len() {
                                 break out;
                             }
-                            for (i, &(a, pending)) in wanted.iter().enumerate().skip(start).take(CHUNK) {
-                                out.push((i, read_device(self.ids, devices_dir, a, pending, None)));
+                            for (i, &a) in wanted.iter().enumerate().skip(start).take(CHUNK) {
+                                out.push((i, read(a)));
                             }
                         }
                     })
@@ -434,97 +457,181 @@ impl Scanner {
         parts.into_iter().map(|(_, o)| o).collect()
     }
 
-    // Every device is one job on the guard, blocking attributes included; the scan takes
-    // what is done by the deadline.
-    fn walk_guarded(
-        &self,
-        devices_dir: &Arc<DirFd>,
-        wanted: &[(PciAddress, bool)],
-        deadline: Instant,
-    ) -> Vec<Outcome> {
-        // Per device: which attribute its job is reading, and the record so far, so that a
-        // timeout can name the attribute and keep what was read before it.
-        struct Track {
-            progress: Progress,
-            partial: Mutex<Option<DeviceRecord>>,
-        }
-        let tracks: Arc<Vec<Track>> = Arc::new(
-            wanted
-                .iter()
-                .map(|_| Track {
-                    progress: Progress::default(),
-                    partial: Mutex::new(None),
-                })
-                .collect(),
-        );
+    // Every device is one job on the pool, `config` and blocking attributes included.
+    fn walk_guarded(&self, devices_dir: &Arc<DirFd>, wanted: Vec<PciAddress>) -> Vec<Outcome> {
+        let tracks: Arc<Vec<Track>> = Arc::new(wanted.iter().map(|_| Track::default()).collect());
+        let wanted = Arc::new(wanted);
         let me = Arc::new(self.clone());
-        let jobs = wanted.iter().enumerate().map(|(i, &(address, pending))| {
-            let (me, dir, tracks) = (Arc::clone(&me), Arc::clone(devices_dir), Arc::clone(&tracks));
-            move || {
-                let track = &tracks[i];
-                let mut outcome = read_device(me.ids, &dir, address, pending, Some(&track.progress));
-                if let Outcome::Found(dev) = &mut outcome
-                    && !me.blocking.is_empty()
-                {
-                    *track.partial.lock() = Some((**dev).clone());
-                    me.read_blocking_inline(&dir, dev, &track.progress);
+        let results = run_guarded(
+            &self.guard,
+            &self.registry,
+            self.timeout,
+            wanted.len(),
+            |i| {
+                let (me, dir, tracks, wanted) = (
+                    Arc::clone(&me),
+                    Arc::downgrade(devices_dir),
+                    Arc::clone(&tracks),
+                    Arc::clone(&wanted),
+                );
+                // Held weakly, as in `GuardedSpec::run`.
+                move || match dir.upgrade() {
+                    Some(dir) => me.guarded_device(&dir, wanted[i], &tracks[i]),
+                    None => Outcome::Vanished(wanted[i]),
                 }
-                outcome
-            }
-        });
-        let results = self.guard.submit_all(jobs).wait_until(deadline);
+            },
+            |i| {
+                let p = &tracks[i].progress;
+                Some((wanted[i], *p.identity.lock(), p.attribute()))
+            },
+        );
         results
             .into_iter()
-            .zip(wanted)
+            .zip(wanted.iter())
             .zip(tracks.iter())
-            .map(|((result, &(address, _)), track)| match result {
-                Ok(outcome) => outcome,
-                Err(err) => {
-                    let attribute = track.progress.attribute();
-                    let mut dev = track
-                        .partial
-                        .lock()
-                        .take()
-                        .unwrap_or_else(|| DeviceRecord::new(address));
-                    dev.report(attribute, timed_out(err, self.timeout));
-                    self.registry.mark_stuck(address, None, attribute);
-                    Outcome::Found(Box::new(dev))
-                }
+            .map(|((result, &address), track)| {
+                let kind = match result {
+                    Ran::Done(outcome) => return outcome,
+                    Ran::Stuck => ProblemKind::TimedOut { waited: self.timeout },
+                    Ran::NotStarted => ProblemKind::NotStarted { waited: self.timeout },
+                    Ran::Panicked => panicked(),
+                };
+                let identity = *track.progress.identity.lock();
+                let mut dev = track
+                    .partial
+                    .lock()
+                    .take()
+                    .unwrap_or_else(|| DeviceRecord::new(address));
+                dev.report(track.progress.attribute(), kind);
+                Outcome::Found(Box::new(Found {
+                    dev,
+                    identity,
+                    config: ConfigWanted::default(),
+                }))
             })
             .collect()
     }
 
-    // Submits every requested blocking read of every device at once, then collects them by
-    // the deadline: K stuck reads cost one deadline, not K.
-    fn read_blocking_attrs(&self, devices: &mut [DeviceRecord], deadline: Instant) {
-        let mut reads = Vec::new();
-        for (i, dev) in devices.iter_mut().enumerate() {
-            for attr in self.blocking_to_read(dev) {
-                reads.push((i, attr, self.root.device_dir(dev.address).join(attr.name())));
+    // One device, inside a guarded job: the fast path, then `config` and the blocking
+    // attributes directly.
+    fn guarded_device(&self, devices_dir: &DirFd, address: PciAddress, track: &Track) -> Outcome {
+        let mut outcome = read_device(
+            self.ids,
+            &self.registry,
+            devices_dir,
+            address,
+            Some(&track.progress),
+        );
+        if let Outcome::Found(f) = &mut outcome {
+            if f.config.any() {
+                track.progress.at("config");
+                let read = devices_dir
+                    .open_dir(&address.to_string())
+                    .and_then(|d| d.read_blocking("config", f.config.len()));
+                apply_config_read(devices_dir, &mut f.dev, f.config, read);
+            }
+            let attrs = self.blocking_to_read(&mut f.dev);
+            if !attrs.is_empty() {
+                *track.partial.lock() = Some(f.dev.clone());
+                let dir = devices_dir.open_dir(&address.to_string());
+                for attr in attrs {
+                    track.progress.at(attr.name());
+                    let result = match &dir {
+                        Ok(d) => blocking_read(&self.registry, d, address, f.identity, attr),
+                        Err(e) => Guarded::Read(Err(io::Error::new(e.kind(), e.to_string()))),
+                    };
+                    apply_guarded(&mut f.dev, attr, result);
+                }
             }
         }
-        let jobs: Vec<_> = reads
-            .iter()
-            .map(|(_, _, path)| {
-                let path = path.clone();
-                move || crate::removal::pool::read_blocking(&path, ATTR_MAX)
-            })
-            .collect();
-        let results = self.guard.submit_all(jobs).wait_until(deadline);
-        for ((i, attr, _), result) in reads.into_iter().zip(results) {
-            let dev = &mut devices[i];
-            match result {
-                Ok(result) => apply_blocking(dev, attr, result),
-                Err(err) => {
-                    dev.report(attr.name(), timed_out(err, self.timeout));
-                    self.registry.mark_stuck(dev.address, None, attr.name());
+        outcome
+    }
+
+    // After the fast walk: every `config` read it asked for and every requested blocking
+    // read, each one job on the pool with its own deadline. K stuck reads cost one
+    // deadline, not K.
+    fn read_guarded(&self, devices_dir: &Arc<DirFd>, found: &mut [Found]) {
+        let mut reads: Vec<GuardedSpec> = Vec::new();
+        for (i, f) in found.iter_mut().enumerate() {
+            if f.config.any() {
+                reads.push(GuardedSpec {
+                    index: i,
+                    address: f.dev.address,
+                    identity: f.identity,
+                    want: Want::Config(f.config),
+                });
+            }
+            for attr in self.blocking_to_read(&mut f.dev) {
+                reads.push(GuardedSpec {
+                    index: i,
+                    address: f.dev.address,
+                    identity: f.identity,
+                    want: Want::Attr(attr),
+                });
+            }
+        }
+        if reads.is_empty() {
+            return;
+        }
+        let reads = Arc::new(reads);
+        let results = run_guarded(
+            &self.guard,
+            &self.registry,
+            self.timeout,
+            reads.len(),
+            |k| {
+                let (reads, dir, registry) = (
+                    Arc::clone(&reads),
+                    Arc::downgrade(devices_dir),
+                    Arc::clone(&self.registry),
+                );
+                move || reads[k].run(&dir, &registry)
+            },
+            // A stuck `config` read means a reset, not a removal: only the blocking
+            // attributes mark the registry.
+            |k| match reads[k].want {
+                Want::Attr(attr) => Some((reads[k].address, reads[k].identity, attr.name())),
+                Want::Config(_) => None,
+            },
+        );
+        for (spec, result) in reads.iter().zip(results) {
+            let dev = &mut found[spec.index].dev;
+            let missed = match result {
+                Ran::Done(done) => {
+                    match spec.want {
+                        Want::Attr(attr) => apply_guarded(dev, attr, done),
+                        Want::Config(wanted) => {
+                            let read = match done {
+                                Guarded::Read(r) => r,
+                                // Config reads are never skipped.
+                                Guarded::Skipped(_) => continue,
+                            };
+                            apply_config_read(devices_dir, dev, wanted, read);
+                        }
+                    }
+                    continue;
+                }
+                Ran::Stuck => ProblemKind::TimedOut { waited: self.timeout },
+                Ran::NotStarted => ProblemKind::NotStarted { waited: self.timeout },
+                Ran::Panicked => panicked(),
+            };
+            match spec.want {
+                Want::Attr(attr) => dev.report(attr.name(), missed),
+                Want::Config(wanted) if wanted.header => ids_from_files(devices_dir, dev),
+                Want::Config(wanted) => {
+                    if wanted.revision {
+                        dev.report("revision", missed.clone());
+                    }
+                    if wanted.subsystem {
+                        dev.report("subsystem_vendor", missed);
+                    }
                 }
             }
         }
     }
 
     // The requested blocking attributes that `dev` has; for a device whose removal is
-    // pending, none, each reported as not read.
+    // pending or that this process holds open, none, each reported as not read.
     fn blocking_to_read(&self, dev: &mut DeviceRecord) -> Vec<BlockingAttr> {
         let applicable: Vec<BlockingAttr> = self
             .blocking
@@ -532,46 +639,326 @@ impl Scanner {
             .copied()
             .filter(|a| a.applies_to(dev))
             .collect();
-        if dev.removal_pending {
-            for attr in applicable {
-                dev.report(attr.name(), ProblemKind::RemovalPending);
-            }
-            return Vec::new();
+        let skip = if dev.removal_pending {
+            ProblemKind::RemovalPending
+        } else if !applicable.is_empty() && held::is_held(dev.address) {
+            ProblemKind::HeldOpen
+        } else {
+            return applicable;
+        };
+        for attr in applicable {
+            dev.report(attr.name(), skip.clone());
         }
-        applicable
+        Vec::new()
     }
+}
 
-    // Inside a guarded per-device job: read the blocking attributes directly.
-    fn read_blocking_inline(&self, devices_dir: &DirFd, dev: &mut DeviceRecord, progress: &Progress) {
-        let attrs = self.blocking_to_read(dev);
-        if attrs.is_empty() {
-            return;
-        }
-        let dir = devices_dir.open_dir(&dev.address.to_string());
-        for attr in attrs {
-            progress.at(attr.name());
-            let result = match &dir {
-                Ok(d) => d.read_blocking(attr.name(), ATTR_MAX),
-                Err(e) => Err(io::Error::new(e.kind(), e.to_string())),
-            };
-            apply_blocking(dev, attr, result);
+// Per device of a guarded walk: which attribute its job is reading and the record so far,
+// so that a timeout can name the attribute and keep what was read before it.
+#[derive(Default)]
+struct Track {
+    progress: Progress,
+    partial: Mutex<Option<DeviceRecord>>,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Want {
+    Config(ConfigWanted),
+    Attr(BlockingAttr),
+}
+
+// One guarded read of one device.
+struct GuardedSpec {
+    index: usize,
+    address: PciAddress,
+    identity: Option<DeviceIdentity>,
+    want: Want,
+}
+
+impl GuardedSpec {
+    // Runs on a pool thread.
+    // Jobs hold the devices directory weakly: one still queued when its scan has returned
+    // (its helper threads all stuck) holds no fd, and a stuck one only its device's.
+    fn run(&self, devices_dir: &Weak<DirFd>, registry: &RemovalRegistry) -> Guarded {
+        let Some(devices) = devices_dir.upgrade() else {
+            return Guarded::Read(Err(io::Error::from(io::ErrorKind::NotFound)));
+        };
+        let dir = match devices.open_dir(&self.address.to_string()) {
+            Ok(d) => d,
+            Err(e) => return Guarded::Read(Err(e)),
+        };
+        drop(devices);
+        match self.want {
+            Want::Attr(attr) => blocking_read(registry, &dir, self.address, self.identity, attr),
+            Want::Config(wanted) => Guarded::Read(dir.read_blocking("config", wanted.len())),
         }
     }
 }
 
-// A read that did not answer by the scan's deadline. All of a scan's guarded reads share
-// that deadline, counted from the scan's start, so that is the wait reported (not the
-// part of it left when the read was submitted).
-fn timed_out(err: PoolError, deadline: Duration) -> ProblemKind {
-    match err {
-        PoolError::TimedOut { .. } => ProblemKind::TimedOut { waited: deadline },
-        PoolError::NotStarted { .. } => ProblemKind::NotStarted { waited: deadline },
-        PoolError::Panicked => ProblemKind::Io {
-            kind: io::ErrorKind::Other,
-            errno: None,
-            message: "the read panicked (a bug in pcibus)".into(),
-        },
+// What a guarded read of a blocking attribute gave.
+enum Guarded {
+    Read(io::Result<Vec<u8>>),
+    // Not read, and why.
+    Skipped(ProblemKind),
+}
+
+// Reads `attr` of the device whose directory is `dir`, checking right before the read that
+// this process does not hold the device open and that its removal is not pending: a REQ
+// may have come since the scan decided to read it.
+fn blocking_read(
+    registry: &RemovalRegistry,
+    dir: &DirFd,
+    address: PciAddress,
+    identity: Option<DeviceIdentity>,
+    attr: BlockingAttr,
+) -> Guarded {
+    if held::is_held(address) {
+        return Guarded::Skipped(ProblemKind::HeldOpen);
     }
+    let now = DeviceIdentity::of_fd(dir).ok();
+    if identity.is_some() && now.is_some() && now != identity {
+        // Removed and re-added since the fast path read it: not the device of this record.
+        return Guarded::Read(Err(io::Error::from(io::ErrorKind::NotFound)));
+    }
+    if registry.is_pending_device(address, now.or(identity)) {
+        return Guarded::Skipped(ProblemKind::RemovalPending);
+    }
+    Guarded::Read(dir.read_blocking(attr.name(), ATTR_MAX))
+}
+
+fn apply_guarded(dev: &mut DeviceRecord, attr: BlockingAttr, result: Guarded) {
+    match result {
+        Guarded::Read(r) => apply_blocking(dev, attr, r),
+        Guarded::Skipped(kind) => {
+            if kind == ProblemKind::RemovalPending {
+                dev.removal_pending = true;
+            }
+            dev.report(attr.name(), kind);
+        }
+    }
+}
+
+// What a guarded read of `config` gave, into `dev`: ids from the id files when the header
+// was wanted for them and is unusable.
+fn apply_config_read(
+    devices_dir: &DirFd,
+    dev: &mut DeviceRecord,
+    wanted: ConfigWanted,
+    read: io::Result<Vec<u8>>,
+) {
+    match read {
+        Ok(bytes) if apply_config(dev, wanted, &bytes) => {
+            // A bridge's header has no subsystem ids, and 64 bytes no capabilities.
+            if wanted.header && dev.subsystem_vendor.is_none() {
+                subsystem_from_files(devices_dir, dev);
+            }
+        }
+        Ok(_) => ids_from_files(devices_dir, dev),
+        Err(_) if wanted.header => ids_from_files(devices_dir, dev),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => dev.report("config", ProblemKind::io(&e)),
+    }
+}
+
+fn panicked() -> ProblemKind {
+    ProblemKind::Io {
+        kind: io::ErrorKind::Other,
+        errno: None,
+        message: "the read panicked (a bug in pcibus)".into(),
+    }
+}
+
+/// How one guarded job ended.
+pub(crate) enum Ran<T> {
+    Done(T),
+    /// Never started: every helper thread was busy or stuck, and no job of its round
+    /// finished in the time given.
+    NotStarted,
+    /// Started and did not return within its time: stuck (in the kernel, for a sysfs
+    /// read). Its `stuck` mark, if any, was made; the job clears it when it returns.
+    Stuck,
+    Panicked,
+}
+
+// The life of one job of a round. The waiter and the job hand it over under the round's
+// lock, so a job cannot finish unseen between the waiter's look and its mark.
+enum JobState<T> {
+    Queued,
+    // Since when, on which thread.
+    Running(Instant, nix::unistd::Pid),
+    // `None`: the job panicked.
+    Finished(Option<T>),
+    // The waiter gave up on it before it started; if the pool still runs it, it returns
+    // at once.
+    Cancelled,
+    // The waiter gave up on it while it ran, and marked the registry with this id (if
+    // any): the job clears the mark when its read returns.
+    Abandoned(Option<StuckId>),
+    Taken,
+}
+
+struct Round<T> {
+    jobs: Mutex<Vec<JobState<T>>>,
+    changed: Condvar,
+    registry: Arc<RemovalRegistry>,
+}
+
+impl<T> Round<T> {
+    fn run(&self, k: usize, work: impl FnOnce() -> T) {
+        {
+            let mut jobs = self.jobs.lock();
+            if !matches!(jobs[k], JobState::Queued) {
+                return;
+            }
+            jobs[k] = JobState::Running(Instant::now(), nix::unistd::gettid());
+        }
+        let value = std::panic::catch_unwind(std::panic::AssertUnwindSafe(work)).ok();
+        let stuck = {
+            let mut jobs = self.jobs.lock();
+            match std::mem::replace(&mut jobs[k], JobState::Taken) {
+                JobState::Running(..) => {
+                    jobs[k] = JobState::Finished(value);
+                    None
+                }
+                JobState::Abandoned(id) => id,
+                other => {
+                    jobs[k] = other;
+                    None
+                }
+            }
+        };
+        self.changed.notify_all();
+        // The read returned, so the kernel released whatever held it: the mark goes.
+        if let Some(id) = stuck {
+            self.registry.read_returned(id);
+        }
+    }
+}
+
+// The least time a job that started just before its deadline gets to run. Sysfs reads take
+// microseconds; one asleep in the kernel this long waits for something (a lock, a reset).
+const LATE_START_GRACE: Duration = Duration::from_millis(50);
+
+// How often a job whose thread is still running (state R: starved of CPU, not blocked) when
+// its time is up gets another `timeout`.
+const MAX_EXTENSIONS: u32 = 10;
+
+// Whether thread `tid` of this process is running or runnable, not asleep (in the kernel).
+fn thread_is_running(tid: nix::unistd::Pid) -> bool {
+    std::fs::read_to_string(format!("/proc/self/task/{tid}/stat")).is_ok_and(|stat| {
+        stat.rsplit_once(')')
+            .and_then(|(_, rest)| rest.trim_start().chars().next())
+            == Some('R')
+    })
+}
+
+/// Runs `count` jobs (`make(i)` builds job `i`) on `pool`, each with `timeout` counted from
+/// its submission; a job that starts late gets at least `LATE_START_GRACE` (or `timeout`
+/// if shorter) from its start, and one whose
+/// thread is running rather than asleep when its time is up gets up to `MAX_EXTENSIONS`
+/// more (a starved CPU is not a stuck read). A job still running after its time is stuck: `stuck(i)` names what to mark in the registry (or
+/// nothing), and the job clears that mark itself when it returns. Jobs that had not
+/// started when their round ended are submitted again, with a fresh deadline, when the
+/// round finished some job, left none stuck, and the pool has a thread that is not stuck;
+/// otherwise they are [`Ran::NotStarted`]. So a large healthy batch completes however long the queue, and a
+/// pool whose threads are all stuck costs one timeout (plus the time of jobs that started
+/// late), not one per job.
+pub(crate) fn run_guarded<T, J>(
+    pool: &BlockingPool,
+    registry: &Arc<RemovalRegistry>,
+    timeout: Duration,
+    count: usize,
+    make: impl Fn(usize) -> J,
+    stuck: impl Fn(usize) -> Option<(PciAddress, Option<DeviceIdentity>, &'static str)>,
+) -> Vec<Ran<T>>
+where
+    T: Send + 'static,
+    J: FnOnce() -> T + Send + 'static,
+{
+    let mut out: Vec<Option<Ran<T>>> = (0..count).map(|_| None).collect();
+    let mut todo: Vec<usize> = (0..count).collect();
+    while !todo.is_empty() {
+        let round = Arc::new(Round {
+            jobs: Mutex::new(todo.iter().map(|_| JobState::Queued).collect()),
+            changed: Condvar::new(),
+            registry: Arc::clone(registry),
+        });
+        let deadline = Instant::now() + timeout;
+        let jobs: Vec<_> = todo
+            .iter()
+            .enumerate()
+            .map(|(k, &i)| {
+                let round = Arc::clone(&round);
+                let work = make(i);
+                move || round.run(k, work)
+            })
+            .collect();
+        // The pool's wait also starts helper threads in place of ones that get stuck.
+        drop(pool.submit_all(jobs).wait_until(deadline));
+        let mut jobs = round.jobs.lock();
+        // A job that started late still gets `grace` to run, so that a read is never called
+        // stuck a moment after it began; one whose thread is running (not asleep in the
+        // kernel) when its time is up is slow, not stuck: it gets more.
+        let grace = timeout.min(LATE_START_GRACE);
+        let mut until: Vec<Option<Instant>> = vec![None; todo.len()];
+        let mut extended = vec![0u32; todo.len()];
+        loop {
+            let now = Instant::now();
+            let mut next: Option<Instant> = None;
+            for (k, job) in jobs.iter().enumerate() {
+                let JobState::Running(started, tid) = job else {
+                    continue;
+                };
+                let mut end = *until[k].get_or_insert((*started + grace).max(deadline));
+                if end <= now && extended[k] < MAX_EXTENSIONS && thread_is_running(*tid) {
+                    extended[k] += 1;
+                    end = now + timeout;
+                    until[k] = Some(end);
+                }
+                if end > now {
+                    next = Some(next.map_or(end, |n| n.min(end)));
+                }
+            }
+            let Some(next) = next else { break };
+            round.changed.wait_until(&mut jobs, next);
+        }
+        // The queue was merely long: this round got work done, none of its jobs is stuck,
+        // and neither are all the pool's threads. Only then does another round help; else
+        // the jobs still queued would most likely wait another timeout for nothing.
+        let progressed = jobs.iter().any(|j| matches!(j, JobState::Finished(_)))
+            && !jobs.iter().any(|j| matches!(j, JobState::Running(..)))
+            && pool.stuck() < pool.limits().max_threads;
+        let mut again = Vec::new();
+        for (k, &i) in todo.iter().enumerate() {
+            out[i] = match std::mem::replace(&mut jobs[k], JobState::Taken) {
+                JobState::Finished(Some(v)) => Some(Ran::Done(v)),
+                JobState::Finished(None) => Some(Ran::Panicked),
+                JobState::Running(..) => {
+                    let id = stuck(i).map(|(address, identity, attribute)| {
+                        registry.mark_stuck(address, identity, attribute)
+                    });
+                    jobs[k] = JobState::Abandoned(id);
+                    Some(Ran::Stuck)
+                }
+                JobState::Queued => {
+                    jobs[k] = JobState::Cancelled;
+                    if progressed {
+                        again.push(i);
+                        None
+                    } else {
+                        Some(Ran::NotStarted)
+                    }
+                }
+                other => {
+                    jobs[k] = other;
+                    Some(Ran::NotStarted)
+                }
+            };
+        }
+        drop(jobs);
+        todo = again;
+    }
+    out.into_iter().map(|r| r.unwrap_or(Ran::NotStarted)).collect()
 }
 
 fn apply_blocking(dev: &mut DeviceRecord, attr: BlockingAttr, result: io::Result<Vec<u8>>) {

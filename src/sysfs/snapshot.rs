@@ -21,8 +21,10 @@
 //! Files are read up to [`MAX_FILE_LEN`] bytes. The contents of files that can be huge or
 //! whose access has side effects are never read and recorded as empty files: see
 //! [`is_unreadable`]. The attributes whose kernel read takes the device lock
-//! ([`LOCKED_ATTRIBUTES`]) can block forever while a removal is pending; they are read
-//! through [`CaptureOptions::locked_reader`]. A file that fails to read is recorded as an
+//! ([`LOCKED_ATTRIBUTES`]) can block forever while a removal is pending, and `config` and
+//! `vpd` wait while the function is being reset ([`WAITING_ATTRIBUTES`]); all of them are
+//! read through [`CaptureOptions::locked_reader`], by default the process-wide
+//! [`BlockingPool`] with a deadline of [`CaptureOptions::timeout`] per file. A file that fails to read is recorded as an
 //! empty file, and the error is added to [`Fixture::notes`] (written as a comment).
 //!
 //! The result is normalized ([`Fixture::normalize`]): sorted, without implied `dir`s.
@@ -35,7 +37,10 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::FileTypeExt;
 use std::path::{Component, Path, PathBuf};
 
+use std::time::{Duration, Instant};
+
 use crate::fixture::{Entry, EntryKind, Fixture};
+use crate::removal::pool::BlockingPool;
 
 /// The most bytes read of any one file.
 pub const MAX_FILE_LEN: usize = 64 * 1024;
@@ -44,16 +49,24 @@ pub const MAX_FILE_LEN: usize = 64 * 1024;
 /// removal of the device is pending.
 pub const LOCKED_ATTRIBUTES: &[&str] = &["uevent", "driver_override", "sriov_numvfs", "sriov_vf_total_msix"];
 
-/// Reads one file; used for [`LOCKED_ATTRIBUTES`].
+/// Attributes that take no device lock but whose read waits while the function is being
+/// reset (vfio-pci resets a function on every open and close; a reset takes 100 ms or more,
+/// and a device answering config requests with CRS can hold it for up to 60 s).
+pub const WAITING_ATTRIBUTES: &[&str] = &["config", "vpd"];
+
+/// Reads one file; used for [`LOCKED_ATTRIBUTES`] and [`WAITING_ATTRIBUTES`].
 pub type Reader = Box<dyn Fn(&Path) -> io::Result<Vec<u8>> + Send + Sync>;
 
 /// Options of [`capture`].
 pub struct CaptureOptions {
     /// The most bytes recorded of any file (default [`MAX_FILE_LEN`]).
     pub max_file_len: usize,
-    /// Reads the [`LOCKED_ATTRIBUTES`]; `None` (the default) reads them like other files.
-    /// Give a reader with a deadline when capturing a system where removals may be pending.
+    /// Reads the [`LOCKED_ATTRIBUTES`] and the [`WAITING_ATTRIBUTES`]; `None` (the
+    /// default) reads them on the process-wide [`BlockingPool`], each with a deadline of
+    /// `timeout`, and notes a read that did not answer in time.
     pub locked_reader: Option<Reader>,
+    /// The deadline of each guarded read when `locked_reader` is `None` (default 1 s).
+    pub timeout: Duration,
 }
 
 impl Default for CaptureOptions {
@@ -61,6 +74,7 @@ impl Default for CaptureOptions {
         CaptureOptions {
             max_file_len: MAX_FILE_LEN,
             locked_reader: None,
+            timeout: Duration::from_secs(1),
         }
     }
 }
@@ -70,6 +84,7 @@ impl std::fmt::Debug for CaptureOptions {
         f.debug_struct("CaptureOptions")
             .field("max_file_len", &self.max_file_len)
             .field("locked_reader", &self.locked_reader.as_ref().map(|_| "custom"))
+            .field("timeout", &self.timeout)
             .finish()
     }
 }
@@ -201,6 +216,9 @@ impl Capturer<'_> {
                 v.truncate(max);
                 v
             }),
+            (None, true) => BlockingPool::shared()
+                .read(&path, max, Instant::now() + self.options.timeout)
+                .unwrap_or_else(|e| Err(io::Error::new(io::ErrorKind::TimedOut, e))),
             _ => fs::File::open(&path).and_then(|f| {
                 let mut v = Vec::new();
                 f.take(max as u64).read_to_end(&mut v)?;
@@ -242,7 +260,10 @@ impl Capturer<'_> {
             if names_only || is_unreadable(name) {
                 return Some(EntryKind::File(Vec::new()));
             }
-            let locked = LOCKED_ATTRIBUTES.iter().any(|a| a.as_bytes() == name);
+            let locked = LOCKED_ATTRIBUTES
+                .iter()
+                .chain(WAITING_ATTRIBUTES)
+                .any(|a| a.as_bytes() == name);
             Some(EntryKind::File(self.read(rel, locked)))
         } else {
             self.note(rel, "skipped: neither file, directory, symlink nor fifo");
