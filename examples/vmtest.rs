@@ -197,7 +197,7 @@ mod vmtest {
             .collect();
         in_sysfs.sort();
         let mut checks = Checks::default();
-        for extra in [&[][..], &["--id-files"][..]] {
+        for extra in [&[][..], &["--ids", "id-files"][..], &["--ids", "config"][..]] {
             let mut args = vec!["list", "--json"];
             args.extend_from_slice(extra);
             let (out, took) = run_pcibus(&args)?;

@@ -123,18 +123,27 @@ struct ScanArgs {
     /// guard with the scan's deadline.
     #[arg(long = "read", value_enum, value_name = "ATTR")]
     read: Vec<Attr>,
-    /// Deadline for guarded reads, in milliseconds from the scan's start.
+    /// Deadline for each guarded read, in milliseconds from its submission.
     #[arg(long, default_value_t = 1000, value_name = "MS")]
     timeout: u64,
     /// Read every attribute through the guard.
     #[arg(long)]
     guard_all: bool,
-    /// Take ids from the id files instead of the config header.
-    #[arg(long)]
-    id_files: bool,
+    /// Where ids, class and revision come from: `files` (default: `modalias` and
+    /// `revision`, kernel-cached, never wait), `id-files` (the six id files), `config` (the
+    /// config header, read through the guard: it waits while the device is being reset).
+    #[arg(long, value_enum, default_value_t = Ids::Files, value_name = "SOURCE")]
+    ids: Ids,
     /// Walker threads (default: one per core, at most 4).
     #[arg(long)]
     threads: Option<usize>,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Ids {
+    Files,
+    IdFiles,
+    Config,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -151,10 +160,10 @@ impl ScanArgs {
         let mut s = Scanner::new(root)
             .timeout(Duration::from_millis(self.timeout))
             .guard_everything(self.guard_all)
-            .id_source(if self.id_files {
-                IdSource::Files
-            } else {
-                IdSource::Config
+            .id_source(match self.ids {
+                Ids::Files => IdSource::Files,
+                Ids::IdFiles => IdSource::IdFiles,
+                Ids::Config => IdSource::Config,
             });
         if let Some(n) = self.threads {
             s = s.threads(n);

@@ -14,12 +14,8 @@
 . "$PCIBUS_LIB"
 need_pcibus
 
-# Until the CLI takes the scanner's default id source, its default reads the config
-# header (now through the pool, with a deadline); --id-files selects the scanner's default
-# (modalias and revision), which is what this test is about.
-ids=
-pcibus list --help 2>&1 | grep -q -- --id-files && ids=--id-files
-echo "listing with: pcibus list --json $ids"
+# The default id source (`modalias` and `revision`) is what this test is about.
+echo "listing with: pcibus list --json"
 
 ndev=$(ls /sys/bus/pci/devices | wc -l)
 out=/tmp/config-stall.json
@@ -30,7 +26,7 @@ pause=/tmp/config-stall.pause
 # Runs one listing, checks it, prints its duration in ms (or a FAIL line, returning 1).
 list_ms() {
 	t0=$(now_ms)
-	pcibus list --json $ids >"$out" 2>/tmp/config-stall.err || { echo "FAIL: pcibus list: $(cat /tmp/config-stall.err)"; return 1; }
+	pcibus list --json >"$out" 2>/tmp/config-stall.err || { echo "FAIL: pcibus list: $(cat /tmp/config-stall.err)"; return 1; }
 	t1=$(now_ms)
 	n=$(grep -c '"address"' "$out")
 	[ "$n" = "$ndev" ] || { echo "FAIL: $n records, want $ndev"; return 1; }
@@ -104,13 +100,11 @@ stall() {
 		echo "listing: CPU loop $ms ms, vfio loop $ms2 ms"
 		pairs=$((pairs + 1))
 	done
-	if [ -n "$ids" ]; then
-		for i in 1 2 3; do
-			t0=$(now_ms)
-			pcibus list --json >/dev/null 2>&1
-			echo "vfio loop, ids from the config header through the pool: $(($(now_ms) - t0)) ms (not checked)"
-		done
-	fi
+	for i in 1 2 3; do
+		t0=$(now_ms)
+		pcibus list --json --ids config >/dev/null 2>&1
+		echo "vfio loop, ids from the config header through the pool: $(($(now_ms) - t0)) ms (not checked)"
+	done
 	touch "$stop"
 	wait_gone 30 "$loop" || { echo "FAIL: the vfio loop did not stop"; return 1; }
 	[ $rc = 0 ] || return 1
@@ -137,17 +131,15 @@ config_reads_traced() {
 	echo function >"$T/current_tracer"
 	echo >"$T/trace"
 	dd if="/sys/bus/pci/devices/$1/config" of=/dev/null bs=64 count=1 2>/dev/null
-	pcibus list --json $ids >/dev/null
+	pcibus list --json >/dev/null
 	echo 0 >"$T/tracing_on"
 	grep pci_read_config "$T/trace" >/tmp/config-stall.trace
-	if [ -n "$ids" ]; then
-		# For comparison: ids from the config header, which does read it (guarded).
-		echo >"$T/trace"
-		echo 1 >"$T/tracing_on"
-		pcibus list --json >/dev/null
-		echo 0 >"$T/tracing_on"
-		echo "traced config reads with ids from the config header: $(grep -c 'pcibus.*pci_read_config' "$T/trace") (not checked)"
-	fi
+	# For comparison: ids from the config header, which does read it (guarded).
+	echo >"$T/trace"
+	echo 1 >"$T/tracing_on"
+	pcibus list --json --ids config >/dev/null
+	echo 0 >"$T/tracing_on"
+	echo "traced config reads with ids from the config header: $(grep -c 'pcibus.*pci_read_config' "$T/trace") (not checked)"
 	# (Changing the tracer empties the buffer: it was read above.)
 	echo nop >"$T/current_tracer"
 	echo >"$T/set_ftrace_filter"
