@@ -7,6 +7,9 @@ use std::time::Duration;
 use pcibus::testing::FakeSysfs;
 use pcibus::{BlockingAttr, BlockingPool, PoolLimits, ProblemKind, RemovalRegistry, Scanner, SysfsRoot};
 
+// The tests count this process's fds and memory: one at a time.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 fn open_fds() -> usize {
     std::fs::read_dir("/proc/self/fd").unwrap().count()
 }
@@ -55,6 +58,7 @@ fn scanner(fake: &FakeSysfs, pool: &BlockingPool, registry: &Arc<RemovalRegistry
 
 #[test]
 fn scans_while_every_helper_is_stuck_leave_fds_and_memory_flat() {
+    let _one = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     for guard_everything in [false, true] {
         let fake = tree();
         let pool = pool();
@@ -106,4 +110,31 @@ fn scans_while_every_helper_is_stuck_leave_fds_and_memory_flat() {
         }
         assert!(registry.is_empty(), "{:?}", registry.pending());
     }
+}
+
+#[test]
+fn walker_threads_leave_the_callers_fd_table_as_it_was() {
+    let _one = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    // Walkers unshare their fd table; nothing they open may leak into the caller's, and
+    // the caller's own fds stay usable.
+    let fake = FakeSysfs::new().unwrap();
+    for n in 0..200 {
+        fake.device(&format!("0000:03:{:02x}.{}", n / 8, n % 8))
+            .create()
+            .unwrap();
+    }
+    let probe = std::fs::File::open("/proc/self/status").unwrap();
+    let before = open_fds();
+    for _ in 0..20 {
+        let scan = Scanner::new(SysfsRoot::new(fake.root()))
+            .threads(4)
+            .scan()
+            .unwrap();
+        assert_eq!(scan.devices.len(), 200);
+    }
+    assert_eq!(open_fds(), before);
+    use std::io::Read;
+    let mut text = String::new();
+    (&probe).read_to_string(&mut text).unwrap();
+    assert!(text.contains("VmRSS"));
 }

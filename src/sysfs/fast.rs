@@ -58,6 +58,7 @@ pub(crate) fn read_device(
     registry: &RemovalRegistry,
     devices_dir: &DirFd,
     address: PciAddress,
+    blocking_reads: bool,
     progress: Option<&Progress>,
 ) -> Outcome {
     let name = address.to_string();
@@ -74,7 +75,14 @@ pub(crate) fn read_device(
             });
         }
     };
-    let identity = DeviceIdentity::of_fd(&dir).ok();
+    // Which incarnation this is matters only to a device already in the registry, and to
+    // the blocking reads that may mark it later; an fstat per device is not free, so the
+    // plain scan skips it.
+    let identity = if blocking_reads || registry.is_pending(address) {
+        DeviceIdentity::of_fd(&dir).ok()
+    } else {
+        None
+    };
     if let Some(p) = progress {
         *p.identity.lock() = identity;
     }
@@ -82,37 +90,39 @@ pub(crate) fn read_device(
     // Checked per incarnation: a device re-added at the same address is a new device.
     dev.removal_pending = registry.is_pending_device(address, identity);
     let mut config = ConfigWanted::default();
-    let mut r = Reader {
-        dir: &dir,
-        dev: &mut dev,
-        config: &mut config,
-        progress,
-        buf: [0; ATTR_MAX],
-    };
-    // A VF's config space reads 0xffff as vendor and device id, so learn first whether
-    // this is one.
-    r.dev.physfn = r.link_address("physfn");
-    match ids {
-        IdSource::Files => r.ids_from_modalias(),
-        IdSource::IdFiles => r.ids_from_files(),
-        IdSource::Config if r.dev.physfn.is_some() || r.dev.removal_pending => r.ids_from_files(),
-        IdSource::Config => r.config.header = true,
-    }
-    if let Some(resources) = r.attr("resource", true, parse::resource) {
-        r.dev.resources = resources;
-    }
-    r.dev.numa_node = r.attr("numa_node", false, parse::numa_node).flatten();
-    r.dev.driver = r
-        .link("driver")
-        .map(|t| String::from_utf8_lossy(basename(&t)).into_owned());
-    r.dev.iommu_group = r
-        .link("iommu_group")
-        .and_then(|t| r.parsed("iommu_group", parse::decimal_u32("iommu_group", basename(&t))));
-    if let Some(total_vfs) = r.attr("sriov_totalvfs", false, |b| {
-        parse::decimal_u16("sriov_totalvfs", b)
-    }) {
-        r.sriov(total_vfs);
-    }
+    with_scratch(|buf| {
+        let mut r = Reader {
+            dir: &dir,
+            dev: &mut dev,
+            config: &mut config,
+            progress,
+            buf,
+        };
+        // A VF's config space reads 0xffff as vendor and device id, so learn first whether
+        // this is one.
+        r.dev.physfn = r.link_address("physfn");
+        match ids {
+            IdSource::Files => r.ids_from_modalias(),
+            IdSource::IdFiles => r.ids_from_files(),
+            IdSource::Config if r.dev.physfn.is_some() || r.dev.removal_pending => r.ids_from_files(),
+            IdSource::Config => r.config.header = true,
+        }
+        if let Some(resources) = r.attr("resource", true, parse::resource) {
+            r.dev.resources = resources;
+        }
+        r.dev.numa_node = r.attr("numa_node", false, parse::numa_node).flatten();
+        r.dev.driver = r
+            .link("driver")
+            .map(|t| String::from_utf8_lossy(basename(&t)).into_owned());
+        r.dev.iommu_group = r
+            .link("iommu_group")
+            .and_then(|t| r.parsed("iommu_group", parse::decimal_u32("iommu_group", basename(&t))));
+        if let Some(total_vfs) = r.attr("sriov_totalvfs", false, |b| {
+            parse::decimal_u16("sriov_totalvfs", b)
+        }) {
+            r.sriov(total_vfs);
+        }
+    });
     // A device removed while we read it: every attribute is gone.
     let vanished = dev.resources.is_empty()
         && dev.problems.iter().any(|p| {
@@ -153,14 +163,16 @@ fn with_reader(devices_dir: &DirFd, dev: &mut DeviceRecord, read: impl FnOnce(&m
         return;
     };
     let mut config = ConfigWanted::default();
-    let mut r = Reader {
-        dir: &dir,
-        dev,
-        config: &mut config,
-        progress: None,
-        buf: [0; ATTR_MAX],
-    };
-    read(&mut r);
+    with_scratch(|buf| {
+        let mut r = Reader {
+            dir: &dir,
+            dev,
+            config: &mut config,
+            progress: None,
+            buf,
+        };
+        read(&mut r);
+    });
 }
 
 /// Applies what a guarded read of `config` gave for `wanted`. Returns false when the header
@@ -255,7 +267,20 @@ struct Reader<'a> {
     dev: &'a mut DeviceRecord,
     config: &'a mut ConfigWanted,
     progress: Option<&'a Progress>,
-    buf: [u8; ATTR_MAX],
+    buf: &'a mut [u8; ATTR_MAX],
+}
+
+// A read buffer per thread: zeroing a fresh page for every device costs more than the
+// parsing of most of its attributes.
+fn with_scratch<R>(f: impl FnOnce(&mut [u8; ATTR_MAX]) -> R) -> R {
+    thread_local! {
+        static SCRATCH: std::cell::RefCell<[u8; ATTR_MAX]> =
+            const { std::cell::RefCell::new([0; ATTR_MAX]) };
+    }
+    SCRATCH.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut buf) => f(&mut buf),
+        Err(_) => f(&mut [0; ATTR_MAX]),
+    })
 }
 
 impl Reader<'_> {
@@ -273,7 +298,7 @@ impl Reader<'_> {
         parse: impl FnOnce(&[u8]) -> Result<T, ParseError>,
     ) -> Option<T> {
         self.at(name);
-        match self.dir.read(name, &mut self.buf) {
+        match self.dir.read(name, self.buf) {
             Ok(bytes) => {
                 let parsed = parse(bytes);
                 self.parsed(name, parsed)
@@ -331,7 +356,7 @@ impl Reader<'_> {
     // when `modalias` is missing or does not parse.
     fn ids_from_modalias(&mut self) {
         self.at("modalias");
-        let parsed = match self.dir.read("modalias", &mut self.buf) {
+        let parsed = match self.dir.read("modalias", self.buf) {
             Ok(bytes) => parse::modalias(bytes).ok(),
             Err(_) => None,
         };

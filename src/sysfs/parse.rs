@@ -45,24 +45,30 @@ fn strip_hex_prefix(text: &[u8]) -> &[u8] {
     }
 }
 
-/// Parses hex digits only (no prefix, no sign), of either case.
+/// Parses hex digits only (no prefix, no sign), of either case. One pass: the scanner
+/// parses a few hundred of these per device (`resource`), so no separate validation pass.
 fn hex_digits(digits: &[u8]) -> Result<u64, NumError> {
-    if digits.is_empty() || !digits.iter().all(u8::is_ascii_hexdigit) {
+    if digits.is_empty() {
         return Err(NumError::Invalid);
     }
     let mut value: u64 = 0;
+    let mut overflow = false;
     for &d in digits {
         let nibble = match d {
             b'0'..=b'9' => d - b'0',
             b'a'..=b'f' => d - b'a' + 10,
-            _ => d.wrapping_sub(b'A').wrapping_add(10),
+            b'A'..=b'F' => d - b'A' + 10,
+            _ => return Err(NumError::Invalid),
         };
-        value = value
-            .checked_mul(16)
-            .and_then(|v| v.checked_add(u64::from(nibble)))
-            .ok_or(NumError::Overflow)?;
+        // Invalid text wins over overflow, so keep scanning after an overflow.
+        overflow |= value >> 60 != 0;
+        value = (value << 4) | u64::from(nibble);
     }
-    Ok(value)
+    if overflow {
+        Err(NumError::Overflow)
+    } else {
+        Ok(value)
+    }
 }
 
 /// Parses decimal digits only (no sign).
@@ -272,7 +278,13 @@ pub fn resource(bytes: &[u8]) -> Result<Vec<Resource>, ParseError> {
     if text.is_empty() {
         return Err(ParseError::new(ATTR, ParseErrorKind::Empty, bytes));
     }
-    let count = text.split(|&b| b == b'\n').take(RESOURCE_MAX_LINES + 1).count();
+    // The kernel's form has 57-byte lines: check that first, without counting newlines.
+    if (text.len() + 1).is_multiple_of(57)
+        && let Some(out) = resource_kernel_format(text, (text.len() + 1) / 57)
+    {
+        return Ok(out);
+    }
+    let count = text.iter().filter(|&&b| b == b'\n').count() + 1;
     if count > RESOURCE_MAX_LINES {
         return Err(ParseError::new(
             ATTR,
@@ -283,6 +295,12 @@ pub fn resource(bytes: &[u8]) -> Result<Vec<Resource>, ParseError> {
             bytes,
         ));
     }
+    resource_any_format(text, count)
+}
+
+// `resource` lines with any whitespace and optional prefixes, each checked.
+fn resource_any_format(text: &[u8], count: usize) -> Result<Vec<Resource>, ParseError> {
+    const ATTR: &str = "resource";
     let mut out = Vec::with_capacity(count);
     for (index, line) in text.split(|&b| b == b'\n').enumerate() {
         let bad = || {
@@ -295,14 +313,15 @@ pub fn resource(bytes: &[u8]) -> Result<Vec<Resource>, ParseError> {
                 line,
             )
         };
-        let mut fields = line
-            .split(|b| b.is_ascii_whitespace())
-            .filter(|f| !f.is_empty())
-            .map(|f| hex_digits(strip_hex_prefix(f)).map_err(|_| bad()));
-        let start = fields.next().ok_or_else(bad)??;
-        let end = fields.next().ok_or_else(bad)??;
-        let flags = fields.next().ok_or_else(bad)??;
-        if fields.next().is_some() {
+        let mut rest = line;
+        let mut field = || -> Result<u64, ParseError> {
+            let word = next_word(&mut rest).ok_or_else(bad)?;
+            hex_digits(strip_hex_prefix(word)).map_err(|_| bad())
+        };
+        let start = field()?;
+        let end = field()?;
+        let flags = field()?;
+        if next_word(&mut rest).is_some() {
             return Err(bad());
         }
         out.push(Resource {
@@ -313,6 +332,56 @@ pub fn resource(bytes: &[u8]) -> Result<Vec<Resource>, ParseError> {
         });
     }
     Ok(out)
+}
+
+// The kernel writes every line as `0x%016llx 0x%016llx 0x%016llx`: 56 bytes and a newline.
+// Text in exactly that form is parsed at fixed offsets (the scanner parses one `resource`
+// per device, so this is most of its parsing); anything else goes the general way.
+fn resource_kernel_format(text: &[u8], count: usize) -> Option<Vec<Resource>> {
+    const LINE: usize = 57;
+    if text.len() + 1 != count * LINE || count > RESOURCE_MAX_LINES {
+        return None;
+    }
+    let mut out = Vec::with_capacity(count);
+    for (index, line) in text.chunks(LINE).enumerate() {
+        let number = |at: usize| -> Option<u64> {
+            let field = line.get(at..at + 18)?;
+            let digits = field.strip_prefix(b"0x")?;
+            let mut value = 0u64;
+            for &d in digits {
+                let nibble = match d {
+                    b'0'..=b'9' => d - b'0',
+                    b'a'..=b'f' => d - b'a' + 10,
+                    _ => return None,
+                };
+                value = (value << 4) | u64::from(nibble);
+            }
+            Some(value)
+        };
+        let separators = line[18] == b' ' && line[37] == b' ' && line.get(56).is_none_or(|&b| b == b'\n');
+        if !separators {
+            return None;
+        }
+        out.push(Resource {
+            slot: resource_slot(index, count),
+            start: number(0)?,
+            end: number(19)?,
+            flags: number(38)?,
+        });
+    }
+    Some(out)
+}
+
+// The next run of non-whitespace bytes of `text`, advancing past it.
+fn next_word<'a>(text: &mut &'a [u8]) -> Option<&'a [u8]> {
+    let start = text.iter().position(|b| !b.is_ascii_whitespace())?;
+    let rest = &text[start..];
+    let len = rest
+        .iter()
+        .position(u8::is_ascii_whitespace)
+        .unwrap_or(rest.len());
+    *text = &rest[len..];
+    Some(&rest[..len])
 }
 
 /// Writes a `resource` file as the kernel does, one `0x%016llx 0x%016llx 0x%016llx\n` line
@@ -1273,6 +1342,31 @@ MODALIAS=pci:v0000144Dd0000A808sv0000144Dsd0000A801bc01sc08i02
             let small = (v & 0xffff) as u16;
             prop_assert_eq!(decimal_u16("x", format_decimal(small.into()).as_bytes()).unwrap(), small);
             prop_assert_eq!(numa_node(format_numa_node(node).as_bytes()).unwrap(), node);
+        }
+
+        #[test]
+        fn resource_fast_path_agrees_with_the_general_parser(
+            r in any_resources(),
+            flip in any::<prop::sample::Index>(),
+            byte in any::<u8>(),
+        ) {
+            // The kernel's form, and the same with one byte changed anywhere.
+            let text = format_resource(&r).into_bytes();
+            let mut changed = text.clone();
+            if !changed.is_empty() {
+                let i = flip.index(changed.len());
+                changed[i] = byte;
+            }
+            for t in [text, changed] {
+                let t = t.trim_ascii();
+                if t.is_empty() {
+                    continue;
+                }
+                let count = t.iter().filter(|&&b| b == b'\n').count() + 1;
+                if let Some(fast) = resource_kernel_format(t, count) {
+                    prop_assert_eq!(Ok(fast), resource_any_format(t, count));
+                }
+            }
         }
 
         #[test]
