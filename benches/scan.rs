@@ -17,7 +17,7 @@ use divan::Bencher;
 use nix::fcntl::{OFlag, openat, readlinkat};
 use nix::sys::stat::Mode;
 use pcibus::testing::{FakeSysfs, Synthetic};
-use pcibus::{BlockingAttr, IdSource, Scanner, SysfsRoot};
+use pcibus::{BlockingAttr, BlockingPool, IdSource, PoolLimits, Scanner, SysfsRoot};
 
 fn main() {
     divan::main();
@@ -127,6 +127,14 @@ fn scan(b: Bencher, n: usize) {
     b.bench(|| s.scan().unwrap().devices.len());
 }
 
+/// The default scan with walkers sharing the process's fd table, the way the guarded
+/// scan's pool threads must: the baseline for the cost of guarding.
+#[divan::bench(args = SIZES)]
+fn scan_shared_fd_table(b: Bencher, n: usize) {
+    let s = scanner(n).private_fd_tables(false);
+    b.bench(|| s.scan().unwrap().devices.len());
+}
+
 /// The scan on one thread, to compare with the one-thread floor.
 #[divan::bench(args = SIZES)]
 fn scan_one_thread(b: Bencher, n: usize) {
@@ -187,9 +195,12 @@ fn blocked_attributes(b: Bencher, k: usize) {
             fake.mkfifo(&rel).unwrap();
         }
     }
+    // A pool of its own: the threads its FIFOs get stuck in must not change the shared
+    // pool the other benchmarks use.
     let s = BlockingAttr::ALL
         .into_iter()
         .fold(Scanner::new(SysfsRoot::new(fake.root())), Scanner::read_blocking)
+        .pool(BlockingPool::new(PoolLimits::default()))
         .timeout(Duration::from_millis(100));
     b.bench(|| {
         let scan = s.scan().unwrap();

@@ -233,6 +233,7 @@ pub struct Scanner {
     timeout: Duration,
     defer: bool,
     threads: usize,
+    private_fd_tables: bool,
     ids: IdSource,
 }
 
@@ -269,6 +270,7 @@ impl Scanner {
             timeout: Duration::from_secs(1),
             defer: false,
             threads: thread::available_parallelism().map_or(1, |n| n.get().min(4)),
+            private_fd_tables: true,
             ids: IdSource::default(),
         }
     }
@@ -337,13 +339,21 @@ impl Scanner {
         self
     }
 
-    /// How many threads walk the devices (1 = walk on the calling thread). Walker threads
-    /// work on a private copy of the fd table (`unshare(CLONE_FILES)`), so their opens and
-    /// closes do not contend with each other on the process's fd-table lock; a file that
-    /// another thread closes during a scan is therefore released only when the scan's
-    /// walkers end, milliseconds later.
+    /// How many threads walk the devices (1 = walk on the calling thread). See
+    /// [`private_fd_tables`](Self::private_fd_tables).
     pub fn threads(mut self, threads: usize) -> Self {
         self.threads = threads.max(1);
+        self
+    }
+
+    /// Whether walker threads work on a private copy of the fd table (`unshare(CLONE_FILES)`,
+    /// default yes), so that their opens and closes do not contend on the process's
+    /// fd-table lock (about 10% of a scan with two walkers). The cost: a file that another
+    /// thread closes while a scan runs is released when the scan's walkers end, milliseconds
+    /// later, since their copies still refer to it. Guarded reads (the pool's threads) never
+    /// do this: a stuck thread must not keep the process's files open.
+    pub fn private_fd_tables(mut self, yes: bool) -> Self {
+        self.private_fd_tables = yes;
         self
     }
 
@@ -454,7 +464,9 @@ impl Scanner {
             let workers: Vec<_> = (0..threads)
                 .map(|_| {
                     s.spawn(|| {
-                        private_fd_table();
+                        if self.private_fd_tables {
+                            private_fd_table();
+                        }
                         let mut out = Vec::new();
                         loop {
                             let start = next.fetch_add(CHUNK, Ordering::Relaxed);
@@ -540,7 +552,7 @@ impl Scanner {
             &self.registry,
             devices_dir,
             address,
-            true,
+            !self.blocking.is_empty(),
             Some(&track.progress),
         );
         if let Outcome::Found(f) = &mut outcome {
@@ -857,8 +869,10 @@ impl<T> Round<T> {
 }
 
 // The least time a job that started just before its deadline gets to run. Sysfs reads take
-// microseconds; one asleep in the kernel this long waits for something (a lock, a reset).
-const LATE_START_GRACE: Duration = Duration::from_millis(50);
+// microseconds; one asleep in the kernel this long (the pool's stall threshold) waits for
+// something (a lock, a reset). Kept short: with more stuck reads than helper threads, jobs
+// start late, and each late start may stretch the scan by this much.
+const LATE_START_GRACE: Duration = Duration::from_millis(20);
 
 // How often a job whose thread is still running (state R: starved of CPU, not blocked) when
 // its time is up gets another `timeout`.
