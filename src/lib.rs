@@ -25,9 +25,11 @@
 #![warn(missing_docs)]
 
 mod addr;
+pub mod bus;
 pub mod config;
 pub mod error;
 pub mod fixture;
+pub mod hotplug;
 pub mod model;
 pub mod names;
 pub mod record;
