@@ -87,6 +87,7 @@ stall() {
 	base=0
 	busy=0
 	pairs=0
+	retries=0
 	rc=0
 	while [ $pairs -lt 15 ]; do
 		touch "$pause"
@@ -96,6 +97,18 @@ stall() {
 		rm -f "$pause"
 		sleep 0.2
 		ms2=$(list_ms) || { echo "$ms2"; rc=1; break; }
+		# One listing can be descheduled on two shared vCPUs under TCG; a listing that
+		# waits for resets would wait again. So a listing over budget is measured once more
+		# and only the second one counts.
+		budget=$quiet
+		[ "$base" -gt "$budget" ] && budget=$base
+		if [ "$ms2" -gt $((budget + 50)) ]; then
+			sleep 0.2
+			first=$ms2
+			ms2=$(list_ms) || { echo "$ms2"; rc=1; break; }
+			echo "listing under resets took $first ms (over $budget + 50): again, $ms2 ms"
+			retries=$((retries + 1))
+		fi
 		[ "$ms2" -gt "$busy" ] && busy=$ms2
 		echo "listing: CPU loop $ms ms, vfio loop $ms2 ms"
 		pairs=$((pairs + 1))
@@ -109,7 +122,7 @@ stall() {
 	wait_gone 30 "$loop" || { echo "FAIL: the vfio loop did not stop"; return 1; }
 	[ $rc = 0 ] || return 1
 	n=$(wc -l <"$opens")
-	echo "slowest listing: vfio loop $busy ms, CPU loop $base ms, quiet $quiet ms; $n vfio opens"
+	echo "slowest listing: vfio loop $busy ms, CPU loop $base ms, quiet $quiet ms; $n vfio opens; $retries listings measured again"
 	echo "@@PCIBUS-MEASURE kernel=$PCIBUS_KERNEL list-quiet-ms=$quiet list-cpu-loop-ms=$base list-vfio-loop-ms=$busy vfio-opens=$n"
 	[ "$n" -ge 10 ] || { echo "FAIL: only $n vfio opens: the device was not reset meanwhile"; return 1; }
 	idle=$base
