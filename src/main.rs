@@ -119,6 +119,14 @@ enum VfioCommand {
 
 #[derive(clap::Args)]
 struct ScanArgs {
+    /// Only these devices, in DPDK's devargs syntax (`0000:02:00.0`, `02:00.0` for domain 0;
+    /// per-device `,key=value` arguments are accepted and checked, and matter to drivers,
+    /// not to listings). Repeatable.
+    #[arg(short = 'a', long = "allow", value_name = "DEVARGS")]
+    allow: Vec<String>,
+    /// Never these devices. Repeatable.
+    #[arg(short = 'b', long = "block", value_name = "ADDRESS")]
+    block: Vec<String>,
     /// Also read these attributes, which block while a removal is pending, each through a
     /// guard with the scan's deadline.
     #[arg(long = "read", value_enum, value_name = "ATTR")]
@@ -156,7 +164,13 @@ enum Attr {
 }
 
 impl ScanArgs {
-    fn scanner(&self, root: SysfsRoot) -> Scanner {
+    fn scanner(&self, root: SysfsRoot) -> Result<Scanner, Error> {
+        let selection = pcibus::bus::devargs::Selection::from_args(
+            self.allow
+                .iter()
+                .map(|a| ("-a", a.as_str()))
+                .chain(self.block.iter().map(|b| ("-b", b.as_str()))),
+        )?;
         let mut s = Scanner::new(root)
             .timeout(Duration::from_millis(self.timeout))
             .guard_everything(self.guard_all)
@@ -180,7 +194,10 @@ impl ScanArgs {
                 s = s.read_blocking(attr);
             }
         }
-        s
+        if !selection.allowed().is_empty() {
+            s = s.allow(selection.allowed().iter().map(|d| d.address()));
+        }
+        Ok(s.block(selection.blocked().iter().copied()))
     }
 }
 
@@ -352,7 +369,7 @@ fn run(cli: Cli, root: SysfsRoot) -> Result<Outcome, Error> {
     }
     match cli.command {
         Command::List { json, scan } => {
-            let scan = scan.scanner(root).scan()?;
+            let scan = scan.scanner(root)?.scan()?;
             done = outcome(scan.devices.iter().flat_map(|d| &d.problems));
             if json {
                 write_json_list(&mut out, &scan)?;
@@ -365,7 +382,7 @@ fn run(cli: Cli, root: SysfsRoot) -> Result<Outcome, Error> {
             // `show` wants everything; the blocking attributes are read through the guard.
             let scanner = BlockingAttr::ALL
                 .into_iter()
-                .fold(scan.scanner(root), Scanner::read_blocking)
+                .fold(scan.scanner(root)?, Scanner::read_blocking)
                 .allow([address]);
             let scan = scanner.scan()?;
             let Some(dev) = scan.devices.first() else {

@@ -374,3 +374,34 @@ fn help_documents_the_exit_status() {
         assert!(help.contains(want), "missing {want:?} in\n{help}");
     }
 }
+
+#[test]
+fn list_takes_dpdk_allow_and_block_lists() {
+    let fake = fixture("qemu-q35-sriov-nvme.pcifix");
+    let addresses = |args: &[&str]| -> Vec<String> {
+        let o = pcibus(fake.root(), args);
+        assert_eq!(code(&o), 0, "{args:?}: {}", String::from_utf8_lossy(&o.stderr));
+        let v: Value = serde_json::from_str(&stdout(&o)).unwrap();
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|d| d["address"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    // Domain 0 implied, per-device arguments accepted, repeatable.
+    assert_eq!(
+        addresses(&["list", "--json", "-a", "01:00.0,k=v", "-a", "0000:01:00.2"]),
+        ["0000:01:00.0", "0000:01:00.2"]
+    );
+    let all = addresses(&["list", "--json"]);
+    let rest = addresses(&["list", "--json", "-b", "0000:01:00.1", "-b", "00:1f.3"]);
+    assert_eq!(rest.len(), all.len() - 2);
+    assert!(!rest.iter().any(|a| a == "0000:01:00.1" || a == "0000:00:1f.3"));
+    // Contradictions and bad text are errors that quote what was typed.
+    let o = pcibus(fake.root(), &["list", "-a", "01:00.0", "-b", "01:00.0"]);
+    assert_eq!(code(&o), 1);
+    assert!(String::from_utf8_lossy(&o.stderr).contains("both allowed and blocked"));
+    let o = pcibus(fake.root(), &["list", "-a", "zz"]);
+    assert_eq!(code(&o), 1);
+    assert!(String::from_utf8_lossy(&o.stderr).contains("\"zz\""));
+}
