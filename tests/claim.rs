@@ -260,3 +260,58 @@ fn an_explicit_release_frees_the_claim() {
     // Our own releases are not fed: this process knows them.
     assert_eq!(dir.feed(&RemovalRegistry::new()).unwrap(), vec![]);
 }
+
+#[test]
+fn pcibus_claims_lists_live_and_stale_claims() {
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::write(
+        tmp.path().join("0000:03:00.0.lock"),
+        "pid=999999\ncomm=gone\nsince=1\nstate=active\n",
+    )
+    .unwrap();
+    let dir = ClaimDir::new(tmp.path());
+    let claim = dir
+        .claim(
+            addr("0000:01:00.0"),
+            &ClaimInfo::new().command("fio").driver("nvme"),
+        )
+        .unwrap();
+    claim.mark_releasing("vfio removal request").unwrap();
+    let pcibus = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_pcibus"))
+            .arg("claims")
+            .args(args)
+            .env("PCIBUS_CLAIM_DIR", tmp.path())
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let json: serde_json::Value = serde_json::from_str(&pcibus(&["--json"])).unwrap();
+    let me = std::process::id();
+    assert_eq!(
+        json,
+        serde_json::json!([
+            {"address": "0000:01:00.0", "live": true, "pid": me, "command": "fio",
+             "since": json[0]["since"], "driver": "nvme", "state": "releasing",
+             "reason": "vfio removal request"},
+            {"address": "0000:03:00.0", "live": false, "pid": 999999, "command": "gone",
+             "since": 1, "driver": null, "state": "active", "reason": null},
+        ])
+    );
+    let table = pcibus(&[]);
+    let lines: Vec<&str> = table.lines().collect();
+    assert_eq!(lines.len(), 3, "{table}");
+    assert!(lines[1].starts_with("0000:01:00.0"), "{table}");
+    assert!(
+        lines[1].contains(" releasing ") && lines[1].ends_with(" vfio removal request"),
+        "{table}"
+    );
+    assert!(lines[2].contains(" stale "), "{table}");
+    // --claim-dir wins over the environment.
+    let empty = tempfile::tempdir().unwrap();
+    assert_eq!(
+        pcibus(&["--json", "--claim-dir", empty.path().to_str().unwrap()]),
+        "[]\n"
+    );
+}
