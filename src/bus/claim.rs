@@ -213,7 +213,7 @@ pub struct ClaimRecord {
 /// A live claim whose holder is releasing its device ([`ClaimDir::releasing`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
-pub struct Releasing {
+pub struct ReleasingClaim {
     /// The device.
     pub address: PciAddress,
     /// The holder's PID.
@@ -265,27 +265,28 @@ impl ClaimDir {
         self.path.join(format!("{address}{SUFFIX}"))
     }
 
-    fn open_dir(&self, create: bool) -> Result<Option<OwnedFd>, ClaimError> {
-        let dir_error = |source| ClaimError::Dir {
+    fn dir_error(&self, source: io::Error) -> ClaimError {
+        ClaimError::Dir {
             path: self.path.clone(),
             source,
-        };
-        if create {
-            std::fs::DirBuilder::new()
-                .recursive(true)
-                .mode(0o755)
-                .create(&self.path)
-                .map_err(dir_error)?;
         }
-        match nix::fcntl::open(
+    }
+
+    fn open_dir(&self) -> Result<OwnedFd, Errno> {
+        nix::fcntl::open(
             &self.path,
             OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
             Mode::empty(),
-        ) {
-            Ok(fd) => Ok(Some(fd)),
-            Err(Errno::ENOENT) if !create => Ok(None),
-            Err(e) => Err(dir_error(e.into())),
-        }
+        )
+    }
+
+    fn create_dir(&self) -> Result<OwnedFd, ClaimError> {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o755)
+            .create(&self.path)
+            .map_err(|e| self.dir_error(e))?;
+        self.open_dir().map_err(|e| self.dir_error(e.into()))
     }
 
     /// Takes the claim on `address`, or says who holds it.
@@ -301,7 +302,7 @@ impl ClaimDir {
             op,
             source,
         };
-        let dir = self.open_dir(true)?.expect("created");
+        let dir = self.create_dir()?;
         // O_CLOEXEC: a program the holder execs must not inherit (and so keep) the claim.
         // O_NOFOLLOW: the lock is on this file, not on whatever a symlink points at.
         let fd = openat(
@@ -358,13 +359,12 @@ impl ClaimDir {
     /// Liveness is probed with `F_OFD_GETLK`, which reports a conflicting lock without
     /// taking one: listing never disturbs a claimant.
     pub fn list(&self) -> Result<Vec<ClaimRecord>, ClaimError> {
-        let Some(dir) = self.open_dir(false)? else {
-            return Ok(Vec::new());
+        let dir = match self.open_dir() {
+            Ok(dir) => dir,
+            Err(Errno::ENOENT) => return Ok(Vec::new()),
+            Err(e) => return Err(self.dir_error(e.into())),
         };
-        let dir_error = |e: Errno| ClaimError::Dir {
-            path: self.path.clone(),
-            source: e.into(),
-        };
+        let dir_error = |e: Errno| self.dir_error(e.into());
         let mut names = Vec::new();
         let mut entries = nix::dir::Dir::openat(
             &dir,
@@ -441,13 +441,13 @@ impl ClaimDir {
     }
 
     /// The live claims whose holders are releasing their devices, in address order.
-    pub fn releasing(&self) -> Result<Vec<Releasing>, ClaimError> {
+    pub fn releasing(&self) -> Result<Vec<ReleasingClaim>, ClaimError> {
         Ok(self
             .list()?
             .into_iter()
             .filter(|r| r.live)
             .filter_map(|r| match (r.pid, r.state) {
-                (Some(pid), Some(ClaimState::Releasing { reason })) => Some(Releasing {
+                (Some(pid), Some(ClaimState::Releasing { reason })) => Some(ReleasingClaim {
                     address: r.address,
                     pid,
                     command: r.command.unwrap_or_default(),
@@ -468,6 +468,10 @@ impl ClaimDir {
     /// only reason: the registry cannot drop one reason of several, so an entry that also
     /// has reasons of its own stays until those go. Claims of this process are skipped:
     /// it knows its own removals. Call it with one registry per `ClaimDir`.
+    ///
+    /// A mark lasts as long as the holder's claim says "releasing": holders drop the claim
+    /// right after closing the device, or a device re-added at the same address meanwhile
+    /// would be taken for the one being released.
     pub fn feed(&self, registry: &RemovalRegistry) -> Result<Vec<PciAddress>, ClaimError> {
         let me = std::process::id();
         let now: Vec<(PciAddress, Reason)> = self
@@ -518,9 +522,11 @@ impl ClaimDir {
 ///
 /// # Process exit
 ///
-/// On `exit`, on a panic that aborts, on SIGKILL, the kernel closes the fd and drops the
-/// lock: the claim is free, its file holds a stale record ([`ClaimRecord::live`] is
-/// `false`), and the next claimant overwrites it. Nothing needs cleaning up.
+/// When the process ends without dropping the claim (`std::process::exit`, which runs no
+/// destructors; an abort; SIGKILL; a crash), the kernel closes the fd and so drops the
+/// lock: the claim is free, its file keeps a stale record ([`ClaimRecord::live`] is
+/// `false`, and [`ClaimDir::releasing`] ignores it), and the next claimant overwrites it.
+/// Nothing needs cleaning up.
 ///
 /// # Fork
 ///
