@@ -91,6 +91,7 @@ fn another_process_is_refused_by_name_until_it_is_killed() {
             address,
             pid,
             command,
+            ..
         }) => {
             assert_eq!(address, a);
             assert_eq!(pid, Some(holder.pid()));
@@ -145,6 +146,15 @@ fn a_release_in_another_process_reaches_our_registry() {
         ),
         (a, holder.pid(), "vfio removal request")
     );
+
+    // A claimant is told the device should be free soon.
+    match dir.claim(a, &ClaimInfo::new()) {
+        Err(ClaimError::Held { pid, releasing, .. }) => {
+            assert_eq!(pid, Some(holder.pid()));
+            assert_eq!(releasing.as_deref(), Some("vfio removal request"));
+        }
+        other => panic!("claimed a held device: {other:?}"),
+    }
 
     let registry = RemovalRegistry::new();
     assert_eq!(dir.feed(&registry).unwrap(), vec![a]);

@@ -96,7 +96,8 @@ const RECORD_WAIT: Duration = Duration::from_millis(50);
 pub enum ClaimError {
     /// Another open file description holds the claim: another process, or another claim
     /// in this one.
-    #[error("{address} is claimed by {}", holder(*.pid, .command.as_deref()))]
+    #[error("{address} is claimed by {}", holder(*.pid, .command.as_deref(), .releasing.as_deref()))]
+    #[non_exhaustive]
     Held {
         /// The device.
         address: PciAddress,
@@ -105,6 +106,9 @@ pub enum ClaimError {
         pid: Option<u32>,
         /// The holder's command (`/proc/PID/comm` when it claimed), from its record.
         command: Option<String>,
+        /// Why the holder is releasing the device, if it is
+        /// ([`Claim::mark_releasing`]): the claim should be free soon.
+        releasing: Option<String>,
     },
     /// The claims directory could not be created or opened.
     #[error("claims directory {}", .path.display())]
@@ -130,12 +134,16 @@ pub enum ClaimError {
     },
 }
 
-fn holder(pid: Option<u32>, command: Option<&str>) -> String {
-    match (pid, command) {
+fn holder(pid: Option<u32>, command: Option<&str>, releasing: Option<&str>) -> String {
+    let mut s = match (pid, command) {
         (Some(pid), Some(c)) => format!("PID {pid} ({c})"),
         (Some(pid), None) => format!("PID {pid}"),
         (None, _) => "another process (its claim record is not written yet)".to_owned(),
+    };
+    if let Some(reason) = releasing {
+        s.push_str(&format!(", which is releasing it: {reason}"));
     }
+    s
 }
 
 /// What a claimant says about itself in its record.
@@ -316,14 +324,21 @@ impl ClaimDir {
         match fcntl(&file, FcntlArg::F_OFD_SETLK(&whole_file(libc::F_WRLCK))) {
             Ok(_) => {}
             Err(Errno::EAGAIN | Errno::EACCES) => {
-                let (pid, command) = match read_settled(&file) {
-                    Some(r) => (r.pid, r.command),
-                    None => (lock_holder_pid(&file), None),
+                let (pid, command, releasing) = match read_settled(&file) {
+                    Some(r) => {
+                        let releasing = match r.state {
+                            Some(ClaimState::Releasing { reason }) => Some(reason),
+                            _ => None,
+                        };
+                        (r.pid, r.command, releasing)
+                    }
+                    None => (lock_holder_pid(&file), None, None),
                 };
                 return Err(ClaimError::Held {
                     address,
                     pid,
                     command,
+                    releasing,
                 });
             }
             Err(e) => return Err(io_error("lock", e.into())),
@@ -837,19 +852,30 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let dir = ClaimDir::new(tmp.path().join("claims"));
         let a = addr("0000:01:00.0");
-        let _held = dir.claim(a, &ClaimInfo::new().command("holder")).unwrap();
+        let held = dir.claim(a, &ClaimInfo::new().command("holder")).unwrap();
         match dir.claim(a, &ClaimInfo::new()) {
             Err(ClaimError::Held {
                 address,
                 pid,
                 command,
+                releasing,
             }) => {
                 assert_eq!(address, a);
                 assert_eq!(pid, Some(std::process::id()));
                 assert_eq!(command.as_deref(), Some("holder"));
+                assert_eq!(releasing, None);
             }
             other => panic!("{other:?}"),
         }
+        held.mark_releasing("REQ").unwrap();
+        let e = dir.claim(a, &ClaimInfo::new()).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "0000:01:00.0 is claimed by PID {} (holder), which is releasing it: REQ",
+                std::process::id()
+            )
+        );
     }
 
     #[test]
@@ -858,6 +884,7 @@ mod tests {
             address: addr("0000:01:00.0"),
             pid: Some(42),
             command: Some("fio".into()),
+            releasing: None,
         };
         assert_eq!(e.to_string(), "0000:01:00.0 is claimed by PID 42 (fio)");
     }
