@@ -736,17 +736,40 @@ fn read_record(file: &File) -> io::Result<Record> {
         .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "incomplete claim record"))
 }
 
-// The record of a file whose lock is held: a holder writes it right after locking, so an
-// empty or incomplete one is read again for a moment. `None` if it stays so.
+// The record of a file whose lock is held. A holder writes it right after locking, so an
+// empty or incomplete one is read again for a moment; so is one naming a process that
+// does not exist: a new holder that has locked a stale file but not yet rewritten it.
+// After the wait, the last complete record read (a holder in another PID namespace names
+// a PID this one cannot see), else `None`.
 fn read_settled(file: &File) -> Option<Record> {
     let deadline = Instant::now() + RECORD_WAIT;
+    let mut last = None;
     loop {
-        match read_record(file) {
-            Ok(r) if !r.is_empty() => return Some(r),
-            _ if Instant::now() >= deadline => return None,
-            _ => std::thread::sleep(Duration::from_millis(2)),
+        if let Ok(r) = read_record(file)
+            && !r.is_empty()
+        {
+            if r.pid.is_some_and(exists) {
+                return Some(r);
+            }
+            last = Some(r);
         }
+        if Instant::now() >= deadline {
+            return last;
+        }
+        std::thread::sleep(Duration::from_millis(2));
     }
+}
+
+// Whether process `pid` exists (in this PID namespace).
+fn exists(pid: u32) -> bool {
+    let Ok(pid @ 1..) = i32::try_from(pid) else {
+        return false;
+    };
+    // Signal 0 checks only: EPERM means it exists but is not ours to signal.
+    !matches!(
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None),
+        Err(Errno::ESRCH)
+    )
 }
 
 // The PID `F_OFD_GETLK` reports for the lock on `file`: OFD locks report -1 (they belong
@@ -876,6 +899,30 @@ mod tests {
                 std::process::id()
             )
         );
+    }
+
+    #[test]
+    fn a_record_naming_a_dead_process_is_read_again_then_believed() {
+        // What a refused claimant sees while a new holder has locked a stale file and not
+        // yet rewritten it; here the record stays, as if the holder were in another PID
+        // namespace.
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = ClaimDir::new(tmp.path());
+        let a = addr("0000:01:00.0");
+        let held = dir.claim(a, &ClaimInfo::new()).unwrap();
+        std::fs::write(held.path(), "pid=999999999\ncomm=elsewhere\nstate=active\n").unwrap();
+        let start = Instant::now();
+        match dir.claim(a, &ClaimInfo::new()) {
+            Err(ClaimError::Held { pid, command, .. }) => {
+                assert_eq!(pid, Some(999_999_999));
+                assert_eq!(command.as_deref(), Some("elsewhere"));
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(start.elapsed() >= RECORD_WAIT);
+        assert!(exists(std::process::id()));
+        assert!(!exists(999_999_999));
+        assert!(!exists(0));
     }
 
     #[test]
