@@ -98,8 +98,10 @@ enum Command {
         #[command(subcommand)]
         command: VfioCommand,
     },
-    /// Devices claimed by pcibus processes: holder PID and command, since when, whether it
-    /// is releasing the device (and why), and stale claims of holders that died.
+    /// Devices claimed by pcibus processes, and by whom.
+    ///
+    /// Holder PID and command, claim age, whether the holder is releasing the device (and
+    /// why), the driver it named; "stale" marks a claim whose holder died (free to take).
     Claims {
         /// One JSON array, one object per claim, sorted by address.
         #[arg(long)]
