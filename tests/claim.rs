@@ -15,6 +15,9 @@ use pcibus::{PciAddress, RemovalRegistry};
 /// REASON if given, prints "ready" and waits to be killed.
 const HOLD_ENV: &str = "PCIBUS_TEST_HOLD_CLAIM";
 
+/// Set: the helper also starts a `sleep` that outlives it, and prints its PID first.
+const SPAWN_ENV: &str = "PCIBUS_TEST_HOLD_SPAWN";
+
 fn addr(s: &str) -> PciAddress {
     s.parse().unwrap()
 }
@@ -31,6 +34,12 @@ fn holder_helper() {
     if let Some(reason) = parts.next() {
         claim.mark_releasing(reason).unwrap();
     }
+    if std::env::var_os(SPAWN_ENV).is_some() {
+        // Never waited for: this process is killed first, and the test kills the sleeper.
+        #[allow(clippy::zombie_processes)]
+        let sleeper = Command::new("sleep").arg("30").spawn().unwrap();
+        println!("\nsleeper {}", sleeper.id());
+    }
     println!("\nholder ready");
     std::thread::sleep(Duration::from_secs(60));
 }
@@ -40,20 +49,42 @@ struct Holder(Child);
 
 impl Holder {
     fn start(dir: &Path, address: PciAddress, releasing: Option<&str>) -> Holder {
+        Self::start_with(dir, address, releasing, false).0
+    }
+
+    // Also returns the PID of the sleeper it started, if `spawn`.
+    fn start_with(
+        dir: &Path,
+        address: PciAddress,
+        releasing: Option<&str>,
+        spawn: bool,
+    ) -> (Holder, Option<u32>) {
         let mut spec = format!("{} {address}", dir.display());
         if let Some(r) = releasing {
             spec = format!("{spec} {r}");
         }
-        let mut child = Command::new(std::env::current_exe().unwrap())
+        let mut command = Command::new(std::env::current_exe().unwrap());
+        command
             .args(["--exact", "holder_helper", "--nocapture", "--test-threads=1"])
             .env(HOLD_ENV, spec)
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap();
+            .stdout(Stdio::piped());
+        if spawn {
+            command.env(SPAWN_ENV, "1");
+        }
+        let mut child = command.spawn().unwrap();
         let out = BufReader::new(child.stdout.take().unwrap());
-        let ready = out.lines().map_while(Result::ok).any(|l| l == "holder ready");
-        assert!(ready, "the holder did not get ready");
-        Holder(child)
+        let mut sleeper = None;
+        for line in out.lines().map_while(Result::ok) {
+            if let Some(pid) = line.strip_prefix("sleeper ") {
+                sleeper = Some(pid.parse().unwrap());
+            }
+            if line == "holder ready" {
+                return (Holder(child), sleeper);
+            }
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!("the holder did not get ready");
     }
 
     fn pid(&self) -> u32 {
@@ -116,6 +147,29 @@ fn another_process_is_refused_by_name_until_it_is_killed() {
     };
     assert_eq!(claim.address(), a);
     assert_eq!(dir.list().unwrap()[0].pid, Some(std::process::id()));
+}
+
+#[test]
+fn a_program_the_holder_starts_does_not_inherit_the_claim() {
+    // The lock file is opened O_CLOEXEC: a child that execs does not share the open file
+    // description, so it cannot keep the claim alive after its parent dies.
+    let tmp = tempfile::tempdir().unwrap();
+    let a = addr("0000:01:00.0");
+    let (holder, sleeper) = Holder::start_with(tmp.path(), a, None, true);
+    let sleeper = sleeper.expect("the holder started a sleeper");
+    let dir = ClaimDir::new(tmp.path());
+    assert!(dir.claim(a, &ClaimInfo::new()).is_err());
+    holder.kill();
+    let deadline = Instant::now() + Duration::from_secs(1);
+    let claimed = loop {
+        match dir.claim(a, &ClaimInfo::new()) {
+            Ok(_) => break true,
+            Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(10)),
+            Err(_) => break false,
+        }
+    };
+    let _ = Command::new("kill").args(["-9", &sleeper.to_string()]).status();
+    assert!(claimed, "the holder's child kept the claim");
 }
 
 #[test]
