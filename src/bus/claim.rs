@@ -547,7 +547,7 @@ impl ClaimDir {
 ///
 /// An OFD lock belongs to the open file description, which a forked child shares with its
 /// parent through the inherited fd: while the child lives the claim stays held even after
-/// the parent has exited, and the record still names the parent. The fd is opened with
+/// the parent has died without dropping it, and the record still names the parent. The fd is opened with
 /// `O_CLOEXEC`, so a child that execs another program lets go of it at once; a child that
 /// does not exec holds the claim until it exits. A forked child's copy of a `Claim` never
 /// empties the record or unlocks when dropped (it only closes its fd): the claim is the
@@ -618,10 +618,13 @@ impl Claim {
             return Ok(());
         }
         let _serialise = self.record.lock();
-        self.file.set_len(0).map_err(|e| ("clear", e))?;
-        fcntl(&self.file, FcntlArg::F_OFD_SETLK(&whole_file(libc::F_UNLCK)))
+        // Unlock even if clearing failed: a stale record is harmless, a held lock is not
+        // (a forked child may share the description and keep it).
+        let cleared = self.file.set_len(0).map_err(|e| ("clear", e));
+        let unlocked = fcntl(&self.file, FcntlArg::F_OFD_SETLK(&whole_file(libc::F_UNLCK)))
             .map(drop)
-            .map_err(|e| ("unlock", e.into()))
+            .map_err(|e| ("unlock", e.into()));
+        cleared.and(unlocked)
     }
 }
 
