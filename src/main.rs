@@ -8,6 +8,7 @@ use std::time::Duration;
 use clap::{Parser, Subcommand, ValueEnum};
 use serde_json::{Value, json};
 
+use pcibus::bus::claim::{ClaimDir, ClaimRecord, ClaimState};
 use pcibus::names::{Names, find_pci_ids};
 use pcibus::record::{Problem, ProblemKind};
 use pcibus::sysfs::bind::is_kernel_sysfs;
@@ -96,6 +97,18 @@ enum Command {
     Vfio {
         #[command(subcommand)]
         command: VfioCommand,
+    },
+    /// Devices claimed by pcibus processes, and by whom.
+    ///
+    /// Holder PID and command, claim age, whether the holder is releasing the device (and
+    /// why), the driver it named; "stale" marks a claim whose holder died (free to take).
+    Claims {
+        /// One JSON array, one object per claim, sorted by address.
+        #[arg(long)]
+        json: bool,
+        /// The claims directory. Default: $PCIBUS_CLAIM_DIR, else /run/pcibus/claims.
+        #[arg(long, value_name = "DIR")]
+        claim_dir: Option<PathBuf>,
     },
     /// Capture the PCI part of sysfs as a pcibus fixture (text).
     Snapshot {
@@ -437,6 +450,10 @@ fn run(cli: Cli, root: SysfsRoot) -> Result<Outcome, Error> {
                 write_vfio_info(&mut out, &info)?;
             }
         }
+        Command::Claims { json, claim_dir } => {
+            let dir = claim_dir.map_or_else(ClaimDir::from_env, ClaimDir::new);
+            write_claims(&mut out, &dir.list()?, json)?;
+        }
         Command::Snapshot { output } => {
             // The lock-taking attributes go through the guard, so a snapshot of a system
             // with a removal pending records a read error instead of hanging.
@@ -586,6 +603,78 @@ fn write_json_list(out: &mut impl Write, scan: &Scan) -> io::Result<()> {
         serde_json::to_writer(&mut *out, &device_json(d))?;
     }
     out.write_all(if scan.devices.is_empty() { b"]\n" } else { b"\n]\n" })
+}
+
+fn claim_json(c: &ClaimRecord) -> Value {
+    let (state, reason) = match &c.state {
+        Some(ClaimState::Active) => (Some("active"), None),
+        Some(ClaimState::Releasing { reason }) => (Some("releasing"), Some(reason.as_str())),
+        _ => (None, None),
+    };
+    json!({
+        "address": c.address.to_string(),
+        "live": c.live,
+        "pid": c.pid,
+        "command": c.command,
+        "since": c.since.and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok()).map(|d| d.as_secs()),
+        "driver": c.driver,
+        "state": state,
+        "reason": reason,
+    })
+}
+
+// `pcibus claims`: the table says "stale" for a claim whose holder is gone (free to take).
+fn write_claims(out: &mut impl Write, claims: &[ClaimRecord], json: bool) -> io::Result<()> {
+    if json {
+        out.write_all(b"[")?;
+        for (i, c) in claims.iter().enumerate() {
+            out.write_all(if i == 0 { b"\n  " } else { b",\n  " })?;
+            serde_json::to_writer(&mut *out, &claim_json(c))?;
+        }
+        return out.write_all(if claims.is_empty() { b"]\n" } else { b"\n]\n" });
+    }
+    writeln!(
+        out,
+        "{:<13} {:>7} {:<15} {:>6} {:<9} {:<8} REASON",
+        "ADDRESS", "PID", "COMMAND", "AGE", "STATE", "DRIVER"
+    )?;
+    let now = std::time::SystemTime::now();
+    for c in claims {
+        let state = match (&c.state, c.live) {
+            (_, false) => "stale",
+            (Some(ClaimState::Active), true) => "active",
+            (Some(ClaimState::Releasing { .. }), true) => "releasing",
+            _ => "?",
+        };
+        let reason = match &c.state {
+            Some(ClaimState::Releasing { reason }) => reason.as_str(),
+            _ => "",
+        };
+        let age = c
+            .since
+            .and_then(|t| now.duration_since(t).ok())
+            .map_or_else(|| "-".to_owned(), |d| age(d.as_secs()));
+        writeln!(
+            out,
+            "{:<13} {:>7} {:<15} {:>6} {:<9} {:<8} {reason}",
+            c.address.to_string(),
+            opt(c.pid),
+            c.command.as_deref().unwrap_or("-"),
+            age,
+            state,
+            c.driver.as_deref().unwrap_or("-"),
+        )?;
+    }
+    Ok(())
+}
+
+fn age(secs: u64) -> String {
+    match secs {
+        0..60 => format!("{secs}s"),
+        60..3600 => format!("{}m", secs / 60),
+        3600..86400 => format!("{}h", secs / 3600),
+        _ => format!("{}d", secs / 86400),
+    }
 }
 
 fn details_json(x: &pcibus::sysfs::details::Details) -> Value {

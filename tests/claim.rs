@@ -1,0 +1,381 @@
+//! Claims across processes: a holder in another process (this test binary, re-run with
+//! `HOLD_ENV` set so that only `holder_helper` does anything) refuses us by name, is
+//! killed with SIGKILL, and its claim is free again; its release is seen in our registry.
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use pcibus::bus::claim::{ClaimDir, ClaimError, ClaimInfo, ClaimState};
+use pcibus::removal::registry::Reason;
+use pcibus::{PciAddress, RemovalRegistry};
+
+/// `DIR ADDRESS [REASON]`: the helper claims ADDRESS in DIR, marks it releasing for
+/// REASON if given, prints "ready" and waits to be killed.
+const HOLD_ENV: &str = "PCIBUS_TEST_HOLD_CLAIM";
+
+/// Set: the helper also starts a `sleep` that outlives it, and prints its PID first.
+const SPAWN_ENV: &str = "PCIBUS_TEST_HOLD_SPAWN";
+
+fn addr(s: &str) -> PciAddress {
+    s.parse().unwrap()
+}
+
+#[test]
+fn holder_helper() {
+    let Ok(spec) = std::env::var(HOLD_ENV) else {
+        return;
+    };
+    let mut parts = spec.splitn(3, ' ');
+    let dir = ClaimDir::new(parts.next().unwrap());
+    let address = addr(parts.next().unwrap());
+    let claim = dir.claim(address, &ClaimInfo::new()).unwrap();
+    if let Some(reason) = parts.next() {
+        claim.mark_releasing(reason).unwrap();
+    }
+    if std::env::var_os(SPAWN_ENV).is_some() {
+        // Never waited for: this process is killed first, and the test kills the sleeper.
+        #[allow(clippy::zombie_processes)]
+        let sleeper = Command::new("sleep").arg("30").spawn().unwrap();
+        println!("\nsleeper {}", sleeper.id());
+    }
+    println!("\nholder ready");
+    std::thread::sleep(Duration::from_secs(60));
+}
+
+/// A process holding `address` in `dir`, killed (SIGKILL) when dropped.
+struct Holder(Child);
+
+impl Holder {
+    fn start(dir: &Path, address: PciAddress, releasing: Option<&str>) -> Holder {
+        Self::start_with(dir, address, releasing, false).0
+    }
+
+    // Also returns the PID of the sleeper it started, if `spawn`.
+    fn start_with(
+        dir: &Path,
+        address: PciAddress,
+        releasing: Option<&str>,
+        spawn: bool,
+    ) -> (Holder, Option<u32>) {
+        let mut spec = format!("{} {address}", dir.display());
+        if let Some(r) = releasing {
+            spec = format!("{spec} {r}");
+        }
+        let mut command = Command::new(std::env::current_exe().unwrap());
+        command
+            .args(["--exact", "holder_helper", "--nocapture", "--test-threads=1"])
+            .env(HOLD_ENV, spec)
+            .stdout(Stdio::piped());
+        if spawn {
+            command.env(SPAWN_ENV, "1");
+        }
+        let mut child = command.spawn().unwrap();
+        let out = BufReader::new(child.stdout.take().unwrap());
+        let mut sleeper = None;
+        for line in out.lines().map_while(Result::ok) {
+            if let Some(pid) = line.strip_prefix("sleeper ") {
+                sleeper = Some(pid.parse().unwrap());
+            }
+            if line == "holder ready" {
+                return (Holder(child), sleeper);
+            }
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!("the holder did not get ready");
+    }
+
+    fn pid(&self) -> u32 {
+        self.0.id()
+    }
+
+    fn comm(&self) -> String {
+        std::fs::read_to_string(format!("/proc/{}/comm", self.pid()))
+            .unwrap()
+            .trim_end()
+            .to_owned()
+    }
+
+    fn kill(mut self) {
+        self.0.kill().unwrap();
+        self.0.wait().unwrap();
+    }
+}
+
+impl Drop for Holder {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn another_process_is_refused_by_name_until_it_is_killed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let a = addr("0000:01:00.0");
+    let holder = Holder::start(tmp.path(), a, None);
+    let dir = ClaimDir::new(tmp.path());
+    match dir.claim(a, &ClaimInfo::new()) {
+        Err(ClaimError::Held {
+            address,
+            pid,
+            command,
+            ..
+        }) => {
+            assert_eq!(address, a);
+            assert_eq!(pid, Some(holder.pid()));
+            assert_eq!(command, Some(holder.comm()));
+        }
+        other => panic!("claimed a held device: {other:?}"),
+    }
+    let listed = dir.list().unwrap();
+    assert_eq!(listed.len(), 1);
+    assert!(listed[0].live);
+    assert_eq!(listed[0].pid, Some(holder.pid()));
+    assert_eq!(listed[0].state, Some(ClaimState::Active));
+
+    holder.kill();
+    let deadline = Instant::now() + Duration::from_secs(1);
+    let claim = loop {
+        match dir.claim(a, &ClaimInfo::new()) {
+            Ok(c) => break c,
+            Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(10)),
+            Err(e) => panic!("still held 1 s after SIGKILL: {e}"),
+        }
+    };
+    assert_eq!(claim.address(), a);
+    assert_eq!(dir.list().unwrap()[0].pid, Some(std::process::id()));
+}
+
+#[test]
+fn a_program_the_holder_starts_does_not_inherit_the_claim() {
+    // The lock file is opened O_CLOEXEC: a child that execs does not share the open file
+    // description, so it cannot keep the claim alive after its parent dies.
+    let tmp = tempfile::tempdir().unwrap();
+    let a = addr("0000:01:00.0");
+    let (holder, sleeper) = Holder::start_with(tmp.path(), a, None, true);
+    let sleeper = sleeper.expect("the holder started a sleeper");
+    let dir = ClaimDir::new(tmp.path());
+    assert!(dir.claim(a, &ClaimInfo::new()).is_err());
+    holder.kill();
+    let deadline = Instant::now() + Duration::from_secs(1);
+    let claimed = loop {
+        match dir.claim(a, &ClaimInfo::new()) {
+            Ok(_) => break true,
+            Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(10)),
+            Err(_) => break false,
+        }
+    };
+    let _ = Command::new("kill").args(["-9", &sleeper.to_string()]).status();
+    assert!(claimed, "the holder's child kept the claim");
+}
+
+#[test]
+fn a_release_in_another_process_reaches_our_registry() {
+    let tmp = tempfile::tempdir().unwrap();
+    let a = addr("0000:01:00.0");
+    let other = addr("0000:02:00.0");
+    let holder = Holder::start(tmp.path(), a, Some("vfio removal request"));
+    let dir = ClaimDir::new(tmp.path());
+    // A claim of ours that is merely active is not a removal.
+    let _ours = dir.claim(other, &ClaimInfo::new()).unwrap();
+
+    let listed = dir.list().unwrap();
+    assert_eq!(listed.len(), 2);
+    assert_eq!(
+        listed[0].state,
+        Some(ClaimState::Releasing {
+            reason: "vfio removal request".into()
+        })
+    );
+    let releasing = dir.releasing().unwrap();
+    assert_eq!(releasing.len(), 1);
+    assert_eq!(
+        (
+            releasing[0].address,
+            releasing[0].pid,
+            releasing[0].reason.as_str()
+        ),
+        (a, holder.pid(), "vfio removal request")
+    );
+
+    // A claimant is told the device should be free soon.
+    match dir.claim(a, &ClaimInfo::new()) {
+        Err(ClaimError::Held { pid, releasing, .. }) => {
+            assert_eq!(pid, Some(holder.pid()));
+            assert_eq!(releasing.as_deref(), Some("vfio removal request"));
+        }
+        other => panic!("claimed a held device: {other:?}"),
+    }
+
+    let registry = RemovalRegistry::new();
+    assert_eq!(dir.feed(&registry).unwrap(), vec![a]);
+    let pending = registry.get(a).expect("marked");
+    assert_eq!(
+        pending.reason,
+        Reason::Other(format!(
+            "being released by PID {} ({}): vfio removal request",
+            holder.pid(),
+            holder.comm()
+        ))
+    );
+    assert!(!registry.is_pending(other));
+    // Feeding again changes nothing.
+    assert_eq!(dir.feed(&registry).unwrap(), vec![]);
+    assert!(registry.is_pending(a));
+
+    // The holder is gone: its release is over, and the mark goes with it.
+    holder.kill();
+    dir.feed(&registry).unwrap();
+    assert!(!registry.is_pending(a));
+}
+
+#[test]
+fn a_mark_with_reasons_of_our_own_stays_when_the_release_ends() {
+    let tmp = tempfile::tempdir().unwrap();
+    let a = addr("0000:01:00.0");
+    let holder = Holder::start(tmp.path(), a, Some("unbind"));
+    let dir = ClaimDir::new(tmp.path());
+    let registry = RemovalRegistry::new();
+    dir.feed(&registry).unwrap();
+    registry.mark(a, Reason::Uevent);
+    holder.kill();
+    dir.feed(&registry).unwrap();
+    assert!(
+        registry.is_pending(a),
+        "the uevent's mark is not the claim's to take back"
+    );
+}
+
+#[test]
+fn a_stale_record_is_listed_as_stale_and_is_claimable() {
+    let tmp = tempfile::tempdir().unwrap();
+    let a = addr("0000:03:00.0");
+    std::fs::write(
+        tmp.path().join("0000:03:00.0.lock"),
+        "pid=999999\ncomm=gone\nsince=1\nreason=REQ\nstate=releasing\n",
+    )
+    .unwrap();
+    // Not a claim: ignored.
+    std::fs::write(tmp.path().join("notes.txt"), "x").unwrap();
+    let dir = ClaimDir::new(tmp.path());
+
+    let listed = dir.list().unwrap();
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0].address, a);
+    assert!(!listed[0].live);
+    assert_eq!(listed[0].pid, Some(999_999));
+    assert_eq!(listed[0].command.as_deref(), Some("gone"));
+    // A dead holder releases nothing.
+    assert_eq!(dir.releasing().unwrap(), vec![]);
+
+    let claim = dir.claim(a, &ClaimInfo::new().driver("nvme")).unwrap();
+    let listed = dir.list().unwrap();
+    assert!(listed[0].live);
+    assert_eq!(listed[0].pid, Some(std::process::id()));
+    assert_eq!(listed[0].driver.as_deref(), Some("nvme"));
+    assert_eq!(listed[0].state, Some(ClaimState::Active));
+
+    // Released cleanly: the file stays, empty, and is not listed.
+    drop(claim);
+    assert_eq!(dir.list().unwrap(), vec![]);
+    assert!(tmp.path().join("0000:03:00.0.lock").exists());
+    dir.claim(a, &ClaimInfo::new()).unwrap();
+}
+
+#[test]
+fn closing_another_fd_of_the_lock_file_keeps_the_claim() {
+    // SPDK's F_SETLK claim is lost here: record locks go with any close in the process.
+    let tmp = tempfile::tempdir().unwrap();
+    let a = addr("0000:01:00.0");
+    let dir = ClaimDir::new(tmp.path());
+    let claim = dir.claim(a, &ClaimInfo::new()).unwrap();
+    drop(std::fs::read_to_string(claim.path()).unwrap());
+    assert!(matches!(
+        dir.claim(a, &ClaimInfo::new()),
+        Err(ClaimError::Held { .. })
+    ));
+    assert!(dir.list().unwrap()[0].live);
+}
+
+#[test]
+fn the_directory_is_created_by_the_first_claim_and_not_by_readers() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("run/pcibus/claims");
+    let dir = ClaimDir::new(&path);
+    assert_eq!(dir.list().unwrap(), vec![]);
+    assert_eq!(dir.feed(&RemovalRegistry::new()).unwrap(), vec![]);
+    assert!(!path.exists());
+    let _c = dir.claim(addr("0000:01:00.0"), &ClaimInfo::new()).unwrap();
+    assert!(path.join("0000:01:00.0.lock").is_file());
+}
+
+#[test]
+fn an_explicit_release_frees_the_claim() {
+    let tmp = tempfile::tempdir().unwrap();
+    let a = addr("0000:01:00.0");
+    let dir = ClaimDir::new(tmp.path());
+    dir.claim(a, &ClaimInfo::new()).unwrap().release().unwrap();
+    let again = dir.claim(a, &ClaimInfo::new()).unwrap();
+    again.mark_releasing("test").unwrap();
+    assert_eq!(dir.releasing().unwrap()[0].pid, std::process::id());
+    // Our own releases are not fed: this process knows them.
+    assert_eq!(dir.feed(&RemovalRegistry::new()).unwrap(), vec![]);
+}
+
+#[test]
+fn pcibus_claims_lists_live_and_stale_claims() {
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::write(
+        tmp.path().join("0000:03:00.0.lock"),
+        "pid=999999\ncomm=gone\nsince=1\nstate=active\n",
+    )
+    .unwrap();
+    let dir = ClaimDir::new(tmp.path());
+    let claim = dir
+        .claim(
+            addr("0000:01:00.0"),
+            &ClaimInfo::new().command("fio").driver("nvme"),
+        )
+        .unwrap();
+    claim.mark_releasing("vfio removal request").unwrap();
+    let pcibus = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_pcibus"))
+            .arg("claims")
+            .args(args)
+            .env("PCIBUS_CLAIM_DIR", tmp.path())
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let json: serde_json::Value = serde_json::from_str(&pcibus(&["--json"])).unwrap();
+    let me = std::process::id();
+    assert_eq!(
+        json,
+        serde_json::json!([
+            {"address": "0000:01:00.0", "live": true, "pid": me, "command": "fio",
+             "since": json[0]["since"], "driver": "nvme", "state": "releasing",
+             "reason": "vfio removal request"},
+            {"address": "0000:03:00.0", "live": false, "pid": 999999, "command": "gone",
+             "since": 1, "driver": null, "state": "active", "reason": null},
+        ])
+    );
+    let table = pcibus(&[]);
+    let lines: Vec<&str> = table.lines().collect();
+    assert_eq!(lines.len(), 3, "{table}");
+    assert!(lines[1].starts_with("0000:01:00.0"), "{table}");
+    assert!(
+        lines[1].contains(" releasing ") && lines[1].ends_with(" vfio removal request"),
+        "{table}"
+    );
+    assert!(lines[2].contains(" stale "), "{table}");
+    // --claim-dir wins over the environment.
+    let empty = tempfile::tempdir().unwrap();
+    assert_eq!(
+        pcibus(&["--json", "--claim-dir", empty.path().to_str().unwrap()]),
+        "[]\n"
+    );
+}
