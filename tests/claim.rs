@@ -379,3 +379,35 @@ fn pcibus_claims_lists_live_and_stale_claims() {
         "[]\n"
     );
 }
+
+#[test]
+fn a_scan_keeps_away_from_a_device_another_process_is_releasing() {
+    use pcibus::testing::FakeSysfs;
+    use pcibus::{BlockingAttr, ProblemKind, Scanner, SysfsRoot};
+    use std::sync::Arc;
+    let fake = FakeSysfs::new().unwrap();
+    // Its uevent never answers: reading it would cost the whole 5 s deadline.
+    fake.device("0000:01:00.0").fifo("uevent").create().unwrap();
+    fake.device("0000:02:00.0").create().unwrap();
+    let claims = tempfile::tempdir().unwrap();
+    let _holder = Holder::start(claims.path(), addr("0000:01:00.0"), Some("REQ"));
+    let registry = Arc::new(RemovalRegistry::new());
+    let scanner = Scanner::new(SysfsRoot::new(fake.root()))
+        .registry(Arc::clone(&registry))
+        .claim_dir(Arc::new(ClaimDir::new(claims.path())))
+        .read_blocking(BlockingAttr::Uevent)
+        .timeout(Duration::from_secs(5));
+    let t0 = Instant::now();
+    let scan = scanner.scan().unwrap();
+    assert!(t0.elapsed() < Duration::from_secs(2), "{:?}", t0.elapsed());
+    let held = scan.get(addr("0000:01:00.0")).unwrap();
+    assert!(held.removal_pending);
+    assert_eq!(
+        held.problem("uevent").map(|p| &p.kind),
+        Some(&ProblemKind::RemovalPending)
+    );
+    let other = scan.get(addr("0000:02:00.0")).unwrap();
+    assert!(!other.removal_pending && other.uevent.is_some());
+    let reason = registry.get(addr("0000:01:00.0")).unwrap().reason.to_string();
+    assert!(reason.contains("PID") && reason.contains("REQ"), "{reason}");
+}

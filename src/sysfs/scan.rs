@@ -30,10 +30,12 @@ use std::time::{Duration, Instant};
 use parking_lot::{Condvar, Mutex};
 
 use crate::PciAddress;
+use crate::bus::claim::ClaimDir;
 use crate::record::{DeviceRecord, ProblemKind};
 use crate::removal::held;
 use crate::removal::pool::BlockingPool;
 use crate::removal::registry::{DeviceIdentity, RemovalRegistry, StuckId};
+use crate::sysfs::bind::is_kernel_sysfs;
 use crate::sysfs::dir::{ATTR_MAX, DirFd};
 use crate::sysfs::fast::{
     ConfigWanted, Found, Outcome, Progress, apply_config, ids_from_files, read_device, subsystem_from_files,
@@ -234,6 +236,7 @@ pub struct Scanner {
     defer: bool,
     threads: usize,
     private_fd_tables: bool,
+    claims: Claims,
     ids: IdSource,
 }
 
@@ -249,6 +252,16 @@ fn private_fd_table() {
     if let Err(e) = nix::sched::unshare(nix::sched::CloneFlags::CLONE_FILES) {
         log::debug!("walker keeps the shared fd table: unshare(CLONE_FILES): {e}");
     }
+}
+
+// Which claims directory a scan consults.
+#[derive(Debug, Clone)]
+enum Claims {
+    // The host's (`ClaimDir::from_env`), when scanning the kernel's sysfs. Shared by the
+    // scanner's clones: it remembers the marks it made in the registry.
+    Host(Arc<ClaimDir>),
+    Dir(Arc<ClaimDir>),
+    None,
 }
 
 /// Fewest devices per scan thread: below this, starting a thread costs more than it saves.
@@ -271,6 +284,7 @@ impl Scanner {
             defer: false,
             threads: thread::available_parallelism().map_or(1, |n| n.get().min(4)),
             private_fd_tables: true,
+            claims: Claims::Host(Arc::new(ClaimDir::from_env())),
             ids: IdSource::default(),
         }
     }
@@ -357,6 +371,22 @@ impl Scanner {
         self
     }
 
+    /// Consults `dir` for claims other processes are releasing (see
+    /// [`ClaimDir::feed`](crate::bus::claim::ClaimDir::feed)): such devices count as
+    /// removal-pending in this scan's registry, and their blocking attributes are not read.
+    /// By default a scan of the kernel's sysfs consults `ClaimDir::from_env()` (the host's
+    /// claims describe the host's devices, not a fake tree's).
+    pub fn claim_dir(mut self, dir: Arc<ClaimDir>) -> Self {
+        self.claims = Claims::Dir(dir);
+        self
+    }
+
+    /// Consults no claims directory.
+    pub fn no_claims(mut self) -> Self {
+        self.claims = Claims::None;
+        self
+    }
+
     /// Where ids come from.
     pub fn id_source(mut self, ids: IdSource) -> Self {
         self.ids = ids;
@@ -402,6 +432,18 @@ impl Scanner {
             }
         }
         listed.sort_unstable();
+
+        // Devices other processes are releasing count as pending, before anything is read.
+        let claims = match &self.claims {
+            Claims::Dir(dir) => Some(dir),
+            Claims::Host(dir) if is_kernel_sysfs(&self.root) => Some(dir),
+            Claims::Host(_) | Claims::None => None,
+        };
+        if let Some(dir) = claims
+            && let Err(e) = dir.feed(&self.registry)
+        {
+            log::warn!("claims directory {}: {e}", dir.path().display());
+        }
 
         // An entry goes when its device is gone or is a new incarnation (re-added).
         scan.released = self.registry.prune(|a| {
