@@ -1,0 +1,411 @@
+//! `pcibus`: list PCI devices the way pcibus sees them, show one, snapshot sysfs.
+#![deny(clippy::undocumented_unsafe_blocks, clippy::missing_safety_doc)]
+
+use std::io::{self, Write};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use serde_json::{Value, json};
+
+use pcibus::bus::claim::{ClaimDir, ClaimRecord, ClaimState};
+use pcibus::names::{Names, find_pci_ids};
+use pcibus::record::{Problem, ProblemKind};
+use pcibus::sysfs::bind::is_kernel_sysfs;
+use pcibus::{BlockingAttr, DeviceRecord, IdSource, PciAddress, Scan, Scanner, SysfsRoot};
+
+mod claims;
+mod detach;
+mod list;
+mod show;
+mod vfio;
+
+use claims::write_claims;
+use list::{device_json, report_skipped, write_json_list, write_table};
+use show::{details_json, write_show};
+use vfio::{vfio_info, write_vfio_info};
+
+/// What the exit status means; shown by `--help`, repeated in the README.
+const EXIT_STATUS_HELP: &str = "\
+Exit status:
+  0    done; list and show read every attribute they asked for
+  1    error: the message on stderr says what and where
+  2    usage error (bad arguments)
+  3    list, show: printed, but some attributes asked for were not read (a guarded read
+       timed out or never started, or was skipped because the device's removal is
+       pending); those devices' problems say which. Attributes that were read but are
+       unreadable or malformed are problems too, but do not change the status.
+
+--sysfs ROOT that is not the kernel's sysfs (a fake tree or a copy): list, show and
+snapshot read it; bind and unbind write its files and check only what it shows (not this
+system's mounts); vfio info refuses it (its IOMMU groups are not this system's).";
+
+/// Exit status: every attribute asked for was read.
+const EXIT_COMPLETE: u8 = 0;
+/// Exit status: an error.
+const EXIT_ERROR: u8 = 1;
+/// Exit status: the scan ran but some guarded reads did not answer.
+const EXIT_INCOMPLETE: u8 = 3;
+
+#[derive(Parser)]
+#[command(
+    name = "pcibus",
+    version,
+    about = "PCI devices from sysfs, without blocking on devices being removed",
+    after_help = EXIT_STATUS_HELP
+)]
+struct Cli {
+    /// Sysfs root to read (a live /sys or a fake tree). Default: $PCIBUS_SYSFS, else
+    /// DPDK's $SYSFS_PCI_DEVICES (a devices directory), else /sys.
+    #[arg(long, global = true, value_name = "ROOT")]
+    sysfs: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// List the devices: address, ids, class, driver, NUMA node, IOMMU group, names.
+    List {
+        /// One JSON array, one object per device, sorted by address.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        scan: ScanArgs,
+    },
+    /// Everything about one device: BARs, capabilities, SR-IOV relations, problems.
+    Show {
+        /// The device, e.g. 0000:01:00.0 or 1:0.0.
+        address: PciAddress,
+        /// JSON instead of text.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        scan: ScanArgs,
+    },
+    /// Bind a device to a kernel driver (driver_override + drivers_probe), e.g. vfio-pci.
+    ///
+    /// If the new driver does not take the device, driver_override is cleared and the old
+    /// driver binds it again; if that fails too, the error says where the device is.
+    Bind {
+        /// The device.
+        address: PciAddress,
+        /// The driver, e.g. vfio-pci or nvme.
+        driver: String,
+        /// Take the device even if the host uses it (an interface up, a mounted disk).
+        #[arg(long)]
+        force: bool,
+    },
+    /// Unbind a device from its driver and clear its driver_override.
+    Unbind {
+        /// The device.
+        address: PciAddress,
+        /// Take the device even if the host uses it.
+        #[arg(long)]
+        force: bool,
+    },
+    /// VFIO facts of a device bound to vfio-pci.
+    Vfio {
+        #[command(subcommand)]
+        command: VfioCommand,
+    },
+    /// Devices claimed by pcibus processes, and by whom.
+    ///
+    /// Holder PID and command, claim age, whether the holder is releasing the device (and
+    /// why), the driver it named; "stale" marks a claim whose holder died (free to take).
+    Claims {
+        /// One JSON array, one object per claim, sorted by address.
+        #[arg(long)]
+        json: bool,
+        /// The claims directory. Default: $PCIBUS_CLAIM_DIR, else /run/pcibus/claims.
+        #[arg(long, value_name = "DIR")]
+        claim_dir: Option<PathBuf>,
+    },
+    /// Capture the PCI part of sysfs as a pcibus fixture (text).
+    Snapshot {
+        /// Write here instead of standard output.
+        #[arg(short, long, value_name = "FILE")]
+        output: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
+enum VfioCommand {
+    /// Group and viability, regions with sizes and flags, interrupt indexes, IOVA ranges.
+    Info {
+        /// The device.
+        address: PciAddress,
+        /// JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(clap::Args)]
+struct ScanArgs {
+    /// Only these devices, in DPDK's devargs syntax (`0000:02:00.0`, `02:00.0` for domain 0;
+    /// per-device `,key=value` arguments are accepted and checked, and matter to drivers,
+    /// not to listings). Repeatable.
+    #[arg(short = 'a', long = "allow", value_name = "DEVARGS")]
+    allow: Vec<String>,
+    /// Never these devices. Repeatable.
+    #[arg(short = 'b', long = "block", value_name = "ADDRESS")]
+    block: Vec<String>,
+    /// Also read these attributes, which block while a removal is pending, each through a
+    /// guard with the scan's deadline.
+    #[arg(long = "read", value_enum, value_name = "ATTR")]
+    read: Vec<Attr>,
+    /// Deadline for each guarded read, in milliseconds from its submission.
+    #[arg(long, default_value_t = 1000, value_name = "MS")]
+    timeout: u64,
+    /// Read every attribute through the guard.
+    #[arg(long)]
+    guard_all: bool,
+    /// Where ids, class and revision come from: `files` (default: `modalias` and
+    /// `revision`, kernel-cached, never wait), `id-files` (the six id files), `config` (the
+    /// config header, read through the guard: it waits while the device is being reset).
+    #[arg(long, value_enum, default_value_t = Ids::Files, value_name = "SOURCE")]
+    ids: Ids,
+    /// Walker threads (default: one per core, at most 4).
+    #[arg(long)]
+    threads: Option<usize>,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Ids {
+    Files,
+    IdFiles,
+    Config,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Attr {
+    SriovNumvfs,
+    SriovVfTotalMsix,
+    DriverOverride,
+    Uevent,
+    All,
+}
+
+impl ScanArgs {
+    fn scanner(&self, root: SysfsRoot) -> Result<Scanner, Error> {
+        let selection = pcibus::bus::devargs::Selection::from_args(
+            self.allow
+                .iter()
+                .map(|a| ("-a", a.as_str()))
+                .chain(self.block.iter().map(|b| ("-b", b.as_str()))),
+        )?;
+        let mut s = Scanner::new(root)
+            .timeout(Duration::from_millis(self.timeout))
+            .guard_everything(self.guard_all)
+            .id_source(match self.ids {
+                Ids::Files => IdSource::Files,
+                Ids::IdFiles => IdSource::IdFiles,
+                Ids::Config => IdSource::Config,
+            });
+        if let Some(n) = self.threads {
+            s = s.threads(n);
+        }
+        for a in &self.read {
+            let attrs: &[BlockingAttr] = match a {
+                Attr::SriovNumvfs => &[BlockingAttr::SriovNumvfs],
+                Attr::SriovVfTotalMsix => &[BlockingAttr::SriovVfTotalMsix],
+                Attr::DriverOverride => &[BlockingAttr::DriverOverride],
+                Attr::Uevent => &[BlockingAttr::Uevent],
+                Attr::All => &BlockingAttr::ALL,
+            };
+            for &attr in attrs {
+                s = s.read_blocking(attr);
+            }
+        }
+        if !selection.allowed().is_empty() {
+            s = s.allow(selection.allowed().iter().map(|d| d.address()));
+        }
+        Ok(s.block(selection.blocked().iter().copied()))
+    }
+}
+
+fn main() {
+    let cli = Cli::parse();
+    // Before any thread exists: from here on the work runs in a child process.
+    let report = detach::start();
+    let code = std::panic::catch_unwind(move || {
+        let root = cli.sysfs.clone().map_or_else(SysfsRoot::from_env, SysfsRoot::new);
+        match run(cli, root) {
+            Ok(Outcome::Complete) => EXIT_COMPLETE,
+            Ok(Outcome::Incomplete) => EXIT_INCOMPLETE,
+            Err(e) => {
+                // A broken pipe (`pcibus list | head`) is not an error worth a message.
+                if e.downcast_ref::<io::Error>()
+                    .is_some_and(|e| e.kind() == io::ErrorKind::BrokenPipe)
+                {
+                    return EXIT_COMPLETE;
+                }
+                let mut msg = format!("pcibus: {e}");
+                let mut source = e.source();
+                while let Some(s) = source {
+                    msg.push_str(&format!(": {s}"));
+                    source = s.source();
+                }
+                eprintln!("{msg}");
+                EXIT_ERROR
+            }
+        }
+    })
+    .unwrap_or(101);
+    if let Some(report) = report {
+        detach::finish(report, code);
+    }
+    std::process::exit(code.into());
+}
+
+type Error = Box<dyn std::error::Error>;
+
+/// How completely a command did what it was asked.
+enum Outcome {
+    Complete,
+    /// Some attributes asked for were not read: see [`unanswered`].
+    Incomplete,
+}
+
+/// Whether a problem means an attribute asked for was not read at all (as opposed to
+/// read and found bad): scripts must not take the listing as complete.
+fn unanswered(p: &Problem) -> bool {
+    matches!(
+        p.kind,
+        ProblemKind::TimedOut { .. }
+            | ProblemKind::NotStarted { .. }
+            | ProblemKind::RemovalPending
+            | ProblemKind::HeldOpen
+    )
+}
+
+fn outcome<'a>(mut problems: impl Iterator<Item = &'a Problem>) -> Outcome {
+    if problems.any(unanswered) {
+        Outcome::Incomplete
+    } else {
+        Outcome::Complete
+    }
+}
+
+// Devices under a root that is not the kernel's sysfs are not this system's: their IOMMU
+// group numbers name nothing in /dev/vfio, their disks are not in /proc/self/mounts.
+fn not_kernel_sysfs(root: &SysfsRoot) -> Option<String> {
+    (!is_kernel_sysfs(root)).then(|| {
+        format!(
+            "{} is not the kernel's sysfs (not a sysfs mount)",
+            root.path().display()
+        )
+    })
+}
+
+fn run(cli: Cli, root: SysfsRoot) -> Result<Outcome, Error> {
+    let stdout = io::stdout();
+    let mut out = io::BufWriter::new(stdout.lock());
+    let mut done = Outcome::Complete;
+    if let Command::Bind { .. } | Command::Unbind { .. } = cli.command
+        && let Some(why) = not_kernel_sysfs(&root)
+    {
+        eprintln!(
+            "pcibus: note: {why}: writing its files only; the in-use check sees what the tree \
+             shows, not this system's mounts"
+        );
+    }
+    match cli.command {
+        Command::List { json, scan } => {
+            let scan = scan.scanner(root)?.scan()?;
+            done = outcome(scan.devices.iter().flat_map(|d| &d.problems));
+            if json {
+                write_json_list(&mut out, &scan)?;
+            } else {
+                write_table(&mut out, &scan)?;
+            }
+            report_skipped(&scan);
+        }
+        Command::Show { address, json, scan } => {
+            // `show` wants everything; the blocking attributes are read through the guard.
+            let scanner = BlockingAttr::ALL
+                .into_iter()
+                .fold(scan.scanner(root)?, Scanner::read_blocking)
+                .allow([address]);
+            let scan = scanner.scan()?;
+            let Some(dev) = scan.devices.first() else {
+                return Err(format!(
+                    "no device {address} in {}",
+                    scanner.root().devices_dir().display()
+                )
+                .into());
+            };
+            let details = pcibus::sysfs::details::read(scanner.root(), dev);
+            done = outcome(dev.problems.iter().chain(&details.problems));
+            if json {
+                let mut v = device_json(dev);
+                v["details"] = details_json(&details);
+                serde_json::to_writer_pretty(&mut out, &v)?;
+                writeln!(out)?;
+            } else {
+                write_show(&mut out, dev, &details)?;
+            }
+        }
+        Command::Bind {
+            address,
+            driver,
+            force,
+        } => {
+            let b = pcibus::sysfs::bind::bind(&root, address, &driver, force)?;
+            match &b.previous {
+                Some(p) if *p == b.driver => writeln!(out, "{address}: already on {driver}")?,
+                Some(p) => writeln!(out, "{address}: {p} -> {driver}")?,
+                None => writeln!(out, "{address}: (none) -> {driver}")?,
+            }
+        }
+        Command::Unbind { address, force } => match pcibus::sysfs::bind::unbind(&root, address, force)? {
+            Some(p) => writeln!(out, "{address}: unbound from {p}")?,
+            None => writeln!(out, "{address}: was not bound")?,
+        },
+        Command::Vfio {
+            command: VfioCommand::Info { address, json },
+        } => {
+            if let Some(why) = not_kernel_sysfs(&root) {
+                return Err(format!(
+                    "vfio info needs the kernel's sysfs: {why}, so its IOMMU groups are not this \
+                     system's"
+                )
+                .into());
+            }
+            let info = vfio_info(&root, address)?;
+            if json {
+                serde_json::to_writer_pretty(&mut out, &info)?;
+                writeln!(out)?;
+            } else {
+                write_vfio_info(&mut out, &info)?;
+            }
+        }
+        Command::Claims { json, claim_dir } => {
+            let dir = claim_dir.map_or_else(ClaimDir::from_env, ClaimDir::new);
+            write_claims(&mut out, &dir.list()?, json)?;
+        }
+        Command::Snapshot { output } => {
+            // The lock-taking attributes go through the guard, so a snapshot of a system
+            // with a removal pending records a read error instead of hanging.
+            let guard = pcibus::BlockingPool::default();
+            let options = pcibus::sysfs::snapshot::CaptureOptions {
+                locked_reader: Some(Box::new(move |path| {
+                    let deadline = std::time::Instant::now() + Duration::from_secs(1);
+                    guard
+                        .read(path, pcibus::sysfs::snapshot::MAX_FILE_LEN, deadline)
+                        .unwrap_or_else(|e| Err(io::Error::new(io::ErrorKind::TimedOut, e)))
+                })),
+                ..Default::default()
+            };
+            let fixture = pcibus::sysfs::snapshot::capture(root.path(), &options)?;
+            let text = pcibus::fixture::write(&fixture);
+            match output {
+                Some(path) => std::fs::write(&path, text).map_err(|e| format!("{}: {e}", path.display()))?,
+                None => out.write_all(text.as_bytes())?,
+            }
+        }
+    }
+    out.flush()?;
+    Ok(done)
+}

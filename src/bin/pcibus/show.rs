@@ -1,0 +1,129 @@
+//! `pcibus show`: everything about one device.
+
+use super::*;
+use crate::list::{describe, names_for, opt, problem_json};
+
+pub(super) fn details_json(x: &pcibus::sysfs::details::Details) -> Value {
+    json!({
+        "capabilities": x.capabilities.iter().map(|c| json!({
+            "id": c.id, "offset": c.offset, "name": pcibus::config::capability_name(c.id),
+        })).collect::<Vec<_>>(),
+        "extended_capabilities": x.extended_capabilities.iter().map(|c| json!({
+            "id": c.id, "version": c.version, "offset": c.offset,
+            "name": pcibus::config::extended_capability_name(c.id),
+        })).collect::<Vec<_>>(),
+        "current_link": x.current_link.map(link_json),
+        "max_link": x.max_link.map(link_json),
+        "modalias": x.modalias,
+        "local_cpus": x.local_cpus,
+        "problems": x.problems.iter().map(problem_json).collect::<Vec<_>>(),
+    })
+}
+
+pub(super) fn link_json(l: pcibus::Link) -> Value {
+    json!({"speed_mts": l.speed.map(|s| s.0), "width": l.width})
+}
+
+pub(super) fn write_show(
+    out: &mut impl Write,
+    d: &DeviceRecord,
+    x: &pcibus::sysfs::details::Details,
+) -> io::Result<()> {
+    let names = names_for(std::slice::from_ref(d));
+    writeln!(out, "{}  {}", d.address, describe(&names, d))?;
+    writeln!(
+        out,
+        "  vendor {}  device {}  revision {}",
+        opt(d.vendor),
+        opt(d.device),
+        opt(d.revision.map(|r| format!("{r:02x}")))
+    )?;
+    writeln!(
+        out,
+        "  subsystem {}:{}",
+        opt(d.subsystem_vendor),
+        opt(d.subsystem_device)
+    )?;
+    writeln!(out, "  class {}", opt(d.class))?;
+    writeln!(
+        out,
+        "  driver {}  driver_override {}",
+        d.driver.as_deref().unwrap_or("-"),
+        d.driver_override.as_deref().unwrap_or("-")
+    )?;
+    writeln!(
+        out,
+        "  numa node {}  iommu group {}",
+        opt(d.numa_node),
+        opt(d.iommu_group)
+    )?;
+    if let Some(cpus) = &x.local_cpus {
+        writeln!(
+            out,
+            "  local cpus {}",
+            pcibus::sysfs::parse::format_cpu_list(cpus).trim_end()
+        )?;
+    }
+    if let Some(m) = &x.modalias {
+        writeln!(out, "  modalias {m}")?;
+    }
+    for (label, link) in [("link now", x.current_link), ("link max", x.max_link)] {
+        if let Some(l) = link {
+            writeln!(out, "  {label} {} x{}", opt(l.speed), opt(l.width))?;
+        }
+    }
+    for b in d.bars() {
+        writeln!(
+            out,
+            "  BAR{} {} at {:#x} size {:#x}{}",
+            b.index,
+            b.kind,
+            b.start,
+            b.size,
+            if b.prefetchable { " prefetchable" } else { "" }
+        )?;
+    }
+    for c in &x.capabilities {
+        writeln!(
+            out,
+            "  capability {:#04x} {} at {:#04x}",
+            c.id,
+            pcibus::config::capability_name(c.id),
+            c.offset
+        )?;
+    }
+    for c in &x.extended_capabilities {
+        writeln!(
+            out,
+            "  extended capability {:#06x} v{} {} at {:#05x}",
+            c.id,
+            c.version,
+            pcibus::config::extended_capability_name(c.id),
+            c.offset
+        )?;
+    }
+    if let Some(s) = &d.sriov {
+        writeln!(
+            out,
+            "  SR-IOV: total VFs {}  enabled {}  offset {}  stride {}  VF device {}",
+            s.total_vfs,
+            opt(s.num_vfs),
+            opt(s.vf_offset),
+            opt(s.vf_stride),
+            opt(s.vf_device)
+        )?;
+        for (n, vf) in s.virtfns.iter().enumerate() {
+            writeln!(out, "    virtfn{n} {vf}")?;
+        }
+    }
+    if let Some(pf) = d.physfn {
+        writeln!(out, "  physfn {pf}")?;
+    }
+    if d.removal_pending {
+        writeln!(out, "  removal pending")?;
+    }
+    for p in d.problems.iter().chain(&x.problems) {
+        writeln!(out, "  problem: {p}")?;
+    }
+    Ok(())
+}
