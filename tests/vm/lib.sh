@@ -114,3 +114,18 @@ on_vfio_pci() {
 	wait_for 20 sh -c 'ls /dev/nvme[0-9]* >/dev/null 2>&1' || fail "no /dev/nvme* after rebinding $_pf"
 	return $_rc
 }
+
+# back_on_nvme PF: after a test that may have removed the NVMe controller PF, bring it back
+# (rescan) and onto nvme, for whatever runs next; fails the test if it cannot.
+back_on_nvme() {
+	_pf=$1
+	_dev=/sys/bus/pci/devices/$_pf
+	if [ ! -e "$_dev" ]; then
+		_t=$(now_ms)
+		echo 1 >/sys/bus/pci/rescan
+		wait_for 10 test -e "$_dev" || fail "$_pf did not come back on rescan"
+		echo "rescan: $_pf back in $(($(now_ms) - _t)) ms"
+	fi
+	[ "$(pci_driver "$_pf")" = vfio-pci ] && pcibus bind "$_pf" nvme
+	wait_for 20 test "$(pci_driver "$_pf")" = nvme || fail "$_pf not on nvme at the end"
+}

@@ -38,14 +38,7 @@ gone=yes
 echo "device directory gone after the run: $gone"
 
 # Bring the controller back for whatever runs next.
-if [ ! -e "$dev" ]; then
-	t=$(now_ms)
-	echo 1 >/sys/bus/pci/rescan
-	wait_for 10 test -e "$dev" || fail "$pf did not come back on rescan"
-	echo "rescan: $pf back in $(($(now_ms) - t)) ms"
-fi
-[ "$(pci_driver "$pf")" = vfio-pci ] && pcibus bind "$pf" nvme
-wait_for 20 test "$(pci_driver "$pf")" = nvme || fail "$pf not on nvme at the end"
+back_on_nvme "$pf"
 [ "$rc" = timeout ] && fail "the holding process did not exit within $LIMIT s"
 [ "$gone" = yes ] || fail "the removal did not complete"
 [ "$rc" = 0 ] || fail "held-scan-exit"
