@@ -45,7 +45,7 @@ pub enum Action {
     Offline,
     /// A driver was bound to it (`DRIVER` names it).
     Bind,
-    /// Its driver was unbound (`DRIVER` names the old one).
+    /// Its driver was unbound (without `DRIVER`: the event comes after the driver left).
     Unbind,
     /// An action this crate does not know; never one of the names above.
     Other(String),
@@ -107,8 +107,9 @@ pub struct Uevent {
     pub seqnum: Option<u64>,
     /// `PCI_SLOT_NAME`, parsed strictly (`DDDD:BB:DD.F`, as the kernel writes it).
     pub pci_slot_name: Option<PciAddress>,
-    /// `DRIVER`: on `bind`, the new driver; on `unbind`, the old one; on other actions of
-    /// a bound device, its driver.
+    /// `DRIVER`: on `bind`, the new driver; on other actions of a bound device (`change`),
+    /// its driver. `unbind` and `remove` have none: the kernel sends them after the driver
+    /// is detached (seen on 6.1 and 6.12), so who was bound is not in the event.
     pub driver: Option<String>,
     /// Every `KEY=VALUE` variable, in message order.
     pub vars: Vec<(String, String)>,
@@ -383,6 +384,52 @@ mod tests {
 
     /// The host's `echo change > /sys/devices/virtual/mem/null/uevent`, as received.
     const NULL_CHANGE: &[u8] = b"change@/devices/virtual/mem/null\0ACTION=change\0DEVPATH=/devices/virtual/mem/null\0SUBSYSTEM=mem\0SYNTH_UUID=0\0MAJOR=1\0MINOR=3\0DEVNAME=null\0DEVMODE=0666\0SEQNUM=814\0";
+
+    // Recorded on Debian's 6.12.117 in QEMU (q35, SR-IOV NVMe behind a root port) by
+    // `tests/vm/run -k 6.12 -p sriov -e uevent_dump`: `remove` then `rescan` of the PF,
+    // nvme's bind after the rescan, an `unbind` through nvme's driver directory, and the
+    // first VF's `add` when `sriov_numvfs` went to 2. The bytes are as received.
+    const PF_REMOVE: &[u8] = b"remove@/devices/pci0000:00/0000:00:01.0/0000:01:00.0\0ACTION=remove\0DEVPATH=/devices/pci0000:00/0000:00:01.0/0000:01:00.0\0SUBSYSTEM=pci\0PCI_CLASS=10802\0PCI_ID=1B36:0010\0PCI_SUBSYS_ID=1AF4:1100\0PCI_SLOT_NAME=0000:01:00.0\0MODALIAS=pci:v00001B36d00000010sv00001AF4sd00001100bc01sc08i02\0SEQNUM=768\0";
+    const PF_ADD: &[u8] = b"add@/devices/pci0000:00/0000:00:01.0/0000:01:00.0\0ACTION=add\0DEVPATH=/devices/pci0000:00/0000:00:01.0/0000:01:00.0\0SUBSYSTEM=pci\0PCI_CLASS=10802\0PCI_ID=1B36:0010\0PCI_SUBSYS_ID=1AF4:1100\0PCI_SLOT_NAME=0000:01:00.0\0MODALIAS=pci:v00001B36d00000010sv00001AF4sd00001100bc01sc08i02\0SEQNUM=770\0";
+    const PF_BIND: &[u8] = b"bind@/devices/pci0000:00/0000:00:01.0/0000:01:00.0\0ACTION=bind\0DEVPATH=/devices/pci0000:00/0000:00:01.0/0000:01:00.0\0SUBSYSTEM=pci\0DRIVER=nvme\0PCI_CLASS=10802\0PCI_ID=1B36:0010\0PCI_SUBSYS_ID=1AF4:1100\0PCI_SLOT_NAME=0000:01:00.0\0MODALIAS=pci:v00001B36d00000010sv00001AF4sd00001100bc01sc08i02\0SEQNUM=778\0";
+    const PF_UNBIND: &[u8] = b"unbind@/devices/pci0000:00/0000:00:01.0/0000:01:00.0\0ACTION=unbind\0DEVPATH=/devices/pci0000:00/0000:00:01.0/0000:01:00.0\0SUBSYSTEM=pci\0PCI_CLASS=10802\0PCI_ID=1B36:0010\0PCI_SUBSYS_ID=1AF4:1100\0PCI_SLOT_NAME=0000:01:00.0\0SEQNUM=785\0";
+    const VF_ADD: &[u8] = b"add@/devices/pci0000:00/0000:00:01.0/0000:01:00.1\0ACTION=add\0DEVPATH=/devices/pci0000:00/0000:00:01.0/0000:01:00.1\0SUBSYSTEM=pci\0PCI_CLASS=10802\0PCI_ID=1B36:0010\0PCI_SUBSYS_ID=1AF4:1100\0PCI_SLOT_NAME=0000:01:00.1\0MODALIAS=pci:v00001B36d00000010sv00001AF4sd00001100bc01sc08i02\0SEQNUM=794\0";
+
+    #[test]
+    fn recorded_pci_events_of_6_12() {
+        let pf = addr("0000:01:00.0");
+        let cases = [
+            (PF_REMOVE, Action::Remove, pf, None, 768),
+            (PF_ADD, Action::Add, pf, None, 770),
+            (PF_BIND, Action::Bind, pf, Some("nvme"), 778),
+            (PF_UNBIND, Action::Unbind, pf, None, 785),
+            (VF_ADD, Action::Add, addr("0000:01:00.1"), None, 794),
+        ];
+        for (bytes, action, a, driver, seqnum) in cases {
+            let ev = kernel(bytes);
+            assert_eq!(ev.action, action);
+            assert_eq!(ev.devpath, format!("/devices/pci0000:00/0000:00:01.0/{a}"));
+            assert!(ev.is_pci());
+            assert_eq!((ev.pci_slot_name, ev.pci_address()), (Some(a), Some(a)));
+            assert_eq!(ev.driver.as_deref(), driver);
+            assert_eq!(ev.seqnum, Some(seqnum));
+            assert_eq!(ev.var("PCI_ID"), Some("1B36:0010"));
+            assert_eq!(ev.to_bytes(), bytes, "round trip of {action}");
+        }
+        // As recorded, unbind carries no MODALIAS either: do not rely on it.
+        assert_eq!(kernel(PF_UNBIND).var("MODALIAS"), None);
+    }
+
+    #[test]
+    fn a_child_of_a_pci_device_is_not_pci() {
+        let ev = kernel(NVME_CHILD_REMOVE);
+        assert_eq!(ev.subsystem.as_deref(), Some("nvme"));
+        assert!(!ev.is_pci());
+        assert_eq!(ev.pci_address(), None);
+    }
+
+    /// Recorded with the samples above: the nvme controller below the PF going away.
+    const NVME_CHILD_REMOVE: &[u8] = b"remove@/devices/pci0000:00/0000:00:01.0/0000:01:00.0/nvme/nvme0\0ACTION=remove\0DEVPATH=/devices/pci0000:00/0000:00:01.0/0000:01:00.0/nvme/nvme0\0SUBSYSTEM=nvme\0MAJOR=244\0MINOR=0\0DEVNAME=nvme0\0NVME_TRTYPE=pcie\0SEQNUM=764\0";
 
     #[test]
     fn synthetic_change_of_a_char_device() {
