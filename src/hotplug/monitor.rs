@@ -131,6 +131,14 @@ impl UeventMonitor {
     /// of network namespaces owned by the initial user namespace: in a rootless container
     /// the socket opens and stays silent.
     pub fn open() -> Result<UeventMonitor, MonitorError> {
+        UeventMonitor::open_with_buffer(RCVBUF_WANTED)
+    }
+
+    /// [`open`](Self::open) asking for a receive buffer of `bytes` instead of
+    /// [`RCVBUF_WANTED`] (the kernel doubles the value for its bookkeeping and enforces a
+    /// minimum of a few KiB). A small buffer overflows sooner: tests use it to provoke
+    /// [`Event::Overflow`].
+    pub fn open_with_buffer(bytes: usize) -> Result<UeventMonitor, MonitorError> {
         let fd = socket(
             AddressFamily::Netlink,
             SockType::Datagram,
@@ -141,15 +149,15 @@ impl UeventMonitor {
         // SO_RCVBUFFORCE fails without CAP_NET_ADMIN; SO_RCVBUF then gets what rmem_max
         // allows. Neither failing is fatal: the default buffer still works, just overflows
         // sooner.
-        let how = if setsockopt(&fd, sockopt::RcvBufForce, &RCVBUF_WANTED).is_ok() {
+        let how = if setsockopt(&fd, sockopt::RcvBufForce, &bytes).is_ok() {
             "SO_RCVBUFFORCE"
-        } else if setsockopt(&fd, sockopt::RcvBuf, &RCVBUF_WANTED).is_ok() {
+        } else if setsockopt(&fd, sockopt::RcvBuf, &bytes).is_ok() {
             "SO_RCVBUF"
         } else {
             "neither SO_RCVBUFFORCE nor SO_RCVBUF (default)"
         };
         let granted = getsockopt(&fd, sockopt::RcvBuf).unwrap_or(0);
-        log::debug!("uevent monitor: receive buffer {granted} bytes via {how} (asked {RCVBUF_WANTED})");
+        log::debug!("uevent monitor: receive buffer {granted} bytes via {how} (asked {bytes})");
         bind(fd.as_raw_fd(), &NetlinkAddr::new(0, KERNEL_GROUP)).map_err(open_err("bind"))?;
         Ok(UeventMonitor {
             fd,
