@@ -93,8 +93,10 @@ impl fmt::Display for Action {
 /// One kernel uevent.
 ///
 /// The typed fields are derived from `vars` (which keeps every variable in message order,
-/// `ACTION`, `DEVPATH`, `SUBSYSTEM` and `SEQNUM` included), so a `Uevent` is always
-/// consistent with the message it came from or will be written as.
+/// `ACTION`, `DEVPATH`, `SUBSYSTEM` and `SEQNUM` included) by [`parse_datagram`] and
+/// [`Uevent::from_vars`], so such a `Uevent` is consistent with the message it came from.
+/// [`Uevent::to_bytes`] writes the header and `vars` only: after changing a typed field
+/// by hand, rebuild the event with `from_vars` instead.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Uevent {
     /// What happened.
