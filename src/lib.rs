@@ -16,6 +16,11 @@
 //!   vfio-pci, [`sysfs::snapshot`] captures a tree;
 //! - [`removal`] keeps scans away from devices being removed: [`removal::pool`] runs the
 //!   reads that may block, [`removal::registry`] records pending removals;
+//! - [`bus`] decides which devices a driver gets: [`bus::id`] id tables with class masks,
+//!   [`bus::devargs`] DPDK's allow and block lists, [`bus::claim`] one owner per device
+//!   across processes (the driver trait and the probe loop are still to come);
+//! - [`hotplug`] receives the kernel's uevents ([`hotplug::event`] parses them,
+//!   [`hotplug::monitor`] is the pollable netlink socket);
 //! - [`vfio`] opens a device, maps its BARs and DMA memory and routes its interrupts (its
 //!   `sys`, `mmio` and `dma` modules hold all of the crate's `unsafe`);
 //! - [`fixture`] is the text format of sysfs trees, and (feature `testing`)
