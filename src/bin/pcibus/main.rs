@@ -19,6 +19,7 @@ mod detach;
 mod list;
 mod show;
 mod vfio;
+mod watch;
 
 use claims::write_claims;
 use list::{device_json, report_skipped, write_json_list, write_table};
@@ -108,6 +109,23 @@ enum Command {
     Vfio {
         #[command(subcommand)]
         command: VfioCommand,
+    },
+    /// Print PCI hotplug events as the kernel sends them (add, remove, bind, unbind,
+    /// change), until SIGINT or SIGTERM (then exit 0).
+    Watch {
+        /// One JSON object per line: action, address, subsystem, devpath, driver, seqnum;
+        /// `{"overflow":true}` when the kernel dropped events (rescan then).
+        #[arg(long)]
+        json: bool,
+        /// Every kernel uevent, not only the PCI subsystem's.
+        #[arg(long)]
+        all: bool,
+        /// Only these devices (DPDK devargs syntax). Repeatable.
+        #[arg(short = 'a', long = "allow", value_name = "DEVARGS")]
+        allow: Vec<String>,
+        /// Never these devices. Repeatable.
+        #[arg(short = 'b', long = "block", value_name = "ADDRESS")]
+        block: Vec<String>,
     },
     /// Devices claimed by pcibus processes, and by whom.
     ///
@@ -227,8 +245,13 @@ impl ScanArgs {
 
 fn main() {
     let cli = Cli::parse();
-    // Before any thread exists: from here on the work runs in a child process.
-    let report = detach::start();
+    // Before any thread exists: from here on the work runs in a child process. Not for
+    // `watch`, which reads nothing that can block and must see its own SIGINT.
+    let report = if matches!(cli.command, Command::Watch { .. }) {
+        None
+    } else {
+        detach::start()
+    };
     let code = std::panic::catch_unwind(move || {
         let root = cli.sysfs.clone().map_or_else(SysfsRoot::from_env, SysfsRoot::new);
         match run(cli, root) {
@@ -380,6 +403,20 @@ fn run(cli: Cli, root: SysfsRoot) -> Result<Outcome, Error> {
             } else {
                 write_vfio_info(&mut out, &info)?;
             }
+        }
+        Command::Watch {
+            json,
+            all,
+            allow,
+            block,
+        } => {
+            let selection = pcibus::bus::devargs::Selection::from_args(
+                allow
+                    .iter()
+                    .map(|a| ("-a", a.as_str()))
+                    .chain(block.iter().map(|b| ("-b", b.as_str()))),
+            )?;
+            watch::watch(&mut out, json, all, &selection)?;
         }
         Command::Claims { json, claim_dir } => {
             let dir = claim_dir.map_or_else(ClaimDir::from_env, ClaimDir::new);
