@@ -8,6 +8,9 @@
 //! pcibus-vmtest vfio-dma ADDR        map DMA buffers in the IOMMU; an NVMe Identify by DMA
 //! pcibus-vmtest hold ADDR SECONDS    keep ADDR open through VFIO, ignoring removal requests
 //! pcibus-vmtest seed ADDR            the same-process removal: REQ, registry, scans
+//! pcibus-vmtest claim-release ADDR S claim ADDR, open it, on REQ mark the claim
+//!                                    releasing and release S seconds later
+//! pcibus-vmtest try-claim ADDR       succeed if the claim is refused (another holder)
 //! pcibus-vmtest vfio-group A B       two functions of one IOMMU group open in one container
 //! pcibus-vmtest held-scan-exit ADDR  hold ADDR, scan with --read all while it is removed,
 //!                                    release on REQ and exit
@@ -63,6 +66,11 @@ mod vmtest {
                 .map_err(err)
                 .and_then(|a| hold(a, secs.parse().map_err(err)?)),
             ["seed", addr] => addr.parse().map_err(err).and_then(seed),
+            ["claim-release", addr, secs] => addr
+                .parse()
+                .map_err(err)
+                .and_then(|a| claim_release(a, secs.parse().map_err(err)?)),
+            ["try-claim", addr] => addr.parse().map_err(err).and_then(try_claim),
             ["vfio-group", a, b] => a
                 .parse()
                 .map_err(err)
@@ -1233,6 +1241,55 @@ mod vmtest {
             ms(t.elapsed())
         );
         Ok(())
+    }
+
+    // ------------------------------------------------------------------ claims
+
+    /// Claims `addr` (claims directory from $PCIBUS_CLAIM_DIR), opens it through VFIO and
+    /// waits for a removal request; then says so in its claim ("releasing"), keeps the
+    /// device `secs` more seconds (a slow release), and releases device and claim.
+    fn claim_release(addr: PciAddress, secs: u64) -> Res {
+        use pcibus::bus::claim::{ClaimDir, ClaimInfo};
+        let root = SysfsRoot::new(SYS);
+        let registry = RemovalRegistry::new();
+        let claims = ClaimDir::from_env();
+        let claim = claims
+            .claim(addr, &ClaimInfo::new().driver("vmtest"))
+            .map_err(|e| format!("claim: {e}"))?;
+        let dev = VfioDevice::open(&root, addr).map_err(|e| format!("VfioDevice::open: {e}"))?;
+        let efd = dev.request_eventfd().map_err(err)?;
+        println!("claim-release: {addr} claimed and open; ready");
+        let t = Instant::now();
+        while !dev.poll_request(&efd, &registry) {
+            if t.elapsed() > Duration::from_secs(60) {
+                return Err("no removal request within 60 s".into());
+            }
+            thread::sleep(Duration::from_millis(10));
+        }
+        claim.mark_releasing("vfio removal request").map_err(err)?;
+        println!(
+            "claim-release: REQ at +{}; marked releasing, keeping it {secs} s",
+            ms(t.elapsed())
+        );
+        thread::sleep(Duration::from_secs(secs));
+        drop(dev);
+        drop(claim);
+        println!("claim-release: released at +{}", ms(t.elapsed()));
+        Ok(())
+    }
+
+    /// Tries to claim `addr`; succeeds (exit 0) when refused because another live process
+    /// holds it, printing the refusal.
+    fn try_claim(addr: PciAddress) -> Res {
+        use pcibus::bus::claim::{ClaimDir, ClaimError, ClaimInfo};
+        match ClaimDir::from_env().claim(addr, &ClaimInfo::new()) {
+            Ok(_) => Err(format!("{addr} was free to claim")),
+            Err(e @ ClaimError::Held { pid: Some(_), .. }) => {
+                println!("try-claim: refused: {e}");
+                Ok(())
+            }
+            Err(e) => Err(format!("unexpected claim error: {e}")),
+        }
     }
 
     // ----------------------------------------------------------------------- seed
