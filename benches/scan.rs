@@ -212,3 +212,23 @@ fn blocked_attributes(b: Bencher, k: usize) {
         scan.devices.len()
     });
 }
+
+/// The incremental map: one `change` event for one device of the tree applied to a map of
+/// all of them (re-reads that device), to compare with `scan` of the same tree.
+#[divan::bench(args = [4096])]
+fn map_apply_event(b: Bencher, n: usize) {
+    use pcibus::bus::map::DeviceMap;
+    use pcibus::hotplug::event::{Action, Uevent};
+
+    let mut map = DeviceMap::new(scanner(n)).unwrap();
+    let address = map.iter().nth(map.len() / 2).unwrap().address;
+    let devpath = format!("/devices/pci0000:00/{address}");
+    let vars = vec![
+        ("ACTION".to_string(), "change".to_string()),
+        ("DEVPATH".to_string(), devpath.clone()),
+        ("SUBSYSTEM".to_string(), "pci".to_string()),
+        ("PCI_SLOT_NAME".to_string(), address.to_string()),
+    ];
+    let event = Uevent::from_vars(Action::Change, devpath, vars).unwrap();
+    b.bench_local(|| map.apply(&event).unwrap());
+}

@@ -7,3 +7,4 @@
 pub mod claim;
 pub mod devargs;
 pub mod id;
+pub mod map;
