@@ -895,3 +895,26 @@ fn scans_while_every_helper_thread_is_stuck_hold_no_fds() {
     assert!(stuck <= 2, "only the stuck reads hold fds: {stuck}");
     assert_eq!(fds_under(fake.root()), stuck);
 }
+
+#[test]
+fn scan_device_reads_one_device_and_leaves_other_registry_entries_alone() {
+    let fake = FakeSysfs::new().unwrap();
+    fake.device("0000:01:00.0").create().unwrap();
+    fake.device("0000:02:00.0").create().unwrap();
+    let registry = Arc::new(RemovalRegistry::new());
+    // Pending: one device that exists, one that is gone.
+    registry.mark(addr("0000:02:00.0"), Reason::Uevent);
+    registry.mark(addr("0000:09:00.0"), Reason::Uevent);
+    let scanner = Scanner::new(SysfsRoot::new(fake.root())).registry(Arc::clone(&registry));
+    let one = scanner.scan_device(addr("0000:01:00.0")).unwrap().unwrap();
+    assert_eq!(one.address, addr("0000:01:00.0"));
+    assert!(registry.is_pending(addr("0000:02:00.0")));
+    assert!(
+        registry.is_pending(addr("0000:09:00.0")),
+        "only a full scan knows it is gone"
+    );
+    assert!(scanner.scan_device(addr("0000:03:00.0")).unwrap().is_none());
+    // A full scan prunes the gone one.
+    scanner.scan().unwrap();
+    assert!(!registry.is_pending(addr("0000:09:00.0")));
+}

@@ -2,7 +2,8 @@
 //!
 //! [`id`] matches scan records against drivers' id tables; [`devargs`] parses DPDK-style
 //! allow and block lists with per-device arguments; [`claim`] makes one process the owner
-//! of a device, visibly to every other process.
+//! of a device, visibly to every other process; [`map`] keeps the scan's records current
+//! from uevents, one device per event.
 
 pub mod claim;
 pub mod devargs;

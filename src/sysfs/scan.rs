@@ -432,7 +432,46 @@ impl Scanner {
             }
         }
         listed.sort_unstable();
+        // An entry goes when its device is gone or is a new incarnation (re-added).
+        let identify = |a: PciAddress| {
+            listed
+                .binary_search(&a)
+                .is_ok()
+                .then(|| DeviceIdentity::of(&self.root.device_dir(a)).ok())
+        };
+        self.scan_listed(&devices_dir, &listed, identify, scan)
+    }
 
+    /// Scans one device; `Ok(None)` when it does not exist (or vanished meanwhile). Reads
+    /// only that device's directory: the devices directory is not listed.
+    pub fn scan_device(&self, address: PciAddress) -> Result<Option<DeviceRecord>, ScanError> {
+        let dir_path = self.root.devices_dir();
+        let devices_dir = Arc::new(DirFd::open(dir_path).map_err(|source| ScanError::Root {
+            path: dir_path.to_path_buf(),
+            source,
+        })?);
+        // Other devices' registry entries are left alone (`Some(None)` keeps an entry).
+        let identify = |a: PciAddress| {
+            if a != address {
+                return Some(None);
+            }
+            devices_dir
+                .open_dir(&a.to_string())
+                .ok()
+                .map(|d| DeviceIdentity::of_fd(&d).ok())
+        };
+        let scan = self.scan_listed(&devices_dir, &[address], identify, Scan::default())?;
+        Ok(scan.devices.into_iter().next())
+    }
+
+    // What `scan` does once it knows the addresses to read.
+    fn scan_listed(
+        &self,
+        devices_dir: &Arc<DirFd>,
+        listed: &[PciAddress],
+        identify: impl FnMut(PciAddress) -> Option<Option<DeviceIdentity>>,
+        mut scan: Scan,
+    ) -> Result<Scan, ScanError> {
         // Devices other processes are releasing count as pending, before anything is read.
         let claims = match &self.claims {
             Claims::Dir(dir) => Some(dir),
@@ -444,28 +483,22 @@ impl Scanner {
         {
             log::warn!("claims directory {}: {e}", dir.path().display());
         }
-
-        // An entry goes when its device is gone or is a new incarnation (re-added).
-        scan.released = self.registry.prune(|a| {
-            listed
-                .binary_search(&a)
-                .is_ok()
-                .then(|| DeviceIdentity::of(&self.root.device_dir(a)).ok())
-        });
+        scan.released = self.registry.prune(identify);
         if self.defer && !self.registry.is_empty() {
             return Err(ScanError::Deferred {
                 pending: self.registry.pending().into_iter().map(|p| p.address).collect(),
             });
         }
         let wanted: Vec<PciAddress> = listed
-            .into_iter()
+            .iter()
+            .copied()
             .filter(|a| self.allow.as_ref().is_none_or(|allow| allow.contains(a)) && !self.block.contains(a))
             .collect();
 
         let outcomes = if self.guard_everything {
-            self.walk_guarded(&devices_dir, wanted)
+            self.walk_guarded(devices_dir, wanted)
         } else {
-            self.walk(&devices_dir, &wanted)
+            self.walk(devices_dir, &wanted)
         };
         let mut found = Vec::with_capacity(outcomes.len());
         for outcome in outcomes {
@@ -476,20 +509,11 @@ impl Scanner {
             }
         }
         if !self.guard_everything {
-            self.read_guarded(&devices_dir, &mut found);
+            self.read_guarded(devices_dir, &mut found);
         }
         scan.devices = found.into_iter().map(|f| f.dev).collect();
         scan.ignored.sort_by(|a, b| a.name.cmp(&b.name));
         Ok(scan)
-    }
-
-    /// Scans one device; `Ok(None)` when it does not exist (or vanished meanwhile).
-    pub fn scan_device(&self, address: PciAddress) -> Result<Option<DeviceRecord>, ScanError> {
-        let one = Scanner {
-            allow: Some(BTreeSet::from([address])),
-            ..self.clone()
-        };
-        Ok(one.scan()?.devices.pop())
     }
 
     // The fast path on `self.threads` threads, unguarded.
