@@ -120,12 +120,8 @@ enum Command {
         /// Every kernel uevent, not only the PCI subsystem's.
         #[arg(long)]
         all: bool,
-        /// Only these devices (DPDK devargs syntax). Repeatable.
-        #[arg(short = 'a', long = "allow", value_name = "DEVARGS")]
-        allow: Vec<String>,
-        /// Never these devices. Repeatable.
-        #[arg(short = 'b', long = "block", value_name = "ADDRESS")]
-        block: Vec<String>,
+        #[command(flatten)]
+        select: SelectArgs,
     },
     /// Devices claimed by pcibus processes, and by whom.
     ///
@@ -161,14 +157,8 @@ enum VfioCommand {
 
 #[derive(clap::Args)]
 struct ScanArgs {
-    /// Only these devices, in DPDK's devargs syntax (`0000:02:00.0`, `02:00.0` for domain 0;
-    /// per-device `,key=value` arguments are accepted and checked, and matter to drivers,
-    /// not to listings). Repeatable.
-    #[arg(short = 'a', long = "allow", value_name = "DEVARGS")]
-    allow: Vec<String>,
-    /// Never these devices. Repeatable.
-    #[arg(short = 'b', long = "block", value_name = "ADDRESS")]
-    block: Vec<String>,
+    #[command(flatten)]
+    select: SelectArgs,
     /// Also read these attributes, which block while a removal is pending, each through a
     /// guard with the scan's deadline.
     #[arg(long = "read", value_enum, value_name = "ATTR")]
@@ -205,14 +195,33 @@ enum Attr {
     All,
 }
 
-impl ScanArgs {
-    fn scanner(&self, root: SysfsRoot) -> Result<Scanner, Error> {
-        let selection = pcibus::bus::devargs::Selection::from_args(
+/// `-a`/`-b`, shared by the commands that select devices.
+#[derive(clap::Args)]
+struct SelectArgs {
+    /// Only these devices, in DPDK's devargs syntax (`0000:02:00.0`, `02:00.0` for domain 0;
+    /// per-device `,key=value` arguments are accepted and checked, and matter to drivers,
+    /// not to listings). Repeatable.
+    #[arg(short = 'a', long = "allow", value_name = "DEVARGS")]
+    allow: Vec<String>,
+    /// Never these devices. Repeatable.
+    #[arg(short = 'b', long = "block", value_name = "ADDRESS")]
+    block: Vec<String>,
+}
+
+impl SelectArgs {
+    fn selection(&self) -> Result<pcibus::bus::devargs::Selection, pcibus::bus::devargs::DevargsError> {
+        pcibus::bus::devargs::Selection::from_args(
             self.allow
                 .iter()
                 .map(|a| ("-a", a.as_str()))
                 .chain(self.block.iter().map(|b| ("-b", b.as_str()))),
-        )?;
+        )
+    }
+}
+
+impl ScanArgs {
+    fn scanner(&self, root: SysfsRoot) -> Result<Scanner, Error> {
+        let selection = self.select.selection()?;
         let mut s = Scanner::new(root)
             .timeout(Duration::from_millis(self.timeout))
             .guard_everything(self.guard_all)
@@ -404,19 +413,8 @@ fn run(cli: Cli, root: SysfsRoot) -> Result<Outcome, Error> {
                 write_vfio_info(&mut out, &info)?;
             }
         }
-        Command::Watch {
-            json,
-            all,
-            allow,
-            block,
-        } => {
-            let selection = pcibus::bus::devargs::Selection::from_args(
-                allow
-                    .iter()
-                    .map(|a| ("-a", a.as_str()))
-                    .chain(block.iter().map(|b| ("-b", b.as_str()))),
-            )?;
-            watch::watch(&mut out, json, all, &selection)?;
+        Command::Watch { json, all, select } => {
+            watch::watch(&mut out, json, all, &select.selection()?)?;
         }
         Command::Claims { json, claim_dir } => {
             let dir = claim_dir.map_or_else(ClaimDir::from_env, ClaimDir::new);

@@ -3,7 +3,7 @@
 //! The monitor socket and a signalfd for SIGINT and SIGTERM are waited on together, so an
 //! interrupt ends the command between two events with its output flushed and status 0.
 
-use std::io::{self, Write};
+use std::io::Write;
 
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
 use nix::sys::signal::{SigSet, Signal};
@@ -72,13 +72,7 @@ pub(super) fn watch(out: &mut impl Write, json: bool, all: bool, selection: &Sel
                 }
             }
         }
-        out.flush().or_else(|e| {
-            if e.kind() == io::ErrorKind::BrokenPipe {
-                Err(e)
-            } else {
-                Ok(())
-            }
-        })?;
+        out.flush()?;
     }
 }
 
