@@ -78,7 +78,8 @@ pub(crate) fn read_device(
     // Which incarnation this is matters only to a device already in the registry, and to
     // the blocking reads that may mark it later; an fstat per device is not free, so the
     // plain scan skips it.
-    let identity = if blocking_reads || registry.is_pending(address) {
+    let listed = registry.is_pending(address);
+    let identity = if blocking_reads || listed {
         DeviceIdentity::of_fd(&dir).ok()
     } else {
         None
@@ -88,7 +89,7 @@ pub(crate) fn read_device(
     }
     let mut dev = DeviceRecord::new(address);
     // Checked per incarnation: a device re-added at the same address is a new device.
-    dev.removal_pending = registry.is_pending_device(address, identity);
+    dev.removal_pending = listed && registry.is_pending_device(address, identity);
     let mut config = ConfigWanted::default();
     with_scratch(|buf| {
         let mut r = Reader {
