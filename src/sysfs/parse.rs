@@ -346,17 +346,7 @@ fn resource_kernel_format(text: &[u8], count: usize) -> Option<Vec<Resource>> {
     for (index, line) in text.chunks(LINE).enumerate() {
         let number = |at: usize| -> Option<u64> {
             let field = line.get(at..at + 18)?;
-            let digits = field.strip_prefix(b"0x")?;
-            let mut value = 0u64;
-            for &d in digits {
-                let nibble = match d {
-                    b'0'..=b'9' => d - b'0',
-                    b'a'..=b'f' => d - b'a' + 10,
-                    _ => return None,
-                };
-                value = (value << 4) | u64::from(nibble);
-            }
-            Some(value)
+            hex_digits(field.strip_prefix(b"0x")?).ok()
         };
         let separators = line[18] == b' ' && line[37] == b' ' && line.get(56).is_none_or(|&b| b == b'\n');
         if !separators {
