@@ -48,6 +48,8 @@
 //! # Ok::<(), std::io::Error>(())
 //! ```
 
+pub mod backing;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::ffi::OsStr;
 use std::fmt::Write as _;

@@ -1,11 +1,26 @@
-//! The bus (issue 7, in progress): which devices a driver gets and on what terms.
+//! The bus: which devices a driver gets, on what terms, and how it gives them back.
+//!
+//! [`Bus`] (in [`probe`]) holds the registered [`Driver`]s and the devices they drive: it
+//! offers devices to drivers in address order, claims and opens each ([`attach`]), and
+//! takes devices back through one path on a removal request, a uevent, a BAR fault or an
+//! orderly detach. Drivers see devices through [`backing::DeviceBacking`], so the same
+//! driver runs on VFIO and on an emulation.
 //!
 //! [`id`] matches scan records against drivers' id tables; [`devargs`] parses DPDK-style
 //! allow and block lists with per-device arguments; [`claim`] makes one process the owner
 //! of a device, visibly to every other process; [`map`] keeps the scan's records current
 //! from uevents, one device per event.
 
+pub mod attach;
+pub mod backing;
 pub mod claim;
 pub mod devargs;
+pub mod driver;
 pub mod id;
 pub mod map;
+pub mod probe;
+
+pub use attach::{Attach, AttachError, Attached, BindPolicy, Release, VfioAttach};
+pub use backing::{BackingError, DeviceBacking, DmaMemory, RegisterIo, VfioBacking};
+pub use driver::{Driver, DriverError, ProbeDevice, ProbeOutcome, Removal, RemovalCause};
+pub use probe::{Bus, BusError, BusEvent, ProbeError, ProbeReport, RemovedReport};

@@ -1,0 +1,194 @@
+//! What a driver sees of its device: [`DeviceBacking`], in the spirit of OpenVMM's trait of
+//! the same name.
+//!
+//! A driver generic over `B: DeviceBacking` maps BARs ([`RegisterIo`]), allocates memory
+//! the device can reach ([`DmaMemory`]), routes its MSI-X vectors to eventfds and reads and
+//! writes its config space, and never learns whether the device is a VFIO function
+//! ([`VfioBacking`]) or an emulation in the same process (the NVMe emulator of the
+//! `testing` feature), so the same driver code runs in unit tests and on hardware.
+//!
+//! Every method takes `&self` and the backing is `Clone` (a handle): a driver keeps clones
+//! in its per-device state and in its queues, and drops them all in
+//! [`Driver::remove`](super::driver::Driver::remove). The bus checks that it did
+//! ([`DeviceBacking::extra_handles`]): a handle kept after removal keeps a VFIO device
+//! open, and the kernel's removal waits for it.
+
+use std::fmt;
+use std::ops::Deref;
+use std::os::fd::BorrowedFd;
+use std::sync::Arc;
+
+use crate::addr::PciAddress;
+use crate::vfio::{DmaBuffer, DmaRegion, MappedBar, VfioDevice, VfioError};
+
+/// Why a backing operation failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum BackingError {
+    /// The VFIO layer refused or failed.
+    #[error(transparent)]
+    Vfio(#[from] VfioError),
+    /// An access outside the BAR or config space, or misaligned.
+    #[error("{address}: {what} at {offset:#x} (+{len}) is out of range")]
+    OutOfRange {
+        /// The device.
+        address: PciAddress,
+        /// What was accessed ("BAR 0", "config").
+        what: String,
+        /// Where.
+        offset: u64,
+        /// How many bytes.
+        len: usize,
+    },
+    /// The device (or its emulation) is gone.
+    #[error("{0}: device gone")]
+    Gone(PciAddress),
+    /// Anything else, said by the backing.
+    #[error("{address}: {message}")]
+    Other {
+        /// The device.
+        address: PciAddress,
+        /// What went wrong.
+        message: String,
+    },
+}
+
+/// A mapped BAR: 32- and 64-bit register accesses at byte offsets.
+///
+/// A device that is gone reads all-ones (a surprise-removed VFIO device whose BAR faulted
+/// reads `0xffff_ffff` once [`crate::vfio::fault`] replaced the mapping); drivers treat
+/// all-ones from a register that cannot hold it as "device gone".
+pub trait RegisterIo: Send + Sync + fmt::Debug {
+    /// The BAR's size in bytes.
+    fn len(&self) -> u64;
+    /// Whether the BAR has no bytes (never, for a mapped BAR).
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// A 32-bit read at `offset` (4-byte aligned).
+    fn read32(&self, offset: u64) -> Result<u32, BackingError>;
+    /// A 32-bit write at `offset`.
+    fn write32(&self, offset: u64, value: u32) -> Result<(), BackingError>;
+    /// A 64-bit read at `offset` (8-byte aligned).
+    fn read64(&self, offset: u64) -> Result<u64, BackingError>;
+    /// A 64-bit write at `offset`.
+    fn write64(&self, offset: u64, value: u64) -> Result<(), BackingError>;
+}
+
+/// Memory the device can reach by DMA: a [`DmaBuffer`] (atomic, aligned accesses; no
+/// references into it) at an I/O virtual address. Unmapped and freed on drop.
+pub trait DmaMemory: Deref<Target = DmaBuffer> + Send + Sync + fmt::Debug {
+    /// The address the device uses for the buffer's first byte.
+    fn iova(&self) -> u64;
+}
+
+/// A device as a driver drives it. See the [module docs](self).
+pub trait DeviceBacking: Clone + Send + Sync + fmt::Debug + 'static {
+    /// A mapped BAR.
+    type Registers: RegisterIo;
+    /// A DMA allocation.
+    type Dma: DmaMemory;
+
+    /// The device's address.
+    fn address(&self) -> PciAddress;
+    /// Maps BAR `index` (0–5).
+    fn map_bar(&self, index: u32) -> Result<Self::Registers, BackingError>;
+    /// Allocates `len` bytes (rounded up to whole pages), zeroed, mapped for the device.
+    fn alloc_dma(&self, len: usize) -> Result<Self::Dma, BackingError>;
+    /// Reads config space at `offset`.
+    fn read_config(&self, offset: u64, buf: &mut [u8]) -> Result<(), BackingError>;
+    /// Writes config space at `offset`.
+    fn write_config(&self, offset: u64, buf: &[u8]) -> Result<(), BackingError>;
+    /// How many MSI-X vectors the device has (0: none).
+    fn max_interrupts(&self) -> u32;
+    /// Routes MSI-X vectors `0..fds.len()` to these eventfds, in one call; an empty slice
+    /// disables MSI-X. The eventfds stay the caller's.
+    fn route_interrupts(&self, fds: &[BorrowedFd<'_>]) -> Result<(), BackingError>;
+    /// A function-level reset.
+    fn reset(&self) -> Result<(), BackingError>;
+    /// How many handles to the device exist besides this one (clones, mapped BARs). The
+    /// bus calls it on its own handle after [`Driver::remove`](super::driver::Driver::remove)
+    /// and after a failed probe: anything but 0 means the driver kept the device.
+    fn extra_handles(&self) -> usize;
+}
+
+/// A VFIO device as a [`DeviceBacking`]: a handle (`Arc`) of an open [`VfioDevice`]. DMA
+/// memory comes from the device's container.
+#[derive(Debug, Clone)]
+pub struct VfioBacking {
+    device: Arc<VfioDevice>,
+}
+
+impl VfioBacking {
+    /// The backing of an open device.
+    pub fn new(device: Arc<VfioDevice>) -> Self {
+        VfioBacking { device }
+    }
+
+    /// The device, for what the trait does not cover (region info, other interrupts).
+    pub fn device(&self) -> &Arc<VfioDevice> {
+        &self.device
+    }
+}
+
+impl RegisterIo for MappedBar {
+    fn len(&self) -> u64 {
+        self.info().size
+    }
+    fn read32(&self, offset: u64) -> Result<u32, BackingError> {
+        Ok(MappedBar::read32(self, offset)?)
+    }
+    fn write32(&self, offset: u64, value: u32) -> Result<(), BackingError> {
+        Ok(MappedBar::write32(self, offset, value)?)
+    }
+    fn read64(&self, offset: u64) -> Result<u64, BackingError> {
+        Ok(MappedBar::read64(self, offset)?)
+    }
+    fn write64(&self, offset: u64, value: u64) -> Result<(), BackingError> {
+        Ok(MappedBar::write64(self, offset, value)?)
+    }
+}
+
+impl DmaMemory for DmaRegion {
+    fn iova(&self) -> u64 {
+        DmaRegion::iova(self)
+    }
+}
+
+impl DeviceBacking for VfioBacking {
+    type Registers = MappedBar;
+    type Dma = DmaRegion;
+
+    fn address(&self) -> PciAddress {
+        self.device.address()
+    }
+    fn map_bar(&self, index: u32) -> Result<MappedBar, BackingError> {
+        Ok(self.device.map_bar(index)?)
+    }
+    fn alloc_dma(&self, len: usize) -> Result<DmaRegion, BackingError> {
+        Ok(self.device.container().alloc_dma(len)?)
+    }
+    fn read_config(&self, offset: u64, buf: &mut [u8]) -> Result<(), BackingError> {
+        Ok(self.device.read_config(offset, buf)?)
+    }
+    fn write_config(&self, offset: u64, buf: &[u8]) -> Result<(), BackingError> {
+        Ok(self.device.write_config(offset, buf)?)
+    }
+    fn max_interrupts(&self) -> u32 {
+        self.device
+            .irq_info(crate::vfio::irq::MSIX)
+            .map_or(0, |i| i.count)
+    }
+    fn route_interrupts(&self, fds: &[BorrowedFd<'_>]) -> Result<(), BackingError> {
+        if fds.is_empty() {
+            return Ok(self.device.disable_irq(crate::vfio::irq::MSIX)?);
+        }
+        Ok(self.device.enable_msix(fds)?)
+    }
+    fn reset(&self) -> Result<(), BackingError> {
+        Ok(self.device.reset()?)
+    }
+    fn extra_handles(&self) -> usize {
+        Arc::strong_count(&self.device).saturating_sub(1)
+    }
+}

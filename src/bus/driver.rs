@@ -1,0 +1,134 @@
+//! The driver side of the bus: [`Driver`], what probe receives ([`ProbeDevice`]) and
+//! answers ([`ProbeOutcome`]), and why a device is taken back ([`Removal`]).
+//!
+//! A driver is generic over the [`DeviceBacking`] it drives, so the same driver runs on a
+//! VFIO device and on an emulation. It keeps its per-device state itself (keyed by
+//! address, as a DPDK driver keeps its private data); the application reaches it through
+//! [`Bus::driver_mut`](super::Bus::driver_mut).
+//!
+//! Callbacks run only on the thread that calls into the [`Bus`](super::Bus)
+//! (`probe_all`, `poll`, `handle`, `wait`, `detach`, or dropping it): never in a signal
+//! handler, never on a thread the caller did not start.
+
+use std::any::Any;
+use std::fmt;
+
+use super::backing::DeviceBacking;
+use super::devargs::DevArg;
+use super::id::IdEntry;
+use crate::addr::PciAddress;
+use crate::hotplug::event::Action;
+use crate::record::DeviceRecord;
+
+/// A driver's error, as the bus reports it.
+pub type DriverError = Box<dyn std::error::Error + Send + Sync>;
+
+/// A userspace PCI driver. See the [module docs](self).
+pub trait Driver<B: DeviceBacking>: Any + Send {
+    /// The driver's name: in claims, reports and logs.
+    fn name(&self) -> &str;
+
+    /// The devices it may drive; the bus offers a device only if an entry matches it (the
+    /// first matching entry is passed to [`probe`](Self::probe)).
+    fn id_table(&self) -> &[IdEntry];
+
+    /// Takes the device, or declines it.
+    ///
+    /// On [`ProbeOutcome::Bound`] the driver keeps what it needs (clones of
+    /// `device.backing`, mapped BARs, DMA memory) until [`remove`](Self::remove). On
+    /// [`ProbeOutcome::NotMine`] and [`ProbeOutcome::Failed`] it must have dropped every
+    /// handle of the device before returning: the bus then releases the device (closes
+    /// it, puts the binding back, drops the claim) and reports a kept handle as a leak.
+    fn probe(&mut self, device: ProbeDevice<'_, B>) -> ProbeOutcome;
+
+    /// Gives the device back: stop using it and drop every handle of it before returning.
+    /// Called once per bound device, whatever the [`RemovalCause`]. For
+    /// [`RemovalCause::Request`] and the others that mean the device is going away, do not
+    /// wait for the device (it may be gone): the kernel's removal waits for this process
+    /// to close it.
+    fn remove(&mut self, address: PciAddress, removal: &Removal);
+
+    /// Whether [`Bus::probe_all`](super::Bus::probe_all) offers a device this driver
+    /// already has to it again (DPDK's `RTE_PCI_DRV_PROBE_AGAIN`): for drivers that take
+    /// new arguments on a second probe. Default: no, a bound device is not probed again.
+    fn probe_again(&self) -> bool {
+        false
+    }
+}
+
+/// What [`Driver::probe`] receives: the device's scan record, its devargs, the id entry
+/// that matched, and the device itself, opened and claimed.
+#[derive(Debug)]
+#[non_exhaustive]
+pub struct ProbeDevice<'a, B> {
+    /// The device as the scan read it.
+    pub record: &'a DeviceRecord,
+    /// The device's arguments (`-a ADDR,key=value`), if the selection names it. Unknown
+    /// keys are the driver's to reject ([`DevArg::reject_unknown`]).
+    pub devarg: Option<&'a DevArg>,
+    /// The id entry that matched.
+    pub id: &'a IdEntry,
+    /// The opened device. Clone it to keep it.
+    pub backing: &'a B,
+    /// Whether the driver already has this device (only for [`Driver::probe_again`]).
+    pub again: bool,
+}
+
+/// What a probe decided.
+#[derive(Debug)]
+pub enum ProbeOutcome {
+    /// The driver drives the device now.
+    Bound,
+    /// Not a device for this driver (a model it does not support, a mode it does not
+    /// handle): the bus offers it to the next driver whose table matches.
+    NotMine,
+    /// The driver tried and failed. Everything done for the probe is undone (the bus
+    /// closes the device, restores its binding and drops its claim); no other driver is
+    /// tried.
+    Failed(DriverError),
+}
+
+/// Why a device is taken from its driver.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum RemovalCause {
+    /// VFIO's request interrupt: the kernel wants the device back (an unbind or a
+    /// removal is waiting for this process to close it).
+    Request,
+    /// A uevent said the device is gone or lost its driver (`remove`, `unbind`).
+    Uevent(Action),
+    /// An access to a mapped BAR faulted (SIGBUS, surprise removal).
+    Fault,
+    /// The application detached it ([`Bus::detach`](super::Bus::detach), or the bus was
+    /// dropped).
+    Detach,
+}
+
+impl RemovalCause {
+    /// Whether the device is going away (anything but an orderly detach): its binding is
+    /// left alone then, and the claim says "releasing" while the driver lets go.
+    pub fn is_removal(&self) -> bool {
+        !matches!(self, RemovalCause::Detach)
+    }
+}
+
+impl fmt::Display for RemovalCause {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            RemovalCause::Request => f.write_str("vfio removal request"),
+            RemovalCause::Uevent(action) => write!(f, "{action} uevent"),
+            RemovalCause::Fault => f.write_str("BAR access fault"),
+            RemovalCause::Detach => f.write_str("detached"),
+        }
+    }
+}
+
+/// A device being taken from its driver, as [`Driver::remove`] receives it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Removal {
+    /// The device.
+    pub address: PciAddress,
+    /// Why.
+    pub cause: RemovalCause,
+}

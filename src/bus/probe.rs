@@ -1,0 +1,690 @@
+//! [`Bus`]: registered drivers, the devices they hold, and the loop that hands devices to
+//! them and takes them back.
+//!
+//! The bus keeps a [`DeviceMap`] (one full scan at the start, then one device per event).
+//! [`Bus::probe_all`] offers every admitted device, in address order, to the drivers whose
+//! id tables match it, in registration order: each device is claimed
+//! ([`ClaimDir`]), opened ([`Attach`]) and passed to [`Driver::probe`] until a driver
+//! binds it; if none does, or a probe fails, everything is undone in reverse.
+//!
+//! Devices are taken back through one path, whatever told the bus: the request eventfd
+//! of a device ([`Bus::poll`]), a `remove` or `unbind` uevent ([`Bus::handle`]), a fault
+//! on a mapped BAR ([`crate::vfio::fault`], also in [`Bus::poll`]), or the application
+//! ([`Bus::detach`], dropping the bus). That path says "releasing" in the device's claim
+//! (so scans in other processes keep away from it) and marks it in the scanner's
+//! registry, calls [`Driver::remove`], checks that the driver dropped the device, closes
+//! it, restores its binding on an orderly release, and drops the claim.
+//!
+//! A device added later (a `add` uevent) is read alone and offered to the drivers after a
+//! settle delay ([`Bus::settle`], default 2 s as in SPDK): a device unplugged and
+//! plugged back is probed again. A device whose driver let it go on a request while it
+//! stays present (an operator's `unbind`) is not probed again until it is re-added.
+//!
+//! Nothing runs behind the caller's back: the bus has no thread. An event loop waits on
+//! [`Bus::fds`] (and a [`UeventMonitor`]) and calls [`Bus::poll`] / [`Bus::handle`];
+//! simple programs call [`Bus::wait`], which does both.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::os::fd::{AsFd, BorrowedFd};
+use std::time::{Duration, Instant};
+
+use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+
+use super::attach::{Attach, AttachError, Attached, Release};
+use super::backing::DeviceBacking;
+use super::claim::{Claim, ClaimDir, ClaimError, ClaimInfo};
+use super::devargs::Selection;
+use super::driver::{Driver, DriverError, ProbeDevice, ProbeOutcome, Removal, RemovalCause};
+use super::id::first_match;
+use super::map::{Change, DeviceMap};
+use crate::addr::PciAddress;
+use crate::hotplug::event::{Action, Uevent};
+use crate::hotplug::monitor::{Event, MonitorError, UeventMonitor};
+use crate::removal::registry::Reason;
+use crate::sysfs::bind::is_kernel_sysfs;
+use crate::sysfs::scan::ScanError;
+
+/// SPDK's settle delay for hot-inserted devices.
+pub const DEFAULT_SETTLE: Duration = Duration::from_secs(2);
+
+/// What went wrong running the bus (not a device's probe: those are in
+/// [`ProbeReport`]s).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum BusError {
+    /// Reading sysfs failed.
+    #[error(transparent)]
+    Scan(#[from] ScanError),
+    /// The uevent monitor failed.
+    #[error(transparent)]
+    Monitor(#[from] MonitorError),
+    /// Waiting for events failed.
+    #[error("bus: poll failed")]
+    Poll(#[source] std::io::Error),
+    /// The bus holds no device at this address.
+    #[error("{0}: no driver of this bus holds it")]
+    NotHeld(PciAddress),
+}
+
+/// Why a device offered to the drivers is not bound.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ProbeError {
+    /// Another owner holds the device's claim (its PID and command are in the error).
+    #[error(transparent)]
+    Claim(#[from] ClaimError),
+    /// The device could not be opened (or bound to vfio-pci).
+    #[error(transparent)]
+    Attach(#[from] AttachError),
+    /// Every matching driver said it is not theirs.
+    #[error("{address}: no driver took it (declined by {})", .declined.join(", "))]
+    Declined {
+        /// The device.
+        address: PciAddress,
+        /// The drivers that declined, in the order asked.
+        declined: Vec<String>,
+    },
+    /// A driver's probe failed; everything done for it was undone.
+    #[error("{address}: driver {driver} failed to probe it")]
+    Failed {
+        /// The device.
+        address: PciAddress,
+        /// The driver.
+        driver: String,
+        /// The driver's error.
+        #[source]
+        error: DriverError,
+    },
+}
+
+/// What offering one device to the drivers did.
+#[derive(Debug)]
+#[non_exhaustive]
+pub struct ProbeReport {
+    /// The device.
+    pub address: PciAddress,
+    /// The driver that bound it, or why none did.
+    pub result: Result<String, ProbeError>,
+    /// Handles of the device that drivers kept after declining or failing (0 when every
+    /// driver let go, as it must; see [`DeviceBacking::extra_handles`]).
+    pub leaked: usize,
+}
+
+/// A device taken back from its driver.
+#[derive(Debug)]
+#[non_exhaustive]
+pub struct RemovedReport {
+    /// The device.
+    pub address: PciAddress,
+    /// The driver that had it.
+    pub driver: String,
+    /// Why it was taken back.
+    pub cause: RemovalCause,
+    /// Handles the driver kept after [`Driver::remove`] (0 when it let go, as it must): a
+    /// VFIO device stays open while one lives, and the kernel's removal waits.
+    pub leaked: usize,
+    /// Closing or restoring the binding failed (the device is released from the bus
+    /// anyway).
+    pub error: Option<AttachError>,
+}
+
+/// What the bus did.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum BusEvent {
+    /// A device was offered to the drivers.
+    Probed(ProbeReport),
+    /// A device was taken back from its driver.
+    Removed(RemovedReport),
+    /// An event changed the device map.
+    Map(Change),
+    /// Uevents were lost; the map was rebuilt by a full scan, with these changes.
+    Resynced(Vec<Change>),
+}
+
+impl fmt::Display for BusEvent {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            BusEvent::Probed(r) => match &r.result {
+                Ok(driver) => write!(f, "{}: bound to {driver}", r.address),
+                Err(e) => write!(f, "{}: not bound: {e}", r.address),
+            },
+            BusEvent::Removed(r) => write!(f, "{}: taken from {} ({})", r.address, r.driver, r.cause),
+            BusEvent::Map(c) => write!(f, "map: {c:?}"),
+            BusEvent::Resynced(c) => write!(f, "uevents lost: rescanned, {} changes", c.len()),
+        }
+    }
+}
+
+struct Held<B> {
+    driver: usize,
+    attached: Attached<B>,
+    claim: Option<Claim>,
+}
+
+/// The bus. See the [module docs](self).
+pub struct Bus<A: Attach> {
+    attach: A,
+    drivers: Vec<Box<dyn Driver<A::Backing>>>,
+    selection: Selection,
+    claims: Option<ClaimDir>,
+    map: DeviceMap,
+    held: BTreeMap<PciAddress, Held<A::Backing>>,
+    // Added devices and when they may be probed.
+    settling: BTreeMap<PciAddress, Instant>,
+    settle: Duration,
+    // Released on a request while still present: not probed again until re-added.
+    held_off: BTreeSet<PciAddress>,
+}
+
+impl<A: Attach> fmt::Debug for Bus<A> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Bus")
+            .field(
+                "drivers",
+                &self
+                    .drivers
+                    .iter()
+                    .map(|d| d.name().to_owned())
+                    .collect::<Vec<_>>(),
+            )
+            .field("selection", &self.selection.to_string())
+            .field("held", &self.held.keys().collect::<Vec<_>>())
+            .field("settling", &self.settling)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<A: Attach> Bus<A> {
+    /// A bus over `map`'s devices, opening them with `attach`. Every device is admitted
+    /// ([`Selection::everything`]); claims go to [`ClaimDir::from_env`] when the map reads
+    /// the kernel's sysfs, and nowhere for a fake tree; settle delay [`DEFAULT_SETTLE`].
+    pub fn new(map: DeviceMap, attach: A) -> Self {
+        let claims = is_kernel_sysfs(map.scanner().root()).then(ClaimDir::from_env);
+        Bus {
+            attach,
+            drivers: Vec::new(),
+            selection: Selection::everything(),
+            claims,
+            map,
+            held: BTreeMap::new(),
+            settling: BTreeMap::new(),
+            settle: DEFAULT_SETTLE,
+            held_off: BTreeSet::new(),
+        }
+    }
+
+    /// Offers only the devices `selection` admits, with its per-device arguments.
+    pub fn selection(mut self, selection: Selection) -> Self {
+        self.selection = selection;
+        self
+    }
+
+    /// Claims devices in `dir` (`None`: takes no claims).
+    pub fn claim_dir(mut self, dir: Option<ClaimDir>) -> Self {
+        self.claims = dir;
+        self
+    }
+
+    /// Waits this long after a device is added before offering it.
+    pub fn settle(mut self, delay: Duration) -> Self {
+        self.settle = delay;
+        self
+    }
+
+    /// Registers a driver; drivers are asked in registration order.
+    pub fn register(&mut self, driver: Box<dyn Driver<A::Backing>>) {
+        self.drivers.push(driver);
+    }
+
+    /// The first registered driver of type `D`, for the application to reach the devices
+    /// it drives.
+    pub fn driver_mut<D: Driver<A::Backing>>(&mut self) -> Option<&mut D> {
+        self.drivers
+            .iter_mut()
+            .find_map(|d| (d.as_mut() as &mut dyn std::any::Any).downcast_mut::<D>())
+    }
+
+    /// The device map.
+    pub fn map(&self) -> &DeviceMap {
+        &self.map
+    }
+
+    /// The attach implementation.
+    pub fn attacher(&self) -> &A {
+        &self.attach
+    }
+
+    /// The devices drivers hold, with the driver's name, in address order.
+    pub fn held(&self) -> Vec<(PciAddress, &str)> {
+        self.held
+            .iter()
+            .map(|(a, h)| (*a, self.drivers[h.driver].name()))
+            .collect()
+    }
+
+    /// The backing of a held device.
+    pub fn backing(&self, address: PciAddress) -> Option<&A::Backing> {
+        self.held.get(&address).map(|h| &h.attached.backing)
+    }
+
+    /// Offers every admitted device of the map that no driver holds (and, for drivers
+    /// that ask, those they hold: [`Driver::probe_again`]) to the drivers, in address
+    /// order. Devices no driver's table matches are skipped silently; the others get a
+    /// report.
+    pub fn probe_all(&mut self) -> Vec<ProbeReport> {
+        let addresses: Vec<PciAddress> = self.map.iter().map(|r| r.address).collect();
+        addresses.into_iter().filter_map(|a| self.probe_one(a)).collect()
+    }
+
+    /// Offers the device at `address` now (even if it is settling or held off). `None`
+    /// if it is not in the map, not admitted, or no driver's table matches it.
+    pub fn probe(&mut self, address: PciAddress) -> Option<ProbeReport> {
+        self.settling.remove(&address);
+        self.held_off.remove(&address);
+        self.probe_one(address)
+    }
+
+    fn probe_one(&mut self, address: PciAddress) -> Option<ProbeReport> {
+        if !self.selection.admits(address)
+            || self.held_off.contains(&address)
+            || self.settling.contains_key(&address)
+        {
+            return None;
+        }
+        let record = self.map.get(address)?.clone();
+        if let Some(held) = self.held.get(&address) {
+            let driver = &mut self.drivers[held.driver];
+            if !driver.probe_again() {
+                return None;
+            }
+            let id = *first_match(driver.id_table(), &record)?;
+            let name = driver.name().to_owned();
+            let outcome = driver.probe(ProbeDevice {
+                record: &record,
+                devarg: self.selection.devarg(address),
+                id: &id,
+                backing: &held.attached.backing,
+                again: true,
+            });
+            return Some(ProbeReport {
+                address,
+                result: match outcome {
+                    ProbeOutcome::Bound | ProbeOutcome::NotMine => Ok(name),
+                    ProbeOutcome::Failed(error) => Err(ProbeError::Failed {
+                        address,
+                        driver: name,
+                        error,
+                    }),
+                },
+                leaked: 0,
+            });
+        }
+        let candidates: Vec<(usize, _)> = self
+            .drivers
+            .iter()
+            .enumerate()
+            .filter_map(|(i, d)| first_match(d.id_table(), &record).map(|e| (i, *e)))
+            .collect();
+        let (first, _) = candidates.first()?;
+        let report = |result, leaked| {
+            Some(ProbeReport {
+                address,
+                result,
+                leaked,
+            })
+        };
+        let claim = match &self.claims {
+            Some(dir) => match dir.claim(address, &ClaimInfo::new().driver(self.drivers[*first].name())) {
+                Ok(c) => Some(c),
+                Err(e) => return report(Err(e.into()), 0),
+            },
+            None => None,
+        };
+        let attached = match self.attach.attach(&record) {
+            Ok(a) => a,
+            Err(e) => return report(Err(e.into()), 0),
+        };
+        let mut declined = Vec::new();
+        let mut failure = None;
+        let mut leaked = 0;
+        for (index, id) in &candidates {
+            let driver = &mut self.drivers[*index];
+            let outcome = driver.probe(ProbeDevice {
+                record: &record,
+                devarg: self.selection.devarg(address),
+                id,
+                backing: &attached.backing,
+                again: false,
+            });
+            match outcome {
+                ProbeOutcome::Bound => {
+                    self.held.insert(
+                        address,
+                        Held {
+                            driver: *index,
+                            attached,
+                            claim,
+                        },
+                    );
+                    return report(Ok(driver.name().to_owned()), leaked);
+                }
+                ProbeOutcome::NotMine => {
+                    leaked += kept(driver.name(), address, &attached.backing, "declining");
+                    declined.push(driver.name().to_owned());
+                }
+                ProbeOutcome::Failed(error) => {
+                    leaked += kept(driver.name(), address, &attached.backing, "failing");
+                    failure = Some(ProbeError::Failed {
+                        address,
+                        driver: driver.name().to_owned(),
+                        error,
+                    });
+                    break;
+                }
+            }
+        }
+        if let Err(e) = self.attach.detach(attached, Release::Rollback) {
+            log::error!("{address}: undoing the attach after no driver took it failed: {e}");
+        }
+        release_claim(claim);
+        report(
+            Err(failure.unwrap_or(ProbeError::Declined { address, declined })),
+            leaked,
+        )
+    }
+
+    /// Takes `address` back from its driver in an orderly way ([`RemovalCause::Detach`]):
+    /// the driver lets go, the device is closed, its previous driver is restored if the
+    /// policy says so, and the claim is dropped.
+    pub fn detach(&mut self, address: PciAddress) -> Result<RemovedReport, BusError> {
+        self.take_back(address, RemovalCause::Detach)
+            .ok_or(BusError::NotHeld(address))
+    }
+
+    // The one removal path.
+    fn take_back(&mut self, address: PciAddress, cause: RemovalCause) -> Option<RemovedReport> {
+        let held = self.held.remove(&address)?;
+        let registry = self.map.scanner().removal_registry().clone();
+        let marked = cause.is_removal().then(|| {
+            if let Some(claim) = &held.claim
+                && let Err(e) = claim.mark_releasing(&cause.to_string())
+            {
+                log::warn!("{address}: could not say \"releasing\" in the claim: {e}");
+            }
+            let reason = match &cause {
+                RemovalCause::Request => Reason::RemovalRequested,
+                RemovalCause::Uevent(_) => Reason::Uevent,
+                other => Reason::Other(other.to_string()),
+            };
+            registry.mark(address, reason)
+        });
+        let driver = &mut self.drivers[held.driver];
+        let name = driver.name().to_owned();
+        driver.remove(
+            address,
+            &Removal {
+                address,
+                cause: cause.clone(),
+            },
+        );
+        let leaked = kept(&name, address, &held.attached.backing, "its removal");
+        let release = if cause.is_removal() {
+            Release::Removal
+        } else {
+            Release::Orderly
+        };
+        let error = self.attach.detach(held.attached, release).err();
+        release_claim(held.claim);
+        if marked == Some(true) {
+            registry.release(address);
+        }
+        if cause == RemovalCause::Request && self.map.get(address).is_some() {
+            self.held_off.insert(address);
+        }
+        Some(RemovedReport {
+            address,
+            driver: name,
+            cause,
+            leaked,
+            error,
+        })
+    }
+
+    /// Handles what is ready without waiting: request eventfds that fired and BAR faults
+    /// (each device is taken back), and settled devices (offered to the drivers).
+    pub fn poll(&mut self) -> Vec<BusEvent> {
+        let mut events = Vec::new();
+        let requested: Vec<PciAddress> = self
+            .held
+            .iter()
+            .filter(|(_, h)| {
+                h.attached
+                    .request
+                    .as_ref()
+                    .is_some_and(|fd| drain_eventfd(fd.as_fd()))
+            })
+            .map(|(a, _)| *a)
+            .collect();
+        for address in requested {
+            events.extend(
+                self.take_back(address, RemovalCause::Request)
+                    .map(BusEvent::Removed),
+            );
+        }
+        for fault in faults::take() {
+            events.extend(
+                self.take_back(fault.owner.address, RemovalCause::Fault)
+                    .map(BusEvent::Removed),
+            );
+        }
+        let now = Instant::now();
+        let due: Vec<PciAddress> = self
+            .settling
+            .iter()
+            .filter(|(_, t)| **t <= now)
+            .map(|(a, _)| *a)
+            .collect();
+        for address in due {
+            self.settling.remove(&address);
+            events.extend(self.probe_one(address).map(BusEvent::Probed));
+        }
+        events
+    }
+
+    /// Applies a monitor event: updates the map (one device read per uevent, a full scan
+    /// on overflow), takes back held devices that are gone or lost their binding, and
+    /// schedules added devices for probing after the settle delay.
+    pub fn handle(&mut self, event: &Event) -> Result<Vec<BusEvent>, BusError> {
+        let mut events = Vec::new();
+        match event {
+            Event::Overflow => {
+                let changes = self.map.resync()?;
+                for change in &changes {
+                    match *change {
+                        Change::Removed(a) => self.gone(a, RemovalCause::Uevent(Action::Remove), &mut events),
+                        Change::Added(a) => self.added(a),
+                        _ => {}
+                    }
+                }
+                self.take_unbound(&mut events);
+                events.push(BusEvent::Resynced(changes));
+            }
+            Event::Uevent(u) => self.handle_uevent(u, &mut events)?,
+        }
+        Ok(events)
+    }
+
+    fn handle_uevent(&mut self, u: &Uevent, events: &mut Vec<BusEvent>) -> Result<(), BusError> {
+        let change = self.map.apply(u)?;
+        if change != Change::NotPci && change != Change::Unchanged {
+            events.push(BusEvent::Map(change));
+        }
+        let Some(address) = u.pci_address().filter(|_| u.is_pci()) else {
+            return Ok(());
+        };
+        match (&u.action, change) {
+            (Action::Remove, _) | (_, Change::Removed(_)) => {
+                self.gone(address, RemovalCause::Uevent(u.action.clone()), events)
+            }
+            (Action::Add, _) => self.added(address),
+            (Action::Unbind, _) if self.held.contains_key(&address) && !self.still_attached(address) => {
+                events.extend(
+                    self.take_back(address, RemovalCause::Uevent(Action::Unbind))
+                        .map(BusEvent::Removed),
+                );
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    fn gone(&mut self, address: PciAddress, cause: RemovalCause, events: &mut Vec<BusEvent>) {
+        self.settling.remove(&address);
+        // Re-added later: probed again.
+        self.held_off.remove(&address);
+        events.extend(self.take_back(address, cause).map(BusEvent::Removed));
+    }
+
+    fn added(&mut self, address: PciAddress) {
+        if self.selection.admits(address) && !self.held.contains_key(&address) {
+            self.held_off.remove(&address);
+            self.settling.insert(address, Instant::now() + self.settle);
+        }
+    }
+
+    // Whether a held device is still on the binding it was opened through, as the map
+    // says.
+    fn still_attached(&self, address: PciAddress) -> bool {
+        self.map
+            .get(address)
+            .is_some_and(|r| self.attach.still_attached(r))
+    }
+
+    fn take_unbound(&mut self, events: &mut Vec<BusEvent>) {
+        let lost: Vec<PciAddress> = self
+            .held
+            .keys()
+            .copied()
+            .filter(|a| !self.still_attached(*a))
+            .collect();
+        for address in lost {
+            events.extend(
+                self.take_back(address, RemovalCause::Uevent(Action::Unbind))
+                    .map(BusEvent::Removed),
+            );
+        }
+    }
+
+    /// The pollable fds of held devices (their request eventfds) and of the fault
+    /// handler, if installed: wait for any to be readable, then call [`poll`](Self::poll).
+    pub fn fds(&self) -> Vec<BorrowedFd<'_>> {
+        self.held
+            .values()
+            .filter_map(|h| h.attached.request_fd())
+            .chain(faults::events())
+            .collect()
+    }
+
+    /// When the next settling device is due (a timeout for an event loop).
+    pub fn next_deadline(&self) -> Option<Instant> {
+        self.settling.values().min().copied()
+    }
+
+    /// Waits up to `timeout` for something to do (a uevent on `monitor`, a request, a
+    /// fault, a settled device), does it, and returns what happened (possibly nothing).
+    pub fn wait(
+        &mut self,
+        monitor: Option<&mut UeventMonitor>,
+        timeout: Duration,
+    ) -> Result<Vec<BusEvent>, BusError> {
+        let now = Instant::now();
+        let until = self
+            .next_deadline()
+            .map_or(now + timeout, |d| d.min(now + timeout));
+        {
+            let mut fds: Vec<PollFd<'_>> = self
+                .fds()
+                .into_iter()
+                .map(|fd| PollFd::new(fd, PollFlags::POLLIN))
+                .collect();
+            if let Some(m) = monitor.as_deref() {
+                fds.push(PollFd::new(m.as_fd(), PollFlags::POLLIN));
+            }
+            let ms = until
+                .saturating_duration_since(now)
+                .as_millis()
+                .min(i32::MAX as u128) as i32;
+            match poll(&mut fds, PollTimeout::try_from(ms).unwrap_or(PollTimeout::MAX)) {
+                Ok(_) | Err(nix::errno::Errno::EINTR) => {}
+                Err(e) => return Err(BusError::Poll(e.into())),
+            }
+        }
+        let mut events = Vec::new();
+        if let Some(m) = monitor {
+            while let Some(event) = m.try_next()? {
+                events.extend(self.handle(&event)?);
+            }
+        }
+        events.extend(self.poll());
+        Ok(events)
+    }
+}
+
+impl<A: Attach> Drop for Bus<A> {
+    fn drop(&mut self) {
+        let held: Vec<PciAddress> = self.held.keys().copied().collect();
+        for address in held {
+            if let Some(r) = self.take_back(address, RemovalCause::Detach)
+                && let Some(e) = r.error
+            {
+                log::error!("{address}: releasing it as the bus ends: {e}");
+            }
+        }
+    }
+}
+
+// Handles of `backing` besides the bus's, logged as an error.
+fn kept<B: DeviceBacking>(driver: &str, address: PciAddress, backing: &B, after: &str) -> usize {
+    let n = backing.extra_handles();
+    if n > 0 {
+        log::error!(
+            "{address}: driver {driver} kept {n} handle(s) of the device after {after}; it stays open"
+        );
+    }
+    n
+}
+
+fn release_claim(claim: Option<Claim>) {
+    if let Some(c) = claim {
+        let address = c.address();
+        if let Err(e) = c.release() {
+            log::warn!("{address}: releasing the claim: {e}");
+        }
+    }
+}
+
+// Reads an eventfd without blocking: whether it had been signalled.
+fn drain_eventfd(fd: BorrowedFd<'_>) -> bool {
+    let mut buf = [0u8; 8];
+    matches!(nix::unistd::read(fd, &mut buf), Ok(8) if u64::from_ne_bytes(buf) > 0)
+}
+
+// Until the fault handler lands.
+mod faults {
+    use std::os::fd::BorrowedFd;
+
+    pub(super) struct Owner {
+        pub(super) address: crate::PciAddress,
+    }
+    pub(super) struct Fault {
+        pub(super) owner: Owner,
+    }
+    pub(super) fn take() -> Vec<Fault> {
+        Vec::new()
+    }
+    pub(super) fn events() -> Option<BorrowedFd<'static>> {
+        None
+    }
+}

@@ -1,0 +1,349 @@
+//! A device in memory behind [`DeviceBacking`], and an [`Attach`] that hands such devices to
+//! a [`Bus`](crate::bus::Bus): for tests of drivers and of the bus without hardware.
+//!
+//! [`FakeBacking`] has RAM BARs (32-bit cells; reads return what was written), a config
+//! space, DMA memory at made-up IOVAs, and a "gone" switch after which every register
+//! reads all-ones, as a surprise-removed device does. [`FakeAttach`] opens a
+//! [`FakeBacking`] per device, gives each a request eventfd the test can fire
+//! ([`FakeAttach::request_removal`]), and logs every attach and detach.
+
+use std::collections::BTreeMap;
+use std::ops::Deref;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
+
+use nix::sys::eventfd::{EfdFlags, EventFd};
+use parking_lot::Mutex;
+
+use crate::addr::PciAddress;
+use crate::bus::attach::{Attach, AttachError, Attached, Release};
+use crate::bus::backing::{BackingError, DeviceBacking, DmaMemory, RegisterIo};
+use crate::record::DeviceRecord;
+use crate::vfio::{DmaBuffer, PAGE};
+
+/// Size of each fake BAR.
+pub const FAKE_BAR_SIZE: u64 = 0x4000;
+
+#[derive(Debug)]
+struct Inner {
+    address: PciAddress,
+    bars: [Arc<[AtomicU32]>; 6],
+    config: Mutex<Vec<u8>>,
+    gone: AtomicBool,
+    next_iova: AtomicU64,
+    interrupts: AtomicU32,
+}
+
+/// An in-memory device. Clones are handles of the same device.
+#[derive(Debug, Clone)]
+pub struct FakeBacking {
+    inner: Arc<Inner>,
+}
+
+impl FakeBacking {
+    /// A device at `address` whose config space starts with `record`'s ids, with six
+    /// zeroed BARs of [`FAKE_BAR_SIZE`] bytes and 16 MSI-X vectors.
+    pub fn new(record: &DeviceRecord) -> Self {
+        let mut config = vec![0u8; 4096];
+        let vendor = record.vendor.map_or(0xffff, |v| v.0);
+        let device = record.device.map_or(0xffff, |d| d.0);
+        config[0..2].copy_from_slice(&vendor.to_le_bytes());
+        config[2..4].copy_from_slice(&device.to_le_bytes());
+        if let Some(class) = record.class {
+            config[9..12].copy_from_slice(&class.value().to_le_bytes()[..3]);
+        }
+        let bar = || -> Arc<[AtomicU32]> { (0..FAKE_BAR_SIZE / 4).map(|_| AtomicU32::new(0)).collect() };
+        FakeBacking {
+            inner: Arc::new(Inner {
+                address: record.address,
+                bars: [bar(), bar(), bar(), bar(), bar(), bar()],
+                config: Mutex::new(config),
+                gone: AtomicBool::new(false),
+                next_iova: AtomicU64::new(0x1000_0000),
+                interrupts: AtomicU32::new(0),
+            }),
+        }
+    }
+
+    /// Makes the device disappear: registers read all-ones and writes are dropped.
+    pub fn set_gone(&self) {
+        self.inner.gone.store(true, Ordering::Release);
+    }
+
+    /// How many MSI-X vectors are routed now.
+    pub fn routed_interrupts(&self) -> u32 {
+        self.inner.interrupts.load(Ordering::Acquire)
+    }
+}
+
+/// A mapped fake BAR.
+#[derive(Debug, Clone)]
+pub struct FakeRegisters {
+    device: FakeBacking,
+    index: u32,
+}
+
+impl FakeRegisters {
+    fn cell(&self, offset: u64, len: usize) -> Result<(&AtomicU32, usize), BackingError> {
+        let oob = || BackingError::OutOfRange {
+            address: self.device.inner.address,
+            what: format!("BAR {}", self.index),
+            offset,
+            len,
+        };
+        if !offset.is_multiple_of(len as u64) || offset + len as u64 > FAKE_BAR_SIZE {
+            return Err(oob());
+        }
+        let cells = &self.device.inner.bars[self.index as usize];
+        Ok((&cells[(offset / 4) as usize], (offset / 4) as usize))
+    }
+
+    fn gone(&self) -> bool {
+        self.device.inner.gone.load(Ordering::Acquire)
+    }
+}
+
+impl RegisterIo for FakeRegisters {
+    fn len(&self) -> u64 {
+        FAKE_BAR_SIZE
+    }
+    fn read32(&self, offset: u64) -> Result<u32, BackingError> {
+        let (cell, _) = self.cell(offset, 4)?;
+        Ok(if self.gone() {
+            u32::MAX
+        } else {
+            cell.load(Ordering::Acquire)
+        })
+    }
+    fn write32(&self, offset: u64, value: u32) -> Result<(), BackingError> {
+        let (cell, _) = self.cell(offset, 4)?;
+        if !self.gone() {
+            cell.store(value, Ordering::Release);
+        }
+        Ok(())
+    }
+    fn read64(&self, offset: u64) -> Result<u64, BackingError> {
+        let (_, i) = self.cell(offset, 8)?;
+        if self.gone() {
+            return Ok(u64::MAX);
+        }
+        let cells = &self.device.inner.bars[self.index as usize];
+        Ok(u64::from(cells[i].load(Ordering::Acquire))
+            | u64::from(cells[i + 1].load(Ordering::Acquire)) << 32)
+    }
+    fn write64(&self, offset: u64, value: u64) -> Result<(), BackingError> {
+        let (_, i) = self.cell(offset, 8)?;
+        if !self.gone() {
+            let cells = &self.device.inner.bars[self.index as usize];
+            cells[i].store(value as u32, Ordering::Release);
+            cells[i + 1].store((value >> 32) as u32, Ordering::Release);
+        }
+        Ok(())
+    }
+}
+
+/// Fake DMA memory: a [`DmaBuffer`] at a made-up IOVA.
+#[derive(Debug)]
+pub struct FakeDma {
+    buffer: DmaBuffer,
+    iova: u64,
+}
+
+impl Deref for FakeDma {
+    type Target = DmaBuffer;
+    fn deref(&self) -> &DmaBuffer {
+        &self.buffer
+    }
+}
+
+impl DmaMemory for FakeDma {
+    fn iova(&self) -> u64 {
+        self.iova
+    }
+}
+
+impl DeviceBacking for FakeBacking {
+    type Registers = FakeRegisters;
+    type Dma = FakeDma;
+
+    fn address(&self) -> PciAddress {
+        self.inner.address
+    }
+    fn map_bar(&self, index: u32) -> Result<FakeRegisters, BackingError> {
+        if index >= 6 {
+            return Err(BackingError::OutOfRange {
+                address: self.inner.address,
+                what: format!("BAR {index}"),
+                offset: 0,
+                len: 0,
+            });
+        }
+        Ok(FakeRegisters {
+            device: self.clone(),
+            index,
+        })
+    }
+    fn alloc_dma(&self, len: usize) -> Result<FakeDma, BackingError> {
+        let size = len.max(1).div_ceil(PAGE) * PAGE;
+        let buffer = DmaBuffer::new(size).map_err(|e| BackingError::Other {
+            address: self.inner.address,
+            message: format!("allocating {size} bytes of DMA memory: {e}"),
+        })?;
+        let iova = self.inner.next_iova.fetch_add(size as u64, Ordering::Relaxed);
+        Ok(FakeDma { buffer, iova })
+    }
+    fn read_config(&self, offset: u64, buf: &mut [u8]) -> Result<(), BackingError> {
+        let config = self.inner.config.lock();
+        let range = config_range(self.inner.address, offset, buf.len())?;
+        buf.copy_from_slice(&config[range]);
+        Ok(())
+    }
+    fn write_config(&self, offset: u64, buf: &[u8]) -> Result<(), BackingError> {
+        let mut config = self.inner.config.lock();
+        let range = config_range(self.inner.address, offset, buf.len())?;
+        config[range].copy_from_slice(buf);
+        Ok(())
+    }
+    fn max_interrupts(&self) -> u32 {
+        16
+    }
+    fn route_interrupts(&self, fds: &[BorrowedFd<'_>]) -> Result<(), BackingError> {
+        if fds.len() > 16 {
+            return Err(BackingError::Other {
+                address: self.inner.address,
+                message: format!("{} vectors asked, 16 exist", fds.len()),
+            });
+        }
+        self.inner.interrupts.store(fds.len() as u32, Ordering::Release);
+        Ok(())
+    }
+    fn reset(&self) -> Result<(), BackingError> {
+        Ok(())
+    }
+    fn extra_handles(&self) -> usize {
+        Arc::strong_count(&self.inner).saturating_sub(1)
+    }
+}
+
+fn config_range(
+    address: PciAddress,
+    offset: u64,
+    len: usize,
+) -> Result<std::ops::Range<usize>, BackingError> {
+    let start = usize::try_from(offset).unwrap_or(usize::MAX);
+    match start.checked_add(len) {
+        Some(end) if end <= 4096 => Ok(start..end),
+        _ => Err(BackingError::OutOfRange {
+            address,
+            what: "config".into(),
+            offset,
+            len,
+        }),
+    }
+}
+
+/// One call [`FakeAttach`] received.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AttachCall {
+    /// `attach` of this device.
+    Attach(PciAddress),
+    /// `detach` of this device, with this release, and how many other handles of the
+    /// device were alive at that moment.
+    Detach(PciAddress, Release, usize),
+}
+
+#[derive(Debug, Default)]
+struct AttachState {
+    calls: Vec<AttachCall>,
+    requests: BTreeMap<PciAddress, OwnedFd>,
+    // Weak: the attach's own record must not count as a handle the driver kept.
+    devices: BTreeMap<PciAddress, Weak<Inner>>,
+    refuse: BTreeMap<PciAddress, String>,
+}
+
+/// An [`Attach`] of [`FakeBacking`]s. Clones share their state, so a test keeps one to
+/// fire requests and read the log while the bus owns another.
+#[derive(Debug, Clone, Default)]
+pub struct FakeAttach {
+    state: Arc<Mutex<AttachState>>,
+}
+
+impl FakeAttach {
+    /// No device attached yet.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The calls received so far.
+    pub fn calls(&self) -> Vec<AttachCall> {
+        self.state.lock().calls.clone()
+    }
+
+    /// Makes `attach` of `address` fail with `message`.
+    pub fn refuse(&self, address: PciAddress, message: &str) {
+        self.state.lock().refuse.insert(address, message.to_owned());
+    }
+
+    /// Fires the request eventfd of an attached device, as VFIO's REQ does. False if
+    /// the device is not attached.
+    pub fn request_removal(&self, address: PciAddress) -> bool {
+        let state = self.state.lock();
+        let Some(fd) = state.requests.get(&address) else {
+            return false;
+        };
+        nix::unistd::write(fd, &1u64.to_ne_bytes()).is_ok()
+    }
+
+    /// A handle of an attached device (drop it before the bus takes the device back, or
+    /// it counts as kept).
+    pub fn device(&self, address: PciAddress) -> Option<FakeBacking> {
+        let inner = self.state.lock().devices.get(&address)?.upgrade()?;
+        Some(FakeBacking { inner })
+    }
+}
+
+impl Attach for FakeAttach {
+    type Backing = FakeBacking;
+
+    fn attach(&mut self, record: &DeviceRecord) -> Result<Attached<FakeBacking>, AttachError> {
+        let mut state = self.state.lock();
+        let address = record.address;
+        state.calls.push(AttachCall::Attach(address));
+        if let Some(message) = state.refuse.get(&address) {
+            return Err(AttachError::Other {
+                address,
+                message: message.clone(),
+            });
+        }
+        let efd = EventFd::from_value_and_flags(0, EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK).map_err(
+            |e| AttachError::Other {
+                address,
+                message: format!("eventfd: {e}"),
+            },
+        )?;
+        let efd = OwnedFd::from(efd);
+        let ours = efd.as_fd().try_clone_to_owned().map_err(|e| AttachError::Other {
+            address,
+            message: format!("dup: {e}"),
+        })?;
+        state.requests.insert(address, ours);
+        let backing = FakeBacking::new(record);
+        state.devices.insert(address, Arc::downgrade(&backing.inner));
+        Ok(Attached {
+            backing,
+            request: Some(efd),
+            binding: None,
+        })
+    }
+
+    fn detach(&mut self, attached: Attached<FakeBacking>, release: Release) -> Result<(), AttachError> {
+        let mut state = self.state.lock();
+        let address = attached.backing.address();
+        state.devices.remove(&address);
+        state.requests.remove(&address);
+        let others = attached.backing.extra_handles();
+        state.calls.push(AttachCall::Detach(address, release, others));
+        Ok(())
+    }
+}

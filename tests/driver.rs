@@ -1,0 +1,509 @@
+//! The bus's probe loop and removal path, specified with in-memory devices
+//! (`testing::backing`) on QEMU's q35 tree with an SR-IOV NVMe: the PF at 01:00.0, its VFs
+//! at 01:00.1 and 01:00.2, an AHCI controller at 00:1f.2.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use pcibus::bus::attach::Release;
+use pcibus::bus::claim::{ClaimDir, ClaimError, ClaimInfo};
+use pcibus::bus::devargs::{DevArg, Selection};
+use pcibus::bus::id::{CLASS_EXACT, IdEntry};
+use pcibus::bus::map::{Change, DeviceMap};
+use pcibus::bus::{
+    Bus, BusEvent, DeviceBacking, Driver, ProbeDevice, ProbeError, ProbeOutcome, RegisterIo, Removal,
+    RemovalCause,
+};
+use pcibus::hotplug::event::{Action, Uevent};
+use pcibus::hotplug::monitor::Event;
+use pcibus::testing::FakeSysfs;
+use pcibus::testing::backing::{AttachCall, FakeAttach, FakeBacking, FakeRegisters};
+use pcibus::{PciAddress, Scanner, SysfsRoot};
+
+const PF: &str = "0000:01:00.0";
+const VF1: &str = "0000:01:00.1";
+const VF2: &str = "0000:01:00.2";
+const AHCI: &str = "0000:00:1f.2";
+
+fn addr(s: &str) -> PciAddress {
+    s.parse().unwrap()
+}
+
+fn qemu() -> FakeSysfs {
+    FakeSysfs::from_fixture_file(
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("fixtures")
+            .join("qemu-q35-sriov-nvme.pcifix"),
+    )
+    .unwrap()
+}
+
+fn allow(address: &str) -> Selection {
+    Selection::from_args([("-a", address)]).unwrap()
+}
+
+fn map(fake: &FakeSysfs) -> DeviceMap {
+    DeviceMap::new(Scanner::new(SysfsRoot::new(fake.root())).no_claims()).unwrap()
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    Bind,
+    Decline,
+    Fail,
+    // Fails but keeps a mapped BAR: a leak the bus must report.
+    FailAndLeak,
+}
+
+type Log = Arc<Mutex<Vec<String>>>;
+
+struct TestDriver {
+    name: &'static str,
+    table: Vec<IdEntry>,
+    mode: Mode,
+    devices: BTreeMap<PciAddress, (FakeBacking, FakeRegisters)>,
+    leaked: Vec<FakeRegisters>,
+    log: Log,
+    // Where the bus's claims are, to look at the claim while removing.
+    claims: Option<ClaimDir>,
+    again: bool,
+}
+
+impl TestDriver {
+    fn new(name: &'static str, mode: Mode, log: &Log) -> Self {
+        TestDriver {
+            name,
+            table: vec![IdEntry::class(0x010802, CLASS_EXACT)],
+            mode,
+            devices: BTreeMap::new(),
+            leaked: Vec::new(),
+            log: Arc::clone(log),
+            claims: None,
+            again: false,
+        }
+    }
+}
+
+impl Driver<FakeBacking> for TestDriver {
+    fn name(&self) -> &str {
+        self.name
+    }
+    fn id_table(&self) -> &[IdEntry] {
+        &self.table
+    }
+    fn probe(&mut self, device: ProbeDevice<'_, FakeBacking>) -> ProbeOutcome {
+        let address = device.record.address;
+        self.log.lock().push(format!(
+            "{} probe {address}{}",
+            self.name,
+            if device.again { " again" } else { "" }
+        ));
+        if let Some(arg) = device.devarg
+            && let Err(e) = arg.reject_unknown(&["queues"])
+        {
+            return ProbeOutcome::Failed(e.into());
+        }
+        let bar = match device.backing.map_bar(0) {
+            Ok(b) => b,
+            Err(e) => return ProbeOutcome::Failed(e.into()),
+        };
+        bar.write32(0x14, 1).unwrap();
+        match self.mode {
+            Mode::Bind => {
+                self.devices.insert(address, (device.backing.clone(), bar));
+                ProbeOutcome::Bound
+            }
+            Mode::Decline => ProbeOutcome::NotMine,
+            Mode::Fail => ProbeOutcome::Failed("controller did not become ready".into()),
+            Mode::FailAndLeak => {
+                self.leaked.push(bar);
+                ProbeOutcome::Failed("controller did not become ready".into())
+            }
+        }
+    }
+    fn remove(&mut self, address: PciAddress, removal: &Removal) {
+        let releasing = self
+            .claims
+            .as_ref()
+            .map(|d| d.releasing().unwrap().iter().any(|r| r.address == address));
+        self.log.lock().push(format!(
+            "{} remove {address} ({}){}",
+            self.name,
+            removal.cause,
+            match releasing {
+                Some(true) => " claim says releasing",
+                Some(false) => " claim active",
+                None => "",
+            }
+        ));
+        self.devices.remove(&address);
+    }
+    fn probe_again(&self) -> bool {
+        self.again
+    }
+}
+
+fn bound(reports: &[pcibus::bus::ProbeReport]) -> Vec<(String, String)> {
+    reports
+        .iter()
+        .map(|r| {
+            (
+                r.address.to_string(),
+                match &r.result {
+                    Ok(d) => d.clone(),
+                    Err(e) => format!("error: {e}"),
+                },
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn probes_every_matching_device_in_address_order_and_skips_the_rest() {
+    let fake = qemu();
+    let attach = FakeAttach::new();
+    let log = Log::default();
+    let mut bus = Bus::new(map(&fake), attach.clone());
+    bus.register(Box::new(TestDriver::new("nvme-test", Mode::Bind, &log)));
+    let reports = bus.probe_all();
+    assert_eq!(
+        bound(&reports),
+        [PF, VF1, VF2].map(|a| (a.to_string(), "nvme-test".to_string()))
+    );
+    assert!(reports.iter().all(|r| r.leaked == 0));
+    assert_eq!(
+        *log.lock(),
+        [PF, VF1, VF2].map(|a| format!("nvme-test probe {a}"))
+    );
+    // The AHCI controller matched no table: never opened.
+    assert!(!attach.calls().contains(&AttachCall::Attach(addr(AHCI))));
+    assert_eq!(
+        bus.held(),
+        [PF, VF1, VF2].map(|a| (addr(a), "nvme-test")).to_vec()
+    );
+    // Held devices are not offered again.
+    assert!(bus.probe_all().is_empty());
+    assert_eq!(log.lock().len(), 3);
+    // The driver drives them: its writes reached the device.
+    let dev = attach.device(addr(PF)).unwrap();
+    assert_eq!(dev.map_bar(0).unwrap().read32(0x14).unwrap(), 1);
+    drop(dev);
+}
+
+#[test]
+fn a_declining_driver_passes_the_device_to_the_next() {
+    let fake = qemu();
+    let attach = FakeAttach::new();
+    let log = Log::default();
+    let mut bus = Bus::new(map(&fake), attach.clone()).selection(allow(PF));
+    bus.register(Box::new(TestDriver::new("picky", Mode::Decline, &log)));
+    bus.register(Box::new(TestDriver::new("generic", Mode::Bind, &log)));
+    let reports = bus.probe_all();
+    assert_eq!(bound(&reports), [(PF.to_string(), "generic".to_string())]);
+    assert_eq!(
+        *log.lock(),
+        [format!("picky probe {PF}"), format!("generic probe {PF}")]
+    );
+    // One attach for both drivers; the declining one let go of its BAR.
+    assert_eq!(attach.calls(), [AttachCall::Attach(addr(PF))]);
+    assert_eq!(reports[0].leaked, 0);
+}
+
+#[test]
+fn a_failed_probe_is_rolled_back_and_no_other_driver_is_tried() {
+    let fake = qemu();
+    let claims = tempfile::tempdir().unwrap();
+    let attach = FakeAttach::new();
+    let log = Log::default();
+    let mut bus = Bus::new(map(&fake), attach.clone())
+        .selection(allow(PF))
+        .claim_dir(Some(ClaimDir::new(claims.path())));
+    bus.register(Box::new(TestDriver::new("broken", Mode::Fail, &log)));
+    bus.register(Box::new(TestDriver::new("generic", Mode::Bind, &log)));
+    let reports = bus.probe_all();
+    assert_eq!(reports.len(), 1);
+    match &reports[0].result {
+        Err(ProbeError::Failed { driver, error, .. }) => {
+            assert_eq!(driver, "broken");
+            assert_eq!(error.to_string(), "controller did not become ready");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(*log.lock(), [format!("broken probe {PF}")]);
+    // Closed with a rollback (the binding is undone whatever the policy), no handle left.
+    assert_eq!(
+        attach.calls(),
+        [
+            AttachCall::Attach(addr(PF)),
+            AttachCall::Detach(addr(PF), Release::Rollback, 0)
+        ]
+    );
+    // The claim is free again: another owner gets it.
+    let dir = ClaimDir::new(claims.path());
+    assert!(dir.list().unwrap().iter().all(|c| !c.live));
+    dir.claim(addr(PF), &ClaimInfo::new()).unwrap();
+    assert!(bus.held().is_empty());
+}
+
+#[test]
+fn a_driver_that_keeps_the_device_after_failing_is_reported() {
+    let fake = qemu();
+    let attach = FakeAttach::new();
+    let log = Log::default();
+    let mut bus = Bus::new(map(&fake), attach.clone()).selection(allow(PF));
+    bus.register(Box::new(TestDriver::new("leaky", Mode::FailAndLeak, &log)));
+    let reports = bus.probe_all();
+    assert_eq!(reports[0].leaked, 1);
+    assert_eq!(
+        attach.calls()[1],
+        AttachCall::Detach(addr(PF), Release::Rollback, 1)
+    );
+}
+
+#[test]
+fn devargs_reach_the_driver_which_rejects_unknown_keys() {
+    let fake = qemu();
+    let log = Log::default();
+    let selection = Selection::new(
+        vec![
+            DevArg::parse_allow("01:00.1,queues=4").unwrap(),
+            DevArg::parse_allow("01:00.2,qeueus=4").unwrap(),
+        ],
+        vec![],
+    )
+    .unwrap();
+    let mut bus = Bus::new(map(&fake), FakeAttach::new()).selection(selection);
+    bus.register(Box::new(TestDriver::new("nvme-test", Mode::Bind, &log)));
+    let reports = bus.probe_all();
+    assert_eq!(reports.len(), 2, "the PF is not allow-listed");
+    assert_eq!(reports[0].result.as_deref().unwrap(), "nvme-test");
+    let err = reports[1].result.as_ref().unwrap_err();
+    let text = format!("{err}: {}", std::error::Error::source(err).unwrap());
+    assert!(text.contains("qeueus"), "{text}");
+    assert!(text.contains("nvme-test"), "{text}");
+}
+
+#[test]
+fn a_claim_held_elsewhere_refuses_the_device_naming_the_holder() {
+    let fake = qemu();
+    let claims = tempfile::tempdir().unwrap();
+    let other = ClaimDir::new(claims.path());
+    let _held = other
+        .claim(addr(PF), &ClaimInfo::new().command("spdk_tgt"))
+        .unwrap();
+    let attach = FakeAttach::new();
+    let log = Log::default();
+    let mut bus = Bus::new(map(&fake), attach.clone())
+        .selection(allow(PF))
+        .claim_dir(Some(ClaimDir::new(claims.path())));
+    bus.register(Box::new(TestDriver::new("nvme-test", Mode::Bind, &log)));
+    let reports = bus.probe_all();
+    match &reports[0].result {
+        Err(ProbeError::Claim(ClaimError::Held { pid, command, .. })) => {
+            assert_eq!(*pid, Some(std::process::id()));
+            assert_eq!(command.as_deref(), Some("spdk_tgt"));
+        }
+        other => panic!("{other:?}"),
+    }
+    let text = reports[0].result.as_ref().unwrap_err().to_string();
+    assert!(
+        text.contains("spdk_tgt") && text.contains(&std::process::id().to_string()),
+        "{text}"
+    );
+    // Never opened, never probed.
+    assert!(attach.calls().is_empty());
+    assert!(log.lock().is_empty());
+}
+
+#[test]
+fn a_request_takes_the_device_back_through_the_claim_and_holds_it_off() {
+    let fake = qemu();
+    let claims = tempfile::tempdir().unwrap();
+    let attach = FakeAttach::new();
+    let log = Log::default();
+    let mut driver = TestDriver::new("nvme-test", Mode::Bind, &log);
+    driver.claims = Some(ClaimDir::new(claims.path()));
+    let mut bus = Bus::new(map(&fake), attach.clone())
+        .selection(allow(PF))
+        .claim_dir(Some(ClaimDir::new(claims.path())));
+    bus.register(Box::new(driver));
+    bus.probe_all();
+    assert!(bus.poll().is_empty(), "nothing fired yet");
+    assert_eq!(bus.fds().len(), 1, "the request eventfd of the one held device");
+
+    assert!(attach.request_removal(addr(PF)));
+    let events = bus.wait(None, Duration::from_secs(5)).unwrap();
+    assert_eq!(events.len(), 1, "{events:?}");
+    let BusEvent::Removed(r) = &events[0] else {
+        panic!("{events:?}")
+    };
+    assert_eq!(
+        (r.address, r.driver.as_str(), &r.cause),
+        (addr(PF), "nvme-test", &RemovalCause::Request)
+    );
+    assert_eq!(r.leaked, 0);
+    assert!(r.error.is_none());
+    // The claim said so before the driver let go; the device was closed without restoring
+    // its binding (the kernel's unbind or removal is waiting for the close).
+    assert_eq!(
+        log.lock().last().unwrap(),
+        &format!("nvme-test remove {PF} (vfio removal request) claim says releasing")
+    );
+    assert_eq!(
+        attach.calls().last().unwrap(),
+        &AttachCall::Detach(addr(PF), Release::Removal, 0)
+    );
+    assert!(
+        ClaimDir::new(claims.path())
+            .list()
+            .unwrap()
+            .iter()
+            .all(|c| !c.live)
+    );
+    assert!(
+        !bus.map().scanner().removal_registry().is_pending(addr(PF)),
+        "the mark goes once the device is closed"
+    );
+    // Still present (an operator's unbind): not taken again behind the operator's back.
+    assert!(bus.probe_all().is_empty());
+}
+
+fn uevent(action: Action, address: &str) -> Event {
+    let devpath = format!("/devices/pci0000:00/0000:00:01.0/{address}");
+    let vars = vec![
+        ("ACTION".to_string(), action.as_str().to_string()),
+        ("DEVPATH".to_string(), devpath.clone()),
+        ("SUBSYSTEM".to_string(), "pci".to_string()),
+        ("PCI_SLOT_NAME".to_string(), address.to_string()),
+        ("SEQNUM".to_string(), "7".to_string()),
+    ];
+    Event::Uevent(Uevent::from_vars(action, devpath, vars).unwrap())
+}
+
+#[test]
+fn an_allow_listed_device_unplugged_and_replugged_is_probed_again_after_settling() {
+    let fake = qemu();
+    let attach = FakeAttach::new();
+    let log = Log::default();
+    let mut bus = Bus::new(map(&fake), attach.clone())
+        .selection(allow(VF1))
+        .settle(Duration::from_millis(300));
+    bus.register(Box::new(TestDriver::new("nvme-test", Mode::Bind, &log)));
+    assert_eq!(bus.probe_all().len(), 1);
+
+    // Unplugged: the uevent takes it back.
+    let dir = fake.root().join(fake.device_dir(VF1).unwrap());
+    let link = fake.root().join("bus/pci/devices").join(VF1);
+    let target = std::fs::read_link(&link).unwrap();
+    let away = fake.root().join("unplugged");
+    std::fs::rename(&dir, &away).unwrap();
+    std::fs::remove_file(&link).unwrap();
+    let events = bus.handle(&uevent(Action::Remove, VF1)).unwrap();
+    assert!(
+        matches!(events[0], BusEvent::Map(Change::Removed(a)) if a == addr(VF1)),
+        "{events:?}"
+    );
+    let BusEvent::Removed(r) = &events[1] else {
+        panic!("{events:?}")
+    };
+    assert_eq!(r.cause, RemovalCause::Uevent(Action::Remove));
+    assert!(bus.held().is_empty());
+
+    // Plugged back: read alone, offered once it settled.
+    std::fs::rename(&away, &dir).unwrap();
+    std::os::unix::fs::symlink(&target, &link).unwrap();
+    let events = bus.handle(&uevent(Action::Add, VF1)).unwrap();
+    assert!(
+        matches!(events[..], [BusEvent::Map(Change::Added(a))] if a == addr(VF1)),
+        "{events:?}"
+    );
+    assert!(bus.poll().is_empty(), "still settling");
+    assert!(bus.next_deadline().is_some());
+    let start = std::time::Instant::now();
+    let mut events = Vec::new();
+    while events.is_empty() && start.elapsed() < Duration::from_secs(5) {
+        events = bus.wait(None, Duration::from_secs(5)).unwrap();
+    }
+    assert!(
+        start.elapsed() >= Duration::from_millis(250),
+        "probed before settling"
+    );
+    let BusEvent::Probed(p) = &events[0] else {
+        panic!("{events:?}")
+    };
+    assert_eq!(
+        (p.address, p.result.as_deref().unwrap()),
+        (addr(VF1), "nvme-test")
+    );
+    assert_eq!(
+        *log.lock(),
+        [
+            format!("nvme-test probe {VF1}"),
+            format!("nvme-test remove {VF1} (remove uevent)"),
+            format!("nvme-test probe {VF1}"),
+        ]
+    );
+    // A device the selection does not admit is never scheduled.
+    bus.handle(&uevent(Action::Add, VF2)).unwrap();
+    assert_eq!(bus.next_deadline(), None);
+}
+
+#[test]
+fn dropping_the_bus_detaches_every_device_in_order() {
+    let fake = qemu();
+    let attach = FakeAttach::new();
+    let log = Log::default();
+    let mut bus = Bus::new(map(&fake), attach.clone());
+    bus.register(Box::new(TestDriver::new("nvme-test", Mode::Bind, &log)));
+    bus.probe_all();
+    let r = bus.detach(addr(VF2)).unwrap();
+    assert_eq!(r.cause, RemovalCause::Detach);
+    assert!(bus.detach(addr(VF2)).is_err(), "not held any more");
+    drop(bus);
+    let detaches: Vec<AttachCall> = attach
+        .calls()
+        .into_iter()
+        .filter(|c| matches!(c, AttachCall::Detach(..)))
+        .collect();
+    assert_eq!(
+        detaches,
+        [VF2, PF, VF1].map(|a| AttachCall::Detach(addr(a), Release::Orderly, 0))
+    );
+}
+
+#[test]
+fn a_driver_that_asks_gets_its_devices_again() {
+    let fake = qemu();
+    let log = Log::default();
+    let mut driver = TestDriver::new("nvme-test", Mode::Bind, &log);
+    driver.again = true;
+    let mut bus = Bus::new(map(&fake), FakeAttach::new()).selection(allow(PF));
+    bus.register(Box::new(driver));
+    bus.probe_all();
+    bus.probe_all();
+    assert_eq!(
+        *log.lock(),
+        [
+            format!("nvme-test probe {PF}"),
+            format!("nvme-test probe {PF} again")
+        ]
+    );
+    assert_eq!(bus.driver_mut::<TestDriver>().unwrap().devices.len(), 1);
+}
+
+#[test]
+fn a_failed_attach_is_reported_and_leaves_nothing() {
+    let fake = qemu();
+    let attach = FakeAttach::new();
+    attach.refuse(addr(PF), "group 7 is not viable");
+    let log = Log::default();
+    let mut bus = Bus::new(map(&fake), attach.clone()).selection(allow(PF));
+    bus.register(Box::new(TestDriver::new("nvme-test", Mode::Bind, &log)));
+    let reports = bus.probe_all();
+    let text = reports[0].result.as_ref().unwrap_err().to_string();
+    assert!(text.contains("group 7 is not viable"), "{text}");
+    assert!(log.lock().is_empty());
+}
