@@ -76,9 +76,14 @@ mod vmtest {
                 .map_err(err)
                 .and_then(|a| vfio_group(a, b.parse().map_err(err)?)),
             ["held-scan-exit", addr] => addr.parse().map_err(err).and_then(held_scan_exit),
+            ["bus", addr, secs] => addr
+                .parse()
+                .map_err(err)
+                .and_then(|a| bus(a, secs.parse().map_err(err)?)),
             _ => Err(
                 "usage: pcibus-vmtest list-json | vfio-open ADDR | vfio-dma ADDR | \
-                      hold ADDR SECONDS | seed ADDR | vfio-group ADDR ADDR | held-scan-exit ADDR"
+                      hold ADDR SECONDS | seed ADDR | vfio-group ADDR ADDR | held-scan-exit ADDR | \
+                      claim-release ADDR SECONDS | try-claim ADDR | bus ADDR SECONDS"
                     .into(),
             ),
         };
@@ -1450,5 +1455,97 @@ mod vmtest {
             });
         }
         checks.done("seed")
+    }
+
+    // ------------------------------------------------------------------------ bus
+
+    /// A driver for the bus test: takes NVMe controllers (class 01 08 02), maps BAR 0 and
+    /// checks that CAP and VS read as a controller's; lets go on removal.
+    struct TestNvme {
+        table: [pcibus::bus::id::IdEntry; 1],
+        held: Vec<(pcibus::bus::VfioBacking, MappedBar)>,
+    }
+
+    impl pcibus::bus::Driver<pcibus::bus::VfioBacking> for TestNvme {
+        fn name(&self) -> &str {
+            "vmtest-nvme"
+        }
+        fn id_table(&self) -> &[pcibus::bus::id::IdEntry] {
+            &self.table
+        }
+        fn probe(&mut self, dev: pcibus::bus::ProbeDevice<'_, pcibus::bus::VfioBacking>) -> pcibus::bus::ProbeOutcome {
+            use pcibus::bus::{DeviceBacking, ProbeOutcome, RegisterIo};
+            let bar = match dev.backing.map_bar(0) {
+                Ok(b) => b,
+                Err(e) => return ProbeOutcome::Failed(e.into()),
+            };
+            let (cap, vs) = match (RegisterIo::read64(&bar, 0), RegisterIo::read32(&bar, 8)) {
+                (Ok(c), Ok(v)) => (c, v),
+                (Err(e), _) | (_, Err(e)) => return ProbeOutcome::Failed(e.into()),
+            };
+            println!("bus: probe {}: CAP {cap:#018x} VS {vs:#010x}", dev.record.address);
+            if cap == u64::MAX || vs >> 16 == 0 {
+                return ProbeOutcome::Failed(format!("not a working NVMe controller: CAP {cap:#x} VS {vs:#x}").into());
+            }
+            self.held.push((dev.backing.clone(), bar));
+            ProbeOutcome::Bound
+        }
+        fn remove(&mut self, address: PciAddress, removal: &pcibus::bus::Removal) {
+            use pcibus::bus::DeviceBacking;
+            println!("bus: remove {address}: {}", removal.cause);
+            self.held.retain(|(b, _)| b.address() != address);
+        }
+    }
+
+    /// Runs a bus with one test driver on `addr` (binding it to vfio-pci, restoring its
+    /// driver at the end) until the driver loses the device or `secs` pass. Prints what
+    /// the bus does; fails if the device was not bound or never taken back.
+    fn bus(addr: PciAddress, secs: u64) -> Res {
+        use pcibus::bus::devargs::Selection;
+        use pcibus::bus::map::DeviceMap;
+        use pcibus::bus::{BindPolicy, Bus, BusEvent, VfioAttach};
+        use pcibus::hotplug::monitor::UeventMonitor;
+
+        let root = SysfsRoot::new(SYS);
+        let map = DeviceMap::new(Scanner::new(root.clone())).map_err(err)?;
+        let attach = VfioAttach::new(
+            root,
+            BindPolicy {
+                bind: true,
+                force: false,
+                restore: true,
+            },
+        );
+        let mut monitor = UeventMonitor::open().map_err(err)?.pci_only(true);
+        let selection = Selection::from_args([("-a", addr.to_string())]).map_err(err)?;
+        let mut bus = Bus::new(map, attach).selection(selection);
+        bus.register(Box::new(TestNvme {
+            table: [pcibus::bus::id::IdEntry::class(0x010802, pcibus::bus::id::CLASS_EXACT)],
+            held: Vec::new(),
+        }));
+        let reports = bus.probe_all();
+        for r in &reports {
+            match &r.result {
+                Ok(d) => println!("bus: {} bound to {d}; ready", r.address),
+                Err(e) => return Err(e.to_string()),
+            }
+        }
+        if bus.held().is_empty() {
+            return Err(format!("{addr}: no driver took it"));
+        }
+        let t = Instant::now();
+        while t.elapsed() < Duration::from_secs(secs) {
+            for event in bus.wait(Some(&mut monitor), Duration::from_millis(200)).map_err(err)? {
+                println!("bus: +{}: {event}", ms(t.elapsed()));
+                if let BusEvent::Removed(r) = &event {
+                    if r.leaked != 0 {
+                        return Err(format!("the driver kept {} handle(s)", r.leaked));
+                    }
+                    println!("bus: released {} at +{}", r.address, ms(t.elapsed()));
+                    return Ok(());
+                }
+            }
+        }
+        Err(format!("{addr} was not taken back within {secs} s"))
     }
 }
