@@ -43,6 +43,10 @@ pub struct DeviceRecord {
     pub physfn: Option<PciAddress>,
     /// The device was in the removal registry: its blocking attributes were not read.
     pub removal_pending: bool,
+    /// Why its removal is pending, as the registry says (a vfio request, a uevent, "being
+    /// released by PID 177 (spdk_tgt): vfio removal request" from another process's
+    /// claim, a stuck read); empty when it is not.
+    pub removal_reasons: Vec<String>,
     /// `driver_override`, when asked for and read in time (`None` also when empty).
     pub driver_override: Option<String>,
     /// `sriov_vf_total_msix`, when asked for and read in time.
@@ -71,6 +75,7 @@ impl DeviceRecord {
             sriov: None,
             physfn: None,
             removal_pending: false,
+            removal_reasons: Vec::new(),
             driver_override: None,
             sriov_vf_total_msix: None,
             uevent: None,

@@ -402,6 +402,10 @@ fn a_scan_keeps_away_from_a_device_another_process_is_releasing() {
     assert!(t0.elapsed() < Duration::from_secs(2), "{:?}", t0.elapsed());
     let held = scan.get(addr("0000:01:00.0")).unwrap();
     assert!(held.removal_pending);
+    // The record says who releases it and why.
+    assert_eq!(held.removal_reasons.len(), 1, "{:?}", held.removal_reasons);
+    let why = &held.removal_reasons[0];
+    assert!(why.contains("being released by PID") && why.contains("REQ"), "{why}");
     assert_eq!(
         held.problem("uevent").map(|p| &p.kind),
         Some(&ProblemKind::RemovalPending)

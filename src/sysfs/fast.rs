@@ -90,6 +90,11 @@ pub(crate) fn read_device(
     let mut dev = DeviceRecord::new(address);
     // Checked per incarnation: a device re-added at the same address is a new device.
     dev.removal_pending = listed && registry.is_pending_device(address, identity);
+    if dev.removal_pending
+        && let Some(p) = registry.get(address)
+    {
+        dev.removal_reasons = p.reasons.iter().map(ToString::to_string).collect();
+    }
     let mut config = ConfigWanted::default();
     with_scratch(|buf| {
         let mut r = Reader {

@@ -95,6 +95,7 @@ pub(super) fn device_json(d: &DeviceRecord) -> Value {
             "kind": b.kind.to_string(),
             "prefetchable": b.prefetchable,
         })).collect::<Vec<_>>(),
+        "removal_pending": d.removal_pending.then_some(&d.removal_reasons),
         "problems": d.problems.iter().map(problem_json).collect::<Vec<_>>(),
     })
 }

@@ -120,7 +120,10 @@ pub(super) fn write_show(
         writeln!(out, "  physfn {pf}")?;
     }
     if d.removal_pending {
-        writeln!(out, "  removal pending")?;
+        match d.removal_reasons.as_slice() {
+            [] => writeln!(out, "  removal pending")?,
+            reasons => writeln!(out, "  removal pending: {}", reasons.join("; "))?,
+        }
     }
     for p in d.problems.iter().chain(&x.problems) {
         writeln!(out, "  problem: {p}")?;
