@@ -1473,7 +1473,10 @@ mod vmtest {
         fn id_table(&self) -> &[pcibus::bus::id::IdEntry] {
             &self.table
         }
-        fn probe(&mut self, dev: pcibus::bus::ProbeDevice<'_, pcibus::bus::VfioBacking>) -> pcibus::bus::ProbeOutcome {
+        fn probe(
+            &mut self,
+            dev: pcibus::bus::ProbeDevice<'_, pcibus::bus::VfioBacking>,
+        ) -> pcibus::bus::ProbeOutcome {
             use pcibus::bus::{DeviceBacking, ProbeOutcome, RegisterIo};
             let bar = match dev.backing.map_bar(0) {
                 Ok(b) => b,
@@ -1485,7 +1488,9 @@ mod vmtest {
             };
             println!("bus: probe {}: CAP {cap:#018x} VS {vs:#010x}", dev.record.address);
             if cap == u64::MAX || vs >> 16 == 0 {
-                return ProbeOutcome::Failed(format!("not a working NVMe controller: CAP {cap:#x} VS {vs:#x}").into());
+                return ProbeOutcome::Failed(
+                    format!("not a working NVMe controller: CAP {cap:#x} VS {vs:#x}").into(),
+                );
             }
             self.held.push((dev.backing.clone(), bar));
             ProbeOutcome::Bound
@@ -1520,7 +1525,10 @@ mod vmtest {
         let selection = Selection::from_args([("-a", addr.to_string())]).map_err(err)?;
         let mut bus = Bus::new(map, attach).selection(selection);
         bus.register(Box::new(TestNvme {
-            table: [pcibus::bus::id::IdEntry::class(0x010802, pcibus::bus::id::CLASS_EXACT)],
+            table: [pcibus::bus::id::IdEntry::class(
+                0x010802,
+                pcibus::bus::id::CLASS_EXACT,
+            )],
             held: Vec::new(),
         }));
         let reports = bus.probe_all();
@@ -1535,7 +1543,10 @@ mod vmtest {
         }
         let t = Instant::now();
         while t.elapsed() < Duration::from_secs(secs) {
-            for event in bus.wait(Some(&mut monitor), Duration::from_millis(200)).map_err(err)? {
+            for event in bus
+                .wait(Some(&mut monitor), Duration::from_millis(200))
+                .map_err(err)?
+            {
                 println!("bus: +{}: {event}", ms(t.elapsed()));
                 if let BusEvent::Removed(r) = &event {
                     if r.leaked != 0 {

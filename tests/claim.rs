@@ -405,7 +405,10 @@ fn a_scan_keeps_away_from_a_device_another_process_is_releasing() {
     // The record says who releases it and why.
     assert_eq!(held.removal_reasons.len(), 1, "{:?}", held.removal_reasons);
     let why = &held.removal_reasons[0];
-    assert!(why.contains("being released by PID") && why.contains("REQ"), "{why}");
+    assert!(
+        why.contains("being released by PID") && why.contains("REQ"),
+        "{why}"
+    );
     assert_eq!(
         held.problem("uevent").map(|p| &p.kind),
         Some(&ProblemKind::RemovalPending)

@@ -451,6 +451,8 @@ fn watch_prints_uevents_as_json_lines_and_exits_0_on_sigint() {
     assert_eq!(v["subsystem"], "mem");
     assert_eq!(v["address"], Value::Null);
     assert!(v["seqnum"].as_u64().is_some());
+    // Not a PCI function's event: the device map is not touched.
+    assert_eq!(v["map"]["change"], "not_pci");
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT).unwrap();
     let status = child.wait().unwrap();
     assert_eq!(status.code(), Some(0), "{status:?}");

@@ -113,8 +113,11 @@ enum Command {
     /// Print PCI hotplug events as the kernel sends them (add, remove, bind, unbind,
     /// change), until SIGINT or SIGTERM (then exit 0).
     Watch {
-        /// One JSON object per line: action, address, subsystem, devpath, driver, seqnum;
-        /// `{"overflow":true}` when the kernel dropped events (rescan then).
+        /// One JSON object per line: action, address, subsystem, devpath, driver, seqnum,
+        /// and `map`: what the event changed in the device map (`added`, `removed`,
+        /// `updated` with the device's vendor, device, class and driver after it, or
+        /// `unchanged`). `{"overflow":true,"resync":[...]}` when the kernel dropped events:
+        /// the map is rebuilt by one scan and its changes listed.
         #[arg(long)]
         json: bool,
         /// Every kernel uevent, not only the PCI subsystem's.
@@ -414,7 +417,7 @@ fn run(cli: Cli, root: SysfsRoot) -> Result<Outcome, Error> {
             }
         }
         Command::Watch { json, all, select } => {
-            watch::watch(&mut out, json, all, &select.selection()?)?;
+            watch::watch(&mut out, json, all, &select.selection()?, Scanner::new(root))?;
         }
         Command::Claims { json, claim_dir } => {
             let dir = claim_dir.map_or_else(ClaimDir::from_env, ClaimDir::new);

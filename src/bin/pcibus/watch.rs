@@ -2,6 +2,10 @@
 //!
 //! The monitor socket and a signalfd for SIGINT and SIGTERM are waited on together, so an
 //! interrupt ends the command between two events with its output flushed and status 0.
+//!
+//! A device map (one scan at the start, after the monitor is open so nothing is missed)
+//! is updated by each event, reading only the device it names; each line says what the
+//! event changed in it. On overflow the map is rebuilt by one scan and the changes listed.
 
 use std::io::Write;
 
@@ -11,8 +15,10 @@ use nix::sys::signalfd::{SfdFlags, SignalFd};
 use serde_json::{Value, json};
 
 use pcibus::bus::devargs::Selection;
+use pcibus::bus::map::{Change, DeviceMap};
 use pcibus::hotplug::event::Uevent;
 use pcibus::hotplug::monitor::{Event, UeventMonitor};
+use pcibus::{DeviceRecord, Scanner};
 
 type Error = Box<dyn std::error::Error>;
 
@@ -21,7 +27,13 @@ const SIGNAL: u64 = 1;
 
 /// Prints events (one JSON object per line with `json`) of devices `selection` admits
 /// (every kernel uevent with `all`), until SIGINT or SIGTERM.
-pub(super) fn watch(out: &mut impl Write, json: bool, all: bool, selection: &Selection) -> Result<(), Error> {
+pub(super) fn watch(
+    out: &mut impl Write,
+    json: bool,
+    all: bool,
+    selection: &Selection,
+    scanner: Scanner,
+) -> Result<(), Error> {
     // Blocked before the monitor opens, so that an interrupt is never lost between events.
     let mut signals = SigSet::empty();
     signals.add(Signal::SIGINT);
@@ -29,6 +41,7 @@ pub(super) fn watch(out: &mut impl Write, json: bool, all: bool, selection: &Sel
     signals.thread_block()?;
     let signal_fd = SignalFd::with_flags(&signals, SfdFlags::SFD_CLOEXEC | SfdFlags::SFD_NONBLOCK)?;
     let mut monitor = UeventMonitor::open()?.pci_only(!all);
+    let mut map = DeviceMap::new(scanner)?;
     let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)?;
     epoll.add(&monitor, EpollEvent::new(EpollFlags::EPOLLIN, MONITOR))?;
     epoll.add(&signal_fd, EpollEvent::new(EpollFlags::EPOLLIN, SIGNAL))?;
@@ -57,17 +70,46 @@ pub(super) fn watch(out: &mut impl Write, json: bool, all: bool, selection: &Sel
                     if u.pci_address().is_some_and(|a| !selection.admits(a)) {
                         continue;
                     }
+                    let change = map.apply(&u).map_err(|e| log::warn!("{e}")).ok();
+                    let record = change.and_then(Change::address).and_then(|a| map.get(a));
                     if json {
-                        writeln!(out, "{}", event_json(&u))?;
+                        let mut v = event_json(&u);
+                        v["map"] = change.map_or(Value::Null, |c| change_json(c, record));
+                        writeln!(out, "{v}")?;
                     } else {
-                        writeln!(out, "{}", event_line(&u))?;
+                        let mut line = event_line(&u);
+                        if let Some(c) = change.filter(|c| *c != Change::NotPci) {
+                            line.push_str(&format!("  -> map: {}", change_text(c, record)));
+                        }
+                        writeln!(out, "{line}")?;
                     }
                 }
                 Event::Overflow => {
+                    let changes = map.resync()?;
                     if json {
-                        writeln!(out, "{}", json!({ "overflow": true }))?;
+                        let list: Vec<Value> = changes
+                            .iter()
+                            .map(|c| {
+                                let mut v = change_json(*c, c.address().and_then(|a| map.get(a)));
+                                v["address"] = json!(c.address().map(|a| a.to_string()));
+                                v
+                            })
+                            .collect();
+                        writeln!(out, "{}", json!({ "overflow": true, "resync": list }))?;
                     } else {
-                        writeln!(out, "overflow: the kernel dropped events; rescan (`pcibus list`)")?;
+                        writeln!(
+                            out,
+                            "overflow: the kernel dropped events; rescanned: {} change(s)",
+                            changes.len()
+                        )?;
+                        for c in changes {
+                            let address = c.address().map(|a| a.to_string()).unwrap_or_default();
+                            writeln!(
+                                out,
+                                "        {address}  -> map: {}",
+                                change_text(c, c.address().and_then(|a| map.get(a)))
+                            )?;
+                        }
                     }
                 }
             }
@@ -105,4 +147,37 @@ fn event_line(u: &Uevent) -> String {
         line.push_str(&format!("  seq {n}"));
     }
     line
+}
+
+fn change_kind(change: Change) -> &'static str {
+    match change {
+        Change::Added(_) => "added",
+        Change::Removed(_) => "removed",
+        Change::Updated(_) => "updated",
+        Change::Unchanged => "unchanged",
+        Change::NotPci => "not_pci",
+    }
+}
+
+// What the map holds for the device after the change (nothing once removed).
+fn change_json(change: Change, record: Option<&DeviceRecord>) -> Value {
+    let mut v = json!({ "change": change_kind(change) });
+    if let Some(r) = record.filter(|_| matches!(change, Change::Added(_) | Change::Updated(_))) {
+        v["vendor"] = json!(r.vendor.map(|x| format!("{:04x}", x.0)));
+        v["device"] = json!(r.device.map(|x| format!("{:04x}", x.0)));
+        v["class"] = json!(r.class.map(|c| format!("{:06x}", c.value())));
+        v["driver"] = json!(r.driver);
+    }
+    v
+}
+
+fn change_text(change: Change, record: Option<&DeviceRecord>) -> String {
+    let mut s = change_kind(change).to_owned();
+    if let Some(r) = record.filter(|_| matches!(change, Change::Added(_) | Change::Updated(_))) {
+        if let (Some(v), Some(d)) = (r.vendor, r.device) {
+            s.push_str(&format!(" {:04x}:{:04x}", v.0, d.0));
+        }
+        s.push_str(&format!(", driver {}", r.driver.as_deref().unwrap_or("none")));
+    }
+    s
 }

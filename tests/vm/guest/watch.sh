@@ -36,16 +36,34 @@ seen() {
 	done
 	echo "$1 $2: seen $(($(now_ms) - t0)) ms after the write returned"
 }
+# mapped ACTION ADDR TEXT: the event's line says what it changed in the device map.
+mapped() {
+	line=$(grep "\"action\":\"$1\",\"address\":\"$2\"" "$out" | tail -1)
+	echo "$line" | grep -q "\"map\":{$3" || {
+		echo "FAIL: $1 of $2: map change is not {$3...}: $line"
+		rc=1
+	}
+}
 
 echo 1 >"$dev/remove"
 seen remove "$pf"
+# The device leaves the map at the first event after its directory went: the kernel sends
+# `unbind` (the driver lets go as part of the removal) before `remove`.
+grep "\"address\":\"$pf\"" "$out" | grep -q '"map":{"change":"removed"' || {
+	echo "FAIL: no event of $pf removed it from the map"
+	rc=1
+}
 echo 1 >/sys/bus/pci/rescan
 seen add "$pf"
+mapped add "$pf" '"change":"added"'
 wait_for 20 test "$(pci_driver "$pf")" = nvme || fail "$pf not back on nvme after rescan"
 echo "$pf" >/sys/bus/pci/drivers/nvme/unbind
 seen unbind "$pf"
+mapped unbind "$pf" '"change":"updated",.*"driver":null'
 echo "$pf" >/sys/bus/pci/drivers/nvme/bind
 seen bind "$pf"
+mapped bind "$pf" '"change":"updated",.*"driver":"nvme"'
+grep "\"address\":\"$pf\"" "$out" | head -6
 if [ "$PCIBUS_PROFILE" = sriov ]; then
 	echo 0 >"$dev/sriov_drivers_autoprobe"
 	echo 2 >"$dev/sriov_numvfs" || fail "enable 2 VFs"
