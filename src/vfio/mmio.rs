@@ -7,11 +7,19 @@ use std::ptr::NonNull;
 
 use nix::sys::mman::{MapFlags, ProtFlags, mmap, munmap};
 
+use crate::vfio::fault::{self, FaultOwner, Registration};
+
 /// One mmapped area of a region. Accesses are bounds- and alignment-checked and volatile.
+///
+/// Registered with the SIGBUS handler ([`fault`]) while mapped: after a surprise removal
+/// the handler may replace the mapping with all-ones memory, which the accessors cannot
+/// tell from the device (see [`faulted`](Self::faulted)).
 #[derive(Debug)]
 pub(crate) struct MmioArea {
     ptr: NonNull<u8>,
     len: usize,
+    // `None` when the fault table was full: not covered.
+    registration: Option<Registration>,
 }
 
 // SAFETY: the area is plain device memory owned by this value; the accessors take `&self`
@@ -21,8 +29,14 @@ unsafe impl Send for MmioArea {}
 unsafe impl Sync for MmioArea {}
 
 impl MmioArea {
-    /// Maps `len` bytes of `fd` at `offset`, shared, read-write.
-    pub(crate) fn map(fd: BorrowedFd<'_>, offset: u64, len: usize) -> io::Result<MmioArea> {
+    /// Maps `len` bytes of `fd` at `offset`, shared, read-write, and registers the area
+    /// with the SIGBUS handler as `owner`'s.
+    pub(crate) fn map(
+        fd: BorrowedFd<'_>,
+        offset: u64,
+        len: usize,
+        owner: FaultOwner,
+    ) -> io::Result<MmioArea> {
         let size =
             std::num::NonZeroUsize::new(len).ok_or_else(|| io::Error::from(io::ErrorKind::InvalidInput))?;
         let offset = i64::try_from(offset).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
@@ -38,11 +52,27 @@ impl MmioArea {
                 offset,
             )?
         };
-        Ok(MmioArea { ptr: ptr.cast(), len })
+        let ptr = ptr.cast();
+        Ok(MmioArea {
+            ptr,
+            len,
+            registration: fault::register(ptr, len, owner),
+        })
     }
 
     pub(crate) fn len(&self) -> usize {
         self.len
+    }
+
+    /// Whether the SIGBUS handler replaced the area with all-ones memory (the device is
+    /// gone).
+    pub(crate) fn faulted(&self) -> bool {
+        self.registration.as_ref().is_some_and(Registration::faulted)
+    }
+
+    #[cfg(test)]
+    pub(crate) fn registration(&self) -> Option<&Registration> {
+        self.registration.as_ref()
     }
 
     fn at<T>(&self, offset: usize) -> Option<*mut T> {
@@ -77,8 +107,12 @@ impl MmioArea {
 
 impl Drop for MmioArea {
     fn drop(&mut self) {
-        // SAFETY: ptr/len are exactly the mapping made in `map`, and no reference into it
-        // exists (accessors hand out values only).
+        // Unregistered first: once unmapped, the range may be mapped again by anyone, and
+        // the handler must not replace their memory.
+        self.registration = None;
+        // SAFETY: ptr/len are exactly the mapping made in `map` (or the handler's
+        // replacement of it, at the same place and size), and no reference into it exists
+        // (accessors hand out values only).
         let _ = unsafe { munmap(self.ptr.cast(), self.len) };
     }
 }

@@ -43,6 +43,7 @@
 
 mod caps;
 mod dma;
+pub mod fault;
 mod mmio;
 mod sys;
 
@@ -925,13 +926,20 @@ impl VfioDevice {
         let mut bars = self.mapped_bars.lock();
         let mut areas = Vec::new();
         for (offset, size) in region.mmap_areas() {
-            let area = mmio::MmioArea::map(self.file.as_fd(), region.offset + offset, size as usize)
-                .map_err(|source| VfioError::Mmap {
-                    address: self.address,
-                    region: index,
-                    offset,
-                    len: size,
-                    source,
+            let owner = fault::FaultOwner {
+                address: self.address,
+                region: index,
+            };
+            let at = region.offset + offset;
+            let area =
+                mmio::MmioArea::map(self.file.as_fd(), at, size as usize, owner).map_err(|source| {
+                    VfioError::Mmap {
+                        address: self.address,
+                        region: index,
+                        offset,
+                        len: size,
+                        source,
+                    }
                 })?;
             areas.push((offset, area));
         }
@@ -1043,7 +1051,15 @@ fn msix_table_size(config_bytes: &[u8]) -> Option<u16> {
 /// # Process exit
 ///
 /// The mappings go with the process. If the device is surprise-removed while mapped, an
-/// access may raise SIGBUS; a REQ comes first for an orderly removal.
+/// access may raise SIGBUS, which kills the process; a REQ comes first for an orderly
+/// removal only. After [`fault::install`] (opt-in, process-wide) such an access does not
+/// kill: the handler replaces the faulting area with memory reading all ones, the access
+/// completes (reads return `0xffff_ffff`, as from a removed device), [`faulted`]
+/// turns true, and the bus learns of it from [`fault::events`] and [`fault::take`].
+/// Drop the mapping and the device then, as after a REQ. An area mapped while the
+/// handler's table is full ([`fault::CAPACITY`] areas) is not covered.
+///
+/// [`faulted`]: Self::faulted
 #[derive(Debug)]
 pub struct MappedBar {
     device: Arc<VfioDevice>,
@@ -1075,6 +1091,14 @@ impl MappedBar {
     /// The device.
     pub fn device(&self) -> &Arc<VfioDevice> {
         &self.device
+    }
+
+    /// Whether the SIGBUS handler replaced a mapped area of this BAR with all-ones memory:
+    /// the device was surprise-removed (see [`fault`]). Its mapped reads then return all
+    /// ones, and its writes no longer reach the device. Always false without
+    /// [`fault::install`].
+    pub fn faulted(&self) -> bool {
+        self.areas.iter().any(|(_, area)| area.faulted())
     }
 
     /// The mapped areas as (offset, size).
