@@ -18,11 +18,13 @@
 //!   reads that may block, [`removal::registry`] records pending removals;
 //! - [`bus`] decides which devices a driver gets: [`bus::id`] id tables with class masks,
 //!   [`bus::devargs`] DPDK's allow and block lists, [`bus::claim`] one owner per device
-//!   across processes (the driver trait and the probe loop are still to come);
+//!   across processes, [`bus::Bus`] the probe loop that hands devices to [`bus::Driver`]s
+//!   through [`bus::DeviceBacking`] and takes them back;
 //! - [`hotplug`] receives the kernel's uevents ([`hotplug::event`] parses them,
 //!   [`hotplug::monitor`] is the pollable netlink socket);
 //! - [`vfio`] opens a device, maps its BARs and DMA memory and routes its interrupts (its
-//!   `sys`, `mmio` and `dma` modules hold all of the crate's `unsafe`);
+//!   `sys`, `mmio`, `dma` and `fault` modules hold all of the crate's `unsafe`; `fault` is
+//!   the opt-in SIGBUS handler that turns a surprise-removed BAR into all-ones);
 //! - [`fixture`] is the text format of sysfs trees, and (feature `testing`)
 //!   `testing::FakeSysfs` builds them on disk for tests.
 #![deny(unsafe_code)]

@@ -32,7 +32,7 @@ fn stdout(o: &Output) -> String {
     String::from_utf8(o.stdout.clone()).unwrap()
 }
 
-const KEYS: [&str; 14] = [
+const KEYS: [&str; 15] = [
     "address",
     "vendor",
     "device",
@@ -46,6 +46,7 @@ const KEYS: [&str; 14] = [
     "physfn",
     "sriov",
     "bars",
+    "removal_pending",
     "problems",
 ];
 

@@ -473,7 +473,7 @@ impl<A: Attach> Bus<A> {
                     .map(BusEvent::Removed),
             );
         }
-        for fault in faults::take() {
+        for fault in crate::vfio::fault::take() {
             events.extend(
                 self.take_back(fault.owner.address, RemovalCause::Fault)
                     .map(BusEvent::Removed),
@@ -583,7 +583,7 @@ impl<A: Attach> Bus<A> {
         self.held
             .values()
             .filter_map(|h| h.attached.request_fd())
-            .chain(faults::events())
+            .chain(crate::vfio::fault::events())
             .collect()
     }
 
@@ -671,20 +671,81 @@ fn drain_eventfd(fd: BorrowedFd<'_>) -> bool {
     matches!(nix::unistd::read(fd, &mut buf), Ok(8) if u64::from_ne_bytes(buf) > 0)
 }
 
-// Until the fault handler lands.
-mod faults {
-    use std::os::fd::BorrowedFd;
+#[cfg(all(test, feature = "testing"))]
+mod tests {
+    use std::io::Write;
+    use std::os::fd::AsFd;
 
-    pub(super) struct Owner {
-        pub(super) address: crate::PciAddress,
+    use super::*;
+    use crate::bus::id::{CLASS_EXACT, IdEntry};
+    use crate::testing::FakeSysfs;
+    use crate::testing::backing::{FakeAttach, FakeBacking, FakeRegisters};
+    use crate::vfio::fault::{self, FaultOwner};
+    use crate::vfio::mmio::MmioArea;
+    use crate::{Scanner, SysfsRoot};
+
+    struct Keep(Vec<FakeRegisters>, Vec<RemovalCause>, [IdEntry; 1]);
+
+    impl Driver<FakeBacking> for Keep {
+        fn name(&self) -> &str {
+            "keep"
+        }
+        fn id_table(&self) -> &[IdEntry] {
+            &self.2
+        }
+        fn probe(&mut self, device: ProbeDevice<'_, FakeBacking>) -> ProbeOutcome {
+            self.0.push(device.backing.map_bar(0).unwrap());
+            ProbeOutcome::Bound
+        }
+        fn remove(&mut self, _address: PciAddress, removal: &Removal) {
+            self.1.push(removal.cause.clone());
+            self.0.clear();
+        }
     }
-    pub(super) struct Fault {
-        pub(super) owner: Owner,
-    }
-    pub(super) fn take() -> Vec<Fault> {
-        Vec::new()
-    }
-    pub(super) fn events() -> Option<BorrowedFd<'static>> {
-        None
+
+    // A fault on a mapped BAR reaches the driver through the same path as a request: the
+    // fault handler records it, and the bus's next poll takes the device back. The BAR is
+    // a mapped file truncated under it, which faults as a surprise-removed device does.
+    #[test]
+    fn a_bar_fault_takes_the_device_back() {
+        let _serial = fault::tests::SERIAL.lock();
+        fault::install().unwrap();
+        let fake = FakeSysfs::new().unwrap();
+        fake.device("0000:05:00.0").class(0x010802).create().unwrap();
+        let address: PciAddress = "0000:05:00.0".parse().unwrap();
+        let map = DeviceMap::new(Scanner::new(SysfsRoot::new(fake.root())).no_claims()).unwrap();
+        let mut bus = Bus::new(map, FakeAttach::new());
+        bus.register(Box::new(Keep(
+            Vec::new(),
+            Vec::new(),
+            [IdEntry::class(0x010802, CLASS_EXACT)],
+        )));
+        assert_eq!(bus.probe_all().len(), 1);
+        assert!(bus.fds().len() == 2, "the request eventfd and the fault eventfd");
+
+        let mut file = tempfile::tempfile().unwrap();
+        file.write_all(&[0x5a; 8192]).unwrap();
+        let bar = MmioArea::map(file.as_fd(), 0, 8192, FaultOwner { address, region: 0 }).unwrap();
+        assert_eq!(bar.read32(0), Some(0x5a5a_5a5a));
+        file.set_len(0).unwrap();
+        assert_eq!(
+            bar.read32(4),
+            Some(u32::MAX),
+            "the faulting read returns all-ones"
+        );
+
+        let events = bus.wait(None, Duration::from_secs(5)).unwrap();
+        let [BusEvent::Removed(r)] = events.as_slice() else {
+            panic!("{events:?}")
+        };
+        assert_eq!(
+            (r.address, &r.cause, r.leaked),
+            (address, &RemovalCause::Fault, 0)
+        );
+        let driver = bus.driver_mut::<Keep>().unwrap();
+        assert_eq!(driver.1, [RemovalCause::Fault]);
+        assert!(bus.held().is_empty());
+        // A later fault of a device the bus does not hold is ignored.
+        assert!(bus.poll().is_empty());
     }
 }

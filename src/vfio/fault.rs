@@ -611,7 +611,7 @@ fn default_action(code: libc::c_int) {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::vfio::mmio::MmioArea;
     use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
@@ -621,7 +621,7 @@ mod tests {
     const PAGE: usize = 4096;
 
     /// Tests that fault areas or call `take` hold this: `take` is process-wide.
-    static SERIAL: Mutex<()> = Mutex::new(());
+    pub(crate) static SERIAL: Mutex<()> = Mutex::new(());
 
     fn owner(address: &str, region: u32) -> FaultOwner {
         FaultOwner {

@@ -44,7 +44,7 @@
 mod caps;
 mod dma;
 pub mod fault;
-mod mmio;
+pub(crate) mod mmio;
 mod sys;
 
 use std::collections::BTreeMap;

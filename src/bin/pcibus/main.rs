@@ -68,7 +68,9 @@ struct Cli {
 enum Command {
     /// List the devices: address, ids, class, driver, NUMA node, IOMMU group, names.
     List {
-        /// One JSON array, one object per device, sorted by address.
+        /// One JSON array, one object per device, sorted by address. `removal_pending` is
+        /// null, or the reasons the removal registry gives (a vfio request, a uevent,
+        /// another process's claim naming its PID, a stuck read).
         #[arg(long)]
         json: bool,
         #[command(flatten)]
