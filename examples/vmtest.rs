@@ -79,11 +79,16 @@ mod vmtest {
             ["bus", addr, secs] => addr
                 .parse()
                 .map_err(err)
-                .and_then(|a| bus(a, secs.parse().map_err(err)?)),
+                .and_then(|a| bus(a, secs.parse().map_err(err)?, 1)),
+            ["bus-replug", addr, secs] => addr
+                .parse()
+                .map_err(err)
+                .and_then(|a| bus(a, secs.parse().map_err(err)?, 2)),
             _ => Err(
                 "usage: pcibus-vmtest list-json | vfio-open ADDR | vfio-dma ADDR | \
                       hold ADDR SECONDS | seed ADDR | vfio-group ADDR ADDR | held-scan-exit ADDR | \
-                      claim-release ADDR SECONDS | try-claim ADDR | bus ADDR SECONDS"
+                      claim-release ADDR SECONDS | try-claim ADDR | bus ADDR SECONDS | \
+                      bus-replug ADDR SECONDS"
                     .into(),
             ),
         };
@@ -1503,9 +1508,11 @@ mod vmtest {
     }
 
     /// Runs a bus with one test driver on `addr` (binding it to vfio-pci, restoring its
-    /// driver at the end) until the driver loses the device or `secs` pass. Prints what
-    /// the bus does; fails if the device was not bound or never taken back.
-    fn bus(addr: PciAddress, secs: u64) -> Res {
+    /// driver at the end) and a 200 ms settle delay, printing what the bus does. With
+    /// `binds` 1: until the driver loses the device (fails if it never does). With 2:
+    /// until the device, lost (unplugged) and back, is bound a second time; then the bus
+    /// is dropped, which gives the device back to its previous driver.
+    fn bus(addr: PciAddress, secs: u64, binds: usize) -> Res {
         use pcibus::bus::devargs::Selection;
         use pcibus::bus::map::DeviceMap;
         use pcibus::bus::{BindPolicy, Bus, BusEvent, VfioAttach};
@@ -1523,7 +1530,9 @@ mod vmtest {
         );
         let mut monitor = UeventMonitor::open().map_err(err)?.pci_only(true);
         let selection = Selection::from_args([("-a", addr.to_string())]).map_err(err)?;
-        let mut bus = Bus::new(map, attach).selection(selection);
+        let mut bus = Bus::new(map, attach)
+            .selection(selection)
+            .settle(Duration::from_millis(200));
         bus.register(Box::new(TestNvme {
             table: [pcibus::bus::id::IdEntry::class(
                 0x010802,
@@ -1542,21 +1551,39 @@ mod vmtest {
             return Err(format!("{addr}: no driver took it"));
         }
         let t = Instant::now();
+        let mut bound = 1;
         while t.elapsed() < Duration::from_secs(secs) {
             for event in bus
                 .wait(Some(&mut monitor), Duration::from_millis(200))
                 .map_err(err)?
             {
                 println!("bus: +{}: {event}", ms(t.elapsed()));
-                if let BusEvent::Removed(r) = &event {
-                    if r.leaked != 0 {
-                        return Err(format!("the driver kept {} handle(s)", r.leaked));
+                match &event {
+                    BusEvent::Removed(r) => {
+                        if r.leaked != 0 {
+                            return Err(format!("the driver kept {} handle(s)", r.leaked));
+                        }
+                        println!("bus: released {} at +{}", r.address, ms(t.elapsed()));
+                        if binds == 1 {
+                            return Ok(());
+                        }
                     }
-                    println!("bus: released {} at +{}", r.address, ms(t.elapsed()));
-                    return Ok(());
+                    BusEvent::Probed(p) => match &p.result {
+                        Ok(_) => {
+                            bound += 1;
+                            println!("bus: bound {bound} times");
+                            if bound == binds {
+                                drop(bus);
+                                println!("bus: dropped; {addr} given back");
+                                return Ok(());
+                            }
+                        }
+                        Err(e) => return Err(format!("probe after re-plug: {e}")),
+                    },
+                    _ => {}
                 }
             }
         }
-        Err(format!("{addr} was not taken back within {secs} s"))
+        Err(format!("{addr}: not done within {secs} s ({bound} binds)"))
     }
 }
