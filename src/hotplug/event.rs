@@ -229,8 +229,9 @@ pub fn parse_datagram(bytes: &[u8]) -> Result<Datagram, UeventError> {
 }
 
 /// Keys the kernel writes: `ASCII letters, digits, '_'` (synthetic events add
-/// `SYNTH_ARG_name` with the user's alphanumeric name).
-fn valid_key(key: &str) -> bool {
+/// `SYNTH_ARG_name` with the user's alphanumeric name). Crate-visible so that
+/// `hotplug::udev` can tell which udev properties the kernel's format can carry.
+pub(crate) fn valid_key(key: &str) -> bool {
     !key.is_empty() && key.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
 }
 
