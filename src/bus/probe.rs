@@ -21,7 +21,8 @@
 //! stays present (an operator's `unbind`) is not probed again until it is re-added.
 //!
 //! Nothing runs behind the caller's back: the bus has no thread. An event loop waits on
-//! [`Bus::fds`] (and a [`UeventMonitor`]) and calls [`Bus::poll`] / [`Bus::handle`];
+//! [`Bus::fds`] (and a [`UeventMonitor`](crate::hotplug::monitor::UeventMonitor)) and
+//! calls [`Bus::poll`] / [`Bus::handle`];
 //! simple programs call [`Bus::wait`], which does both.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -40,7 +41,7 @@ use super::id::first_match;
 use super::map::{Change, DeviceMap};
 use crate::addr::PciAddress;
 use crate::hotplug::event::{Action, Uevent};
-use crate::hotplug::monitor::{Event, MonitorError, UeventMonitor};
+use crate::hotplug::monitor::{Event, EventSource, MonitorError};
 use crate::removal::registry::Reason;
 use crate::sysfs::bind::is_kernel_sysfs;
 use crate::sysfs::scan::ScanError;
@@ -592,11 +593,14 @@ impl<A: Attach> Bus<A> {
         self.settling.values().min().copied()
     }
 
-    /// Waits up to `timeout` for something to do (a uevent on `monitor`, a request, a
+    /// Waits up to `timeout` for something to do (an event from `monitor`, a request, a
     /// fault, a settled device), does it, and returns what happened (possibly nothing).
+    /// `monitor` is a [`UeventMonitor`](crate::hotplug::monitor::UeventMonitor) (or, with
+    /// feature `udev`, a `UdevMonitor`); `None` waits for requests, faults and settling
+    /// devices only.
     pub fn wait(
         &mut self,
-        monitor: Option<&mut UeventMonitor>,
+        monitor: Option<&mut dyn EventSource>,
         timeout: Duration,
     ) -> Result<Vec<BusEvent>, BusError> {
         let now = Instant::now();

@@ -278,6 +278,21 @@ impl UeventMonitor {
     }
 }
 
+/// A pollable source of hotplug [`Event`]s: [`UeventMonitor`] (the kernel's), or with
+/// feature `udev` the `UdevMonitor` (udev's, after its rules). What
+/// [`Bus::wait`](crate::bus::Bus::wait) takes, so a program switches sources without
+/// other changes.
+pub trait EventSource: AsFd {
+    /// The next event if one is queued, without blocking.
+    fn try_next(&mut self) -> Result<Option<Event>, MonitorError>;
+}
+
+impl EventSource for UeventMonitor {
+    fn try_next(&mut self) -> Result<Option<Event>, MonitorError> {
+        UeventMonitor::try_next(self)
+    }
+}
+
 impl AsFd for UeventMonitor {
     /// The socket: readable when an event (or an overflow) is queued.
     fn as_fd(&self) -> BorrowedFd<'_> {

@@ -448,6 +448,12 @@ impl UdevMonitor {
     }
 }
 
+impl crate::hotplug::monitor::EventSource for UdevMonitor {
+    fn try_next(&mut self) -> Result<Option<Event>, MonitorError> {
+        UdevMonitor::try_next(self)
+    }
+}
+
 impl AsFd for UdevMonitor {
     /// libudev's socket: readable when a message (or an overflow) is queued. After
     /// [`pci_only`](UdevMonitor::pci_only) changed the filter it is a different fd.
