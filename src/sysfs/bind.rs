@@ -146,6 +146,11 @@ pub enum Use {
         /// Where.
         target: String,
     },
+    /// A block device of the device (or a partition of it) is active swap.
+    Swap {
+        /// The swap area, e.g. `/dev/nvme0n1p3`.
+        source: String,
+    },
     /// A block device of the device has holders (LVM, MD, dm).
     Holders {
         /// The block device, e.g. `nvme0n1`.
@@ -158,6 +163,7 @@ impl fmt::Display for Use {
         match self {
             Use::InterfaceUp { name } => write!(f, "network interface {name} is up"),
             Use::Mounted { source, target } => write!(f, "{source} is mounted on {target}"),
+            Use::Swap { source } => write!(f, "{source} is in use as swap"),
             Use::Holders { disk } => write!(f, "block device {disk} has holders (LVM, MD or dm)"),
         }
     }
@@ -348,7 +354,7 @@ fn needs_enable_sriov(root: &SysfsRoot, address: PciAddress, driver: &str) -> bo
 }
 
 /// How the host uses `address`, if it does: a network interface that is up, or a block
-/// device below it with mounted partitions or holders (LVM, MD).
+/// device below it with mounted partitions, active swap, or holders (LVM, MD).
 ///
 /// Mounts are looked up in `/proc/self/mounts` only when `root` is the kernel's sysfs
 /// ([`is_kernel_sysfs`]): the block devices of a fake tree are not this system's.
@@ -364,29 +370,16 @@ pub fn in_use(root: &SysfsRoot, address: PciAddress) -> Vec<Use> {
             uses.push(Use::InterfaceUp { name });
         }
     }
-    let mounts = if is_kernel_sysfs(root) {
-        std::fs::read_to_string("/proc/self/mounts").unwrap_or_default()
+    let (mounts, swaps) = if is_kernel_sysfs(root) {
+        (
+            std::fs::read_to_string("/proc/self/mounts").unwrap_or_default(),
+            std::fs::read_to_string("/proc/swaps").unwrap_or_default(),
+        )
     } else {
-        String::new()
+        (String::new(), String::new())
     };
     for disk in block_devices(&dir) {
-        let dev = format!("/dev/{disk}");
-        for line in mounts.lines() {
-            let mut fields = line.split_whitespace();
-            let (Some(source), Some(target)) = (fields.next(), fields.next()) else {
-                continue;
-            };
-            if source == dev
-                || source
-                    .strip_prefix(&dev)
-                    .is_some_and(|rest| rest.trim_start_matches('p').parse::<u32>().is_ok())
-            {
-                uses.push(Use::Mounted {
-                    source: source.to_owned(),
-                    target: target.to_owned(),
-                });
-            }
-        }
+        uses.extend(disk_uses(&disk, &mounts, &swaps));
         let holders = root.path().join(format!("class/block/{disk}/holders"));
         if std::fs::read_dir(&holders).is_ok_and(|mut d| d.next().is_some()) {
             uses.push(Use::Holders { disk });
@@ -397,6 +390,41 @@ pub fn in_use(root: &SysfsRoot, address: PciAddress) -> Vec<Use> {
 
 // Block devices below a device directory: directories named under a `block` directory,
 // found within a few levels (nvme/nvme0/nvme0n1, block/sda, host0/.../block/sda).
+// How `/proc/self/mounts` and `/proc/swaps` (their text) use block device `disk` or its
+// partitions.
+fn disk_uses(disk: &str, mounts: &str, swaps: &str) -> Vec<Use> {
+    let dev = format!("/dev/{disk}");
+    let ours = |source: &str| {
+        source == dev
+            || source
+                .strip_prefix(&dev)
+                .is_some_and(|rest| rest.trim_start_matches('p').parse::<u32>().is_ok())
+    };
+    let mut uses = Vec::new();
+    for line in mounts.lines() {
+        let mut fields = line.split_whitespace();
+        if let (Some(source), Some(target)) = (fields.next(), fields.next())
+            && ours(source)
+        {
+            uses.push(Use::Mounted {
+                source: source.to_owned(),
+                target: target.to_owned(),
+            });
+        }
+    }
+    // The first line is the header ("Filename Type Size Used Priority").
+    for line in swaps.lines().skip(1) {
+        if let Some(source) = line.split_whitespace().next()
+            && ours(source)
+        {
+            uses.push(Use::Swap {
+                source: source.to_owned(),
+            });
+        }
+    }
+    uses
+}
+
 fn block_devices(dir: &Path) -> Vec<String> {
     let mut out = Vec::new();
     for entry in walkdir::WalkDir::new(dir)
@@ -429,6 +457,40 @@ fn block_devices(dir: &Path) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn mounts_and_swap_of_the_disk_and_its_partitions_are_uses_others_are_not() {
+        let mounts = "/dev/nvme0n1p1 /boot ext4 rw 0 0\n/dev/nvme10n1 /data xfs rw 0 0\n\
+                      proc /proc proc rw 0 0\n/dev/nvme0n1 /raw ext4 rw 0 0\n";
+        let swaps = "Filename\tType\tSize\tUsed\tPriority\n\
+                     /dev/nvme0n1p3 partition 8388604 0 -2\n/swapfile file 1024 0 -3\n";
+        assert_eq!(
+            disk_uses("nvme0n1", mounts, swaps),
+            [
+                Use::Mounted {
+                    source: "/dev/nvme0n1p1".into(),
+                    target: "/boot".into()
+                },
+                Use::Mounted {
+                    source: "/dev/nvme0n1".into(),
+                    target: "/raw".into()
+                },
+                Use::Swap {
+                    source: "/dev/nvme0n1p3".into()
+                },
+            ]
+        );
+        // nvme10n1 is another disk; sdb only swaps to a file.
+        assert!(disk_uses("nvme1n1", mounts, swaps).is_empty());
+        assert!(disk_uses("sdb", "", swaps).is_empty());
+        assert_eq!(
+            Use::Swap {
+                source: "/dev/nvme0n1p3".into()
+            }
+            .to_string(),
+            "/dev/nvme0n1p3 is in use as swap"
+        );
+    }
 
     #[test]
     fn a_driver_that_is_not_loaded_changes_nothing() {
