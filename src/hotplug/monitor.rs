@@ -17,8 +17,7 @@
 //!
 //! # Dropping
 //!
-//! Dropping the monitor closes the socket (and the epoll fd used by
-//! [`UeventMonitor::next_timeout`], if any); events queued in it are discarded. Nothing
+//! Dropping the monitor closes the socket; events queued in it are discarded. Nothing
 //! else is held: no thread, no file, no kernel state outlives it. Remove its fd from any
 //! epoll set or event loop before dropping it, as with any fd.
 
@@ -27,8 +26,7 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
-use nix::poll::PollTimeout;
-use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags};
+use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use nix::sys::socket::{
     AddressFamily, NetlinkAddr, SockFlag, SockProtocol, SockType, bind, getsockopt, recvfrom, setsockopt,
     socket, sockopt,
@@ -68,7 +66,7 @@ pub enum MonitorError {
     /// Receiving or waiting failed with something other than `EAGAIN`/`ENOBUFS`/`EINTR`.
     #[error("uevent monitor: {step} failed")]
     Receive {
-        /// `recvfrom` or `epoll_wait`.
+        /// `recvfrom` or `poll`.
         step: &'static str,
         /// Its error.
         #[source]
@@ -118,7 +116,6 @@ pub struct UeventMonitor {
     buf: Vec<u8>,
     pci_only: bool,
     skipped: Skipped,
-    epoll: Option<Epoll>,
 }
 
 impl UeventMonitor {
@@ -166,7 +163,6 @@ impl UeventMonitor {
             buf: vec![0; UEVENT_MSG_MAX + 1],
             pci_only: false,
             skipped: Skipped::default(),
-            epoll: None,
         })
     }
 
@@ -233,48 +229,9 @@ impl UeventMonitor {
     }
 
     /// Waits up to `timeout` for the next event, blocking the calling thread (with
-    /// `epoll_wait`; the epoll fd is created on first use and kept). `Ok(None)` when the
-    /// time passed without one.
+    /// `poll`). `Ok(None)` when the time passed without one.
     pub fn next_timeout(&mut self, timeout: Duration) -> Result<Option<Event>, MonitorError> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(ev) = self.try_next()? {
-                return Ok(Some(ev));
-            }
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return Ok(None);
-            }
-            let epoll = match &self.epoll {
-                Some(e) => e,
-                None => {
-                    let e =
-                        Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC).map_err(|e| MonitorError::Receive {
-                            step: "epoll_create",
-                            source: e.into(),
-                        })?;
-                    e.add(&self.fd, EpollEvent::new(EpollFlags::EPOLLIN, 0))
-                        .map_err(|e| MonitorError::Receive {
-                            step: "epoll_ctl",
-                            source: e.into(),
-                        })?;
-                    self.epoll.insert(e)
-                }
-            };
-            // Round up so that a sub-millisecond rest does not spin.
-            let ms = left.as_micros().div_ceil(1000);
-            let wait = PollTimeout::try_from(ms).unwrap_or(PollTimeout::MAX);
-            let mut events = [EpollEvent::empty()];
-            match epoll.wait(&mut events, wait) {
-                Ok(_) | Err(Errno::EINTR) => {}
-                Err(e) => {
-                    return Err(MonitorError::Receive {
-                        step: "epoll_wait",
-                        source: e.into(),
-                    });
-                }
-            }
-        }
+        EventSource::next_timeout(self, timeout)
     }
 }
 
@@ -285,6 +242,34 @@ impl UeventMonitor {
 pub trait EventSource: AsFd {
     /// The next event if one is queued, without blocking.
     fn try_next(&mut self) -> Result<Option<Event>, MonitorError>;
+
+    /// Waits up to `timeout` for the next event, blocking the calling thread (with
+    /// `poll` on [`AsFd::as_fd`]). `Ok(None)` when the time passed without one.
+    fn next_timeout(&mut self, timeout: Duration) -> Result<Option<Event>, MonitorError> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(ev) = self.try_next()? {
+                return Ok(Some(ev));
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Ok(None);
+            }
+            // Round up so that a sub-millisecond rest does not spin.
+            let ms = left.as_micros().div_ceil(1000);
+            let wait = PollTimeout::try_from(ms).unwrap_or(PollTimeout::MAX);
+            let mut fds = [PollFd::new(self.as_fd(), PollFlags::POLLIN)];
+            match poll(&mut fds, wait) {
+                Ok(_) | Err(Errno::EINTR) => {}
+                Err(e) => {
+                    return Err(MonitorError::Receive {
+                        step: "poll",
+                        source: e.into(),
+                    });
+                }
+            }
+        }
+    }
 }
 
 impl EventSource for UeventMonitor {

@@ -47,8 +47,7 @@
 //! # Dropping
 //!
 //! Dropping the monitor releases its libudev monitor and context, which closes the
-//! socket (and the epoll fd of [`UdevMonitor::next_timeout`], if any); queued events are
-//! discarded. No thread and no file outlives it. Remove its fd from any epoll set before
+//! socket; queued events are discarded. No thread and no file outlives it. Remove its fd from any epoll set before
 //! dropping it.
 
 use std::ffi::OsStr;
@@ -56,11 +55,10 @@ use std::fmt;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::os::unix::ffi::OsStrExt;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use crate::hotplug::monitor::EventSource;
 use nix::errno::Errno;
-use nix::poll::PollTimeout;
-use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags};
 use nix::sys::socket::{MsgFlags, getsockopt, recv, setsockopt, sockopt};
 
 use crate::error::shorten;
@@ -207,7 +205,6 @@ pub struct UdevMonitor {
     rcvbuf: usize,
     pci_only: bool,
     skipped: Skipped,
-    epoll: Option<Epoll>,
 }
 
 impl fmt::Debug for UdevMonitor {
@@ -279,7 +276,6 @@ impl UdevMonitor {
             rcvbuf: bytes,
             pci_only: false,
             skipped: Skipped::default(),
-            epoll: None,
         })
     }
 
@@ -297,10 +293,7 @@ impl UdevMonitor {
     pub fn pci_only(mut self, yes: bool) -> UdevMonitor {
         if yes != self.pci_only {
             match listen(yes, self.rcvbuf) {
-                Ok(socket) => {
-                    self.socket = socket;
-                    self.epoll = None;
-                }
+                Ok(socket) => self.socket = socket,
                 Err(e) => log::warn!(
                     "udev monitor: {e} ({}); filtering PCI events in this process instead",
                     std::error::Error::source(&e).map_or(String::new(), |s| s.to_string())
@@ -403,48 +396,9 @@ impl UdevMonitor {
     }
 
     /// Waits up to `timeout` for the next event, blocking the calling thread (with
-    /// `epoll_wait`; the epoll fd is created on first use and kept). `Ok(None)` when the
-    /// time passed without one.
+    /// `poll`). `Ok(None)` when the time passed without one.
     pub fn next_timeout(&mut self, timeout: Duration) -> Result<Option<Event>, MonitorError> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(ev) = self.try_next()? {
-                return Ok(Some(ev));
-            }
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return Ok(None);
-            }
-            let epoll = match &self.epoll {
-                Some(e) => e,
-                None => {
-                    let e =
-                        Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC).map_err(|e| MonitorError::Receive {
-                            step: "epoll_create",
-                            source: e.into(),
-                        })?;
-                    e.add(self.socket.as_fd(), EpollEvent::new(EpollFlags::EPOLLIN, 0))
-                        .map_err(|e| MonitorError::Receive {
-                            step: "epoll_ctl",
-                            source: e.into(),
-                        })?;
-                    self.epoll.insert(e)
-                }
-            };
-            // Round up so that a sub-millisecond rest does not spin.
-            let ms = left.as_micros().div_ceil(1000);
-            let wait = PollTimeout::try_from(ms).unwrap_or(PollTimeout::MAX);
-            let mut events = [EpollEvent::empty()];
-            match epoll.wait(&mut events, wait) {
-                Ok(_) | Err(Errno::EINTR) => {}
-                Err(e) => {
-                    return Err(MonitorError::Receive {
-                        step: "epoll_wait",
-                        source: e.into(),
-                    });
-                }
-            }
-        }
+        EventSource::next_timeout(self, timeout)
     }
 }
 
