@@ -39,6 +39,7 @@ pub mod fixture;
 pub mod hotplug;
 pub mod model;
 pub mod names;
+pub mod nvme;
 pub mod record;
 pub mod removal;
 pub mod sysfs;

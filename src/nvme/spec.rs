@@ -1,0 +1,771 @@
+//! NVMe facts from the base specification (2.0) that the driver and the emulated
+//! controller share: register offsets and fields, the 64-byte submission entry, the
+//! 16-byte completion entry, opcodes, status codes, and pure parsers of Identify data.
+//!
+//! Entries travel through DMA memory as bytes ([`Command::to_bytes`],
+//! [`Completion::from_bytes`]): no `unsafe`, no references into device-visible memory.
+
+use std::fmt;
+
+/// Controller registers (byte offsets in BAR 0).
+pub mod reg {
+    /// Controller Capabilities (64-bit).
+    pub const CAP: u64 = 0x00;
+    /// Version.
+    pub const VS: u64 = 0x08;
+    /// Interrupt Mask Set.
+    pub const INTMS: u64 = 0x0c;
+    /// Interrupt Mask Clear.
+    pub const INTMC: u64 = 0x10;
+    /// Controller Configuration.
+    pub const CC: u64 = 0x14;
+    /// Controller Status.
+    pub const CSTS: u64 = 0x1c;
+    /// NVM Subsystem Reset.
+    pub const NSSR: u64 = 0x20;
+    /// Admin Queue Attributes.
+    pub const AQA: u64 = 0x24;
+    /// Admin Submission Queue base (64-bit).
+    pub const ASQ: u64 = 0x28;
+    /// Admin Completion Queue base (64-bit).
+    pub const ACQ: u64 = 0x30;
+    /// First doorbell.
+    pub const DOORBELLS: u64 = 0x1000;
+}
+
+/// Controller Capabilities, decoded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cap(pub u64);
+
+impl Cap {
+    /// Maximum Queue Entries Supported, as a count (MQES + 1).
+    pub fn max_queue_entries(self) -> u32 {
+        (self.0 & 0xffff) as u32 + 1
+    }
+    /// Contiguous Queues Required.
+    pub fn contiguous_required(self) -> bool {
+        self.0 >> 16 & 1 == 1
+    }
+    /// Timeout: worst-case time to become ready, in milliseconds (TO is in 500 ms units).
+    pub fn timeout_ms(self) -> u64 {
+        (self.0 >> 24 & 0xff) * 500
+    }
+    /// Doorbell stride in bytes (4 << DSTRD).
+    pub fn doorbell_stride(self) -> u64 {
+        4 << (self.0 >> 32 & 0xf)
+    }
+    /// NVM Subsystem Reset Supported.
+    pub fn nssr(self) -> bool {
+        self.0 >> 36 & 1 == 1
+    }
+    /// Command Sets Supported (bit 0: NVM; bit 7: admin only).
+    pub fn css(self) -> u8 {
+        (self.0 >> 37 & 0xff) as u8
+    }
+    /// Minimum memory page size in bytes (4 KiB << MPSMIN).
+    pub fn page_size_min(self) -> u64 {
+        4096 << (self.0 >> 48 & 0xf)
+    }
+    /// Maximum memory page size in bytes.
+    pub fn page_size_max(self) -> u64 {
+        4096 << (self.0 >> 52 & 0xf)
+    }
+    /// The doorbell offset of submission queue `qid`'s tail.
+    pub fn sq_doorbell(self, qid: u16) -> u64 {
+        reg::DOORBELLS + u64::from(qid) * 2 * self.doorbell_stride()
+    }
+    /// The doorbell offset of completion queue `qid`'s head.
+    pub fn cq_doorbell(self, qid: u16) -> u64 {
+        reg::DOORBELLS + (u64::from(qid) * 2 + 1) * self.doorbell_stride()
+    }
+}
+
+/// Controller Configuration bits.
+pub mod cc {
+    /// Enable.
+    pub const EN: u32 = 1;
+    /// I/O Command Set Selected: shift (000b NVM).
+    pub const CSS_SHIFT: u32 = 4;
+    /// Memory Page Size: shift (page = 4 KiB << MPS).
+    pub const MPS_SHIFT: u32 = 7;
+    /// Arbitration Mechanism: shift.
+    pub const AMS_SHIFT: u32 = 11;
+    /// Shutdown Notification: shift (01b normal, 10b abrupt).
+    pub const SHN_SHIFT: u32 = 14;
+    /// Shutdown Notification mask.
+    pub const SHN_MASK: u32 = 3 << SHN_SHIFT;
+    /// Normal shutdown.
+    pub const SHN_NORMAL: u32 = 1 << SHN_SHIFT;
+    /// I/O Submission Queue Entry Size: shift (log2; 6 for 64 bytes).
+    pub const IOSQES_SHIFT: u32 = 16;
+    /// I/O Completion Queue Entry Size: shift (log2; 4 for 16 bytes).
+    pub const IOCQES_SHIFT: u32 = 20;
+}
+
+/// Controller Status bits.
+pub mod csts {
+    /// Ready.
+    pub const RDY: u32 = 1;
+    /// Controller Fatal Status.
+    pub const CFS: u32 = 1 << 1;
+    /// Shutdown Status: shift (00b normal operation, 01b occurring, 10b complete).
+    pub const SHST_SHIFT: u32 = 2;
+    /// Shutdown Status mask.
+    pub const SHST_MASK: u32 = 3 << SHST_SHIFT;
+    /// Shutdown complete.
+    pub const SHST_COMPLETE: u32 = 2 << SHST_SHIFT;
+    /// Processing Paused.
+    pub const PP: u32 = 1 << 5;
+}
+
+/// Admin command opcodes.
+pub mod admin {
+    /// Delete I/O Submission Queue.
+    pub const DELETE_SQ: u8 = 0x00;
+    /// Create I/O Submission Queue.
+    pub const CREATE_SQ: u8 = 0x01;
+    /// Get Log Page.
+    pub const GET_LOG_PAGE: u8 = 0x02;
+    /// Delete I/O Completion Queue.
+    pub const DELETE_CQ: u8 = 0x04;
+    /// Create I/O Completion Queue.
+    pub const CREATE_CQ: u8 = 0x05;
+    /// Identify.
+    pub const IDENTIFY: u8 = 0x06;
+    /// Abort.
+    pub const ABORT: u8 = 0x08;
+    /// Set Features.
+    pub const SET_FEATURES: u8 = 0x09;
+    /// Get Features.
+    pub const GET_FEATURES: u8 = 0x0a;
+    /// Asynchronous Event Request.
+    pub const ASYNC_EVENT: u8 = 0x0c;
+    /// Virtualization Management.
+    pub const VIRT_MGMT: u8 = 0x1c;
+    /// Doorbell Buffer Config (shadow doorbells).
+    pub const DOORBELL_BUFFER_CONFIG: u8 = 0x7c;
+}
+
+/// NVM command set opcodes.
+pub mod io {
+    /// Flush.
+    pub const FLUSH: u8 = 0x00;
+    /// Write.
+    pub const WRITE: u8 = 0x01;
+    /// Read.
+    pub const READ: u8 = 0x02;
+    /// Write Zeroes.
+    pub const WRITE_ZEROES: u8 = 0x08;
+    /// Dataset Management (attribute deallocate: cdw11 bit 2).
+    pub const DATASET_MANAGEMENT: u8 = 0x09;
+}
+
+/// Identify CNS values.
+pub mod cns {
+    /// Identify Namespace (NSID).
+    pub const NAMESPACE: u32 = 0x00;
+    /// Identify Controller.
+    pub const CONTROLLER: u32 = 0x01;
+    /// Active Namespace ID list (NSIDs above NSID).
+    pub const ACTIVE_NAMESPACES: u32 = 0x02;
+    /// Primary Controller Capabilities.
+    pub const PRIMARY_CONTROLLER_CAPS: u32 = 0x14;
+    /// Secondary Controller List.
+    pub const SECONDARY_CONTROLLERS: u32 = 0x15;
+}
+
+/// Feature identifiers.
+pub mod feature {
+    /// Number of Queues.
+    pub const NUMBER_OF_QUEUES: u8 = 0x07;
+}
+
+/// Optional Admin Command Support bits (Identify Controller OACS).
+pub mod oacs {
+    /// Virtualization Management.
+    pub const VIRT_MGMT: u16 = 1 << 7;
+    /// Doorbell Buffer Config.
+    pub const DOORBELL_BUFFER_CONFIG: u16 = 1 << 8;
+}
+
+/// Optional NVM Command Support bits (Identify Controller ONCS).
+pub mod oncs {
+    /// Dataset Management.
+    pub const DATASET_MANAGEMENT: u16 = 1 << 2;
+    /// Write Zeroes.
+    pub const WRITE_ZEROES: u16 = 1 << 3;
+}
+
+/// A submission queue entry (64 bytes), little-endian on the wire.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Command {
+    /// Opcode.
+    pub opcode: u8,
+    /// Fused operation and PRP/SGL selection (bits 7:6 = 00: PRPs).
+    pub flags: u8,
+    /// Command identifier, echoed in the completion.
+    pub cid: u16,
+    /// Namespace.
+    pub nsid: u32,
+    /// Command dwords 2 and 3.
+    pub cdw2: u32,
+    /// Command dword 3.
+    pub cdw3: u32,
+    /// Metadata pointer.
+    pub mptr: u64,
+    /// PRP entry 1.
+    pub prp1: u64,
+    /// PRP entry 2 (or PRP list pointer).
+    pub prp2: u64,
+    /// Command dwords 10–15.
+    pub cdw: [u32; 6],
+}
+
+impl Command {
+    /// Size of an entry.
+    pub const SIZE: usize = 64;
+
+    /// A command with this opcode, everything else zero.
+    pub fn new(opcode: u8) -> Self {
+        Command {
+            opcode,
+            ..Self::default()
+        }
+    }
+
+    /// The entry's bytes.
+    pub fn to_bytes(&self) -> [u8; 64] {
+        let mut b = [0u8; 64];
+        b[0] = self.opcode;
+        b[1] = self.flags;
+        b[2..4].copy_from_slice(&self.cid.to_le_bytes());
+        b[4..8].copy_from_slice(&self.nsid.to_le_bytes());
+        b[8..12].copy_from_slice(&self.cdw2.to_le_bytes());
+        b[12..16].copy_from_slice(&self.cdw3.to_le_bytes());
+        b[16..24].copy_from_slice(&self.mptr.to_le_bytes());
+        b[24..32].copy_from_slice(&self.prp1.to_le_bytes());
+        b[32..40].copy_from_slice(&self.prp2.to_le_bytes());
+        for (i, d) in self.cdw.iter().enumerate() {
+            b[40 + 4 * i..44 + 4 * i].copy_from_slice(&d.to_le_bytes());
+        }
+        b
+    }
+
+    /// An entry from its bytes.
+    pub fn from_bytes(b: &[u8; 64]) -> Self {
+        let u32_at = |o: usize| u32::from_le_bytes([b[o], b[o + 1], b[o + 2], b[o + 3]]);
+        let u64_at = |o: usize| u64::from(u32_at(o)) | u64::from(u32_at(o + 4)) << 32;
+        Command {
+            opcode: b[0],
+            flags: b[1],
+            cid: u16::from_le_bytes([b[2], b[3]]),
+            nsid: u32_at(4),
+            cdw2: u32_at(8),
+            cdw3: u32_at(12),
+            mptr: u64_at(16),
+            prp1: u64_at(24),
+            prp2: u64_at(32),
+            cdw: [
+                u32_at(40),
+                u32_at(44),
+                u32_at(48),
+                u32_at(52),
+                u32_at(56),
+                u32_at(60),
+            ],
+        }
+    }
+}
+
+/// A completion queue entry (16 bytes).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Completion {
+    /// Command specific (dword 0).
+    pub dw0: u32,
+    /// Dword 1.
+    pub dw1: u32,
+    /// Submission queue head pointer.
+    pub sq_head: u16,
+    /// Submission queue identifier.
+    pub sq_id: u16,
+    /// Command identifier.
+    pub cid: u16,
+    /// Phase tag (bit 0) and status field (bits 15:1).
+    pub status: u16,
+}
+
+impl Completion {
+    /// Size of an entry.
+    pub const SIZE: usize = 16;
+
+    /// The entry's bytes.
+    pub fn to_bytes(&self) -> [u8; 16] {
+        let mut b = [0u8; 16];
+        b[0..4].copy_from_slice(&self.dw0.to_le_bytes());
+        b[4..8].copy_from_slice(&self.dw1.to_le_bytes());
+        b[8..10].copy_from_slice(&self.sq_head.to_le_bytes());
+        b[10..12].copy_from_slice(&self.sq_id.to_le_bytes());
+        b[12..14].copy_from_slice(&self.cid.to_le_bytes());
+        b[14..16].copy_from_slice(&self.status.to_le_bytes());
+        b
+    }
+
+    /// An entry from its bytes.
+    pub fn from_bytes(b: &[u8; 16]) -> Self {
+        Completion {
+            dw0: u32::from_le_bytes([b[0], b[1], b[2], b[3]]),
+            dw1: u32::from_le_bytes([b[4], b[5], b[6], b[7]]),
+            sq_head: u16::from_le_bytes([b[8], b[9]]),
+            sq_id: u16::from_le_bytes([b[10], b[11]]),
+            cid: u16::from_le_bytes([b[12], b[13]]),
+            status: u16::from_le_bytes([b[14], b[15]]),
+        }
+    }
+
+    /// The phase tag.
+    pub fn phase(&self) -> bool {
+        self.status & 1 == 1
+    }
+
+    /// The status field without the phase tag.
+    pub fn status(&self) -> Status {
+        Status(self.status >> 1)
+    }
+}
+
+/// A completion's status field (phase tag removed): Status Code (bits 7:0), Status Code
+/// Type (10:8), Do Not Retry (14).
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Status(pub u16);
+
+impl Status {
+    /// Successful completion.
+    pub const SUCCESS: Status = Status(0);
+    /// Generic: Invalid Command Opcode.
+    pub const INVALID_OPCODE: Status = Status(0x01);
+    /// Generic: Invalid Field in Command.
+    pub const INVALID_FIELD: Status = Status(0x02);
+    /// Generic: Data Transfer Error.
+    pub const DATA_TRANSFER_ERROR: Status = Status(0x04);
+    /// Generic: Internal Error.
+    pub const INTERNAL_ERROR: Status = Status(0x06);
+    /// Generic: Command Abort Requested.
+    pub const ABORT_REQUESTED: Status = Status(0x07);
+    /// Generic: Invalid Namespace or Format.
+    pub const INVALID_NAMESPACE: Status = Status(0x0b);
+    /// Generic: LBA Out of Range.
+    pub const LBA_OUT_OF_RANGE: Status = Status(0x80);
+    /// Command specific: Invalid Queue Identifier.
+    pub const INVALID_QUEUE_ID: Status = Status(0x101);
+    /// Command specific: Invalid Queue Size.
+    pub const INVALID_QUEUE_SIZE: Status = Status(0x102);
+
+    /// A status from type and code.
+    pub const fn new(sct: u8, sc: u8) -> Self {
+        Status((sct as u16 & 7) << 8 | sc as u16)
+    }
+    /// Whether the command succeeded.
+    pub fn is_success(self) -> bool {
+        self.0 & 0x7ff == 0
+    }
+    /// Status Code Type.
+    pub fn sct(self) -> u8 {
+        (self.0 >> 8 & 7) as u8
+    }
+    /// Status Code.
+    pub fn sc(self) -> u8 {
+        self.0 as u8
+    }
+    /// Do Not Retry.
+    pub fn dnr(self) -> bool {
+        self.0 >> 14 & 1 == 1
+    }
+}
+
+impl fmt::Debug for Status {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Status({self})")
+    }
+}
+
+impl fmt::Display for Status {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let name = match (self.sct(), self.sc()) {
+            (0, 0x00) => "success",
+            (0, 0x01) => "invalid command opcode",
+            (0, 0x02) => "invalid field in command",
+            (0, 0x04) => "data transfer error",
+            (0, 0x06) => "internal error",
+            (0, 0x07) => "command abort requested",
+            (0, 0x08) => "command aborted due to SQ deletion",
+            (0, 0x0b) => "invalid namespace or format",
+            (0, 0x80) => "LBA out of range",
+            (0, 0x81) => "capacity exceeded",
+            (1, 0x01) => "invalid queue identifier",
+            (1, 0x02) => "invalid queue size",
+            (1, 0x08) => "invalid interrupt vector",
+            (2, _) => "media or data integrity error",
+            _ => "",
+        };
+        write!(f, "SCT {:#x} SC {:#04x}", self.sct(), self.sc())?;
+        if !name.is_empty() {
+            write!(f, " ({name})")?;
+        }
+        if self.dnr() {
+            f.write_str(", do not retry")?;
+        }
+        Ok(())
+    }
+}
+
+/// Why Identify data did not parse.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("identify {what}: {len} bytes, 4096 expected")]
+pub struct IdentifyError {
+    /// Which structure.
+    pub what: &'static str,
+    /// Its length.
+    pub len: usize,
+}
+
+fn le16(b: &[u8], o: usize) -> u16 {
+    u16::from_le_bytes([b[o], b[o + 1]])
+}
+fn le32(b: &[u8], o: usize) -> u32 {
+    u32::from_le_bytes([b[o], b[o + 1], b[o + 2], b[o + 3]])
+}
+fn le64(b: &[u8], o: usize) -> u64 {
+    u64::from(le32(b, o)) | u64::from(le32(b, o + 4)) << 32
+}
+// An ASCII field, space padded: trailing spaces and NULs dropped, bytes outside printable
+// ASCII shown as '?'.
+fn ascii(b: &[u8]) -> String {
+    let s: String = b
+        .iter()
+        .map(|&c| if (0x20..0x7f).contains(&c) { c as char } else { '?' })
+        .collect();
+    s.trim_end_matches([' ', '?']).to_owned()
+}
+
+/// What the driver uses of Identify Controller (CNS 01h).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct IdentifyController {
+    /// PCI Vendor ID.
+    pub vid: u16,
+    /// PCI Subsystem Vendor ID.
+    pub ssvid: u16,
+    /// Serial Number.
+    pub serial: String,
+    /// Model Number.
+    pub model: String,
+    /// Firmware Revision.
+    pub firmware: String,
+    /// Maximum Data Transfer Size: a power of two in units of the minimum page size; 0 means
+    /// no limit.
+    pub mdts: u8,
+    /// Controller ID.
+    pub cntlid: u16,
+    /// Version.
+    pub ver: u32,
+    /// RTD3 Entry Latency (µs): how long a shutdown may take.
+    pub rtd3e: u32,
+    /// Optional Admin Command Support.
+    pub oacs: u16,
+    /// Submission Queue Entry Size (required and maximum, log2).
+    pub sqes: u8,
+    /// Completion Queue Entry Size.
+    pub cqes: u8,
+    /// Number of Namespaces (the highest NSID).
+    pub nn: u32,
+    /// Optional NVM Command Support.
+    pub oncs: u16,
+    /// Volatile Write Cache present (bit 0).
+    pub vwc: u8,
+    /// NVM Subsystem NVMe Qualified Name.
+    pub subnqn: String,
+}
+
+impl IdentifyController {
+    /// Parses the 4096-byte structure.
+    pub fn parse(b: &[u8]) -> Result<Self, IdentifyError> {
+        if b.len() != 4096 {
+            return Err(IdentifyError {
+                what: "controller",
+                len: b.len(),
+            });
+        }
+        let nqn = &b[768..1024];
+        let nqn = &nqn[..nqn.iter().position(|&c| c == 0).unwrap_or(nqn.len())];
+        Ok(IdentifyController {
+            vid: le16(b, 0),
+            ssvid: le16(b, 2),
+            serial: ascii(&b[4..24]),
+            model: ascii(&b[24..64]),
+            firmware: ascii(&b[64..72]),
+            mdts: b[77],
+            cntlid: le16(b, 78),
+            ver: le32(b, 80),
+            rtd3e: le32(b, 88),
+            oacs: le16(b, 256),
+            sqes: b[512],
+            cqes: b[513],
+            nn: le32(b, 516),
+            oncs: le16(b, 520),
+            vwc: b[525],
+            subnqn: ascii(nqn),
+        })
+    }
+
+    /// The largest transfer in bytes, for minimum page size `page` (`None`: no limit).
+    pub fn max_transfer(&self, page: u64) -> Option<u64> {
+        (self.mdts != 0).then(|| page.checked_shl(u32::from(self.mdts)).unwrap_or(u64::MAX))
+    }
+}
+
+/// An LBA format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LbaFormat {
+    /// Metadata bytes per block.
+    pub metadata: u16,
+    /// Block size, log2 (9: 512 bytes, 12: 4096).
+    pub lbads: u8,
+    /// Relative performance.
+    pub rp: u8,
+}
+
+/// What the driver uses of Identify Namespace (CNS 00h).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct IdentifyNamespace {
+    /// Namespace Size, in blocks.
+    pub nsze: u64,
+    /// Namespace Capacity.
+    pub ncap: u64,
+    /// Namespace Utilization.
+    pub nuse: u64,
+    /// Formatted LBA Size: the index of the format in use (bits 3:0, and 6:5 above 16).
+    pub flbas: u8,
+    /// The LBA formats (NLBAF + 1 of them, at most 64).
+    pub formats: Vec<LbaFormat>,
+}
+
+impl IdentifyNamespace {
+    /// Parses the 4096-byte structure.
+    pub fn parse(b: &[u8]) -> Result<Self, IdentifyError> {
+        if b.len() != 4096 {
+            return Err(IdentifyError {
+                what: "namespace",
+                len: b.len(),
+            });
+        }
+        let count = usize::from(b[25]) + 1;
+        let formats = (0..count.min(64))
+            .map(|i| {
+                let d = le32(b, 128 + 4 * i);
+                LbaFormat {
+                    metadata: d as u16,
+                    lbads: (d >> 16) as u8,
+                    rp: (d >> 24 & 3) as u8,
+                }
+            })
+            .collect();
+        Ok(IdentifyNamespace {
+            nsze: le64(b, 0),
+            ncap: le64(b, 8),
+            nuse: le64(b, 16),
+            flbas: b[26],
+            formats,
+        })
+    }
+
+    /// The index of the LBA format in use.
+    pub fn format_index(&self) -> usize {
+        usize::from(self.flbas & 0xf) | usize::from(self.flbas >> 5 & 3) << 4
+    }
+
+    /// The format in use, if its index is within the list.
+    pub fn format(&self) -> Option<LbaFormat> {
+        self.formats.get(self.format_index()).copied()
+    }
+
+    /// The block size in bytes, if the format in use is valid (512 bytes to 64 KiB).
+    pub fn block_size(&self) -> Option<u32> {
+        self.format()
+            .filter(|f| (9..=16).contains(&f.lbads))
+            .map(|f| 1u32 << f.lbads)
+    }
+}
+
+/// The namespace IDs of an active namespace list (CNS 02h): the nonzero entries before the
+/// first zero.
+pub fn parse_namespace_list(b: &[u8]) -> Vec<u32> {
+    b.chunks_exact(4)
+        .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .take_while(|&n| n != 0)
+        .collect()
+}
+
+/// One entry of the Secondary Controller List (CNS 15h).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SecondaryController {
+    /// Secondary Controller Identifier.
+    pub scid: u16,
+    /// Primary Controller Identifier.
+    pub pcid: u16,
+    /// Online (bit 0 of SCS).
+    pub online: bool,
+    /// Virtual Function Number (1-based).
+    pub vfn: u16,
+    /// VQ flexible resources assigned.
+    pub nvq: u16,
+    /// VI flexible resources assigned.
+    pub nvi: u16,
+}
+
+/// The entries of a Secondary Controller List (CNS 15h): a count byte, then 32-byte
+/// entries. Entries past the buffer are left out.
+pub fn parse_secondary_controllers(b: &[u8]) -> Vec<SecondaryController> {
+    let Some(&count) = b.first() else {
+        return Vec::new();
+    };
+    (0..usize::from(count))
+        .map_while(|i| {
+            let e = b.get(32 + 32 * i..64 + 32 * i)?;
+            Some(SecondaryController {
+                scid: le16(e, 0),
+                pcid: le16(e, 2),
+                online: e[4] & 1 == 1,
+                vfn: le16(e, 8),
+                nvq: le16(e, 12),
+                nvi: le16(e, 14),
+            })
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn qemu_cap_decodes() {
+        // CAP of QEMU's emulated controller, read in the VM.
+        let cap = Cap(0x0040_1820_0f01_07ff);
+        assert_eq!(cap.max_queue_entries(), 2048);
+        assert!(cap.contiguous_required());
+        assert_eq!(cap.timeout_ms(), 7500);
+        assert_eq!(cap.doorbell_stride(), 4);
+        assert_eq!(cap.css(), 0xc1);
+        assert_eq!(cap.page_size_min(), 4096);
+        assert_eq!(cap.page_size_max(), 4096 << 4);
+        assert_eq!((cap.sq_doorbell(0), cap.cq_doorbell(0)), (0x1000, 0x1004));
+        assert_eq!((cap.sq_doorbell(3), cap.cq_doorbell(3)), (0x1018, 0x101c));
+        // DSTRD 2: 16-byte stride.
+        assert_eq!(Cap(2 << 32).cq_doorbell(1), 0x1000 + 3 * 16);
+    }
+
+    #[test]
+    fn status_names_and_bits() {
+        let s = Completion {
+            status: (Status::new(0, 0x80).0 | 1 << 14) << 1 | 1,
+            ..Default::default()
+        };
+        assert!(s.phase());
+        assert_eq!(s.status().sc(), 0x80);
+        assert!(s.status().dnr());
+        assert!(!s.status().is_success());
+        assert_eq!(
+            s.status().to_string(),
+            "SCT 0x0 SC 0x80 (LBA out of range), do not retry"
+        );
+        assert!(Status(1 << 14).is_success(), "DNR alone is not an error");
+    }
+
+    #[test]
+    fn identify_controller_fields() {
+        let mut b = vec![0u8; 4096];
+        b[0..2].copy_from_slice(&0x1b36u16.to_le_bytes());
+        b[4..24].copy_from_slice(b"deadbeef            ");
+        b[24..64].copy_from_slice(b"QEMU NVMe Ctrl                          ");
+        b[64..72].copy_from_slice(b"7.2.22  ");
+        b[77] = 7;
+        b[256..258].copy_from_slice(&0x01cau16.to_le_bytes());
+        b[516..520].copy_from_slice(&256u32.to_le_bytes());
+        b[768..782].copy_from_slice(b"nqn.2019-08.x\0");
+        let id = IdentifyController::parse(&b).unwrap();
+        assert_eq!(
+            (
+                id.vid,
+                id.serial.as_str(),
+                id.model.as_str(),
+                id.firmware.as_str()
+            ),
+            (0x1b36, "deadbeef", "QEMU NVMe Ctrl", "7.2.22")
+        );
+        assert_eq!(id.max_transfer(4096), Some(512 * 1024));
+        assert_ne!(id.oacs & oacs::DOORBELL_BUFFER_CONFIG, 0);
+        assert_eq!(id.nn, 256);
+        assert_eq!(id.subnqn, "nqn.2019-08.x");
+        assert!(IdentifyController::parse(&b[..100]).is_err());
+    }
+
+    #[test]
+    fn identify_namespace_formats() {
+        let mut b = vec![0u8; 4096];
+        b[0..8].copy_from_slice(&2048u64.to_le_bytes());
+        b[25] = 1; // two formats
+        b[26] = 1; // the second in use
+        b[128..132].copy_from_slice(&(9u32 << 16).to_le_bytes());
+        b[132..136].copy_from_slice(&(12u32 << 16).to_le_bytes());
+        let ns = IdentifyNamespace::parse(&b).unwrap();
+        assert_eq!(ns.nsze, 2048);
+        assert_eq!(ns.formats.len(), 2);
+        assert_eq!(ns.block_size(), Some(4096));
+        b[26] = 5; // beyond the list
+        assert_eq!(IdentifyNamespace::parse(&b).unwrap().block_size(), None);
+    }
+
+    #[test]
+    fn lists() {
+        let mut b = vec![0u8; 4096];
+        b[0..4].copy_from_slice(&1u32.to_le_bytes());
+        b[4..8].copy_from_slice(&3u32.to_le_bytes());
+        assert_eq!(parse_namespace_list(&b), [1, 3]);
+        let mut s = vec![0u8; 4096];
+        s[0] = 2;
+        s[32..34].copy_from_slice(&1u16.to_le_bytes());
+        s[36] = 1;
+        s[40..42].copy_from_slice(&1u16.to_le_bytes());
+        s[44..46].copy_from_slice(&2u16.to_le_bytes());
+        s[64..66].copy_from_slice(&2u16.to_le_bytes());
+        let list = parse_secondary_controllers(&s);
+        assert_eq!(list.len(), 2);
+        assert_eq!(
+            (list[0].scid, list[0].online, list[0].vfn, list[0].nvq),
+            (1, true, 1, 2)
+        );
+        assert_eq!(parse_secondary_controllers(&s[..40]).len(), 0);
+    }
+
+    proptest! {
+        #[test]
+        fn entries_round_trip(bytes in proptest::array::uniform32(any::<u8>()), more in proptest::array::uniform32(any::<u8>())) {
+            let mut b = [0u8; 64];
+            b[..32].copy_from_slice(&bytes);
+            b[32..].copy_from_slice(&more);
+            prop_assert_eq!(Command::from_bytes(&b).to_bytes(), b);
+            let c: [u8; 16] = bytes[..16].try_into().unwrap();
+            prop_assert_eq!(Completion::from_bytes(&c).to_bytes(), c);
+        }
+
+        #[test]
+        fn identify_parsers_never_panic(data in proptest::collection::vec(any::<u8>(), 0..5000)) {
+            let _ = IdentifyController::parse(&data);
+            let _ = IdentifyNamespace::parse(&data);
+            let _ = parse_namespace_list(&data);
+            let _ = parse_secondary_controllers(&data);
+        }
+    }
+}
