@@ -1,7 +1,97 @@
-//! The in-tree NVMe driver, generic over [`crate::bus::DeviceBacking`]: no `unsafe` of its
-//! own (everything unsafe stays in [`crate::vfio`]).
+//! The in-tree NVMe driver, generic over [`DeviceBacking`]: the same code drives a
+//! controller through VFIO and the emulated one of the `testing` feature. It has no
+//! `unsafe` of its own (everything unsafe stays in [`crate::vfio`]).
+//!
+//! - [`Controller`] brings a controller up (disable, admin queues, enable, Identify,
+//!   namespaces, queue count, shadow doorbells when offered) and hands out
+//!   [`IoQueue`]s: one per thread, owned by it (`Send`, not `Sync`), so the I/O path
+//!   takes no lock.
+//! - An [`IoQueue`] submits reads, writes, flushes, write-zeroes and deallocations with
+//!   PRP lists built from DMA buffers, splits what exceeds MDTS, rings one doorbell per
+//!   batch and polls completions (one doorbell per poll).
+//! - Failure never hangs a caller: commands time out, a controller whose registers read
+//!   all-ones is gone, one with CSTS.CFS has failed, and a controller taken away
+//!   ([`Controller::revoke`], what the bus's removal calls) fails every queue at its next
+//!   use and drops every handle of the device at once, so the kernel's removal need not
+//!   wait for threads to notice.
+//! - [`driver::NvmeDriver`] registers all of it with the [`crate::bus::Bus`].
 //!
 //! [`spec`] holds the facts of the NVMe base specification the driver and the emulated
-//! controller (`testing::nvme`) share.
+//! controller share.
 
+use std::time::Duration;
+
+use crate::bus::backing::{BackingError, DeviceBacking};
+
+mod controller;
+pub mod driver;
+mod io;
+mod queue;
 pub mod spec;
+
+pub use controller::{Controller, ControllerInfo, Namespace, Options};
+pub use io::{Buffer, IoQueue, IoRequest, Op};
+
+use spec::{IdentifyError, Status};
+
+/// What went wrong driving a controller. Every error ends the request it belongs to; none
+/// leaves a caller waiting.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum NvmeError {
+    /// A register or DMA access failed.
+    #[error(transparent)]
+    Backing(#[from] BackingError),
+    /// The controller completed the command with an error.
+    #[error("{command} failed: {status}")]
+    Command {
+        /// What was asked ("Identify controller", "Read", ...).
+        command: String,
+        /// The controller's status.
+        status: Status,
+    },
+    /// A command or a state change did not finish in time.
+    #[error("{what}: no answer within {} ms", .waited.as_millis())]
+    Timeout {
+        /// What was waited for.
+        what: String,
+        /// How long.
+        waited: Duration,
+    },
+    /// The registers read all-ones: the device is gone (surprise removal).
+    #[error("controller gone: its registers read all-ones")]
+    Gone,
+    /// The controller reports a fatal error (CSTS.CFS).
+    #[error("controller failed: CSTS.CFS set (CSTS {csts:#x})")]
+    Fatal {
+        /// The status register.
+        csts: u32,
+    },
+    /// The controller was taken away (its device is being removed or detached).
+    #[error("controller removed: {0}")]
+    Removed(String),
+    /// The request cannot be expressed: bad alignment, a buffer too small, a namespace or
+    /// range the controller does not have, a queue full.
+    #[error("invalid request: {0}")]
+    Invalid(String),
+    /// Identify data did not parse.
+    #[error(transparent)]
+    Identify(#[from] IdentifyError),
+    /// The controller does not offer what was asked (a command set, SR-IOV, ...).
+    #[error("not supported: {0}")]
+    Unsupported(String),
+}
+
+impl NvmeError {
+    /// Whether the controller can no longer be used (gone, failed, removed): every later
+    /// request fails the same way.
+    pub fn is_fatal(&self) -> bool {
+        matches!(
+            self,
+            NvmeError::Gone | NvmeError::Fatal { .. } | NvmeError::Removed(_)
+        )
+    }
+}
+
+/// DMA memory of backing `B`.
+pub type Dma<B> = <B as DeviceBacking>::Dma;

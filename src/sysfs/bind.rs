@@ -325,6 +325,17 @@ pub fn unbind(root: &SysfsRoot, address: PciAddress, force: bool) -> Result<Opti
     Ok(previous)
 }
 
+/// Gives `address` back to the kernel: unbinds it from its driver, clears
+/// `driver_override` and asks the kernel to probe it (`drivers_probe`), so its native
+/// driver (nvme, ixgbe...) takes it. Returns the driver it is on afterwards. For a device
+/// whose previous driver is not known (it was on vfio-pci before this process saw it).
+pub fn reprobe(root: &SysfsRoot, address: PciAddress) -> Result<Option<String>, BindError> {
+    unbind(root, address, true)?;
+    // The kernel's drivers_probe succeeds even when no driver takes the device.
+    write(&root.path().join("bus/pci/drivers_probe"), &address.to_string())?;
+    Ok(current_driver(root, address))
+}
+
 /// Undoes [`bind`]: puts the device back on its previous driver (or none).
 pub fn restore(root: &SysfsRoot, binding: &Binding) -> Result<(), BindError> {
     match &binding.previous {

@@ -17,6 +17,7 @@ use pcibus::{BlockingAttr, DeviceRecord, IdSource, PciAddress, Scan, Scanner, Sy
 mod claims;
 mod detach;
 mod list;
+mod nvme;
 mod show;
 mod vfio;
 mod watch;
@@ -127,6 +128,12 @@ enum Command {
         all: bool,
         #[command(flatten)]
         select: SelectArgs,
+    },
+    /// The in-tree NVMe driver: identify a controller, read and write blocks. Binds the
+    /// device to vfio-pci if needed and claims it; `--restore` gives it back at the end.
+    Nvme {
+        #[command(subcommand)]
+        command: nvme::NvmeCommand,
     },
     /// Devices claimed by pcibus processes, and by whom.
     ///
@@ -421,6 +428,7 @@ fn run(cli: Cli, root: SysfsRoot) -> Result<Outcome, Error> {
         Command::Watch { json, all, select } => {
             watch::watch(&mut out, json, all, &select.selection()?, Scanner::new(root))?;
         }
+        Command::Nvme { command } => nvme::run(&mut out, &root, command)?,
         Command::Claims { json, claim_dir } => {
             let dir = claim_dir.map_or_else(ClaimDir::from_env, ClaimDir::new);
             write_claims(&mut out, &dir.list()?, json)?;

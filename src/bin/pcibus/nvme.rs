@@ -1,0 +1,305 @@
+//! `pcibus nvme`: the in-tree NVMe driver from the command line. Each command runs a bus
+//! with the NVMe driver on one device: it binds the device to vfio-pci if needed (refusing
+//! one the host uses), claims it, brings the controller up, does its work, shuts the
+//! controller down and, with `--restore`, gives the device back to its previous driver.
+
+use std::io::{Read, Write};
+use std::path::PathBuf;
+
+use serde_json::{Value, json};
+
+use pcibus::bus::devargs::{DevArg, Selection};
+use pcibus::bus::map::DeviceMap;
+use pcibus::bus::{BindPolicy, Bus, VfioAttach, VfioBacking};
+use pcibus::nvme::driver::NvmeDriver;
+use pcibus::nvme::spec::{oacs, oncs};
+use pcibus::nvme::{Controller, Options};
+use pcibus::{Scanner, SysfsRoot};
+
+type Error = Box<dyn std::error::Error>;
+
+#[derive(clap::Subcommand)]
+pub(super) enum NvmeCommand {
+    /// The controller (model, serial, firmware, transfer limit, queues, optional
+    /// features) and its namespaces (size, LBA format).
+    Identify {
+        #[command(flatten)]
+        device: DeviceArgs,
+        /// JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Read blocks to a file (or stdout).
+    Read {
+        #[command(flatten)]
+        device: DeviceArgs,
+        /// First block.
+        #[arg(long)]
+        lba: u64,
+        /// How many blocks.
+        #[arg(long)]
+        blocks: u64,
+        /// Namespace.
+        #[arg(long, default_value_t = 1)]
+        nsid: u32,
+        /// Where the data goes (default: stdout).
+        #[arg(short = 'o', long, value_name = "FILE")]
+        output: Option<PathBuf>,
+    },
+    /// Write a file (or stdin) at a block, padded with zeroes to whole blocks, then flush.
+    Write {
+        #[command(flatten)]
+        device: DeviceArgs,
+        /// First block.
+        #[arg(long)]
+        lba: u64,
+        /// Namespace.
+        #[arg(long, default_value_t = 1)]
+        nsid: u32,
+        /// Where the data comes from (default: stdin).
+        #[arg(short = 'i', long, value_name = "FILE")]
+        input: Option<PathBuf>,
+    },
+}
+
+#[derive(clap::Args)]
+pub(super) struct DeviceArgs {
+    /// The controller, in devargs syntax: `0000:01:00.0` or `01:00.0,io_queues=2,shadow_doorbells=0`.
+    device: String,
+    /// Give the device back to the kernel when done: to the driver it had before this
+    /// command bound it, or, if it was on vfio-pci already, to whichever kernel driver
+    /// claims it (e.g. nvme).
+    #[arg(long)]
+    restore: bool,
+    /// Bind even if the host uses the device (mounted, swap).
+    #[arg(long)]
+    force: bool,
+}
+
+// Runs `f` with the controller of `args.device`, through a bus that binds, claims and
+// releases it.
+fn with_controller<T>(
+    root: &SysfsRoot,
+    args: &DeviceArgs,
+    f: impl FnOnce(&Controller<VfioBacking>) -> Result<T, Error>,
+) -> Result<T, Error> {
+    if let Some(why) = super::not_kernel_sysfs(root) {
+        return Err(format!("nvme needs the kernel's sysfs: {why}").into());
+    }
+    let devarg = DevArg::parse_allow(&args.device)?;
+    let address = devarg.address();
+    let map = DeviceMap::new(Scanner::new(root.clone()))?;
+    let policy = BindPolicy {
+        bind: true,
+        force: args.force,
+        restore: args.restore,
+    };
+    let mut bus =
+        Bus::new(map, VfioAttach::new(root.clone(), policy)).selection(Selection::new(vec![devarg], vec![])?);
+    bus.register(Box::new(NvmeDriver::<VfioBacking>::new(Options::default())));
+    let report = bus
+        .probe_all()
+        .into_iter()
+        .find(|r| r.address == address)
+        .ok_or_else(|| match bus.map().get(address) {
+            None => format!("{address}: no such PCI device"),
+            Some(r) => format!(
+                "{address}: not an NVMe controller (class {})",
+                r.class.map_or("unknown".into(), |c| format!("{:06x}", c.value()))
+            ),
+        })?;
+    if let Err(e) = report.result {
+        let mut msg = e.to_string();
+        let mut source = std::error::Error::source(&e);
+        while let Some(s) = source {
+            msg.push_str(&format!(": {s}"));
+            source = s.source();
+        }
+        return Err(msg.into());
+    }
+    let controller = bus
+        .driver_mut::<NvmeDriver<VfioBacking>>()
+        .and_then(|d| d.controller(address))
+        .cloned()
+        .ok_or("the NVMe driver bound the device but has no controller for it")?;
+    let result = f(&controller);
+    drop(controller);
+    // Shuts the controller down, closes the device, restores its driver if asked.
+    drop(bus);
+    if args.restore && pcibus::sysfs::bind::current_driver(root, address).as_deref() == Some("vfio-pci") {
+        pcibus::sysfs::bind::reprobe(root, address)?;
+    }
+    result
+}
+
+pub(super) fn run(out: &mut impl Write, root: &SysfsRoot, command: NvmeCommand) -> Result<(), Error> {
+    match command {
+        NvmeCommand::Identify { device, json } => with_controller(root, &device, |c| {
+            if json {
+                serde_json::to_writer_pretty(&mut *out, &identify_json(c))?;
+                writeln!(out)?;
+            } else {
+                write_identify(out, c)?;
+            }
+            Ok(())
+        }),
+        NvmeCommand::Read {
+            device,
+            lba,
+            blocks,
+            nsid,
+            output,
+        } => with_controller(root, &device, |c| {
+            let ns = c.namespace(nsid).ok_or_else(|| format!("no namespace {nsid}"))?;
+            let len = usize::try_from(blocks * u64::from(ns.block_size))?;
+            let buf = c.alloc_buffer(len)?;
+            let mut q = c.io_queue(8)?;
+            q.read(nsid, lba, blocks, &buf, 0)?;
+            let mut data = vec![0u8; len];
+            buf.read_at(0, &mut data).ok_or("buffer read out of range")?;
+            match output {
+                Some(p) => std::fs::write(&p, &data).map_err(|e| format!("{}: {e}", p.display()))?,
+                None => out.write_all(&data)?,
+            }
+            Ok(())
+        }),
+        NvmeCommand::Write {
+            device,
+            lba,
+            nsid,
+            input,
+        } => {
+            let mut data = Vec::new();
+            match &input {
+                Some(p) => data = std::fs::read(p).map_err(|e| format!("{}: {e}", p.display()))?,
+                None => {
+                    std::io::stdin().read_to_end(&mut data)?;
+                }
+            }
+            if data.is_empty() {
+                return Err("nothing to write (empty input)".into());
+            }
+            with_controller(root, &device, |c| {
+                let ns = c.namespace(nsid).ok_or_else(|| format!("no namespace {nsid}"))?;
+                let bs = ns.block_size as usize;
+                let blocks = data.len().div_ceil(bs);
+                let buf = c.alloc_buffer(blocks * bs)?;
+                buf.write_at(0, &data).ok_or("buffer write out of range")?;
+                let mut q = c.io_queue(8)?;
+                q.write(nsid, lba, blocks as u64, &buf, 0)?;
+                q.flush(nsid)?;
+                writeln!(
+                    out,
+                    "wrote {} bytes ({blocks} blocks of {bs}) at LBA {lba} of namespace {nsid}",
+                    data.len()
+                )?;
+                Ok(())
+            })
+        }
+    }
+}
+
+fn features(c: &Controller<VfioBacking>) -> Vec<&'static str> {
+    let id = &c.info().identify;
+    let mut f = Vec::new();
+    if id.oacs & oacs::VIRT_MGMT != 0 {
+        f.push("virtualization-management");
+    }
+    if id.oacs & oacs::DOORBELL_BUFFER_CONFIG != 0 {
+        f.push("shadow-doorbells");
+    }
+    if id.oncs & oncs::WRITE_ZEROES != 0 {
+        f.push("write-zeroes");
+    }
+    if id.oncs & oncs::DATASET_MANAGEMENT != 0 {
+        f.push("deallocate");
+    }
+    if id.vwc & 1 != 0 {
+        f.push("volatile-write-cache");
+    }
+    f
+}
+
+fn version(vs: u32) -> String {
+    format!("{}.{}.{}", vs >> 16, vs >> 8 & 0xff, vs & 0xff)
+}
+
+fn identify_json(c: &Controller<VfioBacking>) -> Value {
+    let info = c.info();
+    let id = &info.identify;
+    json!({
+        "address": info.address.to_string(),
+        "model": id.model,
+        "serial": id.serial,
+        "firmware": id.firmware,
+        "vendor": format!("{:04x}", id.vid),
+        "subsystem_vendor": format!("{:04x}", id.ssvid),
+        "controller_id": id.cntlid,
+        "version": version(info.version),
+        "mdts": id.mdts,
+        "max_transfer": info.max_transfer,
+        "max_queue_entries": info.cap.max_queue_entries(),
+        "doorbell_stride": info.cap.doorbell_stride(),
+        "io_queues": info.io_queues,
+        "shadow_doorbells": info.shadow_doorbells,
+        "features": features(c),
+        "subnqn": id.subnqn,
+        "namespaces": c.namespaces().iter().map(|n| json!({
+            "nsid": n.nsid,
+            "blocks": n.blocks,
+            "block_size": n.block_size,
+            "bytes": n.bytes(),
+            "formats": n.identify.formats.iter().map(|f| json!({
+                "block_size": 1u64 << f.lbads.min(63),
+                "metadata": f.metadata,
+            })).collect::<Vec<_>>(),
+        })).collect::<Vec<_>>(),
+    })
+}
+
+fn write_identify(out: &mut impl Write, c: &Controller<VfioBacking>) -> Result<(), Error> {
+    let info = c.info();
+    let id = &info.identify;
+    writeln!(out, "{}  {}", info.address, id.model)?;
+    writeln!(out, "  serial         {}", id.serial)?;
+    writeln!(out, "  firmware       {}", id.firmware)?;
+    writeln!(
+        out,
+        "  ids            {:04x} (subsystem vendor {:04x}), controller {}",
+        id.vid, id.ssvid, id.cntlid
+    )?;
+    writeln!(out, "  version        {}", version(info.version))?;
+    writeln!(
+        out,
+        "  max transfer   {} KiB (MDTS {})",
+        info.max_transfer / 1024,
+        id.mdts
+    )?;
+    writeln!(
+        out,
+        "  queues         {} I/O queue pairs of up to {} entries, doorbell stride {}",
+        info.io_queues,
+        info.cap.max_queue_entries(),
+        info.cap.doorbell_stride()
+    )?;
+    writeln!(out, "  features       {}", features(c).join(", "))?;
+    writeln!(
+        out,
+        "  shadow doorbells {}",
+        if info.shadow_doorbells { "on" } else { "off" }
+    )?;
+    if !id.subnqn.is_empty() {
+        writeln!(out, "  subsystem      {}", id.subnqn)?;
+    }
+    for n in c.namespaces() {
+        writeln!(
+            out,
+            "  namespace {}    {} blocks of {} bytes ({:.1} GiB)",
+            n.nsid,
+            n.blocks,
+            n.block_size,
+            n.bytes() as f64 / (1u64 << 30) as f64
+        )?;
+    }
+    Ok(())
+}

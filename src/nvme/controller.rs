@@ -1,0 +1,567 @@
+//! Controller bring-up, the admin queue, namespaces, and what every queue shares.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Weak};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+
+use super::io::IoQueue;
+use super::queue::{Doorbells, Ring, Shadow};
+use super::spec::{
+    self, Cap, Command, Completion, IdentifyController, IdentifyNamespace, Status, admin, cc, cns, csts,
+    feature, oacs, reg,
+};
+use super::{Dma, NvmeError};
+use crate::addr::PciAddress;
+use crate::bus::backing::{DeviceBacking, RegisterIo};
+
+/// PCI Command register: Memory Space Enable and Bus Master Enable.
+const COMMAND_MEMORY: u16 = 1 << 1;
+const COMMAND_MASTER: u16 = 1 << 2;
+
+/// The host page size the driver programs (CC.MPS = 0).
+pub(crate) const PAGE: u64 = 4096;
+/// The largest transfer one command carries, whatever MDTS allows: one PRP list page holds
+/// its entries without chaining.
+const MAX_TRANSFER: u64 = 1 << 20;
+
+/// What [`Controller::init`] does.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Admin queue entries (2–4096; capped by CAP.MQES).
+    pub admin_depth: u16,
+    /// I/O queue pairs to ask for (Set Features Number of Queues).
+    pub io_queues: u16,
+    /// Use shadow doorbells (Doorbell Buffer Config) when the controller offers them.
+    pub shadow_doorbells: bool,
+    /// How long an admin command may take.
+    pub admin_timeout: Duration,
+    /// How long an I/O command may take before it fails with a timeout.
+    pub io_timeout: Duration,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            admin_depth: 32,
+            io_queues: 64,
+            shadow_doorbells: true,
+            admin_timeout: Duration::from_secs(5),
+            io_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// A namespace, as Identify Namespace describes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Namespace {
+    /// Its ID.
+    pub nsid: u32,
+    /// Size in blocks.
+    pub blocks: u64,
+    /// Block size in bytes (512, 4096, ...).
+    pub block_size: u32,
+    /// The Identify data.
+    pub identify: IdentifyNamespace,
+}
+
+impl Namespace {
+    /// Size in bytes.
+    pub fn bytes(&self) -> u64 {
+        self.blocks.saturating_mul(u64::from(self.block_size))
+    }
+}
+
+/// What bring-up learnt about the controller.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct ControllerInfo {
+    /// The device.
+    pub address: PciAddress,
+    /// CAP.
+    pub cap: Cap,
+    /// VS.
+    pub version: u32,
+    /// Identify Controller.
+    pub identify: IdentifyController,
+    /// The largest transfer of one command, in bytes (MDTS, at most 1 MiB).
+    pub max_transfer: u64,
+    /// I/O queue pairs granted.
+    pub io_queues: u16,
+    /// Whether shadow doorbells are in use.
+    pub shadow_doorbells: bool,
+}
+
+// The admin queue.
+struct Admin<B: DeviceBacking> {
+    ring: Ring<Dma<B>>,
+    regs: Option<B::Registers>,
+    next_cid: u16,
+}
+
+// One queue's registers, which `revoke` takes away.
+pub(crate) type QueueRegs<B> = Arc<QueueRegsCell<B>>;
+pub(crate) type QueueRegsCell<B> = Mutex<Option<<B as DeviceBacking>::Registers>>;
+
+pub(crate) struct Shared<B: DeviceBacking> {
+    pub(crate) info: ControllerInfo,
+    pub(crate) namespaces: Vec<Namespace>,
+    pub(crate) shadow: Option<Shadow<Dma<B>>>,
+    pub(crate) io_timeout: Duration,
+    admin_timeout: Duration,
+    backing: Mutex<Option<B>>,
+    admin: Mutex<Admin<B>>,
+    // Queue ids in use (index = qid) and every queue's registers, for revoke.
+    qids: Mutex<Vec<bool>>,
+    queue_regs: Mutex<Vec<Weak<QueueRegsCell<B>>>>,
+    revoked: AtomicBool,
+    reason: Mutex<String>,
+}
+
+impl<B: DeviceBacking> Shared<B> {
+    pub(crate) fn removed(&self) -> Option<NvmeError> {
+        self.revoked
+            .load(Ordering::Acquire)
+            .then(|| NvmeError::Removed(self.reason.lock().clone()))
+    }
+
+    pub(crate) fn backing(&self) -> Result<B, NvmeError> {
+        match &*self.backing.lock() {
+            Some(b) => Ok(b.clone()),
+            None => Err(self.removed().unwrap_or(NvmeError::Removed("revoked".into()))),
+        }
+    }
+
+    /// Runs one admin command and waits for it.
+    pub(crate) fn admin(&self, mut cmd: Command, what: &str) -> Result<Completion, NvmeError> {
+        if let Some(e) = self.removed() {
+            return Err(e);
+        }
+        let mut a = self.admin.lock();
+        let Admin { ring, regs, next_cid } = &mut *a;
+        let Some(regs) = regs.as_ref() else {
+            return Err(self.removed().unwrap_or(NvmeError::Removed("revoked".into())));
+        };
+        cmd.cid = *next_cid;
+        *next_cid = next_cid.wrapping_add(1);
+        if !ring.push(&cmd) {
+            return Err(NvmeError::Invalid("admin queue full".into()));
+        }
+        ring.ring_sq(regs, None)?;
+        let start = Instant::now();
+        let mut spins = 0u32;
+        loop {
+            while let Some(c) = ring.pop() {
+                if c.cid != cmd.cid {
+                    // A stray completion (a command abandoned after its timeout).
+                    log::debug!(
+                        "{}: admin completion for cid {} ignored",
+                        self.info.address,
+                        c.cid
+                    );
+                    continue;
+                }
+                ring.ring_cq(regs, None)?;
+                let status = c.status();
+                return if status.is_success() {
+                    Ok(c)
+                } else {
+                    Err(NvmeError::Command {
+                        command: what.to_owned(),
+                        status,
+                    })
+                };
+            }
+            if let Some(e) = self.removed() {
+                return Err(e);
+            }
+            if start.elapsed() > self.admin_timeout {
+                check_status(regs)?;
+                return Err(NvmeError::Timeout {
+                    what: what.to_owned(),
+                    waited: self.admin_timeout,
+                });
+            }
+            spins += 1;
+            if spins < 1000 {
+                std::hint::spin_loop();
+            } else {
+                if spins.is_multiple_of(256) {
+                    check_status(regs)?;
+                }
+                thread::sleep(Duration::from_micros(50));
+            }
+        }
+    }
+
+    pub(crate) fn alloc_qid(&self) -> Option<u16> {
+        let mut q = self.qids.lock();
+        let free = q.iter().skip(1).position(|used| !used)? + 1;
+        q[free] = true;
+        Some(free as u16)
+    }
+
+    pub(crate) fn free_qid(&self, qid: u16) {
+        if let Some(slot) = self.qids.lock().get_mut(usize::from(qid)) {
+            *slot = false;
+        }
+    }
+
+    pub(crate) fn register_queue(&self, regs: &QueueRegs<B>) {
+        let mut list = self.queue_regs.lock();
+        list.retain(|w| w.strong_count() > 0);
+        list.push(Arc::downgrade(regs));
+    }
+}
+
+// Gone (all-ones) or failed (CFS) controllers end waits at once.
+pub(crate) fn check_status<R: RegisterIo>(regs: &R) -> Result<(), NvmeError> {
+    let csts = regs.read32(reg::CSTS)?;
+    if csts == u32::MAX {
+        return Err(NvmeError::Gone);
+    }
+    if csts & csts::CFS != 0 {
+        return Err(NvmeError::Fatal { csts });
+    }
+    Ok(())
+}
+
+/// A controller brought up by the driver: cheap to clone (a handle), shared by the threads
+/// that make [`IoQueue`]s from it. See the [module docs](super).
+pub struct Controller<B: DeviceBacking> {
+    shared: Arc<Shared<B>>,
+}
+
+impl<B: DeviceBacking> Clone for Controller<B> {
+    fn clone(&self) -> Self {
+        Controller {
+            shared: Arc::clone(&self.shared),
+        }
+    }
+}
+
+impl<B: DeviceBacking> std::fmt::Debug for Controller<B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Controller")
+            .field("address", &self.shared.info.address)
+            .field("model", &self.shared.info.identify.model)
+            .field("namespaces", &self.shared.namespaces.len())
+            .field("revoked", &self.shared.revoked.load(Ordering::Relaxed))
+            .finish_non_exhaustive()
+    }
+}
+
+fn wait_ready<R: RegisterIo>(regs: &R, ready: bool, cap: Cap, what: &str) -> Result<(), NvmeError> {
+    let limit = Duration::from_millis(cap.timeout_ms().max(500));
+    let start = Instant::now();
+    loop {
+        let csts = regs.read32(reg::CSTS)?;
+        if csts == u32::MAX {
+            return Err(NvmeError::Gone);
+        }
+        if ready && csts & csts::CFS != 0 {
+            return Err(NvmeError::Fatal { csts });
+        }
+        if (csts & csts::RDY != 0) == ready {
+            return Ok(());
+        }
+        if start.elapsed() > limit {
+            return Err(NvmeError::Timeout {
+                what: what.to_owned(),
+                waited: limit,
+            });
+        }
+        thread::sleep(Duration::from_micros(100));
+    }
+}
+
+fn identify<B: DeviceBacking>(
+    shared_admin: &dyn Fn(Command, &str) -> Result<Completion, NvmeError>,
+    buf: &Dma<B>,
+    cns_value: u32,
+    nsid: u32,
+    what: &str,
+) -> Result<Vec<u8>, NvmeError> {
+    use crate::bus::backing::DmaMemory;
+    buf.zero();
+    let mut cmd = Command::new(admin::IDENTIFY);
+    cmd.nsid = nsid;
+    cmd.prp1 = buf.iova();
+    cmd.cdw[0] = cns_value;
+    shared_admin(cmd, what)?;
+    let mut data = vec![0u8; 4096];
+    let _ = buf.read_at(0, &mut data);
+    Ok(data)
+}
+
+impl<B: DeviceBacking> Controller<B> {
+    /// Brings the controller up: reads CAP, disables it, sets up the admin queue,
+    /// enables it, identifies it and its active namespaces, asks for `io_queues` queue
+    /// pairs and turns shadow doorbells on when offered.
+    pub fn init(backing: B, options: &Options) -> Result<Controller<B>, NvmeError> {
+        use crate::bus::backing::DmaMemory;
+        let address = backing.address();
+        // Memory space (the registers) and bus mastering (the controller's DMA) on.
+        let mut command = [0u8; 2];
+        backing.read_config(4, &mut command)?;
+        let command = u16::from_le_bytes(command) | COMMAND_MEMORY | COMMAND_MASTER;
+        backing.write_config(4, &command.to_le_bytes())?;
+        let regs = backing.map_bar(0)?;
+        let cap = Cap(regs.read64(reg::CAP)?);
+        if cap.0 == u64::MAX {
+            return Err(NvmeError::Gone);
+        }
+        let version = regs.read32(reg::VS)?;
+        if cap.css() & 1 == 0 {
+            return Err(NvmeError::Unsupported(format!(
+                "{address}: no NVM command set (CAP.CSS {:#x})",
+                cap.css()
+            )));
+        }
+        if !(cap.page_size_min()..=cap.page_size_max()).contains(&PAGE) {
+            return Err(NvmeError::Unsupported(format!(
+                "{address}: 4 KiB pages not supported (CAP.MPSMIN {} bytes)",
+                cap.page_size_min()
+            )));
+        }
+        // Disable: an enabled controller that is not ready yet must become ready first.
+        let cc_now = regs.read32(reg::CC)?;
+        if cc_now & cc::EN != 0 {
+            if regs.read32(reg::CSTS)? & csts::RDY == 0 {
+                wait_ready(&regs, true, cap, "controller ready before disabling")?;
+            }
+            regs.write32(reg::CC, cc_now & !cc::EN)?;
+        }
+        wait_ready(&regs, false, cap, "controller disable (CSTS.RDY = 0)")?;
+
+        let depth = options
+            .admin_depth
+            .clamp(2, 4096)
+            .min(cap.max_queue_entries().min(4096) as u16);
+        let sq = backing.alloc_dma(usize::from(depth) * Command::SIZE)?;
+        let cq = backing.alloc_dma(usize::from(depth) * Completion::SIZE)?;
+        let ring = Ring::new(0, depth, sq, cq, Doorbells::of(cap, 0));
+        let aqa = u32::from(depth - 1) << 16 | u32::from(depth - 1);
+        regs.write32(reg::AQA, aqa)?;
+        // Two 32-bit writes each: every controller takes them (some refuse 64-bit ones).
+        for (at, iova) in [(reg::ASQ, ring.sq_iova()), (reg::ACQ, ring.cq_iova())] {
+            regs.write32(at, iova as u32)?;
+            regs.write32(at + 4, (iova >> 32) as u32)?;
+        }
+        let config = cc::EN | 6 << cc::IOSQES_SHIFT | 4 << cc::IOCQES_SHIFT;
+        regs.write32(reg::CC, config)?;
+        wait_ready(&regs, true, cap, "controller enable (CSTS.RDY = 1)")?;
+
+        let mut shared = Shared {
+            info: ControllerInfo {
+                address,
+                cap,
+                version,
+                identify: IdentifyController::parse(&[0u8; 4096])?,
+                max_transfer: 0,
+                io_queues: 0,
+                shadow_doorbells: false,
+            },
+            namespaces: Vec::new(),
+            shadow: None,
+            io_timeout: options.io_timeout,
+            admin_timeout: options.admin_timeout,
+            backing: Mutex::new(None),
+            admin: Mutex::new(Admin {
+                ring,
+                regs: Some(regs),
+                next_cid: 0,
+            }),
+            qids: Mutex::new(Vec::new()),
+            queue_regs: Mutex::new(Vec::new()),
+            revoked: AtomicBool::new(false),
+            reason: Mutex::new(String::new()),
+        };
+        let buf = backing.alloc_dma(4096)?;
+        let run = |cmd: Command, what: &str| shared.admin(cmd, what);
+        let id = IdentifyController::parse(&identify::<B>(
+            &run,
+            &buf,
+            cns::CONTROLLER,
+            0,
+            "Identify controller",
+        )?)?;
+        if id.sqes & 0xf > 6 || id.cqes & 0xf > 4 {
+            return Err(NvmeError::Unsupported(format!(
+                "{address}: entry sizes SQES {:#x} CQES {:#x}",
+                id.sqes, id.cqes
+            )));
+        }
+        let list = spec::parse_namespace_list(&identify::<B>(
+            &run,
+            &buf,
+            cns::ACTIVE_NAMESPACES,
+            0,
+            "Identify active namespace list",
+        )?);
+        let mut namespaces = Vec::new();
+        for nsid in list {
+            let ns = IdentifyNamespace::parse(&identify::<B>(
+                &run,
+                &buf,
+                cns::NAMESPACE,
+                nsid,
+                &format!("Identify namespace {nsid}"),
+            )?)?;
+            match ns.block_size() {
+                Some(bs) if ns.nsze > 0 => namespaces.push(Namespace {
+                    nsid,
+                    blocks: ns.nsze,
+                    block_size: bs,
+                    identify: ns,
+                }),
+                _ => log::warn!("{address}: namespace {nsid} left out: no usable LBA format or size 0"),
+            }
+        }
+        let want = options.io_queues.clamp(1, 65534);
+        let mut cmd = Command::new(admin::SET_FEATURES);
+        cmd.cdw[0] = u32::from(feature::NUMBER_OF_QUEUES);
+        cmd.cdw[1] = u32::from(want - 1) << 16 | u32::from(want - 1);
+        let c = run(cmd, "Set Features (Number of Queues)")?;
+        let granted = want
+            .min((c.dw0 & 0xffff) as u16 + 1)
+            .min((c.dw0 >> 16) as u16 + 1);
+        let mut shadow = None;
+        if options.shadow_doorbells && id.oacs & oacs::DOORBELL_BUFFER_CONFIG != 0 {
+            let doorbells = backing.alloc_dma(PAGE as usize)?;
+            let events = backing.alloc_dma(PAGE as usize)?;
+            let mut cmd = Command::new(admin::DOORBELL_BUFFER_CONFIG);
+            cmd.prp1 = doorbells.iova();
+            cmd.prp2 = events.iova();
+            match run(cmd, "Doorbell Buffer Config") {
+                Ok(_) => shadow = Some(Shadow { doorbells, events }),
+                Err(e) => log::warn!("{address}: shadow doorbells offered but refused: {e}"),
+            }
+        }
+        let max_transfer = id
+            .max_transfer(cap.page_size_min())
+            .unwrap_or(MAX_TRANSFER)
+            .min(MAX_TRANSFER);
+        shared.info.identify = id;
+        shared.info.max_transfer = max_transfer;
+        shared.info.io_queues = granted;
+        shared.info.shadow_doorbells = shadow.is_some();
+        shared.namespaces = namespaces;
+        shared.shadow = shadow;
+        *shared.qids.get_mut() = vec![false; usize::from(granted) + 1];
+        *shared.backing.get_mut() = Some(backing);
+        Ok(Controller {
+            shared: Arc::new(shared),
+        })
+    }
+
+    /// What bring-up learnt.
+    pub fn info(&self) -> &ControllerInfo {
+        &self.shared.info
+    }
+
+    /// The active namespaces with a usable format, by NSID.
+    pub fn namespaces(&self) -> &[Namespace] {
+        &self.shared.namespaces
+    }
+
+    /// Namespace `nsid`.
+    pub fn namespace(&self, nsid: u32) -> Option<&Namespace> {
+        self.shared.namespaces.iter().find(|n| n.nsid == nsid)
+    }
+
+    /// Allocates `len` bytes of DMA memory for I/O buffers (zeroed, whole pages).
+    pub fn alloc_buffer(&self, len: usize) -> Result<super::Buffer<B>, NvmeError> {
+        Ok(Arc::new(self.shared.backing()?.alloc_dma(len)?))
+    }
+
+    /// Creates an I/O queue pair of `depth` entries (capped by CAP.MQES) for the calling
+    /// thread.
+    pub fn io_queue(&self, depth: u16) -> Result<IoQueue<B>, NvmeError> {
+        IoQueue::create(Arc::clone(&self.shared), depth)
+    }
+
+    /// Runs an admin command and waits for it (Identify, Get Log Page, vendor commands...).
+    /// Data goes through `cmd.prp1`/`prp2`, which must point at this controller's DMA
+    /// memory.
+    pub fn admin(&self, cmd: Command, what: &str) -> Result<Completion, NvmeError> {
+        self.shared.admin(cmd, what)
+    }
+
+    /// Whether the controller was taken away.
+    pub fn is_revoked(&self) -> bool {
+        self.shared.revoked.load(Ordering::Acquire)
+    }
+
+    /// Takes the controller away: every queue fails at its next use (outstanding requests
+    /// end with [`NvmeError::Removed`]) and every handle of the device this controller
+    /// holds — its backing, the admin and queue registers — is dropped now, whatever the
+    /// threads using the queues are doing. What the bus's removal calls: the kernel's
+    /// removal then does not wait for those threads. DMA memory stays until its owners drop
+    /// it. Idempotent.
+    pub fn revoke(&self, reason: &str) {
+        if self.shared.revoked.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        *self.shared.reason.lock() = reason.to_owned();
+        // An admin command in progress sees `revoked` at its next poll and lets go.
+        self.shared.admin.lock().regs = None;
+        for q in self.shared.queue_regs.lock().drain(..) {
+            if let Some(q) = q.upgrade() {
+                *q.lock() = None;
+            }
+        }
+        *self.shared.backing.lock() = None;
+    }
+
+    /// Normal shutdown (CC.SHN = 01b, wait for CSTS.SHST = 10b, at most
+    /// max(RTD3E, 10 s)), for an orderly release. Queues still open are not deleted
+    /// (drop them first); after shutdown the controller takes no more commands.
+    pub fn shutdown(&self) -> Result<(), NvmeError> {
+        let limit =
+            Duration::from_micros(u64::from(self.shared.info.identify.rtd3e)).max(Duration::from_secs(10));
+        self.shutdown_within(limit)
+    }
+
+    /// [`shutdown`](Self::shutdown), waiting at most `limit` for CSTS.SHST.
+    pub fn shutdown_within(&self, limit: Duration) -> Result<(), NvmeError> {
+        if let Some(e) = self.shared.removed() {
+            return Err(e);
+        }
+        let a = self.shared.admin.lock();
+        let Some(regs) = a.regs.as_ref() else {
+            return Err(NvmeError::Removed("revoked".into()));
+        };
+        check_status(regs)?;
+        let cc_now = regs.read32(reg::CC)?;
+        regs.write32(reg::CC, (cc_now & !cc::SHN_MASK) | cc::SHN_NORMAL)?;
+        let start = Instant::now();
+        loop {
+            let csts = regs.read32(reg::CSTS)?;
+            if csts == u32::MAX {
+                return Err(NvmeError::Gone);
+            }
+            if csts & csts::SHST_MASK == csts::SHST_COMPLETE {
+                return Ok(());
+            }
+            if start.elapsed() > limit {
+                return Err(NvmeError::Timeout {
+                    what: "shutdown (CSTS.SHST = 10b)".into(),
+                    waited: limit,
+                });
+            }
+            thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    /// The status of the last admin command's kind of failure, for callers matching on it.
+    pub fn status_of(e: &NvmeError) -> Option<Status> {
+        match e {
+            NvmeError::Command { status, .. } => Some(*status),
+            _ => None,
+        }
+    }
+}

@@ -1,0 +1,130 @@
+//! The NVMe driver as a [`Driver`] of the [`crate::bus::Bus`]: it takes every NVMe
+//! controller (class 01 08 02), brings it up, and gives it back on removal.
+
+use std::collections::BTreeMap;
+
+use super::{Controller, Options};
+use crate::addr::PciAddress;
+use crate::bus::backing::DeviceBacking;
+use crate::bus::driver::{Driver, ProbeDevice, ProbeOutcome, Removal, RemovalCause};
+use crate::bus::id::{CLASS_EXACT, IdEntry};
+
+/// How long an orderly release or a removal request waits for the controller's shutdown:
+/// the kernel's removal waits for the release.
+const SHUTDOWN_LIMIT: std::time::Duration = std::time::Duration::from_millis(500);
+
+/// Device arguments the driver understands (`-a ADDR,io_queues=4,shadow_doorbells=0`).
+pub const DEVARGS: &[&str] = &["io_queues", "shadow_doorbells", "admin_depth"];
+
+/// The NVMe driver. Reach its controllers through
+/// [`Bus::driver_mut`](crate::bus::Bus::driver_mut) and [`controller`](Self::controller).
+pub struct NvmeDriver<B: DeviceBacking> {
+    table: [IdEntry; 1],
+    options: Options,
+    controllers: BTreeMap<PciAddress, Controller<B>>,
+}
+
+impl<B: DeviceBacking> std::fmt::Debug for NvmeDriver<B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NvmeDriver")
+            .field("controllers", &self.controllers.keys().collect::<Vec<_>>())
+            .finish_non_exhaustive()
+    }
+}
+
+impl<B: DeviceBacking> NvmeDriver<B> {
+    /// A driver bringing controllers up with `options` (devargs override them per device).
+    pub fn new(options: Options) -> Self {
+        NvmeDriver {
+            table: [IdEntry::class(0x01_08_02, CLASS_EXACT)],
+            options,
+            controllers: BTreeMap::new(),
+        }
+    }
+
+    /// The controller at `address`, if this driver has it.
+    pub fn controller(&self, address: PciAddress) -> Option<&Controller<B>> {
+        self.controllers.get(&address)
+    }
+
+    /// The controllers, by address.
+    pub fn controllers(&self) -> impl Iterator<Item = (&PciAddress, &Controller<B>)> {
+        self.controllers.iter()
+    }
+}
+
+fn parse_flag(key: &str, value: Option<&str>) -> Result<bool, String> {
+    match value {
+        None | Some("1" | "on" | "yes" | "true") => Ok(true),
+        Some("0" | "off" | "no" | "false") => Ok(false),
+        Some(v) => Err(format!("{key}={v}: expected 0 or 1")),
+    }
+}
+
+fn parse_u16(key: &str, value: Option<&str>) -> Result<u16, String> {
+    value
+        .and_then(|v| v.parse::<u16>().ok())
+        .filter(|n| *n > 0)
+        .ok_or_else(|| format!("{key}={}: expected a number from 1 to 65535", value.unwrap_or("")))
+}
+
+impl<B: DeviceBacking> Driver<B> for NvmeDriver<B> {
+    fn name(&self) -> &str {
+        "nvme"
+    }
+
+    fn id_table(&self) -> &[IdEntry] {
+        &self.table
+    }
+
+    fn probe(&mut self, device: ProbeDevice<'_, B>) -> ProbeOutcome {
+        let mut options = self.options.clone();
+        if let Some(arg) = device.devarg {
+            if let Err(e) = arg.reject_unknown(DEVARGS) {
+                return ProbeOutcome::Failed(e.into());
+            }
+            for (key, value) in arg.args() {
+                let r = match key {
+                    "io_queues" => parse_u16(key, value).map(|n| options.io_queues = n),
+                    "admin_depth" => parse_u16(key, value).map(|n| options.admin_depth = n),
+                    "shadow_doorbells" => parse_flag(key, value).map(|b| options.shadow_doorbells = b),
+                    _ => Ok(()),
+                };
+                if let Err(e) = r {
+                    return ProbeOutcome::Failed(format!("{}: {e}", device.record.address).into());
+                }
+            }
+        }
+        match Controller::init(device.backing.clone(), &options) {
+            Ok(c) => {
+                let info = c.info();
+                log::info!(
+                    "{}: {} (serial {}, firmware {}), {} namespace(s), {} I/O queues",
+                    info.address,
+                    info.identify.model,
+                    info.identify.serial,
+                    info.identify.firmware,
+                    c.namespaces().len(),
+                    info.io_queues
+                );
+                self.controllers.insert(device.record.address, c);
+                ProbeOutcome::Bound
+            }
+            Err(e) => ProbeOutcome::Failed(e.into()),
+        }
+    }
+
+    fn remove(&mut self, address: PciAddress, removal: &Removal) {
+        let Some(c) = self.controllers.remove(&address) else {
+            return;
+        };
+        // An orderly release and a request (the device is still there) get a normal
+        // shutdown first, bounded; a device that is gone or faulted does not.
+        if matches!(removal.cause, RemovalCause::Detach | RemovalCause::Request)
+            && let Err(e) = c.shutdown_within(SHUTDOWN_LIMIT)
+        {
+            log::warn!("{address}: shutdown before release: {e}");
+        }
+        c.revoke(&removal.cause.to_string());
+    }
+}

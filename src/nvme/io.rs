@@ -1,0 +1,654 @@
+//! I/O queue pairs: requests in, completions out, on the thread that owns the queue.
+
+use std::cell::Cell;
+use std::marker::PhantomData;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+
+use super::controller::{PAGE, QueueRegs, Shared, check_status};
+use super::queue::{Doorbells, Ring};
+use super::spec::{Command, Completion, admin, io};
+use super::{Dma, NvmeError};
+use crate::bus::backing::{DeviceBacking, DmaMemory};
+
+/// An I/O buffer: DMA memory shared with the queue while a request uses it (the queue
+/// keeps a clone until the request completes, so a buffer is never freed under the
+/// device).
+pub type Buffer<B> = Arc<Dma<B>>;
+
+/// What a request does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Op {
+    /// Read blocks into the buffer.
+    Read,
+    /// Write blocks from the buffer.
+    Write,
+    /// Make written data durable.
+    Flush,
+    /// Write zeroes to the blocks (no buffer).
+    WriteZeroes,
+    /// Deallocate (trim) the blocks (Dataset Management; no buffer).
+    Deallocate,
+}
+
+impl Op {
+    fn name(self) -> &'static str {
+        match self {
+            Op::Read => "Read",
+            Op::Write => "Write",
+            Op::Flush => "Flush",
+            Op::WriteZeroes => "Write Zeroes",
+            Op::Deallocate => "Dataset Management (deallocate)",
+        }
+    }
+}
+
+/// One request: what to do, where, and with which buffer.
+#[derive(Debug)]
+pub struct IoRequest<'a, B: DeviceBacking> {
+    /// What.
+    pub op: Op,
+    /// Namespace.
+    pub nsid: u32,
+    /// First block (ignored by flush).
+    pub lba: u64,
+    /// Blocks (ignored by flush).
+    pub blocks: u64,
+    /// The data, at a byte offset (reads and writes only; 4-byte aligned).
+    pub buffer: Option<(&'a Buffer<B>, usize)>,
+}
+
+impl<B: DeviceBacking> Clone for IoRequest<'_, B> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<B: DeviceBacking> Copy for IoRequest<'_, B> {}
+
+impl<'a, B: DeviceBacking> IoRequest<'a, B> {
+    /// Read `blocks` blocks at `lba` into `buffer` at `offset`.
+    pub fn read(nsid: u32, lba: u64, blocks: u64, buffer: &'a Buffer<B>, offset: usize) -> Self {
+        IoRequest {
+            op: Op::Read,
+            nsid,
+            lba,
+            blocks,
+            buffer: Some((buffer, offset)),
+        }
+    }
+    /// Write `blocks` blocks at `lba` from `buffer` at `offset`.
+    pub fn write(nsid: u32, lba: u64, blocks: u64, buffer: &'a Buffer<B>, offset: usize) -> Self {
+        IoRequest {
+            op: Op::Write,
+            ..Self::read(nsid, lba, blocks, buffer, offset)
+        }
+    }
+    /// Flush namespace `nsid`.
+    pub fn flush(nsid: u32) -> Self {
+        IoRequest {
+            op: Op::Flush,
+            nsid,
+            lba: 0,
+            blocks: 0,
+            buffer: None,
+        }
+    }
+    /// Write zeroes to `blocks` blocks at `lba`.
+    pub fn write_zeroes(nsid: u32, lba: u64, blocks: u64) -> Self {
+        IoRequest {
+            op: Op::WriteZeroes,
+            nsid,
+            lba,
+            blocks,
+            buffer: None,
+        }
+    }
+    /// Deallocate `blocks` blocks at `lba`.
+    pub fn deallocate(nsid: u32, lba: u64, blocks: u64) -> Self {
+        IoRequest {
+            op: Op::Deallocate,
+            ..Self::write_zeroes(nsid, lba, blocks)
+        }
+    }
+}
+
+const FREE: u32 = u32::MAX;
+
+#[derive(Debug, Clone, Copy)]
+struct Slot {
+    request: u32,
+    // The request gave up on this command (timeout): the slot is reusable only once the
+    // controller completes it.
+    abandoned: bool,
+}
+
+struct Request<B: DeviceBacking> {
+    tag: u64,
+    op: Op,
+    parts: u32,
+    error: Option<NvmeError>,
+    deadline: Instant,
+    _buffer: Option<Buffer<B>>,
+}
+
+/// An I/O submission/completion queue pair, owned by one thread (`Send`, not `Sync`): the
+/// I/O path takes no lock shared with other queues.
+///
+/// Requests carry a caller's `tag`, returned with their result by [`poll`](Self::poll).
+/// [`submit`](Self::submit) only writes entries; one doorbell tells the controller of a
+/// whole batch ([`ring`](Self::ring), or the next `poll`). A request larger than the
+/// controller's transfer limit is split into several commands and completes once all
+/// have.
+///
+/// # Dropping
+///
+/// Deletes the submission and completion queues on the controller (unless it was revoked
+/// or is gone) and frees their memory. Requests still outstanding are dropped without a
+/// result.
+pub struct IoQueue<B: DeviceBacking> {
+    shared: Arc<Shared<B>>,
+    regs: QueueRegs<B>,
+    ring: Ring<Dma<B>>,
+    prp: Dma<B>,
+    slots: Vec<Slot>,
+    free_cids: Vec<u16>,
+    requests: Vec<Option<Request<B>>>,
+    free_requests: Vec<u32>,
+    outstanding: usize,
+    dead: Option<String>,
+    last_check: Instant,
+    completions: u64,
+    _not_sync: PhantomData<Cell<()>>,
+}
+
+impl<B: DeviceBacking> std::fmt::Debug for IoQueue<B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IoQueue")
+            .field("qid", &self.ring.qid)
+            .field("depth", &self.ring.depth())
+            .field("outstanding", &self.outstanding)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<B: DeviceBacking> IoQueue<B> {
+    pub(crate) fn create(shared: Arc<Shared<B>>, depth: u16) -> Result<Self, NvmeError> {
+        let cap = shared.info.cap;
+        let depth = depth.clamp(2, cap.max_queue_entries().min(4096) as u16);
+        let qid = shared.alloc_qid().ok_or_else(|| {
+            NvmeError::Invalid(format!("all {} I/O queues are in use", shared.info.io_queues))
+        })?;
+        let made = (|| {
+            let backing = shared.backing()?;
+            let sq = backing.alloc_dma(usize::from(depth) * Command::SIZE)?;
+            let cq = backing.alloc_dma(usize::from(depth) * Completion::SIZE)?;
+            // One PRP list page per command slot.
+            let prp = backing.alloc_dma(usize::from(depth) * PAGE as usize)?;
+            let regs = backing.map_bar(0)?;
+            drop(backing);
+            let ring = Ring::new(qid, depth, sq, cq, Doorbells::of(cap, qid));
+            let mut cmd = Command::new(admin::CREATE_CQ);
+            cmd.prp1 = ring.cq_iova();
+            cmd.cdw[0] = u32::from(depth - 1) << 16 | u32::from(qid);
+            // Physically contiguous, interrupts off (polled).
+            cmd.cdw[1] = 1;
+            shared.admin(cmd, &format!("Create I/O CQ {qid}"))?;
+            let mut cmd = Command::new(admin::CREATE_SQ);
+            cmd.prp1 = ring.sq_iova();
+            cmd.cdw[0] = u32::from(depth - 1) << 16 | u32::from(qid);
+            cmd.cdw[1] = u32::from(qid) << 16 | 1;
+            if let Err(e) = shared.admin(cmd, &format!("Create I/O SQ {qid}")) {
+                let mut del = Command::new(admin::DELETE_CQ);
+                del.cdw[0] = u32::from(qid);
+                let _ = shared.admin(del, &format!("Delete I/O CQ {qid}"));
+                return Err(e);
+            }
+            Ok((ring, prp, regs))
+        })();
+        let (ring, prp, regs) = match made {
+            Ok(m) => m,
+            Err(e) => {
+                shared.free_qid(qid);
+                return Err(e);
+            }
+        };
+        let regs: QueueRegs<B> = Arc::new(Mutex::new(Some(regs)));
+        shared.register_queue(&regs);
+        let slots = usize::from(depth) - 1;
+        Ok(IoQueue {
+            shared,
+            regs,
+            ring,
+            prp,
+            slots: vec![
+                Slot {
+                    request: FREE,
+                    abandoned: false
+                };
+                slots
+            ],
+            free_cids: (0..slots as u16).rev().collect(),
+            requests: Vec::new(),
+            free_requests: Vec::new(),
+            outstanding: 0,
+            dead: None,
+            last_check: Instant::now(),
+            completions: 0,
+            _not_sync: PhantomData,
+        })
+    }
+
+    /// The queue ID.
+    pub fn qid(&self) -> u16 {
+        self.ring.qid
+    }
+
+    /// Commands that can be submitted before the queue is full.
+    pub fn free_slots(&self) -> usize {
+        self.free_cids.len().min(usize::from(self.ring.free()))
+    }
+
+    /// Requests submitted and not yet completed.
+    pub fn outstanding(&self) -> usize {
+        self.outstanding
+    }
+
+    /// SQ doorbell writes to the device so far (shadow updates that needed none not
+    /// counted).
+    pub fn doorbell_writes(&self) -> u64 {
+        self.ring.sq_rings
+    }
+
+    fn check_alive(&self) -> Result<(), NvmeError> {
+        if let Some(e) = self.shared.removed() {
+            return Err(e);
+        }
+        if let Some(why) = &self.dead {
+            return Err(NvmeError::Removed(why.clone()));
+        }
+        Ok(())
+    }
+
+    /// Queues `request`; `tag` comes back with its result from [`poll`](Self::poll). The
+    /// controller learns of it at the next [`ring`](Self::ring) or `poll`.
+    ///
+    /// Fails at once (nothing queued) when the request is invalid (namespace, range, a
+    /// buffer too small or not dword-aligned) or needs more free slots than the queue has
+    /// (poll, then retry).
+    pub fn submit(&mut self, request: &IoRequest<'_, B>, tag: u64) -> Result<(), NvmeError> {
+        self.check_alive()?;
+        let IoRequest {
+            op,
+            nsid,
+            lba,
+            blocks,
+            buffer,
+        } = *request;
+        let (buffer, offset) = match buffer {
+            Some((b, o)) => (Some(b), o),
+            None => (None, 0),
+        };
+        let ns = self
+            .shared
+            .namespaces
+            .iter()
+            .find(|n| n.nsid == nsid)
+            .ok_or_else(|| NvmeError::Invalid(format!("no namespace {nsid}")))?;
+        let bs = u64::from(ns.block_size);
+        if op != Op::Flush && (blocks == 0 || lba.checked_add(blocks).is_none_or(|end| end > ns.blocks)) {
+            return Err(NvmeError::Invalid(format!(
+                "{} of {blocks} blocks at LBA {lba}: namespace {nsid} has {} blocks",
+                op.name(),
+                ns.blocks
+            )));
+        }
+        let data = matches!(op, Op::Read | Op::Write);
+        if data {
+            let Some(buf) = buffer else {
+                return Err(NvmeError::Invalid(format!("{} needs a buffer", op.name())));
+            };
+            let bytes = blocks * bs;
+            if !offset.is_multiple_of(4)
+                || (offset as u64)
+                    .checked_add(bytes)
+                    .is_none_or(|end| end > buf.len() as u64)
+            {
+                return Err(NvmeError::Invalid(format!(
+                    "{} of {bytes} bytes at buffer offset {offset}: the buffer has {} bytes (offsets must be \
+                     4-byte aligned)",
+                    op.name(),
+                    buf.len()
+                )));
+            }
+        }
+        // Commands this request takes.
+        let per_cmd = match op {
+            Op::Read | Op::Write => (self.shared.info.max_transfer / bs).clamp(1, 1 << 16),
+            Op::WriteZeroes => 1 << 16,
+            Op::Deallocate => u64::from(u32::MAX),
+            Op::Flush => u64::MAX,
+        };
+        let parts = if op == Op::Flush {
+            1
+        } else {
+            blocks.div_ceil(per_cmd)
+        };
+        if parts > self.free_slots() as u64 {
+            return Err(NvmeError::Invalid(format!(
+                "queue {} full: {} commands needed, {} free (poll, then retry)",
+                self.ring.qid,
+                parts,
+                self.free_slots()
+            )));
+        }
+        let req = Request {
+            tag,
+            op,
+            parts: parts as u32,
+            error: None,
+            deadline: Instant::now() + self.shared.io_timeout,
+            _buffer: buffer.filter(|_| data).cloned(),
+        };
+        let index = match self.free_requests.pop() {
+            Some(i) => {
+                self.requests[i as usize] = Some(req);
+                i
+            }
+            None => {
+                self.requests.push(Some(req));
+                (self.requests.len() - 1) as u32
+            }
+        };
+        self.outstanding += 1;
+        let mut done = 0u64;
+        for _ in 0..parts {
+            let n = per_cmd.min(blocks.saturating_sub(done)).max(1);
+            let cid = self.free_cids.pop().unwrap_or_default();
+            let mut cmd = Command::new(match op {
+                Op::Read => io::READ,
+                Op::Write => io::WRITE,
+                Op::Flush => io::FLUSH,
+                Op::WriteZeroes => io::WRITE_ZEROES,
+                Op::Deallocate => io::DATASET_MANAGEMENT,
+            });
+            cmd.cid = cid;
+            cmd.nsid = nsid;
+            let slba = lba + done;
+            match op {
+                Op::Read | Op::Write | Op::WriteZeroes => {
+                    cmd.cdw[0] = slba as u32;
+                    cmd.cdw[1] = (slba >> 32) as u32;
+                    cmd.cdw[2] = (n - 1) as u32;
+                    if let (true, Some(buf)) = (data, buffer) {
+                        let at = buf.iova() + offset as u64 + done * bs;
+                        (cmd.prp1, cmd.prp2) = self.prps(cid, at, n * bs);
+                    }
+                }
+                Op::Deallocate => {
+                    // One range, in this command's PRP page: context attributes, length
+                    // in blocks, starting LBA.
+                    let page = usize::from(cid) * PAGE as usize;
+                    let _ = self.prp.write::<u32>(page, 0);
+                    let _ = self.prp.write::<u32>(page + 4, n as u32);
+                    let _ = self.prp.write::<u64>(page + 8, slba);
+                    cmd.prp1 = self.prp.iova() + page as u64;
+                    // Number of ranges, zero-based; attribute: deallocate.
+                    cmd.cdw[0] = 0;
+                    cmd.cdw[1] = 1 << 2;
+                }
+                Op::Flush => {}
+            }
+            self.slots[usize::from(cid)] = Slot {
+                request: index,
+                abandoned: false,
+            };
+            // Cannot fail: free slots were checked above.
+            self.ring.push(&cmd);
+            done += n;
+        }
+        Ok(())
+    }
+
+    // PRP1 and PRP2 for `len` bytes at `iova` (contiguous), using slot `cid`'s list page
+    // when more than two pages are touched.
+    fn prps(&self, cid: u16, iova: u64, len: u64) -> (u64, u64) {
+        let first = PAGE - iova % PAGE;
+        if len <= first {
+            return (iova, 0);
+        }
+        let rest = len - first;
+        let second = iova + first;
+        if rest <= PAGE {
+            return (iova, second);
+        }
+        let page = usize::from(cid) * PAGE as usize;
+        let entries = rest.div_ceil(PAGE);
+        for i in 0..entries {
+            let _ = self.prp.write::<u64>(page + 8 * i as usize, second + i * PAGE);
+        }
+        (iova, self.prp.iova() + page as u64)
+    }
+
+    /// Tells the controller of everything submitted since the last doorbell: one MMIO
+    /// write (or a shadow doorbell update) for the whole batch.
+    pub fn ring(&mut self) -> Result<(), NvmeError> {
+        if !self.ring.unrung() {
+            return Ok(());
+        }
+        let regs = self.regs.lock();
+        let Some(regs) = regs.as_ref() else {
+            drop(regs);
+            return Err(self.fail_all_removed());
+        };
+        self.ring.ring_sq(regs, self.shared.shadow.as_ref())
+    }
+
+    fn fail_all_removed(&mut self) -> NvmeError {
+        self.shared
+            .removed()
+            .unwrap_or_else(|| NvmeError::Removed("queue registers revoked".into()))
+    }
+
+    /// Rings the doorbell for unsent submissions, then hands every completed request to
+    /// `done` (its tag and result), ringing the completion doorbell once. Returns how many
+    /// requests completed.
+    ///
+    /// Requests past their deadline complete with [`NvmeError::Timeout`]. When the
+    /// controller is gone (registers all-ones), has failed (CSTS.CFS), or was revoked,
+    /// every outstanding request completes with that error and the error is returned; the
+    /// queue is then dead.
+    pub fn poll(&mut self, mut done: impl FnMut(u64, Result<(), NvmeError>)) -> Result<usize, NvmeError> {
+        if let Err(e) = self.check_alive().and_then(|()| self.ring()) {
+            return Err(self.fail_all(e, &mut done));
+        }
+        let guard = self.regs.lock();
+        let Some(regs) = guard.as_ref() else {
+            drop(guard);
+            let e = self.fail_all_removed();
+            return Err(self.fail_all(e, &mut done));
+        };
+        let mut completed = 0;
+        let mut seen = 0usize;
+        while let Some(c) = self.ring.pop() {
+            seen += 1;
+            let Some(slot) = self.slots.get(usize::from(c.cid)).copied() else {
+                log::debug!(
+                    "queue {}: completion with unknown cid {} ignored",
+                    self.ring.qid,
+                    c.cid
+                );
+                continue;
+            };
+            if slot.request == FREE {
+                // A duplicate, or a cid nobody used.
+                log::debug!(
+                    "queue {}: completion for free cid {} ignored",
+                    self.ring.qid,
+                    c.cid
+                );
+                continue;
+            }
+            self.slots[usize::from(c.cid)].request = FREE;
+            self.free_cids.push(c.cid);
+            if slot.abandoned {
+                continue;
+            }
+            let index = slot.request as usize;
+            let Some(req) = self.requests.get_mut(index).and_then(Option::as_mut) else {
+                continue;
+            };
+            let status = c.status();
+            if !status.is_success() && req.error.is_none() {
+                req.error = Some(NvmeError::Command {
+                    command: req.op.name().to_owned(),
+                    status,
+                });
+            }
+            req.parts -= 1;
+            if req.parts == 0
+                && let Some(req) = self.requests[index].take()
+            {
+                self.free_requests.push(index as u32);
+                self.outstanding -= 1;
+                completed += 1;
+                done(req.tag, req.error.map_or(Ok(()), Err));
+            }
+        }
+        if seen > 0 {
+            self.completions += seen as u64;
+            self.ring.ring_cq(regs, self.shared.shadow.as_ref())?;
+            return Ok(completed);
+        }
+        if self.outstanding == 0 || self.last_check.elapsed() < Duration::from_millis(1) {
+            return Ok(completed);
+        }
+        // Nothing completed for a while: is the controller still there?
+        self.last_check = Instant::now();
+        if let Err(e) = check_status(regs) {
+            drop(guard);
+            return Err(self.fail_all(e, &mut done));
+        }
+        drop(guard);
+        let now = Instant::now();
+        for index in 0..self.requests.len() {
+            let expired = self.requests[index].as_ref().is_some_and(|r| r.deadline <= now);
+            if !expired {
+                continue;
+            }
+            let Some(req) = self.requests[index].take() else {
+                continue;
+            };
+            for slot in self.slots.iter_mut().filter(|s| s.request == index as u32) {
+                slot.abandoned = true;
+            }
+            self.free_requests.push(index as u32);
+            self.outstanding -= 1;
+            completed += 1;
+            log::warn!(
+                "{}: queue {}: {} (tag {}) timed out; its command slots stay reserved until the \
+                 controller answers",
+                self.shared.info.address,
+                self.ring.qid,
+                req.op.name(),
+                req.tag
+            );
+            done(
+                req.tag,
+                Err(NvmeError::Timeout {
+                    what: req.op.name().to_owned(),
+                    waited: self.shared.io_timeout,
+                }),
+            );
+        }
+        Ok(completed)
+    }
+
+    // Ends every outstanding request with `e` (fatal), marks the queue dead, returns `e`.
+    fn fail_all(&mut self, e: NvmeError, done: &mut impl FnMut(u64, Result<(), NvmeError>)) -> NvmeError {
+        let why = e.to_string();
+        for index in 0..self.requests.len() {
+            if let Some(req) = self.requests[index].take() {
+                self.free_requests.push(index as u32);
+                done(req.tag, Err(NvmeError::Removed(why.clone())));
+            }
+        }
+        self.outstanding = 0;
+        if e.is_fatal() {
+            self.dead = Some(why);
+        }
+        e
+    }
+
+    /// Submits one request and waits for it (polling), on a queue with nothing else
+    /// outstanding.
+    pub fn run(&mut self, request: &IoRequest<'_, B>) -> Result<(), NvmeError> {
+        if self.outstanding != 0 {
+            return Err(NvmeError::Invalid(format!(
+                "queue {}: {} requests outstanding; run() needs an idle queue",
+                self.ring.qid, self.outstanding
+            )));
+        }
+        self.submit(request, 0)?;
+        self.ring()?;
+        let mut result = None;
+        let mut spins = 0u32;
+        while result.is_none() {
+            self.poll(|_, r| result = Some(r))?;
+            spins += 1;
+            if spins > 10_000 {
+                std::thread::yield_now();
+            }
+        }
+        result.unwrap_or(Ok(()))
+    }
+
+    /// Reads `blocks` blocks at `lba` into `buffer` at `offset`, waiting for them.
+    pub fn read(
+        &mut self,
+        nsid: u32,
+        lba: u64,
+        blocks: u64,
+        buffer: &Buffer<B>,
+        offset: usize,
+    ) -> Result<(), NvmeError> {
+        self.run(&IoRequest::read(nsid, lba, blocks, buffer, offset))
+    }
+
+    /// Writes `blocks` blocks at `lba` from `buffer` at `offset`, waiting for them.
+    pub fn write(
+        &mut self,
+        nsid: u32,
+        lba: u64,
+        blocks: u64,
+        buffer: &Buffer<B>,
+        offset: usize,
+    ) -> Result<(), NvmeError> {
+        self.run(&IoRequest::write(nsid, lba, blocks, buffer, offset))
+    }
+
+    /// Flushes namespace `nsid`, waiting for it.
+    pub fn flush(&mut self, nsid: u32) -> Result<(), NvmeError> {
+        self.run(&IoRequest::flush(nsid))
+    }
+}
+
+impl<B: DeviceBacking> Drop for IoQueue<B> {
+    fn drop(&mut self) {
+        let qid = self.ring.qid;
+        if self.shared.removed().is_none() && self.dead.is_none() {
+            let mut cmd = Command::new(admin::DELETE_SQ);
+            cmd.cdw[0] = u32::from(qid);
+            let sq = self.shared.admin(cmd, &format!("Delete I/O SQ {qid}"));
+            let mut cmd = Command::new(admin::DELETE_CQ);
+            cmd.cdw[0] = u32::from(qid);
+            let cq = sq.and_then(|_| self.shared.admin(cmd, &format!("Delete I/O CQ {qid}")));
+            match cq {
+                Ok(_) => self.shared.free_qid(qid),
+                // Not freed: the controller may still own the queue id.
+                Err(e) => log::warn!("{}: deleting I/O queue {qid}: {e}", self.shared.info.address),
+            }
+        }
+    }
+}

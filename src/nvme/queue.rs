@@ -1,0 +1,211 @@
+//! One submission/completion queue pair as rings in DMA memory: entries in, completions
+//! out, doorbells (MMIO or shadow). No request bookkeeping: that is the admin queue's and
+//! [`super::io::IoQueue`]'s.
+
+use std::sync::atomic::{Ordering, fence};
+
+use super::NvmeError;
+use super::spec::{Cap, Command, Completion};
+use crate::bus::backing::{DmaMemory, RegisterIo};
+
+/// Where a queue's doorbells are, in BAR 0 and (with shadow doorbells) in the shadow and
+/// event index buffers.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Doorbells {
+    pub(crate) sq: u64,
+    pub(crate) cq: u64,
+}
+
+impl Doorbells {
+    pub(crate) fn of(cap: Cap, qid: u16) -> Self {
+        Doorbells {
+            sq: cap.sq_doorbell(qid),
+            cq: cap.cq_doorbell(qid),
+        }
+    }
+}
+
+/// The shadow doorbell and event index buffers (Doorbell Buffer Config), shared by all
+/// queues of a controller: the same offsets as the MMIO doorbells, less 0x1000.
+#[derive(Debug)]
+pub(crate) struct Shadow<D> {
+    pub(crate) doorbells: D,
+    pub(crate) events: D,
+}
+
+// Whether the controller asked to be told of this doorbell update: the event index lies
+// in (old, new] (modulo 2^16), as the spec's shadow doorbell rule says.
+fn need_event(event: u16, new: u16, old: u16) -> bool {
+    new.wrapping_sub(event).wrapping_sub(1) < new.wrapping_sub(old)
+}
+
+/// A queue pair's rings.
+#[derive(Debug)]
+pub(crate) struct Ring<D> {
+    pub(crate) qid: u16,
+    depth: u16,
+    sq: D,
+    cq: D,
+    sq_tail: u16,
+    // The tail the controller was last told of.
+    sq_rung: u16,
+    // The controller's head, from completions.
+    sq_head: u16,
+    cq_head: u16,
+    cq_rung: u16,
+    phase: bool,
+    doorbells: Doorbells,
+    /// SQ doorbell writes (MMIO), for tests and benchmarks.
+    pub(crate) sq_rings: u64,
+}
+
+impl<D: DmaMemory> Ring<D> {
+    /// A ring pair of `depth` entries over `sq` and `cq` (zeroed here).
+    pub(crate) fn new(qid: u16, depth: u16, sq: D, cq: D, doorbells: Doorbells) -> Self {
+        sq.zero();
+        cq.zero();
+        Ring {
+            qid,
+            depth,
+            sq,
+            cq,
+            sq_tail: 0,
+            sq_rung: 0,
+            sq_head: 0,
+            cq_head: 0,
+            cq_rung: 0,
+            phase: true,
+            doorbells,
+            sq_rings: 0,
+        }
+    }
+
+    pub(crate) fn depth(&self) -> u16 {
+        self.depth
+    }
+    pub(crate) fn sq_iova(&self) -> u64 {
+        self.sq.iova()
+    }
+    pub(crate) fn cq_iova(&self) -> u64 {
+        self.cq.iova()
+    }
+
+    /// Entries the submission queue can still take (one slot stays empty).
+    pub(crate) fn free(&self) -> u16 {
+        let used = self.sq_tail.wrapping_add(self.depth).wrapping_sub(self.sq_head) % self.depth;
+        self.depth - 1 - used
+    }
+
+    /// Writes `cmd` at the tail; the controller sees it at the next
+    /// [`ring_sq`](Self::ring_sq). False when the queue is full.
+    pub(crate) fn push(&mut self, cmd: &Command) -> bool {
+        if self.free() == 0 {
+            return false;
+        }
+        let at = usize::from(self.sq_tail) * Command::SIZE;
+        // In bounds: the ring holds `depth` entries.
+        let _ = self.sq.write_at(at, &cmd.to_bytes());
+        self.sq_tail = (self.sq_tail + 1) % self.depth;
+        true
+    }
+
+    /// Whether entries were pushed since the last doorbell.
+    pub(crate) fn unrung(&self) -> bool {
+        self.sq_tail != self.sq_rung
+    }
+
+    /// Tells the controller of the new tail: one doorbell for everything pushed since the
+    /// last one (through the shadow buffer when there is one, and MMIO only when the
+    /// controller's event index asks for it).
+    pub(crate) fn ring_sq<R: RegisterIo>(
+        &mut self,
+        regs: &R,
+        shadow: Option<&Shadow<D>>,
+    ) -> Result<(), NvmeError> {
+        if !self.unrung() {
+            return Ok(());
+        }
+        // The entries before the doorbell (or the shadow value) that publishes them.
+        fence(Ordering::Release);
+        let (new, old) = (self.sq_tail, self.sq_rung);
+        self.sq_rung = new;
+        if let Some(s) = shadow {
+            let at = (self.doorbells.sq - super::spec::reg::DOORBELLS) as usize;
+            let _ = s.doorbells.write::<u32>(at, u32::from(new));
+            // The shadow write before the event index read (the controller does the
+            // reverse).
+            fence(Ordering::SeqCst);
+            let event = s.events.read::<u32>(at).unwrap_or(0) as u16;
+            if !need_event(event, new, old) {
+                return Ok(());
+            }
+        }
+        self.sq_rings += 1;
+        regs.write32(self.doorbells.sq, u32::from(new))?;
+        Ok(())
+    }
+
+    /// The next completion, if the controller posted one (its phase matches).
+    pub(crate) fn pop(&mut self) -> Option<Completion> {
+        let at = usize::from(self.cq_head) * Completion::SIZE;
+        // The phase word first, with acquire: the rest of the entry is complete once it is.
+        let word = self.cq.load_acquire::<u32>(at + 12)?;
+        let status = (word >> 16) as u16;
+        if (status & 1 == 1) != self.phase {
+            return None;
+        }
+        let mut b = [0u8; 16];
+        let _ = self.cq.read_at(at, &mut b);
+        let c = Completion::from_bytes(&b);
+        self.cq_head += 1;
+        if self.cq_head == self.depth {
+            self.cq_head = 0;
+            self.phase = !self.phase;
+        }
+        if c.sq_head < self.depth {
+            self.sq_head = c.sq_head;
+        }
+        Some(c)
+    }
+
+    /// Tells the controller how far completions were consumed.
+    pub(crate) fn ring_cq<R: RegisterIo>(
+        &mut self,
+        regs: &R,
+        shadow: Option<&Shadow<D>>,
+    ) -> Result<(), NvmeError> {
+        if self.cq_head == self.cq_rung {
+            return Ok(());
+        }
+        let (new, old) = (self.cq_head, self.cq_rung);
+        self.cq_rung = new;
+        if let Some(s) = shadow {
+            let at = (self.doorbells.cq - super::spec::reg::DOORBELLS) as usize;
+            let _ = s.doorbells.write::<u32>(at, u32::from(new));
+            fence(Ordering::SeqCst);
+            let event = s.events.read::<u32>(at).unwrap_or(0) as u16;
+            if !need_event(event, new, old) {
+                return Ok(());
+            }
+        }
+        regs.write32(self.doorbells.cq, u32::from(new))?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::need_event;
+
+    #[test]
+    fn event_index_rule() {
+        // The controller wants to hear once the tail passes 5.
+        assert!(need_event(5, 6, 5));
+        assert!(need_event(5, 8, 3));
+        assert!(!need_event(5, 5, 3));
+        assert!(!need_event(9, 8, 3));
+        // Across the wrap of the 16-bit counters.
+        assert!(need_event(0xffff, 2, 0xfff0));
+        assert!(!need_event(3, 2, 0xfff0));
+    }
+}
