@@ -80,6 +80,10 @@ mod vmtest {
                 .parse()
                 .map_err(err)
                 .and_then(|a| bus(a, secs.parse().map_err(err)?, 1)),
+            ["kernel-perf", dev, qd, secs] => qd
+                .parse()
+                .map_err(err)
+                .and_then(|qd| kernel_perf(dev, qd, secs.parse().map_err(err)?)),
             ["bus-replug", addr, secs] => addr
                 .parse()
                 .map_err(err)
@@ -88,7 +92,7 @@ mod vmtest {
                 "usage: pcibus-vmtest list-json | vfio-open ADDR | vfio-dma ADDR | \
                       hold ADDR SECONDS | seed ADDR | vfio-group ADDR ADDR | held-scan-exit ADDR | \
                       claim-release ADDR SECONDS | try-claim ADDR | bus ADDR SECONDS | \
-                      bus-replug ADDR SECONDS"
+                      bus-replug ADDR SECONDS | kernel-perf BLOCKDEV QD SECONDS"
                     .into(),
             ),
         };
@@ -1585,5 +1589,69 @@ mod vmtest {
             }
         }
         Err(format!("{addr}: not done within {secs} s ({bound} binds)"))
+    }
+
+    // ----------------------------------------------------------------- kernel-perf
+
+    /// The kernel driver's baseline for `pcibus nvme perf --rw randread --bs 4k`: `qd`
+    /// threads, each with one 4 KiB O_DIRECT pread in flight at random aligned offsets of
+    /// `dev`, for `secs` seconds. Prints one JSON line (iops, mean latency).
+    fn kernel_perf(dev: &str, qd: usize, secs: f64) -> Res {
+        use std::os::unix::fs::{FileExt, OpenOptionsExt};
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(nix::libc::O_DIRECT)
+            .open(dev)
+            .map_err(|e| format!("{dev}: {e}"))?;
+        let size = file.metadata().map_err(err)?.len();
+        let size = if size == 0 {
+            // A block device's metadata says 0: seek to the end instead.
+            use std::io::Seek;
+            (&file).seek(std::io::SeekFrom::End(0)).map_err(err)?
+        } else {
+            size
+        };
+        let blocks = size / 4096;
+        if blocks == 0 {
+            return Err(format!("{dev}: too small"));
+        }
+        let deadline = Instant::now() + Duration::from_secs_f64(secs);
+        let (ios, lat_ns) = thread::scope(|s| {
+            let handles: Vec<_> = (0..qd.max(1))
+                .map(|t| {
+                    let file = &file;
+                    s.spawn(move || {
+                        // An aligned 4 KiB window of a larger Vec: O_DIRECT wants alignment.
+                        let mut raw = vec![0u8; 8192];
+                        let at = raw.as_ptr().align_offset(4096);
+                        let buf = &mut raw[at..at + 4096];
+                        let mut x = 0x9e37_79b9_7f4a_7c15u64 ^ (t as u64 + 1);
+                        let (mut n, mut lat) = (0u64, 0u64);
+                        while Instant::now() < deadline {
+                            x ^= x << 13;
+                            x ^= x >> 7;
+                            x ^= x << 17;
+                            let t0 = Instant::now();
+                            if file.read_exact_at(buf, (x % blocks) * 4096).is_err() {
+                                break;
+                            }
+                            lat += t0.elapsed().as_nanos() as u64;
+                            n += 1;
+                        }
+                        (n, lat)
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().unwrap_or((0, 0)))
+                .fold((0, 0), |a, b| (a.0 + b.0, a.1 + b.1))
+        });
+        println!(
+            "{{\"qd\":{qd},\"ios\":{ios},\"iops\":{:.0},\"mean_us\":{:.1}}}",
+            ios as f64 / secs,
+            if ios == 0 { 0.0 } else { lat_ns as f64 / ios as f64 / 1000.0 }
+        );
+        Ok(())
     }
 }

@@ -26,6 +26,7 @@ use crate::bus::backing::{BackingError, DeviceBacking};
 mod controller;
 pub mod driver;
 mod io;
+pub mod perf;
 mod queue;
 pub mod spec;
 

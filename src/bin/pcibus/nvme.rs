@@ -12,9 +12,13 @@ use pcibus::bus::devargs::{DevArg, Selection};
 use pcibus::bus::map::DeviceMap;
 use pcibus::bus::{BindPolicy, Bus, VfioAttach, VfioBacking};
 use pcibus::nvme::driver::NvmeDriver;
+use pcibus::nvme::perf::{PerfConfig, PerfResult, Progress};
 use pcibus::nvme::spec::{oacs, oncs};
-use pcibus::nvme::{Controller, Options};
+use pcibus::nvme::{Controller, Op, Options};
 use pcibus::{Scanner, SysfsRoot};
+use std::io::IsTerminal;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
 
 type Error = Box<dyn std::error::Error>;
 
@@ -46,6 +50,34 @@ pub(super) enum NvmeCommand {
         #[arg(short = 'o', long, value_name = "FILE")]
         output: Option<PathBuf>,
     },
+    /// A load like spdk_nvme_perf or fio: queue depth kept full on each queue (one thread
+    /// per queue), completions polled; a live one-line progress on a terminal, then a
+    /// summary (IOPS, MiB/s, mean, p50, p99 and max latency, errors).
+    Perf {
+        #[command(flatten)]
+        device: DeviceArgs,
+        /// The pattern.
+        #[arg(long, value_enum, default_value = "randread")]
+        rw: Pattern,
+        /// Bytes per I/O (`512`, `4k`, `128k`, `1m`).
+        #[arg(long, default_value = "4k", value_parser = parse_size)]
+        bs: usize,
+        /// I/Os in flight per queue.
+        #[arg(long, default_value_t = 32)]
+        qd: u16,
+        /// Seconds.
+        #[arg(long, default_value_t = 10.0)]
+        time: f64,
+        /// Queues (threads).
+        #[arg(long, default_value_t = 1)]
+        queues: u16,
+        /// Namespace.
+        #[arg(long, default_value_t = 1)]
+        nsid: u32,
+        /// One JSON object instead of text.
+        #[arg(long)]
+        json: bool,
+    },
     /// Write a file (or stdin) at a block, padded with zeroes to whole blocks, then flush.
     Write {
         #[command(flatten)]
@@ -60,6 +92,28 @@ pub(super) enum NvmeCommand {
         #[arg(short = 'i', long, value_name = "FILE")]
         input: Option<PathBuf>,
     },
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+pub(super) enum Pattern {
+    Read,
+    Write,
+    Randread,
+    Randwrite,
+}
+
+fn parse_size(s: &str) -> Result<usize, String> {
+    let t = s.trim().to_ascii_lowercase();
+    let (num, mult) = match t.strip_suffix(['k', 'm']) {
+        Some(n) if t.ends_with('k') => (n, 1024),
+        Some(n) => (n, 1 << 20),
+        None => (t.as_str(), 1),
+    };
+    num.parse::<usize>()
+        .ok()
+        .and_then(|n| n.checked_mul(mult))
+        .filter(|n| *n > 0)
+        .ok_or_else(|| format!("\"{s}\": expected a size such as 4k, 512 or 1m"))
 }
 
 #[derive(clap::Args)]
@@ -163,6 +217,40 @@ pub(super) fn run(out: &mut impl Write, root: &SysfsRoot, command: NvmeCommand) 
             }
             Ok(())
         }),
+        NvmeCommand::Perf {
+            device,
+            rw,
+            bs,
+            qd,
+            time,
+            queues,
+            nsid,
+            json,
+        } => {
+            let (op, random) = match rw {
+                Pattern::Read => (Op::Read, false),
+                Pattern::Write => (Op::Write, false),
+                Pattern::Randread => (Op::Read, true),
+                Pattern::Randwrite => (Op::Write, true),
+            };
+            if !(time.is_finite() && time > 0.0) {
+                return Err(format!("--time {time}: expected a positive number of seconds").into());
+            }
+            let config = PerfConfig {
+                op,
+                random,
+                io_size: bs,
+                queue_depth: qd,
+                queues,
+                duration: Duration::from_secs_f64(time),
+                nsid,
+            };
+            with_controller(root, &device, |c| {
+                let result = perf_live(c, &config)?;
+                write_perf(out, &config, rw, &result, json)?;
+                Ok(())
+            })
+        }
         NvmeCommand::Write {
             device,
             lba,
@@ -300,6 +388,108 @@ fn write_identify(out: &mut impl Write, c: &Controller<VfioBacking>) -> Result<(
             n.block_size,
             n.bytes() as f64 / (1u64 << 30) as f64
         )?;
+    }
+    Ok(())
+}
+
+// Runs perf with a one-line progress on stderr when it is a terminal.
+fn perf_live(c: &Controller<VfioBacking>, config: &PerfConfig) -> Result<PerfResult, Error> {
+    let progress = Progress::default();
+    let live = std::io::stderr().is_terminal();
+    let result = std::thread::scope(|s| {
+        let worker = s.spawn(|| pcibus::nvme::perf::run(c, config, &progress));
+        let (mut last_ios, mut last_lat, mut last) = (0u64, 0u64, Instant::now());
+        while !worker.is_finished() {
+            std::thread::sleep(Duration::from_millis(100));
+            if !live || last.elapsed() < Duration::from_secs(1) {
+                continue;
+            }
+            let ios = progress.ios.load(Ordering::Relaxed);
+            let lat = progress.latency_ns.load(Ordering::Relaxed);
+            let secs = last.elapsed().as_secs_f64();
+            let n = ios - last_ios;
+            let iops = n as f64 / secs;
+            let mean_us = if n == 0 {
+                0.0
+            } else {
+                (lat - last_lat) as f64 / n as f64 / 1000.0
+            };
+            eprint!(
+                "\r{iops:>10.0} IOPS  {:>8.1} MiB/s  mean {mean_us:>7.1} us  errors {}   ",
+                iops * config.io_size as f64 / (1u64 << 20) as f64,
+                progress.errors.load(Ordering::Relaxed)
+            );
+            (last_ios, last_lat, last) = (ios, lat, Instant::now());
+        }
+        if live {
+            eprintln!();
+        }
+        match worker.join() {
+            Ok(r) => r.map_err(Error::from),
+            Err(_) => Err(Error::from("perf thread panicked")),
+        }
+    })?;
+    Ok(result)
+}
+
+fn write_perf(
+    out: &mut impl Write,
+    config: &PerfConfig,
+    rw: Pattern,
+    r: &PerfResult,
+    json: bool,
+) -> Result<(), Error> {
+    let rw = match rw {
+        Pattern::Read => "read",
+        Pattern::Write => "write",
+        Pattern::Randread => "randread",
+        Pattern::Randwrite => "randwrite",
+    };
+    let us = |ns: u64| ns as f64 / 1000.0;
+    let mib_s = r.iops() * config.io_size as f64 / (1u64 << 20) as f64;
+    let doorbells_per_io = r.doorbells as f64 / (r.ios + r.errors).max(1) as f64;
+    if json {
+        let v = json!({
+            "rw": rw,
+            "bs": config.io_size,
+            "qd": config.queue_depth,
+            "queues": config.queues,
+            "seconds": r.elapsed.as_secs_f64(),
+            "ios": r.ios,
+            "errors": r.errors,
+            "iops": r.iops(),
+            "mib_s": mib_s,
+            "mean_us": r.latency.mean_ns() / 1000.0,
+            "p50_us": us(r.latency.quantile_ns(0.5)),
+            "p99_us": us(r.latency.quantile_ns(0.99)),
+            "max_us": us(r.latency.max_ns()),
+            "doorbells_per_io": doorbells_per_io,
+            "first_error": r.first_error,
+        });
+        writeln!(out, "{v}")?;
+    } else {
+        writeln!(
+            out,
+            "{rw} bs {} qd {} x {} queue(s), {:.1} s: {:.0} IOPS, {mib_s:.1} MiB/s",
+            config.io_size,
+            config.queue_depth,
+            config.queues,
+            r.elapsed.as_secs_f64(),
+            r.iops()
+        )?;
+        writeln!(
+            out,
+            "latency us: mean {:.1}  p50 {:.1}  p99 {:.1}  max {:.1};  {} I/Os, {} errors, {doorbells_per_io:.2} SQ doorbells per I/O",
+            r.latency.mean_ns() / 1000.0,
+            us(r.latency.quantile_ns(0.5)),
+            us(r.latency.quantile_ns(0.99)),
+            us(r.latency.max_ns()),
+            r.ios,
+            r.errors
+        )?;
+        if let Some(e) = &r.first_error {
+            writeln!(out, "first error: {e}")?;
+        }
     }
     Ok(())
 }

@@ -1,0 +1,37 @@
+#!/bin/sh
+# `pcibus nvme perf` beside the kernel's nvme driver on the same controller, same guest
+# (issue 8): 4 KiB random reads at QD 1 and QD 32 for 3 s each through the kernel
+# (/dev/nvme*n1, O_DIRECT, one thread per queue slot) and through pcibus (one queue, polled,
+# batched doorbells), plus pcibus at QD 32 with shadow doorbells off. Every pcibus run
+# must end with zero errors and be at least as fast as the kernel's at the same depth; the
+# figures are printed for BENCHMARKS.md.
+. "$PCIBUS_LIB"
+need_pcibus
+
+pf=$(nvme_pf) || fail "no NVMe controller"
+wait_for 20 test "$(pci_driver "$pf")" = nvme || fail "not bound to nvme at start"
+wait_for 20 sh -c "ls /sys/bus/pci/devices/$pf/nvme/ >/dev/null 2>&1" || fail "no nvme controller device"
+ctrl=$(ls "/sys/bus/pci/devices/$pf/nvme/" | head -1)
+wait_for 20 test -b "/dev/${ctrl}n1" || fail "no /dev/${ctrl}n1"
+rc=0
+for qd in 1 32; do
+	pcibus-vmtest kernel-perf "/dev/${ctrl}n1" $qd 3 >/tmp/k$qd.json || fail "kernel perf qd $qd"
+	echo "kernel qd $qd: $(cat /tmp/k$qd.json)"
+done
+for qd in 1 32; do
+	pcibus nvme perf "$pf" --rw randread --bs 4k --qd $qd --time 3 --json >/tmp/p$qd.json || fail "pcibus perf qd $qd: $(cat /tmp/p$qd.json)"
+	echo "pcibus qd $qd: $(cat /tmp/p$qd.json)"
+	grep -q '"errors":0' /tmp/p$qd.json || { echo "FAIL: pcibus perf qd $qd had errors"; rc=1; }
+	k=$(sed 's/.*"iops":\([0-9]*\).*/\1/' /tmp/k$qd.json)
+	p=$(sed 's/.*"iops":\([0-9]*\).*/\1/' /tmp/p$qd.json)
+	echo "qd $qd: pcibus $p IOPS, kernel $k IOPS"
+	[ "$p" -ge "$k" ] || { echo "FAIL: pcibus is slower than the kernel driver at qd $qd"; rc=1; }
+done
+pcibus nvme perf "$pf,shadow_doorbells=0" --rw randread --bs 4k --qd 32 --time 3 --json >/tmp/ps.json || fail "pcibus perf without shadow doorbells"
+echo "pcibus qd 32, shadow doorbells off: $(cat /tmp/ps.json)"
+grep -q '"errors":0' /tmp/ps.json || { echo "FAIL: pcibus perf without shadow doorbells had errors"; rc=1; }
+pcibus nvme perf "$pf" --rw randwrite --bs 4k --qd 32 --time 2 --queues 2 --json --restore >/tmp/pw.json || fail "pcibus randwrite"
+echo "pcibus randwrite qd 32 x 2 queues: $(cat /tmp/pw.json)"
+grep -q '"errors":0' /tmp/pw.json || { echo "FAIL: pcibus randwrite had errors"; rc=1; }
+wait_for 20 test "$(pci_driver "$pf")" = nvme || fail "$pf not back on nvme"
+exit $rc
