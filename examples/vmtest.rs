@@ -1650,7 +1650,11 @@ mod vmtest {
         println!(
             "{{\"qd\":{qd},\"ios\":{ios},\"iops\":{:.0},\"mean_us\":{:.1}}}",
             ios as f64 / secs,
-            if ios == 0 { 0.0 } else { lat_ns as f64 / ios as f64 / 1000.0 }
+            if ios == 0 {
+                0.0
+            } else {
+                lat_ns as f64 / ios as f64 / 1000.0
+            }
         );
         Ok(())
     }

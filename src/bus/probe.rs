@@ -18,7 +18,8 @@
 //! A device added later (a `add` uevent) is read alone and offered to the drivers after a
 //! settle delay ([`Bus::settle`], default 2 s as in SPDK): a device unplugged and
 //! plugged back is probed again. A device whose driver let it go on a request while it
-//! stays present (an operator's `unbind`) is not probed again until it is re-added.
+//! stays present (an operator's `unbind`) is not probed again until it is re-added, or
+//! bound again to what the bus opens it through (the operator's bind to vfio-pci).
 //!
 //! Nothing runs behind the caller's back: the bus has no thread. An event loop waits on
 //! [`Bus::fds`] (and a [`UeventMonitor`](crate::hotplug::monitor::UeventMonitor)) and
@@ -530,6 +531,18 @@ impl<A: Attach> Bus<A> {
                 self.gone(address, RemovalCause::Uevent(u.action.clone()), events)
             }
             (Action::Add, _) => self.added(address),
+            // A device released on a request while present comes back when it is bound
+            // again to what the bus opens it through (an operator's bind to vfio-pci).
+            (Action::Bind, _)
+                if self.held_off.contains(&address)
+                    && self
+                        .map
+                        .get(address)
+                        .is_some_and(|r| self.attach.still_attached(r)) =>
+            {
+                self.held_off.remove(&address);
+                self.added(address);
+            }
             (Action::Unbind, _) if self.held.contains_key(&address) && !self.still_attached(address) => {
                 events.extend(
                     self.take_back(address, RemovalCause::Uevent(Action::Unbind))

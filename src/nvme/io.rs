@@ -567,7 +567,10 @@ impl<B: DeviceBacking> IoQueue<B> {
 
     // Ends every outstanding request with `e` (fatal), marks the queue dead, returns `e`.
     fn fail_all(&mut self, e: NvmeError, done: &mut impl FnMut(u64, Result<(), NvmeError>)) -> NvmeError {
-        let why = e.to_string();
+        let why = match &e {
+            NvmeError::Removed(why) => why.clone(),
+            other => other.to_string(),
+        };
         for index in 0..self.requests.len() {
             if let Some(req) = self.requests[index].take() {
                 self.free_requests.push(index as u32);

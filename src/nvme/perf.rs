@@ -241,8 +241,14 @@ fn one_queue<B: DeviceBacking>(
     slots: u64,
 ) -> Result<PerfResult, NvmeError> {
     let depth = config.queue_depth.max(1);
-    let mut queue: IoQueue<B> = controller.io_queue(depth.saturating_add(1))?;
-    let buffer = controller.alloc_buffer(usize::from(depth) * config.io_size)?;
+    let mut queue: IoQueue<B> = match controller.io_queue(depth.saturating_add(1)) {
+        Ok(q) => q,
+        Err(e) => return ended(PerfResult::default(), e),
+    };
+    let buffer = match controller.alloc_buffer(usize::from(depth) * config.io_size) {
+        Ok(b) => b,
+        Err(e) => return ended(PerfResult::default(), e),
+    };
     let mut rng =
         XorShift(0x9e37_79b9_7f4a_7c15 ^ (u64::from(index) + 1).wrapping_mul(0xbf58_476d_1ce4_e5b9));
     // Sequential queues start apart from each other.
@@ -269,10 +275,14 @@ fn one_queue<B: DeviceBacking>(
             blocks,
             buffer: Some((&buffer, usize::from(tag) * config.io_size)),
         };
-        queue.submit(&req, u64::from(tag))?;
+        if let Err(e) = queue.submit(&req, u64::from(tag)) {
+            return ended(result, e);
+        }
         submitted_at[usize::from(tag)] = Instant::now();
     }
-    queue.ring()?;
+    if let Err(e) = queue.ring() {
+        return ended(result, e);
+    }
     let mut done_tags: Vec<u16> = Vec::with_capacity(usize::from(depth));
     let (mut ios, mut errors, mut lat) = (0u64, 0u64, 0u64);
     let mut stopping = false;
@@ -324,10 +334,23 @@ fn one_queue<B: DeviceBacking>(
                     blocks,
                     buffer: Some((&buffer, usize::from(tag) * config.io_size)),
                 };
-                queue.submit(&req, u64::from(tag))?;
+                if let Err(e) = queue.submit(&req, u64::from(tag)) {
+                    if result.first_error.is_none() {
+                        result.first_error = Some(e.to_string());
+                    }
+                    if e.is_fatal() {
+                        stopping = true;
+                        break;
+                    }
+                    continue;
+                }
                 submitted_at[usize::from(tag)] = Instant::now();
             }
-            queue.ring()?;
+            if let Err(e) = queue.ring()
+                && e.is_fatal()
+            {
+                stopping = true;
+            }
         }
         done_tags.clear();
         if stopping && queue.outstanding() == 0 {
@@ -343,6 +366,16 @@ fn one_queue<B: DeviceBacking>(
     progress.latency_ns.fetch_add(lat, Ordering::Relaxed);
     result.doorbells = queue.doorbell_writes();
     Ok(result)
+}
+
+// A queue that could not start its load: what it measured (nothing) and why.
+fn ended(mut result: PerfResult, e: NvmeError) -> Result<PerfResult, NvmeError> {
+    if e.is_fatal() {
+        result.first_error = Some(e.to_string());
+        Ok(result)
+    } else {
+        Err(e)
+    }
 }
 
 #[cfg(test)]

@@ -35,7 +35,14 @@ pci_driver() {
 	return 0
 }
 
-# wait_for SECONDS COMMAND...: retry COMMAND every 0.1 s until it succeeds.
+# driver_is PCI_ADDRESS DRIVER: whether the device is bound to DRIVER now (for wait_for,
+# which re-runs it; `wait_for N test "$(pci_driver ...)" = X` would not re-read).
+driver_is() {
+	[ "$(pci_driver "$1")" = "$2" ]
+}
+
+# wait_for SECONDS COMMAND...: retry COMMAND every 0.1 s until it succeeds (COMMAND's
+# arguments are expanded once, when wait_for is called).
 wait_for() {
 	n=$(($1 * 10))
 	shift
@@ -105,7 +112,7 @@ wait_gone() {
 on_vfio_pci() {
 	_pf=$1
 	shift
-	wait_for 10 test "$(pci_driver "$_pf")" = nvme || fail "$_pf not bound to nvme at start"
+	wait_for 10 driver_is "$_pf" nvme || fail "$_pf not bound to nvme at start"
 	pcibus bind "$_pf" vfio-pci || fail "bind $_pf to vfio-pci"
 	"$@"
 	_rc=$?
@@ -127,5 +134,5 @@ back_on_nvme() {
 		echo "rescan: $_pf back in $(($(now_ms) - _t)) ms"
 	fi
 	[ "$(pci_driver "$_pf")" = vfio-pci ] && pcibus bind "$_pf" nvme
-	wait_for 20 test "$(pci_driver "$_pf")" = nvme || fail "$_pf not on nvme at the end"
+	wait_for 20 driver_is "$_pf" nvme || fail "$_pf not on nvme at the end"
 }

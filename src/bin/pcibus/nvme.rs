@@ -77,6 +77,15 @@ pub(super) enum NvmeCommand {
         /// One JSON object instead of text.
         #[arg(long)]
         json: bool,
+        /// Keep running across the device's removal and return, as SPDK's hotplug example
+        /// does: in-flight I/O fails fast, the device is released at once, and the load
+        /// resumes when it comes back (bound again after the settle delay). Counts removals
+        /// and re-attaches.
+        #[arg(long)]
+        hotplug: bool,
+        /// With --hotplug: milliseconds a returned device settles before it is attached.
+        #[arg(long, default_value_t = 500)]
+        settle_ms: u64,
     },
     /// Write a file (or stdin) at a block, padded with zeroes to whole blocks, then flush.
     Write {
@@ -226,6 +235,8 @@ pub(super) fn run(out: &mut impl Write, root: &SysfsRoot, command: NvmeCommand) 
             queues,
             nsid,
             json,
+            hotplug,
+            settle_ms,
         } => {
             let (op, random) = match rw {
                 Pattern::Read => (Op::Read, false),
@@ -245,9 +256,13 @@ pub(super) fn run(out: &mut impl Write, root: &SysfsRoot, command: NvmeCommand) 
                 duration: Duration::from_secs_f64(time),
                 nsid,
             };
+            if hotplug {
+                let (result, h) = perf_hotplug(root, &device, &config, Duration::from_millis(settle_ms))?;
+                return write_perf(out, &config, rw, &result, json, Some(&h));
+            }
             with_controller(root, &device, |c| {
                 let result = perf_live(c, &config)?;
-                write_perf(out, &config, rw, &result, json)?;
+                write_perf(out, &config, rw, &result, json, None)?;
                 Ok(())
             })
         }
@@ -438,6 +453,7 @@ fn write_perf(
     rw: Pattern,
     r: &PerfResult,
     json: bool,
+    hotplug: Option<&Hotplug>,
 ) -> Result<(), Error> {
     let rw = match rw {
         Pattern::Read => "read",
@@ -466,6 +482,13 @@ fn write_perf(
             "doorbells_per_io": doorbells_per_io,
             "first_error": r.first_error,
         });
+        let mut v = v;
+        if let Some(h) = hotplug {
+            v["removals"] = json!(h.removals);
+            v["reattaches"] = json!(h.reattaches);
+            v["removal_drain_ms"] = json!(h.drain_ms);
+            v["events"] = json!(h.events);
+        }
         writeln!(out, "{v}")?;
     } else {
         writeln!(
@@ -490,6 +513,147 @@ fn write_perf(
         if let Some(e) = &r.first_error {
             writeln!(out, "first error: {e}")?;
         }
+        if let Some(h) = hotplug {
+            writeln!(
+                out,
+                "hotplug: {} removals, {} re-attaches; load stopped {:?} ms after each removal",
+                h.removals, h.reattaches, h.drain_ms
+            )?;
+        }
     }
     Ok(())
+}
+
+/// What `perf --hotplug` saw.
+#[derive(Debug, Default)]
+struct Hotplug {
+    removals: u32,
+    reattaches: u32,
+    // Per removal: from the bus taking the device back to the load's threads ending.
+    drain_ms: Vec<u64>,
+    events: Vec<String>,
+}
+
+// Runs the load through a bus that keeps running across removals: on a removal the driver
+// revokes the controller (in-flight I/O fails at once), the load ends and the device is
+// released; when the device comes back and the bus binds it again, a new load starts.
+fn perf_hotplug(
+    root: &SysfsRoot,
+    args: &DeviceArgs,
+    config: &PerfConfig,
+    settle: Duration,
+) -> Result<(PerfResult, Hotplug), Error> {
+    use pcibus::bus::BusEvent;
+    use pcibus::hotplug::monitor::UeventMonitor;
+    use std::sync::Arc;
+
+    if let Some(why) = super::not_kernel_sysfs(root) {
+        return Err(format!("nvme needs the kernel's sysfs: {why}").into());
+    }
+    let devarg = DevArg::parse_allow(&args.device)?;
+    let address = devarg.address();
+    // Opened before the first scan, so that no event is missed.
+    let mut monitor = UeventMonitor::open()?.pci_only(true);
+    let map = DeviceMap::new(Scanner::new(root.clone()))?;
+    let policy = BindPolicy {
+        bind: true,
+        force: args.force,
+        restore: args.restore,
+    };
+    let mut bus = Bus::new(map, VfioAttach::new(root.clone(), policy))
+        .selection(Selection::new(vec![devarg], vec![])?)
+        .settle(settle);
+    bus.register(Box::new(NvmeDriver::<VfioBacking>::new(Options::default())));
+    for r in bus.probe_all() {
+        if let Err(e) = r.result {
+            return Err(format!("{}: {e}", r.address).into());
+        }
+    }
+    let start = Instant::now();
+    let deadline = start + config.duration;
+    let mut total = PerfResult::default();
+    let mut h = Hotplug::default();
+    let mut worker: Option<Load> = None;
+    let note = |h: &mut Hotplug, what: String| {
+        let line = format!("+{} ms: {what}", start.elapsed().as_millis());
+        eprintln!("{line}");
+        h.events.push(line);
+    };
+    while Instant::now() < deadline {
+        if worker.is_none()
+            && let Some(c) = bus
+                .driver_mut::<NvmeDriver<VfioBacking>>()
+                .and_then(|d| d.controller(address))
+                .cloned()
+        {
+            let progress = Arc::new(Progress::default());
+            let mut cfg = config.clone();
+            cfg.duration = deadline.saturating_duration_since(Instant::now());
+            let p = Arc::clone(&progress);
+            let handle = std::thread::spawn(move || pcibus::nvme::perf::run(&c, &cfg, &p));
+            worker = Some((handle, progress));
+        }
+        let wait = deadline
+            .saturating_duration_since(Instant::now())
+            .min(Duration::from_millis(100));
+        for event in bus.wait(Some(&mut monitor), wait)? {
+            match &event {
+                BusEvent::Removed(r) if r.address == address => {
+                    let t = Instant::now();
+                    h.removals += 1;
+                    join_load(worker.take(), &mut total);
+                    let ms = t.elapsed().as_millis() as u64;
+                    h.drain_ms.push(ms);
+                    note(
+                        &mut h,
+                        format!("{address} removed ({}); load stopped in {ms} ms", r.cause),
+                    );
+                }
+                BusEvent::Probed(p) if p.address == address => match &p.result {
+                    Ok(_) => {
+                        h.reattaches += 1;
+                        note(&mut h, format!("{address} attached again; load resumes"));
+                    }
+                    Err(e) => note(&mut h, format!("{address} came back but was not attached: {e}")),
+                },
+                _ => {}
+            }
+        }
+    }
+    join_load(worker.take(), &mut total);
+    total.elapsed = start.elapsed();
+    drop(bus);
+    if args.restore && pcibus::sysfs::bind::current_driver(root, address).as_deref() == Some("vfio-pci") {
+        pcibus::sysfs::bind::reprobe(root, address)?;
+    }
+    Ok((total, h))
+}
+
+// A running load: its thread and its progress (whose `stop` ends it).
+type Load = (
+    std::thread::JoinHandle<Result<PerfResult, pcibus::nvme::NvmeError>>,
+    std::sync::Arc<Progress>,
+);
+
+// Stops and joins a load, adding what it measured to `total`.
+fn join_load(load: Option<Load>, total: &mut PerfResult) {
+    let Some((handle, progress)) = load else { return };
+    progress.stop.store(true, Ordering::Relaxed);
+    match handle.join() {
+        Ok(Ok(r)) => {
+            total.ios += r.ios;
+            total.errors += r.errors;
+            total.doorbells += r.doorbells;
+            total.latency.merge(&r.latency);
+            if total.first_error.is_none() {
+                total.first_error = r.first_error;
+            }
+        }
+        Ok(Err(e)) => {
+            if total.first_error.is_none() {
+                total.first_error = Some(e.to_string());
+            }
+        }
+        Err(_) => total.first_error = Some("perf thread panicked".into()),
+    }
 }

@@ -8,7 +8,7 @@ only_profiles sriov
 
 pf=$(nvme_pf) || fail "no NVMe controller"
 dev=/sys/bus/pci/devices/$pf
-wait_for 10 test "$(pci_driver "$pf")" = nvme || fail "PF not bound to nvme"
+wait_for 10 driver_is "$pf" nvme || fail "PF not bound to nvme"
 echo 0 >"$dev/sriov_drivers_autoprobe" || fail "set sriov_drivers_autoprobe"
 echo 2 >"$dev/sriov_numvfs" || fail "enable 2 VFs"
 [ -L "$dev/virtfn1" ] || fail "virtfn1 missing"

@@ -7,7 +7,7 @@ need_pcibus
 
 pf=$(nvme_pf) || fail "no NVMe controller"
 dev=/sys/bus/pci/devices/$pf
-wait_for 10 test "$(pci_driver "$pf")" = nvme || fail "not bound to nvme at start"
+wait_for 10 driver_is "$pf" nvme || fail "not bound to nvme at start"
 
 # expect_driver DRIVER: the link and the listing agree on DRIVER ("" for none).
 expect_driver() {

@@ -8,7 +8,7 @@
 need_pcibus
 
 pf=$(nvme_pf) || fail "no NVMe controller"
-wait_for 20 test "$(pci_driver "$pf")" = nvme || fail "not bound to nvme at start"
+wait_for 20 driver_is "$pf" nvme || fail "not bound to nvme at start"
 wait_for 20 sh -c "ls /sys/bus/pci/devices/$pf/nvme/ >/dev/null 2>&1" || fail "no nvme controller device"
 ctrl=$(ls "/sys/bus/pci/devices/$pf/nvme/" | head -1)
 wait_for 20 test -b "/dev/${ctrl}n1" || fail "no /dev/${ctrl}n1"
@@ -42,7 +42,7 @@ cmp /tmp/k.bin /tmp/k.read || { echo "FAIL: pcibus read something else than the 
 
 head -c 2097152 /dev/urandom >/tmp/p.bin
 pcibus nvme write "$pf" --lba $((1048576 / bs)) -i /tmp/p.bin --restore || fail "pcibus write"
-wait_for 20 test "$(pci_driver "$pf")" = nvme || fail "--restore did not give $pf back to nvme"
+wait_for 20 driver_is "$pf" nvme || fail "--restore did not give $pf back to nvme"
 wait_for 20 sh -c "ls /sys/bus/pci/devices/$pf/nvme/ >/dev/null 2>&1" || fail "no nvme controller device after restore"
 ctrl=$(ls "/sys/bus/pci/devices/$pf/nvme/" | head -1)
 wait_for 20 test -b "/dev/${ctrl}n1" || fail "no /dev/${ctrl}n1 after restore"

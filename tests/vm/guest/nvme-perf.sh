@@ -9,7 +9,7 @@
 need_pcibus
 
 pf=$(nvme_pf) || fail "no NVMe controller"
-wait_for 20 test "$(pci_driver "$pf")" = nvme || fail "not bound to nvme at start"
+wait_for 20 driver_is "$pf" nvme || fail "not bound to nvme at start"
 wait_for 20 sh -c "ls /sys/bus/pci/devices/$pf/nvme/ >/dev/null 2>&1" || fail "no nvme controller device"
 ctrl=$(ls "/sys/bus/pci/devices/$pf/nvme/" | head -1)
 wait_for 20 test -b "/dev/${ctrl}n1" || fail "no /dev/${ctrl}n1"
@@ -33,5 +33,5 @@ grep -q '"errors":0' /tmp/ps.json || { echo "FAIL: pcibus perf without shadow do
 pcibus nvme perf "$pf" --rw randwrite --bs 4k --qd 32 --time 2 --queues 2 --json --restore >/tmp/pw.json || fail "pcibus randwrite"
 echo "pcibus randwrite qd 32 x 2 queues: $(cat /tmp/pw.json)"
 grep -q '"errors":0' /tmp/pw.json || { echo "FAIL: pcibus randwrite had errors"; rc=1; }
-wait_for 20 test "$(pci_driver "$pf")" = nvme || fail "$pf not back on nvme"
+wait_for 20 driver_is "$pf" nvme || fail "$pf not back on nvme"
 exit $rc

@@ -9,5 +9,5 @@ case $pf in
 ????:??:??.?) ;;
 *) fail "unexpected sysfs name $pf" ;;
 esac
-wait_for 10 test "$(pci_driver "$pf")" = nvme || fail "driver is '$(pci_driver "$pf")', want nvme"
+wait_for 10 driver_is "$pf" nvme || fail "driver is '$(pci_driver "$pf")', want nvme"
 [ -e "/sys/bus/pci/devices/$pf/iommu_group" ] || fail "$pf has no iommu_group (is intel-iommu on?)"

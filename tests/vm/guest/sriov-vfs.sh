@@ -6,7 +6,7 @@ only_profiles sriov
 
 pf=$(nvme_pf) || fail "no NVMe controller"
 dev=/sys/bus/pci/devices/$pf
-wait_for 10 test "$(pci_driver "$pf")" = nvme || fail "PF not bound to nvme"
+wait_for 10 driver_is "$pf" nvme || fail "PF not bound to nvme"
 [ "$(cat "$dev/sriov_totalvfs")" = 2 ] || fail "sriov_totalvfs is $(cat "$dev/sriov_totalvfs"), want 2"
 [ "$(cat "$dev/sriov_numvfs")" = 0 ] || fail "VFs already enabled"
 

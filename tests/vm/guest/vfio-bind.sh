@@ -7,7 +7,7 @@ pf=$(nvme_pf) || fail "no NVMe controller"
 dev=/sys/bus/pci/devices/$pf
 group=$(basename "$(readlink "$dev/iommu_group")")
 echo "$pf is in iommu group $group"
-wait_for 10 test "$(pci_driver "$pf")" = nvme || fail "not bound to nvme at start"
+wait_for 10 driver_is "$pf" nvme || fail "not bound to nvme at start"
 
 echo "$pf" >"$dev/driver/unbind" || fail "unbind from nvme"
 echo vfio-pci >"$dev/driver_override" || fail "set driver_override"

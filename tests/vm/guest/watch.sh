@@ -8,7 +8,7 @@ need_pcibus
 
 pf=$(nvme_pf) || fail "no NVMe controller"
 dev=/sys/bus/pci/devices/$pf
-wait_for 10 test "$(pci_driver "$pf")" = nvme || fail "not bound to nvme at start"
+wait_for 10 driver_is "$pf" nvme || fail "not bound to nvme at start"
 out=/tmp/watch.json
 # --all: the event that tells the monitor is listening is not a PCI one.
 pcibus watch --json --all >"$out" 2>/tmp/watch.err &
@@ -56,7 +56,7 @@ grep "\"address\":\"$pf\"" "$out" | grep -q '"map":{"change":"removed"' || {
 echo 1 >/sys/bus/pci/rescan
 seen add "$pf"
 mapped add "$pf" '"change":"added"'
-wait_for 20 test "$(pci_driver "$pf")" = nvme || fail "$pf not back on nvme after rescan"
+wait_for 20 driver_is "$pf" nvme || fail "$pf not back on nvme after rescan"
 echo "$pf" >/sys/bus/pci/drivers/nvme/unbind
 seen unbind "$pf"
 mapped unbind "$pf" '"change":"updated",.*"driver":null'

@@ -13,7 +13,7 @@ need_pcibus
 HOLD=8
 pf=$(nvme_pf) || fail "no NVMe controller"
 dev=/sys/bus/pci/devices/$pf
-wait_for 10 test "$(pci_driver "$pf")" = nvme || fail "not bound to nvme at start"
+wait_for 10 driver_is "$pf" nvme || fail "not bound to nvme at start"
 [ "$(cat "$dev/sriov_numvfs")" = 0 ] || fail "VFs enabled: bind the PF without VFs"
 pcibus bind "$pf" vfio-pci || fail "bind to vfio-pci"
 
@@ -134,5 +134,5 @@ echo "$pf is gone from pcibus list"
 t=$(now_ms)
 echo 1 >/sys/bus/pci/rescan
 wait_for 10 test -e "$dev" || fail "$pf did not come back on rescan"
-wait_for 20 test "$(pci_driver "$pf")" = nvme || fail "$pf not on nvme after rescan"
+wait_for 20 driver_is "$pf" nvme || fail "$pf not on nvme after rescan"
 echo "rescan: $pf back on nvme in $(($(now_ms) - t)) ms"

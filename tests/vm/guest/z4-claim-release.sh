@@ -10,7 +10,7 @@ need_pcibus
 export PCIBUS_CLAIM_DIR=/tmp/claims
 pf=$(nvme_pf) || fail "no NVMe controller"
 dev=/sys/bus/pci/devices/$pf
-wait_for 10 test "$(pci_driver "$pf")" = nvme || fail "not bound to nvme at start"
+wait_for 10 driver_is "$pf" nvme || fail "not bound to nvme at start"
 pcibus bind "$pf" vfio-pci || fail "bind to vfio-pci"
 
 pcibus-vmtest claim-release "$pf" 3 >/tmp/holder.out 2>&1 &

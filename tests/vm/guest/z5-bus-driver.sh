@@ -9,7 +9,7 @@ need_pcibus
 
 export PCIBUS_CLAIM_DIR=/tmp/claims
 pf=$(nvme_pf) || fail "no NVMe controller"
-wait_for 10 test "$(pci_driver "$pf")" = nvme || fail "not bound to nvme at start"
+wait_for 10 driver_is "$pf" nvme || fail "not bound to nvme at start"
 
 pcibus-vmtest bus "$pf" 30 >/tmp/bus.out 2>&1 &
 holder=$!

@@ -10,7 +10,7 @@ need_pcibus
 export PCIBUS_CLAIM_DIR=/tmp/claims
 pf=$(nvme_pf) || fail "no NVMe controller"
 dev=/sys/bus/pci/devices/$pf
-wait_for 10 test "$(pci_driver "$pf")" = nvme || fail "not bound to nvme at start"
+wait_for 10 driver_is "$pf" nvme || fail "not bound to nvme at start"
 
 pcibus-vmtest bus-replug "$pf" 40 >/tmp/bus.out 2>&1 &
 holder=$!
@@ -31,5 +31,5 @@ wait $holder
 rc=$?
 cat /tmp/bus.out
 [ $rc -eq 0 ] || fail "the bus process failed (exit $rc)"
-wait_for 20 test "$(pci_driver "$pf")" = nvme || fail "$pf not given back to nvme: on $(pci_driver "$pf")"
+wait_for 20 driver_is "$pf" nvme || fail "$pf not given back to nvme: on $(pci_driver "$pf")"
 echo "$pf back on nvme"
