@@ -5,7 +5,9 @@ use std::sync::{Arc, Weak};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use nix::sys::eventfd::{EfdFlags, EventFd};
 use parking_lot::Mutex;
+use std::os::fd::AsFd;
 
 use super::io::IoQueue;
 use super::queue::{Doorbells, Ring, Shadow};
@@ -40,6 +42,9 @@ pub struct Options {
     pub admin_timeout: Duration,
     /// How long an I/O command may take before it fails with a timeout.
     pub io_timeout: Duration,
+    /// Route MSI-X vectors to eventfds and create I/O completion queues with interrupts on,
+    /// so a queue can sleep until a completion ([`IoQueue::wait`]) instead of spinning.
+    pub interrupts: bool,
 }
 
 impl Default for Options {
@@ -50,6 +55,7 @@ impl Default for Options {
             shadow_doorbells: true,
             admin_timeout: Duration::from_secs(5),
             io_timeout: Duration::from_secs(10),
+            interrupts: false,
         }
     }
 }
@@ -93,6 +99,8 @@ pub struct ControllerInfo {
     pub io_queues: u16,
     /// Whether shadow doorbells are in use.
     pub shadow_doorbells: bool,
+    /// MSI-X vectors routed to eventfds (0: polled only). Vector 0 is the admin queue's.
+    pub interrupt_vectors: u32,
 }
 
 // The admin queue.
@@ -111,6 +119,8 @@ pub(crate) struct Shared<B: DeviceBacking> {
     pub(crate) namespaces: Vec<Namespace>,
     pub(crate) shadow: Option<Shadow<Dma<B>>>,
     pub(crate) io_timeout: Duration,
+    // One eventfd per MSI-X vector routed (empty: polled only).
+    pub(crate) interrupts: Vec<EventFd>,
     admin_timeout: Duration,
     backing: Mutex<Option<B>>,
     admin: Mutex<Admin<B>>,
@@ -364,9 +374,11 @@ impl<B: DeviceBacking> Controller<B> {
                 max_transfer: 0,
                 io_queues: 0,
                 shadow_doorbells: false,
+                interrupt_vectors: 0,
             },
             namespaces: Vec::new(),
             shadow: None,
+            interrupts: Vec::new(),
             io_timeout: options.io_timeout,
             admin_timeout: options.admin_timeout,
             backing: Mutex::new(None),
@@ -441,6 +453,23 @@ impl<B: DeviceBacking> Controller<B> {
                 Err(e) => log::warn!("{address}: shadow doorbells offered but refused: {e}"),
             }
         }
+        let mut interrupts = Vec::new();
+        if options.interrupts {
+            // Every vector in one call: some kernels (6.1) cannot add vectors to MSI-X once
+            // it is enabled.
+            let n = backing.max_interrupts().min(u32::from(granted) + 1);
+            if n == 0 {
+                return Err(NvmeError::Unsupported(format!("{address}: no MSI-X vectors")));
+            }
+            for _ in 0..n {
+                interrupts.push(
+                    EventFd::from_value_and_flags(0, EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK)
+                        .map_err(|e| NvmeError::Invalid(format!("eventfd for an interrupt vector: {e}")))?,
+                );
+            }
+            let fds: Vec<_> = interrupts.iter().map(|e| e.as_fd()).collect();
+            backing.route_interrupts(&fds)?;
+        }
         let max_transfer = id
             .max_transfer(cap.page_size_min())
             .unwrap_or(MAX_TRANSFER)
@@ -449,6 +478,8 @@ impl<B: DeviceBacking> Controller<B> {
         shared.info.max_transfer = max_transfer;
         shared.info.io_queues = granted;
         shared.info.shadow_doorbells = shadow.is_some();
+        shared.info.interrupt_vectors = interrupts.len() as u32;
+        shared.interrupts = interrupts;
         shared.namespaces = namespaces;
         shared.shadow = shadow;
         *shared.qids.get_mut() = vec![false; usize::from(granted) + 1];

@@ -13,8 +13,9 @@ use crate::bus::id::{CLASS_EXACT, IdEntry};
 /// the kernel's removal waits for the release.
 const SHUTDOWN_LIMIT: std::time::Duration = std::time::Duration::from_millis(500);
 
-/// Device arguments the driver understands (`-a ADDR,io_queues=4,shadow_doorbells=0`).
-pub const DEVARGS: &[&str] = &["io_queues", "shadow_doorbells", "admin_depth"];
+/// Device arguments the driver understands (`-a ADDR,io_queues=4,shadow_doorbells=0`,
+/// `interrupts=1` for MSI-X completion interrupts instead of polling).
+pub const DEVARGS: &[&str] = &["io_queues", "shadow_doorbells", "admin_depth", "interrupts"];
 
 /// The NVMe driver. Reach its controllers through
 /// [`Bus::driver_mut`](crate::bus::Bus::driver_mut) and [`controller`](Self::controller).
@@ -88,6 +89,7 @@ impl<B: DeviceBacking> Driver<B> for NvmeDriver<B> {
                     "io_queues" => parse_u16(key, value).map(|n| options.io_queues = n),
                     "admin_depth" => parse_u16(key, value).map(|n| options.admin_depth = n),
                     "shadow_doorbells" => parse_flag(key, value).map(|b| options.shadow_doorbells = b),
+                    "interrupts" => parse_flag(key, value).map(|b| options.interrupts = b),
                     _ => Ok(()),
                 };
                 if let Err(e) = r {

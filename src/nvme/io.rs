@@ -5,7 +5,9 @@ use std::marker::PhantomData;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use parking_lot::Mutex;
+use std::os::fd::{AsFd, BorrowedFd};
 
 use super::controller::{PAGE, QueueRegs, Shared, check_status};
 use super::queue::{Doorbells, Ring};
@@ -173,6 +175,16 @@ impl<B: DeviceBacking> std::fmt::Debug for IoQueue<B> {
     }
 }
 
+// The MSI-X vector of I/O queue `qid`, when interrupts are on.
+fn vector<B: DeviceBacking>(shared: &Shared<B>, qid: u16) -> Option<u32> {
+    let n = shared.interrupts.len() as u32;
+    match n {
+        0 => None,
+        1 => Some(0),
+        n => Some(1 + (u32::from(qid) - 1) % (n - 1)),
+    }
+}
+
 impl<B: DeviceBacking> IoQueue<B> {
     pub(crate) fn create(shared: Arc<Shared<B>>, depth: u16) -> Result<Self, NvmeError> {
         let cap = shared.info.cap;
@@ -192,8 +204,12 @@ impl<B: DeviceBacking> IoQueue<B> {
             let mut cmd = Command::new(admin::CREATE_CQ);
             cmd.prp1 = ring.cq_iova();
             cmd.cdw[0] = u32::from(depth - 1) << 16 | u32::from(qid);
-            // Physically contiguous, interrupts off (polled).
+            // Physically contiguous; with interrupts, enabled on this queue's vector
+            // (vectors past the admin queue's, shared round-robin when fewer than queues).
             cmd.cdw[1] = 1;
+            if let Some(v) = vector(&shared, qid) {
+                cmd.cdw[1] |= 1 << 1 | v << 16;
+            }
             shared.admin(cmd, &format!("Create I/O CQ {qid}"))?;
             let mut cmd = Command::new(admin::CREATE_SQ);
             cmd.prp1 = ring.sq_iova();
@@ -605,6 +621,48 @@ impl<B: DeviceBacking> IoQueue<B> {
             }
         }
         result.unwrap_or(Ok(()))
+    }
+
+    /// The eventfd this queue's completions signal, when the controller was brought up with
+    /// [`Options::interrupts`](super::Options::interrupts): readable after a completion
+    /// (several queues may share one when vectors are fewer than queues). For an event
+    /// loop; [`wait`](Self::wait) does it for simple programs.
+    pub fn interrupt_fd(&self) -> Option<BorrowedFd<'_>> {
+        vector(&self.shared, self.ring.qid).map(|v| self.shared.interrupts[v as usize].as_fd())
+    }
+
+    /// [`poll`](Self::poll), and if nothing completed while requests are outstanding,
+    /// sleeps until the queue's interrupt fires (or `timeout` passes), then polls again.
+    /// Without interrupts it is `poll`.
+    pub fn wait(
+        &mut self,
+        timeout: Duration,
+        mut done: impl FnMut(u64, Result<(), NvmeError>),
+    ) -> Result<usize, NvmeError> {
+        let n = self.poll(&mut done)?;
+        if n > 0 || self.outstanding == 0 {
+            return Ok(n);
+        }
+        let Some(v) = vector(&self.shared, self.ring.qid) else {
+            return Ok(0);
+        };
+        // The controller's state outlives this borrow of the queue.
+        let shared = Arc::clone(&self.shared);
+        let efd = &shared.interrupts[v as usize];
+        // Clear, then check once more: a completion posted before the clear is seen by the
+        // poll, one after it signals the eventfd.
+        let _ = efd.read();
+        let n = self.poll(&mut done)?;
+        if n > 0 {
+            return Ok(n);
+        }
+        let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
+        let mut fds = [PollFd::new(efd.as_fd(), PollFlags::POLLIN)];
+        match poll(&mut fds, PollTimeout::try_from(ms).unwrap_or(PollTimeout::MAX)) {
+            Ok(_) | Err(nix::errno::Errno::EINTR) => {}
+            Err(e) => return Err(NvmeError::Invalid(format!("poll on the interrupt eventfd: {e}"))),
+        }
+        self.poll(done)
     }
 
     /// Reads `blocks` blocks at `lba` into `buffer` at `offset`, waiting for them.

@@ -286,8 +286,10 @@ fn one_queue<B: DeviceBacking>(
     let mut done_tags: Vec<u16> = Vec::with_capacity(usize::from(depth));
     let (mut ios, mut errors, mut lat) = (0u64, 0u64, 0u64);
     let mut stopping = false;
+    // With interrupts the thread sleeps until a completion instead of spinning.
+    let sleeps = queue.interrupt_fd().is_some();
     loop {
-        let now_ok = queue.poll(|tag, r| {
+        let handle = |tag: u64, r: Result<(), NvmeError>| {
             let tag = tag as u16;
             match r {
                 Ok(()) => {
@@ -306,7 +308,12 @@ fn one_queue<B: DeviceBacking>(
                 }
             }
             done_tags.push(tag);
-        });
+        };
+        let now_ok = if sleeps {
+            queue.wait(Duration::from_millis(100), handle)
+        } else {
+            queue.poll(handle)
+        };
         if let Err(e) = now_ok {
             if result.first_error.is_none() {
                 result.first_error = Some(e.to_string());

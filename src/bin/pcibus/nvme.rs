@@ -127,7 +127,9 @@ fn parse_size(s: &str) -> Result<usize, String> {
 
 #[derive(clap::Args)]
 pub(super) struct DeviceArgs {
-    /// The controller, in devargs syntax: `0000:01:00.0` or `01:00.0,io_queues=2,shadow_doorbells=0`.
+    /// The controller, in devargs syntax: `0000:01:00.0` or
+    /// `01:00.0,io_queues=2,shadow_doorbells=0,interrupts=1` (MSI-X completion interrupts:
+    /// queues sleep until a completion instead of polling).
     device: String,
     /// Give the device back to the kernel when done: to the driver it had before this
     /// command bound it, or, if it was on vfio-pci already, to whichever kernel driver
@@ -345,6 +347,7 @@ fn identify_json(c: &Controller<VfioBacking>) -> Value {
         "doorbell_stride": info.cap.doorbell_stride(),
         "io_queues": info.io_queues,
         "shadow_doorbells": info.shadow_doorbells,
+        "interrupt_vectors": info.interrupt_vectors,
         "features": features(c),
         "subnqn": id.subnqn,
         "namespaces": c.namespaces().iter().map(|n| json!({

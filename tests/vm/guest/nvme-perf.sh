@@ -2,7 +2,8 @@
 # `pcibus nvme perf` beside the kernel's nvme driver on the same controller, same guest
 # (issue 8): 4 KiB random reads at QD 1 and QD 32 for 3 s each through the kernel
 # (/dev/nvme*n1, O_DIRECT, one thread per queue slot) and through pcibus (one queue, polled,
-# batched doorbells), plus pcibus at QD 32 with shadow doorbells off. Every pcibus run
+# batched doorbells), plus pcibus at QD 32 with shadow doorbells off, pcibus with MSI-X
+# completion interrupts (queues sleep instead of polling) at QD 1 and 32. Every pcibus run
 # must end with zero errors and be at least as fast as the kernel's at the same depth; the
 # figures are printed for BENCHMARKS.md.
 . "$PCIBUS_LIB"
@@ -30,6 +31,11 @@ done
 pcibus nvme perf "$pf,shadow_doorbells=0" --rw randread --bs 4k --qd 32 --time 3 --json >/tmp/ps.json || fail "pcibus perf without shadow doorbells"
 echo "pcibus qd 32, shadow doorbells off: $(cat /tmp/ps.json)"
 grep -q '"errors":0' /tmp/ps.json || { echo "FAIL: pcibus perf without shadow doorbells had errors"; rc=1; }
+for qd in 1 32; do
+	pcibus nvme perf "$pf,interrupts=1" --rw randread --bs 4k --qd $qd --time 3 --json >/tmp/pi$qd.json || fail "pcibus perf with interrupts qd $qd: $(cat /tmp/pi$qd.json)"
+	echo "pcibus qd $qd, MSI-X interrupts: $(cat /tmp/pi$qd.json)"
+	grep -q '"errors":0' /tmp/pi$qd.json || { echo "FAIL: pcibus perf with interrupts qd $qd had errors"; rc=1; }
+done
 pcibus nvme perf "$pf" --rw randwrite --bs 4k --qd 32 --time 2 --queues 2 --json --restore >/tmp/pw.json || fail "pcibus randwrite"
 echo "pcibus randwrite qd 32 x 2 queues: $(cat /tmp/pw.json)"
 grep -q '"errors":0' /tmp/pw.json || { echo "FAIL: pcibus randwrite had errors"; rc=1; }
