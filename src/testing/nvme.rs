@@ -535,20 +535,28 @@ impl Namespace {
         }
     }
 
+    // Costs O(chunks stored) at most, whatever the range: a DSM range may span terabytes.
     fn zero(map: &mut Chunks, pos: u64, len: u64) {
-        let first = pos.div_ceil(CHUNK);
-        let end = (pos + len) / CHUNK;
+        if len == 0 {
+            return;
+        }
+        let end = pos + len;
+        let (first, last) = (pos.div_ceil(CHUNK), end / CHUNK);
         // Whole chunks are dropped; for a range of many chunks, walk the map instead.
-        if end > first && end - first > map.len() as u64 {
-            map.retain(|&k, _| !(first..end).contains(&k));
+        if last > first && last - first > map.len() as u64 {
+            map.retain(|&k, _| !(first..last).contains(&k));
         } else {
-            for k in first..end {
+            for k in first..last {
                 map.remove(&k);
             }
         }
-        for (chunk, coff, n, _) in pieces(pos, len) {
-            if let Some(c) = map.get_mut(&chunk) {
-                c[coff..coff + n].fill(0);
+        // The partial chunks at either end.
+        for k in [pos / CHUNK, (end - 1) / CHUNK] {
+            let start = k * CHUNK;
+            if let Some(c) = map.get_mut(&k) {
+                let from = pos.max(start) - start;
+                let to = end.min(start + CHUNK) - start;
+                c[from as usize..to as usize].fill(0);
             }
         }
     }
@@ -2584,5 +2592,102 @@ impl DeviceBacking for EmulatedNvme {
 
     fn extra_handles(&self) -> usize {
         Arc::strong_count(&self.handle).saturating_sub(1)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn pieces_split_at_chunk_boundaries() {
+        let p: Vec<_> = pieces(CHUNK - 10, 30).collect();
+        assert_eq!(p, [(0, (CHUNK - 10) as usize, 10, 0), (1, 0, 20, 10)]);
+        assert_eq!(pieces(5, 0).count(), 0);
+    }
+
+    #[test]
+    fn zeroing_drops_whole_chunks_and_clears_partial_ones() {
+        let mut map = Chunks::new();
+        for k in 0..4 {
+            map.insert(k, vec![7u8; CHUNK as usize].into_boxed_slice());
+        }
+        // From the middle of chunk 0 to the middle of chunk 3.
+        Namespace::zero(&mut map, CHUNK / 2, 3 * CHUNK);
+        assert_eq!(
+            map.keys().copied().collect::<std::collections::BTreeSet<_>>(),
+            [0, 3].into()
+        );
+        assert!(map[&0][..CHUNK as usize / 2].iter().all(|&b| b == 7));
+        assert!(map[&0][CHUNK as usize / 2..].iter().all(|&b| b == 0));
+        assert!(map[&3][..CHUNK as usize / 2].iter().all(|&b| b == 0));
+        assert!(map[&3][CHUNK as usize / 2..].iter().all(|&b| b == 7));
+        // A huge range walks the map, not the range.
+        Namespace::zero(&mut map, 0, 1 << 50);
+        assert!(map.values().all(|c| c.iter().all(|&b| b == 0)));
+        assert!(map.is_empty());
+    }
+
+    #[test]
+    fn identify_data_parses_back() {
+        let cfg = EmuConfig {
+            mdts: 5,
+            sriov: Some(SriovConfig {
+                vfs: 3,
+                flexible_vq: 6,
+                flexible_vi: 3,
+            }),
+            ..EmuConfig::default()
+        };
+        let id = spec::IdentifyController::parse(&identify_controller(&cfg)).unwrap();
+        assert_eq!((id.mdts, id.sqes, id.cqes), (5, 0x66, 0x44));
+        assert_eq!(id.oacs, oacs::VIRT_MGMT | oacs::DOORBELL_BUFFER_CONFIG);
+        assert!(id.subnqn.starts_with("nqn."));
+        let shared = Shared::new(cfg);
+        let ns = spec::IdentifyNamespace::parse(&identify_namespace(&shared.namespaces[0])).unwrap();
+        assert_eq!((ns.nsze, ns.block_size()), (1 << 21, Some(512)));
+        let sriov = shared.sriov.lock();
+        let list = spec::parse_secondary_controllers(&secondary_list(sriov.as_ref().unwrap(), 2));
+        assert_eq!(list.iter().map(|s| s.scid).collect::<Vec<_>>(), [2, 3]);
+    }
+
+    #[test]
+    fn bar_covers_every_doorbell() {
+        let cfg = EmuConfig {
+            dstrd: 3,
+            max_io_queues: 300,
+            ..EmuConfig::default()
+        };
+        let shared = Shared::new(cfg);
+        let cap = spec::Cap(shared.cap);
+        assert!(cap.cq_doorbell(300) + 4 <= shared.bar_len);
+        assert!(shared.bar_len.is_power_of_two());
+    }
+
+    proptest! {
+        #[test]
+        fn sparse_storage_matches_a_vec(ops in proptest::collection::vec((0u64..300_000, 0usize..150_000, any::<u8>(), any::<bool>()), 1..20)) {
+            let e = EmulatedNvme::new(EmuConfig {
+                namespaces: vec![NamespaceConfig { blocks: 1024, block_size: 512 }],
+                ..EmuConfig::default()
+            }).unwrap();
+            let size = 1024 * 512;
+            let mut model = vec![0u8; size];
+            for (pos, len, byte, zero) in ops {
+                let pos = pos.min(size as u64);
+                let len = len.min(size - pos as usize);
+                if zero {
+                    let ns = &e.shared().namespaces[0];
+                    Namespace::zero(&mut ns.chunks.lock(), pos, len as u64);
+                    model[pos as usize..pos as usize + len].fill(0);
+                } else {
+                    e.namespace_write(1, pos, &vec![byte; len]).unwrap();
+                    model[pos as usize..pos as usize + len].fill(byte);
+                }
+            }
+            prop_assert_eq!(e.namespace_read(1, 0, size).unwrap(), model);
+            prop_assert!(e.namespace_read(1, 1, size).is_none());
+        }
     }
 }
