@@ -935,7 +935,6 @@ struct Cq {
     mmio_seen: u32,
     shadow_seen: u32,
     backlog: VecDeque<Completion>,
-    irq_pending: bool,
 }
 
 impl Cq {
@@ -952,7 +951,6 @@ impl Cq {
             mmio_seen: 0,
             shadow_seen: 0,
             backlog: VecDeque::new(),
-            irq_pending: false,
         }
     }
 
@@ -1020,6 +1018,8 @@ struct Engine {
     cache: [Option<CacheEntry>; 4],
     cache_next: usize,
     segs: Vec<Seg>,
+    // Vectors to signal at the end of this round.
+    irq_vectors: Vec<u16>,
     stride_words: usize,
 }
 
@@ -1040,6 +1040,7 @@ impl Engine {
             cache: Default::default(),
             cache_next: 0,
             segs: Vec::new(),
+            irq_vectors: Vec::new(),
             stride_words,
             shared,
         }
@@ -1439,26 +1440,19 @@ impl Engine {
                 cq.tail = 0;
                 cq.phase = !cq.phase;
             }
-            cq.irq_pending = true;
+            if cq.ien && !self.irq_vectors.contains(&cq.vector) {
+                self.irq_vectors.push(cq.vector);
+            }
         }
     }
 
     // Signals the vectors of CQs that got entries since the last call.
     fn signal(&mut self) {
-        let mut vectors: Vec<u16> = Vec::new();
-        for cq in self.cqs.iter_mut().flatten() {
-            if cq.irq_pending {
-                cq.irq_pending = false;
-                if cq.ien && !vectors.contains(&cq.vector) {
-                    vectors.push(cq.vector);
-                }
-            }
-        }
-        if vectors.is_empty() {
+        if self.irq_vectors.is_empty() {
             return;
         }
         let irqs = self.shared.irqs.read();
-        for v in vectors {
+        for v in self.irq_vectors.drain(..) {
             if let Some(fd) = irqs.get(usize::from(v)) {
                 // EAGAIN (counter saturated) still leaves it readable.
                 let _ = nix::unistd::write(fd, &1u64.to_ne_bytes());
