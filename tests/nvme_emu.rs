@@ -331,6 +331,19 @@ fn identify_controller_namespaces_and_list() {
     let mut cmd = Command::new(admin::IDENTIFY);
     cmd.cdw[0] = 0x55;
     assert_eq!(host.admin(cmd).status(), Status::INVALID_FIELD);
+    // Get Log Page: zeros, length from NUMDL.
+    let log = e.alloc_dma(4096).unwrap();
+    log.fill(0, 4096, 0xff).unwrap();
+    let mut cmd = Command::new(admin::GET_LOG_PAGE);
+    cmd.prp1 = log.iova();
+    cmd.cdw[0] = 127 << 16 | 0x02; // SMART, 128 dwords
+    host.admin_ok(cmd);
+    let mut b = vec![0u8; 4096];
+    log.read_at(0, &mut b).unwrap();
+    assert!(b[..512].iter().all(|&x| x == 0) && b[512..].iter().all(|&x| x == 0xff));
+    cmd.cdw[0] = 0xffff << 16 | 0x02;
+    cmd.cdw[1] = 0xffff; // 16 GiB
+    assert_eq!(host.admin(cmd).status(), Status::INVALID_FIELD);
     let s = e.stats();
     assert_eq!(s.admin(admin::IDENTIFY), 9);
     assert_eq!(s.bad_dma, 0);
@@ -694,6 +707,19 @@ fn fault_never_complete_then_abort() {
             .status()
             .is_success()
     );
+    // A swallowed command is completed as aborted when its SQ is deleted.
+    e.inject(Fault::NeverComplete {
+        command: CommandMatch::AnyIo,
+        count: 1,
+    });
+    let swallowed = q.push(flush);
+    host.ring_sq(&q);
+    eventually("the flush taken", || e.stats().io(io::FLUSH) == 2);
+    let mut del = Command::new(admin::DELETE_SQ);
+    del.cdw[0] = 1;
+    host.admin_ok(del);
+    let c = host.wait(&mut q);
+    assert_eq!((c.cid, c.status()), (swallowed, Status::ABORTED_SQ_DELETION));
 }
 
 #[test]
