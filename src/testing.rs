@@ -49,6 +49,7 @@
 //! ```
 
 pub mod backing;
+pub mod nvme;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::ffi::OsStr;

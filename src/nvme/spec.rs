@@ -160,6 +160,34 @@ pub mod io {
     pub const DATASET_MANAGEMENT: u8 = 0x09;
 }
 
+/// Dataset Management attributes (command dword 11).
+pub mod dsm {
+    /// Attribute – Deallocate.
+    pub const DEALLOCATE: u32 = 1 << 2;
+    /// Size of one range entry (context attributes, length in blocks, starting LBA).
+    pub const RANGE_SIZE: usize = 16;
+}
+
+/// The broadcast namespace ID (all namespaces, e.g. for Flush).
+pub const NSID_ALL: u32 = 0xffff_ffff;
+
+/// Virtualization Management (admin 1Ch): actions (command dword 10 bits 3:0) and resource
+/// types (bits 10:8).
+pub mod virt {
+    /// Primary Controller Flexible Allocation.
+    pub const PRIMARY_FLEXIBLE_ALLOCATION: u32 = 0x1;
+    /// Secondary Controller Offline.
+    pub const SECONDARY_OFFLINE: u32 = 0x7;
+    /// Secondary Controller Assign.
+    pub const SECONDARY_ASSIGN: u32 = 0x8;
+    /// Secondary Controller Online.
+    pub const SECONDARY_ONLINE: u32 = 0x9;
+    /// Resource type: VQ (queue) resources.
+    pub const RESOURCE_VQ: u32 = 0;
+    /// Resource type: VI (interrupt) resources.
+    pub const RESOURCE_VI: u32 = 1;
+}
+
 /// Identify CNS values.
 pub mod cns {
     /// Identify Namespace (NSID).
@@ -351,14 +379,37 @@ impl Status {
     pub const INTERNAL_ERROR: Status = Status(0x06);
     /// Generic: Command Abort Requested.
     pub const ABORT_REQUESTED: Status = Status(0x07);
+    /// Generic: Command Aborted due to SQ Deletion.
+    pub const ABORTED_SQ_DELETION: Status = Status(0x08);
     /// Generic: Invalid Namespace or Format.
     pub const INVALID_NAMESPACE: Status = Status(0x0b);
+    /// Generic: Command Sequence Error.
+    pub const COMMAND_SEQUENCE_ERROR: Status = Status(0x0c);
+    /// Generic: PRP Offset Invalid.
+    pub const PRP_OFFSET_INVALID: Status = Status(0x13);
     /// Generic: LBA Out of Range.
     pub const LBA_OUT_OF_RANGE: Status = Status(0x80);
     /// Command specific: Invalid Queue Identifier.
     pub const INVALID_QUEUE_ID: Status = Status(0x101);
     /// Command specific: Invalid Queue Size.
     pub const INVALID_QUEUE_SIZE: Status = Status(0x102);
+    /// Command specific: Completion Queue Invalid (Create I/O SQ names a CQ that does not
+    /// exist).
+    pub const INVALID_CQ: Status = Status(0x100);
+    /// Command specific: Asynchronous Event Request Limit Exceeded.
+    pub const ASYNC_EVENT_LIMIT_EXCEEDED: Status = Status(0x105);
+    /// Command specific: Invalid Interrupt Vector.
+    pub const INVALID_INTERRUPT_VECTOR: Status = Status(0x108);
+    /// Command specific: Invalid Queue Deletion (a CQ that SQs still use).
+    pub const INVALID_QUEUE_DELETION: Status = Status(0x10c);
+    /// Command specific: Invalid Controller Identifier.
+    pub const INVALID_CONTROLLER_ID: Status = Status(0x11f);
+    /// Command specific: Invalid Secondary Controller State.
+    pub const INVALID_SECONDARY_STATE: Status = Status(0x120);
+    /// Command specific: Invalid Number of Controller Resources.
+    pub const INVALID_RESOURCE_COUNT: Status = Status(0x121);
+    /// Command specific: Invalid Resource Identifier.
+    pub const INVALID_RESOURCE_ID: Status = Status(0x122);
 
     /// A status from type and code.
     pub const fn new(sct: u8, sc: u8) -> Self {
@@ -399,11 +450,20 @@ impl fmt::Display for Status {
             (0, 0x07) => "command abort requested",
             (0, 0x08) => "command aborted due to SQ deletion",
             (0, 0x0b) => "invalid namespace or format",
+            (0, 0x0c) => "command sequence error",
+            (0, 0x13) => "PRP offset invalid",
             (0, 0x80) => "LBA out of range",
             (0, 0x81) => "capacity exceeded",
+            (1, 0x00) => "completion queue invalid",
             (1, 0x01) => "invalid queue identifier",
             (1, 0x02) => "invalid queue size",
+            (1, 0x05) => "asynchronous event request limit exceeded",
             (1, 0x08) => "invalid interrupt vector",
+            (1, 0x0c) => "invalid queue deletion",
+            (1, 0x1f) => "invalid controller identifier",
+            (1, 0x20) => "invalid secondary controller state",
+            (1, 0x21) => "invalid number of controller resources",
+            (1, 0x22) => "invalid resource identifier",
             (2, _) => "media or data integrity error",
             _ => "",
         };

@@ -1,0 +1,2687 @@
+//! An NVMe controller emulated in the process, behind [`DeviceBacking`]: an NVMe driver
+//! generic over the trait drives [`EmulatedNvme`] exactly as it drives a VFIO function,
+//! through BAR 0 registers, doorbells, DMA memory and MSI-X eventfds, so driver tests run
+//! without hardware, and with faults no hardware produces on demand.
+//!
+//! ```
+//! use pcibus::bus::backing::{DeviceBacking, RegisterIo};
+//! use pcibus::nvme::spec::{reg, Cap};
+//! use pcibus::testing::nvme::{EmuConfig, EmulatedNvme};
+//! let emu = EmulatedNvme::new(EmuConfig::default())?;
+//! let bar = emu.map_bar(0)?;
+//! assert_eq!(Cap(bar.read64(reg::CAP)?).max_queue_entries(), 2048);
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+//!
+//! # What is emulated
+//!
+//! - Registers: CAP (MQES, CQR=1, TO, DSTRD, CSS=NVM, 4 KiB pages only), VS 1.4, CC
+//!   (enable with admin queue checks, reset, shutdown notification), CSTS (RDY, CFS,
+//!   SHST), AQA, ASQ, ACQ, doorbells at the configured stride. INTMS/INTMC and NSSR are
+//!   accepted and ignored; other registers read zero.
+//! - One processing thread per enabled controller. It takes submission entries between
+//!   its head and the doorbell (or shadow doorbell) tail, executes them in order, and
+//!   posts completions with the phase tag, SQ head and SQ id; it never overwrites an entry
+//!   the host has not released through the CQ head doorbell (a full CQ stops the SQs that
+//!   feed it). After a batch it signals the eventfd of each completion queue's vector.
+//! - Admin: Identify (CNS 00h, 01h, 02h, and 14h/15h with SR-IOV), Get/Set Features
+//!   (Number of Queues; a few others stored and echoed), Create/Delete I/O CQ/SQ with the
+//!   specification's checks, Get Log Page (zeros), Asynchronous Event Request (held until
+//!   [`EmulatedNvme::complete_async_event`]), Abort (of held commands), Doorbell Buffer
+//!   Config, Virtualization Management (actions 1, 7, 8, 9).
+//! - NVM: Read, Write, Flush, Write Zeroes, Dataset Management (deallocate) over sparse
+//!   RAM namespaces (memory is used only for what was written); deallocated blocks read
+//!   zero. PRP1 with an offset, PRP2 as a page or a list with chained list pages, MDTS.
+//! - DMA: every address the controller touches is looked up in the table of live
+//!   allocations made through [`DeviceBacking::alloc_dma`]. An address outside them, or in
+//!   a buffer the driver dropped, fails the command with Data Transfer Error and counts in
+//!   [`EmuStats::bad_dma`]; the controller never touches freed memory. Allocations are
+//!   separated by an unmapped page, so an overrun by one byte is caught.
+//! - Faults ([`Fault`]): swallowed commands, error statuses, wrong command ids, duplicate
+//!   and stale completions, fatal status, surprise removal, delays.
+//!
+//! # What is not
+//!
+//! SGLs, metadata and protection information, fused commands, namespace management and
+//! attachment, firmware and format commands, reservations, controller memory buffer,
+//! persistent memory region, boot partitions, pin-based interrupts and MSI-X masking,
+//! interrupt coalescing, weighted round robin arbitration, NVM subsystem reset, multiple
+//! I/O command sets, asynchronous events the controller raises on its own (an invalid
+//! doorbell write is counted in [`EmuStats::invalid_doorbell_writes`] and ignored). SR-IOV
+//! has no virtual functions behind it: Virtualization Management keeps the books (Identify
+//! 14h/15h) and nothing more. Statuses are posted without the Do Not Retry bit.
+//!
+//! # Dropping
+//!
+//! [`EmulatedNvme`], its [`EmuRegisters`] and its [`EmuDma`] buffers are handles of one
+//! controller ([`DeviceBacking::extra_handles`] counts them). When the last handle drops,
+//! the processing thread is stopped and joined, and the controller's memory is freed; the
+//! thread holds no handle, so it never keeps the controller alive.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::fmt;
+use std::ops::Deref;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering, fence};
+use std::sync::{Arc, Weak};
+use std::thread::{self, JoinHandle, Thread};
+use std::time::Duration;
+
+use parking_lot::{Mutex, RwLock};
+
+use crate::addr::PciAddress;
+use crate::bus::backing::{BackingError, DeviceBacking, DmaMemory, RegisterIo};
+use crate::nvme::spec::{
+    self, Command, Completion, Status, admin, cc, cns, csts, dsm, feature, io as nvm, oacs, oncs, reg, virt,
+};
+use crate::vfio::{DmaBuffer, PAGE};
+
+const PAGE_U64: u64 = PAGE as u64;
+/// NVMe version 1.4.0.
+const VERSION: u32 = 0x0001_0400;
+/// Sparse namespace storage granule.
+const CHUNK: u64 = 64 * 1024;
+/// Commands taken from one SQ before the next SQ gets a turn.
+const BURST: u32 = 64;
+/// Outstanding Asynchronous Event Requests accepted (Identify AERL is this minus one).
+const AER_LIMIT: usize = 4;
+/// Commands the controller keeps without completing (swallowed by a fault, AERs).
+const HELD_LIMIT: usize = 65536;
+/// The CAP.TO the controller reports (500 ms units), as QEMU's.
+const TIMEOUT_UNITS: u64 = 0x0f;
+/// Where the first allocation lands.
+const FIRST_IOVA: u64 = 0x1_0000_0000;
+
+// ------------------------------------------------------------------------------------
+// Configuration
+// ------------------------------------------------------------------------------------
+
+/// One namespace: `blocks` logical blocks of `block_size` bytes (512 or 4096), backed
+/// by RAM as it is written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NamespaceConfig {
+    /// Namespace size in logical blocks.
+    pub blocks: u64,
+    /// Logical block size in bytes: 512 or 4096.
+    pub block_size: u32,
+}
+
+/// SR-IOV resources for Virtualization Management (Identify CNS 14h/15h).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SriovConfig {
+    /// Virtual functions, each with a secondary controller (ids 1..=vfs); at most 127.
+    pub vfs: u16,
+    /// Flexible VQ (queue) resources, all allocated to the primary controller at first.
+    pub flexible_vq: u16,
+    /// Flexible VI (interrupt) resources, likewise.
+    pub flexible_vi: u16,
+}
+
+/// How the emulated controller looks. `Default` is a QEMU-like controller with one
+/// 1 GiB namespace of 512-byte blocks.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EmuConfig {
+    /// The PCI address the backing reports.
+    pub address: PciAddress,
+    /// PCI vendor id (config space and Identify VID/SSVID); QEMU's 0x1b36 by default.
+    pub vendor_id: u16,
+    /// PCI device id; QEMU's NVMe 0x0010 by default.
+    pub device_id: u16,
+    /// Serial number (at most 20 ASCII characters).
+    pub serial: String,
+    /// Model number (at most 40).
+    pub model: String,
+    /// Firmware revision (at most 8).
+    pub firmware: String,
+    /// Namespaces, NSID 1 first; at most 1024.
+    pub namespaces: Vec<NamespaceConfig>,
+    /// Maximum queue entries (a count, 2 to 65536); CAP.MQES is this minus one.
+    pub mqes: u32,
+    /// Doorbell stride exponent: doorbells are `4 << dstrd` bytes apart (0 to 15).
+    pub dstrd: u8,
+    /// Maximum Data Transfer Size, a power of two of 4 KiB pages (0: no limit; at most 16).
+    pub mdts: u8,
+    /// I/O queue pairs the controller grants at most (1 to 65535).
+    pub max_io_queues: u16,
+    /// Whether Doorbell Buffer Config is supported (OACS bit 8).
+    pub shadow_doorbells: bool,
+    /// SR-IOV with Virtualization Management (OACS bit 7), if any.
+    pub sriov: Option<SriovConfig>,
+    /// Whether the processing thread spins on the doorbells instead of sleeping (for
+    /// benchmarks: no wake-up latency, one core busy).
+    pub busy_poll: bool,
+    /// MSI-X vectors (1 to 2048).
+    pub msix_vectors: u16,
+}
+
+const DEFAULT_ADDRESS: PciAddress = match PciAddress::new(0, 0, 4, 0) {
+    Some(a) => a,
+    None => panic!("0000:00:04.0 is a valid address"),
+};
+
+impl Default for EmuConfig {
+    fn default() -> Self {
+        EmuConfig {
+            address: DEFAULT_ADDRESS,
+            vendor_id: 0x1b36,
+            device_id: 0x0010,
+            serial: "EMU0001".into(),
+            model: "pcibus emulated NVMe".into(),
+            firmware: "1.0".into(),
+            namespaces: vec![NamespaceConfig {
+                blocks: 1 << 21,
+                block_size: 512,
+            }],
+            mqes: 2048,
+            dstrd: 0,
+            mdts: 7,
+            max_io_queues: 64,
+            shadow_doorbells: true,
+            sriov: None,
+            busy_poll: false,
+            msix_vectors: 16,
+        }
+    }
+}
+
+impl EmuConfig {
+    fn check(&self) -> Result<(), EmuError> {
+        let bad = |field: &'static str, value: String, expected: &'static str| {
+            Err(EmuError::Config {
+                field,
+                value,
+                expected,
+            })
+        };
+        for (field, s, max) in [
+            ("serial", &self.serial, 20),
+            ("model", &self.model, 40),
+            ("firmware", &self.firmware, 8),
+        ] {
+            if s.len() > max || !s.bytes().all(|b| (0x20..0x7f).contains(&b)) {
+                return bad(
+                    field,
+                    format!("{s:?}"),
+                    "printable ASCII within the field's width",
+                );
+            }
+        }
+        if self.namespaces.len() > 1024 {
+            return bad("namespaces", self.namespaces.len().to_string(), "at most 1024");
+        }
+        for ns in &self.namespaces {
+            if ns.block_size != 512 && ns.block_size != 4096 {
+                return bad("block_size", ns.block_size.to_string(), "512 or 4096");
+            }
+            if ns.blocks == 0
+                || ns
+                    .blocks
+                    .checked_mul(u64::from(ns.block_size))
+                    .is_none_or(|b| b > 1 << 50)
+            {
+                return bad("blocks", ns.blocks.to_string(), "1 block to 1 PiB");
+            }
+        }
+        if !(2..=65536).contains(&self.mqes) {
+            return bad("mqes", self.mqes.to_string(), "2 to 65536");
+        }
+        if self.dstrd > 15 {
+            return bad("dstrd", self.dstrd.to_string(), "0 to 15");
+        }
+        if self.mdts > 16 {
+            return bad("mdts", self.mdts.to_string(), "0 to 16");
+        }
+        if self.max_io_queues == 0 {
+            return bad("max_io_queues", "0".into(), "1 to 65535");
+        }
+        if !(1..=2048).contains(&self.msix_vectors) {
+            return bad("msix_vectors", self.msix_vectors.to_string(), "1 to 2048");
+        }
+        if let Some(s) = self.sriov
+            && s.vfs > 127
+        {
+            return bad("sriov.vfs", s.vfs.to_string(), "at most 127");
+        }
+        Ok(())
+    }
+
+    fn cap(&self) -> u64 {
+        u64::from(self.mqes - 1)
+            | 1 << 16 // CQR: queues must be physically contiguous
+            | TIMEOUT_UNITS << 24
+            | u64::from(self.dstrd) << 32
+            | 1 << 37 // CSS: the NVM command set
+    }
+
+    fn stride(&self) -> u64 {
+        4 << self.dstrd
+    }
+
+    fn max_transfer(&self) -> u64 {
+        if self.mdts == 0 {
+            u64::MAX
+        } else {
+            PAGE_U64 << self.mdts
+        }
+    }
+}
+
+/// Why an [`EmulatedNvme`] could not be built.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum EmuError {
+    /// A configuration value out of range.
+    #[error("emulated NVMe: {field} = {value}, expected {expected}")]
+    Config {
+        /// The field.
+        field: &'static str,
+        /// Its value.
+        value: String,
+        /// What it may be.
+        expected: &'static str,
+    },
+}
+
+// ------------------------------------------------------------------------------------
+// Faults and statistics
+// ------------------------------------------------------------------------------------
+
+/// Which commands a [`Fault`] applies to. Admin and NVM opcodes overlap (01h is Create
+/// I/O SQ and Write), so the queue kind is part of the match.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CommandMatch {
+    /// Every command.
+    Any,
+    /// Every admin command.
+    AnyAdmin,
+    /// Every I/O command.
+    AnyIo,
+    /// Admin commands with this opcode.
+    Admin(u8),
+    /// I/O commands with this opcode.
+    Io(u8),
+}
+
+impl CommandMatch {
+    fn matches(self, is_admin: bool, opcode: u8) -> bool {
+        match self {
+            CommandMatch::Any => true,
+            CommandMatch::AnyAdmin => is_admin,
+            CommandMatch::AnyIo => !is_admin,
+            CommandMatch::Admin(o) => is_admin && o == opcode,
+            CommandMatch::Io(o) => !is_admin && o == opcode,
+        }
+    }
+}
+
+/// A misbehaviour to inject with [`EmulatedNvme::inject`]. Faults with a count apply to
+/// the next `count` matching commands; the "next completion" faults to the next
+/// completion posted on any queue. They survive controller resets; clear them with
+/// [`EmulatedNvme::clear_faults`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Fault {
+    /// Matching commands are consumed (the SQ head moves on) and never completed, unless
+    /// aborted or their SQ is deleted.
+    NeverComplete {
+        /// Which commands.
+        command: CommandMatch,
+        /// How many.
+        count: u32,
+    },
+    /// Matching commands complete with `status`, without being executed.
+    Status {
+        /// Which commands.
+        command: CommandMatch,
+        /// The status (phase excluded; may carry DNR).
+        status: Status,
+        /// How many.
+        count: u32,
+    },
+    /// The next completion carries a command id nobody used (0xffff, or 0xfffe when the
+    /// command's own id is 0xffff); the command is thereby lost.
+    WrongCid,
+    /// The next completion is posted twice (two CQ entries).
+    Duplicate,
+    /// The next completion is written with the previous phase, so the host must not see
+    /// it as new; the controller moves its tail on regardless (the completion is lost and
+    /// later ones queue up behind it).
+    StalePhase,
+    /// CSTS.CFS becomes 1 and the controller stops processing, until a reset (CC.EN 0).
+    FatalStatus,
+    /// Surprise removal: from now on every register reads all-ones, writes are dropped and
+    /// nothing is processed. Irreversible.
+    Gone,
+    /// Every command waits this long before it is executed (until cleared).
+    Delay(Duration),
+}
+
+/// Counters of what the controller did, from [`EmulatedNvme::stats`]. Cumulative over the
+/// controller's life (resets included).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct EmuStats {
+    /// Commands taken from submission queues.
+    pub commands: u64,
+    /// Admin commands taken, by opcode.
+    pub admin_commands: BTreeMap<u8, u64>,
+    /// I/O commands taken, by opcode.
+    pub io_commands: BTreeMap<u8, u64>,
+    /// Completion entries written.
+    pub completions: u64,
+    /// MMIO writes to SQ tail doorbells.
+    pub sq_doorbell_writes: u64,
+    /// MMIO writes to CQ head doorbells.
+    pub cq_doorbell_writes: u64,
+    /// Doorbell writes the controller ignored: no such queue, or a value beyond the queue.
+    pub invalid_doorbell_writes: u64,
+    /// New tails or heads the controller found in the shadow doorbell buffer.
+    pub shadow_doorbell_updates: u64,
+    /// Event index updates the controller wrote.
+    pub event_index_writes: u64,
+    /// Eventfd signals sent.
+    pub interrupts: u64,
+    /// DMA attempts outside live allocations (each failed its command or was dropped).
+    pub bad_dma: u64,
+}
+
+impl EmuStats {
+    /// Admin commands taken with `opcode`.
+    pub fn admin(&self, opcode: u8) -> u64 {
+        self.admin_commands.get(&opcode).copied().unwrap_or(0)
+    }
+    /// I/O commands taken with `opcode`.
+    pub fn io(&self, opcode: u8) -> u64 {
+        self.io_commands.get(&opcode).copied().unwrap_or(0)
+    }
+}
+
+#[derive(Debug)]
+struct Counters {
+    admin: Box<[AtomicU64]>,
+    io: Box<[AtomicU64]>,
+    completions: AtomicU64,
+    sq_doorbells: AtomicU64,
+    cq_doorbells: AtomicU64,
+    invalid_doorbells: AtomicU64,
+    shadow_updates: AtomicU64,
+    event_index_writes: AtomicU64,
+    interrupts: AtomicU64,
+    bad_dma: AtomicU64,
+}
+
+fn bump(c: &AtomicU64) {
+    c.fetch_add(1, Ordering::Relaxed);
+}
+
+impl Counters {
+    fn new() -> Self {
+        let table = || (0..256).map(|_| AtomicU64::new(0)).collect();
+        Counters {
+            admin: table(),
+            io: table(),
+            completions: AtomicU64::new(0),
+            sq_doorbells: AtomicU64::new(0),
+            cq_doorbells: AtomicU64::new(0),
+            invalid_doorbells: AtomicU64::new(0),
+            shadow_updates: AtomicU64::new(0),
+            event_index_writes: AtomicU64::new(0),
+            interrupts: AtomicU64::new(0),
+            bad_dma: AtomicU64::new(0),
+        }
+    }
+
+    fn snapshot(&self) -> EmuStats {
+        let map = |t: &[AtomicU64]| -> BTreeMap<u8, u64> {
+            t.iter()
+                .enumerate()
+                .filter_map(|(op, n)| {
+                    let n = n.load(Ordering::Relaxed);
+                    (n != 0).then_some((op as u8, n))
+                })
+                .collect()
+        };
+        let admin_commands = map(&self.admin);
+        let io_commands = map(&self.io);
+        let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        EmuStats {
+            commands: admin_commands.values().chain(io_commands.values()).sum(),
+            admin_commands,
+            io_commands,
+            completions: load(&self.completions),
+            sq_doorbell_writes: load(&self.sq_doorbells),
+            cq_doorbell_writes: load(&self.cq_doorbells),
+            invalid_doorbell_writes: load(&self.invalid_doorbells),
+            shadow_doorbell_updates: load(&self.shadow_updates),
+            event_index_writes: load(&self.event_index_writes),
+            interrupts: load(&self.interrupts),
+            bad_dma: load(&self.bad_dma),
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+struct FaultState {
+    never: Vec<(CommandMatch, u32)>,
+    status: Vec<(CommandMatch, Status, u32)>,
+    wrong_cid: u32,
+    duplicate: u32,
+    stale_phase: u32,
+    delay: Option<Duration>,
+}
+
+impl FaultState {
+    fn is_empty(&self) -> bool {
+        self.never.is_empty()
+            && self.status.is_empty()
+            && self.wrong_cid == 0
+            && self.duplicate == 0
+            && self.stale_phase == 0
+            && self.delay.is_none()
+    }
+}
+
+// ------------------------------------------------------------------------------------
+// Namespaces
+// ------------------------------------------------------------------------------------
+
+#[derive(Debug)]
+struct Namespace {
+    blocks: u64,
+    block_size: u32,
+    // Sparse: chunk index → CHUNK bytes. A missing chunk reads zero.
+    chunks: Mutex<HashMap<u64, Box<[u8]>>>,
+}
+
+type Chunks = HashMap<u64, Box<[u8]>>;
+
+// Splits `len` bytes at byte `pos` of the namespace into (chunk, offset in chunk, length,
+// offset in the range) pieces.
+fn pieces(pos: u64, len: u64) -> impl Iterator<Item = (u64, usize, usize, usize)> {
+    let mut done = 0u64;
+    std::iter::from_fn(move || {
+        if done >= len {
+            return None;
+        }
+        let at = pos + done;
+        let (chunk, off) = (at / CHUNK, at % CHUNK);
+        let n = (CHUNK - off).min(len - done);
+        let item = (chunk, off as usize, n as usize, done as usize);
+        done += n;
+        Some(item)
+    })
+}
+
+impl Namespace {
+    fn bytes(&self) -> u64 {
+        self.blocks * u64::from(self.block_size)
+    }
+
+    fn read_into_dma(map: &Chunks, pos: u64, buf: &DmaBuffer, off: usize, len: usize) {
+        for (chunk, coff, n, done) in pieces(pos, len as u64) {
+            match map.get(&chunk) {
+                Some(c) => buf.write_at(off + done, &c[coff..coff + n]),
+                None => buf.fill(off + done, n, 0),
+            };
+        }
+    }
+
+    fn write_from_dma(map: &mut Chunks, pos: u64, buf: &DmaBuffer, off: usize, len: usize) {
+        for (chunk, coff, n, done) in pieces(pos, len as u64) {
+            let c = map
+                .entry(chunk)
+                .or_insert_with(|| vec![0u8; CHUNK as usize].into_boxed_slice());
+            buf.read_at(off + done, &mut c[coff..coff + n]);
+        }
+    }
+
+    // Costs O(chunks stored) at most, whatever the range: a DSM range may span terabytes.
+    fn zero(map: &mut Chunks, pos: u64, len: u64) {
+        if len == 0 {
+            return;
+        }
+        let end = pos + len;
+        let (first, last) = (pos.div_ceil(CHUNK), end / CHUNK);
+        // Whole chunks are dropped; for a range of many chunks, walk the map instead.
+        if last > first && last - first > map.len() as u64 {
+            map.retain(|&k, _| !(first..last).contains(&k));
+        } else {
+            for k in first..last {
+                map.remove(&k);
+            }
+        }
+        // The partial chunks at either end.
+        for k in [pos / CHUNK, (end - 1) / CHUNK] {
+            let start = k * CHUNK;
+            if let Some(c) = map.get_mut(&k) {
+                let from = pos.max(start) - start;
+                let to = end.min(start + CHUNK) - start;
+                c[from as usize..to as usize].fill(0);
+            }
+        }
+    }
+}
+
+// ------------------------------------------------------------------------------------
+// Shared controller state
+// ------------------------------------------------------------------------------------
+
+#[derive(Debug)]
+struct DmaEntry {
+    len: u64,
+    buf: Weak<DmaBuffer>,
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+struct Secondary {
+    online: bool,
+    nvq: u16,
+    nvi: u16,
+}
+
+#[derive(Debug)]
+struct SriovState {
+    config: SriovConfig,
+    primary: [u16; 2],
+    next_primary: [u16; 2],
+    secondaries: Vec<Secondary>,
+}
+
+#[derive(Debug)]
+struct Shared {
+    cfg: EmuConfig,
+    cap: u64,
+    bar_len: u64,
+    cc: AtomicU32,
+    csts: AtomicU32,
+    aqa: AtomicU32,
+    asq: AtomicU64,
+    acq: AtomicU64,
+    intms: AtomicU32,
+    gone: AtomicBool,
+    halted: AtomicBool,
+    // MMIO doorbells: SQ y tail at 2y, CQ y head at 2y + 1.
+    doorbells: Box<[AtomicU32]>,
+    sleeping: AtomicBool,
+    stop: AtomicBool,
+    waker: Mutex<Option<Thread>>,
+    // The control path (CC writes, reset, drop): the processing thread's handle.
+    worker: Mutex<Option<JoinHandle<()>>>,
+    dma: RwLock<BTreeMap<u64, DmaEntry>>,
+    next_iova: AtomicU64,
+    namespaces: Vec<Namespace>,
+    faults: Mutex<FaultState>,
+    faults_pending: AtomicBool,
+    async_events: Mutex<VecDeque<u32>>,
+    async_pending: AtomicBool,
+    irqs: RwLock<Vec<OwnedFd>>,
+    config_space: Mutex<Vec<u8>>,
+    sriov: Mutex<Option<SriovState>>,
+    counters: Counters,
+}
+
+impl Shared {
+    fn new(cfg: EmuConfig) -> Shared {
+        let queues = usize::from(cfg.max_io_queues) + 1;
+        let bar_len = (0x1000 + 2 * queues as u64 * cfg.stride())
+            .next_power_of_two()
+            .max(0x4000);
+        let mut config = vec![0u8; 4096];
+        config[0..2].copy_from_slice(&cfg.vendor_id.to_le_bytes());
+        config[2..4].copy_from_slice(&cfg.device_id.to_le_bytes());
+        config[4..6].copy_from_slice(&0x0006u16.to_le_bytes()); // memory space, bus master
+        config[8] = 2; // revision
+        config[9..12].copy_from_slice(&0x01_08_02u32.to_le_bytes()[..3]); // NVMe class
+        config[0x10] = 0x04; // BAR 0: 64-bit memory
+        config[0x2c..0x2e].copy_from_slice(&cfg.vendor_id.to_le_bytes());
+        config[0x2e..0x30].copy_from_slice(&cfg.device_id.to_le_bytes());
+        let sriov = cfg.sriov.map(|s| SriovState {
+            config: s,
+            primary: [s.flexible_vq, s.flexible_vi],
+            next_primary: [s.flexible_vq, s.flexible_vi],
+            secondaries: vec![Secondary::default(); usize::from(s.vfs)],
+        });
+        Shared {
+            cap: cfg.cap(),
+            bar_len,
+            cc: AtomicU32::new(0),
+            csts: AtomicU32::new(0),
+            aqa: AtomicU32::new(0),
+            asq: AtomicU64::new(0),
+            acq: AtomicU64::new(0),
+            intms: AtomicU32::new(0),
+            gone: AtomicBool::new(false),
+            halted: AtomicBool::new(false),
+            doorbells: (0..2 * queues).map(|_| AtomicU32::new(0)).collect(),
+            sleeping: AtomicBool::new(false),
+            stop: AtomicBool::new(false),
+            waker: Mutex::new(None),
+            worker: Mutex::new(None),
+            dma: RwLock::new(BTreeMap::new()),
+            next_iova: AtomicU64::new(FIRST_IOVA),
+            namespaces: cfg
+                .namespaces
+                .iter()
+                .map(|n| Namespace {
+                    blocks: n.blocks,
+                    block_size: n.block_size,
+                    chunks: Mutex::new(HashMap::new()),
+                })
+                .collect(),
+            faults: Mutex::new(FaultState::default()),
+            faults_pending: AtomicBool::new(false),
+            async_events: Mutex::new(VecDeque::new()),
+            async_pending: AtomicBool::new(false),
+            irqs: RwLock::new(Vec::new()),
+            config_space: Mutex::new(config),
+            sriov: Mutex::new(sriov),
+            counters: Counters::new(),
+            cfg,
+        }
+    }
+
+    fn gone(&self) -> bool {
+        self.gone.load(Ordering::Acquire)
+    }
+
+    fn kick(&self) {
+        if self.sleeping.load(Ordering::SeqCst)
+            && let Some(t) = &*self.waker.lock()
+        {
+            t.unpark();
+        }
+    }
+
+    fn lookup(&self, iova: u64, len: u64) -> Option<(u64, u64, Weak<DmaBuffer>)> {
+        let table = self.dma.read();
+        let (&base, e) = table.range(..=iova).next_back()?;
+        let end = iova.checked_add(len)?;
+        (end <= base + e.len).then(|| (base, e.len, e.buf.clone()))
+    }
+
+    fn read32(&self, offset: u64) -> u32 {
+        let lo = |v: u64| v as u32;
+        let hi = |v: u64| (v >> 32) as u32;
+        match offset {
+            0x00 => lo(self.cap),
+            0x04 => hi(self.cap),
+            reg::VS => VERSION,
+            reg::INTMS | reg::INTMC => self.intms.load(Ordering::Acquire),
+            reg::CC => self.cc.load(Ordering::Acquire),
+            reg::CSTS => self.csts.load(Ordering::Acquire),
+            reg::AQA => self.aqa.load(Ordering::Acquire),
+            0x28 => lo(self.asq.load(Ordering::Acquire)),
+            0x2c => hi(self.asq.load(Ordering::Acquire)),
+            0x30 => lo(self.acq.load(Ordering::Acquire)),
+            0x34 => hi(self.acq.load(Ordering::Acquire)),
+            _ => 0,
+        }
+    }
+
+    fn set_half(word: &AtomicU64, high: bool, value: u32) {
+        let _ = word.fetch_update(Ordering::AcqRel, Ordering::Acquire, |old| {
+            Some(if high {
+                old & 0xffff_ffff | u64::from(value) << 32
+            } else {
+                old & !0xffff_ffff | u64::from(value & !0xfff)
+            })
+        });
+    }
+
+    fn write32(self: &Arc<Self>, offset: u64, value: u32) {
+        match offset {
+            reg::INTMS => {
+                self.intms.fetch_or(value, Ordering::AcqRel);
+            }
+            reg::INTMC => {
+                self.intms.fetch_and(!value, Ordering::AcqRel);
+            }
+            reg::CC => self.write_cc(value),
+            reg::AQA => self.aqa.store(value & 0x0fff_0fff, Ordering::Release),
+            0x28 => Self::set_half(&self.asq, false, value),
+            0x2c => Self::set_half(&self.asq, true, value),
+            0x30 => Self::set_half(&self.acq, false, value),
+            0x34 => Self::set_half(&self.acq, true, value),
+            o if o >= reg::DOORBELLS => self.doorbell(o - reg::DOORBELLS, value),
+            _ => {} // read-only or reserved
+        }
+    }
+
+    fn doorbell(&self, rel: u64, value: u32) {
+        let stride = self.cfg.stride();
+        let index = rel / stride;
+        let counters = &self.counters;
+        if !rel.is_multiple_of(stride) || index >= self.doorbells.len() as u64 {
+            bump(&counters.invalid_doorbells);
+            return;
+        }
+        bump(if index.is_multiple_of(2) {
+            &counters.sq_doorbells
+        } else {
+            &counters.cq_doorbells
+        });
+        self.doorbells[index as usize].store(value, Ordering::SeqCst);
+        self.kick();
+    }
+
+    fn write_cc(self: &Arc<Self>, value: u32) {
+        let mut worker = self.worker.lock();
+        if self.gone() {
+            return;
+        }
+        let old = self.cc.swap(value, Ordering::AcqRel);
+        let (was, now) = (old & cc::EN != 0, value & cc::EN != 0);
+        if was && !now {
+            self.disable(&mut worker);
+            return;
+        }
+        if !was && now {
+            self.enable(&mut worker, value);
+        }
+        let (old_shn, shn) = (old & cc::SHN_MASK, value & cc::SHN_MASK);
+        if now && shn != 0 && old_shn == 0 {
+            // Shutdown: stop processing; the queues stay until the host resets.
+            self.stop_worker(&mut worker);
+            let _ = self.csts.fetch_update(Ordering::AcqRel, Ordering::Acquire, |c| {
+                Some(c & !csts::SHST_MASK | csts::SHST_COMPLETE)
+            });
+        } else if shn == 0 && old_shn != 0 {
+            self.csts.fetch_and(!csts::SHST_MASK, Ordering::AcqRel);
+        }
+    }
+
+    fn stop_worker(&self, worker: &mut Option<JoinHandle<()>>) {
+        if let Some(handle) = worker.take() {
+            self.stop.store(true, Ordering::SeqCst);
+            handle.thread().unpark();
+            // A panic of the processing thread is a bug of the emulator; the controller
+            // is reset either way.
+            if handle.join().is_err() {
+                log::error!("{}: emulated NVMe processing thread panicked", self.cfg.address);
+            }
+            self.stop.store(false, Ordering::SeqCst);
+            *self.waker.lock() = None;
+        }
+    }
+
+    fn disable(&self, worker: &mut Option<JoinHandle<()>>) {
+        self.stop_worker(worker);
+        for d in self.doorbells.iter() {
+            d.store(0, Ordering::Release);
+        }
+        self.halted.store(false, Ordering::Release);
+        self.csts.store(0, Ordering::Release);
+        if let Some(s) = &mut *self.sriov.lock() {
+            // A controller reset of the primary takes its secondaries offline and applies
+            // its pending flexible allocation.
+            s.primary = s.next_primary;
+            for sec in &mut s.secondaries {
+                sec.online = false;
+            }
+        }
+    }
+
+    fn fail(&self, why: fmt::Arguments<'_>) {
+        log::warn!(
+            "{}: emulated NVMe: {why}: controller fatal status",
+            self.cfg.address
+        );
+        self.csts.fetch_or(csts::CFS, Ordering::AcqRel);
+    }
+
+    fn enable(self: &Arc<Self>, worker: &mut Option<JoinHandle<()>>, value: u32) {
+        if self.halted.load(Ordering::Acquire) {
+            return;
+        }
+        let mps = value >> cc::MPS_SHIFT & 0xf;
+        let css = value >> cc::CSS_SHIFT & 0x7;
+        let ams = value >> cc::AMS_SHIFT & 0x7;
+        if mps != 0 || css != 0 || ams != 0 {
+            return self.fail(format_args!(
+                "CC {value:#x}: MPS {mps}, CSS {css}, AMS {ams} not supported"
+            ));
+        }
+        let aqa = self.aqa.load(Ordering::Acquire);
+        let (asqs, acqs) = ((aqa & 0xfff) + 1, (aqa >> 16 & 0xfff) + 1);
+        if asqs < 2 || acqs < 2 || asqs > self.cfg.mqes || acqs > self.cfg.mqes {
+            return self.fail(format_args!("AQA {aqa:#x}: admin queue sizes {asqs}/{acqs}"));
+        }
+        let (asq, acq) = (self.asq.load(Ordering::Acquire), self.acq.load(Ordering::Acquire));
+        let sq = self.queue_memory(asq, u64::from(asqs) * 64);
+        let cq = self.queue_memory(acq, u64::from(acqs) * 16);
+        let (Some(sq), Some(cq)) = (sq, cq) else {
+            bump(&self.counters.bad_dma);
+            return self.fail(format_args!("ASQ {asq:#x} / ACQ {acq:#x} outside DMA memory"));
+        };
+        let mut engine = Engine::new(Arc::clone(self));
+        engine.sqs[0] = Some(Sq::new(asqs, 0, sq));
+        let mut admin_cq = Cq::new(acqs, true, 0, cq);
+        admin_cq.sqs = 1;
+        engine.cqs[0] = Some(admin_cq);
+        engine.active.push(0);
+        let spawned = thread::Builder::new()
+            .name(format!("nvme-emu {}", self.cfg.address))
+            .spawn(move || engine.run());
+        match spawned {
+            Ok(handle) => {
+                *self.waker.lock() = Some(handle.thread().clone());
+                *worker = Some(handle);
+                self.csts.store(csts::RDY, Ordering::Release);
+            }
+            Err(e) => self.fail(format_args!("spawning the processing thread: {e}")),
+        }
+    }
+
+    // Queue memory: page aligned, inside one allocation.
+    fn queue_memory(&self, iova: u64, len: u64) -> Option<Mem> {
+        if !iova.is_multiple_of(PAGE_U64) {
+            return None;
+        }
+        let (base, _, buf) = self.lookup(iova, len)?;
+        Some(Mem {
+            buf,
+            off: (iova - base) as usize,
+        })
+    }
+}
+
+// ------------------------------------------------------------------------------------
+// The processing engine (owned by the processing thread)
+// ------------------------------------------------------------------------------------
+
+#[derive(Debug, Clone)]
+struct Mem {
+    buf: Weak<DmaBuffer>,
+    off: usize,
+}
+
+#[derive(Debug)]
+struct Sq {
+    size: u32,
+    head: u32,
+    tail: u32,
+    cqid: u16,
+    mem: Mem,
+    mmio_seen: u32,
+    shadow_seen: u32,
+    event_index: Option<u32>,
+}
+
+impl Sq {
+    fn new(size: u32, cqid: u16, mem: Mem) -> Sq {
+        Sq {
+            size,
+            head: 0,
+            tail: 0,
+            cqid,
+            mem,
+            mmio_seen: 0,
+            shadow_seen: 0,
+            event_index: None,
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Cq {
+    size: u32,
+    head: u32,
+    tail: u32,
+    phase: bool,
+    ien: bool,
+    vector: u16,
+    mem: Mem,
+    sqs: u32,
+    mmio_seen: u32,
+    shadow_seen: u32,
+    backlog: VecDeque<Completion>,
+}
+
+impl Cq {
+    fn new(size: u32, ien: bool, vector: u16, mem: Mem) -> Cq {
+        Cq {
+            size,
+            head: 0,
+            tail: 0,
+            phase: true,
+            ien,
+            vector,
+            mem,
+            sqs: 0,
+            mmio_seen: 0,
+            shadow_seen: 0,
+            backlog: VecDeque::new(),
+        }
+    }
+
+    fn full(&self) -> bool {
+        (self.tail + 1) % self.size == self.head
+    }
+}
+
+#[derive(Debug)]
+struct Shadow {
+    doorbells: Mem,
+    event_indexes: Mem,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum HeldKind {
+    AsyncEvent,
+    Swallowed,
+}
+
+#[derive(Debug)]
+struct Held {
+    sqid: u16,
+    cid: u16,
+    kind: HeldKind,
+}
+
+enum Outcome {
+    Done(Status, u32),
+    Hold(HeldKind),
+}
+
+fn ok(dw0: u32) -> Outcome {
+    Outcome::Done(Status::SUCCESS, dw0)
+}
+
+fn err(s: Status) -> Outcome {
+    Outcome::Done(s, 0)
+}
+
+struct Seg {
+    buf: Arc<DmaBuffer>,
+    off: usize,
+    len: usize,
+}
+
+#[derive(Debug, Clone)]
+struct CacheEntry {
+    base: u64,
+    len: u64,
+    buf: Weak<DmaBuffer>,
+}
+
+struct Engine {
+    shared: Arc<Shared>,
+    sqs: Vec<Option<Sq>>,
+    cqs: Vec<Option<Cq>>,
+    // Existing SQ ids, in service order.
+    active: Vec<u16>,
+    granted: (u16, u16),
+    io_queues_created: bool,
+    shadow: Option<Shadow>,
+    held: Vec<Held>,
+    features: [u32; 0x10],
+    cache: [Option<CacheEntry>; 4],
+    cache_next: usize,
+    segs: Vec<Seg>,
+    // Vectors to signal at the end of this round.
+    irq_vectors: Vec<u16>,
+    stride_words: usize,
+}
+
+impl Engine {
+    fn new(shared: Arc<Shared>) -> Engine {
+        let queues = usize::from(shared.cfg.max_io_queues) + 1;
+        let max = shared.cfg.max_io_queues;
+        let stride_words = (shared.cfg.stride() / 4) as usize;
+        Engine {
+            sqs: (0..queues).map(|_| None).collect(),
+            cqs: (0..queues).map(|_| None).collect(),
+            active: Vec::new(),
+            granted: (max, max),
+            io_queues_created: false,
+            shadow: None,
+            held: Vec::new(),
+            features: [0; 0x10],
+            cache: Default::default(),
+            cache_next: 0,
+            segs: Vec::new(),
+            irq_vectors: Vec::new(),
+            stride_words,
+            shared,
+        }
+    }
+
+    fn run(mut self) {
+        let shared = Arc::clone(&self.shared);
+        let mut idle_spins = 0u32;
+        while !shared.stop.load(Ordering::Acquire) {
+            if shared.gone() || shared.halted.load(Ordering::Acquire) {
+                thread::park_timeout(Duration::from_millis(50));
+                continue;
+            }
+            let progressed = self.round();
+            self.signal();
+            if progressed {
+                idle_spins = 0;
+                continue;
+            }
+            if shared.cfg.busy_poll {
+                idle_spins = idle_spins.wrapping_add(1);
+                if idle_spins.is_multiple_of(1024) {
+                    thread::yield_now();
+                } else {
+                    std::hint::spin_loop();
+                }
+                continue;
+            }
+            // Sleep unless a doorbell arrives: whoever writes a doorbell after we look
+            // sees `sleeping` and unparks us (both sides are SeqCst).
+            shared.sleeping.store(true, Ordering::SeqCst);
+            fence(Ordering::SeqCst);
+            if !self.has_work() && !shared.stop.load(Ordering::SeqCst) {
+                thread::park_timeout(Duration::from_millis(100));
+            }
+            shared.sleeping.store(false, Ordering::SeqCst);
+        }
+    }
+
+    // ---- doorbells
+
+    fn shadow_word(&self, index: usize) -> Option<u32> {
+        let sh = self.shadow.as_ref()?;
+        let buf = sh.doorbells.buf.upgrade()?;
+        buf.load_acquire::<u32>(sh.doorbells.off + index * 4 * self.stride_words)
+    }
+
+    fn write_event_index(&self, index: usize, value: u32) {
+        if let Some(sh) = &self.shadow {
+            match sh.event_indexes.buf.upgrade() {
+                Some(buf) => {
+                    buf.store_release::<u32>(sh.event_indexes.off + index * 4 * self.stride_words, value);
+                    bump(&self.shared.counters.event_index_writes);
+                }
+                None => bump(&self.shared.counters.bad_dma),
+            }
+        }
+    }
+
+    // The newest tail: the shadow buffer if it changed since we last looked, else the
+    // MMIO doorbell if that changed. (A host that uses the shadow buffer writes it before
+    // any MMIO write; one that does not for some queue leaves it unchanged.)
+    fn refresh_sq_tail(&mut self, qid: u16) {
+        let i = usize::from(qid);
+        let mmio = self.shared.doorbells[2 * i].load(Ordering::SeqCst);
+        let shadow = self.shadow_word(2 * i);
+        let counters = &self.shared.counters;
+        let Some(sq) = self.sqs[i].as_mut() else { return };
+        let mut value = None;
+        if mmio != sq.mmio_seen {
+            sq.mmio_seen = mmio;
+            value = Some(mmio);
+        }
+        if let Some(s) = shadow
+            && s != sq.shadow_seen
+        {
+            sq.shadow_seen = s;
+            value = Some(s);
+            bump(&counters.shadow_updates);
+        }
+        if let Some(v) = value {
+            if v < sq.size {
+                sq.tail = v;
+            } else {
+                bump(&counters.invalid_doorbells);
+            }
+        }
+    }
+
+    fn refresh_cq_head(&mut self, cqid: u16) {
+        let i = usize::from(cqid);
+        let mmio = self.shared.doorbells[2 * i + 1].load(Ordering::SeqCst);
+        let shadow = self.shadow_word(2 * i + 1);
+        let counters = &self.shared.counters;
+        let Some(cq) = self.cqs[i].as_mut() else { return };
+        let mut value = None;
+        if mmio != cq.mmio_seen {
+            cq.mmio_seen = mmio;
+            value = Some(mmio);
+        }
+        if let Some(s) = shadow
+            && s != cq.shadow_seen
+        {
+            cq.shadow_seen = s;
+            value = Some(s);
+            bump(&counters.shadow_updates);
+        }
+        if let Some(v) = value {
+            if v < cq.size {
+                cq.head = v;
+            } else {
+                bump(&counters.invalid_doorbells);
+            }
+        }
+    }
+
+    // Whether CQ `cqid` has room for one more entry, after flushing its backlog.
+    fn cq_has_room(&mut self, cqid: u16) -> bool {
+        self.refresh_cq_head(cqid);
+        self.flush_backlog(cqid);
+        let blocked = self.cqs[usize::from(cqid)]
+            .as_ref()
+            .is_none_or(|cq| cq.full() || !cq.backlog.is_empty());
+        if blocked && self.shadow.is_some() {
+            // Ask the host to ring the head doorbell on its next update, then look again
+            // (the host writes the shadow head before it reads the event index).
+            let head = self.cqs[usize::from(cqid)].as_ref().map_or(0, |c| c.head);
+            self.write_event_index(2 * usize::from(cqid) + 1, head);
+            fence(Ordering::SeqCst);
+            self.refresh_cq_head(cqid);
+            self.flush_backlog(cqid);
+            return self.cqs[usize::from(cqid)]
+                .as_ref()
+                .is_some_and(|cq| !cq.full() && cq.backlog.is_empty());
+        }
+        !blocked
+    }
+
+    fn has_work(&mut self) -> bool {
+        if self.shared.async_pending.load(Ordering::Acquire) {
+            return true;
+        }
+        for k in 0..self.active.len() {
+            let qid = self.active[k];
+            self.refresh_sq_tail(qid);
+            let Some(sq) = &self.sqs[usize::from(qid)] else {
+                continue;
+            };
+            if sq.head != sq.tail {
+                let cqid = sq.cqid;
+                if self.cq_has_room(cqid) {
+                    return true;
+                }
+            }
+        }
+        false
+    }
+
+    // ---- the main loop
+
+    fn round(&mut self) -> bool {
+        let mut progressed = false;
+        if self.shared.async_pending.load(Ordering::Acquire) {
+            progressed |= self.deliver_async_events();
+        }
+        let mut k = 0;
+        while k < self.active.len() {
+            let qid = self.active[k];
+            k += 1;
+            self.refresh_sq_tail(qid);
+            let mut n = 0;
+            while n < BURST {
+                let Some(sq) = &self.sqs[usize::from(qid)] else {
+                    break;
+                };
+                if sq.head == sq.tail {
+                    break;
+                }
+                let cqid = sq.cqid;
+                if !self.cq_has_room(cqid) {
+                    break;
+                }
+                if self.shared.stop.load(Ordering::Relaxed) || self.shared.halted.load(Ordering::Relaxed) {
+                    return progressed;
+                }
+                self.process_one(qid);
+                progressed = true;
+                n += 1;
+                if n == BURST {
+                    break;
+                }
+                if self.sqs[usize::from(qid)]
+                    .as_ref()
+                    .is_some_and(|s| s.head == s.tail)
+                {
+                    self.refresh_sq_tail(qid);
+                }
+            }
+            self.update_sq_event_index(qid);
+        }
+        progressed
+    }
+
+    fn update_sq_event_index(&mut self, qid: u16) {
+        if self.shadow.is_none() {
+            return;
+        }
+        let Some(sq) = &self.sqs[usize::from(qid)] else {
+            return;
+        };
+        let tail = sq.tail;
+        if sq.event_index != Some(tail) {
+            self.write_event_index(2 * usize::from(qid), tail);
+            if let Some(sq) = self.sqs[usize::from(qid)].as_mut() {
+                sq.event_index = Some(tail);
+            }
+        }
+    }
+
+    fn process_one(&mut self, qid: u16) {
+        let Some(sq) = self.sqs[usize::from(qid)].as_mut() else {
+            return;
+        };
+        let slot = sq.head;
+        sq.head = (sq.head + 1) % sq.size;
+        let mut bytes = [0u8; 64];
+        let fetched = sq
+            .mem
+            .buf
+            .upgrade()
+            .and_then(|b| b.read_at(sq.mem.off + slot as usize * 64, &mut bytes));
+        if fetched.is_none() {
+            // The SQ's memory is gone: the command cannot even be read.
+            bump(&self.shared.counters.bad_dma);
+            return;
+        }
+        let cmd = Command::from_bytes(&bytes);
+        let is_admin = qid == 0;
+        let table = if is_admin {
+            &self.shared.counters.admin
+        } else {
+            &self.shared.counters.io
+        };
+        bump(&table[usize::from(cmd.opcode)]);
+
+        if self.shared.faults_pending.load(Ordering::Acquire) {
+            let (delay, pre) = self.command_faults(is_admin, cmd.opcode);
+            if let Some(d) = delay {
+                self.sleep(d);
+            }
+            match pre {
+                Some(Outcome::Hold(kind)) => return self.hold(qid, cmd.cid, kind),
+                Some(Outcome::Done(status, dw0)) => return self.complete(qid, cmd.cid, status, dw0),
+                None => {}
+            }
+        }
+        let outcome = if cmd.flags & 0xc3 != 0 {
+            // Fused operations and SGLs are not supported.
+            err(Status::INVALID_FIELD)
+        } else if is_admin {
+            self.admin_command(&cmd)
+        } else {
+            self.io_command(&cmd)
+        };
+        match outcome {
+            Outcome::Done(status, dw0) => self.complete(qid, cmd.cid, status, dw0),
+            Outcome::Hold(kind) => self.hold(qid, cmd.cid, kind),
+        }
+    }
+
+    fn command_faults(&mut self, is_admin: bool, opcode: u8) -> (Option<Duration>, Option<Outcome>) {
+        let mut f = self.shared.faults.lock();
+        let delay = f.delay;
+        let mut pre = None;
+        if let Some(i) = f.never.iter().position(|(m, _)| m.matches(is_admin, opcode)) {
+            f.never[i].1 -= 1;
+            if f.never[i].1 == 0 {
+                f.never.remove(i);
+            }
+            pre = Some(Outcome::Hold(HeldKind::Swallowed));
+        } else if let Some(i) = f.status.iter().position(|(m, _, _)| m.matches(is_admin, opcode)) {
+            let status = f.status[i].1;
+            f.status[i].2 -= 1;
+            if f.status[i].2 == 0 {
+                f.status.remove(i);
+            }
+            pre = Some(Outcome::Done(status, 0));
+        }
+        if f.is_empty() {
+            self.shared.faults_pending.store(false, Ordering::Release);
+        }
+        (delay, pre)
+    }
+
+    fn sleep(&self, d: Duration) {
+        let until = std::time::Instant::now() + d;
+        while !self.shared.stop.load(Ordering::Relaxed) {
+            let now = std::time::Instant::now();
+            if now >= until {
+                break;
+            }
+            thread::sleep((until - now).min(Duration::from_millis(5)));
+        }
+    }
+
+    fn hold(&mut self, sqid: u16, cid: u16, kind: HeldKind) {
+        if self.held.len() >= HELD_LIMIT {
+            self.held.remove(0);
+        }
+        self.held.push(Held { sqid, cid, kind });
+    }
+
+    fn complete(&mut self, sqid: u16, cid: u16, status: Status, dw0: u32) {
+        let Some(sq) = &self.sqs[usize::from(sqid)] else {
+            return;
+        };
+        let c = Completion {
+            dw0,
+            dw1: 0,
+            sq_head: sq.head as u16,
+            sq_id: sqid,
+            cid,
+            status: (status.0 & 0x7fff) << 1,
+        };
+        let cqid = sq.cqid;
+        self.post(cqid, c);
+    }
+
+    // Queues a completion on CQ `cqid` and writes what fits.
+    fn post(&mut self, cqid: u16, mut c: Completion) {
+        let mut copies = 1;
+        let mut stale = false;
+        if self.shared.faults_pending.load(Ordering::Acquire) {
+            let mut f = self.shared.faults.lock();
+            if f.wrong_cid > 0 {
+                f.wrong_cid -= 1;
+                c.cid = if c.cid == 0xffff { 0xfffe } else { 0xffff };
+            }
+            if f.duplicate > 0 {
+                f.duplicate -= 1;
+                copies = 2;
+            }
+            if f.stale_phase > 0 {
+                f.stale_phase -= 1;
+                stale = true;
+            }
+            if f.is_empty() {
+                self.shared.faults_pending.store(false, Ordering::Release);
+            }
+        }
+        if stale {
+            c.dw1 |= STALE_MARK;
+        }
+        let Some(cq) = self.cqs[usize::from(cqid)].as_mut() else {
+            return;
+        };
+        for _ in 0..copies {
+            cq.backlog.push_back(c);
+        }
+        self.flush_backlog(cqid);
+    }
+
+    fn flush_backlog(&mut self, cqid: u16) {
+        let counters = &self.shared.counters;
+        let Some(cq) = self.cqs[usize::from(cqid)].as_mut() else {
+            return;
+        };
+        if cq.backlog.is_empty() {
+            return;
+        }
+        let buf = cq.mem.buf.upgrade();
+        while !cq.full() {
+            let Some(mut c) = cq.backlog.pop_front() else {
+                break;
+            };
+            let stale = c.dw1 & STALE_MARK != 0;
+            c.dw1 &= !STALE_MARK;
+            let phase = cq.phase != stale;
+            c.status = c.status & !1 | u16::from(phase);
+            let b = c.to_bytes();
+            let off = cq.mem.off + cq.tail as usize * 16;
+            let written = buf.as_ref().and_then(|buf| {
+                let w0 = u64::from_ne_bytes(b[0..8].try_into().ok()?);
+                let w1 = u64::from_ne_bytes(b[8..16].try_into().ok()?);
+                buf.write::<u64>(off, w0)?;
+                // The word with the phase tag last, with release: a host that reads it
+                // with acquire sees the rest.
+                buf.store_release::<u64>(off + 8, w1)
+            });
+            if written.is_none() {
+                bump(&counters.bad_dma);
+            } else {
+                bump(&counters.completions);
+            }
+            cq.tail += 1;
+            if cq.tail == cq.size {
+                cq.tail = 0;
+                cq.phase = !cq.phase;
+            }
+            if cq.ien && !self.irq_vectors.contains(&cq.vector) {
+                self.irq_vectors.push(cq.vector);
+            }
+        }
+    }
+
+    // Signals the vectors of CQs that got entries since the last call.
+    fn signal(&mut self) {
+        if self.irq_vectors.is_empty() {
+            return;
+        }
+        let irqs = self.shared.irqs.read();
+        for v in self.irq_vectors.drain(..) {
+            if let Some(fd) = irqs.get(usize::from(v)) {
+                // EAGAIN (counter saturated) still leaves it readable.
+                let _ = nix::unistd::write(fd, &1u64.to_ne_bytes());
+                bump(&self.shared.counters.interrupts);
+            }
+        }
+    }
+
+    fn deliver_async_events(&mut self) -> bool {
+        let mut progressed = false;
+        while let Some(i) = self.held.iter().position(|h| h.kind == HeldKind::AsyncEvent) {
+            let Some(dw0) = self.shared.async_events.lock().pop_front() else {
+                break;
+            };
+            let h = self.held.remove(i);
+            self.complete(h.sqid, h.cid, Status::SUCCESS, dw0);
+            progressed = true;
+        }
+        if self.shared.async_events.lock().is_empty() {
+            self.shared.async_pending.store(false, Ordering::Release);
+        }
+        progressed
+    }
+
+    // ---- DMA
+
+    fn resolve(&mut self, iova: u64, len: usize) -> Option<(Arc<DmaBuffer>, usize)> {
+        let len = len as u64;
+        let end = iova.checked_add(len)?;
+        for e in self.cache.iter().flatten() {
+            if iova >= e.base && end <= e.base + e.len {
+                // IOVAs are never reused: a dead entry means the buffer is gone.
+                return e.buf.upgrade().map(|b| (b, (iova - e.base) as usize));
+            }
+        }
+        let (base, blen, buf) = self.shared.lookup(iova, len)?;
+        let arc = buf.upgrade()?;
+        self.cache[self.cache_next] = Some(CacheEntry { base, len: blen, buf });
+        self.cache_next = (self.cache_next + 1) % self.cache.len();
+        Some((arc, (iova - base) as usize))
+    }
+
+    fn push_seg(&mut self, out: &mut Vec<Seg>, iova: u64, len: usize) -> Result<(), Status> {
+        let Some((buf, off)) = self.resolve(iova, len) else {
+            bump(&self.shared.counters.bad_dma);
+            return Err(Status::DATA_TRANSFER_ERROR);
+        };
+        if let Some(last) = out.last_mut()
+            && Arc::ptr_eq(&last.buf, &buf)
+            && last.off + last.len == off
+        {
+            last.len += len;
+            return Ok(());
+        }
+        out.push(Seg { buf, off, len });
+        Ok(())
+    }
+
+    // The host memory of a `len`-byte transfer described by PRP1/PRP2.
+    fn prp_segments(&mut self, prp1: u64, prp2: u64, len: usize, out: &mut Vec<Seg>) -> Result<(), Status> {
+        out.clear();
+        if len == 0 {
+            return Ok(());
+        }
+        let off1 = (prp1 % PAGE_U64) as usize;
+        if !off1.is_multiple_of(4) {
+            return Err(Status::PRP_OFFSET_INVALID);
+        }
+        let first = len.min(PAGE - off1);
+        self.push_seg(out, prp1, first)?;
+        let mut left = len - first;
+        if left == 0 {
+            return Ok(());
+        }
+        if left <= PAGE {
+            if !prp2.is_multiple_of(PAGE_U64) {
+                return Err(Status::PRP_OFFSET_INVALID);
+            }
+            return self.push_seg(out, prp2, left);
+        }
+        if !prp2.is_multiple_of(8) {
+            return Err(Status::PRP_OFFSET_INVALID);
+        }
+        let mut list = prp2;
+        while left > 0 {
+            let room = (PAGE - (list % PAGE_U64) as usize) / 8;
+            let needed = left.div_ceil(PAGE);
+            let (count, chain) = if needed <= room {
+                (needed, false)
+            } else {
+                (room - 1, true)
+            };
+            let entries = count + usize::from(chain);
+            let Some((buf, off)) = self.resolve(list, entries * 8) else {
+                bump(&self.shared.counters.bad_dma);
+                return Err(Status::DATA_TRANSFER_ERROR);
+            };
+            for i in 0..count {
+                let entry = u64::from_le(buf.read::<u64>(off + 8 * i).unwrap_or(u64::MAX));
+                if !entry.is_multiple_of(PAGE_U64) {
+                    return Err(Status::PRP_OFFSET_INVALID);
+                }
+                let n = left.min(PAGE);
+                self.push_seg(out, entry, n)?;
+                left -= n;
+            }
+            if chain {
+                list = u64::from_le(buf.read::<u64>(off + 8 * count).unwrap_or(u64::MAX));
+                if !list.is_multiple_of(PAGE_U64) {
+                    return Err(Status::PRP_OFFSET_INVALID);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn write_host(&mut self, cmd: &Command, data: &[u8]) -> Result<(), Status> {
+        let mut segs = std::mem::take(&mut self.segs);
+        let r = self.prp_segments(cmd.prp1, cmd.prp2, data.len(), &mut segs);
+        if r.is_ok() {
+            let mut done = 0;
+            for s in &segs {
+                s.buf.write_at(s.off, &data[done..done + s.len]);
+                done += s.len;
+            }
+        }
+        segs.clear();
+        self.segs = segs;
+        r
+    }
+
+    fn read_host(&mut self, cmd: &Command, len: usize) -> Result<Vec<u8>, Status> {
+        let mut segs = std::mem::take(&mut self.segs);
+        let r = self.prp_segments(cmd.prp1, cmd.prp2, len, &mut segs);
+        let mut data = vec![0u8; len];
+        if r.is_ok() {
+            let mut done = 0;
+            for s in &segs {
+                s.buf.read_at(s.off, &mut data[done..done + s.len]);
+                done += s.len;
+            }
+        }
+        segs.clear();
+        self.segs = segs;
+        r.map(|()| data)
+    }
+
+    // ---- admin commands
+
+    fn admin_command(&mut self, cmd: &Command) -> Outcome {
+        match cmd.opcode {
+            admin::IDENTIFY => self.identify(cmd),
+            admin::SET_FEATURES => self.set_features(cmd),
+            admin::GET_FEATURES => self.get_features(cmd),
+            admin::CREATE_CQ => self.create_cq(cmd),
+            admin::CREATE_SQ => self.create_sq(cmd),
+            admin::DELETE_SQ => self.delete_sq(cmd),
+            admin::DELETE_CQ => self.delete_cq(cmd),
+            admin::GET_LOG_PAGE => self.get_log_page(cmd),
+            admin::ASYNC_EVENT => {
+                let outstanding = self
+                    .held
+                    .iter()
+                    .filter(|h| h.kind == HeldKind::AsyncEvent)
+                    .count();
+                if outstanding >= AER_LIMIT {
+                    err(Status::ASYNC_EVENT_LIMIT_EXCEEDED)
+                } else {
+                    Outcome::Hold(HeldKind::AsyncEvent)
+                }
+            }
+            admin::ABORT => self.abort(cmd),
+            admin::DOORBELL_BUFFER_CONFIG if self.shared.cfg.shadow_doorbells => {
+                self.doorbell_buffer_config(cmd)
+            }
+            admin::VIRT_MGMT if self.shared.cfg.sriov.is_some() => self.virt_mgmt(cmd),
+            _ => err(Status::INVALID_OPCODE),
+        }
+    }
+
+    fn identify(&mut self, cmd: &Command) -> Outcome {
+        let cns = cmd.cdw[0] & 0xff;
+        let cntid = (cmd.cdw[0] >> 16) as u16;
+        let data = match cns {
+            cns::NAMESPACE => match self.namespace_index(cmd.nsid) {
+                Some(i) => identify_namespace(&self.shared.namespaces[i]),
+                None => return err(Status::INVALID_NAMESPACE),
+            },
+            cns::CONTROLLER => identify_controller(&self.shared.cfg),
+            cns::ACTIVE_NAMESPACES => {
+                if cmd.nsid >= 0xffff_fffe {
+                    return err(Status::INVALID_NAMESPACE);
+                }
+                let mut b = vec![0u8; 4096];
+                let count = self.shared.namespaces.len() as u32;
+                for (slot, nsid) in (cmd.nsid + 1..=count).take(1024).enumerate() {
+                    b[4 * slot..4 * slot + 4].copy_from_slice(&nsid.to_le_bytes());
+                }
+                b
+            }
+            cns::PRIMARY_CONTROLLER_CAPS | cns::SECONDARY_CONTROLLERS => {
+                let sriov = self.shared.sriov.lock();
+                match (&*sriov, cns) {
+                    (Some(s), cns::PRIMARY_CONTROLLER_CAPS) => primary_caps(s, &self.shared.cfg),
+                    (Some(s), _) => secondary_list(s, cntid),
+                    (None, _) => return err(Status::INVALID_FIELD),
+                }
+            }
+            _ => return err(Status::INVALID_FIELD),
+        };
+        match self.write_host(cmd, &data) {
+            Ok(()) => ok(0),
+            Err(s) => err(s),
+        }
+    }
+
+    fn namespace_index(&self, nsid: u32) -> Option<usize> {
+        let i = usize::try_from(nsid).ok()?.checked_sub(1)?;
+        (i < self.shared.namespaces.len()).then_some(i)
+    }
+
+    fn set_features(&mut self, cmd: &Command) -> Outcome {
+        let fid = (cmd.cdw[0] & 0xff) as u8;
+        match fid {
+            feature::NUMBER_OF_QUEUES => {
+                if self.io_queues_created {
+                    return err(Status::COMMAND_SEQUENCE_ERROR);
+                }
+                let (nsqr, ncqr) = (cmd.cdw[1] & 0xffff, cmd.cdw[1] >> 16);
+                if nsqr == 0xffff || ncqr == 0xffff {
+                    return err(Status::INVALID_FIELD);
+                }
+                let max = u32::from(self.shared.cfg.max_io_queues);
+                let sq = (nsqr + 1).min(max) as u16;
+                let cq = (ncqr + 1).min(max) as u16;
+                self.granted = (sq, cq);
+                ok(u32::from(cq - 1) << 16 | u32::from(sq - 1))
+            }
+            0x01..=0x0b => {
+                self.features[usize::from(fid)] = cmd.cdw[1];
+                ok(0)
+            }
+            _ => err(Status::INVALID_FIELD),
+        }
+    }
+
+    fn get_features(&mut self, cmd: &Command) -> Outcome {
+        let fid = (cmd.cdw[0] & 0xff) as u8;
+        match fid {
+            feature::NUMBER_OF_QUEUES => {
+                let (sq, cq) = self.granted;
+                ok(u32::from(cq - 1) << 16 | u32::from(sq - 1))
+            }
+            0x01..=0x0b => ok(self.features[usize::from(fid)]),
+            _ => err(Status::INVALID_FIELD),
+        }
+    }
+
+    fn get_log_page(&mut self, cmd: &Command) -> Outcome {
+        let numd = u64::from(cmd.cdw[0] >> 16 | (cmd.cdw[1] & 0xffff) << 16) + 1;
+        let len = numd * 4;
+        if len > self.shared.cfg.max_transfer().min(1 << 20) {
+            return err(Status::INVALID_FIELD);
+        }
+        match self.write_host(cmd, &vec![0u8; len as usize]) {
+            Ok(()) => ok(0),
+            Err(s) => err(s),
+        }
+    }
+
+    fn queue_args(&self, cmd: &Command) -> (u16, u32) {
+        ((cmd.cdw[0] & 0xffff) as u16, (cmd.cdw[0] >> 16) + 1)
+    }
+
+    fn create_cq(&mut self, cmd: &Command) -> Outcome {
+        let (qid, size) = self.queue_args(cmd);
+        let (pc, ien, vector) = (
+            cmd.cdw[1] & 1 != 0,
+            cmd.cdw[1] & 2 != 0,
+            (cmd.cdw[1] >> 16) as u16,
+        );
+        if qid == 0 || qid > self.granted.1 || self.cqs[usize::from(qid)].is_some() {
+            return err(Status::INVALID_QUEUE_ID);
+        }
+        if size < 2 || size > self.shared.cfg.mqes {
+            return err(Status::INVALID_QUEUE_SIZE);
+        }
+        if ien && vector >= self.shared.cfg.msix_vectors {
+            return err(Status::INVALID_INTERRUPT_VECTOR);
+        }
+        let iocqes = self.shared.cc.load(Ordering::Acquire) >> cc::IOCQES_SHIFT & 0xf;
+        if !pc || !cmd.prp1.is_multiple_of(PAGE_U64) || iocqes != 4 {
+            return err(Status::INVALID_FIELD);
+        }
+        let Some(mem) = self.shared.queue_memory(cmd.prp1, u64::from(size) * 16) else {
+            bump(&self.shared.counters.bad_dma);
+            return err(Status::DATA_TRANSFER_ERROR);
+        };
+        let mut cq = Cq::new(size, ien, vector, mem);
+        let i = 2 * usize::from(qid) + 1;
+        cq.mmio_seen = self.shared.doorbells[i].load(Ordering::SeqCst);
+        cq.shadow_seen = self.shadow_word(i).unwrap_or(0);
+        self.cqs[usize::from(qid)] = Some(cq);
+        self.io_queues_created = true;
+        ok(0)
+    }
+
+    fn create_sq(&mut self, cmd: &Command) -> Outcome {
+        let (qid, size) = self.queue_args(cmd);
+        let (pc, cqid) = (cmd.cdw[1] & 1 != 0, (cmd.cdw[1] >> 16) as u16);
+        if qid == 0 || qid > self.granted.0 || self.sqs[usize::from(qid)].is_some() {
+            return err(Status::INVALID_QUEUE_ID);
+        }
+        if cqid == 0 || usize::from(cqid) >= self.cqs.len() || self.cqs[usize::from(cqid)].is_none() {
+            return err(Status::INVALID_CQ);
+        }
+        if size < 2 || size > self.shared.cfg.mqes {
+            return err(Status::INVALID_QUEUE_SIZE);
+        }
+        let iosqes = self.shared.cc.load(Ordering::Acquire) >> cc::IOSQES_SHIFT & 0xf;
+        if !pc || !cmd.prp1.is_multiple_of(PAGE_U64) || iosqes != 6 {
+            return err(Status::INVALID_FIELD);
+        }
+        let Some(mem) = self.shared.queue_memory(cmd.prp1, u64::from(size) * 64) else {
+            bump(&self.shared.counters.bad_dma);
+            return err(Status::DATA_TRANSFER_ERROR);
+        };
+        let mut sq = Sq::new(size, cqid, mem);
+        let i = 2 * usize::from(qid);
+        sq.mmio_seen = self.shared.doorbells[i].load(Ordering::SeqCst);
+        sq.shadow_seen = self.shadow_word(i).unwrap_or(0);
+        self.sqs[usize::from(qid)] = Some(sq);
+        if let Some(cq) = self.cqs[usize::from(cqid)].as_mut() {
+            cq.sqs += 1;
+        }
+        self.active.push(qid);
+        self.io_queues_created = true;
+        if self.shadow.is_some() {
+            self.write_event_index(i, 0);
+        }
+        ok(0)
+    }
+
+    fn delete_sq(&mut self, cmd: &Command) -> Outcome {
+        let qid = (cmd.cdw[0] & 0xffff) as u16;
+        if qid == 0 || usize::from(qid) >= self.sqs.len() || self.sqs[usize::from(qid)].is_none() {
+            return err(Status::INVALID_QUEUE_ID);
+        }
+        // Commands the controller holds for this SQ are aborted.
+        let (gone, kept): (Vec<Held>, Vec<Held>) = std::mem::take(&mut self.held)
+            .into_iter()
+            .partition(|h| h.sqid == qid);
+        self.held = kept;
+        for h in gone {
+            self.complete(qid, h.cid, Status::ABORTED_SQ_DELETION, 0);
+        }
+        if let Some(sq) = self.sqs[usize::from(qid)].take()
+            && let Some(cq) = self.cqs[usize::from(sq.cqid)].as_mut()
+        {
+            cq.sqs -= 1;
+        }
+        self.active.retain(|&q| q != qid);
+        ok(0)
+    }
+
+    fn delete_cq(&mut self, cmd: &Command) -> Outcome {
+        let qid = (cmd.cdw[0] & 0xffff) as u16;
+        let Some(cq) = self
+            .cqs
+            .get(usize::from(qid))
+            .and_then(Option::as_ref)
+            .filter(|_| qid != 0)
+        else {
+            return err(Status::INVALID_QUEUE_ID);
+        };
+        if cq.sqs > 0 {
+            return err(Status::INVALID_QUEUE_DELETION);
+        }
+        self.cqs[usize::from(qid)] = None;
+        ok(0)
+    }
+
+    fn abort(&mut self, cmd: &Command) -> Outcome {
+        let (sqid, cid) = ((cmd.cdw[0] & 0xffff) as u16, (cmd.cdw[0] >> 16) as u16);
+        match self.held.iter().position(|h| h.sqid == sqid && h.cid == cid) {
+            Some(i) => {
+                let h = self.held.remove(i);
+                self.complete(h.sqid, h.cid, Status::ABORT_REQUESTED, 0);
+                ok(0)
+            }
+            None => ok(1), // not aborted
+        }
+    }
+
+    fn doorbell_buffer_config(&mut self, cmd: &Command) -> Outcome {
+        if !cmd.prp1.is_multiple_of(PAGE_U64) || !cmd.prp2.is_multiple_of(PAGE_U64) {
+            return err(Status::INVALID_FIELD);
+        }
+        let dbs = self.shared.queue_memory(cmd.prp1, PAGE_U64);
+        let eis = self.shared.queue_memory(cmd.prp2, PAGE_U64);
+        let (Some(doorbells), Some(event_indexes)) = (dbs, eis) else {
+            bump(&self.shared.counters.bad_dma);
+            return err(Status::DATA_TRANSFER_ERROR);
+        };
+        self.shadow = Some(Shadow {
+            doorbells,
+            event_indexes,
+        });
+        // The shadow buffer starts from what the controller knows, so a stale value in
+        // it is not taken for a new doorbell.
+        let dbs = self.shadow.as_ref().and_then(|s| s.doorbells.buf.upgrade());
+        let words = self.stride_words;
+        let off = self.shadow.as_ref().map_or(0, |s| s.doorbells.off);
+        for i in 0..self.sqs.len() {
+            if let Some(sq) = self.sqs[i].as_mut() {
+                if let Some(b) = &dbs {
+                    b.store_release::<u32>(off + 2 * i * 4 * words, sq.tail);
+                }
+                sq.shadow_seen = sq.tail;
+                sq.event_index = None;
+            }
+            if let Some(cq) = self.cqs[i].as_mut() {
+                if let Some(b) = &dbs {
+                    b.store_release::<u32>(off + (2 * i + 1) * 4 * words, cq.head);
+                }
+                cq.shadow_seen = cq.head;
+            }
+        }
+        ok(0)
+    }
+
+    fn virt_mgmt(&mut self, cmd: &Command) -> Outcome {
+        let act = cmd.cdw[0] & 0xf;
+        let rt = cmd.cdw[0] >> 8 & 0x7;
+        let cntlid = (cmd.cdw[0] >> 16) as u16;
+        let nr = (cmd.cdw[1] & 0xffff) as u16;
+        let mut guard = self.shared.sriov.lock();
+        let Some(s) = guard.as_mut() else {
+            return err(Status::INVALID_OPCODE);
+        };
+        let total = [s.config.flexible_vq, s.config.flexible_vi];
+        let needs_rt = matches!(act, virt::PRIMARY_FLEXIBLE_ALLOCATION | virt::SECONDARY_ASSIGN);
+        if needs_rt && rt > virt::RESOURCE_VI {
+            return err(Status::INVALID_RESOURCE_ID);
+        }
+        let r = rt as usize & 1;
+        let assigned = |s: &SriovState, except: Option<usize>| -> u32 {
+            s.secondaries
+                .iter()
+                .enumerate()
+                .filter(|&(i, _)| Some(i) != except)
+                .map(|(_, sec)| u32::from(if r == 0 { sec.nvq } else { sec.nvi }))
+                .sum()
+        };
+        let secondary = usize::from(cntlid)
+            .checked_sub(1)
+            .filter(|&i| i < s.secondaries.len());
+        match act {
+            virt::PRIMARY_FLEXIBLE_ALLOCATION => {
+                if cntlid != 0 {
+                    return err(Status::INVALID_CONTROLLER_ID);
+                }
+                if u32::from(nr) + assigned(s, None) > u32::from(total[r]) {
+                    return err(Status::INVALID_RESOURCE_COUNT);
+                }
+                // Takes effect at the next controller reset.
+                s.next_primary[r] = nr;
+                ok(u32::from(nr))
+            }
+            virt::SECONDARY_OFFLINE => {
+                let Some(i) = secondary else {
+                    return err(Status::INVALID_CONTROLLER_ID);
+                };
+                s.secondaries[i].online = false;
+                ok(0)
+            }
+            virt::SECONDARY_ASSIGN => {
+                let Some(i) = secondary else {
+                    return err(Status::INVALID_CONTROLLER_ID);
+                };
+                if s.secondaries[i].online {
+                    return err(Status::INVALID_SECONDARY_STATE);
+                }
+                let free = u32::from(total[r])
+                    .saturating_sub(u32::from(s.primary[r]))
+                    .saturating_sub(assigned(s, Some(i)));
+                if u32::from(nr) > free {
+                    return err(Status::INVALID_RESOURCE_COUNT);
+                }
+                if r == 0 {
+                    s.secondaries[i].nvq = nr;
+                } else {
+                    s.secondaries[i].nvi = nr;
+                }
+                ok(u32::from(nr))
+            }
+            virt::SECONDARY_ONLINE => {
+                let Some(i) = secondary else {
+                    return err(Status::INVALID_CONTROLLER_ID);
+                };
+                let sec = &mut s.secondaries[i];
+                // An admin queue pair and one I/O pair, and an interrupt, at least.
+                if sec.nvq < 2 || sec.nvi < 1 {
+                    return err(Status::INVALID_SECONDARY_STATE);
+                }
+                sec.online = true;
+                ok(0)
+            }
+            _ => err(Status::INVALID_FIELD),
+        }
+    }
+
+    // ---- NVM commands
+
+    fn io_command(&mut self, cmd: &Command) -> Outcome {
+        match cmd.opcode {
+            nvm::FLUSH => {
+                if cmd.nsid == spec::NSID_ALL || self.namespace_index(cmd.nsid).is_some() {
+                    ok(0)
+                } else {
+                    err(Status::INVALID_NAMESPACE)
+                }
+            }
+            nvm::READ | nvm::WRITE => self.read_write(cmd),
+            nvm::WRITE_ZEROES => self.write_zeroes(cmd),
+            nvm::DATASET_MANAGEMENT => self.dataset_management(cmd),
+            _ => err(Status::INVALID_OPCODE),
+        }
+    }
+
+    // The namespace and the byte range of an LBA-range command.
+    fn lba_range(&self, cmd: &Command) -> Result<(usize, u64, u64), Status> {
+        let i = self.namespace_index(cmd.nsid).ok_or(Status::INVALID_NAMESPACE)?;
+        let ns = &self.shared.namespaces[i];
+        let slba = u64::from(cmd.cdw[0]) | u64::from(cmd.cdw[1]) << 32;
+        let nlb = u64::from(cmd.cdw[2] & 0xffff) + 1;
+        if slba.checked_add(nlb).is_none_or(|end| end > ns.blocks) {
+            return Err(Status::LBA_OUT_OF_RANGE);
+        }
+        let bs = u64::from(ns.block_size);
+        Ok((i, slba * bs, nlb * bs))
+    }
+
+    fn read_write(&mut self, cmd: &Command) -> Outcome {
+        if let Some(i) = self.namespace_index(cmd.nsid) {
+            let len = (u64::from(cmd.cdw[2] & 0xffff) + 1) * u64::from(self.shared.namespaces[i].block_size);
+            if len > self.shared.cfg.max_transfer() {
+                return err(Status::INVALID_FIELD);
+            }
+        }
+        let (i, pos, len) = match self.lba_range(cmd) {
+            Ok(r) => r,
+            Err(s) => return err(s),
+        };
+        let mut segs = std::mem::take(&mut self.segs);
+        let r = self.prp_segments(cmd.prp1, cmd.prp2, len as usize, &mut segs);
+        if r.is_ok() {
+            let ns = &self.shared.namespaces[i];
+            let mut map = ns.chunks.lock();
+            let mut at = pos;
+            for s in &segs {
+                if cmd.opcode == nvm::WRITE {
+                    Namespace::write_from_dma(&mut map, at, &s.buf, s.off, s.len);
+                } else {
+                    Namespace::read_into_dma(&map, at, &s.buf, s.off, s.len);
+                }
+                at += s.len as u64;
+            }
+        }
+        segs.clear();
+        self.segs = segs;
+        match r {
+            Ok(()) => ok(0),
+            Err(s) => err(s),
+        }
+    }
+
+    fn write_zeroes(&mut self, cmd: &Command) -> Outcome {
+        match self.lba_range(cmd) {
+            Ok((i, pos, len)) => {
+                Namespace::zero(&mut self.shared.namespaces[i].chunks.lock(), pos, len);
+                ok(0)
+            }
+            Err(s) => err(s),
+        }
+    }
+
+    fn dataset_management(&mut self, cmd: &Command) -> Outcome {
+        let Some(i) = self.namespace_index(cmd.nsid) else {
+            return err(Status::INVALID_NAMESPACE);
+        };
+        let nr = (cmd.cdw[0] & 0xff) as usize + 1;
+        let data = match self.read_host(cmd, nr * dsm::RANGE_SIZE) {
+            Ok(d) => d,
+            Err(s) => return err(s),
+        };
+        if cmd.cdw[1] & dsm::DEALLOCATE == 0 {
+            return ok(0); // hints only
+        }
+        let ns = &self.shared.namespaces[i];
+        let bs = u64::from(ns.block_size);
+        let mut ranges = Vec::with_capacity(nr);
+        for r in data.chunks_exact(dsm::RANGE_SIZE) {
+            let nlb = u64::from(u32::from_le_bytes([r[4], r[5], r[6], r[7]]));
+            let slba = u64::from_le_bytes([r[8], r[9], r[10], r[11], r[12], r[13], r[14], r[15]]);
+            if slba.checked_add(nlb).is_none_or(|end| end > ns.blocks) {
+                return err(Status::LBA_OUT_OF_RANGE);
+            }
+            ranges.push((slba * bs, nlb * bs));
+        }
+        let mut map = ns.chunks.lock();
+        for (pos, len) in ranges {
+            Namespace::zero(&mut map, pos, len);
+        }
+        ok(0)
+    }
+}
+
+// A completion waiting in a backlog that must be written with the wrong phase. Dword 1 is
+// reserved in NVMe completions (zero), so its top bit carries the mark until written.
+const STALE_MARK: u32 = 1 << 31;
+
+// ------------------------------------------------------------------------------------
+// Identify data
+// ------------------------------------------------------------------------------------
+
+fn put(b: &mut [u8], at: usize, bytes: &[u8]) {
+    b[at..at + bytes.len()].copy_from_slice(bytes);
+}
+
+fn ascii_field(b: &mut [u8], at: usize, width: usize, s: &str) {
+    b[at..at + width].fill(b' ');
+    let n = s.len().min(width);
+    b[at..at + n].copy_from_slice(&s.as_bytes()[..n]);
+}
+
+fn identify_controller(cfg: &EmuConfig) -> Vec<u8> {
+    let mut b = vec![0u8; 4096];
+    put(&mut b, 0, &cfg.vendor_id.to_le_bytes());
+    put(&mut b, 2, &cfg.vendor_id.to_le_bytes());
+    ascii_field(&mut b, 4, 20, &cfg.serial);
+    ascii_field(&mut b, 24, 40, &cfg.model);
+    ascii_field(&mut b, 64, 8, &cfg.firmware);
+    b[72] = 6; // recommended arbitration burst
+    b[77] = cfg.mdts;
+    put(&mut b, 78, &0u16.to_le_bytes()); // controller id: the primary is 0
+    put(&mut b, 80, &VERSION.to_le_bytes());
+    b[111] = 1; // an I/O controller
+    let mut oacs_bits = 0u16;
+    if cfg.shadow_doorbells {
+        oacs_bits |= oacs::DOORBELL_BUFFER_CONFIG;
+    }
+    if cfg.sriov.is_some() {
+        oacs_bits |= oacs::VIRT_MGMT;
+    }
+    put(&mut b, 256, &oacs_bits.to_le_bytes());
+    b[258] = 3; // abort command limit, zero-based
+    b[259] = (AER_LIMIT - 1) as u8;
+    b[260] = 0x03; // one firmware slot, read-only
+    b[512] = 0x66;
+    b[513] = 0x44;
+    put(&mut b, 516, &(cfg.namespaces.len() as u32).to_le_bytes());
+    put(
+        &mut b,
+        520,
+        &(oncs::WRITE_ZEROES | oncs::DATASET_MANAGEMENT).to_le_bytes(),
+    );
+    b[525] = 0x07; // volatile write cache present; Flush takes the broadcast NSID
+    let nqn = format!("nqn.2024-01.io.pcibus:emu:{}", cfg.serial);
+    let n = nqn.len().min(255);
+    put(&mut b, 768, &nqn.as_bytes()[..n]);
+    put(&mut b, 2048, &2500u16.to_le_bytes()); // power state 0: 25 W
+    b
+}
+
+fn identify_namespace(ns: &Namespace) -> Vec<u8> {
+    let mut b = vec![0u8; 4096];
+    for at in [0, 8, 16] {
+        put(&mut b, at, &ns.blocks.to_le_bytes());
+    }
+    b[25] = 1; // two LBA formats: 512 and 4096 bytes
+    b[26] = u8::from(ns.block_size == 4096);
+    b[33] = 0x09; // deallocated blocks read zero; Write Zeroes may deallocate
+    put(&mut b, 128, &(9u32 << 16).to_le_bytes());
+    put(&mut b, 132, &(12u32 << 16).to_le_bytes());
+    b
+}
+
+fn primary_caps(s: &SriovState, cfg: &EmuConfig) -> Vec<u8> {
+    let mut b = vec![0u8; 4096];
+    b[4] = 0x3; // VQ and VI resources supported
+    let c = s.config;
+    put(&mut b, 32, &u32::from(c.flexible_vq).to_le_bytes());
+    let vq_assigned: u32 = s.secondaries.iter().map(|x| u32::from(x.nvq)).sum();
+    put(&mut b, 36, &vq_assigned.to_le_bytes());
+    put(&mut b, 40, &s.primary[0].to_le_bytes());
+    put(&mut b, 42, &(cfg.max_io_queues.saturating_add(1)).to_le_bytes());
+    put(&mut b, 44, &c.flexible_vq.to_le_bytes());
+    put(&mut b, 46, &1u16.to_le_bytes());
+    put(&mut b, 64, &u32::from(c.flexible_vi).to_le_bytes());
+    let vi_assigned: u32 = s.secondaries.iter().map(|x| u32::from(x.nvi)).sum();
+    put(&mut b, 68, &vi_assigned.to_le_bytes());
+    put(&mut b, 72, &s.primary[1].to_le_bytes());
+    put(&mut b, 74, &cfg.msix_vectors.to_le_bytes());
+    put(&mut b, 76, &c.flexible_vi.to_le_bytes());
+    put(&mut b, 78, &1u16.to_le_bytes());
+    b
+}
+
+fn secondary_list(s: &SriovState, from: u16) -> Vec<u8> {
+    let mut b = vec![0u8; 4096];
+    let mut n = 0usize;
+    for (i, sec) in s.secondaries.iter().enumerate() {
+        let scid = i as u16 + 1;
+        if scid < from || n == 127 {
+            continue;
+        }
+        let e = 32 + 32 * n;
+        put(&mut b, e, &scid.to_le_bytes());
+        put(&mut b, e + 2, &0u16.to_le_bytes());
+        b[e + 4] = u8::from(sec.online);
+        put(&mut b, e + 8, &scid.to_le_bytes()); // VF number
+        put(&mut b, e + 12, &sec.nvq.to_le_bytes());
+        put(&mut b, e + 14, &sec.nvi.to_le_bytes());
+        n += 1;
+    }
+    b[0] = n as u8;
+    b
+}
+
+// ------------------------------------------------------------------------------------
+// Handles
+// ------------------------------------------------------------------------------------
+
+// One handle of the controller. The last one to drop stops the processing thread.
+#[derive(Debug)]
+struct Handle {
+    shared: Arc<Shared>,
+}
+
+impl Drop for Handle {
+    fn drop(&mut self) {
+        let mut worker = self.shared.worker.lock();
+        self.shared.stop_worker(&mut worker);
+    }
+}
+
+/// An emulated NVMe controller; clones are handles of the same controller. See the
+/// [module docs](self).
+#[derive(Debug, Clone)]
+pub struct EmulatedNvme {
+    handle: Arc<Handle>,
+}
+
+/// BAR 0 of an [`EmulatedNvme`]: the controller registers and doorbells. A handle of the
+/// controller.
+#[derive(Debug, Clone)]
+pub struct EmuRegisters {
+    handle: Arc<Handle>,
+}
+
+/// DMA memory of an [`EmulatedNvme`]: a [`DmaBuffer`] at an IOVA the controller can reach
+/// until this is dropped. A handle of the controller.
+pub struct EmuDma {
+    buffer: Arc<DmaBuffer>,
+    iova: u64,
+    handle: Arc<Handle>,
+}
+
+impl fmt::Debug for EmuDma {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("EmuDma")
+            .field("iova", &format_args!("{:#x}", self.iova))
+            .field("len", &self.buffer.len())
+            .finish()
+    }
+}
+
+impl Deref for EmuDma {
+    type Target = DmaBuffer;
+    fn deref(&self) -> &DmaBuffer {
+        &self.buffer
+    }
+}
+
+impl DmaMemory for EmuDma {
+    fn iova(&self) -> u64 {
+        self.iova
+    }
+}
+
+impl Drop for EmuDma {
+    fn drop(&mut self) {
+        // Unmapped first: from here on the controller's lookups fail (and its cached
+        // `Weak`s die with the buffer).
+        self.handle.shared.dma.write().remove(&self.iova);
+    }
+}
+
+/// Whether an [`EmulatedNvme`]'s internals still exist, without keeping them: from
+/// [`EmulatedNvme::liveness`], for leak tests.
+#[derive(Debug, Clone)]
+pub struct Liveness(Weak<Shared>);
+
+impl Liveness {
+    /// Whether the controller (its state and its processing thread) is still alive.
+    pub fn is_alive(&self) -> bool {
+        self.0.strong_count() > 0
+    }
+}
+
+impl EmulatedNvme {
+    /// A disabled controller (CC.EN = 0) as `config` describes it.
+    pub fn new(config: EmuConfig) -> Result<Self, EmuError> {
+        config.check()?;
+        Ok(EmulatedNvme {
+            handle: Arc::new(Handle {
+                shared: Arc::new(Shared::new(config)),
+            }),
+        })
+    }
+
+    fn shared(&self) -> &Arc<Shared> {
+        &self.handle.shared
+    }
+
+    /// The configuration it was built with.
+    pub fn config(&self) -> &EmuConfig {
+        &self.shared().cfg
+    }
+
+    /// Injects a fault (see [`Fault`]).
+    pub fn inject(&self, fault: Fault) {
+        let shared = self.shared();
+        match fault {
+            Fault::Gone => {
+                shared.gone.store(true, Ordering::Release);
+                return;
+            }
+            Fault::FatalStatus => {
+                shared.halted.store(true, Ordering::Release);
+                shared.csts.fetch_or(csts::CFS, Ordering::AcqRel);
+                return;
+            }
+            _ => {}
+        }
+        let mut f = shared.faults.lock();
+        match fault {
+            Fault::NeverComplete { command, count } if count > 0 => f.never.push((command, count)),
+            Fault::Status {
+                command,
+                status,
+                count,
+            } if count > 0 => f.status.push((command, status, count)),
+            Fault::WrongCid => f.wrong_cid += 1,
+            Fault::Duplicate => f.duplicate += 1,
+            Fault::StalePhase => f.stale_phase += 1,
+            Fault::Delay(d) => f.delay = (!d.is_zero()).then_some(d),
+            _ => {}
+        }
+        shared.faults_pending.store(!f.is_empty(), Ordering::Release);
+    }
+
+    /// Removes the faults not yet used up (and the delay). `Gone` and `FatalStatus` stay.
+    pub fn clear_faults(&self) {
+        let shared = self.shared();
+        *shared.faults.lock() = FaultState::default();
+        shared.faults_pending.store(false, Ordering::Release);
+    }
+
+    /// Completes one held Asynchronous Event Request with `dw0` (event type, information,
+    /// log page). Queued until the host has one outstanding.
+    pub fn complete_async_event(&self, dw0: u32) {
+        let shared = self.shared();
+        shared.async_events.lock().push_back(dw0);
+        shared.async_pending.store(true, Ordering::Release);
+        if let Some(t) = &*shared.waker.lock() {
+            t.unpark();
+        }
+    }
+
+    /// What the controller did so far.
+    pub fn stats(&self) -> EmuStats {
+        self.shared().counters.snapshot()
+    }
+
+    /// Whether the processing thread runs (the controller is enabled and not shut down).
+    pub fn is_processing(&self) -> bool {
+        self.shared().worker.lock().is_some()
+    }
+
+    /// A weak view of the internals, alive while any handle is.
+    pub fn liveness(&self) -> Liveness {
+        Liveness(Arc::downgrade(self.shared()))
+    }
+
+    /// `len` bytes of namespace `nsid` from byte `offset` (deallocated blocks read zero).
+    /// `None` if there is no such namespace or the range is outside it.
+    pub fn namespace_read(&self, nsid: u32, offset: u64, len: usize) -> Option<Vec<u8>> {
+        let ns = self.namespace(nsid, offset, len)?;
+        let map = ns.chunks.lock();
+        let mut out = vec![0u8; len];
+        for (chunk, coff, n, done) in pieces(offset, len as u64) {
+            if let Some(c) = map.get(&chunk) {
+                out[done..done + n].copy_from_slice(&c[coff..coff + n]);
+            }
+        }
+        Some(out)
+    }
+
+    /// Writes `data` into namespace `nsid` at byte `offset`, as if the host had. `None` if
+    /// there is no such namespace or the range is outside it.
+    pub fn namespace_write(&self, nsid: u32, offset: u64, data: &[u8]) -> Option<()> {
+        let ns = self.namespace(nsid, offset, data.len())?;
+        let mut map = ns.chunks.lock();
+        for (chunk, coff, n, done) in pieces(offset, data.len() as u64) {
+            let c = map
+                .entry(chunk)
+                .or_insert_with(|| vec![0u8; CHUNK as usize].into_boxed_slice());
+            c[coff..coff + n].copy_from_slice(&data[done..done + n]);
+        }
+        Some(())
+    }
+
+    fn namespace(&self, nsid: u32, offset: u64, len: usize) -> Option<&Namespace> {
+        let ns = self
+            .shared()
+            .namespaces
+            .get(usize::try_from(nsid).ok()?.checked_sub(1)?)?;
+        let end = offset.checked_add(len as u64)?;
+        (end <= ns.bytes()).then_some(ns)
+    }
+}
+
+impl EmuRegisters {
+    fn check(&self, offset: u64, len: usize) -> Result<(), BackingError> {
+        let shared = &self.handle.shared;
+        if !offset.is_multiple_of(len as u64)
+            || offset.checked_add(len as u64).is_none_or(|e| e > shared.bar_len)
+        {
+            return Err(BackingError::OutOfRange {
+                address: shared.cfg.address,
+                what: "BAR 0".into(),
+                offset,
+                len,
+            });
+        }
+        Ok(())
+    }
+}
+
+impl RegisterIo for EmuRegisters {
+    fn len(&self) -> u64 {
+        self.handle.shared.bar_len
+    }
+    fn read32(&self, offset: u64) -> Result<u32, BackingError> {
+        self.check(offset, 4)?;
+        let shared = &self.handle.shared;
+        Ok(if shared.gone() {
+            u32::MAX
+        } else {
+            shared.read32(offset)
+        })
+    }
+    fn write32(&self, offset: u64, value: u32) -> Result<(), BackingError> {
+        self.check(offset, 4)?;
+        let shared = &self.handle.shared;
+        if !shared.gone() {
+            shared.write32(offset, value);
+        }
+        Ok(())
+    }
+    fn read64(&self, offset: u64) -> Result<u64, BackingError> {
+        self.check(offset, 8)?;
+        let shared = &self.handle.shared;
+        if shared.gone() {
+            return Ok(u64::MAX);
+        }
+        Ok(match offset {
+            reg::ASQ => shared.asq.load(Ordering::Acquire),
+            reg::ACQ => shared.acq.load(Ordering::Acquire),
+            _ => u64::from(shared.read32(offset)) | u64::from(shared.read32(offset + 4)) << 32,
+        })
+    }
+    fn write64(&self, offset: u64, value: u64) -> Result<(), BackingError> {
+        self.check(offset, 8)?;
+        let shared = &self.handle.shared;
+        if shared.gone() {
+            return Ok(());
+        }
+        match offset {
+            reg::ASQ => shared.asq.store(value & !0xfff, Ordering::Release),
+            reg::ACQ => shared.acq.store(value & !0xfff, Ordering::Release),
+            _ => {
+                shared.write32(offset, value as u32);
+                shared.write32(offset + 4, (value >> 32) as u32);
+            }
+        }
+        Ok(())
+    }
+}
+
+fn config_range(
+    address: PciAddress,
+    offset: u64,
+    len: usize,
+) -> Result<std::ops::Range<usize>, BackingError> {
+    let start = usize::try_from(offset).unwrap_or(usize::MAX);
+    match start.checked_add(len) {
+        Some(end) if end <= 4096 => Ok(start..end),
+        _ => Err(BackingError::OutOfRange {
+            address,
+            what: "config".into(),
+            offset,
+            len,
+        }),
+    }
+}
+
+impl DeviceBacking for EmulatedNvme {
+    type Registers = EmuRegisters;
+    type Dma = EmuDma;
+
+    fn address(&self) -> PciAddress {
+        self.shared().cfg.address
+    }
+
+    fn map_bar(&self, index: u32) -> Result<EmuRegisters, BackingError> {
+        if index != 0 {
+            return Err(BackingError::OutOfRange {
+                address: self.address(),
+                what: format!("BAR {index}"),
+                offset: 0,
+                len: 0,
+            });
+        }
+        Ok(EmuRegisters {
+            handle: Arc::clone(&self.handle),
+        })
+    }
+
+    fn alloc_dma(&self, len: usize) -> Result<EmuDma, BackingError> {
+        let size = len
+            .max(1)
+            .checked_next_multiple_of(PAGE)
+            .ok_or_else(|| BackingError::Other {
+                address: self.address(),
+                message: format!("{len} bytes of DMA memory"),
+            })?;
+        let buffer = DmaBuffer::new(size).map_err(|e| BackingError::Other {
+            address: self.address(),
+            message: format!("allocating {size} bytes of DMA memory: {e}"),
+        })?;
+        let size = buffer.len() as u64;
+        let buffer = Arc::new(buffer);
+        // An unmapped page after each allocation, so overruns are caught.
+        let iova = self
+            .shared()
+            .next_iova
+            .fetch_add(size + PAGE_U64, Ordering::Relaxed);
+        self.shared().dma.write().insert(
+            iova,
+            DmaEntry {
+                len: size,
+                buf: Arc::downgrade(&buffer),
+            },
+        );
+        Ok(EmuDma {
+            buffer,
+            iova,
+            handle: Arc::clone(&self.handle),
+        })
+    }
+
+    fn read_config(&self, offset: u64, buf: &mut [u8]) -> Result<(), BackingError> {
+        let range = config_range(self.address(), offset, buf.len())?;
+        if self.shared().gone() {
+            buf.fill(0xff);
+            return Ok(());
+        }
+        buf.copy_from_slice(&self.shared().config_space.lock()[range]);
+        Ok(())
+    }
+
+    fn write_config(&self, offset: u64, buf: &[u8]) -> Result<(), BackingError> {
+        let range = config_range(self.address(), offset, buf.len())?;
+        if !self.shared().gone() {
+            self.shared().config_space.lock()[range].copy_from_slice(buf);
+        }
+        Ok(())
+    }
+
+    fn max_interrupts(&self) -> u32 {
+        u32::from(self.shared().cfg.msix_vectors)
+    }
+
+    fn route_interrupts(&self, fds: &[BorrowedFd<'_>]) -> Result<(), BackingError> {
+        let max = self.max_interrupts() as usize;
+        if fds.len() > max {
+            return Err(BackingError::Other {
+                address: self.address(),
+                message: format!("{} vectors asked, {max} exist", fds.len()),
+            });
+        }
+        let owned = fds
+            .iter()
+            .map(|fd| fd.as_fd().try_clone_to_owned())
+            .collect::<Result<Vec<OwnedFd>, _>>()
+            .map_err(|e| BackingError::Other {
+                address: self.address(),
+                message: format!("dup of an eventfd: {e}"),
+            })?;
+        *self.shared().irqs.write() = owned;
+        Ok(())
+    }
+
+    fn reset(&self) -> Result<(), BackingError> {
+        let shared = self.shared();
+        let mut worker = shared.worker.lock();
+        if shared.gone() {
+            return Err(BackingError::Gone(self.address()));
+        }
+        shared.disable(&mut worker);
+        shared.cc.store(0, Ordering::Release);
+        shared.aqa.store(0, Ordering::Release);
+        shared.asq.store(0, Ordering::Release);
+        shared.acq.store(0, Ordering::Release);
+        shared.intms.store(0, Ordering::Release);
+        Ok(())
+    }
+
+    fn extra_handles(&self) -> usize {
+        Arc::strong_count(&self.handle).saturating_sub(1)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn pieces_split_at_chunk_boundaries() {
+        let p: Vec<_> = pieces(CHUNK - 10, 30).collect();
+        assert_eq!(p, [(0, (CHUNK - 10) as usize, 10, 0), (1, 0, 20, 10)]);
+        assert_eq!(pieces(5, 0).count(), 0);
+    }
+
+    #[test]
+    fn zeroing_drops_whole_chunks_and_clears_partial_ones() {
+        let mut map = Chunks::new();
+        for k in 0..4 {
+            map.insert(k, vec![7u8; CHUNK as usize].into_boxed_slice());
+        }
+        // From the middle of chunk 0 to the middle of chunk 3.
+        Namespace::zero(&mut map, CHUNK / 2, 3 * CHUNK);
+        assert_eq!(
+            map.keys().copied().collect::<std::collections::BTreeSet<_>>(),
+            [0, 3].into()
+        );
+        assert!(map[&0][..CHUNK as usize / 2].iter().all(|&b| b == 7));
+        assert!(map[&0][CHUNK as usize / 2..].iter().all(|&b| b == 0));
+        assert!(map[&3][..CHUNK as usize / 2].iter().all(|&b| b == 0));
+        assert!(map[&3][CHUNK as usize / 2..].iter().all(|&b| b == 7));
+        // A huge range walks the map, not the range.
+        Namespace::zero(&mut map, 0, 1 << 50);
+        assert!(map.values().all(|c| c.iter().all(|&b| b == 0)));
+        assert!(map.is_empty());
+    }
+
+    #[test]
+    fn identify_data_parses_back() {
+        let cfg = EmuConfig {
+            mdts: 5,
+            sriov: Some(SriovConfig {
+                vfs: 3,
+                flexible_vq: 6,
+                flexible_vi: 3,
+            }),
+            ..EmuConfig::default()
+        };
+        let id = spec::IdentifyController::parse(&identify_controller(&cfg)).unwrap();
+        assert_eq!((id.mdts, id.sqes, id.cqes), (5, 0x66, 0x44));
+        assert_eq!(id.oacs, oacs::VIRT_MGMT | oacs::DOORBELL_BUFFER_CONFIG);
+        assert!(id.subnqn.starts_with("nqn."));
+        let shared = Shared::new(cfg);
+        let ns = spec::IdentifyNamespace::parse(&identify_namespace(&shared.namespaces[0])).unwrap();
+        assert_eq!((ns.nsze, ns.block_size()), (1 << 21, Some(512)));
+        let sriov = shared.sriov.lock();
+        let list = spec::parse_secondary_controllers(&secondary_list(sriov.as_ref().unwrap(), 2));
+        assert_eq!(list.iter().map(|s| s.scid).collect::<Vec<_>>(), [2, 3]);
+    }
+
+    #[test]
+    fn bar_covers_every_doorbell() {
+        let cfg = EmuConfig {
+            dstrd: 3,
+            max_io_queues: 300,
+            ..EmuConfig::default()
+        };
+        let shared = Shared::new(cfg);
+        let cap = spec::Cap(shared.cap);
+        assert!(cap.cq_doorbell(300) + 4 <= shared.bar_len);
+        assert!(shared.bar_len.is_power_of_two());
+    }
+
+    proptest! {
+        #[test]
+        fn sparse_storage_matches_a_vec(ops in proptest::collection::vec((0u64..300_000, 0usize..150_000, any::<u8>(), any::<bool>()), 1..20)) {
+            let e = EmulatedNvme::new(EmuConfig {
+                namespaces: vec![NamespaceConfig { blocks: 1024, block_size: 512 }],
+                ..EmuConfig::default()
+            }).unwrap();
+            let size = 1024 * 512;
+            let mut model = vec![0u8; size];
+            for (pos, len, byte, zero) in ops {
+                let pos = pos.min(size as u64);
+                let len = len.min(size - pos as usize);
+                if zero {
+                    let ns = &e.shared().namespaces[0];
+                    Namespace::zero(&mut ns.chunks.lock(), pos, len as u64);
+                    model[pos as usize..pos as usize + len].fill(0);
+                } else {
+                    e.namespace_write(1, pos, &vec![byte; len]).unwrap();
+                    model[pos as usize..pos as usize + len].fill(byte);
+                }
+            }
+            prop_assert_eq!(e.namespace_read(1, 0, size).unwrap(), model);
+            prop_assert!(e.namespace_read(1, 1, size).is_none());
+        }
+    }
+}
