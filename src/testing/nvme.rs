@@ -354,6 +354,11 @@ pub enum Fault {
     Gone,
     /// Every command waits this long before it is executed (until cleared).
     Delay(Duration),
+    /// A made-up completion entry, posted just before the next real completion (on that
+    /// completion's queue): every field as given (command id, SQ head, SQ id, status,
+    /// dwords 0 and 1) but the phase tag, which the controller sets so the host takes it
+    /// as new. For fuzzing what a driver does with entries it did not expect.
+    Forge(Completion),
 }
 
 /// Counters of what the controller did, from [`EmulatedNvme::stats`]. Cumulative over the
@@ -468,6 +473,7 @@ struct FaultState {
     duplicate: u32,
     stale_phase: u32,
     delay: Option<Duration>,
+    forged: VecDeque<Completion>,
 }
 
 impl FaultState {
@@ -477,6 +483,7 @@ impl FaultState {
             && self.wrong_cid == 0
             && self.duplicate == 0
             && self.stale_phase == 0
+            && self.forged.is_empty()
             && self.delay.is_none()
     }
 }
@@ -1373,8 +1380,10 @@ impl Engine {
     fn post(&mut self, cqid: u16, mut c: Completion) {
         let mut copies = 1;
         let mut stale = false;
+        let mut forged = Vec::new();
         if self.shared.faults_pending.load(Ordering::Acquire) {
             let mut f = self.shared.faults.lock();
+            forged.extend(f.forged.drain(..));
             if f.wrong_cid > 0 {
                 f.wrong_cid -= 1;
                 c.cid = if c.cid == 0xffff { 0xfffe } else { 0xffff };
@@ -1397,6 +1406,10 @@ impl Engine {
         let Some(cq) = self.cqs[usize::from(cqid)].as_mut() else {
             return;
         };
+        for mut f in forged {
+            f.dw1 &= !STALE_MARK;
+            cq.backlog.push_back(f);
+        }
         for _ in 0..copies {
             cq.backlog.push_back(c);
         }
@@ -2310,6 +2323,7 @@ impl EmulatedNvme {
             Fault::WrongCid => f.wrong_cid += 1,
             Fault::Duplicate => f.duplicate += 1,
             Fault::StalePhase => f.stale_phase += 1,
+            Fault::Forge(c) => f.forged.push_back(c),
             Fault::Delay(d) => f.delay = (!d.is_zero()).then_some(d),
             _ => {}
         }
