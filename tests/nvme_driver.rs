@@ -225,7 +225,7 @@ fn an_error_status_fails_only_its_request() {
 }
 
 #[test]
-fn a_command_that_never_completes_times_out_and_its_slot_stays_reserved() {
+fn a_command_that_never_completes_times_out_and_is_aborted() {
     let e = emu(EmuConfig::default());
     let c = up(&e);
     let mut q = c.io_queue(4).unwrap();
@@ -238,8 +238,57 @@ fn a_command_that_never_completes_times_out_and_its_slot_stays_reserved() {
     let err = q.read(1, 0, 1, &buf, 0).unwrap_err();
     assert!(matches!(err, NvmeError::Timeout { .. }), "{err}");
     assert!(t.elapsed() < Duration::from_secs(5));
-    assert_eq!(q.free_slots(), 2, "the abandoned command keeps its slot");
+    // An Abort follows the timeout; the aborted command's completion gives its slot back.
+    let start = Instant::now();
+    while q.free_slots() < 3 && start.elapsed() < Duration::from_secs(5) {
+        q.poll(|_, _| panic!("the timed-out request completes only once"))
+            .unwrap();
+    }
+    assert_eq!(q.free_slots(), 3);
+    assert_eq!(e.stats().admin(admin::ABORT), 1);
     q.read(1, 0, 1, &buf, 0).unwrap();
+}
+
+#[test]
+fn a_command_that_cannot_be_aborted_resets_the_controller() {
+    let e = emu(EmuConfig::default());
+    let c = up(&e);
+    let mut q = c.io_queue(8).unwrap();
+    let mut other = c.io_queue(8).unwrap();
+    let buf = c.alloc_buffer(2 * 4096).unwrap();
+    e.inject(Fault::NeverComplete {
+        command: CommandMatch::Io(io::READ),
+        count: 1,
+    });
+    e.inject(Fault::NeverComplete {
+        command: CommandMatch::Admin(admin::ABORT),
+        count: 1,
+    });
+    let err = q.read(1, 0, 1, &buf, 0).unwrap_err();
+    assert!(matches!(err, NvmeError::Timeout { .. }), "{err}");
+    // Another queue has a write outstanding when the reset comes: it ends with Reset.
+    e.inject(Fault::Delay(Duration::from_millis(400)));
+    other.submit(&IoRequest::write(1, 64, 8, &buf, 4096), 7).unwrap();
+    other.ring().unwrap();
+    // One more timeout later, the stuck slot makes the queue reset the controller and
+    // create itself again.
+    let start = Instant::now();
+    while q.free_slots() < 7 && start.elapsed() < Duration::from_secs(10) {
+        q.poll(|_, _| {}).unwrap();
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(q.free_slots(), 7, "the reset gave the slot back");
+    e.clear_faults();
+    let mut ended = None;
+    other.poll(|tag, r| ended = Some((tag, r))).unwrap();
+    match ended {
+        Some((7, Err(NvmeError::Reset(_)))) => {}
+        other => panic!("{other:?}"),
+    }
+    // Both queues work again.
+    q.read(1, 0, 1, &buf, 0).unwrap();
+    other.write(1, 64, 8, &buf, 4096).unwrap();
+    assert_eq!(e.stats().bad_dma, 0);
 }
 
 #[test]

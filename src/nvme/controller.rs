@@ -1,6 +1,6 @@
 //! Controller bring-up, the admin queue, namespaces, and what every queue shares.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -129,6 +129,9 @@ pub(crate) struct Shared<B: DeviceBacking> {
     queue_regs: Mutex<Vec<Weak<QueueRegsCell<B>>>>,
     revoked: AtomicBool,
     reason: Mutex<String>,
+    // Bumped by each controller reset: queues made before it create themselves again.
+    pub(crate) generation: AtomicU64,
+    admin_depth: u16,
 }
 
 impl<B: DeviceBacking> Shared<B> {
@@ -205,6 +208,74 @@ impl<B: DeviceBacking> Shared<B> {
                 thread::sleep(Duration::from_micros(50));
             }
         }
+    }
+
+    /// Sends Abort for command `cid` of submission queue `sqid` without waiting for its
+    /// answer (completions of earlier aborts are dropped here, and by `admin`).
+    pub(crate) fn abort_nowait(&self, sqid: u16, cid: u16) {
+        let mut a = self.admin.lock();
+        let Admin { ring, regs, next_cid } = &mut *a;
+        let Some(regs) = regs.as_ref() else { return };
+        while ring.pop().is_some() {}
+        let _ = ring.ring_cq(regs, None);
+        let mut cmd = Command::new(admin::ABORT);
+        cmd.cid = *next_cid;
+        *next_cid = next_cid.wrapping_add(1);
+        cmd.cdw[0] = u32::from(sqid) | u32::from(cid) << 16;
+        if ring.push(&cmd) {
+            let _ = ring.ring_sq(regs, None);
+        }
+    }
+
+    /// Resets the controller (CC.EN 1 → 0 → 1, the admin queue set up again) and
+    /// configures it again (queue count, shadow doorbells). Every I/O queue is gone on the
+    /// controller; each creates itself again at its next use, ending what it had
+    /// outstanding with [`NvmeError::Reset`].
+    pub(crate) fn reset(&self, why: &str) -> Result<(), NvmeError> {
+        use crate::bus::backing::DmaMemory;
+        if let Some(e) = self.removed() {
+            return Err(e);
+        }
+        let cap = self.info.cap;
+        log::warn!("{}: resetting the controller: {why}", self.info.address);
+        {
+            let mut a = self.admin.lock();
+            let Admin { ring, regs, next_cid } = &mut *a;
+            let Some(regs) = regs.as_ref() else {
+                return Err(self.removed().unwrap_or(NvmeError::Removed("revoked".into())));
+            };
+            let cc_now = regs.read32(reg::CC)?;
+            if cc_now == u32::MAX {
+                return Err(NvmeError::Gone);
+            }
+            regs.write32(reg::CC, cc_now & !(cc::EN | cc::SHN_MASK))?;
+            wait_ready(regs, false, cap, "reset: controller disable (CSTS.RDY = 0)")?;
+            ring.reset();
+            *next_cid = 0;
+            let depth = self.admin_depth;
+            regs.write32(reg::AQA, u32::from(depth - 1) << 16 | u32::from(depth - 1))?;
+            for (at, iova) in [(reg::ASQ, ring.sq_iova()), (reg::ACQ, ring.cq_iova())] {
+                regs.write32(at, iova as u32)?;
+                regs.write32(at + 4, (iova >> 32) as u32)?;
+            }
+            regs.write32(reg::CC, cc::EN | 6 << cc::IOSQES_SHIFT | 4 << cc::IOCQES_SHIFT)?;
+            wait_ready(regs, true, cap, "reset: controller enable (CSTS.RDY = 1)")?;
+        }
+        let n = self.info.io_queues;
+        let mut cmd = Command::new(admin::SET_FEATURES);
+        cmd.cdw[0] = u32::from(feature::NUMBER_OF_QUEUES);
+        cmd.cdw[1] = u32::from(n - 1) << 16 | u32::from(n - 1);
+        self.admin(cmd, "Set Features (Number of Queues) after reset")?;
+        if let Some(s) = &self.shadow {
+            s.doorbells.zero();
+            s.events.zero();
+            let mut cmd = Command::new(admin::DOORBELL_BUFFER_CONFIG);
+            cmd.prp1 = s.doorbells.iova();
+            cmd.prp2 = s.events.iova();
+            self.admin(cmd, "Doorbell Buffer Config after reset")?;
+        }
+        self.generation.fetch_add(1, Ordering::AcqRel);
+        Ok(())
     }
 
     pub(crate) fn alloc_qid(&self) -> Option<u16> {
@@ -391,6 +462,8 @@ impl<B: DeviceBacking> Controller<B> {
             queue_regs: Mutex::new(Vec::new()),
             revoked: AtomicBool::new(false),
             reason: Mutex::new(String::new()),
+            generation: AtomicU64::new(0),
+            admin_depth: depth,
         };
         let buf = backing.alloc_dma(4096)?;
         let run = |cmd: Command, what: &str| shared.admin(cmd, what);
@@ -520,6 +593,13 @@ impl<B: DeviceBacking> Controller<B> {
     /// memory.
     pub fn admin(&self, cmd: Command, what: &str) -> Result<Completion, NvmeError> {
         self.shared.admin(cmd, what)
+    }
+
+    /// Resets the controller and sets it up again; every I/O queue creates itself again at
+    /// its next use, ending what it had outstanding with [`NvmeError::Reset`]. Queues do
+    /// it themselves when a timed-out command can be neither completed nor aborted.
+    pub fn reset(&self) -> Result<(), NvmeError> {
+        self.shared.reset("asked by the application")
     }
 
     /// Whether the controller was taken away.

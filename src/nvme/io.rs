@@ -3,6 +3,7 @@
 use std::cell::Cell;
 use std::marker::PhantomData;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
@@ -121,10 +122,16 @@ const FREE: u32 = u32::MAX;
 #[derive(Debug, Clone, Copy)]
 struct Slot {
     request: u32,
-    // The request gave up on this command (timeout): the slot is reusable only once the
-    // controller completes it.
-    abandoned: bool,
+    // When the request gave up on this command (timeout; an Abort was sent): the slot is
+    // reusable only once the controller completes or aborts it, or after a controller
+    // reset, which the queue does when that takes another timeout.
+    abandoned: Option<Instant>,
 }
+
+const FREE_SLOT: Slot = Slot {
+    request: FREE,
+    abandoned: None,
+};
 
 struct Request<B: DeviceBacking> {
     tag: u64,
@@ -162,6 +169,10 @@ pub struct IoQueue<B: DeviceBacking> {
     dead: Option<String>,
     last_check: Instant,
     completions: u64,
+    // The controller's reset count when the queue was (re)created on it.
+    generation: u64,
+    // Slots whose command was abandoned after a timeout and not yet answered.
+    abandoned: usize,
     _not_sync: PhantomData<Cell<()>>,
 }
 
@@ -185,6 +196,32 @@ fn vector<B: DeviceBacking>(shared: &Shared<B>, qid: u16) -> Option<u32> {
     }
 }
 
+// Creates the queue pair `ring` describes on the controller: the CQ, then the SQ.
+fn create_on_controller<B: DeviceBacking>(shared: &Shared<B>, ring: &Ring<Dma<B>>) -> Result<(), NvmeError> {
+    let (qid, depth) = (ring.qid, ring.depth());
+    let mut cmd = Command::new(admin::CREATE_CQ);
+    cmd.prp1 = ring.cq_iova();
+    cmd.cdw[0] = u32::from(depth - 1) << 16 | u32::from(qid);
+    // Physically contiguous; with interrupts, enabled on this queue's vector (vectors past
+    // the admin queue's, shared round-robin when fewer than queues).
+    cmd.cdw[1] = 1;
+    if let Some(v) = vector(shared, qid) {
+        cmd.cdw[1] |= 1 << 1 | v << 16;
+    }
+    shared.admin(cmd, &format!("Create I/O CQ {qid}"))?;
+    let mut cmd = Command::new(admin::CREATE_SQ);
+    cmd.prp1 = ring.sq_iova();
+    cmd.cdw[0] = u32::from(depth - 1) << 16 | u32::from(qid);
+    cmd.cdw[1] = u32::from(qid) << 16 | 1;
+    if let Err(e) = shared.admin(cmd, &format!("Create I/O SQ {qid}")) {
+        let mut del = Command::new(admin::DELETE_CQ);
+        del.cdw[0] = u32::from(qid);
+        let _ = shared.admin(del, &format!("Delete I/O CQ {qid}"));
+        return Err(e);
+    }
+    Ok(())
+}
+
 impl<B: DeviceBacking> IoQueue<B> {
     pub(crate) fn create(shared: Arc<Shared<B>>, depth: u16) -> Result<Self, NvmeError> {
         let cap = shared.info.cap;
@@ -201,26 +238,7 @@ impl<B: DeviceBacking> IoQueue<B> {
             let regs = backing.map_bar(0)?;
             drop(backing);
             let ring = Ring::new(qid, depth, sq, cq, Doorbells::of(cap, qid));
-            let mut cmd = Command::new(admin::CREATE_CQ);
-            cmd.prp1 = ring.cq_iova();
-            cmd.cdw[0] = u32::from(depth - 1) << 16 | u32::from(qid);
-            // Physically contiguous; with interrupts, enabled on this queue's vector
-            // (vectors past the admin queue's, shared round-robin when fewer than queues).
-            cmd.cdw[1] = 1;
-            if let Some(v) = vector(&shared, qid) {
-                cmd.cdw[1] |= 1 << 1 | v << 16;
-            }
-            shared.admin(cmd, &format!("Create I/O CQ {qid}"))?;
-            let mut cmd = Command::new(admin::CREATE_SQ);
-            cmd.prp1 = ring.sq_iova();
-            cmd.cdw[0] = u32::from(depth - 1) << 16 | u32::from(qid);
-            cmd.cdw[1] = u32::from(qid) << 16 | 1;
-            if let Err(e) = shared.admin(cmd, &format!("Create I/O SQ {qid}")) {
-                let mut del = Command::new(admin::DELETE_CQ);
-                del.cdw[0] = u32::from(qid);
-                let _ = shared.admin(del, &format!("Delete I/O CQ {qid}"));
-                return Err(e);
-            }
+            create_on_controller(&shared, &ring)?;
             Ok((ring, prp, regs))
         })();
         let (ring, prp, regs) = match made {
@@ -232,19 +250,16 @@ impl<B: DeviceBacking> IoQueue<B> {
         };
         let regs: QueueRegs<B> = Arc::new(Mutex::new(Some(regs)));
         shared.register_queue(&regs);
+        let generation = shared.generation.load(Ordering::Acquire);
         let slots = usize::from(depth) - 1;
         Ok(IoQueue {
             shared,
             regs,
             ring,
             prp,
-            slots: vec![
-                Slot {
-                    request: FREE,
-                    abandoned: false
-                };
-                slots
-            ],
+            slots: vec![FREE_SLOT; slots],
+            generation,
+            abandoned: 0,
             free_cids: (0..slots as u16).rev().collect(),
             requests: Vec::new(),
             free_requests: Vec::new(),
@@ -295,6 +310,11 @@ impl<B: DeviceBacking> IoQueue<B> {
     /// (poll, then retry).
     pub fn submit(&mut self, request: &IoRequest<'_, B>, tag: u64) -> Result<(), NvmeError> {
         self.check_alive()?;
+        if self.shared.generation.load(Ordering::Acquire) != self.generation {
+            return Err(NvmeError::Reset(
+                "the controller was reset: poll the queue (it creates itself again)".into(),
+            ));
+        }
         let IoRequest {
             op,
             nsid,
@@ -418,7 +438,7 @@ impl<B: DeviceBacking> IoQueue<B> {
             }
             self.slots[usize::from(cid)] = Slot {
                 request: index,
-                abandoned: false,
+                abandoned: None,
             };
             // Cannot fail: free slots were checked above.
             self.ring.push(&cmd);
@@ -476,7 +496,14 @@ impl<B: DeviceBacking> IoQueue<B> {
     /// every outstanding request completes with that error and the error is returned; the
     /// queue is then dead.
     pub fn poll(&mut self, mut done: impl FnMut(u64, Result<(), NvmeError>)) -> Result<usize, NvmeError> {
-        if let Err(e) = self.check_alive().and_then(|()| self.ring()) {
+        if let Err(e) = self.check_alive() {
+            return Err(self.fail_all(e, &mut done));
+        }
+        let mut reset_ended = 0;
+        if self.shared.generation.load(Ordering::Acquire) != self.generation {
+            reset_ended = self.recreate("the controller was reset", &mut done)?;
+        }
+        if let Err(e) = self.ring() {
             return Err(self.fail_all(e, &mut done));
         }
         let guard = self.regs.lock();
@@ -485,7 +512,7 @@ impl<B: DeviceBacking> IoQueue<B> {
             let e = self.fail_all_removed();
             return Err(self.fail_all(e, &mut done));
         };
-        let mut completed = 0;
+        let mut completed = reset_ended;
         let mut seen = 0usize;
         while let Some(c) = self.ring.pop() {
             seen += 1;
@@ -506,9 +533,10 @@ impl<B: DeviceBacking> IoQueue<B> {
                 );
                 continue;
             }
-            self.slots[usize::from(c.cid)].request = FREE;
+            self.slots[usize::from(c.cid)] = FREE_SLOT;
             self.free_cids.push(c.cid);
-            if slot.abandoned {
+            if slot.abandoned.is_some() {
+                self.abandoned -= 1;
                 continue;
             }
             let index = slot.request as usize;
@@ -537,7 +565,9 @@ impl<B: DeviceBacking> IoQueue<B> {
             self.ring.ring_cq(regs, self.shared.shadow.as_ref())?;
             return Ok(completed);
         }
-        if self.outstanding == 0 || self.last_check.elapsed() < Duration::from_millis(1) {
+        if (self.outstanding == 0 && self.abandoned == 0)
+            || self.last_check.elapsed() < Duration::from_millis(1)
+        {
             return Ok(completed);
         }
         // Nothing completed for a while: is the controller still there?
@@ -556,15 +586,19 @@ impl<B: DeviceBacking> IoQueue<B> {
             let Some(req) = self.requests[index].take() else {
                 continue;
             };
-            for slot in self.slots.iter_mut().filter(|s| s.request == index as u32) {
-                slot.abandoned = true;
+            for (cid, slot) in self.slots.iter_mut().enumerate() {
+                if slot.request == index as u32 && slot.abandoned.is_none() {
+                    slot.abandoned = Some(now);
+                    self.abandoned += 1;
+                    self.shared.abort_nowait(self.ring.qid, cid as u16);
+                }
             }
             self.free_requests.push(index as u32);
             self.outstanding -= 1;
             completed += 1;
             log::warn!(
-                "{}: queue {}: {} (tag {}) timed out; its command slots stay reserved until the \
-                 controller answers",
+                "{}: queue {}: {} (tag {}) timed out; Abort sent, its command slots stay reserved until \
+                 the controller answers (or a reset)",
                 self.shared.info.address,
                 self.ring.qid,
                 req.op.name(),
@@ -578,7 +612,60 @@ impl<B: DeviceBacking> IoQueue<B> {
                 }),
             );
         }
+        // A command abandoned a timeout ago and still neither completed nor aborted: only a
+        // controller reset gets its slot (and the controller) back.
+        let stuck = self.slots.iter().position(|s| {
+            s.abandoned
+                .is_some_and(|t| now.duration_since(t) >= self.shared.io_timeout)
+        });
+        if let Some(cid) = stuck {
+            let why = format!(
+                "command {cid} of queue {} neither completed nor aborted within {} ms",
+                self.ring.qid,
+                self.shared.io_timeout.as_millis()
+            );
+            if let Err(e) = self.shared.reset(&why) {
+                return Err(self.fail_all(e, &mut done));
+            }
+            completed += self.recreate(&why, &mut done)?;
+        }
         Ok(completed)
+    }
+
+    // After a controller reset: ends every outstanding request with `Reset`, and creates
+    // the queue again on the controller. Returns how many requests it ended.
+    fn recreate(
+        &mut self,
+        why: &str,
+        done: &mut impl FnMut(u64, Result<(), NvmeError>),
+    ) -> Result<usize, NvmeError> {
+        let generation = self.shared.generation.load(Ordering::Acquire);
+        let mut ended = 0;
+        for index in 0..self.requests.len() {
+            if let Some(req) = self.requests[index].take() {
+                self.free_requests.push(index as u32);
+                ended += 1;
+                done(req.tag, Err(NvmeError::Reset(why.to_owned())));
+            }
+        }
+        self.outstanding = 0;
+        self.ring.reset();
+        self.slots.fill(FREE_SLOT);
+        self.abandoned = 0;
+        self.free_cids = (0..self.slots.len() as u16).rev().collect();
+        if let Err(e) = create_on_controller(&self.shared, &self.ring) {
+            let e = if e.is_fatal() {
+                e
+            } else {
+                NvmeError::Removed(format!(
+                    "queue {} could not be created again after a reset: {e}",
+                    self.ring.qid
+                ))
+            };
+            return Err(self.fail_all(e, done));
+        }
+        self.generation = generation;
+        Ok(ended)
     }
 
     // Ends every outstanding request with `e` (fatal), marks the queue dead, returns `e`.

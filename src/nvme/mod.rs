@@ -68,6 +68,10 @@ pub enum NvmeError {
         /// The status register.
         csts: u32,
     },
+    /// The controller was reset (after a command that neither completed nor could be
+    /// aborted): requests outstanding at the time ended with this; the queues work again.
+    #[error("controller reset: {0}")]
+    Reset(String),
     /// The controller was taken away (its device is being removed or detached).
     #[error("controller removed: {0}")]
     Removed(String),

@@ -80,6 +80,19 @@ impl<D: DmaMemory> Ring<D> {
         }
     }
 
+    /// Back to the state after creation (memory zeroed, indexes 0, phase 1): after a
+    /// controller reset, before the queue is created again.
+    pub(crate) fn reset(&mut self) {
+        self.sq.zero();
+        self.cq.zero();
+        self.sq_tail = 0;
+        self.sq_rung = 0;
+        self.sq_head = 0;
+        self.cq_head = 0;
+        self.cq_rung = 0;
+        self.phase = true;
+    }
+
     pub(crate) fn depth(&self) -> u16 {
         self.depth
     }
