@@ -60,7 +60,8 @@ fn run(batched: bool, shadow: bool, secs: f64) -> Figures {
             blocks,
             buffer: Some((&buf, tag as usize * IO)),
         };
-        q.submit(&req, tag).expect("submit");
+        q.submit(&req, tag)
+            .unwrap_or_else(|e| panic!("submit (free slots {}): {e}", q.free_slots()));
         if !batched {
             q.ring().expect("ring");
         }

@@ -119,6 +119,14 @@ impl<'a, B: DeviceBacking> IoRequest<'a, B> {
 
 const FREE: u32 = u32::MAX;
 
+// CLOCK_MONOTONIC_COARSE: read without a system call in a few nanoseconds, to the kernel's
+// tick (1–4 ms) — plenty for deadlines of a hundred milliseconds and more, and cheaper per
+// request than `Instant::now`.
+fn coarse_now() -> Duration {
+    use nix::time::{ClockId, clock_gettime};
+    clock_gettime(ClockId::CLOCK_MONOTONIC_COARSE).map_or(Duration::ZERO, Duration::from)
+}
+
 #[derive(Debug, Clone, Copy)]
 struct Slot {
     request: u32,
@@ -138,7 +146,8 @@ struct Request<B: DeviceBacking> {
     op: Op,
     parts: u32,
     error: Option<NvmeError>,
-    deadline: Instant,
+    // On the coarse monotonic clock (`coarse_now`).
+    deadline: Duration,
     _buffer: Option<Buffer<B>>,
 }
 
@@ -384,7 +393,7 @@ impl<B: DeviceBacking> IoQueue<B> {
             op,
             parts: parts as u32,
             error: None,
-            deadline: Instant::now() + self.shared.io_timeout,
+            deadline: coarse_now().saturating_add(self.shared.io_timeout),
             _buffer: buffer.filter(|_| data).cloned(),
         };
         let index = match self.free_requests.pop() {
@@ -503,15 +512,17 @@ impl<B: DeviceBacking> IoQueue<B> {
         if self.shared.generation.load(Ordering::Acquire) != self.generation {
             reset_ended = self.recreate("the controller was reset", &mut done)?;
         }
-        if let Err(e) = self.ring() {
-            return Err(self.fail_all(e, &mut done));
-        }
+        // One lock for the SQ doorbell of what was submitted and the completions.
         let guard = self.regs.lock();
         let Some(regs) = guard.as_ref() else {
             drop(guard);
             let e = self.fail_all_removed();
             return Err(self.fail_all(e, &mut done));
         };
+        if let Err(e) = self.ring.ring_sq(regs, self.shared.shadow.as_ref()) {
+            drop(guard);
+            return Err(self.fail_all(e, &mut done));
+        }
         let mut completed = reset_ended;
         let mut seen = 0usize;
         while let Some(c) = self.ring.pop() {
@@ -578,8 +589,11 @@ impl<B: DeviceBacking> IoQueue<B> {
         }
         drop(guard);
         let now = Instant::now();
+        let coarse = coarse_now();
         for index in 0..self.requests.len() {
-            let expired = self.requests[index].as_ref().is_some_and(|r| r.deadline <= now);
+            let expired = self.requests[index]
+                .as_ref()
+                .is_some_and(|r| r.deadline <= coarse);
             if !expired {
                 continue;
             }
