@@ -208,6 +208,17 @@ fn vector<B: DeviceBacking>(shared: &Shared<B>, qid: u16) -> Option<u32> {
 // Creates the queue pair `ring` describes on the controller: the CQ, then the SQ.
 fn create_on_controller<B: DeviceBacking>(shared: &Shared<B>, ring: &Ring<Dma<B>>) -> Result<(), NvmeError> {
     let (qid, depth) = (ring.qid, ring.depth());
+    // A queue id used before keeps its last tail and head in the shadow buffers: start
+    // them at 0 with the new rings, or the controller takes the old values as new entries.
+    if let Some(s) = &shared.shadow {
+        let cap = shared.info.cap;
+        for at in [cap.sq_doorbell(qid), cap.cq_doorbell(qid)] {
+            let at = (at - super::spec::reg::DOORBELLS) as usize;
+            let _ = s.doorbells.write::<u32>(at, 0);
+            let _ = s.events.write::<u32>(at, 0);
+        }
+        std::sync::atomic::fence(Ordering::SeqCst);
+    }
     let mut cmd = Command::new(admin::CREATE_CQ);
     cmd.prp1 = ring.cq_iova();
     cmd.cdw[0] = u32::from(depth - 1) << 16 | u32::from(qid);

@@ -175,8 +175,20 @@ impl<D: DmaMemory> Ring<D> {
             self.cq_head = 0;
             self.phase = !self.phase;
         }
-        if c.sq_head < self.depth {
+        // The controller's SQ head lies between the head known so far and the tail; a value
+        // outside (a corrupt or stale entry) would make the queue look emptier than it is,
+        // and entries not yet fetched would be overwritten: ignore it.
+        let ahead = |x: u16| (x % self.depth + self.depth - self.sq_head) % self.depth;
+        if c.sq_head < self.depth && ahead(c.sq_head) <= ahead(self.sq_tail) {
             self.sq_head = c.sq_head;
+        } else {
+            log::debug!(
+                "queue {}: completion reports SQ head {} outside {}..={}: ignored",
+                self.qid,
+                c.sq_head,
+                self.sq_head,
+                self.sq_tail
+            );
         }
         Some(c)
     }

@@ -1111,56 +1111,66 @@ impl Engine {
     // MMIO doorbell if that changed. (A host that uses the shadow buffer writes it before
     // any MMIO write; one that does not for some queue leaves it unchanged.)
     fn refresh_sq_tail(&mut self, qid: u16) {
+        // With shadow doorbells, an I/O queue's value comes from the shadow buffer only (the
+        // MMIO write is a wake-up): taking whichever of the two changed last can go
+        // backwards, since the host writes the shadow before the MMIO doorbell and this
+        // thread reads them at different moments. The admin queue has no shadow: MMIO.
         let i = usize::from(qid);
+        let shadow = if i > 0 { self.shadow_word(2 * i) } else { None };
         let mmio = self.shared.doorbells[2 * i].load(Ordering::SeqCst);
-        let shadow = self.shadow_word(2 * i);
         let counters = &self.shared.counters;
         let Some(sq) = self.sqs[i].as_mut() else { return };
-        let mut value = None;
-        if mmio != sq.mmio_seen {
-            sq.mmio_seen = mmio;
-            value = Some(mmio);
-        }
-        if let Some(s) = shadow
-            && s != sq.shadow_seen
-        {
-            sq.shadow_seen = s;
-            value = Some(s);
-            bump(&counters.shadow_updates);
-        }
-        if let Some(v) = value {
-            if v < sq.size {
-                sq.tail = v;
-            } else {
-                bump(&counters.invalid_doorbells);
+        let (value, changed) = match shadow {
+            Some(s) => {
+                let changed = s != sq.shadow_seen;
+                if changed {
+                    sq.shadow_seen = s;
+                    bump(&counters.shadow_updates);
+                }
+                (s, changed)
             }
+            None => {
+                let changed = mmio != sq.mmio_seen;
+                sq.mmio_seen = mmio;
+                (mmio, changed)
+            }
+        };
+        if value < sq.size {
+            sq.tail = value;
+        } else if changed {
+            bump(&counters.invalid_doorbells);
         }
     }
 
     fn refresh_cq_head(&mut self, cqid: u16) {
+        // With shadow doorbells, an I/O queue's value comes from the shadow buffer only (the
+        // MMIO write is a wake-up): taking whichever of the two changed last can go
+        // backwards, since the host writes the shadow before the MMIO doorbell and this
+        // thread reads them at different moments. The admin queue has no shadow: MMIO.
         let i = usize::from(cqid);
+        let shadow = if i > 0 { self.shadow_word(2 * i + 1) } else { None };
         let mmio = self.shared.doorbells[2 * i + 1].load(Ordering::SeqCst);
-        let shadow = self.shadow_word(2 * i + 1);
         let counters = &self.shared.counters;
         let Some(cq) = self.cqs[i].as_mut() else { return };
-        let mut value = None;
-        if mmio != cq.mmio_seen {
-            cq.mmio_seen = mmio;
-            value = Some(mmio);
-        }
-        if let Some(s) = shadow
-            && s != cq.shadow_seen
-        {
-            cq.shadow_seen = s;
-            value = Some(s);
-            bump(&counters.shadow_updates);
-        }
-        if let Some(v) = value {
-            if v < cq.size {
-                cq.head = v;
-            } else {
-                bump(&counters.invalid_doorbells);
+        let (value, changed) = match shadow {
+            Some(s) => {
+                let changed = s != cq.shadow_seen;
+                if changed {
+                    cq.shadow_seen = s;
+                    bump(&counters.shadow_updates);
+                }
+                (s, changed)
             }
+            None => {
+                let changed = mmio != cq.mmio_seen;
+                cq.mmio_seen = mmio;
+                (mmio, changed)
+            }
+        };
+        if value < cq.size {
+            cq.head = value;
+        } else if changed {
+            bump(&counters.invalid_doorbells);
         }
     }
 
