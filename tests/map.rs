@@ -41,11 +41,19 @@ fn add_device(fake: &FakeSysfs, address: PciAddress, driver: Option<&str>) {
     .unwrap();
 }
 
-// Deletes the device directory and its `bus/pci/devices` entry, as the kernel does.
+// Deletes the device directory and its `bus/pci/devices` entry, and the links to it from
+// its driver's directory, as the kernel does (a re-added device gets them anew).
 fn remove_device(fake: &FakeSysfs, address: PciAddress) {
     let name = address.to_string();
     fake.remove_device(&name).unwrap();
     std::fs::remove_file(fake.root().join("bus/pci/devices").join(&name)).unwrap();
+    for driver in std::fs::read_dir(fake.root().join("bus/pci/drivers"))
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let _ = std::fs::remove_file(driver.path().join(&name));
+    }
 }
 
 // Points the device's `driver` link at `driver`, or removes it.
