@@ -805,6 +805,31 @@ pub fn parse_secondary_controllers(b: &[u8]) -> Vec<SecondaryController> {
         .collect()
 }
 
+/// The entries of a Secondary Controller List (CNS 15h) as the base specification lays
+/// them out: SCID at bytes 1:0, PCID 3:2, SCS 4, VFN 9:8, NVQ 11:10, NVI 13:12 of each
+/// 32-byte entry (the entries start at byte 32, after the count byte). This is the layout
+/// QEMU's controller answers with: after assigning 2 VQ and 1 VI it reports NVQ 2, NVI 1.
+/// (`parse_secondary_controllers` reads NVQ and NVI two bytes too far, from 13:12 and
+/// 15:14.) Entries past the buffer are left out.
+pub fn parse_secondary_controller_list(b: &[u8]) -> Vec<SecondaryController> {
+    let Some(&count) = b.first() else {
+        return Vec::new();
+    };
+    (0..usize::from(count))
+        .map_while(|i| {
+            let e = b.get(32 + 32 * i..64 + 32 * i)?;
+            Some(SecondaryController {
+                scid: le16(e, 0),
+                pcid: le16(e, 2),
+                online: e[4] & 1 == 1,
+                vfn: le16(e, 8),
+                nvq: le16(e, 10),
+                nvi: le16(e, 12),
+            })
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -911,6 +936,45 @@ mod tests {
     }
 
     #[test]
+    fn secondary_controller_entries_as_qemu_answers() {
+        // Two entries, as QEMU (7.2) answered after assigning 2 VQ and 1 VI to secondary
+        // controller 1 (VF 1) and setting it online; controller 2 (VF 2) untouched.
+        let mut s = vec![0u8; 4096];
+        s[0] = 2;
+        s[32..34].copy_from_slice(&1u16.to_le_bytes());
+        s[36] = 1;
+        s[40..42].copy_from_slice(&1u16.to_le_bytes());
+        s[42..44].copy_from_slice(&2u16.to_le_bytes());
+        s[44..46].copy_from_slice(&1u16.to_le_bytes());
+        s[64..66].copy_from_slice(&2u16.to_le_bytes());
+        s[72..74].copy_from_slice(&2u16.to_le_bytes());
+        let list = parse_secondary_controller_list(&s);
+        assert_eq!(
+            list,
+            [
+                SecondaryController {
+                    scid: 1,
+                    pcid: 0,
+                    online: true,
+                    vfn: 1,
+                    nvq: 2,
+                    nvi: 1
+                },
+                SecondaryController {
+                    scid: 2,
+                    pcid: 0,
+                    online: false,
+                    vfn: 2,
+                    nvq: 0,
+                    nvi: 0
+                },
+            ]
+        );
+        assert!(parse_secondary_controller_list(&s[..63]).is_empty());
+        assert!(parse_secondary_controller_list(&[]).is_empty());
+    }
+
+    #[test]
     fn virtualization_management_dwords() {
         // Assign 2 VQs to secondary controller 1: action 8, type 0, CNTLID in bits 31:16.
         let c = virt_mgmt_command(virt_mgmt::SECONDARY_ASSIGN, virt_mgmt::RESOURCE_VQ, 1, 2);
@@ -996,6 +1060,7 @@ mod tests {
             let _ = parse_namespace_list(&data);
             let _ = parse_secondary_controllers(&data);
             let _ = PrimaryControllerCaps::parse(&data);
+            let _ = parse_secondary_controller_list(&data);
         }
     }
 }
