@@ -279,7 +279,7 @@ pub(super) fn run(out: &mut impl Write, root: &SysfsRoot, args: SriovArgs) -> Re
         writeln!(out, "taken down in {} ms", v["teardown_ms"])?;
     }
     if v.get("error").is_some() {
-        return Err(format!("{}", v["error"].as_str().unwrap_or("failed")).into());
+        return Err(v["error"].as_str().unwrap_or("failed").into());
     }
     if let Some(checks) = v["io_check"].as_array()
         && checks.iter().any(|c| c["ok"] != json!(true))
@@ -501,6 +501,7 @@ fn range_of(index: usize, bytes: u64) -> u64 {
     (8 << 20) + index as u64 * bytes
 }
 
+#[derive(Default)]
 struct IoResult {
     nsid: u32,
     lba: u64,
@@ -511,6 +512,9 @@ struct IoResult {
 }
 
 type Queue = pcibus::nvme::IoQueue<VfioBacking>;
+
+// The PF's reads of each VF's range (`None`: the VF had no namespace).
+type CrossChecks = Vec<Option<Result<(), String>>>;
 
 // Reads `bytes` at byte `base` of namespace `nsid` through `q` in 128 KiB commands and
 // compares them with what controller `index` wrote there.
@@ -544,14 +548,7 @@ fn verify(
 
 // One controller's part: write its range in 128 KiB commands, flush, read it back, compare.
 fn io_one(c: &Controller<VfioBacking>, q: &mut Queue, run: u64, index: usize, bytes: u64) -> IoResult {
-    let mut r = IoResult {
-        nsid: 0,
-        lba: 0,
-        blocks: 0,
-        write: Duration::ZERO,
-        read: Duration::ZERO,
-        error: None,
-    };
+    let mut r = IoResult::default();
     let attempt = (|| -> Result<(), String> {
         let ns = c.namespaces().first().ok_or("the controller has no namespace")?;
         let bs = u64::from(ns.block_size);
@@ -601,7 +598,7 @@ fn io_check(all: &[(&str, Controller<VfioBacking>)], mib: u32) -> Result<Value, 
         .iter()
         .map(|(_, c)| c.namespaces().first().map_or(0, |n| n.nsid))
         .collect();
-    let outcomes: Vec<(IoResult, Vec<Option<Result<(), String>>>)> = std::thread::scope(|s| {
+    let outcomes: Vec<(IoResult, CrossChecks)> = std::thread::scope(|s| {
         let handles: Vec<_> = all
             .iter()
             .enumerate()
@@ -628,12 +625,8 @@ fn io_check(all: &[(&str, Controller<VfioBacking>)], mib: u32) -> Result<Value, 
                             return (r, cross);
                         }
                         Err(e) => IoResult {
-                            nsid: 0,
-                            lba: 0,
-                            blocks: 0,
-                            write: Duration::ZERO,
-                            read: Duration::ZERO,
                             error: Some(format!("I/O queue: {e}")),
+                            ..IoResult::default()
                         },
                     };
                     done.wait();
@@ -646,12 +639,8 @@ fn io_check(all: &[(&str, Controller<VfioBacking>)], mib: u32) -> Result<Value, 
             .map(|h| {
                 h.join().unwrap_or_else(|_| {
                     let r = IoResult {
-                        nsid: 0,
-                        lba: 0,
-                        blocks: 0,
-                        write: Duration::ZERO,
-                        read: Duration::ZERO,
                         error: Some("thread panicked".into()),
+                        ..IoResult::default()
                     };
                     (r, Vec::new())
                 })
