@@ -29,6 +29,7 @@ mod io;
 pub mod perf;
 mod queue;
 pub mod spec;
+pub mod sriov;
 
 pub use controller::{Controller, ControllerInfo, Namespace, Options};
 pub use io::{Buffer, IoQueue, IoRequest, Op};

@@ -140,6 +140,8 @@ pub mod admin {
     pub const GET_FEATURES: u8 = 0x0a;
     /// Asynchronous Event Request.
     pub const ASYNC_EVENT: u8 = 0x0c;
+    /// Namespace Attachment.
+    pub const NAMESPACE_ATTACHMENT: u8 = 0x15;
     /// Virtualization Management.
     pub const VIRT_MGMT: u8 = 0x1c;
     /// Doorbell Buffer Config (shadow doorbells).
@@ -200,6 +202,145 @@ pub mod cns {
     pub const PRIMARY_CONTROLLER_CAPS: u32 = 0x14;
     /// Secondary Controller List.
     pub const SECONDARY_CONTROLLERS: u32 = 0x15;
+}
+
+/// Virtualization Management (admin 1Ch): actions (CDW10 bits 3:0) and resource types
+/// (CDW10 bits 10:8). Flexible resources are queues (VQ: a submission/completion queue
+/// pair, the admin queue included) and interrupt vectors (VI) that the primary controller
+/// can hand to its secondary controllers (the controllers of its SR-IOV VFs).
+pub mod virt_mgmt {
+    /// Primary Controller Flexible Allocation: what the primary itself keeps of the
+    /// flexible resources; takes effect at its next Controller Level Reset (an FLR).
+    pub const PRIMARY_FLEXIBLE_ALLOCATION: u8 = 0x1;
+    /// Secondary Controller Offline.
+    pub const SECONDARY_OFFLINE: u8 = 0x7;
+    /// Secondary Controller Assign: give flexible resources to an offline secondary.
+    pub const SECONDARY_ASSIGN: u8 = 0x8;
+    /// Secondary Controller Online.
+    pub const SECONDARY_ONLINE: u8 = 0x9;
+    /// Resource type: VQ (queue pairs).
+    pub const RESOURCE_VQ: u8 = 0;
+    /// Resource type: VI (interrupt vectors).
+    pub const RESOURCE_VI: u8 = 1;
+}
+
+/// A Virtualization Management command: `action` on controller `cntlid`, for `count`
+/// resources of type `resource` (count and type are ignored by the online and offline
+/// actions).
+pub fn virt_mgmt_command(action: u8, resource: u8, cntlid: u16, count: u16) -> Command {
+    let mut cmd = Command::new(admin::VIRT_MGMT);
+    cmd.cdw[0] = u32::from(action & 0xf) | u32::from(resource & 0x7) << 8 | u32::from(cntlid) << 16;
+    cmd.cdw[1] = u32::from(count);
+    cmd
+}
+
+/// Namespace Attachment select values (CDW10 bits 3:0).
+pub mod ns_attach {
+    /// Controller Attach.
+    pub const ATTACH: u8 = 0;
+    /// Controller Detach.
+    pub const DETACH: u8 = 1;
+}
+
+/// A Namespace Attachment command for namespace `nsid` (`select`: [`ns_attach`]); its data
+/// (4096 bytes, through PRP1) is a [`controller_list`].
+pub fn namespace_attachment_command(nsid: u32, select: u8) -> Command {
+    let mut cmd = Command::new(admin::NAMESPACE_ATTACHMENT);
+    cmd.nsid = nsid;
+    cmd.cdw[0] = u32::from(select & 0xf);
+    cmd
+}
+
+/// A Controller List (4096 bytes): the number of identifiers, then the identifiers (at most
+/// 2047; more are left out).
+pub fn controller_list(ids: &[u16]) -> Vec<u8> {
+    let ids = &ids[..ids.len().min(2047)];
+    let mut b = vec![0u8; 4096];
+    b[0..2].copy_from_slice(&(ids.len() as u16).to_le_bytes());
+    for (i, id) in ids.iter().enumerate() {
+        b[2 + 2 * i..4 + 2 * i].copy_from_slice(&id.to_le_bytes());
+    }
+    b
+}
+
+/// Primary Controller Capabilities (Identify CNS 14h): the flexible resources of an
+/// SR-IOV primary controller and how they are shared out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub struct PrimaryControllerCaps {
+    /// Controller Identifier of the primary.
+    pub cntlid: u16,
+    /// Port Identifier.
+    pub portid: u16,
+    /// Controller Resource Types supported (bit 0: VQ, bit 1: VI).
+    pub crt: u8,
+    /// VQ Flexible Resources Total.
+    pub vqfrt: u32,
+    /// VQ Resources Flexible Assigned (to secondaries).
+    pub vqrfa: u32,
+    /// VQ Resources Flexible Allocated to the Primary (now).
+    pub vqrfap: u16,
+    /// VQ Resources Private Total (the primary's own).
+    pub vqprt: u16,
+    /// VQ Flexible Resources Secondary Maximum (per secondary).
+    pub vqfrsm: u16,
+    /// VQ Flexible Resource Preferred Granularity.
+    pub vqgran: u16,
+    /// VI Flexible Resources Total.
+    pub vifrt: u32,
+    /// VI Resources Flexible Assigned (to secondaries).
+    pub virfa: u32,
+    /// VI Resources Flexible Allocated to the Primary (now).
+    pub virfap: u16,
+    /// VI Resources Private Total.
+    pub viprt: u16,
+    /// VI Flexible Resources Secondary Maximum.
+    pub vifrsm: u16,
+    /// VI Flexible Resource Preferred Granularity.
+    pub vigran: u16,
+}
+
+impl PrimaryControllerCaps {
+    /// Parses the 4096-byte structure.
+    pub fn parse(b: &[u8]) -> Result<Self, IdentifyError> {
+        if b.len() != 4096 {
+            return Err(IdentifyError {
+                what: "primary controller capabilities",
+                len: b.len(),
+            });
+        }
+        Ok(PrimaryControllerCaps {
+            cntlid: le16(b, 0),
+            portid: le16(b, 2),
+            crt: b[4],
+            vqfrt: le32(b, 32),
+            vqrfa: le32(b, 36),
+            vqrfap: le16(b, 40),
+            vqprt: le16(b, 42),
+            vqfrsm: le16(b, 44),
+            vqgran: le16(b, 46),
+            vifrt: le32(b, 64),
+            virfa: le32(b, 68),
+            virfap: le16(b, 72),
+            viprt: le16(b, 74),
+            vifrsm: le16(b, 76),
+            vigran: le16(b, 78),
+        })
+    }
+
+    /// Flexible VQ resources neither the primary nor a secondary holds.
+    pub fn vq_free(&self) -> u32 {
+        self.vqfrt
+            .saturating_sub(self.vqrfa)
+            .saturating_sub(u32::from(self.vqrfap))
+    }
+
+    /// Flexible VI resources neither the primary nor a secondary holds.
+    pub fn vi_free(&self) -> u32 {
+        self.vifrt
+            .saturating_sub(self.virfa)
+            .saturating_sub(u32::from(self.virfap))
+    }
 }
 
 /// Feature identifiers.
@@ -402,13 +543,17 @@ impl Status {
     pub const INVALID_INTERRUPT_VECTOR: Status = Status(0x108);
     /// Command specific: Invalid Queue Deletion (a CQ that SQs still use).
     pub const INVALID_QUEUE_DELETION: Status = Status(0x10c);
-    /// Command specific: Invalid Controller Identifier.
+    /// Command specific (Namespace Attachment): Namespace Already Attached.
+    pub const NAMESPACE_ALREADY_ATTACHED: Status = Status(0x118);
+    /// Command specific (Namespace Attachment): Namespace Is Private.
+    pub const NAMESPACE_PRIVATE: Status = Status(0x119);
+    /// Command specific (Virtualization Management): Invalid Controller Identifier.
     pub const INVALID_CONTROLLER_ID: Status = Status(0x11f);
-    /// Command specific: Invalid Secondary Controller State.
+    /// Command specific (Virtualization Management): Invalid Secondary Controller State.
     pub const INVALID_SECONDARY_STATE: Status = Status(0x120);
-    /// Command specific: Invalid Number of Controller Resources.
+    /// Command specific (Virtualization Management): Invalid Number of Controller Resources.
     pub const INVALID_RESOURCE_COUNT: Status = Status(0x121);
-    /// Command specific: Invalid Resource Identifier.
+    /// Command specific (Virtualization Management): Invalid Resource Identifier.
     pub const INVALID_RESOURCE_ID: Status = Status(0x122);
 
     /// A status from type and code.
@@ -460,6 +605,10 @@ impl fmt::Display for Status {
             (1, 0x05) => "asynchronous event request limit exceeded",
             (1, 0x08) => "invalid interrupt vector",
             (1, 0x0c) => "invalid queue deletion",
+            (1, 0x18) => "namespace already attached",
+            (1, 0x19) => "namespace is private",
+            (1, 0x1a) => "namespace not attached",
+            (1, 0x1c) => "controller list invalid",
             (1, 0x1f) => "invalid controller identifier",
             (1, 0x20) => "invalid secondary controller state",
             (1, 0x21) => "invalid number of controller resources",
@@ -697,8 +846,8 @@ pub fn parse_secondary_controllers(b: &[u8]) -> Vec<SecondaryController> {
                 pcid: le16(e, 2),
                 online: e[4] & 1 == 1,
                 vfn: le16(e, 8),
-                nvq: le16(e, 12),
-                nvi: le16(e, 14),
+                nvq: le16(e, 10),
+                nvi: le16(e, 12),
             })
         })
         .collect()
@@ -798,7 +947,7 @@ mod tests {
         s[32..34].copy_from_slice(&1u16.to_le_bytes());
         s[36] = 1;
         s[40..42].copy_from_slice(&1u16.to_le_bytes());
-        s[44..46].copy_from_slice(&2u16.to_le_bytes());
+        s[42..44].copy_from_slice(&2u16.to_le_bytes());
         s[64..66].copy_from_slice(&2u16.to_le_bytes());
         let list = parse_secondary_controllers(&s);
         assert_eq!(list.len(), 2);
@@ -807,6 +956,113 @@ mod tests {
             (1, true, 1, 2)
         );
         assert_eq!(parse_secondary_controllers(&s[..40]).len(), 0);
+    }
+
+    #[test]
+    fn secondary_controller_entries_as_qemu_answers() {
+        // Two entries, as QEMU (7.2) answered after assigning 2 VQ and 1 VI to secondary
+        // controller 1 (VF 1) and setting it online; controller 2 (VF 2) untouched.
+        let mut s = vec![0u8; 4096];
+        s[0] = 2;
+        s[32..34].copy_from_slice(&1u16.to_le_bytes());
+        s[36] = 1;
+        s[40..42].copy_from_slice(&1u16.to_le_bytes());
+        s[42..44].copy_from_slice(&2u16.to_le_bytes());
+        s[44..46].copy_from_slice(&1u16.to_le_bytes());
+        s[64..66].copy_from_slice(&2u16.to_le_bytes());
+        s[72..74].copy_from_slice(&2u16.to_le_bytes());
+        let list = parse_secondary_controllers(&s);
+        assert_eq!(
+            list,
+            [
+                SecondaryController {
+                    scid: 1,
+                    pcid: 0,
+                    online: true,
+                    vfn: 1,
+                    nvq: 2,
+                    nvi: 1
+                },
+                SecondaryController {
+                    scid: 2,
+                    pcid: 0,
+                    online: false,
+                    vfn: 2,
+                    nvq: 0,
+                    nvi: 0
+                },
+            ]
+        );
+        assert!(parse_secondary_controllers(&s[..63]).is_empty());
+        assert!(parse_secondary_controllers(&[]).is_empty());
+    }
+
+    #[test]
+    fn virtualization_management_dwords() {
+        // Assign 2 VQs to secondary controller 1: action 8, type 0, CNTLID in bits 31:16.
+        let c = virt_mgmt_command(virt_mgmt::SECONDARY_ASSIGN, virt_mgmt::RESOURCE_VQ, 1, 2);
+        assert_eq!((c.opcode, c.cdw[0], c.cdw[1]), (0x1c, 0x0001_0008, 2));
+        // Release the primary's (CNTLID 0) flexible VIs: action 1, type 1, count 0.
+        let c = virt_mgmt_command(
+            virt_mgmt::PRIMARY_FLEXIBLE_ALLOCATION,
+            virt_mgmt::RESOURCE_VI,
+            0,
+            0,
+        );
+        assert_eq!((c.cdw[0], c.cdw[1]), (0x0000_0101, 0));
+        let c = virt_mgmt_command(virt_mgmt::SECONDARY_ONLINE, 0, 0xfffe, 0);
+        assert_eq!(c.cdw[0], 0xfffe_0009);
+        // Out-of-range action and type bits do not spill into neighbouring fields.
+        assert_eq!(virt_mgmt_command(0xff, 0xff, 0, 0).cdw[0], 0x70f);
+    }
+
+    #[test]
+    fn namespace_attachment_data() {
+        let c = namespace_attachment_command(1, ns_attach::ATTACH);
+        assert_eq!((c.opcode, c.nsid, c.cdw[0]), (0x15, 1, 0));
+        assert_eq!(namespace_attachment_command(3, ns_attach::DETACH).cdw[0], 1);
+        let l = controller_list(&[1, 2]);
+        assert_eq!((l.len(), &l[..6]), (4096, &[2, 0, 1, 0, 2, 0][..]));
+        assert_eq!(controller_list(&vec![7; 5000])[..2], 2047u16.to_le_bytes());
+        assert_eq!(
+            Status::NAMESPACE_ALREADY_ATTACHED.to_string(),
+            "SCT 0x1 SC 0x18 (namespace already attached)"
+        );
+    }
+
+    #[test]
+    fn primary_controller_capabilities() {
+        // QEMU's with sriov_max_vfs=2, sriov_vq_flexible=4, sriov_vi_flexible=2,
+        // max_ioqpairs=6, msix_qsize=4, before anything was reassigned: the primary holds
+        // every flexible resource.
+        let mut b = vec![0u8; 4096];
+        b[4] = 3;
+        b[32..36].copy_from_slice(&4u32.to_le_bytes());
+        b[40..42].copy_from_slice(&4u16.to_le_bytes());
+        b[42..44].copy_from_slice(&3u16.to_le_bytes());
+        b[44..46].copy_from_slice(&4u16.to_le_bytes());
+        b[46..48].copy_from_slice(&1u16.to_le_bytes());
+        b[64..68].copy_from_slice(&2u32.to_le_bytes());
+        b[72..74].copy_from_slice(&2u16.to_le_bytes());
+        b[74..76].copy_from_slice(&2u16.to_le_bytes());
+        b[76..78].copy_from_slice(&2u16.to_le_bytes());
+        b[78..80].copy_from_slice(&1u16.to_le_bytes());
+        let c = PrimaryControllerCaps::parse(&b).unwrap();
+        assert_eq!((c.cntlid, c.crt), (0, 3));
+        assert_eq!(
+            (c.vqfrt, c.vqrfa, c.vqrfap, c.vqprt, c.vqfrsm, c.vqgran),
+            (4, 0, 4, 3, 4, 1)
+        );
+        assert_eq!(
+            (c.vifrt, c.virfa, c.virfap, c.viprt, c.vifrsm, c.vigran),
+            (2, 0, 2, 2, 2, 1)
+        );
+        assert_eq!((c.vq_free(), c.vi_free()), (0, 0));
+        // Released by the primary, one VQ assigned to a secondary.
+        b[36..40].copy_from_slice(&1u32.to_le_bytes());
+        b[40..42].copy_from_slice(&0u16.to_le_bytes());
+        assert_eq!(PrimaryControllerCaps::parse(&b).unwrap().vq_free(), 3);
+        assert!(PrimaryControllerCaps::parse(&b[..80]).is_err());
     }
 
     proptest! {
@@ -825,6 +1081,8 @@ mod tests {
             let _ = IdentifyController::parse(&data);
             let _ = IdentifyNamespace::parse(&data);
             let _ = parse_namespace_list(&data);
+            let _ = parse_secondary_controllers(&data);
+            let _ = PrimaryControllerCaps::parse(&data);
             let _ = parse_secondary_controllers(&data);
         }
     }

@@ -2198,8 +2198,8 @@ fn secondary_list(s: &SriovState, from: u16) -> Vec<u8> {
         put(&mut b, e + 2, &0u16.to_le_bytes());
         b[e + 4] = u8::from(sec.online);
         put(&mut b, e + 8, &scid.to_le_bytes()); // VF number
-        put(&mut b, e + 12, &sec.nvq.to_le_bytes());
-        put(&mut b, e + 14, &sec.nvi.to_le_bytes());
+        put(&mut b, e + 10, &sec.nvq.to_le_bytes());
+        put(&mut b, e + 12, &sec.nvi.to_le_bytes());
         n += 1;
     }
     b[0] = n as u8;

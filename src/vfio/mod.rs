@@ -293,6 +293,138 @@ pub enum VfioError {
     /// A VFIO info structure did not decode.
     #[error(transparent)]
     Info(#[from] InfoError),
+    /// A VF token problem at open: the device is a VF whose PF is bound to vfio-pci and
+    /// no token, or the wrong one, was given; or a token was given for a device that takes
+    /// none.
+    #[error("{}", vf_token_message(*.address, *.pf, *.problem))]
+    VfToken {
+        /// The device being opened.
+        address: PciAddress,
+        /// Its PF (from the `physfn` link), when it is a VF.
+        pf: Option<PciAddress>,
+        /// What is wrong.
+        problem: VfTokenProblem,
+        /// The kernel's error (EACCES, or EINVAL for a token it did not expect).
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// What is wrong with the VF token given to [`VfioDevice::open_vf`] or
+/// [`VfioDevice::open_in_with_token`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VfTokenProblem {
+    /// The PF is bound to vfio-pci, so the VF opens only with the token its user set.
+    Missing,
+    /// The token is not the one the PF's user set.
+    Wrong,
+    /// A token was given, but the device is not a VF of a PF on vfio-pci.
+    NotExpected,
+}
+
+fn vf_token_message(address: PciAddress, pf: Option<PciAddress>, problem: VfTokenProblem) -> String {
+    let pf = pf.map_or_else(|| "its PF".to_owned(), |p| format!("its PF {p}"));
+    match problem {
+        VfTokenProblem::Missing => format!(
+            "{address} is a VF and {pf} is bound to vfio-pci: opening it needs the VF token the PF's user set (VfioDevice::set_vf_token on the PF, then VfioDevice::open_vf)"
+        ),
+        VfTokenProblem::Wrong => format!(
+            "the VF token given for {address} is not the one the user of {pf} set (VFIO_DEVICE_FEATURE PCI_VF_TOKEN)"
+        ),
+        VfTokenProblem::NotExpected => {
+            format!("a VF token was given for {address}, but it is not a VF whose PF is bound to vfio-pci")
+        }
+    }
+}
+
+/// A VF token: the UUID a PF's vfio user shares with the users of its VFs
+/// ([`VfioDevice::set_vf_token`], [`VfioDevice::open_vf`]). vfio-pci asks for it because a
+/// PF's driver can disrupt or observe its VFs (reset them, reassign their resources), so a
+/// VF's user must show it cooperates with the PF's. Printed and parsed in the 8-4-4-4-12
+/// hex form the kernel expects (`bd8d9d2b-5a5f-4f5a-a211-f591514ba1f3`).
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct VfToken([u8; 16]);
+
+impl VfToken {
+    /// A random token (a version 4 UUID) from `/dev/urandom`.
+    pub fn generate() -> io::Result<VfToken> {
+        use std::io::Read;
+        let mut b = [0u8; 16];
+        File::open("/dev/urandom")?.read_exact(&mut b)?;
+        // Version 4 (random) and the RFC 4122 variant, so tools print it as a UUID.
+        b[6] = (b[6] & 0x0f) | 0x40;
+        b[8] = (b[8] & 0x3f) | 0x80;
+        Ok(VfToken(b))
+    }
+
+    /// The token of these bytes (in printed order).
+    pub fn from_bytes(bytes: [u8; 16]) -> Self {
+        VfToken(bytes)
+    }
+
+    /// Its bytes, in printed order (what `VFIO_DEVICE_FEATURE` takes).
+    pub fn to_bytes(self) -> [u8; 16] {
+        self.0
+    }
+}
+
+impl std::fmt::Display for VfToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for (i, b) in self.0.iter().enumerate() {
+            if matches!(i, 4 | 6 | 8 | 10) {
+                f.write_str("-")?;
+            }
+            write!(f, "{b:02x}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::fmt::Debug for VfToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "VfToken({self})")
+    }
+}
+
+/// Why a text is not a VF token.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{text:?} is not a UUID (8-4-4-4-12 hex digits)")]
+pub struct VfTokenParseError {
+    /// The text, shortened to 64 characters.
+    pub text: String,
+}
+
+impl std::str::FromStr for VfToken {
+    type Err = VfTokenParseError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let err = || VfTokenParseError {
+            text: s.chars().take(64).collect(),
+        };
+        let t = s.trim().as_bytes();
+        if t.len() != 36 || [8, 13, 18, 23].iter().any(|&i| t[i] != b'-') {
+            return Err(err());
+        }
+        let hex: Vec<u8> = t.iter().copied().filter(|&c| c != b'-').collect();
+        let mut out = [0u8; 16];
+        for (i, pair) in hex.chunks_exact(2).enumerate() {
+            let pair = std::str::from_utf8(pair).map_err(|_| err())?;
+            *out.get_mut(i).ok_or_else(err)? = u8::from_str_radix(pair, 16).map_err(|_| err())?;
+        }
+        if hex.len() != 32 {
+            return Err(err());
+        }
+        Ok(VfToken(out))
+    }
+}
+
+/// The PF of `address`, from its `physfn` link (a readlink: no device lock).
+pub fn physfn(root: &SysfsRoot, address: PciAddress) -> Option<PciAddress> {
+    std::fs::read_link(root.device_dir(address).join("physfn"))
+        .ok()?
+        .file_name()?
+        .to_str()?
+        .parse()
+        .ok()
 }
 
 fn culprits(devices: &[(String, Option<String>)]) -> String {
@@ -542,12 +674,41 @@ impl Group {
         self.number
     }
 
-    fn device_fd(&self, address: PciAddress) -> Result<OwnedFd, VfioError> {
-        sys::group_get_device_fd(self.as_fd(), &address.to_string()).map_err(ioctl_err(
+    fn device_fd_with(&self, address: PciAddress, token: Option<VfToken>) -> Result<OwnedFd, VfioError> {
+        let name = address.to_string();
+        match token {
+            None => sys::group_get_device_fd(self.as_fd(), &name),
+            Some(t) => sys::group_get_vf_device_fd(self.as_fd(), &name, &t.to_string()),
+        }
+        .map_err(ioctl_err(
             "VFIO_GROUP_GET_DEVICE_FD",
             Some(address),
             Some(self.number.into()),
         ))
+    }
+}
+
+// Turns the kernel's refusals of a device fd that are about VF tokens into
+// [`VfioError::VfToken`]: EACCES for a VF (or a PF whose VFs are in use) without the right
+// token, EINVAL for a token where none is expected.
+fn vf_token_error(root: &SysfsRoot, address: PciAddress, token: Option<VfToken>, e: VfioError) -> VfioError {
+    let VfioError::Ioctl { source, .. } = &e else {
+        return e;
+    };
+    let problem = match (source.raw_os_error(), token) {
+        (Some(nix::libc::EACCES), None) => VfTokenProblem::Missing,
+        (Some(nix::libc::EACCES), Some(_)) => VfTokenProblem::Wrong,
+        (Some(nix::libc::EINVAL), Some(_)) => VfTokenProblem::NotExpected,
+        _ => return e,
+    };
+    let VfioError::Ioctl { source, .. } = e else {
+        unreachable!("matched above")
+    };
+    VfioError::VfToken {
+        address,
+        pf: physfn(root, address),
+        problem,
+        source,
     }
 }
 
@@ -662,13 +823,48 @@ impl VfioDevice {
         address: PciAddress,
         container: &Arc<Container>,
     ) -> Result<Arc<VfioDevice>, VfioError> {
+        Self::open_with(root, address, container, None)
+    }
+
+    /// Opens VF `address` of a PF bound to vfio-pci, in a new container, with the VF token
+    /// the PF's user set ([`set_vf_token`](Self::set_vf_token)). A missing or wrong token
+    /// is [`VfioError::VfToken`], naming the PF.
+    pub fn open_vf(
+        root: &SysfsRoot,
+        address: PciAddress,
+        token: VfToken,
+    ) -> Result<Arc<VfioDevice>, VfioError> {
+        let container = Container::new()?;
+        Self::open_with(root, address, &container, Some(token))
+    }
+
+    /// [`open_in`](Self::open_in) with a VF token (for a VF whose PF is bound to vfio-pci;
+    /// `None`: no token, as `open_in`). VFs can share their PF's container: then one IOVA
+    /// space serves the PF and all its VFs.
+    pub fn open_in_with_token(
+        root: &SysfsRoot,
+        address: PciAddress,
+        container: &Arc<Container>,
+        token: Option<VfToken>,
+    ) -> Result<Arc<VfioDevice>, VfioError> {
+        Self::open_with(root, address, container, token)
+    }
+
+    fn open_with(
+        root: &SysfsRoot,
+        address: PciAddress,
+        container: &Arc<Container>,
+        token: Option<VfToken>,
+    ) -> Result<Arc<VfioDevice>, VfioError> {
         // Held from before the fd exists until after it is closed.
         let held = HeldOpen::new(address);
         // The sysfs directory's identity, for registry marks (a stat: takes no device lock).
         let identity = DeviceIdentity::of(&root.device_dir(address)).ok();
         let number = iommu_group(root, address)?;
         let group = container.group(root, number)?;
-        let fd = group.device_fd(address)?;
+        let fd = group
+            .device_fd_with(address, token)
+            .map_err(|e| vf_token_error(root, address, token, e))?;
         let info = sys::device_get_info(fd.as_fd()).map_err(ioctl_err(
             "VFIO_DEVICE_GET_INFO",
             Some(address),
@@ -901,6 +1097,18 @@ impl VfioDevice {
             });
         }
         Ok(())
+    }
+
+    /// Sets the VF token of this PF (`VFIO_DEVICE_FEATURE`, `SET | PCI_VF_TOKEN`): the
+    /// UUID that the users of its VFs must present to open them ([`open_vf`](Self::open_vf)).
+    /// Set it before the VFs are opened; while VFs are open the kernel keeps the token and
+    /// asks it of a new opener of the PF too. Fails (ENOTTY) on a device without SR-IOV.
+    pub fn set_vf_token(&self, token: VfToken) -> Result<(), VfioError> {
+        sys::device_set_vf_token(self.file.as_fd(), token.to_bytes()).map_err(ioctl_err(
+            "VFIO_DEVICE_FEATURE (SET PCI_VF_TOKEN)",
+            Some(self.address),
+            None,
+        ))
     }
 
     /// `VFIO_DEVICE_RESET`.
@@ -1238,6 +1446,76 @@ mod tests {
         // A failed open leaves nothing behind.
         let e = table.get_or_open(9, || Err(VfioError::NoGroupAttached));
         assert!(e.is_err() && table.live() == vec![5, 7]);
+    }
+
+    #[test]
+    fn vf_tokens_print_and_parse_as_uuids() {
+        let t = VfToken::from_bytes([
+            0xbd, 0x8d, 0x9d, 0x2b, 0x5a, 0x5f, 0x4f, 0x5a, 0xa2, 0x11, 0xf5, 0x91, 0x51, 0x4b, 0xa1, 0xf3,
+        ]);
+        assert_eq!(t.to_string(), "bd8d9d2b-5a5f-4f5a-a211-f591514ba1f3");
+        assert_eq!("BD8D9D2B-5A5F-4F5A-A211-F591514BA1F3".parse::<VfToken>(), Ok(t));
+        for bad in [
+            "",
+            "bd8d9d2b5a5f4f5aa211f591514ba1f3",
+            "bd8d9d2b-5a5f-4f5a-a211-f591514ba1f",
+            "bd8d9d2b-5a5f-4f5a-a211-f591514ba1fg",
+            "bd8d9d2b+5a5f-4f5a-a211-f591514ba1f3",
+            "bd8d9d2b-5a5f-4f5a-a211-f591514ba1é",
+        ] {
+            assert!(bad.parse::<VfToken>().is_err(), "{bad:?}");
+        }
+        let g = VfToken::generate().unwrap();
+        assert_eq!(g.to_string().parse::<VfToken>(), Ok(g));
+        assert_eq!(g.to_bytes()[6] >> 4, 4, "version 4");
+        assert_eq!(g.to_bytes()[8] >> 6, 2, "RFC 4122 variant");
+        assert_ne!(g, VfToken::generate().unwrap());
+    }
+
+    #[test]
+    fn vf_token_refusals_name_the_problem() {
+        let root = SysfsRoot::new("/nonexistent");
+        let vf: PciAddress = "0000:01:00.1".parse().unwrap();
+        let refused = |errno| {
+            ioctl_err("VFIO_GROUP_GET_DEVICE_FD", Some(vf), Some(3))(io::Error::from_raw_os_error(errno))
+        };
+        let t = VfToken::from_bytes([1; 16]);
+        let e = vf_token_error(&root, vf, None, refused(nix::libc::EACCES));
+        assert!(matches!(
+            e,
+            VfioError::VfToken {
+                problem: VfTokenProblem::Missing,
+                ..
+            }
+        ));
+        assert!(e.to_string().contains("needs the VF token"), "{e}");
+        let e = vf_token_error(&root, vf, Some(t), refused(nix::libc::EACCES));
+        assert!(
+            matches!(
+                e,
+                VfioError::VfToken {
+                    problem: VfTokenProblem::Wrong,
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        let e = vf_token_error(&root, vf, Some(t), refused(nix::libc::EINVAL));
+        assert!(
+            matches!(
+                e,
+                VfioError::VfToken {
+                    problem: VfTokenProblem::NotExpected,
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        let e = vf_token_error(&root, vf, None, refused(nix::libc::EINVAL));
+        assert!(
+            matches!(e, VfioError::Ioctl { .. }),
+            "EINVAL without a token is not about tokens"
+        );
     }
 
     #[test]

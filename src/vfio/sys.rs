@@ -33,6 +33,11 @@ const DEVICE_RESET: u64 = vfio_io(11);
 const IOMMU_GET_INFO: u64 = vfio_io(12);
 const IOMMU_MAP_DMA: u64 = vfio_io(13);
 const IOMMU_UNMAP_DMA: u64 = vfio_io(14);
+const DEVICE_FEATURE: u64 = vfio_io(17);
+
+// VFIO_DEVICE_FEATURE flags: the feature index in bits 15:0, then what to do with it.
+const DEVICE_FEATURE_SET: u32 = 1 << 17;
+const DEVICE_FEATURE_PCI_VF_TOKEN: u32 = 0;
 
 pub(crate) const API_VERSION: i32 = 0;
 pub(crate) const TYPE1V2_IOMMU: u32 = 3;
@@ -110,7 +115,17 @@ trait Argsz {
 macro_rules! argsz {
     ($($t:ty),*) => { $(impl Argsz for $t { fn set_argsz(&mut self, a: u32) { self.argsz = a; } })* };
 }
-argsz!(GroupStatus, DeviceInfo, IrqInfo, DmaMap, DmaUnmap);
+/// `struct vfio_device_feature` with the 16-byte payload of `VFIO_DEVICE_FEATURE_PCI_VF_TOKEN`
+/// (a UUID, as bytes in the order they are printed).
+#[repr(C)]
+#[derive(Default)]
+struct FeatureVfToken {
+    argsz: u32,
+    flags: u32,
+    uuid: [u8; 16],
+}
+
+argsz!(GroupStatus, DeviceInfo, IrqInfo, DmaMap, DmaUnmap, FeatureVfToken);
 
 /// # Safety
 ///
@@ -220,6 +235,28 @@ pub(crate) fn group_get_device_fd(group: BorrowedFd<'_>, name: &str) -> io::Resu
     let fd = check(unsafe { libc::ioctl(group.as_raw_fd(), GROUP_GET_DEVICE_FD as _, name.as_ptr()) })?;
     // SAFETY: on success the ioctl returned a new file descriptor that nothing else owns.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// `VFIO_GROUP_GET_DEVICE_FD` for a VF whose PF is bound to vfio-pci: the name carries the
+/// VF token the PF's user set, `"DDDD:BB:DD.F vf_token=UUID"` (the kernel answers EACCES
+/// when it is missing or wrong).
+pub(crate) fn group_get_vf_device_fd(group: BorrowedFd<'_>, name: &str, token: &str) -> io::Result<OwnedFd> {
+    group_get_device_fd(group, &format!("{name} vf_token={token}"))
+}
+
+/// `VFIO_DEVICE_FEATURE` with `SET | PCI_VF_TOKEN` on a PF: the UUID its VFs' users must
+/// present to open them.
+pub(crate) fn device_set_vf_token(device: BorrowedFd<'_>, uuid: [u8; 16]) -> io::Result<()> {
+    let mut feature = FeatureVfToken {
+        flags: DEVICE_FEATURE_SET | DEVICE_FEATURE_PCI_VF_TOKEN,
+        uuid,
+        ..Default::default()
+    };
+    // SAFETY: DEVICE_FEATURE takes a struct vfio_device_feature followed by the feature's
+    // payload; FeatureVfToken is that layout with the 16-byte VF token payload, and its
+    // argsz (set by ioctl_struct) covers both. A SET only reads it.
+    unsafe { ioctl_struct(device, DEVICE_FEATURE, &mut feature) }?;
+    Ok(())
 }
 
 /// `VFIO_DEVICE_GET_INFO`.

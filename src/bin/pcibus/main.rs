@@ -18,6 +18,7 @@ mod claims;
 mod detach;
 mod list;
 mod nvme;
+mod nvme_sriov;
 mod show;
 mod vfio;
 mod watch;

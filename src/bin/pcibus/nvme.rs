@@ -87,6 +87,12 @@ pub(super) enum NvmeCommand {
         #[arg(long, default_value_t = 500)]
         settle_ms: u64,
     },
+    /// SR-IOV on a PF: give the VFs' controllers queues and interrupt vectors
+    /// (Virtualization Management), enable the VFs, set their controllers online, bind and
+    /// open them (with the PF's VF token), bring them up and identify them; with
+    /// `--io-check`, drive the PF and all VFs at once and check the data. Everything is
+    /// taken down at the end (the VFs cannot outlive this process's hold on the PF).
+    Sriov(super::nvme_sriov::SriovArgs),
     /// Write a file (or stdin) at a block, padded with zeroes to whole blocks, then flush.
     Write {
         #[command(flatten)]
@@ -268,6 +274,7 @@ pub(super) fn run(out: &mut impl Write, root: &SysfsRoot, command: NvmeCommand) 
                 Ok(())
             })
         }
+        NvmeCommand::Sriov(args) => super::nvme_sriov::run(out, root, args),
         NvmeCommand::Write {
             device,
             lba,
