@@ -13,7 +13,7 @@ use crate::addr::PciAddress;
 use crate::record::DeviceRecord;
 use crate::sysfs::bind::{self, BindError, Binding};
 use crate::sysfs::scan::SysfsRoot;
-use crate::vfio::{Container, VfioDevice, VfioError};
+use crate::vfio::{Container, VfToken, VfioDevice, VfioError};
 
 /// The vfio-pci driver's name.
 pub const VFIO_PCI: &str = "vfio-pci";
@@ -123,6 +123,7 @@ pub struct VfioAttach {
     root: SysfsRoot,
     policy: BindPolicy,
     container: Option<Arc<Container>>,
+    vf_token: Option<VfToken>,
 }
 
 impl VfioAttach {
@@ -132,6 +133,7 @@ impl VfioAttach {
             root,
             policy,
             container: None,
+            vf_token: None,
         }
     }
 
@@ -141,16 +143,27 @@ impl VfioAttach {
         self
     }
 
+    /// Opens virtual functions with this VF token: the one their PF's user set
+    /// ([`VfioDevice::set_vf_token`]), which vfio-pci requires while the PF is bound to it.
+    /// Functions that are not VFs are opened without it.
+    pub fn vf_token(mut self, token: VfToken) -> Self {
+        self.vf_token = Some(token);
+        self
+    }
+
     /// The policy.
     pub fn policy(&self) -> BindPolicy {
         self.policy
     }
 
-    fn open(&self, address: PciAddress) -> Result<Attached<VfioBacking>, AttachError> {
-        let device = match &self.container {
-            Some(c) => VfioDevice::open_in(&self.root, address, c)?,
-            None => VfioDevice::open(&self.root, address)?,
+    fn open(&self, record: &DeviceRecord) -> Result<Attached<VfioBacking>, AttachError> {
+        let address = record.address;
+        let token = self.vf_token.filter(|_| record.physfn.is_some());
+        let container = match &self.container {
+            Some(c) => Arc::clone(c),
+            None => Container::new()?,
         };
+        let device = VfioDevice::open_in_with_token(&self.root, address, &container, token)?;
         let request = device.request_eventfd()?;
         Ok(Attached {
             backing: VfioBacking::new(device),
@@ -173,7 +186,7 @@ impl Attach for VfioAttach {
         } else {
             return Err(AttachError::NotOnVfio { address, driver });
         };
-        match self.open(address) {
+        match self.open(record) {
             Ok(mut attached) => {
                 attached.binding = binding;
                 Ok(attached)
