@@ -11,7 +11,7 @@
 //! `qmp_capabilities`, sends the command and prints the reply (one line of JSON).
 //!
 //! `device_del` only *starts* an unplug: QEMU returns at once and removes the device when
-//! the guest has let go of it (for PCIe: pciehp powers the slot off). So after a
+//! the guest has let go of it (ejected it through ACPI, or powered the slot off). So after a
 //! successful `device_del` this waits for the `DEVICE_DELETED` event of that id, and a
 //! `device_add` of the same id right after cannot fail with "Duplicate ID".
 //!
@@ -19,7 +19,7 @@
 //! 2 anything else (cannot connect, malformed input, no answer within the timeout,
 //! default 30 s; the reason goes to stderr).
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, ErrorKind, Write};
 use std::os::unix::net::UnixStream;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
@@ -124,6 +124,10 @@ impl Session {
         match self.reader.read_line(&mut line) {
             Ok(0) => Err("QEMU closed the QMP connection".into()),
             Ok(_) => serde_json::from_str(&line).map_err(|e| format!("bad QMP message {line:?}: {e}")),
+            // The read timeout shows as WouldBlock (EAGAIN) on Linux.
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                Err("no answer from QEMU in time".into())
+            }
             Err(e) => Err(format!("reading from QEMU: {e}")),
         }
     }
