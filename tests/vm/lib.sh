@@ -136,3 +136,42 @@ back_on_nvme() {
 	[ "$(pci_driver "$_pf")" = vfio-pci ] && pcibus bind "$_pf" nvme
 	wait_for 20 driver_is "$_pf" nvme || fail "$_pf not on nvme at the end"
 }
+
+# qmp JSON [SECONDS]: have the host send one QMP command to this VM's QEMU (see "Asking
+# the host for QMP commands" in tests/vm/README.md). The request goes out on the second
+# serial port, /dev/ttyS1, and the host answers on it. Sets QMP_REPLY to QEMU's reply (one
+# line of JSON, or the host's reason) and returns 0 if QEMU did the command, 1 if not or if
+# no answer came within SECONDS (default 60). A device_del returns once QEMU has deleted
+# the device (its DEVICE_DELETED event), so the same id can be device_add'ed at once.
+qmp() {
+	QMP_REPLY=
+	_qmp_n=$((${_qmp_n:-0} + 1))
+	_qmp_id=$$.$_qmp_n
+	_qmp_t=$(now_ms)
+	[ -c /dev/ttyS1 ] || { echo "qmp: no /dev/ttyS1 (not run by tests/vm/run?)" >&2; return 1; }
+	# Open before asking: the UART drops what arrives while the port is closed, and
+	# raw -echo so that the answer is not echoed back to the host.
+	exec 3<>/dev/ttyS1
+	stty raw -echo <&3
+	echo "qmp $_qmp_id -> $1" >&2
+	printf '@@PCIBUS-QMP %s %s\n' "$_qmp_id" "$1" >&3
+	_qmp_end=$((_qmp_t + ${2:-60} * 1000))
+	while :; do
+		_qmp_left=$(((_qmp_end - $(now_ms) + 999) / 1000))
+		# shellcheck disable=SC3045 # busybox sh's read has -t
+		if [ $_qmp_left -le 0 ] || ! read -r -t $_qmp_left _qmp_line <&3; then
+			exec 3<&-
+			QMP_REPLY="no answer from the host within ${2:-60} s"
+			echo "qmp $_qmp_id <- $QMP_REPLY" >&2
+			return 1
+		fi
+		# Skip anything else, such as the late answer to an earlier test's request.
+		case $_qmp_line in "@@PCIBUS-QMP-ACK $_qmp_id "*) break ;; esac
+	done
+	exec 3<&-
+	_qmp_line=${_qmp_line#"@@PCIBUS-QMP-ACK $_qmp_id "}
+	_qmp_rc=${_qmp_line%% *}
+	QMP_REPLY=${_qmp_line#* }
+	echo "qmp $_qmp_id <- $QMP_REPLY ($(($(now_ms) - _qmp_t)) ms)" >&2
+	[ "$_qmp_rc" = 0 ]
+}
