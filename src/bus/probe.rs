@@ -638,9 +638,14 @@ impl<A: Attach> Bus<A> {
                 Err(e) => return Err(BusError::Poll(e.into())),
             }
         }
-        let mut events = Vec::new();
+        // Requests and faults first: a removal in progress has already removed the
+        // device's `driver` link (the kernel does that before the driver's remove, which
+        // is what waits for this process), so a uevent handled first would take the device
+        // back as "unbind" instead of as the request it is.
+        let mut events = self.poll();
         if let Some(m) = monitor {
             while let Some(event) = m.try_next()? {
+                events.extend(self.poll());
                 events.extend(self.handle(&event)?);
             }
         }

@@ -614,10 +614,26 @@ impl<B: DeviceBacking> Controller<B> {
     /// removal then does not wait for those threads. DMA memory stays until its owners drop
     /// it. Idempotent.
     pub fn revoke(&self, reason: &str) {
-        if self.shared.revoked.swap(true, Ordering::AcqRel) {
-            return;
+        // The reason before the flag: a thread that sees the flag reads the reason.
+        {
+            let mut r = self.shared.reason.lock();
+            if self.shared.revoked.load(Ordering::Acquire) {
+                return;
+            }
+            *r = reason.to_owned();
+            self.shared.revoked.store(true, Ordering::Release);
         }
-        *self.shared.reason.lock() = reason.to_owned();
+        // No more DMA from the function: the threads holding queues free their buffers
+        // (unmapping them) as they see the revocation, possibly while commands are still
+        // in flight. Bus Master Enable off stops the controller's DMA at once (a device
+        // that is gone ignores the write).
+        if let Some(b) = self.shared.backing.lock().as_ref() {
+            let mut command = [0u8; 2];
+            if b.read_config(4, &mut command).is_ok() {
+                let command = u16::from_le_bytes(command) & !COMMAND_MASTER;
+                let _ = b.write_config(4, &command.to_le_bytes());
+            }
+        }
         // An admin command in progress sees `revoked` at its next poll and lets go.
         self.shared.admin.lock().regs = None;
         for q in self.shared.queue_regs.lock().drain(..) {
