@@ -11,7 +11,7 @@ use nix::sys::eventfd::{EfdFlags, EventFd};
 use pcibus::bus::backing::{DeviceBacking, DmaMemory, RegisterIo};
 use pcibus::nvme::spec::{
     self, Cap, Command, Completion, IdentifyController, IdentifyNamespace, Status, admin, cc, cns, csts,
-    feature, io, oacs, oncs, reg, virt,
+    feature, io, oacs, oncs, reg, virt_mgmt,
 };
 use pcibus::testing::nvme::{CommandMatch, EmuConfig, EmulatedNvme, Fault, NamespaceConfig, SriovConfig};
 use proptest::prelude::*;
@@ -1102,17 +1102,22 @@ fn sriov_virtualization_management() {
     assert_eq!(list.len(), 2);
     assert_eq!((list[1].scid, list[1].vfn, list[1].online), (2, 2, false));
 
-    let vm = |act: u32, rt: u32, cntlid: u16, nr: u16| {
-        let mut cmd = Command::new(admin::VIRT_MGMT);
-        cmd.cdw[0] = u32::from(cntlid) << 16 | rt << 8 | act;
-        cmd.cdw[1] = u32::from(nr);
-        cmd
-    };
+    let vm = spec::virt_mgmt_command;
     // The primary holds everything: nothing to assign yet.
-    let c = host.admin(vm(virt::SECONDARY_ASSIGN, virt::RESOURCE_VQ, 1, 2));
+    let c = host.admin(vm(virt_mgmt::SECONDARY_ASSIGN, virt_mgmt::RESOURCE_VQ, 1, 2));
     assert_eq!(c.status(), Status::INVALID_RESOURCE_COUNT);
-    host.admin_ok(vm(virt::PRIMARY_FLEXIBLE_ALLOCATION, virt::RESOURCE_VQ, 0, 0));
-    host.admin_ok(vm(virt::PRIMARY_FLEXIBLE_ALLOCATION, virt::RESOURCE_VI, 0, 0));
+    host.admin_ok(vm(
+        virt_mgmt::PRIMARY_FLEXIBLE_ALLOCATION,
+        virt_mgmt::RESOURCE_VQ,
+        0,
+        0,
+    ));
+    host.admin_ok(vm(
+        virt_mgmt::PRIMARY_FLEXIBLE_ALLOCATION,
+        virt_mgmt::RESOURCE_VI,
+        0,
+        0,
+    ));
     // Effective after a reset of the primary.
     e.reset().unwrap();
     host.admin = Queue::new(&host.dev, 0, 16, 16);
@@ -1120,28 +1125,28 @@ fn sriov_virtualization_management() {
     let caps = host.identify(cns::PRIMARY_CONTROLLER_CAPS, 0);
     assert_eq!((le16(&caps, 40), le16(&caps, 72)), (0, 0));
     assert_eq!(
-        host.admin(vm(virt::SECONDARY_ONLINE, 0, 1, 0)).status(),
+        host.admin(vm(virt_mgmt::SECONDARY_ONLINE, 0, 1, 0)).status(),
         Status::INVALID_SECONDARY_STATE
     );
     assert_eq!(
-        host.admin_ok(vm(virt::SECONDARY_ASSIGN, virt::RESOURCE_VQ, 1, 2))
+        host.admin_ok(vm(virt_mgmt::SECONDARY_ASSIGN, virt_mgmt::RESOURCE_VQ, 1, 2))
             .dw0,
         2
     );
-    host.admin_ok(vm(virt::SECONDARY_ASSIGN, virt::RESOURCE_VI, 1, 1));
+    host.admin_ok(vm(virt_mgmt::SECONDARY_ASSIGN, virt_mgmt::RESOURCE_VI, 1, 1));
     assert_eq!(
-        host.admin(vm(virt::SECONDARY_ASSIGN, virt::RESOURCE_VQ, 2, 7))
+        host.admin(vm(virt_mgmt::SECONDARY_ASSIGN, virt_mgmt::RESOURCE_VQ, 2, 7))
             .status(),
         Status::INVALID_RESOURCE_COUNT
     );
-    host.admin_ok(vm(virt::SECONDARY_ONLINE, 0, 1, 0));
+    host.admin_ok(vm(virt_mgmt::SECONDARY_ONLINE, 0, 1, 0));
     assert_eq!(
-        host.admin(vm(virt::SECONDARY_ASSIGN, virt::RESOURCE_VQ, 1, 3))
+        host.admin(vm(virt_mgmt::SECONDARY_ASSIGN, virt_mgmt::RESOURCE_VQ, 1, 3))
             .status(),
         Status::INVALID_SECONDARY_STATE
     );
     assert_eq!(
-        host.admin(vm(virt::SECONDARY_ONLINE, 0, 3, 0)).status(),
+        host.admin(vm(virt_mgmt::SECONDARY_ONLINE, 0, 3, 0)).status(),
         Status::INVALID_CONTROLLER_ID
     );
     assert_eq!(host.admin(vm(0xf, 0, 1, 0)).status(), Status::INVALID_FIELD);
@@ -1159,7 +1164,7 @@ fn sriov_virtualization_management() {
     // Without SR-IOV the command does not exist.
     let (_, mut plain, _) = setup(EmuConfig::default());
     assert_eq!(
-        plain.admin(vm(virt::SECONDARY_ONLINE, 0, 1, 0)).status(),
+        plain.admin(vm(virt_mgmt::SECONDARY_ONLINE, 0, 1, 0)).status(),
         Status::INVALID_OPCODE
     );
     let mut cmd = Command::new(admin::IDENTIFY);

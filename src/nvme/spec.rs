@@ -173,23 +173,6 @@ pub mod dsm {
 /// The broadcast namespace ID (all namespaces, e.g. for Flush).
 pub const NSID_ALL: u32 = 0xffff_ffff;
 
-/// Virtualization Management (admin 1Ch): actions (command dword 10 bits 3:0) and resource
-/// types (bits 10:8).
-pub mod virt {
-    /// Primary Controller Flexible Allocation.
-    pub const PRIMARY_FLEXIBLE_ALLOCATION: u32 = 0x1;
-    /// Secondary Controller Offline.
-    pub const SECONDARY_OFFLINE: u32 = 0x7;
-    /// Secondary Controller Assign.
-    pub const SECONDARY_ASSIGN: u32 = 0x8;
-    /// Secondary Controller Online.
-    pub const SECONDARY_ONLINE: u32 = 0x9;
-    /// Resource type: VQ (queue) resources.
-    pub const RESOURCE_VQ: u32 = 0;
-    /// Resource type: VI (interrupt) resources.
-    pub const RESOURCE_VI: u32 = 1;
-}
-
 /// Identify CNS values.
 pub mod cns {
     /// Identify Namespace (NSID).

@@ -72,7 +72,8 @@ use parking_lot::{Mutex, RwLock};
 use crate::addr::PciAddress;
 use crate::bus::backing::{BackingError, DeviceBacking, DmaMemory, RegisterIo};
 use crate::nvme::spec::{
-    self, Command, Completion, Status, admin, cc, cns, csts, dsm, feature, io as nvm, oacs, oncs, reg, virt,
+    self, Command, Completion, Status, admin, cc, cns, csts, dsm, feature, io as nvm, oacs, oncs, reg,
+    virt_mgmt,
 };
 use crate::vfio::{DmaBuffer, PAGE};
 
@@ -1908,8 +1909,8 @@ impl Engine {
     }
 
     fn virt_mgmt(&mut self, cmd: &Command) -> Outcome {
-        let act = cmd.cdw[0] & 0xf;
-        let rt = cmd.cdw[0] >> 8 & 0x7;
+        let act = (cmd.cdw[0] & 0xf) as u8;
+        let rt = (cmd.cdw[0] >> 8 & 0x7) as u8;
         let cntlid = (cmd.cdw[0] >> 16) as u16;
         let nr = (cmd.cdw[1] & 0xffff) as u16;
         let mut guard = self.shared.sriov.lock();
@@ -1917,8 +1918,11 @@ impl Engine {
             return err(Status::INVALID_OPCODE);
         };
         let total = [s.config.flexible_vq, s.config.flexible_vi];
-        let needs_rt = matches!(act, virt::PRIMARY_FLEXIBLE_ALLOCATION | virt::SECONDARY_ASSIGN);
-        if needs_rt && rt > virt::RESOURCE_VI {
+        let needs_rt = matches!(
+            act,
+            virt_mgmt::PRIMARY_FLEXIBLE_ALLOCATION | virt_mgmt::SECONDARY_ASSIGN
+        );
+        if needs_rt && rt > virt_mgmt::RESOURCE_VI {
             return err(Status::INVALID_RESOURCE_ID);
         }
         let r = rt as usize & 1;
@@ -1934,7 +1938,7 @@ impl Engine {
             .checked_sub(1)
             .filter(|&i| i < s.secondaries.len());
         match act {
-            virt::PRIMARY_FLEXIBLE_ALLOCATION => {
+            virt_mgmt::PRIMARY_FLEXIBLE_ALLOCATION => {
                 if cntlid != 0 {
                     return err(Status::INVALID_CONTROLLER_ID);
                 }
@@ -1945,14 +1949,14 @@ impl Engine {
                 s.next_primary[r] = nr;
                 ok(u32::from(nr))
             }
-            virt::SECONDARY_OFFLINE => {
+            virt_mgmt::SECONDARY_OFFLINE => {
                 let Some(i) = secondary else {
                     return err(Status::INVALID_CONTROLLER_ID);
                 };
                 s.secondaries[i].online = false;
                 ok(0)
             }
-            virt::SECONDARY_ASSIGN => {
+            virt_mgmt::SECONDARY_ASSIGN => {
                 let Some(i) = secondary else {
                     return err(Status::INVALID_CONTROLLER_ID);
                 };
@@ -1972,7 +1976,7 @@ impl Engine {
                 }
                 ok(u32::from(nr))
             }
-            virt::SECONDARY_ONLINE => {
+            virt_mgmt::SECONDARY_ONLINE => {
                 let Some(i) = secondary else {
                     return err(Status::INVALID_CONTROLLER_ID);
                 };
