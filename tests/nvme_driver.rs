@@ -559,3 +559,35 @@ proptest! {
         prop_assert_eq!(e.stats().bad_dma, 0);
     }
 }
+
+#[test]
+fn a_doorbell_stride_and_4k_blocks_are_honoured() {
+    let e = emu(EmuConfig {
+        dstrd: 2,
+        namespaces: vec![NamespaceConfig {
+            blocks: 2048,
+            block_size: 4096,
+        }],
+        ..EmuConfig::default()
+    });
+    let c = up(&e);
+    assert_eq!(c.info().cap.doorbell_stride(), 16);
+    let ns = c.namespace(1).unwrap();
+    assert_eq!((ns.blocks, ns.block_size), (2048, 4096));
+    let mut queues: Vec<_> = (0..3).map(|_| c.io_queue(8).unwrap()).collect();
+    let data = pattern(3 * 4096, 9);
+    let buf = c.alloc_buffer(3 * 4096).unwrap();
+    buf.write_at(0, &data).unwrap();
+    // Three queues, so doorbells past the first stride are used.
+    for (i, q) in queues.iter_mut().enumerate() {
+        q.write(1, 10 * i as u64, 3, &buf, 0).unwrap();
+        let back = c.alloc_buffer(3 * 4096).unwrap();
+        q.read(1, 10 * i as u64, 3, &back, 0).unwrap();
+        let mut got = vec![0u8; 3 * 4096];
+        back.read_at(0, &mut got).unwrap();
+        assert_eq!(got, data);
+    }
+    assert_eq!(e.namespace_read(1, 20 * 4096, 3 * 4096).unwrap(), data);
+    assert_eq!(e.stats().invalid_doorbell_writes, 0);
+    assert_eq!(e.stats().bad_dma, 0);
+}
