@@ -17,7 +17,7 @@ use super::spec::{
 };
 use super::{Dma, NvmeError};
 use crate::addr::PciAddress;
-use crate::bus::backing::{DeviceBacking, RegisterIo};
+use crate::bus::backing::{DeviceBacking, DmaMemory, RegisterIo};
 
 /// PCI Command register: Memory Space Enable and Bus Master Enable.
 const COMMAND_MEMORY: u16 = 1 << 1;
@@ -131,7 +131,6 @@ pub(crate) struct Shared<B: DeviceBacking> {
     reason: Mutex<String>,
     // Bumped by each controller reset: queues made before it create themselves again.
     pub(crate) generation: AtomicU64,
-    admin_depth: u16,
 }
 
 impl<B: DeviceBacking> Shared<B> {
@@ -252,14 +251,7 @@ impl<B: DeviceBacking> Shared<B> {
             wait_ready(regs, false, cap, "reset: controller disable (CSTS.RDY = 0)")?;
             ring.reset();
             *next_cid = 0;
-            let depth = self.admin_depth;
-            regs.write32(reg::AQA, u32::from(depth - 1) << 16 | u32::from(depth - 1))?;
-            for (at, iova) in [(reg::ASQ, ring.sq_iova()), (reg::ACQ, ring.cq_iova())] {
-                regs.write32(at, iova as u32)?;
-                regs.write32(at + 4, (iova >> 32) as u32)?;
-            }
-            regs.write32(reg::CC, cc::EN | 6 << cc::IOSQES_SHIFT | 4 << cc::IOCQES_SHIFT)?;
-            wait_ready(regs, true, cap, "reset: controller enable (CSTS.RDY = 1)")?;
+            enable(regs, ring, cap, "reset: controller enable (CSTS.RDY = 1)")?;
         }
         let n = self.info.io_queues;
         let mut cmd = Command::new(admin::SET_FEATURES);
@@ -296,6 +288,34 @@ impl<B: DeviceBacking> Shared<B> {
         list.retain(|w| w.strong_count() > 0);
         list.push(Arc::downgrade(regs));
     }
+}
+
+// Points a disabled controller at the admin queue `ring`, enables it (4 KiB pages, NVM
+// command set, 64/16-byte entries) and waits until it is ready.
+fn enable<R: RegisterIo, D: DmaMemory>(
+    regs: &R,
+    ring: &Ring<D>,
+    cap: Cap,
+    what: &str,
+) -> Result<(), NvmeError> {
+    let last = u32::from(ring.depth() - 1);
+    regs.write32(reg::AQA, last << 16 | last)?;
+    // Two 32-bit writes each: every controller takes them (some refuse 64-bit ones).
+    for (at, iova) in [(reg::ASQ, ring.sq_iova()), (reg::ACQ, ring.cq_iova())] {
+        regs.write32(at, iova as u32)?;
+        regs.write32(at + 4, (iova >> 32) as u32)?;
+    }
+    regs.write32(reg::CC, cc::EN | 6 << cc::IOSQES_SHIFT | 4 << cc::IOCQES_SHIFT)?;
+    wait_ready(regs, true, cap, what)
+}
+
+// Sets and clears bits of the PCI Command register.
+fn update_command<B: DeviceBacking>(backing: &B, set: u16, clear: u16) -> Result<(), NvmeError> {
+    let mut command = [0u8; 2];
+    backing.read_config(4, &mut command)?;
+    let command = u16::from_le_bytes(command) & !clear | set;
+    backing.write_config(4, &command.to_le_bytes())?;
+    Ok(())
 }
 
 // Gone (all-ones) or failed (CFS) controllers end waits at once.
@@ -386,10 +406,7 @@ impl<B: DeviceBacking> Controller<B> {
         use crate::bus::backing::DmaMemory;
         let address = backing.address();
         // Memory space (the registers) and bus mastering (the controller's DMA) on.
-        let mut command = [0u8; 2];
-        backing.read_config(4, &mut command)?;
-        let command = u16::from_le_bytes(command) | COMMAND_MEMORY | COMMAND_MASTER;
-        backing.write_config(4, &command.to_le_bytes())?;
+        update_command(&backing, COMMAND_MEMORY | COMMAND_MASTER, 0)?;
         let regs = backing.map_bar(0)?;
         let cap = Cap(regs.read64(reg::CAP)?);
         if cap.0 == u64::MAX {
@@ -425,16 +442,7 @@ impl<B: DeviceBacking> Controller<B> {
         let sq = backing.alloc_dma(usize::from(depth) * Command::SIZE)?;
         let cq = backing.alloc_dma(usize::from(depth) * Completion::SIZE)?;
         let ring = Ring::new(0, depth, sq, cq, Doorbells::of(cap, 0));
-        let aqa = u32::from(depth - 1) << 16 | u32::from(depth - 1);
-        regs.write32(reg::AQA, aqa)?;
-        // Two 32-bit writes each: every controller takes them (some refuse 64-bit ones).
-        for (at, iova) in [(reg::ASQ, ring.sq_iova()), (reg::ACQ, ring.cq_iova())] {
-            regs.write32(at, iova as u32)?;
-            regs.write32(at + 4, (iova >> 32) as u32)?;
-        }
-        let config = cc::EN | 6 << cc::IOSQES_SHIFT | 4 << cc::IOCQES_SHIFT;
-        regs.write32(reg::CC, config)?;
-        wait_ready(&regs, true, cap, "controller enable (CSTS.RDY = 1)")?;
+        enable(&regs, &ring, cap, "controller enable (CSTS.RDY = 1)")?;
 
         let mut shared = Shared {
             info: ControllerInfo {
@@ -463,7 +471,6 @@ impl<B: DeviceBacking> Controller<B> {
             revoked: AtomicBool::new(false),
             reason: Mutex::new(String::new()),
             generation: AtomicU64::new(0),
-            admin_depth: depth,
         };
         let buf = backing.alloc_dma(4096)?;
         let run = |cmd: Command, what: &str| shared.admin(cmd, what);
@@ -628,11 +635,7 @@ impl<B: DeviceBacking> Controller<B> {
         // in flight. Bus Master Enable off stops the controller's DMA at once (a device
         // that is gone ignores the write).
         if let Some(b) = self.shared.backing.lock().as_ref() {
-            let mut command = [0u8; 2];
-            if b.read_config(4, &mut command).is_ok() {
-                let command = u16::from_le_bytes(command) & !COMMAND_MASTER;
-                let _ = b.write_config(4, &command.to_le_bytes());
-            }
+            let _ = update_command(b, 0, COMMAND_MASTER);
         }
         // An admin command in progress sees `revoked` at its next poll and lets go.
         self.shared.admin.lock().regs = None;

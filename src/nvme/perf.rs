@@ -146,6 +146,18 @@ pub struct PerfResult {
 }
 
 impl PerfResult {
+    /// Adds what another queue (or another part of a run) measured; its elapsed time is
+    /// not added (the parts ran side by side).
+    pub fn merge(&mut self, other: PerfResult) {
+        self.ios += other.ios;
+        self.errors += other.errors;
+        self.doorbells += other.doorbells;
+        self.latency.merge(&other.latency);
+        if self.first_error.is_none() {
+            self.first_error = other.first_error;
+        }
+    }
+
     /// I/Os per second.
     pub fn iops(&self) -> f64 {
         self.ios as f64 / self.elapsed.as_secs_f64().max(1e-9)
@@ -220,14 +232,7 @@ pub fn run<B: DeviceBacking>(
         ..Default::default()
     };
     for r in results.into_inner().unwrap_or_else(|e| e.into_inner()) {
-        let r = r?;
-        total.ios += r.ios;
-        total.errors += r.errors;
-        total.doorbells += r.doorbells;
-        total.latency.merge(&r.latency);
-        if total.first_error.is_none() {
-            total.first_error = r.first_error;
-        }
+        total.merge(r?);
     }
     Ok(total)
 }
@@ -266,15 +271,16 @@ fn one_queue<B: DeviceBacking>(
         };
         slot * blocks
     };
+    // Tag `tag`'s I/O at `lba`, in its own part of the buffer.
+    let request = |tag: u16, lba: u64| IoRequest {
+        op: config.op,
+        nsid: config.nsid,
+        lba,
+        blocks,
+        buffer: Some((&buffer, usize::from(tag) * config.io_size)),
+    };
     for tag in 0..depth {
-        let lba = pick(&mut rng);
-        let req = IoRequest {
-            op: config.op,
-            nsid: config.nsid,
-            lba,
-            blocks,
-            buffer: Some((&buffer, usize::from(tag) * config.io_size)),
-        };
+        let req = request(tag, pick(&mut rng));
         if let Err(e) = queue.submit(&req, u64::from(tag)) {
             return ended(result, e);
         }
@@ -333,14 +339,7 @@ fn one_queue<B: DeviceBacking>(
         }
         if !stopping {
             for &tag in &done_tags {
-                let lba = pick(&mut rng);
-                let req = IoRequest {
-                    op: config.op,
-                    nsid: config.nsid,
-                    lba,
-                    blocks,
-                    buffer: Some((&buffer, usize::from(tag) * config.io_size)),
-                };
+                let req = request(tag, pick(&mut rng));
                 if let Err(e) = queue.submit(&req, u64::from(tag)) {
                     if result.first_error.is_none() {
                         result.first_error = Some(e.to_string());

@@ -15,7 +15,7 @@ use pcibus::nvme::driver::NvmeDriver;
 use pcibus::nvme::perf::{PerfConfig, PerfResult, Progress};
 use pcibus::nvme::spec::{oacs, oncs};
 use pcibus::nvme::{Controller, Op, Options};
-use pcibus::{Scanner, SysfsRoot};
+use pcibus::{PciAddress, Scanner, SysfsRoot};
 use std::io::IsTerminal;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -149,11 +149,9 @@ pub(super) struct DeviceArgs {
 
 // Runs `f` with the controller of `args.device`, through a bus that binds, claims and
 // releases it.
-fn with_controller<T>(
-    root: &SysfsRoot,
-    args: &DeviceArgs,
-    f: impl FnOnce(&Controller<VfioBacking>) -> Result<T, Error>,
-) -> Result<T, Error> {
+// A bus over the kernel's sysfs with the NVMe driver, offered only `args.device`; and that
+// device's address.
+fn nvme_bus(root: &SysfsRoot, args: &DeviceArgs) -> Result<(Bus<VfioAttach>, PciAddress), Error> {
     if let Some(why) = super::not_kernel_sysfs(root) {
         return Err(format!("nvme needs the kernel's sysfs: {why}").into());
     }
@@ -168,6 +166,25 @@ fn with_controller<T>(
     let mut bus =
         Bus::new(map, VfioAttach::new(root.clone(), policy)).selection(Selection::new(vec![devarg], vec![])?);
     bus.register(Box::new(NvmeDriver::<VfioBacking>::new(Options::default())));
+    Ok((bus, address))
+}
+
+// After the bus is dropped: with `--restore`, a device that was on vfio-pci before the
+// command (so the bus has no previous driver to put back) goes to whichever kernel driver
+// takes it.
+fn give_back(root: &SysfsRoot, args: &DeviceArgs, address: PciAddress) -> Result<(), Error> {
+    if args.restore && pcibus::sysfs::bind::current_driver(root, address).as_deref() == Some("vfio-pci") {
+        pcibus::sysfs::bind::reprobe(root, address)?;
+    }
+    Ok(())
+}
+
+fn with_controller<T>(
+    root: &SysfsRoot,
+    args: &DeviceArgs,
+    f: impl FnOnce(&Controller<VfioBacking>) -> Result<T, Error>,
+) -> Result<T, Error> {
+    let (mut bus, address) = nvme_bus(root, args)?;
     let report = bus
         .probe_all()
         .into_iter()
@@ -197,9 +214,7 @@ fn with_controller<T>(
     drop(controller);
     // Shuts the controller down, closes the device, restores its driver if asked.
     drop(bus);
-    if args.restore && pcibus::sysfs::bind::current_driver(root, address).as_deref() == Some("vfio-pci") {
-        pcibus::sysfs::bind::reprobe(root, address)?;
-    }
+    give_back(root, args, address)?;
     result
 }
 
@@ -557,23 +572,10 @@ fn perf_hotplug(
     use pcibus::hotplug::monitor::UeventMonitor;
     use std::sync::Arc;
 
-    if let Some(why) = super::not_kernel_sysfs(root) {
-        return Err(format!("nvme needs the kernel's sysfs: {why}").into());
-    }
-    let devarg = DevArg::parse_allow(&args.device)?;
-    let address = devarg.address();
-    // Opened before the first scan, so that no event is missed.
+    // Opened before the bus's first scan, so that no event is missed.
     let mut monitor = UeventMonitor::open()?.pci_only(true);
-    let map = DeviceMap::new(Scanner::new(root.clone()))?;
-    let policy = BindPolicy {
-        bind: true,
-        force: args.force,
-        restore: args.restore,
-    };
-    let mut bus = Bus::new(map, VfioAttach::new(root.clone(), policy))
-        .selection(Selection::new(vec![devarg], vec![])?)
-        .settle(settle);
-    bus.register(Box::new(NvmeDriver::<VfioBacking>::new(Options::default())));
+    let (bus, address) = nvme_bus(root, args)?;
+    let mut bus = bus.settle(settle);
     for r in bus.probe_all() {
         if let Err(e) = r.result {
             return Err(format!("{}: {e}", r.address).into());
@@ -633,9 +635,7 @@ fn perf_hotplug(
     join_load(worker.take(), &mut total);
     total.elapsed = start.elapsed();
     drop(bus);
-    if args.restore && pcibus::sysfs::bind::current_driver(root, address).as_deref() == Some("vfio-pci") {
-        pcibus::sysfs::bind::reprobe(root, address)?;
-    }
+    give_back(root, args, address)?;
     Ok((total, h))
 }
 
@@ -650,15 +650,7 @@ fn join_load(load: Option<Load>, total: &mut PerfResult) {
     let Some((handle, progress)) = load else { return };
     progress.stop.store(true, Ordering::Relaxed);
     match handle.join() {
-        Ok(Ok(r)) => {
-            total.ios += r.ios;
-            total.errors += r.errors;
-            total.doorbells += r.doorbells;
-            total.latency.merge(&r.latency);
-            if total.first_error.is_none() {
-                total.first_error = r.first_error;
-            }
-        }
+        Ok(Ok(r)) => total.merge(r),
         Ok(Err(e)) => {
             if total.first_error.is_none() {
                 total.first_error = Some(e.to_string());
