@@ -46,7 +46,8 @@ mod vmtest {
 
     use pcibus::removal::held;
     use pcibus::vfio::{
-        COMMAND, COMMAND_MEMORY, DmaBuffer, DmaRegion, MappedBar, VfioDevice, VfioError, irq, region_flags,
+        COMMAND, COMMAND_MEMORY, Container, DmaBuffer, DmaRegion, MappedBar, VfioBackend, VfioDevice,
+        VfioError, irq, region_flags,
     };
     use pcibus::{BlockingAttr, PciAddress, ProblemKind, RemovalRegistry, Scanner, SysfsRoot};
 
@@ -61,6 +62,7 @@ mod vmtest {
             ["list-json"] => list_json(),
             ["vfio-open", addr] => addr.parse().map_err(err).and_then(vfio_open),
             ["vfio-dma", addr] => addr.parse().map_err(err).and_then(vfio_dma),
+            ["dma-bench", addr] => addr.parse().map_err(err).and_then(dma_bench),
             ["hold", addr, secs] => addr
                 .parse()
                 .map_err(err)
@@ -89,7 +91,7 @@ mod vmtest {
                 .map_err(err)
                 .and_then(|a| bus(a, secs.parse().map_err(err)?, 2)),
             _ => Err(
-                "usage: pcibus-vmtest list-json | vfio-open ADDR | vfio-dma ADDR | \
+                "usage: pcibus-vmtest list-json | vfio-open ADDR | vfio-dma ADDR | dma-bench ADDR | \
                       hold ADDR SECONDS | seed ADDR | vfio-group ADDR ADDR | held-scan-exit ADDR | \
                       claim-release ADDR SECONDS | try-claim ADDR | bus ADDR SECONDS | \
                       bus-replug ADDR SECONDS | kernel-perf BLOCKDEV QD SECONDS"
@@ -107,6 +109,23 @@ mod vmtest {
 
     fn err(e: impl std::fmt::Display) -> String {
         e.to_string()
+    }
+
+    /// The backend the harness asked for (`PCIBUS_VFIO_BACKEND`, set per boot by
+    /// tests/vm/init), resolved on this kernel.
+    fn backend() -> VfioBackend {
+        VfioBackend::from_env().unwrap_or_default().resolve()
+    }
+
+    /// A new container of that backend.
+    fn new_container() -> Result<Arc<Container>, VfioError> {
+        Container::with_backend(backend())
+    }
+
+    /// Opens `addr` in a new container of that backend: what VfioDevice::open does with
+    /// the backend chosen.
+    fn open_dev(root: &SysfsRoot, addr: PciAddress) -> Result<Arc<VfioDevice>, VfioError> {
+        VfioDevice::open_in(root, addr, &new_container()?)
     }
 
     fn ms(d: Duration) -> String {
@@ -316,21 +335,37 @@ mod vmtest {
         let sysfs_totalvfs = read_trim(&dir.join("sriov_totalvfs")).and_then(|s| s.parse::<u16>().ok());
 
         let t = Instant::now();
-        let dev = VfioDevice::open(&root, addr).map_err(|e| format!("VfioDevice::open: {e}"))?;
+        let dev = open_dev(&root, addr).map_err(|e| format!("VfioDevice::open: {e}"))?;
         checks.check(held::is_held(addr), || {
             "the open device is not registered as held".into()
         });
+        let group = pcibus::vfio::iommu_group(&root, addr).map_err(err)?;
         println!(
-            "opened {addr} in {}: group {}, {} regions, {} irq indexes",
+            "opened {addr} in {} through the {} backend: group {group}, {} regions, {} irq indexes",
             ms(t.elapsed()),
-            dev.group().number(),
+            dev.backend(),
             dev.num_regions(),
             dev.num_irqs()
         );
+        checks.check(dev.backend() == backend(), || {
+            format!("opened through {}, asked for {}", dev.backend(), backend())
+        });
+        checks.check(info["backend"].as_str() == Some(backend().name()), || {
+            format!("vfio info backend {} vs {}", info["backend"], backend())
+        });
         checks.check(
-            info["group"].as_u64() == Some(dev.group().number().into()),
-            || format!("vfio info group {} vs {}", info["group"], dev.group().number()),
+            dev.group().map(|g| g.number()) == (backend() == VfioBackend::Group).then_some(group),
+            || {
+                format!(
+                    "group handle {:?} for the {} backend",
+                    dev.group().map(|g| g.number()),
+                    backend()
+                )
+            },
         );
+        checks.check(info["group"].as_u64() == Some(group.into()), || {
+            format!("vfio info group {} vs {group}", info["group"])
+        });
         checks.check(info["viable"] == Value::Bool(true), || {
             "vfio info: not viable".into()
         });
@@ -634,7 +669,7 @@ mod vmtest {
     fn vfio_dma(addr: PciAddress) -> Res {
         let root = SysfsRoot::new(SYS);
         let mut checks = Checks::default();
-        let dev = VfioDevice::open(&root, addr).map_err(|e| format!("VfioDevice::open: {e}"))?;
+        let dev = open_dev(&root, addr).map_err(|e| format!("VfioDevice::open: {e}"))?;
         let container = Arc::clone(dev.container());
         let info = container
             .iommu_info()
@@ -753,6 +788,41 @@ mod vmtest {
         checks.check(again.read::<u32>(0) == Some(0x5a5a_5a5a), || {
             "contents lost".into()
         });
+        // The IOVA chosen by the kernel (iommufd; the group backend takes the allocator's)
+        // and one chosen by the caller: the device reaches both.
+        let chosen = container
+            .map_kernel_iova(DmaBuffer::new(4096).map_err(err)?)
+            .map_err(|e| format!("map at a kernel-chosen IOVA: {e}"))?;
+        let fixed_iova = 1u64 << 37;
+        let fixed = container
+            .map_at(DmaBuffer::new(4096).map_err(err)?, fixed_iova)
+            .map_err(|e| format!("map at IOVA {fixed_iova:#x}: {e}"))?;
+        println!(
+            "  {} backend: kernel-chosen IOVA {:#x}, fixed IOVA {:#x}",
+            container.backend(),
+            chosen.iova(),
+            fixed.iova()
+        );
+        checks.check(inside(chosen.iova(), 4096) && fixed.iova() == fixed_iova, || {
+            format!("kernel-chosen {:#x}, fixed {:#x}", chosen.iova(), fixed.iova())
+        });
+        checks.check(
+            matches!(
+                container.map_at(DmaBuffer::new(4096).map_err(err)?, fixed_iova),
+                Err(VfioError::IovaUnavailable { .. })
+            ),
+            || "a second map at the same fixed IOVA was not refused".into(),
+        );
+        if let Some(first) = first {
+            for (what, region) in [("kernel-chosen", &chosen), ("fixed", &fixed)] {
+                match nvme_identify(&dev, &again, &cq, region) {
+                    Ok(id) => checks.check(id == first, || format!("Identify into the {what} IOVA differs")),
+                    Err(e) => checks.check(false, || format!("Identify into the {what} IOVA: {e}")),
+                }
+            }
+        }
+        drop((chosen, fixed));
+
         // Regions may outlive the device: the container lives as long as they do.
         drop(dev);
         drop((again, cq, data));
@@ -760,6 +830,76 @@ mod vmtest {
             format!("leaked IOVA ranges {:x?}", container.leaked())
         });
         checks.done("vfio-dma")
+    }
+
+    // ------------------------------------------------------------------ dma-bench
+
+    /// DMA map and unmap cost of each backend the kernel has, in this one guest: `ADDR`
+    /// is opened in a container of each backend in turn, and the same buffers are mapped
+    /// and unmapped through it many times. Prints one line per backend and size, and a
+    /// JSON summary line (`dma-bench: {...}`).
+    fn dma_bench(addr: PciAddress) -> Res {
+        let root = SysfsRoot::new(SYS);
+        let mut results = serde_json::Map::new();
+        for backend in [VfioBackend::Group, VfioBackend::Iommufd] {
+            let container = match Container::with_backend(backend) {
+                Ok(c) => c,
+                Err(e) => {
+                    println!("{backend}: not available here ({e})");
+                    continue;
+                }
+            };
+            let dev = VfioDevice::open_in(&root, addr, &container)
+                .map_err(|e| format!("{backend}: open {addr}: {e}"))?;
+            let mut per_size = serde_json::Map::new();
+            for (len, rounds) in [(4096usize, 4000u32), (64 << 10, 2000), (2 << 20, 400)] {
+                let mut buf = DmaBuffer::new(len).map_err(err)?;
+                // One round first: page faults and the allocator's first split are not
+                // what is measured.
+                buf = container.map(buf).map_err(err)?.unmap().map_err(err)?;
+                let (mut map_ns, mut unmap_ns) = (Vec::new(), Vec::new());
+                for _ in 0..rounds {
+                    let t = Instant::now();
+                    let region = container
+                        .map(buf)
+                        .map_err(|e| format!("{backend}: map {len}: {e}"))?;
+                    let mapped = Instant::now();
+                    buf = region
+                        .unmap()
+                        .map_err(|e| format!("{backend}: unmap {len}: {e}"))?;
+                    map_ns.push((mapped - t).as_nanos() as u64);
+                    unmap_ns.push(mapped.elapsed().as_nanos() as u64);
+                }
+                map_ns.sort_unstable();
+                unmap_ns.sort_unstable();
+                let median = |v: &[u64]| v[v.len() / 2];
+                let p99 = |v: &[u64]| v[v.len() * 99 / 100];
+                println!(
+                    "{backend:<8} {:>7} bytes{}: map median {:>7} ns (p99 {:>7}), unmap median {:>7} ns (p99 {:>7}), {rounds} rounds",
+                    len,
+                    if buf.is_huge() { " (2 MiB page)" } else { "" },
+                    median(&map_ns),
+                    p99(&map_ns),
+                    median(&unmap_ns),
+                    p99(&unmap_ns)
+                );
+                per_size.insert(
+                    len.to_string(),
+                    serde_json::json!({
+                        "map_ns": median(&map_ns), "map_p99_ns": p99(&map_ns),
+                        "unmap_ns": median(&unmap_ns), "unmap_p99_ns": p99(&unmap_ns),
+                        "huge": buf.is_huge(), "rounds": rounds,
+                    }),
+                );
+            }
+            results.insert(backend.to_string(), serde_json::Value::Object(per_size));
+            drop(dev);
+        }
+        if results.is_empty() {
+            return Err("no backend could open the device".into());
+        }
+        println!("dma-bench: {}", serde_json::Value::Object(results));
+        Ok(())
     }
 
     fn wait_bit(bar: &MappedBar, off: u64, mask: u32, want: u32, timeout: Duration) -> Res<Duration> {
@@ -918,40 +1058,60 @@ mod vmtest {
 
     // ----------------------------------------------------------------- vfio-group
 
-    /// Two functions of one IOMMU group, opened in one container: the second open reuses
-    /// the group the first opened (the kernel lets a group be open once); opening it in a
-    /// second container is refused with EBUSY; the container keeps the group (and its
-    /// DMA mappings) after the devices close, and releases it when it goes.
+    /// Two functions of one IOMMU group, opened in one container: with the group backend
+    /// the second open reuses the group the first opened (the kernel lets a group be open
+    /// once), with iommufd both bind to the one iommufd; opening one in a second container
+    /// is refused (group: EBUSY on /dev/vfio/N; iommufd: EPERM, the group's DMA belongs to
+    /// the first iommufd); the container keeps the IOVA space (and its DMA mappings) after
+    /// the devices close, and releases the group when it goes.
     fn vfio_group(a: PciAddress, b: PciAddress) -> Res {
         let root = SysfsRoot::new(SYS);
         let mut checks = Checks::default();
+        let groups_backend = backend() == VfioBackend::Group;
         let ga = pcibus::vfio::iommu_group(&root, a).map_err(err)?;
         let gb = pcibus::vfio::iommu_group(&root, b).map_err(err)?;
         if ga != gb {
             return Err(format!("{a} is in group {ga}, {b} in group {gb}"));
         }
         let t = Instant::now();
-        let dev_a = VfioDevice::open(&root, a).map_err(|e| format!("open {a}: {e}"))?;
+        let dev_a = open_dev(&root, a).map_err(|e| format!("open {a}: {e}"))?;
         let container = Arc::clone(dev_a.container());
         let dev_b = VfioDevice::open_in(&root, b, &container)
             .map_err(|e| format!("open {b} in the same container: {e}"))?;
         println!(
-            "opened {a} and {b} of group {ga} in one container in {}",
+            "opened {a} and {b} of group {ga} in one {} container in {}",
+            container.backend(),
             ms(t.elapsed())
         );
-        checks.check(Arc::ptr_eq(dev_a.group(), dev_b.group()), || {
+        let same_group = match (dev_a.group(), dev_b.group()) {
+            (Some(x), Some(y)) => Arc::ptr_eq(x, y),
+            (None, None) => !groups_backend,
+            _ => false,
+        };
+        checks.check(same_group, || {
             "the two devices have different Group handles".into()
         });
-        checks.check(container.groups() == vec![ga], || {
+        let expected_groups = if groups_backend { vec![ga] } else { vec![] };
+        checks.check(container.groups() == expected_groups, || {
             format!("container groups {:?}", container.groups())
         });
         // A second container cannot have the group: the kernel's rule, reported as such.
-        match VfioDevice::open(&root, b) {
-            Err(VfioError::OpenGroup { group, source }) => {
+        match open_dev(&root, b) {
+            Err(VfioError::OpenGroup { group, source }) if groups_backend => {
                 println!("  a second container: open /dev/vfio/{group} refused: {source}");
                 checks.check(source.raw_os_error() == Some(nix::libc::EBUSY), || {
                     format!("second container: {source}, expected EBUSY")
                 });
+            }
+            Err(e @ VfioError::GroupBusy { .. }) if !groups_backend => {
+                println!("  a second iommufd: {e}");
+                let VfioError::GroupBusy { group, source, .. } = e else {
+                    unreachable!()
+                };
+                checks.check(
+                    source.raw_os_error() == Some(nix::libc::EPERM) && group == Some(ga),
+                    || format!("second iommufd: {source} (group {group:?}), expected EPERM for group {ga}"),
+                );
             }
             Err(e) => checks.check(false, || format!("second container: unexpected error {e}")),
             Ok(_) => checks.check(false, || "a second container opened the group too".into()),
@@ -976,23 +1136,28 @@ mod vmtest {
             "  DMA region at IOVA {:#x} in the shared container",
             region.iova()
         );
-        // The container keeps the group attached after its devices close: the IOMMU, and
-        // the region mapped in it, stay valid, and a device of the group opens again.
+        // The container keeps its IOVA space after its devices close: the region mapped in
+        // it stays valid, and a device of the group opens again.
         drop(dev_a);
         let mut id = [0u8; 2];
         dev_b
             .read_config(0, &mut id)
             .map_err(|e| format!("{b} after closing {a}: {e}"))?;
         drop(dev_b);
-        checks.check(container.groups() == vec![ga], || {
+        checks.check(container.groups() == expected_groups, || {
             format!("groups after closing both devices: {:?}", container.groups())
         });
         let dev_a = VfioDevice::open_in(&root, a, &container)
             .map_err(|e| format!("reopen {a} in the same container: {e}"))?;
-        checks.check(
-            Arc::ptr_eq(dev_a.group(), &container.group(&root, ga).map_err(err)?),
-            || "reopen got another group handle".into(),
-        );
+        if groups_backend {
+            checks.check(
+                Arc::ptr_eq(
+                    dev_a.group().ok_or("no group handle")?,
+                    &container.group(&root, ga).map_err(err)?,
+                ),
+                || "reopen got another group handle".into(),
+            );
+        }
         let second = container
             .alloc_dma(4096)
             .map_err(|e| format!("DMA map after reopening: {e}"))?;
@@ -1006,13 +1171,12 @@ mod vmtest {
         checks.check(container.leaked().is_empty(), || {
             format!("leaked {:x?}", container.leaked())
         });
-        // With the container gone the group is closed: a new container can have it.
+        // With the container gone the group is free: a new container can have it.
         drop(container);
-        let again =
-            VfioDevice::open(&root, a).map_err(|e| format!("reopen {a} after the container went: {e}"))?;
+        let again = open_dev(&root, a).map_err(|e| format!("reopen {a} after the container went: {e}"))?;
         println!(
-            "  after the container went: reopened {a} in a new container (group {})",
-            again.group().number()
+            "  after the container went: reopened {a} in a new {} container",
+            again.backend()
         );
         drop(again);
         checks.done("vfio-group")
@@ -1045,7 +1209,7 @@ mod vmtest {
         let mut checks = Checks::default();
         let t0 = Instant::now();
 
-        let dev = VfioDevice::open(&root, addr).map_err(|e| format!("VfioDevice::open: {e}"))?;
+        let dev = open_dev(&root, addr).map_err(|e| format!("VfioDevice::open: {e}"))?;
         let efd = dev.request_eventfd().map_err(err)?;
         let bar0 = dev.map_bar(0).map_err(err)?;
         let vs = bar0.read32(8).map_err(err)?;
@@ -1234,7 +1398,7 @@ mod vmtest {
     fn hold(addr: PciAddress, secs: u64) -> Res {
         let root = SysfsRoot::new(SYS);
         let registry = RemovalRegistry::new();
-        let dev = VfioDevice::open(&root, addr).map_err(|e| format!("VfioDevice::open: {e}"))?;
+        let dev = open_dev(&root, addr).map_err(|e| format!("VfioDevice::open: {e}"))?;
         let efd = dev.request_eventfd().map_err(err)?;
         let t = Instant::now();
         println!("hold: open {addr}, REQ eventfd registered, keeping it {secs} s");
@@ -1270,7 +1434,7 @@ mod vmtest {
         let claim = claims
             .claim(addr, &ClaimInfo::new().driver("vmtest"))
             .map_err(|e| format!("claim: {e}"))?;
-        let dev = VfioDevice::open(&root, addr).map_err(|e| format!("VfioDevice::open: {e}"))?;
+        let dev = open_dev(&root, addr).map_err(|e| format!("VfioDevice::open: {e}"))?;
         let efd = dev.request_eventfd().map_err(err)?;
         println!("claim-release: {addr} claimed and open; ready");
         let t = Instant::now();
@@ -1321,7 +1485,7 @@ mod vmtest {
         );
         let mut checks = Checks::default();
 
-        let dev = VfioDevice::open(&root, addr).map_err(|e| format!("VfioDevice::open: {e}"))?;
+        let dev = open_dev(&root, addr).map_err(|e| format!("VfioDevice::open: {e}"))?;
         let efd = dev.request_eventfd().map_err(err)?;
         let applicable: BTreeSet<&str> = {
             let before = scanner.scan().map_err(err)?;
@@ -1531,7 +1695,8 @@ mod vmtest {
                 force: false,
                 restore: true,
             },
-        );
+        )
+        .backend(backend());
         let mut monitor = UeventMonitor::open().map_err(err)?.pci_only(true);
         let selection = Selection::from_args([("-a", addr.to_string())]).map_err(err)?;
         let mut bus = Bus::new(map, attach)

@@ -261,6 +261,54 @@ fn vfio_info_refuses_a_root_that_is_not_the_kernels_sysfs() {
     );
 }
 
+#[test]
+fn the_vfio_backend_is_checked_before_anything_runs() {
+    let fake = fixture("qemu-q35-sriov-nvme.pcifix");
+    let o = pcibus(fake.root(), &["--vfio-backend", "container", "list"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(code(&o), 2, "{err}");
+    assert!(err.contains("auto, group, iommufd"), "{err}");
+    // The variable is the option's default, and checked the same way.
+    let o = Command::new(env!("CARGO_BIN_EXE_pcibus"))
+        .args(["--sysfs", fake.root().to_str().unwrap(), "list"])
+        .env("PCIBUS_VFIO_BACKEND", "vfio")
+        .output()
+        .unwrap();
+    assert_eq!(code(&o), 2, "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("PCIBUS_VFIO_BACKEND")
+            || String::from_utf8_lossy(&o.stderr).contains("'vfio'")
+    );
+}
+
+#[test]
+fn iommufd_on_a_kernel_without_it_says_what_is_missing() {
+    if Path::new("/dev/iommu").exists() {
+        eprintln!("SKIPPED: this kernel has /dev/iommu");
+        return;
+    }
+    let Some(dev) = std::fs::read_dir("/sys/bus/pci/devices")
+        .ok()
+        .and_then(|mut d| d.next())
+        .and_then(|e| e.ok())
+    else {
+        eprintln!("SKIPPED: no PCI device here");
+        return;
+    };
+    let addr = dev.file_name().to_string_lossy().into_owned();
+    let o = pcibus(
+        Path::new("/sys"),
+        &["--vfio-backend", "iommufd", "vfio", "info", &addr],
+    );
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(code(&o), 1, "{err}");
+    assert!(
+        err.contains("cannot open /dev/iommu") && err.contains("CONFIG_IOMMUFD"),
+        "{err}"
+    );
+    assert!(err.contains("--vfio-backend group"), "names the way out: {err}");
+}
+
 // A disk this machine has mounted, by the name sysfs would give it ("vda", "nvme0n1p2").
 fn a_host_mounted_disk() -> Option<String> {
     let mounts = std::fs::read_to_string("/proc/self/mounts").ok()?;

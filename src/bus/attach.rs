@@ -13,7 +13,7 @@ use crate::addr::PciAddress;
 use crate::record::DeviceRecord;
 use crate::sysfs::bind::{self, BindError, Binding};
 use crate::sysfs::scan::SysfsRoot;
-use crate::vfio::{Container, VfToken, VfioDevice, VfioError};
+use crate::vfio::{Container, VfToken, VfioBackend, VfioDevice, VfioError};
 
 /// The vfio-pci driver's name.
 pub const VFIO_PCI: &str = "vfio-pci";
@@ -123,6 +123,7 @@ pub struct VfioAttach {
     root: SysfsRoot,
     policy: BindPolicy,
     container: Option<Arc<Container>>,
+    backend: VfioBackend,
     vf_token: Option<VfToken>,
 }
 
@@ -133,8 +134,18 @@ impl VfioAttach {
             root,
             policy,
             container: None,
+            backend: VfioBackend::Auto,
             vf_token: None,
         }
+    }
+
+    /// Opens devices through `backend` (default [`VfioBackend::Auto`]: iommufd where the
+    /// kernel offers it, else the group backend), each in a container of its own unless
+    /// [`shared_container`](Self::shared_container) gives one (whose backend then wins).
+    /// Drivers see no difference.
+    pub fn backend(mut self, backend: VfioBackend) -> Self {
+        self.backend = backend;
+        self
     }
 
     /// Opens every device in `container` (one IOVA space for all of them).
@@ -161,7 +172,7 @@ impl VfioAttach {
         let token = self.vf_token.filter(|_| record.physfn.is_some());
         let container = match &self.container {
             Some(c) => Arc::clone(c),
-            None => Container::new()?,
+            None => Container::with_backend(self.backend)?,
         };
         let device = VfioDevice::open_in_with_token(&self.root, address, &container, token)?;
         let request = device.request_eventfd()?;

@@ -9,6 +9,7 @@ const MAX_CAPS: usize = 64;
 
 const REGION_INFO_LEN: usize = 32;
 const IOMMU_INFO_LEN: usize = 24;
+const IOVA_RANGES_LEN: usize = 32;
 
 /// Region flags (`VFIO_REGION_INFO_FLAG_*`).
 pub mod region_flags {
@@ -214,6 +215,49 @@ pub fn parse_iommu_info(b: &[u8]) -> Result<IommuInfo, InfoError> {
     Ok(info)
 }
 
+/// Most IOVA ranges accepted from an IOAS query (real ones have a handful: the holes are
+/// the reserved regions, such as the MSI window).
+const MAX_IOVA_RANGES: usize = 4096;
+
+/// Decodes the answer to iommufd's `IOMMU_IOAS_IOVA_RANGES`: a `struct
+/// iommu_ioas_iova_ranges` (32 bytes: size, ioas_id, num_iovas, reserved, the array
+/// pointer, out_iova_alignment) followed by `num_iovas` `struct iommu_iova_range`s
+/// (start, last: inclusive). The result is an [`IommuInfo`] whose `page_sizes` is the one
+/// alignment the IOAS demands of every IOVA and length (at least 4096 here: pcibus maps
+/// whole pages).
+pub fn parse_iova_ranges(b: &[u8]) -> Result<IommuInfo, InfoError> {
+    let err = |problem| InfoError {
+        what: "IOAS IOVA range",
+        problem,
+    };
+    if b.len() < IOVA_RANGES_LEN {
+        return Err(err("shorter than struct iommu_ioas_iova_ranges"));
+    }
+    let count = u32_at(b, 8).unwrap_or_default() as usize;
+    let alignment = u64_at(b, 24).unwrap_or_default();
+    if !alignment.is_power_of_two() {
+        return Err(err("the IOVA alignment is not a power of two"));
+    }
+    if count > MAX_IOVA_RANGES {
+        return Err(err("more IOVA ranges than any IOMMU has"));
+    }
+    let mut iova_ranges = Vec::with_capacity(count);
+    for i in 0..count {
+        let at = IOVA_RANGES_LEN + i * 16;
+        let (Some(start), Some(last)) = (u64_at(b, at), u64_at(b, at + 8)) else {
+            return Err(err("fewer ranges in the buffer than num_iovas says"));
+        };
+        if last < start {
+            return Err(err("an IOVA range ends before it starts"));
+        }
+        iova_ranges.push(start..=last);
+    }
+    Ok(IommuInfo {
+        page_sizes: alignment.max(4096),
+        iova_ranges,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -292,11 +336,89 @@ mod tests {
         assert_eq!(info.min_page_size(), 4096);
     }
 
+    // What IOMMU_IOAS_IOVA_RANGES returns for QEMU's intel-iommu (39 bits, the MSI window
+    // reserved), laid out as sys::ioas_iova_ranges hands it over.
+    fn ioas_ranges(ranges: &[(u64, u64)], alignment: u64) -> Vec<u8> {
+        let mut b = vec![0u8; 32 + ranges.len() * 16];
+        put32(&mut b, 0, 32);
+        put32(&mut b, 8, ranges.len() as u32);
+        put64(&mut b, 24, alignment);
+        for (i, (start, last)) in ranges.iter().enumerate() {
+            put64(&mut b, 32 + i * 16, *start);
+            put64(&mut b, 40 + i * 16, *last);
+        }
+        b
+    }
+
+    #[test]
+    fn ioas_ranges_of_a_39_bit_iommu() {
+        let b = ioas_ranges(&[(0, 0xfedf_ffff), (0xfef0_0000, (1 << 39) - 1)], 4096);
+        let info = parse_iova_ranges(&b).unwrap();
+        assert_eq!(
+            info.iova_ranges,
+            vec![0..=0xfedf_ffff, 0xfef0_0000..=(1u64 << 39) - 1]
+        );
+        assert_eq!(info.min_page_size(), 4096);
+        // An alignment of 1 (any IOVA) still maps whole pages.
+        assert_eq!(
+            parse_iova_ranges(&ioas_ranges(&[(0, 0xffff)], 1))
+                .unwrap()
+                .min_page_size(),
+            4096
+        );
+    }
+
+    #[test]
+    fn malformed_ioas_ranges_are_errors() {
+        let good = ioas_ranges(&[(0x1000, 0xffff)], 4096);
+        let problem = |b: &[u8]| parse_iova_ranges(b).unwrap_err().problem;
+        assert_eq!(problem(&good[..31]), "shorter than struct iommu_ioas_iova_ranges");
+        assert_eq!(
+            problem(&good[..40]),
+            "fewer ranges in the buffer than num_iovas says"
+        );
+        assert_eq!(
+            problem(&ioas_ranges(&[(0x2000, 0x1000)], 4096)),
+            "an IOVA range ends before it starts"
+        );
+        assert_eq!(
+            problem(&ioas_ranges(&[(0, 0xffff)], 3)),
+            "the IOVA alignment is not a power of two"
+        );
+        assert_eq!(
+            problem(&ioas_ranges(&[], 0)),
+            "the IOVA alignment is not a power of two"
+        );
+        let mut huge = good.clone();
+        put32(&mut huge, 8, u32::MAX);
+        assert_eq!(problem(&huge), "more IOVA ranges than any IOMMU has");
+        // No range at all is a valid answer (nothing may be mapped).
+        assert!(
+            parse_iova_ranges(&ioas_ranges(&[], 4096))
+                .unwrap()
+                .iova_ranges
+                .is_empty()
+        );
+    }
+
     proptest! {
         #[test]
         fn decoders_never_panic(b in proptest::collection::vec(any::<u8>(), 0..512)) {
             let _ = parse_region_info(&b);
             let _ = parse_iommu_info(&b);
+            let _ = parse_iova_ranges(&b);
+        }
+
+        #[test]
+        fn ioas_ranges_round_trip(
+            ranges in proptest::collection::vec((any::<u64>(), any::<u64>()), 0..16),
+            shift in 0u32..13,
+        ) {
+            let ranges: Vec<(u64, u64)> = ranges.into_iter().map(|(a, b)| (a.min(b), a.max(b))).collect();
+            let info = parse_iova_ranges(&ioas_ranges(&ranges, 1 << shift)).unwrap();
+            let got: Vec<(u64, u64)> = info.iova_ranges.iter().map(|r| (*r.start(), *r.end())).collect();
+            prop_assert_eq!(got, ranges);
+            prop_assert_eq!(info.min_page_size(), 4096);
         }
     }
 }

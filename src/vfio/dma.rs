@@ -42,7 +42,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use nix::sys::mman::{MapFlags, ProtFlags, mmap_anonymous, munmap};
 
-use super::{Container, VfioError, sys};
+use super::{Container, Space, VfioError, sys};
 
 /// 2 MiB huge pages.
 pub const HUGE_PAGE: usize = 2 << 20;
@@ -449,7 +449,7 @@ impl DmaRegion {
                 source: None,
             });
         };
-        let result = sys::iommu_unmap_dma(self.container.fd.as_fd(), self.iova, self.size);
+        let result = self.container.kernel_unmap(self.iova, self.size);
         let released = self
             .container
             .iommu
@@ -533,24 +533,74 @@ impl Container {
             .as_mut()
             .ok_or(VfioError::NoGroupAttached)?
             .reserve(size, buffer.is_huge())?;
+        self.map_reserved(buffer, iova)
+    }
+
+    /// Maps `buffer` at IOVA `iova`, which must lie in the IOMMU's ranges, be aligned to
+    /// its page size and be free (not mapped through this container):
+    /// [`VfioError::IovaUnavailable`] otherwise.
+    pub fn map_at(self: &Arc<Self>, buffer: DmaBuffer, iova: u64) -> Result<DmaRegion, VfioError> {
+        let size = buffer.len() as u64;
+        {
+            let mut iommu = self.iommu.lock();
+            let space = iommu.as_mut().ok_or(VfioError::NoGroupAttached)?;
+            if !iova.is_multiple_of(space.info.min_page_size()) || !space.reserve_at(iova, size) {
+                return Err(VfioError::IovaUnavailable { iova, size });
+            }
+        }
+        self.map_reserved(buffer, iova)
+    }
+
+    /// Maps `buffer` at an IOVA the kernel chooses, with the iommufd backend (which picks
+    /// one in the IOAS's ranges, away from every mapping); the IOVA is then kept from this
+    /// container's allocator. The group backend has no such choice: there this is
+    /// [`map`](Self::map).
+    pub fn map_kernel_iova(self: &Arc<Self>, buffer: DmaBuffer) -> Result<DmaRegion, VfioError> {
+        let Space::Iommufd(ioas) = &self.space else {
+            return self.map(buffer);
+        };
+        let size = buffer.len() as u64;
+        let mut iommu = self.iommu.lock();
+        let space = iommu.as_mut().ok_or(VfioError::NoGroupAttached)?;
+        // SAFETY: as in map_reserved: `buffer` moves into the returned region, which keeps
+        // it mapped until the IOMMU mapping is gone, or forever if the unmap fails; its
+        // bytes are only reached through atomics.
+        let mapped = unsafe { sys::ioas_map(ioas.as_fd(), ioas.id(), buffer.vaddr(), None, size) };
+        let iova = mapped.map_err(|source| map_error(None, size, source))?;
+        // The allocator hands out only what no mapping uses, so the kernel's choice is free
+        // there, unless something else mapped into this IOAS behind the container's back.
+        if !space.reserve_at(iova, size) {
+            let undone = sys::ioas_unmap(ioas.as_fd(), ioas.id(), iova, size);
+            drop(iommu);
+            if !matches!(undone, Ok(n) if n == size) {
+                // Still reachable by the device: never free the pages.
+                std::mem::forget(buffer);
+            }
+            return Err(VfioError::IovaUnavailable { iova, size });
+        }
+        drop(iommu);
+        Ok(DmaRegion {
+            buffer: Some(buffer),
+            iova,
+            size,
+            container: Arc::clone(self),
+        })
+    }
+
+    // Maps `buffer` at `iova`, already reserved in the allocator: given back on failure.
+    fn map_reserved(self: &Arc<Self>, buffer: DmaBuffer, iova: u64) -> Result<DmaRegion, VfioError> {
+        let size = buffer.len() as u64;
         // SAFETY: `buffer` is an owned anonymous mapping of exactly `size` bytes; it moves
         // into the returned region, which keeps it mapped in the process until the IOMMU
         // mapping is gone (unmap succeeded) or forever (unmap failed: leaked). Its bytes
         // are only reached through atomic accesses, so device writes do not invalidate
         // any reference.
-        let mapped = unsafe { sys::iommu_map_dma(self.fd.as_fd(), buffer.vaddr(), iova, size) };
+        let mapped = unsafe { self.kernel_map(buffer.vaddr(), iova, size) };
         if let Err(source) = mapped {
             if let Some(space) = self.iommu.lock().as_mut() {
                 space.map_failed(iova, size);
             }
-            return Err(match source.raw_os_error() {
-                Some(nix::libc::ENOMEM) | Some(nix::libc::EPERM) => VfioError::Memlock {
-                    size,
-                    limit: memlock_limit(),
-                    source,
-                },
-                _ => VfioError::Map { iova, size, source },
-            });
+            return Err(map_error(Some(iova), size, source));
         }
         Ok(DmaRegion {
             buffer: Some(buffer),
@@ -558,6 +608,31 @@ impl Container {
             size,
             container: Arc::clone(self),
         })
+    }
+
+    /// The backend's map ioctl at a fixed IOVA.
+    ///
+    /// # Safety
+    ///
+    /// As for [`sys::iommu_map_dma`].
+    unsafe fn kernel_map(&self, vaddr: u64, iova: u64, size: u64) -> io::Result<()> {
+        match &self.space {
+            // SAFETY: the caller's promise, passed on.
+            Space::Group { fd, .. } => unsafe { sys::iommu_map_dma(fd.as_fd(), vaddr, iova, size) },
+            Space::Iommufd(ioas) => {
+                // SAFETY: the caller's promise, passed on.
+                let mapped = unsafe { sys::ioas_map(ioas.as_fd(), ioas.id(), vaddr, Some(iova), size) };
+                mapped.map(drop)
+            }
+        }
+    }
+
+    /// The backend's unmap ioctl: the bytes unmapped.
+    fn kernel_unmap(&self, iova: u64, size: u64) -> io::Result<u64> {
+        match &self.space {
+            Space::Group { fd, .. } => sys::iommu_unmap_dma(fd.as_fd(), iova, size),
+            Space::Iommufd(ioas) => sys::ioas_unmap(ioas.as_fd(), ioas.id(), iova, size),
+        }
     }
 
     /// Allocates a [`DmaBuffer`] of at least `len` bytes and maps it.
@@ -573,6 +648,18 @@ impl Container {
             .as_ref()
             .map(|s| s.leaked.clone())
             .unwrap_or_default()
+    }
+}
+
+/// The error of a failed map ioctl: pinning (memlock) or anything else.
+fn map_error(iova: Option<u64>, size: u64, source: io::Error) -> VfioError {
+    match source.raw_os_error() {
+        Some(nix::libc::ENOMEM) | Some(nix::libc::EPERM) => VfioError::Memlock {
+            size,
+            limit: memlock_limit(),
+            source,
+        },
+        _ => VfioError::Map { iova, size, source },
     }
 }
 
@@ -595,6 +682,29 @@ pub(super) struct IovaSpace {
 }
 
 impl IovaSpace {
+    /// The IOVA space of an iommufd IOAS: exactly the ranges it reports (none: nothing
+    /// can be mapped).
+    pub(super) fn exact(info: super::IommuInfo) -> IovaSpace {
+        IovaSpace {
+            alloc: IovaAllocator::new(&info.iova_ranges),
+            info,
+            leaked: Vec::new(),
+        }
+    }
+
+    /// Another device joined the IOAS and the ranges are now `info`'s: what is free
+    /// shrinks to them (what is mapped stays: the kernel refuses a device whose reserved
+    /// regions overlap a mapping).
+    pub(super) fn narrow(&mut self, info: super::IommuInfo) {
+        self.alloc.retain_within(&info.iova_ranges);
+        self.info = info;
+    }
+
+    /// Takes exactly `[iova, iova + size)` from the free ranges, if all of it is free.
+    fn reserve_at(&mut self, iova: u64, size: u64) -> bool {
+        self.alloc.reserve_at(iova, size)
+    }
+
     pub(super) fn new(info: super::IommuInfo) -> IovaSpace {
         let ranges = if info.iova_ranges.is_empty() {
             // Kernels before 5.4 report no ranges: stay below 39 bits, which every
@@ -706,6 +816,51 @@ impl IovaAllocator {
             return Some(at);
         }
         None
+    }
+
+    /// Takes exactly `[iova, iova + size)`, if it lies inside one free extent; false (and
+    /// nothing taken) otherwise.
+    pub fn reserve_at(&mut self, iova: u64, size: u64) -> bool {
+        let Some(last) = size.checked_sub(1).and_then(|s| iova.checked_add(s)) else {
+            return false;
+        };
+        let Some(i) = self.free.iter().position(|&(s, e)| s <= iova && last <= e) else {
+            return false;
+        };
+        let (start, end) = self.free[i];
+        let mut rest = Vec::with_capacity(2);
+        if start < iova {
+            rest.push((start, iova - 1));
+        }
+        if last < end {
+            rest.push((last + 1, end));
+        }
+        self.free.splice(i..=i, rest);
+        true
+    }
+
+    /// Keeps only the free IOVAs that lie inside `ranges` (inclusive).
+    pub fn retain_within(&mut self, ranges: &[RangeInclusive<u64>]) {
+        let mut kept = Vec::new();
+        for &(s, e) in &self.free {
+            for r in ranges {
+                let (lo, hi) = (s.max(*r.start()), e.min(*r.end()));
+                if lo <= hi {
+                    kept.push((lo, hi));
+                }
+            }
+        }
+        kept.sort_unstable();
+        // Overlapping `ranges` give overlapping pieces: merge them, so the extents stay
+        // disjoint.
+        let mut merged: Vec<(u64, u64)> = Vec::with_capacity(kept.len());
+        for (s, e) in kept {
+            match merged.last_mut() {
+                Some(last) if s <= last.1.saturating_add(1) => last.1 = last.1.max(e),
+                _ => merged.push((s, e)),
+            }
+        }
+        self.free = merged;
     }
 
     /// Returns [iova, iova + size) to the free extents, merging neighbours.
@@ -980,7 +1135,67 @@ mod tests {
         assert_eq!(a, IovaAllocator::new(&[0..=0xfedf_ffff, 0xfef0_0000..=top]));
     }
 
+    #[test]
+    fn fixed_iovas_are_taken_exactly_once() {
+        let mut a = IovaAllocator::new(&[0..=0xffff_ffff]);
+        assert!(a.reserve_at(0x10_0000, 0x2000));
+        assert!(!a.reserve_at(0x10_1000, 0x1000), "already taken");
+        assert!(!a.reserve_at(0, 0x1000), "IOVA 0 is never handed out");
+        assert!(!a.reserve_at(0xffff_f000, 0x2000), "runs past the range");
+        assert!(!a.reserve_at(0x1000, 0), "empty");
+        assert!(!a.reserve_at(u64::MAX, 2), "wraps");
+        // The allocator goes around it.
+        let x = a.alloc(0x10_0000, 0x1000).unwrap();
+        assert!(x + 0x10_0000 <= 0x10_0000 || x >= 0x10_2000);
+        a.free(x, 0x10_0000);
+        a.free(0x10_0000, 0x2000);
+        assert_eq!(a, IovaAllocator::new(&[0..=0xffff_ffff]));
+    }
+
+    #[test]
+    fn a_second_device_narrows_what_is_free() {
+        // A first device attached: everything below 2^39; a second one reserves the MSI
+        // window, which is free, and keeps the rest.
+        let top = (1u64 << 39) - 1;
+        let info = |ranges: Vec<RangeInclusive<u64>>| super::super::IommuInfo {
+            page_sizes: 4096,
+            iova_ranges: ranges,
+        };
+        let mut space = IovaSpace::exact(info(vec![0..=top]));
+        let a = space.reserve(PAGE as u64, false).unwrap();
+        space.narrow(info(vec![0..=0xfedf_ffff, 0xfef0_0000..=top]));
+        assert_eq!(space.info.iova_ranges.len(), 2);
+        assert!(
+            !space.reserve_at(0xfee0_0000, PAGE as u64),
+            "the MSI window is gone"
+        );
+        assert!(space.reserve_at(0xfef0_0000, PAGE as u64));
+        // What was mapped before stays mapped: not handed out again.
+        assert!(!space.reserve_at(a, PAGE as u64));
+        // An IOAS that reports no range lets nothing be mapped.
+        let mut none = IovaSpace::exact(info(vec![]));
+        assert!(matches!(
+            none.reserve(PAGE as u64, false),
+            Err(VfioError::IovaExhausted { .. })
+        ));
+    }
+
     proptest! {
+        #[test]
+        fn narrowing_keeps_only_what_both_allow(
+            cuts in proptest::collection::vec((0u64..1 << 16, 1u64..1 << 12), 0..8),
+        ) {
+            let mut a = IovaAllocator::new(&[0..=(1u64 << 16) - 1]);
+            let ranges: Vec<RangeInclusive<u64>> = cuts.iter().map(|&(s, l)| s..=s + l - 1).collect();
+            a.retain_within(&ranges);
+            let allowed = |iova: u64| iova >= PAGE as u64 && iova < 1 << 16 && ranges.iter().any(|r| r.contains(&iova));
+            for probe in (0u64..1 << 16).step_by(97) {
+                prop_assert_eq!(a.clone().reserve_at(probe, 1), allowed(probe), "IOVA {:#x}", probe);
+            }
+            // Disjoint extents: what is free is exactly what is allowed, counted once.
+            prop_assert_eq!(a.available(), (0u64..1 << 16).filter(|&i| allowed(i)).count() as u64);
+        }
+
         #[test]
         fn allocations_never_overlap_and_free_restores(sizes in proptest::collection::vec((1u64..1 << 24, 12u32..22), 1..40)) {
             let ranges = [0..=(1u64 << 32) - 1, (1 << 33)..=(1u64 << 39) - 1];

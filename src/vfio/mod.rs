@@ -44,6 +44,7 @@
 mod caps;
 mod dma;
 pub mod fault;
+pub mod iommufd;
 pub(crate) mod mmio;
 mod sys;
 
@@ -58,8 +59,10 @@ use std::sync::Arc;
 use nix::sys::eventfd::{EfdFlags, EventFd};
 use parking_lot::Mutex;
 
+pub use caps::parse_iova_ranges;
 pub use caps::{InfoError, IommuInfo, RegionInfo, parse_iommu_info, parse_region_info, region_flags};
 pub use dma::{DmaBuffer, DmaObj, DmaRegion, HUGE_PAGE, IovaAllocator, PAGE, Scalar};
+pub use iommufd::{CdevProblem, VfioBackend, VfioBackendParseError};
 
 use crate::addr::PciAddress;
 use crate::config::{self, SriovCapability};
@@ -104,6 +107,47 @@ pub enum VfioError {
     /// `/dev/vfio/vfio` could not be opened.
     #[error("cannot open /dev/vfio/vfio (is the vfio module loaded? modprobe vfio-pci)")]
     NoVfio(#[source] io::Error),
+    /// The group backend was asked for, but the kernel has no container (`/dev/vfio/vfio`
+    /// is missing while `/dev/iommu` exists: `CONFIG_VFIO_CONTAINER` is off).
+    #[error(
+        "the kernel has no VFIO group mode: /dev/vfio/vfio is missing while /dev/iommu exists (CONFIG_VFIO_CONTAINER is off); use the iommufd backend (--vfio-backend iommufd)"
+    )]
+    NoGroupMode(#[source] io::Error),
+    /// The iommufd backend was asked for, but `/dev/iommu` could not be opened.
+    #[error(
+        "cannot open /dev/iommu: the kernel has no iommufd (CONFIG_IOMMUFD; Debian's packaged kernels lack it) or it is not loaded (modprobe iommufd); use the group backend (--vfio-backend group)"
+    )]
+    NoIommufd(#[source] io::Error),
+    /// The device has no usable vfio cdev for the iommufd backend.
+    #[error("{address} cannot be opened through iommufd: {problem}")]
+    NoDeviceCdev {
+        /// The device.
+        address: PciAddress,
+        /// What is missing.
+        problem: CdevProblem,
+        /// The open's error, for [`CdevProblem::Open`].
+        #[source]
+        source: Option<io::Error>,
+    },
+    /// iommufd refused to bind the device because its IOMMU group is used elsewhere: open
+    /// through the group backend (EBUSY), or bound to another iommufd (EPERM), in this
+    /// process (another container) or another.
+    #[error(
+        "{address} cannot be bound to this iommufd: its IOMMU group{} is in use elsewhere (open as /dev/vfio/N, or bound to another iommufd, by this process or another)",
+        group.map(|g| format!(" {g}")).unwrap_or_default()
+    )]
+    GroupBusy {
+        /// The device.
+        address: PciAddress,
+        /// Its IOMMU group, when the link could be read.
+        group: Option<u32>,
+        /// The kernel's error.
+        #[source]
+        source: io::Error,
+    },
+    /// An IOMMU group was asked of a container of the iommufd backend, which has none.
+    #[error("IOMMU groups belong to the group backend; this container is an iommufd IOAS")]
+    NoGroups,
     /// The kernel speaks another VFIO API version.
     #[error("VFIO API version {version}, expected {}", sys::API_VERSION)]
     ApiVersion {
@@ -256,20 +300,22 @@ pub enum VfioError {
         #[source]
         source: io::Error,
     },
-    /// `VFIO_IOMMU_MAP_DMA` failed for another reason.
-    #[error("VFIO_IOMMU_MAP_DMA of {size} bytes at IOVA {iova:#x} failed")]
+    /// The map ioctl (`VFIO_IOMMU_MAP_DMA`, or `IOMMU_IOAS_MAP` with iommufd) failed for
+    /// another reason.
+    #[error("mapping {size} bytes for DMA{} failed", iova.map(|i| format!(" at IOVA {i:#x}")).unwrap_or_default())]
     Map {
-        /// The IOVA tried.
-        iova: u64,
+        /// The IOVA tried (`None`: the kernel was to choose).
+        iova: Option<u64>,
         /// Bytes.
         size: u64,
         /// The kernel's error.
         #[source]
         source: io::Error,
     },
-    /// `VFIO_IOMMU_UNMAP_DMA` failed or unmapped less than the region: the region's
-    /// pages and IOVA range are leaked (see [`DmaRegion`]).
-    #[error("VFIO_IOMMU_UNMAP_DMA of {size} bytes at IOVA {iova:#x} failed{}", unmapped.map(|n| format!(": {n} bytes unmapped")).unwrap_or_default())]
+    /// The unmap ioctl (`VFIO_IOMMU_UNMAP_DMA`, or `IOMMU_IOAS_UNMAP`) failed or unmapped
+    /// less than the region: the region's pages and IOVA range are leaked (see
+    /// [`DmaRegion`]).
+    #[error("unmapping {size} bytes of DMA at IOVA {iova:#x} failed{}", unmapped.map(|n| format!(": {n} bytes unmapped")).unwrap_or_default())]
     Unmap {
         /// The region's IOVA.
         iova: u64,
@@ -280,6 +326,14 @@ pub enum VfioError {
         /// The kernel's error, when the ioctl failed.
         #[source]
         source: Option<io::Error>,
+    },
+    /// A fixed IOVA range that is outside the IOMMU's ranges, misaligned, or in use.
+    #[error("IOVA range {iova:#x}+{size:#x} is outside the IOMMU's ranges, misaligned or already mapped")]
+    IovaUnavailable {
+        /// Its start.
+        iova: u64,
+        /// Bytes.
+        size: u64,
     },
     /// No IOVA range of this size is left in the ranges the IOMMU reports.
     #[error("no IOVA range of {size} bytes left in the IOMMU's ranges")]
@@ -448,21 +502,25 @@ fn ioctl_err(
     }
 }
 
-/// A VFIO container: one IOMMU address space, type1v2. Shared as `Arc<Container>` by the
-/// devices opened in it and the [`DmaRegion`]s mapped in it.
+/// An IOMMU address space for DMA, of either backend ([`VfioBackend`]): a VFIO type1v2
+/// container with its groups, or an iommufd IOAS. Shared as `Arc<Container>` by the
+/// devices opened in it and the [`DmaRegion`]s mapped in it; which backend it is changes
+/// nothing for them.
 ///
-/// It keeps every [`Group`] it attached, open and attached, for its whole life: the
-/// kernel tears the IOMMU (and every mapping in it) down when the last group leaves a
-/// container, so groups that came and went with their devices would unmap the
-/// [`DmaRegion`]s behind their backs.
+/// A group-backend container keeps every [`Group`] it attached, open and attached, for its
+/// whole life: the kernel tears the IOMMU (and every mapping in it) down when the last
+/// group leaves a container, so groups that came and went with their devices would unmap
+/// the [`DmaRegion`]s behind their backs. An iommufd IOAS keeps its mappings whatever
+/// devices come and go.
 ///
 /// # Dropping
 ///
 /// The container goes when the last `Arc` goes: after every [`VfioDevice`] opened in it
-/// and every [`DmaRegion`] mapped in it. It closes its groups first (the last one out
-/// takes the IOMMU mappings with it: only regions whose unmap failed can be left, see
-/// [`Container::leaked`]), then its fd. Until then the groups stay open, so another
-/// process (or another container) cannot open them.
+/// and every [`DmaRegion`] mapped in it. A group container closes its groups first (the
+/// last one out takes the IOMMU mappings with it: only regions whose unmap failed can be
+/// left, see [`Container::leaked`]), then its fd; an iommufd one closes the iommufd, which
+/// destroys the IOAS and what is still mapped in it. Until then the groups stay open, so
+/// another process (or another container) cannot open them.
 ///
 /// # Process exit
 ///
@@ -470,27 +528,67 @@ fn ioctl_err(
 /// [module docs](self) for the device fds.
 #[derive(Debug)]
 pub struct Container {
-    // Declared before `fd`: the groups close (detach) before the container fd.
-    groups: Mutex<GroupTable<Group>>,
-    fd: OwnedFd,
-    // Filled when the first group is attached (the IOMMU type can be set only then).
+    space: Space,
+    // Filled when the first device is attached (the IOMMU type can be set, and the IOVA
+    // ranges are known, only then).
     iommu: Mutex<Option<dma::IovaSpace>>,
 }
 
+/// The kernel objects behind a [`Container`].
+#[derive(Debug)]
+enum Space {
+    Group {
+        // Declared before `fd`: the groups close (detach) before the container fd.
+        groups: Mutex<GroupTable<Group>>,
+        fd: OwnedFd,
+    },
+    Iommufd(iommufd::Ioas),
+}
+
 impl AsFd for Container {
+    /// The container fd (`/dev/vfio/vfio`), or the iommufd (`/dev/iommu`).
     fn as_fd(&self) -> BorrowedFd<'_> {
-        self.fd.as_fd()
+        match &self.space {
+            Space::Group { fd, .. } => fd.as_fd(),
+            Space::Iommufd(ioas) => ioas.as_fd(),
+        }
     }
 }
 
 impl Container {
-    /// Opens `/dev/vfio/vfio` and checks the API version and type1v2 support.
+    /// A container of the backend [`VfioBackend::Auto`] chooses on this kernel: iommufd
+    /// when it has `/dev/iommu` and the device cdevs, else the group backend.
     pub fn new() -> Result<Arc<Container>, VfioError> {
+        Self::with_backend(VfioBackend::Auto)
+    }
+
+    /// A container of `backend` ([`VfioBackend::Auto`] resolved now). Group: opens
+    /// `/dev/vfio/vfio` and checks the API version and type1v2 support. Iommufd: opens
+    /// `/dev/iommu` and allocates an IOAS. The errors name what the kernel lacks.
+    pub fn with_backend(backend: VfioBackend) -> Result<Arc<Container>, VfioError> {
+        let space = match backend.resolve() {
+            VfioBackend::Iommufd => Space::Iommufd(iommufd::Ioas::new()?),
+            _ => Self::open_type1()?,
+        };
+        Ok(Arc::new(Container {
+            space,
+            iommu: Mutex::new(None),
+        }))
+    }
+
+    fn open_type1() -> Result<Space, VfioError> {
         let file = File::options()
             .read(true)
             .write(true)
-            .open("/dev/vfio/vfio")
-            .map_err(VfioError::NoVfio)?;
+            .open(iommufd::CONTAINER_PATH)
+            .map_err(|e| {
+                if e.kind() == io::ErrorKind::NotFound && std::path::Path::new(iommufd::IOMMUFD_PATH).exists()
+                {
+                    VfioError::NoGroupMode(e)
+                } else {
+                    VfioError::NoVfio(e)
+                }
+            })?;
         let fd = OwnedFd::from(file);
         let version =
             sys::get_api_version(fd.as_fd()).map_err(ioctl_err("VFIO_GET_API_VERSION", None, None))?;
@@ -505,35 +603,53 @@ impl Container {
         if !has_type1 {
             return Err(VfioError::NoType1);
         }
-        Ok(Arc::new(Container {
-            fd,
-            iommu: Mutex::new(None),
+        Ok(Space::Group {
             groups: Mutex::new(GroupTable::default()),
-        }))
+            fd,
+        })
     }
 
-    /// A container on `/dev/null` (every ioctl fails with ENOTTY) with an IOVA space over
-    /// `ranges`: for tests of the failure paths.
+    /// The backend: [`VfioBackend::Group`] or [`VfioBackend::Iommufd`] (never `Auto`).
+    pub fn backend(&self) -> VfioBackend {
+        match self.space {
+            Space::Group { .. } => VfioBackend::Group,
+            Space::Iommufd(_) => VfioBackend::Iommufd,
+        }
+    }
+
+    /// The iommufd IOAS id, for an iommufd container.
+    pub fn ioas_id(&self) -> Option<u32> {
+        match &self.space {
+            Space::Iommufd(ioas) => Some(ioas.id()),
+            Space::Group { .. } => None,
+        }
+    }
+
+    /// A group container on `/dev/null` (every ioctl fails with ENOTTY) with an IOVA space
+    /// over `ranges`: for tests of the failure paths.
     #[cfg(test)]
     pub(crate) fn fake_for_tests(ranges: Vec<std::ops::RangeInclusive<u64>>) -> Arc<Container> {
-        let fd = OwnedFd::from(File::open("/dev/null").unwrap());
         let info = IommuInfo {
             page_sizes: 0x1000,
             iova_ranges: ranges,
         };
         Arc::new(Container {
-            fd,
+            space: Space::Group {
+                groups: Mutex::new(GroupTable::default()),
+                fd: OwnedFd::from(File::open("/dev/null").unwrap()),
+            },
             iommu: Mutex::new(Some(dma::IovaSpace::new(info))),
-            groups: Mutex::new(GroupTable::default()),
         })
     }
 
-    /// A container on `/dev/null` with no group attached: for tests.
+    /// A group container on `/dev/null` with no group attached: for tests.
     #[cfg(test)]
     pub(crate) fn fake_unattached_for_tests() -> Arc<Container> {
         Arc::new(Container {
-            groups: Mutex::new(GroupTable::default()),
-            fd: OwnedFd::from(File::open("/dev/null").unwrap()),
+            space: Space::Group {
+                groups: Mutex::new(GroupTable::default()),
+                fd: OwnedFd::from(File::open("/dev/null").unwrap()),
+            },
             iommu: Mutex::new(None),
         })
     }
@@ -542,38 +658,81 @@ impl Container {
     /// else opened now (checked viable, attached; the first group also sets the IOMMU
     /// type) and kept until the container goes. The kernel lets a group be open only
     /// once, so two functions of one group must be opened in the same container.
+    /// [`VfioError::NoGroups`] for an iommufd container.
     pub fn group(&self, root: &SysfsRoot, number: u32) -> Result<Arc<Group>, VfioError> {
-        self.groups
-            .lock()
-            .get_or_open(number, || Group::open(self, root, number).map(Arc::new))
+        match &self.space {
+            Space::Group { groups, .. } => groups
+                .lock()
+                .get_or_open(number, || Group::open(self, root, number).map(Arc::new)),
+            Space::Iommufd(_) => Err(VfioError::NoGroups),
+        }
     }
 
-    /// The numbers of the groups attached to this container.
+    /// The numbers of the groups attached to this container (none for iommufd).
     pub fn groups(&self) -> Vec<u32> {
-        self.groups.lock().live()
+        match &self.space {
+            Space::Group { groups, .. } => groups.lock().live(),
+            Space::Iommufd(_) => Vec::new(),
+        }
     }
 
     fn attach(&self, group: &OwnedFd, number: u32) -> Result<(), VfioError> {
-        sys::group_set_container(group.as_fd(), self.fd.as_fd()).map_err(ioctl_err(
+        let Space::Group { fd, .. } = &self.space else {
+            return Err(VfioError::NoGroups);
+        };
+        sys::group_set_container(group.as_fd(), fd.as_fd()).map_err(ioctl_err(
             "VFIO_GROUP_SET_CONTAINER",
             None,
             Some(number.into()),
         ))?;
         let mut iommu = self.iommu.lock();
         if iommu.is_none() {
-            sys::set_iommu(self.fd.as_fd(), sys::TYPE1V2_IOMMU).map_err(ioctl_err(
+            sys::set_iommu(fd.as_fd(), sys::TYPE1V2_IOMMU).map_err(ioctl_err(
                 "VFIO_SET_IOMMU",
                 None,
                 Some(sys::TYPE1V2_IOMMU.into()),
             ))?;
             let buf =
-                sys::iommu_get_info(self.fd.as_fd()).map_err(ioctl_err("VFIO_IOMMU_GET_INFO", None, None))?;
+                sys::iommu_get_info(fd.as_fd()).map_err(ioctl_err("VFIO_IOMMU_GET_INFO", None, None))?;
             *iommu = Some(dma::IovaSpace::new(parse_iommu_info(&buf)?));
         }
         Ok(())
     }
 
-    /// What the IOMMU reports (after the first group is attached).
+    /// Opens `address` through this container's backend: a group's device fd, or the
+    /// device cdev bound to the iommufd and attached to the IOAS (then the IOVA ranges are
+    /// read again: each device may narrow them). Returns the fd and, for the group
+    /// backend, the group.
+    fn open_device(
+        &self,
+        root: &SysfsRoot,
+        address: PciAddress,
+        token: Option<VfToken>,
+    ) -> Result<(OwnedFd, Option<Arc<Group>>), VfioError> {
+        match &self.space {
+            Space::Group { .. } => {
+                let number = iommu_group(root, address)?;
+                let group = self.group(root, number)?;
+                let fd = group
+                    .device_fd_with(address, token)
+                    .map_err(|e| vf_token_error(root, address, token, e))?;
+                Ok((fd, Some(group)))
+            }
+            Space::Iommufd(ioas) => {
+                let fd = ioas.open_device(root, address, token)?;
+                let info = ioas.ranges()?;
+                let mut iommu = self.iommu.lock();
+                match iommu.as_mut() {
+                    Some(space) => space.narrow(info),
+                    None => *iommu = Some(dma::IovaSpace::exact(info)),
+                }
+                Ok((fd, None))
+            }
+        }
+    }
+
+    /// What the IOMMU reports (after the first device is attached): for the group backend
+    /// the type1 info, for iommufd the IOAS's IOVA ranges and alignment.
     pub fn iommu_info(&self) -> Option<IommuInfo> {
         self.iommu.lock().as_ref().map(|s| s.info.clone())
     }
@@ -794,7 +953,8 @@ pub struct VfioDevice {
     // clears Memory Space Enable, so no mapping appears in between.
     mapped_bars: Mutex<usize>,
     identity: Option<DeviceIdentity>,
-    group: Arc<Group>,
+    // None for the iommufd backend.
+    group: Option<Arc<Group>>,
     container: Arc<Container>,
     // Dropped after the fd closes (fields drop in order): the device stays "held" until
     // then.
@@ -860,11 +1020,7 @@ impl VfioDevice {
         let held = HeldOpen::new(address);
         // The sysfs directory's identity, for registry marks (a stat: takes no device lock).
         let identity = DeviceIdentity::of(&root.device_dir(address)).ok();
-        let number = iommu_group(root, address)?;
-        let group = container.group(root, number)?;
-        let fd = group
-            .device_fd_with(address, token)
-            .map_err(|e| vf_token_error(root, address, token, e))?;
+        let (fd, group) = container.open_device(root, address, token)?;
         let info = sys::device_get_info(fd.as_fd()).map_err(ioctl_err(
             "VFIO_DEVICE_GET_INFO",
             Some(address),
@@ -913,9 +1069,15 @@ impl VfioDevice {
     pub fn container(&self) -> &Arc<Container> {
         &self.container
     }
-    /// Its IOMMU group.
-    pub fn group(&self) -> &Arc<Group> {
-        &self.group
+    /// Its IOMMU group, for the group backend (`None` when it was opened through
+    /// iommufd: the kernel still has the group, but this process holds no fd of it).
+    pub fn group(&self) -> Option<&Arc<Group>> {
+        self.group.as_ref()
+    }
+
+    /// The backend that opened it (its container's).
+    pub fn backend(&self) -> VfioBackend {
+        self.container.backend()
     }
     /// How many regions VFIO reports.
     pub fn num_regions(&self) -> u32 {

@@ -2,8 +2,9 @@
 //! arbitrary request. Together with the mmap of BARs and DMA buffers this is the only
 //! `unsafe` of the vfio layer.
 //!
-//! Every VFIO ioctl is `_IO(';', 100 + n)`: the request carries no size, and the argument
-//! structures start with `argsz`, the size the caller allocated. Structures that end in
+//! Every VFIO ioctl is `_IO(';', 100 + n)` and every iommufd one `_IO(';', 0x80 + n)`: the
+//! request carries no size, and the argument structures start with `argsz` (iommufd:
+//! `size`), the size the caller allocated. Structures that end in
 //! a capability chain are read into an 8-byte aligned byte buffer, grown when the kernel
 //! asks for more, and decoded by the safe code in [`super::caps`].
 #![allow(unsafe_code)]
@@ -34,6 +35,30 @@ const IOMMU_GET_INFO: u64 = vfio_io(12);
 const IOMMU_MAP_DMA: u64 = vfio_io(13);
 const IOMMU_UNMAP_DMA: u64 = vfio_io(14);
 const DEVICE_FEATURE: u64 = vfio_io(17);
+const DEVICE_BIND_IOMMUFD: u64 = vfio_io(18);
+const DEVICE_ATTACH_IOMMUFD_PT: u64 = vfio_io(19);
+
+const fn iommufd_io(n: u64) -> u64 {
+    // iommufd shares VFIO's ioctl type; its commands start at 0x80.
+    ((b';' as u64) << 8) | n
+}
+
+const IOMMU_IOAS_ALLOC: u64 = iommufd_io(0x81);
+const IOMMU_IOAS_IOVA_RANGES: u64 = iommufd_io(0x84);
+const IOMMU_IOAS_MAP: u64 = iommufd_io(0x85);
+const IOMMU_IOAS_UNMAP: u64 = iommufd_io(0x86);
+
+const IOAS_MAP_FIXED_IOVA: u32 = 1 << 0;
+const IOAS_MAP_WRITEABLE: u32 = 1 << 1;
+const IOAS_MAP_READABLE: u32 = 1 << 2;
+
+// VFIO_DEVICE_BIND_IOMMUFD flags: token_uuid_ptr is valid (kernels from mid-2025 on; older
+// ones insist on flags 0 and check no VF token in the cdev path).
+const BIND_FLAG_TOKEN: u32 = 1 << 0;
+
+/// Size of `struct iommu_ioas_iova_ranges`, the header [`ioas_iova_ranges`] returns before
+/// the ranges.
+pub(crate) const IOVA_RANGES_HEADER: usize = 32;
 
 // VFIO_DEVICE_FEATURE flags: the feature index in bits 15:0, then what to do with it.
 const DEVICE_FEATURE_SET: u32 = 1 << 17;
@@ -125,7 +150,89 @@ struct FeatureVfToken {
     uuid: [u8; 16],
 }
 
-argsz!(GroupStatus, DeviceInfo, IrqInfo, DmaMap, DmaUnmap, FeatureVfToken);
+argsz!(
+    GroupStatus,
+    DeviceInfo,
+    IrqInfo,
+    DmaMap,
+    DmaUnmap,
+    FeatureVfToken,
+    BindIommufd,
+    AttachPt
+);
+
+/// `struct vfio_device_bind_iommufd`, with the `token_uuid_ptr` newer kernels read when
+/// `flags` has [`BIND_FLAG_TOKEN`] (older ones read only the first 16 bytes).
+#[repr(C)]
+#[derive(Default)]
+struct BindIommufd {
+    argsz: u32,
+    flags: u32,
+    iommufd: i32,
+    out_devid: u32,
+    token_uuid_ptr: u64,
+}
+
+/// `struct vfio_device_attach_iommufd_pt` (without the PASID of later kernels).
+#[repr(C)]
+#[derive(Default)]
+struct AttachPt {
+    argsz: u32,
+    flags: u32,
+    pt_id: u32,
+}
+
+// iommufd's structures lead with `size`, which plays the part of argsz.
+macro_rules! size_first {
+    ($($t:ty),*) => { $(impl Argsz for $t { fn set_argsz(&mut self, a: u32) { self.size = a; } })* };
+}
+
+/// `struct iommu_ioas_alloc`.
+#[repr(C)]
+#[derive(Default)]
+struct IoasAlloc {
+    size: u32,
+    flags: u32,
+    out_ioas_id: u32,
+}
+
+/// `struct iommu_ioas_iova_ranges`; `allowed_iovas` points at an array of
+/// `struct iommu_iova_range { start, last }`.
+#[repr(C)]
+#[derive(Default)]
+struct IoasIovaRanges {
+    size: u32,
+    ioas_id: u32,
+    num_iovas: u32,
+    reserved: u32,
+    allowed_iovas: u64,
+    out_iova_alignment: u64,
+}
+
+/// `struct iommu_ioas_map`.
+#[repr(C)]
+#[derive(Default)]
+struct IoasMap {
+    size: u32,
+    flags: u32,
+    ioas_id: u32,
+    reserved: u32,
+    user_va: u64,
+    length: u64,
+    iova: u64,
+}
+
+/// `struct iommu_ioas_unmap`.
+#[repr(C)]
+#[derive(Default)]
+struct IoasUnmap {
+    size: u32,
+    ioas_id: u32,
+    iova: u64,
+    length: u64,
+}
+
+size_first!(IoasAlloc, IoasIovaRanges, IoasMap, IoasUnmap);
 
 /// # Safety
 ///
@@ -375,4 +482,134 @@ pub(crate) fn iommu_unmap_dma(container: BorrowedFd<'_>, iova: u64, size: u64) -
     // it only removes IOMMU mappings, touching no memory of this process.
     unsafe { ioctl_struct(container, IOMMU_UNMAP_DMA, &mut unmap) }?;
     Ok(unmap.size)
+}
+
+/// `VFIO_DEVICE_BIND_IOMMUFD` on a device cdev: binds it to `iommufd` (after which its fd
+/// works like one from a group) and returns the device id. With `token`, the VF token is
+/// passed too (`VFIO_DEVICE_BIND_FLAG_TOKEN`); kernels without that flag answer EINVAL.
+pub(crate) fn device_bind_iommufd(
+    device: BorrowedFd<'_>,
+    iommufd: BorrowedFd<'_>,
+    token: Option<[u8; 16]>,
+) -> io::Result<u32> {
+    let uuid = token.unwrap_or_default();
+    let mut bind = BindIommufd {
+        flags: if token.is_some() { BIND_FLAG_TOKEN } else { 0 },
+        iommufd: iommufd.as_raw_fd(),
+        token_uuid_ptr: if token.is_some() { uuid.as_ptr() as u64 } else { 0 },
+        ..Default::default()
+    };
+    // SAFETY: BIND_IOMMUFD takes a struct vfio_device_bind_iommufd, which BindIommufd is
+    // (kernels that know fewer fields read only those, as argsz allows). The kernel reads
+    // 16 bytes through token_uuid_ptr only when the flag is set, and then it points at
+    // `uuid`, alive for the call; `iommufd` is borrowed, so open.
+    unsafe { ioctl_struct(device, DEVICE_BIND_IOMMUFD, &mut bind) }?;
+    Ok(bind.out_devid)
+}
+
+/// `VFIO_DEVICE_ATTACH_IOMMUFD_PT`: attaches a bound device to the IOAS (or hardware page
+/// table) `pt_id`; returns the id the kernel reports back (the page table it used).
+pub(crate) fn device_attach_iommufd_pt(device: BorrowedFd<'_>, pt_id: u32) -> io::Result<u32> {
+    let mut attach = AttachPt {
+        pt_id,
+        ..Default::default()
+    };
+    // SAFETY: ATTACH_IOMMUFD_PT takes a struct vfio_device_attach_iommufd_pt, which AttachPt
+    // is; flags 0 means no PASID field follows.
+    unsafe { ioctl_struct(device, DEVICE_ATTACH_IOMMUFD_PT, &mut attach) }?;
+    Ok(attach.pt_id)
+}
+
+/// `IOMMU_IOAS_ALLOC`: a new, empty I/O address space in `iommufd`; returns its id.
+pub(crate) fn ioas_alloc(iommufd: BorrowedFd<'_>) -> io::Result<u32> {
+    let mut alloc = IoasAlloc::default();
+    // SAFETY: IOAS_ALLOC takes a struct iommu_ioas_alloc, which IoasAlloc is.
+    unsafe { ioctl_struct(iommufd, IOMMU_IOAS_ALLOC, &mut alloc) }?;
+    Ok(alloc.out_ioas_id)
+}
+
+/// `IOMMU_IOAS_IOVA_RANGES`: the IOVA ranges `ioas` accepts now. Returned raw for
+/// [`super::caps::parse_iova_ranges`]: the `struct iommu_ioas_iova_ranges` as the kernel
+/// left it ([`IOVA_RANGES_HEADER`] bytes, `num_iovas` and `out_iova_alignment` filled in,
+/// the pointer zeroed) followed by the `struct iommu_iova_range` array.
+pub(crate) fn ioas_iova_ranges(iommufd: BorrowedFd<'_>, ioas: u32) -> io::Result<Vec<u8>> {
+    let mut capacity = 8usize;
+    for _ in 0..4 {
+        // Two u64 per range: start and last.
+        let mut ranges = vec![0u64; capacity * 2];
+        let mut query = IoasIovaRanges {
+            ioas_id: ioas,
+            num_iovas: capacity as u32,
+            allowed_iovas: ranges.as_mut_ptr() as u64,
+            ..Default::default()
+        };
+        // SAFETY: IOAS_IOVA_RANGES takes a struct iommu_ioas_iova_ranges, which
+        // IoasIovaRanges is; the kernel writes at most num_iovas 16-byte ranges through
+        // allowed_iovas, which points at `ranges`, live, exclusively owned and that large.
+        match unsafe { ioctl_struct(iommufd, IOMMU_IOAS_IOVA_RANGES, &mut query) } {
+            Ok(_) => {
+                let mut out = Vec::with_capacity(IOVA_RANGES_HEADER + ranges.len() * 8);
+                for word in [query.size, query.ioas_id, query.num_iovas, query.reserved] {
+                    out.extend_from_slice(&word.to_ne_bytes());
+                }
+                out.extend_from_slice(&0u64.to_ne_bytes());
+                out.extend_from_slice(&query.out_iova_alignment.to_ne_bytes());
+                for word in &ranges {
+                    out.extend_from_slice(&word.to_ne_bytes());
+                }
+                return Ok(out);
+            }
+            Err(e) if e.raw_os_error() == Some(libc::EMSGSIZE) && query.num_iovas as usize > capacity => {
+                capacity = query.num_iovas as usize;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Err(io::Error::other(
+        "the kernel kept reporting more IOVA ranges than there was room for",
+    ))
+}
+
+/// `IOMMU_IOAS_MAP`, read and write: lets the devices attached to `ioas` reach `size`
+/// bytes of this process's memory at `vaddr`, at IOVA `iova` if given (FIXED_IOVA), else
+/// where the kernel chooses. Returns the IOVA.
+///
+/// # Safety
+///
+/// As for [`iommu_map_dma`]: the memory must stay mapped, owned and accessed only through
+/// raw pointers or atomics until a successful [`ioas_unmap`] of the range (or the
+/// iommufd's close).
+pub(crate) unsafe fn ioas_map(
+    iommufd: BorrowedFd<'_>,
+    ioas: u32,
+    vaddr: u64,
+    iova: Option<u64>,
+    size: u64,
+) -> io::Result<u64> {
+    let mut map = IoasMap {
+        flags: IOAS_MAP_READABLE | IOAS_MAP_WRITEABLE | if iova.is_some() { IOAS_MAP_FIXED_IOVA } else { 0 },
+        ioas_id: ioas,
+        user_va: vaddr,
+        length: size,
+        iova: iova.unwrap_or(0),
+        ..Default::default()
+    };
+    // SAFETY: IOAS_MAP takes a struct iommu_ioas_map, which IoasMap is; the memory it names
+    // is the caller's promise.
+    unsafe { ioctl_struct(iommufd, IOMMU_IOAS_MAP, &mut map) }?;
+    Ok(map.iova)
+}
+
+/// `IOMMU_IOAS_UNMAP` of `size` bytes at `iova`: returns the bytes the kernel unmapped.
+pub(crate) fn ioas_unmap(iommufd: BorrowedFd<'_>, ioas: u32, iova: u64, size: u64) -> io::Result<u64> {
+    let mut unmap = IoasUnmap {
+        ioas_id: ioas,
+        iova,
+        length: size,
+        ..Default::default()
+    };
+    // SAFETY: IOAS_UNMAP takes a struct iommu_ioas_unmap, which IoasUnmap is; it only
+    // removes IOMMU mappings, touching no memory of this process.
+    unsafe { ioctl_struct(iommufd, IOMMU_IOAS_UNMAP, &mut unmap) }?;
+    Ok(unmap.length)
 }

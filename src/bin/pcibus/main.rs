@@ -12,6 +12,7 @@ use pcibus::bus::claim::{ClaimDir, ClaimRecord, ClaimState};
 use pcibus::names::{Names, find_pci_ids};
 use pcibus::record::{Problem, ProblemKind};
 use pcibus::sysfs::bind::is_kernel_sysfs;
+use pcibus::vfio::VfioBackend;
 use pcibus::{BlockingAttr, DeviceRecord, IdSource, PciAddress, Scan, Scanner, SysfsRoot};
 
 mod claims;
@@ -62,6 +63,18 @@ struct Cli {
     /// DPDK's $SYSFS_PCI_DEVICES (a devices directory), else /sys.
     #[arg(long, global = true, value_name = "ROOT")]
     sysfs: Option<PathBuf>,
+    /// VFIO backend of the commands that open devices (vfio info, nvme): auto (iommufd
+    /// when the kernel has /dev/iommu and the vfio device cdev, else group), group (the
+    /// container and /dev/vfio/N, as DPDK and SPDK) or iommufd.
+    #[arg(
+        long,
+        global = true,
+        value_name = "BACKEND",
+        env = VfioBackend::ENV,
+        default_value = "auto",
+        value_parser = ["auto", "group", "iommufd"]
+    )]
+    vfio_backend: String,
     #[command(subcommand)]
     command: Command,
 }
@@ -265,8 +278,18 @@ impl ScanArgs {
     }
 }
 
+/// The `--vfio-backend` of this run.
+static VFIO_BACKEND: std::sync::OnceLock<VfioBackend> = std::sync::OnceLock::new();
+
+/// The VFIO backend to open devices with (`--vfio-backend`, default auto).
+fn vfio_backend() -> VfioBackend {
+    VFIO_BACKEND.get().copied().unwrap_or_default()
+}
+
 fn main() {
     let cli = Cli::parse();
+    // The value parser allowed only names that parse.
+    VFIO_BACKEND.get_or_init(|| cli.vfio_backend.parse().unwrap_or_default());
     // Before any thread exists: from here on the work runs in a child process. Not for
     // `watch`, which reads nothing that can block and must see its own SIGINT.
     let report = if matches!(cli.command, Command::Watch { .. }) {

@@ -163,8 +163,11 @@ fn nvme_bus(root: &SysfsRoot, args: &DeviceArgs) -> Result<(Bus<VfioAttach>, Pci
         force: args.force,
         restore: args.restore,
     };
-    let mut bus =
-        Bus::new(map, VfioAttach::new(root.clone(), policy)).selection(Selection::new(vec![devarg], vec![])?);
+    let mut bus = Bus::new(
+        map,
+        VfioAttach::new(root.clone(), policy).backend(crate::vfio_backend()),
+    )
+    .selection(Selection::new(vec![devarg], vec![])?);
     bus.register(Box::new(NvmeDriver::<VfioBacking>::new(Options::default())));
     Ok((bus, address))
 }

@@ -147,7 +147,7 @@ pub(super) fn run(out: &mut impl Write, root: &SysfsRoot, args: SriovArgs) -> Re
     let started = Instant::now();
 
     // The PF, through the bus, in a container its VFs will share.
-    let container = Container::new()?;
+    let container = Container::with_backend(crate::vfio_backend())?;
     let policy = BindPolicy {
         bind: true,
         force: args.force,

@@ -5,9 +5,11 @@ use super::*;
 // Everything `vfio info` reports, gathered as JSON first so text and JSON agree.
 pub(super) fn vfio_info(root: &SysfsRoot, address: PciAddress) -> Result<Value, Error> {
     use pcibus::vfio::{self, VfioDevice, irq, region_flags};
+    // The backend first: what the kernel lacks for it is the first thing to say.
+    let container = vfio::Container::with_backend(vfio_backend())?;
     let group = vfio::iommu_group(root, address)?;
     let culprits = vfio::non_vfio_members(root, group);
-    let dev = VfioDevice::open(root, address)?;
+    let dev = VfioDevice::open_in(root, address, &container)?;
     let mut regions = Vec::new();
     for index in 0..dev.num_regions() {
         let Ok(r) = dev.region(index) else { continue };
@@ -48,6 +50,8 @@ pub(super) fn vfio_info(root: &SysfsRoot, address: PciAddress) -> Result<Value, 
     let iommu = dev.container().iommu_info();
     Ok(json!({
         "address": address.to_string(),
+        "backend": dev.backend().name(),
+        "ioas": dev.container().ioas_id(),
         "group": group,
         "viable": culprits.is_empty(),
         "regions": regions,
@@ -65,6 +69,14 @@ pub(super) fn write_vfio_info(out: &mut impl Write, v: &Value) -> io::Result<()>
         v["group"],
         v["viable"]
     )?;
+    match v["ioas"].as_u64() {
+        Some(ioas) => writeln!(
+            out,
+            "  backend {} (IOAS {ioas})",
+            v["backend"].as_str().unwrap_or("?")
+        )?,
+        None => writeln!(out, "  backend {}", v["backend"].as_str().unwrap_or("?"))?,
+    }
     for r in v["regions"].as_array().into_iter().flatten() {
         if r["size"].as_u64() == Some(0) {
             continue;
