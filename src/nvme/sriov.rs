@@ -436,7 +436,7 @@ pub fn secondary_controllers<B: DeviceBacking>(
     )?))
 }
 
-/// Virtualization Management `action` ([`virt_mgmt`]) on controller `cntlid` for `count`
+/// Virtualization Management `action` ([`mod@virt_mgmt`]) on controller `cntlid` for `count`
 /// resources of type `resource`: the completion's dword 0 (the resources now assigned, for
 /// the assign and allocate actions).
 pub fn virt_mgmt<B: DeviceBacking>(

@@ -1,11 +1,28 @@
 //! VFIO: drive a PCI device from userspace, safely.
 //!
-//! A [`Container`] is an IOMMU address space (type1v2); a [`Group`] is the IOMMU group a
-//! device sits in, opened once per container and shared by the devices of the group; a
-//! [`VfioDevice`] is the device fd, through which its regions (BARs, config space) are
-//! read, written and mapped ([`MappedBar`]), and its interrupts routed to eventfds.
-//! [`DmaBuffer`]s are mapped into the container as [`DmaRegion`]s, at IOVAs taken from
-//! the ranges the IOMMU reports, and unmapped when dropped.
+//! A [`Container`] is an IOMMU address space; a [`VfioDevice`] is the device fd, through
+//! which its regions (BARs, config space) are read, written and mapped ([`MappedBar`]),
+//! and its interrupts routed to eventfds. [`DmaBuffer`]s are mapped into the container as
+//! [`DmaRegion`]s, at IOVAs taken from the ranges the IOMMU reports, and unmapped when
+//! dropped.
+//!
+//! # Two backends
+//!
+//! The kernel offers two ways in ([`VfioBackend`]), and a container is of one of them:
+//!
+//! - **group**: `/dev/vfio/vfio` is a type1v2 container, each device's IOMMU group
+//!   (`/dev/vfio/N`, a [`Group`], opened once per container and shared by the devices of
+//!   the group) is attached to it, and the device fd comes from the group. What DPDK and
+//!   SPDK use; every VFIO kernel has it unless `CONFIG_VFIO_CONTAINER` is off.
+//! - **iommufd** (Linux 6.6 on, `CONFIG_IOMMUFD` and `CONFIG_VFIO_DEVICE_CDEV`): the device
+//!   is opened as `/dev/vfio/devices/vfioN` (named by its sysfs `vfio-dev/`), bound to
+//!   `/dev/iommu` and attached to an I/O address space (IOAS) of it, where its DMA is
+//!   mapped ([`iommufd`]).
+//!
+//! [`Container::new`] takes iommufd when the kernel has it, else the group backend;
+//! [`Container::with_backend`] chooses. Once open, a device fd is the same whichever
+//! backend opened it, so nothing above this module (the bus's backing, the NVMe driver)
+//! knows or cares which one it runs on.
 //!
 //! Every handle owns what it needs: a [`MappedBar`] holds an `Arc` of its device, a device
 //! holds its group and container, a [`DmaRegion`] holds its container, and a container
