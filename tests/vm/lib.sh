@@ -16,6 +16,17 @@ only_profiles() {
 	exit 77
 }
 
+# Skip the test (reported as SKIP) unless the VM runs with one of the given VFIO
+# backends (PCIBUS_VFIO_BACKEND: group, iommufd or auto, compared as given: auto is not
+# resolved to what pcibus picks).
+only_backends() {
+	for b in "$@"; do
+		[ "$PCIBUS_VFIO_BACKEND" = "$b" ] && return 0
+	done
+	echo "skip: VFIO backend $PCIBUS_VFIO_BACKEND is not one of: $*"
+	exit 77
+}
+
 # Print the sysfs name (DDDD:BB:DD.F) of the first NVMe controller (class
 # 0x010802) that is not a virtual function.
 nvme_pf() {
