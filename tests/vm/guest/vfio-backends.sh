@@ -9,7 +9,7 @@
 . "$PCIBUS_LIB"
 need_pcibus
 [ -e /dev/iommu ] || { echo "no /dev/iommu: this kernel has no iommufd"; exit 77; }
-[ "${PCIBUS_VFIO_BACKEND:-auto}" = iommufd ] || { echo "runs in the iommufd boot only"; exit 77; }
+only_backends iommufd
 
 pf=$(nvme_pf) || fail "no NVMe controller"
 wait_for 20 driver_is "$pf" nvme || fail "not bound to nvme at start"
