@@ -1061,8 +1061,9 @@ mod vmtest {
     /// Two functions of one IOMMU group, opened in one container: with the group backend
     /// the second open reuses the group the first opened (the kernel lets a group be open
     /// once), with iommufd both bind to the one iommufd; opening one in a second container
-    /// is refused (group: EBUSY on /dev/vfio/N; iommufd: EPERM, the group's DMA belongs to
-    /// the first iommufd); the container keeps the IOVA space (and its DMA mappings) after
+    /// is refused (group: EBUSY on /dev/vfio/N; iommufd: EPERM for the other device of the
+    /// group, whose DMA belongs to the first iommufd, EINVAL for a device open already);
+    /// the container keeps the IOVA space (and its DMA mappings) after
     /// the devices close, and releases the group when it goes.
     fn vfio_group(a: PciAddress, b: PciAddress) -> Res {
         let root = SysfsRoot::new(SYS);
@@ -1076,6 +1077,25 @@ mod vmtest {
         let t = Instant::now();
         let dev_a = open_dev(&root, a).map_err(|e| format!("open {a}: {e}"))?;
         let container = Arc::clone(dev_a.container());
+        if !groups_backend {
+            // iommufd: the group's DMA belongs to the first iommufd once a device of it is
+            // bound there, so another iommufd cannot have the other device (EPERM).
+            match open_dev(&root, b) {
+                Err(VfioError::GroupBusy { group, source, .. }) => {
+                    println!("  {b} in a second iommufd while {a} is bound to the first: {source}");
+                    checks.check(
+                        source.raw_os_error() == Some(nix::libc::EPERM) && group == Some(ga),
+                        || {
+                            format!(
+                                "second iommufd: {source} (group {group:?}), expected EPERM for group {ga}"
+                            )
+                        },
+                    );
+                }
+                Err(e) => checks.check(false, || format!("{b} in a second iommufd: unexpected error {e}")),
+                Ok(_) => checks.check(false, || format!("{b} opened in a second iommufd")),
+            }
+        }
         let dev_b = VfioDevice::open_in(&root, b, &container)
             .map_err(|e| format!("open {b} in the same container: {e}"))?;
         println!(
@@ -1103,15 +1123,12 @@ mod vmtest {
                     format!("second container: {source}, expected EBUSY")
                 });
             }
-            Err(e @ VfioError::GroupBusy { .. }) if !groups_backend => {
-                println!("  a second iommufd: {e}");
-                let VfioError::GroupBusy { group, source, .. } = e else {
-                    unreachable!()
-                };
-                checks.check(
-                    source.raw_os_error() == Some(nix::libc::EPERM) && group == Some(ga),
-                    || format!("second iommufd: {source} (group {group:?}), expected EPERM for group {ga}"),
-                );
+            Err(VfioError::AlreadyOpen { source, .. }) if !groups_backend => {
+                // A device open in one iommufd cannot be opened again anywhere (EINVAL).
+                println!("  {b} again, in a second iommufd: refused, open already: {source}");
+                checks.check(source.raw_os_error() == Some(nix::libc::EINVAL), || {
+                    format!("second open of {b}: {source}, expected EINVAL")
+                });
             }
             Err(e) => checks.check(false, || format!("second container: unexpected error {e}")),
             Ok(_) => checks.check(false, || "a second container opened the group too".into()),

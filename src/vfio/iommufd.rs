@@ -324,6 +324,11 @@ impl Ioas {
                     }),
                 }
             }
+            // The only EINVAL left with the flags and fd this sends: the device is open
+            // already (the cdev path allows one open; vfio_df_open).
+            Err(e) if e.raw_os_error() == Some(nix::libc::EINVAL) => {
+                Err(VfioError::AlreadyOpen { address, source: e })
+            }
             Err(e) => Err(super::vf_token_error(
                 root,
                 address,

@@ -162,6 +162,18 @@ pub enum VfioError {
         #[source]
         source: io::Error,
     },
+    /// iommufd refused to bind the device because it is open already: the device cdev
+    /// can be open once at a time (EINVAL), in this process (another container) or another.
+    #[error(
+        "{address} is open already (through its vfio cdev or its group, by this process or another): the iommufd backend opens a device once at a time"
+    )]
+    AlreadyOpen {
+        /// The device.
+        address: PciAddress,
+        /// The kernel's error.
+        #[source]
+        source: io::Error,
+    },
     /// An IOMMU group was asked of a container of the iommufd backend, which has none.
     #[error("IOMMU groups belong to the group backend; this container is an iommufd IOAS")]
     NoGroups,

@@ -1,8 +1,10 @@
 #!/bin/sh
-# Two functions of one IOMMU group open at once (`pcibus-vmtest vfio-group`): the
-# second open reuses the group the first opened in the container, a second container
-# is refused (EBUSY), and the container keeps the group (and its DMA mappings) after
-# the devices close, until it goes itself. QEMU's q35 has such a group: the ICH9
+# Two functions of one IOMMU group open at once (`pcibus-vmtest vfio-group`), with the
+# boot's VFIO backend: the second open reuses the group the first opened in the container
+# (iommufd: binds to the same iommufd), a second container is refused (group: EBUSY;
+# iommufd: EPERM for the group's other device, EINVAL for a device open already), and the
+# container keeps its IOVA space (and DMA mappings) after the devices close, until it
+# goes itself. QEMU's q35 has such a group: the ICH9
 # functions at 00:1f.* (LPC bridge, SATA, SMBus) share one, and the guest has no
 # drivers for them. The two that are not bridges are bound to vfio-pci; the LPC bridge
 # stays unbound, which keeps the group viable.
