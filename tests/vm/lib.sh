@@ -7,25 +7,26 @@ fail() {
 	exit 1
 }
 
-# Skip the test (reported as SKIP) unless the VM runs one of the given profiles.
-only_profiles() {
-	for p in "$@"; do
-		[ "$PCIBUS_PROFILE" = "$p" ] && return 0
+# skip_unless WHAT VALUE CHOICE...: skip the test (reported as SKIP) unless VALUE is one
+# of the CHOICEs.
+skip_unless() {
+	_what=$1
+	_value=$2
+	shift 2
+	for _c in "$@"; do
+		[ "$_value" = "$_c" ] && return 0
 	done
-	echo "skip: profile $PCIBUS_PROFILE is not one of: $*"
+	echo "skip: $_what $_value is not one of: $*"
 	exit 77
 }
 
-# Skip the test (reported as SKIP) unless the VM runs with one of the given VFIO
-# backends (PCIBUS_VFIO_BACKEND: group, iommufd or auto, compared as given: auto is not
-# resolved to what pcibus picks).
-only_backends() {
-	for b in "$@"; do
-		[ "$PCIBUS_VFIO_BACKEND" = "$b" ] && return 0
-	done
-	echo "skip: VFIO backend $PCIBUS_VFIO_BACKEND is not one of: $*"
-	exit 77
-}
+# Skip the test unless the VM runs one of the given profiles.
+only_profiles() { skip_unless profile "$PCIBUS_PROFILE" "$@"; }
+
+# Skip the test unless the VM runs with one of the given VFIO backends
+# (PCIBUS_VFIO_BACKEND: group, iommufd or auto, compared as given: auto is not resolved
+# to what pcibus picks).
+only_backends() { skip_unless "VFIO backend" "$PCIBUS_VFIO_BACKEND" "$@"; }
 
 # Print the sysfs name (DDDD:BB:DD.F) of the first NVMe controller (class
 # 0x010802) that is not a virtual function.
