@@ -372,13 +372,17 @@ fn a_request_takes_the_device_back_through_the_claim_and_holds_it_off() {
 }
 
 fn uevent(action: Action, address: &str) -> Event {
+    uevent_seq(action, address, 7)
+}
+
+fn uevent_seq(action: Action, address: &str, seqnum: u64) -> Event {
     let devpath = format!("/devices/pci0000:00/0000:00:01.0/{address}");
     let vars = vec![
         ("ACTION".to_string(), action.as_str().to_string()),
         ("DEVPATH".to_string(), devpath.clone()),
         ("SUBSYSTEM".to_string(), "pci".to_string()),
         ("PCI_SLOT_NAME".to_string(), address.to_string()),
-        ("SEQNUM".to_string(), "7".to_string()),
+        ("SEQNUM".to_string(), seqnum.to_string()),
     ];
     Event::Uevent(Uevent::from_vars(action, devpath, vars).unwrap())
 }
@@ -449,6 +453,69 @@ fn an_allow_listed_device_unplugged_and_replugged_is_probed_again_after_settling
     // A device the selection does not admit is never scheduled.
     bus.handle(&uevent(Action::Add, VF2)).unwrap();
     assert_eq!(bus.next_deadline(), None);
+}
+
+/// FakeAttach that, like VfioAttach, counts a device as attached only while it is on
+/// vfio-pci.
+struct OnVfioPci(FakeAttach);
+
+impl pcibus::bus::Attach for OnVfioPci {
+    type Backing = FakeBacking;
+    fn attach(
+        &mut self,
+        record: &pcibus::DeviceRecord,
+    ) -> Result<pcibus::bus::Attached<FakeBacking>, pcibus::bus::AttachError> {
+        self.0.attach(record)
+    }
+    fn detach(
+        &mut self,
+        attached: pcibus::bus::Attached<FakeBacking>,
+        release: Release,
+    ) -> Result<(), pcibus::bus::AttachError> {
+        self.0.detach(attached, release)
+    }
+    fn still_attached(&self, record: &pcibus::DeviceRecord) -> bool {
+        record.driver.as_deref() == Some("vfio-pci")
+    }
+}
+
+#[test]
+fn an_unbind_queued_by_the_attach_itself_is_not_taken_for_news() {
+    // The bus attached PF (bound it to vfio-pci: the kernel queued an `unbind` from nvme
+    // and a `bind`); before it reads them, a removal starts and the `driver` link goes.
+    // The stale unbind must not take the device back (the removal request will, as a
+    // request); an unbind sent after the attach does.
+    let fake = qemu();
+    std::fs::create_dir_all(fake.root().join("kernel")).unwrap();
+    std::fs::write(fake.root().join("kernel/uevent_seqnum"), "50\n").unwrap();
+    let vfio = fake.root().join("bus/pci/drivers/vfio-pci");
+    std::fs::create_dir_all(&vfio).unwrap();
+    let driver_link = fake.root().join(fake.device_dir(PF).unwrap()).join("driver");
+    std::fs::remove_file(&driver_link).unwrap();
+    std::os::unix::fs::symlink(&vfio, &driver_link).unwrap();
+    let attach = FakeAttach::new();
+    let log = Log::default();
+    let mut bus = Bus::new(map(&fake), OnVfioPci(attach.clone())).selection(allow(PF));
+    bus.register(Box::new(TestDriver::new("nvme-test", Mode::Bind, &log)));
+    assert_eq!(
+        bound(&bus.probe_all()),
+        [(PF.to_string(), "nvme-test".to_string())]
+    );
+
+    std::fs::remove_file(&driver_link).unwrap();
+    let events = bus.handle(&uevent_seq(Action::Unbind, PF, 49)).unwrap();
+    assert!(
+        !events.iter().any(|e| matches!(e, BusEvent::Removed(_))),
+        "{events:?}"
+    );
+    assert_eq!(bus.held().len(), 1, "still held: the unbind predates the attach");
+
+    let events = bus.handle(&uevent_seq(Action::Unbind, PF, 51)).unwrap();
+    let Some(BusEvent::Removed(r)) = events.iter().find(|e| matches!(e, BusEvent::Removed(_))) else {
+        panic!("{events:?}")
+    };
+    assert_eq!(r.cause, RemovalCause::Uevent(Action::Unbind));
+    assert!(bus.held().is_empty());
 }
 
 #[test]

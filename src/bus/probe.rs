@@ -45,7 +45,7 @@ use crate::hotplug::event::{Action, Uevent};
 use crate::hotplug::monitor::{Event, EventSource, MonitorError};
 use crate::removal::registry::Reason;
 use crate::sysfs::bind::is_kernel_sysfs;
-use crate::sysfs::scan::ScanError;
+use crate::sysfs::scan::{ScanError, SysfsRoot};
 
 /// SPDK's settle delay for hot-inserted devices.
 pub const DEFAULT_SETTLE: Duration = Duration::from_secs(2);
@@ -163,6 +163,28 @@ struct Held<B> {
     driver: usize,
     attached: Attached<B>,
     claim: Option<Claim>,
+    // The kernel's uevent sequence number once the device was attached
+    // (`/sys/kernel/uevent_seqnum`): uevents up to it are about the attach itself (the
+    // unbind from the previous driver, the bind to vfio-pci), not news.
+    attached_seqnum: Option<u64>,
+}
+
+impl<B> Held<B> {
+    /// Whether uevent `u` was sent before the device was attached (both sequence numbers
+    /// known and `u`'s not newer).
+    fn predates(&self, u: &Uevent) -> bool {
+        matches!((u.seqnum, self.attached_seqnum), (Some(n), Some(at)) if n <= at)
+    }
+}
+
+/// The kernel's last uevent sequence number, from `ROOT/kernel/uevent_seqnum` (a plain
+/// counter: reading it takes no device lock); `None` where the tree has none (a fake).
+fn uevent_seqnum(root: &SysfsRoot) -> Option<u64> {
+    std::fs::read_to_string(root.path().join("kernel/uevent_seqnum"))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
 }
 
 /// The bus. See the [module docs](self).
@@ -348,6 +370,7 @@ impl<A: Attach> Bus<A> {
             Ok(a) => a,
             Err(e) => return report(Err(e.into()), 0),
         };
+        let attached_seqnum = uevent_seqnum(self.map.scanner().root());
         let mut declined = Vec::new();
         let mut failure = None;
         let mut leaked = 0;
@@ -368,6 +391,7 @@ impl<A: Attach> Bus<A> {
                             driver: *index,
                             attached,
                             claim,
+                            attached_seqnum,
                         },
                     );
                     return report(Ok(driver.name().to_owned()), leaked);
@@ -543,6 +567,12 @@ impl<A: Attach> Bus<A> {
                 self.held_off.remove(&address);
                 self.added(address);
             }
+            // The unbind from the driver the device had before the bus attached it is
+            // queued from the attach itself: taken as news it would release the device,
+            // and, handled while a removal is starting (the kernel removes the `driver`
+            // link before the request reaches this process), as an unbind instead of the
+            // removal request it is.
+            (Action::Unbind, _) if self.held.get(&address).is_some_and(|h| h.predates(u)) => {}
             (Action::Unbind, _) if self.held.contains_key(&address) && !self.still_attached(address) => {
                 events.extend(
                     self.take_back(address, RemovalCause::Uevent(Action::Unbind))

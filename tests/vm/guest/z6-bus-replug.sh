@@ -20,7 +20,9 @@ t=$(now_ms)
 echo 1 >"$dev/remove" || fail "remove failed"
 echo "removal completed in $(($(now_ms) - t)) ms"
 [ -e "$dev" ] && fail "$pf still present after remove"
-grep -q "remove $pf: vfio removal request" /tmp/bus.out || fail "the driver never got the request: $(cat /tmp/bus.out)"
+# The bus prints the event after it has closed the device, which is what lets the removal
+# complete: the line may come a moment after the removal did.
+wait_for 5 grep -q "remove $pf: vfio removal request" /tmp/bus.out || fail "the driver never got the request: $(cat /tmp/bus.out)"
 
 t=$(now_ms)
 echo 1 >/sys/bus/pci/rescan
