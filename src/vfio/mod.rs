@@ -303,8 +303,10 @@ pub enum VfioError {
         #[source]
         source: ParseError,
     },
-    /// A DMA map before any group was attached to the container.
-    #[error("DMA map before any group was attached to the container (open a device first)")]
+    /// A DMA map before any device was opened in the container (the group backend sets
+    /// the IOMMU up with the first group; an IOAS knows its IOVA ranges only once a device
+    /// is attached).
+    #[error("DMA map before any device was opened in the container (open a device first)")]
     NoGroupAttached,
     /// Allocating a DMA buffer failed.
     #[error("cannot allocate a DMA buffer of {len} bytes")]
