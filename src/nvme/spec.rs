@@ -286,12 +286,7 @@ pub struct PrimaryControllerCaps {
 impl PrimaryControllerCaps {
     /// Parses the 4096-byte structure.
     pub fn parse(b: &[u8]) -> Result<Self, IdentifyError> {
-        if b.len() != 4096 {
-            return Err(IdentifyError {
-                what: "primary controller capabilities",
-                len: b.len(),
-            });
-        }
+        IdentifyError::check(b, "primary controller capabilities")?;
         Ok(PrimaryControllerCaps {
             cntlid: le16(b, 0),
             portid: le16(b, 2),
@@ -620,6 +615,17 @@ pub struct IdentifyError {
     pub len: usize,
 }
 
+impl IdentifyError {
+    /// Every Identify structure is one 4096-byte page: an error naming `what` otherwise.
+    fn check(b: &[u8], what: &'static str) -> Result<(), IdentifyError> {
+        if b.len() == 4096 {
+            Ok(())
+        } else {
+            Err(IdentifyError { what, len: b.len() })
+        }
+    }
+}
+
 fn le16(b: &[u8], o: usize) -> u16 {
     u16::from_le_bytes([b[o], b[o + 1]])
 }
@@ -681,12 +687,7 @@ pub struct IdentifyController {
 impl IdentifyController {
     /// Parses the 4096-byte structure.
     pub fn parse(b: &[u8]) -> Result<Self, IdentifyError> {
-        if b.len() != 4096 {
-            return Err(IdentifyError {
-                what: "controller",
-                len: b.len(),
-            });
-        }
+        IdentifyError::check(b, "controller")?;
         let nqn = &b[768..1024];
         let nqn = &nqn[..nqn.iter().position(|&c| c == 0).unwrap_or(nqn.len())];
         Ok(IdentifyController {
@@ -745,12 +746,7 @@ pub struct IdentifyNamespace {
 impl IdentifyNamespace {
     /// Parses the 4096-byte structure.
     pub fn parse(b: &[u8]) -> Result<Self, IdentifyError> {
-        if b.len() != 4096 {
-            return Err(IdentifyError {
-                what: "namespace",
-                len: b.len(),
-            });
-        }
+        IdentifyError::check(b, "namespace")?;
         let count = usize::from(b[25]) + 1;
         let formats = (0..count.min(64))
             .map(|i| {

@@ -185,20 +185,14 @@ pub fn cdev_path(root: &SysfsRoot, address: PciAddress) -> Result<PathBuf, VfioE
         problem,
         source: None,
     };
-    let entries = match std::fs::read_dir(dir.join("vfio-dev")) {
-        Ok(e) => e,
-        Err(_) => {
-            let driver = crate::sysfs::bind::current_driver(root, address);
-            return Err(problem(CdevProblem::NotOnVfio { driver }));
-        }
-    };
-    let mut found = None;
-    for entry in entries.flatten() {
-        if let Some(n) = entry.file_name().to_str().and_then(vfio_dev_number) {
-            found = Some((n, entry.path()));
-            break;
-        }
-    }
+    let found = std::fs::read_dir(dir.join("vfio-dev")).ok().and_then(|entries| {
+        entries.flatten().find_map(|e| {
+            e.file_name()
+                .to_str()
+                .and_then(vfio_dev_number)
+                .map(|n| (n, e.path()))
+        })
+    });
     let Some((n, sys_dir)) = found else {
         let driver = crate::sysfs::bind::current_driver(root, address);
         return Err(problem(CdevProblem::NotOnVfio { driver }));
