@@ -149,6 +149,24 @@ back_on_nvme() {
 	wait_for 20 driver_is "$_pf" nvme || fail "$_pf not on nvme at the end"
 }
 
+# hotplug_perf_ok JSON N WHAT: the summary of `pcibus nvme perf --hotplug --json` in file
+# JSON counts N removals and N re-attaches, the load stopped within a second of each WHAT
+# (e.g. "removal", "unplug"), and some I/O completed. Prints a FAIL line for each miss;
+# returns 1 if there was one.
+hotplug_perf_ok() {
+	_json=$1
+	_n=$2
+	_ok=0
+	grep -q "\"removals\":$_n" "$_json" || { echo "FAIL: not $_n removals counted"; _ok=1; }
+	grep -q "\"reattaches\":$_n" "$_json" || { echo "FAIL: not $_n re-attaches counted"; _ok=1; }
+	for _ms in $(sed 's/.*"removal_drain_ms":\[\([0-9,]*\)\].*/\1/' "$_json" | tr , ' '); do
+		[ "$_ms" -lt 1000 ] || { echo "FAIL: the load took $_ms ms to stop after the $3"; _ok=1; }
+	done
+	_ios=$(sed 's/.*"ios":\([0-9]*\).*/\1/' "$_json")
+	[ "$_ios" -gt 0 ] || { echo "FAIL: no I/O completed"; _ok=1; }
+	return $_ok
+}
+
 # qmp JSON [SECONDS]: have the host send one QMP command to this VM's QEMU (see "Asking
 # the host for QMP commands" in tests/vm/README.md). The request goes out on the second
 # serial port, /dev/ttyS1, and the host answers on it. Sets QMP_REPLY to QEMU's reply (one

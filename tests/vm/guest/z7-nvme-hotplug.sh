@@ -43,13 +43,7 @@ prc=$?
 cat /tmp/hp.err | grep -v IOPS
 cat /tmp/hp.json
 [ $prc -eq 0 ] || fail "perf failed (exit $prc)"
-grep -q '"removals":4' /tmp/hp.json || { echo "FAIL: not 4 removals counted"; rc=1; }
-grep -q '"reattaches":4' /tmp/hp.json || { echo "FAIL: not 4 re-attaches counted"; rc=1; }
-for ms in $(sed 's/.*"removal_drain_ms":\[\([0-9,]*\)\].*/\1/' /tmp/hp.json | tr , ' '); do
-	[ "$ms" -lt 1000 ] || { echo "FAIL: the load took $ms ms to stop after a removal"; rc=1; }
-done
-ios=$(sed 's/.*"ios":\([0-9]*\).*/\1/' /tmp/hp.json)
-[ "$ios" -gt 0 ] || { echo "FAIL: no I/O completed"; rc=1; }
+hotplug_perf_ok /tmp/hp.json 4 removal || rc=1
 pcibus bind "$pf" nvme || fail "could not give $pf back to nvme"
 back_on_nvme "$pf"
 exit $rc
