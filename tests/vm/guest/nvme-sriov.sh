@@ -29,7 +29,7 @@ pid=$!
 up_or_gone() {
 	grep -q '"vfs"' /tmp/sriov.json || [ "$(proc_state $pid)" = Z ] || [ "$(proc_state $pid)" = gone ]
 }
-wait_for 150 up_or_gone
+wait_for 25 up_or_gone
 grep -q '"vfs"' /tmp/sriov.json || { cat /tmp/sriov.err /tmp/sriov.json; fail "no output while holding"; }
 echo "up after $(($(now_ms) - t)) ms"
 head -1 /tmp/sriov.json >/tmp/up.json
@@ -40,7 +40,7 @@ for i in 0 1; do
 	pcibus claims | grep -q "$vf" || fail "VF $vf not claimed"
 	echo "VF $vf on vfio-pci, claimed"
 done
-wait_gone 60 $pid || fail "pcibus nvme sriov did not finish"
+wait_gone 25 $pid || fail "pcibus nvme sriov did not finish"
 wait $pid
 rc=$?
 cat /tmp/sriov.err

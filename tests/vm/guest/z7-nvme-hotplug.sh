@@ -37,7 +37,7 @@ echo "unbind completed in $took ms"
 [ $took -lt 1000 ] || { echo "FAIL: unbind took $took ms"; rc=1; }
 echo "$pf" >/sys/bus/pci/drivers/vfio-pci/bind || fail "bind back to vfio-pci"
 wait_for 20 attached 4 || fail "not attached again after the rebind: $(cat /tmp/hp.err)"
-wait_gone 60 $perf || fail "perf did not end"
+wait_gone 30 $perf || fail "perf did not end"
 wait $perf
 prc=$?
 cat /tmp/hp.err | grep -v IOPS
