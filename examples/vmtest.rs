@@ -14,6 +14,8 @@
 //! pcibus-vmtest vfio-group A B       two functions of one IOMMU group open in one container
 //! pcibus-vmtest held-scan-exit ADDR  hold ADDR, scan with --read all while it is removed,
 //!                                    release on REQ and exit
+//! pcibus-vmtest config-opens CMD...  run CMD; count the opens of every device's `config`
+//!                                    meanwhile (inotify)
 //! ```
 //!
 //! Built statically by tests/vm/run and installed in the guest as /usr/bin/pcibus-vmtest;
@@ -90,11 +92,13 @@ mod vmtest {
                 .parse()
                 .map_err(err)
                 .and_then(|a| bus(a, secs.parse().map_err(err)?, 2)),
+            ["config-opens", cmd @ ..] if !cmd.is_empty() => config_opens(cmd),
             _ => Err(
                 "usage: pcibus-vmtest list-json | vfio-open ADDR | vfio-dma ADDR | dma-bench ADDR | \
                       hold ADDR SECONDS | seed ADDR | vfio-group ADDR ADDR | held-scan-exit ADDR | \
                       claim-release ADDR SECONDS | try-claim ADDR | bus ADDR SECONDS | \
-                      bus-replug ADDR SECONDS | kernel-perf BLOCKDEV QD SECONDS"
+                      bus-replug ADDR SECONDS | kernel-perf BLOCKDEV QD SECONDS | \
+                      config-opens CMD [ARG...]"
                     .into(),
             ),
         };
@@ -1778,6 +1782,66 @@ mod vmtest {
     /// The kernel driver's baseline for `pcibus nvme perf --rw randread --bs 4k`: `qd`
     /// threads, each with one 4 KiB O_DIRECT pread in flight at random aligned offsets of
     /// `dev`, for `secs` seconds. Prints one JSON line (iops, mean latency).
+    /// Runs `cmd` (its output to /dev/null) with an inotify watch for opens on every PCI
+    /// device's `config`, and prints how many opens there were and of which devices. The
+    /// VFS reports every open of a sysfs file, whoever makes it; nothing else in the guest
+    /// opens `config` while a test runs this. Unlike the function tracer it patches no
+    /// kernel code: under QEMU's multi-threaded TCG, patching sometimes leaves a vCPU
+    /// running a stale `int3` (tests/vm/README.md, Kernel notes).
+    fn config_opens(cmd: &[&str]) -> Res {
+        use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
+        use std::collections::HashMap;
+
+        let inotify = Inotify::init(InitFlags::IN_NONBLOCK | InitFlags::IN_CLOEXEC)
+            .map_err(|e| format!("inotify_init1: {e}"))?;
+        let devices = format!("{SYS}/bus/pci/devices");
+        let mut watched = HashMap::new();
+        for entry in std::fs::read_dir(&devices).map_err(|e| format!("{devices}: {e}"))? {
+            let name = entry.map_err(|e| format!("{devices}: {e}"))?.file_name();
+            let path = Path::new(&devices).join(&name).join("config");
+            let wd = inotify
+                .add_watch(&path, AddWatchFlags::IN_OPEN)
+                .map_err(|e| format!("inotify_add_watch {}: {e}", path.display()))?;
+            watched.insert(wd, name.to_string_lossy().into_owned());
+        }
+        let status = Command::new(cmd[0])
+            .args(&cmd[1..])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .map_err(|e| format!("{}: {e}", cmd[0]))?;
+        let mut opens: Vec<String> = Vec::new();
+        loop {
+            match inotify.read_events() {
+                Ok(events) if !events.is_empty() => opens.extend(events.iter().map(|ev| {
+                    if ev.mask.contains(AddWatchFlags::IN_Q_OVERFLOW) {
+                        "(queue overflow)".to_owned()
+                    } else {
+                        watched
+                            .get(&ev.wd)
+                            .cloned()
+                            .unwrap_or_else(|| "(unknown watch)".into())
+                    }
+                })),
+                Ok(_) | Err(nix::errno::Errno::EAGAIN) => break,
+                Err(e) => return Err(format!("reading inotify events: {e}")),
+            }
+        }
+        let devices: BTreeSet<&str> = opens.iter().map(String::as_str).collect();
+        println!(
+            "config opens by '{}': {} ({} watched){}{}",
+            cmd.join(" "),
+            opens.len(),
+            watched.len(),
+            if devices.is_empty() { "" } else { ": " },
+            devices.into_iter().collect::<Vec<_>>().join(" ")
+        );
+        if !status.success() {
+            return Err(format!("'{}' exited with {status}", cmd.join(" ")));
+        }
+        Ok(())
+    }
+
     fn kernel_perf(dev: &str, qd: usize, secs: f64) -> Res {
         use std::os::unix::fs::{FileExt, OpenOptionsExt};
         let file = std::fs::OpenOptions::new()
