@@ -1779,9 +1779,6 @@ mod vmtest {
 
     // ----------------------------------------------------------------- kernel-perf
 
-    /// The kernel driver's baseline for `pcibus nvme perf --rw randread --bs 4k`: `qd`
-    /// threads, each with one 4 KiB O_DIRECT pread in flight at random aligned offsets of
-    /// `dev`, for `secs` seconds. Prints one JSON line (iops, mean latency).
     /// Runs `cmd` (its output to /dev/null) with an inotify watch for opens on every PCI
     /// device's `config`, and prints how many opens there were and of which devices. The
     /// VFS reports every open of a sysfs file, whoever makes it; nothing else in the guest
@@ -1828,20 +1825,23 @@ mod vmtest {
             }
         }
         let devices: BTreeSet<&str> = opens.iter().map(String::as_str).collect();
+        let command = cmd.join(" ");
         println!(
-            "config opens by '{}': {} ({} watched){}{}",
-            cmd.join(" "),
+            "config opens by '{command}': {} ({} watched){}{}",
             opens.len(),
             watched.len(),
             if devices.is_empty() { "" } else { ": " },
             devices.into_iter().collect::<Vec<_>>().join(" ")
         );
         if !status.success() {
-            return Err(format!("'{}' exited with {status}", cmd.join(" ")));
+            return Err(format!("'{command}' exited with {status}"));
         }
         Ok(())
     }
 
+    /// The kernel driver's baseline for `pcibus nvme perf --rw randread --bs 4k`: `qd`
+    /// threads, each with one 4 KiB O_DIRECT pread in flight at random aligned offsets of
+    /// `dev`, for `secs` seconds. Prints one JSON line (iops, mean latency).
     fn kernel_perf(dev: &str, qd: usize, secs: f64) -> Res {
         use std::os::unix::fs::{FileExt, OpenOptionsExt};
         let file = std::fs::OpenOptions::new()
