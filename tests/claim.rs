@@ -18,6 +18,9 @@ const HOLD_ENV: &str = "PCIBUS_TEST_HOLD_CLAIM";
 /// Set: the helper also starts a `sleep` that outlives it, and prints its PID first.
 const SPAWN_ENV: &str = "PCIBUS_TEST_HOLD_SPAWN";
 
+/// `PF`: the helper's claim names PF as its device's PF (the device is a VF).
+const PHYSFN_ENV: &str = "PCIBUS_TEST_HOLD_PHYSFN";
+
 fn addr(s: &str) -> PciAddress {
     s.parse().unwrap()
 }
@@ -30,7 +33,8 @@ fn holder_helper() {
     let mut parts = spec.splitn(3, ' ');
     let dir = ClaimDir::new(parts.next().unwrap());
     let address = addr(parts.next().unwrap());
-    let claim = dir.claim(address, &ClaimInfo::new()).unwrap();
+    let physfn = std::env::var(PHYSFN_ENV).ok().map(|pf| addr(&pf));
+    let claim = dir.claim(address, &ClaimInfo::new().physfn(physfn)).unwrap();
     if let Some(reason) = parts.next() {
         claim.mark_releasing(reason).unwrap();
     }
@@ -52,12 +56,27 @@ impl Holder {
         Self::start_with(dir, address, releasing, false).0
     }
 
+    // A holder of VF `address` of `pf`, releasing it for `reason`.
+    fn start_vf(dir: &Path, address: PciAddress, pf: PciAddress, reason: &str) -> Holder {
+        Self::spawn(dir, address, Some(reason), false, Some(pf)).0
+    }
+
     // Also returns the PID of the sleeper it started, if `spawn`.
     fn start_with(
         dir: &Path,
         address: PciAddress,
         releasing: Option<&str>,
         spawn: bool,
+    ) -> (Holder, Option<u32>) {
+        Self::spawn(dir, address, releasing, spawn, None)
+    }
+
+    fn spawn(
+        dir: &Path,
+        address: PciAddress,
+        releasing: Option<&str>,
+        spawn: bool,
+        physfn: Option<PciAddress>,
     ) -> (Holder, Option<u32>) {
         let mut spec = format!("{} {address}", dir.display());
         if let Some(r) = releasing {
@@ -70,6 +89,9 @@ impl Holder {
             .stdout(Stdio::piped());
         if spawn {
             command.env(SPAWN_ENV, "1");
+        }
+        if let Some(pf) = physfn {
+            command.env(PHYSFN_ENV, pf.to_string());
         }
         let mut child = command.spawn().unwrap();
         let out = BufReader::new(child.stdout.take().unwrap());
@@ -417,4 +439,45 @@ fn a_scan_keeps_away_from_a_device_another_process_is_releasing() {
     assert!(!other.removal_pending && other.uevent.is_some());
     let reason = registry.get(addr("0000:01:00.0")).unwrap().reason.to_string();
     assert!(reason.contains("PID") && reason.contains("REQ"), "{reason}");
+}
+
+#[test]
+fn a_scan_keeps_away_from_the_pf_of_a_vf_another_process_is_releasing() {
+    // Issue 14 §1: `echo 0 > PF/sriov_numvfs` holds the PF's device lock while the VF's
+    // holder (another process) releases it; by then the kernel has removed the VF's
+    // `physfn` link, so only the claim record can say which PF it was.
+    use pcibus::testing::FakeSysfs;
+    use pcibus::{BlockingAttr, ProblemKind, Scanner, SysfsRoot};
+    use std::sync::Arc;
+    let fake = FakeSysfs::new().unwrap();
+    // The PF's lock-taking attributes never answer: reading one costs the whole deadline.
+    let mut pf = fake.device("0000:01:00.0").sriov_numvfs(1);
+    for attr in BlockingAttr::ALL {
+        pf = pf.fifo(attr.name());
+    }
+    pf.create().unwrap();
+    // The VF is still listed, its `physfn` link already gone.
+    fake.device("0000:01:00.1").create().unwrap();
+    let claims = tempfile::tempdir().unwrap();
+    let _holder = Holder::start_vf(claims.path(), addr("0000:01:00.1"), addr("0000:01:00.0"), "REQ");
+    let scanner = BlockingAttr::ALL.into_iter().fold(
+        Scanner::new(SysfsRoot::new(fake.root()))
+            .registry(Arc::new(RemovalRegistry::new()))
+            .claim_dir(Arc::new(ClaimDir::new(claims.path())))
+            .timeout(Duration::from_secs(5)),
+        Scanner::read_blocking,
+    );
+    let t0 = Instant::now();
+    let scan = scanner.scan().unwrap();
+    assert!(t0.elapsed() < Duration::from_secs(2), "{:?}", t0.elapsed());
+    let pf = scan.get(addr("0000:01:00.0")).unwrap();
+    for attr in BlockingAttr::ALL {
+        assert_eq!(
+            pf.problem(attr.name()).map(|p| &p.kind),
+            Some(&ProblemKind::RemovalPending),
+            "{attr:?}"
+        );
+    }
+    assert!(!pf.removal_pending, "the PF itself is not being removed");
+    assert!(scan.get(addr("0000:01:00.1")).unwrap().removal_pending);
 }

@@ -918,3 +918,105 @@ fn scan_device_reads_one_device_and_leaves_other_registry_entries_alone() {
     scanner.scan().unwrap();
     assert!(!registry.is_pending(addr("0000:09:00.0")));
 }
+
+// Issue 14 §1: a PF with one VF, the PF's waiting attributes tripwires. While the VF is
+// removed by `echo 0 > PF/sriov_numvfs`, the kernel holds the PF's device lock.
+fn pf_with_a_vf(pf: &str, vf: &str) -> FakeSysfs {
+    let fake = FakeSysfs::new().unwrap();
+    let mut b = fake
+        .device(pf)
+        .vendor(0x1b36)
+        .device_id(0x0010)
+        .class(0x010802)
+        .sriov_numvfs(1);
+    for attr in WAITING {
+        b = b.tripwire(attr);
+    }
+    b.create().unwrap();
+    fake.device(vf)
+        .vendor(0x1b36)
+        .device_id(0x0010)
+        .class(0x010802)
+        .physfn(pf)
+        .create()
+        .unwrap();
+    fake
+}
+
+// What `sriov_numvfs=0` does before it asks the VF's holder to let go: it removes the
+// PF's `virtfnN` link and the VF's `physfn` link.
+fn unlink_vf(fake: &FakeSysfs, pf: &str, vf: &str) {
+    let dir = |a| fake.root().join(fake.device_dir(a).unwrap());
+    std::fs::remove_file(dir(pf).join("virtfn0")).unwrap();
+    std::fs::remove_file(dir(vf).join("physfn")).unwrap();
+}
+
+fn assert_pf_attrs(scan: &pcibus::Scan, pf: &str, want: &ProblemKind) {
+    let d = scan.get(addr(pf)).unwrap();
+    for attr in BlockingAttr::ALL {
+        assert_eq!(
+            d.problem(attr.name()).map(|p| &p.kind),
+            Some(want),
+            "{attr:?}: {:?}",
+            d.problems
+        );
+    }
+    assert!(
+        !d.removal_pending,
+        "the PF is not being removed: {:?}",
+        d.removal_reasons
+    );
+    assert_eq!(d.vendor, Some(VendorId(0x1b36)));
+}
+
+#[test]
+fn never_reads_the_lock_taking_attributes_of_the_pf_of_a_held_vf() {
+    // Held open counts for the whole process: addresses no other test uses.
+    let (pf, vf) = ("0043:01:00.0", "0043:01:00.1");
+    let fake = pf_with_a_vf(pf, vf);
+    let held = pcibus::removal::held::HeldOpen::with_physfn(addr(vf), Some(addr(pf)));
+    // Before the removal starts, and after the kernel has unlinked the VF.
+    for unlinked in [false, true] {
+        if unlinked {
+            unlink_vf(&fake, pf, vf);
+        }
+        for guard_everything in [false, true] {
+            let scan = read_all(scanner(&fake))
+                .guard_everything(guard_everything)
+                .timeout(Duration::from_millis(300))
+                .scan()
+                .unwrap();
+            assert_pf_attrs(&scan, pf, &ProblemKind::HeldOpen);
+        }
+    }
+    fake.settle_tripwires();
+    for attr in WAITING {
+        assert_eq!(opens(&fake, pf, attr), 0, "{attr}");
+    }
+    drop(held);
+}
+
+#[test]
+fn a_pending_vf_keeps_scans_off_its_pfs_lock_taking_attributes() {
+    let (pf, vf) = ("0000:01:00.0", "0000:01:00.1");
+    let fake = pf_with_a_vf(pf, vf);
+    let registry = Arc::new(RemovalRegistry::new());
+    let s = || {
+        read_all(scanner(&fake))
+            .registry(Arc::clone(&registry))
+            .timeout(Duration::from_millis(300))
+    };
+    // A scan that reads nothing blocking learns which PF the VF has.
+    scanner(&fake).registry(Arc::clone(&registry)).scan().unwrap();
+    unlink_vf(&fake, pf, vf);
+    registry.mark(addr(vf), Reason::RemovalRequested);
+    for guard_everything in [false, true] {
+        let scan = s().guard_everything(guard_everything).scan().unwrap();
+        assert_pf_attrs(&scan, pf, &ProblemKind::RemovalPending);
+        assert!(scan.get(addr(vf)).unwrap().removal_pending);
+    }
+    fake.settle_tripwires();
+    for attr in WAITING {
+        assert_eq!(opens(&fake, pf, attr), 0, "{attr}");
+    }
+}

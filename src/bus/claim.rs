@@ -9,6 +9,7 @@
 //! pid=4242
 //! comm=fio
 //! since=1764110400
+//! physfn=0000:01:00.0
 //! state=active
 //! ```
 //!
@@ -30,7 +31,10 @@
 //! `state=releasing` and why. Any other process learns it from [`ClaimDir::releasing`],
 //! and [`ClaimDir::feed`] writes it into that process's [`RemovalRegistry`], so its scans
 //! keep away from the device's lock-taking attributes at once instead of waiting for a
-//! guarded read to time out.
+//! guarded read to time out. A VF's record names its PF (`physfn=`, from
+//! [`ClaimInfo::physfn`]): while the VF is being released, its removal may hold the PF's
+//! device lock (`echo 0 > PF/sriov_numvfs`), and by then the kernel has removed the VF's
+//! `physfn` link, so the record is where other processes learn the relation.
 //!
 //! ```
 //! use pcibus::bus::claim::{ClaimDir, ClaimError, ClaimInfo};
@@ -151,6 +155,7 @@ fn holder(pid: Option<u32>, command: Option<&str>, releasing: Option<&str>) -> S
 pub struct ClaimInfo {
     command: Option<String>,
     driver: Option<String>,
+    physfn: Option<PciAddress>,
 }
 
 impl ClaimInfo {
@@ -168,6 +173,14 @@ impl ClaimInfo {
     /// Records the driver that will own the device (`driver=` in the record).
     pub fn driver(mut self, driver: impl Into<String>) -> Self {
         self.driver = Some(driver.into());
+        self
+    }
+
+    /// Records the device's PF, for a VF (`physfn=` in the record;
+    /// [`DeviceRecord::physfn`](crate::record::DeviceRecord::physfn)). Other processes then
+    /// keep away from the PF's lock-taking attributes while this claim is releasing.
+    pub fn physfn(mut self, physfn: Option<PciAddress>) -> Self {
+        self.physfn = physfn;
         self
     }
 }
@@ -214,6 +227,8 @@ pub struct ClaimRecord {
     pub since: Option<SystemTime>,
     /// The driver the holder named, if any.
     pub driver: Option<String>,
+    /// The device's PF, when the holder named one (the device is a VF).
+    pub physfn: Option<PciAddress>,
     /// What the holder is doing.
     pub state: Option<ClaimState>,
 }
@@ -230,6 +245,8 @@ pub struct ReleasingClaim {
     pub command: String,
     /// Why it releases the device.
     pub reason: String,
+    /// The device's PF, when the holder named one.
+    pub physfn: Option<PciAddress>,
 }
 
 /// The directory of claims: one lock file per claimed device.
@@ -351,6 +368,7 @@ impl ClaimDir {
             }),
             since: Some(SystemTime::now()),
             driver: info.driver.clone(),
+            physfn: info.physfn,
             state: Some(ClaimState::Active),
         };
         let claim = Claim {
@@ -451,6 +469,7 @@ impl ClaimDir {
             command: record.command,
             since: record.since,
             driver: record.driver,
+            physfn: record.physfn,
             state: record.state,
         }))
     }
@@ -467,14 +486,16 @@ impl ClaimDir {
                     pid,
                     command: r.command.unwrap_or_default(),
                     reason,
+                    physfn: r.physfn,
                 }),
                 _ => None,
             })
             .collect())
     }
 
-    /// Brings `registry` up to date with the claims: marks every device that another
-    /// live process is releasing, with
+    /// Brings `registry` up to date with the claims: notes the PF of every releasing VF
+    /// whose record names it ([`RemovalRegistry::note_physfn`]), and marks every device
+    /// that another live process is releasing, with
     /// `Reason::Other("being released by PID {pid} ({command}): {reason}")`, and takes
     /// back the marks of earlier calls whose release has ended (the claim was dropped or
     /// its holder died). Returns the addresses newly marked.
@@ -493,6 +514,11 @@ impl ClaimDir {
             .releasing()?
             .into_iter()
             .filter(|r| r.pid != me)
+            .inspect(|r| {
+                if let Some(pf) = r.physfn {
+                    registry.note_physfn(r.address, pf);
+                }
+            })
             .map(|r| {
                 let reason = Reason::Other(format!(
                     "being released by PID {} ({}): {}",
@@ -647,6 +673,7 @@ struct Record {
     command: Option<String>,
     since: Option<SystemTime>,
     driver: Option<String>,
+    physfn: Option<PciAddress>,
     state: Option<ClaimState>,
 }
 
@@ -670,6 +697,9 @@ impl Record {
         }
         if let Some(d) = &self.driver {
             let _ = writeln!(s, "driver={}", one_line(d));
+        }
+        if let Some(pf) = self.physfn {
+            let _ = writeln!(s, "physfn={pf}");
         }
         match &self.state {
             Some(ClaimState::Active) => s.push_str("state=active\n"),
@@ -700,6 +730,8 @@ impl Record {
                 "comm" => r.command = Some(value.to_owned()),
                 "since" => r.since = value.parse().ok().map(|s| UNIX_EPOCH + Duration::from_secs(s)),
                 "driver" => r.driver = Some(value.to_owned()),
+                // A bad address is as good as none: the relation is an optimisation.
+                "physfn" => r.physfn = value.parse().ok(),
                 "reason" => reason = Some(value.to_owned()),
                 "state" => state = Some(value.to_owned()),
                 _ => {}
@@ -832,6 +864,7 @@ mod tests {
             command: Some("fio\nx".into()),
             since: Some(UNIX_EPOCH + Duration::from_secs(1_764_110_400)),
             driver: Some("nvme".into()),
+            physfn: Some(addr("0000:01:00.0")),
             state: Some(ClaimState::Releasing {
                 reason: "vfio removal request".into(),
             }),
@@ -839,10 +872,11 @@ mod tests {
         let text = r.to_text();
         assert_eq!(
             text,
-            "pid=42\ncomm=fio x\nsince=1764110400\ndriver=nvme\nreason=vfio removal request\nstate=releasing\n"
+            "pid=42\ncomm=fio x\nsince=1764110400\ndriver=nvme\nphysfn=0000:01:00.0\nreason=vfio removal request\nstate=releasing\n"
         );
         let back = Record::parse(&text).unwrap();
         assert_eq!(back.command.as_deref(), Some("fio x"));
+        assert_eq!(back.physfn, r.physfn);
         assert_eq!(back.state, r.state);
         assert_eq!(back.since, r.since);
     }

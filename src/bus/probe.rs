@@ -360,7 +360,12 @@ impl<A: Attach> Bus<A> {
             })
         };
         let claim = match &self.claims {
-            Some(dir) => match dir.claim(address, &ClaimInfo::new().driver(self.drivers[*first].name())) {
+            Some(dir) => match dir.claim(
+                address,
+                &ClaimInfo::new()
+                    .driver(self.drivers[*first].name())
+                    .physfn(record.physfn),
+            ) {
                 Ok(c) => Some(c),
                 Err(e) => return report(Err(e.into()), 0),
             },

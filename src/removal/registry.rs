@@ -18,6 +18,12 @@
 //! - when a scan finds the device gone, or present with another identity
 //!   ([`RemovalRegistry::prune`]).
 //!
+//! A pending VF also makes its PF's lock-taking attributes off limits (its removal may be
+//! running under the PF's device lock: `echo 0 > PF/sriov_numvfs`). The kernel removes a
+//! VF's `physfn` link before it removes the VF, so the registry keeps which PF each VF
+//! has, as scans, opens and claims learn it ([`RemovalRegistry::note_physfn`]), and
+//! [`RemovalRegistry::pending_vf_of`] answers from that.
+//!
 //! Every change bumps a [generation](RemovalRegistry::generation), which interested parties
 //! (the bus) poll cheaply or wait on ([`RemovalRegistry::wait_for_change`]).
 //!
@@ -148,6 +154,8 @@ impl Entry {
 #[derive(Debug, Default)]
 pub struct RemovalRegistry {
     pending: Mutex<BTreeMap<PciAddress, Entry>>,
+    // VF -> PF, as learned; never taken while `pending` is held.
+    physfns: Mutex<BTreeMap<PciAddress, PciAddress>>,
     generation: AtomicU64,
     next_stuck: AtomicU64,
     changed: Condvar,
@@ -291,6 +299,29 @@ impl RemovalRegistry {
         self.pending.lock().iter().map(|(a, e)| e.pending(*a)).collect()
     }
 
+    /// Records that `vf` is a VF of `pf` (from its `physfn` link, or a claim record that
+    /// named it). A VF's routing id is fixed by its PF's SR-IOV capability, so the relation
+    /// outlives the VF and is kept; a later note for the same address replaces it.
+    pub fn note_physfn(&self, vf: PciAddress, pf: PciAddress) {
+        self.physfns.lock().insert(vf, pf);
+    }
+
+    /// The PF noted for `vf`.
+    pub fn physfn_of(&self, vf: PciAddress) -> Option<PciAddress> {
+        self.physfns.lock().get(&vf).copied()
+    }
+
+    /// A pending VF of `pf`, if any: while it is pending, the removal may be holding
+    /// `pf`'s device lock, so `pf`'s lock-taking attributes must not be read.
+    pub fn pending_vf_of(&self, pf: PciAddress) -> Option<Pending> {
+        let pending = self.pending();
+        if pending.is_empty() {
+            return None;
+        }
+        let physfns = self.physfns.lock();
+        pending.into_iter().find(|p| physfns.get(&p.address) == Some(&pf))
+    }
+
     /// Whether no removal is pending.
     pub fn is_empty(&self) -> bool {
         self.pending.lock().is_empty()
@@ -423,6 +454,23 @@ mod tests {
             r.get(a("01:00.0")).unwrap().reasons,
             vec![Reason::RemovalRequested]
         );
+    }
+
+    #[test]
+    fn a_pending_vf_makes_its_pf_pending_for_lock_taking_reads() {
+        let r = RemovalRegistry::new();
+        let (pf, vf, other) = (a("01:00.0"), a("01:00.1"), a("02:00.1"));
+        r.note_physfn(vf, pf);
+        r.note_physfn(other, a("02:00.0"));
+        assert!(r.pending_vf_of(pf).is_none());
+        r.mark(vf, Reason::RemovalRequested);
+        assert_eq!(r.pending_vf_of(pf).map(|p| p.address), Some(vf));
+        assert!(!r.is_pending(pf), "the PF itself is not being removed");
+        assert!(r.pending_vf_of(a("02:00.0")).is_none());
+        // The relation outlives the VF's entry, for the next time it is marked.
+        r.release(vf);
+        assert!(r.pending_vf_of(pf).is_none());
+        assert_eq!(r.physfn_of(vf), Some(pf));
     }
 
     #[test]

@@ -129,6 +129,11 @@ pub(crate) fn read_device(
             r.sriov(total_vfs);
         }
     });
+    // The kernel drops a VF's `physfn` link before it removes the VF (possibly under the
+    // PF's device lock): learn the relation now, while it is there.
+    if let Some(pf) = dev.physfn {
+        registry.note_physfn(address, pf);
+    }
     // A device removed while we read it: every attribute is gone.
     let vanished = dev.resources.is_empty()
         && dev.problems.iter().any(|p| {

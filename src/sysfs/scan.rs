@@ -703,7 +703,7 @@ impl Scanner {
                             let read = match done {
                                 Guarded::Read(r) => r,
                                 // Config reads are never skipped.
-                                Guarded::Skipped(_) => continue,
+                                Guarded::Skipped(_) | Guarded::NotRead(_) => continue,
                             };
                             apply_config_read(devices_dir, dev, wanted, read);
                         }
@@ -738,10 +738,10 @@ impl Scanner {
             .copied()
             .filter(|a| a.applies_to(dev))
             .collect();
-        let skip = if dev.removal_pending {
-            ProblemKind::RemovalPending
-        } else if !applicable.is_empty() && held::is_held(dev.address) {
-            ProblemKind::HeldOpen
+        let skip = if applicable.is_empty() {
+            return applicable;
+        } else if let Some(why) = lock_unsafe(&self.registry, dev.address, dev.removal_pending) {
+            why.kind()
         } else {
             return applicable;
         };
@@ -797,8 +797,10 @@ impl GuardedSpec {
 // What a guarded read of a blocking attribute gave.
 enum Guarded {
     Read(io::Result<Vec<u8>>),
-    // Not read, and why.
+    // Not read, and why: the device's own state (a `RemovalPending` here marks the record).
     Skipped(ProblemKind),
+    // Not read because of another device's state (a VF's pending removal).
+    NotRead(ProblemKind),
 }
 
 // Reads `attr` of the device whose directory is `dir`, checking right before the read that
@@ -819,10 +821,51 @@ fn blocking_read(
         // Removed and re-added since the fast path read it: not the device of this record.
         return Guarded::Read(Err(io::Error::from(io::ErrorKind::NotFound)));
     }
-    if registry.is_pending_device(address, now.or(identity)) {
-        return Guarded::Skipped(ProblemKind::RemovalPending);
+    let pending = registry.is_pending_device(address, now.or(identity));
+    match lock_unsafe(registry, address, pending) {
+        None => {}
+        // Only the device's own removal makes its record removal-pending.
+        Some(LockUnsafe::VfPending) => return Guarded::NotRead(ProblemKind::RemovalPending),
+        Some(why) => return Guarded::Skipped(why.kind()),
     }
     Guarded::Read(dir.read_blocking(attr.name(), ATTR_MAX))
+}
+
+// Why a read of a lock-taking attribute of `address` could wait on a removal, following
+// the table in `crate::removal`.
+enum LockUnsafe {
+    // Its own removal is pending.
+    Pending,
+    // This process holds it open, or holds one of its VFs (the PF's `sriov_numvfs` store
+    // removes them under the PF's lock).
+    Held,
+    // The removal of one of its VFs is pending: it may be running under this PF's lock.
+    VfPending,
+}
+
+impl LockUnsafe {
+    fn kind(&self) -> ProblemKind {
+        match self {
+            LockUnsafe::Pending | LockUnsafe::VfPending => ProblemKind::RemovalPending,
+            LockUnsafe::Held => ProblemKind::HeldOpen,
+        }
+    }
+}
+
+// `pending`: whether the device's own removal is pending. `None`: safe to read.
+fn lock_unsafe(registry: &RemovalRegistry, address: PciAddress, pending: bool) -> Option<LockUnsafe> {
+    if pending {
+        return Some(LockUnsafe::Pending);
+    }
+    if held::lock_held_by(address).is_some() {
+        return Some(LockUnsafe::Held);
+    }
+    let vf = registry.pending_vf_of(address)?;
+    log::debug!(
+        "{address}: not reading its lock-taking attributes: the removal of its VF {} is pending",
+        vf.address
+    );
+    Some(LockUnsafe::VfPending)
 }
 
 fn apply_guarded(dev: &mut DeviceRecord, attr: BlockingAttr, result: Guarded) {
@@ -834,6 +877,7 @@ fn apply_guarded(dev: &mut DeviceRecord, attr: BlockingAttr, result: Guarded) {
             }
             dev.report(attr.name(), kind);
         }
+        Guarded::NotRead(kind) => dev.report(attr.name(), kind),
     }
 }
 

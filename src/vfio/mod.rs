@@ -1047,8 +1047,9 @@ impl VfioDevice {
         container: &Arc<Container>,
         token: Option<VfToken>,
     ) -> Result<Arc<VfioDevice>, VfioError> {
-        // Held from before the fd exists until after it is closed.
-        let held = HeldOpen::new(address);
+        // Held from before the fd exists until after it is closed; a VF's PF with it (its
+        // `physfn` link is gone by the time the VF's removal asks us to let go).
+        let held = HeldOpen::with_physfn(address, physfn(root, address));
         // The sysfs directory's identity, for registry marks (a stat: takes no device lock).
         let identity = DeviceIdentity::of(&root.device_dir(address)).ok();
         let (fd, group) = container.open_device(root, address, token)?;

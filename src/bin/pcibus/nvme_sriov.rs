@@ -304,7 +304,10 @@ fn drive(
         bind::bind(root, address, "vfio-pci", false).map_err(|e| format!("{address}: {}", chain(&e)))?;
         let claim = match claims.claim(
             address,
-            &ClaimInfo::new().command("pcibus nvme sriov").driver("nvme"),
+            &ClaimInfo::new()
+                .command("pcibus nvme sriov")
+                .driver("nvme")
+                .physfn(pcibus::vfio::physfn(root, address)),
         ) {
             Ok(c) => Some(c),
             Err(e) => return Err(format!("{address}: {}", chain(&e)).into()),
