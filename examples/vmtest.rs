@@ -14,6 +14,8 @@
 //! pcibus-vmtest vfio-group A B       two functions of one IOMMU group open in one container
 //! pcibus-vmtest held-scan-exit ADDR  hold ADDR, scan with --read all while it is removed,
 //!                                    release on REQ and exit
+//! pcibus-vmtest held-scan-exit VF --pf PF   the same for a VF, removed by someone else's
+//!                                    `echo 0 > PF/sriov_numvfs`; PF's attributes watched too
 //! pcibus-vmtest config-opens CMD...  run CMD; count the opens of every device's `config`
 //!                                    meanwhile (inotify)
 //! ```
@@ -79,7 +81,11 @@ mod vmtest {
                 .parse()
                 .map_err(err)
                 .and_then(|a| vfio_group(a, b.parse().map_err(err)?)),
-            ["held-scan-exit", addr] => addr.parse().map_err(err).and_then(held_scan_exit),
+            ["held-scan-exit", addr] => addr.parse().map_err(err).and_then(|a| held_scan_exit(a, None)),
+            ["held-scan-exit", addr, "--pf", pf] => addr
+                .parse()
+                .map_err(err)
+                .and_then(|a| held_scan_exit(a, Some(pf.parse().map_err(err)?))),
             ["bus", addr, secs] => addr
                 .parse()
                 .map_err(err)
@@ -95,7 +101,8 @@ mod vmtest {
             ["config-opens", cmd @ ..] if !cmd.is_empty() => config_opens(cmd),
             _ => Err(
                 "usage: pcibus-vmtest list-json | vfio-open ADDR | vfio-dma ADDR | dma-bench ADDR | \
-                      hold ADDR SECONDS | seed ADDR | vfio-group ADDR ADDR | held-scan-exit ADDR | \
+                      hold ADDR SECONDS | seed ADDR | vfio-group ADDR ADDR | \
+                      held-scan-exit ADDR [--pf PF] | \
                       claim-release ADDR SECONDS | try-claim ADDR | bus ADDR SECONDS | \
                       bus-replug ADDR SECONDS | kernel-perf BLOCKDEV QD SECONDS | \
                       config-opens CMD [ARG...]"
@@ -1211,10 +1218,38 @@ mod vmtest {
         phase: &'static str,
         took: Duration,
         listed: bool,
-        // Blocking attributes whose value was reported.
+        // Blocking attributes of the held device whose value was reported.
         values: Vec<&'static str>,
-        // (attribute, problem) for the blocking attributes.
+        // (attribute, problem) for the held device's blocking attributes.
         problems: Vec<(&'static str, ProblemKind)>,
+        // The same two for the watched PF.
+        pf_values: Vec<&'static str>,
+        pf_problems: Vec<(&'static str, ProblemKind)>,
+    }
+
+    // The blocking attributes of `d` that have a value, and its problems among them.
+    fn blocking_seen(d: &pcibus::DeviceRecord) -> (Vec<&'static str>, Vec<(&'static str, ProblemKind)>) {
+        let mut values = Vec::new();
+        if d.driver_override.is_some() {
+            values.push("driver_override");
+        }
+        if d.uevent.is_some() {
+            values.push("uevent");
+        }
+        if d.sriov_vf_total_msix.is_some() {
+            values.push("sriov_vf_total_msix");
+        }
+        if d.sriov.as_ref().is_some_and(|s| s.num_vfs.is_some()) {
+            values.push("sriov_numvfs");
+        }
+        let blocking: Vec<&str> = BlockingAttr::ALL.into_iter().map(BlockingAttr::name).collect();
+        let problems = d
+            .problems
+            .iter()
+            .filter(|p| blocking.contains(&p.attribute))
+            .map(|p| (p.attribute, p.kind.clone()))
+            .collect();
+        (values, problems)
     }
 
     /// §3 of issue 6: this process holds `addr` through VFIO with the REQ eventfd
@@ -1222,7 +1257,14 @@ mod vmtest {
     /// while another thread writes `remove`. On the REQ it releases the device; the removal
     /// completes, the scans stop, and the process exits. No scan may report a value read
     /// from the held device's blocking attributes.
-    fn held_scan_exit(addr: PciAddress) -> Res {
+    ///
+    /// With `pf` (issue 14 §1), `addr` is a VF of `pf` and this process does not remove it:
+    /// it prints `held-scan-exit: holding` and waits for the REQ that someone else's
+    /// `echo 0 > PF/sriov_numvfs` brings, which holds the PF's device lock until the VF is
+    /// closed.
+    /// No scan may report a value of the PF's lock-taking attributes, or a read of them
+    /// that timed out, while the VF is held (a submitted read would wait on this process).
+    fn held_scan_exit(addr: PciAddress, pf: Option<PciAddress>) -> Res {
         const GRACE_MS: u64 = 250;
         use std::sync::atomic::AtomicU8;
         let root = SysfsRoot::new(SYS);
@@ -1232,6 +1274,8 @@ mod vmtest {
 
         let dev = open_dev(&root, addr).map_err(|e| format!("VfioDevice::open: {e}"))?;
         let efd = dev.request_eventfd().map_err(err)?;
+        // A VF's controller may be offline (no resources assigned): map BAR0 all the same,
+        // a mapping holds the device too, but its registers say nothing here.
         let bar0 = dev.map_bar(0).map_err(err)?;
         let vs = bar0.read32(8).map_err(err)?;
         println!("held-scan-exit: holding {addr} (NVMe VS {vs:#x}), REQ eventfd registered");
@@ -1265,31 +1309,19 @@ mod vmtest {
                         listed: false,
                         values: Vec::new(),
                         problems: Vec::new(),
+                        pf_values: Vec::new(),
+                        pf_problems: Vec::new(),
                     };
-                    if let Ok(scan) = scan
+                    if let Ok(scan) = &scan
                         && let Some(d) = scan.get(addr)
                     {
                         s.listed = true;
-                        if d.driver_override.is_some() {
-                            s.values.push("driver_override");
-                        }
-                        if d.uevent.is_some() {
-                            s.values.push("uevent");
-                        }
-                        if d.sriov_vf_total_msix.is_some() {
-                            s.values.push("sriov_vf_total_msix");
-                        }
-                        if d.sriov.as_ref().is_some_and(|s| s.num_vfs.is_some()) {
-                            s.values.push("sriov_numvfs");
-                        }
-                        let blocking: Vec<&str> =
-                            BlockingAttr::ALL.into_iter().map(BlockingAttr::name).collect();
-                        s.problems = d
-                            .problems
-                            .iter()
-                            .filter(|p| blocking.contains(&p.attribute))
-                            .map(|p| (p.attribute, p.kind.clone()))
-                            .collect();
+                        (s.values, s.problems) = blocking_seen(d);
+                    }
+                    if let Ok(scan) = &scan
+                        && let Some(d) = pf.and_then(|pf| scan.get(pf))
+                    {
+                        (s.pf_values, s.pf_problems) = blocking_seen(d);
                     }
                     seen.push(s);
                     thread::sleep(Duration::from_millis(20));
@@ -1300,13 +1332,24 @@ mod vmtest {
 
         thread::sleep(Duration::from_millis(300));
         let remove_path = root.device_dir(addr).join("remove");
+        // With a PF, the removal comes from outside (the test script's sriov_numvfs write).
+        let remover = match pf {
+            None => {
+                let t = Instant::now();
+                Some(thread::spawn(move || {
+                    let r = std::fs::write(&remove_path, "1");
+                    (r, t.elapsed())
+                }))
+            }
+            Some(_) => {
+                println!("held-scan-exit: holding; waiting for the REQ");
+                None
+            }
+        };
         let t_remove = Instant::now();
-        let remover = thread::spawn(move || {
-            let r = std::fs::write(&remove_path, "1");
-            (r, t_remove.elapsed())
-        });
         let mut requested = None;
-        while t_remove.elapsed() < Duration::from_secs(15) {
+        let req_wait = Duration::from_secs(if pf.is_some() { 30 } else { 15 });
+        while t_remove.elapsed() < req_wait {
             if dev.poll_request(&efd, &registry) {
                 requested = Some(Instant::now());
                 break;
@@ -1316,11 +1359,11 @@ mod vmtest {
         let Some(t_req) = requested else {
             phase.store(3, Ordering::Release);
             drop((bar0, dev, efd));
-            return Err("no REQ within 15 s of writing remove".into());
+            return Err(format!("no REQ within {} s", req_wait.as_secs()));
         };
         phase.store(1, Ordering::Release);
         println!(
-            "held-scan-exit: REQ {} after the remove write; registry pending {}",
+            "held-scan-exit: REQ {} after the remove write (or the wait began); registry pending {}",
             ms(t_req - t_remove),
             registry.is_pending(addr)
         );
@@ -1342,21 +1385,31 @@ mod vmtest {
         );
 
         // The removal completes.
-        while !remover.is_finished() && t_req.elapsed() < Duration::from_secs(10) {
+        let finished = |r: &Option<thread::JoinHandle<_>>| match r {
+            Some(r) => r.is_finished(),
+            None => !root.device_dir(addr).exists(),
+        };
+        while !finished(&remover) && t_req.elapsed() < Duration::from_secs(10) {
             thread::sleep(Duration::from_millis(5));
         }
-        if remover.is_finished() {
-            let (r, at) = remover.join().map_err(|_| "remove thread panicked")?;
-            println!(
-                "held-scan-exit: the remove write returned {:?} {} after it began",
-                r.as_ref().map_err(|e| e.to_string()),
-                ms(at)
-            );
-            checks.check(r.is_ok(), || format!("remove write failed: {r:?}"));
-        } else {
-            checks.check(false, || {
+        match remover {
+            Some(remover) if remover.is_finished() => {
+                let (r, at) = remover.join().map_err(|_| "remove thread panicked")?;
+                println!(
+                    "held-scan-exit: the remove write returned {:?} {} after it began",
+                    r.as_ref().map_err(|e| e.to_string()),
+                    ms(at)
+                );
+                checks.check(r.is_ok(), || format!("remove write failed: {r:?}"));
+            }
+            Some(_) => checks.check(false, || {
                 "the remove write had not returned 10 s after the release".into()
-            });
+            }),
+            // Removed from outside: the directory's going (checked below) is the sign.
+            None => println!(
+                "held-scan-exit: the device was gone {} after the REQ",
+                ms(t_req.elapsed())
+            ),
         }
         checks.check(!root.device_dir(addr).exists(), || {
             "device directory still there".into()
@@ -1406,6 +1459,39 @@ mod vmtest {
                     matches!(kind, ProblemKind::HeldOpen | ProblemKind::RemovalPending),
                     || format!("a scan while {}: {attr}: {kind}", s.phase),
                 );
+            }
+        }
+        if let Some(pf) = pf {
+            for phase in ["held", "requested", "released"] {
+                let kinds: BTreeSet<String> = seen
+                    .iter()
+                    .filter(|s| s.phase == phase)
+                    .flat_map(|s| s.pf_problems.iter().map(|(a, k)| format!("{a}: {k}")))
+                    .collect();
+                println!("held-scan-exit: PF {pf} while {phase}: problems {kinds:?}");
+            }
+            checks.check(
+                seen.iter()
+                    .any(|s| s.phase == "held" && !s.pf_problems.is_empty()),
+                || format!("no scan while held reported the PF {pf}'s attributes as skipped"),
+            );
+            for s in &seen {
+                // While the VF is held, a read of the PF's lock-taking attributes could wait on
+                // this process; after the release it may wait (briefly) for the kernel.
+                if s.phase != "released" {
+                    checks.check(s.pf_values.is_empty(), || {
+                        format!(
+                            "a scan while {} read the PF's lock-taking attributes {:?}",
+                            s.phase, s.pf_values
+                        )
+                    });
+                }
+                for (attr, kind) in &s.pf_problems {
+                    checks.check(
+                        matches!(kind, ProblemKind::HeldOpen | ProblemKind::RemovalPending),
+                        || format!("a scan while {}: PF {pf} {attr}: {kind}", s.phase),
+                    );
+                }
             }
         }
         println!("held-scan-exit: exiting {} after start", ms(t0.elapsed()));

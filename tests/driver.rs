@@ -574,3 +574,28 @@ fn a_failed_attach_is_reported_and_leaves_nothing() {
     assert!(text.contains("group 7 is not viable"), "{text}");
     assert!(log.lock().is_empty());
 }
+
+#[test]
+fn a_synthetic_remove_uevent_does_not_take_a_present_device_from_its_driver() {
+    // Issue 14 §3: root's `echo remove > .../uevent` sends a `remove` (with SYNTH_UUID)
+    // for a device that stays.
+    let fake = qemu();
+    let attach = FakeAttach::new();
+    let log = Log::default();
+    let mut bus = Bus::new(map(&fake), attach.clone()).selection(allow(VF1));
+    bus.register(Box::new(TestDriver::new("nvme-test", Mode::Bind, &log)));
+    assert_eq!(bus.probe_all().len(), 1);
+    let Event::Uevent(mut u) = uevent(Action::Remove, VF1) else {
+        unreachable!()
+    };
+    let mut vars: Vec<(String, String)> = ["ACTION", "DEVPATH", "SUBSYSTEM", "PCI_SLOT_NAME", "SEQNUM"]
+        .into_iter()
+        .map(|k| (k.to_string(), u.var(k).unwrap().to_string()))
+        .collect();
+    vars.push(("SYNTH_UUID".into(), "0".into()));
+    u = Uevent::from_vars(Action::Remove, u.devpath.clone(), vars).unwrap();
+    let events = bus.handle(&Event::Uevent(u)).unwrap();
+    assert!(events.is_empty(), "{events:?}");
+    assert_eq!(bus.held().len(), 1);
+    assert_eq!(*log.lock(), [format!("nvme-test probe {VF1}")]);
+}

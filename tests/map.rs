@@ -271,3 +271,38 @@ proptest! {
         }
     }
 }
+
+// `echo remove > /sys/bus/pci/devices/X/uevent` (root) sends a `remove` uevent for a device
+// that stays; the kernel marks such events with `SYNTH_UUID` (0 when none was given).
+fn synthetic(action: Action, address: PciAddress) -> Uevent {
+    let devpath = format!("/devices/pci0000:00/{address}");
+    let vars = [
+        ("ACTION", action.as_str()),
+        ("DEVPATH", &devpath),
+        ("SUBSYSTEM", "pci"),
+        ("SYNTH_UUID", "0"),
+        ("PCI_SLOT_NAME", &address.to_string()),
+        ("SEQNUM", "2"),
+    ]
+    .map(|(k, v)| (k.to_string(), v.to_string()));
+    Uevent::from_vars(action, devpath, vars.to_vec()).unwrap()
+}
+
+#[test]
+fn a_synthetic_remove_of_a_present_device_keeps_its_record() {
+    let fake = FakeSysfs::new().unwrap();
+    let a = addr("0000:00:01.0");
+    add_device(&fake, a, Some("nvme"));
+    let mut map = DeviceMap::new(scanner(&fake)).unwrap();
+    assert_eq!(
+        map.apply(&synthetic(Action::Remove, a)).unwrap(),
+        Change::Unchanged
+    );
+    assert_eq!(records(&map), fresh(&fake));
+    // A synthetic remove of a device that is really gone removes it.
+    remove_device(&fake, a);
+    assert_eq!(
+        map.apply(&synthetic(Action::Remove, a)).unwrap(),
+        Change::Removed(a)
+    );
+}

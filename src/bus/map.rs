@@ -95,13 +95,17 @@ impl DeviceMap {
     }
 
     /// Updates the record of the device `event` names: `remove` drops it without reading
-    /// sysfs; any other action re-reads that one device (and drops its record if the
-    /// device is gone by then). Events that are not of a PCI function change nothing.
+    /// sysfs; any other action, and a synthetic `remove` ([`Uevent::is_synthetic`]),
+    /// re-reads that one device (and drops its record if the device is gone by then).
+    /// Events that are not of a PCI function change nothing.
     pub fn apply(&mut self, event: &Uevent) -> Result<Change, ScanError> {
         let Some(address) = event.pci_address().filter(|_| event.is_pci()) else {
             return Ok(Change::NotPci);
         };
-        if event.action == Action::Remove {
+        // A real `remove` comes before the kernel deletes the directory, so it is taken at
+        // its word; a synthetic one (root's `echo remove > uevent`) removes nothing, so
+        // the device is re-read and kept if it is there.
+        if event.action == Action::Remove && !event.is_synthetic() {
             return Ok(match self.devices.remove(&address) {
                 Some(_) => Change::Removed(address),
                 None => Change::Unchanged,

@@ -556,9 +556,11 @@ impl<A: Attach> Bus<A> {
             return Ok(());
         };
         match (&u.action, change) {
-            (Action::Remove, _) | (_, Change::Removed(_)) => {
+            // A synthetic `remove` counts only if the device is really gone (the map said so).
+            (Action::Remove, _) if !u.is_synthetic() => {
                 self.gone(address, RemovalCause::Uevent(u.action.clone()), events)
             }
+            (_, Change::Removed(_)) => self.gone(address, RemovalCause::Uevent(u.action.clone()), events),
             (Action::Add, _) => self.added(address),
             // A device released on a request while present comes back when it is bound
             // again to what the bus opens it through (an operator's bind to vfio-pci).

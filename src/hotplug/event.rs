@@ -333,6 +333,14 @@ impl Uevent {
         self.vars.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
     }
 
+    /// Whether a process wrote the event into the device's `uevent` file (`echo remove >
+    /// /sys/.../uevent`, root only) rather than the kernel sending it for a real change:
+    /// such events carry `SYNTH_UUID` (`0` when the writer gave none). A synthetic `remove`
+    /// removes nothing.
+    pub fn is_synthetic(&self) -> bool {
+        self.var("SYNTH_UUID").is_some()
+    }
+
     /// Whether the event is about a PCI function (`SUBSYSTEM=pci`). Events of devices
     /// below one (an `nvme` controller, a `block` disk) are not.
     pub fn is_pci(&self) -> bool {
