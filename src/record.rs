@@ -5,6 +5,7 @@ use std::io;
 use std::time::Duration;
 
 use crate::model::{Bar, ClassCode, DeviceId, Resource, Sriov, VendorId};
+use crate::removal::registry::DeviceIdentity;
 use crate::{ParseError, PciAddress};
 
 /// What a scan learned about one PCI function.
@@ -17,6 +18,11 @@ use crate::{ParseError, PciAddress};
 pub struct DeviceRecord {
     /// The function's address.
     pub address: PciAddress,
+    /// Which incarnation of the device this is: its sysfs directory's device and inode
+    /// numbers (one `fstat` of the directory the scan opens anyway). A device removed and
+    /// added again at the same address, even with the same ids, has another; `None` when
+    /// the `fstat` failed.
+    pub identity: Option<DeviceIdentity>,
     /// Vendor id.
     pub vendor: Option<VendorId>,
     /// Device id.
@@ -62,6 +68,7 @@ impl DeviceRecord {
     pub fn new(address: PciAddress) -> Self {
         DeviceRecord {
             address,
+            identity: None,
             vendor: None,
             device: None,
             subsystem_vendor: None,

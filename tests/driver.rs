@@ -599,3 +599,50 @@ fn a_synthetic_remove_uevent_does_not_take_a_present_device_from_its_driver() {
     assert_eq!(bus.held().len(), 1);
     assert_eq!(*log.lock(), [format!("nvme-test probe {VF1}")]);
 }
+
+#[test]
+fn a_device_held_off_after_a_request_and_hot_swapped_unseen_is_offered_again() {
+    // Issue 14 §3: the uevents of the swap were lost (an overflow); the new device has
+    // the same ids and address, only its incarnation tells it apart.
+    let fake = qemu();
+    let attach = FakeAttach::new();
+    let log = Log::default();
+    let mut bus = Bus::new(map(&fake), attach.clone())
+        .selection(allow(PF))
+        .settle(Duration::ZERO);
+    bus.register(Box::new(TestDriver::new("nvme-test", Mode::Bind, &log)));
+    assert_eq!(bus.probe_all().len(), 1);
+    assert!(attach.request_removal(addr(PF)));
+    let events = bus.wait(None, Duration::from_secs(5)).unwrap();
+    assert!(matches!(events[..], [BusEvent::Removed(_)]), "{events:?}");
+    assert!(bus.probe_all().is_empty(), "held off while it is the same device");
+
+    // Swapped: a new directory with the same contents.
+    let dir = fake.root().join(fake.device_dir(PF).unwrap());
+    let away = fake.root().join("swapped-out");
+    std::fs::rename(&dir, &away).unwrap();
+    let status = std::process::Command::new("cp")
+        .arg("-a")
+        .arg(&away)
+        .arg(&dir)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let events = bus.handle(&Event::Overflow).unwrap();
+    let Some(BusEvent::Resynced(changes)) = events.last() else {
+        panic!("{events:?}")
+    };
+    assert!(
+        changes.iter().any(|c| c.address() == Some(addr(PF))),
+        "the swap is a change: {changes:?}"
+    );
+    let mut probed = Vec::new();
+    let start = std::time::Instant::now();
+    while probed.is_empty() && start.elapsed() < Duration::from_secs(5) {
+        probed = bus.wait(None, Duration::from_millis(100)).unwrap();
+    }
+    assert!(
+        matches!(&probed[..], [BusEvent::Probed(p)] if p.address == addr(PF)),
+        "{probed:?}"
+    );
+}

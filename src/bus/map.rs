@@ -38,6 +38,11 @@ pub enum Change {
     Removed(PciAddress),
     /// A device's record changed (a driver bound or unbound, an attribute changed).
     Updated(PciAddress),
+    /// The device at this address is another one than the map had: the old one was
+    /// removed and a new one added (its [`identity`](DeviceRecord::identity) differs),
+    /// though the events that would have said so were not seen. Whatever was known of the
+    /// old device is void.
+    Replaced(PciAddress),
     /// A PCI event that left the map as it was.
     Unchanged,
     /// Not an event of a PCI function (`SUBSYSTEM` is not `pci`, or no address).
@@ -48,7 +53,7 @@ impl Change {
     /// The device changed, if any.
     pub fn address(self) -> Option<PciAddress> {
         match self {
-            Change::Added(a) | Change::Removed(a) | Change::Updated(a) => Some(a),
+            Change::Added(a) | Change::Removed(a) | Change::Updated(a) | Change::Replaced(a) => Some(a),
             Change::Unchanged | Change::NotPci => None,
         }
     }
@@ -123,6 +128,7 @@ impl DeviceMap {
         for (&address, old) in &self.devices {
             match fresh.get(&address) {
                 None => changes.push(Change::Removed(address)),
+                Some(new) if another(old, new) => changes.push(Change::Replaced(address)),
                 Some(new) if new != old => changes.push(Change::Updated(address)),
                 Some(_) => {}
             }
@@ -153,8 +159,12 @@ impl DeviceMap {
                 if *e.get() == dev {
                     Change::Unchanged
                 } else {
+                    let change = match another(e.get(), &dev) {
+                        true => Change::Replaced(address),
+                        false => Change::Updated(address),
+                    };
                     e.insert(dev);
-                    Change::Updated(address)
+                    change
                 }
             }
         }
@@ -168,6 +178,12 @@ impl<'a> IntoIterator for &'a DeviceMap {
     fn into_iter(self) -> Self::IntoIter {
         self.devices.values()
     }
+}
+
+// Whether `new` is another device than `old` (both of one address): both incarnations
+// known and different.
+fn another(old: &DeviceRecord, new: &DeviceRecord) -> bool {
+    matches!((old.identity, new.identity), (Some(a), Some(b)) if a != b)
 }
 
 fn by_address(devices: Vec<DeviceRecord>) -> BTreeMap<PciAddress, DeviceRecord> {

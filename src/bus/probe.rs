@@ -536,6 +536,12 @@ impl<A: Attach> Bus<A> {
                     match *change {
                         Change::Removed(a) => self.gone(a, RemovalCause::Uevent(Action::Remove), &mut events),
                         Change::Added(a) => self.added(a),
+                        // The old device left unseen: what the bus held of it goes, and
+                        // the new one is offered like any added device.
+                        Change::Replaced(a) => {
+                            self.gone(a, RemovalCause::Uevent(Action::Remove), &mut events);
+                            self.added(a);
+                        }
                         _ => {}
                     }
                 }
@@ -561,6 +567,10 @@ impl<A: Attach> Bus<A> {
                 self.gone(address, RemovalCause::Uevent(u.action.clone()), events)
             }
             (_, Change::Removed(_)) => self.gone(address, RemovalCause::Uevent(u.action.clone()), events),
+            (_, Change::Replaced(_)) => {
+                self.gone(address, RemovalCause::Uevent(Action::Remove), events);
+                self.added(address);
+            }
             (Action::Add, _) => self.added(address),
             // A device released on a request while present comes back when it is bound
             // again to what the bus opens it through (an operator's bind to vfio-pci).

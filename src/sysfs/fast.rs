@@ -58,7 +58,6 @@ pub(crate) fn read_device(
     registry: &RemovalRegistry,
     devices_dir: &DirFd,
     address: PciAddress,
-    blocking_reads: bool,
     progress: Option<&Progress>,
 ) -> Outcome {
     let name = address.to_string();
@@ -75,19 +74,15 @@ pub(crate) fn read_device(
             });
         }
     };
-    // Which incarnation this is matters only to a device already in the registry, and to
-    // the blocking reads that may mark it later; an fstat per device is not free, so the
-    // plain scan skips it.
+    // Which incarnation this is: in the record (a device swapped at the same address is
+    // another device), for the registry, and for the blocking reads that may mark it.
     let listed = registry.is_pending(address);
-    let identity = if blocking_reads || listed {
-        DeviceIdentity::of_fd(&dir).ok()
-    } else {
-        None
-    };
+    let identity = DeviceIdentity::of_fd(&dir).ok();
     if let Some(p) = progress {
         *p.identity.lock() = identity;
     }
     let mut dev = DeviceRecord::new(address);
+    dev.identity = identity;
     // Checked per incarnation: a device re-added at the same address is a new device.
     dev.removal_pending = listed && registry.is_pending_device(address, identity);
     if dev.removal_pending

@@ -519,8 +519,7 @@ impl Scanner {
     // The fast path on `self.threads` threads, unguarded.
     fn walk(&self, devices_dir: &DirFd, wanted: &[PciAddress]) -> Vec<Outcome> {
         let threads = self.threads.min(wanted.len().div_ceil(DEVICES_PER_THREAD)).max(1);
-        let blocking = !self.blocking.is_empty();
-        let read = |a| read_device(self.ids, &self.registry, devices_dir, a, blocking, None);
+        let read = |a| read_device(self.ids, &self.registry, devices_dir, a, None);
         if threads == 1 {
             return wanted.iter().map(|&a| read(a)).collect();
         }
@@ -618,7 +617,6 @@ impl Scanner {
             &self.registry,
             devices_dir,
             address,
-            !self.blocking.is_empty(),
             Some(&track.progress),
         );
         if let Outcome::Found(f) = &mut outcome {

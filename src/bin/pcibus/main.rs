@@ -132,8 +132,9 @@ enum Command {
     Watch {
         /// One JSON object per line: action, address, subsystem, devpath, driver, seqnum,
         /// and `map`: what the event changed in the device map (`added`, `removed`,
-        /// `updated` with the device's vendor, device, class and driver after it, or
-        /// `unchanged`). `{"overflow":true,"resync":[...]}` when the kernel dropped events:
+        /// `updated` with the device's vendor, device, class and driver after it,
+        /// `replaced` (another device at that address: the old one left unseen) with the
+        /// same, or `unchanged`). `{"overflow":true,"resync":[...]}` when the kernel dropped events:
         /// the map is rebuilt by one scan and its changes listed.
         #[arg(long)]
         json: bool,

@@ -154,6 +154,7 @@ fn change_kind(change: Change) -> &'static str {
         Change::Added(_) => "added",
         Change::Removed(_) => "removed",
         Change::Updated(_) => "updated",
+        Change::Replaced(_) => "replaced",
         Change::Unchanged => "unchanged",
         Change::NotPci => "not_pci",
     }
@@ -162,7 +163,12 @@ fn change_kind(change: Change) -> &'static str {
 // What the map holds for the device after the change (nothing once removed).
 fn change_json(change: Change, record: Option<&DeviceRecord>) -> Value {
     let mut v = json!({ "change": change_kind(change) });
-    if let Some(r) = record.filter(|_| matches!(change, Change::Added(_) | Change::Updated(_))) {
+    if let Some(r) = record.filter(|_| {
+        matches!(
+            change,
+            Change::Added(_) | Change::Updated(_) | Change::Replaced(_)
+        )
+    }) {
         v["vendor"] = json!(r.vendor.map(|x| format!("{:04x}", x.0)));
         v["device"] = json!(r.device.map(|x| format!("{:04x}", x.0)));
         v["class"] = json!(r.class.map(|c| format!("{:06x}", c.value())));
@@ -173,7 +179,12 @@ fn change_json(change: Change, record: Option<&DeviceRecord>) -> Value {
 
 fn change_text(change: Change, record: Option<&DeviceRecord>) -> String {
     let mut s = change_kind(change).to_owned();
-    if let Some(r) = record.filter(|_| matches!(change, Change::Added(_) | Change::Updated(_))) {
+    if let Some(r) = record.filter(|_| {
+        matches!(
+            change,
+            Change::Added(_) | Change::Updated(_) | Change::Replaced(_)
+        )
+    }) {
         if let (Some(v), Some(d)) = (r.vendor, r.device) {
             s.push_str(&format!(" {:04x}:{:04x}", v.0, d.0));
         }
