@@ -481,3 +481,32 @@ fn a_scan_keeps_away_from_the_pf_of_a_vf_another_process_is_releasing() {
     assert!(!pf.removal_pending, "the PF itself is not being removed");
     assert!(scan.get(addr("0000:01:00.1")).unwrap().removal_pending);
 }
+
+#[test]
+fn claims_of_holders_in_another_pid_namespace_are_listed_without_waiting() {
+    // Issue 14 §4: a holder in a container writes the PID it sees, which names no process
+    // here. The lock says the claim is live; its complete record is believed at once (the
+    // old code re-read each such record for 50 ms, on every scan).
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = ClaimDir::new(tmp.path());
+    let n = 20;
+    let mut claims = Vec::new();
+    for i in 0..n {
+        let a = addr(&format!("0000:{i:02x}:00.0"));
+        let claim = dir.claim(a, &ClaimInfo::new()).unwrap();
+        // Another description of the file, as the holder's own writes would be.
+        std::fs::write(
+            dir.file_of(a),
+            "pid=4000000\ncomm=spdk_tgt\nsince=1764110400\nstate=active\n",
+        )
+        .unwrap();
+        claims.push(claim);
+    }
+    let t0 = Instant::now();
+    let listed = dir.list().unwrap();
+    let took = t0.elapsed();
+    assert_eq!(listed.len(), n);
+    assert!(listed.iter().all(|r| r.live && r.pid == Some(4_000_000)));
+    // The old code slept 50 ms per record: at least a second for these.
+    assert!(took < Duration::from_millis(500), "{took:?}");
+}

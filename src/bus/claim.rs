@@ -341,7 +341,7 @@ impl ClaimDir {
         match fcntl(&file, FcntlArg::F_OFD_SETLK(&whole_file(libc::F_WRLCK))) {
             Ok(_) => {}
             Err(Errno::EAGAIN | Errno::EACCES) => {
-                let (pid, command, releasing) = match read_settled(&file) {
+                let (pid, command, releasing) = match read_settled(&file, true) {
                     Some(r) => {
                         let releasing = match r.state {
                             Some(ClaimState::Releasing { reason }) => Some(reason),
@@ -450,8 +450,10 @@ impl ClaimDir {
         let mut probe = whole_file(libc::F_WRLCK);
         fcntl(&file, FcntlArg::F_OFD_GETLK(&mut probe)).map_err(|e| io_error("probe lock of", e))?;
         let live = i32::from(probe.l_type) != libc::F_UNLCK;
+        // Listing (a scan feeding its registry) trusts the lock: a live claim's complete
+        // record is taken at once, whatever PID it names.
         let record = if live {
-            read_settled(&file)
+            read_settled(&file, false)
         } else {
             read_record(&file).ok()
         };
@@ -772,18 +774,21 @@ fn read_record(file: &File) -> io::Result<Record> {
 }
 
 // The record of a file whose lock is held. A holder writes it right after locking, so an
-// empty or incomplete one is read again for a moment; so is one naming a process that
-// does not exist: a new holder that has locked a stale file but not yet rewritten it.
-// After the wait, the last complete record read (a holder in another PID namespace names
-// a PID this one cannot see), else `None`.
-fn read_settled(file: &File) -> Option<Record> {
+// empty or incomplete one is read again for a moment. With `check_pid` (a refused
+// claimant, who names the holder in its error), so is one naming a process that does not
+// exist: a new holder that has locked a stale file but not yet rewritten it. Without it
+// (listing, on every scan), a complete record is believed at once: the lock says the
+// claim is live, and a holder in another PID namespace names a PID this one cannot see,
+// which would cost the whole wait on every scan. After the wait, the last complete record
+// read, else `None`.
+fn read_settled(file: &File, check_pid: bool) -> Option<Record> {
     let deadline = Instant::now() + RECORD_WAIT;
     let mut last = None;
     loop {
         if let Ok(r) = read_record(file)
             && !r.is_empty()
         {
-            if r.pid.is_some_and(exists) {
+            if !check_pid || r.pid.is_some_and(exists) {
                 return Some(r);
             }
             last = Some(r);

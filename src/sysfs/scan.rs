@@ -439,11 +439,14 @@ impl Scanner {
                 .is_ok()
                 .then(|| DeviceIdentity::of(&self.root.device_dir(a)).ok())
         };
-        self.scan_listed(&devices_dir, &listed, identify, scan)
+        self.scan_listed(&devices_dir, &listed, identify, true, scan)
     }
 
     /// Scans one device; `Ok(None)` when it does not exist (or vanished meanwhile). Reads
-    /// only that device's directory: the devices directory is not listed.
+    /// only that device's directory: the devices directory is not listed. The claims
+    /// directory is consulted only when blocking attributes are asked for (it is what keeps
+    /// their reads away from devices other processes are releasing); a map reading one
+    /// device per uevent does not pay for listing every claim.
     pub fn scan_device(&self, address: PciAddress) -> Result<Option<DeviceRecord>, ScanError> {
         let dir_path = self.root.devices_dir();
         let devices_dir = Arc::new(DirFd::open(dir_path).map_err(|source| ScanError::Root {
@@ -460,7 +463,8 @@ impl Scanner {
                 .ok()
                 .map(|d| DeviceIdentity::of_fd(&d).ok())
         };
-        let scan = self.scan_listed(&devices_dir, &[address], identify, Scan::default())?;
+        let claims = !self.blocking.is_empty();
+        let scan = self.scan_listed(&devices_dir, &[address], identify, claims, Scan::default())?;
         Ok(scan.devices.into_iter().next())
     }
 
@@ -470,10 +474,12 @@ impl Scanner {
         devices_dir: &Arc<DirFd>,
         listed: &[PciAddress],
         identify: impl FnMut(PciAddress) -> Option<Option<DeviceIdentity>>,
+        consult_claims: bool,
         mut scan: Scan,
     ) -> Result<Scan, ScanError> {
         // Devices other processes are releasing count as pending, before anything is read.
         let claims = match &self.claims {
+            _ if !consult_claims => None,
             Claims::Dir(dir) => Some(dir),
             Claims::Host(dir) if is_kernel_sysfs(&self.root) => Some(dir),
             Claims::Host(_) | Claims::None => None,
