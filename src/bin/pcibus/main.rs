@@ -249,7 +249,10 @@ impl SelectArgs {
 impl ScanArgs {
     fn scanner(&self, root: SysfsRoot) -> Result<Scanner, Error> {
         let selection = self.select.selection()?;
+        // `list` and `show` hold no devices and few fds: the helpers' private fd tables cost
+        // nothing here.
         let mut s = Scanner::new(root)
+            .private_fd_tables(true)
             .timeout(Duration::from_millis(self.timeout))
             .guard_everything(self.guard_all)
             .id_source(match self.ids {
