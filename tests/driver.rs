@@ -56,6 +56,8 @@ enum Mode {
     Fail,
     // Fails but keeps a mapped BAR: a leak the bus must report.
     FailAndLeak,
+    // Binds, and keeps its mapped BAR after `remove`: the device stays open.
+    LeakOnRemove,
 }
 
 type Log = Arc<Mutex<Vec<String>>>;
@@ -112,7 +114,7 @@ impl Driver<FakeBacking> for TestDriver {
         };
         bar.write32(0x14, 1).unwrap();
         match self.mode {
-            Mode::Bind => {
+            Mode::Bind | Mode::LeakOnRemove => {
                 self.devices.insert(address, (device.backing.clone(), bar));
                 ProbeOutcome::Bound
             }
@@ -139,7 +141,11 @@ impl Driver<FakeBacking> for TestDriver {
                 None => "",
             }
         ));
-        self.devices.remove(&address);
+        if let Some((_, bar)) = self.devices.remove(&address)
+            && self.mode == Mode::LeakOnRemove
+        {
+            self.leaked.push(bar);
+        }
     }
     fn probe_again(&self) -> bool {
         self.again
@@ -573,4 +579,144 @@ fn a_failed_attach_is_reported_and_leaves_nothing() {
     let text = reports[0].result.as_ref().unwrap_err().to_string();
     assert!(text.contains("group 7 is not viable"), "{text}");
     assert!(log.lock().is_empty());
+}
+
+#[test]
+fn a_device_whose_driver_kept_a_handle_stays_claimed_and_releasing_until_it_is_closed() {
+    let fake = qemu();
+    let claims = tempfile::tempdir().unwrap();
+    let attach = FakeAttach::new();
+    let log = Log::default();
+    let mut bus = Bus::new(map(&fake), attach.clone())
+        .selection(allow(PF))
+        .claim_dir(Some(ClaimDir::new(claims.path())));
+    bus.register(Box::new(TestDriver::new("leaky", Mode::LeakOnRemove, &log)));
+    bus.probe_all();
+    let registry = bus.map().scanner().removal_registry().clone();
+
+    assert!(attach.request_removal(addr(PF)));
+    let events = bus.wait(None, Duration::from_secs(5)).unwrap();
+    let [BusEvent::Removed(r)] = events.as_slice() else {
+        panic!("{events:?}")
+    };
+    assert_eq!((&r.cause, r.leaked), (&RemovalCause::Request, 1));
+
+    // The kept BAR keeps the device open, so the kernel's removal still waits: another
+    // process must still see it claimed and releasing, and scans must keep away from it.
+    let other = ClaimDir::new(claims.path());
+    match other.claim(addr(PF), &ClaimInfo::new()) {
+        Err(ClaimError::Held { releasing, .. }) => {
+            assert_eq!(releasing.as_deref(), Some("vfio removal request"))
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(registry.is_pending(addr(PF)));
+    // Not closed (the REQ eventfd stays registered), not offered to a driver again.
+    assert!(
+        !attach.calls().iter().any(|c| matches!(c, AttachCall::Detach(..))),
+        "{:?}",
+        attach.calls()
+    );
+    assert!(bus.probe(addr(PF)).is_none());
+    assert!(bus.poll().is_empty(), "still kept");
+    assert_eq!(bus.releasing(), [(addr(PF), "leaky")]);
+    assert!(bus.held().is_empty());
+    assert!(bus.next_deadline().is_some(), "wait wakes up to look again");
+
+    // The driver lets go: the next poll closes the device and ends the release.
+    bus.driver_mut::<TestDriver>().unwrap().leaked.clear();
+    let events = bus.poll();
+    let [BusEvent::Released(r)] = events.as_slice() else {
+        panic!("{events:?}")
+    };
+    assert_eq!(
+        (r.address, r.driver.as_str(), &r.cause),
+        (addr(PF), "leaky", &RemovalCause::Request)
+    );
+    assert!(r.error.is_none());
+    assert_eq!(
+        attach.calls().last().unwrap(),
+        &AttachCall::Detach(addr(PF), Release::Removal, 0)
+    );
+    assert!(!registry.is_pending(addr(PF)));
+    other.claim(addr(PF), &ClaimInfo::new()).unwrap();
+    assert!(bus.releasing().is_empty());
+    assert_eq!(bus.next_deadline(), None);
+}
+
+#[test]
+fn a_detach_while_the_driver_keeps_a_handle_restores_nothing_until_it_is_closed() {
+    let fake = qemu();
+    let claims = tempfile::tempdir().unwrap();
+    let attach = FakeAttach::new();
+    let log = Log::default();
+    let mut bus = Bus::new(map(&fake), attach.clone())
+        .selection(allow(PF))
+        .claim_dir(Some(ClaimDir::new(claims.path())));
+    bus.register(Box::new(TestDriver::new("leaky", Mode::LeakOnRemove, &log)));
+    bus.probe_all();
+    let r = bus.detach(addr(PF)).unwrap();
+    assert_eq!(r.leaked, 1);
+    // Still open: restoring the previous driver now would wait for the close. The claim
+    // stays, and says "active": nothing is being removed.
+    assert_eq!(attach.calls(), [AttachCall::Attach(addr(PF))]);
+    match ClaimDir::new(claims.path()).claim(addr(PF), &ClaimInfo::new()) {
+        Err(ClaimError::Held { releasing, .. }) => assert_eq!(releasing, None),
+        other => panic!("{other:?}"),
+    }
+    assert!(!bus.map().scanner().removal_registry().is_pending(addr(PF)));
+
+    // The kernel asks for it meanwhile: from now on it is a removal (said in the claim
+    // and the registry; the binding is left alone when it closes).
+    assert!(attach.request_removal(addr(PF)));
+    assert!(bus.poll().is_empty());
+    assert!(bus.map().scanner().removal_registry().is_pending(addr(PF)));
+    match ClaimDir::new(claims.path()).claim(addr(PF), &ClaimInfo::new()) {
+        Err(ClaimError::Held { releasing, .. }) => {
+            assert_eq!(releasing.as_deref(), Some("vfio removal request"))
+        }
+        other => panic!("{other:?}"),
+    }
+    bus.driver_mut::<TestDriver>().unwrap().leaked.clear();
+    // Dropping the bus looks at it one last time.
+    drop(bus);
+    assert_eq!(
+        attach.calls().last().unwrap(),
+        &AttachCall::Detach(addr(PF), Release::Removal, 0)
+    );
+    ClaimDir::new(claims.path())
+        .claim(addr(PF), &ClaimInfo::new())
+        .unwrap();
+}
+
+#[test]
+fn a_handle_that_outlives_the_bus_keeps_the_claim() {
+    let fake = qemu();
+    let claims = tempfile::tempdir().unwrap();
+    let attach = FakeAttach::new();
+    let log = Log::default();
+    let mut bus = Bus::new(map(&fake), attach.clone())
+        .selection(allow(PF))
+        .claim_dir(Some(ClaimDir::new(claims.path())));
+    bus.register(Box::new(TestDriver::new("nvme-test", Mode::Bind, &log)));
+    bus.probe_all();
+    // Something of the application's keeps the device open past the bus.
+    let kept = attach.device(addr(PF)).unwrap();
+    drop(bus);
+    let other = ClaimDir::new(claims.path());
+    assert!(
+        matches!(
+            other.claim(addr(PF), &ClaimInfo::new()),
+            Err(ClaimError::Held { .. })
+        ),
+        "claimable while the device is open"
+    );
+    // Never closed by the bus: it is the application's handle that closes it.
+    assert_eq!(attach.calls(), [AttachCall::Attach(addr(PF))]);
+    drop(kept);
+    // The claim was leaked on purpose: it stays until the process exits.
+    assert!(matches!(
+        other.claim(addr(PF), &ClaimInfo::new()),
+        Err(ClaimError::Held { .. })
+    ));
 }

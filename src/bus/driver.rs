@@ -42,7 +42,9 @@ pub trait Driver<B: DeviceBacking>: Any + Send {
     fn probe(&mut self, device: ProbeDevice<'_, B>) -> ProbeOutcome;
 
     /// Gives the device back: stop using it and drop every handle of it before returning.
-    /// Called once per bound device, whatever the [`RemovalCause`]. For
+    /// Called once per bound device, whatever the [`RemovalCause`]. A handle kept after
+    /// it returns keeps the device open: the bus then keeps it claimed and does not
+    /// release it before the handle is dropped ([`Bus::releasing`](super::Bus::releasing)). For
     /// [`RemovalCause::Request`] and the others that mean the device is going away, do not
     /// wait for the device (it may be gone): the kernel's removal waits for this process
     /// to close it.

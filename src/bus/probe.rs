@@ -15,6 +15,15 @@
 //! registry, calls [`Driver::remove`], checks that the driver dropped the device, closes
 //! it, restores its binding on an orderly release, and drops the claim.
 //!
+//! A driver that keeps a handle of the device after `remove` keeps it open (for VFIO, the
+//! kernel's removal goes on waiting, holding the device lock). Such a device is not
+//! released: it stays claimed, and (if it is being removed) marked releasing in the claim
+//! and pending in the registry, with its request eventfd registered; it is not offered to
+//! drivers again. [`Bus::poll`] looks at it again each time, and once its last handle is
+//! gone it finishes the release (closes it, restores the binding if the release is
+//! orderly, drops the claim and the mark) and reports [`BusEvent::Released`]. See
+//! [`Bus::releasing`], and the bus's drop for one still open when the bus ends.
+//!
 //! A device added later (a `add` uevent) is read alone and offered to the drivers after a
 //! settle delay ([`Bus::settle`], default 2 s as in SPDK): a device unplugged and
 //! plugged back is probed again. A device whose driver let it go on a request while it
@@ -49,6 +58,10 @@ use crate::sysfs::scan::{ScanError, SysfsRoot};
 
 /// SPDK's settle delay for hot-inserted devices.
 pub const DEFAULT_SETTLE: Duration = Duration::from_secs(2);
+
+/// How often [`Bus::wait`] wakes to look again at a device whose driver kept a handle
+/// after its removal (nothing signals that the handle went).
+pub const RELEASE_RECHECK: Duration = Duration::from_millis(100);
 
 /// What went wrong running the bus (not a device's probe: those are in
 /// [`ProbeReport`]s).
@@ -124,8 +137,29 @@ pub struct RemovedReport {
     /// Why it was taken back.
     pub cause: RemovalCause,
     /// Handles the driver kept after [`Driver::remove`] (0 when it let go, as it must): a
-    /// VFIO device stays open while one lives, and the kernel's removal waits.
+    /// VFIO device stays open while one lives, and the kernel's removal waits. The bus
+    /// then keeps the device claimed ([`Bus::releasing`]) and finishes the release when
+    /// they are gone ([`BusEvent::Released`]); [`error`](Self::error) is `None` until
+    /// then.
     pub leaked: usize,
+    /// Closing or restoring the binding failed (the device is released from the bus
+    /// anyway).
+    pub error: Option<AttachError>,
+}
+
+/// A device whose driver had kept handles after [`Driver::remove`]
+/// ([`RemovedReport::leaked`] > 0), released now that the last of them is gone: it is
+/// closed, its binding restored if the release was orderly, and its claim and registry
+/// mark are gone.
+#[derive(Debug)]
+#[non_exhaustive]
+pub struct ReleasedReport {
+    /// The device.
+    pub address: PciAddress,
+    /// The driver that had it.
+    pub driver: String,
+    /// Why it was taken back.
+    pub cause: RemovalCause,
     /// Closing or restoring the binding failed (the device is released from the bus
     /// anyway).
     pub error: Option<AttachError>,
@@ -137,8 +171,13 @@ pub struct RemovedReport {
 pub enum BusEvent {
     /// A device was offered to the drivers.
     Probed(ProbeReport),
-    /// A device was taken back from its driver.
+    /// A device was taken back from its driver. If the driver kept handles of it
+    /// ([`RemovedReport::leaked`] > 0) it is still open and claimed: a
+    /// [`Released`](Self::Released) follows once they are gone.
     Removed(RemovedReport),
+    /// A device taken back earlier, which its driver had kept open, is closed and
+    /// released at last.
+    Released(ReleasedReport),
     /// An event changed the device map.
     Map(Change),
     /// Uevents were lost; the map was rebuilt by a full scan, with these changes.
@@ -152,7 +191,17 @@ impl fmt::Display for BusEvent {
                 Ok(driver) => write!(f, "{}: bound to {driver}", r.address),
                 Err(e) => write!(f, "{}: not bound: {e}", r.address),
             },
+            BusEvent::Removed(r) if r.leaked > 0 => write!(
+                f,
+                "{}: taken from {} ({}), which kept {} handle(s): still open",
+                r.address, r.driver, r.cause, r.leaked
+            ),
             BusEvent::Removed(r) => write!(f, "{}: taken from {} ({})", r.address, r.driver, r.cause),
+            BusEvent::Released(r) => write!(
+                f,
+                "{}: closed and released (kept open by {})",
+                r.address, r.driver
+            ),
             BusEvent::Map(c) => write!(f, "map: {c:?}"),
             BusEvent::Resynced(c) => write!(f, "uevents lost: rescanned, {} changes", c.len()),
         }
@@ -167,6 +216,18 @@ struct Held<B> {
     // (`/sys/kernel/uevent_seqnum`): uevents up to it are about the attach itself (the
     // unbind from the previous driver, the bind to vfio-pci), not news.
     attached_seqnum: Option<u64>,
+}
+
+// A device taken from its driver that stays open: the driver kept handles of it. Its
+// release is finished (`Bus::finish`) once `attached.backing` has no other handle.
+struct Parked<B> {
+    driver: String,
+    cause: RemovalCause,
+    attached: Attached<B>,
+    claim: Option<Claim>,
+    release: Release,
+    // The bus put the device in the registry (and takes it out when done).
+    marked: bool,
 }
 
 impl<B> Held<B> {
@@ -188,6 +249,21 @@ fn uevent_seqnum(root: &SysfsRoot) -> Option<u64> {
 }
 
 /// The bus. See the [module docs](self).
+///
+/// # Dropping
+///
+/// Dropping the bus takes every held device back ([`RemovalCause::Detach`], in address
+/// order), as [`Bus::detach`] does, then releases those whose drivers had kept handles
+/// and have dropped them since.
+///
+/// A device still open then (a handle outlives its driver and the bus: the application
+/// kept one, or a driver leaked one into a static) is left open, and its claim is
+/// deliberately leaked, logged as an error: it stays held, saying what it said
+/// ("releasing" if the device is being removed), until the process exits and the kernel
+/// drops the lock, which is also when the device is closed at the latest. Releasing it
+/// earlier would tell other processes the device is free while this one still uses it.
+/// The device's registry mark stays too (the registry may be shared and outlive the
+/// bus), and its previous driver is not restored (that would wait for the close).
 pub struct Bus<A: Attach> {
     attach: A,
     drivers: Vec<Box<dyn Driver<A::Backing>>>,
@@ -200,6 +276,8 @@ pub struct Bus<A: Attach> {
     settle: Duration,
     // Released on a request while still present: not probed again until re-added.
     held_off: BTreeSet<PciAddress>,
+    // Taken back, but kept open by their driver: still claimed, not offered again.
+    parked: BTreeMap<PciAddress, Parked<A::Backing>>,
 }
 
 impl<A: Attach> fmt::Debug for Bus<A> {
@@ -215,6 +293,7 @@ impl<A: Attach> fmt::Debug for Bus<A> {
             )
             .field("selection", &self.selection.to_string())
             .field("held", &self.held.keys().collect::<Vec<_>>())
+            .field("releasing", &self.parked.keys().collect::<Vec<_>>())
             .field("settling", &self.settling)
             .finish_non_exhaustive()
     }
@@ -236,6 +315,7 @@ impl<A: Attach> Bus<A> {
             settling: BTreeMap::new(),
             settle: DEFAULT_SETTLE,
             held_off: BTreeSet::new(),
+            parked: BTreeMap::new(),
         }
     }
 
@@ -288,6 +368,14 @@ impl<A: Attach> Bus<A> {
             .collect()
     }
 
+    /// The devices taken back from their drivers that stay open because the driver kept
+    /// handles of them ([`RemovedReport::leaked`]), with the driver's name, in address
+    /// order. They stay claimed and are not offered to drivers until released
+    /// ([`BusEvent::Released`]).
+    pub fn releasing(&self) -> Vec<(PciAddress, &str)> {
+        self.parked.iter().map(|(a, p)| (*a, p.driver.as_str())).collect()
+    }
+
     /// The backing of a held device.
     pub fn backing(&self, address: PciAddress) -> Option<&A::Backing> {
         self.held.get(&address).map(|h| &h.attached.backing)
@@ -314,6 +402,7 @@ impl<A: Attach> Bus<A> {
         if !self.selection.admits(address)
             || self.held_off.contains(&address)
             || self.settling.contains_key(&address)
+            || self.parked.contains_key(&address)
         {
             return None;
         }
@@ -423,7 +512,10 @@ impl<A: Attach> Bus<A> {
 
     /// Takes `address` back from its driver in an orderly way ([`RemovalCause::Detach`]):
     /// the driver lets go, the device is closed, its previous driver is restored if the
-    /// policy says so, and the claim is dropped.
+    /// policy says so, and the claim is dropped. If the driver kept handles
+    /// ([`RemovedReport::leaked`]), all but the first step wait until they are gone
+    /// ([`Bus::releasing`]); a removal request meanwhile makes it a removal (the binding is
+    /// then left alone).
     pub fn detach(&mut self, address: PciAddress) -> Result<RemovedReport, BusError> {
         self.take_back(address, RemovalCause::Detach)
             .ok_or(BusError::NotHeld(address))
@@ -432,20 +524,7 @@ impl<A: Attach> Bus<A> {
     // The one removal path.
     fn take_back(&mut self, address: PciAddress, cause: RemovalCause) -> Option<RemovedReport> {
         let held = self.held.remove(&address)?;
-        let registry = self.map.scanner().removal_registry().clone();
-        let marked = cause.is_removal().then(|| {
-            if let Some(claim) = &held.claim
-                && let Err(e) = claim.mark_releasing(&cause.to_string())
-            {
-                log::warn!("{address}: could not say \"releasing\" in the claim: {e}");
-            }
-            let reason = match &cause {
-                RemovalCause::Request => Reason::RemovalRequested,
-                RemovalCause::Uevent(_) => Reason::Uevent,
-                other => Reason::Other(other.to_string()),
-            };
-            registry.mark(address, reason)
-        });
+        let marked = cause.is_removal() && self.mark_removal(address, held.claim.as_ref(), &cause);
         let driver = &mut self.drivers[held.driver];
         let name = driver.name().to_owned();
         driver.remove(
@@ -456,19 +535,30 @@ impl<A: Attach> Bus<A> {
             },
         );
         let leaked = kept(&name, address, &held.attached.backing, "its removal");
-        let release = if cause.is_removal() {
-            Release::Removal
-        } else {
-            Release::Orderly
-        };
-        let error = self.attach.detach(held.attached, release).err();
-        release_claim(held.claim);
-        if marked == Some(true) {
-            registry.release(address);
-        }
         if cause == RemovalCause::Request && self.map.get(address).is_some() {
             self.held_off.insert(address);
         }
+        let parked = Parked {
+            driver: name.clone(),
+            cause: cause.clone(),
+            attached: held.attached,
+            claim: held.claim,
+            release: if cause.is_removal() {
+                Release::Removal
+            } else {
+                Release::Orderly
+            },
+            marked,
+        };
+        let error = if leaked > 0 {
+            // Releasing it now would tell every other process that the device is free
+            // while it is open (and restoring its driver would wait for the close).
+            log::warn!("{address}: stays claimed until the handles driver {name} kept are dropped");
+            self.parked.insert(address, parked);
+            None
+        } else {
+            self.finish(address, parked)
+        };
         Some(RemovedReport {
             address,
             driver: name,
@@ -478,8 +568,75 @@ impl<A: Attach> Bus<A> {
         })
     }
 
+    // Says "releasing" in the claim and marks the device in the registry; whether the
+    // mark is the bus's (to take back when the device is released).
+    fn mark_removal(&self, address: PciAddress, claim: Option<&Claim>, cause: &RemovalCause) -> bool {
+        if let Some(claim) = claim
+            && let Err(e) = claim.mark_releasing(&cause.to_string())
+        {
+            log::warn!("{address}: could not say \"releasing\" in the claim: {e}");
+        }
+        let reason = match cause {
+            RemovalCause::Request => Reason::RemovalRequested,
+            RemovalCause::Uevent(_) => Reason::Uevent,
+            other => Reason::Other(other.to_string()),
+        };
+        self.map.scanner().removal_registry().mark(address, reason)
+    }
+
+    // Ends the release of a device no driver holds a handle of: closes it, restores its
+    // binding as `parked.release` says, drops the claim and the bus's registry mark.
+    fn finish(&mut self, address: PciAddress, parked: Parked<A::Backing>) -> Option<AttachError> {
+        let error = self.attach.detach(parked.attached, parked.release).err();
+        release_claim(parked.claim);
+        if parked.marked {
+            self.map.scanner().removal_registry().release(address);
+        }
+        error
+    }
+
+    // Looks again at the devices drivers kept open: a request that fired for one taken
+    // back in an orderly way makes its release a removal; one with no handle left is
+    // released.
+    fn poll_parked(&mut self, events: &mut Vec<BusEvent>) {
+        let addresses: Vec<PciAddress> = self.parked.keys().copied().collect();
+        for address in addresses {
+            let Some(mut parked) = self.parked.remove(&address) else {
+                continue;
+            };
+            let requested = parked
+                .attached
+                .request
+                .as_ref()
+                .is_some_and(|fd| drain_eventfd(fd.as_fd()));
+            if requested && parked.release != Release::Removal {
+                // The kernel wants it back while it is still open: a removal now.
+                parked.release = Release::Removal;
+                parked.marked |= self.mark_removal(address, parked.claim.as_ref(), &RemovalCause::Request);
+            }
+            if parked.attached.backing.extra_handles() > 0 {
+                self.parked.insert(address, parked);
+                continue;
+            }
+            log::info!(
+                "{address}: the handles driver {} kept are gone: released",
+                parked.driver
+            );
+            let driver = parked.driver.clone();
+            let cause = parked.cause.clone();
+            let error = self.finish(address, parked);
+            events.push(BusEvent::Released(ReleasedReport {
+                address,
+                driver,
+                cause,
+                error,
+            }));
+        }
+    }
+
     /// Handles what is ready without waiting: request eventfds that fired and BAR faults
-    /// (each device is taken back), and settled devices (offered to the drivers).
+    /// (each device is taken back), devices kept open after their removal whose handles
+    /// are gone (released), and settled devices (offered to the drivers).
     pub fn poll(&mut self) -> Vec<BusEvent> {
         let mut events = Vec::new();
         let requested: Vec<PciAddress> = self
@@ -505,6 +662,7 @@ impl<A: Attach> Bus<A> {
                     .map(BusEvent::Removed),
             );
         }
+        self.poll_parked(&mut events);
         let now = Instant::now();
         let due: Vec<PciAddress> = self
             .settling
@@ -592,7 +750,10 @@ impl<A: Attach> Bus<A> {
     }
 
     fn added(&mut self, address: PciAddress) {
-        if self.selection.admits(address) && !self.held.contains_key(&address) {
+        if self.selection.admits(address)
+            && !self.held.contains_key(&address)
+            && !self.parked.contains_key(&address)
+        {
             self.held_off.remove(&address);
             self.settling.insert(address, Instant::now() + self.settle);
         }
@@ -621,19 +782,25 @@ impl<A: Attach> Bus<A> {
         }
     }
 
-    /// The pollable fds of held devices (their request eventfds) and of the fault
-    /// handler, if installed: wait for any to be readable, then call [`poll`](Self::poll).
+    /// The pollable fds of held devices and of devices kept open after their removal
+    /// (their request eventfds) and of the fault handler, if installed: wait for any to be
+    /// readable, then call [`poll`](Self::poll).
     pub fn fds(&self) -> Vec<BorrowedFd<'_>> {
         self.held
             .values()
             .filter_map(|h| h.attached.request_fd())
+            .chain(self.parked.values().filter_map(|p| p.attached.request_fd()))
             .chain(crate::vfio::fault::events())
             .collect()
     }
 
-    /// When the next settling device is due (a timeout for an event loop).
+    /// When the bus next has something to do without an fd becoming readable (a timeout
+    /// for an event loop): a settling device is due, or, while a device is kept open
+    /// after its removal ([`releasing`](Self::releasing)), [`RELEASE_RECHECK`] from now
+    /// (nothing signals that its handles are gone; [`poll`](Self::poll) looks).
     pub fn next_deadline(&self) -> Option<Instant> {
-        self.settling.values().min().copied()
+        let recheck = (!self.parked.is_empty()).then(|| Instant::now() + RELEASE_RECHECK);
+        self.settling.values().copied().chain(recheck).min()
     }
 
     /// Waits up to `timeout` for something to do (an event from `monitor`, a request, a
@@ -693,6 +860,24 @@ impl<A: Attach> Drop for Bus<A> {
             {
                 log::error!("{address}: releasing it as the bus ends: {e}");
             }
+        }
+        let mut events = Vec::new();
+        self.poll_parked(&mut events);
+        for event in events {
+            if let BusEvent::Released(r) = event
+                && let Some(e) = r.error
+            {
+                log::error!("{}: releasing it as the bus ends: {e}", r.address);
+            }
+        }
+        for (address, parked) in std::mem::take(&mut self.parked) {
+            log::error!(
+                "{address}: still open as the bus ends ({} handle(s) of driver {} alive): its claim is kept until the process exits",
+                parked.attached.backing.extra_handles(),
+                parked.driver
+            );
+            // The lock goes with the process; the fd and the record are all that leak.
+            std::mem::forget(parked.claim);
         }
     }
 }
