@@ -14,8 +14,8 @@ use pcibus::bus::devargs::{DevArg, Selection};
 use pcibus::bus::id::{CLASS_EXACT, IdEntry};
 use pcibus::bus::map::{Change, DeviceMap};
 use pcibus::bus::{
-    Bus, BusEvent, DeviceBacking, Driver, ProbeDevice, ProbeError, ProbeOutcome, RegisterIo, Removal,
-    RemovalCause,
+    Bus, BusEvent, DeviceBacking, Driver, DriverPanicked, ProbeDevice, ProbeError, ProbeOutcome, RegisterIo,
+    Removal, RemovalCause,
 };
 use pcibus::hotplug::event::{Action, Uevent};
 use pcibus::hotplug::monitor::Event;
@@ -58,6 +58,10 @@ enum Mode {
     FailAndLeak,
     // Binds, and keeps its mapped BAR after `remove`: the device stays open.
     LeakOnRemove,
+    // Panics in `probe` (after mapping a BAR, which the unwinding drops).
+    PanicInProbe,
+    // Binds; `remove` drops the device, then panics.
+    PanicInRemove,
 }
 
 type Log = Arc<Mutex<Vec<String>>>;
@@ -114,7 +118,8 @@ impl Driver<FakeBacking> for TestDriver {
         };
         bar.write32(0x14, 1).unwrap();
         match self.mode {
-            Mode::Bind | Mode::LeakOnRemove => {
+            Mode::PanicInProbe => panic!("probe of {address} went wrong"),
+            Mode::Bind | Mode::LeakOnRemove | Mode::PanicInRemove => {
                 self.devices.insert(address, (device.backing.clone(), bar));
                 ProbeOutcome::Bound
             }
@@ -145,6 +150,9 @@ impl Driver<FakeBacking> for TestDriver {
             && self.mode == Mode::LeakOnRemove
         {
             self.leaked.push(bar);
+        }
+        if self.mode == Mode::PanicInRemove {
+            panic!("remove of {address} went wrong");
         }
     }
     fn probe_again(&self) -> bool {
@@ -483,6 +491,182 @@ impl pcibus::bus::Attach for OnVfioPci {
     fn still_attached(&self, record: &pcibus::DeviceRecord) -> bool {
         record.driver.as_deref() == Some("vfio-pci")
     }
+}
+
+/// FakeAttach that also does to the fake tree what `VfioAttach` with `BindPolicy::bind`
+/// does to the kernel's: attach sets `driver_override` to vfio-pci and moves the device's
+/// `driver` link there; a rollback or an orderly release moves the link back and clears
+/// `driver_override`.
+struct Rebinding {
+    inner: FakeAttach,
+    root: std::path::PathBuf,
+    previous: BTreeMap<PciAddress, std::path::PathBuf>,
+}
+
+impl Rebinding {
+    fn new(fake: &FakeSysfs, inner: FakeAttach) -> Self {
+        std::fs::create_dir_all(fake.root().join("bus/pci/drivers/vfio-pci")).unwrap();
+        Rebinding {
+            inner,
+            root: fake.root().to_owned(),
+            previous: BTreeMap::new(),
+        }
+    }
+
+    fn dir(&self, address: PciAddress) -> std::path::PathBuf {
+        self.root.join("bus/pci/devices").join(address.to_string())
+    }
+
+    fn relink(&self, address: PciAddress, target: &Path, driver_override: &str) {
+        let link = self.dir(address).join("driver");
+        std::fs::remove_file(&link).unwrap();
+        std::os::unix::fs::symlink(target, &link).unwrap();
+        std::fs::write(self.dir(address).join("driver_override"), driver_override).unwrap();
+    }
+}
+
+impl pcibus::bus::Attach for Rebinding {
+    type Backing = FakeBacking;
+    fn attach(
+        &mut self,
+        record: &pcibus::DeviceRecord,
+    ) -> Result<pcibus::bus::Attached<FakeBacking>, pcibus::bus::AttachError> {
+        let address = record.address;
+        let previous = std::fs::read_link(self.dir(address).join("driver")).unwrap();
+        let vfio = self.root.join("bus/pci/drivers/vfio-pci");
+        self.relink(address, &vfio, "vfio-pci\n");
+        self.previous.insert(address, previous);
+        self.inner.attach(record)
+    }
+    fn detach(
+        &mut self,
+        attached: pcibus::bus::Attached<FakeBacking>,
+        release: Release,
+    ) -> Result<(), pcibus::bus::AttachError> {
+        let address = attached.backing.address();
+        if let Some(previous) = self.previous.remove(&address)
+            && release != Release::Removal
+        {
+            self.relink(address, &previous, "(null)\n");
+        }
+        self.inner.detach(attached, release)
+    }
+}
+
+fn driver_of(fake: &FakeSysfs, address: &str) -> (String, String) {
+    let dir = fake.root().join("bus/pci/devices").join(address);
+    let link = std::fs::read_link(dir.join("driver")).unwrap();
+    let driver = link.file_name().unwrap().to_string_lossy().into_owned();
+    let driver_override = std::fs::read_to_string(dir.join("driver_override")).unwrap();
+    (driver, driver_override.trim_end().to_owned())
+}
+
+#[test]
+fn a_probe_that_panics_is_a_failure_and_is_rolled_back() {
+    let fake = qemu();
+    let claims = tempfile::tempdir().unwrap();
+    let attach = FakeAttach::new();
+    let log = Log::default();
+    let mut bus = Bus::new(map(&fake), Rebinding::new(&fake, attach.clone()))
+        .selection(allow(PF))
+        .claim_dir(Some(ClaimDir::new(claims.path())));
+    bus.register(Box::new(TestDriver::new("panicky", Mode::PanicInProbe, &log)));
+    bus.register(Box::new(TestDriver::new("generic", Mode::Bind, &log)));
+    let reports = bus.probe_all();
+    let [report] = reports.as_slice() else {
+        panic!("{reports:?}")
+    };
+    match &report.result {
+        Err(ProbeError::Failed { driver, error, .. }) => {
+            assert_eq!(driver, "panicky");
+            let panicked = error.downcast_ref::<DriverPanicked>().unwrap();
+            assert_eq!(
+                (panicked.callback, panicked.message.as_str()),
+                ("probe", "probe of 0000:01:00.0 went wrong")
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+    // A failure: no other driver is tried, and everything is undone.
+    assert_eq!(*log.lock(), [format!("panicky probe {PF}")]);
+    assert_eq!(report.leaked, 0, "the unwinding dropped the BAR");
+    assert_eq!(
+        attach.calls(),
+        [
+            AttachCall::Attach(addr(PF)),
+            AttachCall::Detach(addr(PF), Release::Rollback, 0)
+        ]
+    );
+    assert_eq!(driver_of(&fake, PF), ("nvme".into(), "(null)".into()));
+    assert!(bus.held().is_empty());
+    assert!(!bus.map().scanner().removal_registry().is_pending(addr(PF)));
+    ClaimDir::new(claims.path())
+        .claim(addr(PF), &ClaimInfo::new())
+        .unwrap();
+}
+
+#[test]
+fn a_remove_that_panics_still_closes_releases_and_unmarks_the_device() {
+    let fake = qemu();
+    let claims = tempfile::tempdir().unwrap();
+    let attach = FakeAttach::new();
+    let log = Log::default();
+    let mut bus = Bus::new(map(&fake), attach.clone())
+        .selection(allow(PF))
+        .claim_dir(Some(ClaimDir::new(claims.path())));
+    bus.register(Box::new(TestDriver::new("panicky", Mode::PanicInRemove, &log)));
+    bus.probe_all();
+    assert!(attach.request_removal(addr(PF)));
+    let events = bus.wait(None, Duration::from_secs(5)).unwrap();
+    let [BusEvent::Removed(r)] = events.as_slice() else {
+        panic!("{events:?}")
+    };
+    assert_eq!((&r.cause, r.leaked), (&RemovalCause::Request, 0));
+    assert_eq!(
+        r.panicked.as_ref().map(|p| p.to_string()).as_deref(),
+        Some("remove panicked: remove of 0000:01:00.0 went wrong")
+    );
+    assert_eq!(
+        attach.calls().last().unwrap(),
+        &AttachCall::Detach(addr(PF), Release::Removal, 0)
+    );
+    assert!(bus.held().is_empty());
+    assert!(!bus.map().scanner().removal_registry().is_pending(addr(PF)));
+    // A later scan does not take the device for one being removed.
+    let scan = bus.map().scanner().scan().unwrap();
+    assert!(!scan.get(addr(PF)).unwrap().removal_pending);
+    ClaimDir::new(claims.path())
+        .claim(addr(PF), &ClaimInfo::new())
+        .unwrap();
+}
+
+#[test]
+fn a_bus_dropped_while_a_panic_unwinds_releases_its_devices_without_aborting() {
+    let fake = qemu();
+    let claims = tempfile::tempdir().unwrap();
+    let attach = FakeAttach::new();
+    let log = Log::default();
+    let mut bus = Bus::new(map(&fake), attach.clone())
+        .selection(allow(PF))
+        .claim_dir(Some(ClaimDir::new(claims.path())));
+    bus.register(Box::new(TestDriver::new("panicky", Mode::PanicInRemove, &log)));
+    assert_eq!(bus.probe_all().len(), 1);
+    // The application fails while it holds the bus; the unwinding drops the bus, whose
+    // driver panics again in `remove`. That must not abort the process.
+    let joined = std::thread::spawn(move || {
+        let _bus = bus;
+        panic!("the application failed");
+    })
+    .join();
+    let payload = joined.unwrap_err();
+    assert_eq!(payload.downcast_ref::<&str>(), Some(&"the application failed"));
+    assert_eq!(
+        attach.calls().last().unwrap(),
+        &AttachCall::Detach(addr(PF), Release::Orderly, 0)
+    );
+    ClaimDir::new(claims.path())
+        .claim(addr(PF), &ClaimInfo::new())
+        .unwrap();
 }
 
 #[test]

@@ -9,6 +9,19 @@
 //! Callbacks run only on the thread that calls into the [`Bus`](super::Bus)
 //! (`probe_all`, `poll`, `handle`, `wait`, `detach`, or dropping it): never in a signal
 //! handler, never on a thread the caller did not start.
+//!
+//! # Panics in drivers
+//!
+//! The bus runs [`Driver::probe`] and [`Driver::remove`] under
+//! [`catch_unwind`](std::panic::catch_unwind): a panic in `probe` is a failed probe
+//! ([`ProbeOutcome::Failed`] with a [`DriverPanicked`]), rolled back like any other; a
+//! panic in `remove` ends the removal as if `remove` had returned (what the unwinding did
+//! not drop counts as kept handles), and the report says so. Either way every step the
+//! bus takes after the callback (closing the device, restoring its binding, dropping the
+//! claim and the registry mark) still runs, and a panic in `remove` while the bus is
+//! dropped by an unwinding thread does not abort the process. The driver stays
+//! registered with whatever state the panic left it in. None of this applies to a
+//! program built with `panic = "abort"`.
 
 use std::any::Any;
 use std::fmt;
@@ -22,6 +35,20 @@ use crate::record::DeviceRecord;
 
 /// A driver's error, as the bus reports it.
 pub type DriverError = Box<dyn std::error::Error + Send + Sync>;
+
+/// A driver callback panicked; the bus caught it (see the [module docs](self#panics-in-drivers)).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{callback} panicked: {message}")]
+#[non_exhaustive]
+pub struct DriverPanicked {
+    /// The driver.
+    pub driver: String,
+    /// The callback: `"probe"` or `"remove"`.
+    pub callback: &'static str,
+    /// The panic's message (a payload that is not a string reads as
+    /// `"(no message)"`).
+    pub message: String,
+}
 
 /// A userspace PCI driver. See the [module docs](self).
 pub trait Driver<B: DeviceBacking>: Any + Send {

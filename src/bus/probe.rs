@@ -38,6 +38,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::os::fd::{AsFd, BorrowedFd};
+use std::panic::AssertUnwindSafe;
 use std::time::{Duration, Instant};
 
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
@@ -46,7 +47,7 @@ use super::attach::{Attach, AttachError, Attached, Release};
 use super::backing::DeviceBacking;
 use super::claim::{Claim, ClaimDir, ClaimError, ClaimInfo};
 use super::devargs::Selection;
-use super::driver::{Driver, DriverError, ProbeDevice, ProbeOutcome, Removal, RemovalCause};
+use super::driver::{Driver, DriverError, DriverPanicked, ProbeDevice, ProbeOutcome, Removal, RemovalCause};
 use super::id::first_match;
 use super::map::{Change, DeviceMap};
 use crate::addr::PciAddress;
@@ -145,6 +146,8 @@ pub struct RemovedReport {
     /// Closing or restoring the binding failed (the device is released from the bus
     /// anyway).
     pub error: Option<AttachError>,
+    /// [`Driver::remove`] panicked (the removal went on regardless).
+    pub panicked: Option<DriverPanicked>,
 }
 
 /// A device whose driver had kept handles after [`Driver::remove`]
@@ -414,13 +417,16 @@ impl<A: Attach> Bus<A> {
             }
             let id = *first_match(driver.id_table(), &record)?;
             let name = driver.name().to_owned();
-            let outcome = driver.probe(ProbeDevice {
-                record: &record,
-                devarg: self.selection.devarg(address),
-                id: &id,
-                backing: &held.attached.backing,
-                again: true,
-            });
+            let outcome = guarded(&name, "probe", address, || {
+                driver.probe(ProbeDevice {
+                    record: &record,
+                    devarg: self.selection.devarg(address),
+                    id: &id,
+                    backing: &held.attached.backing,
+                    again: true,
+                })
+            })
+            .unwrap_or_else(|p| ProbeOutcome::Failed(Box::new(p)));
             return Some(ProbeReport {
                 address,
                 result: match outcome {
@@ -465,13 +471,17 @@ impl<A: Attach> Bus<A> {
         let mut leaked = 0;
         for (index, id) in &candidates {
             let driver = &mut self.drivers[*index];
-            let outcome = driver.probe(ProbeDevice {
-                record: &record,
-                devarg: self.selection.devarg(address),
-                id,
-                backing: &attached.backing,
-                again: false,
-            });
+            let name = driver.name().to_owned();
+            let outcome = guarded(&name, "probe", address, || {
+                driver.probe(ProbeDevice {
+                    record: &record,
+                    devarg: self.selection.devarg(address),
+                    id,
+                    backing: &attached.backing,
+                    again: false,
+                })
+            })
+            .unwrap_or_else(|p| ProbeOutcome::Failed(Box::new(p)));
             match outcome {
                 ProbeOutcome::Bound => {
                     self.held.insert(
@@ -527,13 +537,11 @@ impl<A: Attach> Bus<A> {
         let marked = cause.is_removal() && self.mark_removal(address, held.claim.as_ref(), &cause);
         let driver = &mut self.drivers[held.driver];
         let name = driver.name().to_owned();
-        driver.remove(
+        let removal = Removal {
             address,
-            &Removal {
-                address,
-                cause: cause.clone(),
-            },
-        );
+            cause: cause.clone(),
+        };
+        let panicked = guarded(&name, "remove", address, || driver.remove(address, &removal)).err();
         let leaked = kept(&name, address, &held.attached.backing, "its removal");
         if cause == RemovalCause::Request && self.map.get(address).is_some() {
             self.held_off.insert(address);
@@ -565,6 +573,7 @@ impl<A: Attach> Bus<A> {
             cause,
             leaked,
             error,
+            panicked,
         })
     }
 
@@ -880,6 +889,30 @@ impl<A: Attach> Drop for Bus<A> {
             std::mem::forget(parked.claim);
         }
     }
+}
+
+// Runs a driver's callback. A panic becomes an error carrying its message, so that what
+// the bus does after the callback (the undo steps) still runs, and so that a panic in
+// `remove` while an unwinding thread drops the bus does not abort the process.
+fn guarded<T>(
+    driver: &str,
+    callback: &'static str,
+    address: PciAddress,
+    f: impl FnOnce() -> T,
+) -> Result<T, DriverPanicked> {
+    std::panic::catch_unwind(AssertUnwindSafe(f)).map_err(|payload| {
+        let message = payload
+            .downcast_ref::<&str>()
+            .map(|s| (*s).to_owned())
+            .or_else(|| payload.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "(no message)".to_owned());
+        log::error!("{address}: driver {driver} panicked in {callback}: {message}");
+        DriverPanicked {
+            driver: driver.to_owned(),
+            callback,
+            message,
+        }
+    })
 }
 
 // Handles of `backing` besides the bus's, logged as an error.
