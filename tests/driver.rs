@@ -904,3 +904,24 @@ fn a_handle_that_outlives_the_bus_keeps_the_claim() {
         Err(ClaimError::Held { .. })
     ));
 }
+
+#[test]
+fn the_claim_names_the_driver_that_bound_the_device() {
+    let fake = qemu();
+    let claims = tempfile::tempdir().unwrap();
+    let log = Log::default();
+    let mut bus = Bus::new(map(&fake), FakeAttach::new())
+        .selection(allow(PF))
+        .claim_dir(Some(ClaimDir::new(claims.path())));
+    bus.register(Box::new(TestDriver::new("picky", Mode::Decline, &log)));
+    bus.register(Box::new(TestDriver::new("generic", Mode::Bind, &log)));
+    assert_eq!(bound(&bus.probe_all()), [(PF.to_string(), "generic".to_string())]);
+    let listed = ClaimDir::new(claims.path()).list().unwrap();
+    let [claim] = listed.as_slice() else {
+        panic!("{listed:?}")
+    };
+    assert_eq!(
+        (claim.address, claim.live, claim.driver.as_deref()),
+        (addr(PF), true, Some("generic"))
+    );
+}

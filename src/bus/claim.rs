@@ -592,6 +592,18 @@ impl Claim {
         })
     }
 
+    /// Names `driver` as the one that owns the device (`driver=` in the record), once it
+    /// is known: a claim is taken before the drivers are asked.
+    pub fn set_driver(&self, driver: &str) -> Result<(), ClaimError> {
+        self.record.lock().driver = Some(driver.to_owned());
+        self.write_record().map_err(|source| ClaimError::Io {
+            address: self.address,
+            path: self.path.clone(),
+            op: "write",
+            source,
+        })
+    }
+
     /// Releases the claim, reporting failures that dropping it would only log.
     pub fn release(mut self) -> Result<(), ClaimError> {
         let r = self.unlock();

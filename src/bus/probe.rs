@@ -446,7 +446,9 @@ impl<A: Attach> Bus<A> {
             .enumerate()
             .filter_map(|(i, d)| first_match(d.id_table(), &record).map(|e| (i, *e)))
             .collect();
-        let (first, _) = candidates.first()?;
+        if candidates.is_empty() {
+            return None;
+        }
         let report = |result, leaked| {
             Some(ProbeReport {
                 address,
@@ -455,7 +457,8 @@ impl<A: Attach> Bus<A> {
             })
         };
         let claim = match &self.claims {
-            Some(dir) => match dir.claim(address, &ClaimInfo::new().driver(self.drivers[*first].name())) {
+            // No driver named yet: the one that binds it is written in when it does.
+            Some(dir) => match dir.claim(address, &ClaimInfo::new()) {
                 Ok(c) => Some(c),
                 Err(e) => return report(Err(e.into()), 0),
             },
@@ -484,6 +487,11 @@ impl<A: Attach> Bus<A> {
             .unwrap_or_else(|p| ProbeOutcome::Failed(Box::new(p)));
             match outcome {
                 ProbeOutcome::Bound => {
+                    if let Some(c) = &claim
+                        && let Err(e) = c.set_driver(&name)
+                    {
+                        log::warn!("{address}: could not name driver {name} in the claim: {e}");
+                    }
                     self.held.insert(
                         address,
                         Held {
