@@ -925,3 +925,66 @@ fn the_claim_names_the_driver_that_bound_the_device() {
         (addr(PF), true, Some("generic"))
     );
 }
+
+#[test]
+fn a_device_on_a_vfio_variant_driver_is_on_vfio() {
+    use pcibus::bus::{Attach, AttachError, BindPolicy, VfioAttach};
+    let fake = FakeSysfs::new().unwrap();
+    // No IOMMU group: opening it fails before anything of this machine's /dev is used.
+    fake.device("0000:05:00.0")
+        .class(0x010802)
+        .driver("nvme_vfio_pci")
+        .create()
+        .unwrap();
+    fake.device("0000:06:00.0")
+        .class(0x010802)
+        .driver("mlx5_vfio_pci")
+        .iommu_group(9)
+        .create()
+        .unwrap();
+    fake.device("0000:06:00.1")
+        .class(0x020000)
+        .driver("mlx5_core")
+        .iommu_group(9)
+        .create()
+        .unwrap();
+    // A variant whose name says nothing: its vfio-dev/ directory does.
+    let accel = fake
+        .device("0000:07:00.0")
+        .class(0x120000)
+        .driver("acme")
+        .create()
+        .unwrap();
+    std::fs::create_dir_all(accel.join("vfio-dev/vfio3")).unwrap();
+    let map = map(&fake);
+    let root = SysfsRoot::new(fake.root());
+    let mut attach = VfioAttach::new(
+        root.clone(),
+        BindPolicy {
+            bind: true,
+            ..BindPolicy::default()
+        },
+    );
+    for (address, on_vfio) in [
+        ("0000:05:00.0", true),
+        ("0000:06:00.0", true),
+        ("0000:06:00.1", false),
+        ("0000:07:00.0", true),
+    ] {
+        let record = map.get(addr(address)).unwrap();
+        assert_eq!(attach.still_attached(record), on_vfio, "{address}");
+    }
+    // Opened where it is, not bound to vfio-pci.
+    let record = map.get(addr("0000:05:00.0")).unwrap();
+    let err = attach.attach(record).unwrap_err();
+    assert!(matches!(err, AttachError::Vfio(_)), "{err}");
+    assert_eq!(
+        driver_of(&fake, "0000:05:00.0"),
+        ("nvme_vfio_pci".into(), "(null)".into())
+    );
+    // Only the member on a driver of the host keeps group 9 from being usable.
+    assert_eq!(
+        pcibus::vfio::non_vfio_members(&root, 9),
+        [("0000:06:00.1".to_owned(), Some("mlx5_core".to_owned()))]
+    );
+}
