@@ -304,10 +304,11 @@ impl<A: Attach> fmt::Debug for Bus<A> {
 
 impl<A: Attach> Bus<A> {
     /// A bus over `map`'s devices, opening them with `attach`. Every device is admitted
-    /// ([`Selection::everything`]); claims go to [`ClaimDir::from_env`] when the map reads
-    /// the kernel's sysfs, and nowhere for a fake tree; settle delay [`DEFAULT_SETTLE`].
+    /// ([`Selection::everything`]); claims go to [`ClaimDir::for_claiming`] when the map
+    /// reads the kernel's sysfs, and nowhere for a fake tree; settle delay
+    /// [`DEFAULT_SETTLE`].
     pub fn new(map: DeviceMap, attach: A) -> Self {
-        let claims = is_kernel_sysfs(map.scanner().root()).then(ClaimDir::from_env);
+        let claims = is_kernel_sysfs(map.scanner().root()).then(ClaimDir::for_claiming);
         Bus {
             attach,
             drivers: Vec::new(),
