@@ -263,18 +263,42 @@ fn a_failed_probe_is_rolled_back_and_no_other_driver_is_tried() {
 }
 
 #[test]
-fn a_driver_that_keeps_the_device_after_failing_is_reported() {
+fn a_driver_that_keeps_the_device_after_failing_is_reported_and_the_device_stays_claimed() {
     let fake = qemu();
+    let claims = tempfile::tempdir().unwrap();
     let attach = FakeAttach::new();
     let log = Log::default();
-    let mut bus = Bus::new(map(&fake), attach.clone()).selection(allow(PF));
+    let mut bus = Bus::new(map(&fake), attach.clone())
+        .selection(allow(PF))
+        .claim_dir(Some(ClaimDir::new(claims.path())));
     bus.register(Box::new(TestDriver::new("leaky", Mode::FailAndLeak, &log)));
     let reports = bus.probe_all();
     assert_eq!(reports[0].leaked, 1);
+    // Still open: not rolled back yet (putting its driver back would wait for the
+    // close), and still claimed.
+    assert_eq!(attach.calls(), [AttachCall::Attach(addr(PF))]);
+    assert_eq!(bus.releasing(), [(addr(PF), "leaky")]);
+    let other = ClaimDir::new(claims.path());
+    assert!(matches!(
+        other.claim(addr(PF), &ClaimInfo::new()),
+        Err(ClaimError::Held { .. })
+    ));
+    assert!(bus.probe_all().is_empty(), "not offered again meanwhile");
+
+    bus.driver_mut::<TestDriver>().unwrap().leaked.clear();
+    let events = bus.poll();
+    let [BusEvent::Released(r)] = events.as_slice() else {
+        panic!("{events:?}")
+    };
     assert_eq!(
-        attach.calls()[1],
-        AttachCall::Detach(addr(PF), Release::Rollback, 1)
+        (r.address, r.driver.as_str(), &r.cause),
+        (addr(PF), "leaky", &None)
     );
+    assert_eq!(
+        attach.calls().last().unwrap(),
+        &AttachCall::Detach(addr(PF), Release::Rollback, 0)
+    );
+    other.claim(addr(PF), &ClaimInfo::new()).unwrap();
 }
 
 #[test]
@@ -815,7 +839,7 @@ fn a_device_whose_driver_kept_a_handle_stays_claimed_and_releasing_until_it_is_c
     };
     assert_eq!(
         (r.address, r.driver.as_str(), &r.cause),
-        (addr(PF), "leaky", &RemovalCause::Request)
+        (addr(PF), "leaky", &Some(RemovalCause::Request))
     );
     assert!(r.error.is_none());
     assert_eq!(

@@ -65,7 +65,9 @@ pub trait Driver<B: DeviceBacking>: Any + Send {
     /// `device.backing`, mapped BARs, DMA memory) until [`remove`](Self::remove). On
     /// [`ProbeOutcome::NotMine`] and [`ProbeOutcome::Failed`] it must have dropped every
     /// handle of the device before returning: the bus then releases the device (closes
-    /// it, puts the binding back, drops the claim) and reports a kept handle as a leak.
+    /// it, puts the binding back, drops the claim). A kept handle is reported as a leak,
+    /// and, if no driver binds the device, keeps it claimed and its release waiting until
+    /// it is dropped ([`Bus::releasing`](super::Bus::releasing)).
     fn probe(&mut self, device: ProbeDevice<'_, B>) -> ProbeOutcome;
 
     /// Gives the device back: stop using it and drop every handle of it before returning.

@@ -15,14 +15,15 @@
 //! registry, calls [`Driver::remove`], checks that the driver dropped the device, closes
 //! it, restores its binding on an orderly release, and drops the claim.
 //!
-//! A driver that keeps a handle of the device after `remove` keeps it open (for VFIO, the
-//! kernel's removal goes on waiting, holding the device lock). Such a device is not
-//! released: it stays claimed, and (if it is being removed) marked releasing in the claim
-//! and pending in the registry, with its request eventfd registered; it is not offered to
-//! drivers again. [`Bus::poll`] looks at it again each time, and once its last handle is
-//! gone it finishes the release (closes it, restores the binding if the release is
-//! orderly, drops the claim and the mark) and reports [`BusEvent::Released`]. See
-//! [`Bus::releasing`], and the bus's drop for one still open when the bus ends.
+//! A driver that keeps a handle of the device after `remove` (or after declining or
+//! failing its probe, when no driver took it) keeps it open (for VFIO, the kernel's
+//! removal goes on waiting, holding the device lock). Such a device is not released: it
+//! stays claimed, and (if it is being removed) marked releasing in the claim and pending
+//! in the registry, with its request eventfd registered; it is not offered to drivers
+//! again. [`Bus::poll`] looks at it again each time, and once its last handle is gone it
+//! finishes the release (closes it, restores the binding if the release is orderly or a
+//! probe's rollback, drops the claim and the mark) and reports [`BusEvent::Released`].
+//! See [`Bus::releasing`], and the bus's drop for one still open when the bus ends.
 //!
 //! A device added later (a `add` uevent) is read alone and offered to the drivers after a
 //! settle delay ([`Bus::settle`], default 2 s as in SPDK): a device unplugged and
@@ -123,7 +124,10 @@ pub struct ProbeReport {
     /// The driver that bound it, or why none did.
     pub result: Result<String, ProbeError>,
     /// Handles of the device that drivers kept after declining or failing (0 when every
-    /// driver let go, as it must; see [`DeviceBacking::extra_handles`]).
+    /// driver let go, as it must; see [`DeviceBacking::extra_handles`]). If no driver
+    /// bound the device and some are kept, it stays open, and claimed
+    /// ([`Bus::releasing`]); the rollback waits until they are gone
+    /// ([`BusEvent::Released`]).
     pub leaked: usize,
 }
 
@@ -151,18 +155,19 @@ pub struct RemovedReport {
 }
 
 /// A device whose driver had kept handles after [`Driver::remove`]
-/// ([`RemovedReport::leaked`] > 0), released now that the last of them is gone: it is
-/// closed, its binding restored if the release was orderly, and its claim and registry
-/// mark are gone.
+/// ([`RemovedReport::leaked`] > 0), or after declining or failing its probe
+/// ([`ProbeReport::leaked`] > 0), released now that the last of them is gone: it is
+/// closed, its binding restored if the release was orderly or a probe's rollback, and its
+/// claim and registry mark are gone.
 #[derive(Debug)]
 #[non_exhaustive]
 pub struct ReleasedReport {
     /// The device.
     pub address: PciAddress,
-    /// The driver that had it.
+    /// The driver that kept it open (after a probe: the last one that kept a handle).
     pub driver: String,
-    /// Why it was taken back.
-    pub cause: RemovalCause,
+    /// Why it was taken back; `None` after a probe (no driver took it).
+    pub cause: Option<RemovalCause>,
     /// Closing or restoring the binding failed (the device is released from the bus
     /// anyway).
     pub error: Option<AttachError>,
@@ -225,7 +230,8 @@ struct Held<B> {
 // release is finished (`Bus::finish`) once `attached.backing` has no other handle.
 struct Parked<B> {
     driver: String,
-    cause: RemovalCause,
+    // `None`: no driver took it (it kept handles after declining or failing).
+    cause: Option<RemovalCause>,
     attached: Attached<B>,
     claim: Option<Claim>,
     release: Release,
@@ -473,6 +479,8 @@ impl<A: Attach> Bus<A> {
         let mut declined = Vec::new();
         let mut failure = None;
         let mut leaked = 0;
+        // The last driver that kept handles after declining or failing.
+        let mut keeper = None;
         for (index, id) in &candidates {
             let driver = &mut self.drivers[*index];
             let name = driver.name().to_owned();
@@ -505,11 +513,19 @@ impl<A: Attach> Bus<A> {
                     return report(Ok(driver.name().to_owned()), leaked);
                 }
                 ProbeOutcome::NotMine => {
-                    leaked += kept(driver.name(), address, &attached.backing, "declining");
-                    declined.push(driver.name().to_owned());
+                    let n = kept(&name, address, &attached.backing, "declining");
+                    leaked += n;
+                    if n > 0 {
+                        keeper = Some(name.clone());
+                    }
+                    declined.push(name);
                 }
                 ProbeOutcome::Failed(error) => {
-                    leaked += kept(driver.name(), address, &attached.backing, "failing");
+                    let n = kept(&name, address, &attached.backing, "failing");
+                    leaked += n;
+                    if n > 0 {
+                        keeper = Some(name.clone());
+                    }
                     failure = Some(ProbeError::Failed {
                         address,
                         driver: driver.name().to_owned(),
@@ -519,10 +535,26 @@ impl<A: Attach> Bus<A> {
                 }
             }
         }
-        if let Err(e) = self.attach.detach(attached, Release::Rollback) {
-            log::error!("{address}: undoing the attach after no driver took it failed: {e}");
+        let parked = Parked {
+            driver: keeper.clone().unwrap_or_default(),
+            cause: None,
+            attached,
+            claim,
+            release: Release::Rollback,
+            marked: false,
+        };
+        match keeper {
+            // As after a removal: still open, so still claimed, and not rolled back yet.
+            Some(driver) => {
+                log::warn!("{address}: stays claimed until the handles driver {driver} kept are dropped");
+                self.parked.insert(address, parked);
+            }
+            None => {
+                if let Some(e) = self.finish(address, parked) {
+                    log::error!("{address}: undoing the attach after no driver took it failed: {e}");
+                }
+            }
         }
-        release_claim(claim);
         report(
             Err(failure.unwrap_or(ProbeError::Declined { address, declined })),
             leaked,
@@ -557,7 +589,7 @@ impl<A: Attach> Bus<A> {
         }
         let parked = Parked {
             driver: name.clone(),
-            cause: cause.clone(),
+            cause: Some(cause.clone()),
             attached: held.attached,
             claim: held.claim,
             release: if cause.is_removal() {
