@@ -378,9 +378,10 @@ impl<A: Attach> Bus<A> {
             .collect()
     }
 
-    /// The devices taken back from their drivers that stay open because the driver kept
-    /// handles of them ([`RemovedReport::leaked`]), with the driver's name, in address
-    /// order. They stay claimed and are not offered to drivers until released
+    /// The devices the bus let go of (taken back from their drivers, or taken by no
+    /// driver when probed) that stay open because a driver kept handles of them
+    /// ([`RemovedReport::leaked`], [`ProbeReport::leaked`]), with that driver's name, in
+    /// address order. They stay claimed and are not offered to drivers until released
     /// ([`BusEvent::Released`]).
     pub fn releasing(&self) -> Vec<(PciAddress, &str)> {
         self.parked.iter().map(|(a, p)| (*a, p.driver.as_str())).collect()
@@ -401,7 +402,8 @@ impl<A: Attach> Bus<A> {
     }
 
     /// Offers the device at `address` now (even if it is settling or held off). `None`
-    /// if it is not in the map, not admitted, or no driver's table matches it.
+    /// if it is not in the map, not admitted, no driver's table matches it, or it is
+    /// still open after its release ([`Bus::releasing`]).
     pub fn probe(&mut self, address: PciAddress) -> Option<ProbeReport> {
         self.settling.remove(&address);
         self.held_off.remove(&address);
