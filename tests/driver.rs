@@ -14,8 +14,8 @@ use pcibus::bus::devargs::{DevArg, Selection};
 use pcibus::bus::id::{CLASS_EXACT, IdEntry};
 use pcibus::bus::map::{Change, DeviceMap};
 use pcibus::bus::{
-    Bus, BusEvent, DeviceBacking, Driver, ProbeDevice, ProbeError, ProbeOutcome, RegisterIo, Removal,
-    RemovalCause,
+    Bus, BusEvent, DeviceBacking, Driver, DriverPanicked, ProbeDevice, ProbeError, ProbeOutcome, RegisterIo,
+    Removal, RemovalCause,
 };
 use pcibus::hotplug::event::{Action, Uevent};
 use pcibus::hotplug::monitor::Event;
@@ -56,6 +56,12 @@ enum Mode {
     Fail,
     // Fails but keeps a mapped BAR: a leak the bus must report.
     FailAndLeak,
+    // Binds, and keeps its mapped BAR after `remove`: the device stays open.
+    LeakOnRemove,
+    // Panics in `probe` (after mapping a BAR, which the unwinding drops).
+    PanicInProbe,
+    // Binds; `remove` drops the device, then panics.
+    PanicInRemove,
 }
 
 type Log = Arc<Mutex<Vec<String>>>;
@@ -112,7 +118,8 @@ impl Driver<FakeBacking> for TestDriver {
         };
         bar.write32(0x14, 1).unwrap();
         match self.mode {
-            Mode::Bind => {
+            Mode::PanicInProbe => panic!("probe of {address} went wrong"),
+            Mode::Bind | Mode::LeakOnRemove | Mode::PanicInRemove => {
                 self.devices.insert(address, (device.backing.clone(), bar));
                 ProbeOutcome::Bound
             }
@@ -139,7 +146,14 @@ impl Driver<FakeBacking> for TestDriver {
                 None => "",
             }
         ));
-        self.devices.remove(&address);
+        if let Some((_, bar)) = self.devices.remove(&address)
+            && self.mode == Mode::LeakOnRemove
+        {
+            self.leaked.push(bar);
+        }
+        if self.mode == Mode::PanicInRemove {
+            panic!("remove of {address} went wrong");
+        }
     }
     fn probe_again(&self) -> bool {
         self.again
@@ -249,18 +263,42 @@ fn a_failed_probe_is_rolled_back_and_no_other_driver_is_tried() {
 }
 
 #[test]
-fn a_driver_that_keeps_the_device_after_failing_is_reported() {
+fn a_driver_that_keeps_the_device_after_failing_is_reported_and_the_device_stays_claimed() {
     let fake = qemu();
+    let claims = tempfile::tempdir().unwrap();
     let attach = FakeAttach::new();
     let log = Log::default();
-    let mut bus = Bus::new(map(&fake), attach.clone()).selection(allow(PF));
+    let mut bus = Bus::new(map(&fake), attach.clone())
+        .selection(allow(PF))
+        .claim_dir(Some(ClaimDir::new(claims.path())));
     bus.register(Box::new(TestDriver::new("leaky", Mode::FailAndLeak, &log)));
     let reports = bus.probe_all();
     assert_eq!(reports[0].leaked, 1);
+    // Still open: not rolled back yet (putting its driver back would wait for the
+    // close), and still claimed.
+    assert_eq!(attach.calls(), [AttachCall::Attach(addr(PF))]);
+    assert_eq!(bus.releasing(), [(addr(PF), "leaky")]);
+    let other = ClaimDir::new(claims.path());
+    assert!(matches!(
+        other.claim(addr(PF), &ClaimInfo::new()),
+        Err(ClaimError::Held { .. })
+    ));
+    assert!(bus.probe_all().is_empty(), "not offered again meanwhile");
+
+    bus.driver_mut::<TestDriver>().unwrap().leaked.clear();
+    let events = bus.poll();
+    let [BusEvent::Released(r)] = events.as_slice() else {
+        panic!("{events:?}")
+    };
     assert_eq!(
-        attach.calls()[1],
-        AttachCall::Detach(addr(PF), Release::Rollback, 1)
+        (r.address, r.driver.as_str(), &r.cause),
+        (addr(PF), "leaky", &None)
     );
+    assert_eq!(
+        attach.calls().last().unwrap(),
+        &AttachCall::Detach(addr(PF), Release::Rollback, 0)
+    );
+    other.claim(addr(PF), &ClaimInfo::new()).unwrap();
 }
 
 #[test]
@@ -479,6 +517,182 @@ impl pcibus::bus::Attach for OnVfioPci {
     }
 }
 
+/// FakeAttach that also does to the fake tree what `VfioAttach` with `BindPolicy::bind`
+/// does to the kernel's: attach sets `driver_override` to vfio-pci and moves the device's
+/// `driver` link there; a rollback or an orderly release moves the link back and clears
+/// `driver_override`.
+struct Rebinding {
+    inner: FakeAttach,
+    root: std::path::PathBuf,
+    previous: BTreeMap<PciAddress, std::path::PathBuf>,
+}
+
+impl Rebinding {
+    fn new(fake: &FakeSysfs, inner: FakeAttach) -> Self {
+        std::fs::create_dir_all(fake.root().join("bus/pci/drivers/vfio-pci")).unwrap();
+        Rebinding {
+            inner,
+            root: fake.root().to_owned(),
+            previous: BTreeMap::new(),
+        }
+    }
+
+    fn dir(&self, address: PciAddress) -> std::path::PathBuf {
+        self.root.join("bus/pci/devices").join(address.to_string())
+    }
+
+    fn relink(&self, address: PciAddress, target: &Path, driver_override: &str) {
+        let link = self.dir(address).join("driver");
+        std::fs::remove_file(&link).unwrap();
+        std::os::unix::fs::symlink(target, &link).unwrap();
+        std::fs::write(self.dir(address).join("driver_override"), driver_override).unwrap();
+    }
+}
+
+impl pcibus::bus::Attach for Rebinding {
+    type Backing = FakeBacking;
+    fn attach(
+        &mut self,
+        record: &pcibus::DeviceRecord,
+    ) -> Result<pcibus::bus::Attached<FakeBacking>, pcibus::bus::AttachError> {
+        let address = record.address;
+        let previous = std::fs::read_link(self.dir(address).join("driver")).unwrap();
+        let vfio = self.root.join("bus/pci/drivers/vfio-pci");
+        self.relink(address, &vfio, "vfio-pci\n");
+        self.previous.insert(address, previous);
+        self.inner.attach(record)
+    }
+    fn detach(
+        &mut self,
+        attached: pcibus::bus::Attached<FakeBacking>,
+        release: Release,
+    ) -> Result<(), pcibus::bus::AttachError> {
+        let address = attached.backing.address();
+        if let Some(previous) = self.previous.remove(&address)
+            && release != Release::Removal
+        {
+            self.relink(address, &previous, "(null)\n");
+        }
+        self.inner.detach(attached, release)
+    }
+}
+
+fn driver_of(fake: &FakeSysfs, address: &str) -> (String, String) {
+    let dir = fake.root().join("bus/pci/devices").join(address);
+    let link = std::fs::read_link(dir.join("driver")).unwrap();
+    let driver = link.file_name().unwrap().to_string_lossy().into_owned();
+    let driver_override = std::fs::read_to_string(dir.join("driver_override")).unwrap();
+    (driver, driver_override.trim_end().to_owned())
+}
+
+#[test]
+fn a_probe_that_panics_is_a_failure_and_is_rolled_back() {
+    let fake = qemu();
+    let claims = tempfile::tempdir().unwrap();
+    let attach = FakeAttach::new();
+    let log = Log::default();
+    let mut bus = Bus::new(map(&fake), Rebinding::new(&fake, attach.clone()))
+        .selection(allow(PF))
+        .claim_dir(Some(ClaimDir::new(claims.path())));
+    bus.register(Box::new(TestDriver::new("panicky", Mode::PanicInProbe, &log)));
+    bus.register(Box::new(TestDriver::new("generic", Mode::Bind, &log)));
+    let reports = bus.probe_all();
+    let [report] = reports.as_slice() else {
+        panic!("{reports:?}")
+    };
+    match &report.result {
+        Err(ProbeError::Failed { driver, error, .. }) => {
+            assert_eq!(driver, "panicky");
+            let panicked = error.downcast_ref::<DriverPanicked>().unwrap();
+            assert_eq!(
+                (panicked.callback, panicked.message.as_str()),
+                ("probe", "probe of 0000:01:00.0 went wrong")
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+    // A failure: no other driver is tried, and everything is undone.
+    assert_eq!(*log.lock(), [format!("panicky probe {PF}")]);
+    assert_eq!(report.leaked, 0, "the unwinding dropped the BAR");
+    assert_eq!(
+        attach.calls(),
+        [
+            AttachCall::Attach(addr(PF)),
+            AttachCall::Detach(addr(PF), Release::Rollback, 0)
+        ]
+    );
+    assert_eq!(driver_of(&fake, PF), ("nvme".into(), "(null)".into()));
+    assert!(bus.held().is_empty());
+    assert!(!bus.map().scanner().removal_registry().is_pending(addr(PF)));
+    ClaimDir::new(claims.path())
+        .claim(addr(PF), &ClaimInfo::new())
+        .unwrap();
+}
+
+#[test]
+fn a_remove_that_panics_still_closes_releases_and_unmarks_the_device() {
+    let fake = qemu();
+    let claims = tempfile::tempdir().unwrap();
+    let attach = FakeAttach::new();
+    let log = Log::default();
+    let mut bus = Bus::new(map(&fake), attach.clone())
+        .selection(allow(PF))
+        .claim_dir(Some(ClaimDir::new(claims.path())));
+    bus.register(Box::new(TestDriver::new("panicky", Mode::PanicInRemove, &log)));
+    bus.probe_all();
+    assert!(attach.request_removal(addr(PF)));
+    let events = bus.wait(None, Duration::from_secs(5)).unwrap();
+    let [BusEvent::Removed(r)] = events.as_slice() else {
+        panic!("{events:?}")
+    };
+    assert_eq!((&r.cause, r.leaked), (&RemovalCause::Request, 0));
+    assert_eq!(
+        r.panicked.as_ref().map(|p| p.to_string()).as_deref(),
+        Some("remove panicked: remove of 0000:01:00.0 went wrong")
+    );
+    assert_eq!(
+        attach.calls().last().unwrap(),
+        &AttachCall::Detach(addr(PF), Release::Removal, 0)
+    );
+    assert!(bus.held().is_empty());
+    assert!(!bus.map().scanner().removal_registry().is_pending(addr(PF)));
+    // A later scan does not take the device for one being removed.
+    let scan = bus.map().scanner().scan().unwrap();
+    assert!(!scan.get(addr(PF)).unwrap().removal_pending);
+    ClaimDir::new(claims.path())
+        .claim(addr(PF), &ClaimInfo::new())
+        .unwrap();
+}
+
+#[test]
+fn a_bus_dropped_while_a_panic_unwinds_releases_its_devices_without_aborting() {
+    let fake = qemu();
+    let claims = tempfile::tempdir().unwrap();
+    let attach = FakeAttach::new();
+    let log = Log::default();
+    let mut bus = Bus::new(map(&fake), attach.clone())
+        .selection(allow(PF))
+        .claim_dir(Some(ClaimDir::new(claims.path())));
+    bus.register(Box::new(TestDriver::new("panicky", Mode::PanicInRemove, &log)));
+    assert_eq!(bus.probe_all().len(), 1);
+    // The application fails while it holds the bus; the unwinding drops the bus, whose
+    // driver panics again in `remove`. That must not abort the process.
+    let joined = std::thread::spawn(move || {
+        let _bus = bus;
+        panic!("the application failed");
+    })
+    .join();
+    let payload = joined.unwrap_err();
+    assert_eq!(payload.downcast_ref::<&str>(), Some(&"the application failed"));
+    assert_eq!(
+        attach.calls().last().unwrap(),
+        &AttachCall::Detach(addr(PF), Release::Orderly, 0)
+    );
+    ClaimDir::new(claims.path())
+        .claim(addr(PF), &ClaimInfo::new())
+        .unwrap();
+}
+
 #[test]
 fn an_unbind_queued_by_the_attach_itself_is_not_taken_for_news() {
     // The bus attached PF (bound it to vfio-pci: the kernel queued an `unbind` from nvme
@@ -573,6 +787,230 @@ fn a_failed_attach_is_reported_and_leaves_nothing() {
     let text = reports[0].result.as_ref().unwrap_err().to_string();
     assert!(text.contains("group 7 is not viable"), "{text}");
     assert!(log.lock().is_empty());
+}
+
+#[test]
+fn a_device_whose_driver_kept_a_handle_stays_claimed_and_releasing_until_it_is_closed() {
+    let fake = qemu();
+    let claims = tempfile::tempdir().unwrap();
+    let attach = FakeAttach::new();
+    let log = Log::default();
+    let mut bus = Bus::new(map(&fake), attach.clone())
+        .selection(allow(PF))
+        .claim_dir(Some(ClaimDir::new(claims.path())));
+    bus.register(Box::new(TestDriver::new("leaky", Mode::LeakOnRemove, &log)));
+    bus.probe_all();
+    let registry = bus.map().scanner().removal_registry().clone();
+
+    assert!(attach.request_removal(addr(PF)));
+    let events = bus.wait(None, Duration::from_secs(5)).unwrap();
+    let [BusEvent::Removed(r)] = events.as_slice() else {
+        panic!("{events:?}")
+    };
+    assert_eq!((&r.cause, r.leaked), (&RemovalCause::Request, 1));
+
+    // The kept BAR keeps the device open, so the kernel's removal still waits: another
+    // process must still see it claimed and releasing, and scans must keep away from it.
+    let other = ClaimDir::new(claims.path());
+    match other.claim(addr(PF), &ClaimInfo::new()) {
+        Err(ClaimError::Held { releasing, .. }) => {
+            assert_eq!(releasing.as_deref(), Some("vfio removal request"))
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(registry.is_pending(addr(PF)));
+    // Not closed (the REQ eventfd stays registered), not offered to a driver again.
+    assert!(
+        !attach.calls().iter().any(|c| matches!(c, AttachCall::Detach(..))),
+        "{:?}",
+        attach.calls()
+    );
+    assert!(bus.probe(addr(PF)).is_none());
+    assert!(bus.poll().is_empty(), "still kept");
+    assert_eq!(bus.releasing(), [(addr(PF), "leaky")]);
+    assert!(bus.held().is_empty());
+    assert!(bus.next_deadline().is_some(), "wait wakes up to look again");
+
+    // The driver lets go: the next poll closes the device and ends the release.
+    bus.driver_mut::<TestDriver>().unwrap().leaked.clear();
+    let events = bus.poll();
+    let [BusEvent::Released(r)] = events.as_slice() else {
+        panic!("{events:?}")
+    };
+    assert_eq!(
+        (r.address, r.driver.as_str(), &r.cause),
+        (addr(PF), "leaky", &Some(RemovalCause::Request))
+    );
+    assert!(r.error.is_none());
+    assert_eq!(
+        attach.calls().last().unwrap(),
+        &AttachCall::Detach(addr(PF), Release::Removal, 0)
+    );
+    assert!(!registry.is_pending(addr(PF)));
+    other.claim(addr(PF), &ClaimInfo::new()).unwrap();
+    assert!(bus.releasing().is_empty());
+    assert_eq!(bus.next_deadline(), None);
+}
+
+#[test]
+fn a_detach_while_the_driver_keeps_a_handle_restores_nothing_until_it_is_closed() {
+    let fake = qemu();
+    let claims = tempfile::tempdir().unwrap();
+    let attach = FakeAttach::new();
+    let log = Log::default();
+    let mut bus = Bus::new(map(&fake), attach.clone())
+        .selection(allow(PF))
+        .claim_dir(Some(ClaimDir::new(claims.path())));
+    bus.register(Box::new(TestDriver::new("leaky", Mode::LeakOnRemove, &log)));
+    bus.probe_all();
+    let r = bus.detach(addr(PF)).unwrap();
+    assert_eq!(r.leaked, 1);
+    // Still open: restoring the previous driver now would wait for the close. The claim
+    // stays, and says "active": nothing is being removed.
+    assert_eq!(attach.calls(), [AttachCall::Attach(addr(PF))]);
+    match ClaimDir::new(claims.path()).claim(addr(PF), &ClaimInfo::new()) {
+        Err(ClaimError::Held { releasing, .. }) => assert_eq!(releasing, None),
+        other => panic!("{other:?}"),
+    }
+    assert!(!bus.map().scanner().removal_registry().is_pending(addr(PF)));
+
+    // The kernel asks for it meanwhile: from now on it is a removal (said in the claim
+    // and the registry; the binding is left alone when it closes).
+    assert!(attach.request_removal(addr(PF)));
+    assert!(bus.poll().is_empty());
+    assert!(bus.map().scanner().removal_registry().is_pending(addr(PF)));
+    match ClaimDir::new(claims.path()).claim(addr(PF), &ClaimInfo::new()) {
+        Err(ClaimError::Held { releasing, .. }) => {
+            assert_eq!(releasing.as_deref(), Some("vfio removal request"))
+        }
+        other => panic!("{other:?}"),
+    }
+    bus.driver_mut::<TestDriver>().unwrap().leaked.clear();
+    // Dropping the bus looks at it one last time.
+    drop(bus);
+    assert_eq!(
+        attach.calls().last().unwrap(),
+        &AttachCall::Detach(addr(PF), Release::Removal, 0)
+    );
+    ClaimDir::new(claims.path())
+        .claim(addr(PF), &ClaimInfo::new())
+        .unwrap();
+}
+
+#[test]
+fn a_handle_that_outlives_the_bus_keeps_the_claim() {
+    let fake = qemu();
+    let claims = tempfile::tempdir().unwrap();
+    let attach = FakeAttach::new();
+    let log = Log::default();
+    let mut bus = Bus::new(map(&fake), attach.clone())
+        .selection(allow(PF))
+        .claim_dir(Some(ClaimDir::new(claims.path())));
+    bus.register(Box::new(TestDriver::new("nvme-test", Mode::Bind, &log)));
+    bus.probe_all();
+    // Something of the application's keeps the device open past the bus.
+    let kept = attach.device(addr(PF)).unwrap();
+    drop(bus);
+    let other = ClaimDir::new(claims.path());
+    assert!(
+        matches!(
+            other.claim(addr(PF), &ClaimInfo::new()),
+            Err(ClaimError::Held { .. })
+        ),
+        "claimable while the device is open"
+    );
+    // Never closed by the bus: it is the application's handle that closes it.
+    assert_eq!(attach.calls(), [AttachCall::Attach(addr(PF))]);
+    drop(kept);
+    // The claim was leaked on purpose: it stays until the process exits.
+    assert!(matches!(
+        other.claim(addr(PF), &ClaimInfo::new()),
+        Err(ClaimError::Held { .. })
+    ));
+}
+
+#[test]
+fn the_claim_names_the_driver_that_bound_the_device() {
+    let fake = qemu();
+    let claims = tempfile::tempdir().unwrap();
+    let log = Log::default();
+    let mut bus = Bus::new(map(&fake), FakeAttach::new())
+        .selection(allow(PF))
+        .claim_dir(Some(ClaimDir::new(claims.path())));
+    bus.register(Box::new(TestDriver::new("picky", Mode::Decline, &log)));
+    bus.register(Box::new(TestDriver::new("generic", Mode::Bind, &log)));
+    assert_eq!(bound(&bus.probe_all()), [(PF.to_string(), "generic".to_string())]);
+    let listed = ClaimDir::new(claims.path()).list().unwrap();
+    let [claim] = listed.as_slice() else {
+        panic!("{listed:?}")
+    };
+    assert_eq!(
+        (claim.address, claim.live, claim.driver.as_deref()),
+        (addr(PF), true, Some("generic"))
+    );
+}
+
+#[test]
+fn a_device_on_a_vfio_variant_driver_is_on_vfio() {
+    use pcibus::bus::{Attach, AttachError, BindPolicy, VfioAttach};
+    let fake = FakeSysfs::new().unwrap();
+    // No IOMMU group: opening it fails before anything of this machine's /dev is used.
+    fake.device("0000:05:00.0")
+        .class(0x010802)
+        .driver("nvme_vfio_pci")
+        .create()
+        .unwrap();
+    fake.device("0000:06:00.0")
+        .class(0x010802)
+        .driver("mlx5_vfio_pci")
+        .iommu_group(9)
+        .create()
+        .unwrap();
+    fake.device("0000:06:00.1")
+        .class(0x020000)
+        .driver("mlx5_core")
+        .iommu_group(9)
+        .create()
+        .unwrap();
+    // A variant whose name says nothing: its vfio-dev/ directory does.
+    let accel = fake
+        .device("0000:07:00.0")
+        .class(0x120000)
+        .driver("acme")
+        .create()
+        .unwrap();
+    std::fs::create_dir_all(accel.join("vfio-dev/vfio3")).unwrap();
+    let map = map(&fake);
+    let root = SysfsRoot::new(fake.root());
+    let mut attach = VfioAttach::new(
+        root.clone(),
+        BindPolicy {
+            bind: true,
+            ..BindPolicy::default()
+        },
+    );
+    for (address, on_vfio) in [
+        ("0000:05:00.0", true),
+        ("0000:06:00.0", true),
+        ("0000:06:00.1", false),
+        ("0000:07:00.0", true),
+    ] {
+        let record = map.get(addr(address)).unwrap();
+        assert_eq!(attach.still_attached(record), on_vfio, "{address}");
+    }
+    // Opened where it is, not bound to vfio-pci.
+    let record = map.get(addr("0000:05:00.0")).unwrap();
+    let err = attach.attach(record).unwrap_err();
+    assert!(matches!(err, AttachError::Vfio(_)), "{err}");
+    assert_eq!(
+        driver_of(&fake, "0000:05:00.0"),
+        ("nvme_vfio_pci".into(), "(null)".into())
+    );
+    // Only the member on a driver of the host keeps group 9 from being usable.
+    assert_eq!(
+        pcibus::vfio::non_vfio_members(&root, 9),
+        [("0000:06:00.1".to_owned(), Some("mlx5_core".to_owned()))]
+    );
 }
 
 #[test]

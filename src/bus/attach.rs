@@ -23,7 +23,7 @@ pub const VFIO_PCI: &str = "vfio-pci";
 #[non_exhaustive]
 pub enum AttachError {
     /// The device is on another driver (or none) and the policy does not bind it.
-    #[error("{address} is bound to {}, not vfio-pci, and binding is off (BindPolicy::bind)", .driver.as_deref().unwrap_or("no driver"))]
+    #[error("{address} is bound to {}, not to a vfio driver, and binding is off (BindPolicy::bind)", .driver.as_deref().unwrap_or("no driver"))]
     NotOnVfio {
         /// The device.
         address: PciAddress,
@@ -81,7 +81,7 @@ pub trait Attach {
     fn detach(&mut self, attached: Attached<Self::Backing>, release: Release) -> Result<(), AttachError>;
 
     /// Whether a held device whose record is now `record` is still reachable through what
-    /// `attach` opened (for VFIO: still bound to vfio-pci). The bus takes back a held
+    /// `attach` opened (for VFIO: still on a vfio driver, [`bind::on_vfio`]). The bus takes back a held
     /// device for which this turns false (an `unbind` uevent, a resync). Default: yes.
     fn still_attached(&self, record: &DeviceRecord) -> bool {
         let _ = record;
@@ -105,8 +105,9 @@ pub enum Release {
 /// When the bus binds devices to vfio-pci and whether it restores them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct BindPolicy {
-    /// Bind a matching device that is not on vfio-pci (through `driver_override`). Off:
-    /// such a device is refused with [`AttachError::NotOnVfio`].
+    /// Bind a matching device that is not on a vfio driver ([`bind::on_vfio`]: vfio-pci
+    /// or a variant of it, which is left where it is) to vfio-pci (through
+    /// `driver_override`). Off: such a device is refused with [`AttachError::NotOnVfio`].
     pub bind: bool,
     /// Bind even a device the host uses (mounted, swap, an interface up). Off: refused,
     /// naming the use.
@@ -190,7 +191,7 @@ impl Attach for VfioAttach {
     fn attach(&mut self, record: &DeviceRecord) -> Result<Attached<VfioBacking>, AttachError> {
         let address = record.address;
         let driver = bind::current_driver(&self.root, address);
-        let binding = if driver.as_deref() == Some(VFIO_PCI) {
+        let binding = if bind::on_vfio(&self.root.device_dir(address), driver.as_deref()) {
             None
         } else if self.policy.bind {
             Some(bind::bind(&self.root, address, VFIO_PCI, self.policy.force)?)
@@ -214,7 +215,7 @@ impl Attach for VfioAttach {
     }
 
     fn still_attached(&self, record: &DeviceRecord) -> bool {
-        record.driver.as_deref() == Some(VFIO_PCI)
+        bind::on_vfio(&self.root.device_dir(record.address), record.driver.as_deref())
     }
 
     fn detach(&mut self, attached: Attached<VfioBacking>, release: Release) -> Result<(), AttachError> {

@@ -58,8 +58,16 @@
 //! The directory is created mode 0755 by the first claimant, so only its owner (root, for
 //! `/run/pcibus/claims`) can take claims there; anyone can list them, because probing a
 //! lock ([`F_OFD_GETLK`](nix::fcntl::FcntlArg::F_OFD_GETLK)) works on a read-only fd.
+//!
+//! A user who is not root (and was given a device's VFIO files) claims in
+//! `$PCIBUS_CLAIM_DIR` if set, else in `$XDG_RUNTIME_DIR/pcibus/claims`
+//! ([`ClaimDir::for_claiming`], which the bus uses). Claims in different directories do not
+//! see each other: such a claim refuses only claimants in the same directory, and only
+//! readers of that directory learn that its device is being released. Readers (scans,
+//! `pcibus claims`) keep reading [`DEFAULT_DIR`] ([`ClaimDir::from_env`]), so an
+//! unprivileged process still keeps away from the devices root's processes release.
 
-use std::ffi::OsStr;
+use std::ffi::{OsStr, OsString};
 use std::fmt;
 use std::fs::File;
 use std::io;
@@ -83,6 +91,10 @@ pub const DEFAULT_DIR: &str = "/run/pcibus/claims";
 
 /// The environment variable that overrides [`DEFAULT_DIR`].
 pub const DIR_ENV: &str = "PCIBUS_CLAIM_DIR";
+
+/// The user's runtime directory (`/run/user/UID`): where [`ClaimDir::for_claiming`] puts
+/// the claims of a user who cannot write [`DEFAULT_DIR`], below `pcibus/claims`.
+pub const RUNTIME_DIR_ENV: &str = "XDG_RUNTIME_DIR";
 
 /// The lock file's name suffix: `0000:01:00.0.lock`.
 const SUFFIX: &str = ".lock";
@@ -113,6 +125,19 @@ pub enum ClaimError {
         /// Why the holder is releasing the device, if it is
         /// ([`Claim::mark_releasing`]): the claim should be free soon.
         releasing: Option<String>,
+    },
+    /// This process may not create or write the claims directory (it is root's, or on a
+    /// read-only file system).
+    #[error(
+        "claims directory {}: this process may not write it; run as root, or set {DIR_ENV} to a directory it can write (claims there are seen only by processes using the same directory)",
+        .path.display()
+    )]
+    DirNotWritable {
+        /// The directory.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: io::Error,
     },
     /// The claims directory could not be created or opened.
     #[error("claims directory {}", .path.display())]
@@ -271,13 +296,41 @@ impl ClaimDir {
         }
     }
 
-    /// Claims kept in `$PCIBUS_CLAIM_DIR`, else in [`DEFAULT_DIR`].
+    /// Claims kept in `$PCIBUS_CLAIM_DIR`, else in [`DEFAULT_DIR`]: the directory to read
+    /// other processes' claims from. A process that takes claims uses
+    /// [`for_claiming`](Self::for_claiming).
     pub fn from_env() -> Self {
         Self::new(
             std::env::var_os(DIR_ENV)
                 .filter(|v| !v.is_empty())
                 .map_or_else(|| PathBuf::from(DEFAULT_DIR), PathBuf::from),
         )
+    }
+
+    /// The directory this process takes its claims in: `$PCIBUS_CLAIM_DIR` if set; else
+    /// [`DEFAULT_DIR`] if the process is root or may create and write it; else (an
+    /// unprivileged user, the default being root's) `$XDG_RUNTIME_DIR/pcibus/claims`, with
+    /// a note in the log. Without a runtime directory it stays [`DEFAULT_DIR`], and a
+    /// claim fails with [`ClaimError::DirNotWritable`], which says what to set.
+    ///
+    /// The fallback's price: its claims are not in [`DEFAULT_DIR`], so root's processes
+    /// and this user's do not refuse each other's claims, and root's scans do not learn
+    /// that this user releases a device (this user's scans still read [`DEFAULT_DIR`]:
+    /// see the [module docs](self#permissions)).
+    pub fn for_claiming() -> Self {
+        let (path, fallback) = claiming_dir(
+            std::env::var_os(DIR_ENV),
+            std::env::var_os(RUNTIME_DIR_ENV),
+            nix::unistd::geteuid().is_root(),
+            may_create,
+        );
+        if fallback {
+            log::info!(
+                "claims go to {}: this user may not write {DEFAULT_DIR} (set {DIR_ENV} to choose; root's processes do not see these claims)",
+                path.display()
+            );
+        }
+        Self::new(path)
     }
 
     /// The directory.
@@ -291,9 +344,12 @@ impl ClaimDir {
     }
 
     fn dir_error(&self, source: io::Error) -> ClaimError {
-        ClaimError::Dir {
-            path: self.path.clone(),
-            source,
+        let path = self.path.clone();
+        match source.kind() {
+            io::ErrorKind::PermissionDenied | io::ErrorKind::ReadOnlyFilesystem => {
+                ClaimError::DirNotWritable { path, source }
+            }
+            _ => ClaimError::Dir { path, source },
         }
     }
 
@@ -620,6 +676,18 @@ impl Claim {
         })
     }
 
+    /// Names `driver` as the one that owns the device (`driver=` in the record), once it
+    /// is known: a claim is taken before the drivers are asked.
+    pub fn set_driver(&self, driver: &str) -> Result<(), ClaimError> {
+        self.record.lock().driver = Some(driver.to_owned());
+        self.write_record().map_err(|source| ClaimError::Io {
+            address: self.address,
+            path: self.path.clone(),
+            op: "write",
+            source,
+        })
+    }
+
     /// Releases the claim, reporting failures that dropping it would only log.
     pub fn release(mut self) -> Result<(), ClaimError> {
         let r = self.unlock();
@@ -832,6 +900,41 @@ fn whole_file(kind: libc::c_int) -> libc::flock {
     }
 }
 
+// Where `ClaimDir::for_claiming` claims, from `$PCIBUS_CLAIM_DIR`, `$XDG_RUNTIME_DIR`,
+// whether the process is root and whether it may create `DEFAULT_DIR`: the directory, and
+// whether it is the fallback.
+fn claiming_dir(
+    env: Option<OsString>,
+    runtime: Option<OsString>,
+    root: bool,
+    may_create: impl Fn(&Path) -> bool,
+) -> (PathBuf, bool) {
+    if let Some(dir) = env.filter(|v| !v.is_empty()) {
+        return (PathBuf::from(dir), false);
+    }
+    let default = PathBuf::from(DEFAULT_DIR);
+    if root || may_create(&default) {
+        return (default, false);
+    }
+    match runtime.map(PathBuf::from).filter(|p| p.is_absolute()) {
+        Some(run) => (run.join("pcibus/claims"), true),
+        None => (default, false),
+    }
+}
+
+// Whether this process may write `dir`, or create it: the nearest existing ancestor must
+// let it add entries (with its effective IDs, as `mkdir` checks).
+fn may_create(dir: &Path) -> bool {
+    let Some(existing) = dir.ancestors().find(|p| p.exists()) else {
+        return false;
+    };
+    nix::unistd::eaccess(
+        existing,
+        nix::unistd::AccessFlags::W_OK | nix::unistd::AccessFlags::X_OK,
+    )
+    .is_ok()
+}
+
 fn own_comm() -> String {
     std::fs::read_to_string("/proc/self/comm")
         .map(|c| c.trim_end_matches('\n').to_owned())
@@ -965,6 +1068,44 @@ mod tests {
         assert!(exists(std::process::id()));
         assert!(!exists(999_999_999));
         assert!(!exists(0));
+    }
+
+    #[test]
+    fn an_unprivileged_claimant_falls_back_to_its_runtime_directory() {
+        let yes = |_: &Path| true;
+        let no = |_: &Path| false;
+        let env = || Some(OsString::from("/srv/claims"));
+        let run = || Some(OsString::from("/run/user/1000"));
+        let default = (PathBuf::from(DEFAULT_DIR), false);
+        // PCIBUS_CLAIM_DIR wins, always.
+        assert_eq!(
+            claiming_dir(env(), run(), false, no),
+            (PathBuf::from("/srv/claims"), false)
+        );
+        // Root, or a user who may write the default, claims there.
+        assert_eq!(claiming_dir(None, run(), true, no), default);
+        assert_eq!(claiming_dir(Some("".into()), run(), false, yes), default);
+        // Anyone else: in XDG_RUNTIME_DIR, if there is one (an absolute path).
+        assert_eq!(
+            claiming_dir(None, run(), false, no),
+            (PathBuf::from("/run/user/1000/pcibus/claims"), true)
+        );
+        assert_eq!(claiming_dir(None, None, false, no), default);
+        assert_eq!(claiming_dir(None, Some("rel".into()), false, no), default);
+    }
+
+    #[test]
+    fn a_directory_this_user_cannot_write_says_what_to_set() {
+        let dir = ClaimDir::new(DEFAULT_DIR);
+        let e = dir.dir_error(io::Error::from(io::ErrorKind::PermissionDenied));
+        let text = e.to_string();
+        assert!(
+            text.contains(DEFAULT_DIR) && text.contains("PCIBUS_CLAIM_DIR") && text.contains("root"),
+            "{text}"
+        );
+        // Other failures are just that.
+        let e = dir.dir_error(io::Error::from(io::ErrorKind::NotFound));
+        assert!(!e.to_string().contains("PCIBUS_CLAIM_DIR"), "{e}");
     }
 
     #[test]

@@ -9,6 +9,19 @@
 //! Callbacks run only on the thread that calls into the [`Bus`](super::Bus)
 //! (`probe_all`, `poll`, `handle`, `wait`, `detach`, or dropping it): never in a signal
 //! handler, never on a thread the caller did not start.
+//!
+//! # Panics in drivers
+//!
+//! The bus runs [`Driver::probe`] and [`Driver::remove`] under
+//! [`catch_unwind`](std::panic::catch_unwind): a panic in `probe` is a failed probe
+//! ([`ProbeOutcome::Failed`] with a [`DriverPanicked`]), rolled back like any other; a
+//! panic in `remove` ends the removal as if `remove` had returned (what the unwinding did
+//! not drop counts as kept handles), and the report says so. Either way every step the
+//! bus takes after the callback (closing the device, restoring its binding, dropping the
+//! claim and the registry mark) still runs, and a panic in `remove` while the bus is
+//! dropped by an unwinding thread does not abort the process. The driver stays
+//! registered with whatever state the panic left it in. None of this applies to a
+//! program built with `panic = "abort"`.
 
 use std::any::Any;
 use std::fmt;
@@ -22,6 +35,20 @@ use crate::record::DeviceRecord;
 
 /// A driver's error, as the bus reports it.
 pub type DriverError = Box<dyn std::error::Error + Send + Sync>;
+
+/// A driver callback panicked; the bus caught it (see the [module docs](self#panics-in-drivers)).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{callback} panicked: {message}")]
+#[non_exhaustive]
+pub struct DriverPanicked {
+    /// The driver.
+    pub driver: String,
+    /// The callback: `"probe"` or `"remove"`.
+    pub callback: &'static str,
+    /// The panic's message (a payload that is not a string reads as
+    /// `"(no message)"`).
+    pub message: String,
+}
 
 /// A userspace PCI driver. See the [module docs](self).
 pub trait Driver<B: DeviceBacking>: Any + Send {
@@ -38,11 +65,15 @@ pub trait Driver<B: DeviceBacking>: Any + Send {
     /// `device.backing`, mapped BARs, DMA memory) until [`remove`](Self::remove). On
     /// [`ProbeOutcome::NotMine`] and [`ProbeOutcome::Failed`] it must have dropped every
     /// handle of the device before returning: the bus then releases the device (closes
-    /// it, puts the binding back, drops the claim) and reports a kept handle as a leak.
+    /// it, puts the binding back, drops the claim). A kept handle is reported as a leak,
+    /// and, if no driver binds the device, keeps it claimed and its release waiting until
+    /// it is dropped ([`Bus::releasing`](super::Bus::releasing)).
     fn probe(&mut self, device: ProbeDevice<'_, B>) -> ProbeOutcome;
 
     /// Gives the device back: stop using it and drop every handle of it before returning.
-    /// Called once per bound device, whatever the [`RemovalCause`]. For
+    /// Called once per bound device, whatever the [`RemovalCause`]. A handle kept after
+    /// it returns keeps the device open: the bus then keeps it claimed and does not
+    /// release it before the handle is dropped ([`Bus::releasing`](super::Bus::releasing)). For
     /// [`RemovalCause::Request`] and the others that mean the device is going away, do not
     /// wait for the device (it may be gone): the kernel's removal waits for this process
     /// to close it.

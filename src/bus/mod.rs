@@ -22,5 +22,5 @@ pub mod probe;
 
 pub use attach::{Attach, AttachError, Attached, BindPolicy, Release, VfioAttach};
 pub use backing::{BackingError, DeviceBacking, DmaMemory, RegisterIo, VfioBacking};
-pub use driver::{Driver, DriverError, ProbeDevice, ProbeOutcome, Removal, RemovalCause};
-pub use probe::{Bus, BusError, BusEvent, ProbeError, ProbeReport, RemovedReport};
+pub use driver::{Driver, DriverError, DriverPanicked, ProbeDevice, ProbeOutcome, Removal, RemovalCause};
+pub use probe::{Bus, BusError, BusEvent, ProbeError, ProbeReport, ReleasedReport, RemovedReport};

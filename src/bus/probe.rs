@@ -15,6 +15,16 @@
 //! registry, calls [`Driver::remove`], checks that the driver dropped the device, closes
 //! it, restores its binding on an orderly release, and drops the claim.
 //!
+//! A driver that keeps a handle of the device after `remove` (or after declining or
+//! failing its probe, when no driver took it) keeps it open (for VFIO, the kernel's
+//! removal goes on waiting, holding the device lock). Such a device is not released: it
+//! stays claimed, and (if it is being removed) marked releasing in the claim and pending
+//! in the registry, with its request eventfd registered; it is not offered to drivers
+//! again. [`Bus::poll`] looks at it again each time, and once its last handle is gone it
+//! finishes the release (closes it, restores the binding if the release is orderly or a
+//! probe's rollback, drops the claim and the mark) and reports [`BusEvent::Released`].
+//! See [`Bus::releasing`], and the bus's drop for one still open when the bus ends.
+//!
 //! A device added later (a `add` uevent) is read alone and offered to the drivers after a
 //! settle delay ([`Bus::settle`], default 2 s as in SPDK): a device unplugged and
 //! plugged back is probed again. A device whose driver let it go on a request while it
@@ -29,6 +39,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::os::fd::{AsFd, BorrowedFd};
+use std::panic::AssertUnwindSafe;
 use std::time::{Duration, Instant};
 
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
@@ -37,7 +48,7 @@ use super::attach::{Attach, AttachError, Attached, Release};
 use super::backing::DeviceBacking;
 use super::claim::{Claim, ClaimDir, ClaimError, ClaimInfo};
 use super::devargs::Selection;
-use super::driver::{Driver, DriverError, ProbeDevice, ProbeOutcome, Removal, RemovalCause};
+use super::driver::{Driver, DriverError, DriverPanicked, ProbeDevice, ProbeOutcome, Removal, RemovalCause};
 use super::id::first_match;
 use super::map::{Change, DeviceMap};
 use crate::addr::PciAddress;
@@ -49,6 +60,10 @@ use crate::sysfs::scan::{ScanError, SysfsRoot};
 
 /// SPDK's settle delay for hot-inserted devices.
 pub const DEFAULT_SETTLE: Duration = Duration::from_secs(2);
+
+/// How often [`Bus::wait`] wakes to look again at a device whose driver kept a handle
+/// after its removal (nothing signals that the handle went).
+pub const RELEASE_RECHECK: Duration = Duration::from_millis(100);
 
 /// What went wrong running the bus (not a device's probe: those are in
 /// [`ProbeReport`]s).
@@ -109,7 +124,10 @@ pub struct ProbeReport {
     /// The driver that bound it, or why none did.
     pub result: Result<String, ProbeError>,
     /// Handles of the device that drivers kept after declining or failing (0 when every
-    /// driver let go, as it must; see [`DeviceBacking::extra_handles`]).
+    /// driver let go, as it must; see [`DeviceBacking::extra_handles`]). If no driver
+    /// bound the device and some are kept, it stays open, and claimed
+    /// ([`Bus::releasing`]); the rollback waits until they are gone
+    /// ([`BusEvent::Released`]).
     pub leaked: usize,
 }
 
@@ -124,8 +142,32 @@ pub struct RemovedReport {
     /// Why it was taken back.
     pub cause: RemovalCause,
     /// Handles the driver kept after [`Driver::remove`] (0 when it let go, as it must): a
-    /// VFIO device stays open while one lives, and the kernel's removal waits.
+    /// VFIO device stays open while one lives, and the kernel's removal waits. The bus
+    /// then keeps the device claimed ([`Bus::releasing`]) and finishes the release when
+    /// they are gone ([`BusEvent::Released`]); [`error`](Self::error) is `None` until
+    /// then.
     pub leaked: usize,
+    /// Closing or restoring the binding failed (the device is released from the bus
+    /// anyway).
+    pub error: Option<AttachError>,
+    /// [`Driver::remove`] panicked (the removal went on regardless).
+    pub panicked: Option<DriverPanicked>,
+}
+
+/// A device whose driver had kept handles after [`Driver::remove`]
+/// ([`RemovedReport::leaked`] > 0), or after declining or failing its probe
+/// ([`ProbeReport::leaked`] > 0), released now that the last of them is gone: it is
+/// closed, its binding restored if the release was orderly or a probe's rollback, and its
+/// claim and registry mark are gone.
+#[derive(Debug)]
+#[non_exhaustive]
+pub struct ReleasedReport {
+    /// The device.
+    pub address: PciAddress,
+    /// The driver that kept it open (after a probe: the last one that kept a handle).
+    pub driver: String,
+    /// Why it was taken back; `None` after a probe (no driver took it).
+    pub cause: Option<RemovalCause>,
     /// Closing or restoring the binding failed (the device is released from the bus
     /// anyway).
     pub error: Option<AttachError>,
@@ -137,8 +179,13 @@ pub struct RemovedReport {
 pub enum BusEvent {
     /// A device was offered to the drivers.
     Probed(ProbeReport),
-    /// A device was taken back from its driver.
+    /// A device was taken back from its driver. If the driver kept handles of it
+    /// ([`RemovedReport::leaked`] > 0) it is still open and claimed: a
+    /// [`Released`](Self::Released) follows once they are gone.
     Removed(RemovedReport),
+    /// A device taken back earlier, which its driver had kept open, is closed and
+    /// released at last.
+    Released(ReleasedReport),
     /// An event changed the device map.
     Map(Change),
     /// Uevents were lost; the map was rebuilt by a full scan, with these changes.
@@ -152,7 +199,17 @@ impl fmt::Display for BusEvent {
                 Ok(driver) => write!(f, "{}: bound to {driver}", r.address),
                 Err(e) => write!(f, "{}: not bound: {e}", r.address),
             },
+            BusEvent::Removed(r) if r.leaked > 0 => write!(
+                f,
+                "{}: taken from {} ({}), which kept {} handle(s): still open",
+                r.address, r.driver, r.cause, r.leaked
+            ),
             BusEvent::Removed(r) => write!(f, "{}: taken from {} ({})", r.address, r.driver, r.cause),
+            BusEvent::Released(r) => write!(
+                f,
+                "{}: closed and released (kept open by {})",
+                r.address, r.driver
+            ),
             BusEvent::Map(c) => write!(f, "map: {c:?}"),
             BusEvent::Resynced(c) => write!(f, "uevents lost: rescanned, {} changes", c.len()),
         }
@@ -167,6 +224,19 @@ struct Held<B> {
     // (`/sys/kernel/uevent_seqnum`): uevents up to it are about the attach itself (the
     // unbind from the previous driver, the bind to vfio-pci), not news.
     attached_seqnum: Option<u64>,
+}
+
+// A device taken from its driver that stays open: the driver kept handles of it. Its
+// release is finished (`Bus::finish`) once `attached.backing` has no other handle.
+struct Parked<B> {
+    driver: String,
+    // `None`: no driver took it (it kept handles after declining or failing).
+    cause: Option<RemovalCause>,
+    attached: Attached<B>,
+    claim: Option<Claim>,
+    release: Release,
+    // The bus put the device in the registry (and takes it out when done).
+    marked: bool,
 }
 
 impl<B> Held<B> {
@@ -188,6 +258,21 @@ fn uevent_seqnum(root: &SysfsRoot) -> Option<u64> {
 }
 
 /// The bus. See the [module docs](self).
+///
+/// # Dropping
+///
+/// Dropping the bus takes every held device back ([`RemovalCause::Detach`], in address
+/// order), as [`Bus::detach`] does, then releases those whose drivers had kept handles
+/// and have dropped them since.
+///
+/// A device still open then (a handle outlives its driver and the bus: the application
+/// kept one, or a driver leaked one into a static) is left open, and its claim is
+/// deliberately leaked, logged as an error: it stays held, saying what it said
+/// ("releasing" if the device is being removed), until the process exits and the kernel
+/// drops the lock, which is also when the device is closed at the latest. Releasing it
+/// earlier would tell other processes the device is free while this one still uses it.
+/// The device's registry mark stays too (the registry may be shared and outlive the
+/// bus), and its previous driver is not restored (that would wait for the close).
 pub struct Bus<A: Attach> {
     attach: A,
     drivers: Vec<Box<dyn Driver<A::Backing>>>,
@@ -200,6 +285,8 @@ pub struct Bus<A: Attach> {
     settle: Duration,
     // Released on a request while still present: not probed again until re-added.
     held_off: BTreeSet<PciAddress>,
+    // Taken back, but kept open by their driver: still claimed, not offered again.
+    parked: BTreeMap<PciAddress, Parked<A::Backing>>,
 }
 
 impl<A: Attach> fmt::Debug for Bus<A> {
@@ -215,6 +302,7 @@ impl<A: Attach> fmt::Debug for Bus<A> {
             )
             .field("selection", &self.selection.to_string())
             .field("held", &self.held.keys().collect::<Vec<_>>())
+            .field("releasing", &self.parked.keys().collect::<Vec<_>>())
             .field("settling", &self.settling)
             .finish_non_exhaustive()
     }
@@ -222,10 +310,11 @@ impl<A: Attach> fmt::Debug for Bus<A> {
 
 impl<A: Attach> Bus<A> {
     /// A bus over `map`'s devices, opening them with `attach`. Every device is admitted
-    /// ([`Selection::everything`]); claims go to [`ClaimDir::from_env`] when the map reads
-    /// the kernel's sysfs, and nowhere for a fake tree; settle delay [`DEFAULT_SETTLE`].
+    /// ([`Selection::everything`]); claims go to [`ClaimDir::for_claiming`] when the map
+    /// reads the kernel's sysfs, and nowhere for a fake tree; settle delay
+    /// [`DEFAULT_SETTLE`].
     pub fn new(map: DeviceMap, attach: A) -> Self {
-        let claims = is_kernel_sysfs(map.scanner().root()).then(ClaimDir::from_env);
+        let claims = is_kernel_sysfs(map.scanner().root()).then(ClaimDir::for_claiming);
         Bus {
             attach,
             drivers: Vec::new(),
@@ -236,6 +325,7 @@ impl<A: Attach> Bus<A> {
             settling: BTreeMap::new(),
             settle: DEFAULT_SETTLE,
             held_off: BTreeSet::new(),
+            parked: BTreeMap::new(),
         }
     }
 
@@ -288,6 +378,15 @@ impl<A: Attach> Bus<A> {
             .collect()
     }
 
+    /// The devices the bus let go of (taken back from their drivers, or taken by no
+    /// driver when probed) that stay open because a driver kept handles of them
+    /// ([`RemovedReport::leaked`], [`ProbeReport::leaked`]), with that driver's name, in
+    /// address order. They stay claimed and are not offered to drivers until released
+    /// ([`BusEvent::Released`]).
+    pub fn releasing(&self) -> Vec<(PciAddress, &str)> {
+        self.parked.iter().map(|(a, p)| (*a, p.driver.as_str())).collect()
+    }
+
     /// The backing of a held device.
     pub fn backing(&self, address: PciAddress) -> Option<&A::Backing> {
         self.held.get(&address).map(|h| &h.attached.backing)
@@ -303,7 +402,8 @@ impl<A: Attach> Bus<A> {
     }
 
     /// Offers the device at `address` now (even if it is settling or held off). `None`
-    /// if it is not in the map, not admitted, or no driver's table matches it.
+    /// if it is not in the map, not admitted, no driver's table matches it, or it is
+    /// still open after its release ([`Bus::releasing`]).
     pub fn probe(&mut self, address: PciAddress) -> Option<ProbeReport> {
         self.settling.remove(&address);
         self.held_off.remove(&address);
@@ -314,6 +414,7 @@ impl<A: Attach> Bus<A> {
         if !self.selection.admits(address)
             || self.held_off.contains(&address)
             || self.settling.contains_key(&address)
+            || self.parked.contains_key(&address)
         {
             return None;
         }
@@ -325,13 +426,16 @@ impl<A: Attach> Bus<A> {
             }
             let id = *first_match(driver.id_table(), &record)?;
             let name = driver.name().to_owned();
-            let outcome = driver.probe(ProbeDevice {
-                record: &record,
-                devarg: self.selection.devarg(address),
-                id: &id,
-                backing: &held.attached.backing,
-                again: true,
-            });
+            let outcome = guarded(&name, "probe", address, || {
+                driver.probe(ProbeDevice {
+                    record: &record,
+                    devarg: self.selection.devarg(address),
+                    id: &id,
+                    backing: &held.attached.backing,
+                    again: true,
+                })
+            })
+            .unwrap_or_else(|p| ProbeOutcome::Failed(Box::new(p)));
             return Some(ProbeReport {
                 address,
                 result: match outcome {
@@ -351,7 +455,9 @@ impl<A: Attach> Bus<A> {
             .enumerate()
             .filter_map(|(i, d)| first_match(d.id_table(), &record).map(|e| (i, *e)))
             .collect();
-        let (first, _) = candidates.first()?;
+        if candidates.is_empty() {
+            return None;
+        }
         let report = |result, leaked| {
             Some(ProbeReport {
                 address,
@@ -360,12 +466,9 @@ impl<A: Attach> Bus<A> {
             })
         };
         let claim = match &self.claims {
-            Some(dir) => match dir.claim(
-                address,
-                &ClaimInfo::new()
-                    .driver(self.drivers[*first].name())
-                    .physfn(record.physfn),
-            ) {
+            // No driver named yet: the one that binds it is written in when it does. A VF's
+            // PF is named now, for other processes' scans while it is being released.
+            Some(dir) => match dir.claim(address, &ClaimInfo::new().physfn(record.physfn)) {
                 Ok(c) => Some(c),
                 Err(e) => return report(Err(e.into()), 0),
             },
@@ -379,17 +482,28 @@ impl<A: Attach> Bus<A> {
         let mut declined = Vec::new();
         let mut failure = None;
         let mut leaked = 0;
+        // The last driver that kept handles after declining or failing.
+        let mut keeper = None;
         for (index, id) in &candidates {
             let driver = &mut self.drivers[*index];
-            let outcome = driver.probe(ProbeDevice {
-                record: &record,
-                devarg: self.selection.devarg(address),
-                id,
-                backing: &attached.backing,
-                again: false,
-            });
+            let name = driver.name().to_owned();
+            let outcome = guarded(&name, "probe", address, || {
+                driver.probe(ProbeDevice {
+                    record: &record,
+                    devarg: self.selection.devarg(address),
+                    id,
+                    backing: &attached.backing,
+                    again: false,
+                })
+            })
+            .unwrap_or_else(|p| ProbeOutcome::Failed(Box::new(p)));
             match outcome {
                 ProbeOutcome::Bound => {
+                    if let Some(c) = &claim
+                        && let Err(e) = c.set_driver(&name)
+                    {
+                        log::warn!("{address}: could not name driver {name} in the claim: {e}");
+                    }
                     self.held.insert(
                         address,
                         Held {
@@ -402,11 +516,19 @@ impl<A: Attach> Bus<A> {
                     return report(Ok(driver.name().to_owned()), leaked);
                 }
                 ProbeOutcome::NotMine => {
-                    leaked += kept(driver.name(), address, &attached.backing, "declining");
-                    declined.push(driver.name().to_owned());
+                    let n = kept(&name, address, &attached.backing, "declining");
+                    leaked += n;
+                    if n > 0 {
+                        keeper = Some(name.clone());
+                    }
+                    declined.push(name);
                 }
                 ProbeOutcome::Failed(error) => {
-                    leaked += kept(driver.name(), address, &attached.backing, "failing");
+                    let n = kept(&name, address, &attached.backing, "failing");
+                    leaked += n;
+                    if n > 0 {
+                        keeper = Some(name.clone());
+                    }
                     failure = Some(ProbeError::Failed {
                         address,
                         driver: driver.name().to_owned(),
@@ -416,10 +538,26 @@ impl<A: Attach> Bus<A> {
                 }
             }
         }
-        if let Err(e) = self.attach.detach(attached, Release::Rollback) {
-            log::error!("{address}: undoing the attach after no driver took it failed: {e}");
+        let parked = Parked {
+            driver: keeper.clone().unwrap_or_default(),
+            cause: None,
+            attached,
+            claim,
+            release: Release::Rollback,
+            marked: false,
+        };
+        match keeper {
+            // As after a removal: still open, so still claimed, and not rolled back yet.
+            Some(driver) => {
+                log::warn!("{address}: stays claimed until the handles driver {driver} kept are dropped");
+                self.parked.insert(address, parked);
+            }
+            None => {
+                if let Some(e) = self.finish(address, parked) {
+                    log::error!("{address}: undoing the attach after no driver took it failed: {e}");
+                }
+            }
         }
-        release_claim(claim);
         report(
             Err(failure.unwrap_or(ProbeError::Declined { address, declined })),
             leaked,
@@ -428,7 +566,10 @@ impl<A: Attach> Bus<A> {
 
     /// Takes `address` back from its driver in an orderly way ([`RemovalCause::Detach`]):
     /// the driver lets go, the device is closed, its previous driver is restored if the
-    /// policy says so, and the claim is dropped.
+    /// policy says so, and the claim is dropped. If the driver kept handles
+    /// ([`RemovedReport::leaked`]), all but the first step wait until they are gone
+    /// ([`Bus::releasing`]); a removal request meanwhile makes it a removal (the binding is
+    /// then left alone).
     pub fn detach(&mut self, address: PciAddress) -> Result<RemovedReport, BusError> {
         self.take_back(address, RemovalCause::Detach)
             .ok_or(BusError::NotHeld(address))
@@ -437,54 +578,118 @@ impl<A: Attach> Bus<A> {
     // The one removal path.
     fn take_back(&mut self, address: PciAddress, cause: RemovalCause) -> Option<RemovedReport> {
         let held = self.held.remove(&address)?;
-        let registry = self.map.scanner().removal_registry().clone();
-        let marked = cause.is_removal().then(|| {
-            if let Some(claim) = &held.claim
-                && let Err(e) = claim.mark_releasing(&cause.to_string())
-            {
-                log::warn!("{address}: could not say \"releasing\" in the claim: {e}");
-            }
-            let reason = match &cause {
-                RemovalCause::Request => Reason::RemovalRequested,
-                RemovalCause::Uevent(_) => Reason::Uevent,
-                other => Reason::Other(other.to_string()),
-            };
-            registry.mark(address, reason)
-        });
+        let marked = cause.is_removal() && self.mark_removal(address, held.claim.as_ref(), &cause);
         let driver = &mut self.drivers[held.driver];
         let name = driver.name().to_owned();
-        driver.remove(
+        let removal = Removal {
             address,
-            &Removal {
-                address,
-                cause: cause.clone(),
-            },
-        );
-        let leaked = kept(&name, address, &held.attached.backing, "its removal");
-        let release = if cause.is_removal() {
-            Release::Removal
-        } else {
-            Release::Orderly
+            cause: cause.clone(),
         };
-        let error = self.attach.detach(held.attached, release).err();
-        release_claim(held.claim);
-        if marked == Some(true) {
-            registry.release(address);
-        }
+        let panicked = guarded(&name, "remove", address, || driver.remove(address, &removal)).err();
+        let leaked = kept(&name, address, &held.attached.backing, "its removal");
         if cause == RemovalCause::Request && self.map.get(address).is_some() {
             self.held_off.insert(address);
         }
+        let parked = Parked {
+            driver: name.clone(),
+            cause: Some(cause.clone()),
+            attached: held.attached,
+            claim: held.claim,
+            release: if cause.is_removal() {
+                Release::Removal
+            } else {
+                Release::Orderly
+            },
+            marked,
+        };
+        let error = if leaked > 0 {
+            // Releasing it now would tell every other process that the device is free
+            // while it is open (and restoring its driver would wait for the close).
+            log::warn!("{address}: stays claimed until the handles driver {name} kept are dropped");
+            self.parked.insert(address, parked);
+            None
+        } else {
+            self.finish(address, parked)
+        };
         Some(RemovedReport {
             address,
             driver: name,
             cause,
             leaked,
             error,
+            panicked,
         })
     }
 
+    // Says "releasing" in the claim and marks the device in the registry; whether the
+    // mark is the bus's (to take back when the device is released).
+    fn mark_removal(&self, address: PciAddress, claim: Option<&Claim>, cause: &RemovalCause) -> bool {
+        if let Some(claim) = claim
+            && let Err(e) = claim.mark_releasing(&cause.to_string())
+        {
+            log::warn!("{address}: could not say \"releasing\" in the claim: {e}");
+        }
+        let reason = match cause {
+            RemovalCause::Request => Reason::RemovalRequested,
+            RemovalCause::Uevent(_) => Reason::Uevent,
+            other => Reason::Other(other.to_string()),
+        };
+        self.map.scanner().removal_registry().mark(address, reason)
+    }
+
+    // Ends the release of a device no driver holds a handle of: closes it, restores its
+    // binding as `parked.release` says, drops the claim and the bus's registry mark.
+    fn finish(&mut self, address: PciAddress, parked: Parked<A::Backing>) -> Option<AttachError> {
+        let error = self.attach.detach(parked.attached, parked.release).err();
+        release_claim(parked.claim);
+        if parked.marked {
+            self.map.scanner().removal_registry().release(address);
+        }
+        error
+    }
+
+    // Looks again at the devices drivers kept open: a request that fired for one taken
+    // back in an orderly way makes its release a removal; one with no handle left is
+    // released.
+    fn poll_parked(&mut self, events: &mut Vec<BusEvent>) {
+        let addresses: Vec<PciAddress> = self.parked.keys().copied().collect();
+        for address in addresses {
+            let Some(mut parked) = self.parked.remove(&address) else {
+                continue;
+            };
+            let requested = parked
+                .attached
+                .request
+                .as_ref()
+                .is_some_and(|fd| drain_eventfd(fd.as_fd()));
+            if requested && parked.release != Release::Removal {
+                // The kernel wants it back while it is still open: a removal now.
+                parked.release = Release::Removal;
+                parked.marked |= self.mark_removal(address, parked.claim.as_ref(), &RemovalCause::Request);
+            }
+            if parked.attached.backing.extra_handles() > 0 {
+                self.parked.insert(address, parked);
+                continue;
+            }
+            log::info!(
+                "{address}: the handles driver {} kept are gone: released",
+                parked.driver
+            );
+            let driver = parked.driver.clone();
+            let cause = parked.cause.clone();
+            let error = self.finish(address, parked);
+            events.push(BusEvent::Released(ReleasedReport {
+                address,
+                driver,
+                cause,
+                error,
+            }));
+        }
+    }
+
     /// Handles what is ready without waiting: request eventfds that fired and BAR faults
-    /// (each device is taken back), and settled devices (offered to the drivers).
+    /// (each device is taken back), devices kept open after their removal whose handles
+    /// are gone (released), and settled devices (offered to the drivers).
     pub fn poll(&mut self) -> Vec<BusEvent> {
         let mut events = Vec::new();
         let requested: Vec<PciAddress> = self
@@ -510,6 +715,7 @@ impl<A: Attach> Bus<A> {
                     .map(BusEvent::Removed),
             );
         }
+        self.poll_parked(&mut events);
         let now = Instant::now();
         let due: Vec<PciAddress> = self
             .settling
@@ -609,7 +815,10 @@ impl<A: Attach> Bus<A> {
     }
 
     fn added(&mut self, address: PciAddress) {
-        if self.selection.admits(address) && !self.held.contains_key(&address) {
+        if self.selection.admits(address)
+            && !self.held.contains_key(&address)
+            && !self.parked.contains_key(&address)
+        {
             self.held_off.remove(&address);
             self.settling.insert(address, Instant::now() + self.settle);
         }
@@ -638,19 +847,25 @@ impl<A: Attach> Bus<A> {
         }
     }
 
-    /// The pollable fds of held devices (their request eventfds) and of the fault
-    /// handler, if installed: wait for any to be readable, then call [`poll`](Self::poll).
+    /// The pollable fds of held devices and of devices kept open after their removal
+    /// (their request eventfds) and of the fault handler, if installed: wait for any to be
+    /// readable, then call [`poll`](Self::poll).
     pub fn fds(&self) -> Vec<BorrowedFd<'_>> {
         self.held
             .values()
             .filter_map(|h| h.attached.request_fd())
+            .chain(self.parked.values().filter_map(|p| p.attached.request_fd()))
             .chain(crate::vfio::fault::events())
             .collect()
     }
 
-    /// When the next settling device is due (a timeout for an event loop).
+    /// When the bus next has something to do without an fd becoming readable (a timeout
+    /// for an event loop): a settling device is due, or, while a device is kept open
+    /// after its removal ([`releasing`](Self::releasing)), [`RELEASE_RECHECK`] from now
+    /// (nothing signals that its handles are gone; [`poll`](Self::poll) looks).
     pub fn next_deadline(&self) -> Option<Instant> {
-        self.settling.values().min().copied()
+        let recheck = (!self.parked.is_empty()).then(|| Instant::now() + RELEASE_RECHECK);
+        self.settling.values().copied().chain(recheck).min()
     }
 
     /// Waits up to `timeout` for something to do (an event from `monitor`, a request, a
@@ -711,7 +926,49 @@ impl<A: Attach> Drop for Bus<A> {
                 log::error!("{address}: releasing it as the bus ends: {e}");
             }
         }
+        let mut events = Vec::new();
+        self.poll_parked(&mut events);
+        for event in events {
+            if let BusEvent::Released(r) = event
+                && let Some(e) = r.error
+            {
+                log::error!("{}: releasing it as the bus ends: {e}", r.address);
+            }
+        }
+        for (address, parked) in std::mem::take(&mut self.parked) {
+            log::error!(
+                "{address}: still open as the bus ends ({} handle(s) of driver {} alive): its claim is kept until the process exits",
+                parked.attached.backing.extra_handles(),
+                parked.driver
+            );
+            // The lock goes with the process; the fd and the record are all that leak.
+            std::mem::forget(parked.claim);
+        }
     }
+}
+
+// Runs a driver's callback. A panic becomes an error carrying its message, so that what
+// the bus does after the callback (the undo steps) still runs, and so that a panic in
+// `remove` while an unwinding thread drops the bus does not abort the process.
+fn guarded<T>(
+    driver: &str,
+    callback: &'static str,
+    address: PciAddress,
+    f: impl FnOnce() -> T,
+) -> Result<T, DriverPanicked> {
+    std::panic::catch_unwind(AssertUnwindSafe(f)).map_err(|payload| {
+        let message = payload
+            .downcast_ref::<&str>()
+            .map(|s| (*s).to_owned())
+            .or_else(|| payload.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "(no message)".to_owned());
+        log::error!("{address}: driver {driver} panicked in {callback}: {message}");
+        DriverPanicked {
+            driver: driver.to_owned(),
+            callback,
+            message,
+        }
+    })
 }
 
 // Handles of `backing` besides the bus's, logged as an error.

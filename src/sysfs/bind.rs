@@ -202,6 +202,28 @@ pub fn current_driver(root: &SysfsRoot, address: PciAddress) -> Option<String> {
         .and_then(|t| t.file_name().map(|n| n.to_string_lossy().into_owned()))
 }
 
+/// Whether a device is on a vfio driver (opened through VFIO like vfio-pci): vfio-pci
+/// itself or a vendor's variant of it (`mlx5_vfio_pci`, `hisi_acc_vfio_pci`,
+/// `nvgrace_gpu_vfio_pci`, ...). `device_dir` is its sysfs directory, `driver` the name of
+/// the driver it is bound to.
+///
+/// What sysfs shows: every vfio driver registers the device with VFIO, which (on kernels
+/// with the vfio device cdev, 6.6 and later, where the iommufd backend opens devices)
+/// adds a `vfio-dev/vfioN` directory below the device; that is the one sign that does not
+/// depend on the driver's name. Without the cdev there is no such sign, and the name
+/// decides: `vfio-pci`, or one ending in `_vfio_pci` (the variants are named after their
+/// modules) or `-vfio-pci`. An unbound device is on no driver. Reads no attribute: a
+/// directory listing takes no device lock.
+pub fn on_vfio(device_dir: &Path, driver: Option<&str>) -> bool {
+    let Some(driver) = driver else {
+        return false;
+    };
+    driver == "vfio-pci"
+        || driver.ends_with("_vfio_pci")
+        || driver.ends_with("-vfio-pci")
+        || std::fs::read_dir(device_dir.join("vfio-dev")).is_ok_and(|mut d| d.next().is_some())
+}
+
 fn driver_file(root: &SysfsRoot, driver: &str, file: &str) -> PathBuf {
     root.path().join(format!("bus/pci/drivers/{driver}/{file}"))
 }
@@ -527,6 +549,31 @@ mod tests {
             "nothing unbound"
         );
         assert_eq!(current_driver(&root, addr).as_deref(), Some("nvme"));
+    }
+
+    #[test]
+    fn vfio_pci_and_its_variants_are_vfio_drivers_by_name_or_by_vfio_dev() {
+        let t = tempfile::tempdir().unwrap();
+        for (driver, on) in [
+            ("vfio-pci", true),
+            ("mlx5_vfio_pci", true),
+            ("nvme_vfio_pci", true),
+            ("acme-vfio-pci", true),
+            ("nvme", false),
+            ("vfio_pci_x", false),
+            ("vfiopci", false),
+        ] {
+            assert_eq!(on_vfio(t.path(), Some(driver)), on, "{driver}");
+        }
+        assert!(!on_vfio(t.path(), None));
+        std::fs::create_dir(t.path().join("vfio-dev")).unwrap();
+        assert!(
+            !on_vfio(t.path(), Some("acme")),
+            "an empty vfio-dev/ is no device"
+        );
+        std::fs::create_dir(t.path().join("vfio-dev/vfio0")).unwrap();
+        assert!(on_vfio(t.path(), Some("acme")));
+        assert!(!on_vfio(t.path(), None), "unbound");
     }
 
     const ADDR: &str = "0000:01:00.0";

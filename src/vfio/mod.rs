@@ -911,8 +911,7 @@ pub fn non_vfio_members(root: &SysfsRoot, number: u32) -> Vec<(String, Option<St
         let driver = std::fs::read_link(entry.path().join("driver"))
             .ok()
             .and_then(|t| t.file_name().map(|n| n.to_string_lossy().into_owned()));
-        let on_vfio = driver.as_deref().is_some_and(|d| d.starts_with("vfio"));
-        if !on_vfio && driver.is_some() {
+        if driver.is_some() && !crate::sysfs::bind::on_vfio(&entry.path(), driver.as_deref()) {
             out.push((name, driver));
         }
     }

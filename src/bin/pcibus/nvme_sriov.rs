@@ -298,7 +298,7 @@ fn drive(
     args: &SriovArgs,
     ups: &mut Vec<VfUp>,
 ) -> Result<Value, Error> {
-    let claims = ClaimDir::from_env();
+    let claims = ClaimDir::for_claiming();
     for vf in &enabled.vfs {
         let address = vf.address;
         bind::bind(root, address, "vfio-pci", false).map_err(|e| format!("{address}: {}", chain(&e)))?;
