@@ -1,8 +1,8 @@
 //! DMA memory: buffers, their mapping into a container, and IOVA allocation.
 //!
 //! A [`DmaBuffer`] is anonymous memory, huge pages when the size allows and the system has
-//! them, 4 KiB pages otherwise, which the device reads and writes once mapped into the
-//! container's IOMMU. [`Container::map`](super::Container::map) turns it into a
+//! them (2 MiB by default, 1 GiB when asked: [`HugePageSize`]), 4 KiB pages otherwise,
+//! which the device reads and writes once mapped into the container's IOMMU. [`Container::map`](super::Container::map) turns it into a
 //! [`DmaRegion`]: one owned value holding the buffer, its IOVA and the container, unmapped
 //! when dropped.
 //!
@@ -38,7 +38,7 @@ use std::ops::{Deref, RangeInclusive};
 use std::os::fd::AsFd;
 use std::ptr::NonNull;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use nix::sys::mman::{MapFlags, ProtFlags, mmap_anonymous, munmap};
 
@@ -51,6 +51,115 @@ pub const PAGE: usize = 4096;
 
 const WORD: usize = 8;
 
+/// The huge page sizes a [`DmaBuffer`] can ask for.
+///
+/// mmap's `MAP_HUGETLB` alone means the *default* huge page size, which is whatever the
+/// host was booted with (`default_hugepagesz=1G` is common on DPDK and SPDK hosts): a
+/// 2 MiB request would then take a whole 1 GiB page. So the size is always named in the
+/// flags (`MAP_HUGE_2MB`, `MAP_HUGE_1GB`), and the pages come from that size's pool
+/// (`/sys/kernel/mm/hugepages/hugepages-<size>kB`) or not at all.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum HugePageSize {
+    /// 2 MiB (x86-64, and aarch64 with 4 KiB pages). The default.
+    #[default]
+    Mib2,
+    /// 1 GiB: reserved at boot (`hugepagesz=1G hugepages=N`) or, when memory is not yet
+    /// fragmented, through the pool's `nr_hugepages`.
+    Gib1,
+}
+
+impl HugePageSize {
+    /// log2 of the size in bytes.
+    pub const fn log2(self) -> u32 {
+        match self {
+            HugePageSize::Mib2 => 21,
+            HugePageSize::Gib1 => 30,
+        }
+    }
+
+    /// The size in bytes.
+    pub const fn bytes(self) -> usize {
+        1 << self.log2()
+    }
+}
+
+impl fmt::Display for HugePageSize {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            HugePageSize::Mib2 => "2 MiB",
+            HugePageSize::Gib1 => "1 GiB",
+        })
+    }
+}
+
+/// Where mmap's flags keep log2 of the huge page size (`MAP_HUGE_SHIFT`).
+const MAP_HUGE_SHIFT: u32 = 26;
+
+/// How a buffer is to be mapped: decided from the length and the huge page size asked
+/// for, before any system call ([`MapPlan::new`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct MapPlan {
+    /// The huge page mapping to try first, if the length allows one.
+    huge: Option<HugeMapping>,
+    /// The length on 4 KiB pages: what is mapped when there is no huge mapping to try, or
+    /// it fails.
+    small_len: usize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct HugeMapping {
+    size: HugePageSize,
+    /// A whole number of `size` pages: a hugetlb mapping is unmapped only in whole pages,
+    /// so the length recorded for munmap must be that.
+    len: usize,
+    /// The mmap flags beyond `MAP_PRIVATE | MAP_POPULATE`: `MAP_HUGETLB` and the size.
+    flags: i32,
+}
+
+impl MapPlan {
+    /// The plan for `len` bytes with huge pages of `size`: when `round_up`, the length is
+    /// rounded up to whole huge pages; otherwise huge pages are tried only when `len` is a
+    /// whole number of them already. `None` for an empty or unrepresentable length.
+    fn new(len: usize, size: HugePageSize, round_up: bool) -> Option<MapPlan> {
+        if len == 0 {
+            return None;
+        }
+        let small_len = len.checked_next_multiple_of(PAGE)?;
+        let huge_len = if round_up {
+            len.checked_next_multiple_of(size.bytes())
+        } else {
+            len.is_multiple_of(size.bytes()).then_some(len)
+        };
+        let flags = nix::libc::MAP_HUGETLB | ((size.log2() as i32) << MAP_HUGE_SHIFT);
+        Some(MapPlan {
+            huge: huge_len.map(|len| HugeMapping { size, len, flags }),
+            small_len,
+        })
+    }
+}
+
+/// munmap calls of this layer (DMA buffers, BAR mappings) that failed.
+static MUNMAP_FAILURES: AtomicU64 = AtomicU64::new(0);
+
+/// How many munmap calls of the vfio layer (of [`DmaBuffer`]s and BAR mappings) have
+/// failed in this process. Each failure leaves the memory mapped (a leak, never a
+/// use-after-free) and is logged at error level; this count is for monitoring and tests.
+pub fn munmap_failures() -> u64 {
+    MUNMAP_FAILURES.load(Ordering::Relaxed)
+}
+
+/// Counts and logs a failed munmap of `len` bytes at `vaddr` (`what`: whose mapping).
+pub(super) fn munmap_failed(what: &str, vaddr: usize, len: usize, errno: nix::errno::Errno) {
+    MUNMAP_FAILURES.fetch_add(1, Ordering::Relaxed);
+    log::error!("munmap of {what} at {vaddr:#x} ({len} bytes) failed: {errno}; its memory stays mapped");
+}
+
+/// The count for a failed munmap where nothing may be logged (a signal handler): an
+/// atomic add is async-signal-safe.
+pub(super) fn munmap_failed_in_signal_handler() {
+    MUNMAP_FAILURES.fetch_add(1, Ordering::Relaxed);
+}
+
 /// Memory a device may read and write by DMA. Not yet mapped: see
 /// [`Container::map`](super::Container::map).
 ///
@@ -62,7 +171,7 @@ const WORD: usize = 8;
 pub struct DmaBuffer {
     ptr: NonNull<u8>,
     len: usize,
-    huge: bool,
+    huge: Option<HugePageSize>,
 }
 
 impl fmt::Debug for DmaBuffer {
@@ -133,26 +242,51 @@ unsafe impl<T: DmaObj, const N: usize> DmaObj for [T; N] {}
 
 impl DmaBuffer {
     /// Allocates at least `len` bytes, zeroed and populated: 2 MiB huge pages when `len` is
-    /// a multiple of 2 MiB and huge pages are available, else 4 KiB pages.
+    /// a multiple of 2 MiB and the 2 MiB pool has pages free, else 4 KiB pages (logged: see
+    /// [`with_huge_pages`](Self::with_huge_pages)).
     pub fn new(len: usize) -> io::Result<DmaBuffer> {
-        if len == 0 {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                "a DMA buffer needs at least one byte",
-            ));
-        }
-        if len.is_multiple_of(HUGE_PAGE)
-            && let Ok(buf) = Self::map(len, MapFlags::MAP_HUGETLB)
-        {
-            return Ok(DmaBuffer { huge: true, ..buf });
-        }
-        let len = len
-            .checked_next_multiple_of(PAGE)
-            .ok_or_else(|| io::Error::from(io::ErrorKind::InvalidInput))?;
-        Self::map(len, MapFlags::empty())
+        Self::allocate(len, HugePageSize::Mib2, false)
     }
 
-    fn map(len: usize, extra: MapFlags) -> io::Result<DmaBuffer> {
+    /// Allocates `len` bytes rounded up to whole huge pages of `size`, zeroed and
+    /// populated, on pages of that size (never the host's default size, unless it is
+    /// this one).
+    ///
+    /// When the pool of that size has too few pages free (none reserved, or all taken),
+    /// the buffer falls back to 4 KiB pages, `len` rounded up to 4 KiB: the same memory
+    /// for the device, without the fewer IOTLB entries. The fallback is logged (a warning
+    /// the first time for each size, then at debug level); [`is_huge`](Self::is_huge) and
+    /// [`page_size`](Self::page_size) tell which one the buffer got.
+    pub fn with_huge_pages(len: usize, size: HugePageSize) -> io::Result<DmaBuffer> {
+        Self::allocate(len, size, true)
+    }
+
+    fn allocate(len: usize, size: HugePageSize, round_up: bool) -> io::Result<DmaBuffer> {
+        let plan = MapPlan::new(len, size, round_up).ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("a DMA buffer of {len} bytes cannot be mapped"),
+            )
+        })?;
+        if let Some(huge) = plan.huge {
+            match Self::map(huge.len, MapFlags::from_bits_retain(huge.flags)) {
+                Ok((ptr, len)) => {
+                    return Ok(DmaBuffer {
+                        ptr,
+                        len,
+                        huge: Some(huge.size),
+                    });
+                }
+                Err(e) => huge_fallback(huge.size, huge.len, &e),
+            }
+        }
+        let (ptr, len) = Self::map(plan.small_len, MapFlags::empty())?;
+        Ok(DmaBuffer { ptr, len, huge: None })
+    }
+
+    // Returns the bare mapping: the caller makes it a DmaBuffer (and so the owner that
+    // unmaps it) exactly once.
+    fn map(len: usize, extra: MapFlags) -> io::Result<(NonNull<u8>, usize)> {
         let size =
             std::num::NonZeroUsize::new(len).ok_or_else(|| io::Error::from(io::ErrorKind::InvalidInput))?;
         // SAFETY: a fresh private anonymous mapping at an address the kernel picks; nothing
@@ -165,11 +299,7 @@ impl DmaBuffer {
                 MapFlags::MAP_PRIVATE | MapFlags::MAP_POPULATE | extra,
             )?
         };
-        Ok(DmaBuffer {
-            ptr: ptr.cast(),
-            len,
-            huge: false,
-        })
+        Ok((ptr.cast(), len))
     }
 
     /// Length in bytes (a whole number of pages).
@@ -184,7 +314,12 @@ impl DmaBuffer {
 
     /// Whether it sits on huge pages.
     pub fn is_huge(&self) -> bool {
-        self.huge
+        self.huge.is_some()
+    }
+
+    /// The size of the pages it sits on: a [`HugePageSize`]'s bytes, or [`PAGE`].
+    pub fn page_size(&self) -> usize {
+        self.huge.map_or(PAGE, HugePageSize::bytes)
     }
 
     /// The virtual address, for `VFIO_IOMMU_MAP_DMA`.
@@ -361,11 +496,32 @@ impl DmaBuffer {
 
 impl Drop for DmaBuffer {
     fn drop(&mut self) {
-        // SAFETY: ptr/len are exactly the mapping made in `map`; no reference into it
-        // outlives `&self`, and a buffer still mapped for DMA is never dropped (its
-        // `DmaRegion` forgets it when the unmap fails).
-        let _ = unsafe { munmap(self.ptr.cast(), self.len) };
+        // SAFETY: ptr/len are exactly the mapping made in `map` (len whole pages of the
+        // size it was mapped with); no reference into it outlives `&self`, and a buffer
+        // still mapped for DMA is never dropped (its `DmaRegion` forgets it when the
+        // unmap fails).
+        if let Err(errno) = unsafe { munmap(self.ptr.cast(), self.len) } {
+            munmap_failed("a DMA buffer", self.ptr.as_ptr() as usize, self.len, errno);
+        }
     }
+}
+
+/// Says that a huge page mapping of `len` bytes failed and the buffer goes on 4 KiB
+/// pages: a warning the first time for each size, so a host without reserved huge pages
+/// learns of it once, then at debug level.
+fn huge_fallback(size: HugePageSize, len: usize, error: &io::Error) {
+    static WARNED: [AtomicBool; 2] = [AtomicBool::new(false), AtomicBool::new(false)];
+    let first = !WARNED[size as usize].swap(true, Ordering::Relaxed);
+    let level = if first {
+        log::Level::Warn
+    } else {
+        log::Level::Debug
+    };
+    log::log!(
+        level,
+        "no {size} huge pages for a DMA buffer of {len} bytes ({error}); using 4 KiB pages (reserve them in /sys/kernel/mm/hugepages/hugepages-{}kB/nr_hugepages)",
+        size.bytes() >> 10
+    );
 }
 
 /// A [`DmaBuffer`] mapped into a [`Container`]'s IOMMU at an IOVA: one owned value, made
@@ -485,7 +641,7 @@ impl DmaRegion {
             .lock()
             .as_mut()
             .expect("IOVA space")
-            .reserve(size, buffer.is_huge())
+            .reserve(size, buffer.page_size() as u64)
             .expect("IOVA");
         DmaRegion {
             buffer: Some(buffer),
@@ -520,7 +676,8 @@ impl Drop for DmaRegion {
 
 impl Container {
     /// Maps `buffer` for DMA, read and write, at an IOVA allocated from the IOMMU's ranges
-    /// (aligned to 2 MiB for huge-page buffers, else to the smallest IOMMU page). The
+    /// (aligned to the buffer's page size, 2 MiB or 1 GiB for huge-page buffers, and at
+    /// least to the smallest IOMMU page). The
     /// returned region owns the buffer and unmaps it when dropped.
     ///
     /// Needs a group attached (open a device first). Pinning counts against
@@ -532,7 +689,7 @@ impl Container {
             .lock()
             .as_mut()
             .ok_or(VfioError::NoGroupAttached)?
-            .reserve(size, buffer.is_huge())?;
+            .reserve(size, buffer.page_size() as u64)?;
         self.map_reserved(buffer, iova)
     }
 
@@ -635,9 +792,19 @@ impl Container {
         }
     }
 
-    /// Allocates a [`DmaBuffer`] of at least `len` bytes and maps it.
+    /// Allocates a [`DmaBuffer`] of at least `len` bytes ([`DmaBuffer::new`]: on 2 MiB
+    /// pages when `len` is a multiple of 2 MiB and the pool has them) and maps it.
     pub fn alloc_dma(self: &Arc<Self>, len: usize) -> Result<DmaRegion, VfioError> {
         let buffer = DmaBuffer::new(len).map_err(|source| VfioError::Alloc { len, source })?;
+        self.map(buffer)
+    }
+
+    /// Allocates a [`DmaBuffer`] of `len` bytes rounded up to whole huge pages of `size`
+    /// ([`DmaBuffer::with_huge_pages`], with its logged fallback to 4 KiB pages) and maps
+    /// it at an IOVA aligned to that size.
+    pub fn alloc_dma_huge(self: &Arc<Self>, len: usize, size: HugePageSize) -> Result<DmaRegion, VfioError> {
+        let buffer =
+            DmaBuffer::with_huge_pages(len, size).map_err(|source| VfioError::Alloc { len, source })?;
         self.map(buffer)
     }
 
@@ -720,12 +887,11 @@ impl IovaSpace {
         }
     }
 
-    fn reserve(&mut self, size: u64, huge: bool) -> Result<u64, VfioError> {
-        let align = if huge {
-            HUGE_PAGE as u64
-        } else {
-            self.info.min_page_size()
-        };
+    /// An IOVA range of `size` bytes for memory on pages of `page_size` bytes: aligned to
+    /// that page size (so the IOMMU can map a huge page with one entry) or to the IOMMU's
+    /// smallest page, whichever is larger.
+    fn reserve(&mut self, size: u64, page_size: u64) -> Result<u64, VfioError> {
+        let align = page_size.max(self.info.min_page_size());
         self.alloc
             .alloc(size, align)
             .ok_or(VfioError::IovaExhausted { size })
@@ -894,6 +1060,70 @@ mod tests {
     use proptest::prelude::*;
 
     #[test]
+    fn huge_mappings_name_their_page_size() {
+        use nix::libc;
+        let huge = |len, size, round_up| MapPlan::new(len, size, round_up).unwrap().huge;
+        let two = huge(4 << 20, HugePageSize::Mib2, false).unwrap();
+        assert_eq!(two.flags, libc::MAP_HUGETLB | libc::MAP_HUGE_2MB);
+        assert_eq!(
+            MapFlags::from_bits_retain(two.flags),
+            MapFlags::MAP_HUGETLB | MapFlags::MAP_HUGE_2MB
+        );
+        assert_eq!((two.size, two.len), (HugePageSize::Mib2, 4 << 20));
+        let one_gib = huge(1 << 30, HugePageSize::Gib1, false).unwrap();
+        assert_eq!(one_gib.flags, libc::MAP_HUGETLB | libc::MAP_HUGE_1GB);
+        // Not a whole number of huge pages: 4 KiB pages, unless rounding up was asked for.
+        assert_eq!(huge(3 << 20, HugePageSize::Mib2, false), None);
+        assert_eq!(huge(3 << 20, HugePageSize::Mib2, true).unwrap().len, 4 << 20);
+        assert_eq!(huge(4096, HugePageSize::Gib1, true).unwrap().len, 1 << 30);
+        assert_eq!(huge(2 << 20, HugePageSize::Gib1, false), None);
+        let small = MapPlan::new(100, HugePageSize::Mib2, false).unwrap();
+        assert_eq!((small.huge, small.small_len), (None, PAGE));
+        assert_eq!(MapPlan::new(0, HugePageSize::Mib2, true), None);
+        assert_eq!(MapPlan::new(usize::MAX, HugePageSize::Mib2, false), None);
+        // Rounding past the address space: no huge mapping, 4 KiB pages still fit.
+        let edge = MapPlan::new(usize::MAX - PAGE + 1, HugePageSize::Gib1, true).unwrap();
+        assert_eq!(edge.huge, None);
+    }
+
+    // A munmap the kernel refuses (here: a pointer that is not page aligned, EINVAL) is
+    // counted and logged; the memory stays mapped.
+    #[test]
+    fn a_failed_munmap_is_counted() {
+        let real = DmaBuffer::new(2 * PAGE).unwrap();
+        let before = munmap_failures();
+        let forged = DmaBuffer {
+            ptr: NonNull::new(real.ptr.as_ptr().wrapping_add(1)).unwrap(),
+            len: PAGE,
+            huge: None,
+        };
+        drop(forged);
+        assert!(munmap_failures() > before);
+        real.write::<u64>(0, 1).unwrap();
+        assert_eq!(real.read::<u64>(0), Some(1), "still mapped");
+    }
+
+    #[test]
+    fn huge_buffers_get_iovas_aligned_to_their_pages() {
+        let info = super::super::IommuInfo {
+            page_sizes: 0x1000,
+            iova_ranges: vec![0..=(1 << 39) - 1],
+        };
+        let mut space = IovaSpace::new(info);
+        space.reserve(PAGE as u64, PAGE as u64).unwrap();
+        let two = space.reserve(HUGE_PAGE as u64, HUGE_PAGE as u64).unwrap();
+        assert_eq!(two % HUGE_PAGE as u64, 0);
+        let gib = space.reserve(1 << 30, 1 << 30).unwrap();
+        assert_eq!(gib % (1 << 30), 0);
+        // Never below the IOMMU's own page size.
+        let mut coarse = IovaSpace::new(super::super::IommuInfo {
+            page_sizes: 0x1_0000,
+            iova_ranges: vec![0..=(1 << 39) - 1],
+        });
+        assert_eq!(coarse.reserve(PAGE as u64, PAGE as u64).unwrap() % 0x1_0000, 0);
+    }
+
+    #[test]
     fn buffer_accessors_are_checked() {
         let b = DmaBuffer::new(100).unwrap();
         assert_eq!(b.len(), PAGE);
@@ -1058,8 +1288,8 @@ mod tests {
         };
         let mut space = IovaSpace::new(info);
         let before = space.alloc.available();
-        let a = space.reserve(0x4000, false).unwrap();
-        let b = space.reserve(0x4000, false).unwrap();
+        let a = space.reserve(0x4000, PAGE as u64).unwrap();
+        let b = space.reserve(0x4000, PAGE as u64).unwrap();
         // b's unmap fails: its range is never handed out again.
         let e = space
             .unmapped(b, 0x4000, Err(io::Error::from_raw_os_error(nix::libc::EBUSY)))
@@ -1070,7 +1300,7 @@ mod tests {
         assert_eq!(space.leaked, vec![(b, 0x4000), (a, 0x4000)]);
         assert_eq!(space.alloc.available(), before - 0x8000);
         for _ in 0..((1 << 20) / 0x4000) {
-            if let Ok(x) = space.reserve(0x4000, false) {
+            if let Ok(x) = space.reserve(0x4000, PAGE as u64) {
                 assert!(
                     x + 0x4000 <= a.min(b) || x >= a.max(b) + 0x4000,
                     "leaked IOVA {x:#x} reused"
@@ -1079,10 +1309,10 @@ mod tests {
         }
         // A successful unmap frees.
         let mut space = IovaSpace::new(space.info.clone());
-        let c = space.reserve(0x4000, false).unwrap();
+        let c = space.reserve(0x4000, PAGE as u64).unwrap();
         space.unmapped(c, 0x4000, Ok(0x4000)).unwrap();
         assert_eq!(space.alloc.available(), before);
-        let d = space.reserve(0x2000, false).unwrap();
+        let d = space.reserve(0x2000, PAGE as u64).unwrap();
         space.map_failed(d, 0x2000);
         assert_eq!(space.alloc.available(), before);
     }
@@ -1162,7 +1392,7 @@ mod tests {
             iova_ranges: ranges,
         };
         let mut space = IovaSpace::exact(info(vec![0..=top]));
-        let a = space.reserve(PAGE as u64, false).unwrap();
+        let a = space.reserve(PAGE as u64, PAGE as u64).unwrap();
         space.narrow(info(vec![0..=0xfedf_ffff, 0xfef0_0000..=top]));
         assert_eq!(space.info.iova_ranges.len(), 2);
         assert!(
@@ -1175,12 +1405,45 @@ mod tests {
         // An IOAS that reports no range lets nothing be mapped.
         let mut none = IovaSpace::exact(info(vec![]));
         assert!(matches!(
-            none.reserve(PAGE as u64, false),
+            none.reserve(PAGE as u64, PAGE as u64),
             Err(VfioError::IovaExhausted { .. })
         ));
     }
 
     proptest! {
+        #[test]
+        fn map_plans_cover_the_length_in_whole_pages(
+            len in prop_oneof![0usize..1 << 32, any::<usize>()],
+            gib in any::<bool>(),
+            round_up in any::<bool>(),
+        ) {
+            let size = if gib { HugePageSize::Gib1 } else { HugePageSize::Mib2 };
+            let Some(plan) = MapPlan::new(len, size, round_up) else {
+                prop_assert!(len == 0 || len.checked_next_multiple_of(PAGE).is_none());
+                return Ok(());
+            };
+            prop_assert!(plan.small_len >= len && plan.small_len - len < PAGE);
+            prop_assert!(plan.small_len.is_multiple_of(PAGE));
+            if let Some(h) = plan.huge {
+                prop_assert_eq!(h.size, size);
+                prop_assert!(h.len >= len && h.len - len < size.bytes());
+                prop_assert!(h.len.is_multiple_of(size.bytes()));
+                if !round_up {
+                    prop_assert_eq!(h.len, len);
+                }
+                // MAP_HUGETLB with log2 of the size above MAP_HUGE_SHIFT, nothing else.
+                prop_assert_eq!(h.flags & !(0x3f << MAP_HUGE_SHIFT), nix::libc::MAP_HUGETLB);
+                prop_assert_eq!(1usize << ((h.flags >> MAP_HUGE_SHIFT) & 0x3f), size.bytes());
+            } else {
+                let expected_none = if round_up {
+                    len.checked_next_multiple_of(size.bytes()).is_none()
+                } else {
+                    !len.is_multiple_of(size.bytes())
+                };
+                prop_assert!(expected_none);
+            }
+        }
+
         #[test]
         fn narrowing_keeps_only_what_both_allow(
             cuts in proptest::collection::vec((0u64..1 << 16, 1u64..1 << 12), 0..8),

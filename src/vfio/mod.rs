@@ -78,7 +78,9 @@ use parking_lot::Mutex;
 
 pub use caps::parse_iova_ranges;
 pub use caps::{InfoError, IommuInfo, RegionInfo, parse_iommu_info, parse_region_info, region_flags};
-pub use dma::{DmaBuffer, DmaObj, DmaRegion, HUGE_PAGE, IovaAllocator, PAGE, Scalar};
+pub use dma::{
+    DmaBuffer, DmaObj, DmaRegion, HUGE_PAGE, HugePageSize, IovaAllocator, PAGE, Scalar, munmap_failures,
+};
 pub use iommufd::{CdevProblem, VfioBackend, VfioBackendParseError};
 
 use crate::addr::PciAddress;
