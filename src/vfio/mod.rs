@@ -81,7 +81,7 @@ pub use caps::{InfoError, IommuInfo, RegionInfo, parse_iommu_info, parse_region_
 pub use dma::{
     DmaBuffer, DmaObj, DmaRegion, HUGE_PAGE, HugePageSize, IovaAllocator, PAGE, Scalar, munmap_failures,
 };
-pub use iommufd::{CdevProblem, VfioBackend, VfioBackendParseError};
+pub use iommufd::{CdevProblem, DevNumber, VfioBackend, VfioBackendParseError};
 
 use crate::addr::PciAddress;
 use crate::config::{self, SriovCapability};
@@ -147,6 +147,23 @@ pub enum VfioError {
         /// The open's error, for [`CdevProblem::Open`].
         #[source]
         source: Option<io::Error>,
+    },
+    /// The cdev opened for the device is another device's: its `st_rdev` is not what the
+    /// device's `vfio-dev/vfioN/dev` says. The device was unbound, and its vfioN number
+    /// given to another device, between the lookup and the open; the fd was closed again.
+    #[error(
+        "{} is not the cdev of {address}: it is device {opened}, while {address}'s vfio-dev entry says {expected} (its number was recycled by an unbind and a bind meanwhile; open it again)",
+        path.display()
+    )]
+    CdevMismatch {
+        /// The device.
+        address: PciAddress,
+        /// The cdev opened.
+        path: PathBuf,
+        /// The numbers the device's `vfio-dev/vfioN/dev` gives.
+        expected: DevNumber,
+        /// The numbers of the node opened (`st_rdev`).
+        opened: DevNumber,
     },
     /// iommufd refused to bind the device because its IOMMU group is used elsewhere: open
     /// through the group backend (EBUSY), or bound to another iommufd (EPERM), in this
