@@ -62,6 +62,7 @@ mod caps;
 mod dma;
 pub mod fault;
 pub mod iommufd;
+mod iova;
 pub(crate) mod mmio;
 mod sys;
 
@@ -78,10 +79,9 @@ use parking_lot::Mutex;
 
 pub use caps::parse_iova_ranges;
 pub use caps::{InfoError, IommuInfo, RegionInfo, parse_iommu_info, parse_region_info, region_flags};
-pub use dma::{
-    DmaBuffer, DmaObj, DmaRegion, HUGE_PAGE, HugePageSize, IovaAllocator, PAGE, Scalar, munmap_failures,
-};
+pub use dma::{DmaBuffer, DmaObj, DmaRegion, HUGE_PAGE, HugePageSize, PAGE, Scalar, munmap_failures};
 pub use iommufd::{CdevProblem, DevNumber, VfioBackend, VfioBackendParseError};
+pub use iova::IovaAllocator;
 
 use crate::addr::PciAddress;
 use crate::config::{self, SriovCapability};
@@ -581,7 +581,7 @@ pub struct Container {
     space: Space,
     // Filled when the first device is attached (the IOMMU type can be set, and the IOVA
     // ranges are known, only then).
-    iommu: Mutex<Option<dma::IovaSpace>>,
+    iommu: Mutex<Option<iova::IovaSpace>>,
 }
 
 /// The kernel objects behind a [`Container`].
@@ -688,7 +688,7 @@ impl Container {
                 groups: Mutex::new(GroupTable::default()),
                 fd: OwnedFd::from(File::open("/dev/null").unwrap()),
             },
-            iommu: Mutex::new(Some(dma::IovaSpace::new(info))),
+            iommu: Mutex::new(Some(iova::IovaSpace::new(info))),
         })
     }
 
@@ -744,7 +744,7 @@ impl Container {
             ))?;
             let buf =
                 sys::iommu_get_info(fd.as_fd()).map_err(ioctl_err("VFIO_IOMMU_GET_INFO", None, None))?;
-            *iommu = Some(dma::IovaSpace::new(parse_iommu_info(&buf)?));
+            *iommu = Some(iova::IovaSpace::new(parse_iommu_info(&buf)?));
         }
         Ok(())
     }
@@ -774,7 +774,7 @@ impl Container {
                 let mut iommu = self.iommu.lock();
                 match iommu.as_mut() {
                     Some(space) => space.narrow(info),
-                    None => *iommu = Some(dma::IovaSpace::exact(info)),
+                    None => *iommu = Some(iova::IovaSpace::exact(info)),
                 }
                 Ok((fd, None))
             }

@@ -1,0 +1,393 @@
+//! IOVA bookkeeping: which IOVAs a container may hand out. [`IovaAllocator`] is the free
+//! list over the ranges the IOMMU accepts; [`IovaSpace`] adds what the IOMMU reports and
+//! the ranges leaked by failed unmaps. Pure: no system call here.
+
+use std::io;
+use std::ops::RangeInclusive;
+
+use super::dma::PAGE;
+use super::{IommuInfo, VfioError};
+
+/// A container's IOVA bookkeeping: what the IOMMU reports, the free ranges, and what was
+/// leaked. An IOVA goes back to the allocator only after its unmap succeeded.
+#[derive(Debug)]
+pub(super) struct IovaSpace {
+    pub(super) info: IommuInfo,
+    alloc: IovaAllocator,
+    pub(super) leaked: Vec<(u64, u64)>,
+}
+
+impl IovaSpace {
+    /// The IOVA space of an iommufd IOAS: exactly the ranges it reports (none: nothing
+    /// can be mapped).
+    pub(super) fn exact(info: IommuInfo) -> IovaSpace {
+        IovaSpace {
+            alloc: IovaAllocator::new(&info.iova_ranges),
+            info,
+            leaked: Vec::new(),
+        }
+    }
+
+    /// Another device joined the IOAS and the ranges are now `info`'s: what is free
+    /// shrinks to them (what is mapped stays: the kernel refuses a device whose reserved
+    /// regions overlap a mapping).
+    pub(super) fn narrow(&mut self, info: IommuInfo) {
+        self.alloc.retain_within(&info.iova_ranges);
+        self.info = info;
+    }
+
+    /// Takes exactly `[iova, iova + size)` from the free ranges, if all of it is free.
+    pub(super) fn reserve_at(&mut self, iova: u64, size: u64) -> bool {
+        self.alloc.reserve_at(iova, size)
+    }
+
+    pub(super) fn new(info: IommuInfo) -> IovaSpace {
+        let ranges = if info.iova_ranges.is_empty() {
+            // Kernels before 5.4 report no ranges: stay below 39 bits, which every
+            // IOMMU we know of covers.
+            vec![0..=(1u64 << 39) - 1]
+        } else {
+            info.iova_ranges.clone()
+        };
+        IovaSpace {
+            alloc: IovaAllocator::new(&ranges),
+            info,
+            leaked: Vec::new(),
+        }
+    }
+
+    /// An IOVA range of `size` bytes for memory on pages of `page_size` bytes: aligned to
+    /// that page size (so the IOMMU can map a huge page with one entry) or to the IOMMU's
+    /// smallest page, whichever is larger.
+    pub(super) fn reserve(&mut self, size: u64, page_size: u64) -> Result<u64, VfioError> {
+        let align = page_size.max(self.info.min_page_size());
+        self.alloc
+            .alloc(size, align)
+            .ok_or(VfioError::IovaExhausted { size })
+    }
+
+    /// The map ioctl failed: nothing was mapped, the range is free again.
+    pub(super) fn map_failed(&mut self, iova: u64, size: u64) {
+        self.alloc.free(iova, size);
+    }
+
+    /// The unmap ioctl returned `result` (bytes unmapped). Frees the range only when all
+    /// of it was unmapped; otherwise records it as leaked.
+    pub(super) fn unmapped(
+        &mut self,
+        iova: u64,
+        size: u64,
+        result: io::Result<u64>,
+    ) -> Result<(), VfioError> {
+        match result {
+            Ok(n) if n == size => {
+                self.alloc.free(iova, size);
+                Ok(())
+            }
+            Ok(n) => {
+                self.leaked.push((iova, size));
+                Err(VfioError::Unmap {
+                    iova,
+                    size,
+                    unmapped: Some(n),
+                    source: None,
+                })
+            }
+            Err(source) => {
+                self.leaked.push((iova, size));
+                Err(VfioError::Unmap {
+                    iova,
+                    size,
+                    unmapped: None,
+                    source: Some(source),
+                })
+            }
+        }
+    }
+}
+
+/// Hands out IOVA ranges from the ranges the IOMMU accepts (QEMU's intel-iommu: 39 bits),
+/// first fit, aligned, and takes them back.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IovaAllocator {
+    // Free extents as (start, end inclusive), sorted and disjoint.
+    free: Vec<(u64, u64)>,
+}
+
+impl IovaAllocator {
+    /// An allocator over `ranges` (inclusive). IOVA 0 is never handed out, so that a zero
+    /// address in a descriptor always means "unset".
+    pub fn new(ranges: &[RangeInclusive<u64>]) -> Self {
+        let mut free: Vec<(u64, u64)> = ranges
+            .iter()
+            .map(|r| ((*r.start()).max(PAGE as u64), *r.end()))
+            .filter(|(s, e)| s <= e)
+            .collect();
+        free.sort_unstable();
+        IovaAllocator { free }
+    }
+
+    /// Reserves `size` bytes aligned to `align` (a power of two). `None` when no free
+    /// extent is large enough.
+    pub fn alloc(&mut self, size: u64, align: u64) -> Option<u64> {
+        if size == 0 || !align.is_power_of_two() {
+            return None;
+        }
+        for i in 0..self.free.len() {
+            let (start, end) = self.free[i];
+            let Some(at) = start.checked_next_multiple_of(align) else {
+                continue;
+            };
+            let Some(last) = at.checked_add(size - 1) else {
+                continue;
+            };
+            if at > end || last > end {
+                continue;
+            }
+            // Split the extent around [at, last].
+            let mut rest = Vec::with_capacity(2);
+            if start < at {
+                rest.push((start, at - 1));
+            }
+            if last < end {
+                rest.push((last + 1, end));
+            }
+            self.free.splice(i..=i, rest);
+            return Some(at);
+        }
+        None
+    }
+
+    /// Takes exactly `[iova, iova + size)`, if it lies inside one free extent; false (and
+    /// nothing taken) otherwise.
+    pub fn reserve_at(&mut self, iova: u64, size: u64) -> bool {
+        let Some(last) = size.checked_sub(1).and_then(|s| iova.checked_add(s)) else {
+            return false;
+        };
+        let Some(i) = self.free.iter().position(|&(s, e)| s <= iova && last <= e) else {
+            return false;
+        };
+        let (start, end) = self.free[i];
+        let mut rest = Vec::with_capacity(2);
+        if start < iova {
+            rest.push((start, iova - 1));
+        }
+        if last < end {
+            rest.push((last + 1, end));
+        }
+        self.free.splice(i..=i, rest);
+        true
+    }
+
+    /// Keeps only the free IOVAs that lie inside `ranges` (inclusive).
+    pub fn retain_within(&mut self, ranges: &[RangeInclusive<u64>]) {
+        let mut kept = Vec::new();
+        for &(s, e) in &self.free {
+            for r in ranges {
+                let (lo, hi) = (s.max(*r.start()), e.min(*r.end()));
+                if lo <= hi {
+                    kept.push((lo, hi));
+                }
+            }
+        }
+        kept.sort_unstable();
+        // Overlapping `ranges` give overlapping pieces: merge them, so the extents stay
+        // disjoint.
+        let mut merged: Vec<(u64, u64)> = Vec::with_capacity(kept.len());
+        for (s, e) in kept {
+            match merged.last_mut() {
+                Some(last) if s <= last.1.saturating_add(1) => last.1 = last.1.max(e),
+                _ => merged.push((s, e)),
+            }
+        }
+        self.free = merged;
+    }
+
+    /// Returns [iova, iova + size) to the free extents, merging neighbours.
+    pub fn free(&mut self, iova: u64, size: u64) {
+        if size == 0 {
+            return;
+        }
+        let end = iova.saturating_add(size - 1);
+        let i = self.free.partition_point(|&(s, _)| s < iova);
+        self.free.insert(i, (iova, end));
+        // Merge with the next, then the previous.
+        if i + 1 < self.free.len() && self.free[i].1.checked_add(1) == Some(self.free[i + 1].0) {
+            self.free[i].1 = self.free[i + 1].1;
+            self.free.remove(i + 1);
+        }
+        if i > 0 && self.free[i - 1].1.checked_add(1) == Some(self.free[i].0) {
+            self.free[i - 1].1 = self.free[i].1;
+            self.free.remove(i);
+        }
+    }
+
+    /// Bytes free.
+    pub fn available(&self) -> u64 {
+        self.free.iter().map(|(s, e)| (e - s).saturating_add(1)).sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::vfio::dma::HUGE_PAGE;
+    use proptest::prelude::*;
+
+    #[test]
+    fn huge_buffers_get_iovas_aligned_to_their_pages() {
+        let info = IommuInfo {
+            page_sizes: 0x1000,
+            iova_ranges: vec![0..=(1 << 39) - 1],
+        };
+        let mut space = IovaSpace::new(info);
+        space.reserve(PAGE as u64, PAGE as u64).unwrap();
+        let two = space.reserve(HUGE_PAGE as u64, HUGE_PAGE as u64).unwrap();
+        assert_eq!(two % HUGE_PAGE as u64, 0);
+        let gib = space.reserve(1 << 30, 1 << 30).unwrap();
+        assert_eq!(gib % (1 << 30), 0);
+        // Never below the IOMMU's own page size.
+        let mut coarse = IovaSpace::new(IommuInfo {
+            page_sizes: 0x1_0000,
+            iova_ranges: vec![0..=(1 << 39) - 1],
+        });
+        assert_eq!(coarse.reserve(PAGE as u64, PAGE as u64).unwrap() % 0x1_0000, 0);
+    }
+
+    #[test]
+    fn iova_returns_only_after_a_successful_unmap() {
+        let info = IommuInfo {
+            page_sizes: 0x1000,
+            iova_ranges: vec![0..=(1 << 20) - 1],
+        };
+        let mut space = IovaSpace::new(info);
+        let before = space.alloc.available();
+        let a = space.reserve(0x4000, PAGE as u64).unwrap();
+        let b = space.reserve(0x4000, PAGE as u64).unwrap();
+        // b's unmap fails: its range is never handed out again.
+        let e = space
+            .unmapped(b, 0x4000, Err(io::Error::from_raw_os_error(nix::libc::EBUSY)))
+            .unwrap_err();
+        assert!(matches!(e, VfioError::Unmap { iova, unmapped: None, source: Some(_), .. } if iova == b));
+        // a's unmap covers only part: leaked as well.
+        assert!(space.unmapped(a, 0x4000, Ok(0x1000)).is_err());
+        assert_eq!(space.leaked, vec![(b, 0x4000), (a, 0x4000)]);
+        assert_eq!(space.alloc.available(), before - 0x8000);
+        for _ in 0..((1 << 20) / 0x4000) {
+            if let Ok(x) = space.reserve(0x4000, PAGE as u64) {
+                assert!(
+                    x + 0x4000 <= a.min(b) || x >= a.max(b) + 0x4000,
+                    "leaked IOVA {x:#x} reused"
+                );
+            }
+        }
+        // A successful unmap frees.
+        let mut space = IovaSpace::new(space.info.clone());
+        let c = space.reserve(0x4000, PAGE as u64).unwrap();
+        space.unmapped(c, 0x4000, Ok(0x4000)).unwrap();
+        assert_eq!(space.alloc.available(), before);
+        let d = space.reserve(0x2000, PAGE as u64).unwrap();
+        space.map_failed(d, 0x2000);
+        assert_eq!(space.alloc.available(), before);
+    }
+
+    #[test]
+    fn iovas_stay_inside_a_39_bit_space() {
+        let top = (1u64 << 39) - 1;
+        let mut a = IovaAllocator::new(&[0..=0xfedf_ffff, 0xfef0_0000..=top]);
+        let x = a.alloc(1 << 20, 1 << 21).unwrap();
+        assert_eq!(x % (1 << 21), 0);
+        assert!(x >= PAGE as u64);
+        let big = a.alloc(1 << 36, 1 << 12).unwrap();
+        assert!(big + (1 << 36) - 1 <= top);
+        assert!(a.alloc(1 << 40, 4096).is_none());
+        a.free(x, 1 << 20);
+        a.free(big, 1 << 36);
+        assert_eq!(a, IovaAllocator::new(&[0..=0xfedf_ffff, 0xfef0_0000..=top]));
+    }
+
+    #[test]
+    fn fixed_iovas_are_taken_exactly_once() {
+        let mut a = IovaAllocator::new(&[0..=0xffff_ffff]);
+        assert!(a.reserve_at(0x10_0000, 0x2000));
+        assert!(!a.reserve_at(0x10_1000, 0x1000), "already taken");
+        assert!(!a.reserve_at(0, 0x1000), "IOVA 0 is never handed out");
+        assert!(!a.reserve_at(0xffff_f000, 0x2000), "runs past the range");
+        assert!(!a.reserve_at(0x1000, 0), "empty");
+        assert!(!a.reserve_at(u64::MAX, 2), "wraps");
+        // The allocator goes around it.
+        let x = a.alloc(0x10_0000, 0x1000).unwrap();
+        assert!(x + 0x10_0000 <= 0x10_0000 || x >= 0x10_2000);
+        a.free(x, 0x10_0000);
+        a.free(0x10_0000, 0x2000);
+        assert_eq!(a, IovaAllocator::new(&[0..=0xffff_ffff]));
+    }
+
+    #[test]
+    fn a_second_device_narrows_what_is_free() {
+        // A first device attached: everything below 2^39; a second one reserves the MSI
+        // window, which is free, and keeps the rest.
+        let top = (1u64 << 39) - 1;
+        let info = |ranges: Vec<RangeInclusive<u64>>| IommuInfo {
+            page_sizes: 4096,
+            iova_ranges: ranges,
+        };
+        let mut space = IovaSpace::exact(info(vec![0..=top]));
+        let a = space.reserve(PAGE as u64, PAGE as u64).unwrap();
+        space.narrow(info(vec![0..=0xfedf_ffff, 0xfef0_0000..=top]));
+        assert_eq!(space.info.iova_ranges.len(), 2);
+        assert!(
+            !space.reserve_at(0xfee0_0000, PAGE as u64),
+            "the MSI window is gone"
+        );
+        assert!(space.reserve_at(0xfef0_0000, PAGE as u64));
+        // What was mapped before stays mapped: not handed out again.
+        assert!(!space.reserve_at(a, PAGE as u64));
+        // An IOAS that reports no range lets nothing be mapped.
+        let mut none = IovaSpace::exact(info(vec![]));
+        assert!(matches!(
+            none.reserve(PAGE as u64, PAGE as u64),
+            Err(VfioError::IovaExhausted { .. })
+        ));
+    }
+
+    proptest! {
+        #[test]
+        fn narrowing_keeps_only_what_both_allow(
+            cuts in proptest::collection::vec((0u64..1 << 16, 1u64..1 << 12), 0..8),
+        ) {
+            let mut a = IovaAllocator::new(&[0..=(1u64 << 16) - 1]);
+            let ranges: Vec<RangeInclusive<u64>> = cuts.iter().map(|&(s, l)| s..=s + l - 1).collect();
+            a.retain_within(&ranges);
+            let allowed = |iova: u64| iova >= PAGE as u64 && iova < 1 << 16 && ranges.iter().any(|r| r.contains(&iova));
+            for probe in (0u64..1 << 16).step_by(97) {
+                prop_assert_eq!(a.clone().reserve_at(probe, 1), allowed(probe), "IOVA {:#x}", probe);
+            }
+            // Disjoint extents: what is free is exactly what is allowed, counted once.
+            prop_assert_eq!(a.available(), (0u64..1 << 16).filter(|&i| allowed(i)).count() as u64);
+        }
+
+        #[test]
+        fn allocations_never_overlap_and_free_restores(sizes in proptest::collection::vec((1u64..1 << 24, 12u32..22), 1..40)) {
+            let ranges = [0..=(1u64 << 32) - 1, (1 << 33)..=(1u64 << 39) - 1];
+            let mut a = IovaAllocator::new(&ranges);
+            let before = a.available();
+            let mut got: Vec<(u64, u64)> = Vec::new();
+            for (size, align) in sizes {
+                if let Some(at) = a.alloc(size, 1 << align) {
+                    prop_assert_eq!(at % (1 << align), 0);
+                    prop_assert!(ranges.iter().any(|r| r.contains(&at) && r.contains(&(at + size - 1))));
+                    for &(s, l) in &got {
+                        prop_assert!(at + size <= s || s + l <= at, "overlap");
+                    }
+                    got.push((at, size));
+                }
+            }
+            for (s, l) in got {
+                a.free(s, l);
+            }
+            prop_assert_eq!(a.available(), before);
+            prop_assert_eq!(a, IovaAllocator::new(&ranges));
+        }
+    }
+}
