@@ -36,6 +36,35 @@ impl IovaSpace {
         self.info = info;
     }
 
+    /// A type1 container attached a group, and `VFIO_IOMMU_GET_INFO` now says `info`: the
+    /// first group sets the space up ([`new`](Self::new)); each later one narrows it to the
+    /// IOVA ranges every attached group allows, and the page sizes every IOMMU has. (The
+    /// kernel reports the container's ranges already narrowed; intersecting again keeps
+    /// that true whatever it reports.) A report without ranges (kernels before 5.4)
+    /// narrows no range. What is mapped stays: the kernel refuses a group whose reserved
+    /// regions overlap a mapping.
+    pub(super) fn group_attached(slot: &mut Option<IovaSpace>, info: IommuInfo) {
+        let Some(space) = slot else {
+            *slot = Some(IovaSpace::new(info));
+            return;
+        };
+        let page_sizes = match space.info.page_sizes & info.page_sizes {
+            0 => info.page_sizes,
+            both => both,
+        };
+        space.info.page_sizes = page_sizes;
+        if info.iova_ranges.is_empty() {
+            return;
+        }
+        let ranges = if space.info.iova_ranges.is_empty() {
+            info.iova_ranges
+        } else {
+            intersect_ranges(&space.info.iova_ranges, &info.iova_ranges)
+        };
+        space.alloc.retain_within(&ranges);
+        space.info.iova_ranges = ranges;
+    }
+
     /// Takes exactly `[iova, iova + size)` from the free ranges, if all of it is free.
     pub(super) fn reserve_at(&mut self, iova: u64, size: u64) -> bool {
         self.alloc.reserve_at(iova, size)
@@ -104,6 +133,48 @@ impl IovaSpace {
             }
         }
     }
+}
+
+/// The IOVAs that lie both in one of `a` and in one of `b` (inclusive ranges, in any
+/// order, possibly overlapping): sorted, disjoint ranges, neighbours that touch merged.
+pub(super) fn intersect_ranges(
+    a: &[RangeInclusive<u64>],
+    b: &[RangeInclusive<u64>],
+) -> Vec<RangeInclusive<u64>> {
+    intersect(
+        a.iter().map(|r| (*r.start(), *r.end())),
+        b.iter().map(|r| (*r.start(), *r.end())),
+    )
+    .into_iter()
+    .map(|(s, e)| s..=e)
+    .collect()
+}
+
+/// [`intersect_ranges`] over (start, end inclusive) pairs.
+fn intersect(
+    a: impl Iterator<Item = (u64, u64)>,
+    b: impl Iterator<Item = (u64, u64)> + Clone,
+) -> Vec<(u64, u64)> {
+    let mut pieces = Vec::new();
+    for (s, e) in a {
+        for (rs, re) in b.clone() {
+            let (lo, hi) = (s.max(rs), e.min(re));
+            if lo <= hi {
+                pieces.push((lo, hi));
+            }
+        }
+    }
+    pieces.sort_unstable();
+    // Overlapping inputs give overlapping pieces: merge them (and touching ones), so the
+    // result is disjoint.
+    let mut merged: Vec<(u64, u64)> = Vec::with_capacity(pieces.len());
+    for (s, e) in pieces {
+        match merged.last_mut() {
+            Some(last) if s <= last.1.saturating_add(1) => last.1 = last.1.max(e),
+            _ => merged.push((s, e)),
+        }
+    }
+    merged
 }
 
 /// Hands out IOVA ranges from the ranges the IOMMU accepts (QEMU's intel-iommu: 39 bits),
@@ -181,26 +252,10 @@ impl IovaAllocator {
 
     /// Keeps only the free IOVAs that lie inside `ranges` (inclusive).
     pub fn retain_within(&mut self, ranges: &[RangeInclusive<u64>]) {
-        let mut kept = Vec::new();
-        for &(s, e) in &self.free {
-            for r in ranges {
-                let (lo, hi) = (s.max(*r.start()), e.min(*r.end()));
-                if lo <= hi {
-                    kept.push((lo, hi));
-                }
-            }
-        }
-        kept.sort_unstable();
-        // Overlapping `ranges` give overlapping pieces: merge them, so the extents stay
-        // disjoint.
-        let mut merged: Vec<(u64, u64)> = Vec::with_capacity(kept.len());
-        for (s, e) in kept {
-            match merged.last_mut() {
-                Some(last) if s <= last.1.saturating_add(1) => last.1 = last.1.max(e),
-                _ => merged.push((s, e)),
-            }
-        }
-        self.free = merged;
+        self.free = intersect(
+            self.free.iter().copied(),
+            ranges.iter().map(|r| (*r.start(), *r.end())),
+        );
     }
 
     /// Returns [iova, iova + size) to the free extents, merging neighbours.
@@ -351,7 +406,82 @@ mod tests {
         ));
     }
 
+    #[test]
+    fn ranges_intersect() {
+        let top = (1u64 << 39) - 1;
+        assert_eq!(
+            intersect_ranges(&[0..=top], &[0..=0xfedf_ffff, 0xfef0_0000..=(1 << 48) - 1]),
+            vec![0..=0xfedf_ffff, 0xfef0_0000..=top]
+        );
+        // Order does not matter, touching ends count, and nothing in common is nothing.
+        assert_eq!(
+            intersect_ranges(&[0x3000..=0x3fff, 0x1000..=0x1fff], &[0x1fff..=0x3000]),
+            vec![0x1fff..=0x1fff, 0x3000..=0x3000]
+        );
+        assert_eq!(intersect_ranges(&[0..=0xfff], &[0x1000..=0x1fff]), vec![]);
+        assert_eq!(intersect_ranges(&[], &[0..=u64::MAX]), vec![]);
+        assert_eq!(
+            intersect_ranges(&[0..=u64::MAX], &[5..=u64::MAX]),
+            vec![5..=u64::MAX]
+        );
+        // Overlapping input ranges give one output range, not two.
+        assert_eq!(intersect_ranges(&[0..=10, 5..=20], &[0..=u64::MAX]), vec![0..=20]);
+    }
+
+    // Type1: the first group sets the space up from VFIO_IOMMU_GET_INFO; each later group's
+    // GET_INFO narrows it to what every group allows.
+    #[test]
+    fn each_attached_group_narrows_the_type1_space() {
+        let top = (1u64 << 39) - 1;
+        let info = |page_sizes: u64, ranges: Vec<RangeInclusive<u64>>| IommuInfo {
+            page_sizes,
+            iova_ranges: ranges,
+        };
+        let mut slot = None;
+        IovaSpace::group_attached(&mut slot, info(0x4020_1000, vec![0..=top]));
+        let space = slot.as_mut().unwrap();
+        let a = space.reserve(0x1000, 0x1000).unwrap();
+        // A second group behind an IOMMU with a reserved MSI window and 48 bits.
+        IovaSpace::group_attached(
+            &mut slot,
+            info(0x20_1000, vec![0..=0xfedf_ffff, 0xfef0_0000..=(1 << 48) - 1]),
+        );
+        let space = slot.as_mut().unwrap();
+        assert_eq!(space.info.iova_ranges, vec![0..=0xfedf_ffff, 0xfef0_0000..=top]);
+        assert_eq!(space.info.page_sizes, 0x20_1000, "page sizes both IOMMUs have");
+        assert!(!space.reserve_at(0xfee0_0000, 0x1000), "the MSI window is gone");
+        assert!(
+            !space.reserve_at(1 << 39, 0x1000),
+            "above what the first group allows"
+        );
+        assert!(space.reserve_at(0xfef0_0000, 0x1000));
+        assert!(!space.reserve_at(a, 0x1000), "what was mapped stays taken");
+        // A third group whose kernel reports no ranges (before Linux 5.4) narrows nothing.
+        IovaSpace::group_attached(&mut slot, info(0x1000, vec![]));
+        let space = slot.as_mut().unwrap();
+        assert_eq!(space.info.iova_ranges, vec![0..=0xfedf_ffff, 0xfef0_0000..=top]);
+        assert_eq!(space.info.page_sizes, 0x1000);
+        assert!(space.reserve_at(0x10_0000, 0x1000));
+    }
+
     proptest! {
+        #[test]
+        fn intersection_holds_what_both_hold(
+            a in proptest::collection::vec((0u64..1 << 12, 0u64..1 << 10), 0..6),
+            b in proptest::collection::vec((0u64..1 << 12, 0u64..1 << 10), 0..6),
+        ) {
+            let ranges = |v: &[(u64, u64)]| -> Vec<RangeInclusive<u64>> { v.iter().map(|&(s, l)| s..=s + l).collect() };
+            let (a, b) = (ranges(&a), ranges(&b));
+            let both = intersect_ranges(&a, &b);
+            for w in both.windows(2) {
+                prop_assert!(w[0].end().saturating_add(1) < *w[1].start(), "sorted, disjoint, not touching");
+            }
+            for probe in 0u64..(1 << 12) + (1 << 10) {
+                let want = a.iter().any(|r| r.contains(&probe)) && b.iter().any(|r| r.contains(&probe));
+                prop_assert_eq!(both.iter().any(|r| r.contains(&probe)), want, "IOVA {:#x}", probe);
+            }
+        }
+
         #[test]
         fn narrowing_keeps_only_what_both_allow(
             cuts in proptest::collection::vec((0u64..1 << 16, 1u64..1 << 12), 0..8),

@@ -742,10 +742,11 @@ impl Container {
                 None,
                 Some(sys::TYPE1V2_IOMMU.into()),
             ))?;
-            let buf =
-                sys::iommu_get_info(fd.as_fd()).map_err(ioctl_err("VFIO_IOMMU_GET_INFO", None, None))?;
-            *iommu = Some(iova::IovaSpace::new(parse_iommu_info(&buf)?));
         }
+        // Every group, not only the first: a group behind another IOMMU (or with other
+        // reserved regions, such as an MSI window) narrows what may be mapped.
+        let buf = sys::iommu_get_info(fd.as_fd()).map_err(ioctl_err("VFIO_IOMMU_GET_INFO", None, None))?;
+        iova::IovaSpace::group_attached(&mut iommu, parse_iommu_info(&buf)?);
         Ok(())
     }
 
