@@ -42,6 +42,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use nix::sys::mman::{MapFlags, ProtFlags, mmap_anonymous, munmap};
 
+use super::iova::{IovaSpace, SpaceId, UnmapAnswer};
 use super::{Container, Space, VfioError, sys};
 
 /// 2 MiB huge pages.
@@ -544,6 +545,12 @@ fn huge_fallback(size: HugePageSize, len: usize, error: &io::Error) {
 /// is logged. [`unmap`](Self::unmap) does the same but returns the error (and the buffer,
 /// on success).
 ///
+/// One failure is not a leak: a group-backend container loses its IOMMU, with every
+/// mapping in it, when every device opened in it has been removed (the kernel detaches a
+/// group when its last device goes, and releases the IOMMU with the last group). A region
+/// that outlives that has nothing left to unmap: its pages are freed, and its IOVA is
+/// never unmapped in the IOMMU set up since (where it may belong to another region).
+///
 /// The region holds an `Arc` of its container, so the container (and the IOMMU address
 /// space) outlives every region mapped in it.
 ///
@@ -556,6 +563,8 @@ pub struct DmaRegion {
     buffer: Option<DmaBuffer>,
     iova: u64,
     size: u64,
+    // The container's IOVA space (so its IOMMU) it was mapped in.
+    space: SpaceId,
     container: Arc<Container>,
 }
 
@@ -605,11 +614,29 @@ impl DmaRegion {
                 source: None,
             });
         };
-        let result = self.container.kernel_unmap(self.iova, self.size);
-        let released = self
-            .container
-            .iommu
-            .lock()
+        // Locked across the check and the ioctl: the IOMMU cannot be set up again in
+        // between, so an unmap never reaches an IOMMU the region was not mapped in.
+        let mut iommu = self.container.iommu.lock();
+        if !IovaSpace::holds(&iommu, self.space) {
+            // Its IOMMU is gone, and every mapping with it: nothing left to unmap, and
+            // the IOVA belongs to no allocator now.
+            log::debug!(
+                "DMA region at IOVA {:#x} ({} bytes) outlived its container's IOMMU; freeing its pages",
+                self.iova,
+                self.size
+            );
+            return Ok(buffer);
+        }
+        let result = match UnmapAnswer::of(self.container.kernel_unmap(self.iova, self.size), || {
+            self.container.iommu_gone()
+        }) {
+            UnmapAnswer::IommuGone => {
+                self.container.iommu_lost(&mut iommu);
+                return Ok(buffer);
+            }
+            UnmapAnswer::Answered(result) => result,
+        };
+        let released = iommu
             .as_mut()
             .map(|space| space.unmapped(self.iova, self.size, result));
         match released {
@@ -636,17 +663,14 @@ impl DmaRegion {
     #[cfg(test)]
     pub(crate) fn assume_mapped(container: &Arc<Container>, buffer: DmaBuffer) -> DmaRegion {
         let size = buffer.len() as u64;
-        let iova = container
-            .iommu
-            .lock()
-            .as_mut()
-            .expect("IOVA space")
-            .reserve(size, buffer.page_size() as u64)
-            .expect("IOVA");
+        let mut iommu = container.iommu.lock();
+        let space = iommu.as_mut().expect("IOVA space");
+        let iova = space.reserve(size, buffer.page_size() as u64).expect("IOVA");
         DmaRegion {
             buffer: Some(buffer),
             iova,
             size,
+            space: space.id(),
             container: Arc::clone(container),
         }
     }
@@ -684,13 +708,12 @@ impl Container {
     /// `RLIMIT_MEMLOCK` ([`VfioError::Memlock`]).
     pub fn map(self: &Arc<Self>, buffer: DmaBuffer) -> Result<DmaRegion, VfioError> {
         let size = buffer.len() as u64;
-        let iova = self
-            .iommu
-            .lock()
+        let mut iommu = self.iommu.lock();
+        let iova = iommu
             .as_mut()
             .ok_or(VfioError::NoGroupAttached)?
             .reserve(size, buffer.page_size() as u64)?;
-        self.map_reserved(buffer, iova)
+        self.map_reserved(&mut iommu, buffer, iova)
     }
 
     /// Maps `buffer` at IOVA `iova`, which must lie in the IOMMU's ranges, be aligned to
@@ -698,14 +721,12 @@ impl Container {
     /// [`VfioError::IovaUnavailable`] otherwise.
     pub fn map_at(self: &Arc<Self>, buffer: DmaBuffer, iova: u64) -> Result<DmaRegion, VfioError> {
         let size = buffer.len() as u64;
-        {
-            let mut iommu = self.iommu.lock();
-            let space = iommu.as_mut().ok_or(VfioError::NoGroupAttached)?;
-            if !iova.is_multiple_of(space.info.min_page_size()) || !space.reserve_at(iova, size) {
-                return Err(VfioError::IovaUnavailable { iova, size });
-            }
+        let mut iommu = self.iommu.lock();
+        let space = iommu.as_mut().ok_or(VfioError::NoGroupAttached)?;
+        if !iova.is_multiple_of(space.info.min_page_size()) || !space.reserve_at(iova, size) {
+            return Err(VfioError::IovaUnavailable { iova, size });
         }
-        self.map_reserved(buffer, iova)
+        self.map_reserved(&mut iommu, buffer, iova)
     }
 
     /// Maps `buffer` at an IOVA the kernel chooses, with the iommufd backend (which picks
@@ -735,26 +756,48 @@ impl Container {
             }
             return Err(VfioError::IovaUnavailable { iova, size });
         }
+        let space = space.id();
         drop(iommu);
         Ok(DmaRegion {
             buffer: Some(buffer),
             iova,
             size,
+            space,
             container: Arc::clone(self),
         })
     }
 
-    // Maps `buffer` at `iova`, already reserved in the allocator: given back on failure.
-    fn map_reserved(self: &Arc<Self>, buffer: DmaBuffer, iova: u64) -> Result<DmaRegion, VfioError> {
+    // Maps `buffer` at `iova`, already reserved in the current space (`iommu`, locked by
+    // the caller since the reservation): given back on failure. The lock is held across
+    // the ioctl, so the IOMMU cannot be set up again in between (after being lost): the
+    // mapping lands in the IOMMU whose space the IOVA came from, which the region records.
+    fn map_reserved(
+        self: &Arc<Self>,
+        iommu: &mut Option<IovaSpace>,
+        buffer: DmaBuffer,
+        iova: u64,
+    ) -> Result<DmaRegion, VfioError> {
         let size = buffer.len() as u64;
+        let space = iommu
+            .as_ref()
+            .map(IovaSpace::id)
+            .ok_or(VfioError::NoGroupAttached)?;
         // SAFETY: `buffer` is an owned anonymous mapping of exactly `size` bytes; it moves
         // into the returned region, which keeps it mapped in the process until the IOMMU
-        // mapping is gone (unmap succeeded) or forever (unmap failed: leaked). Its bytes
-        // are only reached through atomic accesses, so device writes do not invalidate
-        // any reference.
+        // mapping is gone (unmap succeeded, or the container's IOMMU was released with
+        // every mapping in it: checked with the space lock held, so no IOMMU set up since
+        // is mistaken for it) or forever (unmap failed: leaked). Its bytes are only
+        // reached through atomic accesses, so device writes do not invalidate any
+        // reference.
         let mapped = unsafe { self.kernel_map(buffer.vaddr(), iova, size) };
         if let Err(source) = mapped {
-            if let Some(space) = self.iommu.lock().as_mut() {
+            if source.raw_os_error() == Some(nix::libc::EINVAL) && self.iommu_gone() {
+                // Every device of the container was removed: no IOMMU to map into until
+                // one is opened again.
+                self.iommu_lost(iommu);
+                return Err(VfioError::IommuGone);
+            }
+            if let Some(space) = iommu.as_mut() {
                 space.map_failed(iova, size);
             }
             return Err(map_error(Some(iova), size, source));
@@ -763,6 +806,7 @@ impl Container {
             buffer: Some(buffer),
             iova,
             size,
+            space,
             container: Arc::clone(self),
         })
     }
@@ -808,7 +852,9 @@ impl Container {
         self.map(buffer)
     }
 
-    /// IOVA ranges (start, size) of regions whose unmap failed: never handed out again.
+    /// IOVA ranges (start, size) of regions whose unmap failed: never handed out again by
+    /// this IOMMU. (A group-backend container that lost its IOMMU starts a new list with
+    /// the next; see [`Container`], "Hot removal".)
     pub fn leaked(&self) -> Vec<(u64, u64)> {
         self.iommu
             .lock()
@@ -1043,6 +1089,43 @@ mod tests {
             assert_eq!(b.read_obj::<[u32; 3]>(slot * 16), Some([slot as u32 + 1; 3]));
         }
         producer.join().unwrap();
+    }
+
+    // A region that outlives its container's IOMMU (every group left the container, their
+    // devices removed, and the kernel released the type1 IOMMU with all its mappings):
+    // nothing is left to unmap, so its pages are freed and nothing is recorded as leaked,
+    // and the IOMMU set up since (a device opened again) is not touched, even where it
+    // handed out the same IOVA.
+    #[test]
+    fn a_region_outliving_its_iommu_is_freed_not_leaked() {
+        let ranges = vec![0..=(1u64 << 30) - 1];
+        let info = super::super::IommuInfo {
+            page_sizes: 0x1000,
+            iova_ranges: ranges.clone(),
+        };
+        let container = Container::fake_for_tests(ranges);
+        let region = DmaRegion::assume_mapped(&container, DmaBuffer::new(PAGE).unwrap());
+        let iova = region.iova();
+        // The IOMMU went, and a new one came with the next group.
+        *container.iommu.lock() = Some(super::super::iova::IovaSpace::new(info));
+        let again = container
+            .iommu
+            .lock()
+            .as_mut()
+            .unwrap()
+            .reserve(PAGE as u64, PAGE as u64)
+            .unwrap();
+        assert_eq!(again, iova, "the new IOMMU hands the same IOVA out");
+        // The container fd is /dev/null: had the old region asked the kernel to unmap, it
+        // would have failed and leaked.
+        let buffer = region.unmap().expect("nothing left to unmap");
+        assert_eq!(buffer.len(), PAGE);
+        assert!(container.leaked().is_empty());
+
+        // The IOMMU went and none came since: the same.
+        let region = DmaRegion::assume_mapped(&container, DmaBuffer::new(PAGE).unwrap());
+        *container.iommu.lock() = None;
+        region.unmap().expect("nothing left to unmap");
     }
 
     #[test]

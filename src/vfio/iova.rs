@@ -1,20 +1,65 @@
 //! IOVA bookkeeping: which IOVAs a container may hand out. [`IovaAllocator`] is the free
 //! list over the ranges the IOMMU accepts; [`IovaSpace`] adds what the IOMMU reports and
 //! the ranges leaked by failed unmaps. Pure: no system call here.
+//!
+//! # One space per IOMMU
+//!
+//! A type1 container can lose its IOMMU: the kernel detaches a group from its container
+//! when the group's last device is removed (even while the group fd is open), and when
+//! the last group goes it releases the IOMMU with every mapping in it. The next group
+//! attached sets a new IOMMU up, empty. So a container's [`IovaSpace`] belongs to one
+//! IOMMU: it is dropped when that IOMMU is found gone, a new one (with a new
+//! [`SpaceId`]) comes with the next IOMMU, and a region remembers the space it was mapped
+//! in ([`IovaSpace::holds`]): a region of a space that is gone has nothing left to unmap,
+//! and must never unmap in the new IOMMU, which may have handed its IOVA out again.
 
 use std::io;
 use std::ops::RangeInclusive;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::dma::PAGE;
 use super::{IommuInfo, VfioError};
+
+/// Which [`IovaSpace`] (and so which IOMMU) a mapping was made in: unique in the process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(super) struct SpaceId(u64);
+
+impl SpaceId {
+    fn next() -> SpaceId {
+        static NEXT: AtomicU64 = AtomicU64::new(1);
+        SpaceId(NEXT.fetch_add(1, Ordering::Relaxed))
+    }
+}
 
 /// A container's IOVA bookkeeping: what the IOMMU reports, the free ranges, and what was
 /// leaked. An IOVA goes back to the allocator only after its unmap succeeded.
 #[derive(Debug)]
 pub(super) struct IovaSpace {
+    id: SpaceId,
     pub(super) info: IommuInfo,
     alloc: IovaAllocator,
     pub(super) leaked: Vec<(u64, u64)>,
+}
+
+/// How the kernel answered an unmap, once an EINVAL has been told apart.
+#[derive(Debug)]
+pub(super) enum UnmapAnswer {
+    /// The ioctl's result: the bytes unmapped, or its error.
+    Answered(io::Result<u64>),
+    /// EINVAL, and the container has no IOMMU any more: the mapping went with it.
+    IommuGone,
+}
+
+impl UnmapAnswer {
+    /// Reads the unmap ioctl's `result`. A type1 container without an IOMMU answers every
+    /// IOMMU ioctl with EINVAL; so does the IOMMU for arguments it refuses. Only for
+    /// EINVAL is `iommu_gone` asked (an ioctl: `VFIO_IOMMU_GET_INFO` answering EINVAL too).
+    pub(super) fn of(result: io::Result<u64>, iommu_gone: impl FnOnce() -> bool) -> UnmapAnswer {
+        match result {
+            Err(e) if e.raw_os_error() == Some(nix::libc::EINVAL) && iommu_gone() => UnmapAnswer::IommuGone,
+            other => UnmapAnswer::Answered(other),
+        }
+    }
 }
 
 impl IovaSpace {
@@ -22,10 +67,63 @@ impl IovaSpace {
     /// can be mapped).
     pub(super) fn exact(info: IommuInfo) -> IovaSpace {
         IovaSpace {
+            id: SpaceId::next(),
             alloc: IovaAllocator::new(&info.iova_ranges),
             info,
             leaked: Vec::new(),
         }
+    }
+
+    /// The IOVA side of attaching a group to a type1 container, with the container's
+    /// ioctls passed in: `get_info` (`VFIO_IOMMU_GET_INFO`) and `set_iommu`
+    /// (`VFIO_SET_IOMMU`).
+    ///
+    /// Without a space the IOMMU was never set: set it and start one. With one, GET_INFO
+    /// tells whether the IOMMU is still there: its answer narrows the space
+    /// ([`group_attached`](Self::group_attached)); EINVAL means the container has none any
+    /// more (every group it had left it, their devices removed): the old space is dropped
+    /// and returned, and the IOMMU set up again, in a new space. Any other failure leaves
+    /// the space as it was.
+    pub(super) fn attach_type1(
+        slot: &mut Option<IovaSpace>,
+        mut get_info: impl FnMut() -> io::Result<Vec<u8>>,
+        set_iommu: impl FnOnce() -> io::Result<()>,
+    ) -> Result<Option<IovaSpace>, VfioError> {
+        let info_err = |source| super::ioctl_err("VFIO_IOMMU_GET_INFO", None, None)(source);
+        let mut lost = None;
+        if slot.is_some() {
+            match get_info() {
+                Ok(buf) => {
+                    IovaSpace::group_attached(slot, super::parse_iommu_info(&buf)?);
+                    return Ok(None);
+                }
+                Err(e) if e.raw_os_error() == Some(nix::libc::EINVAL) => lost = IovaSpace::iommu_gone(slot),
+                Err(e) => return Err(info_err(e)),
+            }
+        }
+        set_iommu().map_err(|source| {
+            super::ioctl_err("VFIO_SET_IOMMU", None, Some(super::sys::TYPE1V2_IOMMU.into()))(source)
+        })?;
+        let info = super::parse_iommu_info(&get_info().map_err(info_err)?)?;
+        IovaSpace::group_attached(slot, info);
+        Ok(lost)
+    }
+
+    /// Its id, for the regions mapped in it.
+    pub(super) fn id(&self) -> SpaceId {
+        self.id
+    }
+
+    /// Whether the container's current space `slot` is `id`'s: a region mapped in space
+    /// `id` is still mapped (its IOMMU was not lost since).
+    pub(super) fn holds(slot: &Option<IovaSpace>, id: SpaceId) -> bool {
+        slot.as_ref().is_some_and(|s| s.id == id)
+    }
+
+    /// The container's IOMMU is gone, with every mapping in it: the space goes too (its
+    /// free ranges, and the ranges leaked in it, belonged to that IOMMU). Returns it.
+    pub(super) fn iommu_gone(slot: &mut Option<IovaSpace>) -> Option<IovaSpace> {
+        slot.take()
     }
 
     /// Another device joined the IOAS and the ranges are now `info`'s: what is free
@@ -79,6 +177,7 @@ impl IovaSpace {
             info.iova_ranges.clone()
         };
         IovaSpace {
+            id: SpaceId::next(),
             alloc: IovaAllocator::new(&ranges),
             info,
             leaked: Vec::new(),
@@ -462,6 +561,157 @@ mod tests {
         assert_eq!(space.info.iova_ranges, vec![0..=0xfedf_ffff, 0xfef0_0000..=top]);
         assert_eq!(space.info.page_sizes, 0x1000);
         assert!(space.reserve_at(0x10_0000, 0x1000));
+    }
+
+    // GET_INFO's answer for a type1 IOMMU with these ranges (no page sizes), as
+    // sys::iommu_get_info returns it.
+    fn type1_info(ranges: &[(u64, u64)]) -> Vec<u8> {
+        let mut b = vec![0u8; 24 + 16 + ranges.len() * 16];
+        let len = b.len() as u32;
+        b[0..4].copy_from_slice(&len.to_ne_bytes());
+        b[4..8].copy_from_slice(&2u32.to_ne_bytes()); // VFIO_IOMMU_INFO_CAPS
+        b[8..16].copy_from_slice(&0x1000u64.to_ne_bytes());
+        b[16..20].copy_from_slice(&24u32.to_ne_bytes());
+        b[24..26].copy_from_slice(&1u16.to_ne_bytes()); // IOVA range capability
+        b[32..36].copy_from_slice(&(ranges.len() as u32).to_ne_bytes());
+        for (i, (start, end)) in ranges.iter().enumerate() {
+            b[40 + i * 16..48 + i * 16].copy_from_slice(&start.to_ne_bytes());
+            b[48 + i * 16..56 + i * 16].copy_from_slice(&end.to_ne_bytes());
+        }
+        b
+    }
+
+    /// A type1 container's ioctls, scripted: whether it has an IOMMU, its ranges, and
+    /// what was called.
+    struct Type1 {
+        iommu: std::cell::Cell<bool>,
+        ranges: Vec<(u64, u64)>,
+        calls: std::cell::RefCell<Vec<&'static str>>,
+        fail: Option<i32>,
+    }
+
+    impl Type1 {
+        fn new(ranges: &[(u64, u64)]) -> Type1 {
+            Type1 {
+                iommu: false.into(),
+                ranges: ranges.to_vec(),
+                calls: Vec::new().into(),
+                fail: None,
+            }
+        }
+        fn attach(&self, slot: &mut Option<IovaSpace>) -> Result<Option<IovaSpace>, VfioError> {
+            self.calls.borrow_mut().clear();
+            IovaSpace::attach_type1(
+                slot,
+                || {
+                    self.calls.borrow_mut().push("GET_INFO");
+                    match (self.fail, self.iommu.get()) {
+                        (Some(errno), _) => Err(io::Error::from_raw_os_error(errno)),
+                        (None, true) => Ok(type1_info(&self.ranges)),
+                        (None, false) => Err(io::Error::from_raw_os_error(nix::libc::EINVAL)),
+                    }
+                },
+                || {
+                    self.calls.borrow_mut().push("SET_IOMMU");
+                    self.iommu.set(true);
+                    Ok(())
+                },
+            )
+        }
+        fn calls(&self) -> Vec<&'static str> {
+            self.calls.borrow().clone()
+        }
+    }
+
+    // The IOMMU of a type1 container can go (every group left it: their devices were
+    // removed) and come back (a group attached again): each time a new space, and a
+    // region of the old one is no longer held.
+    #[test]
+    fn a_lost_iommu_is_set_up_again_in_a_new_space() {
+        let mut kernel = Type1::new(&[(0, (1 << 30) - 1)]);
+        let mut slot = None;
+        // The first group sets the IOMMU up.
+        assert!(kernel.attach(&mut slot).unwrap().is_none());
+        assert_eq!(kernel.calls(), ["SET_IOMMU", "GET_INFO"]);
+        let first = slot.as_ref().unwrap().id();
+        let a = slot.as_mut().unwrap().reserve(0x1000, 0x1000).unwrap();
+        slot.as_mut()
+            .unwrap()
+            .unmapped(0x40_0000, 0x1000, Ok(0))
+            .unwrap_err();
+        assert!(IovaSpace::holds(&slot, first));
+        // A second group while the IOMMU is there narrows the same space.
+        kernel.ranges = vec![(0, (1 << 29) - 1)];
+        assert!(kernel.attach(&mut slot).unwrap().is_none());
+        assert_eq!(kernel.calls(), ["GET_INFO"]);
+        assert!(IovaSpace::holds(&slot, first));
+        assert_eq!(slot.as_ref().unwrap().info.iova_ranges, vec![0..=(1 << 29) - 1]);
+
+        // Every group left (the kernel released the IOMMU); a group attached again finds
+        // none: set up again, in a new space.
+        kernel.iommu.set(false);
+        let old = kernel.attach(&mut slot).unwrap().expect("the old space");
+        assert_eq!(kernel.calls(), ["GET_INFO", "SET_IOMMU", "GET_INFO"]);
+        assert_eq!((old.id(), old.leaked.len()), (first, 1));
+        let second = slot.as_ref().unwrap().id();
+        assert_ne!(second, first);
+        assert!(
+            !IovaSpace::holds(&slot, first),
+            "the old region's IOMMU is not this one"
+        );
+        assert!(IovaSpace::holds(&slot, second));
+        assert!(slot.as_ref().unwrap().leaked.is_empty());
+        assert_eq!(slot.as_ref().unwrap().info.iova_ranges, vec![0..=(1 << 29) - 1]);
+        assert_eq!(
+            slot.as_mut().unwrap().reserve(0x1000, 0x1000).unwrap(),
+            a,
+            "the IOVA is free again"
+        );
+
+        // GET_INFO failing otherwise fails the attach and keeps the space.
+        kernel.fail = Some(nix::libc::EFAULT);
+        assert!(matches!(
+            kernel.attach(&mut slot),
+            Err(VfioError::Ioctl {
+                ioctl: "VFIO_IOMMU_GET_INFO",
+                ..
+            })
+        ));
+        assert!(IovaSpace::holds(&slot, second));
+
+        // Found gone elsewhere (a failed unmap): the space goes once.
+        assert_eq!(IovaSpace::iommu_gone(&mut slot).map(|s| s.id()), Some(second));
+        assert!(IovaSpace::iommu_gone(&mut slot).is_none());
+        assert!(!IovaSpace::holds(&slot, second));
+    }
+
+    #[test]
+    fn an_einval_unmap_is_done_only_when_the_iommu_is_gone() {
+        let einval = || Err(io::Error::from_raw_os_error(nix::libc::EINVAL));
+        assert!(matches!(
+            UnmapAnswer::of(einval(), || true),
+            UnmapAnswer::IommuGone
+        ));
+        assert!(matches!(
+            UnmapAnswer::of(einval(), || false),
+            UnmapAnswer::Answered(Err(e)) if e.raw_os_error() == Some(nix::libc::EINVAL)
+        ));
+        // Only EINVAL makes it ask.
+        let asked = std::cell::Cell::new(false);
+        let gone = || {
+            asked.set(true);
+            true
+        };
+        let ebusy = Err(io::Error::from_raw_os_error(nix::libc::EBUSY));
+        assert!(matches!(
+            UnmapAnswer::of(ebusy, gone),
+            UnmapAnswer::Answered(Err(_))
+        ));
+        assert!(matches!(
+            UnmapAnswer::of(Ok(0x1000), gone),
+            UnmapAnswer::Answered(Ok(0x1000))
+        ));
+        assert!(!asked.get());
     }
 
     proptest! {
