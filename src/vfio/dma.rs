@@ -1,8 +1,8 @@
 //! DMA memory: buffers, their mapping into a container, and IOVA allocation.
 //!
 //! A [`DmaBuffer`] is anonymous memory, huge pages when the size allows and the system has
-//! them, 4 KiB pages otherwise, which the device reads and writes once mapped into the
-//! container's IOMMU. [`Container::map`](super::Container::map) turns it into a
+//! them (2 MiB by default, 1 GiB when asked: [`HugePageSize`]), 4 KiB pages otherwise,
+//! which the device reads and writes once mapped into the container's IOMMU. [`Container::map`](super::Container::map) turns it into a
 //! [`DmaRegion`]: one owned value holding the buffer, its IOVA and the container, unmapped
 //! when dropped.
 //!
@@ -34,14 +34,15 @@
 use std::fmt;
 use std::io;
 use std::mem::MaybeUninit;
-use std::ops::{Deref, RangeInclusive};
+use std::ops::Deref;
 use std::os::fd::AsFd;
 use std::ptr::NonNull;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use nix::sys::mman::{MapFlags, ProtFlags, mmap_anonymous, munmap};
 
+use super::iova::{IovaSpace, SpaceId, UnmapAnswer};
 use super::{Container, Space, VfioError, sys};
 
 /// 2 MiB huge pages.
@@ -50,6 +51,115 @@ pub const HUGE_PAGE: usize = 2 << 20;
 pub const PAGE: usize = 4096;
 
 const WORD: usize = 8;
+
+/// The huge page sizes a [`DmaBuffer`] can ask for.
+///
+/// mmap's `MAP_HUGETLB` alone means the *default* huge page size, which is whatever the
+/// host was booted with (`default_hugepagesz=1G` is common on DPDK and SPDK hosts): a
+/// 2 MiB request would then take a whole 1 GiB page. So the size is always named in the
+/// flags (`MAP_HUGE_2MB`, `MAP_HUGE_1GB`), and the pages come from that size's pool
+/// (`/sys/kernel/mm/hugepages/hugepages-<size>kB`) or not at all.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum HugePageSize {
+    /// 2 MiB (x86-64, and aarch64 with 4 KiB pages). The default.
+    #[default]
+    Mib2,
+    /// 1 GiB: reserved at boot (`hugepagesz=1G hugepages=N`) or, when memory is not yet
+    /// fragmented, through the pool's `nr_hugepages`.
+    Gib1,
+}
+
+impl HugePageSize {
+    /// log2 of the size in bytes.
+    pub const fn log2(self) -> u32 {
+        match self {
+            HugePageSize::Mib2 => 21,
+            HugePageSize::Gib1 => 30,
+        }
+    }
+
+    /// The size in bytes.
+    pub const fn bytes(self) -> usize {
+        1 << self.log2()
+    }
+}
+
+impl fmt::Display for HugePageSize {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            HugePageSize::Mib2 => "2 MiB",
+            HugePageSize::Gib1 => "1 GiB",
+        })
+    }
+}
+
+/// Where mmap's flags keep log2 of the huge page size (`MAP_HUGE_SHIFT`).
+const MAP_HUGE_SHIFT: u32 = 26;
+
+/// How a buffer is to be mapped: decided from the length and the huge page size asked
+/// for, before any system call ([`MapPlan::new`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct MapPlan {
+    /// The huge page mapping to try first, if the length allows one.
+    huge: Option<HugeMapping>,
+    /// The length on 4 KiB pages: what is mapped when there is no huge mapping to try, or
+    /// it fails.
+    small_len: usize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct HugeMapping {
+    size: HugePageSize,
+    /// A whole number of `size` pages: a hugetlb mapping is unmapped only in whole pages,
+    /// so the length recorded for munmap must be that.
+    len: usize,
+    /// The mmap flags beyond `MAP_PRIVATE | MAP_POPULATE`: `MAP_HUGETLB` and the size.
+    flags: i32,
+}
+
+impl MapPlan {
+    /// The plan for `len` bytes with huge pages of `size`: when `round_up`, the length is
+    /// rounded up to whole huge pages; otherwise huge pages are tried only when `len` is a
+    /// whole number of them already. `None` for an empty or unrepresentable length.
+    fn new(len: usize, size: HugePageSize, round_up: bool) -> Option<MapPlan> {
+        if len == 0 {
+            return None;
+        }
+        let small_len = len.checked_next_multiple_of(PAGE)?;
+        let huge_len = if round_up {
+            len.checked_next_multiple_of(size.bytes())
+        } else {
+            len.is_multiple_of(size.bytes()).then_some(len)
+        };
+        let flags = nix::libc::MAP_HUGETLB | ((size.log2() as i32) << MAP_HUGE_SHIFT);
+        Some(MapPlan {
+            huge: huge_len.map(|len| HugeMapping { size, len, flags }),
+            small_len,
+        })
+    }
+}
+
+/// munmap calls of this layer (DMA buffers, BAR mappings) that failed.
+static MUNMAP_FAILURES: AtomicU64 = AtomicU64::new(0);
+
+/// How many munmap calls of the vfio layer (of [`DmaBuffer`]s and BAR mappings) have
+/// failed in this process. Each failure leaves the memory mapped (a leak, never a
+/// use-after-free) and is logged at error level; this count is for monitoring and tests.
+pub fn munmap_failures() -> u64 {
+    MUNMAP_FAILURES.load(Ordering::Relaxed)
+}
+
+/// Counts and logs a failed munmap of `len` bytes at `vaddr` (`what`: whose mapping).
+pub(super) fn munmap_failed(what: &str, vaddr: usize, len: usize, errno: nix::errno::Errno) {
+    MUNMAP_FAILURES.fetch_add(1, Ordering::Relaxed);
+    log::error!("munmap of {what} at {vaddr:#x} ({len} bytes) failed: {errno}; its memory stays mapped");
+}
+
+/// The count for a failed munmap where nothing may be logged (a signal handler): an
+/// atomic add is async-signal-safe.
+pub(super) fn munmap_failed_in_signal_handler() {
+    MUNMAP_FAILURES.fetch_add(1, Ordering::Relaxed);
+}
 
 /// Memory a device may read and write by DMA. Not yet mapped: see
 /// [`Container::map`](super::Container::map).
@@ -62,7 +172,7 @@ const WORD: usize = 8;
 pub struct DmaBuffer {
     ptr: NonNull<u8>,
     len: usize,
-    huge: bool,
+    huge: Option<HugePageSize>,
 }
 
 impl fmt::Debug for DmaBuffer {
@@ -133,26 +243,51 @@ unsafe impl<T: DmaObj, const N: usize> DmaObj for [T; N] {}
 
 impl DmaBuffer {
     /// Allocates at least `len` bytes, zeroed and populated: 2 MiB huge pages when `len` is
-    /// a multiple of 2 MiB and huge pages are available, else 4 KiB pages.
+    /// a multiple of 2 MiB and the 2 MiB pool has pages free, else 4 KiB pages (logged: see
+    /// [`with_huge_pages`](Self::with_huge_pages)).
     pub fn new(len: usize) -> io::Result<DmaBuffer> {
-        if len == 0 {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                "a DMA buffer needs at least one byte",
-            ));
-        }
-        if len.is_multiple_of(HUGE_PAGE)
-            && let Ok(buf) = Self::map(len, MapFlags::MAP_HUGETLB)
-        {
-            return Ok(DmaBuffer { huge: true, ..buf });
-        }
-        let len = len
-            .checked_next_multiple_of(PAGE)
-            .ok_or_else(|| io::Error::from(io::ErrorKind::InvalidInput))?;
-        Self::map(len, MapFlags::empty())
+        Self::allocate(len, HugePageSize::Mib2, false)
     }
 
-    fn map(len: usize, extra: MapFlags) -> io::Result<DmaBuffer> {
+    /// Allocates `len` bytes rounded up to whole huge pages of `size`, zeroed and
+    /// populated, on pages of that size (never the host's default size, unless it is
+    /// this one).
+    ///
+    /// When the pool of that size has too few pages free (none reserved, or all taken),
+    /// the buffer falls back to 4 KiB pages, `len` rounded up to 4 KiB: the same memory
+    /// for the device, without the fewer IOTLB entries. The fallback is logged (a warning
+    /// the first time for each size, then at debug level); [`is_huge`](Self::is_huge) and
+    /// [`page_size`](Self::page_size) tell which one the buffer got.
+    pub fn with_huge_pages(len: usize, size: HugePageSize) -> io::Result<DmaBuffer> {
+        Self::allocate(len, size, true)
+    }
+
+    fn allocate(len: usize, size: HugePageSize, round_up: bool) -> io::Result<DmaBuffer> {
+        let plan = MapPlan::new(len, size, round_up).ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("a DMA buffer of {len} bytes cannot be mapped"),
+            )
+        })?;
+        if let Some(huge) = plan.huge {
+            match Self::map(huge.len, MapFlags::from_bits_retain(huge.flags)) {
+                Ok((ptr, len)) => {
+                    return Ok(DmaBuffer {
+                        ptr,
+                        len,
+                        huge: Some(huge.size),
+                    });
+                }
+                Err(e) => huge_fallback(huge.size, huge.len, &e),
+            }
+        }
+        let (ptr, len) = Self::map(plan.small_len, MapFlags::empty())?;
+        Ok(DmaBuffer { ptr, len, huge: None })
+    }
+
+    // Returns the bare mapping: the caller makes it a DmaBuffer (and so the owner that
+    // unmaps it) exactly once.
+    fn map(len: usize, extra: MapFlags) -> io::Result<(NonNull<u8>, usize)> {
         let size =
             std::num::NonZeroUsize::new(len).ok_or_else(|| io::Error::from(io::ErrorKind::InvalidInput))?;
         // SAFETY: a fresh private anonymous mapping at an address the kernel picks; nothing
@@ -165,11 +300,7 @@ impl DmaBuffer {
                 MapFlags::MAP_PRIVATE | MapFlags::MAP_POPULATE | extra,
             )?
         };
-        Ok(DmaBuffer {
-            ptr: ptr.cast(),
-            len,
-            huge: false,
-        })
+        Ok((ptr.cast(), len))
     }
 
     /// Length in bytes (a whole number of pages).
@@ -184,7 +315,12 @@ impl DmaBuffer {
 
     /// Whether it sits on huge pages.
     pub fn is_huge(&self) -> bool {
-        self.huge
+        self.huge.is_some()
+    }
+
+    /// The size of the pages it sits on: a [`HugePageSize`]'s bytes, or [`PAGE`].
+    pub fn page_size(&self) -> usize {
+        self.huge.map_or(PAGE, HugePageSize::bytes)
     }
 
     /// The virtual address, for `VFIO_IOMMU_MAP_DMA`.
@@ -361,11 +497,32 @@ impl DmaBuffer {
 
 impl Drop for DmaBuffer {
     fn drop(&mut self) {
-        // SAFETY: ptr/len are exactly the mapping made in `map`; no reference into it
-        // outlives `&self`, and a buffer still mapped for DMA is never dropped (its
-        // `DmaRegion` forgets it when the unmap fails).
-        let _ = unsafe { munmap(self.ptr.cast(), self.len) };
+        // SAFETY: ptr/len are exactly the mapping made in `map` (len whole pages of the
+        // size it was mapped with); no reference into it outlives `&self`, and a buffer
+        // still mapped for DMA is never dropped (its `DmaRegion` forgets it when the
+        // unmap fails).
+        if let Err(errno) = unsafe { munmap(self.ptr.cast(), self.len) } {
+            munmap_failed("a DMA buffer", self.ptr.as_ptr() as usize, self.len, errno);
+        }
     }
+}
+
+/// Says that a huge page mapping of `len` bytes failed and the buffer goes on 4 KiB
+/// pages: a warning the first time for each size, so a host without reserved huge pages
+/// learns of it once, then at debug level.
+fn huge_fallback(size: HugePageSize, len: usize, error: &io::Error) {
+    static WARNED: [AtomicBool; 2] = [AtomicBool::new(false), AtomicBool::new(false)];
+    let first = !WARNED[size as usize].swap(true, Ordering::Relaxed);
+    let level = if first {
+        log::Level::Warn
+    } else {
+        log::Level::Debug
+    };
+    log::log!(
+        level,
+        "no {size} huge pages for a DMA buffer of {len} bytes ({error}); using 4 KiB pages (reserve them in /sys/kernel/mm/hugepages/hugepages-{}kB/nr_hugepages)",
+        size.bytes() >> 10
+    );
 }
 
 /// A [`DmaBuffer`] mapped into a [`Container`]'s IOMMU at an IOVA: one owned value, made
@@ -388,6 +545,12 @@ impl Drop for DmaBuffer {
 /// is logged. [`unmap`](Self::unmap) does the same but returns the error (and the buffer,
 /// on success).
 ///
+/// One failure is not a leak: a group-backend container loses its IOMMU, with every
+/// mapping in it, when every device opened in it has been removed (the kernel detaches a
+/// group when its last device goes, and releases the IOMMU with the last group). A region
+/// that outlives that has nothing left to unmap: its pages are freed, and its IOVA is
+/// never unmapped in the IOMMU set up since (where it may belong to another region).
+///
 /// The region holds an `Arc` of its container, so the container (and the IOMMU address
 /// space) outlives every region mapped in it.
 ///
@@ -400,6 +563,8 @@ pub struct DmaRegion {
     buffer: Option<DmaBuffer>,
     iova: u64,
     size: u64,
+    // The container's IOVA space (so its IOMMU) it was mapped in.
+    space: SpaceId,
     container: Arc<Container>,
 }
 
@@ -449,11 +614,29 @@ impl DmaRegion {
                 source: None,
             });
         };
-        let result = self.container.kernel_unmap(self.iova, self.size);
-        let released = self
-            .container
-            .iommu
-            .lock()
+        // Locked across the check and the ioctl: the IOMMU cannot be set up again in
+        // between, so an unmap never reaches an IOMMU the region was not mapped in.
+        let mut iommu = self.container.iommu.lock();
+        if !IovaSpace::holds(&iommu, self.space) {
+            // Its IOMMU is gone, and every mapping with it: nothing left to unmap, and
+            // the IOVA belongs to no allocator now.
+            log::debug!(
+                "DMA region at IOVA {:#x} ({} bytes) outlived its container's IOMMU; freeing its pages",
+                self.iova,
+                self.size
+            );
+            return Ok(buffer);
+        }
+        let result = match UnmapAnswer::of(self.container.kernel_unmap(self.iova, self.size), || {
+            self.container.iommu_gone()
+        }) {
+            UnmapAnswer::IommuGone => {
+                self.container.iommu_lost(&mut iommu);
+                return Ok(buffer);
+            }
+            UnmapAnswer::Answered(result) => result,
+        };
+        let released = iommu
             .as_mut()
             .map(|space| space.unmapped(self.iova, self.size, result));
         match released {
@@ -480,17 +663,14 @@ impl DmaRegion {
     #[cfg(test)]
     pub(crate) fn assume_mapped(container: &Arc<Container>, buffer: DmaBuffer) -> DmaRegion {
         let size = buffer.len() as u64;
-        let iova = container
-            .iommu
-            .lock()
-            .as_mut()
-            .expect("IOVA space")
-            .reserve(size, buffer.is_huge())
-            .expect("IOVA");
+        let mut iommu = container.iommu.lock();
+        let space = iommu.as_mut().expect("IOVA space");
+        let iova = space.reserve(size, buffer.page_size() as u64).expect("IOVA");
         DmaRegion {
             buffer: Some(buffer),
             iova,
             size,
+            space: space.id(),
             container: Arc::clone(container),
         }
     }
@@ -520,20 +700,20 @@ impl Drop for DmaRegion {
 
 impl Container {
     /// Maps `buffer` for DMA, read and write, at an IOVA allocated from the IOMMU's ranges
-    /// (aligned to 2 MiB for huge-page buffers, else to the smallest IOMMU page). The
+    /// (aligned to the buffer's page size, 2 MiB or 1 GiB for huge-page buffers, and at
+    /// least to the smallest IOMMU page). The
     /// returned region owns the buffer and unmaps it when dropped.
     ///
     /// Needs a group attached (open a device first). Pinning counts against
     /// `RLIMIT_MEMLOCK` ([`VfioError::Memlock`]).
     pub fn map(self: &Arc<Self>, buffer: DmaBuffer) -> Result<DmaRegion, VfioError> {
         let size = buffer.len() as u64;
-        let iova = self
-            .iommu
-            .lock()
+        let mut iommu = self.iommu.lock();
+        let iova = iommu
             .as_mut()
             .ok_or(VfioError::NoGroupAttached)?
-            .reserve(size, buffer.is_huge())?;
-        self.map_reserved(buffer, iova)
+            .reserve(size, buffer.page_size() as u64)?;
+        self.map_reserved(&mut iommu, buffer, iova)
     }
 
     /// Maps `buffer` at IOVA `iova`, which must lie in the IOMMU's ranges, be aligned to
@@ -541,14 +721,12 @@ impl Container {
     /// [`VfioError::IovaUnavailable`] otherwise.
     pub fn map_at(self: &Arc<Self>, buffer: DmaBuffer, iova: u64) -> Result<DmaRegion, VfioError> {
         let size = buffer.len() as u64;
-        {
-            let mut iommu = self.iommu.lock();
-            let space = iommu.as_mut().ok_or(VfioError::NoGroupAttached)?;
-            if !iova.is_multiple_of(space.info.min_page_size()) || !space.reserve_at(iova, size) {
-                return Err(VfioError::IovaUnavailable { iova, size });
-            }
+        let mut iommu = self.iommu.lock();
+        let space = iommu.as_mut().ok_or(VfioError::NoGroupAttached)?;
+        if !iova.is_multiple_of(space.info.min_page_size()) || !space.reserve_at(iova, size) {
+            return Err(VfioError::IovaUnavailable { iova, size });
         }
-        self.map_reserved(buffer, iova)
+        self.map_reserved(&mut iommu, buffer, iova)
     }
 
     /// Maps `buffer` at an IOVA the kernel chooses, with the iommufd backend (which picks
@@ -578,26 +756,48 @@ impl Container {
             }
             return Err(VfioError::IovaUnavailable { iova, size });
         }
+        let space = space.id();
         drop(iommu);
         Ok(DmaRegion {
             buffer: Some(buffer),
             iova,
             size,
+            space,
             container: Arc::clone(self),
         })
     }
 
-    // Maps `buffer` at `iova`, already reserved in the allocator: given back on failure.
-    fn map_reserved(self: &Arc<Self>, buffer: DmaBuffer, iova: u64) -> Result<DmaRegion, VfioError> {
+    // Maps `buffer` at `iova`, already reserved in the current space (`iommu`, locked by
+    // the caller since the reservation): given back on failure. The lock is held across
+    // the ioctl, so the IOMMU cannot be set up again in between (after being lost): the
+    // mapping lands in the IOMMU whose space the IOVA came from, which the region records.
+    fn map_reserved(
+        self: &Arc<Self>,
+        iommu: &mut Option<IovaSpace>,
+        buffer: DmaBuffer,
+        iova: u64,
+    ) -> Result<DmaRegion, VfioError> {
         let size = buffer.len() as u64;
+        let space = iommu
+            .as_ref()
+            .map(IovaSpace::id)
+            .ok_or(VfioError::NoGroupAttached)?;
         // SAFETY: `buffer` is an owned anonymous mapping of exactly `size` bytes; it moves
         // into the returned region, which keeps it mapped in the process until the IOMMU
-        // mapping is gone (unmap succeeded) or forever (unmap failed: leaked). Its bytes
-        // are only reached through atomic accesses, so device writes do not invalidate
-        // any reference.
+        // mapping is gone (unmap succeeded, or the container's IOMMU was released with
+        // every mapping in it: checked with the space lock held, so no IOMMU set up since
+        // is mistaken for it) or forever (unmap failed: leaked). Its bytes are only
+        // reached through atomic accesses, so device writes do not invalidate any
+        // reference.
         let mapped = unsafe { self.kernel_map(buffer.vaddr(), iova, size) };
         if let Err(source) = mapped {
-            if let Some(space) = self.iommu.lock().as_mut() {
+            if source.raw_os_error() == Some(nix::libc::EINVAL) && self.iommu_gone() {
+                // Every device of the container was removed: no IOMMU to map into until
+                // one is opened again.
+                self.iommu_lost(iommu);
+                return Err(VfioError::IommuGone);
+            }
+            if let Some(space) = iommu.as_mut() {
                 space.map_failed(iova, size);
             }
             return Err(map_error(Some(iova), size, source));
@@ -606,6 +806,7 @@ impl Container {
             buffer: Some(buffer),
             iova,
             size,
+            space,
             container: Arc::clone(self),
         })
     }
@@ -635,13 +836,25 @@ impl Container {
         }
     }
 
-    /// Allocates a [`DmaBuffer`] of at least `len` bytes and maps it.
+    /// Allocates a [`DmaBuffer`] of at least `len` bytes ([`DmaBuffer::new`]: on 2 MiB
+    /// pages when `len` is a multiple of 2 MiB and the pool has them) and maps it.
     pub fn alloc_dma(self: &Arc<Self>, len: usize) -> Result<DmaRegion, VfioError> {
         let buffer = DmaBuffer::new(len).map_err(|source| VfioError::Alloc { len, source })?;
         self.map(buffer)
     }
 
-    /// IOVA ranges (start, size) of regions whose unmap failed: never handed out again.
+    /// Allocates a [`DmaBuffer`] of `len` bytes rounded up to whole huge pages of `size`
+    /// ([`DmaBuffer::with_huge_pages`], with its logged fallback to 4 KiB pages) and maps
+    /// it at an IOVA aligned to that size.
+    pub fn alloc_dma_huge(self: &Arc<Self>, len: usize, size: HugePageSize) -> Result<DmaRegion, VfioError> {
+        let buffer =
+            DmaBuffer::with_huge_pages(len, size).map_err(|source| VfioError::Alloc { len, source })?;
+        self.map(buffer)
+    }
+
+    /// IOVA ranges (start, size) of regions whose unmap failed: never handed out again by
+    /// this IOMMU. (A group-backend container that lost its IOMMU starts a new list with
+    /// the next; see [`Container`], "Hot removal".)
     pub fn leaked(&self) -> Vec<(u64, u64)> {
         self.iommu
             .lock()
@@ -672,226 +885,54 @@ fn memlock_limit() -> Option<u64> {
     }
 }
 
-/// A container's IOVA bookkeeping: what the IOMMU reports, the free ranges, and what was
-/// leaked. An IOVA goes back to the allocator only after its unmap succeeded.
-#[derive(Debug)]
-pub(super) struct IovaSpace {
-    pub(super) info: super::IommuInfo,
-    alloc: IovaAllocator,
-    leaked: Vec<(u64, u64)>,
-}
-
-impl IovaSpace {
-    /// The IOVA space of an iommufd IOAS: exactly the ranges it reports (none: nothing
-    /// can be mapped).
-    pub(super) fn exact(info: super::IommuInfo) -> IovaSpace {
-        IovaSpace {
-            alloc: IovaAllocator::new(&info.iova_ranges),
-            info,
-            leaked: Vec::new(),
-        }
-    }
-
-    /// Another device joined the IOAS and the ranges are now `info`'s: what is free
-    /// shrinks to them (what is mapped stays: the kernel refuses a device whose reserved
-    /// regions overlap a mapping).
-    pub(super) fn narrow(&mut self, info: super::IommuInfo) {
-        self.alloc.retain_within(&info.iova_ranges);
-        self.info = info;
-    }
-
-    /// Takes exactly `[iova, iova + size)` from the free ranges, if all of it is free.
-    fn reserve_at(&mut self, iova: u64, size: u64) -> bool {
-        self.alloc.reserve_at(iova, size)
-    }
-
-    pub(super) fn new(info: super::IommuInfo) -> IovaSpace {
-        let ranges = if info.iova_ranges.is_empty() {
-            // Kernels before 5.4 report no ranges: stay below 39 bits, which every
-            // IOMMU we know of covers.
-            vec![0..=(1u64 << 39) - 1]
-        } else {
-            info.iova_ranges.clone()
-        };
-        IovaSpace {
-            alloc: IovaAllocator::new(&ranges),
-            info,
-            leaked: Vec::new(),
-        }
-    }
-
-    fn reserve(&mut self, size: u64, huge: bool) -> Result<u64, VfioError> {
-        let align = if huge {
-            HUGE_PAGE as u64
-        } else {
-            self.info.min_page_size()
-        };
-        self.alloc
-            .alloc(size, align)
-            .ok_or(VfioError::IovaExhausted { size })
-    }
-
-    /// The map ioctl failed: nothing was mapped, the range is free again.
-    fn map_failed(&mut self, iova: u64, size: u64) {
-        self.alloc.free(iova, size);
-    }
-
-    /// The unmap ioctl returned `result` (bytes unmapped). Frees the range only when all
-    /// of it was unmapped; otherwise records it as leaked.
-    fn unmapped(&mut self, iova: u64, size: u64, result: io::Result<u64>) -> Result<(), VfioError> {
-        match result {
-            Ok(n) if n == size => {
-                self.alloc.free(iova, size);
-                Ok(())
-            }
-            Ok(n) => {
-                self.leaked.push((iova, size));
-                Err(VfioError::Unmap {
-                    iova,
-                    size,
-                    unmapped: Some(n),
-                    source: None,
-                })
-            }
-            Err(source) => {
-                self.leaked.push((iova, size));
-                Err(VfioError::Unmap {
-                    iova,
-                    size,
-                    unmapped: None,
-                    source: Some(source),
-                })
-            }
-        }
-    }
-}
-
-/// Hands out IOVA ranges from the ranges the IOMMU accepts (QEMU's intel-iommu: 39 bits),
-/// first fit, aligned, and takes them back.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct IovaAllocator {
-    // Free extents as (start, end inclusive), sorted and disjoint.
-    free: Vec<(u64, u64)>,
-}
-
-impl IovaAllocator {
-    /// An allocator over `ranges` (inclusive). IOVA 0 is never handed out, so that a zero
-    /// address in a descriptor always means "unset".
-    pub fn new(ranges: &[RangeInclusive<u64>]) -> Self {
-        let mut free: Vec<(u64, u64)> = ranges
-            .iter()
-            .map(|r| ((*r.start()).max(PAGE as u64), *r.end()))
-            .filter(|(s, e)| s <= e)
-            .collect();
-        free.sort_unstable();
-        IovaAllocator { free }
-    }
-
-    /// Reserves `size` bytes aligned to `align` (a power of two). `None` when no free
-    /// extent is large enough.
-    pub fn alloc(&mut self, size: u64, align: u64) -> Option<u64> {
-        if size == 0 || !align.is_power_of_two() {
-            return None;
-        }
-        for i in 0..self.free.len() {
-            let (start, end) = self.free[i];
-            let Some(at) = start.checked_next_multiple_of(align) else {
-                continue;
-            };
-            let Some(last) = at.checked_add(size - 1) else {
-                continue;
-            };
-            if at > end || last > end {
-                continue;
-            }
-            // Split the extent around [at, last].
-            let mut rest = Vec::with_capacity(2);
-            if start < at {
-                rest.push((start, at - 1));
-            }
-            if last < end {
-                rest.push((last + 1, end));
-            }
-            self.free.splice(i..=i, rest);
-            return Some(at);
-        }
-        None
-    }
-
-    /// Takes exactly `[iova, iova + size)`, if it lies inside one free extent; false (and
-    /// nothing taken) otherwise.
-    pub fn reserve_at(&mut self, iova: u64, size: u64) -> bool {
-        let Some(last) = size.checked_sub(1).and_then(|s| iova.checked_add(s)) else {
-            return false;
-        };
-        let Some(i) = self.free.iter().position(|&(s, e)| s <= iova && last <= e) else {
-            return false;
-        };
-        let (start, end) = self.free[i];
-        let mut rest = Vec::with_capacity(2);
-        if start < iova {
-            rest.push((start, iova - 1));
-        }
-        if last < end {
-            rest.push((last + 1, end));
-        }
-        self.free.splice(i..=i, rest);
-        true
-    }
-
-    /// Keeps only the free IOVAs that lie inside `ranges` (inclusive).
-    pub fn retain_within(&mut self, ranges: &[RangeInclusive<u64>]) {
-        let mut kept = Vec::new();
-        for &(s, e) in &self.free {
-            for r in ranges {
-                let (lo, hi) = (s.max(*r.start()), e.min(*r.end()));
-                if lo <= hi {
-                    kept.push((lo, hi));
-                }
-            }
-        }
-        kept.sort_unstable();
-        // Overlapping `ranges` give overlapping pieces: merge them, so the extents stay
-        // disjoint.
-        let mut merged: Vec<(u64, u64)> = Vec::with_capacity(kept.len());
-        for (s, e) in kept {
-            match merged.last_mut() {
-                Some(last) if s <= last.1.saturating_add(1) => last.1 = last.1.max(e),
-                _ => merged.push((s, e)),
-            }
-        }
-        self.free = merged;
-    }
-
-    /// Returns [iova, iova + size) to the free extents, merging neighbours.
-    pub fn free(&mut self, iova: u64, size: u64) {
-        if size == 0 {
-            return;
-        }
-        let end = iova.saturating_add(size - 1);
-        let i = self.free.partition_point(|&(s, _)| s < iova);
-        self.free.insert(i, (iova, end));
-        // Merge with the next, then the previous.
-        if i + 1 < self.free.len() && self.free[i].1.checked_add(1) == Some(self.free[i + 1].0) {
-            self.free[i].1 = self.free[i + 1].1;
-            self.free.remove(i + 1);
-        }
-        if i > 0 && self.free[i - 1].1.checked_add(1) == Some(self.free[i].0) {
-            self.free[i - 1].1 = self.free[i].1;
-            self.free.remove(i);
-        }
-    }
-
-    /// Bytes free.
-    pub fn available(&self) -> u64 {
-        self.free.iter().map(|(s, e)| (e - s).saturating_add(1)).sum()
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn huge_mappings_name_their_page_size() {
+        use nix::libc;
+        let huge = |len, size, round_up| MapPlan::new(len, size, round_up).unwrap().huge;
+        let two = huge(4 << 20, HugePageSize::Mib2, false).unwrap();
+        assert_eq!(two.flags, libc::MAP_HUGETLB | libc::MAP_HUGE_2MB);
+        assert_eq!(
+            MapFlags::from_bits_retain(two.flags),
+            MapFlags::MAP_HUGETLB | MapFlags::MAP_HUGE_2MB
+        );
+        assert_eq!((two.size, two.len), (HugePageSize::Mib2, 4 << 20));
+        let one_gib = huge(1 << 30, HugePageSize::Gib1, false).unwrap();
+        assert_eq!(one_gib.flags, libc::MAP_HUGETLB | libc::MAP_HUGE_1GB);
+        // Not a whole number of huge pages: 4 KiB pages, unless rounding up was asked for.
+        assert_eq!(huge(3 << 20, HugePageSize::Mib2, false), None);
+        assert_eq!(huge(3 << 20, HugePageSize::Mib2, true).unwrap().len, 4 << 20);
+        assert_eq!(huge(4096, HugePageSize::Gib1, true).unwrap().len, 1 << 30);
+        assert_eq!(huge(2 << 20, HugePageSize::Gib1, false), None);
+        let small = MapPlan::new(100, HugePageSize::Mib2, false).unwrap();
+        assert_eq!((small.huge, small.small_len), (None, PAGE));
+        assert_eq!(MapPlan::new(0, HugePageSize::Mib2, true), None);
+        assert_eq!(MapPlan::new(usize::MAX, HugePageSize::Mib2, false), None);
+        // Rounding past the address space: no huge mapping, 4 KiB pages still fit.
+        let edge = MapPlan::new(usize::MAX - PAGE + 1, HugePageSize::Gib1, true).unwrap();
+        assert_eq!(edge.huge, None);
+    }
+
+    // A munmap the kernel refuses (here: a pointer that is not page aligned, EINVAL) is
+    // counted and logged; the memory stays mapped.
+    #[test]
+    fn a_failed_munmap_is_counted() {
+        let real = DmaBuffer::new(2 * PAGE).unwrap();
+        let before = munmap_failures();
+        let forged = DmaBuffer {
+            ptr: NonNull::new(real.ptr.as_ptr().wrapping_add(1)).unwrap(),
+            len: PAGE,
+            huge: None,
+        };
+        drop(forged);
+        assert!(munmap_failures() > before);
+        real.write::<u64>(0, 1).unwrap();
+        assert_eq!(real.read::<u64>(0), Some(1), "still mapped");
+    }
 
     #[test]
     fn buffer_accessors_are_checked() {
@@ -1050,41 +1091,41 @@ mod tests {
         producer.join().unwrap();
     }
 
+    // A region that outlives its container's IOMMU (every group left the container, their
+    // devices removed, and the kernel released the type1 IOMMU with all its mappings):
+    // nothing is left to unmap, so its pages are freed and nothing is recorded as leaked,
+    // and the IOMMU set up since (a device opened again) is not touched, even where it
+    // handed out the same IOVA.
     #[test]
-    fn iova_returns_only_after_a_successful_unmap() {
+    fn a_region_outliving_its_iommu_is_freed_not_leaked() {
+        let ranges = vec![0..=(1u64 << 30) - 1];
         let info = super::super::IommuInfo {
             page_sizes: 0x1000,
-            iova_ranges: vec![0..=(1 << 20) - 1],
+            iova_ranges: ranges.clone(),
         };
-        let mut space = IovaSpace::new(info);
-        let before = space.alloc.available();
-        let a = space.reserve(0x4000, false).unwrap();
-        let b = space.reserve(0x4000, false).unwrap();
-        // b's unmap fails: its range is never handed out again.
-        let e = space
-            .unmapped(b, 0x4000, Err(io::Error::from_raw_os_error(nix::libc::EBUSY)))
-            .unwrap_err();
-        assert!(matches!(e, VfioError::Unmap { iova, unmapped: None, source: Some(_), .. } if iova == b));
-        // a's unmap covers only part: leaked as well.
-        assert!(space.unmapped(a, 0x4000, Ok(0x1000)).is_err());
-        assert_eq!(space.leaked, vec![(b, 0x4000), (a, 0x4000)]);
-        assert_eq!(space.alloc.available(), before - 0x8000);
-        for _ in 0..((1 << 20) / 0x4000) {
-            if let Ok(x) = space.reserve(0x4000, false) {
-                assert!(
-                    x + 0x4000 <= a.min(b) || x >= a.max(b) + 0x4000,
-                    "leaked IOVA {x:#x} reused"
-                );
-            }
-        }
-        // A successful unmap frees.
-        let mut space = IovaSpace::new(space.info.clone());
-        let c = space.reserve(0x4000, false).unwrap();
-        space.unmapped(c, 0x4000, Ok(0x4000)).unwrap();
-        assert_eq!(space.alloc.available(), before);
-        let d = space.reserve(0x2000, false).unwrap();
-        space.map_failed(d, 0x2000);
-        assert_eq!(space.alloc.available(), before);
+        let container = Container::fake_for_tests(ranges);
+        let region = DmaRegion::assume_mapped(&container, DmaBuffer::new(PAGE).unwrap());
+        let iova = region.iova();
+        // The IOMMU went, and a new one came with the next group.
+        *container.iommu.lock() = Some(super::super::iova::IovaSpace::new(info));
+        let again = container
+            .iommu
+            .lock()
+            .as_mut()
+            .unwrap()
+            .reserve(PAGE as u64, PAGE as u64)
+            .unwrap();
+        assert_eq!(again, iova, "the new IOMMU hands the same IOVA out");
+        // The container fd is /dev/null: had the old region asked the kernel to unmap, it
+        // would have failed and leaked.
+        let buffer = region.unmap().expect("nothing left to unmap");
+        assert_eq!(buffer.len(), PAGE);
+        assert!(container.leaked().is_empty());
+
+        // The IOMMU went and none came since: the same.
+        let region = DmaRegion::assume_mapped(&container, DmaBuffer::new(PAGE).unwrap());
+        *container.iommu.lock() = None;
+        region.unmap().expect("nothing left to unmap");
     }
 
     #[test]
@@ -1120,103 +1161,38 @@ mod tests {
         );
     }
 
-    #[test]
-    fn iovas_stay_inside_a_39_bit_space() {
-        let top = (1u64 << 39) - 1;
-        let mut a = IovaAllocator::new(&[0..=0xfedf_ffff, 0xfef0_0000..=top]);
-        let x = a.alloc(1 << 20, 1 << 21).unwrap();
-        assert_eq!(x % (1 << 21), 0);
-        assert!(x >= PAGE as u64);
-        let big = a.alloc(1 << 36, 1 << 12).unwrap();
-        assert!(big + (1 << 36) - 1 <= top);
-        assert!(a.alloc(1 << 40, 4096).is_none());
-        a.free(x, 1 << 20);
-        a.free(big, 1 << 36);
-        assert_eq!(a, IovaAllocator::new(&[0..=0xfedf_ffff, 0xfef0_0000..=top]));
-    }
-
-    #[test]
-    fn fixed_iovas_are_taken_exactly_once() {
-        let mut a = IovaAllocator::new(&[0..=0xffff_ffff]);
-        assert!(a.reserve_at(0x10_0000, 0x2000));
-        assert!(!a.reserve_at(0x10_1000, 0x1000), "already taken");
-        assert!(!a.reserve_at(0, 0x1000), "IOVA 0 is never handed out");
-        assert!(!a.reserve_at(0xffff_f000, 0x2000), "runs past the range");
-        assert!(!a.reserve_at(0x1000, 0), "empty");
-        assert!(!a.reserve_at(u64::MAX, 2), "wraps");
-        // The allocator goes around it.
-        let x = a.alloc(0x10_0000, 0x1000).unwrap();
-        assert!(x + 0x10_0000 <= 0x10_0000 || x >= 0x10_2000);
-        a.free(x, 0x10_0000);
-        a.free(0x10_0000, 0x2000);
-        assert_eq!(a, IovaAllocator::new(&[0..=0xffff_ffff]));
-    }
-
-    #[test]
-    fn a_second_device_narrows_what_is_free() {
-        // A first device attached: everything below 2^39; a second one reserves the MSI
-        // window, which is free, and keeps the rest.
-        let top = (1u64 << 39) - 1;
-        let info = |ranges: Vec<RangeInclusive<u64>>| super::super::IommuInfo {
-            page_sizes: 4096,
-            iova_ranges: ranges,
-        };
-        let mut space = IovaSpace::exact(info(vec![0..=top]));
-        let a = space.reserve(PAGE as u64, false).unwrap();
-        space.narrow(info(vec![0..=0xfedf_ffff, 0xfef0_0000..=top]));
-        assert_eq!(space.info.iova_ranges.len(), 2);
-        assert!(
-            !space.reserve_at(0xfee0_0000, PAGE as u64),
-            "the MSI window is gone"
-        );
-        assert!(space.reserve_at(0xfef0_0000, PAGE as u64));
-        // What was mapped before stays mapped: not handed out again.
-        assert!(!space.reserve_at(a, PAGE as u64));
-        // An IOAS that reports no range lets nothing be mapped.
-        let mut none = IovaSpace::exact(info(vec![]));
-        assert!(matches!(
-            none.reserve(PAGE as u64, false),
-            Err(VfioError::IovaExhausted { .. })
-        ));
-    }
-
     proptest! {
         #[test]
-        fn narrowing_keeps_only_what_both_allow(
-            cuts in proptest::collection::vec((0u64..1 << 16, 1u64..1 << 12), 0..8),
+        fn map_plans_cover_the_length_in_whole_pages(
+            len in prop_oneof![0usize..1 << 32, any::<usize>()],
+            gib in any::<bool>(),
+            round_up in any::<bool>(),
         ) {
-            let mut a = IovaAllocator::new(&[0..=(1u64 << 16) - 1]);
-            let ranges: Vec<RangeInclusive<u64>> = cuts.iter().map(|&(s, l)| s..=s + l - 1).collect();
-            a.retain_within(&ranges);
-            let allowed = |iova: u64| iova >= PAGE as u64 && iova < 1 << 16 && ranges.iter().any(|r| r.contains(&iova));
-            for probe in (0u64..1 << 16).step_by(97) {
-                prop_assert_eq!(a.clone().reserve_at(probe, 1), allowed(probe), "IOVA {:#x}", probe);
-            }
-            // Disjoint extents: what is free is exactly what is allowed, counted once.
-            prop_assert_eq!(a.available(), (0u64..1 << 16).filter(|&i| allowed(i)).count() as u64);
-        }
-
-        #[test]
-        fn allocations_never_overlap_and_free_restores(sizes in proptest::collection::vec((1u64..1 << 24, 12u32..22), 1..40)) {
-            let ranges = [0..=(1u64 << 32) - 1, (1 << 33)..=(1u64 << 39) - 1];
-            let mut a = IovaAllocator::new(&ranges);
-            let before = a.available();
-            let mut got: Vec<(u64, u64)> = Vec::new();
-            for (size, align) in sizes {
-                if let Some(at) = a.alloc(size, 1 << align) {
-                    prop_assert_eq!(at % (1 << align), 0);
-                    prop_assert!(ranges.iter().any(|r| r.contains(&at) && r.contains(&(at + size - 1))));
-                    for &(s, l) in &got {
-                        prop_assert!(at + size <= s || s + l <= at, "overlap");
-                    }
-                    got.push((at, size));
+            let size = if gib { HugePageSize::Gib1 } else { HugePageSize::Mib2 };
+            let Some(plan) = MapPlan::new(len, size, round_up) else {
+                prop_assert!(len == 0 || len.checked_next_multiple_of(PAGE).is_none());
+                return Ok(());
+            };
+            prop_assert!(plan.small_len >= len && plan.small_len - len < PAGE);
+            prop_assert!(plan.small_len.is_multiple_of(PAGE));
+            if let Some(h) = plan.huge {
+                prop_assert_eq!(h.size, size);
+                prop_assert!(h.len >= len && h.len - len < size.bytes());
+                prop_assert!(h.len.is_multiple_of(size.bytes()));
+                if !round_up {
+                    prop_assert_eq!(h.len, len);
                 }
+                // MAP_HUGETLB with log2 of the size above MAP_HUGE_SHIFT, nothing else.
+                prop_assert_eq!(h.flags & !(0x3f << MAP_HUGE_SHIFT), nix::libc::MAP_HUGETLB);
+                prop_assert_eq!(1usize << ((h.flags >> MAP_HUGE_SHIFT) & 0x3f), size.bytes());
+            } else {
+                let expected_none = if round_up {
+                    len.checked_next_multiple_of(size.bytes()).is_none()
+                } else {
+                    !len.is_multiple_of(size.bytes())
+                };
+                prop_assert!(expected_none);
             }
-            for (s, l) in got {
-                a.free(s, l);
-            }
-            prop_assert_eq!(a.available(), before);
-            prop_assert_eq!(a, IovaAllocator::new(&ranges));
         }
     }
 }

@@ -562,7 +562,10 @@ fn replace(start: usize, len: usize) -> bool {
     };
     if moved.is_err() {
         // SAFETY: `fresh` is still the mapping made above, used by nothing.
-        let _ = unsafe { munmap(fresh, len) };
+        if unsafe { munmap(fresh, len) }.is_err() {
+            // Counted, not logged: logging is not async-signal-safe.
+            super::dma::munmap_failed_in_signal_handler();
+        }
         return false;
     }
     true

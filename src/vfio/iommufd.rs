@@ -9,12 +9,13 @@
 //! and in the [`super::Container`] (which is either a type1 container or an IOAS).
 
 use std::fs::File;
-
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use super::{VfToken, VfioError, ioctl_err, sys};
 use crate::addr::PciAddress;
+use crate::error::{ParseError, ParseErrorKind};
 use crate::sysfs::scan::SysfsRoot;
 
 /// The iommufd character device.
@@ -139,6 +140,72 @@ pub fn vfio_dev_number(name: &str) -> Option<u32> {
     digits.parse().ok()
 }
 
+/// A device number, major and minor: what a sysfs `dev` attribute prints (`MAJ:MIN`) and
+/// what `st_rdev` of an opened device node holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct DevNumber {
+    /// The major number (12 bits in Linux).
+    pub major: u32,
+    /// The minor number (20 bits in Linux).
+    pub minor: u32,
+}
+
+/// The largest major number Linux gives (12 bits).
+const MAX_MAJOR: u32 = (1 << 12) - 1;
+/// The largest minor number Linux gives (20 bits).
+const MAX_MINOR: u32 = (1 << 20) - 1;
+
+impl DevNumber {
+    /// The numbers of an `st_rdev`.
+    pub fn from_rdev(rdev: u64) -> DevNumber {
+        DevNumber {
+            major: u32::try_from(nix::sys::stat::major(rdev)).unwrap_or(u32::MAX),
+            minor: u32::try_from(nix::sys::stat::minor(rdev)).unwrap_or(u32::MAX),
+        }
+    }
+}
+
+impl std::fmt::Display for DevNumber {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{}", self.major, self.minor)
+    }
+}
+
+/// Parses a sysfs `dev` attribute: `MAJ:MIN` in plain decimal (no sign, no leading zero),
+/// optionally ending in one newline, as the kernel prints it.
+pub fn parse_dev_number(text: &[u8]) -> Result<DevNumber, ParseError> {
+    let err = |kind| ParseError::new("dev", kind, text);
+    let body = text.strip_suffix(b"\n").unwrap_or(text);
+    if body.is_empty() {
+        return Err(err(ParseErrorKind::Empty));
+    }
+    let invalid = || {
+        err(ParseErrorKind::Invalid {
+            expected: "MAJOR:MINOR in decimal",
+        })
+    };
+    let colon = body.iter().position(|&b| b == b':').ok_or_else(invalid)?;
+    let number = |digits: &[u8], max: u32| {
+        if digits.is_empty()
+            || !digits.iter().all(u8::is_ascii_digit)
+            || (digits.len() > 1 && digits[0] == b'0')
+        {
+            return Err(invalid());
+        }
+        // All digits: a failed parse can only be an overflow.
+        std::str::from_utf8(digits)
+            .ok()
+            .and_then(|d| d.parse::<u64>().ok())
+            .and_then(|n| u32::try_from(n).ok())
+            .filter(|&n| n <= max)
+            .ok_or_else(|| err(ParseErrorKind::OutOfRange { max: max.into() }))
+    };
+    Ok(DevNumber {
+        major: number(&body[..colon], MAX_MAJOR)?,
+        minor: number(&body[colon + 1..], MAX_MINOR)?,
+    })
+}
+
 /// Why a device has no usable cdev.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum CdevProblem {
@@ -157,6 +224,18 @@ pub enum CdevProblem {
         /// The error's text (the error itself is the source).
         reason: String,
     },
+    /// The cdev was opened, but the device's `vfio-dev/vfioN` entry was gone when its
+    /// `dev` was read to check it: the device was unbound meanwhile.
+    Vanished {
+        /// The sysfs entry.
+        entry: PathBuf,
+    },
+    /// The `dev` attribute of the device's `vfio-dev/vfioN` entry does not parse, so the
+    /// opened cdev cannot be checked against it.
+    BadDev {
+        /// What is wrong with it.
+        error: ParseError,
+    },
 }
 
 impl std::fmt::Display for CdevProblem {
@@ -171,6 +250,12 @@ impl std::fmt::Display for CdevProblem {
                 "its vfio-dev/vfioN has no `dev` attribute: the kernel was built without CONFIG_VFIO_DEVICE_CDEV (use the group backend)",
             ),
             CdevProblem::Open { path, reason } => write!(f, "cannot open {}: {reason}", path.display()),
+            CdevProblem::Vanished { entry } => write!(
+                f,
+                "{} went away while its cdev was being opened: the device was unbound meanwhile",
+                entry.display()
+            ),
+            CdevProblem::BadDev { error } => write!(f, "its vfio-dev entry's {error}"),
         }
     }
 }
@@ -179,6 +264,12 @@ impl std::fmt::Display for CdevProblem {
 /// its sysfs directory (read without taking the device lock: a directory listing and a
 /// `stat`).
 pub fn cdev_path(root: &SysfsRoot, address: PciAddress) -> Result<PathBuf, VfioError> {
+    let (n, _) = vfio_dev_entry(root, address)?;
+    Ok(Path::new(CDEV_DIR).join(format!("vfio{n}")))
+}
+
+/// The `vfio-dev/vfioN` entry of `address`: N and the entry's sysfs directory.
+fn vfio_dev_entry(root: &SysfsRoot, address: PciAddress) -> Result<(u32, PathBuf), VfioError> {
     let dir = root.device_dir(address);
     let problem = |problem| VfioError::NoDeviceCdev {
         address,
@@ -200,7 +291,54 @@ pub fn cdev_path(root: &SysfsRoot, address: PciAddress) -> Result<PathBuf, VfioE
     if !sys_dir.join("dev").exists() {
         return Err(problem(CdevProblem::NoCdevSupport));
     }
-    Ok(Path::new(CDEV_DIR).join(format!("vfio{n}")))
+    Ok((n, sys_dir))
+}
+
+/// Opens the cdev of `address` (`CDEV_DIR/vfioN` for its `vfio-dev/vfioN` entry) and
+/// checks that it is the device's.
+///
+/// The number N is the kernel's to recycle: between the sysfs lookup and the open, the
+/// device may be unbound and another bound and given the same vfioN, and the open would
+/// then hand that other device over to this claim. So, once open, the node's `st_rdev`
+/// (fstat) is compared with the `dev` attribute of the device's own entry, read after the
+/// open (a plain attribute: no device lock): an entry that is gone or names other numbers
+/// means the fd is not this device's, and it is closed again.
+fn open_cdev_in(root: &SysfsRoot, address: PciAddress, cdev_dir: &Path) -> Result<OwnedFd, VfioError> {
+    let (n, entry) = vfio_dev_entry(root, address)?;
+    let path = cdev_dir.join(format!("vfio{n}"));
+    let open_failed = |path: &Path, source: std::io::Error| VfioError::NoDeviceCdev {
+        address,
+        problem: CdevProblem::Open {
+            path: path.to_owned(),
+            reason: source.to_string(),
+        },
+        source: Some(source),
+    };
+    let file = File::options()
+        .read(true)
+        .write(true)
+        .open(&path)
+        .map_err(|e| open_failed(&path, e))?;
+    let opened = DevNumber::from_rdev(file.metadata().map_err(|e| open_failed(&path, e))?.rdev());
+    let text = std::fs::read(entry.join("dev")).map_err(|source| VfioError::NoDeviceCdev {
+        address,
+        problem: CdevProblem::Vanished { entry },
+        source: Some(source),
+    })?;
+    let expected = parse_dev_number(&text).map_err(|error| VfioError::NoDeviceCdev {
+        address,
+        problem: CdevProblem::BadDev { error },
+        source: None,
+    })?;
+    if opened != expected {
+        return Err(VfioError::CdevMismatch {
+            address,
+            path,
+            expected,
+            opened,
+        });
+    }
+    Ok(OwnedFd::from(file))
 }
 
 /// An iommufd with one IOAS: the iommufd backend's side of a [`super::Container`].
@@ -253,20 +391,7 @@ impl Ioas {
         address: PciAddress,
         token: Option<VfToken>,
     ) -> Result<OwnedFd, VfioError> {
-        let path = cdev_path(root, address)?;
-        let file = File::options()
-            .read(true)
-            .write(true)
-            .open(&path)
-            .map_err(|source| VfioError::NoDeviceCdev {
-                address,
-                problem: CdevProblem::Open {
-                    path: path.clone(),
-                    reason: source.to_string(),
-                },
-                source: Some(source),
-            })?;
-        let device = OwnedFd::from(file);
+        let device = open_cdev_in(root, address, Path::new(CDEV_DIR))?;
         self.bind(root, address, &device, token)?;
         sys::device_attach_iommufd_pt(device.as_fd(), self.id).map_err(ioctl_err(
             "VFIO_DEVICE_ATTACH_IOMMUFD_PT",
@@ -402,7 +527,123 @@ mod tests {
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
+    #[test]
+    fn dev_attributes_parse() {
+        let dev = |t: &str| parse_dev_number(t.as_bytes());
+        assert_eq!(dev("236:3\n"), Ok(DevNumber { major: 236, minor: 3 }));
+        assert_eq!(dev("0:0"), Ok(DevNumber { major: 0, minor: 0 }));
+        assert_eq!(
+            dev("4095:1048575\n"),
+            Ok(DevNumber {
+                major: 4095,
+                minor: (1 << 20) - 1
+            })
+        );
+        assert_eq!(dev("236:3\n").unwrap().to_string(), "236:3");
+        for bad in [
+            "",
+            "\n",
+            "236",
+            "236:",
+            ":3",
+            "236:3:4",
+            "236-3",
+            " 236:3",
+            "236:3 ",
+            "236:3\n\n",
+            "+236:3",
+            "236:-3",
+            "0236:3",
+            "236:03",
+            "236:3\r\n",
+            "a:3",
+        ] {
+            assert!(dev(bad).is_err(), "{bad:?}");
+        }
+        let e = dev("4096:0\n").unwrap_err();
+        assert!(matches!(e.kind, ParseErrorKind::OutOfRange { max: 4095 }), "{e}");
+        let e = dev("1:1048576").unwrap_err();
+        assert!(
+            matches!(e.kind, ParseErrorKind::OutOfRange { max: 0xf_ffff }),
+            "{e}"
+        );
+        assert_eq!(e.attribute, "dev");
+        assert_eq!(dev("99999999999999999999:1").unwrap_err().attribute, "dev");
+    }
+
+    // The cdev named by the device's vfio-dev/vfioN entry is opened, then its st_rdev is
+    // compared with that entry's `dev`: a number recycled in between (the device unbound,
+    // another bound and given the same vfioN) opens another device's cdev, which must be
+    // refused. Here the "cdev" is /dev/null, whose numbers are known.
+    #[test]
+    fn a_cdev_that_is_not_the_devices_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let dev = dir.path().join("sys/bus/pci/devices/0000:01:00.0");
+        std::fs::create_dir_all(dev.join("vfio-dev/vfio3")).unwrap();
+        let cdevs = dir.path().join("dev-vfio-devices");
+        std::fs::create_dir_all(&cdevs).unwrap();
+        std::os::unix::fs::symlink("/dev/null", cdevs.join("vfio3")).unwrap();
+        let null = {
+            use std::os::unix::fs::MetadataExt;
+            DevNumber::from_rdev(std::fs::metadata("/dev/null").unwrap().rdev())
+        };
+        let root = SysfsRoot::new(dir.path().join("sys"));
+        let addr: PciAddress = "0000:01:00.0".parse().unwrap();
+
+        std::fs::write(dev.join("vfio-dev/vfio3/dev"), "236:3\n").unwrap();
+        let e = open_cdev_in(&root, addr, &cdevs).unwrap_err();
+        match &e {
+            VfioError::CdevMismatch {
+                address,
+                path,
+                expected,
+                opened,
+            } => {
+                assert_eq!(*address, addr);
+                assert_eq!(*path, cdevs.join("vfio3"));
+                assert_eq!(*expected, DevNumber { major: 236, minor: 3 });
+                assert_eq!(*opened, null);
+            }
+            other => panic!("{other:?}"),
+        }
+        let msg = e.to_string();
+        assert!(
+            msg.contains("0000:01:00.0") && msg.contains("236:3") && msg.contains(&null.to_string()),
+            "{msg}"
+        );
+
+        // The entry agrees with what was opened: the fd is the device's.
+        std::fs::write(dev.join("vfio-dev/vfio3/dev"), format!("{null}\n")).unwrap();
+        assert!(open_cdev_in(&root, addr, &cdevs).is_ok());
+
+        // A `dev` that does not parse is not taken on trust.
+        std::fs::write(dev.join("vfio-dev/vfio3/dev"), "garbage\n").unwrap();
+        let e = open_cdev_in(&root, addr, &cdevs).unwrap_err();
+        assert!(
+            matches!(
+                &e,
+                VfioError::NoDeviceCdev {
+                    problem: CdevProblem::BadDev { .. },
+                    ..
+                }
+            ),
+            "{e:?}"
+        );
+    }
+
     proptest! {
+        #[test]
+        fn dev_numbers_round_trip(major in 0u32..4096, minor in 0u32..1 << 20, newline in any::<bool>()) {
+            let d = DevNumber { major, minor };
+            let text = if newline { format!("{d}\n") } else { d.to_string() };
+            prop_assert_eq!(parse_dev_number(text.as_bytes()), Ok(d));
+        }
+
+        #[test]
+        fn dev_parse_never_panics(b in proptest::collection::vec(any::<u8>(), 0..48)) {
+            let _ = parse_dev_number(&b);
+        }
+
         #[test]
         fn vfio_dev_numbers_round_trip(n in any::<u32>()) {
             prop_assert_eq!(vfio_dev_number(&format!("vfio{n}")), Some(n));

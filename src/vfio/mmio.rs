@@ -113,6 +113,8 @@ impl Drop for MmioArea {
         // SAFETY: ptr/len are exactly the mapping made in `map` (or the handler's
         // replacement of it, at the same place and size), and no reference into it exists
         // (accessors hand out values only).
-        let _ = unsafe { munmap(self.ptr.cast(), self.len) };
+        if let Err(errno) = unsafe { munmap(self.ptr.cast(), self.len) } {
+            super::dma::munmap_failed("a BAR area", self.ptr.as_ptr() as usize, self.len, errno);
+        }
     }
 }

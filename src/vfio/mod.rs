@@ -62,6 +62,7 @@ mod caps;
 mod dma;
 pub mod fault;
 pub mod iommufd;
+mod iova;
 pub(crate) mod mmio;
 mod sys;
 
@@ -78,8 +79,9 @@ use parking_lot::Mutex;
 
 pub use caps::parse_iova_ranges;
 pub use caps::{InfoError, IommuInfo, RegionInfo, parse_iommu_info, parse_region_info, region_flags};
-pub use dma::{DmaBuffer, DmaObj, DmaRegion, HUGE_PAGE, IovaAllocator, PAGE, Scalar};
-pub use iommufd::{CdevProblem, VfioBackend, VfioBackendParseError};
+pub use dma::{DmaBuffer, DmaObj, DmaRegion, HUGE_PAGE, HugePageSize, PAGE, Scalar, munmap_failures};
+pub use iommufd::{CdevProblem, DevNumber, VfioBackend, VfioBackendParseError};
+pub use iova::IovaAllocator;
 
 use crate::addr::PciAddress;
 use crate::config::{self, SriovCapability};
@@ -145,6 +147,23 @@ pub enum VfioError {
         /// The open's error, for [`CdevProblem::Open`].
         #[source]
         source: Option<io::Error>,
+    },
+    /// The cdev opened for the device is another device's: its `st_rdev` is not what the
+    /// device's `vfio-dev/vfioN/dev` says. The device was unbound, and its vfioN number
+    /// given to another device, between the lookup and the open; the fd was closed again.
+    #[error(
+        "{} is not the cdev of {address}: it is device {opened}, while {address}'s vfio-dev entry says {expected} (its number was recycled by an unbind and a bind meanwhile; open it again)",
+        path.display()
+    )]
+    CdevMismatch {
+        /// The device.
+        address: PciAddress,
+        /// The cdev opened.
+        path: PathBuf,
+        /// The numbers the device's `vfio-dev/vfioN/dev` gives.
+        expected: DevNumber,
+        /// The numbers of the node opened (`st_rdev`).
+        opened: DevNumber,
     },
     /// iommufd refused to bind the device because its IOMMU group is used elsewhere: open
     /// through the group backend (EBUSY), or bound to another iommufd (EPERM), in this
@@ -308,6 +327,13 @@ pub enum VfioError {
     /// is attached).
     #[error("DMA map before any device was opened in the container (open a device first)")]
     NoGroupAttached,
+    /// The container's IOMMU is gone: every device opened in it was removed, so the
+    /// kernel detached their groups and released the IOMMU, with every mapping in it.
+    /// Opening a device in the container again sets a new one up.
+    #[error(
+        "the container's IOMMU is gone: every device opened in it was removed (open a device in it again before mapping)"
+    )]
+    IommuGone,
     /// Allocating a DMA buffer failed.
     #[error("cannot allocate a DMA buffer of {len} bytes")]
     Alloc {
@@ -544,6 +570,21 @@ fn ioctl_err(
 /// the [`DmaRegion`]s behind their backs. An iommufd IOAS keeps its mappings whatever
 /// devices come and go.
 ///
+/// # Hot removal (group backend)
+///
+/// The kernel detaches a group from its container when the group's last device is
+/// removed, although the group fd stays open here; when that was the container's last
+/// group, it releases the IOMMU with every mapping in it, and the group number may go to
+/// a new group. The container copes with each of these:
+///
+/// - a detached group is forgotten at the next group lookup (`VFIO_GROUP_GET_STATUS`
+///   answers ENODEV), so a device re-added under a recycled number opens the new group;
+/// - the next group attached to a container whose IOMMU is gone (`VFIO_IOMMU_GET_INFO`
+///   answers EINVAL) sets a new IOMMU up, with a fresh IOVA space;
+/// - a [`DmaRegion`] of the IOMMU that went has nothing left to unmap: its pages are
+///   freed, not leaked, and the new IOMMU is never asked to unmap its IOVA;
+/// - a map while the container has no IOMMU is [`VfioError::IommuGone`].
+///
 /// # Dropping
 ///
 /// The container goes when the last `Arc` goes: after every [`VfioDevice`] opened in it
@@ -562,7 +603,7 @@ pub struct Container {
     space: Space,
     // Filled when the first device is attached (the IOMMU type can be set, and the IOVA
     // ranges are known, only then).
-    iommu: Mutex<Option<dma::IovaSpace>>,
+    iommu: Mutex<Option<iova::IovaSpace>>,
 }
 
 /// The kernel objects behind a [`Container`].
@@ -669,7 +710,7 @@ impl Container {
                 groups: Mutex::new(GroupTable::default()),
                 fd: OwnedFd::from(File::open("/dev/null").unwrap()),
             },
-            iommu: Mutex::new(Some(dma::IovaSpace::new(info))),
+            iommu: Mutex::new(Some(iova::IovaSpace::new(info))),
         })
     }
 
@@ -692,17 +733,22 @@ impl Container {
     /// [`VfioError::NoGroups`] for an iommufd container.
     pub fn group(&self, root: &SysfsRoot, number: u32) -> Result<Arc<Group>, VfioError> {
         match &self.space {
-            Space::Group { groups, .. } => groups
-                .lock()
-                .get_or_open(number, || Group::open(self, root, number).map(Arc::new)),
+            Space::Group { groups, .. } => groups.lock().get_or_open(number, Group::is_attached, || {
+                Group::open(self, root, number).map(Arc::new)
+            }),
             Space::Iommufd(_) => Err(VfioError::NoGroups),
         }
     }
 
-    /// The numbers of the groups attached to this container (none for iommufd).
+    /// The numbers of the groups attached to this container (none for iommufd). Groups
+    /// the kernel detached (their last device was removed) are forgotten here.
     pub fn groups(&self) -> Vec<u32> {
         match &self.space {
-            Space::Group { groups, .. } => groups.lock().live(),
+            Space::Group { groups, .. } => {
+                let mut groups = groups.lock();
+                groups.forget_dead(Group::is_attached);
+                groups.live()
+            }
             Space::Iommufd(_) => Vec::new(),
         }
     }
@@ -716,18 +762,40 @@ impl Container {
             None,
             Some(number.into()),
         ))?;
+        // Every group, not only the first, reads GET_INFO: a group behind another IOMMU
+        // (or with other reserved regions, such as an MSI window) narrows what may be
+        // mapped, and a container whose IOMMU went with its last group needs a new one.
         let mut iommu = self.iommu.lock();
-        if iommu.is_none() {
-            sys::set_iommu(fd.as_fd(), sys::TYPE1V2_IOMMU).map_err(ioctl_err(
-                "VFIO_SET_IOMMU",
-                None,
-                Some(sys::TYPE1V2_IOMMU.into()),
-            ))?;
-            let buf =
-                sys::iommu_get_info(fd.as_fd()).map_err(ioctl_err("VFIO_IOMMU_GET_INFO", None, None))?;
-            *iommu = Some(dma::IovaSpace::new(parse_iommu_info(&buf)?));
+        let lost = iova::IovaSpace::attach_type1(
+            &mut iommu,
+            || sys::iommu_get_info(fd.as_fd()),
+            || sys::set_iommu(fd.as_fd(), sys::TYPE1V2_IOMMU),
+        )?;
+        if let Some(old) = lost {
+            log_iommu_gone(&old);
+            log::info!("group {number} attached: the container's IOMMU is set up again");
         }
         Ok(())
+    }
+
+    /// Whether the container has no IOMMU any more: a type1 container whose groups all
+    /// left (their last devices removed: the kernel detaches them then, and releases the
+    /// IOMMU with the last) answers every IOMMU ioctl with EINVAL, `VFIO_IOMMU_GET_INFO`
+    /// among them. An iommufd IOAS never loses its mappings.
+    fn iommu_gone(&self) -> bool {
+        match &self.space {
+            Space::Group { fd, .. } => {
+                matches!(sys::iommu_get_info(fd.as_fd()), Err(e) if e.raw_os_error() == Some(nix::libc::EINVAL))
+            }
+            Space::Iommufd(_) => false,
+        }
+    }
+
+    /// The container's IOMMU was found gone: its IOVA space goes too.
+    fn iommu_lost(&self, slot: &mut Option<iova::IovaSpace>) {
+        if let Some(old) = iova::IovaSpace::iommu_gone(slot) {
+            log_iommu_gone(&old);
+        }
     }
 
     /// Opens `address` through this container's backend: a group's device fd, or the
@@ -755,7 +823,7 @@ impl Container {
                 let mut iommu = self.iommu.lock();
                 match iommu.as_mut() {
                     Some(space) => space.narrow(info),
-                    None => *iommu = Some(dma::IovaSpace::exact(info)),
+                    None => *iommu = Some(iova::IovaSpace::exact(info)),
                 }
                 Ok((fd, None))
             }
@@ -769,7 +837,22 @@ impl Container {
     }
 }
 
-/// The groups attached to a container, by number. Each is opened once and kept.
+fn log_iommu_gone(old: &iova::IovaSpace) {
+    log::warn!(
+        "the container's IOMMU is gone (every group it had left it: their devices were removed), with every DMA mapping in it{}; the next device opened in it sets a new one up",
+        if old.leaked.is_empty() {
+            String::new()
+        } else {
+            format!(
+                " ({} region(s) that failed to unmap before, whose pages stay leaked)",
+                old.leaked.len()
+            )
+        }
+    );
+}
+
+/// The groups attached to a container, by number. Each is opened once and kept while the
+/// kernel keeps it attached.
 #[derive(Debug)]
 struct GroupTable<G> {
     groups: BTreeMap<u32, Arc<G>>,
@@ -786,17 +869,28 @@ impl<G> Default for GroupTable<G> {
 impl<G> GroupTable<G> {
     /// The group `number`, or a new one from `open` (called with the table locked, so one
     /// group is never opened twice at once).
+    ///
+    /// Groups that are not `alive` are forgotten first: the kernel detached them (their
+    /// last device was removed), their fds can do nothing more, and their numbers may
+    /// have gone to new groups, which must be opened, not served from here.
     fn get_or_open(
         &mut self,
         number: u32,
+        alive: impl Fn(&G) -> bool,
         open: impl FnOnce() -> Result<Arc<G>, VfioError>,
     ) -> Result<Arc<G>, VfioError> {
+        self.forget_dead(alive);
         if let Some(group) = self.groups.get(&number) {
             return Ok(Arc::clone(group));
         }
         let group = open()?;
         self.groups.insert(number, Arc::clone(&group));
         Ok(group)
+    }
+
+    /// Drops the groups that are not `alive`. (Devices still holding one keep its fd.)
+    fn forget_dead(&mut self, alive: impl Fn(&G) -> bool) {
+        self.groups.retain(|_, g| alive(g));
     }
 
     fn live(&self) -> Vec<u32> {
@@ -813,7 +907,9 @@ impl<G> GroupTable<G> {
 /// The container keeps the group, so the group fd closes when the container goes (after
 /// its devices and [`DmaRegion`]s), not with the last device: the IOMMU mappings of the
 /// container live as long as one group is attached. Closing it detaches the group; it
-/// can then be opened again, here or by another process.
+/// can then be opened again, here or by another process. A group whose last device was
+/// removed is detached by the kernel already; the container forgets it then (see
+/// [`Container`], "Hot removal"), and its fd closes when no device holds it.
 ///
 /// # Process exit
 ///
@@ -862,6 +958,15 @@ impl Group {
     /// The group number.
     pub fn number(&self) -> u32 {
         self.number
+    }
+
+    /// Whether the kernel still has the group: when its last device is removed, the
+    /// kernel detaches it from its container and answers `VFIO_GROUP_GET_STATUS` with
+    /// ENODEV from then on, although this fd stays open. Any other answer counts as
+    /// attached (forgetting a live group would detach it, and with the last group the
+    /// container's IOMMU would go).
+    fn is_attached(&self) -> bool {
+        !matches!(sys::group_get_status(self.fd.as_fd()), Err(e) if e.raw_os_error() == Some(nix::libc::ENODEV))
     }
 
     fn device_fd_with(&self, address: PciAddress, token: Option<VfToken>) -> Result<OwnedFd, VfioError> {
@@ -1623,22 +1728,59 @@ mod tests {
             opens.set(opens.get() + 1);
             Ok(Arc::new(n))
         };
+        let alive = |_: &u32| true;
         let mut table = GroupTable::<u32>::default();
-        let a = table.get_or_open(5, || open(5)).unwrap();
-        let b = table.get_or_open(5, || open(5)).unwrap();
+        let a = table.get_or_open(5, alive, || open(5)).unwrap();
+        let b = table.get_or_open(5, alive, || open(5)).unwrap();
         assert!(Arc::ptr_eq(&a, &b), "two functions of group 5 share one open");
         assert_eq!(opens.get(), 1);
-        let c = table.get_or_open(7, || open(7)).unwrap();
+        let c = table.get_or_open(7, alive, || open(7)).unwrap();
         assert_eq!((opens.get(), table.live()), (2, vec![5, 7]));
         // Kept while the container lives, even when no device holds it: the IOMMU
         // mappings of the container need one attached group.
         drop((a, b, c));
         assert_eq!(table.live(), vec![5, 7]);
-        let d = table.get_or_open(5, || open(5)).unwrap();
+        let d = table.get_or_open(5, alive, || open(5)).unwrap();
         assert_eq!((opens.get(), *d), (2, 5), "not opened again");
         // A failed open leaves nothing behind.
-        let e = table.get_or_open(9, || Err(VfioError::NoGroupAttached));
+        let e = table.get_or_open(9, alive, || Err(VfioError::NoGroupAttached));
         assert!(e.is_err() && table.live() == vec![5, 7]);
+    }
+
+    // The kernel detaches a group whose last device was removed, and may give its number
+    // to the next group: a device re-added with that number gets a new open, not the
+    // dead group; dead groups are forgotten, live ones kept.
+    #[test]
+    fn dead_groups_are_forgotten_and_their_numbers_opened_afresh() {
+        let dead = std::cell::RefCell::new(Vec::<u32>::new());
+        let opens = Cell::new(0);
+        // A group is its number plus 100 × the open that made it, so opens differ.
+        let open = |n: u32| {
+            opens.set(opens.get() + 1);
+            Ok(Arc::new(n + 100 * opens.get()))
+        };
+        let alive = |g: &u32| !dead.borrow().contains(g);
+        let mut table = GroupTable::<u32>::default();
+        let held = table.get_or_open(5, alive, || open(5)).unwrap();
+        let other = table.get_or_open(7, alive, || open(7)).unwrap();
+        assert_eq!((*held, *other), (105, 207));
+        // Group 5's device is removed: the kernel detaches it, and 5 comes back as a new
+        // group (the device re-added, or another).
+        *dead.borrow_mut() = vec![105];
+        let again = table.get_or_open(5, alive, || open(5)).unwrap();
+        assert_eq!(*again, 305, "opened afresh");
+        assert!(!Arc::ptr_eq(&held, &again));
+        assert_eq!(table.live(), vec![5, 7]);
+        // The live group 7 was not opened again.
+        assert!(Arc::ptr_eq(
+            &table.get_or_open(7, alive, || open(7)).unwrap(),
+            &other
+        ));
+        // A dead group whose number nobody asks for is forgotten at the next lookup.
+        *dead.borrow_mut() = vec![207];
+        table.forget_dead(alive);
+        assert_eq!(table.live(), vec![5]);
+        assert_eq!(opens.get(), 3);
     }
 
     #[test]

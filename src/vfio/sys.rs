@@ -448,7 +448,8 @@ pub(crate) fn iommu_get_info(container: BorrowedFd<'_>) -> io::Result<Vec<u8>> {
 /// # Safety
 ///
 /// From the call until a successful [`iommu_unmap_dma`] of the range (or the container
-/// fd's close), devices may write those bytes at any time. So `vaddr..vaddr + size` must
+/// fd's close, or the release of the container's IOMMU when its last group is detached),
+/// devices may write those bytes at any time. So `vaddr..vaddr + size` must
 /// be memory the caller owns and keeps mapped for all that time (never munmapped or
 /// reused before a successful unmap), and that is only ever accessed through raw
 /// pointers or atomics, never through references that assume nothing else writes it.

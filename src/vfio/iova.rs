@@ -1,0 +1,773 @@
+//! IOVA bookkeeping: which IOVAs a container may hand out. [`IovaAllocator`] is the free
+//! list over the ranges the IOMMU accepts; [`IovaSpace`] adds what the IOMMU reports and
+//! the ranges leaked by failed unmaps. Pure: no system call here.
+//!
+//! # One space per IOMMU
+//!
+//! A type1 container can lose its IOMMU: the kernel detaches a group from its container
+//! when the group's last device is removed (even while the group fd is open), and when
+//! the last group goes it releases the IOMMU with every mapping in it. The next group
+//! attached sets a new IOMMU up, empty. So a container's [`IovaSpace`] belongs to one
+//! IOMMU: it is dropped when that IOMMU is found gone, a new one (with a new
+//! [`SpaceId`]) comes with the next IOMMU, and a region remembers the space it was mapped
+//! in ([`IovaSpace::holds`]): a region of a space that is gone has nothing left to unmap,
+//! and must never unmap in the new IOMMU, which may have handed its IOVA out again.
+
+use std::io;
+use std::ops::RangeInclusive;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use super::dma::PAGE;
+use super::{IommuInfo, VfioError};
+
+/// Which [`IovaSpace`] (and so which IOMMU) a mapping was made in: unique in the process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(super) struct SpaceId(u64);
+
+impl SpaceId {
+    fn next() -> SpaceId {
+        static NEXT: AtomicU64 = AtomicU64::new(1);
+        SpaceId(NEXT.fetch_add(1, Ordering::Relaxed))
+    }
+}
+
+/// A container's IOVA bookkeeping: what the IOMMU reports, the free ranges, and what was
+/// leaked. An IOVA goes back to the allocator only after its unmap succeeded.
+#[derive(Debug)]
+pub(super) struct IovaSpace {
+    id: SpaceId,
+    pub(super) info: IommuInfo,
+    alloc: IovaAllocator,
+    pub(super) leaked: Vec<(u64, u64)>,
+}
+
+/// How the kernel answered an unmap, once an EINVAL has been told apart.
+#[derive(Debug)]
+pub(super) enum UnmapAnswer {
+    /// The ioctl's result: the bytes unmapped, or its error.
+    Answered(io::Result<u64>),
+    /// EINVAL, and the container has no IOMMU any more: the mapping went with it.
+    IommuGone,
+}
+
+impl UnmapAnswer {
+    /// Reads the unmap ioctl's `result`. A type1 container without an IOMMU answers every
+    /// IOMMU ioctl with EINVAL; so does the IOMMU for arguments it refuses. Only for
+    /// EINVAL is `iommu_gone` asked (an ioctl: `VFIO_IOMMU_GET_INFO` answering EINVAL too).
+    pub(super) fn of(result: io::Result<u64>, iommu_gone: impl FnOnce() -> bool) -> UnmapAnswer {
+        match result {
+            Err(e) if e.raw_os_error() == Some(nix::libc::EINVAL) && iommu_gone() => UnmapAnswer::IommuGone,
+            other => UnmapAnswer::Answered(other),
+        }
+    }
+}
+
+impl IovaSpace {
+    /// The IOVA space of an iommufd IOAS: exactly the ranges it reports (none: nothing
+    /// can be mapped).
+    pub(super) fn exact(info: IommuInfo) -> IovaSpace {
+        IovaSpace {
+            id: SpaceId::next(),
+            alloc: IovaAllocator::new(&info.iova_ranges),
+            info,
+            leaked: Vec::new(),
+        }
+    }
+
+    /// The IOVA side of attaching a group to a type1 container, with the container's
+    /// ioctls passed in: `get_info` (`VFIO_IOMMU_GET_INFO`) and `set_iommu`
+    /// (`VFIO_SET_IOMMU`).
+    ///
+    /// Without a space the IOMMU was never set: set it and start one. With one, GET_INFO
+    /// tells whether the IOMMU is still there: its answer narrows the space
+    /// ([`group_attached`](Self::group_attached)); EINVAL means the container has none any
+    /// more (every group it had left it, their devices removed): the old space is dropped
+    /// and returned, and the IOMMU set up again, in a new space. Any other failure leaves
+    /// the space as it was.
+    pub(super) fn attach_type1(
+        slot: &mut Option<IovaSpace>,
+        mut get_info: impl FnMut() -> io::Result<Vec<u8>>,
+        set_iommu: impl FnOnce() -> io::Result<()>,
+    ) -> Result<Option<IovaSpace>, VfioError> {
+        let info_err = |source| super::ioctl_err("VFIO_IOMMU_GET_INFO", None, None)(source);
+        let mut lost = None;
+        if slot.is_some() {
+            match get_info() {
+                Ok(buf) => {
+                    IovaSpace::group_attached(slot, super::parse_iommu_info(&buf)?);
+                    return Ok(None);
+                }
+                Err(e) if e.raw_os_error() == Some(nix::libc::EINVAL) => lost = IovaSpace::iommu_gone(slot),
+                Err(e) => return Err(info_err(e)),
+            }
+        }
+        set_iommu().map_err(|source| {
+            super::ioctl_err("VFIO_SET_IOMMU", None, Some(super::sys::TYPE1V2_IOMMU.into()))(source)
+        })?;
+        let info = super::parse_iommu_info(&get_info().map_err(info_err)?)?;
+        IovaSpace::group_attached(slot, info);
+        Ok(lost)
+    }
+
+    /// Its id, for the regions mapped in it.
+    pub(super) fn id(&self) -> SpaceId {
+        self.id
+    }
+
+    /// Whether the container's current space `slot` is `id`'s: a region mapped in space
+    /// `id` is still mapped (its IOMMU was not lost since).
+    pub(super) fn holds(slot: &Option<IovaSpace>, id: SpaceId) -> bool {
+        slot.as_ref().is_some_and(|s| s.id == id)
+    }
+
+    /// The container's IOMMU is gone, with every mapping in it: the space goes too (its
+    /// free ranges, and the ranges leaked in it, belonged to that IOMMU). Returns it.
+    pub(super) fn iommu_gone(slot: &mut Option<IovaSpace>) -> Option<IovaSpace> {
+        slot.take()
+    }
+
+    /// Another device joined the IOAS and the ranges are now `info`'s: what is free
+    /// shrinks to them (what is mapped stays: the kernel refuses a device whose reserved
+    /// regions overlap a mapping).
+    pub(super) fn narrow(&mut self, info: IommuInfo) {
+        self.alloc.retain_within(&info.iova_ranges);
+        self.info = info;
+    }
+
+    /// A type1 container attached a group, and `VFIO_IOMMU_GET_INFO` now says `info`: the
+    /// first group sets the space up ([`new`](Self::new)); each later one narrows it to the
+    /// IOVA ranges every attached group allows, and the page sizes every IOMMU has. (The
+    /// kernel reports the container's ranges already narrowed; intersecting again keeps
+    /// that true whatever it reports.) A report without ranges (kernels before 5.4)
+    /// narrows no range. What is mapped stays: the kernel refuses a group whose reserved
+    /// regions overlap a mapping.
+    pub(super) fn group_attached(slot: &mut Option<IovaSpace>, info: IommuInfo) {
+        let Some(space) = slot else {
+            *slot = Some(IovaSpace::new(info));
+            return;
+        };
+        let page_sizes = match space.info.page_sizes & info.page_sizes {
+            0 => info.page_sizes,
+            both => both,
+        };
+        space.info.page_sizes = page_sizes;
+        if info.iova_ranges.is_empty() {
+            return;
+        }
+        let ranges = if space.info.iova_ranges.is_empty() {
+            info.iova_ranges
+        } else {
+            intersect_ranges(&space.info.iova_ranges, &info.iova_ranges)
+        };
+        space.alloc.retain_within(&ranges);
+        space.info.iova_ranges = ranges;
+    }
+
+    /// Takes exactly `[iova, iova + size)` from the free ranges, if all of it is free.
+    pub(super) fn reserve_at(&mut self, iova: u64, size: u64) -> bool {
+        self.alloc.reserve_at(iova, size)
+    }
+
+    pub(super) fn new(info: IommuInfo) -> IovaSpace {
+        let ranges = if info.iova_ranges.is_empty() {
+            // Kernels before 5.4 report no ranges: stay below 39 bits, which every
+            // IOMMU we know of covers.
+            vec![0..=(1u64 << 39) - 1]
+        } else {
+            info.iova_ranges.clone()
+        };
+        IovaSpace {
+            id: SpaceId::next(),
+            alloc: IovaAllocator::new(&ranges),
+            info,
+            leaked: Vec::new(),
+        }
+    }
+
+    /// An IOVA range of `size` bytes for memory on pages of `page_size` bytes: aligned to
+    /// that page size (so the IOMMU can map a huge page with one entry) or to the IOMMU's
+    /// smallest page, whichever is larger.
+    pub(super) fn reserve(&mut self, size: u64, page_size: u64) -> Result<u64, VfioError> {
+        let align = page_size.max(self.info.min_page_size());
+        self.alloc
+            .alloc(size, align)
+            .ok_or(VfioError::IovaExhausted { size })
+    }
+
+    /// The map ioctl failed: nothing was mapped, the range is free again.
+    pub(super) fn map_failed(&mut self, iova: u64, size: u64) {
+        self.alloc.free(iova, size);
+    }
+
+    /// The unmap ioctl returned `result` (bytes unmapped). Frees the range only when all
+    /// of it was unmapped; otherwise records it as leaked.
+    pub(super) fn unmapped(
+        &mut self,
+        iova: u64,
+        size: u64,
+        result: io::Result<u64>,
+    ) -> Result<(), VfioError> {
+        match result {
+            Ok(n) if n == size => {
+                self.alloc.free(iova, size);
+                Ok(())
+            }
+            Ok(n) => {
+                self.leaked.push((iova, size));
+                Err(VfioError::Unmap {
+                    iova,
+                    size,
+                    unmapped: Some(n),
+                    source: None,
+                })
+            }
+            Err(source) => {
+                self.leaked.push((iova, size));
+                Err(VfioError::Unmap {
+                    iova,
+                    size,
+                    unmapped: None,
+                    source: Some(source),
+                })
+            }
+        }
+    }
+}
+
+/// The IOVAs that lie both in one of `a` and in one of `b` (inclusive ranges, in any
+/// order, possibly overlapping): sorted, disjoint ranges, neighbours that touch merged.
+pub(super) fn intersect_ranges(
+    a: &[RangeInclusive<u64>],
+    b: &[RangeInclusive<u64>],
+) -> Vec<RangeInclusive<u64>> {
+    intersect(
+        a.iter().map(|r| (*r.start(), *r.end())),
+        b.iter().map(|r| (*r.start(), *r.end())),
+    )
+    .into_iter()
+    .map(|(s, e)| s..=e)
+    .collect()
+}
+
+/// [`intersect_ranges`] over (start, end inclusive) pairs.
+fn intersect(
+    a: impl Iterator<Item = (u64, u64)>,
+    b: impl Iterator<Item = (u64, u64)> + Clone,
+) -> Vec<(u64, u64)> {
+    let mut pieces = Vec::new();
+    for (s, e) in a {
+        for (rs, re) in b.clone() {
+            let (lo, hi) = (s.max(rs), e.min(re));
+            if lo <= hi {
+                pieces.push((lo, hi));
+            }
+        }
+    }
+    pieces.sort_unstable();
+    // Overlapping inputs give overlapping pieces: merge them (and touching ones), so the
+    // result is disjoint.
+    let mut merged: Vec<(u64, u64)> = Vec::with_capacity(pieces.len());
+    for (s, e) in pieces {
+        match merged.last_mut() {
+            Some(last) if s <= last.1.saturating_add(1) => last.1 = last.1.max(e),
+            _ => merged.push((s, e)),
+        }
+    }
+    merged
+}
+
+/// Hands out IOVA ranges from the ranges the IOMMU accepts (QEMU's intel-iommu: 39 bits),
+/// first fit, aligned, and takes them back.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IovaAllocator {
+    // Free extents as (start, end inclusive), sorted and disjoint.
+    free: Vec<(u64, u64)>,
+}
+
+impl IovaAllocator {
+    /// An allocator over `ranges` (inclusive). IOVA 0 is never handed out, so that a zero
+    /// address in a descriptor always means "unset".
+    pub fn new(ranges: &[RangeInclusive<u64>]) -> Self {
+        let mut free: Vec<(u64, u64)> = ranges
+            .iter()
+            .map(|r| ((*r.start()).max(PAGE as u64), *r.end()))
+            .filter(|(s, e)| s <= e)
+            .collect();
+        free.sort_unstable();
+        IovaAllocator { free }
+    }
+
+    /// Reserves `size` bytes aligned to `align` (a power of two). `None` when no free
+    /// extent is large enough.
+    pub fn alloc(&mut self, size: u64, align: u64) -> Option<u64> {
+        if size == 0 || !align.is_power_of_two() {
+            return None;
+        }
+        for i in 0..self.free.len() {
+            let (start, end) = self.free[i];
+            let Some(at) = start.checked_next_multiple_of(align) else {
+                continue;
+            };
+            let Some(last) = at.checked_add(size - 1) else {
+                continue;
+            };
+            if at > end || last > end {
+                continue;
+            }
+            // Split the extent around [at, last].
+            let mut rest = Vec::with_capacity(2);
+            if start < at {
+                rest.push((start, at - 1));
+            }
+            if last < end {
+                rest.push((last + 1, end));
+            }
+            self.free.splice(i..=i, rest);
+            return Some(at);
+        }
+        None
+    }
+
+    /// Takes exactly `[iova, iova + size)`, if it lies inside one free extent; false (and
+    /// nothing taken) otherwise.
+    pub fn reserve_at(&mut self, iova: u64, size: u64) -> bool {
+        let Some(last) = size.checked_sub(1).and_then(|s| iova.checked_add(s)) else {
+            return false;
+        };
+        let Some(i) = self.free.iter().position(|&(s, e)| s <= iova && last <= e) else {
+            return false;
+        };
+        let (start, end) = self.free[i];
+        let mut rest = Vec::with_capacity(2);
+        if start < iova {
+            rest.push((start, iova - 1));
+        }
+        if last < end {
+            rest.push((last + 1, end));
+        }
+        self.free.splice(i..=i, rest);
+        true
+    }
+
+    /// Keeps only the free IOVAs that lie inside `ranges` (inclusive).
+    pub fn retain_within(&mut self, ranges: &[RangeInclusive<u64>]) {
+        self.free = intersect(
+            self.free.iter().copied(),
+            ranges.iter().map(|r| (*r.start(), *r.end())),
+        );
+    }
+
+    /// Returns [iova, iova + size) to the free extents, merging neighbours.
+    pub fn free(&mut self, iova: u64, size: u64) {
+        if size == 0 {
+            return;
+        }
+        let end = iova.saturating_add(size - 1);
+        let i = self.free.partition_point(|&(s, _)| s < iova);
+        self.free.insert(i, (iova, end));
+        // Merge with the next, then the previous.
+        if i + 1 < self.free.len() && self.free[i].1.checked_add(1) == Some(self.free[i + 1].0) {
+            self.free[i].1 = self.free[i + 1].1;
+            self.free.remove(i + 1);
+        }
+        if i > 0 && self.free[i - 1].1.checked_add(1) == Some(self.free[i].0) {
+            self.free[i - 1].1 = self.free[i].1;
+            self.free.remove(i);
+        }
+    }
+
+    /// Bytes free.
+    pub fn available(&self) -> u64 {
+        self.free.iter().map(|(s, e)| (e - s).saturating_add(1)).sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::vfio::dma::HUGE_PAGE;
+    use proptest::prelude::*;
+
+    #[test]
+    fn huge_buffers_get_iovas_aligned_to_their_pages() {
+        let info = IommuInfo {
+            page_sizes: 0x1000,
+            iova_ranges: vec![0..=(1 << 39) - 1],
+        };
+        let mut space = IovaSpace::new(info);
+        space.reserve(PAGE as u64, PAGE as u64).unwrap();
+        let two = space.reserve(HUGE_PAGE as u64, HUGE_PAGE as u64).unwrap();
+        assert_eq!(two % HUGE_PAGE as u64, 0);
+        let gib = space.reserve(1 << 30, 1 << 30).unwrap();
+        assert_eq!(gib % (1 << 30), 0);
+        // Never below the IOMMU's own page size.
+        let mut coarse = IovaSpace::new(IommuInfo {
+            page_sizes: 0x1_0000,
+            iova_ranges: vec![0..=(1 << 39) - 1],
+        });
+        assert_eq!(coarse.reserve(PAGE as u64, PAGE as u64).unwrap() % 0x1_0000, 0);
+    }
+
+    #[test]
+    fn iova_returns_only_after_a_successful_unmap() {
+        let info = IommuInfo {
+            page_sizes: 0x1000,
+            iova_ranges: vec![0..=(1 << 20) - 1],
+        };
+        let mut space = IovaSpace::new(info);
+        let before = space.alloc.available();
+        let a = space.reserve(0x4000, PAGE as u64).unwrap();
+        let b = space.reserve(0x4000, PAGE as u64).unwrap();
+        // b's unmap fails: its range is never handed out again.
+        let e = space
+            .unmapped(b, 0x4000, Err(io::Error::from_raw_os_error(nix::libc::EBUSY)))
+            .unwrap_err();
+        assert!(matches!(e, VfioError::Unmap { iova, unmapped: None, source: Some(_), .. } if iova == b));
+        // a's unmap covers only part: leaked as well.
+        assert!(space.unmapped(a, 0x4000, Ok(0x1000)).is_err());
+        assert_eq!(space.leaked, vec![(b, 0x4000), (a, 0x4000)]);
+        assert_eq!(space.alloc.available(), before - 0x8000);
+        for _ in 0..((1 << 20) / 0x4000) {
+            if let Ok(x) = space.reserve(0x4000, PAGE as u64) {
+                assert!(
+                    x + 0x4000 <= a.min(b) || x >= a.max(b) + 0x4000,
+                    "leaked IOVA {x:#x} reused"
+                );
+            }
+        }
+        // A successful unmap frees.
+        let mut space = IovaSpace::new(space.info.clone());
+        let c = space.reserve(0x4000, PAGE as u64).unwrap();
+        space.unmapped(c, 0x4000, Ok(0x4000)).unwrap();
+        assert_eq!(space.alloc.available(), before);
+        let d = space.reserve(0x2000, PAGE as u64).unwrap();
+        space.map_failed(d, 0x2000);
+        assert_eq!(space.alloc.available(), before);
+    }
+
+    #[test]
+    fn iovas_stay_inside_a_39_bit_space() {
+        let top = (1u64 << 39) - 1;
+        let mut a = IovaAllocator::new(&[0..=0xfedf_ffff, 0xfef0_0000..=top]);
+        let x = a.alloc(1 << 20, 1 << 21).unwrap();
+        assert_eq!(x % (1 << 21), 0);
+        assert!(x >= PAGE as u64);
+        let big = a.alloc(1 << 36, 1 << 12).unwrap();
+        assert!(big + (1 << 36) - 1 <= top);
+        assert!(a.alloc(1 << 40, 4096).is_none());
+        a.free(x, 1 << 20);
+        a.free(big, 1 << 36);
+        assert_eq!(a, IovaAllocator::new(&[0..=0xfedf_ffff, 0xfef0_0000..=top]));
+    }
+
+    #[test]
+    fn fixed_iovas_are_taken_exactly_once() {
+        let mut a = IovaAllocator::new(&[0..=0xffff_ffff]);
+        assert!(a.reserve_at(0x10_0000, 0x2000));
+        assert!(!a.reserve_at(0x10_1000, 0x1000), "already taken");
+        assert!(!a.reserve_at(0, 0x1000), "IOVA 0 is never handed out");
+        assert!(!a.reserve_at(0xffff_f000, 0x2000), "runs past the range");
+        assert!(!a.reserve_at(0x1000, 0), "empty");
+        assert!(!a.reserve_at(u64::MAX, 2), "wraps");
+        // The allocator goes around it.
+        let x = a.alloc(0x10_0000, 0x1000).unwrap();
+        assert!(x + 0x10_0000 <= 0x10_0000 || x >= 0x10_2000);
+        a.free(x, 0x10_0000);
+        a.free(0x10_0000, 0x2000);
+        assert_eq!(a, IovaAllocator::new(&[0..=0xffff_ffff]));
+    }
+
+    #[test]
+    fn a_second_device_narrows_what_is_free() {
+        // A first device attached: everything below 2^39; a second one reserves the MSI
+        // window, which is free, and keeps the rest.
+        let top = (1u64 << 39) - 1;
+        let info = |ranges: Vec<RangeInclusive<u64>>| IommuInfo {
+            page_sizes: 4096,
+            iova_ranges: ranges,
+        };
+        let mut space = IovaSpace::exact(info(vec![0..=top]));
+        let a = space.reserve(PAGE as u64, PAGE as u64).unwrap();
+        space.narrow(info(vec![0..=0xfedf_ffff, 0xfef0_0000..=top]));
+        assert_eq!(space.info.iova_ranges.len(), 2);
+        assert!(
+            !space.reserve_at(0xfee0_0000, PAGE as u64),
+            "the MSI window is gone"
+        );
+        assert!(space.reserve_at(0xfef0_0000, PAGE as u64));
+        // What was mapped before stays mapped: not handed out again.
+        assert!(!space.reserve_at(a, PAGE as u64));
+        // An IOAS that reports no range lets nothing be mapped.
+        let mut none = IovaSpace::exact(info(vec![]));
+        assert!(matches!(
+            none.reserve(PAGE as u64, PAGE as u64),
+            Err(VfioError::IovaExhausted { .. })
+        ));
+    }
+
+    #[test]
+    fn ranges_intersect() {
+        let top = (1u64 << 39) - 1;
+        assert_eq!(
+            intersect_ranges(&[0..=top], &[0..=0xfedf_ffff, 0xfef0_0000..=(1 << 48) - 1]),
+            vec![0..=0xfedf_ffff, 0xfef0_0000..=top]
+        );
+        // Order does not matter, touching ends count, and nothing in common is nothing.
+        assert_eq!(
+            intersect_ranges(&[0x3000..=0x3fff, 0x1000..=0x1fff], &[0x1fff..=0x3000]),
+            vec![0x1fff..=0x1fff, 0x3000..=0x3000]
+        );
+        assert_eq!(intersect_ranges(&[0..=0xfff], &[0x1000..=0x1fff]), vec![]);
+        assert_eq!(intersect_ranges(&[], &[0..=u64::MAX]), vec![]);
+        assert_eq!(
+            intersect_ranges(&[0..=u64::MAX], &[5..=u64::MAX]),
+            vec![5..=u64::MAX]
+        );
+        // Overlapping input ranges give one output range, not two.
+        assert_eq!(intersect_ranges(&[0..=10, 5..=20], &[0..=u64::MAX]), vec![0..=20]);
+    }
+
+    // Type1: the first group sets the space up from VFIO_IOMMU_GET_INFO; each later group's
+    // GET_INFO narrows it to what every group allows.
+    #[test]
+    fn each_attached_group_narrows_the_type1_space() {
+        let top = (1u64 << 39) - 1;
+        let info = |page_sizes: u64, ranges: Vec<RangeInclusive<u64>>| IommuInfo {
+            page_sizes,
+            iova_ranges: ranges,
+        };
+        let mut slot = None;
+        IovaSpace::group_attached(&mut slot, info(0x4020_1000, vec![0..=top]));
+        let space = slot.as_mut().unwrap();
+        let a = space.reserve(0x1000, 0x1000).unwrap();
+        // A second group behind an IOMMU with a reserved MSI window and 48 bits.
+        IovaSpace::group_attached(
+            &mut slot,
+            info(0x20_1000, vec![0..=0xfedf_ffff, 0xfef0_0000..=(1 << 48) - 1]),
+        );
+        let space = slot.as_mut().unwrap();
+        assert_eq!(space.info.iova_ranges, vec![0..=0xfedf_ffff, 0xfef0_0000..=top]);
+        assert_eq!(space.info.page_sizes, 0x20_1000, "page sizes both IOMMUs have");
+        assert!(!space.reserve_at(0xfee0_0000, 0x1000), "the MSI window is gone");
+        assert!(
+            !space.reserve_at(1 << 39, 0x1000),
+            "above what the first group allows"
+        );
+        assert!(space.reserve_at(0xfef0_0000, 0x1000));
+        assert!(!space.reserve_at(a, 0x1000), "what was mapped stays taken");
+        // A third group whose kernel reports no ranges (before Linux 5.4) narrows nothing.
+        IovaSpace::group_attached(&mut slot, info(0x1000, vec![]));
+        let space = slot.as_mut().unwrap();
+        assert_eq!(space.info.iova_ranges, vec![0..=0xfedf_ffff, 0xfef0_0000..=top]);
+        assert_eq!(space.info.page_sizes, 0x1000);
+        assert!(space.reserve_at(0x10_0000, 0x1000));
+    }
+
+    // GET_INFO's answer for a type1 IOMMU with these ranges (no page sizes), as
+    // sys::iommu_get_info returns it.
+    fn type1_info(ranges: &[(u64, u64)]) -> Vec<u8> {
+        let mut b = vec![0u8; 24 + 16 + ranges.len() * 16];
+        let len = b.len() as u32;
+        b[0..4].copy_from_slice(&len.to_ne_bytes());
+        b[4..8].copy_from_slice(&2u32.to_ne_bytes()); // VFIO_IOMMU_INFO_CAPS
+        b[8..16].copy_from_slice(&0x1000u64.to_ne_bytes());
+        b[16..20].copy_from_slice(&24u32.to_ne_bytes());
+        b[24..26].copy_from_slice(&1u16.to_ne_bytes()); // IOVA range capability
+        b[32..36].copy_from_slice(&(ranges.len() as u32).to_ne_bytes());
+        for (i, (start, end)) in ranges.iter().enumerate() {
+            b[40 + i * 16..48 + i * 16].copy_from_slice(&start.to_ne_bytes());
+            b[48 + i * 16..56 + i * 16].copy_from_slice(&end.to_ne_bytes());
+        }
+        b
+    }
+
+    /// A type1 container's ioctls, scripted: whether it has an IOMMU, its ranges, and
+    /// what was called.
+    struct Type1 {
+        iommu: std::cell::Cell<bool>,
+        ranges: Vec<(u64, u64)>,
+        calls: std::cell::RefCell<Vec<&'static str>>,
+        fail: Option<i32>,
+    }
+
+    impl Type1 {
+        fn new(ranges: &[(u64, u64)]) -> Type1 {
+            Type1 {
+                iommu: false.into(),
+                ranges: ranges.to_vec(),
+                calls: Vec::new().into(),
+                fail: None,
+            }
+        }
+        fn attach(&self, slot: &mut Option<IovaSpace>) -> Result<Option<IovaSpace>, VfioError> {
+            self.calls.borrow_mut().clear();
+            IovaSpace::attach_type1(
+                slot,
+                || {
+                    self.calls.borrow_mut().push("GET_INFO");
+                    match (self.fail, self.iommu.get()) {
+                        (Some(errno), _) => Err(io::Error::from_raw_os_error(errno)),
+                        (None, true) => Ok(type1_info(&self.ranges)),
+                        (None, false) => Err(io::Error::from_raw_os_error(nix::libc::EINVAL)),
+                    }
+                },
+                || {
+                    self.calls.borrow_mut().push("SET_IOMMU");
+                    self.iommu.set(true);
+                    Ok(())
+                },
+            )
+        }
+        fn calls(&self) -> Vec<&'static str> {
+            self.calls.borrow().clone()
+        }
+    }
+
+    // The IOMMU of a type1 container can go (every group left it: their devices were
+    // removed) and come back (a group attached again): each time a new space, and a
+    // region of the old one is no longer held.
+    #[test]
+    fn a_lost_iommu_is_set_up_again_in_a_new_space() {
+        let mut kernel = Type1::new(&[(0, (1 << 30) - 1)]);
+        let mut slot = None;
+        // The first group sets the IOMMU up.
+        assert!(kernel.attach(&mut slot).unwrap().is_none());
+        assert_eq!(kernel.calls(), ["SET_IOMMU", "GET_INFO"]);
+        let first = slot.as_ref().unwrap().id();
+        let a = slot.as_mut().unwrap().reserve(0x1000, 0x1000).unwrap();
+        slot.as_mut()
+            .unwrap()
+            .unmapped(0x40_0000, 0x1000, Ok(0))
+            .unwrap_err();
+        assert!(IovaSpace::holds(&slot, first));
+        // A second group while the IOMMU is there narrows the same space.
+        kernel.ranges = vec![(0, (1 << 29) - 1)];
+        assert!(kernel.attach(&mut slot).unwrap().is_none());
+        assert_eq!(kernel.calls(), ["GET_INFO"]);
+        assert!(IovaSpace::holds(&slot, first));
+        assert_eq!(slot.as_ref().unwrap().info.iova_ranges, vec![0..=(1 << 29) - 1]);
+
+        // Every group left (the kernel released the IOMMU); a group attached again finds
+        // none: set up again, in a new space.
+        kernel.iommu.set(false);
+        let old = kernel.attach(&mut slot).unwrap().expect("the old space");
+        assert_eq!(kernel.calls(), ["GET_INFO", "SET_IOMMU", "GET_INFO"]);
+        assert_eq!((old.id(), old.leaked.len()), (first, 1));
+        let second = slot.as_ref().unwrap().id();
+        assert_ne!(second, first);
+        assert!(
+            !IovaSpace::holds(&slot, first),
+            "the old region's IOMMU is not this one"
+        );
+        assert!(IovaSpace::holds(&slot, second));
+        assert!(slot.as_ref().unwrap().leaked.is_empty());
+        assert_eq!(slot.as_ref().unwrap().info.iova_ranges, vec![0..=(1 << 29) - 1]);
+        assert_eq!(
+            slot.as_mut().unwrap().reserve(0x1000, 0x1000).unwrap(),
+            a,
+            "the IOVA is free again"
+        );
+
+        // GET_INFO failing otherwise fails the attach and keeps the space.
+        kernel.fail = Some(nix::libc::EFAULT);
+        assert!(matches!(
+            kernel.attach(&mut slot),
+            Err(VfioError::Ioctl {
+                ioctl: "VFIO_IOMMU_GET_INFO",
+                ..
+            })
+        ));
+        assert!(IovaSpace::holds(&slot, second));
+
+        // Found gone elsewhere (a failed unmap): the space goes once.
+        assert_eq!(IovaSpace::iommu_gone(&mut slot).map(|s| s.id()), Some(second));
+        assert!(IovaSpace::iommu_gone(&mut slot).is_none());
+        assert!(!IovaSpace::holds(&slot, second));
+    }
+
+    #[test]
+    fn an_einval_unmap_is_done_only_when_the_iommu_is_gone() {
+        let einval = || Err(io::Error::from_raw_os_error(nix::libc::EINVAL));
+        assert!(matches!(
+            UnmapAnswer::of(einval(), || true),
+            UnmapAnswer::IommuGone
+        ));
+        assert!(matches!(
+            UnmapAnswer::of(einval(), || false),
+            UnmapAnswer::Answered(Err(e)) if e.raw_os_error() == Some(nix::libc::EINVAL)
+        ));
+        // Only EINVAL makes it ask.
+        let asked = std::cell::Cell::new(false);
+        let gone = || {
+            asked.set(true);
+            true
+        };
+        let ebusy = Err(io::Error::from_raw_os_error(nix::libc::EBUSY));
+        assert!(matches!(
+            UnmapAnswer::of(ebusy, gone),
+            UnmapAnswer::Answered(Err(_))
+        ));
+        assert!(matches!(
+            UnmapAnswer::of(Ok(0x1000), gone),
+            UnmapAnswer::Answered(Ok(0x1000))
+        ));
+        assert!(!asked.get());
+    }
+
+    proptest! {
+        #[test]
+        fn intersection_holds_what_both_hold(
+            a in proptest::collection::vec((0u64..1 << 12, 0u64..1 << 10), 0..6),
+            b in proptest::collection::vec((0u64..1 << 12, 0u64..1 << 10), 0..6),
+        ) {
+            let ranges = |v: &[(u64, u64)]| -> Vec<RangeInclusive<u64>> { v.iter().map(|&(s, l)| s..=s + l).collect() };
+            let (a, b) = (ranges(&a), ranges(&b));
+            let both = intersect_ranges(&a, &b);
+            for w in both.windows(2) {
+                prop_assert!(w[0].end().saturating_add(1) < *w[1].start(), "sorted, disjoint, not touching");
+            }
+            for probe in 0u64..(1 << 12) + (1 << 10) {
+                let want = a.iter().any(|r| r.contains(&probe)) && b.iter().any(|r| r.contains(&probe));
+                prop_assert_eq!(both.iter().any(|r| r.contains(&probe)), want, "IOVA {:#x}", probe);
+            }
+        }
+
+        #[test]
+        fn narrowing_keeps_only_what_both_allow(
+            cuts in proptest::collection::vec((0u64..1 << 16, 1u64..1 << 12), 0..8),
+        ) {
+            let mut a = IovaAllocator::new(&[0..=(1u64 << 16) - 1]);
+            let ranges: Vec<RangeInclusive<u64>> = cuts.iter().map(|&(s, l)| s..=s + l - 1).collect();
+            a.retain_within(&ranges);
+            let allowed = |iova: u64| iova >= PAGE as u64 && iova < 1 << 16 && ranges.iter().any(|r| r.contains(&iova));
+            for probe in (0u64..1 << 16).step_by(97) {
+                prop_assert_eq!(a.clone().reserve_at(probe, 1), allowed(probe), "IOVA {:#x}", probe);
+            }
+            // Disjoint extents: what is free is exactly what is allowed, counted once.
+            prop_assert_eq!(a.available(), (0u64..1 << 16).filter(|&i| allowed(i)).count() as u64);
+        }
+
+        #[test]
+        fn allocations_never_overlap_and_free_restores(sizes in proptest::collection::vec((1u64..1 << 24, 12u32..22), 1..40)) {
+            let ranges = [0..=(1u64 << 32) - 1, (1 << 33)..=(1u64 << 39) - 1];
+            let mut a = IovaAllocator::new(&ranges);
+            let before = a.available();
+            let mut got: Vec<(u64, u64)> = Vec::new();
+            for (size, align) in sizes {
+                if let Some(at) = a.alloc(size, 1 << align) {
+                    prop_assert_eq!(at % (1 << align), 0);
+                    prop_assert!(ranges.iter().any(|r| r.contains(&at) && r.contains(&(at + size - 1))));
+                    for &(s, l) in &got {
+                        prop_assert!(at + size <= s || s + l <= at, "overlap");
+                    }
+                    got.push((at, size));
+                }
+            }
+            for (s, l) in got {
+                a.free(s, l);
+            }
+            prop_assert_eq!(a.available(), before);
+            prop_assert_eq!(a, IovaAllocator::new(&ranges));
+        }
+    }
+}
