@@ -187,20 +187,28 @@ fn write_stamps(bus: &mut Bus<VfioAttach>, address: PciAddress, seed: u64) -> Re
         .ok_or("no controller")?;
     let ns = c.namespace(1).ok_or("no namespace 1")?.clone();
     let bs = ns.block_size as usize;
-    let buf = c.alloc_buffer(bs * STAMP_BLOCKS as usize).map_err(|e| e.to_string())?;
+    let buf = c
+        .alloc_buffer(bs * STAMP_BLOCKS as usize)
+        .map_err(|e| e.to_string())?;
     for i in 0..STAMP_BLOCKS {
         buf.write_at(i as usize * bs, &stamp(STAMP_LBA + i, seed, bs))
             .ok_or("buffer write out of range")?;
     }
     let mut q = c.io_queue(8).map_err(|e| e.to_string())?;
-    q.write(1, STAMP_LBA, STAMP_BLOCKS, &buf, 0).map_err(|e| e.to_string())?;
+    q.write(1, STAMP_LBA, STAMP_BLOCKS, &buf, 0)
+        .map_err(|e| e.to_string())?;
     q.flush(1).map_err(|e| e.to_string())?;
     println!("matrix: stamped lba={STAMP_LBA} blocks={STAMP_BLOCKS} seed={seed} block_size={bs}");
     Ok(())
 }
 
 // What the scan thread saw wrong: values or timeouts of blocking attributes of `watch`.
-fn scan_loop(watch: Vec<PciAddress>, stop: Arc<AtomicBool>, bad: Arc<parking_lot::Mutex<Vec<String>>>, scans: Arc<AtomicU64>) {
+fn scan_loop(
+    watch: Vec<PciAddress>,
+    stop: Arc<AtomicBool>,
+    bad: Arc<parking_lot::Mutex<Vec<String>>>,
+    scans: Arc<AtomicU64>,
+) {
     let scanner = BlockingAttr::ALL.into_iter().fold(
         Scanner::new(SysfsRoot::new(SYS)).timeout(Duration::from_secs(2)),
         Scanner::read_blocking,
@@ -210,7 +218,10 @@ fn scan_loop(watch: Vec<PciAddress>, stop: Arc<AtomicBool>, bad: Arc<parking_lot
             for a in &watch {
                 let Some(d) = scan.get(*a) else { continue };
                 for p in &d.problems {
-                    if matches!(p.kind, ProblemKind::TimedOut { .. } | ProblemKind::NotStarted { .. }) {
+                    if matches!(
+                        p.kind,
+                        ProblemKind::TimedOut { .. } | ProblemKind::NotStarted { .. }
+                    ) {
                         bad.lock().push(format!("{a} {}: {}", p.attribute, p.kind));
                     }
                 }
@@ -237,7 +248,9 @@ fn hold(address: PciAddress, mode: Mode, bar_only: bool) -> Result<(), Vec<Strin
     let mut removal_seen = None;
     let mut leak_dropped = mode != Mode::Leak;
     {
-        let mut monitor = UeventMonitor::open().map_err(|e| vec![e.to_string()])?.pci_only(true);
+        let mut monitor = UeventMonitor::open()
+            .map_err(|e| vec![e.to_string()])?
+            .pci_only(true);
         let map = DeviceMap::new(Scanner::new(root.clone())).map_err(|e| vec![e.to_string()])?;
         let attach = VfioAttach::new(
             root.clone(),
@@ -248,8 +261,11 @@ fn hold(address: PciAddress, mode: Mode, bar_only: bool) -> Result<(), Vec<Strin
             },
         )
         .backend(backend());
-        let selection = Selection::from_args([("-a", address.to_string())]).map_err(|e| vec![e.to_string()])?;
-        let mut bus = Bus::new(map, attach).selection(selection).settle(Duration::from_millis(200));
+        let selection =
+            Selection::from_args([("-a", address.to_string())]).map_err(|e| vec![e.to_string()])?;
+        let mut bus = Bus::new(map, attach)
+            .selection(selection)
+            .settle(Duration::from_millis(200));
         bus.register(Box::new(MatrixDriver {
             table: [IdEntry::class(0x01_08_02, CLASS_EXACT)],
             mode,
@@ -307,7 +323,10 @@ fn hold(address: PciAddress, mode: Mode, bar_only: bool) -> Result<(), Vec<Strin
                     while progress.ios.load(Ordering::Relaxed) < 100 && t.elapsed() < Duration::from_secs(5) {
                         thread::sleep(Duration::from_millis(10));
                     }
-                    println!("matrix: I/O running ({} done)", progress.ios.load(Ordering::Relaxed));
+                    println!(
+                        "matrix: I/O running ({} done)",
+                        progress.ios.load(Ordering::Relaxed)
+                    );
                     load = Some((h, progress));
                 }
             }

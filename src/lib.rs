@@ -15,10 +15,11 @@
 //!   [`sysfs::details`] adds what `pcibus show` prints, [`sysfs::bind`] moves a device to
 //!   vfio-pci, [`sysfs::snapshot`] captures a tree;
 //! - [`removal`] keeps scans away from devices being removed: [`removal::pool`] runs the
-//!   reads that may block, [`removal::registry`] records pending removals;
+//!   reads that may block, [`removal::registry`] records pending removals,
+//!   [`removal::held`] the devices this process holds open, [`removal::claim`] one owner
+//!   per device across processes (which scans consult, so it sits below them);
 //! - [`bus`] decides which devices a driver gets: [`bus::id`] id tables with class masks,
-//!   [`bus::devargs`] DPDK's allow and block lists, [`bus::claim`] one owner per device
-//!   across processes, [`bus::Bus`] the probe loop that hands devices to [`bus::Driver`]s
+//!   [`bus::devargs`] DPDK's allow and block lists, [`bus::Bus`] the probe loop that hands devices to [`bus::Driver`]s
 //!   through [`bus::DeviceBacking`] and takes them back;
 //! - [`hotplug`] receives the kernel's uevents ([`hotplug::event`] parses them,
 //!   [`hotplug::monitor`] is the pollable netlink socket);

@@ -13,7 +13,8 @@
 
 pub mod attach;
 pub mod backing;
-pub mod claim;
+/// Claims moved below the scanner, to [`crate::removal::claim`]; this path stays for users.
+pub use crate::removal::claim;
 pub mod devargs;
 pub mod driver;
 pub mod id;

@@ -46,7 +46,6 @@ use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 
 use super::attach::{Attach, AttachError, Attached, Release};
 use super::backing::DeviceBacking;
-use super::claim::{Claim, ClaimDir, ClaimError, ClaimInfo};
 use super::devargs::Selection;
 use super::driver::{Driver, DriverError, DriverPanicked, ProbeDevice, ProbeOutcome, Removal, RemovalCause};
 use super::id::first_match;
@@ -54,6 +53,7 @@ use super::map::{Change, DeviceMap};
 use crate::addr::PciAddress;
 use crate::hotplug::event::{Action, Uevent};
 use crate::hotplug::monitor::{Event, EventSource, MonitorError};
+use crate::removal::claim::{Claim, ClaimDir, ClaimError, ClaimInfo};
 use crate::removal::registry::Reason;
 use crate::sysfs::bind::is_kernel_sysfs;
 use crate::sysfs::scan::{ScanError, SysfsRoot};

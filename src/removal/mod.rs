@@ -1,5 +1,7 @@
-//! Removal safety: the pool that runs reads which may block in the kernel, and the
-//! registry of devices whose removal is pending.
+//! Removal safety: the pool that runs reads which may block in the kernel, the registry of
+//! devices whose removal is pending, the devices this process holds ([`held`]), and the
+//! claims that tell every process who owns a device and whether it is releasing it
+//! ([`claim`]). Scans consult all four, so this layer sits below the scanner and the bus.
 //!
 //! A read of an attribute whose `show()` takes the device lock blocks for as long as a
 //! removal of that device is pending. [`pool::BlockingPool`] runs such reads on helper
@@ -37,12 +39,13 @@
 //!   named);
 //! - the PF of a VF whose removal is pending ([`registry::RemovalRegistry::pending_vf_of`]):
 //!   in this process (a REQ, a uevent) or in another (its claim says releasing and names
-//!   the PF, [`crate::bus::claim::ClaimInfo::physfn`]).
+//!   the PF, [`claim::ClaimInfo::physfn`]).
 //!
 //! The kernel removes a VF's `physfn` link (and the PF's `virtfnN`) *before* it removes
 //! the VF, so the VF→PF relation is learned beforehand: when the VF is opened, when a scan
 //! lists it, and from claim records.
 
+pub mod claim;
 pub mod held;
 pub mod pool;
 pub mod registry;

@@ -30,8 +30,8 @@ use std::time::{Duration, Instant};
 use parking_lot::{Condvar, Mutex};
 
 use crate::PciAddress;
-use crate::bus::claim::ClaimDir;
 use crate::record::{DeviceRecord, ProblemKind};
+use crate::removal::claim::ClaimDir;
 use crate::removal::held;
 use crate::removal::pool::BlockingPool;
 use crate::removal::registry::{DeviceIdentity, RemovalRegistry, StuckId};
@@ -379,7 +379,7 @@ impl Scanner {
     }
 
     /// Consults `dir` for claims other processes are releasing (see
-    /// [`ClaimDir::feed`](crate::bus::claim::ClaimDir::feed)): such devices count as
+    /// [`ClaimDir::feed`](crate::removal::claim::ClaimDir::feed)): such devices count as
     /// removal-pending in this scan's registry, and their blocking attributes are not read.
     /// By default a scan of the kernel's sysfs consults `ClaimDir::from_env()` (the host's
     /// claims describe the host's devices, not a fake tree's).

@@ -37,7 +37,7 @@
 //! `physfn` link, so the record is where other processes learn the relation.
 //!
 //! ```
-//! use pcibus::bus::claim::{ClaimDir, ClaimError, ClaimInfo};
+//! use pcibus::removal::claim::{ClaimDir, ClaimError, ClaimInfo};
 //! # let tmp = tempfile::tempdir().unwrap();
 //! let dir = ClaimDir::new(tmp.path().join("claims"));
 //! let nvme = "0000:01:00.0".parse().unwrap();
