@@ -241,7 +241,10 @@ fn hold(address: PciAddress, mode: Mode, bar_only: bool) -> Result<(), Vec<Strin
     let before = usage();
     let root = SysfsRoot::new(SYS);
     let physfn = pcibus::vfio::physfn(&root, address);
-    let seed = u64::from(std::process::id()) * 1000 + (Instant::now().elapsed().subsec_nanos() % 1000) as u64;
+    // Unique per run: the blocks read back must be this run's, not a previous cell's.
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as u64);
     let removed = Arc::new(AtomicBool::new(false));
     let t0 = Instant::now();
     let mut released_at = None;
@@ -289,17 +292,19 @@ fn hold(address: PciAddress, mode: Mode, bar_only: bool) -> Result<(), Vec<Strin
         for r in bus.probe_all() {
             if let Err(e) = &r.result {
                 println!("matrix: probe {}: {e}", r.address);
-                if mode != Mode::Probe {
+                if mode == Mode::Probe {
+                    // The device left while the driver probed it: the bus rolled back, and
+                    // what is left to check is that everything was released.
+                    removal_seen = Some(Instant::now());
+                } else {
                     fails.push(format!("probe {}: {e}", r.address));
                 }
             }
         }
         let mut load = None;
         if holds(&bus.held(), address) {
-            if !bar_only {
-                if let Err(e) = write_stamps(&mut bus, address, seed) {
-                    fails.push(format!("stamps: {e}"));
-                }
+            if !bar_only && let Err(e) = write_stamps(&mut bus, address, seed) {
+                fails.push(format!("stamps: {e}"));
             }
             if mode == Mode::Io && !bar_only {
                 let c = bus

@@ -205,3 +205,182 @@ qmp() {
 	echo "qmp $_qmp_id <- $QMP_REPLY ($(($(now_ms) - _qmp_t)) ms)" >&2
 	[ "$_qmp_rc" = 0 ]
 }
+
+# ---------------------------------------------------------------- the removal matrix
+# Issue 14 §6: each cell holds a device with `pcibus-matrix hold DEV MODE` (examples/
+# matrix.rs: a bus with the NVMe driver, in the state MODE), makes the device leave as
+# EVENT says once the holder is ready, and checks: the event's write returns, the holder
+# exits cleanly (its own checks: removal reported, claim gone, no scan timed out, fds and
+# locked memory back), no task stays in D state, no live claim is left, and the blocks
+# the holder stamped before the event read back through the kernel's driver afterwards.
+# Each cell prints `@@PCIBUS-MATRIX kernel=K backend=B event=E mode=M result=R ms=N
+# [why=...]`; MATRIX_FAILS counts the failed ones (the script fails at the end, so that
+# every cell is reported).
+
+MATRIX_FAILS=0
+
+# Tasks in D state now, one /proc/PID/task/TID per line.
+d_state_tasks() {
+	for _s in /proc/[0-9]*/task/[0-9]*/stat; do
+		[ "$(sed 's/.*) \(.\).*/\1/' "$_s" 2>/dev/null)" = D ] && echo "${_s%/stat}"
+	done
+}
+
+# Tasks in D state now and still 2 s later, with their stacks; nothing if none.
+stuck_tasks() {
+	_st_a=$(d_state_tasks)
+	[ -n "$_st_a" ] || return 0
+	sleep 2
+	_st_b=$(d_state_tasks)
+	for _st_t in $_st_a; do
+		if echo "$_st_b" | grep -qx "$_st_t"; then
+			echo "$_st_t ($(cat "$_st_t/comm" 2>/dev/null)) in D state for 2 s:"
+			cat "$_st_t/stack" 2>/dev/null
+		fi
+	done
+}
+
+# The NVMe block device of controller $1 (e.g. nvme0n1), once the kernel's driver has it.
+nvme_blockdev() {
+	for _nb in /sys/bus/pci/devices/"$1"/nvme/nvme*/nvme*n1; do
+		[ -e "$_nb" ] && { basename "$_nb"; return 0; }
+	done
+	return 1
+}
+
+# matrix_event EVENT DEV: what makes DEV leave (remove, unbind, sriov, unplug) or
+# disturbs it (reset: a function reset by another process; rmmod: vfio-pci unloaded).
+matrix_event() {
+	case $1 in
+	remove) echo 1 >"/sys/bus/pci/devices/$2/remove" ;;
+	unbind) echo "$2" >/sys/bus/pci/drivers/vfio-pci/unbind ;;
+	sriov) echo 0 >"/sys/bus/pci/devices/$MATRIX_PF/sriov_numvfs" ;;
+	unplug) qmp '{"execute":"device_del","arguments":{"id":"nvme0"}}' 30 ;;
+	reset) echo 1 >"/sys/bus/pci/devices/$2/reset" ;;
+	rmmod)
+		# An open vfio device pins its driver's module: the unload must be refused at
+		# once, not wait for the holder.
+		if rmmod vfio_pci 2>/tmp/rmmod.err; then
+			echo "rmmod vfio_pci succeeded while $2 was held"
+			insmod /lib/modules/vfio_pci.ko
+			return 1
+		fi
+		echo "rmmod refused: $(cat /tmp/rmmod.err)"
+		;;
+	*) echo "unknown event $1"; return 2 ;;
+	esac
+}
+
+# Puts controller $1 back on nvme after a cell (rescan if it was removed).
+matrix_restore() {
+	_mr=/sys/bus/pci/devices/$1
+	# After a QMP unplug the device must be plugged in again first (MATRIX_READD: the
+	# device_add command).
+	[ -e "$_mr" ] || [ -z "${MATRIX_READD:-}" ] || qmp "$MATRIX_READD" 30 || return 1
+	[ -e "$_mr" ] || echo 1 >/sys/bus/pci/rescan
+	wait_for 10 test -e "$_mr" || return 1
+	driver_is "$1" nvme || pcibus bind "$1" nvme >/dev/null || return 1
+	wait_for 20 driver_is "$1" nvme
+}
+
+_matrix_result() {
+	echo "@@PCIBUS-MATRIX kernel=$PCIBUS_KERNEL backend=$PCIBUS_VFIO_BACKEND event=$1 mode=$2 result=$3 ms=$4${5:+ why=$5}"
+	[ "$3" = FAIL ] && MATRIX_FAILS=$((MATRIX_FAILS + 1))
+	return 0
+}
+
+# matrix_cell EVENT MODE DEV [--bar-only]: one cell (see above). With --bar-only (an
+# offline VF) no blocks are stamped or checked, and the device is not restored.
+matrix_cell() {
+	_ev=$1
+	_mode=$2
+	_dev=$3
+	_opt=${4:-}
+	_out=/tmp/matrix-$_ev-$_mode.out
+	_why=
+	echo "--- cell: $_ev while $_mode ($_dev)"
+	_t0=$(now_ms)
+	pcibus-matrix hold "$_dev" "$_mode" $_opt >"$_out" 2>&1 &
+	_hpid=$!
+	_n=400
+	until grep -q "matrix: ready\|matrix: probing" "$_out" || [ "$(proc_state $_hpid)" = gone ] ||
+		[ "$(proc_state $_hpid)" = Z ] || [ $_n -le 0 ]; do
+		_n=$((_n - 1))
+		sleep 0.1
+	done
+	if ! grep -q "matrix: ready\|matrix: probing" "$_out"; then
+		cat "$_out"
+		kill $_hpid 2>/dev/null
+		_matrix_result "$_ev" "$_mode" FAIL $(($(now_ms) - _t0)) "holder never ready"
+		matrix_restore "$_dev"
+		return 0
+	fi
+	# In probe mode the probe sleeps 3 s: act in the middle of it.
+	[ "$_mode" = probe ] && sleep 1
+	_te=$(now_ms)
+	rm -f /tmp/matrix-ev
+	(
+		matrix_event "$_ev" "$_dev"
+		echo "$? $(($(now_ms) - _te))" >/tmp/matrix-ev
+	) >/tmp/matrix-ev.out 2>&1 &
+	_epid=$!
+	# A disturbance does not make the device leave: once it is over, an unbind does.
+	case $_ev in reset | rmmod)
+		wait_gone 20 $_epid || _why="$_ev did not return within 20 s"
+		echo "$_dev" >/sys/bus/pci/drivers/vfio-pci/unbind &
+		;;
+	esac
+	if wait_gone 45 $_hpid; then
+		wait $_hpid
+		_hrc=$?
+	else
+		_hrc=stuck
+		echo "holder still running after 45 s; threads: $(thread_states $_hpid)"
+		for _s in /proc/$_hpid/task/*/stack; do
+			[ -r "$_s" ] && { echo "$_s:"; cat "$_s"; }
+		done
+	fi
+	wait_gone 20 $_epid || true
+	cat "$_out"
+	cat /tmp/matrix-ev.out 2>/dev/null
+	_evr=stuck
+	[ -r /tmp/matrix-ev ] && read -r _evr _evms </tmp/matrix-ev
+	echo "event $_ev returned $_evr after ${_evms:-?} ms; holder exit $_hrc"
+	_stuck=$(stuck_tasks)
+	[ -n "$_stuck" ] && echo "$_stuck"
+	[ "$_evr" = 0 ] || _why="${_why:+$_why; }the $_ev event returned $_evr"
+	[ "$_hrc" = 0 ] || _why="${_why:+$_why; }the holder exited $_hrc"
+	[ -z "$_stuck" ] || _why="${_why:+$_why; }tasks stuck in D state"
+	if pcibus claims --json 2>/dev/null | grep "$_dev" | grep -q '"live":true'; then
+		_why="${_why:+$_why; }a live claim is left"
+	fi
+	if [ "$_opt" != --bar-only ]; then
+		if matrix_restore "$_dev"; then
+			_seed=$(sed -n 's/.*matrix: stamped .* seed=\([0-9]*\).*/\1/p' "$_out")
+			_blk=
+			wait_for 10 nvme_blockdev "$_dev" && _blk=$(nvme_blockdev "$_dev")
+			if [ -z "$_seed" ]; then
+				[ "$_mode" = probe ] || _why="${_why:+$_why; }no blocks were stamped"
+			elif [ -z "$_blk" ]; then
+				_why="${_why:+$_why; }no block device after the restore"
+			else
+				_got=$(dd if="/dev/$_blk" bs=512 skip=4096 count=8 2>/dev/null |
+					grep -o "pcibus-matrix lba=[0-9]* seed=$_seed" | wc -l)
+				echo "stamps read back through /dev/$_blk: $_got of 8"
+				[ "$_got" = 8 ] || _why="${_why:+$_why; }$_got of 8 stamped blocks read back"
+			fi
+		else
+			_why="${_why:+$_why; }$_dev did not come back on nvme"
+		fi
+	fi
+	if [ -z "$_why" ]; then
+		_matrix_result "$_ev" "$_mode" PASS $(($(now_ms) - _t0))
+	else
+		_matrix_result "$_ev" "$_mode" FAIL $(($(now_ms) - _t0)) "$_why"
+	fi
+}
+
+# matrix_done: fail the test if a cell failed.
+matrix_done() {
+	[ "$MATRIX_FAILS" = 0 ] || fail "$MATRIX_FAILS cell(s) of the removal matrix failed (@@PCIBUS-MATRIX lines)"
+}

@@ -1,0 +1,17 @@
+#!/bin/sh
+# The removal matrix (issue 14 §6), the row for sysfs `remove` (the kernel asks the holder
+# to let go through the REQ, holding the device lock), against every holder state of
+# examples/matrix.rs (idle, mid-I/O at QD 32, mid-probe, a driver that leaks a handle, a
+# driver that panics in remove, a scan with every blocking attribute at the same moment).
+# See matrix_cell in lib.sh for what each cell checks.
+# pcibus-timeout: 240
+. "$PCIBUS_LIB"
+only_profiles nvme
+need_pcibus
+
+pf=$(nvme_pf) || fail "no NVMe controller"
+wait_for 20 driver_is "$pf" nvme || fail "$pf not on nvme at start"
+for mode in idle io probe leak panic scan; do
+	matrix_cell remove "$mode" "$pf"
+done
+matrix_done
