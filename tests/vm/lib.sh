@@ -240,10 +240,14 @@ stuck_tasks() {
 	done
 }
 
-# The NVMe block device of controller $1 (e.g. nvme0n1), once the kernel's driver has it.
+# The block device of namespace 1 of controller $1 (e.g. nvme0n1), once the kernel's
+# driver has it. With native multipath (a controller in an nvme-subsys) the controller
+# has only the hidden path nvmeScCn1; the device node is the subsystem's nvmeSn1.
 nvme_blockdev() {
 	for _nb in /sys/bus/pci/devices/"$1"/nvme/nvme*/nvme*n1; do
-		[ -e "$_nb" ] && { basename "$_nb"; return 0; }
+		[ -e "$_nb" ] || continue
+		_nb=$(basename "$_nb" | sed 's/c[0-9]*n/n/')
+		[ -b "/dev/$_nb" ] && { echo "$_nb"; return 0; }
 	done
 	return 1
 }
