@@ -18,6 +18,8 @@
 //!                                    `echo 0 > PF/sriov_numvfs`; PF's attributes watched too
 //! pcibus-vmtest config-opens CMD...  run CMD; count the opens of every device's `config`
 //!                                    meanwhile (inotify)
+//! pcibus-vmtest replug ADDR N        one container: ADDR read by DMA, then N times removed,
+//!                                    rescanned, bound to vfio-pci, reopened, read again
 //! ```
 //!
 //! Built statically by tests/vm/run and installed in the guest as /usr/bin/pcibus-vmtest;
@@ -99,13 +101,17 @@ mod vmtest {
                 .map_err(err)
                 .and_then(|a| bus(a, secs.parse().map_err(err)?, 2)),
             ["config-opens", cmd @ ..] if !cmd.is_empty() => config_opens(cmd),
+            ["replug", addr, n] => addr
+                .parse()
+                .map_err(err)
+                .and_then(|a| replug(a, n.parse().map_err(err)?)),
             _ => Err(
                 "usage: pcibus-vmtest list-json | vfio-open ADDR | vfio-dma ADDR | dma-bench ADDR | \
                       hold ADDR SECONDS | seed ADDR | vfio-group ADDR ADDR | \
                       held-scan-exit ADDR [--pf PF] | \
                       claim-release ADDR SECONDS | try-claim ADDR | bus ADDR SECONDS | \
                       bus-replug ADDR SECONDS | kernel-perf BLOCKDEV QD SECONDS | \
-                      config-opens CMD [ARG...]"
+                      config-opens CMD [ARG...] | replug ADDR N"
                     .into(),
             ),
         };
@@ -1496,6 +1502,372 @@ mod vmtest {
         }
         println!("held-scan-exit: exiting {} after start", ms(t0.elapsed()));
         checks.done("held-scan-exit")
+    }
+
+    // --------------------------------------------------------------------- replug
+
+    /// The DMA regions of one Identify: admin SQ, admin CQ, data.
+    struct IdentifyDma {
+        sq: DmaRegion,
+        cq: DmaRegion,
+        data: DmaRegion,
+    }
+
+    impl IdentifyDma {
+        fn map(container: &Arc<Container>) -> Result<IdentifyDma, VfioError> {
+            Ok(IdentifyDma {
+                sq: container.alloc_dma(4096)?,
+                cq: container.alloc_dma(4096)?,
+                data: container.alloc_dma(4096)?,
+            })
+        }
+
+        /// Unmaps all three explicitly (what their drop does, but with the error) and
+        /// frees their buffers; returns the failures.
+        fn unmap(self) -> Vec<String> {
+            let mut failed = Vec::new();
+            for (what, region) in [("SQ", self.sq), ("CQ", self.cq), ("data", self.data)] {
+                let iova = region.iova();
+                if let Err(e) = region.unmap() {
+                    failed.push(format!("unmap of the {what} region at IOVA {iova:#x}: {e}"));
+                }
+            }
+            failed
+        }
+    }
+
+    /// What one open of the device holds, as a driver would: the device, its REQ eventfd,
+    /// a BAR 0 mapping.
+    struct Held {
+        dev: Arc<VfioDevice>,
+        efd: EventFd,
+        bar0: MappedBar,
+    }
+
+    /// Whether `e` (or an error below it) is the errno `errno`.
+    fn has_errno(e: &(dyn std::error::Error + 'static), errno: i32) -> bool {
+        let mut cur = Some(e);
+        while let Some(e) = cur {
+            if let Some(io) = e.downcast_ref::<std::io::Error>()
+                && io.raw_os_error() == Some(errno)
+            {
+                return true;
+            }
+            cur = e.source();
+        }
+        false
+    }
+
+    /// The device's VFIO cdev (`vfio-dev/vfioN`), if the kernel made one.
+    fn vfio_cdev(root: &SysfsRoot, addr: PciAddress) -> Option<String> {
+        std::fs::read_dir(root.device_dir(addr).join("vfio-dev"))
+            .ok()?
+            .filter_map(|e| e.ok()?.file_name().into_string().ok())
+            .next()
+    }
+
+    /// Opens `addr` in `container`, registers the REQ eventfd, maps a spare DMA region
+    /// (first, so it gets the lowest free IOVA) and the three of an Identify, reads
+    /// Identify Controller by DMA into them ([`replug_identify`]) and maps BAR 0. Returns
+    /// the spare region and the IOMMU group number too.
+    fn replug_open(
+        root: &SysfsRoot,
+        container: &Arc<Container>,
+        addr: PciAddress,
+        round: u32,
+        first: &mut Option<[u8; 64]>,
+        checks: &mut Checks,
+    ) -> Res<(Held, IdentifyDma, DmaRegion, u32)> {
+        let t = Instant::now();
+        let dev = VfioDevice::open_in(root, addr, container).map_err(|e| {
+            let enodev = has_errno(&e, nix::libc::ENODEV);
+            format!(
+                "round {round}: open {addr} in the shared container{}: {e}",
+                if enodev { " failed with ENODEV" } else { "" }
+            )
+        })?;
+        let opened = t.elapsed();
+        let sysfs_group = pcibus::vfio::iommu_group(root, addr).map_err(err)?;
+        let group = dev.group().map(|g| g.number());
+        match group {
+            Some(g) => {
+                println!(
+                    "replug: round {round}: opened {addr} in {}: IOMMU group {g}, container's groups {:?}",
+                    ms(opened),
+                    container.groups()
+                );
+                checks.check(g == sysfs_group, || {
+                    format!("round {round}: opened through group {g}, sysfs says {sysfs_group}")
+                });
+                // Dead groups are forgotten at lookup: the one just opened is attached.
+                checks.check(container.groups().contains(&g), || {
+                    format!("round {round}: group {g} not among the container's groups")
+                });
+            }
+            None => println!(
+                "replug: round {round}: opened {addr} in {}: IOMMU group {sysfs_group}, cdev {}, IOAS {:?} (iommufd: no groups in the container)",
+                ms(opened),
+                vfio_cdev(root, addr).unwrap_or_else(|| "?".into()),
+                container.ioas_id()
+            ),
+        }
+        let efd = dev.request_eventfd().map_err(err)?;
+        let t = Instant::now();
+        let outliving = container
+            .alloc_dma(4096)
+            .map_err(|e| format!("round {round}: map the spare DMA region: {e}"))?;
+        let dma = IdentifyDma::map(container).map_err(|e| format!("round {round}: map DMA regions: {e}"))?;
+        println!(
+            "replug: round {round}: DMA regions at IOVAs {:#x} (spare) {:#x} {:#x} {:#x} (mapped in {}), IOMMU page sizes {:#x}",
+            outliving.iova(),
+            dma.sq.iova(),
+            dma.cq.iova(),
+            dma.data.iova(),
+            ms(t.elapsed()),
+            container.iommu_info().map_or(0, |i| i.page_sizes)
+        );
+        replug_identify(root, &dev, [&dma.sq, &dma.cq, &dma.data], round, first, checks);
+        let bar0 = dev.map_bar(0).map_err(err)?;
+        Ok((Held { dev, efd, bar0 }, dma, outliving, sysfs_group))
+    }
+
+    /// An NVMe Identify Controller by DMA (admin SQ, CQ, data): its PCI vendor id must be the one
+    /// of config space (checked by `nvme_identify` against VFIO's config region, here
+    /// against sysfs `vendor` too), and its first 64 bytes the same every time (the same
+    /// controller came back).
+    fn replug_identify(
+        root: &SysfsRoot,
+        dev: &Arc<VfioDevice>,
+        [sq, cq, data]: [&DmaRegion; 3],
+        round: u32,
+        first: &mut Option<[u8; 64]>,
+        checks: &mut Checks,
+    ) {
+        match nvme_identify(dev, sq, cq, data) {
+            Ok(id) => {
+                let vid = u16::from_le_bytes([id[0], id[1]]);
+                let sysfs_vendor = hex_file(&root.device_dir(dev.address()), "vendor");
+                checks.check(sysfs_vendor == Some(u64::from(vid)), || {
+                    format!("round {round}: Identify VID {vid:04x}, sysfs vendor {sysfs_vendor:x?}")
+                });
+                match first {
+                    None => *first = Some(id),
+                    Some(first) => checks.check(*first == id, || {
+                        format!("round {round}: Identify data differs from the first round's")
+                    }),
+                }
+            }
+            Err(e) => checks.check(false, || format!("round {round}: NVMe Identify by DMA: {e}")),
+        }
+    }
+
+    /// Issue 14 §2: a VFIO container survives its device's hot removal. ONE container for
+    /// the whole run: `addr` (on vfio-pci) is opened in it and read by DMA (NVMe Identify
+    /// Controller), then `rounds` times removed through sysfs `remove` (the holder drops
+    /// its BAR mapping and the device on the REQ), the previous DMA regions unmapped (no
+    /// leak), the bus rescanned, the device bound to vfio-pci again, reopened in the same
+    /// container (group backend: under a new or recycled group number, which the
+    /// container must not serve from its stale table, ENODEV; and with its IOMMU set up
+    /// again if it lost it) and read by DMA into new regions. One spare region of each
+    /// round outlives the device into the next open, where its IOVA may have gone to the
+    /// new spare: it is dropped then, and a second Identify into the new spare must land.
+    /// At the end no munmap failed and the container leaked nothing. Prints the group of
+    /// every round.
+    fn replug(addr: PciAddress, rounds: u32) -> Res {
+        let root = SysfsRoot::new(SYS);
+        let registry = RemovalRegistry::new();
+        let mut checks = Checks::default();
+        let t0 = Instant::now();
+        let container = new_container().map_err(|e| format!("container: {e}"))?;
+        let groups_backend = container.backend() == VfioBackend::Group;
+        println!(
+            "replug: {} backend, one container for {addr} and {rounds} re-plug(s){}",
+            container.backend(),
+            if groups_backend {
+                ""
+            } else {
+                " (iommufd: the IOAS keeps its mappings; no groups to forget, no IOMMU to set up again)"
+            }
+        );
+        let mut first = None;
+        let (mut holding, mut dma, mut outliving, group) =
+            replug_open(&root, &container, addr, 0, &mut first, &mut checks)?;
+        let mut groups = vec![group];
+        for round in 1..=rounds {
+            // Remove, from another thread: the write blocks until the device is released.
+            let remove_path = root.device_dir(addr).join("remove");
+            let t = Instant::now();
+            let remover = thread::spawn(move || {
+                let r = std::fs::write(&remove_path, "1");
+                (r, t.elapsed())
+            });
+            let mut req = None;
+            while t.elapsed() < Duration::from_secs(15) {
+                if holding.dev.poll_request(&holding.efd, &registry) {
+                    req = Some(t.elapsed());
+                    break;
+                }
+                thread::sleep(Duration::from_millis(5));
+            }
+            checks.check(req.is_some(), || {
+                format!("round {round}: no REQ within 15 s of the remove write")
+            });
+            // Release: the BAR mapping, the device, its eventfd.
+            let Held { dev, efd, bar0 } = holding;
+            drop(bar0);
+            drop(dev);
+            drop(efd);
+            checks.check(!held::is_held(addr), || {
+                format!("round {round}: still held after the release")
+            });
+            let released = t.elapsed();
+            while !remover.is_finished() && t.elapsed() < released + Duration::from_secs(10) {
+                thread::sleep(Duration::from_millis(5));
+            }
+            if !remover.is_finished() {
+                checks.check(false, || {
+                    format!("round {round}: the remove write had not returned 10 s after the release")
+                });
+                return checks.done("replug");
+            }
+            let (r, returned) = remover.join().map_err(|_| "remove thread panicked")?;
+            checks.check(r.is_ok(), || format!("round {round}: remove write failed: {r:?}"));
+            while root.device_dir(addr).exists() && t.elapsed() < returned + Duration::from_secs(5) {
+                thread::sleep(Duration::from_millis(5));
+            }
+            let gone = !root.device_dir(addr).exists();
+            println!(
+                "replug: round {round}: REQ {} after the remove write, released at {}, remove returned at {}, directory gone {gone}",
+                req.map_or("never".into(), ms),
+                ms(released),
+                ms(returned)
+            );
+            checks.check(gone, || format!("round {round}: device directory still there"));
+
+            // The previous regions outlived their device: they unmap cleanly, whether the
+            // container's IOMMU is still there or went with the device's group.
+            let t = Instant::now();
+            // (container.groups() is not asked here: it would forget the dead group before
+            // the reopen's lookup has to.)
+            let failed = IdentifyDma::unmap(dma);
+            let leaked = container.leaked();
+            println!(
+                "replug: round {round}: previous DMA regions unmapped in {} ({} failed); container IOMMU {}, leaked {leaked:x?}",
+                ms(t.elapsed()),
+                failed.len(),
+                match (groups_backend, container.iommu_info().is_some()) {
+                    (false, _) => "kept (iommufd IOAS)",
+                    (true, true) => "still set up",
+                    (true, false) => "found gone (released with the last group)",
+                },
+            );
+            for f in failed {
+                checks.check(false, || format!("round {round}: {f}"));
+            }
+            checks.check(leaked.is_empty(), || {
+                format!("round {round}: leaked IOVA ranges {leaked:x?}")
+            });
+
+            // Back: rescan, wait for the kernel's driver (nvme probes asynchronously), bind
+            // to vfio-pci, reopen in the same container.
+            let t = Instant::now();
+            std::fs::write("/sys/bus/pci/rescan", "1").map_err(|e| format!("rescan: {e}"))?;
+            let rescanned = t.elapsed();
+            while !root.device_dir(addr).exists() && t.elapsed() < Duration::from_secs(10) {
+                thread::sleep(Duration::from_millis(5));
+            }
+            if !root.device_dir(addr).exists() {
+                checks.check(false, || {
+                    format!("round {round}: {addr} did not come back on rescan")
+                });
+                return checks.done("replug");
+            }
+            let back = t.elapsed();
+            let mut driver = None;
+            while t.elapsed() < back + Duration::from_secs(10) {
+                driver = pcibus::sysfs::bind::current_driver(&root, addr);
+                if driver.is_some() {
+                    break;
+                }
+                thread::sleep(Duration::from_millis(5));
+            }
+            let probed = t.elapsed();
+            let binding = pcibus::sysfs::bind::bind(&root, addr, "vfio-pci", false)
+                .map_err(|e| format!("round {round}: bind {addr} to vfio-pci: {e}"));
+            println!(
+                "replug: round {round}: rescan returned in {}, device back at {}, on {} at {}, on vfio-pci at {}",
+                ms(rescanned),
+                ms(back),
+                driver.as_deref().unwrap_or("no driver"),
+                ms(probed),
+                ms(t.elapsed())
+            );
+            if let Err(e) = binding {
+                checks.check(false, || e);
+                return checks.done("replug");
+            }
+            let spare = match replug_open(&root, &container, addr, round, &mut first, &mut checks) {
+                Ok((h, d, spare, group)) => {
+                    (holding, dma) = (h, d);
+                    groups.push(group);
+                    spare
+                }
+                Err(e) => {
+                    checks.check(false, || e);
+                    return checks.done("replug");
+                }
+            };
+
+            // The previous spare region outlived its device into the reopen: where the
+            // IOMMU was set up again, its IOVA is now the new spare's (both were mapped
+            // first), which its drop must not unmap: an Identify into the new spare then
+            // still reaches it.
+            let stale = std::mem::replace(&mut outliving, spare);
+            let stale_iova = stale.iova();
+            let unmapped = stale.unmap();
+            println!(
+                "replug: round {round}: the previous spare region (IOVA {stale_iova:#x}{}) dropped after the reopen: {}",
+                if outliving.iova() == stale_iova {
+                    ", the new spare's too"
+                } else {
+                    ""
+                },
+                match &unmapped {
+                    Ok(_) => "ok".to_owned(),
+                    Err(e) => e.to_string(),
+                }
+            );
+            checks.check(unmapped.is_ok(), || {
+                format!("round {round}: the previous spare region: {:?}", unmapped.err())
+            });
+            replug_identify(
+                &root,
+                &holding.dev,
+                [&dma.sq, &dma.cq, &outliving],
+                round,
+                &mut first,
+                &mut checks,
+            );
+        }
+        // The last regions unmap from a live IOMMU; then the device goes.
+        let mut failed = IdentifyDma::unmap(dma);
+        if let Err(e) = outliving.unmap() {
+            failed.push(format!("unmap of the spare region: {e}"));
+        }
+        for f in failed {
+            checks.check(false, || format!("at the end: {f}"));
+        }
+        drop(holding);
+        let failures = pcibus::vfio::munmap_failures();
+        let leaked = container.leaked();
+        println!(
+            "replug: {rounds} re-plug(s) in one {} container in {}: IOMMU groups {groups:?}; munmap failures {failures}, leaked {leaked:x?}",
+            container.backend(),
+            ms(t0.elapsed())
+        );
+        checks.check(failures == 0, || format!("{failures} munmap failure(s)"));
+        checks.check(leaked.is_empty(), || format!("leaked IOVA ranges {leaked:x?}"));
+        checks.done("replug")
     }
 
     // ----------------------------------------------------------------------- hold
