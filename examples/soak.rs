@@ -222,6 +222,44 @@ fn stuck_tasks() -> Vec<String> {
     first.into_iter().filter(|t| now.contains(t)).collect()
 }
 
+fn spawn<T: Send + 'static>(name: &str, f: impl FnOnce() -> T + Send + 'static) -> thread::JoinHandle<T> {
+    thread::Builder::new()
+        .name(name.into())
+        .spawn(f)
+        .unwrap_or_else(|e| panic!("spawning {name}: {e}"))
+}
+
+// Joins `h` if it ends within `limit`.
+fn join_within<T>(h: thread::JoinHandle<T>, limit: Duration) -> Option<T> {
+    if wait_until(limit, || h.is_finished()) {
+        h.join().ok()
+    } else {
+        None
+    }
+}
+
+// Every thread of this process: its state, where it waits, its kernel stack.
+fn dump_threads() {
+    for t in std::fs::read_dir("/proc/self/task")
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let read = |f: &str| std::fs::read_to_string(t.path().join(f)).unwrap_or_default();
+        let stat = read("stat");
+        let state = stat.rsplit_once(") ").map_or("?", |(_, r)| &r[..1]);
+        println!(
+            "soak: thread {} ({}) state {state} wchan {}",
+            t.file_name().to_string_lossy(),
+            read("comm").trim(),
+            read("wchan")
+        );
+        for line in read("stack").lines() {
+            println!("soak:     {line}");
+        }
+    }
+}
+
 fn write_sys(path: &str, value: &str) -> Result<(), String> {
     std::fs::write(path, value).map_err(|e| format!("{path} <- {value}: {e}"))
 }
@@ -294,7 +332,7 @@ fn start_load(c: Controller<VfioBacking>, ledger: &Arc<Mutex<Ledger>>, rng: Rng)
     let stop = Arc::new(AtomicBool::new(false));
     let w = {
         let (c, ledger, stop) = (c.clone(), Arc::clone(ledger), Arc::clone(&stop));
-        thread::spawn(move || writer(c, ledger, stop, rng))
+        spawn("soak-writer", move || writer(c, ledger, stop, rng))
     };
     let progress = Arc::new(Progress::default());
     let p = Arc::clone(&progress);
@@ -307,7 +345,7 @@ fn start_load(c: Controller<VfioBacking>, ledger: &Arc<Mutex<Ledger>>, rng: Rng)
         duration: Duration::from_secs(24 * 3600),
         nsid: 1,
     };
-    let r = thread::spawn(move || {
+    let r = spawn("soak-reader", move || {
         let _ = pcibus::nvme::perf::run(&c, &cfg, &p);
     });
     (w, stop, r, progress)
@@ -361,7 +399,7 @@ fn soak(address: PciAddress, events: u64, seed: u64, kinds: Vec<String>) -> Resu
         let (attaches, removals, done) = (Arc::clone(&attaches), Arc::clone(&removals), Arc::clone(&done));
         let (ledger, quiet) = (Arc::clone(&ledger), Arc::clone(&quiet));
         let mut rng = Rng(rng.next() | 1);
-        thread::spawn(move || {
+        spawn("soak-events", move || {
             let mut out = Outcome {
                 events: 0,
                 by_kind: BTreeMap::new(),
@@ -386,9 +424,24 @@ fn soak(address: PciAddress, events: u64, seed: u64, kinds: Vec<String>) -> Resu
                 let kind = kinds[rng.below(kinds.len() as u64) as usize].clone();
                 let before = removals.load(Ordering::Acquire);
                 let t = Instant::now();
-                if let Err(e) = event(&kind, address) {
-                    out.hangs.push(format!("event {i} ({kind}): {e}"));
-                    break;
+                // The event's own writes wait for the holder (this process) to let go: one
+                // that never returns is a hang; say where every thread is, then exit, which
+                // closes the device and lets the kernel finish.
+                let ev = {
+                    let kind = kind.clone();
+                    spawn("soak-event", move || event(&kind, address))
+                };
+                match join_within(ev, HANG) {
+                    Some(Ok(())) => {}
+                    Some(Err(e)) => {
+                        out.hangs.push(format!("event {i} ({kind}): {e}"));
+                        break;
+                    }
+                    None => {
+                        println!("soak: FAIL hang: event {i} ({kind}) did not return within 30 s");
+                        dump_threads();
+                        std::process::exit(1);
+                    }
                 }
                 if !wait_until(HANG, || removals.load(Ordering::Acquire) > before) {
                     out.hangs
@@ -468,8 +521,13 @@ fn soak(address: PciAddress, events: u64, seed: u64, kinds: Vec<String>) -> Resu
                     if let Some((w, stop, r, p)) = load.take() {
                         stop.store(true, Ordering::Relaxed);
                         p.stop.store(true, Ordering::Relaxed);
-                        let why = w.join().unwrap_or_else(|_| "the writer panicked".into());
-                        let _ = r.join();
+                        // The driver revoked the controller: I/O in flight fails at once, so
+                        // both threads end; one that does not is a hang of the driver's.
+                        let (Some(why), Some(())) = (join_within(w, HANG), join_within(r, HANG)) else {
+                            println!("soak: FAIL hang: the load did not stop within 30 s of the removal");
+                            dump_threads();
+                            std::process::exit(1);
+                        };
                         println!("soak: removed ({}); writer: {why}", r_cause(&e));
                     }
                     quiet.lock().push(sample());
