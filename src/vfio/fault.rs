@@ -4,8 +4,8 @@
 //! this process has a BAR mapped through vfio, the next load or store through the mapping
 //! can raise SIGBUS, and SIGBUS kills the process. A driver should instead see what a
 //! read of a removed device returns through config space or pread: all ones. After
-//! [`install`], the handler replaces a faulting area with anonymous memory filled with
-//! `0xff`, the access is retried and completes, and reads of the area return
+//! [`install`], the handler replaces a faulting area with memory reading `0xff`, the
+//! access is retried and completes, and reads of the area return
 //! `0xffff_ffff` from then on. The driver sees "device gone" in its registers; the bus
 //! learns which device it was from [`take`].
 //!
@@ -20,19 +20,27 @@
 //!
 //! The handler runs on the faulting thread, in the middle of a volatile access. It does
 //! only async-signal-safe work: it finds the area in the table (atomics, no lock), maps
-//! a private anonymous range, fills it with `0xff` and moves it over the whole area in one
-//! `mremap` (so other threads reading the area meanwhile see either the old mapping or
-//! all ones, never zeros), marks the area faulted, counts the fault ([`count`]) and writes
+//! the all-ones file that [`install`] made (a memfd of [`ONES_LEN`] bytes of `0xff`)
+//! privately over the area, once per `ONES_LEN` bytes, each `mmap` with `MAP_FIXED` (so
+//! another thread reading the area meanwhile sees, at every address, either the old
+//! mapping or all ones, never zeros), marks the area faulted, counts the fault ([`count`]) and writes
 //! to an eventfd ([`events`]). It never allocates, locks, logs, or calls driver code:
 //! driver callbacks run later, from the bus's event loop, when it sees [`events`] readable
 //! and calls [`take`]. `mmap`, `mremap` and `munmap` are not on POSIX's list of
 //! async-signal-safe functions, but on Linux (glibc) they are plain system calls with no
 //! user-space lock, which is what a handler needs.
 //!
-//! Writes to a replaced area land in the anonymous memory and are read back, not as all
-//! ones: the area is no longer the device. [`MappedBar::faulted`](super::MappedBar::faulted)
-//! tells a driver that wants to know. The replacement costs as much memory as the area
-//! (the fill touches every page): a few MiB for usual BARs, more for a large one.
+//! Writes to a replaced area land in a private copy of their page and are read back, not
+//! as all ones (other pages, and other aliases of the same page of the file, still read
+//! all ones): the area is no longer the device.
+//! [`MappedBar::faulted`](super::MappedBar::faulted) tells a driver that wants to know.
+//!
+//! The replacement costs no memory proportional to the area: the all-ones file
+//! ([`ONES_LEN`] bytes, once per process), a page per page written after the fault, and one
+//! mapping (a kernel VMA) per `ONES_LEN` bytes of the area, 512 for a 1 GiB BAR. (`Rss`
+//! counts the file's pages once per place they are read, though they exist once.) If the
+//! process runs out of mappings (`vm.max_map_count`) midway, the rest of the area is
+//! replaced by anonymous memory filled with `0xff`, which costs its size.
 //!
 //! # Chaining: a SIGBUS that is not ours is never swallowed
 //!
@@ -55,16 +63,18 @@
 //! handler and never calls [`take`] can fill the table with faulted areas.
 #![allow(unsafe_code)]
 
-use std::io;
+use std::io::{self, Write};
 use std::num::NonZeroUsize;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::ptr::NonNull;
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU32, AtomicU64, AtomicUsize, Ordering, fence};
 
 use nix::errno::Errno;
+use nix::fcntl::{FcntlArg, SealFlag, fcntl};
 use nix::libc;
 use nix::sys::eventfd::{EfdFlags, EventFd};
+use nix::sys::memfd::{MFdFlags, memfd_create};
 use nix::sys::mman::{MRemapFlags, MapFlags, ProtFlags, mmap_anonymous, mremap, munmap};
 use nix::sys::signal::{SaFlags, SigAction, SigHandler, SigSet, Signal, raise, sigaction};
 use parking_lot::Mutex;
@@ -73,6 +83,10 @@ use crate::addr::PciAddress;
 
 /// How many mapped areas the process-wide table covers.
 pub const CAPACITY: usize = 256;
+
+/// The size of the all-ones file the handler maps over a faulted area, one alias per
+/// `ONES_LEN` bytes of the area: what the replacement costs in memory, once per process.
+pub const ONES_LEN: usize = 2 << 20;
 
 /// Which device and BAR a mapped area belongs to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -106,6 +120,10 @@ pub enum FaultError {
     /// `sigaction(SIGBUS)` failed, reading the old action or installing the handler.
     #[error("sigaction(SIGBUS) failed")]
     Sigaction(#[source] io::Error),
+    /// The all-ones file the handler maps over a faulted area (a memfd of
+    /// [`ONES_LEN`] bytes) could not be made.
+    #[error("making the {ONES_LEN}-byte all-ones memfd for faulted BARs failed")]
+    Memfd(#[source] io::Error),
 }
 
 /// Installs the SIGBUS handler, process-wide; later calls return `Ok` and do nothing.
@@ -118,6 +136,11 @@ pub fn install() -> Result<(), FaultError> {
     }
     let efd = EventFd::from_value_and_flags(0, EfdFlags::EFD_NONBLOCK | EfdFlags::EFD_CLOEXEC)
         .map_err(|e| FaultError::Eventfd(e.into()))?;
+    if ONES.get().is_none() {
+        let ones = ones_file().map_err(FaultError::Memfd)?;
+        ONES_FD.store(ones.as_raw_fd(), Ordering::Release);
+        let _ = ONES.set(ones);
+    }
     // The old action is stored before the handler can run, so the handler always has it.
     if OLD_ACTION.get().is_none() {
         // SAFETY: zeroed is a valid `sigaction` (SIG_DFL, no flags, empty mask).
@@ -223,6 +246,10 @@ static TABLE: Table<CAPACITY> = Table::new();
 static EVENTS: OnceLock<EventFd> = OnceLock::new();
 /// Its number, for the handler (-1: none).
 static EVENT_FD: AtomicI32 = AtomicI32::new(-1);
+/// The all-ones file (a sealed memfd of [`ONES_LEN`] bytes of `0xff`), made by [`install`].
+static ONES: OnceLock<OwnedFd> = OnceLock::new();
+/// Its number, for the handler (-1: none).
+static ONES_FD: AtomicI32 = AtomicI32::new(-1);
 /// The SIGBUS action before [`install`], to chain to.
 static OLD_ACTION: OnceLock<libc::sigaction> = OnceLock::new();
 static FAULTS: AtomicU64 = AtomicU64::new(0);
@@ -526,9 +553,53 @@ fn handle(addr: usize) -> bool {
     true
 }
 
-/// Replaces `[start, start + len)` by private anonymous memory reading all ones, in one
-/// step. Async-signal-safe.
+/// Replaces `[start, start + len)` by memory reading all ones. Async-signal-safe.
+///
+/// Stride by stride, each stride a private mapping of the all-ones file ([`ONES`]) put
+/// over the area with `MAP_FIXED`: no memory proportional to the area, `len / ONES_LEN`
+/// system calls. Each `mmap` replaces its range atomically (under the process's mmap
+/// lock), so another thread reading any address of the area sees the old mapping (which
+/// faults, and the handler has it retry while this one works) or all ones, never zeros
+/// or a hole. The area is not replaced in one step, unlike what a single `mremap` would
+/// do: `mremap` moves a range of one mapping only, and the aliases are one mapping each
+/// (Linux 6.17 lifted that for moves, not in one atomic step either). Nothing depends on
+/// it: the handler holds the slot (`FAULTING`) until the last stride is done.
+///
+/// If a stride cannot be mapped (out of mappings: `vm.max_map_count`), the rest of the
+/// area is replaced as before the all-ones file existed: by anonymous memory filled with
+/// `0xff` elsewhere and moved over the rest in one `mremap`, costing its size.
 fn replace(start: usize, len: usize) -> bool {
+    let mut done = 0;
+    let fd = ONES_FD.load(Ordering::Acquire);
+    while fd >= 0 && done < len {
+        let stride = (len - done).min(ONES_LEN);
+        // SAFETY: the target is inside a registered, live area (`find` matched it and
+        // `claim` holds it), exactly as it was mapped: its owner unregisters it before
+        // unmapping it. Its owner reaches it only through raw pointers with volatile
+        // accesses, so replacing its pages under it invalidates no reference. `fd` is the
+        // all-ones file, open for the rest of the process and at least `stride` long
+        // (sealed against shrinking). A raw mmap(2): no `BorrowedFd` needed in a handler.
+        let mapped = unsafe {
+            libc::mmap(
+                (start + done) as *mut libc::c_void,
+                stride,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_FIXED,
+                fd,
+                0,
+            )
+        };
+        if mapped == libc::MAP_FAILED {
+            break;
+        }
+        done += stride;
+    }
+    done == len || replace_by_copy(start + done, len - done)
+}
+
+/// Replaces `[start, start + len)`, a part of one live mapping, by private anonymous
+/// memory filled with `0xff`, in one step. Async-signal-safe. Costs `len` bytes of memory.
+fn replace_by_copy(start: usize, len: usize) -> bool {
     let (Some(size), Some(target)) = (NonZeroUsize::new(len), NonNull::new(start as *mut libc::c_void))
     else {
         return false;
@@ -546,11 +617,9 @@ fn replace(start: usize, len: usize) -> bool {
     };
     // SAFETY: `fresh` is `len` writable bytes that nothing else knows of.
     unsafe { fresh.cast::<u8>().as_ptr().write_bytes(0xff, len) };
-    // SAFETY: the target is a registered, live area (`find` matched it and `claim` holds
-    // it), exactly as it was mapped: its owner unregisters it before unmapping it. Its
-    // owner reaches it only through raw pointers with volatile accesses, so replacing its
-    // pages under it invalidates no reference. MREMAP_FIXED replaces the old mapping
-    // atomically, and `fresh` does not overlap it.
+    // SAFETY: as in `replace`: the target is inside a registered, live area held by this
+    // handler, reached by its owner through raw pointers only. MREMAP_FIXED replaces the
+    // old mapping atomically, and `fresh` does not overlap it.
     let moved = unsafe {
         mremap(
             fresh,
@@ -569,6 +638,26 @@ fn replace(start: usize, len: usize) -> bool {
         return false;
     }
     true
+}
+
+/// Makes the all-ones file: [`ONES_LEN`] bytes of `0xff` in a memfd, sealed against
+/// shrinking (a shorter file would fault in the aliases) and growing.
+fn ones_file() -> io::Result<OwnedFd> {
+    let fd = memfd_create(
+        c"pcibus-fault-ones",
+        MFdFlags::MFD_CLOEXEC | MFdFlags::MFD_ALLOW_SEALING,
+    )?;
+    let mut file = std::fs::File::from(fd);
+    let chunk = vec![0xffu8; 64 << 10];
+    for _ in 0..ONES_LEN / chunk.len() {
+        file.write_all(&chunk)?;
+    }
+    let fd = OwnedFd::from(file);
+    fcntl(
+        &fd,
+        FcntlArg::F_ADD_SEALS(SealFlag::F_SEAL_SHRINK | SealFlag::F_SEAL_GROW | SealFlag::F_SEAL_SEAL),
+    )?;
+    Ok(fd)
 }
 
 /// Passes a SIGBUS that is not ours to the action that was there before [`install`].
@@ -708,33 +797,133 @@ pub(crate) mod tests {
 
     #[test]
     fn threads_racing_on_a_vanishing_area_see_its_content_or_all_ones() {
+        // One alias of the all-ones file, and several (the last one partial): each address
+        // goes from the old mapping to all ones in one step.
+        for pages in [16, 3 * ONES_LEN / PAGE + 3] {
+            let _serial = SERIAL.lock();
+            install().unwrap();
+            let bar0 = owner("0000:65:00.0", 0);
+            let (file, area) = file_area(pages, bar0);
+            let faults = count();
+            std::thread::scope(|s| {
+                for t in 0..8 {
+                    let area = &area;
+                    s.spawn(move || {
+                        let mut at = t * 4 * 1031 % (pages * PAGE);
+                        loop {
+                            let value = area.read32(at).unwrap();
+                            if value == 0xffff_ffff {
+                                break;
+                            }
+                            assert_eq!(value, 0x5a00_0000 + at as u32, "never zeros or torn");
+                            at = (at + 4 * 1031) % (pages * PAGE);
+                        }
+                    });
+                }
+                std::thread::sleep(std::time::Duration::from_millis(20));
+                file.set_len(0).unwrap();
+            });
+            assert_eq!(count(), faults + 1, "replaced once");
+            for at in (0..pages * PAGE).step_by(PAGE) {
+                assert_eq!(area.read32(at), Some(u32::MAX));
+            }
+            let taken = take();
+            assert_eq!(taken.len(), 1);
+            assert_eq!(taken[0].owner, bar0);
+        }
+    }
+
+    #[test]
+    fn the_fallback_fills_the_rest_of_an_area_in_one_step() {
+        let len = 4 * PAGE;
+        // SAFETY: a fresh private mapping that only this test uses, unmapped at the end.
+        let start = unsafe {
+            mmap_anonymous(
+                None,
+                NonZeroUsize::new(len).unwrap(),
+                ProtFlags::PROT_READ | ProtFlags::PROT_WRITE,
+                MapFlags::MAP_PRIVATE,
+            )
+        }
+        .unwrap();
+        let bytes = start.cast::<u8>().as_ptr();
+        // SAFETY: inside the mapping; no reference into it is made.
+        unsafe { bytes.write_bytes(0x11, len) };
+        assert!(replace_by_copy(bytes as usize + PAGE, 3 * PAGE));
+        // SAFETY: reads inside the mapping (replaced in part, at the same place and size).
+        let read = |at: usize| unsafe { bytes.add(at).read_volatile() };
+        assert_eq!((read(0), read(PAGE - 1)), (0x11, 0x11));
+        assert_eq!((read(PAGE), read(len - 1)), (0xff, 0xff));
+        // SAFETY: the mapping made above (its tail replaced in place), used no more.
+        unsafe { munmap(start, len) }.unwrap();
+    }
+
+    /// The `field` (`Rss`, `Anonymous`) bytes of the mappings inside
+    /// `[start, start + len)`, from `/proc/self/smaps`: what this area costs, whatever other
+    /// tests allocate meanwhile.
+    fn smaps_in(start: usize, len: usize, field: &str) -> usize {
+        let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
+        let mut inside = false;
+        let mut kib = 0;
+        for line in smaps.lines() {
+            if let Some((range, _)) = line.split_once(' ')
+                && let Some((from, to)) = range.split_once('-')
+                && let (Ok(from), Ok(to)) = (usize::from_str_radix(from, 16), usize::from_str_radix(to, 16))
+            {
+                inside = from >= start && to <= start + len;
+            } else if inside
+                && let Some((name, value)) = line.split_once(':')
+                && name == field
+            {
+                kib += value
+                    .trim()
+                    .trim_end_matches("kB")
+                    .trim()
+                    .parse::<usize>()
+                    .unwrap();
+            }
+        }
+        kib << 10
+    }
+
+    #[test]
+    fn a_large_area_is_replaced_without_memory_proportional_to_it() {
         let _serial = SERIAL.lock();
         install().unwrap();
-        let bar0 = owner("0000:65:00.0", 0);
-        let (file, area) = file_area(16, bar0);
-        let faults = count();
-        std::thread::scope(|s| {
-            for t in 0..8 {
-                let area = &area;
-                s.spawn(move || {
-                    let mut at = t * 4 * 1031 % (16 * PAGE);
-                    loop {
-                        let value = area.read32(at).unwrap();
-                        if value == 0xffff_ffff {
-                            break;
-                        }
-                        assert_eq!(value, 0x5a00_0000 + at as u32, "never zeros or torn");
-                        at = (at + 4 * 1031) % (16 * PAGE);
-                    }
-                });
-            }
-            std::thread::sleep(std::time::Duration::from_millis(20));
-            file.set_len(0).unwrap();
-        });
-        assert_eq!(count(), faults + 1, "replaced once");
-        let taken = take();
-        assert_eq!(taken.len(), 1);
-        assert_eq!(taken[0].owner, bar0);
+        const LEN: usize = 256 << 20;
+        let file = tempfile::tempfile().unwrap();
+        file.set_len(LEN as u64).unwrap();
+        let area = MmioArea::map(file.as_fd(), 0, LEN, owner("0000:c1:00.0", 1)).unwrap();
+        let registration = area.registration().unwrap();
+        let start = TABLE.slots[registration.index].start.load(Ordering::Relaxed);
+        assert_eq!(area.read32(0), Some(0), "a hole of the sparse file");
+
+        file.set_len(0).unwrap();
+        for at in (0..LEN).step_by(1 << 20) {
+            assert_eq!(area.read32(at + 12), Some(u32::MAX), "at {at:#x}");
+        }
+        assert_eq!(area.read64(LEN - 8), Some(u64::MAX));
+        assert!(area.faulted());
+        // Reads map pages of the shared all-ones file (fault-around maps up to 64 KiB of
+        // it per read, each counted in Rss as often as mapped); none is the process's own.
+        assert_eq!(smaps_in(start, LEN, "Anonymous"), 0);
+        let resident = smaps_in(start, LEN, "Rss");
+        assert!(
+            resident <= 32 << 20,
+            "{} MiB resident for a 256 MiB area read in 257 places",
+            resident >> 20
+        );
+
+        // A write lands in a private copy of its page only.
+        assert_eq!(area.write32(8, 0x1234_5678), Some(()));
+        assert_eq!(smaps_in(start, LEN, "Anonymous"), PAGE);
+        assert_eq!(area.read32(8), Some(0x1234_5678));
+        assert_eq!(area.read32(12), Some(u32::MAX));
+        for at in [PAGE + 8, (2 << 20) + 8, (64 << 20) + 8] {
+            assert_eq!(area.read32(at), Some(u32::MAX), "another alias at {at:#x}");
+        }
+        drop(area);
+        let _ = take();
     }
 
     #[test]
