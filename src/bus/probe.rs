@@ -57,6 +57,7 @@ use crate::removal::claim::{Claim, ClaimDir, ClaimError, ClaimInfo};
 use crate::removal::registry::Reason;
 use crate::sysfs::bind::is_kernel_sysfs;
 use crate::sysfs::scan::{ScanError, SysfsRoot};
+use crate::vfio::fault::{self, Subscriber};
 
 /// SPDK's settle delay for hot-inserted devices.
 pub const DEFAULT_SETTLE: Duration = Duration::from_secs(2);
@@ -287,6 +288,10 @@ pub struct Bus<A: Attach> {
     held_off: BTreeSet<PciAddress>,
     // Taken back, but kept open by their driver: still claimed, not offered again.
     parked: BTreeMap<PciAddress, Parked<A::Backing>>,
+    // This bus's view of the SIGBUS handler's faults, once the handler is installed.
+    faults: Option<Subscriber>,
+    // Subscribing failed (all slots taken) and was logged.
+    faults_warned: bool,
 }
 
 impl<A: Attach> fmt::Debug for Bus<A> {
@@ -326,6 +331,31 @@ impl<A: Attach> Bus<A> {
             settle: DEFAULT_SETTLE,
             held_off: BTreeSet::new(),
             parked: BTreeMap::new(),
+            faults: None,
+            faults_warned: false,
+        }
+        .subscribed()
+    }
+
+    fn subscribed(mut self) -> Self {
+        self.subscribe_faults();
+        self
+    }
+
+    // Subscribes to the fault handler's reports once it is installed (the bus may be made
+    // before `fault::install`). If every subscriber slot is taken, this is logged once and
+    // tried again at each poll: meanwhile faults of held devices are not seen.
+    fn subscribe_faults(&mut self) {
+        if self.faults.is_some() || !fault::installed() {
+            return;
+        }
+        match fault::subscribe() {
+            Ok(s) => self.faults = Some(s),
+            Err(e) if !self.faults_warned => {
+                self.faults_warned = true;
+                log::warn!("bus: BAR faults of held devices go unseen until a subscriber slot is free: {e}");
+            }
+            Err(_) => {}
         }
     }
 
@@ -691,6 +721,7 @@ impl<A: Attach> Bus<A> {
     /// (each device is taken back), devices kept open after their removal whose handles
     /// are gone (released), and settled devices (offered to the drivers).
     pub fn poll(&mut self) -> Vec<BusEvent> {
+        self.subscribe_faults();
         let mut events = Vec::new();
         let requested: Vec<PciAddress> = self
             .held
@@ -709,12 +740,7 @@ impl<A: Attach> Bus<A> {
                     .map(BusEvent::Removed),
             );
         }
-        for fault in crate::vfio::fault::take() {
-            events.extend(
-                self.take_back(fault.owner.address, RemovalCause::Fault)
-                    .map(BusEvent::Removed),
-            );
-        }
+        self.poll_faults(&mut events);
         self.poll_parked(&mut events);
         let now = Instant::now();
         let due: Vec<PciAddress> = self
@@ -728,6 +754,20 @@ impl<A: Attach> Bus<A> {
             events.extend(self.probe_one(address).map(BusEvent::Probed));
         }
         events
+    }
+
+    // Takes back the held devices whose BARs faulted. Faults of devices this bus does not
+    // hold are another owner's: other subscribers see them whatever this bus does.
+    fn poll_faults(&mut self, events: &mut Vec<BusEvent>) {
+        let Some(subscriber) = self.faults.as_mut() else {
+            return;
+        };
+        for fault in subscriber.take() {
+            events.extend(
+                self.take_back(fault.owner.address, RemovalCause::Fault)
+                    .map(BusEvent::Removed),
+            );
+        }
     }
 
     /// Applies a monitor event: updates the map (one device read per uevent, a full scan
@@ -848,14 +888,15 @@ impl<A: Attach> Bus<A> {
     }
 
     /// The pollable fds of held devices and of devices kept open after their removal
-    /// (their request eventfds) and of the fault handler, if installed: wait for any to be
+    /// (their request eventfds) and the bus's subscription to the fault handler's reports
+    /// ([`fault::subscribe`], once [`fault::install`] was called): wait for any to be
     /// readable, then call [`poll`](Self::poll).
     pub fn fds(&self) -> Vec<BorrowedFd<'_>> {
         self.held
             .values()
             .filter_map(|h| h.attached.request_fd())
             .chain(self.parked.values().filter_map(|p| p.attached.request_fd()))
-            .chain(crate::vfio::fault::events())
+            .chain(self.faults.as_ref().map(|s| s.as_fd()))
             .collect()
     }
 
@@ -878,6 +919,7 @@ impl<A: Attach> Bus<A> {
         monitor: Option<&mut dyn EventSource>,
         timeout: Duration,
     ) -> Result<Vec<BusEvent>, BusError> {
+        self.subscribe_faults();
         let now = Instant::now();
         let until = self
             .next_deadline()
@@ -1027,6 +1069,68 @@ mod tests {
             self.1.push(removal.cause.clone());
             self.0.clear();
         }
+    }
+
+    // A bus over a fake tree holding one NVMe device at `name` with driver `Keep`.
+    fn keeping_bus(name: &str) -> (FakeSysfs, Bus<FakeAttach>) {
+        let fake = FakeSysfs::new().unwrap();
+        fake.device(name).class(0x010802).create().unwrap();
+        let map = DeviceMap::new(Scanner::new(SysfsRoot::new(fake.root())).no_claims()).unwrap();
+        let mut bus = Bus::new(map, FakeAttach::new());
+        bus.register(Box::new(Keep(
+            Vec::new(),
+            Vec::new(),
+            [IdEntry::class(0x010802, CLASS_EXACT)],
+        )));
+        assert_eq!(bus.probe_all().len(), 1);
+        (fake, bus)
+    }
+
+    // A file mapped as BAR 0 of `address`, then truncated and read: a fault, as a
+    // surprise-removed device's BAR gives. The area is returned to be dropped by the
+    // caller.
+    fn fault_bar_of(address: PciAddress) -> MmioArea {
+        let mut file = tempfile::tempfile().unwrap();
+        file.write_all(&[0x5a; 4096]).unwrap();
+        let bar = MmioArea::map(file.as_fd(), 0, 4096, FaultOwner { address, region: 0 }).unwrap();
+        file.set_len(0).unwrap();
+        assert_eq!(bar.read32(4), Some(u32::MAX));
+        bar
+    }
+
+    // Two buses in one process (two parts of an application, or a bus and another
+    // user of the fault handler): each learns of the faults of the devices it holds,
+    // whichever polls first, and a bus that never polls keeps nobody from learning.
+    #[test]
+    fn a_fault_reaches_the_bus_holding_the_device_whichever_polls_first() {
+        let _serial = fault::tests::SERIAL.lock();
+        fault::install().unwrap();
+        let (_fake_a, mut a) = keeping_bus("0000:05:00.0");
+        let (_fake_b, mut b) = keeping_bus("0000:06:00.0");
+        let (_fake_c, mut idle) = keeping_bus("0000:07:00.0");
+        let of_a: PciAddress = "0000:05:00.0".parse().unwrap();
+        let of_b: PciAddress = "0000:06:00.0".parse().unwrap();
+
+        let bar = fault_bar_of(of_a);
+        assert!(b.poll().is_empty(), "not b's device");
+        let events = a.poll();
+        let [BusEvent::Removed(r)] = events.as_slice() else {
+            panic!("{events:?}")
+        };
+        assert_eq!((r.address, &r.cause), (of_a, &RemovalCause::Fault));
+        drop(bar);
+
+        // Now a is first; `idle` never polls.
+        let bar = fault_bar_of(of_b);
+        assert!(a.poll().is_empty(), "not a's device");
+        let events = b.wait(None, Duration::from_secs(5)).unwrap();
+        let [BusEvent::Removed(r)] = events.as_slice() else {
+            panic!("{events:?}")
+        };
+        assert_eq!((r.address, &r.cause), (of_b, &RemovalCause::Fault));
+        drop(bar);
+        assert_eq!(idle.held().len(), 1);
+        assert!(idle.poll().is_empty());
     }
 
     // A fault on a mapped BAR reaches the driver through the same path as a request: the

@@ -7,7 +7,15 @@
 //! [`install`], the handler replaces a faulting area with memory reading `0xff`, the
 //! access is retried and completes, and reads of the area return
 //! `0xffff_ffff` from then on. The driver sees "device gone" in its registers; the bus
-//! learns which device it was from [`take`].
+//! (and anyone else who [`subscribe`]d) learns which device it was.
+//!
+//! # Subscribers
+//!
+//! Each user of the reports has its own [`Subscriber`] ([`subscribe`]): its own eventfd,
+//! and each fault reported to it once ([`Subscriber::take`]), whatever the others take.
+//! A [`Bus`](crate::bus::Bus) subscribes by itself and acts on the faults of the devices
+//! it holds only. [`events`] and [`take`] are a default subscriber for a process with a
+//! single user. See [`Subscriber`] for the details.
 //!
 //! # Opt-in
 //!
@@ -23,10 +31,11 @@
 //! the all-ones file that [`install`] made (a memfd of [`ONES_LEN`] bytes of `0xff`)
 //! privately over the area, once per `ONES_LEN` bytes, each `mmap` with `MAP_FIXED` (so
 //! another thread reading the area meanwhile sees, at every address, either the old
-//! mapping or all ones, never zeros), marks the area faulted, counts the fault ([`count`]) and writes
-//! to an eventfd ([`events`]). It never allocates, locks, logs, or calls driver code:
-//! driver callbacks run later, from the bus's event loop, when it sees [`events`] readable
-//! and calls [`take`]. `mmap`, `mremap` and `munmap` are not on POSIX's list of
+//! mapping or all ones, never zeros), marks the area faulted for the subscribers live at
+//! that moment, counts the fault ([`count`]) and writes to each of their eventfds. It
+//! never allocates, locks, logs, or calls driver code: driver callbacks run later, from
+//! the bus's event loop, when it sees its subscriber's eventfd readable and takes the
+//! faults. `mmap`, `mremap` and `munmap` are not on POSIX's list of
 //! async-signal-safe functions, but on Linux (glibc) they are plain system calls with no
 //! user-space lock, which is what a handler needs.
 //!
@@ -58,14 +67,16 @@
 //!
 //! The table has [`CAPACITY`] slots. An area mapped while it is full still works but is
 //! not covered: a SIGBUS in it kills the process as before (logged once, as a warning).
-//! A faulted area keeps its slot until its fault is reported by [`take`], even if the
-//! area is dropped first; so faults are never lost, but a process that installs the
-//! handler and never calls [`take`] can fill the table with faulted areas.
+//! A faulted area keeps its slot until every subscriber live at the fault has taken it
+//! (or gone away), even if the area is dropped first; so faults are never lost, but a
+//! subscriber that never takes (and is never dropped) can fill the table with faulted
+//! areas. A fault with no subscriber frees its slot when its area is dropped. At most
+//! [`SUBSCRIBERS`] subscribers exist at once.
 #![allow(unsafe_code)]
 
 use std::io::{self, Write};
 use std::num::NonZeroUsize;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::ptr::NonNull;
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
@@ -73,7 +84,6 @@ use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
 use nix::errno::Errno;
 use nix::fcntl::{FcntlArg, SealFlag, fcntl};
 use nix::libc;
-use nix::sys::eventfd::{EfdFlags, EventFd};
 use nix::sys::memfd::{MFdFlags, memfd_create};
 use nix::sys::mman::{MRemapFlags, MapFlags, ProtFlags, mmap_anonymous, mremap, munmap};
 use nix::sys::signal::{SaFlags, SigAction, SigHandler, SigSet, Signal, raise, sigaction};
@@ -81,8 +91,10 @@ use parking_lot::Mutex;
 
 use crate::addr::PciAddress;
 
+mod subscriber;
 mod table;
 
+pub use subscriber::{SUBSCRIBERS, SubscribeError, Subscriber, events, subscribe, take};
 use table::Table;
 
 /// How many mapped areas the process-wide table covers.
@@ -101,8 +113,8 @@ pub struct FaultOwner {
     pub region: u32,
 }
 
-/// A mapped area that was replaced by all-ones memory after a SIGBUS, as [`take`]
-/// reports it.
+/// A mapped area that was replaced by all-ones memory after a SIGBUS, as
+/// [`Subscriber::take`] reports it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct Fault {
@@ -118,9 +130,6 @@ pub struct Fault {
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum FaultError {
-    /// The eventfd that [`events`] returns could not be created.
-    #[error("eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC) for SIGBUS fault events failed")]
-    Eventfd(#[source] io::Error),
     /// `sigaction(SIGBUS)` failed, reading the old action or installing the handler.
     #[error("sigaction(SIGBUS) failed")]
     Sigaction(#[source] io::Error),
@@ -135,11 +144,9 @@ pub enum FaultError {
 pub fn install() -> Result<(), FaultError> {
     static LOCK: Mutex<()> = Mutex::new(());
     let _serial = LOCK.lock();
-    if EVENTS.get().is_some() {
+    if installed() {
         return Ok(());
     }
-    let efd = EventFd::from_value_and_flags(0, EfdFlags::EFD_NONBLOCK | EfdFlags::EFD_CLOEXEC)
-        .map_err(|e| FaultError::Eventfd(e.into()))?;
     if ONES.get().is_none() {
         let ones = ones_file().map_err(FaultError::Memfd)?;
         ONES_FD.store(ones.as_raw_fd(), Ordering::Release);
@@ -156,21 +163,17 @@ pub fn install() -> Result<(), FaultError> {
         }
         let _ = OLD_ACTION.set(old);
     }
-    EVENT_FD.store(efd.as_fd().as_raw_fd(), Ordering::Release);
     let action = SigAction::new(
         SigHandler::SigAction(on_sigbus),
         SaFlags::SA_SIGINFO | SaFlags::SA_ONSTACK,
         SigSet::empty(),
     );
     // SAFETY: `on_sigbus` is async-signal-safe (atomics and system calls only, no
-    // allocation, no lock) and never unwinds; the state it reads (table, old action,
-    // eventfd) is static and initialized above.
+    // allocation, no lock) and never unwinds; the state it reads (table, subscribers,
+    // all-ones file, old action) is static and initialized above or always valid.
     let replaced = match unsafe { sigaction(Signal::SIGBUS, &action) } {
         Ok(replaced) => libc::sigaction::from(replaced),
-        Err(e) => {
-            EVENT_FD.store(-1, Ordering::Release);
-            return Err(FaultError::Sigaction(e.into()));
-        }
+        Err(e) => return Err(FaultError::Sigaction(e.into())),
     };
     if let Some(old) = OLD_ACTION.get()
         && (old.sa_sigaction != replaced.sa_sigaction || old.sa_flags != replaced.sa_flags)
@@ -179,29 +182,13 @@ pub fn install() -> Result<(), FaultError> {
             "the SIGBUS action changed while the fault handler was being installed; chaining to the older one"
         );
     }
-    // Set last: `events()` is `Some` only once the handler is in place.
-    let _ = EVENTS.set(efd);
+    INSTALLED.store(true, Ordering::Release);
     Ok(())
 }
 
-/// The eventfd that becomes readable after a fault, for poll/epoll; `None` before
-/// [`install`]. Read the faults with [`take`], which also drains it.
-pub fn events() -> Option<BorrowedFd<'static>> {
-    EVENTS.get().map(|efd| efd.as_fd())
-}
-
-/// The faults not reported yet, each faulted area once, in no particular order. Drains
-/// [`events`] first, so a fault recorded while this runs leaves it readable again (at
-/// worst a later call returns nothing). Areas dropped since they faulted are reported
-/// too, and their table slots freed.
-pub fn take() -> Vec<Fault> {
-    if let Some(efd) = events() {
-        // Non-blocking: EAGAIN when there was nothing to drain.
-        let _ = nix::unistd::read(efd, &mut [0u8; 8]);
-    }
-    let mut out = Vec::new();
-    TABLE.take(&mut out);
-    out
+/// Whether [`install`] has installed the handler.
+pub fn installed() -> bool {
+    INSTALLED.load(Ordering::Acquire)
 }
 
 /// How many areas the handler has replaced since the process started.
@@ -246,10 +233,7 @@ impl Drop for Registration {
 }
 
 static TABLE: Table<CAPACITY> = Table::new();
-/// The eventfd, owned here for [`events`]; set once the handler is installed.
-static EVENTS: OnceLock<EventFd> = OnceLock::new();
-/// Its number, for the handler (-1: none).
-static EVENT_FD: AtomicI32 = AtomicI32::new(-1);
+static INSTALLED: AtomicBool = AtomicBool::new(false);
 /// The all-ones file (a sealed memfd of [`ONES_LEN`] bytes of `0xff`), made by [`install`].
 static ONES: OnceLock<OwnedFd> = OnceLock::new();
 /// Its number, for the handler (-1: none).
@@ -289,18 +273,15 @@ fn handle(addr: usize) -> bool {
         return true;
     }
     if !replace(hit.start, hit.len) {
-        TABLE.finish(hit, None);
+        TABLE.finish(hit, None, 0);
         return false;
     }
-    TABLE.finish(hit, Some((addr - hit.start) as u64));
+    // Read while the slot is claimed: a subscriber going away either is in this mask and
+    // waits for the claim to end before clearing its bit, or is not in it.
+    let subscribers = subscriber::live();
+    TABLE.finish(hit, Some((addr - hit.start) as u64), subscribers);
     FAULTS.fetch_add(1, Ordering::Relaxed);
-    let fd = EVENT_FD.load(Ordering::Acquire);
-    if fd >= 0 {
-        let one = 1u64;
-        // SAFETY: writes 8 bytes from a live local to the eventfd (it lives for the rest
-        // of the process); write(2) is async-signal-safe.
-        let _ = unsafe { libc::write(fd, (&raw const one).cast(), size_of::<u64>()) };
-    }
+    subscriber::notify(subscribers);
     true
 }
 
@@ -455,15 +436,18 @@ fn default_action(code: libc::c_int) {
 
 #[cfg(test)]
 pub(crate) mod tests {
-    use super::table::{FREE, LIVE, tag_generation, tag_state};
+    use super::table::{FREE, LIVE, ORPHAN, tag_generation, tag_state};
     use super::*;
     use crate::vfio::mmio::MmioArea;
     use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
     use std::io::Write;
+    use std::os::fd::{AsFd, BorrowedFd};
+    use std::time::{Duration, Instant};
 
     const PAGE: usize = 4096;
 
-    /// Tests that fault areas or call `take` hold this: `take` is process-wide.
+    /// Tests that fault areas hold this: a subscriber sees every fault in the process,
+    /// and [`count`] counts them all.
     pub(crate) static SERIAL: Mutex<()> = Mutex::new(());
 
     fn owner(address: &str, region: u32) -> FaultOwner {
@@ -495,6 +479,7 @@ pub(crate) mod tests {
         let _serial = SERIAL.lock();
         install().unwrap();
         install().unwrap();
+        let mut subscriber = subscribe().unwrap();
         let bar2 = owner("0000:5e:00.1", 2);
         let (file, area) = file_area(2, bar2);
         assert_eq!(area.read32(0), Some(0x5a00_0000));
@@ -510,40 +495,40 @@ pub(crate) mod tests {
         assert!(area.faulted());
         assert_eq!(count(), faults + 1);
 
-        let events = events().unwrap();
-        assert!(readable(events));
+        assert!(readable(subscriber.as_fd()));
         assert_eq!(
-            take(),
+            subscriber.take(),
             [Fault {
                 owner: bar2,
                 offset_in_area: (PAGE + 8) as u64,
                 area_len: (2 * PAGE) as u64,
             }]
         );
-        assert!(!readable(events));
-        assert!(take().is_empty());
+        assert!(!readable(subscriber.as_fd()));
+        assert!(subscriber.take().is_empty());
 
         // Writes land in the replacement; nothing faults any more.
         assert_eq!(area.write32(4, 0x1234_5678), Some(()));
         assert_eq!(area.write64(PAGE, 0), Some(()));
         assert!(area.faulted());
         assert_eq!(count(), faults + 1);
-        assert!(take().is_empty());
+        assert!(subscriber.take().is_empty());
     }
 
     #[test]
     fn a_fault_of_an_area_dropped_before_take_is_still_reported() {
         let _serial = SERIAL.lock();
         install().unwrap();
+        let mut subscriber = subscribe().unwrap();
         let bar0 = owner("10000:e1:1f.7", 0);
         let (file, area) = file_area(1, bar0);
         file.set_len(0).unwrap();
         assert_eq!(area.read32(12), Some(0xffff_ffff));
         drop(area);
-        let faults = take();
+        let faults = subscriber.take();
         assert_eq!(faults.len(), 1);
         assert_eq!((faults[0].owner, faults[0].offset_in_area), (bar0, 12));
-        assert!(take().is_empty());
+        assert!(subscriber.take().is_empty());
     }
 
     #[test]
@@ -553,6 +538,7 @@ pub(crate) mod tests {
         for pages in [16, 3 * ONES_LEN / PAGE + 3] {
             let _serial = SERIAL.lock();
             install().unwrap();
+            let mut subscriber = subscribe().unwrap();
             let bar0 = owner("0000:65:00.0", 0);
             let (file, area) = file_area(pages, bar0);
             let faults = count();
@@ -578,7 +564,7 @@ pub(crate) mod tests {
             for at in (0..pages * PAGE).step_by(PAGE) {
                 assert_eq!(area.read32(at), Some(u32::MAX));
             }
-            let taken = take();
+            let taken = subscriber.take();
             assert_eq!(taken.len(), 1);
             assert_eq!(taken[0].owner, bar0);
         }
@@ -673,8 +659,98 @@ pub(crate) mod tests {
         for at in [PAGE + 8, (2 << 20) + 8, (64 << 20) + 8] {
             assert_eq!(area.read32(at), Some(u32::MAX), "another alias at {at:#x}");
         }
+    }
+
+    #[test]
+    fn two_subscribers_each_see_a_fault_once_and_its_slot_is_freed_after_both() {
+        let _serial = SERIAL.lock();
+        install().unwrap();
+        let mut a = subscribe().unwrap();
+        let mut b = subscribe().unwrap();
+        let bar1 = owner("0000:3b:00.0", 1);
+        let (file, area) = file_area(1, bar1);
+        let index = area.registration().unwrap().index;
+        let generation = area.registration().unwrap().generation;
+        file.set_len(0).unwrap();
+        assert_eq!(area.read32(0), Some(u32::MAX));
+        assert!(readable(a.as_fd()) && readable(b.as_fd()));
+
+        let seen = a.take();
+        assert_eq!(seen.iter().map(|f| f.owner).collect::<Vec<_>>(), [bar1]);
+        assert!(a.take().is_empty());
+        assert!(readable(b.as_fd()), "a's take leaves b's events alone");
         drop(area);
-        let _ = take();
+        assert_eq!(
+            tag_state(TABLE.slots[index].tag.load(Ordering::SeqCst)),
+            ORPHAN,
+            "b has not taken it"
+        );
+        assert_eq!(b.take(), seen);
+        // Freed once every subscriber that existed at the fault took it or went away
+        // (other tests' buses may be subscribed too).
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let tag = TABLE.slots[index].tag.load(Ordering::SeqCst);
+            if tag_generation(tag) != generation || tag_state(tag) == FREE {
+                break;
+            }
+            assert!(Instant::now() < deadline, "the slot is never freed");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    #[test]
+    fn a_subscriber_made_after_a_fault_does_not_see_it() {
+        let _serial = SERIAL.lock();
+        install().unwrap();
+        let bar0 = owner("0000:3b:00.1", 0);
+        let (file, area) = file_area(1, bar0);
+        file.set_len(0).unwrap();
+        assert_eq!(area.read32(0), Some(u32::MAX));
+        let mut late = subscribe().unwrap();
+        assert!(late.take().iter().all(|f| f.owner != bar0));
+    }
+
+    #[test]
+    fn subscriber_slots_run_out_and_come_back() {
+        // Not while a test's bus subscribes.
+        let _serial = SERIAL.lock();
+        // Other tests' buses may hold a few slots: take what is left.
+        let mut held = Vec::new();
+        let full = loop {
+            match subscribe() {
+                Ok(s) => held.push(s),
+                Err(e) => break e,
+            }
+            assert!(held.len() <= SUBSCRIBERS);
+        };
+        assert!(matches!(full, SubscribeError::Full), "{full}");
+        held.pop();
+        let again = subscribe().unwrap();
+        assert!(matches!(subscribe(), Err(SubscribeError::Full)));
+        drop(again);
+    }
+
+    #[test]
+    fn the_default_subscriber_reports_faults_from_its_first_use() {
+        let _serial = SERIAL.lock();
+        install().unwrap();
+        let before = owner("0000:3c:00.0", 0);
+        let (file, first) = file_area(1, before);
+        file.set_len(0).unwrap();
+        assert_eq!(first.read32(0), Some(u32::MAX));
+        let events = events().unwrap();
+        assert_eq!(events.as_raw_fd(), super::events().unwrap().as_raw_fd());
+        assert!(take().iter().all(|f| f.owner != before), "made after that fault");
+
+        let after = owner("0000:3c:00.1", 0);
+        let (file, area) = file_area(1, after);
+        file.set_len(0).unwrap();
+        assert_eq!(area.read32(0), Some(u32::MAX));
+        assert!(readable(events));
+        assert_eq!(take().iter().map(|f| f.owner).collect::<Vec<_>>(), [after]);
+        // Other tests count on freed slots: end it.
+        subscriber::end_default();
     }
 
     #[test]

@@ -1,5 +1,16 @@
 //! The fixed-size, lock-free table of registered BAR areas that the SIGBUS handler
 //! searches: atomics only, so the handler may read and change it.
+//!
+//! A faulted area's slot also holds which subscribers ([`super::Subscriber`]) have not
+//! taken its fault yet: a bit per subscriber slot, set by the handler to the subscribers
+//! live at the fault, cleared by each one's take (or its unsubscribing). The slot is
+//! freed when its area is dropped and no bit is left.
+//!
+//! Orderings: the handler's claim of a slot, its read of the live subscribers, an
+//! unsubscribing's clear of its live bit and its sweep of the slots are `SeqCst`, so a
+//! sweep that does not wait for a claimed slot (`FAULTING`) cannot miss a bit the handler
+//! sets; the last clear of a slot's bits and the drop of its area are `SeqCst` too, so
+//! one of the two always sees the other and frees the slot.
 
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering, fence};
 
@@ -14,12 +25,10 @@ pub(super) const BUSY: u64 = 1;
 pub(super) const LIVE: u64 = 2;
 /// The handler is replacing the area.
 pub(super) const FAULTING: u64 = 3;
-/// Replaced, not reported yet.
+/// Replaced; `unreported` says which subscribers have not taken the fault.
 pub(super) const FAULTED: u64 = 4;
-/// Replaced and reported.
-pub(super) const REPORTED: u64 = 5;
-/// Replaced, not reported, and the area dropped (unmapped): the handler ignores it,
-/// [`take`] reports it and frees the slot.
+/// Replaced, and the area dropped (unmapped) before every subscriber took the fault: the
+/// handler ignores it; the last take frees the slot.
 pub(super) const ORPHAN: u64 = 6;
 pub(super) const STATE_BITS: u32 = 3;
 
@@ -42,9 +51,10 @@ fn decode(word: u64) -> Option<PciAddress> {
     PciAddress::new((word >> 32) as u32, (word >> 16) as u8, devfn >> 3, devfn & 7)
 }
 
-/// One registered area. The fields other than `tag` are written only while the slot is
-/// `BUSY` (under a new generation), so a reader that sees the same generation before and
-/// after reading them has a consistent copy.
+/// One registered area. The fields other than `tag` and `unreported` are written only
+/// while the slot is `BUSY` (under a new generation), or, for `fault_offset`, `FAULTING`;
+/// so a reader that sees the same generation, `FAULTED` or `ORPHAN`, before and after
+/// reading them has a consistent copy.
 pub(super) struct Slot {
     pub(super) tag: AtomicU64,
     pub(super) start: AtomicUsize,
@@ -52,6 +62,8 @@ pub(super) struct Slot {
     address: AtomicU64,
     region: AtomicU32,
     fault_offset: AtomicU64,
+    /// Bit `i`: subscriber slot `i` has not taken this fault. Zero unless faulted.
+    pub(super) unreported: AtomicU32,
 }
 
 impl Slot {
@@ -63,6 +75,20 @@ impl Slot {
             address: AtomicU64::new(0),
             region: AtomicU32::new(0),
             fault_offset: AtomicU64::new(0),
+            unreported: AtomicU32::new(0),
+        }
+    }
+
+    /// Frees the slot if it is generation `generation`'s orphan and every subscriber
+    /// took its fault.
+    fn free_if_done(&self, generation: u64) {
+        if self.unreported.load(Ordering::SeqCst) == 0 {
+            let _ = self.tag.compare_exchange(
+                pack(generation, ORPHAN),
+                pack(generation, FREE),
+                Ordering::SeqCst,
+                Ordering::Relaxed,
+            );
         }
     }
 }
@@ -110,6 +136,7 @@ impl<const N: usize> Table<N> {
             slot.address.store(encode(owner.address), Ordering::Relaxed);
             slot.region.store(owner.region, Ordering::Relaxed);
             slot.fault_offset.store(0, Ordering::Relaxed);
+            slot.unreported.store(0, Ordering::Relaxed);
             slot.tag.store(pack(next, LIVE), Ordering::Release);
             return Some((index, next));
         }
@@ -121,13 +148,13 @@ impl<const N: usize> Table<N> {
             return;
         };
         loop {
-            let tag = slot.tag.load(Ordering::Acquire);
+            let tag = slot.tag.load(Ordering::SeqCst);
             if tag_generation(tag) != generation {
                 return;
             }
             let next = match tag_state(tag) {
-                LIVE | REPORTED => FREE,
-                // Its fault is not reported yet: keep it for `take`.
+                LIVE => FREE,
+                // Kept for the subscribers that have not taken its fault.
                 FAULTED => ORPHAN,
                 // A handler is replacing this area. That happens only during an access to
                 // it, which cannot overlap its drop; wait for it anyway rather than free a
@@ -140,9 +167,13 @@ impl<const N: usize> Table<N> {
             };
             if slot
                 .tag
-                .compare_exchange(tag, pack(generation, next), Ordering::AcqRel, Ordering::Relaxed)
+                .compare_exchange(tag, pack(generation, next), Ordering::SeqCst, Ordering::Relaxed)
                 .is_ok()
             {
+                if next == ORPHAN {
+                    // Every subscriber may have taken it already.
+                    slot.free_if_done(generation);
+                }
                 return;
             }
         }
@@ -151,7 +182,7 @@ impl<const N: usize> Table<N> {
     pub(super) fn faulted(&self, index: usize, generation: u64) -> bool {
         self.slots.get(index).is_some_and(|slot| {
             let tag = slot.tag.load(Ordering::Acquire);
-            tag_generation(tag) == generation && matches!(tag_state(tag), FAULTED | REPORTED | ORPHAN)
+            tag_generation(tag) == generation && matches!(tag_state(tag), FAULTED | ORPHAN)
         })
     }
 
@@ -162,7 +193,7 @@ impl<const N: usize> Table<N> {
             // being accessed (that area is alive), so a few tries are plenty.
             for _ in 0..4 {
                 let tag = slot.tag.load(Ordering::Acquire);
-                if !matches!(tag_state(tag), LIVE | FAULTING | FAULTED | REPORTED) {
+                if !matches!(tag_state(tag), LIVE | FAULTING | FAULTED) {
                     break;
                 }
                 let start = slot.start.load(Ordering::Relaxed);
@@ -195,65 +226,94 @@ impl<const N: usize> Table<N> {
                     .compare_exchange(
                         hit.tag,
                         pack(tag_generation(hit.tag), FAULTING),
-                        Ordering::Acquire,
+                        Ordering::SeqCst,
                         Ordering::Relaxed,
                     )
                     .is_ok()
             })
     }
 
-    /// Ends a claim: the area was replaced (`Some(offset of the fault)`) or not.
-    pub(super) fn finish(&self, hit: Hit, replaced: Option<u64>) {
+    /// Ends a claim: the area was replaced (`Some(offset of the fault)`), to be reported
+    /// to the subscribers in `subscribers` (read after the claim), or it was not.
+    pub(super) fn finish(&self, hit: Hit, replaced: Option<u64>, subscribers: u32) {
         if let Some(slot) = self.slots.get(hit.index) {
             let next = match replaced {
                 Some(offset) => {
                     slot.fault_offset.store(offset, Ordering::Relaxed);
+                    slot.unreported.store(subscribers, Ordering::Relaxed);
                     FAULTED
                 }
                 None => LIVE,
             };
             slot.tag
-                .store(pack(tag_generation(hit.tag), next), Ordering::Release);
+                .store(pack(tag_generation(hit.tag), next), Ordering::SeqCst);
         }
     }
 
-    pub(super) fn take(&self, out: &mut Vec<Fault>) {
+    /// Appends the faults subscriber `bit` has not taken, and marks them taken by it.
+    /// One subscriber's calls (and its [`forget`](Self::forget)) must not overlap.
+    pub(super) fn take(&self, bit: u32, out: &mut Vec<Fault>) {
         for slot in &self.slots {
             // Retried when the slot moves on meanwhile (FAULTED to ORPHAN when its area is
-            // dropped); states only move forward, so this ends.
+            // dropped, or freed and faulted again); states only move forward, so this ends.
             loop {
-                let tag = slot.tag.load(Ordering::Acquire);
-                let next = match tag_state(tag) {
-                    FAULTED => REPORTED,
-                    ORPHAN => FREE,
-                    _ => break,
-                };
+                let tag = slot.tag.load(Ordering::SeqCst);
+                if !matches!(tag_state(tag), FAULTED | ORPHAN)
+                    || slot.unreported.load(Ordering::SeqCst) & bit == 0
+                {
+                    break;
+                }
                 let address = decode(slot.address.load(Ordering::Relaxed));
                 let region = slot.region.load(Ordering::Relaxed);
                 let offset_in_area = slot.fault_offset.load(Ordering::Relaxed);
                 let area_len = slot.len.load(Ordering::Relaxed) as u64;
                 fence(Ordering::Acquire);
-                if slot
-                    .tag
-                    .compare_exchange(
-                        tag,
-                        pack(tag_generation(tag), next),
-                        Ordering::AcqRel,
-                        Ordering::Relaxed,
-                    )
-                    .is_err()
+                let again = slot.tag.load(Ordering::SeqCst);
+                if tag_generation(again) != tag_generation(tag)
+                    || !matches!(tag_state(again), FAULTED | ORPHAN)
                 {
                     continue;
                 }
+                // The bit was set in this generation and only this subscriber clears it, so
+                // the slot was held for it all along: the fields above are this fault's.
+                let before = slot.unreported.fetch_and(!bit, Ordering::SeqCst);
                 // Always decodes: the word was encoded from a valid address.
-                if let Some(address) = address {
+                if let Some(address) = address
+                    && before & bit != 0
+                {
                     out.push(Fault {
                         owner: FaultOwner { address, region },
                         offset_in_area,
                         area_len,
                     });
                 }
+                if before == bit {
+                    slot.free_if_done(tag_generation(tag));
+                }
                 break;
+            }
+        }
+    }
+
+    /// Clears subscriber `bit` from every fault, as if it had taken them all, freeing the
+    /// slots of dropped areas it was the last to hold. Call once the subscriber's bit is
+    /// cleared from the live subscribers (`SeqCst`), so no later fault sets it: a fault
+    /// being recorded now (`FAULTING`) is waited for.
+    pub(super) fn forget(&self, bit: u32) {
+        for slot in &self.slots {
+            loop {
+                let tag = slot.tag.load(Ordering::SeqCst);
+                match tag_state(tag) {
+                    FAULTING => std::hint::spin_loop(),
+                    FAULTED | ORPHAN => {
+                        let before = slot.unreported.fetch_and(!bit, Ordering::SeqCst);
+                        if before == bit {
+                            slot.free_if_done(tag_generation(tag));
+                        }
+                        break;
+                    }
+                    _ => break,
+                }
             }
         }
     }
@@ -306,37 +366,100 @@ mod tests {
         assert!(table.register(0x3000, 0x1000, bar0).is_some());
     }
 
-    #[test]
-    fn a_claimed_slot_reports_once_and_orphans_keep_their_report() {
-        let table = Table::<2>::new();
-        let bar3 = owner("0000:81:00.0", 3);
-        let (index, generation) = table.register(0x4000, 0x2000, bar3).unwrap();
-        let hit = table.find(0x5000).unwrap();
+    const A: u32 = 1 << 0;
+    const B: u32 = 1 << 3;
+
+    /// Registers an area and records a fault in it at `offset`, reported to
+    /// `subscribers`; returns its (index, generation).
+    fn faulted(table: &Table<2>, start: usize, offset: u64, subscribers: u32) -> (usize, u64) {
+        let registered = table.register(start, 0x2000, owner("0000:81:00.0", 3)).unwrap();
+        let hit = table.find(start + offset as usize).unwrap();
         assert!(table.claim(hit));
         assert!(!table.claim(hit), "one thread replaces the area");
-        table.finish(hit, Some(0x1000));
+        table.finish(hit, Some(offset), subscribers);
+        registered
+    }
+
+    fn taken(table: &Table<2>, bit: u32) -> Vec<Fault> {
+        let mut out = Vec::new();
+        table.take(bit, &mut out);
+        out
+    }
+
+    fn state(table: &Table<2>, index: usize) -> u64 {
+        tag_state(table.slots[index].tag.load(Ordering::Relaxed))
+    }
+
+    #[test]
+    fn a_fault_is_reported_once_to_each_subscriber_live_at_it() {
+        let table = Table::<2>::new();
+        let (index, generation) = faulted(&table, 0x4000, 0x1000, A | B);
         assert!(table.faulted(index, generation));
         assert!(table.find(0x5000).is_some(), "a replaced area is still ours");
-        let mut out = Vec::new();
-        table.take(&mut out);
-        table.take(&mut out);
-        assert_eq!(out.len(), 1);
+        let first = taken(&table, A);
         assert_eq!(
-            (out[0].owner, out[0].offset_in_area, out[0].area_len),
-            (bar3, 0x1000, 0x2000)
+            first
+                .iter()
+                .map(|f| (f.owner, f.offset_in_area, f.area_len))
+                .collect::<Vec<_>>(),
+            [(owner("0000:81:00.0", 3), 0x1000, 0x2000)]
         );
-
-        // Faulted, dropped before `take`: reported, then the slot is free.
-        let (index, generation) = table.register(0x8000, 0x1000, bar3).unwrap();
-        let hit = table.find(0x8000).unwrap();
-        assert!(table.claim(hit));
-        table.finish(hit, Some(0));
+        assert!(taken(&table, A).is_empty(), "once for A");
+        assert_eq!(taken(&table, B), first, "B sees it although A took it");
+        assert!(taken(&table, B).is_empty());
+        assert!(taken(&table, 1 << 5).is_empty(), "not subscribed at the fault");
+        assert_eq!(state(&table, index), FAULTED, "the area is still mapped");
         table.unregister(index, generation);
-        assert!(table.find(0x8000).is_none(), "unmapped: no longer matched");
-        let mut out = Vec::new();
-        table.take(&mut out);
-        assert_eq!(out.len(), 1);
-        assert_eq!(tag_state(table.slots[index].tag.load(Ordering::Relaxed)), FREE);
+        assert_eq!(state(&table, index), FREE, "taken by all, then dropped: freed");
+    }
+
+    #[test]
+    fn a_subscriber_that_never_takes_holds_the_slot_not_the_others_reports() {
+        let table = Table::<2>::new();
+        let (index, generation) = faulted(&table, 0x4000, 0, A | B);
+        table.unregister(index, generation);
+        assert!(table.find(0x4000).is_none(), "unmapped: no longer matched");
+        assert_eq!(taken(&table, A).len(), 1, "dropped before taken: still reported");
+        assert_eq!(state(&table, index), ORPHAN, "B has not taken it");
+        // A second fault while B still sits on the first.
+        let (other, generation) = faulted(&table, 0x8000, 0, A | B);
+        assert_eq!(taken(&table, A).len(), 1);
+        table.unregister(other, generation);
+        assert_eq!(state(&table, other), ORPHAN);
+        assert!(
+            table.register(0xc000, 0x1000, owner("0000:01:00.0", 0)).is_none(),
+            "full"
+        );
+        // B takes them at last: both slots are freed.
+        assert_eq!(taken(&table, B).len(), 2);
+        assert_eq!((state(&table, index), state(&table, other)), (FREE, FREE));
+    }
+
+    #[test]
+    fn a_subscriber_going_away_counts_as_taking() {
+        let table = Table::<2>::new();
+        let (index, generation) = faulted(&table, 0x4000, 0, A | B);
+        table.unregister(index, generation);
+        assert_eq!(taken(&table, A).len(), 1);
+        table.forget(B);
+        assert_eq!(state(&table, index), FREE);
+        // And before the area is dropped: the drop frees it.
+        let (index, generation) = faulted(&table, 0x4000, 0, A | B);
+        table.forget(A);
+        table.forget(B);
+        assert_eq!(state(&table, index), FAULTED);
+        table.unregister(index, generation);
+        assert_eq!(state(&table, index), FREE);
+    }
+
+    #[test]
+    fn a_fault_with_no_subscriber_frees_its_slot_with_its_area() {
+        let table = Table::<2>::new();
+        let (index, generation) = faulted(&table, 0x4000, 0, 0);
+        assert!(table.faulted(index, generation));
+        assert!(taken(&table, A).is_empty());
+        table.unregister(index, generation);
+        assert_eq!(state(&table, index), FREE);
     }
 
     #[test]
@@ -345,8 +468,11 @@ mod tests {
         let (index, generation) = table.register(0x4000, 0x1000, owner("0000:01:00.0", 0)).unwrap();
         let hit = table.find(0x4000).unwrap();
         assert!(table.claim(hit));
-        table.finish(hit, None);
+        table.finish(hit, None, A);
         assert!(!table.faulted(index, generation));
+        let mut out = Vec::new();
+        table.take(A, &mut out);
+        assert!(out.is_empty());
         assert!(table.claim(table.find(0x4000).unwrap()));
     }
 
