@@ -292,10 +292,12 @@ fn handle(addr: usize) -> bool {
 /// system calls. Each `mmap` replaces its range atomically (under the process's mmap
 /// lock), so another thread reading any address of the area sees the old mapping (which
 /// faults, and the handler has it retry while this one works) or all ones, never zeros
-/// or a hole. The area is not replaced in one step, unlike what a single `mremap` would
-/// do: `mremap` moves a range of one mapping only, and the aliases are one mapping each
-/// (Linux 6.17 lifted that for moves, not in one atomic step either). Nothing depends on
-/// it: the handler holds the slot (`FAULTING`) until the last stride is done.
+/// or a hole. The area is not replaced in one step, as building the aliases elsewhere and
+/// moving them over with one `mremap` would do: before Linux 6.17, `mremap` refuses
+/// (`EFAULT`) a source made of several mappings, and each alias is one. Nothing depends
+/// on one step: the area's accesses fault until their stride is replaced (a device's BAR
+/// pages are zapped together, a truncated file's too), and the handler holds the slot
+/// (`FAULTING`) until the last stride is done, so those accesses are retried meanwhile.
 ///
 /// If a stride cannot be mapped (out of mappings: `vm.max_map_count`), the rest of the
 /// area is replaced as before the all-ones file existed: by anonymous memory filled with
