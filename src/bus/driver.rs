@@ -28,6 +28,7 @@ use std::fmt;
 
 use super::backing::DeviceBacking;
 use super::devargs::DevArg;
+use super::fault::BarFault;
 use super::id::IdEntry;
 use crate::addr::PciAddress;
 use crate::hotplug::event::Action;
@@ -43,7 +44,7 @@ pub type DriverError = Box<dyn std::error::Error + Send + Sync>;
 pub struct DriverPanicked {
     /// The driver.
     pub driver: String,
-    /// The callback: `"probe"` or `"remove"`.
+    /// The callback: `"probe"`, `"remove"` or `"fault"`.
     pub callback: &'static str,
     /// The panic's message (a payload that is not a string reads as
     /// `"(no message)"`).
@@ -78,6 +79,21 @@ pub trait Driver<B: DeviceBacking>: Any + Send {
     /// wait for the device (it may be gone): the kernel's removal waits for this process
     /// to close it.
     fn remove(&mut self, address: PciAddress, removal: &Removal);
+
+    /// A BAR of a device the driver holds faulted while the device is still there and not
+    /// being removed: it is in D3hot, or its memory decoding is off (see
+    /// [`FaultReason`](super::fault::FaultReason)), as after the driver powered it down
+    /// and touched a register. The device stays the driver's. The mapped area that
+    /// faulted reads all ones from now on and no longer reaches the device: drop that
+    /// mapping, and map the BAR again once the device decodes again (back in D0, Memory
+    /// Space Enable set). Default: nothing (the driver sees all-ones reads, and
+    /// [`MappedBar::faulted`](crate::vfio::MappedBar::faulted)).
+    ///
+    /// A fault of a device that is gone (or whose state says nothing else) is a removal
+    /// instead: [`remove`](Self::remove) with [`RemovalCause::Fault`].
+    fn fault(&mut self, fault: &BarFault) {
+        let _ = fault;
+    }
 
     /// Whether [`Bus::probe_all`](super::Bus::probe_all) offers a device this driver
     /// already has to it again (DPDK's `RTE_PCI_DRV_PROBE_AGAIN`): for drivers that take
@@ -128,7 +144,8 @@ pub enum RemovalCause {
     Request,
     /// A uevent said the device is gone or lost its driver (`remove`, `unbind`).
     Uevent(Action),
-    /// An access to a mapped BAR faulted (SIGBUS, surprise removal).
+    /// An access to a mapped BAR faulted (SIGBUS, surprise removal). Not when the device
+    /// is still there in D3hot or with its memory decoding off: see [`Driver::fault`].
     Fault,
     /// The application detached it ([`Bus::detach`](super::Bus::detach), or the bus was
     /// dropped).

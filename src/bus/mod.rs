@@ -17,6 +17,7 @@ pub mod backing;
 pub use crate::removal::claim;
 pub mod devargs;
 pub mod driver;
+pub mod fault;
 pub mod id;
 pub mod map;
 pub mod probe;
@@ -24,4 +25,7 @@ pub mod probe;
 pub use attach::{Attach, AttachError, Attached, BindPolicy, Release, VfioAttach};
 pub use backing::{BackingError, DeviceBacking, DmaMemory, RegisterIo, VfioBacking};
 pub use driver::{Driver, DriverError, DriverPanicked, ProbeDevice, ProbeOutcome, Removal, RemovalCause};
-pub use probe::{Bus, BusError, BusEvent, ProbeError, ProbeReport, ReleasedReport, RemovedReport};
+pub use fault::{BarFault, FaultReason};
+pub use probe::{
+    Bus, BusError, BusEvent, FaultReport, ProbeError, ProbeReport, ReleasedReport, RemovedReport,
+};

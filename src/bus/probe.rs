@@ -15,6 +15,13 @@
 //! registry, calls [`Driver::remove`], checks that the driver dropped the device, closes
 //! it, restores its binding on an orderly release, and drops the claim.
 //!
+//! The bus learns of BAR faults through its own [`fault::Subscriber`] (made once
+//! [`fault::install`] was called), so other users of the fault handler in the process see
+//! them too, and it acts on the faults of devices it holds only. A fault of a device that
+//! is still there but in D3hot or not decoding memory is not a removal
+//! ([`super::fault`]): its driver is told ([`Driver::fault`]), keeps the device, and the bus
+//! reports [`BusEvent::Fault`].
+//!
 //! A driver that keeps a handle of the device after `remove` (or after declining or
 //! failing its probe, when no driver took it) keeps it open (for VFIO, the kernel's
 //! removal goes on waiting, holding the device lock). Such a device is not released: it
@@ -48,6 +55,7 @@ use super::attach::{Attach, AttachError, Attached, Release};
 use super::backing::DeviceBacking;
 use super::devargs::Selection;
 use super::driver::{Driver, DriverError, DriverPanicked, ProbeDevice, ProbeOutcome, Removal, RemovalCause};
+use super::fault::{BarFault, FaultFacts, FaultReason, is_d3hot};
 use super::id::first_match;
 use super::map::{Change, DeviceMap};
 use crate::addr::PciAddress;
@@ -57,6 +65,11 @@ use crate::removal::claim::{Claim, ClaimDir, ClaimError, ClaimInfo};
 use crate::removal::registry::Reason;
 use crate::sysfs::bind::is_kernel_sysfs;
 use crate::sysfs::scan::{ScanError, SysfsRoot};
+use crate::vfio::fault::{self, Subscriber};
+
+// The Command register and its Memory Space Enable bit.
+const COMMAND: u64 = 0x04;
+const COMMAND_MEMORY: u16 = 1 << 1;
 
 /// SPDK's settle delay for hot-inserted devices.
 pub const DEFAULT_SETTLE: Duration = Duration::from_secs(2);
@@ -173,6 +186,19 @@ pub struct ReleasedReport {
     pub error: Option<AttachError>,
 }
 
+/// A BAR fault of a held device that is not its removal (see [`super::fault`]): the
+/// driver was told ([`Driver::fault`]) and keeps the device.
+#[derive(Debug)]
+#[non_exhaustive]
+pub struct FaultReport {
+    /// The fault, as the driver received it.
+    pub fault: BarFault,
+    /// The driver that holds the device.
+    pub driver: String,
+    /// [`Driver::fault`] panicked (the device stays held regardless).
+    pub panicked: Option<DriverPanicked>,
+}
+
 /// What the bus did.
 #[derive(Debug)]
 #[non_exhaustive]
@@ -186,6 +212,9 @@ pub enum BusEvent {
     /// A device taken back earlier, which its driver had kept open, is closed and
     /// released at last.
     Released(ReleasedReport),
+    /// A BAR of a held device faulted while the device is in D3hot or not decoding
+    /// memory: not a removal; the driver was told and keeps it.
+    Fault(FaultReport),
     /// An event changed the device map.
     Map(Change),
     /// Uevents were lost; the map was rebuilt by a full scan, with these changes.
@@ -209,6 +238,11 @@ impl fmt::Display for BusEvent {
                 f,
                 "{}: closed and released (kept open by {})",
                 r.address, r.driver
+            ),
+            BusEvent::Fault(r) => write!(
+                f,
+                "{}: BAR{} of {} faulted ({}): not a removal",
+                r.fault.address, r.fault.region, r.driver, r.fault.reason
             ),
             BusEvent::Map(c) => write!(f, "map: {c:?}"),
             BusEvent::Resynced(c) => write!(f, "uevents lost: rescanned, {} changes", c.len()),
@@ -287,6 +321,10 @@ pub struct Bus<A: Attach> {
     held_off: BTreeSet<PciAddress>,
     // Taken back, but kept open by their driver: still claimed, not offered again.
     parked: BTreeMap<PciAddress, Parked<A::Backing>>,
+    // This bus's view of the SIGBUS handler's faults, once the handler is installed.
+    faults: Option<Subscriber>,
+    // Subscribing failed (all slots taken) and was logged.
+    faults_warned: bool,
 }
 
 impl<A: Attach> fmt::Debug for Bus<A> {
@@ -326,6 +364,31 @@ impl<A: Attach> Bus<A> {
             settle: DEFAULT_SETTLE,
             held_off: BTreeSet::new(),
             parked: BTreeMap::new(),
+            faults: None,
+            faults_warned: false,
+        }
+        .subscribed()
+    }
+
+    fn subscribed(mut self) -> Self {
+        self.subscribe_faults();
+        self
+    }
+
+    // Subscribes to the fault handler's reports once it is installed (the bus may be made
+    // before `fault::install`). If every subscriber slot is taken, this is logged once and
+    // tried again at each poll: meanwhile faults of held devices are not seen.
+    fn subscribe_faults(&mut self) {
+        if self.faults.is_some() || !fault::installed() {
+            return;
+        }
+        match fault::subscribe() {
+            Ok(s) => self.faults = Some(s),
+            Err(e) if !self.faults_warned => {
+                self.faults_warned = true;
+                log::warn!("bus: BAR faults of held devices go unseen until a subscriber slot is free: {e}");
+            }
+            Err(_) => {}
         }
     }
 
@@ -688,9 +751,11 @@ impl<A: Attach> Bus<A> {
     }
 
     /// Handles what is ready without waiting: request eventfds that fired and BAR faults
-    /// (each device is taken back), devices kept open after their removal whose handles
+    /// (each device is taken back, unless a fault finds it in D3hot or not decoding
+    /// memory: [`BusEvent::Fault`]), devices kept open after their removal whose handles
     /// are gone (released), and settled devices (offered to the drivers).
     pub fn poll(&mut self) -> Vec<BusEvent> {
+        self.subscribe_faults();
         let mut events = Vec::new();
         let requested: Vec<PciAddress> = self
             .held
@@ -709,12 +774,7 @@ impl<A: Attach> Bus<A> {
                     .map(BusEvent::Removed),
             );
         }
-        for fault in crate::vfio::fault::take() {
-            events.extend(
-                self.take_back(fault.owner.address, RemovalCause::Fault)
-                    .map(BusEvent::Removed),
-            );
-        }
+        self.poll_faults(&mut events);
         self.poll_parked(&mut events);
         let now = Instant::now();
         let due: Vec<PciAddress> = self
@@ -728,6 +788,75 @@ impl<A: Attach> Bus<A> {
             events.extend(self.probe_one(address).map(BusEvent::Probed));
         }
         events
+    }
+
+    // Takes back the held devices whose BARs faulted, unless the device is only powered
+    // down or not decoding (then its driver is told). Faults of devices this bus does not
+    // hold are another owner's: other subscribers see them whatever this bus does.
+    fn poll_faults(&mut self, events: &mut Vec<BusEvent>) {
+        let Some(subscriber) = self.faults.as_mut() else {
+            return;
+        };
+        for fault in subscriber.take() {
+            let address = fault.owner.address;
+            let Some(held) = self.held.get(&address) else {
+                continue;
+            };
+            let Some(reason) = self.not_a_removal(address, &held.attached.backing) else {
+                events.extend(
+                    self.take_back(address, RemovalCause::Fault)
+                        .map(BusEvent::Removed),
+                );
+                continue;
+            };
+            let fault = BarFault {
+                address,
+                region: fault.owner.region,
+                offset_in_area: fault.offset_in_area,
+                area_len: fault.area_len,
+                reason,
+            };
+            let driver = &mut self.drivers[held.driver];
+            let name = driver.name().to_owned();
+            log::warn!(
+                "{address}: BAR{} faulted ({reason}): not a removal; driver {name} keeps the device",
+                fault.region
+            );
+            let panicked = guarded(&name, "fault", address, || driver.fault(&fault)).err();
+            events.push(BusEvent::Fault(FaultReport {
+                fault,
+                driver: name,
+                panicked,
+            }));
+        }
+    }
+
+    // Why a BAR fault of held device `address` is not its removal, from what sysfs, the
+    // registry and the device say; `None`: it is one. Takes no device lock (see
+    // `super::fault`).
+    fn not_a_removal(&self, address: PciAddress, backing: &A::Backing) -> Option<FaultReason> {
+        let removal_pending = self.map.scanner().removal_registry().is_pending(address);
+        let mut facts = FaultFacts {
+            present: self.map.get(address).is_some(),
+            removal_pending,
+            ..FaultFacts::default()
+        };
+        if !facts.present || removal_pending {
+            return facts.not_a_removal();
+        }
+        let power_state =
+            std::fs::read_to_string(self.map.scanner().root().device_dir(address).join("power_state")).ok();
+        facts.present = power_state.is_some();
+        facts.power_state = power_state.as_deref();
+        // Not in D3hot: a VFIO config access would wake a device from runtime low power.
+        if !facts.power_state.is_some_and(is_d3hot) {
+            let mut command = [0u8; 2];
+            facts.memory_decoding = backing
+                .read_config(COMMAND, &mut command)
+                .ok()
+                .map(|()| u16::from_le_bytes(command) & COMMAND_MEMORY != 0);
+        }
+        facts.not_a_removal()
     }
 
     /// Applies a monitor event: updates the map (one device read per uevent, a full scan
@@ -848,14 +977,15 @@ impl<A: Attach> Bus<A> {
     }
 
     /// The pollable fds of held devices and of devices kept open after their removal
-    /// (their request eventfds) and of the fault handler, if installed: wait for any to be
+    /// (their request eventfds) and the bus's subscription to the fault handler's reports
+    /// ([`fault::subscribe`], once [`fault::install`] was called): wait for any to be
     /// readable, then call [`poll`](Self::poll).
     pub fn fds(&self) -> Vec<BorrowedFd<'_>> {
         self.held
             .values()
             .filter_map(|h| h.attached.request_fd())
             .chain(self.parked.values().filter_map(|p| p.attached.request_fd()))
-            .chain(crate::vfio::fault::events())
+            .chain(self.faults.as_ref().map(|s| s.as_fd()))
             .collect()
     }
 
@@ -878,6 +1008,7 @@ impl<A: Attach> Bus<A> {
         monitor: Option<&mut dyn EventSource>,
         timeout: Duration,
     ) -> Result<Vec<BusEvent>, BusError> {
+        self.subscribe_faults();
         let now = Instant::now();
         let until = self
             .next_deadline()
@@ -1010,7 +1141,7 @@ mod tests {
     use crate::vfio::mmio::MmioArea;
     use crate::{Scanner, SysfsRoot};
 
-    struct Keep(Vec<FakeRegisters>, Vec<RemovalCause>, [IdEntry; 1]);
+    struct Keep(Vec<FakeRegisters>, Vec<RemovalCause>, [IdEntry; 1], Vec<BarFault>);
 
     impl Driver<FakeBacking> for Keep {
         fn name(&self) -> &str {
@@ -1027,6 +1158,156 @@ mod tests {
             self.1.push(removal.cause.clone());
             self.0.clear();
         }
+        fn fault(&mut self, fault: &BarFault) {
+            self.3.push(*fault);
+        }
+    }
+
+    // A bus over a fake tree holding one NVMe device at `name` with driver `Keep`.
+    fn keeping_bus(name: &str) -> (FakeSysfs, Bus<FakeAttach>) {
+        let fake = FakeSysfs::new().unwrap();
+        fake.device(name).class(0x010802).create().unwrap();
+        let map = DeviceMap::new(Scanner::new(SysfsRoot::new(fake.root())).no_claims()).unwrap();
+        let mut bus = Bus::new(map, FakeAttach::new());
+        bus.register(Box::new(Keep(
+            Vec::new(),
+            Vec::new(),
+            [IdEntry::class(0x010802, CLASS_EXACT)],
+            Vec::new(),
+        )));
+        assert_eq!(bus.probe_all().len(), 1);
+        (fake, bus)
+    }
+
+    // A file mapped as BAR 0 of `address`, then truncated and read: a fault, as a
+    // surprise-removed device's BAR gives. The area is returned to be dropped by the
+    // caller.
+    fn fault_bar_of(address: PciAddress) -> MmioArea {
+        let mut file = tempfile::tempfile().unwrap();
+        file.write_all(&[0x5a; 4096]).unwrap();
+        let bar = MmioArea::map(file.as_fd(), 0, 4096, FaultOwner { address, region: 0 }).unwrap();
+        file.set_len(0).unwrap();
+        assert_eq!(bar.read32(4), Some(u32::MAX));
+        bar
+    }
+
+    // Two buses in one process (two parts of an application, or a bus and another
+    // user of the fault handler): each learns of the faults of the devices it holds,
+    // whichever polls first, and a bus that never polls keeps nobody from learning.
+    #[test]
+    fn a_fault_reaches_the_bus_holding_the_device_whichever_polls_first() {
+        let _serial = fault::tests::SERIAL.lock();
+        fault::install().unwrap();
+        let (_fake_a, mut a) = keeping_bus("0000:05:00.0");
+        let (_fake_b, mut b) = keeping_bus("0000:06:00.0");
+        let (_fake_c, mut idle) = keeping_bus("0000:07:00.0");
+        let of_a: PciAddress = "0000:05:00.0".parse().unwrap();
+        let of_b: PciAddress = "0000:06:00.0".parse().unwrap();
+
+        let bar = fault_bar_of(of_a);
+        assert!(b.poll().is_empty(), "not b's device");
+        let events = a.poll();
+        let [BusEvent::Removed(r)] = events.as_slice() else {
+            panic!("{events:?}")
+        };
+        assert_eq!((r.address, &r.cause), (of_a, &RemovalCause::Fault));
+        drop(bar);
+
+        // Now a is first; `idle` never polls.
+        let bar = fault_bar_of(of_b);
+        assert!(a.poll().is_empty(), "not a's device");
+        let events = b.wait(None, Duration::from_secs(5)).unwrap();
+        let [BusEvent::Removed(r)] = events.as_slice() else {
+            panic!("{events:?}")
+        };
+        assert_eq!((r.address, &r.cause), (of_b, &RemovalCause::Fault));
+        drop(bar);
+        assert_eq!(idle.held().len(), 1);
+        assert!(idle.poll().is_empty());
+    }
+
+    // A driver that put its device in D3hot and then touched a BAR gets a fault that is
+    // not a removal: the driver is told, and keeps the device.
+    #[test]
+    fn a_fault_of_a_device_in_d3hot_is_not_a_removal() {
+        let _serial = fault::tests::SERIAL.lock();
+        fault::install().unwrap();
+        let (fake, mut bus) = keeping_bus("0000:05:00.0");
+        let address: PciAddress = "0000:05:00.0".parse().unwrap();
+        let dir = fake.device_dir("0000:05:00.0").unwrap();
+        fake.write(dir.join("power_state"), b"D3hot\n").unwrap();
+        let bar = fault_bar_of(address);
+        let events = bus.poll();
+        let [BusEvent::Fault(r)] = events.as_slice() else {
+            panic!("{events:?}")
+        };
+        let expected = BarFault {
+            address,
+            region: 0,
+            offset_in_area: 4,
+            area_len: 4096,
+            reason: FaultReason::LowPower,
+        };
+        assert_eq!(
+            (r.fault, r.driver.as_str(), &r.panicked),
+            (expected, "keep", &None)
+        );
+        assert_eq!(bus.held().len(), 1, "still held");
+        let driver = bus.driver_mut::<Keep>().unwrap();
+        assert_eq!(driver.3, [expected]);
+        assert!(driver.1.is_empty(), "not removed");
+        drop(bar);
+
+        // Back in D0, a fault is a removal again.
+        fake.write(dir.join("power_state"), b"D0\n").unwrap();
+        let bar = fault_bar_of(address);
+        let events = bus.poll();
+        assert!(
+            matches!(events.as_slice(), [BusEvent::Removed(r)] if r.cause == RemovalCause::Fault),
+            "{events:?}"
+        );
+        drop(bar);
+    }
+
+    #[test]
+    fn a_fault_of_a_device_not_decoding_memory_is_not_a_removal() {
+        let _serial = fault::tests::SERIAL.lock();
+        fault::install().unwrap();
+        let (_fake, mut bus) = keeping_bus("0000:05:00.0");
+        let address: PciAddress = "0000:05:00.0".parse().unwrap();
+        let device = bus.attacher().device(address).unwrap();
+        device.write_config(COMMAND, &[0, 0]).unwrap();
+        drop(device);
+        let bar = fault_bar_of(address);
+        let events = bus.poll();
+        let [BusEvent::Fault(r)] = events.as_slice() else {
+            panic!("{events:?}")
+        };
+        assert_eq!(r.fault.reason, FaultReason::DecodingOff);
+        assert_eq!(bus.held().len(), 1);
+        drop(bar);
+    }
+
+    // A device whose removal is pending is being removed, whatever its power state says.
+    #[test]
+    fn a_fault_of_a_device_whose_removal_is_pending_is_a_removal() {
+        let _serial = fault::tests::SERIAL.lock();
+        fault::install().unwrap();
+        let (fake, mut bus) = keeping_bus("0000:05:00.0");
+        let address: PciAddress = "0000:05:00.0".parse().unwrap();
+        let dir = fake.device_dir("0000:05:00.0").unwrap();
+        fake.write(dir.join("power_state"), b"D3hot\n").unwrap();
+        bus.map()
+            .scanner()
+            .removal_registry()
+            .mark(address, Reason::RemovalRequested);
+        let bar = fault_bar_of(address);
+        let events = bus.poll();
+        assert!(
+            matches!(events.as_slice(), [BusEvent::Removed(r)] if r.cause == RemovalCause::Fault),
+            "{events:?}"
+        );
+        drop(bar);
     }
 
     // A fault on a mapped BAR reaches the driver through the same path as a request: the
@@ -1045,6 +1326,7 @@ mod tests {
             Vec::new(),
             Vec::new(),
             [IdEntry::class(0x010802, CLASS_EXACT)],
+            Vec::new(),
         )));
         assert_eq!(bus.probe_all().len(), 1);
         assert!(bus.fds().len() == 2, "the request eventfd and the fault eventfd");

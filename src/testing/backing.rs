@@ -42,10 +42,13 @@ pub struct FakeBacking {
 }
 
 impl FakeBacking {
-    /// A device at `address` whose config space starts with `record`'s ids, with six
+    /// A device at `address` whose config space starts with `record`'s ids and has
+    /// memory decoding on (Command register `0x0002`), with six
     /// zeroed BARs of [`FAKE_BAR_SIZE`] bytes and 16 MSI-X vectors.
     pub fn new(record: &DeviceRecord) -> Self {
         let mut config = vec![0u8; 4096];
+        // Memory Space Enable, as vfio-pci's open of a device with memory BARs sets it.
+        config[4] = 0x02;
         let vendor = record.vendor.map_or(0xffff, |v| v.0);
         let device = record.device.map_or(0xffff, |d| d.0);
         config[0..2].copy_from_slice(&vendor.to_le_bytes());

@@ -1561,7 +1561,7 @@ fn msix_table_size(config_bytes: &[u8]) -> Option<u16> {
 /// removal only. After [`fault::install`] (opt-in, process-wide) such an access does not
 /// kill: the handler replaces the faulting area with memory reading all ones, the access
 /// completes (reads return `0xffff_ffff`, as from a removed device), [`faulted`]
-/// turns true, and the bus learns of it from [`fault::events`] and [`fault::take`].
+/// turns true, and the bus learns of it through its [`fault::Subscriber`].
 /// Drop the mapping and the device then, as after a REQ. An area mapped while the
 /// handler's table is full ([`fault::CAPACITY`] areas) is not covered.
 ///
