@@ -296,10 +296,8 @@ fn hold(address: PciAddress, mode: Mode, bar_only: bool) -> Result<(), Vec<Strin
         }
         let mut load = None;
         if holds(&bus.held(), address) {
-            if !bar_only {
-                if let Err(e) = write_stamps(&mut bus, address, seed) {
-                    fails.push(format!("stamps: {e}"));
-                }
+            if !bar_only && let Err(e) = write_stamps(&mut bus, address, seed) {
+                fails.push(format!("stamps: {e}"));
             }
             if mode == Mode::Io && !bar_only {
                 let c = bus
