@@ -145,7 +145,8 @@ pub trait DeviceBacking: Clone + Send + Sync + fmt::Debug + 'static {
 }
 
 /// A VFIO device as a [`DeviceBacking`]: a handle (`Arc`) of an open [`VfioDevice`]. DMA
-/// memory comes from the device's container.
+/// memory comes from the device's container. [`revoke`](DeviceBacking::revoke) is
+/// [`VfioDevice::revoke`].
 #[derive(Debug, Clone)]
 pub struct VfioBacking {
     device: Arc<VfioDevice>,
@@ -222,5 +223,8 @@ impl DeviceBacking for VfioBacking {
     }
     fn extra_handles(&self) -> usize {
         Arc::strong_count(&self.device).saturating_sub(1)
+    }
+    fn revoke(&self) -> Result<(), BackingError> {
+        Ok(self.device.revoke()?)
     }
 }

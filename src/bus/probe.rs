@@ -359,8 +359,12 @@ fn uevent_seqnum(root: &SysfsRoot) -> Option<u64> {
 ///   the device is not bound ([`ProbeError::Removed`]); a driver that says
 ///   [`ProbeOutcome::Bound`] gets `remove` at once.
 ///
-/// A backing that cannot be revoked (the default of [`DeviceBacking::revoke`]) cannot
-/// be closed while the driver holds handles of it. The bus then says "releasing" in the
+/// [`VfioBacking`](super::backing::VfioBacking) revokes through
+/// [`VfioDevice::revoke`](crate::vfio::VfioDevice::revoke): mapped BAR areas are
+/// replaced with all-ones memory and the device fd with an eventfd, so the kernel sees
+/// the device closed. A backing that cannot be revoked (the default of
+/// [`DeviceBacking::revoke`]; a VFIO device with a BAR area the full SIGBUS table does not
+/// cover) cannot be closed while the driver holds handles of it. The bus then says "releasing" in the
 /// claim and marks the device in the registry at once, so that scans keep away from it,
 /// and closes it when the probe returns. That mark is not an answer for the kernel,
 /// which waits for the close: such a device's removal waits for the probe, bounded only

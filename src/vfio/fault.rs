@@ -53,6 +53,14 @@
 //! A faulted area keeps its slot until its fault is reported by [`take`], even if the
 //! area is dropped first; so faults are never lost, but a process that installs the
 //! handler and never calls [`take`] can fill the table with faulted areas.
+//!
+//! # Revoking
+//!
+//! The same replacement, done on purpose and not reported as a fault, closes a device's
+//! mappings under their owner ([`VfioDevice::revoke`](super::VfioDevice::revoke)): a
+//! mapping holds the device file open, and the kernel's removal waits for that file. It
+//! needs the table: an area it does not cover cannot be replaced safely (its owner may be
+//! unmapping it), so a device with such an area cannot be revoked.
 #![allow(unsafe_code)]
 
 use std::io;
@@ -190,6 +198,22 @@ pub(crate) struct Registration {
     generation: u64,
 }
 
+/// Names a registered area for [`revoke`], from code other than its owner's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct AreaKey {
+    index: usize,
+    generation: u64,
+}
+
+/// Replaces the area registered as `key` with all-ones memory, as the handler does after
+/// a fault, but not reported as one (see [Revoking](self#revoking)). True if the area no
+/// longer maps what it mapped: replaced now or earlier (a fault, a revoke), or unmapped
+/// by its owner since. False if the replacement failed (the area is as it was). Its owner
+/// may drop it meanwhile: unregistering waits for the replacement to end.
+pub(crate) fn revoke(key: AreaKey) -> bool {
+    TABLE.revoke(key.index, key.generation)
+}
+
 /// Registers `[start, start + len)`, a mapping owned by the caller, for the handler.
 /// `None` when the table is full (logged once): the area then is not covered.
 pub(crate) fn register(start: NonNull<u8>, len: usize, owner: FaultOwner) -> Option<Registration> {
@@ -209,6 +233,14 @@ impl Registration {
     /// Whether the handler has replaced the area.
     pub(crate) fn faulted(&self) -> bool {
         TABLE.faulted(self.index, self.generation)
+    }
+
+    /// The area's key, for [`revoke`].
+    pub(crate) fn key(&self) -> AreaKey {
+        AreaKey {
+            index: self.index,
+            generation: self.generation,
+        }
     }
 }
 
@@ -242,6 +274,8 @@ const REPORTED: u64 = 5;
 /// Replaced, not reported, and the area dropped (unmapped): the handler ignores it,
 /// [`take`] reports it and frees the slot.
 const ORPHAN: u64 = 6;
+/// Replaced by [`revoke`]: not a fault, never reported.
+const REVOKED: u64 = 7;
 const STATE_BITS: u32 = 3;
 
 fn pack(generation: u64, state: u64) -> u64 {
@@ -347,12 +381,13 @@ impl<const N: usize> Table<N> {
                 return;
             }
             let next = match tag_state(tag) {
-                LIVE | REPORTED => FREE,
+                LIVE | REPORTED | REVOKED => FREE,
                 // Its fault is not reported yet: keep it for `take`.
                 FAULTED => ORPHAN,
-                // A handler is replacing this area. That happens only during an access to
-                // it, which cannot overlap its drop; wait for it anyway rather than free a
-                // slot a handler is writing.
+                // A handler is replacing this area (that happens only during an access to
+                // it, which cannot overlap its drop), or `revoke` is (that can): wait, so
+                // that the area is not unmapped, and its range reused, under the
+                // replacement.
                 FAULTING => {
                     std::hint::spin_loop();
                     continue;
@@ -383,7 +418,7 @@ impl<const N: usize> Table<N> {
             // being accessed (that area is alive), so a few tries are plenty.
             for _ in 0..4 {
                 let tag = slot.tag.load(Ordering::Acquire);
-                if !matches!(tag_state(tag), LIVE | FAULTING | FAULTED | REPORTED) {
+                if !matches!(tag_state(tag), LIVE | FAULTING | FAULTED | REPORTED | REVOKED) {
                     break;
                 }
                 let start = slot.start.load(Ordering::Relaxed);
@@ -435,6 +470,51 @@ impl<const N: usize> Table<N> {
             };
             slot.tag
                 .store(pack(tag_generation(hit.tag), next), Ordering::Release);
+        }
+    }
+
+    /// Replaces slot `index`'s area of `generation` for its owner (`fault::revoke`).
+    fn revoke(&self, index: usize, generation: u64) -> bool {
+        let Some(slot) = self.slots.get(index) else {
+            return false;
+        };
+        loop {
+            let tag = slot.tag.load(Ordering::Acquire);
+            if tag_generation(tag) != generation {
+                // Unregistered, and the slot reused: the area was unmapped.
+                return true;
+            }
+            match tag_state(tag) {
+                LIVE => {}
+                // The handler is replacing it after a fault: wait for the end.
+                FAULTING => {
+                    std::hint::spin_loop();
+                    continue;
+                }
+                // Replaced already, or unregistered (unmapped).
+                _ => return true,
+            }
+            // Claimed as the handler claims it: the owner's unregister now waits for the
+            // end, and the handler retries an access meanwhile.
+            if slot
+                .tag
+                .compare_exchange(
+                    tag,
+                    pack(generation, FAULTING),
+                    Ordering::Acquire,
+                    Ordering::Relaxed,
+                )
+                .is_err()
+            {
+                continue;
+            }
+            // Written before LIVE under this generation, and not since.
+            let start = slot.start.load(Ordering::Relaxed);
+            let len = slot.len.load(Ordering::Relaxed);
+            let replaced = replace(start, len);
+            let next = if replaced { REVOKED } else { LIVE };
+            slot.tag.store(pack(generation, next), Ordering::Release);
+            return replaced;
         }
     }
 
@@ -547,7 +627,8 @@ fn replace(start: usize, len: usize) -> bool {
     // SAFETY: `fresh` is `len` writable bytes that nothing else knows of.
     unsafe { fresh.cast::<u8>().as_ptr().write_bytes(0xff, len) };
     // SAFETY: the target is a registered, live area (`find` matched it and `claim` holds
-    // it), exactly as it was mapped: its owner unregisters it before unmapping it. Its
+    // it, or `Table::revoke` claimed it by its generation), exactly as it was mapped: its
+    // owner unregisters it before unmapping it, which waits while it is claimed. Its
     // owner reaches it only through raw pointers with volatile accesses, so replacing its
     // pages under it invalidates no reference. MREMAP_FIXED replaces the old mapping
     // atomically, and `fresh` does not overlap it.
@@ -735,6 +816,60 @@ pub(crate) mod tests {
         let taken = take();
         assert_eq!(taken.len(), 1);
         assert_eq!(taken[0].owner, bar0);
+    }
+
+    #[test]
+    fn a_revoked_area_reads_all_ones_no_longer_maps_its_file_and_is_no_fault() {
+        let _serial = SERIAL.lock();
+        // Were the file still mapped, the access after truncating it would be a fault
+        // (counted), not a crash.
+        install().unwrap();
+        let bar0 = owner("0000:5e:00.2", 0);
+        let (file, area) = file_area(2, bar0);
+        let key = area.key().unwrap();
+        assert_eq!(area.read32(PAGE), Some(0x5a00_0000 + PAGE as u32));
+        assert!(revoke(key));
+        assert_eq!(area.read32(PAGE), Some(0xffff_ffff));
+        assert_eq!(area.read64(0), Some(u64::MAX));
+        // The file is no longer mapped: a write stays in the replacement, and truncating
+        // the file (which faults a live mapping) changes nothing.
+        assert_eq!(area.write32(0, 0x1234_5678), Some(()));
+        let mut word = [0u8; 4];
+        std::os::unix::fs::FileExt::read_exact_at(&file, &mut word, 0).unwrap();
+        assert_eq!(u32::from_ne_bytes(word), 0x5a00_0000);
+        let faults = count();
+        file.set_len(0).unwrap();
+        assert_eq!(area.read32(4), Some(0xffff_ffff));
+        assert_eq!(count(), faults);
+        assert!(!area.faulted(), "revoked, not faulted");
+        assert!(take().iter().all(|f| f.owner != bar0), "never reported");
+        assert!(revoke(key), "revoking again changes nothing");
+        let (index, generation) = (key.index, key.generation);
+        drop(area);
+        let tag = TABLE.slots[index].tag.load(Ordering::Relaxed);
+        assert_eq!(tag_state(tag), FREE, "dropping the area frees its slot");
+        assert!(
+            revoke(AreaKey { index, generation }),
+            "an area unmapped since needs nothing"
+        );
+    }
+
+    #[test]
+    fn revoking_and_dropping_an_area_at_once_is_safe() {
+        let _serial = SERIAL.lock();
+        for _ in 0..20 {
+            let (_file, area) = file_area(4, owner("0000:5e:00.3", 0));
+            let key = area.key().unwrap();
+            std::thread::scope(|s| {
+                s.spawn(|| revoke(key));
+                s.spawn(move || drop(area));
+            });
+            let tag = TABLE.slots[key.index].tag.load(Ordering::Relaxed);
+            assert!(
+                tag_generation(tag) != key.generation || tag_state(tag) == FREE,
+                "the slot is free once both are done"
+            );
+        }
     }
 
     #[test]
