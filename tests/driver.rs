@@ -21,7 +21,7 @@ use pcibus::hotplug::event::{Action, Uevent};
 use pcibus::hotplug::monitor::Event;
 use pcibus::testing::FakeSysfs;
 use pcibus::testing::backing::{AttachCall, FakeAttach, FakeBacking, FakeRegisters};
-use pcibus::{PciAddress, Scanner, SysfsRoot};
+use pcibus::{PciAddress, RemovalRegistry, Scanner, SysfsRoot};
 
 const PF: &str = "0000:01:00.0";
 const VF1: &str = "0000:01:00.1";
@@ -113,6 +113,16 @@ fn within(limit: Duration, mut done: impl FnMut() -> bool) -> bool {
         std::thread::sleep(Duration::from_millis(5));
     }
     done()
+}
+
+// Whether `address` is closed (as a removal), out of `registry` and claimable in `claims`
+// (the claim taken to see is dropped at once).
+fn released(attach: &FakeAttach, registry: &RemovalRegistry, claims: &Path, address: &str) -> bool {
+    closed(attach, address)
+        && !registry.is_pending(addr(address))
+        && ClaimDir::new(claims)
+            .claim(addr(address), &ClaimInfo::new())
+            .is_ok()
 }
 
 fn closed(attach: &FakeAttach, address: &str) -> bool {
@@ -1171,18 +1181,14 @@ fn a_request_is_answered_while_the_same_driver_probes_another_device_for_seconds
     started.recv_timeout(Duration::from_secs(5)).unwrap();
 
     assert!(attach.request_removal(addr(VF1)));
+    // Closed, its mark and claim gone (in that order, so wait for the last).
+    let free = || released(&attach, &registry, claims.path(), VF1);
     assert!(
-        within(Duration::from_secs(2), || closed(&attach, VF1)),
-        "VF1 not closed within 2 s of its request: {:?}",
+        within(Duration::from_secs(2), free),
+        "VF1 not released within 2 s of its request: {:?}",
         attach.calls()
     );
     assert!(!probing.is_finished(), "VF2's probe goes on");
-    assert!(!registry.is_pending(addr(VF1)), "the mark goes with the close");
-    drop(
-        ClaimDir::new(claims.path())
-            .claim(addr(VF1), &ClaimInfo::new())
-            .expect("VF1's claim is free"),
-    );
 
     release.send(()).unwrap();
     let (mut bus, report) = probing.join().unwrap();
@@ -1232,18 +1238,14 @@ fn a_request_for_the_device_being_probed_is_answered_without_waiting_for_the_pro
     started.recv_timeout(Duration::from_secs(5)).unwrap();
 
     assert!(attach.request_removal(addr(PF)));
+    // Closed, its mark and claim gone (in that order, so wait for the last).
+    let free = || released(&attach, &registry, claims.path(), PF);
     assert!(
-        within(Duration::from_secs(2), || closed(&attach, PF)),
-        "PF not closed within 2 s of its request: {:?}",
+        within(Duration::from_secs(2), free),
+        "PF not released within 2 s of its request: {:?}",
         attach.calls()
     );
     assert!(!probing.is_finished(), "the probe goes on");
-    assert!(!registry.is_pending(addr(PF)));
-    drop(
-        ClaimDir::new(claims.path())
-            .claim(addr(PF), &ClaimInfo::new())
-            .expect("PF's claim is free"),
-    );
 
     release.send(()).unwrap();
     let (mut bus, reports) = probing.join().unwrap();
@@ -1407,11 +1409,12 @@ fn a_request_for_a_device_of_another_driver_is_answered_by_its_driver_during_a_p
     assert!(attach.request_removal(addr(VF1)));
     let removed = format!("first remove {VF1} (vfio removal request)");
     assert!(
-        within(Duration::from_secs(2), || log.lock().contains(&removed)),
-        "{:?}",
-        log.lock()
+        within(Duration::from_secs(2), || log.lock().contains(&removed)
+            && closed(&attach, VF1)),
+        "{:?} {:?}",
+        log.lock(),
+        attach.calls()
     );
-    assert!(closed(&attach, VF1));
     assert!(!probing.is_finished());
 
     release.send(()).unwrap();
