@@ -4,8 +4,8 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, mpsc};
+use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 use pcibus::bus::attach::Release;
@@ -21,7 +21,7 @@ use pcibus::hotplug::event::{Action, Uevent};
 use pcibus::hotplug::monitor::Event;
 use pcibus::testing::FakeSysfs;
 use pcibus::testing::backing::{AttachCall, FakeAttach, FakeBacking, FakeRegisters};
-use pcibus::{PciAddress, Scanner, SysfsRoot};
+use pcibus::{PciAddress, RemovalRegistry, Scanner, SysfsRoot};
 
 const PF: &str = "0000:01:00.0";
 const VF1: &str = "0000:01:00.1";
@@ -76,6 +76,60 @@ struct TestDriver {
     // Where the bus's claims are, to look at the claim while removing.
     claims: Option<ClaimDir>,
     again: bool,
+    slow: Option<Slow>,
+}
+
+// A probe that takes long, as an NVMe bring-up waiting for the controller does (up to
+// CAP.TO, 127.5 s): it says when it starts, then goes on for 10 s unless told to end.
+struct Slow {
+    address: PciAddress,
+    started: mpsc::Sender<()>,
+    release: mpsc::Receiver<()>,
+    // Gives up as soon as the bus says its device was taken back.
+    watch: bool,
+}
+
+// Makes `driver`'s probe of `address` slow: returns the receiver that hears it start and
+// the sender that ends it (dropping it ends it too, as a failing test does).
+fn slow(driver: &mut TestDriver, address: &str, watch: bool) -> (mpsc::Receiver<()>, mpsc::Sender<()>) {
+    let (started, hear) = mpsc::channel();
+    let (end, release) = mpsc::channel();
+    driver.slow = Some(Slow {
+        address: addr(address),
+        started,
+        release,
+        watch,
+    });
+    (hear, end)
+}
+
+// Polls `done` until it holds or `limit` passes.
+fn within(limit: Duration, mut done: impl FnMut() -> bool) -> bool {
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        if done() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    done()
+}
+
+// Whether `address` is closed (as a removal), out of `registry` and claimable in `claims`
+// (the claim taken to see is dropped at once).
+fn released(attach: &FakeAttach, registry: &RemovalRegistry, claims: &Path, address: &str) -> bool {
+    closed(attach, address)
+        && !registry.is_pending(addr(address))
+        && ClaimDir::new(claims)
+            .claim(addr(address), &ClaimInfo::new())
+            .is_ok()
+}
+
+fn closed(attach: &FakeAttach, address: &str) -> bool {
+    attach
+        .calls()
+        .iter()
+        .any(|c| matches!(c, AttachCall::Detach(a, Release::Removal, _) if *a == addr(address)))
 }
 
 impl TestDriver {
@@ -89,6 +143,7 @@ impl TestDriver {
             log: Arc::clone(log),
             claims: None,
             again: false,
+            slow: None,
         }
     }
 }
@@ -117,6 +172,24 @@ impl Driver<FakeBacking> for TestDriver {
             Err(e) => return ProbeOutcome::Failed(e.into()),
         };
         bar.write32(0x14, 1).unwrap();
+        if let Some(slow) = self.slow.as_ref().filter(|s| s.address == address) {
+            let _ = slow.started.send(());
+            let start = Instant::now();
+            while let Err(mpsc::RecvTimeoutError::Timeout) =
+                slow.release.recv_timeout(Duration::from_millis(10))
+                && start.elapsed() < Duration::from_secs(10)
+            {
+                if slow.watch && device.removal_requested() {
+                    self.log
+                        .lock()
+                        .push(format!("{} probe {address} sees it taken back", self.name));
+                    return ProbeOutcome::Failed("taken back while it got ready".into());
+                }
+            }
+            self.log
+                .lock()
+                .push(format!("{} probe {address} done", self.name));
+        }
         match self.mode {
             Mode::PanicInProbe => panic!("probe of {address} went wrong"),
             Mode::Bind | Mode::LeakOnRemove | Mode::PanicInRemove => {
@@ -136,15 +209,18 @@ impl Driver<FakeBacking> for TestDriver {
             .claims
             .as_ref()
             .map(|d| d.releasing().unwrap().iter().any(|r| r.address == address));
+        // Closed under the driver while it was probing another device.
+        let revoked = self.devices.get(&address).is_some_and(|(b, _)| b.is_revoked());
         self.log.lock().push(format!(
-            "{} remove {address} ({}){}",
+            "{} remove {address} ({}){}{}",
             self.name,
             removal.cause,
             match releasing {
                 Some(true) => " claim says releasing",
                 Some(false) => " claim active",
                 None => "",
-            }
+            },
+            if revoked { " revoked" } else { "" }
         ));
         if let Some((_, bar)) = self.devices.remove(&address)
             && self.mode == Mode::LeakOnRemove
@@ -1083,4 +1159,271 @@ fn a_device_held_off_after_a_request_and_hot_swapped_unseen_is_offered_again() {
         matches!(&probed[..], [BusEvent::Probed(p)] if p.address == addr(PF)),
         "{probed:?}"
     );
+}
+
+#[test]
+fn a_request_is_answered_while_the_same_driver_probes_another_device_for_seconds() {
+    // Issue 14 §4: a bring-up takes seconds (a controller that never gets ready takes
+    // CAP.TO, up to 127.5 s); the kernel's removal of another device must not wait for it.
+    let fake = qemu();
+    let claims = tempfile::tempdir().unwrap();
+    let attach = FakeAttach::new();
+    let log = Log::default();
+    let mut bus = Bus::new(map(&fake), attach.clone()).claim_dir(Some(ClaimDir::new(claims.path())));
+    bus.register(Box::new(TestDriver::new("nvme-test", Mode::Bind, &log)));
+    assert_eq!(bus.probe(addr(VF1)).unwrap().result.unwrap(), "nvme-test");
+    let registry = bus.map().scanner().removal_registry().clone();
+    let (started, release) = slow(bus.driver_mut::<TestDriver>().unwrap(), VF2, false);
+    let probing = std::thread::spawn(move || {
+        let report = bus.probe(addr(VF2));
+        (bus, report)
+    });
+    started.recv_timeout(Duration::from_secs(5)).unwrap();
+
+    assert!(attach.request_removal(addr(VF1)));
+    // Closed, its mark and claim gone (in that order, so wait for the last).
+    let free = || released(&attach, &registry, claims.path(), VF1);
+    assert!(
+        within(Duration::from_secs(2), free),
+        "VF1 not released within 2 s of its request: {:?}",
+        attach.calls()
+    );
+    assert!(!probing.is_finished(), "VF2's probe goes on");
+
+    release.send(()).unwrap();
+    let (mut bus, report) = probing.join().unwrap();
+    assert_eq!(report.unwrap().result.unwrap(), "nvme-test");
+    assert_eq!(bus.held(), [(addr(VF2), "nvme-test")]);
+    // The driver's handles of VF1 were revoked under it, and it hears of the removal once
+    // its probe is over.
+    assert_eq!(
+        log.lock()[1..],
+        [
+            format!("nvme-test probe {VF2}"),
+            format!("nvme-test probe {VF2} done"),
+            format!("nvme-test remove {VF1} (vfio removal request) revoked"),
+        ]
+    );
+    // The report of the removal comes with the next poll.
+    let events = bus.poll();
+    let [BusEvent::Removed(r)] = events.as_slice() else {
+        panic!("{events:?}")
+    };
+    assert_eq!(
+        (r.address, &r.cause, r.revoked, r.leaked),
+        (addr(VF1), &RemovalCause::Request, true, 0)
+    );
+    assert!(
+        bus.probe_all().iter().all(|r| r.address != addr(VF1)),
+        "held off as after any request"
+    );
+}
+
+#[test]
+fn a_request_for_the_device_being_probed_is_answered_without_waiting_for_the_probe() {
+    let fake = qemu();
+    let claims = tempfile::tempdir().unwrap();
+    let attach = FakeAttach::new();
+    let log = Log::default();
+    let mut bus = Bus::new(map(&fake), attach.clone())
+        .selection(allow(PF))
+        .claim_dir(Some(ClaimDir::new(claims.path())));
+    bus.register(Box::new(TestDriver::new("nvme-test", Mode::Bind, &log)));
+    let registry = bus.map().scanner().removal_registry().clone();
+    let (started, release) = slow(bus.driver_mut::<TestDriver>().unwrap(), PF, false);
+    let probing = std::thread::spawn(move || {
+        let reports = bus.probe_all();
+        (bus, reports)
+    });
+    started.recv_timeout(Duration::from_secs(5)).unwrap();
+
+    assert!(attach.request_removal(addr(PF)));
+    // Closed, its mark and claim gone (in that order, so wait for the last).
+    let free = || released(&attach, &registry, claims.path(), PF);
+    assert!(
+        within(Duration::from_secs(2), free),
+        "PF not released within 2 s of its request: {:?}",
+        attach.calls()
+    );
+    assert!(!probing.is_finished(), "the probe goes on");
+
+    release.send(()).unwrap();
+    let (mut bus, reports) = probing.join().unwrap();
+    let [report] = reports.as_slice() else {
+        panic!("{reports:?}")
+    };
+    match &report.result {
+        Err(ProbeError::Removed { driver, cause, .. }) => {
+            assert_eq!((driver.as_str(), cause), ("nvme-test", &RemovalCause::Request))
+        }
+        other => panic!("{other:?}"),
+    }
+    // The driver bound it, and was told at once that it is gone.
+    assert!(bus.held().is_empty());
+    assert!(bus.releasing().is_empty());
+    assert!(bus.poll().is_empty());
+    assert_eq!(
+        *log.lock(),
+        [
+            format!("nvme-test probe {PF}"),
+            format!("nvme-test probe {PF} done"),
+            format!("nvme-test remove {PF} (vfio removal request) revoked"),
+        ]
+    );
+    assert!(bus.probe_all().is_empty(), "held off as after any request");
+}
+
+#[test]
+fn a_probe_that_watches_ends_early_when_its_device_is_taken_back_and_cannot_be_revoked() {
+    // Without revoke, the device closes only when the probe lets go of it: a probe that
+    // looks at `removal_requested` while it waits bounds that.
+    let fake = qemu();
+    let claims = tempfile::tempdir().unwrap();
+    let attach = FakeAttach::new();
+    attach.irrevocable();
+    let log = Log::default();
+    let mut bus = Bus::new(map(&fake), attach.clone())
+        .selection(allow(PF))
+        .claim_dir(Some(ClaimDir::new(claims.path())));
+    bus.register(Box::new(TestDriver::new("nvme-test", Mode::Bind, &log)));
+    let (started, _release) = slow(bus.driver_mut::<TestDriver>().unwrap(), PF, true);
+    let probing = std::thread::spawn(move || {
+        let reports = bus.probe_all();
+        (bus, reports)
+    });
+    started.recv_timeout(Duration::from_secs(5)).unwrap();
+
+    assert!(attach.request_removal(addr(PF)));
+    assert!(
+        within(Duration::from_secs(2), || closed(&attach, PF)),
+        "PF not closed within 2 s of its request: {:?}",
+        attach.calls()
+    );
+    let (mut bus, reports) = probing.join().unwrap();
+    assert!(
+        matches!(&reports[..], [r] if matches!(r.result, Err(ProbeError::Removed { .. })) && r.leaked == 0),
+        "{reports:?}"
+    );
+    assert_eq!(
+        *log.lock(),
+        [
+            format!("nvme-test probe {PF}"),
+            format!("nvme-test probe {PF} sees it taken back"),
+        ]
+    );
+    // Closed as a removal (its binding left alone), claim and mark gone.
+    assert_eq!(
+        attach.calls(),
+        [
+            AttachCall::Attach(addr(PF)),
+            AttachCall::Detach(addr(PF), Release::Removal, 0)
+        ]
+    );
+    assert!(!bus.map().scanner().removal_registry().is_pending(addr(PF)));
+    ClaimDir::new(claims.path())
+        .claim(addr(PF), &ClaimInfo::new())
+        .unwrap();
+    assert!(bus.poll().is_empty());
+}
+
+#[test]
+fn without_revoke_a_request_during_another_probe_marks_the_device_at_once_and_closes_it_after() {
+    // The documented limit: a device the bus cannot close under its driver's handles
+    // waits for that driver's probe of another device; meanwhile the claim and the
+    // registry say it is going, so that scans keep away from it.
+    let fake = qemu();
+    let claims = tempfile::tempdir().unwrap();
+    let attach = FakeAttach::new();
+    attach.irrevocable();
+    let log = Log::default();
+    let mut bus = Bus::new(map(&fake), attach.clone()).claim_dir(Some(ClaimDir::new(claims.path())));
+    bus.register(Box::new(TestDriver::new("nvme-test", Mode::Bind, &log)));
+    assert!(bus.probe(addr(VF1)).is_some());
+    let registry = bus.map().scanner().removal_registry().clone();
+    let (started, release) = slow(bus.driver_mut::<TestDriver>().unwrap(), VF2, false);
+    let probing = std::thread::spawn(move || {
+        let report = bus.probe(addr(VF2));
+        (bus, report)
+    });
+    started.recv_timeout(Duration::from_secs(5)).unwrap();
+
+    assert!(attach.request_removal(addr(VF1)));
+    assert!(
+        within(Duration::from_secs(2), || registry.is_pending(addr(VF1))),
+        "VF1 not marked within 2 s of its request"
+    );
+    match ClaimDir::new(claims.path()).claim(addr(VF1), &ClaimInfo::new()) {
+        Err(ClaimError::Held { releasing, .. }) => {
+            assert_eq!(releasing.as_deref(), Some("vfio removal request"))
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(!closed(&attach, VF1), "open while the driver holds it");
+    // The kernel asks again meanwhile: nothing more to do.
+    assert!(attach.request_removal(addr(VF1)));
+    std::thread::sleep(Duration::from_millis(50));
+
+    release.send(()).unwrap();
+    let (mut bus, report) = probing.join().unwrap();
+    assert_eq!(report.unwrap().result.unwrap(), "nvme-test");
+    assert!(closed(&attach, VF1));
+    assert!(!registry.is_pending(addr(VF1)));
+    let events = bus.poll();
+    let [BusEvent::Removed(r)] = events.as_slice() else {
+        panic!("{events:?}")
+    };
+    assert_eq!(
+        (r.address, &r.cause, r.revoked, r.leaked),
+        (addr(VF1), &RemovalCause::Request, false, 0)
+    );
+    assert_eq!(
+        log.lock()[1..],
+        [
+            format!("nvme-test probe {VF2}"),
+            format!("nvme-test probe {VF2} done"),
+            format!("nvme-test remove {VF1} (vfio removal request)"),
+        ]
+    );
+    assert_eq!(bus.held(), [(addr(VF2), "nvme-test")]);
+}
+
+#[test]
+fn a_request_for_a_device_of_another_driver_is_answered_by_its_driver_during_a_probe() {
+    let fake = qemu();
+    let attach = FakeAttach::new();
+    let log = Log::default();
+    let mut bus = Bus::new(map(&fake), attach.clone());
+    bus.register(Box::new(TestDriver::new("first", Mode::Bind, &log)));
+    let mut second = TestDriver::new("second", Mode::Bind, &log);
+    let (started, release) = slow(&mut second, VF2, false);
+    bus.register(Box::new(second));
+    assert!(bus.probe(addr(VF1)).is_some());
+    // From now on `first` passes devices on: VF2 goes to `second`, slowly.
+    bus.driver_mut::<TestDriver>().unwrap().mode = Mode::Decline;
+    let probing = std::thread::spawn(move || {
+        let report = bus.probe(addr(VF2));
+        (bus, report)
+    });
+    started.recv_timeout(Duration::from_secs(5)).unwrap();
+
+    assert!(attach.request_removal(addr(VF1)));
+    let removed = format!("first remove {VF1} (vfio removal request)");
+    assert!(
+        within(Duration::from_secs(2), || log.lock().contains(&removed)
+            && closed(&attach, VF1)),
+        "{:?} {:?}",
+        log.lock(),
+        attach.calls()
+    );
+    assert!(!probing.is_finished());
+
+    release.send(()).unwrap();
+    let (mut bus, report) = probing.join().unwrap();
+    assert_eq!(report.unwrap().result.unwrap(), "second");
+    let events = bus.poll();
+    assert!(
+        matches!(&events[..], [BusEvent::Removed(r)] if r.address == addr(VF1) && !r.revoked),
+        "{events:?}"
+    );
+    assert_eq!(bus.held(), [(addr(VF2), "second")]);
 }

@@ -12,6 +12,10 @@
 //! [`Driver::remove`](super::driver::Driver::remove). The bus checks that it did
 //! ([`DeviceBacking::extra_handles`]): a handle kept after removal keeps a VFIO device
 //! open, and the kernel's removal waits for it.
+//!
+//! A backing that can close its device under live handles ([`DeviceBacking::revoke`])
+//! lets the bus answer a removal request without the driver: while the driver is busy
+//! probing another device, or probing this one (see [`Bus`](super::Bus)).
 
 use std::fmt;
 use std::ops::Deref;
@@ -43,6 +47,14 @@ pub enum BackingError {
     /// The device (or its emulation) is gone.
     #[error("{0}: device gone")]
     Gone(PciAddress),
+    /// The backing cannot do this (for example [`DeviceBacking::revoke`]).
+    #[error("{address}: {operation} is not supported by this backing")]
+    Unsupported {
+        /// The device.
+        address: PciAddress,
+        /// What was asked (`"revoke"`).
+        operation: &'static str,
+    },
     /// Anything else, said by the backing.
     #[error("{address}: {message}")]
     Other {
@@ -110,10 +122,31 @@ pub trait DeviceBacking: Clone + Send + Sync + fmt::Debug + 'static {
     /// bus calls it on its own handle after [`Driver::remove`](super::driver::Driver::remove)
     /// and after a failed probe: anything but 0 means the driver kept the device.
     fn extra_handles(&self) -> usize;
+    /// Closes the device under every handle of it, at once: afterwards mapped registers
+    /// read all-ones and drop writes, every other operation of every handle fails with
+    /// [`BackingError::Gone`], and the device counts as closed for whoever waits for its
+    /// close (for VFIO, the kernel's removal). The handles stay valid values until
+    /// dropped ([`extra_handles`](Self::extra_handles) still counts them); DMA memory
+    /// already allocated stays the owner's.
+    ///
+    /// The bus calls it on its own handle only for a device the kernel wants back while
+    /// the device's driver cannot let go in time: the driver is busy probing another
+    /// device, or is probing this one. It then closes the device and tells the driver
+    /// ([`Driver::remove`](super::driver::Driver::remove)) when the probe returns.
+    ///
+    /// Default: [`BackingError::Unsupported`]: the bus then waits for the probe before it
+    /// closes the device (see [`Bus`](super::Bus)).
+    fn revoke(&self) -> Result<(), BackingError> {
+        Err(BackingError::Unsupported {
+            address: self.address(),
+            operation: "revoke",
+        })
+    }
 }
 
 /// A VFIO device as a [`DeviceBacking`]: a handle (`Arc`) of an open [`VfioDevice`]. DMA
-/// memory comes from the device's container.
+/// memory comes from the device's container. [`revoke`](DeviceBacking::revoke) is
+/// [`VfioDevice::revoke`].
 #[derive(Debug, Clone)]
 pub struct VfioBacking {
     device: Arc<VfioDevice>,
@@ -190,5 +223,8 @@ impl DeviceBacking for VfioBacking {
     }
     fn extra_handles(&self) -> usize {
         Arc::strong_count(&self.device).saturating_sub(1)
+    }
+    fn revoke(&self) -> Result<(), BackingError> {
+        Ok(self.device.revoke()?)
     }
 }

@@ -6,9 +6,23 @@
 //! address, as a DPDK driver keeps its private data); the application reaches it through
 //! [`Bus::driver_mut`](super::Bus::driver_mut).
 //!
-//! Callbacks run only on the thread that calls into the [`Bus`](super::Bus)
-//! (`probe_all`, `poll`, `handle`, `wait`, `detach`, or dropping it): never in a signal
-//! handler, never on a thread the caller did not start.
+//! # Threads
+//!
+//! [`Driver::probe`] runs on a thread the bus starts for that one probe (named
+//! `pcibus-probe`, joined before the bus call that started it returns: `probe_all`,
+//! `probe`, or `poll` and `wait` for a device that settled), so that the thread that
+//! called into the bus can answer removal requests meanwhile (see
+//! [`Bus`](super::Bus#probes-and-removal-requests)). [`Driver::remove`] runs on the thread
+//! that calls into the bus (`poll`, `handle`, `wait`, `detach`, dropping it, and the calls
+//! that probe). Never two callbacks of one driver at once: a driver needs `Send`, not
+//! `Sync`. Never in a signal handler.
+//!
+//! While a driver probes one device, a removal request for another device it holds is
+//! answered without it when the device's backing can be revoked
+//! ([`DeviceBacking::revoke`]): the bus closes the device under the driver's handles
+//! (they read all-ones and fail from then on) and calls [`Driver::remove`] for it once
+//! the probe returns. A probe can ask whether its own device was taken back meanwhile
+//! ([`ProbeDevice::removal_requested`]); if it binds it anyway, `remove` follows at once.
 //!
 //! # Panics in drivers
 //!
@@ -25,6 +39,7 @@
 
 use std::any::Any;
 use std::fmt;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use super::backing::DeviceBacking;
 use super::devargs::DevArg;
@@ -69,6 +84,11 @@ pub trait Driver<B: DeviceBacking>: Any + Send {
     /// it, puts the binding back, drops the claim). A kept handle is reported as a leak,
     /// and, if no driver binds the device, keeps it claimed and its release waiting until
     /// it is dropped ([`Bus::releasing`](super::Bus::releasing)).
+    ///
+    /// It runs on a probe thread while the bus answers removal requests (see the
+    /// [module docs](self#threads)): a probe that waits for the device should look at
+    /// [`ProbeDevice::removal_requested`] while it waits, and handles of this driver's
+    /// other devices may be revoked under it meanwhile ([`DeviceBacking::revoke`]).
     fn probe(&mut self, device: ProbeDevice<'_, B>) -> ProbeOutcome;
 
     /// Gives the device back: stop using it and drop every handle of it before returning.
@@ -78,6 +98,11 @@ pub trait Driver<B: DeviceBacking>: Any + Send {
     /// [`RemovalCause::Request`] and the others that mean the device is going away, do not
     /// wait for the device (it may be gone): the kernel's removal waits for this process
     /// to close it.
+    ///
+    /// For a device taken back while this driver was probing another one, `remove`
+    /// comes when that probe returns, and the device may be closed already (revoked,
+    /// [`RemovedReport::revoked`](super::RemovedReport::revoked)): its handles then read
+    /// all-ones and fail; drop them all the same.
     fn remove(&mut self, address: PciAddress, removal: &Removal);
 
     /// A BAR of a device the driver holds faulted while the device is still there and not
@@ -91,6 +116,11 @@ pub trait Driver<B: DeviceBacking>: Any + Send {
     ///
     /// A fault of a device that is gone (or whose state says nothing else) is a removal
     /// instead: [`remove`](Self::remove) with [`RemovalCause::Fault`].
+    ///
+    /// Not called for a fault answered while this driver is probing (it is away on the
+    /// probe thread: see the [module docs](self#threads)), not even later: the bus reports
+    /// it ([`BusEvent::Fault`](super::BusEvent::Fault)), and the driver finds the area
+    /// [faulted](crate::vfio::MappedBar::faulted).
     fn fault(&mut self, fault: &BarFault) {
         let _ = fault;
     }
@@ -119,6 +149,20 @@ pub struct ProbeDevice<'a, B> {
     pub backing: &'a B,
     /// Whether the driver already has this device (only for [`Driver::probe_again`]).
     pub again: bool,
+    // Set by the bus when the device is taken back during the probe.
+    pub(crate) removal: &'a AtomicBool,
+}
+
+impl<B> ProbeDevice<'_, B> {
+    /// Whether the device was taken back while this probe runs (a removal request, a BAR
+    /// fault): the kernel wants it, and the bus has closed it already if its backing can
+    /// be revoked ([`DeviceBacking::revoke`]), or closes it when the probe returns. A
+    /// probe that waits for the device (a controller getting ready) should look at it
+    /// while it waits and give up: whatever it answers, the device is not bound, and a
+    /// [`ProbeOutcome::Bound`] is followed by [`Driver::remove`] at once.
+    pub fn removal_requested(&self) -> bool {
+        self.removal.load(Ordering::Acquire)
+    }
 }
 
 /// What a probe decided.

@@ -38,10 +38,13 @@
 //! stays present (an operator's `unbind`) is not probed again until it is re-added, or
 //! bound again to what the bus opens it through (the operator's bind to vfio-pci).
 //!
-//! Nothing runs behind the caller's back: the bus has no thread. An event loop waits on
-//! [`Bus::fds`] (and a [`UeventMonitor`](crate::hotplug::monitor::UeventMonitor)) and
-//! calls [`Bus::poll`] / [`Bus::handle`];
-//! simple programs call [`Bus::wait`], which does both.
+//! Nothing runs behind the caller's back: the bus does its work in the calls made to
+//! it. An event loop waits on [`Bus::fds`] (and a
+//! [`UeventMonitor`](crate::hotplug::monitor::UeventMonitor)) and calls [`Bus::poll`] /
+//! [`Bus::handle`]; simple programs call [`Bus::wait`], which does both. The one thread
+//! the bus starts is a probe's, for the length of the call that probes: a driver's probe
+//! runs there while the calling thread answers removal requests (see
+//! [`Bus`](Bus#probes-and-removal-requests)).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
@@ -54,7 +57,7 @@ use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use super::attach::{Attach, AttachError, Attached, Release};
 use super::backing::DeviceBacking;
 use super::devargs::Selection;
-use super::driver::{Driver, DriverError, DriverPanicked, ProbeDevice, ProbeOutcome, Removal, RemovalCause};
+use super::driver::{Driver, DriverError, DriverPanicked, ProbeOutcome, Removal, RemovalCause};
 use super::fault::{BarFault, FaultFacts, FaultReason, is_d3hot};
 use super::id::first_match;
 use super::map::{Change, DeviceMap};
@@ -70,6 +73,9 @@ use crate::vfio::fault::{self, Subscriber};
 // The Command register and its Memory Space Enable bit.
 const COMMAND: u64 = 0x04;
 const COMMAND_MEMORY: u16 = 1 << 1;
+
+mod worker;
+use worker::{Offered, Probing};
 
 /// SPDK's settle delay for hot-inserted devices.
 pub const DEFAULT_SETTLE: Duration = Duration::from_secs(2);
@@ -126,6 +132,19 @@ pub enum ProbeError {
         #[source]
         error: DriverError,
     },
+    /// The device was taken back while driver `driver` probed it (a removal request, a
+    /// BAR fault): it is closed and released (after the probe, if its backing could not
+    /// be revoked; later still if the driver kept handles: [`ProbeReport::leaked`]),
+    /// whatever the probe answered. See [`Bus`](Bus#probes-and-removal-requests).
+    #[error("{address}: taken back ({cause}) while driver {driver} probed it")]
+    Removed {
+        /// The device.
+        address: PciAddress,
+        /// The driver that was probing it.
+        driver: String,
+        /// Why it was taken back.
+        cause: RemovalCause,
+    },
 }
 
 /// What offering one device to the drivers did.
@@ -165,6 +184,12 @@ pub struct RemovedReport {
     pub error: Option<AttachError>,
     /// [`Driver::remove`] panicked (the removal went on regardless).
     pub panicked: Option<DriverPanicked>,
+    /// The driver was busy probing (another device, or this one again), so the bus
+    /// revoked the device ([`DeviceBacking::revoke`]) and closed and released it without
+    /// waiting; [`Driver::remove`] is called when the probe returns (a panic in it is
+    /// logged, not reported). `leaked` is 0: handles of a revoked device keep nothing
+    /// open. See [`Bus`](Bus#probes-and-removal-requests).
+    pub revoked: bool,
 }
 
 /// A device whose driver had kept handles after [`Driver::remove`]
@@ -186,8 +211,9 @@ pub struct ReleasedReport {
     pub error: Option<AttachError>,
 }
 
-/// A BAR fault of a held device that is not its removal (see [`super::fault`]): the
-/// driver was told ([`Driver::fault`]) and keeps the device.
+/// A BAR fault of a held device (or of one being probed) that is not its removal (see
+/// [`super::fault`]): the driver was told ([`Driver::fault`]; not while it was away
+/// probing: see [`Bus`](Bus#probes-and-removal-requests)) and keeps the device.
 #[derive(Debug)]
 #[non_exhaustive]
 pub struct FaultReport {
@@ -212,8 +238,9 @@ pub enum BusEvent {
     /// A device taken back earlier, which its driver had kept open, is closed and
     /// released at last.
     Released(ReleasedReport),
-    /// A BAR of a held device faulted while the device is in D3hot or not decoding
-    /// memory: not a removal; the driver was told and keeps it.
+    /// A BAR of a held device (or of one being probed) faulted while the device is in
+    /// D3hot or not decoding memory: not a removal; the driver was told (unless it was
+    /// probing) and keeps it.
     Fault(FaultReport),
     /// An event changed the device map.
     Map(Change),
@@ -232,6 +259,11 @@ impl fmt::Display for BusEvent {
                 f,
                 "{}: taken from {} ({}), which kept {} handle(s): still open",
                 r.address, r.driver, r.cause, r.leaked
+            ),
+            BusEvent::Removed(r) if r.revoked => write!(
+                f,
+                "{}: closed under {} while it probed ({})",
+                r.address, r.driver, r.cause
             ),
             BusEvent::Removed(r) => write!(f, "{}: taken from {} ({})", r.address, r.driver, r.cause),
             BusEvent::Released(r) => write!(
@@ -273,6 +305,32 @@ struct Parked<B> {
     marked: bool,
 }
 
+// A registered driver. Its name is kept here, for while the driver is away on a probe
+// thread.
+struct Slot<B> {
+    name: String,
+    // `None` while it probes (`worker`).
+    driver: Option<Box<dyn Driver<B>>>,
+}
+
+// A removal answered while the device's driver was away probing: what is left to do when
+// the probe returns.
+enum Deferred {
+    // The device was revoked and closed: the driver has only to be told.
+    Tell {
+        driver: usize,
+        address: PciAddress,
+        cause: RemovalCause,
+    },
+    // The backing could not be revoked: the device stays held (claimed "releasing",
+    // marked if `marked`) and is taken back, `remove` first, when the probe returns.
+    TakeBack {
+        address: PciAddress,
+        cause: RemovalCause,
+        marked: bool,
+    },
+}
+
 impl<B> Held<B> {
     /// Whether uevent `u` was sent before the device was attached (both sequence numbers
     /// known and `u`'s not newer).
@@ -307,9 +365,57 @@ fn uevent_seqnum(root: &SysfsRoot) -> Option<u64> {
 /// earlier would tell other processes the device is free while this one still uses it.
 /// The device's registry mark stays too (the registry may be shared and outlive the
 /// bus), and its previous driver is not restored (that would wait for the close).
+///
+/// # Probes and removal requests
+///
+/// A probe can take long (an NVMe controller gets ready within CAP.TO, up to 127.5 s,
+/// or never), and the kernel's removal of a device waits, holding the device lock,
+/// until this process closes it. So a probe does not hold up the answer to a removal
+/// request: each [`Driver::probe`] runs on a thread of its own, started for it and
+/// joined before the call that started it returns ([`probe_all`](Self::probe_all),
+/// [`probe`](Self::probe), or [`poll`](Self::poll) / [`wait`](Self::wait) for a device
+/// that settled). Meanwhile the calling thread answers the request eventfds and BAR
+/// faults of every device the bus has open, as `poll` does; the next `poll` or `wait`
+/// returns what it did ([`BusEvent::Removed`], [`BusEvent::Released`],
+/// [`BusEvent::Fault`]). Uevents wait
+/// in the monitor until then. Probes run one at a time: [`probe_all`](Self::probe_all)
+/// keeps its address order (a PF before its VFs), and the bus never has more than one
+/// thread of its own.
+///
+/// Taking a device back needs its driver, which is away while it probes:
+///
+/// - A device of another driver is taken back as always, `remove` included.
+/// - A device of the driver that is probing (a device it holds, or the one it probes
+///   again) is revoked ([`DeviceBacking::revoke`]: every handle of it, the driver's
+///   too, is dead from then on), closed, and released (claim and registry mark dropped)
+///   at once ([`RemovedReport::revoked`]); [`Driver::remove`] is called for it when the
+///   probe returns. The driver cannot use the device meanwhile, but it could not
+///   anyway: the kernel wants it back.
+/// - The device being probed is revoked, closed and released the same way, and the
+///   probe is told ([`ProbeDevice::removal_requested`]). Whatever the probe answers,
+///   the device is not bound ([`ProbeError::Removed`]); a driver that says
+///   [`ProbeOutcome::Bound`] gets `remove` at once.
+/// - A BAR fault that is not a removal (D3hot, memory decoding off) of a device of the
+///   driver that is probing, the device being probed included, is reported
+///   ([`BusEvent::Fault`]) but not told to the driver ([`Driver::fault`]): the driver
+///   keeps the device, and finds its BAR reading all ones.
+///
+/// [`VfioBacking`](super::backing::VfioBacking) revokes through
+/// [`VfioDevice::revoke`](crate::vfio::VfioDevice::revoke): mapped BAR areas are
+/// replaced with all-ones memory and the device fd with an eventfd, so the kernel sees
+/// the device closed. A backing that cannot be revoked (the default of
+/// [`DeviceBacking::revoke`]; a VFIO device with a BAR area the full SIGBUS table does not
+/// cover) cannot be closed while the driver holds handles of it. The bus then says "releasing" in the
+/// claim and marks the device in the registry at once, so that scans keep away from it,
+/// and closes it when the probe returns. That mark is not an answer for the kernel,
+/// which waits for the close: such a device's removal waits for the probe, bounded only
+/// by the driver (a probe of the device itself can end early on
+/// [`ProbeDevice::removal_requested`]; a probe of another device has no such cue).
+///
+/// [`ProbeDevice::removal_requested`]: super::driver::ProbeDevice::removal_requested
 pub struct Bus<A: Attach> {
     attach: A,
-    drivers: Vec<Box<dyn Driver<A::Backing>>>,
+    drivers: Vec<Slot<A::Backing>>,
     selection: Selection,
     claims: Option<ClaimDir>,
     map: DeviceMap,
@@ -325,6 +431,10 @@ pub struct Bus<A: Attach> {
     faults: Option<Subscriber>,
     // Subscribing failed (all slots taken) and was logged.
     faults_warned: bool,
+    // What the bus did while a probe ran, for the next `poll`.
+    queued: Vec<BusEvent>,
+    // Removals answered while the driver was away probing, to finish when it is back.
+    deferred: Vec<Deferred>,
 }
 
 impl<A: Attach> fmt::Debug for Bus<A> {
@@ -332,11 +442,7 @@ impl<A: Attach> fmt::Debug for Bus<A> {
         f.debug_struct("Bus")
             .field(
                 "drivers",
-                &self
-                    .drivers
-                    .iter()
-                    .map(|d| d.name().to_owned())
-                    .collect::<Vec<_>>(),
+                &self.drivers.iter().map(|d| d.name.as_str()).collect::<Vec<_>>(),
             )
             .field("selection", &self.selection.to_string())
             .field("held", &self.held.keys().collect::<Vec<_>>())
@@ -366,6 +472,8 @@ impl<A: Attach> Bus<A> {
             parked: BTreeMap::new(),
             faults: None,
             faults_warned: false,
+            queued: Vec::new(),
+            deferred: Vec::new(),
         }
         .subscribed()
     }
@@ -412,7 +520,10 @@ impl<A: Attach> Bus<A> {
 
     /// Registers a driver; drivers are asked in registration order.
     pub fn register(&mut self, driver: Box<dyn Driver<A::Backing>>) {
-        self.drivers.push(driver);
+        self.drivers.push(Slot {
+            name: driver.name().to_owned(),
+            driver: Some(driver),
+        });
     }
 
     /// The first registered driver of type `D`, for the application to reach the devices
@@ -420,6 +531,7 @@ impl<A: Attach> Bus<A> {
     pub fn driver_mut<D: Driver<A::Backing>>(&mut self) -> Option<&mut D> {
         self.drivers
             .iter_mut()
+            .filter_map(|s| s.driver.as_mut())
             .find_map(|d| (d.as_mut() as &mut dyn std::any::Any).downcast_mut::<D>())
     }
 
@@ -437,7 +549,7 @@ impl<A: Attach> Bus<A> {
     pub fn held(&self) -> Vec<(PciAddress, &str)> {
         self.held
             .iter()
-            .map(|(a, h)| (*a, self.drivers[h.driver].name()))
+            .map(|(a, h)| (*a, self.drivers[h.driver].name.as_str()))
             .collect()
     }
 
@@ -459,6 +571,10 @@ impl<A: Attach> Bus<A> {
     /// that ask, those they hold: [`Driver::probe_again`]) to the drivers, in address
     /// order. Devices no driver's table matches are skipped silently; the others get a
     /// report.
+    ///
+    /// Each probe runs on a thread of its own while this one answers removal requests
+    /// and faults; what that did comes with the next [`poll`](Self::poll) (see
+    /// [`Bus`](Bus#probes-and-removal-requests)).
     pub fn probe_all(&mut self) -> Vec<ProbeReport> {
         let addresses: Vec<PciAddress> = self.map.iter().map(|r| r.address).collect();
         addresses.into_iter().filter_map(|a| self.probe_one(a)).collect()
@@ -466,7 +582,8 @@ impl<A: Attach> Bus<A> {
 
     /// Offers the device at `address` now (even if it is settling or held off). `None`
     /// if it is not in the map, not admitted, no driver's table matches it, or it is
-    /// still open after its release ([`Bus::releasing`]).
+    /// still open after its release ([`Bus::releasing`]). Removal requests are answered
+    /// meanwhile, as in [`probe_all`](Self::probe_all).
     pub fn probe(&mut self, address: PciAddress) -> Option<ProbeReport> {
         self.settling.remove(&address);
         self.held_off.remove(&address);
@@ -483,27 +600,26 @@ impl<A: Attach> Bus<A> {
         }
         let record = self.map.get(address)?.clone();
         if let Some(held) = self.held.get(&address) {
-            let driver = &mut self.drivers[held.driver];
+            let index = held.driver;
+            let driver = self.drivers[index].driver.as_ref()?;
             if !driver.probe_again() {
                 return None;
             }
             let id = *first_match(driver.id_table(), &record)?;
-            let name = driver.name().to_owned();
-            let outcome = guarded(&name, "probe", address, || {
-                driver.probe(ProbeDevice {
-                    record: &record,
-                    devarg: self.selection.devarg(address),
-                    id: &id,
-                    backing: &held.attached.backing,
-                    again: true,
-                })
-            })
-            .unwrap_or_else(|p| ProbeOutcome::Failed(Box::new(p)));
+            let backing = held.attached.backing.clone();
+            let name = self.drivers[index].name.clone();
+            let (outcome, taken) = self.run_probe(index, &record, id, backing, true, None);
             return Some(ProbeReport {
                 address,
-                result: match outcome {
-                    ProbeOutcome::Bound | ProbeOutcome::NotMine => Ok(name),
-                    ProbeOutcome::Failed(error) => Err(ProbeError::Failed {
+                result: match (taken, outcome) {
+                    // Taken back as any device of a driver that is probing (`take_back`).
+                    (Some(cause), _) => Err(ProbeError::Removed {
+                        address,
+                        driver: name,
+                        cause,
+                    }),
+                    (None, ProbeOutcome::Bound | ProbeOutcome::NotMine) => Ok(name),
+                    (None, ProbeOutcome::Failed(error)) => Err(ProbeError::Failed {
                         address,
                         driver: name,
                         error,
@@ -516,7 +632,10 @@ impl<A: Attach> Bus<A> {
             .drivers
             .iter()
             .enumerate()
-            .filter_map(|(i, d)| first_match(d.id_table(), &record).map(|e| (i, *e)))
+            .filter_map(|(i, s)| {
+                let table = s.driver.as_ref()?.id_table();
+                first_match(table, &record).map(|e| (i, *e))
+            })
             .collect();
         if candidates.is_empty() {
             return None;
@@ -542,27 +661,32 @@ impl<A: Attach> Bus<A> {
             Err(e) => return report(Err(e.into()), 0),
         };
         let attached_seqnum = uevent_seqnum(self.map.scanner().root());
+        let mut offered = Offered {
+            attached: Some(attached),
+            claim,
+            marked: false,
+        };
         let mut declined = Vec::new();
         let mut failure = None;
         let mut leaked = 0;
         // The last driver that kept handles after declining or failing.
         let mut keeper = None;
         for (index, id) in &candidates {
-            let driver = &mut self.drivers[*index];
-            let name = driver.name().to_owned();
-            let outcome = guarded(&name, "probe", address, || {
-                driver.probe(ProbeDevice {
-                    record: &record,
-                    devarg: self.selection.devarg(address),
-                    id,
-                    backing: &attached.backing,
-                    again: false,
-                })
-            })
-            .unwrap_or_else(|p| ProbeOutcome::Failed(Box::new(p)));
+            let name = self.drivers[*index].name.clone();
+            let Some(backing) = offered.attached.as_ref().map(|a| a.backing.clone()) else {
+                break;
+            };
+            let (outcome, taken) = self.run_probe(*index, &record, *id, backing, false, Some(&mut offered));
+            if let Some(cause) = taken {
+                return self.taken_while_offered(address, *index, outcome, cause, offered, leaked);
+            }
+            let Some(attached) = offered.attached.take() else {
+                // Closed only when taken (above).
+                break;
+            };
             match outcome {
                 ProbeOutcome::Bound => {
-                    if let Some(c) = &claim
+                    if let Some(c) = &offered.claim
                         && let Err(e) = c.set_driver(&name)
                     {
                         log::warn!("{address}: could not name driver {name} in the claim: {e}");
@@ -572,14 +696,15 @@ impl<A: Attach> Bus<A> {
                         Held {
                             driver: *index,
                             attached,
-                            claim,
+                            claim: offered.claim.take(),
                             attached_seqnum,
                         },
                     );
-                    return report(Ok(driver.name().to_owned()), leaked);
+                    return report(Ok(name), leaked);
                 }
                 ProbeOutcome::NotMine => {
                     let n = kept(&name, address, &attached.backing, "declining");
+                    offered.attached = Some(attached);
                     leaked += n;
                     if n > 0 {
                         keeper = Some(name.clone());
@@ -588,36 +713,39 @@ impl<A: Attach> Bus<A> {
                 }
                 ProbeOutcome::Failed(error) => {
                     let n = kept(&name, address, &attached.backing, "failing");
+                    offered.attached = Some(attached);
                     leaked += n;
                     if n > 0 {
                         keeper = Some(name.clone());
                     }
                     failure = Some(ProbeError::Failed {
                         address,
-                        driver: driver.name().to_owned(),
+                        driver: name,
                         error,
                     });
                     break;
                 }
             }
         }
-        let parked = Parked {
-            driver: keeper.clone().unwrap_or_default(),
-            cause: None,
-            attached,
-            claim,
-            release: Release::Rollback,
-            marked: false,
-        };
-        match keeper {
-            // As after a removal: still open, so still claimed, and not rolled back yet.
-            Some(driver) => {
-                log::warn!("{address}: stays claimed until the handles driver {driver} kept are dropped");
-                self.parked.insert(address, parked);
-            }
-            None => {
-                if let Some(e) = self.finish(address, parked) {
-                    log::error!("{address}: undoing the attach after no driver took it failed: {e}");
+        if let Some(attached) = offered.attached.take() {
+            let parked = Parked {
+                driver: keeper.clone().unwrap_or_default(),
+                cause: None,
+                attached,
+                claim: offered.claim.take(),
+                release: Release::Rollback,
+                marked: false,
+            };
+            match keeper {
+                // As after a removal: still open, so still claimed, and not rolled back yet.
+                Some(driver) => {
+                    log::warn!("{address}: stays claimed until the handles driver {driver} kept are dropped");
+                    self.parked.insert(address, parked);
+                }
+                None => {
+                    if let Some(e) = self.finish(address, parked) {
+                        log::error!("{address}: undoing the attach after no driver took it failed: {e}");
+                    }
                 }
             }
         }
@@ -625,6 +753,63 @@ impl<A: Attach> Bus<A> {
             Err(failure.unwrap_or(ProbeError::Declined { address, declined })),
             leaked,
         )
+    }
+
+    // The end of an offer whose device was taken back while driver `index` probed it:
+    // the driver is told if it bound it, and the device, unless closed already (revoked),
+    // is closed now, or parked if the driver keeps handles.
+    fn taken_while_offered(
+        &mut self,
+        address: PciAddress,
+        index: usize,
+        outcome: ProbeOutcome,
+        cause: RemovalCause,
+        mut offered: Offered<A::Backing>,
+        mut leaked: usize,
+    ) -> Option<ProbeReport> {
+        let name = self.drivers[index].name.clone();
+        match outcome {
+            ProbeOutcome::Bound => {
+                if let Some(driver) = self.drivers[index].driver.as_mut() {
+                    let removal = Removal {
+                        address,
+                        cause: cause.clone(),
+                    };
+                    // A panic is logged by `guarded`; the device goes regardless.
+                    let _ = guarded(&name, "remove", address, || driver.remove(address, &removal));
+                }
+            }
+            ProbeOutcome::NotMine => {}
+            ProbeOutcome::Failed(e) => {
+                log::info!("{address}: driver {name} failed to probe it after it was taken back: {e}")
+            }
+        }
+        if let Some(attached) = offered.attached.take() {
+            let n = kept(&name, address, &attached.backing, "its removal");
+            leaked += n;
+            let parked = Parked {
+                driver: name.clone(),
+                cause: Some(cause.clone()),
+                attached,
+                claim: offered.claim.take(),
+                release: Release::Removal,
+                marked: offered.marked,
+            };
+            if n > 0 {
+                self.parked.insert(address, parked);
+            } else if let Some(e) = self.finish(address, parked) {
+                log::error!("{address}: closing it after it was taken back during its probe: {e}");
+            }
+        }
+        Some(ProbeReport {
+            address,
+            result: Err(ProbeError::Removed {
+                address,
+                driver: name,
+                cause,
+            }),
+            leaked,
+        })
     }
 
     /// Takes `address` back from its driver in an orderly way ([`RemovalCause::Detach`]):
@@ -640,15 +825,34 @@ impl<A: Attach> Bus<A> {
 
     // The one removal path.
     fn take_back(&mut self, address: PciAddress, cause: RemovalCause) -> Option<RemovedReport> {
+        self.take_back_marked(address, cause, None)
+    }
+
+    // `take_back`, for a device already marked (`Some(whether the mark is the bus's)`)
+    // or not (`None`).
+    fn take_back_marked(
+        &mut self,
+        address: PciAddress,
+        cause: RemovalCause,
+        marked: Option<bool>,
+    ) -> Option<RemovedReport> {
+        let index = self.held.get(&address)?.driver;
+        if self.drivers[index].driver.is_none() {
+            return self.take_back_from_prober(address, cause);
+        }
         let held = self.held.remove(&address)?;
-        let marked = cause.is_removal() && self.mark_removal(address, held.claim.as_ref(), &cause);
-        let driver = &mut self.drivers[held.driver];
-        let name = driver.name().to_owned();
+        let marked = marked
+            .unwrap_or_else(|| cause.is_removal() && self.mark_removal(address, held.claim.as_ref(), &cause));
+        let slot = &mut self.drivers[index];
+        let name = slot.name.clone();
         let removal = Removal {
             address,
             cause: cause.clone(),
         };
-        let panicked = guarded(&name, "remove", address, || driver.remove(address, &removal)).err();
+        let panicked = slot
+            .driver
+            .as_mut()
+            .and_then(|driver| guarded(&name, "remove", address, || driver.remove(address, &removal)).err());
         let leaked = kept(&name, address, &held.attached.backing, "its removal");
         if cause == RemovalCause::Request && self.map.get(address).is_some() {
             self.held_off.insert(address);
@@ -681,7 +885,97 @@ impl<A: Attach> Bus<A> {
             leaked,
             error,
             panicked,
+            revoked: false,
         })
+    }
+
+    // Takes back a device whose driver is away probing (only removal requests and faults
+    // are answered then): revoked, closed and released now, the driver told later; or,
+    // if the backing cannot be revoked, marked now and taken back when the probe returns
+    // (`None` then: nothing is done yet).
+    fn take_back_from_prober(&mut self, address: PciAddress, cause: RemovalCause) -> Option<RemovedReport> {
+        let pending = |d: &Deferred| matches!(d, Deferred::TakeBack { address: a, .. } if *a == address);
+        if self.deferred.iter().any(pending) {
+            // Asked again (the kernel repeats its request every 10 s): nothing new to do.
+            return None;
+        }
+        let held = self.held.get(&address)?;
+        let index = held.driver;
+        let name = self.drivers[index].name.clone();
+        let marked = cause.is_removal() && self.mark_removal(address, held.claim.as_ref(), &cause);
+        if let Err(e) = held.attached.backing.revoke() {
+            log::warn!(
+                "{address}: driver {name} is probing, and the device cannot be closed under it ({e}): it is closed when the probe returns"
+            );
+            self.deferred.push(Deferred::TakeBack {
+                address,
+                cause,
+                marked,
+            });
+            return None;
+        }
+        let held = self.held.remove(&address)?;
+        if cause == RemovalCause::Request && self.map.get(address).is_some() {
+            self.held_off.insert(address);
+        }
+        log::info!("{address}: revoked and closed ({cause}); driver {name} is told when its probe returns");
+        let parked = Parked {
+            driver: name.clone(),
+            cause: Some(cause.clone()),
+            attached: held.attached,
+            claim: held.claim,
+            release: if cause.is_removal() {
+                Release::Removal
+            } else {
+                Release::Orderly
+            },
+            marked,
+        };
+        let error = self.finish(address, parked);
+        self.deferred.push(Deferred::Tell {
+            driver: index,
+            address,
+            cause: cause.clone(),
+        });
+        Some(RemovedReport {
+            address,
+            driver: name,
+            cause,
+            leaked: 0,
+            error,
+            panicked: None,
+            revoked: true,
+        })
+    }
+
+    // Finishes the removals answered while a probe ran, now that its driver is back.
+    fn run_deferred(&mut self) {
+        for deferred in std::mem::take(&mut self.deferred) {
+            match deferred {
+                Deferred::Tell {
+                    driver,
+                    address,
+                    cause,
+                } => {
+                    let slot = &mut self.drivers[driver];
+                    let name = slot.name.as_str();
+                    if let Some(d) = slot.driver.as_mut() {
+                        let removal = Removal { address, cause };
+                        // A panic is logged by `guarded`; handles it keeps are dead.
+                        let _ = guarded(name, "remove", address, || d.remove(address, &removal));
+                    }
+                }
+                Deferred::TakeBack {
+                    address,
+                    cause,
+                    marked,
+                } => {
+                    if let Some(r) = self.take_back_marked(address, cause, Some(marked)) {
+                        self.queued.push(BusEvent::Removed(r));
+                    }
+                }
+            }
+        }
     }
 
     // Says "releasing" in the claim and marks the device in the registry; whether the
@@ -753,10 +1047,34 @@ impl<A: Attach> Bus<A> {
     /// Handles what is ready without waiting: request eventfds that fired and BAR faults
     /// (each device is taken back, unless a fault finds it in D3hot or not decoding
     /// memory: [`BusEvent::Fault`]), devices kept open after their removal whose handles
-    /// are gone (released), and settled devices (offered to the drivers).
+    /// are gone (released), and settled devices (offered to the drivers). Returns too
+    /// what the bus did while an earlier call probed (see
+    /// [`Bus`](Bus#probes-and-removal-requests)).
     pub fn poll(&mut self) -> Vec<BusEvent> {
         self.subscribe_faults();
-        let mut events = Vec::new();
+        let mut events = std::mem::take(&mut self.queued);
+        self.answer(None, &mut events);
+        let now = Instant::now();
+        let due: Vec<PciAddress> = self
+            .settling
+            .iter()
+            .filter(|(_, t)| **t <= now)
+            .map(|(a, _)| *a)
+            .collect();
+        for address in due {
+            self.settling.remove(&address);
+            let report = self.probe_one(address);
+            // What was answered during the probe happened before it ended.
+            events.append(&mut self.queued);
+            events.extend(report.map(BusEvent::Probed));
+        }
+        events
+    }
+
+    // Answers what fired: removal requests of held devices and BAR faults (each device is
+    // taken back), and devices kept open whose handles are gone (released). `probing`:
+    // the probe running meanwhile, whose device is not held yet (`worker`).
+    fn answer(&mut self, mut probing: Option<&mut Probing<'_, A::Backing>>, events: &mut Vec<BusEvent>) {
         let requested: Vec<PciAddress> = self
             .held
             .iter()
@@ -769,44 +1087,37 @@ impl<A: Attach> Bus<A> {
             .map(|(a, _)| *a)
             .collect();
         for address in requested {
-            events.extend(
-                self.take_back(address, RemovalCause::Request)
-                    .map(BusEvent::Removed),
-            );
+            self.take_for(address, RemovalCause::Request, probing.as_deref_mut(), events);
         }
-        self.poll_faults(&mut events);
-        self.poll_parked(&mut events);
-        let now = Instant::now();
-        let due: Vec<PciAddress> = self
-            .settling
-            .iter()
-            .filter(|(_, t)| **t <= now)
-            .map(|(a, _)| *a)
-            .collect();
-        for address in due {
-            self.settling.remove(&address);
-            events.extend(self.probe_one(address).map(BusEvent::Probed));
+        if let Some(p) = probing.as_deref_mut()
+            && p.requested()
+        {
+            self.take_offered(p, RemovalCause::Request);
         }
-        events
+        self.poll_faults(probing, events);
+        self.poll_parked(events);
     }
 
-    // Takes back the held devices whose BARs faulted, unless the device is only powered
-    // down or not decoding (then its driver is told). Faults of devices this bus does not
-    // hold are another owner's: other subscribers see them whatever this bus does.
-    fn poll_faults(&mut self, events: &mut Vec<BusEvent>) {
+    // Takes back the held devices whose BARs faulted, and the device being offered to the
+    // probe running meanwhile (`probing`) if its BARs did, unless the device is only
+    // powered down or not decoding (then its driver is told, unless it is away probing).
+    // Faults of devices this bus has not opened are another owner's: other subscribers
+    // see them whatever this bus does.
+    fn poll_faults(&mut self, mut probing: Option<&mut Probing<'_, A::Backing>>, events: &mut Vec<BusEvent>) {
         let Some(subscriber) = self.faults.as_mut() else {
             return;
         };
         for fault in subscriber.take() {
             let address = fault.owner.address;
-            let Some(held) = self.held.get(&address) else {
+            let held = self.held.get(&address).map(|h| (h.driver, &h.attached.backing));
+            let offered = probing
+                .as_deref()
+                .and_then(|p| p.offered_backing(address).map(|b| (p.driver(), b)));
+            let Some((driver, backing)) = held.or(offered) else {
                 continue;
             };
-            let Some(reason) = self.not_a_removal(address, &held.attached.backing) else {
-                events.extend(
-                    self.take_back(address, RemovalCause::Fault)
-                        .map(BusEvent::Removed),
-                );
+            let Some(reason) = self.not_a_removal(address, backing) else {
+                self.take_for(address, RemovalCause::Fault, probing.as_deref_mut(), events);
                 continue;
             };
             let fault = BarFault {
@@ -816,13 +1127,17 @@ impl<A: Attach> Bus<A> {
                 area_len: fault.area_len,
                 reason,
             };
-            let driver = &mut self.drivers[held.driver];
-            let name = driver.name().to_owned();
+            let registered = &mut self.drivers[driver];
+            let name = registered.name.clone();
             log::warn!(
                 "{address}: BAR{} faulted ({reason}): not a removal; driver {name} keeps the device",
                 fault.region
             );
-            let panicked = guarded(&name, "fault", address, || driver.fault(&fault)).err();
+            // A driver away on a probe is not told (the event still says it happened).
+            let panicked = match registered.driver.as_mut() {
+                Some(driver) => guarded(&name, "fault", address, || driver.fault(&fault)).err(),
+                None => None,
+            };
             events.push(BusEvent::Fault(FaultReport {
                 fault,
                 driver: name,
@@ -831,7 +1146,7 @@ impl<A: Attach> Bus<A> {
         }
     }
 
-    // Why a BAR fault of held device `address` is not its removal, from what sysfs, the
+    // Why a BAR fault of held (or offered) device `address` is not its removal, from what sysfs, the
     // registry and the device say; `None`: it is one. Takes no device lock (see
     // `super::fault`).
     fn not_a_removal(&self, address: PciAddress, backing: &A::Backing) -> Option<FaultReason> {
@@ -992,10 +1307,14 @@ impl<A: Attach> Bus<A> {
     /// When the bus next has something to do without an fd becoming readable (a timeout
     /// for an event loop): a settling device is due, or, while a device is kept open
     /// after its removal ([`releasing`](Self::releasing)), [`RELEASE_RECHECK`] from now
-    /// (nothing signals that its handles are gone; [`poll`](Self::poll) looks).
+    /// (nothing signals that its handles are gone; [`poll`](Self::poll) looks), or now
+    /// if a probe left events for `poll` to return.
     pub fn next_deadline(&self) -> Option<Instant> {
-        let recheck = (!self.parked.is_empty()).then(|| Instant::now() + RELEASE_RECHECK);
-        self.settling.values().copied().chain(recheck).min()
+        let now = Instant::now();
+        // Events of removals answered during a probe are due at once.
+        let queued = (!self.queued.is_empty()).then_some(now);
+        let recheck = (!self.parked.is_empty()).then(|| now + RELEASE_RECHECK);
+        self.settling.values().copied().chain(recheck).chain(queued).min()
     }
 
     /// Waits up to `timeout` for something to do (an event from `monitor`, a request, a
@@ -1087,19 +1406,28 @@ fn guarded<T>(
     address: PciAddress,
     f: impl FnOnce() -> T,
 ) -> Result<T, DriverPanicked> {
-    std::panic::catch_unwind(AssertUnwindSafe(f)).map_err(|payload| {
-        let message = payload
-            .downcast_ref::<&str>()
-            .map(|s| (*s).to_owned())
-            .or_else(|| payload.downcast_ref::<String>().cloned())
-            .unwrap_or_else(|| "(no message)".to_owned());
-        log::error!("{address}: driver {driver} panicked in {callback}: {message}");
-        DriverPanicked {
-            driver: driver.to_owned(),
-            callback,
-            message,
-        }
-    })
+    std::panic::catch_unwind(AssertUnwindSafe(f))
+        .map_err(|payload| panicked(driver, callback, address, payload))
+}
+
+// A caught panic's payload as a `DriverPanicked`, logged.
+fn panicked(
+    driver: &str,
+    callback: &'static str,
+    address: PciAddress,
+    payload: Box<dyn std::any::Any + Send>,
+) -> DriverPanicked {
+    let message = payload
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "(no message)".to_owned());
+    log::error!("{address}: driver {driver} panicked in {callback}: {message}");
+    DriverPanicked {
+        driver: driver.to_owned(),
+        callback,
+        message,
+    }
 }
 
 // Handles of `backing` besides the bus's, logged as an error.
@@ -1134,6 +1462,7 @@ mod tests {
     use std::os::fd::AsFd;
 
     use super::*;
+    use crate::bus::driver::ProbeDevice;
     use crate::bus::id::{CLASS_EXACT, IdEntry};
     use crate::testing::FakeSysfs;
     use crate::testing::backing::{FakeAttach, FakeBacking, FakeRegisters};
@@ -1189,6 +1518,62 @@ mod tests {
         file.set_len(0).unwrap();
         assert_eq!(bar.read32(4), Some(u32::MAX));
         bar
+    }
+
+    // A driver whose probe finds its device's BAR faulting (a surprise removal during the
+    // probe) and waits to see it taken back.
+    struct FaultsInProbe([IdEntry; 1], Vec<RemovalCause>);
+
+    impl Driver<FakeBacking> for FaultsInProbe {
+        fn name(&self) -> &str {
+            "faults-in-probe"
+        }
+        fn id_table(&self) -> &[IdEntry] {
+            &self.0
+        }
+        fn probe(&mut self, device: ProbeDevice<'_, FakeBacking>) -> ProbeOutcome {
+            drop(fault_bar_of(device.record.address));
+            let start = Instant::now();
+            while !device.removal_requested() && start.elapsed() < Duration::from_secs(10) {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            // Bound regardless: the bus must not keep it.
+            ProbeOutcome::Bound
+        }
+        fn remove(&mut self, _address: PciAddress, removal: &Removal) {
+            self.1.push(removal.cause.clone());
+        }
+    }
+
+    // The device being probed is not held yet, but it is the bus's: a fault of its BAR
+    // during the probe is answered meanwhile, as a removal request is.
+    #[test]
+    fn a_fault_of_the_device_being_probed_takes_it_back_during_the_probe() {
+        let _serial = fault::tests::SERIAL.lock();
+        fault::install().unwrap();
+        let fake = FakeSysfs::new().unwrap();
+        fake.device("0000:05:00.0").class(0x010802).create().unwrap();
+        let map = DeviceMap::new(Scanner::new(SysfsRoot::new(fake.root())).no_claims()).unwrap();
+        let mut bus = Bus::new(map, FakeAttach::new());
+        bus.register(Box::new(FaultsInProbe(
+            [IdEntry::class(0x010802, CLASS_EXACT)],
+            Vec::new(),
+        )));
+        let address: PciAddress = "0000:05:00.0".parse().unwrap();
+        let reports = bus.probe_all();
+        let [report] = reports.as_slice() else {
+            panic!("{reports:?}")
+        };
+        assert!(
+            matches!(
+                &report.result,
+                Err(ProbeError::Removed { address: a, cause: RemovalCause::Fault, .. }) if *a == address
+            ),
+            "{report:?}"
+        );
+        assert!(bus.held().is_empty(), "not bound");
+        let driver = bus.driver_mut::<FaultsInProbe>().unwrap();
+        assert_eq!(driver.1, [RemovalCause::Fault], "told, as it said Bound");
     }
 
     // Two buses in one process (two parts of an application, or a bus and another

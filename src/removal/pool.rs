@@ -633,7 +633,7 @@ mod tests {
             .into_iter()
             .map(|t| t.wait_until(soon(5000)).unwrap())
             .sum();
-        assert_eq!(sum, (0..100).map(|i| i * 2).sum());
+        assert_eq!(sum, (0..100).map(|i| i * 2).sum::<i32>());
         assert!(
             g.threads() <= 2,
             "no job stalled, so no thread beyond parallelism"

@@ -6,6 +6,10 @@
 //! reads all-ones, as a surprise-removed device does. [`FakeAttach`] opens a
 //! [`FakeBacking`] per device, gives each a request eventfd the test can fire
 //! ([`FakeAttach::request_removal`]), and logs every attach and detach.
+//!
+//! A [`FakeBacking`] can be revoked ([`DeviceBacking::revoke`]: every handle then reads
+//! all-ones and fails the rest), unless its [`FakeAttach`] was told not to allow it
+//! ([`FakeAttach::irrevocable`]), as a backing without `revoke` does.
 
 use std::collections::BTreeMap;
 use std::ops::Deref;
@@ -31,6 +35,8 @@ struct Inner {
     bars: [Arc<[AtomicU32]>; 6],
     config: Mutex<Vec<u8>>,
     gone: AtomicBool,
+    revocable: bool,
+    revoked: AtomicBool,
     next_iova: AtomicU64,
     interrupts: AtomicU32,
 }
@@ -63,6 +69,8 @@ impl FakeBacking {
                 bars: [bar(), bar(), bar(), bar(), bar(), bar()],
                 config: Mutex::new(config),
                 gone: AtomicBool::new(false),
+                revocable: true,
+                revoked: AtomicBool::new(false),
                 next_iova: AtomicU64::new(0x1000_0000),
                 interrupts: AtomicU32::new(0),
             }),
@@ -77,6 +85,18 @@ impl FakeBacking {
     /// How many MSI-X vectors are routed now.
     pub fn routed_interrupts(&self) -> u32 {
         self.inner.interrupts.load(Ordering::Acquire)
+    }
+
+    /// Whether the device was revoked ([`DeviceBacking::revoke`]).
+    pub fn is_revoked(&self) -> bool {
+        self.inner.revoked.load(Ordering::Acquire)
+    }
+
+    fn live(&self) -> Result<(), BackingError> {
+        if self.is_revoked() {
+            return Err(BackingError::Gone(self.inner.address));
+        }
+        Ok(())
     }
 }
 
@@ -174,6 +194,7 @@ impl DeviceBacking for FakeBacking {
         self.inner.address
     }
     fn map_bar(&self, index: u32) -> Result<FakeRegisters, BackingError> {
+        self.live()?;
         if index >= 6 {
             return Err(BackingError::OutOfRange {
                 address: self.inner.address,
@@ -188,6 +209,7 @@ impl DeviceBacking for FakeBacking {
         })
     }
     fn alloc_dma(&self, len: usize) -> Result<FakeDma, BackingError> {
+        self.live()?;
         let size = len.max(1).div_ceil(PAGE) * PAGE;
         let buffer = DmaBuffer::new(size).map_err(|e| BackingError::Other {
             address: self.inner.address,
@@ -197,12 +219,14 @@ impl DeviceBacking for FakeBacking {
         Ok(FakeDma { buffer, iova })
     }
     fn read_config(&self, offset: u64, buf: &mut [u8]) -> Result<(), BackingError> {
+        self.live()?;
         let config = self.inner.config.lock();
         let range = config_range(self.inner.address, offset, buf.len())?;
         buf.copy_from_slice(&config[range]);
         Ok(())
     }
     fn write_config(&self, offset: u64, buf: &[u8]) -> Result<(), BackingError> {
+        self.live()?;
         let mut config = self.inner.config.lock();
         let range = config_range(self.inner.address, offset, buf.len())?;
         config[range].copy_from_slice(buf);
@@ -212,6 +236,7 @@ impl DeviceBacking for FakeBacking {
         16
     }
     fn route_interrupts(&self, fds: &[BorrowedFd<'_>]) -> Result<(), BackingError> {
+        self.live()?;
         if fds.len() > 16 {
             return Err(BackingError::Other {
                 address: self.inner.address,
@@ -222,10 +247,22 @@ impl DeviceBacking for FakeBacking {
         Ok(())
     }
     fn reset(&self) -> Result<(), BackingError> {
-        Ok(())
+        self.live()
     }
     fn extra_handles(&self) -> usize {
         Arc::strong_count(&self.inner).saturating_sub(1)
+    }
+    fn revoke(&self) -> Result<(), BackingError> {
+        if !self.inner.revocable {
+            return Err(BackingError::Unsupported {
+                address: self.inner.address,
+                operation: "revoke",
+            });
+        }
+        self.inner.revoked.store(true, Ordering::Release);
+        self.inner.interrupts.store(0, Ordering::Release);
+        self.set_gone();
+        Ok(())
     }
 }
 
@@ -263,6 +300,7 @@ struct AttachState {
     // Weak: the attach's own record must not count as a handle the driver kept.
     devices: BTreeMap<PciAddress, Weak<Inner>>,
     refuse: BTreeMap<PciAddress, String>,
+    irrevocable: bool,
 }
 
 /// An [`Attach`] of [`FakeBacking`]s. Clones share their state, so a test keeps one to
@@ -286,6 +324,13 @@ impl FakeAttach {
     /// Makes `attach` of `address` fail with `message`.
     pub fn refuse(&self, address: PciAddress, message: &str) {
         self.state.lock().refuse.insert(address, message.to_owned());
+    }
+
+    /// Makes the devices attached from now on irrevocable: their
+    /// [`revoke`](DeviceBacking::revoke) fails with [`BackingError::Unsupported`], as the
+    /// default of a backing that cannot close its device under live handles.
+    pub fn irrevocable(&self) {
+        self.state.lock().irrevocable = true;
     }
 
     /// Fires the request eventfd of an attached device, as VFIO's REQ does. False if
@@ -331,7 +376,12 @@ impl Attach for FakeAttach {
             message: format!("dup: {e}"),
         })?;
         state.requests.insert(address, ours);
-        let backing = FakeBacking::new(record);
+        let mut backing = FakeBacking::new(record);
+        if state.irrevocable
+            && let Some(inner) = Arc::get_mut(&mut backing.inner)
+        {
+            inner.revocable = false;
+        }
         state.devices.insert(address, Arc::downgrade(&backing.inner));
         Ok(Attached {
             backing,

@@ -70,6 +70,12 @@ impl MmioArea {
         self.registration.as_ref().is_some_and(Registration::faulted)
     }
 
+    /// The area's key in the SIGBUS table, for [`fault::revoke`]; `None` when the table
+    /// was full (the area cannot be revoked).
+    pub(crate) fn key(&self) -> Option<fault::AreaKey> {
+        self.registration.as_ref().map(Registration::key)
+    }
+
     #[cfg(test)]
     pub(crate) fn registration(&self) -> Option<&Registration> {
         self.registration.as_ref()

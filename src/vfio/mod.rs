@@ -64,6 +64,7 @@ pub mod fault;
 pub mod iommufd;
 mod iova;
 pub(crate) mod mmio;
+mod revoke;
 mod sys;
 
 use std::collections::BTreeMap;
@@ -73,6 +74,7 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use nix::sys::eventfd::{EfdFlags, EventFd};
 use parking_lot::Mutex;
@@ -312,6 +314,24 @@ pub enum VfioError {
         address: PciAddress,
         /// Live [`MappedBar`]s.
         mapped_bars: usize,
+    },
+    /// The device was closed under this handle ([`VfioDevice::revoke`]): nothing reaches
+    /// it any more.
+    #[error("{address}: revoked (closed under its handles)")]
+    Revoked {
+        /// The device.
+        address: PciAddress,
+    },
+    /// [`VfioDevice::revoke`] could not close the device under its handles.
+    #[error("{address}: cannot revoke the device: {reason}")]
+    NotRevocable {
+        /// The device.
+        address: PciAddress,
+        /// Why.
+        reason: String,
+        /// The system's error, if one failed.
+        #[source]
+        source: Option<io::Error>,
     },
     /// Config space did not decode (a capability list running past the end).
     #[error("{address}: config space")]
@@ -1061,7 +1081,8 @@ pub struct IrqInfo {
 ///
 /// The device fd closes when the last `Arc` goes: drop every [`MappedBar`] of the device
 /// too (each holds an `Arc`). Closing the fd makes vfio-pci reset the function (if it can)
-/// and release it: a pending removal or unbind then completes. Interrupt eventfds
+/// and release it: a pending removal or unbind then completes. [`revoke`](Self::revoke)
+/// closes it earlier, under the handles that are still alive. Interrupt eventfds
 /// registered with it stop firing; the eventfds themselves are the caller's to close.
 /// The container (with its groups) goes when no other device and no [`DmaRegion`] holds
 /// it. Stop the device's DMA before dropping the [`DmaRegion`]s it uses (they may
@@ -1085,8 +1106,10 @@ pub struct VfioDevice {
     regions: Vec<Result<RegionInfo, i32>>,
     config: RegionInfo,
     // Live MappedBars. Locked across the check and the write of a Command write that
-    // clears Memory Space Enable, so no mapping appears in between.
-    mapped_bars: Mutex<usize>,
+    // clears Memory Space Enable, so no mapping appears in between, and across `revoke`.
+    mapped: Mutex<Mappings>,
+    // Closed under its handles (`revoke`): every operation fails.
+    revoked: AtomicBool,
     identity: Option<DeviceIdentity>,
     // None for the iommufd backend.
     group: Option<Arc<Group>>,
@@ -1094,6 +1117,14 @@ pub struct VfioDevice {
     // Dropped after the fd closes (fields drop in order): the device stays "held" until
     // then.
     _held: HeldOpen,
+}
+
+// The live mappings of a device: how many MappedBars, and their areas in the SIGBUS
+// table (`None`: an area the full table does not cover), for `revoke` to replace.
+#[derive(Debug, Default)]
+struct Mappings {
+    bars: usize,
+    areas: Vec<Option<fault::AreaKey>>,
 }
 
 impl AsFd for VfioDevice {
@@ -1189,7 +1220,8 @@ impl VfioDevice {
             num_irqs: info.num_irqs,
             regions,
             config,
-            mapped_bars: Mutex::new(0),
+            mapped: Mutex::new(Mappings::default()),
+            revoked: AtomicBool::new(false),
             identity,
             group,
             container: Arc::clone(container),
@@ -1247,6 +1279,7 @@ impl VfioDevice {
 
     /// `VFIO_DEVICE_GET_IRQ_INFO` for `index`.
     pub fn irq_info(&self, index: u32) -> Result<IrqInfo, VfioError> {
+        self.live()?;
         let info = sys::device_get_irq_info(self.file.as_fd(), index).map_err(ioctl_err(
             "VFIO_DEVICE_GET_IRQ_INFO",
             Some(self.address),
@@ -1274,11 +1307,11 @@ impl VfioDevice {
     /// [`disable_memory_space`](Self::disable_memory_space).
     pub fn write_config(&self, offset: u64, buf: &[u8]) -> Result<(), VfioError> {
         if clears_memory_space(offset, buf) {
-            let bars = self.mapped_bars.lock();
-            if *bars > 0 {
+            let mapped = self.mapped.lock();
+            if mapped.bars > 0 {
                 return Err(VfioError::MemorySpaceInUse {
                     address: self.address,
-                    mapped_bars: *bars,
+                    mapped_bars: mapped.bars,
                 });
             }
             // Held across the write: no mapping can appear before it lands.
@@ -1293,11 +1326,11 @@ impl VfioDevice {
     /// can be mapped while the read-modify-write is in progress. Turn it back on by
     /// writing the Command register with the bit set ([`COMMAND_MEMORY`]).
     pub fn disable_memory_space(&self) -> Result<(), VfioError> {
-        let bars = self.mapped_bars.lock();
-        if *bars > 0 {
+        let mapped = self.mapped.lock();
+        if mapped.bars > 0 {
             return Err(VfioError::MemorySpaceInUse {
                 address: self.address,
-                mapped_bars: *bars,
+                mapped_bars: mapped.bars,
             });
         }
         let mut cmd = [0u8; 2];
@@ -1308,7 +1341,7 @@ impl VfioDevice {
 
     /// How many [`MappedBar`]s of this device are alive.
     pub fn mapped_bars(&self) -> usize {
-        *self.mapped_bars.lock()
+        self.mapped.lock().bars
     }
 
     /// The whole config space as VFIO presents it (256 or 4096 bytes).
@@ -1358,6 +1391,7 @@ impl VfioDevice {
     }
 
     fn region_read(&self, region: &RegionInfo, offset: u64, buf: &mut [u8]) -> Result<(), VfioError> {
+        self.live()?;
         self.check(region, offset, buf.len())?;
         self.file
             .read_exact_at(buf, region.offset + offset)
@@ -1372,6 +1406,7 @@ impl VfioDevice {
     }
 
     fn region_write(&self, region: &RegionInfo, offset: u64, buf: &[u8]) -> Result<(), VfioError> {
+        self.live()?;
         self.check(region, offset, buf.len())?;
         self.file
             .write_all_at(buf, region.offset + offset)
@@ -1383,6 +1418,16 @@ impl VfioDevice {
                 write: true,
                 source,
             })
+    }
+
+    // Fails once the device is revoked: its fd no longer refers to it.
+    fn live(&self) -> Result<(), VfioError> {
+        if self.revoked.load(Ordering::Acquire) {
+            return Err(VfioError::Revoked {
+                address: self.address,
+            });
+        }
+        Ok(())
     }
 
     fn check(&self, region: &RegionInfo, offset: u64, len: usize) -> Result<(), VfioError> {
@@ -1402,6 +1447,7 @@ impl VfioDevice {
     /// Set it before the VFs are opened; while VFs are open the kernel keeps the token and
     /// asks it of a new opener of the PF too. Fails (ENOTTY) on a device without SR-IOV.
     pub fn set_vf_token(&self, token: VfToken) -> Result<(), VfioError> {
+        self.live()?;
         sys::device_set_vf_token(self.file.as_fd(), token.to_bytes()).map_err(ioctl_err(
             "VFIO_DEVICE_FEATURE (SET PCI_VF_TOKEN)",
             Some(self.address),
@@ -1411,6 +1457,7 @@ impl VfioDevice {
 
     /// `VFIO_DEVICE_RESET`.
     pub fn reset(&self) -> Result<(), VfioError> {
+        self.live()?;
         sys::device_reset(self.file.as_fd()).map_err(ioctl_err("VFIO_DEVICE_RESET", Some(self.address), None))
     }
 
@@ -1429,7 +1476,9 @@ impl VfioDevice {
         // Counted before the mmap, under the lock: a concurrent write clearing Memory
         // Space Enable either lands before (then this mapping's accesses see a disabled
         // BAR: the caller turned it off) or is refused.
-        let mut bars = self.mapped_bars.lock();
+        let mut mapped = self.mapped.lock();
+        // Under the lock: a `revoke` either sees this mapping or makes this fail.
+        self.live()?;
         let mut areas = Vec::new();
         for (offset, size) in region.mmap_areas() {
             let owner = fault::FaultOwner {
@@ -1449,8 +1498,9 @@ impl VfioDevice {
                 })?;
             areas.push((offset, area));
         }
-        *bars += 1;
-        drop(bars);
+        mapped.bars += 1;
+        mapped.areas.extend(areas.iter().map(|(_, area)| area.key()));
+        drop(mapped);
         Ok(MappedBar {
             device: Arc::clone(self),
             region,
@@ -1471,6 +1521,7 @@ impl VfioDevice {
 
     /// Routes interrupt index `index` to these eventfds (none: disables it).
     pub fn set_irq_eventfds(&self, index: u32, fds: &[BorrowedFd<'_>]) -> Result<(), VfioError> {
+        self.live()?;
         sys::device_set_irqs(self.file.as_fd(), index, 0, fds).map_err(ioctl_err(
             "VFIO_DEVICE_SET_IRQS",
             Some(self.address),
@@ -1576,10 +1627,17 @@ pub struct MappedBar {
 impl Drop for MappedBar {
     fn drop(&mut self) {
         // Unmap before the count drops, so a Memory Space Enable clear allowed by the new
-        // count never meets a live mapping.
+        // count never meets a live mapping. (A `revoke` meanwhile finds the areas gone or
+        // replaces them first: unmapping waits for it.)
+        let keys: Vec<_> = self.areas.iter().map(|(_, area)| area.key()).collect();
         self.areas.clear();
-        let mut bars = self.device.mapped_bars.lock();
-        *bars = bars.saturating_sub(1);
+        let mut mapped = self.device.mapped.lock();
+        mapped.bars = mapped.bars.saturating_sub(1);
+        for key in keys {
+            if let Some(i) = mapped.areas.iter().position(|k| *k == key) {
+                mapped.areas.swap_remove(i);
+            }
+        }
     }
 }
 

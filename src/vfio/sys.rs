@@ -11,7 +11,7 @@
 
 use std::ffi::CString;
 use std::io;
-use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 
 use nix::libc;
 
@@ -425,6 +425,24 @@ pub(crate) fn device_set_irqs(
     Ok(())
 }
 
+/// Makes `fd` refer to a fresh eventfd instead of what it referred to, in one step
+/// (`dup3`): the file it referred to loses this reference (a VFIO device closes when
+/// nothing else holds its file), while the number stays open and its owner's, who closes
+/// it as before. An eventfd answers every VFIO ioctl, `pread` and `mmap` with an error.
+pub(crate) fn revoke_fd(fd: BorrowedFd<'_>) -> io::Result<()> {
+    use nix::sys::eventfd::{EfdFlags, EventFd};
+    let stand_in = EventFd::from_value_and_flags(0, EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK)?;
+    // SAFETY: dup3 only changes what the number `fd` refers to; the number stays open
+    // throughout (dup3 replaces atomically: no other open can be given it in between)
+    // and stays owned by whoever owns `fd`, who closes it once as before. No memory is
+    // touched.
+    let r = unsafe { libc::dup3(stand_in.as_fd().as_raw_fd(), fd.as_raw_fd(), libc::O_CLOEXEC) };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// `VFIO_DEVICE_RESET`.
 pub(crate) fn device_reset(device: BorrowedFd<'_>) -> io::Result<()> {
     // SAFETY: the request takes no argument and touches no memory of this process.
@@ -613,4 +631,39 @@ pub(crate) fn ioas_unmap(iommufd: BorrowedFd<'_>, ioas: u32, iova: u64, size: u6
     // removes IOMMU mappings, touching no memory of this process.
     unsafe { ioctl_struct(iommufd, IOMMU_IOAS_UNMAP, &mut unmap) }?;
     Ok(unmap.length)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::fd::AsFd;
+
+    use super::*;
+
+    #[test]
+    fn a_revoked_fd_no_longer_holds_its_file() {
+        // The write end of a pipe stands for a device fd: once its file is released, the
+        // reader sees the end of the stream.
+        let (read, write) = nix::unistd::pipe().unwrap();
+        nix::fcntl::fcntl(
+            &read,
+            nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
+        )
+        .unwrap();
+        let mut buf = [0u8; 8];
+        assert_eq!(
+            nix::unistd::read(&read, &mut buf),
+            Err(nix::errno::Errno::EAGAIN),
+            "a writer is open"
+        );
+        let number = write.as_raw_fd();
+        revoke_fd(write.as_fd()).unwrap();
+        assert_eq!(nix::unistd::read(&read, &mut buf), Ok(0), "no writer left");
+        // The number is still open, and the owner's to close.
+        assert_eq!(write.as_raw_fd(), number);
+        assert!(
+            nix::unistd::write(&write, &1u64.to_ne_bytes()).is_ok(),
+            "an eventfd now"
+        );
+        drop(write);
+    }
 }

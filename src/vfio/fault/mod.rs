@@ -72,6 +72,18 @@
 //! subscriber that never takes (and is never dropped) can fill the table with faulted
 //! areas. A fault with no subscriber frees its slot when its area is dropped. At most
 //! [`SUBSCRIBERS`] subscribers exist at once.
+//!
+//! # Revoking
+//!
+//! The same replacement (the all-ones file, stride by stride), done on purpose and
+//! reported to no subscriber, closes a device's mappings under their owner
+//! ([`VfioDevice::revoke`](super::VfioDevice::revoke)): a mapping holds the device file
+//! open, and the kernel's removal waits for that file. The handler then treats the area
+//! as a replaced one (a fault in it is retried, never reported again), but it is not
+//! [faulted](super::MappedBar::faulted), and its slot is freed when it is dropped, as a
+//! live area's. It needs the table: an area it does not cover cannot be replaced safely
+//! (its owner may be unmapping it), so a device with such an area cannot be revoked. A
+//! revoke before [`install`] makes the all-ones file too.
 #![allow(unsafe_code)]
 
 use std::io::{self, Write};
@@ -147,11 +159,7 @@ pub fn install() -> Result<(), FaultError> {
     if installed() {
         return Ok(());
     }
-    if ONES.get().is_none() {
-        let ones = ones_file().map_err(FaultError::Memfd)?;
-        ONES_FD.store(ones.as_raw_fd(), Ordering::Release);
-        let _ = ONES.set(ones);
-    }
+    make_ones().map_err(FaultError::Memfd)?;
     // The old action is stored before the handler can run, so the handler always has it.
     if OLD_ACTION.get().is_none() {
         // SAFETY: zeroed is a valid `sigaction` (SIG_DFL, no flags, empty mask).
@@ -204,6 +212,30 @@ pub(crate) struct Registration {
     generation: u64,
 }
 
+/// Names a registered area for [`revoke`], from code other than its owner's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct AreaKey {
+    index: usize,
+    generation: u64,
+}
+
+/// Replaces the area registered as `key` with all-ones memory, as the handler does after
+/// a fault, but reported to no subscriber (see [Revoking](self#revoking)). True if the
+/// area no longer maps what it mapped: replaced now or earlier (a fault, a revoke), or
+/// unmapped by its owner since. False if the replacement failed (the area is as it was,
+/// or, if it failed midway, partly all ones: it stays live, and a fault may replace it).
+/// Its owner may drop it meanwhile: unregistering waits for the replacement to end.
+pub(crate) fn revoke(key: AreaKey) -> bool {
+    // Not in a handler: the all-ones file can be made here if `install` has not, so the
+    // replacement costs no memory proportional to the area.
+    if let Err(e) = make_ones() {
+        log::warn!(
+            "making the {ONES_LEN}-byte all-ones memfd failed ({e}): revoked BAR areas are filled with anonymous memory instead"
+        );
+    }
+    TABLE.revoke(key.index, key.generation, replace)
+}
+
 /// Registers `[start, start + len)`, a mapping owned by the caller, for the handler.
 /// `None` when the table is full (logged once): the area then is not covered.
 pub(crate) fn register(start: NonNull<u8>, len: usize, owner: FaultOwner) -> Option<Registration> {
@@ -224,6 +256,14 @@ impl Registration {
     pub(crate) fn faulted(&self) -> bool {
         TABLE.faulted(self.index, self.generation)
     }
+
+    /// The area's key, for [`revoke`].
+    pub(crate) fn key(&self) -> AreaKey {
+        AreaKey {
+            index: self.index,
+            generation: self.generation,
+        }
+    }
 }
 
 impl Drop for Registration {
@@ -234,7 +274,8 @@ impl Drop for Registration {
 
 static TABLE: Table<CAPACITY> = Table::new();
 static INSTALLED: AtomicBool = AtomicBool::new(false);
-/// The all-ones file (a sealed memfd of [`ONES_LEN`] bytes of `0xff`), made by [`install`].
+/// The all-ones file (a sealed memfd of [`ONES_LEN`] bytes of `0xff`), made by [`install`]
+/// or the first [`revoke`].
 static ONES: OnceLock<OwnedFd> = OnceLock::new();
 /// Its number, for the handler (-1: none).
 static ONES_FD: AtomicI32 = AtomicI32::new(-1);
@@ -285,7 +326,8 @@ fn handle(addr: usize) -> bool {
     true
 }
 
-/// Replaces `[start, start + len)` by memory reading all ones. Async-signal-safe.
+/// Replaces `[start, start + len)` by memory reading all ones, for the handler or
+/// [`revoke`]. Async-signal-safe.
 ///
 /// Stride by stride, each stride a private mapping of the all-ones file ([`ONES`]) put
 /// over the area with `MAP_FIXED`: no memory proportional to the area, `len / ONES_LEN`
@@ -297,7 +339,9 @@ fn handle(addr: usize) -> bool {
 /// (`EFAULT`) a source made of several mappings, and each alias is one. Nothing depends
 /// on one step: the area's accesses fault until their stride is replaced (a device's BAR
 /// pages are zapped together, a truncated file's too), and the handler holds the slot
-/// (`FAULTING`) until the last stride is done, so those accesses are retried meanwhile.
+/// (`FAULTING`) until the last stride is done, so those accesses are retried meanwhile. (A
+/// revoke replaces a working area: until its stride is replaced, an access still reaches
+/// the device, which is still open.)
 ///
 /// If a stride cannot be mapped (out of mappings: `vm.max_map_count`), the rest of the
 /// area is replaced as before the all-ones file existed: by anonymous memory filled with
@@ -308,8 +352,9 @@ fn replace(start: usize, len: usize) -> bool {
     while fd >= 0 && done < len {
         let stride = (len - done).min(ONES_LEN);
         // SAFETY: the target is inside a registered, live area (`find` matched it and
-        // `claim` holds it), exactly as it was mapped: its owner unregisters it before
-        // unmapping it. Its owner reaches it only through raw pointers with volatile
+        // `claim` holds it, or `Table::revoke` claimed it by its generation), exactly as
+        // it was mapped: its owner unregisters it before unmapping it, which waits while
+        // it is claimed. Its owner reaches it only through raw pointers with volatile
         // accesses, so replacing its pages under it invalidates no reference. `fd` is the
         // all-ones file, open for the rest of the process and at least `stride` long
         // (sealed against shrinking). A raw mmap(2): no `BorrowedFd` needed in a handler.
@@ -352,8 +397,8 @@ fn replace_by_copy(start: usize, len: usize) -> bool {
     // SAFETY: `fresh` is `len` writable bytes that nothing else knows of.
     unsafe { fresh.cast::<u8>().as_ptr().write_bytes(0xff, len) };
     // SAFETY: as in `replace`: the target is inside a registered, live area held by this
-    // handler, reached by its owner through raw pointers only. MREMAP_FIXED replaces the
-    // old mapping atomically, and `fresh` does not overlap it.
+    // handler or a revoke, reached by its owner through raw pointers only. MREMAP_FIXED
+    // replaces the old mapping atomically, and `fresh` does not overlap it.
     let moved = unsafe {
         mremap(
             fresh,
@@ -372,6 +417,18 @@ fn replace_by_copy(start: usize, len: usize) -> bool {
         return false;
     }
     true
+}
+
+/// Makes the all-ones file ([`ONES`], [`ONES_FD`]) unless it exists.
+fn make_ones() -> io::Result<()> {
+    static LOCK: Mutex<()> = Mutex::new(());
+    let _serial = LOCK.lock();
+    if ONES.get().is_none() {
+        let ones = ones_file()?;
+        ONES_FD.store(ones.as_raw_fd(), Ordering::Release);
+        let _ = ONES.set(ones);
+    }
+    Ok(())
 }
 
 /// Makes the all-ones file: [`ONES_LEN`] bytes of `0xff` in a memfd, sealed against
@@ -753,6 +810,73 @@ pub(crate) mod tests {
         assert_eq!(take().iter().map(|f| f.owner).collect::<Vec<_>>(), [after]);
         // Other tests count on freed slots: end it.
         subscriber::end_default();
+    }
+
+    #[test]
+    fn a_revoked_area_reads_all_ones_no_longer_maps_its_file_and_is_no_fault() {
+        let _serial = SERIAL.lock();
+        // Were the file still mapped, the access after truncating it would be a fault
+        // (counted), not a crash.
+        install().unwrap();
+        let mut subscriber = subscribe().unwrap();
+        let bar0 = owner("0000:5e:00.2", 0);
+        // Several aliases of the all-ones file, the last one partial.
+        let pages = ONES_LEN / PAGE + 2;
+        let (file, area) = file_area(pages, bar0);
+        let key = area.key().unwrap();
+        assert_eq!(area.read32(PAGE), Some(0x5a00_0000 + PAGE as u32));
+        assert!(revoke(key));
+        assert_eq!(area.read32(PAGE), Some(0xffff_ffff));
+        assert_eq!(area.read64(0), Some(u64::MAX));
+        assert_eq!(
+            area.read32(pages * PAGE - 4),
+            Some(0xffff_ffff),
+            "the last stride too"
+        );
+        // The file is no longer mapped: a write stays in the replacement, and truncating
+        // the file (which faults a live mapping) changes nothing.
+        assert_eq!(area.write32(0, 0x1234_5678), Some(()));
+        let mut word = [0u8; 4];
+        std::os::unix::fs::FileExt::read_exact_at(&file, &mut word, 0).unwrap();
+        assert_eq!(u32::from_ne_bytes(word), 0x5a00_0000);
+        let faults = count();
+        file.set_len(0).unwrap();
+        assert_eq!(area.read32(4), Some(0xffff_ffff));
+        assert_eq!(area.read32(ONES_LEN + 4), Some(0xffff_ffff));
+        assert_eq!(count(), faults);
+        assert!(!area.faulted(), "revoked, not faulted");
+        assert!(!readable(subscriber.as_fd()), "no subscriber is woken");
+        assert!(
+            subscriber.take().iter().all(|f| f.owner != bar0),
+            "never reported"
+        );
+        assert!(revoke(key), "revoking again changes nothing");
+        let (index, generation) = (key.index, key.generation);
+        drop(area);
+        let tag = TABLE.slots[index].tag.load(Ordering::Relaxed);
+        assert_eq!(tag_state(tag), FREE, "dropping the area frees its slot");
+        assert!(
+            revoke(AreaKey { index, generation }),
+            "an area unmapped since needs nothing"
+        );
+    }
+
+    #[test]
+    fn revoking_and_dropping_an_area_at_once_is_safe() {
+        let _serial = SERIAL.lock();
+        for _ in 0..20 {
+            let (_file, area) = file_area(4, owner("0000:5e:00.3", 0));
+            let key = area.key().unwrap();
+            std::thread::scope(|s| {
+                s.spawn(|| revoke(key));
+                s.spawn(move || drop(area));
+            });
+            let tag = TABLE.slots[key.index].tag.load(Ordering::Relaxed);
+            assert!(
+                tag_generation(tag) != key.generation || tag_state(tag) == FREE,
+                "the slot is free once both are done"
+            );
+        }
     }
 
     #[test]

@@ -11,6 +11,9 @@
 //! sweep that does not wait for a claimed slot (`FAULTING`) cannot miss a bit the handler
 //! sets; the last clear of a slot's bits and the drop of its area are `SeqCst` too, so
 //! one of the two always sees the other and frees the slot.
+//!
+//! A revoked area ([`Table::revoke`]) is replaced as a faulted one is, but holds no
+//! subscriber bit: it is no fault, and its slot is freed with its area, as a live one's.
 
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering, fence};
 
@@ -30,6 +33,8 @@ pub(super) const FAULTED: u64 = 4;
 /// Replaced, and the area dropped (unmapped) before every subscriber took the fault: the
 /// handler ignores it; the last take frees the slot.
 pub(super) const ORPHAN: u64 = 6;
+/// Replaced by [`Table::revoke`]: not a fault, never reported to any subscriber.
+pub(super) const REVOKED: u64 = 7;
 pub(super) const STATE_BITS: u32 = 3;
 
 pub(super) fn pack(generation: u64, state: u64) -> u64 {
@@ -153,12 +158,14 @@ impl<const N: usize> Table<N> {
                 return;
             }
             let next = match tag_state(tag) {
-                LIVE => FREE,
+                // A revoked area holds no subscriber bit: nobody is owed a report.
+                LIVE | REVOKED => FREE,
                 // Kept for the subscribers that have not taken its fault.
                 FAULTED => ORPHAN,
-                // A handler is replacing this area. That happens only during an access to
-                // it, which cannot overlap its drop; wait for it anyway rather than free a
-                // slot a handler is writing.
+                // A handler is replacing this area (that happens only during an access to
+                // it, which cannot overlap its drop), or `revoke` is (that can): wait, so
+                // that the area is not unmapped, and its range reused, under the
+                // replacement.
                 FAULTING => {
                     std::hint::spin_loop();
                     continue;
@@ -186,14 +193,15 @@ impl<const N: usize> Table<N> {
         })
     }
 
-    /// The mapped (live or replaced) area containing `addr`. Async-signal-safe.
+    /// The mapped (live, or replaced after a fault or a revoke) area containing `addr`.
+    /// Async-signal-safe.
     pub(super) fn find(&self, addr: usize) -> Option<Hit> {
         for (index, slot) in self.slots.iter().enumerate() {
             // A slot re-registered while we read it is retried; it cannot hold the area
             // being accessed (that area is alive), so a few tries are plenty.
             for _ in 0..4 {
                 let tag = slot.tag.load(Ordering::Acquire);
-                if !matches!(tag_state(tag), LIVE | FAULTING | FAULTED) {
+                if !matches!(tag_state(tag), LIVE | FAULTING | FAULTED | REVOKED) {
                     break;
                 }
                 let start = slot.start.load(Ordering::Relaxed);
@@ -217,8 +225,8 @@ impl<const N: usize> Table<N> {
         None
     }
 
-    /// Takes a live hit for replacing: false if another thread is at it, or the slot
-    /// changed.
+    /// Takes a live hit for replacing: false if another thread is at it, it was replaced
+    /// already (faulted or revoked), or the slot changed.
     pub(super) fn claim(&self, hit: Hit) -> bool {
         tag_state(hit.tag) == LIVE
             && self.slots.get(hit.index).is_some_and(|slot| {
@@ -247,6 +255,61 @@ impl<const N: usize> Table<N> {
             };
             slot.tag
                 .store(pack(tag_generation(hit.tag), next), Ordering::SeqCst);
+        }
+    }
+
+    /// Replaces slot `index`'s area of `generation` with `replace(start, len)` for its
+    /// owner's device (`fault::revoke`), and marks it [`REVOKED`]: never reported, freed
+    /// with its area. True if the area no longer maps what it mapped: replaced now or
+    /// earlier (a fault, a revoke), or unregistered since (unmapped). False if `replace`
+    /// failed (the area stays live).
+    pub(super) fn revoke(
+        &self,
+        index: usize,
+        generation: u64,
+        replace: impl FnOnce(usize, usize) -> bool,
+    ) -> bool {
+        let Some(slot) = self.slots.get(index) else {
+            return false;
+        };
+        loop {
+            let tag = slot.tag.load(Ordering::SeqCst);
+            if tag_generation(tag) != generation {
+                // Unregistered, and the slot reused: the area was unmapped.
+                return true;
+            }
+            match tag_state(tag) {
+                LIVE => {}
+                // The handler is replacing it after a fault: wait for the end.
+                FAULTING => {
+                    std::hint::spin_loop();
+                    continue;
+                }
+                // Replaced already (faulted, orphaned, revoked), or unregistered.
+                _ => return true,
+            }
+            // Claimed as the handler claims it: the owner's unregister now waits for the
+            // end, a fault in the area is retried meanwhile, and a subscriber going away
+            // waits too (no bit is set here, so it need not, but it cannot tell).
+            if slot
+                .tag
+                .compare_exchange(
+                    tag,
+                    pack(generation, FAULTING),
+                    Ordering::SeqCst,
+                    Ordering::Relaxed,
+                )
+                .is_err()
+            {
+                continue;
+            }
+            // Written before LIVE under this generation, and not since.
+            let start = slot.start.load(Ordering::Relaxed);
+            let len = slot.len.load(Ordering::Relaxed);
+            let replaced = replace(start, len);
+            let next = if replaced { REVOKED } else { LIVE };
+            slot.tag.store(pack(generation, next), Ordering::SeqCst);
+            return replaced;
         }
     }
 
@@ -386,7 +449,7 @@ mod tests {
         out
     }
 
-    fn state(table: &Table<2>, index: usize) -> u64 {
+    fn state<const N: usize>(table: &Table<N>, index: usize) -> u64 {
         tag_state(table.slots[index].tag.load(Ordering::Relaxed))
     }
 
@@ -474,6 +537,59 @@ mod tests {
         table.take(A, &mut out);
         assert!(out.is_empty());
         assert!(table.claim(table.find(0x4000).unwrap()));
+    }
+
+    #[test]
+    fn a_revoked_area_is_matched_never_reported_and_freed_with_its_area() {
+        let table = Table::<2>::new();
+        let (index, generation) = table.register(0x4000, 0x2000, owner("0000:81:00.1", 0)).unwrap();
+        let mut replaced = None;
+        assert!(table.revoke(index, generation, |start, len| {
+            replaced = Some((start, len));
+            true
+        }));
+        assert_eq!(replaced, Some((0x4000, 0x2000)), "the whole area");
+        assert_eq!(state(&table, index), REVOKED);
+        // An access in it is the handler's, as in a replaced area: matched, not claimed
+        // (retried), not a fault.
+        let hit = table.find(0x5fff).expect("a revoked area is still ours");
+        assert!(!table.claim(hit));
+        assert!(!table.faulted(index, generation));
+        assert!(taken(&table, A | B).is_empty());
+        table.forget(A);
+        assert_eq!(state(&table, index), REVOKED);
+        assert!(
+            table.revoke(index, generation, |_, _| unreachable!("replaced already")),
+            "revoking again changes nothing"
+        );
+        table.unregister(index, generation);
+        assert_eq!(state(&table, index), FREE, "dropping the area frees its slot");
+        assert!(table.find(0x4000).is_none());
+        assert!(
+            table.revoke(index, generation, |_, _| unreachable!("unmapped")),
+            "an area unmapped since needs nothing"
+        );
+    }
+
+    #[test]
+    fn revoking_a_faulted_area_leaves_its_fault_to_the_subscribers() {
+        let table = Table::<2>::new();
+        let (index, generation) = faulted(&table, 0x4000, 0x10, A);
+        assert!(table.revoke(index, generation, |_, _| unreachable!("replaced already")));
+        assert_eq!(state(&table, index), FAULTED);
+        assert_eq!(taken(&table, A).len(), 1);
+    }
+
+    #[test]
+    fn a_failed_revoke_leaves_the_area_live() {
+        let table = Table::<1>::new();
+        let (index, generation) = table.register(0x4000, 0x1000, owner("0000:01:00.0", 0)).unwrap();
+        assert!(!table.revoke(index, generation, |_, _| false));
+        assert_eq!(state(&table, index), LIVE);
+        assert!(
+            table.claim(table.find(0x4000).unwrap()),
+            "a fault may still replace it"
+        );
     }
 
     proptest! {
