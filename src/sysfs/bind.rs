@@ -156,6 +156,13 @@ pub enum Use {
         /// The block device, e.g. `nvme0n1`.
         disk: String,
     },
+    /// A block device of the device (or a partition) is open exclusively: a filesystem
+    /// mounted in another mount namespace, a ZFS pool, a disk a VM or another program
+    /// opened with `O_EXCL`. Found by an `O_EXCL` open of it, which fails with EBUSY.
+    OpenExclusively {
+        /// The device node, e.g. `/dev/nvme0n1`.
+        source: String,
+    },
 }
 
 impl fmt::Display for Use {
@@ -165,6 +172,10 @@ impl fmt::Display for Use {
             Use::Mounted { source, target } => write!(f, "{source} is mounted on {target}"),
             Use::Swap { source } => write!(f, "{source} is in use as swap"),
             Use::Holders { disk } => write!(f, "block device {disk} has holders (LVM, MD or dm)"),
+            Use::OpenExclusively { source } => write!(
+                f,
+                "{source} is open exclusively (a filesystem mounted in another mount namespace, a ZFS pool, a VM's disk)"
+            ),
         }
     }
 }
@@ -387,10 +398,12 @@ fn needs_enable_sriov(root: &SysfsRoot, address: PciAddress, driver: &str) -> bo
 }
 
 /// How the host uses `address`, if it does: a network interface that is up, or a block
-/// device below it with mounted partitions, active swap, or holders (LVM, MD).
+/// device below it with mounted partitions, active swap, holders (LVM, MD), or that is
+/// open exclusively ([`held_exclusively`]: mounts of other mount namespaces, ZFS, VMs).
 ///
-/// Mounts are looked up in `/proc/self/mounts` only when `root` is the kernel's sysfs
-/// ([`is_kernel_sysfs`]): the block devices of a fake tree are not this system's.
+/// Mounts are looked up in `/proc/self/mounts`, and device nodes opened, only when `root`
+/// is the kernel's sysfs ([`is_kernel_sysfs`]): the block devices of a fake tree are not
+/// this system's.
 pub fn in_use(root: &SysfsRoot, address: PciAddress) -> Vec<Use> {
     let dir = root.device_dir(address);
     let mut uses = Vec::new();
@@ -403,7 +416,8 @@ pub fn in_use(root: &SysfsRoot, address: PciAddress) -> Vec<Use> {
             uses.push(Use::InterfaceUp { name });
         }
     }
-    let (mounts, swaps) = if is_kernel_sysfs(root) {
+    let kernel = is_kernel_sysfs(root);
+    let (mounts, swaps) = if kernel {
         (
             std::fs::read_to_string("/proc/self/mounts").unwrap_or_default(),
             std::fs::read_to_string("/proc/swaps").unwrap_or_default(),
@@ -414,11 +428,60 @@ pub fn in_use(root: &SysfsRoot, address: PciAddress) -> Vec<Use> {
     for disk in block_devices(&dir) {
         uses.extend(disk_uses(&disk, &mounts, &swaps));
         let holders = root.path().join(format!("class/block/{disk}/holders"));
-        if std::fs::read_dir(&holders).is_ok_and(|mut d| d.next().is_some()) {
-            uses.push(Use::Holders { disk });
+        let has_holders = std::fs::read_dir(&holders).is_ok_and(|mut d| d.next().is_some());
+        // A mount or a holder already claims the disk exclusively: said once, as that.
+        let named = has_holders || uses.iter().any(|u| matches!(u, Use::Mounted { .. } | Use::Swap { .. }));
+        if has_holders {
+            uses.push(Use::Holders { disk: disk.clone() });
+        }
+        if kernel && !named {
+            for node in disk_nodes(root, &disk) {
+                if held_exclusively(Path::new(&node)) {
+                    uses.push(Use::OpenExclusively { source: node });
+                }
+            }
         }
     }
     uses
+}
+
+/// Whether the block device node `node` is open exclusively by someone (the kernel
+/// refuses another exclusive open with EBUSY). The probe's own `O_EXCL` open, if it
+/// succeeds, is closed at once. `false` when the node cannot be opened at all.
+pub fn held_exclusively(node: &Path) -> bool {
+    use std::os::unix::fs::OpenOptionsExt;
+    matches!(
+        std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(nix::libc::O_EXCL | nix::libc::O_NONBLOCK | nix::libc::O_CLOEXEC)
+            .open(node),
+        Err(e) if e.raw_os_error() == Some(nix::libc::EBUSY)
+    )
+}
+
+// The device nodes of block device `disk` and its partitions. A namespace behind native
+// NVMe multipath shows as `nvmeScCn1` below its controller; its node is the
+// subsystem's `nvmeSn1`.
+fn disk_nodes(root: &SysfsRoot, disk: &str) -> Vec<String> {
+    let head = match disk.split_once('c') {
+        Some((s, rest)) if s.starts_with("nvme") && rest.contains('n') => {
+            format!("{s}{}", &rest[rest.find('n').unwrap_or(0)..])
+        }
+        _ => disk.to_owned(),
+    };
+    let mut nodes = vec![format!("/dev/{head}")];
+    for e in std::fs::read_dir(root.path().join(format!("class/block/{head}")))
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name.starts_with(&head) && name.len() > head.len() {
+            nodes.push(format!("/dev/{name}"));
+        }
+    }
+    nodes.retain(|n| Path::new(n).exists());
+    nodes
 }
 
 // Block devices below a device directory: directories named under a `block` directory,
