@@ -58,6 +58,15 @@ pub enum BindError {
         #[source]
         source: io::Error,
     },
+    /// The device was removed (unplugged, `remove` written) while it was being bound:
+    /// there is nothing to put back.
+    #[error("{address} was removed while it was being bound to {driver}")]
+    Removed {
+        /// The device.
+        address: PciAddress,
+        /// The driver it was being bound to.
+        driver: String,
+    },
     /// The probe ran but the device did not end up on the driver.
     #[error(
         "{address} is on {} after probing, not {driver}: {}{}",
@@ -282,6 +291,12 @@ pub fn bind(root: &SysfsRoot, address: PciAddress, driver: &str, force: bool) ->
         // check below is what tells.
         let probe = write(&root.path().join("bus/pci/drivers_probe"), &address.to_string()).err();
         let got = current_driver(root, address);
+        if got.is_none() && !dir.exists() {
+            return Err(BindError::Removed {
+                address,
+                driver: driver.to_owned(),
+            });
+        }
         if got.as_deref() != Some(driver) {
             return Err(BindError::NotBound {
                 address,
@@ -308,6 +323,10 @@ pub fn bind(root: &SysfsRoot, address: PciAddress, driver: &str, force: bool) ->
 
 // Puts a device whose bind failed back where it was; returns the error to report.
 fn roll_back(root: &SysfsRoot, address: PciAddress, previous: Option<String>, cause: BindError) -> BindError {
+    // A device that is gone has nothing to put back: the removal is the news.
+    if matches!(cause, BindError::Removed { .. }) {
+        return cause;
+    }
     let undo = || {
         // First: while the override names another driver, the previous one cannot bind.
         write(&root.device_dir(address).join("driver_override"), "\n")?;
@@ -326,6 +345,14 @@ fn roll_back(root: &SysfsRoot, address: PciAddress, previous: Option<String>, ca
     };
     match undo() {
         Ok(()) => cause,
+        // Removed meanwhile (the undo's writes found no device): that is what happened.
+        Err(_) if !root.device_dir(address).exists() => {
+            let driver = match &cause {
+                BindError::NotBound { driver, .. } => driver.clone(),
+                _ => "its new driver".to_owned(),
+            };
+            BindError::Removed { address, driver }
+        }
         Err(rollback) => BindError::RollbackFailed {
             address,
             now: current_driver(root, address),
@@ -430,7 +457,10 @@ pub fn in_use(root: &SysfsRoot, address: PciAddress) -> Vec<Use> {
         let holders = root.path().join(format!("class/block/{disk}/holders"));
         let has_holders = std::fs::read_dir(&holders).is_ok_and(|mut d| d.next().is_some());
         // A mount or a holder already claims the disk exclusively: said once, as that.
-        let named = has_holders || uses.iter().any(|u| matches!(u, Use::Mounted { .. } | Use::Swap { .. }));
+        let named = has_holders
+            || uses
+                .iter()
+                .any(|u| matches!(u, Use::Mounted { .. } | Use::Swap { .. }));
         if has_holders {
             uses.push(Use::Holders { disk: disk.clone() });
         }
@@ -677,6 +707,39 @@ mod tests {
             let probed = std::fs::read_to_string(&probe).unwrap();
             (unbound, probed)
         })
+    }
+
+    #[test]
+    fn a_device_removed_while_it_is_bound_is_reported_removed_not_unbound() {
+        // Issue 14 §2: the removal hits during the probe; the old message blamed the driver
+        // (and, for a PF, vfio-pci's enable_sriov) and said putting it back had failed.
+        let (_t, root, dev) = tree();
+        let addr: PciAddress = ADDR.parse().unwrap();
+        let unbind = root.path().join("bus/pci/drivers/nvme/unbind");
+        let probe = root.path().join("bus/pci/drivers_probe");
+        for fifo in [&unbind, &probe] {
+            std::fs::remove_file(fifo).unwrap();
+            nix::unistd::mkfifo(fifo.as_path(), nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        }
+        let gone = dev.clone();
+        let kernel = std::thread::spawn(move || {
+            std::fs::read_to_string(&unbind).unwrap();
+            // Removed (hot-unplug, sysfs remove) right after the unbind, before the probe
+            // write can open its file.
+            std::fs::remove_dir_all(&gone).unwrap();
+            std::fs::read_to_string(&probe).unwrap();
+        });
+        let e = bind(&root, addr, "vfio-pci", false).unwrap_err();
+        kernel.join().unwrap();
+        assert!(
+            matches!(e, BindError::Removed { address, ref driver } if address == addr && driver == "vfio-pci"),
+            "{e:?}"
+        );
+        let text = e.to_string();
+        assert!(
+            text.contains("removed") && !text.contains("enable_sriov") && !text.contains("back"),
+            "{text}"
+        );
     }
 
     #[test]
