@@ -365,6 +365,39 @@ fn a_fatal_or_gone_controller_ends_every_request_and_the_queue() {
 }
 
 #[test]
+fn a_controller_failing_while_it_is_being_removed_is_reported_removed() {
+    // Issue 14 §2: a QMP unplug or an unbind reached the driver (which shuts the
+    // controller down before it revokes it) while an I/O thread polled: the thread ended
+    // with "controller failed: CSTS.CFS set", not the removal that caused it.
+    for fault in [Fault::FatalStatus, Fault::Gone] {
+        let e = emu(EmuConfig::default());
+        let c = up(&e);
+        let mut q = c.io_queue(32).unwrap();
+        let buf = c.alloc_buffer(4 * 4096).unwrap();
+        e.inject(Fault::Delay(Duration::from_millis(50)));
+        for i in 0..4u64 {
+            q.submit(&IoRequest::read(1, i * 8, 8, &buf, i as usize * 4096), i)
+                .unwrap();
+        }
+        q.ring().unwrap();
+        c.begin_removal("vfio removal request");
+        e.inject(fault);
+        let start = Instant::now();
+        let end = loop {
+            match q.poll(|_, _| {}) {
+                Err(e) => break e,
+                Ok(_) if start.elapsed() > Duration::from_secs(5) => panic!("no error in 5 s"),
+                Ok(_) => {}
+            }
+        };
+        assert!(
+            matches!(&end, NvmeError::Removed(why) if why.contains("vfio removal request")),
+            "{end}"
+        );
+    }
+}
+
+#[test]
 fn revoke_fails_every_queue_and_drops_the_device_at_once() {
     let e = emu(EmuConfig::default());
     let c = up(&e);

@@ -129,6 +129,9 @@ pub(crate) struct Shared<B: DeviceBacking> {
     queue_regs: Mutex<Vec<Weak<QueueRegsCell<B>>>>,
     revoked: AtomicBool,
     reason: Mutex<String>,
+    // Set when a removal of the device began (`Controller::begin_removal`): what a failure
+    // seen from then on is reported as.
+    removing: Mutex<Option<String>>,
     // Bumped by each controller reset: queues made before it create themselves again.
     pub(crate) generation: AtomicU64,
 }
@@ -138,6 +141,21 @@ impl<B: DeviceBacking> Shared<B> {
         self.revoked
             .load(Ordering::Acquire)
             .then(|| NvmeError::Removed(self.reason.lock().clone()))
+    }
+
+    // A failure (gone, fatal status) seen while the device is being removed or after it
+    // was revoked is the removal's doing: say so.
+    pub(crate) fn name_removal(&self, e: NvmeError) -> NvmeError {
+        if !matches!(e, NvmeError::Gone | NvmeError::Fatal { .. }) {
+            return e;
+        }
+        if let Some(removed) = self.removed() {
+            return removed;
+        }
+        match &*self.removing.lock() {
+            Some(why) => NvmeError::Removed(why.clone()),
+            None => e,
+        }
     }
 
     pub(crate) fn backing(&self) -> Result<B, NvmeError> {
@@ -469,6 +487,7 @@ impl<B: DeviceBacking> Controller<B> {
             qids: Mutex::new(Vec::new()),
             queue_regs: Mutex::new(Vec::new()),
             revoked: AtomicBool::new(false),
+            removing: Mutex::new(None),
             reason: Mutex::new(String::new()),
             generation: AtomicU64::new(0),
         };
@@ -612,6 +631,18 @@ impl<B: DeviceBacking> Controller<B> {
     /// Whether the controller was taken away.
     pub fn is_revoked(&self) -> bool {
         self.shared.revoked.load(Ordering::Acquire)
+    }
+
+    /// Says that the device is being removed (`reason`, e.g. "vfio removal request"),
+    /// before the driver shuts the controller down and [revokes](Self::revoke) it: a
+    /// failure an I/O thread sees from now on (registers all-ones, CSTS.CFS) is reported as
+    /// [`NvmeError::Removed`] with this reason, not as the controller's failure. The first
+    /// reason stands.
+    pub fn begin_removal(&self, reason: &str) {
+        self.shared
+            .removing
+            .lock()
+            .get_or_insert_with(|| reason.to_owned());
     }
 
     /// Takes the controller away: every queue fails at its next use (outstanding requests

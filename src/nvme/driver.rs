@@ -120,6 +120,8 @@ impl<B: DeviceBacking> Driver<B> for NvmeDriver<B> {
         let Some(c) = self.controllers.remove(&address) else {
             return;
         };
+        // What I/O threads see fail from now on is this removal's doing.
+        c.begin_removal(&removal.cause.to_string());
         // An orderly release and a request (the device is still there) get a normal
         // shutdown first, bounded; a device that is gone or faulted does not.
         if matches!(removal.cause, RemovalCause::Detach | RemovalCause::Request)

@@ -596,6 +596,7 @@ impl<B: DeviceBacking> IoQueue<B> {
         self.last_check = Instant::now();
         if let Err(e) = check_status(regs) {
             drop(guard);
+            let e = self.shared.name_removal(e);
             return Err(self.fail_all(e, &mut done));
         }
         drop(guard);
