@@ -46,6 +46,38 @@ const REGION_BLOCKS: u64 = 2_048;
 const HANG: Duration = Duration::from_secs(30);
 const MAGIC: &[u8; 8] = b"PCIBSOAK";
 
+/// The library's warnings and errors, printed, and the two kinds the soak counts: DMA
+/// regions that could not be unmapped (leaked), and handles a driver kept after removal.
+struct Logger {
+    unmap_failures: AtomicU64,
+    kept_handles: AtomicU64,
+}
+
+static LOGGER: Logger = Logger {
+    unmap_failures: AtomicU64::new(0),
+    kept_handles: AtomicU64::new(0),
+};
+
+impl log::Log for Logger {
+    fn enabled(&self, m: &log::Metadata<'_>) -> bool {
+        m.level() <= log::Level::Warn
+    }
+    fn log(&self, r: &log::Record<'_>) {
+        if !self.enabled(r.metadata()) {
+            return;
+        }
+        let text = r.args().to_string();
+        if text.contains("could not be unmapped") {
+            self.unmap_failures.fetch_add(1, Ordering::Relaxed);
+        }
+        if text.contains("kept") && text.contains("handle") {
+            self.kept_handles.fetch_add(1, Ordering::Relaxed);
+        }
+        println!("soak: log {}: {text}", r.level());
+    }
+    fn flush(&self) {}
+}
+
 /// xorshift64*: reproducible from `--seed`, no dependency.
 struct Rng(u64);
 
@@ -646,6 +678,7 @@ fn soak(address: PciAddress, events: u64, seed: u64, kinds: Vec<String>) -> Resu
     }
     println!(
         "soak: summary events={} kinds={:?} writes={} reissued={} blocks_written={} corrupt={corrupt} lost={lost} hangs={} stuck={} \
+         unmap_failures={} kept_handles={} munmap_failures={} \
          fds={}->{} rss_kb={}->{} maps={}->{} lck_kb={}->{} pin_kb={}->{} per100: fds={:+.1} rss_kb={:+.0} maps={:+.1}",
         outcome.events,
         outcome.by_kind,
@@ -654,6 +687,9 @@ fn soak(address: PciAddress, events: u64, seed: u64, kinds: Vec<String>) -> Resu
         l.acked.len(),
         outcome.hangs.len(),
         outcome.stuck.len(),
+        LOGGER.unmap_failures.load(Ordering::Relaxed),
+        LOGGER.kept_handles.load(Ordering::Relaxed),
+        pcibus::vfio::munmap_failures(),
         first.fds,
         last.fds,
         first.rss_kb,
@@ -672,6 +708,16 @@ fn soak(address: PciAddress, events: u64, seed: u64, kinds: Vec<String>) -> Resu
     fails.extend(outcome.stuck.iter().map(|s| format!("stuck: {s}")));
     if outcome.events < events {
         fails.push(format!("{} of {events} events done", outcome.events));
+    }
+    let (unmaps, kept) = (
+        LOGGER.unmap_failures.load(Ordering::Relaxed),
+        LOGGER.kept_handles.load(Ordering::Relaxed),
+    );
+    if unmaps > 0 || kept > 0 || pcibus::vfio::munmap_failures() > 0 {
+        fails.push(format!(
+            "{unmaps} DMA region(s) not unmapped, {kept} removal(s) with a handle kept, {} munmap failure(s)",
+            pcibus::vfio::munmap_failures()
+        ));
     }
     if corrupt > 0 || lost > 0 {
         fails.push(format!("{corrupt} corrupt and {lost} lost blocks"));
@@ -769,6 +815,9 @@ fn main() -> std::process::ExitCode {
                 return std::process::ExitCode::from(2);
             }
         }
+    }
+    if log::set_logger(&LOGGER).is_ok() {
+        log::set_max_level(log::LevelFilter::Warn);
     }
     println!("soak: {address}, {events} events of {kinds:?}, seed {seed}");
     match soak(address, events, seed, kinds) {
