@@ -28,7 +28,10 @@ fn loop_device(backing: &Path) -> Result<Loop, String> {
         .output()
         .map_err(|e| format!("losetup: {e}"))?;
     if !out.status.success() {
-        return Err(format!("losetup: {}", String::from_utf8_lossy(&out.stderr).trim()));
+        return Err(format!(
+            "losetup: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
     }
     Ok(Loop(String::from_utf8_lossy(&out.stdout).trim().to_owned()))
 }

@@ -430,7 +430,10 @@ pub fn in_use(root: &SysfsRoot, address: PciAddress) -> Vec<Use> {
         let holders = root.path().join(format!("class/block/{disk}/holders"));
         let has_holders = std::fs::read_dir(&holders).is_ok_and(|mut d| d.next().is_some());
         // A mount or a holder already claims the disk exclusively: said once, as that.
-        let named = has_holders || uses.iter().any(|u| matches!(u, Use::Mounted { .. } | Use::Swap { .. }));
+        let named = has_holders
+            || uses
+                .iter()
+                .any(|u| matches!(u, Use::Mounted { .. } | Use::Swap { .. }));
         if has_holders {
             uses.push(Use::Holders { disk: disk.clone() });
         }
