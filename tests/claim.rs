@@ -1,6 +1,8 @@
 //! Claims across processes: a holder in another process (this test binary, re-run with
 //! `HOLD_ENV` set so that only `holder_helper` does anything) refuses us by name, is
 //! killed with SIGKILL, and its claim is free again; its release is seen in our registry.
+//! SPDK's lock files, locked by a helper process the way SPDK locks them, refuse our
+//! claims, and our claims refuse that helper.
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;
@@ -755,4 +757,65 @@ fn in_another_users_sticky_directory_spdks_file_is_used_but_never_created() {
     let claim = dir.claim(a, &ClaimInfo::new()).unwrap();
     assert_eq!(claim.spdk_lock_file(), Some(path.as_path()));
     assert!(Spdk::attempt(&path).starts_with("refused"));
+}
+
+// A PCI device of this machine, if /sys is the kernel's sysfs and lists one.
+fn a_device_of_this_machine() -> Option<PciAddress> {
+    let sysfs = pcibus::SysfsRoot::new("/sys");
+    if !pcibus::sysfs::bind::is_kernel_sysfs(&sysfs) {
+        return None;
+    }
+    std::fs::read_dir("/sys/bus/pci/devices")
+        .ok()?
+        .filter_map(Result::ok)
+        .find_map(|e| e.file_name().to_str()?.parse().ok())
+}
+
+// `pcibus vfio info ADDRESS` of this machine, claiming in `claims`, SPDK's files in `spdk`.
+fn pcibus_vfio_info(address: PciAddress, claims: &Path, spdk: &Path) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_pcibus"))
+        .args(["--sysfs", "/sys", "vfio", "info", &address.to_string()])
+        .env("PCIBUS_CLAIM_DIR", claims)
+        .env("PCIBUS_SPDK_LOCK_DIR", spdk)
+        .env_remove("PCIBUS_SYSFS")
+        .env_remove("SYSFS_PCI_DEVICES")
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn pcibus_vfio_info_refuses_a_claimed_device_before_opening_anything() {
+    // Opening a device through VFIO resets it: not under another owner's feet. The claim
+    // comes first, so the refusal names the holder even where VFIO is missing.
+    let Some(a) = a_device_of_this_machine() else {
+        eprintln!("SKIPPED: no kernel sysfs with a PCI device here");
+        return;
+    };
+    let claims = tempfile::tempdir().unwrap();
+    let spdk_dir = tempfile::tempdir().unwrap();
+    let holder = Holder::start(claims.path(), a, None);
+    let o = pcibus_vfio_info(a, claims.path(), spdk_dir.path());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert_eq!(
+        err,
+        format!(
+            "pcibus: {a} is claimed by PID {} ({})\n",
+            holder.pid(),
+            holder.comm()
+        )
+    );
+    drop(holder);
+
+    // SPDK's claim refuses it the same way.
+    let spdk = Spdk::hold(&spdk_dir.path().join(format!("spdk_pci_lock_{a}")));
+    let o = pcibus_vfio_info(a, claims.path(), spdk_dir.path());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(
+        err.starts_with(&format!("pcibus: {a} is claimed by SPDK: PID {} (", spdk.pid())),
+        "{err}"
+    );
+    // Its own claim was dropped again.
+    assert_eq!(ClaimDir::new(claims.path()).list().unwrap(), vec![]);
 }
