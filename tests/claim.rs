@@ -759,6 +759,44 @@ fn in_another_users_sticky_directory_spdks_file_is_used_but_never_created() {
     assert!(Spdk::attempt(&path).starts_with("refused"));
 }
 
+#[test]
+fn a_lock_file_with_other_links_is_probed_but_never_written() {
+    // Another name of the file may be anyone's file (a hard link planted in /var/tmp):
+    // SPDK's lock on it is still seen, as by a process that may only read it.
+    let (_claims, spdk_dir, dir) = with_spdk();
+    let a = addr("0000:01:00.0");
+    let path = spdk_dir.path().join("spdk_pci_lock_0000:01:00.0");
+    let spdk = Spdk::hold(&path);
+    std::fs::hard_link(&path, spdk_dir.path().join("other-name")).unwrap();
+    match dir.claim(a, &ClaimInfo::new()) {
+        Err(ClaimError::HeldBySpdk { pid, .. }) => assert_eq!(pid, Some(spdk.pid())),
+        other => panic!("{other:?}"),
+    }
+    drop(spdk);
+    std::fs::write(&path, "keep").unwrap();
+    let claim = dir.claim(a, &ClaimInfo::new()).unwrap();
+    assert_eq!(claim.spdk_lock_file(), None);
+    assert_eq!(std::fs::read(&path).unwrap(), b"keep");
+}
+
+#[test]
+fn a_symlink_in_place_of_the_lock_file_is_not_followed() {
+    // In /var/tmp anyone may plant one, pointing at a file of root's that writing our PID
+    // would damage. SPDK would follow it: the claim fails rather than guess.
+    let (_claims, spdk_dir, dir) = with_spdk();
+    let victim = spdk_dir.path().join("victim");
+    std::fs::write(&victim, "precious").unwrap();
+    let path = spdk_dir.path().join("spdk_pci_lock_0000:01:00.0");
+    std::os::unix::fs::symlink(&victim, &path).unwrap();
+    let e = dir.claim(addr("0000:01:00.0"), &ClaimInfo::new()).unwrap_err();
+    assert!(
+        matches!(&e, ClaimError::Io { op: "open", path: p, .. } if *p == path),
+        "{e:?}"
+    );
+    assert_eq!(std::fs::read(&victim).unwrap(), b"precious");
+    assert_eq!(dir.list().unwrap(), vec![]);
+}
+
 // A PCI device of this machine, if /sys is the kernel's sysfs and lists one.
 fn a_device_of_this_machine() -> Option<PciAddress> {
     let sysfs = pcibus::SysfsRoot::new("/sys");

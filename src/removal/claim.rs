@@ -59,7 +59,8 @@
 //! directory such as `/var/tmp` (root): with `fs.protected_regular`, SPDK's
 //! `O_RDWR | O_CREAT` open of a file another user left in a sticky directory fails, even
 //! for root. An existing file is opened without `O_CREAT` for the same reason, and never
-//! through a symlink; one that is not a regular file is ignored, one with other links is
+//! through a symlink (one there fails the claim: SPDK would lock its target); one that is
+//! not a regular file is ignored (SPDK cannot lock it either), one with other links is
 //! only probed, never written.
 //!
 //! What this cannot close: SPDK unlinks its file when it releases the device, after

@@ -233,17 +233,19 @@ fn open(
             Ok(fd) => return Ok(Some((File::from(fd), true))),
             Err(Errno::ENOENT) => {}
             Err(Errno::EACCES | Errno::EPERM | Errno::EROFS) => {
-                return match openat(dir_fd, name, OFlag::O_RDONLY | flags, Mode::empty()) {
-                    Ok(fd) => Ok(Some((File::from(fd), false))),
-                    Err(Errno::ENOENT | Errno::EACCES | Errno::EPERM) => {
+                match openat(dir_fd, name, OFlag::O_RDONLY | flags, Mode::empty()) {
+                    Ok(fd) => return Ok(Some((File::from(fd), false))),
+                    // Gone meanwhile (SPDK released it): from the start.
+                    Err(Errno::ENOENT) => continue,
+                    Err(Errno::EACCES | Errno::EPERM) => {
                         log::debug!(
                             "{address}: {} is not readable by this process: SPDK's lock not checked",
                             dir.join(name).display()
                         );
-                        Ok(None)
+                        return Ok(None);
                     }
-                    Err(e) => Err(io_error("open")(e)),
-                };
+                    Err(e) => return Err(io_error("open")(e)),
+                }
             }
             Err(e) => return Err(io_error("open")(e)),
         }
