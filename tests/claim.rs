@@ -1,6 +1,8 @@
 //! Claims across processes: a holder in another process (this test binary, re-run with
 //! `HOLD_ENV` set so that only `holder_helper` does anything) refuses us by name, is
 //! killed with SIGKILL, and its claim is free again; its release is seen in our registry.
+//! SPDK's lock files, locked by a helper process the way SPDK locks them, refuse our
+//! claims, and our claims refuse that helper.
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;
@@ -509,4 +511,349 @@ fn claims_of_holders_in_another_pid_namespace_are_listed_without_waiting() {
     assert!(listed.iter().all(|r| r.live && r.pid == Some(4_000_000)));
     // The old code slept 50 ms per record: at least a second for these.
     assert!(took < Duration::from_millis(500), "{took:?}");
+}
+
+// ---------------------------------------------------------------------------- SPDK
+
+/// `hold PATH` or `try PATH`: the helper claims SPDK's way on PATH (below). `hold` keeps
+/// the lock: prints "spdk ready" and waits to be killed. `try` prints "spdk locked" or
+/// "spdk refused ERRNO pid=N" (N read from the file, as SPDK reports it) and exits.
+const SPDK_ENV: &str = "PCIBUS_TEST_SPDK";
+
+/// What `spdk_pci_device_claim` does: open `O_RDWR | O_CREAT` mode 0600, truncate to
+/// `sizeof(int)`, `F_SETLK` a write lock on the whole file, write the PID (SPDK writes
+/// through a shared mapping; `pwrite` reaches the same page cache). On failure, the PID
+/// in the file.
+fn spdk_claim(path: &Path) -> Result<std::fs::File, (nix::errno::Errno, i32)> {
+    use nix::fcntl::{FcntlArg, fcntl};
+    use nix::libc;
+    use std::os::unix::fs::{FileExt, OpenOptionsExt};
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(path)
+        .unwrap();
+    file.set_len(4).unwrap();
+    let lock = libc::flock {
+        l_type: libc::F_WRLCK as libc::c_short,
+        l_whence: libc::SEEK_SET as libc::c_short,
+        l_start: 0,
+        l_len: 0,
+        l_pid: 0,
+    };
+    if let Err(e) = fcntl(&file, FcntlArg::F_SETLK(&lock)) {
+        let mut pid = [0u8; 4];
+        file.read_exact_at(&mut pid, 0).unwrap();
+        return Err((e, i32::from_ne_bytes(pid)));
+    }
+    file.write_all_at(&(std::process::id() as i32).to_ne_bytes(), 0)
+        .unwrap();
+    Ok(file)
+}
+
+#[test]
+fn spdk_helper() {
+    let Ok(spec) = std::env::var(SPDK_ENV) else {
+        return;
+    };
+    let (what, path) = spec.split_once(' ').unwrap();
+    match (what, spdk_claim(Path::new(path))) {
+        ("hold", Ok(_file)) => {
+            println!("\nspdk ready");
+            std::thread::sleep(Duration::from_secs(60));
+        }
+        ("try", Ok(_)) => println!("\nspdk locked"),
+        (_, Err((errno, pid))) => println!("\nspdk refused {errno:?} pid={pid}"),
+        _ => unreachable!(),
+    }
+}
+
+/// A process claiming SPDK's way; a holder is killed (SIGKILL) when dropped.
+struct Spdk(Child);
+
+type Lines = std::io::Lines<BufReader<std::process::ChildStdout>>;
+
+impl Spdk {
+    // The helper, what it said, and the rest of what it says.
+    fn spawn(what: &str, path: &Path) -> (Child, String, Lines) {
+        let mut child = Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", "spdk_helper", "--nocapture", "--test-threads=1"])
+            .env(SPDK_ENV, format!("{what} {}", path.display()))
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut out = BufReader::new(child.stdout.take().unwrap()).lines();
+        for line in out.by_ref().map_while(Result::ok) {
+            if let Some(said) = line.strip_prefix("spdk ") {
+                return (child, said.to_owned(), out);
+            }
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!("the SPDK helper said nothing");
+    }
+
+    /// Takes SPDK's lock on `path` and keeps it.
+    fn hold(path: &Path) -> Spdk {
+        match Self::spawn("hold", path) {
+            // It says nothing more: its stdout may close.
+            (child, said, _) if said == "ready" => Spdk(child),
+            (_, said, _) => panic!("SPDK could not lock {}: {said}", path.display()),
+        }
+    }
+
+    /// Tries SPDK's lock on `path` once, in another process: "locked", or "refused
+    /// ERRNO pid=N".
+    fn attempt(path: &Path) -> String {
+        let (mut child, said, rest) = Self::spawn("try", path);
+        // Read to the end: the test harness in it still reports.
+        rest.for_each(drop);
+        assert!(child.wait().unwrap().success());
+        said
+    }
+
+    fn pid(&self) -> u32 {
+        self.0.id()
+    }
+}
+
+impl Drop for Spdk {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+// A claims directory and an SPDK lock directory, both temporary.
+fn with_spdk() -> (tempfile::TempDir, tempfile::TempDir, ClaimDir) {
+    let claims = tempfile::tempdir().unwrap();
+    let spdk = tempfile::tempdir().unwrap();
+    let dir = ClaimDir::new(claims.path()).spdk_lock_dir(Some(spdk.path().to_owned()));
+    (claims, spdk, dir)
+}
+
+#[test]
+fn a_device_spdk_holds_is_refused_naming_spdks_process() {
+    let (_claims, spdk_dir, dir) = with_spdk();
+    let a = addr("0000:01:00.0");
+    let path = spdk_dir.path().join("spdk_pci_lock_0000:01:00.0");
+    assert_eq!(dir.spdk_lock_file(a), Some(path.clone()));
+    let spdk = Spdk::hold(&path);
+    let comm = std::fs::read_to_string(format!("/proc/{}/comm", spdk.pid())).unwrap();
+    let e = dir.claim(a, &ClaimInfo::new()).unwrap_err();
+    match &e {
+        ClaimError::HeldBySpdk {
+            address,
+            pid,
+            command,
+            path: p,
+            ..
+        } => {
+            assert_eq!(*address, a);
+            assert_eq!(*pid, Some(spdk.pid()));
+            assert_eq!(command.as_deref(), Some(comm.trim_end()));
+            assert_eq!(*p, path);
+        }
+        other => panic!("claimed a device SPDK holds: {other:?}"),
+    }
+    assert_eq!(
+        e.to_string(),
+        format!(
+            "0000:01:00.0 is claimed by SPDK: PID {} ({}), lock file {}",
+            spdk.pid(),
+            comm.trim_end(),
+            path.display()
+        )
+    );
+    // Our own claim was dropped again: nothing listed, free for the next claimant.
+    assert_eq!(dir.list().unwrap(), vec![]);
+    assert!(ClaimDir::new(dir.path()).claim(a, &ClaimInfo::new()).is_ok());
+
+    drop(spdk);
+    let claim = dir.claim(a, &ClaimInfo::new()).unwrap();
+    assert_eq!(claim.spdk_lock_file(), Some(path.as_path()));
+}
+
+#[test]
+fn spdk_is_refused_while_we_hold_the_claim_and_is_told_our_pid() {
+    let (_claims, spdk_dir, dir) = with_spdk();
+    let a = addr("0000:01:00.0");
+    let path = spdk_dir.path().join("spdk_pci_lock_0000:01:00.0");
+    let claim = dir.claim(a, &ClaimInfo::new()).unwrap();
+    assert_eq!(claim.spdk_lock_file(), Some(path.as_path()));
+    let said = Spdk::attempt(&path);
+    let me = std::process::id();
+    assert!(
+        said == format!("refused EAGAIN pid={me}") || said == format!("refused EACCES pid={me}"),
+        "{said}"
+    );
+    // Closing another fd of the file in this process does not drop an OFD lock.
+    drop(std::fs::read(&path).unwrap());
+    assert!(Spdk::attempt(&path).starts_with("refused"));
+
+    drop(claim);
+    assert!(path.exists(), "the file stays");
+    assert_eq!(Spdk::attempt(&path), "locked");
+    // The same after an explicit release.
+    dir.claim(a, &ClaimInfo::new()).unwrap().release().unwrap();
+    assert_eq!(Spdk::attempt(&path), "locked");
+}
+
+#[test]
+fn a_pcibus_claiming_in_another_directory_is_refused_through_spdks_file() {
+    // Root's claims in /run/pcibus/claims and a user's in its runtime directory do not see
+    // each other; SPDK's file is common to both, and names the holder.
+    let (_claims, spdk_dir, dir) = with_spdk();
+    let elsewhere = tempfile::tempdir().unwrap();
+    let other = ClaimDir::new(elsewhere.path()).spdk_lock_dir(Some(spdk_dir.path().to_owned()));
+    let a = addr("0000:01:00.0");
+    let _claim = dir.claim(a, &ClaimInfo::new()).unwrap();
+    match other.claim(a, &ClaimInfo::new()) {
+        Err(ClaimError::HeldBySpdk { pid, command, .. }) => {
+            // An OFD lock has no PID to report: this one comes from the file.
+            assert_eq!(pid, Some(std::process::id()));
+            assert!(command.is_some());
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn a_claim_dir_without_an_spdk_directory_leaves_spdks_files_alone() {
+    let claims = tempfile::tempdir().unwrap();
+    let spdk_dir = tempfile::tempdir().unwrap();
+    let path = spdk_dir.path().join("spdk_pci_lock_0000:01:00.0");
+    let _spdk = Spdk::hold(&path);
+    let dir = ClaimDir::new(claims.path());
+    let a = addr("0000:01:00.0");
+    assert_eq!(dir.spdk_lock_file(a), None);
+    let claim = dir.claim(a, &ClaimInfo::new()).unwrap();
+    assert_eq!(claim.spdk_lock_file(), None);
+}
+
+#[test]
+fn in_another_users_sticky_directory_spdks_file_is_used_but_never_created() {
+    // /var/tmp: a file a user creates there would, with fs.protected_regular, keep root's
+    // SPDK from opening it. Only the directory's owner creates it.
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("SKIPPED: needs root (to give the directory away)");
+        return;
+    }
+    use std::os::unix::fs::PermissionsExt;
+    let (_claims, spdk_dir, dir) = with_spdk();
+    std::os::unix::fs::chown(spdk_dir.path(), Some(65534), Some(65534)).unwrap();
+    std::fs::set_permissions(spdk_dir.path(), std::fs::Permissions::from_mode(0o1777)).unwrap();
+    let a = addr("0000:01:00.0");
+    let path = spdk_dir.path().join("spdk_pci_lock_0000:01:00.0");
+    let claim = dir.claim(a, &ClaimInfo::new()).unwrap();
+    assert_eq!(claim.spdk_lock_file(), None);
+    assert!(!path.exists());
+    drop(claim);
+    // SPDK's own file is locked as usual.
+    assert_eq!(Spdk::attempt(&path), "locked");
+    let claim = dir.claim(a, &ClaimInfo::new()).unwrap();
+    assert_eq!(claim.spdk_lock_file(), Some(path.as_path()));
+    assert!(Spdk::attempt(&path).starts_with("refused"));
+}
+
+#[test]
+fn a_lock_file_with_other_links_is_probed_but_never_written() {
+    // Another name of the file may be anyone's file (a hard link planted in /var/tmp):
+    // SPDK's lock on it is still seen, as by a process that may only read it.
+    let (_claims, spdk_dir, dir) = with_spdk();
+    let a = addr("0000:01:00.0");
+    let path = spdk_dir.path().join("spdk_pci_lock_0000:01:00.0");
+    let spdk = Spdk::hold(&path);
+    std::fs::hard_link(&path, spdk_dir.path().join("other-name")).unwrap();
+    match dir.claim(a, &ClaimInfo::new()) {
+        Err(ClaimError::HeldBySpdk { pid, .. }) => assert_eq!(pid, Some(spdk.pid())),
+        other => panic!("{other:?}"),
+    }
+    drop(spdk);
+    std::fs::write(&path, "keep").unwrap();
+    let claim = dir.claim(a, &ClaimInfo::new()).unwrap();
+    assert_eq!(claim.spdk_lock_file(), None);
+    assert_eq!(std::fs::read(&path).unwrap(), b"keep");
+}
+
+#[test]
+fn a_symlink_in_place_of_the_lock_file_is_not_followed() {
+    // In /var/tmp anyone may plant one, pointing at a file of root's that writing our PID
+    // would damage. SPDK would follow it: the claim fails rather than guess.
+    let (_claims, spdk_dir, dir) = with_spdk();
+    let victim = spdk_dir.path().join("victim");
+    std::fs::write(&victim, "precious").unwrap();
+    let path = spdk_dir.path().join("spdk_pci_lock_0000:01:00.0");
+    std::os::unix::fs::symlink(&victim, &path).unwrap();
+    let e = dir.claim(addr("0000:01:00.0"), &ClaimInfo::new()).unwrap_err();
+    assert!(
+        matches!(&e, ClaimError::Io { op: "open", path: p, .. } if *p == path),
+        "{e:?}"
+    );
+    assert_eq!(std::fs::read(&victim).unwrap(), b"precious");
+    assert_eq!(dir.list().unwrap(), vec![]);
+}
+
+// A PCI device of this machine, if /sys is the kernel's sysfs and lists one.
+fn a_device_of_this_machine() -> Option<PciAddress> {
+    let sysfs = pcibus::SysfsRoot::new("/sys");
+    if !pcibus::sysfs::bind::is_kernel_sysfs(&sysfs) {
+        return None;
+    }
+    std::fs::read_dir("/sys/bus/pci/devices")
+        .ok()?
+        .filter_map(Result::ok)
+        .find_map(|e| e.file_name().to_str()?.parse().ok())
+}
+
+// `pcibus vfio info ADDRESS` of this machine, claiming in `claims`, SPDK's files in `spdk`.
+fn pcibus_vfio_info(address: PciAddress, claims: &Path, spdk: &Path) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_pcibus"))
+        .args(["--sysfs", "/sys", "vfio", "info", &address.to_string()])
+        .env("PCIBUS_CLAIM_DIR", claims)
+        .env("PCIBUS_SPDK_LOCK_DIR", spdk)
+        .env_remove("PCIBUS_SYSFS")
+        .env_remove("SYSFS_PCI_DEVICES")
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn pcibus_vfio_info_refuses_a_claimed_device_before_opening_anything() {
+    // Opening a device through VFIO resets it: not under another owner's feet. The claim
+    // comes first, so the refusal names the holder even where VFIO is missing.
+    let Some(a) = a_device_of_this_machine() else {
+        eprintln!("SKIPPED: no kernel sysfs with a PCI device here");
+        return;
+    };
+    let claims = tempfile::tempdir().unwrap();
+    let spdk_dir = tempfile::tempdir().unwrap();
+    let holder = Holder::start(claims.path(), a, None);
+    let o = pcibus_vfio_info(a, claims.path(), spdk_dir.path());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert_eq!(
+        err,
+        format!(
+            "pcibus: {a} is claimed by PID {} ({})\n",
+            holder.pid(),
+            holder.comm()
+        )
+    );
+    drop(holder);
+
+    // SPDK's claim refuses it the same way.
+    let spdk = Spdk::hold(&spdk_dir.path().join(format!("spdk_pci_lock_{a}")));
+    let o = pcibus_vfio_info(a, claims.path(), spdk_dir.path());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(
+        err.starts_with(&format!("pcibus: {a} is claimed by SPDK: PID {} (", spdk.pid())),
+        "{err}"
+    );
+    // Its own claim was dropped again.
+    assert_eq!(ClaimDir::new(claims.path()).list().unwrap(), vec![]);
 }

@@ -296,10 +296,25 @@ fn iommufd_on_a_kernel_without_it_says_what_is_missing() {
         return;
     };
     let addr = dev.file_name().to_string_lossy().into_owned();
-    let o = pcibus(
-        Path::new("/sys"),
-        &["--vfio-backend", "iommufd", "vfio", "info", &addr],
-    );
+    // `vfio info` claims the device first: in a directory of this test's, and leaving
+    // SPDK's files in /var/tmp alone.
+    let claims = tempfile::tempdir().unwrap();
+    let o = Command::new(env!("CARGO_BIN_EXE_pcibus"))
+        .args([
+            "--sysfs",
+            "/sys",
+            "--vfio-backend",
+            "iommufd",
+            "vfio",
+            "info",
+            &addr,
+        ])
+        .env("PCIBUS_CLAIM_DIR", claims.path())
+        .env("PCIBUS_SPDK_LOCK_DIR", "")
+        .env_remove("PCIBUS_SYSFS")
+        .env_remove("SYSFS_PCI_DEVICES")
+        .output()
+        .unwrap();
     let err = String::from_utf8_lossy(&o.stderr);
     assert_eq!(code(&o), 1, "{err}");
     assert!(

@@ -24,6 +24,50 @@
 //! the open file description, so only closing the claim itself releases it, and two fds of
 //! one process conflict like two processes do.
 //!
+//! # SPDK
+//!
+//! SPDK claims a device with its own lock file, `/var/tmp/spdk_pci_lock_0000:01:00.0`:
+//! it opens it (`O_RDWR | O_CREAT`, mode 0600), truncates it to `sizeof(int)`, write-locks
+//! the whole file with `F_SETLK` and writes its PID at offset 0 as a native-endian `int`;
+//! a second SPDK whose lock fails reports "probably process N has claimed it", N read from
+//! there. A [`ClaimDir`] with an SPDK lock directory ([`ClaimDir::spdk_lock_dir`]) speaks
+//! the same protocol from both sides:
+//!
+//! - **SPDK holds the device**: the claim is refused with [`ClaimError::HeldBySpdk`],
+//!   which names SPDK's PID (the kernel reports a record lock's holder through
+//!   `F_OFD_GETLK`; else the PID in the file) and its command (`/proc/PID/comm`).
+//! - **We hold it**: the claim also write-locks SPDK's file, with `F_OFD_SETLK` (OFD and
+//!   record locks conflict, so SPDK's `F_SETLK` then fails) and writes our PID where SPDK
+//!   reads its holder's (a native-endian `i32` at offset 0, after making the file at
+//!   least 4 bytes long), so SPDK's own message names us. Dropping or releasing the claim
+//!   unlocks it and closes it, first; the file stays.
+//!
+//! Our own lock file is taken first, SPDK's second: if SPDK's is held, ours is dropped
+//! again. So a pcibus claimant meets a pcibus holder in its claims directory, with its
+//! record, and only SPDK (or a pcibus claiming in another directory, which also writes its
+//! PID into SPDK's file) behind SPDK's file.
+//!
+//! [`ClaimDir::from_env`] and [`ClaimDir::for_claiming`] (so the bus, and the `pcibus`
+//! command) use SPDK's directory, [`DEFAULT_SPDK_LOCK_DIR`] (`/var/tmp`), or
+//! `$PCIBUS_SPDK_LOCK_DIR` ([`SPDK_LOCK_DIR_ENV`]; empty: none). [`ClaimDir::new`] uses
+//! none, so claims in a test's temporary directory never touch `/var/tmp`.
+//!
+//! Where this process may not write SPDK's file, it only checks it: an existing file it
+//! may read is probed with `F_OFD_GETLK` (which works on a read-only fd) and a held one
+//! still refuses the claim; otherwise SPDK's lock is not checked at all. A debug log says
+//! which. The file is created (mode 0600, as SPDK does) only by the owner of a sticky
+//! directory such as `/var/tmp` (root): with `fs.protected_regular`, SPDK's
+//! `O_RDWR | O_CREAT` open of a file another user left in a sticky directory fails, even
+//! for root. An existing file is opened without `O_CREAT` for the same reason, and never
+//! through a symlink (one there fails the claim: SPDK would lock its target); one that is
+//! not a regular file is ignored (SPDK cannot lock it either), one with other links is
+//! only probed, never written.
+//!
+//! What this cannot close: SPDK unlinks its file when it releases the device, after
+//! closing it. A claim that locked the file in between holds a file no longer in the
+//! directory (checked right after locking, and opened again if so, but not later), and
+//! the next SPDK creates a new one. Two SPDK processes race the same way.
+//!
 //! # Removal awareness across processes
 //!
 //! When the holder learns that its device is being removed (vfio's REQ), it calls
@@ -85,6 +129,7 @@ use parking_lot::Mutex;
 
 use crate::addr::PciAddress;
 use crate::removal::registry::{Reason, RemovalRegistry};
+use crate::removal::spdk::{self, SpdkError, SpdkLock};
 
 /// The claims directory used when neither the caller nor `$PCIBUS_CLAIM_DIR` names one.
 pub const DEFAULT_DIR: &str = "/run/pcibus/claims";
@@ -95,6 +140,16 @@ pub const DIR_ENV: &str = "PCIBUS_CLAIM_DIR";
 /// The user's runtime directory (`/run/user/UID`): where [`ClaimDir::for_claiming`] puts
 /// the claims of a user who cannot write [`DEFAULT_DIR`], below `pcibus/claims`.
 pub const RUNTIME_DIR_ENV: &str = "XDG_RUNTIME_DIR";
+
+/// Where SPDK keeps its device lock files (`spdk_pci_lock_0000:01:00.0`), and so where
+/// [`ClaimDir::from_env`] and [`ClaimDir::for_claiming`] check and hold them, unless
+/// [`SPDK_LOCK_DIR_ENV`] says otherwise. See the [module docs](self#spdk).
+pub const DEFAULT_SPDK_LOCK_DIR: &str = spdk::DEFAULT_DIR;
+
+/// The environment variable that overrides [`DEFAULT_SPDK_LOCK_DIR`] for
+/// [`ClaimDir::from_env`] and [`ClaimDir::for_claiming`]; empty, SPDK's lock files are
+/// left alone.
+pub const SPDK_LOCK_DIR_ENV: &str = "PCIBUS_SPDK_LOCK_DIR";
 
 /// The lock file's name suffix: `0000:01:00.0.lock`.
 const SUFFIX: &str = ".lock";
@@ -126,6 +181,23 @@ pub enum ClaimError {
         /// ([`Claim::mark_releasing`]): the claim should be free soon.
         releasing: Option<String>,
     },
+    /// SPDK's lock file of the device is locked
+    /// ([`ClaimDir::spdk_lock_dir`]): by an SPDK process, whose PID the kernel reports
+    /// (or SPDK wrote in the file), or by a pcibus process claiming in another claims
+    /// directory, which wrote its PID there too.
+    #[error("{address} is claimed by SPDK: {}, lock file {}", spdk_holder(*.pid, .command.as_deref()), .path.display())]
+    #[non_exhaustive]
+    HeldBySpdk {
+        /// The device.
+        address: PciAddress,
+        /// The holder's PID; `None` if neither the kernel nor the file says (a holder in
+        /// another PID namespace that has not written it yet).
+        pid: Option<u32>,
+        /// The holder's command (`/proc/PID/comm`), if that process is visible here.
+        command: Option<String>,
+        /// SPDK's lock file.
+        path: PathBuf,
+    },
     /// This process may not create or write the claims directory (it is root's, or on a
     /// read-only file system).
     #[error(
@@ -148,12 +220,12 @@ pub enum ClaimError {
         #[source]
         source: io::Error,
     },
-    /// An operation on a device's lock file failed.
+    /// An operation on a device's lock file (ours or SPDK's) failed.
     #[error("claim of {address}: {op} {}", .path.display())]
     Io {
         /// The device.
         address: PciAddress,
-        /// The lock file.
+        /// The lock file: ours, or SPDK's.
         path: PathBuf,
         /// What was being done: "open", "lock", "write", ...
         op: &'static str,
@@ -173,6 +245,14 @@ fn holder(pid: Option<u32>, command: Option<&str>, releasing: Option<&str>) -> S
         s.push_str(&format!(", which is releasing it: {reason}"));
     }
     s
+}
+
+fn spdk_holder(pid: Option<u32>, command: Option<&str>) -> String {
+    match (pid, command) {
+        (Some(pid), Some(c)) => format!("PID {pid} ({c})"),
+        (Some(pid), None) => format!("PID {pid}"),
+        (None, _) => "a process whose PID is not known here".to_owned(),
+    }
 }
 
 /// What a claimant says about itself in its record.
@@ -282,29 +362,53 @@ pub struct ReleasingClaim {
 #[derive(Debug)]
 pub struct ClaimDir {
     path: PathBuf,
+    // Where SPDK's lock files are checked and held; `None`: not at all.
+    spdk: Option<PathBuf>,
     // The marks `feed` put in registries, so that it can take back those whose release
     // ended: (address, reason).
     fed: Mutex<Vec<(PciAddress, Reason)>>,
 }
 
 impl ClaimDir {
-    /// Claims kept in `path` (created, mode 0755, by the first claim).
+    /// Claims kept in `path` (created, mode 0755, by the first claim). SPDK's lock files
+    /// are left alone unless [`spdk_lock_dir`](Self::spdk_lock_dir) names their directory:
+    /// a claims directory of a test, say, has no business in `/var/tmp`.
     pub fn new(path: impl Into<PathBuf>) -> Self {
         ClaimDir {
             path: path.into(),
+            spdk: None,
             fed: Mutex::new(Vec::new()),
         }
+    }
+
+    /// Checks SPDK's lock file of each device claimed in `dir` (SPDK's is
+    /// [`DEFAULT_SPDK_LOCK_DIR`]), refusing a device SPDK holds, and holds it while the
+    /// claim lasts, so that SPDK refuses the device too; `None`: leaves SPDK's files alone.
+    /// See the [module docs](self#spdk).
+    pub fn spdk_lock_dir(mut self, dir: Option<PathBuf>) -> Self {
+        self.spdk = dir;
+        self
+    }
+
+    /// SPDK's lock file of `address`, if this directory's claims check SPDK's
+    /// ([`spdk_lock_dir`](Self::spdk_lock_dir)).
+    pub fn spdk_lock_file(&self, address: PciAddress) -> Option<PathBuf> {
+        self.spdk.as_deref().map(|dir| spdk::lock_file(dir, address))
     }
 
     /// Claims kept in `$PCIBUS_CLAIM_DIR`, else in [`DEFAULT_DIR`]: the directory to read
     /// other processes' claims from. A process that takes claims uses
     /// [`for_claiming`](Self::for_claiming).
+    ///
+    /// Its claims check and hold SPDK's lock files in `$PCIBUS_SPDK_LOCK_DIR`, else in
+    /// [`DEFAULT_SPDK_LOCK_DIR`] (none if the variable is empty).
     pub fn from_env() -> Self {
         Self::new(
             std::env::var_os(DIR_ENV)
                 .filter(|v| !v.is_empty())
                 .map_or_else(|| PathBuf::from(DEFAULT_DIR), PathBuf::from),
         )
+        .spdk_lock_dir(spdk_dir_from_env())
     }
 
     /// The directory this process takes its claims in: `$PCIBUS_CLAIM_DIR` if set; else
@@ -317,6 +421,8 @@ impl ClaimDir {
     /// and this user's do not refuse each other's claims, and root's scans do not learn
     /// that this user releases a device (this user's scans still read [`DEFAULT_DIR`]:
     /// see the [module docs](self#permissions)).
+    ///
+    /// Its claims check and hold SPDK's lock files, as [`from_env`](Self::from_env)'s do.
     pub fn for_claiming() -> Self {
         let (path, fallback) = claiming_dir(
             std::env::var_os(DIR_ENV),
@@ -330,7 +436,7 @@ impl ClaimDir {
                 path.display()
             );
         }
-        Self::new(path)
+        Self::new(path).spdk_lock_dir(spdk_dir_from_env())
     }
 
     /// The directory.
@@ -374,7 +480,9 @@ impl ClaimDir {
     ///
     /// Creates the directory and the lock file if missing, write-locks the whole file
     /// with `F_OFD_SETLK` (never waiting), then writes the record. A stale file (its
-    /// holder died) is simply locked and rewritten.
+    /// holder died) is simply locked and rewritten. Then, with an
+    /// [SPDK lock directory](Self::spdk_lock_dir), SPDK's lock file: if it is held the
+    /// claim is dropped again and the error is [`ClaimError::HeldBySpdk`].
     pub fn claim(&self, address: PciAddress, info: &ClaimInfo) -> Result<Claim, ClaimError> {
         let path = self.file_of(address);
         let io_error = |op, source| ClaimError::Io {
@@ -427,16 +535,38 @@ impl ClaimDir {
             physfn: info.physfn,
             state: Some(ClaimState::Active),
         };
-        let claim = Claim {
+        let mut claim = Claim {
             address,
             path: path.clone(),
             file,
             owner: std::process::id(),
             released: false,
             record: Mutex::new(record),
+            spdk: None,
         };
         // Dropping `claim` on failure unlocks: a claim without a record is not kept.
         claim.write_record().map_err(|e| io_error("write", e))?;
+        // Ours first: a second pcibus claimant is then refused by ours, with the record
+        // that names the holder, and never sees our SPDK lock.
+        if let Some(dir) = &self.spdk {
+            claim.spdk = spdk::take(dir, address).map_err(|e| {
+                let path = spdk::lock_file(dir, address);
+                match e {
+                    SpdkError::Held { pid, command } => ClaimError::HeldBySpdk {
+                        address,
+                        pid,
+                        command,
+                        path,
+                    },
+                    SpdkError::Io { op, source } => ClaimError::Io {
+                        address,
+                        path,
+                        op,
+                        source,
+                    },
+                }
+            })?;
+        }
         log::debug!("{address}: claimed ({})", claim.path.display());
         Ok(claim)
     }
@@ -610,11 +740,13 @@ impl ClaimDir {
 ///
 /// # Dropping
 ///
-/// Dropping the claim empties its record, unlocks the file (`F_OFD_SETLK` with
-/// `F_UNLCK`) and closes it; the next claimant may take it at once. The file itself stays:
-/// unlinking it would let a claimant that opened it just before take a lock on a file no
-/// longer in the directory while a third creates a new one, and both would own the
-/// device. A released file is empty and [`ClaimDir::list`] does not show it.
+/// Dropping the claim unlocks and closes SPDK's lock file if it holds it
+/// ([`ClaimDir::spdk_lock_dir`]), then empties its record, unlocks its own file
+/// (`F_OFD_SETLK` with `F_UNLCK`) and closes it; the next claimant may take it at once.
+/// The file itself stays: unlinking it would let a claimant that opened it just before
+/// take a lock on a file no longer in the directory while a third creates a new one, and
+/// both would own the device. A released file is empty and [`ClaimDir::list`] does not show it. SPDK's file
+/// stays too, with our PID in it (SPDK overwrites it when it claims).
 ///
 /// Drop the claim *after* closing the device: other processes stop treating the device as
 /// "removal pending" as soon as its claim goes ([`ClaimDir::feed`]).
@@ -625,7 +757,7 @@ impl ClaimDir {
 /// destructors; an abort; SIGKILL; a crash), the kernel closes the fd and so drops the
 /// lock: the claim is free, its file keeps a stale record ([`ClaimRecord::live`] is
 /// `false`, and [`ClaimDir::releasing`] ignores it), and the next claimant overwrites it.
-/// Nothing needs cleaning up.
+/// SPDK's lock file goes the same way. Nothing needs cleaning up.
 ///
 /// # Fork
 ///
@@ -634,8 +766,9 @@ impl ClaimDir {
 /// the parent has died without dropping it, and the record still names the parent. The fd is opened with
 /// `O_CLOEXEC`, so a child that execs another program lets go of it at once; a child that
 /// does not exec holds the claim until it exits. A forked child's copy of a `Claim` never
-/// empties the record or unlocks when dropped (it only closes its fd): the claim is the
-/// parent's. The parent's drop unlocks the description for both.
+/// empties the record or unlocks when dropped (it only closes its fds): the claim is the
+/// parent's. The parent's drop unlocks the description for both. All of this holds for
+/// SPDK's lock file too.
 #[derive(Debug)]
 pub struct Claim {
     address: PciAddress,
@@ -647,6 +780,8 @@ pub struct Claim {
     released: bool,
     // What the file says; the lock also serialises writes.
     record: Mutex<Record>,
+    // SPDK's lock file of the device, held as long as the claim.
+    spdk: Option<SpdkLock>,
 }
 
 impl Claim {
@@ -658,6 +793,12 @@ impl Claim {
     /// The lock file.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// SPDK's lock file of the device, if the claim holds it ([`ClaimDir::spdk_lock_dir`];
+    /// `None` also when this process may not write it).
+    pub fn spdk_lock_file(&self) -> Option<&Path> {
+        self.spdk.as_ref().map(SpdkLock::path)
     }
 
     /// Tells every other process that this holder is releasing the device (it received
@@ -692,12 +833,7 @@ impl Claim {
     pub fn release(mut self) -> Result<(), ClaimError> {
         let r = self.unlock();
         self.released = true;
-        r.map_err(|(op, source)| ClaimError::Io {
-            address: self.address,
-            path: self.path.clone(),
-            op,
-            source,
-        })
+        r
     }
 
     fn write_record(&self) -> io::Result<()> {
@@ -709,10 +845,21 @@ impl Claim {
         self.file.write_all_at(text.as_bytes(), 0)
     }
 
-    fn unlock(&self) -> Result<(), (&'static str, io::Error)> {
+    // SPDK's lock goes first, the reverse of taking them: a pcibus claimant that gets
+    // ours then finds SPDK's free, or held by SPDK itself.
+    fn unlock(&mut self) -> Result<(), ClaimError> {
         if self.owner != std::process::id() {
             return Ok(());
         }
+        let spdk = self.spdk.take().map_or(Ok(()), |lock| {
+            let path = lock.path().to_owned();
+            lock.release().map_err(|source| ClaimError::Io {
+                address: self.address,
+                path,
+                op: "unlock",
+                source,
+            })
+        });
         let _serialise = self.record.lock();
         // Unlock even if clearing failed: a stale record is harmless, a held lock is not
         // (a forked child may share the description and keep it).
@@ -720,7 +867,20 @@ impl Claim {
         let unlocked = fcntl(&self.file, FcntlArg::F_OFD_SETLK(&whole_file(libc::F_UNLCK)))
             .map(drop)
             .map_err(|e| ("unlock", e.into()));
-        cleared.and(unlocked)
+        let ours = cleared.and(unlocked).map_err(|(op, source)| ClaimError::Io {
+            address: self.address,
+            path: self.path.clone(),
+            op,
+            source,
+        });
+        match (ours, spdk) {
+            (Err(e), Err(lost)) => {
+                // Closing its fd drops SPDK's lock anyway.
+                log::warn!("{lost}: {}", error_source(&lost));
+                Err(e)
+            }
+            (ours, spdk) => ours.and(spdk),
+        }
     }
 }
 
@@ -729,9 +889,9 @@ impl Drop for Claim {
         if self.released {
             return;
         }
-        if let Err((op, e)) = self.unlock() {
+        if let Err(e) = self.unlock() {
             // Closing the fd below drops the lock anyway; only the record may stay.
-            log::warn!("{}: {op} {}: {e}", self.address, self.path.display());
+            log::warn!("{e}: {}", error_source(&e));
         }
     }
 }
@@ -933,6 +1093,16 @@ fn may_create(dir: &Path) -> bool {
         nix::unistd::AccessFlags::W_OK | nix::unistd::AccessFlags::X_OK,
     )
     .is_ok()
+}
+
+// Where `ClaimDir::from_env` and `for_claiming` check SPDK's lock files.
+fn spdk_dir_from_env() -> Option<PathBuf> {
+    spdk::dir_from_env(std::env::var_os(SPDK_LOCK_DIR_ENV))
+}
+
+// The cause of an error, for a log line (the error's own message does not repeat it).
+fn error_source(e: &ClaimError) -> String {
+    std::error::Error::source(e).map_or_else(String::new, ToString::to_string)
 }
 
 fn own_comm() -> String {

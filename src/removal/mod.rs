@@ -49,3 +49,4 @@ pub mod claim;
 pub mod held;
 pub mod pool;
 pub mod registry;
+mod spdk;

@@ -173,6 +173,9 @@ enum Command {
 #[derive(Subcommand)]
 enum VfioCommand {
     /// Group and viability, regions with sizes and flags, interrupt indexes, IOVA ranges.
+    ///
+    /// Opening the device resets it, so the device is claimed first, as the nvme commands
+    /// do: one another pcibus process or SPDK holds is refused, naming the holder.
     Info {
         /// The device.
         address: PciAddress,

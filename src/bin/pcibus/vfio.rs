@@ -1,11 +1,18 @@
 //! `pcibus vfio info`: what VFIO reports about one device.
 
+use pcibus::bus::claim::{ClaimDir, ClaimInfo};
+
 use super::*;
 
 // Everything `vfio info` reports, gathered as JSON first so text and JSON agree.
 pub(super) fn vfio_info(root: &SysfsRoot, address: PciAddress) -> Result<Value, Error> {
     use pcibus::vfio::{self, VfioDevice, irq, region_flags};
-    // The backend first: what the kernel lacks for it is the first thing to say.
+    // Opening the device resets it: not under the feet of another owner (a pcibus
+    // process, or SPDK), who is named in the refusal. Claimed before anything else, as
+    // the bus does; dropped after the device is closed (the end of this function, or an
+    // early return: `dev` is declared later, so it is dropped first).
+    let claim = ClaimDir::for_claiming().claim(address, &ClaimInfo::new())?;
+    // Then the backend: what the kernel lacks for it is the first thing to say.
     let container = vfio::Container::with_backend(vfio_backend())?;
     let group = vfio::iommu_group(root, address)?;
     let culprits = vfio::non_vfio_members(root, group);
@@ -48,7 +55,7 @@ pub(super) fn vfio_info(root: &SysfsRoot, address: PciAddress) -> Result<Value, 
         }));
     }
     let iommu = dev.container().iommu_info();
-    Ok(json!({
+    let info = json!({
         "address": address.to_string(),
         "backend": dev.backend().name(),
         "ioas": dev.container().ioas_id(),
@@ -58,7 +65,10 @@ pub(super) fn vfio_info(root: &SysfsRoot, address: PciAddress) -> Result<Value, 
         "irqs": irqs,
         "iommu_page_sizes": iommu.as_ref().map(|i| i.page_sizes),
         "iova_ranges": iommu.map(|i| i.iova_ranges.iter().map(|r| json!({"start": r.start(), "end": r.end()})).collect::<Vec<_>>()),
-    }))
+    });
+    drop(dev);
+    drop(claim);
+    Ok(info)
 }
 
 pub(super) fn write_vfio_info(out: &mut impl Write, v: &Value) -> io::Result<()> {
