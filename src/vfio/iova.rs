@@ -199,8 +199,12 @@ impl IovaSpace {
         self.alloc.free(iova, size);
     }
 
-    /// The unmap ioctl returned `result` (bytes unmapped). Frees the range only when all
-    /// of it was unmapped; otherwise records it as leaked.
+    /// The unmap ioctl returned `result` (bytes unmapped). Frees the range when all of it
+    /// was unmapped, or none of it: the IOMMU held no mapping there at all (type1 refuses
+    /// an unmap that would split a mapping, so 0 bytes means nothing was mapped), which is
+    /// what an unmap finds after the mappings went with the IOMMU's state when its groups'
+    /// devices were removed; no device can reach those pages through it. A partial unmap
+    /// or an error records the range as leaked.
     pub(super) fn unmapped(
         &mut self,
         iova: u64,
@@ -209,6 +213,13 @@ impl IovaSpace {
     ) -> Result<(), VfioError> {
         match result {
             Ok(n) if n == size => {
+                self.alloc.free(iova, size);
+                Ok(())
+            }
+            Ok(0) => {
+                log::debug!(
+                    "DMA at IOVA {iova:#x} ({size} bytes) was no longer mapped: it went with the IOMMU's mappings"
+                );
                 self.alloc.free(iova, size);
                 Ok(())
             }
@@ -435,6 +446,13 @@ mod tests {
                 );
             }
         }
+        // An unmap that finds nothing mapped (the mappings went with the IOMMU's state
+        // when the group's devices were removed: seen in the soak on 6.12) frees too.
+        let mut space = IovaSpace::new(space.info.clone());
+        let gone = space.reserve(0x4000, PAGE as u64).unwrap();
+        space.unmapped(gone, 0x4000, Ok(0)).unwrap();
+        assert!(space.leaked.is_empty());
+        assert_eq!(space.alloc.available(), before);
         // A successful unmap frees.
         let mut space = IovaSpace::new(space.info.clone());
         let c = space.reserve(0x4000, PAGE as u64).unwrap();
@@ -637,7 +655,11 @@ mod tests {
         let a = slot.as_mut().unwrap().reserve(0x1000, 0x1000).unwrap();
         slot.as_mut()
             .unwrap()
-            .unmapped(0x40_0000, 0x1000, Ok(0))
+            .unmapped(
+                0x40_0000,
+                0x1000,
+                Err(io::Error::from_raw_os_error(nix::libc::EBUSY)),
+            )
             .unwrap_err();
         assert!(IovaSpace::holds(&slot, first));
         // A second group while the IOMMU is there narrows the same space.
