@@ -9,7 +9,7 @@
 # unplugs, with a retry of the boot.)
 # It fails on any corrupt or lost block, a removal or re-attach that hangs (30 s), a task
 # stuck in D state, or fds/maps that grow. N: `tests/vm/run -p soak --soak-events N`
-# (default 100, what CI runs). Prints `soak: summary ...` for BENCHMARKS.md.
+# (default 100; CI runs 20: QEMU 7.2 hangs in longer soaks). Prints `soak: summary ...` for BENCHMARKS.md.
 # pcibus-timeout: 5400
 . "$PCIBUS_LIB"
 only_profiles soak
