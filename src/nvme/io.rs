@@ -255,8 +255,17 @@ impl<B: DeviceBacking> IoQueue<B> {
             let cq = backing.alloc_dma(usize::from(depth) * Completion::SIZE)?;
             // One PRP list page per command slot.
             let prp = backing.alloc_dma(usize::from(depth) * PAGE as usize)?;
-            let regs = backing.map_bar(0)?;
+            // The mapping holds the device open: registered at once, so that a revoke
+            // while the queue is created on the controller (admin round trips) drops it
+            // too, or the device stays open under the removal until this thread lets go.
+            let regs: QueueRegs<B> = Arc::new(Mutex::new(Some(backing.map_bar(0)?)));
             drop(backing);
+            shared.register_queue(&regs);
+            // Revoked before the registration: its sweep did not see this one.
+            if let Some(e) = shared.removed() {
+                regs.lock().take();
+                return Err(e);
+            }
             let ring = Ring::new(qid, depth, sq, cq, Doorbells::of(cap, qid));
             create_on_controller(&shared, &ring)?;
             Ok((ring, prp, regs))
@@ -268,8 +277,6 @@ impl<B: DeviceBacking> IoQueue<B> {
                 return Err(e);
             }
         };
-        let regs: QueueRegs<B> = Arc::new(Mutex::new(Some(regs)));
-        shared.register_queue(&regs);
         let generation = shared.generation.load(Ordering::Acquire);
         let slots = usize::from(depth) - 1;
         Ok(IoQueue {
