@@ -1048,8 +1048,9 @@ fn lock_holder_pid(file: &File) -> Option<u32> {
     (i32::from(probe.l_type) != libc::F_UNLCK && probe.l_pid > 0).then_some(probe.l_pid as u32)
 }
 
-// A lock request covering the whole file, however long it grows.
-fn whole_file(kind: libc::c_int) -> libc::flock {
+// A lock request covering the whole file, however long it grows (SPDK's lock files take
+// the same kind: `super::spdk`).
+pub(super) fn whole_file(kind: libc::c_int) -> libc::flock {
     libc::flock {
         l_type: kind as libc::c_short,
         l_whence: libc::SEEK_SET as libc::c_short,

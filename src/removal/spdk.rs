@@ -24,6 +24,7 @@ use nix::fcntl::{AtFlags, FcntlArg, OFlag, fcntl, openat};
 use nix::libc;
 use nix::sys::stat::{Mode, fstat, fstatat};
 
+use super::claim::whole_file;
 use crate::addr::PciAddress;
 
 /// Where SPDK keeps its lock files.
@@ -343,18 +344,6 @@ fn comm_of(pid: u32) -> Option<String> {
     std::fs::read_to_string(format!("/proc/{pid}/comm"))
         .ok()
         .map(|c| c.trim_end_matches('\n').to_owned())
-}
-
-// A lock request covering the whole file, however long it grows.
-fn whole_file(kind: libc::c_int) -> libc::flock {
-    libc::flock {
-        l_type: kind as libc::c_short,
-        l_whence: libc::SEEK_SET as libc::c_short,
-        l_start: 0,
-        l_len: 0,
-        // Must be 0 for the OFD commands.
-        l_pid: 0,
-    }
 }
 
 #[cfg(test)]
