@@ -38,6 +38,10 @@ use pcibus::nvme::{Controller, Op, Options};
 use pcibus::vfio::VfioBackend;
 use pcibus::{PciAddress, Scanner, SysfsRoot};
 
+#[path = "common/process.rs"]
+mod process;
+use process::{Usage as Sample, usage as sample};
+
 const SYS: &str = "/sys";
 /// The region stamped: LBAs [REGION_START, REGION_START + REGION_BLOCKS).
 const REGION_START: u64 = 16_384;
@@ -193,35 +197,6 @@ fn writer(
             // The device left: the write stays in flight, to be re-issued.
             Err(e) => return format!("write failed: {e}"),
         }
-    }
-}
-
-#[derive(Debug, Clone, Copy, Default)]
-struct Sample {
-    fds: u64,
-    rss_kb: u64,
-    maps: u64,
-    lck_kb: u64,
-    pin_kb: u64,
-}
-
-fn sample() -> Sample {
-    let fds = std::fs::read_dir("/proc/self/fd").map_or(0, |d| d.count() as u64);
-    let maps = std::fs::read_to_string("/proc/self/maps").map_or(0, |m| m.lines().count() as u64);
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    let kb = |key: &str| {
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(key))
-            .and_then(|v| v.split_whitespace().next()?.parse().ok())
-            .unwrap_or(0)
-    };
-    Sample {
-        fds,
-        rss_kb: kb("VmRSS:"),
-        maps,
-        lck_kb: kb("VmLck:"),
-        pin_kb: kb("VmPin:"),
     }
 }
 
@@ -398,11 +373,7 @@ fn soak(address: PciAddress, events: u64, seed: u64, kinds: Vec<String>) -> Resu
         .map_err(|e| vec![e.to_string()])?
         .pci_only(true);
     let map = DeviceMap::new(Scanner::new(root.clone())).map_err(|e| vec![e.to_string()])?;
-    let backend = match std::env::var("PCIBUS_VFIO_BACKEND").as_deref() {
-        Ok("iommufd") => VfioBackend::Iommufd,
-        Ok("group") => VfioBackend::Group,
-        _ => VfioBackend::Auto,
-    };
+    let backend = VfioBackend::from_env().unwrap_or_default();
     let attach = VfioAttach::new(
         root,
         BindPolicy {

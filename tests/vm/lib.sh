@@ -384,6 +384,17 @@ matrix_cell() {
 	fi
 }
 
+# matrix_row EVENT: the matrix's row for EVENT on the NVMe controller, one cell per holder
+# state, then matrix_done.
+matrix_row() {
+	_row_pf=$(nvme_pf) || fail "no NVMe controller"
+	wait_for 20 driver_is "$_row_pf" nvme || fail "$_row_pf not on nvme at start"
+	for _row_mode in idle io probe leak panic scan; do
+		matrix_cell "$1" "$_row_mode" "$_row_pf"
+	done
+	matrix_done
+}
+
 # matrix_done: fail the test if a cell failed.
 matrix_done() {
 	[ "$MATRIX_FAILS" = 0 ] || fail "$MATRIX_FAILS cell(s) of the removal matrix failed (@@PCIBUS-MATRIX lines)"

@@ -9,9 +9,4 @@
 only_profiles nvme
 need_pcibus
 
-pf=$(nvme_pf) || fail "no NVMe controller"
-wait_for 20 driver_is "$pf" nvme || fail "$pf not on nvme at start"
-for mode in idle io probe leak panic scan; do
-	matrix_cell remove "$mode" "$pf"
-done
-matrix_done
+matrix_row remove

@@ -14,9 +14,4 @@ if [ ! -e /lib/modules/vfio_pci.ko ]; then
 	exit 77
 fi
 
-pf=$(nvme_pf) || fail "no NVMe controller"
-wait_for 20 driver_is "$pf" nvme || fail "$pf not on nvme at start"
-for mode in idle io probe leak panic scan; do
-	matrix_cell rmmod "$mode" "$pf"
-done
-matrix_done
+matrix_row rmmod
