@@ -396,13 +396,12 @@ fn soak(address: PciAddress, events: u64, seed: u64, kinds: Vec<String>) -> Resu
     let mut quiet_maps: (Option<String>, Option<String>) = (None, None);
     let attaches = Arc::new(AtomicU64::new(0));
     let removals = Arc::new(AtomicU64::new(0));
-    let done = Arc::new(AtomicBool::new(false));
     let mut rng = Rng(seed | 1);
     let mut load: Option<Load> = None;
     let mut notes = Vec::new();
 
     let events_thread = {
-        let (attaches, removals, done) = (Arc::clone(&attaches), Arc::clone(&removals), Arc::clone(&done));
+        let (attaches, removals) = (Arc::clone(&attaches), Arc::clone(&removals));
         let (ledger, quiet) = (Arc::clone(&ledger), Arc::clone(&quiet));
         let mut rng = Rng(rng.next() | 1);
         spawn("soak-events", move || {
@@ -488,7 +487,6 @@ fn soak(address: PciAddress, events: u64, seed: u64, kinds: Vec<String>) -> Resu
                 );
                 out.samples.push((kind.clone(), s));
             }
-            done.store(true, Ordering::Release);
             out
         })
     };

@@ -758,13 +758,13 @@ impl Scanner {
             .copied()
             .filter(|a| a.applies_to(dev))
             .collect();
-        let skip = if applicable.is_empty() {
+        if applicable.is_empty() {
             return applicable;
-        } else if let Some(why) = lock_unsafe(&self.registry, dev.address, dev.removal_pending) {
-            why.kind()
-        } else {
+        }
+        let Some(why) = lock_unsafe(&self.registry, dev.address, dev.removal_pending) else {
             return applicable;
         };
+        let skip = why.kind();
         for attr in applicable {
             dev.report(attr.name(), skip.clone());
         }
