@@ -158,9 +158,15 @@ impl<B: DeviceBacking> Shared<B> {
         }
     }
 
-    pub(crate) fn backing(&self) -> Result<B, NvmeError> {
+    // Runs `f` with the device's backing, holding it: `revoke` waits for `f` to return
+    // before it lets the backing go. So no thread still holds a handle of the device
+    // (a clone of the backing, a mapping `f` made) once `revoke` has returned, which is
+    // when the bus counts them — a clone taken out of the lock would outlive it. `f` must
+    // not wait for anything `revoke` holds before this lock (the admin queue, the queue
+    // registrations): allocating and mapping only.
+    pub(crate) fn with_backing<T>(&self, f: impl FnOnce(&B) -> Result<T, NvmeError>) -> Result<T, NvmeError> {
         match &*self.backing.lock() {
-            Some(b) => Ok(b.clone()),
+            Some(b) => f(b),
             None => Err(self.removed().unwrap_or(NvmeError::Removed("revoked".into()))),
         }
     }
@@ -605,7 +611,7 @@ impl<B: DeviceBacking> Controller<B> {
 
     /// Allocates `len` bytes of DMA memory for I/O buffers (zeroed, whole pages).
     pub fn alloc_buffer(&self, len: usize) -> Result<super::Buffer<B>, NvmeError> {
-        Ok(Arc::new(self.shared.backing()?.alloc_dma(len)?))
+        self.shared.with_backing(|b| Ok(Arc::new(b.alloc_dma(len)?)))
     }
 
     /// Creates an I/O queue pair of `depth` entries (capped by CAP.MQES) for the calling

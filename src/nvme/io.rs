@@ -250,22 +250,26 @@ impl<B: DeviceBacking> IoQueue<B> {
             NvmeError::Invalid(format!("all {} I/O queues are in use", shared.info.io_queues))
         })?;
         let made = (|| {
-            let backing = shared.backing()?;
-            let sq = backing.alloc_dma(usize::from(depth) * Command::SIZE)?;
-            let cq = backing.alloc_dma(usize::from(depth) * Completion::SIZE)?;
-            // One PRP list page per command slot.
-            let prp = backing.alloc_dma(usize::from(depth) * PAGE as usize)?;
-            // The mapping holds the device open: registered at once, so that a revoke
-            // while the queue is created on the controller (admin round trips) drops it
-            // too, or the device stays open under the removal until this thread lets go.
-            let regs: QueueRegs<B> = Arc::new(Mutex::new(Some(backing.map_bar(0)?)));
-            drop(backing);
-            shared.register_queue(&regs);
-            // Revoked before the registration: its sweep did not see this one.
-            if let Some(e) = shared.removed() {
-                regs.lock().take();
-                return Err(e);
-            }
+            // All under the backing's lock, so that a revoke meanwhile waits for it and
+            // finds this queue's mapping registered (or taken back here) when it returns.
+            let (sq, cq, prp, regs) = shared.with_backing(|backing| {
+                let sq = backing.alloc_dma(usize::from(depth) * Command::SIZE)?;
+                let cq = backing.alloc_dma(usize::from(depth) * Completion::SIZE)?;
+                // One PRP list page per command slot.
+                let prp = backing.alloc_dma(usize::from(depth) * PAGE as usize)?;
+                // The mapping holds the device open: registered at once, so that a revoke
+                // while the queue is created on the controller (admin round trips) drops
+                // it too, or the device stays open under the removal until this thread
+                // lets go.
+                let regs: QueueRegs<B> = Arc::new(Mutex::new(Some(backing.map_bar(0)?)));
+                shared.register_queue(&regs);
+                // Revoked before the registration: its sweep did not see this one.
+                if let Some(e) = shared.removed() {
+                    regs.lock().take();
+                    return Err(e);
+                }
+                Ok((sq, cq, prp, regs))
+            })?;
             let ring = Ring::new(qid, depth, sq, cq, Doorbells::of(cap, qid));
             create_on_controller(&shared, &ring)?;
             Ok((ring, prp, regs))
