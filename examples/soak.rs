@@ -74,7 +74,9 @@ impl log::Log for Logger {
         if text.contains("could not be unmapped") {
             self.unmap_failures.fetch_add(1, Ordering::Relaxed);
         }
-        if text.contains("kept") && text.contains("handle") {
+        // The bus's error, once per removal ("driver D kept N handle(s) of the device
+        // after ..."), not its warnings that follow.
+        if text.contains("kept") && text.contains("handle(s) of the device") {
             self.kept_handles.fetch_add(1, Ordering::Relaxed);
         }
         println!("soak: log {}: {text}", r.level());

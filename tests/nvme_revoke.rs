@@ -6,7 +6,9 @@
 //! load's reader thread was still allocating its buffer and queue (each DMA map is slow
 //! in a TCG guest) when the next removal came, holding a clone of the backing while it did.
 //! Rule under test: once `revoke` has returned, no thread of the driver holds a handle,
-//! whatever it was doing.
+//! whatever it was doing: allocating, creating a queue, or dropping one (the mapping of a
+//! queue being dropped is no longer reachable from the controller, yet still alive until
+//! its unmap finishes: the soak caught that too).
 
 use std::os::fd::BorrowedFd;
 use std::sync::Arc;
@@ -16,46 +18,93 @@ use std::time::Duration;
 
 use parking_lot::{Condvar, Mutex};
 use pcibus::PciAddress;
-use pcibus::bus::{BackingError, DeviceBacking};
+use pcibus::bus::{BackingError, DeviceBacking, RegisterIo};
 use pcibus::nvme::{Controller, Options};
 use pcibus::testing::nvme::{EmuConfig, EmulatedNvme};
 
 /// Stops `alloc_dma` while armed, until opened.
 #[derive(Debug, Default)]
 struct Gate {
-    state: Mutex<(bool, bool)>, // (armed, someone waiting)
+    state: Mutex<(bool, bool, bool)>, // (armed, someone waiting, opened)
     changed: Condvar,
 }
 
-/// The emulated controller, with a count of its own clones (`token`) apart from what its
-/// DMA buffers hold, and DMA allocations that can be held at a gate.
+impl Gate {
+    // The first to pass an armed gate waits there, saying so, until it is opened; the
+    // rest go through.
+    fn pass(&self) {
+        let mut s = self.state.lock();
+        if s.0 {
+            s.0 = false;
+            s.1 = true;
+            self.changed.notify_all();
+            while !s.2 {
+                self.changed.wait(&mut s);
+            }
+        }
+    }
+}
+
+/// The emulated controller, with a count of its own handles (`token`: clones and BAR
+/// mappings) apart from what its DMA buffers hold; DMA allocations (`gate`) and the
+/// unmapping of BARs (`unmap`) can be held at a gate.
 #[derive(Debug, Clone)]
 struct Gated {
     inner: EmulatedNvme,
     gate: Arc<Gate>,
+    unmap: Arc<Gate>,
     token: Arc<()>,
 }
 
+/// A BAR mapping of a [`Gated`] device: a handle of it until dropped, and its drop (the
+/// unmap) waits at the device's `unmap` gate.
+#[derive(Debug)]
+struct GatedRegs {
+    inner: <EmulatedNvme as DeviceBacking>::Registers,
+    unmap: Arc<Gate>,
+    _token: Arc<()>,
+}
+
+impl Drop for GatedRegs {
+    fn drop(&mut self) {
+        self.unmap.pass();
+    }
+}
+
+impl RegisterIo for GatedRegs {
+    fn len(&self) -> u64 {
+        self.inner.len()
+    }
+    fn read32(&self, offset: u64) -> Result<u32, BackingError> {
+        self.inner.read32(offset)
+    }
+    fn write32(&self, offset: u64, value: u32) -> Result<(), BackingError> {
+        self.inner.write32(offset, value)
+    }
+    fn read64(&self, offset: u64) -> Result<u64, BackingError> {
+        self.inner.read64(offset)
+    }
+    fn write64(&self, offset: u64, value: u64) -> Result<(), BackingError> {
+        self.inner.write64(offset, value)
+    }
+}
+
 impl DeviceBacking for Gated {
-    type Registers = <EmulatedNvme as DeviceBacking>::Registers;
+    type Registers = GatedRegs;
     type Dma = <EmulatedNvme as DeviceBacking>::Dma;
 
     fn address(&self) -> PciAddress {
         self.inner.address()
     }
     fn map_bar(&self, index: u32) -> Result<Self::Registers, BackingError> {
-        self.inner.map_bar(index)
+        Ok(GatedRegs {
+            inner: self.inner.map_bar(index)?,
+            unmap: Arc::clone(&self.unmap),
+            _token: Arc::clone(&self.token),
+        })
     }
     fn alloc_dma(&self, len: usize) -> Result<Self::Dma, BackingError> {
-        let mut s = self.gate.state.lock();
-        if s.0 {
-            s.1 = true;
-            self.gate.changed.notify_all();
-            while s.0 {
-                self.gate.changed.wait(&mut s);
-            }
-        }
-        drop(s);
+        self.gate.pass();
         self.inner.alloc_dma(len)
     }
     fn read_config(&self, offset: u64, buf: &mut [u8]) -> Result<(), BackingError> {
@@ -78,19 +127,32 @@ impl DeviceBacking for Gated {
     }
 }
 
-impl Gated {
+impl Gate {
     fn arm(&self) {
-        *self.gate.state.lock() = (true, false);
+        *self.state.lock() = (true, false, false);
     }
     fn wait_for_a_waiter(&self) {
-        let mut s = self.gate.state.lock();
+        let mut s = self.state.lock();
         while !s.1 {
-            self.gate.changed.wait(&mut s);
+            self.changed.wait(&mut s);
         }
     }
     fn open(&self) {
-        self.gate.state.lock().0 = false;
-        self.gate.changed.notify_all();
+        self.state.lock().2 = true;
+        self.changed.notify_all();
+    }
+}
+
+impl Gated {
+    fn arm(&self) {
+        self.gate.arm();
+    }
+    fn wait_for_a_waiter(&self) {
+        self.gate.wait_for_a_waiter();
+    }
+    fn open(&self) {
+        self.gate.open();
+        self.unmap.open();
     }
 }
 
@@ -98,6 +160,7 @@ fn setup() -> (Gated, Controller<Gated>) {
     let backing = Gated {
         inner: EmulatedNvme::new(EmuConfig::default()).unwrap(),
         gate: Arc::default(),
+        unmap: Arc::default(),
         token: Arc::new(()),
     };
     let options = Options {
@@ -135,7 +198,6 @@ fn revoke_and_count(backing: &Gated, c: &Controller<Gated>) -> usize {
 #[test]
 fn revoke_leaves_no_handle_with_a_thread_allocating_a_buffer() {
     let (backing, c) = setup();
-    let base = backing.extra_handles();
     backing.arm();
     let user = {
         let c = c.clone();
@@ -146,8 +208,7 @@ fn revoke_leaves_no_handle_with_a_thread_allocating_a_buffer() {
     let _ = user.join().unwrap();
     drop(c);
     assert_eq!(
-        extra,
-        base - 1,
+        extra, 0,
         "after revoke returned, a thread allocating a buffer still held the device ({extra} handles besides the test's)"
     );
     assert_eq!(backing.extra_handles(), 0, "every handle let go at the end");
@@ -156,7 +217,6 @@ fn revoke_leaves_no_handle_with_a_thread_allocating_a_buffer() {
 #[test]
 fn revoke_leaves_no_handle_with_a_thread_creating_a_queue() {
     let (backing, c) = setup();
-    let base = backing.extra_handles();
     backing.arm();
     let user = {
         let c = c.clone();
@@ -168,9 +228,27 @@ fn revoke_leaves_no_handle_with_a_thread_creating_a_queue() {
     assert!(made.is_err(), "a queue created across a revoke must fail");
     drop(c);
     assert_eq!(
-        extra,
-        base - 1,
+        extra, 0,
         "after revoke returned, a thread creating a queue still held the device ({extra} handles besides the test's)"
+    );
+    assert_eq!(backing.extra_handles(), 0, "every handle let go at the end");
+}
+
+#[test]
+fn revoke_leaves_no_handle_with_a_thread_dropping_a_queue() {
+    let (backing, c) = setup();
+    let q = c.io_queue(8).unwrap();
+    backing.unmap.arm();
+    // Dropping the queue deletes it on the controller, then unmaps its BAR mapping, which
+    // waits at the gate.
+    let user = thread::spawn(move || drop(q));
+    backing.unmap.wait_for_a_waiter();
+    let extra = revoke_and_count(&backing, &c);
+    user.join().unwrap();
+    drop(c);
+    assert_eq!(
+        extra, 0,
+        "after revoke returned, a thread dropping its queue still held the device ({extra} handles besides the test's)"
     );
     assert_eq!(backing.extra_handles(), 0, "every handle let go at the end");
 }

@@ -147,15 +147,23 @@ pub trait DeviceBacking: Clone + Send + Sync + fmt::Debug + 'static {
 /// A VFIO device as a [`DeviceBacking`]: a handle (`Arc`) of an open [`VfioDevice`]. DMA
 /// memory comes from the device's container. [`revoke`](DeviceBacking::revoke) is
 /// [`VfioDevice::revoke`].
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct VfioBacking {
     device: Arc<VfioDevice>,
+    _hold: crate::vfio::holders::Hold,
+}
+
+impl Clone for VfioBacking {
+    fn clone(&self) -> Self {
+        VfioBacking::new(Arc::clone(&self.device))
+    }
 }
 
 impl VfioBacking {
     /// The backing of an open device.
     pub fn new(device: Arc<VfioDevice>) -> Self {
-        VfioBacking { device }
+        let hold = crate::vfio::holders::Hold::new(device.address(), "backing");
+        VfioBacking { device, _hold: hold }
     }
 
     /// The device, for what the trait does not cover (region info, other interrupts).

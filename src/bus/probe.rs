@@ -1437,6 +1437,9 @@ fn kept<B: DeviceBacking>(driver: &str, address: PciAddress, backing: &B, after:
         log::error!(
             "{address}: driver {driver} kept {n} handle(s) of the device after {after}; it stays open"
         );
+        for h in crate::vfio::holders::describe(address) {
+            log::warn!("{address}: live handle: {h}");
+        }
     }
     n
 }

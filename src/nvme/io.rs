@@ -835,5 +835,12 @@ impl<B: DeviceBacking> Drop for IoQueue<B> {
                 Err(e) => log::warn!("{}: deleting I/O queue {qid}: {e}", self.shared.info.address),
             }
         }
+        // The BAR mapping is unmapped here, under its lock and while the controller can
+        // still reach it: a `revoke` meanwhile waits for the unmap. Left to the field's
+        // drop, it would happen after the last strong count went, out of revoke's sight,
+        // and revoke could return with the device still open (the bus then parks it).
+        let mut regs = self.regs.lock();
+        drop(regs.take());
+        drop(regs);
     }
 }

@@ -61,6 +61,7 @@
 mod caps;
 mod dma;
 pub mod fault;
+pub mod holders;
 pub mod iommufd;
 mod iova;
 pub(crate) mod mmio;
@@ -1505,6 +1506,7 @@ impl VfioDevice {
             device: Arc::clone(self),
             region,
             areas,
+            _hold: holders::Hold::new(self.address, "BAR mapping"),
         })
     }
 
@@ -1622,6 +1624,7 @@ pub struct MappedBar {
     device: Arc<VfioDevice>,
     region: RegionInfo,
     areas: Vec<(u64, mmio::MmioArea)>,
+    _hold: holders::Hold,
 }
 
 impl Drop for MappedBar {

@@ -23,7 +23,7 @@ t=$(now_ms)
 # One malloc arena: glibc gives threads new arenas (each a mapping and its pages) up to
 # 8 per core, which reads as growth of maps and RSS over the first events; a leak is
 # what the soak looks for.
-MALLOC_ARENA_MAX=1 pcibus-soak "$pf" "$events" --kinds remove,unbind
+PCIBUS_TRACE_HANDLES=1 MALLOC_ARENA_MAX=1 pcibus-soak "$pf" "$events" --kinds remove,unbind
 rc=$?
 echo "soak: $events events in $(($(now_ms) - t)) ms, exit $rc"
 matrix_restore "$pf" || fail "$pf did not come back on nvme after the soak"
