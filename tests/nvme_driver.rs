@@ -37,16 +37,7 @@ fn pattern(len: usize, seed: u8) -> Vec<u8> {
 #[test]
 fn brings_the_controller_up_and_identifies_it() {
     let e = emu(EmuConfig {
-        namespaces: vec![
-            NamespaceConfig {
-                blocks: 4096,
-                block_size: 512,
-            },
-            NamespaceConfig {
-                blocks: 1024,
-                block_size: 4096,
-            },
-        ],
+        namespaces: vec![NamespaceConfig::new(4096, 512), NamespaceConfig::new(1024, 4096)],
         ..EmuConfig::default()
     });
     let c = up(&e);
@@ -555,7 +546,7 @@ proptest! {
     #[test]
     fn random_io_matches_a_model(steps in proptest::collection::vec(step(), 1..12)) {
         let e = emu(EmuConfig {
-            namespaces: vec![NamespaceConfig { blocks: MODEL_BLOCKS, block_size: 512 }],
+            namespaces: vec![NamespaceConfig::new(MODEL_BLOCKS, 512)],
             ..EmuConfig::default()
         });
         let c = up(&e);
@@ -597,10 +588,7 @@ proptest! {
 fn a_doorbell_stride_and_4k_blocks_are_honoured() {
     let e = emu(EmuConfig {
         dstrd: 2,
-        namespaces: vec![NamespaceConfig {
-            blocks: 2048,
-            block_size: 4096,
-        }],
+        namespaces: vec![NamespaceConfig::new(2048, 4096)],
         ..EmuConfig::default()
     });
     let c = up(&e);
