@@ -638,7 +638,51 @@ fn metadata_formats_are_refused_or_driven_with_pract_never_corrupted() {
         ],
         ..EmuConfig::default()
     });
-    let c = up(&e);
+    // The emulator checks every block's CRC: generous deadlines, so load cannot fail it.
+    let c = Controller::init(
+        e.clone(),
+        &Options {
+            io_timeout: Duration::from_secs(60),
+            ..quick()
+        },
+    )
+    .unwrap();
+    // Every namespace is listed; the refused ones say why.
+    let listed: Vec<(u32, bool)> = c.namespaces().iter().map(|n| (n.nsid, n.is_usable())).collect();
+    assert_eq!(
+        listed,
+        [
+            (1, false),
+            (2, false),
+            (3, true),
+            (4, true),
+            (5, true),
+            (6, false),
+            (7, true)
+        ]
+    );
+    let ns1 = c.namespace(1).unwrap();
+    assert_eq!(
+        (ns1.metadata_size, ns1.extended_lba, ns1.protection),
+        (8, true, 0)
+    );
+    assert!(ns1.unusable.as_deref().unwrap().contains("extended LBAs"));
+    assert!(
+        c.namespace(2)
+            .unwrap()
+            .unusable
+            .as_deref()
+            .unwrap()
+            .contains("separate")
+    );
+    assert!(
+        c.namespace(6)
+            .unwrap()
+            .unusable
+            .as_deref()
+            .unwrap()
+            .contains("16 bytes")
+    );
     let mut q = c.io_queue(16).unwrap();
     let buf = c.alloc_buffer(1 << 20).unwrap();
     let data = pattern(1 << 20, 9);
@@ -810,4 +854,16 @@ fn a_controller_failing_during_shutdown_is_reported_at_once() {
     e.inject(Fault::FatalOnShutdown);
     let err = c.shutdown_within(Duration::from_secs(3)).unwrap_err();
     assert!(matches!(err, NvmeError::Fatal { .. }), "{err}");
+}
+
+#[test]
+fn the_ready_timeout_comes_from_crto_when_cap_crms_says_so() {
+    let c = up(&emu(EmuConfig::default()));
+    assert_eq!(c.info().ready_timeout, Duration::from_millis(7500), "CAP.TO");
+    // CRWMT 0x400 (512 s) is more than CAP.TO can say (at most 127.5 s).
+    let c = up(&emu(EmuConfig {
+        crto: Some(0x0004_0400),
+        ..EmuConfig::default()
+    }));
+    assert_eq!(c.info().ready_timeout, Duration::from_secs(512));
 }

@@ -899,19 +899,31 @@ impl IdentifyControllerNvm {
 /// The guard of end-to-end protection information (16-bit guard format): the CRC-16 of
 /// T10 DIF (polynomial 0x8BB7, initial value 0, not reflected) over a block's data.
 pub fn crc16_t10dif(data: &[u8]) -> u16 {
-    let mut crc = 0u16;
-    for &b in data {
-        crc ^= u16::from(b) << 8;
-        for _ in 0..8 {
+    data.iter().fold(0u16, |crc, &b| {
+        crc << 8 ^ CRC16_T10DIF[usize::from((crc >> 8) as u8 ^ b)]
+    })
+}
+
+// The CRC of each byte value, a byte at a time.
+const CRC16_T10DIF: [u16; 256] = {
+    let mut table = [0u16; 256];
+    let mut i = 0;
+    while i < 256 {
+        let mut crc = (i as u16) << 8;
+        let mut bit = 0;
+        while bit < 8 {
             crc = if crc & 0x8000 != 0 {
                 crc << 1 ^ 0x8bb7
             } else {
                 crc << 1
             };
+            bit += 1;
         }
+        table[i] = crc;
+        i += 1;
     }
-    crc
-}
+    table
+};
 
 /// Protection Information field bits of command dword 12 (Read, Write, Write Zeroes).
 pub mod prinfo {

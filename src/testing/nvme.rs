@@ -32,17 +32,29 @@
 //! - NVM: Read, Write, Flush, Write Zeroes, Dataset Management (deallocate) over sparse
 //!   RAM namespaces (memory is used only for what was written); deallocated blocks read
 //!   zero. PRP1 with an offset, PRP2 as a page or a list with chained list pages, MDTS.
+//!   ONCS, the Write Zeroes size limit and the Dataset Management limits (Identify CNS
+//!   06h) as configured, enforced.
+//! - Metadata ([`NamespaceConfig`]): with extended LBAs each block's metadata moves
+//!   after its data through the PRPs (N × (block + metadata) bytes); otherwise it moves
+//!   through MPTR, which must point into DMA memory. End-to-end protection types 1–3
+//!   (8 bytes: CRC16 guard, application tag, reference tag, first or last in the
+//!   metadata): checked as PRCHK asks (guard, application tag under its mask, reference
+//!   tag; type 1's initial tag must be the starting LBA's; the escape tags turn checks
+//!   off), inserted on writes and stripped on reads with PRACT (no metadata moves when the
+//!   protection information is all of it). Blocks never written carry all-ones metadata.
+//! - CAP.CRMS and CRTO (NVMe 2.0 ready timeouts) when configured.
 //! - DMA: every address the controller touches is looked up in the table of live
 //!   allocations made through [`DeviceBacking::alloc_dma`]. An address outside them, or in
 //!   a buffer the driver dropped, fails the command with Data Transfer Error and counts in
 //!   [`EmuStats::bad_dma`]; the controller never touches freed memory. Allocations are
 //!   separated by an unmapped page, so an overrun by one byte is caught.
 //! - Faults ([`Fault`]): swallowed commands, error statuses, wrong command ids, duplicate
-//!   and stale completions, fatal status, surprise removal, delays.
+//!   and stale completions, fatal status (also on shutdown), surprise removal, delays, a
+//!   smaller queue grant after a reset ([`EmulatedNvme::limit_io_queues`]).
 //!
 //! # What is not
 //!
-//! SGLs, metadata and protection information, fused commands, namespace management and
+//! SGLs, 32/64-bit guard protection formats, fused commands, namespace management and
 //! attachment, firmware and format commands, reservations, controller memory buffer,
 //! persistent memory region, boot partitions, pin-based interrupts and MSI-X masking,
 //! interrupt coalescing, weighted round robin arbitration, NVM subsystem reset, multiple
