@@ -7,7 +7,7 @@
 use std::time::{Duration, Instant};
 
 use pcibus::bus::DeviceBacking;
-use pcibus::nvme::spec::{Status, admin, io};
+use pcibus::nvme::spec::{self, Status, admin, io};
 use pcibus::nvme::{Controller, IoRequest, NvmeError, Op, Options};
 use pcibus::testing::nvme::{CommandMatch, EmuConfig, EmulatedNvme, Fault, NamespaceConfig};
 use proptest::prelude::*;
@@ -37,16 +37,7 @@ fn pattern(len: usize, seed: u8) -> Vec<u8> {
 #[test]
 fn brings_the_controller_up_and_identifies_it() {
     let e = emu(EmuConfig {
-        namespaces: vec![
-            NamespaceConfig {
-                blocks: 4096,
-                block_size: 512,
-            },
-            NamespaceConfig {
-                blocks: 1024,
-                block_size: 4096,
-            },
-        ],
+        namespaces: vec![NamespaceConfig::new(4096, 512), NamespaceConfig::new(1024, 4096)],
         ..EmuConfig::default()
     });
     let c = up(&e);
@@ -555,7 +546,7 @@ proptest! {
     #[test]
     fn random_io_matches_a_model(steps in proptest::collection::vec(step(), 1..12)) {
         let e = emu(EmuConfig {
-            namespaces: vec![NamespaceConfig { blocks: MODEL_BLOCKS, block_size: 512 }],
+            namespaces: vec![NamespaceConfig::new(MODEL_BLOCKS, 512)],
             ..EmuConfig::default()
         });
         let c = up(&e);
@@ -597,10 +588,7 @@ proptest! {
 fn a_doorbell_stride_and_4k_blocks_are_honoured() {
     let e = emu(EmuConfig {
         dstrd: 2,
-        namespaces: vec![NamespaceConfig {
-            blocks: 2048,
-            block_size: 4096,
-        }],
+        namespaces: vec![NamespaceConfig::new(2048, 4096)],
         ..EmuConfig::default()
     });
     let c = up(&e);
@@ -623,4 +611,259 @@ fn a_doorbell_stride_and_4k_blocks_are_honoured() {
     assert_eq!(e.namespace_read(1, 20 * 4096, 3 * 4096).unwrap(), data);
     assert_eq!(e.stats().invalid_doorbell_writes, 0);
     assert_eq!(e.stats().bad_dma, 0);
+}
+
+// ---- Issue 15: namespaces with metadata, and controller facts the driver must honour.
+
+fn md(metadata_size: u16, extended_lba: bool, protection: u8) -> NamespaceConfig {
+    NamespaceConfig {
+        metadata_size,
+        extended_lba,
+        protection,
+        ..NamespaceConfig::new(4096, 512)
+    }
+}
+
+#[test]
+fn metadata_formats_are_refused_or_driven_with_pract_never_corrupted() {
+    let e = emu(EmuConfig {
+        namespaces: vec![
+            md(8, true, 0),   // 1: extended LBAs, no protection: refused
+            md(8, false, 0),  // 2: separate metadata, no protection: refused
+            md(8, false, 1),  // 3: type 1, 8 bytes: PRACT
+            md(8, true, 1),   // 4: type 1, extended: PRACT (nothing travels)
+            md(8, false, 3),  // 5: type 3: PRACT, guard only
+            md(16, false, 1), // 6: protection plus 8 more bytes: refused
+            md(8, false, 2),  // 7: type 2: PRACT
+        ],
+        ..EmuConfig::default()
+    });
+    // The emulator checks every block's CRC: generous deadlines, so load cannot fail it.
+    let c = Controller::init(
+        e.clone(),
+        &Options {
+            io_timeout: Duration::from_secs(60),
+            ..quick()
+        },
+    )
+    .unwrap();
+    // Every namespace is listed; the refused ones say why.
+    let listed: Vec<(u32, bool)> = c.namespaces().iter().map(|n| (n.nsid, n.is_usable())).collect();
+    assert_eq!(
+        listed,
+        [
+            (1, false),
+            (2, false),
+            (3, true),
+            (4, true),
+            (5, true),
+            (6, false),
+            (7, true)
+        ]
+    );
+    let ns1 = c.namespace(1).unwrap();
+    assert_eq!(
+        (ns1.metadata_size, ns1.extended_lba, ns1.protection),
+        (8, true, 0)
+    );
+    assert!(ns1.unusable.as_deref().unwrap().contains("extended LBAs"));
+    assert!(
+        c.namespace(2)
+            .unwrap()
+            .unusable
+            .as_deref()
+            .unwrap()
+            .contains("separate")
+    );
+    assert!(
+        c.namespace(6)
+            .unwrap()
+            .unusable
+            .as_deref()
+            .unwrap()
+            .contains("16 bytes")
+    );
+    let mut q = c.io_queue(16).unwrap();
+    let buf = c.alloc_buffer(1 << 20).unwrap();
+    let data = pattern(1 << 20, 9);
+    buf.write_at(0, &data).unwrap();
+    for nsid in [1, 2, 6] {
+        for req in [
+            IoRequest::write(nsid, 0, 8, &buf, 0),
+            IoRequest::read(nsid, 0, 8, &buf, 0),
+            IoRequest::write_zeroes(nsid, 0, 8),
+        ] {
+            match q.run(&req) {
+                Err(NvmeError::Unsupported(why)) => assert!(why.contains("metadata"), "{nsid}: {why}"),
+                other => panic!("namespace {nsid}: {other:?}"),
+            }
+        }
+    }
+    assert_eq!(
+        e.stats().io(io::WRITE) + e.stats().io(io::READ),
+        0,
+        "nothing sent"
+    );
+    for nsid in [3, 4, 5, 7] {
+        // 2048 blocks: two commands (MDTS 512 KiB), each with its own reference tag.
+        q.write(nsid, 100, 2048, &buf, 0).unwrap();
+        assert_eq!(
+            e.namespace_read(nsid, 100 * 512, 1 << 20).unwrap(),
+            data,
+            "{nsid}"
+        );
+        let back = c.alloc_buffer(1 << 20).unwrap();
+        q.read(nsid, 100, 2048, &back, 0).unwrap();
+        let mut got = vec![0u8; 1 << 20];
+        back.read_at(0, &mut got).unwrap();
+        assert_eq!(got, data, "{nsid}");
+        for lba in [100u64, 1123, 1124, 2147] {
+            let pi = e.namespace_metadata(nsid, lba).unwrap();
+            let k = (lba - 100) as usize;
+            assert_eq!(
+                pi[0..2],
+                spec::crc16_t10dif(&data[k * 512..(k + 1) * 512]).to_be_bytes(),
+                "{nsid} {lba}"
+            );
+            if nsid != 5 {
+                assert_eq!(pi[4..8], (lba as u32).to_be_bytes(), "{nsid} {lba}");
+            }
+        }
+        // Write Zeroes leaves protection information that reads back.
+        q.run(&IoRequest::write_zeroes(nsid, 200, 16)).unwrap();
+        q.read(nsid, 190, 32, &back, 0).unwrap();
+    }
+    assert_eq!(e.stats().bad_dma, 0);
+}
+
+#[test]
+fn write_zeroes_and_deallocate_follow_oncs_and_the_nvm_limits() {
+    let e = emu(EmuConfig {
+        oncs: 0,
+        ..EmuConfig::default()
+    });
+    let c = up(&e);
+    let mut q = c.io_queue(8).unwrap();
+    for req in [IoRequest::write_zeroes(1, 0, 8), IoRequest::deallocate(1, 0, 8)] {
+        let err = q.run(&req).unwrap_err();
+        assert!(matches!(err, NvmeError::Unsupported(_)), "{err}");
+    }
+    let s = e.stats();
+    assert_eq!(
+        s.io(io::WRITE_ZEROES) + s.io(io::DATASET_MANAGEMENT),
+        0,
+        "nothing sent"
+    );
+
+    // WZSL 1 (8 KiB: 16 blocks), one range of at most 16 blocks and 20 per command.
+    let e = emu(EmuConfig {
+        wzsl: 1,
+        dmrl: 1,
+        dmrsl: 16,
+        dmsl: 20,
+        ..EmuConfig::default()
+    });
+    let c = up(&e);
+    let mut q = c.io_queue(16).unwrap();
+    e.namespace_write(1, 0, &[0xaa; 200 * 512]).unwrap();
+    q.run(&IoRequest::write_zeroes(1, 10, 100)).unwrap();
+    assert_eq!(e.stats().io(io::WRITE_ZEROES), 7, "100 blocks in commands of 16");
+    q.run(&IoRequest::deallocate(1, 120, 40)).unwrap();
+    assert_eq!(
+        e.stats().io(io::DATASET_MANAGEMENT),
+        3,
+        "40 blocks in ranges of 16"
+    );
+    let mut want = vec![0xaa; 200 * 512];
+    want[10 * 512..110 * 512].fill(0);
+    want[120 * 512..160 * 512].fill(0);
+    assert_eq!(e.namespace_read(1, 0, want.len()).unwrap(), want);
+}
+
+#[test]
+fn active_namespace_lists_are_paged_past_1024() {
+    let e = emu(EmuConfig {
+        namespaces: vec![NamespaceConfig::new(8, 512); 1030],
+        ..EmuConfig::default()
+    });
+    let c = up(&e);
+    let ids: Vec<u32> = c.namespaces().iter().map(|n| n.nsid).collect();
+    assert_eq!(ids, (1..=1030).collect::<Vec<u32>>());
+}
+
+#[test]
+fn a_reset_honours_the_queue_count_granted_again() {
+    let e = emu(EmuConfig::default());
+    let c = Controller::init(
+        e.clone(),
+        &Options {
+            io_queues: 4,
+            ..quick()
+        },
+    )
+    .unwrap();
+    let mut queues: Vec<_> = (0..4).map(|_| c.io_queue(4).unwrap()).collect();
+    let buf = buf_of(&c);
+    // After the reset the controller grants only 2.
+    e.limit_io_queues(2);
+    c.reset().unwrap();
+    // A poll creates a queue again after a reset; the fourth cannot be.
+    queues[0].poll(|_, _| {}).unwrap();
+    queues[0].read(1, 0, 1, &buf, 0).unwrap();
+    let err = queues[3].poll(|_, _| {}).unwrap_err();
+    assert!(err.to_string().contains("granted"), "{err}");
+    let admin_before = e.stats().admin_commands.values().sum::<u64>();
+    queues.truncate(2);
+    assert_eq!(
+        e.stats().admin_commands.values().sum::<u64>(),
+        admin_before,
+        "queues the controller cannot have are not deleted"
+    );
+    let err = c.io_queue(4).unwrap_err();
+    assert!(
+        matches!(&err, NvmeError::Invalid(m) if m.contains("all 2 I/O queues")),
+        "{err}"
+    );
+    drop(queues);
+    let again: Vec<_> = (0..2).map(|_| c.io_queue(4).unwrap()).collect();
+    assert_eq!(again.iter().map(|q| q.qid()).max(), Some(2));
+}
+
+#[test]
+fn shutdown_deletes_the_io_queues_first() {
+    let e = emu(EmuConfig::default());
+    let c = up(&e);
+    let mut q1 = c.io_queue(8).unwrap();
+    let q2 = c.io_queue(8).unwrap();
+    let buf = buf_of(&c);
+    q1.read(1, 0, 1, &buf, 0).unwrap();
+    c.shutdown().unwrap();
+    let s = e.stats();
+    assert_eq!((s.admin(admin::DELETE_SQ), s.admin(admin::DELETE_CQ)), (2, 2));
+    // The queues know: no command, no admin round trip (the controller takes none).
+    let err = q1.read(1, 0, 1, &buf, 0).unwrap_err();
+    assert!(err.to_string().contains("shut down"), "{err}");
+    drop((q1, q2));
+    assert_eq!(e.stats().admin_commands, s.admin_commands);
+}
+
+#[test]
+fn a_controller_failing_during_shutdown_is_reported_at_once() {
+    let e = emu(EmuConfig::default());
+    let c = up(&e);
+    e.inject(Fault::FatalOnShutdown);
+    let err = c.shutdown_within(Duration::from_secs(3)).unwrap_err();
+    assert!(matches!(err, NvmeError::Fatal { .. }), "{err}");
+}
+
+#[test]
+fn the_ready_timeout_comes_from_crto_when_cap_crms_says_so() {
+    let c = up(&emu(EmuConfig::default()));
+    assert_eq!(c.info().ready_timeout, Duration::from_millis(7500), "CAP.TO");
+    // CRWMT 0x400 (512 s) is more than CAP.TO can say (at most 127.5 s).
+    let c = up(&emu(EmuConfig {
+        crto: Some(0x0004_0400),
+        ..EmuConfig::default()
+    }));
+    assert_eq!(c.info().ready_timeout, Duration::from_secs(512));
 }

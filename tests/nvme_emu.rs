@@ -285,16 +285,7 @@ fn registers_before_enable() {
 fn identify_controller_namespaces_and_list() {
     let e = emu(EmuConfig {
         serial: "SN42".into(),
-        namespaces: vec![
-            NamespaceConfig {
-                blocks: 1000,
-                block_size: 512,
-            },
-            NamespaceConfig {
-                blocks: 300,
-                block_size: 4096,
-            },
-        ],
+        namespaces: vec![NamespaceConfig::new(1000, 512), NamespaceConfig::new(300, 4096)],
         ..EmuConfig::default()
     });
     let mut host = Host::enable(e.clone());
@@ -1180,10 +1171,7 @@ fn config_is_checked() {
             ..EmuConfig::default()
         },
         EmuConfig {
-            namespaces: vec![NamespaceConfig {
-                blocks: 10,
-                block_size: 1024,
-            }],
+            namespaces: vec![NamespaceConfig::new(10, 1024)],
             ..EmuConfig::default()
         },
         EmuConfig {
@@ -1199,12 +1187,330 @@ fn config_is_checked() {
     }
 }
 
+fn metadata_namespace(metadata_size: u16, extended_lba: bool, protection: u8) -> NamespaceConfig {
+    NamespaceConfig {
+        metadata_size,
+        extended_lba,
+        protection,
+        ..NamespaceConfig::new(1024, 512)
+    }
+}
+
+// A Read or Write with PRINFO (CDW12 bits 29:26), the initial reference tag (CDW14) and a
+// metadata pointer.
+fn rw_pi(opcode: u8, lba: u64, blocks: u32, prp1: u64, prinfo: u32, ilbrt: u32, mptr: u64) -> Command {
+    let mut cmd = rw(opcode, 1, lba, blocks, prp1, 0);
+    cmd.cdw[2] |= prinfo;
+    cmd.cdw[4] = ilbrt;
+    cmd.mptr = mptr;
+    cmd
+}
+
+#[test]
+fn identify_namespace_reports_metadata_and_protection() {
+    let mut ns = metadata_namespace(16, true, 2);
+    ns.protection_first = true;
+    let e = emu(EmuConfig {
+        namespaces: vec![ns, NamespaceConfig::new(8, 4096)],
+        ..EmuConfig::default()
+    });
+    let mut host = Host::enable(e);
+    let id = IdentifyNamespace::parse(&host.identify(cns::NAMESPACE, 1)).unwrap();
+    assert_eq!(
+        (
+            id.block_size(),
+            id.metadata_size(),
+            id.extended_lba(),
+            id.protection_type(),
+            id.protection_first()
+        ),
+        (Some(512), 16, true, 2, true)
+    );
+    let plain = IdentifyNamespace::parse(&host.identify(cns::NAMESPACE, 2)).unwrap();
+    assert_eq!(
+        (
+            plain.block_size(),
+            plain.metadata_size(),
+            plain.extended_lba(),
+            plain.protection_type()
+        ),
+        (Some(4096), 0, false, 0)
+    );
+}
+
+#[test]
+fn extended_lbas_move_data_and_metadata_through_the_prps() {
+    let (e, host, mut q) = setup(EmuConfig {
+        namespaces: vec![metadata_namespace(8, true, 0)],
+        ..EmuConfig::default()
+    });
+    // Two blocks: 2 × (512 + 8) bytes, interleaved.
+    let buf = e.alloc_dma(4096).unwrap();
+    let host_bytes = pattern(2 * 520, 3);
+    buf.write_at(0, &host_bytes).unwrap();
+    assert!(
+        host.exec(&mut q, rw(io::WRITE, 1, 10, 2, buf.iova(), 0))
+            .status()
+            .is_success()
+    );
+    assert_eq!(e.namespace_read(1, 10 * 512, 512).unwrap(), host_bytes[..512]);
+    assert_eq!(e.namespace_read(1, 11 * 512, 512).unwrap(), host_bytes[520..1032]);
+    assert_eq!(e.namespace_metadata(1, 10).unwrap(), host_bytes[512..520]);
+    assert_eq!(e.namespace_metadata(1, 11).unwrap(), host_bytes[1032..1040]);
+    // A driver that thinks in 512-byte blocks: 8 blocks fill its 4 KiB exactly, but the
+    // controller moves 8 × 520 bytes, past the end of the buffer.
+    let small = e.alloc_dma(4096).unwrap();
+    let c = host.exec(&mut q, rw(io::READ, 1, 10, 8, small.iova(), 0));
+    assert_eq!(c.status(), Status::DATA_TRANSFER_ERROR);
+    assert_eq!(e.stats().bad_dma, 1);
+}
+
+#[test]
+fn separate_metadata_moves_through_mptr() {
+    let (e, host, mut q) = setup(EmuConfig {
+        namespaces: vec![metadata_namespace(8, false, 0)],
+        ..EmuConfig::default()
+    });
+    let buf = e.alloc_dma(4096).unwrap();
+    let data = pattern(1024, 4);
+    buf.write_at(0, &data).unwrap();
+    // MPTR 0, as a driver that knows nothing of metadata leaves it: no DMA memory there.
+    let c = host.exec(&mut q, rw(io::WRITE, 1, 0, 2, buf.iova(), 0));
+    assert_eq!(c.status(), Status::DATA_TRANSFER_ERROR);
+    assert_eq!(e.stats().bad_dma, 1);
+    let meta = e.alloc_dma(4096).unwrap();
+    meta.write_at(0, &[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16])
+        .unwrap();
+    let c = host.exec(&mut q, rw_pi(io::WRITE, 0, 2, buf.iova(), 0, 0, meta.iova()));
+    assert!(c.status().is_success());
+    assert_eq!(e.namespace_read(1, 0, 1024).unwrap(), data);
+    assert_eq!(
+        e.namespace_metadata(1, 1).unwrap(),
+        [9, 10, 11, 12, 13, 14, 15, 16]
+    );
+    let back = e.alloc_dma(4096).unwrap();
+    let c = host.exec(&mut q, rw_pi(io::READ, 0, 2, back.iova(), 0, 0, meta.iova() + 64));
+    assert!(c.status().is_success());
+    let mut got = [0u8; 16];
+    meta.read_at(64, &mut got).unwrap();
+    assert_eq!(got, [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16]);
+    assert_eq!(e.stats().bad_dma, 1);
+}
+
+#[test]
+fn protection_information_is_checked_inserted_and_stripped() {
+    use spec::prinfo::{PRACT, PRCHK_GUARD, PRCHK_REF};
+    let (e, host, mut q) = setup(EmuConfig {
+        namespaces: vec![metadata_namespace(8, false, 1)],
+        ..EmuConfig::default()
+    });
+    let buf = e.alloc_dma(4096).unwrap();
+    let data = pattern(1024, 5);
+    buf.write_at(0, &data).unwrap();
+    let meta = e.alloc_dma(4096).unwrap();
+    // PRACT 0: the host's protection information (zeros here) is checked and fails.
+    let check = PRCHK_GUARD | PRCHK_REF;
+    let c = host.exec(&mut q, rw_pi(io::WRITE, 7, 2, buf.iova(), check, 7, meta.iova()));
+    assert_eq!(c.status(), Status::GUARD_CHECK_ERROR);
+    // Valid protection information passes.
+    for k in 0..2usize {
+        let mut pi = [0u8; 8];
+        pi[0..2].copy_from_slice(&spec::crc16_t10dif(&data[k * 512..(k + 1) * 512]).to_be_bytes());
+        pi[4..8].copy_from_slice(&(7 + k as u32).to_be_bytes());
+        meta.write_at(8 * k, &pi).unwrap();
+    }
+    let c = host.exec(&mut q, rw_pi(io::WRITE, 7, 2, buf.iova(), check, 7, meta.iova()));
+    assert!(c.status().is_success());
+    // Type 1: the initial reference tag must be the LBA's.
+    let c = host.exec(&mut q, rw_pi(io::WRITE, 7, 2, buf.iova(), check, 8, meta.iova()));
+    assert_eq!(c.status(), Status::INVALID_PROTECTION_INFO);
+    // PRACT 1 with 8 bytes of metadata: no metadata travels (MPTR 0 is never touched); the
+    // controller generates it.
+    let bad_dma = e.stats().bad_dma;
+    let c = host.exec(
+        &mut q,
+        rw_pi(io::WRITE, 100, 2, buf.iova(), PRACT | check, 100, 0),
+    );
+    assert!(c.status().is_success());
+    let pi = e.namespace_metadata(1, 101).unwrap();
+    assert_eq!(pi[0..2], spec::crc16_t10dif(&data[512..]).to_be_bytes());
+    assert_eq!(pi[4..8], 101u32.to_be_bytes());
+    let back = e.alloc_dma(4096).unwrap();
+    let c = host.exec(
+        &mut q,
+        rw_pi(io::READ, 100, 2, back.iova(), PRACT | check, 100, 0),
+    );
+    assert!(c.status().is_success());
+    let mut got = vec![0u8; 1024];
+    back.read_at(0, &mut got).unwrap();
+    assert_eq!(got, data);
+    assert_eq!(e.stats().bad_dma, bad_dma);
+    // Data changed behind the protection information: the guard check catches it.
+    e.namespace_write(1, 100 * 512, &[0xee; 4]).unwrap();
+    let c = host.exec(
+        &mut q,
+        rw_pi(io::READ, 100, 1, back.iova(), PRACT | check, 100, 0),
+    );
+    assert_eq!(c.status(), Status::GUARD_CHECK_ERROR);
+    // Blocks never written carry the escape tag: not checked.
+    let c = host.exec(
+        &mut q,
+        rw_pi(io::READ, 500, 2, back.iova(), PRACT | check, 500, 0),
+    );
+    assert!(c.status().is_success());
+    // Write Zeroes with PRACT leaves valid protection information.
+    let mut wz = rw(io::WRITE_ZEROES, 1, 200, 4, 0, 0);
+    wz.cdw[2] |= PRACT;
+    wz.cdw[4] = 200;
+    assert!(host.exec(&mut q, wz).status().is_success());
+    let c = host.exec(
+        &mut q,
+        rw_pi(io::READ, 200, 4, back.iova(), PRACT | check, 200, 0),
+    );
+    assert!(c.status().is_success());
+}
+
+#[test]
+fn oncs_and_the_nvm_command_set_limits_are_reported_and_enforced() {
+    let (e, mut host, mut q) = setup(EmuConfig {
+        oncs: 0,
+        wzsl: 1,
+        dmrl: 2,
+        dmrsl: 16,
+        dmsl: 20,
+        ..EmuConfig::default()
+    });
+    let id = IdentifyController::parse(&host.identify(cns::CONTROLLER, 0)).unwrap();
+    assert_eq!(id.oncs, 0);
+    let mut cmd = Command::new(admin::IDENTIFY);
+    let buf = e.alloc_dma(4096).unwrap();
+    cmd.prp1 = buf.iova();
+    cmd.cdw[0] = cns::IO_CONTROLLER;
+    host.admin_ok(cmd);
+    let mut b = vec![0u8; 4096];
+    buf.read_at(0, &mut b).unwrap();
+    let nvm = spec::IdentifyControllerNvm::parse(&b).unwrap();
+    assert_eq!((nvm.wzsl, nvm.dmrl, nvm.dmrsl, nvm.dmsl), (1, 2, 16, 20));
+    cmd.cdw[1] = 2 << 24; // another command set
+    assert_eq!(host.admin(cmd).status(), Status::INVALID_FIELD);
+    assert_eq!(
+        host.exec(&mut q, rw(io::WRITE_ZEROES, 1, 0, 1, 0, 0)).status(),
+        Status::INVALID_OPCODE
+    );
+    let mut dsm = Command::new(io::DATASET_MANAGEMENT);
+    dsm.nsid = 1;
+    dsm.prp1 = buf.iova();
+    dsm.cdw[1] = spec::dsm::DEALLOCATE;
+    assert_eq!(host.exec(&mut q, dsm).status(), Status::INVALID_OPCODE);
+
+    let (e, host, mut q) = setup(EmuConfig {
+        wzsl: 1,
+        dmrl: 2,
+        dmrsl: 16,
+        dmsl: 20,
+        ..EmuConfig::default()
+    });
+    // WZSL 1: 8 KiB, 16 blocks.
+    assert!(
+        host.exec(&mut q, rw(io::WRITE_ZEROES, 1, 0, 16, 0, 0))
+            .status()
+            .is_success()
+    );
+    assert_eq!(
+        host.exec(&mut q, rw(io::WRITE_ZEROES, 1, 0, 17, 0, 0)).status(),
+        Status::INVALID_FIELD
+    );
+    let ranges = e.alloc_dma(4096).unwrap();
+    let mut dsm = Command::new(io::DATASET_MANAGEMENT);
+    dsm.nsid = 1;
+    dsm.prp1 = ranges.iova();
+    dsm.cdw[1] = spec::dsm::DEALLOCATE;
+    let mut set = |ranges_: &[(u64, u32)]| {
+        for (i, (slba, nlb)) in ranges_.iter().enumerate() {
+            ranges.write_at(i * 16 + 4, &nlb.to_le_bytes()).unwrap();
+            ranges.write_at(i * 16 + 8, &slba.to_le_bytes()).unwrap();
+        }
+        dsm.cdw[0] = ranges_.len() as u32 - 1;
+        dsm
+    };
+    for (r, want) in [
+        (&[(0u64, 16u32)][..], Status::SUCCESS),
+        (&[(0, 17)][..], Status::INVALID_FIELD),                // DMRSL
+        (&[(0, 10), (20, 11)][..], Status::INVALID_FIELD),      // DMSL
+        (&[(0, 1), (2, 1), (4, 1)][..], Status::INVALID_FIELD), // DMRL
+        (&[(0, 10), (20, 10)][..], Status::SUCCESS),
+    ] {
+        let cmd = set(r);
+        assert_eq!(host.exec(&mut q, cmd).status(), want, "{r:?}");
+    }
+}
+
+#[test]
+fn ready_timeouts_of_nvme_2() {
+    let e = emu(EmuConfig {
+        crto: Some(0x0010_0400),
+        ..EmuConfig::default()
+    });
+    let bar = e.map_bar(0).unwrap();
+    let cap = Cap(bar.read64(reg::CAP).unwrap());
+    assert!(cap.crwms() && cap.crims());
+    assert_eq!(cap.timeout_ms(), 255 * 500, "CAP.TO is min(CRWMT, 255)");
+    assert_eq!(bar.read32(reg::CRTO).unwrap(), 0x0010_0400);
+    assert_eq!(cap.ready_timeout_ms(bar.read32(reg::CRTO).unwrap()), 0x400 * 500);
+    let plain = emu(EmuConfig::default()).map_bar(0).unwrap();
+    assert!(!Cap(plain.read64(reg::CAP).unwrap()).crwms());
+    assert_eq!(plain.read32(reg::CRTO).unwrap(), 0);
+}
+
+#[test]
+fn active_namespace_lists_come_in_pages_of_1024() {
+    let e = emu(EmuConfig {
+        namespaces: vec![NamespaceConfig::new(8, 512); 1030],
+        ..EmuConfig::default()
+    });
+    let mut host = Host::enable(e);
+    let first = spec::parse_namespace_list(&host.identify(cns::ACTIVE_NAMESPACES, 0));
+    assert_eq!((first.len(), first[0], first[1023]), (1024, 1, 1024));
+    let rest = spec::parse_namespace_list(&host.identify(cns::ACTIVE_NAMESPACES, 1024));
+    assert_eq!(rest, (1025..=1030).collect::<Vec<u32>>());
+}
+
+#[test]
+fn a_queue_grant_limit_applies_from_the_next_set_features() {
+    let e = emu(EmuConfig::default());
+    let mut host = Host::enable(e.clone());
+    e.limit_io_queues(2);
+    let mut cmd = Command::new(admin::SET_FEATURES);
+    cmd.cdw[0] = u32::from(feature::NUMBER_OF_QUEUES);
+    cmd.cdw[1] = 7 << 16 | 7;
+    assert_eq!(host.admin_ok(cmd).dw0, 1 << 16 | 1);
+    let q = Queue::new(&e, 3, 4, 4);
+    let c = host.admin(Host::<EmulatedNvme>::create_cq_cmd(3, 4, q.cq.iova(), None));
+    assert_eq!(c.status(), Status::INVALID_QUEUE_ID);
+}
+
+#[test]
+fn a_fatal_error_during_shutdown_never_reports_it_complete() {
+    let (e, host, _q) = setup(EmuConfig::default());
+    e.inject(Fault::FatalOnShutdown);
+    let value = host.bar.read32(reg::CC).unwrap();
+    host.bar.write32(reg::CC, value | cc::SHN_NORMAL).unwrap();
+    eventually("CSTS.CFS", || host.csts() & csts::CFS != 0);
+    assert_eq!(host.csts() & csts::SHST_MASK, 0);
+    // A reset clears it, and the next shutdown completes.
+    host.bar.write32(reg::CC, 0).unwrap();
+    assert_eq!(host.csts(), 0);
+    host.start();
+    let value = host.bar.read32(reg::CC).unwrap();
+    host.bar.write32(reg::CC, value | cc::SHN_NORMAL).unwrap();
+    eventually("SHST complete", || {
+        host.csts() & csts::SHST_MASK == csts::SHST_COMPLETE
+    });
+}
+
 fn small_namespace() -> EmuConfig {
     EmuConfig {
-        namespaces: vec![NamespaceConfig {
-            blocks: 512,
-            block_size: 512,
-        }],
+        namespaces: vec![NamespaceConfig::new(512, 512)],
         ..EmuConfig::default()
     }
 }

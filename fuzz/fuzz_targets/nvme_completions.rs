@@ -18,10 +18,7 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     let emu = EmulatedNvme::new(EmuConfig {
-        namespaces: vec![NamespaceConfig {
-            blocks: 1024,
-            block_size: 512,
-        }],
+        namespaces: vec![NamespaceConfig::new(1024, 512)],
         ..EmuConfig::default()
     })
     .expect("emulator");

@@ -1,6 +1,6 @@
 //! Controller bring-up, the admin queue, namespaces, and what every queue shares.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -12,8 +12,8 @@ use std::os::fd::AsFd;
 use super::io::IoQueue;
 use super::queue::{Doorbells, Ring, Shadow};
 use super::spec::{
-    self, Cap, Command, Completion, IdentifyController, IdentifyNamespace, Status, admin, cc, cns, csts,
-    feature, oacs, reg,
+    self, Cap, Command, Completion, IdentifyController, IdentifyControllerNvm, IdentifyNamespace, Status,
+    admin, cc, cns, csts, feature, oacs, prinfo, reg,
 };
 use super::{Dma, NvmeError};
 use crate::addr::PciAddress;
@@ -61,23 +61,105 @@ impl Default for Options {
 }
 
 /// A namespace, as Identify Namespace describes it.
+///
+/// # Metadata and protection information
+///
+/// The driver moves data only: buffers hold whole blocks of data, never metadata. A
+/// namespace whose format has metadata is driven only when that needs no metadata
+/// buffer — 8 bytes of end-to-end protection information (type 1, 2 or 3), which the
+/// controller inserts on writes and checks and strips on reads (PRACT = 1; the guard is
+/// checked, and for types 1 and 2 the reference tag, set to the low 32 bits of each
+/// command's starting LBA). Every other format with metadata — metadata without
+/// protection, or protection with more than 8 bytes of metadata, in extended LBAs or a
+/// separate buffer (MPTR) — is *refused*, as Linux gives such namespaces a capacity of
+/// 0: the namespace is listed with the reason in [`unusable`](Self::unusable), and every
+/// request to it fails with [`NvmeError::Unsupported`] naming the reason before anything
+/// reaches the controller. (Sending such a namespace plain data would have the
+/// controller move more bytes than the buffer holds, or DMA metadata to MPTR 0.)
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct Namespace {
     /// Its ID.
     pub nsid: u32,
-    /// Size in blocks.
+    /// Size in blocks (as reported, even when the namespace is unusable).
     pub blocks: u64,
-    /// Block size in bytes (512, 4096, ...).
+    /// Block size in bytes (512, 4096, ...): the data of a block, without metadata.
     pub block_size: u32,
+    /// Metadata bytes per block of the format in use (0: none).
+    pub metadata_size: u16,
+    /// Whether the metadata travels with each block's data (extended LBAs) rather than in
+    /// a separate buffer.
+    pub extended_lba: bool,
+    /// End-to-end protection type (0: none, 1–3).
+    pub protection: u8,
+    /// Why the driver refuses I/O to this namespace (`None`: it is usable). See the
+    /// [type docs](Self).
+    pub unusable: Option<String>,
     /// The Identify data.
     pub identify: IdentifyNamespace,
+    // PRINFO bits of CDW12 for reads, writes and write zeroes, and whether CDW14 carries
+    // the reference tag (the starting LBA's low 32 bits).
+    pub(crate) prinfo: u32,
+    pub(crate) reftag: bool,
 }
 
 impl Namespace {
+    /// The namespace `nsid` that Identify Namespace `identify` describes, with its block
+    /// size `block_size`, and how the driver drives it.
+    fn new(nsid: u32, block_size: u32, identify: IdentifyNamespace) -> Self {
+        let (prinfo, reftag, unusable) = match access(&identify) {
+            Ok((p, r)) => (p, r, None),
+            Err(why) => (0, false, Some(why)),
+        };
+        Namespace {
+            nsid,
+            blocks: identify.nsze,
+            block_size,
+            metadata_size: identify.metadata_size(),
+            extended_lba: identify.extended_lba(),
+            protection: identify.protection_type(),
+            unusable,
+            prinfo,
+            reftag,
+            identify,
+        }
+    }
+
     /// Size in bytes.
     pub fn bytes(&self) -> u64 {
         self.blocks.saturating_mul(u64::from(self.block_size))
+    }
+
+    /// Whether the driver does I/O to it ([`unusable`](Self::unusable) is `None`).
+    pub fn is_usable(&self) -> bool {
+        self.unusable.is_none()
+    }
+}
+
+// How the driver drives a namespace of this format with data-only buffers: the PRINFO
+// bits and whether a reference tag goes in CDW14; or why it cannot.
+fn access(id: &IdentifyNamespace) -> Result<(u32, bool), String> {
+    let layout = if id.extended_lba() {
+        "extended LBAs"
+    } else {
+        "a separate buffer"
+    };
+    match (id.metadata_size(), id.protection_type()) {
+        (0, 0) => Ok((0, false)),
+        (0, t) => Err(format!(
+            "protection type {t} without metadata (an inconsistent format)"
+        )),
+        (ms, 0) => Err(format!(
+            "{ms} bytes of metadata per block in {layout}: the driver has no metadata buffers"
+        )),
+        (8, 1 | 2) => Ok((prinfo::PRACT | prinfo::PRCHK_GUARD | prinfo::PRCHK_REF, true)),
+        (8, 3) => Ok((prinfo::PRACT | prinfo::PRCHK_GUARD, false)),
+        (ms, t @ 1..=3) => Err(format!(
+            "protection type {t} with {ms} bytes of metadata per block in {layout}: the controller \
+             inserts and strips only 8 bytes of protection information, the rest of the metadata \
+             would need metadata buffers"
+        )),
+        (_, t) => Err(format!("reserved protection type {t}")),
     }
 }
 
@@ -95,6 +177,13 @@ pub struct ControllerInfo {
     pub identify: IdentifyController,
     /// The largest transfer of one command, in bytes (MDTS, at most 1 MiB).
     pub max_transfer: u64,
+    /// The NVM command set's limits (Identify CNS 06h: Write Zeroes size, Dataset
+    /// Management ranges); all zero (no limits) when the controller (before NVMe 1.4) has
+    /// not that structure.
+    pub identify_nvm: IdentifyControllerNvm,
+    /// How long CSTS.RDY may take to follow CC.EN: CAP.TO, or with CAP.CRMS.CRWMS set
+    /// (NVMe 2.0) CRTO.CRWMT, which can say more than CAP.TO's 127.5 s.
+    pub ready_timeout: Duration,
     /// I/O queue pairs granted.
     pub io_queues: u16,
     /// Whether shadow doorbells are in use.
@@ -134,9 +223,20 @@ pub(crate) struct Shared<B: DeviceBacking> {
     removing: Mutex<Option<String>>,
     // Bumped by each controller reset: queues made before it create themselves again.
     pub(crate) generation: AtomicU64,
+    // I/O queue pairs granted by the last Set Features (Number of Queues): at bring-up,
+    // then after each reset (never more than at bring-up).
+    io_queues_now: AtomicU16,
+    // Set by a normal shutdown (its I/O queues deleted, the controller takes no more
+    // commands); a reset clears it.
+    pub(crate) shut_down: AtomicBool,
 }
 
 impl<B: DeviceBacking> Shared<B> {
+    /// I/O queue pairs the controller grants now (the last Set Features' answer).
+    pub(crate) fn io_queues(&self) -> u16 {
+        self.io_queues_now.load(Ordering::Acquire)
+    }
+
     pub(crate) fn removed(&self) -> Option<NvmeError> {
         self.revoked
             .load(Ordering::Acquire)
@@ -175,6 +275,11 @@ impl<B: DeviceBacking> Shared<B> {
     pub(crate) fn admin(&self, mut cmd: Command, what: &str) -> Result<Completion, NvmeError> {
         if let Some(e) = self.removed() {
             return Err(e);
+        }
+        if self.shut_down.load(Ordering::Acquire) {
+            return Err(NvmeError::Removed(format!(
+                "{what}: the controller was shut down"
+            )));
         }
         let mut a = self.admin.lock();
         let Admin { ring, regs, next_cid } = &mut *a;
@@ -259,7 +364,7 @@ impl<B: DeviceBacking> Shared<B> {
         if let Some(e) = self.removed() {
             return Err(e);
         }
-        let cap = self.info.cap;
+        let limit = self.info.ready_timeout;
         log::warn!("{}: resetting the controller: {why}", self.info.address);
         {
             let mut a = self.admin.lock();
@@ -272,16 +377,27 @@ impl<B: DeviceBacking> Shared<B> {
                 return Err(NvmeError::Gone);
             }
             regs.write32(reg::CC, cc_now & !(cc::EN | cc::SHN_MASK))?;
-            wait_ready(regs, false, cap, "reset: controller disable (CSTS.RDY = 0)")?;
+            wait_ready(regs, false, limit, "reset: controller disable (CSTS.RDY = 0)")?;
             ring.reset();
             *next_cid = 0;
-            enable(regs, ring, cap, "reset: controller enable (CSTS.RDY = 1)")?;
+            enable(regs, ring, limit, "reset: controller enable (CSTS.RDY = 1)")?;
         }
+        self.shut_down.store(false, Ordering::Release);
         let n = self.info.io_queues;
         let mut cmd = Command::new(admin::SET_FEATURES);
         cmd.cdw[0] = u32::from(feature::NUMBER_OF_QUEUES);
         cmd.cdw[1] = u32::from(n - 1) << 16 | u32::from(n - 1);
-        self.admin(cmd, "Set Features (Number of Queues) after reset")?;
+        let c = self.admin(cmd, "Set Features (Number of Queues) after reset")?;
+        // The controller may grant fewer than before (resources reassigned): queues above
+        // the grant cannot be created again, and no new queue gets their ids.
+        let granted = granted_queues(n, c.dw0);
+        if granted < n {
+            log::warn!(
+                "{}: after the reset the controller grants {granted} of {n} I/O queues",
+                self.info.address
+            );
+        }
+        self.io_queues_now.store(granted, Ordering::Release);
         if let Some(s) = &self.shadow {
             s.doorbells.zero();
             s.events.zero();
@@ -296,7 +412,8 @@ impl<B: DeviceBacking> Shared<B> {
 
     pub(crate) fn alloc_qid(&self) -> Option<u16> {
         let mut q = self.qids.lock();
-        let free = q.iter().skip(1).position(|used| !used)? + 1;
+        let granted = usize::from(self.io_queues());
+        let free = q.iter().take(granted + 1).skip(1).position(|used| !used)? + 1;
         q[free] = true;
         Some(free as u16)
     }
@@ -314,12 +431,17 @@ impl<B: DeviceBacking> Shared<B> {
     }
 }
 
+// I/O queue pairs granted by Set Features (Number of Queues) answering `dw0`, of `want`.
+fn granted_queues(want: u16, dw0: u32) -> u16 {
+    want.min((dw0 & 0xffff) as u16 + 1).min((dw0 >> 16) as u16 + 1)
+}
+
 // Points a disabled controller at the admin queue `ring`, enables it (4 KiB pages, NVM
 // command set, 64/16-byte entries) and waits until it is ready.
 fn enable<R: RegisterIo, D: DmaMemory>(
     regs: &R,
     ring: &Ring<D>,
-    cap: Cap,
+    limit: Duration,
     what: &str,
 ) -> Result<(), NvmeError> {
     let last = u32::from(ring.depth() - 1);
@@ -330,7 +452,7 @@ fn enable<R: RegisterIo, D: DmaMemory>(
         regs.write32(at + 4, (iova >> 32) as u32)?;
     }
     regs.write32(reg::CC, cc::EN | 6 << cc::IOSQES_SHIFT | 4 << cc::IOCQES_SHIFT)?;
-    wait_ready(regs, true, cap, what)
+    wait_ready(regs, true, limit, what)
 }
 
 // Sets and clears bits of the PCI Command register.
@@ -379,8 +501,9 @@ impl<B: DeviceBacking> std::fmt::Debug for Controller<B> {
     }
 }
 
-fn wait_ready<R: RegisterIo>(regs: &R, ready: bool, cap: Cap, what: &str) -> Result<(), NvmeError> {
-    let limit = Duration::from_millis(cap.timeout_ms().max(500));
+// Waits (at most `limit`, at least 500 ms) for CSTS.RDY to become `ready`.
+fn wait_ready<R: RegisterIo>(regs: &R, ready: bool, limit: Duration, what: &str) -> Result<(), NvmeError> {
+    let limit = limit.max(Duration::from_millis(500));
     let start = Instant::now();
     loop {
         let csts = regs.read32(reg::CSTS)?;
@@ -449,15 +572,19 @@ impl<B: DeviceBacking> Controller<B> {
                 cap.page_size_min()
             )));
         }
+        // NVMe 2.0: a controller that may take longer than CAP.TO can say reports it in
+        // CRTO.
+        let crto = if cap.crwms() { regs.read32(reg::CRTO)? } else { 0 };
+        let ready_timeout = Duration::from_millis(cap.ready_timeout_ms(crto));
         // Disable: an enabled controller that is not ready yet must become ready first.
         let cc_now = regs.read32(reg::CC)?;
         if cc_now & cc::EN != 0 {
             if regs.read32(reg::CSTS)? & csts::RDY == 0 {
-                wait_ready(&regs, true, cap, "controller ready before disabling")?;
+                wait_ready(&regs, true, ready_timeout, "controller ready before disabling")?;
             }
             regs.write32(reg::CC, cc_now & !cc::EN)?;
         }
-        wait_ready(&regs, false, cap, "controller disable (CSTS.RDY = 0)")?;
+        wait_ready(&regs, false, ready_timeout, "controller disable (CSTS.RDY = 0)")?;
 
         let depth = options
             .admin_depth
@@ -466,7 +593,7 @@ impl<B: DeviceBacking> Controller<B> {
         let sq = backing.alloc_dma(usize::from(depth) * Command::SIZE)?;
         let cq = backing.alloc_dma(usize::from(depth) * Completion::SIZE)?;
         let ring = Ring::new(0, depth, sq, cq, Doorbells::of(cap, 0));
-        enable(&regs, &ring, cap, "controller enable (CSTS.RDY = 1)")?;
+        enable(&regs, &ring, ready_timeout, "controller enable (CSTS.RDY = 1)")?;
 
         let mut shared = Shared {
             info: ControllerInfo {
@@ -475,6 +602,8 @@ impl<B: DeviceBacking> Controller<B> {
                 version,
                 identify: IdentifyController::parse(&[0u8; 4096])?,
                 max_transfer: 0,
+                identify_nvm: IdentifyControllerNvm::default(),
+                ready_timeout,
                 io_queues: 0,
                 shadow_doorbells: false,
                 interrupt_vectors: 0,
@@ -496,6 +625,8 @@ impl<B: DeviceBacking> Controller<B> {
             removing: Mutex::new(None),
             reason: Mutex::new(String::new()),
             generation: AtomicU64::new(0),
+            io_queues_now: AtomicU16::new(0),
+            shut_down: AtomicBool::new(false),
         };
         let buf = backing.alloc_dma(4096)?;
         let run = |cmd: Command, what: &str| shared.admin(cmd, what);
@@ -512,13 +643,45 @@ impl<B: DeviceBacking> Controller<B> {
                 id.sqes, id.cqes
             )));
         }
-        let list = spec::parse_namespace_list(&identify::<B>(
-            &run,
-            &buf,
-            cns::ACTIVE_NAMESPACES,
-            0,
-            "Identify active namespace list",
-        )?);
+        // The NVM command set's limits (NVMe 1.4 and later); an older or odd controller
+        // that refuses the structure has none.
+        let mut identify_nvm = IdentifyControllerNvm::default();
+        if version >= 0x0001_0400 {
+            let mut cmd = Command::new(admin::IDENTIFY);
+            cmd.prp1 = buf.iova();
+            cmd.cdw[0] = cns::IO_CONTROLLER;
+            buf.zero();
+            match run(cmd, "Identify controller (NVM command set)") {
+                Ok(_) => {
+                    let mut data = vec![0u8; 4096];
+                    let _ = buf.read_at(0, &mut data);
+                    identify_nvm = IdentifyControllerNvm::parse(&data)?;
+                }
+                Err(e) if Controller::<B>::status_of(&e).is_some() => {
+                    log::info!("{address}: no NVM command set limits: {e}");
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        // The active namespace list comes 1,024 ids at a time: ask again from the last.
+        let mut list = Vec::new();
+        loop {
+            let after = list.last().copied().unwrap_or(0);
+            let page = spec::parse_namespace_list(&identify::<B>(
+                &run,
+                &buf,
+                cns::ACTIVE_NAMESPACES,
+                after,
+                "Identify active namespace list",
+            )?);
+            let full = page.len() == 1024;
+            // Ids must ascend; a controller that repeats itself ends the walk.
+            list.extend(page.into_iter().filter(|&n| n > after));
+            let last = list.last().copied().unwrap_or(0);
+            if !full || last <= after || last >= 0xffff_fffe {
+                break;
+            }
+        }
         let mut namespaces = Vec::new();
         for nsid in list {
             let ns = IdentifyNamespace::parse(&identify::<B>(
@@ -529,12 +692,13 @@ impl<B: DeviceBacking> Controller<B> {
                 &format!("Identify namespace {nsid}"),
             )?)?;
             match ns.block_size() {
-                Some(bs) if ns.nsze > 0 => namespaces.push(Namespace {
-                    nsid,
-                    blocks: ns.nsze,
-                    block_size: bs,
-                    identify: ns,
-                }),
+                Some(bs) if ns.nsze > 0 => {
+                    let ns = Namespace::new(nsid, bs, ns);
+                    if let Some(why) = &ns.unusable {
+                        log::warn!("{address}: namespace {nsid} is not usable: {why}");
+                    }
+                    namespaces.push(ns);
+                }
                 _ => log::warn!("{address}: namespace {nsid} left out: no usable LBA format or size 0"),
             }
         }
@@ -543,9 +707,7 @@ impl<B: DeviceBacking> Controller<B> {
         cmd.cdw[0] = u32::from(feature::NUMBER_OF_QUEUES);
         cmd.cdw[1] = u32::from(want - 1) << 16 | u32::from(want - 1);
         let c = run(cmd, "Set Features (Number of Queues)")?;
-        let granted = want
-            .min((c.dw0 & 0xffff) as u16 + 1)
-            .min((c.dw0 >> 16) as u16 + 1);
+        let granted = granted_queues(want, c.dw0);
         let mut shadow = None;
         if options.shadow_doorbells && id.oacs & oacs::DOORBELL_BUFFER_CONFIG != 0 {
             let doorbells = backing.alloc_dma(PAGE as usize)?;
@@ -581,7 +743,9 @@ impl<B: DeviceBacking> Controller<B> {
             .min(MAX_TRANSFER);
         shared.info.identify = id;
         shared.info.max_transfer = max_transfer;
+        shared.info.identify_nvm = identify_nvm;
         shared.info.io_queues = granted;
+        *shared.io_queues_now.get_mut() = granted;
         shared.info.shadow_doorbells = shadow.is_some();
         shared.info.interrupt_vectors = interrupts.len() as u32;
         shared.interrupts = interrupts;
@@ -599,7 +763,8 @@ impl<B: DeviceBacking> Controller<B> {
         &self.shared.info
     }
 
-    /// The active namespaces with a usable format, by NSID.
+    /// The active namespaces with a valid format, by NSID: the usable ones and those
+    /// the driver refuses ([`Namespace::unusable`] says why).
     pub fn namespaces(&self) -> &[Namespace] {
         &self.shared.namespaces
     }
@@ -607,6 +772,12 @@ impl<B: DeviceBacking> Controller<B> {
     /// Namespace `nsid`.
     pub fn namespace(&self, nsid: u32) -> Option<&Namespace> {
         self.shared.namespaces.iter().find(|n| n.nsid == nsid)
+    }
+
+    /// I/O queue pairs the controller grants now: [`ControllerInfo::io_queues`] at
+    /// bring-up, what the last reset's Set Features granted since (never more).
+    pub fn io_queues(&self) -> u16 {
+        self.shared.io_queues()
     }
 
     /// Allocates `len` bytes of DMA memory for I/O buffers (zeroed, whole pages).
@@ -684,9 +855,13 @@ impl<B: DeviceBacking> Controller<B> {
         *self.shared.backing.lock() = None;
     }
 
-    /// Normal shutdown (CC.SHN = 01b, wait for CSTS.SHST = 10b, at most
-    /// max(RTD3E, 10 s)), for an orderly release. Queues still open are not deleted
-    /// (drop them first); after shutdown the controller takes no more commands.
+    /// Normal shutdown, for an orderly release: deletes the I/O queues still open on the
+    /// controller (every submission queue, then every completion queue; the controller
+    /// ends what they had outstanding), then CC.SHN = 01b and a wait for CSTS.SHST = 10b,
+    /// at most max(RTD3E, 10 s), that ends at once if CSTS.CFS says the controller
+    /// failed. After shutdown the controller takes no more commands: queues still held
+    /// fail every request ([`NvmeError::Removed`]) and dropping them sends nothing, until
+    /// a [`reset`](Self::reset).
     pub fn shutdown(&self) -> Result<(), NvmeError> {
         let limit =
             Duration::from_micros(u64::from(self.shared.info.identify.rtd3e)).max(Duration::from_secs(10));
@@ -697,6 +872,33 @@ impl<B: DeviceBacking> Controller<B> {
     pub fn shutdown_within(&self, limit: Duration) -> Result<(), NvmeError> {
         if let Some(e) = self.shared.removed() {
             return Err(e);
+        }
+        if let Some(regs) = self.shared.admin.lock().regs.as_ref() {
+            check_status(regs)?;
+        }
+        // The queues first: the specification asks the host to delete them before a
+        // normal shutdown (Delete SQ ends the commands still in it).
+        if !self.shared.shut_down.load(Ordering::Acquire) {
+            let open: Vec<u16> = {
+                let q = self.shared.qids.lock();
+                (1..q.len()).filter(|&i| q[i]).map(|i| i as u16).collect()
+            };
+            for (opcode, kind) in [(admin::DELETE_SQ, "SQ"), (admin::DELETE_CQ, "CQ")] {
+                for &qid in &open {
+                    let mut cmd = Command::new(opcode);
+                    cmd.cdw[0] = u32::from(qid);
+                    if let Err(e) = self
+                        .shared
+                        .admin(cmd, &format!("Delete I/O {kind} {qid} (shutdown)"))
+                    {
+                        if e.is_fatal() {
+                            return Err(e);
+                        }
+                        log::warn!("{}: shutdown: {e}", self.shared.info.address);
+                    }
+                }
+            }
+            self.shared.shut_down.store(true, Ordering::Release);
         }
         let a = self.shared.admin.lock();
         let Some(regs) = a.regs.as_ref() else {
@@ -713,6 +915,9 @@ impl<B: DeviceBacking> Controller<B> {
             }
             if csts & csts::SHST_MASK == csts::SHST_COMPLETE {
                 return Ok(());
+            }
+            if csts & csts::CFS != 0 {
+                return Err(NvmeError::Fatal { csts });
             }
             if start.elapsed() > limit {
                 return Err(NvmeError::Timeout {

@@ -12,7 +12,7 @@ use std::os::fd::{AsFd, BorrowedFd};
 
 use super::controller::{PAGE, QueueRegs, Shared, check_status};
 use super::queue::{Doorbells, Ring};
-use super::spec::{Command, Completion, admin, io};
+use super::spec::{Command, Completion, admin, io, oncs};
 use super::{Dma, NvmeError};
 use crate::bus::backing::{DeviceBacking, DmaMemory};
 
@@ -246,9 +246,9 @@ impl<B: DeviceBacking> IoQueue<B> {
     pub(crate) fn create(shared: Arc<Shared<B>>, depth: u16) -> Result<Self, NvmeError> {
         let cap = shared.info.cap;
         let depth = depth.clamp(2, cap.max_queue_entries().min(4096) as u16);
-        let qid = shared.alloc_qid().ok_or_else(|| {
-            NvmeError::Invalid(format!("all {} I/O queues are in use", shared.info.io_queues))
-        })?;
+        let qid = shared
+            .alloc_qid()
+            .ok_or_else(|| NvmeError::Invalid(format!("all {} I/O queues are in use", shared.io_queues())))?;
         let made = (|| {
             // All under the backing's lock, so that a revoke meanwhile waits for it and
             // finds this queue's mapping registered (or taken back here) when it returns.
@@ -330,6 +330,12 @@ impl<B: DeviceBacking> IoQueue<B> {
         if let Some(why) = &self.dead {
             return Err(NvmeError::Removed(why.clone()));
         }
+        if self.shared.shut_down.load(Ordering::Acquire) {
+            return Err(NvmeError::Removed(format!(
+                "queue {}: the controller was shut down",
+                self.ring.qid
+            )));
+        }
         Ok(())
     }
 
@@ -363,7 +369,24 @@ impl<B: DeviceBacking> IoQueue<B> {
             .iter()
             .find(|n| n.nsid == nsid)
             .ok_or_else(|| NvmeError::Invalid(format!("no namespace {nsid}")))?;
+        if let Some(why) = &ns.unusable {
+            return Err(NvmeError::Unsupported(format!("namespace {nsid}: {why}")));
+        }
         let bs = u64::from(ns.block_size);
+        let info = &self.shared.info;
+        let optional = match op {
+            Op::WriteZeroes => Some((oncs::WRITE_ZEROES, 3)),
+            Op::Deallocate => Some((oncs::DATASET_MANAGEMENT, 2)),
+            _ => None,
+        };
+        if let Some((bit, n)) = optional
+            && info.identify.oncs & bit == 0
+        {
+            return Err(NvmeError::Unsupported(format!(
+                "{}: the controller does not offer it (ONCS bit {n} clear)",
+                op.name()
+            )));
+        }
         if op != Op::Flush && (blocks == 0 || lba.checked_add(blocks).is_none_or(|end| end > ns.blocks)) {
             return Err(NvmeError::Invalid(format!(
                 "{} of {blocks} blocks at LBA {lba}: namespace {nsid} has {} blocks",
@@ -392,9 +415,18 @@ impl<B: DeviceBacking> IoQueue<B> {
         }
         // Commands this request takes.
         let per_cmd = match op {
-            Op::Read | Op::Write => (self.shared.info.max_transfer / bs).clamp(1, 1 << 16),
-            Op::WriteZeroes => 1 << 16,
-            Op::Deallocate => u64::from(u32::MAX),
+            Op::Read | Op::Write => (info.max_transfer / bs).clamp(1, 1 << 16),
+            // WZSL, when reported.
+            Op::WriteZeroes => info
+                .identify_nvm
+                .max_write_zeroes(info.cap.page_size_min())
+                .map_or(1 << 16, |max| (max / bs).clamp(1, 1 << 16)),
+            // One range per command: DMRSL (blocks per range) and DMSL (per command), when
+            // reported.
+            Op::Deallocate => [info.identify_nvm.dmrsl.into(), info.identify_nvm.dmsl]
+                .into_iter()
+                .filter(|&l| l != 0)
+                .fold(u64::from(u32::MAX), u64::min),
             Op::Flush => u64::MAX,
         };
         let parts = if op == Op::Flush {
@@ -447,7 +479,13 @@ impl<B: DeviceBacking> IoQueue<B> {
                 Op::Read | Op::Write | Op::WriteZeroes => {
                     cmd.cdw[0] = slba as u32;
                     cmd.cdw[1] = (slba >> 32) as u32;
-                    cmd.cdw[2] = (n - 1) as u32;
+                    // Protection information, when the namespace has it: the controller
+                    // inserts and strips it (PRACT), checking the reference tag of the
+                    // command's own first block.
+                    cmd.cdw[2] = (n - 1) as u32 | ns.prinfo;
+                    if ns.reftag {
+                        cmd.cdw[4] = slba as u32;
+                    }
                     if let (true, Some(buf)) = (data, buffer) {
                         let at = buf.iova() + offset as u64 + done * bs;
                         (cmd.prp1, cmd.prp2) = self.prps(cid, at, n * bs);
@@ -677,6 +715,15 @@ impl<B: DeviceBacking> IoQueue<B> {
         done: &mut impl FnMut(u64, Result<(), NvmeError>),
     ) -> Result<usize, NvmeError> {
         let generation = self.shared.generation.load(Ordering::Acquire);
+        let granted = self.shared.io_queues();
+        if self.ring.qid > granted {
+            let e = NvmeError::Removed(format!(
+                "queue {} cannot be created again: after the reset the controller granted {granted} I/O \
+                 queues",
+                self.ring.qid
+            ));
+            return Err(self.fail_all(e, done));
+        }
         let mut ended = 0;
         for index in 0..self.requests.len() {
             if let Some(req) = self.requests[index].take() {
@@ -822,6 +869,20 @@ impl<B: DeviceBacking> IoQueue<B> {
 impl<B: DeviceBacking> Drop for IoQueue<B> {
     fn drop(&mut self) {
         let qid = self.ring.qid;
+        if self.shared.shut_down.load(Ordering::Acquire)
+            || self.shared.generation.load(Ordering::Acquire) != self.generation
+        {
+            // Shutdown deleted it on the controller, or a reset did (and it was not
+            // created again): nothing to delete, the id is free.
+            if qid <= self.shared.io_queues() {
+                self.shared.free_qid(qid);
+            }
+            return;
+        }
+        // Above what the controller grants since a reset: it cannot exist there.
+        if qid > self.shared.io_queues() {
+            return;
+        }
         if self.shared.removed().is_none() && self.dead.is_none() {
             let mut cmd = Command::new(admin::DELETE_SQ);
             cmd.cdw[0] = u32::from(qid);

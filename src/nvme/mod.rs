@@ -14,6 +14,11 @@
 //!   ([`Controller::revoke`], what the bus's removal calls) fails every queue at its next
 //!   use and drops every handle of the device at once, so the kernel's removal need not
 //!   wait for threads to notice.
+//! - Namespaces with metadata: 8-byte protection information (types 1–3) is driven with
+//!   PRACT (the controller inserts, checks and strips it; buffers hold data only); every
+//!   other metadata format is listed but refused with its reason (see [`Namespace`]).
+//!   Write Zeroes and Dataset Management follow ONCS and the NVM command set's limits
+//!   (WZSL, DMRSL, DMSL), split or refused before anything is sent.
 //! - [`driver::NvmeDriver`] registers all of it with the [`crate::bus::Bus`].
 //!
 //! [`spec`] holds the facts of the NVMe base specification the driver and the emulated

@@ -29,6 +29,8 @@ pub mod reg {
     pub const ASQ: u64 = 0x28;
     /// Admin Completion Queue base (64-bit).
     pub const ACQ: u64 = 0x30;
+    /// Controller Ready Timeouts (NVMe 2.0; meaningful when CAP.CRMS is nonzero).
+    pub const CRTO: u64 = 0x68;
     /// First doorbell.
     pub const DOORBELLS: u64 = 0x1000;
 }
@@ -69,6 +71,27 @@ impl Cap {
     /// Maximum memory page size in bytes.
     pub fn page_size_max(self) -> u64 {
         4096 << (self.0 >> 52 & 0xf)
+    }
+    /// Controller Ready With Media Support (CAP.CRMS.CRWMS, bit 59): CSTS.RDY may take up
+    /// to CRTO.CRWMT (which may exceed what CAP.TO can say) when CC.CRIME is 0.
+    pub fn crwms(self) -> bool {
+        self.0 >> 59 & 1 == 1
+    }
+    /// Controller Ready Independent of Media Support (CAP.CRMS.CRIMS, bit 60).
+    pub fn crims(self) -> bool {
+        self.0 >> 60 & 1 == 1
+    }
+    /// The worst-case time to become ready (or not ready) in milliseconds, given the CRTO
+    /// register `crto` as read: with CAP.CRMS.CRWMS set, CRTO.CRWMT (bits 15:0, 500 ms
+    /// units; the driver leaves CC.CRIME 0, so the media-ready time applies), unless it
+    /// reads 0; otherwise CAP.TO.
+    pub fn ready_timeout_ms(self, crto: u32) -> u64 {
+        let crwmt = u64::from(crto & 0xffff);
+        if self.crwms() && crwmt != 0 {
+            crwmt * 500
+        } else {
+            self.timeout_ms()
+        }
     }
     /// The doorbell offset of submission queue `qid`'s tail.
     pub fn sq_doorbell(self, qid: u16) -> u64 {
@@ -179,8 +202,11 @@ pub mod cns {
     pub const NAMESPACE: u32 = 0x00;
     /// Identify Controller.
     pub const CONTROLLER: u32 = 0x01;
-    /// Active Namespace ID list (NSIDs above NSID).
+    /// Active Namespace ID list (NSIDs above NSID; at most 1,024 a page).
     pub const ACTIVE_NAMESPACES: u32 = 0x02;
+    /// I/O Command Set specific Identify Controller (with CSI 0 in CDW11 bits 31:24: the
+    /// NVM command set's limits, [`IdentifyControllerNvm`](super::IdentifyControllerNvm)).
+    pub const IO_CONTROLLER: u32 = 0x06;
     /// Primary Controller Capabilities.
     pub const PRIMARY_CONTROLLER_CAPS: u32 = 0x14;
     /// Secondary Controller List.
@@ -508,6 +534,14 @@ impl Status {
     pub const PRP_OFFSET_INVALID: Status = Status(0x13);
     /// Generic: LBA Out of Range.
     pub const LBA_OUT_OF_RANGE: Status = Status(0x80);
+    /// Command specific (NVM): Invalid Protection Information.
+    pub const INVALID_PROTECTION_INFO: Status = Status(0x181);
+    /// Media and data integrity: End-to-end Guard Check Error.
+    pub const GUARD_CHECK_ERROR: Status = Status(0x282);
+    /// Media and data integrity: End-to-end Application Tag Check Error.
+    pub const APP_TAG_CHECK_ERROR: Status = Status(0x283);
+    /// Media and data integrity: End-to-end Reference Tag Check Error.
+    pub const REF_TAG_CHECK_ERROR: Status = Status(0x284);
     /// Command specific: Invalid Queue Identifier.
     pub const INVALID_QUEUE_ID: Status = Status(0x101);
     /// Command specific: Invalid Queue Size.
@@ -591,6 +625,10 @@ impl fmt::Display for Status {
             (1, 0x20) => "invalid secondary controller state",
             (1, 0x21) => "invalid number of controller resources",
             (1, 0x22) => "invalid resource identifier",
+            (1, 0x81) => "invalid protection information",
+            (2, 0x82) => "end-to-end guard check error",
+            (2, 0x83) => "end-to-end application tag check error",
+            (2, 0x84) => "end-to-end reference tag check error",
             (2, _) => "media or data integrity error",
             _ => "",
         };
@@ -737,8 +775,16 @@ pub struct IdentifyNamespace {
     pub ncap: u64,
     /// Namespace Utilization.
     pub nuse: u64,
-    /// Formatted LBA Size: the index of the format in use (bits 3:0, and 6:5 above 16).
+    /// Formatted LBA Size: the index of the format in use (bits 3:0, and 6:5 above 16);
+    /// bit 4: metadata at the end of each block's data (extended LBA).
     pub flbas: u8,
+    /// Metadata Capabilities (bit 0: extended LBAs supported, bit 1: a separate buffer).
+    pub mc: u8,
+    /// End-to-end Data Protection Capabilities.
+    pub dpc: u8,
+    /// End-to-end Data Protection Type Settings: type in bits 2:0 (0 none, 1–3), bit 3:
+    /// the protection information is the first 8 bytes of the metadata (else the last).
+    pub dps: u8,
     /// The LBA formats (NLBAF + 1 of them, at most 64).
     pub formats: Vec<LbaFormat>,
 }
@@ -763,6 +809,9 @@ impl IdentifyNamespace {
             ncap: le64(b, 8),
             nuse: le64(b, 16),
             flbas: b[26],
+            mc: b[27],
+            dpc: b[28],
+            dps: b[29],
             formats,
         })
     }
@@ -777,12 +826,116 @@ impl IdentifyNamespace {
         self.formats.get(self.format_index()).copied()
     }
 
+    /// Metadata bytes per block of the format in use (0 if none, or no valid format).
+    pub fn metadata_size(&self) -> u16 {
+        self.format().map_or(0, |f| f.metadata)
+    }
+
+    /// Whether metadata travels with each block's data (FLBAS bit 4: extended LBAs)
+    /// rather than in a separate buffer (MPTR).
+    pub fn extended_lba(&self) -> bool {
+        self.flbas & 0x10 != 0
+    }
+
+    /// The end-to-end protection type in use (DPS bits 2:0): 0 none, 1–3 (4–7 reserved).
+    pub fn protection_type(&self) -> u8 {
+        self.dps & 7
+    }
+
+    /// Whether the protection information is the first 8 bytes of the metadata.
+    pub fn protection_first(&self) -> bool {
+        self.dps & 8 != 0
+    }
+
     /// The block size in bytes, if the format in use is valid (512 bytes to 64 KiB).
     pub fn block_size(&self) -> Option<u32> {
         self.format()
             .filter(|f| (9..=16).contains(&f.lbads))
             .map(|f| 1u32 << f.lbads)
     }
+}
+
+/// What the driver uses of the NVM command set's Identify Controller (CNS 06h, CSI 0):
+/// the limits of Write Zeroes and Dataset Management. Every field 0 means no limit
+/// reported.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub struct IdentifyControllerNvm {
+    /// Verify Size Limit (a power of two of the minimum page size).
+    pub vsl: u8,
+    /// Write Zeroes Size Limit (a power of two of the minimum page size).
+    pub wzsl: u8,
+    /// Write Uncorrectable Size Limit.
+    pub wusl: u8,
+    /// Dataset Management Ranges Limit: ranges in one command.
+    pub dmrl: u8,
+    /// Dataset Management Range Size Limit: logical blocks in one range.
+    pub dmrsl: u32,
+    /// Dataset Management Size Limit: logical blocks in one command, all ranges.
+    pub dmsl: u64,
+}
+
+impl IdentifyControllerNvm {
+    /// Parses the 4096-byte structure.
+    pub fn parse(b: &[u8]) -> Result<Self, IdentifyError> {
+        IdentifyError::check(b, "NVM command set controller")?;
+        Ok(IdentifyControllerNvm {
+            vsl: b[0],
+            wzsl: b[1],
+            wusl: b[2],
+            dmrl: b[3],
+            dmrsl: le32(b, 4),
+            dmsl: le64(b, 8),
+        })
+    }
+
+    /// The most bytes one Write Zeroes may cover, for minimum page size `page` (`None`: no
+    /// limit reported).
+    pub fn max_write_zeroes(&self, page: u64) -> Option<u64> {
+        (self.wzsl != 0).then(|| page.checked_shl(u32::from(self.wzsl)).unwrap_or(u64::MAX))
+    }
+}
+
+/// The guard of end-to-end protection information (16-bit guard format): the CRC-16 of
+/// T10 DIF (polynomial 0x8BB7, initial value 0, not reflected) over a block's data.
+pub fn crc16_t10dif(data: &[u8]) -> u16 {
+    data.iter().fold(0u16, |crc, &b| {
+        crc << 8 ^ CRC16_T10DIF[usize::from((crc >> 8) as u8 ^ b)]
+    })
+}
+
+// The CRC of each byte value, a byte at a time.
+const CRC16_T10DIF: [u16; 256] = {
+    let mut table = [0u16; 256];
+    let mut i = 0;
+    while i < 256 {
+        let mut crc = (i as u16) << 8;
+        let mut bit = 0;
+        while bit < 8 {
+            crc = if crc & 0x8000 != 0 {
+                crc << 1 ^ 0x8bb7
+            } else {
+                crc << 1
+            };
+            bit += 1;
+        }
+        table[i] = crc;
+        i += 1;
+    }
+    table
+};
+
+/// Protection Information field bits of command dword 12 (Read, Write, Write Zeroes).
+pub mod prinfo {
+    /// Protection Information Action: the controller inserts (writes) or strips (reads)
+    /// the protection information; with 8 bytes of metadata none travels to the host.
+    pub const PRACT: u32 = 1 << 29;
+    /// Protection Information Check: the guard.
+    pub const PRCHK_GUARD: u32 = 1 << 28;
+    /// Protection Information Check: the application tag.
+    pub const PRCHK_APP: u32 = 1 << 27;
+    /// Protection Information Check: the reference tag (in CDW14).
+    pub const PRCHK_REF: u32 = 1 << 26;
 }
 
 /// The namespace IDs of an active namespace list (CNS 02h): the nonzero entries before the
@@ -913,6 +1066,46 @@ mod tests {
         assert_eq!(ns.block_size(), Some(4096));
         b[26] = 5; // beyond the list
         assert_eq!(IdentifyNamespace::parse(&b).unwrap().block_size(), None);
+    }
+
+    #[test]
+    fn crc16_t10dif_check_value() {
+        // The catalogued check value of CRC-16/T10-DIF.
+        assert_eq!(crc16_t10dif(b"123456789"), 0xd0db);
+        assert_eq!(crc16_t10dif(&[0; 512]), 0);
+    }
+
+    #[test]
+    fn identify_namespace_metadata_and_protection() {
+        let mut b = vec![0u8; 4096];
+        b[25] = 2;
+        b[26] = 0x12; // format 2, extended LBA
+        b[27] = 3;
+        b[29] = 0x09; // type 1, first 8 bytes
+        b[136..140].copy_from_slice(&(8u32 | 9 << 16).to_le_bytes());
+        let ns = IdentifyNamespace::parse(&b).unwrap();
+        assert_eq!(ns.block_size(), Some(512));
+        assert_eq!(ns.metadata_size(), 8);
+        assert!(ns.extended_lba());
+        assert_eq!((ns.protection_type(), ns.protection_first()), (1, true));
+        let mut n = vec![0u8; 4096];
+        n[1] = 2;
+        n[3] = 16;
+        n[4..8].copy_from_slice(&100u32.to_le_bytes());
+        let nvm = IdentifyControllerNvm::parse(&n).unwrap();
+        assert_eq!((nvm.wzsl, nvm.dmrl, nvm.dmrsl, nvm.dmsl), (2, 16, 100, 0));
+        assert_eq!(nvm.max_write_zeroes(4096), Some(16384));
+        assert_eq!(IdentifyControllerNvm::default().max_write_zeroes(4096), None);
+    }
+
+    #[test]
+    fn ready_timeouts() {
+        let cap = Cap(0x0f << 24);
+        assert_eq!(cap.ready_timeout_ms(0x0001_0400), 7500, "CRWMS clear: CAP.TO");
+        let cap = Cap(0xff << 24 | 3 << 59);
+        assert!(cap.crwms() && cap.crims());
+        assert_eq!(cap.ready_timeout_ms(0x0002_0400), 0x400 * 500);
+        assert_eq!(cap.ready_timeout_ms(0), 0xff * 500, "CRWMT 0: CAP.TO");
     }
 
     #[test]
@@ -1063,6 +1256,7 @@ mod tests {
             let _ = parse_secondary_controllers(&data);
             let _ = PrimaryControllerCaps::parse(&data);
             let _ = parse_secondary_controllers(&data);
+            let _ = IdentifyControllerNvm::parse(&data);
         }
     }
 }

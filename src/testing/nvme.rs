@@ -32,17 +32,29 @@
 //! - NVM: Read, Write, Flush, Write Zeroes, Dataset Management (deallocate) over sparse
 //!   RAM namespaces (memory is used only for what was written); deallocated blocks read
 //!   zero. PRP1 with an offset, PRP2 as a page or a list with chained list pages, MDTS.
+//!   ONCS, the Write Zeroes size limit and the Dataset Management limits (Identify CNS
+//!   06h) as configured, enforced.
+//! - Metadata ([`NamespaceConfig`]): with extended LBAs each block's metadata moves
+//!   after its data through the PRPs (N × (block + metadata) bytes); otherwise it moves
+//!   through MPTR, which must point into DMA memory. End-to-end protection types 1–3
+//!   (8 bytes: CRC16 guard, application tag, reference tag, first or last in the
+//!   metadata): checked as PRCHK asks (guard, application tag under its mask, reference
+//!   tag; type 1's initial tag must be the starting LBA's; the escape tags turn checks
+//!   off), inserted on writes and stripped on reads with PRACT (no metadata moves when the
+//!   protection information is all of it). Blocks never written carry all-ones metadata.
+//! - CAP.CRMS and CRTO (NVMe 2.0 ready timeouts) when configured.
 //! - DMA: every address the controller touches is looked up in the table of live
 //!   allocations made through [`DeviceBacking::alloc_dma`]. An address outside them, or in
 //!   a buffer the driver dropped, fails the command with Data Transfer Error and counts in
 //!   [`EmuStats::bad_dma`]; the controller never touches freed memory. Allocations are
 //!   separated by an unmapped page, so an overrun by one byte is caught.
 //! - Faults ([`Fault`]): swallowed commands, error statuses, wrong command ids, duplicate
-//!   and stale completions, fatal status, surprise removal, delays.
+//!   and stale completions, fatal status (also on shutdown), surprise removal, delays, a
+//!   smaller queue grant after a reset ([`EmulatedNvme::limit_io_queues`]).
 //!
 //! # What is not
 //!
-//! SGLs, metadata and protection information, fused commands, namespace management and
+//! SGLs, 32/64-bit guard protection formats, fused commands, namespace management and
 //! attachment, firmware and format commands, reservations, controller memory buffer,
 //! persistent memory region, boot partitions, pin-based interrupts and MSI-X masking,
 //! interrupt coalescing, weighted round robin arbitration, NVM subsystem reset, multiple
@@ -98,13 +110,51 @@ const FIRST_IOVA: u64 = 0x1_0000_0000;
 // ------------------------------------------------------------------------------------
 
 /// One namespace: `blocks` logical blocks of `block_size` bytes (512 or 4096), backed
-/// by RAM as it is written.
+/// by RAM as it is written, optionally with `metadata_size` bytes of metadata per block
+/// (extended LBAs or a separate buffer) and end-to-end protection information.
+///
+/// `Default` is 1 GiB of 512-byte blocks without metadata; [`NamespaceConfig::new`] sets
+/// the size alone.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct NamespaceConfig {
     /// Namespace size in logical blocks.
     pub blocks: u64,
     /// Logical block size in bytes: 512 or 4096.
     pub block_size: u32,
+    /// Metadata bytes per block (the LBA format's MS): 0 to 128.
+    pub metadata_size: u16,
+    /// Extended LBAs (FLBAS bit 4): each block's metadata travels right after its data,
+    /// through the PRPs (a transfer of N blocks moves N × (block size + metadata size)
+    /// bytes). Otherwise the metadata is a separate buffer at the command's MPTR.
+    pub extended_lba: bool,
+    /// End-to-end protection type (DPS bits 2:0): 0 none, 1 to 3; needs 8 bytes of
+    /// metadata or more. The 8-byte protection information (guard CRC16, application tag,
+    /// reference tag) is checked as PRCHK asks; with PRACT the controller inserts it on
+    /// writes and strips it on reads when it is all the metadata.
+    pub protection: u8,
+    /// Protection information in the first 8 bytes of the metadata (DPS bit 3) instead of
+    /// the last 8.
+    pub protection_first: bool,
+}
+
+impl NamespaceConfig {
+    /// `blocks` blocks of `block_size` bytes, no metadata.
+    pub const fn new(blocks: u64, block_size: u32) -> Self {
+        NamespaceConfig {
+            blocks,
+            block_size,
+            metadata_size: 0,
+            extended_lba: false,
+            protection: 0,
+            protection_first: false,
+        }
+    }
+}
+
+impl Default for NamespaceConfig {
+    fn default() -> Self {
+        NamespaceConfig::new(1 << 21, 512)
+    }
 }
 
 /// SR-IOV resources for Virtualization Management (Identify CNS 14h/15h).
@@ -134,7 +184,8 @@ pub struct EmuConfig {
     pub model: String,
     /// Firmware revision (at most 8).
     pub firmware: String,
-    /// Namespaces, NSID 1 first; at most 1024.
+    /// Namespaces, NSID 1 first; at most 4096 (more than one active namespace list of
+    /// 1,024 entries).
     pub namespaces: Vec<NamespaceConfig>,
     /// Maximum queue entries (a count, 2 to 65536); CAP.MQES is this minus one.
     pub mqes: u32,
@@ -153,6 +204,23 @@ pub struct EmuConfig {
     pub busy_poll: bool,
     /// MSI-X vectors (1 to 2048).
     pub msix_vectors: u16,
+    /// Optional NVM Command Support (Identify Controller ONCS) the controller reports and
+    /// honours: without [`oncs::WRITE_ZEROES`] or [`oncs::DATASET_MANAGEMENT`] those
+    /// commands fail with Invalid Command Opcode. Both by default.
+    pub oncs: u16,
+    /// Write Zeroes Size Limit (NVM Identify Controller, CNS 06h): a power of two of 4 KiB
+    /// pages; a longer Write Zeroes fails with Invalid Field. 0: no limit.
+    pub wzsl: u8,
+    /// Dataset Management Ranges Limit: ranges per command (0: the 256 of the command).
+    pub dmrl: u8,
+    /// Dataset Management Range Size Limit: blocks per range (0: no limit).
+    pub dmrsl: u32,
+    /// Dataset Management Size Limit: blocks per command, all ranges (0: no limit).
+    pub dmsl: u64,
+    /// NVMe 2.0 ready timeouts: `Some(crto)` sets CAP.CRMS (CRWMS and CRIMS) and the CRTO
+    /// register (bits 15:0 CRWMT, 31:16 CRIMT, in 500 ms units); CAP.TO becomes
+    /// min(CRWMT, 255) as the specification asks. `None`: neither.
+    pub crto: Option<u32>,
 }
 
 const DEFAULT_ADDRESS: PciAddress = match PciAddress::new(0, 0, 4, 0) {
@@ -169,10 +237,7 @@ impl Default for EmuConfig {
             serial: "EMU0001".into(),
             model: "pcibus emulated NVMe".into(),
             firmware: "1.0".into(),
-            namespaces: vec![NamespaceConfig {
-                blocks: 1 << 21,
-                block_size: 512,
-            }],
+            namespaces: vec![NamespaceConfig::default()],
             mqes: 2048,
             dstrd: 0,
             mdts: 7,
@@ -181,6 +246,12 @@ impl Default for EmuConfig {
             sriov: None,
             busy_poll: false,
             msix_vectors: 16,
+            oncs: oncs::WRITE_ZEROES | oncs::DATASET_MANAGEMENT,
+            wzsl: 0,
+            dmrl: 0,
+            dmrsl: 0,
+            dmsl: 0,
+            crto: None,
         }
     }
 }
@@ -207,12 +278,22 @@ impl EmuConfig {
                 );
             }
         }
-        if self.namespaces.len() > 1024 {
-            return bad("namespaces", self.namespaces.len().to_string(), "at most 1024");
+        if self.namespaces.len() > 4096 {
+            return bad("namespaces", self.namespaces.len().to_string(), "at most 4096");
         }
         for ns in &self.namespaces {
             if ns.block_size != 512 && ns.block_size != 4096 {
                 return bad("block_size", ns.block_size.to_string(), "512 or 4096");
+            }
+            if ns.metadata_size > 128 {
+                return bad("metadata_size", ns.metadata_size.to_string(), "0 to 128");
+            }
+            if ns.protection > 3 || (ns.protection != 0 && ns.metadata_size < 8) {
+                return bad(
+                    "protection",
+                    ns.protection.to_string(),
+                    "0 to 3, and 8 bytes of metadata or more for 1 to 3",
+                );
             }
             if ns.blocks == 0
                 || ns
@@ -247,15 +328,25 @@ impl EmuConfig {
     }
 
     fn cap(&self) -> u64 {
+        let (to, crms) = match self.crto {
+            // CAP.TO is the lower of CRWMT and 0xff; CRWMS and CRIMS both set.
+            Some(crto) => (u64::from(crto & 0xffff).min(0xff), 3u64 << 59),
+            None => (TIMEOUT_UNITS, 0),
+        };
         u64::from(self.mqes - 1)
             | 1 << 16 // CQR: queues must be physically contiguous
-            | TIMEOUT_UNITS << 24
+            | to << 24
             | u64::from(self.dstrd) << 32
             | 1 << 37 // CSS: the NVM command set
+            | crms
     }
 
     fn stride(&self) -> u64 {
         4 << self.dstrd
+    }
+
+    fn wzsl_bytes(&self) -> Option<u64> {
+        (self.wzsl != 0).then(|| PAGE_U64.checked_shl(u32::from(self.wzsl)).unwrap_or(u64::MAX))
     }
 
     fn max_transfer(&self) -> u64 {
@@ -350,6 +441,9 @@ pub enum Fault {
     StalePhase,
     /// CSTS.CFS becomes 1 and the controller stops processing, until a reset (CC.EN 0).
     FatalStatus,
+    /// At the next shutdown notification (CC.SHN) the controller fails instead: CSTS.CFS
+    /// becomes 1 and CSTS.SHST never reports the shutdown complete.
+    FatalOnShutdown,
     /// Surprise removal: from now on every register reads all-ones, writes are dropped and
     /// nothing is processed. Irreversible.
     Gone,
@@ -499,6 +593,14 @@ struct Namespace {
     block_size: u32,
     // Sparse: chunk index → CHUNK bytes. A missing chunk reads zero.
     chunks: Mutex<HashMap<u64, Box<[u8]>>>,
+    // Metadata bytes per block, extended LBAs, protection type and place (DPS).
+    ms: u16,
+    extended: bool,
+    pi: u8,
+    pi_first: bool,
+    // Sparse metadata: LBA → its `ms` bytes. A missing block's metadata reads all-ones (so
+    // its protection information has the escape application tag: never checked).
+    meta: Mutex<BTreeMap<u64, Box<[u8]>>>,
 }
 
 type Chunks = HashMap<u64, Box<[u8]>>;
@@ -608,6 +710,10 @@ struct Shared {
     intms: AtomicU32,
     gone: AtomicBool,
     halted: AtomicBool,
+    // Fault::FatalOnShutdown armed.
+    fatal_on_shutdown: AtomicBool,
+    // I/O queues Set Features grants at most from now on (`EmulatedNvme::limit_io_queues`).
+    grant_limit: AtomicU32,
     // MMIO doorbells: SQ y tail at 2y, CQ y head at 2y + 1.
     doorbells: Box<[AtomicU32]>,
     sleeping: AtomicBool,
@@ -660,6 +766,8 @@ impl Shared {
             intms: AtomicU32::new(0),
             gone: AtomicBool::new(false),
             halted: AtomicBool::new(false),
+            fatal_on_shutdown: AtomicBool::new(false),
+            grant_limit: AtomicU32::new(u32::from(cfg.max_io_queues)),
             doorbells: (0..2 * queues).map(|_| AtomicU32::new(0)).collect(),
             sleeping: AtomicBool::new(false),
             stop: AtomicBool::new(false),
@@ -674,6 +782,11 @@ impl Shared {
                     blocks: n.blocks,
                     block_size: n.block_size,
                     chunks: Mutex::new(HashMap::new()),
+                    ms: n.metadata_size,
+                    extended: n.extended_lba,
+                    pi: n.protection,
+                    pi_first: n.protection_first,
+                    meta: Mutex::new(BTreeMap::new()),
                 })
                 .collect(),
             faults: Mutex::new(FaultState::default()),
@@ -722,6 +835,7 @@ impl Shared {
             0x2c => hi(self.asq.load(Ordering::Acquire)),
             0x30 => lo(self.acq.load(Ordering::Acquire)),
             0x34 => hi(self.acq.load(Ordering::Acquire)),
+            reg::CRTO => self.cfg.crto.unwrap_or(0),
             _ => 0,
         }
     }
@@ -790,6 +904,10 @@ impl Shared {
         if now && shn != 0 && old_shn == 0 {
             // Shutdown: stop processing; the queues stay until the host resets.
             self.stop_worker(&mut worker);
+            if self.fatal_on_shutdown.swap(false, Ordering::AcqRel) {
+                self.halted.store(true, Ordering::Release);
+                return self.fail(format_args!("shutdown notification (injected fault)"));
+            }
             let _ = self.csts.fetch_update(Ordering::AcqRel, Ordering::Acquire, |c| {
                 Some(c & !csts::SHST_MASK | csts::SHST_COMPLETE)
             });
@@ -1034,7 +1152,7 @@ struct Engine {
 impl Engine {
     fn new(shared: Arc<Shared>) -> Engine {
         let queues = usize::from(shared.cfg.max_io_queues) + 1;
-        let max = shared.cfg.max_io_queues;
+        let max = shared.grant_limit.load(Ordering::Acquire) as u16;
         let stride_words = (shared.cfg.stride() / 4) as usize;
         Engine {
             sqs: (0..queues).map(|_| None).collect(),
@@ -1666,6 +1784,19 @@ impl Engine {
                 None => return err(Status::INVALID_NAMESPACE),
             },
             cns::CONTROLLER => identify_controller(&self.shared.cfg),
+            cns::IO_CONTROLLER => {
+                // Only the NVM command set (CSI 0).
+                if cmd.cdw[1] >> 24 != 0 {
+                    return err(Status::INVALID_FIELD);
+                }
+                let cfg = &self.shared.cfg;
+                let mut b = vec![0u8; 4096];
+                b[1] = cfg.wzsl;
+                b[3] = cfg.dmrl;
+                put(&mut b, 4, &cfg.dmrsl.to_le_bytes());
+                put(&mut b, 8, &cfg.dmsl.to_le_bytes());
+                b
+            }
             cns::ACTIVE_NAMESPACES => {
                 if cmd.nsid >= 0xffff_fffe {
                     return err(Status::INVALID_NAMESPACE);
@@ -1709,7 +1840,7 @@ impl Engine {
                 if nsqr == 0xffff || ncqr == 0xffff {
                     return err(Status::INVALID_FIELD);
                 }
-                let max = u32::from(self.shared.cfg.max_io_queues);
+                let max = self.shared.grant_limit.load(Ordering::Acquire);
                 let sq = (nsqr + 1).min(max) as u16;
                 let cq = (ncqr + 1).min(max) as u16;
                 self.granted = (sq, cq);
@@ -2004,8 +2135,10 @@ impl Engine {
                 }
             }
             nvm::READ | nvm::WRITE => self.read_write(cmd),
-            nvm::WRITE_ZEROES => self.write_zeroes(cmd),
-            nvm::DATASET_MANAGEMENT => self.dataset_management(cmd),
+            nvm::WRITE_ZEROES if self.shared.cfg.oncs & oncs::WRITE_ZEROES != 0 => self.write_zeroes(cmd),
+            nvm::DATASET_MANAGEMENT if self.shared.cfg.oncs & oncs::DATASET_MANAGEMENT != 0 => {
+                self.dataset_management(cmd)
+            }
             _ => err(Status::INVALID_OPCODE),
         }
     }
@@ -2025,7 +2158,11 @@ impl Engine {
 
     fn read_write(&mut self, cmd: &Command) -> Outcome {
         if let Some(i) = self.namespace_index(cmd.nsid) {
-            let len = (u64::from(cmd.cdw[2] & 0xffff) + 1) * u64::from(self.shared.namespaces[i].block_size);
+            let ns = &self.shared.namespaces[i];
+            if ns.ms > 0 {
+                return self.read_write_metadata(cmd, i);
+            }
+            let len = (u64::from(cmd.cdw[2] & 0xffff) + 1) * u64::from(ns.block_size);
             if len > self.shared.cfg.max_transfer() {
                 return err(Status::INVALID_FIELD);
             }
@@ -2060,10 +2197,176 @@ impl Engine {
     fn write_zeroes(&mut self, cmd: &Command) -> Outcome {
         match self.lba_range(cmd) {
             Ok((i, pos, len)) => {
-                Namespace::zero(&mut self.shared.namespaces[i].chunks.lock(), pos, len);
+                let ns = &self.shared.namespaces[i];
+                if let Some(max) = self.shared.cfg.wzsl_bytes()
+                    && len > max
+                {
+                    return err(Status::INVALID_FIELD);
+                }
+                if ns.ms > 0 {
+                    let bs = u64::from(ns.block_size);
+                    let (slba, nlb) = (pos / bs, len / bs);
+                    let pi = Pi::of(ns, cmd);
+                    if let Err(s) = pi.check_ref_seed(slba) {
+                        return err(s);
+                    }
+                    // The metadata is cleared, or with PRACT the protection information
+                    // generated for zeroed data.
+                    let zero = vec![0u8; ns.block_size as usize];
+                    let mut meta = ns.meta.lock();
+                    for k in 0..nlb {
+                        let mut m = vec![0u8; usize::from(ns.ms)].into_boxed_slice();
+                        if pi.pract {
+                            pi.generate(ns, &zero, &mut m, k);
+                        }
+                        meta.insert(slba + k, m);
+                    }
+                }
+                Namespace::zero(&mut ns.chunks.lock(), pos, len);
                 ok(0)
             }
             Err(s) => err(s),
+        }
+    }
+
+    // A read or write of a namespace with metadata: the data and metadata travel through
+    // the PRPs (extended LBAs) or the data through the PRPs and the metadata through MPTR,
+    // except the protection information that PRACT inserts or strips when it is all the
+    // metadata; protection information is checked as PRCHK asks.
+    fn read_write_metadata(&mut self, cmd: &Command, i: usize) -> Outcome {
+        let shared = Arc::clone(&self.shared);
+        let ns = &shared.namespaces[i];
+        let (bs, ms) = (ns.block_size as usize, usize::from(ns.ms));
+        let slba = u64::from(cmd.cdw[0]) | u64::from(cmd.cdw[1]) << 32;
+        let nlb = u64::from(cmd.cdw[2] & 0xffff) + 1;
+        if slba.checked_add(nlb).is_none_or(|end| end > ns.blocks) {
+            return err(Status::LBA_OUT_OF_RANGE);
+        }
+        let n = nlb as usize;
+        let pi = Pi::of(ns, cmd);
+        // With PRACT and only the 8 bytes of protection information, no metadata moves.
+        let moves_meta = !(pi.pract && ms == 8);
+        let host_block = bs + if ns.extended && moves_meta { ms } else { 0 };
+        let len = n * host_block;
+        if len as u64 > shared.cfg.max_transfer() {
+            return err(Status::INVALID_FIELD);
+        }
+        if let Err(s) = pi.check_ref_seed(slba) {
+            return err(s);
+        }
+        let separate = moves_meta && !ns.extended;
+        if cmd.opcode == nvm::WRITE {
+            let host = match self.read_host(cmd, len) {
+                Ok(d) => d,
+                Err(s) => return err(s),
+            };
+            let meta_in = if separate {
+                let mut m = vec![0u8; n * ms];
+                if let Err(s) = self.read_mptr(cmd.mptr, &mut m) {
+                    return err(s);
+                }
+                m
+            } else {
+                Vec::new()
+            };
+            let mut data = Vec::with_capacity(n * bs);
+            let mut metas = Vec::with_capacity(n);
+            for k in 0..n {
+                let block = &host[k * host_block..k * host_block + bs];
+                let mut m = vec![0u8; ms].into_boxed_slice();
+                if ns.extended && moves_meta {
+                    m.copy_from_slice(&host[k * host_block + bs..(k + 1) * host_block]);
+                } else if separate {
+                    m.copy_from_slice(&meta_in[k * ms..(k + 1) * ms]);
+                }
+                if pi.pract {
+                    pi.generate(ns, block, &mut m, k as u64);
+                } else if let Err(s) = pi.check(ns, block, &m, k as u64) {
+                    return err(s);
+                }
+                data.extend_from_slice(block);
+                metas.push(m);
+            }
+            let mut map = ns.chunks.lock();
+            for (chunk, coff, len, done) in pieces(slba * bs as u64, data.len() as u64) {
+                let c = map
+                    .entry(chunk)
+                    .or_insert_with(|| vec![0u8; CHUNK as usize].into_boxed_slice());
+                c[coff..coff + len].copy_from_slice(&data[done..done + len]);
+            }
+            let mut meta = ns.meta.lock();
+            for (k, m) in metas.into_iter().enumerate() {
+                meta.insert(slba + k as u64, m);
+            }
+            return ok(0);
+        }
+        // Read.
+        let mut data = vec![0u8; n * bs];
+        {
+            let map = ns.chunks.lock();
+            for (chunk, coff, len, done) in pieces(slba * bs as u64, data.len() as u64) {
+                if let Some(c) = map.get(&chunk) {
+                    data[done..done + len].copy_from_slice(&c[coff..coff + len]);
+                }
+            }
+        }
+        let metas: Vec<Box<[u8]>> = {
+            let meta = ns.meta.lock();
+            (0..nlb)
+                .map(|k| {
+                    meta.get(&(slba + k))
+                        .cloned()
+                        .unwrap_or_else(|| vec![0xff; ms].into_boxed_slice())
+                })
+                .collect()
+        };
+        for (k, m) in metas.iter().enumerate() {
+            if let Err(s) = pi.check(ns, &data[k * bs..(k + 1) * bs], m, k as u64) {
+                return err(s);
+            }
+        }
+        let mut host = Vec::with_capacity(len);
+        for (k, m) in metas.iter().enumerate() {
+            host.extend_from_slice(&data[k * bs..(k + 1) * bs]);
+            if ns.extended && moves_meta {
+                host.extend_from_slice(m);
+            }
+        }
+        if separate {
+            let all: Vec<u8> = metas.iter().flat_map(|m| m.iter().copied()).collect();
+            if let Err(s) = self.write_mptr(cmd.mptr, &all) {
+                return err(s);
+            }
+        }
+        match self.write_host(cmd, &host) {
+            Ok(()) => ok(0),
+            Err(s) => err(s),
+        }
+    }
+
+    // The metadata buffer at MPTR: one contiguous piece of DMA memory, dword aligned.
+    fn read_mptr(&mut self, mptr: u64, out: &mut [u8]) -> Result<(), Status> {
+        let (buf, off) = self.mptr_buffer(mptr, out.len())?;
+        buf.read_at(off, out);
+        Ok(())
+    }
+
+    fn write_mptr(&mut self, mptr: u64, data: &[u8]) -> Result<(), Status> {
+        let (buf, off) = self.mptr_buffer(mptr, data.len())?;
+        buf.write_at(off, data);
+        Ok(())
+    }
+
+    fn mptr_buffer(&mut self, mptr: u64, len: usize) -> Result<(Arc<DmaBuffer>, usize), Status> {
+        if !mptr.is_multiple_of(4) {
+            return Err(Status::INVALID_FIELD);
+        }
+        match self.resolve(mptr, len) {
+            Some(r) => Ok(r),
+            None => {
+                bump(&self.shared.counters.bad_dma);
+                Err(Status::DATA_TRANSFER_ERROR)
+            }
         }
     }
 
@@ -2072,6 +2375,10 @@ impl Engine {
             return err(Status::INVALID_NAMESPACE);
         };
         let nr = (cmd.cdw[0] & 0xff) as usize + 1;
+        let cfg = &self.shared.cfg;
+        if cfg.dmrl != 0 && nr > usize::from(cfg.dmrl) {
+            return err(Status::INVALID_FIELD);
+        }
         let data = match self.read_host(cmd, nr * dsm::RANGE_SIZE) {
             Ok(d) => d,
             Err(s) => return err(s),
@@ -2081,20 +2388,123 @@ impl Engine {
         }
         let ns = &self.shared.namespaces[i];
         let bs = u64::from(ns.block_size);
+        let (dmrsl, dmsl) = (u64::from(self.shared.cfg.dmrsl), self.shared.cfg.dmsl);
         let mut ranges = Vec::with_capacity(nr);
+        let mut total = 0u64;
         for r in data.chunks_exact(dsm::RANGE_SIZE) {
             let nlb = u64::from(u32::from_le_bytes([r[4], r[5], r[6], r[7]]));
             let slba = u64::from_le_bytes([r[8], r[9], r[10], r[11], r[12], r[13], r[14], r[15]]);
             if slba.checked_add(nlb).is_none_or(|end| end > ns.blocks) {
                 return err(Status::LBA_OUT_OF_RANGE);
             }
-            ranges.push((slba * bs, nlb * bs));
+            total += nlb;
+            if (dmrsl != 0 && nlb > dmrsl) || (dmsl != 0 && total > dmsl) {
+                return err(Status::INVALID_FIELD);
+            }
+            ranges.push((slba, nlb));
         }
         let mut map = ns.chunks.lock();
-        for (pos, len) in ranges {
-            Namespace::zero(&mut map, pos, len);
+        let mut meta = ns.meta.lock();
+        for (slba, nlb) in ranges {
+            Namespace::zero(&mut map, slba * bs, nlb * bs);
+            if ns.ms > 0 && nlb > 0 {
+                let gone: Vec<u64> = meta.range(slba..slba + nlb).map(|(&k, _)| k).collect();
+                for k in gone {
+                    meta.remove(&k);
+                }
+            }
         }
         ok(0)
+    }
+}
+
+// The protection information settings of one command (PRINFO, ILBRT, LBAT/LBATM) on a
+// namespace; all off when the namespace has no protection information (PRINFO is then
+// ignored).
+#[derive(Debug, Clone, Copy)]
+struct Pi {
+    ty: u8,
+    pract: bool,
+    guard: bool,
+    app: bool,
+    reftag: bool,
+    ilbrt: u32,
+    lbat: u16,
+    lbatm: u16,
+}
+
+impl Pi {
+    fn of(ns: &Namespace, cmd: &Command) -> Pi {
+        let prinfo = cmd.cdw[2] >> 26 & 0xf;
+        let on = ns.pi != 0;
+        Pi {
+            ty: ns.pi,
+            pract: on && prinfo & 8 != 0,
+            guard: on && prinfo & 4 != 0,
+            app: on && prinfo & 2 != 0,
+            // Type 3 has no reference tag to check.
+            reftag: on && prinfo & 1 != 0 && ns.pi != 3,
+            ilbrt: cmd.cdw[4],
+            lbat: cmd.cdw[5] as u16,
+            lbatm: (cmd.cdw[5] >> 16) as u16,
+        }
+    }
+
+    // Type 1: the initial reference tag checked must be the starting LBA's low 32 bits.
+    fn check_ref_seed(&self, slba: u64) -> Result<(), Status> {
+        if self.ty == 1 && self.reftag && self.ilbrt != slba as u32 {
+            return Err(Status::INVALID_PROTECTION_INFO);
+        }
+        Ok(())
+    }
+
+    // The reference tag of the command's block `k`.
+    fn expected_ref(&self, k: u64) -> u32 {
+        if self.ty == 3 {
+            self.ilbrt
+        } else {
+            self.ilbrt.wrapping_add(k as u32)
+        }
+    }
+
+    fn place(ns: &Namespace) -> usize {
+        if ns.pi_first { 0 } else { usize::from(ns.ms) - 8 }
+    }
+
+    // PRACT on a write: the protection information of `data`, block `k`, into `meta`.
+    fn generate(&self, ns: &Namespace, data: &[u8], meta: &mut [u8], k: u64) {
+        if self.ty == 0 {
+            return;
+        }
+        let at = Self::place(ns);
+        meta[at..at + 2].copy_from_slice(&spec::crc16_t10dif(data).to_be_bytes());
+        meta[at + 2..at + 4].copy_from_slice(&self.lbat.to_be_bytes());
+        meta[at + 4..at + 8].copy_from_slice(&self.expected_ref(k).to_be_bytes());
+    }
+
+    // The checks PRCHK asks of block `k`'s `data` and `meta`.
+    fn check(&self, ns: &Namespace, data: &[u8], meta: &[u8], k: u64) -> Result<(), Status> {
+        if self.ty == 0 {
+            return Ok(());
+        }
+        let at = Self::place(ns);
+        let guard = u16::from_be_bytes([meta[at], meta[at + 1]]);
+        let app = u16::from_be_bytes([meta[at + 2], meta[at + 3]]);
+        let reftag = u32::from_be_bytes([meta[at + 4], meta[at + 5], meta[at + 6], meta[at + 7]]);
+        // The escape values turn every check off.
+        if app == 0xffff && (self.ty != 3 || reftag == 0xffff_ffff) {
+            return Ok(());
+        }
+        if self.guard && spec::crc16_t10dif(data) != guard {
+            return Err(Status::GUARD_CHECK_ERROR);
+        }
+        if self.app && app & self.lbatm != self.lbat & self.lbatm {
+            return Err(Status::APP_TAG_CHECK_ERROR);
+        }
+        if self.reftag && reftag != self.expected_ref(k) {
+            return Err(Status::REF_TAG_CHECK_ERROR);
+        }
+        Ok(())
     }
 }
 
@@ -2142,11 +2552,7 @@ fn identify_controller(cfg: &EmuConfig) -> Vec<u8> {
     b[512] = 0x66;
     b[513] = 0x44;
     put(&mut b, 516, &(cfg.namespaces.len() as u32).to_le_bytes());
-    put(
-        &mut b,
-        520,
-        &(oncs::WRITE_ZEROES | oncs::DATASET_MANAGEMENT).to_le_bytes(),
-    );
+    put(&mut b, 520, &cfg.oncs.to_le_bytes());
     b[525] = 0x07; // volatile write cache present; Flush takes the broadcast NSID
     let nqn = format!("nqn.2024-01.io.pcibus:emu:{}", cfg.serial);
     let n = nqn.len().min(255);
@@ -2160,11 +2566,21 @@ fn identify_namespace(ns: &Namespace) -> Vec<u8> {
     for at in [0, 8, 16] {
         put(&mut b, at, &ns.blocks.to_le_bytes());
     }
-    b[25] = 1; // two LBA formats: 512 and 4096 bytes
-    b[26] = u8::from(ns.block_size == 4096);
+    // Two LBA formats, 512 and 4096 bytes, and a third with the namespace's metadata.
+    b[25] = if ns.ms > 0 { 2 } else { 1 };
+    b[26] = if ns.ms > 0 {
+        2
+    } else {
+        u8::from(ns.block_size == 4096)
+    } | if ns.extended { 0x10 } else { 0 };
+    b[27] = 0x03; // metadata: extended LBAs and separate buffers supported
+    b[28] = 0x1f; // protection types 1–3, first or last 8 bytes of metadata
+    b[29] = ns.pi | u8::from(ns.pi_first) << 3;
     b[33] = 0x09; // deallocated blocks read zero; Write Zeroes may deallocate
     put(&mut b, 128, &(9u32 << 16).to_le_bytes());
     put(&mut b, 132, &(12u32 << 16).to_le_bytes());
+    let lbads = ns.block_size.trailing_zeros();
+    put(&mut b, 136, &(u32::from(ns.ms) | lbads << 16).to_le_bytes());
     b
 }
 
@@ -2324,6 +2740,10 @@ impl EmulatedNvme {
                 shared.csts.fetch_or(csts::CFS, Ordering::AcqRel);
                 return;
             }
+            Fault::FatalOnShutdown => {
+                shared.fatal_on_shutdown.store(true, Ordering::Release);
+                return;
+            }
             _ => {}
         }
         let mut f = shared.faults.lock();
@@ -2360,6 +2780,32 @@ impl EmulatedNvme {
         if let Some(t) = &*shared.waker.lock() {
             t.unpark();
         }
+    }
+
+    /// From now on Set Features (Number of Queues) grants at most `n` I/O queue pairs (at
+    /// least 1, at most [`EmuConfig::max_io_queues`]), as a controller whose resources
+    /// were taken (SR-IOV reassignment, firmware) answers after a reset.
+    pub fn limit_io_queues(&self, n: u16) {
+        let n = n.clamp(1, self.shared().cfg.max_io_queues);
+        self.shared().grant_limit.store(u32::from(n), Ordering::Release);
+    }
+
+    /// The metadata stored for block `lba` of namespace `nsid` (its metadata size in
+    /// bytes; all-ones for a block never written with metadata). `None` if there is no
+    /// such namespace or block, or the namespace has no metadata.
+    pub fn namespace_metadata(&self, nsid: u32, lba: u64) -> Option<Vec<u8>> {
+        let ns = self
+            .shared()
+            .namespaces
+            .get(usize::try_from(nsid).ok()?.checked_sub(1)?)?;
+        if ns.ms == 0 || lba >= ns.blocks {
+            return None;
+        }
+        let meta = ns.meta.lock();
+        Some(
+            meta.get(&lba)
+                .map_or_else(|| vec![0xff; usize::from(ns.ms)], |m| m.to_vec()),
+        )
     }
 
     /// What the controller did so far.
@@ -2691,7 +3137,7 @@ mod tests {
         #[test]
         fn sparse_storage_matches_a_vec(ops in proptest::collection::vec((0u64..300_000, 0usize..150_000, any::<u8>(), any::<bool>()), 1..20)) {
             let e = EmulatedNvme::new(EmuConfig {
-                namespaces: vec![NamespaceConfig { blocks: 1024, block_size: 512 }],
+                namespaces: vec![NamespaceConfig::new(1024, 512)],
                 ..EmuConfig::default()
             }).unwrap();
             let size = 1024 * 512;

@@ -380,6 +380,11 @@ fn identify_json(c: &Controller<VfioBacking>) -> Value {
             "blocks": n.blocks,
             "block_size": n.block_size,
             "bytes": n.bytes(),
+            "metadata_size": n.metadata_size,
+            "extended_lba": n.extended_lba,
+            "protection_type": n.protection,
+            "usable": n.is_usable(),
+            "unusable_reason": n.unusable,
             "formats": n.identify.formats.iter().map(|f| json!({
                 "block_size": 1u64 << f.lbads.min(63),
                 "metadata": f.metadata,
@@ -423,14 +428,32 @@ fn write_identify(out: &mut impl Write, c: &Controller<VfioBacking>) -> Result<(
         writeln!(out, "  subsystem      {}", id.subnqn)?;
     }
     for n in c.namespaces() {
+        let mut extra = String::new();
+        if n.metadata_size > 0 {
+            extra = format!(
+                ", {} bytes of metadata ({})",
+                n.metadata_size,
+                if n.extended_lba {
+                    "extended LBAs"
+                } else {
+                    "separate"
+                }
+            );
+        }
+        if n.protection > 0 {
+            extra += &format!(", protection type {}", n.protection);
+        }
         writeln!(
             out,
-            "  namespace {}    {} blocks of {} bytes ({:.1} GiB)",
+            "  namespace {}    {} blocks of {} bytes ({:.1} GiB){extra}",
             n.nsid,
             n.blocks,
             n.block_size,
             n.bytes() as f64 / (1u64 << 30) as f64
         )?;
+        if let Some(why) = &n.unusable {
+            writeln!(out, "    not usable: {why}")?;
+        }
     }
     Ok(())
 }
