@@ -10,10 +10,19 @@
 //!   PRP lists built from DMA buffers, splits what exceeds MDTS, rings one doorbell per
 //!   batch and polls completions (one doorbell per poll).
 //! - Failure never hangs a caller: commands time out, a controller whose registers read
-//!   all-ones is gone, one with CSTS.CFS has failed, and a controller taken away
+//!   all-ones is gone, one with CSTS.CFS is reset (below), and a controller taken away
 //!   ([`Controller::revoke`], what the bus's removal calls) fails every queue at its next
 //!   use and drops every handle of the device at once, so the kernel's removal need not
 //!   wait for threads to notice.
+//! - Memory the controller may still reach by DMA is never released under it: a buffer of
+//!   a command that timed out stays with its queue until the command completes, the
+//!   controller is disabled (a reset) or bus mastering is off; what a queue cannot keep is
+//!   parked with the controller until then (the rule, and the types that carry it, are in
+//!   `owned.rs`). A controller reporting CSTS.CFS is reset, as the specification's
+//!   recovery says: outstanding requests end once with [`NvmeError::Reset`] and the queues
+//!   create themselves again. Aborts for timed-out commands stay within the controller's
+//!   Abort Command Limit; a command that gets none, or whose Abort fails, is ended by a
+//!   controller reset.
 //! - [`driver::NvmeDriver`] registers all of it with the [`crate::bus::Bus`].
 //!
 //! [`spec`] holds the facts of the NVMe base specification the driver and the emulated
@@ -26,6 +35,7 @@ use crate::bus::backing::{BackingError, DeviceBacking};
 mod controller;
 pub mod driver;
 mod io;
+mod owned;
 pub mod perf;
 mod queue;
 pub mod spec;
