@@ -833,3 +833,32 @@ fn a_timeout_does_not_wait_for_a_slow_admin_command() {
     c.revoke("end of test");
     assert!(admin.join().unwrap().is_err());
 }
+
+// Issue 15 §1: a queue whose deletion fails may still be the controller's, with its rings,
+// PRP list pages and the buffers of commands in flight: they stay allocated (parked) with
+// its queue id until a reset disables the controller, then come back.
+#[test]
+fn a_queue_whose_deletion_fails_keeps_its_memory_until_a_reset() {
+    let e = emu(EmuConfig {
+        max_io_queues: 1,
+        ..EmuConfig::default()
+    });
+    let c = up(&e);
+    let baseline = e.extra_handles();
+    let q = c.io_queue(8).unwrap();
+    e.inject(Fault::Status {
+        command: CommandMatch::Admin(admin::DELETE_SQ),
+        status: Status::INTERNAL_ERROR,
+        count: 1,
+    });
+    drop(q);
+    assert!(
+        e.extra_handles() > baseline,
+        "the rings were freed while the controller may own them"
+    );
+    assert!(c.io_queue(8).is_err(), "the controller may still own the queue id");
+    c.reset().unwrap();
+    assert_eq!(e.extra_handles(), baseline, "released once the controller was disabled");
+    let mut q = c.io_queue(8).expect("the queue id came back");
+    q.read(1, 0, 1, &buf_of(&c), 0).unwrap();
+}
