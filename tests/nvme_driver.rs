@@ -856,9 +856,16 @@ fn a_queue_whose_deletion_fails_keeps_its_memory_until_a_reset() {
         e.extra_handles() > baseline,
         "the rings were freed while the controller may own them"
     );
-    assert!(c.io_queue(8).is_err(), "the controller may still own the queue id");
+    assert!(
+        c.io_queue(8).is_err(),
+        "the controller may still own the queue id"
+    );
     c.reset().unwrap();
-    assert_eq!(e.extra_handles(), baseline, "released once the controller was disabled");
+    assert_eq!(
+        e.extra_handles(),
+        baseline,
+        "released once the controller was disabled"
+    );
     let mut q = c.io_queue(8).expect("the queue id came back");
     q.read(1, 0, 1, &buf_of(&c), 0).unwrap();
 }

@@ -862,6 +862,8 @@ impl<B: DeviceBacking> Controller<B> {
         // in flight. Bus Master Enable off stops the controller's DMA at once (a device
         // that is gone ignores the write).
         if let Some(b) = self.shared.backing.lock().as_ref() {
+            // Whatever the controller still writes must not land in memory mapped again.
+            b.quarantine_dma();
             match update_command(b, 0, COMMAND_MASTER) {
                 Ok(()) => {
                     self.shared.bus_master_off.store(true, Ordering::Release);
