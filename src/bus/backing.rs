@@ -142,6 +142,12 @@ pub trait DeviceBacking: Clone + Send + Sync + fmt::Debug + 'static {
             operation: "revoke",
         })
     }
+    /// Says that the device is being taken away while its DMA may be in flight: DMA
+    /// addresses of memory freed from now on are not handed out again until the device
+    /// can no longer reach them (it is closed). For VFIO,
+    /// [`VfioDevice::quarantine_iovas`]. Default: nothing (an emulation never reuses a
+    /// freed address under its device).
+    fn quarantine_dma(&self) {}
 }
 
 /// A VFIO device as a [`DeviceBacking`]: a handle (`Arc`) of an open [`VfioDevice`]. DMA
@@ -234,5 +240,8 @@ impl DeviceBacking for VfioBacking {
     }
     fn revoke(&self) -> Result<(), BackingError> {
         Ok(self.device.revoke()?)
+    }
+    fn quarantine_dma(&self) {
+        self.device.quarantine_iovas();
     }
 }

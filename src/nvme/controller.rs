@@ -10,6 +10,7 @@ use parking_lot::Mutex;
 use std::os::fd::AsFd;
 
 use super::io::IoQueue;
+use super::owned::{DeviceOwned, Released, SharedDma};
 use super::queue::{Doorbells, Ring, Shadow};
 use super::spec::{
     self, Cap, Command, Completion, IdentifyController, IdentifyControllerNvm, IdentifyNamespace, Status,
@@ -197,6 +198,24 @@ struct Admin<B: DeviceBacking> {
     ring: Ring<Dma<B>>,
     regs: Option<B::Registers>,
     next_cid: u16,
+    // Command ids of Aborts sent and not yet answered (at most ACL + 1).
+    aborts: Vec<u16>,
+}
+
+// A completion nobody waits for: true when it answers one of the Aborts outstanding
+// (which it then no longer is), false for a stray one.
+fn abort_answered(aborts: &mut Vec<u16>, c: &Completion) -> bool {
+    let before = aborts.len();
+    aborts.retain(|&cid| cid != c.cid);
+    before != aborts.len()
+}
+
+// Memory and queue ids of queues that went while the controller could still use them:
+// kept until the controller is disabled or bus mastering is off.
+#[derive(Default)]
+struct Parked {
+    memory: Vec<DeviceOwned<Box<dyn Send>>>,
+    qids: Vec<u16>,
 }
 
 // One queue's registers, which `revoke` takes away.
@@ -206,7 +225,8 @@ pub(crate) type QueueRegsCell<B> = Mutex<Option<<B as DeviceBacking>::Registers>
 pub(crate) struct Shared<B: DeviceBacking> {
     pub(crate) info: ControllerInfo,
     pub(crate) namespaces: Vec<Namespace>,
-    pub(crate) shadow: Option<Shadow<Dma<B>>>,
+    // Shared with the I/O rings' memory type (queues park theirs).
+    pub(crate) shadow: Option<Shadow<SharedDma<Dma<B>>>>,
     pub(crate) io_timeout: Duration,
     // One eventfd per MSI-X vector routed (empty: polled only).
     pub(crate) interrupts: Vec<EventFd>,
@@ -229,6 +249,14 @@ pub(crate) struct Shared<B: DeviceBacking> {
     // Set by a normal shutdown (its I/O queues deleted, the controller takes no more
     // commands); a reset clears it.
     pub(crate) shut_down: AtomicBool,
+    // Controller disables seen complete (CSTS.RDY 0 after CC.EN 0), counted before the
+    // reset that did it bumps `generation`.
+    disables: AtomicU64,
+    // Set once Bus Master Enable was cleared (revoke, or the last handle going).
+    bus_master_off: AtomicBool,
+    parked: Mutex<Parked>,
+    // One reset at a time.
+    resetting: Mutex<()>,
 }
 
 impl<B: DeviceBacking> Shared<B> {
@@ -282,7 +310,12 @@ impl<B: DeviceBacking> Shared<B> {
             )));
         }
         let mut a = self.admin.lock();
-        let Admin { ring, regs, next_cid } = &mut *a;
+        let Admin {
+            ring,
+            regs,
+            next_cid,
+            aborts,
+        } = &mut *a;
         let Some(regs) = regs.as_ref() else {
             return Err(self.removed().unwrap_or(NvmeError::Removed("revoked".into())));
         };
@@ -297,7 +330,11 @@ impl<B: DeviceBacking> Shared<B> {
         loop {
             while let Some(c) = ring.pop() {
                 if c.cid != cmd.cid {
-                    // A stray completion (a command abandoned after its timeout).
+                    // An Abort's answer, or a stray completion (a command abandoned after
+                    // its timeout).
+                    if abort_answered(aborts, &c) {
+                        continue;
+                    }
                     log::debug!(
                         "{}: admin completion for cid {} ignored",
                         self.info.address,
@@ -339,20 +376,109 @@ impl<B: DeviceBacking> Shared<B> {
     }
 
     /// Sends Abort for command `cid` of submission queue `sqid` without waiting for its
-    /// answer (completions of earlier aborts are dropped here, and by `admin`).
-    pub(crate) fn abort_nowait(&self, sqid: u16, cid: u16) {
-        let mut a = self.admin.lock();
-        let Admin { ring, regs, next_cid } = &mut *a;
-        let Some(regs) = regs.as_ref() else { return };
-        while ring.pop().is_some() {}
-        let _ = ring.ring_cq(regs, None);
-        let mut cmd = Command::new(admin::ABORT);
-        cmd.cid = *next_cid;
-        *next_cid = next_cid.wrapping_add(1);
-        cmd.cdw[0] = u32::from(sqid) | u32::from(cid) << 16;
-        if ring.push(&cmd) {
-            let _ = ring.ring_sq(regs, None);
+    /// answer (answers are collected here and by `admin`). False, nothing sent, when it
+    /// cannot be sent now: the Abort Command Limit (ACL + 1 outstanding) is reached, the
+    /// admin queue is full, or another thread holds the admin queue (an admin command in
+    /// progress: the I/O path never waits for it). The caller tries again later; a
+    /// command that never gets its Abort is ended by a controller reset.
+    pub(crate) fn try_abort(&self, sqid: u16, cid: u16) -> bool {
+        let Some(mut a) = self.admin.try_lock() else {
+            return false;
+        };
+        let a = &mut *a;
+        let Some(regs) = a.regs.as_ref() else {
+            return false;
+        };
+        let mut seen = false;
+        while let Some(c) = a.ring.pop() {
+            seen = true;
+            if !abort_answered(&mut a.aborts, &c) {
+                log::debug!(
+                    "{}: admin completion for cid {} ignored",
+                    self.info.address,
+                    c.cid
+                );
+            }
         }
+        if seen {
+            let _ = a.ring.ring_cq(regs, None);
+        }
+        if a.aborts.len() > usize::from(self.info.identify.acl) {
+            return false;
+        }
+        let mut cmd = Command::new(admin::ABORT);
+        cmd.cid = a.next_cid;
+        cmd.cdw[0] = u32::from(sqid) | u32::from(cid) << 16;
+        if !a.ring.push(&cmd) {
+            return false;
+        }
+        a.next_cid = a.next_cid.wrapping_add(1);
+        a.aborts.push(cmd.cid);
+        // A failed doorbell write leaves it in the ring: the next admin command rings it.
+        let _ = a.ring.ring_sq(regs, None);
+        true
+    }
+
+    // The epoch of memory in use from now on: the controller disables seen so far.
+    pub(crate) fn epoch(&self) -> u64 {
+        self.disables.load(Ordering::Acquire)
+    }
+
+    /// Proof that memory the controller used in `epoch` (or earlier) is out of its reach:
+    /// the controller was disabled since, or bus mastering is off.
+    pub(crate) fn quiesced_since(&self, epoch: u64) -> Option<Released> {
+        if self.bus_master_off.load(Ordering::Acquire) {
+            return Some(Released::bus_master_off());
+        }
+        (self.disables.load(Ordering::Acquire) > epoch).then(Released::disabled)
+    }
+
+    /// Keeps `memory` the controller may still reach (used in `epoch`), and queue id `qid`
+    /// it may still own, until the controller is disabled or bus mastering is off; at once
+    /// if that happened already.
+    pub(crate) fn park(&self, epoch: u64, memory: Vec<DeviceOwned<Box<dyn Send>>>, qid: Option<u16>) {
+        let mut parked = self.parked.lock();
+        if let Some(proof) = self.quiesced_since(epoch) {
+            drop(parked);
+            for m in memory {
+                m.release(&proof);
+            }
+            if let Some(qid) = qid {
+                self.free_qid(qid);
+            }
+            return;
+        }
+        parked.memory.extend(memory);
+        parked.qids.extend(qid);
+    }
+
+    // Releases what was parked: `proof` says the controller can no longer reach it.
+    fn unpark(&self, proof: &Released) {
+        let parked = std::mem::take(&mut *self.parked.lock());
+        if !parked.memory.is_empty() {
+            log::info!(
+                "{}: {} parked DMA allocation(s) released: {}",
+                self.info.address,
+                parked.memory.len(),
+                proof.reason()
+            );
+        }
+        for m in parked.memory {
+            m.release(proof);
+        }
+        for qid in parked.qids {
+            self.free_qid(qid);
+        }
+    }
+
+    /// [`reset`](Self::reset), unless a reset happened since the caller saw `generation`
+    /// (several queues seeing the same failure reset the controller once).
+    pub(crate) fn reset_unless_done(&self, generation: u64, why: &str) -> Result<(), NvmeError> {
+        let _one = self.resetting.lock();
+        if self.generation.load(Ordering::Acquire) != generation {
+            return Ok(());
+        }
+        self.reset_locked(why)
     }
 
     /// Resets the controller (CC.EN 1 → 0 → 1, the admin queue set up again) and
@@ -360,6 +486,11 @@ impl<B: DeviceBacking> Shared<B> {
     /// controller; each creates itself again at its next use, ending what it had
     /// outstanding with [`NvmeError::Reset`].
     pub(crate) fn reset(&self, why: &str) -> Result<(), NvmeError> {
+        let _one = self.resetting.lock();
+        self.reset_locked(why)
+    }
+
+    fn reset_locked(&self, why: &str) -> Result<(), NvmeError> {
         use crate::bus::backing::DmaMemory;
         if let Some(e) = self.removed() {
             return Err(e);
@@ -368,7 +499,12 @@ impl<B: DeviceBacking> Shared<B> {
         log::warn!("{}: resetting the controller: {why}", self.info.address);
         {
             let mut a = self.admin.lock();
-            let Admin { ring, regs, next_cid } = &mut *a;
+            let Admin {
+                ring,
+                regs,
+                next_cid,
+                aborts,
+            } = &mut *a;
             let Some(regs) = regs.as_ref() else {
                 return Err(self.removed().unwrap_or(NvmeError::Removed("revoked".into())));
             };
@@ -378,6 +514,11 @@ impl<B: DeviceBacking> Shared<B> {
             }
             regs.write32(reg::CC, cc_now & !(cc::EN | cc::SHN_MASK))?;
             wait_ready(regs, false, limit, "reset: controller disable (CSTS.RDY = 0)")?;
+            // Disabled: every command is gone, with every I/O queue and every Abort, and
+            // the controller reaches no memory until it is enabled again.
+            self.disables.fetch_add(1, Ordering::AcqRel);
+            self.unpark(&Released::disabled());
+            aborts.clear();
             ring.reset();
             *next_cid = 0;
             enable(regs, ring, limit, "reset: controller enable (CSTS.RDY = 1)")?;
@@ -434,6 +575,31 @@ impl<B: DeviceBacking> Shared<B> {
 // I/O queue pairs granted by Set Features (Number of Queues) answering `dw0`, of `want`.
 fn granted_queues(want: u16, dw0: u32) -> u16 {
     want.min((dw0 & 0xffff) as u16 + 1).min((dw0 >> 16) as u16 + 1)
+}
+
+impl<B: DeviceBacking> Drop for Shared<B> {
+    fn drop(&mut self) {
+        if self.parked.get_mut().memory.is_empty() {
+            return;
+        }
+        // The controller may still reach what is parked: bus mastering off first, or
+        // the memory leaks.
+        let off = self
+            .backing
+            .get_mut()
+            .as_ref()
+            .is_some_and(|b| update_command(b, 0, COMMAND_MASTER).is_ok());
+        if off {
+            self.unpark(&Released::bus_master_off());
+        } else {
+            log::error!(
+                "{}: the controller may still reach {} DMA allocation(s) and bus mastering could not be \
+                 turned off: leaking them",
+                self.info.address,
+                self.parked.get_mut().memory.len()
+            );
+        }
+    }
 }
 
 // Points a disabled controller at the admin queue `ring`, enables it (4 KiB pages, NVM
@@ -618,6 +784,7 @@ impl<B: DeviceBacking> Controller<B> {
                 ring,
                 regs: Some(regs),
                 next_cid: 0,
+                aborts: Vec::new(),
             }),
             qids: Mutex::new(Vec::new()),
             queue_regs: Mutex::new(Vec::new()),
@@ -627,6 +794,10 @@ impl<B: DeviceBacking> Controller<B> {
             generation: AtomicU64::new(0),
             io_queues_now: AtomicU16::new(0),
             shut_down: AtomicBool::new(false),
+            disables: AtomicU64::new(0),
+            bus_master_off: AtomicBool::new(false),
+            parked: Mutex::new(Parked::default()),
+            resetting: Mutex::new(()),
         };
         let buf = backing.alloc_dma(4096)?;
         let run = |cmd: Command, what: &str| shared.admin(cmd, what);
@@ -716,7 +887,12 @@ impl<B: DeviceBacking> Controller<B> {
             cmd.prp1 = doorbells.iova();
             cmd.prp2 = events.iova();
             match run(cmd, "Doorbell Buffer Config") {
-                Ok(_) => shadow = Some(Shadow { doorbells, events }),
+                Ok(_) => {
+                    shadow = Some(Shadow {
+                        doorbells: SharedDma::new(doorbells),
+                        events: SharedDma::new(events),
+                    })
+                }
                 Err(e) => log::warn!("{address}: shadow doorbells offered but refused: {e}"),
             }
         }
@@ -843,7 +1019,20 @@ impl<B: DeviceBacking> Controller<B> {
         // in flight. Bus Master Enable off stops the controller's DMA at once (a device
         // that is gone ignores the write).
         if let Some(b) = self.shared.backing.lock().as_ref() {
-            let _ = update_command(b, 0, COMMAND_MASTER);
+            // Whatever the controller still writes must not land in memory mapped again.
+            b.quarantine_dma();
+            match update_command(b, 0, COMMAND_MASTER) {
+                Ok(()) => {
+                    self.shared.bus_master_off.store(true, Ordering::Release);
+                    self.shared.unpark(&Released::bus_master_off());
+                }
+                // Memory the controller may still reach stays parked (and leaks if the
+                // controller's last handle cannot turn bus mastering off either).
+                Err(e) => log::warn!(
+                    "{}: revoke: clearing Bus Master Enable failed: {e}",
+                    self.shared.info.address
+                ),
+            }
         }
         // An admin command in progress sees `revoked` at its next poll and lets go.
         self.shared.admin.lock().regs = None;

@@ -11,14 +11,17 @@ use parking_lot::Mutex;
 use std::os::fd::{AsFd, BorrowedFd};
 
 use super::controller::{PAGE, QueueRegs, Shared, check_status};
+use super::owned::{DeviceOwned, Released, SharedDma};
 use super::queue::{Doorbells, Ring};
 use super::spec::{Command, Completion, admin, io, oncs};
 use super::{Dma, NvmeError};
 use crate::bus::backing::{DeviceBacking, DmaMemory};
 
-/// An I/O buffer: DMA memory shared with the queue while a request uses it (the queue
-/// keeps a clone until the request completes, so a buffer is never freed under the
-/// device).
+/// An I/O buffer: DMA memory shared with the queue while a request uses it. The queue
+/// keeps a clone until the controller is done with it — the command completed, or the
+/// controller was disabled or lost bus mastering — which for a request that timed out
+/// may be well after its [`NvmeError::Timeout`]: a buffer is never freed under the
+/// device.
 pub type Buffer<B> = Arc<Dma<B>>;
 
 /// What a request does.
@@ -134,11 +137,14 @@ struct Slot {
     // reusable only once the controller completes or aborts it, or after a controller
     // reset, which the queue does when that takes another timeout.
     abandoned: Option<Instant>,
+    // Whether its Abort was sent (within the controller's Abort Command Limit).
+    abort_sent: bool,
 }
 
 const FREE_SLOT: Slot = Slot {
     request: FREE,
     abandoned: None,
+    abort_sent: false,
 };
 
 struct Request<B: DeviceBacking> {
@@ -148,7 +154,10 @@ struct Request<B: DeviceBacking> {
     error: Option<NvmeError>,
     // On the coarse monotonic clock (`coarse_now`).
     deadline: Duration,
-    _buffer: Option<Buffer<B>>,
+    // The caller has its result (a timeout); the request waits only for its abandoned
+    // commands to end, holding the buffer until they do.
+    ended: bool,
+    buffer: Option<DeviceOwned<Buffer<B>>>,
 }
 
 /// An I/O submission/completion queue pair, owned by one thread (`Send`, not `Sync`): the
@@ -164,12 +173,18 @@ struct Request<B: DeviceBacking> {
 ///
 /// Deletes the submission and completion queues on the controller (unless it was revoked
 /// or is gone) and frees their memory. Requests still outstanding are dropped without a
-/// result.
+/// result. When the deletion fails, or the controller failed, the controller may still
+/// reach the rings, PRP lists and buffers: they stay allocated, parked with the
+/// controller, until a reset disables it or bus mastering is turned off.
 pub struct IoQueue<B: DeviceBacking> {
     shared: Arc<Shared<B>>,
     regs: QueueRegs<B>,
-    ring: Ring<Dma<B>>,
-    prp: Dma<B>,
+    ring: Ring<SharedDma<Dma<B>>>,
+    prp: SharedDma<Dma<B>>,
+    // The rings' memory, for parking.
+    memory: [SharedDma<Dma<B>>; 2],
+    // The controller's disable count after the queue was (re)created on it.
+    epoch: u64,
     slots: Vec<Slot>,
     free_cids: Vec<u16>,
     requests: Vec<Option<Request<B>>>,
@@ -206,7 +221,10 @@ fn vector<B: DeviceBacking>(shared: &Shared<B>, qid: u16) -> Option<u32> {
 }
 
 // Creates the queue pair `ring` describes on the controller: the CQ, then the SQ.
-fn create_on_controller<B: DeviceBacking>(shared: &Shared<B>, ring: &Ring<Dma<B>>) -> Result<(), NvmeError> {
+fn create_on_controller<B: DeviceBacking, D: DmaMemory>(
+    shared: &Shared<B>,
+    ring: &Ring<D>,
+) -> Result<(), NvmeError> {
     let (qid, depth) = (ring.qid, ring.depth());
     // A queue id used before keeps its last tail and head in the shadow buffers: start
     // them at 0 with the new rings, or the controller takes the old values as new entries.
@@ -242,6 +260,28 @@ fn create_on_controller<B: DeviceBacking>(shared: &Shared<B>, ring: &Ring<Dma<B>
     Ok(())
 }
 
+// One more command of the request at `index` ended after the request had its result (a
+// timeout): the last one frees the request and releases its buffer.
+fn abandoned_done<B: DeviceBacking>(
+    requests: &mut [Option<Request<B>>],
+    free_requests: &mut Vec<u32>,
+    index: usize,
+    c: &Completion,
+) {
+    let Some(req) = requests.get_mut(index).and_then(Option::as_mut) else {
+        return;
+    };
+    req.parts = req.parts.saturating_sub(1);
+    if req.parts == 0
+        && let Some(req) = requests[index].take()
+    {
+        free_requests.push(index as u32);
+        if let Some(b) = req.buffer {
+            b.release(&Released::completed(c));
+        }
+    }
+}
+
 impl<B: DeviceBacking> IoQueue<B> {
     pub(crate) fn create(shared: Arc<Shared<B>>, depth: u16) -> Result<Self, NvmeError> {
         let cap = shared.info.cap;
@@ -249,14 +289,16 @@ impl<B: DeviceBacking> IoQueue<B> {
         let qid = shared
             .alloc_qid()
             .ok_or_else(|| NvmeError::Invalid(format!("all {} I/O queues are in use", shared.io_queues())))?;
+        // Whether the queue id went to the parked ones with the queue's memory.
+        let mut parked = false;
         let made = (|| {
             // All under the backing's lock, so that a revoke meanwhile waits for it and
             // finds this queue's mapping registered (or taken back here) when it returns.
             let (sq, cq, prp, regs) = shared.with_backing(|backing| {
-                let sq = backing.alloc_dma(usize::from(depth) * Command::SIZE)?;
-                let cq = backing.alloc_dma(usize::from(depth) * Completion::SIZE)?;
+                let sq = SharedDma::new(backing.alloc_dma(usize::from(depth) * Command::SIZE)?);
+                let cq = SharedDma::new(backing.alloc_dma(usize::from(depth) * Completion::SIZE)?);
                 // One PRP list page per command slot.
-                let prp = backing.alloc_dma(usize::from(depth) * PAGE as usize)?;
+                let prp = SharedDma::new(backing.alloc_dma(usize::from(depth) * PAGE as usize)?);
                 // The mapping holds the device open: registered at once, so that a revoke
                 // while the queue is created on the controller (admin round trips) drops
                 // it too, or the device stays open under the removal until this thread
@@ -270,24 +312,44 @@ impl<B: DeviceBacking> IoQueue<B> {
                 }
                 Ok((sq, cq, prp, regs))
             })?;
+            let memory = [sq.clone(), cq.clone()];
             let ring = Ring::new(qid, depth, sq, cq, Doorbells::of(cap, qid));
-            create_on_controller(&shared, &ring)?;
-            Ok((ring, prp, regs))
+            // Before the creation: a reset meanwhile makes the queue create itself again.
+            let generation = shared.generation.load(Ordering::Acquire);
+            let epoch = shared.epoch();
+            if let Err(e) = create_on_controller(&shared, &ring) {
+                // Refused (or created and deleted again): the controller has none of it.
+                // Anything else (no answer) may have left it the rings.
+                if !matches!(e, NvmeError::Command { .. }) {
+                    let memory = [memory[0].clone(), memory[1].clone(), prp.clone()]
+                        .map(|m| DeviceOwned::new(m).boxed())
+                        .into();
+                    shared.park(epoch, memory, Some(qid));
+                    parked = true;
+                }
+                return Err(e);
+            }
+            // After it: the queue's memory is in use from this epoch on.
+            let epoch = shared.epoch();
+            Ok((ring, prp, regs, memory, generation, epoch))
         })();
-        let (ring, prp, regs) = match made {
+        let (ring, prp, regs, memory, generation, epoch) = match made {
             Ok(m) => m,
             Err(e) => {
-                shared.free_qid(qid);
+                if !parked {
+                    shared.free_qid(qid);
+                }
                 return Err(e);
             }
         };
-        let generation = shared.generation.load(Ordering::Acquire);
         let slots = usize::from(depth) - 1;
         Ok(IoQueue {
             shared,
             regs,
             ring,
             prp,
+            memory,
+            epoch,
             slots: vec![FREE_SLOT; slots],
             generation,
             abandoned: 0,
@@ -448,7 +510,8 @@ impl<B: DeviceBacking> IoQueue<B> {
             parts: parts as u32,
             error: None,
             deadline: coarse_now().saturating_add(self.shared.io_timeout),
-            _buffer: buffer.filter(|_| data).cloned(),
+            ended: false,
+            buffer: buffer.filter(|_| data).map(|b| DeviceOwned::new(Arc::clone(b))),
         };
         let index = match self.free_requests.pop() {
             Some(i) => {
@@ -508,6 +571,7 @@ impl<B: DeviceBacking> IoQueue<B> {
             self.slots[usize::from(cid)] = Slot {
                 request: index,
                 abandoned: None,
+                abort_sent: false,
             };
             // Cannot fail: free slots were checked above.
             self.ring.push(&cmd);
@@ -608,6 +672,12 @@ impl<B: DeviceBacking> IoQueue<B> {
             self.free_cids.push(c.cid);
             if slot.abandoned.is_some() {
                 self.abandoned -= 1;
+                abandoned_done(
+                    &mut self.requests,
+                    &mut self.free_requests,
+                    slot.request as usize,
+                    &c,
+                );
                 continue;
             }
             let index = slot.request as usize;
@@ -628,6 +698,9 @@ impl<B: DeviceBacking> IoQueue<B> {
                 self.free_requests.push(index as u32);
                 self.outstanding -= 1;
                 completed += 1;
+                if let Some(b) = req.buffer {
+                    b.release(&Released::completed(&c));
+                }
                 done(req.tag, req.error.map_or(Ok(()), Err));
             }
         }
@@ -646,46 +719,51 @@ impl<B: DeviceBacking> IoQueue<B> {
         if let Err(e) = check_status(regs) {
             drop(guard);
             let e = self.shared.name_removal(e);
+            if let NvmeError::Fatal { csts } = e {
+                return self.recover(csts, completed, &mut done);
+            }
             return Err(self.fail_all(e, &mut done));
         }
         drop(guard);
         let now = Instant::now();
         let coarse = coarse_now();
         for index in 0..self.requests.len() {
-            let expired = self.requests[index]
-                .as_ref()
-                .is_some_and(|r| r.deadline <= coarse);
-            if !expired {
-                continue;
-            }
-            let Some(req) = self.requests[index].take() else {
+            let Some(req) = self.requests[index].as_mut() else {
                 continue;
             };
-            for (cid, slot) in self.slots.iter_mut().enumerate() {
+            if req.ended || req.deadline > coarse {
+                continue;
+            }
+            // Reported now; its commands are abandoned, and the request (with its
+            // buffer) stays until they end.
+            req.ended = true;
+            let (tag, op) = (req.tag, req.op);
+            for slot in self.slots.iter_mut() {
                 if slot.request == index as u32 && slot.abandoned.is_none() {
                     slot.abandoned = Some(now);
                     self.abandoned += 1;
-                    self.shared.abort_nowait(self.ring.qid, cid as u16);
                 }
             }
-            self.free_requests.push(index as u32);
             self.outstanding -= 1;
             completed += 1;
             log::warn!(
-                "{}: queue {}: {} (tag {}) timed out; Abort sent, its command slots stay reserved until \
-                 the controller answers (or a reset)",
+                "{}: queue {}: {} (tag {}) timed out; its commands are aborted, their slots and buffer kept \
+                 until the controller answers (or a reset)",
                 self.shared.info.address,
                 self.ring.qid,
-                req.op.name(),
-                req.tag
+                op.name(),
+                tag
             );
             done(
-                req.tag,
+                tag,
                 Err(NvmeError::Timeout {
-                    what: req.op.name().to_owned(),
+                    what: op.name().to_owned(),
                     waited: self.shared.io_timeout,
                 }),
             );
+        }
+        if self.abandoned > 0 {
+            self.send_aborts();
         }
         // A command abandoned a timeout ago and still neither completed nor aborted: only a
         // controller reset gets its slot (and the controller) back.
@@ -699,7 +777,7 @@ impl<B: DeviceBacking> IoQueue<B> {
                 self.ring.qid,
                 self.shared.io_timeout.as_millis()
             );
-            if let Err(e) = self.shared.reset(&why) {
+            if let Err(e) = self.shared.reset_unless_done(self.generation, &why) {
                 return Err(self.fail_all(e, &mut done));
             }
             completed += self.recreate(&why, &mut done)?;
@@ -707,29 +785,64 @@ impl<B: DeviceBacking> IoQueue<B> {
         Ok(completed)
     }
 
-    // After a controller reset: ends every outstanding request with `Reset`, and creates
-    // the queue again on the controller. Returns how many requests it ended.
+    // Sends Aborts for abandoned commands that have none yet, as far as the controller's
+    // Abort Command Limit and the admin queue allow; the rest wait for a later poll (or the
+    // reset that ends a command abandoned too long).
+    fn send_aborts(&mut self) {
+        let qid = self.ring.qid;
+        for (cid, slot) in self.slots.iter_mut().enumerate() {
+            if slot.abandoned.is_none() || slot.abort_sent {
+                continue;
+            }
+            if !self.shared.try_abort(qid, cid as u16) {
+                break;
+            }
+            slot.abort_sent = true;
+        }
+    }
+
+    // CSTS.CFS: the specification's recovery is a controller reset. Outstanding requests
+    // end (once) with `Reset`, and the queue is created again; if the reset fails, the
+    // queue is dead.
+    fn recover(
+        &mut self,
+        csts: u32,
+        completed: usize,
+        done: &mut impl FnMut(u64, Result<(), NvmeError>),
+    ) -> Result<usize, NvmeError> {
+        let why = format!("controller failed (CSTS.CFS set, CSTS {csts:#x})");
+        if let Err(e) = self.shared.reset_unless_done(self.generation, &why) {
+            return Err(self.fail_all(e, done));
+        }
+        Ok(completed + self.recreate(&why, done)?)
+    }
+
+    // After a controller reset: ends every outstanding request with `Reset`, releases
+    // every buffer (the controller was disabled), and creates the queue again on the
+    // controller. Returns how many requests it ended.
     fn recreate(
         &mut self,
         why: &str,
         done: &mut impl FnMut(u64, Result<(), NvmeError>),
     ) -> Result<usize, NvmeError> {
         let generation = self.shared.generation.load(Ordering::Acquire);
-        let granted = self.shared.io_queues();
-        if self.ring.qid > granted {
-            let e = NvmeError::Removed(format!(
-                "queue {} cannot be created again: after the reset the controller granted {granted} I/O \
-                 queues",
-                self.ring.qid
-            ));
-            return Err(self.fail_all(e, done));
-        }
+        let Some(proof) = self.shared.quiesced_since(self.epoch) else {
+            // The reset's disable came before this queue was created: the queue lives on
+            // the controller as it is.
+            self.generation = generation;
+            return Ok(0);
+        };
         let mut ended = 0;
         for index in 0..self.requests.len() {
             if let Some(req) = self.requests[index].take() {
                 self.free_requests.push(index as u32);
-                ended += 1;
-                done(req.tag, Err(NvmeError::Reset(why.to_owned())));
+                if let Some(b) = req.buffer {
+                    b.release(&proof);
+                }
+                if !req.ended {
+                    ended += 1;
+                    done(req.tag, Err(NvmeError::Reset(why.to_owned())));
+                }
             }
         }
         self.outstanding = 0;
@@ -737,37 +850,58 @@ impl<B: DeviceBacking> IoQueue<B> {
         self.slots.fill(FREE_SLOT);
         self.abandoned = 0;
         self.free_cids = (0..self.slots.len() as u16).rev().collect();
-        if let Err(e) = create_on_controller(&self.shared, &self.ring) {
+        let qid = self.ring.qid;
+        let granted = self.shared.io_queues();
+        let created = if qid > granted {
+            Err(NvmeError::Removed(format!(
+                "queue {qid} cannot be created again: after the reset the controller grants {granted} I/O queues"
+            )))
+        } else {
+            create_on_controller(&self.shared, &self.ring)
+        };
+        if let Err(e) = created {
             let e = if e.is_fatal() {
                 e
             } else {
                 NvmeError::Removed(format!(
-                    "queue {} could not be created again after a reset: {e}",
-                    self.ring.qid
+                    "queue {qid} could not be created again after a reset: {e}"
                 ))
             };
             return Err(self.fail_all(e, done));
         }
         self.generation = generation;
+        self.epoch = self.shared.epoch();
         Ok(ended)
     }
 
-    // Ends every outstanding request with `e` (fatal), marks the queue dead, returns `e`.
+    // Ends every outstanding request with `e`, marks the queue dead, returns `e`. Buffers
+    // the controller may still reach are parked with the controller.
     fn fail_all(&mut self, e: NvmeError, done: &mut impl FnMut(u64, Result<(), NvmeError>)) -> NvmeError {
         let why = match &e {
             NvmeError::Removed(why) => why.clone(),
             other => other.to_string(),
         };
+        let proof = self.shared.quiesced_since(self.epoch);
+        let mut kept = Vec::new();
         for index in 0..self.requests.len() {
             if let Some(req) = self.requests[index].take() {
                 self.free_requests.push(index as u32);
-                done(req.tag, Err(NvmeError::Removed(why.clone())));
+                match (req.buffer, &proof) {
+                    (Some(b), Some(proof)) => b.release(proof),
+                    (Some(b), None) => kept.push(b.boxed()),
+                    (None, _) => {}
+                }
+                if !req.ended {
+                    done(req.tag, Err(NvmeError::Removed(why.clone())));
+                }
             }
         }
-        self.outstanding = 0;
-        if e.is_fatal() {
-            self.dead = Some(why);
+        if !kept.is_empty() {
+            self.shared.park(self.epoch, kept, None);
         }
+        self.outstanding = 0;
+        // The slots name requests that are gone: the queue cannot go on.
+        self.dead = Some(why);
         e
     }
 
@@ -866,34 +1000,64 @@ impl<B: DeviceBacking> IoQueue<B> {
     }
 }
 
+impl<B: DeviceBacking> IoQueue<B> {
+    // Deletes the queue on the controller: proof that it no longer reaches the queue's
+    // memory, or `None` when the deletion failed.
+    fn delete_on_controller(&self) -> Option<Released> {
+        let qid = self.ring.qid;
+        let mut cmd = Command::new(admin::DELETE_SQ);
+        cmd.cdw[0] = u32::from(qid);
+        let deleted = self
+            .shared
+            .admin(cmd, &format!("Delete I/O SQ {qid}"))
+            .and_then(|sq| {
+                let mut cmd = Command::new(admin::DELETE_CQ);
+                cmd.cdw[0] = u32::from(qid);
+                let cq = self.shared.admin(cmd, &format!("Delete I/O CQ {qid}"))?;
+                Ok(Released::queue_deleted(&sq, &cq))
+            });
+        deleted
+            .inspect_err(|e| log::warn!("{}: deleting I/O queue {qid}: {e}", self.shared.info.address))
+            .ok()
+    }
+}
+
 impl<B: DeviceBacking> Drop for IoQueue<B> {
     fn drop(&mut self) {
         let qid = self.ring.qid;
-        if self.shared.shut_down.load(Ordering::Acquire)
-            || self.shared.generation.load(Ordering::Acquire) != self.generation
-        {
-            // Shutdown deleted it on the controller, or a reset did (and it was not
-            // created again): nothing to delete, the id is free.
-            if qid <= self.shared.io_queues() {
+        let proof = match self.shared.quiesced_since(self.epoch) {
+            // Disabled since the queue was created (it is gone from the controller), or
+            // bus mastering is off.
+            Some(proof) => Some(proof),
+            // After a shutdown the controller takes no commands (its deletes of the queues
+            // may have failed): kept until a reset or bus mastering off.
+            None if self.shared.removed().is_none()
+                && self.dead.is_none()
+                && !self.shared.shut_down.load(Ordering::Acquire) =>
+            {
+                self.delete_on_controller()
+            }
+            None => None,
+        };
+        let buffers = self
+            .requests
+            .iter_mut()
+            .filter_map(|r| r.take().and_then(|r| r.buffer));
+        match proof {
+            Some(proof) => {
+                for b in buffers {
+                    b.release(&proof);
+                }
                 self.shared.free_qid(qid);
             }
-            return;
-        }
-        // Above what the controller grants since a reset: it cannot exist there.
-        if qid > self.shared.io_queues() {
-            return;
-        }
-        if self.shared.removed().is_none() && self.dead.is_none() {
-            let mut cmd = Command::new(admin::DELETE_SQ);
-            cmd.cdw[0] = u32::from(qid);
-            let sq = self.shared.admin(cmd, &format!("Delete I/O SQ {qid}"));
-            let mut cmd = Command::new(admin::DELETE_CQ);
-            cmd.cdw[0] = u32::from(qid);
-            let cq = sq.and_then(|_| self.shared.admin(cmd, &format!("Delete I/O CQ {qid}")));
-            match cq {
-                Ok(_) => self.shared.free_qid(qid),
-                // Not freed: the controller may still own the queue id.
-                Err(e) => log::warn!("{}: deleting I/O queue {qid}: {e}", self.shared.info.address),
+            None => {
+                // The controller may still own the queue, its id, and everything it
+                // reaches: kept until it is disabled or bus mastering is off.
+                let mut memory: Vec<_> = buffers.map(DeviceOwned::boxed).collect();
+                for m in [&self.memory[0], &self.memory[1], &self.prp] {
+                    memory.push(DeviceOwned::new(m.clone()).boxed());
+                }
+                self.shared.park(self.epoch, memory, Some(qid));
             }
         }
         // The BAR mapping is unmapped here, under its lock and while the controller can

@@ -10,7 +10,7 @@
 //!   PRP lists built from DMA buffers, splits what exceeds MDTS, rings one doorbell per
 //!   batch and polls completions (one doorbell per poll).
 //! - Failure never hangs a caller: commands time out, a controller whose registers read
-//!   all-ones is gone, one with CSTS.CFS has failed, and a controller taken away
+//!   all-ones is gone, one with CSTS.CFS is reset (below), and a controller taken away
 //!   ([`Controller::revoke`], what the bus's removal calls) fails every queue at its next
 //!   use and drops every handle of the device at once, so the kernel's removal need not
 //!   wait for threads to notice.
@@ -19,6 +19,15 @@
 //!   other metadata format is listed but refused with its reason (see [`Namespace`]).
 //!   Write Zeroes and Dataset Management follow ONCS and the NVM command set's limits
 //!   (WZSL, DMRSL, DMSL), split or refused before anything is sent.
+//! - Memory the controller may still reach by DMA is never released under it: a buffer of
+//!   a command that timed out stays with its queue until the command completes, the
+//!   controller is disabled (a reset) or bus mastering is off; what a queue cannot keep is
+//!   parked with the controller until then (the rule, and the types that carry it, are in
+//!   `owned.rs`). A controller reporting CSTS.CFS is reset, as the specification's
+//!   recovery says: outstanding requests end once with [`NvmeError::Reset`] and the queues
+//!   create themselves again. Aborts for timed-out commands stay within the controller's
+//!   Abort Command Limit; a command that gets none, or whose Abort fails, is ended by a
+//!   controller reset.
 //! - [`driver::NvmeDriver`] registers all of it with the [`crate::bus::Bus`].
 //!
 //! [`spec`] holds the facts of the NVMe base specification the driver and the emulated
@@ -31,6 +40,7 @@ use crate::bus::backing::{BackingError, DeviceBacking};
 mod controller;
 pub mod driver;
 mod io;
+mod owned;
 pub mod perf;
 mod queue;
 pub mod spec;

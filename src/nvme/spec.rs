@@ -549,6 +549,8 @@ impl Status {
     /// Command specific: Completion Queue Invalid (Create I/O SQ names a CQ that does not
     /// exist).
     pub const INVALID_CQ: Status = Status(0x100);
+    /// Command specific: Abort Command Limit Exceeded.
+    pub const ABORT_LIMIT_EXCEEDED: Status = Status(0x103);
     /// Command specific: Asynchronous Event Request Limit Exceeded.
     pub const ASYNC_EVENT_LIMIT_EXCEEDED: Status = Status(0x105);
     /// Command specific: Invalid Interrupt Vector.
@@ -708,6 +710,8 @@ pub struct IdentifyController {
     pub rtd3e: u32,
     /// Optional Admin Command Support.
     pub oacs: u16,
+    /// Abort Command Limit, zero-based: at most `acl + 1` Aborts may be outstanding.
+    pub acl: u8,
     /// Submission Queue Entry Size (required and maximum, log2).
     pub sqes: u8,
     /// Completion Queue Entry Size.
@@ -739,6 +743,7 @@ impl IdentifyController {
             ver: le32(b, 80),
             rtd3e: le32(b, 88),
             oacs: le16(b, 256),
+            acl: b[258],
             sqes: b[512],
             cqes: b[513],
             nn: le32(b, 516),

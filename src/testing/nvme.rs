@@ -221,6 +221,11 @@ pub struct EmuConfig {
     /// register (bits 15:0 CRWMT, 31:16 CRIMT, in 500 ms units); CAP.TO becomes
     /// min(CRWMT, 255) as the specification asks. `None`: neither.
     pub crto: Option<u32>,
+    /// Abort Command Limit, zero-based as Identify Controller's ACL (byte 258) reports
+    /// it: an Abort that arrives while `abort_limit + 1` Aborts are outstanding (held by a
+    /// [`Fault::NeverComplete`] on Abort) completes with Abort Command Limit Exceeded and
+    /// counts in [`EmuStats::aborts_over_limit`].
+    pub abort_limit: u8,
 }
 
 const DEFAULT_ADDRESS: PciAddress = match PciAddress::new(0, 0, 4, 0) {
@@ -252,6 +257,7 @@ impl Default for EmuConfig {
             dmrsl: 0,
             dmsl: 0,
             crto: None,
+            abort_limit: 3,
         }
     }
 }
@@ -483,6 +489,9 @@ pub struct EmuStats {
     pub interrupts: u64,
     /// DMA attempts outside live allocations (each failed its command or was dropped).
     pub bad_dma: u64,
+    /// Aborts that arrived with [`EmuConfig::abort_limit`] + 1 Aborts already outstanding
+    /// (completed with Abort Command Limit Exceeded).
+    pub aborts_over_limit: u64,
 }
 
 impl EmuStats {
@@ -508,6 +517,7 @@ struct Counters {
     event_index_writes: AtomicU64,
     interrupts: AtomicU64,
     bad_dma: AtomicU64,
+    aborts_over_limit: AtomicU64,
 }
 
 fn bump(c: &AtomicU64) {
@@ -528,6 +538,7 @@ impl Counters {
             event_index_writes: AtomicU64::new(0),
             interrupts: AtomicU64::new(0),
             bad_dma: AtomicU64::new(0),
+            aborts_over_limit: AtomicU64::new(0),
         }
     }
 
@@ -556,6 +567,7 @@ impl Counters {
             event_index_writes: load(&self.event_index_writes),
             interrupts: load(&self.interrupts),
             bad_dma: load(&self.bad_dma),
+            aborts_over_limit: load(&self.aborts_over_limit),
         }
     }
 }
@@ -1102,6 +1114,8 @@ struct Held {
     sqid: u16,
     cid: u16,
     kind: HeldKind,
+    // An Abort (counts against the Abort Command Limit while held).
+    abort: bool,
 }
 
 enum Outcome {
@@ -1422,13 +1436,17 @@ impl Engine {
         };
         bump(&table[usize::from(cmd.opcode)]);
 
+        if is_admin && cmd.opcode == admin::ABORT && self.aborts_over_limit() {
+            bump(&self.shared.counters.aborts_over_limit);
+            return self.complete(qid, cmd.cid, Status::ABORT_LIMIT_EXCEEDED, 0);
+        }
         if self.shared.faults_pending.load(Ordering::Acquire) {
             let (delay, pre) = self.command_faults(is_admin, cmd.opcode);
             if let Some(d) = delay {
                 self.sleep(d);
             }
             match pre {
-                Some(Outcome::Hold(kind)) => return self.hold(qid, cmd.cid, kind),
+                Some(Outcome::Hold(kind)) => return self.hold(qid, cmd.cid, cmd.opcode, kind),
                 Some(Outcome::Done(status, dw0)) => return self.complete(qid, cmd.cid, status, dw0),
                 None => {}
             }
@@ -1443,8 +1461,14 @@ impl Engine {
         };
         match outcome {
             Outcome::Done(status, dw0) => self.complete(qid, cmd.cid, status, dw0),
-            Outcome::Hold(kind) => self.hold(qid, cmd.cid, kind),
+            Outcome::Hold(kind) => self.hold(qid, cmd.cid, cmd.opcode, kind),
         }
+    }
+
+    // Whether ACL + 1 Aborts are outstanding already.
+    fn aborts_over_limit(&self) -> bool {
+        let held = self.held.iter().filter(|h| h.abort).count();
+        held > usize::from(self.shared.cfg.abort_limit)
     }
 
     fn command_faults(&mut self, is_admin: bool, opcode: u8) -> (Option<Duration>, Option<Outcome>) {
@@ -1482,11 +1506,17 @@ impl Engine {
         }
     }
 
-    fn hold(&mut self, sqid: u16, cid: u16, kind: HeldKind) {
+    fn hold(&mut self, sqid: u16, cid: u16, opcode: u8, kind: HeldKind) {
         if self.held.len() >= HELD_LIMIT {
             self.held.remove(0);
         }
-        self.held.push(Held { sqid, cid, kind });
+        let abort = sqid == 0 && opcode == admin::ABORT;
+        self.held.push(Held {
+            sqid,
+            cid,
+            kind,
+            abort,
+        });
     }
 
     fn complete(&mut self, sqid: u16, cid: u16, status: Status, dw0: u32) {
@@ -2546,7 +2576,7 @@ fn identify_controller(cfg: &EmuConfig) -> Vec<u8> {
         oacs_bits |= oacs::VIRT_MGMT;
     }
     put(&mut b, 256, &oacs_bits.to_le_bytes());
-    b[258] = 3; // abort command limit, zero-based
+    b[258] = cfg.abort_limit; // zero-based
     b[259] = (AER_LIMIT - 1) as u8;
     b[260] = 0x03; // one firmware slot, read-only
     b[512] = 0x66;

@@ -698,7 +698,61 @@ impl Drop for DmaRegion {
     }
 }
 
+/// A quarantine of a [`Container`]'s IOVAs, from [`Container::quarantine_iovas`]: while it
+/// lives, the IOVA of a region unmapped is not handed out again. Dropping it (the last
+/// one) hands them back.
+#[derive(Debug)]
+pub struct IovaQuarantine {
+    container: Arc<Container>,
+    // The space (IOMMU) held; `None`: the container had none, so nothing was mapped.
+    space: Option<SpaceId>,
+}
+
+impl Drop for IovaQuarantine {
+    fn drop(&mut self) {
+        let Some(id) = self.space else {
+            return;
+        };
+        let mut iommu = self.container.iommu.lock();
+        // An IOMMU lost since took its mappings (and this hold) with it.
+        if IovaSpace::holds(&iommu, id)
+            && let Some(space) = iommu.as_mut()
+        {
+            space.release_hold();
+        }
+    }
+}
+
 impl Container {
+    /// Holds back the IOVAs of regions unmapped from now on — they are not handed out
+    /// again — until the returned quarantine (and every other one) is dropped. For a
+    /// removal while a device's DMA may still be in flight: a late write to an IOVA that
+    /// was unmapped faults in the IOMMU, but one to an IOVA mapped again lands in the new
+    /// region. Drop it once the device can no longer reach memory (its fd closed, or bus
+    /// mastering off). [`VfioDevice::quarantine_iovas`](super::VfioDevice::quarantine_iovas)
+    /// holds one until the device is closed.
+    pub fn quarantine_iovas(self: &Arc<Self>) -> IovaQuarantine {
+        let mut iommu = self.iommu.lock();
+        let space = iommu.as_mut().map(|s| {
+            s.hold();
+            s.id()
+        });
+        IovaQuarantine {
+            container: Arc::clone(self),
+            space,
+        }
+    }
+
+    /// IOVA ranges (start, size) unmapped while a quarantine was held: not handed out
+    /// again until the last quarantine goes.
+    pub fn quarantined(&self) -> Vec<(u64, u64)> {
+        self.iommu
+            .lock()
+            .as_ref()
+            .map(|s| s.quarantined().to_vec())
+            .unwrap_or_default()
+    }
+
     /// Maps `buffer` for DMA, read and write, at an IOVA allocated from the IOMMU's ranges
     /// (aligned to the buffer's page size, 2 MiB or 1 GiB for huge-page buffers, and at
     /// least to the smallest IOMMU page). The
@@ -1126,6 +1180,55 @@ mod tests {
         let region = DmaRegion::assume_mapped(&container, DmaBuffer::new(PAGE).unwrap());
         *container.iommu.lock() = None;
         region.unmap().expect("nothing left to unmap");
+    }
+
+    // Issue 15 §1: regions unmapped while a quarantine lives keep their IOVAs out of the
+    // allocator until the last quarantine goes; a quarantine outliving its IOMMU does
+    // nothing to the next one.
+    #[test]
+    fn a_quarantine_keeps_unmapped_iovas_until_it_goes() {
+        let ranges = vec![0..=(1u64 << 30) - 1];
+        let container = Container::fake_for_tests(ranges.clone());
+        let reserve = |c: &Arc<Container>| c.iommu.lock().as_mut().unwrap().reserve(PAGE as u64, PAGE as u64);
+        let first = reserve(&container).unwrap();
+        let q1 = container.quarantine_iovas();
+        let q2 = container.quarantine_iovas();
+        // What an unmap that succeeded does (the fake container's ioctls fail).
+        container
+            .iommu
+            .lock()
+            .as_mut()
+            .unwrap()
+            .unmapped(first, PAGE as u64, Ok(PAGE as u64))
+            .unwrap();
+        assert_eq!(container.quarantined(), vec![(first, PAGE as u64)]);
+        assert_ne!(reserve(&container).unwrap(), first, "quarantined IOVA reused");
+        drop(q1);
+        assert_eq!(container.quarantined(), vec![(first, PAGE as u64)]);
+        drop(q2);
+        assert!(container.quarantined().is_empty());
+        assert_eq!(reserve(&container).unwrap(), first, "back in the allocator");
+
+        // The IOMMU went (and a new one came) while a quarantine lived: dropping it leaves
+        // the new space alone.
+        let q = container.quarantine_iovas();
+        *container.iommu.lock() = Some(super::super::iova::IovaSpace::new(super::super::IommuInfo {
+            page_sizes: 0x1000,
+            iova_ranges: ranges,
+        }));
+        let held = container.quarantine_iovas();
+        drop(q);
+        let again = reserve(&container).unwrap();
+        container
+            .iommu
+            .lock()
+            .as_mut()
+            .unwrap()
+            .unmapped(again, PAGE as u64, Ok(PAGE as u64))
+            .unwrap();
+        assert_eq!(container.quarantined(), vec![(again, PAGE as u64)], "still held");
+        drop(held);
+        assert!(container.quarantined().is_empty());
     }
 
     #[test]

@@ -12,6 +12,17 @@
 //! [`SpaceId`]) comes with the next IOMMU, and a region remembers the space it was mapped
 //! in ([`IovaSpace::holds`]): a region of a space that is gone has nothing left to unmap,
 //! and must never unmap in the new IOMMU, which may have handed its IOVA out again.
+//!
+//! # Quarantine
+//!
+//! Unmapping a region stops the device reaching its pages, but not its IOVA: a device
+//! that still has a command naming that IOVA (a removed or revoked device whose DMA may
+//! be in flight) would write into whatever is mapped there next. While a quarantine is
+//! held ([`IovaSpace::hold`]), IOVAs whose unmap succeeded are kept out of the allocator;
+//! they return when the last hold is released, which its holder does once the device can
+//! no longer reach them (its fd closed, so vfio-pci disabled it, or bus mastering off).
+//! The quarantine covers the whole space, not one device's regions (a region does not
+//! know which device used it): sound, and short-lived.
 
 use std::io;
 use std::ops::RangeInclusive;
@@ -39,6 +50,9 @@ pub(super) struct IovaSpace {
     pub(super) info: IommuInfo,
     alloc: IovaAllocator,
     pub(super) leaked: Vec<(u64, u64)>,
+    // Quarantine holds, and the ranges unmapped while one was held.
+    holds: usize,
+    quarantined: Vec<(u64, u64)>,
 }
 
 /// How the kernel answered an unmap, once an EINVAL has been told apart.
@@ -71,6 +85,8 @@ impl IovaSpace {
             alloc: IovaAllocator::new(&info.iova_ranges),
             info,
             leaked: Vec::new(),
+            holds: 0,
+            quarantined: Vec::new(),
         }
     }
 
@@ -181,6 +197,8 @@ impl IovaSpace {
             alloc: IovaAllocator::new(&ranges),
             info,
             leaked: Vec::new(),
+            holds: 0,
+            quarantined: Vec::new(),
         }
     }
 
@@ -213,14 +231,14 @@ impl IovaSpace {
     ) -> Result<(), VfioError> {
         match result {
             Ok(n) if n == size => {
-                self.alloc.free(iova, size);
+                self.give_back(iova, size);
                 Ok(())
             }
             Ok(0) => {
                 log::debug!(
                     "DMA at IOVA {iova:#x} ({size} bytes) was no longer mapped: it went with the IOMMU's mappings"
                 );
-                self.alloc.free(iova, size);
+                self.give_back(iova, size);
                 Ok(())
             }
             Ok(n) => {
@@ -241,6 +259,38 @@ impl IovaSpace {
                     source: Some(source),
                 })
             }
+        }
+    }
+}
+
+impl IovaSpace {
+    /// Holds IOVAs unmapped from now on out of the allocator (see "Quarantine" in the
+    /// [module docs](self)) until [`release_hold`](Self::release_hold).
+    pub(super) fn hold(&mut self) {
+        self.holds += 1;
+    }
+
+    /// Ends one [`hold`](Self::hold); the last one hands the quarantined IOVAs back.
+    pub(super) fn release_hold(&mut self) {
+        self.holds = self.holds.saturating_sub(1);
+        if self.holds == 0 {
+            for (iova, size) in std::mem::take(&mut self.quarantined) {
+                self.alloc.free(iova, size);
+            }
+        }
+    }
+
+    /// IOVA ranges unmapped but held back by a quarantine.
+    pub(super) fn quarantined(&self) -> &[(u64, u64)] {
+        &self.quarantined
+    }
+
+    // An unmapped range: free, unless a quarantine holds it back.
+    fn give_back(&mut self, iova: u64, size: u64) {
+        if self.holds > 0 {
+            self.quarantined.push((iova, size));
+        } else {
+            self.alloc.free(iova, size);
         }
     }
 }
@@ -458,6 +508,47 @@ mod tests {
         let c = space.reserve(0x4000, PAGE as u64).unwrap();
         space.unmapped(c, 0x4000, Ok(0x4000)).unwrap();
         assert_eq!(space.alloc.available(), before);
+        let d = space.reserve(0x2000, PAGE as u64).unwrap();
+        space.map_failed(d, 0x2000);
+        assert_eq!(space.alloc.available(), before);
+    }
+
+    // Issue 15 §1: the IOVA of a region unmapped while a removed device's DMA may be in
+    // flight is not handed out again until the quarantine ends.
+    #[test]
+    fn quarantined_iovas_return_only_when_the_last_hold_ends() {
+        let info = IommuInfo {
+            page_sizes: 0x1000,
+            iova_ranges: vec![0..=(1 << 20) - 1],
+        };
+        let mut space = IovaSpace::new(info);
+        let before = space.alloc.available();
+        let a = space.reserve(0x4000, PAGE as u64).unwrap();
+        let b = space.reserve(0x4000, PAGE as u64).unwrap();
+        space.hold();
+        space.hold();
+        space.unmapped(a, 0x4000, Ok(0x4000)).unwrap();
+        // Found unmapped already (the IOMMU's mappings went): held back all the same.
+        space.unmapped(b, 0x4000, Ok(0)).unwrap();
+        assert_eq!(space.quarantined(), [(a, 0x4000), (b, 0x4000)]);
+        assert_eq!(space.alloc.available(), before - 0x8000);
+        for _ in 0..((1 << 20) / 0x4000) {
+            if let Ok(x) = space.reserve(0x4000, PAGE as u64) {
+                assert!(x != a && x != b, "quarantined IOVA {x:#x} reused");
+            }
+        }
+        let mut space = IovaSpace::new(space.info.clone());
+        space.hold();
+        let c = space.reserve(0x4000, PAGE as u64).unwrap();
+        space.hold();
+        space.unmapped(c, 0x4000, Ok(0x4000)).unwrap();
+        space.release_hold();
+        assert_eq!(space.alloc.available(), before - 0x4000, "one hold is left");
+        space.release_hold();
+        assert!(space.quarantined().is_empty());
+        assert_eq!(space.alloc.available(), before);
+        // A failed map was never reachable: not quarantined.
+        space.hold();
         let d = space.reserve(0x2000, PAGE as u64).unwrap();
         space.map_failed(d, 0x2000);
         assert_eq!(space.alloc.available(), before);

@@ -82,7 +82,9 @@ use parking_lot::Mutex;
 
 pub use caps::parse_iova_ranges;
 pub use caps::{InfoError, IommuInfo, RegionInfo, parse_iommu_info, parse_region_info, region_flags};
-pub use dma::{DmaBuffer, DmaObj, DmaRegion, HUGE_PAGE, HugePageSize, PAGE, Scalar, munmap_failures};
+pub use dma::{
+    DmaBuffer, DmaObj, DmaRegion, HUGE_PAGE, HugePageSize, IovaQuarantine, PAGE, Scalar, munmap_failures,
+};
 pub use iommufd::{CdevProblem, DevNumber, VfioBackend, VfioBackendParseError};
 pub use iova::IovaAllocator;
 
@@ -1100,6 +1102,8 @@ pub struct IrqInfo {
 pub struct VfioDevice {
     address: PciAddress,
     file: File,
+    // Held from a removal or revoke until the device is closed (dropped after `file`).
+    quarantine: Mutex<Option<dma::IovaQuarantine>>,
     num_regions: u32,
     num_irqs: u32,
     // Region info by index, fetched at open (it never changes for vfio-pci): the info, or
@@ -1217,6 +1221,7 @@ impl VfioDevice {
         Ok(Arc::new(VfioDevice {
             address,
             file: File::from(fd),
+            quarantine: Mutex::new(None),
             num_regions: info.num_regions,
             num_irqs: info.num_irqs,
             regions,
@@ -1234,6 +1239,19 @@ impl VfioDevice {
     pub fn address(&self) -> PciAddress {
         self.address
     }
+
+    /// Holds its container's IOVAs back from reuse ([`Container::quarantine_iovas`]) until
+    /// the device is closed — its last handle dropped, or [`revoke`](Self::revoke)
+    /// closing it — after which vfio-pci has disabled it (bus mastering off). For a
+    /// removal while the device's DMA may be in flight: buffers freed meanwhile are
+    /// unmapped, and their IOVAs are not mapped again under a late write. Idempotent.
+    pub fn quarantine_iovas(&self) {
+        let mut q = self.quarantine.lock();
+        if q.is_none() {
+            *q = Some(self.container.quarantine_iovas());
+        }
+    }
+
     /// The container it is attached to.
     pub fn container(&self) -> &Arc<Container> {
         &self.container

@@ -22,7 +22,8 @@ impl VfioDevice {
     /// kernel sees the device closed (a waiting removal goes on). Every other operation
     /// of every handle fails with [`VfioError::Revoked`] from then on. The handles stay valid values until dropped. DMA memory
     /// of the container is untouched (the device no longer reaches it: closing it turns
-    /// its bus mastering off). Revoking again does nothing more.
+    /// its bus mastering off); until the device is closed its IOVAs are quarantined
+    /// ([`quarantine_iovas`](Self::quarantine_iovas)). Revoking again does nothing more.
     ///
     /// Fails with [`VfioError::NotRevocable`], changing nothing, if a mapped area is not
     /// covered by the SIGBUS table (it was full: [`fault::CAPACITY`] areas): such an area
@@ -49,6 +50,9 @@ impl VfioDevice {
             });
         }
         self.revoked.store(true, Ordering::Release);
+        // Until the device is closed, its DMA may be in flight: the IOVAs of buffers
+        // freed meanwhile are not handed out again.
+        self.quarantine_iovas();
         let failed = mapped
             .areas
             .iter()
@@ -67,6 +71,8 @@ impl VfioDevice {
             reason: "making the device fd refer to an eventfd failed".into(),
             source: Some(source),
         })?;
+        // Closed: vfio-pci disabled it (bus mastering off).
+        self.quarantine.lock().take();
         log::info!(
             "{}: revoked: the device is closed under {} mapped area(s) and every handle",
             self.address,
