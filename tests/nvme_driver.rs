@@ -624,3 +624,26 @@ fn a_doorbell_stride_and_4k_blocks_are_honoured() {
     assert_eq!(e.stats().invalid_doorbell_writes, 0);
     assert_eq!(e.stats().bad_dma, 0);
 }
+
+#[test]
+fn a_recreated_queue_id_does_not_inherit_the_old_doorbell() {
+    // Shadow doorbells off: the MMIO doorbell is the only tail. A queue deleted and created
+    // again with the same id starts at tail 0; the old queue's last doorbell value is not
+    // a new tail.
+    let e = emu(EmuConfig {
+        shadow_doorbells: false,
+        ..EmuConfig::default()
+    });
+    let c = up(&e);
+    let buf = buf_of(&c);
+    let mut q = c.io_queue(13).unwrap();
+    let qid = q.qid();
+    q.read(1, 0, 1, &buf, 0).unwrap();
+    drop(q);
+    let mut q = c.io_queue(2).unwrap();
+    assert_eq!(q.qid(), qid, "the id is used again");
+    for i in 0..4 {
+        q.read(1, i, 1, &buf, 0).unwrap();
+    }
+    assert_eq!(e.stats().io(io::READ), 5, "no command but the host's ran");
+}

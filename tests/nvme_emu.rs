@@ -644,6 +644,39 @@ fn queues_wrap_and_the_phase_flips() {
 }
 
 #[test]
+fn a_doorbell_counts_only_when_written_and_queue_deletion_resets_it() {
+    // Shadow doorbells off: the MMIO doorbell register is the only tail.
+    let e = emu(EmuConfig {
+        shadow_doorbells: false,
+        ..EmuConfig::default()
+    });
+    let mut host = Host::enable(e.clone());
+    let mut q = host.io_queue(1, 13, 13, None);
+    let mut flush = Command::new(io::FLUSH);
+    flush.nsid = 1;
+    assert!(host.exec(&mut q, flush).status().is_success());
+    let mut del = Command::new(admin::DELETE_SQ);
+    del.cdw[0] = 1;
+    host.admin_ok(del);
+    del.opcode = admin::DELETE_CQ;
+    host.admin_ok(del);
+    // The same id again, smaller: the old tail (1) is no tail of the new queue, and the
+    // controller runs nothing the host did not submit.
+    let mut q = host.io_queue(1, 2, 2, None);
+    let before = e.stats().commands;
+    let c = host.exec(&mut q, flush);
+    assert!(c.status().is_success());
+    assert_eq!(u32::from(c.sq_head), 1);
+    assert_eq!(e.stats().commands, before + 1, "an empty slot ran");
+    // Writing the tail it already has is no new command either.
+    host.ring_sq(&q);
+    let c = host.exec(&mut q, flush);
+    assert_eq!(u32::from(c.sq_head), 0);
+    assert_eq!(e.stats().commands, before + 2);
+    assert!(q.peek().is_none());
+}
+
+#[test]
 fn a_full_completion_queue_holds_back_the_controller() {
     let e = emu(EmuConfig::default());
     let mut host = Host::enable(e.clone());

@@ -608,8 +608,11 @@ struct Shared {
     intms: AtomicU32,
     gone: AtomicBool,
     halted: AtomicBool,
-    // MMIO doorbells: SQ y tail at 2y, CQ y head at 2y + 1.
-    doorbells: Box<[AtomicU32]>,
+    // MMIO doorbells: SQ y tail at 2y, CQ y head at 2y + 1. Each holds the value last
+    // written (low 32 bits) and a count of writes (high 32 bits): a doorbell is an event,
+    // and a register that was not written since the controller last looked holds no new
+    // tail or head, whatever its value.
+    doorbells: Box<[AtomicU64]>,
     sleeping: AtomicBool,
     stop: AtomicBool,
     waker: Mutex<Option<Thread>>,
@@ -660,7 +663,7 @@ impl Shared {
             intms: AtomicU32::new(0),
             gone: AtomicBool::new(false),
             halted: AtomicBool::new(false),
-            doorbells: (0..2 * queues).map(|_| AtomicU32::new(0)).collect(),
+            doorbells: (0..2 * queues).map(|_| AtomicU64::new(0)).collect(),
             sleeping: AtomicBool::new(false),
             stop: AtomicBool::new(false),
             waker: Mutex::new(None),
@@ -768,7 +771,9 @@ impl Shared {
         } else {
             &counters.cq_doorbells
         });
-        self.doorbells[index as usize].store(value, Ordering::SeqCst);
+        let _ = self.doorbells[index as usize].fetch_update(Ordering::SeqCst, Ordering::SeqCst, |old| {
+            Some((old >> 32).wrapping_add(1) << 32 | u64::from(value))
+        });
         self.kick();
     }
 
@@ -862,8 +867,12 @@ impl Shared {
             return self.fail(format_args!("ASQ {asq:#x} / ACQ {acq:#x} outside DMA memory"));
         };
         let mut engine = Engine::new(Arc::clone(self));
-        engine.sqs[0] = Some(Sq::new(asqs, 0, sq));
+        let mut admin_sq = Sq::new(asqs, 0, sq);
+        // Doorbell writes before the enable are not tails of this queue.
+        admin_sq.mmio_seen = self.doorbells[0].load(Ordering::SeqCst);
+        engine.sqs[0] = Some(admin_sq);
         let mut admin_cq = Cq::new(acqs, true, 0, cq);
+        admin_cq.mmio_seen = self.doorbells[1].load(Ordering::SeqCst);
         admin_cq.sqs = 1;
         engine.cqs[0] = Some(admin_cq);
         engine.active.push(0);
@@ -910,7 +919,8 @@ struct Sq {
     tail: u32,
     cqid: u16,
     mem: Mem,
-    mmio_seen: u32,
+    // The MMIO doorbell (value and write count) when last looked at.
+    mmio_seen: u64,
     shadow_seen: u32,
     event_index: Option<u32>,
 }
@@ -940,7 +950,7 @@ struct Cq {
     vector: u16,
     mem: Mem,
     sqs: u32,
-    mmio_seen: u32,
+    mmio_seen: u64,
     shadow_seen: u32,
     backlog: VecDeque<Completion>,
 }
@@ -1108,9 +1118,9 @@ impl Engine {
         }
     }
 
-    // The newest tail: the shadow buffer if it changed since we last looked, else the
-    // MMIO doorbell if that changed. (A host that uses the shadow buffer writes it before
-    // any MMIO write; one that does not for some queue leaves it unchanged.)
+    // The newest tail: from the shadow buffer if it changed since we last looked, else from
+    // the MMIO doorbell if it was written since. A value not written again is no new tail
+    // (hardware latches a doorbell write; it does not poll the register).
     fn refresh_sq_tail(&mut self, qid: u16) {
         // With shadow doorbells, an I/O queue's value comes from the shadow buffer only (the
         // MMIO write is a wake-up): taking whichever of the two changed last can go
@@ -1133,12 +1143,15 @@ impl Engine {
             None => {
                 let changed = mmio != sq.mmio_seen;
                 sq.mmio_seen = mmio;
-                (mmio, changed)
+                (mmio as u32, changed)
             }
         };
+        if !changed {
+            return;
+        }
         if value < sq.size {
             sq.tail = value;
-        } else if changed {
+        } else {
             bump(&counters.invalid_doorbells);
         }
     }
@@ -1165,12 +1178,15 @@ impl Engine {
             None => {
                 let changed = mmio != cq.mmio_seen;
                 cq.mmio_seen = mmio;
-                (mmio, changed)
+                (mmio as u32, changed)
             }
         };
+        if !changed {
+            return;
+        }
         if value < cq.size {
             cq.head = value;
-        } else if changed {
+        } else {
             bump(&counters.invalid_doorbells);
         }
     }
@@ -1776,6 +1792,8 @@ impl Engine {
             return err(Status::DATA_TRANSFER_ERROR);
         };
         let mut cq = Cq::new(size, ien, vector, mem);
+        // A new queue starts at head 0: what the doorbell holds from a deleted queue of the
+        // same id is not a head of this one.
         let i = 2 * usize::from(qid) + 1;
         cq.mmio_seen = self.shared.doorbells[i].load(Ordering::SeqCst);
         cq.shadow_seen = self.shadow_word(i).unwrap_or(0);
@@ -1805,6 +1823,8 @@ impl Engine {
             return err(Status::DATA_TRANSFER_ERROR);
         };
         let mut sq = Sq::new(size, cqid, mem);
+        // A new queue starts at tail 0: what the doorbell holds from a deleted queue of the
+        // same id is not a tail of this one.
         let i = 2 * usize::from(qid);
         sq.mmio_seen = self.shared.doorbells[i].load(Ordering::SeqCst);
         sq.shadow_seen = self.shadow_word(i).unwrap_or(0);
