@@ -1185,6 +1185,21 @@ fn sriov_virtualization_management() {
     assert_eq!(host.admin(vm(0xf, 0, 1, 0)).status(), Status::INVALID_FIELD);
     let list = spec::parse_secondary_controllers(&host.identify(cns::SECONDARY_CONTROLLERS, 0));
     assert_eq!((list[0].online, list[0].nvq, list[0].nvi), (true, 2, 1));
+    // Offline gives the secondary's resources back (as QEMU does): assigned again before
+    // it can be online again.
+    host.admin_ok(vm(virt_mgmt::SECONDARY_OFFLINE, 0, 1, 0));
+    let list = spec::parse_secondary_controllers(&host.identify(cns::SECONDARY_CONTROLLERS, 0));
+    assert_eq!((list[0].online, list[0].nvq, list[0].nvi), (false, 0, 0));
+    let caps = host.identify(cns::PRIMARY_CONTROLLER_CAPS, 0);
+    assert_eq!((le32(&caps, 36), le32(&caps, 68)), (0, 0), "VQRFA, VIRFA");
+    assert_eq!(
+        host.admin(vm(virt_mgmt::SECONDARY_ONLINE, 0, 1, 0)).status(),
+        Status::INVALID_SECONDARY_STATE
+    );
+    host.admin_ok(vm(virt_mgmt::SECONDARY_ASSIGN, virt_mgmt::RESOURCE_VQ, 1, 8));
+    host.admin_ok(vm(virt_mgmt::SECONDARY_ASSIGN, virt_mgmt::RESOURCE_VQ, 1, 2));
+    host.admin_ok(vm(virt_mgmt::SECONDARY_ASSIGN, virt_mgmt::RESOURCE_VI, 1, 1));
+    host.admin_ok(vm(virt_mgmt::SECONDARY_ONLINE, 0, 1, 0));
     let from2 = spec::parse_secondary_controllers(&host.identify(cns::SECONDARY_CONTROLLERS | 2 << 16, 0));
     assert_eq!(from2.iter().map(|s| s.scid).collect::<Vec<_>>(), [2]);
     // A controller reset of the primary takes the secondaries offline.

@@ -28,7 +28,8 @@
 //!   (Number of Queues; a few others stored and echoed), Create/Delete I/O CQ/SQ with the
 //!   specification's checks, Get Log Page (zeros), Asynchronous Event Request (held until
 //!   [`EmulatedNvme::complete_async_event`]), Abort (of held commands), Doorbell Buffer
-//!   Config, Virtualization Management (actions 1, 7, 8, 9).
+//!   Config, Virtualization Management (actions 1, 7, 8, 9; Secondary Controller Offline
+//!   releases the secondary's resources, as QEMU does).
 //! - NVM: Read, Write, Flush, Write Zeroes, Dataset Management (deallocate) over sparse
 //!   RAM namespaces (memory is used only for what was written); deallocated blocks read
 //!   zero. PRP1 with an offset, PRP2 as a page or a list with chained list pages, MDTS.
@@ -1973,7 +1974,9 @@ impl Engine {
                 let Some(i) = secondary else {
                     return err(Status::INVALID_CONTROLLER_ID);
                 };
-                s.secondaries[i].online = false;
+                // Offline releases the secondary's flexible resources, as QEMU does: a
+                // host must Assign them again before Online.
+                s.secondaries[i] = Secondary::default();
                 ok(0)
             }
             virt_mgmt::SECONDARY_ASSIGN => {
