@@ -647,3 +647,25 @@ fn a_recreated_queue_id_does_not_inherit_the_old_doorbell() {
     }
     assert_eq!(e.stats().io(io::READ), 5, "no command but the host's ran");
 }
+
+#[test]
+fn bring_up_waits_for_a_slow_controller_and_gives_up_on_one_never_ready() {
+    // Ready after a second, within CAP.TO (127.5 s here): bring-up waits.
+    let e = emu(EmuConfig {
+        cap_timeout: 255,
+        ..EmuConfig::default()
+    });
+    e.inject(Fault::ReadySlow(Duration::from_secs(1)));
+    let c = up(&e);
+    c.io_queue(4).unwrap().read(1, 0, 1, &buf_of(&c), 0).unwrap();
+    // Never ready: bring-up ends with a timeout after CAP.TO (500 ms), not a hang.
+    let e = emu(EmuConfig {
+        cap_timeout: 1,
+        ..EmuConfig::default()
+    });
+    e.inject(Fault::ReadyNever);
+    match Controller::init(e.clone(), &quick()) {
+        Err(NvmeError::Timeout { what, .. }) => assert!(what.contains("RDY"), "{what}"),
+        other => panic!("{other:?}"),
+    }
+}

@@ -123,6 +123,12 @@ impl<B: DeviceBacking> Host<B> {
         self.bar.read32(reg::CSTS).unwrap()
     }
 
+    /// CC.EN 0, then the wait for CSTS.RDY 0 (the controller takes its ready delay).
+    fn disable(&self) {
+        self.bar.write32(reg::CC, 0).unwrap();
+        eventually("CSTS.RDY 0", || self.csts() & csts::RDY == 0);
+    }
+
     fn ring_sq(&self, q: &Queue<B>) {
         self.bar.write32(self.cap.sq_doorbell(q.qid), q.tail).unwrap();
     }
@@ -851,7 +857,7 @@ fn fault_fatal_status_until_reset() {
     host.ring_sq(&q);
     thread::sleep(Duration::from_millis(20));
     assert_eq!(e.stats().commands, before, "processed after a fatal status");
-    host.bar.write32(reg::CC, 0).unwrap();
+    host.disable();
     assert_eq!(host.csts(), 0);
     host.admin = Queue::new(&host.dev, 0, 32, 32);
     host.start();
@@ -1058,8 +1064,8 @@ fn disable_resets_queues_and_reenable_works() {
             .is_success()
     );
     host.bar.write32(reg::CC, 0).unwrap();
-    assert_eq!(host.csts() & csts::RDY, 0);
-    assert!(!e.is_processing());
+    assert!(!e.is_processing(), "processing stops at once");
+    host.disable();
     host.admin = Queue::new(&host.dev, 0, 16, 16);
     host.start();
     let fresh = Queue::new(&host.dev, 1, 8, 8);
@@ -1078,6 +1084,75 @@ fn disable_resets_queues_and_reenable_works() {
 }
 
 #[test]
+fn ready_follows_enable_after_a_delay_both_ways() {
+    // A controller that takes an hour to become ready is not ready after the CC write.
+    let e = emu(EmuConfig {
+        ready_delay: Duration::from_secs(3600),
+        ..EmuConfig::default()
+    });
+    let bar = e.map_bar(0).unwrap();
+    let admin = Queue::new(&e, 0, 8, 8);
+    bar.write32(reg::AQA, 7 << 16 | 7).unwrap();
+    bar.write64(reg::ASQ, admin.sq.iova()).unwrap();
+    bar.write64(reg::ACQ, admin.cq.iova()).unwrap();
+    bar.write32(reg::CC, cc::EN | 6 << cc::IOSQES_SHIFT | 4 << cc::IOCQES_SHIFT)
+        .unwrap();
+    assert_eq!(
+        bar.read32(reg::CSTS).unwrap() & csts::RDY,
+        0,
+        "ready inside the CC write"
+    );
+    // Disabling a controller that never got ready: RDY is 0 at once.
+    bar.write32(reg::CC, 0).unwrap();
+    assert_eq!(bar.read32(reg::CSTS).unwrap(), 0);
+    assert!(!e.is_processing());
+
+    // The default delay is short but not zero; a slow controller keeps RDY 1 after CC.EN
+    // is cleared.
+    assert!(!EmuConfig::default().ready_delay.is_zero());
+    let e = emu(EmuConfig::default());
+    let host = Host::enable(e.clone());
+    e.inject(Fault::ReadySlow(Duration::from_secs(3600)));
+    host.bar.write32(reg::CC, 0).unwrap();
+    assert!(!e.is_processing(), "processing stops at the CC write");
+    assert_eq!(
+        host.csts() & csts::RDY,
+        csts::RDY,
+        "still ready until the delay passed"
+    );
+    // A function level reset ends it at once.
+    e.reset().unwrap();
+    assert_eq!(host.csts(), 0);
+    e.clear_faults();
+    let mut host = Host::enable(e.clone());
+    host.identify(cns::CONTROLLER, 0);
+}
+
+#[test]
+fn fault_ready_never_and_ready_slow() {
+    let e = emu(EmuConfig::default());
+    e.inject(Fault::ReadyNever);
+    let bar = e.map_bar(0).unwrap();
+    let admin = Queue::new(&e, 0, 8, 8);
+    bar.write32(reg::AQA, 7 << 16 | 7).unwrap();
+    bar.write64(reg::ASQ, admin.sq.iova()).unwrap();
+    bar.write64(reg::ACQ, admin.cq.iova()).unwrap();
+    let enable = cc::EN | 6 << cc::IOSQES_SHIFT | 4 << cc::IOCQES_SHIFT;
+    bar.write32(reg::CC, enable).unwrap();
+    // Many times the ready delay later, still not ready. (A loaded machine can only make
+    // this pass for the wrong reason, never fail.)
+    thread::sleep(EmuConfig::default().ready_delay * 10);
+    assert_eq!(bar.read32(reg::CSTS).unwrap(), 0, "ready despite the fault");
+    bar.write32(reg::CC, 0).unwrap();
+    assert_eq!(bar.read32(reg::CSTS).unwrap(), 0);
+    // Cleared, the next enable works; a slow one as well, only later.
+    e.clear_faults();
+    e.inject(Fault::ReadySlow(Duration::from_millis(200)));
+    let mut host = Host::enable(e.clone());
+    host.identify(cns::CONTROLLER, 0);
+}
+
+#[test]
 fn shutdown_notification_completes() {
     let (e, host, _q) = setup(EmuConfig::default());
     let value = host.bar.read32(reg::CC).unwrap();
@@ -1086,7 +1161,7 @@ fn shutdown_notification_completes() {
         host.csts() & csts::SHST_MASK == csts::SHST_COMPLETE
     });
     assert!(!e.is_processing());
-    host.bar.write32(reg::CC, 0).unwrap();
+    host.disable();
     assert_eq!(host.csts(), 0);
 }
 

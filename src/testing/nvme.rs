@@ -66,7 +66,7 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering, fence};
 use std::sync::{Arc, Weak};
 use std::thread::{self, JoinHandle, Thread};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use parking_lot::{Mutex, RwLock};
 
@@ -89,8 +89,6 @@ const BURST: u32 = 64;
 const AER_LIMIT: usize = 4;
 /// Commands the controller keeps without completing (swallowed by a fault, AERs).
 const HELD_LIMIT: usize = 65536;
-/// The CAP.TO the controller reports (500 ms units), as QEMU's.
-const TIMEOUT_UNITS: u64 = 0x0f;
 /// Where the first allocation lands.
 const FIRST_IOVA: u64 = 0x1_0000_0000;
 
@@ -154,6 +152,18 @@ pub struct EmuConfig {
     pub busy_poll: bool,
     /// MSI-X vectors (1 to 2048).
     pub msix_vectors: u16,
+    /// How long CSTS.RDY takes to follow CC.EN, both ways: after the host sets CC.EN the
+    /// controller reports ready (and takes commands) this much later; after it clears
+    /// CC.EN, RDY stays 1 this long (the controller stops processing at once). Not zero by
+    /// default (10 ms), as on hardware, so a driver's wait for RDY (bounded by CAP.TO) is
+    /// exercised; [`Duration::ZERO`] is the kind controller that is ready within the
+    /// register write. [`Fault::ReadySlow`] and [`Fault::ReadyNever`] change it at run time.
+    /// A reset through [`DeviceBacking::reset`] (a function level reset) clears RDY at once.
+    pub ready_delay: Duration,
+    /// CAP.TO, the worst case time to ready the controller reports, in 500 ms units
+    /// (1 to 255); 15 (7.5 s, QEMU's) by default. A driver waits this long for RDY before
+    /// it gives up, so a test of [`Fault::ReadyNever`] sets it low.
+    pub cap_timeout: u8,
 }
 
 const DEFAULT_ADDRESS: PciAddress = match PciAddress::new(0, 0, 4, 0) {
@@ -182,6 +192,8 @@ impl Default for EmuConfig {
             sriov: None,
             busy_poll: false,
             msix_vectors: 16,
+            ready_delay: Duration::from_millis(10),
+            cap_timeout: 0x0f,
         }
     }
 }
@@ -236,6 +248,9 @@ impl EmuConfig {
         if self.max_io_queues == 0 {
             return bad("max_io_queues", "0".into(), "1 to 65535");
         }
+        if self.cap_timeout == 0 {
+            return bad("cap_timeout", "0".into(), "1 to 255 (500 ms units)");
+        }
         if !(1..=2048).contains(&self.msix_vectors) {
             return bad("msix_vectors", self.msix_vectors.to_string(), "1 to 2048");
         }
@@ -250,7 +265,7 @@ impl EmuConfig {
     fn cap(&self) -> u64 {
         u64::from(self.mqes - 1)
             | 1 << 16 // CQR: queues must be physically contiguous
-            | TIMEOUT_UNITS << 24
+            | u64::from(self.cap_timeout) << 24
             | u64::from(self.dstrd) << 32
             | 1 << 37 // CSS: the NVM command set
     }
@@ -361,6 +376,14 @@ pub enum Fault {
     /// dwords 0 and 1) but the phase tag, which the controller sets so the host takes it
     /// as new. For fuzzing what a driver does with entries it did not expect.
     Forge(Completion),
+    /// Every CSTS.RDY transition (after CC.EN is set or cleared) takes this long instead of
+    /// [`EmuConfig::ready_delay`], until cleared: a controller slow to become ready (or to
+    /// finish a reset), within or beyond CAP.TO.
+    ReadySlow(Duration),
+    /// CSTS.RDY never becomes 1 after CC.EN is set (the controller never processes a
+    /// command), until cleared and the controller is disabled and enabled again: a driver
+    /// must give up after CAP.TO ([`EmuConfig::cap_timeout`]). Disabling still works.
+    ReadyNever,
 }
 
 /// Counters of what the controller did, from [`EmulatedNvme::stats`]. Cumulative over the
@@ -476,6 +499,9 @@ struct FaultState {
     stale_phase: u32,
     delay: Option<Duration>,
     forged: VecDeque<Completion>,
+    // Read at CC writes only, so not part of `is_empty` (which gates the command path).
+    ready_slow: Option<Duration>,
+    ready_never: bool,
 }
 
 impl FaultState {
@@ -609,6 +635,10 @@ struct Shared {
     intms: AtomicU32,
     gone: AtomicBool,
     halted: AtomicBool,
+    // When CSTS.RDY, still 1 after CC.EN was cleared, becomes 0 (applied lazily by CSTS
+    // reads).
+    unready_at: Mutex<Option<Instant>>,
+    unready_pending: AtomicBool,
     // MMIO doorbells: SQ y tail at 2y, CQ y head at 2y + 1. Each holds the value last
     // written (low 32 bits) and a count of writes (high 32 bits): a doorbell is an event,
     // and a register that was not written since the controller last looked holds no new
@@ -664,6 +694,8 @@ impl Shared {
             intms: AtomicU32::new(0),
             gone: AtomicBool::new(false),
             halted: AtomicBool::new(false),
+            unready_at: Mutex::new(None),
+            unready_pending: AtomicBool::new(false),
             doorbells: (0..2 * queues).map(|_| AtomicU64::new(0)).collect(),
             sleeping: AtomicBool::new(false),
             stop: AtomicBool::new(false),
@@ -720,7 +752,10 @@ impl Shared {
             reg::VS => VERSION,
             reg::INTMS | reg::INTMC => self.intms.load(Ordering::Acquire),
             reg::CC => self.cc.load(Ordering::Acquire),
-            reg::CSTS => self.csts.load(Ordering::Acquire),
+            reg::CSTS => {
+                self.settle_unready();
+                self.csts.load(Ordering::Acquire)
+            }
             reg::AQA => self.aqa.load(Ordering::Acquire),
             0x28 => lo(self.asq.load(Ordering::Acquire)),
             0x2c => hi(self.asq.load(Ordering::Acquire)),
@@ -728,6 +763,25 @@ impl Shared {
             0x34 => hi(self.acq.load(Ordering::Acquire)),
             _ => 0,
         }
+    }
+
+    // Clears CSTS.RDY if the delay after CC.EN 1 -> 0 has passed.
+    fn settle_unready(&self) {
+        if !self.unready_pending.load(Ordering::Acquire) {
+            return;
+        }
+        let mut at = self.unready_at.lock();
+        if at.is_some_and(|t| Instant::now() >= t) {
+            *at = None;
+            self.unready_pending.store(false, Ordering::Release);
+            self.csts.fetch_and(!csts::RDY, Ordering::AcqRel);
+        }
+    }
+
+    // How long the next CSTS.RDY transition takes; `None`: RDY never becomes 1.
+    fn ready_delay(&self) -> (Duration, bool) {
+        let f = self.faults.lock();
+        (f.ready_slow.unwrap_or(self.cfg.ready_delay), f.ready_never)
     }
 
     fn set_half(word: &AtomicU64, high: bool, value: u32) {
@@ -786,7 +840,7 @@ impl Shared {
         let old = self.cc.swap(value, Ordering::AcqRel);
         let (was, now) = (old & cc::EN != 0, value & cc::EN != 0);
         if was && !now {
-            self.disable(&mut worker);
+            self.disable(&mut worker, false);
             return;
         }
         if !was && now {
@@ -818,13 +872,27 @@ impl Shared {
         }
     }
 
-    fn disable(&self, worker: &mut Option<JoinHandle<()>>) {
+    // Stops processing and forgets every queue. CSTS.RDY, if it was 1, stays 1 for the
+    // ready delay unless `at_once` (a function level reset).
+    fn disable(&self, worker: &mut Option<JoinHandle<()>>, at_once: bool) {
         self.stop_worker(worker);
         for d in self.doorbells.iter() {
             d.store(0, Ordering::Release);
         }
         self.halted.store(false, Ordering::Release);
-        self.csts.store(0, Ordering::Release);
+        let (delay, _) = self.ready_delay();
+        let ready = self.csts.load(Ordering::Acquire) & csts::RDY != 0;
+        let mut unready = self.unready_at.lock();
+        if ready && !at_once && !delay.is_zero() {
+            self.csts.store(csts::RDY, Ordering::Release);
+            *unready = Some(Instant::now() + delay);
+            self.unready_pending.store(true, Ordering::Release);
+        } else {
+            self.csts.store(0, Ordering::Release);
+            *unready = None;
+            self.unready_pending.store(false, Ordering::Release);
+        }
+        drop(unready);
         if let Some(s) = &mut *self.sriov.lock() {
             // A controller reset of the primary takes its secondaries offline and applies
             // its pending flexible allocation.
@@ -867,7 +935,13 @@ impl Shared {
             bump(&self.counters.bad_dma);
             return self.fail(format_args!("ASQ {asq:#x} / ACQ {acq:#x} outside DMA memory"));
         };
+        // A host that enables again before RDY went to 0 gets a fresh start.
+        *self.unready_at.lock() = None;
+        self.unready_pending.store(false, Ordering::Release);
+        self.csts.store(0, Ordering::Release);
+        let (delay, never) = self.ready_delay();
         let mut engine = Engine::new(Arc::clone(self));
+        engine.ready_after = (!never).then_some(delay);
         let mut admin_sq = Sq::new(asqs, 0, sq);
         // Doorbell writes before the enable are not tails of this queue.
         admin_sq.mmio_seen = self.doorbells[0].load(Ordering::SeqCst);
@@ -884,7 +958,6 @@ impl Shared {
             Ok(handle) => {
                 *self.waker.lock() = Some(handle.thread().clone());
                 *worker = Some(handle);
-                self.csts.store(csts::RDY, Ordering::Release);
             }
             Err(e) => self.fail(format_args!("spawning the processing thread: {e}")),
         }
@@ -1040,6 +1113,8 @@ struct Engine {
     // Vectors to signal at the end of this round.
     irq_vectors: Vec<u16>,
     stride_words: usize,
+    // How long after the start CSTS.RDY becomes 1 (`None`: never).
+    ready_after: Option<Duration>,
 }
 
 impl Engine {
@@ -1061,12 +1136,29 @@ impl Engine {
             segs: Vec::new(),
             irq_vectors: Vec::new(),
             stride_words,
+            ready_after: Some(Duration::ZERO),
             shared,
         }
     }
 
     fn run(mut self) {
         let shared = Arc::clone(&self.shared);
+        // Ready (and processing) only after the ready delay, or never.
+        match self.ready_after {
+            Some(d) => {
+                self.sleep(d);
+                if shared.stop.load(Ordering::Acquire) {
+                    return;
+                }
+                shared.csts.fetch_or(csts::RDY, Ordering::AcqRel);
+            }
+            None => {
+                while !shared.stop.load(Ordering::Acquire) {
+                    thread::park_timeout(Duration::from_millis(50));
+                }
+                return;
+            }
+        }
         let mut idle_spins = 0u32;
         while !shared.stop.load(Ordering::Acquire) {
             if shared.gone() || shared.halted.load(Ordering::Acquire) {
@@ -1371,9 +1463,9 @@ impl Engine {
     }
 
     fn sleep(&self, d: Duration) {
-        let until = std::time::Instant::now() + d;
+        let until = Instant::now() + d;
         while !self.shared.stop.load(Ordering::Relaxed) {
-            let now = std::time::Instant::now();
+            let now = Instant::now();
             if now >= until {
                 break;
             }
@@ -2362,12 +2454,15 @@ impl EmulatedNvme {
             Fault::StalePhase => f.stale_phase += 1,
             Fault::Forge(c) => f.forged.push_back(c),
             Fault::Delay(d) => f.delay = (!d.is_zero()).then_some(d),
+            Fault::ReadySlow(d) => f.ready_slow = Some(d),
+            Fault::ReadyNever => f.ready_never = true,
             _ => {}
         }
         shared.faults_pending.store(!f.is_empty(), Ordering::Release);
     }
 
-    /// Removes the faults not yet used up (and the delay). `Gone` and `FatalStatus` stay.
+    /// Removes the faults not yet used up (and the delays, [`Fault::ReadySlow`] and
+    /// [`Fault::ReadyNever`]). `Gone` and `FatalStatus` stay.
     pub fn clear_faults(&self) {
         let shared = self.shared();
         *shared.faults.lock() = FaultState::default();
@@ -2626,7 +2721,7 @@ impl DeviceBacking for EmulatedNvme {
         if shared.gone() {
             return Err(BackingError::Gone(self.address()));
         }
-        shared.disable(&mut worker);
+        shared.disable(&mut worker, true);
         shared.cc.store(0, Ordering::Release);
         shared.aqa.store(0, Ordering::Release);
         shared.asq.store(0, Ordering::Release);
