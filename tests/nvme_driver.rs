@@ -226,7 +226,13 @@ fn an_error_status_fails_only_its_request() {
 
 #[test]
 fn a_command_that_never_completes_times_out_and_is_aborted() {
-    let e = emu(EmuConfig::default());
+    // Abort that works: the kind controller. (The strict default never aborts; then the
+    // queue resets the controller, as `a_command_that_cannot_be_aborted_resets_the_controller`
+    // shows.)
+    let e = emu(EmuConfig {
+        abort_succeeds: true,
+        ..EmuConfig::default()
+    });
     let c = up(&e);
     let mut q = c.io_queue(4).unwrap();
     let buf = buf_of(&c);
@@ -668,4 +674,34 @@ fn bring_up_waits_for_a_slow_controller_and_gives_up_on_one_never_ready() {
         Err(NvmeError::Timeout { what, .. }) => assert!(what.contains("RDY"), "{what}"),
         other => panic!("{other:?}"),
     }
+}
+
+#[test]
+#[ignore = "issue 15 section 1 (a timed-out command's buffer is released before the command ends): fixed by the no-late-DMA work"]
+fn a_timed_out_request_buffer_is_never_written_after_it_was_given_back() {
+    let e = emu(EmuConfig::default());
+    let c = up(&e);
+    let mut q = c.io_queue(4).unwrap();
+    let buf = c.alloc_buffer(4096).unwrap();
+    e.inject(Fault::Stall {
+        command: CommandMatch::Io(io::READ),
+        count: 1,
+    });
+    let err = q.read(1, 0, 1, &buf, 0).unwrap_err();
+    assert!(matches!(err, NvmeError::Timeout { .. }), "{err}");
+    // The application lets go of its buffer after the timeout, and allocates another.
+    drop(buf);
+    let _next = c.alloc_buffer(4096).unwrap();
+    // The controller was only slow: the read is done now.
+    e.release_stalled();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while q.free_slots() < 3 && Instant::now() < deadline {
+        q.poll(|_, _| {}).unwrap();
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    assert_eq!(
+        e.stats().late_dma,
+        0,
+        "the controller wrote into memory the driver had given back"
+    );
 }

@@ -717,7 +717,12 @@ fn a_full_completion_queue_holds_back_the_controller() {
 
 #[test]
 fn fault_never_complete_then_abort() {
-    let (e, mut host, mut q) = setup(EmuConfig::default());
+    // The kind controller whose Abort aborts what it holds (the strict one's never does:
+    // `abort_fails_by_default`).
+    let (e, mut host, mut q) = setup(EmuConfig {
+        abort_succeeds: true,
+        ..EmuConfig::default()
+    });
     let buf = e.alloc_dma(4096).unwrap();
     e.inject(Fault::NeverComplete {
         command: CommandMatch::Io(io::READ),
@@ -759,6 +764,68 @@ fn fault_never_complete_then_abort() {
     host.admin_ok(del);
     let c = host.wait(&mut q);
     assert_eq!((c.cid, c.status()), (swallowed, Status::ABORTED_SQ_DELETION));
+}
+
+#[test]
+fn abort_fails_by_default() {
+    let (e, mut host, mut q) = setup(EmuConfig::default());
+    e.inject(Fault::NeverComplete {
+        command: CommandMatch::Io(io::FLUSH),
+        count: 1,
+    });
+    let mut flush = Command::new(io::FLUSH);
+    flush.nsid = 1;
+    let swallowed = q.push(flush);
+    host.ring_sq(&q);
+    eventually("the flush taken", || e.stats().io(io::FLUSH) == 1);
+    let mut abort = Command::new(admin::ABORT);
+    abort.cdw[0] = u32::from(swallowed) << 16 | 1;
+    assert_eq!(host.admin_ok(abort).dw0 & 1, 1, "not aborted");
+    assert!(q.peek().is_none(), "the command stays held");
+    // Deleting the SQ still ends it.
+    let mut del = Command::new(admin::DELETE_SQ);
+    del.cdw[0] = 1;
+    host.admin_ok(del);
+    let c = host.wait(&mut q);
+    assert_eq!((c.cid, c.status()), (swallowed, Status::ABORTED_SQ_DELETION));
+}
+
+#[test]
+fn fault_stall_executes_at_release_and_counts_late_dma() {
+    let (e, host, mut q) = setup(EmuConfig::default());
+    e.namespace_write(1, 0, &[0x42; 4096]).unwrap();
+    let first = e.alloc_dma(4096).unwrap();
+    let iova = first.iova();
+    e.inject(Fault::Stall {
+        command: CommandMatch::Io(io::READ),
+        count: 1,
+    });
+    let cid = q.push(rw(io::READ, 1, 0, 8, iova, 0));
+    host.ring_sq(&q);
+    eventually("the read fetched", || e.stats().io(io::READ) == 1);
+    // The driver gives up on it and frees its buffer; the IOVA goes to a new buffer.
+    drop(first);
+    let next = e.alloc_dma(4096).unwrap();
+    assert_eq!(next.iova(), iova);
+    assert!(q.peek().is_none());
+    e.release_stalled();
+    let c = host.wait(&mut q);
+    assert_eq!((c.cid, c.status()), (cid, Status::SUCCESS));
+    let mut got = vec![0u8; 4096];
+    next.read_at(0, &mut got).unwrap();
+    assert_eq!(got, [0x42; 4096], "the late read landed in the new buffer");
+    assert_eq!((e.stats().late_dma, e.stats().bad_dma), (1, 0));
+    // A buffer that lives on is no late DMA.
+    e.inject(Fault::Stall {
+        command: CommandMatch::Io(io::READ),
+        count: 1,
+    });
+    q.push(rw(io::READ, 1, 0, 8, iova, 0));
+    host.ring_sq(&q);
+    eventually("the second read fetched", || e.stats().io(io::READ) == 2);
+    e.release_stalled();
+    assert!(host.wait(&mut q).status().is_success());
+    assert_eq!(e.stats().late_dma, 1);
 }
 
 #[test]
@@ -913,6 +980,52 @@ fn dma_to_a_dropped_or_foreign_buffer_fails() {
         [0; 1024],
         "a failed write wrote nothing"
     );
+}
+
+#[test]
+fn freed_iovas_are_reused_so_late_dma_lands_in_the_next_buffer() {
+    let (e, host, mut q) = setup(EmuConfig::default());
+    e.namespace_write(1, 0, &[0x77; 4096]).unwrap();
+    let first = e.alloc_dma(4096).unwrap();
+    let iova = first.iova();
+    // The read is queued, then its buffer freed and another allocated before the
+    // controller gets to it: the IOVA now belongs to the new buffer, and the read lands
+    // there, as it would behind an IOMMU whose allocator handed the address out again.
+    q.push(rw(io::READ, 1, 0, 8, iova, 0));
+    drop(first);
+    let next = e.alloc_dma(4096).unwrap();
+    assert_eq!(next.iova(), iova, "the freed IOVA is handed out again");
+    host.ring_sq(&q);
+    assert!(host.wait(&mut q).status().is_success());
+    let mut got = vec![0u8; 4096];
+    next.read_at(0, &mut got).unwrap();
+    assert_eq!(got, [0x77; 4096], "the read corrupted the next buffer");
+    // Fetched after the new buffer was allocated: not counted as late (the controller
+    // cannot know), only Fault::Stall shows a late one.
+    assert_eq!((e.stats().bad_dma, e.stats().late_dma), (0, 0));
+    // Lowest address first: a bigger buffer does not fit the hole of a smaller one.
+    let small = e.alloc_dma(4096).unwrap();
+    let _after = e.alloc_dma(4096).unwrap();
+    let hole = small.iova();
+    drop(small);
+    let big = e.alloc_dma(3 * 4096).unwrap();
+    assert_ne!(big.iova(), hole);
+    assert_eq!(e.alloc_dma(100).unwrap().iova(), hole);
+
+    // The kind controller never reuses an IOVA: the same late read fails and is counted.
+    let (e, host, mut q) = setup(EmuConfig {
+        fresh_iovas: true,
+        ..EmuConfig::default()
+    });
+    let first = e.alloc_dma(4096).unwrap();
+    let iova = first.iova();
+    q.push(rw(io::READ, 1, 0, 8, iova, 0));
+    drop(first);
+    let next = e.alloc_dma(4096).unwrap();
+    assert_ne!(next.iova(), iova);
+    host.ring_sq(&q);
+    assert_eq!(host.wait(&mut q).status(), Status::DATA_TRANSFER_ERROR);
+    assert_eq!(e.stats().bad_dma, 1);
 }
 
 fn need_event(event: u16, new: u16, old: u16) -> bool {

@@ -164,6 +164,22 @@ pub struct EmuConfig {
     /// (1 to 255); 15 (7.5 s, QEMU's) by default. A driver waits this long for RDY before
     /// it gives up, so a test of [`Fault::ReadyNever`] sets it low.
     pub cap_timeout: u8,
+    /// Whether [`DeviceBacking::alloc_dma`] gives every allocation an IOVA never used
+    /// before. By default (false) a freed IOVA is handed out again, lowest address first,
+    /// as an IOMMU allocator does: DMA the controller does late (for a command the driver
+    /// gave up on) lands in whatever buffer has the address now and corrupts it, as on
+    /// hardware. The kind controller (true) fails such DMA and counts it in
+    /// [`EmuStats::bad_dma`].
+    pub fresh_iovas: bool,
+    /// Whether Abort aborts a command the controller holds (one swallowed by
+    /// [`Fault::NeverComplete`] or stalled by [`Fault::Stall`], an Asynchronous Event
+    /// Request). By default (false) Abort never aborts anything: the specification makes
+    /// Abort best effort, and a command already being executed is typically not aborted,
+    /// so Abort completes successfully with dword 0 bit 0 set ("not aborted") and the
+    /// command stays where it is; a driver must then reset the controller (or delete the
+    /// queue) to get it back. The kind controller (true) aborts held commands, which
+    /// complete with Command Abort Requested.
+    pub abort_succeeds: bool,
 }
 
 const DEFAULT_ADDRESS: PciAddress = match PciAddress::new(0, 0, 4, 0) {
@@ -194,6 +210,8 @@ impl Default for EmuConfig {
             msix_vectors: 16,
             ready_delay: Duration::from_millis(10),
             cap_timeout: 0x0f,
+            fresh_iovas: false,
+            abort_succeeds: false,
         }
     }
 }
@@ -346,6 +364,18 @@ pub enum Fault {
         /// How many.
         count: u32,
     },
+    /// Matching commands are fetched (the SQ head moves on) and wait, not executed, until
+    /// [`EmulatedNvme::release_stalled`]; then they execute, their DMA happening at that
+    /// moment, and complete. A stalled command is being executed as far as Abort is
+    /// concerned (see [`EmuConfig::abort_succeeds`]); deleting its SQ ends it as aborted. For
+    /// what a driver does while a command is slow, deterministically: what it frees, and
+    /// what the late DMA then hits.
+    Stall {
+        /// Which commands.
+        command: CommandMatch,
+        /// How many.
+        count: u32,
+    },
     /// Matching commands complete with `status`, without being executed.
     Status {
         /// Which commands.
@@ -413,6 +443,12 @@ pub struct EmuStats {
     pub interrupts: u64,
     /// DMA attempts outside live allocations (each failed its command or was dropped).
     pub bad_dma: u64,
+    /// DMA transfers into a buffer allocated after the command was fetched: the command's
+    /// own buffer was freed and its IOVA handed out again (see
+    /// [`EmuConfig::fresh_iovas`]). The transfer is done, as on hardware, and corrupts the
+    /// new buffer; a driver that keeps its buffers until their commands end never causes
+    /// one.
+    pub late_dma: u64,
 }
 
 impl EmuStats {
@@ -438,6 +474,7 @@ struct Counters {
     event_index_writes: AtomicU64,
     interrupts: AtomicU64,
     bad_dma: AtomicU64,
+    late_dma: AtomicU64,
 }
 
 fn bump(c: &AtomicU64) {
@@ -458,6 +495,7 @@ impl Counters {
             event_index_writes: AtomicU64::new(0),
             interrupts: AtomicU64::new(0),
             bad_dma: AtomicU64::new(0),
+            late_dma: AtomicU64::new(0),
         }
     }
 
@@ -486,6 +524,7 @@ impl Counters {
             event_index_writes: load(&self.event_index_writes),
             interrupts: load(&self.interrupts),
             bad_dma: load(&self.bad_dma),
+            late_dma: load(&self.late_dma),
         }
     }
 }
@@ -493,6 +532,7 @@ impl Counters {
 #[derive(Debug, Default)]
 struct FaultState {
     never: Vec<(CommandMatch, u32)>,
+    stall: Vec<(CommandMatch, u32)>,
     status: Vec<(CommandMatch, Status, u32)>,
     wrong_cid: u32,
     duplicate: u32,
@@ -507,6 +547,7 @@ struct FaultState {
 impl FaultState {
     fn is_empty(&self) -> bool {
         self.never.is_empty()
+            && self.stall.is_empty()
             && self.status.is_empty()
             && self.wrong_cid == 0
             && self.duplicate == 0
@@ -605,6 +646,8 @@ impl Namespace {
 struct DmaEntry {
     len: u64,
     buf: Weak<DmaBuffer>,
+    // Allocation order: an allocation newer than a command cannot be its buffer.
+    serial: u64,
 }
 
 #[derive(Debug, Clone, Copy, Default)]
@@ -651,11 +694,14 @@ struct Shared {
     worker: Mutex<Option<JoinHandle<()>>>,
     dma: RwLock<BTreeMap<u64, DmaEntry>>,
     next_iova: AtomicU64,
+    alloc_serial: AtomicU64,
     namespaces: Vec<Namespace>,
     faults: Mutex<FaultState>,
     faults_pending: AtomicBool,
     async_events: Mutex<VecDeque<u32>>,
     async_pending: AtomicBool,
+    // Set by `EmulatedNvme::release_stalled`.
+    release: AtomicBool,
     irqs: RwLock<Vec<OwnedFd>>,
     config_space: Mutex<Vec<u8>>,
     sriov: Mutex<Option<SriovState>>,
@@ -703,6 +749,7 @@ impl Shared {
             worker: Mutex::new(None),
             dma: RwLock::new(BTreeMap::new()),
             next_iova: AtomicU64::new(FIRST_IOVA),
+            alloc_serial: AtomicU64::new(0),
             namespaces: cfg
                 .namespaces
                 .iter()
@@ -716,6 +763,7 @@ impl Shared {
             faults_pending: AtomicBool::new(false),
             async_events: Mutex::new(VecDeque::new()),
             async_pending: AtomicBool::new(false),
+            release: AtomicBool::new(false),
             irqs: RwLock::new(Vec::new()),
             config_space: Mutex::new(config),
             sriov: Mutex::new(sriov),
@@ -736,11 +784,16 @@ impl Shared {
         }
     }
 
-    fn lookup(&self, iova: u64, len: u64) -> Option<(u64, u64, Weak<DmaBuffer>)> {
+    fn lookup(&self, iova: u64, len: u64) -> Option<CacheEntry> {
         let table = self.dma.read();
         let (&base, e) = table.range(..=iova).next_back()?;
         let end = iova.checked_add(len)?;
-        (end <= base + e.len).then(|| (base, e.len, e.buf.clone()))
+        (end <= base + e.len).then(|| CacheEntry {
+            base,
+            len: e.len,
+            buf: e.buf.clone(),
+            serial: e.serial,
+        })
     }
 
     fn read32(&self, offset: u64) -> u32 {
@@ -968,10 +1021,10 @@ impl Shared {
         if !iova.is_multiple_of(PAGE_U64) {
             return None;
         }
-        let (base, _, buf) = self.lookup(iova, len)?;
+        let e = self.lookup(iova, len)?;
         Some(Mem {
-            buf,
-            off: (iova - base) as usize,
+            buf: e.buf,
+            off: (iova - e.base) as usize,
         })
     }
 }
@@ -1061,6 +1114,8 @@ struct Shadow {
 enum HeldKind {
     AsyncEvent,
     Swallowed,
+    // Fetched, not executed until `release_stalled`; the newest allocation at its fetch.
+    Stalled(Command, u64),
 }
 
 #[derive(Debug)]
@@ -1094,6 +1149,7 @@ struct CacheEntry {
     base: u64,
     len: u64,
     buf: Weak<DmaBuffer>,
+    serial: u64,
 }
 
 struct Engine {
@@ -1115,6 +1171,8 @@ struct Engine {
     stride_words: usize,
     // How long after the start CSTS.RDY becomes 1 (`None`: never).
     ready_after: Option<Duration>,
+    // The newest allocation when the command being executed was fetched.
+    fetch_serial: u64,
 }
 
 impl Engine {
@@ -1137,6 +1195,7 @@ impl Engine {
             irq_vectors: Vec::new(),
             stride_words,
             ready_after: Some(Duration::ZERO),
+            fetch_serial: 0,
             shared,
         }
     }
@@ -1307,7 +1366,7 @@ impl Engine {
     }
 
     fn has_work(&mut self) -> bool {
-        if self.shared.async_pending.load(Ordering::Acquire) {
+        if self.shared.async_pending.load(Ordering::Acquire) || self.shared.release.load(Ordering::Acquire) {
             return true;
         }
         for k in 0..self.active.len() {
@@ -1330,6 +1389,9 @@ impl Engine {
 
     fn round(&mut self) -> bool {
         let mut progressed = false;
+        if self.shared.release.swap(false, Ordering::AcqRel) {
+            progressed |= self.release_stalled();
+        }
         if self.shared.async_pending.load(Ordering::Acquire) {
             progressed |= self.deliver_async_events();
         }
@@ -1405,6 +1467,7 @@ impl Engine {
             return;
         }
         let cmd = Command::from_bytes(&bytes);
+        self.fetch_serial = self.shared.alloc_serial.load(Ordering::Acquire);
         let is_admin = qid == 0;
         let table = if is_admin {
             &self.shared.counters.admin
@@ -1419,23 +1482,48 @@ impl Engine {
                 self.sleep(d);
             }
             match pre {
+                Some(Outcome::Hold(HeldKind::Stalled(..))) => {
+                    let kind = HeldKind::Stalled(cmd, self.fetch_serial);
+                    return self.hold(qid, cmd.cid, kind);
+                }
                 Some(Outcome::Hold(kind)) => return self.hold(qid, cmd.cid, kind),
                 Some(Outcome::Done(status, dw0)) => return self.complete(qid, cmd.cid, status, dw0),
                 None => {}
             }
         }
+        self.execute(qid, &cmd);
+    }
+
+    fn execute(&mut self, qid: u16, cmd: &Command) {
         let outcome = if cmd.flags & 0xc3 != 0 {
             // Fused operations and SGLs are not supported.
             err(Status::INVALID_FIELD)
-        } else if is_admin {
-            self.admin_command(&cmd)
+        } else if qid == 0 {
+            self.admin_command(cmd)
         } else {
-            self.io_command(&cmd)
+            self.io_command(cmd)
         };
         match outcome {
             Outcome::Done(status, dw0) => self.complete(qid, cmd.cid, status, dw0),
             Outcome::Hold(kind) => self.hold(qid, cmd.cid, kind),
         }
+    }
+
+    // Executes the stalled commands (`EmulatedNvme::release_stalled`), in the order they
+    // were fetched.
+    fn release_stalled(&mut self) -> bool {
+        let (stalled, kept): (Vec<Held>, Vec<Held>) = std::mem::take(&mut self.held)
+            .into_iter()
+            .partition(|h| matches!(h.kind, HeldKind::Stalled(..)));
+        self.held = kept;
+        let any = !stalled.is_empty();
+        for h in stalled {
+            if let HeldKind::Stalled(cmd, serial) = h.kind {
+                self.fetch_serial = serial;
+                self.execute(h.sqid, &cmd);
+            }
+        }
+        any
     }
 
     fn command_faults(&mut self, is_admin: bool, opcode: u8) -> (Option<Duration>, Option<Outcome>) {
@@ -1448,6 +1536,12 @@ impl Engine {
                 f.never.remove(i);
             }
             pre = Some(Outcome::Hold(HeldKind::Swallowed));
+        } else if let Some(i) = f.stall.iter().position(|(m, _)| m.matches(is_admin, opcode)) {
+            f.stall[i].1 -= 1;
+            if f.stall[i].1 == 0 {
+                f.stall.remove(i);
+            }
+            pre = Some(Outcome::Hold(HeldKind::Stalled(Command::default(), 0)));
         } else if let Some(i) = f.status.iter().position(|(m, _, _)| m.matches(is_admin, opcode)) {
             let status = f.status[i].1;
             f.status[i].2 -= 1;
@@ -1612,20 +1706,35 @@ impl Engine {
 
     // ---- DMA
 
+    // The buffer behind `len` bytes at `iova` for the command being executed. DMA into a
+    // buffer allocated after the command was fetched is done (as hardware would) and
+    // counted as late.
     fn resolve(&mut self, iova: u64, len: usize) -> Option<(Arc<DmaBuffer>, usize)> {
         let len = len as u64;
         let end = iova.checked_add(len)?;
+        let mut found = None;
         for e in self.cache.iter().flatten() {
             if iova >= e.base && end <= e.base + e.len {
-                // IOVAs are never reused: a dead entry means the buffer is gone.
-                return e.buf.upgrade().map(|b| (b, (iova - e.base) as usize));
+                // A dead entry: the buffer is gone, but its IOVA may belong to another one
+                // now (the table knows).
+                if let Some(b) = e.buf.upgrade() {
+                    found = Some((b, (iova - e.base) as usize, e.serial));
+                }
+                break;
             }
         }
-        let (base, blen, buf) = self.shared.lookup(iova, len)?;
-        let arc = buf.upgrade()?;
-        self.cache[self.cache_next] = Some(CacheEntry { base, len: blen, buf });
-        self.cache_next = (self.cache_next + 1) % self.cache.len();
-        Some((arc, (iova - base) as usize))
+        if found.is_none() {
+            let e = self.shared.lookup(iova, len)?;
+            let arc = e.buf.upgrade()?;
+            found = Some((arc, (iova - e.base) as usize, e.serial));
+            self.cache[self.cache_next] = Some(e);
+            self.cache_next = (self.cache_next + 1) % self.cache.len();
+        }
+        let (buf, off, serial) = found?;
+        if serial > self.fetch_serial {
+            bump(&self.shared.counters.late_dma);
+        }
+        Some((buf, off))
     }
 
     fn push_seg(&mut self, out: &mut Vec<Seg>, iova: u64, len: usize) -> Result<(), Status> {
@@ -1974,6 +2083,10 @@ impl Engine {
 
     fn abort(&mut self, cmd: &Command) -> Outcome {
         let (sqid, cid) = ((cmd.cdw[0] & 0xffff) as u16, (cmd.cdw[0] >> 16) as u16);
+        if !self.shared.cfg.abort_succeeds {
+            // Whatever it is, it is being executed (or done): not aborted.
+            return ok(1);
+        }
         match self.held.iter().position(|h| h.sqid == sqid && h.cid == cid) {
             Some(i) => {
                 let h = self.held.remove(i);
@@ -2444,6 +2557,7 @@ impl EmulatedNvme {
         let mut f = shared.faults.lock();
         match fault {
             Fault::NeverComplete { command, count } if count > 0 => f.never.push((command, count)),
+            Fault::Stall { command, count } if count > 0 => f.stall.push((command, count)),
             Fault::Status {
                 command,
                 status,
@@ -2467,6 +2581,16 @@ impl EmulatedNvme {
         let shared = self.shared();
         *shared.faults.lock() = FaultState::default();
         shared.faults_pending.store(false, Ordering::Release);
+    }
+
+    /// Executes and completes every command held by [`Fault::Stall`] so far, in the order
+    /// they were fetched.
+    pub fn release_stalled(&self) {
+        let shared = self.shared();
+        shared.release.store(true, Ordering::Release);
+        if let Some(t) = &*shared.waker.lock() {
+            t.unpark();
+        }
     }
 
     /// Completes one held Asynchronous Event Request with `dw0` (event type, information,
@@ -2601,6 +2725,19 @@ impl RegisterIo for EmuRegisters {
     }
 }
 
+// The lowest IOVA from FIRST_IOVA where `len` bytes fit between live allocations (each
+// followed by its guard page).
+fn first_fit(table: &BTreeMap<u64, DmaEntry>, len: u64) -> u64 {
+    let mut at = FIRST_IOVA;
+    for (&base, e) in table.range(FIRST_IOVA..) {
+        if base >= at + len {
+            break;
+        }
+        at = at.max(base + e.len + PAGE_U64);
+    }
+    at
+}
+
 fn config_range(
     address: PciAddress,
     offset: u64,
@@ -2654,16 +2791,20 @@ impl DeviceBacking for EmulatedNvme {
         })?;
         let size = buffer.len() as u64;
         let buffer = Arc::new(buffer);
+        let shared = self.shared();
+        let mut table = shared.dma.write();
         // An unmapped page after each allocation, so overruns are caught.
-        let iova = self
-            .shared()
-            .next_iova
-            .fetch_add(size + PAGE_U64, Ordering::Relaxed);
-        self.shared().dma.write().insert(
+        let iova = if shared.cfg.fresh_iovas {
+            shared.next_iova.fetch_add(size + PAGE_U64, Ordering::Relaxed)
+        } else {
+            first_fit(&table, size + PAGE_U64)
+        };
+        table.insert(
             iova,
             DmaEntry {
                 len: size,
                 buf: Arc::downgrade(&buffer),
+                serial: shared.alloc_serial.fetch_add(1, Ordering::AcqRel) + 1,
             },
         );
         Ok(EmuDma {
