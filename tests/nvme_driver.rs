@@ -124,27 +124,39 @@ fn invalid_requests_fail_before_anything_is_queued() {
 fn a_batch_rings_one_doorbell() {
     let e = emu(EmuConfig {
         shadow_doorbells: false,
+        // Completed in any order, as hardware may.
+        shuffle_completions: Some(1),
         ..EmuConfig::default()
     });
     let c = up(&e);
     let mut q = c.io_queue(64).unwrap();
     let buf = c.alloc_buffer(32 * 4096).unwrap();
+    for i in 0..32u8 {
+        e.namespace_write(1, u64::from(i) * 4096, &[i; 4096]).unwrap();
+    }
     let before = e.stats().sq_doorbell_writes;
     for i in 0..32u64 {
         q.submit(&IoRequest::read(1, i * 8, 8, &buf, i as usize * 4096), i)
             .unwrap();
     }
     q.ring().unwrap();
-    let mut done = 0;
+    let mut tags = Vec::new();
     let start = Instant::now();
-    while done < 32 && start.elapsed() < Duration::from_secs(10) {
-        q.poll(|_, r| {
+    while tags.len() < 32 && start.elapsed() < Duration::from_secs(60) {
+        q.poll(|tag, r| {
             r.unwrap();
-            done += 1;
+            tags.push(tag);
         })
         .unwrap();
     }
-    assert_eq!(done, 32);
+    assert_ne!(tags, (0..32).collect::<Vec<_>>(), "completed out of order");
+    tags.sort_unstable();
+    assert_eq!(tags, (0..32).collect::<Vec<_>>());
+    for i in 0..32u8 {
+        let mut got = [0u8; 4096];
+        buf.read_at(usize::from(i) * 4096, &mut got).unwrap();
+        assert_eq!(got, [i; 4096]);
+    }
     assert_eq!(e.stats().sq_doorbell_writes - before, 1);
     assert_eq!(q.doorbell_writes(), 1);
 }
@@ -562,6 +574,7 @@ proptest! {
     fn random_io_matches_a_model(steps in proptest::collection::vec(step(), 1..12)) {
         let e = emu(EmuConfig {
             namespaces: vec![NamespaceConfig { blocks: MODEL_BLOCKS, block_size: 512 }],
+            shuffle_completions: Some(3),
             ..EmuConfig::default()
         });
         let c = up(&e);

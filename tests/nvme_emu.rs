@@ -683,6 +683,37 @@ fn a_doorbell_counts_only_when_written_and_queue_deletion_resets_it() {
 }
 
 #[test]
+fn completions_can_come_out_of_order() {
+    let (e, host, mut q) = setup(EmuConfig {
+        shuffle_completions: Some(7),
+        ..EmuConfig::default()
+    });
+    let mut flush = Command::new(io::FLUSH);
+    flush.nsid = 1;
+    let cids: Vec<u16> = (0..16).map(|_| q.push(flush)).collect();
+    host.ring_sq(&q);
+    let got: Vec<Completion> = (0..16).map(|_| host.wait(&mut q)).collect();
+    let mut order: Vec<u16> = got.iter().map(|c| c.cid).collect();
+    assert_ne!(order, cids, "one burst of 16, shuffled");
+    // Every completion carries the SQ head as it was when posted: after the whole burst.
+    assert!(got.iter().all(|c| c.sq_head == 16), "{got:?}");
+    order.sort_unstable();
+    assert_eq!(order, cids);
+    assert_eq!(e.stats().io(io::FLUSH), 16);
+    // A full CQ still holds the controller back: no completion is lost or overwritten.
+    let mut small = {
+        let mut host = host;
+        let q2 = host.io_queue(2, 16, 4, None);
+        (host, q2)
+    };
+    let cids: Vec<u16> = (0..10).map(|_| small.1.push(flush)).collect();
+    small.0.ring_sq(&small.1);
+    let mut seen: Vec<u16> = (0..10).map(|_| small.0.wait(&mut small.1).cid).collect();
+    seen.sort_unstable();
+    assert_eq!(seen, cids);
+}
+
+#[test]
 fn a_full_completion_queue_holds_back_the_controller() {
     let e = emu(EmuConfig::default());
     let mut host = Host::enable(e.clone());

@@ -180,6 +180,15 @@ pub struct EmuConfig {
     /// queue) to get it back. The kind controller (true) aborts held commands, which
     /// complete with Command Abort Requested.
     pub abort_succeeds: bool,
+    /// Out-of-order completion: with `Some(seed)`, the completions of each burst of I/O
+    /// commands the controller takes from one submission queue (up to 64, as many as fit
+    /// the completion queue) are posted in an order shuffled by a generator seeded with
+    /// `seed` (deterministic for a given sequence of bursts), each carrying the SQ head as
+    /// it is when posted. Hardware completes commands in any order; a driver that relies
+    /// on order (or on the SQ head of one completion to free another's slot) fails here.
+    /// `None` (the default) completes in submission order. Admin commands always complete
+    /// in order.
+    pub shuffle_completions: Option<u64>,
 }
 
 const DEFAULT_ADDRESS: PciAddress = match PciAddress::new(0, 0, 4, 0) {
@@ -212,6 +221,7 @@ impl Default for EmuConfig {
             cap_timeout: 0x0f,
             fresh_iovas: false,
             abort_succeeds: false,
+            shuffle_completions: None,
         }
     }
 }
@@ -1173,6 +1183,21 @@ struct Engine {
     ready_after: Option<Duration>,
     // The newest allocation when the command being executed was fetched.
     fetch_serial: u64,
+    // Shuffled completions: the generator's state, the CQ whose completions wait for the
+    // end of the burst, and those completions.
+    rng: Option<u64>,
+    deferring: Option<u16>,
+    deferred: Vec<(u16, Completion)>,
+}
+
+// xorshift64*: deterministic, good enough to shuffle a burst.
+fn xorshift(state: &mut u64) -> u64 {
+    let mut x = *state;
+    x ^= x >> 12;
+    x ^= x << 25;
+    x ^= x >> 27;
+    *state = x;
+    x.wrapping_mul(0x2545_f491_4f6c_dd1d)
 }
 
 impl Engine {
@@ -1196,6 +1221,10 @@ impl Engine {
             stride_words,
             ready_after: Some(Duration::ZERO),
             fetch_serial: 0,
+            // A zero state would stay zero.
+            rng: shared.cfg.shuffle_completions.map(|seed| seed | 1),
+            deferring: None,
+            deferred: Vec::new(),
             shared,
         }
     }
@@ -1409,13 +1438,17 @@ impl Engine {
                     break;
                 }
                 let cqid = sq.cqid;
-                if !self.cq_has_room(cqid) {
+                if !self.cq_has_room(cqid) || self.cq_free(cqid) <= self.deferred.len() {
                     break;
                 }
                 if self.shared.stop.load(Ordering::Relaxed) || self.shared.halted.load(Ordering::Relaxed) {
                     return progressed;
                 }
+                if qid != 0 && self.rng.is_some() {
+                    self.deferring = Some(cqid);
+                }
                 self.process_one(qid);
+                self.deferring = None;
                 progressed = true;
                 n += 1;
                 if n == BURST {
@@ -1428,9 +1461,41 @@ impl Engine {
                     self.refresh_sq_tail(qid);
                 }
             }
+            self.post_deferred(qid);
             self.update_sq_event_index(qid);
         }
         progressed
+    }
+
+    // Free entries of CQ `cqid` beyond its backlog.
+    fn cq_free(&self, cqid: u16) -> usize {
+        self.cqs[usize::from(cqid)].as_ref().map_or(0, |cq| {
+            let free = (cq.head + cq.size - cq.tail - 1) % cq.size;
+            (free as usize).saturating_sub(cq.backlog.len())
+        })
+    }
+
+    // Posts the completions of SQ `qid`'s burst in a shuffled order
+    // (`EmuConfig::shuffle_completions`), each with the SQ head as it is now.
+    fn post_deferred(&mut self, qid: u16) {
+        if self.deferred.is_empty() {
+            return;
+        }
+        let mut batch = std::mem::take(&mut self.deferred);
+        if let Some(rng) = self.rng.as_mut() {
+            for i in (1..batch.len()).rev() {
+                let j = (xorshift(rng) % (i as u64 + 1)) as usize;
+                batch.swap(i, j);
+            }
+        }
+        let head = self.sqs[usize::from(qid)].as_ref().map(|sq| sq.head as u16);
+        for (cqid, mut c) in batch.drain(..) {
+            if let Some(h) = head {
+                c.sq_head = h;
+            }
+            self.post(cqid, c);
+        }
+        self.deferred = batch;
     }
 
     fn update_sq_event_index(&mut self, qid: u16) {
@@ -1590,8 +1655,13 @@ impl Engine {
         self.post(cqid, c);
     }
 
-    // Queues a completion on CQ `cqid` and writes what fits.
+    // Queues a completion on CQ `cqid` and writes what fits (or keeps it for the end of the
+    // burst, when completions are shuffled).
     fn post(&mut self, cqid: u16, mut c: Completion) {
+        if self.deferring == Some(cqid) {
+            self.deferred.push((cqid, c));
+            return;
+        }
         let mut copies = 1;
         let mut stale = false;
         let mut forged = Vec::new();
