@@ -964,6 +964,135 @@ fn fault_fatal_status_until_reset() {
 }
 
 #[test]
+fn fault_fatal_status_with_dma_going_on() {
+    let (e, host, mut q) = setup(EmuConfig::default());
+    let buf = e.alloc_dma(4096).unwrap();
+    buf.fill(0, 512, 0x3c).unwrap();
+    e.inject(Fault::FatalStatusDmaContinues);
+    assert_ne!(host.csts() & csts::CFS, 0);
+    // Failed, and still moving data.
+    let c = host.exec(&mut q, rw(io::WRITE, 1, 5, 1, buf.iova(), 0));
+    assert!(c.status().is_success());
+    assert_eq!(e.namespace_read(1, 5 * 512, 512).unwrap(), [0x3c; 512]);
+    assert!(e.is_processing());
+    // A reset ends it.
+    host.disable();
+    assert_eq!(host.csts() & csts::CFS, 0);
+}
+
+#[test]
+fn fault_reset_during_io() {
+    let (e, mut host, mut q) = setup(EmuConfig::default());
+    e.inject(Fault::Stall {
+        command: CommandMatch::AnyIo,
+        count: 1,
+    });
+    let mut flush = Command::new(io::FLUSH);
+    flush.nsid = 1;
+    q.push(flush);
+    host.ring_sq(&q);
+    eventually("the flush taken", || e.stats().io(io::FLUSH) == 1);
+    e.inject(Fault::Reset);
+    assert!(!e.is_processing());
+    assert_eq!(host.csts(), 0);
+    for r in [reg::CC, reg::AQA] {
+        assert_eq!(host.bar.read32(r).unwrap(), 0);
+    }
+    assert_eq!(host.bar.read64(reg::ASQ).unwrap(), 0);
+    // What was outstanding is gone with the queues.
+    e.release_stalled();
+    assert!(q.peek().is_none());
+    // The host brings it up again.
+    host.admin = Queue::new(&host.dev, 0, 16, 16);
+    host.start();
+    let mut q = host.io_queue(1, 8, 8, None);
+    assert!(host.exec(&mut q, flush).status().is_success());
+}
+
+#[test]
+fn fault_lost_interrupt() {
+    let e = emu(EmuConfig::default());
+    let fds: Vec<EventFd> = (0..2)
+        .map(|_| EventFd::from_value_and_flags(0, EfdFlags::EFD_NONBLOCK | EfdFlags::EFD_CLOEXEC).unwrap())
+        .collect();
+    let borrowed: Vec<_> = fds.iter().map(|f| f.as_fd()).collect();
+    e.route_interrupts(&borrowed).unwrap();
+    let mut host = Host::enable(e.clone());
+    let mut q = host.io_queue(1, 8, 8, Some(1));
+    let read = |f: &EventFd| f.read().unwrap_or(0);
+    let mut flush = Command::new(io::FLUSH);
+    flush.nsid = 1;
+    e.inject(Fault::LostInterrupt { count: 1 });
+    let before = e.stats().interrupts;
+    assert!(host.exec(&mut q, flush).status().is_success());
+    assert_eq!(read(&fds[1]), 0, "the completion came without its interrupt");
+    assert_eq!(e.stats().interrupts, before);
+    assert!(host.exec(&mut q, flush).status().is_success());
+    eventually("the next interrupt", || read(&fds[1]) > 0);
+}
+
+#[test]
+fn fault_sq_head_backwards() {
+    let (e, host, mut q) = setup(EmuConfig::default());
+    let mut flush = Command::new(io::FLUSH);
+    flush.nsid = 1;
+    for head in 1..=3 {
+        assert_eq!(host.exec(&mut q, flush).sq_head, head);
+    }
+    e.inject(Fault::SqHeadBackwards);
+    assert_eq!(
+        host.exec(&mut q, flush).sq_head,
+        2,
+        "one behind the last reported"
+    );
+    assert_eq!(host.exec(&mut q, flush).sq_head, 5);
+}
+
+#[test]
+fn an_invalid_doorbell_write_raises_an_error_event() {
+    let (e, mut host, q) = setup(EmuConfig::default());
+    let aers: Vec<u16> = (0..2)
+        .map(|_| host.admin.push(Command::new(admin::ASYNC_EVENT)))
+        .collect();
+    host.bar
+        .write32(host.cap.sq_doorbell(0), host.admin.tail)
+        .unwrap();
+    eventually("the AERs taken", || e.stats().admin(admin::ASYNC_EVENT) == 2);
+    // A tail beyond the 64-entry queue: Error status, Invalid Doorbell Write Value, log
+    // page Error Information.
+    host.bar.write32(host.cap.sq_doorbell(q.qid), 1000).unwrap();
+    let mut got = None;
+    eventually("the event", || {
+        got = host.admin.pop();
+        got.is_some()
+    });
+    let c = got.unwrap();
+    assert_eq!((c.cid, c.status(), c.dw0), (aers[0], Status::SUCCESS, 0x01_01_00));
+    host.bar
+        .write32(host.cap.cq_doorbell(0), host.admin.head)
+        .unwrap();
+    // Masked until the log page is read: a second bad write raises nothing.
+    host.bar.write32(host.cap.sq_doorbell(q.qid), 2000).unwrap();
+    eventually("the write seen", || e.stats().invalid_doorbell_writes == 2);
+    let log = e.alloc_dma(4096).unwrap();
+    let mut get_log = Command::new(admin::GET_LOG_PAGE);
+    get_log.prp1 = log.iova();
+    get_log.cdw[0] = 15 << 16 | 0x01;
+    // The only completion is the Get Log Page's (Host::admin checks the cid).
+    host.admin_ok(get_log);
+    // A write to no doorbell register at all: Write to Invalid Doorbell Register.
+    host.bar.write32(0x3000, 1).unwrap();
+    let mut got = None;
+    eventually("the second event", || {
+        got = host.admin.pop();
+        got.is_some()
+    });
+    let c = got.unwrap();
+    assert_eq!((c.cid, c.dw0), (aers[1], 0x01_00_00));
+    assert_eq!(e.stats().invalid_doorbell_writes, 3);
+}
+
+#[test]
 fn fault_gone_reads_all_ones() {
     let (e, host, mut q) = setup(EmuConfig::default());
     e.inject(Fault::Gone);

@@ -89,6 +89,12 @@ const BURST: u32 = 64;
 const AER_LIMIT: usize = 4;
 /// Commands the controller keeps without completing (swallowed by a fault, AERs).
 const HELD_LIMIT: usize = 65536;
+/// Log page identifier of Error Information.
+const LOG_ERROR_INFORMATION: u8 = 0x01;
+/// Asynchronous event information of the Error status type: write to an invalid doorbell
+/// register, and invalid doorbell write value.
+const AEI_INVALID_DOORBELL_REGISTER: u32 = 0x00;
+const AEI_INVALID_DOORBELL_VALUE: u32 = 0x01;
 /// Where the first allocation lands.
 const FIRST_IOVA: u64 = 0x1_0000_0000;
 
@@ -406,6 +412,27 @@ pub enum Fault {
     StalePhase,
     /// CSTS.CFS becomes 1 and the controller stops processing, until a reset (CC.EN 0).
     FatalStatus,
+    /// CSTS.CFS becomes 1 but the controller goes on as before until a reset (CC.EN 0):
+    /// it fetches and executes commands, moves their data and posts completions. The
+    /// harmful kind of fatal status: a driver that frees the buffers of outstanding
+    /// commands when it sees CFS, with the controller still enabled and bus mastering on,
+    /// has them written afterwards (see [`EmuStats::late_dma`]).
+    FatalStatusDmaContinues,
+    /// A reset the host driver did not ask for, during I/O, as a function level reset by
+    /// someone else does: at once, the controller stops, every queue is gone, and CC,
+    /// CSTS (RDY 0), AQA, ASQ and ACQ read 0 (as after [`DeviceBacking::reset`]). Commands
+    /// outstanding never complete. Config space is left as it is.
+    Reset,
+    /// The next `count` interrupts (eventfd signals) are not sent; the completions are
+    /// posted as usual. A driver that sleeps on the interrupt must still find them.
+    LostInterrupt {
+        /// How many.
+        count: u32,
+    },
+    /// The next completion reports an SQ head one entry behind the one the previous
+    /// completion of its queue reported: a head going backwards, which a driver must not
+    /// take for a queue emptier than it is.
+    SqHeadBackwards,
     /// Surprise removal: from now on every register reads all-ones, writes are dropped and
     /// nothing is processed. Irreversible.
     Gone,
@@ -549,6 +576,8 @@ struct FaultState {
     stale_phase: u32,
     delay: Option<Duration>,
     forged: VecDeque<Completion>,
+    lost_irqs: u32,
+    sq_head_back: u32,
     // Read at CC writes only, so not part of `is_empty` (which gates the command path).
     ready_slow: Option<Duration>,
     ready_never: bool,
@@ -562,6 +591,8 @@ impl FaultState {
             && self.wrong_cid == 0
             && self.duplicate == 0
             && self.stale_phase == 0
+            && self.lost_irqs == 0
+            && self.sq_head_back == 0
             && self.forged.is_empty()
             && self.delay.is_none()
     }
@@ -712,6 +743,8 @@ struct Shared {
     async_pending: AtomicBool,
     // Set by `EmulatedNvme::release_stalled`.
     release: AtomicBool,
+    // Error status events are masked (one was raised, the log page not read yet).
+    error_events_masked: AtomicBool,
     irqs: RwLock<Vec<OwnedFd>>,
     config_space: Mutex<Vec<u8>>,
     sriov: Mutex<Option<SriovState>>,
@@ -774,6 +807,7 @@ impl Shared {
             async_events: Mutex::new(VecDeque::new()),
             async_pending: AtomicBool::new(false),
             release: AtomicBool::new(false),
+            error_events_masked: AtomicBool::new(false),
             irqs: RwLock::new(Vec::new()),
             config_space: Mutex::new(config),
             sriov: Mutex::new(sriov),
@@ -825,6 +859,36 @@ impl Shared {
             0x30 => lo(self.acq.load(Ordering::Acquire)),
             0x34 => hi(self.acq.load(Ordering::Acquire)),
             _ => 0,
+        }
+    }
+
+    // A function level reset: the controller's registers and queues back to power-on.
+    fn function_reset(&self) {
+        let mut worker = self.worker.lock();
+        if self.gone() {
+            return;
+        }
+        self.disable(&mut worker, true);
+        self.cc.store(0, Ordering::Release);
+        self.aqa.store(0, Ordering::Release);
+        self.asq.store(0, Ordering::Release);
+        self.acq.store(0, Ordering::Release);
+        self.intms.store(0, Ordering::Release);
+    }
+
+    // An Asynchronous Event of type Error status with `info` (00h: write to an invalid
+    // doorbell register, 01h: invalid doorbell write value), log page Error Information.
+    // Events of the type stay masked from then on until the host reads the log page.
+    fn error_event(&self, info: u32) {
+        if self.error_events_masked.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        self.async_events
+            .lock()
+            .push_back(info << 8 | u32::from(LOG_ERROR_INFORMATION) << 16);
+        self.async_pending.store(true, Ordering::Release);
+        if let Some(t) = &*self.waker.lock() {
+            t.unpark();
         }
     }
 
@@ -882,6 +946,7 @@ impl Shared {
         let counters = &self.counters;
         if !rel.is_multiple_of(stride) || index >= self.doorbells.len() as u64 {
             bump(&counters.invalid_doorbells);
+            self.error_event(AEI_INVALID_DOORBELL_REGISTER);
             return;
         }
         bump(if index.is_multiple_of(2) {
@@ -1058,6 +1123,8 @@ struct Sq {
     mem: Mem,
     // The MMIO doorbell (value and write count) when last looked at.
     mmio_seen: u64,
+    // The SQ head the last completion reported.
+    reported: u32,
     shadow_seen: u32,
     event_index: Option<u32>,
 }
@@ -1071,6 +1138,7 @@ impl Sq {
             cqid,
             mem,
             mmio_seen: 0,
+            reported: 0,
             shadow_seen: 0,
             event_index: None,
         }
@@ -1334,6 +1402,7 @@ impl Engine {
             sq.tail = value;
         } else {
             bump(&counters.invalid_doorbells);
+            self.shared.error_event(AEI_INVALID_DOORBELL_VALUE);
         }
     }
 
@@ -1369,6 +1438,7 @@ impl Engine {
             cq.head = value;
         } else {
             bump(&counters.invalid_doorbells);
+            self.shared.error_event(AEI_INVALID_DOORBELL_VALUE);
         }
     }
 
@@ -1664,6 +1734,7 @@ impl Engine {
         }
         let mut copies = 1;
         let mut stale = false;
+        let mut back = false;
         let mut forged = Vec::new();
         if self.shared.faults_pending.load(Ordering::Acquire) {
             let mut f = self.shared.faults.lock();
@@ -1680,12 +1751,23 @@ impl Engine {
                 f.stale_phase -= 1;
                 stale = true;
             }
+            if f.sq_head_back > 0 {
+                f.sq_head_back -= 1;
+                back = true;
+            }
             if f.is_empty() {
                 self.shared.faults_pending.store(false, Ordering::Release);
             }
         }
         if stale {
             c.dw1 |= STALE_MARK;
+        }
+        if let Some(sq) = self.sqs.get_mut(usize::from(c.sq_id)).and_then(Option::as_mut) {
+            if back {
+                c.sq_head = ((sq.reported + sq.size - 1) % sq.size) as u16;
+            } else {
+                sq.reported = u32::from(c.sq_head);
+            }
         }
         let Some(cq) = self.cqs[usize::from(cqid)].as_mut() else {
             return;
@@ -1747,6 +1829,17 @@ impl Engine {
     fn signal(&mut self) {
         if self.irq_vectors.is_empty() {
             return;
+        }
+        if self.shared.faults_pending.load(Ordering::Acquire) {
+            let mut f = self.shared.faults.lock();
+            if f.lost_irqs > 0 {
+                let lost = (f.lost_irqs as usize).min(self.irq_vectors.len());
+                f.lost_irqs -= lost as u32;
+                self.irq_vectors.drain(..lost);
+            }
+            if f.is_empty() {
+                self.shared.faults_pending.store(false, Ordering::Release);
+            }
         }
         let irqs = self.shared.irqs.read();
         for v in self.irq_vectors.drain(..) {
@@ -2024,6 +2117,10 @@ impl Engine {
     }
 
     fn get_log_page(&mut self, cmd: &Command) -> Outcome {
+        // Reading Error Information without Retain Asynchronous Event unmasks error events.
+        if (cmd.cdw[0] & 0xff) as u8 == LOG_ERROR_INFORMATION && cmd.cdw[0] & 1 << 15 == 0 {
+            self.shared.error_events_masked.store(false, Ordering::Release);
+        }
         let numd = u64::from(cmd.cdw[0] >> 16 | (cmd.cdw[1] & 0xffff) << 16) + 1;
         let len = numd * 4;
         if len > self.shared.cfg.max_transfer().min(1 << 20) {
@@ -2622,6 +2719,14 @@ impl EmulatedNvme {
                 shared.csts.fetch_or(csts::CFS, Ordering::AcqRel);
                 return;
             }
+            Fault::FatalStatusDmaContinues => {
+                shared.csts.fetch_or(csts::CFS, Ordering::AcqRel);
+                return;
+            }
+            Fault::Reset => {
+                shared.function_reset();
+                return;
+            }
             _ => {}
         }
         let mut f = shared.faults.lock();
@@ -2640,6 +2745,8 @@ impl EmulatedNvme {
             Fault::Delay(d) => f.delay = (!d.is_zero()).then_some(d),
             Fault::ReadySlow(d) => f.ready_slow = Some(d),
             Fault::ReadyNever => f.ready_never = true,
+            Fault::LostInterrupt { count } => f.lost_irqs += count,
+            Fault::SqHeadBackwards => f.sq_head_back += 1,
             _ => {}
         }
         shared.faults_pending.store(!f.is_empty(), Ordering::Release);
@@ -2927,17 +3034,10 @@ impl DeviceBacking for EmulatedNvme {
     }
 
     fn reset(&self) -> Result<(), BackingError> {
-        let shared = self.shared();
-        let mut worker = shared.worker.lock();
-        if shared.gone() {
+        if self.shared().gone() {
             return Err(BackingError::Gone(self.address()));
         }
-        shared.disable(&mut worker, true);
-        shared.cc.store(0, Ordering::Release);
-        shared.aqa.store(0, Ordering::Release);
-        shared.asq.store(0, Ordering::Release);
-        shared.acq.store(0, Ordering::Release);
-        shared.intms.store(0, Ordering::Release);
+        self.shared().function_reset();
         Ok(())
     }
 
