@@ -783,7 +783,7 @@ fn an_sq_head_going_backwards_loses_no_command() {
             // Now and then. (A head reported backwards on every completion stalls the
             // queue for good today: its free slots follow the last head it accepted, even
             // with nothing in flight. Known, not fixed here.)
-            if next % 7 == 0 {
+            if next.is_multiple_of(7) {
                 e.inject(Fault::SqHeadBackwards);
             }
             q.submit(

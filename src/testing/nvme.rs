@@ -18,28 +18,52 @@
 //! - Registers: CAP (MQES, CQR=1, TO, DSTRD, CSS=NVM, 4 KiB pages only), VS 1.4, CC
 //!   (enable with admin queue checks, reset, shutdown notification), CSTS (RDY, CFS,
 //!   SHST), AQA, ASQ, ACQ, doorbells at the configured stride. INTMS/INTMC and NSSR are
-//!   accepted and ignored; other registers read zero.
+//!   accepted and ignored; other registers read zero. CSTS.RDY follows CC.EN after
+//!   [`EmuConfig::ready_delay`] (not within the register write), both ways.
 //! - One processing thread per enabled controller. It takes submission entries between
 //!   its head and the doorbell (or shadow doorbell) tail, executes them in order, and
-//!   posts completions with the phase tag, SQ head and SQ id; it never overwrites an entry
-//!   the host has not released through the CQ head doorbell (a full CQ stops the SQs that
-//!   feed it). After a batch it signals the eventfd of each completion queue's vector.
+//!   posts completions with the phase tag, SQ head and SQ id (in order, or shuffled per
+//!   burst with [`EmuConfig::shuffle_completions`]); it never overwrites an entry the host
+//!   has not released through the CQ head doorbell (a full CQ stops the SQs that feed it).
+//!   After a batch it signals the eventfd of each completion queue's vector.
+//! - Doorbells are writes, as on hardware: a tail or head is taken from a write, never
+//!   from a register value that was not written again, and a queue created with an id
+//!   used before starts at 0 whatever the old queue's doorbell held. An invalid write (no
+//!   such doorbell register, or a value beyond the queue) is counted in
+//!   [`EmuStats::invalid_doorbell_writes`], ignored, and reported by an Asynchronous Event
+//!   of type Error status (Write to Invalid Doorbell Register or Invalid Doorbell Write
+//!   Value, log page Error Information), masked from then on until the host reads that
+//!   log page.
 //! - Admin: Identify (CNS 00h, 01h, 02h, and 14h/15h with SR-IOV), Get/Set Features
 //!   (Number of Queues; a few others stored and echoed), Create/Delete I/O CQ/SQ with the
 //!   specification's checks, Get Log Page (zeros), Asynchronous Event Request (held until
-//!   [`EmulatedNvme::complete_async_event`]), Abort (of held commands), Doorbell Buffer
+//!   [`EmulatedNvme::complete_async_event`] or an error event), Abort (best effort:
+//!   nothing is aborted unless [`EmuConfig::abort_succeeds`]), Doorbell Buffer
 //!   Config, Virtualization Management (actions 1, 7, 8, 9; Secondary Controller Offline
 //!   releases the secondary's resources, as QEMU does).
 //! - NVM: Read, Write, Flush, Write Zeroes, Dataset Management (deallocate) over sparse
 //!   RAM namespaces (memory is used only for what was written); deallocated blocks read
 //!   zero. PRP1 with an offset, PRP2 as a page or a list with chained list pages, MDTS.
-//! - DMA: every address the controller touches is looked up in the table of live
-//!   allocations made through [`DeviceBacking::alloc_dma`]. An address outside them, or in
-//!   a buffer the driver dropped, fails the command with Data Transfer Error and counts in
-//!   [`EmuStats::bad_dma`]; the controller never touches freed memory. Allocations are
+//! - DMA: every address the controller touches is looked up, when it touches it, in the
+//!   table of live allocations made through [`DeviceBacking::alloc_dma`]. An address
+//!   outside them fails the command with Data Transfer Error and counts in
+//!   [`EmuStats::bad_dma`]. Freed IOVAs are handed out again, lowest first (unless
+//!   [`EmuConfig::fresh_iovas`]), as behind an IOMMU: DMA for a command whose buffer the
+//!   driver freed lands in whatever buffer has the address now, and counts in
+//!   [`EmuStats::late_dma`] when that buffer is newer than the command. Allocations are
 //!   separated by an unmapped page, so an overrun by one byte is caught.
-//! - Faults ([`Fault`]): swallowed commands, error statuses, wrong command ids, duplicate
-//!   and stale completions, fatal status, surprise removal, delays.
+//! - Faults ([`Fault`]): swallowed and stalled commands, error statuses, wrong command ids,
+//!   duplicate and stale completions, SQ heads going backwards, fatal status (with the
+//!   controller stopped, or with its DMA going on), a reset during I/O, surprise removal,
+//!   delays, a controller slow or never ready, lost interrupts.
+//!
+//! # Strict by default
+//!
+//! The defaults behave as hardware may, not as kindly as it could: RDY takes time, IOVAs
+//! are reused, Abort aborts nothing. A test that relies on a kinder controller says so
+//! with [`EmuConfig::ready_delay`] = 0, [`EmuConfig::fresh_iovas`] or
+//! [`EmuConfig::abort_succeeds`]; [`EmuConfig::shuffle_completions`] makes it stricter
+//! still.
 //!
 //! # What is not
 //!
@@ -47,8 +71,8 @@
 //! attachment, firmware and format commands, reservations, controller memory buffer,
 //! persistent memory region, boot partitions, pin-based interrupts and MSI-X masking,
 //! interrupt coalescing, weighted round robin arbitration, NVM subsystem reset, multiple
-//! I/O command sets, asynchronous events the controller raises on its own (an invalid
-//! doorbell write is counted in [`EmuStats::invalid_doorbell_writes`] and ignored). SR-IOV
+//! I/O command sets, asynchronous events the controller raises on its own other than for
+//! invalid doorbell writes, and the Error Information log's contents (zeros). SR-IOV
 //! has no virtual functions behind it: Virtualization Management keeps the books (Identify
 //! 14h/15h) and nothing more. Statuses are posted without the Do Not Retry bit.
 //!
