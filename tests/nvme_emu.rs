@@ -123,6 +123,12 @@ impl<B: DeviceBacking> Host<B> {
         self.bar.read32(reg::CSTS).unwrap()
     }
 
+    /// CC.EN 0, then the wait for CSTS.RDY 0 (the controller takes its ready delay).
+    fn disable(&self) {
+        self.bar.write32(reg::CC, 0).unwrap();
+        eventually("CSTS.RDY 0", || self.csts() & csts::RDY == 0);
+    }
+
     fn ring_sq(&self, q: &Queue<B>) {
         self.bar.write32(self.cap.sq_doorbell(q.qid), q.tail).unwrap();
     }
@@ -635,6 +641,70 @@ fn queues_wrap_and_the_phase_flips() {
 }
 
 #[test]
+fn a_doorbell_counts_only_when_written_and_queue_deletion_resets_it() {
+    // Shadow doorbells off: the MMIO doorbell register is the only tail.
+    let e = emu(EmuConfig {
+        shadow_doorbells: false,
+        ..EmuConfig::default()
+    });
+    let mut host = Host::enable(e.clone());
+    let mut q = host.io_queue(1, 13, 13, None);
+    let mut flush = Command::new(io::FLUSH);
+    flush.nsid = 1;
+    assert!(host.exec(&mut q, flush).status().is_success());
+    let mut del = Command::new(admin::DELETE_SQ);
+    del.cdw[0] = 1;
+    host.admin_ok(del);
+    del.opcode = admin::DELETE_CQ;
+    host.admin_ok(del);
+    // The same id again, smaller: the old tail (1) is no tail of the new queue, and the
+    // controller runs nothing the host did not submit.
+    let mut q = host.io_queue(1, 2, 2, None);
+    let before = e.stats().commands;
+    let c = host.exec(&mut q, flush);
+    assert!(c.status().is_success());
+    assert_eq!(u32::from(c.sq_head), 1);
+    assert_eq!(e.stats().commands, before + 1, "an empty slot ran");
+    // Writing the tail it already has is no new command either.
+    host.ring_sq(&q);
+    let c = host.exec(&mut q, flush);
+    assert_eq!(u32::from(c.sq_head), 0);
+    assert_eq!(e.stats().commands, before + 2);
+    assert!(q.peek().is_none());
+}
+
+#[test]
+fn completions_can_come_out_of_order() {
+    let (e, host, mut q) = setup(EmuConfig {
+        shuffle_completions: Some(7),
+        ..EmuConfig::default()
+    });
+    let mut flush = Command::new(io::FLUSH);
+    flush.nsid = 1;
+    let cids: Vec<u16> = (0..16).map(|_| q.push(flush)).collect();
+    host.ring_sq(&q);
+    let got: Vec<Completion> = (0..16).map(|_| host.wait(&mut q)).collect();
+    let mut order: Vec<u16> = got.iter().map(|c| c.cid).collect();
+    assert_ne!(order, cids, "one burst of 16, shuffled");
+    // Every completion carries the SQ head as it was when posted: after the whole burst.
+    assert!(got.iter().all(|c| c.sq_head == 16), "{got:?}");
+    order.sort_unstable();
+    assert_eq!(order, cids);
+    assert_eq!(e.stats().io(io::FLUSH), 16);
+    // A full CQ still holds the controller back: no completion is lost or overwritten.
+    let mut small = {
+        let mut host = host;
+        let q2 = host.io_queue(2, 16, 4, None);
+        (host, q2)
+    };
+    let cids: Vec<u16> = (0..10).map(|_| small.1.push(flush)).collect();
+    small.0.ring_sq(&small.1);
+    let mut seen: Vec<u16> = (0..10).map(|_| small.0.wait(&mut small.1).cid).collect();
+    seen.sort_unstable();
+    assert_eq!(seen, cids);
+}
+
+#[test]
 fn a_full_completion_queue_holds_back_the_controller() {
     let e = emu(EmuConfig::default());
     let mut host = Host::enable(e.clone());
@@ -669,7 +739,12 @@ fn a_full_completion_queue_holds_back_the_controller() {
 
 #[test]
 fn fault_never_complete_then_abort() {
-    let (e, mut host, mut q) = setup(EmuConfig::default());
+    // The kind controller whose Abort aborts what it holds (the strict one's never does:
+    // `abort_fails_by_default`).
+    let (e, mut host, mut q) = setup(EmuConfig {
+        abort_succeeds: true,
+        ..EmuConfig::default()
+    });
     let buf = e.alloc_dma(4096).unwrap();
     e.inject(Fault::NeverComplete {
         command: CommandMatch::Io(io::READ),
@@ -711,6 +786,68 @@ fn fault_never_complete_then_abort() {
     host.admin_ok(del);
     let c = host.wait(&mut q);
     assert_eq!((c.cid, c.status()), (swallowed, Status::ABORTED_SQ_DELETION));
+}
+
+#[test]
+fn abort_fails_by_default() {
+    let (e, mut host, mut q) = setup(EmuConfig::default());
+    e.inject(Fault::NeverComplete {
+        command: CommandMatch::Io(io::FLUSH),
+        count: 1,
+    });
+    let mut flush = Command::new(io::FLUSH);
+    flush.nsid = 1;
+    let swallowed = q.push(flush);
+    host.ring_sq(&q);
+    eventually("the flush taken", || e.stats().io(io::FLUSH) == 1);
+    let mut abort = Command::new(admin::ABORT);
+    abort.cdw[0] = u32::from(swallowed) << 16 | 1;
+    assert_eq!(host.admin_ok(abort).dw0 & 1, 1, "not aborted");
+    assert!(q.peek().is_none(), "the command stays held");
+    // Deleting the SQ still ends it.
+    let mut del = Command::new(admin::DELETE_SQ);
+    del.cdw[0] = 1;
+    host.admin_ok(del);
+    let c = host.wait(&mut q);
+    assert_eq!((c.cid, c.status()), (swallowed, Status::ABORTED_SQ_DELETION));
+}
+
+#[test]
+fn fault_stall_executes_at_release_and_counts_late_dma() {
+    let (e, host, mut q) = setup(EmuConfig::default());
+    e.namespace_write(1, 0, &[0x42; 4096]).unwrap();
+    let first = e.alloc_dma(4096).unwrap();
+    let iova = first.iova();
+    e.inject(Fault::Stall {
+        command: CommandMatch::Io(io::READ),
+        count: 1,
+    });
+    let cid = q.push(rw(io::READ, 1, 0, 8, iova, 0));
+    host.ring_sq(&q);
+    eventually("the read fetched", || e.stats().io(io::READ) == 1);
+    // The driver gives up on it and frees its buffer; the IOVA goes to a new buffer.
+    drop(first);
+    let next = e.alloc_dma(4096).unwrap();
+    assert_eq!(next.iova(), iova);
+    assert!(q.peek().is_none());
+    e.release_stalled();
+    let c = host.wait(&mut q);
+    assert_eq!((c.cid, c.status()), (cid, Status::SUCCESS));
+    let mut got = vec![0u8; 4096];
+    next.read_at(0, &mut got).unwrap();
+    assert_eq!(got, [0x42; 4096], "the late read landed in the new buffer");
+    assert_eq!((e.stats().late_dma, e.stats().bad_dma), (1, 0));
+    // A buffer that lives on is no late DMA.
+    e.inject(Fault::Stall {
+        command: CommandMatch::Io(io::READ),
+        count: 1,
+    });
+    q.push(rw(io::READ, 1, 0, 8, iova, 0));
+    host.ring_sq(&q);
+    eventually("the second read fetched", || e.stats().io(io::READ) == 2);
+    e.release_stalled();
+    assert!(host.wait(&mut q).status().is_success());
+    assert_eq!(e.stats().late_dma, 1);
 }
 
 #[test]
@@ -809,12 +946,141 @@ fn fault_fatal_status_until_reset() {
     host.ring_sq(&q);
     thread::sleep(Duration::from_millis(20));
     assert_eq!(e.stats().commands, before, "processed after a fatal status");
-    host.bar.write32(reg::CC, 0).unwrap();
+    host.disable();
     assert_eq!(host.csts(), 0);
     host.admin = Queue::new(&host.dev, 0, 32, 32);
     host.start();
     let mut q = host.io_queue(1, 8, 8, None);
     assert!(host.exec(&mut q, flush).status().is_success());
+}
+
+#[test]
+fn fault_fatal_status_with_dma_going_on() {
+    let (e, host, mut q) = setup(EmuConfig::default());
+    let buf = e.alloc_dma(4096).unwrap();
+    buf.fill(0, 512, 0x3c).unwrap();
+    e.inject(Fault::FatalStatusDmaContinues);
+    assert_ne!(host.csts() & csts::CFS, 0);
+    // Failed, and still moving data.
+    let c = host.exec(&mut q, rw(io::WRITE, 1, 5, 1, buf.iova(), 0));
+    assert!(c.status().is_success());
+    assert_eq!(e.namespace_read(1, 5 * 512, 512).unwrap(), [0x3c; 512]);
+    assert!(e.is_processing());
+    // A reset ends it.
+    host.disable();
+    assert_eq!(host.csts() & csts::CFS, 0);
+}
+
+#[test]
+fn fault_reset_during_io() {
+    let (e, mut host, mut q) = setup(EmuConfig::default());
+    e.inject(Fault::Stall {
+        command: CommandMatch::AnyIo,
+        count: 1,
+    });
+    let mut flush = Command::new(io::FLUSH);
+    flush.nsid = 1;
+    q.push(flush);
+    host.ring_sq(&q);
+    eventually("the flush taken", || e.stats().io(io::FLUSH) == 1);
+    e.inject(Fault::Reset);
+    assert!(!e.is_processing());
+    assert_eq!(host.csts(), 0);
+    for r in [reg::CC, reg::AQA] {
+        assert_eq!(host.bar.read32(r).unwrap(), 0);
+    }
+    assert_eq!(host.bar.read64(reg::ASQ).unwrap(), 0);
+    // What was outstanding is gone with the queues.
+    e.release_stalled();
+    assert!(q.peek().is_none());
+    // The host brings it up again.
+    host.admin = Queue::new(&host.dev, 0, 16, 16);
+    host.start();
+    let mut q = host.io_queue(1, 8, 8, None);
+    assert!(host.exec(&mut q, flush).status().is_success());
+}
+
+#[test]
+fn fault_lost_interrupt() {
+    let e = emu(EmuConfig::default());
+    let fds: Vec<EventFd> = (0..2)
+        .map(|_| EventFd::from_value_and_flags(0, EfdFlags::EFD_NONBLOCK | EfdFlags::EFD_CLOEXEC).unwrap())
+        .collect();
+    let borrowed: Vec<_> = fds.iter().map(|f| f.as_fd()).collect();
+    e.route_interrupts(&borrowed).unwrap();
+    let mut host = Host::enable(e.clone());
+    let mut q = host.io_queue(1, 8, 8, Some(1));
+    let read = |f: &EventFd| f.read().unwrap_or(0);
+    let mut flush = Command::new(io::FLUSH);
+    flush.nsid = 1;
+    e.inject(Fault::LostInterrupt { count: 1 });
+    let before = e.stats().interrupts;
+    assert!(host.exec(&mut q, flush).status().is_success());
+    assert_eq!(read(&fds[1]), 0, "the completion came without its interrupt");
+    assert_eq!(e.stats().interrupts, before);
+    assert!(host.exec(&mut q, flush).status().is_success());
+    eventually("the next interrupt", || read(&fds[1]) > 0);
+}
+
+#[test]
+fn fault_sq_head_backwards() {
+    let (e, host, mut q) = setup(EmuConfig::default());
+    let mut flush = Command::new(io::FLUSH);
+    flush.nsid = 1;
+    for head in 1..=3 {
+        assert_eq!(host.exec(&mut q, flush).sq_head, head);
+    }
+    e.inject(Fault::SqHeadBackwards);
+    assert_eq!(
+        host.exec(&mut q, flush).sq_head,
+        2,
+        "one behind the last reported"
+    );
+    assert_eq!(host.exec(&mut q, flush).sq_head, 5);
+}
+
+#[test]
+fn an_invalid_doorbell_write_raises_an_error_event() {
+    let (e, mut host, q) = setup(EmuConfig::default());
+    let aers: Vec<u16> = (0..2)
+        .map(|_| host.admin.push(Command::new(admin::ASYNC_EVENT)))
+        .collect();
+    host.bar
+        .write32(host.cap.sq_doorbell(0), host.admin.tail)
+        .unwrap();
+    eventually("the AERs taken", || e.stats().admin(admin::ASYNC_EVENT) == 2);
+    // A tail beyond the 64-entry queue: Error status, Invalid Doorbell Write Value, log
+    // page Error Information.
+    host.bar.write32(host.cap.sq_doorbell(q.qid), 1000).unwrap();
+    let mut got = None;
+    eventually("the event", || {
+        got = host.admin.pop();
+        got.is_some()
+    });
+    let c = got.unwrap();
+    assert_eq!((c.cid, c.status(), c.dw0), (aers[0], Status::SUCCESS, 0x01_01_00));
+    host.bar
+        .write32(host.cap.cq_doorbell(0), host.admin.head)
+        .unwrap();
+    // Masked until the log page is read: a second bad write raises nothing.
+    host.bar.write32(host.cap.sq_doorbell(q.qid), 2000).unwrap();
+    eventually("the write seen", || e.stats().invalid_doorbell_writes == 2);
+    let log = e.alloc_dma(4096).unwrap();
+    let mut get_log = Command::new(admin::GET_LOG_PAGE);
+    get_log.prp1 = log.iova();
+    get_log.cdw[0] = 15 << 16 | 0x01;
+    // The only completion is the Get Log Page's (Host::admin checks the cid).
+    host.admin_ok(get_log);
+    // A write to no doorbell register at all: Write to Invalid Doorbell Register.
+    host.bar.write32(0x3000, 1).unwrap();
+    let mut got = None;
+    eventually("the second event", || {
+        got = host.admin.pop();
+        got.is_some()
+    });
+    let c = got.unwrap();
+    assert_eq!((c.cid, c.dw0), (aers[1], 0x01_00_00));
+    assert_eq!(e.stats().invalid_doorbell_writes, 3);
 }
 
 #[test]
@@ -865,6 +1131,52 @@ fn dma_to_a_dropped_or_foreign_buffer_fails() {
         [0; 1024],
         "a failed write wrote nothing"
     );
+}
+
+#[test]
+fn freed_iovas_are_reused_so_late_dma_lands_in_the_next_buffer() {
+    let (e, host, mut q) = setup(EmuConfig::default());
+    e.namespace_write(1, 0, &[0x77; 4096]).unwrap();
+    let first = e.alloc_dma(4096).unwrap();
+    let iova = first.iova();
+    // The read is queued, then its buffer freed and another allocated before the
+    // controller gets to it: the IOVA now belongs to the new buffer, and the read lands
+    // there, as it would behind an IOMMU whose allocator handed the address out again.
+    q.push(rw(io::READ, 1, 0, 8, iova, 0));
+    drop(first);
+    let next = e.alloc_dma(4096).unwrap();
+    assert_eq!(next.iova(), iova, "the freed IOVA is handed out again");
+    host.ring_sq(&q);
+    assert!(host.wait(&mut q).status().is_success());
+    let mut got = vec![0u8; 4096];
+    next.read_at(0, &mut got).unwrap();
+    assert_eq!(got, [0x77; 4096], "the read corrupted the next buffer");
+    // Fetched after the new buffer was allocated: not counted as late (the controller
+    // cannot know), only Fault::Stall shows a late one.
+    assert_eq!((e.stats().bad_dma, e.stats().late_dma), (0, 0));
+    // Lowest address first: a bigger buffer does not fit the hole of a smaller one.
+    let small = e.alloc_dma(4096).unwrap();
+    let _after = e.alloc_dma(4096).unwrap();
+    let hole = small.iova();
+    drop(small);
+    let big = e.alloc_dma(3 * 4096).unwrap();
+    assert_ne!(big.iova(), hole);
+    assert_eq!(e.alloc_dma(100).unwrap().iova(), hole);
+
+    // The kind controller never reuses an IOVA: the same late read fails and is counted.
+    let (e, host, mut q) = setup(EmuConfig {
+        fresh_iovas: true,
+        ..EmuConfig::default()
+    });
+    let first = e.alloc_dma(4096).unwrap();
+    let iova = first.iova();
+    q.push(rw(io::READ, 1, 0, 8, iova, 0));
+    drop(first);
+    let next = e.alloc_dma(4096).unwrap();
+    assert_ne!(next.iova(), iova);
+    host.ring_sq(&q);
+    assert_eq!(host.wait(&mut q).status(), Status::DATA_TRANSFER_ERROR);
+    assert_eq!(e.stats().bad_dma, 1);
 }
 
 fn need_event(event: u16, new: u16, old: u16) -> bool {
@@ -1016,8 +1328,8 @@ fn disable_resets_queues_and_reenable_works() {
             .is_success()
     );
     host.bar.write32(reg::CC, 0).unwrap();
-    assert_eq!(host.csts() & csts::RDY, 0);
-    assert!(!e.is_processing());
+    assert!(!e.is_processing(), "processing stops at once");
+    host.disable();
     host.admin = Queue::new(&host.dev, 0, 16, 16);
     host.start();
     let fresh = Queue::new(&host.dev, 1, 8, 8);
@@ -1036,6 +1348,75 @@ fn disable_resets_queues_and_reenable_works() {
 }
 
 #[test]
+fn ready_follows_enable_after_a_delay_both_ways() {
+    // A controller that takes an hour to become ready is not ready after the CC write.
+    let e = emu(EmuConfig {
+        ready_delay: Duration::from_secs(3600),
+        ..EmuConfig::default()
+    });
+    let bar = e.map_bar(0).unwrap();
+    let admin = Queue::new(&e, 0, 8, 8);
+    bar.write32(reg::AQA, 7 << 16 | 7).unwrap();
+    bar.write64(reg::ASQ, admin.sq.iova()).unwrap();
+    bar.write64(reg::ACQ, admin.cq.iova()).unwrap();
+    bar.write32(reg::CC, cc::EN | 6 << cc::IOSQES_SHIFT | 4 << cc::IOCQES_SHIFT)
+        .unwrap();
+    assert_eq!(
+        bar.read32(reg::CSTS).unwrap() & csts::RDY,
+        0,
+        "ready inside the CC write"
+    );
+    // Disabling a controller that never got ready: RDY is 0 at once.
+    bar.write32(reg::CC, 0).unwrap();
+    assert_eq!(bar.read32(reg::CSTS).unwrap(), 0);
+    assert!(!e.is_processing());
+
+    // The default delay is short but not zero; a slow controller keeps RDY 1 after CC.EN
+    // is cleared.
+    assert!(!EmuConfig::default().ready_delay.is_zero());
+    let e = emu(EmuConfig::default());
+    let host = Host::enable(e.clone());
+    e.inject(Fault::ReadySlow(Duration::from_secs(3600)));
+    host.bar.write32(reg::CC, 0).unwrap();
+    assert!(!e.is_processing(), "processing stops at the CC write");
+    assert_eq!(
+        host.csts() & csts::RDY,
+        csts::RDY,
+        "still ready until the delay passed"
+    );
+    // A function level reset ends it at once.
+    e.reset().unwrap();
+    assert_eq!(host.csts(), 0);
+    e.clear_faults();
+    let mut host = Host::enable(e.clone());
+    host.identify(cns::CONTROLLER, 0);
+}
+
+#[test]
+fn fault_ready_never_and_ready_slow() {
+    let e = emu(EmuConfig::default());
+    e.inject(Fault::ReadyNever);
+    let bar = e.map_bar(0).unwrap();
+    let admin = Queue::new(&e, 0, 8, 8);
+    bar.write32(reg::AQA, 7 << 16 | 7).unwrap();
+    bar.write64(reg::ASQ, admin.sq.iova()).unwrap();
+    bar.write64(reg::ACQ, admin.cq.iova()).unwrap();
+    let enable = cc::EN | 6 << cc::IOSQES_SHIFT | 4 << cc::IOCQES_SHIFT;
+    bar.write32(reg::CC, enable).unwrap();
+    // Many times the ready delay later, still not ready. (A loaded machine can only make
+    // this pass for the wrong reason, never fail.)
+    thread::sleep(EmuConfig::default().ready_delay * 10);
+    assert_eq!(bar.read32(reg::CSTS).unwrap(), 0, "ready despite the fault");
+    bar.write32(reg::CC, 0).unwrap();
+    assert_eq!(bar.read32(reg::CSTS).unwrap(), 0);
+    // Cleared, the next enable works; a slow one as well, only later.
+    e.clear_faults();
+    e.inject(Fault::ReadySlow(Duration::from_millis(200)));
+    let mut host = Host::enable(e.clone());
+    host.identify(cns::CONTROLLER, 0);
+}
+
+#[test]
 fn shutdown_notification_completes() {
     let (e, host, _q) = setup(EmuConfig::default());
     let value = host.bar.read32(reg::CC).unwrap();
@@ -1044,7 +1425,7 @@ fn shutdown_notification_completes() {
         host.csts() & csts::SHST_MASK == csts::SHST_COMPLETE
     });
     assert!(!e.is_processing());
-    host.bar.write32(reg::CC, 0).unwrap();
+    host.disable();
     assert_eq!(host.csts(), 0);
 }
 
@@ -1143,6 +1524,21 @@ fn sriov_virtualization_management() {
     assert_eq!(host.admin(vm(0xf, 0, 1, 0)).status(), Status::INVALID_FIELD);
     let list = spec::parse_secondary_controllers(&host.identify(cns::SECONDARY_CONTROLLERS, 0));
     assert_eq!((list[0].online, list[0].nvq, list[0].nvi), (true, 2, 1));
+    // Offline gives the secondary's resources back (as QEMU does): assigned again before
+    // it can be online again.
+    host.admin_ok(vm(virt_mgmt::SECONDARY_OFFLINE, 0, 1, 0));
+    let list = spec::parse_secondary_controllers(&host.identify(cns::SECONDARY_CONTROLLERS, 0));
+    assert_eq!((list[0].online, list[0].nvq, list[0].nvi), (false, 0, 0));
+    let caps = host.identify(cns::PRIMARY_CONTROLLER_CAPS, 0);
+    assert_eq!((le32(&caps, 36), le32(&caps, 68)), (0, 0), "VQRFA, VIRFA");
+    assert_eq!(
+        host.admin(vm(virt_mgmt::SECONDARY_ONLINE, 0, 1, 0)).status(),
+        Status::INVALID_SECONDARY_STATE
+    );
+    host.admin_ok(vm(virt_mgmt::SECONDARY_ASSIGN, virt_mgmt::RESOURCE_VQ, 1, 8));
+    host.admin_ok(vm(virt_mgmt::SECONDARY_ASSIGN, virt_mgmt::RESOURCE_VQ, 1, 2));
+    host.admin_ok(vm(virt_mgmt::SECONDARY_ASSIGN, virt_mgmt::RESOURCE_VI, 1, 1));
+    host.admin_ok(vm(virt_mgmt::SECONDARY_ONLINE, 0, 1, 0));
     let from2 = spec::parse_secondary_controllers(&host.identify(cns::SECONDARY_CONTROLLERS | 2 << 16, 0));
     assert_eq!(from2.iter().map(|s| s.scid).collect::<Vec<_>>(), [2]);
     // A controller reset of the primary takes the secondaries offline.
@@ -1498,7 +1894,7 @@ fn a_fatal_error_during_shutdown_never_reports_it_complete() {
     eventually("CSTS.CFS", || host.csts() & csts::CFS != 0);
     assert_eq!(host.csts() & csts::SHST_MASK, 0);
     // A reset clears it, and the next shutdown completes.
-    host.bar.write32(reg::CC, 0).unwrap();
+    host.disable();
     assert_eq!(host.csts(), 0);
     host.start();
     let value = host.bar.read32(reg::CC).unwrap();

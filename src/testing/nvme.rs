@@ -18,17 +18,29 @@
 //! - Registers: CAP (MQES, CQR=1, TO, DSTRD, CSS=NVM, 4 KiB pages only), VS 1.4, CC
 //!   (enable with admin queue checks, reset, shutdown notification), CSTS (RDY, CFS,
 //!   SHST), AQA, ASQ, ACQ, doorbells at the configured stride. INTMS/INTMC and NSSR are
-//!   accepted and ignored; other registers read zero.
+//!   accepted and ignored; other registers read zero. CSTS.RDY follows CC.EN after
+//!   [`EmuConfig::ready_delay`] (not within the register write), both ways.
 //! - One processing thread per enabled controller. It takes submission entries between
 //!   its head and the doorbell (or shadow doorbell) tail, executes them in order, and
-//!   posts completions with the phase tag, SQ head and SQ id; it never overwrites an entry
-//!   the host has not released through the CQ head doorbell (a full CQ stops the SQs that
-//!   feed it). After a batch it signals the eventfd of each completion queue's vector.
+//!   posts completions with the phase tag, SQ head and SQ id (in order, or shuffled per
+//!   burst with [`EmuConfig::shuffle_completions`]); it never overwrites an entry the host
+//!   has not released through the CQ head doorbell (a full CQ stops the SQs that feed it).
+//!   After a batch it signals the eventfd of each completion queue's vector.
+//! - Doorbells are writes, as on hardware: a tail or head is taken from a write, never
+//!   from a register value that was not written again, and a queue created with an id
+//!   used before starts at 0 whatever the old queue's doorbell held. An invalid write (no
+//!   such doorbell register, or a value beyond the queue) is counted in
+//!   [`EmuStats::invalid_doorbell_writes`], ignored, and reported by an Asynchronous Event
+//!   of type Error status (Write to Invalid Doorbell Register or Invalid Doorbell Write
+//!   Value, log page Error Information), masked from then on until the host reads that
+//!   log page.
 //! - Admin: Identify (CNS 00h, 01h, 02h, and 14h/15h with SR-IOV), Get/Set Features
 //!   (Number of Queues; a few others stored and echoed), Create/Delete I/O CQ/SQ with the
 //!   specification's checks, Get Log Page (zeros), Asynchronous Event Request (held until
-//!   [`EmulatedNvme::complete_async_event`]), Abort (of held commands), Doorbell Buffer
-//!   Config, Virtualization Management (actions 1, 7, 8, 9).
+//!   [`EmulatedNvme::complete_async_event`] or an error event), Abort (best effort:
+//!   nothing is aborted unless [`EmuConfig::abort_succeeds`]), Doorbell Buffer
+//!   Config, Virtualization Management (actions 1, 7, 8, 9; Secondary Controller Offline
+//!   releases the secondary's resources, as QEMU does).
 //! - NVM: Read, Write, Flush, Write Zeroes, Dataset Management (deallocate) over sparse
 //!   RAM namespaces (memory is used only for what was written); deallocated blocks read
 //!   zero. PRP1 with an offset, PRP2 as a page or a list with chained list pages, MDTS.
@@ -43,14 +55,28 @@
 //!   off), inserted on writes and stripped on reads with PRACT (no metadata moves when the
 //!   protection information is all of it). Blocks never written carry all-ones metadata.
 //! - CAP.CRMS and CRTO (NVMe 2.0 ready timeouts) when configured.
-//! - DMA: every address the controller touches is looked up in the table of live
-//!   allocations made through [`DeviceBacking::alloc_dma`]. An address outside them, or in
-//!   a buffer the driver dropped, fails the command with Data Transfer Error and counts in
-//!   [`EmuStats::bad_dma`]; the controller never touches freed memory. Allocations are
+//! - DMA: every address the controller touches is looked up, when it touches it, in the
+//!   table of live allocations made through [`DeviceBacking::alloc_dma`]. An address
+//!   outside them fails the command with Data Transfer Error and counts in
+//!   [`EmuStats::bad_dma`]. Freed IOVAs are handed out again, lowest first (unless
+//!   [`EmuConfig::fresh_iovas`]), as behind an IOMMU: DMA for a command whose buffer the
+//!   driver freed lands in whatever buffer has the address now, and counts in
+//!   [`EmuStats::late_dma`] when that buffer is newer than the command. Allocations are
 //!   separated by an unmapped page, so an overrun by one byte is caught.
-//! - Faults ([`Fault`]): swallowed commands, error statuses, wrong command ids, duplicate
-//!   and stale completions, fatal status (also on shutdown), surprise removal, delays, a
-//!   smaller queue grant after a reset ([`EmulatedNvme::limit_io_queues`]).
+//! - Faults ([`Fault`]): swallowed and stalled commands, error statuses, wrong command ids,
+//!   duplicate and stale completions, SQ heads going backwards, fatal status (with the
+//!   controller stopped, with its DMA going on, or on shutdown), a reset during I/O,
+//!   surprise removal, delays, a controller slow or never ready, lost interrupts, a
+//!   smaller queue grant after a reset ([`EmulatedNvme::limit_io_queues`]), an Abort
+//!   Command Limit ([`EmuConfig::abort_limit`]).
+//!
+//! # Strict by default
+//!
+//! The defaults behave as hardware may, not as kindly as it could: RDY takes time, IOVAs
+//! are reused, Abort aborts nothing. A test that relies on a kinder controller says so
+//! with [`EmuConfig::ready_delay`] = 0, [`EmuConfig::fresh_iovas`] or
+//! [`EmuConfig::abort_succeeds`]; [`EmuConfig::shuffle_completions`] makes it stricter
+//! still.
 //!
 //! # What is not
 //!
@@ -58,8 +84,8 @@
 //! attachment, firmware and format commands, reservations, controller memory buffer,
 //! persistent memory region, boot partitions, pin-based interrupts and MSI-X masking,
 //! interrupt coalescing, weighted round robin arbitration, NVM subsystem reset, multiple
-//! I/O command sets, asynchronous events the controller raises on its own (an invalid
-//! doorbell write is counted in [`EmuStats::invalid_doorbell_writes`] and ignored). SR-IOV
+//! I/O command sets, asynchronous events the controller raises on its own other than for
+//! invalid doorbell writes, and the Error Information log's contents (zeros). SR-IOV
 //! has no virtual functions behind it: Virtualization Management keeps the books (Identify
 //! 14h/15h) and nothing more. Statuses are posted without the Do Not Retry bit.
 //!
@@ -77,7 +103,7 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering, fence};
 use std::sync::{Arc, Weak};
 use std::thread::{self, JoinHandle, Thread};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use parking_lot::{Mutex, RwLock};
 
@@ -100,8 +126,12 @@ const BURST: u32 = 64;
 const AER_LIMIT: usize = 4;
 /// Commands the controller keeps without completing (swallowed by a fault, AERs).
 const HELD_LIMIT: usize = 65536;
-/// The CAP.TO the controller reports (500 ms units), as QEMU's.
-const TIMEOUT_UNITS: u64 = 0x0f;
+/// Log page identifier of Error Information.
+const LOG_ERROR_INFORMATION: u8 = 0x01;
+/// Asynchronous event information of the Error status type: write to an invalid doorbell
+/// register, and invalid doorbell write value.
+const AEI_INVALID_DOORBELL_REGISTER: u32 = 0x00;
+const AEI_INVALID_DOORBELL_VALUE: u32 = 0x01;
 /// Where the first allocation lands.
 const FIRST_IOVA: u64 = 0x1_0000_0000;
 
@@ -226,6 +256,43 @@ pub struct EmuConfig {
     /// [`Fault::NeverComplete`] on Abort) completes with Abort Command Limit Exceeded and
     /// counts in [`EmuStats::aborts_over_limit`].
     pub abort_limit: u8,
+    /// How long CSTS.RDY takes to follow CC.EN, both ways: after the host sets CC.EN the
+    /// controller reports ready (and takes commands) this much later; after it clears
+    /// CC.EN, RDY stays 1 this long (the controller stops processing at once). Not zero by
+    /// default (10 ms), as on hardware, so a driver's wait for RDY (bounded by CAP.TO) is
+    /// exercised; [`Duration::ZERO`] is the kind controller that is ready within the
+    /// register write. [`Fault::ReadySlow`] and [`Fault::ReadyNever`] change it at run time.
+    /// A reset through [`DeviceBacking::reset`] (a function level reset) clears RDY at once.
+    pub ready_delay: Duration,
+    /// CAP.TO, the worst case time to ready the controller reports, in 500 ms units
+    /// (1 to 255); 15 (7.5 s, QEMU's) by default. A driver waits this long for RDY before
+    /// it gives up, so a test of [`Fault::ReadyNever`] sets it low.
+    pub cap_timeout: u8,
+    /// Whether [`DeviceBacking::alloc_dma`] gives every allocation an IOVA never used
+    /// before. By default (false) a freed IOVA is handed out again, lowest address first,
+    /// as an IOMMU allocator does: DMA the controller does late (for a command the driver
+    /// gave up on) lands in whatever buffer has the address now and corrupts it, as on
+    /// hardware. The kind controller (true) fails such DMA and counts it in
+    /// [`EmuStats::bad_dma`].
+    pub fresh_iovas: bool,
+    /// Whether Abort aborts a command the controller holds (one swallowed by
+    /// [`Fault::NeverComplete`] or stalled by [`Fault::Stall`], an Asynchronous Event
+    /// Request). By default (false) Abort never aborts anything: the specification makes
+    /// Abort best effort, and a command already being executed is typically not aborted,
+    /// so Abort completes successfully with dword 0 bit 0 set ("not aborted") and the
+    /// command stays where it is; a driver must then reset the controller (or delete the
+    /// queue) to get it back. The kind controller (true) aborts held commands, which
+    /// complete with Command Abort Requested.
+    pub abort_succeeds: bool,
+    /// Out-of-order completion: with `Some(seed)`, the completions of each burst of I/O
+    /// commands the controller takes from one submission queue (up to 64, as many as fit
+    /// the completion queue) are posted in an order shuffled by a generator seeded with
+    /// `seed` (deterministic for a given sequence of bursts), each carrying the SQ head as
+    /// it is when posted. Hardware completes commands in any order; a driver that relies
+    /// on order (or on the SQ head of one completion to free another's slot) fails here.
+    /// `None` (the default) completes in submission order. Admin commands always complete
+    /// in order.
+    pub shuffle_completions: Option<u64>,
 }
 
 const DEFAULT_ADDRESS: PciAddress = match PciAddress::new(0, 0, 4, 0) {
@@ -258,6 +325,11 @@ impl Default for EmuConfig {
             dmsl: 0,
             crto: None,
             abort_limit: 3,
+            ready_delay: Duration::from_millis(10),
+            cap_timeout: 0x0f,
+            fresh_iovas: false,
+            abort_succeeds: false,
+            shuffle_completions: None,
         }
     }
 }
@@ -322,6 +394,9 @@ impl EmuConfig {
         if self.max_io_queues == 0 {
             return bad("max_io_queues", "0".into(), "1 to 65535");
         }
+        if self.cap_timeout == 0 {
+            return bad("cap_timeout", "0".into(), "1 to 255 (500 ms units)");
+        }
         if !(1..=2048).contains(&self.msix_vectors) {
             return bad("msix_vectors", self.msix_vectors.to_string(), "1 to 2048");
         }
@@ -337,7 +412,7 @@ impl EmuConfig {
         let (to, crms) = match self.crto {
             // CAP.TO is the lower of CRWMT and 0xff; CRWMS and CRIMS both set.
             Some(crto) => (u64::from(crto & 0xffff).min(0xff), 3u64 << 59),
-            None => (TIMEOUT_UNITS, 0),
+            None => (u64::from(self.cap_timeout), 0),
         };
         u64::from(self.mqes - 1)
             | 1 << 16 // CQR: queues must be physically contiguous
@@ -427,6 +502,18 @@ pub enum Fault {
         /// How many.
         count: u32,
     },
+    /// Matching commands are fetched (the SQ head moves on) and wait, not executed, until
+    /// [`EmulatedNvme::release_stalled`]; then they execute, their DMA happening at that
+    /// moment, and complete. A stalled command is being executed as far as Abort is
+    /// concerned (see [`EmuConfig::abort_succeeds`]); deleting its SQ ends it as aborted. For
+    /// what a driver does while a command is slow, deterministically: what it frees, and
+    /// what the late DMA then hits.
+    Stall {
+        /// Which commands.
+        command: CommandMatch,
+        /// How many.
+        count: u32,
+    },
     /// Matching commands complete with `status`, without being executed.
     Status {
         /// Which commands.
@@ -450,6 +537,27 @@ pub enum Fault {
     /// At the next shutdown notification (CC.SHN) the controller fails instead: CSTS.CFS
     /// becomes 1 and CSTS.SHST never reports the shutdown complete.
     FatalOnShutdown,
+    /// CSTS.CFS becomes 1 but the controller goes on as before until a reset (CC.EN 0):
+    /// it fetches and executes commands, moves their data and posts completions. The
+    /// harmful kind of fatal status: a driver that frees the buffers of outstanding
+    /// commands when it sees CFS, with the controller still enabled and bus mastering on,
+    /// has them written afterwards (see [`EmuStats::late_dma`]).
+    FatalStatusDmaContinues,
+    /// A reset the host driver did not ask for, during I/O, as a function level reset by
+    /// someone else does: at once, the controller stops, every queue is gone, and CC,
+    /// CSTS (RDY 0), AQA, ASQ and ACQ read 0 (as after [`DeviceBacking::reset`]). Commands
+    /// outstanding never complete. Config space is left as it is.
+    Reset,
+    /// The next `count` interrupts (eventfd signals) are not sent; the completions are
+    /// posted as usual. A driver that sleeps on the interrupt must still find them.
+    LostInterrupt {
+        /// How many.
+        count: u32,
+    },
+    /// The next completion reports an SQ head one entry behind the one the previous
+    /// completion of its queue reported: a head going backwards, which a driver must not
+    /// take for a queue emptier than it is.
+    SqHeadBackwards,
     /// Surprise removal: from now on every register reads all-ones, writes are dropped and
     /// nothing is processed. Irreversible.
     Gone,
@@ -460,6 +568,14 @@ pub enum Fault {
     /// dwords 0 and 1) but the phase tag, which the controller sets so the host takes it
     /// as new. For fuzzing what a driver does with entries it did not expect.
     Forge(Completion),
+    /// Every CSTS.RDY transition (after CC.EN is set or cleared) takes this long instead of
+    /// [`EmuConfig::ready_delay`], until cleared: a controller slow to become ready (or to
+    /// finish a reset), within or beyond CAP.TO.
+    ReadySlow(Duration),
+    /// CSTS.RDY never becomes 1 after CC.EN is set (the controller never processes a
+    /// command), until cleared and the controller is disabled and enabled again: a driver
+    /// must give up after CAP.TO ([`EmuConfig::cap_timeout`]). Disabling still works.
+    ReadyNever,
 }
 
 /// Counters of what the controller did, from [`EmulatedNvme::stats`]. Cumulative over the
@@ -492,6 +608,12 @@ pub struct EmuStats {
     /// Aborts that arrived with [`EmuConfig::abort_limit`] + 1 Aborts already outstanding
     /// (completed with Abort Command Limit Exceeded).
     pub aborts_over_limit: u64,
+    /// DMA transfers into a buffer allocated after the command was fetched: the command's
+    /// own buffer was freed and its IOVA handed out again (see
+    /// [`EmuConfig::fresh_iovas`]). The transfer is done, as on hardware, and corrupts the
+    /// new buffer; a driver that keeps its buffers until their commands end never causes
+    /// one.
+    pub late_dma: u64,
 }
 
 impl EmuStats {
@@ -518,6 +640,7 @@ struct Counters {
     interrupts: AtomicU64,
     bad_dma: AtomicU64,
     aborts_over_limit: AtomicU64,
+    late_dma: AtomicU64,
 }
 
 fn bump(c: &AtomicU64) {
@@ -539,6 +662,7 @@ impl Counters {
             interrupts: AtomicU64::new(0),
             bad_dma: AtomicU64::new(0),
             aborts_over_limit: AtomicU64::new(0),
+            late_dma: AtomicU64::new(0),
         }
     }
 
@@ -568,6 +692,7 @@ impl Counters {
             interrupts: load(&self.interrupts),
             bad_dma: load(&self.bad_dma),
             aborts_over_limit: load(&self.aborts_over_limit),
+            late_dma: load(&self.late_dma),
         }
     }
 }
@@ -575,21 +700,30 @@ impl Counters {
 #[derive(Debug, Default)]
 struct FaultState {
     never: Vec<(CommandMatch, u32)>,
+    stall: Vec<(CommandMatch, u32)>,
     status: Vec<(CommandMatch, Status, u32)>,
     wrong_cid: u32,
     duplicate: u32,
     stale_phase: u32,
     delay: Option<Duration>,
     forged: VecDeque<Completion>,
+    lost_irqs: u32,
+    sq_head_back: u32,
+    // Read at CC writes only, so not part of `is_empty` (which gates the command path).
+    ready_slow: Option<Duration>,
+    ready_never: bool,
 }
 
 impl FaultState {
     fn is_empty(&self) -> bool {
         self.never.is_empty()
+            && self.stall.is_empty()
             && self.status.is_empty()
             && self.wrong_cid == 0
             && self.duplicate == 0
             && self.stale_phase == 0
+            && self.lost_irqs == 0
+            && self.sq_head_back == 0
             && self.forged.is_empty()
             && self.delay.is_none()
     }
@@ -692,6 +826,8 @@ impl Namespace {
 struct DmaEntry {
     len: u64,
     buf: Weak<DmaBuffer>,
+    // Allocation order: an allocation newer than a command cannot be its buffer.
+    serial: u64,
 }
 
 #[derive(Debug, Clone, Copy, Default)]
@@ -726,8 +862,15 @@ struct Shared {
     fatal_on_shutdown: AtomicBool,
     // I/O queues Set Features grants at most from now on (`EmulatedNvme::limit_io_queues`).
     grant_limit: AtomicU32,
-    // MMIO doorbells: SQ y tail at 2y, CQ y head at 2y + 1.
-    doorbells: Box<[AtomicU32]>,
+    // When CSTS.RDY, still 1 after CC.EN was cleared, becomes 0 (applied lazily by CSTS
+    // reads).
+    unready_at: Mutex<Option<Instant>>,
+    unready_pending: AtomicBool,
+    // MMIO doorbells: SQ y tail at 2y, CQ y head at 2y + 1. Each holds the value last
+    // written (low 32 bits) and a count of writes (high 32 bits): a doorbell is an event,
+    // and a register that was not written since the controller last looked holds no new
+    // tail or head, whatever its value.
+    doorbells: Box<[AtomicU64]>,
     sleeping: AtomicBool,
     stop: AtomicBool,
     waker: Mutex<Option<Thread>>,
@@ -735,11 +878,16 @@ struct Shared {
     worker: Mutex<Option<JoinHandle<()>>>,
     dma: RwLock<BTreeMap<u64, DmaEntry>>,
     next_iova: AtomicU64,
+    alloc_serial: AtomicU64,
     namespaces: Vec<Namespace>,
     faults: Mutex<FaultState>,
     faults_pending: AtomicBool,
     async_events: Mutex<VecDeque<u32>>,
     async_pending: AtomicBool,
+    // Set by `EmulatedNvme::release_stalled`.
+    release: AtomicBool,
+    // Error status events are masked (one was raised, the log page not read yet).
+    error_events_masked: AtomicBool,
     irqs: RwLock<Vec<OwnedFd>>,
     config_space: Mutex<Vec<u8>>,
     sriov: Mutex<Option<SriovState>>,
@@ -780,13 +928,16 @@ impl Shared {
             halted: AtomicBool::new(false),
             fatal_on_shutdown: AtomicBool::new(false),
             grant_limit: AtomicU32::new(u32::from(cfg.max_io_queues)),
-            doorbells: (0..2 * queues).map(|_| AtomicU32::new(0)).collect(),
+            unready_at: Mutex::new(None),
+            unready_pending: AtomicBool::new(false),
+            doorbells: (0..2 * queues).map(|_| AtomicU64::new(0)).collect(),
             sleeping: AtomicBool::new(false),
             stop: AtomicBool::new(false),
             waker: Mutex::new(None),
             worker: Mutex::new(None),
             dma: RwLock::new(BTreeMap::new()),
             next_iova: AtomicU64::new(FIRST_IOVA),
+            alloc_serial: AtomicU64::new(0),
             namespaces: cfg
                 .namespaces
                 .iter()
@@ -805,6 +956,8 @@ impl Shared {
             faults_pending: AtomicBool::new(false),
             async_events: Mutex::new(VecDeque::new()),
             async_pending: AtomicBool::new(false),
+            release: AtomicBool::new(false),
+            error_events_masked: AtomicBool::new(false),
             irqs: RwLock::new(Vec::new()),
             config_space: Mutex::new(config),
             sriov: Mutex::new(sriov),
@@ -825,11 +978,16 @@ impl Shared {
         }
     }
 
-    fn lookup(&self, iova: u64, len: u64) -> Option<(u64, u64, Weak<DmaBuffer>)> {
+    fn lookup(&self, iova: u64, len: u64) -> Option<CacheEntry> {
         let table = self.dma.read();
         let (&base, e) = table.range(..=iova).next_back()?;
         let end = iova.checked_add(len)?;
-        (end <= base + e.len).then(|| (base, e.len, e.buf.clone()))
+        (end <= base + e.len).then(|| CacheEntry {
+            base,
+            len: e.len,
+            buf: e.buf.clone(),
+            serial: e.serial,
+        })
     }
 
     fn read32(&self, offset: u64) -> u32 {
@@ -841,7 +999,10 @@ impl Shared {
             reg::VS => VERSION,
             reg::INTMS | reg::INTMC => self.intms.load(Ordering::Acquire),
             reg::CC => self.cc.load(Ordering::Acquire),
-            reg::CSTS => self.csts.load(Ordering::Acquire),
+            reg::CSTS => {
+                self.settle_unready();
+                self.csts.load(Ordering::Acquire)
+            }
             reg::AQA => self.aqa.load(Ordering::Acquire),
             0x28 => lo(self.asq.load(Ordering::Acquire)),
             0x2c => hi(self.asq.load(Ordering::Acquire)),
@@ -850,6 +1011,55 @@ impl Shared {
             reg::CRTO => self.cfg.crto.unwrap_or(0),
             _ => 0,
         }
+    }
+
+    // A function level reset: the controller's registers and queues back to power-on.
+    fn function_reset(&self) {
+        let mut worker = self.worker.lock();
+        if self.gone() {
+            return;
+        }
+        self.disable(&mut worker, true);
+        self.cc.store(0, Ordering::Release);
+        self.aqa.store(0, Ordering::Release);
+        self.asq.store(0, Ordering::Release);
+        self.acq.store(0, Ordering::Release);
+        self.intms.store(0, Ordering::Release);
+    }
+
+    // An Asynchronous Event of type Error status with `info` (00h: write to an invalid
+    // doorbell register, 01h: invalid doorbell write value), log page Error Information.
+    // Events of the type stay masked from then on until the host reads the log page.
+    fn error_event(&self, info: u32) {
+        if self.error_events_masked.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        self.async_events
+            .lock()
+            .push_back(info << 8 | u32::from(LOG_ERROR_INFORMATION) << 16);
+        self.async_pending.store(true, Ordering::Release);
+        if let Some(t) = &*self.waker.lock() {
+            t.unpark();
+        }
+    }
+
+    // Clears CSTS.RDY if the delay after CC.EN 1 -> 0 has passed.
+    fn settle_unready(&self) {
+        if !self.unready_pending.load(Ordering::Acquire) {
+            return;
+        }
+        let mut at = self.unready_at.lock();
+        if at.is_some_and(|t| Instant::now() >= t) {
+            *at = None;
+            self.unready_pending.store(false, Ordering::Release);
+            self.csts.fetch_and(!csts::RDY, Ordering::AcqRel);
+        }
+    }
+
+    // How long the next CSTS.RDY transition takes; `None`: RDY never becomes 1.
+    fn ready_delay(&self) -> (Duration, bool) {
+        let f = self.faults.lock();
+        (f.ready_slow.unwrap_or(self.cfg.ready_delay), f.ready_never)
     }
 
     fn set_half(word: &AtomicU64, high: bool, value: u32) {
@@ -887,6 +1097,7 @@ impl Shared {
         let counters = &self.counters;
         if !rel.is_multiple_of(stride) || index >= self.doorbells.len() as u64 {
             bump(&counters.invalid_doorbells);
+            self.error_event(AEI_INVALID_DOORBELL_REGISTER);
             return;
         }
         bump(if index.is_multiple_of(2) {
@@ -894,7 +1105,9 @@ impl Shared {
         } else {
             &counters.cq_doorbells
         });
-        self.doorbells[index as usize].store(value, Ordering::SeqCst);
+        let _ = self.doorbells[index as usize].fetch_update(Ordering::SeqCst, Ordering::SeqCst, |old| {
+            Some((old >> 32).wrapping_add(1) << 32 | u64::from(value))
+        });
         self.kick();
     }
 
@@ -906,7 +1119,7 @@ impl Shared {
         let old = self.cc.swap(value, Ordering::AcqRel);
         let (was, now) = (old & cc::EN != 0, value & cc::EN != 0);
         if was && !now {
-            self.disable(&mut worker);
+            self.disable(&mut worker, false);
             return;
         }
         if !was && now {
@@ -942,13 +1155,27 @@ impl Shared {
         }
     }
 
-    fn disable(&self, worker: &mut Option<JoinHandle<()>>) {
+    // Stops processing and forgets every queue. CSTS.RDY, if it was 1, stays 1 for the
+    // ready delay unless `at_once` (a function level reset).
+    fn disable(&self, worker: &mut Option<JoinHandle<()>>, at_once: bool) {
         self.stop_worker(worker);
         for d in self.doorbells.iter() {
             d.store(0, Ordering::Release);
         }
         self.halted.store(false, Ordering::Release);
-        self.csts.store(0, Ordering::Release);
+        let (delay, _) = self.ready_delay();
+        let ready = self.csts.load(Ordering::Acquire) & csts::RDY != 0;
+        let mut unready = self.unready_at.lock();
+        if ready && !at_once && !delay.is_zero() {
+            self.csts.store(csts::RDY, Ordering::Release);
+            *unready = Some(Instant::now() + delay);
+            self.unready_pending.store(true, Ordering::Release);
+        } else {
+            self.csts.store(0, Ordering::Release);
+            *unready = None;
+            self.unready_pending.store(false, Ordering::Release);
+        }
+        drop(unready);
         if let Some(s) = &mut *self.sriov.lock() {
             // A controller reset of the primary takes its secondaries offline and applies
             // its pending flexible allocation.
@@ -991,9 +1218,19 @@ impl Shared {
             bump(&self.counters.bad_dma);
             return self.fail(format_args!("ASQ {asq:#x} / ACQ {acq:#x} outside DMA memory"));
         };
+        // A host that enables again before RDY went to 0 gets a fresh start.
+        *self.unready_at.lock() = None;
+        self.unready_pending.store(false, Ordering::Release);
+        self.csts.store(0, Ordering::Release);
+        let (delay, never) = self.ready_delay();
         let mut engine = Engine::new(Arc::clone(self));
-        engine.sqs[0] = Some(Sq::new(asqs, 0, sq));
+        engine.ready_after = (!never).then_some(delay);
+        let mut admin_sq = Sq::new(asqs, 0, sq);
+        // Doorbell writes before the enable are not tails of this queue.
+        admin_sq.mmio_seen = self.doorbells[0].load(Ordering::SeqCst);
+        engine.sqs[0] = Some(admin_sq);
         let mut admin_cq = Cq::new(acqs, true, 0, cq);
+        admin_cq.mmio_seen = self.doorbells[1].load(Ordering::SeqCst);
         admin_cq.sqs = 1;
         engine.cqs[0] = Some(admin_cq);
         engine.active.push(0);
@@ -1004,7 +1241,6 @@ impl Shared {
             Ok(handle) => {
                 *self.waker.lock() = Some(handle.thread().clone());
                 *worker = Some(handle);
-                self.csts.store(csts::RDY, Ordering::Release);
             }
             Err(e) => self.fail(format_args!("spawning the processing thread: {e}")),
         }
@@ -1015,10 +1251,10 @@ impl Shared {
         if !iova.is_multiple_of(PAGE_U64) {
             return None;
         }
-        let (base, _, buf) = self.lookup(iova, len)?;
+        let e = self.lookup(iova, len)?;
         Some(Mem {
-            buf,
-            off: (iova - base) as usize,
+            buf: e.buf,
+            off: (iova - e.base) as usize,
         })
     }
 }
@@ -1040,7 +1276,10 @@ struct Sq {
     tail: u32,
     cqid: u16,
     mem: Mem,
-    mmio_seen: u32,
+    // The MMIO doorbell (value and write count) when last looked at.
+    mmio_seen: u64,
+    // The SQ head the last completion reported.
+    reported: u32,
     shadow_seen: u32,
     event_index: Option<u32>,
 }
@@ -1054,6 +1293,7 @@ impl Sq {
             cqid,
             mem,
             mmio_seen: 0,
+            reported: 0,
             shadow_seen: 0,
             event_index: None,
         }
@@ -1070,7 +1310,7 @@ struct Cq {
     vector: u16,
     mem: Mem,
     sqs: u32,
-    mmio_seen: u32,
+    mmio_seen: u64,
     shadow_seen: u32,
     backlog: VecDeque<Completion>,
 }
@@ -1107,6 +1347,8 @@ struct Shadow {
 enum HeldKind {
     AsyncEvent,
     Swallowed,
+    // Fetched, not executed until `release_stalled`; the newest allocation at its fetch.
+    Stalled(Command, u64),
 }
 
 #[derive(Debug)]
@@ -1142,6 +1384,7 @@ struct CacheEntry {
     base: u64,
     len: u64,
     buf: Weak<DmaBuffer>,
+    serial: u64,
 }
 
 struct Engine {
@@ -1161,6 +1404,25 @@ struct Engine {
     // Vectors to signal at the end of this round.
     irq_vectors: Vec<u16>,
     stride_words: usize,
+    // How long after the start CSTS.RDY becomes 1 (`None`: never).
+    ready_after: Option<Duration>,
+    // The newest allocation when the command being executed was fetched.
+    fetch_serial: u64,
+    // Shuffled completions: the generator's state, the CQ whose completions wait for the
+    // end of the burst, and those completions.
+    rng: Option<u64>,
+    deferring: Option<u16>,
+    deferred: Vec<(u16, Completion)>,
+}
+
+// xorshift64*: deterministic, good enough to shuffle a burst.
+fn xorshift(state: &mut u64) -> u64 {
+    let mut x = *state;
+    x ^= x >> 12;
+    x ^= x << 25;
+    x ^= x >> 27;
+    *state = x;
+    x.wrapping_mul(0x2545_f491_4f6c_dd1d)
 }
 
 impl Engine {
@@ -1182,12 +1444,34 @@ impl Engine {
             segs: Vec::new(),
             irq_vectors: Vec::new(),
             stride_words,
+            ready_after: Some(Duration::ZERO),
+            fetch_serial: 0,
+            // A zero state would stay zero.
+            rng: shared.cfg.shuffle_completions.map(|seed| seed | 1),
+            deferring: None,
+            deferred: Vec::new(),
             shared,
         }
     }
 
     fn run(mut self) {
         let shared = Arc::clone(&self.shared);
+        // Ready (and processing) only after the ready delay, or never.
+        match self.ready_after {
+            Some(d) => {
+                self.sleep(d);
+                if shared.stop.load(Ordering::Acquire) {
+                    return;
+                }
+                shared.csts.fetch_or(csts::RDY, Ordering::AcqRel);
+            }
+            None => {
+                while !shared.stop.load(Ordering::Acquire) {
+                    thread::park_timeout(Duration::from_millis(50));
+                }
+                return;
+            }
+        }
         let mut idle_spins = 0u32;
         while !shared.stop.load(Ordering::Acquire) {
             if shared.gone() || shared.halted.load(Ordering::Acquire) {
@@ -1240,9 +1524,9 @@ impl Engine {
         }
     }
 
-    // The newest tail: the shadow buffer if it changed since we last looked, else the
-    // MMIO doorbell if that changed. (A host that uses the shadow buffer writes it before
-    // any MMIO write; one that does not for some queue leaves it unchanged.)
+    // The newest tail: from the shadow buffer if it changed since we last looked, else from
+    // the MMIO doorbell if it was written since. A value not written again is no new tail
+    // (hardware latches a doorbell write; it does not poll the register).
     fn refresh_sq_tail(&mut self, qid: u16) {
         // With shadow doorbells, an I/O queue's value comes from the shadow buffer only (the
         // MMIO write is a wake-up): taking whichever of the two changed last can go
@@ -1265,13 +1549,17 @@ impl Engine {
             None => {
                 let changed = mmio != sq.mmio_seen;
                 sq.mmio_seen = mmio;
-                (mmio, changed)
+                (mmio as u32, changed)
             }
         };
+        if !changed {
+            return;
+        }
         if value < sq.size {
             sq.tail = value;
-        } else if changed {
+        } else {
             bump(&counters.invalid_doorbells);
+            self.shared.error_event(AEI_INVALID_DOORBELL_VALUE);
         }
     }
 
@@ -1297,13 +1585,17 @@ impl Engine {
             None => {
                 let changed = mmio != cq.mmio_seen;
                 cq.mmio_seen = mmio;
-                (mmio, changed)
+                (mmio as u32, changed)
             }
         };
+        if !changed {
+            return;
+        }
         if value < cq.size {
             cq.head = value;
-        } else if changed {
+        } else {
             bump(&counters.invalid_doorbells);
+            self.shared.error_event(AEI_INVALID_DOORBELL_VALUE);
         }
     }
 
@@ -1330,7 +1622,7 @@ impl Engine {
     }
 
     fn has_work(&mut self) -> bool {
-        if self.shared.async_pending.load(Ordering::Acquire) {
+        if self.shared.async_pending.load(Ordering::Acquire) || self.shared.release.load(Ordering::Acquire) {
             return true;
         }
         for k in 0..self.active.len() {
@@ -1353,6 +1645,9 @@ impl Engine {
 
     fn round(&mut self) -> bool {
         let mut progressed = false;
+        if self.shared.release.swap(false, Ordering::AcqRel) {
+            progressed |= self.release_stalled();
+        }
         if self.shared.async_pending.load(Ordering::Acquire) {
             progressed |= self.deliver_async_events();
         }
@@ -1370,13 +1665,17 @@ impl Engine {
                     break;
                 }
                 let cqid = sq.cqid;
-                if !self.cq_has_room(cqid) {
+                if !self.cq_has_room(cqid) || self.cq_free(cqid) <= self.deferred.len() {
                     break;
                 }
                 if self.shared.stop.load(Ordering::Relaxed) || self.shared.halted.load(Ordering::Relaxed) {
                     return progressed;
                 }
+                if qid != 0 && self.rng.is_some() {
+                    self.deferring = Some(cqid);
+                }
                 self.process_one(qid);
+                self.deferring = None;
                 progressed = true;
                 n += 1;
                 if n == BURST {
@@ -1389,9 +1688,41 @@ impl Engine {
                     self.refresh_sq_tail(qid);
                 }
             }
+            self.post_deferred(qid);
             self.update_sq_event_index(qid);
         }
         progressed
+    }
+
+    // Free entries of CQ `cqid` beyond its backlog.
+    fn cq_free(&self, cqid: u16) -> usize {
+        self.cqs[usize::from(cqid)].as_ref().map_or(0, |cq| {
+            let free = (cq.head + cq.size - cq.tail - 1) % cq.size;
+            (free as usize).saturating_sub(cq.backlog.len())
+        })
+    }
+
+    // Posts the completions of SQ `qid`'s burst in a shuffled order
+    // (`EmuConfig::shuffle_completions`), each with the SQ head as it is now.
+    fn post_deferred(&mut self, qid: u16) {
+        if self.deferred.is_empty() {
+            return;
+        }
+        let mut batch = std::mem::take(&mut self.deferred);
+        if let Some(rng) = self.rng.as_mut() {
+            for i in (1..batch.len()).rev() {
+                let j = (xorshift(rng) % (i as u64 + 1)) as usize;
+                batch.swap(i, j);
+            }
+        }
+        let head = self.sqs[usize::from(qid)].as_ref().map(|sq| sq.head as u16);
+        for (cqid, mut c) in batch.drain(..) {
+            if let Some(h) = head {
+                c.sq_head = h;
+            }
+            self.post(cqid, c);
+        }
+        self.deferred = batch;
     }
 
     fn update_sq_event_index(&mut self, qid: u16) {
@@ -1428,6 +1759,7 @@ impl Engine {
             return;
         }
         let cmd = Command::from_bytes(&bytes);
+        self.fetch_serial = self.shared.alloc_serial.load(Ordering::Acquire);
         let is_admin = qid == 0;
         let table = if is_admin {
             &self.shared.counters.admin
@@ -1446,18 +1778,26 @@ impl Engine {
                 self.sleep(d);
             }
             match pre {
+                Some(Outcome::Hold(HeldKind::Stalled(..))) => {
+                    let kind = HeldKind::Stalled(cmd, self.fetch_serial);
+                    return self.hold(qid, cmd.cid, cmd.opcode, kind);
+                }
                 Some(Outcome::Hold(kind)) => return self.hold(qid, cmd.cid, cmd.opcode, kind),
                 Some(Outcome::Done(status, dw0)) => return self.complete(qid, cmd.cid, status, dw0),
                 None => {}
             }
         }
+        self.execute(qid, &cmd);
+    }
+
+    fn execute(&mut self, qid: u16, cmd: &Command) {
         let outcome = if cmd.flags & 0xc3 != 0 {
             // Fused operations and SGLs are not supported.
             err(Status::INVALID_FIELD)
-        } else if is_admin {
-            self.admin_command(&cmd)
+        } else if qid == 0 {
+            self.admin_command(cmd)
         } else {
-            self.io_command(&cmd)
+            self.io_command(cmd)
         };
         match outcome {
             Outcome::Done(status, dw0) => self.complete(qid, cmd.cid, status, dw0),
@@ -1471,6 +1811,23 @@ impl Engine {
         held > usize::from(self.shared.cfg.abort_limit)
     }
 
+    // Executes the stalled commands (`EmulatedNvme::release_stalled`), in the order they
+    // were fetched.
+    fn release_stalled(&mut self) -> bool {
+        let (stalled, kept): (Vec<Held>, Vec<Held>) = std::mem::take(&mut self.held)
+            .into_iter()
+            .partition(|h| matches!(h.kind, HeldKind::Stalled(..)));
+        self.held = kept;
+        let any = !stalled.is_empty();
+        for h in stalled {
+            if let HeldKind::Stalled(cmd, serial) = h.kind {
+                self.fetch_serial = serial;
+                self.execute(h.sqid, &cmd);
+            }
+        }
+        any
+    }
+
     fn command_faults(&mut self, is_admin: bool, opcode: u8) -> (Option<Duration>, Option<Outcome>) {
         let mut f = self.shared.faults.lock();
         let delay = f.delay;
@@ -1481,6 +1838,12 @@ impl Engine {
                 f.never.remove(i);
             }
             pre = Some(Outcome::Hold(HeldKind::Swallowed));
+        } else if let Some(i) = f.stall.iter().position(|(m, _)| m.matches(is_admin, opcode)) {
+            f.stall[i].1 -= 1;
+            if f.stall[i].1 == 0 {
+                f.stall.remove(i);
+            }
+            pre = Some(Outcome::Hold(HeldKind::Stalled(Command::default(), 0)));
         } else if let Some(i) = f.status.iter().position(|(m, _, _)| m.matches(is_admin, opcode)) {
             let status = f.status[i].1;
             f.status[i].2 -= 1;
@@ -1496,9 +1859,9 @@ impl Engine {
     }
 
     fn sleep(&self, d: Duration) {
-        let until = std::time::Instant::now() + d;
+        let until = Instant::now() + d;
         while !self.shared.stop.load(Ordering::Relaxed) {
-            let now = std::time::Instant::now();
+            let now = Instant::now();
             if now >= until {
                 break;
             }
@@ -1535,10 +1898,16 @@ impl Engine {
         self.post(cqid, c);
     }
 
-    // Queues a completion on CQ `cqid` and writes what fits.
+    // Queues a completion on CQ `cqid` and writes what fits (or keeps it for the end of the
+    // burst, when completions are shuffled).
     fn post(&mut self, cqid: u16, mut c: Completion) {
+        if self.deferring == Some(cqid) {
+            self.deferred.push((cqid, c));
+            return;
+        }
         let mut copies = 1;
         let mut stale = false;
+        let mut back = false;
         let mut forged = Vec::new();
         if self.shared.faults_pending.load(Ordering::Acquire) {
             let mut f = self.shared.faults.lock();
@@ -1555,12 +1924,23 @@ impl Engine {
                 f.stale_phase -= 1;
                 stale = true;
             }
+            if f.sq_head_back > 0 {
+                f.sq_head_back -= 1;
+                back = true;
+            }
             if f.is_empty() {
                 self.shared.faults_pending.store(false, Ordering::Release);
             }
         }
         if stale {
             c.dw1 |= STALE_MARK;
+        }
+        if let Some(sq) = self.sqs.get_mut(usize::from(c.sq_id)).and_then(Option::as_mut) {
+            if back {
+                c.sq_head = ((sq.reported + sq.size - 1) % sq.size) as u16;
+            } else {
+                sq.reported = u32::from(c.sq_head);
+            }
         }
         let Some(cq) = self.cqs[usize::from(cqid)].as_mut() else {
             return;
@@ -1623,6 +2003,17 @@ impl Engine {
         if self.irq_vectors.is_empty() {
             return;
         }
+        if self.shared.faults_pending.load(Ordering::Acquire) {
+            let mut f = self.shared.faults.lock();
+            if f.lost_irqs > 0 {
+                let lost = (f.lost_irqs as usize).min(self.irq_vectors.len());
+                f.lost_irqs -= lost as u32;
+                self.irq_vectors.drain(..lost);
+            }
+            if f.is_empty() {
+                self.shared.faults_pending.store(false, Ordering::Release);
+            }
+        }
         let irqs = self.shared.irqs.read();
         for v in self.irq_vectors.drain(..) {
             if let Some(fd) = irqs.get(usize::from(v)) {
@@ -1651,20 +2042,35 @@ impl Engine {
 
     // ---- DMA
 
+    // The buffer behind `len` bytes at `iova` for the command being executed. DMA into a
+    // buffer allocated after the command was fetched is done (as hardware would) and
+    // counted as late.
     fn resolve(&mut self, iova: u64, len: usize) -> Option<(Arc<DmaBuffer>, usize)> {
         let len = len as u64;
         let end = iova.checked_add(len)?;
+        let mut found = None;
         for e in self.cache.iter().flatten() {
             if iova >= e.base && end <= e.base + e.len {
-                // IOVAs are never reused: a dead entry means the buffer is gone.
-                return e.buf.upgrade().map(|b| (b, (iova - e.base) as usize));
+                // A dead entry: the buffer is gone, but its IOVA may belong to another one
+                // now (the table knows).
+                if let Some(b) = e.buf.upgrade() {
+                    found = Some((b, (iova - e.base) as usize, e.serial));
+                }
+                break;
             }
         }
-        let (base, blen, buf) = self.shared.lookup(iova, len)?;
-        let arc = buf.upgrade()?;
-        self.cache[self.cache_next] = Some(CacheEntry { base, len: blen, buf });
-        self.cache_next = (self.cache_next + 1) % self.cache.len();
-        Some((arc, (iova - base) as usize))
+        if found.is_none() {
+            let e = self.shared.lookup(iova, len)?;
+            let arc = e.buf.upgrade()?;
+            found = Some((arc, (iova - e.base) as usize, e.serial));
+            self.cache[self.cache_next] = Some(e);
+            self.cache_next = (self.cache_next + 1) % self.cache.len();
+        }
+        let (buf, off, serial) = found?;
+        if serial > self.fetch_serial {
+            bump(&self.shared.counters.late_dma);
+        }
+        Some((buf, off))
     }
 
     fn push_seg(&mut self, out: &mut Vec<Seg>, iova: u64, len: usize) -> Result<(), Status> {
@@ -1897,6 +2303,10 @@ impl Engine {
     }
 
     fn get_log_page(&mut self, cmd: &Command) -> Outcome {
+        // Reading Error Information without Retain Asynchronous Event unmasks error events.
+        if (cmd.cdw[0] & 0xff) as u8 == LOG_ERROR_INFORMATION && cmd.cdw[0] & 1 << 15 == 0 {
+            self.shared.error_events_masked.store(false, Ordering::Release);
+        }
         let numd = u64::from(cmd.cdw[0] >> 16 | (cmd.cdw[1] & 0xffff) << 16) + 1;
         let len = numd * 4;
         if len > self.shared.cfg.max_transfer().min(1 << 20) {
@@ -1937,6 +2347,8 @@ impl Engine {
             return err(Status::DATA_TRANSFER_ERROR);
         };
         let mut cq = Cq::new(size, ien, vector, mem);
+        // A new queue starts at head 0: what the doorbell holds from a deleted queue of the
+        // same id is not a head of this one.
         let i = 2 * usize::from(qid) + 1;
         cq.mmio_seen = self.shared.doorbells[i].load(Ordering::SeqCst);
         cq.shadow_seen = self.shadow_word(i).unwrap_or(0);
@@ -1966,6 +2378,8 @@ impl Engine {
             return err(Status::DATA_TRANSFER_ERROR);
         };
         let mut sq = Sq::new(size, cqid, mem);
+        // A new queue starts at tail 0: what the doorbell holds from a deleted queue of the
+        // same id is not a tail of this one.
         let i = 2 * usize::from(qid);
         sq.mmio_seen = self.shared.doorbells[i].load(Ordering::SeqCst);
         sq.shadow_seen = self.shadow_word(i).unwrap_or(0);
@@ -2022,6 +2436,10 @@ impl Engine {
 
     fn abort(&mut self, cmd: &Command) -> Outcome {
         let (sqid, cid) = ((cmd.cdw[0] & 0xffff) as u16, (cmd.cdw[0] >> 16) as u16);
+        if !self.shared.cfg.abort_succeeds {
+            // Whatever it is, it is being executed (or done): not aborted.
+            return ok(1);
+        }
         match self.held.iter().position(|h| h.sqid == sqid && h.cid == cid) {
             Some(i) => {
                 let h = self.held.remove(i);
@@ -2114,7 +2532,9 @@ impl Engine {
                 let Some(i) = secondary else {
                     return err(Status::INVALID_CONTROLLER_ID);
                 };
-                s.secondaries[i].online = false;
+                // Offline releases the secondary's flexible resources, as QEMU does: a
+                // host must Assign them again before Online.
+                s.secondaries[i] = Secondary::default();
                 ok(0)
             }
             virt_mgmt::SECONDARY_ASSIGN => {
@@ -2774,11 +3194,20 @@ impl EmulatedNvme {
                 shared.fatal_on_shutdown.store(true, Ordering::Release);
                 return;
             }
+            Fault::FatalStatusDmaContinues => {
+                shared.csts.fetch_or(csts::CFS, Ordering::AcqRel);
+                return;
+            }
+            Fault::Reset => {
+                shared.function_reset();
+                return;
+            }
             _ => {}
         }
         let mut f = shared.faults.lock();
         match fault {
             Fault::NeverComplete { command, count } if count > 0 => f.never.push((command, count)),
+            Fault::Stall { command, count } if count > 0 => f.stall.push((command, count)),
             Fault::Status {
                 command,
                 status,
@@ -2789,16 +3218,31 @@ impl EmulatedNvme {
             Fault::StalePhase => f.stale_phase += 1,
             Fault::Forge(c) => f.forged.push_back(c),
             Fault::Delay(d) => f.delay = (!d.is_zero()).then_some(d),
+            Fault::ReadySlow(d) => f.ready_slow = Some(d),
+            Fault::ReadyNever => f.ready_never = true,
+            Fault::LostInterrupt { count } => f.lost_irqs += count,
+            Fault::SqHeadBackwards => f.sq_head_back += 1,
             _ => {}
         }
         shared.faults_pending.store(!f.is_empty(), Ordering::Release);
     }
 
-    /// Removes the faults not yet used up (and the delay). `Gone` and `FatalStatus` stay.
+    /// Removes the faults not yet used up (and the delays, [`Fault::ReadySlow`] and
+    /// [`Fault::ReadyNever`]). `Gone` and `FatalStatus` stay.
     pub fn clear_faults(&self) {
         let shared = self.shared();
         *shared.faults.lock() = FaultState::default();
         shared.faults_pending.store(false, Ordering::Release);
+    }
+
+    /// Executes and completes every command held by [`Fault::Stall`] so far, in the order
+    /// they were fetched.
+    pub fn release_stalled(&self) {
+        let shared = self.shared();
+        shared.release.store(true, Ordering::Release);
+        if let Some(t) = &*shared.waker.lock() {
+            t.unpark();
+        }
     }
 
     /// Completes one held Asynchronous Event Request with `dw0` (event type, information,
@@ -2959,6 +3403,19 @@ impl RegisterIo for EmuRegisters {
     }
 }
 
+// The lowest IOVA from FIRST_IOVA where `len` bytes fit between live allocations (each
+// followed by its guard page).
+fn first_fit(table: &BTreeMap<u64, DmaEntry>, len: u64) -> u64 {
+    let mut at = FIRST_IOVA;
+    for (&base, e) in table.range(FIRST_IOVA..) {
+        if base >= at + len {
+            break;
+        }
+        at = at.max(base + e.len + PAGE_U64);
+    }
+    at
+}
+
 fn config_range(
     address: PciAddress,
     offset: u64,
@@ -3012,16 +3469,20 @@ impl DeviceBacking for EmulatedNvme {
         })?;
         let size = buffer.len() as u64;
         let buffer = Arc::new(buffer);
+        let shared = self.shared();
+        let mut table = shared.dma.write();
         // An unmapped page after each allocation, so overruns are caught.
-        let iova = self
-            .shared()
-            .next_iova
-            .fetch_add(size + PAGE_U64, Ordering::Relaxed);
-        self.shared().dma.write().insert(
+        let iova = if shared.cfg.fresh_iovas {
+            shared.next_iova.fetch_add(size + PAGE_U64, Ordering::Relaxed)
+        } else {
+            first_fit(&table, size + PAGE_U64)
+        };
+        table.insert(
             iova,
             DmaEntry {
                 len: size,
                 buf: Arc::downgrade(&buffer),
+                serial: shared.alloc_serial.fetch_add(1, Ordering::AcqRel) + 1,
             },
         );
         Ok(EmuDma {
@@ -3074,17 +3535,10 @@ impl DeviceBacking for EmulatedNvme {
     }
 
     fn reset(&self) -> Result<(), BackingError> {
-        let shared = self.shared();
-        let mut worker = shared.worker.lock();
-        if shared.gone() {
+        if self.shared().gone() {
             return Err(BackingError::Gone(self.address()));
         }
-        shared.disable(&mut worker);
-        shared.cc.store(0, Ordering::Release);
-        shared.aqa.store(0, Ordering::Release);
-        shared.asq.store(0, Ordering::Release);
-        shared.acq.store(0, Ordering::Release);
-        shared.intms.store(0, Ordering::Release);
+        self.shared().function_reset();
         Ok(())
     }
 
