@@ -1,0 +1,108 @@
+#!/bin/sh
+# pcibus's NVMe driver against the kernel's, measured as the kernel is measured (issue 15
+# §8): fio on /dev/nvmeXn1 with io_uring, io_uring with polled completions (--hipri on a
+# poll queue), libaio and io_uring with a submission thread (sqpoll), against
+# `pcibus nvme perf` (one queue, polled) and pcibus with completion interrupts, 4 KiB
+# random reads at QD 1 and QD 32, in rounds that alternate the two so that TCG's drift
+# hits both alike. A benchmark, not a test of speed: it fails only when a run fails or
+# pcibus reports errors. Prints one `fio-table` line per run and a median table at the end.
+#
+#   tests/vm/run -k 6.12 -p nvme -T tests/vm/bench/nvme-fio.sh [--bench-rounds N]
+#
+# pcibus-host-bin: fio
+# pcibus-timeout: 900
+. "$PCIBUS_LIB"
+need_pcibus
+command -v fio >/dev/null || fail "no fio in the guest (the harness copies the host's: install fio on the host)"
+
+rounds=$(sed -n 's/.*pcibus\.bench_rounds=\([0-9]*\).*/\1/p' /proc/cmdline)
+[ -n "$rounds" ] || rounds=3
+secs=3
+pf=$(nvme_pf) || fail "no NVMe controller"
+wait_for 20 driver_is "$pf" nvme || fail "not bound to nvme at start"
+
+# blockdev: waits for the controller's namespace 1 on the kernel's driver; prints it.
+blockdev() {
+	wait_for 20 sh -c "ls /sys/bus/pci/devices/$pf/nvme/ >/dev/null 2>&1" || fail "no nvme controller device"
+	_c=$(ls "/sys/bus/pci/devices/$pf/nvme/" | head -1)
+	wait_for 20 test -b "/dev/${_c}n1" || fail "no /dev/${_c}n1"
+	echo "/dev/${_c}n1"
+}
+
+# One poll queue for --hipri: a module loaded by insmod ignores nvme.poll_queues= on the
+# command line, so set the parameter and bind the controller again.
+echo 1 >/sys/module/nvme/parameters/poll_queues || fail "cannot set nvme poll_queues"
+echo "$pf" >/sys/bus/pci/drivers/nvme/unbind
+echo "$pf" >/sys/bus/pci/drivers/nvme/bind
+dev=$(blockdev)
+poll=$(cat "/sys/block/${dev#/dev/}/queue/io_poll" 2>/dev/null)
+echo "fio: $dev, io_poll=$poll, $(fio --version)"
+[ "$poll" = 1 ] || echo "note: io_poll is not 1: the hipri row polls nothing"
+
+out=/tmp/bench
+mkdir -p $out
+rc=0
+
+# fio_run NAME QD ARGS...: one fio run; prints "iops p99_us".
+fio_run() {
+	_n=$1 _qd=$2
+	shift 2
+	fio --name="$_n" --filename="$dev" --direct=1 --rw=randread --bs=4k --iodepth="$_qd" \
+		--time_based --runtime="$secs" --norandommap --randrepeat=0 --thread \
+		--output-format=json "$@" >"$out/$_n-$_qd.json" 2>"$out/$_n-$_qd.err" ||
+		{ echo "FAIL: fio $_n qd $_qd: $(cat "$out/$_n-$_qd.err")"; return 1; }
+	_iops=$(sed -n 's/^ *"iops" : \([0-9.]*\),*$/\1/p' "$out/$_n-$_qd.json" | head -n 1)
+	_p99=$(sed -n 's/^ *"99.000000" : \([0-9]*\),*$/\1/p' "$out/$_n-$_qd.json" | head -n 1)
+	echo "${_iops%.*} $((${_p99:-0} / 1000))"
+}
+
+# pcibus_run NAME QD DEVARGS: one pcibus perf run (the controller taken to vfio-pci and
+# given back); prints "iops p99_us".
+pcibus_run() {
+	_n=$1 _qd=$2 _arg=$3
+	pcibus nvme perf "$pf$_arg" --rw randread --bs 4k --qd "$_qd" --time "$secs" --json --restore \
+		>"$out/$_n-$_qd.json" 2>"$out/$_n-$_qd.err" ||
+		{ echo "FAIL: pcibus $_n qd $_qd: $(cat "$out/$_n-$_qd.err")"; return 1; }
+	grep -q '"errors":0' "$out/$_n-$_qd.json" || { echo "FAIL: pcibus $_n qd $_qd had errors"; return 1; }
+	_iops=$(sed 's/.*"iops":\([0-9]*\).*/\1/' "$out/$_n-$_qd.json")
+	_p99=$(sed 's/.*"p99_us":\([0-9]*\).*/\1/' "$out/$_n-$_qd.json")
+	echo "$_iops $_p99"
+}
+
+for r in $(seq 1 "$rounds"); do
+	for qd in 1 32; do
+		for row in io_uring io_uring-hipri libaio io_uring-sqpoll pcibus pcibus-irq; do
+			case $row in
+			io_uring) res=$(fio_run "$row" $qd --ioengine=io_uring) ;;
+			io_uring-hipri) res=$(fio_run "$row" $qd --ioengine=io_uring --hipri=1) ;;
+			libaio) res=$(fio_run "$row" $qd --ioengine=libaio) ;;
+			io_uring-sqpoll) res=$(fio_run "$row" $qd --ioengine=io_uring --sqthread_poll=1) ;;
+			pcibus) res=$(pcibus_run "$row" $qd "") ;;
+			pcibus-irq) res=$(pcibus_run "$row" $qd ",interrupts=1") ;;
+			esac
+			case $row in
+			pcibus*)
+				# --restore gave the controller back to nvme: its block device comes back.
+				wait_for 20 driver_is "$pf" nvme || fail "$pf not back on nvme"
+				dev=$(blockdev)
+				;;
+			esac
+			case $res in
+			FAIL*) echo "$res"; rc=1; continue ;;
+			esac
+			echo "fio-table round=$r qd=$qd row=$row iops=${res% *} p99_us=${res#* } loadavg=$(cut -d' ' -f1 /proc/loadavg)"
+			echo "$qd $row ${res% *} ${res#* }" >>"$out/all"
+		done
+	done
+done
+
+# Medians over the rounds, per depth and row.
+echo "fio-summary: 4 KiB random reads, $rounds rounds of $secs s, median IOPS and p99 (us)"
+for qd in 1 32; do
+	for row in io_uring io_uring-hipri libaio io_uring-sqpoll pcibus pcibus-irq; do
+		med() { awk -v q="$qd" -v r="$row" -v c="$1" '$1 == q && $2 == r { print $c }' "$out/all" | sort -n |
+			awk '{ v[NR] = $1 } END { if (NR) print v[int((NR + 1) / 2)] }'; }
+		echo "fio-summary qd=$qd row=$row iops=$(med 3) p99_us=$(med 4)"
+	done
+done
+exit $rc
