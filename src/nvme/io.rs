@@ -11,7 +11,8 @@ use parking_lot::Mutex;
 use std::os::fd::{AsFd, BorrowedFd};
 
 use super::controller::{PAGE, QueueRegs, Shared, check_status};
-use super::queue::{Doorbells, Ring};
+use crate::barrier;
+use super::queue::{Doorbells, Ring, write_cq_doorbell, write_sq_doorbell};
 use super::spec::{Command, Completion, admin, io};
 use super::{Dma, NvmeError};
 use crate::bus::backing::{DeviceBacking, DmaMemory};
@@ -119,6 +120,11 @@ impl<'a, B: DeviceBacking> IoRequest<'a, B> {
 
 const FREE: u32 = u32::MAX;
 
+// An empty poll with requests outstanding reads the clock once in this many, and checks
+// the controller's status and the deadlines once per `CHECK_INTERVAL` of it.
+const CHECK_EVERY: u32 = 32;
+const CHECK_INTERVAL: Duration = Duration::from_millis(1);
+
 // CLOCK_MONOTONIC_COARSE: read without a system call in a few nanoseconds, to the kernel's
 // tick (1–4 ms) — plenty for deadlines of a hundred milliseconds and more, and cheaper per
 // request than `Instant::now`.
@@ -176,7 +182,10 @@ pub struct IoQueue<B: DeviceBacking> {
     free_requests: Vec<u32>,
     outstanding: usize,
     dead: Option<String>,
-    last_check: Instant,
+    // Empty polls since the clock was last read, and when (coarse clock) the controller's
+    // status and the deadlines are next checked: an empty poll reads no clock.
+    empty_polls: u32,
+    next_check: Duration,
     completions: u64,
     // The controller's reset count when the queue was (re)created on it.
     generation: u64,
@@ -217,7 +226,8 @@ fn create_on_controller<B: DeviceBacking>(shared: &Shared<B>, ring: &Ring<Dma<B>
             let _ = s.doorbells.write::<u32>(at, 0);
             let _ = s.events.write::<u32>(at, 0);
         }
-        std::sync::atomic::fence(Ordering::SeqCst);
+        // Before the admin doorbell that creates the queue (its own barrier orders them too).
+        barrier::dma_wmb();
     }
     let mut cmd = Command::new(admin::CREATE_CQ);
     cmd.prp1 = ring.cq_iova();
@@ -292,7 +302,8 @@ impl<B: DeviceBacking> IoQueue<B> {
             free_requests: Vec::new(),
             outstanding: 0,
             dead: None,
-            last_check: Instant::now(),
+            empty_polls: 0,
+            next_check: Duration::ZERO,
             completions: 0,
             _not_sync: PhantomData,
         })
@@ -355,9 +366,7 @@ impl<B: DeviceBacking> IoQueue<B> {
         };
         let ns = self
             .shared
-            .namespaces
-            .iter()
-            .find(|n| n.nsid == nsid)
+            .namespace(nsid)
             .ok_or_else(|| NvmeError::Invalid(format!("no namespace {nsid}")))?;
         let bs = u64::from(ns.block_size);
         if op != Op::Flush && (blocks == 0 || lba.checked_add(blocks).is_none_or(|end| end > ns.blocks)) {
@@ -500,15 +509,23 @@ impl<B: DeviceBacking> IoQueue<B> {
         if !self.ring.unrung() {
             return Ok(());
         }
+        if let Some(e) = self.shared.removed() {
+            return Err(e);
+        }
+        // The registers are locked only for an MMIO write (none when a shadow doorbell
+        // update suffices).
+        let Some((at, value)) = self.ring.update_sq(self.shared.shadow.as_ref()) else {
+            return Ok(());
+        };
         let regs = self.regs.lock();
         let Some(regs) = regs.as_ref() else {
             drop(regs);
             return Err(self.fail_all_removed());
         };
-        self.ring.ring_sq(regs, self.shared.shadow.as_ref())
+        write_sq_doorbell(regs, at, value)
     }
 
-    fn fail_all_removed(&mut self) -> NvmeError {
+    fn fail_all_removed(&self) -> NvmeError {
         self.shared
             .removed()
             .unwrap_or_else(|| NvmeError::Removed("queue registers revoked".into()))
@@ -530,16 +547,21 @@ impl<B: DeviceBacking> IoQueue<B> {
         if self.shared.generation.load(Ordering::Acquire) != self.generation {
             reset_ended = self.recreate("the controller was reset", &mut done)?;
         }
-        // One lock for the SQ doorbell of what was submitted and the completions.
-        let guard = self.regs.lock();
-        let Some(regs) = guard.as_ref() else {
-            drop(guard);
-            let e = self.fail_all_removed();
-            return Err(self.fail_all(e, &mut done));
-        };
-        if let Err(e) = self.ring.ring_sq(regs, self.shared.shadow.as_ref()) {
-            drop(guard);
-            return Err(self.fail_all(e, &mut done));
+        // The registers are locked only for MMIO writes (doorbells, a status read): an empty
+        // poll reads DMA memory only. Once locked for the SQ doorbell, the lock is kept for
+        // the CQ doorbell after the completions.
+        let mut guard = None;
+        if let Some((at, value)) = self.ring.update_sq(self.shared.shadow.as_ref()) {
+            let g = self.regs.lock();
+            let written = match g.as_ref() {
+                Some(regs) => write_sq_doorbell(regs, at, value),
+                None => Err(self.fail_all_removed()),
+            };
+            if let Err(e) = written {
+                drop((g, guard));
+                return Err(self.fail_all(e, &mut done));
+            }
+            guard = Some(g);
         }
         let mut completed = reset_ended;
         let mut seen = 0usize;
@@ -591,24 +613,42 @@ impl<B: DeviceBacking> IoQueue<B> {
         }
         if seen > 0 {
             self.completions += seen as u64;
-            self.ring.ring_cq(regs, self.shared.shadow.as_ref())?;
+            self.empty_polls = 0;
+            if let Some((at, value)) = self.ring.update_cq(self.shared.shadow.as_ref()) {
+                let g = guard.take().unwrap_or_else(|| self.regs.lock());
+                let Some(regs) = g.as_ref() else {
+                    drop((g, guard));
+                    let e = self.fail_all_removed();
+                    return Err(self.fail_all(e, &mut done));
+                };
+                write_cq_doorbell(regs, at, value)?;
+            }
             return Ok(completed);
-        }
-        if (self.outstanding == 0 && self.abandoned == 0)
-            || self.last_check.elapsed() < Duration::from_millis(1)
-        {
-            return Ok(completed);
-        }
-        // Nothing completed for a while: is the controller still there?
-        self.last_check = Instant::now();
-        if let Err(e) = check_status(regs) {
-            drop(guard);
-            let e = self.shared.name_removal(e);
-            return Err(self.fail_all(e, &mut done));
         }
         drop(guard);
-        let now = Instant::now();
+        if self.outstanding == 0 && self.abandoned == 0 {
+            return Ok(completed);
+        }
+        // Nothing completed for a while: is the controller still there, is a request late?
+        // The clock is read every `CHECK_EVERY` empty polls only, the coarse one.
+        self.empty_polls += 1;
+        if self.empty_polls < CHECK_EVERY {
+            return Ok(completed);
+        }
+        self.empty_polls = 0;
         let coarse = coarse_now();
+        if coarse < self.next_check {
+            return Ok(completed);
+        }
+        self.next_check = coarse + CHECK_INTERVAL;
+        let status = match self.regs.lock().as_ref() {
+            Some(regs) => check_status(regs).map_err(|e| self.shared.name_removal(e)),
+            None => Err(self.fail_all_removed()),
+        };
+        if let Err(e) = status {
+            return Err(self.fail_all(e, &mut done));
+        }
+        let now = Instant::now();
         for index in 0..self.requests.len() {
             let expired = self.requests[index]
                 .as_ref()
@@ -782,6 +822,8 @@ impl<B: DeviceBacking> IoQueue<B> {
             Ok(_) | Err(nix::errno::Errno::EINTR) => {}
             Err(e) => return Err(NvmeError::Invalid(format!("poll on the interrupt eventfd: {e}"))),
         }
+        // After a sleep this poll reads the clock, whatever the count of empty polls says.
+        self.empty_polls = CHECK_EVERY;
         self.poll(done)
     }
 
@@ -831,5 +873,44 @@ impl<B: DeviceBacking> Drop for IoQueue<B> {
                 Err(e) => log::warn!("{}: deleting I/O queue {qid}: {e}", self.shared.info.address),
             }
         }
+    }
+}
+
+#[cfg(all(test, feature = "testing"))]
+mod tests {
+    use std::sync::{Arc, mpsc};
+    use std::time::Duration;
+
+    use crate::nvme::{Controller, IoRequest, Options};
+    use crate::testing::nvme::{CommandMatch, EmuConfig, EmulatedNvme, Fault};
+
+    #[test]
+    fn an_empty_poll_takes_no_register_lock() {
+        // Issue 15 §6: every poll locked the queue's registers (the lock revoke takes to
+        // drop them), though a poll that finds no completion writes no register. Shown
+        // with the lock held elsewhere: the poll blocked until it was released.
+        let e = EmulatedNvme::new(EmuConfig::default()).unwrap();
+        let c = Controller::init(e.clone(), &Options::default()).unwrap();
+        let mut q = c.io_queue(8).unwrap();
+        let buf = c.alloc_buffer(4096).unwrap();
+        e.inject(Fault::NeverComplete {
+            command: CommandMatch::AnyIo,
+            count: 1,
+        });
+        q.submit(&IoRequest::read(1, 0, 8, &buf, 0), 1).unwrap();
+        q.ring().unwrap();
+        let regs = Arc::clone(&q.regs);
+        let held = regs.lock();
+        let (tx, rx) = mpsc::channel();
+        let polling = std::thread::spawn(move || {
+            let n = q.poll(|_, _| {}).map_err(|e| e.to_string());
+            let _ = tx.send(n);
+            q
+        });
+        // Generous: the poll either returns at once or blocks until the lock is released.
+        let got = rx.recv_timeout(Duration::from_secs(30));
+        drop(held);
+        drop(polling.join().unwrap());
+        assert!(matches!(got, Ok(Ok(0))), "{got:?}");
     }
 }
