@@ -234,8 +234,9 @@ impl Dev {
         if qid > 0
             && let Some((_, events)) = &st.shadow
         {
-            // Ask for an MMIO write at the next update.
-            let _ = events.write::<u32>(2 * qid * 4, u32::from(tail));
+            // Ask for an MMIO write at the next update. (A whole word: the CQ head's event
+            // index beside it stays 0.)
+            let _ = events.write::<u64>(2 * qid * 4, u64::from(tail));
         }
     }
 

@@ -186,17 +186,17 @@ impl<D: DmaMemory> Ring<D> {
     fn update_shadow(&self, s: &Shadow<D>, at: u64, new: u16, old: u16) -> bool {
         let shadow_at = |doorbell: u64| (doorbell - super::spec::reg::DOORBELLS) as usize;
         let base = shadow_at(at) & !7;
-        let mut word = [0u8; 8];
-        for (doorbell, value) in [(self.doorbells.sq, self.sq_rung), (self.doorbells.cq, self.cq_rung)] {
+        // Each doorbell of this queue in the word, as `write::<u32>` would place it.
+        let half = |doorbell: u64, value: u16| {
             let o = shadow_at(doorbell);
-            if o & !7 == base {
-                word[o % 8..o % 8 + 4].copy_from_slice(&u32::from(value).to_ne_bytes());
-            }
-        }
+            let shift = if cfg!(target_endian = "little") { o % 8 } else { 4 - o % 8 } * 8;
+            if o & !7 == base { u64::from(value) << shift } else { 0 }
+        };
+        let word = half(self.doorbells.sq, self.sq_rung) | half(self.doorbells.cq, self.cq_rung);
         // The entries (or the completions consumed) before the value that publishes them,
         // as Linux and SPDK do before a shadow doorbell.
         barrier::wmb();
-        let _ = s.doorbells.write::<u64>(base, u64::from_ne_bytes(word));
+        let _ = s.doorbells.write::<u64>(base, word);
         // The shadow write before the event index read (the controller does the reverse).
         barrier::mb();
         let event = s.events.read::<u32>(shadow_at(at)).unwrap_or(0) as u16;
