@@ -129,8 +129,11 @@ fn whole_core(secs: f64) -> WholeCore {
     let blocks = (IO / 512) as u64;
     let mut next_lba = lbas(c.namespace(1).expect("namespace 1").blocks / blocks);
     for tag in 0..u64::from(QD) {
-        q.submit(&IoRequest::read(1, next_lba(), blocks, &buf, tag as usize * IO), tag)
-            .expect("submit");
+        q.submit(
+            &IoRequest::read(1, next_lba(), blocks, &buf, tag as usize * IO),
+            tag,
+        )
+        .expect("submit");
     }
     q.ring().expect("ring");
     let mut done = Vec::with_capacity(usize::from(QD));
@@ -147,8 +150,11 @@ fn whole_core(secs: f64) -> WholeCore {
             })
             .expect("poll") as u64;
         for &tag in &done {
-            q.submit(&IoRequest::read(1, next_lba(), blocks, &buf, tag as usize * IO), tag)
-                .expect("submit");
+            q.submit(
+                &IoRequest::read(1, next_lba(), blocks, &buf, tag as usize * IO),
+                tag,
+            )
+            .expect("submit");
         }
         done.clear();
         q.ring().expect("ring");
@@ -267,7 +273,10 @@ fn main() {
     if !std::env::args().any(|a| a == "--bench") {
         return;
     }
-    let filters: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with("--")).collect();
+    let filters: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with("--"))
+        .collect();
     let wanted = |label: &str| filters.iter().all(|f| label.contains(f.as_str()));
     let secs = std::env::var("PCIBUS_BENCH_SECS")
         .ok()
@@ -282,7 +291,10 @@ fn main() {
         .into_iter()
         .flat_map(|b| [(b, false), (b, true)])
         .map(|(b, shadow)| {
-            let label = format!("driver-only batch {b} shadow {}", if shadow { "on" } else { "off" });
+            let label = format!(
+                "driver-only batch {b} shadow {}",
+                if shadow { "on" } else { "off" }
+            );
             (label, b, shadow)
         })
         .filter(|(label, ..)| wanted(label))

@@ -11,10 +11,10 @@ use parking_lot::Mutex;
 use std::os::fd::{AsFd, BorrowedFd};
 
 use super::controller::{PAGE, QueueRegs, Shared, check_status};
-use crate::barrier;
 use super::queue::{Doorbells, Ring, write_cq_doorbell, write_sq_doorbell};
 use super::spec::{Command, Completion, admin, io};
 use super::{Dma, NvmeError};
+use crate::barrier;
 use crate::bus::backing::{DeviceBacking, DmaMemory};
 
 /// An I/O buffer: DMA memory shared with the queue while a request uses it (the queue
@@ -399,7 +399,9 @@ impl<B: DeviceBacking> IoQueue<B> {
         // and the request fits one command: a 64-bit division costs tens of cycles.)
         let max_transfer = self.shared.info.max_transfer;
         let per_cmd = match op {
-            Op::Read | Op::Write if bs.is_power_of_two() => (max_transfer >> bs.trailing_zeros()).clamp(1, 1 << 16),
+            Op::Read | Op::Write if bs.is_power_of_two() => {
+                (max_transfer >> bs.trailing_zeros()).clamp(1, 1 << 16)
+            }
             Op::Read | Op::Write => (max_transfer / bs).clamp(1, 1 << 16),
             Op::WriteZeroes => 1 << 16,
             Op::Deallocate => u64::from(u32::MAX),

@@ -110,7 +110,11 @@ impl<D: DmaMemory> Ring<D> {
     // How far `to` lies past `from` going round the ring (both below `depth`). No `%`: a
     // division costs tens of cycles, several times per I/O.
     fn distance(&self, from: u16, to: u16) -> u16 {
-        if to >= from { to - from } else { to + self.depth - from }
+        if to >= from {
+            to - from
+        } else {
+            to + self.depth - from
+        }
     }
 
     /// Writes `cmd` at the tail; the controller sees it at the next
@@ -189,8 +193,16 @@ impl<D: DmaMemory> Ring<D> {
         // Each doorbell of this queue in the word, as `write::<u32>` would place it.
         let half = |doorbell: u64, value: u16| {
             let o = shadow_at(doorbell);
-            let shift = if cfg!(target_endian = "little") { o % 8 } else { 4 - o % 8 } * 8;
-            if o & !7 == base { u64::from(value) << shift } else { 0 }
+            let shift = if cfg!(target_endian = "little") {
+                o % 8
+            } else {
+                4 - o % 8
+            } * 8;
+            if o & !7 == base {
+                u64::from(value) << shift
+            } else {
+                0
+            }
         };
         let word = half(self.doorbells.sq, self.sq_rung) | half(self.doorbells.cq, self.cq_rung);
         // The entries (or the completions consumed) before the value that publishes them,

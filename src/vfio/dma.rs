@@ -455,7 +455,9 @@ impl DmaBuffer {
         // SAFETY: as in `word`, for each of the `words.len()` words at `offset`: checked
         // in bounds and aligned just above, reached only through atomic accesses, and
         // borrowed no longer than `&self`.
-        let dst = unsafe { std::slice::from_raw_parts(self.ptr.as_ptr().add(offset).cast::<AtomicU64>(), words.len()) };
+        let dst = unsafe {
+            std::slice::from_raw_parts(self.ptr.as_ptr().add(offset).cast::<AtomicU64>(), words.len())
+        };
         for (d, &w) in dst.iter().zip(words) {
             d.store(w, Ordering::Relaxed);
         }
