@@ -33,8 +33,11 @@
 //!   controller is told it may overwrite them (Linux relies on `writel`'s `dmb oshst`
 //!   there, which orders stores only). [`wmb`] and [`mb`] are `dsb` as in Linux and SPDK.
 //!   The bodies are `asm!` (with the default `memory` clobber, so the compiler neither moves
-//!   memory accesses across them nor assumes memory unchanged), checked with
-//!   `cargo check --target aarch64-unknown-linux-gnu`; no aarch64 machine ran them.
+//!   memory accesses across them nor assumes memory unchanged). They were compiled for
+//!   `aarch64-unknown-linux-gnu` down to assembly (the CLI's NVMe code: `cargo rustc
+//!   --target aarch64-unknown-linux-gnu --bin pcibus -- --emit=asm` shows each of them;
+//!   there is no aarch64 linker here) and clippy-checked for that target; no aarch64
+//!   machine has run them.
 //! - **Elsewhere.** A sequentially consistent [`fence`]: correct wherever Rust's fences
 //!   also order device observers (the platform's usual strongest barrier), and a place to
 //!   add a precise body when the crate runs there.
