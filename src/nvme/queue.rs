@@ -119,6 +119,7 @@ impl<D: DmaMemory> Ring<D> {
 
     /// Writes `cmd` at the tail; the controller sees it at the next
     /// [`ring_sq`](Self::ring_sq). False when the queue is full.
+    #[inline]
     pub(crate) fn push(&mut self, cmd: &Command) -> bool {
         if self.free() == 0 {
             return false;
@@ -216,6 +217,7 @@ impl<D: DmaMemory> Ring<D> {
     }
 
     /// The next completion, if the controller posted one (its phase matches).
+    #[inline]
     pub(crate) fn pop(&mut self) -> Option<Completion> {
         let at = usize::from(self.cq_head) * Completion::SIZE;
         // The phase word first; the rest of the entry is complete once it is, read after
