@@ -128,6 +128,7 @@ const CHECK_INTERVAL: Duration = Duration::from_millis(1);
 // CLOCK_MONOTONIC_COARSE: read without a system call in a few nanoseconds, to the kernel's
 // tick (1–4 ms) — plenty for deadlines of a hundred milliseconds and more, and cheaper per
 // request than `Instant::now`.
+#[inline]
 fn coarse_now() -> Duration {
     use nix::time::{ClockId, clock_gettime};
     clock_gettime(ClockId::CLOCK_MONOTONIC_COARSE).map_or(Duration::ZERO, Duration::from)

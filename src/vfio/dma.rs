@@ -208,11 +208,13 @@ macro_rules! scalar {
     ($($t:ty),*) => {$(
         impl sealed::Sealed for $t {}
         impl Scalar for $t {
+            #[inline]
             fn from_ne_slice(b: &[u8]) -> Self {
                 let mut a = [0u8; size_of::<$t>()];
                 a.copy_from_slice(b);
                 <$t>::from_ne_bytes(a)
             }
+            #[inline]
             fn write_ne(self, b: &mut [u8]) {
                 b.copy_from_slice(&self.to_ne_bytes());
             }
