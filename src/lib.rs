@@ -26,6 +26,8 @@
 //! - [`vfio`] opens a device, maps its BARs and DMA memory and routes its interrupts (its
 //!   `sys`, `mmio`, `dma` and `fault` modules hold all of the crate's `unsafe`; `fault` is
 //!   the opt-in SIGBUS handler that turns a surprise-removed BAR into all-ones);
+//! - [`barrier`] orders CPU accesses for a device (doorbells, completions), per
+//!   architecture (its `asm!` barriers are `unsafe` too);
 //! - [`fixture`] is the text format of sysfs trees, and (feature `testing`)
 //!   `testing::FakeSysfs` builds them on disk for tests.
 #![deny(unsafe_code)]
@@ -33,6 +35,7 @@
 #![warn(missing_docs)]
 
 mod addr;
+pub mod barrier;
 pub mod bus;
 pub mod config;
 pub mod error;

@@ -286,6 +286,15 @@ impl<B: DeviceBacking> Shared<B> {
         }
     }
 
+    /// Namespace `nsid`: a binary search (the list is sorted by NSID at bring-up), as each
+    /// I/O request looks its namespace up.
+    pub(crate) fn namespace(&self, nsid: u32) -> Option<&Namespace> {
+        self.namespaces
+            .binary_search_by_key(&nsid, |n| n.nsid)
+            .ok()
+            .map(|i| &self.namespaces[i])
+    }
+
     // Runs `f` with the device's backing, holding it: `revoke` waits for `f` to return
     // before it lets the backing go. So no thread still holds a handle of the device
     // (a clone of the backing, a mapping `f` made) once `revoke` has returned, which is
@@ -617,6 +626,8 @@ fn enable<R: RegisterIo, D: DmaMemory>(
         regs.write32(at, iova as u32)?;
         regs.write32(at + 4, (iova >> 32) as u32)?;
     }
+    // The zeroed admin rings before the enable that hands them to the controller.
+    crate::barrier::dma_wmb();
     regs.write32(reg::CC, cc::EN | 6 << cc::IOSQES_SHIFT | 4 << cc::IOCQES_SHIFT)?;
     wait_ready(regs, true, limit, what)
 }
@@ -925,6 +936,10 @@ impl<B: DeviceBacking> Controller<B> {
         shared.info.shadow_doorbells = shadow.is_some();
         shared.info.interrupt_vectors = interrupts.len() as u32;
         shared.interrupts = interrupts;
+        // Sorted for `Shared::namespace` (the controller lists them in increasing order;
+        // nothing relies on it).
+        namespaces.sort_by_key(|n| n.nsid);
+        namespaces.dedup_by_key(|n| n.nsid);
         shared.namespaces = namespaces;
         shared.shadow = shadow;
         *shared.qids.get_mut() = vec![false; usize::from(granted) + 1];
@@ -947,7 +962,7 @@ impl<B: DeviceBacking> Controller<B> {
 
     /// Namespace `nsid`.
     pub fn namespace(&self, nsid: u32) -> Option<&Namespace> {
-        self.shared.namespaces.iter().find(|n| n.nsid == nsid)
+        self.shared.namespace(nsid)
     }
 
     /// I/O queue pairs the controller grants now: [`ControllerInfo::io_queues`] at

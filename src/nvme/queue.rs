@@ -2,10 +2,9 @@
 //! out, doorbells (MMIO or shadow). No request bookkeeping: that is the admin queue's and
 //! [`super::io::IoQueue`]'s.
 
-use std::sync::atomic::{Ordering, fence};
-
 use super::NvmeError;
 use super::spec::{Cap, Command, Completion};
+use crate::barrier;
 use crate::bus::backing::{DmaMemory, RegisterIo};
 
 /// Where a queue's doorbells are, in BAR 0 and (with shadow doorbells) in the shadow and
@@ -105,20 +104,41 @@ impl<D: DmaMemory> Ring<D> {
 
     /// Entries the submission queue can still take (one slot stays empty).
     pub(crate) fn free(&self) -> u16 {
-        let used = self.sq_tail.wrapping_add(self.depth).wrapping_sub(self.sq_head) % self.depth;
-        self.depth - 1 - used
+        self.depth - 1 - self.distance(self.sq_head, self.sq_tail)
+    }
+
+    // How far `to` lies past `from` going round the ring (both below `depth`). No `%`: a
+    // division costs tens of cycles, several times per I/O.
+    fn distance(&self, from: u16, to: u16) -> u16 {
+        if to >= from {
+            to - from
+        } else {
+            to + self.depth - from
+        }
     }
 
     /// Writes `cmd` at the tail; the controller sees it at the next
     /// [`ring_sq`](Self::ring_sq). False when the queue is full.
+    #[inline]
     pub(crate) fn push(&mut self, cmd: &Command) -> bool {
         if self.free() == 0 {
             return false;
         }
         let at = usize::from(self.sq_tail) * Command::SIZE;
-        // In bounds: the ring holds `depth` entries.
-        let _ = self.sq.write_at(at, &cmd.to_bytes());
-        self.sq_tail = (self.sq_tail + 1) % self.depth;
+        // Eight whole words (entries are 64-byte aligned); in bounds: the ring holds
+        // `depth` entries.
+        let bytes = cmd.to_bytes();
+        let mut words = [0u64; Command::SIZE / 8];
+        for (w, b) in words.iter_mut().zip(bytes.chunks_exact(8)) {
+            let mut word = [0u8; 8];
+            word.copy_from_slice(b);
+            *w = u64::from_ne_bytes(word);
+        }
+        let _ = self.sq.write_words(at, &words);
+        self.sq_tail += 1;
+        if self.sq_tail == self.depth {
+            self.sq_tail = 0;
+        }
         true
     }
 
@@ -135,40 +155,83 @@ impl<D: DmaMemory> Ring<D> {
         regs: &R,
         shadow: Option<&Shadow<D>>,
     ) -> Result<(), NvmeError> {
-        if !self.unrung() {
-            return Ok(());
+        match self.update_sq(shadow) {
+            Some((at, value)) => write_sq_doorbell(regs, at, value),
+            None => Ok(()),
         }
-        // The entries before the doorbell (or the shadow value) that publishes them.
-        fence(Ordering::Release);
+    }
+
+    /// [`ring_sq`](Self::ring_sq) up to the MMIO write: publishes the new tail (in the
+    /// shadow buffer when there is one) and returns the doorbell write still needed, if
+    /// any, for [`write_sq_doorbell`]. Needs no registers, so a caller takes them only when an
+    /// MMIO write is due.
+    pub(crate) fn update_sq(&mut self, shadow: Option<&Shadow<D>>) -> Option<(u64, u32)> {
+        if !self.unrung() {
+            return None;
+        }
         let (new, old) = (self.sq_tail, self.sq_rung);
         self.sq_rung = new;
-        if let Some(s) = shadow {
-            let at = (self.doorbells.sq - super::spec::reg::DOORBELLS) as usize;
-            let _ = s.doorbells.write::<u32>(at, u32::from(new));
-            // The shadow write before the event index read (the controller does the
-            // reverse).
-            fence(Ordering::SeqCst);
-            let event = s.events.read::<u32>(at).unwrap_or(0) as u16;
-            if !need_event(event, new, old) {
-                return Ok(());
-            }
+        if let Some(s) = shadow
+            && !self.update_shadow(s, self.doorbells.sq, new, old)
+        {
+            return None;
         }
         self.sq_rings += 1;
-        regs.write32(self.doorbells.sq, u32::from(new))?;
-        Ok(())
+        Some((self.doorbells.sq, u32::from(new)))
+    }
+
+    // Writes this queue's shadow doorbells (the one at `at` now `new`, was `old`) and
+    // reads its event index: whether the controller asked for an MMIO write too.
+    //
+    // A plain store of the whole 8-byte word, not a compare-and-swap of 4 bytes: with the
+    // doorbell stride at 4 bytes the word holds this queue's SQ tail and CQ head, both
+    // this ring's values; with a larger stride the doorbell is alone in its word (the rest
+    // is reserved). Nobody else writes the word while the queue exists (the controller
+    // writes the shadow buffer only when Doorbell Buffer Config sets it up).
+    fn update_shadow(&self, s: &Shadow<D>, at: u64, new: u16, old: u16) -> bool {
+        let shadow_at = |doorbell: u64| (doorbell - super::spec::reg::DOORBELLS) as usize;
+        let base = shadow_at(at) & !7;
+        // Each doorbell of this queue in the word, as `write::<u32>` would place it.
+        let half = |doorbell: u64, value: u16| {
+            let o = shadow_at(doorbell);
+            let shift = if cfg!(target_endian = "little") {
+                o % 8
+            } else {
+                4 - o % 8
+            } * 8;
+            if o & !7 == base {
+                u64::from(value) << shift
+            } else {
+                0
+            }
+        };
+        let word = half(self.doorbells.sq, self.sq_rung) | half(self.doorbells.cq, self.cq_rung);
+        // The entries (or the completions consumed) before the value that publishes them,
+        // as Linux and SPDK do before a shadow doorbell.
+        barrier::wmb();
+        let _ = s.doorbells.write::<u64>(base, word);
+        // The shadow write before the event index read (the controller does the reverse).
+        barrier::mb();
+        let event = s.events.read::<u32>(shadow_at(at)).unwrap_or(0) as u16;
+        need_event(event, new, old)
     }
 
     /// The next completion, if the controller posted one (its phase matches).
+    #[inline]
     pub(crate) fn pop(&mut self) -> Option<Completion> {
         let at = usize::from(self.cq_head) * Completion::SIZE;
-        // The phase word first, with acquire: the rest of the entry is complete once it is.
-        let word = self.cq.load_acquire::<u32>(at + 12)?;
-        let status = (word >> 16) as u16;
-        if (status & 1 == 1) != self.phase {
+        // The phase word first; the rest of the entry is complete once it is, read after
+        // the barrier. (Entries are 16-byte aligned: two whole words.)
+        let high = self.cq.read::<u64>(at + 8)?;
+        if (u64::from_le(high) >> 48 & 1 == 1) != self.phase {
             return None;
         }
+        barrier::dma_rmb();
+        let low = self.cq.read::<u64>(at)?;
+        let high = self.cq.read::<u64>(at + 8)?;
         let mut b = [0u8; 16];
-        let _ = self.cq.read_at(at, &mut b);
+        b[..8].copy_from_slice(&low.to_ne_bytes());
+        b[8..].copy_from_slice(&high.to_ne_bytes());
         let c = Completion::from_bytes(&b);
         self.cq_head += 1;
         if self.cq_head == self.depth {
@@ -178,8 +241,9 @@ impl<D: DmaMemory> Ring<D> {
         // The controller's SQ head lies between the head known so far and the tail; a value
         // outside (a corrupt or stale entry) would make the queue look emptier than it is,
         // and entries not yet fetched would be overwritten: ignore it.
-        let ahead = |x: u16| (x % self.depth + self.depth - self.sq_head) % self.depth;
-        if c.sq_head < self.depth && ahead(c.sq_head) <= ahead(self.sq_tail) {
+        if c.sq_head < self.depth
+            && self.distance(self.sq_head, c.sq_head) <= self.distance(self.sq_head, self.sq_tail)
+        {
             self.sq_head = c.sq_head;
         } else {
             log::debug!(
@@ -199,23 +263,43 @@ impl<D: DmaMemory> Ring<D> {
         regs: &R,
         shadow: Option<&Shadow<D>>,
     ) -> Result<(), NvmeError> {
+        match self.update_cq(shadow) {
+            Some((at, value)) => write_cq_doorbell(regs, at, value),
+            None => Ok(()),
+        }
+    }
+
+    /// [`ring_cq`](Self::ring_cq) up to the MMIO write (for [`write_cq_doorbell`]), as
+    /// [`update_sq`](Self::update_sq).
+    pub(crate) fn update_cq(&mut self, shadow: Option<&Shadow<D>>) -> Option<(u64, u32)> {
         if self.cq_head == self.cq_rung {
-            return Ok(());
+            return None;
         }
         let (new, old) = (self.cq_head, self.cq_rung);
         self.cq_rung = new;
-        if let Some(s) = shadow {
-            let at = (self.doorbells.cq - super::spec::reg::DOORBELLS) as usize;
-            let _ = s.doorbells.write::<u32>(at, u32::from(new));
-            fence(Ordering::SeqCst);
-            let event = s.events.read::<u32>(at).unwrap_or(0) as u16;
-            if !need_event(event, new, old) {
-                return Ok(());
-            }
+        if let Some(s) = shadow
+            && !self.update_shadow(s, self.doorbells.cq, new, old)
+        {
+            return None;
         }
-        regs.write32(self.doorbells.cq, u32::from(new))?;
-        Ok(())
+        Some((self.doorbells.cq, u32::from(new)))
     }
+}
+
+/// Writes an SQ tail doorbell register: `value` at `at` in BAR 0, after the barrier that
+/// makes the entries written before it reach the controller first (Linux's `writel`).
+pub(crate) fn write_sq_doorbell<R: RegisterIo>(regs: &R, at: u64, value: u32) -> Result<(), NvmeError> {
+    barrier::dma_wmb();
+    regs.write32(at, value)?;
+    Ok(())
+}
+
+/// Writes a CQ head doorbell register, after the barrier that completes the reads of the
+/// entries it hands back to the controller.
+pub(crate) fn write_cq_doorbell<R: RegisterIo>(regs: &R, at: u64, value: u32) -> Result<(), NvmeError> {
+    barrier::dma_mb();
+    regs.write32(at, value)?;
+    Ok(())
 }
 
 #[cfg(test)]

@@ -399,6 +399,7 @@ impl Command {
     pub const SIZE: usize = 64;
 
     /// A command with this opcode, everything else zero.
+    #[inline]
     pub fn new(opcode: u8) -> Self {
         Command {
             opcode,
@@ -407,6 +408,7 @@ impl Command {
     }
 
     /// The entry's bytes.
+    #[inline]
     pub fn to_bytes(&self) -> [u8; 64] {
         let mut b = [0u8; 64];
         b[0] = self.opcode;

@@ -208,11 +208,13 @@ macro_rules! scalar {
     ($($t:ty),*) => {$(
         impl sealed::Sealed for $t {}
         impl Scalar for $t {
+            #[inline]
             fn from_ne_slice(b: &[u8]) -> Self {
                 let mut a = [0u8; size_of::<$t>()];
                 a.copy_from_slice(b);
                 <$t>::from_ne_bytes(a)
             }
+            #[inline]
             fn write_ne(self, b: &mut [u8]) {
                 b.copy_from_slice(&self.to_ne_bytes());
             }
@@ -442,6 +444,24 @@ impl DmaBuffer {
                 self.store_partial(at, &src[done..done + n], Ordering::Relaxed);
             }
             done += n;
+        }
+        Some(())
+    }
+
+    /// Writes `words` at `offset` (8-byte aligned), one relaxed atomic store per word:
+    /// what [`write_at`](Self::write_at) does for whole words, checked once. `None` when
+    /// out of bounds or misaligned.
+    #[inline]
+    pub fn write_words(&self, offset: usize, words: &[u64]) -> Option<()> {
+        self.check(offset, words.len().checked_mul(WORD)?, WORD)?;
+        // SAFETY: as in `word`, for each of the `words.len()` words at `offset`: checked
+        // in bounds and aligned just above, reached only through atomic accesses, and
+        // borrowed no longer than `&self`.
+        let dst = unsafe {
+            std::slice::from_raw_parts(self.ptr.as_ptr().add(offset).cast::<AtomicU64>(), words.len())
+        };
+        for (d, &w) in dst.iter().zip(words) {
+            d.store(w, Ordering::Relaxed);
         }
         Some(())
     }
@@ -943,6 +963,20 @@ fn memlock_limit() -> Option<u64> {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn write_words_writes_whole_words_in_bounds_only() {
+        let b = DmaBuffer::new(PAGE).unwrap();
+        b.write_words(8, &[0x0102_0304_0506_0708, u64::MAX]).unwrap();
+        assert_eq!(b.read::<u64>(8), Some(0x0102_0304_0506_0708));
+        assert_eq!(b.read::<u64>(16), Some(u64::MAX));
+        assert_eq!(b.read::<u64>(0), Some(0));
+        assert_eq!(b.write_words(4, &[1]), None, "misaligned");
+        assert_eq!(b.write_words(PAGE - 8, &[1, 2]), None, "past the end");
+        assert_eq!(b.write_words(usize::MAX - 7, &[1]), None, "overflow");
+        b.write_words(PAGE - 8, &[3]).unwrap();
+        assert_eq!(b.read::<u64>(PAGE - 8), Some(3));
+    }
 
     #[test]
     fn huge_mappings_name_their_page_size() {
