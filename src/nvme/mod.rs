@@ -46,10 +46,10 @@ mod queue;
 pub mod spec;
 pub mod sriov;
 
-pub use controller::{Controller, ControllerInfo, Namespace, Options};
+pub use controller::{AdminData, AsyncEvent, Controller, ControllerInfo, Namespace, Options};
 pub use io::{Buffer, IoQueue, IoRequest, Op};
 
-use spec::{IdentifyError, Status};
+use spec::{IdentifyError, LogError, Status};
 
 /// What went wrong driving a controller. Every error ends the request it belongs to; none
 /// leaves a caller waiting.
@@ -98,6 +98,9 @@ pub enum NvmeError {
     /// Identify data did not parse.
     #[error(transparent)]
     Identify(#[from] IdentifyError),
+    /// A log page did not parse.
+    #[error(transparent)]
+    Log(#[from] LogError),
     /// The controller does not offer what was asked (a command set, SR-IOV, ...).
     #[error("not supported: {0}")]
     Unsupported(String),
