@@ -20,6 +20,7 @@ mod detach;
 mod list;
 mod nvme;
 mod nvme_sriov;
+mod nvme_transfer;
 mod show;
 mod vfio;
 mod watch;

@@ -239,13 +239,7 @@ pub(super) fn run(out: &mut impl Write, root: &SysfsRoot, command: NvmeCommand) 
             nsid,
             output,
         } => with_controller(root, &device, |c| {
-            let ns = c.namespace(nsid).ok_or_else(|| format!("no namespace {nsid}"))?;
-            let len = usize::try_from(blocks * u64::from(ns.block_size))?;
-            let buf = c.alloc_buffer(len)?;
-            let mut q = c.io_queue(8)?;
-            q.read(nsid, lba, blocks, &buf, 0)?;
-            let mut data = vec![0u8; len];
-            buf.read_at(0, &mut data).ok_or("buffer read out of range")?;
+            let data = super::nvme_transfer::read_blocks(c, nsid, lba, blocks)?;
             match output {
                 Some(p) => std::fs::write(&p, &data).map_err(|e| format!("{}: {e}", p.display()))?,
                 None => out.write_all(&data)?,
@@ -310,14 +304,7 @@ pub(super) fn run(out: &mut impl Write, root: &SysfsRoot, command: NvmeCommand) 
                 return Err("nothing to write (empty input)".into());
             }
             with_controller(root, &device, |c| {
-                let ns = c.namespace(nsid).ok_or_else(|| format!("no namespace {nsid}"))?;
-                let bs = ns.block_size as usize;
-                let blocks = data.len().div_ceil(bs);
-                let buf = c.alloc_buffer(blocks * bs)?;
-                buf.write_at(0, &data).ok_or("buffer write out of range")?;
-                let mut q = c.io_queue(8)?;
-                q.write(nsid, lba, blocks as u64, &buf, 0)?;
-                q.flush(nsid)?;
+                let (blocks, bs) = super::nvme_transfer::write_blocks(c, nsid, lba, &data)?;
                 writeln!(
                     out,
                     "wrote {} bytes ({blocks} blocks of {bs}) at LBA {lba} of namespace {nsid}",
