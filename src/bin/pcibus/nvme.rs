@@ -33,7 +33,35 @@ pub(super) enum NvmeCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Read blocks to a file (or stdout).
+    /// SMART / Health Information (log page 02h): critical warnings, temperature, spare,
+    /// wear, data and commands counted, power cycles and hours, unsafe shutdowns, media
+    /// errors.
+    SmartLog {
+        #[command(flatten)]
+        device: DeviceArgs,
+        /// JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Error Information log (page 01h): the controller's most recent errors, newest first.
+    ErrorLog {
+        #[command(flatten)]
+        device: DeviceArgs,
+        /// JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Send any admin command (vendor commands, features, log pages the driver does not
+    /// wrap); print its completion (dword 0, status) and the data it returned. Fails when
+    /// the command completes with an error status.
+    AdminPassthru {
+        #[command(flatten)]
+        device: DeviceArgs,
+        #[command(flatten)]
+        command: super::nvme_admin::PassthruArgs,
+    },
+    /// Read blocks to a file (or stdout). Any size: the transfer is cut into requests of
+    /// the controller's largest transfer, kept in flight together.
     Read {
         #[command(flatten)]
         device: DeviceArgs,
@@ -94,6 +122,7 @@ pub(super) enum NvmeCommand {
     /// taken down at the end (the VFs cannot outlive this process's hold on the PF).
     Sriov(super::nvme_sriov::SriovArgs),
     /// Write a file (or stdin) at a block, padded with zeroes to whole blocks, then flush.
+    /// Any size, as `read`.
     Write {
         #[command(flatten)]
         device: DeviceArgs,
@@ -232,6 +261,30 @@ pub(super) fn run(out: &mut impl Write, root: &SysfsRoot, command: NvmeCommand) 
             }
             Ok(())
         }),
+        NvmeCommand::SmartLog { device, json } => with_controller(root, &device, |c| {
+            let s = c.smart_log()?;
+            if json {
+                writeln!(out, "{}", super::nvme_admin::smart_json(&s))?;
+            } else {
+                super::nvme_admin::write_smart(out, &s)?;
+            }
+            Ok(())
+        }),
+        NvmeCommand::ErrorLog { device, json } => with_controller(root, &device, |c| {
+            let list = c.error_log()?;
+            if json {
+                let v: Vec<Value> = list.iter().map(super::nvme_admin::error_json).collect();
+                writeln!(out, "{}", Value::Array(v))?;
+            } else {
+                super::nvme_admin::write_errors(out, &list)?;
+            }
+            Ok(())
+        }),
+        NvmeCommand::AdminPassthru { device, command } => {
+            // The arguments and the input file are checked before the device is touched.
+            let p = command.prepare()?;
+            with_controller(root, &device, |c| super::nvme_admin::passthru(out, c, &p))
+        }
         NvmeCommand::Read {
             device,
             lba,
