@@ -29,6 +29,11 @@
 //!   Abort Command Limit; a command that gets none, or whose Abort fails, is ended by a
 //!   controller reset.
 //! - [`driver::NvmeDriver`] registers all of it with the [`crate::bus::Bus`].
+//! - Admin: asynchronous events handed to a callback with the log page that clears them,
+//!   SMART / health and Error Information logs, admin passthrough (see
+//!   [`Controller::on_async_event`], [`Controller::process_admin_completions`]).
+//! - With the `async` feature, `async_queue::AsyncQueue`: futures over an I/O queue,
+//!   without a runtime dependency.
 //!
 //! [`spec`] holds the facts of the NVMe base specification the driver and the emulated
 //! controller share.
@@ -37,6 +42,8 @@ use std::time::Duration;
 
 use crate::bus::backing::{BackingError, DeviceBacking};
 
+#[cfg(feature = "async")]
+pub mod async_queue;
 mod controller;
 pub mod driver;
 mod io;

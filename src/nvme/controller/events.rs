@@ -2,25 +2,7 @@
 //! outstanding and handed to a callback, log pages (SMART / health, Error Information),
 //! and passthrough of admin commands with data the driver does not wrap.
 //!
-//! # Asynchronous events
-//!
-//! [`Controller::on_async_event`] registers a callback and keeps Asynchronous Event
-//! Requests outstanding on the admin queue (AERL + 1 of them, at most 8, leaving room on
-//! the queue for other commands), after enabling the SMART / Health critical warnings and
-//! the notices the controller supports (OAES: namespace attribute, firmware activation)
-//! in the Asynchronous Event Configuration. A controller reset arms them again.
-//!
-//! The admin queue is not polled on its own: an event's completion is harvested by any
-//! admin command that runs (on any thread), or by
-//! [`Controller::process_admin_completions`], which the application calls periodically
-//! (as `spdk_nvme_ctrlr_process_admin_completions`), from one thread: every second or
-//! so, or more often if it wants to hear of events sooner. That call, for each event
-//! harvested, reads the log page the event names (without Retain Asynchronous Event, so
-//! the controller clears the event and reports that type again: the Changed Namespace
-//! List for a namespace notice, Error Information for an error event, SMART / Health for
-//! a health event), sends a new request in place of the one that completed, and calls the
-//! callback with the event and the page's bytes, on the calling thread, holding no lock
-//! of the driver: the callback may run admin commands of its own.
+//! The details of asynchronous events are in [`Controller::on_async_event`]'s docs.
 
 use std::fmt;
 use std::sync::Arc;
@@ -284,9 +266,25 @@ impl<B: DeviceBacking> Shared<B> {
 
 impl<B: DeviceBacking> Controller<B> {
     /// Registers `callback` for asynchronous events (replacing one registered before) and
-    /// keeps Asynchronous Event Requests outstanding from now on; events reach the
-    /// callback through [`process_admin_completions`](Self::process_admin_completions).
-    /// See the [module docs](self) for what the driver does with each event.
+    /// keeps Asynchronous Event Requests outstanding on the admin queue from now on: AERL
+    /// + 1 of them, at most 8, leaving room on the queue for other commands, after enabling
+    /// the SMART / Health critical warnings and the notices the controller supports (OAES:
+    /// namespace attribute, firmware activation) in the Asynchronous Event Configuration.
+    /// A controller reset arms them again.
+    ///
+    /// The admin queue is not polled on its own: an event's completion is harvested by any
+    /// admin command that runs (on any thread), or by
+    /// [`process_admin_completions`](Self::process_admin_completions), which the
+    /// application calls periodically (as `spdk_nvme_ctrlr_process_admin_completions`),
+    /// from one thread: every second or so, or more often to hear of events sooner. That
+    /// call, for each event harvested, reads the log page the event names (without Retain
+    /// Asynchronous Event, so the controller clears the event and reports that type again:
+    /// the Changed Namespace List for a namespace notice, Error Information for an error
+    /// event, SMART / Health for a health event), sends a new request in place of the one
+    /// that completed, and calls the callback with the event and the page's bytes, on the
+    /// calling thread, holding no lock of the driver: the callback may run admin commands
+    /// of its own. The namespace list of the controller stays as bring-up found it; the
+    /// event names the namespaces that changed.
     pub fn on_async_event(
         &self,
         callback: impl Fn(AsyncEvent) + Send + Sync + 'static,
@@ -306,7 +304,8 @@ impl<B: DeviceBacking> Controller<B> {
     /// for each, reads its log page, sends a new Asynchronous Event Request, and calls the
     /// callback of [`on_async_event`](Self::on_async_event). Returns how many events
     /// reached the callback. Call it periodically from one thread, as SPDK's
-    /// `spdk_nvme_ctrlr_process_admin_completions`; see the [module docs](self).
+    /// `spdk_nvme_ctrlr_process_admin_completions`; see
+    /// [`on_async_event`](Self::on_async_event).
     ///
     /// Fails when the controller is gone, failed (CSTS.CFS) or was removed.
     pub fn process_admin_completions(&self) -> Result<usize, NvmeError> {
