@@ -266,8 +266,8 @@ impl<B: DeviceBacking> Shared<B> {
 
 impl<B: DeviceBacking> Controller<B> {
     /// Registers `callback` for asynchronous events (replacing one registered before) and
-    /// keeps Asynchronous Event Requests outstanding on the admin queue from now on: AERL
-    /// + 1 of them, at most 8, leaving room on the queue for other commands, after enabling
+    /// keeps Asynchronous Event Requests outstanding on the admin queue from now on (AERL +
+    /// 1 of them, at most 8, leaving room on the queue for other commands), after enabling
     /// the SMART / Health critical warnings and the notices the controller supports (OAES:
     /// namespace attribute, firmware activation) in the Asynchronous Event Configuration.
     /// A controller reset arms them again.
