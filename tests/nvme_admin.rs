@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use pcibus::bus::{DeviceBacking, RegisterIo};
 use pcibus::nvme::spec::logs::critical;
 use pcibus::nvme::spec::{self, AsyncEventType, Command, Status, admin, feature, lid};
-use pcibus::nvme::{AdminData, AsyncEvent, Controller, NvmeError, Options};
+use pcibus::nvme::{AdminData, AsyncEvent, CommandTimeout, Controller, NvmeError, Options};
 use pcibus::testing::nvme::{CommandMatch, EmuConfig, EmulatedNvme, Fault, NamespaceConfig};
 
 fn emu() -> EmulatedNvme {
@@ -327,4 +327,60 @@ fn a_log_page_read_that_times_out_keeps_its_buffer_from_reuse() {
         "the late log page landed in a new buffer"
     );
     assert_eq!(e.stats().late_dma, 0);
+}
+
+#[test]
+fn the_timeout_callback_hears_of_a_timed_out_command_before_its_abort() {
+    let e = emu();
+    let c = Controller::init(
+        e.clone(),
+        &Options {
+            io_timeout: Duration::from_secs(1),
+            ..quick()
+        },
+    )
+    .unwrap();
+    let seen: Arc<Mutex<Vec<(CommandTimeout, u64)>>> = Arc::default();
+    {
+        let (seen, e) = (Arc::clone(&seen), e.clone());
+        // With the Aborts sent so far: none yet when it is called.
+        c.on_timeout(move |t| seen.lock().unwrap().push((t, e.stats().admin(admin::ABORT))));
+    }
+    e.inject(Fault::NeverComplete {
+        command: CommandMatch::Io(spec::io::READ),
+        count: 1,
+    });
+    let mut q = c.io_queue(8).unwrap();
+    let buf = c.alloc_buffer(4096).unwrap();
+    assert!(matches!(q.read(1, 0, 8, &buf, 0), Err(NvmeError::Timeout { .. })));
+    let seen = seen.lock().unwrap().clone();
+    assert_eq!(seen.len(), 1, "{seen:?}");
+    let (t, aborts) = seen[0];
+    assert_eq!((t.qid, t.opcode, aborts), (q.qid(), spec::io::READ, 0));
+    eventually("the Abort", || e.stats().admin(admin::ABORT) == 1);
+}
+
+#[test]
+fn the_timeout_callback_hears_of_an_admin_command_timing_out() {
+    let e = emu();
+    let c = Controller::init(
+        e.clone(),
+        &Options {
+            admin_timeout: Duration::from_millis(200),
+            ..quick()
+        },
+    )
+    .unwrap();
+    let seen: Arc<Mutex<Vec<CommandTimeout>>> = Arc::default();
+    let sink = Arc::clone(&seen);
+    c.on_timeout(move |t| sink.lock().unwrap().push(t));
+    e.inject(Fault::Stall {
+        command: CommandMatch::Admin(admin::GET_LOG_PAGE),
+        count: 1,
+    });
+    assert!(c.smart_log().is_err());
+    let seen = seen.lock().unwrap().clone();
+    assert_eq!(seen.len(), 1);
+    assert_eq!((seen[0].qid, seen[0].opcode), (0, admin::GET_LOG_PAGE));
+    e.release_stalled();
 }

@@ -21,7 +21,8 @@ use super::spec::{
 use super::{Dma, NvmeError};
 use crate::addr::PciAddress;
 use crate::bus::backing::{DeviceBacking, DmaMemory, RegisterIo};
-pub use events::{AdminData, AsyncEvent};
+pub(crate) use events::io_opcode;
+pub use events::{AdminData, AsyncEvent, CommandTimeout};
 
 /// PCI Command register: Memory Space Enable and Bus Master Enable.
 const COMMAND_MEMORY: u16 = 1 << 1;
@@ -300,8 +301,9 @@ pub(crate) struct Shared<B: DeviceBacking> {
     parked: Mutex<Parked>,
     // One reset at a time.
     resetting: Mutex<()>,
-    // What `Controller::on_async_event` registered.
+    // What `Controller::on_async_event` and `Controller::on_timeout` registered.
     aer_callback: Mutex<Option<events::Callback>>,
+    timeout_callback: Mutex<Option<events::TimeoutCallback>>,
 }
 
 impl<B: DeviceBacking> Shared<B> {
@@ -384,7 +386,7 @@ impl<B: DeviceBacking> Shared<B> {
         ring.ring_sq(regs, None)?;
         let start = Instant::now();
         let mut spins = 0u32;
-        loop {
+        let timed_out = loop {
             while let Some(c) = a.ring.pop() {
                 if c.cid != cmd.cid {
                     // An Abort's answer, an asynchronous event, or a stray completion.
@@ -405,10 +407,10 @@ impl<B: DeviceBacking> Shared<B> {
             }
             if start.elapsed() > self.admin_timeout {
                 check_status(regs)?;
-                return Err(NvmeError::Timeout {
+                break NvmeError::Timeout {
                     what: what.to_owned(),
                     waited: self.admin_timeout,
-                });
+                };
             }
             spins += 1;
             if spins < 1000 {
@@ -419,7 +421,11 @@ impl<B: DeviceBacking> Shared<B> {
                 }
                 thread::sleep(Duration::from_micros(50));
             }
-        }
+        };
+        // The callback runs without the admin queue's lock: it may send admin commands.
+        drop(guard);
+        self.command_timed_out(0, cmd.cid, cmd.opcode);
+        Err(timed_out)
     }
 
     /// Sends Abort for command `cid` of submission queue `sqid` without waiting for its
@@ -859,6 +865,7 @@ impl<B: DeviceBacking> Controller<B> {
             parked: Mutex::new(Parked::default()),
             resetting: Mutex::new(()),
             aer_callback: Mutex::new(None),
+            timeout_callback: Mutex::new(None),
         };
         let buf = backing.alloc_dma(4096)?;
         let run = |cmd: Command, what: &str| shared.admin(cmd, what);

@@ -53,7 +53,7 @@ mod queue;
 pub mod spec;
 pub mod sriov;
 
-pub use controller::{AdminData, AsyncEvent, Controller, ControllerInfo, Namespace, Options};
+pub use controller::{AdminData, AsyncEvent, CommandTimeout, Controller, ControllerInfo, Namespace, Options};
 pub use io::{Buffer, IoQueue, IoRequest, Op};
 
 use spec::{IdentifyError, LogError, Status};

@@ -10,15 +10,42 @@ use std::sync::Arc;
 use super::{Controller, PAGE, Shared, check_status};
 use crate::bus::backing::{DeviceBacking, DmaMemory};
 use crate::nvme::NvmeError;
+use crate::nvme::io::Op;
 use crate::nvme::owned::{DeviceOwned, Released};
 use crate::nvme::spec::logs::{aec, get_log_page_command, lid};
 use crate::nvme::spec::{
     AsyncEventInfo, AsyncEventType, Command, Completion, ErrorLogEntry, NSID_ALL, SmartLog, admin, feature,
-    parse_changed_namespaces, parse_error_log,
+    io, parse_changed_namespaces, parse_error_log,
 };
 
 /// What [`Controller::on_async_event`] registered.
 pub(super) type Callback = Arc<dyn Fn(AsyncEvent) + Send + Sync>;
+
+/// What [`Controller::on_timeout`] registered.
+pub(super) type TimeoutCallback = Arc<dyn Fn(CommandTimeout) + Send + Sync>;
+
+/// A command that timed out, as [`Controller::on_timeout`]'s callback hears of it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct CommandTimeout {
+    /// Its submission queue (0: the admin queue).
+    pub qid: u16,
+    /// Its command id.
+    pub cid: u16,
+    /// Its opcode.
+    pub opcode: u8,
+}
+
+/// The opcode of the commands of an I/O request of kind `op`.
+pub(crate) fn io_opcode(op: Op) -> u8 {
+    match op {
+        Op::Read => io::READ,
+        Op::Write => io::WRITE,
+        Op::Flush => io::FLUSH,
+        Op::WriteZeroes => io::WRITE_ZEROES,
+        Op::Deallocate => io::DATASET_MANAGEMENT,
+    }
+}
 
 /// Asynchronous Event Requests kept outstanding at most, whatever AERL allows (as SPDK).
 const MAX_AERS: usize = 8;
@@ -119,6 +146,16 @@ fn event_log_len(lid: u8, elpe: u8) -> usize {
 }
 
 impl<B: DeviceBacking> Shared<B> {
+    /// Tells the timeout callback (if one is registered) that command `cid` of queue
+    /// `qid` timed out. Called holding no lock of the driver, before anything is done
+    /// about the command.
+    pub(crate) fn command_timed_out(&self, qid: u16, cid: u16, opcode: u8) {
+        let callback = self.timeout_callback.lock().clone();
+        if let Some(cb) = callback {
+            cb(CommandTimeout { qid, cid, opcode });
+        }
+    }
+
     /// Runs admin command `cmd` with `data` moved through a DMA buffer of its own (PRP1,
     /// PRP2, a PRP list beyond two pages), and returns its completion whatever its status,
     /// with the bytes the controller wrote (for [`AdminData::FromDevice`]). The buffer is
@@ -297,6 +334,18 @@ impl<B: DeviceBacking> Controller<B> {
             a.aer_target = limit.min(MAX_AERS).min(room).max(1);
         }
         self.shared.arm_async_events()
+    }
+
+    /// Registers `callback` (replacing one registered before) to hear of every command
+    /// that times out — its queue id (0 for the admin queue), command id and opcode — as
+    /// SPDK's `spdk_nvme_ctrlr_register_timeout_callback`. It is called when the driver
+    /// finds the command past its timeout ([`Options::io_timeout`](super::Options::io_timeout)
+    /// or `admin_timeout`), before the driver sends its Abort (and, if that does not end it,
+    /// resets the controller), on the thread that found it: the one polling the I/O queue,
+    /// or running the admin command. It holds no lock of the driver, but should be short
+    /// and must not use the queue it is called from.
+    pub fn on_timeout(&self, callback: impl Fn(CommandTimeout) + Send + Sync + 'static) {
+        *self.shared.timeout_callback.lock() = Some(Arc::new(callback));
     }
 
     /// Takes the admin queue's completions that no command waits for (Asynchronous
