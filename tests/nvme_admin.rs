@@ -318,6 +318,10 @@ fn a_log_page_read_that_times_out_keeps_its_buffer_from_reuse() {
     // Memory allocated now would get the log buffer's IOVA if it had been freed.
     let buf = c.alloc_buffer(4096).unwrap();
     let posted = e.stats().completions;
+    // Released once the controller holds it (a release before the fetch releases nothing).
+    eventually("the command fetched", || {
+        e.stats().admin(admin::GET_LOG_PAGE) == 1
+    });
     e.release_stalled();
     eventually("the stalled command done", || e.stats().completions == posted + 1);
     let mut b = vec![0u8; 4096];

@@ -222,6 +222,12 @@ fn without_self_wake_the_application_polls_and_the_tasks_are_woken() {
     assert!(f.as_mut().poll(&mut cx).is_pending());
     // Pending without waking itself: only the application's poll wakes it.
     assert_eq!(counter.1.load(Ordering::SeqCst), 0);
+    // Released once the controller holds it (a release before the fetch releases nothing).
+    let start = std::time::Instant::now();
+    while e.stats().io(io::READ) == 0 {
+        assert!(start.elapsed() < Duration::from_secs(30), "never fetched");
+        std::thread::sleep(Duration::from_millis(1));
+    }
     e.release_stalled();
     let start = std::time::Instant::now();
     while counter.1.load(Ordering::SeqCst) == 0 {
