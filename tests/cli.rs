@@ -521,3 +521,106 @@ fn watch_prints_uevents_as_json_lines_and_exits_0_on_sigint() {
     let status = child.wait().unwrap();
     assert_eq!(status.code(), Some(0), "{status:?}");
 }
+
+// `pcibus nvme` commands need a real device; without one, what can be checked is that the
+// arguments parse (or are refused) and that input files are checked before any device is
+// touched.
+#[test]
+fn nvme_log_and_passthru_arguments_are_checked_before_the_device() {
+    let fake = fixture("qemu-q35-sriov-nvme.pcifix");
+    let run = |args: &[&str]| {
+        let o = pcibus(fake.root(), args);
+        (o.status.code(), String::from_utf8_lossy(&o.stderr).into_owned())
+    };
+    // Well-formed: they get as far as needing the kernel's sysfs.
+    for args in [
+        &["nvme", "smart-log", "0000:01:00.0", "--json"][..],
+        &["nvme", "error-log", "0000:01:00.0"],
+        &[
+            "nvme",
+            "admin-passthru",
+            "0000:01:00.0",
+            "--opcode",
+            "0x06",
+            "--cdw10",
+            "1",
+            "--read",
+            "--data-len",
+            "4096",
+        ],
+    ] {
+        let (code, err) = run(args);
+        assert_eq!(code, Some(1), "{args:?}: {err}");
+        assert!(err.contains("nvme needs the kernel's sysfs"), "{args:?}: {err}");
+    }
+    // Refused by the parser (exit 2).
+    for (args, why) in [
+        (
+            &["nvme", "admin-passthru", "0000:01:00.0", "--opcode", "0x1ff"][..],
+            "at most 255",
+        ),
+        (
+            &[
+                "nvme",
+                "admin-passthru",
+                "0000:01:00.0",
+                "--opcode",
+                "6",
+                "--cdw10",
+                "x",
+            ],
+            "expected a number",
+        ),
+        (
+            &[
+                "nvme",
+                "admin-passthru",
+                "0000:01:00.0",
+                "--opcode",
+                "6",
+                "--read",
+                "--write",
+                "f",
+            ],
+            "cannot be used with",
+        ),
+        (
+            &[
+                "nvme",
+                "admin-passthru",
+                "0000:01:00.0",
+                "--opcode",
+                "6",
+                "-o",
+                "f",
+            ],
+            "--read",
+        ),
+    ] {
+        let (code, err) = run(args);
+        assert_eq!(code, Some(2), "{args:?}: {err}");
+        assert!(err.contains(why), "{args:?}: {err}");
+    }
+    // Checked before the device: no data length, a missing input file.
+    let (code, err) = run(&[
+        "nvme",
+        "admin-passthru",
+        "0000:01:00.0",
+        "--opcode",
+        "6",
+        "--read",
+    ]);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("--read needs --data-len"), "{err}");
+    let (code, err) = run(&[
+        "nvme",
+        "admin-passthru",
+        "0000:01:00.0",
+        "--opcode",
+        "0xc1",
+        "--write",
+        "/nonexistent/in",
+    ]);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("/nonexistent/in"), "{err}");
+}

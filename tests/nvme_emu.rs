@@ -328,7 +328,7 @@ fn identify_controller_namespaces_and_list() {
     let mut cmd = Command::new(admin::IDENTIFY);
     cmd.cdw[0] = 0x55;
     assert_eq!(host.admin(cmd).status(), Status::INVALID_FIELD);
-    // Get Log Page: zeros, length from NUMDL.
+    // Get Log Page: the length from NUMDL, the page's contents.
     let log = e.alloc_dma(4096).unwrap();
     log.fill(0, 4096, 0xff).unwrap();
     let mut cmd = Command::new(admin::GET_LOG_PAGE);
@@ -337,7 +337,11 @@ fn identify_controller_namespaces_and_list() {
     host.admin_ok(cmd);
     let mut b = vec![0u8; 4096];
     log.read_at(0, &mut b).unwrap();
-    assert!(b[..512].iter().all(|&x| x == 0) && b[512..].iter().all(|&x| x == 0xff));
+    assert!(b[512..].iter().all(|&x| x == 0xff));
+    let smart = pcibus::nvme::spec::SmartLog::parse(&b[..512]).unwrap();
+    assert_eq!((smart.available_spare, smart.power_cycles), (100, 1));
+    // The failed commands above are in the error log.
+    assert!(smart.error_log_entries > 0);
     cmd.cdw[0] = 0xffff << 16 | 0x02;
     cmd.cdw[1] = 0xffff; // 16 GiB
     assert_eq!(host.admin(cmd).status(), Status::INVALID_FIELD);

@@ -10,6 +10,8 @@ use parking_lot::Mutex;
 use std::os::fd::AsFd;
 
 use super::io::IoQueue;
+
+mod events;
 use super::owned::{DeviceOwned, Released, SharedDma};
 use super::queue::{Doorbells, Ring, Shadow};
 use super::spec::{
@@ -19,6 +21,8 @@ use super::spec::{
 use super::{Dma, NvmeError};
 use crate::addr::PciAddress;
 use crate::bus::backing::{DeviceBacking, DmaMemory, RegisterIo};
+pub(crate) use events::io_opcode;
+pub use events::{AdminData, AsyncEvent, CommandTimeout};
 
 /// PCI Command register: Memory Space Enable and Bus Master Enable.
 const COMMAND_MEMORY: u16 = 1 << 1;
@@ -200,14 +204,54 @@ struct Admin<B: DeviceBacking> {
     next_cid: u16,
     // Command ids of Aborts sent and not yet answered (at most ACL + 1).
     aborts: Vec<u16>,
+    // Command ids of Asynchronous Event Requests outstanding, how many there should be
+    // (0: no callback registered), and the AER completions harvested and not yet handed
+    // to `Controller::process_admin_completions`.
+    aers: Vec<u16>,
+    aer_target: usize,
+    events: Vec<Completion>,
 }
 
-// A completion nobody waits for: true when it answers one of the Aborts outstanding
-// (which it then no longer is), false for a stray one.
-fn abort_answered(aborts: &mut Vec<u16>, c: &Completion) -> bool {
-    let before = aborts.len();
-    aborts.retain(|&cid| cid != c.cid);
-    before != aborts.len()
+impl<B: DeviceBacking> Admin<B> {
+    // A command id no command outstanding for long (an Abort, an AER) holds: after 65,536
+    // admin commands the counter comes round to them again.
+    fn take_cid(&mut self) -> u16 {
+        let Admin {
+            next_cid,
+            aborts,
+            aers,
+            ..
+        } = self;
+        take_cid(next_cid, |cid| aborts.contains(&cid) || aers.contains(&cid))
+    }
+
+    // A completion nobody waits for: the answer to an Abort (which then no longer is
+    // outstanding), an Asynchronous Event (kept for `process_admin_completions`), or a
+    // stray one (a command abandoned after its timeout), logged.
+    fn harvest(&mut self, c: Completion, address: PciAddress) {
+        let before = self.aborts.len();
+        self.aborts.retain(|&cid| cid != c.cid);
+        if before != self.aborts.len() {
+            return;
+        }
+        if let Some(i) = self.aers.iter().position(|&cid| cid == c.cid) {
+            self.aers.swap_remove(i);
+            self.events.push(c);
+            return;
+        }
+        log::debug!("{address}: admin completion for cid {} ignored", c.cid);
+    }
+}
+
+// The next command id from `next` that `busy` does not claim (`next` moves past it).
+fn take_cid(next: &mut u16, busy: impl Fn(u16) -> bool) -> u16 {
+    loop {
+        let cid = *next;
+        *next = next.wrapping_add(1);
+        if !busy(cid) {
+            return cid;
+        }
+    }
 }
 
 // Memory and queue ids of queues that went while the controller could still use them:
@@ -257,6 +301,9 @@ pub(crate) struct Shared<B: DeviceBacking> {
     parked: Mutex<Parked>,
     // One reset at a time.
     resetting: Mutex<()>,
+    // What `Controller::on_async_event` and `Controller::on_timeout` registered.
+    aer_callback: Mutex<Option<events::Callback>>,
+    timeout_callback: Mutex<Option<events::TimeoutCallback>>,
 }
 
 impl<B: DeviceBacking> Shared<B> {
@@ -308,8 +355,22 @@ impl<B: DeviceBacking> Shared<B> {
         }
     }
 
-    /// Runs one admin command and waits for it.
-    pub(crate) fn admin(&self, mut cmd: Command, what: &str) -> Result<Completion, NvmeError> {
+    /// Runs one admin command and waits for it; an error status is an error.
+    pub(crate) fn admin(&self, cmd: Command, what: &str) -> Result<Completion, NvmeError> {
+        let c = self.admin_raw(cmd, what)?;
+        let status = c.status();
+        if status.is_success() {
+            Ok(c)
+        } else {
+            Err(NvmeError::Command {
+                command: what.to_owned(),
+                status,
+            })
+        }
+    }
+
+    /// Runs one admin command and waits for its completion, whatever its status.
+    pub(crate) fn admin_raw(&self, mut cmd: Command, what: &str) -> Result<Completion, NvmeError> {
         if let Some(e) = self.removed() {
             return Err(e);
         }
@@ -318,59 +379,47 @@ impl<B: DeviceBacking> Shared<B> {
                 "{what}: the controller was shut down"
             )));
         }
-        let mut a = self.admin.lock();
-        let Admin {
-            ring,
-            regs,
-            next_cid,
-            aborts,
-        } = &mut *a;
+        let mut guard = self.admin.lock();
+        let a = &mut *guard;
+        if a.regs.is_none() {
+            return Err(self.removed().unwrap_or(NvmeError::Removed("revoked".into())));
+        }
+        cmd.cid = a.take_cid();
+        let Admin { ring, regs, .. } = &mut *a;
         let Some(regs) = regs.as_ref() else {
             return Err(self.removed().unwrap_or(NvmeError::Removed("revoked".into())));
         };
-        cmd.cid = *next_cid;
-        *next_cid = next_cid.wrapping_add(1);
         if !ring.push(&cmd) {
             return Err(NvmeError::Invalid("admin queue full".into()));
         }
         ring.ring_sq(regs, None)?;
         let start = Instant::now();
         let mut spins = 0u32;
-        loop {
-            while let Some(c) = ring.pop() {
+        let timed_out = loop {
+            while let Some(c) = a.ring.pop() {
                 if c.cid != cmd.cid {
-                    // An Abort's answer, or a stray completion (a command abandoned after
-                    // its timeout).
-                    if abort_answered(aborts, &c) {
-                        continue;
-                    }
-                    log::debug!(
-                        "{}: admin completion for cid {} ignored",
-                        self.info.address,
-                        c.cid
-                    );
+                    // An Abort's answer, an asynchronous event, or a stray completion.
+                    a.harvest(c, self.info.address);
                     continue;
                 }
-                ring.ring_cq(regs, None)?;
-                let status = c.status();
-                return if status.is_success() {
-                    Ok(c)
-                } else {
-                    Err(NvmeError::Command {
-                        command: what.to_owned(),
-                        status,
-                    })
-                };
+                let Admin { ring, regs, .. } = &mut *a;
+                if let Some(regs) = regs.as_ref() {
+                    ring.ring_cq(regs, None)?;
+                }
+                return Ok(c);
             }
+            let Some(regs) = a.regs.as_ref() else {
+                return Err(self.removed().unwrap_or(NvmeError::Removed("revoked".into())));
+            };
             if let Some(e) = self.removed() {
                 return Err(e);
             }
             if start.elapsed() > self.admin_timeout {
                 check_status(regs)?;
-                return Err(NvmeError::Timeout {
+                break NvmeError::Timeout {
                     what: what.to_owned(),
                     waited: self.admin_timeout,
-                });
+                };
             }
             spins += 1;
             if spins < 1000 {
@@ -381,7 +430,11 @@ impl<B: DeviceBacking> Shared<B> {
                 }
                 thread::sleep(Duration::from_micros(50));
             }
-        }
+        };
+        // The callback runs without the admin queue's lock: it may send admin commands.
+        drop(guard);
+        self.command_timed_out(0, cmd.cid, cmd.opcode);
+        Err(timed_out)
     }
 
     /// Sends Abort for command `cid` of submission queue `sqid` without waiting for its
@@ -395,36 +448,38 @@ impl<B: DeviceBacking> Shared<B> {
             return false;
         };
         let a = &mut *a;
-        let Some(regs) = a.regs.as_ref() else {
+        if a.regs.is_none() {
             return false;
-        };
+        }
         let mut seen = false;
         while let Some(c) = a.ring.pop() {
             seen = true;
-            if !abort_answered(&mut a.aborts, &c) {
-                log::debug!(
-                    "{}: admin completion for cid {} ignored",
-                    self.info.address,
-                    c.cid
-                );
-            }
-        }
-        if seen {
-            let _ = a.ring.ring_cq(regs, None);
+            a.harvest(c, self.info.address);
         }
         if a.aborts.len() > usize::from(self.info.identify.acl) {
+            if seen && let Some(regs) = a.regs.as_ref() {
+                let _ = a.ring.ring_cq(regs, None);
+            }
             return false;
         }
         let mut cmd = Command::new(admin::ABORT);
-        cmd.cid = a.next_cid;
+        cmd.cid = a.take_cid();
         cmd.cdw[0] = u32::from(sqid) | u32::from(cid) << 16;
-        if !a.ring.push(&cmd) {
+        let Admin {
+            ring, regs, aborts, ..
+        } = a;
+        let Some(regs) = regs.as_ref() else {
+            return false;
+        };
+        if seen {
+            let _ = ring.ring_cq(regs, None);
+        }
+        if !ring.push(&cmd) {
             return false;
         }
-        a.next_cid = a.next_cid.wrapping_add(1);
-        a.aborts.push(cmd.cid);
+        aborts.push(cmd.cid);
         // A failed doorbell write leaves it in the ring: the next admin command rings it.
-        let _ = a.ring.ring_sq(regs, None);
+        let _ = ring.ring_sq(regs, None);
         true
     }
 
@@ -513,6 +568,8 @@ impl<B: DeviceBacking> Shared<B> {
                 regs,
                 next_cid,
                 aborts,
+                aers,
+                ..
             } = &mut *a;
             let Some(regs) = regs.as_ref() else {
                 return Err(self.removed().unwrap_or(NvmeError::Removed("revoked".into())));
@@ -528,6 +585,8 @@ impl<B: DeviceBacking> Shared<B> {
             self.disables.fetch_add(1, Ordering::AcqRel);
             self.unpark(&Released::disabled());
             aborts.clear();
+            // Gone with the controller's state; armed again below.
+            aers.clear();
             ring.reset();
             *next_cid = 0;
             enable(regs, ring, limit, "reset: controller enable (CSTS.RDY = 1)")?;
@@ -555,6 +614,10 @@ impl<B: DeviceBacking> Shared<B> {
             cmd.prp1 = s.doorbells.iova();
             cmd.prp2 = s.events.iova();
             self.admin(cmd, "Doorbell Buffer Config after reset")?;
+        }
+        // Asynchronous events as they were before (the configuration is gone too).
+        if let Err(e) = self.arm_async_events() {
+            log::warn!("{}: asynchronous events after reset: {e}", self.info.address);
         }
         self.generation.fetch_add(1, Ordering::AcqRel);
         Ok(())
@@ -796,6 +859,9 @@ impl<B: DeviceBacking> Controller<B> {
                 regs: Some(regs),
                 next_cid: 0,
                 aborts: Vec::new(),
+                aers: Vec::new(),
+                aer_target: 0,
+                events: Vec::new(),
             }),
             qids: Mutex::new(Vec::new()),
             queue_regs: Mutex::new(Vec::new()),
@@ -809,6 +875,8 @@ impl<B: DeviceBacking> Controller<B> {
             bus_master_off: AtomicBool::new(false),
             parked: Mutex::new(Parked::default()),
             resetting: Mutex::new(()),
+            aer_callback: Mutex::new(None),
+            timeout_callback: Mutex::new(None),
         };
         let buf = backing.alloc_dma(4096)?;
         let run = |cmd: Command, what: &str| shared.admin(cmd, what);

@@ -784,10 +784,13 @@ impl<B: DeviceBacking> IoQueue<B> {
             // buffer) stays until they end.
             req.ended = true;
             let (tag, op) = (req.tag, req.op);
-            for slot in self.slots.iter_mut() {
+            for (cid, slot) in self.slots.iter_mut().enumerate() {
                 if slot.request == index as u32 && slot.abandoned.is_none() {
                     slot.abandoned = Some(now);
                     self.abandoned += 1;
+                    // The application hears of it before the Abort (below) goes.
+                    let opcode = super::controller::io_opcode(op);
+                    self.shared.command_timed_out(self.ring.qid, cid as u16, opcode);
                 }
             }
             self.outstanding -= 1;

@@ -29,6 +29,11 @@
 //!   Abort Command Limit; a command that gets none, or whose Abort fails, is ended by a
 //!   controller reset.
 //! - [`driver::NvmeDriver`] registers all of it with the [`crate::bus::Bus`].
+//! - Admin: asynchronous events handed to a callback with the log page that clears them,
+//!   SMART / health and Error Information logs, admin passthrough (see
+//!   [`Controller::on_async_event`], [`Controller::process_admin_completions`]).
+//! - With the `async` feature, `async_queue::AsyncQueue`: futures over an I/O queue,
+//!   without a runtime dependency.
 //!
 //! [`spec`] holds the facts of the NVMe base specification the driver and the emulated
 //! controller share.
@@ -37,6 +42,8 @@ use std::time::Duration;
 
 use crate::bus::backing::{BackingError, DeviceBacking};
 
+#[cfg(feature = "async")]
+pub mod async_queue;
 mod controller;
 pub mod driver;
 mod io;
@@ -46,10 +53,10 @@ mod queue;
 pub mod spec;
 pub mod sriov;
 
-pub use controller::{Controller, ControllerInfo, Namespace, Options};
+pub use controller::{AdminData, AsyncEvent, CommandTimeout, Controller, ControllerInfo, Namespace, Options};
 pub use io::{Buffer, IoQueue, IoRequest, Op};
 
-use spec::{IdentifyError, Status};
+use spec::{IdentifyError, LogError, Status};
 
 /// What went wrong driving a controller. Every error ends the request it belongs to; none
 /// leaves a caller waiting.
@@ -98,6 +105,9 @@ pub enum NvmeError {
     /// Identify data did not parse.
     #[error(transparent)]
     Identify(#[from] IdentifyError),
+    /// A log page did not parse.
+    #[error(transparent)]
+    Log(#[from] LogError),
     /// The controller does not offer what was asked (a command set, SR-IOV, ...).
     #[error("not supported: {0}")]
     Unsupported(String),

@@ -351,7 +351,15 @@ impl PrimaryControllerCaps {
 pub mod feature {
     /// Number of Queues.
     pub const NUMBER_OF_QUEUES: u8 = 0x07;
+    /// Asynchronous Event Configuration: which events the controller reports.
+    pub const ASYNC_EVENT_CONFIG: u8 = 0x0b;
 }
+
+pub mod logs;
+pub use logs::{
+    AsyncEventInfo, AsyncEventType, ErrorLogEntry, LogError, SmartLog, get_log_page_command, lid,
+    parse_changed_namespaces, parse_error_log,
+};
 
 /// Optional Admin Command Support bits (Identify Controller OACS).
 pub mod oacs {
@@ -510,7 +518,7 @@ impl Completion {
 
 /// A completion's status field (phase tag removed): Status Code (bits 7:0), Status Code
 /// Type (10:8), Do Not Retry (14).
-#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub struct Status(pub u16);
 
 impl Status {
@@ -712,8 +720,19 @@ pub struct IdentifyController {
     pub rtd3e: u32,
     /// Optional Admin Command Support.
     pub oacs: u16,
+    /// Optional Asynchronous Events Supported (bit 8: namespace attribute notices, bit
+    /// 9: firmware activation notices, ...).
+    pub oaes: u32,
     /// Abort Command Limit, zero-based: at most `acl + 1` Aborts may be outstanding.
     pub acl: u8,
+    /// Asynchronous Event Request Limit, zero-based: at most `aerl + 1` Asynchronous Event
+    /// Requests may be outstanding.
+    pub aerl: u8,
+    /// Log Page Attributes (bit 0: SMART / health information per namespace).
+    pub lpa: u8,
+    /// Error Log Page Entries, zero-based: the Error Information log holds `elpe + 1`
+    /// entries.
+    pub elpe: u8,
     /// Submission Queue Entry Size (required and maximum, log2).
     pub sqes: u8,
     /// Completion Queue Entry Size.
@@ -744,8 +763,12 @@ impl IdentifyController {
             cntlid: le16(b, 78),
             ver: le32(b, 80),
             rtd3e: le32(b, 88),
+            oaes: le32(b, 92),
             oacs: le16(b, 256),
             acl: b[258],
+            aerl: b[259],
+            lpa: b[261],
+            elpe: b[262],
             sqes: b[512],
             cqes: b[513],
             nn: le32(b, 516),
@@ -1039,7 +1062,10 @@ mod tests {
         b[24..64].copy_from_slice(b"QEMU NVMe Ctrl                          ");
         b[64..72].copy_from_slice(b"7.2.22  ");
         b[77] = 7;
+        b[92..96].copy_from_slice(&0x0100u32.to_le_bytes());
         b[256..258].copy_from_slice(&0x01cau16.to_le_bytes());
+        b[259] = 3;
+        b[262] = 63;
         b[516..520].copy_from_slice(&256u32.to_le_bytes());
         b[768..782].copy_from_slice(b"nqn.2019-08.x\0");
         let id = IdentifyController::parse(&b).unwrap();
@@ -1055,6 +1081,7 @@ mod tests {
         assert_eq!(id.max_transfer(4096), Some(512 * 1024));
         assert_ne!(id.oacs & oacs::DOORBELL_BUFFER_CONFIG, 0);
         assert_eq!(id.nn, 256);
+        assert_eq!((id.oaes, id.aerl, id.elpe), (0x100, 3, 63));
         assert_eq!(id.subnqn, "nqn.2019-08.x");
         assert!(IdentifyController::parse(&b[..100]).is_err());
     }

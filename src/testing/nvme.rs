@@ -36,8 +36,9 @@
 //!   log page.
 //! - Admin: Identify (CNS 00h, 01h, 02h, and 14h/15h with SR-IOV), Get/Set Features
 //!   (Number of Queues; a few others stored and echoed), Create/Delete I/O CQ/SQ with the
-//!   specification's checks, Get Log Page (zeros), Asynchronous Event Request (held until
-//!   [`EmulatedNvme::complete_async_event`] or an error event), Abort (best effort:
+//!   specification's checks, Get Log Page (below), Asynchronous Event Request (held until
+//!   an event: [`EmulatedNvme::complete_async_event`], an error event, a SMART / health
+//!   or namespace event below), Abort (best effort:
 //!   nothing is aborted unless [`EmuConfig::abort_succeeds`]), Doorbell Buffer
 //!   Config, Virtualization Management (actions 1, 7, 8, 9; Secondary Controller Offline
 //!   releases the secondary's resources, as QEMU does).
@@ -55,6 +56,15 @@
 //!   off), inserted on writes and stripped on reads with PRACT (no metadata moves when the
 //!   protection information is all of it). Blocks never written carry all-ones metadata.
 //! - CAP.CRMS and CRTO (NVMe 2.0 ready timeouts) when configured.
+//! - Log pages: SMART / Health Information (02h) counting the Reads and Writes completed
+//!   and their data units, the errors logged, and what [`EmulatedNvme::update_health`]
+//!   sets; Error Information (01h, 16 entries, newest first) listing commands completed
+//!   with an error status (other than aborts) and invalid doorbell writes; the Changed
+//!   Namespace List (04h) that [`EmulatedNvme::notify_namespace_changed`] fills. Other
+//!   pages read as zeros. Get Log Page honours the offset and length; read without
+//!   Retain Asynchronous Event, a page clears its list (04h) and unmasks its event type.
+//!   SMART and notice events are raised only when the host enabled them (Set Features
+//!   Asynchronous Event Configuration), as on hardware; error events always.
 //! - DMA: every address the controller touches is looked up, when it touches it, in the
 //!   table of live allocations made through [`DeviceBacking::alloc_dma`]. An address
 //!   outside them fails the command with Data Transfer Error and counts in
@@ -85,7 +95,8 @@
 //! persistent memory region, boot partitions, pin-based interrupts and MSI-X masking,
 //! interrupt coalescing, weighted round robin arbitration, NVM subsystem reset, multiple
 //! I/O command sets, asynchronous events the controller raises on its own other than for
-//! invalid doorbell writes, and the Error Information log's contents (zeros). SR-IOV
+//! invalid doorbell writes (SMART and namespace events come from the test), log pages
+//! other than 01h, 02h and 04h (zeros). SR-IOV
 //! has no virtual functions behind it: Virtualization Management keeps the books (Identify
 //! 14h/15h) and nothing more. Statuses are posted without the Do Not Retry bit.
 //!
@@ -114,6 +125,8 @@ use crate::nvme::spec::{
     virt_mgmt,
 };
 use crate::vfio::{DmaBuffer, PAGE};
+
+mod logs;
 
 const PAGE_U64: u64 = PAGE as u64;
 /// NVMe version 1.4.0.
@@ -888,6 +901,8 @@ struct Shared {
     release: AtomicBool,
     // Error status events are masked (one was raised, the log page not read yet).
     error_events_masked: AtomicBool,
+    // Log pages, and what enables and masks SMART and notice events.
+    logs: logs::LogState,
     irqs: RwLock<Vec<OwnedFd>>,
     config_space: Mutex<Vec<u8>>,
     sriov: Mutex<Option<SriovState>>,
@@ -958,6 +973,7 @@ impl Shared {
             async_pending: AtomicBool::new(false),
             release: AtomicBool::new(false),
             error_events_masked: AtomicBool::new(false),
+            logs: logs::LogState::new(),
             irqs: RwLock::new(Vec::new()),
             config_space: Mutex::new(config),
             sriov: Mutex::new(sriov),
@@ -1031,12 +1047,18 @@ impl Shared {
     // doorbell register, 01h: invalid doorbell write value), log page Error Information.
     // Events of the type stay masked from then on until the host reads the log page.
     fn error_event(&self, info: u32) {
+        // Not a command's error: no queue or command id.
+        self.logs.record_error(0xffff, 0xffff, Status::SUCCESS, 0, 0);
         if self.error_events_masked.swap(true, Ordering::AcqRel) {
             return;
         }
-        self.async_events
-            .lock()
-            .push_back(info << 8 | u32::from(LOG_ERROR_INFORMATION) << 16);
+        self.raise_event(info << 8 | u32::from(LOG_ERROR_INFORMATION) << 16);
+    }
+
+    // Completes an Asynchronous Event Request with `dw0` once the host has one
+    // outstanding.
+    fn raise_event(&self, dw0: u32) {
+        self.async_events.lock().push_back(dw0);
         self.async_pending.store(true, Ordering::Release);
         if let Some(t) = &*self.waker.lock() {
             t.unpark();
@@ -1783,7 +1805,10 @@ impl Engine {
                     return self.hold(qid, cmd.cid, cmd.opcode, kind);
                 }
                 Some(Outcome::Hold(kind)) => return self.hold(qid, cmd.cid, cmd.opcode, kind),
-                Some(Outcome::Done(status, dw0)) => return self.complete(qid, cmd.cid, status, dw0),
+                Some(Outcome::Done(status, dw0)) => {
+                    self.log_outcome(qid, &cmd, status);
+                    return self.complete(qid, cmd.cid, status, dw0);
+                }
                 None => {}
             }
         }
@@ -1800,9 +1825,35 @@ impl Engine {
             self.io_command(cmd)
         };
         match outcome {
-            Outcome::Done(status, dw0) => self.complete(qid, cmd.cid, status, dw0),
+            Outcome::Done(status, dw0) => {
+                self.log_outcome(qid, cmd, status);
+                self.complete(qid, cmd.cid, status, dw0)
+            }
             Outcome::Hold(kind) => self.hold(qid, cmd.cid, cmd.opcode, kind),
         }
+    }
+
+    // What the log pages keep of a command completing with `status`: its data moved (SMART
+    // / health), or its error (Error Information; aborts are not errors of the controller).
+    fn log_outcome(&self, qid: u16, cmd: &Command, status: Status) {
+        let rw = qid != 0 && matches!(cmd.opcode, nvm::READ | nvm::WRITE);
+        if status.is_success() {
+            if rw && let Some(i) = self.namespace_index(cmd.nsid) {
+                let blocks = u64::from(cmd.cdw[2] & 0xffff) + 1;
+                let bytes = blocks * u64::from(self.shared.namespaces[i].block_size);
+                self.shared.logs.io_done(cmd.opcode == nvm::WRITE, bytes);
+            }
+            return;
+        }
+        if matches!(status, Status::ABORT_REQUESTED | Status::ABORTED_SQ_DELETION) {
+            return;
+        }
+        let lba = if rw {
+            u64::from(cmd.cdw[0]) | u64::from(cmd.cdw[1]) << 32
+        } else {
+            0
+        };
+        self.shared.logs.record_error(qid, cmd.cid, status, cmd.nsid, lba);
     }
 
     // Whether ACL + 1 Aborts are outstanding already.
@@ -2284,6 +2335,9 @@ impl Engine {
             }
             0x01..=0x0b => {
                 self.features[usize::from(fid)] = cmd.cdw[1];
+                if fid == feature::ASYNC_EVENT_CONFIG {
+                    self.shared.logs.aec.store(cmd.cdw[1], Ordering::Release);
+                }
                 ok(0)
             }
             _ => err(Status::INVALID_FIELD),
@@ -2303,16 +2357,23 @@ impl Engine {
     }
 
     fn get_log_page(&mut self, cmd: &Command) -> Outcome {
+        let (id, _, len, offset, retain) = spec::logs::parse_get_log_page(cmd);
         // Reading Error Information without Retain Asynchronous Event unmasks error events.
-        if (cmd.cdw[0] & 0xff) as u8 == LOG_ERROR_INFORMATION && cmd.cdw[0] & 1 << 15 == 0 {
+        if id == LOG_ERROR_INFORMATION && !retain {
             self.shared.error_events_masked.store(false, Ordering::Release);
         }
-        let numd = u64::from(cmd.cdw[0] >> 16 | (cmd.cdw[1] & 0xffff) << 16) + 1;
-        let len = numd * 4;
-        if len > self.shared.cfg.max_transfer().min(1 << 20) {
+        if len as u64 > self.shared.cfg.max_transfer().min(1 << 20) {
             return err(Status::INVALID_FIELD);
         }
-        match self.write_host(cmd, &vec![0u8; len as usize]) {
+        // The page from `offset`, zeros past its end (and for pages without contents).
+        let mut data = vec![0u8; len];
+        if let Some(page) = self.shared.logs.page(id, retain)
+            && let Some(from) = usize::try_from(offset).ok().filter(|&o| o < page.len())
+        {
+            let n = (page.len() - from).min(len);
+            data[..n].copy_from_slice(&page[from..from + n]);
+        }
+        match self.write_host(cmd, &data) {
             Ok(()) => ok(0),
             Err(s) => err(s),
         }
@@ -2998,6 +3059,9 @@ fn identify_controller(cfg: &EmuConfig) -> Vec<u8> {
     put(&mut b, 256, &oacs_bits.to_le_bytes());
     b[258] = cfg.abort_limit; // zero-based
     b[259] = (AER_LIMIT - 1) as u8;
+    b[262] = (logs::ERROR_LOG_ENTRIES - 1) as u8;
+    // Namespace attribute notices supported.
+    put(&mut b, 92, &spec::logs::aec::NAMESPACE_ATTRIBUTE.to_le_bytes());
     b[260] = 0x03; // one firmware slot, read-only
     b[512] = 0x66;
     b[513] = 0x44;
@@ -3248,11 +3312,29 @@ impl EmulatedNvme {
     /// Completes one held Asynchronous Event Request with `dw0` (event type, information,
     /// log page). Queued until the host has one outstanding.
     pub fn complete_async_event(&self, dw0: u32) {
+        self.shared().raise_event(dw0);
+    }
+
+    /// Changes the SMART / Health Information the controller reports (the I/O counters
+    /// and the error count are its own). Critical warning bits newly set raise a SMART /
+    /// Health event (information 02h spare, 01h temperature, 00h reliability; log page
+    /// 02h) if the host enabled them in the Asynchronous Event Configuration (Set
+    /// Features 0Bh) and no SMART event is waiting for the host to read that page.
+    pub fn update_health(&self, f: impl FnOnce(&mut spec::SmartLog)) {
         let shared = self.shared();
-        shared.async_events.lock().push_back(dw0);
-        shared.async_pending.store(true, Ordering::Release);
-        if let Some(t) = &*shared.waker.lock() {
-            t.unpark();
+        if let Some(dw0) = shared.logs.update_health(f) {
+            shared.raise_event(dw0);
+        }
+    }
+
+    /// Namespaces `nsids` changed (attributes, capacity, attachment): they join the
+    /// Changed Namespace List (log page 04h), and a Namespace Attribute Changed notice is
+    /// raised if the host enabled it (Asynchronous Event Configuration bit 8) and no such
+    /// notice is waiting for the host to read the list.
+    pub fn notify_namespace_changed(&self, nsids: &[u32]) {
+        let shared = self.shared();
+        if let Some(dw0) = shared.logs.namespaces_changed(nsids) {
+            shared.raise_event(dw0);
         }
     }
 

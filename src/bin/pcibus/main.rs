@@ -19,7 +19,9 @@ mod claims;
 mod detach;
 mod list;
 mod nvme;
+mod nvme_admin;
 mod nvme_sriov;
+mod nvme_transfer;
 mod show;
 mod vfio;
 mod watch;
@@ -144,7 +146,8 @@ enum Command {
         #[command(flatten)]
         select: SelectArgs,
     },
-    /// The in-tree NVMe driver: identify a controller, read and write blocks. Binds the
+    /// The in-tree NVMe driver: identify a controller, read and write blocks, its logs,
+    /// admin passthrough. Binds the
     /// device to vfio-pci if needed and claims it; `--restore` gives it back at the end.
     Nvme {
         #[command(subcommand)]

@@ -33,7 +33,35 @@ pub(super) enum NvmeCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Read blocks to a file (or stdout).
+    /// SMART / Health Information (log page 02h): critical warnings, temperature, spare,
+    /// wear, data and commands counted, power cycles and hours, unsafe shutdowns, media
+    /// errors.
+    SmartLog {
+        #[command(flatten)]
+        device: DeviceArgs,
+        /// JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Error Information log (page 01h): the controller's most recent errors, newest first.
+    ErrorLog {
+        #[command(flatten)]
+        device: DeviceArgs,
+        /// JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Send any admin command (vendor commands, features, log pages the driver does not
+    /// wrap); print its completion (dword 0, status) and the data it returned. Fails when
+    /// the command completes with an error status.
+    AdminPassthru {
+        #[command(flatten)]
+        device: DeviceArgs,
+        #[command(flatten)]
+        command: super::nvme_admin::PassthruArgs,
+    },
+    /// Read blocks to a file (or stdout). Any size: the transfer is cut into requests of
+    /// the controller's largest transfer, kept in flight together.
     Read {
         #[command(flatten)]
         device: DeviceArgs,
@@ -94,6 +122,7 @@ pub(super) enum NvmeCommand {
     /// taken down at the end (the VFs cannot outlive this process's hold on the PF).
     Sriov(super::nvme_sriov::SriovArgs),
     /// Write a file (or stdin) at a block, padded with zeroes to whole blocks, then flush.
+    /// Any size, as `read`.
     Write {
         #[command(flatten)]
         device: DeviceArgs,
@@ -232,6 +261,30 @@ pub(super) fn run(out: &mut impl Write, root: &SysfsRoot, command: NvmeCommand) 
             }
             Ok(())
         }),
+        NvmeCommand::SmartLog { device, json } => with_controller(root, &device, |c| {
+            let s = c.smart_log()?;
+            if json {
+                writeln!(out, "{}", super::nvme_admin::smart_json(&s))?;
+            } else {
+                super::nvme_admin::write_smart(out, &s)?;
+            }
+            Ok(())
+        }),
+        NvmeCommand::ErrorLog { device, json } => with_controller(root, &device, |c| {
+            let list = c.error_log()?;
+            if json {
+                let v: Vec<Value> = list.iter().map(super::nvme_admin::error_json).collect();
+                writeln!(out, "{}", Value::Array(v))?;
+            } else {
+                super::nvme_admin::write_errors(out, &list)?;
+            }
+            Ok(())
+        }),
+        NvmeCommand::AdminPassthru { device, command } => {
+            // The arguments and the input file are checked before the device is touched.
+            let p = command.prepare()?;
+            with_controller(root, &device, |c| super::nvme_admin::passthru(out, c, &p))
+        }
         NvmeCommand::Read {
             device,
             lba,
@@ -239,13 +292,7 @@ pub(super) fn run(out: &mut impl Write, root: &SysfsRoot, command: NvmeCommand) 
             nsid,
             output,
         } => with_controller(root, &device, |c| {
-            let ns = c.namespace(nsid).ok_or_else(|| format!("no namespace {nsid}"))?;
-            let len = usize::try_from(blocks * u64::from(ns.block_size))?;
-            let buf = c.alloc_buffer(len)?;
-            let mut q = c.io_queue(8)?;
-            q.read(nsid, lba, blocks, &buf, 0)?;
-            let mut data = vec![0u8; len];
-            buf.read_at(0, &mut data).ok_or("buffer read out of range")?;
+            let data = super::nvme_transfer::read_blocks(c, nsid, lba, blocks)?;
             match output {
                 Some(p) => std::fs::write(&p, &data).map_err(|e| format!("{}: {e}", p.display()))?,
                 None => out.write_all(&data)?,
@@ -310,14 +357,7 @@ pub(super) fn run(out: &mut impl Write, root: &SysfsRoot, command: NvmeCommand) 
                 return Err("nothing to write (empty input)".into());
             }
             with_controller(root, &device, |c| {
-                let ns = c.namespace(nsid).ok_or_else(|| format!("no namespace {nsid}"))?;
-                let bs = ns.block_size as usize;
-                let blocks = data.len().div_ceil(bs);
-                let buf = c.alloc_buffer(blocks * bs)?;
-                buf.write_at(0, &data).ok_or("buffer write out of range")?;
-                let mut q = c.io_queue(8)?;
-                q.write(nsid, lba, blocks as u64, &buf, 0)?;
-                q.flush(nsid)?;
+                let (blocks, bs) = super::nvme_transfer::write_blocks(c, nsid, lba, &data)?;
                 writeln!(
                     out,
                     "wrote {} bytes ({blocks} blocks of {bs}) at LBA {lba} of namespace {nsid}",
