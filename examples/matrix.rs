@@ -292,6 +292,7 @@ fn hold(address: PciAddress, mode: Mode, bar_only: bool) -> Result<(), Vec<Strin
                         queues: 1,
                         duration: LIMIT,
                         nsid: 1,
+                        spin: None,
                     };
                     let h = thread::spawn(move || pcibus::nvme::perf::run(&c, &cfg, &p));
                     // Running before the script acts.

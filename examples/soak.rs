@@ -353,6 +353,7 @@ fn start_load(c: Controller<VfioBacking>, ledger: &Arc<Mutex<Ledger>>, rng: Rng)
         queues: 1,
         duration: Duration::from_secs(24 * 3600),
         nsid: 1,
+        spin: None,
     };
     let r = spawn("soak-reader", move || {
         let _ = pcibus::nvme::perf::run(&c, &cfg, &p);

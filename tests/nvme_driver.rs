@@ -520,6 +520,7 @@ fn perf_runs_without_errors() {
                 queues: 2,
                 duration: Duration::from_millis(300),
                 nsid: 1,
+                spin: None,
             },
             &Progress::default(),
         )
@@ -533,6 +534,47 @@ fn perf_runs_without_errors() {
             r.ios
         );
     }
+    assert_eq!(e.stats().bad_dma, 0);
+}
+
+// The hybrid wait (issue 15 §8): with completion interrupts, polling for a while after each
+// completion before sleeping; both the spinning and the sleeping paths complete I/O.
+#[test]
+fn perf_with_interrupts_polls_then_sleeps() {
+    use pcibus::nvme::perf::{PerfConfig, Progress, run};
+    let e = emu(EmuConfig::default());
+    let c = Controller::init(
+        e.clone(),
+        &Options {
+            interrupts: true,
+            ..quick()
+        },
+    )
+    .unwrap();
+    for spin in [
+        None,
+        Some(Duration::from_micros(50)),
+        Some(Duration::from_millis(5)),
+    ] {
+        let r = run(
+            &c,
+            &PerfConfig {
+                op: Op::Read,
+                random: true,
+                io_size: 4096,
+                queue_depth: 4,
+                queues: 1,
+                duration: Duration::from_millis(200),
+                nsid: 1,
+                spin,
+            },
+            &Progress::default(),
+        )
+        .unwrap();
+        assert!(r.ios > 0, "{spin:?}");
+        assert_eq!(r.errors, 0, "{spin:?}: {:?}", r.first_error);
+    }
+    assert!(e.stats().interrupts > 0);
     assert_eq!(e.stats().bad_dma, 0);
 }
 

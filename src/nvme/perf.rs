@@ -29,6 +29,12 @@ pub struct PerfConfig {
     pub duration: Duration,
     /// Namespace.
     pub nsid: u32,
+    /// With completion interrupts (the controller brought up with
+    /// [`Options::interrupts`](super::Options::interrupts)): keep polling this long after
+    /// the last completion before sleeping on the interrupt (a hybrid of polling and
+    /// sleeping, which gives a core back when the device is idle). `None`: sleep at once
+    /// (or, without interrupts, always poll).
+    pub spin: Option<Duration>,
 }
 
 /// Latencies, in a log-linear histogram of nanoseconds (16 sub-buckets per power of two:
@@ -292,8 +298,10 @@ fn one_queue<B: DeviceBacking>(
     let mut done_tags: Vec<u16> = Vec::with_capacity(usize::from(depth));
     let (mut ios, mut errors, mut lat) = (0u64, 0u64, 0u64);
     let mut stopping = false;
-    // With interrupts the thread sleeps until a completion instead of spinning.
+    // With interrupts the thread sleeps until a completion instead of spinning (after
+    // `spin` of polling, in the hybrid mode).
     let sleeps = queue.interrupt_fd().is_some();
+    let mut last_found = Instant::now();
     loop {
         let handle = |tag: u64, r: Result<(), NvmeError>| {
             let tag = tag as u16;
@@ -315,11 +323,15 @@ fn one_queue<B: DeviceBacking>(
             }
             done_tags.push(tag);
         };
-        let now_ok = if sleeps {
+        let spinning = config.spin.is_some_and(|spin| last_found.elapsed() < spin);
+        let now_ok = if sleeps && !spinning {
             queue.wait(Duration::from_millis(100), handle)
         } else {
             queue.poll(handle)
         };
+        if config.spin.is_some() && matches!(now_ok, Ok(n) if n > 0) {
+            last_found = Instant::now();
+        }
         if let Err(e) = now_ok {
             if result.first_error.is_none() {
                 result.first_error = Some(e.to_string());

@@ -114,6 +114,11 @@ pub(super) enum NvmeCommand {
         /// With --hotplug: milliseconds a returned device settles before it is attached.
         #[arg(long, default_value_t = 500)]
         settle_ms: u64,
+        /// With completion interrupts (`,interrupts=1`): keep polling this many
+        /// microseconds after the last completion before sleeping on the interrupt (the
+        /// hybrid of polling and sleeping). 0 sleeps at once.
+        #[arg(long, value_name = "US", default_value_t = 0)]
+        spin_us: u64,
     },
     /// SR-IOV on a PF: give the VFs' controllers queues and interrupt vectors
     /// (Virtualization Management), enable the VFs, set their controllers online, bind and
@@ -310,6 +315,7 @@ pub(super) fn run(out: &mut impl Write, root: &SysfsRoot, command: NvmeCommand) 
             json,
             hotplug,
             settle_ms,
+            spin_us,
         } => {
             let (op, random) = match rw {
                 Pattern::Read => (Op::Read, false),
@@ -328,6 +334,7 @@ pub(super) fn run(out: &mut impl Write, root: &SysfsRoot, command: NvmeCommand) 
                 queues,
                 duration: Duration::from_secs_f64(time),
                 nsid,
+                spin: (spin_us > 0).then(|| Duration::from_micros(spin_us)),
             };
             if hotplug {
                 let (result, h) = perf_hotplug(root, &device, &config, Duration::from_millis(settle_ms))?;

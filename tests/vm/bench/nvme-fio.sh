@@ -2,7 +2,8 @@
 # pcibus's NVMe driver against the kernel's, measured as the kernel is measured (issue 15
 # §8): fio on /dev/nvmeXn1 with io_uring, io_uring with polled completions (--hipri on a
 # poll queue), libaio and io_uring with a submission thread (sqpoll), against
-# `pcibus nvme perf` (one queue, polled) and pcibus with completion interrupts, 4 KiB
+# `pcibus nvme perf` (one queue, polled), pcibus with completion interrupts and pcibus
+# hybrid (interrupts, but polling 50 us after each completion before sleeping), 4 KiB
 # random reads at QD 1 and QD 32, in rounds that alternate the two so that TCG's drift
 # hits both alike. A benchmark, not a test of speed: it fails only when a run fails or
 # pcibus reports errors. Prints one `fio-table` line per run and a median table at the end.
@@ -56,11 +57,12 @@ fio_run() {
 	echo "${_iops%.*} $((${_p99:-0} / 1000))"
 }
 
-# pcibus_run NAME QD DEVARGS: one pcibus perf run (the controller taken to vfio-pci and
+# pcibus_run NAME QD DEVARGS [PERF ARGS]: one pcibus perf run (the controller taken to vfio-pci and
 # given back); prints "iops p99_us".
 pcibus_run() {
 	_n=$1 _qd=$2 _arg=$3
-	pcibus nvme perf "$pf$_arg" --rw randread --bs 4k --qd "$_qd" --time "$secs" --json --restore \
+	shift 3
+	pcibus nvme perf "$pf$_arg" --rw randread --bs 4k --qd "$_qd" --time "$secs" --json --restore "$@" \
 		>"$out/$_n-$_qd.json" 2>"$out/$_n-$_qd.err" ||
 		{ echo "FAIL: pcibus $_n qd $_qd: $(cat "$out/$_n-$_qd.err")"; return 1; }
 	grep -q '"errors":0' "$out/$_n-$_qd.json" || { echo "FAIL: pcibus $_n qd $_qd had errors"; return 1; }
@@ -71,7 +73,7 @@ pcibus_run() {
 
 for r in $(seq 1 "$rounds"); do
 	for qd in 1 32; do
-		for row in io_uring io_uring-hipri libaio io_uring-sqpoll pcibus pcibus-irq; do
+		for row in io_uring io_uring-hipri libaio io_uring-sqpoll pcibus pcibus-irq pcibus-hybrid; do
 			case $row in
 			io_uring) res=$(fio_run "$row" $qd --ioengine=io_uring) ;;
 			io_uring-hipri) res=$(fio_run "$row" $qd --ioengine=io_uring --hipri=1) ;;
@@ -79,6 +81,7 @@ for r in $(seq 1 "$rounds"); do
 			io_uring-sqpoll) res=$(fio_run "$row" $qd --ioengine=io_uring --sqthread_poll=1) ;;
 			pcibus) res=$(pcibus_run "$row" $qd "") ;;
 			pcibus-irq) res=$(pcibus_run "$row" $qd ",interrupts=1") ;;
+			pcibus-hybrid) res=$(pcibus_run "$row" $qd ",interrupts=1" --spin-us 50) ;;
 			esac
 			case $row in
 			pcibus*)
@@ -99,7 +102,7 @@ done
 # Medians over the rounds, per depth and row.
 echo "fio-summary: 4 KiB random reads, $rounds rounds of $secs s, median IOPS and p99 (us)"
 for qd in 1 32; do
-	for row in io_uring io_uring-hipri libaio io_uring-sqpoll pcibus pcibus-irq; do
+	for row in io_uring io_uring-hipri libaio io_uring-sqpoll pcibus pcibus-irq pcibus-hybrid; do
 		med() { awk -v q="$qd" -v r="$row" -v c="$1" '$1 == q && $2 == r { print $c }' "$out/all" | sort -n |
 			awk '{ v[NR] = $1 } END { if (NR) print v[int((NR + 1) / 2)] }'; }
 		echo "fio-summary qd=$qd row=$row iops=$(med 3) p99_us=$(med 4)"
