@@ -279,3 +279,45 @@ fn queued_requests_end_once_when_the_controller_is_reset() {
     q.read(1, 0, 1, &buf, 0).unwrap();
     assert_eq!(e.stats().bad_dma, 0);
 }
+
+#[test]
+fn a_request_sent_in_parts_that_times_out_sends_no_more_parts() {
+    // MDTS 8 KiB and one slot: a 64 KiB read is 8 commands sent one at a time. The first
+    // stalls past the timeout: the request ends with the timeout, its other 7 commands are
+    // never sent, and the request behind it goes on once the stalled command ends.
+    let e = emu(EmuConfig {
+        mdts: 1,
+        ..EmuConfig::default()
+    });
+    let c = Controller::init(
+        e.clone(),
+        &Options {
+            io_timeout: Duration::from_secs(1),
+            ..quick()
+        },
+    )
+    .unwrap();
+    let mut q = c.io_queue(2).unwrap();
+    let big = c.alloc_buffer(64 * 1024).unwrap();
+    let small = c.alloc_buffer(4096).unwrap();
+    e.inject(Fault::Stall {
+        command: CommandMatch::AnyIo,
+        count: 1,
+    });
+    q.submit(&IoRequest::read(1, 0, 128, &big, 0), 1).unwrap();
+    q.submit(&IoRequest::read(1, 0, 1, &small, 0), 2).unwrap();
+    assert_eq!(q.queued(), 2);
+    let got = collect(&mut q, 1);
+    assert_eq!(got[0].tag, 1);
+    assert!(matches!(got[0].result, Err(NvmeError::Timeout { .. })), "{got:?}");
+    assert_eq!(got[0].status, None);
+    assert_eq!(q.queued(), 1);
+    e.release_stalled();
+    let got = collect(&mut q, 1);
+    assert_eq!(got[0].tag, 2);
+    assert!(got[0].result.is_ok(), "{got:?}");
+    let reads = e.stats().io_commands.get(&pcibus::nvme::spec::io::READ).copied();
+    assert_eq!(reads, Some(2));
+    assert_eq!((q.outstanding(), q.queued()), (0, 0));
+    assert_eq!(e.stats().bad_dma, 0);
+}
