@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use pcibus::nvme::spec::{Completion, Status};
-use pcibus::nvme::{Controller, IoCompletion, IoRequest, NvmeError, Options};
+use pcibus::nvme::{Controller, IoCompletion, IoRequest, NvmeError, Options, Segment};
 use pcibus::testing::nvme::{CommandMatch, EmuConfig, EmulatedNvme, Fault};
 
 fn emu(config: EmuConfig) -> EmulatedNvme {
@@ -319,5 +319,129 @@ fn a_request_sent_in_parts_that_times_out_sends_no_more_parts() {
     let reads = e.stats().io_commands.get(&pcibus::nvme::spec::io::READ).copied();
     assert_eq!(reads, Some(2));
     assert_eq!((q.outstanding(), q.queued()), (0, 0));
+    assert_eq!(e.stats().bad_dma, 0);
+}
+
+fn writes(e: &EmulatedNvme) -> u64 {
+    let w = e.stats().io_commands.get(&pcibus::nvme::spec::io::WRITE).copied();
+    w.unwrap_or(0)
+}
+
+#[test]
+fn writev_and_readv_send_one_command_over_segments_prps_can_chain() {
+    // 3,584 bytes ending on a page boundary, two whole pages, then 1,024 bytes from a page
+    // start: one PRP list describes all of it, so one command.
+    let e = emu(EmuConfig::default());
+    let c = up(&e);
+    let mut q = c.io_queue(8).unwrap();
+    let (a, b, d) = (
+        c.alloc_buffer(4096).unwrap(),
+        c.alloc_buffer(8192).unwrap(),
+        c.alloc_buffer(4096).unwrap(),
+    );
+    let data = pattern(3584 + 8192 + 1024, 9);
+    a.write_at(512, &data[..3584]).unwrap();
+    b.write_at(0, &data[3584..3584 + 8192]).unwrap();
+    d.write_at(0, &data[3584 + 8192..]).unwrap();
+    let segs = [
+        Segment::new(&a, 512, 3584),
+        Segment::new(&b, 0, 8192),
+        Segment::new(&d, 0, 1024),
+    ];
+    let before = writes(&e);
+    q.writev(1, 40, 25, &segs).unwrap();
+    assert_eq!(writes(&e) - before, 1);
+    // Read back into one buffer, and scattered into others.
+    let whole = c.alloc_buffer(16384).unwrap();
+    q.read(1, 40, 25, &whole, 0).unwrap();
+    let mut back = vec![0u8; data.len()];
+    whole.read_at(0, &mut back).unwrap();
+    assert!(back == data);
+    let (x, y) = (c.alloc_buffer(8192).unwrap(), c.alloc_buffer(12288).unwrap());
+    q.readv(
+        1,
+        40,
+        25,
+        &[
+            Segment::new(&x, 4096, 4096),
+            Segment::new(&y, 0, data.len() - 4096),
+        ],
+    )
+    .unwrap();
+    let mut back = vec![0u8; data.len()];
+    x.read_at(4096, &mut back[..4096]).unwrap();
+    y.read_at(0, &mut back[4096..]).unwrap();
+    assert!(back == data);
+    assert_eq!(e.stats().bad_dma, 0);
+}
+
+#[test]
+fn segments_prps_cannot_chain_are_split_into_commands_at_their_boundary() {
+    let e = emu(EmuConfig::default());
+    let c = up(&e);
+    let mut q = c.io_queue(8).unwrap();
+    let (a, b) = (c.alloc_buffer(4096).unwrap(), c.alloc_buffer(4096).unwrap());
+    // The first segment ends mid-page: two commands, one per segment.
+    a.write_at(0, &pattern(512, 1)).unwrap();
+    b.write_at(100, &pattern(1024, 2)).unwrap();
+    let before = writes(&e);
+    q.writev(1, 7, 3, &[Segment::new(&a, 0, 512), Segment::new(&b, 100, 1024)])
+        .unwrap();
+    assert_eq!(writes(&e) - before, 2);
+    let whole = c.alloc_buffer(4096).unwrap();
+    q.read(1, 7, 3, &whole, 0).unwrap();
+    let mut back = vec![0u8; 1536];
+    whole.read_at(0, &mut back).unwrap();
+    assert_eq!(back[..512], pattern(512, 1)[..]);
+    assert_eq!(back[512..], pattern(1024, 2)[..]);
+    assert_eq!(e.stats().bad_dma, 0);
+}
+
+#[test]
+fn segments_that_neither_chain_nor_end_on_a_block_are_refused() {
+    let e = emu(EmuConfig::default());
+    let c = up(&e);
+    let mut q = c.io_queue(8).unwrap();
+    let (a, b) = (c.alloc_buffer(4096).unwrap(), c.alloc_buffer(4096).unwrap());
+    // A boundary at byte 100 of the transfer: neither page aligned nor a block boundary.
+    let err = q
+        .writev(1, 0, 1, &[Segment::new(&a, 0, 100), Segment::new(&b, 0, 412)])
+        .unwrap_err();
+    assert!(matches!(err, NvmeError::Invalid(_)), "{err}");
+    assert!(err.to_string().contains("byte 100"), "{err}");
+    // Lengths that do not add up to the blocks.
+    let err = q.writev(1, 0, 2, &[Segment::new(&a, 0, 512)]).unwrap_err();
+    assert!(matches!(err, NvmeError::Invalid(_)), "{err}");
+    // Past the buffer's end.
+    let err = q.readv(1, 0, 2, &[Segment::new(&a, 4000, 1024)]).unwrap_err();
+    assert!(matches!(err, NvmeError::Invalid(_)), "{err}");
+    assert_eq!(q.outstanding(), 0);
+}
+
+#[test]
+fn a_vectored_request_larger_than_the_queue_goes_through_the_software_queue() {
+    // MDTS 8 KiB, 3 slots: 64 KiB over 16 page-sized segments is 8 commands.
+    let e = emu(EmuConfig {
+        mdts: 1,
+        ..EmuConfig::default()
+    });
+    let c = up(&e);
+    let mut q = c.io_queue(4).unwrap();
+    let bufs: Vec<_> = (0..16)
+        .map(|i| {
+            let b = c.alloc_buffer(4096).unwrap();
+            b.write_at(0, &pattern(4096, i)).unwrap();
+            b
+        })
+        .collect();
+    let segs: Vec<_> = bufs.iter().map(|b| Segment::new(b, 0, 4096)).collect();
+    q.writev(1, 1000, 128, &segs).unwrap();
+    let whole = c.alloc_buffer(65536).unwrap();
+    q.read(1, 1000, 128, &whole, 0).unwrap();
+    for i in 0..16 {
+        let mut back = vec![0u8; 4096];
+        whole.read_at(i * 4096, &mut back).unwrap();
+        assert_eq!(back, pattern(4096, i as u8), "segment {i}");
+    }
     assert_eq!(e.stats().bad_dma, 0);
 }

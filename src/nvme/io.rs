@@ -1,4 +1,26 @@
 //! I/O queue pairs: requests in, completions out, on the thread that owns the queue.
+//!
+//! # Not yet done (issue 15 §7), and how it would fit
+//!
+//! - SGLs: vectored requests ([`IoQueue::submit_readv`]) use PRP lists, split at segment
+//!   boundaries PRPs cannot chain. Where Identify Controller's SGLS field offers SGLs, a
+//!   Data Block descriptor per segment (PSDT in CDW0 bits 15:14, a Last Segment descriptor
+//!   in the slot's list page) would lift the page-alignment rule; the emulated controller
+//!   refuses SGLs today (Invalid Field), so this needs emulator support first.
+//! - Registering application memory for DMA (as `spdk_mem_register`): a
+//!   `DeviceBacking::register_dma(&self, memory) -> Result<Self::Dma, BackingError>`
+//!   defaulting to Unsupported, implemented by VFIO (`VFIO_IOMMU_MAP_DMA` of the caller's
+//!   pages, unmapped on drop) and by the emulator (entered in its table of live
+//!   allocations, so DMA lookups find it). The registration would be a [`Buffer`] like any
+//!   other: the queue holds an `Arc` of it while a command may reach it, so the owned.rs
+//!   rule (released only with a proof) covers it unchanged; the memory itself must be owned
+//!   by the registration (a `Box<[u8]>` or mapping moved into it), since a borrow cannot
+//!   outlive an abandoned command.
+//! - Zero-copy `&[u8]`/`&mut [u8]` of a buffer: `Arc::get_mut` on a [`Buffer`] proves no
+//!   queue holds it (a command in flight, or abandoned, keeps a clone), but the IOMMU
+//!   mapping stays: a device that misbehaves, or memory parked after a failed queue
+//!   deletion, could still write it, and a Rust reference to memory changed behind it is
+//!   undefined behaviour. So bytes go through `read_at`/`write_at` (volatile copies) only.
 
 use std::cell::Cell;
 use std::collections::VecDeque;
@@ -167,7 +189,9 @@ struct Request<B: DeviceBacking> {
     // The caller has its result (a timeout); the request waits only for its abandoned
     // commands to end, holding the buffer until they do.
     ended: bool,
-    buffer: Option<DeviceOwned<Buffer<B>>>,
+    buffer: Option<DeviceOwned<Held<B>>>,
+    // The commands of a vectored request (readv/writev), planned at submission.
+    plan: Option<Box<Plan>>,
     // Whether a command of it was ever written to the SQ (its buffer named by one).
     sent: bool,
     // The completion that ended it: dword 0 and status.
@@ -375,6 +399,162 @@ fn abandoned_done<B: DeviceBacking>(
     }
 }
 
+/// One piece of a vectored request's data: `len` bytes of `buffer` from `offset`
+/// ([`IoQueue::submit_readv`], [`IoQueue::submit_writev`]).
+#[derive(Debug)]
+pub struct Segment<'a, B: DeviceBacking> {
+    /// The buffer.
+    pub buffer: &'a Buffer<B>,
+    /// Where the piece starts in it (4-byte aligned).
+    pub offset: usize,
+    /// Its length in bytes (a multiple of 4).
+    pub len: usize,
+}
+
+impl<B: DeviceBacking> Clone for Segment<'_, B> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<B: DeviceBacking> Copy for Segment<'_, B> {}
+
+impl<'a, B: DeviceBacking> Segment<'a, B> {
+    /// `len` bytes of `buffer` from `offset`.
+    pub fn new(buffer: &'a Buffer<B>, offset: usize, len: usize) -> Self {
+        Segment { buffer, offset, len }
+    }
+}
+
+// Where a request's data is.
+#[derive(Clone, Copy)]
+enum Data<'a, B: DeviceBacking> {
+    None,
+    Contiguous(&'a Buffer<B>, usize),
+    Vectored(&'a [Segment<'a, B>]),
+}
+
+// The buffers a request holds while the controller may reach them (held, never read:
+// dropping them, with a proof, is the release).
+enum Held<B: DeviceBacking> {
+    One(#[allow(dead_code)] Buffer<B>),
+    Many(#[allow(dead_code)] Vec<Buffer<B>>),
+}
+
+// The commands of a vectored request: each (first block, blocks, its range in `pieces`),
+// and `pieces` as (IOVA, bytes), each command's own.
+struct Plan {
+    cmds: Vec<(u64, u64, (u32, u32))>,
+    pieces: Vec<(u64, u64)>,
+}
+
+impl Plan {
+    // Cuts the segments into commands of at most `per_cmd` blocks of `bs` bytes, chaining
+    // segments in one PRP list where PRPs allow (the previous piece ends on a page, the
+    // next starts on one), else cutting at the boundary if it falls on a block.
+    fn new<B: DeviceBacking>(
+        segments: &[Segment<'_, B>],
+        lba: u64,
+        blocks: u64,
+        bs: u64,
+        per_cmd: u64,
+        op: Op,
+    ) -> Result<Plan, NvmeError> {
+        let invalid = |why: String| NvmeError::Invalid(format!("vectored {}: {why}", op.name()));
+        let mut total = 0u64;
+        for (i, s) in segments.iter().enumerate() {
+            if !s.offset.is_multiple_of(4)
+                || !s.len.is_multiple_of(4)
+                || s.len == 0
+                || s.offset.checked_add(s.len).is_none_or(|end| end > s.buffer.len())
+            {
+                return Err(invalid(format!(
+                    "segment {i} ({} bytes at offset {}) does not fit its {}-byte buffer, or is empty or not \
+                     4-byte aligned",
+                    s.len,
+                    s.offset,
+                    s.buffer.len()
+                )));
+            }
+            total += s.len as u64;
+        }
+        if blocks.checked_mul(bs) != Some(total) {
+            return Err(invalid(format!(
+                "the segments hold {total} bytes, {blocks} blocks of {bs} need {}",
+                blocks.saturating_mul(bs)
+            )));
+        }
+        let max_bytes = per_cmd * bs;
+        let mut plan = Plan {
+            cmds: Vec::new(),
+            pieces: Vec::with_capacity(segments.len()),
+        };
+        let (mut at, mut first, mut bytes, mut stream) = (lba, 0usize, 0u64, 0u64);
+        let mut close = |plan: &mut Plan, first: &mut usize, bytes: &mut u64| {
+            let n = *bytes / bs;
+            plan.cmds.push((at, n, (*first as u32, plan.pieces.len() as u32)));
+            at += n;
+            *first = plan.pieces.len();
+            *bytes = 0;
+        };
+        for s in segments {
+            let (mut iova, mut len) = (s.buffer.iova() + s.offset as u64, s.len as u64);
+            if bytes > 0 {
+                let (prev, prev_len) = plan.pieces[plan.pieces.len() - 1];
+                if (prev + prev_len) % PAGE != 0 || iova % PAGE != 0 {
+                    if bytes % bs != 0 {
+                        return Err(invalid(format!(
+                            "the segment boundary at byte {stream} of the transfer is neither on a page \
+                             boundary (for a PRP list) nor on a block boundary (to split the request there)"
+                        )));
+                    }
+                    close(&mut plan, &mut first, &mut bytes);
+                }
+            }
+            while len > 0 {
+                let take = len.min(max_bytes - bytes);
+                plan.pieces.push((iova, take));
+                (iova, len, bytes, stream) = (iova + take, len - take, bytes + take, stream + take);
+                if bytes == max_bytes {
+                    close(&mut plan, &mut first, &mut bytes);
+                }
+            }
+        }
+        if bytes > 0 {
+            close(&mut plan, &mut first, &mut bytes);
+        }
+        Ok(plan)
+    }
+}
+
+// PRP1 and PRP2 for `pieces` (IOVA, bytes): every piece but the first starts on a page,
+// every one but the last ends on one. Slot `cid`'s page of `list` holds the list when
+// more than two pages are touched.
+fn prps_pieces<D: DmaMemory>(list: &SharedDma<D>, cid: u16, pieces: &[(u64, u64)]) -> (u64, u64) {
+    let Some(&(prp1, _)) = pieces.first() else {
+        return (0, 0);
+    };
+    let page = usize::from(cid) * PAGE as usize;
+    let (mut entries, mut second) = (0usize, 0u64);
+    for (i, &(iova, len)) in pieces.iter().enumerate() {
+        let end = iova + len;
+        // The first piece's first page is PRP1; every other page start goes in the list.
+        let mut p = if i == 0 { iova - iova % PAGE + PAGE } else { iova };
+        while p < end {
+            if entries == 0 {
+                second = p;
+            }
+            let _ = list.write::<u64>(page + 8 * entries, p);
+            entries += 1;
+            p += PAGE;
+        }
+    }
+    match entries {
+        0 => (prp1, 0),
+        1 => (prp1, second),
+        _ => (prp1, list.iova() + page as u64),
+    }
+}
+
 // PRP1 and PRP2 for `len` bytes at `iova` (contiguous), using slot `cid`'s page of `list`
 // when more than two pages are touched.
 #[inline]
@@ -543,23 +723,63 @@ impl<B: DeviceBacking> IoQueue<B> {
     /// Fails at once (nothing queued) when the request is invalid (namespace, range, a
     /// buffer too small or not dword-aligned), or with [`NvmeError::QueueFull`] when it
     /// would have to wait and the software queue is full or off (poll, then retry).
+    #[inline]
     pub fn submit(&mut self, request: &IoRequest<'_, B>, tag: u64) -> Result<(), NvmeError> {
+        let data = match request.buffer {
+            Some((b, o)) => Data::Contiguous(b, o),
+            None => Data::None,
+        };
+        self.submit_data(request.op, request.nsid, request.lba, request.blocks, data, tag)
+    }
+
+    /// Queues a read of `blocks` blocks at `lba` into `segments`, in order (scatter): as
+    /// [`submit`](Self::submit). Segments chain in one command's PRP list where PRPs allow
+    /// (every segment but the first starts on a page, every one but the last ends on one);
+    /// elsewhere the request is split into commands at the segment boundary, which must then
+    /// fall on a block boundary of the transfer, or the request is refused.
+    pub fn submit_readv(
+        &mut self,
+        nsid: u32,
+        lba: u64,
+        blocks: u64,
+        segments: &[Segment<'_, B>],
+        tag: u64,
+    ) -> Result<(), NvmeError> {
+        self.submit_data(Op::Read, nsid, lba, blocks, Data::Vectored(segments), tag)
+    }
+
+    /// Queues a write of `blocks` blocks at `lba` from `segments`, in order (gather): as
+    /// [`submit_readv`](Self::submit_readv).
+    pub fn submit_writev(
+        &mut self,
+        nsid: u32,
+        lba: u64,
+        blocks: u64,
+        segments: &[Segment<'_, B>],
+        tag: u64,
+    ) -> Result<(), NvmeError> {
+        self.submit_data(Op::Write, nsid, lba, blocks, Data::Vectored(segments), tag)
+    }
+
+    #[inline]
+    fn submit_data(
+        &mut self,
+        op: Op,
+        nsid: u32,
+        lba: u64,
+        blocks: u64,
+        data_in: Data<'_, B>,
+        tag: u64,
+    ) -> Result<(), NvmeError> {
         self.check_alive()?;
         if self.shared.generation.load(Ordering::Acquire) != self.generation {
             return Err(NvmeError::Reset(
                 "the controller was reset: poll the queue (it creates itself again)".into(),
             ));
         }
-        let IoRequest {
-            op,
-            nsid,
-            lba,
-            blocks,
-            buffer,
-        } = *request;
-        let (buffer, offset) = match buffer {
-            Some((b, o)) => (Some(b), o),
-            None => (None, 0),
+        let (buffer, offset) = match data_in {
+            Data::Contiguous(b, o) => (Some(b), o),
+            Data::None | Data::Vectored(_) => (None, 0),
         };
         let ns = self
             .shared
@@ -591,7 +811,11 @@ impl<B: DeviceBacking> IoQueue<B> {
             )));
         }
         let data = matches!(op, Op::Read | Op::Write);
-        if data {
+        let vectored = match data_in {
+            Data::Vectored(segments) if data => Some(segments),
+            _ => None,
+        };
+        if data && vectored.is_none() {
             let Some(buf) = buffer else {
                 return Err(NvmeError::Invalid(format!("{} needs a buffer", op.name())));
             };
@@ -630,7 +854,13 @@ impl<B: DeviceBacking> IoQueue<B> {
                 .fold(u64::from(u32::MAX), u64::min),
             Op::Flush => u64::MAX,
         };
-        let parts = if op == Op::Flush || blocks <= per_cmd {
+        let plan = match vectored {
+            Some(segments) => Some(Box::new(Plan::new(segments, lba, blocks, bs, per_cmd, op)?)),
+            None => None,
+        };
+        let parts = if let Some(plan) = &plan {
+            plan.cmds.len() as u64
+        } else if op == Op::Flush || blocks <= per_cmd {
             1
         } else {
             blocks.div_ceil(per_cmd)
@@ -657,7 +887,16 @@ impl<B: DeviceBacking> IoQueue<B> {
             error: None,
             deadline: Duration::ZERO,
             ended: false,
-            buffer: buffer.filter(|_| data).map(|b| DeviceOwned::new(Arc::clone(b))),
+            buffer: match (&plan, buffer) {
+                (Some(_), _) => vectored.map(|segments| {
+                    DeviceOwned::new(Held::Many(
+                        segments.iter().map(|s| Arc::clone(s.buffer)).collect(),
+                    ))
+                }),
+                (None, Some(b)) if data => Some(DeviceOwned::new(Held::One(Arc::clone(b)))),
+                _ => None,
+            },
+            plan,
             sent: false,
             cdw0: 0,
             status: Status::SUCCESS,
@@ -707,7 +946,15 @@ impl<B: DeviceBacking> IoQueue<B> {
         req.sent = true;
         req.deadline = now.saturating_add(self.shared.io_timeout);
         for _ in 0..n_cmds {
-            let n = rest.per_cmd.min(rest.blocks).max(1);
+            // The next command: from the plan of a vectored request, else the next
+            // `per_cmd` blocks.
+            let (slba, n, pieces) = match &req.plan {
+                Some(plan) => {
+                    let (slba, n, pieces) = plan.cmds[plan.cmds.len() - rest.commands as usize];
+                    (slba, n, Some(pieces))
+                }
+                None => (rest.lba, rest.per_cmd.min(rest.blocks).max(1), None),
+            };
             let cid = self.free_cids.pop().unwrap_or_default();
             let mut cmd = Command::new(match op {
                 Op::Read => io::READ,
@@ -718,7 +965,6 @@ impl<B: DeviceBacking> IoQueue<B> {
             });
             cmd.cid = cid;
             cmd.nsid = rest.nsid;
-            let slba = rest.lba;
             match op {
                 Op::Read | Op::Write | Op::WriteZeroes => {
                     cmd.cdw[0] = slba as u32;
@@ -730,7 +976,10 @@ impl<B: DeviceBacking> IoQueue<B> {
                     if rest.reftag {
                         cmd.cdw[4] = slba as u32;
                     }
-                    if op != Op::WriteZeroes {
+                    if let (Some((from, to)), Some(plan)) = (pieces, &req.plan) {
+                        let pieces = &plan.pieces[from as usize..to as usize];
+                        (cmd.prp1, cmd.prp2) = prps_pieces(&self.prp, cid, pieces);
+                    } else if op != Op::WriteZeroes {
                         let len = n * rest.block_size;
                         (cmd.prp1, cmd.prp2) = prps(&self.prp, cid, rest.iova, len);
                         rest.iova += len;
@@ -757,7 +1006,7 @@ impl<B: DeviceBacking> IoQueue<B> {
             };
             // Cannot fail: the caller checked the free slots.
             self.ring.push(&cmd);
-            rest.lba += n;
+            rest.lba = slba + n;
             rest.blocks = rest.blocks.saturating_sub(n);
             rest.commands -= 1;
         }
@@ -1179,13 +1428,17 @@ impl<B: DeviceBacking> IoQueue<B> {
     /// Submits one request and waits for it (polling), on a queue with nothing else
     /// outstanding.
     pub fn run(&mut self, request: &IoRequest<'_, B>) -> Result<(), NvmeError> {
+        self.run_with(|q| q.submit(request, 0))
+    }
+
+    fn run_with(&mut self, submit: impl FnOnce(&mut Self) -> Result<(), NvmeError>) -> Result<(), NvmeError> {
         if self.outstanding != 0 {
             return Err(NvmeError::Invalid(format!(
                 "queue {}: {} requests outstanding; run() needs an idle queue",
                 self.ring.qid, self.outstanding
             )));
         }
-        self.submit(request, 0)?;
+        submit(self)?;
         self.ring()?;
         let mut result = None;
         let mut spins = 0u32;
@@ -1275,6 +1528,30 @@ impl<B: DeviceBacking> IoQueue<B> {
         offset: usize,
     ) -> Result<(), NvmeError> {
         self.run(&IoRequest::write(nsid, lba, blocks, buffer, offset))
+    }
+
+    /// Reads `blocks` blocks at `lba` into `segments` in order, waiting for them (see
+    /// [`submit_readv`](Self::submit_readv)).
+    pub fn readv(
+        &mut self,
+        nsid: u32,
+        lba: u64,
+        blocks: u64,
+        segments: &[Segment<'_, B>],
+    ) -> Result<(), NvmeError> {
+        self.run_with(|q| q.submit_readv(nsid, lba, blocks, segments, 0))
+    }
+
+    /// Writes `blocks` blocks at `lba` from `segments` in order, waiting for them (see
+    /// [`submit_writev`](Self::submit_writev)).
+    pub fn writev(
+        &mut self,
+        nsid: u32,
+        lba: u64,
+        blocks: u64,
+        segments: &[Segment<'_, B>],
+    ) -> Result<(), NvmeError> {
+        self.run_with(|q| q.submit_writev(nsid, lba, blocks, segments, 0))
     }
 
     /// Flushes namespace `nsid`, waiting for it.

@@ -47,7 +47,7 @@ pub mod spec;
 pub mod sriov;
 
 pub use controller::{Controller, ControllerInfo, Namespace, Options};
-pub use io::{Buffer, DEFAULT_QUEUE_LIMIT, IoCompletion, IoQueue, IoRequest, Op};
+pub use io::{Buffer, DEFAULT_QUEUE_LIMIT, IoCompletion, IoQueue, IoRequest, Op, Segment};
 
 use spec::{IdentifyError, Status};
 
