@@ -1,6 +1,29 @@
 //! I/O queue pairs: requests in, completions out, on the thread that owns the queue.
+//!
+//! # Not yet done (issue 15 §7), and how it would fit
+//!
+//! - SGLs: vectored requests ([`IoQueue::submit_readv`]) use PRP lists, split at segment
+//!   boundaries PRPs cannot chain. Where Identify Controller's SGLS field offers SGLs, a
+//!   Data Block descriptor per segment (PSDT in CDW0 bits 15:14, a Last Segment descriptor
+//!   in the slot's list page) would lift the page-alignment rule; the emulated controller
+//!   refuses SGLs today (Invalid Field), so this needs emulator support first.
+//! - Registering application memory for DMA (as `spdk_mem_register`): a
+//!   `DeviceBacking::register_dma(&self, memory) -> Result<Self::Dma, BackingError>`
+//!   defaulting to Unsupported, implemented by VFIO (`VFIO_IOMMU_MAP_DMA` of the caller's
+//!   pages, unmapped on drop) and by the emulator (entered in its table of live
+//!   allocations, so DMA lookups find it). The registration would be a [`Buffer`] like any
+//!   other: the queue holds an `Arc` of it while a command may reach it, so the owned.rs
+//!   rule (released only with a proof) covers it unchanged; the memory itself must be owned
+//!   by the registration (a `Box<[u8]>` or mapping moved into it), since a borrow cannot
+//!   outlive an abandoned command.
+//! - Zero-copy `&[u8]`/`&mut [u8]` of a buffer: `Arc::get_mut` on a [`Buffer`] proves no
+//!   queue holds it (a command in flight, or abandoned, keeps a clone), but the IOMMU
+//!   mapping stays: a device that misbehaves, or memory parked after a failed queue
+//!   deletion, could still write it, and a Rust reference to memory changed behind it is
+//!   undefined behaviour. So bytes go through `read_at`/`write_at` (volatile copies) only.
 
 use std::cell::Cell;
+use std::collections::VecDeque;
 use std::marker::PhantomData;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -13,7 +36,7 @@ use std::os::fd::{AsFd, BorrowedFd};
 use super::controller::{PAGE, QueueRegs, Shared, check_status};
 use super::owned::{DeviceOwned, Released, SharedDma};
 use super::queue::{Doorbells, Ring, write_cq_doorbell, write_sq_doorbell};
-use super::spec::{Command, Completion, admin, io, oncs};
+use super::spec::{Command, Completion, Status, admin, io, oncs};
 use super::{Dma, NvmeError};
 use crate::barrier;
 use crate::bus::backing::{DeviceBacking, DmaMemory};
@@ -157,24 +180,103 @@ const FREE_SLOT: Slot = Slot {
 struct Request<B: DeviceBacking> {
     tag: u64,
     op: Op,
+    // Commands on the controller (written to the SQ, not yet completed).
     parts: u32,
     error: Option<NvmeError>,
-    // On the coarse monotonic clock (`coarse_now`).
+    // On the coarse monotonic clock (`coarse_now`): a timeout after the latest command of
+    // the request was written to the SQ (the wait in the software queue does not count).
     deadline: Duration,
     // The caller has its result (a timeout); the request waits only for its abandoned
     // commands to end, holding the buffer until they do.
     ended: bool,
-    buffer: Option<DeviceOwned<Buffer<B>>>,
+    buffer: Option<DeviceOwned<Held<B>>>,
+    // The commands of a vectored request (readv/writev), planned at submission.
+    plan: Option<Box<Plan>>,
+    // Whether a command of it was ever written to the SQ (its buffer named by one).
+    sent: bool,
+    // The completion that ended it: dword 0 and status.
+    cdw0: u32,
+    status: Status,
+    // What is still to be written to the SQ (the software queue's part).
+    rest: Rest,
 }
+
+// The commands of a request not yet written to the SQ: `commands` more, from block `lba`,
+// `blocks` blocks in all, data at `iova` onwards.
+#[derive(Debug, Clone, Copy)]
+struct Rest {
+    commands: u32,
+    nsid: u32,
+    lba: u64,
+    blocks: u64,
+    per_cmd: u64,
+    block_size: u64,
+    iova: u64,
+    prinfo: u32,
+    reftag: bool,
+}
+
+/// How a request ended, as [`IoQueue::poll_completions`] reports it.
+///
+/// For a request the driver split into several commands (a transfer above the controller's
+/// limit, or a request the software queue sent in parts), `cdw0` and `status` are those of
+/// the first command that failed, or, when all succeeded, of the command whose completion
+/// ended the request (the last to complete, which with out-of-order completions need not
+/// be the one with the highest LBA).
+#[derive(Debug)]
+#[non_exhaustive]
+pub struct IoCompletion {
+    /// The tag given to [`IoQueue::submit`].
+    pub tag: u64,
+    /// The result: an error for a failed command ([`NvmeError::Command`] with the same
+    /// status as below), a timeout, a reset or a removal.
+    pub result: Result<(), NvmeError>,
+    /// Dword 0 of the completion (command specific).
+    pub cdw0: u32,
+    /// The completion's status field, phase tag excluded: status code and type, More, Do
+    /// Not Retry. `None` when the request ended without a completion from the controller
+    /// (timeout, reset, removal); `cdw0` is then 0.
+    pub status: Option<Status>,
+}
+
+impl IoCompletion {
+    // Ended without a completion from the controller.
+    fn without_status(tag: u64, e: NvmeError) -> Self {
+        IoCompletion {
+            tag,
+            result: Err(e),
+            cdw0: 0,
+            status: None,
+        }
+    }
+}
+
+/// Requests the software queue of an [`IoQueue`] holds by default: see
+/// [`IoQueue::set_queue_limit`].
+pub const DEFAULT_QUEUE_LIMIT: usize = 1024;
 
 /// An I/O submission/completion queue pair, owned by one thread (`Send`, not `Sync`): the
 /// I/O path takes no lock shared with other queues.
 ///
-/// Requests carry a caller's `tag`, returned with their result by [`poll`](Self::poll).
-/// [`submit`](Self::submit) only writes entries; one doorbell tells the controller of a
-/// whole batch ([`ring`](Self::ring), or the next `poll`). A request larger than the
-/// controller's transfer limit is split into several commands and completes once all
-/// have.
+/// Requests carry a caller's `tag`, returned with their result by [`poll`](Self::poll)
+/// (or with dword 0 and the status of their completion by
+/// [`poll_completions`](Self::poll_completions)). [`submit`](Self::submit) only writes
+/// entries; one doorbell tells the controller of a whole batch ([`ring`](Self::ring), or
+/// the next `poll`). A request larger than the controller's transfer limit is split into
+/// several commands and completes once all have.
+///
+/// # Software queueing
+///
+/// When the submission queue has too few free slots for a request, or requests wait
+/// already, the request waits in a software queue, in submission order, and `poll` writes
+/// its commands to the submission queue as slots free — as SPDK does. A request needing
+/// more commands than the whole queue has slots (a large transfer) is sent in parts this
+/// way. A waiting request holds its buffer like one on the controller. The software queue
+/// holds at most [`DEFAULT_QUEUE_LIMIT`] requests unless
+/// [`set_queue_limit`](Self::set_queue_limit) says otherwise (0 turns it off: a request
+/// that does not fit fails at once); past it, `submit` fails with
+/// [`NvmeError::QueueFull`]. A request's timeout runs from the latest of its commands
+/// written to the submission queue, not from `submit`.
 ///
 /// # Dropping
 ///
@@ -197,6 +299,10 @@ pub struct IoQueue<B: DeviceBacking> {
     requests: Vec<Option<Request<B>>>,
     free_requests: Vec<u32>,
     outstanding: usize,
+    // Requests (indexes into `requests`) with commands not yet written to the SQ, oldest
+    // first; at most `queue_limit`.
+    pending: VecDeque<u32>,
+    queue_limit: usize,
     dead: Option<String>,
     // Polls since the clock was last read, and when (coarse clock) the controller's
     // status and the deadlines are next checked: an empty poll reads no clock.
@@ -293,6 +399,183 @@ fn abandoned_done<B: DeviceBacking>(
     }
 }
 
+/// One piece of a vectored request's data: `len` bytes of `buffer` from `offset`
+/// ([`IoQueue::submit_readv`], [`IoQueue::submit_writev`]).
+#[derive(Debug)]
+pub struct Segment<'a, B: DeviceBacking> {
+    /// The buffer.
+    pub buffer: &'a Buffer<B>,
+    /// Where the piece starts in it (4-byte aligned).
+    pub offset: usize,
+    /// Its length in bytes (a multiple of 4).
+    pub len: usize,
+}
+
+impl<B: DeviceBacking> Clone for Segment<'_, B> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<B: DeviceBacking> Copy for Segment<'_, B> {}
+
+impl<'a, B: DeviceBacking> Segment<'a, B> {
+    /// `len` bytes of `buffer` from `offset`.
+    pub fn new(buffer: &'a Buffer<B>, offset: usize, len: usize) -> Self {
+        Segment { buffer, offset, len }
+    }
+}
+
+// Where a request's data is.
+#[derive(Clone, Copy)]
+enum Data<'a, B: DeviceBacking> {
+    None,
+    Contiguous(&'a Buffer<B>, usize),
+    Vectored(&'a [Segment<'a, B>]),
+}
+
+// The buffers a request holds while the controller may reach them (held, never read:
+// dropping them, with a proof, is the release).
+enum Held<B: DeviceBacking> {
+    One(#[allow(dead_code)] Buffer<B>),
+    Many(#[allow(dead_code)] Vec<Buffer<B>>),
+}
+
+// The commands of a vectored request: each (first block, blocks, its range in `pieces`),
+// and `pieces` as (IOVA, bytes), each command's own.
+struct Plan {
+    cmds: Vec<(u64, u64, (u32, u32))>,
+    pieces: Vec<(u64, u64)>,
+}
+
+impl Plan {
+    // Cuts the segments into commands of at most `per_cmd` blocks of `bs` bytes, chaining
+    // segments in one PRP list where PRPs allow (the previous piece ends on a page, the
+    // next starts on one), else cutting at the boundary if it falls on a block.
+    fn new<B: DeviceBacking>(
+        segments: &[Segment<'_, B>],
+        lba: u64,
+        blocks: u64,
+        bs: u64,
+        per_cmd: u64,
+        op: Op,
+    ) -> Result<Plan, NvmeError> {
+        let invalid = |why: String| NvmeError::Invalid(format!("vectored {}: {why}", op.name()));
+        let mut total = 0u64;
+        for (i, s) in segments.iter().enumerate() {
+            if !s.offset.is_multiple_of(4)
+                || !s.len.is_multiple_of(4)
+                || s.len == 0
+                || s.offset.checked_add(s.len).is_none_or(|end| end > s.buffer.len())
+            {
+                return Err(invalid(format!(
+                    "segment {i} ({} bytes at offset {}) does not fit its {}-byte buffer, or is empty or not \
+                     4-byte aligned",
+                    s.len,
+                    s.offset,
+                    s.buffer.len()
+                )));
+            }
+            total += s.len as u64;
+        }
+        if blocks.checked_mul(bs) != Some(total) {
+            return Err(invalid(format!(
+                "the segments hold {total} bytes, {blocks} blocks of {bs} need {}",
+                blocks.saturating_mul(bs)
+            )));
+        }
+        let max_bytes = per_cmd * bs;
+        let mut plan = Plan {
+            cmds: Vec::new(),
+            pieces: Vec::with_capacity(segments.len()),
+        };
+        let (mut at, mut first, mut bytes, mut stream) = (lba, 0usize, 0u64, 0u64);
+        let mut close = |plan: &mut Plan, first: &mut usize, bytes: &mut u64| {
+            let n = *bytes / bs;
+            plan.cmds.push((at, n, (*first as u32, plan.pieces.len() as u32)));
+            at += n;
+            *first = plan.pieces.len();
+            *bytes = 0;
+        };
+        for s in segments {
+            let (mut iova, mut len) = (s.buffer.iova() + s.offset as u64, s.len as u64);
+            if bytes > 0 {
+                let (prev, prev_len) = plan.pieces[plan.pieces.len() - 1];
+                if (prev + prev_len) % PAGE != 0 || iova % PAGE != 0 {
+                    if bytes % bs != 0 {
+                        return Err(invalid(format!(
+                            "the segment boundary at byte {stream} of the transfer is neither on a page \
+                             boundary (for a PRP list) nor on a block boundary (to split the request there)"
+                        )));
+                    }
+                    close(&mut plan, &mut first, &mut bytes);
+                }
+            }
+            while len > 0 {
+                let take = len.min(max_bytes - bytes);
+                plan.pieces.push((iova, take));
+                (iova, len, bytes, stream) = (iova + take, len - take, bytes + take, stream + take);
+                if bytes == max_bytes {
+                    close(&mut plan, &mut first, &mut bytes);
+                }
+            }
+        }
+        if bytes > 0 {
+            close(&mut plan, &mut first, &mut bytes);
+        }
+        Ok(plan)
+    }
+}
+
+// PRP1 and PRP2 for `pieces` (IOVA, bytes): every piece but the first starts on a page,
+// every one but the last ends on one. Slot `cid`'s page of `list` holds the list when
+// more than two pages are touched.
+fn prps_pieces<D: DmaMemory>(list: &SharedDma<D>, cid: u16, pieces: &[(u64, u64)]) -> (u64, u64) {
+    let Some(&(prp1, _)) = pieces.first() else {
+        return (0, 0);
+    };
+    let page = usize::from(cid) * PAGE as usize;
+    let (mut entries, mut second) = (0usize, 0u64);
+    for (i, &(iova, len)) in pieces.iter().enumerate() {
+        let end = iova + len;
+        // The first piece's first page is PRP1; every other page start goes in the list.
+        let mut p = if i == 0 { iova - iova % PAGE + PAGE } else { iova };
+        while p < end {
+            if entries == 0 {
+                second = p;
+            }
+            let _ = list.write::<u64>(page + 8 * entries, p);
+            entries += 1;
+            p += PAGE;
+        }
+    }
+    match entries {
+        0 => (prp1, 0),
+        1 => (prp1, second),
+        _ => (prp1, list.iova() + page as u64),
+    }
+}
+
+// PRP1 and PRP2 for `len` bytes at `iova` (contiguous), using slot `cid`'s page of `list`
+// when more than two pages are touched.
+#[inline]
+fn prps<D: DmaMemory>(list: &SharedDma<D>, cid: u16, iova: u64, len: u64) -> (u64, u64) {
+    let first = PAGE - iova % PAGE;
+    if len <= first {
+        return (iova, 0);
+    }
+    let rest = len - first;
+    let second = iova + first;
+    if rest <= PAGE {
+        return (iova, second);
+    }
+    let page = usize::from(cid) * PAGE as usize;
+    let entries = rest.div_ceil(PAGE);
+    for i in 0..entries {
+        let _ = list.write::<u64>(page + 8 * i as usize, second + i * PAGE);
+    }
+    (iova, list.iova() + page as u64)
+}
+
 impl<B: DeviceBacking> IoQueue<B> {
     pub(crate) fn create(shared: Arc<Shared<B>>, depth: u16) -> Result<Self, NvmeError> {
         let cap = shared.info.cap;
@@ -368,6 +651,8 @@ impl<B: DeviceBacking> IoQueue<B> {
             requests: Vec::new(),
             free_requests: Vec::new(),
             outstanding: 0,
+            pending: VecDeque::new(),
+            queue_limit: DEFAULT_QUEUE_LIMIT,
             dead: None,
             polls: 0,
             next_check: Duration::ZERO,
@@ -386,9 +671,24 @@ impl<B: DeviceBacking> IoQueue<B> {
         self.free_cids.len().min(usize::from(self.ring.free()))
     }
 
-    /// Requests submitted and not yet completed.
+    /// Requests submitted and not yet completed (those waiting in the software queue
+    /// included).
     pub fn outstanding(&self) -> usize {
         self.outstanding
+    }
+
+    /// Requests with commands still waiting in the software queue (see [Software
+    /// queueing](Self#software-queueing)).
+    pub fn queued(&self) -> usize {
+        self.pending.len()
+    }
+
+    /// Sets how many requests the software queue may hold (see [Software
+    /// queueing](Self#software-queueing)); 0 turns software queueing off, so that a request
+    /// that does not fit the submission queue fails with [`NvmeError::QueueFull`]. Requests
+    /// waiting already stay.
+    pub fn set_queue_limit(&mut self, requests: usize) {
+        self.queue_limit = requests;
     }
 
     /// SQ doorbell writes to the device so far (shadow updates that needed none not
@@ -416,26 +716,70 @@ impl<B: DeviceBacking> IoQueue<B> {
     /// Queues `request`; `tag` comes back with its result from [`poll`](Self::poll). The
     /// controller learns of it at the next [`ring`](Self::ring) or `poll`.
     ///
+    /// When the submission queue has too few free slots, or requests wait in the software
+    /// queue already, the request waits there behind them (see [Software
+    /// queueing](Self#software-queueing)).
+    ///
     /// Fails at once (nothing queued) when the request is invalid (namespace, range, a
-    /// buffer too small or not dword-aligned) or needs more free slots than the queue has
-    /// (poll, then retry).
+    /// buffer too small or not dword-aligned), or with [`NvmeError::QueueFull`] when it
+    /// would have to wait and the software queue is full or off (poll, then retry).
+    #[inline]
     pub fn submit(&mut self, request: &IoRequest<'_, B>, tag: u64) -> Result<(), NvmeError> {
+        let data = match request.buffer {
+            Some((b, o)) => Data::Contiguous(b, o),
+            None => Data::None,
+        };
+        self.submit_data(request.op, request.nsid, request.lba, request.blocks, data, tag)
+    }
+
+    /// Queues a read of `blocks` blocks at `lba` into `segments`, in order (scatter): as
+    /// [`submit`](Self::submit). Segments chain in one command's PRP list where PRPs allow
+    /// (every segment but the first starts on a page, every one but the last ends on one);
+    /// elsewhere the request is split into commands at the segment boundary, which must then
+    /// fall on a block boundary of the transfer, or the request is refused.
+    pub fn submit_readv(
+        &mut self,
+        nsid: u32,
+        lba: u64,
+        blocks: u64,
+        segments: &[Segment<'_, B>],
+        tag: u64,
+    ) -> Result<(), NvmeError> {
+        self.submit_data(Op::Read, nsid, lba, blocks, Data::Vectored(segments), tag)
+    }
+
+    /// Queues a write of `blocks` blocks at `lba` from `segments`, in order (gather): as
+    /// [`submit_readv`](Self::submit_readv).
+    pub fn submit_writev(
+        &mut self,
+        nsid: u32,
+        lba: u64,
+        blocks: u64,
+        segments: &[Segment<'_, B>],
+        tag: u64,
+    ) -> Result<(), NvmeError> {
+        self.submit_data(Op::Write, nsid, lba, blocks, Data::Vectored(segments), tag)
+    }
+
+    #[inline]
+    fn submit_data(
+        &mut self,
+        op: Op,
+        nsid: u32,
+        lba: u64,
+        blocks: u64,
+        data_in: Data<'_, B>,
+        tag: u64,
+    ) -> Result<(), NvmeError> {
         self.check_alive()?;
         if self.shared.generation.load(Ordering::Acquire) != self.generation {
             return Err(NvmeError::Reset(
                 "the controller was reset: poll the queue (it creates itself again)".into(),
             ));
         }
-        let IoRequest {
-            op,
-            nsid,
-            lba,
-            blocks,
-            buffer,
-        } = *request;
-        let (buffer, offset) = match buffer {
-            Some((b, o)) => (Some(b), o),
-            None => (None, 0),
+        let (buffer, offset) = match data_in {
+            Data::Contiguous(b, o) => (Some(b), o),
+            Data::None | Data::Vectored(_) => (None, 0),
         };
         let ns = self
             .shared
@@ -467,7 +811,11 @@ impl<B: DeviceBacking> IoQueue<B> {
             )));
         }
         let data = matches!(op, Op::Read | Op::Write);
-        if data {
+        let vectored = match data_in {
+            Data::Vectored(segments) if data => Some(segments),
+            _ => None,
+        };
+        if data && vectored.is_none() {
             let Some(buf) = buffer else {
                 return Err(NvmeError::Invalid(format!("{} needs a buffer", op.name())));
             };
@@ -506,27 +854,63 @@ impl<B: DeviceBacking> IoQueue<B> {
                 .fold(u64::from(u32::MAX), u64::min),
             Op::Flush => u64::MAX,
         };
-        let parts = if op == Op::Flush || blocks <= per_cmd {
+        let plan = match vectored {
+            Some(segments) => Some(Box::new(Plan::new(segments, lba, blocks, bs, per_cmd, op)?)),
+            None => None,
+        };
+        let parts = if let Some(plan) = &plan {
+            plan.cmds.len() as u64
+        } else if op == Op::Flush || blocks <= per_cmd {
             1
         } else {
             blocks.div_ceil(per_cmd)
         };
-        if parts > self.free_slots() as u64 {
-            return Err(NvmeError::Invalid(format!(
-                "queue {} full: {} commands needed, {} free (poll, then retry)",
-                self.ring.qid,
-                parts,
-                self.free_slots()
-            )));
+        let free = self.free_slots();
+        let fits = self.pending.is_empty() && parts <= free as u64;
+        if !fits && (self.pending.len() >= self.queue_limit || parts > u64::from(u32::MAX)) {
+            return Err(NvmeError::QueueFull {
+                qid: self.ring.qid,
+                needed: parts,
+                free,
+                queued: self.pending.len(),
+                limit: self.queue_limit,
+            });
         }
+        let iova = match buffer {
+            Some(b) if data => b.iova() + offset as u64,
+            _ => 0,
+        };
         let req = Request {
             tag,
             op,
-            parts: parts as u32,
+            parts: 0,
             error: None,
-            deadline: coarse_now().saturating_add(self.shared.io_timeout),
+            deadline: Duration::ZERO,
             ended: false,
-            buffer: buffer.filter(|_| data).map(|b| DeviceOwned::new(Arc::clone(b))),
+            buffer: match (&plan, buffer) {
+                (Some(_), _) => vectored.map(|segments| {
+                    DeviceOwned::new(Held::Many(
+                        segments.iter().map(|s| Arc::clone(s.buffer)).collect(),
+                    ))
+                }),
+                (None, Some(b)) if data => Some(DeviceOwned::new(Held::One(Arc::clone(b)))),
+                _ => None,
+            },
+            plan,
+            sent: false,
+            cdw0: 0,
+            status: Status::SUCCESS,
+            rest: Rest {
+                commands: parts as u32,
+                nsid,
+                lba,
+                blocks,
+                per_cmd,
+                block_size: bs,
+                iova,
+                prinfo: ns.prinfo,
+                reftag: ns.reftag,
+            },
         };
         let index = match self.free_requests.pop() {
             Some(i) => {
@@ -539,9 +923,38 @@ impl<B: DeviceBacking> IoQueue<B> {
             }
         };
         self.outstanding += 1;
-        let mut done = 0u64;
-        for _ in 0..parts {
-            let n = per_cmd.min(blocks.saturating_sub(done)).max(1);
+        if fits {
+            self.send(index, parts as u32, coarse_now());
+        } else {
+            self.pending.push_back(index);
+            self.send_queued();
+        }
+        Ok(())
+    }
+
+    // Writes up to `max` more commands of the request at `index` to the SQ (the caller
+    // checked that `max` slots are free), starting its timeout at `now`.
+    #[inline]
+    fn send(&mut self, index: u32, max: u32, now: Duration) {
+        let Some(req) = self.requests.get_mut(index as usize).and_then(Option::as_mut) else {
+            return;
+        };
+        let op = req.op;
+        let mut rest = req.rest;
+        let n_cmds = max.min(rest.commands);
+        req.parts += n_cmds;
+        req.sent = true;
+        req.deadline = now.saturating_add(self.shared.io_timeout);
+        for _ in 0..n_cmds {
+            // The next command: from the plan of a vectored request, else the next
+            // `per_cmd` blocks.
+            let (slba, n, pieces) = match &req.plan {
+                Some(plan) => {
+                    let (slba, n, pieces) = plan.cmds[plan.cmds.len() - rest.commands as usize];
+                    (slba, n, Some(pieces))
+                }
+                None => (rest.lba, rest.per_cmd.min(rest.blocks).max(1), None),
+            };
             let cid = self.free_cids.pop().unwrap_or_default();
             let mut cmd = Command::new(match op {
                 Op::Read => io::READ,
@@ -551,8 +964,7 @@ impl<B: DeviceBacking> IoQueue<B> {
                 Op::Deallocate => io::DATASET_MANAGEMENT,
             });
             cmd.cid = cid;
-            cmd.nsid = nsid;
-            let slba = lba + done;
+            cmd.nsid = rest.nsid;
             match op {
                 Op::Read | Op::Write | Op::WriteZeroes => {
                     cmd.cdw[0] = slba as u32;
@@ -560,13 +972,17 @@ impl<B: DeviceBacking> IoQueue<B> {
                     // Protection information, when the namespace has it: the controller
                     // inserts and strips it (PRACT), checking the reference tag of the
                     // command's own first block.
-                    cmd.cdw[2] = (n - 1) as u32 | ns.prinfo;
-                    if ns.reftag {
+                    cmd.cdw[2] = (n - 1) as u32 | rest.prinfo;
+                    if rest.reftag {
                         cmd.cdw[4] = slba as u32;
                     }
-                    if let (true, Some(buf)) = (data, buffer) {
-                        let at = buf.iova() + offset as u64 + done * bs;
-                        (cmd.prp1, cmd.prp2) = self.prps(cid, at, n * bs);
+                    if let (Some((from, to)), Some(plan)) = (pieces, &req.plan) {
+                        let pieces = &plan.pieces[from as usize..to as usize];
+                        (cmd.prp1, cmd.prp2) = prps_pieces(&self.prp, cid, pieces);
+                    } else if op != Op::WriteZeroes {
+                        let len = n * rest.block_size;
+                        (cmd.prp1, cmd.prp2) = prps(&self.prp, cid, rest.iova, len);
+                        rest.iova += len;
                     }
                 }
                 Op::Deallocate => {
@@ -588,31 +1004,38 @@ impl<B: DeviceBacking> IoQueue<B> {
                 abandoned: None,
                 abort_sent: false,
             };
-            // Cannot fail: free slots were checked above.
+            // Cannot fail: the caller checked the free slots.
             self.ring.push(&cmd);
-            done += n;
+            rest.lba = slba + n;
+            rest.blocks = rest.blocks.saturating_sub(n);
+            rest.commands -= 1;
         }
-        Ok(())
+        req.rest = rest;
     }
 
-    // PRP1 and PRP2 for `len` bytes at `iova` (contiguous), using slot `cid`'s list page
-    // when more than two pages are touched.
-    fn prps(&self, cid: u16, iova: u64, len: u64) -> (u64, u64) {
-        let first = PAGE - iova % PAGE;
-        if len <= first {
-            return (iova, 0);
+    // Writes the software queue's commands to the SQ, oldest request first, as far as
+    // slots are free. Whether it wrote any.
+    fn send_queued(&mut self) -> bool {
+        let mut any = false;
+        let now = coarse_now();
+        while let Some(&index) = self.pending.front() {
+            let free = self.free_slots() as u32;
+            if free == 0 {
+                break;
+            }
+            let left = self.requests[index as usize]
+                .as_ref()
+                .map_or(0, |r| r.rest.commands);
+            if left > 0 {
+                self.send(index, free, now);
+                any = true;
+            }
+            if left > free {
+                break;
+            }
+            self.pending.pop_front();
         }
-        let rest = len - first;
-        let second = iova + first;
-        if rest <= PAGE {
-            return (iova, second);
-        }
-        let page = usize::from(cid) * PAGE as usize;
-        let entries = rest.div_ceil(PAGE);
-        for i in 0..entries {
-            let _ = self.prp.write::<u64>(page + 8 * i as usize, second + i * PAGE);
-        }
-        (iova, self.prp.iova() + page as u64)
+        any
     }
 
     /// Tells the controller of everything submitted since the last doorbell: one MMIO
@@ -644,14 +1067,23 @@ impl<B: DeviceBacking> IoQueue<B> {
     }
 
     /// Rings the doorbell for unsent submissions, then hands every completed request to
-    /// `done` (its tag and result), ringing the completion doorbell once. Returns how many
-    /// requests completed.
+    /// `done` (its tag and result), ringing the completion doorbell once, and writes what
+    /// waits in the software queue to the slots that freed. Returns how many requests
+    /// completed. ([`poll_completions`](Self::poll_completions) gives the completions'
+    /// dword 0 and status too.)
     ///
     /// Requests past their deadline complete with [`NvmeError::Timeout`]. When the
     /// controller is gone (registers all-ones), has failed (CSTS.CFS), or was revoked,
     /// every outstanding request completes with that error and the error is returned; the
     /// queue is then dead.
+    #[inline]
     pub fn poll(&mut self, mut done: impl FnMut(u64, Result<(), NvmeError>)) -> Result<usize, NvmeError> {
+        self.poll_completions(|c| done(c.tag, c.result))
+    }
+
+    /// [`poll`](Self::poll), handing `done` each request's [`IoCompletion`]: its tag,
+    /// result, and the dword 0 and status of the completion that ended it.
+    pub fn poll_completions(&mut self, mut done: impl FnMut(IoCompletion)) -> Result<usize, NvmeError> {
         if let Err(e) = self.check_alive() {
             return Err(self.fail_all(e, &mut done));
         }
@@ -713,14 +1145,25 @@ impl<B: DeviceBacking> IoQueue<B> {
                 continue;
             };
             let status = c.status();
-            if !status.is_success() && req.error.is_none() {
-                req.error = Some(NvmeError::Command {
-                    command: req.op.name().to_owned(),
-                    status,
-                });
+            if req.error.is_none() {
+                // The first failure decides the result; until one, the latest completion.
+                req.cdw0 = c.dw0;
+                req.status = status;
+                if !status.is_success() {
+                    req.error = Some(NvmeError::Command {
+                        command: req.op.name().to_owned(),
+                        status,
+                    });
+                    // Its commands still in the software queue are not sent.
+                    if req.rest.commands > 0 {
+                        req.rest.commands = 0;
+                        self.pending.retain(|&i| i as usize != index);
+                    }
+                }
             }
             req.parts -= 1;
             if req.parts == 0
+                && req.rest.commands == 0
                 && let Some(req) = self.requests[index].take()
             {
                 self.free_requests.push(index as u32);
@@ -729,7 +1172,12 @@ impl<B: DeviceBacking> IoQueue<B> {
                 if let Some(b) = req.buffer {
                     b.release(&Released::completed(&c));
                 }
-                done(req.tag, req.error.map_or(Ok(()), Err));
+                done(IoCompletion {
+                    tag: req.tag,
+                    result: req.error.map_or(Ok(()), Err),
+                    cdw0: req.cdw0,
+                    status: Some(req.status),
+                });
             }
         }
         if seen > 0 {
@@ -745,6 +1193,21 @@ impl<B: DeviceBacking> IoQueue<B> {
             }
         }
         drop(guard);
+        // Slots freed: what waits in the software queue takes them, told at once.
+        if !self.pending.is_empty()
+            && self.send_queued()
+            && let Some((at, value)) = self.ring.update_sq(self.shared.shadow.as_ref())
+        {
+            let g = self.regs.lock();
+            let written = match g.as_ref() {
+                Some(regs) => write_sq_doorbell(regs, at, value),
+                None => Err(self.fail_all_removed()),
+            };
+            if let Err(e) = written {
+                drop(g);
+                return Err(self.fail_all(e, &mut done));
+            }
+        }
         if self.outstanding == 0 && self.abandoned == 0 {
             return Ok(completed);
         }
@@ -777,12 +1240,18 @@ impl<B: DeviceBacking> IoQueue<B> {
             let Some(req) = self.requests[index].as_mut() else {
                 continue;
             };
-            if req.ended || req.deadline > coarse {
+            // Only requests with commands on the controller time out: one waiting in
+            // the software queue alone waits for those ahead of it.
+            if req.ended || req.parts == 0 || req.deadline > coarse {
                 continue;
             }
             // Reported now; its commands are abandoned, and the request (with its
             // buffer) stays until they end.
             req.ended = true;
+            if req.rest.commands > 0 {
+                req.rest.commands = 0;
+                self.pending.retain(|&i| i as usize != index);
+            }
             let (tag, op) = (req.tag, req.op);
             for (cid, slot) in self.slots.iter_mut().enumerate() {
                 if slot.request == index as u32 && slot.abandoned.is_none() {
@@ -803,13 +1272,13 @@ impl<B: DeviceBacking> IoQueue<B> {
                 op.name(),
                 tag
             );
-            done(
+            done(IoCompletion::without_status(
                 tag,
-                Err(NvmeError::Timeout {
+                NvmeError::Timeout {
                     what: op.name().to_owned(),
                     waited: self.shared.io_timeout,
-                }),
-            );
+                },
+            ));
         }
         if self.abandoned > 0 {
             self.send_aborts();
@@ -857,7 +1326,7 @@ impl<B: DeviceBacking> IoQueue<B> {
         &mut self,
         csts: u32,
         completed: usize,
-        done: &mut impl FnMut(u64, Result<(), NvmeError>),
+        done: &mut impl FnMut(IoCompletion),
     ) -> Result<usize, NvmeError> {
         let why = format!("controller failed (CSTS.CFS set, CSTS {csts:#x})");
         if let Err(e) = self.shared.reset_unless_done(self.generation, &why) {
@@ -869,11 +1338,7 @@ impl<B: DeviceBacking> IoQueue<B> {
     // After a controller reset: ends every outstanding request with `Reset`, releases
     // every buffer (the controller was disabled), and creates the queue again on the
     // controller. Returns how many requests it ended.
-    fn recreate(
-        &mut self,
-        why: &str,
-        done: &mut impl FnMut(u64, Result<(), NvmeError>),
-    ) -> Result<usize, NvmeError> {
+    fn recreate(&mut self, why: &str, done: &mut impl FnMut(IoCompletion)) -> Result<usize, NvmeError> {
         let generation = self.shared.generation.load(Ordering::Acquire);
         let Some(proof) = self.shared.quiesced_since(self.epoch) else {
             // The reset's disable came before this queue was created: the queue lives on
@@ -890,11 +1355,15 @@ impl<B: DeviceBacking> IoQueue<B> {
                 }
                 if !req.ended {
                     ended += 1;
-                    done(req.tag, Err(NvmeError::Reset(why.to_owned())));
+                    done(IoCompletion::without_status(
+                        req.tag,
+                        NvmeError::Reset(why.to_owned()),
+                    ));
                 }
             }
         }
         self.outstanding = 0;
+        self.pending.clear();
         self.ring.reset();
         self.slots.fill(FREE_SLOT);
         self.abandoned = 0;
@@ -925,7 +1394,7 @@ impl<B: DeviceBacking> IoQueue<B> {
 
     // Ends every outstanding request with `e`, marks the queue dead, returns `e`. Buffers
     // the controller may still reach are parked with the controller.
-    fn fail_all(&mut self, e: NvmeError, done: &mut impl FnMut(u64, Result<(), NvmeError>)) -> NvmeError {
+    fn fail_all(&mut self, e: NvmeError, done: &mut impl FnMut(IoCompletion)) -> NvmeError {
         let why = match &e {
             NvmeError::Removed(why) => why.clone(),
             other => other.to_string(),
@@ -936,15 +1405,20 @@ impl<B: DeviceBacking> IoQueue<B> {
             if let Some(req) = self.requests[index].take() {
                 self.free_requests.push(index as u32);
                 match (req.buffer, &proof) {
+                    (Some(b), _) if !req.sent => b.release(&Released::never_submitted()),
                     (Some(b), Some(proof)) => b.release(proof),
                     (Some(b), None) => kept.push(b.boxed()),
                     (None, _) => {}
                 }
                 if !req.ended {
-                    done(req.tag, Err(NvmeError::Removed(why.clone())));
+                    done(IoCompletion::without_status(
+                        req.tag,
+                        NvmeError::Removed(why.clone()),
+                    ));
                 }
             }
         }
+        self.pending.clear();
         if !kept.is_empty() {
             self.shared.park(self.epoch, kept, None);
         }
@@ -957,13 +1431,17 @@ impl<B: DeviceBacking> IoQueue<B> {
     /// Submits one request and waits for it (polling), on a queue with nothing else
     /// outstanding.
     pub fn run(&mut self, request: &IoRequest<'_, B>) -> Result<(), NvmeError> {
+        self.run_with(|q| q.submit(request, 0))
+    }
+
+    fn run_with(&mut self, submit: impl FnOnce(&mut Self) -> Result<(), NvmeError>) -> Result<(), NvmeError> {
         if self.outstanding != 0 {
             return Err(NvmeError::Invalid(format!(
                 "queue {}: {} requests outstanding; run() needs an idle queue",
                 self.ring.qid, self.outstanding
             )));
         }
-        self.submit(request, 0)?;
+        submit(self)?;
         self.ring()?;
         let mut result = None;
         let mut spins = 0u32;
@@ -993,7 +1471,17 @@ impl<B: DeviceBacking> IoQueue<B> {
         timeout: Duration,
         mut done: impl FnMut(u64, Result<(), NvmeError>),
     ) -> Result<usize, NvmeError> {
-        let n = self.poll(&mut done)?;
+        self.wait_completions(timeout, |c| done(c.tag, c.result))
+    }
+
+    /// [`wait`](Self::wait), handing `done` each request's [`IoCompletion`] as
+    /// [`poll_completions`](Self::poll_completions) does.
+    pub fn wait_completions(
+        &mut self,
+        timeout: Duration,
+        mut done: impl FnMut(IoCompletion),
+    ) -> Result<usize, NvmeError> {
+        let n = self.poll_completions(&mut done)?;
         if n > 0 || self.outstanding == 0 {
             return Ok(n);
         }
@@ -1006,7 +1494,7 @@ impl<B: DeviceBacking> IoQueue<B> {
         // Clear, then check once more: a completion posted before the clear is seen by the
         // poll, one after it signals the eventfd.
         let _ = efd.read();
-        let n = self.poll(&mut done)?;
+        let n = self.poll_completions(&mut done)?;
         if n > 0 {
             return Ok(n);
         }
@@ -1018,7 +1506,7 @@ impl<B: DeviceBacking> IoQueue<B> {
         }
         // After a sleep this poll reads the clock, whatever the count of polls says.
         self.polls = CHECK_EVERY;
-        self.poll(done)
+        self.poll_completions(done)
     }
 
     /// Reads `blocks` blocks at `lba` into `buffer` at `offset`, waiting for them.
@@ -1043,6 +1531,30 @@ impl<B: DeviceBacking> IoQueue<B> {
         offset: usize,
     ) -> Result<(), NvmeError> {
         self.run(&IoRequest::write(nsid, lba, blocks, buffer, offset))
+    }
+
+    /// Reads `blocks` blocks at `lba` into `segments` in order, waiting for them (see
+    /// [`submit_readv`](Self::submit_readv)).
+    pub fn readv(
+        &mut self,
+        nsid: u32,
+        lba: u64,
+        blocks: u64,
+        segments: &[Segment<'_, B>],
+    ) -> Result<(), NvmeError> {
+        self.run_with(|q| q.submit_readv(nsid, lba, blocks, segments, 0))
+    }
+
+    /// Writes `blocks` blocks at `lba` from `segments` in order, waiting for them (see
+    /// [`submit_writev`](Self::submit_writev)).
+    pub fn writev(
+        &mut self,
+        nsid: u32,
+        lba: u64,
+        blocks: u64,
+        segments: &[Segment<'_, B>],
+    ) -> Result<(), NvmeError> {
+        self.run_with(|q| q.submit_writev(nsid, lba, blocks, segments, 0))
     }
 
     /// Flushes namespace `nsid`, waiting for it.
@@ -1090,10 +1602,19 @@ impl<B: DeviceBacking> Drop for IoQueue<B> {
             }
             None => None,
         };
+        // A request still wholly in the software queue never handed its buffer over.
+        let never_sent = Released::never_submitted();
         let buffers = self
             .requests
             .iter_mut()
-            .filter_map(|r| r.take().and_then(|r| r.buffer));
+            .filter_map(|r| r.take())
+            .filter_map(|r| match r.buffer {
+                Some(b) if !r.sent => {
+                    b.release(&never_sent);
+                    None
+                }
+                b => b,
+            });
         match proof {
             Some(proof) => {
                 for b in buffers {

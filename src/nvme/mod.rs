@@ -54,7 +54,7 @@ pub mod spec;
 pub mod sriov;
 
 pub use controller::{AdminData, AsyncEvent, CommandTimeout, Controller, ControllerInfo, Namespace, Options};
-pub use io::{Buffer, IoQueue, IoRequest, Op};
+pub use io::{Buffer, DEFAULT_QUEUE_LIMIT, IoCompletion, IoQueue, IoRequest, Op, Segment};
 
 use spec::{IdentifyError, LogError, Status};
 
@@ -102,6 +102,24 @@ pub enum NvmeError {
     /// range the controller does not have, a queue full.
     #[error("invalid request: {0}")]
     Invalid(String),
+    /// The queue cannot take the request now: its submission queue has too few free slots
+    /// and its software queue holds `limit` requests already (with `limit` 0, software
+    /// queueing is off: see [`IoQueue::set_queue_limit`]). Poll, then retry.
+    #[error(
+        "queue {qid} full: {needed} commands needed, {free} slots free, {queued} requests waiting (limit {limit}); poll, then retry"
+    )]
+    QueueFull {
+        /// The queue.
+        qid: u16,
+        /// Commands the request takes.
+        needed: u64,
+        /// Submission queue slots free.
+        free: usize,
+        /// Requests waiting in the software queue.
+        queued: usize,
+        /// The software queue's limit.
+        limit: usize,
+    },
     /// Identify data did not parse.
     #[error(transparent)]
     Identify(#[from] IdentifyError),

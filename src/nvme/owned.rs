@@ -11,7 +11,9 @@
 //! - the queue was deleted on the controller (Delete I/O SQ, then CQ, both succeeded:
 //!   every command of the queue was completed or aborted first);
 //! - the controller was disabled: CSTS.RDY read 0 after CC.EN was cleared;
-//! - bus mastering was turned off in the function's Command register.
+//! - bus mastering was turned off in the function's Command register;
+//! - no command ever named it: a request still waiting in a queue's software queue, none
+//!   of whose commands was written to the submission queue.
 //!
 //! A command that timed out is only *abandoned*: the caller has its result, but the
 //! controller may still execute it, so its buffer stays with the queue until one of the
@@ -47,6 +49,7 @@ enum Why {
     QueueDeleted,
     Disabled,
     BusMasterOff,
+    NeverSubmitted,
 }
 
 impl Released {
@@ -77,6 +80,14 @@ impl Released {
         }
     }
 
+    /// No command naming the memory was written to a submission queue (a request that
+    /// waited in the software queue and ended there).
+    pub(crate) fn never_submitted() -> Released {
+        Released {
+            why: Why::NeverSubmitted,
+        }
+    }
+
     /// What it proves, for logs.
     pub(crate) fn reason(&self) -> &'static str {
         match self.why {
@@ -84,6 +95,7 @@ impl Released {
             Why::QueueDeleted => "its queue was deleted",
             Why::Disabled => "the controller was disabled",
             Why::BusMasterOff => "bus mastering was turned off",
+            Why::NeverSubmitted => "no command was ever sent with it",
         }
     }
 }

@@ -600,6 +600,10 @@ impl Status {
     pub fn dnr(self) -> bool {
         self.0 >> 14 & 1 == 1
     }
+    /// More: the Error Information log page holds more about this status.
+    pub fn more(self) -> bool {
+        self.0 >> 13 & 1 == 1
+    }
 }
 
 impl fmt::Debug for Status {
