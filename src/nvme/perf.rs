@@ -147,6 +147,9 @@ pub struct PerfResult {
     pub latency: Histogram,
     /// SQ doorbell writes to the device.
     pub doorbells: u64,
+    /// CPU time of the queues' threads (user and system), waiting included: a polling
+    /// thread's whole core, a sleeping one's share of it, as SPDK and fio report cost.
+    pub cpu: Duration,
     /// The first error seen, if any.
     pub first_error: Option<String>,
 }
@@ -158,6 +161,7 @@ impl PerfResult {
         self.ios += other.ios;
         self.errors += other.errors;
         self.doorbells += other.doorbells;
+        self.cpu += other.cpu;
         self.latency.merge(&other.latency);
         if self.first_error.is_none() {
             self.first_error = other.first_error;
@@ -302,6 +306,7 @@ fn one_queue<B: DeviceBacking>(
     // `spin` of polling, in the hybrid mode).
     let sleeps = queue.interrupt_fd().is_some();
     let mut last_found = Instant::now();
+    let cpu_at_start = thread_cpu();
     loop {
         let handle = |tag: u64, r: Result<(), NvmeError>| {
             let tag = tag as u16;
@@ -383,7 +388,14 @@ fn one_queue<B: DeviceBacking>(
     progress.errors.fetch_add(errors, Ordering::Relaxed);
     progress.latency_ns.fetch_add(lat, Ordering::Relaxed);
     result.doorbells = queue.doorbell_writes();
+    result.cpu = thread_cpu().saturating_sub(cpu_at_start);
     Ok(result)
+}
+
+// This thread's CPU time (CLOCK_THREAD_CPUTIME_ID: user and system).
+fn thread_cpu() -> Duration {
+    use nix::time::{ClockId, clock_gettime};
+    clock_gettime(ClockId::CLOCK_THREAD_CPUTIME_ID).map_or(Duration::ZERO, Duration::from)
 }
 
 // A queue that could not start its load: what it measured (nothing) and why.

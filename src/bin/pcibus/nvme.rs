@@ -578,6 +578,7 @@ fn write_perf(
             "p99_us": us(r.latency.quantile_ns(0.99)),
             "max_us": us(r.latency.max_ns()),
             "doorbells_per_io": doorbells_per_io,
+            "cpu_ns_per_io": r.cpu.as_nanos() as f64 / (r.ios + r.errors).max(1) as f64,
             "first_error": r.first_error,
         });
         let mut v = v;
@@ -600,13 +601,14 @@ fn write_perf(
         )?;
         writeln!(
             out,
-            "latency us: mean {:.1}  p50 {:.1}  p99 {:.1}  max {:.1};  {} I/Os, {} errors, {doorbells_per_io:.2} SQ doorbells per I/O",
+            "latency us: mean {:.1}  p50 {:.1}  p99 {:.1}  max {:.1};  {} I/Os, {} errors, {doorbells_per_io:.2} SQ doorbells per I/O, {:.0} ns CPU per I/O",
             r.latency.mean_ns() / 1000.0,
             us(r.latency.quantile_ns(0.5)),
             us(r.latency.quantile_ns(0.99)),
             us(r.latency.max_ns()),
             r.ios,
-            r.errors
+            r.errors,
+            r.cpu.as_nanos() as f64 / (r.ios + r.errors).max(1) as f64
         )?;
         if let Some(e) = &r.first_error {
             writeln!(out, "first error: {e}")?;

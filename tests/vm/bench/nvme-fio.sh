@@ -52,9 +52,16 @@ fio_run() {
 		--time_based --runtime="$secs" --norandommap --randrepeat=0 --thread \
 		--output-format=json "$@" >"$out/$_n-$_qd.json" 2>"$out/$_n-$_qd.err" ||
 		{ echo "FAIL: fio $_n qd $_qd: $(cat "$out/$_n-$_qd.err")"; return 1; }
-	_iops=$(sed -n 's/^ *"iops" : \([0-9.]*\),*$/\1/p' "$out/$_n-$_qd.json" | head -n 1)
-	_p99=$(sed -n 's/^ *"99.000000" : \([0-9]*\),*$/\1/p' "$out/$_n-$_qd.json" | head -n 1)
-	echo "${_iops%.*} $((${_p99:-0} / 1000))"
+	_j=$out/$_n-$_qd.json
+	_iops=$(sed -n 's/^ *"iops" : \([0-9.]*\),*$/\1/p' "$_j" | head -n 1)
+	_p99=$(sed -n 's/^ *"99.000000" : \([0-9]*\),*$/\1/p' "$_j" | head -n 1)
+	# CPU per I/O: fio's usr + sys percent of the job thread over its runtime (ms), per I/O
+	# (the kernel's completion work runs in that thread or in interrupts it absorbs; an
+	# sqpoll thread is not counted).
+	_cpu=$(awk -F' : ' '/"usr_cpu"/ { u = $2 + 0 } /"sys_cpu"/ { s = $2 + 0 }
+		/"total_ios"/ && !n { n = $2 + 0 } /"runtime"/ && !t { t = $2 + 0 }
+		END { if (n) printf "%d", (u + s) / 100 * t * 1e6 / n; else print 0 }' "$_j")
+	echo "${_iops%.*} $((${_p99:-0} / 1000)) $_cpu"
 }
 
 # pcibus_run NAME QD DEVARGS [PERF ARGS]: one pcibus perf run (the controller taken to vfio-pci and
@@ -68,7 +75,8 @@ pcibus_run() {
 	grep -q '"errors":0' "$out/$_n-$_qd.json" || { echo "FAIL: pcibus $_n qd $_qd had errors"; return 1; }
 	_iops=$(sed 's/.*"iops":\([0-9]*\).*/\1/' "$out/$_n-$_qd.json")
 	_p99=$(sed 's/.*"p99_us":\([0-9]*\).*/\1/' "$out/$_n-$_qd.json")
-	echo "$_iops $_p99"
+	_cpu=$(sed 's/.*"cpu_ns_per_io":\([0-9]*\).*/\1/' "$out/$_n-$_qd.json")
+	echo "$_iops $_p99 $_cpu"
 }
 
 for r in $(seq 1 "$rounds"); do
@@ -93,19 +101,20 @@ for r in $(seq 1 "$rounds"); do
 			case $res in
 			FAIL*) echo "$res"; rc=1; continue ;;
 			esac
-			echo "fio-table round=$r qd=$qd row=$row iops=${res% *} p99_us=${res#* } loadavg=$(cut -d' ' -f1 /proc/loadavg)"
-			echo "$qd $row ${res% *} ${res#* }" >>"$out/all"
+			set -- $res
+			echo "fio-table round=$r qd=$qd row=$row iops=$1 p99_us=$2 cpu_ns_per_io=$3 loadavg=$(cut -d' ' -f1 /proc/loadavg)"
+			echo "$qd $row $1 $2 $3" >>"$out/all"
 		done
 	done
 done
 
 # Medians over the rounds, per depth and row.
-echo "fio-summary: 4 KiB random reads, $rounds rounds of $secs s, median IOPS and p99 (us)"
+echo "fio-summary: 4 KiB random reads, $rounds rounds of $secs s, medians of IOPS, p99 (us) and CPU per I/O (ns)"
 for qd in 1 32; do
 	for row in io_uring io_uring-hipri libaio io_uring-sqpoll pcibus pcibus-irq pcibus-hybrid; do
 		med() { awk -v q="$qd" -v r="$row" -v c="$1" '$1 == q && $2 == r { print $c }' "$out/all" | sort -n |
 			awk '{ v[NR] = $1 } END { if (NR) print v[int((NR + 1) / 2)] }'; }
-		echo "fio-summary qd=$qd row=$row iops=$(med 3) p99_us=$(med 4)"
+		echo "fio-summary qd=$qd row=$row iops=$(med 3) p99_us=$(med 4) cpu_ns_per_io=$(med 5)"
 	done
 done
 exit $rc
