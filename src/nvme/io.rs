@@ -182,7 +182,9 @@ struct Request<B: DeviceBacking> {
     op: Op,
     // Commands on the controller (written to the SQ, not yet completed).
     parts: u32,
-    error: Option<NvmeError>,
+    // Boxed: the slab entry stays small (an `NvmeError` inline made every request a
+    // memcpy on its way in and out).
+    error: Option<Box<NvmeError>>,
     // On the coarse monotonic clock (`coarse_now`): a timeout after the latest command of
     // the request was written to the SQ (the wait in the software queue does not count).
     deadline: Duration,
@@ -1150,10 +1152,10 @@ impl<B: DeviceBacking> IoQueue<B> {
                 req.cdw0 = c.dw0;
                 req.status = status;
                 if !status.is_success() {
-                    req.error = Some(NvmeError::Command {
+                    req.error = Some(Box::new(NvmeError::Command {
                         command: req.op.name().to_owned(),
                         status,
-                    });
+                    }));
                     // Its commands still in the software queue are not sent.
                     if req.rest.commands > 0 {
                         req.rest.commands = 0;
@@ -1162,21 +1164,23 @@ impl<B: DeviceBacking> IoQueue<B> {
                 }
             }
             req.parts -= 1;
-            if req.parts == 0
-                && req.rest.commands == 0
-                && let Some(req) = self.requests[index].take()
-            {
+            if req.parts == 0 && req.rest.commands == 0 {
+                // What the caller gets, taken out in place: the slab entry is then emptied
+                // where it is, not moved out whole.
+                let (tag, cdw0, status) = (req.tag, req.cdw0, req.status);
+                let (buffer, error) = (req.buffer.take(), req.error.take());
+                self.requests[index] = None;
                 self.free_requests.push(index as u32);
                 self.outstanding -= 1;
                 completed += 1;
-                if let Some(b) = req.buffer {
+                if let Some(b) = buffer {
                     b.release(&Released::completed(&c));
                 }
                 done(IoCompletion {
-                    tag: req.tag,
-                    result: req.error.map_or(Ok(()), Err),
-                    cdw0: req.cdw0,
-                    status: Some(req.status),
+                    tag,
+                    result: error.map_or(Ok(()), |e| Err(*e)),
+                    cdw0,
+                    status: Some(status),
                 });
             }
         }
