@@ -1415,3 +1415,20 @@ fn a_stuck_command_times_out_on_a_queue_that_is_never_idle() {
         other => panic!("the stuck read ended with {other:?} after {:?}", start.elapsed()),
     }
 }
+
+// A controller that never moves the SQ head it reports (found by the strict emulator's
+// review): the entries of completed commands were consumed all the same (the controller
+// fetches in order), so the queue must not run out of ring space and stall.
+#[test]
+fn a_controller_that_never_updates_the_sq_head_does_not_stall_the_queue() {
+    let e = emu(EmuConfig::default());
+    let c = up(&e);
+    let mut q = c.io_queue(4).unwrap();
+    let buf = buf_of(&c);
+    e.inject(Fault::SqHeadFrozen { count: 1_000_000 });
+    for i in 0..200u64 {
+        q.read(1, i % 64, 1, &buf, 0)
+            .unwrap_or_else(|err| panic!("read {i}: {err}"));
+    }
+    assert_eq!(e.stats().bad_dma, 0);
+}

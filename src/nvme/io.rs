@@ -1186,6 +1186,8 @@ impl<B: DeviceBacking> IoQueue<B> {
         }
         if seen > 0 {
             self.completions += seen as u64;
+            self.ring
+                .bound_unconsumed((self.slots.len() - self.free_cids.len()) as u16);
             if let Some((at, value)) = self.ring.update_cq(self.shared.shadow.as_ref()) {
                 let g = guard.take().unwrap_or_else(|| self.regs.lock());
                 let Some(regs) = g.as_ref() else {

@@ -257,6 +257,21 @@ impl<D: DmaMemory> Ring<D> {
         Some(c)
     }
 
+    /// At most `in_flight` entries (the commands written and not completed) can still be
+    /// unconsumed: the controller fetches entries in order, and a command that completed
+    /// was fetched. Moves the known SQ head on when the heads completions reported say
+    /// less (a controller that never updates the field would otherwise stall the ring
+    /// with entries long consumed).
+    pub(crate) fn bound_unconsumed(&mut self, in_flight: u16) {
+        if self.distance(self.sq_head, self.sq_tail) > in_flight {
+            self.sq_head = if self.sq_tail >= in_flight {
+                self.sq_tail - in_flight
+            } else {
+                self.sq_tail + self.depth - in_flight
+            };
+        }
+    }
+
     /// Tells the controller how far completions were consumed.
     pub(crate) fn ring_cq<R: RegisterIo>(
         &mut self,

@@ -571,6 +571,14 @@ pub enum Fault {
     /// completion of its queue reported: a head going backwards, which a driver must not
     /// take for a queue emptier than it is.
     SqHeadBackwards,
+    /// The next `count` completions report the SQ head the previous completion of their
+    /// queue reported, as a controller that never updates it does: a driver that takes
+    /// ring space from that field alone stalls; the entries of completed commands were
+    /// consumed all the same.
+    SqHeadFrozen {
+        /// How many completions.
+        count: u32,
+    },
     /// Surprise removal: from now on every register reads all-ones, writes are dropped and
     /// nothing is processed. Irreversible.
     Gone,
@@ -722,6 +730,7 @@ struct FaultState {
     forged: VecDeque<Completion>,
     lost_irqs: u32,
     sq_head_back: u32,
+    sq_head_frozen: u32,
     // Read at CC writes only, so not part of `is_empty` (which gates the command path).
     ready_slow: Option<Duration>,
     ready_never: bool,
@@ -737,6 +746,7 @@ impl FaultState {
             && self.stale_phase == 0
             && self.lost_irqs == 0
             && self.sq_head_back == 0
+            && self.sq_head_frozen == 0
             && self.forged.is_empty()
             && self.delay.is_none()
     }
@@ -1959,6 +1969,7 @@ impl Engine {
         let mut copies = 1;
         let mut stale = false;
         let mut back = false;
+        let mut frozen = false;
         let mut forged = Vec::new();
         if self.shared.faults_pending.load(Ordering::Acquire) {
             let mut f = self.shared.faults.lock();
@@ -1979,6 +1990,10 @@ impl Engine {
                 f.sq_head_back -= 1;
                 back = true;
             }
+            if f.sq_head_frozen > 0 {
+                f.sq_head_frozen -= 1;
+                frozen = true;
+            }
             if f.is_empty() {
                 self.shared.faults_pending.store(false, Ordering::Release);
             }
@@ -1989,6 +2004,8 @@ impl Engine {
         if let Some(sq) = self.sqs.get_mut(usize::from(c.sq_id)).and_then(Option::as_mut) {
             if back {
                 c.sq_head = ((sq.reported + sq.size - 1) % sq.size) as u16;
+            } else if frozen {
+                c.sq_head = sq.reported as u16;
             } else {
                 sq.reported = u32::from(c.sq_head);
             }
@@ -3286,6 +3303,7 @@ impl EmulatedNvme {
             Fault::ReadyNever => f.ready_never = true,
             Fault::LostInterrupt { count } => f.lost_irqs += count,
             Fault::SqHeadBackwards => f.sq_head_back += 1,
+            Fault::SqHeadFrozen { count } => f.sq_head_frozen += count,
             _ => {}
         }
         shared.faults_pending.store(!f.is_empty(), Ordering::Release);
