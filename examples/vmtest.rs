@@ -100,6 +100,7 @@ mod vmtest {
                 .parse()
                 .map_err(err)
                 .and_then(|a| bus(a, secs.parse().map_err(err)?, 2)),
+            ["bus-d3hot", addr] => addr.parse().map_err(err).and_then(bus_d3hot),
             ["config-opens", cmd @ ..] if !cmd.is_empty() => config_opens(cmd),
             ["replug", addr, n] => addr
                 .parse()
@@ -110,7 +111,7 @@ mod vmtest {
                       hold ADDR SECONDS | seed ADDR | vfio-group ADDR ADDR | \
                       held-scan-exit ADDR [--pf PF] | \
                       claim-release ADDR SECONDS | try-claim ADDR | bus ADDR SECONDS | \
-                      bus-replug ADDR SECONDS | kernel-perf BLOCKDEV QD SECONDS | \
+                      bus-replug ADDR SECONDS | bus-d3hot ADDR | kernel-perf BLOCKDEV QD SECONDS | \
                       config-opens CMD [ARG...] | replug ADDR N"
                     .into(),
             ),
@@ -2233,6 +2234,117 @@ mod vmtest {
             }
         }
         Err(format!("{addr}: not done within {secs} s ({bound} binds)"))
+    }
+
+    /// Issue 14 §4 on a real kernel: a driver that puts its device in D3hot (its PM
+    /// capability's PMCSR, through VFIO's config space) and then touches a BAR gets a
+    /// SIGBUS from vfio-pci; the fault handler turns it into all-ones, and the bus, seeing
+    /// sysfs `power_state` D3hot and no removal pending, reports a fault, not a removal:
+    /// the device stays held. Back in D0 the bus is dropped and the device given back.
+    fn bus_d3hot(addr: PciAddress) -> Res {
+        use pcibus::bus::devargs::Selection;
+        use pcibus::bus::map::DeviceMap;
+        use pcibus::bus::{BindPolicy, Bus, BusEvent, DeviceBacking, FaultReason, RegisterIo, VfioAttach};
+
+        pcibus::vfio::fault::install().map_err(err)?;
+        let root = SysfsRoot::new(SYS);
+        let map = DeviceMap::new(Scanner::new(root.clone())).map_err(err)?;
+        let attach = VfioAttach::new(
+            root,
+            BindPolicy {
+                bind: true,
+                force: false,
+                restore: true,
+            },
+        )
+        .backend(backend());
+        let selection = Selection::from_args([("-a", addr.to_string())]).map_err(err)?;
+        let mut bus = Bus::new(map, attach).selection(selection);
+        bus.register(Box::new(TestNvme {
+            table: [pcibus::bus::id::IdEntry::class(
+                0x010802,
+                pcibus::bus::id::CLASS_EXACT,
+            )],
+            held: Vec::new(),
+        }));
+        for r in bus.probe_all() {
+            r.result.map_err(|e| e.to_string())?;
+        }
+        let power = || {
+            std::fs::read_to_string(format!("{SYS}/bus/pci/devices/{addr}/power_state"))
+                .map(|s| s.trim().to_owned())
+                .unwrap_or_else(|e| format!("({e})"))
+        };
+        // The PM capability (ID 01) in the capability list.
+        let (pm, csts) = {
+            let drv = bus.driver_mut::<TestNvme>().ok_or("no test driver")?;
+            let (backing, bar) = drv.held.first().ok_or("the driver holds nothing")?;
+            let byte = |off: u64| -> Res<u8> {
+                let mut b = [0u8; 1];
+                backing.read_config(off, &mut b).map_err(err)?;
+                Ok(b[0])
+            };
+            let mut at = u64::from(byte(0x34)?);
+            let mut pm = None;
+            for _ in 0..48 {
+                if at < 0x40 {
+                    break;
+                }
+                if byte(at)? == 0x01 {
+                    pm = Some(at);
+                    break;
+                }
+                at = u64::from(byte(at + 1)?);
+            }
+            let pm = pm.ok_or("no PM capability")?;
+            let mut pmcsr = [0u8; 2];
+            backing.read_config(pm + 4, &mut pmcsr).map_err(err)?;
+            let d3 = (u16::from_le_bytes(pmcsr) & !3) | 3;
+            println!(
+                "bus-d3hot: PM capability at {pm:#x}, power_state {} before",
+                power()
+            );
+            backing.write_config(pm + 4, &d3.to_le_bytes()).map_err(err)?;
+            println!("bus-d3hot: PMCSR written D3hot; power_state {}", power());
+            // A register read with the BARs not decoding: SIGBUS, all-ones.
+            let csts = RegisterIo::read32(bar, 0x1c).map_err(err)?;
+            (pm, csts)
+        };
+        println!("bus-d3hot: CSTS read {csts:#010x} in D3hot");
+        let t = Instant::now();
+        let mut fault = None;
+        while fault.is_none() && t.elapsed() < Duration::from_secs(10) {
+            for event in bus.wait(None, Duration::from_millis(200)).map_err(err)? {
+                println!("bus-d3hot: +{}: {event}", ms(t.elapsed()));
+                match event {
+                    BusEvent::Fault(r) => fault = Some(r.fault.reason),
+                    BusEvent::Removed(r) => return Err(format!("taken back as a removal: {}", r.cause)),
+                    _ => {}
+                }
+            }
+        }
+        let held = bus.held().len();
+        // Back to D0 before the bus gives the device back.
+        {
+            let drv = bus.driver_mut::<TestNvme>().ok_or("no test driver")?;
+            let (backing, _) = drv.held.first().ok_or("the driver holds nothing")?;
+            let mut pmcsr = [0u8; 2];
+            backing.read_config(pm + 4, &mut pmcsr).map_err(err)?;
+            let d0 = u16::from_le_bytes(pmcsr) & !3;
+            backing.write_config(pm + 4, &d0.to_le_bytes()).map_err(err)?;
+        }
+        println!("bus-d3hot: back to D0; power_state {}", power());
+        drop(bus);
+        if csts != u32::MAX {
+            return Err(format!("CSTS read {csts:#x} in D3hot, not all-ones"));
+        }
+        match fault {
+            Some(FaultReason::LowPower) if held == 1 => {
+                println!("bus-d3hot: a fault (device in D3hot), not a removal; still held");
+                Ok(())
+            }
+            other => Err(format!("fault {other:?}, {held} held")),
+        }
     }
 
     // ----------------------------------------------------------------- kernel-perf
