@@ -2155,16 +2155,12 @@ mod vmtest {
         }
     }
 
-    /// Runs a bus with one test driver on `addr` (binding it to vfio-pci, restoring its
-    /// driver at the end) and a 200 ms settle delay, printing what the bus does. With
-    /// `binds` 1: until the driver loses the device (fails if it never does). With 2:
-    /// until the device, lost (unplugged) and back, is bound a second time; then the bus
-    /// is dropped, which gives the device back to its previous driver.
-    fn bus(addr: PciAddress, secs: u64, binds: usize) -> Res {
+    /// A bus that takes only `addr` (binding it to vfio-pci, restoring its driver when
+    /// dropped), with the test driver registered.
+    fn test_bus(addr: PciAddress) -> Res<pcibus::bus::Bus<pcibus::bus::VfioAttach>> {
         use pcibus::bus::devargs::Selection;
         use pcibus::bus::map::DeviceMap;
-        use pcibus::bus::{BindPolicy, Bus, BusEvent, VfioAttach};
-        use pcibus::hotplug::monitor::UeventMonitor;
+        use pcibus::bus::{BindPolicy, Bus, VfioAttach};
 
         let root = SysfsRoot::new(SYS);
         let map = DeviceMap::new(Scanner::new(root.clone())).map_err(err)?;
@@ -2177,11 +2173,8 @@ mod vmtest {
             },
         )
         .backend(backend());
-        let mut monitor = UeventMonitor::open().map_err(err)?.pci_only(true);
         let selection = Selection::from_args([("-a", addr.to_string())]).map_err(err)?;
-        let mut bus = Bus::new(map, attach)
-            .selection(selection)
-            .settle(Duration::from_millis(200));
+        let mut bus = Bus::new(map, attach).selection(selection);
         bus.register(Box::new(TestNvme {
             table: [pcibus::bus::id::IdEntry::class(
                 0x010802,
@@ -2189,6 +2182,20 @@ mod vmtest {
             )],
             held: Vec::new(),
         }));
+        Ok(bus)
+    }
+
+    /// Runs a bus with one test driver on `addr` (binding it to vfio-pci, restoring its
+    /// driver at the end) and a 200 ms settle delay, printing what the bus does. With
+    /// `binds` 1: until the driver loses the device (fails if it never does). With 2:
+    /// until the device, lost (unplugged) and back, is bound a second time; then the bus
+    /// is dropped, which gives the device back to its previous driver.
+    fn bus(addr: PciAddress, secs: u64, binds: usize) -> Res {
+        use pcibus::bus::BusEvent;
+        use pcibus::hotplug::monitor::UeventMonitor;
+
+        let mut monitor = UeventMonitor::open().map_err(err)?.pci_only(true);
+        let mut bus = test_bus(addr)?.settle(Duration::from_millis(200));
         let reports = bus.probe_all();
         for r in &reports {
             match &r.result {
@@ -2242,31 +2249,10 @@ mod vmtest {
     /// sysfs `power_state` D3hot and no removal pending, reports a fault, not a removal:
     /// the device stays held. Back in D0 the bus is dropped and the device given back.
     fn bus_d3hot(addr: PciAddress) -> Res {
-        use pcibus::bus::devargs::Selection;
-        use pcibus::bus::map::DeviceMap;
-        use pcibus::bus::{BindPolicy, Bus, BusEvent, DeviceBacking, FaultReason, RegisterIo, VfioAttach};
+        use pcibus::bus::{BusEvent, DeviceBacking, FaultReason, RegisterIo};
 
         pcibus::vfio::fault::install().map_err(err)?;
-        let root = SysfsRoot::new(SYS);
-        let map = DeviceMap::new(Scanner::new(root.clone())).map_err(err)?;
-        let attach = VfioAttach::new(
-            root,
-            BindPolicy {
-                bind: true,
-                force: false,
-                restore: true,
-            },
-        )
-        .backend(backend());
-        let selection = Selection::from_args([("-a", addr.to_string())]).map_err(err)?;
-        let mut bus = Bus::new(map, attach).selection(selection);
-        bus.register(Box::new(TestNvme {
-            table: [pcibus::bus::id::IdEntry::class(
-                0x010802,
-                pcibus::bus::id::CLASS_EXACT,
-            )],
-            held: Vec::new(),
-        }));
+        let mut bus = test_bus(addr)?;
         for r in bus.probe_all() {
             r.result.map_err(|e| e.to_string())?;
         }
