@@ -11,25 +11,15 @@ use pcibus::nvme::spec::{self, AsyncEventType, Command, Status, admin, feature, 
 use pcibus::nvme::{AdminData, AsyncEvent, CommandTimeout, Controller, NvmeError, Options};
 use pcibus::testing::nvme::{CommandMatch, EmuConfig, EmulatedNvme, Fault, NamespaceConfig};
 
+mod common;
+use common::{quick, up};
+
 fn emu() -> EmulatedNvme {
     EmulatedNvme::new(EmuConfig {
         namespaces: vec![NamespaceConfig::new(4096, 512)],
         ..EmuConfig::default()
     })
     .unwrap()
-}
-
-// Deadlines no test reaches unless something is broken.
-fn quick() -> Options {
-    Options {
-        admin_timeout: Duration::from_secs(30),
-        io_timeout: Duration::from_secs(30),
-        ..Options::default()
-    }
-}
-
-fn up(e: &EmulatedNvme) -> Controller<EmulatedNvme> {
-    Controller::init(e.clone(), &quick()).unwrap()
 }
 
 // Waits (at most 30 s) until `what` holds.

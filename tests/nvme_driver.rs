@@ -12,39 +12,8 @@ use pcibus::nvme::{Controller, IoRequest, NvmeError, Op, Options};
 use pcibus::testing::nvme::{CommandMatch, EmuConfig, EmulatedNvme, Fault, NamespaceConfig};
 use proptest::prelude::*;
 
-fn emu(config: EmuConfig) -> EmulatedNvme {
-    EmulatedNvme::new(config).unwrap()
-}
-
-// Deadlines no test reaches unless the driver or the emulator is broken: a loaded machine
-// must not turn a slow command into a failed test (Dataset Management once timed out at a
-// 300 ms I/O timeout in `random_io_matches_a_model`).
-fn quick() -> Options {
-    Options {
-        admin_timeout: Duration::from_secs(30),
-        io_timeout: Duration::from_secs(30),
-        ..Options::default()
-    }
-}
-
-// For tests of the timeout path itself: short enough to wait for, long enough that the
-// commands meant to succeed in those tests do (they never wait for the emulator's faults).
-fn short_io_timeout() -> Options {
-    Options {
-        io_timeout: Duration::from_secs(1),
-        ..quick()
-    }
-}
-
-fn up(e: &EmulatedNvme) -> Controller<EmulatedNvme> {
-    Controller::init(e.clone(), &quick()).unwrap()
-}
-
-fn pattern(len: usize, seed: u8) -> Vec<u8> {
-    (0..len)
-        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
-        .collect()
-}
+mod common;
+use common::{emu, pattern, quick, short_io_timeout, up};
 
 #[test]
 fn brings_the_controller_up_and_identifies_it() {

@@ -8,29 +8,8 @@ use pcibus::nvme::spec::{Completion, Status};
 use pcibus::nvme::{Controller, IoCompletion, IoRequest, NvmeError, Options, Segment};
 use pcibus::testing::nvme::{CommandMatch, EmuConfig, EmulatedNvme, Fault};
 
-fn emu(config: EmuConfig) -> EmulatedNvme {
-    EmulatedNvme::new(config).unwrap()
-}
-
-// Deadlines no test reaches unless something is broken (a loaded machine must not fail a
-// test).
-fn quick() -> Options {
-    Options {
-        admin_timeout: Duration::from_secs(30),
-        io_timeout: Duration::from_secs(30),
-        ..Options::default()
-    }
-}
-
-fn up(e: &EmulatedNvme) -> Controller<EmulatedNvme> {
-    Controller::init(e.clone(), &quick()).unwrap()
-}
-
-fn pattern(len: usize, seed: u8) -> Vec<u8> {
-    (0..len)
-        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
-        .collect()
-}
+mod common;
+use common::{emu, pattern, quick, up};
 
 // Rings the doorbell and waits until the controller fetched `n` I/O commands in all.
 fn fetched(e: &EmulatedNvme, q: &mut pcibus::nvme::IoQueue<EmulatedNvme>, n: u64) {
