@@ -318,6 +318,13 @@ impl<B: DeviceBacking> Shared<B> {
             .then(|| NvmeError::Removed(self.reason.lock().clone()))
     }
 
+    // Why a handle this controller dropped (its backing, its registers) is gone: the
+    // revocation's reason, or just "revoked" before that reason is set.
+    pub(crate) fn revoked_error(&self) -> NvmeError {
+        self.removed()
+            .unwrap_or_else(|| NvmeError::Removed("revoked".into()))
+    }
+
     // A failure (gone, fatal status) seen while the device is being removed or after it
     // was revoked is the removal's doing: say so.
     pub(crate) fn name_removal(&self, e: NvmeError) -> NvmeError {
@@ -351,7 +358,7 @@ impl<B: DeviceBacking> Shared<B> {
     pub(crate) fn with_backing<T>(&self, f: impl FnOnce(&B) -> Result<T, NvmeError>) -> Result<T, NvmeError> {
         match &*self.backing.lock() {
             Some(b) => f(b),
-            None => Err(self.removed().unwrap_or(NvmeError::Removed("revoked".into()))),
+            None => Err(self.revoked_error()),
         }
     }
 
@@ -382,12 +389,12 @@ impl<B: DeviceBacking> Shared<B> {
         let mut guard = self.admin.lock();
         let a = &mut *guard;
         if a.regs.is_none() {
-            return Err(self.removed().unwrap_or(NvmeError::Removed("revoked".into())));
+            return Err(self.revoked_error());
         }
         cmd.cid = a.take_cid();
         let Admin { ring, regs, .. } = &mut *a;
         let Some(regs) = regs.as_ref() else {
-            return Err(self.removed().unwrap_or(NvmeError::Removed("revoked".into())));
+            return Err(self.revoked_error());
         };
         if !ring.push(&cmd) {
             return Err(NvmeError::Invalid("admin queue full".into()));
@@ -409,7 +416,7 @@ impl<B: DeviceBacking> Shared<B> {
                 return Ok(c);
             }
             let Some(regs) = a.regs.as_ref() else {
-                return Err(self.removed().unwrap_or(NvmeError::Removed("revoked".into())));
+                return Err(self.revoked_error());
             };
             if let Some(e) = self.removed() {
                 return Err(e);
@@ -572,7 +579,7 @@ impl<B: DeviceBacking> Shared<B> {
                 ..
             } = &mut *a;
             let Some(regs) = regs.as_ref() else {
-                return Err(self.removed().unwrap_or(NvmeError::Removed("revoked".into())));
+                return Err(self.revoked_error());
             };
             let cc_now = regs.read32(reg::CC)?;
             if cc_now == u32::MAX {

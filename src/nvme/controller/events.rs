@@ -371,7 +371,7 @@ impl<B: DeviceBacking> Controller<B> {
                 a.harvest(c, shared.info.address);
             }
             let Some(regs) = a.regs.as_ref() else {
-                return Err(shared.removed().unwrap_or(NvmeError::Removed("revoked".into())));
+                return Err(shared.revoked_error());
             };
             if seen {
                 a.ring.ring_cq(regs, None)?;
