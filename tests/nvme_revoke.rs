@@ -252,3 +252,31 @@ fn revoke_leaves_no_handle_with_a_thread_dropping_a_queue() {
     );
     assert_eq!(backing.extra_handles(), 0, "every handle let go at the end");
 }
+
+#[test]
+fn revoke_leaves_no_handle_with_a_queue_whose_creation_failed() {
+    use pcibus::nvme::spec::{Status, admin};
+    use pcibus::testing::nvme::{CommandMatch, Fault};
+    let (backing, c) = setup();
+    backing.inner.inject(Fault::Status {
+        command: CommandMatch::Admin(admin::CREATE_CQ),
+        status: Status::INVALID_QUEUE_ID,
+        count: 1,
+    });
+    backing.unmap.arm();
+    // The controller refuses the queue; the thread drops the queue's BAR mapping, whose
+    // unmap waits at the gate.
+    let user = {
+        let c = c.clone();
+        thread::spawn(move || c.io_queue(8).map(drop))
+    };
+    backing.unmap.wait_for_a_waiter();
+    let extra = revoke_and_count(&backing, &c);
+    assert!(user.join().unwrap().is_err(), "the controller refused the queue");
+    drop(c);
+    assert_eq!(
+        extra, 0,
+        "after revoke returned, a thread whose queue creation failed still held the device ({extra} handles besides the test's)"
+    );
+    assert_eq!(backing.extra_handles(), 0, "every handle let go at the end");
+}

@@ -262,9 +262,29 @@ struct Parked {
     qids: Vec<u16>,
 }
 
-// One queue's registers, which `revoke` takes away.
-pub(crate) type QueueRegs<B> = Arc<QueueRegsCell<B>>;
 pub(crate) type QueueRegsCell<B> = Mutex<Option<<B as DeviceBacking>::Registers>>;
+
+// One queue's registers, which `revoke` takes away, as the queue owns them (made by
+// `Shared::register_queue`). When the owner drops them, the mapping is taken out under
+// the cell's lock while `revoke` can still reach the cell, so a revoke meanwhile waits for
+// the unmap. Left to the `Arc`'s own drop, the unmap would run after the last strong count
+// went, out of revoke's sight, and revoke could return with the device still open (the bus
+// then parks it).
+pub(crate) struct QueueRegs<B: DeviceBacking>(pub(super) Arc<QueueRegsCell<B>>);
+
+impl<B: DeviceBacking> std::ops::Deref for QueueRegs<B> {
+    type Target = QueueRegsCell<B>;
+    fn deref(&self) -> &QueueRegsCell<B> {
+        &self.0
+    }
+}
+
+impl<B: DeviceBacking> Drop for QueueRegs<B> {
+    fn drop(&mut self) {
+        let mut cell = self.0.lock();
+        drop(cell.take());
+    }
+}
 
 pub(crate) struct Shared<B: DeviceBacking> {
     pub(crate) info: ControllerInfo,
@@ -644,10 +664,14 @@ impl<B: DeviceBacking> Shared<B> {
         }
     }
 
-    pub(crate) fn register_queue(&self, regs: &QueueRegs<B>) {
+    // Registers a queue's BAR mapping for `revoke` to take away, and gives it to the
+    // queue.
+    pub(crate) fn register_queue(&self, registers: B::Registers) -> QueueRegs<B> {
+        let cell = Arc::new(Mutex::new(Some(registers)));
         let mut list = self.queue_regs.lock();
         list.retain(|w| w.strong_count() > 0);
-        list.push(Arc::downgrade(regs));
+        list.push(Arc::downgrade(&cell));
+        QueueRegs(cell)
     }
 }
 

@@ -30,7 +30,6 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
-use parking_lot::Mutex;
 use std::os::fd::{AsFd, BorrowedFd};
 
 use super::controller::{PAGE, QueueRegs, Shared, check_status};
@@ -599,11 +598,10 @@ impl<B: DeviceBacking> IoQueue<B> {
                 // while the queue is created on the controller (admin round trips) drops
                 // it too, or the device stays open under the removal until this thread
                 // lets go.
-                let regs: QueueRegs<B> = Arc::new(Mutex::new(Some(backing.map_bar(0)?)));
-                shared.register_queue(&regs);
-                // Revoked before the registration: its sweep did not see this one.
+                let regs = shared.register_queue(backing.map_bar(0)?);
+                // Revoked before the registration: its sweep did not see this one (the
+                // mapping goes with `regs`, under its lock).
                 if let Some(e) = shared.removed() {
-                    regs.lock().take();
                     return Err(e);
                 }
                 Ok((sq, cq, prp, regs))
@@ -1638,13 +1636,8 @@ impl<B: DeviceBacking> Drop for IoQueue<B> {
                 self.shared.park(self.epoch, memory, Some(qid));
             }
         }
-        // The BAR mapping is unmapped here, under its lock and while the controller can
-        // still reach it: a `revoke` meanwhile waits for the unmap. Left to the field's
-        // drop, it would happen after the last strong count went, out of revoke's sight,
-        // and revoke could return with the device still open (the bus then parks it).
-        let mut regs = self.regs.lock();
-        drop(regs.take());
-        drop(regs);
+        // The BAR mapping goes with `self.regs` (`QueueRegs` unmaps under its lock, in
+        // revoke's sight).
     }
 }
 
@@ -1671,7 +1664,7 @@ mod tests {
         });
         q.submit(&IoRequest::read(1, 0, 8, &buf, 0), 1).unwrap();
         q.ring().unwrap();
-        let regs = Arc::clone(&q.regs);
+        let regs = Arc::clone(&q.regs.0);
         let held = regs.lock();
         let (tx, rx) = mpsc::channel();
         let polling = std::thread::spawn(move || {
