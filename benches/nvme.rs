@@ -54,6 +54,36 @@ fn lbas(span: u64) -> impl FnMut() -> u64 {
     }
 }
 
+// The emulated controller busy-polling (shadow doorbells as asked), brought up, with
+// one queue of QD and a buffer for QD I/Os; `span`: the I/O-sized slots of namespace 1.
+struct Emulated {
+    emu: EmulatedNvme,
+    controller: Controller<EmulatedNvme>,
+    q: IoQueue<EmulatedNvme>,
+    buf: pcibus::nvme::Buffer<EmulatedNvme>,
+    span: u64,
+}
+
+fn emulated(shadow: bool) -> Emulated {
+    let emu = EmulatedNvme::new(EmuConfig {
+        busy_poll: true,
+        shadow_doorbells: shadow,
+        ..EmuConfig::default()
+    })
+    .expect("emulator");
+    let controller = Controller::init(emu.clone(), &Options::default()).expect("bring-up");
+    let q = controller.io_queue(QD + 1).expect("queue");
+    let buf = controller.alloc_buffer(usize::from(QD) * IO).expect("buffer");
+    let span = controller.namespace(1).expect("namespace 1").blocks / (IO / 512) as u64;
+    Emulated {
+        emu,
+        controller,
+        q,
+        buf,
+        span,
+    }
+}
+
 struct DriverOnly {
     ns_per_io: f64,
     cpu_ns_per_io: f64,
@@ -117,17 +147,15 @@ struct WholeCore {
 
 // One thread keeps QD `QD` on the emulator for `secs`: poll, resubmit what completed, ring.
 fn whole_core(secs: f64) -> WholeCore {
-    let emu = EmulatedNvme::new(EmuConfig {
-        busy_poll: true,
-        shadow_doorbells: false,
-        ..EmuConfig::default()
-    })
-    .expect("emulator");
-    let c = Controller::init(emu.clone(), &Options::default()).expect("bring-up");
-    let mut q = c.io_queue(QD + 1).expect("queue");
-    let buf = c.alloc_buffer(usize::from(QD) * IO).expect("buffer");
+    let Emulated {
+        emu,
+        controller: _controller,
+        mut q,
+        buf,
+        span,
+    } = emulated(false);
     let blocks = (IO / 512) as u64;
-    let mut next_lba = lbas(c.namespace(1).expect("namespace 1").blocks / blocks);
+    let mut next_lba = lbas(span);
     for tag in 0..u64::from(QD) {
         q.submit(
             &IoRequest::read(1, next_lba(), blocks, &buf, tag as usize * IO),
@@ -185,24 +213,15 @@ struct Figures {
 // time) before polling again, so that completions accumulate and each poll harvests a
 // batch, as a driver with other work between polls does.
 fn run(batched: bool, shadow: bool, gap: Duration, secs: f64) -> Figures {
-    let emu = EmulatedNvme::new(EmuConfig {
-        busy_poll: true,
-        shadow_doorbells: shadow,
-        ..EmuConfig::default()
-    })
-    .expect("emulator");
-    let c = Controller::init(emu.clone(), &Options::default()).expect("bring-up");
-    let mut q = c.io_queue(QD + 1).expect("queue");
-    let buf = c.alloc_buffer(usize::from(QD) * IO).expect("buffer");
+    let Emulated {
+        emu,
+        controller: _controller,
+        mut q,
+        buf,
+        span,
+    } = emulated(shadow);
     let blocks = (IO / 512) as u64;
-    let span = c.namespace(1).expect("namespace 1").blocks / blocks;
-    let mut x = 0x9e37_79b9_7f4a_7c15u64;
-    let mut next_lba = move || {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        (x % span) * blocks
-    };
+    let mut next_lba = lbas(span);
     let submit = |q: &mut pcibus::nvme::IoQueue<EmulatedNvme>, tag: u64, lba: u64| {
         let req = IoRequest {
             op: Op::Read,
