@@ -24,10 +24,8 @@ wait_for 20 driver_is "$pf" nvme || fail "not bound to nvme at start"
 
 # blockdev: waits for the controller's namespace 1 on the kernel's driver; prints it.
 blockdev() {
-	wait_for 20 sh -c "ls /sys/bus/pci/devices/$pf/nvme/ >/dev/null 2>&1" || fail "no nvme controller device"
-	_c=$(ls "/sys/bus/pci/devices/$pf/nvme/" | head -1)
-	wait_for 20 test -b "/dev/${_c}n1" || fail "no /dev/${_c}n1"
-	echo "/dev/${_c}n1"
+	wait_for 20 nvme_blockdev "$pf" >/dev/null || fail "no block device of $pf on nvme"
+	echo "/dev/$(nvme_blockdev "$pf")"
 }
 
 # One poll queue for --hipri: a module loaded by insmod ignores nvme.poll_queues= on the
