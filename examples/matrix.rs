@@ -126,7 +126,8 @@ impl Driver<VfioBacking> for MatrixDriver {
         }
     }
 
-    fn remove(&mut self, address: PciAddress, removal: &Removal) {
+    fn remove(&mut self, removal: &Removal) {
+        let address = removal.address;
         println!("matrix: remove {address}: {}", removal.cause);
         let (mine, others): (Vec<_>, Vec<_>) = self.handles.drain(..).partition(|b| b.address() == address);
         self.handles = others;
@@ -134,7 +135,7 @@ impl Driver<VfioBacking> for MatrixDriver {
             self.leaked.extend(mine);
         }
         if let Some(nvme) = &mut self.nvme {
-            nvme.remove(address, removal);
+            nvme.remove(removal);
         }
         self.bars.retain(|(b, _)| b.address() != address);
         self.removed.store(true, Ordering::Release);

@@ -2154,7 +2154,8 @@ mod vmtest {
             self.held.push((dev.backing.clone(), bar));
             ProbeOutcome::Bound
         }
-        fn remove(&mut self, address: PciAddress, removal: &pcibus::bus::Removal) {
+        fn remove(&mut self, removal: &pcibus::bus::Removal) {
+        let address = removal.address;
             use pcibus::bus::DeviceBacking;
             println!("bus: remove {address}: {}", removal.cause);
             self.held.retain(|(b, _)| b.address() != address);

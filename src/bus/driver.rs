@@ -103,7 +103,7 @@ pub trait Driver<B: DeviceBacking>: Any + Send {
     /// comes when that probe returns, and the device may be closed already (revoked,
     /// [`RemovedReport::revoked`](super::RemovedReport::revoked)): its handles then read
     /// all-ones and fail; drop them all the same.
-    fn remove(&mut self, address: PciAddress, removal: &Removal);
+    fn remove(&mut self, removal: &Removal);
 
     /// A BAR of a device the driver holds faulted while the device is still there and not
     /// being removed: it is in D3hot, or its memory decoding is off (see

@@ -121,15 +121,16 @@ pub enum ProbeError {
         /// The drivers that declined, in the order asked.
         declined: Vec<String>,
     },
-    /// A driver's probe failed; everything done for it was undone.
-    #[error("{address}: driver {driver} failed to probe it")]
+    /// A driver's probe failed; everything done for it was undone. The text includes the
+    /// driver's message (the error is not also a `source()`, so printing the chain does
+    /// not repeat it).
+    #[error("{address}: driver {driver} failed to probe it: {error}")]
     Failed {
         /// The device.
         address: PciAddress,
         /// The driver.
         driver: String,
         /// The driver's error.
-        #[source]
         error: DriverError,
     },
     /// The device was taken back while driver `driver` probed it (a removal request, a
@@ -776,7 +777,7 @@ impl<A: Attach> Bus<A> {
                         cause: cause.clone(),
                     };
                     // A panic is logged by `guarded`; the device goes regardless.
-                    let _ = guarded(&name, "remove", address, || driver.remove(address, &removal));
+                    let _ = guarded(&name, "remove", address, || driver.remove(&removal));
                 }
             }
             ProbeOutcome::NotMine => {}
@@ -852,7 +853,7 @@ impl<A: Attach> Bus<A> {
         let panicked = slot
             .driver
             .as_mut()
-            .and_then(|driver| guarded(&name, "remove", address, || driver.remove(address, &removal)).err());
+            .and_then(|driver| guarded(&name, "remove", address, || driver.remove(&removal)).err());
         let leaked = kept(&name, address, &held.attached.backing, "its removal");
         if cause == RemovalCause::Request && self.map.get(address).is_some() {
             self.held_off.insert(address);
@@ -962,7 +963,7 @@ impl<A: Attach> Bus<A> {
                     if let Some(d) = slot.driver.as_mut() {
                         let removal = Removal { address, cause };
                         // A panic is logged by `guarded`; handles it keeps are dead.
-                        let _ = guarded(name, "remove", address, || d.remove(address, &removal));
+                        let _ = guarded(name, "remove", address, || d.remove(&removal));
                     }
                 }
                 Deferred::TakeBack {
@@ -1486,7 +1487,7 @@ mod tests {
             self.0.push(device.backing.map_bar(0).unwrap());
             ProbeOutcome::Bound
         }
-        fn remove(&mut self, _address: PciAddress, removal: &Removal) {
+        fn remove(&mut self, removal: &Removal) {
             self.1.push(removal.cause.clone());
             self.0.clear();
         }
@@ -1543,7 +1544,7 @@ mod tests {
             // Bound regardless: the bus must not keep it.
             ProbeOutcome::Bound
         }
-        fn remove(&mut self, _address: PciAddress, removal: &Removal) {
+        fn remove(&mut self, removal: &Removal) {
             self.1.push(removal.cause.clone());
         }
     }

@@ -116,7 +116,8 @@ impl<B: DeviceBacking> Driver<B> for NvmeDriver<B> {
         }
     }
 
-    fn remove(&mut self, address: PciAddress, removal: &Removal) {
+    fn remove(&mut self, removal: &Removal) {
+        let address = removal.address;
         let Some(c) = self.controllers.remove(&address) else {
             return;
         };

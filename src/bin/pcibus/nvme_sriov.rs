@@ -88,7 +88,7 @@ impl Driver<VfioBacking> for PfHolder {
     fn probe(&mut self, _device: ProbeDevice<'_, VfioBacking>) -> ProbeOutcome {
         ProbeOutcome::Bound
     }
-    fn remove(&mut self, _address: PciAddress, _removal: &Removal) {}
+    fn remove(&mut self, _removal: &Removal) {}
 }
 
 const ENABLE_SRIOV: &str = "module/vfio_pci/parameters/enable_sriov";
