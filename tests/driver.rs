@@ -303,6 +303,59 @@ fn a_declining_driver_passes_the_device_to_the_next() {
     assert_eq!(reports[0].leaked, 0);
 }
 
+// Records what a probe finds of the device's state, then acts as its mode says.
+struct Inspector {
+    name: &'static str,
+    bind: bool,
+    seen: Arc<Mutex<Vec<(String, bool, u32)>>>,
+}
+
+impl Driver<FakeBacking> for Inspector {
+    fn name(&self) -> &str {
+        self.name
+    }
+    fn id_table(&self) -> &[IdEntry] {
+        const TABLE: &[IdEntry] = &[IdEntry::class(0x010802, CLASS_EXACT)];
+        TABLE
+    }
+    fn probe(&mut self, device: ProbeDevice<'_, FakeBacking>) -> ProbeOutcome {
+        let master = device.backing.bus_master().unwrap();
+        // Whatever this driver did to the device, the next one must not find it.
+        device.backing.map_bar(0).unwrap().write32(0x14, 0xdead).unwrap();
+        self.seen
+            .lock()
+            .push((self.name.to_string(), master, device.backing.resets()));
+        if self.bind {
+            ProbeOutcome::Bound
+        } else {
+            ProbeOutcome::NotMine
+        }
+    }
+    fn remove(&mut self, _removal: &Removal) {}
+}
+
+#[test]
+fn the_bus_turns_bus_mastering_on_and_resets_the_device_between_two_drivers() {
+    let fake = qemu();
+    let attach = FakeAttach::new();
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let mut bus = Bus::new(map(&fake), attach.clone()).selection(allow(PF));
+    for (name, bind) in [("picky", false), ("generic", true)] {
+        bus.register(Box::new(Inspector {
+            name,
+            bind,
+            seen: Arc::clone(&seen),
+        }));
+    }
+    let reports = bus.probe_all();
+    assert_eq!(bound(&reports), [(PF.to_string(), "generic".to_string())]);
+    // Both probes find DMA on; the second finds the device reset after the first declined.
+    assert_eq!(
+        *seen.lock(),
+        [("picky".to_string(), true, 0), ("generic".to_string(), true, 1)]
+    );
+}
+
 #[test]
 fn a_failed_probe_is_rolled_back_and_no_other_driver_is_tried() {
     let fake = qemu();

@@ -25,6 +25,11 @@ use std::sync::Arc;
 use crate::addr::PciAddress;
 use crate::vfio::{DmaBuffer, DmaRegion, MappedBar, VfioDevice, VfioError};
 
+// The Command register and the bits of it the bus sets.
+const PCI_COMMAND: u64 = 4;
+const COMMAND_MEMORY: u16 = 1 << 1;
+const COMMAND_MASTER: u16 = 1 << 2;
+
 /// Why a backing operation failed.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -141,6 +146,34 @@ pub trait DeviceBacking: Clone + Send + Sync + fmt::Debug + 'static {
             address: self.address(),
             operation: "revoke",
         })
+    }
+    /// Turns the device's DMA on or off: Bus Master Enable (bit 2) of its Command register,
+    /// read, changed and written back through config space. Without it the device's
+    /// memory reads and writes, MSI and MSI-X messages included, never reach memory.
+    ///
+    /// The bus turns it on (with Memory Space Enable) when it opens a device, before the
+    /// first probe, as DPDK does when it maps one: a driver that wants the device's DMA
+    /// off until it has set the device up turns it off first thing in its probe. vfio-pci
+    /// itself enables memory decoding on open but never bus mastering.
+    fn set_bus_master(&self, on: bool) -> Result<(), BackingError> {
+        let mut command = [0u8; 2];
+        self.read_config(PCI_COMMAND, &mut command)?;
+        let old = u16::from_le_bytes(command);
+        let new = if on {
+            old | COMMAND_MEMORY | COMMAND_MASTER
+        } else {
+            old & !COMMAND_MASTER
+        };
+        if new != old {
+            self.write_config(PCI_COMMAND, &new.to_le_bytes())?;
+        }
+        Ok(())
+    }
+    /// Whether Bus Master Enable is set in the device's Command register.
+    fn bus_master(&self) -> Result<bool, BackingError> {
+        let mut command = [0u8; 2];
+        self.read_config(PCI_COMMAND, &mut command)?;
+        Ok(u16::from_le_bytes(command) & COMMAND_MASTER != 0)
     }
     /// Says that the device is being taken away while its DMA may be in flight: DMA
     /// addresses of memory freed from now on are not handed out again until the device

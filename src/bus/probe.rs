@@ -662,6 +662,12 @@ impl<A: Attach> Bus<A> {
             Err(e) => return report(Err(e.into()), 0),
         };
         let attached_seqnum = uevent_seqnum(self.map.scanner().root());
+        // DMA on, as DPDK does when it maps a device: without it the device's memory
+        // accesses and its MSI/MSI-X messages never arrive (see
+        // `DeviceBacking::set_bus_master`). A device that refuses is the driver's to find.
+        if let Err(e) = attached.backing.set_bus_master(true) {
+            log::warn!("{address}: turning bus mastering on failed: {e}");
+        }
         let mut offered = Offered {
             attached: Some(attached),
             claim,
@@ -672,11 +678,16 @@ impl<A: Attach> Bus<A> {
         let mut leaked = 0;
         // The last driver that kept handles after declining or failing.
         let mut keeper = None;
-        for (index, id) in &candidates {
+        for (n, (index, id)) in candidates.iter().enumerate() {
             let name = self.drivers[*index].name.clone();
             let Some(backing) = offered.attached.as_ref().map(|a| a.backing.clone()) else {
                 break;
             };
+            if n > 0 {
+                // What the driver that declined did to the device (its registers, a pending
+                // interrupt) is not the next one's to find.
+                reset_between_probes(address, &backing);
+            }
             let (outcome, taken) = self.run_probe(*index, &record, *id, backing, false, Some(&mut offered));
             if let Some(cause) = taken {
                 return self.taken_while_offered(address, *index, outcome, cause, offered, leaked);
@@ -1430,6 +1441,22 @@ fn panicked(
         message,
     }
 }
+
+// A reset between two drivers' probes of a device; then DMA on again, as before the first.
+fn reset_between_probes<B: DeviceBacking>(address: PciAddress, backing: &B) {
+    match backing.reset() {
+        Ok(()) => {
+            if let Err(e) = backing.set_bus_master(true) {
+                log::warn!("{address}: turning bus mastering on after the reset failed: {e}");
+            }
+        }
+        Err(e) => log::warn!(
+            "{address}: could not reset it before offering it to the next driver (it gets the device as \
+             the last one left it): {e}"
+        ),
+    }
+}
+
 
 // Handles of `backing` besides the bus's, logged as an error.
 fn kept<B: DeviceBacking>(driver: &str, address: PciAddress, backing: &B, after: &str) -> usize {

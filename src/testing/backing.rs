@@ -39,6 +39,7 @@ struct Inner {
     revoked: AtomicBool,
     next_iova: AtomicU64,
     interrupts: AtomicU32,
+    resets: AtomicU32,
 }
 
 /// An in-memory device. Clones are handles of the same device.
@@ -73,6 +74,7 @@ impl FakeBacking {
                 revoked: AtomicBool::new(false),
                 next_iova: AtomicU64::new(0x1000_0000),
                 interrupts: AtomicU32::new(0),
+                resets: AtomicU32::new(0),
             }),
         }
     }
@@ -85,6 +87,11 @@ impl FakeBacking {
     /// How many MSI-X vectors are routed now.
     pub fn routed_interrupts(&self) -> u32 {
         self.inner.interrupts.load(Ordering::Acquire)
+    }
+
+    /// How many times the device was reset ([`DeviceBacking::reset`]).
+    pub fn resets(&self) -> u32 {
+        self.inner.resets.load(Ordering::Relaxed)
     }
 
     /// Whether the device was revoked ([`DeviceBacking::revoke`]).
@@ -247,7 +254,9 @@ impl DeviceBacking for FakeBacking {
         Ok(())
     }
     fn reset(&self) -> Result<(), BackingError> {
-        self.live()
+        self.live()?;
+        self.inner.resets.fetch_add(1, Ordering::Relaxed);
+        Ok(())
     }
     fn extra_handles(&self) -> usize {
         Arc::strong_count(&self.inner).saturating_sub(1)
