@@ -2155,7 +2155,7 @@ mod vmtest {
             ProbeOutcome::Bound
         }
         fn remove(&mut self, removal: &pcibus::bus::Removal) {
-        let address = removal.address;
+            let address = removal.address;
             use pcibus::bus::DeviceBacking;
             println!("bus: remove {address}: {}", removal.cause);
             self.held.retain(|(b, _)| b.address() != address);

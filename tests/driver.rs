@@ -1489,3 +1489,44 @@ fn a_request_for_a_device_of_another_driver_is_answered_by_its_driver_during_a_p
     );
     assert_eq!(bus.held(), [(addr(VF2), "second")]);
 }
+
+// Whether `fd` is readable now.
+fn readable(fd: std::os::fd::BorrowedFd<'_>) -> bool {
+    use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+    let mut fds = [PollFd::new(fd, PollFlags::POLLIN)];
+    poll(&mut fds, PollTimeout::ZERO).unwrap() == 1
+}
+
+#[test]
+fn one_event_fd_follows_devices_as_they_come_and_go() {
+    use std::os::fd::{AsFd, AsRawFd};
+    let fake = qemu();
+    let attach = FakeAttach::new();
+    let log = Log::default();
+    let mut bus = Bus::new(map(&fake), attach.clone()).selection(allow(PF));
+    bus.register(Box::new(TestDriver::new("nvme-test", Mode::Bind, &log)));
+    // The loop keeps its own handle of the fd (a dup of the epoll fd is the same set) and
+    // never asks the bus again.
+    let fd = bus.event_fd().unwrap().try_clone_to_owned().unwrap();
+    let number = bus.event_fd().unwrap().as_raw_fd();
+    let fd = fd.as_fd();
+    assert!(!readable(fd), "nothing to do yet");
+
+    // A device bound after the loop registered the fd: its request reaches the same fd.
+    bus.probe_all();
+    assert!(!readable(fd));
+    assert!(attach.request_removal(addr(PF)));
+    assert!(readable(fd), "the held device's request");
+    let events = bus.poll();
+    assert!(
+        matches!(&events[..], [BusEvent::Removed(r)] if r.cause == RemovalCause::Request),
+        "{events:?}"
+    );
+    // Handled, and the released device's eventfd is out of the set.
+    assert!(!readable(fd));
+    assert_eq!(
+        bus.event_fd().unwrap().as_raw_fd(),
+        number,
+        "one fd for the bus's life"
+    );
+}

@@ -74,7 +74,9 @@ use crate::vfio::fault::{self, Subscriber};
 const COMMAND: u64 = 0x04;
 const COMMAND_MEMORY: u16 = 1 << 1;
 
+mod ready;
 mod worker;
+use ready::ReadyFd;
 use worker::{Offered, Probing};
 
 /// SPDK's settle delay for hot-inserted devices.
@@ -436,6 +438,8 @@ pub struct Bus<A: Attach> {
     queued: Vec<BusEvent>,
     // Removals answered while the driver was away probing, to finish when it is back.
     deferred: Vec<Deferred>,
+    // The one fd for event loops, once asked for (`event_fd`).
+    ready: Option<ReadyFd>,
 }
 
 impl<A: Attach> fmt::Debug for Bus<A> {
@@ -475,6 +479,7 @@ impl<A: Attach> Bus<A> {
             faults_warned: false,
             queued: Vec::new(),
             deferred: Vec::new(),
+            ready: None,
         }
         .subscribed()
     }
@@ -577,6 +582,12 @@ impl<A: Attach> Bus<A> {
     /// and faults; what that did comes with the next [`poll`](Self::poll) (see
     /// [`Bus`](Bus#probes-and-removal-requests)).
     pub fn probe_all(&mut self) -> Vec<ProbeReport> {
+        let reports = self.probe_all_unsynced();
+        self.resync();
+        reports
+    }
+
+    fn probe_all_unsynced(&mut self) -> Vec<ProbeReport> {
         let addresses: Vec<PciAddress> = self.map.iter().map(|r| r.address).collect();
         addresses.into_iter().filter_map(|a| self.probe_one(a)).collect()
     }
@@ -586,6 +597,12 @@ impl<A: Attach> Bus<A> {
     /// still open after its release ([`Bus::releasing`]). Removal requests are answered
     /// meanwhile, as in [`probe_all`](Self::probe_all).
     pub fn probe(&mut self, address: PciAddress) -> Option<ProbeReport> {
+        let report = self.probe_unsynced(address);
+        self.resync();
+        report
+    }
+
+    fn probe_unsynced(&mut self, address: PciAddress) -> Option<ProbeReport> {
         self.settling.remove(&address);
         self.held_off.remove(&address);
         self.probe_one(address)
@@ -831,6 +848,12 @@ impl<A: Attach> Bus<A> {
     /// ([`Bus::releasing`]); a removal request meanwhile makes it a removal (the binding is
     /// then left alone).
     pub fn detach(&mut self, address: PciAddress) -> Result<RemovedReport, BusError> {
+        let report = self.detach_unsynced(address);
+        self.resync();
+        report
+    }
+
+    fn detach_unsynced(&mut self, address: PciAddress) -> Result<RemovedReport, BusError> {
         self.take_back(address, RemovalCause::Detach)
             .ok_or(BusError::NotHeld(address))
     }
@@ -1063,6 +1086,12 @@ impl<A: Attach> Bus<A> {
     /// what the bus did while an earlier call probed (see
     /// [`Bus`](Bus#probes-and-removal-requests)).
     pub fn poll(&mut self) -> Vec<BusEvent> {
+        let events = self.poll_unsynced();
+        self.resync();
+        events
+    }
+
+    fn poll_unsynced(&mut self) -> Vec<BusEvent> {
         self.subscribe_faults();
         let mut events = std::mem::take(&mut self.queued);
         self.answer(None, &mut events);
@@ -1190,6 +1219,12 @@ impl<A: Attach> Bus<A> {
     /// on overflow), takes back held devices that are gone or lost their binding, and
     /// schedules added devices for probing after the settle delay.
     pub fn handle(&mut self, event: &Event) -> Result<Vec<BusEvent>, BusError> {
+        let events = self.handle_unsynced(event);
+        self.resync();
+        events
+    }
+
+    fn handle_unsynced(&mut self, event: &Event) -> Result<Vec<BusEvent>, BusError> {
         let mut events = Vec::new();
         match event {
             Event::Overflow => {
@@ -1314,6 +1349,37 @@ impl<A: Attach> Bus<A> {
             .chain(self.parked.values().filter_map(|p| p.attached.request_fd()))
             .chain(self.faults.as_ref().map(|s| s.as_fd()))
             .collect()
+    }
+
+    /// One file descriptor that is readable whenever the bus has something to do: a
+    /// removal request or a fault on any device it has (however many come and go), or
+    /// its [`next_deadline`](Self::next_deadline) passed. An event loop (epoll, mio,
+    /// tokio's `AsyncFd`) registers it once, with the hotplug monitor's fd beside it,
+    /// and calls [`poll`](Self::poll) (or [`handle`](Self::handle) for the monitor's
+    /// events) when it is readable; every call of the bus that changes what it waits for
+    /// brings the set up to date before it returns. It is an epoll fd (epoll fds nest)
+    /// made at the first call; it stays the same for the bus's life.
+    pub fn event_fd(&mut self) -> Result<BorrowedFd<'_>, BusError> {
+        self.subscribe_faults();
+        let mut ready = match self.ready.take() {
+            Some(r) => r,
+            None => ReadyFd::new().map_err(BusError::Poll)?,
+        };
+        let synced = ready.sync(&self.fds(), self.next_deadline());
+        let ready = self.ready.insert(ready);
+        synced.map_err(BusError::Poll)?;
+        Ok(ready.fd())
+    }
+
+    // Brings the event fd's set up to date, if there is one.
+    fn resync(&mut self) {
+        let Some(mut ready) = self.ready.take() else {
+            return;
+        };
+        if let Err(e) = ready.sync(&self.fds(), self.next_deadline()) {
+            log::error!("bringing the bus's event fd up to date failed: {e}");
+        }
+        self.ready = Some(ready);
     }
 
     /// When the bus next has something to do without an fd becoming readable (a timeout
@@ -1456,7 +1522,6 @@ fn reset_between_probes<B: DeviceBacking>(address: PciAddress, backing: &B) {
         ),
     }
 }
-
 
 // Handles of `backing` besides the bus's, logged as an error.
 fn kept<B: DeviceBacking>(driver: &str, address: PciAddress, backing: &B, after: &str) -> usize {
