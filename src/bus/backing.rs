@@ -19,10 +19,11 @@
 
 use std::fmt;
 use std::ops::Deref;
-use std::os::fd::BorrowedFd;
+use std::os::fd::{AsFd, BorrowedFd};
 use std::sync::Arc;
 
 use crate::addr::PciAddress;
+use crate::bus::interrupt::{Interrupt, InterruptError, InterruptKind, check_count, new_interrupts};
 use crate::vfio::{DmaBuffer, DmaRegion, MappedBar, VfioDevice, VfioError};
 
 /// Why a backing operation failed.
@@ -55,6 +56,9 @@ pub enum BackingError {
         /// What was asked (`"revoke"`).
         operation: &'static str,
     },
+    /// Enabling, growing, masking or unmasking interrupts failed.
+    #[error(transparent)]
+    Interrupt(#[from] InterruptError),
     /// Anything else, said by the backing.
     #[error("{address}: {message}")]
     Other {
@@ -116,6 +120,137 @@ pub trait DeviceBacking: Clone + Send + Sync + fmt::Debug + 'static {
     /// Routes MSI-X vectors `0..fds.len()` to these eventfds, in one call; an empty slice
     /// disables MSI-X. The eventfds stay the caller's.
     fn route_interrupts(&self, fds: &[BorrowedFd<'_>]) -> Result<(), BackingError>;
+
+    // Interrupts of every kind (see `super::interrupt`). Each has a default, so a backing
+    // that implements only the two MSI-X methods above still works: MSI-X through
+    // `route_interrupts`, every other kind unsupported.
+
+    /// How many vectors of `kind` the device has (0: none). For [`InterruptKind::Error`],
+    /// 1 if the device reports errors this way. Default: MSI-X from
+    /// [`max_interrupts`](Self::max_interrupts), other kinds 0.
+    fn interrupt_count(&self, kind: InterruptKind) -> u32 {
+        match kind {
+            InterruptKind::MsiX => self.max_interrupts(),
+            _ => 0,
+        }
+    }
+    /// Whether vectors of `kind` can be masked
+    /// ([`mask_interrupt`](Self::mask_interrupt)). For VFIO: INTx only (its
+    /// `VFIO_IRQ_INFO_MASKABLE`). Default: no.
+    fn interrupt_maskable(&self, kind: InterruptKind) -> bool {
+        let _ = kind;
+        false
+    }
+    /// Enables vectors `0..count` of `kind`, each routed to a new eventfd, and returns
+    /// them. `count` must be between 1 and [`interrupt_count`](Self::interrupt_count)
+    /// ([`InterruptError::TooMany`] names both numbers). One of INTx, MSI and MSI-X can be
+    /// enabled at a time ([`InterruptError::OtherKindEnabled`]); enabling the kind that is
+    /// enabled replaces its vectors (the old handles stop firing). An INTx comes back
+    /// automasked after each interrupt: see [`Interrupt::unmask`].
+    ///
+    /// Default: MSI-X through [`route_interrupts`](Self::route_interrupts), other kinds
+    /// [`BackingError::Unsupported`].
+    fn enable_interrupts(&self, kind: InterruptKind, count: u32) -> Result<Vec<Interrupt>, BackingError> {
+        let address = self.address();
+        if kind != InterruptKind::MsiX {
+            return Err(BackingError::Unsupported {
+                address,
+                operation: "enable_interrupts (kinds other than MSI-X)",
+            });
+        }
+        check_count(address, kind, count, self.interrupt_count(kind))?;
+        let interrupts = new_interrupts(address, kind, 0, count)?;
+        let fds: Vec<_> = interrupts.iter().map(|i| i.as_fd()).collect();
+        self.route_interrupts(&fds)?;
+        Ok(interrupts)
+    }
+    /// Enables up to `count` vectors of the best kind the device has: MSI-X, else MSI,
+    /// else INTx (one vector), falling back to the next kind when enabling one fails (a
+    /// device that is gone fails at once). Returns the kind and its vectors, which may be
+    /// fewer than `count`: as many as the kind has.
+    fn enable_best_interrupts(&self, count: u32) -> Result<(InterruptKind, Vec<Interrupt>), BackingError> {
+        let address = self.address();
+        if count == 0 {
+            return Err(InterruptError::NoneAsked {
+                address,
+                kind: InterruptKind::MsiX,
+            }
+            .into());
+        }
+        let mut last = None;
+        for kind in InterruptKind::BEST_FIRST {
+            let available = self.interrupt_count(kind);
+            if available == 0 {
+                continue;
+            }
+            match self.enable_interrupts(kind, count.min(available)) {
+                Ok(interrupts) => return Ok((kind, interrupts)),
+                Err(e @ BackingError::Gone(_)) => return Err(e),
+                Err(e) => {
+                    log::debug!("{address}: enabling {kind} failed, trying the next kind: {e}");
+                    last = Some(e);
+                }
+            }
+        }
+        Err(last.unwrap_or(InterruptError::NoneAvailable { address }.into()))
+    }
+    /// Adds `count` vectors to the enabled `kind`, numbered after the present ones,
+    /// without disabling it: MSI-X where the kernel allows it (VFIO: Linux 6.5 on, where
+    /// MSI-X lacks `VFIO_IRQ_INFO_NORESIZE`); MSI and INTx never grow. Otherwise
+    /// [`InterruptError::Unsupported`] with the reason (then disable and enable the whole
+    /// set). Default: [`BackingError::Unsupported`].
+    fn add_interrupts(&self, kind: InterruptKind, count: u32) -> Result<Vec<Interrupt>, BackingError> {
+        let _ = (kind, count);
+        Err(BackingError::Unsupported {
+            address: self.address(),
+            operation: "add_interrupts",
+        })
+    }
+    /// Disables `kind` (every vector of it); nothing if it is not enabled. Default: MSI-X
+    /// through [`route_interrupts`](Self::route_interrupts) with no fds, other kinds
+    /// [`BackingError::Unsupported`].
+    fn disable_interrupts(&self, kind: InterruptKind) -> Result<(), BackingError> {
+        match kind {
+            InterruptKind::MsiX => self.route_interrupts(&[]),
+            _ => Err(BackingError::Unsupported {
+                address: self.address(),
+                operation: "disable_interrupts (kinds other than MSI-X)",
+            }),
+        }
+    }
+    /// Masks `vector` of the enabled `kind`: an interrupt raised while it is masked is
+    /// delivered when it is unmasked. VFIO masks INTx only (see
+    /// [`interrupt_maskable`](Self::interrupt_maskable)). Default:
+    /// [`BackingError::Unsupported`].
+    fn mask_interrupt(&self, kind: InterruptKind, vector: u32) -> Result<(), BackingError> {
+        let _ = (kind, vector);
+        Err(BackingError::Unsupported {
+            address: self.address(),
+            operation: "mask_interrupt",
+        })
+    }
+    /// Unmasks `vector` of the enabled `kind`, delivering an interrupt raised while it was
+    /// masked. For an automasked INTx this is [`Interrupt::unmask`]. Default:
+    /// [`BackingError::Unsupported`].
+    fn unmask_interrupt(&self, kind: InterruptKind, vector: u32) -> Result<(), BackingError> {
+        let _ = (kind, vector);
+        Err(BackingError::Unsupported {
+            address: self.address(),
+            operation: "unmask_interrupt",
+        })
+    }
+    /// Routes the device's error notification (VFIO's ERR index: AER errors of a PCI
+    /// Express device) to a new eventfd ([`InterruptKind::Error`], vector 0), for drivers
+    /// that want to hear of errors. The device request (REQ) index is not offered: it is
+    /// the bus's, which drives removal through it. Disable with
+    /// [`disable_interrupts`](Self::disable_interrupts)`(InterruptKind::Error)`. Default:
+    /// [`BackingError::Unsupported`].
+    fn error_interrupt(&self) -> Result<Interrupt, BackingError> {
+        Err(BackingError::Unsupported {
+            address: self.address(),
+            operation: "error_interrupt",
+        })
+    }
     /// A function-level reset.
     fn reset(&self) -> Result<(), BackingError>;
     /// How many handles to the device exist besides this one (clones, mapped BARs). The
