@@ -86,7 +86,10 @@ fn intx_is_automasked_until_unmasked_and_a_raise_meanwhile_is_kept() {
     assert!(!dev.raise(InterruptKind::Intx, 0));
     assert!(!intx.try_wait());
     intx.unmask().unwrap();
-    assert!(fired_once(&intx), "the interrupt raised while masked arrives on unmask");
+    assert!(
+        fired_once(&intx),
+        "the interrupt raised while masked arrives on unmask"
+    );
     // ... and masks again, having fired.
     assert!(!dev.raise(InterruptKind::Intx, 0));
     dev.unmask_interrupt(InterruptKind::Intx, 0).unwrap();
@@ -106,7 +109,10 @@ fn a_masked_msix_vector_remembers_and_fires_on_unmask() {
     assert!(!dev.raise(InterruptKind::MsiX, 1));
     assert!(!dev.raise(InterruptKind::MsiX, 1));
     assert!(!irqs[1].try_wait());
-    assert!(dev.raise(InterruptKind::MsiX, 0), "the other vector is not masked");
+    assert!(
+        dev.raise(InterruptKind::MsiX, 0),
+        "the other vector is not masked"
+    );
     assert!(fired_once(&irqs[0]));
     dev.unmask_interrupt(InterruptKind::MsiX, 1).unwrap();
     assert!(fired_once(&irqs[1]), "one pending interrupt, delivered once");
@@ -122,13 +128,31 @@ fn too_many_vectors_names_both_numbers() {
     let dev = device();
     let e = interrupt_error(dev.enable_interrupts(InterruptKind::MsiX, 17).unwrap_err());
     assert!(
-        matches!(e, InterruptError::TooMany { kind: InterruptKind::MsiX, asked: 17, available: 16, .. }),
+        matches!(
+            e,
+            InterruptError::TooMany {
+                kind: InterruptKind::MsiX,
+                asked: 17,
+                available: 16,
+                ..
+            }
+        ),
         "{e:?}"
     );
     let text = e.to_string();
     assert!(text.contains("17") && text.contains("16"), "{text}");
     let e = interrupt_error(dev.enable_interrupts(InterruptKind::Intx, 2).unwrap_err());
-    assert!(matches!(e, InterruptError::TooMany { asked: 2, available: 1, .. }), "{e:?}");
+    assert!(
+        matches!(
+            e,
+            InterruptError::TooMany {
+                asked: 2,
+                available: 1,
+                ..
+            }
+        ),
+        "{e:?}"
+    );
     let e = interrupt_error(dev.enable_interrupts(InterruptKind::MsiX, 0).unwrap_err());
     assert!(matches!(e, InterruptError::NoneAsked { .. }), "{e:?}");
     assert_eq!(dev.enabled_interrupts(), None, "nothing enabled by a failure");
@@ -181,7 +205,11 @@ fn enabling_the_enabled_kind_again_replaces_its_vectors() {
 fn the_best_kind_is_msix_then_msi_then_intx() {
     let dev = device();
     let (kind, irqs) = dev.enable_best_interrupts(32).unwrap();
-    assert_eq!((kind, irqs.len()), (InterruptKind::MsiX, 16), "as many as there are");
+    assert_eq!(
+        (kind, irqs.len()),
+        (InterruptKind::MsiX, 16),
+        "as many as there are"
+    );
     dev.disable_interrupts(kind).unwrap();
 
     dev.set_interrupt_count(InterruptKind::MsiX, 0);
@@ -222,11 +250,30 @@ fn msix_grows_where_the_kernel_allows() {
     assert!(dev.raise(InterruptKind::MsiX, 0));
     assert!(fired_once(&first[0]), "the first vectors stay routed");
     let e = interrupt_error(dev.add_interrupts(InterruptKind::MsiX, 12).unwrap_err());
-    assert!(matches!(e, InterruptError::TooMany { asked: 17, available: 16, .. }), "{e:?}");
+    assert!(
+        matches!(
+            e,
+            InterruptError::TooMany {
+                asked: 17,
+                available: 16,
+                ..
+            }
+        ),
+        "{e:?}"
+    );
 
     dev.set_dynamic_msix(false);
     let e = interrupt_error(dev.add_interrupts(InterruptKind::MsiX, 1).unwrap_err());
-    assert!(matches!(e, InterruptError::Unsupported { kind: InterruptKind::MsiX, .. }), "{e:?}");
+    assert!(
+        matches!(
+            e,
+            InterruptError::Unsupported {
+                kind: InterruptKind::MsiX,
+                ..
+            }
+        ),
+        "{e:?}"
+    );
 }
 
 #[test]
@@ -234,17 +281,45 @@ fn msi_and_intx_never_grow_and_nothing_grows_unless_enabled() {
     let dev = device();
     dev.set_interrupt_count(InterruptKind::Msi, 8);
     let e = interrupt_error(dev.add_interrupts(InterruptKind::MsiX, 1).unwrap_err());
-    assert!(matches!(e, InterruptError::NotEnabled { kind: InterruptKind::MsiX, .. }), "{e:?}");
+    assert!(
+        matches!(
+            e,
+            InterruptError::NotEnabled {
+                kind: InterruptKind::MsiX,
+                ..
+            }
+        ),
+        "{e:?}"
+    );
     let _msi = dev.enable_interrupts(InterruptKind::Msi, 2).unwrap();
     let e = interrupt_error(dev.add_interrupts(InterruptKind::Msi, 1).unwrap_err());
-    assert!(matches!(e, InterruptError::Unsupported { kind: InterruptKind::Msi, .. }), "{e:?}");
+    assert!(
+        matches!(
+            e,
+            InterruptError::Unsupported {
+                kind: InterruptKind::Msi,
+                ..
+            }
+        ),
+        "{e:?}"
+    );
 }
 
 #[test]
 fn masking_what_is_not_enabled_fails() {
     let dev = device();
     let e = interrupt_error(dev.mask_interrupt(InterruptKind::Intx, 0).unwrap_err());
-    assert!(matches!(e, InterruptError::NotEnabled { kind: InterruptKind::Intx, vector: 0, .. }), "{e:?}");
+    assert!(
+        matches!(
+            e,
+            InterruptError::NotEnabled {
+                kind: InterruptKind::Intx,
+                vector: 0,
+                ..
+            }
+        ),
+        "{e:?}"
+    );
     let _irqs = dev.enable_interrupts(InterruptKind::MsiX, 2).unwrap();
     let e = interrupt_error(dev.unmask_interrupt(InterruptKind::MsiX, 2).unwrap_err());
     assert!(matches!(e, InterruptError::NotEnabled { vector: 2, .. }), "{e:?}");
@@ -254,7 +329,9 @@ fn masking_what_is_not_enabled_fails() {
 fn route_interrupts_is_msix_enabled_with_the_callers_eventfds() {
     use std::os::fd::AsFd;
     let dev = device();
-    let mine: Vec<Interrupt> = (0..3).map(|v| Interrupt::new(InterruptKind::MsiX, v).unwrap()).collect();
+    let mine: Vec<Interrupt> = (0..3)
+        .map(|v| Interrupt::new(InterruptKind::MsiX, v).unwrap())
+        .collect();
     let fds: Vec<_> = mine.iter().map(|i| i.as_fd()).collect();
     dev.route_interrupts(&fds).unwrap();
     assert_eq!(dev.enabled_interrupts(), Some((InterruptKind::MsiX, 3)));
@@ -270,10 +347,17 @@ fn route_interrupts_is_msix_enabled_with_the_callers_eventfds() {
 fn an_interrupt_does_not_keep_its_device_and_revoke_disables_everything() {
     let dev = device();
     let intx = dev.enable_interrupts(InterruptKind::Intx, 1).unwrap();
-    assert_eq!(dev.extra_handles(), 0, "an Interrupt is not a handle of the device");
+    assert_eq!(
+        dev.extra_handles(),
+        0,
+        "an Interrupt is not a handle of the device"
+    );
     dev.revoke().unwrap();
     assert_eq!(dev.enabled_interrupts(), None);
     assert!(!dev.raise(InterruptKind::Intx, 0));
     assert!(matches!(intx[0].unmask(), Err(BackingError::Gone(_))));
-    assert!(matches!(dev.enable_interrupts(InterruptKind::Msi, 1), Err(BackingError::Gone(_))));
+    assert!(matches!(
+        dev.enable_interrupts(InterruptKind::Msi, 1),
+        Err(BackingError::Gone(_))
+    ));
 }

@@ -311,6 +311,96 @@ impl VfioBacking {
     pub fn device(&self) -> &Arc<VfioDevice> {
         &self.device
     }
+
+    /// New interrupts `start..start + count` of `kind`; an INTx unmasks through a weak
+    /// reference to the device, so that it keeps no handle of it.
+    fn new_interrupts(
+        &self,
+        kind: InterruptKind,
+        start: u32,
+        count: u32,
+    ) -> Result<Vec<Interrupt>, BackingError> {
+        let address = self.address();
+        let interrupts = new_interrupts(address, kind, start, count)?;
+        if !kind.is_automasked() {
+            return Ok(interrupts);
+        }
+        Ok(interrupts
+            .into_iter()
+            .map(|i| {
+                let (index, vector) = (kind.vfio_index(), i.vector());
+                let device = Arc::downgrade(&self.device);
+                i.with_unmask(move || match device.upgrade() {
+                    Some(device) => Ok(device.unmask_irq(index, vector)?),
+                    None => Err(BackingError::Gone(address)),
+                })
+            })
+            .collect())
+    }
+
+    fn mask_or_unmask(&self, kind: InterruptKind, vector: u32, mask: bool) -> Result<(), BackingError> {
+        let address = self.address();
+        let index = kind.vfio_index();
+        let operation = if mask { "mask" } else { "unmask" };
+        if kind == InterruptKind::Error {
+            return Err(InterruptError::Unsupported {
+                address,
+                kind,
+                operation,
+                reason: "the error notification has no mask",
+            }
+            .into());
+        }
+        if !self
+            .device
+            .enabled_irq()
+            .is_some_and(|(on, n)| on == index && vector < n)
+        {
+            return Err(InterruptError::NotEnabled {
+                address,
+                kind,
+                vector,
+            }
+            .into());
+        }
+        let done = if mask {
+            self.device.mask_irq(index, vector)
+        } else {
+            self.device.unmask_irq(index, vector)
+        };
+        match done {
+            Err(VfioError::Ioctl { source, .. }) if source.raw_os_error() == Some(nix::libc::ENOTTY) => {
+                Err(InterruptError::Unsupported {
+                    address,
+                    kind,
+                    operation,
+                    reason: VFIO_MSI_MASK_REASON,
+                }
+                .into())
+            }
+            other => Ok(other?),
+        }
+    }
+}
+
+/// Why VFIO cannot mask MSI or MSI-X vectors.
+const VFIO_MSI_MASK_REASON: &str = "vfio-pci masks INTx only (VFIO_DEVICE_SET_IRQS answers ENOTTY for MSI and MSI-X); \
+     mask the interrupt's source in the device";
+
+/// A VFIO error of enabling `kind`, as the backing-neutral error where there is one.
+fn irq_error(e: VfioError, kind: InterruptKind) -> BackingError {
+    match e {
+        VfioError::IrqBusy { address, enabled, .. } => match InterruptKind::from_vfio_index(enabled) {
+            Some(enabled) => InterruptError::OtherKindEnabled {
+                address,
+                enabled,
+                wanted: kind,
+            }
+            .into(),
+            None => e.into(),
+        },
+        e => e.into(),
+    }
 }
 
 impl RegisterIo for MappedBar {
@@ -366,6 +456,104 @@ impl DeviceBacking for VfioBacking {
             return Ok(self.device.disable_irq(crate::vfio::irq::MSIX)?);
         }
         Ok(self.device.enable_msix(fds)?)
+    }
+
+    // Interrupts of every kind: what vfio-pci does is in `crate::vfio::irqs`.
+    fn interrupt_count(&self, kind: InterruptKind) -> u32 {
+        self.device.irq_info(kind.vfio_index()).map_or(0, |i| i.count)
+    }
+    fn interrupt_maskable(&self, kind: InterruptKind) -> bool {
+        self.device
+            .irq_info(kind.vfio_index())
+            .is_ok_and(|i| i.count > 0 && i.flags & crate::vfio::irq::INFO_MASKABLE != 0)
+    }
+    fn enable_interrupts(&self, kind: InterruptKind, count: u32) -> Result<Vec<Interrupt>, BackingError> {
+        let address = self.address();
+        check_count(address, kind, count, self.interrupt_count(kind))?;
+        if kind == InterruptKind::Error {
+            return Ok(vec![self.error_interrupt()?]);
+        }
+        let interrupts = self.new_interrupts(kind, 0, count)?;
+        let index = kind.vfio_index();
+        // Enabling the enabled kind replaces its vectors: vfio-pci would only re-route
+        // those it has, and refuse more on kernels that cannot grow MSI-X.
+        if self.device.enabled_irq().is_some_and(|(on, _)| on == index) {
+            self.device.disable_irq(index)?;
+        }
+        let fds: Vec<_> = interrupts.iter().map(|i| i.as_fd()).collect();
+        self.device
+            .set_irq_eventfds(index, &fds)
+            .map_err(|e| irq_error(e, kind))?;
+        Ok(interrupts)
+    }
+    fn add_interrupts(&self, kind: InterruptKind, count: u32) -> Result<Vec<Interrupt>, BackingError> {
+        let address = self.address();
+        let index = kind.vfio_index();
+        let start = match self.device.enabled_irq() {
+            Some((on, n)) if on == index => n,
+            _ => {
+                return Err(InterruptError::NotEnabled {
+                    address,
+                    kind,
+                    vector: 0,
+                }
+                .into());
+            }
+        };
+        let unsupported = |reason| InterruptError::Unsupported {
+            address,
+            kind,
+            operation: "growth",
+            reason,
+        };
+        match kind {
+            InterruptKind::MsiX if !self.device.msix_resizable()? => {
+                return Err(unsupported(crate::bus::interrupt::NORESIZE_REASON).into());
+            }
+            InterruptKind::MsiX => {}
+            _ => return Err(unsupported("only MSI-X can grow while enabled").into()),
+        }
+        if count == 0 {
+            return Err(InterruptError::NoneAsked { address, kind }.into());
+        }
+        check_count(
+            address,
+            kind,
+            start.saturating_add(count),
+            self.interrupt_count(kind),
+        )?;
+        let interrupts = self.new_interrupts(kind, start, count)?;
+        let fds: Vec<_> = interrupts.iter().map(|i| i.as_fd()).collect();
+        self.device
+            .set_irq_eventfds_from(index, start, &fds)
+            .map_err(|e| irq_error(e, kind))?;
+        Ok(interrupts)
+    }
+    fn disable_interrupts(&self, kind: InterruptKind) -> Result<(), BackingError> {
+        Ok(self.device.disable_irq(kind.vfio_index())?)
+    }
+    fn mask_interrupt(&self, kind: InterruptKind, vector: u32) -> Result<(), BackingError> {
+        self.mask_or_unmask(kind, vector, true)
+    }
+    fn unmask_interrupt(&self, kind: InterruptKind, vector: u32) -> Result<(), BackingError> {
+        self.mask_or_unmask(kind, vector, false)
+    }
+    fn error_interrupt(&self) -> Result<Interrupt, BackingError> {
+        let address = self.address();
+        let kind = InterruptKind::Error;
+        if self.interrupt_count(kind) == 0 {
+            return Err(InterruptError::Unsupported {
+                address,
+                kind,
+                operation: "error_interrupt",
+                reason: crate::bus::interrupt::NO_ERR_REASON,
+            }
+            .into());
+        }
+        let interrupt = self.new_interrupts(kind, 0, 1)?.remove(0);
+        self.device
+            .set_irq_eventfds(kind.vfio_index(), &[interrupt.as_fd()])?;
+        Ok(interrupt)
     }
     fn reset(&self) -> Result<(), BackingError> {
         Ok(self.device.reset()?)

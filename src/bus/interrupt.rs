@@ -182,7 +182,9 @@ pub enum InterruptError {
         available: u32,
     },
     /// Another kind is enabled: one of INTx, MSI and MSI-X at a time.
-    #[error("{address}: cannot enable {wanted} while {enabled} is enabled (one of INTx, MSI, MSI-X at a time)")]
+    #[error(
+        "{address}: cannot enable {wanted} while {enabled} is enabled (one of INTx, MSI, MSI-X at a time)"
+    )]
     OtherKindEnabled {
         /// The device.
         address: PciAddress,
@@ -366,6 +368,10 @@ impl AsRawFd for Interrupt {
 pub(crate) const NORESIZE_REASON: &str = "the kernel cannot resize enabled MSI-X (VFIO_IRQ_INFO_NORESIZE: before Linux 6.5); \
      disable it and enable the whole set";
 
+/// Why a device has no error notification.
+pub(crate) const NO_ERR_REASON: &str =
+    "the device reports no errors this way (VFIO offers its ERR index for PCI Express devices only)";
+
 /// Checks `count` vectors of `kind` against the `available` ones.
 pub(crate) fn check_count(
     address: PciAddress,
@@ -395,7 +401,13 @@ pub(crate) fn new_interrupts(
     count: u32,
 ) -> Result<Vec<Interrupt>, InterruptError> {
     (start..start + count)
-        .map(|vector| Interrupt::new(kind, vector).map_err(|source| InterruptError::Eventfd { address, kind, source }))
+        .map(|vector| {
+            Interrupt::new(kind, vector).map_err(|source| InterruptError::Eventfd {
+                address,
+                kind,
+                source,
+            })
+        })
         .collect()
 }
 

@@ -31,7 +31,9 @@ use parking_lot::Mutex;
 use crate::addr::PciAddress;
 use crate::bus::attach::{Attach, AttachError, Attached, Release};
 use crate::bus::backing::{BackingError, DeviceBacking, DmaMemory, RegisterIo};
-use crate::bus::interrupt::{Interrupt, InterruptError, InterruptKind, NORESIZE_REASON, check_count, new_interrupts};
+use crate::bus::interrupt::{
+    Interrupt, InterruptError, InterruptKind, NO_ERR_REASON, NORESIZE_REASON, check_count, new_interrupts,
+};
 use crate::record::DeviceRecord;
 use crate::vfio::{DmaBuffer, PAGE};
 
@@ -102,8 +104,17 @@ impl IrqModel {
         self.counts[kind.vfio_index() as usize]
     }
 
-    fn vector(&mut self, address: PciAddress, kind: InterruptKind, vector: u32) -> Result<&mut Vector, InterruptError> {
-        let not_enabled = InterruptError::NotEnabled { address, kind, vector };
+    fn vector(
+        &mut self,
+        address: PciAddress,
+        kind: InterruptKind,
+        vector: u32,
+    ) -> Result<&mut Vector, InterruptError> {
+        let not_enabled = InterruptError::NotEnabled {
+            address,
+            kind,
+            vector,
+        };
         if self.enabled != Some(kind) {
             return Err(not_enabled);
         }
@@ -254,7 +265,11 @@ impl FakeBacking {
             .iter()
             .map(|i| i.as_fd().try_clone_to_owned())
             .collect::<Result<Vec<_>, _>>()
-            .map_err(|source| InterruptError::Eventfd { address, kind, source })?;
+            .map_err(|source| InterruptError::Eventfd {
+                address,
+                kind,
+                source,
+            })?;
         if kind.is_automasked() {
             interrupts = interrupts
                 .into_iter()
@@ -459,7 +474,12 @@ impl DeviceBacking for FakeBacking {
         let start = {
             let irqs = self.inner.irqs.lock();
             if irqs.enabled != Some(kind) {
-                return Err(InterruptError::NotEnabled { address, kind, vector: 0 }.into());
+                return Err(InterruptError::NotEnabled {
+                    address,
+                    kind,
+                    vector: 0,
+                }
+                .into());
             }
             match kind {
                 InterruptKind::MsiX if !irqs.dynamic_msix => {
@@ -520,7 +540,15 @@ impl DeviceBacking for FakeBacking {
         self.live()?;
         let address = self.inner.address;
         let kind = InterruptKind::Error;
-        check_count(address, kind, 1, self.interrupt_count(kind))?;
+        if self.interrupt_count(kind) == 0 {
+            return Err(InterruptError::Unsupported {
+                address,
+                kind,
+                operation: "error_interrupt",
+                reason: NO_ERR_REASON,
+            }
+            .into());
+        }
         let (mut interrupts, mut fds) = self.new_interrupts(kind, 0, 1)?;
         self.inner.irqs.lock().error = fds.pop().map(Vector::new);
         Ok(interrupts.remove(0))
