@@ -361,3 +361,41 @@ fn an_interrupt_does_not_keep_its_device_and_revoke_disables_everything() {
         Err(BackingError::Gone(_))
     ));
 }
+
+#[test]
+fn a_backing_with_only_the_msix_methods_gets_the_defaults() {
+    // The NVMe emulator implements max_interrupts and route_interrupts only.
+    use pcibus::testing::nvme::{EmuConfig, EmulatedNvme};
+    let emu = EmulatedNvme::new(EmuConfig::default()).unwrap();
+    assert_eq!(emu.interrupt_count(InterruptKind::MsiX), 16);
+    assert_eq!(emu.interrupt_count(InterruptKind::Msi), 0);
+    assert_eq!(emu.interrupt_count(InterruptKind::Intx), 0);
+    assert!(!emu.interrupt_maskable(InterruptKind::MsiX));
+    let irqs = emu.enable_interrupts(InterruptKind::MsiX, 3).unwrap();
+    assert_eq!(irqs.iter().map(Interrupt::vector).collect::<Vec<_>>(), [0, 1, 2]);
+    let e = interrupt_error(emu.enable_interrupts(InterruptKind::MsiX, 17).unwrap_err());
+    assert!(
+        matches!(
+            e,
+            InterruptError::TooMany {
+                asked: 17,
+                available: 16,
+                ..
+            }
+        ),
+        "{e:?}"
+    );
+    for e in [
+        emu.enable_interrupts(InterruptKind::Msi, 1).unwrap_err(),
+        emu.mask_interrupt(InterruptKind::MsiX, 0).unwrap_err(),
+        emu.unmask_interrupt(InterruptKind::MsiX, 0).unwrap_err(),
+        emu.add_interrupts(InterruptKind::MsiX, 1).unwrap_err(),
+        emu.error_interrupt().unwrap_err(),
+        emu.disable_interrupts(InterruptKind::Intx).unwrap_err(),
+    ] {
+        assert!(matches!(e, BackingError::Unsupported { .. }), "{e:?}");
+    }
+    let (kind, irqs) = emu.enable_best_interrupts(64).unwrap();
+    assert_eq!((kind, irqs.len()), (InterruptKind::MsiX, 16));
+    emu.disable_interrupts(InterruptKind::MsiX).unwrap();
+}

@@ -151,3 +151,32 @@ impl VfioDevice {
         ))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn irq_errors_name_the_indexes_and_both_counts() {
+        let address = "0000:01:00.0".parse().unwrap();
+        let busy = VfioError::IrqBusy {
+            address,
+            index: irq::MSI,
+            enabled: irq::INTX,
+        };
+        assert_eq!(
+            busy.to_string(),
+            "0000:01:00.0: cannot enable MSI while INTx is enabled (one of INTx, MSI, MSI-X at a time)"
+        );
+        let fewer = VfioError::IrqVectors {
+            address,
+            index: irq::MSIX,
+            asked: 64,
+            available: 8,
+        };
+        assert_eq!(
+            fewer.to_string(),
+            "0000:01:00.0: 64 MSI-X vectors asked, the kernel could allocate 8"
+        );
+    }
+}
