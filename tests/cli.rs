@@ -262,6 +262,22 @@ fn vfio_info_refuses_a_root_that_is_not_the_kernels_sysfs() {
 }
 
 #[test]
+fn vfio_irq_test_refuses_a_root_that_is_not_the_kernels_sysfs() {
+    let fake = fixture("qemu-q35-sriov-nvme.pcifix");
+    let o = pcibus(
+        fake.root(),
+        &["vfio", "irq-test", "01:00.0", "--kind", "msix", "--loopback"],
+    );
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(code(&o), 1, "{err}");
+    assert!(err.contains("is not the kernel's sysfs"), "{err}");
+    assert!(
+        !err.contains("/dev/vfio"),
+        "nothing of the host was opened: {err}"
+    );
+}
+
+#[test]
 fn the_vfio_backend_is_checked_before_anything_runs() {
     let fake = fixture("qemu-q35-sriov-nvme.pcifix");
     let o = pcibus(fake.root(), &["--vfio-backend", "container", "list"]);

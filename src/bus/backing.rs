@@ -19,10 +19,11 @@
 
 use std::fmt;
 use std::ops::Deref;
-use std::os::fd::BorrowedFd;
+use std::os::fd::{AsFd, BorrowedFd};
 use std::sync::Arc;
 
 use crate::addr::PciAddress;
+use crate::bus::interrupt::{Interrupt, InterruptError, InterruptKind, check_count, new_interrupts};
 use crate::vfio::{DmaBuffer, DmaRegion, MappedBar, VfioDevice, VfioError};
 
 // The Command register and the bits of it the bus sets.
@@ -60,6 +61,9 @@ pub enum BackingError {
         /// What was asked (`"revoke"`).
         operation: &'static str,
     },
+    /// Enabling, growing, masking or unmasking interrupts failed.
+    #[error(transparent)]
+    Interrupt(#[from] InterruptError),
     /// Anything else, said by the backing.
     #[error("{address}: {message}")]
     Other {
@@ -121,6 +125,137 @@ pub trait DeviceBacking: Clone + Send + Sync + fmt::Debug + 'static {
     /// Routes MSI-X vectors `0..fds.len()` to these eventfds, in one call; an empty slice
     /// disables MSI-X. The eventfds stay the caller's.
     fn route_interrupts(&self, fds: &[BorrowedFd<'_>]) -> Result<(), BackingError>;
+
+    // Interrupts of every kind (see `super::interrupt`). Each has a default, so a backing
+    // that implements only the two MSI-X methods above still works: MSI-X through
+    // `route_interrupts`, every other kind unsupported.
+
+    /// How many vectors of `kind` the device has (0: none). For [`InterruptKind::Error`],
+    /// 1 if the device reports errors this way. Default: MSI-X from
+    /// [`max_interrupts`](Self::max_interrupts), other kinds 0.
+    fn interrupt_count(&self, kind: InterruptKind) -> u32 {
+        match kind {
+            InterruptKind::MsiX => self.max_interrupts(),
+            _ => 0,
+        }
+    }
+    /// Whether vectors of `kind` can be masked
+    /// ([`mask_interrupt`](Self::mask_interrupt)). For VFIO: INTx only (its
+    /// `VFIO_IRQ_INFO_MASKABLE`). Default: no.
+    fn interrupt_maskable(&self, kind: InterruptKind) -> bool {
+        let _ = kind;
+        false
+    }
+    /// Enables vectors `0..count` of `kind`, each routed to a new eventfd, and returns
+    /// them. `count` must be between 1 and [`interrupt_count`](Self::interrupt_count)
+    /// ([`InterruptError::TooMany`] names both numbers). One of INTx, MSI and MSI-X can be
+    /// enabled at a time ([`InterruptError::OtherKindEnabled`]); enabling the kind that is
+    /// enabled replaces its vectors (the old handles stop firing). An INTx comes back
+    /// automasked after each interrupt: see [`Interrupt::unmask`].
+    ///
+    /// Default: MSI-X through [`route_interrupts`](Self::route_interrupts), other kinds
+    /// [`BackingError::Unsupported`].
+    fn enable_interrupts(&self, kind: InterruptKind, count: u32) -> Result<Vec<Interrupt>, BackingError> {
+        let address = self.address();
+        if kind != InterruptKind::MsiX {
+            return Err(BackingError::Unsupported {
+                address,
+                operation: "enable_interrupts (kinds other than MSI-X)",
+            });
+        }
+        check_count(address, kind, count, self.interrupt_count(kind))?;
+        let interrupts = new_interrupts(address, kind, 0, count)?;
+        let fds: Vec<_> = interrupts.iter().map(|i| i.as_fd()).collect();
+        self.route_interrupts(&fds)?;
+        Ok(interrupts)
+    }
+    /// Enables up to `count` vectors of the best kind the device has: MSI-X, else MSI,
+    /// else INTx (one vector), falling back to the next kind when enabling one fails (a
+    /// device that is gone fails at once). Returns the kind and its vectors, which may be
+    /// fewer than `count`: as many as the kind has.
+    fn enable_best_interrupts(&self, count: u32) -> Result<(InterruptKind, Vec<Interrupt>), BackingError> {
+        let address = self.address();
+        if count == 0 {
+            return Err(InterruptError::NoneAsked {
+                address,
+                kind: InterruptKind::MsiX,
+            }
+            .into());
+        }
+        let mut last = None;
+        for kind in InterruptKind::BEST_FIRST {
+            let available = self.interrupt_count(kind);
+            if available == 0 {
+                continue;
+            }
+            match self.enable_interrupts(kind, count.min(available)) {
+                Ok(interrupts) => return Ok((kind, interrupts)),
+                Err(e @ BackingError::Gone(_)) => return Err(e),
+                Err(e) => {
+                    log::debug!("{address}: enabling {kind} failed, trying the next kind: {e}");
+                    last = Some(e);
+                }
+            }
+        }
+        Err(last.unwrap_or(InterruptError::NoneAvailable { address }.into()))
+    }
+    /// Adds `count` vectors to the enabled `kind`, numbered after the present ones,
+    /// without disabling it: MSI-X where the kernel allows it (VFIO: Linux 6.5 on, where
+    /// MSI-X lacks `VFIO_IRQ_INFO_NORESIZE`); MSI and INTx never grow. Otherwise
+    /// [`InterruptError::Unsupported`] with the reason (then disable and enable the whole
+    /// set). Default: [`BackingError::Unsupported`].
+    fn add_interrupts(&self, kind: InterruptKind, count: u32) -> Result<Vec<Interrupt>, BackingError> {
+        let _ = (kind, count);
+        Err(BackingError::Unsupported {
+            address: self.address(),
+            operation: "add_interrupts",
+        })
+    }
+    /// Disables `kind` (every vector of it); nothing if it is not enabled. Default: MSI-X
+    /// through [`route_interrupts`](Self::route_interrupts) with no fds, other kinds
+    /// [`BackingError::Unsupported`].
+    fn disable_interrupts(&self, kind: InterruptKind) -> Result<(), BackingError> {
+        match kind {
+            InterruptKind::MsiX => self.route_interrupts(&[]),
+            _ => Err(BackingError::Unsupported {
+                address: self.address(),
+                operation: "disable_interrupts (kinds other than MSI-X)",
+            }),
+        }
+    }
+    /// Masks `vector` of the enabled `kind`: an interrupt raised while it is masked is
+    /// delivered when it is unmasked. VFIO masks INTx only (see
+    /// [`interrupt_maskable`](Self::interrupt_maskable)). Default:
+    /// [`BackingError::Unsupported`].
+    fn mask_interrupt(&self, kind: InterruptKind, vector: u32) -> Result<(), BackingError> {
+        let _ = (kind, vector);
+        Err(BackingError::Unsupported {
+            address: self.address(),
+            operation: "mask_interrupt",
+        })
+    }
+    /// Unmasks `vector` of the enabled `kind`, delivering an interrupt raised while it was
+    /// masked. For an automasked INTx this is [`Interrupt::unmask`]. Default:
+    /// [`BackingError::Unsupported`].
+    fn unmask_interrupt(&self, kind: InterruptKind, vector: u32) -> Result<(), BackingError> {
+        let _ = (kind, vector);
+        Err(BackingError::Unsupported {
+            address: self.address(),
+            operation: "unmask_interrupt",
+        })
+    }
+    /// Routes the device's error notification (VFIO's ERR index: AER errors of a PCI
+    /// Express device) to a new eventfd ([`InterruptKind::Error`], vector 0), for drivers
+    /// that want to hear of errors. The device request (REQ) index is not offered: it is
+    /// the bus's, which drives removal through it. Disable with
+    /// [`disable_interrupts`](Self::disable_interrupts)`(InterruptKind::Error)`. Default:
+    /// [`BackingError::Unsupported`].
+    fn error_interrupt(&self) -> Result<Interrupt, BackingError> {
+        Err(BackingError::Unsupported {
+            address: self.address(),
+            operation: "error_interrupt",
+        })
+    }
     /// A function-level reset.
     fn reset(&self) -> Result<(), BackingError>;
     /// How many handles to the device exist besides this one (clones, mapped BARs). The
@@ -209,6 +344,96 @@ impl VfioBacking {
     pub fn device(&self) -> &Arc<VfioDevice> {
         &self.device
     }
+
+    /// New interrupts `start..start + count` of `kind`; an INTx unmasks through a weak
+    /// reference to the device, so that it keeps no handle of it.
+    fn new_interrupts(
+        &self,
+        kind: InterruptKind,
+        start: u32,
+        count: u32,
+    ) -> Result<Vec<Interrupt>, BackingError> {
+        let address = self.address();
+        let interrupts = new_interrupts(address, kind, start, count)?;
+        if !kind.is_automasked() {
+            return Ok(interrupts);
+        }
+        Ok(interrupts
+            .into_iter()
+            .map(|i| {
+                let (index, vector) = (kind.vfio_index(), i.vector());
+                let device = Arc::downgrade(&self.device);
+                i.with_unmask(move || match device.upgrade() {
+                    Some(device) => Ok(device.unmask_irq(index, vector)?),
+                    None => Err(BackingError::Gone(address)),
+                })
+            })
+            .collect())
+    }
+
+    fn mask_or_unmask(&self, kind: InterruptKind, vector: u32, mask: bool) -> Result<(), BackingError> {
+        let address = self.address();
+        let index = kind.vfio_index();
+        let operation = if mask { "mask" } else { "unmask" };
+        if kind == InterruptKind::Error {
+            return Err(InterruptError::Unsupported {
+                address,
+                kind,
+                operation,
+                reason: "the error notification has no mask",
+            }
+            .into());
+        }
+        if !self
+            .device
+            .enabled_irq()
+            .is_some_and(|(on, n)| on == index && vector < n)
+        {
+            return Err(InterruptError::NotEnabled {
+                address,
+                kind,
+                vector,
+            }
+            .into());
+        }
+        let done = if mask {
+            self.device.mask_irq(index, vector)
+        } else {
+            self.device.unmask_irq(index, vector)
+        };
+        match done {
+            Err(VfioError::Ioctl { source, .. }) if source.raw_os_error() == Some(nix::libc::ENOTTY) => {
+                Err(InterruptError::Unsupported {
+                    address,
+                    kind,
+                    operation,
+                    reason: VFIO_MSI_MASK_REASON,
+                }
+                .into())
+            }
+            other => Ok(other?),
+        }
+    }
+}
+
+/// Why VFIO cannot mask MSI or MSI-X vectors.
+const VFIO_MSI_MASK_REASON: &str = "vfio-pci masks INTx only (VFIO_DEVICE_SET_IRQS answers ENOTTY for MSI and MSI-X); \
+     mask the interrupt's source in the device";
+
+/// A VFIO error of enabling `kind`, as the backing-neutral error where there is one.
+fn irq_error(e: VfioError, kind: InterruptKind) -> BackingError {
+    match e {
+        VfioError::IrqBusy { address, enabled, .. } => match InterruptKind::from_vfio_index(enabled) {
+            Some(enabled) => InterruptError::OtherKindEnabled {
+                address,
+                enabled,
+                wanted: kind,
+            }
+            .into(),
+            None => e.into(),
+        },
+        e => e.into(),
+    }
 }
 
 impl RegisterIo for MappedBar {
@@ -264,6 +489,104 @@ impl DeviceBacking for VfioBacking {
             return Ok(self.device.disable_irq(crate::vfio::irq::MSIX)?);
         }
         Ok(self.device.enable_msix(fds)?)
+    }
+
+    // Interrupts of every kind: what vfio-pci does is in `crate::vfio::irqs`.
+    fn interrupt_count(&self, kind: InterruptKind) -> u32 {
+        self.device.irq_info(kind.vfio_index()).map_or(0, |i| i.count)
+    }
+    fn interrupt_maskable(&self, kind: InterruptKind) -> bool {
+        self.device
+            .irq_info(kind.vfio_index())
+            .is_ok_and(|i| i.count > 0 && i.flags & crate::vfio::irq::INFO_MASKABLE != 0)
+    }
+    fn enable_interrupts(&self, kind: InterruptKind, count: u32) -> Result<Vec<Interrupt>, BackingError> {
+        let address = self.address();
+        check_count(address, kind, count, self.interrupt_count(kind))?;
+        if kind == InterruptKind::Error {
+            return Ok(vec![self.error_interrupt()?]);
+        }
+        let interrupts = self.new_interrupts(kind, 0, count)?;
+        let index = kind.vfio_index();
+        // Enabling the enabled kind replaces its vectors: vfio-pci would only re-route
+        // those it has, and refuse more on kernels that cannot grow MSI-X.
+        if self.device.enabled_irq().is_some_and(|(on, _)| on == index) {
+            self.device.disable_irq(index)?;
+        }
+        let fds: Vec<_> = interrupts.iter().map(|i| i.as_fd()).collect();
+        self.device
+            .set_irq_eventfds(index, &fds)
+            .map_err(|e| irq_error(e, kind))?;
+        Ok(interrupts)
+    }
+    fn add_interrupts(&self, kind: InterruptKind, count: u32) -> Result<Vec<Interrupt>, BackingError> {
+        let address = self.address();
+        let index = kind.vfio_index();
+        let start = match self.device.enabled_irq() {
+            Some((on, n)) if on == index => n,
+            _ => {
+                return Err(InterruptError::NotEnabled {
+                    address,
+                    kind,
+                    vector: 0,
+                }
+                .into());
+            }
+        };
+        let unsupported = |reason| InterruptError::Unsupported {
+            address,
+            kind,
+            operation: "growth",
+            reason,
+        };
+        match kind {
+            InterruptKind::MsiX if !self.device.msix_resizable()? => {
+                return Err(unsupported(crate::bus::interrupt::NORESIZE_REASON).into());
+            }
+            InterruptKind::MsiX => {}
+            _ => return Err(unsupported("only MSI-X can grow while enabled").into()),
+        }
+        if count == 0 {
+            return Err(InterruptError::NoneAsked { address, kind }.into());
+        }
+        check_count(
+            address,
+            kind,
+            start.saturating_add(count),
+            self.interrupt_count(kind),
+        )?;
+        let interrupts = self.new_interrupts(kind, start, count)?;
+        let fds: Vec<_> = interrupts.iter().map(|i| i.as_fd()).collect();
+        self.device
+            .set_irq_eventfds_from(index, start, &fds)
+            .map_err(|e| irq_error(e, kind))?;
+        Ok(interrupts)
+    }
+    fn disable_interrupts(&self, kind: InterruptKind) -> Result<(), BackingError> {
+        Ok(self.device.disable_irq(kind.vfio_index())?)
+    }
+    fn mask_interrupt(&self, kind: InterruptKind, vector: u32) -> Result<(), BackingError> {
+        self.mask_or_unmask(kind, vector, true)
+    }
+    fn unmask_interrupt(&self, kind: InterruptKind, vector: u32) -> Result<(), BackingError> {
+        self.mask_or_unmask(kind, vector, false)
+    }
+    fn error_interrupt(&self) -> Result<Interrupt, BackingError> {
+        let address = self.address();
+        let kind = InterruptKind::Error;
+        if self.interrupt_count(kind) == 0 {
+            return Err(InterruptError::Unsupported {
+                address,
+                kind,
+                operation: "error_interrupt",
+                reason: crate::bus::interrupt::NO_ERR_REASON,
+            }
+            .into());
+        }
+        let interrupt = self.new_interrupts(kind, 0, 1)?.remove(0);
+        self.device
+            .set_irq_eventfds(kind.vfio_index(), &[interrupt.as_fd()])?;
+        Ok(interrupt)
     }
     fn reset(&self) -> Result<(), BackingError> {
         Ok(self.device.reset()?)

@@ -19,6 +19,7 @@ pub mod devargs;
 pub mod driver;
 pub mod fault;
 pub mod id;
+pub mod interrupt;
 pub mod map;
 pub mod probe;
 
@@ -26,6 +27,7 @@ pub use attach::{Attach, AttachError, Attached, BindPolicy, Release, VfioAttach}
 pub use backing::{BackingError, DeviceBacking, DmaMemory, RegisterIo, VfioBacking};
 pub use driver::{Driver, DriverError, DriverPanicked, ProbeDevice, ProbeOutcome, Removal, RemovalCause};
 pub use fault::{BarFault, FaultReason};
+pub use interrupt::{Interrupt, InterruptError, InterruptKind};
 pub use probe::{
     Bus, BusError, BusEvent, FaultReport, ProbeError, ProbeReport, ReleasedReport, RemovedReport,
 };

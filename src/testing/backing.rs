@@ -7,6 +7,14 @@
 //! [`FakeBacking`] per device, gives each a request eventfd the test can fire
 //! ([`FakeAttach::request_removal`]), and logs every attach and detach.
 //!
+//! Its interrupts model VFIO's ([`crate::bus::interrupt`]): INTx, MSI and MSI-X with
+//! vector counts of the test's choosing ([`FakeBacking::set_interrupt_count`]), one kind
+//! enabled at a time, the device's interrupts raised by the test
+//! ([`FakeBacking::raise`]), INTx automasked after each interrupt until unmasked, a
+//! masked vector remembering what was raised and delivering it on unmask, MSI-X that can
+//! grow ([`FakeBacking::set_dynamic_msix`]), and the error notification
+//! ([`FakeBacking::raise_error`]). Unlike vfio-pci it masks MSI and MSI-X vectors too.
+//!
 //! A [`FakeBacking`] can be revoked ([`DeviceBacking::revoke`]: every handle then reads
 //! all-ones and fails the rest), unless its [`FakeAttach`] was told not to allow it
 //! ([`FakeAttach::irrevocable`]), as a backing without `revoke` does.
@@ -23,6 +31,9 @@ use parking_lot::Mutex;
 use crate::addr::PciAddress;
 use crate::bus::attach::{Attach, AttachError, Attached, Release};
 use crate::bus::backing::{BackingError, DeviceBacking, DmaMemory, RegisterIo};
+use crate::bus::interrupt::{
+    Interrupt, InterruptError, InterruptKind, NO_ERR_REASON, NORESIZE_REASON, check_count, new_interrupts,
+};
 use crate::record::DeviceRecord;
 use crate::vfio::{DmaBuffer, PAGE};
 
@@ -38,8 +49,83 @@ struct Inner {
     revocable: bool,
     revoked: AtomicBool,
     next_iova: AtomicU64,
-    interrupts: AtomicU32,
+    irqs: Mutex<IrqModel>,
     resets: AtomicU32,
+}
+
+/// One routed vector of the interrupt model.
+#[derive(Debug)]
+struct Vector {
+    fd: OwnedFd,
+    masked: bool,
+    pending: bool,
+}
+
+impl Vector {
+    fn new(fd: OwnedFd) -> Vector {
+        Vector {
+            fd,
+            masked: false,
+            pending: false,
+        }
+    }
+
+    fn signal(&self) {
+        // A full counter (2^64 - 2 unread interrupts) is the reader's problem, as with VFIO.
+        let _ = nix::unistd::write(&self.fd, &1u64.to_ne_bytes());
+    }
+}
+
+/// The device's interrupts, as VFIO presents them: one of INTx, MSI, MSI-X enabled at a
+/// time, INTx automasked, the error notification beside them.
+#[derive(Debug)]
+struct IrqModel {
+    // By VFIO index: INTx, MSI, MSI-X, ERR.
+    counts: [u32; 4],
+    dynamic_msix: bool,
+    enabled: Option<InterruptKind>,
+    vectors: Vec<Vector>,
+    error: Option<Vector>,
+}
+
+impl Default for IrqModel {
+    fn default() -> Self {
+        IrqModel {
+            counts: [1, 1, 16, 1],
+            dynamic_msix: true,
+            enabled: None,
+            vectors: Vec::new(),
+            error: None,
+        }
+    }
+}
+
+impl IrqModel {
+    fn count(&self, kind: InterruptKind) -> u32 {
+        self.counts[kind.vfio_index() as usize]
+    }
+
+    fn vector(
+        &mut self,
+        address: PciAddress,
+        kind: InterruptKind,
+        vector: u32,
+    ) -> Result<&mut Vector, InterruptError> {
+        let not_enabled = InterruptError::NotEnabled {
+            address,
+            kind,
+            vector,
+        };
+        if self.enabled != Some(kind) {
+            return Err(not_enabled);
+        }
+        self.vectors.get_mut(vector as usize).ok_or(not_enabled)
+    }
+
+    fn disable(&mut self) {
+        self.enabled = None;
+        self.vectors.clear();
+    }
 }
 
 /// An in-memory device. Clones are handles of the same device.
@@ -73,7 +159,7 @@ impl FakeBacking {
                 revocable: true,
                 revoked: AtomicBool::new(false),
                 next_iova: AtomicU64::new(0x1000_0000),
-                interrupts: AtomicU32::new(0),
+                irqs: Mutex::new(IrqModel::default()),
                 resets: AtomicU32::new(0),
             }),
         }
@@ -86,7 +172,10 @@ impl FakeBacking {
 
     /// How many MSI-X vectors are routed now.
     pub fn routed_interrupts(&self) -> u32 {
-        self.inner.interrupts.load(Ordering::Acquire)
+        match self.enabled_interrupts() {
+            Some((InterruptKind::MsiX, n)) => n,
+            _ => 0,
+        }
     }
 
     /// How many times the device was reset ([`DeviceBacking::reset`]).
@@ -97,6 +186,111 @@ impl FakeBacking {
     /// Whether the device was revoked ([`DeviceBacking::revoke`]).
     pub fn is_revoked(&self) -> bool {
         self.inner.revoked.load(Ordering::Acquire)
+    }
+
+    /// Sets how many vectors of `kind` the device has (defaults: INTx 1, MSI 1, MSI-X 16,
+    /// ERR 1; 0: the device has none of that kind).
+    pub fn set_interrupt_count(&self, kind: InterruptKind, count: u32) {
+        self.inner.irqs.lock().counts[kind.vfio_index() as usize] = count;
+    }
+
+    /// Whether enabled MSI-X can grow ([`DeviceBacking::add_interrupts`]), as on Linux
+    /// 6.5 and later (the default); false models older kernels.
+    pub fn set_dynamic_msix(&self, dynamic: bool) {
+        self.inner.irqs.lock().dynamic_msix = dynamic;
+    }
+
+    /// The kind enabled now (INTx, MSI or MSI-X) and how many vectors of it.
+    pub fn enabled_interrupts(&self) -> Option<(InterruptKind, u32)> {
+        let irqs = self.inner.irqs.lock();
+        irqs.enabled.map(|kind| (kind, irqs.vectors.len() as u32))
+    }
+
+    /// The device raises `vector` of `kind`. Signals the vector's eventfd and returns
+    /// true if the kind is enabled and the vector unmasked; a masked vector remembers it
+    /// and fires when unmasked (false); so does an INTx still automasked from its last
+    /// interrupt. After signalling an INTx, masks it, as VFIO does. False too when
+    /// the vector is not enabled.
+    pub fn raise(&self, kind: InterruptKind, vector: u32) -> bool {
+        let mut irqs = self.inner.irqs.lock();
+        let Ok(v) = irqs.vector(self.inner.address, kind, vector) else {
+            return false;
+        };
+        if v.masked {
+            v.pending = true;
+            return false;
+        }
+        v.signal();
+        v.masked = kind.is_automasked();
+        true
+    }
+
+    /// The device reports an error: signals the eventfd of
+    /// [`error_interrupt`](DeviceBacking::error_interrupt), if one is routed (true).
+    pub fn raise_error(&self) -> bool {
+        match &self.inner.irqs.lock().error {
+            Some(v) => {
+                v.signal();
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Routes `kind` (INTx, MSI or MSI-X) to these eventfds, as VFIO's SET_IRQS does.
+    fn route(&self, kind: InterruptKind, fds: Vec<OwnedFd>) -> Result<(), BackingError> {
+        self.live()?;
+        let address = self.inner.address;
+        let mut irqs = self.inner.irqs.lock();
+        check_count(address, kind, fds.len() as u32, irqs.count(kind))?;
+        if let Some(enabled) = irqs.enabled
+            && enabled != kind
+        {
+            return Err(InterruptError::OtherKindEnabled {
+                address,
+                enabled,
+                wanted: kind,
+            }
+            .into());
+        }
+        irqs.enabled = Some(kind);
+        irqs.vectors = fds.into_iter().map(Vector::new).collect();
+        Ok(())
+    }
+
+    /// New interrupts `start..start + count` of `kind`, with the model's copies of their
+    /// eventfds; an INTx unmasks through a weak reference (it is no handle of the device).
+    fn new_interrupts(
+        &self,
+        kind: InterruptKind,
+        start: u32,
+        count: u32,
+    ) -> Result<(Vec<Interrupt>, Vec<OwnedFd>), BackingError> {
+        let address = self.inner.address;
+        let mut interrupts = new_interrupts(address, kind, start, count)?;
+        let fds = interrupts
+            .iter()
+            .map(|i| i.as_fd().try_clone_to_owned())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|source| InterruptError::Eventfd {
+                address,
+                kind,
+                source,
+            })?;
+        if kind.is_automasked() {
+            interrupts = interrupts
+                .into_iter()
+                .map(|i| {
+                    let vector = i.vector();
+                    let device = Arc::downgrade(&self.inner);
+                    i.with_unmask(move || match device.upgrade() {
+                        Some(inner) => FakeBacking { inner }.unmask_interrupt(kind, vector),
+                        None => Err(BackingError::Gone(address)),
+                    })
+                })
+                .collect();
+        }
+        Ok((interrupts, fds))
     }
 
     fn live(&self) -> Result<(), BackingError> {
@@ -240,18 +434,131 @@ impl DeviceBacking for FakeBacking {
         Ok(())
     }
     fn max_interrupts(&self) -> u32 {
-        16
+        self.interrupt_count(InterruptKind::MsiX)
     }
     fn route_interrupts(&self, fds: &[BorrowedFd<'_>]) -> Result<(), BackingError> {
+        if fds.is_empty() {
+            return self.disable_interrupts(InterruptKind::MsiX);
+        }
+        let address = self.inner.address;
+        let owned = fds
+            .iter()
+            .map(|fd| fd.try_clone_to_owned())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| BackingError::Other {
+                address,
+                message: format!("dup of an eventfd: {e}"),
+            })?;
+        self.route(InterruptKind::MsiX, owned)
+    }
+    fn interrupt_count(&self, kind: InterruptKind) -> u32 {
+        self.inner.irqs.lock().count(kind)
+    }
+    fn interrupt_maskable(&self, kind: InterruptKind) -> bool {
+        kind.is_delivery()
+    }
+    fn enable_interrupts(&self, kind: InterruptKind, count: u32) -> Result<Vec<Interrupt>, BackingError> {
         self.live()?;
-        if fds.len() > 16 {
+        if kind == InterruptKind::Error {
+            check_count(self.inner.address, kind, count, self.interrupt_count(kind))?;
+            return Ok(vec![self.error_interrupt()?]);
+        }
+        // Checked before anything is created; `route` checks again under the lock.
+        check_count(self.inner.address, kind, count, self.interrupt_count(kind))?;
+        let (interrupts, fds) = self.new_interrupts(kind, 0, count)?;
+        self.route(kind, fds)?;
+        Ok(interrupts)
+    }
+    fn add_interrupts(&self, kind: InterruptKind, count: u32) -> Result<Vec<Interrupt>, BackingError> {
+        self.live()?;
+        let address = self.inner.address;
+        let unsupported = |reason| InterruptError::Unsupported {
+            address,
+            kind,
+            operation: "growth",
+            reason,
+        };
+        let start = {
+            let irqs = self.inner.irqs.lock();
+            if irqs.enabled != Some(kind) {
+                return Err(InterruptError::NotEnabled {
+                    address,
+                    kind,
+                    vector: 0,
+                }
+                .into());
+            }
+            match kind {
+                InterruptKind::MsiX if !irqs.dynamic_msix => {
+                    return Err(unsupported(NORESIZE_REASON).into());
+                }
+                InterruptKind::MsiX => {}
+                _ => return Err(unsupported("only MSI-X can grow while enabled").into()),
+            }
+            let start = irqs.vectors.len() as u32;
+            if count == 0 {
+                return Err(InterruptError::NoneAsked { address, kind }.into());
+            }
+            check_count(address, kind, start.saturating_add(count), irqs.count(kind))?;
+            start
+        };
+        let (interrupts, fds) = self.new_interrupts(kind, start, count)?;
+        let mut irqs = self.inner.irqs.lock();
+        if irqs.enabled != Some(kind) || irqs.vectors.len() as u32 != start {
             return Err(BackingError::Other {
-                address: self.inner.address,
-                message: format!("{} vectors asked, 16 exist", fds.len()),
+                address,
+                message: format!("{kind} changed while vectors were being added"),
             });
         }
-        self.inner.interrupts.store(fds.len() as u32, Ordering::Release);
+        irqs.vectors.extend(fds.into_iter().map(Vector::new));
+        Ok(interrupts)
+    }
+    fn disable_interrupts(&self, kind: InterruptKind) -> Result<(), BackingError> {
+        self.live()?;
+        let mut irqs = self.inner.irqs.lock();
+        if kind == InterruptKind::Error {
+            irqs.error = None;
+        } else if irqs.enabled == Some(kind) {
+            irqs.disable();
+        }
         Ok(())
+    }
+    fn mask_interrupt(&self, kind: InterruptKind, vector: u32) -> Result<(), BackingError> {
+        self.live()?;
+        let mut irqs = self.inner.irqs.lock();
+        irqs.vector(self.inner.address, kind, vector)?.masked = true;
+        Ok(())
+    }
+    fn unmask_interrupt(&self, kind: InterruptKind, vector: u32) -> Result<(), BackingError> {
+        self.live()?;
+        let mut irqs = self.inner.irqs.lock();
+        let v = irqs.vector(self.inner.address, kind, vector)?;
+        if v.pending {
+            // Delivered now; an INTx masks again as it fires.
+            v.pending = false;
+            v.signal();
+            v.masked = kind.is_automasked();
+        } else {
+            v.masked = false;
+        }
+        Ok(())
+    }
+    fn error_interrupt(&self) -> Result<Interrupt, BackingError> {
+        self.live()?;
+        let address = self.inner.address;
+        let kind = InterruptKind::Error;
+        if self.interrupt_count(kind) == 0 {
+            return Err(InterruptError::Unsupported {
+                address,
+                kind,
+                operation: "error_interrupt",
+                reason: NO_ERR_REASON,
+            }
+            .into());
+        }
+        let (mut interrupts, mut fds) = self.new_interrupts(kind, 0, 1)?;
+        self.inner.irqs.lock().error = fds.pop().map(Vector::new);
+        Ok(interrupts.remove(0))
     }
     fn reset(&self) -> Result<(), BackingError> {
         self.live()?;
@@ -269,7 +576,11 @@ impl DeviceBacking for FakeBacking {
             });
         }
         self.inner.revoked.store(true, Ordering::Release);
-        self.inner.interrupts.store(0, Ordering::Release);
+        {
+            let mut irqs = self.inner.irqs.lock();
+            irqs.disable();
+            irqs.error = None;
+        }
         self.set_gone();
         Ok(())
     }

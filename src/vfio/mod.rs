@@ -64,6 +64,7 @@ pub mod fault;
 pub mod holders;
 pub mod iommufd;
 mod iova;
+mod irqs;
 pub(crate) mod mmio;
 mod revoke;
 mod sys;
@@ -121,6 +122,18 @@ pub mod irq {
     pub const REQ: u32 = 4;
     /// Names for printing.
     pub const NAMES: [&str; 5] = ["INTx", "MSI", "MSI-X", "ERR", "REQ"];
+    /// `VFIO_IRQ_INFO_MASKABLE`: vectors can be masked and unmasked (vfio-pci: INTx).
+    pub const INFO_MASKABLE: u32 = 1 << 1;
+    /// `VFIO_IRQ_INFO_AUTOMASKED`: masked after each interrupt (vfio-pci: INTx).
+    pub const INFO_AUTOMASKED: u32 = 1 << 2;
+    /// `VFIO_IRQ_INFO_NORESIZE`: vectors cannot be added while the index is enabled
+    /// (vfio-pci: MSI always, MSI-X before Linux 6.5).
+    pub const INFO_NORESIZE: u32 = 1 << 3;
+
+    /// The name of `index`, or `?`.
+    pub fn name(index: u32) -> &'static str {
+        NAMES.get(index as usize).copied().unwrap_or("?")
+    }
 }
 
 /// What went wrong in the vfio layer. Each variant keeps the values involved and the
@@ -424,6 +437,30 @@ pub enum VfioError {
     /// An eventfd could not be created.
     #[error("cannot create an eventfd")]
     Eventfd(#[source] io::Error),
+    /// An interrupt index cannot be enabled while another is: vfio-pci enables one of
+    /// INTx, MSI and MSI-X at a time.
+    #[error("{address}: cannot enable {} while {} is enabled (one of INTx, MSI, MSI-X at a time)", irq::name(*.index), irq::name(*.enabled))]
+    IrqBusy {
+        /// The device.
+        address: PciAddress,
+        /// The index asked for.
+        index: u32,
+        /// The index that is enabled.
+        enabled: u32,
+    },
+    /// Enabling MSI or MSI-X found fewer vectors than asked for (the host ran out of
+    /// interrupt vectors, or the device's capability says fewer); nothing was enabled.
+    #[error("{address}: {asked} {} vectors asked, the kernel could allocate {available}", irq::name(*.index))]
+    IrqVectors {
+        /// The device.
+        address: PciAddress,
+        /// The index.
+        index: u32,
+        /// Vectors asked for.
+        asked: u32,
+        /// Vectors the kernel could have given.
+        available: u32,
+    },
     /// A VFIO info structure did not decode.
     #[error(transparent)]
     Info(#[from] InfoError),
@@ -1113,6 +1150,8 @@ pub struct VfioDevice {
     // Live MappedBars. Locked across the check and the write of a Command write that
     // clears Memory Space Enable, so no mapping appears in between, and across `revoke`.
     mapped: Mutex<Mappings>,
+    // Which of INTx, MSI, MSI-X is enabled, and whether ERR is (see `irqs`).
+    irqs: Mutex<irqs::IrqState>,
     // Closed under its handles (`revoke`): every operation fails.
     revoked: AtomicBool,
     identity: Option<DeviceIdentity>,
@@ -1227,6 +1266,7 @@ impl VfioDevice {
             regions,
             config,
             mapped: Mutex::new(Mappings::default()),
+            irqs: Mutex::new(irqs::IrqState::default()),
             revoked: AtomicBool::new(false),
             identity,
             group,
@@ -1534,19 +1574,16 @@ impl VfioDevice {
         self.set_irq_eventfds(irq::MSIX, fds)
     }
 
-    /// Disables interrupt `index`.
+    /// Disables interrupt `index`; nothing if it is not enabled.
     pub fn disable_irq(&self, index: u32) -> Result<(), VfioError> {
         self.set_irq_eventfds(index, &[])
     }
 
-    /// Routes interrupt index `index` to these eventfds (none: disables it).
+    /// Routes interrupt index `index` to these eventfds (none: disables it). One of INTx,
+    /// MSI and MSI-X can be enabled at a time ([`VfioError::IrqBusy`]); see
+    /// [`set_irq_eventfds_from`](Self::set_irq_eventfds_from).
     pub fn set_irq_eventfds(&self, index: u32, fds: &[BorrowedFd<'_>]) -> Result<(), VfioError> {
-        self.live()?;
-        sys::device_set_irqs(self.file.as_fd(), index, 0, fds).map_err(ioctl_err(
-            "VFIO_DEVICE_SET_IRQS",
-            Some(self.address),
-            Some(index.into()),
-        ))
+        self.set_irq_eventfds_from(index, 0, fds)
     }
 
     /// Registers an eventfd (non-blocking, close-on-exec) for the device request (REQ)

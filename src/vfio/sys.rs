@@ -71,6 +71,8 @@ pub(crate) const GROUP_FLAGS_VIABLE: u32 = 1 << 0;
 
 const IRQ_SET_DATA_NONE: u32 = 1 << 0;
 const IRQ_SET_DATA_EVENTFD: u32 = 1 << 2;
+const IRQ_SET_ACTION_MASK: u32 = 1 << 3;
+const IRQ_SET_ACTION_UNMASK: u32 = 1 << 4;
 const IRQ_SET_ACTION_TRIGGER: u32 = 1 << 5;
 
 const DMA_MAP_FLAG_READ: u32 = 1 << 0;
@@ -398,12 +400,16 @@ pub(crate) fn device_get_irq_info(device: BorrowedFd<'_>, index: u32) -> io::Res
 
 /// `VFIO_DEVICE_SET_IRQS` with action TRIGGER: routes vectors `start..start + fds.len()`
 /// of `index` to these eventfds, or, with `fds` empty, disables the index.
+///
+/// Returns what the ioctl returned: 0, or, when enabling MSI or MSI-X finds fewer vectors
+/// than asked for, the number it could have had (vfio-pci then enables nothing and
+/// returns that count instead of an error).
 pub(crate) fn device_set_irqs(
     device: BorrowedFd<'_>,
     index: u32,
     start: u32,
     fds: &[BorrowedFd<'_>],
-) -> io::Result<()> {
+) -> io::Result<i32> {
     // struct vfio_irq_set { argsz, flags, index, start, count, data[] }
     let mut buf: Vec<u32> = vec![0; 5 + fds.len()];
     let flags = if fds.is_empty() {
@@ -421,6 +427,38 @@ pub(crate) fn device_set_irqs(
     }
     // SAFETY: `buf` is a live u32 array laid out as struct vfio_irq_set followed by
     // `count` s32 eventfds (borrowed, so open for the call), and argsz gives its size.
+    check(unsafe { libc::ioctl(device.as_raw_fd(), DEVICE_SET_IRQS as _, buf.as_mut_ptr()) })
+}
+
+/// What [`device_set_irqs_none`] does to the vectors it names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum IrqAction {
+    /// Masks them (vfio-pci: INTx only).
+    Mask,
+    /// Unmasks them (vfio-pci: INTx only); one raised while masked is signalled again.
+    Unmask,
+    /// Signals their eventfds from the kernel, as the device would (a loopback test).
+    Trigger,
+}
+
+/// `VFIO_DEVICE_SET_IRQS` with no data (`DATA_NONE`): `action` on vectors
+/// `start..start + count` of `index`.
+pub(crate) fn device_set_irqs_none(
+    device: BorrowedFd<'_>,
+    index: u32,
+    start: u32,
+    count: u32,
+    action: IrqAction,
+) -> io::Result<()> {
+    let action = match action {
+        IrqAction::Mask => IRQ_SET_ACTION_MASK,
+        IrqAction::Unmask => IRQ_SET_ACTION_UNMASK,
+        IrqAction::Trigger => IRQ_SET_ACTION_TRIGGER,
+    };
+    // struct vfio_irq_set { argsz, flags, index, start, count } with no data.
+    let mut buf: [u32; 5] = [20, IRQ_SET_DATA_NONE | action, index, start, count];
+    // SAFETY: `buf` is a live struct vfio_irq_set of argsz bytes; with DATA_NONE the
+    // kernel reads no data after it and writes nothing.
     check(unsafe { libc::ioctl(device.as_raw_fd(), DEVICE_SET_IRQS as _, buf.as_mut_ptr()) })?;
     Ok(())
 }

@@ -29,7 +29,7 @@ mod watch;
 use claims::write_claims;
 use list::{device_json, report_skipped, write_json_list, write_table};
 use show::{details_json, write_show};
-use vfio::{vfio_info, write_vfio_info};
+use vfio::{IrqTest, irq_test, vfio_info, write_irq_test, write_vfio_info};
 
 /// What the exit status means; shown by `--help`, repeated in the README.
 const EXIT_STATUS_HELP: &str = "\
@@ -182,6 +182,39 @@ enum VfioCommand {
     Info {
         /// The device.
         address: PciAddress,
+        /// JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Enable a kind of interrupt through the driver API and report what arrives.
+    ///
+    /// Prints the device's vector counts per kind, enables the kind asked for (`best`:
+    /// MSI-X, else MSI, else INTx), and waits for interrupts raised by the kernel
+    /// (`--loopback`: VFIO signals each routed eventfd itself) or by QEMU's `edu` device
+    /// (`--edu N`: N interrupts raised through BAR0 0x60, each acknowledged through 0x64 and,
+    /// for INTx, unmasked). Claims the device first, as `vfio info` does.
+    IrqTest {
+        /// The device.
+        address: PciAddress,
+        /// intx, msi, msix or best.
+        #[arg(long, default_value = "best")]
+        kind: String,
+        /// Vectors to enable (INTx has one).
+        #[arg(long, default_value_t = 1)]
+        count: u32,
+        /// Signal every vector from the kernel (VFIO's loopback trigger) and wait for it.
+        #[arg(long)]
+        loopback: bool,
+        /// Raise this many interrupts through QEMU's edu device (1234:11e8).
+        #[arg(long, value_name = "N")]
+        edu: Option<u32>,
+        /// With --edu and INTx: do not unmask after each interrupt (the second one then
+        /// never arrives: VFIO automasks INTx).
+        #[arg(long)]
+        no_unmask: bool,
+        /// How long to wait for each interrupt, in milliseconds.
+        #[arg(long, default_value_t = 2000, value_name = "MS")]
+        timeout: u64,
         /// JSON instead of text.
         #[arg(long)]
         json: bool,
@@ -457,6 +490,41 @@ fn run(cli: Cli, root: SysfsRoot) -> Result<Outcome, Error> {
                 writeln!(out)?;
             } else {
                 write_vfio_info(&mut out, &info)?;
+            }
+        }
+        Command::Vfio {
+            command:
+                VfioCommand::IrqTest {
+                    address,
+                    kind,
+                    count,
+                    loopback,
+                    edu,
+                    no_unmask,
+                    timeout,
+                    json,
+                },
+        } => {
+            if let Some(why) = not_kernel_sysfs(&root) {
+                return Err(format!("vfio irq-test needs the kernel's sysfs: {why}").into());
+            }
+            let test = IrqTest {
+                kind,
+                count,
+                loopback,
+                edu,
+                unmask: !no_unmask,
+                timeout: Duration::from_millis(timeout),
+            };
+            let report = irq_test(&root, address, &test)?;
+            if json {
+                serde_json::to_writer_pretty(&mut out, &report)?;
+                writeln!(out)?;
+            } else {
+                write_irq_test(&mut out, &report)?;
+            }
+            if report["ok"] == json!(false) {
+                return Err("not every interrupt arrived".into());
             }
         }
         Command::Watch { json, all, select } => {

@@ -136,3 +136,192 @@ pub(super) fn write_vfio_info(out: &mut impl Write, v: &Value) -> io::Result<()>
     }
     Ok(())
 }
+
+/// What `vfio irq-test` does (see its `--help`).
+pub(super) struct IrqTest {
+    /// intx, msi, msix or best.
+    pub kind: String,
+    /// Vectors to enable.
+    pub count: u32,
+    /// Signal every vector through VFIO's loopback trigger.
+    pub loopback: bool,
+    /// Interrupts to raise through QEMU's edu device.
+    pub edu: Option<u32>,
+    /// Unmask (INTx) after each edu interrupt.
+    pub unmask: bool,
+    /// How long to wait for each interrupt.
+    pub timeout: std::time::Duration,
+}
+
+// QEMU's edu device (hw/misc/edu.c): BAR0 registers.
+const EDU_VENDOR: u16 = 0x1234;
+const EDU_DEVICE: u16 = 0x11e8;
+/// Interrupt status (read): the bits raised and not yet acknowledged.
+const EDU_IRQ_STATUS: u64 = 0x24;
+/// Raise (write): ORs the value into the status and interrupts (MSI if enabled, else
+/// INTx, which stays asserted while the status is not 0).
+const EDU_IRQ_RAISE: u64 = 0x60;
+/// Acknowledge (write): clears these bits of the status (INTx deasserts at 0).
+const EDU_IRQ_ACK: u64 = 0x64;
+
+/// Enables interrupts on `address` through the driver API ([`VfioBacking`]) and reports
+/// what arrived, as JSON (`ok`: every interrupt waited for arrived).
+pub(super) fn irq_test(root: &SysfsRoot, address: PciAddress, test: &IrqTest) -> Result<Value, Error> {
+    use std::sync::Arc;
+    use std::time::Instant;
+
+    use pcibus::bus::{DeviceBacking, InterruptKind, VfioBacking};
+    use pcibus::vfio::{self, COMMAND, COMMAND_MASTER, COMMAND_MEMORY, VfioDevice};
+
+    let claim = ClaimDir::for_claiming().claim(address, &ClaimInfo::new())?;
+    let container = vfio::Container::with_backend(vfio_backend())?;
+    let dev = VfioDevice::open_in(root, address, &container)?;
+    let backing = VfioBacking::new(Arc::clone(&dev));
+    let kinds: Vec<Value> = [
+        InterruptKind::Intx,
+        InterruptKind::Msi,
+        InterruptKind::MsiX,
+        InterruptKind::Error,
+    ]
+    .into_iter()
+    .map(|k| {
+        json!({
+            "kind": k.name(),
+            "count": backing.interrupt_count(k),
+            "maskable": backing.interrupt_maskable(k),
+        })
+    })
+    .collect();
+    let (kind, irqs) = match test.kind.as_str() {
+        "best" => backing.enable_best_interrupts(test.count)?,
+        other => {
+            let kind: InterruptKind = other.parse()?;
+            (kind, backing.enable_interrupts(kind, test.count)?)
+        }
+    };
+    let mut events = Vec::new();
+    let mut ok = true;
+    if test.loopback {
+        for irq in &irqs {
+            let start = Instant::now();
+            dev.trigger_irq(kind.vfio_index(), irq.vector())?;
+            let arrived = irq.wait(Some(test.timeout))?;
+            let us = start.elapsed().as_micros() as u64;
+            irq.unmask()?;
+            ok &= arrived;
+            events.push(json!({"source": "loopback", "vector": irq.vector(), "arrived": arrived, "us": us}));
+        }
+    }
+    if let Some(n) = test.edu {
+        let mut id = [0u8; 4];
+        backing.read_config(0, &mut id)?;
+        let (vendor, device) = (
+            u16::from_le_bytes([id[0], id[1]]),
+            u16::from_le_bytes([id[2], id[3]]),
+        );
+        if (vendor, device) != (EDU_VENDOR, EDU_DEVICE) {
+            return Err(
+                format!("{address} is {vendor:04x}:{device:04x}, not QEMU's edu device (1234:11e8)").into(),
+            );
+        }
+        // An MSI is a memory write of the device's: QEMU drops it while bus mastering is
+        // off, and neither vfio-pci nor this crate turns it on.
+        let mut command = [0u8; 2];
+        backing.read_config(COMMAND, &mut command)?;
+        let command = u16::from_le_bytes(command) | COMMAND_MASTER | COMMAND_MEMORY;
+        backing.write_config(COMMAND, &command.to_le_bytes())?;
+        let bar = backing.map_bar(0)?;
+        let irq = &irqs[0];
+        // Whatever an earlier user left raised is acknowledged first.
+        let stale = bar.read32(EDU_IRQ_STATUS)?;
+        if stale != 0 {
+            bar.write32(EDU_IRQ_ACK, stale)?;
+        }
+        irq.take()?;
+        irq.unmask()?;
+        for i in 0..n {
+            let value = 0x0001_0000 | (i + 1);
+            let start = Instant::now();
+            bar.write32(EDU_IRQ_RAISE, value)?;
+            let arrived = irq.wait(Some(test.timeout))?;
+            let us = start.elapsed().as_micros() as u64;
+            let status = bar.read32(EDU_IRQ_STATUS)?;
+            bar.write32(EDU_IRQ_ACK, status)?;
+            if test.unmask {
+                irq.unmask()?;
+            }
+            ok &= arrived;
+            events.push(json!({
+                "source": "edu", "n": i + 1, "vector": irq.vector(), "arrived": arrived,
+                "us": us, "status": status, "unmasked": test.unmask,
+            }));
+        }
+        drop(bar);
+    }
+    backing.disable_interrupts(kind)?;
+    let report = json!({
+        "address": address.to_string(),
+        "kinds": kinds,
+        "msix_resizable": dev.msix_resizable().ok(),
+        "enabled": kind.name(),
+        "vectors": irqs.len(),
+        "events": events,
+        "ok": ok,
+    });
+    drop(irqs);
+    drop(backing);
+    drop(dev);
+    drop(claim);
+    Ok(report)
+}
+
+pub(super) fn write_irq_test(out: &mut impl Write, v: &Value) -> io::Result<()> {
+    write!(out, "{}", v["address"].as_str().unwrap_or("?"))?;
+    for k in v["kinds"].as_array().into_iter().flatten() {
+        write!(
+            out,
+            "  {} {}{}",
+            k["kind"].as_str().unwrap_or("?"),
+            k["count"],
+            if k["maskable"] == json!(true) {
+                " (maskable)"
+            } else {
+                ""
+            }
+        )?;
+    }
+    match v["msix_resizable"].as_bool() {
+        Some(r) => writeln!(out, "  MSI-X resizable {r}")?,
+        None => writeln!(out)?,
+    }
+    writeln!(
+        out,
+        "  enabled {}: {} vectors",
+        v["enabled"].as_str().unwrap_or("?"),
+        v["vectors"]
+    )?;
+    for e in v["events"].as_array().into_iter().flatten() {
+        let what = match e["source"].as_str() {
+            Some("edu") => format!("edu #{} vector {}", e["n"], e["vector"]),
+            _ => format!("loopback vector {}", e["vector"]),
+        };
+        if e["arrived"] == json!(true) {
+            write!(out, "  {what}: arrived after {} us", e["us"])?;
+        } else {
+            write!(out, "  {what}: did not arrive")?;
+        }
+        match e["status"].as_u64() {
+            Some(s) => writeln!(out, " (status {s:#x})")?,
+            None => writeln!(out)?,
+        }
+    }
+    writeln!(
+        out,
+        "  {}",
+        if v["ok"] == json!(true) {
+            "ok"
+        } else {
+            "MISSING INTERRUPTS"
+        }
+    )
+}
