@@ -40,6 +40,9 @@ use super::{Dma, NvmeError};
 use crate::barrier;
 use crate::bus::backing::{DeviceBacking, DmaMemory};
 
+mod passthru;
+pub use passthru::{DataDirection, IoPassthru, PassthruData};
+
 /// An I/O buffer: DMA memory shared with the queue while a request uses it. The queue
 /// keeps a clone until the controller is done with it — the command completed, or the
 /// controller was disabled or lost bus mastering — which for a request that timed out
@@ -60,6 +63,8 @@ pub enum Op {
     WriteZeroes,
     /// Deallocate (trim) the blocks (Dataset Management; no buffer).
     Deallocate,
+    /// A raw I/O command ([`IoQueue::submit_passthru`]); not a kind of [`IoRequest`].
+    Passthru,
 }
 
 impl Op {
@@ -70,6 +75,7 @@ impl Op {
             Op::Flush => "Flush",
             Op::WriteZeroes => "Write Zeroes",
             Op::Deallocate => "Dataset Management (deallocate)",
+            Op::Passthru => "I/O passthrough",
         }
     }
 }
@@ -442,10 +448,12 @@ enum Held<B: DeviceBacking> {
 }
 
 // The commands of a vectored request: each (first block, blocks, its range in `pieces`),
-// and `pieces` as (IOVA, bytes), each command's own.
+// and `pieces` as (IOVA, bytes), each command's own. A passthrough request's one command
+// is `raw` (its data pointer built from `pieces`).
 struct Plan {
     cmds: Vec<(u64, u64, (u32, u32))>,
     pieces: Vec<(u64, u64)>,
+    raw: Option<Command>,
 }
 
 impl Plan {
@@ -488,6 +496,7 @@ impl Plan {
         let mut plan = Plan {
             cmds: Vec::new(),
             pieces: Vec::with_capacity(segments.len()),
+            raw: None,
         };
         let (mut at, mut first, mut bytes, mut stream) = (lba, 0usize, 0u64, 0u64);
         let mut close = |plan: &mut Plan, first: &mut usize, bytes: &mut u64| {
@@ -853,6 +862,11 @@ impl<B: DeviceBacking> IoQueue<B> {
                 .filter(|&l| l != 0)
                 .fold(u64::from(u32::MAX), u64::min),
             Op::Flush => u64::MAX,
+            Op::Passthru => {
+                return Err(NvmeError::Invalid(
+                    "a passthrough command goes through IoQueue::submit_passthru, not an IoRequest".into(),
+                ));
+            }
         };
         let plan = match vectored {
             Some(segments) => Some(Box::new(Plan::new(segments, lba, blocks, bs, per_cmd, op)?)),
@@ -962,6 +976,7 @@ impl<B: DeviceBacking> IoQueue<B> {
                 Op::Flush => io::FLUSH,
                 Op::WriteZeroes => io::WRITE_ZEROES,
                 Op::Deallocate => io::DATASET_MANAGEMENT,
+                Op::Passthru => 0,
             });
             cmd.cid = cid;
             cmd.nsid = rest.nsid;
@@ -998,6 +1013,11 @@ impl<B: DeviceBacking> IoQueue<B> {
                     cmd.cdw[1] = 1 << 2;
                 }
                 Op::Flush => {}
+                Op::Passthru => {
+                    if let Some(plan) = &req.plan {
+                        passthru::fill(&mut cmd, plan, &self.prp);
+                    }
+                }
             }
             self.slots[usize::from(cid)] = Slot {
                 request: index,
@@ -1257,12 +1277,13 @@ impl<B: DeviceBacking> IoQueue<B> {
                 self.pending.retain(|&i| i as usize != index);
             }
             let (tag, op) = (req.tag, req.op);
+            let raw = req.plan.as_ref().and_then(|p| p.raw).map(|c| c.opcode);
             for (cid, slot) in self.slots.iter_mut().enumerate() {
                 if slot.request == index as u32 && slot.abandoned.is_none() {
                     slot.abandoned = Some(now);
                     self.abandoned += 1;
                     // The application hears of it before the Abort (below) goes.
-                    let opcode = super::controller::io_opcode(op);
+                    let opcode = raw.unwrap_or_else(|| super::controller::io_opcode(op));
                     self.shared.command_timed_out(self.ring.qid, cid as u16, opcode);
                 }
             }

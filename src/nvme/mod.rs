@@ -54,7 +54,10 @@ pub mod spec;
 pub mod sriov;
 
 pub use controller::{AdminData, AsyncEvent, CommandTimeout, Controller, ControllerInfo, Namespace, Options};
-pub use io::{Buffer, DEFAULT_QUEUE_LIMIT, IoCompletion, IoQueue, IoRequest, Op, Segment};
+pub use io::{
+    Buffer, DEFAULT_QUEUE_LIMIT, DataDirection, IoCompletion, IoPassthru, IoQueue, IoRequest, Op,
+    PassthruData, Segment,
+};
 
 use spec::{IdentifyError, LogError, Status};
 
