@@ -149,3 +149,111 @@ fn passthrough_to_a_namespace_with_separate_metadata_is_refused() {
     assert!(err.to_string().contains("metadata"), "{err}");
     assert_eq!(e.stats().io_commands.values().sum::<u64>(), 0);
 }
+
+// ---- SGLs for vectored requests
+
+use pcibus::nvme::Segment;
+
+fn sgl_emu() -> EmulatedNvme {
+    emu(EmuConfig {
+        sgl: true,
+        ..EmuConfig::default()
+    })
+}
+
+#[test]
+fn segments_prps_cannot_express_go_as_one_command_with_sgls_where_offered() {
+    let e = sgl_emu();
+    let c = up(&e);
+    assert!(pcibus::nvme::spec::sgl::supported(c.info().identify.sgls));
+    let mut q = c.io_queue(8).unwrap();
+    let (a, b) = (c.alloc_buffer(4096).unwrap(), c.alloc_buffer(4096).unwrap());
+    // The first segment ends mid-page: PRPs need two commands (tests/nvme_io_api.rs).
+    a.write_at(0, &pattern(512, 1)).unwrap();
+    b.write_at(100, &pattern(1024, 2)).unwrap();
+    q.writev(1, 7, 3, &[Segment::new(&a, 0, 512), Segment::new(&b, 100, 1024)])
+        .unwrap();
+    assert_eq!((io_count(&e, io::WRITE), e.stats().sgl_commands), (1, 1));
+    let mut want = pattern(512, 1);
+    want.extend(pattern(1024, 2));
+    assert_eq!(e.namespace_read(1, 7 * 512, 1536).unwrap(), want);
+    // A boundary neither on a page nor on a block: PRPs refuse it; one SGL command reads
+    // it, into three segments.
+    let (x, y) = (c.alloc_buffer(4096).unwrap(), c.alloc_buffer(8192).unwrap());
+    q.readv(
+        1,
+        7,
+        3,
+        &[
+            Segment::new(&x, 4, 100),
+            Segment::new(&y, 4000, 900),
+            Segment::new(&x, 1000, 536),
+        ],
+    )
+    .unwrap();
+    assert_eq!((io_count(&e, io::READ), e.stats().sgl_commands), (1, 2));
+    let mut back = vec![0u8; 1536];
+    x.read_at(4, &mut back[..100]).unwrap();
+    y.read_at(4000, &mut back[100..1000]).unwrap();
+    x.read_at(1000, &mut back[1000..]).unwrap();
+    assert_eq!(back, want);
+    assert_eq!(e.stats().bad_dma, 0);
+}
+
+#[test]
+fn more_segments_than_one_sgl_page_holds_are_cut_at_a_block_boundary() {
+    // 300 segments of 512 bytes at offset 4 (none chains in PRPs): 256 descriptors fit a
+    // command's list page, so two commands.
+    let e = sgl_emu();
+    let c = up(&e);
+    let mut q = c.io_queue(8).unwrap();
+    let bufs: Vec<_> = (0..300)
+        .map(|i| {
+            let b = c.alloc_buffer(1024).unwrap();
+            b.write_at(4, &pattern(512, i as u8)).unwrap();
+            b
+        })
+        .collect();
+    let segs: Vec<_> = bufs.iter().map(|b| Segment::new(b, 4, 512)).collect();
+    q.writev(1, 0, 300, &segs).unwrap();
+    assert_eq!((io_count(&e, io::WRITE), e.stats().sgl_commands), (2, 2));
+    for i in [0usize, 255, 256, 299] {
+        assert_eq!(
+            e.namespace_read(1, i as u64 * 512, 512).unwrap(),
+            pattern(512, i as u8),
+            "{i}"
+        );
+    }
+    assert_eq!(e.stats().bad_dma, 0);
+}
+
+#[test]
+fn requests_prps_can_express_keep_prps_with_sgls_offered() {
+    let e = sgl_emu();
+    let c = up(&e);
+    let mut q = c.io_queue(8).unwrap();
+    let buf = c.alloc_buffer(16384).unwrap();
+    q.write(1, 0, 20, &buf, 512).unwrap();
+    q.read(1, 0, 20, &buf, 4).unwrap();
+    let (a, b) = (c.alloc_buffer(4096).unwrap(), c.alloc_buffer(4096).unwrap());
+    q.writev(1, 0, 9, &[Segment::new(&a, 512, 3584), Segment::new(&b, 0, 1024)])
+        .unwrap();
+    assert_eq!(e.stats().sgl_commands, 0);
+    assert_eq!(io_count(&e, io::WRITE) + io_count(&e, io::READ), 3);
+}
+
+#[test]
+fn without_sgl_support_segments_are_split_or_refused_as_before() {
+    let e = emu(EmuConfig::default());
+    let c = up(&e);
+    assert!(!pcibus::nvme::spec::sgl::supported(c.info().identify.sgls));
+    let mut q = c.io_queue(8).unwrap();
+    let (a, b) = (c.alloc_buffer(4096).unwrap(), c.alloc_buffer(4096).unwrap());
+    q.writev(1, 7, 3, &[Segment::new(&a, 0, 512), Segment::new(&b, 100, 1024)])
+        .unwrap();
+    assert_eq!((io_count(&e, io::WRITE), e.stats().sgl_commands), (2, 0));
+    let err = q
+        .writev(1, 0, 1, &[Segment::new(&a, 0, 100), Segment::new(&b, 0, 412)])
+        .unwrap_err();
+    assert!(matches!(err, NvmeError::Invalid(_)), "{err}");
+}

@@ -1,12 +1,11 @@
 //! I/O queue pairs: requests in, completions out, on the thread that owns the queue.
 //!
+//! Vectored requests ([`IoQueue::submit_readv`]) use PRP lists where PRPs express them,
+//! and SGLs where they do not and the controller offers SGLs (`io/sgl.rs`). Raw I/O
+//! commands go through [`IoQueue::submit_passthru`] (`io/passthru.rs`).
+//!
 //! # Not yet done (issue 15 §7), and how it would fit
 //!
-//! - SGLs: vectored requests ([`IoQueue::submit_readv`]) use PRP lists, split at segment
-//!   boundaries PRPs cannot chain. Where Identify Controller's SGLS field offers SGLs, a
-//!   Data Block descriptor per segment (PSDT in CDW0 bits 15:14, a Last Segment descriptor
-//!   in the slot's list page) would lift the page-alignment rule; the emulated controller
-//!   refuses SGLs today (Invalid Field), so this needs emulator support first.
 //! - Registering application memory for DMA (as `spdk_mem_register`): a
 //!   `DeviceBacking::register_dma(&self, memory) -> Result<Self::Dma, BackingError>`
 //!   defaulting to Unsupported, implemented by VFIO (`VFIO_IOMMU_MAP_DMA` of the caller's
@@ -41,6 +40,7 @@ use crate::barrier;
 use crate::bus::backing::{DeviceBacking, DmaMemory};
 
 mod passthru;
+mod sgl;
 pub use passthru::{DataDirection, IoPassthru, PassthruData};
 
 /// An I/O buffer: DMA memory shared with the queue while a request uses it. The queue
@@ -450,16 +450,20 @@ enum Held<B: DeviceBacking> {
 // The commands of a vectored request: each (first block, blocks, its range in `pieces`),
 // and `pieces` as (IOVA, bytes), each command's own. A passthrough request's one command
 // is `raw` (its data pointer built from `pieces`).
+// `sgl`: the commands' data pointers are SGLs (see sgl.rs), else PRPs.
 struct Plan {
     cmds: Vec<(u64, u64, (u32, u32))>,
     pieces: Vec<(u64, u64)>,
     raw: Option<Command>,
+    sgl: bool,
 }
 
 impl Plan {
     // Cuts the segments into commands of at most `per_cmd` blocks of `bs` bytes, chaining
     // segments in one PRP list where PRPs allow (the previous piece ends on a page, the
-    // next starts on one), else cutting at the boundary if it falls on a block.
+    // next starts on one), else cutting at the boundary if it falls on a block. Where
+    // that cuts (or cannot) and the controller takes SGLs (`sgl`), the commands use SGLs
+    // instead (sgl.rs): cut only at the transfer limit or a full descriptor page.
     fn new<B: DeviceBacking>(
         segments: &[Segment<'_, B>],
         lba: u64,
@@ -467,6 +471,7 @@ impl Plan {
         bs: u64,
         per_cmd: u64,
         op: Op,
+        sgl: bool,
     ) -> Result<Plan, NvmeError> {
         let invalid = |why: String| NvmeError::Invalid(format!("vectored {}: {why}", op.name()));
         let mut total = 0u64;
@@ -492,11 +497,31 @@ impl Plan {
                 blocks.saturating_mul(bs)
             )));
         }
+        match Self::cut(segments, lba, bs, per_cmd, op, false) {
+            Ok((plan, false)) => Ok(plan),
+            Ok(_) | Err(_) if sgl => Ok(Self::cut(segments, lba, bs, per_cmd, op, true)?.0),
+            r => r.map(|(plan, _)| plan),
+        }
+    }
+
+    // The cutting of `new`, with PRPs or SGLs; with PRPs, whether a segment boundary cut a
+    // command.
+    fn cut<B: DeviceBacking>(
+        segments: &[Segment<'_, B>],
+        lba: u64,
+        bs: u64,
+        per_cmd: u64,
+        op: Op,
+        sgl: bool,
+    ) -> Result<(Plan, bool), NvmeError> {
+        let invalid = |why: String| NvmeError::Invalid(format!("vectored {}: {why}", op.name()));
         let max_bytes = per_cmd * bs;
+        let mut cut_at_boundary = false;
         let mut plan = Plan {
             cmds: Vec::new(),
             pieces: Vec::with_capacity(segments.len()),
             raw: None,
+            sgl,
         };
         let (mut at, mut first, mut bytes, mut stream) = (lba, 0usize, 0u64, 0u64);
         let mut close = |plan: &mut Plan, first: &mut usize, bytes: &mut u64| {
@@ -508,7 +533,19 @@ impl Plan {
         };
         for s in segments {
             let (mut iova, mut len) = (s.buffer.iova() + s.offset as u64, s.len as u64);
-            if bytes > 0 {
+            if bytes > 0 && sgl {
+                if plan.pieces.len() - first == sgl::MAX_DESCRIPTORS {
+                    if bytes % bs != 0 {
+                        return Err(invalid(format!(
+                            "the {}th segment boundary of a command, at byte {stream} of the transfer, is not \
+                             on a block boundary (a command's SGL holds {} descriptors)",
+                            sgl::MAX_DESCRIPTORS,
+                            sgl::MAX_DESCRIPTORS
+                        )));
+                    }
+                    close(&mut plan, &mut first, &mut bytes);
+                }
+            } else if bytes > 0 {
                 let (prev, prev_len) = plan.pieces[plan.pieces.len() - 1];
                 if (prev + prev_len) % PAGE != 0 || iova % PAGE != 0 {
                     if bytes % bs != 0 {
@@ -518,6 +555,7 @@ impl Plan {
                         )));
                     }
                     close(&mut plan, &mut first, &mut bytes);
+                    cut_at_boundary = true;
                 }
             }
             while len > 0 {
@@ -532,7 +570,7 @@ impl Plan {
         if bytes > 0 {
             close(&mut plan, &mut first, &mut bytes);
         }
-        Ok(plan)
+        Ok((plan, cut_at_boundary))
     }
 }
 
@@ -743,9 +781,12 @@ impl<B: DeviceBacking> IoQueue<B> {
 
     /// Queues a read of `blocks` blocks at `lba` into `segments`, in order (scatter): as
     /// [`submit`](Self::submit). Segments chain in one command's PRP list where PRPs allow
-    /// (every segment but the first starts on a page, every one but the last ends on one);
-    /// elsewhere the request is split into commands at the segment boundary, which must then
-    /// fall on a block boundary of the transfer, or the request is refused.
+    /// (every segment but the first starts on a page, every one but the last ends on one).
+    /// Where they do not, a controller that offers SGLs (Identify Controller SGLS) gets
+    /// SGLs instead: any dword-aligned segments in one command (up to 256 per command; past
+    /// that the request is cut at a block boundary, or refused). Without SGLs the request is
+    /// split into commands at the segment boundary, which must then fall on a block
+    /// boundary of the transfer, or the request is refused.
     pub fn submit_readv(
         &mut self,
         nsid: u32,
@@ -869,7 +910,10 @@ impl<B: DeviceBacking> IoQueue<B> {
             }
         };
         let plan = match vectored {
-            Some(segments) => Some(Box::new(Plan::new(segments, lba, blocks, bs, per_cmd, op)?)),
+            Some(segments) => {
+                let sgl = super::spec::sgl::supported(info.identify.sgls);
+                Some(Box::new(Plan::new(segments, lba, blocks, bs, per_cmd, op, sgl)?))
+            }
             None => None,
         };
         let parts = if let Some(plan) = &plan {
@@ -993,7 +1037,11 @@ impl<B: DeviceBacking> IoQueue<B> {
                     }
                     if let (Some((from, to)), Some(plan)) = (pieces, &req.plan) {
                         let pieces = &plan.pieces[from as usize..to as usize];
-                        (cmd.prp1, cmd.prp2) = prps_pieces(&self.prp, cid, pieces);
+                        if plan.sgl {
+                            sgl::fill(&mut cmd, &self.prp, pieces);
+                        } else {
+                            (cmd.prp1, cmd.prp2) = prps_pieces(&self.prp, cid, pieces);
+                        }
                     } else if op != Op::WriteZeroes {
                         let len = n * rest.block_size;
                         (cmd.prp1, cmd.prp2) = prps(&self.prp, cid, rest.iova, len);

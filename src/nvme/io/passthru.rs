@@ -231,6 +231,7 @@ impl<B: DeviceBacking> IoQueue<B> {
                 cmds: vec![(0, 0, (0, pieces.len() as u32))],
                 pieces,
                 raw: Some(raw),
+                sgl: false,
             })),
             sent: false,
             cdw0: 0,
