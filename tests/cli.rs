@@ -640,3 +640,45 @@ fn nvme_log_and_passthru_arguments_are_checked_before_the_device() {
     assert_eq!(code, Some(1));
     assert!(err.contains("/nonexistent/in"), "{err}");
 }
+
+// `pcibus nvme io-passthru` parses as `admin-passthru` does (plus CDW2/3), and checks its
+// data arguments before any device is touched.
+#[test]
+fn nvme_io_passthru_arguments_are_checked_before_the_device() {
+    let fake = fixture("qemu-q35-sriov-nvme.pcifix");
+    let run = |args: &[&str]| {
+        let o = pcibus(fake.root(), args);
+        (o.status.code(), String::from_utf8_lossy(&o.stderr).into_owned())
+    };
+    let base = ["nvme", "io-passthru", "0000:01:00.0", "--opcode"];
+    let with = |rest: &[&'static str]| -> Vec<&'static str> { base.iter().chain(rest).copied().collect() };
+    let (code, err) = run(&with(&[
+        "0x02",
+        "--nsid",
+        "1",
+        "--cdw2",
+        "0x10",
+        "--cdw12",
+        "7",
+        "--read",
+        "--data-len",
+        "4096",
+    ]));
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("nvme needs the kernel's sysfs"), "{err}");
+    for (args, why) in [
+        (with(&["0x1ff"]), "at most 255"),
+        (with(&["2", "--cdw3", "x"]), "expected a number"),
+        (with(&["2", "--read", "--write", "f"]), "cannot be used with"),
+    ] {
+        let (code, err) = run(&args);
+        assert_eq!(code, Some(2), "{args:?}: {err}");
+        assert!(err.contains(why), "{args:?}: {err}");
+    }
+    let (code, err) = run(&with(&["2", "--read"]));
+    assert_eq!(code, Some(1));
+    assert!(err.contains("--read needs --data-len"), "{err}");
+    let (code, err) = run(&with(&["1", "--write", "/nonexistent/in"]));
+    assert_eq!(code, Some(1));
+    assert!(err.contains("/nonexistent/in"), "{err}");
+}

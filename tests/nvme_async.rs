@@ -240,3 +240,25 @@ fn without_self_wake_the_application_polls_and_the_tasks_are_woken() {
         "the controller was brought up without interrupts"
     );
 }
+
+#[test]
+fn futures_are_send_and_complete_on_another_thread() {
+    // A multi-threaded runtime (tokio's default) requires `Send` futures: an `IoFuture` of
+    // an `AsyncQueue` shared by reference (an `Arc` here) is awaited on another thread.
+    fn send<T: Send>(_: &T) {}
+    let (e, c) = setup();
+    let q = Arc::new(AsyncQueue::new(c.io_queue(4).unwrap()));
+    let buf = Arc::new(c.alloc_buffer(4096).unwrap());
+    buf.write_at(0, &[0x5a; 512]).unwrap();
+    let f = q.write(1, 3, 1, &buf, 0);
+    send(&f);
+    send(&*q);
+    drop(f);
+    let (q2, buf2) = (Arc::clone(&q), Arc::clone(&buf));
+    std::thread::spawn(move || block_on(q2.write(1, 3, 1, &buf2, 0), || {}))
+        .join()
+        .unwrap()
+        .unwrap();
+    assert_eq!(e.namespace_read(1, 3 * 512, 512).unwrap(), vec![0x5a; 512]);
+    assert_eq!(q.outstanding(), 0);
+}

@@ -1993,3 +1993,189 @@ proptest! {
         prop_assert_eq!(bar.read32(reg::CSTS).unwrap() & csts::RDY, 0);
     }
 }
+
+// ---- SGLs (EmuConfig::sgl)
+
+// `cmd` with PSDT 01b and the descriptor (`addr`, `len`, `kind`) as its data pointer.
+fn with_sgl(mut cmd: Command, addr: u64, len: u32, kind: u8) -> Command {
+    cmd.flags = spec::sgl::PSDT_SGL;
+    (cmd.prp1, cmd.prp2) = spec::sgl::dptr(addr, len, kind);
+    cmd
+}
+
+// Writes `descs` (address, length, type) as an SGL segment into `list` at `at`.
+fn sgl_list(
+    list: &impl std::ops::Deref<Target = pcibus::vfio::DmaBuffer>,
+    at: usize,
+    descs: &[(u64, u32, u8)],
+) {
+    for (i, &(a, l, k)) in descs.iter().enumerate() {
+        list.write_at(at + 16 * i, &spec::sgl::descriptor(a, l, k))
+            .unwrap();
+    }
+}
+
+#[test]
+fn sgl_data_blocks_segments_and_last_segments_move_the_data() {
+    use spec::sgl::{DATA_BLOCK, LAST_SEGMENT, SEGMENT};
+    let (e, mut host, mut q) = setup(EmuConfig {
+        sgl: true,
+        ..EmuConfig::default()
+    });
+    let id = IdentifyController::parse(&host.identify(cns::CONTROLLER, 0)).unwrap();
+    assert_eq!(id.sgls & 3, 1);
+    assert!(spec::sgl::supported(id.sgls));
+    let buf = e.alloc_dma(16384).unwrap();
+    let list = e.alloc_dma(4096).unwrap();
+    // One Data Block at an odd address: SGLS 01b has no alignment rule.
+    let data = pattern(1536, 1);
+    buf.write_at(3, &data).unwrap();
+    let c = host.exec(
+        &mut q,
+        with_sgl(rw(io::WRITE, 1, 10, 3, 0, 0), buf.iova() + 3, 1536, DATA_BLOCK),
+    );
+    assert_eq!(c.status(), Status::SUCCESS);
+    assert_eq!(e.namespace_read(1, 10 * 512, 1536).unwrap(), data);
+    // A Last Segment of three Data Blocks of any lengths.
+    let data = pattern(1536, 2);
+    buf.write_at(4097, &data[..100]).unwrap();
+    buf.write_at(8190, &data[100..1100]).unwrap();
+    buf.write_at(13, &data[1100..]).unwrap();
+    let b = buf.iova();
+    sgl_list(
+        &list,
+        0,
+        &[
+            (b + 4097, 100, DATA_BLOCK),
+            (b + 8190, 1000, DATA_BLOCK),
+            (b + 13, 436, DATA_BLOCK),
+        ],
+    );
+    let c = host.exec(
+        &mut q,
+        with_sgl(rw(io::WRITE, 1, 20, 3, 0, 0), list.iova(), 48, LAST_SEGMENT),
+    );
+    assert_eq!(c.status(), Status::SUCCESS);
+    assert_eq!(e.namespace_read(1, 20 * 512, 1536).unwrap(), data);
+    // A Segment (two Data Blocks, then a Last Segment of one) reading it back scattered.
+    let out = e.alloc_dma(4096).unwrap();
+    let o = out.iova();
+    sgl_list(
+        &list,
+        1024,
+        &[
+            (o + 1, 500, DATA_BLOCK),
+            (o + 1000, 36, DATA_BLOCK),
+            (list.iova() + 2048, 16, LAST_SEGMENT),
+        ],
+    );
+    sgl_list(&list, 2048, &[(o + 2000, 1000, DATA_BLOCK)]);
+    let c = host.exec(
+        &mut q,
+        with_sgl(rw(io::READ, 1, 20, 3, 0, 0), list.iova() + 1024, 48, SEGMENT),
+    );
+    assert_eq!(c.status(), Status::SUCCESS);
+    let mut back = vec![0u8; 1536];
+    out.read_at(1, &mut back[..500]).unwrap();
+    out.read_at(1000, &mut back[500..536]).unwrap();
+    out.read_at(2000, &mut back[536..]).unwrap();
+    assert_eq!(back, data);
+    assert_eq!(e.stats().sgl_commands, 3);
+    assert_eq!(e.stats().bad_dma, 0);
+}
+
+#[test]
+fn malformed_sgls_fail_with_the_specifications_status() {
+    use spec::sgl::{BIT_BUCKET, DATA_BLOCK, LAST_SEGMENT, SEGMENT};
+    let (e, mut host, mut q) = setup(EmuConfig {
+        sgl: true,
+        ..EmuConfig::default()
+    });
+    let buf = e.alloc_dma(8192).unwrap();
+    let list = e.alloc_dma(4096).unwrap();
+    let (b, l) = (buf.iova(), list.iova());
+    let read2 = || rw(io::READ, 1, 0, 2, 0, 0); // 1,024 bytes
+    // Lists: at 0 a good Last Segment list (two Data Blocks of 512); at 256 one holding a
+    // Segment descriptor; at 512 a Segment list not ending in a segment descriptor; at 768
+    // a Segment list pointing at itself; at 1024 one with a Bit Bucket.
+    sgl_list(&list, 0, &[(b, 512, DATA_BLOCK), (b + 4096, 512, DATA_BLOCK)]);
+    sgl_list(&list, 256, &[(b, 512, DATA_BLOCK), (l, 32, SEGMENT)]);
+    sgl_list(&list, 512, &[(b, 512, DATA_BLOCK), (b + 4096, 512, DATA_BLOCK)]);
+    sgl_list(&list, 768, &[(b, 0, DATA_BLOCK), (l + 768, 32, SEGMENT)]);
+    sgl_list(&list, 1024, &[(b, 512, BIT_BUCKET), (b, 512, DATA_BLOCK)]);
+    let mut subtype = with_sgl(read2(), b, 1024, DATA_BLOCK);
+    subtype.prp2 |= 1 << 56;
+    let cases = [
+        (with_sgl(read2(), l, 32, LAST_SEGMENT), Status::SUCCESS),
+        (
+            with_sgl(read2(), b, 1024, BIT_BUCKET),
+            Status::SGL_DESCRIPTOR_TYPE_INVALID,
+        ),
+        (
+            with_sgl(read2(), b, 1024, 0x4),
+            Status::SGL_DESCRIPTOR_TYPE_INVALID,
+        ),
+        (subtype, Status::SGL_DESCRIPTOR_TYPE_INVALID),
+        (
+            with_sgl(read2(), l + 1024, 32, LAST_SEGMENT),
+            Status::SGL_DESCRIPTOR_TYPE_INVALID,
+        ),
+        // Lengths against the transfer: short, long, and a list short of it.
+        (
+            with_sgl(read2(), b, 512, DATA_BLOCK),
+            Status::DATA_SGL_LENGTH_INVALID,
+        ),
+        (
+            with_sgl(read2(), b, 1536, DATA_BLOCK),
+            Status::DATA_SGL_LENGTH_INVALID,
+        ),
+        (
+            with_sgl(read2(), l, 16, LAST_SEGMENT),
+            Status::DATA_SGL_LENGTH_INVALID,
+        ),
+        // Segment descriptors: bad lengths, a misaligned list, one in a Last Segment, a
+        // Segment list without one at its end.
+        (
+            with_sgl(read2(), l, 24, LAST_SEGMENT),
+            Status::INVALID_SGL_SEGMENT_DESCRIPTOR,
+        ),
+        (
+            with_sgl(read2(), l, 0, LAST_SEGMENT),
+            Status::INVALID_SGL_SEGMENT_DESCRIPTOR,
+        ),
+        (
+            with_sgl(read2(), l + 4, 32, LAST_SEGMENT),
+            Status::INVALID_SGL_SEGMENT_DESCRIPTOR,
+        ),
+        (
+            with_sgl(read2(), l + 256, 32, LAST_SEGMENT),
+            Status::INVALID_SGL_SEGMENT_DESCRIPTOR,
+        ),
+        (
+            with_sgl(read2(), l + 512, 32, SEGMENT),
+            Status::INVALID_SGL_SEGMENT_DESCRIPTOR,
+        ),
+        // A loop.
+        (
+            with_sgl(read2(), l + 768, 32, SEGMENT),
+            Status::INVALID_SGL_DESCRIPTOR_COUNT,
+        ),
+    ];
+    for (cmd, want) in cases {
+        assert_eq!(host.exec(&mut q, cmd).status(), want, "{cmd:?}");
+    }
+    assert_eq!(e.stats().bad_dma, 0);
+    // A Data Block outside DMA memory.
+    let c = host.exec(&mut q, with_sgl(read2(), 0x1000, 1024, DATA_BLOCK));
+    assert_eq!(c.status(), Status::DATA_TRANSFER_ERROR);
+    assert_eq!(e.stats().bad_dma, 1);
+    // PSDT 10b (a metadata SGL) and 11b, and an SGL on an admin command.
+    for psdt in [0x80, 0xc0] {
+        let mut cmd = with_sgl(read2(), b, 1024, DATA_BLOCK);
+        cmd.flags = psdt;
+        assert_eq!(host.exec(&mut q, cmd).status(), Status::INVALID_FIELD);
+    }
+    let mut identify = with_sgl(Command::new(admin::IDENTIFY), b, 4096, DATA_BLOCK);
+    identify.cdw[0] = cns::CONTROLLER;
+    assert_eq!(host.admin(identify).status(), Status::INVALID_FIELD);
+}

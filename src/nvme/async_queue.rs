@@ -24,6 +24,16 @@
 //! Timeouts are the queue's: a request past [`Options::io_timeout`] completes with
 //! [`NvmeError::Timeout`] at the next poll.
 //!
+//! # Threads
+//!
+//! The futures are `Send` (when the backing's DMA memory is `Sync`, as VFIO's and the
+//! emulator's are), so a multi-threaded runtime may move a task awaiting one between its
+//! worker threads, and the [`AsyncQueue`] is `Sync`, shared by reference or `Arc` among
+//! tasks on any thread. The queue's state is behind a lock (uncontended when one thread
+//! polls: a few nanoseconds more than a `RefCell`, and no runtime dependency); tasks on
+//! several threads polling one queue take turns at it. For I/O that scales with threads,
+//! give each thread its own queue.
+//!
 //! # Dropping
 //!
 //! A future dropped before its request completed abandons it: the request runs to its end
@@ -33,30 +43,38 @@
 //!
 //! [`Options::io_timeout`]: super::Options::io_timeout
 
-use std::cell::{Cell, RefCell};
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::os::fd::{AsRawFd, RawFd};
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll, Waker};
+
+use parking_lot::Mutex;
 
 use super::NvmeError;
 use super::io::{Buffer, IoQueue, IoRequest};
 use crate::bus::backing::DeviceBacking;
 
-/// An [`IoQueue`] whose requests are futures. `Send` (it may move to another thread
-/// between tasks), not `Sync`, as the queue. See the [module docs](self).
+/// An [`IoQueue`] whose requests are futures. `Send` and `Sync`: its futures may be
+/// awaited on any thread (see [Threads](self#threads)). See the [module docs](self).
 pub struct AsyncQueue<B: DeviceBacking> {
-    queue: RefCell<IoQueue<B>>,
-    // Results that arrived, by tag, and the wakers of the futures waiting for them.
-    results: RefCell<HashMap<u64, Result<(), NvmeError>>>,
-    wakers: RefCell<HashMap<u64, Waker>>,
-    // Futures waiting for room on the queue.
-    waiting: RefCell<Vec<Waker>>,
-    // Tags of futures dropped before their request completed.
-    abandoned: RefCell<HashSet<u64>>,
-    next_tag: Cell<u64>,
+    // Locked before `state` when both are held.
+    queue: Mutex<IoQueue<B>>,
+    state: Mutex<State>,
+    next_tag: AtomicU64,
     self_wake: bool,
+}
+
+#[derive(Default)]
+struct State {
+    // Results that arrived, by tag, and the wakers of the futures waiting for them.
+    results: HashMap<u64, Result<(), NvmeError>>,
+    wakers: HashMap<u64, Waker>,
+    // Futures waiting for room on the queue.
+    waiting: Vec<Waker>,
+    // Tags of futures dropped before their request completed.
+    abandoned: HashSet<u64>,
 }
 
 impl<B: DeviceBacking> std::fmt::Debug for AsyncQueue<B> {
@@ -73,12 +91,9 @@ impl<B: DeviceBacking> AsyncQueue<B> {
     /// adapter's), waking themselves while pending.
     pub fn new(queue: IoQueue<B>) -> Self {
         AsyncQueue {
-            queue: RefCell::new(queue),
-            results: RefCell::default(),
-            wakers: RefCell::default(),
-            waiting: RefCell::default(),
-            abandoned: RefCell::default(),
-            next_tag: Cell::new(0),
+            queue: Mutex::new(queue),
+            state: Mutex::default(),
+            next_tag: AtomicU64::new(0),
             self_wake: true,
         }
     }
@@ -121,8 +136,7 @@ impl<B: DeviceBacking> AsyncQueue<B> {
 
     /// Any request. Nothing is sent until the future is polled.
     pub fn submit<'a>(&'a self, request: IoRequest<'a, B>) -> IoFuture<'a, B> {
-        let tag = self.next_tag.get();
-        self.next_tag.set(tag.wrapping_add(1));
+        let tag = self.next_tag.fetch_add(1, Ordering::Relaxed);
         IoFuture {
             queue: self,
             request: Some(request),
@@ -137,22 +151,22 @@ impl<B: DeviceBacking> AsyncQueue<B> {
     pub fn process_completions(&self) -> Result<usize, NvmeError> {
         let mut woken = Vec::new();
         let n = {
-            let mut q = self.queue.borrow_mut();
-            let mut results = self.results.borrow_mut();
-            let mut wakers = self.wakers.borrow_mut();
-            let mut abandoned = self.abandoned.borrow_mut();
-            q.poll(|tag, r| {
-                if abandoned.remove(&tag) {
+            let mut q = self.queue.lock();
+            let mut state = self.state.lock();
+            let st = &mut *state;
+            let n = q.poll(|tag, r| {
+                if st.abandoned.remove(&tag) {
                     return;
                 }
-                results.insert(tag, r);
-                woken.extend(wakers.remove(&tag));
-            })?
+                st.results.insert(tag, r);
+                woken.extend(st.wakers.remove(&tag));
+            })?;
+            if n > 0 {
+                woken.append(&mut st.waiting);
+            }
+            n
         };
-        if n > 0 {
-            woken.append(&mut self.waiting.borrow_mut());
-        }
-        // Woken with no borrow held: a waker may poll a future of this queue at once.
+        // Woken with no lock held: a waker may poll a future of this queue at once.
         for w in woken {
             w.wake();
         }
@@ -163,12 +177,12 @@ impl<B: DeviceBacking> AsyncQueue<B> {
     /// with interrupts: to wait for readability with the runtime's reactor, then call
     /// [`process_completions`](Self::process_completions). Valid while the queue lives.
     pub fn interrupt_fd(&self) -> Option<RawFd> {
-        self.queue.borrow().interrupt_fd().map(|fd| fd.as_raw_fd())
+        self.queue.lock().interrupt_fd().map(|fd| fd.as_raw_fd())
     }
 
     /// Requests submitted and not yet completed (abandoned ones included).
     pub fn outstanding(&self) -> usize {
-        self.queue.borrow().outstanding()
+        self.queue.lock().outstanding()
     }
 
     /// The queue back (the adapter's futures are gone: they borrow it). Requests of
@@ -212,7 +226,7 @@ impl<B: DeviceBacking> Future for IoFuture<'_, B> {
         }
         if let Some(request) = this.request {
             let submitted = {
-                let mut q = aq.queue.borrow_mut();
+                let mut q = aq.queue.lock();
                 match q.submit(&request, this.tag) {
                     Ok(()) => true,
                     // No room while requests are outstanding: wait for one to complete. An
@@ -227,25 +241,26 @@ impl<B: DeviceBacking> Future for IoFuture<'_, B> {
             if submitted {
                 this.request = None;
             } else {
-                aq.waiting.borrow_mut().push(cx.waker().clone());
+                aq.state.lock().waiting.push(cx.waker().clone());
             }
         }
         if let Err(e) = aq.process_completions() {
             // The queue is dead: every request ended with this; ours, if submitted, is in
             // the results.
-            if this.request.is_some() || !aq.results.borrow().contains_key(&this.tag) {
+            if this.request.is_some() || !aq.state.lock().results.contains_key(&this.tag) {
                 this.done = true;
                 return Poll::Ready(Err(e));
             }
         }
-        if this.request.is_none()
-            && let Some(r) = aq.results.borrow_mut().remove(&this.tag)
-        {
-            this.done = true;
-            return Poll::Ready(r);
-        }
         if this.request.is_none() {
-            aq.wakers.borrow_mut().insert(this.tag, cx.waker().clone());
+            let mut state = aq.state.lock();
+            if let Some(r) = state.results.remove(&this.tag) {
+                this.done = true;
+                return Poll::Ready(r);
+            }
+            // Under the same lock as the check: a completion handed over meanwhile by
+            // another thread's poll finds this waker.
+            state.wakers.insert(this.tag, cx.waker().clone());
         }
         if aq.self_wake {
             cx.waker().wake_by_ref();
@@ -260,9 +275,10 @@ impl<B: DeviceBacking> Drop for IoFuture<'_, B> {
             return;
         }
         // Submitted, not completed: its result is discarded when it comes.
-        self.queue.wakers.borrow_mut().remove(&self.tag);
-        if self.queue.results.borrow_mut().remove(&self.tag).is_none() {
-            self.queue.abandoned.borrow_mut().insert(self.tag);
+        let mut state = self.queue.state.lock();
+        state.wakers.remove(&self.tag);
+        if state.results.remove(&self.tag).is_none() {
+            state.abandoned.insert(self.tag);
         }
     }
 }

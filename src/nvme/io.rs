@@ -1,12 +1,11 @@
 //! I/O queue pairs: requests in, completions out, on the thread that owns the queue.
 //!
+//! Vectored requests ([`IoQueue::submit_readv`]) use PRP lists where PRPs express them,
+//! and SGLs where they do not and the controller offers SGLs (`io/sgl.rs`). Raw I/O
+//! commands go through [`IoQueue::submit_passthru`] (`io/passthru.rs`).
+//!
 //! # Not yet done (issue 15 §7), and how it would fit
 //!
-//! - SGLs: vectored requests ([`IoQueue::submit_readv`]) use PRP lists, split at segment
-//!   boundaries PRPs cannot chain. Where Identify Controller's SGLS field offers SGLs, a
-//!   Data Block descriptor per segment (PSDT in CDW0 bits 15:14, a Last Segment descriptor
-//!   in the slot's list page) would lift the page-alignment rule; the emulated controller
-//!   refuses SGLs today (Invalid Field), so this needs emulator support first.
 //! - Registering application memory for DMA (as `spdk_mem_register`): a
 //!   `DeviceBacking::register_dma(&self, memory) -> Result<Self::Dma, BackingError>`
 //!   defaulting to Unsupported, implemented by VFIO (`VFIO_IOMMU_MAP_DMA` of the caller's
@@ -40,6 +39,10 @@ use super::{Dma, NvmeError};
 use crate::barrier;
 use crate::bus::backing::{DeviceBacking, DmaMemory};
 
+mod passthru;
+mod sgl;
+pub use passthru::{DataDirection, IoPassthru, PassthruData};
+
 /// An I/O buffer: DMA memory shared with the queue while a request uses it. The queue
 /// keeps a clone until the controller is done with it — the command completed, or the
 /// controller was disabled or lost bus mastering — which for a request that timed out
@@ -60,6 +63,8 @@ pub enum Op {
     WriteZeroes,
     /// Deallocate (trim) the blocks (Dataset Management; no buffer).
     Deallocate,
+    /// A raw I/O command ([`IoQueue::submit_passthru`]); not a kind of [`IoRequest`].
+    Passthru,
 }
 
 impl Op {
@@ -70,6 +75,7 @@ impl Op {
             Op::Flush => "Flush",
             Op::WriteZeroes => "Write Zeroes",
             Op::Deallocate => "Dataset Management (deallocate)",
+            Op::Passthru => "I/O passthrough",
         }
     }
 }
@@ -442,16 +448,22 @@ enum Held<B: DeviceBacking> {
 }
 
 // The commands of a vectored request: each (first block, blocks, its range in `pieces`),
-// and `pieces` as (IOVA, bytes), each command's own.
+// and `pieces` as (IOVA, bytes), each command's own. A passthrough request's one command
+// is `raw` (its data pointer built from `pieces`).
+// `sgl`: the commands' data pointers are SGLs (see sgl.rs), else PRPs.
 struct Plan {
     cmds: Vec<(u64, u64, (u32, u32))>,
     pieces: Vec<(u64, u64)>,
+    raw: Option<Command>,
+    sgl: bool,
 }
 
 impl Plan {
     // Cuts the segments into commands of at most `per_cmd` blocks of `bs` bytes, chaining
     // segments in one PRP list where PRPs allow (the previous piece ends on a page, the
-    // next starts on one), else cutting at the boundary if it falls on a block.
+    // next starts on one), else cutting at the boundary if it falls on a block. Where
+    // that cuts (or cannot) and the controller takes SGLs (`sgl`), the commands use SGLs
+    // instead (sgl.rs): cut only at the transfer limit or a full descriptor page.
     fn new<B: DeviceBacking>(
         segments: &[Segment<'_, B>],
         lba: u64,
@@ -459,6 +471,7 @@ impl Plan {
         bs: u64,
         per_cmd: u64,
         op: Op,
+        sgl: bool,
     ) -> Result<Plan, NvmeError> {
         let invalid = |why: String| NvmeError::Invalid(format!("vectored {}: {why}", op.name()));
         let mut total = 0u64;
@@ -484,10 +497,31 @@ impl Plan {
                 blocks.saturating_mul(bs)
             )));
         }
+        match Self::cut(segments, lba, bs, per_cmd, op, false) {
+            Ok((plan, false)) => Ok(plan),
+            Ok(_) | Err(_) if sgl => Ok(Self::cut(segments, lba, bs, per_cmd, op, true)?.0),
+            r => r.map(|(plan, _)| plan),
+        }
+    }
+
+    // The cutting of `new`, with PRPs or SGLs; with PRPs, whether a segment boundary cut a
+    // command.
+    fn cut<B: DeviceBacking>(
+        segments: &[Segment<'_, B>],
+        lba: u64,
+        bs: u64,
+        per_cmd: u64,
+        op: Op,
+        sgl: bool,
+    ) -> Result<(Plan, bool), NvmeError> {
+        let invalid = |why: String| NvmeError::Invalid(format!("vectored {}: {why}", op.name()));
         let max_bytes = per_cmd * bs;
+        let mut cut_at_boundary = false;
         let mut plan = Plan {
             cmds: Vec::new(),
             pieces: Vec::with_capacity(segments.len()),
+            raw: None,
+            sgl,
         };
         let (mut at, mut first, mut bytes, mut stream) = (lba, 0usize, 0u64, 0u64);
         let mut close = |plan: &mut Plan, first: &mut usize, bytes: &mut u64| {
@@ -499,7 +533,19 @@ impl Plan {
         };
         for s in segments {
             let (mut iova, mut len) = (s.buffer.iova() + s.offset as u64, s.len as u64);
-            if bytes > 0 {
+            if bytes > 0 && sgl {
+                if plan.pieces.len() - first == sgl::MAX_DESCRIPTORS {
+                    if bytes % bs != 0 {
+                        return Err(invalid(format!(
+                            "the {}th segment boundary of a command, at byte {stream} of the transfer, is not \
+                             on a block boundary (a command's SGL holds {} descriptors)",
+                            sgl::MAX_DESCRIPTORS,
+                            sgl::MAX_DESCRIPTORS
+                        )));
+                    }
+                    close(&mut plan, &mut first, &mut bytes);
+                }
+            } else if bytes > 0 {
                 let (prev, prev_len) = plan.pieces[plan.pieces.len() - 1];
                 if (prev + prev_len) % PAGE != 0 || iova % PAGE != 0 {
                     if bytes % bs != 0 {
@@ -509,6 +555,7 @@ impl Plan {
                         )));
                     }
                     close(&mut plan, &mut first, &mut bytes);
+                    cut_at_boundary = true;
                 }
             }
             while len > 0 {
@@ -523,7 +570,7 @@ impl Plan {
         if bytes > 0 {
             close(&mut plan, &mut first, &mut bytes);
         }
-        Ok(plan)
+        Ok((plan, cut_at_boundary))
     }
 }
 
@@ -734,9 +781,12 @@ impl<B: DeviceBacking> IoQueue<B> {
 
     /// Queues a read of `blocks` blocks at `lba` into `segments`, in order (scatter): as
     /// [`submit`](Self::submit). Segments chain in one command's PRP list where PRPs allow
-    /// (every segment but the first starts on a page, every one but the last ends on one);
-    /// elsewhere the request is split into commands at the segment boundary, which must then
-    /// fall on a block boundary of the transfer, or the request is refused.
+    /// (every segment but the first starts on a page, every one but the last ends on one).
+    /// Where they do not, a controller that offers SGLs (Identify Controller SGLS) gets
+    /// SGLs instead: any dword-aligned segments in one command (up to 256 per command; past
+    /// that the request is cut at a block boundary, or refused). Without SGLs the request is
+    /// split into commands at the segment boundary, which must then fall on a block
+    /// boundary of the transfer, or the request is refused.
     pub fn submit_readv(
         &mut self,
         nsid: u32,
@@ -853,9 +903,17 @@ impl<B: DeviceBacking> IoQueue<B> {
                 .filter(|&l| l != 0)
                 .fold(u64::from(u32::MAX), u64::min),
             Op::Flush => u64::MAX,
+            Op::Passthru => {
+                return Err(NvmeError::Invalid(
+                    "a passthrough command goes through IoQueue::submit_passthru, not an IoRequest".into(),
+                ));
+            }
         };
         let plan = match vectored {
-            Some(segments) => Some(Box::new(Plan::new(segments, lba, blocks, bs, per_cmd, op)?)),
+            Some(segments) => {
+                let sgl = super::spec::sgl::supported(info.identify.sgls);
+                Some(Box::new(Plan::new(segments, lba, blocks, bs, per_cmd, op, sgl)?))
+            }
             None => None,
         };
         let parts = if let Some(plan) = &plan {
@@ -962,6 +1020,7 @@ impl<B: DeviceBacking> IoQueue<B> {
                 Op::Flush => io::FLUSH,
                 Op::WriteZeroes => io::WRITE_ZEROES,
                 Op::Deallocate => io::DATASET_MANAGEMENT,
+                Op::Passthru => 0,
             });
             cmd.cid = cid;
             cmd.nsid = rest.nsid;
@@ -978,7 +1037,11 @@ impl<B: DeviceBacking> IoQueue<B> {
                     }
                     if let (Some((from, to)), Some(plan)) = (pieces, &req.plan) {
                         let pieces = &plan.pieces[from as usize..to as usize];
-                        (cmd.prp1, cmd.prp2) = prps_pieces(&self.prp, cid, pieces);
+                        if plan.sgl {
+                            sgl::fill(&mut cmd, &self.prp, pieces);
+                        } else {
+                            (cmd.prp1, cmd.prp2) = prps_pieces(&self.prp, cid, pieces);
+                        }
                     } else if op != Op::WriteZeroes {
                         let len = n * rest.block_size;
                         (cmd.prp1, cmd.prp2) = prps(&self.prp, cid, rest.iova, len);
@@ -998,6 +1061,11 @@ impl<B: DeviceBacking> IoQueue<B> {
                     cmd.cdw[1] = 1 << 2;
                 }
                 Op::Flush => {}
+                Op::Passthru => {
+                    if let Some(plan) = &req.plan {
+                        passthru::fill(&mut cmd, plan, &self.prp);
+                    }
+                }
             }
             self.slots[usize::from(cid)] = Slot {
                 request: index,
@@ -1257,12 +1325,13 @@ impl<B: DeviceBacking> IoQueue<B> {
                 self.pending.retain(|&i| i as usize != index);
             }
             let (tag, op) = (req.tag, req.op);
+            let raw = req.plan.as_ref().and_then(|p| p.raw).map(|c| c.opcode);
             for (cid, slot) in self.slots.iter_mut().enumerate() {
                 if slot.request == index as u32 && slot.abandoned.is_none() {
                     slot.abandoned = Some(now);
                     self.abandoned += 1;
                     // The application hears of it before the Abort (below) goes.
-                    let opcode = super::controller::io_opcode(op);
+                    let opcode = raw.unwrap_or_else(|| super::controller::io_opcode(op));
                     self.shared.command_timed_out(self.ring.qid, cid as u16, opcode);
                 }
             }

@@ -7,8 +7,10 @@
 //!   [`IoQueue`]s: one per thread, owned by it (`Send`, not `Sync`), so the I/O path
 //!   takes no lock.
 //! - An [`IoQueue`] submits reads, writes, flushes, write-zeroes and deallocations with
-//!   PRP lists built from DMA buffers, splits what exceeds MDTS, rings one doorbell per
-//!   batch and polls completions (one doorbell per poll).
+//!   PRP lists built from DMA buffers (SGLs for vectored requests PRPs cannot express,
+//!   where the controller offers them), raw I/O commands (passthrough), splits what
+//!   exceeds MDTS, rings one doorbell per batch and polls completions (one doorbell per
+//!   poll).
 //! - Failure never hangs a caller: commands time out, a controller whose registers read
 //!   all-ones is gone, one with CSTS.CFS is reset (below), and a controller taken away
 //!   ([`Controller::revoke`], what the bus's removal calls) fails every queue at its next
@@ -54,7 +56,10 @@ pub mod spec;
 pub mod sriov;
 
 pub use controller::{AdminData, AsyncEvent, CommandTimeout, Controller, ControllerInfo, Namespace, Options};
-pub use io::{Buffer, DEFAULT_QUEUE_LIMIT, IoCompletion, IoQueue, IoRequest, Op, Segment};
+pub use io::{
+    Buffer, DEFAULT_QUEUE_LIMIT, DataDirection, IoCompletion, IoPassthru, IoQueue, IoRequest, Op,
+    PassthruData, Segment,
+};
 
 use spec::{IdentifyError, LogError, Status};
 

@@ -377,6 +377,69 @@ pub mod oncs {
     pub const WRITE_ZEROES: u16 = 1 << 3;
 }
 
+/// Scatter gather lists (SGLs): the descriptors an I/O command's data pointer may hold
+/// instead of PRPs, where Identify Controller's SGLS offers them.
+///
+/// A descriptor is 16 bytes: address (bytes 0–7), length (8–11), reserved, and the SGL
+/// identifier in byte 15 (type in bits 7:4, sub type in bits 3:0; sub type 0 is an
+/// address). In a command, PSDT (CDW0 bits 15:14, `Command::flags` bits 7:6) 01b says the
+/// data pointer (bytes 24–39, `prp1` and `prp2`) holds one descriptor and MPTR a plain
+/// metadata address.
+pub mod sgl {
+    /// Bytes per descriptor.
+    pub const DESCRIPTOR_SIZE: usize = 16;
+    /// Type: Data Block, the data's memory.
+    pub const DATA_BLOCK: u8 = 0x0;
+    /// Type: Bit Bucket (data discarded on reads).
+    pub const BIT_BUCKET: u8 = 0x1;
+    /// Type: Segment, the address of a list of descriptors whose last one points at the
+    /// next list.
+    pub const SEGMENT: u8 = 0x2;
+    /// Type: Last Segment, the address of the last list (Data Block descriptors only).
+    pub const LAST_SEGMENT: u8 = 0x3;
+    /// `Command::flags` bits for PSDT 01b: SGLs for the data, MPTR a metadata address.
+    pub const PSDT_SGL: u8 = 0x40;
+    /// PSDT in `Command::flags` (bits 7:6).
+    pub const PSDT_MASK: u8 = 0xc0;
+
+    /// Whether SGLS (Identify Controller bytes 536–539) says the controller takes SGLs for
+    /// I/O commands: bits 1:0 01b (any byte alignment) or 10b (Data Block addresses and
+    /// lengths dword aligned).
+    pub fn supported(sgls: u32) -> bool {
+        matches!(sgls & 3, 1 | 2)
+    }
+
+    /// A descriptor as the data pointer of a command: (`prp1`, `prp2`).
+    pub fn dptr(address: u64, length: u32, kind: u8) -> (u64, u64) {
+        (address, u64::from(length) | u64::from(kind << 4) << 56)
+    }
+
+    /// A descriptor's bytes.
+    pub fn descriptor(address: u64, length: u32, kind: u8) -> [u8; DESCRIPTOR_SIZE] {
+        let mut b = [0u8; DESCRIPTOR_SIZE];
+        b[0..8].copy_from_slice(&address.to_le_bytes());
+        b[8..12].copy_from_slice(&length.to_le_bytes());
+        b[15] = kind << 4;
+        b
+    }
+
+    /// A descriptor's (address, length, type, sub type) from its bytes.
+    pub fn parse(b: &[u8; DESCRIPTOR_SIZE]) -> (u64, u32, u8, u8) {
+        let mut a = [0u8; 8];
+        a.copy_from_slice(&b[0..8]);
+        let len = u32::from_le_bytes([b[8], b[9], b[10], b[11]]);
+        (u64::from_le_bytes(a), len, b[15] >> 4, b[15] & 0xf)
+    }
+
+    /// The descriptor in a command's data pointer (`prp1`, `prp2`), as [`parse`] gives it.
+    pub fn parse_dptr(prp1: u64, prp2: u64) -> (u64, u32, u8, u8) {
+        let mut b = [0u8; DESCRIPTOR_SIZE];
+        b[0..8].copy_from_slice(&prp1.to_le_bytes());
+        b[8..16].copy_from_slice(&prp2.to_le_bytes());
+        parse(&b)
+    }
+}
+
 /// A submission queue entry (64 bytes), little-endian on the wire.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Command {
@@ -540,6 +603,16 @@ impl Status {
     pub const INVALID_NAMESPACE: Status = Status(0x0b);
     /// Generic: Command Sequence Error.
     pub const COMMAND_SEQUENCE_ERROR: Status = Status(0x0c);
+    /// Generic: Invalid SGL Segment Descriptor (a Segment or Last Segment descriptor with
+    /// a bad length or address, or where none may be).
+    pub const INVALID_SGL_SEGMENT_DESCRIPTOR: Status = Status(0x0d);
+    /// Generic: Invalid Number of SGL Descriptors.
+    pub const INVALID_SGL_DESCRIPTOR_COUNT: Status = Status(0x0e);
+    /// Generic: Data SGL Length Invalid (the SGL describes less, or more, than the command
+    /// moves).
+    pub const DATA_SGL_LENGTH_INVALID: Status = Status(0x0f);
+    /// Generic: SGL Descriptor Type Invalid.
+    pub const SGL_DESCRIPTOR_TYPE_INVALID: Status = Status(0x11);
     /// Generic: PRP Offset Invalid.
     pub const PRP_OFFSET_INVALID: Status = Status(0x13);
     /// Generic: LBA Out of Range.
@@ -747,6 +820,9 @@ pub struct IdentifyController {
     pub oncs: u16,
     /// Volatile Write Cache present (bit 0).
     pub vwc: u8,
+    /// SGL Support (bytes 536–539): bits 1:0 say whether I/O commands of the NVM command
+    /// set take SGLs (see [`sgl::supported`]).
+    pub sgls: u32,
     /// NVM Subsystem NVMe Qualified Name.
     pub subnqn: String,
 }
@@ -778,6 +854,7 @@ impl IdentifyController {
             nn: le32(b, 516),
             oncs: le16(b, 520),
             vwc: b[525],
+            sgls: le32(b, 536),
             subnqn: ascii(nqn),
         })
     }

@@ -47,6 +47,7 @@
 //!   zero. PRP1 with an offset, PRP2 as a page or a list with chained list pages, MDTS.
 //!   ONCS, the Write Zeroes size limit and the Dataset Management limits (Identify CNS
 //!   06h) as configured, enforced.
+//! - SGLs for I/O commands when [`EmuConfig::sgl`] is on (below).
 //! - Metadata ([`NamespaceConfig`]): with extended LBAs each block's metadata moves
 //!   after its data through the PRPs (N × (block + metadata) bytes); otherwise it moves
 //!   through MPTR, which must point into DMA memory. End-to-end protection types 1–3
@@ -80,6 +81,29 @@
 //!   smaller queue grant after a reset ([`EmulatedNvme::limit_io_queues`]), an Abort
 //!   Command Limit ([`EmuConfig::abort_limit`]).
 //!
+//! # SGLs
+//!
+//! With [`EmuConfig::sgl`], Identify Controller SGLS reads 1 (SGLs for I/O commands, any
+//! byte alignment) and an I/O command may set PSDT 01b: its data pointer is one SGL
+//! descriptor, MPTR a plain metadata address. Data Block, Segment and Last Segment
+//! descriptors (sub type 0, address) are followed, every address looked up as for PRPs.
+//! Checked as strictly as the specification allows a controller to:
+//!
+//! - a descriptor type other than those three (Bit Bucket, keyed, transport, vendor), or a
+//!   sub type other than address: SGL Descriptor Type Invalid;
+//! - a Segment or Last Segment descriptor whose length is zero or not a multiple of 16,
+//!   whose list address is not qword (8-byte) aligned, that is not the last descriptor of
+//!   a Segment's list, or that appears in a Last Segment's list; a Segment's list that does
+//!   not end with one: Invalid SGL Segment Descriptor;
+//! - more than 65,536 descriptors walked for one command (a list that loops): Invalid
+//!   Number of SGL Descriptors;
+//! - Data Blocks describing fewer bytes than the command moves, or more (SGLS bit 18, an
+//!   SGL longer than the transfer, is not offered): Data SGL Length Invalid.
+//!
+//! PSDT 10b (a metadata SGL; SGLS bit 19 is not offered), PSDT 11b, any PSDT on an admin
+//! command or, without [`EmuConfig::sgl`], on an I/O command: Invalid Field in Command.
+//! [`EmuStats::sgl_commands`] counts the commands that came with SGLs.
+//!
 //! # Strict by default
 //!
 //! The defaults behave as hardware may, not as kindly as it could: RDY takes time, IOVAs
@@ -90,7 +114,7 @@
 //!
 //! # What is not
 //!
-//! SGLs, 32/64-bit guard protection formats, fused commands, namespace management and
+//! Bit Bucket and metadata SGLs, 32/64-bit guard protection formats, fused commands, namespace management and
 //! attachment, firmware and format commands, reservations, controller memory buffer,
 //! persistent memory region, boot partitions, pin-based interrupts and MSI-X masking,
 //! interrupt coalescing, weighted round robin arbitration, NVM subsystem reset, multiple
@@ -306,6 +330,12 @@ pub struct EmuConfig {
     /// `None` (the default) completes in submission order. Admin commands always complete
     /// in order.
     pub shuffle_completions: Option<u64>,
+    /// Whether I/O commands take SGLs (Identify Controller SGLS bits 1:0 = 01b: any byte
+    /// alignment; no Bit Bucket, no metadata SGLs, no SGL longer than the transfer). Off
+    /// by default, so the driver's PRP paths stay what the default controller tests; QEMU's
+    /// controller reports SGLs, so a test of the SGL path turns it on. See [SGLs](self#sgls)
+    /// for how strictly they are checked.
+    pub sgl: bool,
 }
 
 const DEFAULT_ADDRESS: PciAddress = match PciAddress::new(0, 0, 4, 0) {
@@ -343,6 +373,7 @@ impl Default for EmuConfig {
             fresh_iovas: false,
             abort_succeeds: false,
             shuffle_completions: None,
+            sgl: false,
         }
     }
 }
@@ -635,6 +666,8 @@ pub struct EmuStats {
     /// new buffer; a driver that keeps its buffers until their commands end never causes
     /// one.
     pub late_dma: u64,
+    /// I/O commands taken whose data pointer was an SGL (PSDT 01b), valid or not.
+    pub sgl_commands: u64,
 }
 
 impl EmuStats {
@@ -662,6 +695,7 @@ struct Counters {
     bad_dma: AtomicU64,
     aborts_over_limit: AtomicU64,
     late_dma: AtomicU64,
+    sgl_commands: AtomicU64,
 }
 
 fn bump(c: &AtomicU64) {
@@ -684,6 +718,7 @@ impl Counters {
             bad_dma: AtomicU64::new(0),
             aborts_over_limit: AtomicU64::new(0),
             late_dma: AtomicU64::new(0),
+            sgl_commands: AtomicU64::new(0),
         }
     }
 
@@ -714,6 +749,7 @@ impl Counters {
             bad_dma: load(&self.bad_dma),
             aborts_over_limit: load(&self.aborts_over_limit),
             late_dma: load(&self.late_dma),
+            sgl_commands: load(&self.sgl_commands),
         }
     }
 }
@@ -1826,8 +1862,14 @@ impl Engine {
     }
 
     fn execute(&mut self, qid: u16, cmd: &Command) {
-        let outcome = if cmd.flags & 0xc3 != 0 {
-            // Fused operations and SGLs are not supported.
+        let psdt = cmd.flags & spec::sgl::PSDT_MASK;
+        if qid != 0 && psdt == spec::sgl::PSDT_SGL {
+            bump(&self.shared.counters.sgl_commands);
+        }
+        let sgl_ok = qid != 0 && self.shared.cfg.sgl && psdt == spec::sgl::PSDT_SGL;
+        let outcome = if cmd.flags & 0x03 != 0 || (psdt != 0 && !sgl_ok) {
+            // Fused operations are not supported; SGLs only for I/O commands, when
+            // configured, and without metadata SGLs (PSDT 01b only).
             err(Status::INVALID_FIELD)
         } else if qid == 0 {
             self.admin_command(cmd)
@@ -2215,9 +2257,95 @@ impl Engine {
         Ok(())
     }
 
+    // The host memory of a `len`-byte transfer of `cmd`: its PRPs, or its SGL (PSDT 01b;
+    // `execute` refused it unless SGLs are on).
+    fn data_segments(&mut self, cmd: &Command, len: usize, out: &mut Vec<Seg>) -> Result<(), Status> {
+        if cmd.flags & spec::sgl::PSDT_MASK == spec::sgl::PSDT_SGL {
+            self.sgl_segments(cmd.prp1, cmd.prp2, len, out)
+        } else {
+            self.prp_segments(cmd.prp1, cmd.prp2, len, out)
+        }
+    }
+
+    // The host memory of a `len`-byte transfer described by the SGL descriptor in the data
+    // pointer (`prp1`, `prp2`), checked as the module docs' SGLs section says.
+    fn sgl_segments(&mut self, prp1: u64, prp2: u64, len: usize, out: &mut Vec<Seg>) -> Result<(), Status> {
+        use spec::sgl::{DATA_BLOCK, DESCRIPTOR_SIZE, LAST_SEGMENT, SEGMENT};
+        const MAX_DESCRIPTORS: usize = 65536;
+        out.clear();
+        let mut left = len;
+        let mut take = |this: &mut Self, out: &mut Vec<Seg>, addr: u64, dlen: u32| -> Result<(), Status> {
+            let dlen = dlen as usize;
+            if dlen == 0 {
+                return Ok(());
+            }
+            if dlen > left || addr.checked_add(dlen as u64).is_none() {
+                return Err(Status::DATA_SGL_LENGTH_INVALID);
+            }
+            this.push_seg(out, addr, dlen)?;
+            left -= dlen;
+            Ok(())
+        };
+        let (addr, dlen, kind, sub) = spec::sgl::parse_dptr(prp1, prp2);
+        if sub != 0 {
+            return Err(Status::SGL_DESCRIPTOR_TYPE_INVALID);
+        }
+        let mut seg = match kind {
+            DATA_BLOCK => {
+                take(self, out, addr, dlen)?;
+                None
+            }
+            SEGMENT | LAST_SEGMENT => Some((addr, dlen, kind)),
+            _ => return Err(Status::SGL_DESCRIPTOR_TYPE_INVALID),
+        };
+        let mut walked = 0usize;
+        while let Some((addr, slen, kind)) = seg.take() {
+            let slen = slen as usize;
+            if slen == 0 || !slen.is_multiple_of(DESCRIPTOR_SIZE) || !addr.is_multiple_of(8) {
+                return Err(Status::INVALID_SGL_SEGMENT_DESCRIPTOR);
+            }
+            let n = slen / DESCRIPTOR_SIZE;
+            walked += n;
+            if walked > MAX_DESCRIPTORS {
+                return Err(Status::INVALID_SGL_DESCRIPTOR_COUNT);
+            }
+            let Some((buf, off)) = self.resolve(addr, slen) else {
+                bump(&self.shared.counters.bad_dma);
+                return Err(Status::DATA_TRANSFER_ERROR);
+            };
+            let mut list = vec![0u8; slen];
+            buf.read_at(off, &mut list);
+            for (i, d) in list.chunks_exact(DESCRIPTOR_SIZE).enumerate() {
+                let mut b = [0u8; DESCRIPTOR_SIZE];
+                b.copy_from_slice(d);
+                let (daddr, dlen, dkind, dsub) = spec::sgl::parse(&b);
+                if dsub != 0 {
+                    return Err(Status::SGL_DESCRIPTOR_TYPE_INVALID);
+                }
+                match dkind {
+                    DATA_BLOCK => take(self, out, daddr, dlen)?,
+                    // A Segment's list ends with the descriptor of the next list; a Last
+                    // Segment's list has none.
+                    SEGMENT | LAST_SEGMENT if kind == SEGMENT && i == n - 1 => {
+                        seg = Some((daddr, dlen, dkind));
+                    }
+                    SEGMENT | LAST_SEGMENT => return Err(Status::INVALID_SGL_SEGMENT_DESCRIPTOR),
+                    _ => return Err(Status::SGL_DESCRIPTOR_TYPE_INVALID),
+                }
+            }
+            if kind == SEGMENT && seg.is_none() {
+                return Err(Status::INVALID_SGL_SEGMENT_DESCRIPTOR);
+            }
+        }
+        if left != 0 {
+            return Err(Status::DATA_SGL_LENGTH_INVALID);
+        }
+        Ok(())
+    }
+
     fn write_host(&mut self, cmd: &Command, data: &[u8]) -> Result<(), Status> {
         let mut segs = std::mem::take(&mut self.segs);
-        let r = self.prp_segments(cmd.prp1, cmd.prp2, data.len(), &mut segs);
+        let r = self.data_segments(cmd, data.len(), &mut segs);
         if r.is_ok() {
             let mut done = 0;
             for s in &segs {
@@ -2232,7 +2360,7 @@ impl Engine {
 
     fn read_host(&mut self, cmd: &Command, len: usize) -> Result<Vec<u8>, Status> {
         let mut segs = std::mem::take(&mut self.segs);
-        let r = self.prp_segments(cmd.prp1, cmd.prp2, len, &mut segs);
+        let r = self.data_segments(cmd, len, &mut segs);
         let mut data = vec![0u8; len];
         if r.is_ok() {
             let mut done = 0;
@@ -2700,7 +2828,7 @@ impl Engine {
             Err(s) => return err(s),
         };
         let mut segs = std::mem::take(&mut self.segs);
-        let r = self.prp_segments(cmd.prp1, cmd.prp2, len as usize, &mut segs);
+        let r = self.data_segments(cmd, len as usize, &mut segs);
         if r.is_ok() {
             let ns = &self.shared.namespaces[i];
             let mut map = ns.chunks.lock();
@@ -3085,6 +3213,10 @@ fn identify_controller(cfg: &EmuConfig) -> Vec<u8> {
     put(&mut b, 516, &(cfg.namespaces.len() as u32).to_le_bytes());
     put(&mut b, 520, &cfg.oncs.to_le_bytes());
     b[525] = 0x07; // volatile write cache present; Flush takes the broadcast NSID
+    if cfg.sgl {
+        // SGLs for I/O commands, no alignment rule; nothing of bits 2 and up.
+        put(&mut b, 536, &1u32.to_le_bytes());
+    }
     let nqn = format!("nqn.2024-01.io.pcibus:emu:{}", cfg.serial);
     let n = nqn.len().min(255);
     put(&mut b, 768, &nqn.as_bytes()[..n]);

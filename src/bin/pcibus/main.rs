@@ -20,6 +20,7 @@ mod detach;
 mod list;
 mod nvme;
 mod nvme_admin;
+mod nvme_io_passthru;
 mod nvme_sriov;
 mod nvme_transfer;
 mod show;

@@ -60,6 +60,16 @@ pub(super) enum NvmeCommand {
         #[command(flatten)]
         command: super::nvme_admin::PassthruArgs,
     },
+    /// Send any NVM I/O command the driver does not wrap on an I/O queue (the driver
+    /// builds the data pointer from a buffer of --data-len bytes; no metadata pointer);
+    /// print its completion (dword 0, status) and the data it returned. Fails when the
+    /// command completes with an error status.
+    IoPassthru {
+        #[command(flatten)]
+        device: DeviceArgs,
+        #[command(flatten)]
+        command: super::nvme_io_passthru::IoPassthruArgs,
+    },
     /// Read blocks to a file (or stdout). Any size: the transfer is cut into requests of
     /// the controller's largest transfer, kept in flight together.
     Read {
@@ -289,6 +299,12 @@ pub(super) fn run(out: &mut impl Write, root: &SysfsRoot, command: NvmeCommand) 
             // The arguments and the input file are checked before the device is touched.
             let p = command.prepare()?;
             with_controller(root, &device, |c| super::nvme_admin::passthru(out, c, &p))
+        }
+        NvmeCommand::IoPassthru { device, command } => {
+            let p = command.prepare()?;
+            with_controller(root, &device, |c| {
+                super::nvme_io_passthru::io_passthru(out, c, &p)
+            })
         }
         NvmeCommand::Read {
             device,

@@ -22,11 +22,11 @@ pub(super) fn parse_number(s: &str) -> Result<u64, String> {
     r.map_err(|_| format!("\"{s}\": expected a number (decimal, or hex with 0x)"))
 }
 
-fn parse_u8(s: &str) -> Result<u8, String> {
+pub(super) fn parse_u8(s: &str) -> Result<u8, String> {
     u8::try_from(parse_number(s)?).map_err(|_| format!("\"{s}\": at most 255"))
 }
 
-fn parse_u32(s: &str) -> Result<u32, String> {
+pub(super) fn parse_u32(s: &str) -> Result<u32, String> {
     u32::try_from(parse_number(s)?).map_err(|_| format!("\"{s}\": at most 0xffffffff"))
 }
 

@@ -44,6 +44,8 @@ pub(crate) fn io_opcode(op: Op) -> u8 {
         Op::Flush => io::FLUSH,
         Op::WriteZeroes => io::WRITE_ZEROES,
         Op::Deallocate => io::DATASET_MANAGEMENT,
+        // Its own opcode is in the request (the timeout path reads it there).
+        Op::Passthru => 0,
     }
 }
 

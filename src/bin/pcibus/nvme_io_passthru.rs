@@ -1,0 +1,273 @@
+//! `pcibus nvme io-passthru`: any NVM I/O command the driver does not wrap, sent on an I/O
+//! queue with its data, its completion and data printed (as `admin-passthru` does for
+//! admin commands).
+
+use std::io::Write;
+use std::path::PathBuf;
+
+use pcibus::bus::DeviceBacking;
+use pcibus::nvme::{Controller, IoPassthru, PassthruData};
+
+use super::nvme_admin::{hex_dump, parse_number, parse_u8, parse_u32};
+
+type Error = Box<dyn std::error::Error>;
+
+/// What `io-passthru` sends.
+#[derive(clap::Args, Debug)]
+pub(super) struct IoPassthruArgs {
+    /// Opcode (decimal or 0x hex).
+    #[arg(long, value_parser = parse_u8)]
+    pub(super) opcode: u8,
+    /// Namespace ID.
+    #[arg(long, default_value = "1", value_parser = parse_u32)]
+    pub(super) nsid: u32,
+    /// Command dword 2.
+    #[arg(long, default_value = "0", value_parser = parse_u32)]
+    pub(super) cdw2: u32,
+    /// Command dword 3.
+    #[arg(long, default_value = "0", value_parser = parse_u32)]
+    pub(super) cdw3: u32,
+    /// Command dword 10.
+    #[arg(long, default_value = "0", value_parser = parse_u32)]
+    pub(super) cdw10: u32,
+    /// Command dword 11.
+    #[arg(long, default_value = "0", value_parser = parse_u32)]
+    pub(super) cdw11: u32,
+    /// Command dword 12.
+    #[arg(long, default_value = "0", value_parser = parse_u32)]
+    pub(super) cdw12: u32,
+    /// Command dword 13.
+    #[arg(long, default_value = "0", value_parser = parse_u32)]
+    pub(super) cdw13: u32,
+    /// Command dword 14.
+    #[arg(long, default_value = "0", value_parser = parse_u32)]
+    pub(super) cdw14: u32,
+    /// Command dword 15.
+    #[arg(long, default_value = "0", value_parser = parse_u32)]
+    pub(super) cdw15: u32,
+    /// Bytes of data the command moves, exactly (with --read: required; with --write: the
+    /// file's size unless given, the file padded with zeroes to it).
+    #[arg(long, value_parser = parse_number)]
+    pub(super) data_len: Option<u64>,
+    /// The controller writes data (controller to host), shown as a hex dump or written to
+    /// --output.
+    #[arg(long, conflicts_with = "write")]
+    pub(super) read: bool,
+    /// The controller reads the data from FILE (host to controller).
+    #[arg(long, value_name = "FILE")]
+    pub(super) write: Option<PathBuf>,
+    /// With --read: write the data to FILE instead of a hex dump.
+    #[arg(short = 'o', long, value_name = "FILE", requires = "read")]
+    pub(super) output: Option<PathBuf>,
+}
+
+/// What a checked `io-passthru` will do: the command and its data.
+#[derive(Debug)]
+pub(super) struct IoPassthruPlan {
+    cmd: IoPassthru,
+    read_len: usize,
+    write_data: Vec<u8>,
+    output: Option<PathBuf>,
+}
+
+impl IoPassthruArgs {
+    /// Checks the arguments and reads the input file: everything that can fail before the
+    /// device is touched.
+    pub(super) fn prepare(self) -> Result<IoPassthruPlan, Error> {
+        let mut cmd = IoPassthru::new(self.opcode, self.nsid);
+        cmd.cdw2 = self.cdw2;
+        cmd.cdw3 = self.cdw3;
+        cmd.cdw = [
+            self.cdw10, self.cdw11, self.cdw12, self.cdw13, self.cdw14, self.cdw15,
+        ];
+        let len = self.data_len.map(usize::try_from).transpose()?;
+        let (read_len, write_data) = match (&self.write, self.read) {
+            (Some(path), _) => {
+                let mut data = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
+                if let Some(n) = len {
+                    if data.len() > n {
+                        return Err(format!(
+                            "{}: {} bytes, more than --data-len {n}",
+                            path.display(),
+                            data.len()
+                        )
+                        .into());
+                    }
+                    data.resize(n, 0);
+                }
+                if data.is_empty() {
+                    return Err(format!("{}: empty (nothing to send)", path.display()).into());
+                }
+                (0, data)
+            }
+            (None, true) => match len {
+                Some(n) if n > 0 => (n, Vec::new()),
+                _ => return Err("--read needs --data-len (the bytes the controller writes)".into()),
+            },
+            (None, false) => {
+                if len.is_some_and(|n| n > 0) {
+                    return Err("--data-len needs --read or --write (which way the data goes)".into());
+                }
+                (0, Vec::new())
+            }
+        };
+        Ok(IoPassthruPlan {
+            cmd,
+            read_len,
+            write_data,
+            output: self.output,
+        })
+    }
+}
+
+/// Runs a prepared I/O passthrough command on a queue of its own and prints its
+/// completion and data. Fails (after printing) when the command completed with an error
+/// status.
+pub(super) fn io_passthru<B: DeviceBacking>(
+    out: &mut impl Write,
+    c: &Controller<B>,
+    p: &IoPassthruPlan,
+) -> Result<(), Error> {
+    let len = p.read_len.max(p.write_data.len());
+    let buffer = if len > 0 { Some(c.alloc_buffer(len)?) } else { None };
+    if let Some(b) = &buffer
+        && !p.write_data.is_empty()
+    {
+        b.write_at(0, &p.write_data)
+            .ok_or("writing the data to the DMA buffer failed")?;
+    }
+    let data = buffer.as_ref().map(|b| {
+        if p.read_len > 0 {
+            PassthruData::from_device(b, 0, len)
+        } else {
+            PassthruData::to_device(b, 0, len)
+        }
+    });
+    let mut q = c.io_queue(2)?;
+    let done = q.passthru(&p.cmd, data)?;
+    let status = done.status.unwrap_or_default();
+    writeln!(
+        out,
+        "completion: cdw0 {:#010x}, status {:#06x}: {status}",
+        done.cdw0, status.0
+    )?;
+    if let (Some(b), true) = (&buffer, p.read_len > 0) {
+        let mut bytes = vec![0u8; len];
+        b.read_at(0, &mut bytes)
+            .ok_or("reading the data from the DMA buffer failed")?;
+        match &p.output {
+            Some(path) => std::fs::write(path, &bytes).map_err(|e| format!("{}: {e}", path.display()))?,
+            None => hex_dump(out, &bytes)?,
+        }
+    }
+    if !status.is_success() {
+        return Err(format!("I/O command {:#04x} failed: {status}", p.cmd.opcode).into());
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pcibus::nvme::Options;
+    use pcibus::nvme::spec::io;
+    use pcibus::testing::nvme::{EmuConfig, EmulatedNvme};
+    use std::time::Duration;
+
+    fn controller() -> (EmulatedNvme, Controller<EmulatedNvme>) {
+        let e = EmulatedNvme::new(EmuConfig::default()).unwrap();
+        let options = Options {
+            admin_timeout: Duration::from_secs(30),
+            io_timeout: Duration::from_secs(30),
+            ..Options::default()
+        };
+        (e.clone(), Controller::init(e, &options).unwrap())
+    }
+
+    fn args(opcode: u8) -> IoPassthruArgs {
+        IoPassthruArgs {
+            opcode,
+            nsid: 1,
+            cdw2: 0,
+            cdw3: 0,
+            cdw10: 0,
+            cdw11: 0,
+            cdw12: 0,
+            cdw13: 0,
+            cdw14: 0,
+            cdw15: 0,
+            data_len: None,
+            read: false,
+            write: None,
+            output: None,
+        }
+    }
+
+    #[test]
+    fn io_passthru_writes_a_file_and_reads_it_back_as_a_hex_dump() {
+        let (e, c) = controller();
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("in");
+        std::fs::write(&f, b"pcibus io passthru").unwrap();
+        // Write 1 block at LBA 3 from the file padded to 512 bytes.
+        let mut a = args(io::WRITE);
+        a.cdw10 = 3;
+        a.write = Some(f);
+        a.data_len = Some(512);
+        let mut out = Vec::new();
+        io_passthru(&mut out, &c, &a.prepare().unwrap()).unwrap();
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "completion: cdw0 0x00000000, status 0x0000: SCT 0x0 SC 0x00 (success)\n"
+        );
+        assert_eq!(&e.namespace_read(1, 3 * 512, 18).unwrap(), b"pcibus io passthru");
+        let mut a = args(io::READ);
+        a.cdw10 = 3;
+        a.read = true;
+        a.data_len = Some(512);
+        let mut out = Vec::new();
+        io_passthru(&mut out, &c, &a.prepare().unwrap()).unwrap();
+        let text = String::from_utf8(out).unwrap();
+        assert_eq!(text.lines().count(), 1 + 32);
+        assert!(
+            text.contains("00000000  70 63 69 62 75 73 20 69 6f 20 70 61 73 73 74 68  pcibus io passth\n"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn io_passthru_of_a_failing_command_prints_then_fails() {
+        let (_e, c) = controller();
+        // LBA out of range.
+        let mut a = args(io::READ);
+        a.cdw11 = 0x100;
+        a.read = true;
+        a.data_len = Some(512);
+        let mut out = Vec::new();
+        let err = io_passthru(&mut out, &c, &a.prepare().unwrap()).unwrap_err();
+        assert!(err.to_string().contains("0x02 failed"), "{err}");
+        assert!(
+            String::from_utf8(out)
+                .unwrap()
+                .starts_with("completion: cdw0 0x00000000, status 0x0080")
+        );
+    }
+
+    #[test]
+    fn io_passthru_arguments_are_checked_before_the_device() {
+        let mut a = args(2);
+        a.read = true;
+        assert!(a.prepare().unwrap_err().to_string().contains("--data-len"));
+        let mut a = args(2);
+        a.data_len = Some(8);
+        assert!(a.prepare().unwrap_err().to_string().contains("--read or --write"));
+        let mut a = args(1);
+        a.write = Some("/nonexistent/pcibus-input".into());
+        assert!(a.prepare().is_err());
+        let mut a = args(1);
+        a.cdw2 = 7;
+        a.cdw15 = 9;
+        let p = a.prepare().unwrap();
+        assert_eq!((p.cmd.cdw2, p.cmd.cdw[5], p.cmd.nsid), (7, 9, 1));
+    }
+}
