@@ -399,3 +399,14 @@ matrix_row() {
 matrix_done() {
 	[ "$MATRIX_FAILS" = 0 ] || fail "$MATRIX_FAILS cell(s) of the removal matrix failed (@@PCIBUS-MATRIX lines)"
 }
+
+# pci_find VENDOR DEVICE: print the sysfs name of the first PCI device with these ids
+# (4 hex digits each, as in lspci -n), or fail.
+pci_find() {
+	for d in /sys/bus/pci/devices/*; do
+		[ "$(cat "$d/vendor")" = "0x$1" ] && [ "$(cat "$d/device")" = "0x$2" ] || continue
+		echo "${d##*/}"
+		return 0
+	done
+	return 1
+}
