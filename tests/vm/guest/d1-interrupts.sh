@@ -20,7 +20,7 @@ if pcibus vfio irq-test "$edu" --kind intx --edu 2 --no-unmask; then
 	fail "edu: a second INTx arrived without an unmask"
 fi
 pcibus vfio irq-test "$edu" --kind best --json >/tmp/best.json || fail "edu: best kind"
-grep -q '"enabled":"MSI"' /tmp/best.json || fail "edu's best kind is not MSI: $(cat /tmp/best.json)"
+grep -q '"enabled": "MSI"' /tmp/best.json || fail "edu's best kind is not MSI: $(cat /tmp/best.json)"
 pcibus vfio irq-test "$edu" --kind msix --count 1 && fail "edu has no MSI-X, yet MSI-X was enabled"
 pcibus vfio irq-test "$nic" --kind msix --count 4 --loopback --json >/tmp/nic.json ||
 	fail "e1000e: 4 MSI-X vectors, loopback: $(cat /tmp/nic.json)"
@@ -29,6 +29,6 @@ case $(uname -r) in
 6.1.*) want=false ;;
 *) want=true ;;
 esac
-grep -q "\"msix_resizable\":$want" /tmp/nic.json || fail "MSI-X resizable is not $want on $(uname -r): $(cat /tmp/nic.json)"
+grep -q "\"msix_resizable\": $want" /tmp/nic.json || fail "MSI-X resizable is not $want on $(uname -r): $(cat /tmp/nic.json)"
 pcibus vfio irq-test "$nic" --kind intx --loopback || fail "e1000e: INTx, loopback"
 echo "ok"
