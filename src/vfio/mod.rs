@@ -421,6 +421,21 @@ pub enum VfioError {
         /// Bytes asked for.
         size: u64,
     },
+    /// No free IOVA range of this size and alignment ends at or below the device's address
+    /// limit (a [`DmaConstraints`] address limit), though
+    /// the IOMMU may have room above it.
+    #[error(
+        "no free IOVA range of {size} bytes aligned to {align:#x} ends at or below {max_iova:#x}, the device's address limit"
+    )]
+    IovaExhaustedBelow {
+        /// Bytes asked for.
+        size: u64,
+        /// The alignment used (the largest of what was asked, the buffer's page size and
+        /// the IOMMU's smallest page).
+        align: u64,
+        /// The highest IOVA the device can reach.
+        max_iova: u64,
+    },
     /// An eventfd could not be created.
     #[error("cannot create an eventfd")]
     Eventfd(#[source] io::Error),
