@@ -205,11 +205,9 @@ impl IovaSpace {
     /// An IOVA range of `size` bytes for memory on pages of `page_size` bytes: aligned to
     /// that page size (so the IOMMU can map a huge page with one entry) or to the IOMMU's
     /// smallest page, whichever is larger.
+    #[cfg(test)]
     pub(super) fn reserve(&mut self, size: u64, page_size: u64) -> Result<u64, VfioError> {
-        let align = page_size.max(self.info.min_page_size());
-        self.alloc
-            .alloc(size, align)
-            .ok_or(VfioError::IovaExhausted { size })
+        self.reserve_below(size, page_size, page_size, u64::MAX)
     }
 
     /// An IOVA range of `size` bytes for memory on pages of `page_size` bytes, aligned to
@@ -224,11 +222,17 @@ impl IovaSpace {
         max_iova: u64,
     ) -> Result<u64, VfioError> {
         let align = align.max(page_size).max(self.info.min_page_size());
-        self.alloc.alloc_below(size, align, max_iova).ok_or(if max_iova == u64::MAX {
-            VfioError::IovaExhausted { size }
-        } else {
-            VfioError::IovaExhaustedBelow { size, align, max_iova }
-        })
+        self.alloc
+            .alloc_below(size, align, max_iova)
+            .ok_or(if max_iova == u64::MAX {
+                VfioError::IovaExhausted { size }
+            } else {
+                VfioError::IovaExhaustedBelow {
+                    size,
+                    align,
+                    max_iova,
+                }
+            })
     }
 
     /// The map ioctl failed: nothing was mapped, the range is free again.
@@ -901,15 +905,22 @@ mod tests {
             page_sizes: 0x1000,
             iova_ranges: vec![0..=(1 << 39) - 1],
         });
-        let err = space.reserve_below(1 << 30, PAGE as u64, PAGE as u64, limit).unwrap_err();
+        let err = space
+            .reserve_below(1 << 30, PAGE as u64, PAGE as u64, limit)
+            .unwrap_err();
         assert!(
             matches!(err, VfioError::IovaExhaustedBelow { size, max_iova, .. } if size == 1 << 30 && max_iova == limit),
             "{err:?}"
         );
         let text = err.to_string();
-        assert!(text.contains("0xfffffff") && text.contains("1073741824"), "{text}");
+        assert!(
+            text.contains("0xfffffff") && text.contains("1073741824"),
+            "{text}"
+        );
         // Alignment: the larger of what was asked, the buffer's pages and the IOMMU's.
-        let y = space.reserve_below(PAGE as u64, PAGE as u64, 1 << 16, limit).unwrap();
+        let y = space
+            .reserve_below(PAGE as u64, PAGE as u64, 1 << 16, limit)
+            .unwrap();
         assert!(y.is_multiple_of(1 << 16) && y <= limit);
     }
 

@@ -59,6 +59,7 @@
 //!   removal, and the process never exits.
 
 mod caps;
+mod constraints;
 mod dma;
 pub mod fault;
 pub mod holders;
@@ -82,6 +83,8 @@ use parking_lot::Mutex;
 
 pub use caps::parse_iova_ranges;
 pub use caps::{InfoError, IommuInfo, RegionInfo, parse_iommu_info, parse_region_info, region_flags};
+pub use constraints::DmaConstraints;
+pub use dma::{CallerMemory, NotPageAligned, PageBuffer};
 pub use dma::{
     DmaBuffer, DmaObj, DmaRegion, HUGE_PAGE, HugePageSize, IovaQuarantine, PAGE, Scalar, munmap_failures,
 };
