@@ -203,18 +203,22 @@ pub trait DeviceBacking: Clone + Send + Sync + fmt::Debug + 'static {
     /// of the crate's own works as well. [`unmap_dma`](Self::unmap_dma) gives the buffer
     /// back once the device can no longer reach it; dropping the result unmaps and frees
     /// it (the caller's memory with it). On failure the buffer comes back, unmapped, in
-    /// the error.
+    /// the error (boxed: a failed map is rare, and a large `Err` would cost every call).
     ///
     /// Default: [`BackingError::Unsupported`].
-    fn map_dma(&self, buffer: DmaBuffer, constraints: &DmaConstraints) -> Result<Self::Dma, MapDmaError> {
+    fn map_dma(
+        &self,
+        buffer: DmaBuffer,
+        constraints: &DmaConstraints,
+    ) -> Result<Self::Dma, Box<MapDmaError>> {
         let _ = constraints;
-        Err(MapDmaError {
+        Err(Box::new(MapDmaError {
             error: BackingError::Unsupported {
                 address: self.address(),
                 operation: "mapping memory for DMA",
             },
             buffer,
-        })
+        }))
     }
 
     /// Unmaps `dma` (from [`map_dma`](Self::map_dma) or an allocation) and gives its
@@ -244,9 +248,9 @@ pub struct MapDmaError {
     pub buffer: DmaBuffer,
 }
 
-impl From<MapDmaError> for BackingError {
+impl From<Box<MapDmaError>> for BackingError {
     /// Keeps the error; the buffer (with the caller's memory in it) is dropped.
-    fn from(e: MapDmaError) -> BackingError {
+    fn from(e: Box<MapDmaError>) -> BackingError {
         e.error
     }
 }
@@ -351,14 +355,19 @@ impl DeviceBacking for VfioBacking {
             .alloc_dma_with(len, constraints)
             .map_err(|e| vfio_dma_error(self.address(), e))
     }
-    fn map_dma(&self, buffer: DmaBuffer, constraints: &DmaConstraints) -> Result<DmaRegion, MapDmaError> {
+    fn map_dma(
+        &self,
+        buffer: DmaBuffer,
+        constraints: &DmaConstraints,
+    ) -> Result<DmaRegion, Box<MapDmaError>> {
         let container = self.device.container();
-        container
-            .map_returning(buffer, constraints)
-            .map_err(|(e, buffer)| MapDmaError {
+        container.map_returning(buffer, constraints).map_err(|failed| {
+            let (e, buffer) = *failed;
+            Box::new(MapDmaError {
                 error: vfio_dma_error(self.address(), e),
                 buffer,
             })
+        })
     }
     fn unmap_dma(&self, dma: DmaRegion) -> Result<DmaBuffer, BackingError> {
         Ok(dma.unmap()?)

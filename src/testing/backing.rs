@@ -301,9 +301,9 @@ impl DeviceBacking for FakeBacking {
         })?;
         self.map_dma(buffer, constraints).map_err(|e| e.error)
     }
-    fn map_dma(&self, buffer: DmaBuffer, constraints: &DmaConstraints) -> Result<FakeDma, MapDmaError> {
+    fn map_dma(&self, buffer: DmaBuffer, constraints: &DmaConstraints) -> Result<FakeDma, Box<MapDmaError>> {
         if let Err(error) = self.live() {
-            return Err(MapDmaError { error, buffer });
+            return Err(Box::new(MapDmaError { error, buffer }));
         }
         let size = buffer.len() as u64;
         // As VFIO: aligned to the buffer's pages and to what was asked.
@@ -323,7 +323,7 @@ impl DeviceBacking for FakeBacking {
                     max_iova,
                 }
             };
-            return Err(MapDmaError { error, buffer });
+            return Err(Box::new(MapDmaError { error, buffer }));
         };
         Ok(FakeDma {
             buffer,

@@ -852,10 +852,11 @@ impl Container {
         buffer: DmaBuffer,
         constraints: &DmaConstraints,
     ) -> Result<DmaRegion, VfioError> {
-        self.map_returning(buffer, constraints).map_err(|(e, _)| e)
+        self.map_returning(buffer, constraints).map_err(|e| e.0)
     }
 
-    /// [`map_with`](Self::map_with), giving the buffer back, unmapped, when it fails: for
+    /// [`map_with`](Self::map_with), giving the buffer back (boxed with the error),
+    /// unmapped, when it fails: for
     /// memory the caller lent ([`DmaBuffer::from_memory`]), which should not be lost with
     /// the error. (A failed map ioctl leaves nothing mapped: the kernel undoes a partial
     /// one.)
@@ -863,11 +864,11 @@ impl Container {
         self: &Arc<Self>,
         buffer: DmaBuffer,
         constraints: &DmaConstraints,
-    ) -> Result<DmaRegion, (VfioError, DmaBuffer)> {
+    ) -> Result<DmaRegion, Box<(VfioError, DmaBuffer)>> {
         let size = buffer.len() as u64;
         let mut iommu = self.iommu.lock();
         let Some(space) = iommu.as_mut() else {
-            return Err((VfioError::NoGroupAttached, buffer));
+            return Err(Box::new((VfioError::NoGroupAttached, buffer)));
         };
         let reserved = space.reserve_below(
             size,
@@ -877,7 +878,7 @@ impl Container {
         );
         match reserved {
             Ok(iova) => self.map_reserved(&mut iommu, buffer, iova, !constraints.is_device_read_only()),
-            Err(e) => Err((e, buffer)),
+            Err(e) => Err(Box::new((e, buffer))),
         }
     }
 
@@ -891,8 +892,7 @@ impl Container {
         if !iova.is_multiple_of(space.info.min_page_size()) || !space.reserve_at(iova, size) {
             return Err(VfioError::IovaUnavailable { iova, size });
         }
-        self.map_reserved(&mut iommu, buffer, iova, true)
-            .map_err(|(e, _)| e)
+        self.map_reserved(&mut iommu, buffer, iova, true).map_err(|e| e.0)
     }
 
     /// Maps `buffer` at an IOVA the kernel chooses, with the iommufd backend (which picks
@@ -944,10 +944,10 @@ impl Container {
         buffer: DmaBuffer,
         iova: u64,
         device_writes: bool,
-    ) -> Result<DmaRegion, (VfioError, DmaBuffer)> {
+    ) -> Result<DmaRegion, Box<(VfioError, DmaBuffer)>> {
         let size = buffer.len() as u64;
         let Some(space) = iommu.as_ref().map(IovaSpace::id) else {
-            return Err((VfioError::NoGroupAttached, buffer));
+            return Err(Box::new((VfioError::NoGroupAttached, buffer)));
         };
         // SAFETY: `buffer` is an owned anonymous mapping of exactly `size` bytes; it moves
         // into the returned region, which keeps it mapped in the process until the IOMMU
@@ -962,12 +962,12 @@ impl Container {
                 // Every device of the container was removed: no IOMMU to map into until
                 // one is opened again.
                 self.iommu_lost(iommu);
-                return Err((VfioError::IommuGone, buffer));
+                return Err(Box::new((VfioError::IommuGone, buffer)));
             }
             if let Some(space) = iommu.as_mut() {
                 space.map_failed(iova, size);
             }
-            return Err((map_error(Some(iova), size, source), buffer));
+            return Err(Box::new((map_error(Some(iova), size, source), buffer)));
         }
         Ok(DmaRegion {
             buffer: Some(buffer),
@@ -1678,7 +1678,7 @@ mod tests {
         let mut page = PageBuffer::new(PAGE).unwrap();
         page[7] = 7;
         let buffer = DmaBuffer::from_memory(page).unwrap();
-        let (err, buffer) = container
+        let (err, buffer) = *container
             .map_returning(buffer, &DmaConstraints::new().device_read_only())
             .unwrap_err();
         assert!(matches!(err, VfioError::Map { .. }), "{err:?}");
@@ -1686,7 +1686,7 @@ mod tests {
         assert_eq!(page[7], 7);
         let unattached = Container::fake_unattached_for_tests();
         let buffer = DmaBuffer::from_memory(page).unwrap();
-        let (err, buffer) = unattached
+        let (err, buffer) = *unattached
             .map_returning(buffer, &DmaConstraints::new())
             .unwrap_err();
         assert!(matches!(err, VfioError::NoGroupAttached));
