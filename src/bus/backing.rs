@@ -24,7 +24,7 @@ use std::sync::Arc;
 
 use crate::addr::PciAddress;
 use crate::bus::interrupt::{Interrupt, InterruptError, InterruptKind, check_count, new_interrupts};
-use crate::vfio::{DmaBuffer, DmaRegion, MappedBar, VfioDevice, VfioError};
+use crate::vfio::{DmaBuffer, DmaConstraints, DmaRegion, MappedBar, VfioDevice, VfioError};
 
 // The Command register and the bits of it the bus sets.
 const PCI_COMMAND: u64 = 4;
@@ -64,6 +64,32 @@ pub enum BackingError {
     /// Enabling, growing, masking or unmasking interrupts failed.
     #[error(transparent)]
     Interrupt(#[from] InterruptError),
+    /// No DMA address meets the allocation's constraints
+    /// ([`DeviceBacking::alloc_dma_with`]): no free range of `size` bytes, aligned to
+    /// `align`, ends at or below `max_iova`, the device's address limit.
+    #[error(
+        "{address}: no free DMA address range of {size} bytes aligned to {align:#x} ends at or below {max_iova:#x}, the device's address limit"
+    )]
+    NoDmaAddress {
+        /// The device.
+        address: PciAddress,
+        /// Bytes asked for.
+        size: u64,
+        /// The alignment used.
+        align: u64,
+        /// The highest IOVA the device can reach.
+        max_iova: u64,
+    },
+    /// A [`DmaPool`](super::dma::DmaPool) has no free block and may not grow.
+    #[error("{address}: DMA pool of {block_size}-byte blocks is exhausted ({chunks} chunk(s), its limit)")]
+    DmaPoolExhausted {
+        /// The device.
+        address: PciAddress,
+        /// The pool's block size.
+        block_size: usize,
+        /// Chunks the pool holds: its limit.
+        chunks: usize,
+    },
     /// Anything else, said by the backing.
     #[error("{address}: {message}")]
     Other {
@@ -316,6 +342,85 @@ pub trait DeviceBacking: Clone + Send + Sync + fmt::Debug + 'static {
     /// [`VfioDevice::quarantine_iovas`]. Default: nothing (an emulation never reuses a
     /// freed address under its device).
     fn quarantine_dma(&self) {}
+
+    // --- DMA with constraints, and caller memory (issue 16 §3; see super::dma) ---
+
+    /// Allocates `len` bytes (rounded up to whole pages), zeroed, mapped for the device as
+    /// `constraints` ask: every byte's IOVA at or below their address limit
+    /// ([`BackingError::NoDmaAddress`] when nothing fits there, naming the limit and the
+    /// size), the IOVA aligned as asked, the pages preferably on their NUMA node, and the
+    /// device allowed only to read if they say so. See [`DmaConstraints`].
+    ///
+    /// Default: [`alloc_dma`](Self::alloc_dma) for trivial constraints, else
+    /// [`BackingError::Unsupported`] naming the first constraint it cannot honour.
+    fn alloc_dma_with(&self, len: usize, constraints: &DmaConstraints) -> Result<Self::Dma, BackingError> {
+        match constraints.first_nontrivial() {
+            None => self.alloc_dma(len),
+            Some(operation) => Err(BackingError::Unsupported {
+                address: self.address(),
+                operation,
+            }),
+        }
+    }
+
+    /// Maps `buffer` for the device as `constraints` ask (their NUMA node aside: the pages
+    /// exist already). For memory the caller allocated
+    /// ([`DmaBuffer::from_memory`](crate::vfio::DmaBuffer::from_memory) of a
+    /// [`CallerMemory`](crate::vfio::CallerMemory), such as a
+    /// [`PageBuffer`](crate::vfio::PageBuffer)), as SPDK's `spdk_mem_register`; a buffer
+    /// of the crate's own works as well. [`unmap_dma`](Self::unmap_dma) gives the buffer
+    /// back once the device can no longer reach it; dropping the result unmaps and frees
+    /// it (the caller's memory with it). On failure the buffer comes back, unmapped, in
+    /// the error (boxed: a failed map is rare, and a large `Err` would cost every call).
+    ///
+    /// Default: [`BackingError::Unsupported`].
+    fn map_dma(
+        &self,
+        buffer: DmaBuffer,
+        constraints: &DmaConstraints,
+    ) -> Result<Self::Dma, Box<MapDmaError>> {
+        let _ = constraints;
+        Err(Box::new(MapDmaError {
+            error: BackingError::Unsupported {
+                address: self.address(),
+                operation: "mapping memory for DMA",
+            },
+            buffer,
+        }))
+    }
+
+    /// Unmaps `dma` (from [`map_dma`](Self::map_dma) or an allocation) and gives its
+    /// buffer back, only once the device can no longer reach it: for VFIO, after the
+    /// IOMMU unmap succeeded ([`DmaRegion::unmap`]). When the unmap fails the memory is
+    /// leaked for good (the device might still reach it) and the error says so.
+    /// Then [`DmaBuffer::into_memory`](crate::vfio::DmaBuffer::into_memory) returns the
+    /// caller's memory.
+    ///
+    /// Default: [`BackingError::Unsupported`] (`dma` is dropped, which unmaps and frees it).
+    fn unmap_dma(&self, dma: Self::Dma) -> Result<DmaBuffer, BackingError> {
+        drop(dma);
+        Err(BackingError::Unsupported {
+            address: self.address(),
+            operation: "unmapping DMA memory back to its buffer",
+        })
+    }
+}
+
+/// [`DeviceBacking::map_dma`] failed: why, and the buffer, unmapped, back.
+#[derive(Debug, thiserror::Error)]
+#[error("{error}")]
+pub struct MapDmaError {
+    /// Why.
+    pub error: BackingError,
+    /// The buffer, not mapped: the caller's again.
+    pub buffer: DmaBuffer,
+}
+
+impl From<Box<MapDmaError>> for BackingError {
+    /// Keeps the error; the buffer (with the caller's memory in it) is dropped.
+    fn from(e: Box<MapDmaError>) -> BackingError {
+        e.error
+    }
 }
 
 /// A VFIO device as a [`DeviceBacking`]: a handle (`Arc`) of an open [`VfioDevice`]. DMA
@@ -599,5 +704,46 @@ impl DeviceBacking for VfioBacking {
     }
     fn quarantine_dma(&self) {
         self.device.quarantine_iovas();
+    }
+    fn alloc_dma_with(&self, len: usize, constraints: &DmaConstraints) -> Result<DmaRegion, BackingError> {
+        let container = self.device.container();
+        container
+            .alloc_dma_with(len, constraints)
+            .map_err(|e| vfio_dma_error(self.address(), e))
+    }
+    fn map_dma(
+        &self,
+        buffer: DmaBuffer,
+        constraints: &DmaConstraints,
+    ) -> Result<DmaRegion, Box<MapDmaError>> {
+        let container = self.device.container();
+        container.map_returning(buffer, constraints).map_err(|failed| {
+            let (e, buffer) = *failed;
+            Box::new(MapDmaError {
+                error: vfio_dma_error(self.address(), e),
+                buffer,
+            })
+        })
+    }
+    fn unmap_dma(&self, dma: DmaRegion) -> Result<DmaBuffer, BackingError> {
+        Ok(dma.unmap()?)
+    }
+}
+
+/// A VFIO DMA error as the backing says it: an address limit nothing fits under is
+/// [`BackingError::NoDmaAddress`], whichever backing the driver runs on.
+fn vfio_dma_error(address: PciAddress, e: VfioError) -> BackingError {
+    match e {
+        VfioError::IovaExhaustedBelow {
+            size,
+            align,
+            max_iova,
+        } => BackingError::NoDmaAddress {
+            address,
+            size,
+            align,
+            max_iova,
+        },
+        e => BackingError::Vfio(e),
     }
 }

@@ -16,6 +16,7 @@ pub mod backing;
 /// Claims moved below the scanner, to [`crate::removal::claim`]; this path stays for users.
 pub use crate::removal::claim;
 pub mod devargs;
+pub mod dma;
 pub mod driver;
 pub mod fault;
 pub mod id;
@@ -24,7 +25,8 @@ pub mod map;
 pub mod probe;
 
 pub use attach::{Attach, AttachError, Attached, BindPolicy, Release, VfioAttach};
-pub use backing::{BackingError, DeviceBacking, DmaMemory, RegisterIo, VfioBacking};
+pub use backing::{BackingError, DeviceBacking, DmaMemory, MapDmaError, RegisterIo, VfioBacking};
+pub use dma::{DmaBlock, DmaConstraints, DmaPool, DmaPoolOptions};
 pub use driver::{Driver, DriverError, DriverPanicked, ProbeDevice, ProbeOutcome, Removal, RemovalCause};
 pub use fault::{BarFault, FaultReason};
 pub use interrupt::{Interrupt, InterruptError, InterruptKind};

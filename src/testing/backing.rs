@@ -2,7 +2,9 @@
 //! a [`Bus`](crate::bus::Bus): for tests of drivers and of the bus without hardware.
 //!
 //! [`FakeBacking`] has RAM BARs (32-bit cells; reads return what was written), a config
-//! space, DMA memory at made-up IOVAs, and a "gone" switch after which every register
+//! space, DMA memory at made-up IOVAs (honouring [`DmaConstraints`] as VFIO does: under the
+//! address limit, aligned, or [`BackingError::NoDmaAddress`]), caller memory mapped and
+//! unmapped ([`DeviceBacking::map_dma`]), and a "gone" switch after which every register
 //! reads all-ones, as a surprise-removed device does. [`FakeAttach`] opens a
 //! [`FakeBacking`] per device, gives each a request eventfd the test can fire
 //! ([`FakeAttach::request_removal`]), and logs every attach and detach.
@@ -22,7 +24,7 @@
 use std::collections::BTreeMap;
 use std::ops::Deref;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
 
 use nix::sys::eventfd::{EfdFlags, EventFd};
@@ -30,12 +32,12 @@ use parking_lot::Mutex;
 
 use crate::addr::PciAddress;
 use crate::bus::attach::{Attach, AttachError, Attached, Release};
-use crate::bus::backing::{BackingError, DeviceBacking, DmaMemory, RegisterIo};
+use crate::bus::backing::{BackingError, DeviceBacking, DmaMemory, MapDmaError, RegisterIo};
 use crate::bus::interrupt::{
     Interrupt, InterruptError, InterruptKind, NO_ERR_REASON, NORESIZE_REASON, check_count, new_interrupts,
 };
 use crate::record::DeviceRecord;
-use crate::vfio::{DmaBuffer, PAGE};
+use crate::vfio::{DmaBuffer, DmaConstraints, IovaAllocator, PAGE};
 
 /// Size of each fake BAR.
 pub const FAKE_BAR_SIZE: u64 = 0x4000;
@@ -48,7 +50,10 @@ struct Inner {
     gone: AtomicBool,
     revocable: bool,
     revoked: AtomicBool,
-    next_iova: AtomicU64,
+    // DMA addresses: taken, never given back (an emulation never reuses a freed address
+    // under its device), lowest first, under the allocation's limit.
+    iovas: Mutex<IovaAllocator>,
+    live_dma: Arc<AtomicUsize>,
     irqs: Mutex<IrqModel>,
     resets: AtomicU32,
 }
@@ -158,7 +163,8 @@ impl FakeBacking {
                 gone: AtomicBool::new(false),
                 revocable: true,
                 revoked: AtomicBool::new(false),
-                next_iova: AtomicU64::new(0x1000_0000),
+                iovas: Mutex::new(IovaAllocator::new(&[0..=FAKE_MAX_IOVA])),
+                live_dma: Arc::new(AtomicUsize::new(0)),
                 irqs: Mutex::new(IrqModel::default()),
                 resets: AtomicU32::new(0),
             }),
@@ -181,6 +187,12 @@ impl FakeBacking {
     /// How many times the device was reset ([`DeviceBacking::reset`]).
     pub fn resets(&self) -> u32 {
         self.inner.resets.load(Ordering::Relaxed)
+    }
+
+    /// How many DMA allocations and mappings of the device are alive (not yet dropped or
+    /// unmapped), for leak checks.
+    pub fn live_dma(&self) -> usize {
+        self.inner.live_dma.load(Ordering::Acquire)
     }
 
     /// Whether the device was revoked ([`DeviceBacking::revoke`]).
@@ -367,11 +379,42 @@ impl RegisterIo for FakeRegisters {
     }
 }
 
-/// Fake DMA memory: a [`DmaBuffer`] at a made-up IOVA.
+/// The highest IOVA a [`FakeBacking`] hands out: 39 bits, as QEMU's intel-iommu.
+pub const FAKE_MAX_IOVA: u64 = (1 << 39) - 1;
+
+/// Fake DMA memory: a [`DmaBuffer`] at a made-up IOVA, chosen as VFIO chooses: the lowest
+/// free one that meets the allocation's [`DmaConstraints`].
 #[derive(Debug)]
 pub struct FakeDma {
     buffer: DmaBuffer,
     iova: u64,
+    device_read_only: bool,
+    _live: LiveDma,
+}
+
+impl FakeDma {
+    /// Whether it was allocated or mapped for the device to read only
+    /// ([`DmaConstraints::device_read_only`]): a device model should not write it.
+    pub fn is_device_read_only(&self) -> bool {
+        self.device_read_only
+    }
+}
+
+// One live DMA allocation of a device, counted for [`FakeBacking::live_dma`].
+#[derive(Debug)]
+struct LiveDma(Arc<AtomicUsize>);
+
+impl LiveDma {
+    fn new(count: &Arc<AtomicUsize>) -> LiveDma {
+        count.fetch_add(1, Ordering::AcqRel);
+        LiveDma(Arc::clone(count))
+    }
+}
+
+impl Drop for LiveDma {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 impl Deref for FakeDma {
@@ -410,14 +453,7 @@ impl DeviceBacking for FakeBacking {
         })
     }
     fn alloc_dma(&self, len: usize) -> Result<FakeDma, BackingError> {
-        self.live()?;
-        let size = len.max(1).div_ceil(PAGE) * PAGE;
-        let buffer = DmaBuffer::new(size).map_err(|e| BackingError::Other {
-            address: self.inner.address,
-            message: format!("allocating {size} bytes of DMA memory: {e}"),
-        })?;
-        let iova = self.inner.next_iova.fetch_add(size as u64, Ordering::Relaxed);
-        Ok(FakeDma { buffer, iova })
+        self.alloc_dma_with(len, &DmaConstraints::new())
     }
     fn read_config(&self, offset: u64, buf: &mut [u8]) -> Result<(), BackingError> {
         self.live()?;
@@ -567,6 +603,54 @@ impl DeviceBacking for FakeBacking {
     }
     fn extra_handles(&self) -> usize {
         Arc::strong_count(&self.inner).saturating_sub(1)
+    }
+    fn alloc_dma_with(&self, len: usize, constraints: &DmaConstraints) -> Result<FakeDma, BackingError> {
+        self.live()?;
+        let size = len.max(1).div_ceil(PAGE) * PAGE;
+        let buffer = match constraints.preferred_node() {
+            Some(node) => DmaBuffer::on_node(size, node),
+            None => DmaBuffer::new(size),
+        }
+        .map_err(|e| BackingError::Other {
+            address: self.inner.address,
+            message: format!("allocating {size} bytes of DMA memory: {e}"),
+        })?;
+        self.map_dma(buffer, constraints).map_err(|e| e.error)
+    }
+    fn map_dma(&self, buffer: DmaBuffer, constraints: &DmaConstraints) -> Result<FakeDma, Box<MapDmaError>> {
+        if let Err(error) = self.live() {
+            return Err(Box::new(MapDmaError { error, buffer }));
+        }
+        let size = buffer.len() as u64;
+        // As VFIO: aligned to the buffer's pages and to what was asked.
+        let align = constraints.alignment().max(buffer.page_size() as u64);
+        let max_iova = constraints.max_iova().unwrap_or(u64::MAX);
+        let Some(iova) = self.inner.iovas.lock().alloc_below(size, align, max_iova) else {
+            let error = if max_iova >= FAKE_MAX_IOVA {
+                BackingError::Other {
+                    address: self.inner.address,
+                    message: format!("no IOVA range of {size} bytes left"),
+                }
+            } else {
+                BackingError::NoDmaAddress {
+                    address: self.inner.address,
+                    size,
+                    align,
+                    max_iova,
+                }
+            };
+            return Err(Box::new(MapDmaError { error, buffer }));
+        };
+        Ok(FakeDma {
+            buffer,
+            iova,
+            device_read_only: constraints.is_device_read_only(),
+            _live: LiveDma::new(&self.inner.live_dma),
+        })
+    }
+    fn unmap_dma(&self, dma: FakeDma) -> Result<DmaBuffer, BackingError> {
+        // Nothing reaches a fake's memory but the test: it is unmapped once dropped here.
+        Ok(dma.buffer)
     }
     fn revoke(&self) -> Result<(), BackingError> {
         if !self.inner.revocable {

@@ -31,6 +31,7 @@
 //!   [`DmaBuffer::load_acquire`], then the rest.
 #![allow(unsafe_code)]
 
+use std::any::Any;
 use std::fmt;
 use std::io;
 use std::mem::MaybeUninit;
@@ -42,6 +43,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use nix::sys::mman::{MapFlags, ProtFlags, mmap_anonymous, munmap};
 
+use super::constraints::DmaConstraints;
 use super::iova::{IovaSpace, SpaceId, UnmapAnswer};
 use super::{Container, Space, VfioError, sys};
 
@@ -173,6 +175,9 @@ pub struct DmaBuffer {
     ptr: NonNull<u8>,
     len: usize,
     huge: Option<HugePageSize>,
+    // `Some`: the memory is the caller's ([`DmaBuffer::from_memory`]): this value owns it
+    // and frees it by being dropped; `None`: our own mmap, munmapped on drop.
+    caller: Option<Box<dyn Any + Send>>,
 }
 
 impl fmt::Debug for DmaBuffer {
@@ -181,15 +186,18 @@ impl fmt::Debug for DmaBuffer {
             .field("vaddr", &format_args!("{:#x}", self.vaddr()))
             .field("len", &self.len)
             .field("huge", &self.huge)
+            .field("caller_memory", &self.caller.is_some())
             .finish()
     }
 }
 
 // SAFETY: the buffer owns its mapping; all access goes through atomic operations on its
 // words (see the module docs), never through references to the bytes, so moving it to
-// and sharing it between threads is sound.
+// and sharing it between threads is sound. The caller's memory owner is `Send`, and is
+// touched only by value (drop, `into_memory`), never through `&self`.
 unsafe impl Send for DmaBuffer {}
-// SAFETY: as above: the `&self` accessors are atomic word accesses.
+// SAFETY: as above: the `&self` accessors are atomic word accesses; `&self` never reaches
+// the caller's owner.
 unsafe impl Sync for DmaBuffer {}
 
 mod sealed {
@@ -248,7 +256,7 @@ impl DmaBuffer {
     /// a multiple of 2 MiB and the 2 MiB pool has pages free, else 4 KiB pages (logged: see
     /// [`with_huge_pages`](Self::with_huge_pages)).
     pub fn new(len: usize) -> io::Result<DmaBuffer> {
-        Self::allocate(len, HugePageSize::Mib2, false)
+        Self::allocate(len, HugePageSize::Mib2, false, None)
     }
 
     /// Allocates `len` bytes rounded up to whole huge pages of `size`, zeroed and
@@ -261,10 +269,20 @@ impl DmaBuffer {
     /// the first time for each size, then at debug level); [`is_huge`](Self::is_huge) and
     /// [`page_size`](Self::page_size) tell which one the buffer got.
     pub fn with_huge_pages(len: usize, size: HugePageSize) -> io::Result<DmaBuffer> {
-        Self::allocate(len, size, true)
+        Self::allocate(len, size, true, None)
     }
 
-    fn allocate(len: usize, size: HugePageSize, round_up: bool) -> io::Result<DmaBuffer> {
+    /// As [`new`](Self::new), with the pages preferably on NUMA node `node`: the mapping
+    /// is bound with `mbind(MPOL_PREFERRED)` before its pages are first touched, then
+    /// populated. When the binding fails (no such node, a kernel without NUMA) the buffer
+    /// is allocated all the same, wherever the kernel puts it, with a warning in the log:
+    /// the node is a preference (see
+    /// [`DmaConstraints::numa_node`](super::DmaConstraints::numa_node)).
+    pub fn on_node(len: usize, node: u32) -> io::Result<DmaBuffer> {
+        Self::allocate(len, HugePageSize::Mib2, false, Some(node))
+    }
+
+    fn allocate(len: usize, size: HugePageSize, round_up: bool, node: Option<u32>) -> io::Result<DmaBuffer> {
         let plan = MapPlan::new(len, size, round_up).ok_or_else(|| {
             io::Error::new(
                 io::ErrorKind::InvalidInput,
@@ -272,26 +290,42 @@ impl DmaBuffer {
             )
         })?;
         if let Some(huge) = plan.huge {
-            match Self::map(huge.len, MapFlags::from_bits_retain(huge.flags)) {
+            match Self::map(huge.len, MapFlags::from_bits_retain(huge.flags), node) {
                 Ok((ptr, len)) => {
-                    return Ok(DmaBuffer {
+                    let buffer = DmaBuffer {
                         ptr,
                         len,
                         huge: Some(huge.size),
-                    });
+                        caller: None,
+                    };
+                    buffer.populate(node);
+                    return Ok(buffer);
                 }
                 Err(e) => huge_fallback(huge.size, huge.len, &e),
             }
         }
-        let (ptr, len) = Self::map(plan.small_len, MapFlags::empty())?;
-        Ok(DmaBuffer { ptr, len, huge: None })
+        let (ptr, len) = Self::map(plan.small_len, MapFlags::empty(), node)?;
+        let buffer = DmaBuffer {
+            ptr,
+            len,
+            huge: None,
+            caller: None,
+        };
+        buffer.populate(node);
+        Ok(buffer)
     }
 
     // Returns the bare mapping: the caller makes it a DmaBuffer (and so the owner that
-    // unmaps it) exactly once.
-    fn map(len: usize, extra: MapFlags) -> io::Result<(NonNull<u8>, usize)> {
+    // unmaps it) exactly once. Populated by mmap, unless it is to be bound to `node`
+    // first: then bound here, and populated by the caller (`populate`).
+    fn map(len: usize, extra: MapFlags, node: Option<u32>) -> io::Result<(NonNull<u8>, usize)> {
         let size =
             std::num::NonZeroUsize::new(len).ok_or_else(|| io::Error::from(io::ErrorKind::InvalidInput))?;
+        let populate = if node.is_some() {
+            MapFlags::empty()
+        } else {
+            MapFlags::MAP_POPULATE
+        };
         // SAFETY: a fresh private anonymous mapping at an address the kernel picks; nothing
         // else is replaced, and it is unmapped only in Drop.
         let ptr = unsafe {
@@ -299,10 +333,28 @@ impl DmaBuffer {
                 None,
                 size,
                 ProtFlags::PROT_READ | ProtFlags::PROT_WRITE,
-                MapFlags::MAP_PRIVATE | MapFlags::MAP_POPULATE | extra,
+                MapFlags::MAP_PRIVATE | populate | extra,
             )?
         };
+        if let Some(node) = node
+            && let Err(e) = mbind_preferred(ptr.as_ptr() as usize, len, node)
+        {
+            log::warn!(
+                "cannot prefer NUMA node {node} for a DMA buffer of {len} bytes ({e}); its pages go where the kernel puts them"
+            );
+        }
         Ok((ptr.cast(), len))
+    }
+
+    // Faults every page in (under the policy `map` bound), as MAP_POPULATE would have: a
+    // write of zero to the first word of each page, which is zero already.
+    fn populate(&self, node: Option<u32>) {
+        if node.is_none() {
+            return;
+        }
+        for at in (0..self.len).step_by(PAGE) {
+            self.word(at).store(0, Ordering::Relaxed);
+        }
     }
 
     /// Length in bytes (a whole number of pages).
@@ -517,6 +569,12 @@ impl DmaBuffer {
 
 impl Drop for DmaBuffer {
     fn drop(&mut self) {
+        if let Some(owner) = self.caller.take() {
+            // The caller's memory: its owner frees it (the buffer is not mapped for DMA:
+            // a mapped one is inside its region, which forgets it if the unmap fails).
+            drop(owner);
+            return;
+        }
         // SAFETY: ptr/len are exactly the mapping made in `map` (len whole pages of the
         // size it was mapped with); no reference into it outlives `&self`, and a buffer
         // still mapped for DMA is never dropped (its `DmaRegion` forgets it when the
@@ -781,13 +839,47 @@ impl Container {
     /// Needs a group attached (open a device first). Pinning counts against
     /// `RLIMIT_MEMLOCK` ([`VfioError::Memlock`]).
     pub fn map(self: &Arc<Self>, buffer: DmaBuffer) -> Result<DmaRegion, VfioError> {
+        self.map_with(buffer, &DmaConstraints::new())
+    }
+
+    /// [`map`](Self::map) with `constraints`: the IOVA's last byte at or below their limit
+    /// ([`VfioError::IovaExhaustedBelow`] when nothing fits there), aligned to their
+    /// alignment too, and without write permission for the device if they say it only
+    /// reads. Their NUMA node is not looked at: the buffer's pages exist already (see
+    /// [`alloc_dma_with`](Self::alloc_dma_with)).
+    pub fn map_with(
+        self: &Arc<Self>,
+        buffer: DmaBuffer,
+        constraints: &DmaConstraints,
+    ) -> Result<DmaRegion, VfioError> {
+        self.map_returning(buffer, constraints).map_err(|e| e.0)
+    }
+
+    /// [`map_with`](Self::map_with), giving the buffer back (boxed with the error),
+    /// unmapped, when it fails: for
+    /// memory the caller lent ([`DmaBuffer::from_memory`]), which should not be lost with
+    /// the error. (A failed map ioctl leaves nothing mapped: the kernel undoes a partial
+    /// one.)
+    pub fn map_returning(
+        self: &Arc<Self>,
+        buffer: DmaBuffer,
+        constraints: &DmaConstraints,
+    ) -> Result<DmaRegion, Box<(VfioError, DmaBuffer)>> {
         let size = buffer.len() as u64;
         let mut iommu = self.iommu.lock();
-        let iova = iommu
-            .as_mut()
-            .ok_or(VfioError::NoGroupAttached)?
-            .reserve(size, buffer.page_size() as u64)?;
-        self.map_reserved(&mut iommu, buffer, iova)
+        let Some(space) = iommu.as_mut() else {
+            return Err(Box::new((VfioError::NoGroupAttached, buffer)));
+        };
+        let reserved = space.reserve_below(
+            size,
+            buffer.page_size() as u64,
+            constraints.alignment(),
+            constraints.max_iova().unwrap_or(u64::MAX),
+        );
+        match reserved {
+            Ok(iova) => self.map_reserved(&mut iommu, buffer, iova, !constraints.is_device_read_only()),
+            Err(e) => Err(Box::new((e, buffer))),
+        }
     }
 
     /// Maps `buffer` at IOVA `iova`, which must lie in the IOMMU's ranges, be aligned to
@@ -800,7 +892,7 @@ impl Container {
         if !iova.is_multiple_of(space.info.min_page_size()) || !space.reserve_at(iova, size) {
             return Err(VfioError::IovaUnavailable { iova, size });
         }
-        self.map_reserved(&mut iommu, buffer, iova)
+        self.map_reserved(&mut iommu, buffer, iova, true).map_err(|e| e.0)
     }
 
     /// Maps `buffer` at an IOVA the kernel chooses, with the iommufd backend (which picks
@@ -817,7 +909,7 @@ impl Container {
         // SAFETY: as in map_reserved: `buffer` moves into the returned region, which keeps
         // it mapped until the IOMMU mapping is gone, or forever if the unmap fails; its
         // bytes are only reached through atomics.
-        let mapped = unsafe { sys::ioas_map(ioas.as_fd(), ioas.id(), buffer.vaddr(), None, size) };
+        let mapped = unsafe { sys::ioas_map(ioas.as_fd(), ioas.id(), buffer.vaddr(), None, size, true) };
         let iova = mapped.map_err(|source| map_error(None, size, source))?;
         // The allocator hands out only what no mapping uses, so the kernel's choice is free
         // there, unless something else mapped into this IOAS behind the container's back.
@@ -845,17 +937,18 @@ impl Container {
     // the caller since the reservation): given back on failure. The lock is held across
     // the ioctl, so the IOMMU cannot be set up again in between (after being lost): the
     // mapping lands in the IOMMU whose space the IOVA came from, which the region records.
+    // `device_writes`: whether the mapping lets the device write, or only read.
     fn map_reserved(
         self: &Arc<Self>,
         iommu: &mut Option<IovaSpace>,
         buffer: DmaBuffer,
         iova: u64,
-    ) -> Result<DmaRegion, VfioError> {
+        device_writes: bool,
+    ) -> Result<DmaRegion, Box<(VfioError, DmaBuffer)>> {
         let size = buffer.len() as u64;
-        let space = iommu
-            .as_ref()
-            .map(IovaSpace::id)
-            .ok_or(VfioError::NoGroupAttached)?;
+        let Some(space) = iommu.as_ref().map(IovaSpace::id) else {
+            return Err(Box::new((VfioError::NoGroupAttached, buffer)));
+        };
         // SAFETY: `buffer` is an owned anonymous mapping of exactly `size` bytes; it moves
         // into the returned region, which keeps it mapped in the process until the IOMMU
         // mapping is gone (unmap succeeded, or the container's IOMMU was released with
@@ -863,18 +956,18 @@ impl Container {
         // is mistaken for it) or forever (unmap failed: leaked). Its bytes are only
         // reached through atomic accesses, so device writes do not invalidate any
         // reference.
-        let mapped = unsafe { self.kernel_map(buffer.vaddr(), iova, size) };
+        let mapped = unsafe { self.kernel_map(buffer.vaddr(), iova, size, device_writes) };
         if let Err(source) = mapped {
             if source.raw_os_error() == Some(nix::libc::EINVAL) && self.iommu_gone() {
                 // Every device of the container was removed: no IOMMU to map into until
                 // one is opened again.
                 self.iommu_lost(iommu);
-                return Err(VfioError::IommuGone);
+                return Err(Box::new((VfioError::IommuGone, buffer)));
             }
             if let Some(space) = iommu.as_mut() {
                 space.map_failed(iova, size);
             }
-            return Err(map_error(Some(iova), size, source));
+            return Err(Box::new((map_error(Some(iova), size, source), buffer)));
         }
         Ok(DmaRegion {
             buffer: Some(buffer),
@@ -890,13 +983,16 @@ impl Container {
     /// # Safety
     ///
     /// As for [`sys::iommu_map_dma`].
-    unsafe fn kernel_map(&self, vaddr: u64, iova: u64, size: u64) -> io::Result<()> {
+    unsafe fn kernel_map(&self, vaddr: u64, iova: u64, size: u64, device_writes: bool) -> io::Result<()> {
         match &self.space {
-            // SAFETY: the caller's promise, passed on.
-            Space::Group { fd, .. } => unsafe { sys::iommu_map_dma(fd.as_fd(), vaddr, iova, size) },
+            Space::Group { fd, .. } => {
+                // SAFETY: the caller's promise, passed on.
+                unsafe { sys::iommu_map_dma(fd.as_fd(), vaddr, iova, size, device_writes) }
+            }
             Space::Iommufd(ioas) => {
                 // SAFETY: the caller's promise, passed on.
-                let mapped = unsafe { sys::ioas_map(ioas.as_fd(), ioas.id(), vaddr, Some(iova), size) };
+                let mapped =
+                    unsafe { sys::ioas_map(ioas.as_fd(), ioas.id(), vaddr, Some(iova), size, device_writes) };
                 mapped.map(drop)
             }
         }
@@ -915,6 +1011,22 @@ impl Container {
     pub fn alloc_dma(self: &Arc<Self>, len: usize) -> Result<DmaRegion, VfioError> {
         let buffer = DmaBuffer::new(len).map_err(|source| VfioError::Alloc { len, source })?;
         self.map(buffer)
+    }
+
+    /// Allocates a [`DmaBuffer`] of at least `len` bytes for a device with `constraints`
+    /// and maps it ([`map_with`](Self::map_with)): on their NUMA node if they name one
+    /// ([`DmaBuffer::on_node`], a preference), else as [`alloc_dma`](Self::alloc_dma).
+    pub fn alloc_dma_with(
+        self: &Arc<Self>,
+        len: usize,
+        constraints: &DmaConstraints,
+    ) -> Result<DmaRegion, VfioError> {
+        let buffer = match constraints.preferred_node() {
+            Some(node) => DmaBuffer::on_node(len, node),
+            None => DmaBuffer::new(len),
+        }
+        .map_err(|source| VfioError::Alloc { len, source })?;
+        self.map_with(buffer, constraints)
     }
 
     /// Allocates a [`DmaBuffer`] of `len` bytes rounded up to whole huge pages of `size`
@@ -956,6 +1068,240 @@ fn memlock_limit() -> Option<u64> {
     match getrlimit(Resource::RLIMIT_MEMLOCK) {
         Ok((soft, _)) if soft != RLIM_INFINITY => Some(soft),
         _ => None,
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// NUMA placement.
+
+/// `MPOL_PREFERRED` of `<linux/mempolicy.h>` (not in the libc crate).
+const MPOL_PREFERRED: nix::libc::c_int = 1;
+
+/// Binds `len` bytes at `addr` (a fresh mapping of this process, not yet touched) to NUMA
+/// node `node`, preferred: `mbind(2)`, which nix does not wrap.
+fn mbind_preferred(addr: usize, len: usize, node: u32) -> io::Result<()> {
+    const BITS: usize = u64::BITS as usize;
+    let node = node as usize;
+    let mut mask = vec![0u64; node / BITS + 1];
+    mask[node / BITS] |= 1 << (node % BITS);
+    // The kernel reads `maxnode - 1` bits of the mask (it drops one, as it always has).
+    let maxnode = mask.len() * BITS + 1;
+    // SAFETY: mbind only changes the memory policy of `addr..addr + len`, a mapping this
+    // process just made and owns (it moves, frees or reads nothing); the mask is a live
+    // array of `maxnode - 1` bits, which the kernel only reads.
+    let r = unsafe {
+        nix::libc::syscall(
+            nix::libc::SYS_mbind,
+            addr,
+            len,
+            MPOL_PREFERRED,
+            mask.as_ptr(),
+            maxnode,
+            0u32,
+        )
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Caller-owned memory.
+
+/// Memory a caller allocated and lends to the crate for DMA, as SPDK's
+/// `spdk_mem_register` does: [`DmaBuffer::from_memory`] takes the value (and with it the
+/// memory), a backing maps it for the device
+/// ([`DeviceBacking::map_dma`](crate::bus::DeviceBacking::map_dma),
+/// [`Container::map`](super::Container::map)), and the value comes back
+/// ([`DmaBuffer::into_memory`]) only from a buffer that is not mapped: after the IOMMU
+/// mapping is gone.
+///
+/// [`PageBuffer`] implements it: a page-aligned heap allocation that is an ordinary
+/// `&mut [u8]` while the caller holds it.
+///
+/// # Why the caller gives the value away
+///
+/// While the device can reach the memory it may write any byte at any moment. A `&[u8]` or
+/// `&mut [u8]` into it would promise the compiler that nothing else writes those bytes
+/// (it may keep them in registers, or merge and drop reads), so holding one while the
+/// device writes is undefined behaviour, however carefully the program waits. So the
+/// memory is never behind a reference while mapped: the value that could produce one is
+/// moved into the [`DmaBuffer`] (the borrow checker ends every borrow of it first), whose
+/// accessors are atomic word accesses, and it is handed back only by
+/// [`DmaBuffer::into_memory`] on a buffer the caller owns outright, which a mapped buffer
+/// never is (a [`DmaRegion`] owns it until the unmap succeeded, and forgets it forever if
+/// the unmap fails). What the trait asks of the implementor below closes the remaining
+/// gap: no other path to the bytes.
+///
+/// # Safety
+///
+/// For every value `m` of the implementing type, while it lives:
+///
+/// - `m.dma_ptr()` and `m.dma_len()` always return the same address and length (also
+///   after `m` is moved: the memory lives behind a pointer `m` owns, not inside `m`), and
+///   do not read or write the bytes;
+/// - the memory is readable and writable private memory of this process (anonymous or
+///   heap memory; not a file mapping that another process, or a truncation, could
+///   change), stays mapped until `m` is dropped, and is freed by nothing but `m`'s drop;
+/// - `m` is the only way to reach it: no reference, pointer, clone or other owner of any
+///   of its bytes exists outside `m` (no `Arc` of it kept elsewhere, no raw pointer
+///   stashed).
+///
+/// The address must be page aligned and the length a non-zero whole number of pages;
+/// [`DmaBuffer::from_memory`] checks that (it is not a safety condition).
+pub unsafe trait CallerMemory: Send + 'static {
+    /// The first byte.
+    fn dma_ptr(&self) -> NonNull<u8>;
+    /// The length in bytes.
+    fn dma_len(&self) -> usize;
+}
+
+/// Caller memory that is not a non-empty whole number of pages at a page-aligned address:
+/// [`DmaBuffer::from_memory`] refuses it (and hands it back).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "caller memory at {vaddr:#x} ({len} bytes) is not a whole number of 4 KiB pages at a page-aligned address"
+)]
+pub struct NotPageAligned {
+    /// Its address.
+    pub vaddr: u64,
+    /// Its length.
+    pub len: usize,
+}
+
+impl DmaBuffer {
+    /// Takes `memory` (see [`CallerMemory`]) as a buffer, to be mapped for DMA like any
+    /// other; [`into_memory`](Self::into_memory) gives it back. Fails, handing `memory`
+    /// back, when it is not a non-empty whole number of pages at a page-aligned address.
+    pub fn from_memory<M: CallerMemory>(memory: M) -> Result<DmaBuffer, (NotPageAligned, M)> {
+        let (ptr, len) = (memory.dma_ptr(), memory.dma_len());
+        if len == 0 || !len.is_multiple_of(PAGE) || !(ptr.as_ptr() as usize).is_multiple_of(PAGE) {
+            let vaddr = ptr.as_ptr() as u64;
+            return Err((NotPageAligned { vaddr, len }, memory));
+        }
+        Ok(DmaBuffer {
+            ptr,
+            len,
+            huge: None,
+            caller: Some(Box::new(memory)),
+        })
+    }
+
+    /// Whether the memory is a caller's ([`from_memory`](Self::from_memory)).
+    pub fn is_caller_memory(&self) -> bool {
+        self.caller.is_some()
+    }
+
+    /// Gives the caller's memory back: `Err(self)` when the buffer is not caller memory of
+    /// type `M`. The buffer is owned, so not mapped for DMA: a mapped buffer is owned by its
+    /// region until the unmap succeeded
+    /// ([`DeviceBacking::unmap_dma`](crate::bus::DeviceBacking::unmap_dma),
+    /// [`DmaRegion::unmap`]).
+    pub fn into_memory<M: CallerMemory>(self) -> Result<M, DmaBuffer> {
+        let mut this = std::mem::ManuallyDrop::new(self);
+        match this.caller.take().map(|owner| owner.downcast::<M>()) {
+            Some(Ok(memory)) => {
+                // The rest of `this` (a pointer and two integers) needs no drop.
+                Ok(*memory)
+            }
+            Some(Err(owner)) => {
+                this.caller = Some(owner);
+                Err(std::mem::ManuallyDrop::into_inner(this))
+            }
+            None => Err(std::mem::ManuallyDrop::into_inner(this)),
+        }
+    }
+}
+
+/// A zeroed, page-aligned heap allocation of whole pages: caller memory that is an ordinary
+/// byte slice (`Deref<Target = [u8]>`, `DerefMut`) while the caller holds it, and that can
+/// be lent to a device ([`DmaBuffer::from_memory`]) and taken back. Zero-copy I/O: fill it
+/// through `&mut [u8]`, lend it, take it back, read it through `&[u8]`.
+///
+/// # Dropping
+///
+/// Dropping frees the allocation. A `PageBuffer` that is lent is owned by its
+/// [`DmaBuffer`], so it is dropped only once no device can reach it (or never, if the
+/// unmap failed).
+pub struct PageBuffer {
+    ptr: NonNull<u8>,
+    len: usize,
+}
+
+impl PageBuffer {
+    /// `len` bytes rounded up to whole pages (at least one), zeroed.
+    pub fn new(len: usize) -> io::Result<PageBuffer> {
+        let len = len
+            .max(1)
+            .checked_next_multiple_of(PAGE)
+            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, format!("{len} bytes")))?;
+        let layout = Self::layout(len)?;
+        // SAFETY: the layout has a non-zero size (at least one page).
+        let ptr = unsafe { std::alloc::alloc_zeroed(layout) };
+        let ptr = NonNull::new(ptr).ok_or_else(|| io::Error::from(io::ErrorKind::OutOfMemory))?;
+        Ok(PageBuffer { ptr, len })
+    }
+
+    fn layout(len: usize) -> io::Result<std::alloc::Layout> {
+        std::alloc::Layout::from_size_align(len, PAGE)
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))
+    }
+}
+
+impl fmt::Debug for PageBuffer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PageBuffer")
+            .field("vaddr", &format_args!("{:#x}", self.ptr.as_ptr() as usize))
+            .field("len", &self.len)
+            .finish()
+    }
+}
+
+impl Deref for PageBuffer {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        // SAFETY: `len` initialized (zeroed) bytes this value owns; no device reaches them
+        // while the caller holds the value (lending moves it into a DmaBuffer), and the
+        // slice borrows `self`.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
+    }
+}
+
+impl std::ops::DerefMut for PageBuffer {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        // SAFETY: as in `deref`, and `&mut self` makes the borrow unique.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
+    }
+}
+
+impl Drop for PageBuffer {
+    fn drop(&mut self) {
+        // The layout was valid when allocated, so it is now.
+        if let Ok(layout) = Self::layout(self.len) {
+            // SAFETY: allocated in `new` with this layout, freed once, here.
+            unsafe { std::alloc::dealloc(self.ptr.as_ptr(), layout) };
+        }
+    }
+}
+
+// SAFETY: it owns its allocation outright, like a `Box<[u8]>`: moving it to another thread
+// moves the only access to the bytes.
+unsafe impl Send for PageBuffer {}
+// SAFETY: `&PageBuffer` gives only `&[u8]`, which is `Sync`.
+unsafe impl Sync for PageBuffer {}
+
+// SAFETY: the pointer and length are fixed at allocation and read no bytes; the
+// allocation is heap memory of this process, page aligned, whole pages, freed only by
+// drop; the value is its only owner and gives out references only through `&self` /
+// `&mut self`, which cannot be called while the value is inside a DmaBuffer.
+unsafe impl CallerMemory for PageBuffer {
+    fn dma_ptr(&self) -> NonNull<u8> {
+        self.ptr
+    }
+    fn dma_len(&self) -> usize {
+        self.len
     }
 }
 
@@ -1015,6 +1361,7 @@ mod tests {
             ptr: NonNull::new(real.ptr.as_ptr().wrapping_add(1)).unwrap(),
             len: PAGE,
             huge: None,
+            caller: None,
         };
         drop(forged);
         assert!(munmap_failures() > before);
@@ -1296,6 +1643,141 @@ mod tests {
             container.leaked(),
             vec![(iova, PAGE as u64), (second, PAGE as u64)]
         );
+    }
+
+    // Issue 16 §3: a limit nothing fits under fails before any ioctl, naming limit and
+    // size, and takes no IOVA.
+    #[test]
+    fn a_limit_the_container_cannot_meet_fails_before_mapping() {
+        let container = Container::fake_for_tests(vec![0..=(1 << 30) - 1]);
+        let err = container
+            .alloc_dma_with(2 * PAGE, &DmaConstraints::new().address_bits(13))
+            .unwrap_err();
+        assert!(
+            matches!(err, VfioError::IovaExhaustedBelow { size, max_iova: 0x1fff, .. } if size == 2 * PAGE as u64),
+            "{err:?}"
+        );
+        // The map ioctl itself fails on this fake (its fd is /dev/null); the IOVA it was
+        // given, aligned and under the limit, is free again afterwards.
+        let limited = DmaConstraints::new().address_bits(24).align(1 << 20);
+        let err = container.alloc_dma_with(PAGE, &limited).unwrap_err();
+        assert!(
+            matches!(err, VfioError::Map { iova: Some(i), .. } if i % (1 << 20) == 0 && i < 1 << 24),
+            "{err:?}"
+        );
+        assert!(container.leaked().is_empty());
+        let again = DmaRegion::assume_mapped(&container, DmaBuffer::new(PAGE).unwrap());
+        assert_eq!(again.iova(), PAGE as u64, "nothing kept");
+        std::mem::forget(again); // its unmap would fail on /dev/null and log
+    }
+
+    // A failed map hands caller memory back, untouched and unmapped.
+    #[test]
+    fn a_failed_map_returns_the_callers_memory() {
+        let container = Container::fake_for_tests(vec![0..=(1 << 30) - 1]);
+        let mut page = PageBuffer::new(PAGE).unwrap();
+        page[7] = 7;
+        let buffer = DmaBuffer::from_memory(page).unwrap();
+        let (err, buffer) = *container
+            .map_returning(buffer, &DmaConstraints::new().device_read_only())
+            .unwrap_err();
+        assert!(matches!(err, VfioError::Map { .. }), "{err:?}");
+        let page: PageBuffer = buffer.into_memory().unwrap();
+        assert_eq!(page[7], 7);
+        let unattached = Container::fake_unattached_for_tests();
+        let buffer = DmaBuffer::from_memory(page).unwrap();
+        let (err, buffer) = *unattached
+            .map_returning(buffer, &DmaConstraints::new())
+            .unwrap_err();
+        assert!(matches!(err, VfioError::NoGroupAttached));
+        assert!(buffer.into_memory::<PageBuffer>().is_ok());
+    }
+
+    /// Caller memory that says when it is dropped.
+    #[derive(Debug)]
+    struct Watched(PageBuffer, Arc<AtomicBool>);
+    impl Drop for Watched {
+        fn drop(&mut self) {
+            self.1.store(true, Ordering::Relaxed);
+        }
+    }
+    // SAFETY: forwards to the PageBuffer it owns, the memory's only owner.
+    unsafe impl CallerMemory for Watched {
+        fn dma_ptr(&self) -> NonNull<u8> {
+            self.0.dma_ptr()
+        }
+        fn dma_len(&self) -> usize {
+            self.0.dma_len()
+        }
+    }
+
+    // Issue 15 §7: caller memory comes back only once no IOMMU mapping is left: a failed
+    // unmap keeps it forever (never dropped, never returned); an unmap that finds the
+    // IOMMU gone gives it back.
+    #[test]
+    fn caller_memory_comes_back_only_after_the_mapping_is_gone() {
+        let container = Container::fake_for_tests(vec![0..=(1 << 30) - 1]);
+        let dropped = Arc::new(AtomicBool::new(false));
+        let memory = Watched(PageBuffer::new(PAGE).unwrap(), Arc::clone(&dropped));
+        let region = DmaRegion::assume_mapped(&container, DmaBuffer::from_memory(memory).unwrap());
+        region.unmap().unwrap_err(); // /dev/null: the unmap ioctl fails
+        assert!(!dropped.load(Ordering::Relaxed), "leaked, not freed");
+        assert_eq!(container.leaked().len(), 1);
+
+        let memory = Watched(PageBuffer::new(PAGE).unwrap(), Arc::clone(&dropped));
+        let region = DmaRegion::assume_mapped(&container, DmaBuffer::from_memory(memory).unwrap());
+        region.write::<u64>(8, 0x55).unwrap();
+        *container.iommu.lock() = None; // the IOMMU went, with every mapping in it
+        let memory: Watched = region.unmap().unwrap().into_memory().unwrap();
+        assert_eq!(u64::from_ne_bytes(memory.0[8..16].try_into().unwrap()), 0x55);
+        assert!(!dropped.load(Ordering::Relaxed));
+        drop(memory);
+        assert!(dropped.load(Ordering::Relaxed));
+    }
+
+    // Caller memory must be whole pages at a page-aligned address; what is not comes back.
+    #[test]
+    fn unaligned_caller_memory_is_refused() {
+        #[derive(Debug)]
+        struct Offset(PageBuffer, usize, usize);
+        // SAFETY: a part of the PageBuffer it owns, the memory's only owner.
+        unsafe impl CallerMemory for Offset {
+            fn dma_ptr(&self) -> NonNull<u8> {
+                NonNull::new(self.0.dma_ptr().as_ptr().wrapping_add(self.1)).unwrap()
+            }
+            fn dma_len(&self) -> usize {
+                self.2
+            }
+        }
+        for (offset, len) in [(8, PAGE), (0, 100), (0, 0)] {
+            let (err, back) =
+                DmaBuffer::from_memory(Offset(PageBuffer::new(2 * PAGE).unwrap(), offset, len)).unwrap_err();
+            assert_eq!(err.len, len);
+            assert_eq!(err.vaddr, back.dma_ptr().as_ptr() as u64);
+        }
+        assert!(DmaBuffer::from_memory(Offset(PageBuffer::new(2 * PAGE).unwrap(), PAGE, PAGE)).is_ok());
+    }
+
+    #[test]
+    fn page_buffers_are_zeroed_whole_pages() {
+        let mut b = PageBuffer::new(1).unwrap();
+        assert_eq!(b.len(), PAGE);
+        assert!((b.as_ptr() as usize).is_multiple_of(PAGE));
+        assert!(b.iter().all(|&x| x == 0));
+        b[PAGE - 1] = 1;
+        assert_eq!(b[PAGE - 1], 1);
+        assert!(PageBuffer::new(usize::MAX).is_err());
+    }
+
+    // A buffer bound to a NUMA node is zeroed and usable whether or not the binding took.
+    #[test]
+    fn node_buffers_are_populated_and_zeroed() {
+        for node in [0, 4095, u32::MAX] {
+            let b = DmaBuffer::on_node(3 * PAGE, node).unwrap();
+            assert_eq!(b.len(), 3 * PAGE);
+            assert!((0..3 * PAGE).step_by(8).all(|o| b.read::<u64>(o) == Some(0)));
+        }
+        mbind_preferred(0, PAGE, 0).unwrap_err(); // not a mapping of ours: refused
     }
 
     proptest! {

@@ -205,11 +205,34 @@ impl IovaSpace {
     /// An IOVA range of `size` bytes for memory on pages of `page_size` bytes: aligned to
     /// that page size (so the IOMMU can map a huge page with one entry) or to the IOMMU's
     /// smallest page, whichever is larger.
+    #[cfg(test)]
     pub(super) fn reserve(&mut self, size: u64, page_size: u64) -> Result<u64, VfioError> {
-        let align = page_size.max(self.info.min_page_size());
+        self.reserve_below(size, page_size, page_size, u64::MAX)
+    }
+
+    /// An IOVA range of `size` bytes for memory on pages of `page_size` bytes, aligned to
+    /// `align`, that page size and the IOMMU's smallest page (the largest of the three),
+    /// whose last byte is at or below `max_iova`. [`VfioError::IovaExhaustedBelow`] when
+    /// nothing fits under the limit ([`VfioError::IovaExhausted`] when there is none).
+    pub(super) fn reserve_below(
+        &mut self,
+        size: u64,
+        page_size: u64,
+        align: u64,
+        max_iova: u64,
+    ) -> Result<u64, VfioError> {
+        let align = align.max(page_size).max(self.info.min_page_size());
         self.alloc
-            .alloc(size, align)
-            .ok_or(VfioError::IovaExhausted { size })
+            .alloc_below(size, align, max_iova)
+            .ok_or(if max_iova == u64::MAX {
+                VfioError::IovaExhausted { size }
+            } else {
+                VfioError::IovaExhaustedBelow {
+                    size,
+                    align,
+                    max_iova,
+                }
+            })
     }
 
     /// The map ioctl failed: nothing was mapped, the range is free again.
@@ -338,7 +361,24 @@ fn intersect(
 }
 
 /// Hands out IOVA ranges from the ranges the IOMMU accepts (QEMU's intel-iommu: 39 bits),
-/// first fit, aligned, and takes them back.
+/// aligned, and takes them back.
+///
+/// # What an allocation promises
+///
+/// - [`alloc`](Self::alloc) and [`alloc_below`](Self::alloc_below) return the **lowest**
+///   address that is a multiple of the alignment and at which all `size` bytes are free
+///   inside one free extent (an input range, less what is taken; touching input ranges
+///   are not joined). With `alloc_below` the last byte is also at or below the limit.
+/// - IOVA 0 is never handed out (page 0 is never free), so a zero address in a
+///   descriptor always means "unset".
+/// - Nothing handed out overlaps anything else handed out and not yet
+///   [`free`](Self::free)d, or a range taken by [`reserve_at`](Self::reserve_at).
+/// - A failed allocation takes nothing.
+///
+/// A device that can address only part of the space (QEMU's `edu`: 28 bits; many devices:
+/// 32) asks for the limit with [`alloc_below`](Self::alloc_below): that it also gets low
+/// addresses from [`alloc`](Self::alloc) while the bottom of the space is free is a
+/// consequence of lowest-first, not a promise about any given state of the allocator.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct IovaAllocator {
     // Free extents as (start, end inclusive), sorted and disjoint.
@@ -358,21 +398,34 @@ impl IovaAllocator {
         IovaAllocator { free }
     }
 
-    /// Reserves `size` bytes aligned to `align` (a power of two). `None` when no free
-    /// extent is large enough.
+    /// Reserves `size` bytes aligned to `align` (a power of two), at the lowest address
+    /// where they fit (see [the type's docs](Self)). `None` when no free extent is large
+    /// enough, `size` is 0 or `align` is not a power of two.
     pub fn alloc(&mut self, size: u64, align: u64) -> Option<u64> {
+        self.alloc_below(size, align, u64::MAX)
+    }
+
+    /// Reserves `size` bytes aligned to `align` (a power of two) whose last byte is at or
+    /// below `max` (`(1 << bits) - 1` for a device that drives `bits` address lines), at
+    /// the lowest address where they fit. `None` when nothing fits under `max` (nothing
+    /// is taken then).
+    pub fn alloc_below(&mut self, size: u64, align: u64, max: u64) -> Option<u64> {
         if size == 0 || !align.is_power_of_two() {
             return None;
         }
         for i in 0..self.free.len() {
             let (start, end) = self.free[i];
+            if start > max {
+                // Sorted: every later extent starts above the limit too.
+                break;
+            }
             let Some(at) = start.checked_next_multiple_of(align) else {
                 continue;
             };
             let Some(last) = at.checked_add(size - 1) else {
                 continue;
             };
-            if at > end || last > end {
+            if at > end || last > end || last > max {
                 continue;
             }
             // Split the extent around [at, last].
@@ -827,6 +880,50 @@ mod tests {
         assert!(!asked.get());
     }
 
+    // Issue 16 §3: a device with a 28-bit DMA mask (QEMU's edu) gets IOVAs below 2^28
+    // because the allocator is asked to keep them there, not because it happens to start
+    // from the bottom; when nothing fits under the limit it says so.
+    #[test]
+    fn a_limit_keeps_iovas_below_it() {
+        let mut a = IovaAllocator::new(&[0..=(1u64 << 39) - 1]);
+        let limit = (1u64 << 28) - 1;
+        let x = a.alloc_below(1 << 20, 1 << 21, limit).unwrap();
+        assert!(x.is_multiple_of(1 << 21) && x + (1 << 20) - 1 <= limit);
+        // Everything under the limit taken: the next one fails, though space is left above.
+        let rest = a.clone();
+        while a.alloc_below(1 << 20, PAGE as u64, limit).is_some() {}
+        while a.alloc_below(PAGE as u64, PAGE as u64, limit).is_some() {}
+        assert_eq!(a.alloc_below(PAGE as u64, PAGE as u64, limit), None);
+        assert!(a.alloc(PAGE as u64, PAGE as u64).unwrap() > limit);
+        // A limit below the first free IOVA, or one that cuts every extent short.
+        let mut b = rest.clone();
+        assert_eq!(b.alloc_below(PAGE as u64, PAGE as u64, PAGE as u64 - 1), None);
+        assert_eq!(b.alloc_below(2 * PAGE as u64, PAGE as u64, 2 * PAGE as u64), None);
+        assert_eq!(b, rest, "a failed allocation takes nothing");
+        // The space reports the limit it could not meet.
+        let mut space = IovaSpace::new(IommuInfo {
+            page_sizes: 0x1000,
+            iova_ranges: vec![0..=(1 << 39) - 1],
+        });
+        let err = space
+            .reserve_below(1 << 30, PAGE as u64, PAGE as u64, limit)
+            .unwrap_err();
+        assert!(
+            matches!(err, VfioError::IovaExhaustedBelow { size, max_iova, .. } if size == 1 << 30 && max_iova == limit),
+            "{err:?}"
+        );
+        let text = err.to_string();
+        assert!(
+            text.contains("0xfffffff") && text.contains("1073741824"),
+            "{text}"
+        );
+        // Alignment: the larger of what was asked, the buffer's pages and the IOMMU's.
+        let y = space
+            .reserve_below(PAGE as u64, PAGE as u64, 1 << 16, limit)
+            .unwrap();
+        assert!(y.is_multiple_of(1 << 16) && y <= limit);
+    }
+
     proptest! {
         #[test]
         fn intersection_holds_what_both_hold(
@@ -882,5 +979,54 @@ mod tests {
             prop_assert_eq!(a.available(), before);
             prop_assert_eq!(a, IovaAllocator::new(&ranges));
         }
+
+        // Allocations under a limit (and plain ones, mixed in) respect the limit and the
+        // alignment, stay in the ranges, never overlap, and are the lowest fit.
+        #[test]
+        fn allocations_under_a_limit_respect_it(
+            steps in proptest::collection::vec((1u64..1 << 22, 12u32..23, prop_oneof![Just(None), (20u32..34).prop_map(Some)], any::<bool>()), 1..60),
+        ) {
+            let ranges = [0..=0xfedf_ffff, 0xfef0_0000..=(1u64 << 39) - 1];
+            let mut a = IovaAllocator::new(&ranges);
+            let mut got: Vec<(u64, u64)> = Vec::new();
+            for (size, align_log2, bits, free_one) in steps {
+                let align = 1u64 << align_log2;
+                let max = bits.map_or(u64::MAX, |b| (1u64 << b) - 1);
+                if free_one && !got.is_empty() {
+                    let (s, l) = got.swap_remove(got.len() / 2);
+                    a.free(s, l);
+                }
+                let before = a.clone();
+                match a.alloc_below(size, align, max) {
+                    Some(at) => {
+                        prop_assert!(at.is_multiple_of(align));
+                        prop_assert!(at + size - 1 <= max, "{:#x}+{:#x} above {:#x}", at, size, max);
+                        prop_assert!(at >= PAGE as u64);
+                        prop_assert!(ranges.iter().any(|r| r.contains(&at) && r.contains(&(at + size - 1))));
+                        for &(s, l) in &got {
+                            prop_assert!(at + size <= s || s + l <= at, "overlap");
+                        }
+                        prop_assert_eq!(Some(at), lowest_fit(&before, size, align, max), "the lowest fit");
+                        got.push((at, size));
+                    }
+                    None => {
+                        prop_assert_eq!(&a, &before, "a failed allocation takes nothing");
+                        prop_assert_eq!(lowest_fit(&before, size, align, max), None, "something fitted");
+                    }
+                }
+            }
+        }
+    }
+
+    // The lowest aligned IOVA at which `size` bytes lie in one free extent of `a`, ending
+    // at or below `max`: computed apart from the allocator's loop.
+    fn lowest_fit(a: &IovaAllocator, size: u64, align: u64, max: u64) -> Option<u64> {
+        a.free
+            .iter()
+            .filter_map(|&(s, e)| {
+                let at = s.checked_next_multiple_of(align)?;
+                (at.checked_add(size - 1)? <= e.min(max)).then_some(at)
+            })
+            .min()
     }
 }

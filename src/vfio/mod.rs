@@ -59,6 +59,7 @@
 //!   removal, and the process never exits.
 
 mod caps;
+mod constraints;
 mod dma;
 pub mod fault;
 pub mod holders;
@@ -83,6 +84,8 @@ use parking_lot::Mutex;
 
 pub use caps::parse_iova_ranges;
 pub use caps::{InfoError, IommuInfo, RegionInfo, parse_iommu_info, parse_region_info, region_flags};
+pub use constraints::DmaConstraints;
+pub use dma::{CallerMemory, NotPageAligned, PageBuffer};
 pub use dma::{
     DmaBuffer, DmaObj, DmaRegion, HUGE_PAGE, HugePageSize, IovaQuarantine, PAGE, Scalar, munmap_failures,
 };
@@ -433,6 +436,21 @@ pub enum VfioError {
     IovaExhausted {
         /// Bytes asked for.
         size: u64,
+    },
+    /// No free IOVA range of this size and alignment ends at or below the device's address
+    /// limit (a [`DmaConstraints`] address limit), though
+    /// the IOMMU may have room above it.
+    #[error(
+        "no free IOVA range of {size} bytes aligned to {align:#x} ends at or below {max_iova:#x}, the device's address limit"
+    )]
+    IovaExhaustedBelow {
+        /// Bytes asked for.
+        size: u64,
+        /// The alignment used (the largest of what was asked, the buffer's page size and
+        /// the IOMMU's smallest page).
+        align: u64,
+        /// The highest IOVA the device can reach.
+        max_iova: u64,
     },
     /// An eventfd could not be created.
     #[error("cannot create an eventfd")]

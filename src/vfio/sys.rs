@@ -498,8 +498,9 @@ pub(crate) fn iommu_get_info(container: BorrowedFd<'_>) -> io::Result<Vec<u8>> {
     unsafe { ioctl_chain(container, IOMMU_GET_INFO, &header) }
 }
 
-/// `VFIO_IOMMU_MAP_DMA`: lets the container's devices read and write `size` bytes of this
-/// process's memory at `vaddr` through IOVA `iova`.
+/// `VFIO_IOMMU_MAP_DMA`: lets the container's devices read `size` bytes of this process's
+/// memory at `vaddr` through IOVA `iova`, and write them if `device_writes`
+/// (`VFIO_DMA_MAP_FLAG_READ`, and `VFIO_DMA_MAP_FLAG_WRITE` when it does).
 ///
 /// # Safety
 ///
@@ -514,9 +515,10 @@ pub(crate) unsafe fn iommu_map_dma(
     vaddr: u64,
     iova: u64,
     size: u64,
+    device_writes: bool,
 ) -> io::Result<()> {
     let mut map = DmaMap {
-        flags: DMA_MAP_FLAG_READ | DMA_MAP_FLAG_WRITE,
+        flags: type1_map_flags(device_writes),
         vaddr,
         iova,
         size,
@@ -627,9 +629,10 @@ pub(crate) fn ioas_iova_ranges(iommufd: BorrowedFd<'_>, ioas: u32) -> io::Result
     ))
 }
 
-/// `IOMMU_IOAS_MAP`, read and write: lets the devices attached to `ioas` reach `size`
-/// bytes of this process's memory at `vaddr`, at IOVA `iova` if given (FIXED_IOVA), else
-/// where the kernel chooses. Returns the IOVA.
+/// `IOMMU_IOAS_MAP`: lets the devices attached to `ioas` read `size` bytes of this
+/// process's memory at `vaddr` (`IOMMU_IOAS_MAP_READABLE`), and write them if
+/// `device_writes` (`IOMMU_IOAS_MAP_WRITEABLE`), at IOVA `iova` if given (FIXED_IOVA),
+/// else where the kernel chooses. Returns the IOVA.
 ///
 /// # Safety
 ///
@@ -642,9 +645,10 @@ pub(crate) unsafe fn ioas_map(
     vaddr: u64,
     iova: Option<u64>,
     size: u64,
+    device_writes: bool,
 ) -> io::Result<u64> {
     let mut map = IoasMap {
-        flags: IOAS_MAP_READABLE | IOAS_MAP_WRITEABLE | if iova.is_some() { IOAS_MAP_FIXED_IOVA } else { 0 },
+        flags: ioas_map_flags(iova.is_some(), device_writes),
         ioas_id: ioas,
         user_va: vaddr,
         length: size,
@@ -655,6 +659,19 @@ pub(crate) unsafe fn ioas_map(
     // is the caller's promise.
     unsafe { ioctl_struct(iommufd, IOMMU_IOAS_MAP, &mut map) }?;
     Ok(map.iova)
+}
+
+/// The flags of an `IOMMU_IOAS_MAP`: readable always, writeable if the device writes,
+/// fixed IOVA if one is given.
+fn ioas_map_flags(fixed: bool, device_writes: bool) -> u32 {
+    IOAS_MAP_READABLE
+        | if device_writes { IOAS_MAP_WRITEABLE } else { 0 }
+        | if fixed { IOAS_MAP_FIXED_IOVA } else { 0 }
+}
+
+/// The flags of a `VFIO_IOMMU_MAP_DMA`: read always, write if the device writes.
+fn type1_map_flags(device_writes: bool) -> u32 {
+    DMA_MAP_FLAG_READ | if device_writes { DMA_MAP_FLAG_WRITE } else { 0 }
 }
 
 /// `IOMMU_IOAS_UNMAP` of `size` bytes at `iova`: returns the bytes the kernel unmapped.
@@ -676,6 +693,22 @@ mod tests {
     use std::os::fd::AsFd;
 
     use super::*;
+
+    // Issue 16 §3: memory the device may only read is mapped without write permission, on
+    // both backends (the values are those of <linux/vfio.h> and <linux/iommufd.h>).
+    #[test]
+    fn read_only_maps_ask_for_no_write_permission() {
+        assert_eq!(type1_map_flags(true), 0b11, "READ | WRITE");
+        assert_eq!(type1_map_flags(false), 0b01, "READ only");
+        assert_eq!(
+            ioas_map_flags(true, true),
+            0b111,
+            "FIXED_IOVA | WRITEABLE | READABLE"
+        );
+        assert_eq!(ioas_map_flags(false, true), 0b110);
+        assert_eq!(ioas_map_flags(true, false), 0b101, "READABLE, no WRITEABLE");
+        assert_eq!(ioas_map_flags(false, false), 0b100);
+    }
 
     #[test]
     fn a_revoked_fd_no_longer_holds_its_file() {
