@@ -13,6 +13,7 @@
 
 pub mod attach;
 pub mod backing;
+pub mod bar;
 /// Claims moved below the scanner, to [`crate::removal::claim`]; this path stays for users.
 pub use crate::removal::claim;
 pub mod devargs;
@@ -24,6 +25,7 @@ pub mod probe;
 
 pub use attach::{Attach, AttachError, Attached, BindPolicy, Release, VfioAttach};
 pub use backing::{BackingError, DeviceBacking, DmaMemory, RegisterIo, VfioBacking};
+pub use bar::{BarInfo, BarKind, DeviceRegion};
 pub use driver::{Driver, DriverError, DriverPanicked, ProbeDevice, ProbeOutcome, Removal, RemovalCause};
 pub use fault::{BarFault, FaultReason};
 pub use probe::{
