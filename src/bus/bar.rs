@@ -116,7 +116,7 @@ impl BarInfo {
             kind,
             size,
             prefetchable: false,
-            mmap_areas: if size > 0 { vec![0..size] } else { Vec::new() },
+            mmap_areas: std::iter::once(0..size).filter(|r| !r.is_empty()).collect(),
         }
     }
 

@@ -485,12 +485,12 @@ mod tests {
             bar in 1u64..1 << 20, offset in any::<u64>(), len in any::<u64>(),
             at in any::<u64>(), width in prop_oneof![Just(1usize), Just(2), Just(4), Just(8)],
         ) {
-            if let Some(w) = Window::new(bar, offset % bar, len % bar) {
-                if let Some(b) = w.at(at, width) {
-                    prop_assert!(b >= w.base && b + width as u64 <= w.base + w.len);
-                    prop_assert!(b + width as u64 <= bar);
-                    prop_assert_eq!(b % width as u64, 0);
-                }
+            if let Some(w) = Window::new(bar, offset % bar, len % bar)
+                && let Some(b) = w.at(at, width)
+            {
+                prop_assert!(b >= w.base && b + width as u64 <= w.base + w.len);
+                prop_assert!(b + width as u64 <= bar);
+                prop_assert_eq!(b % width as u64, 0);
             }
         }
 
