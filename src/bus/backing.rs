@@ -66,7 +66,10 @@ pub enum BackingError {
     },
 }
 
-/// A mapped BAR: 32- and 64-bit register accesses at byte offsets.
+/// A mapped BAR, or a window of one ([`DeviceBacking::map_bar_range`]): 8-, 16-, 32- and
+/// 64-bit register accesses at byte offsets, each one access of exactly its width,
+/// naturally aligned (a misaligned or outside access is [`BackingError::OutOfRange`]).
+/// An I/O-port BAR has no 8-byte accesses ([`BackingError::Unsupported`]).
 ///
 /// A device that is gone reads all-ones (a surprise-removed VFIO device whose BAR faulted
 /// reads `0xffff_ffff` once [`crate::vfio::fault`] replaced the mapping); drivers treat
@@ -404,5 +407,38 @@ impl DeviceBacking for VfioBacking {
         self.device
             .write_region(index, offset, buf)
             .map_err(register_error)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // A driver matches one variant for a bad offset whichever backing it runs on, and an
+    // I/O BAR's missing 8-byte access is "unsupported", not "the device failed".
+    #[test]
+    fn vfio_register_errors_are_said_in_the_backing_s_terms() {
+        let address: PciAddress = "0000:00:03.0".parse().unwrap();
+        let e = register_error(VfioError::OutOfRange {
+            address,
+            region: 2,
+            offset: 0x21,
+            len: 4,
+        });
+        assert!(
+            matches!(&e, BackingError::OutOfRange { what, offset: 0x21, len: 4, .. } if what == "BAR 2"),
+            "{e:?}"
+        );
+        let e = register_error(VfioError::IoPortWidth {
+            address,
+            region: 2,
+            offset: 0,
+        });
+        assert!(matches!(e, BackingError::Unsupported { .. }), "{e:?}");
+        let e = register_error(VfioError::Revoked { address });
+        assert!(
+            matches!(e, BackingError::Vfio(VfioError::Revoked { .. })),
+            "{e:?}"
+        );
     }
 }
