@@ -87,6 +87,18 @@ impl RegisterIo for GatedRegs {
     fn write64(&self, offset: u64, value: u64) -> Result<(), BackingError> {
         self.inner.write64(offset, value)
     }
+    fn read8(&self, offset: u64) -> Result<u8, BackingError> {
+        self.inner.read8(offset)
+    }
+    fn write8(&self, offset: u64, value: u8) -> Result<(), BackingError> {
+        self.inner.write8(offset, value)
+    }
+    fn read16(&self, offset: u64) -> Result<u16, BackingError> {
+        self.inner.read16(offset)
+    }
+    fn write16(&self, offset: u64, value: u16) -> Result<(), BackingError> {
+        self.inner.write16(offset, value)
+    }
 }
 
 impl DeviceBacking for Gated {

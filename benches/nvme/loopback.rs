@@ -417,4 +417,24 @@ impl RegisterIo for LoopRegs {
         self.write32(offset, value as u32)?;
         self.write32(offset + 4, (value >> 32) as u32)
     }
+    // The driver makes no narrow accesses to an NVMe controller; the bench never sees one.
+    fn read8(&self, offset: u64) -> Result<u8, BackingError> {
+        Ok((self.read32(offset & !3)? >> ((offset & 3) * 8)) as u8)
+    }
+    fn write8(&self, _offset: u64, _value: u8) -> Result<(), BackingError> {
+        Err(narrow_write())
+    }
+    fn read16(&self, offset: u64) -> Result<u16, BackingError> {
+        Ok((self.read32(offset & !3)? >> ((offset & 2) * 8)) as u16)
+    }
+    fn write16(&self, _offset: u64, _value: u16) -> Result<(), BackingError> {
+        Err(narrow_write())
+    }
+}
+
+fn narrow_write() -> BackingError {
+    BackingError::Unsupported {
+        address: "0000:00:04.0".parse().expect("address"),
+        operation: "a narrow write to the loopback controller",
+    }
 }

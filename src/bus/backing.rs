@@ -24,6 +24,7 @@ use std::sync::Arc;
 
 use crate::addr::PciAddress;
 use crate::bus::interrupt::{Interrupt, InterruptError, InterruptKind, check_count, new_interrupts};
+use crate::bus::bar::{BarInfo, DeviceRegion};
 use crate::vfio::{DmaBuffer, DmaConstraints, DmaRegion, MappedBar, VfioDevice, VfioError};
 
 // The Command register and the bits of it the bus sets.
@@ -100,7 +101,10 @@ pub enum BackingError {
     },
 }
 
-/// A mapped BAR: 32- and 64-bit register accesses at byte offsets.
+/// A mapped BAR, or a window of one ([`DeviceBacking::map_bar_range`]): 8-, 16-, 32- and
+/// 64-bit register accesses at byte offsets, each one access of exactly its width,
+/// naturally aligned (a misaligned or outside access is [`BackingError::OutOfRange`]).
+/// An I/O-port BAR has no 8-byte accesses ([`BackingError::Unsupported`]).
 ///
 /// A device that is gone reads all-ones (a surprise-removed VFIO device whose BAR faulted
 /// reads `0xffff_ffff` once [`crate::vfio::fault`] replaced the mapping); drivers treat
@@ -120,6 +124,36 @@ pub trait RegisterIo: Send + Sync + fmt::Debug {
     fn read64(&self, offset: u64) -> Result<u64, BackingError>;
     /// A 64-bit write at `offset`.
     fn write64(&self, offset: u64, value: u64) -> Result<(), BackingError>;
+
+    // Issue 16 §2: narrow accesses and ordered doorbell writes.
+
+    /// An 8-bit read at `offset`: one access of exactly that width (a device register
+    /// may have side effects on its neighbours' bytes, so it is never a wider access).
+    fn read8(&self, offset: u64) -> Result<u8, BackingError>;
+    /// An 8-bit write at `offset`, of exactly that width.
+    fn write8(&self, offset: u64, value: u8) -> Result<(), BackingError>;
+    /// A 16-bit read at `offset` (2-byte aligned: otherwise [`BackingError::OutOfRange`]),
+    /// of exactly that width (virtio's common configuration has 16-bit fields).
+    fn read16(&self, offset: u64) -> Result<u16, BackingError>;
+    /// A 16-bit write at `offset` (2-byte aligned), of exactly that width.
+    fn write16(&self, offset: u64, value: u16) -> Result<(), BackingError>;
+
+    /// A 32-bit write that the device sees after every store this thread made to DMA
+    /// memory before it: [`dma_wmb`](crate::barrier::dma_wmb), then
+    /// [`write32`](Self::write32). For a doorbell that publishes descriptors or
+    /// submission entries. Linux's `writel` is the same pair (its `writel_relaxed` is
+    /// the bare store, as `write32` here); SPDK puts `spdk_wmb` before its doorbell
+    /// stores. On x86-64 the barrier costs no instruction.
+    fn write32_after_dma(&self, offset: u64, value: u32) -> Result<(), BackingError> {
+        crate::barrier::dma_wmb();
+        self.write32(offset, value)
+    }
+    /// [`write32_after_dma`](Self::write32_after_dma) for a 16-bit doorbell (virtio's
+    /// queue notification is a 16-bit write of the queue index).
+    fn write16_after_dma(&self, offset: u64, value: u16) -> Result<(), BackingError> {
+        crate::barrier::dma_wmb();
+        self.write16(offset, value)
+    }
 }
 
 /// Memory the device can reach by DMA: a [`DmaBuffer`] (atomic, aligned accesses; no
@@ -404,6 +438,61 @@ pub trait DeviceBacking: Clone + Send + Sync + fmt::Debug + 'static {
             operation: "unmapping DMA memory back to its buffer",
         })
     }
+
+    // Issue 16 §2: BARs without mapping them, windows of BARs, device-specific regions.
+
+    /// What BAR `index` (0–5) is, without mapping it: kind, size, prefetchable, which
+    /// parts [`map_bar`](Self::map_bar) mmaps. For VFIO, from the region info and the
+    /// flag bits of the BAR's config-space register (read, never sized by writing).
+    /// Index 6 and up is [`BackingError::OutOfRange`].
+    ///
+    /// Default: [`BackingError::Unsupported`] (a backing that does not know; guessing
+    /// from a mapping's length would hide that it cannot say the kind).
+    fn bar_info(&self, index: u32) -> Result<BarInfo, BackingError> {
+        let _ = index;
+        Err(BackingError::Unsupported {
+            address: self.address(),
+            operation: "bar_info",
+        })
+    }
+    /// Maps `len` bytes of BAR `index` from `offset`: registers whose offsets are
+    /// relative to the window and whose [`len`](RegisterIo::len) is `len`; accesses
+    /// outside it fail with [`BackingError::OutOfRange`] (so do a window that is empty or
+    /// leaves the BAR). Accesses stay naturally aligned within the BAR. Only the pages
+    /// holding the window are mapped (the rounding is the backing's business). For
+    /// drivers that reach one structure in a shared BAR (a virtio capability).
+    ///
+    /// Default: [`BackingError::Unsupported`].
+    fn map_bar_range(&self, index: u32, offset: u64, len: u64) -> Result<Self::Registers, BackingError> {
+        let _ = (index, offset, len);
+        Err(BackingError::Unsupported {
+            address: self.address(),
+            operation: "map_bar_range",
+        })
+    }
+    /// The device-specific regions (VFIO region index 9 and up), in index order.
+    /// Default: none.
+    fn regions(&self) -> Vec<DeviceRegion> {
+        Vec::new()
+    }
+    /// Reads device-specific region `index` at `offset` into `buf` (any length within the
+    /// region). Default: [`BackingError::Unsupported`].
+    fn read_region(&self, index: u32, offset: u64, buf: &mut [u8]) -> Result<(), BackingError> {
+        let _ = (index, offset, buf);
+        Err(BackingError::Unsupported {
+            address: self.address(),
+            operation: "read_region",
+        })
+    }
+    /// Writes `buf` to device-specific region `index` at `offset`. Default:
+    /// [`BackingError::Unsupported`].
+    fn write_region(&self, index: u32, offset: u64, buf: &[u8]) -> Result<(), BackingError> {
+        let _ = (index, offset, buf);
+        Err(BackingError::Unsupported {
+            address: self.address(),
+            operation: "write_region",
+        })
+    }
 }
 
 /// [`DeviceBacking::map_dma`] failed: why, and the buffer, unmapped, back.
@@ -541,21 +630,58 @@ fn irq_error(e: VfioError, kind: InterruptKind) -> BackingError {
     }
 }
 
+// The register errors a driver matches on, in the backing's terms: a bad offset is
+// OutOfRange whichever backing said it, an I/O-port BAR's missing 8-byte access is
+// Unsupported.
+fn register_error(e: VfioError) -> BackingError {
+    match e {
+        VfioError::OutOfRange {
+            address,
+            region,
+            offset,
+            len,
+        } => BackingError::OutOfRange {
+            address,
+            what: format!("BAR {region}"),
+            offset,
+            len,
+        },
+        VfioError::IoPortWidth { address, .. } => BackingError::Unsupported {
+            address,
+            operation: "an 8-byte access to an I/O-port BAR",
+        },
+        e => BackingError::Vfio(e),
+    }
+}
+
 impl RegisterIo for MappedBar {
     fn len(&self) -> u64 {
-        self.info().size
+        let window = self.window();
+        window.end - window.start
     }
     fn read32(&self, offset: u64) -> Result<u32, BackingError> {
-        Ok(MappedBar::read32(self, offset)?)
+        MappedBar::read32(self, offset).map_err(register_error)
     }
     fn write32(&self, offset: u64, value: u32) -> Result<(), BackingError> {
-        Ok(MappedBar::write32(self, offset, value)?)
+        MappedBar::write32(self, offset, value).map_err(register_error)
     }
     fn read64(&self, offset: u64) -> Result<u64, BackingError> {
-        Ok(MappedBar::read64(self, offset)?)
+        MappedBar::read64(self, offset).map_err(register_error)
     }
     fn write64(&self, offset: u64, value: u64) -> Result<(), BackingError> {
-        Ok(MappedBar::write64(self, offset, value)?)
+        MappedBar::write64(self, offset, value).map_err(register_error)
+    }
+    fn read8(&self, offset: u64) -> Result<u8, BackingError> {
+        MappedBar::read8(self, offset).map_err(register_error)
+    }
+    fn write8(&self, offset: u64, value: u8) -> Result<(), BackingError> {
+        MappedBar::write8(self, offset, value).map_err(register_error)
+    }
+    fn read16(&self, offset: u64) -> Result<u16, BackingError> {
+        MappedBar::read16(self, offset).map_err(register_error)
+    }
+    fn write16(&self, offset: u64, value: u16) -> Result<(), BackingError> {
+        MappedBar::write16(self, offset, value).map_err(register_error)
     }
 }
 
@@ -728,6 +854,44 @@ impl DeviceBacking for VfioBacking {
     fn unmap_dma(&self, dma: DmaRegion) -> Result<DmaBuffer, BackingError> {
         Ok(dma.unmap()?)
     }
+    fn bar_info(&self, index: u32) -> Result<BarInfo, BackingError> {
+        if index >= crate::vfio::ROM_REGION {
+            return Err(BackingError::OutOfRange {
+                address: self.address(),
+                what: format!("BAR {index}"),
+                offset: 0,
+                len: 0,
+            });
+        }
+        // A BAR VFIO reports no region for (a device with fewer regions) is absent.
+        let Ok(region) = self.device.region(index) else {
+            return Ok(BarInfo::absent(index));
+        };
+        if region.size == 0 {
+            return Ok(BarInfo::absent(index));
+        }
+        Ok(BarInfo::from_vfio(region, self.device.bar_register(index)?))
+    }
+    fn map_bar_range(&self, index: u32, offset: u64, len: u64) -> Result<MappedBar, BackingError> {
+        self.device
+            .map_bar_range(index, offset, len)
+            .map_err(register_error)
+    }
+    fn regions(&self) -> Vec<DeviceRegion> {
+        (crate::bus::bar::FIRST_DEVICE_REGION..self.device.num_regions())
+            .filter_map(|index| DeviceRegion::from_vfio(self.device.region(index).ok()?))
+            .collect()
+    }
+    fn read_region(&self, index: u32, offset: u64, buf: &mut [u8]) -> Result<(), BackingError> {
+        self.device
+            .read_region(index, offset, buf)
+            .map_err(register_error)
+    }
+    fn write_region(&self, index: u32, offset: u64, buf: &[u8]) -> Result<(), BackingError> {
+        self.device
+            .write_region(index, offset, buf)
+            .map_err(register_error)
+    }
 }
 
 /// A VFIO DMA error as the backing says it: an address limit nothing fits under is
@@ -745,5 +909,38 @@ fn vfio_dma_error(address: PciAddress, e: VfioError) -> BackingError {
             max_iova,
         },
         e => BackingError::Vfio(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // A driver matches one variant for a bad offset whichever backing it runs on, and an
+    // I/O BAR's missing 8-byte access is "unsupported", not "the device failed".
+    #[test]
+    fn vfio_register_errors_are_said_in_the_backing_s_terms() {
+        let address: PciAddress = "0000:00:03.0".parse().unwrap();
+        let e = register_error(VfioError::OutOfRange {
+            address,
+            region: 2,
+            offset: 0x21,
+            len: 4,
+        });
+        assert!(
+            matches!(&e, BackingError::OutOfRange { what, offset: 0x21, len: 4, .. } if what == "BAR 2"),
+            "{e:?}"
+        );
+        let e = register_error(VfioError::IoPortWidth {
+            address,
+            region: 2,
+            offset: 0,
+        });
+        assert!(matches!(e, BackingError::Unsupported { .. }), "{e:?}");
+        let e = register_error(VfioError::Revoked { address });
+        assert!(
+            matches!(e, BackingError::Vfio(VfioError::Revoked { .. })),
+            "{e:?}"
+        );
     }
 }

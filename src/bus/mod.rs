@@ -13,6 +13,7 @@
 
 pub mod attach;
 pub mod backing;
+pub mod bar;
 /// Claims moved below the scanner, to [`crate::removal::claim`]; this path stays for users.
 pub use crate::removal::claim;
 pub mod devargs;
@@ -27,6 +28,7 @@ pub mod probe;
 pub use attach::{Attach, AttachError, Attached, BindPolicy, Release, VfioAttach};
 pub use backing::{BackingError, DeviceBacking, DmaMemory, MapDmaError, RegisterIo, VfioBacking};
 pub use dma::{DmaBlock, DmaConstraints, DmaPool, DmaPoolOptions};
+pub use bar::{BarInfo, BarKind, DeviceRegion};
 pub use driver::{Driver, DriverError, DriverPanicked, ProbeDevice, ProbeOutcome, Removal, RemovalCause};
 pub use fault::{BarFault, FaultReason};
 pub use interrupt::{Interrupt, InterruptError, InterruptKind};

@@ -1,11 +1,13 @@
 //! A device in memory behind [`DeviceBacking`], and an [`Attach`] that hands such devices to
 //! a [`Bus`](crate::bus::Bus): for tests of drivers and of the bus without hardware.
 //!
-//! [`FakeBacking`] has RAM BARs (32-bit cells; reads return what was written), a config
-//! space, DMA memory at made-up IOVAs (honouring [`DmaConstraints`] as VFIO does: under the
-//! address limit, aligned, or [`BackingError::NoDmaAddress`]), caller memory mapped and
-//! unmapped ([`DeviceBacking::map_dma`]), and a "gone" switch after which every register
-//! reads all-ones, as a surprise-removed device does. [`FakeAttach`] opens a
+//! [`FakeBacking`] has RAM BARs (reads return what was written, at any width) laid out as
+//! a [`FakeLayout`] says (sizes, kinds, an I/O-port BAR, device-specific regions), a
+//! config space whose BAR registers say the kinds, DMA memory at made-up IOVAs (honouring
+//! [`DmaConstraints`] as VFIO does: under the address limit, aligned, or
+//! [`BackingError::NoDmaAddress`]), caller memory mapped and unmapped
+//! ([`DeviceBacking::map_dma`]), and a "gone" switch after which every register reads
+//! all-ones, as a surprise-removed device does. [`FakeAttach`] opens a
 //! [`FakeBacking`] per device, gives each a request eventfd the test can fire
 //! ([`FakeAttach::request_removal`]), and logs every attach and detach.
 //!
@@ -33,19 +35,95 @@ use parking_lot::Mutex;
 use crate::addr::PciAddress;
 use crate::bus::attach::{Attach, AttachError, Attached, Release};
 use crate::bus::backing::{BackingError, DeviceBacking, DmaMemory, MapDmaError, RegisterIo};
+use crate::bus::bar::{BAR0, BarInfo, BarKind, DeviceRegion};
 use crate::bus::interrupt::{
     Interrupt, InterruptError, InterruptKind, NO_ERR_REASON, NORESIZE_REASON, check_count, new_interrupts,
 };
 use crate::record::DeviceRecord;
+use crate::vfio::bar::Window;
 use crate::vfio::{DmaBuffer, DmaConstraints, IovaAllocator, PAGE};
 
-/// Size of each fake BAR.
+/// Size of each BAR of the default [`FakeLayout`].
 pub const FAKE_BAR_SIZE: u64 = 0x4000;
+
+/// The BARs and device-specific regions of a [`FakeBacking`]: by default
+/// ([`FakeLayout::new`]) six 32-bit memory BARs of [`FAKE_BAR_SIZE`] bytes, mapped whole,
+/// and no regions. A builder by value:
+///
+/// ```
+/// use pcibus::bus::{BarInfo, DeviceRegion};
+/// use pcibus::testing::backing::FakeLayout;
+/// // e1000e's layout: 128 KiB of registers, an I/O BAR of 32 bytes, the MSI-X BAR.
+/// let layout = FakeLayout::empty()
+///     .bar(BarInfo::memory32(0, 0x2_0000))
+///     .bar(BarInfo::io(2, 0x20))
+///     .bar(BarInfo::memory32(3, 0x4000))
+///     .region(DeviceRegion::new(9, 0x100, 1 << 31 | 0x8086, 1).read_only());
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FakeLayout {
+    bars: [BarInfo; 6],
+    regions: Vec<DeviceRegion>,
+}
+
+impl Default for FakeLayout {
+    fn default() -> Self {
+        FakeLayout {
+            bars: std::array::from_fn(|i| BarInfo::memory32(i as u32, FAKE_BAR_SIZE)),
+            regions: Vec::new(),
+        }
+    }
+}
+
+impl FakeLayout {
+    /// Six 32-bit memory BARs of [`FAKE_BAR_SIZE`] bytes, no regions.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// No BAR and no region.
+    pub fn empty() -> Self {
+        FakeLayout {
+            bars: std::array::from_fn(|i| BarInfo::absent(i as u32)),
+            regions: Vec::new(),
+        }
+    }
+
+    /// The same with `bar` in its slot (`bar.index`, 0–5; others are ignored). A 64-bit
+    /// BAR takes the next slot too, as its upper half. Its contents are RAM of its size
+    /// rounded up to 4 bytes.
+    pub fn bar(mut self, bar: BarInfo) -> Self {
+        let i = bar.index as usize;
+        if i < 6 {
+            if bar.is_64bit() && i + 1 < 6 {
+                self.bars[i + 1] = BarInfo::absent(bar.index + 1);
+            }
+            self.bars[i] = bar;
+        }
+        self
+    }
+
+    /// The same with a device-specific `region` (index 9 and up; a region of the same
+    /// index is replaced), zero-filled.
+    pub fn region(mut self, region: DeviceRegion) -> Self {
+        self.regions.retain(|r| r.index != region.index);
+        self.regions.push(region);
+        self.regions.sort_by_key(|r| r.index);
+        self
+    }
+}
+
+#[derive(Debug)]
+struct FakeBar {
+    info: BarInfo,
+    cells: Arc<[AtomicU32]>,
+}
 
 #[derive(Debug)]
 struct Inner {
     address: PciAddress,
-    bars: [Arc<[AtomicU32]>; 6],
+    bars: [FakeBar; 6],
+    regions: Vec<(DeviceRegion, Mutex<Vec<u8>>)>,
     config: Mutex<Vec<u8>>,
     gone: AtomicBool,
     revocable: bool,
@@ -144,6 +222,12 @@ impl FakeBacking {
     /// memory decoding on (Command register `0x0002`), with six
     /// zeroed BARs of [`FAKE_BAR_SIZE`] bytes and 16 MSI-X vectors.
     pub fn new(record: &DeviceRecord) -> Self {
+        Self::with_layout(record, FakeLayout::new())
+    }
+
+    /// [`new`](Self::new) with the BARs and regions of `layout`; the config space's BAR
+    /// registers hold the kinds' flag bits ([`BarInfo::register_bits`]).
+    pub fn with_layout(record: &DeviceRecord, layout: FakeLayout) -> Self {
         let mut config = vec![0u8; 4096];
         // Memory Space Enable, as vfio-pci's open of a device with memory BARs sets it.
         config[4] = 0x02;
@@ -154,11 +238,27 @@ impl FakeBacking {
         if let Some(class) = record.class {
             config[9..12].copy_from_slice(&class.value().to_le_bytes()[..3]);
         }
-        let bar = || -> Arc<[AtomicU32]> { (0..FAKE_BAR_SIZE / 4).map(|_| AtomicU32::new(0)).collect() };
+        for bar in &layout.bars {
+            let at = (BAR0 + 4 * u64::from(bar.index)) as usize;
+            config[at..at + 4].copy_from_slice(&bar.register_bits().to_le_bytes());
+        }
+        let FakeLayout { bars, regions } = layout;
+        let bars = bars.map(|info| FakeBar {
+            cells: (0..info.size.div_ceil(4)).map(|_| AtomicU32::new(0)).collect(),
+            info,
+        });
+        let regions = regions
+            .into_iter()
+            .map(|r| {
+                let bytes = vec![0u8; usize::try_from(r.size).unwrap_or(usize::MAX)];
+                (r, Mutex::new(bytes))
+            })
+            .collect();
         FakeBacking {
             inner: Arc::new(Inner {
                 address: record.address,
-                bars: [bar(), bar(), bar(), bar(), bar(), bar()],
+                bars,
+                regions,
                 config: Mutex::new(config),
                 gone: AtomicBool::new(false),
                 revocable: true,
@@ -313,69 +413,108 @@ impl FakeBacking {
     }
 }
 
-/// A mapped fake BAR.
+/// A mapped fake BAR, or a window of one ([`DeviceBacking::map_bar_range`]). Accesses of
+/// every width are atomic on the BAR's RAM; an I/O-port BAR refuses 8-byte accesses with
+/// [`BackingError::Unsupported`], as VFIO's does.
 #[derive(Debug, Clone)]
 pub struct FakeRegisters {
     device: FakeBacking,
     index: u32,
+    window: Window,
 }
 
 impl FakeRegisters {
-    fn cell(&self, offset: u64, len: usize) -> Result<(&AtomicU32, usize), BackingError> {
-        let oob = || BackingError::OutOfRange {
-            address: self.device.inner.address,
-            what: format!("BAR {}", self.index),
-            offset,
-            len,
-        };
-        if !offset.is_multiple_of(len as u64) || offset + len as u64 > FAKE_BAR_SIZE {
-            return Err(oob());
+    fn bar(&self) -> &FakeBar {
+        &self.device.inner.bars[self.index as usize]
+    }
+
+    // The cell and the bit shift of an access of `width` bytes at window offset `offset`.
+    fn place(&self, offset: u64, width: usize) -> Result<(&AtomicU32, u32), BackingError> {
+        let address = self.device.inner.address;
+        if width == 8 && self.bar().info.kind == BarKind::Io {
+            return Err(BackingError::Unsupported {
+                address,
+                operation: "an 8-byte access to an I/O-port BAR",
+            });
         }
-        let cells = &self.device.inner.bars[self.index as usize];
-        Ok((&cells[(offset / 4) as usize], (offset / 4) as usize))
+        let at = self
+            .window
+            .at(offset, width)
+            .ok_or_else(|| BackingError::OutOfRange {
+                address,
+                what: format!("BAR {}", self.index),
+                offset,
+                len: width,
+            })?;
+        let cell = &self.bar().cells[(at / 4) as usize];
+        Ok((cell, (at % 4) as u32 * 8))
     }
 
     fn gone(&self) -> bool {
         self.device.inner.gone.load(Ordering::Acquire)
     }
+
+    fn read_lanes(&self, offset: u64, width: usize) -> Result<u32, BackingError> {
+        let (cell, shift) = self.place(offset, width)?;
+        let mask = u32::MAX >> (32 - 8 * width as u32);
+        Ok(if self.gone() {
+            mask
+        } else {
+            (cell.load(Ordering::Acquire) >> shift) & mask
+        })
+    }
+
+    fn write_lanes(&self, offset: u64, width: usize, value: u32) -> Result<(), BackingError> {
+        let (cell, shift) = self.place(offset, width)?;
+        if !self.gone() {
+            let mask = (u32::MAX >> (32 - 8 * width as u32)) << shift;
+            // The other bytes of the cell stay as they are, even under concurrent writes.
+            let _ = cell.fetch_update(Ordering::AcqRel, Ordering::Acquire, |old| {
+                Some(old & !mask | (value << shift) & mask)
+            });
+        }
+        Ok(())
+    }
 }
 
 impl RegisterIo for FakeRegisters {
     fn len(&self) -> u64 {
-        FAKE_BAR_SIZE
+        self.window.len
     }
     fn read32(&self, offset: u64) -> Result<u32, BackingError> {
-        let (cell, _) = self.cell(offset, 4)?;
-        Ok(if self.gone() {
-            u32::MAX
-        } else {
-            cell.load(Ordering::Acquire)
-        })
+        self.read_lanes(offset, 4)
     }
     fn write32(&self, offset: u64, value: u32) -> Result<(), BackingError> {
-        let (cell, _) = self.cell(offset, 4)?;
-        if !self.gone() {
-            cell.store(value, Ordering::Release);
-        }
-        Ok(())
+        self.write_lanes(offset, 4, value)
     }
     fn read64(&self, offset: u64) -> Result<u64, BackingError> {
-        let (_, i) = self.cell(offset, 8)?;
+        let (low, _) = self.place(offset, 8)?;
+        let (high, _) = self.place(offset + 4, 4)?;
         if self.gone() {
             return Ok(u64::MAX);
         }
-        let cells = &self.device.inner.bars[self.index as usize];
-        Ok(u64::from(cells[i].load(Ordering::Acquire))
-            | u64::from(cells[i + 1].load(Ordering::Acquire)) << 32)
+        Ok(u64::from(low.load(Ordering::Acquire)) | u64::from(high.load(Ordering::Acquire)) << 32)
     }
     fn write64(&self, offset: u64, value: u64) -> Result<(), BackingError> {
-        let (_, i) = self.cell(offset, 8)?;
+        let (low, _) = self.place(offset, 8)?;
+        let (high, _) = self.place(offset + 4, 4)?;
         if !self.gone() {
-            let cells = &self.device.inner.bars[self.index as usize];
-            cells[i].store(value as u32, Ordering::Release);
-            cells[i + 1].store((value >> 32) as u32, Ordering::Release);
+            low.store(value as u32, Ordering::Release);
+            high.store((value >> 32) as u32, Ordering::Release);
         }
         Ok(())
+    }
+    fn read8(&self, offset: u64) -> Result<u8, BackingError> {
+        Ok(self.read_lanes(offset, 1)? as u8)
+    }
+    fn write8(&self, offset: u64, value: u8) -> Result<(), BackingError> {
+        self.write_lanes(offset, 1, value.into())
+    }
+    fn read16(&self, offset: u64) -> Result<u16, BackingError> {
+        Ok(self.read_lanes(offset, 2)? as u16)
+    }
+    fn write16(&self, offset: u64, value: u16) -> Result<(), BackingError> {
+        self.write_lanes(offset, 2, value.into())
     }
 }
 
@@ -438,19 +577,8 @@ impl DeviceBacking for FakeBacking {
         self.inner.address
     }
     fn map_bar(&self, index: u32) -> Result<FakeRegisters, BackingError> {
-        self.live()?;
-        if index >= 6 {
-            return Err(BackingError::OutOfRange {
-                address: self.inner.address,
-                what: format!("BAR {index}"),
-                offset: 0,
-                len: 0,
-            });
-        }
-        Ok(FakeRegisters {
-            device: self.clone(),
-            index,
-        })
+        let size = self.existing_bar(index)?.size;
+        self.map_bar_range(index, 0, size)
     }
     fn alloc_dma(&self, len: usize) -> Result<FakeDma, BackingError> {
         self.alloc_dma_with(len, &DmaConstraints::new())
@@ -667,6 +795,97 @@ impl DeviceBacking for FakeBacking {
         }
         self.set_gone();
         Ok(())
+    }
+    fn bar_info(&self, index: u32) -> Result<BarInfo, BackingError> {
+        self.live()?;
+        match self.inner.bars.get(index as usize) {
+            Some(bar) => Ok(bar.info.clone()),
+            None => Err(self.no_bar(index)),
+        }
+    }
+    fn map_bar_range(&self, index: u32, offset: u64, len: u64) -> Result<FakeRegisters, BackingError> {
+        let size = self.existing_bar(index)?.size;
+        let window = Window::new(size, offset, len).ok_or_else(|| BackingError::OutOfRange {
+            address: self.inner.address,
+            what: format!("BAR {index}"),
+            offset,
+            len: usize::try_from(len).unwrap_or(usize::MAX),
+        })?;
+        Ok(FakeRegisters {
+            device: self.clone(),
+            index,
+            window,
+        })
+    }
+    fn regions(&self) -> Vec<DeviceRegion> {
+        self.inner.regions.iter().map(|(r, _)| r.clone()).collect()
+    }
+    fn read_region(&self, index: u32, offset: u64, buf: &mut [u8]) -> Result<(), BackingError> {
+        self.live()?;
+        let (region, bytes) = self.region(index, offset, buf.len())?;
+        if !region.readable {
+            return Err(BackingError::Unsupported {
+                address: self.inner.address,
+                operation: "reading a write-only region",
+            });
+        }
+        let start = offset as usize;
+        buf.copy_from_slice(&bytes.lock()[start..start + buf.len()]);
+        Ok(())
+    }
+    fn write_region(&self, index: u32, offset: u64, buf: &[u8]) -> Result<(), BackingError> {
+        self.live()?;
+        let (region, bytes) = self.region(index, offset, buf.len())?;
+        if !region.writable {
+            return Err(BackingError::Unsupported {
+                address: self.inner.address,
+                operation: "writing a read-only region",
+            });
+        }
+        let start = offset as usize;
+        bytes.lock()[start..start + buf.len()].copy_from_slice(buf);
+        Ok(())
+    }
+}
+
+impl FakeBacking {
+    fn no_bar(&self, index: u32) -> BackingError {
+        BackingError::OutOfRange {
+            address: self.inner.address,
+            what: format!("BAR {index}"),
+            offset: 0,
+            len: 0,
+        }
+    }
+
+    // A BAR that exists, of a live device.
+    fn existing_bar(&self, index: u32) -> Result<&BarInfo, BackingError> {
+        self.live()?;
+        match self.inner.bars.get(index as usize) {
+            Some(bar) if bar.info.exists() => Ok(&bar.info),
+            _ => Err(self.no_bar(index)),
+        }
+    }
+
+    // Region `index` if `len` bytes at `offset` are inside it.
+    fn region(
+        &self,
+        index: u32,
+        offset: u64,
+        len: usize,
+    ) -> Result<(&DeviceRegion, &Mutex<Vec<u8>>), BackingError> {
+        self.inner
+            .regions
+            .iter()
+            .find(|(r, _)| r.index == index)
+            .filter(|(r, _)| offset.checked_add(len as u64).is_some_and(|end| end <= r.size))
+            .map(|(r, bytes)| (r, bytes))
+            .ok_or_else(|| BackingError::OutOfRange {
+                address: self.inner.address,
+                what: format!("region {index}"),
+                offset,
+                len,
+            })
     }
 }
 

@@ -144,6 +144,7 @@ use parking_lot::{Mutex, RwLock};
 
 use crate::addr::PciAddress;
 use crate::bus::backing::{BackingError, DeviceBacking, DmaMemory, RegisterIo};
+use crate::bus::bar::BarInfo;
 use crate::nvme::spec::{
     self, Command, Completion, Status, admin, cc, cns, csts, dsm, feature, io as nvm, oacs, oncs, reg,
     virt_mgmt,
@@ -3584,9 +3585,41 @@ impl EmuRegisters {
     }
 }
 
+impl EmuRegisters {
+    // A byte or halfword of the register dword holding it: the controller's registers
+    // are dwords and qwords, and reading them has no side effects.
+    fn read_narrow(&self, offset: u64, width: usize) -> Result<u32, BackingError> {
+        self.check(offset, width)?;
+        let dword = RegisterIo::read32(self, offset & !3)?;
+        Ok(dword >> ((offset & 3) * 8))
+    }
+
+    // Narrow writes are not something an NVMe driver does (the spec has none), and
+    // widening them would ring doorbells with made-up values: refused.
+    fn narrow_write(&self, offset: u64, width: usize) -> Result<(), BackingError> {
+        self.check(offset, width)?;
+        Err(BackingError::Unsupported {
+            address: self.handle.shared.cfg.address,
+            operation: "an 8- or 16-bit write to NVMe controller registers",
+        })
+    }
+}
+
 impl RegisterIo for EmuRegisters {
     fn len(&self) -> u64 {
         self.handle.shared.bar_len
+    }
+    fn read8(&self, offset: u64) -> Result<u8, BackingError> {
+        Ok(self.read_narrow(offset, 1)? as u8)
+    }
+    fn write8(&self, offset: u64, _value: u8) -> Result<(), BackingError> {
+        self.narrow_write(offset, 1)
+    }
+    fn read16(&self, offset: u64) -> Result<u16, BackingError> {
+        Ok(self.read_narrow(offset, 2)? as u16)
+    }
+    fn write16(&self, offset: u64, _value: u16) -> Result<(), BackingError> {
+        self.narrow_write(offset, 2)
     }
     fn read32(&self, offset: u64) -> Result<u32, BackingError> {
         self.check(offset, 4)?;
@@ -3685,6 +3718,20 @@ impl DeviceBacking for EmulatedNvme {
         Ok(EmuRegisters {
             handle: Arc::clone(&self.handle),
         })
+    }
+
+    fn bar_info(&self, index: u32) -> Result<BarInfo, BackingError> {
+        match index {
+            // As its config space says (0x10: 64-bit memory).
+            0 => Ok(BarInfo::memory64(0, self.shared().bar_len)),
+            1..=5 => Ok(BarInfo::absent(index)),
+            _ => Err(BackingError::OutOfRange {
+                address: self.address(),
+                what: format!("BAR {index}"),
+                offset: 0,
+                len: 0,
+            }),
+        }
     }
 
     fn alloc_dma(&self, len: usize) -> Result<EmuDma, BackingError> {

@@ -24,6 +24,7 @@ pub mod region_flags {
 }
 
 const REGION_CAP_SPARSE_MMAP: u16 = 1;
+const REGION_CAP_TYPE: u16 = 2;
 const REGION_CAP_MSIX_MAPPABLE: u16 = 3;
 const IOMMU_CAP_IOVA_RANGE: u16 = 1;
 const IOMMU_INFO_CAPS: u32 = 1 << 1;
@@ -54,6 +55,9 @@ pub struct RegionInfo {
     pub sparse_mmap: Option<Vec<(u64, u64)>>,
     /// The MSI-X table in this region may be mmapped too.
     pub msix_mappable: bool,
+    /// The region's (type, subtype), from its `VFIO_REGION_INFO_CAP_TYPE` capability:
+    /// what a device-specific region (index 9 and up) is. `None` without one.
+    pub region_type: Option<(u32, u32)>,
 }
 
 impl RegionInfo {
@@ -162,6 +166,7 @@ pub fn parse_region_info(b: &[u8]) -> Result<RegionInfo, InfoError> {
         offset: u64_at(b, 24).unwrap_or_default(),
         sparse_mmap: None,
         msix_mappable: false,
+        region_type: None,
     };
     if flags & region_flags::CAPS != 0 {
         let first = u32_at(b, 12).unwrap_or_default();
@@ -178,6 +183,13 @@ pub fn parse_region_info(b: &[u8]) -> Result<RegionInfo, InfoError> {
                     info.sparse_mmap = Some(areas);
                 }
                 REGION_CAP_MSIX_MAPPABLE => info.msix_mappable = true,
+                REGION_CAP_TYPE => {
+                    // struct vfio_region_info_cap_type: the header, then type and subtype.
+                    let (Some(region_type), Some(subtype)) = (u32_at(b, at + 8), u32_at(b, at + 12)) else {
+                        return Err(err("region type capability truncated"));
+                    };
+                    info.region_type = Some((region_type, subtype));
+                }
                 _ => {}
             }
         }
@@ -401,7 +413,103 @@ mod tests {
         );
     }
 
+    // A region info as the kernel lays it out: the 32-byte struct, then a sparse-mmap
+    // capability (if `sparse`), then a type capability (if `region_type`), chained in that
+    // order.
+    fn region_bytes(
+        index: u32,
+        size: u64,
+        flags: u32,
+        sparse: Option<&[(u64, u64)]>,
+        region_type: Option<(u32, u32)>,
+    ) -> Vec<u8> {
+        let mut b = vec![0u8; 32];
+        let mut caps: Vec<(u16, Vec<u8>)> = Vec::new();
+        if let Some(areas) = sparse {
+            let mut body = vec![0u8; 8];
+            body[0..4].copy_from_slice(&(areas.len() as u32).to_ne_bytes());
+            for (o, s) in areas {
+                body.extend_from_slice(&o.to_ne_bytes());
+                body.extend_from_slice(&s.to_ne_bytes());
+            }
+            caps.push((1, body));
+        }
+        if let Some((t, st)) = region_type {
+            let mut body = t.to_ne_bytes().to_vec();
+            body.extend_from_slice(&st.to_ne_bytes());
+            caps.push((2, body));
+        }
+        let mut first = 0;
+        let mut prev_next: Option<usize> = None;
+        for (id, body) in caps {
+            let at = b.len();
+            match prev_next {
+                Some(p) => put32(&mut b, p, at as u32),
+                None => first = at as u32,
+            }
+            b.extend_from_slice(&id.to_ne_bytes());
+            b.extend_from_slice(&1u16.to_ne_bytes());
+            b.extend_from_slice(&0u32.to_ne_bytes());
+            prev_next = Some(at + 4);
+            b.extend_from_slice(&body);
+        }
+        let len = b.len() as u32;
+        put32(&mut b, 0, len);
+        put32(&mut b, 4, flags | if first != 0 { region_flags::CAPS } else { 0 });
+        put32(&mut b, 8, index);
+        put32(&mut b, 12, first);
+        put64(&mut b, 16, size);
+        put64(&mut b, 24, u64::from(index) << 40);
+        b
+    }
+
+    #[test]
+    fn a_vendor_region_says_its_type() {
+        // Intel graphics' OpRegion: vendor type 0x8086 with bit 31, subtype 1, read-only.
+        let b = region_bytes(9, 0x2000, region_flags::READ, None, Some(((1 << 31) | 0x8086, 1)));
+        let info = parse_region_info(&b).unwrap();
+        assert_eq!(info.index, 9);
+        assert_eq!(info.region_type, Some(((1 << 31) | 0x8086, 1)));
+        assert!(info.mmap_areas().is_empty());
+        // A BAR without a type capability has none.
+        assert_eq!(parse_region_info(&nvme_bar0()).unwrap().region_type, None);
+    }
+
+    #[test]
+    fn a_truncated_type_capability_is_an_error() {
+        let b = region_bytes(10, 0x1000, region_flags::READ, None, Some((1, 2)));
+        assert_eq!(
+            parse_region_info(&b[..b.len() - 4]).unwrap_err().problem,
+            "region type capability truncated"
+        );
+    }
+
     proptest! {
+        #[test]
+        fn region_info_round_trips(
+            index in 0u32..16,
+            size in 1u64..1 << 40,
+            mmap in any::<bool>(),
+            areas in proptest::option::of(proptest::collection::vec((any::<u64>(), any::<u64>()), 0..6)),
+            region_type in proptest::option::of((any::<u32>(), any::<u32>())),
+        ) {
+            // Areas inside the region, as the kernel reports them.
+            let areas: Option<Vec<(u64, u64)>> = areas.map(|a| {
+                a.into_iter().map(|(o, s)| { let o = o % size; (o, s % (size - o + 1)) }).collect()
+            });
+            let flags = region_flags::READ | if mmap { region_flags::MMAP } else { 0 };
+            let b = region_bytes(index, size, flags, areas.as_deref(), region_type);
+            let info = parse_region_info(&b).unwrap();
+            prop_assert_eq!(info.index, index);
+            prop_assert_eq!(info.size, size);
+            prop_assert_eq!(info.offset, u64::from(index) << 40);
+            prop_assert_eq!(&info.sparse_mmap, &areas);
+            prop_assert_eq!(info.region_type, region_type);
+            for (o, s) in info.mmap_areas() {
+                prop_assert!(mmap && s > 0 && o + s <= size);
+            }
+        }
+
         #[test]
         fn decoders_never_panic(b in proptest::collection::vec(any::<u8>(), 0..512)) {
             let _ = parse_region_info(&b);

@@ -90,6 +90,29 @@ impl MmioArea {
         Some(unsafe { self.ptr.as_ptr().add(offset) }.cast())
     }
 
+    pub(crate) fn read8(&self, offset: usize) -> Option<u8> {
+        // SAFETY: `at` checked bounds (and alignment, trivial for a byte); MMIO needs a
+        // volatile load, of exactly this width.
+        self.at::<u8>(offset).map(|p| unsafe { p.read_volatile() })
+    }
+
+    pub(crate) fn write8(&self, offset: usize, value: u8) -> Option<()> {
+        // SAFETY: `at` checked bounds; MMIO needs a volatile store of exactly this width.
+        self.at::<u8>(offset).map(|p| unsafe { p.write_volatile(value) })
+    }
+
+    pub(crate) fn read16(&self, offset: usize) -> Option<u16> {
+        // SAFETY: `at` checked bounds and 2-byte alignment; MMIO needs a volatile load of
+        // exactly this width (a virtio 16-bit field must not be read as 32 bits).
+        self.at::<u16>(offset).map(|p| unsafe { p.read_volatile() })
+    }
+
+    pub(crate) fn write16(&self, offset: usize, value: u16) -> Option<()> {
+        // SAFETY: `at` checked bounds and 2-byte alignment; MMIO needs a volatile store of
+        // exactly this width (a wider one would also write the neighbouring field).
+        self.at::<u16>(offset).map(|p| unsafe { p.write_volatile(value) })
+    }
+
     pub(crate) fn read32(&self, offset: usize) -> Option<u32> {
         // SAFETY: `at` checked bounds and alignment; MMIO needs a volatile load.
         self.at::<u32>(offset).map(|p| unsafe { p.read_volatile() })

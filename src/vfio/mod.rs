@@ -58,6 +58,7 @@
 //!   in such a read keeps the fd open, the removal waits for the fd, the read for the
 //!   removal, and the process never exits.
 
+pub(crate) mod bar;
 mod caps;
 mod constraints;
 mod dma;
@@ -82,6 +83,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use nix::sys::eventfd::{EfdFlags, EventFd};
 use parking_lot::Mutex;
 
+pub use bar::MappedBar;
 pub use caps::parse_iova_ranges;
 pub use caps::{InfoError, IommuInfo, RegionInfo, parse_iommu_info, parse_region_info, region_flags};
 pub use constraints::DmaConstraints;
@@ -313,6 +315,17 @@ pub enum VfioError {
         offset: u64,
         /// Bytes of the access.
         len: usize,
+    },
+    /// An 8-byte access to an I/O-port BAR: ports have no 8-byte accesses, and splitting
+    /// one in two would hide that it is not atomic. Use two 4-byte accesses.
+    #[error("BAR {region} of {address} is an I/O-port BAR: no 8-byte access at {offset:#x}")]
+    IoPortWidth {
+        /// The device.
+        address: PciAddress,
+        /// The BAR.
+        region: u32,
+        /// The offset of the access.
+        offset: u64,
     },
     /// The region does not exist on this device (size 0, or VFIO refused its info).
     #[error("{address} has no region {region}")]
@@ -1538,54 +1551,6 @@ impl VfioDevice {
         sys::device_reset(self.file.as_fd()).map_err(ioctl_err("VFIO_DEVICE_RESET", Some(self.address), None))
     }
 
-    /// Maps BAR `index`: the areas VFIO allows (sparse mmap), leaving the MSI-X table out
-    /// unless the region says it is mappable. Accesses outside the mapped areas go through
-    /// pread/pwrite on the device fd. The mapping holds an `Arc` of the device.
-    pub fn map_bar(self: &Arc<Self>, index: u32) -> Result<MappedBar, VfioError> {
-        let region = self.region(index)?.clone();
-        if index >= ROM_REGION || region.size == 0 {
-            return Err(VfioError::NoRegion {
-                address: self.address,
-                region: index,
-                source: None,
-            });
-        }
-        // Counted before the mmap, under the lock: a concurrent write clearing Memory
-        // Space Enable either lands before (then this mapping's accesses see a disabled
-        // BAR: the caller turned it off) or is refused.
-        let mut mapped = self.mapped.lock();
-        // Under the lock: a `revoke` either sees this mapping or makes this fail.
-        self.live()?;
-        let mut areas = Vec::new();
-        for (offset, size) in region.mmap_areas() {
-            let owner = fault::FaultOwner {
-                address: self.address,
-                region: index,
-            };
-            let at = region.offset + offset;
-            let area =
-                mmio::MmioArea::map(self.file.as_fd(), at, size as usize, owner).map_err(|source| {
-                    VfioError::Mmap {
-                        address: self.address,
-                        region: index,
-                        offset,
-                        len: size,
-                        source,
-                    }
-                })?;
-            areas.push((offset, area));
-        }
-        mapped.bars += 1;
-        mapped.areas.extend(areas.iter().map(|(_, area)| area.key()));
-        drop(mapped);
-        Ok(MappedBar {
-            device: Arc::clone(self),
-            region,
-            areas,
-            _hold: holders::Hold::new(self.address, "BAR mapping"),
-        })
-    }
-
     /// Routes MSI-X vectors 0..fds.len() to these eventfds, in one call (6.1 cannot grow
     /// MSI-X once enabled).
     pub fn enable_msix(&self, fds: &[BorrowedFd<'_>]) -> Result<(), VfioError> {
@@ -1664,141 +1629,6 @@ fn msix_table_size(config_bytes: &[u8]) -> Option<u16> {
     let cap = usize::from(config::find_capability(config_bytes, config::cap_id::MSIX)?);
     let mc = config_bytes.get(cap + 2..cap + 4)?;
     Some((u16::from_le_bytes([mc[0], mc[1]]) & 0x7ff) + 1)
-}
-
-/// A mapped BAR of a [`VfioDevice`], owned: it holds an `Arc` of the device, so a driver
-/// can keep the device and its mappings in one struct. Made by
-/// [`VfioDevice::map_bar`].
-///
-/// Mapped areas are reached with volatile loads and stores; the rest of the BAR (the MSI-X
-/// table, unless mappable) through pread/pwrite on the device fd.
-///
-/// # Dropping
-///
-/// Dropping unmaps the areas and releases the `Arc`: the device fd closes only when the
-/// device and all its mappings are dropped, so drop the mappings too when REQ fires.
-/// While a mapping lives, clearing Memory Space Enable is refused
-/// ([`VfioDevice::write_config`]).
-///
-/// # Process exit
-///
-/// The mappings go with the process. If the device is surprise-removed while mapped, an
-/// access may raise SIGBUS, which kills the process; a REQ comes first for an orderly
-/// removal only. After [`fault::install`] (opt-in, process-wide) such an access does not
-/// kill: the handler replaces the faulting area with memory reading all ones, the access
-/// completes (reads return `0xffff_ffff`, as from a removed device), [`faulted`]
-/// turns true, and the bus learns of it through its [`fault::Subscriber`].
-/// Drop the mapping and the device then, as after a REQ. An area mapped while the
-/// handler's table is full ([`fault::CAPACITY`] areas) is not covered.
-///
-/// [`faulted`]: Self::faulted
-#[derive(Debug)]
-pub struct MappedBar {
-    device: Arc<VfioDevice>,
-    region: RegionInfo,
-    areas: Vec<(u64, mmio::MmioArea)>,
-    _hold: holders::Hold,
-}
-
-impl Drop for MappedBar {
-    fn drop(&mut self) {
-        // Unmap before the count drops, so a Memory Space Enable clear allowed by the new
-        // count never meets a live mapping. (A `revoke` meanwhile finds the areas gone or
-        // replaces them first: unmapping waits for it.)
-        let keys: Vec<_> = self.areas.iter().map(|(_, area)| area.key()).collect();
-        self.areas.clear();
-        let mut mapped = self.device.mapped.lock();
-        mapped.bars = mapped.bars.saturating_sub(1);
-        for key in keys {
-            if let Some(i) = mapped.areas.iter().position(|k| *k == key) {
-                mapped.areas.swap_remove(i);
-            }
-        }
-    }
-}
-
-impl MappedBar {
-    /// The region facts.
-    pub fn info(&self) -> &RegionInfo {
-        &self.region
-    }
-
-    /// The BAR index.
-    pub fn index(&self) -> u32 {
-        self.region.index
-    }
-
-    /// The device.
-    pub fn device(&self) -> &Arc<VfioDevice> {
-        &self.device
-    }
-
-    /// Whether the SIGBUS handler replaced a mapped area of this BAR with all-ones memory:
-    /// the device was surprise-removed (see [`fault`]). Its mapped reads then return all
-    /// ones, and its writes no longer reach the device. Always false without
-    /// [`fault::install`].
-    pub fn faulted(&self) -> bool {
-        self.areas.iter().any(|(_, area)| area.faulted())
-    }
-
-    /// The mapped areas as (offset, size).
-    pub fn mapped(&self) -> Vec<(u64, u64)> {
-        self.areas.iter().map(|(o, a)| (*o, a.len() as u64)).collect()
-    }
-
-    fn area(&self, offset: u64) -> Option<(&mmio::MmioArea, usize)> {
-        self.areas
-            .iter()
-            .find(|(o, a)| offset >= *o && offset - *o < a.len() as u64)
-            .map(|(o, a)| (a, (offset - o) as usize))
-    }
-
-    fn oob(&self, offset: u64, len: usize) -> VfioError {
-        VfioError::OutOfRange {
-            address: self.device.address,
-            region: self.region.index,
-            offset,
-            len,
-        }
-    }
-
-    /// A 32-bit read (volatile when mapped, pread otherwise).
-    pub fn read32(&self, offset: u64) -> Result<u32, VfioError> {
-        if let Some((area, at)) = self.area(offset) {
-            return area.read32(at).ok_or_else(|| self.oob(offset, 4));
-        }
-        let mut b = [0u8; 4];
-        self.device.region_read(&self.region, offset, &mut b)?;
-        Ok(u32::from_le_bytes(b))
-    }
-
-    /// A 32-bit write.
-    pub fn write32(&self, offset: u64, value: u32) -> Result<(), VfioError> {
-        if let Some((area, at)) = self.area(offset) {
-            return area.write32(at, value).ok_or_else(|| self.oob(offset, 4));
-        }
-        self.device
-            .region_write(&self.region, offset, &value.to_le_bytes())
-    }
-
-    /// A 64-bit read.
-    pub fn read64(&self, offset: u64) -> Result<u64, VfioError> {
-        if let Some((area, at)) = self.area(offset) {
-            return area.read64(at).ok_or_else(|| self.oob(offset, 8));
-        }
-        let mut b = [0u8; 8];
-        self.device.region_read(&self.region, offset, &mut b)?;
-        Ok(u64::from_le_bytes(b))
-    }
-
-    /// A 64-bit write.
-    pub fn write64(&self, offset: u64, value: u64) -> Result<(), VfioError> {
-        if let Some((area, at)) = self.area(offset) {
-            return area.write64(at, value).ok_or_else(|| self.oob(offset, 8));
-        }
-        self.device
-            .region_write(&self.region, offset, &value.to_le_bytes())
-    }
 }
 
 /// The vfio character device path of a group.

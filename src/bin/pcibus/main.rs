@@ -220,6 +220,28 @@ enum VfioCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Register reads and writes on the device's BARs, in order, through the calls a
+    /// driver makes (`map_bar`, or `map_bar_range` with --window): memory BARs through
+    /// their mapping, I/O-port BARs through VFIO's region read/write. Each access prints
+    /// its value, or why it was refused (an 8-byte access to an I/O BAR, an offset outside
+    /// the window).
+    ///
+    /// The device is claimed and opened (which resets it) as for `vfio info`.
+    Regs {
+        /// The device.
+        address: PciAddress,
+        /// Map only this window of each BAR accessed (offsets are then relative to it).
+        #[arg(long, value_name = "OFFSET+LEN", value_parser = vfio::parse_window)]
+        window: Option<(u64, u64)>,
+        /// JSON instead of text.
+        #[arg(long)]
+        json: bool,
+        /// BAR:OFFSET:WIDTH reads, BAR:OFFSET:WIDTH=VALUE writes (WIDTH in bits: 8, 16,
+        /// 32, 64; numbers decimal or 0x hex). E.g. e1000e's STATUS through its I/O BAR:
+        /// `2:0:32=0x8 2:4:32 0:0x8:32`.
+        #[arg(required = true, value_name = "ACCESS")]
+        accesses: Vec<vfio::Access>,
+    },
 }
 
 #[derive(clap::Args)]
@@ -526,6 +548,32 @@ fn run(cli: Cli, root: SysfsRoot) -> Result<Outcome, Error> {
             }
             if report["ok"] == json!(false) {
                 return Err("not every interrupt arrived".into());
+            }
+        }
+        Command::Vfio {
+            command:
+                VfioCommand::Regs {
+                    address,
+                    window,
+                    json,
+                    accesses,
+                },
+        } => {
+            if let Some(why) = not_kernel_sysfs(&root) {
+                return Err(format!("vfio regs needs the kernel's sysfs: {why}").into());
+            }
+            let result = vfio::vfio_regs(&root, address, window, &accesses)?;
+            if json {
+                serde_json::to_writer_pretty(&mut out, &result)?;
+                writeln!(out)?;
+            } else {
+                vfio::write_vfio_regs(&mut out, &result)?;
+            }
+            let refused = result["accesses"]
+                .as_array()
+                .map_or(0, |a| a.iter().filter(|a| !a["error"].is_null()).count());
+            if refused > 0 {
+                return Err(format!("{refused} of {} accesses refused", accesses.len()).into());
             }
         }
         Command::Watch { json, all, select } => {

@@ -1,6 +1,11 @@
-//! `pcibus vfio info`: what VFIO reports about one device.
+//! `pcibus vfio info`: what VFIO reports about one device; `pcibus vfio regs`: register
+//! accesses to its BARs through the calls a driver makes.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use pcibus::bus::claim::{ClaimDir, ClaimInfo};
+use pcibus::bus::{BarInfo, DeviceBacking, DeviceRegion, RegisterIo, VfioBacking};
 
 use super::*;
 
@@ -54,6 +59,17 @@ pub(super) fn vfio_info(root: &SysfsRoot, address: PciAddress) -> Result<Value, 
             "flags": i.flags,
         }));
     }
+    // What a driver learns through its backing: each BAR's facts without mapping it, and
+    // the device-specific regions.
+    let backing = VfioBacking::new(Arc::clone(&dev));
+    let bars: Vec<Value> = (0..6)
+        .map(|index| match backing.bar_info(index) {
+            Ok(info) => bar_json(&info),
+            Err(e) => json!({"index": index, "error": e.to_string()}),
+        })
+        .collect();
+    let device_regions: Vec<Value> = backing.regions().iter().map(device_region_json).collect();
+    drop(backing);
     let iommu = dev.container().iommu_info();
     let info = json!({
         "address": address.to_string(),
@@ -63,6 +79,8 @@ pub(super) fn vfio_info(root: &SysfsRoot, address: PciAddress) -> Result<Value, 
         "viable": culprits.is_empty(),
         "regions": regions,
         "irqs": irqs,
+        "bars": bars,
+        "device_regions": device_regions,
         "iommu_page_sizes": iommu.as_ref().map(|i| i.page_sizes),
         "iova_ranges": iommu.map(|i| i.iova_ranges.iter().map(|r| json!({"start": r.start(), "end": r.end()})).collect::<Vec<_>>()),
     });
@@ -116,6 +134,28 @@ pub(super) fn write_vfio_info(out: &mut impl Write, v: &Value) -> io::Result<()>
                 )?;
             }
         }
+    }
+    for b in v["bars"].as_array().into_iter().flatten() {
+        write_bar(out, b)?;
+    }
+    for r in v["device_regions"].as_array().into_iter().flatten() {
+        writeln!(
+            out,
+            "  device region {} type {:#x} subtype {:#x}{} size {:#x} {}",
+            r["index"],
+            r["type"].as_u64().unwrap_or(0),
+            r["subtype"].as_u64().unwrap_or(0),
+            r["vendor"]
+                .as_u64()
+                .map_or(String::new(), |v| format!(" (vendor {v:04x})")),
+            r["size"].as_u64().unwrap_or(0),
+            [("read", "read"), ("write", "write"), ("mmap", "mmap")]
+                .iter()
+                .filter(|(k, _)| r[*k].as_bool() == Some(true))
+                .map(|(_, n)| *n)
+                .collect::<Vec<_>>()
+                .join(",")
+        )?;
     }
     for i in v["irqs"].as_array().into_iter().flatten() {
         writeln!(
@@ -324,4 +364,244 @@ pub(super) fn write_irq_test(out: &mut impl Write, v: &Value) -> io::Result<()> 
             "MISSING INTERRUPTS"
         }
     )
+}
+
+fn bar_json(info: &BarInfo) -> Value {
+    json!({
+        "index": info.index,
+        "kind": info.kind.name(),
+        "size": info.size,
+        "prefetchable": info.prefetchable,
+        "mmap": info.is_mappable(),
+        "mmap_areas": info.mmap_areas.iter().map(|r| json!({"offset": r.start, "size": r.end - r.start})).collect::<Vec<_>>(),
+    })
+}
+
+fn device_region_json(r: &DeviceRegion) -> Value {
+    json!({
+        "index": r.index, "size": r.size, "type": r.region_type, "subtype": r.subtype,
+        "vendor": r.vendor(), "read": r.readable, "write": r.writable, "mmap": r.mappable,
+    })
+}
+
+// `BAR2    io    size 0x20`, `BAR0    mem64 size 0x4000 mmap 0x0+0x2000 0x3000+0x1000`.
+fn write_bar(out: &mut impl Write, b: &Value) -> io::Result<()> {
+    if let Some(e) = b["error"].as_str() {
+        return writeln!(out, "  BAR{}    {e}", b["index"]);
+    }
+    if b["kind"].as_str() == Some("absent") {
+        return Ok(());
+    }
+    let areas: Vec<String> = b["mmap_areas"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|a| {
+            format!(
+                "{:#x}+{:#x}",
+                a["offset"].as_u64().unwrap_or(0),
+                a["size"].as_u64().unwrap_or(0)
+            )
+        })
+        .collect();
+    let size = b["size"].as_u64().unwrap_or(0);
+    let mmap = match areas.as_slice() {
+        [] => "no mmap (read/write calls)".to_owned(),
+        [whole] if *whole == format!("0x0+{size:#x}") => "mmap".to_owned(),
+        _ => format!("mmap {}", areas.join(" ")),
+    };
+    writeln!(
+        out,
+        "  BAR{}    {:<5} {}size {size:#x}  {mmap}",
+        b["index"],
+        b["kind"].as_str().unwrap_or("?"),
+        if b["prefetchable"].as_bool() == Some(true) {
+            "prefetchable "
+        } else {
+            ""
+        },
+    )
+}
+
+/// One `vfio regs` access: `BAR:OFFSET:WIDTH` reads, `BAR:OFFSET:WIDTH=VALUE` writes.
+/// The command fails (after printing every outcome) if any access was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Access {
+    bar: u32,
+    offset: u64,
+    bits: u32,
+    value: Option<u64>,
+}
+
+fn number(s: &str) -> Result<u64, String> {
+    let r = match s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
+        Some(hex) => u64::from_str_radix(hex, 16),
+        None => s.parse(),
+    };
+    r.map_err(|_| format!("{s:?} is not a number (decimal, or hex with 0x)"))
+}
+
+impl std::str::FromStr for Access {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (what, value) = match s.split_once('=') {
+            Some((w, v)) => (w, Some(number(v)?)),
+            None => (s, None),
+        };
+        let mut parts = what.split(':');
+        let (Some(bar), Some(offset), Some(bits), None) =
+            (parts.next(), parts.next(), parts.next(), parts.next())
+        else {
+            return Err(format!(
+                "{s:?}: expected BAR:OFFSET:WIDTH or BAR:OFFSET:WIDTH=VALUE"
+            ));
+        };
+        let bar = number(bar)?;
+        if bar > 5 {
+            return Err(format!("{s:?}: BAR {bar} (0 to 5)"));
+        }
+        let bits = number(bits)?;
+        if ![8, 16, 32, 64].contains(&bits) {
+            return Err(format!("{s:?}: width {bits} bits (8, 16, 32 or 64)"));
+        }
+        if let Some(v) = value
+            && bits < 64
+            && v >> bits != 0
+        {
+            return Err(format!("{s:?}: {v:#x} does not fit in {bits} bits"));
+        }
+        Ok(Access {
+            bar: bar as u32,
+            offset: number(offset)?,
+            bits: bits as u32,
+            value,
+        })
+    }
+}
+
+/// `--window OFFSET+LEN`.
+pub(super) fn parse_window(s: &str) -> Result<(u64, u64), String> {
+    let (o, l) = s
+        .split_once('+')
+        .ok_or_else(|| format!("{s:?}: expected OFFSET+LEN"))?;
+    Ok((number(o)?, number(l)?))
+}
+
+fn access(regs: &impl RegisterIo, a: &Access) -> Result<u64, pcibus::bus::BackingError> {
+    match (a.bits, a.value) {
+        (8, None) => regs.read8(a.offset).map(u64::from),
+        (16, None) => regs.read16(a.offset).map(u64::from),
+        (32, None) => regs.read32(a.offset).map(u64::from),
+        (_, None) => regs.read64(a.offset),
+        (8, Some(v)) => regs.write8(a.offset, v as u8).map(|()| v),
+        (16, Some(v)) => regs.write16(a.offset, v as u16).map(|()| v),
+        (32, Some(v)) => regs.write32(a.offset, v as u32).map(|()| v),
+        (_, Some(v)) => regs.write64(a.offset, v).map(|()| v),
+    }
+}
+
+// Does the accesses in order on BARs mapped (or windowed) through `VfioBacking`, as a
+// driver's `map_bar`/`map_bar_range` would; each access's outcome is reported, a refused
+// one included (an I/O BAR's 8-byte access, an offset outside the window).
+pub(super) fn vfio_regs(
+    root: &SysfsRoot,
+    address: PciAddress,
+    window: Option<(u64, u64)>,
+    accesses: &[Access],
+) -> Result<Value, Error> {
+    use pcibus::vfio::{self, VfioDevice};
+    // Claimed first, as `vfio info`: opening the device resets it.
+    let claim = ClaimDir::for_claiming().claim(address, &ClaimInfo::new())?;
+    let container = vfio::Container::with_backend(vfio_backend())?;
+    let dev = VfioDevice::open_in(root, address, &container)?;
+    let backing = VfioBacking::new(Arc::clone(&dev));
+    let mut mapped = BTreeMap::new();
+    let mut results = Vec::new();
+    for a in accesses {
+        let bar = match mapped.entry(a.bar) {
+            std::collections::btree_map::Entry::Occupied(e) => e.into_mut(),
+            std::collections::btree_map::Entry::Vacant(e) => {
+                let regs = match window {
+                    Some((offset, len)) => backing.map_bar_range(a.bar, offset, len),
+                    None => backing.map_bar(a.bar),
+                }?;
+                e.insert(regs)
+            }
+        };
+        let outcome = access(bar, a);
+        results.push(json!({
+            "bar": a.bar, "offset": a.offset, "bits": a.bits, "write": a.value.is_some(),
+            "io": bar.is_io(), "value": outcome.as_ref().ok(), "error": outcome.as_ref().err().map(|e| e.to_string()),
+        }));
+    }
+    drop(mapped);
+    drop(backing);
+    drop(dev);
+    drop(claim);
+    Ok(json!({
+        "address": address.to_string(),
+        "window": window.map(|(o, l)| json!({"offset": o, "len": l})),
+        "accesses": results,
+    }))
+}
+
+// `BAR2+0x4 r32 0x80080783`, `BAR2+0x0 r64 refused: ...`.
+pub(super) fn write_vfio_regs(out: &mut impl Write, v: &Value) -> io::Result<()> {
+    for a in v["accesses"].as_array().into_iter().flatten() {
+        let bits = a["bits"].as_u64().unwrap_or(0);
+        let head = format!(
+            "BAR{}+{:#x} {}{bits}{}",
+            a["bar"],
+            a["offset"].as_u64().unwrap_or(0),
+            if a["write"].as_bool() == Some(true) {
+                "w"
+            } else {
+                "r"
+            },
+            if a["io"].as_bool() == Some(true) {
+                " (io)"
+            } else {
+                ""
+            },
+        );
+        match (a["value"].as_u64(), a["error"].as_str()) {
+            (Some(value), _) => writeln!(out, "{head} {value:#0width$x}", width = bits as usize / 4 + 2)?,
+            (None, e) => writeln!(out, "{head} refused: {}", e.unwrap_or("?"))?,
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accesses_parse_and_refuse_nonsense() {
+        let a: Access = "2:0x4:32".parse().unwrap();
+        assert_eq!(
+            a,
+            Access {
+                bar: 2,
+                offset: 4,
+                bits: 32,
+                value: None
+            }
+        );
+        let a: Access = "0:8:16=0xbeef".parse().unwrap();
+        assert_eq!(a.value, Some(0xbeef));
+        for bad in [
+            "6:0:32",
+            "0:0:24",
+            "0:0",
+            "0:0:8=0x100",
+            "0:x:8",
+            "0:0:32:1",
+            "0:0:64=z",
+        ] {
+            assert!(bad.parse::<Access>().is_err(), "{bad}");
+        }
+        assert_eq!(parse_window("0x1000+0x38").unwrap(), (0x1000, 0x38));
+        assert!(parse_window("0x1000").is_err());
+    }
 }
