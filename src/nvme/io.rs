@@ -210,8 +210,9 @@ struct Request<B: DeviceBacking> {
     cdw0: u32,
     status: Status,
     // Commands still to be written to the SQ (the software queue's part); the rest of
-    // what they need is the queue's `rests[index]`, kept out of the slab entry so that
-    // entry stays small (moved in and out whole, without a `memcpy` call).
+    // what they need is the queue's `rests[index]` (written only for a request that
+    // waits), kept out of the slab entry so that the entry stays small (moved in and out
+    // without a `memcpy` call).
     commands: u32,
 }
 
@@ -318,7 +319,8 @@ pub struct IoQueue<B: DeviceBacking> {
     slots: Vec<Slot>,
     free_cids: Vec<u16>,
     requests: Vec<Option<Request<B>>>,
-    // What each request still has to write to the SQ, by the same index.
+    // What each request waiting in the software queue still has to write to the SQ, by
+    // the same index.
     rests: Vec<Rest>,
     free_requests: Vec<u32>,
     holds: Holds<B>,
@@ -1070,7 +1072,7 @@ impl<B: DeviceBacking> IoQueue<B> {
         // A free entry is `None`: nothing to drop, so no drop glue run for it.
         debug_assert!(old.is_none());
         std::mem::forget(old);
-        self.rests[index as usize] = Rest {
+        let mut rest = Rest {
             nsid,
             lba,
             blocks,
@@ -1082,8 +1084,10 @@ impl<B: DeviceBacking> IoQueue<B> {
         };
         self.outstanding += 1;
         if fits {
-            self.send(index, parts as u32);
+            // All its commands go now: nothing left to keep in `rests`.
+            self.send(index, parts as u32, &mut rest);
         } else {
+            self.rests[index as usize] = rest;
             self.pending.push_back(index);
             self.send_queued();
         }
@@ -1091,16 +1095,14 @@ impl<B: DeviceBacking> IoQueue<B> {
     }
 
     // Writes up to `max` more commands of the request at `index` to the SQ (the caller
-    // checked that `max` slots are free), restarting its timeout (at the next check).
+    // checked that `max` slots are free), restarting its timeout (at the next check);
+    // `rest` describes them (and is moved on past them).
     #[inline]
-    fn send(&mut self, index: u32, max: u32) {
+    fn send(&mut self, index: u32, max: u32, rest: &mut Rest) {
         let Some(req) = self.requests.get_mut(index as usize).and_then(Option::as_mut) else {
             return;
         };
         let op = req.op;
-        let Some(rest) = self.rests.get_mut(index as usize) else {
-            return;
-        };
         let n_cmds = max.min(req.commands);
         req.parts += n_cmds;
         req.sent = true;
@@ -1183,7 +1185,9 @@ impl<B: DeviceBacking> IoQueue<B> {
             }
             let left = self.requests[index as usize].as_ref().map_or(0, |r| r.commands);
             if left > 0 {
-                self.send(index, free);
+                let mut rest = self.rests[index as usize];
+                self.send(index, free, &mut rest);
+                self.rests[index as usize] = rest;
                 any = true;
             }
             if left > free {
