@@ -332,6 +332,12 @@ impl<B: DeviceBacking> Shared<B> {
         self.io_queues_now.load(Ordering::Acquire)
     }
 
+    // Whether `removed` would say so, without building its error: for the I/O path.
+    #[inline]
+    pub(crate) fn is_revoked(&self) -> bool {
+        self.revoked.load(Ordering::Acquire)
+    }
+
     pub(crate) fn removed(&self) -> Option<NvmeError> {
         self.revoked
             .load(Ordering::Acquire)

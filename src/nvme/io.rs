@@ -165,6 +165,10 @@ fn coarse_now() -> Duration {
     clock_gettime(ClockId::CLOCK_MONOTONIC_COARSE).map_or(Duration::ZERO, Duration::from)
 }
 
+// The deadline of a request whose latest command was written to the SQ after the last
+// deadline check: that check's successor sets it (see `Request::deadline`).
+const UNSTAMPED: Duration = Duration::MAX;
+
 #[derive(Debug, Clone, Copy)]
 struct Slot {
     request: u32,
@@ -190,13 +194,20 @@ struct Request<B: DeviceBacking> {
     // Boxed: the slab entry stays small (an `NvmeError` inline made every request a
     // memcpy on its way in and out).
     error: Option<Box<NvmeError>>,
-    // On the coarse monotonic clock (`coarse_now`): a timeout after the latest command of
-    // the request was written to the SQ (the wait in the software queue does not count).
+    // On the coarse monotonic clock (`coarse_now`): a timeout after the first deadline
+    // check that followed the write of the request's latest command to the SQ (the wait in
+    // the software queue does not count); `UNSTAMPED` until that check. So a submission
+    // reads no clock, and a timeout may end late by the time between two checks (about
+    // `CHECK_INTERVAL` on a queue polled without pause), never early.
     deadline: Duration,
     // The caller has its result (a timeout); the request waits only for its abandoned
     // commands to end, holding the buffer until they do.
     ended: bool,
+    // The buffers of a vectored request.
     buffer: Option<DeviceOwned<Held<B>>>,
+    // The entry of the queue's `holds` with the buffer of a request with one (`NO_HOLD`:
+    // none).
+    hold: u32,
     // The commands of a vectored request (readv/writev), planned at submission.
     plan: Option<Box<Plan>>,
     // Whether a command of it was ever written to the SQ (its buffer named by one).
@@ -204,15 +215,17 @@ struct Request<B: DeviceBacking> {
     // The completion that ended it: dword 0 and status.
     cdw0: u32,
     status: Status,
-    // What is still to be written to the SQ (the software queue's part).
-    rest: Rest,
+    // Commands still to be written to the SQ (the software queue's part); the rest of
+    // what they need is the queue's `rests[index]` (written only for a request that
+    // waits), kept out of the slab entry so that the entry stays small (moved in and out
+    // without a `memcpy` call).
+    commands: u32,
 }
 
-// The commands of a request not yet written to the SQ: `commands` more, from block `lba`,
-// `blocks` blocks in all, data at `iova` onwards.
-#[derive(Debug, Clone, Copy)]
+// The commands of a request not yet written to the SQ (`Request::commands` of them): from
+// block `lba`, `blocks` blocks in all, data at `iova` onwards.
+#[derive(Debug, Clone, Copy, Default)]
 struct Rest {
-    commands: u32,
     nsid: u32,
     lba: u64,
     blocks: u64,
@@ -285,6 +298,14 @@ pub const DEFAULT_QUEUE_LIMIT: usize = 1024;
 /// [`NvmeError::QueueFull`]. A request's timeout runs from the latest of its commands
 /// written to the submission queue, not from `submit`.
 ///
+/// # Timeouts
+///
+/// A submission reads no clock: a request's timeout starts at the queue's first deadline
+/// check after its (latest) command was written to the submission queue. Polls check the
+/// deadlines about once a millisecond while requests are outstanding (on every 32nd poll,
+/// when a millisecond has passed since the last check; after [`wait`](Self::wait)'s sleep
+/// at once), so a timeout is reported late by up to two check intervals, never early.
+///
 /// # Dropping
 ///
 /// Deletes the submission and completion queues on the controller (unless it was revoked
@@ -304,7 +325,11 @@ pub struct IoQueue<B: DeviceBacking> {
     slots: Vec<Slot>,
     free_cids: Vec<u16>,
     requests: Vec<Option<Request<B>>>,
+    // What each request waiting in the software queue still has to write to the SQ, by
+    // the same index.
+    rests: Vec<Rest>,
     free_requests: Vec<u32>,
+    holds: Holds<B>,
     outstanding: usize,
     // Requests (indexes into `requests`) with commands not yet written to the SQ, oldest
     // first; at most `queue_limit`.
@@ -389,6 +414,7 @@ fn create_on_controller<B: DeviceBacking, D: DmaMemory>(
 fn abandoned_done<B: DeviceBacking>(
     requests: &mut [Option<Request<B>>],
     free_requests: &mut Vec<u32>,
+    holds: &mut Holds<B>,
     index: usize,
     c: &Completion,
 ) {
@@ -400,8 +426,12 @@ fn abandoned_done<B: DeviceBacking>(
         && let Some(req) = requests[index].take()
     {
         free_requests.push(index as u32);
+        let proof = Released::completed(c);
+        if req.hold != NO_HOLD {
+            holds.put(req.hold, &proof);
+        }
         if let Some(b) = req.buffer {
-            b.release(&Released::completed(c));
+            b.release(&proof);
         }
     }
 }
@@ -440,11 +470,122 @@ enum Data<'a, B: DeviceBacking> {
     Vectored(&'a [Segment<'a, B>]),
 }
 
-// The buffers a request holds while the controller may reach them (held, never read:
-// dropping them, with a proof, is the release).
+// The buffers a vectored request holds while the controller may reach them (held, never
+// read: dropping them, with a proof, is the release). A request with one buffer holds it
+// through the queue's `Holds`.
 enum Held<B: DeviceBacking> {
-    One(#[allow(dead_code)] Buffer<B>),
     Many(#[allow(dead_code)] Vec<Buffer<B>>),
+}
+
+// No entry of `Holds`.
+const NO_HOLD: u32 = u32::MAX;
+
+// The buffers of the queue's single-buffer requests, each held by one clone of its `Arc`
+// for all the requests that use it at the same time, with a count of them: a request
+// takes and gives back a count, not a clone (two atomic read-modify-writes per I/O). A
+// buffer is released as any `DeviceOwned`, only with a proof: the last user's (every
+// other user's end came with one too), or one that covers the whole queue.
+struct Holds<B: DeviceBacking> {
+    entries: Vec<Hold<B>>,
+    free: Vec<u32>,
+    // The entry the latest request took, where a request with the same buffer finds it
+    // (a pool of I/O memory used at offsets). Only it is compared: a buffer found in no
+    // entry gets one more (two entries for one buffer are harmless).
+    last: u32,
+}
+
+struct Hold<B: DeviceBacking> {
+    // The buffer's address, 0 when the entry is free: compared only, and only while the
+    // entry holds the buffer (so no other live buffer has that address).
+    addr: usize,
+    users: u32,
+    buffer: Option<DeviceOwned<Buffer<B>>>,
+}
+
+impl<B: DeviceBacking> Holds<B> {
+    fn new() -> Self {
+        Holds {
+            entries: Vec::new(),
+            free: Vec::new(),
+            last: NO_HOLD,
+        }
+    }
+
+    // One more user of `buffer`: the entry it holds it in.
+    #[inline]
+    fn take(&mut self, buffer: &Buffer<B>) -> u32 {
+        let addr = Arc::as_ptr(buffer) as usize;
+        if let Some(e) = self.entries.get_mut(self.last as usize)
+            && e.addr == addr
+        {
+            e.users += 1;
+            return self.last;
+        }
+        self.take_new(buffer, addr)
+    }
+
+    #[inline(never)]
+    fn take_new(&mut self, buffer: &Buffer<B>, addr: usize) -> u32 {
+        let hold = Hold {
+            addr,
+            users: 1,
+            buffer: Some(DeviceOwned::new(Arc::clone(buffer))),
+        };
+        let index = match self.free.pop() {
+            Some(i) => {
+                self.entries[i as usize] = hold;
+                i
+            }
+            None => {
+                self.entries.push(hold);
+                (self.entries.len() - 1) as u32
+            }
+        };
+        self.last = index;
+        index
+    }
+
+    // A user of entry `index` ended, with `proof` that the controller no longer reaches
+    // the buffer for it: the last one releases the buffer.
+    #[inline]
+    fn put(&mut self, index: u32, proof: &Released) {
+        let Some(e) = self.entries.get_mut(index as usize) else {
+            return;
+        };
+        e.users = e.users.saturating_sub(1);
+        if e.users == 0 {
+            self.release(index, proof);
+        }
+    }
+
+    #[inline(never)]
+    fn release(&mut self, index: u32, proof: &Released) {
+        let e = &mut self.entries[index as usize];
+        e.addr = 0;
+        if let Some(b) = e.buffer.take() {
+            b.release(proof);
+            self.free.push(index);
+        }
+    }
+
+    // Releases every buffer with `proof` (it covers them all): the requests that used them
+    // are gone.
+    fn release_all(&mut self, proof: &Released) {
+        for e in self.entries.drain(..) {
+            if let Some(b) = e.buffer {
+                b.release(proof);
+            }
+        }
+        self.free.clear();
+        self.last = NO_HOLD;
+    }
+
+    // Every buffer still held (for parking): the requests that used them are gone.
+    fn take_all(&mut self) -> Vec<DeviceOwned<Buffer<B>>> {
+        self.free.clear();
+        self.last = NO_HOLD;
+        self.entries.drain(..).filter_map(|e| e.buffer).collect()
+    }
 }
 
 // The commands of a vectored request: each (first block, blocks, its range in `pieces`),
@@ -696,7 +837,9 @@ impl<B: DeviceBacking> IoQueue<B> {
             abandoned: 0,
             free_cids: (0..slots as u16).rev().collect(),
             requests: Vec::new(),
+            rests: Vec::new(),
             free_requests: Vec::new(),
+            holds: Holds::new(),
             outstanding: 0,
             pending: VecDeque::new(),
             queue_limit: DEFAULT_QUEUE_LIMIT,
@@ -744,7 +887,20 @@ impl<B: DeviceBacking> IoQueue<B> {
         self.ring.sq_rings
     }
 
+    // Inlined: one test of three flags per submission and poll; the error is built out of
+    // line.
+    #[inline]
     fn check_alive(&self) -> Result<(), NvmeError> {
+        if self.dead.is_none() && !self.shared.shut_down.load(Ordering::Acquire) && !self.shared.is_revoked()
+        {
+            return Ok(());
+        }
+        self.not_alive()
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn not_alive(&self) -> Result<(), NvmeError> {
         if let Some(e) = self.shared.removed() {
             return Err(e);
         }
@@ -938,52 +1094,58 @@ impl<B: DeviceBacking> IoQueue<B> {
             Some(b) if data => b.iova() + offset as u64,
             _ => 0,
         };
-        let req = Request {
+        let index = match self.free_requests.pop() {
+            Some(i) => i,
+            None => {
+                self.requests.push(None);
+                self.rests.push(Rest::default());
+                (self.requests.len() - 1) as u32
+            }
+        };
+        let (buffer, hold) = match (&plan, vectored, buffer) {
+            (Some(_), Some(segments), _) => (
+                Some(DeviceOwned::new(Held::Many(
+                    segments.iter().map(|s| Arc::clone(s.buffer)).collect(),
+                ))),
+                NO_HOLD,
+            ),
+            (None, _, Some(b)) if data => (None, self.holds.take(b)),
+            _ => (None, NO_HOLD),
+        };
+        let old = self.requests[index as usize].replace(Request {
             tag,
             op,
             parts: 0,
             error: None,
-            deadline: Duration::ZERO,
+            deadline: UNSTAMPED,
             ended: false,
-            buffer: match (&plan, buffer) {
-                (Some(_), _) => vectored.map(|segments| {
-                    DeviceOwned::new(Held::Many(
-                        segments.iter().map(|s| Arc::clone(s.buffer)).collect(),
-                    ))
-                }),
-                (None, Some(b)) if data => Some(DeviceOwned::new(Held::One(Arc::clone(b)))),
-                _ => None,
-            },
+            buffer,
+            hold,
             plan,
             sent: false,
             cdw0: 0,
             status: Status::SUCCESS,
-            rest: Rest {
-                commands: parts as u32,
-                nsid,
-                lba,
-                blocks,
-                per_cmd,
-                block_size: bs,
-                iova,
-                prinfo: ns.prinfo,
-                reftag: ns.reftag,
-            },
-        };
-        let index = match self.free_requests.pop() {
-            Some(i) => {
-                self.requests[i as usize] = Some(req);
-                i
-            }
-            None => {
-                self.requests.push(Some(req));
-                (self.requests.len() - 1) as u32
-            }
+            commands: parts as u32,
+        });
+        // A free entry is `None`: nothing to drop, so no drop glue run for it.
+        debug_assert!(old.is_none());
+        std::mem::forget(old);
+        let mut rest = Rest {
+            nsid,
+            lba,
+            blocks,
+            per_cmd,
+            block_size: bs,
+            iova,
+            prinfo: ns.prinfo,
+            reftag: ns.reftag,
         };
         self.outstanding += 1;
         if fits {
-            self.send(index, parts as u32, coarse_now());
+            // All its commands go now: nothing left to keep in `rests`.
+            self.send(index, parts as u32, &mut rest);
         } else {
+            self.rests[index as usize] = rest;
             self.pending.push_back(index);
             self.send_queued();
         }
@@ -991,24 +1153,24 @@ impl<B: DeviceBacking> IoQueue<B> {
     }
 
     // Writes up to `max` more commands of the request at `index` to the SQ (the caller
-    // checked that `max` slots are free), starting its timeout at `now`.
+    // checked that `max` slots are free), restarting its timeout (at the next check);
+    // `rest` describes them (and is moved on past them).
     #[inline]
-    fn send(&mut self, index: u32, max: u32, now: Duration) {
+    fn send(&mut self, index: u32, max: u32, rest: &mut Rest) {
         let Some(req) = self.requests.get_mut(index as usize).and_then(Option::as_mut) else {
             return;
         };
         let op = req.op;
-        let mut rest = req.rest;
-        let n_cmds = max.min(rest.commands);
+        let n_cmds = max.min(req.commands);
         req.parts += n_cmds;
         req.sent = true;
-        req.deadline = now.saturating_add(self.shared.io_timeout);
+        req.deadline = UNSTAMPED;
         for _ in 0..n_cmds {
             // The next command: from the plan of a vectored request, else the next
             // `per_cmd` blocks.
             let (slba, n, pieces) = match &req.plan {
                 Some(plan) => {
-                    let (slba, n, pieces) = plan.cmds[plan.cmds.len() - rest.commands as usize];
+                    let (slba, n, pieces) = plan.cmds[plan.cmds.len() - req.commands as usize];
                     (slba, n, Some(pieces))
                 }
                 None => (rest.lba, rest.per_cmd.min(rest.blocks).max(1), None),
@@ -1076,26 +1238,24 @@ impl<B: DeviceBacking> IoQueue<B> {
             self.ring.push(&cmd);
             rest.lba = slba + n;
             rest.blocks = rest.blocks.saturating_sub(n);
-            rest.commands -= 1;
+            req.commands -= 1;
         }
-        req.rest = rest;
     }
 
     // Writes the software queue's commands to the SQ, oldest request first, as far as
     // slots are free. Whether it wrote any.
     fn send_queued(&mut self) -> bool {
         let mut any = false;
-        let now = coarse_now();
         while let Some(&index) = self.pending.front() {
             let free = self.free_slots() as u32;
             if free == 0 {
                 break;
             }
-            let left = self.requests[index as usize]
-                .as_ref()
-                .map_or(0, |r| r.rest.commands);
+            let left = self.requests[index as usize].as_ref().map_or(0, |r| r.commands);
             if left > 0 {
-                self.send(index, free, now);
+                let mut rest = self.rests[index as usize];
+                self.send(index, free, &mut rest);
+                self.rests[index as usize] = rest;
                 any = true;
             }
             if left > free {
@@ -1203,6 +1363,7 @@ impl<B: DeviceBacking> IoQueue<B> {
                 abandoned_done(
                     &mut self.requests,
                     &mut self.free_requests,
+                    &mut self.holds,
                     slot.request as usize,
                     &c,
                 );
@@ -1223,28 +1384,44 @@ impl<B: DeviceBacking> IoQueue<B> {
                         status,
                     }));
                     // Its commands still in the software queue are not sent.
-                    if req.rest.commands > 0 {
-                        req.rest.commands = 0;
+                    if req.commands > 0 {
+                        req.commands = 0;
                         self.pending.retain(|&i| i as usize != index);
                     }
                 }
             }
             req.parts -= 1;
-            if req.parts == 0 && req.rest.commands == 0 {
+            if req.parts == 0 && req.commands == 0 {
                 // What the caller gets, taken out in place: the slab entry is then emptied
                 // where it is, not moved out whole.
-                let (tag, cdw0, status) = (req.tag, req.cdw0, req.status);
-                let (buffer, error) = (req.buffer.take(), req.error.take());
-                self.requests[index] = None;
+                let (tag, cdw0, status, hold) = (req.tag, req.cdw0, req.status, req.hold);
+                let rare = (req.buffer.take(), req.error.take(), req.plan.take());
+                // Emptied of everything with drop glue: forgotten, not dropped (no drop
+                // glue run on the I/O path).
+                std::mem::forget(self.requests[index].take());
                 self.free_requests.push(index as u32);
                 self.outstanding -= 1;
                 completed += 1;
-                if let Some(b) = buffer {
-                    b.release(&Released::completed(&c));
+                let proof = Released::completed(&c);
+                if hold != NO_HOLD {
+                    self.holds.put(hold, &proof);
                 }
+                let result = match rare {
+                    // Nothing to drop: forgotten, as above.
+                    none @ (None, None, None) => {
+                        std::mem::forget(none);
+                        Ok(())
+                    }
+                    (buffer, error, _plan) => {
+                        if let Some(b) = buffer {
+                            b.release(&proof);
+                        }
+                        error.map_or(Ok(()), |e| Err(*e))
+                    }
+                };
                 done(IoCompletion {
                     tag,
-                    result: error.map_or(Ok(()), |e| Err(*e)),
+                    result,
                     cdw0,
                     status: Some(status),
                 });
@@ -1314,14 +1491,22 @@ impl<B: DeviceBacking> IoQueue<B> {
             };
             // Only requests with commands on the controller time out: one waiting in
             // the software queue alone waits for those ahead of it.
-            if req.ended || req.parts == 0 || req.deadline > coarse {
+            if req.ended || req.parts == 0 {
+                continue;
+            }
+            // Written to the SQ since the last check: its timeout runs from now.
+            if req.deadline == UNSTAMPED {
+                req.deadline = coarse.saturating_add(self.shared.io_timeout);
+                continue;
+            }
+            if req.deadline > coarse {
                 continue;
             }
             // Reported now; its commands are abandoned, and the request (with its
             // buffer) stays until they end.
             req.ended = true;
-            if req.rest.commands > 0 {
-                req.rest.commands = 0;
+            if req.commands > 0 {
+                req.commands = 0;
                 self.pending.retain(|&i| i as usize != index);
             }
             let (tag, op) = (req.tag, req.op);
@@ -1435,6 +1620,8 @@ impl<B: DeviceBacking> IoQueue<B> {
                 }
             }
         }
+        // The requests that used them are gone.
+        self.holds.release_all(&proof);
         self.outstanding = 0;
         self.pending.clear();
         self.ring.reset();
@@ -1477,6 +1664,9 @@ impl<B: DeviceBacking> IoQueue<B> {
         for index in 0..self.requests.len() {
             if let Some(req) = self.requests[index].take() {
                 self.free_requests.push(index as u32);
+                if !req.sent && req.hold != NO_HOLD {
+                    self.holds.put(req.hold, &Released::never_submitted());
+                }
                 match (req.buffer, &proof) {
                     (Some(b), _) if !req.sent => b.release(&Released::never_submitted()),
                     (Some(b), Some(proof)) => b.release(proof),
@@ -1492,6 +1682,11 @@ impl<B: DeviceBacking> IoQueue<B> {
             }
         }
         self.pending.clear();
+        // The buffers of requests with a command sent (the others' were given back above).
+        match &proof {
+            Some(proof) => self.holds.release_all(proof),
+            None => kept.extend(self.holds.take_all().into_iter().map(DeviceOwned::boxed)),
+        }
         if !kept.is_empty() {
             self.shared.park(self.epoch, kept, None);
         }
@@ -1677,6 +1872,11 @@ impl<B: DeviceBacking> Drop for IoQueue<B> {
         };
         // A request still wholly in the software queue never handed its buffer over.
         let never_sent = Released::never_submitted();
+        for r in self.requests.iter().flatten() {
+            if !r.sent && r.hold != NO_HOLD {
+                self.holds.put(r.hold, &never_sent);
+            }
+        }
         let buffers = self
             .requests
             .iter_mut()
@@ -1693,12 +1893,14 @@ impl<B: DeviceBacking> Drop for IoQueue<B> {
                 for b in buffers {
                     b.release(&proof);
                 }
+                self.holds.release_all(&proof);
                 self.shared.free_qid(qid);
             }
             None => {
                 // The controller may still own the queue, its id, and everything it
                 // reaches: kept until it is disabled or bus mastering is off.
                 let mut memory: Vec<_> = buffers.map(DeviceOwned::boxed).collect();
+                memory.extend(self.holds.take_all().into_iter().map(DeviceOwned::boxed));
                 for m in [&self.memory[0], &self.memory[1], &self.prp] {
                     memory.push(DeviceOwned::new(m.clone()).boxed());
                 }
@@ -1713,10 +1915,75 @@ impl<B: DeviceBacking> Drop for IoQueue<B> {
 #[cfg(all(test, feature = "testing"))]
 mod tests {
     use std::sync::{Arc, mpsc};
-    use std::time::Duration;
+    use std::time::{Duration, Instant};
 
     use crate::nvme::{Controller, IoRequest, Options};
     use crate::testing::nvme::{CommandMatch, EmuConfig, EmulatedNvme, Fault};
+
+    #[test]
+    fn requests_sharing_a_buffer_hold_it_until_the_last_command_ends() {
+        // Issue 15 §6: a queue holds a buffer once for all its requests using it (a count,
+        // not an `Arc` clone each). The count must keep the buffer for a command abandoned
+        // after a timeout while the requests beside it complete, and give it back after.
+        let e = EmulatedNvme::new(EmuConfig {
+            abort_succeeds: true,
+            ..EmuConfig::default()
+        })
+        .unwrap();
+        let options = Options {
+            io_timeout: Duration::from_millis(200),
+            ..Options::default()
+        };
+        let c = Controller::init(e.clone(), &options).unwrap();
+        let mut q = c.io_queue(8).unwrap();
+        let buf = c.alloc_buffer(3 * 4096).unwrap();
+        let other = c.alloc_buffer(4096).unwrap();
+        // The first command is swallowed (until its Abort); the others complete.
+        e.inject(Fault::NeverComplete {
+            command: CommandMatch::AnyIo,
+            count: 1,
+        });
+        q.submit(&IoRequest::read(1, 0, 8, &buf, 0), 0).unwrap();
+        q.submit(&IoRequest::read(1, 8, 8, &buf, 4096), 1).unwrap();
+        // Another buffer in between: the shared one is found again after it.
+        q.submit(&IoRequest::read(1, 16, 8, &other, 0), 2).unwrap();
+        q.submit(&IoRequest::read(1, 24, 8, &buf, 8192), 3).unwrap();
+        q.ring().unwrap();
+        assert!(Arc::strong_count(&buf) > 1);
+        let mut ended = Vec::new();
+        let start = Instant::now();
+        while ended.len() < 4 && start.elapsed() < Duration::from_secs(30) {
+            q.poll(|tag, r| ended.push((tag, r.is_ok()))).unwrap();
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        ended.sort_unstable();
+        assert_eq!(ended, [(0, false), (1, true), (2, true), (3, true)]);
+        assert_eq!(
+            Arc::strong_count(&other),
+            1,
+            "a completed request's buffer is given back"
+        );
+        // Only polls consume completions: the Abort's effect is not seen yet.
+        assert_eq!(
+            Arc::strong_count(&buf),
+            2,
+            "the abandoned command keeps the buffer it shared with completed requests"
+        );
+        let start = Instant::now();
+        while Arc::strong_count(&buf) > 1 && start.elapsed() < Duration::from_secs(30) {
+            q.poll(|tag, _| panic!("request {tag} ended twice")).unwrap();
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert_eq!(
+            Arc::strong_count(&buf),
+            1,
+            "given back once the aborted command ended"
+        );
+        assert_eq!(e.stats().bad_dma, 0);
+        // The queue goes on, the buffer held again and given back.
+        q.read(1, 0, 8, &buf, 0).unwrap();
+        assert_eq!(Arc::strong_count(&buf), 1);
+    }
 
     #[test]
     fn an_empty_poll_takes_no_register_lock() {
