@@ -15,14 +15,12 @@
 //! list page is cleared, so a command that moves more than the region finds null entries
 //! rather than stale addresses of earlier commands.
 
-use std::sync::Arc;
-use std::time::Duration;
 
-use super::{Buffer, Held, IoCompletion, IoQueue, Op, Plan, Request, Rest, coarse_now, prps_pieces};
+use super::{Buffer, IoCompletion, IoQueue, NO_HOLD, Op, Plan, Request, Rest, UNSTAMPED, prps_pieces};
 use crate::bus::backing::{DeviceBacking, DmaMemory};
 use crate::nvme::NvmeError;
 use crate::nvme::controller::PAGE;
-use crate::nvme::owned::{DeviceOwned, SharedDma};
+use crate::nvme::owned::SharedDma;
 use crate::nvme::spec::{Command, Status};
 
 /// Which way a passthrough command's data moves.
@@ -219,14 +217,24 @@ impl<B: DeviceBacking> IoQueue<B> {
             cdw: cmd.cdw,
             ..Command::default()
         };
-        let req = Request {
+        let index = match self.free_requests.pop() {
+            Some(i) => i,
+            None => {
+                self.requests.push(None);
+                self.rests.push(Rest::default());
+                (self.requests.len() - 1) as u32
+            }
+        };
+        let hold = data.map_or(NO_HOLD, |d| self.holds.take(d.buffer));
+        self.requests[index as usize] = Some(Request {
             tag,
             op: Op::Passthru,
             parts: 0,
             error: None,
-            deadline: Duration::ZERO,
+            deadline: UNSTAMPED,
             ended: false,
-            buffer: data.map(|d| DeviceOwned::new(Held::One(Arc::clone(d.buffer)))),
+            buffer: None,
+            hold,
             plan: Some(Box::new(Plan {
                 cmds: vec![(0, 0, (0, pieces.len() as u32))],
                 pieces,
@@ -236,32 +244,18 @@ impl<B: DeviceBacking> IoQueue<B> {
             sent: false,
             cdw0: 0,
             status: Status::SUCCESS,
-            rest: Rest {
-                commands: 1,
-                nsid: cmd.nsid,
-                lba: 0,
-                blocks: 0,
-                per_cmd: 1,
-                block_size: 0,
-                iova: 0,
-                prinfo: 0,
-                reftag: false,
-            },
-        };
-        let index = match self.free_requests.pop() {
-            Some(i) => {
-                self.requests[i as usize] = Some(req);
-                i
-            }
-            None => {
-                self.requests.push(Some(req));
-                (self.requests.len() - 1) as u32
-            }
+            commands: 1,
+        });
+        let mut rest = Rest {
+            nsid: cmd.nsid,
+            per_cmd: 1,
+            ..Rest::default()
         };
         self.outstanding += 1;
         if fits {
-            self.send(index, 1, coarse_now());
+            self.send(index, 1, &mut rest);
         } else {
+            self.rests[index as usize] = rest;
             self.pending.push_back(index);
             self.send_queued();
         }
