@@ -1,0 +1,85 @@
+//! The NVMe driver over a controller's life on the emulated controller: what the last
+//! handle does with memory the controller may still reach, what an Abort's answer leads
+//! to, how often a failing controller is reset, and namespaces changing at run time.
+
+use std::time::{Duration, Instant};
+
+use pcibus::bus::DeviceBacking;
+use pcibus::nvme::Controller;
+use pcibus::testing::nvme::{EmuConfig, EmulatedNvme, Fault};
+
+mod common;
+use common::{emu, quick, up};
+
+// The PCI Command register's Bus Master Enable.
+fn bus_master(e: &EmulatedNvme) -> bool {
+    let mut command = [0u8; 2];
+    e.read_config(4, &mut command).unwrap();
+    u16::from_le_bytes(command) & 1 << 2 != 0
+}
+
+// Issue 15 §1: the admin queue's rings belong to the controller while it is enabled with
+// bus mastering on. An Asynchronous Event Request outstanding when the controller's last
+// handle goes completes when an event comes, into the admin completion queue: the last
+// handle must first make the controller unable to reach the rings (disable it), and free
+// them only then.
+#[test]
+fn the_last_handle_disables_the_controller_before_it_frees_the_admin_rings() {
+    let e = emu(EmuConfig::default());
+    let c = up(&e);
+    c.on_async_event(|_| {}).unwrap();
+    drop(c);
+    assert_eq!(e.extra_handles(), 0, "the driver let go of the controller");
+    // An event the controller reports on its own: a SMART / health notice (Immediate).
+    e.complete_async_event(0x0002_0000);
+    let start = Instant::now();
+    while e.is_processing() && e.stats().bad_dma == 0 && start.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert_eq!(
+        e.stats().bad_dma,
+        0,
+        "the controller posted into the freed admin completion queue"
+    );
+    assert!(!e.is_processing(), "the controller was left enabled");
+}
+
+// When the controller does not finish disabling within its ready timeout, Bus Master
+// Enable cleared is the proof instead: the memory is released then, not before.
+#[test]
+fn the_last_handle_turns_bus_mastering_off_when_the_disable_does_not_finish() {
+    let e = emu(EmuConfig {
+        cap_timeout: 1,
+        ..EmuConfig::default()
+    });
+    let c = up(&e);
+    e.inject(Fault::ReadySlow(Duration::from_secs(3600)));
+    drop(c);
+    assert!(!bus_master(&e), "bus mastering was left on");
+    assert_eq!(e.extra_handles(), 0, "the rings were not released");
+}
+
+// Without any proof (the device is gone: neither the disable nor the Command register
+// write can be seen to take effect), the memory leaks rather than being freed under a
+// controller that may still write it.
+#[test]
+fn without_proof_the_last_handle_leaks_the_admin_rings() {
+    let e = emu(EmuConfig::default());
+    let c = up(&e);
+    e.inject(Fault::Gone);
+    drop(c);
+    assert!(
+        e.extra_handles() > 0,
+        "the admin rings were freed with no proof the controller cannot reach them"
+    );
+}
+
+// A normal drop after revoke (bus mastering already off) needs nothing more.
+#[test]
+fn after_revoke_the_last_handle_releases_everything() {
+    let e = emu(EmuConfig::default());
+    let c: Controller<EmulatedNvme> = Controller::init(e.clone(), &quick()).unwrap();
+    c.revoke("test");
+    drop(c);
+    assert_eq!(e.extra_handles(), 0);
+}
