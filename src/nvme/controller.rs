@@ -199,7 +199,9 @@ pub struct ControllerInfo {
 
 // The admin queue.
 struct Admin<B: DeviceBacking> {
-    ring: Ring<Dma<B>>,
+    // Shared: the last handle keeps the memory (leaks it) when it cannot prove the
+    // controller is done with it.
+    ring: Ring<SharedDma<Dma<B>>>,
     regs: Option<B::Registers>,
     next_cid: u16,
     // Command ids of Aborts sent and not yet answered (at most ACL + 1).
@@ -601,12 +603,7 @@ impl<B: DeviceBacking> Shared<B> {
             let Some(regs) = regs.as_ref() else {
                 return Err(self.revoked_error());
             };
-            let cc_now = regs.read32(reg::CC)?;
-            if cc_now == u32::MAX {
-                return Err(NvmeError::Gone);
-            }
-            regs.write32(reg::CC, cc_now & !(cc::EN | cc::SHN_MASK))?;
-            wait_ready(regs, false, limit, "reset: controller disable (CSTS.RDY = 0)")?;
+            disable(regs, limit, "reset: controller disable (CSTS.RDY = 0)")?;
             // Disabled: every command is gone, with every I/O queue and every Abort, and
             // the controller reaches no memory until it is enabled again.
             self.disables.fetch_add(1, Ordering::AcqRel);
@@ -680,29 +677,93 @@ fn granted_queues(want: u16, dw0: u32) -> u16 {
     want.min((dw0 & 0xffff) as u16 + 1).min((dw0 >> 16) as u16 + 1)
 }
 
+impl<B: DeviceBacking> Shared<B> {
+    // At the last handle: makes the controller unable to reach memory it was given — the
+    // admin rings, the shadow doorbells, what queues parked — and says how (`None`: it
+    // could not). Bus mastering off already (revoke) will do; else the controller is
+    // disabled (CC.EN 0, then CSTS.RDY 0 within the ready timeout); else Bus Master Enable
+    // is cleared and read back clear.
+    fn stop_dma_for_good(&mut self) -> Option<Released> {
+        if self.bus_master_off.load(Ordering::Acquire) {
+            return Some(Released::bus_master_off());
+        }
+        let address = self.info.address;
+        if let Some(regs) = self.admin.get_mut().regs.as_ref() {
+            match disable(
+                regs,
+                self.info.ready_timeout,
+                "disable at the last handle (CSTS.RDY = 0)",
+            ) {
+                Ok(()) => return Some(Released::disabled()),
+                Err(e) => log::warn!("{address}: {e}; turning bus mastering off instead"),
+            }
+        }
+        if let Some(b) = self.backing.get_mut().as_ref() {
+            match clear_bus_master(b) {
+                Ok(()) => return Some(Released::bus_master_off()),
+                Err(e) => log::warn!("{address}: clearing Bus Master Enable: {e}"),
+            }
+        }
+        None
+    }
+}
+
 impl<B: DeviceBacking> Drop for Shared<B> {
     fn drop(&mut self) {
-        if self.parked.get_mut().memory.is_empty() {
-            return;
+        // Everything the controller may still reach by DMA: it is enabled with bus
+        // mastering on until shown otherwise, and an Asynchronous Event Request (or a
+        // command abandoned after its timeout) may complete into the admin queue at any
+        // moment.
+        let (sq, cq) = self.admin.get_mut().ring.memory();
+        let mut memory = vec![DeviceOwned::new((sq.clone(), cq.clone())).boxed()];
+        if let Some(shadow) = self.shadow.take() {
+            memory.push(DeviceOwned::new(shadow).boxed());
         }
-        // The controller may still reach what is parked: bus mastering off first, or
-        // the memory leaks.
-        let off = self
-            .backing
-            .get_mut()
-            .as_ref()
-            .is_some_and(|b| update_command(b, 0, COMMAND_MASTER).is_ok());
-        if off {
-            self.unpark(&Released::bus_master_off());
-        } else {
-            log::error!(
-                "{}: the controller may still reach {} DMA allocation(s) and bus mastering could not be \
-                 turned off: leaking them",
-                self.info.address,
-                self.parked.get_mut().memory.len()
-            );
+        memory.append(&mut self.parked.get_mut().memory);
+        match self.stop_dma_for_good() {
+            Some(proof) => {
+                for m in memory {
+                    m.release(&proof);
+                }
+            }
+            None => {
+                // Each `DeviceOwned` leaks its memory as it drops (the admin rings through
+                // the clones above).
+                log::error!(
+                    "{}: the controller may still reach {} DMA allocation(s) (the admin rings among them): it \
+                     could be neither disabled nor have bus mastering turned off; leaking them",
+                    self.info.address,
+                    memory.len()
+                );
+            }
         }
     }
+}
+
+// Clears CC.EN and waits (at most `limit`) for CSTS.RDY 0: the controller is then idle
+// and reaches no memory until it is enabled again.
+fn disable<R: RegisterIo>(regs: &R, limit: Duration, what: &str) -> Result<(), NvmeError> {
+    let cc_now = regs.read32(reg::CC)?;
+    if cc_now == u32::MAX {
+        return Err(NvmeError::Gone);
+    }
+    regs.write32(reg::CC, cc_now & !(cc::EN | cc::SHN_MASK))?;
+    wait_ready(regs, false, limit, what)
+}
+
+// Clears Bus Master Enable and reads it back: a device that is gone (config space
+// all-ones) or ignored the write leaves it set, which proves nothing.
+fn clear_bus_master<B: DeviceBacking>(backing: &B) -> Result<(), NvmeError> {
+    update_command(backing, 0, COMMAND_MASTER)?;
+    let mut command = [0u8; 2];
+    backing.read_config(4, &mut command)?;
+    if u16::from_le_bytes(command) & COMMAND_MASTER != 0 {
+        return Err(NvmeError::Removed(
+            "Bus Master Enable still reads set after it was cleared: the device is gone or ignored the write"
+                .into(),
+        ));
+    }
+    Ok(())
 }
 
 // Points a disabled controller at the admin queue `ring`, enables it (4 KiB pages, NVM
@@ -863,7 +924,13 @@ impl<B: DeviceBacking> Controller<B> {
             .min(cap.max_queue_entries().min(4096) as u16);
         let sq = backing.alloc_dma(usize::from(depth) * Command::SIZE)?;
         let cq = backing.alloc_dma(usize::from(depth) * Completion::SIZE)?;
-        let ring = Ring::new(0, depth, sq, cq, Doorbells::of(cap, 0));
+        let ring = Ring::new(
+            0,
+            depth,
+            SharedDma::new(sq),
+            SharedDma::new(cq),
+            Doorbells::of(cap, 0),
+        );
         enable(&regs, &ring, ready_timeout, "controller enable (CSTS.RDY = 1)")?;
 
         let mut shared = Shared {
