@@ -5,7 +5,7 @@
 use std::time::{Duration, Instant};
 
 use pcibus::bus::DeviceBacking;
-use pcibus::nvme::Controller;
+use pcibus::nvme::{Controller, IoQueue, IoRequest, NvmeError};
 use pcibus::testing::nvme::{EmuConfig, EmulatedNvme, Fault};
 
 mod common;
@@ -82,4 +82,46 @@ fn after_revoke_the_last_handle_releases_everything() {
     c.revoke("test");
     drop(c);
     assert_eq!(e.extra_handles(), 0);
+}
+
+// Submits a read whenever none is outstanding and polls, until a poll fails with a fatal
+// error (returned) or the controller was enabled `enables` times (`None`).
+fn drive_until_fatal(
+    e: &EmulatedNvme,
+    c: &Controller<EmulatedNvme>,
+    q: &mut IoQueue<EmulatedNvme>,
+    enables: u64,
+) -> Option<NvmeError> {
+    let buf = c.alloc_buffer(4096).unwrap();
+    let mut outstanding = 0u32;
+    let start = Instant::now();
+    while e.stats().enables < enables && start.elapsed() < Duration::from_secs(60) {
+        if outstanding == 0 && q.submit(&IoRequest::read(1, 0, 1, &buf, 0), 0).is_ok() {
+            outstanding = 1;
+            let _ = q.ring();
+        }
+        let mut ended = 0;
+        let polled = q.poll(|_, _| ended += 1);
+        outstanding -= ended.min(outstanding);
+        match polled {
+            Err(err) if err.is_fatal() => return Some(err),
+            _ => std::thread::sleep(Duration::from_micros(200)),
+        }
+    }
+    None
+}
+
+// Issue 15 §1/§4: a controller that fails (CSTS.CFS) again after every reset was reset at
+// every poll that saw it, forever. Recovery resets back off and are bounded: after a
+// number of them in a row that did not bring the controller back, it is declared failed.
+#[test]
+fn a_controller_failing_after_every_reset_is_not_reset_forever() {
+    let e = emu(EmuConfig::default());
+    let c = up(&e);
+    let mut q = c.io_queue(8).unwrap();
+    e.inject(Fault::FatalOnIo);
+    let end = drive_until_fatal(&e, &c, &mut q, 40);
+    let resets = e.stats().enables - 1;
+    assert!(end.is_some(), "still resetting after {resets} resets");
+    assert!(resets <= 10, "{resets} resets");
 }

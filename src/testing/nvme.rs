@@ -75,7 +75,8 @@
 //!   separated by an unmapped page, so an overrun by one byte is caught.
 //! - Faults ([`Fault`]): swallowed and stalled commands, error statuses, wrong command ids,
 //!   duplicate and stale completions, SQ heads going backwards, fatal status (with the
-//!   controller stopped, with its DMA going on, or on shutdown), a reset during I/O,
+//!   controller stopped, with its DMA going on, on shutdown, or at the first I/O command
+//!   after every reset), a reset during I/O,
 //!   surprise removal, delays, a controller slow or never ready, lost interrupts, a
 //!   smaller queue grant after a reset ([`EmulatedNvme::limit_io_queues`]), an Abort
 //!   Command Limit ([`EmuConfig::abort_limit`]).
@@ -556,6 +557,11 @@ pub enum Fault {
     /// commands when it sees CFS, with the controller still enabled and bus mastering on,
     /// has them written afterwards (see [`EmuStats::late_dma`]).
     FatalStatusDmaContinues,
+    /// From now on, until [`EmulatedNvme::clear_faults`], the controller fails (CSTS.CFS
+    /// becomes 1 and it stops processing, as [`Fault::FatalStatus`]) at the first I/O
+    /// command it fetches after each enable: a controller that a reset brings back only
+    /// for admin commands, whatever the number of resets.
+    FatalOnIo,
     /// A reset the host driver did not ask for, during I/O, as a function level reset by
     /// someone else does: at once, the controller stops, every queue is gone, and CC,
     /// CSTS (RDY 0), AQA, ASQ and ACQ read 0 (as after [`DeviceBacking::reset`]). Commands
@@ -635,6 +641,8 @@ pub struct EmuStats {
     /// new buffer; a driver that keeps its buffers until their commands end never causes
     /// one.
     pub late_dma: u64,
+    /// Times the controller was enabled (CC.EN 0 → 1): bring-up, then once per reset.
+    pub enables: u64,
 }
 
 impl EmuStats {
@@ -662,6 +670,7 @@ struct Counters {
     bad_dma: AtomicU64,
     aborts_over_limit: AtomicU64,
     late_dma: AtomicU64,
+    enables: AtomicU64,
 }
 
 fn bump(c: &AtomicU64) {
@@ -684,6 +693,7 @@ impl Counters {
             bad_dma: AtomicU64::new(0),
             aborts_over_limit: AtomicU64::new(0),
             late_dma: AtomicU64::new(0),
+            enables: AtomicU64::new(0),
         }
     }
 
@@ -714,6 +724,7 @@ impl Counters {
             bad_dma: load(&self.bad_dma),
             aborts_over_limit: load(&self.aborts_over_limit),
             late_dma: load(&self.late_dma),
+            enables: load(&self.enables),
         }
     }
 }
@@ -883,6 +894,8 @@ struct Shared {
     halted: AtomicBool,
     // Fault::FatalOnShutdown armed.
     fatal_on_shutdown: AtomicBool,
+    // Fault::FatalOnIo armed (until the faults are cleared).
+    fatal_on_io: AtomicBool,
     // I/O queues Set Features grants at most from now on (`EmulatedNvme::limit_io_queues`).
     grant_limit: AtomicU32,
     // When CSTS.RDY, still 1 after CC.EN was cleared, becomes 0 (applied lazily by CSTS
@@ -952,6 +965,7 @@ impl Shared {
             gone: AtomicBool::new(false),
             halted: AtomicBool::new(false),
             fatal_on_shutdown: AtomicBool::new(false),
+            fatal_on_io: AtomicBool::new(false),
             grant_limit: AtomicU32::new(u32::from(cfg.max_io_queues)),
             unready_at: Mutex::new(None),
             unready_pending: AtomicBool::new(false),
@@ -1255,6 +1269,7 @@ impl Shared {
         self.unready_pending.store(false, Ordering::Release);
         self.csts.store(0, Ordering::Release);
         let (delay, never) = self.ready_delay();
+        bump(&self.counters.enables);
         let mut engine = Engine::new(Arc::clone(self));
         engine.ready_after = (!never).then_some(delay);
         let mut admin_sq = Sq::new(asqs, 0, sq);
@@ -1800,6 +1815,13 @@ impl Engine {
         };
         bump(&table[usize::from(cmd.opcode)]);
 
+        if !is_admin && self.shared.fatal_on_io.load(Ordering::Acquire) {
+            // Fault::FatalOnIo: fetched, never completed; processing stops until a reset.
+            self.shared.halted.store(true, Ordering::Release);
+            return self
+                .shared
+                .fail(format_args!("I/O command fetched (injected fault)"));
+        }
         if is_admin && cmd.opcode == admin::ABORT && self.aborts_over_limit() {
             bump(&self.shared.counters.aborts_over_limit);
             return self.complete(qid, cmd.cid, Status::ABORT_LIMIT_EXCEEDED, 0);
@@ -3275,6 +3297,10 @@ impl EmulatedNvme {
                 shared.fatal_on_shutdown.store(true, Ordering::Release);
                 return;
             }
+            Fault::FatalOnIo => {
+                shared.fatal_on_io.store(true, Ordering::Release);
+                return;
+            }
             Fault::FatalStatusDmaContinues => {
                 shared.csts.fetch_or(csts::CFS, Ordering::AcqRel);
                 return;
@@ -3310,9 +3336,10 @@ impl EmulatedNvme {
     }
 
     /// Removes the faults not yet used up (and the delays, [`Fault::ReadySlow`] and
-    /// [`Fault::ReadyNever`]). `Gone` and `FatalStatus` stay.
+    /// [`Fault::ReadyNever`], [`Fault::FatalOnIo`]). `Gone` and `FatalStatus` stay.
     pub fn clear_faults(&self) {
         let shared = self.shared();
+        shared.fatal_on_io.store(false, Ordering::Release);
         *shared.faults.lock() = FaultState::default();
         shared.faults_pending.store(false, Ordering::Release);
     }
