@@ -5,7 +5,7 @@
 use std::time::{Duration, Instant};
 
 use pcibus::bus::DeviceBacking;
-use pcibus::nvme::{Controller, IoQueue, IoRequest, NvmeError};
+use pcibus::nvme::{Controller, IoQueue, IoRequest, NvmeError, Options};
 use pcibus::testing::nvme::{EmuConfig, EmulatedNvme, Fault};
 
 mod common;
@@ -124,4 +124,75 @@ fn a_controller_failing_after_every_reset_is_not_reset_forever() {
     let resets = e.stats().enables - 1;
     assert!(end.is_some(), "still resetting after {resets} resets");
     assert!(resets <= 10, "{resets} resets");
+}
+
+// The same, counted: with a limit of 3, three recovery resets, then the controller is
+// declared failed; every queue operation says so, and nothing resets it but
+// `Controller::reset`, which brings it back.
+#[test]
+fn recovery_resets_are_bounded_then_the_controller_is_declared_failed() {
+    let e = emu(EmuConfig::default());
+    let options = Options {
+        recovery_backoff: Duration::from_millis(1),
+        recovery_backoff_max: Duration::from_millis(4),
+        recovery_limit: 3,
+        ..quick()
+    };
+    let c = Controller::init(e.clone(), &options).unwrap();
+    let mut q = c.io_queue(8).unwrap();
+    e.inject(Fault::FatalOnIo);
+    let end = drive_until_fatal(&e, &c, &mut q, 40);
+    assert!(matches!(end, Some(NvmeError::Failed(_))), "{end:?}");
+    assert_eq!(e.stats().enables - 1, 3, "recovery resets");
+    let buf = c.alloc_buffer(4096).unwrap();
+    for _ in 0..100 {
+        let r = q.poll(|_, _| {});
+        assert!(matches!(r, Err(NvmeError::Failed(_))), "{r:?}");
+    }
+    let r = q.submit(&IoRequest::read(1, 0, 1, &buf, 0), 1);
+    assert!(matches!(r, Err(NvmeError::Failed(_))), "{r:?}");
+    assert!(matches!(c.io_queue(8), Err(NvmeError::Failed(_))));
+    assert_eq!(e.stats().enables - 1, 3, "no more resets once failed");
+    drop(q);
+    e.clear_faults();
+    c.reset().unwrap();
+    let mut q = c.io_queue(8).unwrap();
+    q.read(1, 0, 1, &buf, 0).unwrap();
+    assert_eq!(e.stats().bad_dma, 0);
+}
+
+// While the backoff runs, a poll that finds the controller failed returns at once with
+// `RecoveryPending` (it neither sleeps nor resets), and the request stays outstanding.
+#[test]
+fn a_poll_during_the_backoff_neither_waits_nor_resets() {
+    let e = emu(EmuConfig::default());
+    let options = Options {
+        recovery_backoff: Duration::from_secs(3600),
+        recovery_backoff_max: Duration::from_secs(3600),
+        ..quick()
+    };
+    let c = Controller::init(e.clone(), &options).unwrap();
+    let mut q = c.io_queue(8).unwrap();
+    e.inject(Fault::FatalOnIo);
+    // The first recovery reset is at once.
+    let end = drive_until_fatal(&e, &c, &mut q, 2);
+    assert!(end.is_none(), "{end:?}");
+    let buf = c.alloc_buffer(4096).unwrap();
+    let mut pending = 0;
+    let start = Instant::now();
+    while pending < 50 && start.elapsed() < Duration::from_secs(60) {
+        if q.free_slots() == 7 {
+            let _ = q.submit(&IoRequest::read(1, 0, 1, &buf, 0), 2);
+        }
+        match q.poll(|tag, r| panic!("request {tag} ended during the backoff: {r:?}")) {
+            Err(NvmeError::RecoveryPending { resets, .. }) => {
+                assert_eq!(resets, 1);
+                pending += 1;
+            }
+            Err(other) => panic!("{other}"),
+            Ok(_) => std::thread::sleep(Duration::from_micros(200)),
+        }
+    }
+    assert_eq!(pending, 50);
+    assert_eq!(e.stats().enables, 2, "bring-up and one recovery reset");
 }

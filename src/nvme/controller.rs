@@ -12,6 +12,7 @@ use std::os::fd::AsFd;
 use super::io::IoQueue;
 
 mod events;
+mod recovery;
 use super::owned::{DeviceOwned, Released, SharedDma};
 use super::queue::{Doorbells, Ring, Shadow};
 use super::spec::{
@@ -50,6 +51,17 @@ pub struct Options {
     /// Route MSI-X vectors to eventfds and create I/O completion queues with interrupts on,
     /// so a queue can sleep until a completion ([`IoQueue::wait`]) instead of spinning.
     pub interrupts: bool,
+    /// How long after a recovery reset (CSTS.CFS, a stuck command) that did not bring the
+    /// controller back the next may come; doubled at each one in a row, up to
+    /// [`recovery_backoff_max`](Self::recovery_backoff_max). Meanwhile polls fail at once
+    /// with [`NvmeError::RecoveryPending`].
+    pub recovery_backoff: Duration,
+    /// The longest wait between two recovery resets in a row.
+    pub recovery_backoff_max: Duration,
+    /// Recovery resets in a row (none bringing a completion) after which the controller is
+    /// declared failed: every queue operation then fails with [`NvmeError::Failed`] until
+    /// [`Controller::reset`].
+    pub recovery_limit: u32,
 }
 
 impl Default for Options {
@@ -61,6 +73,9 @@ impl Default for Options {
             admin_timeout: Duration::from_secs(5),
             io_timeout: Duration::from_secs(10),
             interrupts: false,
+            recovery_backoff: Duration::from_millis(10),
+            recovery_backoff_max: Duration::from_secs(4),
+            recovery_limit: 8,
         }
     }
 }
@@ -323,6 +338,12 @@ pub(crate) struct Shared<B: DeviceBacking> {
     parked: Mutex<Parked>,
     // One reset at a time.
     resetting: Mutex<()>,
+    // Recovery resets in a row; `failed` mirrors whether the controller was declared
+    // failed, `recovering` whether a recovery reset awaits a completion (both read on the
+    // I/O path without the lock).
+    recovery: Mutex<recovery::State>,
+    failed: AtomicBool,
+    recovering: AtomicBool,
     // What `Controller::on_async_event` and `Controller::on_timeout` registered.
     aer_callback: Mutex<Option<events::Callback>>,
     timeout_callback: Mutex<Option<events::TimeoutCallback>>,
@@ -564,23 +585,15 @@ impl<B: DeviceBacking> Shared<B> {
         }
     }
 
-    /// [`reset`](Self::reset), unless a reset happened since the caller saw `generation`
-    /// (several queues seeing the same failure reset the controller once).
-    pub(crate) fn reset_unless_done(&self, generation: u64, why: &str) -> Result<(), NvmeError> {
-        let _one = self.resetting.lock();
-        if self.generation.load(Ordering::Acquire) != generation {
-            return Ok(());
-        }
-        self.reset_locked(why)
-    }
-
     /// Resets the controller (CC.EN 1 → 0 → 1, the admin queue set up again) and
     /// configures it again (queue count, shadow doorbells). Every I/O queue is gone on the
     /// controller; each creates itself again at its next use, ending what it had
     /// outstanding with [`NvmeError::Reset`].
     pub(crate) fn reset(&self, why: &str) -> Result<(), NvmeError> {
         let _one = self.resetting.lock();
-        self.reset_locked(why)
+        self.reset_locked(why)?;
+        self.recovery_clear();
+        Ok(())
     }
 
     fn reset_locked(&self, why: &str) -> Result<(), NvmeError> {
@@ -973,6 +986,9 @@ impl<B: DeviceBacking> Controller<B> {
             bus_master_off: AtomicBool::new(false),
             parked: Mutex::new(Parked::default()),
             resetting: Mutex::new(()),
+            recovery: Mutex::new(recovery::State::new(options)),
+            failed: AtomicBool::new(false),
+            recovering: AtomicBool::new(false),
             aer_callback: Mutex::new(None),
             timeout_callback: Mutex::new(None),
         };
@@ -1145,6 +1161,9 @@ impl<B: DeviceBacking> Controller<B> {
     /// Creates an I/O queue pair of `depth` entries (capped by CAP.MQES) for the calling
     /// thread.
     pub fn io_queue(&self, depth: u16) -> Result<IoQueue<B>, NvmeError> {
+        if let Some(e) = self.shared.failed_error() {
+            return Err(e);
+        }
         IoQueue::create(Arc::clone(&self.shared), depth)
     }
 
@@ -1157,7 +1176,10 @@ impl<B: DeviceBacking> Controller<B> {
 
     /// Resets the controller and sets it up again; every I/O queue creates itself again at
     /// its next use, ending what it had outstanding with [`NvmeError::Reset`]. Queues do
-    /// it themselves when a timed-out command can be neither completed nor aborted.
+    /// it themselves when a timed-out command can be neither completed nor aborted, or the
+    /// controller failed (CSTS.CFS), backing off and up to a bound
+    /// ([`Options::recovery_limit`]); a controller declared failed is reset again only
+    /// here, which starts recovery afresh when it works.
     pub fn reset(&self) -> Result<(), NvmeError> {
         self.shared.reset("asked by the application")
     }

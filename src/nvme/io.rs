@@ -701,6 +701,9 @@ impl<B: DeviceBacking> IoQueue<B> {
         if let Some(e) = self.shared.removed() {
             return Err(e);
         }
+        if let Some(e) = self.shared.failed_error() {
+            return Err(e);
+        }
         if let Some(why) = &self.dead {
             return Err(NvmeError::Removed(why.clone()));
         }
@@ -1075,7 +1078,9 @@ impl<B: DeviceBacking> IoQueue<B> {
     /// Requests past their deadline complete with [`NvmeError::Timeout`]. When the
     /// controller is gone (registers all-ones), has failed (CSTS.CFS), or was revoked,
     /// every outstanding request completes with that error and the error is returned; the
-    /// queue is then dead.
+    /// queue is then dead. A failed controller (CSTS.CFS) is reset instead, but not
+    /// again and again: see [`Options::recovery_backoff`](super::Options::recovery_backoff)
+    /// ([`NvmeError::RecoveryPending`], [`NvmeError::Failed`]).
     #[inline]
     pub fn poll(&mut self, mut done: impl FnMut(u64, Result<(), NvmeError>)) -> Result<usize, NvmeError> {
         self.poll_completions(|c| done(c.tag, c.result))
@@ -1183,6 +1188,7 @@ impl<B: DeviceBacking> IoQueue<B> {
             }
         }
         if seen > 0 {
+            self.shared.saw_completions();
             self.completions += seen as u64;
             self.ring
                 .bound_unconsumed((self.slots.len() - self.free_cids.len()) as u16);
@@ -1299,10 +1305,12 @@ impl<B: DeviceBacking> IoQueue<B> {
                 self.ring.qid,
                 self.shared.io_timeout.as_millis()
             );
-            if let Err(e) = self.shared.reset_unless_done(self.generation, &why) {
-                return Err(self.fail_all(e, &mut done));
+            match self.shared.recovery_reset(self.generation, &why) {
+                Ok(()) => completed += self.recreate(&why, &mut done)?,
+                // Nothing waits: the abandoned commands keep their slots until the reset.
+                Err(e @ NvmeError::RecoveryPending { .. }) => return Err(e),
+                Err(e) => return Err(self.fail_all(e, &mut done)),
             }
-            completed += self.recreate(&why, &mut done)?;
         }
         Ok(completed)
     }
@@ -1325,7 +1333,8 @@ impl<B: DeviceBacking> IoQueue<B> {
 
     // CSTS.CFS: the specification's recovery is a controller reset. Outstanding requests
     // end (once) with `Reset`, and the queue is created again; if the reset fails, the
-    // queue is dead.
+    // queue is dead. Recovery resets back off and are bounded (`recovery_reset`): while
+    // backing off the poll fails with `RecoveryPending` and the requests stay.
     fn recover(
         &mut self,
         csts: u32,
@@ -1333,10 +1342,12 @@ impl<B: DeviceBacking> IoQueue<B> {
         done: &mut impl FnMut(IoCompletion),
     ) -> Result<usize, NvmeError> {
         let why = format!("controller failed (CSTS.CFS set, CSTS {csts:#x})");
-        if let Err(e) = self.shared.reset_unless_done(self.generation, &why) {
-            return Err(self.fail_all(e, done));
+        match self.shared.recovery_reset(self.generation, &why) {
+            Ok(()) => Ok(completed + self.recreate(&why, done)?),
+            // Nothing waits: the requests stay outstanding until the reset ends them.
+            Err(e @ NvmeError::RecoveryPending { .. }) => Err(e),
+            Err(e) => Err(self.fail_all(e, done)),
         }
-        Ok(completed + self.recreate(&why, done)?)
     }
 
     // After a controller reset: ends every outstanding request with `Reset`, releases

@@ -95,6 +95,24 @@ pub enum NvmeError {
     /// aborted): requests outstanding at the time ended with this; the queues work again.
     #[error("controller reset: {0}")]
     Reset(String),
+    /// The controller failed again after every recovery reset, up to
+    /// [`Options::recovery_limit`] of them in a row: it was declared failed, and no queue
+    /// works (nor is another reset tried) until [`Controller::reset`].
+    #[error("controller failed for good: {0}")]
+    Failed(String),
+    /// The controller needs a recovery reset, but the last ones did not bring it back and
+    /// the next waits out its backoff ([`Options::recovery_backoff`]): poll again later.
+    /// Outstanding requests stay until the reset ends them.
+    #[error(
+        "controller recovery pending: {resets} reset(s) in a row did not bring it back; the next in {} ms (poll again)",
+        .retry_in.as_millis()
+    )]
+    RecoveryPending {
+        /// Recovery resets done in a row.
+        resets: u32,
+        /// How long until the next may be done.
+        retry_in: Duration,
+    },
     /// The controller was taken away (its device is being removed or detached).
     #[error("controller removed: {0}")]
     Removed(String),
@@ -137,7 +155,7 @@ impl NvmeError {
     pub fn is_fatal(&self) -> bool {
         matches!(
             self,
-            NvmeError::Gone | NvmeError::Fatal { .. } | NvmeError::Removed(_)
+            NvmeError::Gone | NvmeError::Fatal { .. } | NvmeError::Removed(_) | NvmeError::Failed(_)
         )
     }
 }
