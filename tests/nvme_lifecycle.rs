@@ -5,8 +5,9 @@
 use std::time::{Duration, Instant};
 
 use pcibus::bus::DeviceBacking;
+use pcibus::nvme::spec::{admin, io};
 use pcibus::nvme::{Controller, IoQueue, IoRequest, NvmeError, Options};
-use pcibus::testing::nvme::{EmuConfig, EmulatedNvme, Fault};
+use pcibus::testing::nvme::{CommandMatch, EmuConfig, EmulatedNvme, Fault};
 
 mod common;
 use common::{emu, quick, up};
@@ -195,4 +196,94 @@ fn a_poll_during_the_backoff_neither_waits_nor_resets() {
     }
     assert_eq!(pending, 50);
     assert_eq!(e.stats().enables, 2, "bring-up and one recovery reset");
+}
+
+// Issue 15 §1/§4: an abandoned command's Abort decides what follows. A command slower
+// than two I/O timeouts, whose Abort the controller answers only after executing it (one
+// thread, in order: `Fault::Delay` delays the Abort as much): the queue waits for the
+// answer (within the admin timeout) and the command completes meanwhile, so no reset is
+// needed. The queue reset the controller one I/O timeout after the timeout instead,
+// while the Abort was still unanswered, ending every other queue's requests for nothing.
+#[test]
+fn an_unanswered_abort_is_waited_for_before_a_reset() {
+    let e = emu(EmuConfig::default());
+    let c = Controller::init(
+        e.clone(),
+        &Options {
+            io_timeout: Duration::from_secs(1),
+            ..quick()
+        },
+    )
+    .unwrap();
+    let mut q = c.io_queue(4).unwrap();
+    let buf = c.alloc_buffer(4096).unwrap();
+    e.inject(Fault::Delay(Duration::from_millis(2500)));
+    let err = q.read(1, 0, 1, &buf, 0).unwrap_err();
+    assert!(matches!(err, NvmeError::Timeout { .. }), "{err}");
+    let start = Instant::now();
+    while q.free_slots() < 3 && start.elapsed() < Duration::from_secs(60) {
+        q.poll(|tag, r| panic!("request {tag} ended twice: {r:?}"))
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert_eq!(
+        q.free_slots(),
+        3,
+        "the late command's completion gave its slot back"
+    );
+    assert_eq!(
+        e.stats().enables,
+        1,
+        "the controller was reset though the command completed"
+    );
+    e.clear_faults();
+    q.read(1, 0, 1, &buf, 0).unwrap();
+    assert_eq!(e.stats().bad_dma, 0);
+}
+
+// The strict default: Abort aborts nothing ("not aborted", dword 0 bit 0). The command
+// stays live in the controller; when it has not completed a further I/O timeout after
+// that answer, the controller is reset: the disable releases its buffer, and the request
+// (which had its Timeout) does not end again.
+#[test]
+fn a_command_not_aborted_and_still_stuck_is_ended_by_a_reset() {
+    let e = emu(EmuConfig::default());
+    let c = Controller::init(
+        e.clone(),
+        &Options {
+            io_timeout: Duration::from_secs(1),
+            ..quick()
+        },
+    )
+    .unwrap();
+    let mut q = c.io_queue(4).unwrap();
+    let handles = e.extra_handles();
+    let buf = c.alloc_buffer(4096).unwrap();
+    e.inject(Fault::Stall {
+        command: CommandMatch::Io(io::READ),
+        count: 1,
+    });
+    let err = q.read(1, 0, 8, &buf, 0).unwrap_err();
+    assert!(matches!(err, NvmeError::Timeout { .. }), "{err}");
+    drop(buf);
+    let start = Instant::now();
+    while q.free_slots() < 3 && start.elapsed() < Duration::from_secs(60) {
+        q.poll(|tag, r| panic!("request {tag} ended twice: {r:?}"))
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert_eq!(q.free_slots(), 3, "the reset gave the slot back");
+    let s = e.stats();
+    assert_eq!(s.admin(admin::ABORT), 1);
+    assert_eq!(s.enables, 2, "one reset");
+    // The stalled read is gone with the reset: releasing it moves nothing.
+    e.release_stalled();
+    q.read(1, 0, 1, &c.alloc_buffer(4096).unwrap(), 0).unwrap();
+    assert_eq!(e.stats().bad_dma, 0);
+    assert_eq!(e.stats().late_dma, 0);
+    assert_eq!(
+        e.extra_handles(),
+        handles,
+        "the buffer was released after the reset"
+    );
 }
