@@ -1,5 +1,6 @@
 //! Controller bring-up, the admin queue, namespaces, and what every queue shares.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::thread;
@@ -243,12 +244,23 @@ impl<B: DeviceBacking> Admin<B> {
     }
 
     // A completion nobody waits for: the answer to an Abort (which then no longer is
-    // outstanding), an Asynchronous Event (kept for `process_admin_completions`), or a
-    // stray one (a command abandoned after its timeout), logged.
-    fn harvest(&mut self, c: Completion, address: PciAddress) {
+    // outstanding; kept in `answers` for the queue that sent it), an Asynchronous Event
+    // (kept for `process_admin_completions`), or a stray one (a command abandoned after
+    // its timeout), logged.
+    fn harvest(&mut self, c: Completion, address: PciAddress, answers: &Mutex<HashMap<u16, AbortAnswer>>) {
         let before = self.aborts.len();
         self.aborts.retain(|&cid| cid != c.cid);
         if before != self.aborts.len() {
+            // Dword 0 bit 0 set: not aborted. An error status (Abort Command Limit
+            // Exceeded...) did not abort it either.
+            let aborted = c.status().is_success() && c.dw0 & 1 == 0;
+            answers.lock().insert(
+                c.cid,
+                AbortAnswer {
+                    aborted,
+                    at: Instant::now(),
+                },
+            );
             return;
         }
         if let Some(i) = self.aers.iter().position(|&cid| cid == c.cid) {
@@ -258,6 +270,16 @@ impl<B: DeviceBacking> Admin<B> {
         }
         log::debug!("{address}: admin completion for cid {} ignored", c.cid);
     }
+}
+
+/// The controller's answer to an Abort.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct AbortAnswer {
+    /// Whether it aborted the command (whose completion, Command Abort Requested, then
+    /// comes); otherwise the command is still live in the controller.
+    pub(crate) aborted: bool,
+    /// When the driver saw the answer.
+    pub(crate) at: Instant,
 }
 
 // The next command id from `next` that `busy` does not claim (`next` moves past it).
@@ -311,7 +333,7 @@ pub(crate) struct Shared<B: DeviceBacking> {
     pub(crate) io_timeout: Duration,
     // One eventfd per MSI-X vector routed (empty: polled only).
     pub(crate) interrupts: Vec<EventFd>,
-    admin_timeout: Duration,
+    pub(crate) admin_timeout: Duration,
     backing: Mutex<Option<B>>,
     admin: Mutex<Admin<B>>,
     // Queue ids in use (index = qid) and every queue's registers, for revoke.
@@ -338,6 +360,9 @@ pub(crate) struct Shared<B: DeviceBacking> {
     parked: Mutex<Parked>,
     // One reset at a time.
     resetting: Mutex<()>,
+    // Answers to Aborts not yet taken by the queue that sent them, by the Abort's command
+    // id (a lock of its own: the I/O path never waits for the admin queue's).
+    abort_answers: Mutex<HashMap<u16, AbortAnswer>>,
     // Recovery resets in a row; `failed` mirrors whether the controller was declared
     // failed, `recovering` whether a recovery reset awaits a completion (both read on the
     // I/O path without the lock).
@@ -449,7 +474,7 @@ impl<B: DeviceBacking> Shared<B> {
             while let Some(c) = a.ring.pop() {
                 if c.cid != cmd.cid {
                     // An Abort's answer, an asynchronous event, or a stray completion.
-                    a.harvest(c, self.info.address);
+                    a.harvest(c, self.info.address, &self.abort_answers);
                     continue;
                 }
                 let Admin { ring, regs, .. } = &mut *a;
@@ -488,29 +513,26 @@ impl<B: DeviceBacking> Shared<B> {
     }
 
     /// Sends Abort for command `cid` of submission queue `sqid` without waiting for its
-    /// answer (answers are collected here and by `admin`). False, nothing sent, when it
-    /// cannot be sent now: the Abort Command Limit (ACL + 1 outstanding) is reached, the
-    /// admin queue is full, or another thread holds the admin queue (an admin command in
-    /// progress: the I/O path never waits for it). The caller tries again later; a
-    /// command that never gets its Abort is ended by a controller reset.
-    pub(crate) fn try_abort(&self, sqid: u16, cid: u16) -> bool {
-        let Some(mut a) = self.admin.try_lock() else {
-            return false;
-        };
+    /// answer (answers are collected here, by `admin` and by `collect_abort_answers`, and
+    /// taken with `take_abort_answer`): returns the Abort's command id. `None`, nothing
+    /// sent, when it cannot be sent now: the Abort Command Limit (ACL + 1 outstanding) is
+    /// reached, the admin queue is full, or another thread holds the admin queue (an admin
+    /// command in progress: the I/O path never waits for it). The caller tries again
+    /// later; a command that never gets its Abort is ended by a controller reset.
+    pub(crate) fn try_abort(&self, sqid: u16, cid: u16) -> Option<u16> {
+        let mut a = self.admin.try_lock()?;
         let a = &mut *a;
-        if a.regs.is_none() {
-            return false;
-        }
+        a.regs.as_ref()?;
         let mut seen = false;
         while let Some(c) = a.ring.pop() {
             seen = true;
-            a.harvest(c, self.info.address);
+            a.harvest(c, self.info.address, &self.abort_answers);
         }
         if a.aborts.len() > usize::from(self.info.identify.acl) {
             if seen && let Some(regs) = a.regs.as_ref() {
                 let _ = a.ring.ring_cq(regs, None);
             }
-            return false;
+            return None;
         }
         let mut cmd = Command::new(admin::ABORT);
         cmd.cid = a.take_cid();
@@ -518,19 +540,42 @@ impl<B: DeviceBacking> Shared<B> {
         let Admin {
             ring, regs, aborts, ..
         } = a;
-        let Some(regs) = regs.as_ref() else {
-            return false;
-        };
+        let regs = regs.as_ref()?;
         if seen {
             let _ = ring.ring_cq(regs, None);
         }
         if !ring.push(&cmd) {
-            return false;
+            return None;
         }
         aborts.push(cmd.cid);
+        // An answer left from an earlier Abort with this command id is not this one's.
+        self.abort_answers.lock().remove(&cmd.cid);
         // A failed doorbell write leaves it in the ring: the next admin command rings it.
         let _ = ring.ring_sq(regs, None);
-        true
+        Some(cmd.cid)
+    }
+
+    /// Takes the admin queue's completions nobody waits for (answers to Aborts among
+    /// them), unless another thread holds the admin queue (whose command then collects
+    /// them): the I/O path never waits for it.
+    pub(crate) fn collect_abort_answers(&self) {
+        let Some(mut a) = self.admin.try_lock() else {
+            return;
+        };
+        let a = &mut *a;
+        let mut seen = false;
+        while let Some(c) = a.ring.pop() {
+            seen = true;
+            a.harvest(c, self.info.address, &self.abort_answers);
+        }
+        if seen && let Some(regs) = a.regs.as_ref() {
+            let _ = a.ring.ring_cq(regs, None);
+        }
+    }
+
+    /// The answer to the Abort with command id `abort_cid`, once it came (taken).
+    pub(crate) fn take_abort_answer(&self, abort_cid: u16) -> Option<AbortAnswer> {
+        self.abort_answers.lock().remove(&abort_cid)
     }
 
     // The epoch of memory in use from now on: the controller disables seen so far.
@@ -622,6 +667,7 @@ impl<B: DeviceBacking> Shared<B> {
             self.disables.fetch_add(1, Ordering::AcqRel);
             self.unpark(&Released::disabled());
             aborts.clear();
+            self.abort_answers.lock().clear();
             // Gone with the controller's state; armed again below.
             aers.clear();
             ring.reset();
@@ -986,6 +1032,7 @@ impl<B: DeviceBacking> Controller<B> {
             bus_master_off: AtomicBool::new(false),
             parked: Mutex::new(Parked::default()),
             resetting: Mutex::new(()),
+            abort_answers: Mutex::new(HashMap::new()),
             recovery: Mutex::new(recovery::State::new(options)),
             failed: AtomicBool::new(false),
             recovering: AtomicBool::new(false),

@@ -170,6 +170,15 @@ struct Slot {
     abort_sent: bool,
 }
 
+// An Abort sent for abandoned command `cid` (its own command id `abort_cid`).
+#[derive(Debug, Clone, Copy)]
+struct AbortSent {
+    cid: u16,
+    abort_cid: u16,
+    sent: Instant,
+    answered: Option<Instant>,
+}
+
 const FREE_SLOT: Slot = Slot {
     request: FREE,
     abandoned: None,
@@ -314,6 +323,9 @@ pub struct IoQueue<B: DeviceBacking> {
     generation: u64,
     // Slots whose command was abandoned after a timeout and not yet answered.
     abandoned: usize,
+    // The Aborts sent for abandoned commands (at most one each) and when they were
+    // answered.
+    aborts: Vec<AbortSent>,
     _not_sync: PhantomData<Cell<()>>,
 }
 
@@ -647,6 +659,7 @@ impl<B: DeviceBacking> IoQueue<B> {
             slots: vec![FREE_SLOT; slots],
             generation,
             abandoned: 0,
+            aborts: Vec::new(),
             free_cids: (0..slots as u16).rev().collect(),
             requests: Vec::new(),
             free_requests: Vec::new(),
@@ -1137,6 +1150,9 @@ impl<B: DeviceBacking> IoQueue<B> {
             self.free_cids.push(c.cid);
             if slot.abandoned.is_some() {
                 self.abandoned -= 1;
+                if slot.abort_sent {
+                    self.aborts.retain(|a| a.cid != c.cid);
+                }
                 abandoned_done(
                     &mut self.requests,
                     &mut self.free_requests,
@@ -1292,19 +1308,13 @@ impl<B: DeviceBacking> IoQueue<B> {
         }
         if self.abandoned > 0 {
             self.send_aborts();
+            self.take_abort_answers();
         }
-        // A command abandoned a timeout ago and still neither completed nor aborted: only a
-        // controller reset gets its slot (and the controller) back.
-        let stuck = self.slots.iter().position(|s| {
-            s.abandoned
-                .is_some_and(|t| now.duration_since(t) >= self.shared.io_timeout)
-        });
-        if let Some(cid) = stuck {
-            let why = format!(
-                "command {cid} of queue {} neither completed nor aborted within {} ms",
-                self.ring.qid,
-                self.shared.io_timeout.as_millis()
-            );
+        // A command abandoned and still live in the controller past what its Abort allows:
+        // only a controller reset gets its slot (and the controller) back.
+        let stuck = (0..self.slots.len()).find_map(|cid| self.overdue(cid as u16, now));
+        if let Some((cid, why)) = stuck {
+            let why = format!("command {cid} of queue {} {why}", self.ring.qid);
             match self.shared.recovery_reset(self.generation, &why) {
                 Ok(()) => completed += self.recreate(&why, &mut done)?,
                 // Nothing waits: the abandoned commands keep their slots until the reset.
@@ -1324,11 +1334,57 @@ impl<B: DeviceBacking> IoQueue<B> {
             if slot.abandoned.is_none() || slot.abort_sent {
                 continue;
             }
-            if !self.shared.try_abort(qid, cid as u16) {
+            let Some(abort_cid) = self.shared.try_abort(qid, cid as u16) else {
                 break;
-            }
+            };
             slot.abort_sent = true;
+            self.aborts.push(AbortSent {
+                cid: cid as u16,
+                abort_cid,
+                sent: Instant::now(),
+                answered: None,
+            });
         }
+    }
+
+    // Notes the answers to this queue's Aborts that came (collecting the admin queue's
+    // completions if no other thread holds it).
+    fn take_abort_answers(&mut self) {
+        if self.aborts.iter().all(|a| a.answered.is_some()) {
+            return;
+        }
+        self.shared.collect_abort_answers();
+        for a in self.aborts.iter_mut().filter(|a| a.answered.is_none()) {
+            if let Some(answer) = self.shared.take_abort_answer(a.abort_cid) {
+                a.answered = Some(answer.at);
+                if !answer.aborted {
+                    log::info!(
+                        "{}: queue {}: command {} was not aborted: it is still live in the controller",
+                        self.shared.info.address,
+                        self.ring.qid,
+                        a.cid
+                    );
+                }
+            }
+        }
+    }
+
+    // Whether abandoned command `cid` is past what its Abort allows, and how: not
+    // completed an I/O timeout after its Abort's answer (aborted or not: the controller
+    // said whether it still executes it), its Abort unanswered an admin timeout after it
+    // went, or no Abort sent (the Abort Command Limit, a busy admin queue) an I/O timeout
+    // after the command was abandoned.
+    fn overdue(&self, cid: u16, now: Instant) -> Option<(u16, String)> {
+        let abandoned = self.slots[usize::from(cid)].abandoned?;
+        let io = self.shared.io_timeout;
+        let (since, limit, what) = match self.aborts.iter().find(|a| a.cid == cid) {
+            Some(AbortSent {
+                answered: Some(at), ..
+            }) => (*at, io, "not completed after its Abort was answered"),
+            Some(a) => (a.sent, self.shared.admin_timeout, "has its Abort unanswered"),
+            None => (abandoned, io, "got no Abort and did not complete"),
+        };
+        (now.duration_since(since) >= limit).then(|| (cid, format!("{what} within {} ms", limit.as_millis())))
     }
 
     // CSTS.CFS: the specification's recovery is a controller reset. Outstanding requests
@@ -1382,6 +1438,7 @@ impl<B: DeviceBacking> IoQueue<B> {
         self.ring.reset();
         self.slots.fill(FREE_SLOT);
         self.abandoned = 0;
+        self.aborts.clear();
         self.free_cids = (0..self.slots.len() as u16).rev().collect();
         let qid = self.ring.qid;
         let granted = self.shared.io_queues();

@@ -368,7 +368,7 @@ impl<B: DeviceBacking> Controller<B> {
             let mut seen = false;
             while let Some(c) = a.ring.pop() {
                 seen = true;
-                a.harvest(c, shared.info.address);
+                a.harvest(c, shared.info.address, &shared.abort_answers);
             }
             let Some(regs) = a.regs.as_ref() else {
                 return Err(shared.revoked_error());
