@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use pcibus::bus::DeviceBacking;
 use pcibus::nvme::spec::{admin, io};
 use pcibus::nvme::{Controller, IoQueue, IoRequest, NvmeError, Options};
-use pcibus::testing::nvme::{CommandMatch, EmuConfig, EmulatedNvme, Fault};
+use pcibus::testing::nvme::{CommandMatch, EmuConfig, EmulatedNvme, Fault, NamespaceConfig};
 
 mod common;
 use common::{emu, quick, up};
@@ -290,4 +290,61 @@ fn a_command_not_aborted_and_still_stuck_is_ended_by_a_reset() {
         handles,
         "the buffer was released after the reset"
     );
+}
+
+// Issue 15 §7: a Namespace Attribute Changed event names the namespaces that changed
+// (Changed Namespace List); the controller's namespace list follows: a namespace detached
+// leaves it (and I/O to it fails, saying so, before reaching the controller), one
+// attached joins it, one resized has its new size. It stayed as bring-up found it.
+#[test]
+fn namespace_changes_reach_the_namespace_list() {
+    use std::sync::{Arc, Mutex};
+    let e = emu(EmuConfig {
+        namespaces: vec![
+            NamespaceConfig::new(4096, 512),
+            NamespaceConfig::new(8192, 512),
+            NamespaceConfig::new(2048, 4096),
+        ],
+        ..EmuConfig::default()
+    });
+    assert!(e.detach_namespace(3));
+    let c = up(&e);
+    let ids = |c: &Controller<EmulatedNvme>| c.namespaces().iter().map(|n| n.nsid).collect::<Vec<_>>();
+    assert_eq!(ids(&c), [1, 2]);
+    let events = Arc::new(Mutex::new(Vec::new()));
+    let seen = Arc::clone(&events);
+    c.on_async_event(move |ev| seen.lock().unwrap().push(ev)).unwrap();
+    let mut q = c.io_queue(8).unwrap();
+    let buf = c.alloc_buffer(4096).unwrap();
+    q.read(2, 0, 1, &buf, 0).unwrap();
+    assert!(e.detach_namespace(2));
+    assert!(e.resize_namespace(1, 8192));
+    assert!(e.attach_namespace(3));
+    let start = Instant::now();
+    while events.lock().unwrap().is_empty() && start.elapsed() < Duration::from_secs(30) {
+        c.process_admin_completions().unwrap();
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let mut changed = events.lock().unwrap()[0].changed_namespaces().unwrap();
+    changed.sort_unstable();
+    assert_eq!(changed, [1, 2, 3]);
+    assert_eq!(ids(&c), [1, 3]);
+    assert_eq!(c.namespace(1).map(|n| n.blocks), Some(8192));
+    assert_eq!(
+        c.namespace(3).map(|n| (n.blocks, n.block_size)),
+        Some((2048, 4096))
+    );
+    assert!(c.namespace(2).is_none());
+    let commands = e.stats().io(io::READ);
+    let err = q.read(2, 0, 1, &buf, 0).unwrap_err();
+    assert!(err.to_string().contains("namespace 2 was removed"), "{err}");
+    assert_eq!(
+        e.stats().io(io::READ),
+        commands,
+        "the read reached the controller"
+    );
+    // The new size and the new namespace, from the queue made before the change.
+    q.read(1, 8000, 1, &buf, 0).unwrap();
+    q.read(3, 0, 1, &buf, 0).unwrap();
+    assert_eq!(e.stats().bad_dma, 0);
 }

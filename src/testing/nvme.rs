@@ -92,7 +92,8 @@
 //! # What is not
 //!
 //! SGLs, 32/64-bit guard protection formats, fused commands, namespace management and
-//! attachment, firmware and format commands, reservations, controller memory buffer,
+//! attachment commands (the test attaches, detaches and resizes namespaces:
+//! [`EmulatedNvme::detach_namespace`]), firmware and format commands, reservations, controller memory buffer,
 //! persistent memory region, boot partitions, pin-based interrupts and MSI-X masking,
 //! interrupt coalescing, weighted round robin arbitration, NVM subsystem reset, multiple
 //! I/O command sets, asynchronous events the controller raises on its own other than for
@@ -769,7 +770,10 @@ impl FaultState {
 
 #[derive(Debug)]
 struct Namespace {
-    blocks: u64,
+    // Size in blocks (`EmulatedNvme::resize_namespace` changes it).
+    size: AtomicU64,
+    // Attached to the controller (active); `EmulatedNvme::detach_namespace` clears it.
+    attached: AtomicBool,
     block_size: u32,
     // Sparse: chunk index → CHUNK bytes. A missing chunk reads zero.
     chunks: Mutex<HashMap<u64, Box<[u8]>>>,
@@ -803,8 +807,12 @@ fn pieces(pos: u64, len: u64) -> impl Iterator<Item = (u64, usize, usize, usize)
 }
 
 impl Namespace {
+    fn blocks(&self) -> u64 {
+        self.size.load(Ordering::Acquire)
+    }
+
     fn bytes(&self) -> u64 {
-        self.blocks * u64::from(self.block_size)
+        self.blocks() * u64::from(self.block_size)
     }
 
     fn read_into_dma(map: &Chunks, pos: u64, buf: &DmaBuffer, off: usize, len: usize) {
@@ -981,7 +989,8 @@ impl Shared {
                 .namespaces
                 .iter()
                 .map(|n| Namespace {
-                    blocks: n.blocks,
+                    size: AtomicU64::new(n.blocks),
+                    attached: AtomicBool::new(true),
                     block_size: n.block_size,
                     chunks: Mutex::new(HashMap::new()),
                     ms: n.metadata_size,
@@ -2307,6 +2316,8 @@ impl Engine {
         let data = match cns {
             cns::NAMESPACE => match self.namespace_index(cmd.nsid) {
                 Some(i) => identify_namespace(&self.shared.namespaces[i]),
+                // An inactive namespace (allocated, not attached) reads zeros.
+                None if (1..=self.shared.namespaces.len() as u32).contains(&cmd.nsid) => vec![0u8; 4096],
                 None => return err(Status::INVALID_NAMESPACE),
             },
             cns::CONTROLLER => identify_controller(&self.shared.cfg),
@@ -2329,7 +2340,12 @@ impl Engine {
                 }
                 let mut b = vec![0u8; 4096];
                 let count = self.shared.namespaces.len() as u32;
-                for (slot, nsid) in (cmd.nsid + 1..=count).take(1024).enumerate() {
+                let active = (cmd.nsid + 1..=count).filter(|&n| {
+                    self.shared.namespaces[n as usize - 1]
+                        .attached
+                        .load(Ordering::Acquire)
+                });
+                for (slot, nsid) in active.take(1024).enumerate() {
                     b[4 * slot..4 * slot + 4].copy_from_slice(&nsid.to_le_bytes());
                 }
                 b
@@ -2350,9 +2366,14 @@ impl Engine {
         }
     }
 
+    // The index of active namespace `nsid` (attached).
     fn namespace_index(&self, nsid: u32) -> Option<usize> {
         let i = usize::try_from(nsid).ok()?.checked_sub(1)?;
-        (i < self.shared.namespaces.len()).then_some(i)
+        self.shared
+            .namespaces
+            .get(i)
+            .is_some_and(|n| n.attached.load(Ordering::Acquire))
+            .then_some(i)
     }
 
     fn set_features(&mut self, cmd: &Command) -> Outcome {
@@ -2699,7 +2720,7 @@ impl Engine {
         let ns = &self.shared.namespaces[i];
         let slba = u64::from(cmd.cdw[0]) | u64::from(cmd.cdw[1]) << 32;
         let nlb = u64::from(cmd.cdw[2] & 0xffff) + 1;
-        if slba.checked_add(nlb).is_none_or(|end| end > ns.blocks) {
+        if slba.checked_add(nlb).is_none_or(|end| end > ns.blocks()) {
             return Err(Status::LBA_OUT_OF_RANGE);
         }
         let bs = u64::from(ns.block_size);
@@ -2789,7 +2810,7 @@ impl Engine {
         let (bs, ms) = (ns.block_size as usize, usize::from(ns.ms));
         let slba = u64::from(cmd.cdw[0]) | u64::from(cmd.cdw[1]) << 32;
         let nlb = u64::from(cmd.cdw[2] & 0xffff) + 1;
-        if slba.checked_add(nlb).is_none_or(|end| end > ns.blocks) {
+        if slba.checked_add(nlb).is_none_or(|end| end > ns.blocks()) {
             return err(Status::LBA_OUT_OF_RANGE);
         }
         let n = nlb as usize;
@@ -2944,7 +2965,7 @@ impl Engine {
         for r in data.chunks_exact(dsm::RANGE_SIZE) {
             let nlb = u64::from(u32::from_le_bytes([r[4], r[5], r[6], r[7]]));
             let slba = u64::from_le_bytes([r[8], r[9], r[10], r[11], r[12], r[13], r[14], r[15]]);
-            if slba.checked_add(nlb).is_none_or(|end| end > ns.blocks) {
+            if slba.checked_add(nlb).is_none_or(|end| end > ns.blocks()) {
                 return err(Status::LBA_OUT_OF_RANGE);
             }
             total += nlb;
@@ -3117,7 +3138,7 @@ fn identify_controller(cfg: &EmuConfig) -> Vec<u8> {
 fn identify_namespace(ns: &Namespace) -> Vec<u8> {
     let mut b = vec![0u8; 4096];
     for at in [0, 8, 16] {
-        put(&mut b, at, &ns.blocks.to_le_bytes());
+        put(&mut b, at, &ns.blocks().to_le_bytes());
     }
     // Two LBA formats, 512 and 4096 bytes, and a third with the namespace's metadata.
     b[25] = if ns.ms > 0 { 2 } else { 1 };
@@ -3383,6 +3404,41 @@ impl EmulatedNvme {
         }
     }
 
+    /// Detaches namespace `nsid` from the controller, as Namespace Attachment would: it
+    /// leaves the active namespace list, Identify Namespace reads zeros for it, and I/O to
+    /// it fails with Invalid Namespace or Format; its data is kept. Then a change is
+    /// notified as [`notify_namespace_changed`](Self::notify_namespace_changed) does. False
+    /// if the controller has no namespace `nsid`.
+    pub fn detach_namespace(&self, nsid: u32) -> bool {
+        self.set_namespace(nsid, |ns| ns.attached.store(false, Ordering::Release))
+    }
+
+    /// Attaches namespace `nsid` (one of [`EmuConfig::namespaces`]) again, and notifies the
+    /// change. False if the controller has no namespace `nsid`.
+    pub fn attach_namespace(&self, nsid: u32) -> bool {
+        self.set_namespace(nsid, |ns| ns.attached.store(true, Ordering::Release))
+    }
+
+    /// Changes the size of namespace `nsid` to `blocks` blocks (at least 1; data beyond
+    /// the new end is kept but unreachable), and notifies the change. False if the
+    /// controller has no namespace `nsid` or `blocks` is 0.
+    pub fn resize_namespace(&self, nsid: u32, blocks: u64) -> bool {
+        blocks > 0 && self.set_namespace(nsid, |ns| ns.size.store(blocks, Ordering::Release))
+    }
+
+    fn set_namespace(&self, nsid: u32, change: impl FnOnce(&Namespace)) -> bool {
+        let Some(ns) = usize::try_from(nsid)
+            .ok()
+            .and_then(|n| n.checked_sub(1))
+            .and_then(|i| self.shared().namespaces.get(i))
+        else {
+            return false;
+        };
+        change(ns);
+        self.notify_namespace_changed(&[nsid]);
+        true
+    }
+
     /// From now on Set Features (Number of Queues) grants at most `n` I/O queue pairs (at
     /// least 1, at most [`EmuConfig::max_io_queues`]), as a controller whose resources
     /// were taken (SR-IOV reassignment, firmware) answers after a reset.
@@ -3399,7 +3455,7 @@ impl EmulatedNvme {
             .shared()
             .namespaces
             .get(usize::try_from(nsid).ok()?.checked_sub(1)?)?;
-        if ns.ms == 0 || lba >= ns.blocks {
+        if ns.ms == 0 || lba >= ns.blocks() {
             return None;
         }
         let meta = ns.meta.lock();
