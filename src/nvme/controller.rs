@@ -13,18 +13,20 @@ use std::os::fd::AsFd;
 use super::io::IoQueue;
 
 mod events;
+mod namespaces;
 mod recovery;
 use super::owned::{DeviceOwned, Released, SharedDma};
 use super::queue::{Doorbells, Ring, Shadow};
 use super::spec::{
-    self, Cap, Command, Completion, IdentifyController, IdentifyControllerNvm, IdentifyNamespace, Status,
-    admin, cc, cns, csts, feature, oacs, prinfo, reg,
+    Cap, Command, Completion, IdentifyController, IdentifyControllerNvm, IdentifyNamespace, Status, admin,
+    cc, cns, csts, feature, oacs, prinfo, reg,
 };
 use super::{Dma, NvmeError};
 use crate::addr::PciAddress;
 use crate::bus::backing::{DeviceBacking, DmaMemory, RegisterIo};
 pub(crate) use events::io_opcode;
 pub use events::{AdminData, AsyncEvent, CommandTimeout};
+pub(crate) use namespaces::find_namespace;
 
 /// PCI Command register: Memory Space Enable and Bus Master Enable.
 const COMMAND_MEMORY: u16 = 1 << 1;
@@ -327,7 +329,11 @@ impl<B: DeviceBacking> Drop for QueueRegs<B> {
 
 pub(crate) struct Shared<B: DeviceBacking> {
     pub(crate) info: ControllerInfo,
-    pub(crate) namespaces: Vec<Namespace>,
+    // The namespace list (see `namespaces`), its generation, and the namespaces that
+    // left it at run time.
+    namespaces: parking_lot::RwLock<Arc<[Namespace]>>,
+    namespace_generation: AtomicU64,
+    removed_namespaces: Mutex<Vec<u32>>,
     // Shared with the I/O rings' memory type (queues park theirs).
     pub(crate) shadow: Option<Shadow<SharedDma<Dma<B>>>>,
     pub(crate) io_timeout: Duration,
@@ -406,15 +412,6 @@ impl<B: DeviceBacking> Shared<B> {
             Some(why) => NvmeError::Removed(why.clone()),
             None => e,
         }
-    }
-
-    /// Namespace `nsid`: a binary search (the list is sorted by NSID at bring-up), as each
-    /// I/O request looks its namespace up.
-    pub(crate) fn namespace(&self, nsid: u32) -> Option<&Namespace> {
-        self.namespaces
-            .binary_search_by_key(&nsid, |n| n.nsid)
-            .ok()
-            .map(|i| &self.namespaces[i])
     }
 
     // Runs `f` with the device's backing, holding it: `revoke` waits for `f` to return
@@ -886,7 +883,7 @@ impl<B: DeviceBacking> std::fmt::Debug for Controller<B> {
         f.debug_struct("Controller")
             .field("address", &self.shared.info.address)
             .field("model", &self.shared.info.identify.model)
-            .field("namespaces", &self.shared.namespaces.len())
+            .field("namespaces", &self.shared.namespaces.read().len())
             .field("revoked", &self.shared.revoked.load(Ordering::Relaxed))
             .finish_non_exhaustive()
     }
@@ -1005,7 +1002,9 @@ impl<B: DeviceBacking> Controller<B> {
                 shadow_doorbells: false,
                 interrupt_vectors: 0,
             },
-            namespaces: Vec::new(),
+            namespaces: parking_lot::RwLock::new(Arc::from(Vec::new())),
+            namespace_generation: AtomicU64::new(0),
+            removed_namespaces: Mutex::new(Vec::new()),
             shadow: None,
             interrupts: Vec::new(),
             io_timeout: options.io_timeout,
@@ -1074,44 +1073,25 @@ impl<B: DeviceBacking> Controller<B> {
                 Err(e) => return Err(e),
             }
         }
-        // The active namespace list comes 1,024 ids at a time: ask again from the last.
-        let mut list = Vec::new();
-        loop {
-            let after = list.last().copied().unwrap_or(0);
-            let page = spec::parse_namespace_list(&identify::<B>(
+        let list = namespaces::active_namespace_ids(|after| {
+            identify::<B>(
                 &run,
                 &buf,
                 cns::ACTIVE_NAMESPACES,
                 after,
                 "Identify active namespace list",
-            )?);
-            let full = page.len() == 1024;
-            // Ids must ascend; a controller that repeats itself ends the walk.
-            list.extend(page.into_iter().filter(|&n| n > after));
-            let last = list.last().copied().unwrap_or(0);
-            if !full || last <= after || last >= 0xffff_fffe {
-                break;
-            }
-        }
+            )
+        })?;
         let mut namespaces = Vec::new();
         for nsid in list {
-            let ns = IdentifyNamespace::parse(&identify::<B>(
+            let data = identify::<B>(
                 &run,
                 &buf,
                 cns::NAMESPACE,
                 nsid,
                 &format!("Identify namespace {nsid}"),
-            )?)?;
-            match ns.block_size() {
-                Some(bs) if ns.nsze > 0 => {
-                    let ns = Namespace::new(nsid, bs, ns);
-                    if let Some(why) = &ns.unusable {
-                        log::warn!("{address}: namespace {nsid} is not usable: {why}");
-                    }
-                    namespaces.push(ns);
-                }
-                _ => log::warn!("{address}: namespace {nsid} left out: no usable LBA format or size 0"),
-            }
+            )?;
+            namespaces.extend(namespaces::namespace_from(address, nsid, &data)?);
         }
         let want = options.io_queues.clamp(1, 65534);
         let mut cmd = Command::new(admin::SET_FEATURES);
@@ -1165,11 +1145,9 @@ impl<B: DeviceBacking> Controller<B> {
         shared.info.shadow_doorbells = shadow.is_some();
         shared.info.interrupt_vectors = interrupts.len() as u32;
         shared.interrupts = interrupts;
-        // Sorted for `Shared::namespace` (the controller lists them in increasing order;
-        // nothing relies on it).
-        namespaces.sort_by_key(|n| n.nsid);
-        namespaces.dedup_by_key(|n| n.nsid);
-        shared.namespaces = namespaces;
+        // Sorted by NSID there (the controller lists them in increasing order; nothing
+        // relies on it).
+        shared.set_namespaces(namespaces);
         shared.shadow = shadow;
         *shared.qids.get_mut() = vec![false; usize::from(granted) + 1];
         *shared.backing.get_mut() = Some(backing);
@@ -1184,13 +1162,16 @@ impl<B: DeviceBacking> Controller<B> {
     }
 
     /// The active namespaces with a valid format, by NSID: the usable ones and those
-    /// the driver refuses ([`Namespace::unusable`] says why).
-    pub fn namespaces(&self) -> &[Namespace] {
-        &self.shared.namespaces
+    /// the driver refuses ([`Namespace::unusable`] says why). A snapshot: the list follows
+    /// Namespace Attribute Changed events as
+    /// [`process_admin_completions`](Self::process_admin_completions) handles them
+    /// (namespaces attached, detached, resized), and a later call returns the new list.
+    pub fn namespaces(&self) -> Arc<[Namespace]> {
+        self.shared.namespace_list()
     }
 
-    /// Namespace `nsid`.
-    pub fn namespace(&self, nsid: u32) -> Option<&Namespace> {
+    /// Namespace `nsid`, as the list has it now (see [`namespaces`](Self::namespaces)).
+    pub fn namespace(&self, nsid: u32) -> Option<Namespace> {
         self.shared.namespace(nsid)
     }
 

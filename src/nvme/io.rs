@@ -32,7 +32,7 @@ use std::time::{Duration, Instant};
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use std::os::fd::{AsFd, BorrowedFd};
 
-use super::controller::{PAGE, QueueRegs, Shared, check_status};
+use super::controller::{Namespace, PAGE, QueueRegs, Shared, check_status, find_namespace};
 use super::owned::{DeviceOwned, Released, SharedDma};
 use super::queue::{Doorbells, Ring, write_cq_doorbell, write_sq_doorbell};
 use super::spec::{Command, Completion, Status, admin, io, oncs};
@@ -321,6 +321,9 @@ pub struct IoQueue<B: DeviceBacking> {
     completions: u64,
     // The controller's reset count when the queue was (re)created on it.
     generation: u64,
+    // The controller's namespace list as this queue last took it, and its generation.
+    namespaces: Arc<[Namespace]>,
+    namespace_generation: u64,
     // Slots whose command was abandoned after a timeout and not yet answered.
     abandoned: usize,
     // The Aborts sent for abandoned commands (at most one each) and when they were
@@ -649,7 +652,11 @@ impl<B: DeviceBacking> IoQueue<B> {
             }
         };
         let slots = usize::from(depth) - 1;
+        let namespace_generation = shared.namespace_generation();
+        let namespaces = shared.namespace_list();
         Ok(IoQueue {
+            namespaces,
+            namespace_generation,
             shared,
             regs,
             ring,
@@ -797,10 +804,20 @@ impl<B: DeviceBacking> IoQueue<B> {
             Data::Contiguous(b, o) => (Some(b), o),
             Data::None | Data::Vectored(_) => (None, 0),
         };
-        let ns = self
-            .shared
-            .namespace(nsid)
-            .ok_or_else(|| NvmeError::Invalid(format!("no namespace {nsid}")))?;
+        // The list changed (a Namespace Attribute Changed event): take the new one.
+        if self.shared.namespace_generation() != self.namespace_generation {
+            self.namespace_generation = self.shared.namespace_generation();
+            self.namespaces = self.shared.namespace_list();
+        }
+        let Some(ns) = find_namespace(&self.namespaces, nsid) else {
+            return Err(NvmeError::Invalid(if self.shared.namespace_removed(nsid) {
+                format!(
+                    "namespace {nsid} was removed (the controller reported it changed and no longer has it)"
+                )
+            } else {
+                format!("no namespace {nsid}")
+            }));
+        };
         if let Some(why) = &ns.unusable {
             return Err(NvmeError::Unsupported(format!("namespace {nsid}: {why}")));
         }
