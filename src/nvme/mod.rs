@@ -25,9 +25,14 @@
 //!   parked with the controller until then (the rule, and the types that carry it, are in
 //!   `owned.rs`). A controller reporting CSTS.CFS is reset, as the specification's
 //!   recovery says: outstanding requests end once with [`NvmeError::Reset`] and the queues
-//!   create themselves again. Aborts for timed-out commands stay within the controller's
-//!   Abort Command Limit; a command that gets none, or whose Abort fails, is ended by a
-//!   controller reset.
+//!   create themselves again; recovery resets back off and, after
+//!   [`Options::recovery_limit`] in a row, the controller is declared failed
+//!   ([`NvmeError::Failed`]). Aborts for timed-out commands stay within the controller's
+//!   Abort Command Limit; a command not completed an I/O timeout after its Abort's answer
+//!   (the controller says "not aborted": it still executes it), whose Abort stays
+//!   unanswered for the admin timeout, or that gets no Abort within an I/O timeout, is
+//!   ended by a controller reset. The controller's last handle disables the controller
+//!   (or turns bus mastering off) before it frees the admin rings.
 //! - [`driver::NvmeDriver`] registers all of it with the [`crate::bus::Bus`].
 //! - Admin: asynchronous events handed to a callback with the log page that clears them,
 //!   SMART / health and Error Information logs, admin passthrough (see
