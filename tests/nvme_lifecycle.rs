@@ -348,3 +348,39 @@ fn namespace_changes_reach_the_namespace_list() {
     q.read(3, 0, 1, &buf, 0).unwrap();
     assert_eq!(e.stats().bad_dma, 0);
 }
+
+// The blocking calls (`read`, `run`) wait through a recovery's backoff: they end with
+// the reset's or the failure's error, never with `RecoveryPending` and the request left
+// behind in the queue.
+#[test]
+fn a_blocking_read_waits_through_the_recovery_backoff() {
+    let e = emu(EmuConfig::default());
+    let options = Options {
+        // Longer than a reset takes (the emulator's ready delays), so reads meet it.
+        recovery_backoff: Duration::from_millis(300),
+        recovery_backoff_max: Duration::from_millis(300),
+        recovery_limit: 3,
+        ..quick()
+    };
+    let c = Controller::init(e.clone(), &options).unwrap();
+    let mut q = c.io_queue(8).unwrap();
+    let buf = c.alloc_buffer(4096).unwrap();
+    e.inject(Fault::FatalOnIo);
+    let mut errors = Vec::new();
+    for _ in 0..20 {
+        let err = q.read(1, 0, 1, &buf, 0).unwrap_err();
+        let failed = matches!(err, NvmeError::Failed(_));
+        errors.push(err.to_string());
+        assert!(
+            matches!(err, NvmeError::Reset(_) | NvmeError::Failed(_)),
+            "{errors:#?}"
+        );
+        if failed {
+            break;
+        }
+    }
+    assert!(
+        errors.last().is_some_and(|e| e.contains("failed for good")),
+        "{errors:#?}"
+    );
+}
