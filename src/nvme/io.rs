@@ -1535,7 +1535,15 @@ impl<B: DeviceBacking> IoQueue<B> {
         let mut result = None;
         let mut spins = 0u32;
         while result.is_none() {
-            self.poll(|_, r| result = Some(r))?;
+            match self.poll(|_, r| result = Some(r)) {
+                Ok(_) => {}
+                // A blocking call waits out the backoff: the reset ends the request.
+                Err(NvmeError::RecoveryPending { retry_in, .. }) => {
+                    std::thread::sleep(retry_in.min(Duration::from_millis(10)));
+                    continue;
+                }
+                Err(e) => return Err(e),
+            }
             spins += 1;
             if spins > 10_000 {
                 std::thread::yield_now();
