@@ -157,7 +157,7 @@ fn write_stamps(bus: &mut Bus<VfioAttach>, address: PciAddress, seed: u64) -> Re
         .driver_mut::<MatrixDriver>()
         .and_then(|d| d.nvme.as_ref()?.controller(address).cloned())
         .ok_or("no controller")?;
-    let ns = c.namespace(1).ok_or("no namespace 1")?.clone();
+    let ns = c.namespace(1).ok_or("no namespace 1")?;
     let bs = ns.block_size as usize;
     let buf = c
         .alloc_buffer(bs * STAMP_BLOCKS as usize)

@@ -152,7 +152,7 @@ fn writer(
     stop: Arc<AtomicBool>,
     mut rng: Rng,
 ) -> String {
-    let Some(ns) = c.namespace(1).cloned() else {
+    let Some(ns) = c.namespace(1) else {
         return "no namespace 1".into();
     };
     let bs = ns.block_size as usize;

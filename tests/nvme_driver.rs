@@ -240,7 +240,12 @@ fn a_command_that_never_completes_times_out_and_is_aborted() {
 #[test]
 fn a_command_that_cannot_be_aborted_resets_the_controller() {
     let e = emu(EmuConfig::default());
-    let c = Controller::init(e.clone(), &short_io_timeout()).unwrap();
+    // The Abort never answered is given the admin timeout before the reset.
+    let options = Options {
+        admin_timeout: Duration::from_secs(5),
+        ..short_io_timeout()
+    };
+    let c = Controller::init(e.clone(), &options).unwrap();
     let mut q = c.io_queue(8).unwrap();
     let mut other = c.io_queue(8).unwrap();
     let buf = c.alloc_buffer(2 * 4096).unwrap();
@@ -958,6 +963,9 @@ fn a_timed_out_request_keeps_its_buffer_until_its_command_ends() {
     // And then the buffer is released: nothing of it keeps the controller.
     assert_eq!(e.extra_handles(), handles);
     e.clear_faults();
+    // Its Abort (no reset came: the command completed first) runs behind it on the
+    // emulator's one thread, delayed as well: an admin command waits for it.
+    c.smart_log().unwrap();
     q.read(1, 0, 1, &buf_of(&c), 0).unwrap();
 }
 
@@ -1305,7 +1313,13 @@ fn an_sq_head_going_backwards_loses_no_command() {
 #[test]
 fn a_reset_behind_the_drivers_back_is_recovered_from() {
     let e = emu(EmuConfig::default());
-    let c = Controller::init(e.clone(), &short_io_timeout()).unwrap();
+    // The reset took the Aborts with it: the queue waits the admin timeout for their
+    // answers before it resets the controller itself.
+    let options = Options {
+        admin_timeout: Duration::from_secs(5),
+        ..short_io_timeout()
+    };
+    let c = Controller::init(e.clone(), &options).unwrap();
     let mut q = c.io_queue(8).unwrap();
     let buf = c.alloc_buffer(4 * 4096).unwrap();
     e.inject(Fault::Stall {

@@ -1,5 +1,6 @@
 //! Controller bring-up, the admin queue, namespaces, and what every queue shares.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::thread;
@@ -12,17 +13,20 @@ use std::os::fd::AsFd;
 use super::io::IoQueue;
 
 mod events;
+mod namespaces;
+mod recovery;
 use super::owned::{DeviceOwned, Released, SharedDma};
 use super::queue::{Doorbells, Ring, Shadow};
 use super::spec::{
-    self, Cap, Command, Completion, IdentifyController, IdentifyControllerNvm, IdentifyNamespace, Status,
-    admin, cc, cns, csts, feature, oacs, prinfo, reg,
+    Cap, Command, Completion, IdentifyController, IdentifyControllerNvm, IdentifyNamespace, Status, admin,
+    cc, cns, csts, feature, oacs, prinfo, reg,
 };
 use super::{Dma, NvmeError};
 use crate::addr::PciAddress;
 use crate::bus::backing::{DeviceBacking, DmaMemory, RegisterIo};
 pub(crate) use events::io_opcode;
 pub use events::{AdminData, AsyncEvent, CommandTimeout};
+pub(crate) use namespaces::find_namespace;
 
 /// PCI Command register: Memory Space Enable and Bus Master Enable.
 const COMMAND_MEMORY: u16 = 1 << 1;
@@ -50,6 +54,17 @@ pub struct Options {
     /// Route MSI-X vectors to eventfds and create I/O completion queues with interrupts on,
     /// so a queue can sleep until a completion ([`IoQueue::wait`]) instead of spinning.
     pub interrupts: bool,
+    /// How long after a recovery reset (CSTS.CFS, a stuck command) that did not bring the
+    /// controller back the next may come; doubled at each one in a row, up to
+    /// [`recovery_backoff_max`](Self::recovery_backoff_max). Meanwhile polls fail at once
+    /// with [`NvmeError::RecoveryPending`].
+    pub recovery_backoff: Duration,
+    /// The longest wait between two recovery resets in a row.
+    pub recovery_backoff_max: Duration,
+    /// Recovery resets in a row (none bringing a completion) after which the controller is
+    /// declared failed: every queue operation then fails with [`NvmeError::Failed`] until
+    /// [`Controller::reset`].
+    pub recovery_limit: u32,
 }
 
 impl Default for Options {
@@ -61,6 +76,9 @@ impl Default for Options {
             admin_timeout: Duration::from_secs(5),
             io_timeout: Duration::from_secs(10),
             interrupts: false,
+            recovery_backoff: Duration::from_millis(10),
+            recovery_backoff_max: Duration::from_secs(4),
+            recovery_limit: 8,
         }
     }
 }
@@ -199,7 +217,9 @@ pub struct ControllerInfo {
 
 // The admin queue.
 struct Admin<B: DeviceBacking> {
-    ring: Ring<Dma<B>>,
+    // Shared: the last handle keeps the memory (leaks it) when it cannot prove the
+    // controller is done with it.
+    ring: Ring<SharedDma<Dma<B>>>,
     regs: Option<B::Registers>,
     next_cid: u16,
     // Command ids of Aborts sent and not yet answered (at most ACL + 1).
@@ -226,12 +246,23 @@ impl<B: DeviceBacking> Admin<B> {
     }
 
     // A completion nobody waits for: the answer to an Abort (which then no longer is
-    // outstanding), an Asynchronous Event (kept for `process_admin_completions`), or a
-    // stray one (a command abandoned after its timeout), logged.
-    fn harvest(&mut self, c: Completion, address: PciAddress) {
+    // outstanding; kept in `answers` for the queue that sent it), an Asynchronous Event
+    // (kept for `process_admin_completions`), or a stray one (a command abandoned after
+    // its timeout), logged.
+    fn harvest(&mut self, c: Completion, address: PciAddress, answers: &Mutex<HashMap<u16, AbortAnswer>>) {
         let before = self.aborts.len();
         self.aborts.retain(|&cid| cid != c.cid);
         if before != self.aborts.len() {
+            // Dword 0 bit 0 set: not aborted. An error status (Abort Command Limit
+            // Exceeded...) did not abort it either.
+            let aborted = c.status().is_success() && c.dw0 & 1 == 0;
+            answers.lock().insert(
+                c.cid,
+                AbortAnswer {
+                    aborted,
+                    at: Instant::now(),
+                },
+            );
             return;
         }
         if let Some(i) = self.aers.iter().position(|&cid| cid == c.cid) {
@@ -241,6 +272,16 @@ impl<B: DeviceBacking> Admin<B> {
         }
         log::debug!("{address}: admin completion for cid {} ignored", c.cid);
     }
+}
+
+/// The controller's answer to an Abort.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct AbortAnswer {
+    /// Whether it aborted the command (whose completion, Command Abort Requested, then
+    /// comes); otherwise the command is still live in the controller.
+    pub(crate) aborted: bool,
+    /// When the driver saw the answer.
+    pub(crate) at: Instant,
 }
 
 // The next command id from `next` that `busy` does not claim (`next` moves past it).
@@ -288,13 +329,17 @@ impl<B: DeviceBacking> Drop for QueueRegs<B> {
 
 pub(crate) struct Shared<B: DeviceBacking> {
     pub(crate) info: ControllerInfo,
-    pub(crate) namespaces: Vec<Namespace>,
+    // The namespace list (see `namespaces`), its generation, and the namespaces that
+    // left it at run time.
+    namespaces: parking_lot::RwLock<Arc<[Namespace]>>,
+    namespace_generation: AtomicU64,
+    removed_namespaces: Mutex<Vec<u32>>,
     // Shared with the I/O rings' memory type (queues park theirs).
     pub(crate) shadow: Option<Shadow<SharedDma<Dma<B>>>>,
     pub(crate) io_timeout: Duration,
     // One eventfd per MSI-X vector routed (empty: polled only).
     pub(crate) interrupts: Vec<EventFd>,
-    admin_timeout: Duration,
+    pub(crate) admin_timeout: Duration,
     backing: Mutex<Option<B>>,
     admin: Mutex<Admin<B>>,
     // Queue ids in use (index = qid) and every queue's registers, for revoke.
@@ -321,6 +366,15 @@ pub(crate) struct Shared<B: DeviceBacking> {
     parked: Mutex<Parked>,
     // One reset at a time.
     resetting: Mutex<()>,
+    // Answers to Aborts not yet taken by the queue that sent them, by the Abort's command
+    // id (a lock of its own: the I/O path never waits for the admin queue's).
+    abort_answers: Mutex<HashMap<u16, AbortAnswer>>,
+    // Recovery resets in a row; `failed` mirrors whether the controller was declared
+    // failed, `recovering` whether a recovery reset awaits a completion (both read on the
+    // I/O path without the lock).
+    recovery: Mutex<recovery::State>,
+    failed: AtomicBool,
+    recovering: AtomicBool,
     // What `Controller::on_async_event` and `Controller::on_timeout` registered.
     aer_callback: Mutex<Option<events::Callback>>,
     timeout_callback: Mutex<Option<events::TimeoutCallback>>,
@@ -364,15 +418,6 @@ impl<B: DeviceBacking> Shared<B> {
             Some(why) => NvmeError::Removed(why.clone()),
             None => e,
         }
-    }
-
-    /// Namespace `nsid`: a binary search (the list is sorted by NSID at bring-up), as each
-    /// I/O request looks its namespace up.
-    pub(crate) fn namespace(&self, nsid: u32) -> Option<&Namespace> {
-        self.namespaces
-            .binary_search_by_key(&nsid, |n| n.nsid)
-            .ok()
-            .map(|i| &self.namespaces[i])
     }
 
     // Runs `f` with the device's backing, holding it: `revoke` waits for `f` to return
@@ -432,7 +477,7 @@ impl<B: DeviceBacking> Shared<B> {
             while let Some(c) = a.ring.pop() {
                 if c.cid != cmd.cid {
                     // An Abort's answer, an asynchronous event, or a stray completion.
-                    a.harvest(c, self.info.address);
+                    a.harvest(c, self.info.address, &self.abort_answers);
                     continue;
                 }
                 let Admin { ring, regs, .. } = &mut *a;
@@ -471,29 +516,26 @@ impl<B: DeviceBacking> Shared<B> {
     }
 
     /// Sends Abort for command `cid` of submission queue `sqid` without waiting for its
-    /// answer (answers are collected here and by `admin`). False, nothing sent, when it
-    /// cannot be sent now: the Abort Command Limit (ACL + 1 outstanding) is reached, the
-    /// admin queue is full, or another thread holds the admin queue (an admin command in
-    /// progress: the I/O path never waits for it). The caller tries again later; a
-    /// command that never gets its Abort is ended by a controller reset.
-    pub(crate) fn try_abort(&self, sqid: u16, cid: u16) -> bool {
-        let Some(mut a) = self.admin.try_lock() else {
-            return false;
-        };
+    /// answer (answers are collected here, by `admin` and by `collect_abort_answers`, and
+    /// taken with `take_abort_answer`): returns the Abort's command id. `None`, nothing
+    /// sent, when it cannot be sent now: the Abort Command Limit (ACL + 1 outstanding) is
+    /// reached, the admin queue is full, or another thread holds the admin queue (an admin
+    /// command in progress: the I/O path never waits for it). The caller tries again
+    /// later; a command that never gets its Abort is ended by a controller reset.
+    pub(crate) fn try_abort(&self, sqid: u16, cid: u16) -> Option<u16> {
+        let mut a = self.admin.try_lock()?;
         let a = &mut *a;
-        if a.regs.is_none() {
-            return false;
-        }
+        a.regs.as_ref()?;
         let mut seen = false;
         while let Some(c) = a.ring.pop() {
             seen = true;
-            a.harvest(c, self.info.address);
+            a.harvest(c, self.info.address, &self.abort_answers);
         }
         if a.aborts.len() > usize::from(self.info.identify.acl) {
             if seen && let Some(regs) = a.regs.as_ref() {
                 let _ = a.ring.ring_cq(regs, None);
             }
-            return false;
+            return None;
         }
         let mut cmd = Command::new(admin::ABORT);
         cmd.cid = a.take_cid();
@@ -501,19 +543,42 @@ impl<B: DeviceBacking> Shared<B> {
         let Admin {
             ring, regs, aborts, ..
         } = a;
-        let Some(regs) = regs.as_ref() else {
-            return false;
-        };
+        let regs = regs.as_ref()?;
         if seen {
             let _ = ring.ring_cq(regs, None);
         }
         if !ring.push(&cmd) {
-            return false;
+            return None;
         }
         aborts.push(cmd.cid);
+        // An answer left from an earlier Abort with this command id is not this one's.
+        self.abort_answers.lock().remove(&cmd.cid);
         // A failed doorbell write leaves it in the ring: the next admin command rings it.
         let _ = ring.ring_sq(regs, None);
-        true
+        Some(cmd.cid)
+    }
+
+    /// Takes the admin queue's completions nobody waits for (answers to Aborts among
+    /// them), unless another thread holds the admin queue (whose command then collects
+    /// them): the I/O path never waits for it.
+    pub(crate) fn collect_abort_answers(&self) {
+        let Some(mut a) = self.admin.try_lock() else {
+            return;
+        };
+        let a = &mut *a;
+        let mut seen = false;
+        while let Some(c) = a.ring.pop() {
+            seen = true;
+            a.harvest(c, self.info.address, &self.abort_answers);
+        }
+        if seen && let Some(regs) = a.regs.as_ref() {
+            let _ = a.ring.ring_cq(regs, None);
+        }
+    }
+
+    /// The answer to the Abort with command id `abort_cid`, once it came (taken).
+    pub(crate) fn take_abort_answer(&self, abort_cid: u16) -> Option<AbortAnswer> {
+        self.abort_answers.lock().remove(&abort_cid)
     }
 
     // The epoch of memory in use from now on: the controller disables seen so far.
@@ -568,23 +633,15 @@ impl<B: DeviceBacking> Shared<B> {
         }
     }
 
-    /// [`reset`](Self::reset), unless a reset happened since the caller saw `generation`
-    /// (several queues seeing the same failure reset the controller once).
-    pub(crate) fn reset_unless_done(&self, generation: u64, why: &str) -> Result<(), NvmeError> {
-        let _one = self.resetting.lock();
-        if self.generation.load(Ordering::Acquire) != generation {
-            return Ok(());
-        }
-        self.reset_locked(why)
-    }
-
     /// Resets the controller (CC.EN 1 → 0 → 1, the admin queue set up again) and
     /// configures it again (queue count, shadow doorbells). Every I/O queue is gone on the
     /// controller; each creates itself again at its next use, ending what it had
     /// outstanding with [`NvmeError::Reset`].
     pub(crate) fn reset(&self, why: &str) -> Result<(), NvmeError> {
         let _one = self.resetting.lock();
-        self.reset_locked(why)
+        self.reset_locked(why)?;
+        self.recovery_clear();
+        Ok(())
     }
 
     fn reset_locked(&self, why: &str) -> Result<(), NvmeError> {
@@ -607,17 +664,13 @@ impl<B: DeviceBacking> Shared<B> {
             let Some(regs) = regs.as_ref() else {
                 return Err(self.revoked_error());
             };
-            let cc_now = regs.read32(reg::CC)?;
-            if cc_now == u32::MAX {
-                return Err(NvmeError::Gone);
-            }
-            regs.write32(reg::CC, cc_now & !(cc::EN | cc::SHN_MASK))?;
-            wait_ready(regs, false, limit, "reset: controller disable (CSTS.RDY = 0)")?;
+            disable(regs, limit, "reset: controller disable (CSTS.RDY = 0)")?;
             // Disabled: every command is gone, with every I/O queue and every Abort, and
             // the controller reaches no memory until it is enabled again.
             self.disables.fetch_add(1, Ordering::AcqRel);
             self.unpark(&Released::disabled());
             aborts.clear();
+            self.abort_answers.lock().clear();
             // Gone with the controller's state; armed again below.
             aers.clear();
             ring.reset();
@@ -686,29 +739,93 @@ fn granted_queues(want: u16, dw0: u32) -> u16 {
     want.min((dw0 & 0xffff) as u16 + 1).min((dw0 >> 16) as u16 + 1)
 }
 
+impl<B: DeviceBacking> Shared<B> {
+    // At the last handle: makes the controller unable to reach memory it was given — the
+    // admin rings, the shadow doorbells, what queues parked — and says how (`None`: it
+    // could not). Bus mastering off already (revoke) will do; else the controller is
+    // disabled (CC.EN 0, then CSTS.RDY 0 within the ready timeout); else Bus Master Enable
+    // is cleared and read back clear.
+    fn stop_dma_for_good(&mut self) -> Option<Released> {
+        if self.bus_master_off.load(Ordering::Acquire) {
+            return Some(Released::bus_master_off());
+        }
+        let address = self.info.address;
+        if let Some(regs) = self.admin.get_mut().regs.as_ref() {
+            match disable(
+                regs,
+                self.info.ready_timeout,
+                "disable at the last handle (CSTS.RDY = 0)",
+            ) {
+                Ok(()) => return Some(Released::disabled()),
+                Err(e) => log::warn!("{address}: {e}; turning bus mastering off instead"),
+            }
+        }
+        if let Some(b) = self.backing.get_mut().as_ref() {
+            match clear_bus_master(b) {
+                Ok(()) => return Some(Released::bus_master_off()),
+                Err(e) => log::warn!("{address}: clearing Bus Master Enable: {e}"),
+            }
+        }
+        None
+    }
+}
+
 impl<B: DeviceBacking> Drop for Shared<B> {
     fn drop(&mut self) {
-        if self.parked.get_mut().memory.is_empty() {
-            return;
+        // Everything the controller may still reach by DMA: it is enabled with bus
+        // mastering on until shown otherwise, and an Asynchronous Event Request (or a
+        // command abandoned after its timeout) may complete into the admin queue at any
+        // moment.
+        let (sq, cq) = self.admin.get_mut().ring.memory();
+        let mut memory = vec![DeviceOwned::new((sq.clone(), cq.clone())).boxed()];
+        if let Some(shadow) = self.shadow.take() {
+            memory.push(DeviceOwned::new(shadow).boxed());
         }
-        // The controller may still reach what is parked: bus mastering off first, or
-        // the memory leaks.
-        let off = self
-            .backing
-            .get_mut()
-            .as_ref()
-            .is_some_and(|b| update_command(b, 0, COMMAND_MASTER).is_ok());
-        if off {
-            self.unpark(&Released::bus_master_off());
-        } else {
-            log::error!(
-                "{}: the controller may still reach {} DMA allocation(s) and bus mastering could not be \
-                 turned off: leaking them",
-                self.info.address,
-                self.parked.get_mut().memory.len()
-            );
+        memory.append(&mut self.parked.get_mut().memory);
+        match self.stop_dma_for_good() {
+            Some(proof) => {
+                for m in memory {
+                    m.release(&proof);
+                }
+            }
+            None => {
+                // Each `DeviceOwned` leaks its memory as it drops (the admin rings through
+                // the clones above).
+                log::error!(
+                    "{}: the controller may still reach {} DMA allocation(s) (the admin rings among them): it \
+                     could be neither disabled nor have bus mastering turned off; leaking them",
+                    self.info.address,
+                    memory.len()
+                );
+            }
         }
     }
+}
+
+// Clears CC.EN and waits (at most `limit`) for CSTS.RDY 0: the controller is then idle
+// and reaches no memory until it is enabled again.
+fn disable<R: RegisterIo>(regs: &R, limit: Duration, what: &str) -> Result<(), NvmeError> {
+    let cc_now = regs.read32(reg::CC)?;
+    if cc_now == u32::MAX {
+        return Err(NvmeError::Gone);
+    }
+    regs.write32(reg::CC, cc_now & !(cc::EN | cc::SHN_MASK))?;
+    wait_ready(regs, false, limit, what)
+}
+
+// Clears Bus Master Enable and reads it back: a device that is gone (config space
+// all-ones) or ignored the write leaves it set, which proves nothing.
+fn clear_bus_master<B: DeviceBacking>(backing: &B) -> Result<(), NvmeError> {
+    update_command(backing, 0, COMMAND_MASTER)?;
+    let mut command = [0u8; 2];
+    backing.read_config(4, &mut command)?;
+    if u16::from_le_bytes(command) & COMMAND_MASTER != 0 {
+        return Err(NvmeError::Removed(
+            "Bus Master Enable still reads set after it was cleared: the device is gone or ignored the write"
+                .into(),
+        ));
+    }
+    Ok(())
 }
 
 // Points a disabled controller at the admin queue `ring`, enables it (4 KiB pages, NVM
@@ -772,7 +889,7 @@ impl<B: DeviceBacking> std::fmt::Debug for Controller<B> {
         f.debug_struct("Controller")
             .field("address", &self.shared.info.address)
             .field("model", &self.shared.info.identify.model)
-            .field("namespaces", &self.shared.namespaces.len())
+            .field("namespaces", &self.shared.namespaces.read().len())
             .field("revoked", &self.shared.revoked.load(Ordering::Relaxed))
             .finish_non_exhaustive()
     }
@@ -869,7 +986,13 @@ impl<B: DeviceBacking> Controller<B> {
             .min(cap.max_queue_entries().min(4096) as u16);
         let sq = backing.alloc_dma(usize::from(depth) * Command::SIZE)?;
         let cq = backing.alloc_dma(usize::from(depth) * Completion::SIZE)?;
-        let ring = Ring::new(0, depth, sq, cq, Doorbells::of(cap, 0));
+        let ring = Ring::new(
+            0,
+            depth,
+            SharedDma::new(sq),
+            SharedDma::new(cq),
+            Doorbells::of(cap, 0),
+        );
         enable(&regs, &ring, ready_timeout, "controller enable (CSTS.RDY = 1)")?;
 
         let mut shared = Shared {
@@ -885,7 +1008,9 @@ impl<B: DeviceBacking> Controller<B> {
                 shadow_doorbells: false,
                 interrupt_vectors: 0,
             },
-            namespaces: Vec::new(),
+            namespaces: parking_lot::RwLock::new(Arc::from(Vec::new())),
+            namespace_generation: AtomicU64::new(0),
+            removed_namespaces: Mutex::new(Vec::new()),
             shadow: None,
             interrupts: Vec::new(),
             io_timeout: options.io_timeout,
@@ -912,6 +1037,10 @@ impl<B: DeviceBacking> Controller<B> {
             bus_master_off: AtomicBool::new(false),
             parked: Mutex::new(Parked::default()),
             resetting: Mutex::new(()),
+            abort_answers: Mutex::new(HashMap::new()),
+            recovery: Mutex::new(recovery::State::new(options)),
+            failed: AtomicBool::new(false),
+            recovering: AtomicBool::new(false),
             aer_callback: Mutex::new(None),
             timeout_callback: Mutex::new(None),
         };
@@ -950,44 +1079,25 @@ impl<B: DeviceBacking> Controller<B> {
                 Err(e) => return Err(e),
             }
         }
-        // The active namespace list comes 1,024 ids at a time: ask again from the last.
-        let mut list = Vec::new();
-        loop {
-            let after = list.last().copied().unwrap_or(0);
-            let page = spec::parse_namespace_list(&identify::<B>(
+        let list = namespaces::active_namespace_ids(|after| {
+            identify::<B>(
                 &run,
                 &buf,
                 cns::ACTIVE_NAMESPACES,
                 after,
                 "Identify active namespace list",
-            )?);
-            let full = page.len() == 1024;
-            // Ids must ascend; a controller that repeats itself ends the walk.
-            list.extend(page.into_iter().filter(|&n| n > after));
-            let last = list.last().copied().unwrap_or(0);
-            if !full || last <= after || last >= 0xffff_fffe {
-                break;
-            }
-        }
+            )
+        })?;
         let mut namespaces = Vec::new();
         for nsid in list {
-            let ns = IdentifyNamespace::parse(&identify::<B>(
+            let data = identify::<B>(
                 &run,
                 &buf,
                 cns::NAMESPACE,
                 nsid,
                 &format!("Identify namespace {nsid}"),
-            )?)?;
-            match ns.block_size() {
-                Some(bs) if ns.nsze > 0 => {
-                    let ns = Namespace::new(nsid, bs, ns);
-                    if let Some(why) = &ns.unusable {
-                        log::warn!("{address}: namespace {nsid} is not usable: {why}");
-                    }
-                    namespaces.push(ns);
-                }
-                _ => log::warn!("{address}: namespace {nsid} left out: no usable LBA format or size 0"),
-            }
+            )?;
+            namespaces.extend(namespaces::namespace_from(address, nsid, &data)?);
         }
         let want = options.io_queues.clamp(1, 65534);
         let mut cmd = Command::new(admin::SET_FEATURES);
@@ -1041,11 +1151,9 @@ impl<B: DeviceBacking> Controller<B> {
         shared.info.shadow_doorbells = shadow.is_some();
         shared.info.interrupt_vectors = interrupts.len() as u32;
         shared.interrupts = interrupts;
-        // Sorted for `Shared::namespace` (the controller lists them in increasing order;
-        // nothing relies on it).
-        namespaces.sort_by_key(|n| n.nsid);
-        namespaces.dedup_by_key(|n| n.nsid);
-        shared.namespaces = namespaces;
+        // Sorted by NSID there (the controller lists them in increasing order; nothing
+        // relies on it).
+        shared.set_namespaces(namespaces);
         shared.shadow = shadow;
         *shared.qids.get_mut() = vec![false; usize::from(granted) + 1];
         *shared.backing.get_mut() = Some(backing);
@@ -1060,13 +1168,16 @@ impl<B: DeviceBacking> Controller<B> {
     }
 
     /// The active namespaces with a valid format, by NSID: the usable ones and those
-    /// the driver refuses ([`Namespace::unusable`] says why).
-    pub fn namespaces(&self) -> &[Namespace] {
-        &self.shared.namespaces
+    /// the driver refuses ([`Namespace::unusable`] says why). A snapshot: the list follows
+    /// Namespace Attribute Changed events as
+    /// [`process_admin_completions`](Self::process_admin_completions) handles them
+    /// (namespaces attached, detached, resized), and a later call returns the new list.
+    pub fn namespaces(&self) -> Arc<[Namespace]> {
+        self.shared.namespace_list()
     }
 
-    /// Namespace `nsid`.
-    pub fn namespace(&self, nsid: u32) -> Option<&Namespace> {
+    /// Namespace `nsid`, as the list has it now (see [`namespaces`](Self::namespaces)).
+    pub fn namespace(&self, nsid: u32) -> Option<Namespace> {
         self.shared.namespace(nsid)
     }
 
@@ -1084,6 +1195,9 @@ impl<B: DeviceBacking> Controller<B> {
     /// Creates an I/O queue pair of `depth` entries (capped by CAP.MQES) for the calling
     /// thread.
     pub fn io_queue(&self, depth: u16) -> Result<IoQueue<B>, NvmeError> {
+        if let Some(e) = self.shared.failed_error() {
+            return Err(e);
+        }
         IoQueue::create(Arc::clone(&self.shared), depth)
     }
 
@@ -1096,7 +1210,10 @@ impl<B: DeviceBacking> Controller<B> {
 
     /// Resets the controller and sets it up again; every I/O queue creates itself again at
     /// its next use, ending what it had outstanding with [`NvmeError::Reset`]. Queues do
-    /// it themselves when a timed-out command can be neither completed nor aborted.
+    /// it themselves when a timed-out command can be neither completed nor aborted, or the
+    /// controller failed (CSTS.CFS), backing off and up to a bound
+    /// ([`Options::recovery_limit`]); a controller declared failed is reset again only
+    /// here, which starts recovery afresh when it works.
     pub fn reset(&self) -> Result<(), NvmeError> {
         self.shared.reset("asked by the application")
     }

@@ -31,7 +31,7 @@ use std::time::{Duration, Instant};
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use std::os::fd::{AsFd, BorrowedFd};
 
-use super::controller::{PAGE, QueueRegs, Shared, check_status};
+use super::controller::{Namespace, PAGE, QueueRegs, Shared, check_status, find_namespace};
 use super::owned::{DeviceOwned, Released, SharedDma};
 use super::queue::{Doorbells, Ring, write_cq_doorbell, write_sq_doorbell};
 use super::spec::{Command, Completion, Status, admin, io, oncs};
@@ -178,6 +178,15 @@ struct Slot {
     abandoned: Option<Instant>,
     // Whether its Abort was sent (within the controller's Abort Command Limit).
     abort_sent: bool,
+}
+
+// An Abort sent for abandoned command `cid` (its own command id `abort_cid`).
+#[derive(Debug, Clone, Copy)]
+struct AbortSent {
+    cid: u16,
+    abort_cid: u16,
+    sent: Instant,
+    answered: Option<Instant>,
 }
 
 const FREE_SLOT: Slot = Slot {
@@ -343,8 +352,14 @@ pub struct IoQueue<B: DeviceBacking> {
     completions: u64,
     // The controller's reset count when the queue was (re)created on it.
     generation: u64,
+    // The controller's namespace list as this queue last took it, and its generation.
+    namespaces: Arc<[Namespace]>,
+    namespace_generation: u64,
     // Slots whose command was abandoned after a timeout and not yet answered.
     abandoned: usize,
+    // The Aborts sent for abandoned commands (at most one each) and when they were
+    // answered.
+    aborts: Vec<AbortSent>,
     _not_sync: PhantomData<Cell<()>>,
 }
 
@@ -825,7 +840,11 @@ impl<B: DeviceBacking> IoQueue<B> {
             }
         };
         let slots = usize::from(depth) - 1;
+        let namespace_generation = shared.namespace_generation();
+        let namespaces = shared.namespace_list();
         Ok(IoQueue {
+            namespaces,
+            namespace_generation,
             shared,
             regs,
             ring,
@@ -835,6 +854,7 @@ impl<B: DeviceBacking> IoQueue<B> {
             slots: vec![FREE_SLOT; slots],
             generation,
             abandoned: 0,
+            aborts: Vec::new(),
             free_cids: (0..slots as u16).rev().collect(),
             requests: Vec::new(),
             rests: Vec::new(),
@@ -891,7 +911,10 @@ impl<B: DeviceBacking> IoQueue<B> {
     // line.
     #[inline]
     fn check_alive(&self) -> Result<(), NvmeError> {
-        if self.dead.is_none() && !self.shared.shut_down.load(Ordering::Acquire) && !self.shared.is_revoked()
+        if self.dead.is_none()
+            && !self.shared.shut_down.load(Ordering::Acquire)
+            && !self.shared.is_revoked()
+            && !self.shared.is_failed()
         {
             return Ok(());
         }
@@ -902,6 +925,9 @@ impl<B: DeviceBacking> IoQueue<B> {
     #[inline(never)]
     fn not_alive(&self) -> Result<(), NvmeError> {
         if let Some(e) = self.shared.removed() {
+            return Err(e);
+        }
+        if let Some(e) = self.shared.failed_error() {
             return Err(e);
         }
         if let Some(why) = &self.dead {
@@ -987,10 +1013,20 @@ impl<B: DeviceBacking> IoQueue<B> {
             Data::Contiguous(b, o) => (Some(b), o),
             Data::None | Data::Vectored(_) => (None, 0),
         };
-        let ns = self
-            .shared
-            .namespace(nsid)
-            .ok_or_else(|| NvmeError::Invalid(format!("no namespace {nsid}")))?;
+        // The list changed (a Namespace Attribute Changed event): take the new one.
+        if self.shared.namespace_generation() != self.namespace_generation {
+            self.namespace_generation = self.shared.namespace_generation();
+            self.namespaces = self.shared.namespace_list();
+        }
+        let Some(ns) = find_namespace(&self.namespaces, nsid) else {
+            return Err(NvmeError::Invalid(if self.shared.namespace_removed(nsid) {
+                format!(
+                    "namespace {nsid} was removed (the controller reported it changed and no longer has it)"
+                )
+            } else {
+                format!("no namespace {nsid}")
+            }));
+        };
         if let Some(why) = &ns.unusable {
             return Err(NvmeError::Unsupported(format!("namespace {nsid}: {why}")));
         }
@@ -1303,7 +1339,9 @@ impl<B: DeviceBacking> IoQueue<B> {
     /// Requests past their deadline complete with [`NvmeError::Timeout`]. When the
     /// controller is gone (registers all-ones), has failed (CSTS.CFS), or was revoked,
     /// every outstanding request completes with that error and the error is returned; the
-    /// queue is then dead.
+    /// queue is then dead. A failed controller (CSTS.CFS) is reset instead, but not
+    /// again and again: see [`Options::recovery_backoff`](super::Options::recovery_backoff)
+    /// ([`NvmeError::RecoveryPending`], [`NvmeError::Failed`]).
     #[inline]
     pub fn poll(&mut self, mut done: impl FnMut(u64, Result<(), NvmeError>)) -> Result<usize, NvmeError> {
         self.poll_completions(|c| done(c.tag, c.result))
@@ -1360,6 +1398,9 @@ impl<B: DeviceBacking> IoQueue<B> {
             self.free_cids.push(c.cid);
             if slot.abandoned.is_some() {
                 self.abandoned -= 1;
+                if slot.abort_sent {
+                    self.aborts.retain(|a| a.cid != c.cid);
+                }
                 abandoned_done(
                     &mut self.requests,
                     &mut self.free_requests,
@@ -1428,6 +1469,7 @@ impl<B: DeviceBacking> IoQueue<B> {
             }
         }
         if seen > 0 {
+            self.shared.saw_completions();
             self.completions += seen as u64;
             self.ring
                 .bound_unconsumed((self.slots.len() - self.free_cids.len()) as u16);
@@ -1540,23 +1582,19 @@ impl<B: DeviceBacking> IoQueue<B> {
         }
         if self.abandoned > 0 {
             self.send_aborts();
+            self.take_abort_answers();
         }
-        // A command abandoned a timeout ago and still neither completed nor aborted: only a
-        // controller reset gets its slot (and the controller) back.
-        let stuck = self.slots.iter().position(|s| {
-            s.abandoned
-                .is_some_and(|t| now.duration_since(t) >= self.shared.io_timeout)
-        });
-        if let Some(cid) = stuck {
-            let why = format!(
-                "command {cid} of queue {} neither completed nor aborted within {} ms",
-                self.ring.qid,
-                self.shared.io_timeout.as_millis()
-            );
-            if let Err(e) = self.shared.reset_unless_done(self.generation, &why) {
-                return Err(self.fail_all(e, &mut done));
+        // A command abandoned and still live in the controller past what its Abort allows:
+        // only a controller reset gets its slot (and the controller) back.
+        let stuck = (0..self.slots.len()).find_map(|cid| self.overdue(cid as u16, now));
+        if let Some((cid, why)) = stuck {
+            let why = format!("command {cid} of queue {} {why}", self.ring.qid);
+            match self.shared.recovery_reset(self.generation, &why) {
+                Ok(()) => completed += self.recreate(&why, &mut done)?,
+                // Nothing waits: the abandoned commands keep their slots until the reset.
+                Err(e @ NvmeError::RecoveryPending { .. }) => return Err(e),
+                Err(e) => return Err(self.fail_all(e, &mut done)),
             }
-            completed += self.recreate(&why, &mut done)?;
         }
         Ok(completed)
     }
@@ -1570,16 +1608,63 @@ impl<B: DeviceBacking> IoQueue<B> {
             if slot.abandoned.is_none() || slot.abort_sent {
                 continue;
             }
-            if !self.shared.try_abort(qid, cid as u16) {
+            let Some(abort_cid) = self.shared.try_abort(qid, cid as u16) else {
                 break;
-            }
+            };
             slot.abort_sent = true;
+            self.aborts.push(AbortSent {
+                cid: cid as u16,
+                abort_cid,
+                sent: Instant::now(),
+                answered: None,
+            });
         }
+    }
+
+    // Notes the answers to this queue's Aborts that came (collecting the admin queue's
+    // completions if no other thread holds it).
+    fn take_abort_answers(&mut self) {
+        if self.aborts.iter().all(|a| a.answered.is_some()) {
+            return;
+        }
+        self.shared.collect_abort_answers();
+        for a in self.aborts.iter_mut().filter(|a| a.answered.is_none()) {
+            if let Some(answer) = self.shared.take_abort_answer(a.abort_cid) {
+                a.answered = Some(answer.at);
+                if !answer.aborted {
+                    log::info!(
+                        "{}: queue {}: command {} was not aborted: it is still live in the controller",
+                        self.shared.info.address,
+                        self.ring.qid,
+                        a.cid
+                    );
+                }
+            }
+        }
+    }
+
+    // Whether abandoned command `cid` is past what its Abort allows, and how: not
+    // completed an I/O timeout after its Abort's answer (aborted or not: the controller
+    // said whether it still executes it), its Abort unanswered an admin timeout after it
+    // went, or no Abort sent (the Abort Command Limit, a busy admin queue) an I/O timeout
+    // after the command was abandoned.
+    fn overdue(&self, cid: u16, now: Instant) -> Option<(u16, String)> {
+        let abandoned = self.slots[usize::from(cid)].abandoned?;
+        let io = self.shared.io_timeout;
+        let (since, limit, what) = match self.aborts.iter().find(|a| a.cid == cid) {
+            Some(AbortSent {
+                answered: Some(at), ..
+            }) => (*at, io, "not completed after its Abort was answered"),
+            Some(a) => (a.sent, self.shared.admin_timeout, "has its Abort unanswered"),
+            None => (abandoned, io, "got no Abort and did not complete"),
+        };
+        (now.duration_since(since) >= limit).then(|| (cid, format!("{what} within {} ms", limit.as_millis())))
     }
 
     // CSTS.CFS: the specification's recovery is a controller reset. Outstanding requests
     // end (once) with `Reset`, and the queue is created again; if the reset fails, the
-    // queue is dead.
+    // queue is dead. Recovery resets back off and are bounded (`recovery_reset`): while
+    // backing off the poll fails with `RecoveryPending` and the requests stay.
     fn recover(
         &mut self,
         csts: u32,
@@ -1587,10 +1672,12 @@ impl<B: DeviceBacking> IoQueue<B> {
         done: &mut impl FnMut(IoCompletion),
     ) -> Result<usize, NvmeError> {
         let why = format!("controller failed (CSTS.CFS set, CSTS {csts:#x})");
-        if let Err(e) = self.shared.reset_unless_done(self.generation, &why) {
-            return Err(self.fail_all(e, done));
+        match self.shared.recovery_reset(self.generation, &why) {
+            Ok(()) => Ok(completed + self.recreate(&why, done)?),
+            // Nothing waits: the requests stay outstanding until the reset ends them.
+            Err(e @ NvmeError::RecoveryPending { .. }) => Err(e),
+            Err(e) => Err(self.fail_all(e, done)),
         }
-        Ok(completed + self.recreate(&why, done)?)
     }
 
     // After a controller reset: ends every outstanding request with `Reset`, releases
@@ -1627,6 +1714,7 @@ impl<B: DeviceBacking> IoQueue<B> {
         self.ring.reset();
         self.slots.fill(FREE_SLOT);
         self.abandoned = 0;
+        self.aborts.clear();
         self.free_cids = (0..self.slots.len() as u16).rev().collect();
         let qid = self.ring.qid;
         let granted = self.shared.io_queues();
@@ -1714,7 +1802,15 @@ impl<B: DeviceBacking> IoQueue<B> {
         let mut result = None;
         let mut spins = 0u32;
         while result.is_none() {
-            self.poll(|_, r| result = Some(r))?;
+            match self.poll(|_, r| result = Some(r)) {
+                Ok(_) => {}
+                // A blocking call waits out the backoff: the reset ends the request.
+                Err(NvmeError::RecoveryPending { retry_in, .. }) => {
+                    std::thread::sleep(retry_in.min(Duration::from_millis(10)));
+                    continue;
+                }
+                Err(e) => return Err(e),
+            }
             spins += 1;
             if spins > 10_000 {
                 std::thread::yield_now();

@@ -27,9 +27,14 @@
 //!   parked with the controller until then (the rule, and the types that carry it, are in
 //!   `owned.rs`). A controller reporting CSTS.CFS is reset, as the specification's
 //!   recovery says: outstanding requests end once with [`NvmeError::Reset`] and the queues
-//!   create themselves again. Aborts for timed-out commands stay within the controller's
-//!   Abort Command Limit; a command that gets none, or whose Abort fails, is ended by a
-//!   controller reset.
+//!   create themselves again; recovery resets back off and, after
+//!   [`Options::recovery_limit`] in a row, the controller is declared failed
+//!   ([`NvmeError::Failed`]). Aborts for timed-out commands stay within the controller's
+//!   Abort Command Limit; a command not completed an I/O timeout after its Abort's answer
+//!   (the controller says "not aborted": it still executes it), whose Abort stays
+//!   unanswered for the admin timeout, or that gets no Abort within an I/O timeout, is
+//!   ended by a controller reset. The controller's last handle disables the controller
+//!   (or turns bus mastering off) before it frees the admin rings.
 //! - [`driver::NvmeDriver`] registers all of it with the [`crate::bus::Bus`].
 //! - Admin: asynchronous events handed to a callback with the log page that clears them,
 //!   SMART / health and Error Information logs, admin passthrough (see
@@ -100,6 +105,24 @@ pub enum NvmeError {
     /// aborted): requests outstanding at the time ended with this; the queues work again.
     #[error("controller reset: {0}")]
     Reset(String),
+    /// The controller failed again after every recovery reset, up to
+    /// [`Options::recovery_limit`] of them in a row: it was declared failed, and no queue
+    /// works (nor is another reset tried) until [`Controller::reset`].
+    #[error("controller failed for good: {0}")]
+    Failed(String),
+    /// The controller needs a recovery reset, but the last ones did not bring it back and
+    /// the next waits out its backoff ([`Options::recovery_backoff`]): poll again later.
+    /// Outstanding requests stay until the reset ends them.
+    #[error(
+        "controller recovery pending: {resets} reset(s) in a row did not bring it back; the next in {} ms (poll again)",
+        .retry_in.as_millis()
+    )]
+    RecoveryPending {
+        /// Recovery resets done in a row.
+        resets: u32,
+        /// How long until the next may be done.
+        retry_in: Duration,
+    },
     /// The controller was taken away (its device is being removed or detached).
     #[error("controller removed: {0}")]
     Removed(String),
@@ -142,7 +165,7 @@ impl NvmeError {
     pub fn is_fatal(&self) -> bool {
         matches!(
             self,
-            NvmeError::Gone | NvmeError::Fatal { .. } | NvmeError::Removed(_)
+            NvmeError::Gone | NvmeError::Fatal { .. } | NvmeError::Removed(_) | NvmeError::Failed(_)
         )
     }
 }

@@ -20,8 +20,10 @@
 //! above. Memory a queue cannot keep (the queue was dropped while the controller still
 //! owns it: a failed deletion, a failed controller) is parked with the controller's shared
 //! state until a reset disables the controller, [`Controller::revoke`] turns bus
-//! mastering off, or the controller's last handle goes (which turns bus mastering off
-//! first).
+//! mastering off, or the controller's last handle goes. The last handle first disables
+//! the controller (CC.EN 0, CSTS.RDY 0 within the ready timeout) or, failing that, clears
+//! Bus Master Enable and reads it back clear; then it releases what is parked with the
+//! admin rings and the shadow doorbells, and without either proof leaks them all.
 //!
 //! The types carry the rule: [`DeviceOwned`] is released only with a [`Released`] proof,
 //! and the proofs are made only where one of the above was seen. A `DeviceOwned` dropped

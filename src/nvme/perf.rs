@@ -208,8 +208,7 @@ pub fn run<B: DeviceBacking>(
 ) -> Result<PerfResult, NvmeError> {
     let ns = controller
         .namespace(config.nsid)
-        .ok_or_else(|| NvmeError::Invalid(format!("no namespace {}", config.nsid)))?
-        .clone();
+        .ok_or_else(|| NvmeError::Invalid(format!("no namespace {}", config.nsid)))?;
     let bs = ns.block_size as usize;
     if config.io_size == 0 || !config.io_size.is_multiple_of(bs) {
         return Err(NvmeError::Invalid(format!(

@@ -92,6 +92,11 @@ impl<D: DmaMemory> Ring<D> {
         self.phase = true;
     }
 
+    /// The submission and completion queue memory.
+    pub(crate) fn memory(&self) -> (&D, &D) {
+        (&self.sq, &self.cq)
+    }
+
     pub(crate) fn depth(&self) -> u16 {
         self.depth
     }

@@ -76,7 +76,8 @@
 //!   separated by an unmapped page, so an overrun by one byte is caught.
 //! - Faults ([`Fault`]): swallowed and stalled commands, error statuses, wrong command ids,
 //!   duplicate and stale completions, SQ heads going backwards, fatal status (with the
-//!   controller stopped, with its DMA going on, or on shutdown), a reset during I/O,
+//!   controller stopped, with its DMA going on, on shutdown, or at the first I/O command
+//!   after every reset), a reset during I/O,
 //!   surprise removal, delays, a controller slow or never ready, lost interrupts, a
 //!   smaller queue grant after a reset ([`EmulatedNvme::limit_io_queues`]), an Abort
 //!   Command Limit ([`EmuConfig::abort_limit`]).
@@ -115,7 +116,8 @@
 //! # What is not
 //!
 //! Bit Bucket and metadata SGLs, 32/64-bit guard protection formats, fused commands, namespace management and
-//! attachment, firmware and format commands, reservations, controller memory buffer,
+//! attachment commands (the test attaches, detaches and resizes namespaces:
+//! [`EmulatedNvme::detach_namespace`]), firmware and format commands, reservations, controller memory buffer,
 //! persistent memory region, boot partitions, pin-based interrupts and MSI-X masking,
 //! interrupt coalescing, weighted round robin arbitration, NVM subsystem reset, multiple
 //! I/O command sets, asynchronous events the controller raises on its own other than for
@@ -588,6 +590,11 @@ pub enum Fault {
     /// commands when it sees CFS, with the controller still enabled and bus mastering on,
     /// has them written afterwards (see [`EmuStats::late_dma`]).
     FatalStatusDmaContinues,
+    /// From now on, until [`EmulatedNvme::clear_faults`], the controller fails (CSTS.CFS
+    /// becomes 1 and it stops processing, as [`Fault::FatalStatus`]) at the first I/O
+    /// command it fetches after each enable: a controller that a reset brings back only
+    /// for admin commands, whatever the number of resets.
+    FatalOnIo,
     /// A reset the host driver did not ask for, during I/O, as a function level reset by
     /// someone else does: at once, the controller stops, every queue is gone, and CC,
     /// CSTS (RDY 0), AQA, ASQ and ACQ read 0 (as after [`DeviceBacking::reset`]). Commands
@@ -669,6 +676,8 @@ pub struct EmuStats {
     pub late_dma: u64,
     /// I/O commands taken whose data pointer was an SGL (PSDT 01b), valid or not.
     pub sgl_commands: u64,
+    /// Times the controller was enabled (CC.EN 0 → 1): bring-up, then once per reset.
+    pub enables: u64,
 }
 
 impl EmuStats {
@@ -697,6 +706,7 @@ struct Counters {
     aborts_over_limit: AtomicU64,
     late_dma: AtomicU64,
     sgl_commands: AtomicU64,
+    enables: AtomicU64,
 }
 
 fn bump(c: &AtomicU64) {
@@ -720,6 +730,7 @@ impl Counters {
             aborts_over_limit: AtomicU64::new(0),
             late_dma: AtomicU64::new(0),
             sgl_commands: AtomicU64::new(0),
+            enables: AtomicU64::new(0),
         }
     }
 
@@ -751,6 +762,7 @@ impl Counters {
             aborts_over_limit: load(&self.aborts_over_limit),
             late_dma: load(&self.late_dma),
             sgl_commands: load(&self.sgl_commands),
+            enables: load(&self.enables),
         }
     }
 }
@@ -795,7 +807,10 @@ impl FaultState {
 
 #[derive(Debug)]
 struct Namespace {
-    blocks: u64,
+    // Size in blocks (`EmulatedNvme::resize_namespace` changes it).
+    size: AtomicU64,
+    // Attached to the controller (active); `EmulatedNvme::detach_namespace` clears it.
+    attached: AtomicBool,
     block_size: u32,
     // Sparse: chunk index → CHUNK bytes. A missing chunk reads zero.
     chunks: Mutex<HashMap<u64, Box<[u8]>>>,
@@ -829,8 +844,12 @@ fn pieces(pos: u64, len: u64) -> impl Iterator<Item = (u64, usize, usize, usize)
 }
 
 impl Namespace {
+    fn blocks(&self) -> u64 {
+        self.size.load(Ordering::Acquire)
+    }
+
     fn bytes(&self) -> u64 {
-        self.blocks * u64::from(self.block_size)
+        self.blocks() * u64::from(self.block_size)
     }
 
     fn read_into_dma(map: &Chunks, pos: u64, buf: &DmaBuffer, off: usize, len: usize) {
@@ -920,6 +939,8 @@ struct Shared {
     halted: AtomicBool,
     // Fault::FatalOnShutdown armed.
     fatal_on_shutdown: AtomicBool,
+    // Fault::FatalOnIo armed (until the faults are cleared).
+    fatal_on_io: AtomicBool,
     // I/O queues Set Features grants at most from now on (`EmulatedNvme::limit_io_queues`).
     grant_limit: AtomicU32,
     // When CSTS.RDY, still 1 after CC.EN was cleared, becomes 0 (applied lazily by CSTS
@@ -989,6 +1010,7 @@ impl Shared {
             gone: AtomicBool::new(false),
             halted: AtomicBool::new(false),
             fatal_on_shutdown: AtomicBool::new(false),
+            fatal_on_io: AtomicBool::new(false),
             grant_limit: AtomicU32::new(u32::from(cfg.max_io_queues)),
             unready_at: Mutex::new(None),
             unready_pending: AtomicBool::new(false),
@@ -1004,7 +1026,8 @@ impl Shared {
                 .namespaces
                 .iter()
                 .map(|n| Namespace {
-                    blocks: n.blocks,
+                    size: AtomicU64::new(n.blocks),
+                    attached: AtomicBool::new(true),
                     block_size: n.block_size,
                     chunks: Mutex::new(HashMap::new()),
                     ms: n.metadata_size,
@@ -1292,6 +1315,7 @@ impl Shared {
         self.unready_pending.store(false, Ordering::Release);
         self.csts.store(0, Ordering::Release);
         let (delay, never) = self.ready_delay();
+        bump(&self.counters.enables);
         let mut engine = Engine::new(Arc::clone(self));
         engine.ready_after = (!never).then_some(delay);
         let mut admin_sq = Sq::new(asqs, 0, sq);
@@ -1837,6 +1861,13 @@ impl Engine {
         };
         bump(&table[usize::from(cmd.opcode)]);
 
+        if !is_admin && self.shared.fatal_on_io.load(Ordering::Acquire) {
+            // Fault::FatalOnIo: fetched, never completed; processing stops until a reset.
+            self.shared.halted.store(true, Ordering::Release);
+            return self
+                .shared
+                .fail(format_args!("I/O command fetched (injected fault)"));
+        }
         if is_admin && cmd.opcode == admin::ABORT && self.aborts_over_limit() {
             bump(&self.shared.counters.aborts_over_limit);
             return self.complete(qid, cmd.cid, Status::ABORT_LIMIT_EXCEEDED, 0);
@@ -2414,6 +2445,8 @@ impl Engine {
         let data = match cns {
             cns::NAMESPACE => match self.namespace_index(cmd.nsid) {
                 Some(i) => identify_namespace(&self.shared.namespaces[i]),
+                // An inactive namespace (allocated, not attached) reads zeros.
+                None if (1..=self.shared.namespaces.len() as u32).contains(&cmd.nsid) => vec![0u8; 4096],
                 None => return err(Status::INVALID_NAMESPACE),
             },
             cns::CONTROLLER => identify_controller(&self.shared.cfg),
@@ -2436,7 +2469,12 @@ impl Engine {
                 }
                 let mut b = vec![0u8; 4096];
                 let count = self.shared.namespaces.len() as u32;
-                for (slot, nsid) in (cmd.nsid + 1..=count).take(1024).enumerate() {
+                let active = (cmd.nsid + 1..=count).filter(|&n| {
+                    self.shared.namespaces[n as usize - 1]
+                        .attached
+                        .load(Ordering::Acquire)
+                });
+                for (slot, nsid) in active.take(1024).enumerate() {
                     b[4 * slot..4 * slot + 4].copy_from_slice(&nsid.to_le_bytes());
                 }
                 b
@@ -2457,9 +2495,14 @@ impl Engine {
         }
     }
 
+    // The index of active namespace `nsid` (attached).
     fn namespace_index(&self, nsid: u32) -> Option<usize> {
         let i = usize::try_from(nsid).ok()?.checked_sub(1)?;
-        (i < self.shared.namespaces.len()).then_some(i)
+        self.shared
+            .namespaces
+            .get(i)
+            .is_some_and(|n| n.attached.load(Ordering::Acquire))
+            .then_some(i)
     }
 
     fn set_features(&mut self, cmd: &Command) -> Outcome {
@@ -2806,7 +2849,7 @@ impl Engine {
         let ns = &self.shared.namespaces[i];
         let slba = u64::from(cmd.cdw[0]) | u64::from(cmd.cdw[1]) << 32;
         let nlb = u64::from(cmd.cdw[2] & 0xffff) + 1;
-        if slba.checked_add(nlb).is_none_or(|end| end > ns.blocks) {
+        if slba.checked_add(nlb).is_none_or(|end| end > ns.blocks()) {
             return Err(Status::LBA_OUT_OF_RANGE);
         }
         let bs = u64::from(ns.block_size);
@@ -2896,7 +2939,7 @@ impl Engine {
         let (bs, ms) = (ns.block_size as usize, usize::from(ns.ms));
         let slba = u64::from(cmd.cdw[0]) | u64::from(cmd.cdw[1]) << 32;
         let nlb = u64::from(cmd.cdw[2] & 0xffff) + 1;
-        if slba.checked_add(nlb).is_none_or(|end| end > ns.blocks) {
+        if slba.checked_add(nlb).is_none_or(|end| end > ns.blocks()) {
             return err(Status::LBA_OUT_OF_RANGE);
         }
         let n = nlb as usize;
@@ -3051,7 +3094,7 @@ impl Engine {
         for r in data.chunks_exact(dsm::RANGE_SIZE) {
             let nlb = u64::from(u32::from_le_bytes([r[4], r[5], r[6], r[7]]));
             let slba = u64::from_le_bytes([r[8], r[9], r[10], r[11], r[12], r[13], r[14], r[15]]);
-            if slba.checked_add(nlb).is_none_or(|end| end > ns.blocks) {
+            if slba.checked_add(nlb).is_none_or(|end| end > ns.blocks()) {
                 return err(Status::LBA_OUT_OF_RANGE);
             }
             total += nlb;
@@ -3228,7 +3271,7 @@ fn identify_controller(cfg: &EmuConfig) -> Vec<u8> {
 fn identify_namespace(ns: &Namespace) -> Vec<u8> {
     let mut b = vec![0u8; 4096];
     for at in [0, 8, 16] {
-        put(&mut b, at, &ns.blocks.to_le_bytes());
+        put(&mut b, at, &ns.blocks().to_le_bytes());
     }
     // Two LBA formats, 512 and 4096 bytes, and a third with the namespace's metadata.
     b[25] = if ns.ms > 0 { 2 } else { 1 };
@@ -3408,6 +3451,10 @@ impl EmulatedNvme {
                 shared.fatal_on_shutdown.store(true, Ordering::Release);
                 return;
             }
+            Fault::FatalOnIo => {
+                shared.fatal_on_io.store(true, Ordering::Release);
+                return;
+            }
             Fault::FatalStatusDmaContinues => {
                 shared.csts.fetch_or(csts::CFS, Ordering::AcqRel);
                 return;
@@ -3443,9 +3490,10 @@ impl EmulatedNvme {
     }
 
     /// Removes the faults not yet used up (and the delays, [`Fault::ReadySlow`] and
-    /// [`Fault::ReadyNever`]). `Gone` and `FatalStatus` stay.
+    /// [`Fault::ReadyNever`], [`Fault::FatalOnIo`]). `Gone` and `FatalStatus` stay.
     pub fn clear_faults(&self) {
         let shared = self.shared();
+        shared.fatal_on_io.store(false, Ordering::Release);
         *shared.faults.lock() = FaultState::default();
         shared.faults_pending.store(false, Ordering::Release);
     }
@@ -3489,6 +3537,41 @@ impl EmulatedNvme {
         }
     }
 
+    /// Detaches namespace `nsid` from the controller, as Namespace Attachment would: it
+    /// leaves the active namespace list, Identify Namespace reads zeros for it, and I/O to
+    /// it fails with Invalid Namespace or Format; its data is kept. Then a change is
+    /// notified as [`notify_namespace_changed`](Self::notify_namespace_changed) does. False
+    /// if the controller has no namespace `nsid`.
+    pub fn detach_namespace(&self, nsid: u32) -> bool {
+        self.set_namespace(nsid, |ns| ns.attached.store(false, Ordering::Release))
+    }
+
+    /// Attaches namespace `nsid` (one of [`EmuConfig::namespaces`]) again, and notifies the
+    /// change. False if the controller has no namespace `nsid`.
+    pub fn attach_namespace(&self, nsid: u32) -> bool {
+        self.set_namespace(nsid, |ns| ns.attached.store(true, Ordering::Release))
+    }
+
+    /// Changes the size of namespace `nsid` to `blocks` blocks (at least 1; data beyond
+    /// the new end is kept but unreachable), and notifies the change. False if the
+    /// controller has no namespace `nsid` or `blocks` is 0.
+    pub fn resize_namespace(&self, nsid: u32, blocks: u64) -> bool {
+        blocks > 0 && self.set_namespace(nsid, |ns| ns.size.store(blocks, Ordering::Release))
+    }
+
+    fn set_namespace(&self, nsid: u32, change: impl FnOnce(&Namespace)) -> bool {
+        let Some(ns) = usize::try_from(nsid)
+            .ok()
+            .and_then(|n| n.checked_sub(1))
+            .and_then(|i| self.shared().namespaces.get(i))
+        else {
+            return false;
+        };
+        change(ns);
+        self.notify_namespace_changed(&[nsid]);
+        true
+    }
+
     /// From now on Set Features (Number of Queues) grants at most `n` I/O queue pairs (at
     /// least 1, at most [`EmuConfig::max_io_queues`]), as a controller whose resources
     /// were taken (SR-IOV reassignment, firmware) answers after a reset.
@@ -3505,7 +3588,7 @@ impl EmulatedNvme {
             .shared()
             .namespaces
             .get(usize::try_from(nsid).ok()?.checked_sub(1)?)?;
-        if ns.ms == 0 || lba >= ns.blocks {
+        if ns.ms == 0 || lba >= ns.blocks() {
             return None;
         }
         let meta = ns.meta.lock();

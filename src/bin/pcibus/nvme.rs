@@ -490,7 +490,7 @@ fn write_identify(out: &mut impl Write, c: &Controller<VfioBacking>) -> Result<(
     if !id.subnqn.is_empty() {
         writeln!(out, "  subsystem      {}", id.subnqn)?;
     }
-    for n in c.namespaces() {
+    for n in c.namespaces().iter() {
         let mut extra = String::new();
         if n.metadata_size > 0 {
             extra = format!(

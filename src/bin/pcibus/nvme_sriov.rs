@@ -553,7 +553,8 @@ fn verify(
 fn io_one(c: &Controller<VfioBacking>, q: &mut Queue, run: u64, index: usize, bytes: u64) -> IoResult {
     let mut r = IoResult::default();
     let attempt = (|| -> Result<(), String> {
-        let ns = c.namespaces().first().ok_or("the controller has no namespace")?;
+        let namespaces = c.namespaces();
+        let ns = namespaces.first().ok_or("the controller has no namespace")?;
         let bs = u64::from(ns.block_size);
         let base = range_of(index, bytes);
         r.nsid = ns.nsid;

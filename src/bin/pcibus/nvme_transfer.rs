@@ -66,7 +66,7 @@ fn transfer<B: DeviceBacking>(
         if q.outstanding() == 0 && (failed.is_some() || pending.peek().is_none()) {
             break;
         }
-        let n = q.poll(|at, r| {
+        let polled = q.poll(|at, r| {
             if let Err(e) = r
                 && failed.is_none()
             {
@@ -78,7 +78,15 @@ fn transfer<B: DeviceBacking>(
                     e => e,
                 });
             }
-        })?;
+        });
+        let n = match polled {
+            // The controller's recovery backs off: its reset ends what is outstanding.
+            Err(NvmeError::RecoveryPending { retry_in, .. }) => {
+                std::thread::sleep(retry_in.min(Duration::from_millis(10)));
+                continue;
+            }
+            other => other?,
+        };
         // Spin while completions come; yield the CPU when they do not for a while.
         if n > 0 {
             idle_since = None;

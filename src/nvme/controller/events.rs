@@ -100,9 +100,9 @@ impl AsyncEvent {
     }
 
     /// The namespaces of the Changed Namespace List read with the event (log page 04h):
-    /// namespaces whose attributes, capacity or attachment changed. [`Controller`]'s
-    /// namespace list stays as bring-up found it; a list of one 0xffff_ffff means more
-    /// than 1,024 changed.
+    /// namespaces whose attributes, capacity or attachment changed; a list of one
+    /// 0xffff_ffff means more than 1,024 changed. [`Controller::namespaces`] has followed
+    /// the change by the time the callback hears of it.
     pub fn changed_namespaces(&self) -> Option<Vec<u32>> {
         let log = self
             .log
@@ -322,8 +322,11 @@ impl<B: DeviceBacking> Controller<B> {
     /// event, SMART / Health for a health event), sends a new request in place of the one
     /// that completed, and calls the callback with the event and the page's bytes, on the
     /// calling thread, holding no lock of the driver: the callback may run admin commands
-    /// of its own. The namespace list of the controller stays as bring-up found it; the
-    /// event names the namespaces that changed.
+    /// of its own. For a Namespace Attribute Changed event, before the callback, the
+    /// namespaces named in the Changed Namespace List are identified again and
+    /// [`namespaces`](Self::namespaces) follows: a namespace no longer active leaves it
+    /// (I/O to it then fails before reaching the controller), one attached joins it, one
+    /// resized has its new size.
     pub fn on_async_event(
         &self,
         callback: impl Fn(AsyncEvent) + Send + Sync + 'static,
@@ -370,7 +373,7 @@ impl<B: DeviceBacking> Controller<B> {
             let mut seen = false;
             while let Some(c) = a.ring.pop() {
                 seen = true;
-                a.harvest(c, shared.info.address);
+                a.harvest(c, shared.info.address, &shared.abort_answers);
             }
             let Some(regs) = a.regs.as_ref() else {
                 return Err(shared.revoked_error());
@@ -408,6 +411,21 @@ impl<B: DeviceBacking> Controller<B> {
                     .inspect_err(|e| log::warn!("{}: {info}: reading its log page: {e}", shared.info.address))
                     .ok()
             };
+            // Namespace Attribute Changed: the namespace list follows, before the callback
+            // hears of it.
+            if info.kind == AsyncEventType::Notice
+                && info.info == 0
+                && info.log_page == lid::CHANGED_NAMESPACES
+                && let Some(log) = &log
+            {
+                let changed = parse_changed_namespaces(log);
+                if let Err(e) = shared.refresh_namespaces(&changed) {
+                    if e.is_fatal() {
+                        return Err(e);
+                    }
+                    log::warn!("{}: updating the namespace list: {e}", shared.info.address);
+                }
+            }
             if !shared.shut_down.load(std::sync::atomic::Ordering::Acquire) {
                 shared.top_up_aers()?;
             }
