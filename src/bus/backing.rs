@@ -23,8 +23,8 @@ use std::os::fd::{AsFd, BorrowedFd};
 use std::sync::Arc;
 
 use crate::addr::PciAddress;
-use crate::bus::interrupt::{Interrupt, InterruptError, InterruptKind, check_count, new_interrupts};
 use crate::bus::bar::{BarInfo, DeviceRegion};
+use crate::bus::interrupt::{Interrupt, InterruptError, InterruptKind, check_count, new_interrupts};
 use crate::vfio::{DmaBuffer, DmaConstraints, DmaRegion, MappedBar, VfioDevice, VfioError};
 
 // The Command register and the bits of it the bus sets.

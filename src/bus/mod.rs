@@ -27,8 +27,8 @@ pub mod probe;
 
 pub use attach::{Attach, AttachError, Attached, BindPolicy, Release, VfioAttach};
 pub use backing::{BackingError, DeviceBacking, DmaMemory, MapDmaError, RegisterIo, VfioBacking};
-pub use dma::{DmaBlock, DmaConstraints, DmaPool, DmaPoolOptions};
 pub use bar::{BarInfo, BarKind, DeviceRegion};
+pub use dma::{DmaBlock, DmaConstraints, DmaPool, DmaPoolOptions};
 pub use driver::{Driver, DriverError, DriverPanicked, ProbeDevice, ProbeOutcome, Removal, RemovalCause};
 pub use fault::{BarFault, FaultReason};
 pub use interrupt::{Interrupt, InterruptError, InterruptKind};

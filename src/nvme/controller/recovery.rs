@@ -118,14 +118,14 @@ impl<B: DeviceBacking> Shared<B> {
         }
     }
 
-    /// [`NvmeError::Failed`] once the controller was declared failed.
-    #[inline]
     /// Whether recovery gave up (one load: for the I/O path's fast check).
     #[inline]
     pub(crate) fn is_failed(&self) -> bool {
         self.failed.load(Ordering::Acquire)
     }
 
+    /// [`NvmeError::Failed`] once the controller was declared failed.
+    #[inline]
     pub(crate) fn failed_error(&self) -> Option<NvmeError> {
         if !self.failed.load(Ordering::Acquire) {
             return None;

@@ -15,7 +15,6 @@
 //! list page is cleared, so a command that moves more than the region finds null entries
 //! rather than stale addresses of earlier commands.
 
-
 use super::{Buffer, IoCompletion, IoQueue, NO_HOLD, Op, Plan, Request, Rest, UNSTAMPED, prps_pieces};
 use crate::bus::backing::{DeviceBacking, DmaMemory};
 use crate::nvme::NvmeError;
