@@ -238,6 +238,30 @@ fn a_command_that_never_completes_times_out_and_is_aborted() {
 }
 
 #[test]
+fn a_controller_without_bus_mastering_does_no_dma_and_says_so() {
+    // As a real function: with Bus Master Enable off no command is fetched and no
+    // completion posted, and the emulator counts (and logs) every attempt rather than
+    // quietly moving data (issue 16 §4: an outside driver's DMA silently read zeros).
+    let e = emu(EmuConfig::default());
+    let options = Options {
+        // The Abort and the reset's admin commands cannot run either: do not wait long.
+        admin_timeout: Duration::from_millis(500),
+        ..short_io_timeout()
+    };
+    let c = Controller::init(e.clone(), &options).unwrap();
+    let mut q = c.io_queue(4).unwrap();
+    let buf = buf_of(&c);
+    e.set_bus_master(false).unwrap();
+    assert!(!e.bus_master().unwrap());
+    let err = q.read(1, 0, 1, &buf, 0).unwrap_err();
+    assert!(matches!(err, NvmeError::Timeout { .. }), "{err}");
+    let stats = e.stats();
+    assert_eq!(stats.io(io::READ), 0, "no command fetched without bus mastering");
+    assert!(stats.dma_without_bus_master > 0, "{stats:?}");
+    assert_eq!(stats.bad_dma, 0);
+}
+
+#[test]
 fn a_command_that_cannot_be_aborted_resets_the_controller() {
     let e = emu(EmuConfig::default());
     // The Abort never answered is given the admin timeout before the reset.

@@ -676,6 +676,11 @@ pub struct EmuStats {
     pub late_dma: u64,
     /// I/O commands taken whose data pointer was an SGL (PSDT 01b), valid or not.
     pub sgl_commands: u64,
+    /// DMA the controller attempted while Bus Master Enable was off in its Command
+    /// register: refused, as a real function's memory requests never leave it then (the
+    /// command fails with Data Transfer Error; queues are not fetched or posted). Logged
+    /// as an error: a driver that forgot bus mastering sees this instead of silence.
+    pub dma_without_bus_master: u64,
     /// Times the controller was enabled (CC.EN 0 → 1): bring-up, then once per reset.
     pub enables: u64,
 }
@@ -706,6 +711,7 @@ struct Counters {
     aborts_over_limit: AtomicU64,
     late_dma: AtomicU64,
     sgl_commands: AtomicU64,
+    dma_without_bus_master: AtomicU64,
     enables: AtomicU64,
 }
 
@@ -730,6 +736,7 @@ impl Counters {
             aborts_over_limit: AtomicU64::new(0),
             late_dma: AtomicU64::new(0),
             sgl_commands: AtomicU64::new(0),
+            dma_without_bus_master: AtomicU64::new(0),
             enables: AtomicU64::new(0),
         }
     }
@@ -762,6 +769,7 @@ impl Counters {
             aborts_over_limit: load(&self.aborts_over_limit),
             late_dma: load(&self.late_dma),
             sgl_commands: load(&self.sgl_commands),
+            dma_without_bus_master: load(&self.dma_without_bus_master),
             enables: load(&self.enables),
         }
     }
@@ -973,6 +981,8 @@ struct Shared {
     logs: logs::LogState,
     irqs: RwLock<Vec<OwnedFd>>,
     config_space: Mutex<Vec<u8>>,
+    // Bus Master Enable, as last written to the Command register (read on every DMA).
+    bus_master: AtomicBool,
     sriov: Mutex<Option<SriovState>>,
     counters: Counters,
 }
@@ -1045,6 +1055,7 @@ impl Shared {
             error_events_masked: AtomicBool::new(false),
             logs: logs::LogState::new(),
             irqs: RwLock::new(Vec::new()),
+            bus_master: AtomicBool::new(command_master(&config)),
             config_space: Mutex::new(config),
             sriov: Mutex::new(sriov),
             counters: Counters::new(),
@@ -1738,6 +1749,14 @@ impl Engine {
 
     fn round(&mut self) -> bool {
         let mut progressed = false;
+        if !self.shared.bus_master.load(Ordering::Acquire) {
+            // No command fetch, no completion post: every one is a memory access. Work left
+            // in a queue is counted once per round that finds it.
+            if self.has_work() {
+                self.bus_master_on(0, 0);
+            }
+            return false;
+        }
         if self.shared.release.swap(false, Ordering::AcqRel) {
             progressed |= self.release_stalled();
         }
@@ -2215,11 +2234,34 @@ impl Engine {
         Some((buf, off))
     }
 
-    fn push_seg(&mut self, out: &mut Vec<Seg>, iova: u64, len: usize) -> Result<(), Status> {
-        let Some((buf, off)) = self.resolve(iova, len) else {
-            bump(&self.shared.counters.bad_dma);
+    // The buffer behind a DMA transfer, or why there is none: Bus Master Enable off (the
+    // request never leaves the function), or no live buffer there (`bad_dma`).
+    fn dma_target(&mut self, iova: u64, len: usize) -> Result<(Arc<DmaBuffer>, usize), Status> {
+        if !self.bus_master_on(iova, len) {
             return Err(Status::DATA_TRANSFER_ERROR);
-        };
+        }
+        self.resolve(iova, len).ok_or_else(|| {
+            bump(&self.shared.counters.bad_dma);
+            Status::DATA_TRANSFER_ERROR
+        })
+    }
+
+    // Whether the function may master the bus now; counted and logged when not.
+    fn bus_master_on(&self, iova: u64, len: usize) -> bool {
+        if self.shared.bus_master.load(Ordering::Acquire) {
+            return true;
+        }
+        bump(&self.shared.counters.dma_without_bus_master);
+        log::error!(
+            "emulated NVMe {}: DMA of {len} bytes at IOVA {iova:#x} with Bus Master Enable off: refused (a real \
+             device's would never reach memory; turn bus mastering on: DeviceBacking::set_bus_master)",
+            self.shared.cfg.address
+        );
+        false
+    }
+
+    fn push_seg(&mut self, out: &mut Vec<Seg>, iova: u64, len: usize) -> Result<(), Status> {
+        let (buf, off) = self.dma_target(iova, len)?;
         if let Some(last) = out.last_mut()
             && Arc::ptr_eq(&last.buf, &buf)
             && last.off + last.len == off
@@ -2266,10 +2308,7 @@ impl Engine {
                 (room - 1, true)
             };
             let entries = count + usize::from(chain);
-            let Some((buf, off)) = self.resolve(list, entries * 8) else {
-                bump(&self.shared.counters.bad_dma);
-                return Err(Status::DATA_TRANSFER_ERROR);
-            };
+            let (buf, off) = self.dma_target(list, entries * 8)?;
             for i in 0..count {
                 let entry = u64::from_le(buf.read::<u64>(off + 8 * i).unwrap_or(u64::MAX));
                 if !entry.is_multiple_of(PAGE_U64) {
@@ -2341,10 +2380,7 @@ impl Engine {
             if walked > MAX_DESCRIPTORS {
                 return Err(Status::INVALID_SGL_DESCRIPTOR_COUNT);
             }
-            let Some((buf, off)) = self.resolve(addr, slen) else {
-                bump(&self.shared.counters.bad_dma);
-                return Err(Status::DATA_TRANSFER_ERROR);
-            };
+            let (buf, off) = self.dma_target(addr, slen)?;
             let mut list = vec![0u8; slen];
             buf.read_at(off, &mut list);
             for (i, d) in list.chunks_exact(DESCRIPTOR_SIZE).enumerate() {
@@ -3061,13 +3097,7 @@ impl Engine {
         if !mptr.is_multiple_of(4) {
             return Err(Status::INVALID_FIELD);
         }
-        match self.resolve(mptr, len) {
-            Some(r) => Ok(r),
-            None => {
-                bump(&self.shared.counters.bad_dma);
-                Err(Status::DATA_TRANSFER_ERROR)
-            }
-        }
+        self.dma_target(mptr, len)
     }
 
     fn dataset_management(&mut self, cmd: &Command) -> Outcome {
@@ -3764,6 +3794,11 @@ fn first_fit(table: &BTreeMap<u64, DmaEntry>, len: u64) -> u64 {
     at
 }
 
+// Bus Master Enable (bit 2 of the Command register at 0x04) in config space bytes.
+fn command_master(config: &[u8]) -> bool {
+    config.get(4).is_some_and(|c| c & 0x04 != 0)
+}
+
 fn config_range(
     address: PciAddress,
     offset: u64,
@@ -3867,7 +3902,9 @@ impl DeviceBacking for EmulatedNvme {
     fn write_config(&self, offset: u64, buf: &[u8]) -> Result<(), BackingError> {
         let range = config_range(self.address(), offset, buf.len())?;
         if !self.shared().gone() {
-            self.shared().config_space.lock()[range].copy_from_slice(buf);
+            let mut config = self.shared().config_space.lock();
+            config[range].copy_from_slice(buf);
+            self.shared().bus_master.store(command_master(&config), Ordering::Release);
         }
         Ok(())
     }
