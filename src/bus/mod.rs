@@ -32,6 +32,7 @@ pub use dma::{DmaBlock, DmaConstraints, DmaPool, DmaPoolOptions};
 pub use driver::{Driver, DriverError, DriverPanicked, ProbeDevice, ProbeOutcome, Removal, RemovalCause};
 pub use fault::{BarFault, FaultReason};
 pub use interrupt::{Interrupt, InterruptError, InterruptKind};
+pub use crate::vfio::reset::{HotResetDevice, HotResetInfo, HotResetOwner, ResetInfo, ResetMethod};
 pub use probe::{
     Bus, BusError, BusEvent, FaultReport, ProbeError, ProbeReport, ReleasedReport, RemovedReport,
 };
