@@ -24,6 +24,7 @@ pub mod id;
 pub mod interrupt;
 pub mod map;
 pub mod probe;
+mod reset;
 
 pub use attach::{Attach, AttachError, Attached, BindPolicy, Release, VfioAttach};
 pub use backing::{BackingError, DeviceBacking, DmaMemory, MapDmaError, RegisterIo, VfioBacking};

@@ -1509,17 +1509,11 @@ fn panicked(
 }
 
 // A reset between two drivers' probes of a device; then DMA on again, as before the first.
+// The log says the method, or why there was none (`super::reset`).
 fn reset_between_probes<B: DeviceBacking>(address: PciAddress, backing: &B) {
-    match backing.reset() {
-        Ok(()) => {
-            if let Err(e) = backing.set_bus_master(true) {
-                log::warn!("{address}: turning bus mastering on after the reset failed: {e}");
-            }
-        }
-        Err(e) => log::warn!(
-            "{address}: could not reset it before offering it to the next driver (it gets the device as \
-             the last one left it): {e}"
-        ),
+    match super::reset::reset_for_next_driver(address, backing) {
+        Ok(done) => log::info!("{done}"),
+        Err(why) => log::warn!("{why}"),
     }
 }
 
