@@ -19,6 +19,7 @@ pub use crate::removal::claim;
 pub mod devargs;
 pub mod dma;
 pub mod driver;
+pub mod errors;
 pub mod fault;
 pub mod id;
 pub mod interrupt;
@@ -31,6 +32,7 @@ pub use backing::{BackingError, DeviceBacking, DmaMemory, MapDmaError, RegisterI
 pub use bar::{BarInfo, BarKind, DeviceRegion};
 pub use dma::{DmaBlock, DmaConstraints, DmaPool, DmaPoolOptions};
 pub use driver::{Driver, DriverError, DriverPanicked, ProbeDevice, ProbeOutcome, Removal, RemovalCause};
+pub use errors::{ErrorAction, ErrorEvent, ErrorReport};
 pub use fault::{BarFault, FaultReason};
 pub use interrupt::{Interrupt, InterruptError, InterruptKind};
 pub use crate::vfio::reset::{HotResetDevice, HotResetInfo, HotResetOwner, ResetInfo, ResetMethod};
