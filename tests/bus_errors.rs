@@ -68,7 +68,8 @@ fn bus(answer: ErrorAction) -> (FakeSysfs, FakeAttach, Bus<FakeAttach>, Arc<Mute
     let fake = qemu();
     let map = DeviceMap::new(Scanner::new(SysfsRoot::new(fake.root())).no_claims()).unwrap();
     let attach = FakeAttach::new();
-    let mut bus = Bus::new(map, attach.clone()).selection(pcibus::bus::devargs::Selection::from_args([("-a", PF)]).unwrap());
+    let mut bus = Bus::new(map, attach.clone())
+        .selection(pcibus::bus::devargs::Selection::from_args([("-a", PF)]).unwrap());
     let seen = Arc::new(Mutex::new(Seen::default()));
     bus.register(Box::new(Nvme {
         table: [IdEntry::class(0x01_08_02, CLASS_EXACT)],
@@ -76,7 +77,10 @@ fn bus(answer: ErrorAction) -> (FakeSysfs, FakeAttach, Bus<FakeAttach>, Arc<Mute
         seen: Arc::clone(&seen),
     }));
     let reports = bus.probe_all();
-    assert!(reports.iter().any(|r| r.address == addr(PF) && r.result.is_ok()), "{reports:?}");
+    assert!(
+        reports.iter().any(|r| r.address == addr(PF) && r.result.is_ok()),
+        "{reports:?}"
+    );
     (fake, attach, bus, seen)
 }
 
@@ -85,7 +89,10 @@ fn an_error_is_told_to_the_driver_which_keeps_the_device_by_default() {
     let (_fake, attach, mut bus, seen) = bus(ErrorAction::Keep);
     let fds_before = bus.fds().len();
     let device = attach.device(addr(PF)).unwrap();
-    assert!(device.raise_error(), "the bus routed the device's error notification");
+    assert!(
+        device.raise_error(),
+        "the bus routed the device's error notification"
+    );
     assert!(device.raise_error());
     drop(device);
     let events = bus.poll();
@@ -112,13 +119,19 @@ fn the_error_eventfd_wakes_an_event_loop() {
         std::os::fd::AsFd::as_fd(&fd),
         nix::poll::PollFlags::POLLIN,
     )];
-    assert_eq!(nix::poll::poll(&mut fds, nix::poll::PollTimeout::ZERO).unwrap(), 0);
+    assert_eq!(
+        nix::poll::poll(&mut fds, nix::poll::PollTimeout::ZERO).unwrap(),
+        0
+    );
     device.raise_error();
     let mut fds = [nix::poll::PollFd::new(
         std::os::fd::AsFd::as_fd(&fd),
         nix::poll::PollFlags::POLLIN,
     )];
-    assert_eq!(nix::poll::poll(&mut fds, nix::poll::PollTimeout::ZERO).unwrap(), 1);
+    assert_eq!(
+        nix::poll::poll(&mut fds, nix::poll::PollTimeout::ZERO).unwrap(),
+        1
+    );
     drop(device);
     assert!(matches!(bus.poll().as_slice(), [BusEvent::Error(_)]));
 }
@@ -136,10 +149,18 @@ fn a_driver_that_gives_the_device_up_has_it_removed() {
     assert_eq!(e.action, ErrorAction::Remove);
     assert_eq!(r.cause, RemovalCause::Error);
     assert_eq!(r.leaked, 0);
-    let removed: Vec<_> = seen.lock().removed.iter().map(|r| (r.address, r.cause.clone())).collect();
+    let removed: Vec<_> = seen
+        .lock()
+        .removed
+        .iter()
+        .map(|r| (r.address, r.cause.clone()))
+        .collect();
     assert_eq!(removed, vec![(addr(PF), RemovalCause::Error)]);
     assert!(bus.held().is_empty());
-    assert!(bus.fds().is_empty(), "no error eventfd of a device the bus let go");
+    assert!(
+        bus.fds().is_empty(),
+        "no error eventfd of a device the bus let go"
+    );
     assert!(
         attach
             .calls()
@@ -159,7 +180,8 @@ fn a_device_without_error_notification_is_not_watched() {
     let fake = qemu();
     let map = DeviceMap::new(Scanner::new(SysfsRoot::new(fake.root())).no_claims()).unwrap();
     let attach = FakeAttach::new();
-    let mut bus = Bus::new(map, attach.clone()).selection(pcibus::bus::devargs::Selection::from_args([("-a", PF)]).unwrap());
+    let mut bus = Bus::new(map, attach.clone())
+        .selection(pcibus::bus::devargs::Selection::from_args([("-a", PF)]).unwrap());
     let seen = Arc::new(Mutex::new(Seen::default()));
     struct NoErr(Nvme);
     impl Driver<FakeBacking> for NoErr {

@@ -860,7 +860,9 @@ impl DeviceBacking for VfioBacking {
         Ok(self.device.reset()?)
     }
     fn reset_info(&self) -> Result<ResetInfo, BackingError> {
-        Ok(self.device.reset_info(&crate::sysfs::scan::SysfsRoot::from_env())?)
+        Ok(self
+            .device
+            .reset_info(&crate::sysfs::scan::SysfsRoot::from_env())?)
     }
     fn hot_reset_info(&self) -> Result<HotResetInfo, BackingError> {
         Ok(self.device.hot_reset_info()?)

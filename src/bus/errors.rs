@@ -85,7 +85,13 @@ impl ErrorWatch {
     pub(crate) fn watch<B: DeviceBacking>(&mut self, address: PciAddress, backing: &B) {
         match backing.error_interrupt() {
             Ok(interrupt) => {
-                self.watched.insert(address, Watched { interrupt, pending: 0 });
+                self.watched.insert(
+                    address,
+                    Watched {
+                        interrupt,
+                        pending: 0,
+                    },
+                );
             }
             Err(e) => {
                 self.watched.remove(&address);

@@ -27,6 +27,7 @@ pub mod map;
 pub mod probe;
 mod reset;
 
+pub use crate::vfio::reset::{HotResetDevice, HotResetInfo, HotResetOwner, ResetInfo, ResetMethod};
 pub use attach::{Attach, AttachError, Attached, BindPolicy, Release, VfioAttach};
 pub use backing::{BackingError, DeviceBacking, DmaMemory, MapDmaError, RegisterIo, VfioBacking};
 pub use bar::{BarInfo, BarKind, DeviceRegion};
@@ -35,7 +36,6 @@ pub use driver::{Driver, DriverError, DriverPanicked, ProbeDevice, ProbeOutcome,
 pub use errors::{ErrorAction, ErrorEvent, ErrorReport};
 pub use fault::{BarFault, FaultReason};
 pub use interrupt::{Interrupt, InterruptError, InterruptKind};
-pub use crate::vfio::reset::{HotResetDevice, HotResetInfo, HotResetOwner, ResetInfo, ResetMethod};
 pub use probe::{
     Bus, BusError, BusEvent, FaultReport, ProbeError, ProbeReport, ReleasedReport, RemovedReport,
 };

@@ -1173,8 +1173,13 @@ impl<A: Attach> Bus<A> {
             let Some(driver) = slot.driver.as_mut() else {
                 continue;
             };
-            log::warn!("{address}: the device reported an error ({}x); telling driver {name}", event.count);
-            let answer = guarded(&name, "error_detected", address, || driver.error_detected(address, &event));
+            log::warn!(
+                "{address}: the device reported an error ({}x); telling driver {name}",
+                event.count
+            );
+            let answer = guarded(&name, "error_detected", address, || {
+                driver.error_detected(address, &event)
+            });
             let (action, panicked) = match answer {
                 Ok(action) => (action, None),
                 Err(p) => (ErrorAction::Keep, Some(p)),
@@ -1857,7 +1862,10 @@ mod tests {
             Vec::new(),
         )));
         assert_eq!(bus.probe_all().len(), 1);
-        assert!(bus.fds().len() == 2, "the request eventfd and the fault eventfd");
+        assert!(
+            bus.fds().len() == 3,
+            "the request eventfd, the fault eventfd and the device's error (AER) eventfd"
+        );
 
         let mut file = tempfile::tempfile().unwrap();
         file.write_all(&[0x5a; 8192]).unwrap();

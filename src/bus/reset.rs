@@ -13,9 +13,13 @@ use crate::vfio::reset::list;
 /// the first probe). Returns what to log: `Ok` what was done (with the method), `Err`
 /// why the device was not reset (no function reset, and what a bus reset would take
 /// with it; or the reset failed).
-pub(crate) fn reset_for_next_driver<B: DeviceBacking>(address: PciAddress, backing: &B) -> Result<String, String> {
+pub(crate) fn reset_for_next_driver<B: DeviceBacking>(
+    address: PciAddress,
+    backing: &B,
+) -> Result<String, String> {
     let info = backing.reset_info().ok();
-    let not_reset = "not reset before offering it to the next driver (it gets the device as the last one left it)";
+    let not_reset =
+        "not reset before offering it to the next driver (it gets the device as the last one left it)";
     if info.as_ref().is_some_and(|i| !i.function_reset) {
         let bus = match backing.hot_reset_info() {
             Ok(hot) => match hot.others(address).as_slice() {
@@ -38,9 +42,13 @@ pub(crate) fn reset_for_next_driver<B: DeviceBacking>(address: PciAddress, backi
             if let Err(e) = backing.set_bus_master(true) {
                 log::warn!("{address}: turning bus mastering on after the reset failed: {e}");
             }
-            Ok(format!("{address}: reset ({method}) before offering it to the next driver"))
+            Ok(format!(
+                "{address}: reset ({method}) before offering it to the next driver"
+            ))
         }
-        Err(e) => Err(format!("{address}: {not_reset}: its function reset ({method}) failed: {e}")),
+        Err(e) => Err(format!(
+            "{address}: {not_reset}: its function reset ({method}) failed: {e}"
+        )),
     }
 }
 
@@ -66,7 +74,10 @@ mod tests {
             Ok("0000:00:04.0: reset (by flr) before offering it to the next driver".to_owned())
         );
         assert_eq!(backing.resets(), 1);
-        assert!(backing.bus_master().unwrap(), "DMA on again, as before the first probe");
+        assert!(
+            backing.bus_master().unwrap(),
+            "DMA on again, as before the first probe"
+        );
         let (address, backing) = device(FakeReset::Bus);
         assert_eq!(
             reset_for_next_driver(address, &backing),
@@ -82,10 +93,12 @@ mod tests {
         });
         assert_eq!(
             reset_for_next_driver(address, &backing),
-            Err("0000:00:04.0: not reset before offering it to the next driver (it gets the device as the \
+            Err(
+                "0000:00:04.0: not reset before offering it to the next driver (it gets the device as the \
                  last one left it): it has no function reset; a bus reset would also reset 0000:00:05.0, \
                  so the bus does not do it"
-                .to_owned())
+                    .to_owned()
+            )
         );
         assert_eq!(backing.resets(), 0);
         assert_eq!(backing.hot_resets(), 0, "never a hot reset on its own");
@@ -124,7 +137,10 @@ mod tests {
         fn max_interrupts(&self) -> u32 {
             0
         }
-        fn route_interrupts(&self, _: &[std::os::fd::BorrowedFd<'_>]) -> Result<(), crate::bus::BackingError> {
+        fn route_interrupts(
+            &self,
+            _: &[std::os::fd::BorrowedFd<'_>],
+        ) -> Result<(), crate::bus::BackingError> {
             Ok(())
         }
         fn reset_info(&self) -> Result<crate::bus::ResetInfo, crate::bus::BackingError> {

@@ -141,7 +141,7 @@ struct Inner {
 
 /// How a [`FakeBacking`] can be reset (issue 16 §4): its [`DeviceBacking::reset_info`],
 /// whether [`DeviceBacking::reset`] works, and what a hot reset would also reset.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 #[non_exhaustive]
 pub enum FakeReset {
     /// No function reset (QEMU's `edu`): `reset` fails with
@@ -151,16 +151,11 @@ pub enum FakeReset {
         also: Vec<PciAddress>,
     },
     /// Function Level Reset (QEMU's NVMe), the default; no bus reset.
+    #[default]
     Flr,
     /// The kernel's `bus` method: the function is alone on its bus, so a secondary bus
     /// reset is its function reset.
     Bus,
-}
-
-impl Default for FakeReset {
-    fn default() -> Self {
-        FakeReset::Flr
-    }
 }
 
 /// One routed vector of the interrupt model.

@@ -19,7 +19,12 @@ fn owner(o: HotResetOwner) -> Value {
 }
 
 // Everything gathered as JSON first, so text and JSON agree.
-pub(super) fn vfio_reset(root: &SysfsRoot, address: PciAddress, hot: bool, dry_run: bool) -> Result<Value, Error> {
+pub(super) fn vfio_reset(
+    root: &SysfsRoot,
+    address: PciAddress,
+    hot: bool,
+    dry_run: bool,
+) -> Result<Value, Error> {
     use pcibus::vfio::{self, VfioDevice};
     // Claimed first, as `vfio info`: opening the device resets it (if it can).
     let claim = ClaimDir::for_claiming().claim(address, &ClaimInfo::new())?;
@@ -78,7 +83,12 @@ pub(super) fn write_vfio_reset(out: &mut impl Write, v: &Value) -> io::Result<()
     }
     if let Some(devices) = v["hot_reset"]["devices"].as_array() {
         for d in devices {
-            writeln!(out, "  hot reset affects {} ({})", d["address"].as_str().unwrap_or("?"), d["owner"])?;
+            writeln!(
+                out,
+                "  hot reset affects {} ({})",
+                d["address"].as_str().unwrap_or("?"),
+                d["owner"]
+            )?;
         }
     }
     match (&v["reset"]["done"], &v["reset"]["error"]) {
