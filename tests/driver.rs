@@ -508,7 +508,11 @@ fn a_request_takes_the_device_back_through_the_claim_and_holds_it_off() {
     bus.register(Box::new(driver));
     bus.probe_all();
     assert!(bus.poll().is_empty(), "nothing fired yet");
-    assert_eq!(bus.fds().len(), 1, "the request eventfd of the one held device");
+    assert_eq!(
+        bus.fds().len(),
+        2,
+        "the request eventfd and the error (AER) eventfd of the one held device"
+    );
 
     assert!(attach.request_removal(addr(PF)));
     let events = bus.wait(None, Duration::from_secs(5)).unwrap();

@@ -25,6 +25,7 @@ use std::sync::Arc;
 use crate::addr::PciAddress;
 use crate::bus::bar::{BarInfo, DeviceRegion};
 use crate::bus::interrupt::{Interrupt, InterruptError, InterruptKind, check_count, new_interrupts};
+use crate::vfio::reset::{HotResetInfo, ResetInfo};
 use crate::vfio::{DmaBuffer, DmaConstraints, DmaRegion, MappedBar, VfioDevice, VfioError};
 
 // The Command register and the bits of it the bus sets.
@@ -316,7 +317,8 @@ pub trait DeviceBacking: Clone + Send + Sync + fmt::Debug + 'static {
             operation: "error_interrupt",
         })
     }
-    /// A function-level reset.
+    /// A function-level reset, by the method the kernel has for the device
+    /// ([`reset_info`](Self::reset_info)); fails when it has none.
     fn reset(&self) -> Result<(), BackingError>;
     /// How many handles to the device exist besides this one (clones, mapped BARs). The
     /// bus calls it on its own handle after [`Driver::remove`](super::driver::Driver::remove)
@@ -491,6 +493,41 @@ pub trait DeviceBacking: Clone + Send + Sync + fmt::Debug + 'static {
         Err(BackingError::Unsupported {
             address: self.address(),
             operation: "write_region",
+        })
+    }
+
+    // --- Resets (issue 16 §4; see crate::vfio::reset) ---
+
+    /// Whether [`reset`](Self::reset) can work, and which method the kernel uses for it
+    /// ([`ResetInfo`]). For VFIO, `VFIO_DEVICE_FLAGS_RESET` and sysfs `reset_method`
+    /// (which takes no device lock). Default: [`BackingError::Unsupported`].
+    fn reset_info(&self) -> Result<ResetInfo, BackingError> {
+        Err(BackingError::Unsupported {
+            address: self.address(),
+            operation: "reset_info",
+        })
+    }
+    /// The devices a bus or slot hot reset of this device would reset (itself included),
+    /// with their groups or iommufd device ids ([`HotResetInfo`]). For VFIO,
+    /// `VFIO_DEVICE_GET_PCI_HOT_RESET_INFO`; a device the kernel cannot hot reset is
+    /// [`VfioError::NoHotReset`]. Default: [`BackingError::Unsupported`].
+    fn hot_reset_info(&self) -> Result<HotResetInfo, BackingError> {
+        Err(BackingError::Unsupported {
+            address: self.address(),
+            operation: "hot_reset_info",
+        })
+    }
+    /// A bus or slot hot reset: resets this device and every other device
+    /// [`hot_reset_info`](Self::hot_reset_info) lists, and returns that list. Only when
+    /// this process holds all of them (for VFIO: their groups open in the device's
+    /// container, or bound to its iommufd); otherwise an error names the ones it does not
+    /// hold ([`VfioError::HotResetNotHeld`]). The state of every affected device is lost:
+    /// for a device held by another driver, that driver must be told. The bus never does
+    /// this on its own. Default: [`BackingError::Unsupported`].
+    fn hot_reset(&self) -> Result<HotResetInfo, BackingError> {
+        Err(BackingError::Unsupported {
+            address: self.address(),
+            operation: "hot_reset",
         })
     }
 }
@@ -821,6 +858,17 @@ impl DeviceBacking for VfioBacking {
     }
     fn reset(&self) -> Result<(), BackingError> {
         Ok(self.device.reset()?)
+    }
+    fn reset_info(&self) -> Result<ResetInfo, BackingError> {
+        Ok(self
+            .device
+            .reset_info(&crate::sysfs::scan::SysfsRoot::from_env())?)
+    }
+    fn hot_reset_info(&self) -> Result<HotResetInfo, BackingError> {
+        Ok(self.device.hot_reset_info()?)
+    }
+    fn hot_reset(&self) -> Result<HotResetInfo, BackingError> {
+        Ok(self.device.hot_reset()?)
     }
     fn extra_handles(&self) -> usize {
         Arc::strong_count(&self.device).saturating_sub(1)

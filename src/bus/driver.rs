@@ -43,6 +43,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use super::backing::DeviceBacking;
 use super::devargs::DevArg;
+use super::errors::{ErrorAction, ErrorEvent};
 use super::fault::BarFault;
 use super::id::IdEntry;
 use crate::addr::PciAddress;
@@ -131,6 +132,28 @@ pub trait Driver<B: DeviceBacking>: Any + Send {
     fn probe_again(&self) -> bool {
         false
     }
+
+    /// The device reported an error (PCI Express AER, through VFIO's ERR eventfd, which
+    /// the bus watches for every device it holds that has one: see
+    /// [`super::errors`]). Answer whether to keep the device ([`ErrorAction::Keep`], the
+    /// default: recover it as the driver sees fit, for example by a
+    /// [`DeviceBacking::reset`]) or to give it up ([`ErrorAction::Remove`]: then
+    /// [`remove`](Self::remove) follows with [`RemovalCause::Error`]). The bus reports it
+    /// either way ([`BusEvent::Error`](super::BusEvent::Error)).
+    fn error_detected(&mut self, address: PciAddress, event: &ErrorEvent) -> ErrorAction {
+        let _ = (address, event);
+        ErrorAction::Keep
+    }
+
+    /// Asked before the bus changes the number of VFs of `pf`, a PF this driver holds, to
+    /// `num_vfs` ([`Bus::set_vfs`](super::Bus::set_vfs); 0: the VFs are to be
+    /// destroyed): an error refuses the change, and nothing is done. A driver that must
+    /// set the device up for its VFs (resources, as NVMe's Virtualization Management)
+    /// does it here. Default: agree.
+    fn sriov_configure(&mut self, pf: PciAddress, num_vfs: u16) -> Result<(), DriverError> {
+        let _ = (pf, num_vfs);
+        Ok(())
+    }
 }
 
 /// What [`Driver::probe`] receives: the device's scan record, its devargs, the id entry
@@ -194,13 +217,16 @@ pub enum RemovalCause {
     /// The application detached it ([`Bus::detach`](super::Bus::detach), or the bus was
     /// dropped).
     Detach,
+    /// The device reported an error and its driver gave it up
+    /// ([`ErrorAction::Remove`]). Released as by a detach: its binding is restored.
+    Error,
 }
 
 impl RemovalCause {
     /// Whether the device is going away (anything but an orderly detach): its binding is
     /// left alone then, and the claim says "releasing" while the driver lets go.
     pub fn is_removal(&self) -> bool {
-        !matches!(self, RemovalCause::Detach)
+        !matches!(self, RemovalCause::Detach | RemovalCause::Error)
     }
 }
 
@@ -211,6 +237,7 @@ impl fmt::Display for RemovalCause {
             RemovalCause::Uevent(action) => write!(f, "{action} uevent"),
             RemovalCause::Fault => f.write_str("BAR access fault"),
             RemovalCause::Detach => f.write_str("detached"),
+            RemovalCause::Error => f.write_str("device error: its driver gave it up"),
         }
     }
 }

@@ -19,17 +19,21 @@ pub use crate::removal::claim;
 pub mod devargs;
 pub mod dma;
 pub mod driver;
+pub mod errors;
 pub mod fault;
 pub mod id;
 pub mod interrupt;
 pub mod map;
 pub mod probe;
+mod reset;
 
+pub use crate::vfio::reset::{HotResetDevice, HotResetInfo, HotResetOwner, ResetInfo, ResetMethod};
 pub use attach::{Attach, AttachError, Attached, BindPolicy, Release, VfioAttach};
 pub use backing::{BackingError, DeviceBacking, DmaMemory, MapDmaError, RegisterIo, VfioBacking};
 pub use bar::{BarInfo, BarKind, DeviceRegion};
 pub use dma::{DmaBlock, DmaConstraints, DmaPool, DmaPoolOptions};
 pub use driver::{Driver, DriverError, DriverPanicked, ProbeDevice, ProbeOutcome, Removal, RemovalCause};
+pub use errors::{ErrorAction, ErrorEvent, ErrorReport};
 pub use fault::{BarFault, FaultReason};
 pub use interrupt::{Interrupt, InterruptError, InterruptKind};
 pub use probe::{

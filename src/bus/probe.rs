@@ -58,6 +58,7 @@ use super::attach::{Attach, AttachError, Attached, Release};
 use super::backing::DeviceBacking;
 use super::devargs::Selection;
 use super::driver::{Driver, DriverError, DriverPanicked, ProbeOutcome, Removal, RemovalCause};
+use super::errors::{ErrorAction, ErrorReport, ErrorWatch};
 use super::fault::{BarFault, FaultFacts, FaultReason, is_d3hot};
 use super::id::first_match;
 use super::map::{Change, DeviceMap};
@@ -245,6 +246,12 @@ pub enum BusEvent {
     /// D3hot or not decoding memory: not a removal; the driver was told (unless it was
     /// probing) and keeps it.
     Fault(FaultReport),
+    /// A held device reported an error (AER); its driver was told
+    /// ([`Driver::error_detected`]) and answered. For [`ErrorAction::Remove`] a
+    /// [`Removed`](Self::Removed) follows.
+    ///
+    /// [`ErrorAction::Remove`]: super::errors::ErrorAction::Remove
+    Error(ErrorReport),
     /// An event changed the device map.
     Map(Change),
     /// Uevents were lost; the map was rebuilt by a full scan, with these changes.
@@ -278,6 +285,11 @@ impl fmt::Display for BusEvent {
                 f,
                 "{}: BAR{} of {} faulted ({}): not a removal",
                 r.fault.address, r.fault.region, r.driver, r.fault.reason
+            ),
+            BusEvent::Error(r) => write!(
+                f,
+                "{}: reported an error ({}x); driver {} answered {:?}",
+                r.event.address, r.event.count, r.driver, r.action
             ),
             BusEvent::Map(c) => write!(f, "map: {c:?}"),
             BusEvent::Resynced(c) => write!(f, "uevents lost: rescanned, {} changes", c.len()),
@@ -440,6 +452,8 @@ pub struct Bus<A: Attach> {
     deferred: Vec<Deferred>,
     // The one fd for event loops, once asked for (`event_fd`).
     ready: Option<ReadyFd>,
+    // The error (AER) eventfds of held devices (`super::errors`).
+    errors: ErrorWatch,
 }
 
 impl<A: Attach> fmt::Debug for Bus<A> {
@@ -480,6 +494,7 @@ impl<A: Attach> Bus<A> {
             queued: Vec::new(),
             deferred: Vec::new(),
             ready: None,
+            errors: ErrorWatch::default(),
         }
         .subscribed()
     }
@@ -720,6 +735,7 @@ impl<A: Attach> Bus<A> {
                     {
                         log::warn!("{address}: could not name driver {name} in the claim: {e}");
                     }
+                    self.errors.watch(address, &attached.backing);
                     self.held.insert(
                         address,
                         Held {
@@ -1135,8 +1151,49 @@ impl<A: Attach> Bus<A> {
         {
             self.take_offered(p, RemovalCause::Request);
         }
-        self.poll_faults(probing, events);
+        self.poll_faults(probing.as_deref_mut(), events);
+        self.poll_errors(probing, events);
         self.poll_parked(events);
+    }
+
+    // Tells drivers of their devices' errors (AER) and does what they answer; a driver
+    // away probing is told when it is back (`super::errors`).
+    fn poll_errors(&mut self, mut probing: Option<&mut Probing<'_, A::Backing>>, events: &mut Vec<BusEvent>) {
+        let held = &self.held;
+        self.errors.retain(|a| held.contains_key(&a));
+        let (drivers, held) = (&self.drivers, &self.held);
+        let away = |a: PciAddress| held.get(&a).is_none_or(|h| drivers[h.driver].driver.is_none());
+        for event in self.errors.take(away) {
+            let address = event.address;
+            let Some(index) = self.held.get(&address).map(|h| h.driver) else {
+                continue;
+            };
+            let slot = &mut self.drivers[index];
+            let name = slot.name.clone();
+            let Some(driver) = slot.driver.as_mut() else {
+                continue;
+            };
+            log::warn!(
+                "{address}: the device reported an error ({}x); telling driver {name}",
+                event.count
+            );
+            let answer = guarded(&name, "error_detected", address, || {
+                driver.error_detected(address, &event)
+            });
+            let (action, panicked) = match answer {
+                Ok(action) => (action, None),
+                Err(p) => (ErrorAction::Keep, Some(p)),
+            };
+            events.push(BusEvent::Error(ErrorReport {
+                event,
+                driver: name,
+                action,
+                panicked,
+            }));
+            if action == ErrorAction::Remove {
+                self.take_for(address, RemovalCause::Error, probing.as_deref_mut(), events);
+            }
+        }
     }
 
     // Takes back the held devices whose BARs faulted, and the device being offered to the
@@ -1348,6 +1405,7 @@ impl<A: Attach> Bus<A> {
             .filter_map(|h| h.attached.request_fd())
             .chain(self.parked.values().filter_map(|p| p.attached.request_fd()))
             .chain(self.faults.as_ref().map(|s| s.as_fd()))
+            .chain(self.errors.fds(|a| self.held.contains_key(&a)))
             .collect()
     }
 
@@ -1509,17 +1567,11 @@ fn panicked(
 }
 
 // A reset between two drivers' probes of a device; then DMA on again, as before the first.
+// The log says the method, or why there was none (`super::reset`).
 fn reset_between_probes<B: DeviceBacking>(address: PciAddress, backing: &B) {
-    match backing.reset() {
-        Ok(()) => {
-            if let Err(e) = backing.set_bus_master(true) {
-                log::warn!("{address}: turning bus mastering on after the reset failed: {e}");
-            }
-        }
-        Err(e) => log::warn!(
-            "{address}: could not reset it before offering it to the next driver (it gets the device as \
-             the last one left it): {e}"
-        ),
+    match super::reset::reset_for_next_driver(address, backing) {
+        Ok(done) => log::info!("{done}"),
+        Err(why) => log::warn!("{why}"),
     }
 }
 
@@ -1810,7 +1862,10 @@ mod tests {
             Vec::new(),
         )));
         assert_eq!(bus.probe_all().len(), 1);
-        assert!(bus.fds().len() == 2, "the request eventfd and the fault eventfd");
+        assert!(
+            bus.fds().len() == 3,
+            "the request eventfd, the fault eventfd and the device's error (AER) eventfd"
+        );
 
         let mut file = tempfile::tempfile().unwrap();
         file.write_all(&[0x5a; 8192]).unwrap();

@@ -41,6 +41,7 @@ use crate::bus::interrupt::{
 };
 use crate::record::DeviceRecord;
 use crate::vfio::bar::Window;
+use crate::vfio::reset::{HotResetDevice, HotResetInfo, HotResetOwner, ResetInfo, ResetMethod};
 use crate::vfio::{DmaBuffer, DmaConstraints, IovaAllocator, PAGE};
 
 /// Size of each BAR of the default [`FakeLayout`].
@@ -134,6 +135,27 @@ struct Inner {
     live_dma: Arc<AtomicUsize>,
     irqs: Mutex<IrqModel>,
     resets: AtomicU32,
+    reset: Mutex<FakeReset>,
+    hot_resets: AtomicU32,
+}
+
+/// How a [`FakeBacking`] can be reset (issue 16 §4): its [`DeviceBacking::reset_info`],
+/// whether [`DeviceBacking::reset`] works, and what a hot reset would also reset.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum FakeReset {
+    /// No function reset (QEMU's `edu`): `reset` fails with
+    /// [`BackingError::Unsupported`]; a hot reset would also reset `also`.
+    None {
+        /// The other devices on its bus.
+        also: Vec<PciAddress>,
+    },
+    /// Function Level Reset (QEMU's NVMe), the default; no bus reset.
+    #[default]
+    Flr,
+    /// The kernel's `bus` method: the function is alone on its bus, so a secondary bus
+    /// reset is its function reset.
+    Bus,
 }
 
 /// One routed vector of the interrupt model.
@@ -267,6 +289,8 @@ impl FakeBacking {
                 live_dma: Arc::new(AtomicUsize::new(0)),
                 irqs: Mutex::new(IrqModel::default()),
                 resets: AtomicU32::new(0),
+                reset: Mutex::new(FakeReset::default()),
+                hot_resets: AtomicU32::new(0),
             }),
         }
     }
@@ -287,6 +311,16 @@ impl FakeBacking {
     /// How many times the device was reset ([`DeviceBacking::reset`]).
     pub fn resets(&self) -> u32 {
         self.inner.resets.load(Ordering::Relaxed)
+    }
+
+    /// Sets how the device can be reset (default [`FakeReset::Flr`]).
+    pub fn set_reset(&self, reset: FakeReset) {
+        *self.inner.reset.lock() = reset;
+    }
+
+    /// How many hot resets ([`DeviceBacking::hot_reset`]) the device saw.
+    pub fn hot_resets(&self) -> u32 {
+        self.inner.hot_resets.load(Ordering::Relaxed)
     }
 
     /// How many DMA allocations and mappings of the device are alive (not yet dropped or
@@ -726,8 +760,57 @@ impl DeviceBacking for FakeBacking {
     }
     fn reset(&self) -> Result<(), BackingError> {
         self.live()?;
+        if matches!(*self.inner.reset.lock(), FakeReset::None { .. }) {
+            return Err(BackingError::Unsupported {
+                address: self.inner.address,
+                operation: "reset (the device has no function reset)",
+            });
+        }
         self.inner.resets.fetch_add(1, Ordering::Relaxed);
         Ok(())
+    }
+    fn reset_info(&self) -> Result<ResetInfo, BackingError> {
+        self.live()?;
+        Ok(match &*self.inner.reset.lock() {
+            FakeReset::None { .. } => ResetInfo::new(false, Some(Vec::new())),
+            FakeReset::Flr => ResetInfo::new(true, Some(vec![ResetMethod::Flr])),
+            FakeReset::Bus => ResetInfo::new(true, Some(vec![ResetMethod::Bus])),
+        })
+    }
+    fn hot_reset_info(&self) -> Result<HotResetInfo, BackingError> {
+        self.live()?;
+        let address = self.inner.address;
+        let also = match &*self.inner.reset.lock() {
+            FakeReset::None { also } => also.clone(),
+            FakeReset::Bus => Vec::new(),
+            FakeReset::Flr => {
+                return Err(crate::vfio::VfioError::NoHotReset { address }.into());
+            }
+        };
+        let devices = std::iter::once(address)
+            .chain(also)
+            .map(|address| HotResetDevice {
+                address,
+                owner: HotResetOwner::Group(0),
+            })
+            .collect();
+        Ok(HotResetInfo::new(devices, None))
+    }
+    fn hot_reset(&self) -> Result<HotResetInfo, BackingError> {
+        let info = self.hot_reset_info()?;
+        let address = self.inner.address;
+        let others = info.others(address);
+        if !others.is_empty() {
+            // A fake holds no other device: the check VFIO's backing makes, said the same way.
+            return Err(crate::vfio::VfioError::HotResetNotHeld {
+                address,
+                devices: others,
+                need: "a FakeBacking holds no other device",
+            }
+            .into());
+        }
+        self.inner.hot_resets.fetch_add(1, Ordering::Relaxed);
+        Ok(info)
     }
     fn extra_handles(&self) -> usize {
         Arc::strong_count(&self.inner).saturating_sub(1)
@@ -924,6 +1007,7 @@ struct AttachState {
     devices: BTreeMap<PciAddress, Weak<Inner>>,
     refuse: BTreeMap<PciAddress, String>,
     irrevocable: bool,
+    resets: BTreeMap<PciAddress, FakeReset>,
 }
 
 /// An [`Attach`] of [`FakeBacking`]s. Clones share their state, so a test keeps one to
@@ -954,6 +1038,12 @@ impl FakeAttach {
     /// default of a backing that cannot close its device under live handles.
     pub fn irrevocable(&self) {
         self.state.lock().irrevocable = true;
+    }
+
+    /// Makes the device at `address`, when attached from now on, resettable as `reset`
+    /// says ([`FakeBacking::set_reset`]).
+    pub fn set_reset(&self, address: PciAddress, reset: FakeReset) {
+        self.state.lock().resets.insert(address, reset);
     }
 
     /// Fires the request eventfd of an attached device, as VFIO's REQ does. False if
@@ -1004,6 +1094,9 @@ impl Attach for FakeAttach {
             && let Some(inner) = Arc::get_mut(&mut backing.inner)
         {
             inner.revocable = false;
+        }
+        if let Some(reset) = state.resets.get(&address) {
+            backing.set_reset(reset.clone());
         }
         state.devices.insert(address, Arc::downgrade(&backing.inner));
         Ok(Attached {

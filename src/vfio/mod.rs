@@ -68,6 +68,7 @@ pub mod iommufd;
 mod iova;
 mod irqs;
 pub(crate) mod mmio;
+pub mod reset;
 mod revoke;
 mod sys;
 
@@ -93,6 +94,7 @@ pub use dma::{
 };
 pub use iommufd::{CdevProblem, DevNumber, VfioBackend, VfioBackendParseError};
 pub use iova::IovaAllocator;
+pub use reset::{HotResetDevice, HotResetInfo, HotResetOwner, ResetInfo, ResetMethod};
 
 use crate::addr::PciAddress;
 use crate::config::{self, SriovCapability};
@@ -258,6 +260,31 @@ pub enum VfioError {
         group: u32,
         /// Devices of the group not on a vfio driver, with their drivers.
         devices: Vec<(String, Option<String>)>,
+    },
+    /// A bus or slot hot reset of `address` would also reset devices this process does not
+    /// hold (see [`reset`]): refused before asking the kernel, which would refuse too.
+    #[error(
+        "{address}: a hot reset would also reset {}, which this process does not hold: {need}",
+        reset::list(.devices)
+    )]
+    HotResetNotHeld {
+        /// The device asked to be reset.
+        address: PciAddress,
+        /// The affected devices this process does not hold.
+        devices: Vec<PciAddress>,
+        /// What the backend needs (open their groups in the device's container; bind them
+        /// to the device's iommufd).
+        need: &'static str,
+    },
+    /// The kernel can reset neither the device's slot nor its bus
+    /// (`VFIO_DEVICE_GET_PCI_HOT_RESET_INFO` answered ENODEV): the device is on a root
+    /// bus, or a device on its bus forbids bus resets.
+    #[error(
+        "{address} has no bus or slot hot reset: it is on a root bus (no bridge above it to reset the bus), or a device on its bus cannot be bus reset"
+    )]
+    NoHotReset {
+        /// The device.
+        address: PciAddress,
     },
     /// A VFIO ioctl failed.
     #[error("{ioctl}{} failed{}", arg.map(|a| format!(" ({a:#x})")).unwrap_or_default(), address.map(|a| format!(" on {a}")).unwrap_or_default())]

@@ -32,6 +32,9 @@ const DEVICE_GET_IRQ_INFO: u64 = vfio_io(9);
 const DEVICE_SET_IRQS: u64 = vfio_io(10);
 const DEVICE_RESET: u64 = vfio_io(11);
 const IOMMU_GET_INFO: u64 = vfio_io(12);
+// On a device fd the same numbers are the PCI hot reset ioctls (VFIO_BASE + 12, + 13).
+const DEVICE_GET_PCI_HOT_RESET_INFO: u64 = vfio_io(12);
+const DEVICE_PCI_HOT_RESET: u64 = vfio_io(13);
 const IOMMU_MAP_DMA: u64 = vfio_io(13);
 const IOMMU_UNMAP_DMA: u64 = vfio_io(14);
 const DEVICE_FEATURE: u64 = vfio_io(17);
@@ -68,6 +71,14 @@ pub(crate) const API_VERSION: i32 = 0;
 pub(crate) const TYPE1V2_IOMMU: u32 = 3;
 
 pub(crate) const GROUP_FLAGS_VIABLE: u32 = 1 << 0;
+
+/// `VFIO_DEVICE_FLAGS_RESET` in `vfio_device_info.flags`: the device supports
+/// `VFIO_DEVICE_RESET` (vfio-pci: the kernel has a function reset method for it).
+pub(crate) const DEVICE_FLAGS_RESET: u32 = 1 << 0;
+
+/// Most devices a hot reset info buffer is grown for (a bus holds at most 256 functions;
+/// a slot with bridges below it more, but not this many).
+const HOT_RESET_MAX_DEVICES: usize = 4096;
 
 const IRQ_SET_DATA_NONE: u32 = 1 << 0;
 const IRQ_SET_DATA_EVENTFD: u32 = 1 << 2;
@@ -485,6 +496,61 @@ pub(crate) fn revoke_fd(fd: BorrowedFd<'_>) -> io::Result<()> {
 pub(crate) fn device_reset(device: BorrowedFd<'_>) -> io::Result<()> {
     // SAFETY: the request takes no argument and touches no memory of this process.
     check(unsafe { libc::ioctl(device.as_raw_fd(), DEVICE_RESET as _) })?;
+    Ok(())
+}
+
+/// `VFIO_DEVICE_GET_PCI_HOT_RESET_INFO`: the raw `struct vfio_pci_hot_reset_info` with its
+/// `vfio_pci_dependent_device` entries, for [`super::reset::parse_hot_reset_info`]. The
+/// kernel answers a buffer too small with ENOSPC and the count it needs; the buffer is
+/// grown to it.
+pub(crate) fn device_get_pci_hot_reset_info(device: BorrowedFd<'_>) -> io::Result<Vec<u8>> {
+    let mut count = 0usize;
+    for _ in 0..4 {
+        // struct vfio_pci_hot_reset_info { argsz, flags, count } then 8 bytes per device.
+        let mut buf: Vec<u32> = vec![0; 3 + 2 * count];
+        buf[0] = (buf.len() * 4) as u32;
+        // SAFETY: `buf` is a live, exclusively owned u32 array of argsz bytes laid out as
+        // struct vfio_pci_hot_reset_info with room for `count` 8-byte (4-aligned) entries;
+        // the kernel writes the header and at most the entries argsz leaves room for.
+        let r = check(unsafe {
+            libc::ioctl(
+                device.as_raw_fd(),
+                DEVICE_GET_PCI_HOT_RESET_INFO as _,
+                buf.as_mut_ptr(),
+            )
+        });
+        match r {
+            Ok(_) => return Ok(buf.iter().flat_map(|w| w.to_ne_bytes()).collect()),
+            Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => {
+                let wanted = buf[2] as usize;
+                if wanted <= count || wanted > HOT_RESET_MAX_DEVICES {
+                    return Err(e);
+                }
+                count = wanted;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Err(io::Error::other(
+        "the kernel kept asking for a larger hot reset info buffer",
+    ))
+}
+
+/// `VFIO_DEVICE_PCI_HOT_RESET` with these group fds (group backend: one of every group
+/// the reset affects), or none (iommufd cdev, Linux 6.7 on: every affected device must
+/// be owned by the device's iommufd).
+pub(crate) fn device_pci_hot_reset(device: BorrowedFd<'_>, groups: &[BorrowedFd<'_>]) -> io::Result<()> {
+    // struct vfio_pci_hot_reset { argsz, flags, count, group_fds[] }
+    let mut buf: Vec<u32> = vec![0; 3 + groups.len()];
+    buf[0] = (buf.len() * 4) as u32;
+    buf[2] = groups.len() as u32;
+    for (slot, fd) in buf[3..].iter_mut().zip(groups) {
+        *slot = fd.as_raw_fd() as u32;
+    }
+    // SAFETY: `buf` is a live u32 array laid out as struct vfio_pci_hot_reset followed by
+    // `count` s32 group fds (borrowed, so open for the call); argsz gives its size and the
+    // kernel only reads it.
+    check(unsafe { libc::ioctl(device.as_raw_fd(), DEVICE_PCI_HOT_RESET as _, buf.as_mut_ptr()) })?;
     Ok(())
 }
 

@@ -25,6 +25,7 @@ mod nvme_sriov;
 mod nvme_transfer;
 mod show;
 mod vfio;
+mod vfio_reset;
 mod watch;
 
 use claims::write_claims;
@@ -241,6 +242,23 @@ enum VfioCommand {
         /// `2:0:32=0x8 2:4:32 0:0x8:32`.
         #[arg(required = true, value_name = "ACCESS")]
         accesses: Vec<vfio::Access>,
+    },
+    /// How the device can be reset, then a reset: the function reset by the kernel's
+    /// method (`reset_method`), or with --hot the bus or slot hot reset
+    /// (VFIO_DEVICE_PCI_HOT_RESET), naming the devices it would also reset. Claims and
+    /// opens the device (which resets it, if it can) as `vfio info` does.
+    Reset {
+        /// The device.
+        address: PciAddress,
+        /// A bus or slot hot reset instead of the function reset.
+        #[arg(long)]
+        hot: bool,
+        /// Only say how it could be reset.
+        #[arg(long)]
+        dry_run: bool,
+        /// JSON instead of text.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -574,6 +592,29 @@ fn run(cli: Cli, root: SysfsRoot) -> Result<Outcome, Error> {
                 .map_or(0, |a| a.iter().filter(|a| !a["error"].is_null()).count());
             if refused > 0 {
                 return Err(format!("{refused} of {} accesses refused", accesses.len()).into());
+            }
+        }
+        Command::Vfio {
+            command:
+                VfioCommand::Reset {
+                    address,
+                    hot,
+                    dry_run,
+                    json,
+                },
+        } => {
+            if let Some(why) = not_kernel_sysfs(&root) {
+                return Err(format!("vfio reset needs the kernel's sysfs: {why}").into());
+            }
+            let result = vfio_reset::vfio_reset(&root, address, hot, dry_run)?;
+            if json {
+                serde_json::to_writer_pretty(&mut out, &result)?;
+                writeln!(out)?;
+            } else {
+                vfio_reset::write_vfio_reset(&mut out, &result)?;
+            }
+            if let Some(e) = result["reset"]["error"].as_str() {
+                return Err(e.to_owned().into());
             }
         }
         Command::Watch { json, all, select } => {
