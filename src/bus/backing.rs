@@ -165,10 +165,11 @@ pub trait DmaMemory: Deref<Target = DmaBuffer> + Send + Sync + fmt::Debug {
 
 /// A device as a driver drives it. See the [module docs](self).
 pub trait DeviceBacking: Clone + Send + Sync + fmt::Debug + 'static {
-    /// A mapped BAR.
-    type Registers: RegisterIo;
-    /// A DMA allocation.
-    type Dma: DmaMemory;
+    /// A mapped BAR. `'static`, so that a driver's per-device state can hold it
+    /// ([`Driver::Device`](super::driver::Driver::Device)).
+    type Registers: RegisterIo + 'static;
+    /// A DMA allocation (`'static`, as [`Registers`](Self::Registers)).
+    type Dma: DmaMemory + 'static;
 
     /// The device's address.
     fn address(&self) -> PciAddress;

@@ -46,6 +46,7 @@
 //! runs there while the calling thread answers removal requests (see
 //! [`Bus`](Bus#probes-and-removal-requests)).
 
+use std::any::{Any, TypeId};
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::os::fd::{AsFd, BorrowedFd};
@@ -74,8 +75,10 @@ use crate::vfio::fault::{self, Subscriber};
 const COMMAND: u64 = 0x04;
 const COMMAND_MEMORY: u16 = 1 << 1;
 
+mod erased;
 mod ready;
 mod worker;
+use erased::{ErasedDriver, State};
 use ready::ReadyFd;
 use worker::{Offered, Probing};
 
@@ -288,6 +291,9 @@ impl fmt::Display for BusEvent {
 struct Held<B> {
     driver: usize,
     attached: Attached<B>,
+    // The driver's state of this device (its `Driver::Device`), made by the probe that
+    // bound it: one per attach of one incarnation, given back to `remove`.
+    state: State,
     claim: Option<Claim>,
     // The kernel's uevent sequence number once the device was attached
     // (`/sys/kernel/uevent_seqnum`): uevents up to it are about the attach itself (the
@@ -312,18 +318,22 @@ struct Parked<B> {
 // thread.
 struct Slot<B> {
     name: String,
+    // The driver's type, for the typed accessors of its states (also while it probes).
+    driver_type: TypeId,
     // `None` while it probes (`worker`).
-    driver: Option<Box<dyn Driver<B>>>,
+    driver: Option<Box<dyn ErasedDriver<B>>>,
 }
 
 // A removal answered while the device's driver was away probing: what is left to do when
 // the probe returns.
 enum Deferred {
-    // The device was revoked and closed: the driver has only to be told.
+    // The device was revoked and closed: the driver has only to be told, and given its
+    // state back.
     Tell {
         driver: usize,
         address: PciAddress,
         cause: RemovalCause,
+        state: State,
     },
     // The backing could not be revoked: the device stays held (claimed "releasing",
     // marked if `marked`) and is taken back, `remove` first, when the probe returns.
@@ -524,21 +534,52 @@ impl<A: Attach> Bus<A> {
         self
     }
 
-    /// Registers a driver; drivers are asked in registration order.
-    pub fn register(&mut self, driver: Box<dyn Driver<A::Backing>>) {
+    /// Registers a driver; drivers are asked in registration order. Drivers of any
+    /// types (and per-device state types) can be registered with one bus.
+    pub fn register<D: Driver<A::Backing>>(&mut self, driver: Box<D>) {
         self.drivers.push(Slot {
-            name: driver.name().to_owned(),
+            name: Driver::name(driver.as_ref()).to_owned(),
+            driver_type: TypeId::of::<D>(),
             driver: Some(driver),
         });
     }
 
-    /// The first registered driver of type `D`, for the application to reach the devices
-    /// it drives.
+    /// The first registered driver of type `D` (its settings, what it keeps across
+    /// devices). Its state of each device is [`device_state`](Self::device_state)'s.
     pub fn driver_mut<D: Driver<A::Backing>>(&mut self) -> Option<&mut D> {
         self.drivers
             .iter_mut()
             .filter_map(|s| s.driver.as_mut())
-            .find_map(|d| (d.as_mut() as &mut dyn std::any::Any).downcast_mut::<D>())
+            .find_map(|d| (d.as_mut() as &mut dyn Any).downcast_mut::<D>())
+    }
+
+    /// The state driver `D` keeps of the device at `address` (what its probe returned in
+    /// [`ProbeOutcome::Bound`]): `None` unless a driver of type `D` holds the device. It
+    /// is the state of the incarnation of the device the bus holds (see
+    /// [`driver`](super::driver#per-device-state)).
+    pub fn device_state<D: Driver<A::Backing>>(&self, address: PciAddress) -> Option<&D::Device> {
+        let held = self.held.get(&address)?;
+        (self.drivers[held.driver].driver_type == TypeId::of::<D>())
+            .then(|| held.state.downcast_ref::<D::Device>())
+            .flatten()
+    }
+
+    /// [`device_state`](Self::device_state), to change.
+    pub fn device_state_mut<D: Driver<A::Backing>>(&mut self, address: PciAddress) -> Option<&mut D::Device> {
+        let held = self.held.get_mut(&address)?;
+        (self.drivers[held.driver].driver_type == TypeId::of::<D>())
+            .then(|| held.state.downcast_mut::<D::Device>())
+            .flatten()
+    }
+
+    /// The states of every device drivers of type `D` hold, in address order.
+    pub fn device_states<D: Driver<A::Backing>>(&self) -> impl Iterator<Item = (PciAddress, &D::Device)> {
+        self.held.iter().filter_map(|(a, h)| {
+            (self.drivers[h.driver].driver_type == TypeId::of::<D>())
+                .then(|| h.state.downcast_ref::<D::Device>())
+                .flatten()
+                .map(|s| (*a, s))
+        })
     }
 
     /// The device map.
@@ -630,13 +671,21 @@ impl<A: Attach> Bus<A> {
             return Some(ProbeReport {
                 address,
                 result: match (taken, outcome) {
-                    // Taken back as any device of a driver that is probing (`take_back`).
+                    // Taken back as any device of a driver that is probing (`take_back`):
+                    // its old state went to `remove`; a new one is dropped here.
                     (Some(cause), _) => Err(ProbeError::Removed {
                         address,
                         driver: name,
                         cause,
                     }),
-                    (None, ProbeOutcome::Bound | ProbeOutcome::NotMine) => Ok(name),
+                    (None, ProbeOutcome::Bound(state)) => {
+                        // The new state replaces the old, which is dropped (still bound).
+                        if let Some(held) = self.held.get_mut(&address) {
+                            drop(std::mem::replace(&mut held.state, state));
+                        }
+                        Ok(name)
+                    }
+                    (None, ProbeOutcome::NotMine) => Ok(name),
                     (None, ProbeOutcome::Failed(error)) => Err(ProbeError::Failed {
                         address,
                         driver: name,
@@ -714,7 +763,7 @@ impl<A: Attach> Bus<A> {
                 break;
             };
             match outcome {
-                ProbeOutcome::Bound => {
+                ProbeOutcome::Bound(state) => {
                     if let Some(c) = &offered.claim
                         && let Err(e) = c.set_driver(&name)
                     {
@@ -725,6 +774,7 @@ impl<A: Attach> Bus<A> {
                         Held {
                             driver: *index,
                             attached,
+                            state,
                             claim: offered.claim.take(),
                             attached_seqnum,
                         },
@@ -791,21 +841,21 @@ impl<A: Attach> Bus<A> {
         &mut self,
         address: PciAddress,
         index: usize,
-        outcome: ProbeOutcome,
+        outcome: ProbeOutcome<State>,
         cause: RemovalCause,
         mut offered: Offered<A::Backing>,
         mut leaked: usize,
     ) -> Option<ProbeReport> {
         let name = self.drivers[index].name.clone();
         match outcome {
-            ProbeOutcome::Bound => {
+            ProbeOutcome::Bound(state) => {
                 if let Some(driver) = self.drivers[index].driver.as_mut() {
                     let removal = Removal {
                         address,
                         cause: cause.clone(),
                     };
                     // A panic is logged by `guarded`; the device goes regardless.
-                    let _ = guarded(&name, "remove", address, || driver.remove(&removal));
+                    let _ = guarded(&name, "remove", address, || driver.remove(state, &removal));
                 }
             }
             ProbeOutcome::NotMine => {}
@@ -884,10 +934,11 @@ impl<A: Attach> Bus<A> {
             address,
             cause: cause.clone(),
         };
+        let state = held.state;
         let panicked = slot
             .driver
             .as_mut()
-            .and_then(|driver| guarded(&name, "remove", address, || driver.remove(&removal)).err());
+            .and_then(|driver| guarded(&name, "remove", address, || driver.remove(state, &removal)).err());
         let leaked = kept(&name, address, &held.attached.backing, "its removal");
         if cause == RemovalCause::Request && self.map.get(address).is_some() {
             self.held_off.insert(address);
@@ -971,6 +1022,7 @@ impl<A: Attach> Bus<A> {
             driver: index,
             address,
             cause: cause.clone(),
+            state: held.state,
         });
         Some(RemovedReport {
             address,
@@ -991,13 +1043,14 @@ impl<A: Attach> Bus<A> {
                     driver,
                     address,
                     cause,
+                    state,
                 } => {
                     let slot = &mut self.drivers[driver];
                     let name = slot.name.as_str();
                     if let Some(d) = slot.driver.as_mut() {
                         let removal = Removal { address, cause };
                         // A panic is logged by `guarded`; handles it keeps are dead.
-                        let _ = guarded(name, "remove", address, || d.remove(&removal));
+                        let _ = guarded(name, "remove", address, || d.remove(state, &removal));
                     }
                 }
                 Deferred::TakeBack {
@@ -1175,9 +1228,12 @@ impl<A: Attach> Bus<A> {
                 fault.region
             );
             // A driver away on a probe is not told (the event still says it happened).
-            let panicked = match registered.driver.as_mut() {
-                Some(driver) => guarded(&name, "fault", address, || driver.fault(&fault)).err(),
-                None => None,
+            let state = self.held.get_mut(&address).map(|h| &mut h.state);
+            let panicked = match (registered.driver.as_mut(), state) {
+                (Some(driver), Some(state)) => {
+                    guarded(&name, "fault", address, || driver.fault(state, &fault)).err()
+                }
+                _ => None,
             };
             events.push(BusEvent::Fault(FaultReport {
                 fault,
@@ -1566,25 +1622,26 @@ mod tests {
     use crate::vfio::mmio::MmioArea;
     use crate::{Scanner, SysfsRoot};
 
-    struct Keep(Vec<FakeRegisters>, Vec<RemovalCause>, [IdEntry; 1], Vec<BarFault>);
+    // The causes of its removals, its table, the faults it was told of.
+    struct Keep(Vec<RemovalCause>, [IdEntry; 1], Vec<BarFault>);
 
     impl Driver<FakeBacking> for Keep {
+        type Device = FakeRegisters;
+
         fn name(&self) -> &str {
             "keep"
         }
         fn id_table(&self) -> &[IdEntry] {
-            &self.2
+            &self.1
         }
-        fn probe(&mut self, device: ProbeDevice<'_, FakeBacking>) -> ProbeOutcome {
-            self.0.push(device.backing.map_bar(0).unwrap());
-            ProbeOutcome::Bound
+        fn probe(&mut self, device: ProbeDevice<'_, FakeBacking>) -> ProbeOutcome<FakeRegisters> {
+            ProbeOutcome::Bound(device.backing.map_bar(0).unwrap())
         }
-        fn remove(&mut self, removal: &Removal) {
-            self.1.push(removal.cause.clone());
-            self.0.clear();
+        fn remove(&mut self, _bar: FakeRegisters, removal: &Removal) {
+            self.0.push(removal.cause.clone());
         }
-        fn fault(&mut self, fault: &BarFault) {
-            self.3.push(*fault);
+        fn fault(&mut self, _bar: &mut FakeRegisters, fault: &BarFault) {
+            self.2.push(*fault);
         }
     }
 
@@ -1595,7 +1652,6 @@ mod tests {
         let map = DeviceMap::new(Scanner::new(SysfsRoot::new(fake.root())).no_claims()).unwrap();
         let mut bus = Bus::new(map, FakeAttach::new());
         bus.register(Box::new(Keep(
-            Vec::new(),
             Vec::new(),
             [IdEntry::class(0x010802, CLASS_EXACT)],
             Vec::new(),
@@ -1621,6 +1677,7 @@ mod tests {
     struct FaultsInProbe([IdEntry; 1], Vec<RemovalCause>);
 
     impl Driver<FakeBacking> for FaultsInProbe {
+        type Device = ();
         fn name(&self) -> &str {
             "faults-in-probe"
         }
@@ -1634,9 +1691,9 @@ mod tests {
                 std::thread::sleep(Duration::from_millis(5));
             }
             // Bound regardless: the bus must not keep it.
-            ProbeOutcome::Bound
+            ProbeOutcome::Bound(())
         }
-        fn remove(&mut self, removal: &Removal) {
+        fn remove(&mut self, _: (), removal: &Removal) {
             self.1.push(removal.cause.clone());
         }
     }
@@ -1735,8 +1792,8 @@ mod tests {
         );
         assert_eq!(bus.held().len(), 1, "still held");
         let driver = bus.driver_mut::<Keep>().unwrap();
-        assert_eq!(driver.3, [expected]);
-        assert!(driver.1.is_empty(), "not removed");
+        assert_eq!(driver.2, [expected]);
+        assert!(driver.0.is_empty(), "not removed");
         drop(bar);
 
         // Back in D0, a fault is a removal again.
@@ -1805,7 +1862,6 @@ mod tests {
         let mut bus = Bus::new(map, FakeAttach::new());
         bus.register(Box::new(Keep(
             Vec::new(),
-            Vec::new(),
             [IdEntry::class(0x010802, CLASS_EXACT)],
             Vec::new(),
         )));
@@ -1832,7 +1888,7 @@ mod tests {
             (address, &RemovalCause::Fault, 0)
         );
         let driver = bus.driver_mut::<Keep>().unwrap();
-        assert_eq!(driver.1, [RemovalCause::Fault]);
+        assert_eq!(driver.0, [RemovalCause::Fault]);
         assert!(bus.held().is_empty());
         // A later fault of a device the bus does not hold is ignored.
         assert!(bus.poll().is_empty());
