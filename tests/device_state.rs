@@ -20,7 +20,8 @@ use pcibus::bus::devargs::Selection;
 use pcibus::bus::id::{CLASS_EXACT, IdEntry};
 use pcibus::bus::map::DeviceMap;
 use pcibus::bus::{
-    Bus, BusEvent, DeviceBacking, Driver, ProbeDevice, ProbeOutcome, RegisterIo, Removal, RemovalCause,
+    BackingError, Bus, BusEvent, DeviceBacking, Driver, ProbeDevice, ProbeOutcome, RegisterIo, Removal,
+    RemovalCause,
 };
 use pcibus::hotplug::monitor::Event;
 use pcibus::removal::registry::DeviceIdentity;
@@ -378,4 +379,123 @@ fn a_panic_in_remove_still_drops_the_state() {
         &AttachCall::Detach(addr(PF), Release::Removal, 0)
     );
     assert!(bus.releasing().is_empty());
+}
+// Issue 16 §4, the framework's revocable handle: a driver that keeps a handle after
+// `remove` for a removal the kernel waits for (a request) does not keep the device open:
+// the bus revokes it, so the kept handle reads all-ones and fails, and the device is
+// closed and released at once.
+#[test]
+fn a_handle_kept_after_remove_for_a_request_is_revoked_and_the_device_released() {
+    let fake = qemu();
+    let attach = FakeAttach::new();
+    let shared: Arc<Mutex<Shared>> = Arc::default();
+    let mut bus = Bus::new(map(&fake), attach.clone()).selection(allow(&[PF]));
+    let mut driver = Stateful::new(&shared);
+    driver.leak_in_remove = true;
+    bus.register(Box::new(driver));
+    bus.probe_all();
+    let backing = attach.device(addr(PF)).unwrap();
+    bus.device_state::<Stateful>(addr(PF))
+        .unwrap()
+        .bar
+        .write32(0x14, 7)
+        .unwrap();
+    drop(backing);
+
+    assert!(attach.request_removal(addr(PF)));
+    let events = bus.wait(None, Duration::from_secs(5)).unwrap();
+    let [BusEvent::Removed(r)] = events.as_slice() else {
+        panic!("{events:?}")
+    };
+    assert_eq!((&r.cause, r.leaked, r.revoked), (&RemovalCause::Request, 2, true));
+    assert!(bus.releasing().is_empty(), "not kept open");
+    assert_eq!(
+        attach.calls().last().unwrap(),
+        &AttachCall::Detach(addr(PF), Release::Removal, 2),
+        "closed at once, the kept handles still alive"
+    );
+    assert!(!bus.map().scanner().removal_registry().is_pending(addr(PF)));
+    let (backing, bar) = shared.lock().leaked.pop().unwrap();
+    assert_eq!(bar.read32(0x14).unwrap(), u32::MAX, "registers read all-ones");
+    bar.write32(0x14, 1).unwrap();
+    assert_eq!(bar.read32(0x14).unwrap(), u32::MAX, "and drop writes");
+    assert!(
+        matches!(backing.map_bar(0), Err(BackingError::Gone(a)) if a == addr(PF)),
+        "other operations fail"
+    );
+    drop((backing, bar));
+    assert!(bus.poll().is_empty(), "nothing left to release");
+}
+
+// What stays as it was: an orderly detach does not revoke (restoring the previous driver
+// needs every handle gone), nor does a backing that cannot be revoked.
+#[test]
+fn a_handle_kept_after_an_orderly_detach_or_of_an_irrevocable_backing_keeps_the_device_open() {
+    for irrevocable in [false, true] {
+        let fake = qemu();
+        let attach = FakeAttach::new();
+        if irrevocable {
+            attach.irrevocable();
+        }
+        let shared: Arc<Mutex<Shared>> = Arc::default();
+        let mut bus = Bus::new(map(&fake), attach.clone()).selection(allow(&[PF]));
+        let mut driver = Stateful::new(&shared);
+        driver.leak_in_remove = true;
+        bus.register(Box::new(driver));
+        bus.probe_all();
+        let r = if irrevocable {
+            assert!(attach.request_removal(addr(PF)));
+            let events = bus.wait(None, Duration::from_secs(5)).unwrap();
+            let [BusEvent::Removed(r)] = events.as_slice() else {
+                panic!("{events:?}")
+            };
+            (r.leaked, r.revoked)
+        } else {
+            let r = bus.detach(addr(PF)).unwrap();
+            (r.leaked, r.revoked)
+        };
+        assert_eq!(r, (2, false), "irrevocable: {irrevocable}");
+        assert_eq!(bus.releasing(), [(addr(PF), "stateful")]);
+        let (backing, bar) = shared.lock().leaked.pop().unwrap();
+        bar.write32(0x14, 7).unwrap();
+        assert_eq!(bar.read32(0x14).unwrap(), 7, "still the device");
+        assert!(!backing.is_revoked());
+        drop((backing, bar));
+        let events = bus.poll();
+        assert!(matches!(events[..], [BusEvent::Released(_)]), "{events:?}");
+    }
+}
+
+// The same for a device kept open after an orderly detach (or a probe's rollback) that
+// the kernel then asks for: the kept handles no longer keep it open once it is a removal.
+#[test]
+fn a_device_kept_open_after_a_detach_is_revoked_when_the_kernel_asks_for_it() {
+    let fake = qemu();
+    let attach = FakeAttach::new();
+    let shared: Arc<Mutex<Shared>> = Arc::default();
+    let mut bus = Bus::new(map(&fake), attach.clone()).selection(allow(&[PF]));
+    let mut driver = Stateful::new(&shared);
+    driver.leak_in_remove = true;
+    bus.register(Box::new(driver));
+    bus.probe_all();
+    let r = bus.detach(addr(PF)).unwrap();
+    assert_eq!((r.leaked, r.revoked), (2, false));
+    assert_eq!(bus.releasing(), [(addr(PF), "stateful")]);
+
+    assert!(attach.request_removal(addr(PF)));
+    let events = bus.poll();
+    let [BusEvent::Released(r)] = events.as_slice() else {
+        panic!("{events:?}")
+    };
+    assert_eq!((r.address, &r.cause), (addr(PF), &Some(RemovalCause::Detach)));
+    assert_eq!(
+        attach.calls().last().unwrap(),
+        &AttachCall::Detach(addr(PF), Release::Removal, 2),
+        "closed as a removal (the binding left alone), the kept handles still alive"
+    );
+    assert!(bus.releasing().is_empty());
+    assert!(!bus.map().scanner().removal_registry().is_pending(addr(PF)));
+    let (backing, bar) = shared.lock().leaked.pop().unwrap();
+    assert!(backing.is_revoked());
+    assert_eq!(bar.read32(0x14).unwrap(), u32::MAX);
 }

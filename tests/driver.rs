@@ -935,6 +935,9 @@ fn a_device_whose_driver_kept_a_handle_stays_claimed_and_releasing_until_it_is_c
     let fake = qemu();
     let claims = tempfile::tempdir().unwrap();
     let attach = FakeAttach::new();
+    // A backing that can be revoked is closed under the kept handles instead
+    // (tests/device_state.rs).
+    attach.irrevocable();
     let log = Log::default();
     let mut bus = Bus::new(map(&fake), attach.clone())
         .selection(allow(PF))
@@ -998,6 +1001,9 @@ fn a_detach_while_the_driver_keeps_a_handle_restores_nothing_until_it_is_closed(
     let fake = qemu();
     let claims = tempfile::tempdir().unwrap();
     let attach = FakeAttach::new();
+    // A backing that can be revoked is closed under the kept handles once the kernel
+    // asks for it (tests/device_state.rs).
+    attach.irrevocable();
     let log = Log::default();
     let mut bus = Bus::new(map(&fake), attach.clone())
         .selection(allow(PF))

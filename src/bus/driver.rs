@@ -164,7 +164,8 @@ pub trait Driver<B: DeviceBacking>: Any + Send {
     /// [`RemovalCause::Detach`], whose previous driver can be restored only once every
     /// handle is gone, or a backing that cannot be revoked) the device stays open: the
     /// bus keeps it claimed and does not release it before the handles are dropped
-    /// ([`Bus::releasing`](super::Bus::releasing)).
+    /// ([`Bus::releasing`](super::Bus::releasing)), or, after a detach, before the
+    /// kernel asks for it (a removal request: then it is revoked as above).
     ///
     /// For a device taken back while this driver was probing another one, `remove`
     /// comes when that probe returns, and the device may be closed already (revoked,

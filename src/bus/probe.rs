@@ -22,13 +22,19 @@
 //! ([`super::fault`]): its driver is told ([`Driver::fault`]), keeps the device, and the bus
 //! reports [`BusEvent::Fault`].
 //!
-//! A driver that keeps a handle of the device after `remove` (or after declining or
-//! failing its probe, when no driver took it) keeps it open (for VFIO, the kernel's
-//! removal goes on waiting, holding the device lock). Such a device is not released: it
+//! A driver that keeps a handle of the device after `remove` for a removal (the kernel
+//! waits for the device's close) does not keep it open if the device's backing can be
+//! revoked ([`DeviceBacking::revoke`]): the bus closes the device under the kept handles,
+//! which read all-ones and fail from then on, and releases it at once
+//! ([`RemovedReport::revoked`]). Otherwise, and after an orderly detach (whose previous
+//! binding can be restored only once every handle is gone), a driver that keeps a
+//! handle of the device after `remove` (or after declining or failing its probe, when no
+//! driver took it) keeps it open (for VFIO, the kernel's removal goes on waiting,
+//! holding the device lock). Such a device is not released: it
 //! stays claimed, and (if it is being removed) marked releasing in the claim and pending
 //! in the registry, with its request eventfd registered; it is not offered to drivers
-//! again. [`Bus::poll`] looks at it again each time, and once its last handle is gone it
-//! finishes the release (closes it, restores the binding if the release is orderly or a
+//! again (a removal request for it revokes it, if it can be, as above). [`Bus::poll`]
+//! looks at it again each time, and once its last handle is gone it finishes the release (closes it, restores the binding if the release is orderly or a
 //! probe's rollback, drops the claim and the mark) and reports [`BusEvent::Released`].
 //! See [`Bus::releasing`], and the bus's drop for one still open when the bus ends.
 //!
@@ -179,22 +185,24 @@ pub struct RemovedReport {
     pub driver: String,
     /// Why it was taken back.
     pub cause: RemovalCause,
-    /// Handles the driver kept after [`Driver::remove`] (0 when it let go, as it must): a
-    /// VFIO device stays open while one lives, and the kernel's removal waits. The bus
-    /// then keeps the device claimed ([`Bus::releasing`]) and finishes the release when
-    /// they are gone ([`BusEvent::Released`]); [`error`](Self::error) is `None` until
-    /// then.
+    /// Handles the driver kept after [`Driver::remove`] (0 when it let go, as it must).
+    /// For a removal whose backing could be revoked, they were closed under the driver
+    /// ([`revoked`](Self::revoked)) and keep nothing open. Otherwise a VFIO device stays
+    /// open while one lives, and the kernel's removal waits: the bus then keeps the
+    /// device claimed ([`Bus::releasing`]) and finishes the release when they are gone
+    /// ([`BusEvent::Released`]); [`error`](Self::error) is `None` until then.
     pub leaked: usize,
     /// Closing or restoring the binding failed (the device is released from the bus
     /// anyway).
     pub error: Option<AttachError>,
     /// [`Driver::remove`] panicked (the removal went on regardless).
     pub panicked: Option<DriverPanicked>,
-    /// The driver was busy probing (another device, or this one again), so the bus
-    /// revoked the device ([`DeviceBacking::revoke`]) and closed and released it without
-    /// waiting; [`Driver::remove`] is called when the probe returns (a panic in it is
-    /// logged, not reported). `leaked` is 0: handles of a revoked device keep nothing
-    /// open. See [`Bus`](Bus#probes-and-removal-requests).
+    /// The bus revoked the device ([`DeviceBacking::revoke`]) and closed and released it
+    /// without waiting for the driver's handles, which read all-ones and fail from then
+    /// on. Either the driver was busy probing (another device, or this one again):
+    /// [`Driver::remove`] is called when the probe returns (a panic in it is logged, not
+    /// reported), and `leaked` is 0 (see [`Bus`](Bus#probes-and-removal-requests)); or,
+    /// for a removal, the driver kept handles after `remove` (`leaked` > 0).
     pub revoked: bool,
 }
 
@@ -238,7 +246,8 @@ pub enum BusEvent {
     /// A device was offered to the drivers.
     Probed(ProbeReport),
     /// A device was taken back from its driver. If the driver kept handles of it
-    /// ([`RemovedReport::leaked`] > 0) it is still open and claimed: a
+    /// ([`RemovedReport::leaked`] > 0) and the bus did not revoke it
+    /// ([`RemovedReport::revoked`]), it is still open and claimed: a
     /// [`Released`](Self::Released) follows once they are gone.
     Removed(RemovedReport),
     /// A device taken back earlier, which its driver had kept open, is closed and
@@ -261,6 +270,11 @@ impl fmt::Display for BusEvent {
                 Ok(driver) => write!(f, "{}: bound to {driver}", r.address),
                 Err(e) => write!(f, "{}: not bound: {e}", r.address),
             },
+            BusEvent::Removed(r) if r.leaked > 0 && r.revoked => write!(
+                f,
+                "{}: taken from {} ({}), which kept {} handle(s): revoked and closed under them",
+                r.address, r.driver, r.cause, r.leaked
+            ),
             BusEvent::Removed(r) if r.leaked > 0 => write!(
                 f,
                 "{}: taken from {} ({}), which kept {} handle(s): still open",
@@ -940,6 +954,9 @@ impl<A: Attach> Bus<A> {
             .as_mut()
             .and_then(|driver| guarded(&name, "remove", address, || driver.remove(state, &removal)).err());
         let leaked = kept(&name, address, &held.attached.backing, "its removal");
+        // Handles kept for a removal would keep the kernel's removal waiting: they are
+        // closed under the driver instead, if the backing can be revoked.
+        let revoked = leaked > 0 && cause.is_removal() && revoke_kept(&name, address, &held.attached.backing);
         if cause == RemovalCause::Request && self.map.get(address).is_some() {
             self.held_off.insert(address);
         }
@@ -955,7 +972,7 @@ impl<A: Attach> Bus<A> {
             },
             marked,
         };
-        let error = if leaked > 0 {
+        let error = if leaked > 0 && !revoked {
             // Releasing it now would tell every other process that the device is free
             // while it is open (and restoring its driver would wait for the close).
             log::warn!("{address}: stays claimed until the handles driver {name} kept are dropped");
@@ -971,7 +988,7 @@ impl<A: Attach> Bus<A> {
             leaked,
             error,
             panicked,
-            revoked: false,
+            revoked,
         })
     }
 
@@ -1112,14 +1129,21 @@ impl<A: Attach> Bus<A> {
                 parked.release = Release::Removal;
                 parked.marked |= self.mark_removal(address, parked.claim.as_ref(), &RemovalCause::Request);
             }
-            if parked.attached.backing.extra_handles() > 0 {
+            // The kernel waits for the close: the kept handles are closed under their
+            // owner if the backing can be revoked (as after `remove` for a removal).
+            let revoked = requested
+                && parked.attached.backing.extra_handles() > 0
+                && revoke_kept(&parked.driver, address, &parked.attached.backing);
+            if !revoked && parked.attached.backing.extra_handles() > 0 {
                 self.parked.insert(address, parked);
                 continue;
             }
-            log::info!(
-                "{address}: the handles driver {} kept are gone: released",
-                parked.driver
-            );
+            if !revoked {
+                log::info!(
+                    "{address}: the handles driver {} kept are gone: released",
+                    parked.driver
+                );
+            }
             let driver = parked.driver.clone();
             let cause = parked.cause.clone();
             let error = self.finish(address, parked);
@@ -1576,6 +1600,25 @@ fn reset_between_probes<B: DeviceBacking>(address: PciAddress, backing: &B) {
             "{address}: could not reset it before offering it to the next driver (it gets the device as \
              the last one left it): {e}"
         ),
+    }
+}
+
+// Revokes a device whose driver kept handles of it after `remove` for a removal (the
+// kernel waits for the close): whether it is closed now.
+fn revoke_kept<B: DeviceBacking>(driver: &str, address: PciAddress, backing: &B) -> bool {
+    match backing.revoke() {
+        Ok(()) => {
+            log::warn!(
+                "{address}: revoked under the handle(s) driver {driver} kept: they read all-ones and fail from now on; the device is closed"
+            );
+            true
+        }
+        Err(e) => {
+            log::warn!(
+                "{address}: the handle(s) driver {driver} kept cannot be revoked ({e}): it stays open"
+            );
+            false
+        }
     }
 }
 
