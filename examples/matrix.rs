@@ -45,7 +45,7 @@ use pcibus::bus::{
 use pcibus::hotplug::monitor::UeventMonitor;
 use pcibus::nvme::driver::NvmeDriver;
 use pcibus::nvme::perf::{PerfConfig, Progress};
-use pcibus::nvme::{Op, Options};
+use pcibus::nvme::{Controller, Op, Options};
 use pcibus::vfio::{MappedBar, VfioBackend};
 use pcibus::{BlockingAttr, PciAddress, ProblemKind, Scanner, SysfsRoot};
 
@@ -89,14 +89,23 @@ struct MatrixDriver {
     table: [IdEntry; 1],
     mode: Mode,
     nvme: Option<NvmeDriver<VfioBacking>>,
-    bars: Vec<(VfioBacking, MappedBar)>,
-    // A handle of every device probed; kept past `remove` in `leak` mode.
-    handles: Vec<VfioBacking>,
+    // Handles kept past `remove` in `leak` mode.
     leaked: Vec<VfioBacking>,
     removed: Arc<AtomicBool>,
 }
 
+// What the matrix driver keeps of a device.
+struct MatrixDevice {
+    // A handle of the device; kept past `remove` in `leak` mode.
+    handle: VfioBacking,
+    // The NVMe driver's controller, or (BAR-only) BAR 0.
+    nvme: Option<Controller<VfioBacking>>,
+    bar: Option<(VfioBacking, MappedBar)>,
+}
+
 impl Driver<VfioBacking> for MatrixDriver {
+    type Device = MatrixDevice;
+
     fn name(&self) -> &str {
         "matrix"
     }
@@ -105,14 +114,22 @@ impl Driver<VfioBacking> for MatrixDriver {
         &self.table
     }
 
-    fn probe(&mut self, dev: ProbeDevice<'_, VfioBacking>) -> ProbeOutcome {
+    fn probe(&mut self, dev: ProbeDevice<'_, VfioBacking>) -> ProbeOutcome<MatrixDevice> {
         if self.mode == Mode::Probe {
             println!("matrix: probing {}", dev.record.address);
             thread::sleep(Duration::from_secs(3));
         }
-        self.handles.push(dev.backing.clone());
+        let handle = dev.backing.clone();
         match &mut self.nvme {
-            Some(nvme) => nvme.probe(dev),
+            Some(nvme) => match nvme.probe(dev) {
+                ProbeOutcome::Bound(c) => ProbeOutcome::Bound(MatrixDevice {
+                    handle,
+                    nvme: Some(c),
+                    bar: None,
+                }),
+                ProbeOutcome::NotMine => ProbeOutcome::NotMine,
+                ProbeOutcome::Failed(e) => ProbeOutcome::Failed(e),
+            },
             None => {
                 let bar = match dev.backing.map_bar(0) {
                     Ok(b) => b,
@@ -120,24 +137,25 @@ impl Driver<VfioBacking> for MatrixDriver {
                 };
                 let vs = RegisterIo::read32(&bar, 8).unwrap_or(u32::MAX);
                 println!("matrix: {} BAR 0 mapped, VS {vs:#x}", dev.record.address);
-                self.bars.push((dev.backing.clone(), bar));
-                ProbeOutcome::Bound
+                ProbeOutcome::Bound(MatrixDevice {
+                    handle,
+                    nvme: None,
+                    bar: Some((dev.backing.clone(), bar)),
+                })
             }
         }
     }
 
-    fn remove(&mut self, removal: &Removal) {
+    fn remove(&mut self, device: MatrixDevice, removal: &Removal) {
         let address = removal.address;
         println!("matrix: remove {address}: {}", removal.cause);
-        let (mine, others): (Vec<_>, Vec<_>) = self.handles.drain(..).partition(|b| b.address() == address);
-        self.handles = others;
         if self.mode == Mode::Leak {
-            self.leaked.extend(mine);
+            self.leaked.push(device.handle);
         }
-        if let Some(nvme) = &mut self.nvme {
-            nvme.remove(removal);
+        if let (Some(nvme), Some(c)) = (&mut self.nvme, device.nvme) {
+            nvme.remove(c, removal);
         }
-        self.bars.retain(|(b, _)| b.address() != address);
+        drop(device.bar);
         self.removed.store(true, Ordering::Release);
         if self.mode == Mode::Panic {
             panic!("matrix: the driver panics in remove, as a buggy one would");
@@ -154,8 +172,8 @@ fn stamp(lba: u64, seed: u64, block: usize) -> Vec<u8> {
 // Writes the stamped blocks through the driver's controller.
 fn write_stamps(bus: &mut Bus<VfioAttach>, address: PciAddress, seed: u64) -> Result<(), String> {
     let c = bus
-        .driver_mut::<MatrixDriver>()
-        .and_then(|d| d.nvme.as_ref()?.controller(address).cloned())
+        .device_state::<MatrixDriver>(address)
+        .and_then(|d| d.nvme.clone())
         .ok_or("no controller")?;
     let ns = c.namespace(1).ok_or("no namespace 1")?;
     let bs = ns.block_size as usize;
@@ -245,8 +263,6 @@ fn hold(address: PciAddress, mode: Mode, bar_only: bool) -> Result<(), Vec<Strin
             table: [IdEntry::class(0x01_08_02, CLASS_EXACT)],
             mode,
             nvme: (!bar_only).then(|| NvmeDriver::new(Options::default())),
-            bars: Vec::new(),
-            handles: Vec::new(),
             leaked: Vec::new(),
             removed: Arc::clone(&removed),
         }));
@@ -280,8 +296,8 @@ fn hold(address: PciAddress, mode: Mode, bar_only: bool) -> Result<(), Vec<Strin
             }
             if mode == Mode::Io && !bar_only {
                 let c = bus
-                    .driver_mut::<MatrixDriver>()
-                    .and_then(|d| d.nvme.as_ref()?.controller(address).cloned());
+                    .device_state::<MatrixDriver>(address)
+                    .and_then(|d| d.nvme.clone());
                 if let Some(c) = c {
                     let progress = Arc::new(Progress::default());
                     let p = Arc::clone(&progress);

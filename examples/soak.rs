@@ -495,9 +495,7 @@ fn soak(address: PciAddress, events: u64, seed: u64, kinds: Vec<String>) -> Resu
     for r in bus.probe_all() {
         match r.result {
             Ok(_) if r.address == address => {
-                let c = bus
-                    .driver_mut::<NvmeDriver<VfioBacking>>()
-                    .and_then(|d| d.controller(address).cloned());
+                let c = bus.device_state::<NvmeDriver<VfioBacking>>(address).cloned();
                 if let Some(c) = c {
                     load = Some(start_load(c, &ledger, Rng(rng.next() | 1)));
                     attaches.fetch_add(1, Ordering::AcqRel);
@@ -516,9 +514,7 @@ fn soak(address: PciAddress, events: u64, seed: u64, kinds: Vec<String>) -> Resu
             match &e {
                 BusEvent::Probed(p) if p.address == address => match &p.result {
                     Ok(_) => {
-                        let c = bus
-                            .driver_mut::<NvmeDriver<VfioBacking>>()
-                            .and_then(|d| d.controller(address).cloned());
+                        let c = bus.device_state::<NvmeDriver<VfioBacking>>(address).cloned();
                         if let Some(c) = c {
                             load = Some(start_load(c, &ledger, Rng(rng.next() | 1)));
                             attaches.fetch_add(1, Ordering::AcqRel);
@@ -578,9 +574,7 @@ fn soak(address: PciAddress, events: u64, seed: u64, kinds: Vec<String>) -> Resu
             std::process::exit(1);
         }
     }
-    let c = bus
-        .driver_mut::<NvmeDriver<VfioBacking>>()
-        .and_then(|d| d.controller(address).cloned());
+    let c = bus.device_state::<NvmeDriver<VfioBacking>>(address).cloned();
     let mut fails = Vec::new();
     match c {
         None => fails.push("no controller at the end to read the region back".to_string()),

@@ -2119,13 +2119,15 @@ mod vmtest {
     // ------------------------------------------------------------------------ bus
 
     /// A driver for the bus test: takes NVMe controllers (class 01 08 02), maps BAR 0 and
-    /// checks that CAP and VS read as a controller's; lets go on removal.
+    /// checks that CAP and VS read as a controller's; lets go on removal. Its state of a
+    /// device: the backing and BAR 0.
     struct TestNvme {
         table: [pcibus::bus::id::IdEntry; 1],
-        held: Vec<(pcibus::bus::VfioBacking, MappedBar)>,
     }
 
     impl pcibus::bus::Driver<pcibus::bus::VfioBacking> for TestNvme {
+        type Device = (pcibus::bus::VfioBacking, MappedBar);
+
         fn name(&self) -> &str {
             "vmtest-nvme"
         }
@@ -2135,7 +2137,7 @@ mod vmtest {
         fn probe(
             &mut self,
             dev: pcibus::bus::ProbeDevice<'_, pcibus::bus::VfioBacking>,
-        ) -> pcibus::bus::ProbeOutcome {
+        ) -> pcibus::bus::ProbeOutcome<Self::Device> {
             use pcibus::bus::{DeviceBacking, ProbeOutcome, RegisterIo};
             let bar = match dev.backing.map_bar(0) {
                 Ok(b) => b,
@@ -2151,14 +2153,10 @@ mod vmtest {
                     format!("not a working NVMe controller: CAP {cap:#x} VS {vs:#x}").into(),
                 );
             }
-            self.held.push((dev.backing.clone(), bar));
-            ProbeOutcome::Bound
+            ProbeOutcome::Bound((dev.backing.clone(), bar))
         }
-        fn remove(&mut self, removal: &pcibus::bus::Removal) {
-            let address = removal.address;
-            use pcibus::bus::DeviceBacking;
-            println!("bus: remove {address}: {}", removal.cause);
-            self.held.retain(|(b, _)| b.address() != address);
+        fn remove(&mut self, _device: Self::Device, removal: &pcibus::bus::Removal) {
+            println!("bus: remove {}: {}", removal.address, removal.cause);
         }
     }
 
@@ -2187,7 +2185,6 @@ mod vmtest {
                 0x010802,
                 pcibus::bus::id::CLASS_EXACT,
             )],
-            held: Vec::new(),
         }));
         Ok(bus)
     }
@@ -2270,8 +2267,9 @@ mod vmtest {
         };
         // The PM capability (ID 01) in the capability list.
         let (pm, csts) = {
-            let drv = bus.driver_mut::<TestNvme>().ok_or("no test driver")?;
-            let (backing, bar) = drv.held.first().ok_or("the driver holds nothing")?;
+            let (backing, bar) = bus
+                .device_state::<TestNvme>(addr)
+                .ok_or("the driver holds nothing")?;
             let byte = |off: u64| -> Res<u8> {
                 let mut b = [0u8; 1];
                 backing.read_config(off, &mut b).map_err(err)?;
@@ -2319,8 +2317,9 @@ mod vmtest {
         let held = bus.held().len();
         // Back to D0 before the bus gives the device back.
         {
-            let drv = bus.driver_mut::<TestNvme>().ok_or("no test driver")?;
-            let (backing, _) = drv.held.first().ok_or("the driver holds nothing")?;
+            let (backing, _) = bus
+                .device_state::<TestNvme>(addr)
+                .ok_or("the driver holds nothing")?;
             let mut pmcsr = [0u8; 2];
             backing.read_config(pm + 4, &mut pmcsr).map_err(err)?;
             let d0 = u16::from_le_bytes(pmcsr) & !3;

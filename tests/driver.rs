@@ -70,7 +70,6 @@ struct TestDriver {
     name: &'static str,
     table: Vec<IdEntry>,
     mode: Mode,
-    devices: BTreeMap<PciAddress, (FakeBacking, FakeRegisters)>,
     leaked: Vec<FakeRegisters>,
     log: Log,
     // Where the bus's claims are, to look at the claim while removing.
@@ -138,7 +137,6 @@ impl TestDriver {
             name,
             table: vec![IdEntry::class(0x010802, CLASS_EXACT)],
             mode,
-            devices: BTreeMap::new(),
             leaked: Vec::new(),
             log: Arc::clone(log),
             claims: None,
@@ -149,13 +147,16 @@ impl TestDriver {
 }
 
 impl Driver<FakeBacking> for TestDriver {
+    // Its handles of the device: a clone of the backing and BAR 0.
+    type Device = (FakeBacking, FakeRegisters);
+
     fn name(&self) -> &str {
         self.name
     }
     fn id_table(&self) -> &[IdEntry] {
         &self.table
     }
-    fn probe(&mut self, device: ProbeDevice<'_, FakeBacking>) -> ProbeOutcome {
+    fn probe(&mut self, device: ProbeDevice<'_, FakeBacking>) -> ProbeOutcome<Self::Device> {
         let address = device.record.address;
         self.log.lock().push(format!(
             "{} probe {address}{}",
@@ -193,8 +194,7 @@ impl Driver<FakeBacking> for TestDriver {
         match self.mode {
             Mode::PanicInProbe => panic!("probe of {address} went wrong"),
             Mode::Bind | Mode::LeakOnRemove | Mode::PanicInRemove => {
-                self.devices.insert(address, (device.backing.clone(), bar));
-                ProbeOutcome::Bound
+                ProbeOutcome::Bound((device.backing.clone(), bar))
             }
             Mode::Decline => ProbeOutcome::NotMine,
             Mode::Fail => ProbeOutcome::Failed("controller did not become ready".into()),
@@ -204,14 +204,14 @@ impl Driver<FakeBacking> for TestDriver {
             }
         }
     }
-    fn remove(&mut self, removal: &Removal) {
+    fn remove(&mut self, (backing, bar): Self::Device, removal: &Removal) {
         let address = removal.address;
         let releasing = self
             .claims
             .as_ref()
             .map(|d| d.releasing().unwrap().iter().any(|r| r.address == address));
         // Closed under the driver while it was probing another device.
-        let revoked = self.devices.get(&address).is_some_and(|(b, _)| b.is_revoked());
+        let revoked = backing.is_revoked();
         self.log.lock().push(format!(
             "{} remove {address} ({}){}{}",
             self.name,
@@ -223,11 +223,12 @@ impl Driver<FakeBacking> for TestDriver {
             },
             if revoked { " revoked" } else { "" }
         ));
-        if let Some((_, bar)) = self.devices.remove(&address)
-            && self.mode == Mode::LeakOnRemove
-        {
+        if self.mode == Mode::LeakOnRemove {
             self.leaked.push(bar);
+        } else {
+            drop(bar);
         }
+        drop(backing);
         if self.mode == Mode::PanicInRemove {
             panic!("remove of {address} went wrong");
         }
@@ -311,6 +312,8 @@ struct Inspector {
 }
 
 impl Driver<FakeBacking> for Inspector {
+    type Device = ();
+
     fn name(&self) -> &str {
         self.name
     }
@@ -326,12 +329,12 @@ impl Driver<FakeBacking> for Inspector {
             .lock()
             .push((self.name.to_string(), master, device.backing.resets()));
         if self.bind {
-            ProbeOutcome::Bound
+            ProbeOutcome::Bound(())
         } else {
             ProbeOutcome::NotMine
         }
     }
-    fn remove(&mut self, _removal: &Removal) {}
+    fn remove(&mut self, _: (), _removal: &Removal) {}
 }
 
 #[test]
@@ -914,7 +917,7 @@ fn a_driver_that_asks_gets_its_devices_again() {
             format!("nvme-test probe {PF} again")
         ]
     );
-    assert_eq!(bus.driver_mut::<TestDriver>().unwrap().devices.len(), 1);
+    assert_eq!(bus.device_states::<TestDriver>().count(), 1);
 }
 
 #[test]
@@ -936,6 +939,9 @@ fn a_device_whose_driver_kept_a_handle_stays_claimed_and_releasing_until_it_is_c
     let fake = qemu();
     let claims = tempfile::tempdir().unwrap();
     let attach = FakeAttach::new();
+    // A backing that can be revoked is closed under the kept handles instead
+    // (tests/device_state.rs).
+    attach.irrevocable();
     let log = Log::default();
     let mut bus = Bus::new(map(&fake), attach.clone())
         .selection(allow(PF))
@@ -999,6 +1005,9 @@ fn a_detach_while_the_driver_keeps_a_handle_restores_nothing_until_it_is_closed(
     let fake = qemu();
     let claims = tempfile::tempdir().unwrap();
     let attach = FakeAttach::new();
+    // A backing that can be revoked is closed under the kept handles once the kernel
+    // asks for it (tests/device_state.rs).
+    attach.irrevocable();
     let log = Log::default();
     let mut bus = Bus::new(map(&fake), attach.clone())
         .selection(allow(PF))

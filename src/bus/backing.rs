@@ -15,7 +15,9 @@
 //!
 //! A backing that can close its device under live handles ([`DeviceBacking::revoke`])
 //! lets the bus answer a removal request without the driver: while the driver is busy
-//! probing another device, or probing this one (see [`Bus`](super::Bus)).
+//! probing another device, or probing this one (see [`Bus`](super::Bus)), and when it
+//! kept handles after `remove` for a removal: those handles then fail fast (registers
+//! all-ones, everything else [`BackingError::Gone`]) instead of holding the device open.
 
 use std::fmt;
 use std::ops::Deref;
@@ -166,10 +168,11 @@ pub trait DmaMemory: Deref<Target = DmaBuffer> + Send + Sync + fmt::Debug {
 
 /// A device as a driver drives it. See the [module docs](self).
 pub trait DeviceBacking: Clone + Send + Sync + fmt::Debug + 'static {
-    /// A mapped BAR.
-    type Registers: RegisterIo;
-    /// A DMA allocation.
-    type Dma: DmaMemory;
+    /// A mapped BAR. `'static`, so that a driver's per-device state can hold it
+    /// ([`Driver::Device`](super::driver::Driver::Device)).
+    type Registers: RegisterIo + 'static;
+    /// A DMA allocation (`'static`, as [`Registers`](Self::Registers)).
+    type Dma: DmaMemory + 'static;
 
     /// The device's address.
     fn address(&self) -> PciAddress;
@@ -331,13 +334,17 @@ pub trait DeviceBacking: Clone + Send + Sync + fmt::Debug + 'static {
     /// dropped ([`extra_handles`](Self::extra_handles) still counts them); DMA memory
     /// already allocated stays the owner's.
     ///
-    /// The bus calls it on its own handle only for a device the kernel wants back while
-    /// the device's driver cannot let go in time: the driver is busy probing another
-    /// device, or is probing this one. It then closes the device and tells the driver
-    /// ([`Driver::remove`](super::driver::Driver::remove)) when the probe returns.
+    /// The bus calls it on its own handle only for a device the kernel wants back (a
+    /// removal) while the device's driver cannot let go in time, or did not: the driver
+    /// is busy probing another device, or is probing this one (the bus then closes the
+    /// device and tells the driver, [`Driver::remove`](super::driver::Driver::remove),
+    /// when the probe returns); or it kept handles after `remove` (the bus then closes
+    /// the device at once). Never for an orderly detach, whose previous binding can be
+    /// restored only once every handle is gone.
     ///
-    /// Default: [`BackingError::Unsupported`]: the bus then waits for the probe before it
-    /// closes the device (see [`Bus`](super::Bus)).
+    /// Default: [`BackingError::Unsupported`]: the bus then waits for the probe, or for
+    /// the kept handles to be dropped, before it closes the device (see
+    /// [`Bus`](super::Bus)).
     fn revoke(&self) -> Result<(), BackingError> {
         Err(BackingError::Unsupported {
             address: self.address(),

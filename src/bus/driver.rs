@@ -2,9 +2,28 @@
 //! answers ([`ProbeOutcome`]), and why a device is taken back ([`Removal`]).
 //!
 //! A driver is generic over the [`DeviceBacking`] it drives, so the same driver runs on a
-//! VFIO device and on an emulation. It keeps its per-device state itself (keyed by
-//! address, as a DPDK driver keeps its private data); the application reaches it through
-//! [`Bus::driver_mut`](super::Bus::driver_mut).
+//! VFIO device and on an emulation.
+//!
+//! # Per-device state
+//!
+//! What a driver keeps of one device (clones of the backing, mapped BARs, DMA memory,
+//! queues) is its [`Driver::Device`]: the probe returns it in [`ProbeOutcome::Bound`], the
+//! bus keeps it with the device, and hands it back by value to [`Driver::remove`], so
+//! the handles in it are dropped when `remove` returns (or unwinds) unless the driver
+//! moves them elsewhere. The application reaches it, typed, through
+//! [`Bus::device_state`](super::Bus::device_state) and
+//! [`Bus::device_state_mut`](super::Bus::device_state_mut); the driver itself (shared
+//! settings, counters) through [`Bus::driver_mut`](super::Bus::driver_mut).
+//!
+//! The state belongs to one incarnation of the device
+//! ([`DeviceRecord::identity`](crate::record::DeviceRecord::identity)): the bus keeps it
+//! as long as it holds the device it was probed for. A device removed and added again at
+//! the same address, or replaced unseen ([`Change::Replaced`](super::map::Change::Replaced)),
+//! is taken back first (its state goes to `remove`) and probed again as a new device,
+//! whose probe makes a new state: the two never mix.
+//!
+//! A driver with nothing to keep per device says `type Device = ();` and binds with
+//! `ProbeOutcome::Bound(())`.
 //!
 //! # Threads
 //!
@@ -68,7 +87,36 @@ pub struct DriverPanicked {
 }
 
 /// A userspace PCI driver. See the [module docs](self).
+///
+/// ```
+/// use pcibus::bus::{DeviceBacking, Driver, ProbeDevice, ProbeOutcome, Removal};
+/// use pcibus::bus::id::{CLASS_EXACT, IdEntry};
+///
+/// struct Mine([IdEntry; 1]);
+///
+/// impl<B: DeviceBacking> Driver<B> for Mine {
+///     // Kept per device by the bus; dropped when `remove` returns.
+///     type Device = B;
+///     fn name(&self) -> &str {
+///         "mine"
+///     }
+///     fn id_table(&self) -> &[IdEntry] {
+///         &self.0
+///     }
+///     fn probe(&mut self, device: ProbeDevice<'_, B>) -> ProbeOutcome<B> {
+///         ProbeOutcome::Bound(device.backing.clone())
+///     }
+///     fn remove(&mut self, _device: B, _removal: &Removal) {}
+/// }
+/// ```
 pub trait Driver<B: DeviceBacking>: Any + Send {
+    /// What the driver keeps of one device it drives (its handles of the device, its
+    /// queues, its bookkeeping): made by [`probe`](Self::probe), kept by the bus with the
+    /// device, reached by the application through
+    /// [`Bus::device_state`](super::Bus::device_state), and given back to
+    /// [`remove`](Self::remove). See the [module docs](self#per-device-state).
+    type Device: Send + 'static;
+
     /// The driver's name: in claims, reports and logs.
     fn name(&self) -> &str;
 
@@ -78,8 +126,9 @@ pub trait Driver<B: DeviceBacking>: Any + Send {
 
     /// Takes the device, or declines it.
     ///
-    /// On [`ProbeOutcome::Bound`] the driver keeps what it needs (clones of
-    /// `device.backing`, mapped BARs, DMA memory) until [`remove`](Self::remove). On
+    /// On [`ProbeOutcome::Bound`] the driver returns what it keeps of the device (clones
+    /// of `device.backing`, mapped BARs, DMA memory) as its state, which comes back to
+    /// [`remove`](Self::remove). On
     /// [`ProbeOutcome::NotMine`] and [`ProbeOutcome::Failed`] it must have dropped every
     /// handle of the device before returning: the bus then releases the device (closes
     /// it, puts the binding back, drops the claim). A kept handle is reported as a leak,
@@ -90,21 +139,40 @@ pub trait Driver<B: DeviceBacking>: Any + Send {
     /// [module docs](self#threads)): a probe that waits for the device should look at
     /// [`ProbeDevice::removal_requested`] while it waits, and handles of this driver's
     /// other devices may be revoked under it meanwhile ([`DeviceBacking::revoke`]).
-    fn probe(&mut self, device: ProbeDevice<'_, B>) -> ProbeOutcome;
+    ///
+    /// A probe again ([`probe_again`](Self::probe_again), `device.again`) that binds
+    /// replaces the device's state with the new one; the bus drops the old one (the
+    /// device stays bound: no `remove`). One that declines or fails leaves the old state
+    /// as it was. If the device is taken back during a probe again, its old state goes
+    /// to `remove`, and a new one the probe returns is dropped.
+    fn probe(&mut self, device: ProbeDevice<'_, B>) -> ProbeOutcome<Self::Device>;
 
     /// Gives the device back: stop using it and drop every handle of it before returning.
-    /// Called once per bound device, whatever the [`RemovalCause`]. A handle kept after
-    /// it returns keeps the device open: the bus then keeps it claimed and does not
-    /// release it before the handle is dropped ([`Bus::releasing`](super::Bus::releasing)). For
-    /// [`RemovalCause::Request`] and the others that mean the device is going away, do not
-    /// wait for the device (it may be gone): the kernel's removal waits for this process
-    /// to close it.
+    /// Called once per bound device, whatever the [`RemovalCause`], with the state its
+    /// probe returned (`device`): what it holds is dropped when `remove` returns, or
+    /// unwinds. For [`RemovalCause::Request`] and the others that mean the device is
+    /// going away, do not wait for the device (it may be gone): the kernel's removal
+    /// waits for this process to close it.
+    ///
+    /// A handle kept after it returns (moved out of the state, or kept elsewhere: an I/O
+    /// thread's clone) is reported ([`RemovedReport::leaked`](super::RemovedReport::leaked)).
+    /// For a removal ([`RemovalCause::is_removal`]) the bus then revokes the device if its
+    /// backing can be ([`DeviceBacking::revoke`]): the kept handles read all-ones, drop
+    /// writes and fail with [`Gone`](super::BackingError::Gone) from then on, and the
+    /// device is closed and released at once
+    /// ([`RemovedReport::revoked`](super::RemovedReport::revoked)), so a leaked handle
+    /// cannot hold up the kernel's removal. Otherwise (an orderly
+    /// [`RemovalCause::Detach`], whose previous driver can be restored only once every
+    /// handle is gone, or a backing that cannot be revoked) the device stays open: the
+    /// bus keeps it claimed and does not release it before the handles are dropped
+    /// ([`Bus::releasing`](super::Bus::releasing)), or, after a detach, before the
+    /// kernel asks for it (a removal request: then it is revoked as above).
     ///
     /// For a device taken back while this driver was probing another one, `remove`
     /// comes when that probe returns, and the device may be closed already (revoked,
     /// [`RemovedReport::revoked`](super::RemovedReport::revoked)): its handles then read
     /// all-ones and fail; drop them all the same.
-    fn remove(&mut self, removal: &Removal);
+    fn remove(&mut self, device: Self::Device, removal: &Removal);
 
     /// A BAR of a device the driver holds faulted while the device is still there and not
     /// being removed: it is in D3hot, or its memory decoding is off (see
@@ -122,8 +190,10 @@ pub trait Driver<B: DeviceBacking>: Any + Send {
     /// probe thread: see the [module docs](self#threads)), not even later: the bus reports
     /// it ([`BusEvent::Fault`](super::BusEvent::Fault)), and the driver finds the area
     /// [faulted](crate::vfio::MappedBar::faulted).
-    fn fault(&mut self, fault: &BarFault) {
-        let _ = fault;
+    ///
+    /// `device` is the device's state.
+    fn fault(&mut self, device: &mut Self::Device, fault: &BarFault) {
+        let _ = (device, fault);
     }
 
     /// Whether [`Bus::probe_all`](super::Bus::probe_all) offers a device this driver
@@ -188,11 +258,13 @@ impl<B> ProbeDevice<'_, B> {
     }
 }
 
-/// What a probe decided.
+/// What a probe decided: for [`Bound`](Self::Bound), with the driver's state of the
+/// device ([`Driver::Device`]; `()` for a driver that keeps none).
 #[derive(Debug)]
-pub enum ProbeOutcome {
-    /// The driver drives the device now.
-    Bound,
+pub enum ProbeOutcome<D = ()> {
+    /// The driver drives the device now, and keeps this of it (given back to
+    /// [`Driver::remove`]).
+    Bound(D),
     /// Not a device for this driver (a model it does not support, a mode it does not
     /// handle): the bus offers it to the next driver whose table matches.
     NotMine,

@@ -22,13 +22,19 @@
 //! ([`super::fault`]): its driver is told ([`Driver::fault`]), keeps the device, and the bus
 //! reports [`BusEvent::Fault`].
 //!
-//! A driver that keeps a handle of the device after `remove` (or after declining or
-//! failing its probe, when no driver took it) keeps it open (for VFIO, the kernel's
-//! removal goes on waiting, holding the device lock). Such a device is not released: it
+//! A driver that keeps a handle of the device after `remove` for a removal (the kernel
+//! waits for the device's close) does not keep it open if the device's backing can be
+//! revoked ([`DeviceBacking::revoke`]): the bus closes the device under the kept handles,
+//! which read all-ones and fail from then on, and releases it at once
+//! ([`RemovedReport::revoked`]). Otherwise, and after an orderly detach (whose previous
+//! binding can be restored only once every handle is gone), a driver that keeps a
+//! handle of the device after `remove` (or after declining or failing its probe, when no
+//! driver took it) keeps it open (for VFIO, the kernel's removal goes on waiting,
+//! holding the device lock). Such a device is not released: it
 //! stays claimed, and (if it is being removed) marked releasing in the claim and pending
 //! in the registry, with its request eventfd registered; it is not offered to drivers
-//! again. [`Bus::poll`] looks at it again each time, and once its last handle is gone it
-//! finishes the release (closes it, restores the binding if the release is orderly or a
+//! again (a removal request for it revokes it, if it can be, as above). [`Bus::poll`]
+//! looks at it again each time, and once its last handle is gone it finishes the release (closes it, restores the binding if the release is orderly or a
 //! probe's rollback, drops the claim and the mark) and reports [`BusEvent::Released`].
 //! See [`Bus::releasing`], and the bus's drop for one still open when the bus ends.
 //!
@@ -46,6 +52,7 @@
 //! runs there while the calling thread answers removal requests (see
 //! [`Bus`](Bus#probes-and-removal-requests)).
 
+use std::any::{Any, TypeId};
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::os::fd::{AsFd, BorrowedFd};
@@ -75,8 +82,10 @@ use crate::vfio::fault::{self, Subscriber};
 const COMMAND: u64 = 0x04;
 const COMMAND_MEMORY: u16 = 1 << 1;
 
+mod erased;
 mod ready;
 mod worker;
+use erased::{ErasedDriver, State};
 use ready::ReadyFd;
 use worker::{Offered, Probing};
 
@@ -177,22 +186,24 @@ pub struct RemovedReport {
     pub driver: String,
     /// Why it was taken back.
     pub cause: RemovalCause,
-    /// Handles the driver kept after [`Driver::remove`] (0 when it let go, as it must): a
-    /// VFIO device stays open while one lives, and the kernel's removal waits. The bus
-    /// then keeps the device claimed ([`Bus::releasing`]) and finishes the release when
-    /// they are gone ([`BusEvent::Released`]); [`error`](Self::error) is `None` until
-    /// then.
+    /// Handles the driver kept after [`Driver::remove`] (0 when it let go, as it must).
+    /// For a removal whose backing could be revoked, they were closed under the driver
+    /// ([`revoked`](Self::revoked)) and keep nothing open. Otherwise a VFIO device stays
+    /// open while one lives, and the kernel's removal waits: the bus then keeps the
+    /// device claimed ([`Bus::releasing`]) and finishes the release when they are gone
+    /// ([`BusEvent::Released`]); [`error`](Self::error) is `None` until then.
     pub leaked: usize,
     /// Closing or restoring the binding failed (the device is released from the bus
     /// anyway).
     pub error: Option<AttachError>,
     /// [`Driver::remove`] panicked (the removal went on regardless).
     pub panicked: Option<DriverPanicked>,
-    /// The driver was busy probing (another device, or this one again), so the bus
-    /// revoked the device ([`DeviceBacking::revoke`]) and closed and released it without
-    /// waiting; [`Driver::remove`] is called when the probe returns (a panic in it is
-    /// logged, not reported). `leaked` is 0: handles of a revoked device keep nothing
-    /// open. See [`Bus`](Bus#probes-and-removal-requests).
+    /// The bus revoked the device ([`DeviceBacking::revoke`]) and closed and released it
+    /// without waiting for the driver's handles, which read all-ones and fail from then
+    /// on. Either the driver was busy probing (another device, or this one again):
+    /// [`Driver::remove`] is called when the probe returns (a panic in it is logged, not
+    /// reported), and `leaked` is 0 (see [`Bus`](Bus#probes-and-removal-requests)); or,
+    /// for a removal, the driver kept handles after `remove` (`leaked` > 0).
     pub revoked: bool,
 }
 
@@ -236,7 +247,8 @@ pub enum BusEvent {
     /// A device was offered to the drivers.
     Probed(ProbeReport),
     /// A device was taken back from its driver. If the driver kept handles of it
-    /// ([`RemovedReport::leaked`] > 0) it is still open and claimed: a
+    /// ([`RemovedReport::leaked`] > 0) and the bus did not revoke it
+    /// ([`RemovedReport::revoked`]), it is still open and claimed: a
     /// [`Released`](Self::Released) follows once they are gone.
     Removed(RemovedReport),
     /// A device taken back earlier, which its driver had kept open, is closed and
@@ -265,6 +277,11 @@ impl fmt::Display for BusEvent {
                 Ok(driver) => write!(f, "{}: bound to {driver}", r.address),
                 Err(e) => write!(f, "{}: not bound: {e}", r.address),
             },
+            BusEvent::Removed(r) if r.leaked > 0 && r.revoked => write!(
+                f,
+                "{}: taken from {} ({}), which kept {} handle(s): revoked and closed under them",
+                r.address, r.driver, r.cause, r.leaked
+            ),
             BusEvent::Removed(r) if r.leaked > 0 => write!(
                 f,
                 "{}: taken from {} ({}), which kept {} handle(s): still open",
@@ -300,6 +317,9 @@ impl fmt::Display for BusEvent {
 struct Held<B> {
     driver: usize,
     attached: Attached<B>,
+    // The driver's state of this device (its `Driver::Device`), made by the probe that
+    // bound it: one per attach of one incarnation, given back to `remove`.
+    state: State,
     claim: Option<Claim>,
     // The kernel's uevent sequence number once the device was attached
     // (`/sys/kernel/uevent_seqnum`): uevents up to it are about the attach itself (the
@@ -324,18 +344,22 @@ struct Parked<B> {
 // thread.
 struct Slot<B> {
     name: String,
+    // The driver's type, for the typed accessors of its states (also while it probes).
+    driver_type: TypeId,
     // `None` while it probes (`worker`).
-    driver: Option<Box<dyn Driver<B>>>,
+    driver: Option<Box<dyn ErasedDriver<B>>>,
 }
 
 // A removal answered while the device's driver was away probing: what is left to do when
 // the probe returns.
 enum Deferred {
-    // The device was revoked and closed: the driver has only to be told.
+    // The device was revoked and closed: the driver has only to be told, and given its
+    // state back.
     Tell {
         driver: usize,
         address: PciAddress,
         cause: RemovalCause,
+        state: State,
     },
     // The backing could not be revoked: the device stays held (claimed "releasing",
     // marked if `marked`) and is taken back, `remove` first, when the probe returns.
@@ -539,21 +563,52 @@ impl<A: Attach> Bus<A> {
         self
     }
 
-    /// Registers a driver; drivers are asked in registration order.
-    pub fn register(&mut self, driver: Box<dyn Driver<A::Backing>>) {
+    /// Registers a driver; drivers are asked in registration order. Drivers of any
+    /// types (and per-device state types) can be registered with one bus.
+    pub fn register<D: Driver<A::Backing>>(&mut self, driver: Box<D>) {
         self.drivers.push(Slot {
-            name: driver.name().to_owned(),
+            name: Driver::name(driver.as_ref()).to_owned(),
+            driver_type: TypeId::of::<D>(),
             driver: Some(driver),
         });
     }
 
-    /// The first registered driver of type `D`, for the application to reach the devices
-    /// it drives.
+    /// The first registered driver of type `D` (its settings, what it keeps across
+    /// devices). Its state of each device is [`device_state`](Self::device_state)'s.
     pub fn driver_mut<D: Driver<A::Backing>>(&mut self) -> Option<&mut D> {
         self.drivers
             .iter_mut()
             .filter_map(|s| s.driver.as_mut())
-            .find_map(|d| (d.as_mut() as &mut dyn std::any::Any).downcast_mut::<D>())
+            .find_map(|d| (d.as_mut() as &mut dyn Any).downcast_mut::<D>())
+    }
+
+    /// The state driver `D` keeps of the device at `address` (what its probe returned in
+    /// [`ProbeOutcome::Bound`]): `None` unless a driver of type `D` holds the device. It
+    /// is the state of the incarnation of the device the bus holds (see
+    /// [`driver`](super::driver#per-device-state)).
+    pub fn device_state<D: Driver<A::Backing>>(&self, address: PciAddress) -> Option<&D::Device> {
+        let held = self.held.get(&address)?;
+        (self.drivers[held.driver].driver_type == TypeId::of::<D>())
+            .then(|| held.state.downcast_ref::<D::Device>())
+            .flatten()
+    }
+
+    /// [`device_state`](Self::device_state), to change.
+    pub fn device_state_mut<D: Driver<A::Backing>>(&mut self, address: PciAddress) -> Option<&mut D::Device> {
+        let held = self.held.get_mut(&address)?;
+        (self.drivers[held.driver].driver_type == TypeId::of::<D>())
+            .then(|| held.state.downcast_mut::<D::Device>())
+            .flatten()
+    }
+
+    /// The states of every device drivers of type `D` hold, in address order.
+    pub fn device_states<D: Driver<A::Backing>>(&self) -> impl Iterator<Item = (PciAddress, &D::Device)> {
+        self.held.iter().filter_map(|(a, h)| {
+            (self.drivers[h.driver].driver_type == TypeId::of::<D>())
+                .then(|| h.state.downcast_ref::<D::Device>())
+                .flatten()
+                .map(|s| (*a, s))
+        })
     }
 
     /// The device map.
@@ -645,13 +700,21 @@ impl<A: Attach> Bus<A> {
             return Some(ProbeReport {
                 address,
                 result: match (taken, outcome) {
-                    // Taken back as any device of a driver that is probing (`take_back`).
+                    // Taken back as any device of a driver that is probing (`take_back`):
+                    // its old state went to `remove`; a new one is dropped here.
                     (Some(cause), _) => Err(ProbeError::Removed {
                         address,
                         driver: name,
                         cause,
                     }),
-                    (None, ProbeOutcome::Bound | ProbeOutcome::NotMine) => Ok(name),
+                    (None, ProbeOutcome::Bound(state)) => {
+                        // The new state replaces the old, which is dropped (still bound).
+                        if let Some(held) = self.held.get_mut(&address) {
+                            drop(std::mem::replace(&mut held.state, state));
+                        }
+                        Ok(name)
+                    }
+                    (None, ProbeOutcome::NotMine) => Ok(name),
                     (None, ProbeOutcome::Failed(error)) => Err(ProbeError::Failed {
                         address,
                         driver: name,
@@ -729,7 +792,7 @@ impl<A: Attach> Bus<A> {
                 break;
             };
             match outcome {
-                ProbeOutcome::Bound => {
+                ProbeOutcome::Bound(state) => {
                     if let Some(c) = &offered.claim
                         && let Err(e) = c.set_driver(&name)
                     {
@@ -741,6 +804,7 @@ impl<A: Attach> Bus<A> {
                         Held {
                             driver: *index,
                             attached,
+                            state,
                             claim: offered.claim.take(),
                             attached_seqnum,
                         },
@@ -807,21 +871,21 @@ impl<A: Attach> Bus<A> {
         &mut self,
         address: PciAddress,
         index: usize,
-        outcome: ProbeOutcome,
+        outcome: ProbeOutcome<State>,
         cause: RemovalCause,
         mut offered: Offered<A::Backing>,
         mut leaked: usize,
     ) -> Option<ProbeReport> {
         let name = self.drivers[index].name.clone();
         match outcome {
-            ProbeOutcome::Bound => {
+            ProbeOutcome::Bound(state) => {
                 if let Some(driver) = self.drivers[index].driver.as_mut() {
                     let removal = Removal {
                         address,
                         cause: cause.clone(),
                     };
                     // A panic is logged by `guarded`; the device goes regardless.
-                    let _ = guarded(&name, "remove", address, || driver.remove(&removal));
+                    let _ = guarded(&name, "remove", address, || driver.remove(state, &removal));
                 }
             }
             ProbeOutcome::NotMine => {}
@@ -900,11 +964,15 @@ impl<A: Attach> Bus<A> {
             address,
             cause: cause.clone(),
         };
+        let state = held.state;
         let panicked = slot
             .driver
             .as_mut()
-            .and_then(|driver| guarded(&name, "remove", address, || driver.remove(&removal)).err());
+            .and_then(|driver| guarded(&name, "remove", address, || driver.remove(state, &removal)).err());
         let leaked = kept(&name, address, &held.attached.backing, "its removal");
+        // Handles kept for a removal would keep the kernel's removal waiting: they are
+        // closed under the driver instead, if the backing can be revoked.
+        let revoked = leaked > 0 && cause.is_removal() && revoke_kept(&name, address, &held.attached.backing);
         if cause == RemovalCause::Request && self.map.get(address).is_some() {
             self.held_off.insert(address);
         }
@@ -920,7 +988,7 @@ impl<A: Attach> Bus<A> {
             },
             marked,
         };
-        let error = if leaked > 0 {
+        let error = if leaked > 0 && !revoked {
             // Releasing it now would tell every other process that the device is free
             // while it is open (and restoring its driver would wait for the close).
             log::warn!("{address}: stays claimed until the handles driver {name} kept are dropped");
@@ -936,7 +1004,7 @@ impl<A: Attach> Bus<A> {
             leaked,
             error,
             panicked,
-            revoked: false,
+            revoked,
         })
     }
 
@@ -987,6 +1055,7 @@ impl<A: Attach> Bus<A> {
             driver: index,
             address,
             cause: cause.clone(),
+            state: held.state,
         });
         Some(RemovedReport {
             address,
@@ -1007,13 +1076,14 @@ impl<A: Attach> Bus<A> {
                     driver,
                     address,
                     cause,
+                    state,
                 } => {
                     let slot = &mut self.drivers[driver];
                     let name = slot.name.as_str();
                     if let Some(d) = slot.driver.as_mut() {
                         let removal = Removal { address, cause };
                         // A panic is logged by `guarded`; handles it keeps are dead.
-                        let _ = guarded(name, "remove", address, || d.remove(&removal));
+                        let _ = guarded(name, "remove", address, || d.remove(state, &removal));
                     }
                 }
                 Deferred::TakeBack {
@@ -1075,14 +1145,21 @@ impl<A: Attach> Bus<A> {
                 parked.release = Release::Removal;
                 parked.marked |= self.mark_removal(address, parked.claim.as_ref(), &RemovalCause::Request);
             }
-            if parked.attached.backing.extra_handles() > 0 {
+            // The kernel waits for the close: the kept handles are closed under their
+            // owner if the backing can be revoked (as after `remove` for a removal).
+            let revoked = requested
+                && parked.attached.backing.extra_handles() > 0
+                && revoke_kept(&parked.driver, address, &parked.attached.backing);
+            if !revoked && parked.attached.backing.extra_handles() > 0 {
                 self.parked.insert(address, parked);
                 continue;
             }
-            log::info!(
-                "{address}: the handles driver {} kept are gone: released",
-                parked.driver
-            );
+            if !revoked {
+                log::info!(
+                    "{address}: the handles driver {} kept are gone: released",
+                    parked.driver
+                );
+            }
             let driver = parked.driver.clone();
             let cause = parked.cause.clone();
             let error = self.finish(address, parked);
@@ -1232,9 +1309,12 @@ impl<A: Attach> Bus<A> {
                 fault.region
             );
             // A driver away on a probe is not told (the event still says it happened).
-            let panicked = match registered.driver.as_mut() {
-                Some(driver) => guarded(&name, "fault", address, || driver.fault(&fault)).err(),
-                None => None,
+            let state = self.held.get_mut(&address).map(|h| &mut h.state);
+            let panicked = match (registered.driver.as_mut(), state) {
+                (Some(driver), Some(state)) => {
+                    guarded(&name, "fault", address, || driver.fault(state, &fault)).err()
+                }
+                _ => None,
             };
             events.push(BusEvent::Fault(FaultReport {
                 fault,
@@ -1575,6 +1655,25 @@ fn reset_between_probes<B: DeviceBacking>(address: PciAddress, backing: &B) {
     }
 }
 
+// Revokes a device whose driver kept handles of it after `remove` for a removal (the
+// kernel waits for the close): whether it is closed now.
+fn revoke_kept<B: DeviceBacking>(driver: &str, address: PciAddress, backing: &B) -> bool {
+    match backing.revoke() {
+        Ok(()) => {
+            log::warn!(
+                "{address}: revoked under the handle(s) driver {driver} kept: they read all-ones and fail from now on; the device is closed"
+            );
+            true
+        }
+        Err(e) => {
+            log::warn!(
+                "{address}: the handle(s) driver {driver} kept cannot be revoked ({e}): it stays open"
+            );
+            false
+        }
+    }
+}
+
 // Handles of `backing` besides the bus's, logged as an error.
 fn kept<B: DeviceBacking>(driver: &str, address: PciAddress, backing: &B, after: &str) -> usize {
     let n = backing.extra_handles();
@@ -1618,25 +1717,26 @@ mod tests {
     use crate::vfio::mmio::MmioArea;
     use crate::{Scanner, SysfsRoot};
 
-    struct Keep(Vec<FakeRegisters>, Vec<RemovalCause>, [IdEntry; 1], Vec<BarFault>);
+    // The causes of its removals, its table, the faults it was told of.
+    struct Keep(Vec<RemovalCause>, [IdEntry; 1], Vec<BarFault>);
 
     impl Driver<FakeBacking> for Keep {
+        type Device = FakeRegisters;
+
         fn name(&self) -> &str {
             "keep"
         }
         fn id_table(&self) -> &[IdEntry] {
-            &self.2
+            &self.1
         }
-        fn probe(&mut self, device: ProbeDevice<'_, FakeBacking>) -> ProbeOutcome {
-            self.0.push(device.backing.map_bar(0).unwrap());
-            ProbeOutcome::Bound
+        fn probe(&mut self, device: ProbeDevice<'_, FakeBacking>) -> ProbeOutcome<FakeRegisters> {
+            ProbeOutcome::Bound(device.backing.map_bar(0).unwrap())
         }
-        fn remove(&mut self, removal: &Removal) {
-            self.1.push(removal.cause.clone());
-            self.0.clear();
+        fn remove(&mut self, _bar: FakeRegisters, removal: &Removal) {
+            self.0.push(removal.cause.clone());
         }
-        fn fault(&mut self, fault: &BarFault) {
-            self.3.push(*fault);
+        fn fault(&mut self, _bar: &mut FakeRegisters, fault: &BarFault) {
+            self.2.push(*fault);
         }
     }
 
@@ -1647,7 +1747,6 @@ mod tests {
         let map = DeviceMap::new(Scanner::new(SysfsRoot::new(fake.root())).no_claims()).unwrap();
         let mut bus = Bus::new(map, FakeAttach::new());
         bus.register(Box::new(Keep(
-            Vec::new(),
             Vec::new(),
             [IdEntry::class(0x010802, CLASS_EXACT)],
             Vec::new(),
@@ -1673,6 +1772,7 @@ mod tests {
     struct FaultsInProbe([IdEntry; 1], Vec<RemovalCause>);
 
     impl Driver<FakeBacking> for FaultsInProbe {
+        type Device = ();
         fn name(&self) -> &str {
             "faults-in-probe"
         }
@@ -1686,9 +1786,9 @@ mod tests {
                 std::thread::sleep(Duration::from_millis(5));
             }
             // Bound regardless: the bus must not keep it.
-            ProbeOutcome::Bound
+            ProbeOutcome::Bound(())
         }
-        fn remove(&mut self, removal: &Removal) {
+        fn remove(&mut self, _: (), removal: &Removal) {
             self.1.push(removal.cause.clone());
         }
     }
@@ -1787,8 +1887,8 @@ mod tests {
         );
         assert_eq!(bus.held().len(), 1, "still held");
         let driver = bus.driver_mut::<Keep>().unwrap();
-        assert_eq!(driver.3, [expected]);
-        assert!(driver.1.is_empty(), "not removed");
+        assert_eq!(driver.2, [expected]);
+        assert!(driver.0.is_empty(), "not removed");
         drop(bar);
 
         // Back in D0, a fault is a removal again.
@@ -1857,7 +1957,6 @@ mod tests {
         let mut bus = Bus::new(map, FakeAttach::new());
         bus.register(Box::new(Keep(
             Vec::new(),
-            Vec::new(),
             [IdEntry::class(0x010802, CLASS_EXACT)],
             Vec::new(),
         )));
@@ -1887,7 +1986,7 @@ mod tests {
             (address, &RemovalCause::Fault, 0)
         );
         let driver = bus.driver_mut::<Keep>().unwrap();
-        assert_eq!(driver.1, [RemovalCause::Fault]);
+        assert_eq!(driver.0, [RemovalCause::Fault]);
         assert!(bus.held().is_empty());
         // A later fault of a device the bus does not hold is ignored.
         assert!(bus.poll().is_empty());

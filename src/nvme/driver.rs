@@ -1,10 +1,7 @@
 //! The NVMe driver as a [`Driver`] of the [`crate::bus::Bus`]: it takes every NVMe
 //! controller (class 01 08 02), brings it up, and gives it back on removal.
 
-use std::collections::BTreeMap;
-
 use super::{Controller, Options};
-use crate::addr::PciAddress;
 use crate::bus::backing::DeviceBacking;
 use crate::bus::driver::{Driver, ProbeDevice, ProbeOutcome, Removal, RemovalCause};
 use crate::bus::id::{CLASS_EXACT, IdEntry};
@@ -17,18 +14,19 @@ const SHUTDOWN_LIMIT: std::time::Duration = std::time::Duration::from_millis(500
 /// `interrupts=1` for MSI-X completion interrupts instead of polling).
 pub const DEVARGS: &[&str] = &["io_queues", "shadow_doorbells", "admin_depth", "interrupts"];
 
-/// The NVMe driver. Reach its controllers through
-/// [`Bus::driver_mut`](crate::bus::Bus::driver_mut) and [`controller`](Self::controller).
+/// The NVMe driver. Its state of a device is the device's [`Controller`]: reach it through
+/// [`Bus::device_state`](crate::bus::Bus::device_state)`::<NvmeDriver<B>>(address)` (and
+/// every one through [`Bus::device_states`](crate::bus::Bus::device_states)).
 pub struct NvmeDriver<B: DeviceBacking> {
     table: [IdEntry; 1],
     options: Options,
-    controllers: BTreeMap<PciAddress, Controller<B>>,
+    _backing: std::marker::PhantomData<fn() -> B>,
 }
 
 impl<B: DeviceBacking> std::fmt::Debug for NvmeDriver<B> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("NvmeDriver")
-            .field("controllers", &self.controllers.keys().collect::<Vec<_>>())
+            .field("options", &self.options)
             .finish_non_exhaustive()
     }
 }
@@ -39,18 +37,8 @@ impl<B: DeviceBacking> NvmeDriver<B> {
         NvmeDriver {
             table: [IdEntry::class(0x01_08_02, CLASS_EXACT)],
             options,
-            controllers: BTreeMap::new(),
+            _backing: std::marker::PhantomData,
         }
-    }
-
-    /// The controller at `address`, if this driver has it.
-    pub fn controller(&self, address: PciAddress) -> Option<&Controller<B>> {
-        self.controllers.get(&address)
-    }
-
-    /// The controllers, by address.
-    pub fn controllers(&self) -> impl Iterator<Item = (&PciAddress, &Controller<B>)> {
-        self.controllers.iter()
     }
 }
 
@@ -70,6 +58,8 @@ fn parse_u16(key: &str, value: Option<&str>) -> Result<u16, String> {
 }
 
 impl<B: DeviceBacking> Driver<B> for NvmeDriver<B> {
+    type Device = Controller<B>;
+
     fn name(&self) -> &str {
         "nvme"
     }
@@ -78,7 +68,7 @@ impl<B: DeviceBacking> Driver<B> for NvmeDriver<B> {
         &self.table
     }
 
-    fn probe(&mut self, device: ProbeDevice<'_, B>) -> ProbeOutcome {
+    fn probe(&mut self, device: ProbeDevice<'_, B>) -> ProbeOutcome<Controller<B>> {
         let mut options = self.options.clone();
         if let Some(arg) = device.devarg {
             if let Err(e) = arg.reject_unknown(DEVARGS) {
@@ -109,18 +99,14 @@ impl<B: DeviceBacking> Driver<B> for NvmeDriver<B> {
                     c.namespaces().len(),
                     info.io_queues
                 );
-                self.controllers.insert(device.record.address, c);
-                ProbeOutcome::Bound
+                ProbeOutcome::Bound(c)
             }
             Err(e) => ProbeOutcome::Failed(e.into()),
         }
     }
 
-    fn remove(&mut self, removal: &Removal) {
+    fn remove(&mut self, c: Controller<B>, removal: &Removal) {
         let address = removal.address;
-        let Some(c) = self.controllers.remove(&address) else {
-            return;
-        };
         // What I/O threads see fail from now on is this removal's doing.
         c.begin_removal(&removal.cause.to_string());
         // An orderly release and a request (the device is still there) get a normal

@@ -253,8 +253,7 @@ fn with_controller<T>(
         return Err(msg.into());
     }
     let controller = bus
-        .driver_mut::<NvmeDriver<VfioBacking>>()
-        .and_then(|d| d.controller(address))
+        .device_state::<NvmeDriver<VfioBacking>>(address)
         .cloned()
         .ok_or("the NVMe driver bound the device but has no controller for it")?;
     let result = f(&controller);
@@ -684,10 +683,7 @@ fn perf_hotplug(
     };
     while Instant::now() < deadline {
         if worker.is_none()
-            && let Some(c) = bus
-                .driver_mut::<NvmeDriver<VfioBacking>>()
-                .and_then(|d| d.controller(address))
-                .cloned()
+            && let Some(c) = bus.device_state::<NvmeDriver<VfioBacking>>(address).cloned()
         {
             let progress = Arc::new(Progress::default());
             let mut cfg = config.clone();

@@ -79,6 +79,7 @@ struct PfHolder {
 }
 
 impl Driver<VfioBacking> for PfHolder {
+    type Device = ();
     fn name(&self) -> &str {
         "nvme-sriov"
     }
@@ -86,9 +87,9 @@ impl Driver<VfioBacking> for PfHolder {
         &self.table
     }
     fn probe(&mut self, _device: ProbeDevice<'_, VfioBacking>) -> ProbeOutcome {
-        ProbeOutcome::Bound
+        ProbeOutcome::Bound(())
     }
-    fn remove(&mut self, _removal: &Removal) {}
+    fn remove(&mut self, _: (), _removal: &Removal) {}
 }
 
 const ENABLE_SRIOV: &str = "module/vfio_pci/parameters/enable_sriov";

@@ -15,6 +15,7 @@ use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use nix::sys::eventfd::{EfdFlags, EventFd};
 use parking_lot::Mutex;
 
+use super::erased::State;
 use super::{Bus, BusEvent, Parked, RELEASE_RECHECK, drain_eventfd, guarded, panicked};
 use crate::addr::PciAddress;
 use crate::bus::attach::{Attach, Attached, Release};
@@ -109,7 +110,7 @@ impl<A: Attach> Bus<A> {
         backing: A::Backing,
         again: bool,
         offered: Option<&mut Offered<A::Backing>>,
-    ) -> (ProbeOutcome, Option<RemovalCause>) {
+    ) -> (ProbeOutcome<State>, Option<RemovalCause>) {
         let address = record.address;
         let name = self.drivers[index].name.clone();
         let Some(driver) = self.drivers[index].driver.take() else {
