@@ -45,21 +45,24 @@ struct Nvme {
 }
 
 impl Driver<FakeBacking> for Nvme {
+    // The device's address, to check that the bus hands the right state to each callback.
+    type Device = PciAddress;
     fn name(&self) -> &str {
         "nvme"
     }
     fn id_table(&self) -> &[IdEntry] {
         &self.table
     }
-    fn probe(&mut self, _device: ProbeDevice<'_, FakeBacking>) -> ProbeOutcome {
-        ProbeOutcome::Bound
+    fn probe(&mut self, device: ProbeDevice<'_, FakeBacking>) -> ProbeOutcome<PciAddress> {
+        ProbeOutcome::Bound(device.record.address)
     }
-    fn remove(&mut self, removal: &Removal) {
+    fn remove(&mut self, address: PciAddress, removal: &Removal) {
+        assert_eq!(address, removal.address);
         self.seen.lock().removed.push(removal.clone());
     }
-    fn error_detected(&mut self, address: PciAddress, event: &ErrorEvent) -> ErrorAction {
-        assert_eq!(address, event.address);
-        self.seen.lock().errors.push((address, event.count));
+    fn error_detected(&mut self, address: &mut PciAddress, event: &ErrorEvent) -> ErrorAction {
+        assert_eq!(*address, event.address);
+        self.seen.lock().errors.push((*address, event.count));
         self.answer
     }
 }
@@ -185,6 +188,7 @@ fn a_device_without_error_notification_is_not_watched() {
     let seen = Arc::new(Mutex::new(Seen::default()));
     struct NoErr(Nvme);
     impl Driver<FakeBacking> for NoErr {
+        type Device = ();
         fn name(&self) -> &str {
             "noerr"
         }
@@ -194,9 +198,9 @@ fn a_device_without_error_notification_is_not_watched() {
         fn probe(&mut self, device: ProbeDevice<'_, FakeBacking>) -> ProbeOutcome {
             // Before the bus looks (after a bind): the device has no ERR index.
             device.backing.set_interrupt_count(InterruptKind::Error, 0);
-            ProbeOutcome::Bound
+            ProbeOutcome::Bound(())
         }
-        fn remove(&mut self, _removal: &Removal) {}
+        fn remove(&mut self, _device: (), _removal: &Removal) {}
     }
     bus.register(Box::new(NoErr(Nvme {
         table: [IdEntry::class(0x01_08_02, CLASS_EXACT)],

@@ -210,19 +210,9 @@ pub trait Driver<B: DeviceBacking>: Any + Send {
     /// [`DeviceBacking::reset`]) or to give it up ([`ErrorAction::Remove`]: then
     /// [`remove`](Self::remove) follows with [`RemovalCause::Error`]). The bus reports it
     /// either way ([`BusEvent::Error`](super::BusEvent::Error)).
-    fn error_detected(&mut self, address: PciAddress, event: &ErrorEvent) -> ErrorAction {
-        let _ = (address, event);
+    fn error_detected(&mut self, device: &mut Self::Device, event: &ErrorEvent) -> ErrorAction {
+        let _ = (device, event);
         ErrorAction::Keep
-    }
-
-    /// Asked before the bus changes the number of VFs of `pf`, a PF this driver holds, to
-    /// `num_vfs` ([`Bus::set_vfs`](super::Bus::set_vfs); 0: the VFs are to be
-    /// destroyed): an error refuses the change, and nothing is done. A driver that must
-    /// set the device up for its VFs (resources, as NVMe's Virtualization Management)
-    /// does it here. Default: agree.
-    fn sriov_configure(&mut self, pf: PciAddress, num_vfs: u16) -> Result<(), DriverError> {
-        let _ = (pf, num_vfs);
-        Ok(())
     }
 }
 

@@ -1247,7 +1247,8 @@ impl<A: Attach> Bus<A> {
             };
             let slot = &mut self.drivers[index];
             let name = slot.name.clone();
-            let Some(driver) = slot.driver.as_mut() else {
+            let (Some(driver), Some(state)) = (slot.driver.as_mut(), self.held.get_mut(&address).map(|h| &mut h.state))
+            else {
                 continue;
             };
             log::warn!(
@@ -1255,7 +1256,7 @@ impl<A: Attach> Bus<A> {
                 event.count
             );
             let answer = guarded(&name, "error_detected", address, || {
-                driver.error_detected(address, &event)
+                driver.error_detected(state, &event)
             });
             let (action, panicked) = match answer {
                 Ok(action) => (action, None),

@@ -10,6 +10,7 @@ use std::any::Any;
 use crate::addr::PciAddress;
 use crate::bus::backing::DeviceBacking;
 use crate::bus::driver::{Driver, ProbeDevice, ProbeOutcome, Removal};
+use crate::bus::errors::{ErrorAction, ErrorEvent};
 use crate::bus::fault::BarFault;
 use crate::bus::id::IdEntry;
 
@@ -22,6 +23,7 @@ pub(crate) trait ErasedDriver<B>: Any + Send {
     fn probe(&mut self, device: ProbeDevice<'_, B>) -> ProbeOutcome<State>;
     fn remove(&mut self, state: State, removal: &Removal);
     fn fault(&mut self, state: &mut State, fault: &BarFault);
+    fn error_detected(&mut self, state: &mut State, event: &ErrorEvent) -> ErrorAction;
     fn probe_again(&self) -> bool;
 }
 
@@ -50,6 +52,16 @@ impl<B: DeviceBacking, D: Driver<B>> ErasedDriver<B> for D {
         match state.downcast_mut::<D::Device>() {
             Some(state) => Driver::fault(self, state, fault),
             None => mismatch(Driver::name(self), fault.address, "fault"),
+        }
+    }
+
+    fn error_detected(&mut self, state: &mut State, event: &ErrorEvent) -> ErrorAction {
+        match state.downcast_mut::<D::Device>() {
+            Some(state) => Driver::error_detected(self, state, event),
+            None => {
+                mismatch(Driver::name(self), event.address, "error_detected");
+                ErrorAction::Keep
+            }
         }
     }
 
