@@ -38,6 +38,7 @@ mod addr;
 pub mod barrier;
 pub mod bus;
 pub mod config;
+pub mod drivers;
 pub mod error;
 pub mod fixture;
 pub mod hotplug;
