@@ -130,7 +130,10 @@ fn report(bus: &mut Bus<VfioAttach>, events: Vec<BusEvent>, start: Instant, tall
                 Err(e) => println!("edu: {} not bound: {e}", p.address),
             },
             BusEvent::Removed(r) => {
-                println!("edu: {} removed ({}), {} handle(s) kept", r.address, r.cause, r.leaked)
+                println!(
+                    "edu: {} removed ({}), {} handle(s) kept",
+                    r.address, r.cause, r.leaked
+                )
             }
             _ => {}
         }
@@ -190,7 +193,8 @@ fn run() -> Result<bool, Error> {
             .min()
             .unwrap_or(now);
         let ms = until.saturating_duration_since(now).as_micros().div_ceil(1000);
-        let timeout = PollTimeout::try_from(i32::try_from(ms).unwrap_or(i32::MAX)).unwrap_or(PollTimeout::MAX);
+        let timeout =
+            PollTimeout::try_from(i32::try_from(ms).unwrap_or(i32::MAX)).unwrap_or(PollTimeout::MAX);
         let mut fds = [
             PollFd::new(bus_fd.as_fd(), PollFlags::POLLIN),
             PollFd::new(monitor.as_fd(), PollFlags::POLLIN),
@@ -217,7 +221,8 @@ fn run() -> Result<bool, Error> {
         report(&mut bus, events, start, &mut tally);
     }
 
-    for (address, _) in bus.held().into_iter().map(|(a, d)| (a, d.to_owned())).collect::<Vec<_>>() {
+    let held: Vec<PciAddress> = bus.held().into_iter().map(|(address, _)| address).collect();
+    for address in held {
         match bus.detach(address) {
             Ok(r) if r.leaked == 0 && r.error.is_none() => println!("edu: {address} detached"),
             Ok(r) => println!(
@@ -229,6 +234,9 @@ fn run() -> Result<bool, Error> {
         }
     }
     drop(bus);
-    println!("edu: done: {} self-test(s) passed, {} failed", tally.passed, tally.failed);
+    println!(
+        "edu: done: {} self-test(s) passed, {} failed",
+        tally.passed, tally.failed
+    );
     Ok(tally.failed == 0 && tally.passed > 0)
 }

@@ -484,7 +484,13 @@ impl<B: DeviceBacking> Edu<B> {
         }
         let mut liveness = 0x5eed_0001;
         check_alive(address, &regs, &mut liveness)?;
-        wait_idle(address, &regs, Register::Status, STATUS_COMPUTING, options.timeout)?;
+        wait_idle(
+            address,
+            &regs,
+            Register::Status,
+            STATUS_COMPUTING,
+            options.timeout,
+        )?;
         wait_idle(address, &regs, Register::DmaCommand, DMA_RUN, options.timeout)?;
         // A previous user's interrupt left raised would assert INTx at once, or be taken
         // for this user's: clear it before enabling interrupts.
@@ -782,7 +788,12 @@ fn read_checked<R: RegisterIo>(address: PciAddress, regs: &R, register: Register
     Ok(value)
 }
 
-fn write<R: RegisterIo>(address: PciAddress, regs: &R, register: Register, value: u32) -> Result<(), EduError> {
+fn write<R: RegisterIo>(
+    address: PciAddress,
+    regs: &R,
+    register: Register,
+    value: u32,
+) -> Result<(), EduError> {
     regs.write32(register.offset(), value)
         .map_err(|error| EduError::Backing {
             address,
