@@ -70,6 +70,31 @@
 //!
 //! `examples/edu.rs` runs it in an event loop that answers removal requests and probes the
 //! device again when it comes back.
+//!
+//! # Testing it
+//!
+//! With feature `testing`, `testing::models::EduModel` is a model of the device behind a
+//! `testing::backing::FakeBacking`, which runs the same driver code in unit tests
+//! (`tests/edu.rs`: the INTx path, all-ones devices, lost interrupts, removal through a
+//! bus over `FakeAttach::with_models`):
+//!
+//! ```
+//! # #[cfg(feature = "testing")] {
+//! use pcibus::bus::DeviceBacking;
+//! use pcibus::drivers::edu::{Edu, EduOptions};
+//! use pcibus::testing::backing::FakeBacking;
+//! use pcibus::testing::models::EduModel;
+//!
+//! let device = FakeBacking::with_model(EduModel::new());
+//! device.set_bus_master(true)?; // as the bus does when it opens a device
+//! let _work = device.spawn_model_thread().expect("a model")?; // the device's background work
+//! let mut edu = Edu::open(&device, &EduOptions::new())?;
+//! assert_eq!(edu.factorial(5)?, 120);
+//! edu.dma_roundtrip(b"through the model and back")?;
+//! device.assert_no_model_faults();
+//! # }
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
 
 use std::collections::BTreeMap;
 use std::fmt;
