@@ -21,6 +21,9 @@
 //! - [`bus`] decides which devices a driver gets: [`bus::id`] id tables with class masks,
 //!   [`bus::devargs`] DPDK's allow and block lists, [`bus::Bus`] the probe loop that hands devices to [`bus::Driver`]s
 //!   through [`bus::DeviceBacking`] and takes them back;
+//! - [`drivers`] holds drivers for devices other than NVMe, written on the public driver
+//!   API alone: [`drivers::edu`] (QEMU's `edu`) is the worked example of a driver; the
+//!   NVMe driver is [`nvme`] ([`nvme::driver::NvmeDriver`]);
 //! - [`hotplug`] receives the kernel's uevents ([`hotplug::event`] parses them,
 //!   [`hotplug::monitor`] is the pollable netlink socket);
 //! - [`vfio`] opens a device, maps its BARs and DMA memory and routes its interrupts (its
@@ -38,6 +41,7 @@ mod addr;
 pub mod barrier;
 pub mod bus;
 pub mod config;
+pub mod drivers;
 pub mod error;
 pub mod fixture;
 pub mod hotplug;

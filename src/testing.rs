@@ -49,6 +49,8 @@
 //! ```
 
 pub mod backing;
+pub mod model;
+pub mod models;
 pub mod nvme;
 
 use std::collections::{BTreeMap, BTreeSet};

@@ -1247,8 +1247,10 @@ impl<A: Attach> Bus<A> {
             };
             let slot = &mut self.drivers[index];
             let name = slot.name.clone();
-            let (Some(driver), Some(state)) = (slot.driver.as_mut(), self.held.get_mut(&address).map(|h| &mut h.state))
-            else {
+            let (Some(driver), Some(state)) = (
+                slot.driver.as_mut(),
+                self.held.get_mut(&address).map(|h| &mut h.state),
+            ) else {
                 continue;
             };
             log::warn!(

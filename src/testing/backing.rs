@@ -40,9 +40,17 @@ use crate::bus::interrupt::{
     Interrupt, InterruptError, InterruptKind, NO_ERR_REASON, NORESIZE_REASON, check_count, new_interrupts,
 };
 use crate::record::DeviceRecord;
+use crate::testing::model::{self, DeviceModel, DmaMap, ModelContext, ModelCounters, ModelHost, ModelThread};
 use crate::vfio::bar::Window;
 use crate::vfio::reset::{HotResetDevice, HotResetInfo, HotResetOwner, ResetInfo, ResetMethod};
 use crate::vfio::{DmaBuffer, DmaConstraints, IovaAllocator, PAGE};
+
+/// Where [`FakeBacking::with_model`] puts its device: QEMU's first free slot on q35
+/// (`0000:00:04.0`).
+pub const MODEL_ADDRESS: PciAddress = match PciAddress::new(0, 0, 4, 0) {
+    Some(address) => address,
+    None => panic!("0000:00:04.0 is a valid address"),
+};
 
 /// Size of each BAR of the default [`FakeLayout`].
 pub const FAKE_BAR_SIZE: u64 = 0x4000;
@@ -121,20 +129,26 @@ struct FakeBar {
 }
 
 #[derive(Debug)]
-struct Inner {
+pub(crate) struct Inner {
     address: PciAddress,
     bars: [FakeBar; 6],
     regions: Vec<(DeviceRegion, Mutex<Vec<u8>>)>,
-    config: Mutex<Vec<u8>>,
-    gone: AtomicBool,
+    // Shared (as are `gone`, `irqs` and `dma_map`) with a device model's context, which
+    // must not hold the device itself (it would count as a handle).
+    config: Arc<Mutex<Vec<u8>>>,
+    gone: Arc<AtomicBool>,
     revocable: bool,
     revoked: AtomicBool,
     // DMA addresses: taken, never given back (an emulation never reuses a freed address
     // under its device), lowest first, under the allocation's limit.
     iovas: Mutex<IovaAllocator>,
     live_dma: Arc<AtomicUsize>,
-    irqs: Mutex<IrqModel>,
+    irqs: Arc<Mutex<IrqModel>>,
     resets: AtomicU32,
+    // The live DMA allocations by IOVA, for a model's DMA.
+    dma_map: Arc<Mutex<DmaMap>>,
+    // The device model answering the BARs, if any.
+    model: Option<Arc<ModelHost>>,
     reset: Mutex<FakeReset>,
     hot_resets: AtomicU32,
 }
@@ -184,13 +198,16 @@ impl Vector {
 /// The device's interrupts, as VFIO presents them: one of INTx, MSI, MSI-X enabled at a
 /// time, INTx automasked, the error notification beside them.
 #[derive(Debug)]
-struct IrqModel {
+pub(crate) struct IrqModel {
     // By VFIO index: INTx, MSI, MSI-X, ERR.
     counts: [u32; 4],
     dynamic_msix: bool,
     enabled: Option<InterruptKind>,
     vectors: Vec<Vector>,
     error: Option<Vector>,
+    // The INTx line as a device model drives it (`ModelContext::set_intx`): while it is
+    // asserted, an unmask fires INTx again, as a level-triggered line does under VFIO.
+    intx_level: bool,
 }
 
 impl Default for IrqModel {
@@ -201,6 +218,7 @@ impl Default for IrqModel {
             enabled: None,
             vectors: Vec::new(),
             error: None,
+            intx_level: false,
         }
     }
 }
@@ -231,6 +249,50 @@ impl IrqModel {
         self.enabled = None;
         self.vectors.clear();
     }
+
+    pub(crate) fn enabled(&self) -> Option<(InterruptKind, u32)> {
+        self.enabled.map(|kind| (kind, self.vectors.len() as u32))
+    }
+
+    /// Raises `vector` of `kind`: see [`FakeBacking::raise`].
+    pub(crate) fn raise(&mut self, address: PciAddress, kind: InterruptKind, vector: u32) -> bool {
+        let Ok(v) = self.vector(address, kind, vector) else {
+            return false;
+        };
+        if v.masked {
+            v.pending = true;
+            return false;
+        }
+        v.signal();
+        v.masked = kind.is_automasked();
+        true
+    }
+
+    /// Sets the INTx line's level: asserting it raises INTx (if enabled), deasserting it
+    /// cancels an INTx waiting behind the mask.
+    pub(crate) fn set_intx(&mut self, asserted: bool) {
+        let was = std::mem::replace(&mut self.intx_level, asserted);
+        if self.enabled != Some(InterruptKind::Intx) {
+            return;
+        }
+        if asserted && !was {
+            let Some(v) = self.vectors.first_mut() else {
+                return;
+            };
+            if v.masked {
+                v.pending = true;
+            } else {
+                v.signal();
+                v.masked = true;
+            }
+        } else if !asserted && let Some(v) = self.vectors.first_mut() {
+            v.pending = false;
+        }
+    }
+
+    pub(crate) fn intx_level(&self) -> bool {
+        self.intx_level
+    }
 }
 
 /// An in-memory device. Clones are handles of the same device.
@@ -251,8 +313,6 @@ impl FakeBacking {
     /// registers hold the kinds' flag bits ([`BarInfo::register_bits`]).
     pub fn with_layout(record: &DeviceRecord, layout: FakeLayout) -> Self {
         let mut config = vec![0u8; 4096];
-        // Memory Space Enable, as vfio-pci's open of a device with memory BARs sets it.
-        config[4] = 0x02;
         let vendor = record.vendor.map_or(0xffff, |v| v.0);
         let device = record.device.map_or(0xffff, |d| d.0);
         config[0..2].copy_from_slice(&vendor.to_le_bytes());
@@ -260,13 +320,63 @@ impl FakeBacking {
         if let Some(class) = record.class {
             config[9..12].copy_from_slice(&class.value().to_le_bytes()[..3]);
         }
+        Self::assemble(record.address, layout, config, None)
+    }
+
+    /// A device answered by `model` ([`DeviceModel`]; see [`crate::testing::model`]) at
+    /// [`MODEL_ADDRESS`]: its BARs, config space and interrupt counts are the model's,
+    /// every register access reaches it, and its DMA reaches this backing's allocations.
+    /// Nothing steps the model yet: call [`step_model`](Self::step_model) or start
+    /// [`spawn_model_thread`](Self::spawn_model_thread).
+    ///
+    /// Bus Master Enable is off, as after vfio-pci's open: the bus turns it on when it
+    /// opens a device; a test that drives the backing without a bus calls
+    /// [`set_bus_master`](DeviceBacking::set_bus_master) as the bus would.
+    pub fn with_model(model: impl DeviceModel) -> Self {
+        Self::with_boxed_model(MODEL_ADDRESS, Box::new(model))
+    }
+
+    /// [`with_model`](Self::with_model) at `address`.
+    pub fn with_model_at(address: PciAddress, model: impl DeviceModel) -> Self {
+        Self::with_boxed_model(address, Box::new(model))
+    }
+
+    /// [`with_model`](Self::with_model) at `address`, of a boxed model (as a factory of
+    /// [`FakeAttach::with_models`] makes them).
+    pub fn with_boxed_model(address: PciAddress, model: Box<dyn DeviceModel>) -> Self {
+        let layout = model.layout();
+        let config = model.config().into_bytes();
+        Self::assemble(address, layout, config, Some(model))
+    }
+
+    // The device of `layout` with `config` (the BAR registers filled in from the layout,
+    // Memory Space Enable set), answered by `model` if there is one.
+    fn assemble(
+        address: PciAddress,
+        layout: FakeLayout,
+        mut config: Vec<u8>,
+        model: Option<Box<dyn DeviceModel>>,
+    ) -> Self {
+        config.resize(4096, 0);
+        // Memory Space Enable, as vfio-pci's open of a device with memory BARs sets it.
+        config[4] |= 0x02;
         for bar in &layout.bars {
             let at = (BAR0 + 4 * u64::from(bar.index)) as usize;
             config[at..at + 4].copy_from_slice(&bar.register_bits().to_le_bytes());
         }
+        let mut irqs = IrqModel::default();
+        if model.is_some() {
+            irqs.counts = model::interrupt_counts(&config);
+        }
         let FakeLayout { bars, regions } = layout;
+        // A model's BARs are the model's: no RAM behind them.
+        let ram = model.is_none();
         let bars = bars.map(|info| FakeBar {
-            cells: (0..info.size.div_ceil(4)).map(|_| AtomicU32::new(0)).collect(),
+            cells: if ram {
+                (0..info.size.div_ceil(4)).map(|_| AtomicU32::new(0)).collect()
+            } else {
+                Arc::new([])
+            },
             info,
         });
         let regions = regions
@@ -276,28 +386,54 @@ impl FakeBacking {
                 (r, Mutex::new(bytes))
             })
             .collect();
+        let config = Arc::new(Mutex::new(config));
+        let gone = Arc::new(AtomicBool::new(false));
+        let irqs = Arc::new(Mutex::new(irqs));
+        let dma_map = Arc::new(Mutex::new(DmaMap::default()));
+        let model = model.map(|model| {
+            let ctx = ModelContext {
+                address,
+                config: Arc::clone(&config),
+                irqs: Arc::clone(&irqs),
+                dma: Arc::clone(&dma_map),
+                gone: Arc::clone(&gone),
+                counters: Arc::new(ModelCounters::default()),
+            };
+            Arc::new(ModelHost::new(model, ctx))
+        });
         FakeBacking {
             inner: Arc::new(Inner {
-                address: record.address,
+                address,
                 bars,
                 regions,
-                config: Mutex::new(config),
-                gone: AtomicBool::new(false),
+                config,
+                gone,
                 revocable: true,
                 revoked: AtomicBool::new(false),
                 iovas: Mutex::new(IovaAllocator::new(&[0..=FAKE_MAX_IOVA])),
                 live_dma: Arc::new(AtomicUsize::new(0)),
-                irqs: Mutex::new(IrqModel::default()),
+                irqs,
                 resets: AtomicU32::new(0),
                 reset: Mutex::new(FakeReset::default()),
                 hot_resets: AtomicU32::new(0),
+                dma_map,
+                model,
             }),
         }
+    }
+
+    /// The model's host, if the device has a model.
+    pub(crate) fn model_host(&self) -> Option<&Arc<ModelHost>> {
+        self.inner.model.as_ref()
     }
 
     /// Makes the device disappear: registers read all-ones and writes are dropped.
     pub fn set_gone(&self) {
         self.inner.gone.store(true, Ordering::Release);
+        // An access in flight in the model finishes before this returns; none starts after.
+        if let Some(host) = &self.inner.model {
+            host.quiesce();
+        }
     }
 
     /// How many MSI-X vectors are routed now.
@@ -348,8 +484,7 @@ impl FakeBacking {
 
     /// The kind enabled now (INTx, MSI or MSI-X) and how many vectors of it.
     pub fn enabled_interrupts(&self) -> Option<(InterruptKind, u32)> {
-        let irqs = self.inner.irqs.lock();
-        irqs.enabled.map(|kind| (kind, irqs.vectors.len() as u32))
+        self.inner.irqs.lock().enabled()
     }
 
     /// The device raises `vector` of `kind`. Signals the vector's eventfd and returns
@@ -358,17 +493,14 @@ impl FakeBacking {
     /// interrupt. After signalling an INTx, masks it, as VFIO does. False too when
     /// the vector is not enabled.
     pub fn raise(&self, kind: InterruptKind, vector: u32) -> bool {
-        let mut irqs = self.inner.irqs.lock();
-        let Ok(v) = irqs.vector(self.inner.address, kind, vector) else {
-            return false;
-        };
-        if v.masked {
-            v.pending = true;
-            return false;
-        }
-        v.signal();
-        v.masked = kind.is_automasked();
-        true
+        self.inner.irqs.lock().raise(self.inner.address, kind, vector)
+    }
+
+    /// Sets the level of the device's INTx line, as a device model does
+    /// ([`ModelContext::set_intx`]): asserted, it fires INTx if it is enabled and unmasked
+    /// (VFIO then masks it), and fires again on each unmask while still asserted.
+    pub fn set_intx(&self, asserted: bool) {
+        self.inner.irqs.lock().set_intx(asserted);
     }
 
     /// The device reports an error: signals the eventfd of
@@ -401,6 +533,16 @@ impl FakeBacking {
         }
         irqs.enabled = Some(kind);
         irqs.vectors = fds.into_iter().map(Vector::new).collect();
+        if kind == InterruptKind::Intx
+            && irqs.intx_level
+            && let Some(v) = irqs.vectors.first_mut()
+        {
+            // A line asserted before INTx was enabled fires at once.
+            v.signal();
+            v.masked = true;
+        }
+        drop(irqs);
+        model::set_msi_enable(&mut self.inner.config.lock(), kind, true);
         Ok(())
     }
 
@@ -462,8 +604,8 @@ impl FakeRegisters {
         &self.device.inner.bars[self.index as usize]
     }
 
-    // The cell and the bit shift of an access of `width` bytes at window offset `offset`.
-    fn place(&self, offset: u64, width: usize) -> Result<(&AtomicU32, u32), BackingError> {
+    // The BAR offset of an access of `width` bytes at window offset `offset`.
+    fn at(&self, offset: u64, width: usize) -> Result<u64, BackingError> {
         let address = self.device.inner.address;
         if width == 8 && self.bar().info.kind == BarKind::Io {
             return Err(BackingError::Unsupported {
@@ -471,42 +613,69 @@ impl FakeRegisters {
                 operation: "an 8-byte access to an I/O-port BAR",
             });
         }
-        let at = self
-            .window
+        self.window
             .at(offset, width)
             .ok_or_else(|| BackingError::OutOfRange {
                 address,
                 what: format!("BAR {}", self.index),
                 offset,
                 len: width,
-            })?;
-        let cell = &self.bar().cells[(at / 4) as usize];
-        Ok((cell, (at % 4) as u32 * 8))
+            })
+    }
+
+    // The RAM cell and the bit shift of BAR offset `at`.
+    fn cell(&self, at: u64) -> (&AtomicU32, u32) {
+        (&self.bar().cells[(at / 4) as usize], (at % 4) as u32 * 8)
     }
 
     fn gone(&self) -> bool {
         self.device.inner.gone.load(Ordering::Acquire)
     }
 
-    fn read_lanes(&self, offset: u64, width: usize) -> Result<u32, BackingError> {
-        let (cell, shift) = self.place(offset, width)?;
-        let mask = u32::MAX >> (32 - 8 * width as u32);
-        Ok(if self.gone() {
-            mask
-        } else {
-            (cell.load(Ordering::Acquire) >> shift) & mask
-        })
+    // A read of `width` bytes (1, 2, 4, 8): all-ones when gone, else the model's answer,
+    // else the RAM's.
+    fn read_width(&self, offset: u64, width: usize) -> Result<u64, BackingError> {
+        let at = self.at(offset, width)?;
+        let mask = u64::MAX >> (64 - 8 * width as u32);
+        if self.gone() {
+            return Ok(mask);
+        }
+        if let Some(host) = &self.device.inner.model {
+            return Ok(host.read(self.index, at, width) & mask);
+        }
+        if width == 8 {
+            let (low, _) = self.cell(at);
+            let (high, _) = self.cell(at + 4);
+            return Ok(u64::from(low.load(Ordering::Acquire)) | u64::from(high.load(Ordering::Acquire)) << 32);
+        }
+        let (cell, shift) = self.cell(at);
+        Ok(u64::from(cell.load(Ordering::Acquire) >> shift) & mask)
     }
 
-    fn write_lanes(&self, offset: u64, width: usize, value: u32) -> Result<(), BackingError> {
-        let (cell, shift) = self.place(offset, width)?;
-        if !self.gone() {
-            let mask = (u32::MAX >> (32 - 8 * width as u32)) << shift;
-            // The other bytes of the cell stay as they are, even under concurrent writes.
-            let _ = cell.fetch_update(Ordering::AcqRel, Ordering::Acquire, |old| {
-                Some(old & !mask | (value << shift) & mask)
-            });
+    fn write_width(&self, offset: u64, width: usize, value: u64) -> Result<(), BackingError> {
+        let at = self.at(offset, width)?;
+        let mask = u64::MAX >> (64 - 8 * width as u32);
+        if self.gone() {
+            return Ok(());
         }
+        if let Some(host) = &self.device.inner.model {
+            host.write(self.index, at, width, value & mask);
+            return Ok(());
+        }
+        if width == 8 {
+            let (low, _) = self.cell(at);
+            let (high, _) = self.cell(at + 4);
+            low.store(value as u32, Ordering::Release);
+            high.store((value >> 32) as u32, Ordering::Release);
+            return Ok(());
+        }
+        let (cell, shift) = self.cell(at);
+        let lanes = (mask as u32) << shift;
+        let value = value as u32;
+        // The other bytes of the cell stay as they are, even under concurrent writes.
+        let _ = cell.fetch_update(Ordering::AcqRel, Ordering::Acquire, |old| {
+            Some(old & !lanes | (value << shift) & lanes)
+        });
         Ok(())
     }
 }
@@ -516,39 +685,28 @@ impl RegisterIo for FakeRegisters {
         self.window.len
     }
     fn read32(&self, offset: u64) -> Result<u32, BackingError> {
-        self.read_lanes(offset, 4)
+        Ok(self.read_width(offset, 4)? as u32)
     }
     fn write32(&self, offset: u64, value: u32) -> Result<(), BackingError> {
-        self.write_lanes(offset, 4, value)
+        self.write_width(offset, 4, value.into())
     }
     fn read64(&self, offset: u64) -> Result<u64, BackingError> {
-        let (low, _) = self.place(offset, 8)?;
-        let (high, _) = self.place(offset + 4, 4)?;
-        if self.gone() {
-            return Ok(u64::MAX);
-        }
-        Ok(u64::from(low.load(Ordering::Acquire)) | u64::from(high.load(Ordering::Acquire)) << 32)
+        self.read_width(offset, 8)
     }
     fn write64(&self, offset: u64, value: u64) -> Result<(), BackingError> {
-        let (low, _) = self.place(offset, 8)?;
-        let (high, _) = self.place(offset + 4, 4)?;
-        if !self.gone() {
-            low.store(value as u32, Ordering::Release);
-            high.store((value >> 32) as u32, Ordering::Release);
-        }
-        Ok(())
+        self.write_width(offset, 8, value)
     }
     fn read8(&self, offset: u64) -> Result<u8, BackingError> {
-        Ok(self.read_lanes(offset, 1)? as u8)
+        Ok(self.read_width(offset, 1)? as u8)
     }
     fn write8(&self, offset: u64, value: u8) -> Result<(), BackingError> {
-        self.write_lanes(offset, 1, value.into())
+        self.write_width(offset, 1, value.into())
     }
     fn read16(&self, offset: u64) -> Result<u16, BackingError> {
-        Ok(self.read_lanes(offset, 2)? as u16)
+        Ok(self.read_width(offset, 2)? as u16)
     }
     fn write16(&self, offset: u64, value: u16) -> Result<(), BackingError> {
-        self.write_lanes(offset, 2, value.into())
+        self.write_width(offset, 2, value.into())
     }
 }
 
@@ -559,7 +717,8 @@ pub const FAKE_MAX_IOVA: u64 = (1 << 39) - 1;
 /// free one that meets the allocation's [`DmaConstraints`].
 #[derive(Debug)]
 pub struct FakeDma {
-    buffer: DmaBuffer,
+    // Shared with the backing's map of live allocations (weakly), for a model's DMA.
+    buffer: Arc<DmaBuffer>,
     iova: u64,
     device_read_only: bool,
     _live: LiveDma,
@@ -573,20 +732,31 @@ impl FakeDma {
     }
 }
 
-// One live DMA allocation of a device, counted for [`FakeBacking::live_dma`].
+// One live DMA allocation of a device, counted for [`FakeBacking::live_dma`] and in the
+// device's map of live allocations (which a model's DMA reaches) until dropped.
 #[derive(Debug)]
-struct LiveDma(Arc<AtomicUsize>);
+struct LiveDma {
+    count: Arc<AtomicUsize>,
+    map: Arc<Mutex<DmaMap>>,
+    iova: u64,
+}
 
 impl LiveDma {
-    fn new(count: &Arc<AtomicUsize>) -> LiveDma {
-        count.fetch_add(1, Ordering::AcqRel);
-        LiveDma(Arc::clone(count))
+    fn new(inner: &Inner, iova: u64, buffer: &Arc<DmaBuffer>, read_only: bool) -> LiveDma {
+        inner.live_dma.fetch_add(1, Ordering::AcqRel);
+        inner.dma_map.lock().insert(iova, buffer, read_only);
+        LiveDma {
+            count: Arc::clone(&inner.live_dma),
+            map: Arc::clone(&inner.dma_map),
+            iova,
+        }
     }
 }
 
 impl Drop for LiveDma {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
+        self.map.lock().remove(self.iova);
+        self.count.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -718,6 +888,8 @@ impl DeviceBacking for FakeBacking {
             irqs.error = None;
         } else if irqs.enabled == Some(kind) {
             irqs.disable();
+            drop(irqs);
+            model::set_msi_enable(&mut self.inner.config.lock(), kind, false);
         }
         Ok(())
     }
@@ -730,8 +902,9 @@ impl DeviceBacking for FakeBacking {
     fn unmask_interrupt(&self, kind: InterruptKind, vector: u32) -> Result<(), BackingError> {
         self.live()?;
         let mut irqs = self.inner.irqs.lock();
+        let level = kind == InterruptKind::Intx && irqs.intx_level;
         let v = irqs.vector(self.inner.address, kind, vector)?;
-        if v.pending {
+        if v.pending || level {
             // Delivered now; an INTx masks again as it fires.
             v.pending = false;
             v.signal();
@@ -767,6 +940,9 @@ impl DeviceBacking for FakeBacking {
             });
         }
         self.inner.resets.fetch_add(1, Ordering::Relaxed);
+        if let Some(host) = &self.inner.model {
+            host.reset();
+        }
         Ok(())
     }
     fn reset_info(&self) -> Result<ResetInfo, BackingError> {
@@ -852,16 +1028,30 @@ impl DeviceBacking for FakeBacking {
             };
             return Err(Box::new(MapDmaError { error, buffer }));
         };
+        let buffer = Arc::new(buffer);
+        let read_only = constraints.is_device_read_only();
         Ok(FakeDma {
+            _live: LiveDma::new(&self.inner, iova, &buffer, read_only),
             buffer,
             iova,
-            device_read_only: constraints.is_device_read_only(),
-            _live: LiveDma::new(&self.inner.live_dma),
+            device_read_only: read_only,
         })
     }
     fn unmap_dma(&self, dma: FakeDma) -> Result<DmaBuffer, BackingError> {
-        // Nothing reaches a fake's memory but the test: it is unmapped once dropped here.
-        Ok(dma.buffer)
+        // Out of the map first: a model's DMA no longer finds it, and one in flight
+        // finishes with its own reference, which the loop waits out.
+        let FakeDma { buffer, _live, .. } = dma;
+        drop(_live);
+        let mut buffer = buffer;
+        loop {
+            match Arc::try_unwrap(buffer) {
+                Ok(buffer) => return Ok(buffer),
+                Err(shared) => {
+                    buffer = shared;
+                    std::thread::yield_now();
+                }
+            }
+        }
     }
     fn revoke(&self) -> Result<(), BackingError> {
         if !self.inner.revocable {
@@ -1008,6 +1198,21 @@ struct AttachState {
     refuse: BTreeMap<PciAddress, String>,
     irrevocable: bool,
     resets: BTreeMap<PciAddress, FakeReset>,
+    models: Option<ModelFactory>,
+    // The model threads of attached modelled devices, stopped at detach.
+    threads: BTreeMap<PciAddress, ModelThread>,
+}
+
+/// What [`FakeAttach::with_models`] makes device models with.
+type MakeModel = dyn Fn(&DeviceRecord) -> Option<Box<dyn DeviceModel>> + Send + Sync;
+
+#[derive(Clone)]
+struct ModelFactory(Arc<MakeModel>);
+
+impl std::fmt::Debug for ModelFactory {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ModelFactory")
+    }
 }
 
 /// An [`Attach`] of [`FakeBacking`]s. Clones share their state, so a test keeps one to
@@ -1021,6 +1226,32 @@ impl FakeAttach {
     /// No device attached yet.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// An attach whose devices are answered by models: `factory` is asked at each
+    /// attach, with the device's scan record, for a model of it
+    /// ([`FakeBacking::with_boxed_model`] at the record's address; the model's config
+    /// space, not the record, says its ids); `None` attaches a plain [`FakeBacking`], as
+    /// [`new`](Self::new) does. Each modelled device gets a model thread
+    /// ([`FakeBacking::spawn_model_thread`]) from attach to detach, so its background work
+    /// goes on while a driver waits for it. The same device attached again (a replug, a
+    /// re-probe) gets a new model from the factory: a device fresh from its power-on.
+    ///
+    /// ```
+    /// use pcibus::testing::backing::FakeAttach;
+    /// use pcibus::testing::model::DeviceModel;
+    /// use pcibus::testing::models::EduModel;
+    /// let attach = FakeAttach::with_models(|record| {
+    ///     (record.vendor.map(|v| v.0) == Some(0x1234))
+    ///         .then(|| Box::new(EduModel::new()) as Box<dyn DeviceModel>)
+    /// });
+    /// ```
+    pub fn with_models(
+        factory: impl Fn(&DeviceRecord) -> Option<Box<dyn DeviceModel>> + Send + Sync + 'static,
+    ) -> Self {
+        let attach = Self::default();
+        attach.state.lock().models = Some(ModelFactory(Arc::new(factory)));
+        attach
     }
 
     /// The calls received so far.
@@ -1089,7 +1320,12 @@ impl Attach for FakeAttach {
             message: format!("dup: {e}"),
         })?;
         state.requests.insert(address, ours);
-        let mut backing = FakeBacking::new(record);
+        let model = state.models.as_ref().and_then(|make| (make.0)(record));
+        let modelled = model.is_some();
+        let mut backing = match model {
+            Some(model) => FakeBacking::with_boxed_model(address, model),
+            None => FakeBacking::new(record),
+        };
         if state.irrevocable
             && let Some(inner) = Arc::get_mut(&mut backing.inner)
         {
@@ -1099,6 +1335,20 @@ impl Attach for FakeAttach {
             backing.set_reset(reset.clone());
         }
         state.devices.insert(address, Arc::downgrade(&backing.inner));
+        if modelled {
+            match backing.spawn_model_thread() {
+                Some(Ok(thread)) => {
+                    state.threads.insert(address, thread);
+                }
+                Some(Err(e)) => {
+                    return Err(AttachError::Other {
+                        address,
+                        message: format!("starting the device model's thread: {e}"),
+                    });
+                }
+                None => {}
+            }
+        }
         Ok(Attached {
             backing,
             request: Some(efd),
@@ -1111,6 +1361,8 @@ impl Attach for FakeAttach {
         let address = attached.backing.address();
         state.devices.remove(&address);
         state.requests.remove(&address);
+        // Joined here: the thread holds no handle of the device, so it never delays this.
+        state.threads.remove(&address);
         let others = attached.backing.extra_handles();
         state.calls.push(AttachCall::Detach(address, release, others));
         Ok(())

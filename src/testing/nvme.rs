@@ -3904,7 +3904,9 @@ impl DeviceBacking for EmulatedNvme {
         if !self.shared().gone() {
             let mut config = self.shared().config_space.lock();
             config[range].copy_from_slice(buf);
-            self.shared().bus_master.store(command_master(&config), Ordering::Release);
+            self.shared()
+                .bus_master
+                .store(command_master(&config), Ordering::Release);
         }
         Ok(())
     }
