@@ -290,8 +290,8 @@ fn a_reset_keeps_edu_s_registers_but_deasserts_intx() {
 fn edu_dma_goes_both_ways_between_allocations_and_its_buffer() {
     let (device, bar) = edu();
     let irq = device.enable_interrupts(InterruptKind::Msi, 1).unwrap().remove(0);
-    let from = device.alloc_dma(4096).unwrap();
-    let to = device.alloc_dma(4096).unwrap();
+    let from = edu_dma(&device, 4096);
+    let to = edu_dma(&device, 4096);
     assert!(from.iova() + 4096 <= 1 << 28 && to.iova() + 4096 <= 1 << 28);
     let data: Vec<u8> = (0..200u8).collect();
     from.write_at(16, &data).unwrap();
@@ -327,7 +327,7 @@ fn edu_dma_goes_both_ways_between_allocations_and_its_buffer() {
 #[test]
 fn dma_registers_are_frozen_while_a_transfer_runs() {
     let (device, bar) = edu();
-    let ram = device.alloc_dma(4096).unwrap();
+    let ram = edu_dma(&device, 4096);
     bar.write64(regs::DMA_SRC, ram.iova()).unwrap();
     bar.write64(regs::DMA_DST, DMA_BUFFER).unwrap();
     bar.write64(regs::DMA_COUNT, 8).unwrap();
@@ -354,12 +354,12 @@ fn dma_registers_are_frozen_while_a_transfer_runs() {
 fn dma_to_freed_memory_outside_allocations_or_read_only_memory_is_refused_and_counted() {
     let (device, bar) = edu();
     edu_state(&device, |e| e.buffer_mut().fill(0xaa));
-    let freed = device.alloc_dma(4096).unwrap();
+    let freed = edu_dma(&device, 4096);
     let freed_iova = freed.iova();
     drop(freed);
-    let live = device.alloc_dma(4096).unwrap();
+    let live = edu_dma(&device, 4096);
     let read_only = device
-        .alloc_dma_with(4096, &DmaConstraints::new().device_read_only())
+        .alloc_dma_with(4096, &DmaConstraints::new().address_bits(28).device_read_only())
         .unwrap();
     read_only.write_at(0, &[7; 16]).unwrap();
 
@@ -407,7 +407,7 @@ fn dma_and_msi_with_bus_mastering_off_are_refused_loudly() {
     );
     let bar = device.map_bar(0).unwrap();
     let irq = device.enable_interrupts(InterruptKind::Msi, 1).unwrap().remove(0);
-    let ram = device.alloc_dma(4096).unwrap();
+    let ram = edu_dma(&device, 4096);
     ram.write_at(0, &[9; 8]).unwrap();
     bar.write64(regs::DMA_SRC, ram.iova()).unwrap();
     bar.write64(regs::DMA_DST, DMA_BUFFER).unwrap();
@@ -432,10 +432,30 @@ fn dma_and_msi_with_bus_mastering_off_are_refused_loudly() {
     assert!(irq.try_wait());
 }
 
+// DMA memory edu reaches: under its 28 address lines, as its driver must ask (an
+// allocation without the limit lands above 4 GiB on a FakeBacking, out of its reach).
+fn edu_dma(device: &FakeBacking, len: usize) -> pcibus::testing::backing::FakeDma {
+    device
+        .alloc_dma_with(len, &pcibus::bus::DmaConstraints::new().address_bits(28))
+        .unwrap()
+}
+
+#[test]
+fn an_allocation_without_the_address_limit_is_out_of_edus_reach() {
+    // The driver that forgot edu's 28-bit mask: its memory lands above 4 GiB, the device
+    // clamps the address (as QEMU does) and the test sees it.
+    let (device, bar) = edu();
+    let ram = device.alloc_dma(4096).unwrap();
+    assert!(ram.iova() >= pcibus::testing::backing::FAKE_HIGH_IOVA, "{:#x}", ram.iova());
+    dma(&device, &bar, DMA_BUFFER, ram.iova(), 8, DMA_TO_RAM);
+    assert_eq!(edu_state(&device, |e| e.clamped_dma()), 1);
+    assert!(!device.model_faults().is_empty());
+}
+
 #[test]
 fn dma_addresses_above_the_mask_are_clamped_and_reported_as_qemu_does() {
     let (device, bar) = edu();
-    let ram = device.alloc_dma(4096).unwrap();
+    let ram = edu_dma(&device, 4096);
     let iova = ram.iova();
     // A driver that set a 32-bit address where the device takes 28 bits: the device
     // writes at the clamped address, which is this allocation here.
@@ -458,7 +478,7 @@ fn dma_addresses_above_the_mask_are_clamped_and_reported_as_qemu_does() {
 #[test]
 fn a_transfer_outside_the_device_buffer_is_skipped_as_a_guest_error() {
     let (device, bar) = edu();
-    let ram = device.alloc_dma(8192).unwrap();
+    let ram = edu_dma(&device, 8192);
     dma(&device, &bar, ram.iova(), DMA_BUFFER + 4000, 200, DMA_IRQ);
     assert_eq!(edu_state(&device, |e| e.out_of_buffer()), 1);
     assert_eq!(device.model_stats().guest_errors, 1);

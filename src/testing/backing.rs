@@ -140,7 +140,8 @@ pub(crate) struct Inner {
     revocable: bool,
     revoked: AtomicBool,
     // DMA addresses: taken, never given back (an emulation never reuses a freed address
-    // under its device), lowest first, under the allocation's limit.
+    // under its device), lowest first, under the allocation's limit; an allocation with
+    // no limit below 4 GiB from `FAKE_HIGH_IOVA` up (see `FakeDma`).
     iovas: Mutex<IovaAllocator>,
     live_dma: Arc<AtomicUsize>,
     irqs: Arc<Mutex<IrqModel>>,
@@ -713,8 +714,15 @@ impl RegisterIo for FakeRegisters {
 /// The highest IOVA a [`FakeBacking`] hands out: 39 bits, as QEMU's intel-iommu.
 pub const FAKE_MAX_IOVA: u64 = (1 << 39) - 1;
 
-/// Fake DMA memory: a [`DmaBuffer`] at a made-up IOVA, chosen as VFIO chooses: the lowest
-/// free one that meets the allocation's [`DmaConstraints`].
+/// Where a [`FakeBacking`] places DMA memory whose constraints set no address limit below
+/// 4 GiB: above 32 bits, so that a driver that forgot its device's limit (28 bits for
+/// edu, 32 for many devices) sees its device miss the memory in tests, where VFIO's
+/// lowest-first placement would hide it until the IOVA space filled up.
+pub const FAKE_HIGH_IOVA: u64 = 1 << 32;
+
+/// Fake DMA memory: a [`DmaBuffer`] at a made-up IOVA: the lowest free one that meets the
+/// allocation's [`DmaConstraints`] (as VFIO chooses), except that memory with no address
+/// limit below 4 GiB goes above [`FAKE_HIGH_IOVA`] (stricter than VFIO, on purpose).
 #[derive(Debug)]
 pub struct FakeDma {
     // Shared with the backing's map of live allocations (weakly), for a model's DMA.
@@ -1012,7 +1020,15 @@ impl DeviceBacking for FakeBacking {
         // As VFIO: aligned to the buffer's pages and to what was asked.
         let align = constraints.alignment().max(buffer.page_size() as u64);
         let max_iova = constraints.max_iova().unwrap_or(u64::MAX);
-        let Some(iova) = self.inner.iovas.lock().alloc_below(size, align, max_iova) else {
+        let iova = {
+            let mut iovas = self.inner.iovas.lock();
+            // High first when the device can reach it (see FAKE_HIGH_IOVA), else the lowest.
+            let high = (max_iova >= FAKE_HIGH_IOVA)
+                .then(|| iovas.alloc_within(size, align, FAKE_HIGH_IOVA, max_iova))
+                .flatten();
+            high.or_else(|| iovas.alloc_below(size, align, max_iova))
+        };
+        let Some(iova) = iova else {
             let error = if max_iova >= FAKE_MAX_IOVA {
                 BackingError::Other {
                     address: self.inner.address,

@@ -410,6 +410,12 @@ impl IovaAllocator {
     /// the lowest address where they fit. `None` when nothing fits under `max` (nothing
     /// is taken then).
     pub fn alloc_below(&mut self, size: u64, align: u64, max: u64) -> Option<u64> {
+        self.alloc_within(size, align, 0, max)
+    }
+
+    /// [`alloc_below`](Self::alloc_below), with the range also starting at or above
+    /// `min`: the lowest fit in `[min, max]`.
+    pub fn alloc_within(&mut self, size: u64, align: u64, min: u64, max: u64) -> Option<u64> {
         if size == 0 || !align.is_power_of_two() {
             return None;
         }
@@ -419,7 +425,10 @@ impl IovaAllocator {
                 // Sorted: every later extent starts above the limit too.
                 break;
             }
-            let Some(at) = start.checked_next_multiple_of(align) else {
+            if end < min {
+                continue;
+            }
+            let Some(at) = start.max(min).checked_next_multiple_of(align) else {
                 continue;
             };
             let Some(last) = at.checked_add(size - 1) else {
@@ -1028,5 +1037,16 @@ mod tests {
                 (at.checked_add(size - 1)? <= e.min(max)).then_some(at)
             })
             .min()
+    }
+
+    #[test]
+    fn alloc_within_takes_the_lowest_fit_at_or_above_its_floor() {
+        let mut a = IovaAllocator::new(&[0x1000..=0xffff_ffff]);
+        assert_eq!(a.alloc_within(0x1000, 0x1000, 0x8000_0000, u64::MAX), Some(0x8000_0000));
+        // Below the floor stays free, and is what the lowest-first allocation takes.
+        assert_eq!(a.alloc_below(0x1000, 0x1000, u64::MAX), Some(0x1000));
+        assert_eq!(a.alloc_within(0x1000, 0x1000, 0x8000_0000, u64::MAX), Some(0x8000_1000));
+        // Nothing fits between a floor and a ceiling closer than the size.
+        assert_eq!(a.alloc_within(0x2000, 0x1000, 0x9000_0000, 0x9000_0fff), None);
     }
 }
