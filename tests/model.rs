@@ -446,7 +446,11 @@ fn an_allocation_without_the_address_limit_is_out_of_edus_reach() {
     // clamps the address (as QEMU does) and the test sees it.
     let (device, bar) = edu();
     let ram = device.alloc_dma(4096).unwrap();
-    assert!(ram.iova() >= pcibus::testing::backing::FAKE_HIGH_IOVA, "{:#x}", ram.iova());
+    assert!(
+        ram.iova() >= pcibus::testing::backing::FAKE_HIGH_IOVA,
+        "{:#x}",
+        ram.iova()
+    );
     dma(&device, &bar, DMA_BUFFER, ram.iova(), 8, DMA_TO_RAM);
     assert_eq!(edu_state(&device, |e| e.clamped_dma()), 1);
     assert!(!device.model_faults().is_empty());

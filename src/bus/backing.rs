@@ -864,6 +864,15 @@ impl DeviceBacking for VfioBacking {
         Ok(interrupt)
     }
     fn reset(&self) -> Result<(), BackingError> {
+        // Said plainly rather than as the ioctl's EINVAL: VFIO reports whether the kernel
+        // has a function reset for the device (FLR, PM, a bus reset of a device alone on
+        // its bus...).
+        if !self.device.function_reset_available()? {
+            return Err(BackingError::Unsupported {
+                address: self.address(),
+                operation: "reset (the kernel has no function reset for this device: no FLR, no PM reset, not alone on a resettable bus)",
+            });
+        }
         Ok(self.device.reset()?)
     }
     fn reset_info(&self) -> Result<ResetInfo, BackingError> {

@@ -1042,10 +1042,16 @@ mod tests {
     #[test]
     fn alloc_within_takes_the_lowest_fit_at_or_above_its_floor() {
         let mut a = IovaAllocator::new(&[0x1000..=0xffff_ffff]);
-        assert_eq!(a.alloc_within(0x1000, 0x1000, 0x8000_0000, u64::MAX), Some(0x8000_0000));
+        assert_eq!(
+            a.alloc_within(0x1000, 0x1000, 0x8000_0000, u64::MAX),
+            Some(0x8000_0000)
+        );
         // Below the floor stays free, and is what the lowest-first allocation takes.
         assert_eq!(a.alloc_below(0x1000, 0x1000, u64::MAX), Some(0x1000));
-        assert_eq!(a.alloc_within(0x1000, 0x1000, 0x8000_0000, u64::MAX), Some(0x8000_1000));
+        assert_eq!(
+            a.alloc_within(0x1000, 0x1000, 0x8000_0000, u64::MAX),
+            Some(0x8000_1000)
+        );
         // Nothing fits between a floor and a ceiling closer than the size.
         assert_eq!(a.alloc_within(0x2000, 0x1000, 0x9000_0000, 0x9000_0fff), None);
     }
