@@ -124,7 +124,7 @@ pub trait DeviceModel: Any + Send {
         false
     }
 
-    /// A function-level reset ([`DeviceBacking::reset`](crate::bus::DeviceBacking::reset)):
+    /// A function-level reset ([`DeviceBacking::reset`]):
     /// put the device's state back as the real device's reset does. Before it is called
     /// the backing has deasserted INTx, as the PCI core does on reset. Default: nothing
     /// (a device whose registers survive a reset, as QEMU's `edu`).
@@ -568,7 +568,7 @@ const COMMAND_MASTER: u16 = 1 << 2;
 
 /// What a [`DeviceModel`] acts through: DMA, interrupts and config space of its backing.
 /// Passed into every callback; clones can go to a thread of the model's own. It holds no
-/// handle of the device ([`DeviceBacking::extra_handles`](crate::bus::DeviceBacking::extra_handles)
+/// handle of the device ([`DeviceBacking::extra_handles`]
 /// does not count it).
 #[derive(Clone)]
 pub struct ModelContext {
