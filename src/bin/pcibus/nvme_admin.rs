@@ -91,37 +91,7 @@ impl PassthruArgs {
         cmd.cdw = [
             self.cdw10, self.cdw11, self.cdw12, self.cdw13, self.cdw14, self.cdw15,
         ];
-        let len = self.data_len.map(usize::try_from).transpose()?;
-        let (read_len, write_data) = match (&self.write, self.read) {
-            (Some(path), _) => {
-                let mut data = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
-                if let Some(n) = len {
-                    if data.len() > n {
-                        return Err(format!(
-                            "{}: {} bytes, more than --data-len {n}",
-                            path.display(),
-                            data.len()
-                        )
-                        .into());
-                    }
-                    data.resize(n, 0);
-                }
-                if data.is_empty() {
-                    return Err(format!("{}: empty (nothing to send)", path.display()).into());
-                }
-                (0, data)
-            }
-            (None, true) => match len {
-                Some(n) if n > 0 => (n, Vec::new()),
-                _ => return Err("--read needs --data-len (the bytes the controller writes)".into()),
-            },
-            (None, false) => {
-                if len.is_some_and(|n| n > 0) {
-                    return Err("--data-len needs --read or --write (which way the data goes)".into());
-                }
-                (0, Vec::new())
-            }
-        };
+        let (read_len, write_data) = data_plan(self.write.as_deref(), self.read, self.data_len)?;
         Ok(Passthru {
             cmd,
             read_len,
@@ -148,14 +118,65 @@ pub(super) fn passthru<B: DeviceBacking>(
     let (done, bytes) = c.admin_passthru(p.cmd, data)?;
     write_completion(out, &done)?;
     if p.read_len > 0 {
-        match &p.output {
-            Some(path) => std::fs::write(path, &bytes).map_err(|e| format!("{}: {e}", path.display()))?,
-            None => hex_dump(out, &bytes)?,
-        }
+        write_data(out, p.output.as_deref(), &bytes)?;
     }
     let status = done.status();
     if !status.is_success() {
         return Err(format!("admin command {:#04x} failed: {status}", p.cmd.opcode).into());
+    }
+    Ok(())
+}
+
+/// Which way a passthrough command's data goes, from `--write FILE`, `--read` and
+/// `--data-len`: `(bytes the controller writes, bytes it reads)`; the file is read (and
+/// padded to `--data-len`) now, before the device is touched.
+pub(super) fn data_plan(
+    write: Option<&std::path::Path>,
+    read: bool,
+    data_len: Option<u64>,
+) -> Result<(usize, Vec<u8>), Error> {
+    let len = data_len.map(usize::try_from).transpose()?;
+    Ok(match (write, read) {
+        (Some(path), _) => {
+            let mut data = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
+            if let Some(n) = len {
+                if data.len() > n {
+                    return Err(format!(
+                        "{}: {} bytes, more than --data-len {n}",
+                        path.display(),
+                        data.len()
+                    )
+                    .into());
+                }
+                data.resize(n, 0);
+            }
+            if data.is_empty() {
+                return Err(format!("{}: empty (nothing to send)", path.display()).into());
+            }
+            (0, data)
+        }
+        (None, true) => match len {
+            Some(n) if n > 0 => (n, Vec::new()),
+            _ => return Err("--read needs --data-len (the bytes the controller writes)".into()),
+        },
+        (None, false) => {
+            if len.is_some_and(|n| n > 0) {
+                return Err("--data-len needs --read or --write (which way the data goes)".into());
+            }
+            (0, Vec::new())
+        }
+    })
+}
+
+/// The data a passthrough command brought back: to `output`, or as a hex dump.
+pub(super) fn write_data(
+    out: &mut impl Write,
+    output: Option<&std::path::Path>,
+    bytes: &[u8],
+) -> Result<(), Error> {
+    match output {
+        Some(path) => std::fs::write(path, bytes).map_err(|e| format!("{}: {e}", path.display()))?,
+        None => hex_dump(out, bytes)?,
     }
     Ok(())
 }

@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use pcibus::bus::DeviceBacking;
 use pcibus::nvme::{Controller, IoPassthru, PassthruData};
 
-use super::nvme_admin::{hex_dump, parse_number, parse_u8, parse_u32};
+use super::nvme_admin::{data_plan, parse_number, parse_u8, parse_u32, write_data};
 
 type Error = Box<dyn std::error::Error>;
 
@@ -80,37 +80,7 @@ impl IoPassthruArgs {
         cmd.cdw = [
             self.cdw10, self.cdw11, self.cdw12, self.cdw13, self.cdw14, self.cdw15,
         ];
-        let len = self.data_len.map(usize::try_from).transpose()?;
-        let (read_len, write_data) = match (&self.write, self.read) {
-            (Some(path), _) => {
-                let mut data = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
-                if let Some(n) = len {
-                    if data.len() > n {
-                        return Err(format!(
-                            "{}: {} bytes, more than --data-len {n}",
-                            path.display(),
-                            data.len()
-                        )
-                        .into());
-                    }
-                    data.resize(n, 0);
-                }
-                if data.is_empty() {
-                    return Err(format!("{}: empty (nothing to send)", path.display()).into());
-                }
-                (0, data)
-            }
-            (None, true) => match len {
-                Some(n) if n > 0 => (n, Vec::new()),
-                _ => return Err("--read needs --data-len (the bytes the controller writes)".into()),
-            },
-            (None, false) => {
-                if len.is_some_and(|n| n > 0) {
-                    return Err("--data-len needs --read or --write (which way the data goes)".into());
-                }
-                (0, Vec::new())
-            }
-        };
+        let (read_len, write_data) = data_plan(self.write.as_deref(), self.read, self.data_len)?;
         Ok(IoPassthruPlan {
             cmd,
             read_len,
@@ -155,10 +125,7 @@ pub(super) fn io_passthru<B: DeviceBacking>(
         let mut bytes = vec![0u8; len];
         b.read_at(0, &mut bytes)
             .ok_or("reading the data from the DMA buffer failed")?;
-        match &p.output {
-            Some(path) => std::fs::write(path, &bytes).map_err(|e| format!("{}: {e}", path.display()))?,
-            None => hex_dump(out, &bytes)?,
-        }
+        write_data(out, p.output.as_deref(), &bytes)?;
     }
     if !status.is_success() {
         return Err(format!("I/O command {:#04x} failed: {status}", p.cmd.opcode).into());
