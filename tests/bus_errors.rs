@@ -3,7 +3,6 @@
 //! fires, reports [`BusEvent::Error`], and takes the device back if the driver asks.
 //! In-memory devices (`testing::backing`) on QEMU's q35 tree with an SR-IOV NVMe.
 
-use std::path::Path;
 use std::sync::Arc;
 
 use parking_lot::Mutex;
@@ -17,19 +16,13 @@ use pcibus::testing::FakeSysfs;
 use pcibus::testing::backing::{FakeAttach, FakeBacking};
 use pcibus::{PciAddress, Scanner, SysfsRoot};
 
+mod common;
+use common::qemu;
+
 const PF: &str = "0000:01:00.0";
 
 fn addr(s: &str) -> PciAddress {
     s.parse().unwrap()
-}
-
-fn qemu() -> FakeSysfs {
-    FakeSysfs::from_fixture_file(
-        Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("fixtures")
-            .join("qemu-q35-sriov-nvme.pcifix"),
-    )
-    .unwrap()
 }
 
 #[derive(Default)]

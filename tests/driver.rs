@@ -23,6 +23,9 @@ use pcibus::testing::FakeSysfs;
 use pcibus::testing::backing::{AttachCall, FakeAttach, FakeBacking, FakeRegisters};
 use pcibus::{PciAddress, RemovalRegistry, Scanner, SysfsRoot};
 
+mod common;
+use common::qemu;
+
 const PF: &str = "0000:01:00.0";
 const VF1: &str = "0000:01:00.1";
 const VF2: &str = "0000:01:00.2";
@@ -30,15 +33,6 @@ const AHCI: &str = "0000:00:1f.2";
 
 fn addr(s: &str) -> PciAddress {
     s.parse().unwrap()
-}
-
-fn qemu() -> FakeSysfs {
-    FakeSysfs::from_fixture_file(
-        Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("fixtures")
-            .join("qemu-q35-sriov-nvme.pcifix"),
-    )
-    .unwrap()
 }
 
 fn allow(address: &str) -> Selection {

@@ -1,5 +1,5 @@
-//! Helpers the NVMe driver's test files share (each includes this module with `mod
-//! common;` and uses what it needs).
+//! Helpers the test files share (each includes this module with `mod common;` and uses
+//! what it needs): the NVMe emulator's, and the bus tests' fake sysfs tree.
 #![allow(dead_code)]
 
 use std::time::Duration;
@@ -40,4 +40,15 @@ pub fn pattern(len: usize, seed: u8) -> Vec<u8> {
     (0..len)
         .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
         .collect()
+}
+
+/// QEMU's q35 tree with an SR-IOV NVMe (`fixtures/qemu-q35-sriov-nvme.pcifix`): the PF at
+/// 01:00.0, its VFs at 01:00.1 and 01:00.2, an AHCI controller at 00:1f.2.
+pub fn qemu() -> pcibus::testing::FakeSysfs {
+    pcibus::testing::FakeSysfs::from_fixture_file(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("fixtures")
+            .join("qemu-q35-sriov-nvme.pcifix"),
+    )
+    .unwrap()
 }
