@@ -30,15 +30,9 @@ pub(super) fn parse_u32(s: &str) -> Result<u32, String> {
     u32::try_from(parse_number(s)?).map_err(|_| format!("\"{s}\": at most 0xffffffff"))
 }
 
-/// What `admin-passthru` sends.
-#[derive(clap::Args, Debug)]
-pub(super) struct PassthruArgs {
-    /// Opcode (decimal or 0x hex).
-    #[arg(long, value_parser = parse_u8)]
-    pub(super) opcode: u8,
-    /// Namespace ID.
-    #[arg(long, default_value = "0", value_parser = parse_u32)]
-    pub(super) nsid: u32,
+/// Command dwords 10 to 15 of a passthrough command (`admin-passthru`, `io-passthru`).
+#[derive(clap::Args, Debug, Default, Clone, Copy)]
+pub(super) struct CommandDwords {
     /// Command dword 10.
     #[arg(long, default_value = "0", value_parser = parse_u32)]
     pub(super) cdw10: u32,
@@ -57,6 +51,20 @@ pub(super) struct PassthruArgs {
     /// Command dword 15.
     #[arg(long, default_value = "0", value_parser = parse_u32)]
     pub(super) cdw15: u32,
+}
+
+impl CommandDwords {
+    /// Dwords 10 to 15, in order.
+    pub(super) fn array(&self) -> [u32; 6] {
+        [
+            self.cdw10, self.cdw11, self.cdw12, self.cdw13, self.cdw14, self.cdw15,
+        ]
+    }
+}
+
+/// Which way a passthrough command's data goes, and how much of it.
+#[derive(clap::Args, Debug, Default)]
+pub(super) struct DataArgs {
     /// Bytes of data the command moves (with --read: required; with --write: the file's
     /// size unless given, the file padded with zeroes to it).
     #[arg(long, value_parser = parse_number)]
@@ -71,6 +79,21 @@ pub(super) struct PassthruArgs {
     /// With --read: write the data to FILE instead of a hex dump.
     #[arg(short = 'o', long, value_name = "FILE", requires = "read")]
     pub(super) output: Option<PathBuf>,
+}
+
+/// What `admin-passthru` sends.
+#[derive(clap::Args, Debug)]
+pub(super) struct PassthruArgs {
+    /// Opcode (decimal or 0x hex).
+    #[arg(long, value_parser = parse_u8)]
+    pub(super) opcode: u8,
+    /// Namespace ID.
+    #[arg(long, default_value = "0", value_parser = parse_u32)]
+    pub(super) nsid: u32,
+    #[command(flatten)]
+    pub(super) dwords: CommandDwords,
+    #[command(flatten)]
+    pub(super) data: DataArgs,
 }
 
 /// What a checked `admin-passthru` will do: the command and its data.
@@ -88,15 +111,14 @@ impl PassthruArgs {
     pub(super) fn prepare(self) -> Result<Passthru, Error> {
         let mut cmd = Command::new(self.opcode);
         cmd.nsid = self.nsid;
-        cmd.cdw = [
-            self.cdw10, self.cdw11, self.cdw12, self.cdw13, self.cdw14, self.cdw15,
-        ];
-        let (read_len, write_data) = data_plan(self.write.as_deref(), self.read, self.data_len)?;
+        cmd.cdw = self.dwords.array();
+        let (read_len, write_data) =
+            data_plan(self.data.write.as_deref(), self.data.read, self.data.data_len)?;
         Ok(Passthru {
             cmd,
             read_len,
             write_data,
-            output: self.output,
+            output: self.data.output,
         })
     }
 }
@@ -346,16 +368,8 @@ mod tests {
         PassthruArgs {
             opcode,
             nsid: 0,
-            cdw10: 0,
-            cdw11: 0,
-            cdw12: 0,
-            cdw13: 0,
-            cdw14: 0,
-            cdw15: 0,
-            data_len: None,
-            read: false,
-            write: None,
-            output: None,
+            dwords: CommandDwords::default(),
+            data: DataArgs::default(),
         }
     }
 
@@ -372,9 +386,9 @@ mod tests {
     fn passthru_prints_the_completion_and_a_hex_dump() {
         let (_e, c) = controller();
         let mut a = args(admin::IDENTIFY);
-        a.cdw10 = 1;
-        a.read = true;
-        a.data_len = Some(4096);
+        a.dwords.cdw10 = 1;
+        a.data.read = true;
+        a.data.data_len = Some(4096);
         let mut out = Vec::new();
         passthru(&mut out, &c, &a.prepare().unwrap()).unwrap();
         let text = String::from_utf8(out).unwrap();
@@ -412,13 +426,13 @@ mod tests {
     #[test]
     fn passthru_arguments_are_checked_before_the_device() {
         let mut a = args(1);
-        a.read = true;
+        a.data.read = true;
         assert!(a.prepare().unwrap_err().to_string().contains("--data-len"));
         let mut a = args(1);
-        a.data_len = Some(8);
+        a.data.data_len = Some(8);
         assert!(a.prepare().unwrap_err().to_string().contains("--read or --write"));
         let mut a = args(1);
-        a.write = Some("/nonexistent/pcibus-input".into());
+        a.data.write = Some("/nonexistent/pcibus-input".into());
         assert!(
             a.prepare()
                 .unwrap_err()
@@ -429,13 +443,13 @@ mod tests {
         let f = dir.path().join("in");
         std::fs::write(&f, [1u8; 10]).unwrap();
         let mut a = args(1);
-        a.write = Some(f.clone());
-        a.data_len = Some(16);
+        a.data.write = Some(f.clone());
+        a.data.data_len = Some(16);
         let p = a.prepare().unwrap();
         assert_eq!(p.write_data, [1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0]);
         let mut a = args(1);
-        a.write = Some(f);
-        a.data_len = Some(4);
+        a.data.write = Some(f);
+        a.data.data_len = Some(4);
         assert!(a.prepare().is_err());
     }
 

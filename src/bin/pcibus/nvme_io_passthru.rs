@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use pcibus::bus::DeviceBacking;
 use pcibus::nvme::{Controller, IoPassthru, PassthruData};
 
-use super::nvme_admin::{data_plan, parse_number, parse_u8, parse_u32, write_data};
+use super::nvme_admin::{CommandDwords, DataArgs, data_plan, parse_u8, parse_u32, write_data};
 
 type Error = Box<dyn std::error::Error>;
 
@@ -27,38 +27,10 @@ pub(super) struct IoPassthruArgs {
     /// Command dword 3.
     #[arg(long, default_value = "0", value_parser = parse_u32)]
     pub(super) cdw3: u32,
-    /// Command dword 10.
-    #[arg(long, default_value = "0", value_parser = parse_u32)]
-    pub(super) cdw10: u32,
-    /// Command dword 11.
-    #[arg(long, default_value = "0", value_parser = parse_u32)]
-    pub(super) cdw11: u32,
-    /// Command dword 12.
-    #[arg(long, default_value = "0", value_parser = parse_u32)]
-    pub(super) cdw12: u32,
-    /// Command dword 13.
-    #[arg(long, default_value = "0", value_parser = parse_u32)]
-    pub(super) cdw13: u32,
-    /// Command dword 14.
-    #[arg(long, default_value = "0", value_parser = parse_u32)]
-    pub(super) cdw14: u32,
-    /// Command dword 15.
-    #[arg(long, default_value = "0", value_parser = parse_u32)]
-    pub(super) cdw15: u32,
-    /// Bytes of data the command moves, exactly (with --read: required; with --write: the
-    /// file's size unless given, the file padded with zeroes to it).
-    #[arg(long, value_parser = parse_number)]
-    pub(super) data_len: Option<u64>,
-    /// The controller writes data (controller to host), shown as a hex dump or written to
-    /// --output.
-    #[arg(long, conflicts_with = "write")]
-    pub(super) read: bool,
-    /// The controller reads the data from FILE (host to controller).
-    #[arg(long, value_name = "FILE")]
-    pub(super) write: Option<PathBuf>,
-    /// With --read: write the data to FILE instead of a hex dump.
-    #[arg(short = 'o', long, value_name = "FILE", requires = "read")]
-    pub(super) output: Option<PathBuf>,
+    #[command(flatten)]
+    pub(super) dwords: CommandDwords,
+    #[command(flatten)]
+    pub(super) data: DataArgs,
 }
 
 /// What a checked `io-passthru` will do: the command and its data.
@@ -77,15 +49,14 @@ impl IoPassthruArgs {
         let mut cmd = IoPassthru::new(self.opcode, self.nsid);
         cmd.cdw2 = self.cdw2;
         cmd.cdw3 = self.cdw3;
-        cmd.cdw = [
-            self.cdw10, self.cdw11, self.cdw12, self.cdw13, self.cdw14, self.cdw15,
-        ];
-        let (read_len, write_data) = data_plan(self.write.as_deref(), self.read, self.data_len)?;
+        cmd.cdw = self.dwords.array();
+        let (read_len, write_data) =
+            data_plan(self.data.write.as_deref(), self.data.read, self.data.data_len)?;
         Ok(IoPassthruPlan {
             cmd,
             read_len,
             write_data,
-            output: self.output,
+            output: self.data.output,
         })
     }
 }
@@ -157,16 +128,8 @@ mod tests {
             nsid: 1,
             cdw2: 0,
             cdw3: 0,
-            cdw10: 0,
-            cdw11: 0,
-            cdw12: 0,
-            cdw13: 0,
-            cdw14: 0,
-            cdw15: 0,
-            data_len: None,
-            read: false,
-            write: None,
-            output: None,
+            dwords: CommandDwords::default(),
+            data: DataArgs::default(),
         }
     }
 
@@ -178,9 +141,9 @@ mod tests {
         std::fs::write(&f, b"pcibus io passthru").unwrap();
         // Write 1 block at LBA 3 from the file padded to 512 bytes.
         let mut a = args(io::WRITE);
-        a.cdw10 = 3;
-        a.write = Some(f);
-        a.data_len = Some(512);
+        a.dwords.cdw10 = 3;
+        a.data.write = Some(f);
+        a.data.data_len = Some(512);
         let mut out = Vec::new();
         io_passthru(&mut out, &c, &a.prepare().unwrap()).unwrap();
         assert_eq!(
@@ -189,9 +152,9 @@ mod tests {
         );
         assert_eq!(&e.namespace_read(1, 3 * 512, 18).unwrap(), b"pcibus io passthru");
         let mut a = args(io::READ);
-        a.cdw10 = 3;
-        a.read = true;
-        a.data_len = Some(512);
+        a.dwords.cdw10 = 3;
+        a.data.read = true;
+        a.data.data_len = Some(512);
         let mut out = Vec::new();
         io_passthru(&mut out, &c, &a.prepare().unwrap()).unwrap();
         let text = String::from_utf8(out).unwrap();
@@ -207,9 +170,9 @@ mod tests {
         let (_e, c) = controller();
         // LBA out of range.
         let mut a = args(io::READ);
-        a.cdw11 = 0x100;
-        a.read = true;
-        a.data_len = Some(512);
+        a.dwords.cdw11 = 0x100;
+        a.data.read = true;
+        a.data.data_len = Some(512);
         let mut out = Vec::new();
         let err = io_passthru(&mut out, &c, &a.prepare().unwrap()).unwrap_err();
         assert!(err.to_string().contains("0x02 failed"), "{err}");
@@ -223,17 +186,17 @@ mod tests {
     #[test]
     fn io_passthru_arguments_are_checked_before_the_device() {
         let mut a = args(2);
-        a.read = true;
+        a.data.read = true;
         assert!(a.prepare().unwrap_err().to_string().contains("--data-len"));
         let mut a = args(2);
-        a.data_len = Some(8);
+        a.data.data_len = Some(8);
         assert!(a.prepare().unwrap_err().to_string().contains("--read or --write"));
         let mut a = args(1);
-        a.write = Some("/nonexistent/pcibus-input".into());
+        a.data.write = Some("/nonexistent/pcibus-input".into());
         assert!(a.prepare().is_err());
         let mut a = args(1);
         a.cdw2 = 7;
-        a.cdw15 = 9;
+        a.dwords.cdw15 = 9;
         let p = a.prepare().unwrap();
         assert_eq!((p.cmd.cdw2, p.cmd.cdw[5], p.cmd.nsid), (7, 9, 1));
     }
