@@ -116,13 +116,17 @@ fn the_default_refuses_constraints_by_name() {
         .unwrap_err();
     assert!(err.to_string().contains("read-only"), "{err}");
     emu.alloc_dma_with(PAGE, &DmaConstraints::new()).unwrap();
-    // Mapping caller memory is not supported either: the memory comes back.
+    // Caller memory with a constraint it cannot honour is refused, and comes back; without
+    // one it is mapped, and comes back at unmap.
     let mut page = PageBuffer::new(PAGE).unwrap();
     page[0] = 0xaa;
     let buffer = DmaBuffer::from_memory(page).unwrap();
-    let err = emu.map_dma(buffer, &DmaConstraints::new()).unwrap_err();
+    let err = emu
+        .map_dma(buffer, &DmaConstraints::new().device_read_only())
+        .unwrap_err();
     assert!(matches!(err.error, BackingError::Unsupported { .. }));
-    let page: PageBuffer = err.buffer.into_memory().unwrap();
+    let dma = emu.map_dma(err.buffer, &DmaConstraints::new()).unwrap();
+    let page: PageBuffer = emu.unmap_dma(dma).unwrap().into_memory().unwrap();
     assert_eq!(page[0], 0xaa);
 }
 

@@ -1192,6 +1192,65 @@ impl<B: DeviceBacking> Controller<B> {
         self.shared.with_backing(|b| Ok(Arc::new(b.alloc_dma(len)?)))
     }
 
+    /// Maps memory the application owns for the controller, as SPDK's `spdk_mem_register`:
+    /// a [`DmaBuffer`](crate::vfio::DmaBuffer) of its own pages
+    /// ([`DmaBuffer::from_memory`](crate::vfio::DmaBuffer::from_memory) of a
+    /// [`CallerMemory`](crate::vfio::CallerMemory) such as a
+    /// [`PageBuffer`](crate::vfio::PageBuffer)) becomes a [`Buffer`](super::Buffer) that
+    /// requests read into and write from, like one from
+    /// [`alloc_buffer`](Self::alloc_buffer). [`unregister_buffer`](Self::unregister_buffer)
+    /// gives the memory back. On failure the memory comes back in the error, unmapped.
+    pub fn register_buffer(
+        &self,
+        memory: crate::vfio::DmaBuffer,
+    ) -> Result<super::Buffer<B>, Box<crate::bus::MapDmaError>> {
+        let backing = self.shared.backing.lock();
+        let Some(b) = &*backing else {
+            return Err(Box::new(crate::bus::MapDmaError {
+                error: crate::bus::BackingError::Other {
+                    address: self.shared.info.address,
+                    message: self.shared.revoked_error().to_string(),
+                },
+                buffer: memory,
+            }));
+        };
+        Ok(Arc::new(b.map_dma(memory, &crate::bus::DmaConstraints::new())?))
+    }
+
+    /// Unmaps a buffer (from [`register_buffer`](Self::register_buffer), or any other) and
+    /// gives its memory back once the controller can no longer reach it:
+    /// [`DmaBuffer::into_memory`](crate::vfio::DmaBuffer::into_memory) then returns the
+    /// caller's memory. Fails, keeping the buffer mapped, while anything else holds it: a
+    /// clone of the application's, or a queue whose command may still use it (a request in
+    /// flight, or one that timed out and was abandoned: see the
+    /// no-late-DMA rule in the [module docs](super)). Poll the queue until the command ends.
+    #[allow(clippy::type_complexity)]
+    pub fn unregister_buffer(
+        &self,
+        buffer: super::Buffer<B>,
+    ) -> Result<crate::vfio::DmaBuffer, (NvmeError, Option<super::Buffer<B>>)> {
+        let dma = match Arc::try_unwrap(buffer) {
+            Ok(dma) => dma,
+            Err(buffer) => {
+                let holders = Arc::strong_count(&buffer) - 1;
+                return Err((
+                    NvmeError::Invalid(format!(
+                        "the buffer is still held {holders} more time(s) (a clone, or a command that may still \
+                         use it): not unmapped"
+                    )),
+                    Some(buffer),
+                ));
+            }
+        };
+        let backing = self.shared.backing.lock();
+        match &*backing {
+            // A failed unmap keeps the memory from everyone (the device might still reach it).
+            Some(b) => b.unmap_dma(dma).map_err(|e| (NvmeError::from(e), None)),
+            // Revoked: the device is closed, but the mapping is the backing's to undo.
+            None => Err((self.shared.revoked_error(), Some(Arc::new(dma)))),
+        }
+    }
+
     /// Creates an I/O queue pair of `depth` entries (capped by CAP.MQES) for the calling
     /// thread.
     pub fn io_queue(&self, depth: u16) -> Result<IoQueue<B>, NvmeError> {

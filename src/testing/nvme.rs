@@ -145,12 +145,13 @@ use std::time::{Duration, Instant};
 use parking_lot::{Mutex, RwLock};
 
 use crate::addr::PciAddress;
-use crate::bus::backing::{BackingError, DeviceBacking, DmaMemory, RegisterIo};
+use crate::bus::backing::{BackingError, DeviceBacking, DmaMemory, MapDmaError, RegisterIo};
 use crate::bus::bar::BarInfo;
 use crate::nvme::spec::{
     self, Command, Completion, Status, admin, cc, cns, csts, dsm, feature, io as nvm, oacs, oncs, reg,
     virt_mgmt,
 };
+use crate::vfio::DmaConstraints;
 use crate::vfio::{DmaBuffer, PAGE};
 
 mod logs;
@@ -3816,6 +3817,35 @@ fn config_range(
     }
 }
 
+impl EmulatedNvme {
+    // Maps `buffer` at a free IOVA of the emulated IOMMU (see `EmuConfig::fresh_iovas`).
+    fn map_buffer(&self, buffer: DmaBuffer) -> EmuDma {
+        let size = buffer.len() as u64;
+        let buffer = Arc::new(buffer);
+        let shared = self.shared();
+        let mut table = shared.dma.write();
+        // An unmapped page after each allocation, so overruns are caught.
+        let iova = if shared.cfg.fresh_iovas {
+            shared.next_iova.fetch_add(size + PAGE_U64, Ordering::Relaxed)
+        } else {
+            first_fit(&table, size + PAGE_U64)
+        };
+        table.insert(
+            iova,
+            DmaEntry {
+                len: size,
+                buf: Arc::downgrade(&buffer),
+                serial: shared.alloc_serial.fetch_add(1, Ordering::AcqRel) + 1,
+            },
+        );
+        EmuDma {
+            buffer,
+            iova,
+            handle: Arc::clone(&self.handle),
+        }
+    }
+}
+
 impl DeviceBacking for EmulatedNvme {
     type Registers = EmuRegisters;
     type Dma = EmuDma;
@@ -3864,28 +3894,29 @@ impl DeviceBacking for EmulatedNvme {
             address: self.address(),
             message: format!("allocating {size} bytes of DMA memory: {e}"),
         })?;
-        let size = buffer.len() as u64;
-        let buffer = Arc::new(buffer);
-        let shared = self.shared();
-        let mut table = shared.dma.write();
-        // An unmapped page after each allocation, so overruns are caught.
-        let iova = if shared.cfg.fresh_iovas {
-            shared.next_iova.fetch_add(size + PAGE_U64, Ordering::Relaxed)
-        } else {
-            first_fit(&table, size + PAGE_U64)
-        };
-        table.insert(
-            iova,
-            DmaEntry {
-                len: size,
-                buf: Arc::downgrade(&buffer),
-                serial: shared.alloc_serial.fetch_add(1, Ordering::AcqRel) + 1,
-            },
-        );
-        Ok(EmuDma {
-            buffer,
-            iova,
-            handle: Arc::clone(&self.handle),
+        Ok(self.map_buffer(buffer))
+    }
+
+    fn map_dma(&self, buffer: DmaBuffer, constraints: &DmaConstraints) -> Result<EmuDma, Box<MapDmaError>> {
+        // Like alloc_dma_with's default: this emulation places memory at no constraint.
+        if let Some(operation) = constraints.first_nontrivial() {
+            let error = BackingError::Unsupported {
+                address: self.address(),
+                operation,
+            };
+            return Err(Box::new(MapDmaError { error, buffer }));
+        }
+        Ok(self.map_buffer(buffer))
+    }
+
+    fn unmap_dma(&self, dma: EmuDma) -> Result<DmaBuffer, BackingError> {
+        let buffer = Arc::clone(&dma.buffer);
+        // Unmapped (out of the controller's table) first, then the buffer is the caller's,
+        // unless the controller holds it this instant for a transfer.
+        drop(dma);
+        Arc::try_unwrap(buffer).map_err(|_| BackingError::Other {
+            address: self.address(),
+            message: "the controller is moving data in the buffer: it is not given back".into(),
         })
     }
 
