@@ -79,7 +79,8 @@ pub type DriverError = Box<dyn std::error::Error + Send + Sync>;
 pub struct DriverPanicked {
     /// The driver.
     pub driver: String,
-    /// The callback: `"probe"`, `"remove"` or `"fault"`.
+    /// The callback: `"probe"`, `"remove"`, `"fault"`, `"error_detected"` or
+    /// `"sriov_configure"`.
     pub callback: &'static str,
     /// The panic's message (a payload that is not a string reads as
     /// `"(no message)"`).
@@ -213,6 +214,18 @@ pub trait Driver<B: DeviceBacking>: Any + Send {
     fn error_detected(&mut self, device: &mut Self::Device, event: &ErrorEvent) -> ErrorAction {
         let _ = (device, event);
         ErrorAction::Keep
+    }
+
+    /// The application asks to change the number of VFs of `pf_state`'s device, a PF
+    /// this driver holds, to `n` (0: remove them all), through
+    /// [`Bus::set_vfs`](super::Bus::set_vfs): asked before any VF is created or removed.
+    /// `Err` refuses, and nothing is changed; `Ok` agrees (prepare the PF for them: give
+    /// the VFs their resources, for a device that shares them out). Not asked when the
+    /// count is `n` already, nor when the bus refuses first (see `set_vfs`), nor again
+    /// when a failed change is rolled back. Default: agrees.
+    fn sriov_configure(&mut self, pf_state: &mut Self::Device, n: u16) -> Result<(), DriverError> {
+        let _ = (pf_state, n);
+        Ok(())
     }
 }
 

@@ -26,6 +26,7 @@ pub mod interrupt;
 pub mod map;
 pub mod probe;
 mod reset;
+pub mod sriov;
 
 pub use crate::vfio::reset::{HotResetDevice, HotResetInfo, HotResetOwner, ResetInfo, ResetMethod};
 pub use attach::{Attach, AttachError, Attached, BindPolicy, Release, VfioAttach};
@@ -39,3 +40,4 @@ pub use interrupt::{Interrupt, InterruptError, InterruptKind};
 pub use probe::{
     Bus, BusError, BusEvent, FaultReport, ProbeError, ProbeReport, ReleasedReport, RemovedReport,
 };
+pub use sriov::{SetVfs, SetVfsError, SysfsVfs, VfControl, VfError};

@@ -84,6 +84,7 @@ const COMMAND_MEMORY: u16 = 1 << 1;
 
 mod erased;
 mod ready;
+mod vfs;
 mod worker;
 use erased::{ErasedDriver, State};
 use ready::ReadyFd;

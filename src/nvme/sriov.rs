@@ -52,8 +52,8 @@ use super::spec::{
 use super::{Controller, NvmeError, Options};
 use crate::addr::PciAddress;
 use crate::bus::backing::{BackingError, DeviceBacking, DmaMemory};
-use crate::removal::pool::{BlockingPool, PoolError};
-use crate::sysfs::scan::SysfsRoot;
+use crate::bus::sriov::VfError;
+use crate::removal::pool::PoolError;
 
 /// What went wrong in an SR-IOV step.
 #[derive(Debug, thiserror::Error)]
@@ -136,129 +136,15 @@ pub enum SriovError {
     },
 }
 
-/// Enables and disables the VFs of a PF: what [`enable`] and [`disable`] need of the
-/// platform. [`SysfsVfs`] does it through sysfs.
-pub trait VfControl {
-    /// How many VFs are enabled now.
-    fn num_vfs(&self) -> Result<u16, SriovError>;
-    /// Enables `n` VFs (0: disables them), with no kernel driver probing them, and returns
-    /// their addresses (VF 1 first).
-    fn set_num_vfs(&self, n: u16) -> Result<Vec<PciAddress>, SriovError>;
-}
+// The generic VF control moved to the bus layer; these paths stay for users.
+pub use crate::bus::sriov::{SysfsVfs, VfControl};
 
-/// [`VfControl`] through the PF's sysfs attributes. `sriov_numvfs` takes the device lock
-/// (so does reading it), so each access runs on a [`BlockingPool`] thread and is waited
-/// for until a deadline: a pending removal of the PF then ends in [`SriovError::Stuck`],
-/// not in a hang.
-#[derive(Debug, Clone)]
-pub struct SysfsVfs {
-    root: SysfsRoot,
-    pf: PciAddress,
-    pool: BlockingPool,
-    limit: Duration,
-}
-
-impl SysfsVfs {
-    /// The VFs of `pf` under `root`, through the process's shared pool, 20 s per access
-    /// (enabling VFs creates and announces PCI devices, which takes seconds on a slow
-    /// machine).
-    pub fn new(root: SysfsRoot, pf: PciAddress) -> Self {
-        SysfsVfs {
-            root,
-            pf,
-            pool: BlockingPool::shared(),
-            limit: Duration::from_secs(20),
+impl From<VfError> for SriovError {
+    fn from(e: VfError) -> Self {
+        match e {
+            VfError::Sysfs { path, value, source } => SriovError::Sysfs { path, value, source },
+            VfError::Stuck { path, value, source } => SriovError::Stuck { path, value, source },
         }
-    }
-
-    /// Waits at most `limit` for each access.
-    pub fn limit(mut self, limit: Duration) -> Self {
-        self.limit = limit;
-        self
-    }
-
-    /// Runs the accesses on `pool`.
-    pub fn pool(mut self, pool: BlockingPool) -> Self {
-        self.pool = pool;
-        self
-    }
-
-    /// The VFs that exist now, from the `virtfnN` links (readlinks: no device lock).
-    pub fn vfs(&self) -> Vec<PciAddress> {
-        let dir = self.root.device_dir(self.pf);
-        (0..)
-            .map_while(|i| std::fs::read_link(dir.join(format!("virtfn{i}"))).ok())
-            .filter_map(|t| t.file_name()?.to_str()?.parse().ok())
-            .collect()
-    }
-
-    fn attr(&self, name: &str) -> PathBuf {
-        self.root.device_dir(self.pf).join(name)
-    }
-
-    fn write(&self, name: &str, value: &str) -> Result<(), SriovError> {
-        let path = self.attr(name);
-        let (p, v) = (path.clone(), value.to_owned());
-        let outcome = self
-            .pool
-            .submit(move || std::fs::write(&p, v))
-            .wait_until(Instant::now() + self.limit);
-        let value = Some(value.to_owned());
-        match outcome {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(source)) => Err(SriovError::Sysfs { path, value, source }),
-            Err(source) => Err(SriovError::Stuck { path, value, source }),
-        }
-    }
-
-    fn read(&self, name: &str) -> Result<String, SriovError> {
-        let path = self.attr(name);
-        match self.pool.read(&path, 64, Instant::now() + self.limit) {
-            Ok(Ok(b)) => Ok(String::from_utf8_lossy(&b).trim().to_owned()),
-            Ok(Err(source)) => Err(SriovError::Sysfs {
-                path,
-                value: None,
-                source,
-            }),
-            Err(source) => Err(SriovError::Stuck {
-                path,
-                value: None,
-                source,
-            }),
-        }
-    }
-}
-
-impl VfControl for SysfsVfs {
-    fn num_vfs(&self) -> Result<u16, SriovError> {
-        let text = self.read("sriov_numvfs")?;
-        text.parse().map_err(|_| SriovError::Sysfs {
-            path: self.attr("sriov_numvfs"),
-            value: None,
-            source: io::Error::new(io::ErrorKind::InvalidData, format!("{text:?} is not a number")),
-        })
-    }
-
-    /// Enabling sets `sriov_drivers_autoprobe` to 0 first (the VFs' controllers are offline
-    /// until [`enable`] sets them online; bind them afterwards); disabling sets it back to
-    /// 1, the kernel's default. The kernel refuses to change a nonzero count to another
-    /// nonzero one, so a different count goes through 0.
-    fn set_num_vfs(&self, n: u16) -> Result<Vec<PciAddress>, SriovError> {
-        let now = self.num_vfs()?;
-        if now == n {
-            return Ok(self.vfs());
-        }
-        if n > 0 {
-            self.write("sriov_drivers_autoprobe", "0")?;
-        }
-        if now != 0 && n != 0 {
-            self.write("sriov_numvfs", "0")?;
-        }
-        self.write("sriov_numvfs", &n.to_string())?;
-        if n == 0 {
-            self.write("sriov_drivers_autoprobe", "1")?;
-        }
-        Ok(self.vfs())
     }
 }
 
@@ -637,7 +523,7 @@ pub fn enable<B: DeviceBacking>(
     let enabled = step(
         journal,
         "sriov_numvfs (read)".into(),
-        || vfs.num_vfs(),
+        || vfs.num_vfs().map_err(SriovError::from),
         u16::to_string,
     )?;
     for s in list.iter().filter(|s| s.online) {
@@ -653,7 +539,7 @@ pub fn enable<B: DeviceBacking>(
         step(
             journal,
             "sriov_numvfs = 0 (VFs left from before)".into(),
-            || vfs.set_num_vfs(0),
+            || vfs.set_num_vfs(0).map_err(SriovError::from),
             |_| "ok".into(),
         )?;
     }
@@ -729,7 +615,7 @@ pub fn enable<B: DeviceBacking>(
     let addresses = step(
         journal,
         format!("sriov_numvfs = {}", plan.vfs),
-        || vfs.set_num_vfs(plan.vfs),
+        || vfs.set_num_vfs(plan.vfs).map_err(SriovError::from),
         |a| a.iter().map(PciAddress::to_string).collect::<Vec<_>>().join(", "),
     )?;
     if addresses.len() < usize::from(plan.vfs) {
@@ -860,7 +746,7 @@ pub fn disable<B: DeviceBacking>(
     step(
         journal,
         "sriov_numvfs = 0".into(),
-        || vfs.set_num_vfs(0),
+        || vfs.set_num_vfs(0).map_err(SriovError::from),
         |_| "ok".into(),
     )?;
     let what = "Identify Secondary Controller List (CNS 15h) at the end";
@@ -956,35 +842,5 @@ mod tests {
         assert!(
             describe_caps(&caps()).starts_with("VQ: 4 flexible (primary 4, secondaries 0, at most 4 each)")
         );
-    }
-
-    #[test]
-    fn sysfs_vfs_through_a_fake_tree() {
-        let tmp = tempfile::tempdir().unwrap();
-        let root = SysfsRoot::new(tmp.path());
-        let pf: PciAddress = "0000:01:00.0".parse().unwrap();
-        let dir = root.device_dir(pf);
-        std::fs::create_dir_all(&dir).unwrap();
-        std::fs::write(dir.join("sriov_numvfs"), "0\n").unwrap();
-        std::fs::write(dir.join("sriov_drivers_autoprobe"), "1\n").unwrap();
-        for (i, vf) in ["0000:01:00.1", "0000:01:00.2"].iter().enumerate() {
-            std::os::unix::fs::symlink(format!("../{vf}"), dir.join(format!("virtfn{i}"))).unwrap();
-        }
-        let vfs = SysfsVfs::new(root.clone(), pf).limit(Duration::from_secs(5));
-        assert_eq!(vfs.num_vfs().unwrap(), 0);
-        let got = vfs.set_num_vfs(2).unwrap();
-        assert_eq!(got.len(), 2);
-        assert_eq!(
-            std::fs::read_to_string(dir.join("sriov_drivers_autoprobe")).unwrap(),
-            "0"
-        );
-        assert_eq!(vfs.num_vfs().unwrap(), 2);
-        vfs.set_num_vfs(0).unwrap();
-        assert_eq!(
-            std::fs::read_to_string(dir.join("sriov_drivers_autoprobe")).unwrap(),
-            "1"
-        );
-        std::fs::write(dir.join("sriov_numvfs"), "x").unwrap();
-        assert!(matches!(vfs.num_vfs(), Err(SriovError::Sysfs { .. })));
     }
 }

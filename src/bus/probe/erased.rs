@@ -9,7 +9,7 @@ use std::any::Any;
 
 use crate::addr::PciAddress;
 use crate::bus::backing::DeviceBacking;
-use crate::bus::driver::{Driver, ProbeDevice, ProbeOutcome, Removal};
+use crate::bus::driver::{Driver, DriverError, ProbeDevice, ProbeOutcome, Removal};
 use crate::bus::errors::{ErrorAction, ErrorEvent};
 use crate::bus::fault::BarFault;
 use crate::bus::id::IdEntry;
@@ -24,6 +24,7 @@ pub(crate) trait ErasedDriver<B>: Any + Send {
     fn remove(&mut self, state: State, removal: &Removal);
     fn fault(&mut self, state: &mut State, fault: &BarFault);
     fn error_detected(&mut self, state: &mut State, event: &ErrorEvent) -> ErrorAction;
+    fn sriov_configure(&mut self, state: &mut State, pf: PciAddress, n: u16) -> Result<(), DriverError>;
     fn probe_again(&self) -> bool;
 }
 
@@ -61,6 +62,20 @@ impl<B: DeviceBacking, D: Driver<B>> ErasedDriver<B> for D {
             None => {
                 mismatch(Driver::name(self), event.address, "error_detected");
                 ErrorAction::Keep
+            }
+        }
+    }
+
+    fn sriov_configure(&mut self, state: &mut State, pf: PciAddress, n: u16) -> Result<(), DriverError> {
+        match state.downcast_mut::<D::Device>() {
+            Some(state) => Driver::sriov_configure(self, state, n),
+            None => {
+                mismatch(Driver::name(self), pf, "sriov_configure");
+                Err(format!(
+                    "the state kept for driver {} is not of its type",
+                    Driver::name(self)
+                )
+                .into())
             }
         }
     }
