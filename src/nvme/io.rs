@@ -1375,8 +1375,12 @@ impl<B: DeviceBacking> IoQueue<B> {
         }
         let mut completed = reset_ended;
         let mut seen = 0usize;
-        while let Some(c) = self.ring.pop() {
+        // The SQ head the last completion reported: taken once, after the loop (the
+        // controller's head only moves on; the last one says the most).
+        let mut sq_head = None;
+        while let Some(c) = self.ring.pop_entry() {
             seen += 1;
+            sq_head = Some(c.sq_head);
             let Some(slot) = self.slots.get(usize::from(c.cid)).copied() else {
                 log::debug!(
                     "queue {}: completion with unknown cid {} ignored",
@@ -1467,6 +1471,9 @@ impl<B: DeviceBacking> IoQueue<B> {
                     status: Some(status),
                 });
             }
+        }
+        if let Some(head) = sq_head {
+            self.ring.saw_sq_head(head);
         }
         if seen > 0 {
             self.shared.saw_completions();
