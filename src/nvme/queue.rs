@@ -144,6 +144,17 @@ impl<D: DmaMemory> Ring<D> {
         true
     }
 
+    /// Whether the submission queue is full ([`free`](Self::free) is 0), in a compare or two.
+    #[inline]
+    pub(crate) fn is_full(&self) -> bool {
+        let next = if self.sq_tail + 1 == self.depth {
+            0
+        } else {
+            self.sq_tail + 1
+        };
+        next == self.sq_head
+    }
+
     /// Whether entries were pushed since the last doorbell.
     pub(crate) fn unrung(&self) -> bool {
         self.sq_tail != self.sq_rung
@@ -265,7 +276,8 @@ impl<D: DmaMemory> Ring<D> {
     /// and entries not yet fetched would be overwritten: it is ignored.
     #[inline]
     pub(crate) fn saw_sq_head(&mut self, head: u16) {
-        if head < self.depth && self.distance(self.sq_head, head) <= self.distance(self.sq_head, self.sq_tail) {
+        if head < self.depth && self.distance(self.sq_head, head) <= self.distance(self.sq_head, self.sq_tail)
+        {
             self.sq_head = head;
         } else {
             log::debug!(
@@ -327,7 +339,10 @@ impl<D: DmaMemory> Ring<D> {
 fn words(cmd: &Command) -> [u64; Command::SIZE / 8] {
     let pair = |lo: u32, hi: u32| (u64::from(lo) | u64::from(hi) << 32).to_le();
     [
-        (u64::from(cmd.opcode) | u64::from(cmd.flags) << 8 | u64::from(cmd.cid) << 16 | u64::from(cmd.nsid) << 32)
+        (u64::from(cmd.opcode)
+            | u64::from(cmd.flags) << 8
+            | u64::from(cmd.cid) << 16
+            | u64::from(cmd.nsid) << 32)
             .to_le(),
         pair(cmd.cdw2, cmd.cdw3),
         cmd.mptr.to_le(),
