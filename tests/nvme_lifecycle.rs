@@ -349,6 +349,39 @@ fn namespace_changes_reach_the_namespace_list() {
     assert_eq!(e.stats().bad_dma, 0);
 }
 
+// A queue remembers the namespace its latest read or write named (to skip the namespace
+// checks on the next one): a namespace that shrinks under it is checked against its new
+// size all the same.
+#[test]
+fn a_namespace_that_shrinks_refuses_reads_past_its_new_end() {
+    let e = emu(EmuConfig {
+        namespaces: vec![NamespaceConfig::new(8192, 512)],
+        ..EmuConfig::default()
+    });
+    let c = up(&e);
+    c.on_async_event(|_| {}).unwrap();
+    let mut q = c.io_queue(8).unwrap();
+    let buf = c.alloc_buffer(4096).unwrap();
+    q.read(1, 8000, 1, &buf, 0).unwrap();
+    assert!(e.resize_namespace(1, 4096));
+    let start = Instant::now();
+    while c.namespace(1).map(|n| n.blocks) != Some(4096) && start.elapsed() < Duration::from_secs(30) {
+        c.process_admin_completions().unwrap();
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    assert_eq!(c.namespace(1).map(|n| n.blocks), Some(4096));
+    let commands = e.stats().io(io::READ);
+    let err = q.read(1, 8000, 1, &buf, 0).unwrap_err();
+    assert!(matches!(err, NvmeError::Invalid(_)), "{err}");
+    assert_eq!(
+        e.stats().io(io::READ),
+        commands,
+        "the read reached the controller"
+    );
+    q.read(1, 4000, 1, &buf, 0).unwrap();
+    assert_eq!(e.stats().bad_dma, 0);
+}
+
 // The blocking calls (`read`, `run`) wait through a recovery's backoff: they end with
 // the reset's or the failure's error, never with `RecoveryPending` and the request left
 // behind in the queue.

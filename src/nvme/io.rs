@@ -245,6 +245,22 @@ struct Rest {
     reftag: bool,
 }
 
+// The namespace the latest read or write named, as the queue's namespace list has it (usable),
+// with what a read or write of it needs: one compare per submission instead of a search and
+// the checks that depend on the namespace alone. Valid for the list of `namespace_generation`
+// (taken again, and this emptied, when that changes). `nsid` 0: none.
+#[derive(Debug, Clone, Copy, Default)]
+struct NsCache {
+    nsid: u32,
+    blocks: u64,
+    // log2 of the block size (a power of two; other sizes take the general path).
+    block_shift: u32,
+    // Blocks per read or write command (the controller's transfer limit).
+    per_cmd: u64,
+    prinfo: u32,
+    reftag: bool,
+}
+
 /// How a request ended, as [`IoQueue::poll_completions`] reports it.
 ///
 /// For a request the driver split into several commands (a transfer above the controller's
@@ -355,6 +371,7 @@ pub struct IoQueue<B: DeviceBacking> {
     // The controller's namespace list as this queue last took it, and its generation.
     namespaces: Arc<[Namespace]>,
     namespace_generation: u64,
+    ns_cache: NsCache,
     // Slots whose command was abandoned after a timeout and not yet answered.
     abandoned: usize,
     // The Aborts sent for abandoned commands (at most one each) and when they were
@@ -845,6 +862,7 @@ impl<B: DeviceBacking> IoQueue<B> {
         Ok(IoQueue {
             namespaces,
             namespace_generation,
+            ns_cache: NsCache::default(),
             shared,
             regs,
             ring,
@@ -954,11 +972,116 @@ impl<B: DeviceBacking> IoQueue<B> {
     /// would have to wait and the software queue is full or off (poll, then retry).
     #[inline]
     pub fn submit(&mut self, request: &IoRequest<'_, B>, tag: u64) -> Result<(), NvmeError> {
+        if let (Op::Read | Op::Write, Some((buffer, offset))) = (request.op, request.buffer)
+            && self.submit_one(
+                request.op,
+                request.nsid,
+                request.lba,
+                request.blocks,
+                buffer,
+                offset,
+                tag,
+            )
+        {
+            return Ok(());
+        }
         let data = match request.buffer {
             Some((b, o)) => Data::Contiguous(b, o),
             None => Data::None,
         };
         self.submit_data(request.op, request.nsid, request.lba, request.blocks, data, tag)
+    }
+
+    // The common request, submitted without the general path's generality: a read or write
+    // of one command, to the namespace of the latest read or write (`ns_cache`), on a live
+    // queue with a free slot and nothing waiting in the software queue. False, having done
+    // nothing, when any of that does not hold (or the request is invalid): `submit_data`
+    // then takes it, and reports what is wrong with it.
+    #[inline]
+    #[allow(clippy::too_many_arguments)]
+    fn submit_one(
+        &mut self,
+        op: Op,
+        nsid: u32,
+        lba: u64,
+        blocks: u64,
+        buffer: &Buffer<B>,
+        offset: usize,
+        tag: u64,
+    ) -> bool {
+        let ns = self.ns_cache;
+        if ns.nsid != nsid
+            || nsid == 0
+            || blocks == 0
+            || blocks > ns.per_cmd
+            || lba.checked_add(blocks).is_none_or(|end| end > ns.blocks)
+            || !offset.is_multiple_of(4)
+            || !self.pending.is_empty()
+            || self.free_cids.is_empty()
+            || self.ring.is_full()
+            || self.check_alive().is_err()
+            || self.shared.generation.load(Ordering::Acquire) != self.generation
+            || self.shared.namespace_generation() != self.namespace_generation
+        {
+            return false;
+        }
+        // `blocks` is at most 2^16 and the block size a power of two below 2^32: no overflow.
+        let bytes = blocks << ns.block_shift;
+        if (offset as u64)
+            .checked_add(bytes)
+            .is_none_or(|end| end > buffer.len() as u64)
+        {
+            return false;
+        }
+        let index = match self.free_requests.pop() {
+            Some(i) => i,
+            None => {
+                self.requests.push(None);
+                self.rests.push(Rest::default());
+                (self.requests.len() - 1) as u32
+            }
+        };
+        let hold = self.holds.take(buffer);
+        let old = self.requests[index as usize].replace(Request {
+            tag,
+            op,
+            parts: 1,
+            error: None,
+            deadline: UNSTAMPED,
+            ended: false,
+            buffer: None,
+            hold,
+            plan: None,
+            sent: true,
+            cdw0: 0,
+            status: Status::SUCCESS,
+            commands: 0,
+        });
+        // A free entry is `None`: nothing to drop (as in `submit_data`).
+        debug_assert!(old.is_none());
+        std::mem::forget(old);
+        self.outstanding += 1;
+        // Checked non-empty above.
+        let cid = self.free_cids.pop().unwrap_or_default();
+        let mut cmd = Command::new(if op == Op::Read { io::READ } else { io::WRITE });
+        cmd.cid = cid;
+        cmd.nsid = nsid;
+        cmd.cdw[0] = lba as u32;
+        cmd.cdw[1] = (lba >> 32) as u32;
+        // Protection information as in `send`.
+        cmd.cdw[2] = (blocks - 1) as u32 | ns.prinfo;
+        if ns.reftag {
+            cmd.cdw[4] = lba as u32;
+        }
+        (cmd.prp1, cmd.prp2) = prps(&self.prp, cid, buffer.iova() + offset as u64, bytes);
+        self.slots[usize::from(cid)] = Slot {
+            request: index,
+            abandoned: None,
+            abort_sent: false,
+        };
+        // Cannot fail: the ring has room (checked above).
+        self.ring.push(&cmd);
+        true
     }
 
     /// Queues a read of `blocks` blocks at `lba` into `segments`, in order (scatter): as
@@ -1017,6 +1140,7 @@ impl<B: DeviceBacking> IoQueue<B> {
         if self.shared.namespace_generation() != self.namespace_generation {
             self.namespace_generation = self.shared.namespace_generation();
             self.namespaces = self.shared.namespace_list();
+            self.ns_cache = NsCache::default();
         }
         let Some(ns) = find_namespace(&self.namespaces, nsid) else {
             return Err(NvmeError::Invalid(if self.shared.namespace_removed(nsid) {
@@ -1101,6 +1225,16 @@ impl<B: DeviceBacking> IoQueue<B> {
                 ));
             }
         };
+        if matches!(op, Op::Read | Op::Write) && bs.is_power_of_two() {
+            self.ns_cache = NsCache {
+                nsid,
+                blocks: ns.blocks,
+                block_shift: bs.trailing_zeros(),
+                per_cmd,
+                prinfo: ns.prinfo,
+                reftag: ns.reftag,
+            };
+        }
         let plan = match vectored {
             Some(segments) => {
                 let sgl = super::spec::sgl::supported(info.identify.sgls);
@@ -1375,8 +1509,12 @@ impl<B: DeviceBacking> IoQueue<B> {
         }
         let mut completed = reset_ended;
         let mut seen = 0usize;
-        while let Some(c) = self.ring.pop() {
+        // The SQ head the last completion reported: taken once, after the loop (the
+        // controller's head only moves on; the last one says the most).
+        let mut sq_head = None;
+        while let Some(c) = self.ring.pop_entry() {
             seen += 1;
+            sq_head = Some(c.sq_head);
             let Some(slot) = self.slots.get(usize::from(c.cid)).copied() else {
                 log::debug!(
                     "queue {}: completion with unknown cid {} ignored",
@@ -1467,6 +1605,9 @@ impl<B: DeviceBacking> IoQueue<B> {
                     status: Some(status),
                 });
             }
+        }
+        if let Some(head) = sq_head {
+            self.ring.saw_sq_head(head);
         }
         if seen > 0 {
             self.shared.saw_completions();

@@ -126,25 +126,33 @@ impl<D: DmaMemory> Ring<D> {
     /// [`ring_sq`](Self::ring_sq). False when the queue is full.
     #[inline]
     pub(crate) fn push(&mut self, cmd: &Command) -> bool {
-        if self.free() == 0 {
+        // Full when the tail's successor is the head (one slot stays empty): the same test
+        // as `free() == 0`, from the successor the tail moves to anyway.
+        let next = if self.sq_tail + 1 == self.depth {
+            0
+        } else {
+            self.sq_tail + 1
+        };
+        if next == self.sq_head {
             return false;
         }
         let at = usize::from(self.sq_tail) * Command::SIZE;
-        // Eight whole words (entries are 64-byte aligned); in bounds: the ring holds
-        // `depth` entries.
-        let bytes = cmd.to_bytes();
-        let mut words = [0u64; Command::SIZE / 8];
-        for (w, b) in words.iter_mut().zip(bytes.chunks_exact(8)) {
-            let mut word = [0u8; 8];
-            word.copy_from_slice(b);
-            *w = u64::from_ne_bytes(word);
-        }
-        let _ = self.sq.write_words(at, &words);
-        self.sq_tail += 1;
-        if self.sq_tail == self.depth {
-            self.sq_tail = 0;
-        }
+        // Eight whole words (entries are 64-byte aligned; in bounds: the ring holds `depth`
+        // entries), built from the fields: no byte array in between.
+        let _ = self.sq.write_words(at, &words(cmd));
+        self.sq_tail = next;
         true
+    }
+
+    /// Whether the submission queue is full ([`free`](Self::free) is 0), in a compare or two.
+    #[inline]
+    pub(crate) fn is_full(&self) -> bool {
+        let next = if self.sq_tail + 1 == self.depth {
+            0
+        } else {
+            self.sq_tail + 1
+        };
+        next == self.sq_head
     }
 
     /// Whether entries were pushed since the last doorbell.
@@ -221,9 +229,21 @@ impl<D: DmaMemory> Ring<D> {
         need_event(event, new, old)
     }
 
-    /// The next completion, if the controller posted one (its phase matches).
+    /// The next completion, if the controller posted one (its phase matches), its SQ head
+    /// taken as the controller's ([`saw_sq_head`](Self::saw_sq_head)).
     #[inline]
     pub(crate) fn pop(&mut self) -> Option<Completion> {
+        let c = self.pop_entry()?;
+        self.saw_sq_head(c.sq_head);
+        Some(c)
+    }
+
+    /// The next completion, as [`pop`](Self::pop), leaving the SQ head it reports to the
+    /// caller: a caller that consumes several at once passes the last one's to
+    /// [`saw_sq_head`](Self::saw_sq_head) (the controller's head only moves on, so the last
+    /// completion's is the newest; an earlier one adds nothing the last does not say).
+    #[inline]
+    pub(crate) fn pop_entry(&mut self) -> Option<Completion> {
         let at = usize::from(self.cq_head) * Completion::SIZE;
         // The phase word first; the rest of the entry is complete once it is, read after
         // the barrier. (Entries are 16-byte aligned: two whole words.)
@@ -232,34 +252,42 @@ impl<D: DmaMemory> Ring<D> {
             return None;
         }
         barrier::dma_rmb();
-        let low = self.cq.read::<u64>(at)?;
-        let high = self.cq.read::<u64>(at + 8)?;
-        let mut b = [0u8; 16];
-        b[..8].copy_from_slice(&low.to_ne_bytes());
-        b[8..].copy_from_slice(&high.to_ne_bytes());
-        let c = Completion::from_bytes(&b);
+        let low = u64::from_le(self.cq.read::<u64>(at)?);
+        let high = u64::from_le(self.cq.read::<u64>(at + 8)?);
+        let c = Completion {
+            dw0: low as u32,
+            dw1: (low >> 32) as u32,
+            sq_head: high as u16,
+            sq_id: (high >> 16) as u16,
+            cid: (high >> 32) as u16,
+            status: (high >> 48) as u16,
+        };
         self.cq_head += 1;
         if self.cq_head == self.depth {
             self.cq_head = 0;
             self.phase = !self.phase;
         }
-        // The controller's SQ head lies between the head known so far and the tail; a value
-        // outside (a corrupt or stale entry) would make the queue look emptier than it is,
-        // and entries not yet fetched would be overwritten: ignore it.
-        if c.sq_head < self.depth
-            && self.distance(self.sq_head, c.sq_head) <= self.distance(self.sq_head, self.sq_tail)
+        Some(c)
+    }
+
+    /// A completion reported the controller's SQ head `head`: the known head moves there.
+    /// The controller's SQ head lies between the head known so far and the tail; a value
+    /// outside (a corrupt or stale entry) would make the queue look emptier than it is,
+    /// and entries not yet fetched would be overwritten: it is ignored.
+    #[inline]
+    pub(crate) fn saw_sq_head(&mut self, head: u16) {
+        if head < self.depth && self.distance(self.sq_head, head) <= self.distance(self.sq_head, self.sq_tail)
         {
-            self.sq_head = c.sq_head;
+            self.sq_head = head;
         } else {
             log::debug!(
                 "queue {}: completion reports SQ head {} outside {}..={}: ignored",
                 self.qid,
-                c.sq_head,
+                head,
                 self.sq_head,
                 self.sq_tail
             );
         }
-        Some(c)
     }
 
     /// At most `in_flight` entries (the commands written and not completed) can still be
@@ -306,6 +334,26 @@ impl<D: DmaMemory> Ring<D> {
     }
 }
 
+// The eight little-endian words of `cmd`'s entry, as `Command::to_bytes` lays them out.
+#[inline]
+fn words(cmd: &Command) -> [u64; Command::SIZE / 8] {
+    let pair = |lo: u32, hi: u32| (u64::from(lo) | u64::from(hi) << 32).to_le();
+    [
+        (u64::from(cmd.opcode)
+            | u64::from(cmd.flags) << 8
+            | u64::from(cmd.cid) << 16
+            | u64::from(cmd.nsid) << 32)
+            .to_le(),
+        pair(cmd.cdw2, cmd.cdw3),
+        cmd.mptr.to_le(),
+        cmd.prp1.to_le(),
+        cmd.prp2.to_le(),
+        pair(cmd.cdw[0], cmd.cdw[1]),
+        pair(cmd.cdw[2], cmd.cdw[3]),
+        pair(cmd.cdw[4], cmd.cdw[5]),
+    ]
+}
+
 /// Writes an SQ tail doorbell register: `value` at `at` in BAR 0, after the barrier that
 /// makes the entries written before it reach the controller first (Linux's `writel`).
 pub(crate) fn write_sq_doorbell<R: RegisterIo>(regs: &R, at: u64, value: u32) -> Result<(), NvmeError> {
@@ -324,7 +372,26 @@ pub(crate) fn write_cq_doorbell<R: RegisterIo>(regs: &R, at: u64, value: u32) ->
 
 #[cfg(test)]
 mod tests {
-    use super::need_event;
+    use super::{need_event, words};
+    use crate::nvme::spec::Command;
+
+    #[test]
+    fn entry_words_match_the_entry_bytes() {
+        let cmd = Command {
+            opcode: 0x02,
+            flags: 0x40,
+            cid: 0x1234,
+            nsid: 0x5678_9abc,
+            cdw2: 1,
+            cdw3: 2,
+            mptr: 0x0102_0304_0506_0708,
+            prp1: 0x1111_2222_3333_4444,
+            prp2: 0x5555_6666_7777_8888,
+            cdw: [10, 11, 12, 13, 14, 15],
+        };
+        let bytes: Vec<u8> = words(&cmd).iter().flat_map(|w| w.to_ne_bytes()).collect();
+        assert_eq!(bytes, cmd.to_bytes());
+    }
 
     #[test]
     fn event_index_rule() {
