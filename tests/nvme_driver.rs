@@ -1439,3 +1439,37 @@ fn a_controller_that_never_updates_the_sq_head_does_not_stall_the_queue() {
     }
     assert_eq!(e.stats().bad_dma, 0);
 }
+
+// Issue 15 §1 (from the code): revoke's Bus Master Enable write is read back. A
+// controller whose config space reads all-ones (gone, or ignoring the write) gives no
+// proof, so the buffer of a command it may still execute is kept (leaked), never freed
+// to be mapped again; before, revoke counted the unchecked write as proof.
+#[test]
+fn revoke_of_a_controller_that_ignores_bus_master_enable_keeps_its_memory() {
+    let e = emu(EmuConfig::default());
+    let c = Controller::init(
+        e.clone(),
+        &Options {
+            io_timeout: Duration::from_millis(200),
+            ..quick()
+        },
+    )
+    .unwrap();
+    let mut q = c.io_queue(4).unwrap();
+    let buf = c.alloc_buffer(4096).unwrap();
+    e.inject(Fault::NeverComplete {
+        command: CommandMatch::Io(io::READ),
+        count: 1,
+    });
+    let err = q.read(1, 0, 8, &buf, 0).unwrap_err();
+    assert!(matches!(err, NvmeError::Timeout { .. }), "{err}");
+    drop(buf);
+    e.inject(Fault::Gone);
+    c.revoke("test");
+    drop(q);
+    drop(c);
+    // Without a proof nothing the controller may still reach was freed: the abandoned
+    // command's buffer and the rings stay mapped (each holds a handle of the device).
+    // With the unchecked write taken as proof, every handle went.
+    assert!(e.extra_handles() > 0, "memory freed without proof");
+}

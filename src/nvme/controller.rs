@@ -1317,7 +1317,9 @@ impl<B: DeviceBacking> Controller<B> {
         if let Some(b) = self.shared.backing.lock().as_ref() {
             // Whatever the controller still writes must not land in memory mapped again.
             b.quarantine_dma();
-            match update_command(b, 0, COMMAND_MASTER) {
+            // Read back: a device that is gone (all-ones) or ignored the write proves
+            // nothing, and its parked memory must stay parked.
+            match clear_bus_master(b) {
                 Ok(()) => {
                     self.shared.bus_master_off.store(true, Ordering::Release);
                     self.shared.unpark(&Released::bus_master_off());
