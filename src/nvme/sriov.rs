@@ -42,8 +42,6 @@
 //! it, and a PF reset takes every secondary offline. A process driving VFs therefore holds
 //! the PF open for as long as it drives them.
 
-use std::io;
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use super::spec::{
@@ -53,7 +51,6 @@ use super::{Controller, NvmeError, Options};
 use crate::addr::PciAddress;
 use crate::bus::backing::{BackingError, DeviceBacking, DmaMemory};
 use crate::bus::sriov::VfError;
-use crate::removal::pool::PoolError;
 
 /// What went wrong in an SR-IOV step.
 #[derive(Debug, thiserror::Error)]
@@ -93,31 +90,9 @@ pub enum SriovError {
         /// What does not fit.
         what: String,
     },
-    /// A sysfs attribute could not be read or written.
-    #[error("cannot {} {}", value.as_ref().map_or("read".to_owned(), |v| format!("write {v:?} to")), path.display())]
-    Sysfs {
-        /// The attribute.
-        path: PathBuf,
-        /// What was written (`None`: a read).
-        value: Option<String>,
-        /// The error.
-        #[source]
-        source: io::Error,
-    },
-    /// A sysfs access that takes the device lock did not finish in time.
-    #[error(
-        "{} {} did not finish in time: the attribute takes the device lock (is a removal of the device pending, or does someone still hold one of its VFs?)",
-        value.as_ref().map_or("reading".to_owned(), |v| format!("writing {v:?} to")), path.display()
-    )]
-    Stuck {
-        /// The attribute.
-        path: PathBuf,
-        /// What was written (`None`: a read).
-        value: Option<String>,
-        /// How the wait ended.
-        #[source]
-        source: PoolError,
-    },
+    /// Enabling or disabling the VFs through sysfs failed ([`VfControl`]).
+    #[error(transparent)]
+    Vf(#[from] VfError),
     /// A VF has no secondary controller in the primary's list.
     #[error("{pf}: VF {vfn} has no secondary controller in the Secondary Controller List")]
     NoSecondary {
@@ -138,15 +113,6 @@ pub enum SriovError {
 
 // The generic VF control moved to the bus layer; these paths stay for users.
 pub use crate::bus::sriov::{SysfsVfs, VfControl};
-
-impl From<VfError> for SriovError {
-    fn from(e: VfError) -> Self {
-        match e {
-            VfError::Sysfs { path, value, source } => SriovError::Sysfs { path, value, source },
-            VfError::Stuck { path, value, source } => SriovError::Stuck { path, value, source },
-        }
-    }
-}
 
 /// One step of [`enable`] or [`disable`] and what came of it: the journal of what the
 /// controller answered.
