@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use serde_json::{Value, json};
 
 use pcibus::bus::DeviceBacking;
-use pcibus::nvme::spec::{Command, Completion, ErrorLogEntry, SmartLog};
+use pcibus::nvme::spec::{Command, ErrorLogEntry, SmartLog, Status};
 use pcibus::nvme::{AdminData, Controller};
 
 type Error = Box<dyn std::error::Error>;
@@ -138,7 +138,7 @@ pub(super) fn passthru<B: DeviceBacking>(
         AdminData::None
     };
     let (done, bytes) = c.admin_passthru(p.cmd, data)?;
-    write_completion(out, &done)?;
+    write_completion(out, done.dw0, done.status())?;
     if p.read_len > 0 {
         write_data(out, p.output.as_deref(), &bytes)?;
     }
@@ -203,13 +203,12 @@ pub(super) fn write_data(
     Ok(())
 }
 
-fn write_completion(out: &mut impl Write, c: &Completion) -> std::io::Result<()> {
+/// A passthrough command's completion: dword 0 and status.
+pub(super) fn write_completion(out: &mut impl Write, cdw0: u32, status: Status) -> std::io::Result<()> {
     writeln!(
         out,
-        "completion: cdw0 {:#010x}, status {:#06x}: {}",
-        c.dw0,
-        c.status().0,
-        c.status()
+        "completion: cdw0 {cdw0:#010x}, status {:#06x}: {status}",
+        status.0
     )
 }
 
@@ -347,14 +346,16 @@ pub(super) fn write_errors(out: &mut impl Write, list: &[ErrorLogEntry]) -> std:
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use pcibus::nvme::Options;
     use pcibus::nvme::spec::{Status, admin, io};
     use pcibus::testing::nvme::{CommandMatch, EmuConfig, EmulatedNvme, Fault};
     use std::time::Duration;
 
-    fn controller() -> (EmulatedNvme, Controller<EmulatedNvme>) {
+    /// An emulated controller brought up with generous deadlines (the passthrough
+    /// commands' tests share it).
+    pub(crate) fn controller() -> (EmulatedNvme, Controller<EmulatedNvme>) {
         let e = EmulatedNvme::new(EmuConfig::default()).unwrap();
         let options = Options {
             admin_timeout: Duration::from_secs(30),

@@ -8,7 +8,9 @@ use std::path::PathBuf;
 use pcibus::bus::DeviceBacking;
 use pcibus::nvme::{Controller, IoPassthru, PassthruData};
 
-use super::nvme_admin::{CommandDwords, DataArgs, data_plan, parse_u8, parse_u32, write_data};
+use super::nvme_admin::{
+    CommandDwords, DataArgs, data_plan, parse_u8, parse_u32, write_completion, write_data,
+};
 
 type Error = Box<dyn std::error::Error>;
 
@@ -87,11 +89,7 @@ pub(super) fn io_passthru<B: DeviceBacking>(
     let mut q = c.io_queue(2)?;
     let done = q.passthru(&p.cmd, data)?;
     let status = done.status.unwrap_or_default();
-    writeln!(
-        out,
-        "completion: cdw0 {:#010x}, status {:#06x}: {status}",
-        done.cdw0, status.0
-    )?;
+    write_completion(out, done.cdw0, status)?;
     if let (Some(b), true) = (&buffer, p.read_len > 0) {
         let mut bytes = vec![0u8; len];
         b.read_at(0, &mut bytes)
@@ -107,20 +105,8 @@ pub(super) fn io_passthru<B: DeviceBacking>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use pcibus::nvme::Options;
+    use crate::nvme_admin::tests::controller;
     use pcibus::nvme::spec::io;
-    use pcibus::testing::nvme::{EmuConfig, EmulatedNvme};
-    use std::time::Duration;
-
-    fn controller() -> (EmulatedNvme, Controller<EmulatedNvme>) {
-        let e = EmulatedNvme::new(EmuConfig::default()).unwrap();
-        let options = Options {
-            admin_timeout: Duration::from_secs(30),
-            io_timeout: Duration::from_secs(30),
-            ..Options::default()
-        };
-        (e.clone(), Controller::init(e, &options).unwrap())
-    }
 
     fn args(opcode: u8) -> IoPassthruArgs {
         IoPassthruArgs {
