@@ -28,12 +28,10 @@ use crate::addr::PciAddress;
 use crate::bus::bar::{BarInfo, DeviceRegion};
 use crate::bus::interrupt::{Interrupt, InterruptError, InterruptKind, check_count, new_interrupts};
 use crate::vfio::reset::{HotResetInfo, ResetInfo};
-use crate::vfio::{DmaBuffer, DmaConstraints, DmaRegion, MappedBar, VfioDevice, VfioError};
-
-// The Command register and the bits of it the bus sets.
-const PCI_COMMAND: u64 = 4;
-const COMMAND_MEMORY: u16 = 1 << 1;
-const COMMAND_MASTER: u16 = 1 << 2;
+use crate::vfio::{
+    COMMAND, COMMAND_MASTER, COMMAND_MEMORY, DmaBuffer, DmaConstraints, DmaRegion, MappedBar, VfioDevice,
+    VfioError,
+};
 
 /// Why a backing operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -361,7 +359,7 @@ pub trait DeviceBacking: Clone + Send + Sync + fmt::Debug + 'static {
     /// itself enables memory decoding on open but never bus mastering.
     fn set_bus_master(&self, on: bool) -> Result<(), BackingError> {
         let mut command = [0u8; 2];
-        self.read_config(PCI_COMMAND, &mut command)?;
+        self.read_config(COMMAND, &mut command)?;
         let old = u16::from_le_bytes(command);
         let new = if on {
             old | COMMAND_MEMORY | COMMAND_MASTER
@@ -369,14 +367,14 @@ pub trait DeviceBacking: Clone + Send + Sync + fmt::Debug + 'static {
             old & !COMMAND_MASTER
         };
         if new != old {
-            self.write_config(PCI_COMMAND, &new.to_le_bytes())?;
+            self.write_config(COMMAND, &new.to_le_bytes())?;
         }
         Ok(())
     }
     /// Whether Bus Master Enable is set in the device's Command register.
     fn bus_master(&self) -> Result<bool, BackingError> {
         let mut command = [0u8; 2];
-        self.read_config(PCI_COMMAND, &mut command)?;
+        self.read_config(COMMAND, &mut command)?;
         Ok(u16::from_le_bytes(command) & COMMAND_MASTER != 0)
     }
     /// Says that the device is being taken away while its DMA may be in flight: DMA

@@ -28,10 +28,6 @@ pub(crate) use events::io_opcode;
 pub use events::{AdminData, AsyncEvent, CommandTimeout};
 pub(crate) use namespaces::find_namespace;
 
-/// PCI Command register: Memory Space Enable and Bus Master Enable.
-const COMMAND_MEMORY: u16 = 1 << 1;
-const COMMAND_MASTER: u16 = 1 << 2;
-
 /// The host page size the driver programs (CC.MPS = 0).
 pub(crate) const PAGE: u64 = 4096;
 /// The largest transfer one command carries, whatever MDTS allows: one PRP list page holds
@@ -816,10 +812,8 @@ fn disable<R: RegisterIo>(regs: &R, limit: Duration, what: &str) -> Result<(), N
 // Clears Bus Master Enable and reads it back: a device that is gone (config space
 // all-ones) or ignored the write leaves it set, which proves nothing.
 fn clear_bus_master<B: DeviceBacking>(backing: &B) -> Result<(), NvmeError> {
-    update_command(backing, 0, COMMAND_MASTER)?;
-    let mut command = [0u8; 2];
-    backing.read_config(4, &mut command)?;
-    if u16::from_le_bytes(command) & COMMAND_MASTER != 0 {
+    backing.set_bus_master(false)?;
+    if backing.bus_master()? {
         return Err(NvmeError::Removed(
             "Bus Master Enable still reads set after it was cleared: the device is gone or ignored the write"
                 .into(),
@@ -847,15 +841,6 @@ fn enable<R: RegisterIo, D: DmaMemory>(
     crate::barrier::dma_wmb();
     regs.write32(reg::CC, cc::EN | 6 << cc::IOSQES_SHIFT | 4 << cc::IOCQES_SHIFT)?;
     wait_ready(regs, true, limit, what)
-}
-
-// Sets and clears bits of the PCI Command register.
-fn update_command<B: DeviceBacking>(backing: &B, set: u16, clear: u16) -> Result<(), NvmeError> {
-    let mut command = [0u8; 2];
-    backing.read_config(4, &mut command)?;
-    let command = u16::from_le_bytes(command) & !clear | set;
-    backing.write_config(4, &command.to_le_bytes())?;
-    Ok(())
 }
 
 // Gone (all-ones) or failed (CFS) controllers end waits at once.
@@ -947,7 +932,7 @@ impl<B: DeviceBacking> Controller<B> {
         use crate::bus::backing::DmaMemory;
         let address = backing.address();
         // Memory space (the registers) and bus mastering (the controller's DMA) on.
-        update_command(&backing, COMMAND_MEMORY | COMMAND_MASTER, 0)?;
+        backing.set_bus_master(true)?;
         let regs = backing.map_bar(0)?;
         let cap = Cap(regs.read64(reg::CAP)?);
         if cap.0 == u64::MAX {

@@ -211,7 +211,7 @@ pub(super) fn irq_test(root: &SysfsRoot, address: PciAddress, test: &IrqTest) ->
     use std::time::Instant;
 
     use pcibus::bus::{DeviceBacking, InterruptKind, VfioBacking};
-    use pcibus::vfio::{self, COMMAND, COMMAND_MASTER, COMMAND_MEMORY, VfioDevice};
+    use pcibus::vfio::{self, VfioDevice};
 
     let claim = ClaimDir::for_claiming().claim(address, &ClaimInfo::new())?;
     let container = vfio::Container::with_backend(vfio_backend())?;
@@ -265,11 +265,9 @@ pub(super) fn irq_test(root: &SysfsRoot, address: PciAddress, test: &IrqTest) ->
             );
         }
         // An MSI is a memory write of the device's: QEMU drops it while bus mastering is
-        // off, and neither vfio-pci nor this crate turns it on.
-        let mut command = [0u8; 2];
-        backing.read_config(COMMAND, &mut command)?;
-        let command = u16::from_le_bytes(command) | COMMAND_MASTER | COMMAND_MEMORY;
-        backing.write_config(COMMAND, &command.to_le_bytes())?;
+        // off, and vfio-pci never turns it on (the bus would; this command opens the
+        // device without one).
+        backing.set_bus_master(true)?;
         let bar = backing.map_bar(0)?;
         let irq = &irqs[0];
         // Whatever an earlier user left raised is acknowledged first.
