@@ -49,6 +49,15 @@
 //! ```
 
 pub mod backing;
+
+/// Whether Bus Master Enable (bit 2 of the Command register) is set in config space bytes:
+/// what the emulations check before they let a device reach memory.
+pub(crate) fn bus_master_bit(config: &[u8]) -> bool {
+    config
+        .get(crate::vfio::COMMAND as usize)
+        .is_some_and(|c| u16::from(*c) & crate::vfio::COMMAND_MASTER != 0)
+}
+
 pub mod model;
 pub mod models;
 pub mod nvme;

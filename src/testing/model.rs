@@ -563,9 +563,6 @@ impl ModelStats {
 
 // --- the context ---
 
-const PCI_COMMAND: usize = 4;
-const COMMAND_MASTER: u16 = 1 << 2;
-
 /// What a [`DeviceModel`] acts through: DMA, interrupts and config space of its backing.
 /// Passed into every callback; clones can go to a thread of the model's own. It holds no
 /// handle of the device ([`DeviceBacking::extra_handles`]
@@ -641,8 +638,7 @@ impl ModelContext {
 
     /// Whether Bus Master Enable is on in the Command register.
     pub fn bus_master(&self) -> bool {
-        let config = self.config.lock();
-        u16::from_le_bytes([config[PCI_COMMAND], config[PCI_COMMAND + 1]]) & COMMAND_MASTER != 0
+        super::bus_master_bit(&self.config.lock())
     }
 
     /// The kind of interrupts enabled now (INTx, MSI or MSI-X) and how many vectors.

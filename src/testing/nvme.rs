@@ -1056,7 +1056,7 @@ impl Shared {
             error_events_masked: AtomicBool::new(false),
             logs: logs::LogState::new(),
             irqs: RwLock::new(Vec::new()),
-            bus_master: AtomicBool::new(command_master(&config)),
+            bus_master: AtomicBool::new(super::bus_master_bit(&config)),
             config_space: Mutex::new(config),
             sriov: Mutex::new(sriov),
             counters: Counters::new(),
@@ -3795,11 +3795,6 @@ fn first_fit(table: &BTreeMap<u64, DmaEntry>, len: u64) -> u64 {
     at
 }
 
-// Bus Master Enable (bit 2 of the Command register at 0x04) in config space bytes.
-fn command_master(config: &[u8]) -> bool {
-    config.get(4).is_some_and(|c| c & 0x04 != 0)
-}
-
 fn config_range(
     address: PciAddress,
     offset: u64,
@@ -3937,7 +3932,7 @@ impl DeviceBacking for EmulatedNvme {
             config[range].copy_from_slice(buf);
             self.shared()
                 .bus_master
-                .store(command_master(&config), Ordering::Release);
+                .store(super::bus_master_bit(&config), Ordering::Release);
         }
         Ok(())
     }
