@@ -17,13 +17,9 @@ use pcibus::testing::backing::{FakeAttach, FakeBacking};
 use pcibus::{PciAddress, Scanner, SysfsRoot};
 
 mod common;
-use common::qemu;
+use common::{addr, qemu};
 
 const PF: &str = "0000:01:00.0";
-
-fn addr(s: &str) -> PciAddress {
-    s.parse().unwrap()
-}
 
 #[derive(Default)]
 struct Seen {

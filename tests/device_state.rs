@@ -14,39 +14,24 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use parking_lot::Mutex;
+use pcibus::PciAddress;
 use pcibus::bus::attach::Release;
-use pcibus::bus::devargs::Selection;
 use pcibus::bus::id::{CLASS_EXACT, IdEntry};
-use pcibus::bus::map::DeviceMap;
 use pcibus::bus::{
     BackingError, Bus, BusEvent, DeviceBacking, Driver, ProbeDevice, ProbeOutcome, RegisterIo, Removal,
     RemovalCause,
 };
 use pcibus::hotplug::monitor::Event;
 use pcibus::removal::registry::DeviceIdentity;
-use pcibus::testing::FakeSysfs;
 use pcibus::testing::backing::{AttachCall, FakeAttach, FakeBacking, FakeRegisters};
-use pcibus::{PciAddress, Scanner, SysfsRoot};
 
 mod common;
-use common::qemu;
+use common::{addr, allow, map, qemu, swap_unseen};
 
 const PF: &str = "0000:01:00.0";
 const VF1: &str = "0000:01:00.1";
 const VF2: &str = "0000:01:00.2";
 const AHCI: &str = "0000:00:1f.2";
-
-fn addr(s: &str) -> PciAddress {
-    s.parse().unwrap()
-}
-
-fn map(fake: &FakeSysfs) -> DeviceMap {
-    DeviceMap::new(Scanner::new(SysfsRoot::new(fake.root())).no_claims()).unwrap()
-}
-
-fn allow(addresses: &[&str]) -> Selection {
-    Selection::from_args(addresses.iter().map(|a| ("-a", *a))).unwrap()
-}
 
 /// What the driver keeps of one device.
 #[derive(Debug)]
@@ -279,16 +264,7 @@ fn a_device_replaced_at_the_same_address_gets_fresh_state() {
 
     // Swapped unseen (the uevents were lost): a new directory with the same contents, so
     // only the incarnation tells the new device from the old.
-    let dir = fake.root().join(fake.device_dir(PF).unwrap());
-    let away = fake.root().join("swapped-out");
-    std::fs::rename(&dir, &away).unwrap();
-    let status = std::process::Command::new("cp")
-        .arg("-a")
-        .arg(&away)
-        .arg(&dir)
-        .status()
-        .unwrap();
-    assert!(status.success());
+    swap_unseen(&fake, PF);
     let events = bus.handle(&Event::Overflow).unwrap();
     assert!(
         events

@@ -12,7 +12,7 @@ use pcibus::bus::attach::Release;
 use pcibus::bus::claim::{ClaimDir, ClaimError, ClaimInfo};
 use pcibus::bus::devargs::{DevArg, Selection};
 use pcibus::bus::id::{CLASS_EXACT, IdEntry};
-use pcibus::bus::map::{Change, DeviceMap};
+use pcibus::bus::map::Change;
 use pcibus::bus::{
     Bus, BusEvent, DeviceBacking, Driver, DriverPanicked, ProbeDevice, ProbeError, ProbeOutcome, RegisterIo,
     Removal, RemovalCause,
@@ -21,26 +21,18 @@ use pcibus::hotplug::event::{Action, Uevent};
 use pcibus::hotplug::monitor::Event;
 use pcibus::testing::FakeSysfs;
 use pcibus::testing::backing::{AttachCall, FakeAttach, FakeBacking, FakeRegisters};
-use pcibus::{PciAddress, RemovalRegistry, Scanner, SysfsRoot};
+use pcibus::{PciAddress, RemovalRegistry, SysfsRoot};
 
 mod common;
-use common::qemu;
+use common::{addr, map, qemu, swap_unseen};
 
 const PF: &str = "0000:01:00.0";
 const VF1: &str = "0000:01:00.1";
 const VF2: &str = "0000:01:00.2";
 const AHCI: &str = "0000:00:1f.2";
 
-fn addr(s: &str) -> PciAddress {
-    s.parse().unwrap()
-}
-
 fn allow(address: &str) -> Selection {
     Selection::from_args([("-a", address)]).unwrap()
-}
-
-fn map(fake: &FakeSysfs) -> DeviceMap {
-    DeviceMap::new(Scanner::new(SysfsRoot::new(fake.root())).no_claims()).unwrap()
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -1201,16 +1193,7 @@ fn a_device_held_off_after_a_request_and_hot_swapped_unseen_is_offered_again() {
     assert!(bus.probe_all().is_empty(), "held off while it is the same device");
 
     // Swapped: a new directory with the same contents.
-    let dir = fake.root().join(fake.device_dir(PF).unwrap());
-    let away = fake.root().join("swapped-out");
-    std::fs::rename(&dir, &away).unwrap();
-    let status = std::process::Command::new("cp")
-        .arg("-a")
-        .arg(&away)
-        .arg(&dir)
-        .status()
-        .unwrap();
-    assert!(status.success());
+    swap_unseen(&fake, PF);
     let events = bus.handle(&Event::Overflow).unwrap();
     let Some(BusEvent::Resynced(changes)) = events.last() else {
         panic!("{events:?}")

@@ -10,34 +10,20 @@
 use std::sync::Arc;
 
 use parking_lot::Mutex;
-use pcibus::bus::devargs::Selection;
+use pcibus::PciAddress;
 use pcibus::bus::id::{CLASS_EXACT, IdEntry};
-use pcibus::bus::map::DeviceMap;
 use pcibus::bus::sriov::{ChangeError, Rollback, SetVfsError, VfControl, VfError, vf_address};
 use pcibus::bus::{Bus, DeviceBacking, Driver, DriverError, ProbeDevice, ProbeOutcome, Removal};
 use pcibus::testing::FakeSysfs;
 use pcibus::testing::backing::{FakeAttach, FakeBacking};
-use pcibus::{PciAddress, Scanner, SysfsRoot};
 
 mod common;
-use common::qemu;
+use common::{addr, allow, map, qemu};
 
 const PF: &str = "0000:01:00.0";
 const VF1: &str = "0000:01:00.1";
 const VF2: &str = "0000:01:00.2";
 const SRIOV_AT: u64 = 0x100;
-
-fn addr(s: &str) -> PciAddress {
-    s.parse().unwrap()
-}
-
-fn map(fake: &FakeSysfs) -> DeviceMap {
-    DeviceMap::new(Scanner::new(SysfsRoot::new(fake.root())).no_claims()).unwrap()
-}
-
-fn allow(addresses: &[&str]) -> Selection {
-    Selection::from_args(addresses.iter().map(|a| ("-a", *a))).unwrap()
-}
 
 /// Gives `pf` an SR-IOV capability (the only extended one) at 0x100.
 fn sriov_cap(pf: &FakeBacking, total: u16, num: u16, offset: u16, stride: u16) {

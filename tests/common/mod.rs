@@ -52,3 +52,35 @@ pub fn qemu() -> pcibus::testing::FakeSysfs {
     )
     .unwrap()
 }
+
+/// A PCI address from its text.
+pub fn addr(s: &str) -> pcibus::PciAddress {
+    s.parse().unwrap()
+}
+
+/// The device map of a fake tree, without claims.
+pub fn map(fake: &pcibus::testing::FakeSysfs) -> pcibus::bus::map::DeviceMap {
+    let root = pcibus::SysfsRoot::new(fake.root());
+    pcibus::bus::map::DeviceMap::new(pcibus::Scanner::new(root).no_claims()).unwrap()
+}
+
+/// A selection that admits these addresses (`-a` each).
+pub fn allow(addresses: &[&str]) -> pcibus::bus::devargs::Selection {
+    pcibus::bus::devargs::Selection::from_args(addresses.iter().map(|a| ("-a", *a))).unwrap()
+}
+
+/// Replaces the device at `address` with a copy of itself, as a device swapped while the
+/// uevents were lost: a new directory with the same contents, so only its incarnation
+/// tells the new device from the old.
+pub fn swap_unseen(fake: &pcibus::testing::FakeSysfs, address: &str) {
+    let dir = fake.root().join(fake.device_dir(address).unwrap());
+    let away = fake.root().join("swapped-out");
+    std::fs::rename(&dir, &away).unwrap();
+    let status = std::process::Command::new("cp")
+        .arg("-a")
+        .arg(&away)
+        .arg(&dir)
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
