@@ -24,6 +24,19 @@ pub fn shorten(bytes: &[u8]) -> String {
     out
 }
 
+/// An error and its sources on one line (`what: why: deeper cause`), for a message that
+/// quotes an error which is not its own source.
+pub fn chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
+    }
+    out
+}
+
 /// A sysfs attribute (or a part of one) could not be parsed.
 ///
 /// The message names the attribute and quotes the offending text, shortened:

@@ -314,3 +314,95 @@ fn what_the_bus_refuses_before_asking() {
     ));
     assert!(s.log.lock().is_empty());
 }
+
+// After a change the bus's map shows the VFs created (no uevent needed), a VF outside the
+// selection is offered once `Bus::allow` admits it, and removing the VFs takes them out of
+// the map again.
+#[test]
+fn the_map_shows_the_vfs_at_once_and_allow_admits_them() {
+    use pcibus::bus::map::Change;
+
+    let fake = FakeSysfs::new().unwrap();
+    fake.device(PF)
+        .class(0x010802)
+        .sriov_totalvfs(4)
+        .create()
+        .unwrap();
+    let log = Log::default();
+    let mut bus = Bus::new(map(&fake), FakeAttach::new()).selection(allow(&[PF]));
+    bus.register(Box::new(PfDriver {
+        table: [IdEntry::class(0x010802, CLASS_EXACT)],
+        refuse: false,
+        log: Arc::clone(&log),
+    }));
+    assert_eq!(bus.probe_all().len(), 1);
+    let pf = bus.backing(addr(PF)).unwrap().clone();
+    sriov_cap(&pf, 4, 0, 1, 1);
+    assert_eq!(bus.num_vfs(addr(PF)).unwrap(), 0);
+
+    // The kernel's part: NumVFs in config space, and the VFs' devices in sysfs.
+    struct Creating<'a> {
+        inner: FakeVfs,
+        fake: &'a FakeSysfs,
+    }
+    impl VfControl for Creating<'_> {
+        fn num_vfs(&self) -> Result<u16, VfError> {
+            unreachable!()
+        }
+        fn set_num_vfs(&self, _: u16) -> Result<Vec<PciAddress>, VfError> {
+            unreachable!()
+        }
+        fn change_num_vfs(&self, now: u16, n: u16) -> Result<(), VfError> {
+            self.inner.change_num_vfs(now, n)?;
+            for (i, vf) in [VF1, VF2].iter().enumerate() {
+                if i < usize::from(n) {
+                    self.fake.device(vf).class(0x010802).physfn(PF).create().unwrap();
+                } else if self.fake.device_dir(vf).is_some() {
+                    self.fake.remove_device(vf).unwrap();
+                    std::fs::remove_file(self.fake.root().join("bus/pci/devices").join(vf)).unwrap();
+                }
+            }
+            Ok(())
+        }
+    }
+    let control = Creating {
+        inner: FakeVfs {
+            pf: pf.clone(),
+            log: Arc::clone(&log),
+            fail: Vec::new(),
+            calls: Mutex::new(0),
+        },
+        fake: &fake,
+    };
+    let done = bus.set_vfs_with(addr(PF), 2, &control).unwrap();
+    assert_eq!(done.vfs, [addr(VF1), addr(VF2)]);
+    // (The PF's record is updated too: its `virtfnN` links.)
+    let vfs_only = |m: &[Change]| -> Vec<Change> {
+        m.iter()
+            .copied()
+            .filter(|c| *c != Change::Updated(addr(PF)))
+            .collect()
+    };
+    assert_eq!(
+        vfs_only(&done.map),
+        [Change::Added(addr(VF1)), Change::Added(addr(VF2))]
+    );
+    assert_eq!(bus.map().get(addr(VF1)).unwrap().physfn, Some(addr(PF)));
+    assert_eq!(bus.num_vfs(addr(PF)).unwrap(), 2);
+
+    // Outside the selection: not offered, until allowed.
+    assert!(bus.probe(addr(VF1)).is_none());
+    bus.allow(pcibus::bus::devargs::DevArg::new(addr(VF1))).unwrap();
+    assert!(bus.probe(addr(VF1)).unwrap().result.is_ok());
+    assert!(bus.held().iter().any(|(a, _)| *a == addr(VF1)));
+    // Allowed twice: refused, as on the command line.
+    assert!(bus.allow(pcibus::bus::devargs::DevArg::new(addr(VF1))).is_err());
+
+    bus.detach(addr(VF1)).unwrap();
+    let done = bus.set_vfs_with(addr(PF), 0, &control).unwrap();
+    assert_eq!(
+        vfs_only(&done.map),
+        [Change::Removed(addr(VF1)), Change::Removed(addr(VF2))]
+    );
+    assert!(bus.map().get(addr(VF1)).is_none());
+}

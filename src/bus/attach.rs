@@ -157,7 +157,10 @@ impl VfioAttach {
 
     /// Opens virtual functions with this VF token: the one their PF's user set
     /// ([`VfioDevice::set_vf_token`]), which vfio-pci requires while the PF is bound to it.
-    /// Functions that are not VFs are opened without it.
+    /// SR-IOV PFs this attaches get the token set on them, so that the VFs they create
+    /// (e.g. through [`Bus::set_vfs`](super::Bus::set_vfs)) can be opened by this
+    /// process, and by any other that is given the token. Other functions are opened
+    /// without it.
     pub fn vf_token(mut self, token: VfToken) -> Self {
         self.vf_token = Some(token);
         self
@@ -176,6 +179,11 @@ impl VfioAttach {
             None => Container::with_backend(self.backend)?,
         };
         let device = VfioDevice::open_in_with_token(&self.root, address, &container, token)?;
+        if let Some(token) = self.vf_token
+            && record.sriov.is_some()
+        {
+            device.set_vf_token(token)?;
+        }
         let request = device.request_eventfd()?;
         Ok(Attached {
             backing: VfioBacking::new(device),

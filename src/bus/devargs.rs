@@ -432,6 +432,34 @@ impl Selection {
         Self::new(allow, block)
     }
 
+    /// Admits one more device, with its arguments: a device the bus learns of while it
+    /// runs (a VF it created, a device hot-added by request), as DPDK's
+    /// `rte_dev_probe` adds a devargs. A selection that admits every device not blocked
+    /// stays so (the device is admitted already, its arguments are dropped). A device
+    /// already on the allow list or blocked is refused, as in [`Selection::new`].
+    pub fn allow(&mut self, devarg: DevArg) -> Result<(), DevargsError> {
+        let address = devarg.address;
+        if self.block.binary_search(&address).is_ok() {
+            return Err(DevargsError::new(
+                &address.to_string(),
+                0,
+                DevargsErrorKind::AllowedAndBlocked { address },
+            ));
+        }
+        if self.allow.is_empty() {
+            return Ok(());
+        }
+        if self.devarg(address).is_some() {
+            return Err(DevargsError::new(
+                &devarg.to_string(),
+                0,
+                DevargsErrorKind::AllowedTwice { address },
+            ));
+        }
+        self.allow.push(devarg);
+        Ok(())
+    }
+
     /// The allowed devices, in the order given.
     pub fn allowed(&self) -> &[DevArg] {
         &self.allow
@@ -704,6 +732,35 @@ mod tests {
             }
             if let Ok(a) = DevArg::parse_block(&s) {
                 prop_assert_eq!(DevArg::parse_block(&a.to_string()).unwrap(), a);
+            }
+        }
+
+        #[test]
+        fn allow_admits_one_more_or_refuses(
+            allow in proptest::collection::vec(any_address(), 0..4),
+            block in proptest::collection::vec(any_address(), 0..4),
+            more in any_address(),
+            probe in any_address(),
+        ) {
+            let allow: Vec<DevArg> = allow.into_iter().map(DevArg::new).collect();
+            let Ok(mut s) = Selection::new(allow.clone(), block.clone()) else {
+                return Ok(());
+            };
+            let before = s.clone();
+            match s.allow(DevArg::new(more)) {
+                Ok(()) => {
+                    prop_assert!(s.admits(more));
+                    // Nothing else changed: every other device is admitted as before.
+                    if probe != more {
+                        prop_assert_eq!(s.admits(probe), before.admits(probe));
+                    }
+                }
+                Err(e) => {
+                    prop_assert_eq!(&s, &before);
+                    let blocked = block.contains(&more);
+                    let twice = allow.iter().any(|d| d.address() == more);
+                    prop_assert!(blocked || twice, "{e}");
+                }
             }
         }
 

@@ -1369,26 +1369,32 @@ impl<A: Attach> Bus<A> {
         let mut events = Vec::new();
         match event {
             Event::Overflow => {
-                let changes = self.map.resync()?;
-                for change in &changes {
-                    match *change {
-                        Change::Removed(a) => self.gone(a, RemovalCause::Uevent(Action::Remove), &mut events),
-                        Change::Added(a) => self.added(a),
-                        // The old device left unseen: what the bus held of it goes, and
-                        // the new one is offered like any added device.
-                        Change::Replaced(a) => {
-                            self.gone(a, RemovalCause::Uevent(Action::Remove), &mut events);
-                            self.added(a);
-                        }
-                        _ => {}
-                    }
-                }
-                self.take_unbound(&mut events);
+                let changes = self.rescan_into(&mut events)?;
                 events.push(BusEvent::Resynced(changes));
             }
             Event::Uevent(u) => self.handle_uevent(u, &mut events)?,
         }
         Ok(events)
+    }
+
+    // The map rebuilt by one scan, and what changed applied as uevents would have been.
+    pub(super) fn rescan_into(&mut self, events: &mut Vec<BusEvent>) -> Result<Vec<Change>, BusError> {
+        let changes = self.map.resync()?;
+        for change in &changes {
+            match *change {
+                Change::Removed(a) => self.gone(a, RemovalCause::Uevent(Action::Remove), events),
+                Change::Added(a) => self.added(a),
+                // The old device left unseen: what the bus held of it goes, and the new
+                // one is offered like any added device.
+                Change::Replaced(a) => {
+                    self.gone(a, RemovalCause::Uevent(Action::Remove), events);
+                    self.added(a);
+                }
+                _ => {}
+            }
+        }
+        self.take_unbound(events);
+        Ok(changes)
     }
 
     fn handle_uevent(&mut self, u: &Uevent, events: &mut Vec<BusEvent>) -> Result<(), BusError> {

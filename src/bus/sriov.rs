@@ -19,7 +19,7 @@ use super::backing::{BackingError, DeviceBacking};
 use super::driver::{DriverError, DriverPanicked};
 use crate::addr::PciAddress;
 use crate::config::{self, SriovCapability};
-use crate::error::ParseError;
+use crate::error::{ParseError, chain};
 use crate::removal::pool::{BlockingPool, PoolError};
 use crate::sysfs::scan::SysfsRoot;
 
@@ -113,6 +113,9 @@ pub struct SetVfs {
     pub num_vfs: u16,
     /// The VFs' addresses, VF 1 first (from the PF's address, VF offset and stride).
     pub vfs: Vec<PciAddress>,
+    /// What the change did to the bus's device map (VFs added and removed), from one scan
+    /// right after it; empty when nothing changed.
+    pub map: Vec<crate::bus::map::Change>,
 }
 
 /// Why a change of the VF count failed, after the PF's driver agreed to it.
@@ -160,17 +163,6 @@ impl std::fmt::Display for Rollback {
             Rollback::Unknown(e) => write!(f, "the count is unknown: {}", chain(e.as_ref())),
         }
     }
-}
-
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut next = e.source();
-    while let Some(s) = next {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        next = s.source();
-    }
-    text
 }
 
 /// What went wrong in [`Bus::set_vfs`](super::Bus::set_vfs).

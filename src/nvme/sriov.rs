@@ -23,7 +23,7 @@
 //!    brought up again on the same backing. The reset is skipped when the primary already
 //!    holds no flexible resources (a second run). It comes before the VFs exist because a
 //!    PF reset takes every secondary offline (QEMU's also clears VF Enable).
-//! 4. **Enable the VFs** (`sriov_numvfs`, [`VfControl`]): the secondary controllers can be
+//! 4. **Enable the VFs** ([`VfCount`]: through the bus, [`BusVfs`]): the secondary controllers can be
 //!    set online only once their VF exists. `sriov_drivers_autoprobe` goes to 0 first, so
 //!    that no kernel driver probes the VFs while they are still offline (the kernel's nvme
 //!    would see a failed controller); the caller binds them afterwards.
@@ -35,7 +35,7 @@
 //!    so that the VFs have something to do I/O on; "already attached" counts as done.
 //!
 //! [`disable`] sets the secondaries offline (action 7, which also returns their resources)
-//! and writes `sriov_numvfs` 0. Close every VF first: removing a VF that this process holds
+//! and sets NumVFs to 0. Close every VF first: removing a VF that this process holds
 //! through vfio waits for its fd (see the exit rule in [`crate::vfio`]).
 //!
 //! The VFs live only as long as the PF's user keeps the PF: closing a vfio device resets
@@ -49,8 +49,11 @@ use super::spec::{
 };
 use super::{Controller, NvmeError, Options};
 use crate::addr::PciAddress;
+use crate::bus::Bus;
+use crate::bus::attach::Attach;
 use crate::bus::backing::{BackingError, DeviceBacking, DmaMemory};
-use crate::bus::sriov::VfError;
+use crate::bus::sriov::{SetVfsError, VfError, read_sriov, vf_addresses};
+use crate::config::SriovCapability;
 
 /// What went wrong in an SR-IOV step.
 #[derive(Debug, thiserror::Error)]
@@ -93,6 +96,17 @@ pub enum SriovError {
     /// Enabling or disabling the VFs through sysfs failed ([`VfControl`]).
     #[error(transparent)]
     Vf(#[from] VfError),
+    /// The bus refused or failed the change of the VF count ([`Bus::set_vfs`]).
+    #[error(transparent)]
+    SetVfs(#[from] SetVfsError),
+    /// The PF's SR-IOV capability could not be read, or it has none.
+    #[error("{address}: {what}")]
+    Capability {
+        /// The PF.
+        address: PciAddress,
+        /// What went wrong.
+        what: String,
+    },
     /// A VF has no secondary controller in the primary's list.
     #[error("{pf}: VF {vfn} has no secondary controller in the Secondary Controller List")]
     NoSecondary {
@@ -113,6 +127,97 @@ pub enum SriovError {
 
 // The generic VF control moved to the bus layer; these paths stay for users.
 pub use crate::bus::sriov::{SysfsVfs, VfControl};
+
+/// How [`enable`] and [`disable`] read and change the number of VFs of the PF.
+///
+/// Neither reads `sriov_numvfs`: reading it takes the PF's device lock, which a pending
+/// removal of the PF (or of one of its VFs, under `sriov_numvfs=0`) holds. The count comes
+/// from the SR-IOV capability in the PF's config space. [`BusVfs`] changes it through the
+/// bus that holds the PF ([`Bus::set_vfs`]: VFs the bus still holds refuse the change,
+/// the PF's driver is asked); [`ConfigVfs`] through a [`VfControl`], for a PF held
+/// outside a bus.
+pub trait VfCount {
+    /// NumVFs now.
+    fn num_vfs(&mut self) -> Result<u16, SriovError>;
+    /// Changes NumVFs to `n` (0: removes the VFs), with no kernel driver probing the VFs
+    /// created, and returns the VFs' addresses, VF 1 first.
+    fn set_vfs(&mut self, n: u16) -> Result<Vec<PciAddress>, SriovError>;
+}
+
+/// [`VfCount`] of a PF that a driver of `bus` holds: [`Bus::num_vfs`] and
+/// [`Bus::set_vfs`]. After a change the bus's map already shows the VFs created (and no
+/// longer the VFs removed); offer them to drivers with [`Bus::allow`] and
+/// [`Bus::probe`].
+pub struct BusVfs<'a, A: Attach> {
+    bus: &'a mut Bus<A>,
+    pf: PciAddress,
+}
+
+impl<'a, A: Attach> BusVfs<'a, A> {
+    /// The VFs of `pf`, which a driver of `bus` holds.
+    pub fn new(bus: &'a mut Bus<A>, pf: PciAddress) -> Self {
+        BusVfs { bus, pf }
+    }
+}
+
+impl<A: Attach> VfCount for BusVfs<'_, A> {
+    fn num_vfs(&mut self) -> Result<u16, SriovError> {
+        Ok(self.bus.num_vfs(self.pf)?)
+    }
+
+    fn set_vfs(&mut self, n: u16) -> Result<Vec<PciAddress>, SriovError> {
+        Ok(self.bus.set_vfs(self.pf, n)?.vfs)
+    }
+}
+
+/// [`VfCount`] of a PF held outside a bus: NumVFs and the VFs' addresses from the SR-IOV
+/// capability in the config space of `backing` (the PF's), the change through `control`
+/// ([`SysfsVfs`]), read back from config space.
+pub struct ConfigVfs<'a, B> {
+    backing: &'a B,
+    control: &'a dyn VfControl,
+}
+
+impl<'a, B: DeviceBacking> ConfigVfs<'a, B> {
+    /// The VFs of the PF whose device is `backing`, changed through `control`.
+    pub fn new(backing: &'a B, control: &'a dyn VfControl) -> Self {
+        ConfigVfs { backing, control }
+    }
+
+    fn capability(&self) -> Result<SriovCapability, SriovError> {
+        let address = self.backing.address();
+        match read_sriov(self.backing) {
+            Ok(Some(cap)) => Ok(cap),
+            Ok(None) => Err(SriovError::Capability {
+                address,
+                what: "no SR-IOV capability in its config space".into(),
+            }),
+            Err(e) => Err(SriovError::Capability {
+                address,
+                what: crate::error::chain(&e),
+            }),
+        }
+    }
+}
+
+impl<B: DeviceBacking> VfCount for ConfigVfs<'_, B> {
+    fn num_vfs(&mut self) -> Result<u16, SriovError> {
+        Ok(self.capability()?.num_vfs)
+    }
+
+    fn set_vfs(&mut self, n: u16) -> Result<Vec<PciAddress>, SriovError> {
+        let now = self.capability()?.num_vfs;
+        self.control.change_num_vfs(now, n)?;
+        let cap = self.capability()?;
+        if cap.num_vfs != n {
+            return Err(SriovError::Capability {
+                address: self.backing.address(),
+                what: format!("NumVFs reads {} after setting it to {n}", cap.num_vfs),
+            });
+        }
+        Ok(vf_addresses(self.backing.address(), &cap, n))
+    }
+}
 
 /// One step of [`enable`] or [`disable`] and what came of it: the journal of what the
 /// controller answered.
@@ -444,7 +549,7 @@ pub fn check_plan(
 pub fn enable<B: DeviceBacking>(
     pf: Controller<B>,
     backing: &B,
-    vfs: &dyn VfControl,
+    vfs: &mut dyn VfCount,
     plan: &Plan,
     journal: &mut Vec<Step>,
 ) -> Result<Enabled<B>, SriovError> {
@@ -488,8 +593,8 @@ pub fn enable<B: DeviceBacking>(
     // controllers away under the kernel's feet, and assigning needs them offline anyway.
     let enabled = step(
         journal,
-        "sriov_numvfs (read)".into(),
-        || vfs.num_vfs().map_err(SriovError::from),
+        "NumVFs (SR-IOV capability)".into(),
+        || vfs.num_vfs(),
         u16::to_string,
     )?;
     for s in list.iter().filter(|s| s.online) {
@@ -504,8 +609,8 @@ pub fn enable<B: DeviceBacking>(
     if enabled != 0 {
         step(
             journal,
-            "sriov_numvfs = 0 (VFs left from before)".into(),
-            || vfs.set_num_vfs(0).map_err(SriovError::from),
+            "NumVFs = 0 (VFs left from before)".into(),
+            || vfs.set_vfs(0),
             |_| "ok".into(),
         )?;
     }
@@ -580,8 +685,8 @@ pub fn enable<B: DeviceBacking>(
 
     let addresses = step(
         journal,
-        format!("sriov_numvfs = {}", plan.vfs),
-        || vfs.set_num_vfs(plan.vfs).map_err(SriovError::from),
+        format!("NumVFs = {}", plan.vfs),
+        || vfs.set_vfs(plan.vfs),
         |a| a.iter().map(PciAddress::to_string).collect::<Vec<_>>().join(", "),
     )?;
     if addresses.len() < usize::from(plan.vfs) {
@@ -690,7 +795,7 @@ pub fn enable<B: DeviceBacking>(
 /// Controller List at the end.
 pub fn disable<B: DeviceBacking>(
     pf: &Controller<B>,
-    vfs: &dyn VfControl,
+    vfs: &mut dyn VfCount,
     journal: &mut Vec<Step>,
 ) -> Result<Vec<SecondaryController>, SriovError> {
     let what = "Identify Secondary Controller List (CNS 15h)";
@@ -709,12 +814,7 @@ pub fn disable<B: DeviceBacking>(
             |_| "ok".into(),
         )?;
     }
-    step(
-        journal,
-        "sriov_numvfs = 0".into(),
-        || vfs.set_num_vfs(0).map_err(SriovError::from),
-        |_| "ok".into(),
-    )?;
+    step(journal, "NumVFs = 0".into(), || vfs.set_vfs(0), |_| "ok".into())?;
     let what = "Identify Secondary Controller List (CNS 15h) at the end";
     step(
         journal,

@@ -17,6 +17,7 @@ use std::io;
 use std::path::{Path, PathBuf};
 
 use crate::addr::PciAddress;
+use crate::error::chain;
 use crate::sysfs::scan::SysfsRoot;
 
 /// Why a binding did not happen.
@@ -114,18 +115,6 @@ pub enum BindError {
 
 const SRIOV_HINT: &str = "; this is an SR-IOV PF: vfio-pci manages a PF's VFs only when loaded with \
      enable_sriov=Y (echo Y > /sys/module/vfio_pci/parameters/enable_sriov)";
-
-// An error and its sources on one line, for a message that must quote an error that is
-// not its own source.
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        out.push_str(&format!(": {s}"));
-        source = s.source();
-    }
-    out
-}
 
 fn restore_hint(address: PciAddress, previous: Option<&str>) -> String {
     let clear = format!("echo > /sys/bus/pci/devices/{address}/driver_override");

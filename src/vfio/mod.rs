@@ -68,6 +68,7 @@ pub mod iommufd;
 mod iova;
 mod irqs;
 pub(crate) mod mmio;
+pub mod params;
 pub mod reset;
 mod revoke;
 mod sys;

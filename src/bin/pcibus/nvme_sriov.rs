@@ -8,23 +8,21 @@
 //! resets it, and a PF reset takes every secondary controller offline.
 
 use std::io::Write;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-use pcibus::bus::claim::{Claim, ClaimDir, ClaimInfo};
 use pcibus::bus::devargs::{DevArg, Selection};
 use pcibus::bus::driver::{Driver, ProbeDevice, ProbeOutcome, Removal};
 use pcibus::bus::id::{CLASS_EXACT, IdEntry};
 use pcibus::bus::map::DeviceMap;
-use pcibus::bus::sriov::SysfsVfs;
-use pcibus::bus::{BindPolicy, Bus, VfioAttach, VfioBacking};
-use pcibus::nvme::sriov::{self, Plan, Step};
+use pcibus::bus::{BindPolicy, Bus, ProbeReport, VfioAttach, VfioBacking};
+use pcibus::error::chain;
+use pcibus::nvme::sriov::{self, BusVfs, Plan, Step};
 use pcibus::nvme::{Controller, Options};
 use pcibus::sysfs::bind;
-use pcibus::vfio::{Container, VfToken, VfioDevice};
-use pcibus::{PciAddress, Scanner, SysfsRoot};
+use pcibus::vfio::{Container, VfToken, params};
+use pcibus::{Scanner, SysfsRoot};
 
 type Error = Box<dyn std::error::Error>;
 
@@ -74,7 +72,8 @@ pub(super) struct SriovArgs {
     force: bool,
 }
 
-// Takes the PF for this command: the bus binds, opens and claims it; the command drives it.
+// The PF for this command: the bus binds, opens and claims it; the command drives it.
+// VFs are the other driver's.
 struct PfHolder {
     table: [IdEntry; 1],
 }
@@ -82,61 +81,49 @@ struct PfHolder {
 impl Driver<VfioBacking> for PfHolder {
     type Device = ();
     fn name(&self) -> &str {
-        "nvme-sriov"
+        "nvme-sriov-pf"
     }
     fn id_table(&self) -> &[IdEntry] {
         &self.table
     }
-    fn probe(&mut self, _device: ProbeDevice<'_, VfioBacking>) -> ProbeOutcome {
+    fn probe(&mut self, device: ProbeDevice<'_, VfioBacking>) -> ProbeOutcome {
+        if device.record.physfn.is_some() {
+            return ProbeOutcome::NotMine;
+        }
         ProbeOutcome::Bound(())
     }
     fn remove(&mut self, _: (), _removal: &Removal) {}
 }
 
-const ENABLE_SRIOV: &str = "module/vfio_pci/parameters/enable_sriov";
-
-// vfio-pci refuses to enable (or disable) VFs of a PF it drives unless enable_sriov=Y.
-fn check_enable_sriov(root: &SysfsRoot, set: bool) -> Result<(), Error> {
-    let path = root.path().join(ENABLE_SRIOV);
-    let value = std::fs::read_to_string(&path).map_err(|e| {
-        format!(
-            "{}: {e} (is vfio-pci loaded? modprobe vfio-pci enable_sriov=1)",
-            path.display()
-        )
-    })?;
-    if value.trim() == "Y" {
-        return Ok(());
-    }
-    if !set {
-        return Err(format!(
-            "vfio-pci's enable_sriov is {}: vfio-pci creates no VFs for a PF it drives unless it is Y. \
-             Rerun with --enable-sriov to set it, or: echo Y > {}",
-            value.trim(),
-            path.display()
-        )
-        .into());
-    }
-    std::fs::write(&path, "Y").map_err(|e| format!("cannot write Y to {}: {e}", path.display()))?;
-    eprintln!("set {} to Y (needed for VFs of a PF on vfio-pci)", path.display());
-    Ok(())
+// The VFs' controllers, brought up when the bus offers the VFs (bound to vfio-pci,
+// claimed, opened with the PF's VF token by the bus) and shut down when it takes them
+// back.
+struct VfDriver {
+    table: [IdEntry; 1],
 }
 
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut msg = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        msg.push_str(&format!(": {s}"));
-        source = s.source();
+impl Driver<VfioBacking> for VfDriver {
+    type Device = Controller<VfioBacking>;
+    fn name(&self) -> &str {
+        "nvme-sriov-vf"
     }
-    msg
-}
-
-// One VF, bound, claimed, open and brought up.
-struct VfUp {
-    address: PciAddress,
-    driver: Option<String>,
-    controller: Controller<VfioBacking>,
-    _claim: Option<Claim>,
+    fn id_table(&self) -> &[IdEntry] {
+        &self.table
+    }
+    fn probe(&mut self, device: ProbeDevice<'_, VfioBacking>) -> ProbeOutcome<Controller<VfioBacking>> {
+        if device.record.physfn.is_none() {
+            return ProbeOutcome::NotMine;
+        }
+        match Controller::init(device.backing.clone(), &Options::default()) {
+            Ok(c) => ProbeOutcome::Bound(c),
+            Err(e) => ProbeOutcome::Failed(format!("bring-up: {}", chain(&e)).into()),
+        }
+    }
+    fn remove(&mut self, controller: Controller<VfioBacking>, _removal: &Removal) {
+        if let Err(e) = controller.shutdown_within(Duration::from_secs(2)) {
+            log::warn!("{}: shutdown: {e}", controller.info().address);
+        }
+    }
 }
 
 pub(super) fn run(out: &mut impl Write, root: &SysfsRoot, args: SriovArgs) -> Result<(), Error> {
@@ -145,22 +132,32 @@ pub(super) fn run(out: &mut impl Write, root: &SysfsRoot, args: SriovArgs) -> Re
     }
     let devarg = DevArg::parse_allow(&args.device)?;
     let address = devarg.address();
-    check_enable_sriov(root, args.enable_sriov)?;
+    match params::enable_sriov(root, args.enable_sriov) {
+        Ok(true) => eprintln!("set vfio-pci's enable_sriov to Y (needed for VFs of a PF on vfio-pci)"),
+        Ok(false) => {}
+        Err(e @ params::ParamError::Off { .. }) => {
+            return Err(format!("{e}; or rerun with --enable-sriov to set it").into());
+        }
+        Err(e) => return Err(e.into()),
+    }
     let started = Instant::now();
 
-    // The PF, through the bus, in a container its VFs will share.
-    let container = Container::with_backend(crate::vfio_backend())?;
+    // The PF and its VFs, through one bus and one container: the PF gets the VF token
+    // when it is opened, its VFs are opened with it.
+    let token = VfToken::generate()?;
     let policy = BindPolicy {
         bind: true,
         force: args.force,
         restore: args.restore,
     };
     let map = DeviceMap::new(Scanner::new(root.clone()))?;
-    let attach = VfioAttach::new(root.clone(), policy).shared_container(Arc::clone(&container));
+    let attach = VfioAttach::new(root.clone(), policy)
+        .shared_container(Container::with_backend(crate::vfio_backend())?)
+        .vf_token(token);
     let mut bus = Bus::new(map, attach).selection(Selection::new(vec![devarg], vec![])?);
-    bus.register(Box::new(PfHolder {
-        table: [IdEntry::class(0x01_08_02, CLASS_EXACT)],
-    }));
+    let nvme = IdEntry::class(0x01_08_02, CLASS_EXACT);
+    bus.register(Box::new(PfHolder { table: [nvme] }));
+    bus.register(Box::new(VfDriver { table: [nvme] }));
     let report = bus
         .probe_all()
         .into_iter()
@@ -173,35 +170,37 @@ pub(super) fn run(out: &mut impl Write, root: &SysfsRoot, args: SriovArgs) -> Re
         .backing(address)
         .cloned()
         .ok_or("the bus bound the PF but holds no device for it")?;
-    let vfs_ctl = SysfsVfs::new(root.clone(), address);
     let mut journal = Vec::new();
     let result = (|| -> Result<Value, Error> {
         let pf = Controller::init(backing.clone(), &Options::default())?;
         if args.vfs == 0 {
-            let list = sriov::disable(&pf, &vfs_ctl, &mut journal);
+            let list = sriov::disable(&pf, &mut BusVfs::new(&mut bus, address), &mut journal);
             let _ = pf.shutdown_within(Duration::from_secs(2));
             list?;
             return Ok(json!({ "pf": address.to_string(), "disabled": true }));
         }
-        let token = VfToken::generate()?;
-        backing.device().set_vf_token(token)?;
         let plan = Plan::new(args.vfs)
             .resources(args.vq, args.vi)
             .attach_namespaces(!args.no_attach)
             .always_reset(args.reset);
-        let enabled = match sriov::enable(pf, &backing, &vfs_ctl, &plan, &mut journal) {
+        let enabled = match sriov::enable(
+            pf,
+            &backing,
+            &mut BusVfs::new(&mut bus, address),
+            &plan,
+            &mut journal,
+        ) {
             Ok(e) => e,
             Err(e) => {
                 // Best effort: leave no VFs behind.
                 if let Ok(pf) = Controller::init(backing.clone(), &Options::default()) {
-                    let _ = sriov::disable(&pf, &vfs_ctl, &mut Vec::new());
+                    let _ = sriov::disable(&pf, &mut BusVfs::new(&mut bus, address), &mut Vec::new());
                     let _ = pf.shutdown_within(Duration::from_secs(2));
                 }
                 return Err(chain(&e).into());
             }
         };
-        let mut ups = Vec::new();
-        let driven = drive(root, &container, token, &enabled, &args, &mut ups);
+        let driven = drive(&mut bus, root, &enabled, &args);
         let mut v = match driven {
             Ok(v) => v,
             Err(e) => json!({ "error": chain(e.as_ref()) }),
@@ -241,16 +240,18 @@ pub(super) fn run(out: &mut impl Write, root: &SysfsRoot, args: SriovArgs) -> Re
             out.flush()?;
             std::thread::sleep(Duration::from_secs_f64(args.hold));
         }
-        // Take it down: VF controllers, VF devices and claims, then the secondaries and
-        // the VFs themselves (their removal would wait for the fds), then the PF.
+        // Take it down: the VFs (the bus shuts their controllers down, closes them and
+        // drops their claims: removing a VF this process holds would wait for its fd),
+        // then the secondaries and the VFs themselves, then the PF.
         let t = Instant::now();
-        for up in &ups {
-            if let Err(e) = up.controller.shutdown_within(Duration::from_secs(2)) {
-                log::warn!("{}: shutdown: {e}", up.address);
+        for vf in &enabled.vfs {
+            if bus.held().iter().any(|(a, _)| *a == vf.address)
+                && let Err(e) = bus.detach(vf.address)
+            {
+                log::warn!("{}: detach: {e}", vf.address);
             }
         }
-        drop(ups);
-        let disabled = sriov::disable(&enabled.pf, &vfs_ctl, &mut journal);
+        let disabled = sriov::disable(&enabled.pf, &mut BusVfs::new(&mut bus, address), &mut journal);
         let _ = enabled.pf.shutdown_within(Duration::from_secs(2));
         drop(enabled);
         v["teardown_ms"] = json!(t.elapsed().as_millis() as u64);
@@ -291,47 +292,39 @@ pub(super) fn run(out: &mut impl Write, root: &SysfsRoot, args: SriovArgs) -> Re
     Ok(())
 }
 
-// Binds, claims, opens and brings up every VF; identifies; runs the I/O check.
+// Offers every VF to the bus (which binds it to vfio-pci, claims it, opens it with the
+// PF's VF token, and hands it to the VF driver, which brings its controller up);
+// identifies; runs the I/O check.
 fn drive(
+    bus: &mut Bus<VfioAttach>,
     root: &SysfsRoot,
-    container: &Arc<Container>,
-    token: VfToken,
     enabled: &sriov::Enabled<VfioBacking>,
     args: &SriovArgs,
-    ups: &mut Vec<VfUp>,
 ) -> Result<Value, Error> {
-    let claims = ClaimDir::for_claiming();
+    let mut vfs = Vec::new();
     for vf in &enabled.vfs {
         let address = vf.address;
-        bind::bind(root, address, "vfio-pci", false).map_err(|e| format!("{address}: {}", chain(&e)))?;
-        let claim = match claims.claim(
-            address,
-            &ClaimInfo::new()
-                .command("pcibus nvme sriov")
-                .driver("nvme")
-                .physfn(pcibus::vfio::physfn(root, address)),
-        ) {
-            Ok(c) => Some(c),
-            Err(e) => return Err(format!("{address}: {}", chain(&e)).into()),
-        };
-        let device = VfioDevice::open_in_with_token(root, address, container, Some(token))
-            .map_err(|e| format!("{address}: {}", chain(&e)))?;
-        let controller = Controller::init(VfioBacking::new(device), &Options::default())
-            .map_err(|e| format!("{address}: bring-up: {}", chain(&e)))?;
-        ups.push(VfUp {
-            address,
-            driver: bind::current_driver(root, address),
-            controller,
-            _claim: claim,
-        });
+        bus.allow(DevArg::new(address))?;
+        match bus.probe(address) {
+            Some(ProbeReport { result: Ok(_), .. }) => {}
+            Some(ProbeReport { result: Err(e), .. }) => {
+                return Err(format!("{address}: {}", chain(&e)).into());
+            }
+            None => return Err(format!("{address}: the bus did not offer it (not in its map?)").into()),
+        }
+        let controller = bus
+            .device_state::<VfDriver>(address)
+            .cloned()
+            .ok_or_else(|| format!("{address}: held by another driver"))?;
+        vfs.push((bind::current_driver(root, address), controller));
     }
     let mut v = json!({
         "pf": controller_json(&enabled.pf, bind::current_driver(root, enabled.pf.info().address)),
-        "vfs": ups.iter().map(|u| controller_json(&u.controller, u.driver.clone())).collect::<Vec<_>>(),
+        "vfs": vfs.iter().map(|(driver, c)| controller_json(c, driver.clone())).collect::<Vec<_>>(),
     });
     if args.io_check {
         let mut all = vec![("pf", enabled.pf.clone())];
-        all.extend(ups.iter().map(|u| ("vf", u.controller.clone())));
+        all.extend(vfs.iter().map(|(_, c)| ("vf", c.clone())));
         v["io_check"] = io_check(&all, args.io_mib)?;
     }
     Ok(v)

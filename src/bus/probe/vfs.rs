@@ -4,11 +4,27 @@
 use super::{Bus, guarded};
 use crate::addr::PciAddress;
 use crate::bus::attach::Attach;
+use crate::bus::devargs::{DevArg, DevargsError};
 use crate::bus::sriov::{
     ChangeError, Rollback, SetVfs, SetVfsError, SysfsVfs, VfControl, read_sriov, vf_addresses,
 };
+use crate::config::SriovCapability;
 
 impl<A: Attach> Bus<A> {
+    /// Admits one more device to this bus's [selection](Self::selection) with its
+    /// arguments ([`Selection::allow`](crate::bus::devargs::Selection::allow)), e.g. the
+    /// VFs [`set_vfs`](Self::set_vfs) created; offer it with [`probe`](Self::probe).
+    pub fn allow(&mut self, devarg: DevArg) -> Result<(), DevargsError> {
+        self.selection.allow(devarg)
+    }
+
+    /// NumVFs of `pf`, which a driver of this bus holds, from the SR-IOV capability in
+    /// its config space (never `sriov_numvfs`, which takes the PF's device lock).
+    pub fn num_vfs(&self, pf: PciAddress) -> Result<u16, SetVfsError> {
+        let held = self.held.get(&pf).ok_or(SetVfsError::NotHeld(pf))?;
+        Ok(capability(pf, &held.attached.backing)?.num_vfs)
+    }
+
     /// Changes the number of VFs of `pf` to `n` (0: removes them all) through sysfs
     /// ([`SysfsVfs`] under the map's sysfs root): [`set_vfs_with`](Self::set_vfs_with).
     pub fn set_vfs(&mut self, pf: PciAddress, n: u16) -> Result<SetVfs, SetVfsError> {
@@ -48,12 +64,7 @@ impl<A: Attach> Bus<A> {
     ) -> Result<SetVfs, SetVfsError> {
         let held = self.held.get(&pf).ok_or(SetVfsError::NotHeld(pf))?;
         let backing = &held.attached.backing;
-        let read = |backing: &A::Backing| match read_sriov(backing) {
-            Ok(Some(cap)) => Ok(cap),
-            Ok(None) => Err(SetVfsError::NotSriov(pf)),
-            Err(error) => Err(SetVfsError::Config { pf, error }),
-        };
-        let cap = read(backing)?;
+        let cap = capability(pf, backing)?;
         let now = cap.num_vfs;
         if now == n {
             return Ok(SetVfs {
@@ -61,6 +72,7 @@ impl<A: Attach> Bus<A> {
                 previous: now,
                 num_vfs: now,
                 vfs: vf_addresses(pf, &cap, now),
+                map: Vec::new(),
             });
         }
         if n > cap.total_vfs {
@@ -125,11 +137,25 @@ impl<A: Attach> Bus<A> {
         match changed {
             Ok(cap) => {
                 log::info!("{pf}: NumVFs {now} -> {n}");
+                // The map shows the VFs created, and no longer those removed, at once:
+                // the caller may probe them without waiting for their uevents.
+                let mut events = Vec::new();
+                let map = self.rescan_into(&mut events).unwrap_or_else(|e| {
+                    log::warn!("{pf}: rescanning after NumVFs {now} -> {n}: {e}");
+                    Vec::new()
+                });
+                if !events.is_empty() {
+                    log::info!(
+                        "{pf}: the rescan after NumVFs {now} -> {n} took back {} device(s)",
+                        events.len()
+                    );
+                }
                 Ok(SetVfs {
                     pf,
                     previous: now,
                     num_vfs: n,
                     vfs: vf_addresses(pf, &cap, n),
+                    map,
                 })
             }
             Err(error) => {
@@ -164,5 +190,17 @@ impl<A: Attach> Bus<A> {
                 Err(e)
             }
         }
+    }
+}
+
+// The SR-IOV capability of `pf`, through its backing.
+fn capability<B: crate::bus::DeviceBacking>(
+    pf: PciAddress,
+    backing: &B,
+) -> Result<SriovCapability, SetVfsError> {
+    match read_sriov(backing) {
+        Ok(Some(cap)) => Ok(cap),
+        Ok(None) => Err(SetVfsError::NotSriov(pf)),
+        Err(error) => Err(SetVfsError::Config { pf, error }),
     }
 }
