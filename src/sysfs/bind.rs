@@ -464,6 +464,35 @@ pub fn in_use(root: &SysfsRoot, address: PciAddress) -> Vec<Use> {
     uses
 }
 
+/// The network interfaces of `address` (the entries of its `net/` directory, e.g.
+/// `eth0`), sorted. A directory listing: takes no device lock.
+pub fn interfaces(root: &SysfsRoot, address: PciAddress) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(root.device_dir(address).join("net"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}
+
+/// The block devices below `address` (NVMe namespaces such as `nvme0n1`, a SCSI host's
+/// `sda`), sorted: the disks [`in_use`] looks at. Directory listings only.
+pub fn disks(root: &SysfsRoot, address: PciAddress) -> Vec<String> {
+    block_devices(&root.device_dir(address))
+}
+
+/// The drivers that hand a device to userspace: `uio_pci_generic`, `igb_uio`, and the
+/// vfio drivers ([`on_vfio`]). What dpdk-devbind.py calls DPDK-compatible drivers.
+pub const UIO_DRIVERS: [&str; 2] = ["uio_pci_generic", "igb_uio"];
+
+/// Whether a device is on a driver that hands it to userspace: a vfio driver
+/// ([`on_vfio`]) or one of [`UIO_DRIVERS`].
+pub fn on_userspace_driver(device_dir: &Path, driver: Option<&str>) -> bool {
+    driver.is_some_and(|d| UIO_DRIVERS.contains(&d)) || on_vfio(device_dir, driver)
+}
+
 /// Whether the block device node `node` is open exclusively by someone (the kernel
 /// refuses another exclusive open with EBUSY). The probe's own `O_EXCL` open, if it
 /// succeeds, is closed at once. `false` when the node cannot be opened at all.
@@ -858,6 +887,44 @@ mod tests {
         if sys.devices_dir().is_dir() {
             assert!(is_kernel_sysfs(&sys));
             assert!(!is_kernel_sysfs(&SysfsRoot::from_devices_dir(t.path())));
+        }
+    }
+
+    #[test]
+    fn interfaces_and_disks_of_a_device_are_listed_sorted() {
+        let t = tempfile::tempdir().unwrap();
+        let addr: PciAddress = ADDR.parse().unwrap();
+        let root = SysfsRoot::new(t.path());
+        let dev = root.device_dir(addr);
+        std::fs::create_dir_all(&dev).unwrap();
+        assert!(interfaces(&root, addr).is_empty());
+        assert!(disks(&root, addr).is_empty());
+        for i in ["eth1", "eth0"] {
+            std::fs::create_dir_all(dev.join("net").join(i)).unwrap();
+        }
+        for ns in ["nvme0n2", "nvme0n1"] {
+            let ns = dev.join("nvme/nvme0").join(ns);
+            std::fs::create_dir_all(&ns).unwrap();
+            std::fs::write(ns.join("dev"), "259:0\n").unwrap();
+            std::fs::write(ns.join("size"), "8\n").unwrap();
+        }
+        assert_eq!(interfaces(&root, addr), ["eth0", "eth1"]);
+        assert_eq!(disks(&root, addr), ["nvme0n1", "nvme0n2"]);
+    }
+
+    #[test]
+    fn uio_and_vfio_drivers_are_userspace_drivers_kernel_ones_are_not() {
+        let t = tempfile::tempdir().unwrap();
+        for (driver, userspace) in [
+            (Some("vfio-pci"), true),
+            (Some("mlx5_vfio_pci"), true),
+            (Some("uio_pci_generic"), true),
+            (Some("igb_uio"), true),
+            (Some("nvme"), false),
+            (Some("uio"), false),
+            (None, false),
+        ] {
+            assert_eq!(on_userspace_driver(t.path(), driver), userspace, "{driver:?}");
         }
     }
 

@@ -16,14 +16,18 @@ use pcibus::vfio::VfioBackend;
 use pcibus::{BlockingAttr, DeviceRecord, IdSource, PciAddress, Scan, Scanner, SysfsRoot};
 
 mod claims;
+mod completions;
 mod detach;
+mod devbind;
 mod list;
 mod nvme;
 mod nvme_admin;
 mod nvme_io_passthru;
 mod nvme_sriov;
 mod nvme_transfer;
+mod setup;
 mod show;
+mod status;
 mod vfio;
 mod vfio_reset;
 mod watch;
@@ -105,27 +109,51 @@ enum Command {
         #[command(flatten)]
         scan: ScanArgs,
     },
-    /// Bind a device to a kernel driver (driver_override + drivers_probe), e.g. vfio-pci.
+    /// Bind devices to a kernel driver (driver_override + drivers_probe), e.g. vfio-pci:
+    /// `bind ADDRESS... DRIVER`, `bind --driver DRIVER ADDRESS...`, or by selector
+    /// (`bind --all-nvme vfio-pci`, `-d 8086:1533`, `--class 0108`).
     ///
-    /// If the new driver does not take the device, driver_override is cleared and the old
-    /// driver binds it again; if that fails too, the error says where the device is.
+    /// If the new driver does not take a device, driver_override is cleared and the old
+    /// driver binds it again; if that fails too, the error says where the device is. Each
+    /// device is reported on its own line; one failing does not stop the others, and the
+    /// exit status is 1 if any failed.
     Bind {
-        /// The device.
-        address: PciAddress,
-        /// The driver, e.g. vfio-pci or nvme.
-        driver: String,
-        /// Take the device even if the host uses it (an interface up, a mounted disk).
-        #[arg(long)]
-        force: bool,
+        /// The devices (e.g. 0000:01:00.0 or 1:0.0), then the driver (e.g. vfio-pci or
+        /// nvme) unless --driver names it.
+        #[arg(value_name = "ADDRESS|DRIVER")]
+        args: Vec<String>,
+        #[command(flatten)]
+        opts: devbind::BindArgs,
     },
-    /// Unbind a device from its driver and clear its driver_override.
+    /// Unbind devices from their driver and clear their driver_override, by address or
+    /// selector; as `bind`, each on its own line.
     Unbind {
-        /// The device.
-        address: PciAddress,
-        /// Take the device even if the host uses it.
+        /// The devices.
+        #[arg(value_name = "ADDRESS")]
+        addresses: Vec<PciAddress>,
+        #[command(flatten)]
+        select: devbind::Selectors,
+        /// Take the devices even if the host uses them.
         #[arg(long)]
         force: bool,
     },
+    /// The devices grouped by how they are driven, as `dpdk-devbind.py --status`: on a
+    /// userspace driver (vfio-pci, uio), on a kernel driver, on none; with interfaces
+    /// (if=), disks (block=), driver (drv=), the loaded userspace drivers it is not on
+    /// (unused=), and *Active* for those the host uses (which bind refuses).
+    Status(status::StatusArgs),
+    /// SPDK's scripts/setup.sh for NVMe: `config` binds every NVMe controller the host
+    /// does not use to vfio-pci (an active one is skipped, naming its use), `reset` gives
+    /// them back to the kernel driver recorded at config (else nvme), `status` shows them.
+    Setup(setup::SetupArgs),
+    /// A completion script for a shell, on standard output (e.g. `pcibus completions bash
+    /// > /etc/bash_completion.d/pcibus`).
+    Completions {
+        /// bash, zsh, fish, elvish or powershell.
+        shell: clap_complete::Shell,
+    },
+    /// The man page (roff), on standard output (e.g. `pcibus man | man -l -`).
+    Man,
     /// VFIO facts of a device bound to vfio-pci.
     Vfio {
         #[command(subcommand)]
@@ -455,7 +483,12 @@ fn run(cli: Cli, root: SysfsRoot) -> Result<Outcome, Error> {
     let stdout = io::stdout();
     let mut out = io::BufWriter::new(stdout.lock());
     let mut done = Outcome::Complete;
-    if let Command::Bind { .. } | Command::Unbind { .. } = cli.command
+    if let Command::Bind { .. }
+    | Command::Unbind { .. }
+    | Command::Setup(setup::SetupArgs {
+        action: setup::Action::Config | setup::Action::Reset,
+        ..
+    }) = cli.command
         && let Some(why) = not_kernel_sysfs(&root)
     {
         eprintln!(
@@ -499,22 +532,16 @@ fn run(cli: Cli, root: SysfsRoot) -> Result<Outcome, Error> {
                 write_show(&mut out, dev, &details)?;
             }
         }
-        Command::Bind {
-            address,
-            driver,
+        Command::Bind { args, opts } => devbind::bind(&mut out, &root, &args, &opts)?,
+        Command::Unbind {
+            addresses,
+            select,
             force,
-        } => {
-            let b = pcibus::sysfs::bind::bind(&root, address, &driver, force)?;
-            match &b.previous {
-                Some(p) if *p == b.driver => writeln!(out, "{address}: already on {driver}")?,
-                Some(p) => writeln!(out, "{address}: {p} -> {driver}")?,
-                None => writeln!(out, "{address}: (none) -> {driver}")?,
-            }
-        }
-        Command::Unbind { address, force } => match pcibus::sysfs::bind::unbind(&root, address, force)? {
-            Some(p) => writeln!(out, "{address}: unbound from {p}")?,
-            None => writeln!(out, "{address}: was not bound")?,
-        },
+        } => devbind::unbind(&mut out, &root, &addresses, &select, force)?,
+        Command::Status(args) => status::status(&mut out, &root, &args)?,
+        Command::Setup(args) => setup::setup(&mut out, &root, &args)?,
+        Command::Completions { shell } => completions::completions(&mut out, shell)?,
+        Command::Man => completions::man(&mut out)?,
         Command::Vfio {
             command: VfioCommand::Info { address, json },
         } => {
