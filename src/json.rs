@@ -33,7 +33,7 @@ use crate::sysfs::details::Details;
 
 /// The schema's `$id`: its version is the `v1` in the name. A change that removes or
 /// retypes a field gets a new version; adding one keeps it.
-pub const SCHEMA_ID: &str = "https://github.com/pcibus/pcibus/schema/pcibus-v1.schema.json";
+pub const SCHEMA_ID: &str = "urn:pcibus:schema:pcibus-v1";
 
 /// A device record with its names: the device object of `pcibus list --json` (and of
 /// `show` and `watch`), the record's fields followed by the [`DeviceNames`] fields.
