@@ -32,7 +32,9 @@
 //! - [`barrier`] orders CPU accesses for a device (doorbells, completions), per
 //!   architecture (its `asm!` barriers are `unsafe` too);
 //! - [`fixture`] is the text format of sysfs trees, and (feature `testing`)
-//!   `testing::FakeSysfs` builds them on disk for tests.
+//!   `testing::FakeSysfs` builds them on disk for tests;
+//! - (feature `serde`, on with `cli`) `json`: `serde::Serialize` on the records, the JSON
+//!   that `pcibus ... --json` prints, and the rules of its schema.
 #![deny(unsafe_code)]
 #![deny(clippy::undocumented_unsafe_blocks, clippy::missing_safety_doc)]
 #![warn(missing_docs)]
@@ -45,6 +47,8 @@ pub mod drivers;
 pub mod error;
 pub mod fixture;
 pub mod hotplug;
+#[cfg(feature = "serde")]
+pub mod json;
 pub mod model;
 pub mod names;
 pub mod nvme;

@@ -171,6 +171,8 @@ impl Resource {
 
 /// The kind of address space a BAR decodes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
+#[cfg_attr(feature = "serde", serde(rename_all = "lowercase"))]
 pub enum BarKind {
     /// 32-bit memory.
     Mem32,
@@ -192,6 +194,7 @@ impl fmt::Display for BarKind {
 
 /// A standard BAR that is present: index, where, how large, what kind.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
 pub struct Bar {
     /// BAR index, 0–5.
     pub index: u8,
@@ -223,6 +226,7 @@ impl Bar {
 
 /// SR-IOV facts of a physical function.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
 pub struct Sriov {
     /// `sriov_totalvfs`: how many VFs the PF can have.
     pub total_vfs: u16,
@@ -252,8 +256,10 @@ impl fmt::Display for LinkSpeed {
 
 /// A PCIe link: speed and width (lanes), as reported now or as the maximum.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
 pub struct Link {
-    /// Speed, `None` when the kernel says "Unknown".
+    /// Speed, `None` when the kernel says "Unknown" (`speed_mts` in the JSON).
+    #[cfg_attr(feature = "serde", serde(rename = "speed_mts"))]
     pub speed: Option<LinkSpeed>,
     /// Width in lanes, `None` when unknown.
     pub width: Option<u8>,

@@ -14,6 +14,7 @@ use crate::{ParseError, PciAddress};
 /// a field the kernel does not report (no driver bound, no NUMA affinity) is `None` with
 /// no problem.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
 #[non_exhaustive]
 pub struct DeviceRecord {
     /// The function's address.
@@ -21,7 +22,8 @@ pub struct DeviceRecord {
     /// Which incarnation of the device this is: its sysfs directory's device and inode
     /// numbers (one `fstat` of the directory the scan opens anyway). A device removed and
     /// added again at the same address, even with the same ids, has another; `None` when
-    /// the `fstat` failed.
+    /// the `fstat` failed. Not in the JSON (it means nothing outside this boot).
+    #[cfg_attr(feature = "serde", serde(skip))]
     pub identity: Option<DeviceIdentity>,
     /// Vendor id.
     pub vendor: Option<VendorId>,
@@ -34,6 +36,7 @@ pub struct DeviceRecord {
     /// Class code.
     pub class: Option<ClassCode>,
     /// Revision id.
+    #[cfg_attr(feature = "serde", serde(serialize_with = "crate::json::revision"))]
     pub revision: Option<u8>,
     /// NUMA node, `None` when the kernel reports none (`-1`).
     pub numa_node: Option<u32>,
@@ -41,7 +44,12 @@ pub struct DeviceRecord {
     pub driver: Option<String>,
     /// The IOMMU group, from the `iommu_group` link.
     pub iommu_group: Option<u32>,
-    /// Every line of the `resource` file; see [`DeviceRecord::bars`] for the present BARs.
+    /// Every line of the `resource` file; see [`DeviceRecord::bars`] for the present BARs
+    /// (what the JSON has, as `bars`).
+    #[cfg_attr(
+        feature = "serde",
+        serde(rename = "bars", serialize_with = "crate::json::bars")
+    )]
     pub resources: Vec<Resource>,
     /// SR-IOV facts when the function is a PF (`sriov_totalvfs` exists).
     pub sriov: Option<Sriov>,
@@ -57,7 +65,8 @@ pub struct DeviceRecord {
     pub driver_override: Option<String>,
     /// `sriov_vf_total_msix`, when asked for and read in time.
     pub sriov_vf_total_msix: Option<u32>,
-    /// The `uevent` variables, when asked for and read in time.
+    /// The `uevent` variables, when asked for and read in time (an object in the JSON).
+    #[cfg_attr(feature = "serde", serde(serialize_with = "crate::json::uevent_vars"))]
     pub uevent: Option<Vec<(String, String)>>,
     /// What went wrong, one entry per attribute.
     pub problems: Vec<Problem>,

@@ -377,14 +377,16 @@ fn pcibus_claims_lists_live_and_stale_claims() {
     };
     let json: serde_json::Value = serde_json::from_str(&pcibus(&["--json"])).unwrap();
     let me = std::process::id();
+    let lock = |a: &str| tmp.path().join(format!("{a}.lock")).to_str().unwrap().to_owned();
     assert_eq!(
         json,
         serde_json::json!([
-            {"address": "0000:01:00.0", "live": true, "pid": me, "command": "fio",
-             "since": json[0]["since"], "driver": "nvme", "state": "releasing",
-             "reason": "vfio removal request"},
-            {"address": "0000:03:00.0", "live": false, "pid": 999999, "command": "gone",
-             "since": 1, "driver": null, "state": "active", "reason": null},
+            {"address": "0000:01:00.0", "path": lock("0000:01:00.0"), "live": true,
+             "pid": me, "command": "fio", "since": json[0]["since"], "driver": "nvme",
+             "physfn": null, "state": "releasing", "reason": "vfio removal request"},
+            {"address": "0000:03:00.0", "path": lock("0000:03:00.0"), "live": false,
+             "pid": 999999, "command": "gone", "since": 1, "driver": null, "physfn": null,
+             "state": "active", "reason": null},
         ])
     );
     let table = pcibus(&[]);

@@ -50,6 +50,19 @@ pub enum Change {
 }
 
 impl Change {
+    /// The change's name in the JSON and in `watch`'s lines: `added`, `removed`,
+    /// `updated`, `replaced`, `unchanged`, `not_pci`.
+    pub fn kind(self) -> &'static str {
+        match self {
+            Change::Added(_) => "added",
+            Change::Removed(_) => "removed",
+            Change::Updated(_) => "updated",
+            Change::Replaced(_) => "replaced",
+            Change::Unchanged => "unchanged",
+            Change::NotPci => "not_pci",
+        }
+    }
+
     /// The device changed, if any.
     pub fn address(self) -> Option<PciAddress> {
         match self {

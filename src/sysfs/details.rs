@@ -14,6 +14,7 @@ use crate::sysfs::scan::SysfsRoot;
 
 /// Details of one device beyond its scan record.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
 #[non_exhaustive]
 pub struct Details {
     /// Standard capabilities (from `config`).

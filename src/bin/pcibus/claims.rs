@@ -3,31 +3,14 @@
 use super::*;
 use crate::list::opt;
 
-pub(super) fn claim_json(c: &ClaimRecord) -> Value {
-    let (state, reason) = match &c.state {
-        Some(ClaimState::Active) => (Some("active"), None),
-        Some(ClaimState::Releasing { reason }) => (Some("releasing"), Some(reason.as_str())),
-        _ => (None, None),
-    };
-    json!({
-        "address": c.address.to_string(),
-        "live": c.live,
-        "pid": c.pid,
-        "command": c.command,
-        "since": c.since.and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok()).map(|d| d.as_secs()),
-        "driver": c.driver,
-        "state": state,
-        "reason": reason,
-    })
-}
-
 // `pcibus claims`: the table says "stale" for a claim whose holder is gone (free to take).
 pub(super) fn write_claims(out: &mut impl Write, claims: &[ClaimRecord], json: bool) -> io::Result<()> {
     if json {
         out.write_all(b"[")?;
         for (i, c) in claims.iter().enumerate() {
             out.write_all(if i == 0 { b"\n  " } else { b",\n  " })?;
-            serde_json::to_writer(&mut *out, &claim_json(c))?;
+            // The library's `ClaimRecord` serialization: the schema's `claim`.
+            serde_json::to_writer(&mut *out, c)?;
         }
         return out.write_all(if claims.is_empty() { b"]\n" } else { b"\n]\n" });
     }

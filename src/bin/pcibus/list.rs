@@ -1,6 +1,7 @@
 //! `pcibus list`: the table and the JSON array of scan records.
 
 use super::*;
+use pcibus::json::NamedRecord;
 
 // Entries that are not devices, and devices that went away, go to stderr: the listing
 // itself stays parseable.
@@ -17,10 +18,8 @@ pub(super) fn report_skipped(scan: &Scan) {
 }
 
 pub(super) fn names_for(devices: &[DeviceRecord]) -> Names {
-    let ids = devices.iter().filter_map(|d| Some((d.vendor?, d.device?)));
-    let classes = devices.iter().filter_map(|d| d.class);
     find_pci_ids()
-        .and_then(|p| Names::lookup(&p, ids, classes).ok())
+        .and_then(|p| Names::lookup_records(&p, devices).ok())
         .unwrap_or_default()
 }
 
@@ -53,8 +52,8 @@ pub(super) fn write_table(out: &mut impl Write, scan: &Scan) -> io::Result<()> {
             "{:<13} {:<9} {:<6} {:<14} {:>4} {:>5}  {desc}",
             d.address.to_string(),
             id,
-            d.class
-                .map_or_else(|| "-".into(), |c| format!("{:04x}", c.value() >> 8)),
+            // All 24 bits, as the JSON and `show` have it.
+            opt(d.class),
             d.driver.as_deref().unwrap_or("-"),
             opt(d.numa_node),
             opt(d.iommu_group),
@@ -74,57 +73,14 @@ pub(super) fn describe(names: &Names, d: &DeviceRecord) -> String {
     }
 }
 
-pub(super) fn device_json(d: &DeviceRecord) -> Value {
-    json!({
-        "address": d.address.to_string(),
-        "vendor": d.vendor.map(|v| v.0),
-        "device": d.device.map(|v| v.0),
-        "subsystem_vendor": d.subsystem_vendor.map(|v| v.0),
-        "subsystem_device": d.subsystem_device.map(|v| v.0),
-        "class": d.class.map(|c| c.value()),
-        "revision": d.revision,
-        "numa_node": d.numa_node,
-        "driver": d.driver,
-        "iommu_group": d.iommu_group,
-        "physfn": d.physfn.map(|a| a.to_string()),
-        "sriov": d.sriov.as_ref().map(|s| json!({"total_vfs": s.total_vfs, "num_vfs": s.num_vfs})),
-        "bars": d.bars().map(|b| json!({
-            "index": b.index,
-            "start": b.start,
-            "size": b.size,
-            "kind": b.kind.to_string(),
-            "prefetchable": b.prefetchable,
-        })).collect::<Vec<_>>(),
-        "removal_pending": d.removal_pending.then_some(&d.removal_reasons),
-        "problems": d.problems.iter().map(problem_json).collect::<Vec<_>>(),
-    })
-}
-
-// `kind` and `errno` are for scripts: match on them, not on the message.
-pub(super) fn problem_json(p: &Problem) -> Value {
-    let kind = match &p.kind {
-        ProblemKind::Parse(_) => "parse",
-        ProblemKind::Io { .. } => "io",
-        ProblemKind::TimedOut { .. } => "timed_out",
-        ProblemKind::NotStarted { .. } => "not_started",
-        ProblemKind::RemovalPending => "removal_pending",
-        ProblemKind::HeldOpen => "held_open",
-        _ => "other",
-    };
-    json!({
-        "attribute": p.attribute,
-        "kind": kind,
-        "errno": p.kind.raw_os_error(),
-        "error": p.kind.to_string(),
-    })
-}
-
-// Streams the array so memory stays flat however many devices there are.
+// Streams the array so memory stays flat however many devices there are. Each device is
+// the library's `NamedRecord`: the schema's `device` (schema/pcibus-v1.schema.json).
 pub(super) fn write_json_list(out: &mut impl Write, scan: &Scan) -> io::Result<()> {
+    let names = names_for(&scan.devices);
     out.write_all(b"[")?;
     for (i, d) in scan.devices.iter().enumerate() {
         out.write_all(if i == 0 { b"\n  " } else { b",\n  " })?;
-        serde_json::to_writer(&mut *out, &device_json(d))?;
+        serde_json::to_writer(&mut *out, &NamedRecord::new(d, &names))?;
     }
     out.write_all(if scan.devices.is_empty() { b"]\n" } else { b"\n]\n" })
 }

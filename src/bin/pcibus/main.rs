@@ -33,8 +33,8 @@ mod vfio_reset;
 mod watch;
 
 use claims::write_claims;
-use list::{device_json, report_skipped, write_json_list, write_table};
-use show::{details_json, write_show};
+use list::{report_skipped, write_json_list, write_table};
+use show::{write_show, write_show_json};
 use vfio::{IrqTest, irq_test, vfio_info, write_irq_test, write_vfio_info};
 
 /// What the exit status means; shown by `--help`, repeated in the README.
@@ -524,10 +524,7 @@ fn run(cli: Cli, root: SysfsRoot) -> Result<Outcome, Error> {
             let details = pcibus::sysfs::details::read(scanner.root(), dev);
             done = outcome(dev.problems.iter().chain(&details.problems));
             if json {
-                let mut v = device_json(dev);
-                v["details"] = details_json(&details);
-                serde_json::to_writer_pretty(&mut out, &v)?;
-                writeln!(out)?;
+                write_show_json(&mut out, dev, &details)?;
             } else {
                 write_show(&mut out, dev, &details)?;
             }

@@ -1,27 +1,22 @@
 //! `pcibus show`: everything about one device.
 
 use super::*;
-use crate::list::{describe, names_for, opt, problem_json};
+use crate::list::{describe, names_for, opt};
+use pcibus::json::{NamedRecord, ShownDevice};
 
-pub(super) fn details_json(x: &pcibus::sysfs::details::Details) -> Value {
-    json!({
-        "capabilities": x.capabilities.iter().map(|c| json!({
-            "id": c.id, "offset": c.offset, "name": pcibus::config::capability_name(c.id),
-        })).collect::<Vec<_>>(),
-        "extended_capabilities": x.extended_capabilities.iter().map(|c| json!({
-            "id": c.id, "version": c.version, "offset": c.offset,
-            "name": pcibus::config::extended_capability_name(c.id),
-        })).collect::<Vec<_>>(),
-        "current_link": x.current_link.map(link_json),
-        "max_link": x.max_link.map(link_json),
-        "modalias": x.modalias,
-        "local_cpus": x.local_cpus,
-        "problems": x.problems.iter().map(problem_json).collect::<Vec<_>>(),
-    })
-}
-
-pub(super) fn link_json(l: pcibus::Link) -> Value {
-    json!({"speed_mts": l.speed.map(|s| s.0), "width": l.width})
+// The library's `ShownDevice`: the schema's `shown_device`.
+pub(super) fn write_show_json(
+    out: &mut impl Write,
+    d: &DeviceRecord,
+    details: &pcibus::sysfs::details::Details,
+) -> io::Result<()> {
+    let names = names_for(std::slice::from_ref(d));
+    let shown = ShownDevice {
+        device: NamedRecord::new(d, &names),
+        details,
+    };
+    serde_json::to_writer_pretty(&mut *out, &shown)?;
+    writeln!(out)
 }
 
 pub(super) fn write_show(

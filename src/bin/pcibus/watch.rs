@@ -12,12 +12,13 @@ use std::io::Write;
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
 use nix::sys::signal::{SigSet, Signal};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
-use serde_json::{Value, json};
 
 use pcibus::bus::devargs::Selection;
 use pcibus::bus::map::{Change, DeviceMap};
 use pcibus::hotplug::event::Uevent;
 use pcibus::hotplug::monitor::{Event, UeventMonitor};
+use pcibus::json::{MapChange, NamedRecord, Resync, WatchEvent};
+use pcibus::names::{Names, find_pci_ids};
 use pcibus::{DeviceRecord, Scanner};
 
 type Error = Box<dyn std::error::Error>;
@@ -73,9 +74,12 @@ pub(super) fn watch(
                     let change = map.apply(&u).map_err(|e| log::warn!("{e}")).ok();
                     let record = change.and_then(Change::address).and_then(|a| map.get(a));
                     if json {
-                        let mut v = event_json(&u);
-                        v["map"] = change.map_or(Value::Null, |c| change_json(c, record));
-                        writeln!(out, "{v}")?;
+                        let line = WatchEvent {
+                            event: &u,
+                            map: change.map(|c| map_change(c, record)),
+                        };
+                        serde_json::to_writer(&mut *out, &line)?;
+                        writeln!(out)?;
                     } else {
                         let mut line = event_line(&u);
                         if let Some(c) = change.filter(|c| *c != Change::NotPci) {
@@ -87,15 +91,12 @@ pub(super) fn watch(
                 Event::Overflow => {
                     let changes = map.resync()?;
                     if json {
-                        let list: Vec<Value> = changes
+                        let resync = changes
                             .iter()
-                            .map(|c| {
-                                let mut v = change_json(*c, c.address().and_then(|a| map.get(a)));
-                                v["address"] = json!(c.address().map(|a| a.to_string()));
-                                v
-                            })
+                            .map(|c| map_change(*c, c.address().and_then(|a| map.get(a))))
                             .collect();
-                        writeln!(out, "{}", json!({ "overflow": true, "resync": list }))?;
+                        serde_json::to_writer(&mut *out, &Resync { resync })?;
+                        writeln!(out)?;
                     } else {
                         writeln!(
                             out,
@@ -118,17 +119,6 @@ pub(super) fn watch(
     }
 }
 
-fn event_json(u: &Uevent) -> Value {
-    json!({
-        "action": u.action.to_string(),
-        "address": u.pci_address().map(|a| a.to_string()),
-        "subsystem": u.subsystem,
-        "devpath": u.devpath,
-        "driver": u.driver,
-        "seqnum": u.seqnum,
-    })
-}
-
 fn event_line(u: &Uevent) -> String {
     let mut line = format!("{:<8}", u.action.to_string());
     match u.pci_address() {
@@ -149,36 +139,27 @@ fn event_line(u: &Uevent) -> String {
     line
 }
 
-fn change_kind(change: Change) -> &'static str {
-    match change {
-        Change::Added(_) => "added",
-        Change::Removed(_) => "removed",
-        Change::Updated(_) => "updated",
-        Change::Replaced(_) => "replaced",
-        Change::Unchanged => "unchanged",
-        Change::NotPci => "not_pci",
-    }
-}
-
-// What the map holds for the device after the change (nothing once removed).
-fn change_json(change: Change, record: Option<&DeviceRecord>) -> Value {
-    let mut v = json!({ "change": change_kind(change) });
-    if let Some(r) = record.filter(|_| {
-        matches!(
-            change,
-            Change::Added(_) | Change::Updated(_) | Change::Replaced(_)
-        )
-    }) {
-        v["vendor"] = json!(r.vendor.map(|x| format!("{:04x}", x.0)));
-        v["device"] = json!(r.device.map(|x| format!("{:04x}", x.0)));
-        v["class"] = json!(r.class.map(|c| format!("{:06x}", c.value())));
-        v["driver"] = json!(r.driver);
-    }
-    v
+// What the map holds for the device after the change (nothing once removed), with its
+// names: the schema's `map_change`. One small pci.ids lookup per changed device.
+fn map_change(change: Change, record: Option<&DeviceRecord>) -> MapChange<'_> {
+    let device = record
+        .filter(|_| {
+            matches!(
+                change,
+                Change::Added(_) | Change::Updated(_) | Change::Replaced(_)
+            )
+        })
+        .map(|r| {
+            let names = find_pci_ids()
+                .and_then(|p| Names::lookup_records(&p, std::slice::from_ref(r)).ok())
+                .unwrap_or_default();
+            NamedRecord::new(r, &names)
+        });
+    MapChange { change, device }
 }
 
 fn change_text(change: Change, record: Option<&DeviceRecord>) -> String {
-    let mut s = change_kind(change).to_owned();
+    let mut s = change.kind().to_owned();
     if let Some(r) = record.filter(|_| {
         matches!(
             change,
