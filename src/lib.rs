@@ -40,16 +40,19 @@
 mod addr;
 pub mod barrier;
 pub mod bus;
+pub mod capability;
 pub mod config;
 pub mod drivers;
 pub mod error;
 pub mod fixture;
 pub mod hotplug;
 pub mod model;
+pub mod modules_alias;
 pub mod names;
 pub mod nvme;
 pub mod record;
 pub mod removal;
+pub mod select;
 pub mod sysfs;
 #[cfg(feature = "testing")]
 pub mod testing;
