@@ -206,7 +206,11 @@ impl fmt::Display for MsiX {
             self.count,
             flag(self.masked)
         )?;
-        writeln!(f, "Vector table: BAR={} offset={:08x}", self.table_bar, self.table_offset)?;
+        writeln!(
+            f,
+            "Vector table: BAR={} offset={:08x}",
+            self.table_bar, self.table_offset
+        )?;
         write!(f, "PBA: BAR={} offset={:08x}", self.pba_bar, self.pba_offset)
     }
 }
@@ -445,7 +449,10 @@ mod tests {
         assert!(all.contains("Express (v2) Endpoint, MSI 00"), "{all}");
         assert!(all.contains("LnkSta: Speed 2.5GT/s, Width x1"), "{all}");
         assert!(all.contains("Power Management version 3"), "{all}");
-        assert!(all.contains("Status: D0 NoSoftRst+ PME-Enable- DSel=0 DScale=0 PME-"), "{all}");
+        assert!(
+            all.contains("Status: D0 NoSoftRst+ PME-Enable- DSel=0 DScale=0 PME-"),
+            "{all}"
+        );
         let sriov = crate::config::sriov_capability(&cfg).unwrap().unwrap();
         assert_eq!(
             SriovText(&sriov).to_string(),

@@ -26,9 +26,7 @@ impl ModuleAliases {
         let aliases = bytes
             .split(|&b| b == b'\n')
             .filter_map(|line| {
-                let mut words = line
-                    .split(|b| b.is_ascii_whitespace())
-                    .filter(|w| !w.is_empty());
+                let mut words = line.split(|b| b.is_ascii_whitespace()).filter(|w| !w.is_empty());
                 if words.next()? != b"alias" {
                     return None;
                 }
@@ -74,7 +72,11 @@ pub fn default_path() -> Option<PathBuf> {
         return Some(PathBuf::from(p));
     }
     let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").ok()?;
-    Some(Path::new("/lib/modules").join(release.trim()).join("modules.alias"))
+    Some(
+        Path::new("/lib/modules")
+            .join(release.trim())
+            .join("modules.alias"),
+    )
 }
 
 /// Whether `text` matches the glob `pattern`: `*` any run of bytes, `?` one byte,

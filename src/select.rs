@@ -175,12 +175,41 @@ impl IdFilter {
             && self.class.is_none_or(|(value, mask)| {
                 class.is_some_and(|c| ((c.value() >> 8) as u16 ^ value) & mask == 0)
             })
-            && self.prog_if.is_none_or(|p| class.is_some_and(|c| c.prog_if() == p))
+            && self
+                .prog_if
+                .is_none_or(|p| class.is_some_and(|c| c.prog_if() == p))
     }
 
     /// Whether `record` is selected.
     pub fn matches(&self, record: &DeviceRecord) -> bool {
-        self.matches_ids(record.vendor.map(|v| v.0), record.device.map(|d| d.0), record.class)
+        self.matches_ids(
+            record.vendor.map(|v| v.0),
+            record.device.map(|d| d.0),
+            record.class,
+        )
+    }
+}
+
+impl fmt::Display for IdFilter {
+    /// The canonical selector: `VVVV:DDDD:CCCC:PP`, `*` for parts that match anything and
+    /// `x` for class digits that do.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let part =
+            |v: Option<u16>, width: usize| v.map_or_else(|| "*".to_owned(), |v| format!("{v:0width$x}"));
+        write!(f, "{}:{}:", part(self.vendor, 4), part(self.device, 4))?;
+        match self.class {
+            Some((value, mask)) => {
+                for shift in [12, 8, 4, 0] {
+                    if (mask >> shift) & 0xf == 0 {
+                        f.write_str("x")?;
+                    } else {
+                        write!(f, "{:x}", (value >> shift) & 0xf)?;
+                    }
+                }
+            }
+            None => f.write_str("*")?,
+        }
+        write!(f, ":{}", part(self.prog_if.map(u16::from), 2))
     }
 }
 
@@ -209,8 +238,8 @@ impl FromStr for IdFilter {
                 None => (class, None),
             };
             if defined(class) {
-                let (value, mask) =
-                    hex_field(class, 0xffff, true).ok_or_else(|| SelectorError::new("invalid class code", text))?;
+                let (value, mask) = hex_field(class, 0xffff, true)
+                    .ok_or_else(|| SelectorError::new("invalid class code", text))?;
                 f.class = Some((value as u16, mask as u16));
             }
             if let Some(p) = prog_if {
@@ -241,20 +270,52 @@ mod tests {
         assert_eq!(slot("*"), any);
         assert_eq!(slot("*:*:*.*"), any);
         assert_eq!(slot("01:"), SlotFilter { bus: Some(1), ..any });
-        assert_eq!(slot("1"), SlotFilter { device: Some(1), ..any });
-        assert_eq!(slot(".1"), SlotFilter { function: Some(1), ..any });
-        assert_eq!(slot("0.3"), SlotFilter { device: Some(0), function: Some(3), ..any });
+        assert_eq!(
+            slot("1"),
+            SlotFilter {
+                device: Some(1),
+                ..any
+            }
+        );
+        assert_eq!(
+            slot(".1"),
+            SlotFilter {
+                function: Some(1),
+                ..any
+            }
+        );
+        assert_eq!(
+            slot("0.3"),
+            SlotFilter {
+                device: Some(0),
+                function: Some(3),
+                ..any
+            }
+        );
         assert_eq!(
             slot(":00.0"),
-            SlotFilter { device: Some(0), function: Some(0), ..any }
+            SlotFilter {
+                device: Some(0),
+                function: Some(0),
+                ..any
+            }
         );
         assert_eq!(
             slot("0000:*:*.0"),
-            SlotFilter { domain: Some(0), function: Some(0), ..any }
+            SlotFilter {
+                domain: Some(0),
+                function: Some(0),
+                ..any
+            }
         );
         assert_eq!(
             slot("10000:ff:1f.7"),
-            SlotFilter { domain: Some(0x10000), bus: Some(0xff), device: Some(0x1f), function: Some(7) }
+            SlotFilter {
+                domain: Some(0x10000),
+                bus: Some(0xff),
+                device: Some(0x1f),
+                function: Some(7)
+            }
         );
         // Leading zeros do not count against the limit.
         assert_eq!(slot("0001:"), SlotFilter { bus: Some(1), ..any });
@@ -305,10 +366,34 @@ mod tests {
         assert_eq!(id(""), any);
         assert_eq!(id(":"), any);
         assert_eq!(id("*:*:*"), any);
-        assert_eq!(id("8086:"), IdFilter { vendor: Some(0x8086), ..any });
-        assert_eq!(id(":10d3"), IdFilter { device: Some(0x10d3), ..any });
-        assert_eq!(id("::0108"), IdFilter { class: Some((0x0108, 0xffff)), ..any });
-        assert_eq!(id("::01xx"), IdFilter { class: Some((0x0100, 0xff00)), ..any });
+        assert_eq!(
+            id("8086:"),
+            IdFilter {
+                vendor: Some(0x8086),
+                ..any
+            }
+        );
+        assert_eq!(
+            id(":10d3"),
+            IdFilter {
+                device: Some(0x10d3),
+                ..any
+            }
+        );
+        assert_eq!(
+            id("::0108"),
+            IdFilter {
+                class: Some((0x0108, 0xffff)),
+                ..any
+            }
+        );
+        assert_eq!(
+            id("::01xx"),
+            IdFilter {
+                class: Some((0x0100, 0xff00)),
+                ..any
+            }
+        );
         assert_eq!(
             id("1b36:0010:0108:02"),
             IdFilter {
@@ -337,7 +422,16 @@ mod tests {
         d.vendor = Some(VendorId(0x1b36));
         d.device = Some(DeviceId(0x0010));
         d.class = Some(ClassCode::from_parts(0x01, 0x08, 0x02));
-        for yes in ["", "1b36:", ":0010", "1b36:0010:0108", "::01xx", "::x108", "::0108:02", "::*:02"] {
+        for yes in [
+            "",
+            "1b36:",
+            ":0010",
+            "1b36:0010:0108",
+            "::01xx",
+            "::x108",
+            "::0108:02",
+            "::*:02",
+        ] {
             assert!(id(yes).matches(&d), "{yes}");
         }
         for no in ["8086:", ":0011", "::0106", "::02xx", "::0108:01", "::1x"] {
@@ -386,6 +480,26 @@ mod tests {
             prop_assert_eq!(f.matches_address(a), reference(parts, a));
             // The exact address always selects itself.
             prop_assert!(a.to_string().parse::<SlotFilter>().unwrap().matches_address(a));
+        }
+
+        /// Display then parse gives an id filter back (class masks whole digits: from `x`).
+        #[test]
+        fn id_round_trip(
+            vendor in proptest::option::of(any::<u16>()),
+            device in proptest::option::of(any::<u16>()),
+            class in proptest::option::of((any::<u16>(), any::<[bool; 4]>())),
+            prog_if in proptest::option::of(any::<u8>()),
+        ) {
+            let class = class.map(|(v, keep)| {
+                let mask = (0..4).filter(|&i| keep[i]).fold(0u16, |m, i| m | 0xf << (4 * i));
+                (v & mask, mask)
+            });
+            let f = IdFilter { vendor, device, class, prog_if };
+            let back = f.to_string().parse::<IdFilter>().unwrap();
+            prop_assert_eq!(back.vendor, f.vendor);
+            prop_assert_eq!(back.device, f.device);
+            prop_assert_eq!(back.prog_if, f.prog_if);
+            prop_assert_eq!(back.class, f.class);
         }
     }
 }
