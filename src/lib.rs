@@ -42,6 +42,7 @@
 mod addr;
 pub mod barrier;
 pub mod bus;
+pub mod capability;
 pub mod config;
 pub mod drivers;
 pub mod error;
@@ -50,10 +51,12 @@ pub mod hotplug;
 #[cfg(feature = "serde")]
 pub mod json;
 pub mod model;
+pub mod modules_alias;
 pub mod names;
 pub mod nvme;
 pub mod record;
 pub mod removal;
+pub mod select;
 pub mod sysfs;
 #[cfg(feature = "testing")]
 pub mod testing;

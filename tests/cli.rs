@@ -122,7 +122,11 @@ fn list_table_names_devices() {
     let lines: Vec<&str> = out.lines().collect();
     assert!(lines[0].starts_with("ADDRESS"), "{out}");
     assert_eq!(lines.len(), 7, "{out}");
-    assert!(lines[1].starts_with("0000:00:00.0  8086:0d57 060000"), "{out}");
+    // Revision and subsystem ids sit beside the ids and the class.
+    assert!(
+        lines[1].starts_with("0000:00:00.0  8086:0d57 00  060000 0000:0000"),
+        "{out}"
+    );
     assert!(out.contains("virtio-pci"), "{out}");
 }
 

@@ -29,6 +29,11 @@ pub struct Details {
     pub modalias: Option<String>,
     /// `local_cpulist`.
     pub local_cpus: Option<Vec<u32>>,
+    /// The bytes of `config` as read (64 bytes unprivileged, 256 or 4096 as root), for
+    /// decoders such as [`crate::capability::decode`]; `None` when it was not read. Not
+    /// in the JSON: its decoded parts are.
+    #[cfg_attr(feature = "serde", serde(skip))]
+    pub config: Option<Vec<u8>>,
     /// What went wrong reading these.
     pub problems: Vec<Problem>,
 }
@@ -62,6 +67,7 @@ pub fn read(root: &SysfsRoot, dev: &DeviceRecord) -> Details {
                     Ok(c) => x.extended_capabilities = c,
                     Err(e) => report(&mut x, "config", ProblemKind::Parse(e)),
                 }
+                x.config = Some(cfg);
             }
             Ok(Err(e)) => report(&mut x, "config", ProblemKind::io(&e)),
             Err(crate::PoolError::TimedOut { .. }) => report(

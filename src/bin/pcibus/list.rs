@@ -2,6 +2,7 @@
 
 use super::*;
 use pcibus::json::NamedRecord;
+use pcibus::{DeviceId, VendorId};
 
 // Entries that are not devices, and devices that went away, go to stderr: the listing
 // itself stays parseable.
@@ -27,15 +28,21 @@ pub(super) fn opt<T: std::fmt::Display>(v: Option<T>) -> String {
     v.map_or_else(|| "-".to_owned(), |v| v.to_string())
 }
 
-pub(super) fn write_table(out: &mut impl Write, scan: &Scan) -> io::Result<()> {
+/// The table; with `kernel` (-k), lspci -k's lines after each device (modules when
+/// modules.alias was read).
+pub(super) fn write_table(
+    out: &mut impl Write,
+    scan: &Scan,
+    kernel: Option<Option<&pcibus::modules_alias::ModuleAliases>>,
+) -> io::Result<()> {
     let names = names_for(&scan.devices);
     writeln!(
         out,
-        "{:<13} {:<9} {:<6} {:<14} {:>4} {:>5}  DESCRIPTION",
-        "ADDRESS", "ID", "CLASS", "DRIVER", "NUMA", "IOMMU"
+        "{:<13} {:<9} {:<3} {:<6} {:<9} {:<14} {:>4} {:>5}  DESCRIPTION",
+        "ADDRESS", "ID", "REV", "CLASS", "SUBSYSTEM", "DRIVER", "NUMA", "IOMMU"
     )?;
     for d in &scan.devices {
-        let id = match (d.vendor, d.device) {
+        let pair = |a: Option<VendorId>, b: Option<DeviceId>| match (a, b) {
             (Some(v), Some(dv)) => format!("{v}:{dv}"),
             _ => "????:????".into(),
         };
@@ -49,17 +56,33 @@ pub(super) fn write_table(out: &mut impl Write, scan: &Scan) -> io::Result<()> {
         }
         writeln!(
             out,
-            "{:<13} {:<9} {:<6} {:<14} {:>4} {:>5}  {desc}",
+            "{:<13} {:<9} {:<3} {:<6} {:<9} {:<14} {:>4} {:>5}  {desc}",
             d.address.to_string(),
-            id,
+            pair(d.vendor, d.device),
+            d.revision.map_or_else(|| "-".into(), |r| format!("{r:02x}")),
             // All 24 bits, as the JSON and `show` have it.
             opt(d.class),
+            pair(d.subsystem_vendor, d.subsystem_device),
             d.driver.as_deref().unwrap_or("-"),
             opt(d.numa_node),
             opt(d.iommu_group),
         )?;
+        if let Some(aliases) = kernel {
+            let modalias = crate::lspci::modalias_of(d);
+            crate::lspci::write_kernel(out, "\t", d.driver.as_deref(), modalias.as_deref(), aliases)?;
+        }
     }
     Ok(())
+}
+
+/// The subsystem as lspci -v names it when pci.ids has no entry for the pair: its
+/// vendor's name and its id.
+pub(super) fn describe_subsystem(names: &Names, d: &DeviceRecord) -> Option<String> {
+    let (v, dv) = (d.subsystem_vendor?, d.subsystem_device?);
+    Some(match names.vendor(v) {
+        Some(name) => format!("{name} Device {dv}"),
+        None => format!("Device {v}:{dv}"),
+    })
 }
 
 pub(super) fn describe(names: &Names, d: &DeviceRecord) -> String {
@@ -88,7 +111,7 @@ pub(super) fn write_json_list(out: &mut impl Write, scan: &Scan) -> io::Result<(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use pcibus::{ClassCode, DeviceId, VendorId};
+    use pcibus::ClassCode;
 
     #[test]
     fn an_unnamed_device_is_described_as_lspci_does() {

@@ -20,6 +20,7 @@ mod completions;
 mod detach;
 mod devbind;
 mod list;
+mod lspci;
 mod nvme;
 mod nvme_admin;
 mod nvme_io_passthru;
@@ -28,13 +29,14 @@ mod nvme_transfer;
 mod setup;
 mod show;
 mod status;
+mod tree;
 mod vfio;
 mod vfio_reset;
 mod watch;
 
 use claims::write_claims;
-use list::{report_skipped, write_json_list, write_table};
-use show::{write_show, write_show_json};
+use list::report_skipped;
+use lspci::{run_list, run_show};
 use vfio::{IrqTest, irq_test, vfio_info, write_irq_test, write_vfio_info};
 
 /// What the exit status means; shown by `--help`, repeated in the README.
@@ -89,7 +91,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// List the devices: address, ids, class, driver, NUMA node, IOMMU group, names.
+    /// List the devices: address, ids, revision, class, subsystem ids, driver, NUMA node,
+    /// IOMMU group, names.
     List {
         /// One JSON array, one object per device, sorted by address. `removal_pending` is
         /// null, or the reasons the removal registry gives (a vfio request, a uevent,
@@ -98,11 +101,17 @@ enum Command {
         json: bool,
         #[command(flatten)]
         scan: ScanArgs,
+        #[command(flatten)]
+        view: lspci::ListView,
     },
     /// Everything about one device: BARs, capabilities, SR-IOV relations, problems.
+    ///
+    /// With -s/-d instead of an address (or as well), every device they select, one after
+    /// another (JSON: an array).
     Show {
         /// The device, e.g. 0000:01:00.0 or 1:0.0.
-        address: PciAddress,
+        #[arg(required_unless_present_any = ["slot", "id"])]
+        address: Option<PciAddress>,
         /// JSON instead of text.
         #[arg(long)]
         json: bool,
@@ -294,6 +303,8 @@ enum VfioCommand {
 struct ScanArgs {
     #[command(flatten)]
     select: SelectArgs,
+    #[command(flatten)]
+    lspci: lspci::LspciArgs,
     /// Also read these attributes, which block while a removal is pending, each through a
     /// guard with the scan's deadline.
     #[arg(long = "read", value_enum, value_name = "ATTR")]
@@ -497,38 +508,8 @@ fn run(cli: Cli, root: SysfsRoot) -> Result<Outcome, Error> {
         );
     }
     match cli.command {
-        Command::List { json, scan } => {
-            let scan = scan.scanner(root)?.scan()?;
-            done = outcome(scan.devices.iter().flat_map(|d| &d.problems));
-            if json {
-                write_json_list(&mut out, &scan)?;
-            } else {
-                write_table(&mut out, &scan)?;
-            }
-            report_skipped(&scan);
-        }
-        Command::Show { address, json, scan } => {
-            // `show` wants everything; the blocking attributes are read through the guard.
-            let scanner = BlockingAttr::ALL
-                .into_iter()
-                .fold(scan.scanner(root)?, Scanner::read_blocking)
-                .allow([address]);
-            let scan = scanner.scan()?;
-            let Some(dev) = scan.devices.first() else {
-                return Err(format!(
-                    "no device {address} in {}",
-                    scanner.root().devices_dir().display()
-                )
-                .into());
-            };
-            let details = pcibus::sysfs::details::read(scanner.root(), dev);
-            done = outcome(dev.problems.iter().chain(&details.problems));
-            if json {
-                write_show_json(&mut out, dev, &details)?;
-            } else {
-                write_show(&mut out, dev, &details)?;
-            }
-        }
+        Command::List { json, scan, view } => done = run_list(&mut out, root, json, scan, view)?,
+        Command::Show { address, json, scan } => done = run_show(&mut out, root, address, json, scan)?,
         Command::Bind { args, opts } => devbind::bind(&mut out, &root, &args, &opts)?,
         Command::Unbind {
             addresses,

@@ -1,23 +1,7 @@
 //! `pcibus show`: everything about one device.
 
 use super::*;
-use crate::list::{describe, names_for, opt};
-use pcibus::json::{NamedRecord, ShownDevice};
-
-// The library's `ShownDevice`: the schema's `shown_device`.
-pub(super) fn write_show_json(
-    out: &mut impl Write,
-    d: &DeviceRecord,
-    details: &pcibus::sysfs::details::Details,
-) -> io::Result<()> {
-    let names = names_for(std::slice::from_ref(d));
-    let shown = ShownDevice {
-        device: NamedRecord::new(d, &names),
-        details,
-    };
-    serde_json::to_writer_pretty(&mut *out, &shown)?;
-    writeln!(out)
-}
+use crate::list::{describe, describe_subsystem, names_for, opt};
 
 pub(super) fn write_show(
     out: &mut impl Write,
@@ -35,9 +19,10 @@ pub(super) fn write_show(
     )?;
     writeln!(
         out,
-        "  subsystem {}:{}",
+        "  subsystem {}:{}{}",
         opt(d.subsystem_vendor),
-        opt(d.subsystem_device)
+        opt(d.subsystem_device),
+        describe_subsystem(&names, d).map_or_else(String::new, |s| format!("  ({s})"))
     )?;
     writeln!(out, "  class {}", opt(d.class))?;
     writeln!(
@@ -70,12 +55,13 @@ pub(super) fn write_show(
     for b in d.bars() {
         writeln!(
             out,
-            "  BAR{} {} at {:#x} size {:#x}{}",
+            "  BAR{} {} at {:#x} size {:#x}{} [size={}]",
             b.index,
             b.kind,
             b.start,
             b.size,
-            if b.prefetchable { " prefetchable" } else { "" }
+            if b.prefetchable { " prefetchable" } else { "" },
+            pcibus::capability::format_size(b.size)
         )?;
     }
     for c in &x.capabilities {
@@ -86,6 +72,16 @@ pub(super) fn write_show(
             pcibus::config::capability_name(c.id),
             c.offset
         )?;
+        // Decoded as lspci -vv shows it, indented under the capability.
+        if let Some(decoded) = x
+            .config
+            .as_deref()
+            .and_then(|cfg| pcibus::capability::decode(cfg, c))
+        {
+            for line in decoded.to_string().lines() {
+                writeln!(out, "      {line}")?;
+            }
+        }
     }
     for c in &x.extended_capabilities {
         writeln!(
@@ -96,6 +92,13 @@ pub(super) fn write_show(
             pcibus::config::extended_capability_name(c.id),
             c.offset
         )?;
+        if c.id == pcibus::config::ext_cap_id::SRIOV
+            && let Some(Ok(s)) = x.config.as_deref().and_then(pcibus::config::sriov_capability)
+        {
+            for line in pcibus::capability::SriovText(&s).to_string().lines() {
+                writeln!(out, "      {line}")?;
+            }
+        }
     }
     if let Some(s) = &d.sriov {
         writeln!(
