@@ -164,8 +164,7 @@ impl Histogram {
             Some(num) if self.sum_sq_ns != u128::MAX => num as f64 / (n * (n - 1)) as f64,
             _ => {
                 let mean = self.mean_ns();
-                ((self.sum_sq_ns as f64 / n as f64 - mean * mean) * n as f64 / (n - 1) as f64)
-                    .max(0.0)
+                ((self.sum_sq_ns as f64 / n as f64 - mean * mean) * n as f64 / (n - 1) as f64).max(0.0)
             }
         };
         variance.sqrt()
@@ -658,7 +657,10 @@ mod tests {
         }
         a.merge(&b);
         assert_eq!(a.buckets().collect::<Vec<_>>(), all.buckets().collect::<Vec<_>>());
-        assert_eq!((a.count(), a.min_ns(), a.max_ns()), (all.count(), all.min_ns(), all.max_ns()));
+        assert_eq!(
+            (a.count(), a.min_ns(), a.max_ns()),
+            (all.count(), all.min_ns(), all.max_ns())
+        );
         assert_eq!(a.stdev_ns(), all.stdev_ns());
         for q in [0.5, 0.99, 0.9999] {
             assert_eq!(a.quantile_ns(q), all.quantile_ns(q));
