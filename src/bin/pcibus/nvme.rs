@@ -694,7 +694,7 @@ fn perf_live(c: &Controller<VfioBacking>, config: &PerfConfig) -> Result<PerfRes
 // would fail on each queue, less clearly).
 fn check_perf_against(c: &Controller<VfioBacking>, config: &PerfConfig) -> Result<(), Error> {
     let info = c.info();
-    let entries = u32::from(info.cap.max_queue_entries());
+    let entries = info.cap.max_queue_entries();
     if u32::from(config.queue_depth) + 1 > entries {
         return Err(format!(
             "--qd {}: the controller's queues hold at most {} entries, so a queue depth of {} at most",

@@ -63,7 +63,7 @@ pub(crate) fn parse_duration(s: &str) -> Result<Duration, String> {
 /// Like [`parse_duration`], but 0 is allowed (`--hold 0`: do not wait).
 pub(crate) fn parse_duration_or_zero(s: &str) -> Result<Duration, String> {
     match s.trim().parse::<f64>() {
-        Ok(z) if z == 0.0 => Ok(Duration::ZERO),
+        Ok(0.0) => Ok(Duration::ZERO),
         _ => parse_duration(s),
     }
 }
