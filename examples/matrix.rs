@@ -310,6 +310,7 @@ fn hold(address: PciAddress, mode: Mode, bar_only: bool) -> Result<(), Vec<Strin
                         duration: LIMIT,
                         nsid: 1,
                         spin: None,
+                        rwmix_read: None,
                     };
                     let h = thread::spawn(move || pcibus::nvme::perf::run(&c, &cfg, &p));
                     // Running before the script acts.

@@ -350,6 +350,7 @@ fn start_load(c: Controller<VfioBacking>, ledger: &Arc<Mutex<Ledger>>, rng: Rng)
         duration: Duration::from_secs(24 * 3600),
         nsid: 1,
         spin: None,
+        rwmix_read: None,
     };
     let r = spawn("soak-reader", move || {
         let _ = pcibus::nvme::perf::run(&c, &cfg, &p);

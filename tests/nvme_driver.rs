@@ -519,6 +519,7 @@ fn perf_runs_without_errors() {
                 duration: Duration::from_millis(300),
                 nsid: 1,
                 spin: None,
+                rwmix_read: None,
             },
             &Progress::default(),
         )
@@ -565,6 +566,7 @@ fn perf_with_interrupts_polls_then_sleeps() {
                 duration: Duration::from_millis(200),
                 nsid: 1,
                 spin,
+                rwmix_read: None,
             },
             &Progress::default(),
         )

@@ -786,6 +786,12 @@ pub struct IdentifyController {
     pub model: String,
     /// Firmware Revision.
     pub firmware: String,
+    /// Recommended Arbitration Burst (a power of two of commands).
+    pub rab: u8,
+    /// IEEE OUI Identifier (bytes 73–75, least significant byte first).
+    pub ieee: u32,
+    /// Controller Multi-Path I/O and Namespace Sharing Capabilities.
+    pub cmic: u8,
     /// Maximum Data Transfer Size: a power of two in units of the minimum page size; 0 means
     /// no limit.
     pub mdts: u8,
@@ -805,11 +811,15 @@ pub struct IdentifyController {
     /// Asynchronous Event Request Limit, zero-based: at most `aerl + 1` Asynchronous Event
     /// Requests may be outstanding.
     pub aerl: u8,
+    /// Firmware Updates (slots, slot 1 read-only, activation without reset).
+    pub frmw: u8,
     /// Log Page Attributes (bit 0: SMART / health information per namespace).
     pub lpa: u8,
     /// Error Log Page Entries, zero-based: the Error Information log holds `elpe + 1`
     /// entries.
     pub elpe: u8,
+    /// Number of Power States Support, zero-based.
+    pub npss: u8,
     /// Submission Queue Entry Size (required and maximum, log2).
     pub sqes: u8,
     /// Completion Queue Entry Size.
@@ -818,8 +828,16 @@ pub struct IdentifyController {
     pub nn: u32,
     /// Optional NVM Command Support.
     pub oncs: u16,
+    /// Fused Operation Support (bit 0: Compare and Write).
+    pub fuses: u16,
+    /// Format NVM Attributes.
+    pub fna: u8,
     /// Volatile Write Cache present (bit 0).
     pub vwc: u8,
+    /// Atomic Write Unit Normal, zero-based, in logical blocks.
+    pub awun: u16,
+    /// Atomic Write Unit Power Fail, zero-based, in logical blocks.
+    pub awupf: u16,
     /// SGL Support (bytes 536–539): bits 1:0 say whether I/O commands of the NVM command
     /// set take SGLs (see [`sgl::supported`]).
     pub sgls: u32,
@@ -839,6 +857,9 @@ impl IdentifyController {
             serial: ascii(&b[4..24]),
             model: ascii(&b[24..64]),
             firmware: ascii(&b[64..72]),
+            rab: b[72],
+            ieee: u32::from(b[73]) | u32::from(b[74]) << 8 | u32::from(b[75]) << 16,
+            cmic: b[76],
             mdts: b[77],
             cntlid: le16(b, 78),
             ver: le32(b, 80),
@@ -847,13 +868,19 @@ impl IdentifyController {
             oacs: le16(b, 256),
             acl: b[258],
             aerl: b[259],
+            frmw: b[260],
             lpa: b[261],
             elpe: b[262],
+            npss: b[263],
             sqes: b[512],
             cqes: b[513],
             nn: le32(b, 516),
             oncs: le16(b, 520),
+            fuses: le16(b, 522),
+            fna: b[524],
             vwc: b[525],
+            awun: le16(b, 526),
+            awupf: le16(b, 528),
             sgls: le32(b, 536),
             subnqn: ascii(nqn),
         })
@@ -886,6 +913,10 @@ pub struct IdentifyNamespace {
     pub ncap: u64,
     /// Namespace Utilization.
     pub nuse: u64,
+    /// Namespace Features (thin provisioning, atomic parameters, ...).
+    pub nsfeat: u8,
+    /// Number of LBA Formats, zero-based (as reported; `formats` holds at most 64).
+    pub nlbaf: u8,
     /// Formatted LBA Size: the index of the format in use (bits 3:0, and 6:5 above 16);
     /// bit 4: metadata at the end of each block's data (extended LBA).
     pub flbas: u8,
@@ -896,6 +927,12 @@ pub struct IdentifyNamespace {
     /// End-to-end Data Protection Type Settings: type in bits 2:0 (0 none, 1–3), bit 3:
     /// the protection information is the first 8 bytes of the metadata (else the last).
     pub dps: u8,
+    /// Namespace Multi-path I/O and Namespace Sharing Capabilities.
+    pub nmic: u8,
+    /// Namespace Globally Unique Identifier (all zeroes: none).
+    pub nguid: [u8; 16],
+    /// IEEE Extended Unique Identifier (all zeroes: none).
+    pub eui64: [u8; 8],
     /// The LBA formats (NLBAF + 1 of them, at most 64).
     pub formats: Vec<LbaFormat>,
 }
@@ -919,10 +956,15 @@ impl IdentifyNamespace {
             nsze: le64(b, 0),
             ncap: le64(b, 8),
             nuse: le64(b, 16),
+            nsfeat: b[24],
+            nlbaf: b[25],
             flbas: b[26],
             mc: b[27],
             dpc: b[28],
             dps: b[29],
+            nmic: b[30],
+            nguid: b[104..120].try_into().unwrap_or_default(),
+            eui64: b[120..128].try_into().unwrap_or_default(),
             formats,
         })
     }
@@ -1165,6 +1207,46 @@ mod tests {
         assert_eq!((id.oaes, id.aerl, id.elpe), (0x100, 3, 63));
         assert_eq!(id.subnqn, "nqn.2019-08.x");
         assert!(IdentifyController::parse(&b[..100]).is_err());
+    }
+
+    // The fields nvme-cli's id-ctrl / id-ns print that the driver does not use, each at its
+    // offset (values chosen so that a wrong offset or width shows).
+    #[test]
+    fn identify_fields_nvme_cli_prints() {
+        let mut b = vec![0u8; 4096];
+        b[72] = 6; // rab
+        b[73..76].copy_from_slice(&[0x38, 0x25, 0x00]); // ieee 002538, LSB first
+        b[76] = 0x0b; // cmic
+        b[77] = 9;
+        b[260] = 0x17; // frmw
+        b[261] = 0x0e;
+        b[263] = 4; // npss
+        b[520..522].copy_from_slice(&0x005fu16.to_le_bytes());
+        b[522..524].copy_from_slice(&0x0001u16.to_le_bytes()); // fuses
+        b[524] = 0x04; // fna
+        b[525] = 0x07; // vwc
+        b[526..528].copy_from_slice(&0x00ffu16.to_le_bytes()); // awun
+        b[528..530].copy_from_slice(&0x0100u16.to_le_bytes()); // awupf
+        let id = IdentifyController::parse(&b).unwrap();
+        assert_eq!((id.rab, id.ieee, id.cmic, id.mdts), (6, 0x002538, 0x0b, 9));
+        assert_eq!((id.frmw, id.lpa, id.npss), (0x17, 0x0e, 4));
+        assert_eq!((id.oncs, id.fuses, id.fna, id.vwc), (0x5f, 1, 4, 7));
+        assert_eq!((id.awun, id.awupf), (0xff, 0x100));
+
+        let mut b = vec![0u8; 4096];
+        b[24] = 0x1a; // nsfeat
+        b[25] = 3; // nlbaf
+        b[30] = 1; // nmic
+        for i in 0..16 {
+            b[104 + i] = 0xa0 + i as u8; // nguid
+        }
+        b[120..128].copy_from_slice(&[1, 2, 3, 4, 5, 6, 7, 8]); // eui64
+        let ns = IdentifyNamespace::parse(&b).unwrap();
+        assert_eq!((ns.nsfeat, ns.nlbaf, ns.nmic), (0x1a, 3, 1));
+        assert_eq!(ns.nguid[0], 0xa0);
+        assert_eq!(ns.nguid[15], 0xaf);
+        assert_eq!(ns.eui64, [1, 2, 3, 4, 5, 6, 7, 8]);
+        assert_eq!(ns.formats.len(), 4);
     }
 
     #[test]

@@ -20,6 +20,16 @@ use std::io::IsTerminal;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
+#[path = "nvme_args.rs"]
+pub(super) mod args;
+#[path = "nvme_perf.rs"]
+mod report;
+
+use args::{
+    parse_blocks, parse_duration, parse_io_size, parse_nsid, parse_percent, parse_queue_depth, parse_queues,
+    parse_settle_ms, parse_spin_us,
+};
+
 type Error = Box<dyn std::error::Error>;
 
 #[derive(clap::Subcommand)]
@@ -78,11 +88,11 @@ pub(super) enum NvmeCommand {
         /// First block.
         #[arg(long)]
         lba: u64,
-        /// How many blocks.
-        #[arg(long)]
+        /// How many blocks (at least 1).
+        #[arg(long, value_parser = parse_blocks)]
         blocks: u64,
-        /// Namespace.
-        #[arg(long, default_value_t = 1)]
+        /// Namespace (1 to 4294967294).
+        #[arg(long, default_value = "1", value_parser = parse_nsid)]
         nsid: u32,
         /// Where the data goes (default: stdout).
         #[arg(short = 'o', long, value_name = "FILE")]
@@ -90,28 +100,41 @@ pub(super) enum NvmeCommand {
     },
     /// A load like spdk_nvme_perf or fio: queue depth kept full on each queue (one thread
     /// per queue), completions polled; a live one-line progress on a terminal, then a
-    /// summary (IOPS, MiB/s, mean, p50, p99 and max latency, errors).
+    /// summary: IOPS, MiB/s, latency min, avg, max, stdev and p50/p90/p99/p99.9/p99.99
+    /// (from a log-linear histogram: within 0.4%), a line per queue when there are
+    /// several, errors.
     Perf {
         #[command(flatten)]
         device: DeviceArgs,
-        /// The pattern.
+        /// The pattern, as fio names them: rw and randrw mix reads and writes (see
+        /// --rwmixread).
         #[arg(long, value_enum, default_value = "randread")]
         rw: Pattern,
-        /// Bytes per I/O (`512`, `4k`, `128k`, `1m`).
-        #[arg(long, default_value = "4k", value_parser = parse_size)]
+        /// With --rw rw or randrw: the percentage of I/Os that are reads (0-100), as fio's
+        /// rwmixread and spdk_nvme_perf's -M.
+        #[arg(long, value_name = "PERCENT", value_parser = parse_percent)]
+        rwmixread: Option<u8>,
+        /// Bytes per I/O, a multiple of 512 (`512`, `4k` = 4096, `128k`, `1m`); at most the
+        /// controller's largest transfer.
+        #[arg(long, default_value = "4k", value_parser = parse_io_size)]
         bs: usize,
-        /// I/Os in flight per queue.
-        #[arg(long, default_value_t = 32)]
+        /// I/Os in flight per queue (1 to 65534, and below the controller's queue size).
+        #[arg(long, default_value = "32", value_parser = parse_queue_depth)]
         qd: u16,
-        /// Seconds.
-        #[arg(long, default_value_t = 10.0)]
-        time: f64,
-        /// Queues (threads).
-        #[arg(long, default_value_t = 1)]
+        /// How long: seconds (`10`, `2.5`) or a duration (`10s`, `500ms`, `1m30s`).
+        #[arg(long, default_value = "10", value_parser = parse_duration)]
+        time: Duration,
+        /// Queues (threads), at most the controller's I/O queues.
+        #[arg(long, default_value = "1", value_parser = parse_queues)]
         queues: u16,
-        /// Namespace.
-        #[arg(long, default_value_t = 1)]
+        /// Namespace (1 to 4294967294).
+        #[arg(long, default_value = "1", value_parser = parse_nsid)]
         nsid: u32,
+        /// Write the latency histogram (all queues) to FILE as CSV: a header
+        /// `low_ns,high_ns,count`, then one row per non-empty bucket (latencies from
+        /// low_ns to high_ns nanoseconds, both included), smallest first.
+        #[arg(long, value_name = "FILE")]
+        histogram: Option<PathBuf>,
         /// One JSON object instead of text.
         #[arg(long)]
         json: bool,
@@ -121,13 +144,14 @@ pub(super) enum NvmeCommand {
         /// and re-attaches.
         #[arg(long)]
         hotplug: bool,
-        /// With --hotplug: milliseconds a returned device settles before it is attached.
-        #[arg(long, default_value_t = 500)]
+        /// With --hotplug: milliseconds a returned device settles before it is attached
+        /// (at most an hour).
+        #[arg(long, default_value = "500", value_parser = parse_settle_ms)]
         settle_ms: u64,
         /// With completion interrupts (`,interrupts=1`): keep polling this many
         /// microseconds after the last completion before sleeping on the interrupt (the
-        /// hybrid of polling and sleeping). 0 sleeps at once.
-        #[arg(long, value_name = "US", default_value_t = 0)]
+        /// hybrid of polling and sleeping). 0 sleeps at once; at most 10 s.
+        #[arg(long, value_name = "US", default_value = "0", value_parser = parse_spin_us)]
         spin_us: u64,
     },
     /// SR-IOV on a PF: give the VFs' controllers queues and interrupt vectors
@@ -144,8 +168,8 @@ pub(super) enum NvmeCommand {
         /// First block.
         #[arg(long)]
         lba: u64,
-        /// Namespace.
-        #[arg(long, default_value_t = 1)]
+        /// Namespace (1 to 4294967294).
+        #[arg(long, default_value = "1", value_parser = parse_nsid)]
         nsid: u32,
         /// Where the data comes from (default: stdin).
         #[arg(short = 'i', long, value_name = "FILE")]
@@ -159,20 +183,32 @@ pub(super) enum Pattern {
     Write,
     Randread,
     Randwrite,
+    /// Sequential, reads and writes mixed.
+    Rw,
+    /// Random, reads and writes mixed.
+    Randrw,
 }
 
-fn parse_size(s: &str) -> Result<usize, String> {
-    let t = s.trim().to_ascii_lowercase();
-    let (num, mult) = match t.strip_suffix(['k', 'm']) {
-        Some(n) if t.ends_with('k') => (n, 1024),
-        Some(n) => (n, 1 << 20),
-        None => (t.as_str(), 1),
-    };
-    num.parse::<usize>()
-        .ok()
-        .and_then(|n| n.checked_mul(mult))
-        .filter(|n| *n > 0)
-        .ok_or_else(|| format!("\"{s}\": expected a size such as 4k, 512 or 1m"))
+impl Pattern {
+    fn name(self) -> &'static str {
+        match self {
+            Pattern::Read => "read",
+            Pattern::Write => "write",
+            Pattern::Randread => "randread",
+            Pattern::Randwrite => "randwrite",
+            Pattern::Rw => "rw",
+            Pattern::Randrw => "randrw",
+        }
+    }
+}
+
+// A usage error found after parsing (arguments that do not go together): clap's message
+// and exit status 2. Only before anything is touched: it exits at once.
+fn usage_error(message: String) -> ! {
+    use clap::CommandFactory;
+    super::Cli::command()
+        .error(clap::error::ErrorKind::ArgumentConflict, message)
+        .exit()
 }
 
 #[derive(clap::Args)]
@@ -322,42 +358,76 @@ pub(super) fn run(out: &mut impl Write, root: &SysfsRoot, command: NvmeCommand) 
         NvmeCommand::Perf {
             device,
             rw,
+            rwmixread,
             bs,
             qd,
             time,
             queues,
             nsid,
+            histogram,
             json,
             hotplug,
             settle_ms,
             spin_us,
         } => {
-            let (op, random) = match rw {
-                Pattern::Read => (Op::Read, false),
-                Pattern::Write => (Op::Write, false),
-                Pattern::Randread => (Op::Read, true),
-                Pattern::Randwrite => (Op::Write, true),
+            let (op, random, mixed) = match rw {
+                Pattern::Read => (Op::Read, false, false),
+                Pattern::Write => (Op::Write, false, false),
+                Pattern::Randread => (Op::Read, true, false),
+                Pattern::Randwrite => (Op::Write, true, false),
+                Pattern::Rw => (Op::Read, false, true),
+                Pattern::Randrw => (Op::Read, true, true),
             };
-            if !(time.is_finite() && time > 0.0) {
-                return Err(format!("--time {time}: expected a positive number of seconds").into());
+            if let (Some(p), false) = (rwmixread, mixed) {
+                usage_error(format!(
+                    "--rwmixread {p} mixes reads and writes: it goes with --rw rw or randrw, not {}",
+                    rw.name()
+                ));
             }
+            // Mixed: half reads unless told, as fio.
+            let rwmix_read = mixed.then(|| rwmixread.unwrap_or(50));
+            if hotplug && histogram.is_some() {
+                usage_error("--histogram is not written with --hotplug".into());
+            }
+            // The file is created before the device is touched: a bad path costs no run.
+            let histogram = histogram
+                .map(|p| {
+                    std::fs::File::create(&p)
+                        .map(|f| (p.clone(), std::io::BufWriter::new(f)))
+                        .map_err(|e| format!("--histogram {}: {e}", p.display()))
+                })
+                .transpose()?;
             let config = PerfConfig {
                 op,
                 random,
                 io_size: bs,
                 queue_depth: qd,
                 queues,
-                duration: Duration::from_secs_f64(time),
+                duration: time,
                 nsid,
                 spin: (spin_us > 0).then(|| Duration::from_micros(spin_us)),
+                rwmix_read,
+            };
+            let info = report::RunInfo {
+                rw: rw.name(),
+                bs,
+                qd,
+                queues,
+                rwmixread: rwmix_read,
             };
             if hotplug {
                 let (result, h) = perf_hotplug(root, &device, &config, Duration::from_millis(settle_ms))?;
-                return write_perf(out, &config, rw, &result, json, Some(&h));
+                return write_perf(out, &info, &result, json, Some(&h));
             }
             with_controller(root, &device, |c| {
+                check_perf_against(c, &config)?;
                 let result = perf_live(c, &config)?;
-                write_perf(out, &config, rw, &result, json, None)?;
+                write_perf(out, &info, &result, json, None)?;
+                if let Some((path, mut file)) = histogram {
+                    report::write_histogram_csv(&mut file, &result.latency)
+                        .and_then(|()| file.flush())
+                        .map_err(|e| format!("--histogram {}: {e}", path.display()))?;
+                }
                 Ok(())
             })
         }
@@ -416,30 +486,37 @@ fn version(vs: u32) -> String {
     format!("{}.{}.{}", vs >> 16, vs >> 8 & 0xff, vs & 0xff)
 }
 
-fn identify_json(c: &Controller<VfioBacking>) -> Value {
-    let info = c.info();
-    let id = &info.identify;
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+// Identify Namespace under nvme-cli's `id-ns -o json` names (numbers as numbers, NGUID and
+// EUI-64 as hex strings), then what pcibus makes of it under "pcibus".
+fn namespace_json(n: &pcibus::nvme::Namespace) -> Value {
+    let id = &n.identify;
+    let in_use = id.format_index();
     json!({
-        "address": info.address.to_string(),
-        "model": id.model,
-        "serial": id.serial,
-        "firmware": id.firmware,
-        "vendor": format!("{:04x}", id.vid),
-        "subsystem_vendor": format!("{:04x}", id.ssvid),
-        "controller_id": id.cntlid,
-        "version": version(info.version),
-        "mdts": id.mdts,
-        "max_transfer": info.max_transfer,
-        "max_queue_entries": info.cap.max_queue_entries(),
-        "doorbell_stride": info.cap.doorbell_stride(),
-        "io_queues": info.io_queues,
-        "shadow_doorbells": info.shadow_doorbells,
-        "interrupt_vectors": info.interrupt_vectors,
-        "features": features(c),
-        "subnqn": id.subnqn,
-        "namespaces": c.namespaces().iter().map(|n| json!({
-            "nsid": n.nsid,
-            "blocks": n.blocks,
+        "nsid": n.nsid,
+        "nsze": id.nsze,
+        "ncap": id.ncap,
+        "nuse": id.nuse,
+        "nsfeat": id.nsfeat,
+        "nlbaf": id.nlbaf,
+        "flbas": id.flbas,
+        "mc": id.mc,
+        "dpc": id.dpc,
+        "dps": id.dps,
+        "nmic": id.nmic,
+        "nguid": hex(&id.nguid),
+        "eui64": hex(&id.eui64),
+        "lbafs": id.formats.iter().enumerate().map(|(i, f)| json!({
+            "lbaf": i,
+            "ms": f.metadata,
+            "ds": f.lbads,
+            "rp": f.rp,
+            "in_use": u8::from(i == in_use),
+        })).collect::<Vec<_>>(),
+        "pcibus": {
             "block_size": n.block_size,
             "bytes": n.bytes(),
             "metadata_size": n.metadata_size,
@@ -447,12 +524,65 @@ fn identify_json(c: &Controller<VfioBacking>) -> Value {
             "protection_type": n.protection,
             "usable": n.is_usable(),
             "unusable_reason": n.unusable,
-            "formats": n.identify.formats.iter().map(|f| json!({
-                "block_size": 1u64 << f.lbads.min(63),
-                "metadata": f.metadata,
-            })).collect::<Vec<_>>(),
-        })).collect::<Vec<_>>(),
+        },
     })
+}
+
+// Identify Controller under nvme-cli's `id-ctrl -o json` names and number formats (numbers
+// as JSON numbers, strings trimmed), so scripts written for nvme-cli read it unchanged; the
+// namespaces under "namespaces" (as `id-ns`); what the driver set up under "pcibus".
+fn identify_json(c: &Controller<VfioBacking>) -> Value {
+    let info = c.info();
+    let id = &info.identify;
+    let mut v = json!({
+        "vid": id.vid,
+        "ssvid": id.ssvid,
+        "sn": id.serial,
+        "mn": id.model,
+        "fr": id.firmware,
+        "rab": id.rab,
+        "ieee": id.ieee,
+        "cmic": id.cmic,
+        "mdts": id.mdts,
+        "cntlid": id.cntlid,
+        "ver": id.ver,
+        "rtd3e": id.rtd3e,
+        "oaes": id.oaes,
+        "oacs": id.oacs,
+        "acl": id.acl,
+        "aerl": id.aerl,
+        "frmw": id.frmw,
+        "lpa": id.lpa,
+        "elpe": id.elpe,
+        "npss": id.npss,
+        "sqes": id.sqes,
+        "cqes": id.cqes,
+        "nn": id.nn,
+        "oncs": id.oncs,
+        "fuses": id.fuses,
+        "fna": id.fna,
+        "vwc": id.vwc,
+        "awun": id.awun,
+        "awupf": id.awupf,
+        "sgls": id.sgls,
+    });
+    // As nvme-cli: no subnqn key when the controller reports none.
+    if !id.subnqn.is_empty() {
+        v["subnqn"] = json!(id.subnqn);
+    }
+    v["namespaces"] = c.namespaces().iter().map(namespace_json).collect();
+    v["pcibus"] = json!({
+        "address": info.address.to_string(),
+        "version": version(info.version),
+        "max_transfer": info.max_transfer,
+        "max_queue_entries": info.cap.max_queue_entries(),
+        "doorbell_stride": info.cap.doorbell_stride(),
+        "io_queues": info.io_queues,
+        "shadow_doorbells": info.shadow_doorbells,
+        "interrupt_vectors": info.interrupt_vectors,
+        "features": features(c),
+    });
+    v
 }
 
 fn write_identify(out: &mut impl Write, c: &Controller<VfioBacking>) -> Result<(), Error> {
@@ -560,74 +690,65 @@ fn perf_live(c: &Controller<VfioBacking>, config: &PerfConfig) -> Result<PerfRes
     Ok(result)
 }
 
+// What the arguments ask that this controller cannot do, named by argument (the run
+// would fail on each queue, less clearly).
+fn check_perf_against(c: &Controller<VfioBacking>, config: &PerfConfig) -> Result<(), Error> {
+    let info = c.info();
+    let entries = info.cap.max_queue_entries();
+    if u32::from(config.queue_depth) + 1 > entries {
+        return Err(format!(
+            "--qd {}: the controller's queues hold at most {} entries, so a queue depth of {} at most",
+            config.queue_depth,
+            entries,
+            entries.saturating_sub(1)
+        )
+        .into());
+    }
+    if usize::from(config.queues) > usize::from(info.io_queues) {
+        return Err(format!(
+            "--queues {}: the controller gave {} I/O queue(s) (ask for more with `,io_queues=N`)",
+            config.queues, info.io_queues
+        )
+        .into());
+    }
+    if config.io_size as u64 > info.max_transfer {
+        return Err(format!(
+            "--bs {}: more than the controller's largest transfer ({} bytes)",
+            config.io_size, info.max_transfer
+        )
+        .into());
+    }
+    let ns = c
+        .namespace(config.nsid)
+        .ok_or_else(|| format!("--nsid {}: the controller has no such namespace", config.nsid))?;
+    if !config.io_size.is_multiple_of(ns.block_size as usize) {
+        return Err(format!(
+            "--bs {}: not a whole number of namespace {}'s {}-byte blocks",
+            config.io_size, config.nsid, ns.block_size
+        )
+        .into());
+    }
+    Ok(())
+}
+
 fn write_perf(
     out: &mut impl Write,
-    config: &PerfConfig,
-    rw: Pattern,
+    info: &report::RunInfo,
     r: &PerfResult,
     json: bool,
     hotplug: Option<&Hotplug>,
 ) -> Result<(), Error> {
-    let rw = match rw {
-        Pattern::Read => "read",
-        Pattern::Write => "write",
-        Pattern::Randread => "randread",
-        Pattern::Randwrite => "randwrite",
-    };
-    let us = |ns: u64| ns as f64 / 1000.0;
-    let mib_s = r.iops() * config.io_size as f64 / (1u64 << 20) as f64;
-    let doorbells_per_io = r.doorbells as f64 / (r.ios + r.errors).max(1) as f64;
     if json {
-        let v = json!({
-            "rw": rw,
-            "bs": config.io_size,
-            "qd": config.queue_depth,
-            "queues": config.queues,
-            "seconds": r.elapsed.as_secs_f64(),
-            "ios": r.ios,
-            "errors": r.errors,
-            "iops": r.iops(),
-            "mib_s": mib_s,
-            "mean_us": r.latency.mean_ns() / 1000.0,
-            "p50_us": us(r.latency.quantile_ns(0.5)),
-            "p99_us": us(r.latency.quantile_ns(0.99)),
-            "max_us": us(r.latency.max_ns()),
-            "doorbells_per_io": doorbells_per_io,
-            "cpu_ns_per_io": r.cpu.as_nanos() as f64 / (r.ios + r.errors).max(1) as f64,
-            "first_error": r.first_error,
-        });
-        let mut v = v;
+        let mut v = report::perf_json(info, r);
         if let Some(h) = hotplug {
-            v["removals"] = json!(h.removals);
-            v["reattaches"] = json!(h.reattaches);
-            v["removal_drain_ms"] = json!(h.drain_ms);
-            v["events"] = json!(h.events);
+            v.insert("removals".into(), json!(h.removals));
+            v.insert("reattaches".into(), json!(h.reattaches));
+            v.insert("removal_drain_ms".into(), json!(h.drain_ms));
+            v.insert("events".into(), json!(h.events));
         }
-        writeln!(out, "{v}")?;
+        writeln!(out, "{}", Value::Object(v))?;
     } else {
-        writeln!(
-            out,
-            "{rw} bs {} qd {} x {} queue(s), {:.1} s: {:.0} IOPS, {mib_s:.1} MiB/s",
-            config.io_size,
-            config.queue_depth,
-            config.queues,
-            r.elapsed.as_secs_f64(),
-            r.iops()
-        )?;
-        writeln!(
-            out,
-            "latency us: mean {:.1}  p50 {:.1}  p99 {:.1}  max {:.1};  {} I/Os, {} errors, {doorbells_per_io:.2} SQ doorbells per I/O, {:.0} ns CPU per I/O",
-            r.latency.mean_ns() / 1000.0,
-            us(r.latency.quantile_ns(0.5)),
-            us(r.latency.quantile_ns(0.99)),
-            us(r.latency.max_ns()),
-            r.ios,
-            r.errors,
-            r.cpu.as_nanos() as f64 / (r.ios + r.errors).max(1) as f64
-        )?;
-        if let Some(e) = &r.first_error {
-            writeln!(out, "first error: {e}")?;
-        }
+        report::write_perf_text(out, info, r)?;
         if let Some(h) = hotplug {
             writeln!(
                 out,

@@ -37,8 +37,8 @@ pub(super) struct SriovArgs {
     /// controller, a distinct LBA range each), then read every VF's range through the PF.
     #[arg(long)]
     io_check: bool,
-    /// MiB each controller writes and reads back in --io-check.
-    #[arg(long, default_value_t = 2)]
+    /// MiB each controller writes and reads back in --io-check (1 to 1024).
+    #[arg(long, default_value = "2", value_parser = parse_io_mib)]
     io_mib: u32,
     /// VQ flexible resources (queue pairs, admin included) per VF.
     #[arg(long, default_value_t = 2)]
@@ -57,10 +57,11 @@ pub(super) struct SriovArgs {
     /// a PF it drives only with it).
     #[arg(long)]
     enable_sriov: bool,
-    /// Seconds to keep everything up (VFs online, bound, open) after printing, before
-    /// taking it down: for looking at it from outside.
-    #[arg(long, default_value_t = 0.0)]
-    hold: f64,
+    /// How long to keep everything up (VFs online, bound, open) after printing, before
+    /// taking it down, for looking at it from outside: seconds (`30`, `0.5`) or a duration
+    /// (`30s`, `2m`); 0 does not wait.
+    #[arg(long, default_value = "0", value_parser = super::nvme::args::parse_duration_or_zero)]
+    hold: Duration,
     /// JSON instead of text.
     #[arg(long)]
     json: bool,
@@ -70,6 +71,10 @@ pub(super) struct SriovArgs {
     /// Bind the PF even if the host uses it.
     #[arg(long)]
     force: bool,
+}
+
+fn parse_io_mib(s: &str) -> Result<u32, String> {
+    super::nvme::args::in_range(s, 1, 1024, "MiB").map(|n| n as u32)
 }
 
 // The PF for this command: the bus binds, opens and claims it; the command drives it.
@@ -233,12 +238,12 @@ pub(super) fn run(out: &mut impl Write, root: &SysfsRoot, args: SriovArgs) -> Re
                 ),
             );
         }
-        if args.hold > 0.0 {
+        if !args.hold.is_zero() {
             // Printed now, so an onlooker can read it while everything is up.
             v["journal"] = journal_json(&journal);
             print(out, &v, args.json)?;
             out.flush()?;
-            std::thread::sleep(Duration::from_secs_f64(args.hold));
+            std::thread::sleep(args.hold);
         }
         // Take it down: the VFs (the bus shuts their controllers down, closes them and
         // drops their claims: removing a VF this process holds would wait for its fd),
@@ -273,7 +278,7 @@ pub(super) fn run(out: &mut impl Write, root: &SysfsRoot, args: SriovArgs) -> Re
     };
     v["journal"] = journal_json(&journal);
     v["total_ms"] = json!(started.elapsed().as_millis() as u64);
-    if args.hold <= 0.0 || args.vfs == 0 {
+    if args.hold.is_zero() || args.vfs == 0 {
         print(out, &v, args.json)?;
     } else if args.json {
         // The full record again, with teardown, for whoever reads to the end.

@@ -101,13 +101,34 @@ fn transfer<B: DeviceBacking>(
 }
 
 /// Reads `blocks` blocks at `lba` of namespace `nsid`.
+// Namespace `nsid` and a check that `blocks` blocks from `lba` lie within it, named by the
+// command's arguments; before any buffer is allocated or command sent.
+fn namespace_range<B: DeviceBacking>(
+    c: &Controller<B>,
+    nsid: u32,
+    lba: u64,
+    blocks: u64,
+) -> Result<pcibus::nvme::Namespace, Error> {
+    let ns = c
+        .namespace(nsid)
+        .ok_or_else(|| format!("--nsid {nsid}: the controller has no such namespace"))?;
+    if lba.checked_add(blocks).is_none_or(|end| end > ns.blocks) {
+        return Err(format!(
+            "--lba {lba}, {blocks} blocks: beyond namespace {nsid}, which has {} blocks",
+            ns.blocks
+        )
+        .into());
+    }
+    Ok(ns)
+}
+
 pub(super) fn read_blocks<B: DeviceBacking>(
     c: &Controller<B>,
     nsid: u32,
     lba: u64,
     blocks: u64,
 ) -> Result<Vec<u8>, Error> {
-    let ns = c.namespace(nsid).ok_or_else(|| format!("no namespace {nsid}"))?;
+    let ns = namespace_range(c, nsid, lba, blocks)?;
     let len = usize::try_from(
         blocks
             .checked_mul(u64::from(ns.block_size))
@@ -129,9 +150,12 @@ pub(super) fn write_blocks<B: DeviceBacking>(
     lba: u64,
     data: &[u8],
 ) -> Result<(u64, usize), Error> {
-    let ns = c.namespace(nsid).ok_or_else(|| format!("no namespace {nsid}"))?;
-    let bs = ns.block_size as usize;
+    let bs = c
+        .namespace(nsid)
+        .ok_or_else(|| format!("--nsid {nsid}: the controller has no such namespace"))?
+        .block_size as usize;
     let blocks = data.len().div_ceil(bs);
+    namespace_range(c, nsid, lba, blocks as u64)?;
     let buf = c.alloc_buffer(blocks * bs)?;
     buf.write_at(0, data).ok_or("buffer write out of range")?;
     let mut q = c.io_queue(QUEUE_DEPTH)?;
@@ -167,6 +191,39 @@ mod tests {
         (0..len)
             .map(|i| (i as u8).wrapping_mul(31) ^ (i >> 12) as u8)
             .collect()
+    }
+
+    // An LBA range beyond the namespace is refused by name before any buffer is allocated
+    // or command sent (a huge --blocks used to be allocated first).
+    #[test]
+    fn ranges_beyond_the_namespace_are_refused_before_any_io() {
+        let (e, c) = controller();
+        let before = e.stats().io(io::READ) + e.stats().io(io::WRITE);
+        for (lba, blocks) in [
+            (0, 32769),
+            (32768, 1),
+            (32760, 9),
+            (u64::MAX, 2),
+            (1, u64::MAX / 2),
+        ] {
+            let err = read_blocks(&c, 1, lba, blocks).unwrap_err().to_string();
+            assert!(
+                err.contains("--lba") && err.contains("32768 blocks"),
+                "{lba} {blocks}: {err}"
+            );
+        }
+        let err = write_blocks(&c, 1, 32768, &[1u8; 512]).unwrap_err().to_string();
+        assert!(
+            err.contains("--lba 32768") && err.contains("32768 blocks"),
+            "{err}"
+        );
+        let err = write_blocks(&c, 1, 32767, &[1u8; 1024]).unwrap_err().to_string();
+        assert!(err.contains("2 blocks"), "{err}");
+        let err = read_blocks(&c, 7, 0, 1).unwrap_err().to_string();
+        assert!(err.contains("--nsid 7"), "{err}");
+        assert_eq!(e.stats().io(io::READ) + e.stats().io(io::WRITE), before);
+        // The last block is in range.
+        read_blocks(&c, 1, 32767, 1).unwrap();
     }
 
     #[test]

@@ -30,9 +30,10 @@ pcibus nvme identify "$pf" || fail "identify (text)"
 [ "$(pci_driver "$pf")" = vfio-pci ] || fail "identify did not leave $pf on vfio-pci (no --restore)"
 rc=0
 check() { grep -q "\"$1\": $2" /tmp/id.json || { echo "FAIL: identify $1 is not $2: $(grep "\"$1\"" /tmp/id.json)"; rc=1; }; }
-check model "\"$model\""
-check serial "\"$serial\""
-check firmware "\"$fw\""
+# nvme-cli's id-ctrl names (mn, sn, fr); the namespace's bytes are under "pcibus".
+check mn "\"$model\""
+check sn "\"$serial\""
+check fr "\"$fw\""
 check bytes "$bytes"
 
 bs=$(grep '"block_size"' /tmp/id.json | head -1 | tr -dc 0-9)

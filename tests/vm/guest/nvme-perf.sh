@@ -37,8 +37,21 @@ for qd in 1 32; do
 	echo "pcibus qd $qd, MSI-X interrupts: $(cat /tmp/pi$qd.json)"
 	grep -q '"errors":0' /tmp/pi$qd.json || { echo "FAIL: pcibus perf with interrupts qd $qd had errors"; rc=1; }
 done
+# Mixed reads and writes on two queues, with the latency histogram as CSV: the totals (the
+# last "errors"/"ios" keys: per_queue comes first) and a line per queue.
+total() { sed "s/.*\"$1\":\([0-9]*\).*/\1/" "$2"; }
+pcibus nvme perf "$pf" --rw randrw --rwmixread 70 --bs 4k --qd 16 --time 2s --queues 2 --histogram /tmp/h.csv --json >/tmp/pm.json || fail "pcibus randrw: $(cat /tmp/pm.json)"
+echo "pcibus randrw 70% reads qd 16 x 2 queues: $(cat /tmp/pm.json)"
+[ "$(total errors /tmp/pm.json)" = 0 ] || { echo "FAIL: pcibus randrw had errors"; rc=1; }
+[ "$(grep -o '"queue":' /tmp/pm.json | wc -l)" = 2 ] || { echo "FAIL: randrw: not one per_queue entry per queue"; rc=1; }
+for k in min_us stdev_us p90_us p99_9_us p99_99_us reads writes; do
+	grep -q "\"$k\":" /tmp/pm.json || { echo "FAIL: randrw: no $k"; rc=1; }
+done
+[ "$(total reads /tmp/pm.json)" -gt 0 ] && [ "$(total writes /tmp/pm.json)" -gt 0 ] || { echo "FAIL: randrw did not mix"; rc=1; }
+[ "$(head -1 /tmp/h.csv)" = "low_ns,high_ns,count" ] || { echo "FAIL: histogram CSV header: $(head -1 /tmp/h.csv)"; rc=1; }
+[ "$(tail -n +2 /tmp/h.csv | awk -F, '{ n += $3 } END { print n }')" = "$(total ios /tmp/pm.json)" ] || { echo "FAIL: histogram counts do not add up to the I/Os"; rc=1; }
 pcibus nvme perf "$pf" --rw randwrite --bs 4k --qd 32 --time 2 --queues 2 --json --restore >/tmp/pw.json || fail "pcibus randwrite"
 echo "pcibus randwrite qd 32 x 2 queues: $(cat /tmp/pw.json)"
-grep -q '"errors":0' /tmp/pw.json || { echo "FAIL: pcibus randwrite had errors"; rc=1; }
+[ "$(total errors /tmp/pw.json)" = 0 ] || { echo "FAIL: pcibus randwrite had errors"; rc=1; }
 wait_for 20 driver_is "$pf" nvme || fail "$pf not back on nvme"
 exit $rc
