@@ -24,17 +24,17 @@ fn main() {
 
     let sdk = find_sdk(&manifest);
     println!("cargo:rerun-if-changed={}", sdk.display());
-    let mut includes = vec![
-        sdk.join("drivers/bus/pci"),
-        sdk.join("lib/eal/include"),
-    ];
+    let mut includes = vec![sdk.join("drivers/bus/pci"), sdk.join("lib/eal/include")];
     includes.extend(installed_includes());
 
     write_layout(&manifest, &out, &includes);
 
     let map = manifest.join("abi/version.map");
     println!("cargo:rustc-cdylib-link-arg=-Wl,-soname,librte_bus_pci.so.23");
-    println!("cargo:rustc-cdylib-link-arg=-Wl,--version-script={}", map.display());
+    println!(
+        "cargo:rustc-cdylib-link-arg=-Wl,--version-script={}",
+        map.display()
+    );
     println!("cargo:rustc-link-lib=dylib=rte_eal");
 }
 
@@ -90,7 +90,10 @@ fn installed_includes() -> Vec<PathBuf> {
         })
         .filter(|v| !v.is_empty());
     let dirs = from_pkg_config.unwrap_or_else(|| {
-        vec!["/usr/include/dpdk".into(), "/usr/include/x86_64-linux-gnu/dpdk".into()]
+        vec![
+            "/usr/include/dpdk".into(),
+            "/usr/include/x86_64-linux-gnu/dpdk".into(),
+        ]
     });
     if !dirs.iter().any(|d| d.join("rte_config.h").is_file()) {
         panic!(
@@ -112,11 +115,18 @@ fn write_layout(manifest: &Path, out: &Path, includes: &[PathBuf]) {
     for dir in includes {
         cmd.arg("-I").arg(dir);
     }
-    cmd.args(["-include", "rte_config.h", "-DALLOW_INTERNAL_API", "-DALLOW_EXPERIMENTAL_API"])
-        .arg(manifest.join("src/layout_probe.c"))
-        .arg("-o")
-        .arg(&probe);
-    let status = cmd.status().unwrap_or_else(|e| panic!("running the C compiler {cmd:?}: {e}"));
+    cmd.args([
+        "-include",
+        "rte_config.h",
+        "-DALLOW_INTERNAL_API",
+        "-DALLOW_EXPERIMENTAL_API",
+    ])
+    .arg(manifest.join("src/layout_probe.c"))
+    .arg("-o")
+    .arg(&probe);
+    let status = cmd
+        .status()
+        .unwrap_or_else(|e| panic!("running the C compiler {cmd:?}: {e}"));
     assert!(status.success(), "compiling src/layout_probe.c failed: {cmd:?}");
     let output = Command::new(&probe)
         .output()

@@ -22,12 +22,18 @@ fn config_path(name: &str) -> PathBuf {
 
 /// Reads up to `buf.len()` bytes at `offset` of `name`'s config space; the count read.
 pub fn read(name: &str, buf: &mut [u8], offset: u64) -> io::Result<usize> {
-    OpenOptions::new().read(true).open(config_path(name))?.read_at(buf, offset)
+    OpenOptions::new()
+        .read(true)
+        .open(config_path(name))?
+        .read_at(buf, offset)
 }
 
 /// Writes `buf` at `offset` of `name`'s config space; the count written.
 pub fn write(name: &str, buf: &[u8], offset: u64) -> io::Result<usize> {
-    OpenOptions::new().write(true).open(config_path(name))?.write_at(buf, offset)
+    OpenOptions::new()
+        .write(true)
+        .open(config_path(name))?
+        .write_at(buf, offset)
 }
 
 fn read_exact<const N: usize>(name: &str, offset: u64) -> io::Result<[u8; N]> {
@@ -69,11 +75,18 @@ const BUS_MASTER: u16 = 1 << 2;
 /// Sets or clears Bus Master Enable; writes only when it changes.
 pub fn set_bus_master(name: &str, enable: bool) -> io::Result<()> {
     let old = u16::from_le_bytes(read_exact::<2>(name, COMMAND)?);
-    let new = if enable { old | BUS_MASTER } else { old & !BUS_MASTER };
+    let new = if enable {
+        old | BUS_MASTER
+    } else {
+        old & !BUS_MASTER
+    };
     if new != old {
         let n = write(name, &new.to_le_bytes(), COMMAND)?;
         if n != 2 {
-            return Err(io::Error::new(io::ErrorKind::WriteZero, format!("config space of {name}: command write short")));
+            return Err(io::Error::new(
+                io::ErrorKind::WriteZero,
+                format!("config space of {name}: command write short"),
+            ));
         }
     }
     Ok(())

@@ -45,8 +45,8 @@ mod tests {
 
     #[test]
     fn register_keeps_order_ignores_duplicates_and_unregister_removes() {
-        let a = DriverPtr(8 as *mut RtePciDriver);
-        let b = DriverPtr(16 as *mut RtePciDriver);
+        let a = DriverPtr(std::ptr::without_provenance_mut(8));
+        let b = DriverPtr(std::ptr::without_provenance_mut(16));
         register(a);
         register(b);
         register(a);

@@ -99,13 +99,19 @@ unsafe extern "C" fn pci_get_sysfs_path() -> *const c_char {
     // SAFETY: the name is NUL-terminated; getenv's result stays valid until the variable is
     // changed, the same contract DPDK's own function gives its callers.
     let env = unsafe { libc::getenv(c"SYSFS_PCI_DEVICES".as_ptr()) };
-    if env.is_null() { c"/sys/bus/pci/devices".as_ptr() } else { env }
+    if env.is_null() {
+        c"/sys/bus/pci/devices".as_ptr()
+    } else {
+        env
+    }
 }
 
 /// `int rte_pci_ioport_map(struct rte_pci_device *dev, int bar, struct rte_pci_ioport *p)`.
 /// TODO(issue 18): not implemented; -1.
 unsafe extern "C" fn pci_ioport_map(_dev: *mut RtePciDevice, bar: c_int, _p: *mut RtePciIoport) -> c_int {
-    log::error(&format!("rte_pci_ioport_map(bar {bar}): not implemented by pcibus yet"));
+    log::error(&format!(
+        "rte_pci_ioport_map(bar {bar}): not implemented by pcibus yet"
+    ));
     -1
 }
 
@@ -128,7 +134,12 @@ unsafe extern "C" fn pci_ioport_unmap(_p: *mut RtePciIoport) -> c_int {
 
 /// `void rte_pci_ioport_write(struct rte_pci_ioport *p, const void *data, size_t len,
 /// off_t offset)`. TODO(issue 18): not implemented; drops the write.
-unsafe extern "C" fn pci_ioport_write(_p: *mut RtePciIoport, _data: *const c_void, _len: usize, _offset: off_t) {
+unsafe extern "C" fn pci_ioport_write(
+    _p: *mut RtePciIoport,
+    _data: *const c_void,
+    _len: usize,
+    _offset: off_t,
+) {
     log::error("rte_pci_ioport_write: not implemented by pcibus yet");
 }
 
@@ -137,7 +148,9 @@ unsafe extern "C" fn pci_ioport_write(_p: *mut RtePciIoport, _data: *const c_voi
 unsafe extern "C" fn pci_map_device(dev: *mut RtePciDevice) -> c_int {
     // SAFETY: C passes a live device or null.
     let name = unsafe { device_name(dev) }.unwrap_or_default();
-    log::error(&format!("rte_pci_map_device({name}): not implemented by pcibus yet"));
+    log::error(&format!(
+        "rte_pci_map_device({name}): not implemented by pcibus yet"
+    ));
     -1
 }
 
@@ -146,8 +159,12 @@ unsafe extern "C" fn pci_map_device(dev: *mut RtePciDevice) -> c_int {
 /// with Enable set or clear; 0 or -1.
 unsafe extern "C" fn pci_pasid_set_state(dev: *const RtePciDevice, offset: off_t, enable: bool) -> c_int {
     // SAFETY: C passes a live device or null.
-    let Some(name) = (unsafe { device_name(dev) }) else { return -1 };
-    let Ok(offset) = u64::try_from(offset) else { return -1 };
+    let Some(name) = (unsafe { device_name(dev) }) else {
+        return -1;
+    };
+    let Ok(offset) = u64::try_from(offset) else {
+        return -1;
+    };
     match config::write(&name, &u16::from(enable).to_le_bytes(), offset) {
         Ok(2) => 0,
         Ok(_) => -1,
@@ -160,17 +177,28 @@ unsafe extern "C" fn pci_pasid_set_state(dev: *const RtePciDevice, offset: off_t
 
 /// `int rte_pci_read_config(const struct rte_pci_device *device, void *buf, size_t len,
 /// off_t offset)`: the count read, or -1.
-unsafe extern "C" fn pci_read_config(dev: *const RtePciDevice, buf: *mut c_void, len: usize, offset: off_t) -> c_int {
+unsafe extern "C" fn pci_read_config(
+    dev: *const RtePciDevice,
+    buf: *mut c_void,
+    len: usize,
+    offset: off_t,
+) -> c_int {
     // SAFETY: C passes a live device or null.
-    let Some(name) = (unsafe { device_name(dev) }) else { return -1 };
-    let (Ok(offset), false) = (u64::try_from(offset), buf.is_null()) else { return -1 };
+    let Some(name) = (unsafe { device_name(dev) }) else {
+        return -1;
+    };
+    let (Ok(offset), false) = (u64::try_from(offset), buf.is_null()) else {
+        return -1;
+    };
     // SAFETY: the caller passes a buffer of len writable bytes (non-null, checked above);
     // nothing else accesses it during the call.
     let buf = unsafe { core::slice::from_raw_parts_mut(buf.cast::<u8>(), len) };
     match config::read(&name, buf, offset) {
         Ok(n) => c_int::try_from(n).unwrap_or(c_int::MAX),
         Err(e) => {
-            log::error(&format!("{name}: reading {len} bytes of config space at {offset:#x}: {e}"));
+            log::error(&format!(
+                "{name}: reading {len} bytes of config space at {offset:#x}: {e}"
+            ));
             -1
         }
     }
@@ -178,16 +206,27 @@ unsafe extern "C" fn pci_read_config(dev: *const RtePciDevice, buf: *mut c_void,
 
 /// `int rte_pci_write_config(const struct rte_pci_device *device, const void *buf, size_t
 /// len, off_t offset)`: the count written, or -1.
-unsafe extern "C" fn pci_write_config(dev: *const RtePciDevice, buf: *const c_void, len: usize, offset: off_t) -> c_int {
+unsafe extern "C" fn pci_write_config(
+    dev: *const RtePciDevice,
+    buf: *const c_void,
+    len: usize,
+    offset: off_t,
+) -> c_int {
     // SAFETY: C passes a live device or null.
-    let Some(name) = (unsafe { device_name(dev) }) else { return -1 };
-    let (Ok(offset), false) = (u64::try_from(offset), buf.is_null()) else { return -1 };
+    let Some(name) = (unsafe { device_name(dev) }) else {
+        return -1;
+    };
+    let (Ok(offset), false) = (u64::try_from(offset), buf.is_null()) else {
+        return -1;
+    };
     // SAFETY: the caller passes len readable bytes (non-null, checked above).
     let buf = unsafe { core::slice::from_raw_parts(buf.cast::<u8>(), len) };
     match config::write(&name, buf, offset) {
         Ok(n) => c_int::try_from(n).unwrap_or(c_int::MAX),
         Err(e) => {
-            log::error(&format!("{name}: writing {len} bytes of config space at {offset:#x}: {e}"));
+            log::error(&format!(
+                "{name}: writing {len} bytes of config space at {offset:#x}: {e}"
+            ));
             -1
         }
     }
@@ -213,7 +252,9 @@ unsafe extern "C" fn pci_unregister(driver: *mut RtePciDriver) {
 /// `int rte_pci_set_bus_master(struct rte_pci_device *dev, bool enable)`: 0 or -1.
 unsafe extern "C" fn pci_set_bus_master(dev: *mut RtePciDevice, enable: bool) -> c_int {
     // SAFETY: C passes a live device or null.
-    let Some(name) = (unsafe { device_name(dev) }) else { return -1 };
+    let Some(name) = (unsafe { device_name(dev) }) else {
+        return -1;
+    };
     match config::set_bus_master(&name, enable) {
         Ok(()) => 0,
         Err(e) => {

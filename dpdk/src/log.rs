@@ -8,8 +8,8 @@ use crate::ffi::eal;
 /// Logs `msg` at `level` (`eal::RTE_LOG_*`), prefixed "PCI (pcibus): ".
 pub fn log(level: u32, msg: &str) {
     // Interior NULs cannot pass through printf's %s; show them instead of dropping the line.
-    let line = CString::new(format!("PCI (pcibus): {msg}\n").replace('\0', "\\0"))
-        .expect("NULs were replaced");
+    let line =
+        CString::new(format!("PCI (pcibus): {msg}\n").replace('\0', "\\0")).expect("NULs were replaced");
     // SAFETY: the format is a NUL-terminated literal with one %s, and its argument is a
     // NUL-terminated string that lives across the call.
     unsafe {

@@ -144,7 +144,8 @@ pub struct RteBus {
     /// `rte_bus_devargs_parse_t`.
     pub devargs_parse: Option<unsafe extern "C" fn(da: *mut RteDevargs) -> c_int>,
     /// `rte_dev_dma_map_t`.
-    pub dma_map: Option<unsafe extern "C" fn(dev: *mut RteDevice, addr: *mut c_void, iova: u64, len: usize) -> c_int>,
+    pub dma_map:
+        Option<unsafe extern "C" fn(dev: *mut RteDevice, addr: *mut c_void, iova: u64, len: usize) -> c_int>,
     /// `rte_dev_dma_unmap_t`.
     pub dma_unmap:
         Option<unsafe extern "C" fn(dev: *mut RteDevice, addr: *mut c_void, iova: u64, len: usize) -> c_int>,
@@ -153,8 +154,9 @@ pub struct RteBus {
     /// `rte_bus_get_iommu_class_t`.
     pub get_iommu_class: Option<unsafe extern "C" fn() -> RteIovaMode>,
     /// `rte_dev_iterate_t`.
-    pub dev_iterate:
-        Option<unsafe extern "C" fn(start: *const c_void, devstr: *const c_char, it: *const c_void) -> *mut c_void>,
+    pub dev_iterate: Option<
+        unsafe extern "C" fn(start: *const c_void, devstr: *const c_char, it: *const c_void) -> *mut c_void,
+    >,
     /// `rte_bus_hot_unplug_handler_t`.
     pub hot_unplug_handler: Option<unsafe extern "C" fn(dev: *mut RteDevice) -> c_int>,
     /// `rte_bus_sigbus_handler_t`.
@@ -201,7 +203,8 @@ pub type RtePciProbe = unsafe extern "C" fn(drv: *mut RtePciDriver, dev: *mut Rt
 /// `rte_pci_remove_t`.
 pub type RtePciRemove = unsafe extern "C" fn(dev: *mut RtePciDevice) -> c_int;
 /// `pci_dma_map_t` / `pci_dma_unmap_t`.
-pub type PciDmaMap = unsafe extern "C" fn(dev: *mut RtePciDevice, addr: *mut c_void, iova: u64, len: usize) -> c_int;
+pub type PciDmaMap =
+    unsafe extern "C" fn(dev: *mut RtePciDevice, addr: *mut c_void, iova: u64, len: usize) -> c_int;
 
 /// `struct rte_pci_driver`, defined by each PMD and registered with `rte_pci_register`.
 #[repr(C)]
