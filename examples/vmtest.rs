@@ -217,15 +217,17 @@ mod vmtest {
 
     /// What the sysfs files say about one device, as the JSON pcibus should print.
     fn expected_from_files(dir: &Path) -> Vec<(&'static str, Value)> {
-        let num = |v: Option<u64>| v.map_or(Value::Null, Value::from);
+        // Registry ids as the schema has them: lowercase hex of fixed width.
+        let hex =
+            |v: Option<u64>, width: usize| v.map_or(Value::Null, |v| Value::from(format!("{v:0width$x}")));
         let numa = read_trim(&dir.join("numa_node")).and_then(|s| s.parse::<i64>().ok());
         vec![
-            ("vendor", num(hex_file(dir, "vendor"))),
-            ("device", num(hex_file(dir, "device"))),
-            ("subsystem_vendor", num(hex_file(dir, "subsystem_vendor"))),
-            ("subsystem_device", num(hex_file(dir, "subsystem_device"))),
-            ("class", num(hex_file(dir, "class"))),
-            ("revision", num(hex_file(dir, "revision"))),
+            ("vendor", hex(hex_file(dir, "vendor"), 4)),
+            ("device", hex(hex_file(dir, "device"), 4)),
+            ("subsystem_vendor", hex(hex_file(dir, "subsystem_vendor"), 4)),
+            ("subsystem_device", hex(hex_file(dir, "subsystem_device"), 4)),
+            ("class", hex(hex_file(dir, "class"), 6)),
+            ("revision", hex(hex_file(dir, "revision"), 2)),
             // -1 means no NUMA affinity: null.
             (
                 "numa_node",
@@ -295,12 +297,9 @@ mod vmtest {
                         format!("{addr} {key}: pcibus says {got}, sysfs says {want}")
                     });
                     if !want.is_null() {
-                        summary.push(match (key, want.as_u64()) {
-                            ("vendor" | "device" | "subsystem_vendor" | "subsystem_device", Some(v)) => {
-                                format!("{key}={v:04x}")
-                            }
-                            ("class", Some(v)) => format!("{key}={v:06x}"),
-                            _ => format!("{key}={want}"),
+                        summary.push(match want.as_str() {
+                            Some(text) => format!("{key}={text}"),
+                            None => format!("{key}={want}"),
                         });
                     }
                 }

@@ -32,7 +32,7 @@ rc=0
 [ $took -lt 2000 ] || { echo "FAIL: the listing took $took ms: it waited for reads of a device being released"; rc=1; }
 echo "$line" | grep -q '"kind":"timed_out"' && { echo "FAIL: reads of $pf timed out instead of being skipped"; rc=1; }
 echo "$line" | grep -q '"kind":"removal_pending"' || { echo "FAIL: $pf not reported removal pending"; rc=1; }
-echo "$line" | grep -q "\"removal_pending\":\\[\"being released by PID $holder " || { echo "FAIL: $pf not reported as released by PID $holder"; rc=1; }
+echo "$line" | grep -q "\"removal_reasons\":\\[\"being released by PID $holder " || { echo "FAIL: $pf not reported as released by PID $holder"; rc=1; }
 
 wait_gone 15 $holder || fail "holder did not exit"
 cat /tmp/holder.out
