@@ -1,6 +1,33 @@
-//! pcibus: the PCI bus layer for Linux userspace drivers.
+// The crate's root docs are the README (so its examples are doctests and appear on
+// docs.rs), then the map of the modules.
+//
+// The README links items as [`Scanner`] with reference definitions at its end that point
+// at docs.rs, so that the links work on GitHub too. The definitions here come first, and
+// CommonMark uses the first definition of a label: rustdoc resolves these as intra-doc
+// links (to this very version, checked by `-D rustdoc::broken-intra-doc-links`), and the
+// README's own definitions only serve GitHub.
+//! [`Scanner`]: crate::Scanner
+//! [`DeviceRecord`]: crate::DeviceRecord
+//! [`PciAddress`]: crate::PciAddress
+//! [`names`]: crate::names
+//! [`bus`]: crate::bus
+//! [`bus::Bus`]: crate::bus::Bus
+//! [`bus::Driver`]: crate::bus::Driver
+//! [`bus::DeviceBacking`]: crate::bus::DeviceBacking
+//! [`nvme`]: crate::nvme
+//! [`nvme::Controller`]: crate::nvme::Controller
+//! [`vfio`]: crate::vfio
+//! [`vfio::VfioDevice`]: crate::vfio::VfioDevice
+//! [`hotplug`]: crate::hotplug
+//! [`fixture`]: crate::fixture
+//! [`pcibus::drivers::edu`]: crate::drivers::edu
+//! [`examples/edu.rs`]: https://docs.rs/crate/pcibus/latest/source/examples/edu.rs
+#![cfg_attr(feature = "testing", doc = "[`testing::FakeSysfs`]: crate::testing::FakeSysfs")]
+#![doc = include_str!("../README.md")]
 //!
-//! It enumerates PCI devices from sysfs without ever blocking on a device whose removal is
+//! ## The crate, module by module
+//!
+//! pcibus enumerates PCI devices from sysfs without ever blocking on a device whose removal is
 //! pending: the scanner reads only attributes whose kernel `show()` takes no device lock;
 //! the attributes that can block (`sriov_numvfs`, `sriov_vf_total_msix`, `driver_override`,
 //! `uevent`, and `config` during a reset) are read only on request, through a
@@ -33,6 +60,7 @@
 //!   architecture (its `asm!` barriers are `unsafe` too);
 //! - [`fixture`] is the text format of sysfs trees, and (feature `testing`)
 //!   `testing::FakeSysfs` builds them on disk for tests.
+#![cfg_attr(docsrs, feature(doc_cfg))]
 #![deny(unsafe_code)]
 #![deny(clippy::undocumented_unsafe_blocks, clippy::missing_safety_doc)]
 #![warn(missing_docs)]
@@ -52,6 +80,7 @@ pub mod record;
 pub mod removal;
 pub mod sysfs;
 #[cfg(feature = "testing")]
+#[cfg_attr(docsrs, doc(cfg(feature = "testing")))]
 pub mod testing;
 pub mod vfio;
 
@@ -65,7 +94,3 @@ pub use removal::pool::{BlockingPool, PoolError, PoolLimits};
 pub use removal::registry::RemovalRegistry;
 pub use sysfs::scan::{BlockingAttr, IdSource, Scan, ScanError, Scanner, SysfsRoot};
 
-// The README's example is compiled as a doctest.
-#[doc = include_str!("../README.md")]
-#[cfg(doctest)]
-pub struct ReadmeDoctests;
