@@ -22,7 +22,10 @@
 //! [`fixture`]: crate::fixture
 //! [`pcibus::drivers::edu`]: crate::drivers::edu
 //! [`examples/edu.rs`]: https://docs.rs/crate/pcibus/latest/source/examples/edu.rs
-#![cfg_attr(feature = "testing", doc = "[`testing::FakeSysfs`]: crate::testing::FakeSysfs")]
+#![cfg_attr(
+    feature = "testing",
+    doc = "[`testing::FakeSysfs`]: crate::testing::FakeSysfs"
+)]
 #![doc = include_str!("../README.md")]
 //!
 //! ## The crate, module by module
@@ -93,4 +96,3 @@ pub use record::{DeviceRecord, Problem, ProblemKind};
 pub use removal::pool::{BlockingPool, PoolError, PoolLimits};
 pub use removal::registry::RemovalRegistry;
 pub use sysfs::scan::{BlockingAttr, IdSource, Scan, ScanError, Scanner, SysfsRoot};
-
