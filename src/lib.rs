@@ -1,6 +1,36 @@
-//! pcibus: the PCI bus layer for Linux userspace drivers.
+// The crate's root docs are the README (so its examples are doctests and appear on
+// docs.rs), then the map of the modules.
+//
+// The README links items as [`Scanner`] with reference definitions at its end that point
+// at docs.rs, so that the links work on GitHub too. The definitions here come first, and
+// CommonMark uses the first definition of a label: rustdoc resolves these as intra-doc
+// links (to this very version, checked by `-D rustdoc::broken-intra-doc-links`), and the
+// README's own definitions only serve GitHub.
+//! [`Scanner`]: crate::Scanner
+//! [`DeviceRecord`]: crate::DeviceRecord
+//! [`PciAddress`]: crate::PciAddress
+//! [`names`]: crate::names
+//! [`bus`]: crate::bus
+//! [`bus::Bus`]: crate::bus::Bus
+//! [`bus::Driver`]: crate::bus::Driver
+//! [`bus::DeviceBacking`]: crate::bus::DeviceBacking
+//! [`nvme`]: crate::nvme
+//! [`nvme::Controller`]: crate::nvme::Controller
+//! [`vfio`]: crate::vfio
+//! [`vfio::VfioDevice`]: crate::vfio::VfioDevice
+//! [`hotplug`]: crate::hotplug
+//! [`fixture`]: crate::fixture
+//! [`pcibus::drivers::edu`]: crate::drivers::edu
+//! [`examples/edu.rs`]: https://docs.rs/crate/pcibus/latest/source/examples/edu.rs
+#![cfg_attr(
+    feature = "testing",
+    doc = "[`testing::FakeSysfs`]: crate::testing::FakeSysfs"
+)]
+#![doc = include_str!("../README.md")]
 //!
-//! It enumerates PCI devices from sysfs without ever blocking on a device whose removal is
+//! ## The crate, module by module
+//!
+//! pcibus enumerates PCI devices from sysfs without ever blocking on a device whose removal is
 //! pending: the scanner reads only attributes whose kernel `show()` takes no device lock;
 //! the attributes that can block (`sriov_numvfs`, `sriov_vf_total_msix`, `driver_override`,
 //! `uevent`, and `config` during a reset) are read only on request, through a
@@ -35,6 +65,7 @@
 //!   `testing::FakeSysfs` builds them on disk for tests;
 //! - (feature `serde`, on with `cli`) `json`: `serde::Serialize` on the records, the JSON
 //!   that `pcibus ... --json` prints, and the rules of its schema.
+#![cfg_attr(docsrs, feature(doc_cfg))]
 #![deny(unsafe_code)]
 #![deny(clippy::undocumented_unsafe_blocks, clippy::missing_safety_doc)]
 #![warn(missing_docs)]
@@ -49,6 +80,7 @@ pub mod error;
 pub mod fixture;
 pub mod hotplug;
 #[cfg(feature = "serde")]
+#[cfg_attr(docsrs, doc(cfg(feature = "serde")))]
 pub mod json;
 pub mod model;
 pub mod modules_alias;
@@ -59,6 +91,7 @@ pub mod removal;
 pub mod select;
 pub mod sysfs;
 #[cfg(feature = "testing")]
+#[cfg_attr(docsrs, doc(cfg(feature = "testing")))]
 pub mod testing;
 pub mod vfio;
 
@@ -71,8 +104,3 @@ pub use record::{DeviceRecord, Problem, ProblemKind};
 pub use removal::pool::{BlockingPool, PoolError, PoolLimits};
 pub use removal::registry::RemovalRegistry;
 pub use sysfs::scan::{BlockingAttr, IdSource, Scan, ScanError, Scanner, SysfsRoot};
-
-// The README's example is compiled as a doctest.
-#[doc = include_str!("../README.md")]
-#[cfg(doctest)]
-pub struct ReadmeDoctests;

@@ -4,6 +4,8 @@
 //! loop device stands in for the disk; skipped (with the reason printed) without root or
 //! `losetup`.
 
+#[path = "common/skip.rs"]
+mod skip;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 use std::process::Command;
@@ -44,7 +46,7 @@ fn a_block_device_held_exclusively_is_in_use_and_free_once_let_go() {
     let dev = match loop_device(&backing) {
         Ok(d) => d,
         Err(why) => {
-            println!("SKIPPED: needs a loop device: {why}");
+            skip::skip(format!("needs a loop device: {why}"));
             return;
         }
     };

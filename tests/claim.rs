@@ -4,6 +4,8 @@
 //! SPDK's lock files, locked by a helper process the way SPDK locks them, refuse our
 //! claims, and our claims refuse that helper.
 
+#[path = "common/skip.rs"]
+mod skip;
 use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -741,7 +743,7 @@ fn in_another_users_sticky_directory_spdks_file_is_used_but_never_created() {
     // /var/tmp: a file a user creates there would, with fs.protected_regular, keep root's
     // SPDK from opening it. Only the directory's owner creates it.
     if !nix::unistd::geteuid().is_root() {
-        eprintln!("SKIPPED: needs root (to give the directory away)");
+        skip::skip("needs root (to give the directory away)");
         return;
     }
     use std::os::unix::fs::PermissionsExt;
@@ -828,7 +830,7 @@ fn pcibus_vfio_info_refuses_a_claimed_device_before_opening_anything() {
     // Opening a device through VFIO resets it: not under another owner's feet. The claim
     // comes first, so the refusal names the holder even where VFIO is missing.
     let Some(a) = a_device_of_this_machine() else {
-        eprintln!("SKIPPED: no kernel sysfs with a PCI device here");
+        skip::skip("no kernel sysfs with a PCI device here");
         return;
     };
     let claims = tempfile::tempdir().unwrap();

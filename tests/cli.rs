@@ -1,5 +1,7 @@
 //! The `pcibus` command line, run as a user would.
 
+#[path = "common/skip.rs"]
+mod skip;
 use std::path::Path;
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
@@ -320,7 +322,7 @@ fn the_vfio_backend_is_checked_before_anything_runs() {
 #[test]
 fn iommufd_on_a_kernel_without_it_says_what_is_missing() {
     if Path::new("/dev/iommu").exists() {
-        eprintln!("SKIPPED: this kernel has /dev/iommu");
+        skip::skip("this kernel has /dev/iommu");
         return;
     }
     let Some(dev) = std::fs::read_dir("/sys/bus/pci/devices")
@@ -328,7 +330,7 @@ fn iommufd_on_a_kernel_without_it_says_what_is_missing() {
         .and_then(|mut d| d.next())
         .and_then(|e| e.ok())
     else {
-        eprintln!("SKIPPED: no PCI device here");
+        skip::skip("no PCI device here");
         return;
     };
     let addr = dev.file_name().to_string_lossy().into_owned();
@@ -513,7 +515,7 @@ fn watch_prints_uevents_as_json_lines_and_exits_0_on_sigint() {
     // to write it and a kernel that delivers uevents here.
     let trigger = Path::new("/sys/devices/virtual/mem/null/uevent");
     if std::fs::OpenOptions::new().write(true).open(trigger).is_err() {
-        eprintln!("SKIPPED: cannot write {} (not root?)", trigger.display());
+        skip::skip(format!("cannot write {} (not root?)", trigger.display()));
         return;
     }
     let mut child = Command::new(env!("CARGO_BIN_EXE_pcibus"))
@@ -542,7 +544,7 @@ fn watch_prints_uevents_as_json_lines_and_exits_0_on_sigint() {
     let Some(line) = seen else {
         let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
         let _ = child.wait();
-        eprintln!("SKIPPED: no uevent reached `pcibus watch` (none delivered in this namespace?)");
+        skip::skip("no uevent reached `pcibus watch` (none delivered in this namespace?)");
         return;
     };
     let v: Value = serde_json::from_str(&line).unwrap();

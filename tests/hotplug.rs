@@ -7,6 +7,8 @@
 //! when the kernel does not deliver uevents to this network namespace, as in rootless
 //! containers) the test prints why and skips.
 
+#[path = "common/skip.rs"]
+mod skip;
 use std::time::{Duration, Instant};
 
 use pcibus::hotplug::event::Action;
@@ -15,9 +17,7 @@ use pcibus::hotplug::monitor::{Event, UeventMonitor};
 const NULL_UEVENT: &str = "/sys/devices/virtual/mem/null/uevent";
 const NULL_DEVPATH: &str = "/devices/virtual/mem/null";
 
-fn skip(why: impl std::fmt::Display) {
-    eprintln!("SKIPPED: {why}");
-}
+use skip::skip;
 
 #[test]
 fn monitor_opens_and_sees_a_synthetic_change_event() {

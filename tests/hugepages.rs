@@ -5,6 +5,8 @@
 //! pool) is empty, a test running as root fills it for its run and puts the old count back;
 //! otherwise it prints why and returns. The tests share the pools, so they take turns.
 
+#[path = "common/skip.rs"]
+mod skip;
 use std::sync::Mutex;
 
 use pcibus::vfio::{DmaBuffer, HugePageSize, munmap_failures};
@@ -99,7 +101,7 @@ fn a_two_mib_buffer_lives_on_two_mib_pages() {
     let _pool = match Pool::get(2048, 2) {
         Ok(pool) => pool,
         Err(why) => {
-            println!("skipped: {why}");
+            skip::skip(&why);
             return;
         }
     };
@@ -136,7 +138,7 @@ fn one_gib_pages_when_asked() {
     let _pool = match Pool::get(1 << 20, 1) {
         Ok(pool) => pool,
         Err(why) => {
-            println!("skipped: {why}");
+            skip::skip(&why);
             return;
         }
     };
@@ -162,11 +164,13 @@ fn an_empty_pool_falls_back_to_small_pages() {
     match free_pages(1 << 20) {
         Ok(0) => {}
         Ok(n) => {
-            println!("skipped: the 1 GiB pool has {n} free pages, so the fallback is not taken");
+            skip::skip(format!(
+                "the 1 GiB pool has {n} free pages, so the fallback is not taken"
+            ));
             return;
         }
         Err(why) => {
-            println!("skipped: {why}");
+            skip::skip(&why);
             return;
         }
     }

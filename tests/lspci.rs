@@ -4,6 +4,8 @@
 //! Needs `lspci`; without it the tests say so and pass, unless `PCIBUS_REQUIRE_LSPCI=1`
 //! (CI installs pciutils and sets it).
 
+#[path = "common/skip.rs"]
+mod skip;
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::process::Command;
@@ -19,8 +21,8 @@ fn lspci(extra: &[&str]) -> Option<BTreeMap<String, BTreeMap<String, String>>> {
             panic!("lspci is required (PCIBUS_REQUIRE_LSPCI=1) but not installed: apt-get install pciutils")
         }
         Err(_) => {
-            eprintln!(
-                "SKIPPED: lspci not installed (apt-get install pciutils); PCIBUS_REQUIRE_LSPCI=1 makes this fail"
+            skip::skip(
+                "lspci not installed (apt-get install pciutils); PCIBUS_REQUIRE_LSPCI=1 makes this fail",
             );
             return None;
         }
@@ -183,7 +185,7 @@ fn fixtures_agree_with_lspci() {
 #[test]
 fn this_machine_agrees_with_lspci() {
     if !Path::new("/sys/bus/pci/devices").exists() {
-        eprintln!("SKIPPED: no /sys/bus/pci on this machine");
+        skip::skip("no /sys/bus/pci on this machine");
         return;
     }
     let Some(theirs) = lspci(&[]) else { return };

@@ -10,6 +10,8 @@
 //! devices that do not exist (`/devices/virtual/pcibus-test/...`).
 #![cfg(feature = "udev")]
 
+#[path = "common/skip.rs"]
+mod skip;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::path::Path;
 use std::sync::Mutex;
@@ -36,9 +38,7 @@ const UDEV_GROUP_MASK: u32 = 2;
 /// do not fill or wake another's socket.
 static SENDING: Mutex<()> = Mutex::new(());
 
-fn skip(why: impl std::fmt::Display) {
-    eprintln!("SKIPPED: {why}");
-}
+use skip::skip;
 
 fn udevd_runs() -> bool {
     Path::new(UDEV_CONTROL).exists()

@@ -10,4 +10,5 @@
 pub mod event;
 pub mod monitor;
 #[cfg(feature = "udev")]
+#[cfg_attr(docsrs, doc(cfg(feature = "udev")))]
 pub mod udev;

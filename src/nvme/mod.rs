@@ -50,6 +50,7 @@ use std::time::Duration;
 use crate::bus::backing::{BackingError, DeviceBacking};
 
 #[cfg(feature = "async")]
+#[cfg_attr(docsrs, doc(cfg(feature = "async")))]
 pub mod async_queue;
 mod controller;
 pub mod driver;

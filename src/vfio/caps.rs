@@ -27,7 +27,16 @@ const REGION_CAP_SPARSE_MMAP: u16 = 1;
 const REGION_CAP_TYPE: u16 = 2;
 const REGION_CAP_MSIX_MAPPABLE: u16 = 3;
 const IOMMU_CAP_IOVA_RANGE: u16 = 1;
-const IOMMU_INFO_CAPS: u32 = 1 << 1;
+bitflags::bitflags! {
+    /// `vfio_iommu_type1_info.flags`.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    struct IommuInfoFlags: u32 {
+        /// `VFIO_IOMMU_INFO_PGSIZES`: `iova_pgsizes` is valid.
+        const PGSIZES = 1 << 0;
+        /// `VFIO_IOMMU_INFO_CAPS`: a capability chain follows.
+        const CAPS = 1 << 1;
+    }
+}
 
 /// A malformed VFIO info buffer.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -206,12 +215,12 @@ pub fn parse_iommu_info(b: &[u8]) -> Result<IommuInfo, InfoError> {
     if b.len() < IOMMU_INFO_LEN {
         return Err(err("shorter than struct vfio_iommu_type1_info"));
     }
-    let flags = u32_at(b, 4).unwrap_or_default();
+    let flags = IommuInfoFlags::from_bits_retain(u32_at(b, 4).unwrap_or_default());
     let mut info = IommuInfo {
         page_sizes: u64_at(b, 8).unwrap_or_default(),
         iova_ranges: Vec::new(),
     };
-    if flags & IOMMU_INFO_CAPS != 0 {
+    if flags.contains(IommuInfoFlags::CAPS) {
         let first = u32_at(b, 16).unwrap_or_default();
         for (id, _version, at) in chain(b, first, "IOMMU")? {
             if id == IOMMU_CAP_IOVA_RANGE {

@@ -1064,7 +1064,7 @@ impl Group {
             None,
             Some(number.into()),
         ))?;
-        if flags & sys::GROUP_FLAGS_VIABLE == 0 {
+        if !flags.contains(sys::GroupFlags::VIABLE) {
             return Err(VfioError::NotViable {
                 group: number,
                 devices: non_vfio_members(root, number),

@@ -206,9 +206,20 @@ impl HotResetInfo {
     }
 }
 
-// VFIO_PCI_HOT_RESET_FLAG_DEV_ID, _DEV_ID_OWNED; VFIO_PCI_DEVID_OWNED, _NOT_OWNED.
-const FLAG_DEV_ID: u32 = 1 << 0;
-const FLAG_DEV_ID_OWNED: u32 = 1 << 1;
+bitflags::bitflags! {
+    /// `vfio_pci_hot_reset_info.flags`.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    struct HotResetFlags: u32 {
+        /// `VFIO_PCI_HOT_RESET_FLAG_DEV_ID`: entries carry device ids (the cdev path),
+        /// not group numbers.
+        const DEV_ID = 1 << 0;
+        /// `VFIO_PCI_HOT_RESET_FLAG_DEV_ID_OWNED`: every affected device is owned by the
+        /// caller's iommufd.
+        const DEV_ID_OWNED = 1 << 1;
+    }
+}
+
+// VFIO_PCI_DEVID_OWNED, _NOT_OWNED: the device ids of entries of no particular device.
 const DEVID_OWNED: u32 = 0;
 const DEVID_NOT_OWNED: u32 = u32::MAX;
 const HEADER: usize = 12;
@@ -227,7 +238,7 @@ pub fn parse_hot_reset_info(buf: &[u8]) -> Result<HotResetInfo, InfoError> {
     if buf.len() < HEADER {
         return Err(bad("shorter than its 12-byte header"));
     }
-    let flags = u32_at(4);
+    let flags = HotResetFlags::from_bits_retain(u32_at(4));
     let count = u32_at(8) as usize;
     let end = count
         .checked_mul(ENTRY)
@@ -236,7 +247,7 @@ pub fn parse_hot_reset_info(buf: &[u8]) -> Result<HotResetInfo, InfoError> {
     if buf.len() < end {
         return Err(bad("its device count runs past the buffer"));
     }
-    let dev_id = flags & FLAG_DEV_ID != 0;
+    let dev_id = flags.contains(HotResetFlags::DEV_ID);
     let devices = buf[HEADER..end]
         .chunks_exact(ENTRY)
         .map(|e| {
@@ -257,24 +268,22 @@ pub fn parse_hot_reset_info(buf: &[u8]) -> Result<HotResetInfo, InfoError> {
         .collect();
     Ok(HotResetInfo {
         devices,
-        all_owned: dev_id.then_some(flags & FLAG_DEV_ID_OWNED != 0),
+        all_owned: dev_id.then_some(flags.contains(HotResetFlags::DEV_ID_OWNED)),
     })
 }
 
 /// Encodes `info` as the kernel would (the inverse of [`parse_hot_reset_info`] for
 /// addresses in segments below 65536): for tests and emulations.
 pub fn encode_hot_reset_info(info: &HotResetInfo) -> Vec<u8> {
-    let mut flags = 0;
+    let mut flags = HotResetFlags::empty();
     if let Some(owned) = info.all_owned {
-        flags |= FLAG_DEV_ID;
-        if owned {
-            flags |= FLAG_DEV_ID_OWNED;
-        }
+        flags |= HotResetFlags::DEV_ID;
+        flags.set(HotResetFlags::DEV_ID_OWNED, owned);
     }
     let size = HEADER + ENTRY * info.devices.len();
     let mut buf = Vec::with_capacity(size);
     buf.extend_from_slice(&(size as u32).to_ne_bytes());
-    buf.extend_from_slice(&flags.to_ne_bytes());
+    buf.extend_from_slice(&flags.bits().to_ne_bytes());
     buf.extend_from_slice(&(info.devices.len() as u32).to_ne_bytes());
     for d in &info.devices {
         let id = match d.owner {
@@ -351,7 +360,7 @@ impl VfioDevice {
             Some(self.address),
             None,
         ))?;
-        Ok(info.flags & sys::DEVICE_FLAGS_RESET != 0)
+        Ok(sys::DeviceFlags::from_bits_retain(info.flags).contains(sys::DeviceFlags::RESET))
     }
 
     /// Whether the device can be reset on its own, and by which method: the VFIO flag,

@@ -15,6 +15,8 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 
 use nix::libc;
 
+mod layout;
+
 const fn vfio_io(n: u64) -> u64 {
     // _IO(type, nr): direction 0, size 0.
     ((b';' as u64) << 8) | (100 + n)
@@ -51,43 +53,86 @@ const IOMMU_IOAS_IOVA_RANGES: u64 = iommufd_io(0x84);
 const IOMMU_IOAS_MAP: u64 = iommufd_io(0x85);
 const IOMMU_IOAS_UNMAP: u64 = iommufd_io(0x86);
 
-const IOAS_MAP_FIXED_IOVA: u32 = 1 << 0;
-const IOAS_MAP_WRITEABLE: u32 = 1 << 1;
-const IOAS_MAP_READABLE: u32 = 1 << 2;
+bitflags::bitflags! {
+    /// `enum iommufd_ioas_map_flags`, the flags of an `IOMMU_IOAS_MAP`.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    struct IoasMapFlags: u32 {
+        /// `IOMMU_IOAS_MAP_FIXED_IOVA`: map at the given IOVA, not one the kernel picks.
+        const FIXED_IOVA = 1 << 0;
+        /// `IOMMU_IOAS_MAP_WRITEABLE`: the device may write the memory.
+        const WRITEABLE = 1 << 1;
+        /// `IOMMU_IOAS_MAP_READABLE`: the device may read the memory.
+        const READABLE = 1 << 2;
+    }
 
-// VFIO_DEVICE_BIND_IOMMUFD flags: token_uuid_ptr is valid (kernels from mid-2025 on; older
-// ones insist on flags 0 and check no VF token in the cdev path).
-const BIND_FLAG_TOKEN: u32 = 1 << 0;
+    /// `VFIO_DEVICE_BIND_IOMMUFD` flags.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    struct BindFlags: u32 {
+        /// `VFIO_DEVICE_BIND_FLAG_TOKEN`: `token_uuid_ptr` is valid (kernels from mid-2025
+        /// on; older ones insist on flags 0 and check no VF token in the cdev path).
+        const TOKEN = 1 << 0;
+    }
+
+    /// `VFIO_GROUP_GET_STATUS` flags.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub(crate) struct GroupFlags: u32 {
+        /// `VFIO_GROUP_FLAGS_VIABLE`: every device of the group is bound to vfio (or to
+        /// no driver), so the group may be used.
+        const VIABLE = 1 << 0;
+        /// `VFIO_GROUP_FLAGS_CONTAINER_SET`: the group is in a container.
+        const CONTAINER_SET = 1 << 1;
+    }
+
+    /// `vfio_device_info.flags`.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub(crate) struct DeviceFlags: u32 {
+        /// `VFIO_DEVICE_FLAGS_RESET`: the device supports `VFIO_DEVICE_RESET` (vfio-pci:
+        /// the kernel has a function reset method for it).
+        const RESET = 1 << 0;
+        /// `VFIO_DEVICE_FLAGS_PCI`: a PCI device.
+        const PCI = 1 << 1;
+    }
+
+    /// `vfio_irq_set.flags`: one data type and one action.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    struct IrqSetFlags: u32 {
+        /// `VFIO_IRQ_SET_DATA_NONE`: no data follows.
+        const DATA_NONE = 1 << 0;
+        /// `VFIO_IRQ_SET_DATA_EVENTFD`: one eventfd (`s32`) per vector follows.
+        const DATA_EVENTFD = 1 << 2;
+        /// `VFIO_IRQ_SET_ACTION_MASK`.
+        const ACTION_MASK = 1 << 3;
+        /// `VFIO_IRQ_SET_ACTION_UNMASK`.
+        const ACTION_UNMASK = 1 << 4;
+        /// `VFIO_IRQ_SET_ACTION_TRIGGER`.
+        const ACTION_TRIGGER = 1 << 5;
+    }
+
+    /// `vfio_iommu_type1_dma_map.flags`.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    struct DmaMapFlags: u32 {
+        /// `VFIO_DMA_MAP_FLAG_READ`: the device may read the memory.
+        const READ = 1 << 0;
+        /// `VFIO_DMA_MAP_FLAG_WRITE`: the device may write the memory.
+        const WRITE = 1 << 1;
+    }
+}
 
 /// Size of `struct iommu_ioas_iova_ranges`, the header [`ioas_iova_ranges`] returns before
 /// the ranges.
 pub(crate) const IOVA_RANGES_HEADER: usize = 32;
 
-// VFIO_DEVICE_FEATURE flags: the feature index in bits 15:0, then what to do with it.
+// VFIO_DEVICE_FEATURE flags: the feature index in bits 15:0 (a number, so not a bitflag),
+// then what to do with it.
 const DEVICE_FEATURE_SET: u32 = 1 << 17;
 const DEVICE_FEATURE_PCI_VF_TOKEN: u32 = 0;
 
 pub(crate) const API_VERSION: i32 = 0;
 pub(crate) const TYPE1V2_IOMMU: u32 = 3;
 
-pub(crate) const GROUP_FLAGS_VIABLE: u32 = 1 << 0;
-
-/// `VFIO_DEVICE_FLAGS_RESET` in `vfio_device_info.flags`: the device supports
-/// `VFIO_DEVICE_RESET` (vfio-pci: the kernel has a function reset method for it).
-pub(crate) const DEVICE_FLAGS_RESET: u32 = 1 << 0;
-
 /// Most devices a hot reset info buffer is grown for (a bus holds at most 256 functions;
 /// a slot with bridges below it more, but not this many).
 const HOT_RESET_MAX_DEVICES: usize = 4096;
-
-const IRQ_SET_DATA_NONE: u32 = 1 << 0;
-const IRQ_SET_DATA_EVENTFD: u32 = 1 << 2;
-const IRQ_SET_ACTION_MASK: u32 = 1 << 3;
-const IRQ_SET_ACTION_UNMASK: u32 = 1 << 4;
-const IRQ_SET_ACTION_TRIGGER: u32 = 1 << 5;
-
-const DMA_MAP_FLAG_READ: u32 = 1 << 0;
-const DMA_MAP_FLAG_WRITE: u32 = 1 << 1;
 
 #[repr(C)]
 #[derive(Default)]
@@ -175,7 +220,7 @@ argsz!(
 );
 
 /// `struct vfio_device_bind_iommufd`, with the `token_uuid_ptr` newer kernels read when
-/// `flags` has [`BIND_FLAG_TOKEN`] (older ones read only the first 16 bytes).
+/// `flags` has [`BindFlags::TOKEN`] (older ones read only the first 16 bytes).
 #[repr(C)]
 #[derive(Default)]
 struct BindIommufd {
@@ -331,12 +376,12 @@ pub(crate) fn set_iommu(container: BorrowedFd<'_>, iommu_type: u32) -> io::Resul
     Ok(())
 }
 
-/// `VFIO_GROUP_GET_STATUS`: the group's flags ([`GROUP_FLAGS_VIABLE`], ...).
-pub(crate) fn group_get_status(group: BorrowedFd<'_>) -> io::Result<u32> {
+/// `VFIO_GROUP_GET_STATUS`: the group's flags ([`GroupFlags::VIABLE`], ...).
+pub(crate) fn group_get_status(group: BorrowedFd<'_>) -> io::Result<GroupFlags> {
     let mut status = GroupStatus::default();
     // SAFETY: GROUP_GET_STATUS takes a struct vfio_group_status, which GroupStatus is.
     unsafe { ioctl_struct(group, GROUP_GET_STATUS, &mut status) }?;
-    Ok(status.flags)
+    Ok(GroupFlags::from_bits_retain(status.flags))
 }
 
 /// `VFIO_GROUP_SET_CONTAINER`: the argument is a pointer to the container fd.
@@ -423,13 +468,13 @@ pub(crate) fn device_set_irqs(
 ) -> io::Result<i32> {
     // struct vfio_irq_set { argsz, flags, index, start, count, data[] }
     let mut buf: Vec<u32> = vec![0; 5 + fds.len()];
-    let flags = if fds.is_empty() {
-        IRQ_SET_DATA_NONE | IRQ_SET_ACTION_TRIGGER
+    let data = if fds.is_empty() {
+        IrqSetFlags::DATA_NONE
     } else {
-        IRQ_SET_DATA_EVENTFD | IRQ_SET_ACTION_TRIGGER
+        IrqSetFlags::DATA_EVENTFD
     };
     buf[0] = (buf.len() * 4) as u32;
-    buf[1] = flags;
+    buf[1] = (data | IrqSetFlags::ACTION_TRIGGER).bits();
     buf[2] = index;
     buf[3] = start;
     buf[4] = fds.len() as u32;
@@ -462,12 +507,13 @@ pub(crate) fn device_set_irqs_none(
     action: IrqAction,
 ) -> io::Result<()> {
     let action = match action {
-        IrqAction::Mask => IRQ_SET_ACTION_MASK,
-        IrqAction::Unmask => IRQ_SET_ACTION_UNMASK,
-        IrqAction::Trigger => IRQ_SET_ACTION_TRIGGER,
+        IrqAction::Mask => IrqSetFlags::ACTION_MASK,
+        IrqAction::Unmask => IrqSetFlags::ACTION_UNMASK,
+        IrqAction::Trigger => IrqSetFlags::ACTION_TRIGGER,
     };
+    let flags = IrqSetFlags::DATA_NONE | action;
     // struct vfio_irq_set { argsz, flags, index, start, count } with no data.
-    let mut buf: [u32; 5] = [20, IRQ_SET_DATA_NONE | action, index, start, count];
+    let mut buf: [u32; 5] = [20, flags.bits(), index, start, count];
     // SAFETY: `buf` is a live struct vfio_irq_set of argsz bytes; with DATA_NONE the
     // kernel reads no data after it and writes nothing.
     check(unsafe { libc::ioctl(device.as_raw_fd(), DEVICE_SET_IRQS as _, buf.as_mut_ptr()) })?;
@@ -584,7 +630,7 @@ pub(crate) unsafe fn iommu_map_dma(
     device_writes: bool,
 ) -> io::Result<()> {
     let mut map = DmaMap {
-        flags: type1_map_flags(device_writes),
+        flags: type1_map_flags(device_writes).bits(),
         vaddr,
         iova,
         size,
@@ -619,7 +665,12 @@ pub(crate) fn device_bind_iommufd(
 ) -> io::Result<u32> {
     let uuid = token.unwrap_or_default();
     let mut bind = BindIommufd {
-        flags: if token.is_some() { BIND_FLAG_TOKEN } else { 0 },
+        flags: if token.is_some() {
+            BindFlags::TOKEN
+        } else {
+            BindFlags::empty()
+        }
+        .bits(),
         iommufd: iommufd.as_raw_fd(),
         token_uuid_ptr: if token.is_some() { uuid.as_ptr() as u64 } else { 0 },
         ..Default::default()
@@ -714,7 +765,7 @@ pub(crate) unsafe fn ioas_map(
     device_writes: bool,
 ) -> io::Result<u64> {
     let mut map = IoasMap {
-        flags: ioas_map_flags(iova.is_some(), device_writes),
+        flags: ioas_map_flags(iova.is_some(), device_writes).bits(),
         ioas_id: ioas,
         user_va: vaddr,
         length: size,
@@ -729,15 +780,18 @@ pub(crate) unsafe fn ioas_map(
 
 /// The flags of an `IOMMU_IOAS_MAP`: readable always, writeable if the device writes,
 /// fixed IOVA if one is given.
-fn ioas_map_flags(fixed: bool, device_writes: bool) -> u32 {
-    IOAS_MAP_READABLE
-        | if device_writes { IOAS_MAP_WRITEABLE } else { 0 }
-        | if fixed { IOAS_MAP_FIXED_IOVA } else { 0 }
+fn ioas_map_flags(fixed: bool, device_writes: bool) -> IoasMapFlags {
+    let mut flags = IoasMapFlags::READABLE;
+    flags.set(IoasMapFlags::WRITEABLE, device_writes);
+    flags.set(IoasMapFlags::FIXED_IOVA, fixed);
+    flags
 }
 
 /// The flags of a `VFIO_IOMMU_MAP_DMA`: read always, write if the device writes.
-fn type1_map_flags(device_writes: bool) -> u32 {
-    DMA_MAP_FLAG_READ | if device_writes { DMA_MAP_FLAG_WRITE } else { 0 }
+fn type1_map_flags(device_writes: bool) -> DmaMapFlags {
+    let mut flags = DmaMapFlags::READ;
+    flags.set(DmaMapFlags::WRITE, device_writes);
+    flags
 }
 
 /// `IOMMU_IOAS_UNMAP` of `size` bytes at `iova`: returns the bytes the kernel unmapped.
@@ -764,16 +818,20 @@ mod tests {
     // both backends (the values are those of <linux/vfio.h> and <linux/iommufd.h>).
     #[test]
     fn read_only_maps_ask_for_no_write_permission() {
-        assert_eq!(type1_map_flags(true), 0b11, "READ | WRITE");
-        assert_eq!(type1_map_flags(false), 0b01, "READ only");
+        assert_eq!(type1_map_flags(true).bits(), 0b11, "READ | WRITE");
+        assert_eq!(type1_map_flags(false).bits(), 0b01, "READ only");
         assert_eq!(
-            ioas_map_flags(true, true),
+            ioas_map_flags(true, true).bits(),
             0b111,
             "FIXED_IOVA | WRITEABLE | READABLE"
         );
-        assert_eq!(ioas_map_flags(false, true), 0b110);
-        assert_eq!(ioas_map_flags(true, false), 0b101, "READABLE, no WRITEABLE");
-        assert_eq!(ioas_map_flags(false, false), 0b100);
+        assert_eq!(ioas_map_flags(false, true).bits(), 0b110);
+        assert_eq!(
+            ioas_map_flags(true, false).bits(),
+            0b101,
+            "READABLE, no WRITEABLE"
+        );
+        assert_eq!(ioas_map_flags(false, false).bits(), 0b100);
     }
 
     #[test]

@@ -207,8 +207,8 @@ qmp() {
 }
 
 # ---------------------------------------------------------------- the removal matrix
-# Issue 14 §6: each cell holds a device with `pcibus-matrix hold DEV MODE` (examples/
-# matrix.rs: a bus with the NVMe driver, in the state MODE), makes the device leave as
+# Issue 14 §6: each cell holds a device with `pcibus-matrix hold DEV MODE` (tests/vm/
+# tools/matrix.rs: a bus with the NVMe driver, in the state MODE), makes the device leave as
 # EVENT says once the holder is ready, and checks: the event's write returns, the holder
 # exits cleanly (its own checks: removal reported, claim gone, no scan timed out, fds and
 # locked memory back), no task stays in D state, no live claim is left, and the blocks

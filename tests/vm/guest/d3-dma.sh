@@ -1,5 +1,5 @@
 #!/bin/sh
-# DMA with constraints on real VFIO (examples/dma_test.rs, DeviceBacking::alloc_dma_with,
+# DMA with constraints on real VFIO (tests/vm/tools/dma_test.rs, DeviceBacking::alloc_dma_with,
 # map_dma/unmap_dma, DmaPool): IOVAs under a 28-bit limit, aligned, device-read-only
 # mappings accepted by the kernel (type1: READ without WRITE; iommufd: READABLE only),
 # caller memory mapped and given back only after the unmap, a pool, a limit nothing fits

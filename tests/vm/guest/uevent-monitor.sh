@@ -1,5 +1,5 @@
 #!/bin/sh
-# The hotplug monitor on a real kernel (`pcibus-uevent`, examples/uevent_dump.rs): while
+# The hotplug monitor on a real kernel (`pcibus-uevent`, tests/vm/tools/uevent_dump.rs): while
 # it listens, the NVMe controller is removed through sysfs and rescanned, unbound from and
 # bound to nvme, and (sriov) its 2 VFs enabled and disabled; each event must arrive within
 # 100 ms with the right PCI_SLOT_NAME. It leaves the controller on nvme.

@@ -1,6 +1,6 @@
 #!/bin/sh
 # The removal matrix (issue 14 §6), the row for an unbind from vfio-pci by another process
-# (REQ, under the device lock), against every holder state of examples/matrix.rs (idle,
+# (REQ, under the device lock), against every holder state of tests/vm/tools/matrix.rs (idle,
 # mid-I/O at QD 32, mid-probe, a driver that leaks a handle, a driver that panics in
 # remove, a scan with every blocking attribute at the same moment). See matrix_cell in
 # lib.sh for what each cell checks.

@@ -1,7 +1,7 @@
 #!/bin/sh
 # The removal matrix (issue 14 §6), the row for a function reset by another process (`echo
 # 1 > reset`: the controller is reset under the holder, which is not asked to let go; an
-# unbind then ends the cell), against every holder state of examples/matrix.rs (idle,
+# unbind then ends the cell), against every holder state of tests/vm/tools/matrix.rs (idle,
 # mid-I/O at QD 32, mid-probe, a driver that leaks a handle, a driver that panics in
 # remove, a scan with every blocking attribute at the same moment). See matrix_cell in
 # lib.sh for what each cell checks.

@@ -2,7 +2,7 @@
 # The removal matrix (issue 14 §6), the row for `echo 0 > PF/sriov_numvfs` while a VF is
 # held: the PF's device lock is held while each VF is removed, and the held VF's removal
 # waits for its holder. The holder holds VF 1 (only mapping BAR 0: QEMU's VFs are offline
-# until the PF assigns them resources) in every state of examples/matrix.rs but mid-I/O
+# until the PF assigns them resources) in every state of tests/vm/tools/matrix.rs but mid-I/O
 # (an offline VF has no I/O queues). See matrix_cell in lib.sh for the checks.
 # pcibus-timeout: 240
 . "$PCIBUS_LIB"

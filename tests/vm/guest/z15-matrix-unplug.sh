@@ -2,7 +2,7 @@
 # The removal matrix (issue 14 §6), the row for a PCIe hot-unplug (QMP device_del of the
 # controller behind root port rp0; the guest removes it through ACPI hotplug, vfio asks the
 # holder to let go, then the slot is ejected), against every holder state of
-# examples/matrix.rs. Each cell plugs the controller in again (device_add) before it checks
+# tests/vm/tools/matrix.rs. Each cell plugs the controller in again (device_add) before it checks
 # the stamped blocks. See matrix_cell in lib.sh for the checks.
 # pcibus-timeout: 240
 . "$PCIBUS_LIB"

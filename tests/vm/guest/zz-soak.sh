@@ -1,6 +1,6 @@
 #!/bin/sh
 # The chaos soak (issue 14 §7), profile `soak` (hotplug's machine; opt-in): `pcibus-soak`
-# (examples/soak.rs) runs a storage service on the library — a bus with the NVMe driver,
+# (tests/vm/tools/soak.rs) runs a storage service on the library — a bus with the NVMe driver,
 # a writer stamping blocks (LBA, generation, checksum), 32 random reads in flight — while
 # N random events make the controller leave and come back: sysfs remove + rescan, or an
 # unbind + bind back. At the end every stamped block is read back. (QMP unplugs are left

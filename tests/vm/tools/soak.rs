@@ -38,7 +38,7 @@ use pcibus::nvme::{Controller, Op, Options};
 use pcibus::vfio::VfioBackend;
 use pcibus::{PciAddress, Scanner, SysfsRoot};
 
-#[path = "common/process.rs"]
+#[path = "process.rs"]
 mod process;
 use process::{Usage as Sample, usage as sample};
 

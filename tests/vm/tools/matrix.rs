@@ -49,7 +49,7 @@ use pcibus::nvme::{Controller, Op, Options};
 use pcibus::vfio::{MappedBar, VfioBackend};
 use pcibus::{BlockingAttr, PciAddress, ProblemKind, Scanner, SysfsRoot};
 
-#[path = "common/process.rs"]
+#[path = "process.rs"]
 mod process;
 use process::{Usage, usage};
 
