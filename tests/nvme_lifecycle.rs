@@ -417,3 +417,30 @@ fn a_blocking_read_waits_through_the_recovery_backoff() {
         "{errors:#?}"
     );
 }
+
+// Issue 15 §4: a queue that saw the controller declared failed works again once the
+// application's `Controller::reset` brought the controller back: it creates itself again at
+// its next use, as after a recovery reset, instead of staying failed for good.
+#[test]
+fn a_queue_that_saw_the_controller_failed_works_after_an_explicit_reset() {
+    let e = emu(EmuConfig::default());
+    let options = Options {
+        recovery_backoff: Duration::from_millis(1),
+        recovery_backoff_max: Duration::from_millis(4),
+        recovery_limit: 2,
+        ..quick()
+    };
+    let c = Controller::init(e.clone(), &options).unwrap();
+    let mut q = c.io_queue(8).unwrap();
+    e.inject(Fault::FatalOnIo);
+    let end = drive_until_fatal(&e, &c, &mut q, 40);
+    assert!(matches!(end, Some(NvmeError::Failed(_))), "{end:?}");
+    e.clear_faults();
+    c.reset().unwrap();
+    let buf = c.alloc_buffer(4096).unwrap();
+    q.read(1, 0, 1, &buf, 0).unwrap();
+    // The queue id is the same one, not a second queue next to a dead one.
+    let mut other = c.io_queue(8).unwrap();
+    other.read(1, 0, 1, &buf, 0).unwrap();
+    assert_eq!(e.stats().bad_dma, 0);
+}

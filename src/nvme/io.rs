@@ -1126,7 +1126,11 @@ impl<B: DeviceBacking> IoQueue<B> {
         data_in: Data<'_, B>,
         tag: u64,
     ) -> Result<(), NvmeError> {
-        self.check_alive()?;
+        if let Err(e) = self.check_alive()
+            && !self.revived_after_reset(&mut |_| {})?
+        {
+            return Err(e);
+        }
         if self.shared.generation.load(Ordering::Acquire) != self.generation {
             return Err(NvmeError::Reset(
                 "the controller was reset: poll the queue (it creates itself again)".into(),
@@ -1484,7 +1488,9 @@ impl<B: DeviceBacking> IoQueue<B> {
     /// [`poll`](Self::poll), handing `done` each request's [`IoCompletion`]: its tag,
     /// result, and the dword 0 and status of the completion that ended it.
     pub fn poll_completions(&mut self, mut done: impl FnMut(IoCompletion)) -> Result<usize, NvmeError> {
-        if let Err(e) = self.check_alive() {
+        if let Err(e) = self.check_alive()
+            && !self.revived_after_reset(&mut done)?
+        {
             return Err(self.fail_all(e, &mut done));
         }
         let mut reset_ended = 0;
@@ -1879,6 +1885,34 @@ impl<B: DeviceBacking> IoQueue<B> {
         self.generation = generation;
         self.epoch = self.shared.epoch();
         Ok(ended)
+    }
+
+    // A queue that died of its controller's failure (recovery gave up, or it could not be
+    // created again after a reset) lives again once the controller was reset since (the
+    // application's `Controller::reset`) and is neither failed, removed nor shut down: it
+    // is created again on the controller, with its queue id, as after a recovery reset.
+    // `Ok(false)`: it stays dead (the caller reports why).
+    #[cold]
+    #[inline(never)]
+    fn revived_after_reset(&mut self, done: &mut impl FnMut(IoCompletion)) -> Result<bool, NvmeError> {
+        if self.dead.is_none()
+            || self.shared.is_revoked()
+            || self.shared.is_failed()
+            || self.shared.removed().is_some()
+            || self.shared.shut_down.load(Ordering::Acquire)
+            || self.shared.generation.load(Ordering::Acquire) == self.generation
+        {
+            return Ok(false);
+        }
+        let why = self.dead.take().unwrap_or_default();
+        log::info!(
+            "{}: queue {}: the controller was reset since the queue failed ({why}): creating it again",
+            self.shared.info.address,
+            self.ring.qid
+        );
+        // Nothing is outstanding (the failure ended it all): `done` sees nothing.
+        self.recreate("the controller was reset", done)?;
+        Ok(true)
     }
 
     // Ends every outstanding request with `e`, marks the queue dead, returns `e`. Buffers
