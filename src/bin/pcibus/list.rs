@@ -109,6 +109,7 @@ pub(super) fn problem_json(p: &Problem) -> Value {
         ProblemKind::NotStarted { .. } => "not_started",
         ProblemKind::RemovalPending => "removal_pending",
         ProblemKind::HeldOpen => "held_open",
+        ProblemKind::ConfigRestricted { .. } => "config_restricted",
         _ => "other",
     };
     json!({

@@ -27,6 +27,7 @@ pub(super) fn vfio_reset(
 ) -> Result<Value, Error> {
     use pcibus::vfio::{self, VfioDevice};
     // Claimed first, as `vfio info`: opening the device resets it (if it can).
+    super::vfio::device_exists(root, address)?;
     let claim = ClaimDir::for_claiming().claim(address, &ClaimInfo::new())?;
     let container = vfio::Container::with_backend(vfio_backend())?;
     let dev = VfioDevice::open_in(root, address, &container)?;
