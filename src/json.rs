@@ -152,6 +152,7 @@ impl Serialize for Problem {
             ProblemKind::NotStarted { .. } => "not_started",
             ProblemKind::RemovalPending => "removal_pending",
             ProblemKind::HeldOpen => "held_open",
+            ProblemKind::ConfigRestricted { .. } => "config_restricted",
         };
         let mut st = s.serialize_struct("Problem", 4)?;
         st.serialize_field("attribute", self.attribute)?;

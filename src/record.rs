@@ -164,6 +164,16 @@ pub enum ProblemKind {
     /// Not read: the device's removal is pending and this attribute's read takes the
     /// device lock.
     RemovalPending,
+    /// `config` was read but only its first bytes came: the kernel gives a reader without
+    /// `CAP_SYS_ADMIN` the 64-byte header only (128 for a CardBus bridge), so the
+    /// capabilities past it need root. What lspci shows as `<access denied>`.
+    ConfigRestricted {
+        /// The bytes the read returned.
+        readable: usize,
+        /// The bytes the file has (its size, at least
+        /// [`CONFIG_SPACE_SIZE`](crate::config::CONFIG_SPACE_SIZE)).
+        size: usize,
+    },
 }
 
 impl ProblemKind {
@@ -174,6 +184,17 @@ impl ProblemKind {
             errno: e.raw_os_error(),
             message: e.to_string(),
         }
+    }
+
+    /// The problem of a `config` read that returned `readable` bytes of a file of `size`,
+    /// if it is one: fewer than [`CONFIG_SPACE_SIZE`](crate::config::CONFIG_SPACE_SIZE)
+    /// bytes, so the capabilities could not be read.
+    pub fn config_restricted(readable: usize, size: u64) -> Option<Self> {
+        use crate::config::CONFIG_SPACE_SIZE;
+        (readable < CONFIG_SPACE_SIZE).then(|| ProblemKind::ConfigRestricted {
+            readable,
+            size: usize::try_from(size).unwrap_or(usize::MAX).max(CONFIG_SPACE_SIZE),
+        })
     }
 
     /// The OS error number of an [`ProblemKind::Io`] problem, if it has one.
@@ -213,6 +234,9 @@ impl fmt::Display for ProblemKind {
             ),
             ProblemKind::RemovalPending => f.write_str("not read: removal pending"),
             ProblemKind::HeldOpen => f.write_str("not read: this process holds the device open through vfio"),
+            ProblemKind::ConfigRestricted { readable, size } => {
+                write!(f, "{readable} of {size} bytes readable; capabilities need root")
+            }
         }
     }
 }

@@ -28,6 +28,16 @@ use crate::sysfs::scan::SysfsRoot;
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum BindError {
+    /// The driver name cannot be a driver's: empty, `.` or `..`, or with a `/`, a NUL or
+    /// whitespace (it would name another directory, or be cut short by the kernel).
+    /// Checked before anything is read or written.
+    #[error("invalid driver name \"{name}\": {reason}")]
+    BadDriverName {
+        /// The name, shortened by [`crate::error::shorten`].
+        name: String,
+        /// What is wrong with it.
+        reason: &'static str,
+    },
     /// The device does not exist.
     #[error("no PCI device {0}")]
     NoDevice(PciAddress),
@@ -48,8 +58,9 @@ pub enum BindError {
         /// What uses it, at least one entry.
         uses: Vec<Use>,
     },
-    /// A sysfs write failed.
-    #[error("cannot write {value:?} to {}", path.display())]
+    /// A sysfs write failed. A permission error says what is needed (see
+    /// [`permission_hint`]).
+    #[error("cannot write {value:?} to {}{}", path.display(), permission_hint(path, source).map(|h| format!(": {h}")).unwrap_or_default())]
     Write {
         /// The file.
         path: PathBuf,
@@ -233,17 +244,49 @@ pub fn on_vfio(device_dir: &Path, driver: Option<&str>) -> bool {
         || std::fs::read_dir(device_dir.join("vfio-dev")).is_ok_and(|mut d| d.next().is_some())
 }
 
+/// Checks that `name` can be a kernel driver's name, before it becomes part of a path
+/// (`bus/pci/drivers/NAME`) or is written to `driver_override`: not empty, not `.` or
+/// `..`, no `/`, NUL or whitespace.
+pub fn check_driver_name(name: &str) -> Result<(), BindError> {
+    let reason = if name.is_empty() {
+        "empty"
+    } else if name == "." || name == ".." {
+        "not a name (a directory)"
+    } else if name.contains('/') {
+        "contains '/'"
+    } else if name.contains('\0') {
+        "contains a NUL byte"
+    } else if name.chars().any(char::is_whitespace) {
+        "contains whitespace"
+    } else {
+        return Ok(());
+    };
+    Err(BindError::BadDriverName {
+        name: crate::error::shorten(name.as_bytes()),
+        reason,
+    })
+}
+
+/// What a write to `path` that failed with `error` needs, when it was refused for lack of
+/// permission (`EACCES`, `EPERM`): "needs root (or write access to PATH)".
+pub fn permission_hint(path: &Path, error: &io::Error) -> Option<String> {
+    (error.kind() == io::ErrorKind::PermissionDenied)
+        .then(|| format!("needs root (or write access to {})", path.display()))
+}
+
 fn driver_file(root: &SysfsRoot, driver: &str, file: &str) -> PathBuf {
     root.path().join(format!("bus/pci/drivers/{driver}/{file}"))
 }
 
 /// Binds `address` to `driver`: sets `driver_override`, unbinds the current driver,
-/// probes. Refuses, unless `force`, a device the host is using (see [`in_use`]).
+/// probes. Refuses, unless `force`, a device the host is using (see [`in_use`]), and,
+/// before anything else, a name no driver can have ([`check_driver_name`]).
 ///
 /// If a step after the first write fails, the device is put back: `driver_override`
 /// cleared, then the previous driver bound again; the error is the step's. If that fails
 /// too, the error is [`BindError::RollbackFailed`], which says where the device is.
 pub fn bind(root: &SysfsRoot, address: PciAddress, driver: &str, force: bool) -> Result<Binding, BindError> {
+    check_driver_name(driver)?;
     let dir = root.device_dir(address);
     if !dir.exists() {
         return Err(BindError::NoDevice(address));
@@ -940,5 +983,58 @@ mod tests {
             block_devices(t.path()),
             vec!["nvme0n1".to_owned(), "sda".to_owned()]
         );
+    }
+
+    #[test]
+    fn names_no_driver_can_have_are_refused() {
+        for ok in ["vfio-pci", "nvme", "mlx5_vfio_pci", "uio_pci_generic"] {
+            assert!(check_driver_name(ok).is_ok(), "{ok}");
+        }
+        for (bad, why) in [
+            ("", "empty"),
+            (".", "directory"),
+            ("..", "directory"),
+            ("../nvme", "'/'"),
+            ("vfio-pci/", "'/'"),
+            ("vfio\0pci", "NUL"),
+            ("vfio pci", "whitespace"),
+            ("vfio-pci\n", "whitespace"),
+        ] {
+            let e = check_driver_name(bad).unwrap_err().to_string();
+            assert!(e.starts_with("invalid driver name"), "{bad:?}: {e}");
+            assert!(e.contains(why), "{bad:?}: {e}");
+        }
+        let long = "x".repeat(100_000);
+        assert!(
+            check_driver_name(&format!("{long} "))
+                .unwrap_err()
+                .to_string()
+                .len()
+                < 200
+        );
+    }
+
+    #[test]
+    fn a_refused_write_says_it_needs_root() {
+        use nix::errno::Errno;
+        let path = Path::new("/sys/bus/pci/drivers/nvme/unbind");
+        for errno in [Errno::EACCES, Errno::EPERM] {
+            let e = BindError::Write {
+                path: path.to_owned(),
+                value: "0000:01:00.0".into(),
+                source: io::Error::from_raw_os_error(errno as i32),
+            };
+            assert_eq!(
+                e.to_string(),
+                "cannot write \"0000:01:00.0\" to /sys/bus/pci/drivers/nvme/unbind: needs root \
+                 (or write access to /sys/bus/pci/drivers/nvme/unbind)"
+            );
+        }
+        let e = BindError::Write {
+            path: path.to_owned(),
+            value: "0000:01:00.0".into(),
+            source: io::Error::from_raw_os_error(Errno::ENODEV as i32),
+        };
+        assert!(!e.to_string().contains("root"), "{e}");
     }
 }

@@ -58,6 +58,16 @@ pub fn read(root: &SysfsRoot, dev: &DeviceRecord) -> Details {
     } else {
         let path = root.device_dir(dev.address).join("config");
         match BlockingPool::default().read(&path, ATTR_MAX, Instant::now() + CONFIG_TIMEOUT) {
+            // Short of the capabilities (an unprivileged reader's 64 bytes): said, not
+            // shown as a device without capabilities.
+            Ok(Ok(cfg))
+                if let Some(kind) = ProblemKind::config_restricted(
+                    cfg.len(),
+                    std::fs::metadata(&path).map_or(0, |m| m.len()),
+                ) =>
+            {
+                report(&mut x, "config", kind);
+            }
             Ok(Ok(cfg)) => {
                 match config::capabilities(&cfg) {
                     Ok(c) => x.capabilities = c,

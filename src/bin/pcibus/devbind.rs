@@ -166,16 +166,7 @@ pub(super) fn usage(msg: impl std::fmt::Display) -> ! {
     Cli::command().error(ErrorKind::ArgumentConflict, msg).exit()
 }
 
-/// An error and its sources on one line.
-pub(super) fn chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        out.push_str(&format!(": {s}"));
-        source = s.source();
-    }
-    out
-}
+pub(super) use pcibus::error::chain;
 
 /// The arguments of `bind` besides its positional ones.
 #[derive(clap::Args)]
@@ -208,6 +199,11 @@ pub(super) fn bind(
             Some((last, rest)) => (last.clone(), rest),
         },
     };
+    // A name no driver can have is the command line's fault, found before any device is
+    // touched (the library's bind checks it too).
+    if let Err(e) = pcibus::sysfs::bind::check_driver_name(&driver) {
+        usage(format!("bind: {e}"));
+    }
     let addresses = addresses
         .iter()
         .map(|a| {

@@ -20,6 +20,7 @@ mod completions;
 mod detach;
 mod devbind;
 mod list;
+mod logging;
 mod lspci;
 mod nvme;
 mod nvme_admin;
@@ -30,6 +31,7 @@ mod setup;
 mod show;
 mod status;
 mod tree;
+mod usage;
 mod vfio;
 mod vfio_reset;
 mod watch;
@@ -37,6 +39,7 @@ mod watch;
 use claims::write_claims;
 use list::report_skipped;
 use lspci::{run_list, run_show};
+use usage::UsageError;
 use vfio::{IrqTest, irq_test, vfio_info, write_irq_test, write_vfio_info};
 
 /// What the exit status means; shown by `--help`, repeated in the README.
@@ -58,6 +61,8 @@ system's mounts); vfio info refuses it (its IOMMU groups are not this system's).
 const EXIT_COMPLETE: u8 = 0;
 /// Exit status: an error.
 const EXIT_ERROR: u8 = 1;
+/// Exit status: a usage error (bad arguments).
+const EXIT_USAGE: u8 = 2;
 /// Exit status: the scan ran but some guarded reads did not answer.
 const EXIT_INCOMPLETE: u8 = 3;
 
@@ -73,18 +78,23 @@ struct Cli {
     /// DPDK's $SYSFS_PCI_DEVICES (a devices directory), else /sys.
     #[arg(long, global = true, value_name = "ROOT")]
     sysfs: Option<PathBuf>,
-    /// VFIO backend of the commands that open devices (vfio info, nvme): auto (iommufd
+    /// VFIO backend of the commands that open devices (vfio, nvme): auto (iommufd
     /// when the kernel has /dev/iommu and the vfio device cdev, else group), group (the
-    /// container and /dev/vfio/N, as DPDK and SPDK) or iommufd.
+    /// container and /dev/vfio/N, as DPDK and SPDK) or iommufd. Default:
+    /// $PCIBUS_VFIO_BACKEND (checked only by those commands), else auto.
     #[arg(
         long,
         global = true,
         value_name = "BACKEND",
-        env = VfioBackend::ENV,
-        default_value = "auto",
         value_parser = ["auto", "group", "iommufd"]
     )]
-    vfio_backend: String,
+    vfio_backend: Option<String>,
+    /// More messages from the library on stderr: -v info, -vv debug. $RUST_LOG overrides.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count, conflicts_with = "quiet")]
+    verbose: u8,
+    /// Only errors on stderr, no warnings or notes of the library. $RUST_LOG overrides.
+    #[arg(short, long, global = true)]
+    quiet: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -110,7 +120,7 @@ enum Command {
     /// another (JSON: an array).
     Show {
         /// The device, e.g. 0000:01:00.0 or 1:0.0.
-        #[arg(required_unless_present_any = ["slot", "id"])]
+        #[arg(required_unless_present_any = ["slot", "id"], value_parser = usage::AddressParser)]
         address: Option<PciAddress>,
         /// JSON instead of text.
         #[arg(long)]
@@ -138,7 +148,7 @@ enum Command {
     /// selector; as `bind`, each on its own line.
     Unbind {
         /// The devices.
-        #[arg(value_name = "ADDRESS")]
+        #[arg(value_name = "ADDRESS", value_parser = usage::AddressParser)]
         addresses: Vec<PciAddress>,
         #[command(flatten)]
         select: devbind::Selectors,
@@ -220,6 +230,7 @@ enum VfioCommand {
     /// do: one another pcibus process or SPDK holds is refused, naming the holder.
     Info {
         /// The device.
+        #[arg(value_parser = usage::AddressParser)]
         address: PciAddress,
         /// JSON instead of text.
         #[arg(long)]
@@ -234,26 +245,28 @@ enum VfioCommand {
     /// for INTx, unmasked). Claims the device first, as `vfio info` does.
     IrqTest {
         /// The device.
+        #[arg(value_parser = usage::AddressParser)]
         address: PciAddress,
         /// intx, msi, msix or best.
         #[arg(long, default_value = "best")]
         kind: String,
-        /// Vectors to enable (INTx has one).
-        #[arg(long, default_value_t = 1)]
+        /// Vectors to enable (INTx has one; MSI-X at most 2048).
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=2048))]
         count: u32,
         /// Signal every vector from the kernel (VFIO's loopback trigger) and wait for it.
         #[arg(long)]
         loopback: bool,
         /// Raise this many interrupts through QEMU's edu device (1234:11e8).
-        #[arg(long, value_name = "N")]
+        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
         edu: Option<u32>,
         /// With --edu and INTx: do not unmask after each interrupt (the second one then
         /// never arrives: VFIO automasks INTx).
         #[arg(long)]
         no_unmask: bool,
-        /// How long to wait for each interrupt, in milliseconds.
-        #[arg(long, default_value_t = 2000, value_name = "MS")]
-        timeout: u64,
+        /// How long to wait for each interrupt: milliseconds, or a duration with its unit
+        /// (500ms, 2s). Above 0, at most a day.
+        #[arg(long, default_value = "2000", value_name = "MS", value_parser = usage::TimeoutParser)]
+        timeout: Duration,
         /// JSON instead of text.
         #[arg(long)]
         json: bool,
@@ -267,6 +280,7 @@ enum VfioCommand {
     /// The device is claimed and opened (which resets it) as for `vfio info`.
     Regs {
         /// The device.
+        #[arg(value_parser = usage::AddressParser)]
         address: PciAddress,
         /// Map only this window of each BAR accessed (offsets are then relative to it).
         #[arg(long, value_name = "OFFSET+LEN", value_parser = vfio::parse_window)]
@@ -286,6 +300,7 @@ enum VfioCommand {
     /// opens the device (which resets it, if it can) as `vfio info` does.
     Reset {
         /// The device.
+        #[arg(value_parser = usage::AddressParser)]
         address: PciAddress,
         /// A bus or slot hot reset instead of the function reset.
         #[arg(long)]
@@ -309,9 +324,10 @@ struct ScanArgs {
     /// guard with the scan's deadline.
     #[arg(long = "read", value_enum, value_name = "ATTR")]
     read: Vec<Attr>,
-    /// Deadline for each guarded read, in milliseconds from its submission.
-    #[arg(long, default_value_t = 1000, value_name = "MS")]
-    timeout: u64,
+    /// Deadline for each guarded read from its submission: milliseconds, or a duration
+    /// with its unit (500ms, 2s). Above 0, at most a day.
+    #[arg(long, default_value = "1000", value_name = "MS", value_parser = usage::TimeoutParser)]
+    timeout: Duration,
     /// Read every attribute through the guard.
     #[arg(long)]
     guard_all: bool,
@@ -320,8 +336,8 @@ struct ScanArgs {
     /// config header, read through the guard: it waits while the device is being reset).
     #[arg(long, value_enum, default_value_t = Ids::Files, value_name = "SOURCE")]
     ids: Ids,
-    /// Walker threads (default: one per core, at most 4).
-    #[arg(long)]
+    /// Walker threads (default: one per core, at most 4; 1 to 64).
+    #[arg(long, value_parser = usage::threads)]
     threads: Option<usize>,
 }
 
@@ -355,13 +371,15 @@ struct SelectArgs {
 }
 
 impl SelectArgs {
-    fn selection(&self) -> Result<pcibus::bus::devargs::Selection, pcibus::bus::devargs::DevargsError> {
+    /// The selection; bad or contradicting devargs are a usage error.
+    fn selection(&self) -> Result<pcibus::bus::devargs::Selection, UsageError> {
         pcibus::bus::devargs::Selection::from_args(
             self.allow
                 .iter()
                 .map(|a| ("-a", a.as_str()))
                 .chain(self.block.iter().map(|b| ("-b", b.as_str()))),
         )
+        .map_err(UsageError::new)
     }
 }
 
@@ -372,7 +390,7 @@ impl ScanArgs {
         // nothing here.
         let mut s = Scanner::new(root)
             .private_fd_tables(true)
-            .timeout(Duration::from_millis(self.timeout))
+            .timeout(self.timeout)
             .guard_everything(self.guard_all)
             .id_source(match self.ids {
                 Ids::Files => IdSource::Files,
@@ -409,10 +427,38 @@ fn vfio_backend() -> VfioBackend {
     VFIO_BACKEND.get().copied().unwrap_or_default()
 }
 
+/// The backend `--vfio-backend` names, else `$PCIBUS_VFIO_BACKEND` for the commands that
+/// open devices: only they fail on a bad value of the variable.
+fn choose_vfio_backend(cli: &Cli) -> Result<VfioBackend, UsageError> {
+    if let Some(name) = &cli.vfio_backend {
+        // The value parser allowed only names that parse.
+        return Ok(name.parse().unwrap_or_default());
+    }
+    if !matches!(cli.command, Command::Vfio { .. } | Command::Nvme { .. }) {
+        return Ok(VfioBackend::Auto);
+    }
+    VfioBackend::from_env().map_err(|_| {
+        let value = std::env::var_os(VfioBackend::ENV).unwrap_or_default();
+        UsageError::new(format!(
+            "{}={}: not a VFIO backend (expected auto, group or iommufd)",
+            VfioBackend::ENV,
+            pcibus::error::shorten(value.as_encoded_bytes()),
+        ))
+    })
+}
+
 fn main() {
     let cli = Cli::parse();
-    // The value parser allowed only names that parse.
-    VFIO_BACKEND.get_or_init(|| cli.vfio_backend.parse().unwrap_or_default());
+    logging::init(logging::level(cli.verbose, cli.quiet));
+    match choose_vfio_backend(&cli) {
+        Ok(b) => {
+            VFIO_BACKEND.get_or_init(|| b);
+        }
+        Err(e) => {
+            eprintln!("pcibus: {e}");
+            std::process::exit(EXIT_USAGE.into());
+        }
+    }
     // Before any thread exists: from here on the work runs in a child process. Not for
     // `watch`, which reads nothing that can block and must see its own SIGINT.
     let report = if matches!(cli.command, Command::Watch { .. }) {
@@ -439,7 +485,11 @@ fn main() {
                     source = s.source();
                 }
                 eprintln!("{msg}");
-                EXIT_ERROR
+                if e.is::<UsageError>() {
+                    EXIT_USAGE
+                } else {
+                    EXIT_ERROR
+                }
             }
         }
     })
@@ -492,7 +542,7 @@ fn not_kernel_sysfs(root: &SysfsRoot) -> Option<String> {
 
 fn run(cli: Cli, root: SysfsRoot) -> Result<Outcome, Error> {
     let stdout = io::stdout();
-    let mut out = io::BufWriter::new(stdout.lock());
+    let mut out = io::BufWriter::new(usage::NamedStdout(stdout.lock()));
     let mut done = Outcome::Complete;
     if let Command::Bind { .. }
     | Command::Unbind { .. }
@@ -560,7 +610,7 @@ fn run(cli: Cli, root: SysfsRoot) -> Result<Outcome, Error> {
                 loopback,
                 edu,
                 unmask: !no_unmask,
-                timeout: Duration::from_millis(timeout),
+                timeout,
             };
             let report = irq_test(&root, address, &test)?;
             if json {
@@ -644,6 +694,11 @@ fn run(cli: Cli, root: SysfsRoot) -> Result<Outcome, Error> {
                 ..Default::default()
             };
             let fixture = pcibus::sysfs::snapshot::capture(root.path(), &options)?;
+            // What could not be captured (read errors, a `config` cut to 64 bytes for a
+            // user without root) is in the fixture's comments, and said here too.
+            for note in &fixture.notes {
+                eprintln!("pcibus: note: {note}");
+            }
             let text = pcibus::fixture::write(&fixture);
             match output {
                 Some(path) => std::fs::write(&path, text).map_err(|e| format!("{}: {e}", path.display()))?,

@@ -9,6 +9,19 @@ use pcibus::bus::{BarInfo, DeviceBacking, DeviceRegion, RegisterIo, VfioBacking}
 
 use super::*;
 
+/// The first check of the vfio commands: a device that does not exist is said to be
+/// missing, before anything else (a claim, `/dev/vfio`) can fail in its own words.
+pub(super) fn device_exists(root: &SysfsRoot, address: PciAddress) -> Result<(), Error> {
+    let dir = root.device_dir(address);
+    match std::fs::symlink_metadata(&dir) {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            Err(format!("no device {address} in {}", root.devices_dir().display()).into())
+        }
+        Err(e) => Err(format!("{}: {e}", dir.display()).into()),
+    }
+}
+
 // Everything `vfio info` reports, gathered as JSON first so text and JSON agree.
 pub(super) fn vfio_info(root: &SysfsRoot, address: PciAddress) -> Result<Value, Error> {
     use pcibus::vfio::{self, VfioDevice, irq, region_flags};
@@ -16,6 +29,7 @@ pub(super) fn vfio_info(root: &SysfsRoot, address: PciAddress) -> Result<Value, 
     // process, or SPDK), who is named in the refusal. Claimed before anything else, as
     // the bus does; dropped after the device is closed (the end of this function, or an
     // early return: `dev` is declared later, so it is dropped first).
+    device_exists(root, address)?;
     let claim = ClaimDir::for_claiming().claim(address, &ClaimInfo::new())?;
     // Then the backend: what the kernel lacks for it is the first thing to say.
     let container = vfio::Container::with_backend(vfio_backend())?;
@@ -213,6 +227,7 @@ pub(super) fn irq_test(root: &SysfsRoot, address: PciAddress, test: &IrqTest) ->
     use pcibus::bus::{DeviceBacking, InterruptKind, VfioBacking};
     use pcibus::vfio::{self, VfioDevice};
 
+    device_exists(root, address)?;
     let claim = ClaimDir::for_claiming().claim(address, &ClaimInfo::new())?;
     let container = vfio::Container::with_backend(vfio_backend())?;
     let dev = VfioDevice::open_in(root, address, &container)?;
@@ -509,6 +524,7 @@ pub(super) fn vfio_regs(
 ) -> Result<Value, Error> {
     use pcibus::vfio::{self, VfioDevice};
     // Claimed first, as `vfio info`: opening the device resets it.
+    device_exists(root, address)?;
     let claim = ClaimDir::for_claiming().claim(address, &ClaimInfo::new())?;
     let container = vfio::Container::with_backend(vfio_backend())?;
     let dev = VfioDevice::open_in(root, address, &container)?;

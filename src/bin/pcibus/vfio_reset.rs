@@ -27,6 +27,7 @@ pub(super) fn vfio_reset(
 ) -> Result<Value, Error> {
     use pcibus::vfio::{self, VfioDevice};
     // Claimed first, as `vfio info`: opening the device resets it (if it can).
+    super::vfio::device_exists(root, address)?;
     let claim = ClaimDir::for_claiming().claim(address, &ClaimInfo::new())?;
     let container = vfio::Container::with_backend(vfio_backend())?;
     let dev = VfioDevice::open_in(root, address, &container)?;
@@ -46,7 +47,7 @@ pub(super) fn vfio_reset(
             "also_resets": h.others(address).iter().map(|a| a.to_string()).collect::<Vec<_>>(),
             "all_owned": h.all_owned,
         }),
-        Err(e) => json!({ "error": e.to_string() }),
+        Err(e) => json!({ "error": pcibus::error::chain(&e) }),
     };
     if !dry_run {
         let done = if hot {
@@ -56,7 +57,7 @@ pub(super) fn vfio_reset(
         };
         v["reset"] = match done {
             Ok(what) => json!({ "done": what }),
-            Err(e) => json!({ "error": e.to_string() }),
+            Err(e) => json!({ "error": pcibus::error::chain(&e) }),
         };
     }
     drop(backing);

@@ -46,12 +46,12 @@ pub(super) fn watch(
     let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)?;
     epoll.add(&monitor, EpollEvent::new(EpollFlags::EPOLLIN, MONITOR))?;
     epoll.add(&signal_fd, EpollEvent::new(EpollFlags::EPOLLIN, SIGNAL))?;
+    // On stderr: standard output carries the events alone, for whatever reads them.
     if !json {
-        writeln!(
-            out,
-            "watching {} uevents; interrupt to stop",
+        eprintln!(
+            "pcibus: watching {} uevents; interrupt to stop",
             if all { "all" } else { "PCI" }
-        )?;
+        );
     }
     out.flush()?;
     let mut ready = [EpollEvent::empty(); 2];
