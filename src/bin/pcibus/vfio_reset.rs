@@ -18,6 +18,17 @@ fn owner(o: HotResetOwner) -> Value {
     }
 }
 
+// `group 3`, `iommufd device 2`, `owned`, `not owned`: the owner as the text says it.
+fn owner_text(v: &Value) -> String {
+    if let Some(g) = v["group"].as_u64() {
+        format!("group {g}")
+    } else if let Some(d) = v["devid"].as_u64() {
+        format!("iommufd device {d}")
+    } else {
+        v.as_str().unwrap_or("?").to_owned()
+    }
+}
+
 // Everything gathered as JSON first, so text and JSON agree.
 pub(super) fn vfio_reset(
     root: &SysfsRoot,
@@ -88,7 +99,7 @@ pub(super) fn write_vfio_reset(out: &mut impl Write, v: &Value) -> io::Result<()
                 out,
                 "  hot reset affects {} ({})",
                 d["address"].as_str().unwrap_or("?"),
-                d["owner"]
+                owner_text(&d["owner"])
             )?;
         }
     }

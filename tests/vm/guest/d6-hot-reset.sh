@@ -29,7 +29,7 @@ hot() {
 	pcibus vfio reset "$pf" --hot --dry-run | tee /tmp/hot.dry || return 1
 	grep -q 'a bus reset would reset it alone' /tmp/hot.dry || { echo "FAIL: other devices in the reset"; return 1; }
 	pcibus vfio reset "$pf" --hot | tee /tmp/hot.done || return 1
-	grep -q 'hot reset: done' /tmp/hot.done || { echo "FAIL: hot reset not done"; return 1; }
+	grep -q 'hot reset: done' /tmp/hot.done || { dmesg | tail -25; echo "FAIL: hot reset not done"; return 1; }
 	pcibus nvme identify "$pf" | tee /tmp/hot.id || return 1
 	grep -q 'QEMU NVMe Ctrl' /tmp/hot.id || { echo "FAIL: controller not identified after the reset"; return 1; }
 }
