@@ -281,9 +281,40 @@ fn sysfs_root() -> SysfsRoot {
     }
 }
 
+/// `rte_bus_find` comparator: 0 for a bus named "pci" that is not this one.
+unsafe extern "C" fn other_pci_bus(b: *const RteBus, _data: *const c_void) -> c_int {
+    // SAFETY: EAL passes a registered bus; its name is a NUL-terminated string.
+    let is_pci = unsafe { !(*b).name.is_null() && CStr::from_ptr((*b).name) == c"pci" };
+    c_int::from(!(is_pci && b != bus().cast_const()))
+}
+
+/// Takes any other bus named "pci" off EAL's list: the stock librte_bus_pci.so.23.0 that
+/// EAL `dlopen`s from its default plugin directory (always, `-d` or not) when this library
+/// was loaded in its place through `LD_LIBRARY_PATH`. Its PMDs registered with this bus
+/// (the dynamic linker resolves `rte_pci_register` to the library loaded first), so the
+/// other bus has no drivers; leaving it would scan every device a second time, the stock
+/// way (reading `sriov_numvfs`). EAL scans buses in registration order, and this one
+/// registered first (the application's `DT_NEEDED`), so the other is gone before its scan.
+fn evict_other_pci_buses() {
+    loop {
+        // SAFETY: EAL walks its bus list with our comparator.
+        let other = unsafe { eal::rte_bus_find(ptr::null(), other_pci_bus, ptr::null()) };
+        if other.is_null() {
+            return;
+        }
+        log::warn(
+            "a second bus named \"pci\" is registered (the stock librte_bus_pci loaded as a plugin \
+             from EAL's default driver directory): unregistered, pcibus's bus serves PCI",
+        );
+        // SAFETY: other is a registered bus; EAL unlinks it from its list.
+        unsafe { eal::rte_bus_unregister(other) };
+    }
+}
+
 /// `scan`: lists the devices (see [`crate::scan`]); a rescan updates the devices already
 /// listed instead of adding them again.
 unsafe extern "C" fn bus_scan() -> c_int {
+    evict_other_pci_buses();
     // SAFETY: no arguments.
     if unsafe { eal::rte_eal_has_pci() } == 0 {
         return 0;

@@ -31,6 +31,15 @@ pub mod eal {
         pub fn rte_log(level: u32, logtype: u32, format: *const c_char, ...) -> c_int;
         /// `void rte_bus_register(struct rte_bus *bus)` (INTERNAL).
         pub fn rte_bus_register(bus: *mut RteBus);
+        /// `void rte_bus_unregister(struct rte_bus *bus)` (INTERNAL).
+        pub fn rte_bus_unregister(bus: *mut RteBus);
+        /// `struct rte_bus *rte_bus_find(const struct rte_bus *start, rte_bus_cmp_t cmp,
+        /// const void *data)`: the first bus after `start` for which `cmp` returns 0.
+        pub fn rte_bus_find(
+            start: *const RteBus,
+            cmp: unsafe extern "C" fn(bus: *const RteBus, data: *const core::ffi::c_void) -> c_int,
+            data: *const core::ffi::c_void,
+        ) -> *mut RteBus;
         /// `struct rte_devargs *rte_devargs_next(const char *busname, const struct
         /// rte_devargs *start)`.
         pub fn rte_devargs_next(busname: *const c_char, start: *const RteDevargs) -> *mut RteDevargs;
