@@ -8,7 +8,9 @@
 //!    reach) that `src/ffi/types.rs` includes, so a layout that differs from the headers
 //!    does not build.
 //! 3. Links the cdylib the way DPDK's own is: SONAME `librte_bus_pci.so.23`, the version
-//!    nodes of `abi/version.map`, against `librte_eal.so.23`.
+//!    nodes of `abi/version.map`, against `librte_eal.so.23`, `librte_kvargs.so.23` and
+//!    `librte_pci.so.23`, with `src/errno_shim.c` (the setter of the thread-local
+//!    `rte_errno`) compiled in.
 
 use std::env;
 use std::path::{Path, PathBuf};
@@ -35,7 +37,16 @@ fn main() {
         "cargo:rustc-cdylib-link-arg=-Wl,--version-script={}",
         map.display()
     );
+    println!("cargo:rerun-if-changed=src/errno_shim.c");
+    cc::Build::new()
+        .file(manifest.join("src/errno_shim.c"))
+        .includes(&includes)
+        .flag("-include")
+        .flag("rte_config.h")
+        .compile("pcibus_dpdk_errno_shim");
     println!("cargo:rustc-link-lib=dylib=rte_eal");
+    println!("cargo:rustc-link-lib=dylib=rte_kvargs");
+    println!("cargo:rustc-link-lib=dylib=rte_pci");
 }
 
 /// The unpacked dpdk source tree: `$PCIBUS_DPDK_SDK`, else what `fetch-sdk --info` prints.

@@ -16,8 +16,10 @@ use core::ffi::{c_char, c_int, c_void};
 
 use libc::{FILE, off_t};
 
+use crate::busops;
 use crate::config;
 use crate::drivers::{self, DriverPtr};
+use crate::ffi::types::measured::{RTE_PCI_KDRV_IGB_UIO, RTE_PCI_KDRV_UIO_GENERIC, RTE_PCI_KDRV_VFIO};
 use crate::ffi::types::{RtePciDevice, RtePciDriver, RtePciIoport};
 use crate::log;
 
@@ -69,10 +71,21 @@ unsafe fn device_name(dev: *const RtePciDevice) -> Option<String> {
     String::from_utf8(bytes).ok()
 }
 
-/// `void rte_pci_dump(FILE *f)`: one line per device of the bus.
-/// TODO(issue 18): the bus's device list (filled by scan) is not kept yet, so nothing is
-/// printed.
-unsafe extern "C" fn pci_dump(_f: *mut FILE) {}
+/// `void rte_pci_dump(FILE *f)`: each device of the bus, as the stock bus prints it (the
+/// address, vendor and device ids, then each BAR's address and length).
+unsafe extern "C" fn pci_dump(f: *mut FILE) {
+    if f.is_null() {
+        return;
+    }
+    for p in busops::snapshot() {
+        // SAFETY: p is a device of the list; C does not unplug devices while dumping them.
+        let Ok(text) = std::ffi::CString::new(unsafe { busops::dump_text(p) }) else {
+            continue;
+        };
+        // SAFETY: f is the caller's open stream; text is NUL-terminated.
+        unsafe { libc::fputs(text.as_ptr(), f) };
+    }
+}
 
 /// `off_t rte_pci_find_ext_capability(struct rte_pci_device *dev, uint32_t cap)`: the
 /// capability's offset, 0 when absent, -1 on error.
@@ -143,16 +156,42 @@ unsafe extern "C" fn pci_ioport_write(
     log::error("rte_pci_ioport_write: not implemented by pcibus yet");
 }
 
-/// `int rte_pci_map_device(struct rte_pci_device *dev)`. TODO(issue 18): VFIO mapping in
-/// EAL's container; -1 for now.
+/// `int rte_pci_map_device(struct rte_pci_device *dev)`.
 unsafe extern "C" fn pci_map_device(dev: *mut RtePciDevice) -> c_int {
     // SAFETY: C passes a live device or null.
-    let name = unsafe { device_name(dev) }.unwrap_or_default();
-    log::error(&format!(
-        "rte_pci_map_device({name}): not implemented by pcibus yet"
-    ));
-    -1
+    unsafe { map_device(dev) }
 }
+
+/// The stock bus's dispatch on `kdrv`: 1 ("skipped": the probe moves on to the next
+/// driver) for a device bound to no driver DPDK maps through. TODO(issue 18): VFIO (BARs
+/// through EAL's container, `rte_vfio_setup_device`) and UIO mapping: -1 with a log line.
+///
+/// # Safety
+/// `dev` is null or a live device.
+pub(crate) unsafe fn map_device(dev: *mut RtePciDevice) -> c_int {
+    if dev.is_null() {
+        return -1;
+    }
+    // SAFETY: per the contract.
+    let (kdrv, name) = unsafe { ((*dev).kdrv, device_name(dev).unwrap_or_default()) };
+    if kdrv == RTE_PCI_KDRV_VFIO || kdrv == RTE_PCI_KDRV_IGB_UIO || kdrv == RTE_PCI_KDRV_UIO_GENERIC {
+        log::error(&format!(
+            "rte_pci_map_device({name}): mapping BARs is not implemented by pcibus yet"
+        ));
+        -1
+    } else {
+        log::debug(&format!(
+            "{name}: not managed by a supported kernel driver, skipped"
+        ));
+        1
+    }
+}
+
+/// Undoes [`map_device`]: nothing is mapped yet, so nothing to undo.
+///
+/// # Safety
+/// `dev` is null or a live device.
+pub(crate) unsafe fn unmap_device(_dev: *mut RtePciDevice) {}
 
 /// `int rte_pci_pasid_set_state(const struct rte_pci_device *dev, off_t offset, bool
 /// enable)`: writes the PASID Control register (at `offset`, the capability's offset + 6)
@@ -264,9 +303,11 @@ unsafe extern "C" fn pci_set_bus_master(dev: *mut RtePciDevice, enable: bool) ->
     }
 }
 
-/// `void rte_pci_unmap_device(struct rte_pci_device *dev)`. TODO(issue 18): nothing is
-/// mapped yet, so nothing to undo.
-unsafe extern "C" fn pci_unmap_device(_dev: *mut RtePciDevice) {}
+/// `void rte_pci_unmap_device(struct rte_pci_device *dev)`.
+unsafe extern "C" fn pci_unmap_device(dev: *mut RtePciDevice) {
+    // SAFETY: C passes a live device or null.
+    unsafe { unmap_device(dev) }
+}
 
 #[cfg(test)]
 mod tests {

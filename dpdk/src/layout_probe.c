@@ -7,6 +7,7 @@
 #include <stdio.h>
 
 #include <rte_pci.h>
+#include <rte_devargs.h>
 #include <bus_driver.h>
 #include <dev_driver.h>
 #include <bus_pci_driver.h>
@@ -59,6 +60,18 @@ int main(void)
 	OFF(RteDevice, struct rte_device, bus);
 	OFF(RteDevice, struct rte_device, numa_node);
 	OFF(RteDevice, struct rte_device, devargs);
+
+	SIZE(RteDevargs, struct rte_devargs);
+	OFF(RteDevargs, struct rte_devargs, next);
+	printf("const _: () = assert!(::core::mem::offset_of!(RteDevargs, type_) == %zu);\n", offsetof(struct rte_devargs, type));
+	OFF(RteDevargs, struct rte_devargs, policy);
+	OFF(RteDevargs, struct rte_devargs, name);
+	OFF(RteDevargs, struct rte_devargs, args);
+	OFF(RteDevargs, struct rte_devargs, bus);
+	OFF(RteDevargs, struct rte_devargs, cls);
+	OFF(RteDevargs, struct rte_devargs, bus_str);
+	OFF(RteDevargs, struct rte_devargs, cls_str);
+	OFF(RteDevargs, struct rte_devargs, data);
 
 	SIZE(RteBusConf, struct rte_bus_conf);
 	SIZE(RteBus, struct rte_bus);
@@ -119,5 +132,24 @@ int main(void)
 	printf("pub const RTE_PCI_DRV_INTR_RMV: u32 = %d;\n", RTE_PCI_DRV_INTR_RMV);
 	printf("pub const RTE_PCI_DRV_KEEP_MAPPED_RES: u32 = %d;\n", RTE_PCI_DRV_KEEP_MAPPED_RES);
 	printf("pub const RTE_PCI_DRV_NEED_IOVA_AS_VA: u32 = %d;\n", RTE_PCI_DRV_NEED_IOVA_AS_VA);
+	printf("pub const RTE_DEV_NAME_MAX_LEN: usize = %d;\n", RTE_DEV_NAME_MAX_LEN);
+	printf("pub const RTE_DEV_ALLOWED: c_int = %d;\n", RTE_DEV_ALLOWED);
+	printf("pub const RTE_DEV_BLOCKED: c_int = %d;\n", RTE_DEV_BLOCKED);
+	printf("pub const RTE_BUS_SCAN_UNDEFINED: c_int = %d;\n", RTE_BUS_SCAN_UNDEFINED);
+	printf("pub const RTE_BUS_SCAN_ALLOWLIST: c_int = %d;\n", RTE_BUS_SCAN_ALLOWLIST);
+	printf("pub const RTE_BUS_SCAN_BLOCKLIST: c_int = %d;\n", RTE_BUS_SCAN_BLOCKLIST);
+	printf("pub const RTE_IOVA_DC: c_int = %d;\n", RTE_IOVA_DC);
+	printf("pub const RTE_IOVA_PA: c_int = %d;\n", RTE_IOVA_PA);
+	printf("pub const RTE_IOVA_VA: c_int = %d;\n", RTE_IOVA_VA);
+	printf("pub const RTE_PCI_KDRV_UNKNOWN: c_int = %d;\n", RTE_PCI_KDRV_UNKNOWN);
+	printf("pub const RTE_PCI_KDRV_IGB_UIO: c_int = %d;\n", RTE_PCI_KDRV_IGB_UIO);
+	printf("pub const RTE_PCI_KDRV_VFIO: c_int = %d;\n", RTE_PCI_KDRV_VFIO);
+	printf("pub const RTE_PCI_KDRV_UIO_GENERIC: c_int = %d;\n", RTE_PCI_KDRV_UIO_GENERIC);
+	printf("pub const RTE_PCI_KDRV_NIC_UIO: c_int = %d;\n", RTE_PCI_KDRV_NIC_UIO);
+	printf("pub const RTE_PCI_KDRV_NONE: c_int = %d;\n", RTE_PCI_KDRV_NONE);
+	printf("pub const RTE_DEV_EVENT_REMOVE: c_int = %d;\n", RTE_DEV_EVENT_REMOVE);
+	printf("pub const RTE_PRIORITY_BUS: u32 = %d;\n", RTE_PRIORITY_BUS);
+	printf("pub const RTE_PCI_ANY_ID: u16 = %d;\n", RTE_PCI_ANY_ID);
+	printf("pub const RTE_CLASS_ANY_ID: u32 = %d;\n", RTE_CLASS_ANY_ID);
 	return 0;
 }

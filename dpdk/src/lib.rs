@@ -1,10 +1,14 @@
 //! A drop-in `librte_bus_pci.so.23` for DPDK 22.11 (Debian 12) whose PCI bus runs on
-//! pcibus: see dpdk/README.md. The exported C ABI is in [`exports`] (its only unsafe
-//! boundary with C besides [`log`]); DPDK's struct layouts, checked against DPDK's headers
-//! at build time, are in [`ffi::types`].
+//! pcibus: see dpdk/README.md. The unsafe boundaries with C are the exported functions
+//! ([`exports`]), the registered bus and its device list ([`busops`]) and [`log`]; the
+//! decisions are in safe modules ([`scan`], [`matching`], [`drivers`], [`config`]). DPDK's
+//! struct layouts, checked against DPDK's headers at build time, are in [`ffi::types`].
 
+pub mod busops;
 pub mod config;
 pub mod drivers;
 mod exports;
 pub mod ffi;
 pub mod log;
+pub mod matching;
+pub mod scan;

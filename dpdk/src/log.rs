@@ -26,3 +26,13 @@ pub fn error(msg: &str) {
 pub fn warn(msg: &str) {
     log(eal::RTE_LOG_WARNING, msg);
 }
+
+/// Logs at `RTE_LOG_INFO`.
+pub fn info(msg: &str) {
+    log(eal::RTE_LOG_INFO, msg);
+}
+
+/// Logs at `RTE_LOG_DEBUG`.
+pub fn debug(msg: &str) {
+    log(eal::RTE_LOG_DEBUG, msg);
+}

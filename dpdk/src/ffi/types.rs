@@ -69,12 +69,35 @@ pub struct RteDriver {
     pub alias: *const c_char,
 }
 
-/// `struct rte_devargs`: opaque here; EAL owns it.
+/// `struct rte_devargs`: one `-a`/`-b`/`--vdev` argument (or a hotplug request). EAL owns
+/// it; the bus reads `policy` and `name`, and `devargs_parse` writes `name`.
 #[repr(C)]
 #[derive(Debug)]
 pub struct RteDevargs {
-    _opaque: [u8; 0],
+    /// EAL's list links.
+    pub next: TailqEntry<RteDevargs>,
+    /// `enum rte_devtype` (deprecated).
+    pub type_: c_int,
+    /// `enum rte_dev_policy`: `RTE_DEV_ALLOWED` or `RTE_DEV_BLOCKED`.
+    pub policy: c_int,
+    /// The device name (for PCI the address as given, or canonical after `devargs_parse`).
+    pub name: [c_char; RTE_DEV_NAME_MAX_LEN],
+    /// `args` / `drv_str`: the driver part.
+    pub args: *const c_char,
+    /// The bus the name belongs to.
+    pub bus: *mut RteBus,
+    /// `struct rte_class *`.
+    pub cls: *mut c_void,
+    /// The bus part (`bus=pci,addr=...`).
+    pub bus_str: *const c_char,
+    /// The class part.
+    pub cls_str: *const c_char,
+    /// The whole string.
+    pub data: *mut c_char,
 }
+
+/// `RTE_DEV_NAME_MAX_LEN` (asserted against the headers below).
+pub const RTE_DEV_NAME_MAX_LEN: usize = 64;
 
 /// `struct rte_intr_handle`: opaque since DPDK 21.11 (accessors in EAL).
 #[repr(C)]
@@ -249,7 +272,9 @@ pub const PCI_PRI_STR_SIZE: usize = 17;
 pub mod measured {
     #![allow(non_upper_case_globals, dead_code, missing_docs)]
     use super::*;
+    use core::ffi::c_int;
     include!(concat!(env!("OUT_DIR"), "/layout.rs"));
     const _: () = assert!(super::PCI_MAX_RESOURCE == PCI_MAX_RESOURCE);
     const _: () = assert!(super::PCI_PRI_STR_SIZE == PCI_PRI_STR_SIZE);
+    const _: () = assert!(super::RTE_DEV_NAME_MAX_LEN == RTE_DEV_NAME_MAX_LEN);
 }
