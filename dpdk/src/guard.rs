@@ -38,10 +38,8 @@ mod tests {
     #[test]
     fn a_panic_becomes_the_error_value() {
         assert_eq!(ffi("test", -1, || 5), 5);
-        let prev = std::panic::take_hook();
-        std::panic::set_hook(Box::new(|_| {}));
-        let r = ffi("test", -1, || -> i32 { panic!("boom") });
-        std::panic::set_hook(prev);
-        assert_eq!(r, -1);
+        // The default hook prints the panic (the hook is process-wide: not replaced here, so
+        // other tests' panics keep their messages).
+        assert_eq!(ffi("test", -1, || -> i32 { panic!("boom") }), -1);
     }
 }
