@@ -36,6 +36,7 @@ use crate::ffi::types::{
     PCI_PRI_STR_SIZE, RTE_DEV_NAME_MAX_LEN, RteBus, RteBusConf, RteDevCmp, RteDevargs, RteDevice,
     RteMemResource, RtePciAddr, RtePciDevice, RtePciDriver, RtePciId, TailqEntry,
 };
+use crate::guard;
 use crate::log;
 use crate::matching;
 use crate::scan::{self, ScannedDevice};
@@ -314,36 +315,38 @@ fn evict_other_pci_buses() {
 /// `scan`: lists the devices (see [`crate::scan`]); a rescan updates the devices already
 /// listed instead of adding them again.
 unsafe extern "C" fn bus_scan() -> c_int {
-    evict_other_pci_buses();
-    // SAFETY: no arguments.
-    if unsafe { eal::rte_eal_has_pci() } == 0 {
-        return 0;
-    }
-    let devargs = pci_devargs();
-    // SAFETY: EAL writes scan_mode while parsing its arguments, before any scan.
-    let scan_mode = unsafe { (*bus()).conf.scan_mode };
-    let policies: Vec<(RtePciAddr, c_int)> = devargs.iter().map(|&(a, p, _)| (a, p)).collect();
-    let filter = scan::Filter::new(scan_mode, &policies);
-    let found = match scan::scan(sysfs_root(), &filter) {
-        Ok(found) => found,
-        Err(e) => {
-            log::error(&format!("scan: {e}"));
-            return -1;
+    guard::ffi("pci bus scan", -1, || {
+        evict_other_pci_buses();
+        // SAFETY: no arguments.
+        if unsafe { eal::rte_eal_has_pci() } == 0 {
+            return 0;
         }
-    };
-    let mut list = devices();
-    for d in &found {
-        let da = devargs_of(d.addr, &devargs);
-        let key = scan::addr_key(d.addr);
-        // SAFETY: every pointer of the list is live under the lock.
-        match list.binary_search_by_key(&key, |p| scan::addr_key(unsafe { (*p.0).addr })) {
-            // SAFETY: p is live under the lock.
-            Ok(i) => unsafe { update_device(list[i].0, d, da) },
-            Err(i) => list.insert(i, DevPtr(new_device(d, da))),
+        let devargs = pci_devargs();
+        // SAFETY: EAL writes scan_mode while parsing its arguments, before any scan.
+        let scan_mode = unsafe { (*bus()).conf.scan_mode };
+        let policies: Vec<(RtePciAddr, c_int)> = devargs.iter().map(|&(a, p, _)| (a, p)).collect();
+        let filter = scan::Filter::new(scan_mode, &policies);
+        let found = match scan::scan(sysfs_root(), &filter) {
+            Ok(found) => found,
+            Err(e) => {
+                log::error(&format!("scan: {e}"));
+                return -1;
+            }
+        };
+        let mut list = devices();
+        for d in &found {
+            let da = devargs_of(d.addr, &devargs);
+            let key = scan::addr_key(d.addr);
+            // SAFETY: every pointer of the list is live under the lock.
+            match list.binary_search_by_key(&key, |p| scan::addr_key(unsafe { (*p.0).addr })) {
+                // SAFETY: p is live under the lock.
+                Ok(i) => unsafe { update_device(list[i].0, d, da) },
+                Err(i) => list.insert(i, DevPtr(new_device(d, da))),
+            }
         }
-    }
-    relink(&list);
-    0
+        relink(&list);
+        0
+    })
 }
 
 /// A rescan of a listed device: a device no driver holds takes the new values; a probed
@@ -541,25 +544,27 @@ unsafe fn probe_all(p: *mut RtePciDevice) -> c_int {
 
 /// `probe`: every device against the drivers; -1 only when every device failed.
 unsafe extern "C" fn bus_probe() -> c_int {
-    let list = snapshot();
-    let mut failed = 0;
-    for &p in &list {
-        // SAFETY: p was on the list; devices are freed only by unplug/cleanup, which EAL
-        // does not run during its probe.
-        let ret = unsafe { probe_all(p) };
-        if ret < 0 && ret != -libc::EEXIST {
-            // SAFETY: as above.
-            let name = scan::device_name(unsafe { (*p).addr });
-            log::error(&format!("requested device {name} cannot be used ({ret})"));
-            set_rte_errno(-ret);
-            failed += 1;
+    guard::ffi("pci bus probe", -1, || {
+        let list = snapshot();
+        let mut failed = 0;
+        for &p in &list {
+            // SAFETY: p was on the list; devices are freed only by unplug/cleanup, which EAL
+            // does not run during its probe.
+            let ret = unsafe { probe_all(p) };
+            if ret < 0 && ret != -libc::EEXIST {
+                // SAFETY: as above.
+                let name = scan::device_name(unsafe { (*p).addr });
+                log::error(&format!("requested device {name} cannot be used ({ret})"));
+                set_rte_errno(-ret);
+                failed += 1;
+            }
         }
-    }
-    if !list.is_empty() && list.len() == failed {
-        -1
-    } else {
-        0
-    }
+        if !list.is_empty() && list.len() == failed {
+            -1
+        } else {
+            0
+        }
+    })
 }
 
 /// `find_device`: the first device after `start` (from the first when null) for which
@@ -569,33 +574,37 @@ unsafe extern "C" fn bus_find_device(
     cmp: RteDevCmp,
     data: *const c_void,
 ) -> *mut RteDevice {
-    let Some(cmp) = cmp else {
-        return ptr::null_mut();
-    };
-    let list = snapshot();
-    let from = if start.is_null() {
-        0
-    } else {
-        match list.iter().position(|&p| p == to_pci(start)) {
-            Some(i) => i + 1,
-            None => return ptr::null_mut(),
+    guard::ffi("pci bus find_device", ptr::null_mut(), || {
+        let Some(cmp) = cmp else {
+            return ptr::null_mut();
+        };
+        let list = snapshot();
+        let from = if start.is_null() {
+            0
+        } else {
+            match list.iter().position(|&p| p == to_pci(start)) {
+                Some(i) => i + 1,
+                None => return ptr::null_mut(),
+            }
+        };
+        for &p in &list[from..] {
+            // SAFETY: p is live (see bus_probe); cmp is EAL's or a caller's comparator.
+            let dev = unsafe { &raw mut (*p).device };
+            // SAFETY: the comparator receives a live device and the caller's data.
+            if unsafe { cmp(dev, data) } == 0 {
+                return dev;
+            }
         }
-    };
-    for &p in &list[from..] {
-        // SAFETY: p is live (see bus_probe); cmp is EAL's or a caller's comparator.
-        let dev = unsafe { &raw mut (*p).device };
-        // SAFETY: the comparator receives a live device and the caller's data.
-        if unsafe { cmp(dev, data) } == 0 {
-            return dev;
-        }
-    }
-    ptr::null_mut()
+        ptr::null_mut()
+    })
 }
 
 /// `plug`: probes one device (hotplug's `rte_dev_probe`).
 unsafe extern "C" fn bus_plug(dev: *mut RteDevice) -> c_int {
-    // SAFETY: EAL passes a device of this bus.
-    unsafe { probe_all(to_pci(dev)) }
+    guard::ffi("pci bus plug", -1, || {
+        // SAFETY: EAL passes a device of this bus.
+        unsafe { probe_all(to_pci(dev)) }
+    })
 }
 
 /// `rte_pci_detach_dev`: the driver's remove, then unmapping and the interrupt instances.
@@ -629,98 +638,108 @@ unsafe fn detach(p: *mut RtePciDevice) -> c_int {
 
 /// `unplug`: detaches the device, takes it off the bus, drops its devargs and frees it.
 unsafe extern "C" fn bus_unplug(dev: *mut RteDevice) -> c_int {
-    let p = to_pci(dev);
-    // SAFETY: EAL passes a device of this bus.
-    let ret = unsafe { detach(p) };
-    if ret == 0 {
-        let mut list = devices();
-        list.retain(|d| d.0 != p);
-        relink(&list);
-        drop(list);
-        // SAFETY: p is off the list; EAL drops its references after a successful unplug.
-        unsafe {
-            eal::rte_devargs_remove((*p).device.devargs);
-            free_device(p);
+    guard::ffi("pci bus unplug", -1, || {
+        let p = to_pci(dev);
+        // SAFETY: EAL passes a device of this bus.
+        let ret = unsafe { detach(p) };
+        if ret == 0 {
+            let mut list = devices();
+            list.retain(|d| d.0 != p);
+            relink(&list);
+            drop(list);
+            // SAFETY: p is off the list; EAL drops its references after a successful unplug.
+            unsafe {
+                eal::rte_devargs_remove((*p).device.devargs);
+                free_device(p);
+            }
         }
-    }
-    ret
+        ret
+    })
 }
 
 /// `parse`: 0 when `name` is a PCI address (written to `addr` when not null), else 1.
 unsafe extern "C" fn bus_parse(name: *const c_char, addr: *mut c_void) -> c_int {
-    if name.is_null() {
-        return 1;
-    }
-    // SAFETY: EAL passes a NUL-terminated name.
-    match parse_addr(unsafe { CStr::from_ptr(name) }) {
-        Some(a) => {
-            if !addr.is_null() {
-                // SAFETY: EAL passes a struct rte_pci_addr to fill (or null).
-                unsafe { addr.cast::<RtePciAddr>().write_unaligned(a) };
-            }
-            0
+    guard::ffi("pci bus parse", 1, || {
+        if name.is_null() {
+            return 1;
         }
-        None => 1,
-    }
+        // SAFETY: EAL passes a NUL-terminated name.
+        match parse_addr(unsafe { CStr::from_ptr(name) }) {
+            Some(a) => {
+                if !addr.is_null() {
+                    // SAFETY: EAL passes a struct rte_pci_addr to fill (or null).
+                    unsafe { addr.cast::<RtePciAddr>().write_unaligned(a) };
+                }
+                0
+            }
+            None => 1,
+        }
+    })
 }
 
 /// `devargs_parse`: the layered form's `bus=pci,addr=...` gives the devargs its
 /// canonical name; 0 (and no name) without `addr`, -ENODEV for a bad list, -EINVAL for a
 /// bad address.
 unsafe extern "C" fn bus_devargs_parse(da: *mut RteDevargs) -> c_int {
-    // SAFETY: EAL passes a devargs being parsed (or null).
-    if da.is_null() || unsafe { (*da).bus_str }.is_null() {
-        return 0;
-    }
-    // SAFETY: bus_str is NUL-terminated (EAL's copy of the bus part).
-    let bus_str = unsafe { CStr::from_ptr((*da).bus_str) };
-    // SAFETY: bus_str is NUL-terminated; null keys accept any key.
-    let kv = unsafe { kvargs::rte_kvargs_parse(bus_str.as_ptr(), ptr::null()) };
-    let shown = bus_str.to_string_lossy();
-    let ret = if kv.is_null() {
-        log::error(&format!("cannot parse argument list: {shown}"));
-        -libc::ENODEV
-    } else {
-        // SAFETY: kv is a live list; the key is NUL-terminated.
-        let addr = unsafe { kvargs::rte_kvargs_get(kv, c"addr".as_ptr()) };
-        if addr.is_null() {
-            log::debug(&format!("no PCI address specified using 'addr=<id>' in: {shown}"));
-            0
+    guard::ffi("pci bus devargs_parse", -libc::EINVAL, || {
+        // SAFETY: EAL passes a devargs being parsed (or null).
+        if da.is_null() || unsafe { (*da).bus_str }.is_null() {
+            return 0;
+        }
+        // SAFETY: bus_str is NUL-terminated (EAL's copy of the bus part).
+        let bus_str = unsafe { CStr::from_ptr((*da).bus_str) };
+        // SAFETY: bus_str is NUL-terminated; null keys accept any key.
+        let kv = unsafe { kvargs::rte_kvargs_parse(bus_str.as_ptr(), ptr::null()) };
+        let shown = bus_str.to_string_lossy();
+        let ret = if kv.is_null() {
+            log::error(&format!("cannot parse argument list: {shown}"));
+            -libc::ENODEV
         } else {
-            // SAFETY: values of a kvargs list are NUL-terminated.
-            match parse_addr(unsafe { CStr::from_ptr(addr) }) {
-                Some(a) => {
-                    // SAFETY: da is live; its name is an array of RTE_DEV_NAME_MAX_LEN.
-                    let name = unsafe { &mut (*da).name };
-                    debug_assert_eq!(name.len(), RTE_DEV_NAME_MAX_LEN);
-                    fill_array(name, &scan::device_name(a));
-                    0
-                }
-                None => {
-                    log::error(&format!("PCI address invalid: {shown}"));
-                    -libc::EINVAL
+            // SAFETY: kv is a live list; the key is NUL-terminated.
+            let addr = unsafe { kvargs::rte_kvargs_get(kv, c"addr".as_ptr()) };
+            if addr.is_null() {
+                log::debug(&format!("no PCI address specified using 'addr=<id>' in: {shown}"));
+                0
+            } else {
+                // SAFETY: values of a kvargs list are NUL-terminated.
+                match parse_addr(unsafe { CStr::from_ptr(addr) }) {
+                    Some(a) => {
+                        // SAFETY: da is live; its name is an array of RTE_DEV_NAME_MAX_LEN.
+                        let name = unsafe { &mut (*da).name };
+                        debug_assert_eq!(name.len(), RTE_DEV_NAME_MAX_LEN);
+                        fill_array(name, &scan::device_name(a));
+                        0
+                    }
+                    None => {
+                        log::error(&format!("PCI address invalid: {shown}"));
+                        -libc::EINVAL
+                    }
                 }
             }
+        };
+        // SAFETY: kv came from rte_kvargs_parse (null allowed).
+        unsafe { kvargs::rte_kvargs_free(kv) };
+        if ret != 0 {
+            set_rte_errno(-ret);
         }
-    };
-    // SAFETY: kv came from rte_kvargs_parse (null allowed).
-    unsafe { kvargs::rte_kvargs_free(kv) };
-    if ret != 0 {
-        set_rte_errno(-ret);
-    }
-    ret
+        ret
+    })
 }
 
 /// `dma_map`: the driver's own, else EAL's default VFIO container for VFIO devices.
 unsafe extern "C" fn bus_dma_map(dev: *mut RteDevice, addr: *mut c_void, iova: u64, len: usize) -> c_int {
-    // SAFETY: EAL passes a device of this bus (or null).
-    unsafe { dma(dev, addr, iova, len, true) }
+    guard::ffi("pci bus dma_map", -1, || {
+        // SAFETY: EAL passes a device of this bus (or null).
+        unsafe { dma(dev, addr, iova, len, true) }
+    })
 }
 
 /// `dma_unmap`: as [`bus_dma_map`].
 unsafe extern "C" fn bus_dma_unmap(dev: *mut RteDevice, addr: *mut c_void, iova: u64, len: usize) -> c_int {
-    // SAFETY: as bus_dma_map.
-    unsafe { dma(dev, addr, iova, len, false) }
+    guard::ffi("pci bus dma_unmap", -1, || {
+        // SAFETY: as bus_dma_map.
+        unsafe { dma(dev, addr, iova, len, false) }
+    })
 }
 
 /// # Safety
@@ -782,36 +801,38 @@ fn iommu_support_va(addr: RtePciAddr) -> bool {
 
 /// `get_iommu_class`: the IOVA mode the bus's matching drivers want.
 unsafe extern "C" fn bus_get_iommu_class() -> c_int {
-    let list = snapshot();
-    let drivers = drivers::snapshot();
-    let mut iommu_va = None;
-    let mut wanted = Vec::new();
-    for &p in &list {
-        // SAFETY: p is live (see bus_probe); registered drivers are live.
-        unsafe {
-            if iommu_va.is_none() {
-                iommu_va = Some(iommu_support_va((*p).addr));
-            }
-            let kdrv = (*p).kdrv;
-            if kdrv == RTE_PCI_KDRV_UNKNOWN || kdrv == RTE_PCI_KDRV_NONE {
-                continue;
-            }
-            for dr in &drivers {
-                if matching::table_matches(&id_table(dr.0), &(*p).id) {
-                    wanted.push(matching::device_iova_mode(
-                        (*dr.0).drv_flags,
-                        kdrv,
-                        vfio_noiommu(),
-                    ));
+    guard::ffi("pci bus get_iommu_class", RTE_IOVA_DC, || {
+        let list = snapshot();
+        let drivers = drivers::snapshot();
+        let mut iommu_va = None;
+        let mut wanted = Vec::new();
+        for &p in &list {
+            // SAFETY: p is live (see bus_probe); registered drivers are live.
+            unsafe {
+                if iommu_va.is_none() {
+                    iommu_va = Some(iommu_support_va((*p).addr));
+                }
+                let kdrv = (*p).kdrv;
+                if kdrv == RTE_PCI_KDRV_UNKNOWN || kdrv == RTE_PCI_KDRV_NONE {
+                    continue;
+                }
+                for dr in &drivers {
+                    if matching::table_matches(&id_table(dr.0), &(*p).id) {
+                        wanted.push(matching::device_iova_mode(
+                            (*dr.0).drv_flags,
+                            kdrv,
+                            vfio_noiommu(),
+                        ));
+                    }
                 }
             }
         }
-    }
-    let (mode, warning) = matching::iommu_class(iommu_va, &wanted);
-    if let Some(w) = warning {
-        log::warn(w);
-    }
-    mode
+        let (mode, warning) = matching::iommu_class(iommu_va, &wanted);
+        if let Some(w) = warning {
+            log::warn(w);
+        }
+        mode
+    })
 }
 
 /// `rte_kvargs_process` handler of `dev_iterate`: 0 when `value` is the device's address.
@@ -854,22 +875,24 @@ unsafe extern "C" fn bus_dev_iterate(
     s: *const c_char,
     _it: *const c_void,
 ) -> *mut c_void {
-    let keys: [*const c_char; 2] = [c"addr".as_ptr(), ptr::null()];
-    let mut kv = ptr::null_mut();
-    if !s.is_null() {
-        // SAFETY: s is NUL-terminated; keys is a NULL-terminated array of C strings.
-        kv = unsafe { kvargs::rte_kvargs_parse(s, keys.as_ptr()) };
-        if kv.is_null() {
-            log::error("cannot parse argument list");
-            set_rte_errno(libc::EINVAL);
-            return ptr::null_mut();
+    guard::ffi("pci bus dev_iterate", ptr::null_mut(), || {
+        let keys: [*const c_char; 2] = [c"addr".as_ptr(), ptr::null()];
+        let mut kv = ptr::null_mut();
+        if !s.is_null() {
+            // SAFETY: s is NUL-terminated; keys is a NULL-terminated array of C strings.
+            kv = unsafe { kvargs::rte_kvargs_parse(s, keys.as_ptr()) };
+            if kv.is_null() {
+                log::error("cannot parse argument list");
+                set_rte_errno(libc::EINVAL);
+                return ptr::null_mut();
+            }
         }
-    }
-    // SAFETY: start is null or a device this bus returned; dev_match reads kv.
-    let dev = unsafe { bus_find_device(start.cast(), Some(dev_match), kv.cast_const().cast()) };
-    // SAFETY: kv came from rte_kvargs_parse (null allowed).
-    unsafe { kvargs::rte_kvargs_free(kv) };
-    dev.cast()
+        // SAFETY: start is null or a device this bus returned; dev_match reads kv.
+        let dev = unsafe { bus_find_device(start.cast(), Some(dev_match), kv.cast_const().cast()) };
+        // SAFETY: kv came from rte_kvargs_parse (null allowed).
+        unsafe { kvargs::rte_kvargs_free(kv) };
+        dev.cast()
+    })
 }
 
 /// The removal of a device: for VFIO, the registry notes it (scans stop reading its
@@ -912,10 +935,32 @@ unsafe fn hot_unplug(p: *mut RtePciDevice, in_signal: bool) -> c_int {
     }
 }
 
+/// Serialises the VFIO request notifier's handling (22.11's `failure_handle_lock`).
+static REQUEST_LOCK: Mutex<()> = Mutex::new(());
+
+/// The VFIO request notifier fired for `dev` (the kernel wants the device back): the
+/// hot-unplug handler, as 22.11's `pci_vfio_req_handler`; -1 with a log line when the
+/// device is no longer on the bus.
+///
+/// # Safety
+/// `dev` is null or the `device` field of a live `rte_pci_device`.
+pub(crate) unsafe fn vfio_request(dev: *mut RteDevice) -> c_int {
+    let _serial = REQUEST_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let p = to_pci(dev);
+    if p.is_null() || !devices().contains(&DevPtr(p)) {
+        log::error("VFIO request for a device that is not on the pci bus");
+        return -1;
+    }
+    // SAFETY: p is on the list, hence live.
+    unsafe { hot_unplug(p, false) }
+}
+
 /// `hot_unplug_handler`.
 unsafe extern "C" fn bus_hot_unplug_handler(dev: *mut RteDevice) -> c_int {
-    // SAFETY: EAL passes a device of this bus.
-    unsafe { hot_unplug(to_pci(dev), false) }
+    guard::ffi("pci bus hot_unplug_handler", -1, || {
+        // SAFETY: EAL passes a device of this bus.
+        unsafe { hot_unplug(to_pci(dev), false) }
+    })
 }
 
 /// `sigbus_handler`, called from EAL's SIGBUS handler: 1 when the address is in no
@@ -923,56 +968,66 @@ unsafe extern "C" fn bus_hot_unplug_handler(dev: *mut RteDevice) -> c_int {
 /// -1 when that failed. Only tries the list's lock (the interrupted thread may hold it)
 /// and allocates nothing.
 unsafe extern "C" fn bus_sigbus_handler(failure_addr: *const c_void) -> c_int {
-    let Ok(list) = DEVICES.try_lock() else {
-        return 1;
-    };
-    let at = failure_addr as u64;
-    let hit = list.iter().copied().find(|d| {
-        // SAFETY: devices of the list are live under its lock.
-        let res = unsafe { &(*d.0).mem_resource };
-        res.iter().any(|r| {
-            let start = r.addr as u64;
-            !r.addr.is_null() && at >= start && at - start < r.len
-        })
-    });
-    drop(list);
-    match hit {
-        None => 1,
-        // SAFETY: the device was on the list.
-        Some(d) => {
-            if unsafe { hot_unplug(d.0, true) } == 0 {
-                0
-            } else {
-                -1
+    guard::ffi("pci bus sigbus_handler", -1, || {
+        let Ok(list) = DEVICES.try_lock() else {
+            return 1;
+        };
+        let at = failure_addr as u64;
+        let hit = list.iter().copied().find(|d| {
+            // SAFETY: devices of the list are live under its lock.
+            let res = unsafe { &(*d.0).mem_resource };
+            res.iter().any(|r| {
+                let start = r.addr as u64;
+                !r.addr.is_null() && at >= start && at - start < r.len
+            })
+        });
+        drop(list);
+        match hit {
+            None => 1,
+            // SAFETY: the device was on the list.
+            Some(d) => {
+                if unsafe { hot_unplug(d.0, true) } == 0 {
+                    0
+                } else {
+                    -1
+                }
             }
         }
-    }
+    })
 }
 
-/// `cleanup` (`rte_eal_cleanup`): removes every device from its driver and frees it; -1
-/// when a driver's remove failed.
+/// `cleanup` (`rte_eal_cleanup`): removes every device from its driver, releases it from
+/// VFIO and frees it; -1 when a driver's remove failed.
 unsafe extern "C" fn bus_cleanup() -> c_int {
-    let taken: Vec<DevPtr> = std::mem::take(&mut *devices());
-    let mut error = 0;
-    for d in taken {
-        let p = d.0;
-        // SAFETY: p is off the list now and live; its driver is live while registered.
-        unsafe {
-            let dr = (*p).driver;
-            if !dr.is_null()
-                && let Some(remove) = (*dr).remove
-            {
-                if remove(p) < 0 {
-                    error = -1;
+    guard::ffi("pci bus cleanup", -1, || {
+        let taken: Vec<DevPtr> = std::mem::take(&mut *devices());
+        let mut error = 0;
+        for d in taken {
+            let p = d.0;
+            // SAFETY: p is off the list now and live; its driver is live while registered.
+            unsafe {
+                let dr = (*p).driver;
+                if !dr.is_null()
+                    && let Some(remove) = (*dr).remove
+                {
+                    if remove(p) < 0 {
+                        error = -1;
+                    }
+                    (*p).driver = ptr::null_mut();
+                    (*p).device.driver = ptr::null();
                 }
-                (*p).driver = ptr::null_mut();
-                (*p).device.driver = ptr::null();
+                // Unlike the stock bus (which leaves the mapping to the process's exit), a
+                // device held through VFIO is released here: its request notifier's
+                // callback must not outlive the device struct freed below.
+                if (*p).kdrv == RTE_PCI_KDRV_VFIO && crate::vfio_pci::is_held(&scan::device_name((*p).addr)) {
+                    unmap_device(p);
+                }
+                free_intr_handles(p);
+                free_device(p);
             }
-            free_intr_handles(p);
-            free_device(p);
         }
-    }
-    error
+        error
+    })
 }
 
 /// The text of `rte_pci_dump` for one device.

@@ -4,12 +4,16 @@
 //!
 //! The `config` file takes no device lock (unlike `sriov_numvfs`), so it is safe on a device
 //! whose removal is pending; the kernel serves it for any driver binding (vfio-pci, uio, none).
-//! TODO(issue 18): read through the VFIO config region when this process holds the device.
+//! A device this process has mapped through VFIO is read and written through its VFIO
+//! config region instead (as the stock bus does), so vfio-pci's virtualisation of config
+//! space (Command, MSI/MSI-X, BARs) sees every access.
 
 use std::fs::OpenOptions;
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
+
+use crate::vfio_pci;
 
 /// Where the PCI devices are: `$SYSFS_PCI_DEVICES`, else `/sys/bus/pci/devices` (as DPDK).
 pub fn sysfs_devices_dir() -> PathBuf {
@@ -22,6 +26,12 @@ fn config_path(name: &str) -> PathBuf {
 
 /// Reads up to `buf.len()` bytes at `offset` of `name`'s config space; the count read.
 pub fn read(name: &str, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+    let len = buf.len();
+    if let Some(r) =
+        vfio_pci::config_access(name, offset, len, |fd, pos| vfio_pci::sys::read_at(fd, buf, pos))
+    {
+        return r;
+    }
     OpenOptions::new()
         .read(true)
         .open(config_path(name))?
@@ -30,6 +40,11 @@ pub fn read(name: &str, buf: &mut [u8], offset: u64) -> io::Result<usize> {
 
 /// Writes `buf` at `offset` of `name`'s config space; the count written.
 pub fn write(name: &str, buf: &[u8], offset: u64) -> io::Result<usize> {
+    if let Some(r) = vfio_pci::config_access(name, offset, buf.len(), |fd, pos| {
+        vfio_pci::sys::write_at(fd, buf, pos)
+    }) {
+        return r;
+    }
     OpenOptions::new()
         .write(true)
         .open(config_path(name))?

@@ -21,7 +21,9 @@ use crate::config;
 use crate::drivers::{self, DriverPtr};
 use crate::ffi::types::measured::{RTE_PCI_KDRV_IGB_UIO, RTE_PCI_KDRV_UIO_GENERIC, RTE_PCI_KDRV_VFIO};
 use crate::ffi::types::{RtePciDevice, RtePciDriver, RtePciIoport};
+use crate::guard;
 use crate::log;
+use crate::vfio_pci;
 
 /// Exports `$f` under the C name `$name` (an alias symbol; its version comes from
 /// abi/version.map).
@@ -74,36 +76,40 @@ unsafe fn device_name(dev: *const RtePciDevice) -> Option<String> {
 /// `void rte_pci_dump(FILE *f)`: each device of the bus, as the stock bus prints it (the
 /// address, vendor and device ids, then each BAR's address and length).
 unsafe extern "C" fn pci_dump(f: *mut FILE) {
-    if f.is_null() {
-        return;
-    }
-    for p in busops::snapshot() {
-        // SAFETY: p is a device of the list; C does not unplug devices while dumping them.
-        let Ok(text) = std::ffi::CString::new(unsafe { busops::dump_text(p) }) else {
-            continue;
-        };
-        // SAFETY: f is the caller's open stream; text is NUL-terminated.
-        unsafe { libc::fputs(text.as_ptr(), f) };
-    }
+    guard::ffi("rte_pci_dump", (), || {
+        if f.is_null() {
+            return;
+        }
+        for p in busops::snapshot() {
+            // SAFETY: p is a device of the list; C does not unplug devices while dumping them.
+            let Ok(text) = std::ffi::CString::new(unsafe { busops::dump_text(p) }) else {
+                continue;
+            };
+            // SAFETY: f is the caller's open stream; text is NUL-terminated.
+            unsafe { libc::fputs(text.as_ptr(), f) };
+        }
+    })
 }
 
 /// `off_t rte_pci_find_ext_capability(struct rte_pci_device *dev, uint32_t cap)`: the
 /// capability's offset, 0 when absent, -1 on error.
 unsafe extern "C" fn pci_find_ext_capability(dev: *mut RtePciDevice, cap: u32) -> off_t {
-    // SAFETY: C passes a live device or null.
-    let Some(name) = (unsafe { device_name(dev) }) else {
-        log::error("rte_pci_find_ext_capability: no device");
-        return -1;
-    };
-    let Ok(cap) = u16::try_from(cap) else { return 0 };
-    match config::find_ext_capability(&name, cap) {
-        Ok(Some(pos)) => pos as off_t,
-        Ok(None) => 0,
-        Err(e) => {
-            log::error(&format!("{name}: reading extended capabilities: {e}"));
-            -1
+    guard::ffi("rte_pci_find_ext_capability", -1, || {
+        // SAFETY: C passes a live device or null.
+        let Some(name) = (unsafe { device_name(dev) }) else {
+            log::error("rte_pci_find_ext_capability: no device");
+            return -1;
+        };
+        let Ok(cap) = u16::try_from(cap) else { return 0 };
+        match config::find_ext_capability(&name, cap) {
+            Ok(Some(pos)) => pos as off_t,
+            Ok(None) => 0,
+            Err(e) => {
+                log::error(&format!("{name}: reading extended capabilities: {e}"));
+                -1
+            }
         }
-    }
+    })
 }
 
 /// `const char *rte_pci_get_sysfs_path(void)`: `$SYSFS_PCI_DEVICES` or
@@ -119,64 +125,173 @@ unsafe extern "C" fn pci_get_sysfs_path() -> *const c_char {
     }
 }
 
-/// `int rte_pci_ioport_map(struct rte_pci_device *dev, int bar, struct rte_pci_ioport *p)`.
-/// TODO(issue 18): not implemented; -1.
-unsafe extern "C" fn pci_ioport_map(_dev: *mut RtePciDevice, bar: c_int, _p: *mut RtePciIoport) -> c_int {
-    log::error(&format!(
-        "rte_pci_ioport_map(bar {bar}): not implemented by pcibus yet"
-    ));
-    -1
+/// `int rte_pci_ioport_map(struct rte_pci_device *dev, int bar, struct rte_pci_ioport *p)`:
+/// for a device mapped through VFIO, `p->base` is BAR `bar`'s region offset in the device
+/// fd (reads and writes pread/pwrite there, as 22.11 does); 0, or -1 with a log line (a bad
+/// BAR, a device not mapped, UIO: not implemented).
+unsafe extern "C" fn pci_ioport_map(dev: *mut RtePciDevice, bar: c_int, p: *mut RtePciIoport) -> c_int {
+    guard::ffi("rte_pci_ioport_map", -1, || {
+        // SAFETY: C passes a live device and ioport (or null).
+        unsafe { ioport_map(dev, bar, p) }
+    })
 }
 
-/// `void rte_pci_ioport_read(struct rte_pci_ioport *p, void *data, size_t len, off_t
-/// offset)`. TODO(issue 18): not implemented; fills `data` with 0xff (what a read of an
-/// absent device returns) so callers never see stale memory.
-unsafe extern "C" fn pci_ioport_read(_p: *mut RtePciIoport, data: *mut c_void, len: usize, _offset: off_t) {
-    log::error("rte_pci_ioport_read: not implemented by pcibus yet");
-    if !data.is_null() {
-        // SAFETY: the caller passes a buffer of len writable bytes.
-        unsafe { core::ptr::write_bytes(data.cast::<u8>(), 0xff, len) };
+/// # Safety
+/// `dev` and `p` are null or live.
+unsafe fn ioport_map(dev: *mut RtePciDevice, bar: c_int, p: *mut RtePciIoport) -> c_int {
+    // SAFETY: per the contract.
+    let Some(name) = (unsafe { device_name(dev) }) else {
+        log::error("rte_pci_ioport_map: no device");
+        return -1;
+    };
+    if p.is_null() {
+        log::error(&format!("rte_pci_ioport_map({name}, bar {bar}): null ioport"));
+        return -1;
+    }
+    // SAFETY: dev is live.
+    let kdrv = unsafe { (*dev).kdrv };
+    if kdrv != RTE_PCI_KDRV_VFIO {
+        log::error(&format!(
+            "rte_pci_ioport_map({name}, bar {bar}): only devices bound to vfio-pci are supported by pcibus (kdrv {kdrv})"
+        ));
+        return -1;
+    }
+    let Some(index) = usize::try_from(bar).ok().filter(|&b| b < vfio_pci::plan::BARS) else {
+        log::error(&format!("rte_pci_ioport_map({name}): invalid bar ({bar})"));
+        return -1;
+    };
+    match vfio_pci::ioport_base(&name, index) {
+        Some(base) => {
+            // SAFETY: p is the caller's live ioport.
+            unsafe {
+                (*p).dev = dev;
+                (*p).base = base;
+                (*p).len = 0;
+            }
+            0
+        }
+        None => {
+            log::error(&format!(
+                "rte_pci_ioport_map({name}, bar {bar}): the device is not mapped through VFIO by this process \
+                 (rte_pci_map_device first) or has no such BAR"
+            ));
+            -1
+        }
     }
 }
 
-/// `int rte_pci_ioport_unmap(struct rte_pci_ioport *p)`. TODO(issue 18): -1.
-unsafe extern "C" fn pci_ioport_unmap(_p: *mut RtePciIoport) -> c_int {
-    log::error("rte_pci_ioport_unmap: not implemented by pcibus yet");
-    -1
+/// The device and fd position of an ioport access; logs and gives `None` when unusable.
+///
+/// # Safety
+/// `p` is null or a live ioport whose `dev` is null or live.
+unsafe fn ioport_target(call: &str, p: *const RtePciIoport, offset: off_t) -> Option<(String, u64, u64)> {
+    if p.is_null() {
+        log::error(&format!("{call}: null ioport"));
+        return None;
+    }
+    // SAFETY: per the contract.
+    let (dev, base) = unsafe { ((*p).dev, (*p).base) };
+    // SAFETY: per the contract.
+    let Some(name) = (unsafe { device_name(dev) }) else {
+        log::error(&format!("{call}: ioport without a device"));
+        return None;
+    };
+    let Ok(offset) = u64::try_from(offset) else {
+        log::error(&format!("{call}({name}): negative offset {offset}"));
+        return None;
+    };
+    Some((name, base, offset))
+}
+
+/// `void rte_pci_ioport_read(struct rte_pci_ioport *p, void *data, size_t len, off_t
+/// offset)`: pread of the BAR's VFIO region; on failure a log line and `data` untouched
+/// (as the stock bus).
+unsafe extern "C" fn pci_ioport_read(p: *mut RtePciIoport, data: *mut c_void, len: usize, offset: off_t) {
+    guard::ffi("rte_pci_ioport_read", (), || {
+        // SAFETY: C passes a live ioport (or null).
+        let Some((name, base, offset)) = (unsafe { ioport_target("rte_pci_ioport_read", p, offset) }) else {
+            return;
+        };
+        if data.is_null() {
+            return;
+        }
+        // SAFETY: the caller passes len writable bytes at data.
+        let r = vfio_pci::ioport_access(&name, base, offset, |fd, pos| unsafe {
+            vfio_pci::sys::read_raw(fd, data.cast(), len, pos)
+        });
+        ioport_result("rte_pci_ioport_read", &name, base, offset, r);
+    });
 }
 
 /// `void rte_pci_ioport_write(struct rte_pci_ioport *p, const void *data, size_t len,
-/// off_t offset)`. TODO(issue 18): not implemented; drops the write.
-unsafe extern "C" fn pci_ioport_write(
-    _p: *mut RtePciIoport,
-    _data: *const c_void,
-    _len: usize,
-    _offset: off_t,
-) {
-    log::error("rte_pci_ioport_write: not implemented by pcibus yet");
+/// off_t offset)`: pwrite of the BAR's VFIO region; on failure a log line.
+unsafe extern "C" fn pci_ioport_write(p: *mut RtePciIoport, data: *const c_void, len: usize, offset: off_t) {
+    guard::ffi("rte_pci_ioport_write", (), || {
+        // SAFETY: C passes a live ioport (or null).
+        let Some((name, base, offset)) = (unsafe { ioport_target("rte_pci_ioport_write", p, offset) }) else {
+            return;
+        };
+        if data.is_null() {
+            return;
+        }
+        // SAFETY: the caller passes len readable bytes at data.
+        let r = vfio_pci::ioport_access(&name, base, offset, |fd, pos| unsafe {
+            vfio_pci::sys::write_raw(fd, data.cast(), len, pos)
+        });
+        ioport_result("rte_pci_ioport_write", &name, base, offset, r);
+    });
+}
+
+fn ioport_result(call: &str, name: &str, base: u64, offset: u64, r: Option<Option<std::io::Result<usize>>>) {
+    let why = match r {
+        Some(Some(Ok(n))) if n > 0 => return,
+        Some(Some(Ok(_))) => "nothing transferred".to_owned(),
+        Some(Some(Err(e))) => e.to_string(),
+        Some(None) => "offset overflows".to_owned(),
+        None => "the device is no longer mapped".to_owned(),
+    };
+    log::error(&format!(
+        "{call}({name}): PCI BAR region at {base:#x}, offset {offset:#x}: {why}"
+    ));
+}
+
+/// `int rte_pci_ioport_unmap(struct rte_pci_ioport *p)`: nothing was mapped for a VFIO
+/// port (accesses are preads), so 0. (22.11 returns -1 here for VFIO; virtio, its only
+/// user, ignores the value.)
+unsafe extern "C" fn pci_ioport_unmap(p: *mut RtePciIoport) -> c_int {
+    guard::ffi("rte_pci_ioport_unmap", -1, || {
+        if p.is_null() {
+            return -1;
+        }
+        0
+    })
 }
 
 /// `int rte_pci_map_device(struct rte_pci_device *dev)`.
 unsafe extern "C" fn pci_map_device(dev: *mut RtePciDevice) -> c_int {
     // SAFETY: C passes a live device or null.
-    unsafe { map_device(dev) }
+    guard::ffi("rte_pci_map_device", -1, || unsafe { map_device(dev) })
 }
 
-/// The stock bus's dispatch on `kdrv`: 1 ("skipped": the probe moves on to the next
-/// driver) for a device bound to no driver DPDK maps through. TODO(issue 18): VFIO (BARs
-/// through EAL's container, `rte_vfio_setup_device`) and UIO mapping: -1 with a log line.
+/// The stock bus's dispatch on `kdrv`: VFIO through EAL's container ([`vfio_pci::map`]);
+/// 1 ("skipped": the probe moves on to the next driver) for a device bound to no driver
+/// DPDK maps through. UIO: -1 with a log line (not implemented by pcibus).
 ///
 /// # Safety
 /// `dev` is null or a live device.
 pub(crate) unsafe fn map_device(dev: *mut RtePciDevice) -> c_int {
     if dev.is_null() {
+        log::error("rte_pci_map_device: no device");
         return -1;
     }
     // SAFETY: per the contract.
     let (kdrv, name) = unsafe { ((*dev).kdrv, device_name(dev).unwrap_or_default()) };
-    if kdrv == RTE_PCI_KDRV_VFIO || kdrv == RTE_PCI_KDRV_IGB_UIO || kdrv == RTE_PCI_KDRV_UIO_GENERIC {
+    if kdrv == RTE_PCI_KDRV_VFIO {
+        // SAFETY: per the contract.
+        unsafe { vfio_pci::map(dev, &name) }
+    } else if kdrv == RTE_PCI_KDRV_IGB_UIO || kdrv == RTE_PCI_KDRV_UIO_GENERIC {
         log::error(&format!(
-            "rte_pci_map_device({name}): mapping BARs is not implemented by pcibus yet"
+            "rte_pci_map_device({name}): mapping BARs of UIO devices is not implemented by pcibus"
         ));
         -1
     } else {
@@ -187,31 +302,43 @@ pub(crate) unsafe fn map_device(dev: *mut RtePciDevice) -> c_int {
     }
 }
 
-/// Undoes [`map_device`]: nothing is mapped yet, so nothing to undo.
+/// Undoes [`map_device`].
 ///
 /// # Safety
 /// `dev` is null or a live device.
-pub(crate) unsafe fn unmap_device(_dev: *mut RtePciDevice) {}
+pub(crate) unsafe fn unmap_device(dev: *mut RtePciDevice) {
+    if dev.is_null() {
+        return;
+    }
+    // SAFETY: per the contract.
+    let (kdrv, name) = unsafe { ((*dev).kdrv, device_name(dev).unwrap_or_default()) };
+    if kdrv == RTE_PCI_KDRV_VFIO {
+        // SAFETY: per the contract.
+        unsafe { vfio_pci::unmap(dev, &name) };
+    }
+}
 
 /// `int rte_pci_pasid_set_state(const struct rte_pci_device *dev, off_t offset, bool
 /// enable)`: writes the PASID Control register (at `offset`, the capability's offset + 6)
 /// with Enable set or clear; 0 or -1.
 unsafe extern "C" fn pci_pasid_set_state(dev: *const RtePciDevice, offset: off_t, enable: bool) -> c_int {
-    // SAFETY: C passes a live device or null.
-    let Some(name) = (unsafe { device_name(dev) }) else {
-        return -1;
-    };
-    let Ok(offset) = u64::try_from(offset) else {
-        return -1;
-    };
-    match config::write(&name, &u16::from(enable).to_le_bytes(), offset) {
-        Ok(2) => 0,
-        Ok(_) => -1,
-        Err(e) => {
-            log::error(&format!("{name}: writing PASID control at {offset:#x}: {e}"));
-            -1
+    guard::ffi("rte_pci_pasid_set_state", -1, || {
+        // SAFETY: C passes a live device or null.
+        let Some(name) = (unsafe { device_name(dev) }) else {
+            return -1;
+        };
+        let Ok(offset) = u64::try_from(offset) else {
+            return -1;
+        };
+        match config::write(&name, &u16::from(enable).to_le_bytes(), offset) {
+            Ok(2) => 0,
+            Ok(_) => -1,
+            Err(e) => {
+                log::error(&format!("{name}: writing PASID control at {offset:#x}: {e}"));
+                -1
+            }
         }
-    }
+    })
 }
 
 /// `int rte_pci_read_config(const struct rte_pci_device *device, void *buf, size_t len,
@@ -222,25 +349,27 @@ unsafe extern "C" fn pci_read_config(
     len: usize,
     offset: off_t,
 ) -> c_int {
-    // SAFETY: C passes a live device or null.
-    let Some(name) = (unsafe { device_name(dev) }) else {
-        return -1;
-    };
-    let (Ok(offset), false) = (u64::try_from(offset), buf.is_null()) else {
-        return -1;
-    };
-    // SAFETY: the caller passes a buffer of len writable bytes (non-null, checked above);
-    // nothing else accesses it during the call.
-    let buf = unsafe { core::slice::from_raw_parts_mut(buf.cast::<u8>(), len) };
-    match config::read(&name, buf, offset) {
-        Ok(n) => c_int::try_from(n).unwrap_or(c_int::MAX),
-        Err(e) => {
-            log::error(&format!(
-                "{name}: reading {len} bytes of config space at {offset:#x}: {e}"
-            ));
-            -1
+    guard::ffi("rte_pci_read_config", -1, || {
+        // SAFETY: C passes a live device or null.
+        let Some(name) = (unsafe { device_name(dev) }) else {
+            return -1;
+        };
+        let (Ok(offset), false) = (u64::try_from(offset), buf.is_null()) else {
+            return -1;
+        };
+        // SAFETY: the caller passes a buffer of len writable bytes (non-null, checked above);
+        // nothing else accesses it during the call.
+        let buf = unsafe { core::slice::from_raw_parts_mut(buf.cast::<u8>(), len) };
+        match config::read(&name, buf, offset) {
+            Ok(n) => c_int::try_from(n).unwrap_or(c_int::MAX),
+            Err(e) => {
+                log::error(&format!(
+                    "{name}: reading {len} bytes of config space at {offset:#x}: {e}"
+                ));
+                -1
+            }
         }
-    }
+    })
 }
 
 /// `int rte_pci_write_config(const struct rte_pci_device *device, const void *buf, size_t
@@ -251,62 +380,70 @@ unsafe extern "C" fn pci_write_config(
     len: usize,
     offset: off_t,
 ) -> c_int {
-    // SAFETY: C passes a live device or null.
-    let Some(name) = (unsafe { device_name(dev) }) else {
-        return -1;
-    };
-    let (Ok(offset), false) = (u64::try_from(offset), buf.is_null()) else {
-        return -1;
-    };
-    // SAFETY: the caller passes len readable bytes (non-null, checked above).
-    let buf = unsafe { core::slice::from_raw_parts(buf.cast::<u8>(), len) };
-    match config::write(&name, buf, offset) {
-        Ok(n) => c_int::try_from(n).unwrap_or(c_int::MAX),
-        Err(e) => {
-            log::error(&format!(
-                "{name}: writing {len} bytes of config space at {offset:#x}: {e}"
-            ));
-            -1
+    guard::ffi("rte_pci_write_config", -1, || {
+        // SAFETY: C passes a live device or null.
+        let Some(name) = (unsafe { device_name(dev) }) else {
+            return -1;
+        };
+        let (Ok(offset), false) = (u64::try_from(offset), buf.is_null()) else {
+            return -1;
+        };
+        // SAFETY: the caller passes len readable bytes (non-null, checked above).
+        let buf = unsafe { core::slice::from_raw_parts(buf.cast::<u8>(), len) };
+        match config::write(&name, buf, offset) {
+            Ok(n) => c_int::try_from(n).unwrap_or(c_int::MAX),
+            Err(e) => {
+                log::error(&format!(
+                    "{name}: writing {len} bytes of config space at {offset:#x}: {e}"
+                ));
+                -1
+            }
         }
-    }
+    })
 }
 
 /// `void rte_pci_register(struct rte_pci_driver *driver)`: called by each PMD's
 /// constructor (`RTE_PMD_REGISTER_PCI`), possibly before `main`.
 unsafe extern "C" fn pci_register(driver: *mut RtePciDriver) {
-    if driver.is_null() {
-        log::error("rte_pci_register: null driver");
-        return;
-    }
-    drivers::register(DriverPtr(driver));
+    guard::ffi("rte_pci_register", (), || {
+        if driver.is_null() {
+            log::error("rte_pci_register: null driver");
+            return;
+        }
+        drivers::register(DriverPtr(driver));
+    })
 }
 
 /// `void rte_pci_unregister(struct rte_pci_driver *driver)`.
 unsafe extern "C" fn pci_unregister(driver: *mut RtePciDriver) {
-    if !drivers::unregister(DriverPtr(driver)) {
-        log::warn("rte_pci_unregister: driver was not registered");
-    }
+    guard::ffi("rte_pci_unregister", (), || {
+        if !drivers::unregister(DriverPtr(driver)) {
+            log::warn("rte_pci_unregister: driver was not registered");
+        }
+    })
 }
 
 /// `int rte_pci_set_bus_master(struct rte_pci_device *dev, bool enable)`: 0 or -1.
 unsafe extern "C" fn pci_set_bus_master(dev: *mut RtePciDevice, enable: bool) -> c_int {
-    // SAFETY: C passes a live device or null.
-    let Some(name) = (unsafe { device_name(dev) }) else {
-        return -1;
-    };
-    match config::set_bus_master(&name, enable) {
-        Ok(()) => 0,
-        Err(e) => {
-            log::error(&format!("{name}: setting bus master {enable}: {e}"));
-            -1
+    guard::ffi("rte_pci_set_bus_master", -1, || {
+        // SAFETY: C passes a live device or null.
+        let Some(name) = (unsafe { device_name(dev) }) else {
+            return -1;
+        };
+        match config::set_bus_master(&name, enable) {
+            Ok(()) => 0,
+            Err(e) => {
+                log::error(&format!("{name}: setting bus master {enable}: {e}"));
+                -1
+            }
         }
-    }
+    })
 }
 
 /// `void rte_pci_unmap_device(struct rte_pci_device *dev)`.
 unsafe extern "C" fn pci_unmap_device(dev: *mut RtePciDevice) {
     // SAFETY: C passes a live device or null.
-    unsafe { unmap_device(dev) }
+    guard::ffi("rte_pci_unmap_device", (), || unsafe { unmap_device(dev) })
 }
 
 #[cfg(test)]
@@ -328,6 +465,66 @@ mod tests {
         assert_eq!(unsafe { device_name(&dev) }, None);
         // SAFETY: null is allowed.
         assert_eq!(unsafe { device_name(core::ptr::null()) }, None);
+    }
+
+    fn vfio_device(name: &str) -> RtePciDevice {
+        // SAFETY: an all-zero rte_pci_device is valid (null pointers, zero numbers).
+        let mut dev: RtePciDevice = unsafe { core::mem::zeroed() };
+        for (d, s) in dev.name.iter_mut().zip(name.as_bytes()) {
+            *d = *s as c_char;
+        }
+        dev.kdrv = RTE_PCI_KDRV_VFIO;
+        dev
+    }
+
+    /// Without EAL's VFIO (no rte_eal_init here) mapping a vfio-pci device fails with -1
+    /// and a log line, and nothing is held; unmapping it is harmless.
+    #[test]
+    fn map_without_eal_vfio_fails_cleanly() {
+        let mut dev = vfio_device("0000:00:09.0");
+        // SAFETY: dev is a live device.
+        assert_eq!(unsafe { pci_map_device(&mut dev) }, -1);
+        assert!(!vfio_pci::is_held("0000:00:09.0"));
+        assert!(dev.mem_resource.iter().all(|r| r.addr.is_null()));
+        // SAFETY: as above; null is allowed too.
+        unsafe {
+            pci_unmap_device(&mut dev);
+            pci_unmap_device(core::ptr::null_mut());
+            assert_eq!(pci_map_device(core::ptr::null_mut()), -1);
+        }
+        // A device bound to no driver DPDK maps through is skipped (1), as the stock bus.
+        dev.kdrv = crate::ffi::types::measured::RTE_PCI_KDRV_UNKNOWN;
+        // SAFETY: as above.
+        assert_eq!(unsafe { pci_map_device(&mut dev) }, 1);
+    }
+
+    /// I/O ports of a device not mapped through VFIO, bad BARs and null pointers: -1, data
+    /// untouched, no panic.
+    #[test]
+    fn ioport_error_paths() {
+        let mut dev = vfio_device("0000:00:0a.0");
+        // SAFETY: an all-zero ioport is valid.
+        let mut port: RtePciIoport = unsafe { core::mem::zeroed() };
+        // SAFETY: live device and ioport, or null where the call allows it.
+        unsafe {
+            assert_eq!(pci_ioport_map(&mut dev, 0, &mut port), -1, "not mapped");
+            assert_eq!(pci_ioport_map(&mut dev, 6, &mut port), -1, "bad bar");
+            assert_eq!(pci_ioport_map(&mut dev, -1, &mut port), -1, "bad bar");
+            assert_eq!(pci_ioport_map(&mut dev, 0, core::ptr::null_mut()), -1);
+            assert_eq!(pci_ioport_map(core::ptr::null_mut(), 0, &mut port), -1);
+            dev.kdrv = RTE_PCI_KDRV_IGB_UIO;
+            assert_eq!(pci_ioport_map(&mut dev, 0, &mut port), -1, "UIO");
+            port.dev = &mut dev;
+            port.base = 4 << 40;
+            let mut data = [0x5au8; 4];
+            pci_ioport_read(&mut port, data.as_mut_ptr().cast(), 4, 0);
+            assert_eq!(data, [0x5a; 4], "read of an unmapped device leaves data alone");
+            pci_ioport_write(&mut port, data.as_ptr().cast(), 4, 0);
+            pci_ioport_read(&mut port, data.as_mut_ptr().cast(), 4, -1);
+            pci_ioport_read(core::ptr::null_mut(), data.as_mut_ptr().cast(), 4, 0);
+            assert_eq!(pci_ioport_unmap(&mut port), 0);
+            assert_eq!(pci_ioport_unmap(core::ptr::null_mut()), -1);
+        }
     }
 
     #[test]

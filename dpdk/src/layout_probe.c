@@ -11,6 +11,10 @@
 #include <bus_driver.h>
 #include <dev_driver.h>
 #include <bus_pci_driver.h>
+#include <rte_eal.h>
+#include <rte_interrupts.h>
+#include <rte_pci_dev_feature_defs.h>
+#include <linux/vfio.h>
 
 #define SIZE(R, C)                                                                        \
 	printf("pub const SIZE_%s: usize = %zu;\n"                                          \
@@ -151,5 +155,38 @@ int main(void)
 	printf("pub const RTE_PRIORITY_BUS: u32 = %d;\n", RTE_PRIORITY_BUS);
 	printf("pub const RTE_PCI_ANY_ID: u16 = %d;\n", RTE_PCI_ANY_ID);
 	printf("pub const RTE_CLASS_ANY_ID: u32 = %d;\n", RTE_CLASS_ANY_ID);
+
+	/* VFIO mapping and interrupts (src/vfio_pci): the kernel's uapi as Debian builds
+	 * against it, and EAL's interrupt enums. */
+	SIZE(VfioDeviceInfo, struct vfio_device_info);
+	OFF(VfioDeviceInfo, struct vfio_device_info, argsz);
+	OFF(VfioDeviceInfo, struct vfio_device_info, num_regions);
+	OFF(VfioDeviceInfo, struct vfio_device_info, num_irqs);
+	SIZE(VfioIrqInfo, struct vfio_irq_info);
+	OFF(VfioIrqInfo, struct vfio_irq_info, argsz);
+	OFF(VfioIrqInfo, struct vfio_irq_info, flags);
+	OFF(VfioIrqInfo, struct vfio_irq_info, index);
+	OFF(VfioIrqInfo, struct vfio_irq_info, count);
+	printf("pub const VFIO_DEVICE_GET_REGION_INFO: u64 = %lu;\n", (unsigned long)VFIO_DEVICE_GET_REGION_INFO);
+	printf("pub const VFIO_DEVICE_GET_IRQ_INFO: u64 = %lu;\n", (unsigned long)VFIO_DEVICE_GET_IRQ_INFO);
+	printf("pub const VFIO_DEVICE_RESET: u64 = %lu;\n", (unsigned long)VFIO_DEVICE_RESET);
+	printf("pub const VFIO_REGION_INFO_LEN: usize = %zu;\n", sizeof(struct vfio_region_info));
+	printf("pub const VFIO_PCI_INTX_IRQ_INDEX: u32 = %d;\n", VFIO_PCI_INTX_IRQ_INDEX);
+	printf("pub const VFIO_PCI_MSI_IRQ_INDEX: u32 = %d;\n", VFIO_PCI_MSI_IRQ_INDEX);
+	printf("pub const VFIO_PCI_MSIX_IRQ_INDEX: u32 = %d;\n", VFIO_PCI_MSIX_IRQ_INDEX);
+	printf("pub const VFIO_PCI_REQ_IRQ_INDEX: u32 = %d;\n", VFIO_PCI_REQ_IRQ_INDEX);
+	printf("pub const VFIO_PCI_CONFIG_REGION_INDEX: u32 = %d;\n", VFIO_PCI_CONFIG_REGION_INDEX);
+	printf("pub const VFIO_PCI_BAR5_REGION_INDEX: u32 = %d;\n", VFIO_PCI_BAR5_REGION_INDEX);
+	printf("pub const VFIO_IRQ_INFO_EVENTFD: u32 = %d;\n", VFIO_IRQ_INFO_EVENTFD);
+	printf("pub const RTE_INTR_HANDLE_UNKNOWN: c_int = %d;\n", RTE_INTR_HANDLE_UNKNOWN);
+	printf("pub const RTE_INTR_HANDLE_VFIO_LEGACY: c_int = %d;\n", RTE_INTR_HANDLE_VFIO_LEGACY);
+	printf("pub const RTE_INTR_HANDLE_VFIO_MSI: c_int = %d;\n", RTE_INTR_HANDLE_VFIO_MSI);
+	printf("pub const RTE_INTR_HANDLE_VFIO_MSIX: c_int = %d;\n", RTE_INTR_HANDLE_VFIO_MSIX);
+	printf("pub const RTE_INTR_HANDLE_VFIO_REQ: c_int = %d;\n", RTE_INTR_HANDLE_VFIO_REQ);
+	printf("pub const RTE_INTR_MODE_NONE: c_int = %d;\n", RTE_INTR_MODE_NONE);
+	printf("pub const RTE_INTR_MODE_LEGACY: c_int = %d;\n", RTE_INTR_MODE_LEGACY);
+	printf("pub const RTE_INTR_MODE_MSI: c_int = %d;\n", RTE_INTR_MODE_MSI);
+	printf("pub const RTE_INTR_MODE_MSIX: c_int = %d;\n", RTE_INTR_MODE_MSIX);
+	printf("pub const RTE_PROC_PRIMARY: c_int = %d;\n", RTE_PROC_PRIMARY);
 	return 0;
 }

@@ -9,6 +9,8 @@ pub mod config;
 pub mod drivers;
 mod exports;
 pub mod ffi;
+pub mod guard;
 pub mod log;
 pub mod matching;
 pub mod scan;
+pub mod vfio_pci;

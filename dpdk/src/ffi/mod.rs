@@ -131,3 +131,79 @@ pub mod errno {
         pub fn pcibus_dpdk_set_rte_errno(value: c_int);
     }
 }
+
+/// EAL's VFIO and interrupt-handle functions the mapping uses (`src/vfio_pci`), with the
+/// version nodes the stock bus imports them from.
+pub mod eal_vfio {
+    use core::ffi::{c_char, c_int, c_void};
+
+    use super::types::{RteIntrHandle, VfioDeviceInfo};
+
+    /// `rte_intr_callback_fn`.
+    pub type IntrCallback = unsafe extern "C" fn(cb_arg: *mut c_void);
+
+    unsafe extern "C" {
+        /// `int rte_vfio_setup_device(const char *sysfs_base, const char *dev_addr, int
+        /// *vfio_dev_fd, struct vfio_device_info *device_info)`: the device's fd, its group
+        /// in EAL's default container (with EAL's DMA mappings); 0, 1 (not managed by VFIO:
+        /// no IOMMU group), <0 on errors.
+        pub fn rte_vfio_setup_device(
+            sysfs_base: *const c_char,
+            dev_addr: *const c_char,
+            vfio_dev_fd: *mut c_int,
+            device_info: *mut VfioDeviceInfo,
+        ) -> c_int;
+        /// `int rte_vfio_release_device(const char *sysfs_base, const char *dev_addr, int
+        /// fd)`: closes the fd, and the group when it was its last device.
+        pub fn rte_vfio_release_device(
+            sysfs_base: *const c_char,
+            dev_addr: *const c_char,
+            fd: c_int,
+        ) -> c_int;
+        /// `int rte_vfio_is_enabled(const char *modname)`.
+        pub fn rte_vfio_is_enabled(modname: *const c_char) -> c_int;
+        /// `enum rte_intr_mode rte_eal_vfio_intr_mode(void)`.
+        pub fn rte_eal_vfio_intr_mode() -> c_int;
+        /// `enum rte_proc_type_t rte_eal_process_type(void)`.
+        pub fn rte_eal_process_type() -> c_int;
+        /// `int rte_intr_fd_set(struct rte_intr_handle *intr_handle, int fd)` (EXPERIMENTAL).
+        pub fn rte_intr_fd_set(h: *mut RteIntrHandle, fd: c_int) -> c_int;
+        /// `int rte_intr_fd_get(const struct rte_intr_handle *intr_handle)` (EXPERIMENTAL).
+        pub fn rte_intr_fd_get(h: *const RteIntrHandle) -> c_int;
+        /// `int rte_intr_dev_fd_set(struct rte_intr_handle *intr_handle, int fd)` (INTERNAL).
+        pub fn rte_intr_dev_fd_set(h: *mut RteIntrHandle, fd: c_int) -> c_int;
+        /// `int rte_intr_type_set(struct rte_intr_handle *intr_handle, enum
+        /// rte_intr_handle_type type)` (EXPERIMENTAL).
+        pub fn rte_intr_type_set(h: *mut RteIntrHandle, ty: c_int) -> c_int;
+        /// `int rte_intr_nb_intr_get(const struct rte_intr_handle *intr_handle)` (INTERNAL).
+        pub fn rte_intr_nb_intr_get(h: *const RteIntrHandle) -> c_int;
+        /// `int rte_intr_event_list_update(struct rte_intr_handle *intr_handle, int size)`
+        /// (INTERNAL): grows the efds/elist arrays to `size` vectors.
+        pub fn rte_intr_event_list_update(h: *mut RteIntrHandle, size: c_int) -> c_int;
+        /// `int rte_intr_callback_register(const struct rte_intr_handle *intr_handle,
+        /// rte_intr_callback_fn cb, void *cb_arg)`.
+        pub fn rte_intr_callback_register(
+            h: *const RteIntrHandle,
+            cb: IntrCallback,
+            arg: *mut c_void,
+        ) -> c_int;
+        /// `int rte_intr_callback_unregister(const struct rte_intr_handle *intr_handle,
+        /// rte_intr_callback_fn cb, void *cb_arg)`: the count removed, or <0.
+        pub fn rte_intr_callback_unregister(
+            h: *const RteIntrHandle,
+            cb: IntrCallback,
+            arg: *mut c_void,
+        ) -> c_int;
+        /// `int rte_intr_callback_unregister_sync(...)` (EXPERIMENTAL): as
+        /// `rte_intr_callback_unregister`, waiting while the callback runs.
+        pub fn rte_intr_callback_unregister_sync(
+            h: *const RteIntrHandle,
+            cb: IntrCallback,
+            arg: *mut c_void,
+        ) -> c_int;
+        /// `int rte_intr_enable(const struct rte_intr_handle *intr_handle)`.
+        pub fn rte_intr_enable(h: *const RteIntrHandle) -> c_int;
+        /// `int rte_intr_disable(const struct rte_intr_handle *intr_handle)`.
+        pub fn rte_intr_disable(h: *const RteIntrHandle) -> c_int;
+    }
+}

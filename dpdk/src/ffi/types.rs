@@ -268,6 +268,36 @@ pub const PCI_MAX_RESOURCE: usize = 6;
 /// `PCI_PRI_STR_SIZE`: `sizeof("XXXXXXXX:XX:XX.X")` (asserted against the headers below).
 pub const PCI_PRI_STR_SIZE: usize = 17;
 
+/// `struct vfio_device_info` of `<linux/vfio.h>` (what `rte_vfio_setup_device` fills).
+#[repr(C)]
+#[derive(Debug, Default, Clone, Copy)]
+pub struct VfioDeviceInfo {
+    /// Size of the struct, set by the caller.
+    pub argsz: u32,
+    /// `VFIO_DEVICE_FLAGS_*`.
+    pub flags: u32,
+    /// Regions (BARs 0-5, ROM, config, VGA...): the highest index + 1.
+    pub num_regions: u32,
+    /// IRQ indexes: the highest + 1.
+    pub num_irqs: u32,
+    /// Offset of the first capability (unused here).
+    pub cap_offset: u32,
+}
+
+/// `struct vfio_irq_info` of `<linux/vfio.h>` (`VFIO_DEVICE_GET_IRQ_INFO`).
+#[repr(C)]
+#[derive(Debug, Default, Clone, Copy)]
+pub struct VfioIrqInfo {
+    /// Size of the struct, set by the caller.
+    pub argsz: u32,
+    /// `VFIO_IRQ_INFO_*`.
+    pub flags: u32,
+    /// The IRQ index asked about.
+    pub index: u32,
+    /// Vectors of that index.
+    pub count: u32,
+}
+
 /// What the headers say, as compile-time assertions and constants.
 pub mod measured {
     #![allow(non_upper_case_globals, dead_code, missing_docs)]
