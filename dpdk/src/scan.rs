@@ -256,6 +256,14 @@ pub fn max_vfs(root: &SysfsRoot, rec: &DeviceRecord) -> u16 {
 mod tests {
     use super::*;
     use crate::ffi::types::measured::RTE_BUS_SCAN_UNDEFINED;
+    // The removal registry is the process's: a scan of one fake tree prunes the entries
+    // of addresses that tree lacks (their removal "completed"), such as another test's
+    // pending device. Tests that scan take turns.
+    static SCANS: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    fn one_scan_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+        SCANS.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
     use pcibus::removal::registry::Reason;
     use pcibus::testing::FakeSysfs;
 
@@ -278,6 +286,7 @@ mod tests {
 
     #[test]
     fn scan_fills_ids_bars_numa_kdrv_and_max_vfs_and_skips_unbound() {
+        let _turn = one_scan_at_a_time();
         let fake = FakeSysfs::new().unwrap();
         fake.device("0000:00:04.0")
             .vendor(0x1af4)
@@ -335,6 +344,7 @@ mod tests {
 
     #[test]
     fn max_vfs_is_zero_without_reading_config_when_removal_is_pending() {
+        let _turn = one_scan_at_a_time();
         let fake = FakeSysfs::new().unwrap();
         // config is a tripwire: any open of it is counted.
         fake.device("0000:00:09.0")
@@ -374,6 +384,7 @@ mod tests {
 
     #[test]
     fn scan_applies_the_filter() {
+        let _turn = one_scan_at_a_time();
         let fake = FakeSysfs::new().unwrap();
         fake.device("0000:00:04.0").driver("vfio-pci").create().unwrap();
         fake.device("0000:00:05.0").driver("vfio-pci").create().unwrap();
