@@ -400,6 +400,26 @@ C 02  Network controller\n\
         );
     }
 
+    #[test]
+    fn a_subsystem_with_the_devices_own_ids_has_the_devices_name() {
+        // As lspci: no per-device subsystem entry, but the subsystem ids are the device's
+        // ids (virtio devices, many NICs), so the subsystem is the device itself.
+        let mut d = DeviceRecord::new("0000:00:03.0".parse().unwrap());
+        d.vendor = Some(VendorId(0x1af4));
+        d.device = Some(DeviceId(0x1041));
+        d.subsystem_vendor = Some(VendorId(0x1af4));
+        d.subsystem_device = Some(DeviceId(0x1041));
+        let mut unknown = d.clone();
+        unknown.subsystem_device = Some(DeviceId(0x1100));
+        let n = Names::from_reader_records(IDS.as_bytes(), &[d.clone(), unknown.clone()]).unwrap();
+        assert_eq!(
+            n.of(&d).subsystem_name.as_deref(),
+            Some("Virtio 1.0 network device")
+        );
+        // 1af4:1100 is a subsystem of 1af4:1042 only.
+        assert_eq!(n.of(&unknown).subsystem_name, None);
+    }
+
     proptest::proptest! {
         #[test]
         fn never_panics_on_arbitrary_bytes(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..2048)) {

@@ -398,6 +398,37 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_refused_write_says_what_it_needs() {
+        let dir = PathBuf::from("/sys/bus/pci/devices/0000:01:00.0");
+        for name in ["sriov_numvfs", "sriov_drivers_autoprobe"] {
+            let path = dir.join(name);
+            let e = VfError::Sysfs {
+                path: path.clone(),
+                value: Some("0".into()),
+                source: io::Error::from(io::ErrorKind::PermissionDenied),
+            };
+            let text = e.to_string();
+            assert!(
+                text.contains(&format!("needs root (or write access to {})", path.display())),
+                "{text}"
+            );
+            // Another failure, or a read, says no such thing.
+            let e = VfError::Sysfs {
+                path: path.clone(),
+                value: Some("0".into()),
+                source: io::Error::from(io::ErrorKind::InvalidInput),
+            };
+            assert!(!e.to_string().contains("needs root"), "{e}");
+            let e = VfError::Sysfs {
+                path,
+                value: None,
+                source: io::Error::from(io::ErrorKind::PermissionDenied),
+            };
+            assert!(!e.to_string().contains("write access"), "{e}");
+        }
+    }
+
+    #[test]
     fn sysfs_vfs_through_a_fake_tree() {
         let tmp = tempfile::tempdir().unwrap();
         let root = SysfsRoot::new(tmp.path());

@@ -1132,6 +1132,36 @@ fn address_of(name: &OsStr) -> Option<PciAddress> {
 mod tests {
     use super::*;
 
+    #[test]
+    fn a_refused_lock_file_says_what_it_needs() {
+        // The claims directory exists (created by root) but this process may not create
+        // its lock file in it, or the file is another user's.
+        let dir = ClaimDir::new(DEFAULT_DIR);
+        let address = addr("0000:01:00.0");
+        for kind in [io::ErrorKind::PermissionDenied, io::ErrorKind::ReadOnlyFilesystem] {
+            let e = ClaimError::Io {
+                address,
+                path: dir.file_of(address),
+                op: "open",
+                source: io::Error::from(kind),
+            };
+            let text = e.to_string();
+            assert!(
+                text.contains("needs root")
+                    && text.contains(&dir.file_of(address).display().to_string())
+                    && text.contains(DIR_ENV),
+                "{text}"
+            );
+        }
+        let e = ClaimError::Io {
+            address,
+            path: dir.file_of(address),
+            op: "lock",
+            source: io::Error::from(io::ErrorKind::InvalidInput),
+        };
+        assert!(!e.to_string().contains("needs root"), "{e}");
+    }
+
     fn addr(s: &str) -> PciAddress {
         s.parse().unwrap()
     }

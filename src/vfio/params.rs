@@ -76,6 +76,25 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_refused_write_says_what_it_needs() {
+        let path = PathBuf::from("/sys").join(ENABLE_SRIOV);
+        let e = ParamError::Write {
+            path: path.clone(),
+            source: io::Error::from(io::ErrorKind::PermissionDenied),
+        };
+        let text = e.to_string();
+        assert!(
+            text.contains(&format!("needs root (or write access to {})", path.display())),
+            "{text}"
+        );
+        let e = ParamError::Write {
+            path,
+            source: io::Error::from(io::ErrorKind::InvalidInput),
+        };
+        assert!(!e.to_string().contains("needs root"), "{e}");
+    }
+
+    #[test]
     fn checks_then_sets_the_parameter() {
         let tmp = tempfile::tempdir().unwrap();
         let root = SysfsRoot::new(tmp.path());
