@@ -27,8 +27,14 @@ use crate::sysfs::scan::SysfsRoot;
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum VfError {
-    /// A sysfs attribute could not be read or written.
-    #[error("cannot {} {}", value.as_ref().map_or("read".to_owned(), |v| format!("write {v:?} to")), path.display())]
+    /// A sysfs attribute could not be read or written. A write refused for lack of
+    /// permission says what it needs ([`permission_hint`](crate::sysfs::bind::permission_hint)).
+    #[error(
+        "cannot {} {}{}",
+        value.as_ref().map_or("read".to_owned(), |v| format!("write {v:?} to")),
+        path.display(),
+        value.as_ref().and(crate::sysfs::bind::permission_hint(path, source)).map(|h| format!(": {h}")).unwrap_or_default()
+    )]
     Sysfs {
         /// The attribute.
         path: PathBuf,

@@ -220,8 +220,10 @@ pub enum ClaimError {
         #[source]
         source: io::Error,
     },
-    /// An operation on a device's lock file (ours or SPDK's) failed.
-    #[error("claim of {address}: {op} {}", .path.display())]
+    /// An operation on a device's lock file (ours or SPDK's) failed. Refused for lack of
+    /// permission (a claims directory or lock file of another user, a read-only file
+    /// system), it says what is needed.
+    #[error("claim of {address}: {op} {}{}", .path.display(), lock_file_hint(.path, .source))]
     Io {
         /// The device.
         address: PciAddress,
@@ -233,6 +235,17 @@ pub enum ClaimError {
         #[source]
         source: io::Error,
     },
+}
+
+// What a lock file operation refused for lack of permission needs.
+fn lock_file_hint(path: &Path, source: &io::Error) -> String {
+    match source.kind() {
+        io::ErrorKind::PermissionDenied | io::ErrorKind::ReadOnlyFilesystem => format!(
+            ": needs root (or write access to {} and its directory), or {DIR_ENV} set to a directory this process can write",
+            path.display()
+        ),
+        _ => String::new(),
+    }
 }
 
 fn holder(pid: Option<u32>, command: Option<&str>, releasing: Option<&str>) -> String {

@@ -35,8 +35,12 @@ pub enum ParamError {
         /// What it says.
         value: String,
     },
-    /// Setting it failed.
-    #[error("cannot write Y to {}: {source}", path.display())]
+    /// Setting it failed (a refusal for lack of permission says what it needs).
+    #[error(
+        "cannot write Y to {}: {source}{}",
+        path.display(),
+        crate::sysfs::bind::permission_hint(path, source).map(|h| format!(" ({h})")).unwrap_or_default()
+    )]
     Write {
         /// The parameter's file.
         path: PathBuf,
