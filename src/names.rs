@@ -436,11 +436,21 @@ C 02  Network controller\n\
             Some("Virtio 1.0 network device")
         );
         assert_eq!(
-            n.subsystem_name(VendorId(0x1af4), DeviceId(0x1041), VendorId(0x1af4), DeviceId(0x1041)),
+            n.subsystem_name(
+                VendorId(0x1af4),
+                DeviceId(0x1041),
+                VendorId(0x1af4),
+                DeviceId(0x1041)
+            ),
             Some("Virtio 1.0 network device")
         );
         assert_eq!(
-            n.subsystem(VendorId(0x1af4), DeviceId(0x1041), VendorId(0x1af4), DeviceId(0x1041)),
+            n.subsystem(
+                VendorId(0x1af4),
+                DeviceId(0x1041),
+                VendorId(0x1af4),
+                DeviceId(0x1041)
+            ),
             None,
             "subsystem() is the pci.ids entry alone"
         );

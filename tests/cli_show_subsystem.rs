@@ -67,7 +67,11 @@ fn show_names_the_subsystem_as_lspci_v_does() {
         // lspci leaves the line out for a zero subsystem (and for bridges, whose
         // subsystem is in a capability); nothing to compare with then.
         let Some(theirs) = theirs else { continue };
-        assert_eq!(our_subsystem(address).as_deref(), Some(theirs.as_str()), "{address}");
+        assert_eq!(
+            our_subsystem(address).as_deref(),
+            Some(theirs.as_str()),
+            "{address}"
+        );
         compared += 1;
     }
     if compared == 0 {

@@ -107,7 +107,13 @@ fn setup_status_json_conforms() {
     let dir = tempfile::tempdir().unwrap();
     let v = json_of(&pcibus(
         fake.root(),
-        &["setup", "status", "--json", "--setup-dir", dir.path().to_str().unwrap()],
+        &[
+            "setup",
+            "status",
+            "--json",
+            "--setup-dir",
+            dir.path().to_str().unwrap(),
+        ],
     ));
     assert_eq!(v.as_array().map(Vec::len), Some(2), "the NVMe controllers: {v:#}");
     conforms(&v);
@@ -148,7 +154,14 @@ fn status_names_follow_the_device_objects_rules() {
             .iter()
             .find(|d| d["address"] == s["address"])
             .unwrap();
-        for key in ["vendor", "device", "class", "driver", "vendor_name", "device_name"] {
+        for key in [
+            "vendor",
+            "device",
+            "class",
+            "driver",
+            "vendor_name",
+            "device_name",
+        ] {
             assert_eq!(s[key], d[key], "{key} of {}", s["address"]);
         }
     }
