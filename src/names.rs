@@ -253,6 +253,25 @@ impl Names {
             .map(String::as_str)
     }
 
+    /// The name of a device's subsystem as `lspci` gives it (`-v`'s "Subsystem:" after the
+    /// subsystem vendor, `-vmm`'s SDevice): the `pci.ids` entry for this subsystem of this
+    /// device ([`subsystem`](Self::subsystem)), or, when the subsystem ids are the device's
+    /// own ids (virtio devices, many NICs), the device's name.
+    pub fn subsystem_name(
+        &self,
+        vendor: VendorId,
+        device: DeviceId,
+        subsystem_vendor: VendorId,
+        subsystem_device: DeviceId,
+    ) -> Option<&str> {
+        self.subsystem(vendor, device, subsystem_vendor, subsystem_device)
+            .or_else(|| {
+                (vendor == subsystem_vendor && device == subsystem_device)
+                    .then(|| self.device(vendor, device))
+                    .flatten()
+            })
+    }
+
     /// The names of one device, as the JSON output has them (`null` when unknown).
     pub fn of(&self, d: &DeviceRecord) -> DeviceNames {
         let own = |s: Option<&str>| s.map(str::to_owned);
@@ -261,7 +280,7 @@ impl Names {
             device_name: own(d.vendor.zip(d.device).and_then(|(v, dv)| self.device(v, dv))),
             subsystem_vendor_name: own(d.subsystem_vendor.and_then(|v| self.vendor(v))),
             subsystem_name: match (d.vendor, d.device, d.subsystem_vendor, d.subsystem_device) {
-                (Some(v), Some(dv), Some(sv), Some(sd)) => own(self.subsystem(v, dv, sv, sd)),
+                (Some(v), Some(dv), Some(sv), Some(sd)) => own(self.subsystem_name(v, dv, sv, sd)),
                 _ => None,
             },
             class_name: own(d.class.and_then(|c| self.base_class(c))),
@@ -398,6 +417,45 @@ C 02  Network controller\n\
             n.of(&DeviceRecord::new("0000:00:05.0".parse().unwrap())),
             DeviceNames::default()
         );
+    }
+
+    #[test]
+    fn a_subsystem_with_the_devices_own_ids_has_the_devices_name() {
+        // As lspci: no per-device subsystem entry, but the subsystem ids are the device's
+        // ids (virtio devices, many NICs), so the subsystem is the device itself.
+        let mut d = DeviceRecord::new("0000:00:03.0".parse().unwrap());
+        d.vendor = Some(VendorId(0x1af4));
+        d.device = Some(DeviceId(0x1041));
+        d.subsystem_vendor = Some(VendorId(0x1af4));
+        d.subsystem_device = Some(DeviceId(0x1041));
+        let mut unknown = d.clone();
+        unknown.subsystem_device = Some(DeviceId(0x1100));
+        let n = Names::from_reader_records(IDS.as_bytes(), &[d.clone(), unknown.clone()]).unwrap();
+        assert_eq!(
+            n.of(&d).subsystem_name.as_deref(),
+            Some("Virtio 1.0 network device")
+        );
+        assert_eq!(
+            n.subsystem_name(
+                VendorId(0x1af4),
+                DeviceId(0x1041),
+                VendorId(0x1af4),
+                DeviceId(0x1041)
+            ),
+            Some("Virtio 1.0 network device")
+        );
+        assert_eq!(
+            n.subsystem(
+                VendorId(0x1af4),
+                DeviceId(0x1041),
+                VendorId(0x1af4),
+                DeviceId(0x1041)
+            ),
+            None,
+            "subsystem() is the pci.ids entry alone"
+        );
+        // 1af4:1100 is a subsystem of 1af4:1042 only.
+        assert_eq!(n.of(&unknown).subsystem_name, None);
     }
 
     proptest::proptest! {

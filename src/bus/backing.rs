@@ -771,7 +771,7 @@ impl DeviceBacking for VfioBacking {
     fn interrupt_maskable(&self, kind: InterruptKind) -> bool {
         self.device
             .irq_info(kind.vfio_index())
-            .is_ok_and(|i| i.count > 0 && i.flags & crate::vfio::irq::INFO_MASKABLE != 0)
+            .is_ok_and(|i| i.count > 0 && i.flags.contains(crate::vfio::irq::InfoFlags::MASKABLE))
     }
     fn enable_interrupts(&self, kind: InterruptKind, count: u32) -> Result<Vec<Interrupt>, BackingError> {
         let address = self.address();

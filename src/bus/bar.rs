@@ -13,7 +13,7 @@
 
 use std::ops::Range;
 
-use crate::vfio::{RegionInfo, region_flags};
+use crate::vfio::{RegionFlags, RegionInfo};
 
 /// Offset of BAR 0's register in config space; BAR `n` is at `BAR0 + 4 * n`.
 pub const BAR0: u64 = 0x10;
@@ -273,9 +273,9 @@ impl DeviceRegion {
             size: region.size,
             region_type,
             subtype,
-            readable: region.flags & region_flags::READ != 0,
-            writable: region.flags & region_flags::WRITE != 0,
-            mappable: region.flags & region_flags::MMAP != 0,
+            readable: region.flags.contains(RegionFlags::READ),
+            writable: region.flags.contains(RegionFlags::WRITE),
+            mappable: region.flags.contains(RegionFlags::MMAP),
         })
     }
 }
@@ -285,7 +285,7 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    fn region(index: u32, size: u64, flags: u32, sparse: Option<Vec<(u64, u64)>>) -> RegionInfo {
+    fn region(index: u32, size: u64, flags: RegionFlags, sparse: Option<Vec<(u64, u64)>>) -> RegionInfo {
         RegionInfo {
             index,
             flags,
@@ -297,7 +297,9 @@ mod tests {
         }
     }
 
-    const RWM: u32 = region_flags::READ | region_flags::WRITE | region_flags::MMAP;
+    const RWM: RegionFlags = RegionFlags::READ
+        .union(RegionFlags::WRITE)
+        .union(RegionFlags::MMAP);
 
     #[test]
     fn register_bits_say_the_kind() {
@@ -317,7 +319,7 @@ mod tests {
         let r = region(
             0,
             0x4000,
-            RWM | region_flags::CAPS,
+            RWM | RegionFlags::CAPS,
             Some(vec![(0, 0x2000), (0x3000, 0x1000)]),
         );
         let info = BarInfo::from_vfio(&r, 0xfebf_0004);
@@ -339,24 +341,21 @@ mod tests {
     #[test]
     fn an_empty_region_is_absent_whatever_its_register_holds() {
         // The upper half of a 64-bit BAR: address bits, which decode as I/O here.
-        let info = BarInfo::from_vfio(&region(1, 0, region_flags::READ, None), 0x0000_0001);
+        let info = BarInfo::from_vfio(&region(1, 0, RegionFlags::READ, None), 0x0000_0001);
         assert_eq!(info, BarInfo::absent(1));
         assert!(!info.exists());
     }
 
     #[test]
     fn a_region_without_mmap_has_no_areas() {
-        let info = BarInfo::from_vfio(
-            &region(0, 0x100, region_flags::READ | region_flags::WRITE, None),
-            0,
-        );
+        let info = BarInfo::from_vfio(&region(0, 0x100, RegionFlags::READ | RegionFlags::WRITE, None), 0);
         assert_eq!(info.kind, BarKind::Memory32);
         assert!(!info.is_mappable());
     }
 
     #[test]
     fn device_regions_are_index_nine_and_up() {
-        let mut r = region(9, 0x2000, region_flags::READ, None);
+        let mut r = region(9, 0x2000, RegionFlags::READ, None);
         r.region_type = Some((VENDOR_TYPE | 0x8086, 1));
         let d = DeviceRegion::from_vfio(&r).unwrap();
         assert_eq!(
@@ -378,7 +377,7 @@ mod tests {
             register in any::<u32>(),
             sparse in proptest::option::of(proptest::collection::vec((any::<u64>(), any::<u64>()), 0..8)),
         ) {
-            let info = BarInfo::from_vfio(&region(3, size, flags, sparse), register);
+            let info = BarInfo::from_vfio(&region(3, size, RegionFlags::from_bits_retain(flags), sparse), register);
             prop_assert_eq!(info.exists(), size > 0);
             prop_assert!(info.mmap_areas.iter().all(|r| r.start < r.end && r.end <= info.size));
             prop_assert!(info.kind != BarKind::Io || (info.mmap_areas.is_empty() && !info.prefetchable));

@@ -27,8 +27,14 @@ use crate::sysfs::scan::SysfsRoot;
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum VfError {
-    /// A sysfs attribute could not be read or written.
-    #[error("cannot {} {}", value.as_ref().map_or("read".to_owned(), |v| format!("write {v:?} to")), path.display())]
+    /// A sysfs attribute could not be read or written. A write refused for lack of
+    /// permission says what it needs ([`permission_hint`](crate::sysfs::bind::permission_hint)).
+    #[error(
+        "cannot {} {}{}",
+        value.as_ref().map_or("read".to_owned(), |v| format!("write {v:?} to")),
+        path.display(),
+        value.as_ref().and(crate::sysfs::bind::permission_hint(path, source)).map(|h| format!(": {h}")).unwrap_or_default()
+    )]
     Sysfs {
         /// The attribute.
         path: PathBuf,
@@ -396,6 +402,37 @@ impl VfControl for SysfsVfs {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_refused_write_says_what_it_needs() {
+        let dir = PathBuf::from("/sys/bus/pci/devices/0000:01:00.0");
+        for name in ["sriov_numvfs", "sriov_drivers_autoprobe"] {
+            let path = dir.join(name);
+            let e = VfError::Sysfs {
+                path: path.clone(),
+                value: Some("0".into()),
+                source: io::Error::from(io::ErrorKind::PermissionDenied),
+            };
+            let text = e.to_string();
+            assert!(
+                text.contains(&format!("needs root (or write access to {})", path.display())),
+                "{text}"
+            );
+            // Another failure, or a read, says no such thing.
+            let e = VfError::Sysfs {
+                path: path.clone(),
+                value: Some("0".into()),
+                source: io::Error::from(io::ErrorKind::InvalidInput),
+            };
+            assert!(!e.to_string().contains("needs root"), "{e}");
+            let e = VfError::Sysfs {
+                path,
+                value: None,
+                source: io::Error::from(io::ErrorKind::PermissionDenied),
+            };
+            assert!(!e.to_string().contains("write access"), "{e}");
+        }
+    }
 
     #[test]
     fn sysfs_vfs_through_a_fake_tree() {

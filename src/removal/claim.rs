@@ -220,8 +220,10 @@ pub enum ClaimError {
         #[source]
         source: io::Error,
     },
-    /// An operation on a device's lock file (ours or SPDK's) failed.
-    #[error("claim of {address}: {op} {}", .path.display())]
+    /// An operation on a device's lock file (ours or SPDK's) failed. Refused for lack of
+    /// permission (a claims directory or lock file of another user, a read-only file
+    /// system), it says what is needed.
+    #[error("claim of {address}: {op} {}{}", .path.display(), lock_file_hint(.path, .source))]
     Io {
         /// The device.
         address: PciAddress,
@@ -233,6 +235,17 @@ pub enum ClaimError {
         #[source]
         source: io::Error,
     },
+}
+
+// What a lock file operation refused for lack of permission needs.
+fn lock_file_hint(path: &Path, source: &io::Error) -> String {
+    match source.kind() {
+        io::ErrorKind::PermissionDenied | io::ErrorKind::ReadOnlyFilesystem => format!(
+            ": needs root (or write access to {} and its directory), or {DIR_ENV} set to a directory this process can write",
+            path.display()
+        ),
+        _ => String::new(),
+    }
 }
 
 fn holder(pid: Option<u32>, command: Option<&str>, releasing: Option<&str>) -> String {
@@ -1131,6 +1144,36 @@ fn address_of(name: &OsStr) -> Option<PciAddress> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_refused_lock_file_says_what_it_needs() {
+        // The claims directory exists (created by root) but this process may not create
+        // its lock file in it, or the file is another user's.
+        let dir = ClaimDir::new(DEFAULT_DIR);
+        let address = addr("0000:01:00.0");
+        for kind in [io::ErrorKind::PermissionDenied, io::ErrorKind::ReadOnlyFilesystem] {
+            let e = ClaimError::Io {
+                address,
+                path: dir.file_of(address),
+                op: "open",
+                source: io::Error::from(kind),
+            };
+            let text = e.to_string();
+            assert!(
+                text.contains("needs root")
+                    && text.contains(&dir.file_of(address).display().to_string())
+                    && text.contains(DIR_ENV),
+                "{text}"
+            );
+        }
+        let e = ClaimError::Io {
+            address,
+            path: dir.file_of(address),
+            op: "lock",
+            source: io::Error::from(io::ErrorKind::InvalidInput),
+        };
+        assert!(!e.to_string().contains("needs root"), "{e}");
+    }
 
     fn addr(s: &str) -> PciAddress {
         s.parse().unwrap()

@@ -11,16 +11,21 @@ const REGION_INFO_LEN: usize = 32;
 const IOMMU_INFO_LEN: usize = 24;
 const IOVA_RANGES_LEN: usize = 32;
 
-/// Region flags (`VFIO_REGION_INFO_FLAG_*`).
-pub mod region_flags {
-    /// Readable with pread.
-    pub const READ: u32 = 1 << 0;
-    /// Writable with pwrite.
-    pub const WRITE: u32 = 1 << 1;
-    /// Can be mmapped (parts of it, if a sparse-mmap capability says so).
-    pub const MMAP: u32 = 1 << 2;
-    /// Has a capability chain.
-    pub const CAPS: u32 = 1 << 3;
+bitflags::bitflags! {
+    /// A region's flags (`vfio_region_info.flags`, `VFIO_REGION_INFO_FLAG_*`). Bits this
+    /// crate does not know are kept (`from_bits_retain`), and `Debug` prints them in hex.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+    pub struct RegionFlags: u32 {
+        /// `VFIO_REGION_INFO_FLAG_READ`: readable with pread.
+        const READ = 1 << 0;
+        /// `VFIO_REGION_INFO_FLAG_WRITE`: writable with pwrite.
+        const WRITE = 1 << 1;
+        /// `VFIO_REGION_INFO_FLAG_MMAP`: can be mmapped (parts of it, if a sparse-mmap
+        /// capability says so).
+        const MMAP = 1 << 2;
+        /// `VFIO_REGION_INFO_FLAG_CAPS`: has a capability chain.
+        const CAPS = 1 << 3;
+    }
 }
 
 const REGION_CAP_SPARSE_MMAP: u16 = 1;
@@ -53,8 +58,8 @@ pub struct InfoError {
 pub struct RegionInfo {
     /// Region index (BARs 0–5, ROM 6, config 7, VGA 8).
     pub index: u32,
-    /// [`region_flags`].
-    pub flags: u32,
+    /// What can be done with it.
+    pub flags: RegionFlags,
     /// Size in bytes (0: the region does not exist, e.g. an unimplemented BAR).
     pub size: u64,
     /// Offset of the region in the device fd, for pread/pwrite/mmap.
@@ -72,7 +77,7 @@ pub struct RegionInfo {
 impl RegionInfo {
     /// The areas that may be mmapped, as (offset within the region, size).
     pub fn mmap_areas(&self) -> Vec<(u64, u64)> {
-        if self.flags & region_flags::MMAP == 0 || self.size == 0 {
+        if !self.flags.contains(RegionFlags::MMAP) || self.size == 0 {
             return Vec::new();
         }
         match &self.sparse_mmap {
@@ -167,7 +172,7 @@ pub fn parse_region_info(b: &[u8]) -> Result<RegionInfo, InfoError> {
     if b.len() < REGION_INFO_LEN {
         return Err(err("shorter than struct vfio_region_info"));
     }
-    let flags = u32_at(b, 4).unwrap_or_default();
+    let flags = RegionFlags::from_bits_retain(u32_at(b, 4).unwrap_or_default());
     let mut info = RegionInfo {
         index: u32_at(b, 8).unwrap_or_default(),
         flags,
@@ -177,7 +182,7 @@ pub fn parse_region_info(b: &[u8]) -> Result<RegionInfo, InfoError> {
         msix_mappable: false,
         region_type: None,
     };
-    if flags & region_flags::CAPS != 0 {
+    if flags.contains(RegionFlags::CAPS) {
         let first = u32_at(b, 12).unwrap_or_default();
         for (id, _version, at) in chain(b, first, "region")? {
             match id {
@@ -295,11 +300,7 @@ mod tests {
     fn nvme_bar0() -> Vec<u8> {
         let mut b = vec![0u8; 96];
         put32(&mut b, 0, 96);
-        put32(
-            &mut b,
-            4,
-            region_flags::READ | region_flags::WRITE | region_flags::MMAP | region_flags::CAPS,
-        );
+        put32(&mut b, 4, RegionFlags::all().bits());
         put32(&mut b, 8, 0);
         put32(&mut b, 12, 32);
         put64(&mut b, 16, 0x4000);
@@ -428,7 +429,7 @@ mod tests {
     fn region_bytes(
         index: u32,
         size: u64,
-        flags: u32,
+        flags: RegionFlags,
         sparse: Option<&[(u64, u64)]>,
         region_type: Option<(u32, u32)>,
     ) -> Vec<u8> {
@@ -464,7 +465,12 @@ mod tests {
         }
         let len = b.len() as u32;
         put32(&mut b, 0, len);
-        put32(&mut b, 4, flags | if first != 0 { region_flags::CAPS } else { 0 });
+        let caps = if first != 0 {
+            RegionFlags::CAPS
+        } else {
+            RegionFlags::empty()
+        };
+        put32(&mut b, 4, (flags | caps).bits());
         put32(&mut b, 8, index);
         put32(&mut b, 12, first);
         put64(&mut b, 16, size);
@@ -473,9 +479,26 @@ mod tests {
     }
 
     #[test]
+    fn region_flags_are_typed_and_keep_unknown_bits() {
+        let info = parse_region_info(&nvme_bar0()).unwrap();
+        assert_eq!(info.flags, RegionFlags::all());
+        assert_eq!(
+            format!("{:?}", info.flags),
+            "RegionFlags(READ | WRITE | MMAP | CAPS)"
+        );
+        // A flag of a newer kernel survives, and shows in hex.
+        let mut b = region_bytes(9, 0x1000, RegionFlags::READ, None, None);
+        put32(&mut b, 4, RegionFlags::READ.bits() | 1 << 20);
+        let info = parse_region_info(&b).unwrap();
+        assert!(info.flags.contains(RegionFlags::READ) && !info.flags.contains(RegionFlags::WRITE));
+        assert_eq!(info.flags.bits(), 1 | 1 << 20);
+        assert_eq!(format!("{:?}", info.flags), "RegionFlags(READ | 0x100000)");
+    }
+
+    #[test]
     fn a_vendor_region_says_its_type() {
         // Intel graphics' OpRegion: vendor type 0x8086 with bit 31, subtype 1, read-only.
-        let b = region_bytes(9, 0x2000, region_flags::READ, None, Some(((1 << 31) | 0x8086, 1)));
+        let b = region_bytes(9, 0x2000, RegionFlags::READ, None, Some(((1 << 31) | 0x8086, 1)));
         let info = parse_region_info(&b).unwrap();
         assert_eq!(info.index, 9);
         assert_eq!(info.region_type, Some(((1 << 31) | 0x8086, 1)));
@@ -486,7 +509,7 @@ mod tests {
 
     #[test]
     fn a_truncated_type_capability_is_an_error() {
-        let b = region_bytes(10, 0x1000, region_flags::READ, None, Some((1, 2)));
+        let b = region_bytes(10, 0x1000, RegionFlags::READ, None, Some((1, 2)));
         assert_eq!(
             parse_region_info(&b[..b.len() - 4]).unwrap_err().problem,
             "region type capability truncated"
@@ -506,7 +529,7 @@ mod tests {
             let areas: Option<Vec<(u64, u64)>> = areas.map(|a| {
                 a.into_iter().map(|(o, s)| { let o = o % size; (o, s % (size - o + 1)) }).collect()
             });
-            let flags = region_flags::READ | if mmap { region_flags::MMAP } else { 0 };
+            let flags = RegionFlags::READ | if mmap { RegionFlags::MMAP } else { RegionFlags::empty() };
             let b = region_bytes(index, size, flags, areas.as_deref(), region_type);
             let info = parse_region_info(&b).unwrap();
             prop_assert_eq!(info.index, index);

@@ -133,7 +133,7 @@ impl VfioDevice {
     /// Whether vectors can be added to enabled MSI-X: the kernel does not say
     /// `VFIO_IRQ_INFO_NORESIZE` for it (Linux 6.5 on).
     pub fn msix_resizable(&self) -> Result<bool, VfioError> {
-        Ok(self.irq_info(irq::MSIX)?.flags & irq::INFO_NORESIZE == 0)
+        Ok(!self.irq_info(irq::MSIX)?.flags.contains(irq::InfoFlags::NORESIZE))
     }
 
     fn irq_action(

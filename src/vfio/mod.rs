@@ -87,7 +87,7 @@ use parking_lot::Mutex;
 
 pub use bar::MappedBar;
 pub use caps::parse_iova_ranges;
-pub use caps::{InfoError, IommuInfo, RegionInfo, parse_iommu_info, parse_region_info, region_flags};
+pub use caps::{InfoError, IommuInfo, RegionFlags, RegionInfo, parse_iommu_info, parse_region_info};
 pub use constraints::DmaConstraints;
 pub use dma::{CallerMemory, NotPageAligned, PageBuffer};
 pub use dma::{
@@ -130,13 +130,23 @@ pub mod irq {
     pub const REQ: u32 = 4;
     /// Names for printing.
     pub const NAMES: [&str; 5] = ["INTx", "MSI", "MSI-X", "ERR", "REQ"];
-    /// `VFIO_IRQ_INFO_MASKABLE`: vectors can be masked and unmasked (vfio-pci: INTx).
-    pub const INFO_MASKABLE: u32 = 1 << 1;
-    /// `VFIO_IRQ_INFO_AUTOMASKED`: masked after each interrupt (vfio-pci: INTx).
-    pub const INFO_AUTOMASKED: u32 = 1 << 2;
-    /// `VFIO_IRQ_INFO_NORESIZE`: vectors cannot be added while the index is enabled
-    /// (vfio-pci: MSI always, MSI-X before Linux 6.5).
-    pub const INFO_NORESIZE: u32 = 1 << 3;
+
+    bitflags::bitflags! {
+        /// An interrupt index's flags (`vfio_irq_info.flags`, `VFIO_IRQ_INFO_*`). Bits
+        /// this crate does not know are kept, and `Debug` prints them in hex.
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+        pub struct InfoFlags: u32 {
+            /// `VFIO_IRQ_INFO_EVENTFD`: vectors can signal an eventfd.
+            const EVENTFD = 1 << 0;
+            /// `VFIO_IRQ_INFO_MASKABLE`: vectors can be masked and unmasked (vfio-pci: INTx).
+            const MASKABLE = 1 << 1;
+            /// `VFIO_IRQ_INFO_AUTOMASKED`: masked after each interrupt (vfio-pci: INTx).
+            const AUTOMASKED = 1 << 2;
+            /// `VFIO_IRQ_INFO_NORESIZE`: vectors cannot be added while the index is enabled
+            /// (vfio-pci: MSI always, MSI-X before Linux 6.5).
+            const NORESIZE = 1 << 3;
+        }
+    }
 
     /// The name of `index`, or `?`.
     pub fn name(index: u32) -> &'static str {
@@ -1165,8 +1175,8 @@ pub fn iommu_group(root: &SysfsRoot, address: PciAddress) -> Result<u32, VfioErr
 pub struct IrqInfo {
     /// The index ([`irq`]).
     pub index: u32,
-    /// `VFIO_IRQ_INFO_*` flags (1 eventfd, 2 maskable, 4 automasked, 8 noresize).
-    pub flags: u32,
+    /// What the index can do.
+    pub flags: irq::InfoFlags,
     /// Vectors.
     pub count: u32,
 }
@@ -1405,7 +1415,7 @@ impl VfioDevice {
         ))?;
         Ok(IrqInfo {
             index,
-            flags: info.flags,
+            flags: irq::InfoFlags::from_bits_retain(info.flags),
             count: info.count,
         })
     }
@@ -1668,6 +1678,18 @@ pub fn group_path(number: u32) -> PathBuf {
 mod tests {
     use super::*;
     use std::cell::Cell;
+
+    #[test]
+    fn irq_info_flags_are_typed() {
+        // vfio-pci's INTx: eventfd, maskable, automasked; MSI: eventfd, noresize.
+        let intx = irq::InfoFlags::from_bits_retain(0x7);
+        assert!(intx.contains(irq::InfoFlags::MASKABLE | irq::InfoFlags::AUTOMASKED));
+        assert!(!intx.contains(irq::InfoFlags::NORESIZE));
+        assert_eq!(format!("{intx:?}"), "InfoFlags(EVENTFD | MASKABLE | AUTOMASKED)");
+        let unknown = irq::InfoFlags::from_bits_retain(0x9 | 1 << 16);
+        assert_eq!(unknown.bits(), 0x9 | 1 << 16);
+        assert_eq!(format!("{unknown:?}"), "InfoFlags(EVENTFD | NORESIZE | 0x10000)");
+    }
 
     #[test]
     fn only_writes_clearing_memory_enable_are_caught() {

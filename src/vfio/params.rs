@@ -35,8 +35,12 @@ pub enum ParamError {
         /// What it says.
         value: String,
     },
-    /// Setting it failed.
-    #[error("cannot write Y to {}: {source}", path.display())]
+    /// Setting it failed (a refusal for lack of permission says what it needs).
+    #[error(
+        "cannot write Y to {}: {source}{}",
+        path.display(),
+        crate::sysfs::bind::permission_hint(path, source).map(|h| format!(" ({h})")).unwrap_or_default()
+    )]
     Write {
         /// The parameter's file.
         path: PathBuf,
@@ -74,6 +78,25 @@ pub fn enable_sriov(root: &SysfsRoot, set: bool) -> Result<bool, ParamError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_refused_write_says_what_it_needs() {
+        let path = PathBuf::from("/sys").join(ENABLE_SRIOV);
+        let e = ParamError::Write {
+            path: path.clone(),
+            source: io::Error::from(io::ErrorKind::PermissionDenied),
+        };
+        let text = e.to_string();
+        assert!(
+            text.contains(&format!("needs root (or write access to {})", path.display())),
+            "{text}"
+        );
+        let e = ParamError::Write {
+            path,
+            source: io::Error::from(io::ErrorKind::InvalidInput),
+        };
+        assert!(!e.to_string().contains("needs root"), "{e}");
+    }
 
     #[test]
     fn checks_then_sets_the_parameter() {

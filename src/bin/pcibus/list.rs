@@ -75,13 +75,19 @@ pub(super) fn write_table(
     Ok(())
 }
 
-/// The subsystem as lspci -v names it when pci.ids has no entry for the pair: its
-/// vendor's name and its id.
+/// The subsystem as lspci -v's "Subsystem:" names it: the subsystem vendor's name and the
+/// subsystem's (`Names::subsystem_name`); "VENDOR Device SSSS" without the latter,
+/// "Device VVVV:SSSS" without the vendor's.
 pub(super) fn describe_subsystem(names: &Names, d: &DeviceRecord) -> Option<String> {
-    let (v, dv) = (d.subsystem_vendor?, d.subsystem_device?);
-    Some(match names.vendor(v) {
-        Some(name) => format!("{name} Device {dv}"),
-        None => format!("Device {v}:{dv}"),
+    let (sv, sd) = (d.subsystem_vendor?, d.subsystem_device?);
+    let name = d
+        .vendor
+        .zip(d.device)
+        .and_then(|(v, dv)| names.subsystem_name(v, dv, sv, sd));
+    Some(match (names.vendor(sv), name) {
+        (Some(vendor), Some(name)) => format!("{vendor} {name}"),
+        (Some(vendor), None) => format!("{vendor} Device {sd}"),
+        (None, _) => format!("Device {sv}:{sd}"),
     })
 }
 

@@ -216,7 +216,8 @@ pub(super) struct DeviceArgs {
     /// The controller, in devargs syntax: `0000:01:00.0` or
     /// `01:00.0,io_queues=2,shadow_doorbells=0,interrupts=1` (MSI-X completion interrupts:
     /// queues sleep until a completion instead of polling).
-    device: String,
+    #[arg(value_name = "DEVICE", value_parser = super::usage::DevArgParser)]
+    device: DevArg,
     /// Give the device back to the kernel when done: to the driver it had before this
     /// command bound it, or, if it was on vfio-pci already, to whichever kernel driver
     /// claims it (e.g. nvme).
@@ -235,7 +236,7 @@ fn nvme_bus(root: &SysfsRoot, args: &DeviceArgs) -> Result<(Bus<VfioAttach>, Pci
     if let Some(why) = super::not_kernel_sysfs(root) {
         return Err(format!("nvme needs the kernel's sysfs: {why}").into());
     }
-    let devarg = DevArg::parse_allow(&args.device)?;
+    let devarg = args.device.clone();
     let address = devarg.address();
     let map = DeviceMap::new(Scanner::new(root.clone()))?;
     let policy = BindPolicy {

@@ -29,7 +29,8 @@ type Error = Box<dyn std::error::Error>;
 #[derive(clap::Args)]
 pub(super) struct SriovArgs {
     /// The PF (an SR-IOV NVMe controller), in devargs syntax: `0000:01:00.0`.
-    device: String,
+    #[arg(value_name = "DEVICE", value_parser = super::usage::DevArgParser)]
+    device: DevArg,
     /// VFs to enable; 0 disables SR-IOV (secondary controllers offline, sriov_numvfs 0).
     #[arg(long)]
     vfs: u16,
@@ -135,7 +136,7 @@ pub(super) fn run(out: &mut impl Write, root: &SysfsRoot, args: SriovArgs) -> Re
     if let Some(why) = super::not_kernel_sysfs(root) {
         return Err(format!("nvme sriov needs the kernel's sysfs: {why}").into());
     }
-    let devarg = DevArg::parse_allow(&args.device)?;
+    let devarg = args.device.clone();
     let address = devarg.address();
     match params::enable_sriov(root, args.enable_sriov) {
         Ok(true) => eprintln!("set vfio-pci's enable_sriov to Y (needed for VFs of a PF on vfio-pci)"),

@@ -4,6 +4,7 @@
 //! `*Active*` for those the host uses (the check `bind` refuses them with).
 
 use pcibus::sysfs::bind::{UIO_DRIVERS, disks, in_use, interfaces, on_userspace_driver};
+use pcibus::{ClassCode, DeviceId, VendorId};
 
 use super::devbind::{NVME_CLASS, Selectors};
 use super::list::names_for;
@@ -52,7 +53,8 @@ pub(super) struct StatusArgs {
     pub select: Selectors,
     /// One JSON array, one object per device, sorted by address: address, vendor, device,
     /// class (lowercase hex strings), vendor_name, device_name, driver, group
-    /// ("userspace", "kernel" or "none"), unused, interfaces, disks, active, uses.
+    /// ("userspace", "kernel" or "none"), unused, interfaces, disks, active, uses
+    /// (`status` in schema/pcibus-v1.schema.json).
     #[arg(long)]
     pub json: bool,
 }
@@ -65,8 +67,9 @@ impl StatusArgs {
     }
 }
 
-/// How a device is driven.
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+/// How a device is driven (`group` in the JSON: "userspace", "kernel", "none").
+#[derive(Clone, Copy, PartialEq, Eq, Debug, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
 pub(super) enum Group {
     /// vfio-pci (or a variant), uio_pci_generic, igb_uio: a userspace driver can have it.
     Userspace,
@@ -77,14 +80,6 @@ pub(super) enum Group {
 }
 
 impl Group {
-    fn json(self) -> &'static str {
-        match self {
-            Group::Userspace => "userspace",
-            Group::Kernel => "kernel",
-            Group::None => "none",
-        }
-    }
-
     fn heading(self) -> &'static str {
         match self {
             Group::Userspace => "Devices using a userspace driver (DPDK/SPDK-compatible)",
@@ -153,7 +148,7 @@ pub(super) fn write(out: &mut impl Write, entries: &[Entry], json: bool) -> Resu
     let records: Vec<DeviceRecord> = entries.iter().map(|e| e.record.clone()).collect();
     let names = names_for(&records);
     if json {
-        let list: Vec<Value> = entries.iter().map(|e| entry_json(&names, e)).collect();
+        let list: Vec<EntryJson<'_>> = entries.iter().map(|e| EntryJson::new(&names, e)).collect();
         serde_json::to_writer_pretty(&mut *out, &list)?;
         writeln!(out)?;
         return Ok(());
@@ -216,21 +211,43 @@ fn line(names: &Names, e: &Entry) -> String {
     s
 }
 
-fn entry_json(names: &Names, e: &Entry) -> Value {
-    let d = &e.record;
-    json!({
-        "address": d.address.to_string(),
-        "vendor": d.vendor.map(|v| format!("{:04x}", v.0)),
-        "device": d.device.map(|v| format!("{:04x}", v.0)),
-        "class": d.class.map(|c| format!("{:06x}", c.value())),
-        "vendor_name": d.vendor.and_then(|v| names.vendor(v)),
-        "device_name": d.vendor.zip(d.device).and_then(|(v, dv)| names.device(v, dv)),
-        "driver": d.driver,
-        "group": e.group.json(),
-        "unused": e.unused,
-        "interfaces": e.interfaces,
-        "disks": e.disks,
-        "active": !e.uses.is_empty(),
-        "uses": e.uses,
-    })
+/// One device of `status --json` and `setup status --json`: the schema's `status_entry`
+/// (schema/pcibus-v1.schema.json). Ids, class and address serialize as in `list --json`
+/// (the library's serde representation), names are pci.ids names as in its device objects.
+#[derive(serde::Serialize)]
+struct EntryJson<'a> {
+    address: PciAddress,
+    vendor: Option<VendorId>,
+    device: Option<DeviceId>,
+    class: Option<ClassCode>,
+    vendor_name: Option<&'a str>,
+    device_name: Option<&'a str>,
+    driver: Option<&'a str>,
+    group: Group,
+    unused: &'a [String],
+    interfaces: &'a [String],
+    disks: &'a [String],
+    active: bool,
+    uses: &'a [String],
+}
+
+impl<'a> EntryJson<'a> {
+    fn new(names: &'a Names, e: &'a Entry) -> Self {
+        let d = &e.record;
+        EntryJson {
+            address: d.address,
+            vendor: d.vendor,
+            device: d.device,
+            class: d.class,
+            vendor_name: d.vendor.and_then(|v| names.vendor(v)),
+            device_name: d.vendor.zip(d.device).and_then(|(v, dv)| names.device(v, dv)),
+            driver: d.driver.as_deref(),
+            group: e.group,
+            unused: &e.unused,
+            interfaces: &e.interfaces,
+            disks: &e.disks,
+            active: !e.uses.is_empty(),
+            uses: &e.uses,
+        }
+    }
 }

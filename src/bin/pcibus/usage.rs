@@ -72,6 +72,32 @@ impl TypedValueParser for AddressParser {
     }
 }
 
+/// Parses an nvme command's device argument, devargs text (`01:00.0,io_queues=2`), as
+/// `-a` takes it: a bad one is a usage error, found before anything is opened. The
+/// message is the devargs error's, which quotes the text shortened.
+#[derive(Clone, Copy)]
+pub struct DevArgParser;
+
+impl TypedValueParser for DevArgParser {
+    type Value = pcibus::bus::devargs::DevArg;
+
+    fn parse_ref(
+        &self,
+        cmd: &clap::Command,
+        arg: Option<&clap::Arg>,
+        value: &OsStr,
+    ) -> Result<Self::Value, clap::Error> {
+        let Some(text) = value.to_str() else {
+            return Err(invalid(
+                cmd,
+                arg,
+                format_args!("\"{}\" is not UTF-8", shorten(value.as_encoded_bytes())),
+            ));
+        };
+        pcibus::bus::devargs::DevArg::parse_allow(text).map_err(|e| invalid(cmd, arg, e))
+    }
+}
+
 /// The longest deadline `--timeout` takes: a day (a longer one is a typo, and would
 /// overflow `Instant` arithmetic on some systems).
 pub const MAX_TIMEOUT: Duration = Duration::from_secs(24 * 60 * 60);

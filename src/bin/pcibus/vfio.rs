@@ -24,7 +24,7 @@ pub(super) fn device_exists(root: &SysfsRoot, address: PciAddress) -> Result<(),
 
 // Everything `vfio info` reports, gathered as JSON first so text and JSON agree.
 pub(super) fn vfio_info(root: &SysfsRoot, address: PciAddress) -> Result<Value, Error> {
-    use pcibus::vfio::{self, VfioDevice, irq, region_flags};
+    use pcibus::vfio::{self, RegionFlags, VfioDevice, irq};
     // Opening the device resets it: not under the feet of another owner (a pcibus
     // process, or SPDK), who is named in the refusal. Claimed before anything else, as
     // the bus does; dropped after the device is closed (the end of this function, or an
@@ -41,12 +41,12 @@ pub(super) fn vfio_info(root: &SysfsRoot, address: PciAddress) -> Result<Value, 
         let Ok(r) = dev.region(index) else { continue };
         let mut flags = Vec::new();
         for (bit, name) in [
-            (region_flags::READ, "read"),
-            (region_flags::WRITE, "write"),
-            (region_flags::MMAP, "mmap"),
-            (region_flags::CAPS, "caps"),
+            (RegionFlags::READ, "read"),
+            (RegionFlags::WRITE, "write"),
+            (RegionFlags::MMAP, "mmap"),
+            (RegionFlags::CAPS, "caps"),
         ] {
-            if r.flags & bit != 0 {
+            if r.flags.contains(bit) {
                 flags.push(name);
             }
         }
@@ -70,7 +70,7 @@ pub(super) fn vfio_info(root: &SysfsRoot, address: PciAddress) -> Result<Value, 
             "index": index,
             "name": irq::NAMES.get(index as usize).copied().unwrap_or("?"),
             "count": i.count,
-            "flags": i.flags,
+            "flags": i.flags.bits(),
         }));
     }
     // What a driver learns through its backing: each BAR's facts without mapping it, and

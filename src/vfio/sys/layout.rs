@@ -93,14 +93,15 @@ const _: () = {
     assert!(IoasMapFlags::FIXED_IOVA.bits() == 0x1);
     assert!(IoasMapFlags::WRITEABLE.bits() == 0x2);
     assert!(IoasMapFlags::READABLE.bits() == 0x4);
-    // The public ones (crate::vfio::caps::region_flags, crate::vfio::irq).
-    assert!(crate::vfio::caps::region_flags::READ == 0x1);
-    assert!(crate::vfio::caps::region_flags::WRITE == 0x2);
-    assert!(crate::vfio::caps::region_flags::MMAP == 0x4);
-    assert!(crate::vfio::caps::region_flags::CAPS == 0x8);
-    assert!(crate::vfio::irq::INFO_MASKABLE == 0x2);
-    assert!(crate::vfio::irq::INFO_AUTOMASKED == 0x4);
-    assert!(crate::vfio::irq::INFO_NORESIZE == 0x8);
+    // The public ones (crate::vfio::RegionFlags, crate::vfio::irq).
+    assert!(crate::vfio::RegionFlags::READ.bits() == 0x1);
+    assert!(crate::vfio::RegionFlags::WRITE.bits() == 0x2);
+    assert!(crate::vfio::RegionFlags::MMAP.bits() == 0x4);
+    assert!(crate::vfio::RegionFlags::CAPS.bits() == 0x8);
+    assert!(crate::vfio::irq::InfoFlags::EVENTFD.bits() == 0x1);
+    assert!(crate::vfio::irq::InfoFlags::MASKABLE.bits() == 0x2);
+    assert!(crate::vfio::irq::InfoFlags::AUTOMASKED.bits() == 0x4);
+    assert!(crate::vfio::irq::InfoFlags::NORESIZE.bits() == 0x8);
     assert!(crate::vfio::irq::INTX == 0);
     assert!(crate::vfio::irq::MSI == 1);
     assert!(crate::vfio::irq::MSIX == 2);

@@ -52,8 +52,8 @@ mod vmtest {
 
     use pcibus::removal::held;
     use pcibus::vfio::{
-        COMMAND, COMMAND_MEMORY, Container, DmaBuffer, DmaRegion, MappedBar, VfioBackend, VfioDevice,
-        VfioError, irq, region_flags,
+        COMMAND, COMMAND_MEMORY, Container, DmaBuffer, DmaRegion, MappedBar, RegionFlags, VfioBackend,
+        VfioDevice, VfioError, irq,
     };
     use pcibus::{BlockingAttr, PciAddress, ProblemKind, RemovalRegistry, Scanner, SysfsRoot};
 
@@ -328,15 +328,15 @@ mod vmtest {
 
     // ------------------------------------------------------------------ vfio-open
 
-    fn region_flag_names(flags: u32) -> Vec<&'static str> {
+    fn region_flag_names(flags: RegionFlags) -> Vec<&'static str> {
         [
-            (region_flags::READ, "read"),
-            (region_flags::WRITE, "write"),
-            (region_flags::MMAP, "mmap"),
-            (region_flags::CAPS, "caps"),
+            (RegionFlags::READ, "read"),
+            (RegionFlags::WRITE, "write"),
+            (RegionFlags::MMAP, "mmap"),
+            (RegionFlags::CAPS, "caps"),
         ]
         .into_iter()
-        .filter(|(bit, _)| flags & bit != 0)
+        .filter(|(bit, _)| flags.contains(*bit))
         .map(|(_, n)| n)
         .collect()
     }
@@ -466,7 +466,8 @@ mod vmtest {
             let j = irqs.iter().find(|j| j["index"].as_u64() == Some(index.into()));
             checks.check(
                 j.is_some_and(|j| {
-                    j["count"].as_u64() == Some(i.count.into()) && j["flags"].as_u64() == Some(i.flags.into())
+                    j["count"].as_u64() == Some(i.count.into())
+                        && j["flags"].as_u64() == Some(i.flags.bits().into())
                 }),
                 || format!("irq {index}: vfio info {j:?} vs {i:?}"),
             );
@@ -474,7 +475,7 @@ mod vmtest {
                 "  irq {index} {}: count {} flags {:#x}",
                 irq::NAMES.get(index as usize).unwrap_or(&"?"),
                 i.count,
-                i.flags
+                i.flags.bits()
             );
         }
         let req = dev.irq_info(irq::REQ).map_err(err)?;
