@@ -6,7 +6,7 @@
 #![forbid(unsafe_code)]
 
 use pcibus::config::{cap_id, find_capability};
-use pcibus::vfio::{RegionInfo, region_flags};
+use pcibus::vfio::{RegionFlags, RegionInfo};
 
 /// `VFIO_PCI_INTX_IRQ_INDEX`.
 pub const INTX: u32 = 0;
@@ -97,7 +97,7 @@ pub fn bar_plan(bar: u8, info: &RegionInfo, io: bool, msix: Option<MsixTable>, p
     if info.size == 0 {
         return BarPlan::Skip("no such BAR");
     }
-    if info.flags & region_flags::MMAP == 0 {
+    if !info.flags.contains(RegionFlags::MMAP) {
         return BarPlan::Skip("VFIO does not allow mmap of this region");
     }
     let size = info.size;
@@ -220,7 +220,7 @@ pub fn command_with(old: u16, master: bool) -> u16 {
 mod tests {
     use super::*;
 
-    fn region(size: u64, flags: u32, msix_mappable: bool) -> RegionInfo {
+    fn region(size: u64, flags: RegionFlags, msix_mappable: bool) -> RegionInfo {
         RegionInfo {
             index: 0,
             flags,
@@ -232,7 +232,9 @@ mod tests {
         }
     }
 
-    const RWM: u32 = region_flags::READ | region_flags::WRITE | region_flags::MMAP;
+    const RWM: RegionFlags = RegionFlags::READ
+        .union(RegionFlags::WRITE)
+        .union(RegionFlags::MMAP);
     const PAGE: u64 = 4096;
 
     fn table(bar: u8, offset: u64, vectors: u64) -> Option<MsixTable> {
@@ -273,7 +275,7 @@ mod tests {
             bar_plan(1, &region(0, RWM, false), false, None, PAGE),
             BarPlan::Skip(_)
         ));
-        let no_mmap = region(0x4000, region_flags::READ | region_flags::WRITE, false);
+        let no_mmap = region(0x4000, RegionFlags::READ | RegionFlags::WRITE, false);
         assert!(matches!(
             bar_plan(2, &no_mmap, false, None, PAGE),
             BarPlan::Skip(_)
