@@ -709,8 +709,15 @@ impl ModelContext {
         }
     }
 
-    // The buffer and offset of a DMA access, or why not (counted).
-    fn reach(&self, iova: u64, len: usize, write: bool) -> Result<(Arc<DmaBuffer>, usize), DmaFault> {
+    // The buffer and offset of a DMA access, or why not (counted). The NVMe model
+    // (`testing::nvme::NvmeModel`) resolves its transfers with it, then moves the data
+    // itself.
+    pub(crate) fn reach(
+        &self,
+        iova: u64,
+        len: usize,
+        write: bool,
+    ) -> Result<(Arc<DmaBuffer>, usize), DmaFault> {
         let address = self.address;
         if self.is_closed() {
             return Err(DmaFault::Closed { address });
@@ -725,6 +732,22 @@ impl ModelContext {
             self.counters
                 .fault(&self.counters.dma_without_bus_master, fault.to_string());
             return Err(fault);
+        }
+        self.resolve(iova, len, write)
+    }
+
+    // Where a DMA access would go, whatever Bus Master Enable says (refusals counted): for
+    // a model that resolves memory ahead of its accesses (the NVMe model's queues, set up
+    // while bus mastering may still be off) and checks bus mastering at each access.
+    pub(crate) fn resolve(
+        &self,
+        iova: u64,
+        len: usize,
+        write: bool,
+    ) -> Result<(Arc<DmaBuffer>, usize), DmaFault> {
+        let address = self.address;
+        if self.is_closed() {
+            return Err(DmaFault::Closed { address });
         }
         let found = self.dma.lock().find(iova, len);
         let fault = match found {
@@ -745,6 +768,26 @@ impl ModelContext {
         };
         self.counters.fault(&self.counters.bad_dma, fault.to_string());
         Err(fault)
+    }
+
+    /// Counts and logs a DMA the device would do while bus mastering is off (a model
+    /// that checks Bus Master Enable itself, before any access).
+    pub(crate) fn refuse_without_bus_master(&self, iova: u64, len: usize, write: bool) {
+        let fault = DmaFault::BusMasterOff {
+            address: self.address,
+            iova,
+            len,
+            write,
+        };
+        self.counters
+            .fault(&self.counters.dma_without_bus_master, fault.to_string());
+    }
+
+    /// Counts and logs a DMA into memory that was resolved earlier and freed since (a
+    /// model holding on to a queue's memory).
+    pub(crate) fn refuse_freed(&self, what: fmt::Arguments<'_>) {
+        let message = format!("{}: DMA to {what}: that memory was freed", self.address);
+        self.counters.fault(&self.counters.bad_dma, message);
     }
 
     /// The device reads `buf.len()` bytes of memory at `iova`: they must lie in one live

@@ -3,6 +3,11 @@
 //! through BAR 0 registers, doorbells, DMA memory and MSI-X eventfds, so driver tests run
 //! without hardware, and with faults no hardware produces on demand.
 //!
+//! The same controller also runs as a device model of the test kit
+//! ([`NvmeModel`], in a [`FakeBacking`](super::backing::FakeBacking)): one command
+//! processing, reaching memory through either the emulator's own DMA table or the kit's
+//! checked DMA.
+//!
 //! ```
 //! use pcibus::bus::backing::{DeviceBacking, RegisterIo};
 //! use pcibus::nvme::spec::{reg, Cap};
@@ -138,7 +143,7 @@ use std::fmt;
 use std::ops::Deref;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering, fence};
-use std::sync::{Arc, Weak};
+use std::sync::{Arc, OnceLock, Weak};
 use std::thread::{self, JoinHandle, Thread};
 use std::time::{Duration, Instant};
 
@@ -147,6 +152,7 @@ use parking_lot::{Mutex, RwLock};
 use crate::addr::PciAddress;
 use crate::bus::backing::{BackingError, DeviceBacking, DmaMemory, MapDmaError, RegisterIo};
 use crate::bus::bar::BarInfo;
+use crate::bus::interrupt::InterruptKind;
 use crate::nvme::spec::{
     self, Command, Completion, Status, admin, cc, cns, csts, dsm, feature, io as nvm, oacs, oncs, reg,
     virt_mgmt,
@@ -155,6 +161,11 @@ use crate::vfio::DmaConstraints;
 use crate::vfio::{DmaBuffer, PAGE};
 
 mod logs;
+mod model;
+
+pub use model::NvmeModel;
+
+use super::model::{DmaFault, ModelContext};
 
 const PAGE_U64: u64 = PAGE as u64;
 /// NVMe version 1.4.0.
@@ -986,10 +997,32 @@ struct Shared {
     bus_master: AtomicBool,
     sriov: Mutex<Option<SriovState>>,
     counters: Counters,
+    // Set for a controller that runs as a device model (`NvmeModel`): DMA, bus mastering
+    // and interrupts go through the model kit's context instead of the table, the flag
+    // and the eventfds above, and the engine is stepped by the model.
+    model: Option<ModelPort>,
+}
+
+// What a controller running as a device model has instead of a processing thread.
+struct ModelPort {
+    // The kit's context, from the first callback on (every callback passes it).
+    ctx: OnceLock<ModelContext>,
+    // The engine while the controller is enabled (`Shared::enable` puts it here,
+    // `stop_worker` takes it out).
+    engine: Mutex<Option<Box<Engine>>>,
+}
+
+impl fmt::Debug for ModelPort {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ModelPort")
+            .field("ctx", &self.ctx.get())
+            .field("enabled", &self.engine.lock().is_some())
+            .finish()
+    }
 }
 
 impl Shared {
-    fn new(cfg: EmuConfig) -> Shared {
+    fn new(cfg: EmuConfig, model: bool) -> Shared {
         let queues = usize::from(cfg.max_io_queues) + 1;
         let bar_len = (0x1000 + 2 * queues as u64 * cfg.stride())
             .next_power_of_two()
@@ -1060,12 +1093,38 @@ impl Shared {
             config_space: Mutex::new(config),
             sriov: Mutex::new(sriov),
             counters: Counters::new(),
+            model: model.then(|| ModelPort {
+                ctx: OnceLock::new(),
+                engine: Mutex::new(None),
+            }),
             cfg,
         }
     }
 
     fn gone(&self) -> bool {
         self.gone.load(Ordering::Acquire)
+    }
+
+    // The model kit's context, for a controller running as a device model.
+    fn ctx(&self) -> Option<&ModelContext> {
+        self.model.as_ref().and_then(|m| m.ctx.get())
+    }
+
+    // Bus Master Enable now: the Command register as last written (the model kit's, for
+    // a model).
+    fn bus_master_now(&self) -> bool {
+        match self.ctx() {
+            Some(ctx) => ctx.bus_master(),
+            None => self.bus_master.load(Ordering::Acquire),
+        }
+    }
+
+    // Memory resolved earlier (a queue, a shadow doorbell buffer) was freed since.
+    fn lost_memory(&self, what: &str) {
+        bump(&self.counters.bad_dma);
+        if let Some(ctx) = self.ctx() {
+            ctx.refuse_freed(format_args!("{what}"));
+        }
     }
 
     fn kick(&self) {
@@ -1108,6 +1167,25 @@ impl Shared {
             0x34 => hi(self.acq.load(Ordering::Acquire)),
             reg::CRTO => self.cfg.crto.unwrap_or(0),
             _ => 0,
+        }
+    }
+
+    fn read64(&self, offset: u64) -> u64 {
+        match offset {
+            reg::ASQ => self.asq.load(Ordering::Acquire),
+            reg::ACQ => self.acq.load(Ordering::Acquire),
+            _ => u64::from(self.read32(offset)) | u64::from(self.read32(offset + 4)) << 32,
+        }
+    }
+
+    fn write64(self: &Arc<Self>, offset: u64, value: u64) {
+        match offset {
+            reg::ASQ => self.asq.store(value & !0xfff, Ordering::Release),
+            reg::ACQ => self.acq.store(value & !0xfff, Ordering::Release),
+            _ => {
+                self.write32(offset, value as u32);
+                self.write32(offset + 4, (value >> 32) as u32);
+            }
         }
     }
 
@@ -1246,6 +1324,11 @@ impl Shared {
     }
 
     fn stop_worker(&self, worker: &mut Option<JoinHandle<()>>) {
+        if let Some(m) = &self.model {
+            // Not running: the model steps it under the model's lock, which every
+            // register access holds too.
+            drop(m.engine.lock().take());
+        }
         if let Some(handle) = worker.take() {
             self.stop.store(true, Ordering::SeqCst);
             handle.thread().unpark();
@@ -1316,8 +1399,8 @@ impl Shared {
             return self.fail(format_args!("AQA {aqa:#x}: admin queue sizes {asqs}/{acqs}"));
         }
         let (asq, acq) = (self.asq.load(Ordering::Acquire), self.acq.load(Ordering::Acquire));
-        let sq = self.queue_memory(asq, u64::from(asqs) * 64);
-        let cq = self.queue_memory(acq, u64::from(acqs) * 16);
+        let sq = self.queue_memory(asq, u64::from(asqs) * 64, false);
+        let cq = self.queue_memory(acq, u64::from(acqs) * 16, true);
         let (Some(sq), Some(cq)) = (sq, cq) else {
             bump(&self.counters.bad_dma);
             return self.fail(format_args!("ASQ {asq:#x} / ACQ {acq:#x} outside DMA memory"));
@@ -1339,6 +1422,10 @@ impl Shared {
         admin_cq.sqs = 1;
         engine.cqs[0] = Some(admin_cq);
         engine.active.push(0);
+        if let Some(m) = &self.model {
+            *m.engine.lock() = Some(Box::new(engine));
+            return;
+        }
         let spawned = thread::Builder::new()
             .name(format!("nvme-emu {}", self.cfg.address))
             .spawn(move || engine.run());
@@ -1351,10 +1438,19 @@ impl Shared {
         }
     }
 
-    // Queue memory: page aligned, inside one allocation.
-    fn queue_memory(&self, iova: u64, len: u64) -> Option<Mem> {
+    // Queue memory: page aligned, inside one allocation (for a model, one the device may
+    // `write` if it writes the queue; refusals are counted by the kit). Bus mastering is
+    // checked at each access (`Engine::round`), not here: setting up queues moves no data.
+    fn queue_memory(&self, iova: u64, len: u64, write: bool) -> Option<Mem> {
         if !iova.is_multiple_of(PAGE_U64) {
             return None;
+        }
+        if let Some(ctx) = self.ctx() {
+            let (buf, off) = ctx.resolve(iova, usize::try_from(len).ok()?, write).ok()?;
+            return Some(Mem {
+                buf: Arc::downgrade(&buf),
+                off,
+            });
         }
         let e = self.lookup(iova, len)?;
         Some(Mem {
@@ -1518,6 +1614,9 @@ struct Engine {
     rng: Option<u64>,
     deferring: Option<u16>,
     deferred: Vec<(u16, Completion)>,
+    // For a model (`step`): when the controller was enabled, and whether CSTS.RDY is 1.
+    born: Instant,
+    ready: bool,
 }
 
 // xorshift64*: deterministic, good enough to shuffle a burst.
@@ -1555,8 +1654,32 @@ impl Engine {
             rng: shared.cfg.shuffle_completions.map(|seed| seed | 1),
             deferring: None,
             deferred: Vec::new(),
+            born: Instant::now(),
+            ready: false,
             shared,
         }
+    }
+
+    // One step of a controller running as a device model: what `run` does in one turn of
+    // its loop, without sleeping (CSTS.RDY becomes 1 at the first step after the ready
+    // delay).
+    fn step(&mut self) -> bool {
+        if !self.ready {
+            match self.ready_after {
+                Some(d) if self.born.elapsed() >= d => {
+                    self.shared.csts.fetch_or(csts::RDY, Ordering::AcqRel);
+                    self.ready = true;
+                    return true;
+                }
+                _ => return false,
+            }
+        }
+        if self.shared.gone() || self.shared.halted.load(Ordering::Acquire) {
+            return false;
+        }
+        let progressed = self.round();
+        self.signal();
+        progressed
     }
 
     fn run(mut self) {
@@ -1624,7 +1747,7 @@ impl Engine {
                     buf.store_release::<u32>(sh.event_indexes.off + index * 4 * self.stride_words, value);
                     bump(&self.shared.counters.event_index_writes);
                 }
-                None => bump(&self.shared.counters.bad_dma),
+                None => self.shared.lost_memory("the shadow event index buffer"),
             }
         }
     }
@@ -1750,7 +1873,7 @@ impl Engine {
 
     fn round(&mut self) -> bool {
         let mut progressed = false;
-        if !self.shared.bus_master.load(Ordering::Acquire) {
+        if !self.shared.bus_master_now() {
             // No command fetch, no completion post: every one is a memory access. Work left
             // in a queue is counted once per round that finds it.
             if self.has_work() {
@@ -1868,7 +1991,7 @@ impl Engine {
             .and_then(|b| b.read_at(sq.mem.off + slot as usize * 64, &mut bytes));
         if fetched.is_none() {
             // The SQ's memory is gone: the command cannot even be read.
-            bump(&self.shared.counters.bad_dma);
+            self.shared.lost_memory("a submission queue");
             return;
         }
         let cmd = Command::from_bytes(&bytes);
@@ -2145,7 +2268,7 @@ impl Engine {
                 buf.store_release::<u64>(off + 8, w1)
             });
             if written.is_none() {
-                bump(&counters.bad_dma);
+                self.shared.lost_memory("a completion queue");
             } else {
                 bump(&counters.completions);
             }
@@ -2175,6 +2298,22 @@ impl Engine {
             if f.is_empty() {
                 self.shared.faults_pending.store(false, Ordering::Release);
             }
+        }
+        if let Some(ctx) = self.shared.ctx() {
+            // Through the kit's interrupt model: the vector of the kind enabled (an INTx
+            // pulse for INTx), not delivered while it is masked or bus mastering is off.
+            let enabled = ctx.enabled_interrupts();
+            for v in self.irq_vectors.drain(..) {
+                let delivered = match enabled {
+                    Some((InterruptKind::Intx, _)) => ctx.raise(InterruptKind::Intx, 0),
+                    Some((kind, n)) if u32::from(v) < n => ctx.raise(kind, u32::from(v)),
+                    _ => false,
+                };
+                if delivered {
+                    bump(&self.shared.counters.interrupts);
+                }
+            }
+            return;
         }
         let irqs = self.shared.irqs.read();
         for v in self.irq_vectors.drain(..) {
@@ -2237,7 +2376,19 @@ impl Engine {
 
     // The buffer behind a DMA transfer, or why there is none: Bus Master Enable off (the
     // request never leaves the function), or no live buffer there (`bad_dma`).
-    fn dma_target(&mut self, iova: u64, len: usize) -> Result<(Arc<DmaBuffer>, usize), Status> {
+    // For a model, the kit resolves it (and counts what it refuses); `write`: the device
+    // writes the memory.
+    fn dma_target(&mut self, iova: u64, len: usize, write: bool) -> Result<(Arc<DmaBuffer>, usize), Status> {
+        if let Some(ctx) = self.shared.ctx() {
+            return ctx.reach(iova, len, write).map_err(|fault| {
+                let counters = &self.shared.counters;
+                bump(match fault {
+                    DmaFault::BusMasterOff { .. } => &counters.dma_without_bus_master,
+                    _ => &counters.bad_dma,
+                });
+                Status::DATA_TRANSFER_ERROR
+            });
+        }
         if !self.bus_master_on(iova, len) {
             return Err(Status::DATA_TRANSFER_ERROR);
         }
@@ -2249,10 +2400,14 @@ impl Engine {
 
     // Whether the function may master the bus now; counted and logged when not.
     fn bus_master_on(&self, iova: u64, len: usize) -> bool {
-        if self.shared.bus_master.load(Ordering::Acquire) {
+        if self.shared.bus_master_now() {
             return true;
         }
         bump(&self.shared.counters.dma_without_bus_master);
+        if let Some(ctx) = self.shared.ctx() {
+            ctx.refuse_without_bus_master(iova, len, false);
+            return false;
+        }
         log::error!(
             "emulated NVMe {}: DMA of {len} bytes at IOVA {iova:#x} with Bus Master Enable off: refused (a real \
              device's would never reach memory; turn bus mastering on: DeviceBacking::set_bus_master)",
@@ -2261,8 +2416,8 @@ impl Engine {
         false
     }
 
-    fn push_seg(&mut self, out: &mut Vec<Seg>, iova: u64, len: usize) -> Result<(), Status> {
-        let (buf, off) = self.dma_target(iova, len)?;
+    fn push_seg(&mut self, out: &mut Vec<Seg>, iova: u64, len: usize, write: bool) -> Result<(), Status> {
+        let (buf, off) = self.dma_target(iova, len, write)?;
         if let Some(last) = out.last_mut()
             && Arc::ptr_eq(&last.buf, &buf)
             && last.off + last.len == off
@@ -2275,7 +2430,14 @@ impl Engine {
     }
 
     // The host memory of a `len`-byte transfer described by PRP1/PRP2.
-    fn prp_segments(&mut self, prp1: u64, prp2: u64, len: usize, out: &mut Vec<Seg>) -> Result<(), Status> {
+    fn prp_segments(
+        &mut self,
+        prp1: u64,
+        prp2: u64,
+        len: usize,
+        write: bool,
+        out: &mut Vec<Seg>,
+    ) -> Result<(), Status> {
         out.clear();
         if len == 0 {
             return Ok(());
@@ -2285,7 +2447,7 @@ impl Engine {
             return Err(Status::PRP_OFFSET_INVALID);
         }
         let first = len.min(PAGE - off1);
-        self.push_seg(out, prp1, first)?;
+        self.push_seg(out, prp1, first, write)?;
         let mut left = len - first;
         if left == 0 {
             return Ok(());
@@ -2294,7 +2456,7 @@ impl Engine {
             if !prp2.is_multiple_of(PAGE_U64) {
                 return Err(Status::PRP_OFFSET_INVALID);
             }
-            return self.push_seg(out, prp2, left);
+            return self.push_seg(out, prp2, left, write);
         }
         if !prp2.is_multiple_of(8) {
             return Err(Status::PRP_OFFSET_INVALID);
@@ -2309,14 +2471,14 @@ impl Engine {
                 (room - 1, true)
             };
             let entries = count + usize::from(chain);
-            let (buf, off) = self.dma_target(list, entries * 8)?;
+            let (buf, off) = self.dma_target(list, entries * 8, false)?;
             for i in 0..count {
                 let entry = u64::from_le(buf.read::<u64>(off + 8 * i).unwrap_or(u64::MAX));
                 if !entry.is_multiple_of(PAGE_U64) {
                     return Err(Status::PRP_OFFSET_INVALID);
                 }
                 let n = left.min(PAGE);
-                self.push_seg(out, entry, n)?;
+                self.push_seg(out, entry, n, write)?;
                 left -= n;
             }
             if chain {
@@ -2331,17 +2493,31 @@ impl Engine {
 
     // The host memory of a `len`-byte transfer of `cmd`: its PRPs, or its SGL (PSDT 01b;
     // `execute` refused it unless SGLs are on).
-    fn data_segments(&mut self, cmd: &Command, len: usize, out: &mut Vec<Seg>) -> Result<(), Status> {
+    // `write`: the device writes the memory (a read command's data).
+    fn data_segments(
+        &mut self,
+        cmd: &Command,
+        len: usize,
+        write: bool,
+        out: &mut Vec<Seg>,
+    ) -> Result<(), Status> {
         if cmd.flags & spec::sgl::PSDT_MASK == spec::sgl::PSDT_SGL {
-            self.sgl_segments(cmd.prp1, cmd.prp2, len, out)
+            self.sgl_segments(cmd.prp1, cmd.prp2, len, write, out)
         } else {
-            self.prp_segments(cmd.prp1, cmd.prp2, len, out)
+            self.prp_segments(cmd.prp1, cmd.prp2, len, write, out)
         }
     }
 
     // The host memory of a `len`-byte transfer described by the SGL descriptor in the data
     // pointer (`prp1`, `prp2`), checked as the module docs' SGLs section says.
-    fn sgl_segments(&mut self, prp1: u64, prp2: u64, len: usize, out: &mut Vec<Seg>) -> Result<(), Status> {
+    fn sgl_segments(
+        &mut self,
+        prp1: u64,
+        prp2: u64,
+        len: usize,
+        write: bool,
+        out: &mut Vec<Seg>,
+    ) -> Result<(), Status> {
         use spec::sgl::{DATA_BLOCK, DESCRIPTOR_SIZE, LAST_SEGMENT, SEGMENT};
         const MAX_DESCRIPTORS: usize = 65536;
         out.clear();
@@ -2354,7 +2530,7 @@ impl Engine {
             if dlen > left || addr.checked_add(dlen as u64).is_none() {
                 return Err(Status::DATA_SGL_LENGTH_INVALID);
             }
-            this.push_seg(out, addr, dlen)?;
+            this.push_seg(out, addr, dlen, write)?;
             left -= dlen;
             Ok(())
         };
@@ -2381,7 +2557,7 @@ impl Engine {
             if walked > MAX_DESCRIPTORS {
                 return Err(Status::INVALID_SGL_DESCRIPTOR_COUNT);
             }
-            let (buf, off) = self.dma_target(addr, slen)?;
+            let (buf, off) = self.dma_target(addr, slen, false)?;
             let mut list = vec![0u8; slen];
             buf.read_at(off, &mut list);
             for (i, d) in list.chunks_exact(DESCRIPTOR_SIZE).enumerate() {
@@ -2414,7 +2590,7 @@ impl Engine {
 
     fn write_host(&mut self, cmd: &Command, data: &[u8]) -> Result<(), Status> {
         let mut segs = std::mem::take(&mut self.segs);
-        let r = self.data_segments(cmd, data.len(), &mut segs);
+        let r = self.data_segments(cmd, data.len(), true, &mut segs);
         if r.is_ok() {
             let mut done = 0;
             for s in &segs {
@@ -2429,7 +2605,7 @@ impl Engine {
 
     fn read_host(&mut self, cmd: &Command, len: usize) -> Result<Vec<u8>, Status> {
         let mut segs = std::mem::take(&mut self.segs);
-        let r = self.data_segments(cmd, len, &mut segs);
+        let r = self.data_segments(cmd, len, false, &mut segs);
         let mut data = vec![0u8; len];
         if r.is_ok() {
             let mut done = 0;
@@ -2629,7 +2805,7 @@ impl Engine {
         if !pc || !cmd.prp1.is_multiple_of(PAGE_U64) || iocqes != 4 {
             return err(Status::INVALID_FIELD);
         }
-        let Some(mem) = self.shared.queue_memory(cmd.prp1, u64::from(size) * 16) else {
+        let Some(mem) = self.shared.queue_memory(cmd.prp1, u64::from(size) * 16, true) else {
             bump(&self.shared.counters.bad_dma);
             return err(Status::DATA_TRANSFER_ERROR);
         };
@@ -2660,7 +2836,7 @@ impl Engine {
         if !pc || !cmd.prp1.is_multiple_of(PAGE_U64) || iosqes != 6 {
             return err(Status::INVALID_FIELD);
         }
-        let Some(mem) = self.shared.queue_memory(cmd.prp1, u64::from(size) * 64) else {
+        let Some(mem) = self.shared.queue_memory(cmd.prp1, u64::from(size) * 64, false) else {
             bump(&self.shared.counters.bad_dma);
             return err(Status::DATA_TRANSFER_ERROR);
         };
@@ -2741,8 +2917,8 @@ impl Engine {
         if !cmd.prp1.is_multiple_of(PAGE_U64) || !cmd.prp2.is_multiple_of(PAGE_U64) {
             return err(Status::INVALID_FIELD);
         }
-        let dbs = self.shared.queue_memory(cmd.prp1, PAGE_U64);
-        let eis = self.shared.queue_memory(cmd.prp2, PAGE_U64);
+        let dbs = self.shared.queue_memory(cmd.prp1, PAGE_U64, false);
+        let eis = self.shared.queue_memory(cmd.prp2, PAGE_U64, true);
         let (Some(doorbells), Some(event_indexes)) = (dbs, eis) else {
             bump(&self.shared.counters.bad_dma);
             return err(Status::DATA_TRANSFER_ERROR);
@@ -2909,7 +3085,7 @@ impl Engine {
             Err(s) => return err(s),
         };
         let mut segs = std::mem::take(&mut self.segs);
-        let r = self.data_segments(cmd, len as usize, &mut segs);
+        let r = self.data_segments(cmd, len as usize, cmd.opcode != nvm::WRITE, &mut segs);
         if r.is_ok() {
             let ns = &self.shared.namespaces[i];
             let mut map = ns.chunks.lock();
@@ -3083,22 +3259,22 @@ impl Engine {
 
     // The metadata buffer at MPTR: one contiguous piece of DMA memory, dword aligned.
     fn read_mptr(&mut self, mptr: u64, out: &mut [u8]) -> Result<(), Status> {
-        let (buf, off) = self.mptr_buffer(mptr, out.len())?;
+        let (buf, off) = self.mptr_buffer(mptr, out.len(), false)?;
         buf.read_at(off, out);
         Ok(())
     }
 
     fn write_mptr(&mut self, mptr: u64, data: &[u8]) -> Result<(), Status> {
-        let (buf, off) = self.mptr_buffer(mptr, data.len())?;
+        let (buf, off) = self.mptr_buffer(mptr, data.len(), true)?;
         buf.write_at(off, data);
         Ok(())
     }
 
-    fn mptr_buffer(&mut self, mptr: u64, len: usize) -> Result<(Arc<DmaBuffer>, usize), Status> {
+    fn mptr_buffer(&mut self, mptr: u64, len: usize, write: bool) -> Result<(Arc<DmaBuffer>, usize), Status> {
         if !mptr.is_multiple_of(4) {
             return Err(Status::INVALID_FIELD);
         }
-        self.dma_target(mptr, len)
+        self.dma_target(mptr, len, write)
     }
 
     fn dataset_management(&mut self, cmd: &Command) -> Outcome {
@@ -3451,7 +3627,7 @@ impl EmulatedNvme {
         config.check()?;
         Ok(EmulatedNvme {
             handle: Arc::new(Handle {
-                shared: Arc::new(Shared::new(config)),
+                shared: Arc::new(Shared::new(config, false)),
             }),
         })
     }
@@ -3647,6 +3823,19 @@ impl EmulatedNvme {
     /// `len` bytes of namespace `nsid` from byte `offset` (deallocated blocks read zero).
     /// `None` if there is no such namespace or the range is outside it.
     pub fn namespace_read(&self, nsid: u32, offset: u64, len: usize) -> Option<Vec<u8>> {
+        self.shared().namespace_read(nsid, offset, len)
+    }
+
+    /// Writes `data` into namespace `nsid` at byte `offset`, as if the host had. `None` if
+    /// there is no such namespace or the range is outside it.
+    pub fn namespace_write(&self, nsid: u32, offset: u64, data: &[u8]) -> Option<()> {
+        self.shared().namespace_write(nsid, offset, data)
+    }
+}
+
+// The namespaces' contents, for `EmulatedNvme` and `NvmeModel`.
+impl Shared {
+    fn namespace_read(&self, nsid: u32, offset: u64, len: usize) -> Option<Vec<u8>> {
         let ns = self.namespace(nsid, offset, len)?;
         let map = ns.chunks.lock();
         let mut out = vec![0u8; len];
@@ -3658,9 +3847,7 @@ impl EmulatedNvme {
         Some(out)
     }
 
-    /// Writes `data` into namespace `nsid` at byte `offset`, as if the host had. `None` if
-    /// there is no such namespace or the range is outside it.
-    pub fn namespace_write(&self, nsid: u32, offset: u64, data: &[u8]) -> Option<()> {
+    fn namespace_write(&self, nsid: u32, offset: u64, data: &[u8]) -> Option<()> {
         let ns = self.namespace(nsid, offset, data.len())?;
         let mut map = ns.chunks.lock();
         for (chunk, coff, n, done) in pieces(offset, data.len() as u64) {
@@ -3673,10 +3860,7 @@ impl EmulatedNvme {
     }
 
     fn namespace(&self, nsid: u32, offset: u64, len: usize) -> Option<&Namespace> {
-        let ns = self
-            .shared()
-            .namespaces
-            .get(usize::try_from(nsid).ok()?.checked_sub(1)?)?;
+        let ns = self.namespaces.get(usize::try_from(nsid).ok()?.checked_sub(1)?)?;
         let end = offset.checked_add(len as u64)?;
         (end <= ns.bytes()).then_some(ns)
     }
@@ -3758,25 +3942,13 @@ impl RegisterIo for EmuRegisters {
         if shared.gone() {
             return Ok(u64::MAX);
         }
-        Ok(match offset {
-            reg::ASQ => shared.asq.load(Ordering::Acquire),
-            reg::ACQ => shared.acq.load(Ordering::Acquire),
-            _ => u64::from(shared.read32(offset)) | u64::from(shared.read32(offset + 4)) << 32,
-        })
+        Ok(shared.read64(offset))
     }
     fn write64(&self, offset: u64, value: u64) -> Result<(), BackingError> {
         self.check(offset, 8)?;
         let shared = &self.handle.shared;
-        if shared.gone() {
-            return Ok(());
-        }
-        match offset {
-            reg::ASQ => shared.asq.store(value & !0xfff, Ordering::Release),
-            reg::ACQ => shared.acq.store(value & !0xfff, Ordering::Release),
-            _ => {
-                shared.write32(offset, value as u32);
-                shared.write32(offset + 4, (value >> 32) as u32);
-            }
+        if !shared.gone() {
+            shared.write64(offset, value);
         }
         Ok(())
     }
@@ -4023,7 +4195,7 @@ mod tests {
         assert_eq!((id.mdts, id.sqes, id.cqes), (5, 0x66, 0x44));
         assert_eq!(id.oacs, oacs::VIRT_MGMT | oacs::DOORBELL_BUFFER_CONFIG);
         assert!(id.subnqn.starts_with("nqn."));
-        let shared = Shared::new(cfg);
+        let shared = Shared::new(cfg, false);
         let ns = spec::IdentifyNamespace::parse(&identify_namespace(&shared.namespaces[0])).unwrap();
         assert_eq!((ns.nsze, ns.block_size()), (1 << 21, Some(512)));
         let sriov = shared.sriov.lock();
@@ -4038,7 +4210,7 @@ mod tests {
             max_io_queues: 300,
             ..EmuConfig::default()
         };
-        let shared = Shared::new(cfg);
+        let shared = Shared::new(cfg, false);
         let cap = spec::Cap(shared.cap);
         assert!(cap.cq_doorbell(300) + 4 <= shared.bar_len);
         assert!(shared.bar_len.is_power_of_two());
