@@ -5,13 +5,14 @@
 
 use std::time::Duration;
 
+use pcibus::bus::dma::DmaConstraints;
 use pcibus::bus::map::DeviceMap;
-use pcibus::bus::{BusEvent, DeviceBacking, RemovalCause};
+use pcibus::bus::{BusEvent, DeviceBacking, DmaMemory, RegisterIo, RemovalCause};
 use pcibus::nvme::driver::NvmeDriver;
 use pcibus::nvme::spec::io;
 use pcibus::nvme::{Controller, Options};
 use pcibus::testing::FakeSysfs;
-use pcibus::testing::backing::{FakeAttach, FakeBacking};
+use pcibus::testing::backing::{FakeAttach, FakeBacking, FakeDma, FakeRegisters};
 use pcibus::testing::model::DeviceModel;
 use pcibus::testing::nvme::{EmuConfig, NvmeModel};
 use pcibus::{PciAddress, Scanner, SysfsRoot};
@@ -99,22 +100,23 @@ fn completions_raise_msix_through_the_kit() {
     assert!(stats(&device).interrupts > 0, "and the controller raised them");
 }
 
-#[test]
-fn without_bus_mastering_the_model_fetches_nothing_and_the_kit_counts_it() {
-    let device = FakeBacking::with_model(ready_at_once());
-    // Enable by hand: admin queues in the backing's memory, bus mastering off.
+// A controller enabled by hand (admin queues of 16 in the backing's memory, stepped by
+// the test), and its admin SQ, CQ and BAR 0.
+fn enabled_by_hand(device: &FakeBacking) -> (FakeDma, FakeDma, FakeRegisters) {
     let sq = device.alloc_dma(4096).unwrap();
     let cq = device.alloc_dma(4096).unwrap();
     let bar = device.map_bar(0).unwrap();
-    use pcibus::bus::{DmaMemory, RegisterIo};
     bar.write32(0x24, 0x000f_000f).unwrap(); // AQA: 16/16
     bar.write64(0x28, sq.iova()).unwrap();
     bar.write64(0x30, cq.iova()).unwrap();
     bar.write32(0x14, 0x0046_0001).unwrap(); // CC: EN, IOSQES 6, IOCQES 4
     device.run_model(16);
     assert_eq!(bar.read32(0x1c).unwrap() & 1, 1, "CSTS.RDY");
-    // An Identify Controller in slot 0, and the tail doorbell.
-    let data = device.alloc_dma(4096).unwrap();
+    (sq, cq, bar)
+}
+
+// Submits an Identify Controller into `data` in admin SQ slot 0.
+fn submit_identify(sq: &FakeDma, bar: &FakeRegisters, data: &FakeDma) {
     let mut cmd = [0u8; 64];
     cmd[0] = 0x06;
     cmd[2] = 1;
@@ -122,6 +124,23 @@ fn without_bus_mastering_the_model_fetches_nothing_and_the_kit_counts_it() {
     cmd[40] = 1; // CNS 01h
     sq.write_at(0, &cmd).unwrap();
     bar.write32(0x1000, 1).unwrap();
+}
+
+// The status field (without the phase tag) of admin CQ entry 0, and its phase tag.
+fn first_completion(cq: &FakeDma) -> (u16, bool) {
+    let mut entry = [0u8; 16];
+    cq.read_at(0, &mut entry).unwrap();
+    let status = u16::from_le_bytes([entry[14], entry[15]]);
+    (status >> 1, status & 1 == 1)
+}
+
+#[test]
+fn without_bus_mastering_the_model_fetches_nothing_and_the_kit_counts_it() {
+    let device = FakeBacking::with_model(ready_at_once());
+    // Bus mastering off (nobody turned it on).
+    let (sq, cq, bar) = enabled_by_hand(&device);
+    let data = device.alloc_dma(4096).unwrap();
+    submit_identify(&sq, &bar, &data);
     device.run_model(16);
     let kit = device.model_stats();
     assert!(kit.dma_without_bus_master > 0, "{kit:?}");
@@ -130,13 +149,46 @@ fn without_bus_mastering_the_model_fetches_nothing_and_the_kit_counts_it() {
     device.set_bus_master(true).unwrap();
     device.run_model(16);
     assert_eq!(stats(&device).admin(0x06), 1);
-    let mut entry = [0u8; 16];
-    cq.read_at(0, &mut entry).unwrap();
-    assert_eq!(entry[14] & 1, 1, "phase tag of the first completion");
-    assert_eq!(u16::from_le_bytes([entry[14], entry[15]]) >> 1, 0, "success");
+    assert_eq!(first_completion(&cq), (0, true), "success, phase 1");
     let mut model_name = [0u8; 20];
     data.read_at(24, &mut model_name).unwrap();
     assert_eq!(&model_name, b"pcibus emulated NVMe");
+}
+
+#[test]
+fn data_for_the_host_into_memory_the_device_may_only_read_is_refused() {
+    let device = FakeBacking::with_model(ready_at_once());
+    device.set_bus_master(true).unwrap();
+    let (sq, cq, bar) = enabled_by_hand(&device);
+    let data = device
+        .alloc_dma_with(4096, &DmaConstraints::new().device_read_only())
+        .unwrap();
+    submit_identify(&sq, &bar, &data);
+    device.run_model(16);
+    // Data Transfer Error (generic status 04h), and the kit's count of it.
+    assert_eq!(first_completion(&cq), (0x04, true));
+    assert_eq!(device.model_stats().bad_dma, 1, "{:?}", device.model_faults());
+    assert!(
+        device.model_faults()[0].contains("read-only"),
+        "{:?}",
+        device.model_faults()
+    );
+}
+
+#[test]
+fn a_function_level_reset_puts_the_model_back_to_power_on_and_the_driver_starts_again() {
+    let device = FakeBacking::with_model(model());
+    let _thread = device.spawn_model_thread().unwrap().unwrap();
+    drop(Controller::init(device.clone(), &quick()).unwrap());
+    device.reset().unwrap();
+    let bar = device.map_bar(0).unwrap();
+    assert_eq!(
+        (bar.read32(0x14).unwrap(), bar.read32(0x1c).unwrap()),
+        (0, 0),
+        "CC, CSTS"
+    );
+    assert_eq!(bar.read32(0x24).unwrap(), 0, "AQA");
+    round_trip(&device, &quick());
 }
 
 #[test]
@@ -145,7 +197,6 @@ fn a_queue_outside_the_backing_s_memory_is_refused_and_counted_by_the_kit() {
     device.set_bus_master(true).unwrap();
     let cq = device.alloc_dma(4096).unwrap();
     let bar = device.map_bar(0).unwrap();
-    use pcibus::bus::{DmaMemory, RegisterIo};
     bar.write32(0x24, 0x000f_000f).unwrap();
     bar.write64(0x28, cq.iova() + 0x10_0000).unwrap(); // no allocation there
     bar.write64(0x30, cq.iova()).unwrap();
