@@ -162,3 +162,39 @@ task_report() {
 		[ -r "$_t/stack" ] && sed 's/^/    /' "$_t/stack"
 	done
 }
+
+# tp_open OUT WRAP... -- TESTPMD-ARGS...: start dpdk-testpmd -i in the background with its
+# stdin on a fifo (fd 7 of this shell) and wait for its prompt; sets TP_PID. tp_cmd sends a
+# command, tp_close quits (and kills it if it does not go within 60 s).
+tp_open() {
+	_out=$1
+	shift
+	_wrap=
+	while [ $# -gt 0 ] && [ "$1" != -- ]; do
+		_wrap="$_wrap $1"
+		shift
+	done
+	shift
+	_fifo=/tmp/tp.in.$$
+	rm -f "$_fifo"
+	mkfifo "$_fifo"
+	# shellcheck disable=SC2086
+	$_wrap dpdk-testpmd "$@" <"$_fifo" >"$_out" 2>&1 &
+	TP_PID=$!
+	exec 7>"$_fifo"
+	rm -f "$_fifo"
+	wait_for 180 grep -q 'testpmd> ' "$_out"
+}
+tp_cmd() {
+	echo "$*" >&7
+}
+tp_close() {
+	echo quit >&7
+	exec 7>&-
+	if ! wait_gone 60 "$TP_PID"; then
+		kill -9 "$TP_PID" 2>/dev/null
+		wait_gone 10 "$TP_PID"
+		return 124
+	fi
+	wait "$TP_PID"
+}
