@@ -4,6 +4,8 @@
 # A test sources "$PCIBUS_LIB" first, then this file.
 
 DPDK_PMDS=/usr/lib/x86_64-linux-gnu/dpdk/pmds-23.0
+# Writing a command to a testpmd that has exited must fail, not kill the test (SIGPIPE).
+trap "" PIPE
 # The drop-in under its SONAME: LD_LIBRARY_PATH=$DPDK_DROPIN_DIR puts it before the stock
 # library for the application's DT_NEEDED (EAL still dlopens the stock one as a plugin; the
 # drop-in unregisters that second "pci" bus at its first scan, and logs it).
@@ -65,6 +67,11 @@ dpdk_in_plugin_ns() {
 	exec unshare -m sh -c 'mount --make-rprivate / 2>/dev/null; mount --bind "$0" '"$DPDK_PMDS"' && exec "$@"' "$_dir" "$@"
 }
 
+# tp_ready OUT PID: testpmd (PID) printed its prompt to OUT, or is gone.
+tp_ready() {
+	grep -q 'testpmd> ' "$1" || [ "$(proc_state "$2")" = Z ] || [ "$(proc_state "$2")" = gone ]
+}
+
 # testpmd_session OUT SECONDS WRAP... -- TESTPMD-ARGS...: run dpdk-testpmd -i (under the
 # WRAP command, e.g. `env LD_LIBRARY_PATH=...`; `env` for none) with its stdin on a fifo,
 # output to OUT; once the prompt is up: `start`, SECONDS of forwarding, `stop`,
@@ -87,7 +94,7 @@ testpmd_session() {
 	_pid=$!
 	exec 7>"$_fifo"
 	_rc=0
-	if wait_for 180 grep -q 'testpmd> ' "$_out"; then
+	if wait_for 180 tp_ready "$_out" "$_pid" && grep -q 'testpmd> ' "$_out"; then
 		sleep 1
 		echo start >&7
 		sleep "$_secs"
@@ -183,7 +190,7 @@ tp_open() {
 	TP_PID=$!
 	exec 7>"$_fifo"
 	rm -f "$_fifo"
-	wait_for 180 grep -q 'testpmd> ' "$_out"
+	wait_for 180 tp_ready "$_out" "$TP_PID" && grep -q 'testpmd> ' "$_out"
 }
 tp_cmd() {
 	echo "$*" >&7
