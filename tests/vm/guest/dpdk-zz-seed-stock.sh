@@ -5,12 +5,13 @@
 # The removal takes the PF's device lock and waits for the holder; the holder's deferred
 # release waits for its rte_bus_scan(), and the stock scan reads the PF's sriov_numvfs,
 # which waits for that device lock: a deadlock in the kernel that nothing in the guest can
-# break (both tasks in D state, uninterruptibly; a SIGKILL cannot end a task stuck there,
-# so the vfio file is never closed).
+# break (the scanning thread waits for the mutex in D state, and a SIGKILL cannot end a
+# task stuck there, so the vfio file is never closed; the removal waits in
+# vfio_unregister_group_dev, sending the request again and again).
 #
 # Asserted: the removal request reached the application, its scan started and has not
-# returned after 15 s, its main thread is in D state (its kernel stack, with
-# sriov_numvfs_show on 6.1 and 6.12, is printed), and the `remove` write is blocked too;
+# returned after 15 s, its main thread is in D state in sriov_numvfs_show (its kernel
+# stack is printed), and the `remove` write waits in vfio_unregister_group_dev;
 # sysrq `w` puts every blocked task's stack in the log. The test then passes and leaves
 # the deadlock in place: the PF (and PCI rescan/remove, whose global lock the removal
 # holds) stays wedged until /init's final sysrq reset, which is why this test runs last
@@ -56,8 +57,9 @@ task_report "$SEED_PID"
 echo "the remove write (pid $REMOVE_PID):"
 task_report "$REMOVE_PID"
 [ "$main" = D ] || fail "STOCK: the scanning thread is in state $main, not D"
-echo "$stack" | grep -q -E 'sriov_numvfs_show|device_lock|dev_attr_show' ||
-	echo "note: the scanning thread's stack does not name sriov_numvfs_show (see above)"
+echo "$stack" | grep -q sriov_numvfs_show || fail "STOCK: the scanning thread does not wait in sriov_numvfs_show (stack above)"
+grep -q vfio_unregister_group_dev "/proc/$REMOVE_PID/stack" ||
+	fail "STOCK: the remove write does not wait in vfio_unregister_group_dev (stack above)"
 echo 8 >/proc/sys/kernel/printk
 echo w >/proc/sysrq-trigger
 sleep 2
