@@ -1,0 +1,207 @@
+# DPDK helpers for the VM suite's `dpdk` profile (busybox sh). dpdk/vm/guest-tree installs
+# this file as /usr/lib/pcibus-vm/dpdk.sh beside Debian's DPDK, dpdk-testpmd, the seed
+# application (pcibus-dpdk-seed) and the drop-in (/opt/pcibus-dpdk/librte_bus_pci.so.23).
+# A test sources "$PCIBUS_LIB" first, then this file.
+
+DPDK_PMDS=/usr/lib/x86_64-linux-gnu/dpdk/pmds-23.0
+# Writing a command to a testpmd that has exited must fail, not kill the test (SIGPIPE).
+trap "" PIPE
+# The drop-in under its SONAME: LD_LIBRARY_PATH=$DPDK_DROPIN_DIR puts it before the stock
+# library for the application's DT_NEEDED (EAL still dlopens the stock one as a plugin; the
+# drop-in unregisters that second "pci" bus at its first scan, and logs it).
+DPDK_DROPIN_DIR=/opt/pcibus-dpdk
+# What the drop-in logs when it takes the stock bus off EAL's list.
+DPDK_EVICTED='a second bus named "pci" is registered'
+# What it logs while it cannot map BARs yet (dpdk/src/exports.rs, before BAR mapping).
+DPDK_NO_MAPPING='mapping BARs is not implemented by pcibus yet'
+
+# dpdk_setup: hugepages for EAL (256 MiB of 2 MiB pages, hugetlbfs on /dev/hugepages) and
+# its runtime directory; skips the test without the DPDK tree in the initramfs.
+dpdk_setup() {
+	command -v dpdk-testpmd >/dev/null || {
+		echo "skip: no dpdk-testpmd in the guest (dpdk/vm/guest-tree not run?)"
+		exit 77
+	}
+	mkdir -p /dev/hugepages /run/dpdk
+	grep -q ' /dev/hugepages hugetlbfs ' /proc/mounts || mount -t hugetlbfs nodev /dev/hugepages ||
+		fail "mount hugetlbfs"
+	echo 128 >/proc/sys/vm/nr_hugepages
+	n=$(cat /proc/sys/vm/nr_hugepages)
+	[ "$n" -ge 64 ] || fail "only $n huge pages"
+	echo "hugepages: $n x 2 MiB"
+}
+
+# dpdk_nics: the e1000e functions (8086:10d3), one per line, in address order.
+dpdk_nics() {
+	for d in /sys/bus/pci/devices/*; do
+		[ "$(cat "$d/vendor"):$(cat "$d/device")" = 0x8086:0x10d3 ] && echo "${d##*/}"
+	done
+	return 0
+}
+
+# dpdk_to_vfio ADDR...: bind each device to vfio-pci (pcibus bind).
+dpdk_to_vfio() {
+	for _a in "$@"; do
+		driver_is "$_a" vfio-pci && continue
+		pcibus bind "$_a" vfio-pci || fail "pcibus bind $_a vfio-pci"
+		driver_is "$_a" vfio-pci || fail "$_a not on vfio-pci after the bind"
+	done
+}
+
+# dpdk_plugin_copy DIR: a private copy of the plugin directory with the drop-in in place of
+# the stock librte_bus_pci.so.23.0 (real files: links into the directory it will shadow
+# would loop), for `dpdk_in_plugin_ns DIR CMD...`.
+dpdk_plugin_copy() {
+	rm -rf "$1"
+	cp -a "$DPDK_PMDS" "$1" || fail "copy $DPDK_PMDS"
+	cp "$DPDK_DROPIN_DIR/librte_bus_pci.so.23" "$1/librte_bus_pci.so.23.0" || fail "put the drop-in in $1"
+}
+
+# dpdk_in_plugin_ns DIR CMD...: run CMD in a private mount namespace where DIR is
+# bind-mounted over the plugin directory (so /usr/lib/x86_64-linux-gnu/librte_bus_pci.so.23,
+# a link into it, is the drop-in too): the stock library is never loaded. It execs: run it
+# in a background job or a subshell (testpmd_session and seed_start do).
+dpdk_in_plugin_ns() {
+	_dir=$1
+	shift
+	exec unshare -m sh -c 'mount --make-rprivate / 2>/dev/null; mount --bind "$0" '"$DPDK_PMDS"' && exec "$@"' "$_dir" "$@"
+}
+
+# tp_ready OUT PID: testpmd (PID) printed its prompt to OUT, or is gone.
+tp_ready() {
+	grep -q 'testpmd> ' "$1" || [ "$(proc_state "$2")" = Z ] || [ "$(proc_state "$2")" = gone ]
+}
+
+# testpmd_session OUT SECONDS WRAP... -- TESTPMD-ARGS...: run dpdk-testpmd -i (under the
+# WRAP command, e.g. `env LD_LIBRARY_PATH=...`; `env` for none) with its stdin on a fifo,
+# output to OUT; once the prompt is up: `start`, SECONDS of forwarding, `stop`,
+# `show port stats all`, `quit`. Returns testpmd's status (124 if it had to be killed).
+testpmd_session() {
+	_out=$1
+	_secs=$2
+	shift 2
+	_wrap=
+	while [ $# -gt 0 ] && [ "$1" != -- ]; do
+		_wrap="$_wrap $1"
+		shift
+	done
+	shift
+	_fifo=/tmp/testpmd.in.$$
+	rm -f "$_fifo"
+	mkfifo "$_fifo"
+	# shellcheck disable=SC2086
+	$_wrap dpdk-testpmd "$@" <"$_fifo" >"$_out" 2>&1 &
+	_pid=$!
+	exec 7>"$_fifo"
+	_rc=0
+	if wait_for 180 tp_ready "$_out" "$_pid" && grep -q 'testpmd> ' "$_out"; then
+		sleep 1
+		echo start >&7
+		sleep "$_secs"
+		echo stop >&7
+		sleep 2
+		echo "show port stats all" >&7
+		sleep 2
+	else
+		echo "testpmd: no prompt within 180 s"
+		_rc=1
+	fi
+	echo quit >&7
+	exec 7>&-
+	rm -f "$_fifo"
+	if ! wait_gone 60 "$_pid"; then
+		kill -9 "$_pid" 2>/dev/null
+		wait_gone 10 "$_pid"
+		return 124
+	fi
+	wait "$_pid"
+	_r=$?
+	[ $_rc = 0 ] || return $_rc
+	return $_r
+}
+
+# port_stat OUT PORT FIELD: FIELD (RX-packets, RX-missed, RX-errors, RX-nombuf,
+# TX-packets, TX-errors) of PORT in the last `show port stats all` in OUT.
+port_stat() {
+	awk -v port="$2" -v field="$3:" '
+		/statistics for port/ { p = "" }
+		/NIC statistics for port/ { p = $0; sub(/.*for port /, "", p); sub(/ .*/, "", p) }
+		p == port { for (i = 1; i < NF; i++) if ($i == field) v = $(i + 1) }
+		END { print v }' "$1"
+}
+
+# seed_start OUT PCI_ADDR WRAP...: start the seed application (pcibus-dpdk-seed, see
+# dpdk/vm/seed.c) holding PCI_ADDR (on vfio-pci), under WRAP (`env` for none), output to
+# OUT; sets SEED_PID and waits until it holds the device (fails the test otherwise).
+seed_start() {
+	_out=$1
+	_addr=$2
+	shift 2
+	rm -f "$_out"
+	# shellcheck disable=SC2086
+	"$@" pcibus-dpdk-seed -l 0 -n 1 --no-telemetry --file-prefix=seed$$ -a "$_addr" \
+		--log-level=lib.eal:debug >"$_out" 2>&1 &
+	SEED_PID=$!
+	_ready() { grep -q '^seed: holding' "$_out" || [ "$(proc_state $SEED_PID)" = Z ] || [ "$(proc_state $SEED_PID)" = gone ]; }
+	wait_for 120 _ready
+	grep -q '^seed: holding' "$_out" && return 0
+	grep -E '^seed:|pcibus|PCI|EAL: (Error|Fail|Cannot)' "$_out" | tail -n 30
+	return 1
+}
+
+# seed_remove PCI_ADDR STATUS_FILE: `echo 1 > remove` of PCI_ADDR from another process, in
+# the background; when the write returns, STATUS_FILE gets "STATUS MS". Sets REMOVE_PID.
+seed_remove() {
+	rm -f "$2"
+	(
+		_t=$(now_ms)
+		echo 1 >"/sys/bus/pci/devices/$1/remove"
+		echo "$? $(($(now_ms) - _t))" >"$2"
+	) &
+	REMOVE_PID=$!
+}
+
+# task_report PID: state and kernel stack of each thread of PID.
+task_report() {
+	for _t in /proc/"$1"/task/*; do
+		[ -r "$_t/stat" ] || continue
+		echo "thread ${_t##*/} ($(cat "$_t/comm" 2>/dev/null)) state $(sed 's/.*) \(.\).*/\1/' "$_t/stat" 2>/dev/null)"
+		[ -r "$_t/stack" ] && sed 's/^/    /' "$_t/stack"
+	done
+}
+
+# tp_open OUT WRAP... -- TESTPMD-ARGS...: start dpdk-testpmd -i in the background with its
+# stdin on a fifo (fd 7 of this shell) and wait for its prompt; sets TP_PID. tp_cmd sends a
+# command, tp_close quits (and kills it if it does not go within 60 s).
+tp_open() {
+	_out=$1
+	shift
+	_wrap=
+	while [ $# -gt 0 ] && [ "$1" != -- ]; do
+		_wrap="$_wrap $1"
+		shift
+	done
+	shift
+	_fifo=/tmp/tp.in.$$
+	rm -f "$_fifo"
+	mkfifo "$_fifo"
+	# shellcheck disable=SC2086
+	$_wrap dpdk-testpmd "$@" <"$_fifo" >"$_out" 2>&1 &
+	TP_PID=$!
+	exec 7>"$_fifo"
+	rm -f "$_fifo"
+	wait_for 180 tp_ready "$_out" "$TP_PID" && grep -q 'testpmd> ' "$_out"
+}
+tp_cmd() {
+	echo "$*" >&7
+}
+tp_close() {
+	echo quit >&7
+	exec 7>&-
+	if ! wait_gone 60 "$TP_PID"; then
+		kill -9 "$TP_PID" 2>/dev/null
+		wait_gone 10 "$TP_PID"
+		return 124
+	fi
+	wait "$TP_PID"
+}

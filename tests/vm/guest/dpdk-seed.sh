@@ -1,0 +1,75 @@
+#!/bin/sh
+# Issue 18, proof 4 (the seed, reproduced with DPDK itself), with the drop-in: the seed
+# application (dpdk/vm/seed.c: a PMD of its own for QEMU's NVMe, NEED_MAPPING | INTR_RMV,
+# an RTE_DEV_EVENT_REMOVE callback that defers the release, and an rte_bus_scan() before
+# the release, as SPDK does) holds the SR-IOV PF through vfio-pci on the pcibus drop-in
+# (LD_LIBRARY_PATH route), and another process writes 1 to the PF's sysfs `remove`. The
+# removal request (VFIO's request notifier) reaches the callback; the scan returns with
+# the PF skipped (the drop-in logs "max_vfs 0: removal pending": it never read the
+# lock-taking sriov_numvfs), the release follows, and the removal completes. A rescan then
+# brings the controller back on nvme.
+#
+# The stock library's half (the same scenario deadlocks) is dpdk-zz-seed-stock: it leaves
+# the PF wedged until the VM's final reset, so it runs last.
+# pcibus-timeout: 240
+. "$PCIBUS_LIB"
+only_profiles dpdk
+need_pcibus
+. /usr/lib/pcibus-vm/dpdk.sh
+dpdk_setup
+
+LIMIT=30
+pf=$(nvme_pf) || fail "no NVMe controller"
+wait_for 20 driver_is "$pf" nvme || fail "PF $pf not on nvme at start"
+dpdk_to_vfio "$pf"
+
+out=/tmp/seed-dropin.out
+if ! seed_start "$out" "$pf" env LD_LIBRARY_PATH=$DPDK_DROPIN_DIR; then
+	back_on_nvme "$pf"
+	if grep -q "$DPDK_NO_MAPPING" "$out"; then
+		fail "DROP-IN FAIL (seed): the seed PMD's probe stops at rte_pci_map_device (BAR mapping not implemented in the drop-in yet): $(grep -m1 "$DPDK_NO_MAPPING" "$out")"
+	fi
+	fail "DROP-IN FAIL (seed): the seed application did not come to hold $pf"
+fi
+grep -q "$DPDK_EVICTED" "$out" || fail "DROP-IN FAIL (seed): no line saying the stock bus was evicted"
+grep '^seed: probe' "$out"
+
+t=$(now_ms)
+seed_remove "$pf" /tmp/seed-dropin.rm
+ok=1
+if wait_gone $LIMIT "$SEED_PID"; then
+	wait "$SEED_PID"
+	rc=$?
+	echo "seed application exited $rc after $(($(now_ms) - t)) ms"
+else
+	rc=stuck
+	echo "seed application still running after $LIMIT s:"
+	task_report "$SEED_PID"
+	ok=0
+fi
+removed=stuck
+if wait_gone 10 "$REMOVE_PID"; then
+	read -r removed took </tmp/seed-dropin.rm
+	echo "remove returned $removed after $took ms"
+else
+	echo "the remove write is still blocked:"
+	task_report "$REMOVE_PID"
+fi
+grep -E '^seed:|max_vfs|pcibus' "$out" | tail -n 40
+if [ $ok = 0 ]; then
+	echo 8 >/proc/sys/kernel/printk
+	echo w >/proc/sysrq-trigger
+	sleep 1
+	echo 4 >/proc/sys/kernel/printk
+	fail "DROP-IN FAIL (seed): the application did not finish (scan or release stuck); the PF stays wedged"
+fi
+grep -q '^seed: RTE_DEV_EVENT_REMOVE' "$out" || fail "DROP-IN FAIL (seed): no RTE_DEV_EVENT_REMOVE reached the application"
+grep -q '^seed: scan returned 0' "$out" || fail "DROP-IN FAIL (seed): rte_bus_scan did not return 0"
+grep -q "$pf: max_vfs 0: removal pending" "$out" ||
+	fail "DROP-IN FAIL (seed): the rescan did not report $pf skipped (removal pending)"
+grep -q '^seed: release returned 0' "$out" || fail "DROP-IN FAIL (seed): the release failed"
+[ "$rc" = 0 ] || fail "DROP-IN FAIL (seed): the application exited $rc"
+[ "$removed" = 0 ] || fail "DROP-IN FAIL (seed): the removal did not complete ($removed)"
+[ ! -e "/sys/bus/pci/devices/$pf" ] || fail "$pf still in sysfs after the removal"
+back_on_nvme "$pf"
+echo "DROP-IN PASS (seed): the scan returned with $pf skipped, the release followed, the removal completed"
