@@ -5,8 +5,8 @@
 # the release, as SPDK does) holds the SR-IOV PF through vfio-pci on the pcibus drop-in
 # (LD_LIBRARY_PATH route), and another process writes 1 to the PF's sysfs `remove`. The
 # removal request (VFIO's request notifier) reaches the callback; the scan returns with
-# the PF skipped (the drop-in logs "max_vfs 0: removal pending": it never read the
-# lock-taking sriov_numvfs), the release follows, and the removal completes. A rescan then
+# the PF not read again (the drop-in never reads the lock-taking sriov_numvfs), the
+# release follows, and the removal completes. A rescan then
 # brings the controller back on nvme.
 #
 # The stock library's half (the same scenario deadlocks) is dpdk-zz-seed-stock: it leaves
@@ -65,8 +65,13 @@ if [ $ok = 0 ]; then
 fi
 grep -q '^seed: RTE_DEV_EVENT_REMOVE' "$out" || fail "DROP-IN FAIL (seed): no RTE_DEV_EVENT_REMOVE reached the application"
 grep -q '^seed: scan returned 0' "$out" || fail "DROP-IN FAIL (seed): rte_bus_scan did not return 0"
-grep -q "$pf: max_vfs 0: removal pending" "$out" ||
-	fail "DROP-IN FAIL (seed): the rescan did not report $pf skipped (removal pending)"
+# The rescan keeps what it knew of a device already probed (it reads nothing of it, the
+# lock-taking sriov_numvfs never); a device it meets for the first time while its removal
+# is pending gets max_vfs 0 with a log line. Either way the scan returned above: with the
+# stock library it never does (dpdk-zz-seed-stock).
+if grep -q "$pf: max_vfs 0: removal pending" "$out"; then
+	echo "the rescan logged $pf's removal as pending"
+fi
 grep -q '^seed: release returned 0' "$out" || fail "DROP-IN FAIL (seed): the release failed"
 [ "$rc" = 0 ] || fail "DROP-IN FAIL (seed): the application exited $rc"
 [ "$removed" = 0 ] || fail "DROP-IN FAIL (seed): the removal did not complete ($removed)"
