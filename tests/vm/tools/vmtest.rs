@@ -102,6 +102,7 @@ mod vmtest {
                 .and_then(|a| bus(a, secs.parse().map_err(err)?, 2)),
             ["bus-d3hot", addr] => addr.parse().map_err(err).and_then(bus_d3hot),
             ["bus-set-vfs", addr] => addr.parse().map_err(err).and_then(bus_set_vfs),
+            ["nvme-caller-memory", addr] => addr.parse().map_err(err).and_then(nvme_caller_memory),
             ["aer-wait", addr, secs] => addr
                 .parse()
                 .map_err(err)
@@ -117,7 +118,8 @@ mod vmtest {
                       held-scan-exit ADDR [--pf PF] | \
                       claim-release ADDR SECONDS | try-claim ADDR | bus ADDR SECONDS | \
                       bus-replug ADDR SECONDS | bus-d3hot ADDR | kernel-perf BLOCKDEV QD SECONDS | \
-                      config-opens CMD [ARG...] | replug ADDR N | aer-wait ADDR SECONDS"
+                      config-opens CMD [ARG...] | replug ADDR N | aer-wait ADDR SECONDS | \
+                      nvme-caller-memory ADDR"
                     .into(),
             ),
         };
@@ -2250,6 +2252,53 @@ mod vmtest {
             }
         }
         Err(format!("{addr}: not done within {secs} s ({bound} binds)"))
+    }
+
+    /// Issue 15 §7 on a real controller: the application's own pages (a `PageBuffer`)
+    /// registered with the controller (`Controller::register_buffer`, mapped into the VFIO
+    /// container) carry a write out of their first half and a read back into their second;
+    /// the controller moved the data (the second half equals the first), and unregistering
+    /// gives back the same pages.
+    fn nvme_caller_memory(addr: PciAddress) -> Res {
+        use pcibus::bus::VfioBacking;
+        use pcibus::nvme::{Controller, Options};
+        use pcibus::vfio::{DmaBuffer, PAGE, PageBuffer};
+
+        let root = SysfsRoot::new(SYS);
+        let dev = open_dev(&root, addr).map_err(|e| format!("VfioDevice::open: {e}"))?;
+        let c = Controller::init(VfioBacking::new(dev), &Options::default()).map_err(err)?;
+        let ns = c.namespaces().first().cloned().ok_or("no namespace")?;
+        let len = 16 * PAGE;
+        let blocks = (len / ns.block_size as usize) as u64;
+        let mut pages = PageBuffer::new(2 * len).map_err(err)?;
+        for (i, b) in pages[..len].iter_mut().enumerate() {
+            *b = (i as u8).wrapping_mul(37).wrapping_add(11);
+        }
+        let sent = pages[..len].to_vec();
+        let vaddr = pages.as_ptr() as u64;
+        let buffer = c
+            .register_buffer(DmaBuffer::from_memory(pages).map_err(|(e, _)| e.to_string())?)
+            .map_err(err)?;
+        println!("caller memory: {} bytes at {vaddr:#x} registered", 2 * len);
+        let mut q = c.io_queue(8).map_err(err)?;
+        let lba = 4096 / u64::from(ns.block_size) * 256; // 1 MiB in
+        q.write(ns.nsid, lba, blocks, &buffer, 0).map_err(err)?;
+        q.read(ns.nsid, lba, blocks, &buffer, len).map_err(err)?;
+        drop(q);
+        let pages: PageBuffer = c
+            .unregister_buffer(buffer)
+            .map_err(|(e, _)| e.to_string())?
+            .into_memory()
+            .map_err(|_| "the registered buffer is not the caller's memory".to_string())?;
+        let _ = c.shutdown_within(Duration::from_secs(2));
+        if pages.as_ptr() as u64 != vaddr {
+            return Err("unregistering gave back other pages".into());
+        }
+        if pages[len..] != sent[..] {
+            return Err("what was read back into the caller's pages differs from what was written".into());
+        }
+        println!("caller memory: {len} bytes written from the caller's pages and read back into them, equal");
+        Ok(())
     }
 
     /// A driver that holds any device and answers errors with `Keep`, counting them.
