@@ -205,6 +205,96 @@ fn install_and_uninstall_round_trip_idempotently() {
     assert_eq!(fs::read(root.join(&TARGET[1..])).unwrap(), STOCK_BYTES);
 }
 
+/// A real `dpkg -i` of a newer librte-bus-pci23 into the throwaway root, with the drop-in
+/// installed: dpkg writes the new stock library to the diverted name, the drop-in stays;
+/// uninstall then brings the new stock library back.
+#[test]
+fn a_package_upgrade_leaves_the_drop_in_in_place() {
+    if !have_dpkg_divert() {
+        return;
+    }
+    if Command::new("dpkg-deb").arg("--version").output().is_err() {
+        println!("SKIPPED: dpkg-deb not found");
+        return;
+    }
+    let dir = fake_root("22.11.11-0+deb12u1");
+    let root = dir.path();
+    let lib = built_library();
+    let drop_in = fs::read(&lib).unwrap();
+    assert!(run("install", root, &[&lib]).status.success());
+
+    let upgraded: &[u8] = b"librte_bus_pci.so.23.0 of librte-bus-pci23 22.11.12\n";
+    let arch = String::from_utf8(
+        Command::new("dpkg")
+            .arg("--print-architecture")
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .unwrap();
+    let pkg = root.join("build/pkg");
+    fs::create_dir_all(pkg.join("DEBIAN")).unwrap();
+    fs::create_dir_all(pkg.join(PMDS)).unwrap();
+    fs::write(pkg.join(&TARGET[1..]), upgraded).unwrap();
+    std::os::unix::fs::symlink(
+        "librte_bus_pci.so.23.0",
+        pkg.join(PMDS).join("librte_bus_pci.so.23"),
+    )
+    .unwrap();
+    fs::write(
+        pkg.join("DEBIAN/control"),
+        format!(
+            "Package: librte-bus-pci23\nVersion: 22.11.12-0+deb12u1\nArchitecture: {}\n\
+             Multi-Arch: same\nMaintainer: nobody <nobody@example.org>\nDescription: test\n",
+            arch.trim()
+        ),
+    )
+    .unwrap();
+    let deb = root.join("build/up.deb");
+    let built = Command::new("dpkg-deb")
+        .args(["--root-owner-group", "-b"])
+        .arg(&pkg)
+        .arg(&deb)
+        .output()
+        .unwrap();
+    assert!(
+        built.status.success(),
+        "{}",
+        String::from_utf8_lossy(&built.stderr)
+    );
+    // --log: dpkg's log is /var/log/dpkg.log of the host even with --root.
+    let log = root.join("var/log/dpkg.log");
+    fs::create_dir_all(log.parent().unwrap()).unwrap();
+    let up = Command::new("dpkg")
+        .arg(format!("--root={}", root.display()))
+        .arg(format!("--log={}", log.display()))
+        .args(["--force-script-chrootless", "--force-not-root", "-i"])
+        .arg(&deb)
+        .output()
+        .unwrap();
+    assert!(up.status.success(), "{}", String::from_utf8_lossy(&up.stderr));
+
+    assert_eq!(
+        fs::read(root.join(&TARGET[1..])).unwrap(),
+        drop_in,
+        "drop-in survives"
+    );
+    assert_eq!(
+        fs::read(root.join(&DIVERTED[1..])).unwrap(),
+        upgraded,
+        "upgrade diverted"
+    );
+    assert_eq!(diverter(root), "pcibus-dpdk");
+
+    assert!(run("uninstall", root, &[]).status.success());
+    assert_eq!(
+        fs::read(root.join(&TARGET[1..])).unwrap(),
+        upgraded,
+        "new stock back"
+    );
+    assert_eq!(diverter(root), "");
+}
+
 #[test]
 fn both_refuse_another_dpdk_version() {
     if !have_dpkg_divert() {
