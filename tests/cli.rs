@@ -1,38 +1,16 @@
 //! The `pcibus` command line, run as a user would.
 
+#[path = "common/cli.rs"]
+mod cli;
+use cli::{code, fixture, pcibus, stdout};
 #[path = "common/skip.rs"]
 mod skip;
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use pcibus::testing::FakeSysfs;
 use serde_json::Value;
-
-fn fixture(name: &str) -> FakeSysfs {
-    FakeSysfs::from_fixture_file(Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures").join(name)).unwrap()
-}
-
-fn pcibus(root: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_pcibus"))
-        .arg("--sysfs")
-        .arg(root)
-        .args(args)
-        .env_remove("PCIBUS_SYSFS")
-        .env_remove("SYSFS_PCI_DEVICES")
-        .output()
-        .unwrap()
-}
-
-fn stdout(o: &Output) -> String {
-    assert!(
-        o.status.success(),
-        "exit {:?}, stderr: {}",
-        o.status,
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8(o.stdout.clone()).unwrap()
-}
 
 // The schema's `device` (schema/pcibus-v1.schema.json), in the order printed.
 const KEYS: [&str; 26] = [
@@ -261,10 +239,6 @@ fn json_problems_carry_the_errno() {
     assert_eq!(p["kind"], "io", "{p}");
     assert_eq!(p["errno"], 21, "EISDIR: {p}");
     assert!(p["error"].as_str().unwrap().contains("Is a directory"), "{p}");
-}
-
-fn code(o: &Output) -> i32 {
-    o.status.code().unwrap_or(-1)
 }
 
 #[test]

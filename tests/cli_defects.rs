@@ -3,39 +3,14 @@
 //! name their cause once and what they concern, unprivileged reads are said to be partial,
 //! and the library's warnings reach stderr.
 
+#[path = "common/cli.rs"]
+mod cli;
+use cli::{code, command, fixture, pcibus, stderr};
 use std::path::Path;
-use std::process::{Command, Output, Stdio};
+use std::process::Stdio;
 
 use pcibus::testing::FakeSysfs;
 use serde_json::Value;
-
-fn fixture(name: &str) -> FakeSysfs {
-    FakeSysfs::from_fixture_file(Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures").join(name)).unwrap()
-}
-
-fn command(root: &Path, args: &[&str]) -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_pcibus"));
-    c.arg("--sysfs")
-        .arg(root)
-        .args(args)
-        .env_remove("PCIBUS_SYSFS")
-        .env_remove("SYSFS_PCI_DEVICES")
-        .env_remove("PCIBUS_VFIO_BACKEND")
-        .env_remove("RUST_LOG");
-    c
-}
-
-fn pcibus(root: &Path, args: &[&str]) -> Output {
-    command(root, args).output().unwrap()
-}
-
-fn code(o: &Output) -> i32 {
-    o.status.code().unwrap_or(-1)
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
 
 #[test]
 fn bad_devargs_are_usage_errors_on_list_show_and_watch() {

@@ -2,6 +2,9 @@
 //! against schema/pcibus-v1.schema.json, which is strict (`additionalProperties: false`,
 //! every key required), and the values follow one representation per kind.
 
+#[path = "common/cli.rs"]
+mod cli;
+use cli::pcibus;
 #[path = "common/json_schema.rs"]
 mod json_schema;
 
@@ -34,17 +37,6 @@ fn fixtures() -> Vec<PathBuf> {
     v.sort();
     assert!(v.len() >= 4, "{v:?}");
     v
-}
-
-fn pcibus(root: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_pcibus"))
-        .arg("--sysfs")
-        .arg(root)
-        .args(args)
-        .env_remove("PCIBUS_SYSFS")
-        .env_remove("SYSFS_PCI_DEVICES")
-        .output()
-        .unwrap()
 }
 
 // Standard output as JSON; exit 0 or 3 (printed, some attribute not read).

@@ -1,39 +1,17 @@
 //! `pcibus bind`/`unbind` of several devices and by selector, and `pcibus setup`
 //! (config, reset, status), run as a user would on fake sysfs trees.
 
+#[path = "common/cli.rs"]
+mod cli;
+use cli::{code, pcibus, pcibus_env};
 #[path = "common/kernel.rs"]
 mod kernel;
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 
 use kernel::FakeKernel;
 use pcibus::testing::FakeSysfs;
 use serde_json::Value;
-
-fn pcibus_env(root: &Path, args: &[&str], env: &[(&str, &str)]) -> Output {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_pcibus"));
-    c.arg("--sysfs")
-        .arg(root)
-        .args(args)
-        .env_remove("PCIBUS_SYSFS")
-        .env_remove("SYSFS_PCI_DEVICES")
-        .env_remove("PCI_ALLOWED")
-        .env_remove("PCI_BLOCKED")
-        .env_remove("PCIBUS_SETUP_DIR");
-    for (k, v) in env {
-        c.env(k, v);
-    }
-    c.output().unwrap()
-}
-
-fn pcibus(root: &Path, args: &[&str]) -> Output {
-    pcibus_env(root, args, &[])
-}
-
-fn code(o: &Output) -> i32 {
-    o.status.code().unwrap_or(-1)
-}
 
 fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()

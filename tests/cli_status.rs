@@ -1,32 +1,14 @@
 //! `pcibus status` (dpdk-devbind.py --status), `pcibus completions` and `pcibus man`, run
 //! as a user would.
 
+#[path = "common/cli.rs"]
+mod cli;
+use cli::{pcibus, stdout};
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Command;
 
 use pcibus::testing::FakeSysfs;
 use serde_json::Value;
-
-fn pcibus(root: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_pcibus"))
-        .arg("--sysfs")
-        .arg(root)
-        .args(args)
-        .env_remove("PCIBUS_SYSFS")
-        .env_remove("SYSFS_PCI_DEVICES")
-        .output()
-        .unwrap()
-}
-
-fn stdout(o: &Output) -> String {
-    assert!(
-        o.status.success(),
-        "exit {:?}, stderr: {}",
-        o.status,
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8(o.stdout.clone()).unwrap()
-}
 
 /// 01:00.0 NVMe on vfio-pci; 02:00.0 NVMe on nvme with namespace nvme0n1 held by dm;
 /// 00:03.0 Ethernet on e1000e with eth0 up; 00:04.0 Ethernet with eth1 down, no driver;

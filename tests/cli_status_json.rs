@@ -2,11 +2,14 @@
 //! (schema/pcibus-v1.schema.json, `$defs/status`), checked on real output of fake trees
 //! and of every fixture; and the schema says which `--json` outputs are outside it.
 
+#[path = "common/cli.rs"]
+mod cli;
+use cli::pcibus;
 #[path = "common/json_schema.rs"]
 mod json_schema;
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
 
 use pcibus::testing::FakeSysfs;
 use serde_json::Value;
@@ -16,20 +19,6 @@ use json_schema::{check, check_def};
 fn schema() -> Value {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("schema/pcibus-v1.schema.json");
     serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
-}
-
-fn pcibus(root: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_pcibus"))
-        .arg("--sysfs")
-        .arg(root)
-        .args(args)
-        .env_remove("PCIBUS_SYSFS")
-        .env_remove("SYSFS_PCI_DEVICES")
-        .env_remove("PCI_ALLOWED")
-        .env_remove("PCI_BLOCKED")
-        .env_remove("PCIBUS_SETUP_DIR")
-        .output()
-        .unwrap()
 }
 
 fn json_of(o: &Output) -> Value {
