@@ -98,6 +98,8 @@ testpmd_session() {
 		sleep 1
 		echo start >&7
 		sleep "$_secs"
+		# Who holds the devices while testpmd runs (the drop-in claims them).
+		pcibus claims >"$_out.claims" 2>&1 || true
 		echo stop >&7
 		sleep 2
 		echo "show port stats all" >&7

@@ -30,6 +30,8 @@ pub mod sys;
 
 use core::ffi::{c_int, c_void};
 use core::ptr;
+use pcibus::PciAddress;
+use pcibus::bus::claim::{Claim, ClaimDir, ClaimError, ClaimInfo};
 use std::ffi::CString;
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
@@ -75,6 +77,31 @@ struct Held {
     intr_fd: Option<OwnedFd>,
     /// The request notifier's eventfd given to `vfio_req_intr_handle`.
     req_fd: Option<OwnedFd>,
+    /// The device's claim, taken before it was opened: other pcibus processes and SPDK
+    /// (its lock files) see it held, and this process's scans treat it as held. Dropped
+    /// after the device fd is released.
+    claim: Option<Claim>,
+}
+
+/// Claims `name` for this process (`pcibus::bus::claim`: the claims directory, SPDK's lock
+/// files) before it is opened: `Err` names the holder when another process has it. A
+/// claims directory this process cannot use is logged and the device mapped unclaimed,
+/// as the stock bus maps it.
+fn claim(name: &str) -> Result<Option<Claim>, String> {
+    let Ok(address) = name.parse::<PciAddress>() else {
+        return Ok(None);
+    };
+    match ClaimDir::for_claiming().claim(address, &ClaimInfo::new().driver("dpdk")) {
+        Ok(c) => Ok(Some(c)),
+        Err(e @ (ClaimError::Held { .. } | ClaimError::HeldBySpdk { .. })) => Err(pcibus::error::chain(&e)),
+        Err(e) => {
+            log::warn(&format!(
+                "{name}: not claimed ({}); mapped anyway",
+                pcibus::error::chain(&e)
+            ));
+            Ok(None)
+        }
+    }
 }
 
 static HELD: Mutex<Vec<Held>> = Mutex::new(Vec::new());
@@ -223,6 +250,14 @@ pub unsafe fn map(dev: *mut RtePciDevice, name: &str) -> c_int {
         return -1;
     }
     let Ok(cname) = CString::new(name) else { return -1 };
+    // Before the open, which resets the device: not under another process's feet.
+    let claim = match claim(name) {
+        Ok(c) => c,
+        Err(why) => {
+            log::error(&format!("rte_pci_map_device({name}): {why}"));
+            return -1;
+        }
+    };
     let base = sysfs_base();
     let mut fd: c_int = -1;
     let mut info = VfioDeviceInfo {
@@ -241,7 +276,8 @@ pub unsafe fn map(dev: *mut RtePciDevice, name: &str) -> c_int {
     }
     // SAFETY: per the contract; fd is EAL's open device fd.
     match unsafe { map_held(dev, name, fd, &info) } {
-        Ok(h) => {
+        Ok(mut h) => {
+            h.claim = claim;
             held().push(h);
             log::debug(&format!("{name}: mapped through VFIO (EAL's container)"));
             0
@@ -279,6 +315,7 @@ unsafe fn map_held(
         maps: Vec::new(),
         intr_fd: None,
         req_fd: None,
+        claim: None,
     };
     // SAFETY: per the contract.
     let res = unsafe { setup(dev, &mut h, info) };
@@ -556,6 +593,11 @@ pub fn ioport_access<R>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_name_that_is_no_address_is_not_claimed() {
+        assert_eq!(claim("not-an-address").map(|c| c.is_none()), Ok(true));
+    }
 
     #[test]
     fn nothing_is_held_at_start_and_accesses_fall_back() {

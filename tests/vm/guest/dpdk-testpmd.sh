@@ -93,8 +93,18 @@ else
 	failed="$failed baseline"
 fi
 
-# dropin_verdict LABEL: a drop-in run's result line.
+# dropin_verdict LABEL: a drop-in run's result line. The drop-in claims the devices it
+# maps (pcibus's claims directory, SPDK's lock files): `pcibus claims` during the run
+# names both NICs, held by testpmd.
 dropin_verdict() {
+	if [ $RUN_OK = 1 ]; then
+		for n in "$nic0" "$nic1"; do
+			grep "$n" "$out.claims" | grep -q testpmd || {
+				RUN_OK=0
+				WHY="$n not claimed by testpmd during the run: $(cat "$out.claims")"
+			}
+		done
+	fi
 	if [ $RUN_OK = 1 ]; then
 		echo "DROP-IN PASS ($1)"
 		return 0
