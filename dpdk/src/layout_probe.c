@@ -183,6 +183,8 @@ int main(void)
 	printf("pub const RTE_INTR_HANDLE_VFIO_MSI: c_int = %d;\n", RTE_INTR_HANDLE_VFIO_MSI);
 	printf("pub const RTE_INTR_HANDLE_VFIO_MSIX: c_int = %d;\n", RTE_INTR_HANDLE_VFIO_MSIX);
 	printf("pub const RTE_INTR_HANDLE_VFIO_REQ: c_int = %d;\n", RTE_INTR_HANDLE_VFIO_REQ);
+	printf("pub const RTE_INTR_HANDLE_UIO: c_int = %d;\n", RTE_INTR_HANDLE_UIO);
+	printf("pub const RTE_INTR_HANDLE_UIO_INTX: c_int = %d;\n", RTE_INTR_HANDLE_UIO_INTX);
 	printf("pub const RTE_INTR_MODE_NONE: c_int = %d;\n", RTE_INTR_MODE_NONE);
 	printf("pub const RTE_INTR_MODE_LEGACY: c_int = %d;\n", RTE_INTR_MODE_LEGACY);
 	printf("pub const RTE_INTR_MODE_MSI: c_int = %d;\n", RTE_INTR_MODE_MSI);

@@ -13,4 +13,5 @@ pub mod guard;
 pub mod log;
 pub mod matching;
 pub mod scan;
+pub mod uio_pci;
 pub mod vfio_pci;

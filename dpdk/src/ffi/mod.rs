@@ -207,3 +207,22 @@ pub mod eal_vfio {
         pub fn rte_intr_disable(h: *const RteIntrHandle) -> c_int;
     }
 }
+
+/// EAL's functions the UIO mapping uses (`src/uio_pci`), with the version nodes the stock
+/// bus imports them from.
+pub mod eal_uio {
+    use core::ffi::c_int;
+
+    use super::types::RteIntrHandle;
+
+    unsafe extern "C" {
+        /// `int rte_eal_iopl_init(void)` (DPDK_23): `iopl(3)` on x86, so that port I/O
+        /// instructions work; 0 or -1.
+        pub fn rte_eal_iopl_init() -> c_int;
+        /// `int rte_intr_dev_fd_get(const struct rte_intr_handle *intr_handle)` (INTERNAL).
+        pub fn rte_intr_dev_fd_get(h: *const RteIntrHandle) -> c_int;
+        /// `enum rte_intr_handle_type rte_intr_type_get(const struct rte_intr_handle
+        /// *intr_handle)` (EXPERIMENTAL).
+        pub fn rte_intr_type_get(h: *const RteIntrHandle) -> c_int;
+    }
+}

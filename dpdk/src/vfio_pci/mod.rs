@@ -87,7 +87,7 @@ struct Held {
 /// files) before it is opened: `Err` names the holder when another process has it. A
 /// claims directory this process cannot use is logged and the device mapped unclaimed,
 /// as the stock bus maps it.
-fn claim(name: &str) -> Result<Option<Claim>, String> {
+pub(crate) fn claim(name: &str) -> Result<Option<Claim>, String> {
     let Ok(address) = name.parse::<PciAddress>() else {
         return Ok(None);
     };

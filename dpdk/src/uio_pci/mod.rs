@@ -1,0 +1,553 @@
+//! `rte_pci_map_device` / `rte_pci_unmap_device`, I/O ports and the hot-unplug remap of
+//! devices bound to `uio_pci_generic` or `igb_uio`, as DPDK 22.11's
+//! `drivers/bus/pci/linux/pci_uio.c` and `pci_common_uio.c` do them:
+//!
+//! * the device's UIO instance is the `uioN` entry of its sysfs `uio/` directory (or
+//!   `uio:uioN` in its directory on old kernels; [`plan::find_uio`]); `/dev/uioN` is the
+//!   interrupt fd (`rte_intr_fd_set`), the device's sysfs `config` the config fd
+//!   (`rte_intr_dev_fd_set`: EAL masks and unmasks INTx of uio_pci_generic through it);
+//! * the handle type is `RTE_INTR_HANDLE_UIO` (igb_uio) or `RTE_INTR_HANDLE_UIO_INTX`
+//!   (uio_pci_generic, which also gets Bus Master set: the driver does not set it);
+//!   [`plan::intr_choice`];
+//! * each memory BAR of the sysfs `resource` file ([`plan::bar_plan`]) is mmapped from its
+//!   `resourceN` file (`resourceN_wc` first for `RTE_PCI_DRV_WC_ACTIVATE`) into
+//!   `mem_resource[i].addr`;
+//! * I/O ports (x86): an I/O BAR is accessed with `in`/`out` after `rte_eal_iopl_init`, a
+//!   memory BAR through its mapping; `p->base` is the port number or the mapped address,
+//!   as 22.11; accesses are checked against the BAR's size (22.11 does not check);
+//! * a hot-unplug (the bus's handler, EAL's SIGBUS hook) remaps the device's BARs onto
+//!   anonymous memory, so the driver's later accesses do not fault.
+//!
+//! A device is claimed (`pcibus::bus::claim`, shared with [`crate::vfio_pci`]) before it
+//! is opened. Only the primary process maps (a secondary gets -1 and a log line).
+//!
+//! This is an unsafe boundary with C (EAL's functions, the device struct); the decisions
+//! are in [`plan`], the system calls in [`sys`].
+
+pub mod plan;
+pub mod sys;
+
+use core::ffi::c_int;
+use core::ptr;
+use std::fs::File;
+use std::io;
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard};
+
+use pcibus::bus::claim::Claim;
+use pcibus::model::Resource;
+
+use crate::ffi::eal_uio;
+use crate::ffi::eal_vfio as eal;
+use crate::ffi::types::RtePciDevice;
+use crate::ffi::types::measured::{
+    RTE_INTR_HANDLE_UIO, RTE_INTR_HANDLE_UIO_INTX, RTE_INTR_HANDLE_UNKNOWN, RTE_PCI_DRV_WC_ACTIVATE,
+    RTE_PROC_PRIMARY,
+};
+use crate::log;
+use plan::{PortKind, UioDriver};
+use sys::UioBar;
+
+/// A device this process holds through UIO.
+#[derive(Debug)]
+struct Held {
+    /// `0000:00:04.0`.
+    name: String,
+    /// `/dev/uioN`, given to `intr_handle` as its fd.
+    _uio: File,
+    /// The device's sysfs `config`, given to `intr_handle` as its dev fd.
+    _config: File,
+    /// The mapped BARs (unmapped when this is dropped).
+    _maps: Vec<UioBar>,
+    /// The device's claim, taken before it was opened; dropped last.
+    _claim: Option<Claim>,
+}
+
+static HELD: Mutex<Vec<Held>> = Mutex::new(Vec::new());
+
+fn held() -> MutexGuard<'static, Vec<Held>> {
+    HELD.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Whether this process holds `name` through UIO (mapped by [`map`]).
+pub fn is_held(name: &str) -> bool {
+    held().iter().any(|h| h.name == name)
+}
+
+/// An I/O port handed out by [`ioport_map`]: which device, what `p->base` is, and what it
+/// reaches.
+#[derive(Debug)]
+struct Port {
+    name: String,
+    base: u64,
+    kind: PortKind,
+}
+
+static PORTS: Mutex<Vec<Port>> = Mutex::new(Vec::new());
+
+fn ports() -> MutexGuard<'static, Vec<Port>> {
+    PORTS.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// `/dev/uioN` fds opened by [`ioport_map`] for a device not mapped (22.11 gives its
+/// interrupt handle one); closed when the device is mapped or the process ends.
+static PORT_INTR: Mutex<Vec<(String, File)>> = Mutex::new(Vec::new());
+
+fn port_intr() -> MutexGuard<'static, Vec<(String, File)>> {
+    PORT_INTR.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A failed step: which call, and why.
+struct Failure(String);
+
+fn fail(what: impl std::fmt::Display, e: impl std::fmt::Display) -> Failure {
+    Failure(format!("{what}: {e}"))
+}
+
+fn eal_ok(what: &str, ret: c_int) -> Result<(), Failure> {
+    if ret == 0 {
+        Ok(())
+    } else {
+        Err(Failure(format!("{what} failed ({ret})")))
+    }
+}
+
+fn read_resources(dev_dir: &Path) -> Result<Vec<Resource>, String> {
+    let path = dev_dir.join("resource");
+    let bytes = std::fs::read(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+    pcibus::sysfs::parse::resource(&bytes)
+        .map_err(|e| format!("{}: {}", path.display(), pcibus::error::chain(&e)))
+}
+
+/// `pci_uio_map_resource` (primary process) for a device bound to `driver`: 0, 1 (no UIO
+/// instance: "not managed by UIO driver, skipping", as 22.11), or -1 with a log line naming
+/// the device and the failed step.
+///
+/// # Safety
+/// `dev` is a live device of the bus, not accessed elsewhere during the call.
+pub unsafe fn map(dev: *mut RtePciDevice, name: &str, driver: UioDriver) -> c_int {
+    // SAFETY: per the contract.
+    unsafe {
+        map_in(
+            dev,
+            name,
+            driver,
+            &crate::config::sysfs_devices_dir(),
+            Path::new("/dev"),
+        )
+    }
+}
+
+/// [`map`] with the sysfs devices directory and the directory of `uioN` device nodes given
+/// (tests use files of their own).
+///
+/// # Safety
+/// As [`map`].
+unsafe fn map_in(
+    dev: *mut RtePciDevice,
+    name: &str,
+    driver: UioDriver,
+    sysfs: &Path,
+    devdir: &Path,
+) -> c_int {
+    if is_held(name) {
+        log::debug(&format!("{name}: already mapped through UIO"));
+        return 0;
+    }
+    // SAFETY: no arguments.
+    if unsafe { eal::rte_eal_process_type() } != RTE_PROC_PRIMARY {
+        log::error(&format!(
+            "rte_pci_map_device({name}): mapping in a secondary process is not implemented by pcibus"
+        ));
+        return -1;
+    }
+    // SAFETY: per the contract.
+    let intr = unsafe { (*dev).intr_handle };
+    // SAFETY: intr is a live instance when not null.
+    if intr.is_null()
+        || unsafe { eal::rte_intr_fd_set(intr, -1) != 0 || eal::rte_intr_dev_fd_set(intr, -1) != 0 }
+    {
+        log::error(&format!(
+            "rte_pci_map_device({name}): no usable interrupt instance"
+        ));
+        return -1;
+    }
+    let dev_dir = sysfs.join(name);
+    let uio = match plan::find_uio(&dev_dir) {
+        Ok(Some(n)) => n,
+        Ok(None) => {
+            log::warn(&format!(
+                "{name}: not managed by UIO driver (no uio instance), skipping"
+            ));
+            return 1;
+        }
+        Err(e) => {
+            log::warn(&format!(
+                "{name}: cannot read {}: {e}; skipping",
+                dev_dir.display()
+            ));
+            return 1;
+        }
+    };
+    let claim = match crate::vfio_pci::claim(name) {
+        Ok(c) => c,
+        Err(why) => {
+            log::error(&format!("rte_pci_map_device({name}): {why}"));
+            return -1;
+        }
+    };
+    // SAFETY: per the contract.
+    let wc = unsafe {
+        let dr = (*dev).driver;
+        !dr.is_null() && (*dr).drv_flags & RTE_PCI_DRV_WC_ACTIVATE != 0
+    };
+    // SAFETY: per the contract.
+    match unsafe { setup(dev, driver, &dev_dir, &devdir.join(format!("uio{uio}")), wc) } {
+        Ok((uio_file, config, maps)) => {
+            held().push(Held {
+                name: name.to_owned(),
+                _uio: uio_file,
+                _config: config,
+                _maps: maps,
+                _claim: claim,
+            });
+            // The interrupt fd ioport_map may have opened is replaced by this one.
+            port_intr().retain(|(n, _)| n != name);
+            log::debug(&format!("{name}: mapped through UIO (uio{uio})"));
+            0
+        }
+        Err(Failure(why)) => {
+            log::error(&format!("rte_pci_map_device({name}): {why}"));
+            -1
+        }
+    }
+}
+
+type Setup = (File, File, Vec<UioBar>);
+
+/// Opens the fds, fills the interrupt handle, sets Bus Master (uio_pci_generic), maps the
+/// BARs; on failure undoes it all (the files close, the mappings go, the handle is reset).
+///
+/// # Safety
+/// As [`map`]; `intr_handle` is a live instance.
+unsafe fn setup(
+    dev: *mut RtePciDevice,
+    driver: UioDriver,
+    dev_dir: &Path,
+    uio_path: &Path,
+    wc: bool,
+) -> Result<Setup, Failure> {
+    let mut maps = Vec::new();
+    // SAFETY: per the contract.
+    let res = unsafe { setup_steps(dev, driver, dev_dir, uio_path, wc, &mut maps) };
+    if res.is_err() {
+        // SAFETY: per the contract; the mappings are dropped after their addresses are
+        // cleared.
+        unsafe { reset(dev) };
+        drop(maps);
+        return res.map(|_| unreachable!());
+    }
+    res.map(|(u, c)| (u, c, maps))
+}
+
+/// # Safety
+/// As [`setup`].
+unsafe fn setup_steps(
+    dev: *mut RtePciDevice,
+    driver: UioDriver,
+    dev_dir: &Path,
+    uio_path: &Path,
+    wc: bool,
+    maps: &mut Vec<UioBar>,
+) -> Result<(File, File), Failure> {
+    // SAFETY: per the contract.
+    let intr = unsafe { (*dev).intr_handle };
+    let uio = sys::open_rw(uio_path).map_err(|e| fail(format!("cannot open {}", uio_path.display()), e))?;
+    let config_path = dev_dir.join("config");
+    let config =
+        sys::open_rw(&config_path).map_err(|e| fail(format!("cannot open {}", config_path.display()), e))?;
+    let choice = plan::intr_choice(driver);
+    let ty = if choice.uio {
+        RTE_INTR_HANDLE_UIO
+    } else {
+        RTE_INTR_HANDLE_UIO_INTX
+    };
+    // SAFETY: intr is live; the files stay open while the device is held (on failure the
+    // handle is reset before they close).
+    unsafe {
+        eal_ok("rte_intr_fd_set", eal::rte_intr_fd_set(intr, uio.as_raw_fd()))?;
+        eal_ok(
+            "rte_intr_dev_fd_set",
+            eal::rte_intr_dev_fd_set(intr, config.as_raw_fd()),
+        )?;
+        eal_ok("rte_intr_type_set", eal::rte_intr_type_set(intr, ty))?;
+    }
+    if choice.set_master {
+        let cmd =
+            sys::read_u16(&config, plan::COMMAND).map_err(|e| fail("reading the Command register", e))?;
+        if let Some(new) = plan::with_master(cmd) {
+            sys::write_u16(&config, plan::COMMAND, new).map_err(|e| fail("setting Bus Master", e))?;
+        }
+    }
+    let resources = read_resources(dev_dir).map_err(|e| Failure(format!("reading the BARs: {e}")))?;
+    for b in plan::bar_plan(&resources) {
+        let mut file = None;
+        let mut last = None;
+        for f in plan::resource_files(b.bar, wc) {
+            let path = dev_dir.join(&f);
+            match sys::open_rw(&path) {
+                Ok(x) => {
+                    file = Some(x);
+                    break;
+                }
+                Err(e) => {
+                    if f.ends_with("_wc") && e.kind() != io::ErrorKind::NotFound {
+                        log::info(&format!(
+                            "{} cannot be mapped ({e}); falling back to the non-prefetchable mapping",
+                            path.display()
+                        ));
+                    }
+                    last = Some(fail(format!("cannot open {}", path.display()), e));
+                }
+            }
+        }
+        let Some(file) = file else {
+            return Err(last.unwrap_or_else(|| Failure(format!("no resource file for BAR{}", b.bar))));
+        };
+        let m = UioBar::map(&file, b.len)
+            .map_err(|e| fail(format!("mmap of BAR{} ({:#x} bytes)", b.bar, b.len), e))?;
+        // SAFETY: per the contract; the sigbus handler reads these fields.
+        unsafe {
+            let r = &raw mut (*dev).mem_resource[b.bar];
+            (*r).phys_addr = b.phys;
+            (*r).len = m.len() as u64;
+            (*r).addr = m.addr();
+        }
+        maps.push(m);
+    }
+    Ok((uio, config))
+}
+
+/// Resets the interrupt handle (no fds, type unknown) and clears every `mem_resource[].addr`
+/// (so the SIGBUS lookup stops claiming them before the mappings go).
+///
+/// # Safety
+/// `dev` is live.
+unsafe fn reset(dev: *mut RtePciDevice) {
+    // SAFETY: per the contract.
+    unsafe {
+        let intr = (*dev).intr_handle;
+        if !intr.is_null() {
+            eal::rte_intr_fd_set(intr, -1);
+            eal::rte_intr_dev_fd_set(intr, -1);
+            eal::rte_intr_type_set(intr, RTE_INTR_HANDLE_UNKNOWN);
+        }
+        for r in &mut (*dev).mem_resource {
+            r.addr = ptr::null_mut();
+        }
+    }
+}
+
+/// `pci_uio_unmap_resource` (primary): the interrupt handle reset, its fds closed, the BARs
+/// unmapped (and I/O ports through them forgotten), the claim dropped. 0, or -1 with a log
+/// line (a device this process does not hold).
+///
+/// # Safety
+/// `dev` is a live device of the bus, not accessed elsewhere during the call.
+pub unsafe fn unmap(dev: *mut RtePciDevice, name: &str) -> c_int {
+    let taken = {
+        let mut list = held();
+        list.iter().position(|h| h.name == name).map(|i| list.remove(i))
+    };
+    let Some(h) = taken else {
+        log::error(&format!(
+            "rte_pci_unmap_device({name}): not mapped through UIO by this process"
+        ));
+        return -1;
+    };
+    log::info(&format!("releasing PCI mapped resource for {name}"));
+    // SAFETY: per the contract.
+    unsafe { reset(dev) };
+    ports().retain(|p| !(p.name == name && matches!(p.kind, PortKind::Mem { .. })));
+    drop(h);
+    0
+}
+
+/// The hot-unplug remap (22.11's `pci_uio_remap_resource`): every mapped BAR of `dev`
+/// (`mem_resource[i].addr`/`len`) becomes anonymous memory. Async-signal-safe (no lock, no
+/// allocation, no log): the SIGBUS hook calls it. 0, or -1 when a remap failed.
+///
+/// # Safety
+/// `dev` is live; its non-null `mem_resource[i].addr` are this module's mappings of `len`
+/// bytes (a UIO device's are: nothing else maps them).
+pub unsafe fn remap_for_unplug(dev: *mut RtePciDevice) -> c_int {
+    let mut ret = 0;
+    // SAFETY: per the contract; the fields are read in place.
+    unsafe {
+        for i in 0..plan::BARS {
+            let r = &raw const (*dev).mem_resource[i];
+            let (addr, len) = ((*r).addr, (*r).len);
+            if addr.is_null() || len == 0 {
+                continue;
+            }
+            if !sys::remap_anonymous(addr, len as usize) {
+                ret = -1;
+            }
+        }
+    }
+    ret
+}
+
+/// `rte_pci_ioport_map` for a UIO device (22.11's x86 `pci_uio_ioport_map`): `p->base` is
+/// the port number of an I/O BAR (after `rte_eal_iopl_init`) or the mapped address of a
+/// memory BAR (the device must be mapped). A device not mapped gets `/dev/uioN` as its
+/// interrupt fd, as 22.11. `Ok(base)`, or `Err` saying why.
+///
+/// # Safety
+/// `dev` is a live device of the bus.
+pub unsafe fn ioport_map(dev: *mut RtePciDevice, name: &str, bar: usize) -> Result<u64, String> {
+    // SAFETY: per the contract.
+    unsafe { ioport_map_in(dev, name, bar, &crate::config::sysfs_devices_dir()) }
+}
+
+/// [`ioport_map`] with the sysfs devices directory given.
+///
+/// # Safety
+/// As [`ioport_map`].
+unsafe fn ioport_map_in(dev: *mut RtePciDevice, name: &str, bar: usize, sysfs: &Path) -> Result<u64, String> {
+    let dev_dir = sysfs.join(name);
+    let resources = read_resources(&dev_dir)?;
+    let kind = plan::port_kind(&resources, bar)?;
+    let base = match kind {
+        PortKind::Io { base, .. } => {
+            // SAFETY: no arguments.
+            if unsafe { eal_uio::rte_eal_iopl_init() } != 0 {
+                return Err("insufficient I/O port permissions (iopl)".to_owned());
+            }
+            u64::from(base)
+        }
+        PortKind::Mem { .. } => {
+            // SAFETY: per the contract.
+            let addr = unsafe { (*dev).mem_resource[bar].addr };
+            if addr.is_null() || !is_held(name) {
+                return Err(format!(
+                    "memory BAR {bar} is not mapped (rte_pci_map_device first)"
+                ));
+            }
+            addr as u64
+        }
+    };
+    if !is_held(name) {
+        // SAFETY: per the contract.
+        unsafe { port_interrupt(dev, name, &dev_dir)? };
+    }
+    ports().push(Port {
+        name: name.to_owned(),
+        base,
+        kind,
+    });
+    Ok(base)
+}
+
+/// 22.11 opens `/dev/uioN` into the interrupt handle (type `RTE_INTR_HANDLE_UIO`) of a
+/// device whose handle is unset when an I/O port is mapped.
+///
+/// # Safety
+/// `dev` is live.
+unsafe fn port_interrupt(dev: *mut RtePciDevice, name: &str, dev_dir: &Path) -> Result<(), String> {
+    // SAFETY: per the contract.
+    let intr = unsafe { (*dev).intr_handle };
+    // SAFETY: intr is live when not null.
+    if intr.is_null() || unsafe { eal_uio::rte_intr_type_get(intr) } != RTE_INTR_HANDLE_UNKNOWN {
+        return Ok(());
+    }
+    let n = plan::find_uio(dev_dir)
+        .map_err(|e| format!("{}: {e}", dev_dir.display()))?
+        .ok_or_else(|| format!("{}: no uio instance", dev_dir.display()))?;
+    let path = PathBuf::from(format!("/dev/uio{n}"));
+    let f = sys::open_rw(&path).map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+    // SAFETY: intr is live; the file is kept open (PORT_INTR) while the handle uses it.
+    unsafe {
+        if eal::rte_intr_fd_set(intr, f.as_raw_fd()) != 0
+            || eal::rte_intr_type_set(intr, RTE_INTR_HANDLE_UIO) != 0
+        {
+            eal::rte_intr_fd_set(intr, -1);
+            return Err("setting the interrupt handle failed".to_owned());
+        }
+    }
+    let mut list = port_intr();
+    list.retain(|(x, _)| x != name);
+    list.push((name.to_owned(), f));
+    Ok(())
+}
+
+/// An access of `len` bytes at `offset` of a port [`ioport_map`] gave out (`base`):
+/// `None` when it did not (not ours, or unmapped since), else the access's result.
+///
+/// # Safety
+/// `data` is valid for `len` bytes (written for a read, read for a write).
+pub unsafe fn ioport_access(
+    name: &str,
+    base: u64,
+    offset: u64,
+    data: *mut u8,
+    len: usize,
+    write: bool,
+) -> Option<Result<(), String>> {
+    let list = ports();
+    let port = list.iter().find(|p| p.name == name && p.base == base)?;
+    let size = match port.kind {
+        PortKind::Io { len, .. } | PortKind::Mem { len } => len,
+    };
+    if !plan::port_range_ok(size, offset, len) {
+        return Some(Err(format!(
+            "{len} bytes at offset {offset:#x} are beyond the BAR ({size:#x} bytes)"
+        )));
+    }
+    // The lock stays held across the access: an unmap cannot remove the mapping under it.
+    Some(match port.kind {
+        PortKind::Io { base: first, .. } => {
+            // port_range_ok and PIO_MAX keep this below 0x10000.
+            let Ok(p) = u16::try_from(u64::from(first) + offset) else {
+                return Some(Err(format!("port {first:#x} + {offset:#x} overflows")));
+            };
+            // SAFETY: the ports are the BAR's (range checked), iopl was granted in
+            // ioport_map; data per the contract.
+            let r = unsafe {
+                if write {
+                    sys::port_write(p, data, len)
+                } else {
+                    sys::port_read(p, data, len)
+                }
+            };
+            r.map_err(|e| e.to_string())
+        }
+        PortKind::Mem { .. } => {
+            let at = (base + offset) as *mut u8;
+            // SAFETY: the range is inside the BAR's live mapping (range checked; unmap
+            // removes Mem ports under this lock before the mapping goes); data per the
+            // contract.
+            unsafe {
+                if write {
+                    sys::mmio_write(at, data, len);
+                } else {
+                    sys::mmio_read(at, data, len);
+                }
+            }
+            Ok(())
+        }
+    })
+}
+
+/// `rte_pci_ioport_unmap` of a UIO port: forgets it (22.11's x86 version does nothing); 0.
+pub fn ioport_unmap(name: &str, base: u64) -> c_int {
+    let mut list = ports();
+    if let Some(i) = list.iter().position(|p| p.name == name && p.base == base) {
+        list.remove(i);
+    }
+    0
+}
+
+#[cfg(test)]
+mod tests;
