@@ -896,8 +896,9 @@ unsafe extern "C" fn bus_dev_iterate(
 }
 
 /// The removal of a device: for VFIO, the registry notes it (scans stop reading its
-/// lock-taking state) and EAL's `RTE_DEV_EVENT_REMOVE` callbacks run; UIO BARs are not
-/// remapped (TODO): -1.
+/// lock-taking state) and EAL's `RTE_DEV_EVENT_REMOVE` callbacks run; for UIO the registry
+/// notes it and its BARs are remapped onto anonymous memory (22.11's
+/// `pci_uio_remap_resource`: no event, as 22.11), so the driver's accesses stop faulting.
 ///
 /// # Safety
 /// `p` is null or a device of the list. With `in_signal`, nothing that allocates or locks
@@ -921,10 +922,23 @@ unsafe fn hot_unplug(p: *mut RtePciDevice, in_signal: bool) -> c_int {
             0
         }
         k if k == RTE_PCI_KDRV_IGB_UIO || k == RTE_PCI_KDRV_UIO_GENERIC || k == RTE_PCI_KDRV_NIC_UIO => {
-            if !in_signal {
-                log::error("hot-unplug of a UIO device: remapping its BARs is not implemented by pcibus");
+            if !in_signal
+                // SAFETY: p is live.
+                && let Some(a) = scan::to_pcibus(unsafe { (*p).addr })
+            {
+                scan::registry().mark(a, Reason::RemovalRequested);
             }
-            -1
+            // SAFETY: p is live; its mapped BARs are uio_pci's (nothing else maps a UIO
+            // device). Async-signal-safe.
+            let ret = unsafe { crate::uio_pci::remap_for_unplug(p) };
+            if !in_signal {
+                if ret == 0 {
+                    log::info("hot-unplug of a UIO device: its BARs were remapped onto anonymous memory");
+                } else {
+                    log::error("hot-unplug of a UIO device: cannot remap its BARs");
+                }
+            }
+            ret
         }
         _ => {
             if !in_signal {
@@ -997,7 +1011,7 @@ unsafe extern "C" fn bus_sigbus_handler(failure_addr: *const c_void) -> c_int {
 }
 
 /// `cleanup` (`rte_eal_cleanup`): removes every device from its driver, releases it from
-/// VFIO and frees it; -1 when a driver's remove failed.
+/// VFIO or UIO and frees it; -1 when a driver's remove failed.
 unsafe extern "C" fn bus_cleanup() -> c_int {
     guard::ffi("pci bus cleanup", -1, || {
         let taken: Vec<DevPtr> = std::mem::take(&mut *devices());
@@ -1018,8 +1032,12 @@ unsafe extern "C" fn bus_cleanup() -> c_int {
                 }
                 // Unlike the stock bus (which leaves the mapping to the process's exit), a
                 // device held through VFIO is released here: its request notifier's
-                // callback must not outlive the device struct freed below.
-                if (*p).kdrv == RTE_PCI_KDRV_VFIO && crate::vfio_pci::is_held(&scan::device_name((*p).addr)) {
+                // callback must not outlive the device struct freed below. A device held
+                // through UIO is unmapped too (its fds closed, its claim dropped).
+                let name = scan::device_name((*p).addr);
+                if ((*p).kdrv == RTE_PCI_KDRV_VFIO && crate::vfio_pci::is_held(&name))
+                    || crate::uio_pci::is_held(&name)
+                {
                     unmap_device(p);
                 }
                 free_intr_handles(p);

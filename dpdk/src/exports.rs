@@ -23,6 +23,7 @@ use crate::ffi::types::measured::{RTE_PCI_KDRV_IGB_UIO, RTE_PCI_KDRV_UIO_GENERIC
 use crate::ffi::types::{RtePciDevice, RtePciDriver, RtePciIoport};
 use crate::guard;
 use crate::log;
+use crate::uio_pci;
 use crate::vfio_pci;
 
 /// Exports `$f` under the C name `$name` (an alias symbol; its version comes from
@@ -127,8 +128,9 @@ unsafe extern "C" fn pci_get_sysfs_path() -> *const c_char {
 
 /// `int rte_pci_ioport_map(struct rte_pci_device *dev, int bar, struct rte_pci_ioport *p)`:
 /// for a device mapped through VFIO, `p->base` is BAR `bar`'s region offset in the device
-/// fd (reads and writes pread/pwrite there, as 22.11 does); 0, or -1 with a log line (a bad
-/// BAR, a device not mapped, UIO: not implemented).
+/// fd (reads and writes pread/pwrite there, as 22.11 does); for a UIO device the port
+/// number of an I/O BAR or the mapping of a memory BAR ([`uio_pci::ioport_map`]); 0, or -1
+/// with a log line (a bad BAR, a device not mapped, another driver).
 unsafe extern "C" fn pci_ioport_map(dev: *mut RtePciDevice, bar: c_int, p: *mut RtePciIoport) -> c_int {
     guard::ffi("rte_pci_ioport_map", -1, || {
         // SAFETY: C passes a live device and ioport (or null).
@@ -150,9 +152,10 @@ unsafe fn ioport_map(dev: *mut RtePciDevice, bar: c_int, p: *mut RtePciIoport) -
     }
     // SAFETY: dev is live.
     let kdrv = unsafe { (*dev).kdrv };
-    if kdrv != RTE_PCI_KDRV_VFIO {
+    let uio = kdrv == RTE_PCI_KDRV_IGB_UIO || kdrv == RTE_PCI_KDRV_UIO_GENERIC;
+    if kdrv != RTE_PCI_KDRV_VFIO && !uio {
         log::error(&format!(
-            "rte_pci_ioport_map({name}, bar {bar}): only devices bound to vfio-pci are supported by pcibus (kdrv {kdrv})"
+            "rte_pci_ioport_map({name}, bar {bar}): only devices bound to vfio-pci, uio_pci_generic or igb_uio are supported (kdrv {kdrv})"
         ));
         return -1;
     }
@@ -160,6 +163,24 @@ unsafe fn ioport_map(dev: *mut RtePciDevice, bar: c_int, p: *mut RtePciIoport) -
         log::error(&format!("rte_pci_ioport_map({name}): invalid bar ({bar})"));
         return -1;
     };
+    if uio {
+        // SAFETY: dev is live.
+        return match unsafe { uio_pci::ioport_map(dev, &name, index) } {
+            Ok(base) => {
+                // SAFETY: p is the caller's live ioport.
+                unsafe {
+                    (*p).dev = dev;
+                    (*p).base = base;
+                    (*p).len = 0;
+                }
+                0
+            }
+            Err(why) => {
+                log::error(&format!("rte_pci_ioport_map({name}, bar {bar}): {why}"));
+                -1
+            }
+        };
+    }
     match vfio_pci::ioport_base(&name, index) {
         Some(base) => {
             // SAFETY: p is the caller's live ioport.
@@ -216,6 +237,13 @@ unsafe extern "C" fn pci_ioport_read(p: *mut RtePciIoport, data: *mut c_void, le
             return;
         }
         // SAFETY: the caller passes len writable bytes at data.
+        if let Some(r) = unsafe { uio_pci::ioport_access(&name, base, offset, data.cast(), len, false) } {
+            if let Err(why) = r {
+                log::error(&format!("rte_pci_ioport_read({name}): {why}"));
+            }
+            return;
+        }
+        // SAFETY: the caller passes len writable bytes at data.
         let r = vfio_pci::ioport_access(&name, base, offset, |fd, pos| unsafe {
             vfio_pci::sys::read_raw(fd, data.cast(), len, pos)
         });
@@ -232,6 +260,15 @@ unsafe extern "C" fn pci_ioport_write(p: *mut RtePciIoport, data: *const c_void,
             return;
         };
         if data.is_null() {
+            return;
+        }
+        // SAFETY: the caller passes len readable bytes at data (a write only reads it).
+        if let Some(r) =
+            unsafe { uio_pci::ioport_access(&name, base, offset, data.cast_mut().cast(), len, true) }
+        {
+            if let Err(why) = r {
+                log::error(&format!("rte_pci_ioport_write({name}): {why}"));
+            }
             return;
         }
         // SAFETY: the caller passes len readable bytes at data.
@@ -257,11 +294,17 @@ fn ioport_result(call: &str, name: &str, base: u64, offset: u64, r: Option<Optio
 
 /// `int rte_pci_ioport_unmap(struct rte_pci_ioport *p)`: nothing was mapped for a VFIO
 /// port (accesses are preads), so 0. (22.11 returns -1 here for VFIO; virtio, its only
-/// user, ignores the value.)
+/// user, ignores the value.) A UIO port is forgotten (later accesses are refused); 0, as
+/// 22.11 on x86.
 unsafe extern "C" fn pci_ioport_unmap(p: *mut RtePciIoport) -> c_int {
     guard::ffi("rte_pci_ioport_unmap", -1, || {
         if p.is_null() {
             return -1;
+        }
+        // SAFETY: C passes a live ioport whose dev is null or live.
+        if let Some(name) = unsafe { device_name((*p).dev) } {
+            // SAFETY: as above.
+            uio_pci::ioport_unmap(&name, unsafe { (*p).base });
         }
         0
     })
@@ -274,8 +317,9 @@ unsafe extern "C" fn pci_map_device(dev: *mut RtePciDevice) -> c_int {
 }
 
 /// The stock bus's dispatch on `kdrv`: VFIO through EAL's container ([`vfio_pci::map`]);
-/// 1 ("skipped": the probe moves on to the next driver) for a device bound to no driver
-/// DPDK maps through. UIO: -1 with a log line (not implemented by pcibus).
+/// uio_pci_generic and igb_uio through their sysfs files ([`uio_pci::map`]); 1 ("skipped":
+/// the probe moves on to the next driver) for a device bound to no driver DPDK maps
+/// through.
 ///
 /// # Safety
 /// `dev` is null or a live device.
@@ -289,11 +333,12 @@ pub(crate) unsafe fn map_device(dev: *mut RtePciDevice) -> c_int {
     if kdrv == RTE_PCI_KDRV_VFIO {
         // SAFETY: per the contract.
         unsafe { vfio_pci::map(dev, &name) }
-    } else if kdrv == RTE_PCI_KDRV_IGB_UIO || kdrv == RTE_PCI_KDRV_UIO_GENERIC {
-        log::error(&format!(
-            "rte_pci_map_device({name}): mapping BARs of UIO devices is not implemented by pcibus"
-        ));
-        -1
+    } else if kdrv == RTE_PCI_KDRV_IGB_UIO {
+        // SAFETY: per the contract.
+        unsafe { uio_pci::map(dev, &name, uio_pci::plan::UioDriver::IgbUio) }
+    } else if kdrv == RTE_PCI_KDRV_UIO_GENERIC {
+        // SAFETY: per the contract.
+        unsafe { uio_pci::map(dev, &name, uio_pci::plan::UioDriver::Generic) }
     } else {
         log::debug(&format!(
             "{name}: not managed by a supported kernel driver, skipped"
@@ -315,6 +360,9 @@ pub(crate) unsafe fn unmap_device(dev: *mut RtePciDevice) {
     if kdrv == RTE_PCI_KDRV_VFIO {
         // SAFETY: per the contract.
         unsafe { vfio_pci::unmap(dev, &name) };
+    } else if kdrv == RTE_PCI_KDRV_IGB_UIO || kdrv == RTE_PCI_KDRV_UIO_GENERIC {
+        // SAFETY: per the contract.
+        unsafe { uio_pci::unmap(dev, &name) };
     }
 }
 
@@ -524,6 +572,30 @@ mod tests {
             pci_ioport_read(core::ptr::null_mut(), data.as_mut_ptr().cast(), 4, 0);
             assert_eq!(pci_ioport_unmap(&mut port), 0);
             assert_eq!(pci_ioport_unmap(core::ptr::null_mut()), -1);
+        }
+    }
+
+    /// A device bound to a UIO driver without a uio instance in sysfs (here: no sysfs
+    /// directory at all) is skipped with 1, as 22.11's `pci_uio_alloc_resource`; unmapping
+    /// it is harmless, and its I/O ports are refused.
+    #[test]
+    fn uio_device_without_instance_is_skipped() {
+        use crate::ffi::eal::{RTE_INTR_INSTANCE_F_PRIVATE, rte_intr_instance_alloc, rte_intr_instance_free};
+        for kdrv in [RTE_PCI_KDRV_UIO_GENERIC, RTE_PCI_KDRV_IGB_UIO] {
+            let mut dev = vfio_device("0000:fe:1f.6");
+            dev.kdrv = kdrv;
+            // SAFETY: a private instance, freed below.
+            dev.intr_handle = unsafe { rte_intr_instance_alloc(RTE_INTR_INSTANCE_F_PRIVATE) };
+            // SAFETY: an all-zero ioport is valid.
+            let mut port: RtePciIoport = unsafe { core::mem::zeroed() };
+            // SAFETY: dev is a live device.
+            unsafe {
+                assert_eq!(pci_map_device(&mut dev), 1, "kdrv {kdrv}");
+                assert!(!crate::uio_pci::is_held("0000:fe:1f.6"));
+                pci_unmap_device(&mut dev);
+                assert_eq!(pci_ioport_map(&mut dev, 0, &mut port), -1);
+                rte_intr_instance_free(dev.intr_handle);
+            }
         }
     }
 

@@ -241,14 +241,17 @@ unsafe fn setup(
     let mut maps = Vec::new();
     // SAFETY: per the contract.
     let res = unsafe { setup_steps(dev, driver, dev_dir, uio_path, wc, &mut maps) };
-    if res.is_err() {
-        // SAFETY: per the contract; the mappings are dropped after their addresses are
-        // cleared.
-        unsafe { reset(dev) };
-        drop(maps);
-        return res.map(|_| unreachable!());
+    match res {
+        Ok((uio, config)) => Ok((uio, config, maps)),
+        Err(e) => {
+            // SAFETY: per the contract; the mappings are dropped after their addresses
+            // are cleared; the handle forgets the fds setup_steps has closed (nothing
+            // used them in between: the device is not probed yet).
+            unsafe { reset(dev) };
+            drop(maps);
+            Err(e)
+        }
     }
-    res.map(|(u, c)| (u, c, maps))
 }
 
 /// # Safety

@@ -115,9 +115,9 @@ pub unsafe fn remap_anonymous(addr: *mut libc::c_void, len: usize) -> bool {
 /// remain, then 2, then 1. Here also only at an address aligned to the size (an MMIO
 /// access must be aligned).
 fn step(at: u64, remaining: usize) -> usize {
-    if remaining >= 4 && at % 4 == 0 {
+    if remaining >= 4 && at.is_multiple_of(4) {
         4
-    } else if remaining >= 2 && at % 2 == 0 {
+    } else if remaining >= 2 && at.is_multiple_of(2) {
         2
     } else {
         1
