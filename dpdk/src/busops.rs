@@ -1134,4 +1134,30 @@ mod tests {
         fill_array(&mut a, "ab");
         assert_eq!(array_cstr(&a), Some(c"ab"));
     }
+
+    /// The hot-unplug of a UIO device (as from the SIGBUS hook) remaps its mapped BARs onto
+    /// anonymous memory at the same address and returns 0 (it returned -1 before).
+    #[test]
+    fn uio_hot_unplug_remaps_mapped_bars() {
+        use crate::uio_pci::sys::{UioBar, mmio_read, open_rw};
+        let path = std::env::temp_dir().join(format!("pcibus-busops-uio-{}", std::process::id()));
+        std::fs::write(&path, [0x5au8; 4096]).unwrap();
+        let bar = UioBar::map(&open_rw(&path).unwrap(), 4096).unwrap();
+        std::fs::remove_file(&path).unwrap();
+        // SAFETY: an all-zero rte_pci_device is valid (null pointers, zero numbers).
+        let mut dev: RtePciDevice = unsafe { core::mem::zeroed() };
+        dev.kdrv = RTE_PCI_KDRV_UIO_GENERIC;
+        dev.mem_resource[2].addr = bar.addr();
+        dev.mem_resource[2].len = 4096;
+        let mut b = 0u8;
+        // SAFETY: the BAR is mapped; b is one byte.
+        unsafe { mmio_read(bar.addr().cast::<u8>().add(7), &mut b, 1) };
+        assert_eq!(b, 0x5a);
+        // SAFETY: dev is live; its BAR is a UioBar.
+        assert_eq!(unsafe { hot_unplug(&mut dev, true) }, 0);
+        // SAFETY: as above (anonymous memory now).
+        unsafe { mmio_read(bar.addr().cast::<u8>().add(7), &mut b, 1) };
+        assert_eq!(b, 0, "anonymous memory at the same address");
+        drop(bar);
+    }
 }
