@@ -127,16 +127,15 @@ fn a_controller_failing_after_every_reset_is_not_reset_forever() {
     assert!(resets <= 10, "{resets} resets");
 }
 
-// The same, counted: with a limit of 3, three recovery resets, then the controller is
-// declared failed; every queue operation says so, and nothing resets it but
-// `Controller::reset`, which brings it back.
-#[test]
-fn recovery_resets_are_bounded_then_the_controller_is_declared_failed() {
+// A controller that fails on every I/O (CSTS.CFS), with short recovery backoffs and a
+// limit of `limit` recovery resets, driven until it is declared failed
+// (`NvmeError::Failed`); its I/O queue has seen that.
+fn declared_failed(limit: u32) -> (EmulatedNvme, Controller<EmulatedNvme>, IoQueue<EmulatedNvme>) {
     let e = emu(EmuConfig::default());
     let options = Options {
         recovery_backoff: Duration::from_millis(1),
         recovery_backoff_max: Duration::from_millis(4),
-        recovery_limit: 3,
+        recovery_limit: limit,
         ..quick()
     };
     let c = Controller::init(e.clone(), &options).unwrap();
@@ -144,6 +143,15 @@ fn recovery_resets_are_bounded_then_the_controller_is_declared_failed() {
     e.inject(Fault::FatalOnIo);
     let end = drive_until_fatal(&e, &c, &mut q, 40);
     assert!(matches!(end, Some(NvmeError::Failed(_))), "{end:?}");
+    (e, c, q)
+}
+
+// The same, counted: with a limit of 3, three recovery resets, then the controller is
+// declared failed; every queue operation says so, and nothing resets it but
+// `Controller::reset`, which brings it back.
+#[test]
+fn recovery_resets_are_bounded_then_the_controller_is_declared_failed() {
+    let (e, c, mut q) = declared_failed(3);
     assert_eq!(e.stats().enables - 1, 3, "recovery resets");
     let buf = c.alloc_buffer(4096).unwrap();
     for _ in 0..100 {
@@ -423,18 +431,7 @@ fn a_blocking_read_waits_through_the_recovery_backoff() {
 // its next use, as after a recovery reset, instead of staying failed for good.
 #[test]
 fn a_queue_that_saw_the_controller_failed_works_after_an_explicit_reset() {
-    let e = emu(EmuConfig::default());
-    let options = Options {
-        recovery_backoff: Duration::from_millis(1),
-        recovery_backoff_max: Duration::from_millis(4),
-        recovery_limit: 2,
-        ..quick()
-    };
-    let c = Controller::init(e.clone(), &options).unwrap();
-    let mut q = c.io_queue(8).unwrap();
-    e.inject(Fault::FatalOnIo);
-    let end = drive_until_fatal(&e, &c, &mut q, 40);
-    assert!(matches!(end, Some(NvmeError::Failed(_))), "{end:?}");
+    let (e, c, mut q) = declared_failed(2);
     e.clear_faults();
     c.reset().unwrap();
     let buf = c.alloc_buffer(4096).unwrap();
