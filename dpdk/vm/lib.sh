@@ -80,43 +80,22 @@ testpmd_session() {
 	_out=$1
 	_secs=$2
 	shift 2
-	_wrap=
-	while [ $# -gt 0 ] && [ "$1" != -- ]; do
-		_wrap="$_wrap $1"
-		shift
-	done
-	shift
-	_fifo=/tmp/testpmd.in.$$
-	rm -f "$_fifo"
-	mkfifo "$_fifo"
-	# shellcheck disable=SC2086
-	$_wrap dpdk-testpmd "$@" <"$_fifo" >"$_out" 2>&1 &
-	_pid=$!
-	exec 7>"$_fifo"
 	_rc=0
-	if wait_for 180 tp_ready "$_out" "$_pid" && grep -q 'testpmd> ' "$_out"; then
+	if tp_open "$_out" "$@"; then
 		sleep 1
-		echo start >&7
+		tp_cmd start
 		sleep "$_secs"
 		# Who holds the devices while testpmd runs (the drop-in claims them).
 		pcibus claims >"$_out.claims" 2>&1 || true
-		echo stop >&7
+		tp_cmd stop
 		sleep 2
-		echo "show port stats all" >&7
+		tp_cmd "show port stats all"
 		sleep 2
 	else
 		echo "testpmd: no prompt within 180 s"
 		_rc=1
 	fi
-	echo quit >&7
-	exec 7>&-
-	rm -f "$_fifo"
-	if ! wait_gone 60 "$_pid"; then
-		kill -9 "$_pid" 2>/dev/null
-		wait_gone 10 "$_pid"
-		return 124
-	fi
-	wait "$_pid"
+	tp_close
 	_r=$?
 	[ $_rc = 0 ] || return $_rc
 	return $_r

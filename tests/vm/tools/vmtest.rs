@@ -2169,7 +2169,9 @@ mod vmtest {
 
     /// A bus that takes only `addr` (binding it to vfio-pci, restoring its driver when
     /// dropped), with the test driver registered.
-    fn test_bus(addr: PciAddress) -> Res<pcibus::bus::Bus<pcibus::bus::VfioAttach>> {
+    /// A bus over this system's sysfs that takes only `addr`, binding it to vfio-pci
+    /// (through the harness's backend) and restoring its driver at the end; no driver yet.
+    fn vfio_bus(addr: PciAddress) -> Res<pcibus::bus::Bus<pcibus::bus::VfioAttach>> {
         use pcibus::bus::devargs::Selection;
         use pcibus::bus::map::DeviceMap;
         use pcibus::bus::{BindPolicy, Bus, VfioAttach};
@@ -2186,7 +2188,11 @@ mod vmtest {
         )
         .backend(backend());
         let selection = Selection::from_args([("-a", addr.to_string())]).map_err(err)?;
-        let mut bus = Bus::new(map, attach).selection(selection);
+        Ok(Bus::new(map, attach).selection(selection))
+    }
+
+    fn test_bus(addr: PciAddress) -> Res<pcibus::bus::Bus<pcibus::bus::VfioAttach>> {
+        let mut bus = vfio_bus(addr)?;
         bus.register(Box::new(TestNvme {
             table: [pcibus::bus::id::IdEntry::class(
                 0x010802,
@@ -2343,20 +2349,8 @@ mod vmtest {
     /// device is held, and succeeds at the first error within `secs`.
     fn aer_wait(addr: PciAddress, secs: u64) -> Res {
         use pcibus::bus::BusEvent;
-        use pcibus::bus::devargs::Selection;
-        use pcibus::bus::map::DeviceMap;
-        use pcibus::bus::{BindPolicy, Bus, VfioAttach};
 
-        let root = SysfsRoot::new(SYS);
-        let map = DeviceMap::new(Scanner::new(root.clone())).map_err(err)?;
-        let policy = BindPolicy {
-            bind: true,
-            force: false,
-            restore: true,
-        };
-        let attach = VfioAttach::new(root, policy).backend(backend());
-        let selection = Selection::from_args([("-a", addr.to_string())]).map_err(err)?;
-        let mut bus = Bus::new(map, attach).selection(selection);
+        let mut bus = vfio_bus(addr)?;
         let record = bus
             .map()
             .get(addr)
