@@ -46,6 +46,7 @@ use crate::ffi::types::measured::{
     RTE_PROC_PRIMARY,
 };
 use crate::log;
+use crate::vfio_pci::{Failure, eal_ok};
 use plan::{PortKind, UioDriver};
 use sys::UioBar;
 
@@ -98,19 +99,8 @@ fn port_intr() -> MutexGuard<'static, Vec<(String, File)>> {
     PORT_INTR.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// A failed step: which call, and why.
-struct Failure(String);
-
 fn fail(what: impl std::fmt::Display, e: impl std::fmt::Display) -> Failure {
     Failure(format!("{what}: {e}"))
-}
-
-fn eal_ok(what: &str, ret: c_int) -> Result<(), Failure> {
-    if ret == 0 {
-        Ok(())
-    } else {
-        Err(Failure(format!("{what} failed ({ret})")))
-    }
 }
 
 fn read_resources(dev_dir: &Path) -> Result<Vec<Resource>, String> {

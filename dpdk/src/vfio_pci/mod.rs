@@ -193,8 +193,8 @@ fn intr_mode() -> IntrMode {
     }
 }
 
-/// A failed step of the mapping: which call, and why.
-struct Failure(String);
+/// A failed step of a mapping (VFIO's or UIO's): which call, and why.
+pub(crate) struct Failure(pub(crate) String);
 
 impl<E: std::fmt::Display> From<(&str, E)> for Failure {
     fn from((what, e): (&str, E)) -> Failure {
@@ -203,7 +203,7 @@ impl<E: std::fmt::Display> From<(&str, E)> for Failure {
 }
 
 /// Checks an EAL setter's return.
-fn eal_ok(what: &str, ret: c_int) -> Result<(), Failure> {
+pub(crate) fn eal_ok(what: &str, ret: c_int) -> Result<(), Failure> {
     if ret == 0 {
         Ok(())
     } else {
