@@ -998,8 +998,8 @@ unsafe extern "C" fn bus_sigbus_handler(failure_addr: *const c_void) -> c_int {
         drop(list);
         match hit {
             None => 1,
-            // SAFETY: the device was on the list.
             Some(d) => {
+                // SAFETY: the device was on the list.
                 if unsafe { hot_unplug(d.0, true) } == 0 {
                     0
                 } else {

@@ -125,8 +125,8 @@ mod tests {
         cfg[0x100..0x104].copy_from_slice(&(0x0001u32 | (1 << 16) | (0x140 << 20)).to_le_bytes());
         cfg[0x140..0x144].copy_from_slice(&(0x0010u32 | (1 << 16)).to_le_bytes());
         fs::write(dev.join("config"), &cfg).unwrap();
-        // SAFETY of set_var (edition 2024 requires unsafe): no other test in this crate
-        // reads or writes SYSFS_PCI_DEVICES concurrently.
+        // SAFETY: set_var is unsafe in edition 2024 because of concurrent environment
+        // access; no other test in this crate reads or writes SYSFS_PCI_DEVICES concurrently.
         unsafe { std::env::set_var("SYSFS_PCI_DEVICES", &dir) };
 
         let name = "0000:00:04.0";

@@ -263,9 +263,8 @@ unsafe extern "C" fn pci_ioport_write(p: *mut RtePciIoport, data: *const c_void,
             return;
         }
         // SAFETY: the caller passes len readable bytes at data (a write only reads it).
-        if let Some(r) =
-            unsafe { uio_pci::ioport_access(&name, base, offset, data.cast_mut().cast(), len, true) }
-        {
+        let uio = unsafe { uio_pci::ioport_access(&name, base, offset, data.cast_mut().cast(), len, true) };
+        if let Some(r) = uio {
             if let Err(why) = r {
                 log::error(&format!("rte_pci_ioport_write({name}): {why}"));
             }

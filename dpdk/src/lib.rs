@@ -4,6 +4,8 @@
 //! decisions are in safe modules ([`scan`], [`matching`], [`drivers`], [`config`]). DPDK's
 //! struct layouts, checked against DPDK's headers at build time, are in [`ffi::types`].
 
+#![deny(clippy::undocumented_unsafe_blocks, clippy::missing_safety_doc)]
+
 pub mod busops;
 pub mod config;
 pub mod drivers;

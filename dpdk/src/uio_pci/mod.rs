@@ -154,10 +154,10 @@ unsafe fn map_in(
     }
     // SAFETY: per the contract.
     let intr = unsafe { (*dev).intr_handle };
-    // SAFETY: intr is a live instance when not null.
-    if intr.is_null()
-        || unsafe { eal::rte_intr_fd_set(intr, -1) != 0 || eal::rte_intr_dev_fd_set(intr, -1) != 0 }
-    {
+    // SAFETY: intr is a live instance when not null (tested first).
+    let unusable = intr.is_null()
+        || unsafe { eal::rte_intr_fd_set(intr, -1) != 0 || eal::rte_intr_dev_fd_set(intr, -1) != 0 };
+    if unusable {
         log::error(&format!(
             "rte_pci_map_device({name}): no usable interrupt instance"
         ));

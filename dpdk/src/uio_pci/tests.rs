@@ -117,11 +117,8 @@ fn uio_pci_generic_maps_bars_sets_intx_handle_and_bus_master_and_unmaps() {
     assert_eq!(ty, RTE_INTR_HANDLE_UIO_INTX);
     assert_eq!(command(&f, name), 0x07, "Bus Master set, the rest kept");
     // SAFETY: as above.
-    assert_eq!(
-        unsafe { map_in(&mut d.0, name, UioDriver::Generic, &f.sysfs(), &f.devdir) },
-        0,
-        "held: 0"
-    );
+    let got = unsafe { map_in(&mut d.0, name, UioDriver::Generic, &f.sysfs(), &f.devdir) };
+    assert_eq!(got, 0, "held: 0");
 
     // A memory BAR as an I/O port: p->base is its mapping; accesses bounded by the BAR.
     // SAFETY: as above.
@@ -154,10 +151,8 @@ fn uio_pci_generic_maps_bars_sets_intx_handle_and_bus_master_and_unmaps() {
     }
     assert_eq!(d.byte(0, 0x42), 3);
     // SAFETY: as above.
-    assert!(
-        unsafe { ioport_map_in(&mut d.0, name, 2, &f.sysfs()) }.is_err(),
-        "an empty BAR"
-    );
+    let got = unsafe { ioport_map_in(&mut d.0, name, 2, &f.sysfs()) };
+    assert!(got.is_err(), "an empty BAR");
 
     // SAFETY: as above.
     assert_eq!(unsafe { unmap(&mut d.0, name) }, 0);
@@ -165,11 +160,8 @@ fn uio_pci_generic_maps_bars_sets_intx_handle_and_bus_master_and_unmaps() {
     assert!(d.0.mem_resource.iter().all(|r| r.addr.is_null()));
     assert_eq!(d.fds(), (-1, -1, RTE_INTR_HANDLE_UNKNOWN));
     // SAFETY: data is 4 bytes.
-    assert_eq!(
-        unsafe { ioport_access(name, base, 0, data.as_mut_ptr(), 4, false) },
-        None,
-        "gone with the mapping"
-    );
+    let got = unsafe { ioport_access(name, base, 0, data.as_mut_ptr(), 4, false) };
+    assert_eq!(got, None, "gone with the mapping");
     // SAFETY: as above.
     assert_eq!(unsafe { unmap(&mut d.0, name) }, -1, "not held");
 }
@@ -180,10 +172,8 @@ fn igb_uio_gets_the_uio_handle_type_and_no_bus_master_write() {
     let f = fixture(name, "igb_uio", Some(9));
     let mut d = Dev::new(name, RTE_PCI_KDRV_IGB_UIO);
     // SAFETY: d is a live device.
-    assert_eq!(
-        unsafe { map_in(&mut d.0, name, UioDriver::IgbUio, &f.sysfs(), &f.devdir) },
-        0
-    );
+    let got = unsafe { map_in(&mut d.0, name, UioDriver::IgbUio, &f.sysfs(), &f.devdir) };
+    assert_eq!(got, 0);
     assert_eq!(d.fds().2, RTE_INTR_HANDLE_UIO);
     assert_eq!(command(&f, name), 0x03, "igb_uio sets Bus Master itself");
     // SAFETY: as above.
@@ -196,10 +186,8 @@ fn hot_unplug_remaps_bars_onto_anonymous_memory() {
     let f = fixture(name, "uio_pci_generic", Some(5));
     let mut d = Dev::new(name, RTE_PCI_KDRV_UIO_GENERIC);
     // SAFETY: d is a live device.
-    assert_eq!(
-        unsafe { map_in(&mut d.0, name, UioDriver::Generic, &f.sysfs(), &f.devdir) },
-        0
-    );
+    let got = unsafe { map_in(&mut d.0, name, UioDriver::Generic, &f.sysfs(), &f.devdir) };
+    assert_eq!(got, 0);
     let addr = d.0.mem_resource[0].addr;
     // SAFETY: d is live, its BARs this module's mappings.
     assert_eq!(unsafe { remap_for_unplug(&mut d.0) }, 0);
@@ -215,10 +203,8 @@ fn no_uio_instance_is_skipped_with_1() {
     let f = fixture(name, "uio_pci_generic", None);
     let mut d = Dev::new(name, RTE_PCI_KDRV_UIO_GENERIC);
     // SAFETY: d is a live device.
-    assert_eq!(
-        unsafe { map_in(&mut d.0, name, UioDriver::Generic, &f.sysfs(), &f.devdir) },
-        1
-    );
+    let got = unsafe { map_in(&mut d.0, name, UioDriver::Generic, &f.sysfs(), &f.devdir) };
+    assert_eq!(got, 1);
     assert!(!is_held(name));
 }
 
@@ -230,10 +216,8 @@ fn failures_leave_nothing_behind() {
     std::fs::remove_file(f.devdir.join("uio6")).unwrap();
     let mut d = Dev::new(name, RTE_PCI_KDRV_UIO_GENERIC);
     // SAFETY: d is a live device.
-    assert_eq!(
-        unsafe { map_in(&mut d.0, name, UioDriver::Generic, &f.sysfs(), &f.devdir) },
-        -1
-    );
+    let got = unsafe { map_in(&mut d.0, name, UioDriver::Generic, &f.sysfs(), &f.devdir) };
+    assert_eq!(got, -1);
     assert!(!is_held(name));
     assert_eq!(d.fds(), (-1, -1, RTE_INTR_HANDLE_UNKNOWN));
 
@@ -249,10 +233,8 @@ fn failures_leave_nothing_behind() {
     .unwrap();
     let mut d = Dev::new(name, RTE_PCI_KDRV_UIO_GENERIC);
     // SAFETY: d is a live device.
-    assert_eq!(
-        unsafe { map_in(&mut d.0, name, UioDriver::Generic, &f.sysfs(), &f.devdir) },
-        -1
-    );
+    let got = unsafe { map_in(&mut d.0, name, UioDriver::Generic, &f.sysfs(), &f.devdir) };
+    assert_eq!(got, -1);
     assert!(!is_held(name));
     assert!(d.0.mem_resource.iter().all(|r| r.addr.is_null()));
     assert_eq!(d.fds(), (-1, -1, RTE_INTR_HANDLE_UNKNOWN));
@@ -262,9 +244,7 @@ fn failures_leave_nothing_behind() {
     let keep = bare.0.intr_handle;
     bare.0.intr_handle = ptr::null_mut();
     // SAFETY: bare is a live device.
-    assert_eq!(
-        unsafe { map_in(&mut bare.0, name, UioDriver::Generic, &f.sysfs(), &f.devdir) },
-        -1
-    );
+    let got = unsafe { map_in(&mut bare.0, name, UioDriver::Generic, &f.sysfs(), &f.devdir) };
+    assert_eq!(got, -1);
     bare.0.intr_handle = keep;
 }
