@@ -1301,6 +1301,119 @@ fn a_lost_interrupt_does_not_hang_a_waiting_queue() {
     assert_eq!(got, Some((5, true)));
 }
 
+/// The hybrid wait polls before it sleeps: a completion whose interrupt is lost is found
+/// by the spin, where a plain `wait` would sleep out its whole timeout.
+#[test]
+fn a_spinning_wait_finds_a_completion_whose_interrupt_was_lost() {
+    let e = emu(EmuConfig::default());
+    let c = Controller::init(
+        e.clone(),
+        &Options {
+            interrupts: true,
+            ..quick()
+        },
+    )
+    .unwrap();
+    let mut q = c.io_queue(8).unwrap();
+    let buf = buf_of(&c);
+    // Completed after the first polls, with no interrupt: a plain `wait` would sleep.
+    e.inject(Fault::LostInterrupt { count: 1 });
+    e.inject(Fault::Delay(Duration::from_millis(200)));
+    q.submit(&IoRequest::read(1, 0, 8, &buf, 0), 7).unwrap();
+    q.ring().unwrap();
+    let mut got = None;
+    // A spin far longer than the emulator needs, and a sleep no test would survive: the
+    // completion can only come from the polls.
+    let n = q
+        .wait_spinning(
+            Duration::from_secs(60),
+            Duration::from_secs(24 * 3600),
+            |tag, r| got = Some((tag, r.is_ok())),
+        )
+        .unwrap();
+    assert_eq!((n, got), (1, Some((7, true))));
+    e.inject(Fault::Delay(Duration::ZERO));
+}
+
+/// After its spin the hybrid wait sleeps on the interrupt: with no spin and a completion
+/// the device delays, the sleep is ended by that completion's interrupt.
+#[test]
+fn a_spinning_wait_sleeps_after_its_spin() {
+    let e = emu(EmuConfig::default());
+    let c = Controller::init(
+        e.clone(),
+        &Options {
+            interrupts: true,
+            ..quick()
+        },
+    )
+    .unwrap();
+    let mut q = c.io_queue(8).unwrap();
+    let buf = buf_of(&c);
+    e.inject(Fault::Delay(Duration::from_millis(300)));
+    q.submit(&IoRequest::read(1, 0, 8, &buf, 0), 9).unwrap();
+    q.ring().unwrap();
+    let mut got = None;
+    let interrupts_before = e.stats().interrupts;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut calls = 0;
+    while got.is_none() && Instant::now() < deadline {
+        calls += 1;
+        q.wait_spinning(Duration::ZERO, Duration::from_secs(30), |tag, r| {
+            got = Some((tag, r.is_ok()))
+        })
+        .unwrap();
+    }
+    assert_eq!(got, Some((9, true)));
+    // One call: its polls found nothing (the device holds the command 300 ms), its sleep
+    // was ended by the completion's interrupt (which the emulator counts just after
+    // signalling it).
+    assert_eq!(calls, 1);
+    let counted = Instant::now() + Duration::from_secs(10);
+    while e.stats().interrupts == interrupts_before && Instant::now() < counted {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    assert!(e.stats().interrupts > interrupts_before);
+    e.inject(Fault::Delay(Duration::ZERO));
+}
+
+/// Without interrupts the hybrid wait is a bounded spin: it returns after `spin` when
+/// nothing completed, never sleeps.
+#[test]
+fn a_spinning_wait_without_interrupts_returns_after_its_spin() {
+    let e = emu(EmuConfig::default());
+    let c = up(&e);
+    let mut q = c.io_queue(8).unwrap();
+    let buf = buf_of(&c);
+    e.inject(Fault::Delay(Duration::from_secs(2)));
+    q.submit(&IoRequest::read(1, 0, 8, &buf, 0), 3).unwrap();
+    q.ring().unwrap();
+    let mut got = None;
+    let n = q
+        .wait_spinning(
+            Duration::from_millis(1),
+            Duration::from_secs(24 * 3600),
+            |tag, r| got = Some((tag, r.is_ok())),
+        )
+        .unwrap();
+    // It returned (not after the day-long timeout); unless this thread stalled for the
+    // device's 2 s, without the request.
+    if n == 0 {
+        assert_eq!(got, None);
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while got.is_none() && Instant::now() < deadline {
+        q.wait_spinning(
+            Duration::from_millis(1),
+            Duration::from_secs(24 * 3600),
+            |tag, r| got = Some((tag, r.is_ok())),
+        )
+        .unwrap();
+    }
+    assert_eq!(got, Some((3, true)));
+    e.inject(Fault::Delay(Duration::ZERO));
+}
+
 #[test]
 fn an_sq_head_going_backwards_loses_no_command() {
     let e = emu(EmuConfig::default());

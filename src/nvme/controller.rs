@@ -48,7 +48,9 @@ pub struct Options {
     /// How long an I/O command may take before it fails with a timeout.
     pub io_timeout: Duration,
     /// Route MSI-X vectors to eventfds and create I/O completion queues with interrupts on,
-    /// so a queue can sleep until a completion ([`IoQueue::wait`]) instead of spinning.
+    /// so a queue can sleep until a completion ([`IoQueue::wait`]) instead of spinning, or
+    /// spin briefly and then sleep ([`IoQueue::wait_spinning`], for hosts whose cores are
+    /// shared).
     pub interrupts: bool,
     /// How long after a recovery reset (CSTS.CFS, a stuck command) that did not bring the
     /// controller back the next may come; doubled at each one in a row, up to

@@ -2013,6 +2013,42 @@ impl<B: DeviceBacking> IoQueue<B> {
         self.wait_completions(timeout, |c| done(c.tag, c.result))
     }
 
+    /// The hybrid of polling and sleeping: [`poll`](Self::poll)s for up to `spin` while
+    /// requests are outstanding and nothing completed, then [`wait`](Self::wait)s (sleeps on
+    /// the interrupt for up to `timeout`). Returns at the first poll that completed
+    /// something, or after the sleep.
+    ///
+    /// Polling alone spends a whole core and, on a host whose cores are shared, loses the
+    /// most when its thread is preempted; sleeping at once pays an interrupt's wake-up on
+    /// every completion. Spinning for about one device latency after each submission takes
+    /// the fast completions at polling's latency and gives the core back when the device is
+    /// slow or idle (figures in BENCHMARKS.md, issue 15 §8: on a loaded host, 50 µs kept
+    /// the QD 1 p99 at a fifth of polling's). The queue's interrupt still fires while it
+    /// spins (vfio-pci cannot mask a single MSI-X vector). Without interrupts it polls for
+    /// `spin` and returns.
+    pub fn wait_spinning(
+        &mut self,
+        spin: Duration,
+        timeout: Duration,
+        mut done: impl FnMut(u64, Result<(), NvmeError>),
+    ) -> Result<usize, NvmeError> {
+        let started = Instant::now();
+        loop {
+            let n = self.poll(&mut done)?;
+            if n > 0 || self.outstanding == 0 {
+                return Ok(n);
+            }
+            if started.elapsed() >= spin {
+                break;
+            }
+            std::hint::spin_loop();
+        }
+        if self.interrupt_fd().is_none() {
+            return Ok(0);
+        }
+        self.wait(timeout, done)
+    }
+
     /// [`wait`](Self::wait), handing `done` each request's [`IoCompletion`] as
     /// [`poll_completions`](Self::poll_completions) does.
     pub fn wait_completions(

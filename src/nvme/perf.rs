@@ -31,9 +31,10 @@ pub struct PerfConfig {
     pub nsid: u32,
     /// With completion interrupts (the controller brought up with
     /// [`Options::interrupts`](super::Options::interrupts)): keep polling this long after
-    /// the last completion before sleeping on the interrupt (a hybrid of polling and
-    /// sleeping, which gives a core back when the device is idle). `None`: sleep at once
-    /// (or, without interrupts, always poll).
+    /// each round of completions and resubmissions before sleeping on the interrupt
+    /// ([`IoQueue::wait_spinning`](super::IoQueue::wait_spinning), a hybrid of polling and
+    /// sleeping, which gives a core back when the device is slow or idle). `None`: sleep at
+    /// once (or, without interrupts, always poll).
     pub spin: Option<Duration>,
     /// Mixed reads and writes, as fio's and spdk_nvme_perf's `rwmixread`: this percentage
     /// of the I/Os (0–100) are reads, the others writes, picked at random per I/O; `op` is
@@ -436,7 +437,6 @@ fn one_queue<B: DeviceBacking>(
     // With interrupts the thread sleeps until a completion instead of spinning (after
     // `spin` of polling, in the hybrid mode).
     let sleeps = queue.interrupt_fd().is_some();
-    let mut last_found = Instant::now();
     let cpu_at_start = thread_cpu();
     loop {
         let handle = |tag: u64, r: Result<(), NvmeError>| {
@@ -463,15 +463,11 @@ fn one_queue<B: DeviceBacking>(
             }
             done_tags.push(tag);
         };
-        let spinning = config.spin.is_some_and(|spin| last_found.elapsed() < spin);
-        let now_ok = if sleeps && !spinning {
-            queue.wait(Duration::from_millis(100), handle)
-        } else {
-            queue.poll(handle)
+        let now_ok = match (sleeps, config.spin) {
+            (true, Some(spin)) => queue.wait_spinning(spin, Duration::from_millis(100), handle),
+            (true, None) => queue.wait(Duration::from_millis(100), handle),
+            (false, _) => queue.poll(handle),
         };
-        if config.spin.is_some() && matches!(now_ok, Ok(n) if n > 0) {
-            last_found = Instant::now();
-        }
         if let Err(e) = now_ok {
             if result.first_error.is_none() {
                 result.first_error = Some(e.to_string());
