@@ -88,7 +88,5 @@ fn devargs_autotest_with_a_private_plugin_directory() {
 }
 
 fn tempfile_dir(what: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("pcibus-dpdk-smoke-{what}-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("temporary directory");
-    dir
+    common::scratch_dir(&format!("smoke-{what}"))
 }

@@ -138,3 +138,10 @@ pub fn assert_drop_in_served(text: &str) {
         "an unbound device was listed:\n{text}"
     );
 }
+
+/// A fresh directory under the temporary directory, named after `what` and this process.
+pub fn scratch_dir(what: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("pcibus-dpdk-{what}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temporary directory");
+    dir
+}
