@@ -20,6 +20,14 @@
 //! Dword alignment (SGLS 10b) is always met: segments start and end dword aligned, and
 //! commands are cut on blocks. Metadata SGLs (PSDT 10b) are not used: the driver sends no
 //! separate metadata.
+//!
+//! Not built, on purpose: chained segments (a Segment descriptor naming a second list
+//! page) and Bit Bucket descriptors. Cutting at a block boundary always succeeds, since
+//! dword-aligned pieces put at most 128 of them in a 512-byte block, so chains would only
+//! save commands for requests of more than [`MAX_DESCRIPTORS`] pieces, at the price of
+//! list pages allocated per command; SPDK's PCIe transport likewise keeps one segment of at
+//! most 250 descriptors per command and splits longer requests into child requests. A Bit Bucket (data read and dropped) has no
+//! caller in the API: a read into a buffer the application ignores does the same.
 
 use crate::bus::backing::DmaMemory;
 use crate::nvme::controller::PAGE;
