@@ -13,7 +13,7 @@ use pcibus::testing::nvme::{CommandMatch, EmuConfig, EmulatedNvme, Fault, Namesp
 use proptest::prelude::*;
 
 mod common;
-use common::{emu, pattern, quick, short_io_timeout, up};
+use common::{emu, pattern, quick, short_io_timeout, up, up_with_interrupts};
 
 #[test]
 fn brings_the_controller_up_and_identifies_it() {
@@ -472,14 +472,7 @@ fn revoke_fails_every_queue_and_drops_the_device_at_once() {
 #[test]
 fn interrupts_wake_a_waiting_queue() {
     let e = emu(EmuConfig::default());
-    let c = Controller::init(
-        e.clone(),
-        &Options {
-            interrupts: true,
-            ..quick()
-        },
-    )
-    .unwrap();
+    let c = up_with_interrupts(&e);
     assert_eq!(c.info().interrupt_vectors, 16);
     let mut q = c.io_queue(8).unwrap();
     assert!(q.interrupt_fd().is_some());
@@ -542,14 +535,7 @@ fn perf_runs_without_errors() {
 fn perf_with_interrupts_polls_then_sleeps() {
     use pcibus::nvme::perf::{PerfConfig, Progress, run};
     let e = emu(EmuConfig::default());
-    let c = Controller::init(
-        e.clone(),
-        &Options {
-            interrupts: true,
-            ..quick()
-        },
-    )
-    .unwrap();
+    let c = up_with_interrupts(&e);
     for spin in [
         None,
         Some(Duration::from_micros(50)),
@@ -1280,14 +1266,7 @@ fn a_timed_out_request_buffer_is_never_written_after_it_was_given_back() {
 #[test]
 fn a_lost_interrupt_does_not_hang_a_waiting_queue() {
     let e = emu(EmuConfig::default());
-    let c = Controller::init(
-        e.clone(),
-        &Options {
-            interrupts: true,
-            ..quick()
-        },
-    )
-    .unwrap();
+    let c = up_with_interrupts(&e);
     let mut q = c.io_queue(8).unwrap();
     let buf = buf_of(&c);
     e.inject(Fault::LostInterrupt { count: 1 });
@@ -1306,14 +1285,7 @@ fn a_lost_interrupt_does_not_hang_a_waiting_queue() {
 #[test]
 fn a_spinning_wait_finds_a_completion_whose_interrupt_was_lost() {
     let e = emu(EmuConfig::default());
-    let c = Controller::init(
-        e.clone(),
-        &Options {
-            interrupts: true,
-            ..quick()
-        },
-    )
-    .unwrap();
+    let c = up_with_interrupts(&e);
     let mut q = c.io_queue(8).unwrap();
     let buf = buf_of(&c);
     // Completed after the first polls, with no interrupt: a plain `wait` would sleep.
@@ -1340,14 +1312,7 @@ fn a_spinning_wait_finds_a_completion_whose_interrupt_was_lost() {
 #[test]
 fn a_spinning_wait_sleeps_after_its_spin() {
     let e = emu(EmuConfig::default());
-    let c = Controller::init(
-        e.clone(),
-        &Options {
-            interrupts: true,
-            ..quick()
-        },
-    )
-    .unwrap();
+    let c = up_with_interrupts(&e);
     let mut q = c.io_queue(8).unwrap();
     let buf = buf_of(&c);
     e.inject(Fault::Delay(Duration::from_millis(300)));

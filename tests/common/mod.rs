@@ -35,6 +35,18 @@ pub fn up(e: &EmulatedNvme) -> Controller<EmulatedNvme> {
     Controller::init(e.clone(), &quick()).unwrap()
 }
 
+/// [`up`] with MSI-X vectors routed to eventfds (`Options::interrupts`), so queues can sleep.
+pub fn up_with_interrupts(e: &EmulatedNvme) -> Controller<EmulatedNvme> {
+    Controller::init(
+        e.clone(),
+        &Options {
+            interrupts: true,
+            ..quick()
+        },
+    )
+    .unwrap()
+}
+
 /// `len` bytes of a pattern that differs with `seed`.
 pub fn pattern(len: usize, seed: u8) -> Vec<u8> {
     (0..len)
