@@ -3,24 +3,15 @@
 //! SONAME, and nothing else exported. Runs binutils' `nm` and `readelf` on the built
 //! library (`cargo test -p pcibus-dpdk --test abi`, which builds it first).
 
+mod common;
+
 use std::collections::BTreeSet;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
-const STOCK: &str = "/usr/lib/x86_64-linux-gnu/dpdk/pmds-23.0/librte_bus_pci.so.23.0";
+use common::built_library;
 
-/// The cdylib cargo built for this test run (next to the test binary, or one level up).
-fn built_library() -> PathBuf {
-    let exe = std::env::current_exe().expect("test binary path");
-    let deps = exe.parent().expect("deps dir");
-    [
-        deps.join("librte_bus_pci.so"),
-        deps.parent().expect("profile dir").join("librte_bus_pci.so"),
-    ]
-    .into_iter()
-    .find(|p| p.is_file())
-    .unwrap_or_else(|| panic!("librte_bus_pci.so not found next to {}", exe.display()))
-}
+const STOCK: &str = "/usr/lib/x86_64-linux-gnu/dpdk/pmds-23.0/librte_bus_pci.so.23.0";
 
 fn run(cmd: &str, args: &[&str], lib: &Path) -> String {
     let out = Command::new(cmd)

@@ -2,9 +2,13 @@
 //! dpkg database (status with librte-bus-pci23 and libdpdk-dev, the package's file list, an
 //! empty diversions file) and the library path of Debian 12's DPDK. The host's own dpkg
 //! database and libraries are never touched. Prints `SKIPPED` when dpkg-divert is absent.
+mod common;
+
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+
+use common::TempDir;
 
 const PMDS: &str = "usr/lib/x86_64-linux-gnu/dpdk/pmds-23.0";
 const TARGET: &str = "/usr/lib/x86_64-linux-gnu/dpdk/pmds-23.0/librte_bus_pci.so.23.0";
@@ -37,8 +41,8 @@ fn script(name: &str) -> PathBuf {
 }
 
 /// A root whose dpkg database says librte-bus-pci23 and libdpdk-dev `version` are installed.
-fn fake_root(version: &str) -> tempdir::Dir {
-    let dir = tempdir::Dir::new();
+fn fake_root(version: &str) -> TempDir {
+    let dir = TempDir::new("pcibus-dpdk-install.XXXXXX");
     let root = dir.path();
     let arch = String::from_utf8(
         Command::new("dpkg")
@@ -344,32 +348,4 @@ fn install_leaves_a_foreign_diversion_alone() {
     let out = run("uninstall", root, &[]);
     assert_eq!(out.status.code(), Some(1));
     assert_eq!(diverter(root), "someone-else");
-}
-
-/// A temporary directory removed on drop (no extra dev-dependency for one use).
-mod tempdir {
-    use std::path::{Path, PathBuf};
-
-    pub struct Dir(PathBuf);
-
-    impl Dir {
-        pub fn new() -> Self {
-            let out = std::process::Command::new("mktemp")
-                .args(["-d", "-t", "pcibus-dpdk-install.XXXXXX"])
-                .output()
-                .expect("mktemp");
-            assert!(out.status.success());
-            Dir(PathBuf::from(String::from_utf8(out.stdout).unwrap().trim()))
-        }
-
-        pub fn path(&self) -> &Path {
-            &self.0
-        }
-    }
-
-    impl Drop for Dir {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
 }

@@ -25,7 +25,9 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use common::{DPDK_TEST, PLUGIN_DIR, assert_drop_in_served, built_library, count, fake_tree, run_dpdk_test};
+use common::{
+    DPDK_TEST, PLUGIN_DIR, TempDir, assert_drop_in_served, built_library, count, fake_tree, run_dpdk_test,
+};
 
 const TARGET: &str = "/usr/lib/x86_64-linux-gnu/dpdk/pmds-23.0/librte_bus_pci.so.23.0";
 const DIVERTED: &str = "/usr/lib/x86_64-linux-gnu/dpdk/librte_bus_pci.so.23.0.distrib";
@@ -51,7 +53,9 @@ fn install_and_uninstall_on_the_system_root_under_an_overlay() {
     let Some(stock) = preconditions() else {
         return;
     };
-    let state = tempdir::Dir::new();
+    // In /tmp, never under a covered directory: an overlay mounted over it would hide the
+    // tmpfs mounted on it.
+    let state = TempDir::shallow("/tmp/pcibus-dpdk-system.XXXXXX");
     let real = fs::canonicalize(state.path()).expect("state dir");
     if let Some(dir) = COVERED.iter().find(|d| real.starts_with(d)) {
         // The overlay over it would hide the tmpfs mounted on the state directory.
@@ -604,34 +608,4 @@ fn steps(state: &Path) {
         1,
         "the stock bus did not scan the fake device"
     );
-}
-
-/// A temporary directory removed on drop (no extra dev-dependency for one use).
-mod tempdir {
-    use std::path::{Path, PathBuf};
-
-    pub struct Dir(PathBuf);
-
-    impl Dir {
-        pub fn new() -> Self {
-            let out = std::process::Command::new("mktemp")
-                // In /tmp, never under a covered directory: an overlay mounted over it would hide
-                // the tmpfs mounted on it.
-                .args(["-d", "/tmp/pcibus-dpdk-system.XXXXXX"])
-                .output()
-                .expect("mktemp");
-            assert!(out.status.success());
-            Dir(PathBuf::from(String::from_utf8(out.stdout).unwrap().trim()))
-        }
-
-        pub fn path(&self) -> &Path {
-            &self.0
-        }
-    }
-
-    impl Drop for Dir {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir(&self.0);
-        }
-    }
 }

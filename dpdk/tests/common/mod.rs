@@ -145,3 +145,49 @@ pub fn scratch_dir(what: &str) -> PathBuf {
     std::fs::create_dir_all(&dir).expect("temporary directory");
     dir
 }
+
+/// A directory made by `mktemp -d TEMPLATE`, removed on drop: with what it holds, or, for
+/// [`TempDir::shallow`], only when empty (a directory that had mounts on it must never be
+/// emptied recursively: a mount left behind would be emptied through it).
+pub struct TempDir {
+    path: PathBuf,
+    recursive: bool,
+}
+
+impl TempDir {
+    /// `template` is mktemp's, with its `XXXXXX`; a relative one goes to `$TMPDIR`.
+    pub fn new(template: &str) -> Self {
+        Self::make(template, true)
+    }
+
+    /// Like [`new`](Self::new), but dropping it only removes it when it is empty.
+    pub fn shallow(template: &str) -> Self {
+        Self::make(template, false)
+    }
+
+    fn make(template: &str, recursive: bool) -> Self {
+        let mut cmd = Command::new("mktemp");
+        cmd.arg("-d");
+        if !template.starts_with('/') {
+            cmd.arg("-t");
+        }
+        let out = cmd.arg(template).output().expect("mktemp");
+        assert!(out.status.success(), "mktemp -d {template}");
+        let path = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+        TempDir { path, recursive }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = if self.recursive {
+            std::fs::remove_dir_all(&self.path)
+        } else {
+            std::fs::remove_dir(&self.path)
+        };
+    }
+}
