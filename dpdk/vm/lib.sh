@@ -114,13 +114,14 @@ port_stat() {
 # seed_start OUT PCI_ADDR WRAP...: start the seed application (pcibus-dpdk-seed, see
 # dpdk/vm/seed.c) holding PCI_ADDR (on vfio-pci), under WRAP (`env` for none), output to
 # OUT; sets SEED_PID and waits until it holds the device (fails the test otherwise).
+# SEED_EAL_ARGS: more EAL arguments (e.g. `-a PF` to have the PF scanned too).
 seed_start() {
 	_out=$1
 	_addr=$2
 	shift 2
 	rm -f "$_out"
 	# shellcheck disable=SC2086
-	"$@" pcibus-dpdk-seed -l 0 -n 1 --no-telemetry --file-prefix=seed$$ -a "$_addr" \
+	"$@" pcibus-dpdk-seed -l 0 -n 1 --no-telemetry --file-prefix=seed$$ -a "$_addr" ${SEED_EAL_ARGS:-} \
 		--log-level=lib.eal:debug >"$_out" 2>&1 &
 	SEED_PID=$!
 	_ready() { grep -q '^seed: holding' "$_out" || [ "$(proc_state $SEED_PID)" = Z ] || [ "$(proc_state $SEED_PID)" = gone ]; }
@@ -130,16 +131,132 @@ seed_start() {
 	return 1
 }
 
-# seed_remove PCI_ADDR STATUS_FILE: `echo 1 > remove` of PCI_ADDR from another process, in
-# the background; when the write returns, STATUS_FILE gets "STATUS MS". Sets REMOVE_PID.
-seed_remove() {
-	rm -f "$2"
+# seed_write FILE VALUE STATUS_FILE: `echo VALUE > FILE` from another process, in the
+# background; when the write returns, STATUS_FILE gets "STATUS MS". Sets REMOVE_PID.
+seed_write() {
+	rm -f "$3"
 	(
 		_t=$(now_ms)
-		echo 1 >"/sys/bus/pci/devices/$1/remove"
-		echo "$? $(($(now_ms) - _t))" >"$2"
+		echo "$2" >"$1"
+		echo "$? $(($(now_ms) - _t))" >"$3"
 	) &
 	REMOVE_PID=$!
+}
+
+# seed_remove PCI_ADDR STATUS_FILE: the seed's removal, `echo 1 > remove` of PCI_ADDR.
+seed_remove() {
+	seed_write "/sys/bus/pci/devices/$1/remove" 1 "$2"
+}
+
+# seed_disable_vfs PF STATUS_FILE: the SR-IOV form of the seed, `echo 0 > sriov_numvfs` of
+# PF: the write holds the PF's device lock while each VF's removal waits for its holder.
+seed_disable_vfs() {
+	seed_write "/sys/bus/pci/devices/$1/sriov_numvfs" 0 "$2"
+}
+
+# seed_vf_setup: the SR-IOV form's start: the NVMe PF (SEED_PF) on nvme gets two VFs
+# (autoprobe off), VF 1 (SEED_VF) goes to vfio-pci; SEED_EAL_ARGS allows the PF too, so the
+# application's scan lists it (as one that scans every device would): with only the VF
+# allowed, 22.11's scan skips the PF (rte_pci_ignore_device) and never reads its
+# sriov_numvfs.
+seed_vf_setup() {
+	SEED_PF=$(nvme_pf) || fail "no NVMe controller"
+	wait_for 20 driver_is "$SEED_PF" nvme || fail "PF $SEED_PF not on nvme at start"
+	_dev=/sys/bus/pci/devices/$SEED_PF
+	[ "$(cat "$_dev/sriov_numvfs")" = 0 ] || fail "VFs of $SEED_PF already enabled"
+	echo 0 >"$_dev/sriov_drivers_autoprobe" || fail "sriov_drivers_autoprobe of $SEED_PF"
+	echo 2 >"$_dev/sriov_numvfs" || fail "enable 2 VFs of $SEED_PF"
+	SEED_VF=$(basename "$(readlink "$_dev/virtfn1")")
+	[ -n "$SEED_VF" ] || fail "no virtfn1 under $SEED_PF"
+	pcibus bind "$SEED_VF" vfio-pci >/dev/null || fail "pcibus bind $SEED_VF vfio-pci"
+	SEED_EAL_ARGS="-a $SEED_PF"
+	echo "PF $SEED_PF on nvme, VF $SEED_VF on vfio-pci"
+}
+
+# seed_expect_completion OUT STATUS_FILE WHAT LABEL: after seed_remove or seed_disable_vfs
+# (WHAT names the write) with the drop-in: the application (SEED_PID, output OUT) must exit
+# 0 within 30 s having had the event, a scan that returned 0 and a release that returned
+# 0, and the write must complete with 0. Failures say "DROP-IN FAIL (LABEL)"; a stuck
+# application gets its stacks and sysrq `w` in the log first.
+seed_expect_completion() {
+	_out=$1
+	_status=$2
+	_what=$3
+	_label=$4
+	_t=$(now_ms)
+	_ok=1
+	if wait_gone 30 "$SEED_PID"; then
+		wait "$SEED_PID"
+		_rc=$?
+		echo "seed application exited $_rc after $(($(now_ms) - _t)) ms"
+	else
+		_rc=stuck
+		echo "seed application still running after 30 s:"
+		task_report "$SEED_PID"
+		_ok=0
+	fi
+	_written=stuck
+	if wait_gone 10 "$REMOVE_PID"; then
+		read -r _written _took <"$_status"
+		echo "the $_what write returned $_written after $_took ms"
+	else
+		echo "the $_what write is still blocked:"
+		task_report "$REMOVE_PID"
+	fi
+	grep -E '^seed:|max_vfs|pcibus' "$_out" | tail -n 40
+	if [ $_ok = 0 ]; then
+		echo 8 >/proc/sys/kernel/printk
+		echo w >/proc/sysrq-trigger
+		sleep 1
+		echo 4 >/proc/sys/kernel/printk
+		fail "DROP-IN FAIL ($_label): the application did not finish (scan or release stuck); the PF stays wedged"
+	fi
+	grep -q '^seed: RTE_DEV_EVENT_REMOVE' "$_out" || fail "DROP-IN FAIL ($_label): no RTE_DEV_EVENT_REMOVE reached the application"
+	grep -q '^seed: scan returned 0' "$_out" || fail "DROP-IN FAIL ($_label): rte_bus_scan did not return 0"
+	grep -q '^seed: release returned 0' "$_out" || fail "DROP-IN FAIL ($_label): the release failed"
+	[ "$_rc" = 0 ] || fail "DROP-IN FAIL ($_label): the application exited $_rc"
+	[ "$_written" = 0 ] || fail "DROP-IN FAIL ($_label): the $_what write did not complete ($_written)"
+}
+
+# seed_assert_stock_deadlock OUT STATUS_FILE WHAT: after seed_remove or seed_disable_vfs
+# (WHAT names the write: "remove", "sriov_numvfs=0") with Debian's library, asserts the
+# deadlock the seed predicts: the removal request reached the application (output OUT),
+# its scan started and has not returned after 15 s, its main thread waits in D state in
+# sriov_numvfs_show, and the write (REMOVE_PID, STATUS_FILE still absent) waits in
+# vfio_unregister_group_dev for the release; sysrq `w` logs every blocked task. Nothing in
+# the guest can end it: the caller leaves it to /init's final sysrq reset.
+seed_assert_stock_deadlock() {
+	_out=$1
+	_status=$2
+	_what=$3
+	_t=$(now_ms)
+	_scanning() { grep -q '^seed: scan start' "$_out" || [ "$(proc_state $SEED_PID)" = gone ]; }
+	wait_for 30 _scanning || true
+	grep -q '^seed: RTE_DEV_EVENT_REMOVE' "$_out" || { grep '^seed:' "$_out"; fail "STOCK: no RTE_DEV_EVENT_REMOVE reached the application"; }
+	grep -q '^seed: scan start' "$_out" || fail "STOCK: the application never started its scan"
+	echo "removal request and scan start within $(($(now_ms) - _t)) ms of the $_what write; watching for 15 s"
+	sleep 15
+	grep '^seed:' "$_out"
+	if grep -q '^seed: scan returned' "$_out"; then
+		wait_gone 30 "$SEED_PID"
+		fail "STOCK: the scan returned: no deadlock (did the scan skip the PF, or did the kernel not lock sriov_numvfs?)"
+	fi
+	_main=$(proc_state "$SEED_PID")
+	_stack=$(cat "/proc/$SEED_PID/task/$SEED_PID/stack" 2>/dev/null)
+	echo "application (pid $SEED_PID), after $(($(now_ms) - _t)) ms:"
+	task_report "$SEED_PID"
+	[ -e "$_status" ] && fail "STOCK: the $_what write returned ($(cat "$_status")) although the application holds the device"
+	echo "the $_what write (pid $REMOVE_PID):"
+	task_report "$REMOVE_PID"
+	[ "$_main" = D ] || fail "STOCK: the scanning thread is in state $_main, not D"
+	echo "$_stack" | grep -q sriov_numvfs_show || fail "STOCK: the scanning thread does not wait in sriov_numvfs_show (stack above)"
+	grep -q vfio_unregister_group_dev "/proc/$REMOVE_PID/stack" ||
+		fail "STOCK: the $_what write does not wait in vfio_unregister_group_dev (stack above)"
+	echo 8 >/proc/sys/kernel/printk
+	echo w >/proc/sysrq-trigger
+	sleep 2
+	echo 4 >/proc/sys/kernel/printk
+	echo "STOCK DEADLOCK (as the seed predicts): the scan waits for the PF's device lock, the $_what write holding it waits for the release the scan delays; left to /init's final sysrq reset"
 }
 
 # task_report PID: state and kernel stack of each thread of PID.

@@ -23,7 +23,6 @@ need_pcibus
 . /usr/lib/pcibus-vm/dpdk.sh
 dpdk_setup
 
-HOLD_S=15
 pf=$(nvme_pf) || fail "no NVMe controller"
 wait_for 20 driver_is "$pf" nvme || fail "PF $pf not on nvme at start"
 dpdk_to_vfio "$pf"
@@ -36,32 +35,5 @@ fi
 grep -q 'PCI (pcibus)' "$out" && fail "STOCK: the pcibus drop-in answered in the stock run"
 grep '^seed: probe' "$out"
 
-t=$(now_ms)
 seed_remove "$pf" /tmp/seed-stock.rm
-scanning() { grep -q '^seed: scan start' "$out" || [ "$(proc_state $SEED_PID)" = gone ]; }
-wait_for 30 scanning || true
-grep -q '^seed: RTE_DEV_EVENT_REMOVE' "$out" || { grep '^seed:' "$out"; fail "STOCK: no RTE_DEV_EVENT_REMOVE reached the application"; }
-grep -q '^seed: scan start' "$out" || fail "STOCK: the application never started its scan"
-echo "removal request and scan start after $(($(now_ms) - t)) ms; watching for $HOLD_S s"
-sleep $HOLD_S
-grep '^seed:' "$out"
-if grep -q '^seed: scan returned' "$out"; then
-	wait_gone 30 "$SEED_PID"
-	fail "STOCK: the scan returned: no deadlock (did the scan skip the PF, or did the kernel not lock sriov_numvfs?)"
-fi
-main=$(proc_state "$SEED_PID")
-stack=$(cat "/proc/$SEED_PID/task/$SEED_PID/stack" 2>/dev/null)
-echo "application (pid $SEED_PID), after $(($(now_ms) - t)) ms:"
-task_report "$SEED_PID"
-[ -e "/tmp/seed-stock.rm" ] && fail "STOCK: the remove write returned ($(cat /tmp/seed-stock.rm)) although the application holds the PF"
-echo "the remove write (pid $REMOVE_PID):"
-task_report "$REMOVE_PID"
-[ "$main" = D ] || fail "STOCK: the scanning thread is in state $main, not D"
-echo "$stack" | grep -q sriov_numvfs_show || fail "STOCK: the scanning thread does not wait in sriov_numvfs_show (stack above)"
-grep -q vfio_unregister_group_dev "/proc/$REMOVE_PID/stack" ||
-	fail "STOCK: the remove write does not wait in vfio_unregister_group_dev (stack above)"
-echo 8 >/proc/sys/kernel/printk
-echo w >/proc/sysrq-trigger
-sleep 2
-echo 4 >/proc/sys/kernel/printk
-echo "STOCK DEADLOCK (as the seed predicts): the scan waits for the PF's device lock, the removal holding it waits for the release the scan delays; left to /init's final sysrq reset"
+seed_assert_stock_deadlock "$out" /tmp/seed-stock.rm remove
