@@ -95,7 +95,9 @@ pub use dma::{
 };
 pub use iommufd::{CdevProblem, DevNumber, VfioBackend, VfioBackendParseError};
 pub use iova::IovaAllocator;
-pub use reset::{HotResetDevice, HotResetInfo, HotResetOwner, ResetInfo, ResetMethod};
+pub use reset::{
+    HotResetBlocker, HotResetDevice, HotResetInfo, HotResetOwner, OtherProcess, ResetInfo, ResetMethod,
+};
 
 use crate::addr::PciAddress;
 use crate::config::{self, SriovCapability};
@@ -274,15 +276,16 @@ pub enum VfioError {
     },
     /// A bus or slot hot reset of `address` would also reset devices this process does not
     /// hold (see [`reset`]): refused before asking the kernel, which would refuse too.
+    /// Nothing was reset.
     #[error(
-        "{address}: a hot reset would also reset {}, which this process does not hold: {need}",
-        reset::list(.devices)
+        "{address}: a hot reset would also reset {}, which this process does not hold; nothing was reset: {need}",
+        reset::blocker_list(.devices)
     )]
     HotResetNotHeld {
         /// The device asked to be reset.
         address: PciAddress,
-        /// The affected devices this process does not hold.
-        devices: Vec<PciAddress>,
+        /// The affected devices this process does not hold, with who has them.
+        devices: Vec<HotResetBlocker>,
         /// What the backend needs (open their groups in the device's container; bind them
         /// to the device's iommufd).
         need: &'static str,
