@@ -543,7 +543,7 @@ pub(crate) fn not_held(
 /// For each set of paths, the processes (other than `own_pid`) with one of them open,
 /// from `proc`'s `PID/fd` links, in PID order. An unreadable `proc` (or process) is
 /// skipped: this names holders where it can, it never fails.
-fn openers(proc: &Path, own_pid: u32, files: &[Vec<String>]) -> Vec<Vec<OtherProcess>> {
+pub(crate) fn openers(proc: &Path, own_pid: u32, files: &[Vec<String>]) -> Vec<Vec<OtherProcess>> {
     let mut out: Vec<Vec<OtherProcess>> = vec![Vec::new(); files.len()];
     if files.iter().all(Vec::is_empty) {
         return out;

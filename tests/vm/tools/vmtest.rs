@@ -1154,7 +1154,7 @@ mod vmtest {
         });
         // A second container cannot have the group: the kernel's rule, reported as such.
         match open_dev(&root, b) {
-            Err(VfioError::OpenGroup { group, source }) if groups_backend => {
+            Err(VfioError::OpenGroup { group, source, .. }) if groups_backend => {
                 println!("  a second container: open /dev/vfio/{group} refused: {source}");
                 checks.check(source.raw_os_error() == Some(nix::libc::EBUSY), || {
                     format!("second container: {source}, expected EBUSY")
