@@ -28,7 +28,9 @@ pub mod probe;
 mod reset;
 pub mod sriov;
 
-pub use crate::vfio::reset::{HotResetDevice, HotResetInfo, HotResetOwner, ResetInfo, ResetMethod};
+pub use crate::vfio::reset::{
+    HotResetBlocker, HotResetDevice, HotResetInfo, HotResetOwner, OtherProcess, ResetInfo, ResetMethod,
+};
 pub use attach::{Attach, AttachError, Attached, BindPolicy, Release, VfioAttach};
 pub use backing::{BackingError, DeviceBacking, DmaMemory, MapDmaError, RegisterIo, VfioBacking};
 pub use bar::{BarInfo, BarKind, DeviceRegion};

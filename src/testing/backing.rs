@@ -42,7 +42,9 @@ use crate::bus::interrupt::{
 use crate::record::DeviceRecord;
 use crate::testing::model::{self, DeviceModel, DmaMap, ModelContext, ModelCounters, ModelHost, ModelThread};
 use crate::vfio::bar::Window;
-use crate::vfio::reset::{HotResetDevice, HotResetInfo, HotResetOwner, ResetInfo, ResetMethod};
+use crate::vfio::reset::{
+    HotResetBlocker, HotResetDevice, HotResetInfo, HotResetOwner, ResetInfo, ResetMethod,
+};
 use crate::vfio::{DmaBuffer, DmaConstraints, IovaAllocator, PAGE};
 
 /// Where [`FakeBacking::with_model`] puts its device: QEMU's first free slot on q35
@@ -152,6 +154,9 @@ pub(crate) struct Inner {
     model: Option<Arc<ModelHost>>,
     reset: Mutex<FakeReset>,
     hot_resets: AtomicU32,
+    // Who has the other devices a hot reset would reset (`None`: each is on vfio-pci and
+    // not open here).
+    hot_reset_blockers: Mutex<Option<Vec<HotResetBlocker>>>,
 }
 
 /// How a [`FakeBacking`] can be reset (issue 16 §4): its [`DeviceBacking::reset_info`],
@@ -417,6 +422,7 @@ impl FakeBacking {
                 resets: AtomicU32::new(0),
                 reset: Mutex::new(FakeReset::default()),
                 hot_resets: AtomicU32::new(0),
+                hot_reset_blockers: Mutex::new(None),
                 dma_map,
                 model,
             }),
@@ -453,6 +459,15 @@ impl FakeBacking {
     /// Sets how the device can be reset (default [`FakeReset::Flr`]).
     pub fn set_reset(&self, reset: FakeReset) {
         *self.inner.reset.lock() = reset;
+    }
+
+    /// Who has the other devices a hot reset of this one would reset
+    /// ([`FakeReset::None`]'s `also`), as [`HotResetInfo::not_held`] says it: `None` (the
+    /// default) for each of them on vfio-pci and not open in this process; `Some` for
+    /// exactly those blockers (empty: this process holds them all, and a hot reset is
+    /// done).
+    pub fn set_hot_reset_blockers(&self, blockers: Option<Vec<HotResetBlocker>>) {
+        *self.inner.hot_reset_blockers.lock() = blockers;
     }
 
     /// How many hot resets ([`DeviceBacking::hot_reset`]) the device saw.
@@ -971,6 +986,13 @@ impl DeviceBacking for FakeBacking {
                 return Err(crate::vfio::VfioError::NoHotReset { address }.into());
             }
         };
+        let not_held = match &*self.inner.hot_reset_blockers.lock() {
+            Some(blockers) => blockers.clone(),
+            None => also
+                .iter()
+                .map(|&a| HotResetBlocker::new(a, Some("vfio-pci".into()), true))
+                .collect(),
+        };
         let devices = std::iter::once(address)
             .chain(also)
             .map(|address| HotResetDevice {
@@ -978,18 +1000,16 @@ impl DeviceBacking for FakeBacking {
                 owner: HotResetOwner::Group(0),
             })
             .collect();
-        Ok(HotResetInfo::new(devices, None))
+        Ok(HotResetInfo::new(devices, None).with_not_held(not_held))
     }
     fn hot_reset(&self) -> Result<HotResetInfo, BackingError> {
         let info = self.hot_reset_info()?;
-        let address = self.inner.address;
-        let others = info.others(address);
-        if !others.is_empty() {
-            // A fake holds no other device: the check VFIO's backing makes, said the same way.
+        if !info.not_held.is_empty() {
+            // The check VFIO's backing makes, said the same way.
             return Err(crate::vfio::VfioError::HotResetNotHeld {
-                address,
-                devices: others,
-                need: "a FakeBacking holds no other device",
+                address: self.inner.address,
+                devices: info.not_held.clone(),
+                need: crate::vfio::reset::hot_reset_need(false),
             }
             .into());
         }

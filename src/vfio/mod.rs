@@ -95,7 +95,9 @@ pub use dma::{
 };
 pub use iommufd::{CdevProblem, DevNumber, VfioBackend, VfioBackendParseError};
 pub use iova::IovaAllocator;
-pub use reset::{HotResetDevice, HotResetInfo, HotResetOwner, ResetInfo, ResetMethod};
+pub use reset::{
+    HotResetBlocker, HotResetDevice, HotResetInfo, HotResetOwner, OtherProcess, ResetInfo, ResetMethod,
+};
 
 use crate::addr::PciAddress;
 use crate::config::{self, SriovCapability};
@@ -255,11 +257,16 @@ pub enum VfioError {
         source: Option<io::Error>,
     },
     /// A group's character device could not be opened (EBUSY: another process, or
-    /// another container of this one, has it).
-    #[error("cannot open {} (is the device bound to vfio-pci?)", group_path(*.group).display())]
+    /// another container of this one, has it; then the message names who, where this
+    /// process can tell).
+    #[error("cannot open {}{}", group_path(*.group).display(), open_group_detail(.source, .open_in, .claimed))]
     OpenGroup {
         /// The group.
         group: u32,
+        /// For EBUSY: the other processes that have the group file open (`/proc/PID/fd`).
+        open_in: Vec<OtherProcess>,
+        /// For EBUSY: the group's devices another process claims, with the claimant.
+        claimed: Vec<(PciAddress, OtherProcess)>,
         /// The kernel's error.
         #[source]
         source: io::Error,
@@ -274,15 +281,16 @@ pub enum VfioError {
     },
     /// A bus or slot hot reset of `address` would also reset devices this process does not
     /// hold (see [`reset`]): refused before asking the kernel, which would refuse too.
+    /// Nothing was reset.
     #[error(
-        "{address}: a hot reset would also reset {}, which this process does not hold: {need}",
-        reset::list(.devices)
+        "{address}: a hot reset would also reset {}, which this process does not hold; nothing was reset: {need}",
+        reset::blocker_list(.devices)
     )]
     HotResetNotHeld {
         /// The device asked to be reset.
         address: PciAddress,
-        /// The affected devices this process does not hold.
-        devices: Vec<PciAddress>,
+        /// The affected devices this process does not hold, with who has them.
+        devices: Vec<HotResetBlocker>,
         /// What the backend needs (open their groups in the device's container; bind them
         /// to the device's iommufd).
         need: &'static str,
@@ -665,6 +673,62 @@ pub fn physfn(root: &SysfsRoot, address: PciAddress) -> Option<PciAddress> {
         .to_str()?
         .parse()
         .ok()
+}
+
+// Why a group could not be opened: for EBUSY, who has it (as far as this process can
+// tell); else the usual cause.
+fn open_group_detail(
+    source: &io::Error,
+    open_in: &[OtherProcess],
+    claimed: &[(PciAddress, OtherProcess)],
+) -> String {
+    if source.raw_os_error() != Some(nix::libc::EBUSY) {
+        return " (is the device bound to vfio-pci?)".to_owned();
+    }
+    let mut s = String::from(": the group is in use by another process (or another container of this one)");
+    if !open_in.is_empty() {
+        let who: Vec<String> = open_in.iter().map(OtherProcess::to_string).collect();
+        s.push_str(&format!("; open in {}", who.join(", ")));
+    }
+    if !claimed.is_empty() {
+        let who: Vec<String> = claimed.iter().map(|(a, p)| format!("{a} by {p}")).collect();
+        s.push_str(&format!("; its devices claimed: {}", who.join(", ")));
+    }
+    s
+}
+
+// Who has group `number` open, and which of its devices other processes claim: for the
+// EBUSY of its open.
+fn group_holders(root: &SysfsRoot, number: u32) -> (Vec<OtherProcess>, Vec<(PciAddress, OtherProcess)>) {
+    let own = std::process::id();
+    let path = group_path(number).to_string_lossy().into_owned();
+    let open_in = reset::openers(std::path::Path::new("/proc"), own, &[vec![path]])
+        .pop()
+        .unwrap_or_default();
+    let members: Vec<PciAddress> =
+        std::fs::read_dir(root.path().join(format!("kernel/iommu_groups/{number}/devices")))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| e.file_name().to_str()?.parse().ok())
+            .collect();
+    let claimed = crate::removal::claim::ClaimDir::from_env()
+        .list()
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|c| c.live && members.contains(&c.address))
+        .filter_map(|c| {
+            let pid = c.pid.filter(|&p| p != own)?;
+            Some((
+                c.address,
+                OtherProcess {
+                    pid,
+                    command: c.command,
+                },
+            ))
+        })
+        .collect();
+    (open_in, claimed)
 }
 
 fn culprits(devices: &[(String, Option<String>)]) -> String {
@@ -1064,9 +1128,18 @@ impl Group {
             .read(true)
             .write(true)
             .open(group_path(number))
-            .map_err(|source| VfioError::OpenGroup {
-                group: number,
-                source,
+            .map_err(|source| {
+                let (open_in, claimed) = if source.raw_os_error() == Some(nix::libc::EBUSY) {
+                    group_holders(root, number)
+                } else {
+                    (Vec::new(), Vec::new())
+                };
+                VfioError::OpenGroup {
+                    group: number,
+                    open_in,
+                    claimed,
+                    source,
+                }
             })?;
         let fd = OwnedFd::from(file);
         let flags = sys::group_get_status(fd.as_fd()).map_err(ioctl_err(
@@ -1678,6 +1751,36 @@ pub fn group_path(number: u32) -> PathBuf {
 mod tests {
     use super::*;
     use std::cell::Cell;
+
+    // d8-hot-reset-shared: another process holds the other function of the group.
+    #[test]
+    fn a_busy_group_names_who_has_it() {
+        let vmtest = || OtherProcess {
+            pid: 812,
+            command: Some("pcibus-vmtest".into()),
+        };
+        let e = VfioError::OpenGroup {
+            group: 8,
+            open_in: vec![vmtest()],
+            claimed: vec![("0000:02:00.1".parse().unwrap(), vmtest())],
+            source: io::Error::from_raw_os_error(nix::libc::EBUSY),
+        };
+        assert_eq!(
+            e.to_string(),
+            "cannot open /dev/vfio/8: the group is in use by another process (or another container of this one); \
+             open in PID 812 (pcibus-vmtest); its devices claimed: 0000:02:00.1 by PID 812 (pcibus-vmtest)"
+        );
+        let e = VfioError::OpenGroup {
+            group: 8,
+            open_in: Vec::new(),
+            claimed: Vec::new(),
+            source: io::Error::from_raw_os_error(nix::libc::ENOENT),
+        };
+        assert_eq!(
+            e.to_string(),
+            "cannot open /dev/vfio/8 (is the device bound to vfio-pci?)"
+        );
+    }
 
     #[test]
     fn irq_info_flags_are_typed() {

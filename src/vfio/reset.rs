@@ -23,16 +23,29 @@
 //! backend: each must be open in this process; [`VfioDevice::hot_reset`] uses the groups
 //! of the device's container), or no fds at all (iommufd, Linux 6.7 on: every affected
 //! device must be bound to the same iommufd, or share an IOMMU group with one that is).
-//! [`VfioDevice::hot_reset`] checks this first and names the devices this process does
-//! not hold ([`VfioError::HotResetNotHeld`]).
+//! The kernel also resets a bus only when every device on it is bound to vfio-pci.
+//!
+//! [`VfioDevice::hot_reset`] checks all this first and refuses, resetting nothing, while
+//! any affected device is not held by this process ([`VfioError::HotResetNotHeld`]);
+//! [`VfioDevice::hot_reset_info`] says the same beforehand ([`HotResetInfo::not_held`]).
+//! Each such device is named with who has it, as far as this process can tell
+//! ([`HotResetBlocker`]): the pcibus claim on it (the claimant's PID and command), the
+//! processes with its VFIO group or device file open (`/proc/PID/fd`: QEMU or DPDK too,
+//! which take no claim), its driver when that is not vfio-pci.
+//!
+//! What the kernel answers when asked anyway (`EINVAL` on 6.1 and 6.12, measured by the
+//! VM test `d8-hot-reset-shared` with `pcibus-vmtest kernel-hot-reset`): see
+//! [`VfioDevice::hot_reset`].
 
 use std::fmt;
 use std::os::fd::{AsFd, BorrowedFd};
+use std::path::Path;
 use std::sync::Arc;
 
 use super::caps::InfoError;
 use super::{Container, Group, Space, VfioBackend, VfioDevice, VfioError, ioctl_err, sys};
 use crate::addr::PciAddress;
+use crate::removal::claim::ClaimDir;
 use crate::sysfs::scan::SysfsRoot;
 
 /// One of the kernel's function reset methods, by its `reset_method` name.
@@ -178,7 +191,8 @@ pub struct HotResetDevice {
 }
 
 /// What `VFIO_DEVICE_GET_PCI_HOT_RESET_INFO` says: the devices a hot reset would reset
-/// (the asking device among them).
+/// (the asking device among them); and, from [`VfioDevice::hot_reset_info`], which of
+/// them this process does not hold, with who does.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 #[non_exhaustive]
 pub struct HotResetInfo {
@@ -188,12 +202,27 @@ pub struct HotResetInfo {
     /// (`VFIO_PCI_HOT_RESET_FLAG_DEV_ID_OWNED`). `None` for the group backend, where the
     /// groups say it.
     pub all_owned: Option<bool>,
+    /// The affected devices a hot reset by this process cannot take with it, in the
+    /// kernel's order: while there is one, [`VfioDevice::hot_reset`] refuses. Empty in
+    /// what [`parse_hot_reset_info`] decodes (the kernel does not say it).
+    pub not_held: Vec<HotResetBlocker>,
 }
 
 impl HotResetInfo {
-    /// Info listing `devices`, with `all_owned` as the kernel would say it.
+    /// Info listing `devices`, with `all_owned` as the kernel would say it, and no
+    /// [`not_held`](Self::not_held) devices.
     pub fn new(devices: Vec<HotResetDevice>, all_owned: Option<bool>) -> HotResetInfo {
-        HotResetInfo { devices, all_owned }
+        HotResetInfo {
+            devices,
+            all_owned,
+            not_held: Vec::new(),
+        }
+    }
+
+    /// The same info with `not_held` as the devices this process does not hold.
+    pub fn with_not_held(mut self, not_held: Vec<HotResetBlocker>) -> HotResetInfo {
+        self.not_held = not_held;
+        self
     }
 
     /// The affected devices other than `address`.
@@ -266,10 +295,10 @@ pub fn parse_hot_reset_info(buf: &[u8]) -> Result<HotResetInfo, InfoError> {
             HotResetDevice { address, owner }
         })
         .collect();
-    Ok(HotResetInfo {
+    Ok(HotResetInfo::new(
         devices,
-        all_owned: dev_id.then_some(flags.contains(HotResetFlags::DEV_ID_OWNED)),
-    })
+        dev_id.then_some(flags.contains(HotResetFlags::DEV_ID_OWNED)),
+    ))
 }
 
 /// Encodes `info` as the kernel would (the inverse of [`parse_hot_reset_info`] for
@@ -308,32 +337,252 @@ pub(crate) fn list(devices: &[PciAddress]) -> String {
         .join(", ")
 }
 
-/// What a hot reset needs that this process lacks: the affected devices it does not hold,
-/// and what the backend wants of them. `held_group`: whether a group is open in the
-/// device's container.
+/// Another process, as this one sees it.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct OtherProcess {
+    /// Its PID.
+    pub pid: u32,
+    /// Its command (`/proc/PID/comm`, or the claim record's), if known.
+    pub command: Option<String>,
+}
+
+impl fmt::Display for OtherProcess {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.command {
+            Some(c) => write!(f, "PID {} ({c})", self.pid),
+            None => write!(f, "PID {}", self.pid),
+        }
+    }
+}
+
+/// A device a hot reset would reset that this process cannot take with it: its IOMMU
+/// group is not open here (group backend), it is not owned by this device's iommufd, or
+/// it is not on vfio-pci (the kernel resets a bus only when every device on it is). With
+/// who has it, as far as this process can tell: the pcibus claim on it, the processes that
+/// have its VFIO group or device file open, its driver.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct HotResetBlocker {
+    /// The device.
+    pub address: PciAddress,
+    /// The driver it is bound to (sysfs `driver`); `None`: none (or not readable).
+    pub driver: Option<String>,
+    /// Whether that driver is vfio-pci or one of its variants
+    /// ([`on_vfio`](crate::sysfs::bind::on_vfio)).
+    pub on_vfio: bool,
+    /// The process whose live pcibus claim names the device
+    /// ([`crate::removal::claim`]).
+    pub claimed_by: Option<OtherProcess>,
+    /// Other processes that have its VFIO group file (`/dev/vfio/N`) or device file
+    /// (`/dev/vfio/devices/vfioN`) open, from `/proc/PID/fd`: also the users of VFIO that
+    /// take no pcibus claim (QEMU, DPDK). Empty when none was seen (or `/proc` was not
+    /// readable).
+    pub open_in: Vec<OtherProcess>,
+}
+
+impl HotResetBlocker {
+    /// `address`, bound to `driver` (`on_vfio`: a vfio driver), with no holder known.
+    pub fn new(address: PciAddress, driver: Option<String>, on_vfio: bool) -> HotResetBlocker {
+        HotResetBlocker {
+            address,
+            driver,
+            on_vfio,
+            claimed_by: None,
+            open_in: Vec::new(),
+        }
+    }
+
+    /// The same, claimed by `process`.
+    pub fn claimed_by(mut self, process: OtherProcess) -> HotResetBlocker {
+        self.claimed_by = Some(process);
+        self
+    }
+
+    /// The same, with its VFIO files open in `processes`.
+    pub fn open_in(mut self, processes: Vec<OtherProcess>) -> HotResetBlocker {
+        self.open_in = processes;
+        self
+    }
+
+    /// Who has the device and why a hot reset cannot take it, without the address:
+    /// `claimed by PID 812 (app), which has it open; on vfio-pci`.
+    pub fn reason(&self) -> String {
+        let mut parts = Vec::new();
+        let claimant = self.claimed_by.as_ref().map(|c| c.pid);
+        if let Some(c) = &self.claimed_by {
+            let open = self.open_in.iter().any(|p| p.pid == c.pid);
+            parts.push(format!(
+                "claimed by {c}{}",
+                if open { ", which has it open" } else { "" }
+            ));
+        }
+        let others: Vec<String> = self
+            .open_in
+            .iter()
+            .filter(|p| Some(p.pid) != claimant)
+            .map(OtherProcess::to_string)
+            .collect();
+        if !others.is_empty() {
+            parts.push(format!("open in {}", others.join(", ")));
+        }
+        parts.push(match (&self.driver, self.on_vfio) {
+            (Some(d), true) if parts.is_empty() => format!("on {d}, not open in this process"),
+            (Some(d), true) => format!("on {d}"),
+            (Some(d), false) => format!("bound to {d}, not vfio-pci"),
+            (None, _) => "bound to no driver, not vfio-pci".to_owned(),
+        });
+        parts.join("; ")
+    }
+}
+
+impl fmt::Display for HotResetBlocker {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} ({})", self.address, self.reason())
+    }
+}
+
+/// Blockers as a list for messages.
+pub(crate) fn blocker_list(blockers: &[HotResetBlocker]) -> String {
+    blockers
+        .iter()
+        .map(HotResetBlocker::to_string)
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// What a hot reset needs of every affected device, for the backend (`iommufd`: the
+/// info has device ids).
+pub(crate) fn hot_reset_need(iommufd: bool) -> &'static str {
+    if iommufd {
+        "every device it resets must be on vfio-pci and open in this process through the same iommufd (the reset passes no group fds; Linux 6.7 on)"
+    } else {
+        "every device it resets must be on vfio-pci and open in this process, in the same container (or another device of its IOMMU group), so that its group's fd can be passed"
+    }
+}
+
+/// Where [`not_held`] looks for who has a device.
+pub(crate) struct Lookup<'a> {
+    /// sysfs: drivers, `iommu_group` and `vfio-dev` of the devices.
+    pub root: &'a SysfsRoot,
+    /// procfs: who has which VFIO file open.
+    pub proc: &'a Path,
+    /// The claims to read.
+    pub claims: &'a ClaimDir,
+    /// This process, left out of the openers.
+    pub own_pid: u32,
+}
+
+/// The affected devices of `info` this process cannot take with it in a hot reset, with
+/// who has them. `held_group`: whether a group is open in the device's container.
 pub(crate) fn not_held(
     info: &HotResetInfo,
     held_group: impl Fn(u32) -> bool,
-) -> Option<(Vec<PciAddress>, &'static str)> {
-    let missing: Vec<PciAddress> = info
-        .devices
-        .iter()
-        .filter(|d| match d.owner {
-            HotResetOwner::Group(g) => !held_group(g),
-            HotResetOwner::NotOwned => true,
-            HotResetOwner::DevId(_) | HotResetOwner::Owned => false,
-        })
-        .map(|d| d.address)
-        .collect();
-    if missing.is_empty() {
-        return None;
+    look: &Lookup<'_>,
+) -> Vec<HotResetBlocker> {
+    let mut out = Vec::new();
+    // The VFIO files of each blocker, for the /proc scan.
+    let mut files: Vec<Vec<String>> = Vec::new();
+    for d in &info.devices {
+        let dir = look.root.device_dir(d.address);
+        let driver = std::fs::read_link(dir.join("driver"))
+            .ok()
+            .and_then(|t| t.file_name().map(|n| n.to_string_lossy().into_owned()));
+        let on_vfio = crate::sysfs::bind::on_vfio(&dir, driver.as_deref());
+        let ours = match d.owner {
+            HotResetOwner::Group(g) => held_group(g),
+            HotResetOwner::NotOwned => false,
+            HotResetOwner::DevId(_) | HotResetOwner::Owned => true,
+        };
+        if ours && on_vfio {
+            continue;
+        }
+        let mut paths = Vec::new();
+        let group = match d.owner {
+            HotResetOwner::Group(g) => Some(g),
+            _ => super::iommu_group(look.root, d.address).ok(),
+        };
+        if let Some(g) = group {
+            paths.push(super::group_path(g).to_string_lossy().into_owned());
+        }
+        for cdev in std::fs::read_dir(dir.join("vfio-dev"))
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            paths.push(format!(
+                "/dev/vfio/devices/{}",
+                cdev.file_name().to_string_lossy()
+            ));
+        }
+        files.push(paths);
+        out.push(HotResetBlocker::new(d.address, driver, on_vfio));
     }
-    let need = if info.all_owned.is_some() {
-        "open them in this process through the same iommufd (the reset passes no group fds; Linux 6.7 on)"
-    } else {
-        "open them (or another device of each of their IOMMU groups) in the same container, so that their groups' fds can be passed"
-    };
-    Some((missing, need))
+    if out.is_empty() {
+        return out;
+    }
+    let claims = look.claims.list().unwrap_or_else(|e| {
+        log::debug!("hot reset: claims not read: {e}");
+        Vec::new()
+    });
+    let openers = openers(look.proc, look.own_pid, &files);
+    for (b, open_in) in out.iter_mut().zip(openers) {
+        b.claimed_by = claims
+            .iter()
+            .find(|c| c.address == b.address && c.live)
+            .and_then(|c| {
+                c.pid.map(|pid| OtherProcess {
+                    pid,
+                    command: c.command.clone(),
+                })
+            });
+        b.open_in = open_in;
+    }
+    out
+}
+
+/// For each set of paths, the processes (other than `own_pid`) with one of them open,
+/// from `proc`'s `PID/fd` links, in PID order. An unreadable `proc` (or process) is
+/// skipped: this names holders where it can, it never fails.
+pub(crate) fn openers(proc: &Path, own_pid: u32, files: &[Vec<String>]) -> Vec<Vec<OtherProcess>> {
+    let mut out: Vec<Vec<OtherProcess>> = vec![Vec::new(); files.len()];
+    if files.iter().all(Vec::is_empty) {
+        return out;
+    }
+    let pids = std::fs::read_dir(proc)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|&pid| pid != own_pid);
+    let mut pids: Vec<u32> = pids.collect();
+    pids.sort_unstable();
+    for pid in pids {
+        let dir = proc.join(pid.to_string());
+        let mut hits = vec![false; files.len()];
+        for fd in std::fs::read_dir(dir.join("fd")).into_iter().flatten().flatten() {
+            let Ok(target) = std::fs::read_link(fd.path()) else {
+                continue;
+            };
+            let target = target.to_string_lossy();
+            for (hit, paths) in hits.iter_mut().zip(files) {
+                *hit |= paths.iter().any(|p| *p == target);
+            }
+        }
+        if hits.iter().any(|&h| h) {
+            let command = std::fs::read_to_string(dir.join("comm"))
+                .ok()
+                .map(|c| c.trim_end().to_owned());
+            for (list, hit) in out.iter_mut().zip(hits) {
+                if hit {
+                    list.push(OtherProcess {
+                        pid,
+                        command: command.clone(),
+                    });
+                }
+            }
+        }
+    }
+    out
 }
 
 impl Container {
@@ -401,22 +650,24 @@ impl VfioDevice {
                 )(e));
             }
         };
-        Ok(parse_hot_reset_info(&buf)?)
+        let info = parse_hot_reset_info(&buf)?;
+        let groups = self.open_groups(&info);
+        let not_held = not_held(
+            &info,
+            |n| groups.iter().any(|g| g.number() == n),
+            &Lookup {
+                root: &SysfsRoot::from_env(),
+                proc: Path::new("/proc"),
+                claims: &ClaimDir::from_env(),
+                own_pid: std::process::id(),
+            },
+        );
+        Ok(info.with_not_held(not_held))
     }
 
-    /// A bus or slot hot reset (`VFIO_DEVICE_PCI_HOT_RESET`): resets the device and every
-    /// device [`hot_reset_info`](Self::hot_reset_info) lists, and returns that list. The
-    /// group backend passes the fd of each affected group, which must be open in this
-    /// device's container; iommufd passes none, and every affected device must be owned
-    /// by the device's iommufd (Linux 6.7 on). Otherwise
-    /// [`VfioError::HotResetNotHeld`] names the devices this process does not hold,
-    /// without asking the kernel.
-    ///
-    /// Every affected device this process has open loses its state (registers, interrupt
-    /// setup): their drivers must know. The kernel restores their config space.
-    pub fn hot_reset(&self) -> Result<HotResetInfo, VfioError> {
-        let info = self.hot_reset_info()?;
-        // The open groups among the affected ones, each once.
+    // The groups among those `info` names that are open in this device's container, each
+    // once.
+    fn open_groups(&self, info: &HotResetInfo) -> Vec<Arc<Group>> {
         let mut groups: Vec<Arc<Group>> = Vec::new();
         for d in &info.devices {
             if let HotResetOwner::Group(number) = d.owner
@@ -426,13 +677,39 @@ impl VfioDevice {
                 groups.push(g);
             }
         }
-        if let Some((devices, need)) = not_held(&info, |n| groups.iter().any(|g| g.number() == n)) {
+        groups
+    }
+
+    /// A bus or slot hot reset (`VFIO_DEVICE_PCI_HOT_RESET`): resets the device and every
+    /// device [`hot_reset_info`](Self::hot_reset_info) lists, and returns that list. The
+    /// group backend passes the fd of each affected group, which must be open in this
+    /// device's container; iommufd passes none, and every affected device must be owned
+    /// by the device's iommufd (Linux 6.7 on). Every affected device must be on vfio-pci.
+    /// Otherwise [`VfioError::HotResetNotHeld`] names the devices this process does not
+    /// hold and who has them ([`HotResetInfo::not_held`]), and nothing is reset: the
+    /// kernel is not asked (it would refuse too, but only after quiescing the devices it
+    /// checked, and with an errno that names nothing).
+    ///
+    /// What the kernel answers when asked anyway, with the group fds this process has
+    /// (measured on Debian's 6.1 and 6.12, group backend, by the VM test
+    /// `d8-hot-reset-shared`): `EINVAL`, both for a bus with a device on a host driver
+    /// (the PF of an SR-IOV NVMe on nvme; a function on pci-stub in a group this process
+    /// holds) and for one with a VF another process holds. A device in the same IOMMU
+    /// group as one another process holds cannot be opened at all: the group's open
+    /// fails with `EBUSY` ([`VfioError::OpenGroup`], which names who has the group).
+    ///
+    /// Every affected device this process has open loses its state (registers, interrupt
+    /// setup): their drivers must know. The kernel restores their config space.
+    pub fn hot_reset(&self) -> Result<HotResetInfo, VfioError> {
+        let info = self.hot_reset_info()?;
+        if !info.not_held.is_empty() {
             return Err(VfioError::HotResetNotHeld {
                 address: self.address,
-                devices,
-                need,
+                devices: info.not_held.clone(),
+                need: hot_reset_need(info.all_owned.is_some()),
             });
         }
+        let groups = self.open_groups(&info);
         let fds: Vec<BorrowedFd<'_>> = match self.backend() {
             VfioBackend::Group => groups.iter().map(|g| g.as_fd()).collect(),
             _ => Vec::new(),
@@ -451,6 +728,7 @@ mod tests {
     use proptest::prelude::*;
 
     use super::*;
+    use crate::removal::claim::ClaimInfo;
 
     fn addr(s: &str) -> PciAddress {
         s.parse().unwrap()
@@ -531,9 +809,21 @@ mod tests {
         let buf = encode_hot_reset_info(&info);
         assert_eq!(buf.len(), 12 + 3 * 8);
         assert_eq!(parse_hot_reset_info(&buf).unwrap(), info);
-        let (missing, need) = not_held(&info, |_| false).unwrap();
-        assert_eq!(missing, vec![addr("0000:02:01.7")]);
-        assert!(need.contains("iommufd"), "{need}");
+        // On vfio-pci all three: only the one another iommufd owns is in the way.
+        let sys = FakeSys::new();
+        for a in ["0000:02:00.0", "0000:02:00.1", "0000:02:01.7"] {
+            sys.device(a, Some("vfio-pci"), 4);
+        }
+        let blockers = not_held(&info, |_| false, &sys.lookup());
+        assert_eq!(
+            blockers,
+            vec![HotResetBlocker::new(
+                addr("0000:02:01.7"),
+                Some("vfio-pci".into()),
+                true
+            )]
+        );
+        assert!(hot_reset_need(true).contains("iommufd"));
     }
 
     #[test]
@@ -549,33 +839,180 @@ mod tests {
         );
     }
 
-    // The message names the devices this process lacks and what to do about them.
+    /// A sysfs root, a /proc and a claims directory in a temporary directory.
+    struct FakeSys {
+        _dir: tempfile::TempDir,
+        root: SysfsRoot,
+        proc: std::path::PathBuf,
+        claims: ClaimDir,
+    }
+
+    impl FakeSys {
+        fn new() -> FakeSys {
+            let dir = tempfile::tempdir().unwrap();
+            let root = SysfsRoot::new(dir.path().join("sys"));
+            std::fs::create_dir_all(root.devices_dir()).unwrap();
+            let proc = dir.path().join("proc");
+            std::fs::create_dir_all(&proc).unwrap();
+            let claims = ClaimDir::new(dir.path().join("claims"));
+            FakeSys {
+                _dir: dir,
+                root,
+                proc,
+                claims,
+            }
+        }
+
+        /// A device in IOMMU group `group`, bound to `driver`.
+        fn device(&self, address: &str, driver: Option<&str>, group: u32) {
+            let dev = self.root.device_dir(addr(address));
+            std::fs::create_dir_all(&dev).unwrap();
+            let sys = self.root.path();
+            if let Some(d) = driver {
+                std::fs::create_dir_all(sys.join("bus/pci/drivers").join(d)).unwrap();
+                std::os::unix::fs::symlink(sys.join("bus/pci/drivers").join(d), dev.join("driver")).unwrap();
+            }
+            let g = sys.join(format!("kernel/iommu_groups/{group}"));
+            std::fs::create_dir_all(&g).unwrap();
+            std::os::unix::fs::symlink(&g, dev.join("iommu_group")).unwrap();
+        }
+
+        /// Process `pid` (`comm`) with `file` open as fd 7.
+        fn process(&self, pid: u32, comm: &str, file: &str) {
+            let p = self.proc.join(pid.to_string());
+            std::fs::create_dir_all(p.join("fd")).unwrap();
+            std::fs::write(p.join("comm"), format!("{comm}\n")).unwrap();
+            std::os::unix::fs::symlink(file, p.join("fd/7")).unwrap();
+        }
+
+        fn lookup(&self) -> Lookup<'_> {
+            Lookup {
+                root: &self.root,
+                proc: &self.proc,
+                claims: &self.claims,
+                own_pid: 1,
+            }
+        }
+    }
+
+    fn in_group(address: &str, group: u32) -> HotResetDevice {
+        HotResetDevice {
+            address: addr(address),
+            owner: HotResetOwner::Group(group),
+        }
+    }
+
+    // d8-hot-reset-shared's first case: this process holds function 0 (group 8), another
+    // claims function 1 (group 9) and has its group open. The refusal names function 1,
+    // the claimant and the opener, and what a hot reset needs.
     #[test]
-    fn a_hot_reset_names_the_devices_this_process_does_not_hold() {
+    fn a_hot_reset_names_who_holds_the_devices_it_would_also_reset() {
+        let sys = FakeSys::new();
+        sys.device("0000:02:00.0", Some("vfio-pci"), 8);
+        sys.device("0000:02:00.1", Some("vfio-pci"), 9);
+        sys.process(812, "pcibus-vmtest", "/dev/vfio/9");
+        sys.process(813, "qemu-system-x86", "/dev/vfio/9");
+        sys.process(814, "bash", "/dev/null");
+        let claim = sys
+            .claims
+            .claim(addr("0000:02:00.1"), &ClaimInfo::new().command("pcibus-vmtest"))
+            .unwrap();
         let info = HotResetInfo::new(
-            vec![
-                HotResetDevice {
-                    address: addr("0000:00:04.0"),
-                    owner: HotResetOwner::Group(4),
-                },
-                HotResetDevice {
-                    address: addr("0000:00:05.0"),
-                    owner: HotResetOwner::Group(7),
-                },
-            ],
+            vec![in_group("0000:02:00.0", 8), in_group("0000:02:00.1", 9)],
             None,
         );
-        assert_eq!(not_held(&info, |_| true), None);
-        let (devices, need) = not_held(&info, |g| g == 4).unwrap();
+        assert_eq!(not_held(&info, |g| g == 8 || g == 9, &sys.lookup()), vec![]);
+        let blockers = not_held(&info, |g| g == 8, &sys.lookup());
+        let me = std::process::id();
+        let claimant = OtherProcess {
+            pid: me,
+            command: Some("pcibus-vmtest".into()),
+        };
+        let openers = vec![
+            OtherProcess {
+                pid: 812,
+                command: Some("pcibus-vmtest".into()),
+            },
+            OtherProcess {
+                pid: 813,
+                command: Some("qemu-system-x86".into()),
+            },
+        ];
+        assert_eq!(
+            blockers,
+            vec![
+                HotResetBlocker::new(addr("0000:02:00.1"), Some("vfio-pci".into()), true)
+                    .claimed_by(claimant)
+                    .open_in(openers)
+            ]
+        );
         let e = VfioError::HotResetNotHeld {
-            address: addr("0000:00:04.0"),
-            devices,
-            need,
+            address: addr("0000:02:00.0"),
+            devices: blockers,
+            need: hot_reset_need(false),
         };
         assert_eq!(
             e.to_string(),
-            "0000:00:04.0: a hot reset would also reset 0000:00:05.0, which this process does not hold: \
-             open them (or another device of each of their IOMMU groups) in the same container, so that their groups' fds can be passed"
+            format!(
+                "0000:02:00.0: a hot reset would also reset 0000:02:00.1 (claimed by PID {me} (pcibus-vmtest); \
+                 open in PID 812 (pcibus-vmtest), PID 813 (qemu-system-x86); on vfio-pci), which this process \
+                 does not hold; nothing was reset: every device it resets must be on vfio-pci and open in this \
+                 process, in the same container (or another device of its IOMMU group), so that its group's fd \
+                 can be passed"
+            )
+        );
+        drop(claim);
+        // The claim gone, the opener alone is named; with none, where it is.
+        let blockers = not_held(&info, |g| g == 8, &sys.lookup());
+        assert_eq!(
+            blockers[0].reason(),
+            "open in PID 812 (pcibus-vmtest), PID 813 (qemu-system-x86); on vfio-pci"
+        );
+        let bare = HotResetBlocker::new(addr("0000:02:00.1"), Some("vfio-pci".into()), true);
+        assert_eq!(
+            bare.to_string(),
+            "0000:02:00.1 (on vfio-pci, not open in this process)"
+        );
+        let both = bare
+            .claimed_by(OtherProcess {
+                pid: 812,
+                command: None,
+            })
+            .open_in(vec![OtherProcess {
+                pid: 812,
+                command: Some("x".into()),
+            }]);
+        assert_eq!(
+            both.reason(),
+            "claimed by PID 812, which has it open; on vfio-pci"
+        );
+    }
+
+    // The kernel resets a bus only when every device on it is on vfio-pci: a device on a
+    // host driver (or on none) is in the way even in a group this process holds, which
+    // the group check alone would let through to the kernel's EINVAL.
+    #[test]
+    fn a_device_not_on_vfio_pci_is_in_the_way_even_in_a_held_group() {
+        let sys = FakeSys::new();
+        sys.device("0000:02:00.0", Some("vfio-pci"), 8);
+        sys.device("0000:02:00.1", Some("pci-stub"), 8);
+        sys.device("0000:02:00.2", None, 8);
+        let info = HotResetInfo::new(
+            vec![
+                in_group("0000:02:00.0", 8),
+                in_group("0000:02:00.1", 8),
+                in_group("0000:02:00.2", 8),
+            ],
+            None,
+        );
+        let blockers = not_held(&info, |_| true, &sys.lookup());
+        let reasons: Vec<String> = blockers.iter().map(ToString::to_string).collect();
+        assert_eq!(
+            reasons,
+            vec![
+                "0000:02:00.1 (bound to pci-stub, not vfio-pci)",
+                "0000:02:00.2 (bound to no driver, not vfio-pci)"
+            ]
         );
     }
 

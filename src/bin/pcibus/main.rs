@@ -305,6 +305,12 @@ enum VfioCommand {
         /// A bus or slot hot reset instead of the function reset.
         #[arg(long)]
         hot: bool,
+        /// With --hot: also claim and open this device (repeatable) in the same container
+        /// first, so that the hot reset, which resets it too, may take it along (it must be
+        /// on vfio-pci and free). Without it, a hot reset that would reset another device
+        /// is refused, naming it and who holds it.
+        #[arg(long = "with", value_name = "ADDRESS", value_parser = usage::AddressParser, requires = "hot")]
+        with: Vec<PciAddress>,
         /// Only say how it could be reset.
         #[arg(long)]
         dry_run: bool,
@@ -654,6 +660,7 @@ fn run(cli: Cli, root: SysfsRoot) -> Result<Outcome, Error> {
                 VfioCommand::Reset {
                     address,
                     hot,
+                    with,
                     dry_run,
                     json,
                 },
@@ -661,7 +668,7 @@ fn run(cli: Cli, root: SysfsRoot) -> Result<Outcome, Error> {
             if let Some(why) = not_kernel_sysfs(&root) {
                 return Err(format!("vfio reset needs the kernel's sysfs: {why}").into());
             }
-            let result = vfio_reset::vfio_reset(&root, address, hot, dry_run)?;
+            let result = vfio_reset::vfio_reset(&root, address, &with, hot, dry_run)?;
             if json {
                 serde_json::to_writer_pretty(&mut out, &result)?;
                 writeln!(out)?;

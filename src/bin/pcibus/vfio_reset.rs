@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use pcibus::bus::claim::{ClaimDir, ClaimInfo};
-use pcibus::bus::{DeviceBacking, HotResetOwner, VfioBacking};
+use pcibus::bus::{DeviceBacking, HotResetOwner, OtherProcess, VfioBacking};
 
 use super::*;
 
@@ -29,19 +29,36 @@ fn owner_text(v: &Value) -> String {
     }
 }
 
-// Everything gathered as JSON first, so text and JSON agree.
+fn process(p: &OtherProcess) -> Value {
+    json!({ "pid": p.pid, "command": p.command })
+}
+
+// Everything gathered as JSON first, so text and JSON agree. `with`: other devices to
+// claim and open in the same container first, so that a hot reset can take them along.
 pub(super) fn vfio_reset(
     root: &SysfsRoot,
     address: PciAddress,
+    with: &[PciAddress],
     hot: bool,
     dry_run: bool,
 ) -> Result<Value, Error> {
     use pcibus::vfio::{self, VfioDevice};
     // Claimed first, as `vfio info`: opening the device resets it (if it can).
     super::vfio::device_exists(root, address)?;
-    let claim = ClaimDir::for_claiming().claim(address, &ClaimInfo::new())?;
+    for &other in with {
+        super::vfio::device_exists(root, other)?;
+    }
+    let claims = ClaimDir::for_claiming();
+    let claim = claims.claim(address, &ClaimInfo::new())?;
     let container = vfio::Container::with_backend(vfio_backend())?;
     let dev = VfioDevice::open_in(root, address, &container)?;
+    // Held until the reset is done: claims, then the devices.
+    let mut others = Vec::new();
+    for &other in with.iter().filter(|&&a| a != address) {
+        let claim = claims.claim(other, &ClaimInfo::new())?;
+        let dev = VfioDevice::open_in(root, other, &container)?;
+        others.push((claim, dev));
+    }
     let backing = VfioBacking::new(Arc::clone(&dev));
     let info = backing.reset_info()?;
     let hot_info = backing.hot_reset_info();
@@ -57,6 +74,14 @@ pub(super) fn vfio_reset(
             "devices": h.devices.iter().map(|d| json!({"address": d.address.to_string(), "owner": owner(d.owner)})).collect::<Vec<_>>(),
             "also_resets": h.others(address).iter().map(|a| a.to_string()).collect::<Vec<_>>(),
             "all_owned": h.all_owned,
+            "not_held": h.not_held.iter().map(|b| json!({
+                "address": b.address.to_string(),
+                "driver": b.driver,
+                "on_vfio": b.on_vfio,
+                "claimed_by": b.claimed_by.as_ref().map(process),
+                "open_in": b.open_in.iter().map(process).collect::<Vec<_>>(),
+                "reason": b.reason(),
+            })).collect::<Vec<_>>(),
         }),
         Err(e) => json!({ "error": pcibus::error::chain(&e) }),
     };
@@ -73,6 +98,7 @@ pub(super) fn vfio_reset(
     }
     drop(backing);
     drop(dev);
+    drop(others);
     drop(claim);
     Ok(v)
 }
@@ -94,13 +120,14 @@ pub(super) fn write_vfio_reset(out: &mut impl Write, v: &Value) -> io::Result<()
         )?,
     }
     if let Some(devices) = v["hot_reset"]["devices"].as_array() {
+        let not_held = v["hot_reset"]["not_held"].as_array();
         for d in devices {
-            writeln!(
-                out,
-                "  hot reset affects {} ({})",
-                d["address"].as_str().unwrap_or("?"),
-                owner_text(&d["owner"])
-            )?;
+            let address = d["address"].as_str().unwrap_or("?");
+            write!(out, "  hot reset affects {address} ({})", owner_text(&d["owner"]))?;
+            match not_held.and_then(|n| n.iter().find(|b| b["address"].as_str() == Some(address))) {
+                Some(b) => writeln!(out, ": not held here: {}", b["reason"].as_str().unwrap_or("?"))?,
+                None => writeln!(out)?,
+            }
         }
     }
     match (&v["reset"]["done"], &v["reset"]["error"]) {

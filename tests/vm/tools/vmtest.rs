@@ -7,6 +7,12 @@
 //! pcibus-vmtest vfio-open ADDR       open through VFIO: BAR0, config space, regions, reset
 //! pcibus-vmtest vfio-dma ADDR        map DMA buffers in the IOMMU; an NVMe Identify by DMA
 //! pcibus-vmtest hold ADDR SECONDS    keep ADDR open through VFIO, ignoring removal requests
+//! pcibus-vmtest hold-claimed ADDR STOP SECONDS  claim ADDR and keep it open until the file
+//!                                    STOP exists (at most SECONDS); fail if its config
+//!                                    space or BAR0 stopped answering or changed meanwhile
+//! pcibus-vmtest kernel-hot-reset ADDR ask the kernel for a hot reset of ADDR with only
+//!                                    what this process holds, bypassing pcibus's check;
+//!                                    succeed if the kernel refuses (prints its errno)
 //! pcibus-vmtest seed ADDR            the same-process removal: REQ, registry, scans
 //! pcibus-vmtest claim-release ADDR S claim ADDR, open it, on REQ mark the claim
 //!                                    releasing and release S seconds later
@@ -73,6 +79,11 @@ mod vmtest {
                 .parse()
                 .map_err(err)
                 .and_then(|a| hold(a, secs.parse().map_err(err)?)),
+            ["hold-claimed", addr, stop, secs] => addr
+                .parse()
+                .map_err(err)
+                .and_then(|a| hold_claimed(a, Path::new(stop), secs.parse().map_err(err)?)),
+            ["kernel-hot-reset", addr] => addr.parse().map_err(err).and_then(kernel_hot_reset),
             ["seed", addr] => addr.parse().map_err(err).and_then(seed),
             ["claim-release", addr, secs] => addr
                 .parse()
@@ -114,7 +125,8 @@ mod vmtest {
                 .and_then(|a| replug(a, n.parse().map_err(err)?)),
             _ => Err(
                 "usage: pcibus-vmtest list-json | vfio-open ADDR | vfio-dma ADDR | dma-bench ADDR | \
-                      hold ADDR SECONDS | seed ADDR | vfio-group ADDR ADDR | \
+                      hold ADDR SECONDS | hold-claimed ADDR STOP SECONDS | \
+                      kernel-hot-reset ADDR | seed ADDR | vfio-group ADDR ADDR | \
                       held-scan-exit ADDR [--pf PF] | \
                       claim-release ADDR SECONDS | try-claim ADDR | bus ADDR SECONDS | \
                       bus-replug ADDR SECONDS | bus-d3hot ADDR | kernel-perf BLOCKDEV QD SECONDS | \
@@ -1142,7 +1154,7 @@ mod vmtest {
         });
         // A second container cannot have the group: the kernel's rule, reported as such.
         match open_dev(&root, b) {
-            Err(VfioError::OpenGroup { group, source }) if groups_backend => {
+            Err(VfioError::OpenGroup { group, source, .. }) if groups_backend => {
                 println!("  a second container: open /dev/vfio/{group} refused: {source}");
                 checks.check(source.raw_os_error() == Some(nix::libc::EBUSY), || {
                     format!("second container: {source}, expected EBUSY")
@@ -1912,6 +1924,115 @@ mod vmtest {
             ms(t.elapsed())
         );
         Ok(())
+    }
+
+    /// What a holder checks of its device: config dwords 0 (ids) and 1 (command,
+    /// status: only the command half is compared), and BAR0's first dword if BAR0 maps.
+    fn device_words(
+        dev: &Arc<VfioDevice>,
+        bar0: Option<&pcibus::vfio::MappedBar>,
+    ) -> Res<(u32, u16, Option<u32>)> {
+        let mut cfg = [0u8; 8];
+        dev.read_config(0, &mut cfg).map_err(err)?;
+        let ids = u32::from_le_bytes([cfg[0], cfg[1], cfg[2], cfg[3]]);
+        let command = u16::from_le_bytes([cfg[4], cfg[5]]);
+        let bar = match bar0 {
+            Some(b) => Some(b.read32(0).map_err(err)?),
+            None => None,
+        };
+        Ok((ids, command, bar))
+    }
+
+    /// Claims `addr` (as the bus would: the record names this PID and command), opens it
+    /// through VFIO, maps BAR0 if it can, and keeps it until the file `stop` exists (at
+    /// most `secs` seconds), reading its config space and BAR0 every 20 ms. Fails if a
+    /// read failed or answered all ones, or if the ids, the command register or BAR0's
+    /// first dword changed: what another process's hot reset of the bus would do to it.
+    fn hold_claimed(addr: PciAddress, stop: &Path, secs: u64) -> Res {
+        use pcibus::bus::claim::{ClaimDir, ClaimInfo};
+        let root = SysfsRoot::new(SYS);
+        let claim = ClaimDir::for_claiming()
+            .claim(addr, &ClaimInfo::new().driver("vmtest hold-claimed"))
+            .map_err(|e| format!("claim: {e}"))?;
+        let dev = open_dev(&root, addr).map_err(|e| format!("VfioDevice::open: {e}"))?;
+        let bar0 = dev.map_bar(0).ok();
+        let first = device_words(&dev, bar0.as_ref())?;
+        println!(
+            "hold-claimed: {addr} claimed and open by PID {}: ids {:#010x}, command {:#06x}, BAR0[0] {}; ready",
+            std::process::id(),
+            first.0,
+            first.1,
+            first.2.map_or("not mapped".into(), |v| format!("{v:#010x}"))
+        );
+        let mut checks = Checks::default();
+        let t = Instant::now();
+        let mut reads = 0u64;
+        while !stop.exists() && t.elapsed() < Duration::from_secs(secs) {
+            match device_words(&dev, bar0.as_ref()) {
+                Ok(now) if now == first => {}
+                Ok(now) => {
+                    checks.check(false, || {
+                        format!("at +{}: {now:x?}, was {first:x?}", ms(t.elapsed()))
+                    });
+                    break;
+                }
+                Err(e) => {
+                    checks.check(false, || format!("at +{}: read failed: {e}", ms(t.elapsed())));
+                    break;
+                }
+            }
+            reads += 1;
+            thread::sleep(Duration::from_millis(20));
+        }
+        checks.check(first.0 != u32::MAX, || "config space reads all ones".into());
+        drop(bar0);
+        drop(dev);
+        drop(claim);
+        println!(
+            "hold-claimed: released {addr} at +{}: {reads} reads, all the same",
+            ms(t.elapsed())
+        );
+        checks.done("hold-claimed")
+    }
+
+    /// Asks the kernel for a hot reset of `addr` with only what this process holds: the
+    /// group of `addr` (group backend) or no fds (iommufd), without pcibus's check of the
+    /// affected devices, so that what the kernel answers when another process holds one
+    /// is seen. Succeeds if the kernel refuses, printing its errno.
+    fn kernel_hot_reset(addr: PciAddress) -> Res {
+        use std::os::fd::AsRawFd;
+        // VFIO_DEVICE_PCI_HOT_RESET: _IO(';', 100 + 13), with a struct vfio_pci_hot_reset.
+        nix::ioctl_write_ptr_bad!(vfio_pci_hot_reset, nix::request_code_none!(b';', 113), u32);
+        let root = SysfsRoot::new(SYS);
+        let dev = open_dev(&root, addr).map_err(|e| format!("open {addr}: {e}"))?;
+        let groups: Vec<i32> = dev.group().map(|g| g.as_fd().as_raw_fd()).into_iter().collect();
+        // struct vfio_pci_hot_reset { argsz, flags, count, group_fds[] }
+        let mut buf: Vec<u32> = vec![0; 3 + groups.len()];
+        buf[0] = (buf.len() * 4) as u32;
+        buf[2] = groups.len() as u32;
+        for (slot, fd) in buf[3..].iter_mut().zip(&groups) {
+            *slot = *fd as u32;
+        }
+        // SAFETY: `buf` is a live u32 array laid out as struct vfio_pci_hot_reset followed
+        // by `count` group fds, open while `dev` (which holds its group) lives; argsz gives
+        // its size and the kernel only reads it.
+        let r = unsafe { vfio_pci_hot_reset(dev.as_fd().as_raw_fd(), buf.as_ptr()) };
+        match r {
+            Ok(_) => Err(format!(
+                "the kernel hot reset {addr}'s bus with {} group fd(s) from this process",
+                groups.len()
+            )),
+            Err(e) => {
+                println!(
+                    "kernel-hot-reset: {addr} ({} backend, {} group fd(s)): the kernel refused: {} ({})",
+                    dev.backend(),
+                    groups.len(),
+                    e.desc(),
+                    e
+                );
+                Ok(())
+            }
+        }
     }
 
     // ------------------------------------------------------------------ claims
