@@ -50,10 +50,11 @@ to_uio "$nic1"
 DPDK_EAL="-l 0-1 -n 1 --no-telemetry --log-level=lib.eal:debug --iova-mode=pa -a $nic0 -a $nic1"
 failed=
 
-# iova_pa: after a run, EAL's IOVA mode line (PA, or the run fails) and what the drop-in
-# logged (without its per-device max_vfs lines).
+# iova_pa: after a run, EAL's IOVA mode line (PA, or the run fails), the link state
+# change events testpmd saw (UIO INTx interrupts: /dev/uioN, the unmask through config;
+# printed, not asserted) and what the drop-in logged (without its per-device max_vfs lines).
 iova_pa() {
-	echo "$label: $(grep -m1 'Selected IOVA mode' "$out")"
+	echo "$label: $(grep -m1 'Selected IOVA mode' "$out"); link state change events: $(grep -c 'link state change event' "$out")"
 	grep 'PCI (pcibus)' "$out" | grep -v ': max_vfs' | sort | uniq -c | tail -n 20
 	grep -q "Selected IOVA mode 'PA'" "$out" || { RUN_OK=0; WHY="EAL did not select IOVA mode PA"; }
 }
