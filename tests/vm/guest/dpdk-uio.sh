@@ -4,11 +4,13 @@
 # and Debian's dpdk-testpmd forwards on them as dpdk-testpmd.sh does on vfio-pci (flowgen,
 # TX of each port = RX of the other, no errors), with --iova-mode=pa (UIO has no IOMMU
 # mapping of its own: the NICs DMA to physical addresses, which iommu=pt's identity domain
-# lets through QEMU's intel-iommu). Three runs in one boot: Debian's library (BASELINE),
-# the drop-in by LD_LIBRARY_PATH, the drop-in alone (mount namespace). In each drop-in run
-# the drop-in's log says it mapped both NICs through UIO, and `pcibus claims` shows both
-# claimed by testpmd. At the end the NICs go back to vfio-pci, where the other dpdk tests
-# expect them.
+# lets through QEMU's intel-iommu; with `--kernel-args iommu=nopt` every run sends nothing
+# and the kernel logs DMAR read faults). Three runs in one boot: Debian's library
+# (BASELINE), the drop-in by LD_LIBRARY_PATH, the drop-in alone (mount namespace). In each
+# drop-in run the drop-in's log says it mapped both NICs through UIO, `pcibus claims` shows
+# both claimed by testpmd, and the ports whose link state change interrupt (UIO INTx)
+# arrived are those of the stock run. At the end the NICs go back to vfio-pci, where the
+# other dpdk tests expect them.
 # pcibus-timeout: 420
 . "$PCIBUS_LIB"
 only_profiles dpdk
@@ -50,11 +52,20 @@ to_uio "$nic1"
 DPDK_EAL="-l 0-1 -n 1 --no-telemetry --log-level=lib.eal:debug --iova-mode=pa -a $nic0 -a $nic1"
 failed=
 
-# iova_pa: after a run, EAL's IOVA mode line (PA, or the run fails), the link state
-# change events testpmd saw (UIO INTx interrupts: /dev/uioN, the unmask through config;
-# printed, not asserted) and what the drop-in logged (without its per-device max_vfs lines).
+# lsc_ports: the ports (0, 1) of this run that reported a link state change event, which
+# reaches testpmd as a UIO INTx interrupt (read from /dev/uioN, unmasked through config).
+lsc_ports() {
+	for p in 0 1; do
+		grep -q "Port $p: link state change event" "$out" && printf '%s' "$p"
+	done
+	return 0
+}
+
+# iova_pa: after a run, EAL's IOVA mode line (PA, or the run fails), the ports whose link
+# state change interrupt arrived, and what the drop-in logged (without its per-device
+# max_vfs lines).
 iova_pa() {
-	echo "$label: $(grep -m1 'Selected IOVA mode' "$out"); link state change events: $(grep -c 'link state change event' "$out")"
+	echo "$label: $(grep -m1 'Selected IOVA mode' "$out"); link state change interrupts on ports: $(lsc_ports)"
 	grep 'PCI (pcibus)' "$out" | grep -v ': max_vfs' | sort | uniq -c | tail -n 20
 	grep -q "Selected IOVA mode 'PA'" "$out" || { RUN_OK=0; WHY="EAL did not select IOVA mode PA"; }
 }
@@ -62,6 +73,8 @@ iova_pa() {
 # 1. The baseline: Debian's librte_bus_pci.
 dpdk_session uio-stock env
 iova_pa
+# The drop-in must deliver the interrupts the stock bus delivers in the same boot.
+stock_lsc=$(lsc_ports)
 if [ $RUN_OK = 1 ]; then
 	grep -q 'PCI (pcibus)' "$out" && { back_to_vfio; fail "BASELINE: the pcibus drop-in answered in the stock run"; }
 	echo "BASELINE (stock librte_bus_pci, uio_pci_generic) PASS"
@@ -84,6 +97,10 @@ uio_verdict() {
 				WHY="$n not claimed by testpmd during the run: $(cat "$out.claims")"
 			}
 		done
+		[ "$(lsc_ports)" = "$stock_lsc" ] || {
+			RUN_OK=0
+			WHY="link state change interrupts on ports '$(lsc_ports)', the stock run's on '$stock_lsc'"
+		}
 	fi
 	if [ $RUN_OK = 1 ]; then
 		echo "DROP-IN PASS ($1): $(grep -m1 "PCI (pcibus): $nic0: mapped through UIO" "$out")"
