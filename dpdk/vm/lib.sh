@@ -111,6 +111,68 @@ port_stat() {
 		END { print v }' "$1"
 }
 
+# Packets a port may have sent that the other had not counted at `stop`: its RX ring and
+# QEMU's queue behind a full ring.
+IN_FLIGHT=1024
+
+# dpdk_check_run LABEL OUT: the counters of a two-port flowgen run (testpmd_session's OUT);
+# prints them, returns 1 (with the reason in WHY) unless each port sent at least 100
+# packets, the other received them (less at most IN_FLIGHT, never more) and every error,
+# missed and nombuf counter is 0.
+dpdk_check_run() {
+	WHY=
+	for p in 0 1; do
+		for f in RX-packets RX-missed RX-errors RX-nombuf TX-packets TX-errors; do
+			eval "s_${p}_$(echo "$f" | tr - _)=\$(port_stat \"\$2\" $p $f)"
+		done
+	done
+	echo "$1: port 0 TX $s_0_TX_packets RX $s_0_RX_packets (missed $s_0_RX_missed, errors $s_0_RX_errors/$s_0_TX_errors, nombuf $s_0_RX_nombuf);" \
+		"port 1 TX $s_1_TX_packets RX $s_1_RX_packets (missed $s_1_RX_missed, errors $s_1_RX_errors/$s_1_TX_errors, nombuf $s_1_RX_nombuf)"
+	for v in "$s_0_TX_packets" "$s_0_RX_packets" "$s_1_TX_packets" "$s_1_RX_packets"; do
+		case $v in '' | *[!0-9]*) WHY="no port statistics in the output" && return 1 ;; esac
+	done
+	[ "$s_0_TX_packets" -ge 100 ] || { WHY="port 0 sent only $s_0_TX_packets packets"; return 1; }
+	[ "$s_1_TX_packets" -ge 100 ] || { WHY="port 1 sent only $s_1_TX_packets packets"; return 1; }
+	for e in "$s_0_RX_missed" "$s_0_RX_errors" "$s_0_TX_errors" "$s_0_RX_nombuf" \
+		"$s_1_RX_missed" "$s_1_RX_errors" "$s_1_TX_errors" "$s_1_RX_nombuf"; do
+		[ "$e" = 0 ] || { WHY="an error, missed or nombuf counter is not 0"; return 1; }
+	done
+	# What port A sent, port B received (less what was still in flight at stop), never more.
+	for pair in "0 1" "1 0"; do
+		set -- $pair
+		eval "tx=\$s_$1_TX_packets rx=\$s_$2_RX_packets"
+		[ "$rx" -le "$tx" ] || { WHY="port $2 received $rx > the $tx port $1 sent"; return 1; }
+		[ $((tx - rx)) -le $IN_FLIGHT ] || { WHY="port $1 sent $tx, port $2 received only $rx"; return 1; }
+	done
+	return 0
+}
+
+# The forwarding run of dpdk_session: seconds of forwarding, testpmd's own arguments; the
+# EAL arguments (DPDK_EAL) are the caller's.
+DPDK_FORWARD_S=5
+DPDK_APP="-i --forward-mode=flowgen --nb-cores=1 --rxq=1 --txq=1 --total-num-mbufs=8192"
+
+# dpdk_session LABEL WRAP...: one testpmd run (EAL arguments $DPDK_EAL, --file-prefix=LABEL,
+# then $DPDK_APP) under WRAP, output to /tmp/testpmd-LABEL.out (in OUT); prints its end,
+# sets RUN_OK (1: dpdk_check_run passed and testpmd exited 0) and WHY.
+dpdk_session() {
+	label=$1
+	shift
+	out=/tmp/testpmd-$label.out
+	t=$(now_ms)
+	# shellcheck disable=SC2086
+	testpmd_session "$out" $DPDK_FORWARD_S "$@" -- $DPDK_EAL --file-prefix="$label" -- $DPDK_APP
+	rc=$?
+	echo "--- testpmd ($label) exited $rc after $(($(now_ms) - t)) ms; its log:"
+	grep -v '^testpmd> $' "$out" | grep -E -v '^ *$' | tail -n 60
+	RUN_OK=0
+	WHY=
+	if dpdk_check_run "$label" "$out"; then
+		[ $rc = 0 ] && RUN_OK=1 || WHY="testpmd exited $rc"
+	fi
+	[ -n "$WHY" ] || [ $RUN_OK = 1 ] || WHY="testpmd exited $rc"
+}
+
 # seed_start OUT PCI_ADDR WRAP...: start the seed application (pcibus-dpdk-seed, see
 # dpdk/vm/seed.c) holding PCI_ADDR (on vfio-pci), under WRAP (`env` for none), output to
 # OUT; sets SEED_PID and waits until it holds the device (fails the test otherwise).

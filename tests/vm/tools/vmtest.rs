@@ -16,6 +16,8 @@
 //! pcibus-vmtest seed ADDR            the same-process removal: REQ, registry, scans
 //! pcibus-vmtest claim-release ADDR S claim ADDR, open it, on REQ mark the claim
 //!                                    releasing and release S seconds later
+//! pcibus-vmtest claim-hold ADDR S    claim ADDR (claims directory, SPDK's lock file) for
+//!                                    S seconds without opening it
 //! pcibus-vmtest try-claim ADDR       succeed if the claim is refused (another holder)
 //! pcibus-vmtest vfio-group A B       two functions of one IOMMU group open in one container
 //! pcibus-vmtest held-scan-exit ADDR  hold ADDR, scan with --read all while it is removed,
@@ -89,6 +91,10 @@ mod vmtest {
                 .parse()
                 .map_err(err)
                 .and_then(|a| claim_release(a, secs.parse().map_err(err)?)),
+            ["claim-hold", addr, secs] => addr
+                .parse()
+                .map_err(err)
+                .and_then(|a| claim_hold(a, secs.parse().map_err(err)?)),
             ["try-claim", addr] => addr.parse().map_err(err).and_then(try_claim),
             ["vfio-group", a, b] => a
                 .parse()
@@ -128,7 +134,7 @@ mod vmtest {
                       hold ADDR SECONDS | hold-claimed ADDR STOP SECONDS | \
                       kernel-hot-reset ADDR | seed ADDR | vfio-group ADDR ADDR | \
                       held-scan-exit ADDR [--pf PF] | \
-                      claim-release ADDR SECONDS | try-claim ADDR | bus ADDR SECONDS | \
+                      claim-release ADDR SECONDS | claim-hold ADDR SECONDS | try-claim ADDR | bus ADDR SECONDS | \
                       bus-replug ADDR SECONDS | bus-d3hot ADDR | kernel-perf BLOCKDEV QD SECONDS | \
                       config-opens CMD [ARG...] | replug ADDR N | aer-wait ADDR SECONDS | \
                       nvme-caller-memory ADDR"
@@ -2067,6 +2073,27 @@ mod vmtest {
         drop(dev);
         drop(claim);
         println!("claim-release: released at +{}", ms(t.elapsed()));
+        Ok(())
+    }
+
+    /// Claims `addr` as the bus and the DPDK drop-in do ([`ClaimDir::for_claiming`]: the
+    /// claims directory and SPDK's lock file), without opening it, and keeps the claim `secs`
+    /// seconds. Prints "claim-hold: ... ready" once it holds it.
+    ///
+    /// [`ClaimDir::for_claiming`]: pcibus::bus::claim::ClaimDir::for_claiming
+    fn claim_hold(addr: PciAddress, secs: u64) -> Res {
+        use pcibus::bus::claim::{ClaimDir, ClaimInfo};
+        let claim = ClaimDir::for_claiming()
+            .claim(addr, &ClaimInfo::new().driver("vmtest"))
+            .map_err(|e| format!("claim: {e}"))?;
+        println!(
+            "claim-hold: {addr} claimed by pid {} ({}); ready, keeping it {secs} s",
+            std::process::id(),
+            claim.path().display()
+        );
+        thread::sleep(Duration::from_secs(secs));
+        claim.release().map_err(err)?;
+        println!("claim-hold: {addr} released");
         Ok(())
     }
 
