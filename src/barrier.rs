@@ -33,11 +33,25 @@
 //!   controller is told it may overwrite them (Linux relies on `writel`'s `dmb oshst`
 //!   there, which orders stores only). [`wmb`] and [`mb`] are `dsb` as in Linux and SPDK.
 //!   The bodies are `asm!` (with the default `memory` clobber, so the compiler neither moves
-//!   memory accesses across them nor assumes memory unchanged). They were compiled for
-//!   `aarch64-unknown-linux-gnu` down to assembly (the CLI's NVMe code: `cargo rustc
-//!   --target aarch64-unknown-linux-gnu --bin pcibus -- --emit=asm` shows each of them;
-//!   there is no aarch64 linker here) and clippy-checked for that target; no aarch64
-//!   machine has run them.
+//!   memory accesses across them nor assumes memory unchanged).
+//!
+//!   **What has run them.** `tests/aarch64/run` (see `tests/aarch64/README.md`) builds the
+//!   crate's tests for `aarch64-unknown-linux-gnu` with Debian's cross linker and runs them
+//!   under qemu-user (`qemu-aarch64`): the library's unit tests (this module's own test
+//!   among them) and the NVMe driver's tests against the emulated controller, whose thread
+//!   answers the driver's doorbells, so the barriers and the atomics between the two
+//!   threads execute as aarch64 code. The script then checks the instructions in the
+//!   `nvme_driver` test binary with `objdump` (`dmb oshst` in the SQ doorbell write,
+//!   `dmb oshld` after the phase bit, `dmb osh` before the CQ head doorbell, `dsb st` and
+//!   `dsb sy` around the shadow doorbell) and, from qemu's log of the code it translates,
+//!   that one test executes all five. `--page-size 65536` (or `16384`) runs the library
+//!   and NVMe tests with the guest told its pages are that size.
+//!
+//!   **What that does not prove.** qemu-user translates aarch64 code into x86-64 code that
+//!   runs with the host's ordering (TSO), so these runs show that the aarch64 code is
+//!   correct in program order, not that the barriers are strong enough: a missing or too
+//!   weak one passes there too. That rests on the architecture's rules and the choices of
+//!   Linux and SPDK above, until aarch64 hardware with a PCIe device runs the driver.
 //! - **Elsewhere.** A sequentially consistent [`fence`]: correct wherever Rust's fences
 //!   also order device observers (the platform's usual strongest barrier), and a place to
 //!   add a precise body when the crate runs there.
