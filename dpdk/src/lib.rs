@@ -14,6 +14,7 @@ pub mod ffi;
 pub mod guard;
 pub mod log;
 pub mod matching;
+pub mod mp;
 pub mod scan;
 pub mod uio_pci;
 pub mod vfio_pci;
