@@ -24,6 +24,11 @@
 #   5. drop-in primary (mount namespace) + stock secondary: the stock secondary gets
 #      nothing to map (its EAL finds no VFIO_RESOURCE_LIST: exit 2, or no port: exit 3);
 #      the primary is unaffected.
+# Then, when the initramfs has uio_pci_generic (the dpdk profile's PROFILE_MODULES), the
+# NICs move to it and pairs 1 to 3 run again through UIO (--iova-mode=pa): the drop-in's
+# secondary maps the same resourceN files at the primary's addresses. Without the driver
+# that part says "UIO pairs skipped" and the test stands on the VFIO pairs. The NICs end
+# on vfio-pci.
 # pcibus-timeout: 600
 . "$PCIBUS_LIB"
 only_profiles dpdk
@@ -33,6 +38,8 @@ dpdk_setup
 
 FRAMES=256
 RAL_VALUE=0x5ec0dab1
+# More EAL arguments for both processes (the UIO pairs: --iova-mode=pa).
+EXTRA_EAL=
 
 set -- $(dpdk_nics)
 [ $# -ge 2 ] || fail "expected two e1000e NICs, found: $*"
@@ -48,7 +55,8 @@ mp_start() {
 	_o=$1 _l=$2 _r=$3 _d=$4 _p=$5
 	shift 5
 	(
-		"$@" pcibus-dpdk-mp -l "$_l" -n 1 --no-telemetry --log-level=lib.eal:debug \
+		# shellcheck disable=SC2086
+		"$@" pcibus-dpdk-mp -l "$_l" -n 1 --no-telemetry --log-level=lib.eal:debug $EXTRA_EAL \
 			--file-prefix="$_p" -a "$nic0" -a "$nic1" --proc-type="$_r" -- "$_r" "$_d"
 	) >"$_o" 2>&1 &
 	MP_PID=$!
@@ -221,6 +229,41 @@ case $S_RC in 2 | 3) ;; *) [ $r = 1 ] || { r=1; WHY="the stock secondary exited 
 [ $r = 1 ] || echo "mixed (drop-in primary): stock secondary: $(grep -m1 -E 'tailq|TAILQ|Cannot|cannot' "$S_OUT")"
 verdict $r MIXED dropin-primary
 
+# 6. The same through UIO, when the initramfs has uio_pci_generic.
+uio_pairs=skipped
+if [ -d /sys/bus/pci/drivers/uio_pci_generic ] || modprobe uio_pci_generic 2>/dev/null; then
+	uio_ok=1
+	for n in "$nic0" "$nic1"; do
+		pcibus bind "$n" uio_pci_generic && driver_is "$n" uio_pci_generic || uio_ok=0
+	done
+	if [ $uio_ok = 1 ]; then
+		uio_pairs=run
+		EXTRA_EAL=--iova-mode=pa
+		pair uio-stock env -- env
+		r=0
+		good_pair || r=1
+		verdict $r BASELINE uio-stock
+		pair uio-dropin-ldpath env LD_LIBRARY_PATH=$DPDK_DROPIN_DIR -- env LD_LIBRARY_PATH=$DPDK_DROPIN_DIR
+		r=0
+		good_pair || r=1
+		[ $r = 1 ] || dropin_claims || r=1
+		[ $r = 1 ] || grep -q "mapped through UIO" "$P_OUT" || { r=1; WHY="the primary's drop-in did not map through UIO"; }
+		verdict $r DROP-IN uio-dropin-ldpath
+		pair uio-dropin-mountns dpdk_in_plugin_ns /tmp/pmds-dropin -- dpdk_in_plugin_ns /tmp/pmds-dropin
+		r=0
+		good_pair || r=1
+		[ $r = 1 ] || dropin_claims || r=1
+		verdict $r DROP-IN uio-dropin-mountns
+		EXTRA_EAL=
+	else
+		echo "UIO: cannot bind the NICs to uio_pci_generic"
+		failed="$failed uio-bind"
+	fi
+	dpdk_to_vfio "$nic0" "$nic1"
+else
+	echo "UIO pairs skipped: no uio_pci_generic driver in this initramfs"
+fi
+
 rm -rf /tmp/pmds-dropin
 [ -z "$failed" ] || fail "failed:$failed"
-echo "secondary processes: stock, drop-in (both routes) share the BARs at one address; mixed pairs fail cleanly"
+echo "secondary processes (VFIO; UIO $uio_pairs): stock, drop-in (both routes) share the BARs at one address; mixed pairs fail cleanly"
