@@ -22,12 +22,15 @@
 //! is opened.
 //!
 //! Secondary processes ([`crate::mp`]): the primary records each mapped device in EAL's
-//! shared memory and places its BARs past EAL's memory areas; a secondary opens
-//! `/dev/uioN` and `config` for its interrupt handle as 22.11's does, and maps the
-//! recorded BARs from the same `resourceN` (or `_wc`) files at the primary's addresses. It
-//! takes no claim and leaves the Command register alone (22.11's secondary sets Bus Master
-//! of a uio_pci_generic device again; the primary has). Unmapping in a secondary unmaps its
-//! own view and closes its files.
+//! shared memory and places its BARs past EAL's memory areas; a secondary maps the
+//! recorded BARs from the same `resourceN` (or `_wc`) files at the primary's addresses and
+//! gives its interrupt handle `config` (dev fd) and the type, but not `/dev/uioN`:
+//! uio_pci_generic clears Bus Master whenever an fd of `/dev/uioN` is closed, so 22.11's
+//! secondary, which opens it, stops the primary's DMA when it exits (seen in the VM test
+//! `dpdk-secondary`; DPDK fixed it upstream in 2024 by opening it in the primary only, as
+//! here). It takes no claim and leaves the Command register alone (22.11's secondary sets
+//! Bus Master of a uio_pci_generic device again; the primary has). Unmapping in a
+//! secondary unmaps its own view and closes its files.
 //!
 //! This is an unsafe boundary with C (EAL's functions, the device struct); the decisions
 //! are in [`plan`], the system calls in [`sys`].
@@ -65,8 +68,9 @@ use sys::{Place, UioBar};
 struct Held {
     /// `0000:00:04.0`.
     name: String,
-    /// `/dev/uioN`, given to `intr_handle` as its fd.
-    _uio: File,
+    /// `/dev/uioN`, given to `intr_handle` as its fd (not opened in a secondary: see the
+    /// module docs).
+    _uio: Option<File>,
     /// The device's sysfs `config`, given to `intr_handle` as its dev fd.
     _config: File,
     /// The mapped BARs (unmapped when this is dropped).
@@ -261,7 +265,7 @@ unsafe fn map_in(
 }
 
 type Recorded = [Option<BarRecord>; plan::BARS];
-type Setup = (File, File, Vec<UioBar>, Recorded);
+type Setup = (Option<File>, File, Vec<UioBar>, Recorded);
 
 /// Opens the fds, fills the interrupt handle, sets Bus Master (uio_pci_generic), maps the
 /// BARs; on failure undoes it all (the files close, the mappings go, the handle is reset).
@@ -319,10 +323,17 @@ unsafe fn setup_steps(
     secondary: Option<&Record>,
     maps: &mut Vec<UioBar>,
     recorded: &mut Recorded,
-) -> Result<(File, File), Failure> {
+) -> Result<(Option<File>, File), Failure> {
     // SAFETY: per the contract.
     let intr = unsafe { (*dev).intr_handle };
-    let uio = sys::open_rw(uio_path).map_err(|e| fail(format!("cannot open {}", uio_path.display()), e))?;
+    // Not in a secondary: uio_pci_generic clears Bus Master whenever an fd of /dev/uioN is
+    // closed, which a secondary's exit would do under the primary.
+    let uio = match secondary {
+        None => {
+            Some(sys::open_rw(uio_path).map_err(|e| fail(format!("cannot open {}", uio_path.display()), e))?)
+        }
+        Some(_) => None,
+    };
     let config_path = dev_dir.join("config");
     let config =
         sys::open_rw(&config_path).map_err(|e| fail(format!("cannot open {}", config_path.display()), e))?;
@@ -335,7 +346,9 @@ unsafe fn setup_steps(
     // SAFETY: intr is live; the files stay open while the device is held (on failure the
     // handle is reset before they close).
     unsafe {
-        eal_ok("rte_intr_fd_set", eal::rte_intr_fd_set(intr, uio.as_raw_fd()))?;
+        if let Some(uio) = &uio {
+            eal_ok("rte_intr_fd_set", eal::rte_intr_fd_set(intr, uio.as_raw_fd()))?;
+        }
         eal_ok(
             "rte_intr_dev_fd_set",
             eal::rte_intr_dev_fd_set(intr, config.as_raw_fd()),
@@ -562,6 +575,10 @@ unsafe fn port_interrupt(dev: *mut RtePciDevice, name: &str, dev_dir: &Path) -> 
     let intr = unsafe { (*dev).intr_handle };
     // SAFETY: intr is live when not null.
     if intr.is_null() || unsafe { eal_uio::rte_intr_type_get(intr) } != RTE_INTR_HANDLE_UNKNOWN {
+        return Ok(());
+    }
+    if mp::is_secondary() {
+        // Closing /dev/uioN would clear Bus Master under the primary (see the module docs).
         return Ok(());
     }
     let n = plan::find_uio(dev_dir)
