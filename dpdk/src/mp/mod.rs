@@ -243,15 +243,23 @@ fn lookup(addr: &RtePciAddr) -> Lookup {
     // SAFETY: the slot is named LIST_NAME, which only this library's primaries create, and
     // its elements are Shared records in EAL's shared memory (mapped at the same address
     // here); the read lock keeps the primary's changes out during the walk. Each record's
-    // data is copied and checked (tag, size) before use.
+    // tag and size (the first 12 bytes of every build's record) are read before the rest.
     unsafe {
         eal::rte_mcfg_tailq_read_lock();
         let mut p = (*head).tailq_head.tqh_first.cast::<Shared>();
         let mut guard = 0usize;
         while !p.is_null() && guard < 4096 {
-            let d = (*p).data;
-            if d.addr == *addr {
-                found.push(d);
+            // The tag and size first: a record of another build may be shorter than ours.
+            let data = &raw const (*p).data;
+            let (magic, size) = ((*data).magic, (*data).size);
+            if magic != plan::MAGIC || size as usize != size_of::<SharedData>() {
+                found.push(SharedData {
+                    magic,
+                    size,
+                    ..SharedData::default()
+                });
+            } else if (*data).addr == *addr {
+                found.push(*data);
             }
             p = (*p).next.tqe_next;
             guard += 1;

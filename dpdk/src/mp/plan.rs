@@ -222,7 +222,8 @@ pub enum Lookup {
     /// through the drop-in (the primary runs Debian's stock bus, or mapped nothing yet).
     NoList,
     /// The queue exists; these are the records whose address is the device's (normally
-    /// one; none when the primary did not map it).
+    /// one; none when the primary did not map it), and the tag and size of any record of
+    /// another build (whose address cannot be read).
     Found(Vec<SharedData>),
 }
 
@@ -239,6 +240,15 @@ pub fn choose(lookup: &Lookup, addr: &RtePciAddr, kind: Kind, page: u64) -> Resu
         }
         Lookup::Found(v) => v,
     };
+    if let Some(d) = found
+        .iter()
+        .find(|d| d.magic != MAGIC || d.size as usize != size_of::<SharedData>())
+    {
+        return Err(format!(
+            "a record in EAL's shared memory: {}",
+            decode(d, page).err().unwrap_or_default()
+        ));
+    }
     let Some(d) = found.first() else {
         return Err(format!(
             "the primary process has no record of {name}: it has not mapped that device \
@@ -411,9 +421,17 @@ mod tests {
         let e = choose(&Lookup::Found(vec![d, d]), &addr(), Kind::Vfio, PAGE).unwrap_err();
         assert!(e.contains("2 records"), "{e}");
         let mut bad = d;
-        bad.magic = 0;
+        bad.kind = 9;
         let e = choose(&Lookup::Found(vec![bad]), &addr(), Kind::Vfio, PAGE).unwrap_err();
         assert!(e.contains("the primary's record of 0000:00:04.0"), "{e}");
+        // A record of another build (only its tag and size read) fails every look-up.
+        let foreign = SharedData {
+            magic: MAGIC + 1,
+            size: 8,
+            ..SharedData::default()
+        };
+        let e = choose(&Lookup::Found(vec![d, foreign]), &addr(), Kind::Vfio, PAGE).unwrap_err();
+        assert!(e.contains("another build"), "{e}");
     }
 
     #[test]

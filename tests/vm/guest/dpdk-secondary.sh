@@ -24,7 +24,11 @@
 #      the primary recorded no mapping for the drop-in; the primary is unaffected;
 #   5. drop-in primary (mount namespace) + stock secondary: the stock secondary gets
 #      nothing to map (its EAL finds no VFIO_RESOURCE_LIST: exit 2, or no port: exit 3);
-#      the primary is unaffected.
+#      the primary is unaffected;
+#   6. drop-in primary by LD_LIBRARY_PATH (Debian's library loaded too, evicted) + stock
+#      secondary: the stock lists exist but are empty, the stock secondary finds no entry
+#      for the NICs ("cannot find TAILQ entry") and probes no port (exit 3); the primary is
+#      unaffected.
 # Then, when the initramfs has uio_pci_generic (the dpdk profile's PROFILE_MODULES), the
 # NICs move to it and pairs 1 to 3 run again through UIO (--iova-mode=pa): the drop-in's
 # secondary maps the same resourceN files at the primary's addresses. For Debian's
@@ -232,6 +236,7 @@ primary_alone || r=1
 	{ r=1; WHY="no drop-in line saying the primary recorded no mapping"; }
 [ $r = 1 ] || grep -q "^mp: primary reads RAL15 0 after the secondary\$" "$P_OUT" ||
 	grep -q "^mp: primary reads RAL15 0x0 after the secondary\$" "$P_OUT" || { r=1; WHY="RAL15 changed"; }
+[ $r = 1 ] || [ "$BM_AFTER" = 11 ] || { r=1; WHY="Bus Master after the secondary: $BM_AFTER"; }
 [ $r = 1 ] || echo "mixed (stock primary): $(grep -m1 'in a secondary process' "$S_OUT")"
 verdict $r MIXED stock-primary
 
@@ -244,10 +249,22 @@ case $S_RC in 2 | 3) ;; *) [ $r = 1 ] || { r=1; WHY="the stock secondary exited 
 [ $r = 1 ] || ! grep -q '^mp: secondary port' "$S_OUT" || { r=1; WHY="the stock secondary has ports"; }
 [ $r = 1 ] || grep -q "^mp: primary reads RAL15 0 after the secondary\$" "$P_OUT" ||
 	grep -q "^mp: primary reads RAL15 0x0 after the secondary\$" "$P_OUT" || { r=1; WHY="RAL15 changed"; }
+[ $r = 1 ] || [ "$BM_AFTER" = 11 ] || { r=1; WHY="Bus Master after the secondary: $BM_AFTER"; }
 [ $r = 1 ] || echo "mixed (drop-in primary): stock secondary: $(grep -m1 -E 'tailq|TAILQ|Cannot|cannot' "$S_OUT")"
 verdict $r MIXED dropin-primary
 
-# 6. The same through UIO, when the initramfs has uio_pci_generic.
+# 6. Drop-in primary with Debian's library loaded too (LD_LIBRARY_PATH), stock secondary.
+pair mixed-ldpath-primary env LD_LIBRARY_PATH=$DPDK_DROPIN_DIR -- env
+r=0
+WHY=
+primary_alone || r=1
+[ $r = 1 ] || [ "$S_RC" = 3 ] || { r=1; WHY="the stock secondary exited $S_RC, not 3 (no port)"; }
+[ $r = 1 ] || grep -q 'cannot find TAILQ entry' "$S_OUT" || { r=1; WHY="no stock line saying it found no entry"; }
+[ $r = 1 ] || [ "$BM_AFTER" = 11 ] || { r=1; WHY="Bus Master after the secondary: $BM_AFTER"; }
+[ $r = 1 ] || echo "mixed (drop-in primary, LD_LIBRARY_PATH): stock secondary: $(grep -m1 'cannot find TAILQ entry' "$S_OUT")"
+verdict $r MIXED ldpath-primary
+
+# 7. The same through UIO, when the initramfs has uio_pci_generic.
 uio_pairs=skipped
 if [ -d /sys/bus/pci/drivers/uio_pci_generic ] || modprobe uio_pci_generic 2>/dev/null; then
 	uio_ok=1
