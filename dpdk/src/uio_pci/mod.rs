@@ -126,9 +126,9 @@ fn read_resources(dev_dir: &Path) -> Result<Vec<Resource>, String> {
         .map_err(|e| format!("{}: {}", path.display(), pcibus::error::chain(&e)))
 }
 
-/// `pci_uio_map_resource` (primary process) for a device bound to `driver`: 0, 1 (no UIO
-/// instance: "not managed by UIO driver, skipping", as 22.11), or -1 with a log line naming
-/// the device and the failed step.
+/// `pci_uio_map_resource` (primary or secondary process) for a device bound to `driver`:
+/// 0, 1 (no UIO instance: "not managed by UIO driver, skipping", as 22.11), or -1 with a
+/// log line naming the device and the failed step.
 ///
 /// # Safety
 /// `dev` is a live device of the bus, not accessed elsewhere during the call.
@@ -459,9 +459,10 @@ unsafe fn reset(dev: *mut RtePciDevice) {
     }
 }
 
-/// `pci_uio_unmap_resource` (primary): the interrupt handle reset, its fds closed, the BARs
-/// unmapped (and I/O ports through them forgotten), the claim dropped. 0, or -1 with a log
-/// line (a device this process does not hold).
+/// `pci_uio_unmap_resource` (a primary first drops its record for secondaries): the
+/// interrupt handle reset, its fds closed, the BARs unmapped (and I/O ports through them
+/// forgotten), the claim dropped (a secondary has none). 0, or -1 with a log line (a
+/// device this process does not hold).
 ///
 /// # Safety
 /// `dev` is a live device of the bus, not accessed elsewhere during the call.

@@ -223,9 +223,9 @@ pub(crate) fn eal_ok(what: &str, ret: c_int) -> Result<(), Failure> {
     }
 }
 
-/// `pci_vfio_map_resource` (primary process): 0, or the non-zero return of
-/// `rte_vfio_setup_device` (1: not a VFIO device), or -1 with a log line naming the
-/// device and the failed call.
+/// `pci_vfio_map_resource` (primary, or secondary: [`map_secondary`]): 0, or the non-zero
+/// return of `rte_vfio_setup_device` (1: not a VFIO device), or -1 with a log line naming
+/// the device and the failed call.
 ///
 /// # Safety
 /// `dev` is a live device of the bus with both interrupt instances allocated (the probe
@@ -699,9 +699,10 @@ unsafe fn teardown(dev: *mut RtePciDevice, h: &mut Held, notifier: bool) {
     h.maps.clear();
 }
 
-/// `pci_vfio_unmap_resource` (primary): the notifier off, the interrupt eventfd closed,
-/// Bus Master cleared, the BARs unmapped, the device fd released to EAL. 0, or -1 with a
-/// log line (a device this process does not hold).
+/// `pci_vfio_unmap_resource`. Primary: the record for secondaries dropped, the notifier
+/// off, the interrupt eventfd closed, Bus Master cleared, the BARs unmapped, the device fd
+/// released to EAL. Secondary: its BAR mappings and its fd only. 0, or -1 with a log line
+/// (a device this process does not hold).
 ///
 /// # Safety
 /// `dev` is a live device of the bus, not accessed elsewhere during the call.
