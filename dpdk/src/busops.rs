@@ -1139,10 +1139,10 @@ mod tests {
     /// anonymous memory at the same address and returns 0 (it returned -1 before).
     #[test]
     fn uio_hot_unplug_remaps_mapped_bars() {
-        use crate::uio_pci::sys::{UioBar, mmio_read, open_rw};
+        use crate::uio_pci::sys::{Place, UioBar, mmio_read, open_rw};
         let path = std::env::temp_dir().join(format!("pcibus-busops-uio-{}", std::process::id()));
         std::fs::write(&path, [0x5au8; 4096]).unwrap();
-        let bar = UioBar::map(&open_rw(&path).unwrap(), 4096).unwrap();
+        let bar = UioBar::map(&open_rw(&path).unwrap(), 4096, Place::Anywhere).unwrap();
         std::fs::remove_file(&path).unwrap();
         // SAFETY: an all-zero rte_pci_device is valid (null pointers, zero numbers).
         let mut dev: RtePciDevice = unsafe { core::mem::zeroed() };

@@ -13,6 +13,8 @@
 #include <bus_pci_driver.h>
 #include <rte_eal.h>
 #include <rte_interrupts.h>
+#include <rte_memory.h>
+#include <rte_tailq.h>
 #include <rte_pci_dev_feature_defs.h>
 #include <linux/vfio.h>
 
@@ -190,5 +192,21 @@ int main(void)
 	printf("pub const RTE_INTR_MODE_MSI: c_int = %d;\n", RTE_INTR_MODE_MSI);
 	printf("pub const RTE_INTR_MODE_MSIX: c_int = %d;\n", RTE_INTR_MODE_MSIX);
 	printf("pub const RTE_PROC_PRIMARY: c_int = %d;\n", RTE_PROC_PRIMARY);
+
+	/* Secondary processes (src/mp): EAL's shared tail-queue heads, its tail-queue
+	 * registration element and the memseg lists whose end is the BAR address hint. */
+	SIZE(RteTailqHead, struct rte_tailq_head);
+	OFF(RteTailqHead, struct rte_tailq_head, tailq_head);
+	OFF(RteTailqHead, struct rte_tailq_head, name);
+	SIZE(RteTailqElem, struct rte_tailq_elem);
+	OFF(RteTailqElem, struct rte_tailq_elem, head);
+	OFF(RteTailqElem, struct rte_tailq_elem, next);
+	OFF(RteTailqElem, struct rte_tailq_elem, name);
+	printf("pub const RTE_TAILQ_NAMESIZE: usize = %d;\n", RTE_TAILQ_NAMESIZE);
+	printf("const _: () = assert!(::core::mem::offset_of!(RteMemsegList, base_va) == %zu);\n",
+	       offsetof(struct rte_memseg_list, base_va));
+	printf("const _: () = assert!(::core::mem::offset_of!(RteMemsegList, len) == %zu);\n",
+	       offsetof(struct rte_memseg_list, len));
+	printf("pub const RTE_PROC_SECONDARY: c_int = %d;\n", RTE_PROC_SECONDARY);
 	return 0;
 }

@@ -226,3 +226,41 @@ pub mod eal_uio {
         pub fn rte_intr_type_get(h: *const RteIntrHandle) -> c_int;
     }
 }
+
+/// EAL's functions for sharing mappings with secondary processes (`src/mp`), all under
+/// librte_eal's `DPDK_23` node.
+pub mod eal_mp {
+    use core::ffi::{c_char, c_int, c_uint, c_void};
+
+    use super::types::{RteMemsegList, RteTailqElem, RteTailqHead};
+
+    /// `rte_memseg_list_walk_t`.
+    pub type MemsegListWalk = unsafe extern "C" fn(msl: *const RteMemsegList, arg: *mut c_void) -> c_int;
+
+    unsafe extern "C" {
+        /// `enum rte_proc_type_t rte_eal_process_type(void)`.
+        pub fn rte_eal_process_type() -> c_int;
+        /// `int rte_eal_tailq_register(struct rte_tailq_elem *t)`: after `rte_eal_init`, a
+        /// primary creates the named queue in shared memory (`t->head`); 0 or -1 (the name
+        /// registered already in this process, or the table full).
+        pub fn rte_eal_tailq_register(t: *mut RteTailqElem) -> c_int;
+        /// `struct rte_tailq_head *rte_eal_tailq_lookup(const char *name)`: the shared
+        /// queue of that name, or null.
+        pub fn rte_eal_tailq_lookup(name: *const c_char) -> *mut RteTailqHead;
+        /// `void rte_mcfg_tailq_read_lock(void)`.
+        pub fn rte_mcfg_tailq_read_lock();
+        /// `void rte_mcfg_tailq_read_unlock(void)`.
+        pub fn rte_mcfg_tailq_read_unlock();
+        /// `void rte_mcfg_tailq_write_lock(void)`.
+        pub fn rte_mcfg_tailq_write_lock();
+        /// `void rte_mcfg_tailq_write_unlock(void)`.
+        pub fn rte_mcfg_tailq_write_unlock();
+        /// `void *rte_zmalloc(const char *type, size_t size, unsigned align)`: zeroed memory
+        /// from EAL's shared heap, or null.
+        pub fn rte_zmalloc(ty: *const c_char, size: usize, align: c_uint) -> *mut c_void;
+        /// `void rte_free(void *ptr)`.
+        pub fn rte_free(ptr: *mut c_void);
+        /// `int rte_memseg_list_walk(rte_memseg_list_walk_t func, void *arg)`.
+        pub fn rte_memseg_list_walk(func: MemsegListWalk, arg: *mut c_void) -> c_int;
+    }
+}

@@ -298,6 +298,61 @@ pub struct VfioIrqInfo {
     pub count: u32,
 }
 
+/// `RTE_TAILQ_NAMESIZE` (asserted against the headers below).
+pub const RTE_TAILQ_NAMESIZE: usize = 32;
+
+/// `struct rte_tailq_entry_head`: the head of one of EAL's shared tail queues. Its element
+/// type is whatever the owner of the queue puts there (`RTE_TAILQ_CAST`).
+#[repr(C)]
+#[derive(Debug)]
+pub struct RteTailqEntryHead {
+    /// `tqh_first`: the first element, or null.
+    pub tqh_first: *mut c_void,
+    /// `tqh_last`: the address of the last element's `tqe_next` (or of `tqh_first`).
+    pub tqh_last: *mut *mut c_void,
+}
+
+/// `struct rte_tailq_head`: one slot of EAL's shared tail-queue table (in `rte_mem_config`,
+/// mapped at the same address by every process).
+#[repr(C)]
+#[derive(Debug)]
+pub struct RteTailqHead {
+    /// The queue.
+    pub tailq_head: RteTailqEntryHead,
+    /// Its name.
+    pub name: [c_char; RTE_TAILQ_NAMESIZE],
+}
+
+/// `struct rte_tailq_elem`: a process-local registration of a shared tail queue by name
+/// (`rte_eal_tailq_register` keeps a pointer to it for the process's life).
+#[repr(C)]
+#[derive(Debug)]
+pub struct RteTailqElem {
+    /// The shared head, set by EAL when registered.
+    pub head: *mut RteTailqHead,
+    /// EAL's local list links.
+    pub next: TailqEntry<RteTailqElem>,
+    /// The queue's name.
+    pub name: [c_char; RTE_TAILQ_NAMESIZE],
+}
+
+/// The first fields of `struct rte_memseg_list` (read through EAL's pointer, never
+/// allocated here; the offsets of `base_va` and `len` are asserted against the headers).
+#[repr(C)]
+#[derive(Debug)]
+pub struct RteMemsegList {
+    /// Base virtual address of the list's area.
+    pub base_va: *mut c_void,
+    /// Page size of the list.
+    pub page_sz: u64,
+    /// NUMA socket.
+    pub socket_id: c_int,
+    /// Version for multi-process synchronisation.
+    pub version: u32,
+    /// Length of the area.
+    pub len: usize,
+}
+
 /// What the headers say, as compile-time assertions and constants.
 pub mod measured {
     #![allow(non_upper_case_globals, dead_code, missing_docs)]
@@ -307,4 +362,5 @@ pub mod measured {
     const _: () = assert!(super::PCI_MAX_RESOURCE == PCI_MAX_RESOURCE);
     const _: () = assert!(super::PCI_PRI_STR_SIZE == PCI_PRI_STR_SIZE);
     const _: () = assert!(super::RTE_DEV_NAME_MAX_LEN == RTE_DEV_NAME_MAX_LEN);
+    const _: () = assert!(super::RTE_TAILQ_NAMESIZE == RTE_TAILQ_NAMESIZE);
 }

@@ -19,7 +19,18 @@
 //!   anonymous memory, so the driver's later accesses do not fault.
 //!
 //! A device is claimed (`pcibus::bus::claim`, shared with [`crate::vfio_pci`]) before it
-//! is opened. Only the primary process maps (a secondary gets -1 and a log line).
+//! is opened.
+//!
+//! Secondary processes ([`crate::mp`]): the primary records each mapped device in EAL's
+//! shared memory and places its BARs past EAL's memory areas; a secondary maps the
+//! recorded BARs from the same `resourceN` (or `_wc`) files at the primary's addresses and
+//! gives its interrupt handle `config` (dev fd) and the type, but not `/dev/uioN`:
+//! uio_pci_generic clears Bus Master whenever an fd of `/dev/uioN` is closed, so 22.11's
+//! secondary, which opens it, stops the primary's DMA when it exits (seen in the VM test
+//! `dpdk-secondary`; DPDK fixed it upstream in 2024 by opening it in the primary only, as
+//! here). It takes no claim and leaves the Command register alone (22.11's secondary sets
+//! Bus Master of a uio_pci_generic device again; the primary has). Unmapping in a
+//! secondary unmaps its own view and closes its files.
 //!
 //! This is an unsafe boundary with C (EAL's functions, the device struct); the decisions
 //! are in [`plan`], the system calls in [`sys`].
@@ -46,23 +57,28 @@ use crate::ffi::types::measured::{
     RTE_PROC_PRIMARY,
 };
 use crate::log;
+use crate::mp;
+use crate::mp::plan::{BarRecord, Kind, Record};
 use crate::vfio_pci::{Failure, eal_ok};
 use plan::{PortKind, UioDriver};
-use sys::UioBar;
+use sys::{Place, UioBar};
 
 /// A device this process holds through UIO.
 #[derive(Debug)]
 struct Held {
     /// `0000:00:04.0`.
     name: String,
-    /// `/dev/uioN`, given to `intr_handle` as its fd.
-    _uio: File,
+    /// `/dev/uioN`, given to `intr_handle` as its fd (not opened in a secondary: see the
+    /// module docs).
+    _uio: Option<File>,
     /// The device's sysfs `config`, given to `intr_handle` as its dev fd.
     _config: File,
     /// The mapped BARs (unmapped when this is dropped).
     _maps: Vec<UioBar>,
-    /// The device's claim, taken before it was opened; dropped last.
+    /// The device's claim, taken before it was opened; dropped last. None in a secondary.
     _claim: Option<Claim>,
+    /// Mapped in a secondary process (the primary holds the device and its record).
+    secondary: bool,
 }
 
 static HELD: Mutex<Vec<Held>> = Mutex::new(Vec::new());
@@ -110,9 +126,9 @@ fn read_resources(dev_dir: &Path) -> Result<Vec<Resource>, String> {
         .map_err(|e| format!("{}: {}", path.display(), pcibus::error::chain(&e)))
 }
 
-/// `pci_uio_map_resource` (primary process) for a device bound to `driver`: 0, 1 (no UIO
-/// instance: "not managed by UIO driver, skipping", as 22.11), or -1 with a log line naming
-/// the device and the failed step.
+/// `pci_uio_map_resource` (primary or secondary process) for a device bound to `driver`:
+/// 0, 1 (no UIO instance: "not managed by UIO driver, skipping", as 22.11), or -1 with a
+/// log line naming the device and the failed step.
 ///
 /// # Safety
 /// `dev` is a live device of the bus, not accessed elsewhere during the call.
@@ -146,12 +162,7 @@ unsafe fn map_in(
         return 0;
     }
     // SAFETY: no arguments.
-    if unsafe { eal::rte_eal_process_type() } != RTE_PROC_PRIMARY {
-        log::error(&format!(
-            "rte_pci_map_device({name}): mapping in a secondary process is not implemented by pcibus"
-        ));
-        return -1;
-    }
+    let secondary = unsafe { eal::rte_eal_process_type() } != RTE_PROC_PRIMARY;
     // SAFETY: per the contract.
     let intr = unsafe { (*dev).intr_handle };
     // SAFETY: intr is a live instance when not null (tested first).
@@ -180,11 +191,31 @@ unsafe fn map_in(
             return 1;
         }
     };
-    let claim = match crate::vfio_pci::claim(name) {
-        Ok(c) => c,
-        Err(why) => {
-            log::error(&format!("rte_pci_map_device({name}): {why}"));
-            return -1;
+    // SAFETY: per the contract.
+    let addr = unsafe { (*dev).addr };
+    let rec = if secondary {
+        match mp::find(&addr, Kind::Uio) {
+            Ok(r) => Some(r),
+            Err(why) => {
+                log::error(&format!(
+                    "rte_pci_map_device({name}) in a secondary process: {why}"
+                ));
+                return -1;
+            }
+        }
+    } else {
+        None
+    };
+    // The primary holds the device; a secondary takes no claim.
+    let claim = if secondary {
+        None
+    } else {
+        match crate::vfio_pci::claim(name) {
+            Ok(c) => c,
+            Err(why) => {
+                log::error(&format!("rte_pci_map_device({name}): {why}"));
+                return -1;
+            }
         }
     };
     // SAFETY: per the contract.
@@ -193,14 +224,32 @@ unsafe fn map_in(
         !dr.is_null() && (*dr).drv_flags & RTE_PCI_DRV_WC_ACTIVATE != 0
     };
     // SAFETY: per the contract.
-    match unsafe { setup(dev, driver, &dev_dir, &devdir.join(format!("uio{uio}")), wc) } {
-        Ok((uio_file, config, maps)) => {
+    match unsafe {
+        setup(
+            dev,
+            driver,
+            &dev_dir,
+            &devdir.join(format!("uio{uio}")),
+            wc,
+            rec.as_ref(),
+        )
+    } {
+        Ok((uio_file, config, maps, recorded)) => {
+            if !secondary {
+                mp::publish(&Record {
+                    addr,
+                    kind: Kind::Uio,
+                    pid: std::process::id() as i32,
+                    bars: recorded,
+                });
+            }
             held().push(Held {
                 name: name.to_owned(),
                 _uio: uio_file,
                 _config: config,
                 _maps: maps,
                 _claim: claim,
+                secondary,
             });
             // The interrupt fd ioport_map may have opened is replaced by this one.
             port_intr().retain(|(n, _)| n != name);
@@ -208,13 +257,15 @@ unsafe fn map_in(
             0
         }
         Err(Failure(why)) => {
-            log::error(&format!("rte_pci_map_device({name}): {why}"));
+            let role = if secondary { " in a secondary process" } else { "" };
+            log::error(&format!("rte_pci_map_device({name}){role}: {why}"));
             -1
         }
     }
 }
 
-type Setup = (File, File, Vec<UioBar>);
+type Recorded = [Option<BarRecord>; plan::BARS];
+type Setup = (Option<File>, File, Vec<UioBar>, Recorded);
 
 /// Opens the fds, fills the interrupt handle, sets Bus Master (uio_pci_generic), maps the
 /// BARs; on failure undoes it all (the files close, the mappings go, the handle is reset).
@@ -227,12 +278,25 @@ unsafe fn setup(
     dev_dir: &Path,
     uio_path: &Path,
     wc: bool,
+    secondary: Option<&Record>,
 ) -> Result<Setup, Failure> {
     let mut maps = Vec::new();
+    let mut recorded = Recorded::default();
     // SAFETY: per the contract.
-    let res = unsafe { setup_steps(dev, driver, dev_dir, uio_path, wc, &mut maps) };
+    let res = unsafe {
+        setup_steps(
+            dev,
+            driver,
+            dev_dir,
+            uio_path,
+            wc,
+            secondary,
+            &mut maps,
+            &mut recorded,
+        )
+    };
     match res {
-        Ok((uio, config)) => Ok((uio, config, maps)),
+        Ok((uio, config)) => Ok((uio, config, maps, recorded)),
         Err(e) => {
             // SAFETY: per the contract; the mappings are dropped after their addresses
             // are cleared; the handle forgets the fds setup_steps has closed (nothing
@@ -244,19 +308,32 @@ unsafe fn setup(
     }
 }
 
+/// `secondary`: the primary's record (a secondary process maps the BARs it lists at its
+/// addresses and leaves the Command register alone); `recorded` gets what a primary maps.
+///
 /// # Safety
 /// As [`setup`].
+#[allow(clippy::too_many_arguments)]
 unsafe fn setup_steps(
     dev: *mut RtePciDevice,
     driver: UioDriver,
     dev_dir: &Path,
     uio_path: &Path,
     wc: bool,
+    secondary: Option<&Record>,
     maps: &mut Vec<UioBar>,
-) -> Result<(File, File), Failure> {
+    recorded: &mut Recorded,
+) -> Result<(Option<File>, File), Failure> {
     // SAFETY: per the contract.
     let intr = unsafe { (*dev).intr_handle };
-    let uio = sys::open_rw(uio_path).map_err(|e| fail(format!("cannot open {}", uio_path.display()), e))?;
+    // Not in a secondary: uio_pci_generic clears Bus Master whenever an fd of /dev/uioN is
+    // closed, which a secondary's exit would do under the primary.
+    let uio = match secondary {
+        None => {
+            Some(sys::open_rw(uio_path).map_err(|e| fail(format!("cannot open {}", uio_path.display()), e))?)
+        }
+        Some(_) => None,
+    };
     let config_path = dev_dir.join("config");
     let config =
         sys::open_rw(&config_path).map_err(|e| fail(format!("cannot open {}", config_path.display()), e))?;
@@ -269,14 +346,16 @@ unsafe fn setup_steps(
     // SAFETY: intr is live; the files stay open while the device is held (on failure the
     // handle is reset before they close).
     unsafe {
-        eal_ok("rte_intr_fd_set", eal::rte_intr_fd_set(intr, uio.as_raw_fd()))?;
+        if let Some(uio) = &uio {
+            eal_ok("rte_intr_fd_set", eal::rte_intr_fd_set(intr, uio.as_raw_fd()))?;
+        }
         eal_ok(
             "rte_intr_dev_fd_set",
             eal::rte_intr_dev_fd_set(intr, config.as_raw_fd()),
         )?;
         eal_ok("rte_intr_type_set", eal::rte_intr_type_set(intr, ty))?;
     }
-    if choice.set_master {
+    if choice.set_master && secondary.is_none() {
         let cmd =
             sys::read_u16(&config, plan::COMMAND).map_err(|e| fail("reading the Command register", e))?;
         if let Some(new) = plan::with_master(cmd) {
@@ -284,13 +363,40 @@ unsafe fn setup_steps(
         }
     }
     let resources = read_resources(dev_dir).map_err(|e| Failure(format!("reading the BARs: {e}")))?;
-    for b in plan::bar_plan(&resources) {
+    let planned = plan::bar_plan(&resources);
+    if let Some(rec) = secondary
+        && let Some(i) =
+            (0..plan::BARS).find(|&i| rec.bars[i].is_some() && !planned.iter().any(|b| b.bar == i))
+    {
+        return Err(Failure(format!(
+            "the primary mapped BAR{i}, which is not a memory BAR here"
+        )));
+    }
+    for b in planned {
         let mut file = None;
         let mut last = None;
-        for f in plan::resource_files(b.bar, wc) {
+        let mut used_wc = false;
+        // A secondary opens the file the primary mapped; a primary tries `_wc` first when
+        // the driver asks for write-combining.
+        let (candidates, place) = match secondary {
+            Some(rec) => {
+                let Some(r) = &rec.bars[b.bar] else {
+                    return Err(Failure(format!("the primary did not map BAR{}", b.bar)));
+                };
+                crate::mp::plan::check_bar(b.bar, r, b.len).map_err(Failure)?;
+                let f = plan::resource_files(b.bar, r.wc).into_iter().next();
+                (f.into_iter().collect::<Vec<_>>(), Place::Exact(r.addr))
+            }
+            None => (
+                plan::resource_files(b.bar, wc),
+                mp::hint(b.len).map_or(Place::Anywhere, Place::Hint),
+            ),
+        };
+        for f in candidates {
             let path = dev_dir.join(&f);
             match sys::open_rw(&path) {
                 Ok(x) => {
+                    used_wc = f.ends_with("_wc");
                     file = Some(x);
                     break;
                 }
@@ -308,8 +414,13 @@ unsafe fn setup_steps(
         let Some(file) = file else {
             return Err(last.unwrap_or_else(|| Failure(format!("no resource file for BAR{}", b.bar))));
         };
-        let m = UioBar::map(&file, b.len)
-            .map_err(|e| fail(format!("mmap of BAR{} ({:#x} bytes)", b.bar, b.len), e))?;
+        let m = UioBar::map(&file, b.len, place).map_err(|e| {
+            let at = match place {
+                Place::Exact(a) => format!(" at {a:#x}, where the primary has it"),
+                _ => String::new(),
+            };
+            fail(format!("mmap of BAR{} ({:#x} bytes{at})", b.bar, b.len), e)
+        })?;
         // SAFETY: per the contract; the sigbus handler reads these fields.
         unsafe {
             let r = &raw mut (*dev).mem_resource[b.bar];
@@ -317,6 +428,12 @@ unsafe fn setup_steps(
             (*r).len = m.len() as u64;
             (*r).addr = m.addr();
         }
+        recorded[b.bar] = Some(BarRecord {
+            addr: m.addr() as u64,
+            len: m.len() as u64,
+            parts: vec![(0, m.len() as u64)],
+            wc: used_wc,
+        });
         maps.push(m);
     }
     Ok((uio, config))
@@ -342,9 +459,10 @@ unsafe fn reset(dev: *mut RtePciDevice) {
     }
 }
 
-/// `pci_uio_unmap_resource` (primary): the interrupt handle reset, its fds closed, the BARs
-/// unmapped (and I/O ports through them forgotten), the claim dropped. 0, or -1 with a log
-/// line (a device this process does not hold).
+/// `pci_uio_unmap_resource` (a primary first drops its record for secondaries): the
+/// interrupt handle reset, its fds closed, the BARs unmapped (and I/O ports through them
+/// forgotten), the claim dropped (a secondary has none). 0, or -1 with a log line (a
+/// device this process does not hold).
 ///
 /// # Safety
 /// `dev` is a live device of the bus, not accessed elsewhere during the call.
@@ -360,6 +478,11 @@ pub unsafe fn unmap(dev: *mut RtePciDevice, name: &str) -> c_int {
         return -1;
     };
     log::info(&format!("releasing PCI mapped resource for {name}"));
+    if !h.secondary {
+        // Secondaries starting from now do not find it.
+        // SAFETY: per the contract.
+        mp::forget(unsafe { &(*dev).addr });
+    }
     // SAFETY: per the contract.
     unsafe { reset(dev) };
     ports().retain(|p| !(p.name == name && matches!(p.kind, PortKind::Mem { .. })));
@@ -453,6 +576,10 @@ unsafe fn port_interrupt(dev: *mut RtePciDevice, name: &str, dev_dir: &Path) -> 
     let intr = unsafe { (*dev).intr_handle };
     // SAFETY: intr is live when not null.
     if intr.is_null() || unsafe { eal_uio::rte_intr_type_get(intr) } != RTE_INTR_HANDLE_UNKNOWN {
+        return Ok(());
+    }
+    if mp::is_secondary() {
+        // Closing /dev/uioN would clear Bus Master under the primary (see the module docs).
         return Ok(());
     }
     let n = plan::find_uio(dev_dir)

@@ -4,6 +4,8 @@
 //! is wrapped into a safe function or an `unsafe fn` whose contract names the memory.
 
 use std::fs::File;
+
+pub use crate::vfio_pci::sys::Place;
 use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
@@ -38,21 +40,30 @@ pub struct UioBar {
 unsafe impl Send for UioBar {}
 
 impl UioBar {
-    /// Maps `len` bytes of `file` from offset 0, shared, read-write, where the kernel
-    /// chooses.
-    pub fn map(file: &File, len: u64) -> io::Result<UioBar> {
+    /// Maps `len` bytes of `file` from offset 0, shared, read-write, where `place` says
+    /// (see [`Place`]: an exact address already in use fails with `EEXIST`, nothing there
+    /// is replaced).
+    pub fn map(file: &File, len: u64, place: Place) -> io::Result<UioBar> {
         let len = usize::try_from(len).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
         if len == 0 {
             return Err(io::Error::from_raw_os_error(libc::EINVAL));
         }
-        // SAFETY: a new mapping at an address the kernel picks; no existing memory is
-        // touched. The fd may be closed afterwards (the mapping keeps its own reference).
+        let (want, flags) = match place {
+            Place::Anywhere => (0, 0),
+            Place::Hint(a) => (a, 0),
+            Place::Exact(a) => (a, libc::MAP_FIXED_NOREPLACE),
+        };
+        let want = usize::try_from(want).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+        // SAFETY: a new mapping; without MAP_FIXED the kernel never replaces existing memory
+        // (MAP_FIXED_NOREPLACE fails with EEXIST instead; a kernel older than 4.17 takes it
+        // as a hint, checked below). The fd may be closed afterwards (the mapping keeps its
+        // own reference).
         let addr = unsafe {
             libc::mmap(
-                core::ptr::null_mut(),
+                want as *mut libc::c_void,
                 len,
                 libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
+                libc::MAP_SHARED | flags,
                 file.as_raw_fd(),
                 0,
             )
@@ -60,7 +71,12 @@ impl UioBar {
         if addr == libc::MAP_FAILED {
             return Err(io::Error::last_os_error());
         }
-        Ok(UioBar { addr, len })
+        let bar = UioBar { addr, len };
+        if matches!(place, Place::Exact(_)) && addr as usize != want {
+            // Dropping it unmaps what the kernel put elsewhere.
+            return Err(io::Error::from_raw_os_error(libc::EEXIST));
+        }
+        Ok(bar)
     }
 
     /// The mapping's address (`mem_resource[i].addr`).
@@ -302,7 +318,7 @@ mod tests {
         let path = dir.join("resource0");
         std::fs::write(&path, [0x11u8; 4096]).unwrap();
         let f = open_rw(&path).unwrap();
-        let bar = UioBar::map(&f, 4096).unwrap();
+        let bar = UioBar::map(&f, 4096, Place::Anywhere).unwrap();
         drop(f);
         let mut got = [0u8; 7];
         // SAFETY: 7 bytes inside the 4096-byte mapping; got is writable.
@@ -328,7 +344,7 @@ mod tests {
             &[1, 2, 3, 4],
             "the file no longer sees writes"
         );
-        assert!(UioBar::map(&open_rw(&path).unwrap(), 0).is_err());
+        assert!(UioBar::map(&open_rw(&path).unwrap(), 0, Place::Anywhere).is_err());
         drop(bar);
         std::fs::remove_dir_all(&dir).unwrap();
     }

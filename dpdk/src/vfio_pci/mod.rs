@@ -18,9 +18,15 @@
 //!   (`RTE_DEV_EVENT_REMOVE` to the application).
 //!
 //! Held devices are in a table ([`HELD`]) with EAL's device fd; config space, I/O ports and
-//! the unmapping find them there. Only the primary process maps (a secondary process gets
-//! -1 and a log line: the stock bus shares the mapping through EAL's shared memory, pcibus
-//! does not yet).
+//! the unmapping find them there.
+//!
+//! Secondary processes ([`crate::mp`]): the primary records each mapped device in EAL's
+//! shared memory and places its BARs past EAL's memory areas; a secondary gets the device
+//! fd from `rte_vfio_setup_device` (EAL asks the primary for the group over its
+//! multi-process channel), maps the recorded parts at the primary's addresses, and gives
+//! `intr_handle` and `vfio_req_intr_handle` the device fd only, as 22.11's secondary: no
+//! claim, no reset, no Command register change, no interrupt or notifier set-up. Its
+//! unmapping unmaps its view and releases its fd.
 //!
 //! This is an unsafe boundary with C (EAL's functions, the device struct); the decisions
 //! are in [`plan`], the system calls in [`sys`].
@@ -47,8 +53,10 @@ use crate::ffi::types::measured::{
 };
 use crate::ffi::types::{RteDevice, RtePciDevice, VfioDeviceInfo};
 use crate::log;
+use crate::mp;
+use crate::mp::plan::{BarRecord, Kind, Record};
 use plan::{BarPlan, IntrMode};
-use sys::BarMapping;
+use sys::{BarMapping, Place};
 
 // The plan's constants are the kernel's.
 const _: () = assert!(plan::INTX == VFIO_PCI_INTX_IRQ_INDEX && plan::MSI == VFIO_PCI_MSI_IRQ_INDEX);
@@ -79,8 +87,12 @@ struct Held {
     req_fd: Option<OwnedFd>,
     /// The device's claim, taken before it was opened: other pcibus processes and SPDK
     /// (its lock files) see it held, and this process's scans treat it as held. Dropped
-    /// after the device fd is released.
+    /// after the device fd is released. None in a secondary process.
     claim: Option<Claim>,
+    /// Mapped in a secondary process (the primary holds the device).
+    secondary: bool,
+    /// What the BARs' mappings are, for secondaries (see [`crate::mp`]).
+    recorded: [Option<BarRecord>; plan::BARS],
 }
 
 /// Claims `name` for this process (`pcibus::bus::claim`: the claims directory, SPDK's lock
@@ -211,9 +223,9 @@ pub(crate) fn eal_ok(what: &str, ret: c_int) -> Result<(), Failure> {
     }
 }
 
-/// `pci_vfio_map_resource` (primary process): 0, or the non-zero return of
-/// `rte_vfio_setup_device` (1: not a VFIO device), or -1 with a log line naming the
-/// device and the failed call.
+/// `pci_vfio_map_resource` (primary, or secondary: [`map_secondary`]): 0, or the non-zero
+/// return of `rte_vfio_setup_device` (1: not a VFIO device), or -1 with a log line naming
+/// the device and the failed call.
 ///
 /// # Safety
 /// `dev` is a live device of the bus with both interrupt instances allocated (the probe
@@ -232,12 +244,7 @@ pub unsafe fn map(dev: *mut RtePciDevice, name: &str) -> c_int {
         return -1;
     }
     // SAFETY: no arguments.
-    if unsafe { eal::rte_eal_process_type() } != RTE_PROC_PRIMARY {
-        log::error(&format!(
-            "rte_pci_map_device({name}): mapping in a secondary process is not implemented by pcibus"
-        ));
-        return -1;
-    }
+    let secondary = unsafe { eal::rte_eal_process_type() } != RTE_PROC_PRIMARY;
     // SAFETY: per the contract.
     let (intr, req) = unsafe { ((*dev).intr_handle, (*dev).vfio_req_intr_handle) };
     if intr.is_null() || req.is_null() {
@@ -250,6 +257,10 @@ pub unsafe fn map(dev: *mut RtePciDevice, name: &str) -> c_int {
         return -1;
     }
     let Ok(cname) = CString::new(name) else { return -1 };
+    if secondary {
+        // SAFETY: per the contract.
+        return unsafe { map_secondary(dev, name, &cname) };
+    }
     // Before the open, which resets the device: not under another process's feet.
     let claim = match claim(name) {
         Ok(c) => c,
@@ -278,6 +289,13 @@ pub unsafe fn map(dev: *mut RtePciDevice, name: &str) -> c_int {
     match unsafe { map_held(dev, name, fd, &info) } {
         Ok(mut h) => {
             h.claim = claim;
+            mp::publish(&Record {
+                // SAFETY: per the contract.
+                addr: unsafe { (*dev).addr },
+                kind: Kind::Vfio,
+                pid: std::process::id() as i32,
+                bars: h.recorded.clone(),
+            });
             held().push(h);
             log::debug(&format!("{name}: mapped through VFIO (EAL's container)"));
             0
@@ -291,6 +309,145 @@ pub unsafe fn map(dev: *mut RtePciDevice, name: &str) -> c_int {
             -1
         }
     }
+}
+
+/// `rte_pci_map_device` in a secondary process: the primary's record of the device, the
+/// device fd from EAL, every recorded BAR at the primary's address, the fd in both
+/// interrupt handles. 0, the non-zero return of `rte_vfio_setup_device`, or -1 with a
+/// log line.
+///
+/// # Safety
+/// As [`map`].
+unsafe fn map_secondary(dev: *mut RtePciDevice, name: &str, cname: &CString) -> c_int {
+    // SAFETY: per the contract.
+    let addr = unsafe { (*dev).addr };
+    let rec = match mp::find(&addr, Kind::Vfio) {
+        Ok(r) => r,
+        Err(why) => {
+            log::error(&format!(
+                "rte_pci_map_device({name}) in a secondary process: {why}"
+            ));
+            return -1;
+        }
+    };
+    let base = sysfs_base();
+    let mut fd: c_int = -1;
+    let mut info = VfioDeviceInfo {
+        argsz: size_of::<VfioDeviceInfo>() as u32,
+        ..VfioDeviceInfo::default()
+    };
+    // SAFETY: NUL-terminated strings, valid out-parameters.
+    let ret = unsafe { eal::rte_vfio_setup_device(base.as_ptr(), cname.as_ptr(), &mut fd, &mut info) };
+    if ret != 0 {
+        if ret < 0 {
+            log::error(&format!(
+                "rte_pci_map_device({name}) in a secondary process: rte_vfio_setup_device failed ({ret})"
+            ));
+        }
+        return ret;
+    }
+    // SAFETY: per the contract; fd is EAL's open device fd.
+    match unsafe { map_secondary_held(dev, name, fd, &info, &rec) } {
+        Ok(h) => {
+            held().push(h);
+            log::debug(&format!(
+                "{name}: mapped through VFIO at the addresses of the primary (pid {})",
+                rec.pid
+            ));
+            0
+        }
+        Err(Failure(why)) => {
+            log::error(&format!(
+                "rte_pci_map_device({name}) in a secondary process: {why}"
+            ));
+            // SAFETY: fd came from rte_vfio_setup_device for this name; nothing uses it now.
+            if unsafe { eal::rte_vfio_release_device(base.as_ptr(), cname.as_ptr(), fd) } < 0 {
+                log::error(&format!("{name}: rte_vfio_release_device failed"));
+            }
+            -1
+        }
+    }
+}
+
+/// # Safety
+/// As [`map_held`].
+unsafe fn map_secondary_held(
+    dev: *mut RtePciDevice,
+    name: &str,
+    fd: RawFd,
+    info: &VfioDeviceInfo,
+    rec: &Record,
+) -> Result<Held, Failure> {
+    let config =
+        sys::region_info(fd, plan::CONFIG_REGION).map_err(|e| ("VFIO_DEVICE_GET_REGION_INFO (config)", e))?;
+    let mut h = Held {
+        name: name.to_owned(),
+        fd,
+        config: (config.offset, config.size),
+        bars: [(0, 0); plan::BARS],
+        maps: Vec::new(),
+        intr_fd: None,
+        req_fd: None,
+        claim: None,
+        secondary: true,
+        recorded: Default::default(),
+    };
+    // SAFETY: per the contract.
+    let res = unsafe { setup_secondary(dev, &mut h, info, rec) };
+    if res.is_err() {
+        // SAFETY: per the contract; undoes what setup_secondary did.
+        unsafe { teardown(dev, &mut h, false) };
+    }
+    res.map(|()| h)
+}
+
+/// # Safety
+/// As [`map_held`].
+unsafe fn setup_secondary(
+    dev: *mut RtePciDevice,
+    h: &mut Held,
+    info: &VfioDeviceInfo,
+    rec: &Record,
+) -> Result<(), Failure> {
+    let fd = h.fd;
+    let nb = (info.num_regions as usize).min(plan::BARS);
+    for i in 0..nb {
+        let region = sys::region_info(fd, i as u32)
+            .map_err(|e| (format!("VFIO_DEVICE_GET_REGION_INFO (BAR{i})"), e))?;
+        h.bars[i] = (region.offset, region.size);
+        let Some(b) = &rec.bars[i] else { continue };
+        crate::mp::plan::check_bar(i, b, region.size).map_err(Failure)?;
+        let m = BarMapping::map(fd, region.offset, b.len, &b.parts, Place::Exact(b.addr)).map_err(|e| {
+            (
+                format!(
+                    "mmap of BAR{i} at {:#x} ({:#x} bytes, where the primary has it)",
+                    b.addr, b.len
+                ),
+                e,
+            )
+        })?;
+        // SAFETY: per the contract; the sigbus handler reads this field.
+        unsafe { (*dev).mem_resource[i].addr = m.addr() };
+        h.maps.push(m);
+    }
+    if let Some(i) = (nb..plan::BARS).find(|&i| rec.bars[i].is_some()) {
+        return Err(Failure(format!(
+            "the primary mapped BAR{i}, this process sees {nb} BAR regions"
+        )));
+    }
+    // SAFETY: per the contract; both handles are live (checked by map); the fd stays open
+    // while the device is held. As 22.11's secondary: the device fd only.
+    unsafe {
+        eal_ok(
+            "rte_intr_dev_fd_set",
+            eal::rte_intr_dev_fd_set((*dev).intr_handle, fd),
+        )?;
+        eal_ok(
+            "rte_intr_dev_fd_set (request)",
+            eal::rte_intr_dev_fd_set((*dev).vfio_req_intr_handle, fd),
+        )?;
+    }
+    Ok(())
 }
 
 /// Everything after `rte_vfio_setup_device`; on failure, whatever was set up here is undone
@@ -316,6 +473,8 @@ unsafe fn map_held(
         intr_fd: None,
         req_fd: None,
         claim: None,
+        secondary: false,
+        recorded: Default::default(),
     };
     // SAFETY: per the contract.
     let res = unsafe { setup(dev, &mut h, info) };
@@ -356,10 +515,18 @@ unsafe fn setup(dev: *mut RtePciDevice, h: &mut Held, info: &VfioDeviceInfo) -> 
         match plan::bar_plan(bar, &region, io, msix, page) {
             BarPlan::Skip(why) => log::debug(&format!("{}: BAR{i} not mapped: {why}", h.name)),
             BarPlan::Map { len, parts } => {
-                let m = BarMapping::map(fd, region.offset, len, &parts)
+                // Past EAL's memory, where secondaries can map it too.
+                let place = mp::hint(len).map_or(Place::Anywhere, Place::Hint);
+                let m = BarMapping::map(fd, region.offset, len, &parts, place)
                     .map_err(|e| (format!("mmap of BAR{i} ({len:#x} bytes, parts {parts:x?})"), e))?;
                 // SAFETY: per the contract; the sigbus handler reads this field.
                 unsafe { (*dev).mem_resource[i].addr = m.addr() };
+                h.recorded[i] = Some(BarRecord {
+                    addr: m.addr() as u64,
+                    len,
+                    parts,
+                    wc: false,
+                });
                 h.maps.push(m);
             }
         }
@@ -532,9 +699,10 @@ unsafe fn teardown(dev: *mut RtePciDevice, h: &mut Held, notifier: bool) {
     h.maps.clear();
 }
 
-/// `pci_vfio_unmap_resource` (primary): the notifier off, the interrupt eventfd closed,
-/// Bus Master cleared, the BARs unmapped, the device fd released to EAL. 0, or -1 with a
-/// log line (a device this process does not hold).
+/// `pci_vfio_unmap_resource`. Primary: the record for secondaries dropped, the notifier
+/// off, the interrupt eventfd closed, Bus Master cleared, the BARs unmapped, the device fd
+/// released to EAL. Secondary: its BAR mappings and its fd only. 0, or -1 with a log line
+/// (a device this process does not hold).
 ///
 /// # Safety
 /// `dev` is a live device of the bus, not accessed elsewhere during the call.
@@ -550,10 +718,18 @@ pub unsafe fn unmap(dev: *mut RtePciDevice, name: &str) -> c_int {
         return -1;
     };
     log::info(&format!("releasing PCI mapped resource for {name}"));
+    if !h.secondary {
+        // Secondaries starting from now do not find it.
+        // SAFETY: per the contract.
+        mp::forget(unsafe { &(*dev).addr });
+    }
+    let notifier = !h.secondary;
     // SAFETY: per the contract; h is off the table.
-    unsafe { teardown(dev, &mut h, true) };
+    unsafe { teardown(dev, &mut h, notifier) };
     let mut ret = 0;
-    if let Err(e) = set_master(h.fd, h.config, false) {
+    if h.secondary {
+        // The primary's device: Bus Master stays as it is.
+    } else if let Err(e) = set_master(h.fd, h.config, false) {
         log::error(&format!("rte_pci_unmap_device({name}): clearing Bus Master: {e}"));
         ret = -1;
     }

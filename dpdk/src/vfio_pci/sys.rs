@@ -127,6 +127,53 @@ pub fn page_size() -> u64 {
     u64::try_from(p).ok().filter(|&p| p > 0).unwrap_or(4096)
 }
 
+/// Where a BAR's reservation goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Place {
+    /// Where the kernel chooses.
+    Anywhere,
+    /// Preferably at this address (a primary process: see `crate::mp::hint`); elsewhere
+    /// when it is taken.
+    Hint(u64),
+    /// Exactly at this address (a secondary process, where the primary mapped it); an
+    /// address range already in use fails (`EEXIST`), nothing there is replaced.
+    Exact(u64),
+}
+
+/// An inaccessible anonymous reservation of `len` bytes placed as `place` says.
+pub fn reserve(len: usize, place: Place) -> io::Result<*mut libc::c_void> {
+    let (want, flags) = match place {
+        Place::Anywhere => (0, 0),
+        Place::Hint(a) => (a, 0),
+        Place::Exact(a) => (a, libc::MAP_FIXED_NOREPLACE),
+    };
+    let want = usize::try_from(want).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    // SAFETY: an anonymous mapping; without MAP_FIXED the kernel never replaces existing
+    // memory (MAP_FIXED_NOREPLACE fails with EEXIST instead, and a kernel older than 4.17
+    // treats it as a hint, checked below).
+    let addr = unsafe {
+        libc::mmap(
+            want as *mut libc::c_void,
+            len,
+            libc::PROT_NONE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | flags,
+            -1,
+            0,
+        )
+    };
+    if addr == libc::MAP_FAILED {
+        return Err(io::Error::last_os_error());
+    }
+    if let Place::Exact(_) = place
+        && addr as usize != want
+    {
+        // SAFETY: the reservation just made, which nothing refers to.
+        unsafe { libc::munmap(addr, len) };
+        return Err(io::Error::from_raw_os_error(libc::EEXIST));
+    }
+    Ok(addr)
+}
+
 /// A BAR mapped into the process: an address-space reservation of the region's size
 /// (inaccessible) with the mappable parts of the BAR mmapped over it from the device fd.
 /// Dropping it unmaps the whole reservation.
@@ -141,26 +188,18 @@ pub struct BarMapping {
 unsafe impl Send for BarMapping {}
 
 impl BarMapping {
-    /// Reserves `len` bytes and maps each (offset in the BAR, length) of `parts` from the
-    /// device fd at `region_offset + offset`, shared, read-write, at the same offset in the
-    /// reservation. On any failure nothing stays mapped.
-    pub fn map(fd: RawFd, region_offset: u64, len: u64, parts: &[(u64, u64)]) -> io::Result<BarMapping> {
+    /// Reserves `len` bytes where `place` says and maps each (offset in the BAR, length)
+    /// of `parts` from the device fd at `region_offset + offset`, shared, read-write, at the
+    /// same offset in the reservation. On any failure nothing stays mapped.
+    pub fn map(
+        fd: RawFd,
+        region_offset: u64,
+        len: u64,
+        parts: &[(u64, u64)],
+        place: Place,
+    ) -> io::Result<BarMapping> {
         let len = usize::try_from(len).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
-        // SAFETY: a fresh anonymous mapping at an address the kernel picks; no existing
-        // memory is touched.
-        let addr = unsafe {
-            libc::mmap(
-                core::ptr::null_mut(),
-                len,
-                libc::PROT_NONE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                -1,
-                0,
-            )
-        };
-        if addr == libc::MAP_FAILED {
-            return Err(io::Error::last_os_error());
-        }
+        let addr = reserve(len, place)?;
         let bar = BarMapping { addr, len };
         for &(offset, size) in parts {
             let (Ok(off), Ok(size)) = (usize::try_from(offset), usize::try_from(size)) else {
@@ -234,7 +273,14 @@ mod tests {
             .unwrap();
         // "Region" at file offset page, 3 pages long; map its page 0 and page 2.
         let parts = [(0, page as u64), (2 * page as u64, page as u64)];
-        let m = BarMapping::map(f.as_raw_fd(), page as u64, 3 * page as u64, &parts).unwrap();
+        let m = BarMapping::map(
+            f.as_raw_fd(),
+            page as u64,
+            3 * page as u64,
+            &parts,
+            Place::Anywhere,
+        )
+        .unwrap();
         assert_eq!(m.reserved_len(), 3 * page);
         // SAFETY: those pages are mapped readable (parts 0 and 2 of the reservation).
         let (a, c) = unsafe {
@@ -246,12 +292,43 @@ mod tests {
         assert_eq!((a, c), (2, 4));
         drop(m);
         // A part beyond the reservation is refused, leaving nothing mapped.
-        assert!(BarMapping::map(f.as_raw_fd(), 0, page as u64, &[(0, 2 * page as u64)]).is_err());
+        assert!(
+            BarMapping::map(
+                f.as_raw_fd(),
+                0,
+                page as u64,
+                &[(0, 2 * page as u64)],
+                Place::Anywhere
+            )
+            .is_err()
+        );
         let mut buf = [0u8; 1];
         assert_eq!(read_at(f.as_raw_fd(), &mut buf, 3 * page as u64).unwrap(), 1);
         assert_eq!(buf[0], 4);
         assert_eq!(write_at(f.as_raw_fd(), &[9], 0).unwrap(), 1);
         std::fs::remove_file(&path).unwrap();
+    }
+
+    /// A secondary's exact placement never replaces memory already there; a primary's hint
+    /// is only a preference.
+    #[test]
+    fn exact_placement_refuses_a_taken_range_and_hints_yield() {
+        let page = page_size() as usize;
+        let taken = reserve(2 * page, Place::Anywhere).unwrap();
+        let at = taken as u64;
+        let e = reserve(page, Place::Exact(at + page as u64)).unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::EEXIST));
+        let elsewhere = reserve(page, Place::Hint(at)).unwrap();
+        assert_ne!(elsewhere, taken);
+        // SAFETY: the reservations made above, used by nothing.
+        unsafe {
+            libc::munmap(elsewhere, page);
+            libc::munmap(taken, 2 * page);
+        }
+        let again = reserve(page, Place::Exact(at)).unwrap();
+        assert_eq!(again as u64, at);
+        // SAFETY: as above.
+        unsafe { libc::munmap(again, page) };
     }
 
     #[test]
