@@ -1,10 +1,32 @@
 //! DMA memory: buffers, their mapping into a container, and IOVA allocation.
 //!
 //! A [`DmaBuffer`] is anonymous memory, huge pages when the size allows and the system has
-//! them (2 MiB by default, 1 GiB when asked: [`HugePageSize`]), 4 KiB pages otherwise,
+//! them (2 MiB by default, 1 GiB when asked: [`HugePageSize`]), CPU pages otherwise,
 //! which the device reads and writes once mapped into the container's IOMMU. [`Container::map`](super::Container::map) turns it into a
 //! [`DmaRegion`]: one owned value holding the buffer, its IOVA and the container, unmapped
 //! when dropped.
+//!
+//! # Page sizes
+//!
+//! Three sizes are kept apart:
+//!
+//! - **The CPU page** ([`cpu_page_size`], `sysconf(_SC_PAGESIZE)`, read once): 4 KiB on
+//!   x86-64; 4, 16 or 64 KiB on aarch64 (RHEL and Ampere-style servers run 64 KiB
+//!   kernels). mmap works in it, and the kernel pins and maps for DMA no less than one.
+//!   A buffer is a whole number of them at an address aligned to one, so
+//!   `DmaBuffer::new(4096)` is 64 KiB long on a 64 KiB kernel; caller memory
+//!   ([`DmaBuffer::from_memory`]) and [`PageBuffer`] follow it too, and BAR mmaps are
+//!   rounded to it.
+//! - **The IOMMU granule** ([`Container::dma_granule`](super::Container::dma_granule)): the
+//!   larger of the CPU page and the IOMMU's smallest page (the lowest bit of
+//!   `VFIO_IOMMU_GET_INFO`'s `iova_pgsizes`; iommufd's `out_iova_alignment`). VFIO's and
+//!   iommufd's map calls want address, IOVA and length multiples of it (`EINVAL`
+//!   otherwise). IOVAs are allocated aligned to it; `alloc_dma` rounds lengths up to it
+//!   (and aligns the address, in the rare case it exceeds the CPU page); `map` of other
+//!   memory fails early with [`VfioError::NotGranuleAligned`].
+//! - **The NVMe memory page** (CC.MPS): the driver sets 4 KiB whatever the CPU page, and
+//!   builds PRPs in 4 KiB units; a PRP may point into the middle of a 64 KiB CPU page,
+//!   which is fine for the device. [`PAGE`] (4096) names that unit and stays.
 //!
 //! # How the bytes are reached
 //!
