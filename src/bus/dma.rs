@@ -25,7 +25,7 @@ use std::sync::{Arc, Weak};
 use parking_lot::Mutex;
 
 use super::backing::{BackingError, DeviceBacking, DmaMemory};
-use crate::vfio::{DmaObj, PAGE, Scalar};
+use crate::vfio::{DmaObj, Scalar, cpu_page_size};
 
 pub use crate::vfio::DmaConstraints;
 
@@ -50,7 +50,7 @@ impl DmaPoolOptions {
         DmaPoolOptions {
             block_size: block_size.max(1),
             align: WORD,
-            chunk_size: PAGE,
+            chunk_size: cpu_page_size(),
             max_chunks: None,
             constraints: DmaConstraints::new(),
         }
@@ -95,7 +95,9 @@ impl DmaPoolOptions {
 
     /// The chunk length asked of the backing.
     fn chunk_len(&self) -> usize {
-        self.chunk_size.max(self.stride()).next_multiple_of(PAGE)
+        self.chunk_size
+            .max(self.stride())
+            .next_multiple_of(cpu_page_size())
     }
 }
 

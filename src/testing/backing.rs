@@ -45,7 +45,7 @@ use crate::vfio::bar::Window;
 use crate::vfio::reset::{
     HotResetBlocker, HotResetDevice, HotResetInfo, HotResetOwner, ResetInfo, ResetMethod,
 };
-use crate::vfio::{DmaBuffer, DmaConstraints, IovaAllocator, PAGE};
+use crate::vfio::{DmaBuffer, DmaConstraints, IovaAllocator, cpu_page_size};
 
 /// Where [`FakeBacking::with_model`] puts its device: QEMU's first free slot on q35
 /// (`0000:00:04.0`).
@@ -1021,7 +1021,7 @@ impl DeviceBacking for FakeBacking {
     }
     fn alloc_dma_with(&self, len: usize, constraints: &DmaConstraints) -> Result<FakeDma, BackingError> {
         self.live()?;
-        let size = len.max(1).div_ceil(PAGE) * PAGE;
+        let size = len.max(1).div_ceil(cpu_page_size()) * cpu_page_size();
         let buffer = match constraints.preferred_node() {
             Some(node) => DmaBuffer::on_node(size, node),
             None => DmaBuffer::new(size),

@@ -158,7 +158,7 @@ use crate::nvme::spec::{
     virt_mgmt,
 };
 use crate::vfio::DmaConstraints;
-use crate::vfio::{DmaBuffer, PAGE};
+use crate::vfio::{DmaBuffer, PAGE, cpu_page_size};
 
 mod logs;
 mod model;
@@ -167,6 +167,9 @@ pub use model::NvmeModel;
 
 use super::model::{DmaFault, ModelContext};
 
+// `PAGE`, here: the NVMe memory page (CC.MPS = 0, as the driver sets it), which PRPs and
+// queue addresses are counted in: 4 KiB whatever the CPU's page. The emulated IOMMU's
+// mappings are whole CPU pages (`cpu_page_size`), as VFIO's are.
 const PAGE_U64: u64 = PAGE as u64;
 /// NVMe version 1.4.0.
 const VERSION: u32 = 0x0001_0400;
@@ -3962,7 +3965,7 @@ fn first_fit(table: &BTreeMap<u64, DmaEntry>, len: u64) -> u64 {
         if base >= at + len {
             break;
         }
-        at = at.max(base + e.len + PAGE_U64);
+        at = at.max(base + e.len + cpu_page_size() as u64);
     }
     at
 }
@@ -3992,10 +3995,11 @@ impl EmulatedNvme {
         let shared = self.shared();
         let mut table = shared.dma.write();
         // An unmapped page after each allocation, so overruns are caught.
+        let guard = cpu_page_size() as u64;
         let iova = if shared.cfg.fresh_iovas {
-            shared.next_iova.fetch_add(size + PAGE_U64, Ordering::Relaxed)
+            shared.next_iova.fetch_add(size + guard, Ordering::Relaxed)
         } else {
-            first_fit(&table, size + PAGE_U64)
+            first_fit(&table, size + guard)
         };
         table.insert(
             iova,
@@ -4052,7 +4056,7 @@ impl DeviceBacking for EmulatedNvme {
     fn alloc_dma(&self, len: usize) -> Result<EmuDma, BackingError> {
         let size = len
             .max(1)
-            .checked_next_multiple_of(PAGE)
+            .checked_next_multiple_of(cpu_page_size())
             .ok_or_else(|| BackingError::Other {
                 address: self.address(),
                 message: format!("{len} bytes of DMA memory"),

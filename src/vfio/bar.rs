@@ -14,7 +14,7 @@ use std::os::fd::AsFd;
 use std::sync::Arc;
 
 use super::{ROM_REGION, RegionInfo, VfioDevice, VfioError, fault, holders, mmio};
-use crate::vfio::dma::PAGE;
+use crate::vfio::dma::cpu_page_size;
 
 /// Offset of BAR 0's register in config space.
 const BAR0_REGISTER: u64 = 0x10;
@@ -49,10 +49,10 @@ impl Window {
         (end <= self.len && bar.is_multiple_of(width as u64)).then_some(bar)
     }
 
-    /// The pages of `area` (BAR offsets, page-aligned start) that hold part of the
-    /// window: what to mmap of it. `None` when the window does not touch it.
-    fn pages_of(&self, area: Range<u64>) -> Option<Range<u64>> {
-        let page = PAGE as u64;
+    /// The CPU pages (`page` bytes: mmap's unit) of `area` (BAR offsets, page-aligned
+    /// start) that hold part of the window: what to mmap of it. `None` when the window
+    /// does not touch it.
+    fn pages_of(&self, area: Range<u64>, page: u64) -> Option<Range<u64>> {
         let start = self.base.max(area.start);
         let end = (self.base + self.len).min(area.end);
         if start >= end {
@@ -103,7 +103,10 @@ impl VfioDevice {
         // Never an I/O BAR (vfio-pci does not offer to mmap one; ports are no memory).
         let mappable = if io { Vec::new() } else { region.mmap_areas() };
         for (area_offset, area_size) in mappable {
-            let Some(pages) = window.pages_of(area_offset..area_offset.saturating_add(area_size)) else {
+            let Some(pages) = window.pages_of(
+                area_offset..area_offset.saturating_add(area_size),
+                cpu_page_size() as u64,
+            ) else {
                 continue;
             };
             let owner = fault::FaultOwner {
@@ -463,20 +466,26 @@ mod tests {
     fn a_window_maps_only_its_pages() {
         // An NVMe BAR0 with the MSI-X table (0x2000..0x3000) cut out of the mapping.
         let w = Window::new(0x4000, 0x1ff0, 0x20).unwrap();
-        assert_eq!(w.pages_of(0..0x2000), Some(0x1000..0x2000));
-        assert_eq!(w.pages_of(0x3000..0x4000), None);
+        assert_eq!(w.pages_of(0..0x2000, 0x1000), Some(0x1000..0x2000));
+        assert_eq!(w.pages_of(0x3000..0x4000, 0x1000), None);
         let w = Window::new(0x4000, 0x2ff8, 0x10).unwrap();
-        assert_eq!(w.pages_of(0..0x2000), None);
-        assert_eq!(w.pages_of(0x3000..0x4000), Some(0x3000..0x4000));
+        assert_eq!(w.pages_of(0..0x2000, 0x1000), None);
+        assert_eq!(w.pages_of(0x3000..0x4000, 0x1000), Some(0x3000..0x4000));
         assert_eq!(
-            Window::new(0x4000, 0, 0x4000).unwrap().pages_of(0..0x2000),
+            Window::new(0x4000, 0, 0x4000)
+                .unwrap()
+                .pages_of(0..0x2000, 0x1000),
             Some(0..0x2000)
         );
         // A BAR smaller than a page: the area is the BAR.
         assert_eq!(
-            Window::new(0x100, 0x10, 4).unwrap().pages_of(0..0x100),
+            Window::new(0x100, 0x10, 4).unwrap().pages_of(0..0x100, 0x1000),
             Some(0..0x100)
         );
+        // 64 KiB pages (aarch64): whole 64 KiB pages of the area, never a 4 KiB one.
+        let w = Window::new(0x4_0000, 0x1_1ff0, 0x20).unwrap();
+        assert_eq!(w.pages_of(0..0x4_0000, 0x1_0000), Some(0x1_0000..0x2_0000));
+        assert_eq!(w.pages_of(0x2_0000..0x4_0000, 0x1_0000), None);
     }
 
     proptest! {
@@ -498,11 +507,11 @@ mod tests {
         fn window_pages_cover_the_window_within_the_area(
             offset in 0u64..1 << 16, len in 1u64..1 << 16,
             area_start in 0u64..16, area_pages in 1u64..16,
+            page in prop_oneof![Just(0x1000u64), Just(0x4000), Just(0x1_0000)],
         ) {
-            let page = PAGE as u64;
             let area = area_start * page..(area_start + area_pages) * page;
-            let w = Window::new(1 << 20, offset, len).unwrap();
-            match w.pages_of(area.clone()) {
+            let w = Window::new(1 << 24, offset, len).unwrap();
+            match w.pages_of(area.clone(), page) {
                 None => prop_assert!(offset + len <= area.start || offset >= area.end),
                 Some(p) => {
                     prop_assert!(p.start >= area.start && p.end <= area.end);

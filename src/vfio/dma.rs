@@ -1,10 +1,32 @@
 //! DMA memory: buffers, their mapping into a container, and IOVA allocation.
 //!
 //! A [`DmaBuffer`] is anonymous memory, huge pages when the size allows and the system has
-//! them (2 MiB by default, 1 GiB when asked: [`HugePageSize`]), 4 KiB pages otherwise,
+//! them (2 MiB by default, 1 GiB when asked: [`HugePageSize`]), CPU pages otherwise,
 //! which the device reads and writes once mapped into the container's IOMMU. [`Container::map`](super::Container::map) turns it into a
 //! [`DmaRegion`]: one owned value holding the buffer, its IOVA and the container, unmapped
 //! when dropped.
+//!
+//! # Page sizes
+//!
+//! Three sizes are kept apart:
+//!
+//! - **The CPU page** ([`cpu_page_size`], `sysconf(_SC_PAGESIZE)`, read once): 4 KiB on
+//!   x86-64; 4, 16 or 64 KiB on aarch64 (RHEL and Ampere-style servers run 64 KiB
+//!   kernels). mmap works in it, and the kernel pins and maps for DMA no less than one.
+//!   A buffer is a whole number of them at an address aligned to one, so
+//!   `DmaBuffer::new(4096)` is 64 KiB long on a 64 KiB kernel; caller memory
+//!   ([`DmaBuffer::from_memory`]) and [`PageBuffer`] follow it too, and BAR mmaps are
+//!   rounded to it.
+//! - **The IOMMU granule** ([`Container::dma_granule`](super::Container::dma_granule)): the
+//!   larger of the CPU page and the IOMMU's smallest page (the lowest bit of
+//!   `VFIO_IOMMU_GET_INFO`'s `iova_pgsizes`; iommufd's `out_iova_alignment`). VFIO's and
+//!   iommufd's map calls want address, IOVA and length multiples of it (`EINVAL`
+//!   otherwise). IOVAs are allocated aligned to it; `alloc_dma` rounds lengths up to it
+//!   (and aligns the address, in the rare case it exceeds the CPU page); `map` of other
+//!   memory fails early with [`VfioError::NotGranuleAligned`].
+//! - **The NVMe memory page** (CC.MPS): the driver sets 4 KiB whatever the CPU page, and
+//!   builds PRPs in 4 KiB units; a PRP may point into the middle of a 64 KiB CPU page,
+//!   which is fine for the device. [`PAGE`] (4096) names that unit and stays.
 //!
 //! # How the bytes are reached
 //!
@@ -49,8 +71,44 @@ use super::{Container, Space, VfioError, sys};
 
 /// 2 MiB huge pages.
 pub const HUGE_PAGE: usize = 2 << 20;
-/// 4 KiB pages.
+/// 4 KiB: the smallest page of any kernel pcibus runs on, and the NVMe memory page its
+/// driver uses (CC.MPS = 0; PRPs point into 4 KiB pages whatever the CPU's page size).
+///
+/// It is **not** what DMA memory is rounded to: on a kernel with larger pages (aarch64
+/// with 16 or 64 KiB) buffers are whole CPU pages ([`cpu_page_size`]) and mappings whole
+/// IOMMU granules ([`Container::dma_granule`](super::Container::dma_granule)). Code that
+/// rounded to `PAGE` for DMA should round to those; the value stays 4096 for the
+/// places that mean the 4 KiB unit itself.
 pub const PAGE: usize = 4096;
+
+/// The CPU's page size (`sysconf(_SC_PAGESIZE)`), read once: 4 KiB on x86-64, 4, 16 or
+/// 64 KiB on aarch64. A [`DmaBuffer`] is a whole number of these (or of its huge pages),
+/// at an address aligned to one; mmap works in these units. A value the system reports
+/// that is not a power of two of at least 4 KiB (never seen) is taken as 4 KiB.
+pub fn cpu_page_size() -> usize {
+    static CPU_PAGE: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *CPU_PAGE.get_or_init(|| {
+        // SAFETY: sysconf reads a constant of the system; it has no memory effects.
+        let raw = unsafe { nix::libc::sysconf(nix::libc::_SC_PAGESIZE) };
+        page_size_from(raw)
+    })
+}
+
+/// `sysconf`'s answer made a page size: a power of two from 4 KiB to 1 GiB, else 4 KiB.
+fn page_size_from(raw: std::ffi::c_long) -> usize {
+    match usize::try_from(raw) {
+        Ok(n) if n.is_power_of_two() && (PAGE..=1 << 30).contains(&n) => n,
+        _ => PAGE,
+    }
+}
+
+/// The unit of a DMA mapping: the larger of the CPU page and the IOMMU's smallest page
+/// (`iommu_min_page`; 0 when unknown). VFIO's and iommufd's map calls refuse an address or
+/// length that is not a multiple of the IOMMU's page, and the kernel never maps less than
+/// a CPU page.
+pub(crate) fn dma_granule(cpu_page: usize, iommu_min_page: u64) -> u64 {
+    (cpu_page as u64).max(iommu_min_page)
+}
 
 const WORD: usize = 8;
 
@@ -104,7 +162,7 @@ const MAP_HUGE_SHIFT: u32 = 26;
 struct MapPlan {
     /// The huge page mapping to try first, if the length allows one.
     huge: Option<HugeMapping>,
-    /// The length on 4 KiB pages: what is mapped when there is no huge mapping to try, or
+    /// The length on CPU pages: what is mapped when there is no huge mapping to try, or
     /// it fails.
     small_len: usize,
 }
@@ -120,14 +178,15 @@ struct HugeMapping {
 }
 
 impl MapPlan {
-    /// The plan for `len` bytes with huge pages of `size`: when `round_up`, the length is
-    /// rounded up to whole huge pages; otherwise huge pages are tried only when `len` is a
-    /// whole number of them already. `None` for an empty or unrepresentable length.
-    fn new(len: usize, size: HugePageSize, round_up: bool) -> Option<MapPlan> {
+    /// The plan for `len` bytes with huge pages of `size`, or else pages of `page` bytes
+    /// (the CPU's: [`cpu_page_size`]): when `round_up`, the length is rounded up to whole
+    /// huge pages; otherwise huge pages are tried only when `len` is a whole number of them
+    /// already. `None` for an empty or unrepresentable length.
+    fn new(len: usize, size: HugePageSize, round_up: bool, page: usize) -> Option<MapPlan> {
         if len == 0 {
             return None;
         }
-        let small_len = len.checked_next_multiple_of(PAGE)?;
+        let small_len = len.checked_next_multiple_of(page)?;
         let huge_len = if round_up {
             len.checked_next_multiple_of(size.bytes())
         } else {
@@ -256,7 +315,7 @@ impl DmaBuffer {
     /// a multiple of 2 MiB and the 2 MiB pool has pages free, else 4 KiB pages (logged: see
     /// [`with_huge_pages`](Self::with_huge_pages)).
     pub fn new(len: usize) -> io::Result<DmaBuffer> {
-        Self::allocate(len, HugePageSize::Mib2, false, None)
+        Self::allocate(len, HugePageSize::Mib2, false, None, cpu_page_size())
     }
 
     /// Allocates `len` bytes rounded up to whole huge pages of `size`, zeroed and
@@ -269,7 +328,7 @@ impl DmaBuffer {
     /// the first time for each size, then at debug level); [`is_huge`](Self::is_huge) and
     /// [`page_size`](Self::page_size) tell which one the buffer got.
     pub fn with_huge_pages(len: usize, size: HugePageSize) -> io::Result<DmaBuffer> {
-        Self::allocate(len, size, true, None)
+        Self::allocate(len, size, true, None, cpu_page_size())
     }
 
     /// As [`new`](Self::new), with the pages preferably on NUMA node `node`: the mapping
@@ -279,11 +338,20 @@ impl DmaBuffer {
     /// the node is a preference (see
     /// [`DmaConstraints::numa_node`](super::DmaConstraints::numa_node)).
     pub fn on_node(len: usize, node: u32) -> io::Result<DmaBuffer> {
-        Self::allocate(len, HugePageSize::Mib2, false, Some(node))
+        Self::allocate(len, HugePageSize::Mib2, false, Some(node), cpu_page_size())
     }
 
-    fn allocate(len: usize, size: HugePageSize, round_up: bool, node: Option<u32>) -> io::Result<DmaBuffer> {
-        let plan = MapPlan::new(len, size, round_up).ok_or_else(|| {
+    // `granule`: what the length and address must be multiples of (a power of two, at
+    // least the CPU page): larger than the CPU page only for an IOMMU whose smallest page
+    // is ([`Container::dma_granule`]).
+    fn allocate(
+        len: usize,
+        size: HugePageSize,
+        round_up: bool,
+        node: Option<u32>,
+        granule: usize,
+    ) -> io::Result<DmaBuffer> {
+        let plan = MapPlan::new(len, size, round_up, granule).ok_or_else(|| {
             io::Error::new(
                 io::ErrorKind::InvalidInput,
                 format!("a DMA buffer of {len} bytes cannot be mapped"),
@@ -304,7 +372,7 @@ impl DmaBuffer {
                 Err(e) => huge_fallback(huge.size, huge.len, &e),
             }
         }
-        let (ptr, len) = Self::map(plan.small_len, MapFlags::empty(), node)?;
+        let (ptr, len) = Self::map_aligned(plan.small_len, granule, node)?;
         let buffer = DmaBuffer {
             ptr,
             len,
@@ -346,13 +414,46 @@ impl DmaBuffer {
         Ok((ptr.cast(), len))
     }
 
+    // `len` bytes (whole CPU pages) at an address aligned to `align`: mmap's own when
+    // `align` is no larger than a CPU page, else cut out of a larger mapping whose
+    // unaligned head and tail are unmapped again.
+    fn map_aligned(len: usize, align: usize, node: Option<u32>) -> io::Result<(NonNull<u8>, usize)> {
+        let page = cpu_page_size();
+        if align <= page {
+            return Self::map(len, MapFlags::empty(), node);
+        }
+        let over = len
+            .checked_add(align - page)
+            .ok_or_else(|| io::Error::from(io::ErrorKind::InvalidInput))?;
+        let (ptr, mapped) = Self::map(over, MapFlags::empty(), node)?;
+        let (head, tail) = trim_to_alignment(ptr.as_ptr() as usize, len, mapped, align);
+        for (at, n) in [(0, head), (head + len, tail)] {
+            if n == 0 {
+                continue;
+            }
+            // SAFETY: `at..at + n` is inside the mapping just made and outside the part
+            // kept (`head..head + len`); nothing refers to it.
+            let gone = unsafe { munmap(ptr.add(at).cast(), n) };
+            if let Err(errno) = gone {
+                munmap_failed(
+                    "a DMA buffer's alignment slack",
+                    ptr.as_ptr() as usize + at,
+                    n,
+                    errno,
+                );
+            }
+        }
+        // SAFETY: `head < mapped`, so the pointer stays inside the mapping (non-null).
+        Ok((unsafe { ptr.add(head) }, len))
+    }
+
     // Faults every page in (under the policy `map` bound), as MAP_POPULATE would have: a
     // write of zero to the first word of each page, which is zero already.
     fn populate(&self, node: Option<u32>) {
         if node.is_none() {
             return;
         }
-        for at in (0..self.len).step_by(PAGE) {
+        for at in (0..self.len).step_by(cpu_page_size()) {
             self.word(at).store(0, Ordering::Relaxed);
         }
     }
@@ -372,9 +473,10 @@ impl DmaBuffer {
         self.huge.is_some()
     }
 
-    /// The size of the pages it sits on: a [`HugePageSize`]'s bytes, or [`PAGE`].
+    /// The size of the pages it sits on: a [`HugePageSize`]'s bytes, or the CPU's
+    /// ([`cpu_page_size`]: 4 KiB on x86-64, maybe 16 or 64 KiB on aarch64).
     pub fn page_size(&self) -> usize {
-        self.huge.map_or(PAGE, HugePageSize::bytes)
+        self.huge.map_or_else(cpu_page_size, HugePageSize::bytes)
     }
 
     /// The virtual address, for `VFIO_IOMMU_MAP_DMA`.
@@ -870,6 +972,9 @@ impl Container {
         let Some(space) = iommu.as_mut() else {
             return Err(Box::new((VfioError::NoGroupAttached, buffer)));
         };
+        if let Err(e) = space.check_granule(buffer.vaddr(), size) {
+            return Err(Box::new((e, buffer)));
+        }
         let reserved = space.reserve_below(
             size,
             buffer.page_size() as u64,
@@ -889,7 +994,8 @@ impl Container {
         let size = buffer.len() as u64;
         let mut iommu = self.iommu.lock();
         let space = iommu.as_mut().ok_or(VfioError::NoGroupAttached)?;
-        if !iova.is_multiple_of(space.info.min_page_size()) || !space.reserve_at(iova, size) {
+        space.check_granule(buffer.vaddr(), size)?;
+        if !iova.is_multiple_of(space.granule()) || !space.reserve_at(iova, size) {
             return Err(VfioError::IovaUnavailable { iova, size });
         }
         self.map_reserved(&mut iommu, buffer, iova, true).map_err(|e| e.0)
@@ -906,6 +1012,7 @@ impl Container {
         let size = buffer.len() as u64;
         let mut iommu = self.iommu.lock();
         let space = iommu.as_mut().ok_or(VfioError::NoGroupAttached)?;
+        space.check_granule(buffer.vaddr(), size)?;
         // SAFETY: as in map_reserved: `buffer` moves into the returned region, which keeps
         // it mapped until the IOMMU mapping is gone, or forever if the unmap fails; its
         // bytes are only reached through atomics.
@@ -1009,8 +1116,19 @@ impl Container {
     /// Allocates a [`DmaBuffer`] of at least `len` bytes ([`DmaBuffer::new`]: on 2 MiB
     /// pages when `len` is a multiple of 2 MiB and the pool has them) and maps it.
     pub fn alloc_dma(self: &Arc<Self>, len: usize) -> Result<DmaRegion, VfioError> {
-        let buffer = DmaBuffer::new(len).map_err(|source| VfioError::Alloc { len, source })?;
-        self.map(buffer)
+        self.alloc_dma_with(len, &DmaConstraints::new())
+    }
+
+    /// What the address and length of every DMA mapping in this container are multiples
+    /// of: the CPU page ([`cpu_page_size`]) or the IOMMU's smallest page
+    /// (`VFIO_IOMMU_GET_INFO`'s `iova_pgsizes`, iommufd's `out_iova_alignment`), whichever
+    /// is larger; the CPU page before a group is attached. 4 KiB on x86-64; 64 KiB on an
+    /// aarch64 kernel with 64 KiB pages. [`alloc_dma`](Self::alloc_dma) rounds lengths up
+    /// to it; [`map`](Self::map) refuses a buffer that is not whole granules
+    /// ([`VfioError::NotGranuleAligned`]).
+    pub fn dma_granule(&self) -> usize {
+        let iommu = self.iommu.lock().as_ref().map_or(0, |s| s.info.min_page_size());
+        usize::try_from(dma_granule(cpu_page_size(), iommu)).unwrap_or(usize::MAX)
     }
 
     /// Allocates a [`DmaBuffer`] of at least `len` bytes for a device with `constraints`
@@ -1021,10 +1139,14 @@ impl Container {
         len: usize,
         constraints: &DmaConstraints,
     ) -> Result<DmaRegion, VfioError> {
-        let buffer = match constraints.preferred_node() {
-            Some(node) => DmaBuffer::on_node(len, node),
-            None => DmaBuffer::new(len),
-        }
+        let granule = self.dma_granule();
+        let buffer = DmaBuffer::allocate(
+            len,
+            HugePageSize::Mib2,
+            false,
+            constraints.preferred_node(),
+            granule,
+        )
         .map_err(|source| VfioError::Alloc { len, source })?;
         self.map_with(buffer, constraints)
     }
@@ -1033,8 +1155,8 @@ impl Container {
     /// ([`DmaBuffer::with_huge_pages`], with its logged fallback to 4 KiB pages) and maps
     /// it at an IOVA aligned to that size.
     pub fn alloc_dma_huge(self: &Arc<Self>, len: usize, size: HugePageSize) -> Result<DmaRegion, VfioError> {
-        let buffer =
-            DmaBuffer::with_huge_pages(len, size).map_err(|source| VfioError::Alloc { len, source })?;
+        let buffer = DmaBuffer::allocate(len, size, true, None, self.dma_granule())
+            .map_err(|source| VfioError::Alloc { len, source })?;
         self.map(buffer)
     }
 
@@ -1162,7 +1284,8 @@ pub unsafe trait CallerMemory: Send + 'static {
 /// [`DmaBuffer::from_memory`] refuses it (and hands it back).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[error(
-    "caller memory at {vaddr:#x} ({len} bytes) is not a whole number of 4 KiB pages at a page-aligned address"
+    "caller memory at {vaddr:#x} ({len} bytes) is not a whole number of {page}-byte pages at a page-aligned address",
+    page = cpu_page_size()
 )]
 pub struct NotPageAligned {
     /// Its address.
@@ -1171,13 +1294,27 @@ pub struct NotPageAligned {
     pub len: usize,
 }
 
+/// For `len` bytes aligned to `align` inside a mapping of `mapped` bytes at `addr` (at
+/// least `len + align - page`, `addr` page aligned): the bytes before the aligned part and
+/// after it.
+fn trim_to_alignment(addr: usize, len: usize, mapped: usize, align: usize) -> (usize, usize) {
+    let head = addr.next_multiple_of(align) - addr;
+    (head, mapped - head - len)
+}
+
+/// Whether `len` bytes at `addr` are a non-empty whole number of `page`-byte pages at an
+/// address aligned to one.
+fn whole_pages(addr: usize, len: usize, page: usize) -> bool {
+    len != 0 && len.is_multiple_of(page) && addr.is_multiple_of(page)
+}
+
 impl DmaBuffer {
     /// Takes `memory` (see [`CallerMemory`]) as a buffer, to be mapped for DMA like any
     /// other; [`into_memory`](Self::into_memory) gives it back. Fails, handing `memory`
     /// back, when it is not a non-empty whole number of pages at a page-aligned address.
     pub fn from_memory<M: CallerMemory>(memory: M) -> Result<DmaBuffer, (NotPageAligned, M)> {
         let (ptr, len) = (memory.dma_ptr(), memory.dma_len());
-        if len == 0 || !len.is_multiple_of(PAGE) || !(ptr.as_ptr() as usize).is_multiple_of(PAGE) {
+        if !whole_pages(ptr.as_ptr() as usize, len, cpu_page_size()) {
             let vaddr = ptr.as_ptr() as u64;
             return Err((NotPageAligned { vaddr, len }, memory));
         }
@@ -1231,11 +1368,12 @@ pub struct PageBuffer {
 }
 
 impl PageBuffer {
-    /// `len` bytes rounded up to whole pages (at least one), zeroed.
+    /// `len` bytes rounded up to whole CPU pages ([`cpu_page_size`]; at least one),
+    /// zeroed, at an address aligned to one.
     pub fn new(len: usize) -> io::Result<PageBuffer> {
         let len = len
             .max(1)
-            .checked_next_multiple_of(PAGE)
+            .checked_next_multiple_of(cpu_page_size())
             .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, format!("{len} bytes")))?;
         let layout = Self::layout(len)?;
         // SAFETY: the layout has a non-zero size (at least one page).
@@ -1245,7 +1383,7 @@ impl PageBuffer {
     }
 
     fn layout(len: usize) -> io::Result<std::alloc::Layout> {
-        std::alloc::Layout::from_size_align(len, PAGE)
+        std::alloc::Layout::from_size_align(len, cpu_page_size())
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))
     }
 }
@@ -1327,7 +1465,7 @@ mod tests {
     #[test]
     fn huge_mappings_name_their_page_size() {
         use nix::libc;
-        let huge = |len, size, round_up| MapPlan::new(len, size, round_up).unwrap().huge;
+        let huge = |len, size, round_up| MapPlan::new(len, size, round_up, PAGE).unwrap().huge;
         let two = huge(4 << 20, HugePageSize::Mib2, false).unwrap();
         assert_eq!(two.flags, libc::MAP_HUGETLB | libc::MAP_HUGE_2MB);
         assert_eq!(
@@ -1342,13 +1480,93 @@ mod tests {
         assert_eq!(huge(3 << 20, HugePageSize::Mib2, true).unwrap().len, 4 << 20);
         assert_eq!(huge(4096, HugePageSize::Gib1, true).unwrap().len, 1 << 30);
         assert_eq!(huge(2 << 20, HugePageSize::Gib1, false), None);
-        let small = MapPlan::new(100, HugePageSize::Mib2, false).unwrap();
+        let small = MapPlan::new(100, HugePageSize::Mib2, false, PAGE).unwrap();
         assert_eq!((small.huge, small.small_len), (None, PAGE));
-        assert_eq!(MapPlan::new(0, HugePageSize::Mib2, true), None);
-        assert_eq!(MapPlan::new(usize::MAX, HugePageSize::Mib2, false), None);
+        assert_eq!(MapPlan::new(0, HugePageSize::Mib2, true, PAGE), None);
+        assert_eq!(MapPlan::new(usize::MAX, HugePageSize::Mib2, false, PAGE), None);
         // Rounding past the address space: no huge mapping, 4 KiB pages still fit.
-        let edge = MapPlan::new(usize::MAX - PAGE + 1, HugePageSize::Gib1, true).unwrap();
+        let edge = MapPlan::new(usize::MAX - PAGE + 1, HugePageSize::Gib1, true, PAGE).unwrap();
         assert_eq!(edge.huge, None);
+    }
+
+    // 16 and 64 KiB pages (aarch64): a buffer is whole pages of the CPU's size, so one of
+    // 4 KiB is a whole 64 KiB page there; a mapping is whole granules.
+    #[test]
+    fn buffers_and_mappings_round_to_the_page_and_granule() {
+        for (page, len, small_len) in [
+            (0x1000, 0x1000, 0x1000),
+            (0x4000, 0x1000, 0x4000),
+            (0x1_0000, 0x1000, 0x1_0000),
+            (0x1_0000, 0x1_0001, 0x2_0000),
+            (0x4000, 3 * 0x4000, 3 * 0x4000),
+        ] {
+            let plan = MapPlan::new(len, HugePageSize::Mib2, false, page).unwrap();
+            assert_eq!(
+                plan.small_len, small_len,
+                "{len:#x} bytes on {page:#x}-byte pages"
+            );
+        }
+        // The granule: the larger of the CPU page and the IOMMU's smallest page (0: none
+        // reported).
+        assert_eq!(dma_granule(0x1000, 0x1000), 0x1000);
+        assert_eq!(
+            dma_granule(0x1_0000, 0x1000),
+            0x1_0000,
+            "an SMMU of 4 KiB under a 64 KiB kernel"
+        );
+        assert_eq!(
+            dma_granule(0x1000, 0x1_0000),
+            0x1_0000,
+            "an IOMMU of 64 KiB under a 4 KiB kernel"
+        );
+        assert_eq!(dma_granule(0x4000, 0), 0x4000);
+        // What sysconf may say.
+        assert_eq!(page_size_from(4096), 4096);
+        assert_eq!(page_size_from(16384), 16384);
+        assert_eq!(page_size_from(65536), 65536);
+        for odd in [-1, 0, 512, 4095, 12288, 1 << 31] {
+            assert_eq!(page_size_from(odd), PAGE, "{odd}");
+        }
+        // Caller memory: whole pages of the CPU's size.
+        assert!(whole_pages(0x1_0000, 0x1_0000, 0x1_0000));
+        assert!(!whole_pages(0x1_1000, 0x1_0000, 0x1_0000), "4 KiB aligned only");
+        assert!(!whole_pages(0x1_0000, 0x1000, 0x1_0000), "4 KiB long only");
+        assert!(whole_pages(0x1_1000, 0x1000, 0x1000));
+        assert!(!whole_pages(0x1_0000, 0, 0x1000));
+    }
+
+    // The page the buffers of this process get is the CPU's, whatever it is (4 KiB on
+    // x86-64; 64 KiB under `tests/aarch64/run --page-size 65536`).
+    #[test]
+    fn buffers_are_whole_cpu_pages() {
+        let page = cpu_page_size();
+        assert!(page.is_power_of_two() && page >= PAGE);
+        for len in [1, PAGE, page, page + 1] {
+            let b = DmaBuffer::new(len).unwrap();
+            assert_eq!(b.len(), len.next_multiple_of(page));
+            assert_eq!(b.page_size(), page);
+            assert!(b.vaddr().is_multiple_of(page as u64));
+        }
+        let p = PageBuffer::new(1).unwrap();
+        assert_eq!(p.len(), page);
+        assert!((p.as_ptr() as usize).is_multiple_of(page));
+    }
+
+    // A granule larger than the CPU page (an IOMMU whose smallest page is larger): the
+    // buffer is cut out of a larger mapping, aligned to it.
+    #[test]
+    fn buffers_can_be_aligned_beyond_the_cpu_page() {
+        let page = cpu_page_size();
+        for granule in [4 * page, 16 * page] {
+            let b = DmaBuffer::allocate(page, HugePageSize::Mib2, false, None, granule).unwrap();
+            assert_eq!(b.len(), granule);
+            assert!(b.vaddr().is_multiple_of(granule as u64), "{:#x}", b.vaddr());
+            b.write::<u64>(granule - 8, 7).unwrap();
+            assert_eq!(b.read::<u64>(granule - 8), Some(7));
+        }
+        let failures = munmap_failures();
+        drop(DmaBuffer::allocate(1, HugePageSize::Mib2, false, None, 8 * page).unwrap());
+        assert_eq!(munmap_failures(), failures);
     }
 
     // A munmap the kernel refuses (here: a pointer that is not page aligned, EINVAL) is
@@ -1782,18 +2000,33 @@ mod tests {
 
     proptest! {
         #[test]
+        fn trimming_keeps_an_aligned_part_inside_the_mapping(
+            page_log in 12u32..17, extra in 1u32..6, addr_pages in 1usize..1 << 20, pages in 1usize..64,
+        ) {
+            let page = 1usize << page_log;
+            let align = page << extra;
+            let (addr, len) = (addr_pages * page, pages * page);
+            let mapped = len + align - page;
+            let (head, tail) = trim_to_alignment(addr, len, mapped, align);
+            prop_assert!((addr + head).is_multiple_of(align));
+            prop_assert_eq!(head + len + tail, mapped);
+            prop_assert!(head.is_multiple_of(page) && tail.is_multiple_of(page));
+        }
+
+        #[test]
         fn map_plans_cover_the_length_in_whole_pages(
             len in prop_oneof![0usize..1 << 32, any::<usize>()],
             gib in any::<bool>(),
             round_up in any::<bool>(),
+            page in prop_oneof![Just(0x1000usize), Just(0x4000), Just(0x1_0000)],
         ) {
             let size = if gib { HugePageSize::Gib1 } else { HugePageSize::Mib2 };
-            let Some(plan) = MapPlan::new(len, size, round_up) else {
-                prop_assert!(len == 0 || len.checked_next_multiple_of(PAGE).is_none());
+            let Some(plan) = MapPlan::new(len, size, round_up, page) else {
+                prop_assert!(len == 0 || len.checked_next_multiple_of(page).is_none());
                 return Ok(());
             };
-            prop_assert!(plan.small_len >= len && plan.small_len - len < PAGE);
-            prop_assert!(plan.small_len.is_multiple_of(PAGE));
+            prop_assert!(plan.small_len >= len && plan.small_len - len < page);
+            prop_assert!(plan.small_len.is_multiple_of(page));
             if let Some(h) = plan.huge {
                 prop_assert_eq!(h.size, size);
                 prop_assert!(h.len >= len && h.len - len < size.bytes());

@@ -28,7 +28,7 @@ use std::io;
 use std::ops::RangeInclusive;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use super::dma::PAGE;
+use super::dma::{PAGE, cpu_page_size, dma_granule};
 use super::{IommuInfo, VfioError};
 
 /// Which [`IovaSpace`] (and so which IOMMU) a mapping was made in: unique in the process.
@@ -48,6 +48,8 @@ impl SpaceId {
 pub(super) struct IovaSpace {
     id: SpaceId,
     pub(super) info: IommuInfo,
+    // The CPU's page size ([`cpu_page_size`]; another in tests): no mapping is smaller.
+    cpu_page: u64,
     alloc: IovaAllocator,
     pub(super) leaked: Vec<(u64, u64)>,
     // Quarantine holds, and the ranges unmapped while one was held.
@@ -84,6 +86,7 @@ impl IovaSpace {
             id: SpaceId::next(),
             alloc: IovaAllocator::new(&info.iova_ranges),
             info,
+            cpu_page: cpu_page_size() as u64,
             leaked: Vec::new(),
             holds: 0,
             quarantined: Vec::new(),
@@ -185,6 +188,11 @@ impl IovaSpace {
     }
 
     pub(super) fn new(info: IommuInfo) -> IovaSpace {
+        Self::with_cpu_page(cpu_page_size() as u64, info)
+    }
+
+    /// [`new`](Self::new) for a CPU whose pages are `cpu_page` bytes.
+    pub(super) fn with_cpu_page(cpu_page: u64, info: IommuInfo) -> IovaSpace {
         let ranges = if info.iova_ranges.is_empty() {
             // Kernels before 5.4 report no ranges: stay below 39 bits, which every
             // IOMMU we know of covers.
@@ -196,6 +204,7 @@ impl IovaSpace {
             id: SpaceId::next(),
             alloc: IovaAllocator::new(&ranges),
             info,
+            cpu_page,
             leaked: Vec::new(),
             holds: 0,
             quarantined: Vec::new(),
@@ -221,7 +230,7 @@ impl IovaSpace {
         align: u64,
         max_iova: u64,
     ) -> Result<u64, VfioError> {
-        let align = align.max(page_size).max(self.info.min_page_size());
+        let align = align.max(page_size).max(self.granule());
         self.alloc
             .alloc_below(size, align, max_iova)
             .ok_or(if max_iova == u64::MAX {
@@ -233,6 +242,23 @@ impl IovaSpace {
                     max_iova,
                 }
             })
+    }
+
+    /// The unit of every mapping here: the CPU page or the IOMMU's smallest page,
+    /// whichever is larger ([`Container::dma_granule`](super::Container::dma_granule)).
+    pub(super) fn granule(&self) -> u64 {
+        dma_granule(self.cpu_page as usize, self.info.min_page_size())
+    }
+
+    /// [`VfioError::NotGranuleAligned`] unless `size` bytes at `vaddr` are whole granules
+    /// at an address aligned to one: the kernel would refuse to map them (`EINVAL`).
+    pub(super) fn check_granule(&self, vaddr: u64, size: u64) -> Result<(), VfioError> {
+        let granule = self.granule();
+        if size.is_multiple_of(granule) && vaddr.is_multiple_of(granule) {
+            Ok(())
+        } else {
+            Err(VfioError::NotGranuleAligned { vaddr, size, granule })
+        }
     }
 
     /// The map ioctl failed: nothing was mapped, the range is free again.
@@ -511,23 +537,56 @@ mod tests {
     use crate::vfio::dma::HUGE_PAGE;
     use proptest::prelude::*;
 
+    // 4, 16 and 64 KiB CPU pages, under IOMMUs of 4 and 64 KiB pages: every IOVA is a
+    // multiple of the larger, and memory that is not whole granules is refused.
+    #[test]
+    fn iovas_and_mappings_follow_the_granule() {
+        for cpu_page in [0x1000u64, 0x4000, 0x1_0000] {
+            for iommu_page in [0x1000u64, 0x1_0000] {
+                let granule = cpu_page.max(iommu_page);
+                let mut space = IovaSpace::with_cpu_page(
+                    cpu_page,
+                    IommuInfo {
+                        page_sizes: iommu_page | 0x20_0000,
+                        iova_ranges: vec![0..=(1 << 39) - 1],
+                    },
+                );
+                assert_eq!(space.granule(), granule);
+                for _ in 0..4 {
+                    let iova = space.reserve(granule, cpu_page).unwrap();
+                    assert!(iova.is_multiple_of(granule) && iova != 0, "{iova:#x}");
+                }
+                assert!(space.check_granule(granule, 3 * granule).is_ok());
+                assert!(space.check_granule(0x40_0000, 0x1000).is_err() == (granule > 0x1000));
+                let err = space.check_granule(granule + granule / 2, granule).unwrap_err();
+                assert!(
+                    matches!(err, VfioError::NotGranuleAligned { granule: g, .. } if g == granule),
+                    "{err}"
+                );
+            }
+        }
+    }
+
     #[test]
     fn huge_buffers_get_iovas_aligned_to_their_pages() {
         let info = IommuInfo {
             page_sizes: 0x1000,
             iova_ranges: vec![0..=(1 << 39) - 1],
         };
-        let mut space = IovaSpace::new(info);
+        let mut space = IovaSpace::with_cpu_page(4096, info);
         space.reserve(PAGE as u64, PAGE as u64).unwrap();
         let two = space.reserve(HUGE_PAGE as u64, HUGE_PAGE as u64).unwrap();
         assert_eq!(two % HUGE_PAGE as u64, 0);
         let gib = space.reserve(1 << 30, 1 << 30).unwrap();
         assert_eq!(gib % (1 << 30), 0);
         // Never below the IOMMU's own page size.
-        let mut coarse = IovaSpace::new(IommuInfo {
-            page_sizes: 0x1_0000,
-            iova_ranges: vec![0..=(1 << 39) - 1],
-        });
+        let mut coarse = IovaSpace::with_cpu_page(
+            4096,
+            IommuInfo {
+                page_sizes: 0x1_0000,
+                iova_ranges: vec![0..=(1 << 39) - 1],
+            },
+        );
         assert_eq!(coarse.reserve(PAGE as u64, PAGE as u64).unwrap() % 0x1_0000, 0);
     }
 
@@ -537,7 +596,7 @@ mod tests {
             page_sizes: 0x1000,
             iova_ranges: vec![0..=(1 << 20) - 1],
         };
-        let mut space = IovaSpace::new(info);
+        let mut space = IovaSpace::with_cpu_page(4096, info);
         let before = space.alloc.available();
         let a = space.reserve(0x4000, PAGE as u64).unwrap();
         let b = space.reserve(0x4000, PAGE as u64).unwrap();
@@ -560,13 +619,13 @@ mod tests {
         }
         // An unmap that finds nothing mapped (the mappings went with the IOMMU's state
         // when the group's devices were removed: seen in the soak on 6.12) frees too.
-        let mut space = IovaSpace::new(space.info.clone());
+        let mut space = IovaSpace::with_cpu_page(4096, space.info.clone());
         let gone = space.reserve(0x4000, PAGE as u64).unwrap();
         space.unmapped(gone, 0x4000, Ok(0)).unwrap();
         assert!(space.leaked.is_empty());
         assert_eq!(space.alloc.available(), before);
         // A successful unmap frees.
-        let mut space = IovaSpace::new(space.info.clone());
+        let mut space = IovaSpace::with_cpu_page(4096, space.info.clone());
         let c = space.reserve(0x4000, PAGE as u64).unwrap();
         space.unmapped(c, 0x4000, Ok(0x4000)).unwrap();
         assert_eq!(space.alloc.available(), before);
@@ -583,7 +642,7 @@ mod tests {
             page_sizes: 0x1000,
             iova_ranges: vec![0..=(1 << 20) - 1],
         };
-        let mut space = IovaSpace::new(info);
+        let mut space = IovaSpace::with_cpu_page(4096, info);
         let before = space.alloc.available();
         let a = space.reserve(0x4000, PAGE as u64).unwrap();
         let b = space.reserve(0x4000, PAGE as u64).unwrap();
@@ -599,7 +658,7 @@ mod tests {
                 assert!(x != a && x != b, "quarantined IOVA {x:#x} reused");
             }
         }
-        let mut space = IovaSpace::new(space.info.clone());
+        let mut space = IovaSpace::with_cpu_page(4096, space.info.clone());
         space.hold();
         let c = space.reserve(0x4000, PAGE as u64).unwrap();
         space.hold();
@@ -910,10 +969,13 @@ mod tests {
         assert_eq!(b.alloc_below(2 * PAGE as u64, PAGE as u64, 2 * PAGE as u64), None);
         assert_eq!(b, rest, "a failed allocation takes nothing");
         // The space reports the limit it could not meet.
-        let mut space = IovaSpace::new(IommuInfo {
-            page_sizes: 0x1000,
-            iova_ranges: vec![0..=(1 << 39) - 1],
-        });
+        let mut space = IovaSpace::with_cpu_page(
+            4096,
+            IommuInfo {
+                page_sizes: 0x1000,
+                iova_ranges: vec![0..=(1 << 39) - 1],
+            },
+        );
         let err = space
             .reserve_below(1 << 30, PAGE as u64, PAGE as u64, limit)
             .unwrap_err();

@@ -91,7 +91,8 @@ pub use caps::{InfoError, IommuInfo, RegionFlags, RegionInfo, parse_iommu_info, 
 pub use constraints::DmaConstraints;
 pub use dma::{CallerMemory, NotPageAligned, PageBuffer};
 pub use dma::{
-    DmaBuffer, DmaObj, DmaRegion, HUGE_PAGE, HugePageSize, IovaQuarantine, PAGE, Scalar, munmap_failures,
+    DmaBuffer, DmaObj, DmaRegion, HUGE_PAGE, HugePageSize, IovaQuarantine, PAGE, Scalar, cpu_page_size,
+    munmap_failures,
 };
 pub use iommufd::{CdevProblem, DevNumber, VfioBackend, VfioBackendParseError};
 pub use iova::IovaAllocator;
@@ -489,6 +490,21 @@ pub enum VfioError {
         iova: u64,
         /// Bytes.
         size: u64,
+    },
+    /// Memory to be mapped for DMA that is not a whole number of the container's granules
+    /// at an address aligned to one ([`Container::dma_granule`]: the CPU page or the
+    /// IOMMU's smallest page, whichever is larger). The kernel would refuse it (`EINVAL`);
+    /// on a kernel with 16 or 64 KiB pages a buffer of 4 KiB pages is such memory.
+    #[error(
+        "DMA memory at {vaddr:#x} ({size:#x} bytes) is not a whole number of the IOMMU's {granule:#x}-byte pages at an address aligned to one; allocate it with Container::alloc_dma, or in multiples of Container::dma_granule"
+    )]
+    NotGranuleAligned {
+        /// Its address in the process.
+        vaddr: u64,
+        /// Its length.
+        size: u64,
+        /// What both must be multiples of.
+        granule: u64,
     },
     /// No IOVA range of this size is left in the ranges the IOMMU reports.
     #[error("no IOVA range of {size} bytes left in the IOMMU's ranges")]
