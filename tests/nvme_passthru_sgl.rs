@@ -104,7 +104,7 @@ fn passthrough_arguments_are_checked_before_anything_is_sent() {
     let buf = c.alloc_buffer(4096).unwrap();
     let read = rw(io::READ, 0, 1);
     // Past the buffer, misaligned, empty.
-    for (offset, len) in [(3584, 1024), (2, 512), (0, 0)] {
+    for (offset, len) in [(buf.len() - 512, 1024), (2, 512), (0, 0)] {
         let err = q
             .submit_passthru(&read, Some(PassthruData::from_device(&buf, offset, len)), 0)
             .unwrap_err();

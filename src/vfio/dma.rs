@@ -1450,16 +1450,17 @@ mod tests {
 
     #[test]
     fn write_words_writes_whole_words_in_bounds_only() {
-        let b = DmaBuffer::new(PAGE).unwrap();
+        let page = cpu_page_size();
+        let b = DmaBuffer::new(page).unwrap();
         b.write_words(8, &[0x0102_0304_0506_0708, u64::MAX]).unwrap();
         assert_eq!(b.read::<u64>(8), Some(0x0102_0304_0506_0708));
         assert_eq!(b.read::<u64>(16), Some(u64::MAX));
         assert_eq!(b.read::<u64>(0), Some(0));
         assert_eq!(b.write_words(4, &[1]), None, "misaligned");
-        assert_eq!(b.write_words(PAGE - 8, &[1, 2]), None, "past the end");
+        assert_eq!(b.write_words(page - 8, &[1, 2]), None, "past the end");
         assert_eq!(b.write_words(usize::MAX - 7, &[1]), None, "overflow");
-        b.write_words(PAGE - 8, &[3]).unwrap();
-        assert_eq!(b.read::<u64>(PAGE - 8), Some(3));
+        b.write_words(page - 8, &[3]).unwrap();
+        assert_eq!(b.read::<u64>(page - 8), Some(3));
     }
 
     #[test]
@@ -1589,20 +1590,21 @@ mod tests {
 
     #[test]
     fn buffer_accessors_are_checked() {
+        let page = cpu_page_size();
         let b = DmaBuffer::new(100).unwrap();
-        assert_eq!(b.len(), PAGE);
+        assert_eq!(b.len(), page);
         assert_eq!(b.read::<u32>(0), Some(0));
         b.write::<u32>(8, 0xdead_beef).unwrap();
         assert_eq!(b.read::<u32>(8), Some(0xdead_beef));
         assert_eq!(b.read::<u64>(4), None, "misaligned");
-        assert_eq!(b.read::<u64>(PAGE - 4), None, "out of bounds");
+        assert_eq!(b.read::<u64>(page - 4), None, "out of bounds");
         assert_eq!(b.read::<u64>(usize::MAX - 3), None, "overflow");
         b.write_at(16, b"hello").unwrap();
         let mut out = [0u8; 5];
         b.read_at(16, &mut out).unwrap();
         assert_eq!(&out, b"hello");
-        assert!(b.write_at(PAGE - 2, b"abc").is_none());
-        assert!(b.read_at(PAGE - 2, &mut [0u8; 3]).is_none());
+        assert!(b.write_at(page - 2, b"abc").is_none());
+        assert!(b.read_at(page - 2, &mut [0u8; 3]).is_none());
     }
 
     #[test]
@@ -1644,7 +1646,8 @@ mod tests {
 
     #[test]
     fn nvme_sized_objects_round_trip() {
-        let b = DmaBuffer::new(PAGE).unwrap();
+        let page = cpu_page_size();
+        let b = DmaBuffer::new(page).unwrap();
         let sqe: [u32; 16] = std::array::from_fn(|i| 0x0600_0000 + i as u32);
         b.write_obj(64, &sqe).unwrap();
         assert_eq!(b.read_obj::<[u32; 16]>(64), Some(sqe));
@@ -1655,8 +1658,8 @@ mod tests {
         assert_eq!(b.read::<u32>(0), Some(0), "the word before is untouched");
         assert_eq!(b.read::<u32>(20), Some(0), "the word after is untouched");
         assert_eq!(b.read_obj::<[u32; 4]>(2), None, "misaligned for u32");
-        assert_eq!(b.read_obj::<[u64; 2]>(PAGE - 8), None, "out of bounds");
-        assert!(b.write_obj(PAGE - 60, &sqe).is_none());
+        assert_eq!(b.read_obj::<[u64; 2]>(page - 8), None, "out of bounds");
+        assert!(b.write_obj(page - 60, &sqe).is_none());
 
         #[derive(Debug, Clone, Copy, PartialEq)]
         #[repr(C)]
@@ -1751,13 +1754,14 @@ mod tests {
     // handed out the same IOVA.
     #[test]
     fn a_region_outliving_its_iommu_is_freed_not_leaked() {
+        let page = cpu_page_size();
         let ranges = vec![0..=(1u64 << 30) - 1];
         let info = super::super::IommuInfo {
             page_sizes: 0x1000,
             iova_ranges: ranges.clone(),
         };
         let container = Container::fake_for_tests(ranges);
-        let region = DmaRegion::assume_mapped(&container, DmaBuffer::new(PAGE).unwrap());
+        let region = DmaRegion::assume_mapped(&container, DmaBuffer::new(page).unwrap());
         let iova = region.iova();
         // The IOMMU went, and a new one came with the next group.
         *container.iommu.lock() = Some(super::super::iova::IovaSpace::new(info));
@@ -1766,17 +1770,17 @@ mod tests {
             .lock()
             .as_mut()
             .unwrap()
-            .reserve(PAGE as u64, PAGE as u64)
+            .reserve(page as u64, page as u64)
             .unwrap();
         assert_eq!(again, iova, "the new IOMMU hands the same IOVA out");
         // The container fd is /dev/null: had the old region asked the kernel to unmap, it
         // would have failed and leaked.
         let buffer = region.unmap().expect("nothing left to unmap");
-        assert_eq!(buffer.len(), PAGE);
+        assert_eq!(buffer.len(), page);
         assert!(container.leaked().is_empty());
 
         // The IOMMU went and none came since: the same.
-        let region = DmaRegion::assume_mapped(&container, DmaBuffer::new(PAGE).unwrap());
+        let region = DmaRegion::assume_mapped(&container, DmaBuffer::new(page).unwrap());
         *container.iommu.lock() = None;
         region.unmap().expect("nothing left to unmap");
     }
@@ -1867,25 +1871,26 @@ mod tests {
     // size, and takes no IOVA.
     #[test]
     fn a_limit_the_container_cannot_meet_fails_before_mapping() {
+        let page = cpu_page_size();
         let container = Container::fake_for_tests(vec![0..=(1 << 30) - 1]);
         let err = container
-            .alloc_dma_with(2 * PAGE, &DmaConstraints::new().address_bits(13))
+            .alloc_dma_with(2 * page, &DmaConstraints::new().address_bits(13))
             .unwrap_err();
         assert!(
-            matches!(err, VfioError::IovaExhaustedBelow { size, max_iova: 0x1fff, .. } if size == 2 * PAGE as u64),
+            matches!(err, VfioError::IovaExhaustedBelow { size, max_iova: 0x1fff, .. } if size == 2 * page as u64),
             "{err:?}"
         );
         // The map ioctl itself fails on this fake (its fd is /dev/null); the IOVA it was
         // given, aligned and under the limit, is free again afterwards.
         let limited = DmaConstraints::new().address_bits(24).align(1 << 20);
-        let err = container.alloc_dma_with(PAGE, &limited).unwrap_err();
+        let err = container.alloc_dma_with(page, &limited).unwrap_err();
         assert!(
             matches!(err, VfioError::Map { iova: Some(i), .. } if i % (1 << 20) == 0 && i < 1 << 24),
             "{err:?}"
         );
         assert!(container.leaked().is_empty());
-        let again = DmaRegion::assume_mapped(&container, DmaBuffer::new(PAGE).unwrap());
-        assert_eq!(again.iova(), PAGE as u64, "nothing kept");
+        let again = DmaRegion::assume_mapped(&container, DmaBuffer::new(page).unwrap());
+        assert_eq!(again.iova(), page as u64, "nothing kept");
         std::mem::forget(again); // its unmap would fail on /dev/null and log
     }
 
@@ -1956,6 +1961,7 @@ mod tests {
     // Caller memory must be whole pages at a page-aligned address; what is not comes back.
     #[test]
     fn unaligned_caller_memory_is_refused() {
+        let page = cpu_page_size();
         #[derive(Debug)]
         struct Offset(PageBuffer, usize, usize);
         // SAFETY: a part of the PageBuffer it owns, the memory's only owner.
@@ -1967,35 +1973,37 @@ mod tests {
                 self.2
             }
         }
-        for (offset, len) in [(8, PAGE), (0, 100), (0, 0)] {
+        for (offset, len) in [(8, page), (0, 100), (0, 0)] {
             let (err, back) =
-                DmaBuffer::from_memory(Offset(PageBuffer::new(2 * PAGE).unwrap(), offset, len)).unwrap_err();
+                DmaBuffer::from_memory(Offset(PageBuffer::new(2 * page).unwrap(), offset, len)).unwrap_err();
             assert_eq!(err.len, len);
             assert_eq!(err.vaddr, back.dma_ptr().as_ptr() as u64);
         }
-        assert!(DmaBuffer::from_memory(Offset(PageBuffer::new(2 * PAGE).unwrap(), PAGE, PAGE)).is_ok());
+        assert!(DmaBuffer::from_memory(Offset(PageBuffer::new(2 * page).unwrap(), page, page)).is_ok());
     }
 
     #[test]
     fn page_buffers_are_zeroed_whole_pages() {
+        let page = cpu_page_size();
         let mut b = PageBuffer::new(1).unwrap();
-        assert_eq!(b.len(), PAGE);
-        assert!((b.as_ptr() as usize).is_multiple_of(PAGE));
+        assert_eq!(b.len(), page);
+        assert!((b.as_ptr() as usize).is_multiple_of(page));
         assert!(b.iter().all(|&x| x == 0));
-        b[PAGE - 1] = 1;
-        assert_eq!(b[PAGE - 1], 1);
+        b[page - 1] = 1;
+        assert_eq!(b[page - 1], 1);
         assert!(PageBuffer::new(usize::MAX).is_err());
     }
 
     // A buffer bound to a NUMA node is zeroed and usable whether or not the binding took.
     #[test]
     fn node_buffers_are_populated_and_zeroed() {
+        let page = cpu_page_size();
         for node in [0, 4095, u32::MAX] {
-            let b = DmaBuffer::on_node(3 * PAGE, node).unwrap();
-            assert_eq!(b.len(), 3 * PAGE);
-            assert!((0..3 * PAGE).step_by(8).all(|o| b.read::<u64>(o) == Some(0)));
+            let b = DmaBuffer::on_node(3 * page, node).unwrap();
+            assert_eq!(b.len(), 3 * page);
+            assert!((0..3 * page).step_by(8).all(|o| b.read::<u64>(o) == Some(0)));
         }
-        mbind_preferred(0, PAGE, 0).unwrap_err(); // not a mapping of ours: refused
+        mbind_preferred(0, page, 0).unwrap_err(); // not a mapping of ours: refused
     }
 
     proptest! {
