@@ -219,6 +219,9 @@ pub mod eal_uio {
         /// `int rte_eal_iopl_init(void)` (DPDK_23): `iopl(3)` on x86, so that port I/O
         /// instructions work; 0 or -1.
         pub fn rte_eal_iopl_init() -> c_int;
+        /// `int rte_eal_create_uio_dev(void)` (DPDK_23): non-zero when EAL was started
+        /// with `--create-uio-dev` (make a missing `/dev/uioN` node).
+        pub fn rte_eal_create_uio_dev() -> c_int;
         /// `int rte_intr_dev_fd_get(const struct rte_intr_handle *intr_handle)` (INTERNAL).
         pub fn rte_intr_dev_fd_get(h: *const RteIntrHandle) -> c_int;
         /// `enum rte_intr_handle_type rte_intr_type_get(const struct rte_intr_handle

@@ -119,6 +119,31 @@ fn fail(what: impl std::fmt::Display, e: impl std::fmt::Display) -> Failure {
     Failure(format!("{what}: {e}"))
 }
 
+/// EAL's `--create-uio-dev`: creates `DEVDIR/uioN` from the `major:minor` of the uio
+/// instance's sysfs `dev` file when it does not exist (a container without devtmpfs);
+/// an existing node is left as it is. Returns whether a node was made.
+fn ensure_uio_node(dev_dir: &Path, n: u32, devdir: &Path) -> Result<bool, String> {
+    let node = devdir.join(format!("uio{n}"));
+    if node.symlink_metadata().is_ok() {
+        return Ok(false);
+    }
+    let (path, text) = plan::uio_sysfs_dirs(dev_dir, n)
+        .into_iter()
+        .map(|d| d.join("dev"))
+        .find_map(|p| std::fs::read(&p).ok().map(|t| (p, t)))
+        .ok_or_else(|| format!("no dev file of uio{n} under {}", dev_dir.display()))?;
+    let (major, minor) = plan::parse_dev_numbers(&text).ok_or_else(|| {
+        format!(
+            "{}: not major:minor: {:?}",
+            path.display(),
+            String::from_utf8_lossy(&text[..text.len().min(64)])
+        )
+    })?;
+    sys::mknod_char(&node, major, minor)
+        .map_err(|e| format!("mknod {} c {major} {minor}: {e}", node.display()))?;
+    Ok(true)
+}
+
 fn read_resources(dev_dir: &Path) -> Result<Vec<Resource>, String> {
     let path = dev_dir.join("resource");
     let bytes = std::fs::read(&path).map_err(|e| format!("{}: {e}", path.display()))?;
@@ -206,6 +231,16 @@ unsafe fn map_in(
     } else {
         None
     };
+    // --create-uio-dev: the primary makes a missing /dev/uioN from sysfs (as 22.11 does;
+    // a failure is a warning, and the open below then says what is missing).
+    // SAFETY: no arguments; reads EAL's internal configuration.
+    let create = !secondary && unsafe { eal_uio::rte_eal_create_uio_dev() } != 0;
+    if create && let Err(why) = ensure_uio_node(&dev_dir, uio, devdir) {
+        log::warn(&format!(
+            "{name}: cannot create {}/uio{uio}: {why}",
+            devdir.display()
+        ));
+    }
     // The primary holds the device; a secondary takes no claim.
     let claim = if secondary {
         None

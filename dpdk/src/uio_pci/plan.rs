@@ -46,6 +46,34 @@ pub fn find_uio(dev_dir: &Path) -> io::Result<Option<u32>> {
     Ok(names.iter().find_map(|n| uio_number(n)))
 }
 
+/// The `major:minor` of a uio instance's sysfs `dev` file (`"243:0\n"`), for EAL's
+/// `--create-uio-dev`: two decimal numbers and a colon, a trailing newline allowed,
+/// nothing else (a major above 4095 or a minor above 2^20 - 1 is not a Linux device number).
+pub fn parse_dev_numbers(text: &[u8]) -> Option<(u32, u32)> {
+    let text = text.strip_suffix(b"\n").unwrap_or(text);
+    let colon = text.iter().position(|&b| b == b':')?;
+    let number = |digits: &[u8], max: u32| -> Option<u32> {
+        if digits.is_empty() || digits.len() > 7 || !digits.iter().all(u8::is_ascii_digit) {
+            return None;
+        }
+        let n = digits.iter().fold(0u32, |n, &d| n * 10 + u32::from(d - b'0'));
+        (n <= max).then_some(n)
+    };
+    Some((
+        number(&text[..colon], 0xfff)?,
+        number(&text[colon + 1..], 0xf_ffff)?,
+    ))
+}
+
+/// Where a uio instance's sysfs directory is under the device's: `uio/uioN` on current
+/// kernels, `uio:uioN` on old ones (the layouts [`find_uio`] reads).
+pub fn uio_sysfs_dirs(dev_dir: &Path, n: u32) -> [std::path::PathBuf; 2] {
+    [
+        dev_dir.join("uio").join(format!("uio{n}")),
+        dev_dir.join(format!("uio:uio{n}")),
+    ]
+}
+
 /// A BAR to map: its sysfs `resource<bar>` file, `len` bytes from offset 0.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BarMap {
@@ -187,6 +215,39 @@ mod tests {
     use super::*;
     use pcibus::sysfs::parse::resource;
     use pcibus::testing::FakeSysfs;
+
+    #[test]
+    fn dev_numbers_are_two_decimals_and_a_colon() {
+        assert_eq!(parse_dev_numbers(b"243:0\n"), Some((243, 0)));
+        assert_eq!(parse_dev_numbers(b"4095:1048575"), Some((4095, 0xf_ffff)));
+        for bad in [
+            &b""[..],
+            b"\n",
+            b"243",
+            b"243:",
+            b":0",
+            b"243:0\n\n",
+            b" 243:0",
+            b"243:0 ",
+            b"-1:0",
+            b"4096:0",
+            b"1:1048576",
+            b"99999999:0",
+            b"1:2:3",
+            b"0x10:0",
+        ] {
+            assert_eq!(parse_dev_numbers(bad), None, "{:?}", String::from_utf8_lossy(bad));
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn dev_numbers_round_trip_and_never_panic(major in 0u32..=0xfff, minor in 0u32..=0xf_ffff, junk in proptest::collection::vec(proptest::num::u8::ANY, 0..24)) {
+            let text = format!("{major}:{minor}\n");
+            proptest::prop_assert_eq!(parse_dev_numbers(text.as_bytes()), Some((major, minor)));
+            let _ = parse_dev_numbers(&junk);
+        }
+    }
 
     #[test]
     fn uio_numbers_of_both_layouts() {

@@ -16,6 +16,27 @@ pub fn open_rw(path: &Path) -> io::Result<File> {
     File::options().read(true).write(true).open(path)
 }
 
+/// Creates the character device node `path` (`mknod PATH c MAJOR MINOR`, mode 0600), as
+/// EAL's `--create-uio-dev` asks for a missing `/dev/uioN`. Needs CAP_MKNOD.
+pub fn mknod_char(path: &Path, major: u32, minor: u32) -> io::Result<()> {
+    let c_path = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "a NUL in the path"))?;
+    // SAFETY: c_path is a valid NUL-terminated string for the duration of the call;
+    // mknod reads it and touches no other memory of ours.
+    let rc = unsafe {
+        libc::mknod(
+            c_path.as_ptr(),
+            libc::S_IFCHR | libc::S_IRUSR | libc::S_IWUSR,
+            libc::makedev(major, minor),
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
 /// Reads the 16-bit register at `offset` of a config file.
 pub fn read_u16(file: &File, offset: u64) -> io::Result<u16> {
     let mut b = [0u8; 2];

@@ -248,3 +248,35 @@ fn failures_leave_nothing_behind() {
     assert_eq!(got, -1);
     bare.0.intr_handle = keep;
 }
+
+// EAL's --create-uio-dev: a missing /dev/uioN is made from the instance's sysfs `dev`
+// (major:minor), an existing node is left alone, a `dev` file that is not major:minor is
+// refused naming the file and its text.
+#[test]
+fn create_uio_dev_makes_a_missing_node_from_sysfs() {
+    let f = fixture("0000:00:05.0", "uio_pci_generic", Some(3));
+    let dev_dir = f.sysfs().join("0000:00:05.0");
+    // The fixture made a plain file as /dev/uio3: an existing node is not touched.
+    assert_eq!(ensure_uio_node(&dev_dir, 3, &f.devdir), Ok(false));
+    std::fs::remove_file(f.devdir.join("uio3")).unwrap();
+    // No `dev` file in sysfs: refused, naming where it looked.
+    let err = ensure_uio_node(&dev_dir, 3, &f.devdir).unwrap_err();
+    assert!(err.contains("no dev file of uio3"), "{err}");
+    let rel = f.fake.device_dir("0000:00:05.0").unwrap();
+    f.fake.write(rel.join("uio/uio3/dev"), b"243:x\n").unwrap();
+    let err = ensure_uio_node(&dev_dir, 3, &f.devdir).unwrap_err();
+    assert!(err.contains("uio3/dev") && err.contains("243:x"), "{err}");
+    f.fake.write(rel.join("uio/uio3/dev"), b"243:7\n").unwrap();
+    // SAFETY: geteuid takes no arguments and touches no memory.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("SKIPPED the mknod half of create_uio_dev_makes_a_missing_node_from_sysfs: needs root");
+        return;
+    }
+    assert_eq!(ensure_uio_node(&dev_dir, 3, &f.devdir), Ok(true));
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    let meta = std::fs::symlink_metadata(f.devdir.join("uio3")).unwrap();
+    assert!(meta.file_type().is_char_device());
+    assert_eq!(meta.rdev(), libc::makedev(243, 7));
+    assert_eq!(meta.mode() & 0o777, 0o600);
+    assert_eq!(ensure_uio_node(&dev_dir, 3, &f.devdir), Ok(false), "made once");
+}
