@@ -39,6 +39,16 @@ dpdk_nics() {
 	return 0
 }
 
+# dpdk_nic_pair: sets nic0 and nic1 to the profile's two e1000e NICs (fails the test
+# without two) and prints them.
+dpdk_nic_pair() {
+	set -- $(dpdk_nics)
+	[ $# -ge 2 ] || fail "expected two e1000e NICs, found: $*"
+	nic0=$1
+	nic1=$2
+	echo "NICs: $nic0 $nic1"
+}
+
 # dpdk_to_vfio ADDR...: bind each device to vfio-pci (pcibus bind).
 dpdk_to_vfio() {
 	for _a in "$@"; do

@@ -23,11 +23,7 @@ need_pcibus
 . /usr/lib/pcibus-vm/dpdk.sh
 dpdk_setup
 
-set -- $(dpdk_nics)
-[ $# -ge 2 ] || fail "expected two e1000e NICs, found: $*"
-nic0=$1
-nic1=$2
-echo "NICs: $nic0 $nic1"
+dpdk_nic_pair
 dpdk_to_vfio "$nic0" "$nic1"
 # SPDK's lock directory, where the claims also lock SPDK's file.
 mkdir -p /var/tmp

@@ -13,10 +13,7 @@ need_pcibus
 . /usr/lib/pcibus-vm/dpdk.sh
 dpdk_setup
 
-set -- $(dpdk_nics)
-[ $# -ge 2 ] || fail "expected two e1000e NICs, found: $*"
-nic0=$1
-nic1=$2
+dpdk_nic_pair
 dpdk_to_vfio "$nic0" "$nic1"
 eal="-l 0-1 -n 1 --no-telemetry --log-level=lib.eal:debug -a $nic0 -a $nic1"
 app="-i --hot-plug --forward-mode=flowgen --nb-cores=1 --rxq=1 --txq=1 --total-num-mbufs=8192"

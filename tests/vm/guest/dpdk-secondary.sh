@@ -49,11 +49,7 @@ RAL_VALUE=0x5ec0dab1
 # More EAL arguments for both processes (the UIO pairs: --iova-mode=pa).
 EXTRA_EAL=
 
-set -- $(dpdk_nics)
-[ $# -ge 2 ] || fail "expected two e1000e NICs, found: $*"
-nic0=$1
-nic1=$2
-echo "NICs: $nic0 $nic1"
+dpdk_nic_pair
 dpdk_to_vfio "$nic0" "$nic1"
 dpdk_plugin_copy /tmp/pmds-dropin
 

@@ -8,9 +8,6 @@
 # txonly plus an RX poll) and then reads `show port stats all`: port 0's TX-packets must
 # equal port 1's RX-packets and the other way round (within what was in flight at `stop`),
 # with no RX/TX errors, no missed packets and no mbuf shortage.
-#
-# Until the drop-in maps BARs (rte_pci_map_device), net_e1000_em's probe fails on it: the
-# drop-in runs then FAIL with "DROP-IN FAIL ... rte_pci_map_device" after the baseline.
 # pcibus-timeout: 420
 . "$PCIBUS_LIB"
 only_profiles dpdk
@@ -18,11 +15,7 @@ need_pcibus
 . /usr/lib/pcibus-vm/dpdk.sh
 dpdk_setup
 
-set -- $(dpdk_nics)
-[ $# -ge 2 ] || fail "expected two e1000e NICs, found: $*"
-nic0=$1
-nic1=$2
-echo "NICs: $nic0 $nic1"
+dpdk_nic_pair
 dpdk_to_vfio "$nic0" "$nic1"
 
 DPDK_EAL="-l 0-1 -n 1 --no-telemetry --log-level=lib.eal:debug -a $nic0 -a $nic1"

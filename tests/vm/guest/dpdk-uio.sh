@@ -18,11 +18,7 @@ need_pcibus
 . /usr/lib/pcibus-vm/dpdk.sh
 dpdk_setup
 
-set -- $(dpdk_nics)
-[ $# -ge 2 ] || fail "expected two e1000e NICs, found: $*"
-nic0=$1
-nic1=$2
-echo "NICs: $nic0 $nic1"
+dpdk_nic_pair
 
 [ -d /sys/bus/pci/drivers/uio_pci_generic ] ||
 	fail "no uio_pci_generic driver (modules loaded: $(cut -d' ' -f1 /proc/modules | tr '\n' ' '))"
