@@ -69,12 +69,7 @@ impl UioBar {
         if len == 0 {
             return Err(io::Error::from_raw_os_error(libc::EINVAL));
         }
-        let (want, flags) = match place {
-            Place::Anywhere => (0, 0),
-            Place::Hint(a) => (a, 0),
-            Place::Exact(a) => (a, libc::MAP_FIXED_NOREPLACE),
-        };
-        let want = usize::try_from(want).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+        let (want, flags) = place.mmap_args()?;
         // SAFETY: a new mapping; without MAP_FIXED the kernel never replaces existing memory
         // (MAP_FIXED_NOREPLACE fails with EEXIST instead; a kernel older than 4.17 takes it
         // as a hint, checked below). The fd may be closed afterwards (the mapping keeps its

@@ -270,21 +270,10 @@ pub unsafe fn map(dev: *mut RtePciDevice, name: &str) -> c_int {
         }
     };
     let base = sysfs_base();
-    let mut fd: c_int = -1;
-    let mut info = VfioDeviceInfo {
-        argsz: size_of::<VfioDeviceInfo>() as u32,
-        ..VfioDeviceInfo::default()
+    let (fd, info) = match setup_device(&base, name, &cname, "") {
+        Ok(x) => x,
+        Err(ret) => return ret,
     };
-    // SAFETY: NUL-terminated strings, valid out-parameters.
-    let ret = unsafe { eal::rte_vfio_setup_device(base.as_ptr(), cname.as_ptr(), &mut fd, &mut info) };
-    if ret != 0 {
-        if ret < 0 {
-            log::error(&format!(
-                "rte_pci_map_device({name}): rte_vfio_setup_device failed ({ret})"
-            ));
-        }
-        return ret;
-    }
     // SAFETY: per the contract; fd is EAL's open device fd.
     match unsafe { map_held(dev, name, fd, &info) } {
         Ok(mut h) => {
@@ -311,6 +300,33 @@ pub unsafe fn map(dev: *mut RtePciDevice, name: &str) -> c_int {
     }
 }
 
+/// EAL's `rte_vfio_setup_device` for `cname` (its group in EAL's container, the device
+/// fd and its info), or the call's non-zero return (logged when negative; `where_` is
+/// added to the log line after `rte_pci_map_device(NAME)`).
+fn setup_device(
+    base: &CString,
+    name: &str,
+    cname: &CString,
+    where_: &str,
+) -> Result<(c_int, VfioDeviceInfo), c_int> {
+    let mut fd: c_int = -1;
+    let mut info = VfioDeviceInfo {
+        argsz: size_of::<VfioDeviceInfo>() as u32,
+        ..VfioDeviceInfo::default()
+    };
+    // SAFETY: NUL-terminated strings, valid out-parameters.
+    let ret = unsafe { eal::rte_vfio_setup_device(base.as_ptr(), cname.as_ptr(), &mut fd, &mut info) };
+    if ret == 0 {
+        return Ok((fd, info));
+    }
+    if ret < 0 {
+        log::error(&format!(
+            "rte_pci_map_device({name}){where_}: rte_vfio_setup_device failed ({ret})"
+        ));
+    }
+    Err(ret)
+}
+
 /// `rte_pci_map_device` in a secondary process: the primary's record of the device, the
 /// device fd from EAL, every recorded BAR at the primary's address, the fd in both
 /// interrupt handles. 0, the non-zero return of `rte_vfio_setup_device`, or -1 with a
@@ -331,21 +347,10 @@ unsafe fn map_secondary(dev: *mut RtePciDevice, name: &str, cname: &CString) -> 
         }
     };
     let base = sysfs_base();
-    let mut fd: c_int = -1;
-    let mut info = VfioDeviceInfo {
-        argsz: size_of::<VfioDeviceInfo>() as u32,
-        ..VfioDeviceInfo::default()
+    let (fd, info) = match setup_device(&base, name, cname, " in a secondary process") {
+        Ok(x) => x,
+        Err(ret) => return ret,
     };
-    // SAFETY: NUL-terminated strings, valid out-parameters.
-    let ret = unsafe { eal::rte_vfio_setup_device(base.as_ptr(), cname.as_ptr(), &mut fd, &mut info) };
-    if ret != 0 {
-        if ret < 0 {
-            log::error(&format!(
-                "rte_pci_map_device({name}) in a secondary process: rte_vfio_setup_device failed ({ret})"
-            ));
-        }
-        return ret;
-    }
     // SAFETY: per the contract; fd is EAL's open device fd.
     match unsafe { map_secondary_held(dev, name, fd, &info, &rec) } {
         Ok(h) => {

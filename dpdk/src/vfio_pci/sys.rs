@@ -140,14 +140,24 @@ pub enum Place {
     Exact(u64),
 }
 
+impl Place {
+    /// mmap's address argument and extra flags for this placement: none, a hint, or
+    /// `MAP_FIXED_NOREPLACE` at the exact address (never `MAP_FIXED`). EINVAL for an
+    /// address that does not fit a pointer.
+    pub fn mmap_args(self) -> io::Result<(usize, libc::c_int)> {
+        let (want, flags) = match self {
+            Place::Anywhere => (0, 0),
+            Place::Hint(a) => (a, 0),
+            Place::Exact(a) => (a, libc::MAP_FIXED_NOREPLACE),
+        };
+        let want = usize::try_from(want).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+        Ok((want, flags))
+    }
+}
+
 /// An inaccessible anonymous reservation of `len` bytes placed as `place` says.
 pub fn reserve(len: usize, place: Place) -> io::Result<*mut libc::c_void> {
-    let (want, flags) = match place {
-        Place::Anywhere => (0, 0),
-        Place::Hint(a) => (a, 0),
-        Place::Exact(a) => (a, libc::MAP_FIXED_NOREPLACE),
-    };
-    let want = usize::try_from(want).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    let (want, flags) = place.mmap_args()?;
     // SAFETY: an anonymous mapping; without MAP_FIXED the kernel never replaces existing
     // memory (MAP_FIXED_NOREPLACE fails with EEXIST instead, and a kernel older than 4.17
     // treats it as a hint, checked below).
